@@ -1,0 +1,25 @@
+"""ctypes access to the C library and to raw system calls."""
+
+from __future__ import annotations
+
+import ctypes
+import errno as errno_codes
+
+from hijack.sys.errors import raise_for_errno
+from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
+
+libc = ctypes.CDLL(None, use_errno=True)
+
+_syscall = libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def raw_syscall(name: str, *args: int, pid: int | None = None, what: str = "") -> int:
+    """Call system call `name` in this process; raise a HijackError on failure."""
+    while True:
+        result = int(_syscall(ctypes.c_long(SYSCALL_NUMBERS[name]), *(ctypes.c_long(a) for a in args)))
+        if result != -1:
+            return result
+        err = ctypes.get_errno()
+        if err != errno_codes.EINTR:
+            raise_for_errno(err, name, pid, what)
