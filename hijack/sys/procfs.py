@@ -1,0 +1,741 @@
+"""Typed parsers for /proc: what a process is, maps, holds and talks to, read from outside.
+
+Every reader takes the pid (and, for per-thread files, the tid) of a live process
+and returns frozen records whose fields carry the kernel's names. Errors are
+converted in one place, `_proc_access`: a process that does not exist (or exits
+while we read) raises `ProcessGone`; an entry missing under a live process (a
+closed fd, the exe link of a zombie or a kernel thread) raises a plain
+`HijackError`; a refusal raises `AccessDenied`.
+
+/proc shows a moving process: records are snapshots, consistent only while the
+process is stopped.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno as errno_codes
+import ipaddress
+import mmap
+import os
+import re
+import socket
+import stat
+from array import array
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import NoReturn
+
+from hijack.errors import HijackError, ProcessGone
+from hijack.sys.errors import kernel_call, raise_for_errno
+
+PAGE_SIZE = mmap.PAGESIZE
+RLIM_INFINITY = 2**64 - 1
+PF_KTHREAD = 0x00200000  # task flag (stat field 9) of kernel threads
+
+# Bits of a /proc/PID/pagemap entry (Documentation/admin-guide/mm/pagemap.rst).
+PM_PFN_MASK = (1 << 55) - 1
+PM_SOFT_DIRTY = 1 << 55  # always 0 here: this kernel lacks CONFIG_MEM_SOFT_DIRTY
+PM_MMAP_EXCLUSIVE = 1 << 56
+PM_FILE = 1 << 61  # file page or shared anonymous page
+PM_SWAP = 1 << 62
+PM_PRESENT = 1 << 63
+
+
+# ---------------------------------------------------------------- access
+
+
+def _task_dir(pid: int, tid: int | None) -> str:
+    return f"/proc/{pid}" if tid is None else f"/proc/{pid}/task/{tid}"
+
+
+@contextmanager
+def _proc_access(syscall: str, pid: int, entry: str, tid: int | None = None) -> Iterator[str]:
+    """Yield the path of /proc/PID[/task/TID]/ENTRY; convert errors raised while using it.
+
+    The kernel answers ENOENT both when the process is gone and when only the
+    entry is; only the first is ProcessGone.
+    """
+    owner = _task_dir(pid, tid)
+    path = f"{owner}/{entry}"
+    with kernel_call(syscall, pid, what=f"process {pid} ({path})"):
+        try:
+            yield path
+        except FileNotFoundError:
+            if not os.path.isdir(owner):
+                raise
+            raise_for_errno(errno_codes.ENOENT, syscall, what=path)
+
+
+def _read_bytes(pid: int, entry: str, tid: int | None = None) -> bytes:
+    with _proc_access("read", pid, entry, tid) as path, open(path, "rb") as file:
+        return file.read()
+
+
+def _read_text(pid: int, entry: str, tid: int | None = None) -> str:
+    # surrogateescape: file names and comm are bytes; they must survive a round trip
+    return os.fsdecode(_read_bytes(pid, entry, tid))
+
+
+def _readlink(pid: int, entry: str) -> str:
+    with _proc_access("readlink", pid, entry) as path:
+        return os.readlink(path)
+
+
+def _malformed(pid: int, entry: str, line: str) -> NoReturn:
+    raise HijackError(f"cannot parse /proc/{pid}/{entry}: {line!r}", pid=pid)
+
+
+# ---------------------------------------------------------------- maps and smaps
+
+
+@dataclass(frozen=True, slots=True)
+class MapEntry:
+    """One line of /proc/PID/maps.
+
+    `path` is clean: a file's path without the kernel's " (deleted)" suffix
+    (then `deleted` is set), a pseudo name such as "[heap]", "[stack]",
+    "[vdso]", "[vvar]", "[vvar_vclock]", "[vsyscall]", "[anon:NAME]", or "" for
+    an anonymous mapping. A newline in a file name shows as the four characters
+    "\\012" (the kernel's escape); /proc/PID/map_files has the exact name.
+    """
+
+    start: int
+    end: int
+    perms: str  # "rw-p": read, write, execute, then s(hared) or p(rivate)
+    offset: int
+    dev_major: int
+    dev_minor: int
+    inode: int
+    path: str
+    deleted: bool
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def readable(self) -> bool:
+        return self.perms[0] == "r"
+
+    @property
+    def writable(self) -> bool:
+        return self.perms[1] == "w"
+
+    @property
+    def executable(self) -> bool:
+        return self.perms[2] == "x"
+
+    @property
+    def shared(self) -> bool:
+        return self.perms[3] == "s"
+
+
+_MAPS_PREFIX = re.compile(
+    r"([0-9a-f]+)-([0-9a-f]+) ([-r][-w][-x][sp]) ([0-9a-f]+) ([0-9a-f]+):([0-9a-f]+) (\d+) "
+)
+# show_map_vma() pads the line to this column, then writes one space, then the
+# name: knowing it keeps the leading spaces of a file name.
+_MAPS_NAME_COLUMN = 25 + 8 * 6 - 1
+_DELETED = " (deleted)"
+
+
+def _parse_maps_line(pid: int, line: str) -> MapEntry:
+    prefix = _MAPS_PREFIX.match(line)
+    if prefix is None:
+        _malformed(pid, "maps", line)
+    start, end, perms, offset, major, minor, inode = prefix.groups()
+    rest = line[prefix.end() :]
+    padding = max(_MAPS_NAME_COLUMN - prefix.end(), 0) + 1
+    path = rest[padding:] if rest[:padding].isspace() else rest.lstrip(" ")
+    entry = MapEntry(
+        int(start, 16), int(end, 16), perms, int(offset, 16),
+        int(major, 16), int(minor, 16), int(inode), path, False,
+    )  # fmt: skip
+    if path.endswith(_DELETED) and not _still_linked(pid, entry):
+        return replace(entry, path=path[: -len(_DELETED)], deleted=True)
+    return entry
+
+
+def _still_linked(pid: int, entry: MapEntry) -> bool:
+    """Whether a file literally named "... (deleted)" is what is mapped.
+
+    The path is looked up under the process's own root, so a chroot does not fool us.
+    """
+    try:
+        found = os.stat(f"/proc/{pid}/root{entry.path}")
+    except OSError:
+        return False
+    return (found.st_ino, os.major(found.st_dev), os.minor(found.st_dev)) == (
+        entry.inode, entry.dev_major, entry.dev_minor,
+    )  # fmt: skip
+
+
+def read_maps(pid: int) -> list[MapEntry]:
+    """The mappings of process `pid`, in address order (empty for kernel threads and zombies)."""
+    return [_parse_maps_line(pid, line) for line in _read_text(pid, "maps").splitlines()]
+
+
+@dataclass(frozen=True, slots=True)
+class SmapsEntry:
+    """Per-mapping figures of /proc/PID/smaps (sizes in bytes)."""
+
+    start: int
+    rss: int
+    anonymous: int
+    swap: int
+    vm_flags: tuple[str, ...]  # two-letter codes: "rd", "wr", "sh", "gd", "dd", ...
+
+
+def read_smaps(pid: int) -> dict[int, SmapsEntry]:
+    """Rss, Anonymous, Swap and VmFlags of every mapping, by mapping start."""
+    entries: dict[int, SmapsEntry] = {}
+    start = -1
+    sizes: dict[str, int] = {}
+    for line in _read_text(pid, "smaps").splitlines():
+        header = _MAPS_PREFIX.match(line)
+        if header:
+            start = int(header[1], 16)
+            sizes = {}
+            continue
+        key, _, value = line.partition(":")
+        if key == "VmFlags":  # the last line of each mapping's block
+            entries[start] = SmapsEntry(
+                start,
+                sizes.get("Rss", 0),
+                sizes.get("Anonymous", 0),
+                sizes.get("Swap", 0),
+                tuple(value.split()),
+            )
+        elif value.endswith(" kB"):
+            sizes[key] = int(value[: -len(" kB")]) * 1024
+    return entries
+
+
+def read_smaps_flags(pid: int) -> dict[int, tuple[str, ...]]:
+    """VmFlags of every mapping, by mapping start."""
+    return {start: entry.vm_flags for start, entry in read_smaps(pid).items()}
+
+
+# ---------------------------------------------------------------- status and stat
+
+
+@dataclass(frozen=True, slots=True)
+class ProcStatus:
+    """The fields hijack uses from /proc/PID/status (masks and caps as ints)."""
+
+    name: str  # as status shows it: with the kernel's escapes (read_comm has the raw bytes)
+    umask: int | None  # None when the task has no fs_struct (a zombie)
+    state: str  # one letter: R, S, D, T, t, Z, X, I
+    tgid: int
+    pid: int
+    ppid: int
+    tracer_pid: int
+    uid: tuple[int, int, int, int]  # real, effective, saved, filesystem
+    gid: tuple[int, int, int, int]
+    groups: tuple[int, ...]
+    nspid: tuple[int, ...]  # from the namespace of this /proc down to the task's own
+    threads: int
+    sig_pnd: int  # pending for this thread
+    shd_pnd: int  # pending for the whole process
+    sig_blk: int
+    sig_ign: int
+    sig_cgt: int
+    cap_inh: int
+    cap_prm: int
+    cap_eff: int
+    cap_bnd: int
+    cap_amb: int
+    no_new_privs: bool
+    seccomp: int  # 0 off, 1 strict, 2 filter
+    kthread: bool | None  # None on kernels without the "Kthread:" line
+
+
+def _ids(value: str) -> tuple[int, int, int, int]:
+    real, effective, saved, fs = (int(part) for part in value.split())
+    return real, effective, saved, fs
+
+
+def read_status(pid: int) -> ProcStatus:
+    fields: dict[str, str] = {}
+    for line in _read_text(pid, "status").splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    umask = fields.get("Umask")
+    kthread = fields.get("Kthread")
+    return ProcStatus(
+        name=fields["Name"],
+        umask=None if umask is None else int(umask, 8),
+        state=fields["State"][:1],
+        tgid=int(fields["Tgid"]),
+        pid=int(fields["Pid"]),
+        ppid=int(fields["PPid"]),
+        tracer_pid=int(fields["TracerPid"]),
+        uid=_ids(fields["Uid"]),
+        gid=_ids(fields["Gid"]),
+        groups=tuple(int(group) for group in fields["Groups"].split()),
+        nspid=tuple(int(each) for each in fields["NSpid"].split()),
+        threads=int(fields["Threads"]),
+        sig_pnd=int(fields["SigPnd"], 16),
+        shd_pnd=int(fields["ShdPnd"], 16),
+        sig_blk=int(fields["SigBlk"], 16),
+        sig_ign=int(fields["SigIgn"], 16),
+        sig_cgt=int(fields["SigCgt"], 16),
+        cap_inh=int(fields["CapInh"], 16),
+        cap_prm=int(fields["CapPrm"], 16),
+        cap_eff=int(fields["CapEff"], 16),
+        cap_bnd=int(fields["CapBnd"], 16),
+        cap_amb=int(fields["CapAmb"], 16),
+        no_new_privs=fields["NoNewPrivs"] == "1",
+        seccomp=int(fields["Seccomp"]),
+        kthread=None if kthread is None else kthread == "1",
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ProcStat:
+    """/proc/PID/stat (or task/TID/stat); field names of proc_pid_stat(5), mm ones as in mm_struct.
+
+    The mm fields read 0 for kernel threads and zombies.
+    """
+
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    pgrp: int
+    session: int
+    tty_nr: int
+    tpgid: int
+    flags: int
+    utime: int
+    stime: int
+    priority: int
+    nice: int
+    num_threads: int
+    starttime: int  # clock ticks after boot
+    vsize: int
+    rss: int  # pages
+    start_code: int
+    end_code: int
+    start_stack: int
+    exit_signal: int
+    processor: int
+    rt_priority: int
+    policy: int
+    start_data: int
+    end_data: int
+    start_brk: int
+    arg_start: int
+    arg_end: int
+    env_start: int
+    env_end: int
+    exit_code: int  # as waitpid(2) reports it
+
+
+def _parse_stat(data: bytes) -> ProcStat:
+    # comm may hold spaces and parentheses; it ends at the last ')'
+    head, _, tail = data.rpartition(b")")
+    pid, _, comm = head.partition(b" (")
+    rest = tail.split()
+
+    def field(number: int) -> int:  # numbered from 1 as in proc_pid_stat(5)
+        return int(rest[number - 3])
+
+    return ProcStat(
+        pid=int(pid), comm=os.fsdecode(comm), state=rest[0].decode(),
+        ppid=field(4), pgrp=field(5), session=field(6), tty_nr=field(7), tpgid=field(8),
+        flags=field(9), utime=field(14), stime=field(15), priority=field(18),
+        nice=field(19), num_threads=field(20), starttime=field(22), vsize=field(23),
+        rss=field(24), start_code=field(26), end_code=field(27), start_stack=field(28),
+        exit_signal=field(38), processor=field(39), rt_priority=field(40),
+        policy=field(41), start_data=field(45), end_data=field(46), start_brk=field(47),
+        arg_start=field(48), arg_end=field(49), env_start=field(50), env_end=field(51),
+        exit_code=field(52),
+    )  # fmt: skip
+
+
+def read_stat(pid: int) -> ProcStat:
+    return _parse_stat(_read_bytes(pid, "stat"))
+
+
+def read_task_stat(pid: int, tid: int) -> ProcStat:
+    """The stat of thread `tid` of process `pid` (a thread gone raises ProcessGone)."""
+    return _parse_stat(_read_bytes(pid, "stat", tid))
+
+
+def is_kernel_thread(pid: int) -> bool:
+    return bool(read_stat(pid).flags & PF_KTHREAD)
+
+
+# ---------------------------------------------------------------- threads and children
+
+
+def list_threads(pid: int) -> list[int]:
+    """Thread ids of process `pid`, ascending (the leader first)."""
+    with _proc_access("readdir", pid, "task") as path:
+        return sorted(int(name) for name in os.listdir(path))
+
+
+def children(pid: int) -> list[int]:
+    """Pids of the processes whose parent is `pid`, ascending.
+
+    Found by scanning every process's stat: this kernel is built without
+    CONFIG_PROC_CHILDREN, so /proc/PID/task/TID/children does not exist.
+    """
+    read_stat(pid)  # a parent that does not exist is ProcessGone, not "no children"
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            if read_stat(int(name)).ppid == pid:
+                found.append(int(name))
+        except ProcessGone:
+            continue  # exited during the scan
+    return sorted(found)
+
+
+# ---------------------------------------------------------------- identity
+
+
+def read_cmdline(pid: int) -> list[str]:
+    """argv as the process shows it now (empty for kernel threads and zombies)."""
+    data = _read_bytes(pid, "cmdline")
+    return [os.fsdecode(arg) for arg in data.removesuffix(b"\0").split(b"\0")] if data else []
+
+
+def read_comm(pid: int) -> str:
+    return _read_text(pid, "comm").removesuffix("\n")
+
+
+def read_exe(pid: int) -> str:
+    """Path of the executable (may end in " (deleted)"); a kernel thread or zombie has none."""
+    return _readlink(pid, "exe")
+
+
+def read_cwd(pid: int) -> str:
+    return _readlink(pid, "cwd")
+
+
+def read_root(pid: int) -> str:
+    return _readlink(pid, "root")
+
+
+def read_auxv(pid: int) -> list[tuple[int, int]]:
+    """(a_type, a_val) pairs of the ELF auxiliary vector, up to AT_NULL (excluded)."""
+    words = array("Q", _read_bytes(pid, "auxv"))
+    pairs = []
+    for index in range(0, len(words) - 1, 2):
+        if words[index] == 0:  # AT_NULL
+            break
+        pairs.append((words[index], words[index + 1]))
+    return pairs
+
+
+@dataclass(frozen=True, slots=True)
+class Rlimit:
+    resource: int  # RLIMIT_* number
+    name: str  # as /proc/PID/limits labels it: "Max open files"
+    soft: int  # rlim_cur; RLIM_INFINITY for "unlimited"
+    hard: int  # rlim_max
+
+
+_LIMITS_LABEL_WIDTH = 25  # proc_pid_limits() prints "%-25s %-20s %-20s %-10s"
+
+
+def read_limits(pid: int) -> list[Rlimit]:
+    """Resource limits, read here because prlimit() on another uid needs CAP_SYS_RESOURCE."""
+
+    def value(text: str) -> int:
+        return RLIM_INFINITY if text == "unlimited" else int(text)
+
+    limits = []
+    # the kernel prints one line per resource in RLIMIT_* order, after a header
+    for resource, line in enumerate(_read_text(pid, "limits").splitlines()[1:]):
+        soft, hard = line[_LIMITS_LABEL_WIDTH:].split()[:2]
+        limits.append(
+            Rlimit(resource, line[:_LIMITS_LABEL_WIDTH].rstrip(), value(soft), value(hard))
+        )
+    return limits
+
+
+# ---------------------------------------------------------------- file descriptors
+
+
+class FdKind(enum.Enum):
+    """What an open file descriptor refers to."""
+
+    REGULAR = "regular"
+    DIRECTORY = "directory"
+    PIPE = "pipe"  # anonymous: "pipe:[ino]"
+    FIFO = "fifo"  # named pipe
+    SOCKET = "socket"
+    TTY = "tty"  # /dev/pts/*, /dev/tty*, /dev/console, /dev/ptmx (a pty master)
+    CHARDEV = "chardev"
+    BLOCKDEV = "blockdev"
+    EVENTFD = "eventfd"
+    EPOLL = "epoll"
+    SIGNALFD = "signalfd"
+    TIMERFD = "timerfd"
+    INOTIFY = "inotify"
+    FANOTIFY = "fanotify"
+    USERFAULTFD = "userfaultfd"
+    PIDFD = "pidfd"
+    MEMFD = "memfd"
+    ANON_INODE = "anon_inode"  # any other anonymous inode (io_uring, perf_event, bpf, ...)
+    UNKNOWN = "unknown"
+
+
+_ANON_INODE_KINDS = {
+    "[eventfd]": FdKind.EVENTFD,
+    "[eventpoll]": FdKind.EPOLL,
+    "[signalfd]": FdKind.SIGNALFD,
+    "[timerfd]": FdKind.TIMERFD,
+    "inotify": FdKind.INOTIFY,  # the kernel names it without brackets
+    "[fanotify]": FdKind.FANOTIFY,
+    "[userfaultfd]": FdKind.USERFAULTFD,
+    "[pidfd]": FdKind.PIDFD,
+}
+_TTY_PATH = re.compile(r"/dev/(pts/\d+|tty\w*|console|ptmx|pts/ptmx)")
+
+
+def classify_fd(target: str, mode: int) -> FdKind:
+    """The kind of a descriptor from its /proc/PID/fd link `target` and the st_mode it points to."""
+    if target.startswith("pipe:["):
+        return FdKind.PIPE
+    if target.startswith("socket:[") or stat.S_ISSOCK(mode):
+        return FdKind.SOCKET
+    if target.startswith("anon_inode:"):
+        return _ANON_INODE_KINDS.get(target.removeprefix("anon_inode:"), FdKind.ANON_INODE)
+    if target.startswith("/memfd:"):
+        return FdKind.MEMFD
+    if stat.S_ISREG(mode):
+        return FdKind.REGULAR
+    if stat.S_ISDIR(mode):
+        return FdKind.DIRECTORY
+    if stat.S_ISFIFO(mode):
+        return FdKind.FIFO
+    if stat.S_ISCHR(mode):
+        return FdKind.TTY if _TTY_PATH.fullmatch(target) else FdKind.CHARDEV
+    if stat.S_ISBLK(mode):
+        return FdKind.BLOCKDEV
+    return FdKind.UNKNOWN
+
+
+@dataclass(frozen=True, slots=True)
+class FdEntry:
+    fd: int
+    target: str  # the /proc/PID/fd/N link: a path, "pipe:[ino]", "anon_inode:[eventfd]", ...
+    kind: FdKind
+    mode: int  # st_mode of what the fd refers to (anonymous inodes have no file type bits)
+    dev: int  # st_dev and st_ino: equal for two fds sharing one inode
+    ino: int  # for pipes and sockets, the number in "pipe:[ino]" / "socket:[ino]"
+
+
+def list_fds(pid: int) -> list[FdEntry]:
+    """Open descriptors of `pid`, ascending; one closed while we look is left out."""
+    entries = []
+    with _proc_access("readlink", pid, "fd") as fd_dir:
+        for name in os.listdir(fd_dir):
+            link = f"{fd_dir}/{name}"
+            try:
+                target = os.readlink(link)
+                status = os.stat(link)
+            except FileNotFoundError:
+                if os.path.isdir(fd_dir):
+                    continue
+                raise
+            kind = classify_fd(target, status.st_mode)
+            entries.append(
+                FdEntry(int(name), target, kind, status.st_mode, status.st_dev, status.st_ino)
+            )
+    return sorted(entries, key=lambda entry: entry.fd)
+
+
+@dataclass(frozen=True, slots=True)
+class FdInfo:
+    """/proc/PID/fdinfo/N: the common fields, then every other line by key.
+
+    `extra` keeps each kind's own lines, in order, all values of a repeated key:
+    "eventfd-count", "tfd" (one per epoll target: "5 events: 19 data: ..."),
+    "sigmask", "clockid", "settime flags", "it_value", "inotify" ("wd:1 ino:..."),
+    "fanotify", "tty-index", "lock", "Pid", ...
+    """
+
+    pos: int
+    flags: int  # open flags, O_CLOEXEC included when set
+    mnt_id: int
+    ino: int
+    extra: Mapping[str, tuple[str, ...]]
+
+
+# "key:<whitespace>value"; lines such as "inotify wd:1 ino:..." have no such colon
+# and are keyed by their first word instead
+_FDINFO_LINE = re.compile(r"([^:]+):\s+(.*)")
+
+
+def read_fdinfo(pid: int, fd: int) -> FdInfo:
+    common: dict[str, str] = {}
+    extra: dict[str, tuple[str, ...]] = {}
+    for line in _read_text(pid, f"fdinfo/{fd}").splitlines():
+        keyed = _FDINFO_LINE.fullmatch(line)
+        if keyed:
+            key, value = keyed[1], keyed[2]
+        else:
+            key, _, value = line.partition(" ")
+        if key in ("pos", "flags", "mnt_id", "ino"):
+            common[key] = value
+        else:
+            extra[key] = (*extra.get(key, ()), value.strip())
+    return FdInfo(
+        int(common["pos"]),
+        int(common["flags"], 8),
+        int(common["mnt_id"]),
+        int(common["ino"]),
+        extra,
+    )
+
+
+# ---------------------------------------------------------------- sockets
+
+
+@dataclass(frozen=True, slots=True)
+class SocketInfo:
+    """One socket of a network namespace's /proc/net tables.
+
+    Inet addresses are "ip:port" ("[ip6]:port" for IPv6); a unix socket's
+    `local` is its bound path ("@name" for an abstract one, "" if unbound) and
+    its `remote` is "" (the peer is not in /proc/net/unix).
+    """
+
+    inode: int
+    family: socket.AddressFamily
+    type: socket.SocketKind
+    protocol: int
+    state: str  # "LISTEN", "ESTABLISHED", "CLOSE", ...; unix: "LISTEN", "CONNECTED", ...
+    local: str
+    remote: str
+
+
+_INET_TABLES = {
+    "tcp": (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP),
+    "udp": (socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_UDP),
+    "tcp6": (socket.AF_INET6, socket.SOCK_STREAM, socket.IPPROTO_TCP),
+    "udp6": (socket.AF_INET6, socket.SOCK_DGRAM, socket.IPPROTO_UDP),
+}
+# include/net/tcp_states.h; UDP reuses ESTABLISHED (connected) and CLOSE (not)
+_TCP_STATES = (
+    "", "ESTABLISHED", "SYN_SENT", "SYN_RECV", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT",
+    "CLOSE", "CLOSE_WAIT", "LAST_ACK", "LISTEN", "CLOSING", "NEW_SYN_RECV", "BOUND_INACTIVE",
+)  # fmt: skip
+_UNIX_STATES = ("FREE", "UNCONNECTED", "CONNECTING", "CONNECTED", "DISCONNECTING")
+_SO_ACCEPTCON = 0x10000  # the unix Flags bit of a listening socket
+_UNIX_LINE = re.compile(
+    r"[0-9a-f]+: [0-9A-F]+ [0-9A-F]+ ([0-9A-F]+) ([0-9A-F]+) ([0-9A-F]+) +(\d+)(?: (.*))?"
+)
+
+
+def _state_name(names: tuple[str, ...], number: int) -> str:
+    return names[number] if 0 < number < len(names) else f"UNKNOWN({number})"
+
+
+def _inet_address(text: str) -> str:
+    host_hex, _, port_hex = text.partition(":")
+    raw = bytes.fromhex(host_hex)
+    # each 32-bit word of the network-order address is printed as a native
+    # (little-endian) integer, so every word's bytes come reversed
+    host = ipaddress.ip_address(b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4)))
+    port = int(port_hex, 16)
+    return f"[{host}]:{port}" if host.version == 6 else f"{host}:{port}"
+
+
+def read_socket_table(pid: int) -> dict[int, SocketInfo]:
+    """TCP, UDP (v4 and v6) and unix sockets of the network namespace of `pid`, by inode.
+
+    Sockets in no table (an unbound TCP socket, netlink, packet, raw) are absent;
+    so are TIME_WAIT entries, which have no inode.
+    """
+    table: dict[int, SocketInfo] = {}
+    for name, (family, kind, protocol) in _INET_TABLES.items():
+        # no tcp6/udp6 tables when IPv6 is disabled; tcp, udp and unix always exist
+        if family == socket.AF_INET6 and not os.path.exists(f"/proc/{pid}/net/{name}"):
+            continue
+        for line in _read_text(pid, f"net/{name}").splitlines()[1:]:
+            fields = line.split()
+            inode = int(fields[9])
+            if inode:
+                state = _state_name(_TCP_STATES, int(fields[3], 16))
+                local, remote = _inet_address(fields[1]), _inet_address(fields[2])
+                table[inode] = SocketInfo(inode, family, kind, protocol, state, local, remote)
+    for line in _read_text(pid, "net/unix").splitlines()[1:]:
+        parsed = _UNIX_LINE.fullmatch(line)
+        if parsed is None:
+            _malformed(pid, "net/unix", line)
+        flags, kind_number, state_number, inode_text, path = parsed.groups()
+        listening = int(flags, 16) & _SO_ACCEPTCON
+        state = "LISTEN" if listening else _state_name(_UNIX_STATES, int(state_number, 16))
+        kind = socket.SocketKind(int(kind_number, 16))
+        inode = int(inode_text)
+        table[inode] = SocketInfo(inode, socket.AF_UNIX, kind, 0, state, path or "", "")
+    return table
+
+
+# ---------------------------------------------------------------- pagemap
+
+
+def read_pagemap(pid: int, start: int, end: int) -> array[int]:
+    """The pagemap entries (u64, see PM_*) of the pages in [start, end), in one read.
+
+    Pages above the user address space (the vsyscall page) have no entry and read as 0.
+    """
+    if start % PAGE_SIZE or end % PAGE_SIZE or end < start:
+        raise ValueError(f"[{start:#x}, {end:#x}) is not a page-aligned range")
+    entries = array("Q", bytes((end - start) // PAGE_SIZE * 8))
+    buffer = memoryview(entries).cast("B")
+    with _proc_access("pread", pid, "pagemap") as path:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            done = 0
+            while done < len(buffer):
+                got = os.preadv(fd, [buffer[done:]], start // PAGE_SIZE * 8 + done)
+                if got == 0:
+                    break
+                done += got
+        finally:
+            os.close(fd)
+    return entries
+
+
+def page_present(entry: int) -> bool:
+    return bool(entry & PM_PRESENT)
+
+
+def page_swapped(entry: int) -> bool:
+    return bool(entry & PM_SWAP)
+
+
+# byte -> 1 if bit 7 (PM_PRESENT) or bit 6 (PM_SWAP) of an entry's top byte is set
+_TOUCHED_TOP_BYTE = bytes(int(bool(byte & 0xC0)) for byte in range(256))
+
+
+def present_runs(pid: int, start: int, end: int) -> list[tuple[int, int]]:
+    """Merged [run_start, run_end) runs of the pages in [start, end) present or swapped.
+
+    These are the pages the process has touched; the rest read as zeros (or as
+    the file, for a file mapping).
+    """
+    entries = read_pagemap(pid, start, end)
+    # Work on the top byte of each little-endian entry at C speed: a 1 GiB
+    # region is 262,144 entries, too many for a Python loop per page.
+    touched = memoryview(entries).cast("B")[7::8].tobytes().translate(_TOUCHED_TOP_BYTE)
+    runs = []
+    first = touched.find(1)
+    while first != -1:
+        after = touched.find(0, first)
+        if after == -1:
+            after = len(touched)
+        runs.append((start + first * PAGE_SIZE, start + after * PAGE_SIZE))
+        first = touched.find(1, after)
+    return runs
