@@ -11,7 +11,6 @@ from typing import NoReturn
 from hijack.errors import AccessDenied, HijackError, ProcessGone
 
 
-
 def raise_for_errno(err: int, syscall: str, pid: int | None = None, what: str = "") -> NoReturn:
     """Raise the HijackError subclass that fits errno `err` from `syscall`."""
     subject = what or (f"process {pid}" if pid is not None else "")

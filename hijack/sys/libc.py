@@ -17,7 +17,9 @@ _syscall.restype = ctypes.c_long
 def raw_syscall(name: str, *args: int, pid: int | None = None, what: str = "") -> int:
     """Call system call `name` in this process; raise a HijackError on failure."""
     while True:
-        result = int(_syscall(ctypes.c_long(SYSCALL_NUMBERS[name]), *(ctypes.c_long(a) for a in args)))
+        result = int(
+            _syscall(ctypes.c_long(SYSCALL_NUMBERS[name]), *(ctypes.c_long(a) for a in args))
+        )
         if result != -1:
             return result
         err = ctypes.get_errno()

@@ -1,0 +1,164 @@
+"""`hijack attach` and `hijack detach`: fork a shadow out of a live process, end it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import hijack
+from hijack.errors import HijackError, ShadowError
+from hijack.mutator.shadow_fork import fork_shadow
+from hijack.mutator.tracee import Tracee
+from hijack.registry import ProcessRecord, Registry
+from hijack.shadow import control
+from hijack.sys import pidfd, procfs
+
+SHADOW_START_TIMEOUT = 15.0  # a cold Python start on a loaded machine
+SHADOW_STOP_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True)
+class AttachResult:
+    record: ProcessRecord
+    pause_ms: float  # how long the target was stopped
+    fds: list[dict[str, Any]]
+
+
+def attach(pid: int, registry: Registry) -> AttachResult:
+    """Seize `pid`, fork its shadow, let it run on; record both."""
+    known = registry.find(pid)
+    if known is not None and known.state != "gone":
+        if known.shadow_pid and _alive(known.shadow_pid):
+            raise HijackError(
+                f"process {pid} is already attached (shadow {known.shadow_pid})", pid=pid
+            )
+        registry.forget(pid, "stale record: its shadow is gone")
+    status = procfs.read_status(pid)
+    start_time = procfs.read_stat(pid).starttime
+    shadow_dir = registry.directory / "shadows" / str(pid)
+    _make_shadow_dir(shadow_dir, status.uid[1], status.gid[1])
+    control_path = str(shadow_dir / "control.sock")
+    log_path = str(shadow_dir / "shadow.log")
+
+    def command(inherited_fds: list[int]) -> list[str]:
+        return shadow_command(pid, inherited_fds, control_path, log_path)
+
+    stopped_at = time.perf_counter()
+    with Tracee.seize(pid) as tracee:
+        shadow_pid = fork_shadow(tracee, command, shadow_environment(registry.directory))
+    pause_ms = (time.perf_counter() - stopped_at) * 1000
+
+    try:
+        hello = wait_for_shadow(shadow_pid, control_path)
+    except BaseException:
+        _kill(shadow_pid)
+        raise
+    record = registry.record_attached(pid, start_time, status.name, shadow_pid, control_path)
+    return AttachResult(record, pause_ms, list(hello.get("fds", [])))
+
+
+def detach(pid: int, registry: Registry) -> ProcessRecord:
+    """End the shadow of `pid` and forget the process."""
+    record = registry.get(pid)
+    if record.state in ("moved", "moving"):
+        raise HijackError(
+            f"process {pid} runs on {record.current_node}: its shadow relays its connections",
+            pid=pid,
+        )
+    if record.shadow_pid and _alive(record.shadow_pid):
+        stop_shadow(record.shadow_pid, record.shadow_control)
+    if record.shadow_control:
+        shutil.rmtree(Path(record.shadow_control).parent, ignore_errors=True)
+    registry.forget(pid, "detached")
+    return record
+
+
+def shadow_command(pid: int, fds: list[int], control_path: str, log_path: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "hijack.shadow",
+        "--target",
+        str(pid),
+        "--fds",
+        ",".join(map(str, fds)),
+        "--control",
+        control_path,
+        "--log",
+        log_path,
+    ]
+
+
+def shadow_environment(state_directory: Path) -> dict[str, str]:
+    # The shadow runs our Python on our package, whatever the target's environment.
+    package_root = str(Path(hijack.__file__).resolve().parent.parent)
+    return {
+        "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        "PYTHONPATH": package_root,
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "HIJACK_STATE_DIR": str(state_directory),
+    }
+
+
+def wait_for_shadow(shadow_pid: int, control_path: str) -> control.Message:
+    """Wait until the new shadow answers on its control socket (or dies)."""
+    handle = pidfd.pidfd_open(shadow_pid)
+    try:
+        deadline = time.monotonic() + SHADOW_START_TIMEOUT
+        while time.monotonic() < deadline:
+            if os.path.exists(control_path):
+                try:
+                    return control.request(control_path, {"op": "hello"})
+                except ShadowError:
+                    pass  # bound but not yet listening
+            # Sleep on the shadow's pidfd: wakes at once if it dies.
+            if pidfd.wait_exit(handle, 0.01):
+                raise ShadowError(
+                    f"the shadow {shadow_pid} exited during start-up;"
+                    f" see {Path(control_path).parent / 'shadow.log'}",
+                    pid=shadow_pid,
+                )
+        raise ShadowError(f"the shadow {shadow_pid} did not start in time", pid=shadow_pid)
+    finally:
+        os.close(handle)
+
+
+def stop_shadow(shadow_pid: int, control_path: str | None) -> None:
+    handle = pidfd.pidfd_open(shadow_pid)
+    try:
+        try:
+            if control_path:
+                control.request(control_path, {"op": "release"})
+        except ShadowError:
+            os.kill(shadow_pid, signal.SIGTERM)
+        if not pidfd.wait_exit(handle, SHADOW_STOP_TIMEOUT):
+            os.kill(shadow_pid, signal.SIGKILL)
+            pidfd.wait_exit(handle, SHADOW_STOP_TIMEOUT)
+    finally:
+        os.close(handle)
+
+
+def _make_shadow_dir(path: Path, uid: int, gid: int) -> None:
+    # The shadow runs as the target's user and binds its socket here.
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, uid, gid)
+    os.chmod(path, 0o700)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return not procfs.read_status(pid).state.startswith(("Z", "X"))
+    except HijackError:
+        return False
+
+
+def _kill(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)

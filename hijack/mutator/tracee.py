@@ -1,0 +1,346 @@
+"""A seized process: every thread stopped, system calls injected into one of them.
+
+The life of a `Tracee` (reptyr's explicit states, CRIU's seize loop):
+
+    seize() ─► all threads SEIZED, then STOPPED (PTRACE_INTERRUPT, no SIGSTOP)
+            ─► syscall(...) any number of times in the injection thread
+            ─► release(): every thread gets back its registers and signal mask,
+               and is detached; a blocking call it was in is restarted as the
+               kernel would have restarted it.
+
+`release()` runs on success, on an exception, on SIGINT or SIGTERM (the CLI
+turns those into exceptions), so the target is left as it was found.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass, field
+from types import TracebackType
+
+from hijack.errors import HijackError, InjectionFailed, NotAttachable, ProcessGone
+from hijack.sys import memory, procfs
+from hijack.sys import ptrace as pt
+from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
+
+# rax values of a task stopped inside an interrupted system call.
+ERESTARTSYS = -512
+ERESTARTNOINTR = -513
+ERESTARTNOHAND = -514
+ERESTART_RESTARTBLOCK = -516
+RESTART_SYSCALL_NR = SYSCALL_NUMBERS["restart_syscall"]
+
+SYSCALL_INSTRUCTION = b"\x0f\x05"
+SYSCALL_INSTRUCTION_LENGTH = len(SYSCALL_INSTRUCTION)
+MINUS_ONE = (1 << 64) - 1
+# Every signal blocked while we inject: nothing is delivered (or lost) mid-call;
+# the kernel ignores the bits of SIGKILL and SIGSTOP.
+ALL_SIGNALS_BLOCKED = MINUS_ONE
+
+# How many times the thread list is re-read before we give up on a process
+# that keeps creating threads faster than we seize them.
+SEIZE_ROUNDS = 100
+
+SEIZE_OPTIONS = pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACECLONE
+
+
+class ThreadState(enum.Enum):
+    SEIZED = "seized"  # traced, still running
+    STOPPED = "stopped"  # in a ptrace-stop, registers saved
+    INJECTING = "injecting"  # registers changed by us; must be put back
+    RELEASED = "released"  # detached, running as before
+    GONE = "gone"  # exited while we held it
+
+
+@dataclass
+class TracedThread:
+    tid: int
+    state: ThreadState = ThreadState.SEIZED
+    registers: pt.Registers | None = None  # as found at the stop
+    signal_mask: int = 0
+
+    @property
+    def saved_registers(self) -> pt.Registers:
+        if self.registers is None:
+            raise HijackError(f"thread {self.tid} has no saved registers", pid=self.tid)
+        return self.registers
+
+
+@dataclass
+class Tracee:
+    """A process whose threads hijack holds stopped."""
+
+    pid: int
+    threads: dict[int, TracedThread] = field(default_factory=dict)
+    syscall_address: int = 0
+    injection_tid: int = 0
+
+    # -- the context-manager form: `with Tracee.seize(pid) as tracee:` ----------
+
+    @classmethod
+    def seize(cls, pid: int) -> Tracee:
+        tracee = cls(pid)
+        check_attachable(pid)
+        try:
+            tracee._seize_all_threads()
+            tracee._stop_all_threads()
+            tracee.injection_tid = pid if pid in tracee.threads else min(tracee.threads)
+            tracee.syscall_address = find_syscall_instruction(pid)
+        except BaseException:
+            tracee.release()
+            raise
+        return tracee
+
+    def __enter__(self) -> Tracee:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    # -- stopping ---------------------------------------------------------------
+
+    def _seize_all_threads(self) -> None:
+        """Seize every thread, re-reading the list until no new thread appears.
+
+        With PTRACE_O_TRACECLONE, threads created by a seized thread are traced
+        from birth; only threads created by not-yet-seized ones need the re-read.
+        """
+        for _ in range(SEIZE_ROUNDS):
+            fresh = [tid for tid in procfs.list_threads(self.pid) if tid not in self.threads]
+            if not fresh:
+                if not self.threads:
+                    raise ProcessGone(f"process {self.pid} has no threads left", pid=self.pid)
+                return
+            for tid in fresh:
+                try:
+                    pt.seize(tid, SEIZE_OPTIONS)
+                except ProcessGone:
+                    if tid == self.pid:
+                        raise
+                    continue  # a thread that exited between the listing and the seize
+                self.threads[tid] = TracedThread(tid)
+        raise HijackError(
+            f"process {self.pid} keeps creating threads; could not seize them all", pid=self.pid
+        )
+
+    def _stop_all_threads(self) -> None:
+        for thread in list(self.threads.values()):
+            try:
+                pt.interrupt(thread.tid)
+            except ProcessGone:
+                thread.state = ThreadState.GONE
+        # Wait on each thread by its own id: a wait on -1 would also reap
+        # children of ours that are not the target's threads.
+        pending = [t.tid for t in self.threads.values() if t.state is ThreadState.SEIZED]
+        while pending:
+            tid = pending.pop()
+            result = pt.wait_for(tid)
+            assert result is not None
+            born = self._on_stop_while_stopping(self.threads[tid], result)
+            if born is not None:
+                self.threads[born] = TracedThread(born)
+                pending.append(born)
+            if self.threads[tid].state is ThreadState.SEIZED:
+                pending.append(tid)
+        if self.threads[self.pid].state is ThreadState.GONE:
+            raise ProcessGone(f"process {self.pid} exited while being stopped", pid=self.pid)
+
+    @staticmethod
+    def _on_stop_while_stopping(thread: TracedThread, result: pt.WaitResult) -> int | None:
+        """Move `thread` on after one wait result; return the tid of a thread it created."""
+        if result.exited:
+            thread.state = ThreadState.GONE
+            return None
+        if result.event == pt.PTRACE_EVENT_STOP:
+            # Either our interrupt or a job-control stop that was in force
+            # before we came; the kernel puts the latter back on detach.
+            thread.registers = pt.get_registers(thread.tid)
+            thread.signal_mask = pt.get_signal_mask(thread.tid)
+            thread.state = ThreadState.STOPPED
+            return None
+        if result.event == pt.PTRACE_EVENT_CLONE:
+            # It made a thread before our interrupt reached it. The new thread
+            # is traced from birth (TRACECLONE) and reports its own first stop.
+            born = pt.get_event_message(thread.tid)
+            pt.resume(thread.tid)
+            return born
+        # A signal arrived before the interrupt: deliver it as the kernel would
+        # have (a handler runs, or the default action happens); the pending
+        # interrupt stops the thread right after.
+        pt.resume(thread.tid, result.stop_signal)
+        return None
+
+    # -- injecting ----------------------------------------------------------------
+
+    def syscall(self, name: str, *args: int, tid: int | None = None) -> int:
+        """Run system call `name` inside the target; return its raw (signed) result.
+
+        The call runs through a `syscall` instruction the target already has, so
+        no code is ever patched. Only the registers change, and release() puts
+        them back.
+        """
+        thread = self.threads[tid or self.injection_tid]
+        return inject_syscall(thread, self.syscall_address, name, *args)
+
+    def checked_syscall(self, name: str, *args: int, tid: int | None = None) -> int:
+        """syscall(), raising InjectionFailed when the call returns an error."""
+        result = self.syscall(name, *args, tid=tid)
+        if -4096 < result < 0:
+            raise InjectionFailed(
+                f"{name} inside process {self.pid} failed: {os.strerror(-result)}",
+                pid=self.pid,
+                errno=-result,
+                syscall=name,
+            )
+        return result
+
+    # -- releasing ----------------------------------------------------------------
+
+    def release(self) -> None:
+        """Put every thread back as it was and let it run. Safe to call twice."""
+        failures: list[str] = []
+        for thread in self.threads.values():
+            try:
+                release_thread(thread)
+            except ProcessGone:
+                thread.state = ThreadState.GONE
+            except HijackError as exc:
+                failures.append(str(exc))
+        if failures:
+            raise HijackError(
+                f"could not release every thread of process {self.pid}: {'; '.join(failures)}",
+                pid=self.pid,
+            )
+
+    @property
+    def thread_ids(self) -> list[int]:
+        return sorted(t.tid for t in self.threads.values() if t.state is not ThreadState.GONE)
+
+
+def check_attachable(pid: int) -> None:
+    """Refuse, with a clear reason, the processes hijack must not seize."""
+    if pid <= 0:
+        raise NotAttachable(f"{pid} is not a valid process id", pid=pid)
+    if pid == os.getpid():
+        raise NotAttachable("hijack cannot attach to itself", pid=pid)
+    status = procfs.read_status(pid)
+    if status.tgid != pid:
+        raise NotAttachable(
+            f"{pid} is a thread of process {status.tgid}; give the process id", pid=pid
+        )
+    if procfs.is_kernel_thread(pid):
+        raise NotAttachable(f"process {pid} ({status.name}) is a kernel thread", pid=pid)
+    if status.state.startswith(("Z", "X")):
+        raise NotAttachable(f"process {pid} ({status.name}) is a zombie", pid=pid)
+
+
+def find_syscall_instruction(pid: int) -> int:
+    """Address of a `syscall` instruction in the target's vdso (or, failing that, its text).
+
+    The vdso always has one (its fallback paths make real system calls); any
+    executable mapping of libc does too, for a process started without a vdso.
+    """
+    maps = procfs.read_maps(pid)
+    candidates = [m for m in maps if m.path == "[vdso]"]
+    candidates += [m for m in maps if "x" in m.perms and m.path not in ("[vdso]", "[vsyscall]")]
+    for mapping in candidates:
+        try:
+            text = memory.read(pid, mapping.start, mapping.end - mapping.start)
+        except HijackError:
+            continue
+        offset = text.find(SYSCALL_INSTRUCTION)
+        if offset >= 0:
+            return mapping.start + offset
+    raise InjectionFailed(f"no syscall instruction found in process {pid}", pid=pid)
+
+
+def inject_syscall(thread: TracedThread, syscall_address: int, name: str, *args: int) -> int:
+    """One injected system call in a stopped thread: set registers, run it, read rax."""
+    if len(args) > 6:
+        raise ValueError(f"{name}: at most 6 arguments")
+    if thread.state is ThreadState.STOPPED:
+        pt.set_signal_mask(thread.tid, ALL_SIGNALS_BLOCKED)
+        thread.state = ThreadState.INJECTING
+    elif thread.state is not ThreadState.INJECTING:
+        raise InjectionFailed(f"thread {thread.tid} is {thread.state.value}", pid=thread.tid)
+    argument_registers = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+    values = {reg: arg & MINUS_ONE for reg, arg in zip(argument_registers, args, strict=False)}
+    call = thread.saved_registers.replace(
+        rax=SYSCALL_NUMBERS[name], rip=syscall_address, orig_rax=MINUS_ONE, **values
+    )
+    pt.set_registers(thread.tid, call)
+    _run_to_syscall_stop(thread.tid, name, entering=True)
+    _run_to_syscall_stop(thread.tid, name, entering=False)
+    return pt.get_registers(thread.tid).signed("rax")
+
+
+def _run_to_syscall_stop(tid: int, name: str, *, entering: bool) -> None:
+    pt.resume_to_syscall(tid)
+    while True:
+        result = pt.wait_for(tid)
+        assert result is not None
+        if result.exited:
+            raise ProcessGone(f"thread {tid} {result.describe()} during injected {name}", pid=tid)
+        if result.is_syscall_stop:
+            return
+        if result.event in (pt.PTRACE_EVENT_CLONE, pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_EXEC):
+            # The injected clone/fork/execve reports its event between the entry
+            # and exit stops; the caller picks the new child up by waiting on it.
+            pt.resume_to_syscall(tid)
+            continue
+        raise InjectionFailed(
+            f"thread {tid} {result.describe()} during injected {name}"
+            f" ({'entry' if entering else 'exit'})",
+            pid=tid,
+        )
+
+
+def release_thread(thread: TracedThread) -> None:
+    if thread.state in (ThreadState.RELEASED, ThreadState.GONE):
+        return
+    if thread.state is ThreadState.SEIZED:
+        # Never stopped (an error came first): detaching a running task needs a stop.
+        pt.interrupt(thread.tid)
+        _wait_for_stop(thread.tid)
+        pt.detach(thread.tid)
+        thread.state = ThreadState.RELEASED
+        return
+    registers = thread.saved_registers
+    if thread.state is ThreadState.INJECTING:
+        # We left the kernel's signal path to inject, so it will not restart the
+        # interrupted call for us: rewind to it ourselves (KERNEL-NOTES).
+        registers = restart_interrupted_syscall(registers)
+        pt.set_registers(thread.tid, registers)
+        pt.set_signal_mask(thread.tid, thread.signal_mask)
+    pt.detach(thread.tid)
+    thread.state = ThreadState.RELEASED
+
+
+def _wait_for_stop(tid: int) -> None:
+    while True:
+        result = pt.wait_for(tid)
+        assert result is not None
+        if result.exited:
+            raise ProcessGone(f"thread {tid} {result.describe()}", pid=tid)
+        if result.event == pt.PTRACE_EVENT_STOP:
+            return
+        pt.resume(tid, 0 if result.event else result.stop_signal)
+
+
+def restart_interrupted_syscall(registers: pt.Registers) -> pt.Registers:
+    """Registers that re-enter the system call the thread was stopped in, if any."""
+    if registers.signed("orig_rax") < 0:
+        return registers
+    result = registers.signed("rax")
+    rewound = registers.rip - SYSCALL_INSTRUCTION_LENGTH
+    if result in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
+        return registers.replace(rax=registers.orig_rax, rip=rewound)
+    if result == ERESTART_RESTARTBLOCK:
+        return registers.replace(rax=RESTART_SYSCALL_NR, rip=rewound)
+    return registers

@@ -1,0 +1,68 @@
+"""The control protocol of shadows (and, later, node daemons): JSON lines over a unix socket.
+
+Each request is one JSON object on one line with an "op" field; each answer is
+one JSON object on one line with "ok" true or false ("error" says why when
+false). docs/protocol.md lists the operations.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from typing import Any
+
+from hijack.errors import ShadowError
+
+Message = dict[str, Any]
+MAX_LINE = 1 << 20  # a control answer larger than this is a broken peer
+
+
+def encode(message: Message) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes) -> Message:
+    try:
+        message = json.loads(line)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ShadowError(f"malformed control message: {exc}") from None
+    if not isinstance(message, dict):
+        raise ShadowError("malformed control message: not an object")
+    return message
+
+
+def request(path: str, message: Message, timeout: float = 3.0) -> Message:
+    """Send one request to the control socket at `path` and return its answer.
+
+    Raises ShadowError when the socket cannot be reached, the peer does not
+    answer within `timeout`, or it answers with ok=false.
+    """
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(timeout)
+            sock.connect(path)
+            sock.sendall(encode(message))
+            answer = _read_line(sock)
+    except TimeoutError:
+        raise ShadowError(f"no answer from {path} within {timeout:g} s") from None
+    except OSError as exc:
+        raise ShadowError(f"cannot reach control socket {path}: {exc.strerror or exc}") from None
+    reply = decode(answer)
+    if not reply.get("ok"):
+        raise ShadowError(f"{message.get('op')} refused: {reply.get('error', 'no reason given')}")
+    return reply
+
+
+def _read_line(sock: socket.socket) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ShadowError("control socket closed before answering")
+        chunks.append(chunk)
+        size += len(chunk)
+        if b"\n" in chunk:
+            return b"".join(chunks).split(b"\n", 1)[0]
+        if size > MAX_LINE:
+            raise ShadowError("control answer too long")
