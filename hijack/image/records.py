@@ -1,0 +1,432 @@
+"""The records of a CRF image: one frozen dataclass per section (docs/crf.md).
+
+Field names are the kernel's (user_regs_struct, /proc/PID/maps, fdinfo,
+struct sigaction, struct rlimit, prctl_mm_map). Each field's annotation is also
+its on-disk layout (see hijack.image.fields): `U64` is a little-endian u64,
+`tuple[X, ...]` a u32 count then the items, and so on, in declaration order.
+Constructors check what a single record can check (alignment, ordering,
+counts) and raise ImageError, so an invalid record can neither be written nor read.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Annotated
+
+from hijack.errors import ImageError
+from hijack.image.fields import Fixed, SInt, UInt
+
+U8 = Annotated[int, UInt(1)]
+U16 = Annotated[int, UInt(2)]
+U32 = Annotated[int, UInt(4)]
+U64 = Annotated[int, UInt(8)]
+I64 = Annotated[int, SInt(8)]
+# A raw kernel siginfo_t (always 128 bytes on Linux), kept opaque: restore hands
+# it back to rt_sigqueueinfo / PTRACE_SETSIGINFO unchanged.
+SIGINFO_SIZE = 128
+Siginfo = Annotated[bytes, Fixed(SIGINFO_SIZE)]
+
+PAGE_SIZE = 4096
+MAX_PAGES_DATA = 8 * 1024 * 1024  # bytes of page data in one Pages record
+RLIM_INFINITY = 2**64 - 1
+SIGNAL_COUNT = 64  # signals 1..64 (_NSIG - 1)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ImageError(message)
+
+
+def _page_aligned(address: int) -> bool:
+    return address % PAGE_SIZE == 0
+
+
+class DumpOptions(enum.IntFlag):
+    """What the dumper was asked to leave out (`hijack dump --no-binary ...`)."""
+
+    NO_BINARY = 1  # the executable's pages are mapped from the file at restore
+    NO_SHARED_LIBS = 2  # so are the shared libraries'
+
+
+@dataclass(frozen=True, slots=True)
+class ImageHeader:
+    pid: U32
+    ppid: U32
+    pgid: U32
+    sid: U32
+    comm: str
+    argv: tuple[str, ...]
+    exe: str  # /proc/PID/exe target
+    node: str  # uname nodename of the machine that dumped
+    created_ns: U64  # CLOCK_REALTIME when the dump started
+    options: Annotated[DumpOptions, UInt(4)]
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    uid: U32
+    euid: U32
+    suid: U32
+    fsuid: U32
+    gid: U32
+    egid: U32
+    sgid: U32
+    fsgid: U32
+    groups: tuple[U32, ...]
+    cap_inheritable: U64
+    cap_permitted: U64
+    cap_effective: U64
+    cap_bounding: U64
+    cap_ambient: U64
+    umask: U32
+    no_new_privs: bool
+
+    def __post_init__(self) -> None:
+        _require(self.umask <= 0o777, f"Credentials: umask {self.umask:#o} is not a mode")
+
+
+@dataclass(frozen=True, slots=True)
+class Rlimit:
+    resource: U32  # RLIMIT_* number
+    rlim_cur: U64  # soft limit; RLIM_INFINITY for none
+    rlim_max: U64  # hard limit
+
+
+@dataclass(frozen=True, slots=True)
+class Rlimits:
+    limits: tuple[Rlimit, ...]
+
+    def __post_init__(self) -> None:
+        resources = [limit.resource for limit in self.limits]
+        _require(
+            resources == sorted(set(resources)),
+            "Rlimits: resources must be unique and in ascending order",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AuxvEntry:
+    a_type: U64  # AT_* number
+    a_val: U64
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryStructure:
+    """The mm's layout, as prctl(PR_SET_MM_MAP) takes it back at restore."""
+
+    start_code: U64
+    end_code: U64
+    start_data: U64
+    end_data: U64
+    start_brk: U64
+    brk: U64
+    start_stack: U64
+    arg_start: U64
+    arg_end: U64
+    env_start: U64
+    env_end: U64
+    auxv: tuple[AuxvEntry, ...]
+    exe_file: str
+    personality: U32
+
+
+class Prot(enum.IntFlag):
+    READ = 1  # PROT_READ
+    WRITE = 2  # PROT_WRITE
+    EXEC = 4  # PROT_EXEC
+
+
+class ContentsKind(enum.IntEnum):
+    """Where a segment's bytes come from at restore."""
+
+    STORED = 1  # its non-zero pages follow in PAGES sections
+    FILE = 2  # not stored: mapped from the backing file, checked against a FileIdentity
+    NONE = 3  # nothing to restore: zero-filled, or made by the kernel (vvar, vdso)
+
+
+@dataclass(frozen=True, slots=True)
+class FileIdentity:
+    """What a restore checks before mapping a file instead of stored pages."""
+
+    path: str
+    size: U64
+    mtime_ns: I64
+    build_id: bytes  # the ELF NT_GNU_BUILD_ID note, empty if none
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """One VMA, a line of /proc/PID/maps plus its smaps VmFlags."""
+
+    start: U64
+    end: U64
+    prot: Annotated[Prot, UInt(1)]
+    shared: bool  # 's' (MAP_SHARED) rather than 'p' in the perms column
+    offset: U64  # file offset of `start`, in bytes
+    dev_major: U32
+    dev_minor: U32
+    inode: U64
+    path: str  # "", a file, or a pseudo path such as "[heap]", "[stack]", "[vdso]"
+    vm_flags: tuple[str, ...]  # two-letter smaps codes: "rd", "wr", "mr", "gd", ...
+    contents: Annotated[ContentsKind, UInt(1)]
+    file: FileIdentity | None  # present exactly when contents is FILE
+
+    def __post_init__(self) -> None:
+        where = f"Segment {self.start:#x}-{self.end:#x}"
+        _require(self.start < self.end, f"{where}: start is not below end")
+        _require(
+            _page_aligned(self.start) and _page_aligned(self.end), f"{where}: not page-aligned"
+        )
+        _require(
+            (self.contents is ContentsKind.FILE) == (self.file is not None),
+            f"{where}: a FileIdentity is required for FILE contents and only for them",
+        )
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def perms(self) -> str:
+        """The perms column of /proc/PID/maps, e.g. "r-xp"."""
+        return "".join(
+            (
+                "r" if self.prot & Prot.READ else "-",
+                "w" if self.prot & Prot.WRITE else "-",
+                "x" if self.prot & Prot.EXEC else "-",
+                "s" if self.shared else "p",
+            )
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Segments:
+    segments: tuple[Segment, ...]
+
+    def __post_init__(self) -> None:
+        for before, after in zip(self.segments, self.segments[1:], strict=False):
+            _require(
+                before.end <= after.start,
+                f"Segments: {after.start:#x} overlaps or precedes the segment before it",
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Pages:
+    """Contents of consecutive non-zero pages of one STORED segment.
+
+    Its layout is the address (u64) then the data up to the end of the section,
+    with no length prefix, so the writer can stream the data without copying it.
+    """
+
+    address: int
+    data: bytes
+
+    def __post_init__(self) -> None:
+        where = f"Pages at {self.address:#x}"
+        _require(_page_aligned(self.address), f"{where}: address not page-aligned")
+        _require(
+            0 < len(self.data) <= MAX_PAGES_DATA and len(self.data) % PAGE_SIZE == 0,
+            f"{where}: {len(self.data)} bytes is not 1 to {MAX_PAGES_DATA // PAGE_SIZE} pages",
+        )
+        _require(0 <= self.address <= 2**64 - len(self.data), f"{where}: outside 64-bit space")
+
+    @property
+    def end(self) -> int:
+        return self.address + len(self.data)
+
+    @property
+    def page_count(self) -> int:
+        return len(self.data) // PAGE_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class UserRegsStruct:
+    """struct user_regs_struct of x86_64 (PTRACE_GETREGS), in kernel order."""
+
+    r15: U64
+    r14: U64
+    r13: U64
+    r12: U64
+    rbp: U64
+    rbx: U64
+    r11: U64
+    r10: U64
+    r9: U64
+    r8: U64
+    rax: U64
+    rcx: U64
+    rdx: U64
+    rsi: U64
+    rdi: U64
+    orig_rax: U64
+    rip: U64
+    cs: U64
+    eflags: U64
+    rsp: U64
+    ss: U64
+    fs_base: U64
+    gs_base: U64
+    ds: U64
+    es: U64
+    fs: U64
+    gs: U64
+
+
+@dataclass(frozen=True, slots=True)
+class RseqConfiguration:
+    """struct ptrace_rseq_configuration (PTRACE_GET_RSEQ_CONFIGURATION)."""
+
+    rseq_abi_pointer: U64
+    rseq_abi_size: U32
+    signature: U32
+    flags: U32
+
+
+@dataclass(frozen=True, slots=True)
+class RobustList:
+    """get_robust_list(2): the list head and the size of the head structure."""
+
+    head: U64
+    len: U64
+
+
+@dataclass(frozen=True, slots=True)
+class SigAltStack:
+    """stack_t of sigaltstack(2)."""
+
+    ss_sp: U64
+    ss_flags: U32  # SS_DISABLE, SS_ONSTACK, SS_AUTODISARM bits
+    ss_size: U64
+
+
+@dataclass(frozen=True, slots=True)
+class Thread:
+    tid: U32
+    comm: str  # the thread's own name (PR_SET_NAME)
+    regs: UserRegsStruct
+    xstate: bytes  # the NT_X86_XSTATE regset, as PTRACE_GETREGSET returned it
+    sigmask: U64  # blocked signals, bit n-1 for signal n
+    pending: tuple[Siginfo, ...]  # signals pending on this thread only
+    rseq: RseqConfiguration
+    robust_list: RobustList
+    clear_child_tid: U64
+    sigaltstack: SigAltStack
+
+
+@dataclass(frozen=True, slots=True)
+class SigAction:
+    """struct sigaction as the kernel stores it (rt_sigaction)."""
+
+    sa_handler: U64  # SIG_DFL 0, SIG_IGN 1, or a handler address
+    sa_flags: U64
+    sa_restorer: U64
+    sa_mask: U64
+
+
+@dataclass(frozen=True, slots=True)
+class SignalState:
+    actions: tuple[SigAction, ...]  # actions[n - 1] belongs to signal n
+    shared_pending: tuple[Siginfo, ...]  # signals pending on the whole process
+
+    def __post_init__(self) -> None:
+        _require(
+            len(self.actions) == SIGNAL_COUNT,
+            f"SignalState: {len(self.actions)} actions, not one for each of the "
+            f"{SIGNAL_COUNT} signals",
+        )
+
+
+class FdKind(enum.IntEnum):
+    REGULAR = 1
+    DIRECTORY = 2
+    PIPE = 3
+    FIFO = 4
+    SOCKET = 5
+    TTY = 6
+    CHARDEV = 7
+    BLOCKDEV = 8
+    EVENTFD = 9
+    EPOLL = 10
+    SIGNALFD = 11
+    TIMERFD = 12
+    INOTIFY = 13
+    MEMFD = 14
+    ANON_INODE = 15
+    UNKNOWN = 16
+
+
+@dataclass(frozen=True, slots=True)
+class SocketInfo:
+    family: U16  # AF_*
+    type: U16  # SOCK_STREAM, SOCK_DGRAM, ...
+    protocol: U16
+    state: U8  # TCP_* state for inet sockets, SS_* otherwise
+    local_address: str  # "127.0.0.1:8080", "[::1]:22", a unix path, "" if unbound
+    remote_address: str
+
+
+@dataclass(frozen=True, slots=True)
+class FileDescriptor:
+    fd: U32
+    kind: Annotated[FdKind, UInt(1)]
+    path: str  # the /proc/PID/fd/N link target, e.g. "pipe:[1234]"
+    flags: U32  # O_* flags from fdinfo (printed in octal there)
+    pos: I64  # fdinfo pos (loff_t)
+    cloexec: bool
+    mode: U32  # st_mode
+    dev: U64  # st_dev
+    ino: U64  # st_ino
+    socket: SocketInfo | None  # only for SOCKET descriptors
+
+    def __post_init__(self) -> None:
+        _require(
+            self.socket is None or self.kind is FdKind.SOCKET,
+            f"FileDescriptor {self.fd}: SocketInfo on a {self.kind.name} descriptor",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Files:
+    descriptors: tuple[FileDescriptor, ...]
+
+    def __post_init__(self) -> None:
+        numbers = [descriptor.fd for descriptor in self.descriptors]
+        _require(
+            numbers == sorted(set(numbers)),
+            "Files: descriptors must be unique and in ascending order",
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Cwd:
+    cwd: str
+    root: str
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    """The trailer: totals a reader checks, so a cut image never passes for whole."""
+
+    records: U64  # sections before END
+    image_bytes: U64  # bytes before END, signature included
+    pages_stored: U64  # pages in PAGES sections
+    pages_zero: U64  # all-zero pages the writer was given and left out
+    pages_untouched: U64  # pages the dumper found never populated (reported by it)
+    pages_file: U64  # pages of FILE segments, mapped from their files at restore
+
+
+Record = (
+    ImageHeader
+    | Credentials
+    | Rlimits
+    | MemoryStructure
+    | Segments
+    | Pages
+    | Thread
+    | SignalState
+    | Files
+    | Cwd
+    | End
+)

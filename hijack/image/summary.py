@@ -1,0 +1,264 @@
+"""What an image holds, for `hijack show`: data only, rendering is the CLI's.
+
+summarize(records) folds a record stream (as read_image yields it) into an
+ImageSummary; summary_to_json(summary) turns that into plain JSON values with
+the stable schema documented in docs/crf.md ("Summary JSON"). Page contents
+are counted as they pass and never kept, so summarizing a large image takes
+as little memory as reading it.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from hijack.errors import ImageError
+from hijack.image.codec import END_SECTION_SIZE, FORMAT_VERSION
+from hijack.image.records import (
+    Credentials,
+    Cwd,
+    DumpOptions,
+    End,
+    FileDescriptor,
+    Files,
+    ImageHeader,
+    Pages,
+    Record,
+    Segments,
+    SocketInfo,
+    Thread,
+)
+
+SUMMARY_VERSION = 1  # bumped when a key of summary_to_json changes meaning or goes away
+
+JsonValue = None | bool | int | str | list["JsonValue"] | dict[str, "JsonValue"]
+
+
+@dataclass(frozen=True)
+class ProcessSummary:
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    comm: str
+    argv: tuple[str, ...]
+    exe: str
+    node: str
+    created_ns: int
+    options: tuple[str, ...]  # DumpOptions names, e.g. ("NO_SHARED_LIBS",)
+    uid: int
+    gid: int
+    cwd: str
+    root: str
+
+
+@dataclass(frozen=True)
+class ThreadSummary:
+    tid: int
+    comm: str
+    rip: int
+    rsp: int
+    sigmask: int
+    pending: int  # signals pending on this thread
+
+
+@dataclass(frozen=True)
+class MemoryRow:
+    start: int
+    end: int
+    perms: str
+    path: str
+    contents: str  # ContentsKind name
+    stored_bytes: int  # bytes of this segment held in PAGES sections
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class PageTotals:
+    stored: int
+    zero: int  # all-zero pages left out
+    untouched: int  # never-populated pages left out
+    file: int  # pages of FILE segments, mapped from their files at restore
+
+
+@dataclass(frozen=True)
+class ImageSummary:
+    version: int  # CRF format version
+    image_bytes: int  # the whole image, signature to END inclusive
+    process: ProcessSummary
+    threads: tuple[ThreadSummary, ...]
+    memory: tuple[MemoryRow, ...]
+    descriptors: tuple[FileDescriptor, ...]
+    pages: PageTotals
+
+
+def summarize(records: Iterable[Record]) -> ImageSummary:
+    """Fold a complete record stream into a summary; ImageError if a section is missing."""
+    header: ImageHeader | None = None
+    credentials: Credentials | None = None
+    cwd: Cwd | None = None
+    files: Files | None = None
+    end: End | None = None
+    segments = Segments(())
+    starts: list[int] = []
+    stored_bytes: list[int] = []
+    threads: list[ThreadSummary] = []
+    for record in records:
+        if isinstance(record, ImageHeader):
+            header = record
+        elif isinstance(record, Credentials):
+            credentials = record
+        elif isinstance(record, Segments):
+            segments = record
+            starts = [segment.start for segment in record.segments]
+            stored_bytes = [0] * len(record.segments)
+        elif isinstance(record, Pages):
+            # read_image has checked that pages lie inside one segment.
+            stored_bytes[bisect.bisect_right(starts, record.address) - 1] += len(record.data)
+        elif isinstance(record, Thread):
+            threads.append(
+                ThreadSummary(
+                    tid=record.tid,
+                    comm=record.comm,
+                    rip=record.regs.rip,
+                    rsp=record.regs.rsp,
+                    sigmask=record.sigmask,
+                    pending=len(record.pending),
+                )
+            )
+        elif isinstance(record, Files):
+            files = record
+        elif isinstance(record, Cwd):
+            cwd = record
+        elif isinstance(record, End):
+            end = record
+    if header is None or credentials is None or cwd is None or files is None or end is None:
+        raise ImageError("incomplete image: a HEADER, CREDENTIALS, FILES, CWD or END is missing")
+    return ImageSummary(
+        version=FORMAT_VERSION,
+        image_bytes=end.image_bytes + END_SECTION_SIZE,
+        process=ProcessSummary(
+            pid=header.pid,
+            ppid=header.ppid,
+            pgid=header.pgid,
+            sid=header.sid,
+            comm=header.comm,
+            argv=header.argv,
+            exe=header.exe,
+            node=header.node,
+            created_ns=header.created_ns,
+            options=tuple(str(flag.name) for flag in DumpOptions if flag in header.options),
+            uid=credentials.uid,
+            gid=credentials.gid,
+            cwd=cwd.cwd,
+            root=cwd.root,
+        ),
+        threads=tuple(threads),
+        memory=tuple(
+            MemoryRow(
+                start=segment.start,
+                end=segment.end,
+                perms=segment.perms,
+                path=segment.path,
+                contents=segment.contents.name,
+                stored_bytes=stored,
+            )
+            for segment, stored in zip(segments.segments, stored_bytes, strict=True)
+        ),
+        descriptors=files.descriptors,
+        pages=PageTotals(
+            stored=end.pages_stored,
+            zero=end.pages_zero,
+            untouched=end.pages_untouched,
+            file=end.pages_file,
+        ),
+    )
+
+
+def _hex(value: int) -> str:
+    return f"{value:#x}"
+
+
+def _socket_json(socket: SocketInfo | None) -> JsonValue:
+    if socket is None:
+        return None
+    return {
+        "family": socket.family,
+        "type": socket.type,
+        "protocol": socket.protocol,
+        "state": socket.state,
+        "local_address": socket.local_address,
+        "remote_address": socket.remote_address,
+    }
+
+
+def summary_to_json(summary: ImageSummary) -> dict[str, JsonValue]:
+    """Plain JSON values (docs/crf.md, "Summary JSON"): addresses and masks as hex
+    strings, since they exceed what a JSON double holds exactly; sizes as integers."""
+    process = summary.process
+    return {
+        "summary_version": SUMMARY_VERSION,
+        "format_version": summary.version,
+        "image_bytes": summary.image_bytes,
+        "process": {
+            "pid": process.pid,
+            "ppid": process.ppid,
+            "pgid": process.pgid,
+            "sid": process.sid,
+            "comm": process.comm,
+            "argv": list(process.argv),
+            "exe": process.exe,
+            "node": process.node,
+            "created_ns": process.created_ns,
+            "options": list(process.options),
+            "uid": process.uid,
+            "gid": process.gid,
+            "cwd": process.cwd,
+            "root": process.root,
+        },
+        "threads": [
+            {
+                "tid": thread.tid,
+                "comm": thread.comm,
+                "rip": _hex(thread.rip),
+                "rsp": _hex(thread.rsp),
+                "sigmask": _hex(thread.sigmask),
+                "pending": thread.pending,
+            }
+            for thread in summary.threads
+        ],
+        "memory": [
+            {
+                "start": _hex(row.start),
+                "end": _hex(row.end),
+                "size": row.size,
+                "perms": row.perms,
+                "path": row.path,
+                "contents": row.contents,
+                "stored_bytes": row.stored_bytes,
+            }
+            for row in summary.memory
+        ],
+        "descriptors": [
+            {
+                "fd": descriptor.fd,
+                "kind": descriptor.kind.name,
+                "path": descriptor.path,
+                "flags": descriptor.flags,
+                "pos": descriptor.pos,
+                "cloexec": descriptor.cloexec,
+                "socket": _socket_json(descriptor.socket),
+            }
+            for descriptor in summary.descriptors
+        ],
+        "pages": {
+            "stored": summary.pages.stored,
+            "zero": summary.pages.zero,
+            "untouched": summary.pages.untouched,
+            "file": summary.pages.file,
+        },
+    }
