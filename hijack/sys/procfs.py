@@ -542,14 +542,16 @@ def list_fds(pid: int) -> list[FdEntry]:
             link = f"{fd_dir}/{name}"
             try:
                 target = os.readlink(link)
-                status = os.stat(link)
+                points_to = os.stat(link)
             except FileNotFoundError:
                 if os.path.isdir(fd_dir):
                     continue
                 raise
-            kind = classify_fd(target, status.st_mode)
+            kind = classify_fd(target, points_to.st_mode)
             entries.append(
-                FdEntry(int(name), target, kind, status.st_mode, status.st_dev, status.st_ino)
+                FdEntry(
+                    int(name), target, kind, points_to.st_mode, points_to.st_dev, points_to.st_ino
+                )
             )
     return sorted(entries, key=lambda entry: entry.fd)
 
@@ -723,8 +725,10 @@ _TOUCHED_TOP_BYTE = bytes(int(bool(byte & 0xC0)) for byte in range(256))
 def present_runs(pid: int, start: int, end: int) -> list[tuple[int, int]]:
     """Merged [run_start, run_end) runs of the pages in [start, end) present or swapped.
 
-    These are the pages the process has touched; the rest read as zeros (or as
-    the file, for a file mapping).
+    In anonymous memory these are the pages the process has touched; the rest
+    read as zeros. In a file mapping a present page may also be an untouched
+    page-cache page mapped by fault-around: its entry has PM_FILE set, while a
+    private page the process wrote (copied on write) does not.
     """
     entries = read_pagemap(pid, start, end)
     # Work on the top byte of each little-endian entry at C speed: a 1 GiB
