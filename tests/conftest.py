@@ -1,0 +1,70 @@
+"""Session setup and the per-test leak check every test runs under.
+
+pytest becomes a child subreaper, so whatever a test starts stays its
+descendant however it was orphaned (this machine's PID 1 does not reap
+orphans, see KERNEL-NOTES "The machine's init"). After each test, a process
+that appeared during the test and is still alive, or a harness temp directory
+still on disk, fails that test: it is killed/removed and named.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from support import (
+    find_leaked_processes,
+    find_leftover_temp_dirs,
+    fixture_path,
+    kill_and_reap,
+    session_fixtures,
+    snapshot_descendants,
+    snapshot_temp_dirs,
+)
+from support.tempdirs import remove_temp_dir
+
+from hijack.sys.process import set_child_subreaper
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    set_child_subreaper()
+
+
+@pytest.fixture(scope="session")
+def fixture_bin() -> Callable[[str], Path]:
+    """Build the fixtures once per session; give the path of one by name."""
+    session_fixtures()  # build (or skip) at setup, not halfway through a test
+    return fixture_path
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_processes_or_temp_dirs() -> Iterator[None]:
+    # Autouse and first in the closure: torn down after every other fixture
+    # of the test, so what they clean up is not reported.
+    root = os.getpid()
+    processes_before = snapshot_descendants(root)
+    temp_dirs_before = snapshot_temp_dirs()
+    yield
+    problems: list[str] = []
+    leaked = find_leaked_processes(root, processes_before)
+    if leaked:
+        survivors = kill_and_reap(leaked, root, processes_before)
+        problems.append(
+            "leaked processes (killed and reaped):\n"
+            + "\n".join(f"  {info.describe()}" for info in leaked)
+        )
+        if survivors:
+            problems.append(
+                "could not reap:\n" + "\n".join(f"  {info.describe()}" for info in survivors)
+            )
+    leftovers = find_leftover_temp_dirs(temp_dirs_before)
+    for path in leftovers:
+        remove_temp_dir(path)
+    if leftovers:
+        problems.append(
+            "harness temp dirs left behind (removed): " + ", ".join(map(str, leftovers))
+        )
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)

@@ -1,0 +1,277 @@
+"""Start a fixture, wait for its `ready` line, drive it through CONTROL_FD, collect its verdict.
+
+The protocol is in tests/fixtures/README.md. Every wait here is bounded and
+blocks on a file descriptor (the ready pipe, a pidfd), never on a sleep: a
+fixture that dies, hangs or lies fails the test with a message naming it and
+showing its stderr.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from types import TracebackType
+
+from support.build import fixture_path
+from support.tempdirs import make_temp_dir, remove_temp_dir
+
+READY_TIMEOUT = 10.0
+FINISH_TIMEOUT = 30.0
+SEND_TIMEOUT = 10.0
+KILL_TIMEOUT = 10.0
+_OUTPUT_TAIL = 4000  # characters of stdout/stderr shown in a failure
+
+
+class FixtureError(AssertionError):
+    """A fixture did not behave: died before ready, hung, or reported a broken state."""
+
+
+def _tail(text: str) -> str:
+    return text if len(text) <= _OUTPUT_TAIL else "..." + text[-_OUTPUT_TAIL:]
+
+
+def _exit_description(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+class RunningFixture:
+    """A fixture process started by spawn_fixture; a context manager that always kills and reaps it.
+
+    The exit status is collected through a pidfd and waitpid, not Popen, so
+    waiting is bounded without polling and works while a tracer holds it.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        process: subprocess.Popen[bytes],
+        control_fd: int,
+        output_dir: Path,
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.pid = process.pid
+        self.ready: dict[str, str] = {}
+        self.returncode: int | None = None
+        self._process = process
+        self._pidfd = os.pidfd_open(process.pid)
+        self._control_fd: int | None = control_fd
+        self._output_dir: Path | None = output_dir
+        self._captured: dict[str, str] = {}
+
+    # -- output ---------------------------------------------------------------
+
+    def _output(self, stream: str) -> str:
+        if stream in self._captured:
+            return self._captured[stream]
+        assert self._output_dir is not None
+        return (self._output_dir / stream).read_bytes().decode(errors="replace")
+
+    @property
+    def stdout(self) -> str:
+        return self._output("stdout")
+
+    @property
+    def stderr(self) -> str:
+        return self._output("stderr")
+
+    def describe(self) -> str:
+        """Who it is, how it ended, and what it printed: the body of every failure message."""
+        return (
+            f"fixture {self.name} (pid {self.pid}, argv {self.argv}): "
+            f"{_exit_description(self.returncode)}\n"
+            f"--- stderr ---\n{_tail(self.stderr)}--- stdout ---\n{_tail(self.stdout)}"
+        )
+
+    # -- protocol ---------------------------------------------------------------
+
+    def _wait_ready(self, ready_fd: int, timeout: float) -> None:
+        received = b""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in received:
+            remaining = deadline - time.monotonic()
+            readable, _, _ = select.select([ready_fd], [], [], max(remaining, 0))
+            if not readable:
+                self.kill()
+                raise FixtureError(f"no ready line within {timeout} s\n{self.describe()}")
+            chunk = os.read(ready_fd, 4096)
+            if not chunk:
+                # EOF: it exited (or closed READY_FD) without a ready line. Give it
+                # the time to exit so the message shows its exit code.
+                self._wait(KILL_TIMEOUT)
+                self.kill()
+                raise FixtureError(
+                    f"READY_FD closed before a ready line (got {received!r})\n{self.describe()}"
+                )
+            received += chunk
+        line = received.split(b"\n", 1)[0].decode(errors="replace")
+        words = line.split()
+        if not words or words[0] != "ready" or not all("=" in word for word in words[1:]):
+            self.kill()
+            raise FixtureError(f"malformed ready line {line!r}\n{self.describe()}")
+        self.ready = dict(word.split("=", 1) for word in words[1:])
+
+    def send(self, data: bytes, timeout: float = SEND_TIMEOUT) -> None:
+        """Write `data` to the fixture's CONTROL_FD (bounded: a fixture not reading fails)."""
+        if self._control_fd is None:
+            raise FixtureError(f"CONTROL_FD already closed\n{self.describe()}")
+        deadline = time.monotonic() + timeout
+        view = memoryview(data)
+        while view:
+            remaining = deadline - time.monotonic()
+            _, writable, _ = select.select([], [self._control_fd], [], max(remaining, 0))
+            if not writable:
+                raise FixtureError(
+                    f"CONTROL_FD not read: {len(view)} of {len(data)} bytes unsent after "
+                    f"{timeout} s\n{self.describe()}"
+                )
+            try:
+                written = os.write(self._control_fd, view)
+            except BrokenPipeError:
+                raise FixtureError(f"fixture closed CONTROL_FD\n{self.describe()}") from None
+            view = view[written:]
+
+    def close_control(self) -> None:
+        """Close CONTROL_FD: the fixture sees EOF and finishes."""
+        if self._control_fd is not None:
+            os.close(self._control_fd)
+            self._control_fd = None
+
+    # -- ending -----------------------------------------------------------------
+
+    def _wait(self, timeout: float) -> int | None:
+        """Reap the fixture if it exits within `timeout`; return its code (as Popen's)."""
+        if self.returncode is not None:
+            return self.returncode
+        readable, _, _ = select.select([self._pidfd], [], [], timeout)
+        if not readable:
+            return None
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:
+            raise FixtureError(
+                f"fixture {self.name} (pid {self.pid}) was reaped by someone else; "
+                "its exit status is lost"
+            ) from None
+        self.returncode = os.waitstatus_to_exitcode(status)
+        # Tell Popen, or its finaliser would wait on a pid that may be recycled.
+        self._process.returncode = self.returncode
+        return self.returncode
+
+    def _release(self) -> None:
+        """Close our fds and delete the captured output (kept in memory for messages)."""
+        self.close_control()
+        if self._output_dir is not None:
+            for stream in ("stdout", "stderr"):
+                self._captured[stream] = self._output(stream)
+            remove_temp_dir(self._output_dir)
+            self._output_dir = None
+        if self._pidfd >= 0:
+            os.close(self._pidfd)
+            self._pidfd = -1
+
+    def kill(self) -> None:
+        """SIGKILL and reap the fixture if it still runs; release everything it held."""
+        if self.returncode is None:
+            # ProcessLookupError: exited already, not yet reaped.
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+            if self._wait(KILL_TIMEOUT) is None:
+                raise FixtureError(f"SIGKILL did not end it in {KILL_TIMEOUT} s\n{self.describe()}")
+        self._release()
+
+    def finish(self, timeout: float = FINISH_TIMEOUT) -> int:
+        """Close CONTROL_FD and wait for the fixture's verdict; return its exit code."""
+        self.close_control()
+        code = self._wait(timeout)
+        if code is None:
+            self.kill()
+            raise FixtureError(
+                f"did not exit within {timeout} s of CONTROL_FD EOF; killed\n{self.describe()}"
+            )
+        self._release()
+        return code
+
+    def assert_intact(self, timeout: float = FINISH_TIMEOUT) -> None:
+        """Finish and demand exit code 0: the fixture found all its state intact."""
+        code = self.finish(timeout)
+        if code != 0:
+            raise FixtureError(f"reported a broken state\n{self.describe()}")
+
+    def __enter__(self) -> RunningFixture:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.kill()
+
+
+def spawn_fixture(
+    name: str,
+    *args: str | os.PathLike[str],
+    env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    ready_timeout: float = READY_TIMEOUT,
+) -> RunningFixture:
+    """Start fixture `name` with `args`, wait for its ready line, return it running.
+
+    `env` adds to (and overrides) this process's environment. The fixture's
+    stdout and stderr go to files (O_APPEND) in a harness temp directory that
+    lives until the fixture is finished or killed.
+    """
+    binary = fixture_path(name)
+    argv = [str(binary), *(os.fspath(arg) for arg in args)]
+    output_dir = make_temp_dir(f"hijack-{name}-")
+    ready_read, ready_write = os.pipe()
+    control_read, control_write = os.pipe()
+    child_env = {**os.environ, **(env or {})}
+    child_env["READY_FD"] = str(ready_write)
+    child_env["CONTROL_FD"] = str(control_read)
+    try:
+        with (
+            open(output_dir / "stdout", "ab") as stdout,
+            open(output_dir / "stderr", "ab") as stderr,
+        ):
+            process = subprocess.Popen(
+                argv,
+                env=child_env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=stderr,
+                pass_fds=(ready_write, control_read),
+            )
+    except BaseException:
+        for fd in (ready_read, ready_write, control_read, control_write):
+            os.close(fd)
+        remove_temp_dir(output_dir)
+        raise
+    # Only the fixture may hold these ends: EOF on READY_FD must mean it is gone.
+    os.close(ready_write)
+    os.close(control_read)
+    # A fixture that stops reading must not block send() forever.
+    os.set_blocking(control_write, False)
+    fixture = RunningFixture(name, argv, process, control_write, output_dir)
+    try:
+        fixture._wait_ready(ready_read, ready_timeout)
+    except BaseException:
+        fixture.kill()
+        raise
+    finally:
+        os.close(ready_read)
+    return fixture

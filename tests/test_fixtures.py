@@ -1,0 +1,243 @@
+"""The fixtures run alone, without hijack, pass their own checks, and the checks bite.
+
+Everything later tests conclude from a fixture's exit code rests on this file:
+a fixture that fails here on its own says nothing about hijack.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from support import (
+    FixtureError,
+    build_fixtures,
+    find_leaked_processes,
+    find_leftover_temp_dirs,
+    fixture_names,
+    kill_and_reap,
+    snapshot_descendants,
+    snapshot_temp_dirs,
+    spawn_fixture,
+)
+
+TESTS_DIR = Path(__file__).parent
+
+
+def test_every_fixture_is_built_and_used_by_a_test(fixture_bin: Callable[[str], Path]) -> None:
+    test_sources = "\n".join(path.read_text() for path in TESTS_DIR.rglob("test_*.py"))
+    for name in fixture_names():
+        assert os.access(fixture_bin(name), os.X_OK), f"fixture {name} was not built"
+        assert f'"{name}"' in test_sources, f"fixture {name} is used by no test"
+
+
+def test_build_is_reused_until_its_binary_is_older_than_the_source(tmp_path: Path) -> None:
+    first = build_fixtures(tmp_path)
+    built_at = {name: path.stat().st_mtime_ns for name, path in first.items()}
+    assert {n: p.stat().st_mtime_ns for n, p in build_fixtures(tmp_path).items()} == built_at
+    os.utime(first["counter"], ns=(0, 0))  # as if counter.c had changed since
+    rebuilt = build_fixtures(tmp_path)
+    assert rebuilt["counter"].stat().st_mtime_ns > 0
+    assert rebuilt["threads"].stat().st_mtime_ns == built_at["threads"]
+
+
+# -- counter -------------------------------------------------------------------
+
+
+def test_counter_counts_and_finds_its_log_intact(tmp_path: Path) -> None:
+    with spawn_fixture("counter", "counter.log", "3", cwd=tmp_path) as counter:
+        assert counter.ready == {"lines": "3"}
+        counter.assert_intact()
+    lines = (tmp_path / "counter.log").read_text().split()
+    assert len(lines) >= 3
+    assert lines == [str(n) for n in range(1, len(lines) + 1)]
+    assert f"lines={len(lines)}" in counter.stdout
+
+
+def test_counter_fails_when_its_log_is_rewritten(tmp_path: Path) -> None:
+    log = tmp_path / "counter.log"
+    with spawn_fixture("counter", log, "2") as counter:
+        # A repeat, whatever the counter appends before or after it.
+        log.write_text("1\n1\n")
+        assert counter.finish() == 1
+    assert "FAIL counter: log line" in counter.stderr
+
+
+# -- blocked -------------------------------------------------------------------
+
+
+def _signal_bits(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"/proc/{pid}/status has no {field}")
+
+
+@pytest.mark.parametrize("mode", ["read", "select", "nanosleep"])
+def test_blocked_in_each_mode_finishes_intact(mode: str) -> None:
+    payload = f"payload-{secrets.token_hex(32)}\n"
+    argument = "200" if mode == "nanosleep" else payload
+    with spawn_fixture("blocked", mode, argument) as blocked:
+        assert blocked.ready == {"mode": mode}
+        # The signal state a restore must rebuild, as the kernel shows it.
+        assert _signal_bits(blocked.pid, "SigCgt") & (1 << (signal.SIGUSR1 - 1))
+        assert _signal_bits(blocked.pid, "SigBlk") & (1 << (signal.SIGUSR2 - 1))
+        if mode != "nanosleep":
+            blocked.send(payload.encode())
+        blocked.assert_intact()
+
+
+@pytest.mark.parametrize("mode", ["read", "select"])
+def test_blocked_fails_on_a_wrong_payload(mode: str) -> None:
+    expected = f"payload-{secrets.token_hex(32)}\n"
+    with spawn_fixture("blocked", mode, expected) as blocked:
+        blocked.send(expected.replace("payload", "PAYLOAD").encode())
+        assert blocked.finish() == 1
+    assert "payload differs at byte 0" in blocked.stderr
+
+
+# -- echo_server and stream_client ---------------------------------------------------
+
+
+def test_echo_server_echoes_8_mib_to_a_stream_client() -> None:
+    size = 8 << 20
+    with spawn_fixture("echo_server") as server:
+        port = server.ready["port"]
+        with spawn_fixture("stream_client", "127.0.0.1", port, str(size), "7") as client:
+            assert int(client.ready["local_port"]) > 0
+            client.assert_intact()
+        server.assert_intact()
+    assert f"echoed {size} bytes over 1 connections" in server.stdout
+
+
+def test_echo_server_serves_several_clients_at_once() -> None:
+    size = 1 << 20
+    with spawn_fixture("echo_server") as server, contextlib.ExitStack() as clients:
+        port = server.ready["port"]
+        running = [
+            clients.enter_context(
+                spawn_fixture("stream_client", "127.0.0.1", port, str(size), str(seed))
+            )
+            for seed in (1, 2, 3)
+        ]
+        for client in running:
+            client.assert_intact()
+        server.assert_intact()
+    assert f"echoed {3 * size} bytes over 3 connections" in server.stdout
+
+
+def test_stream_client_reports_the_first_corrupted_byte() -> None:
+    corrupt_offset = 1000
+
+    def corrupting_echo(listener: socket.socket) -> None:
+        connection, _ = listener.accept()
+        with connection, contextlib.suppress(OSError):  # the client hangs up on the bad byte
+            offset = 0
+            while data := connection.recv(65536):
+                echoed = bytearray(data)
+                if offset <= corrupt_offset < offset + len(echoed):
+                    echoed[corrupt_offset - offset] ^= 0xFF
+                connection.sendall(echoed)
+                offset += len(data)
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        server = threading.Thread(target=corrupting_echo, args=(listener,), daemon=True)
+        server.start()
+        port = str(listener.getsockname()[1])
+        with spawn_fixture("stream_client", "127.0.0.1", port, "65536", "5") as client:
+            assert client.finish() == 1
+        server.join(timeout=10)
+        assert not server.is_alive()
+    assert f"echoed byte at offset {corrupt_offset} is" in client.stderr
+
+
+# -- threads and mapped ---------------------------------------------------------
+
+
+def test_threads_keep_their_invariants() -> None:
+    with spawn_fixture("threads") as threads:
+        assert threads.ready == {"threads": "6"}
+        assert len(os.listdir(f"/proc/{threads.pid}/task")) == 6
+        threads.assert_intact()
+    assert int(threads.stdout.split("total=")[1].split()[0]) >= 4
+
+
+def test_mapped_holds_its_mappings_files_and_pipe(tmp_path: Path) -> None:
+    with spawn_fixture("mapped", tmp_path) as mapped:
+        maps = Path(f"/proc/{mapped.pid}/maps").read_text().splitlines()
+        for key, perms in (("private", "rw-p"), ("shared", "rw-s"), ("readonly", "r--p")):
+            start = f"{int(mapped.ready[key], 16):x}-"
+            assert any(line.startswith(start) and f" {perms} " in line for line in maps), key
+        file_fd = mapped.ready["file_fd"]
+        assert os.readlink(f"/proc/{mapped.pid}/fd/{file_fd}") == str(tmp_path / "regular.dat")
+        assert "pos:\t1234\n" in Path(f"/proc/{mapped.pid}/fdinfo/{file_fd}").read_text()
+        mapped.assert_intact()
+
+
+def test_mapped_notices_its_open_file_changed(tmp_path: Path) -> None:
+    with spawn_fixture("mapped", tmp_path) as mapped:
+        (tmp_path / "regular.dat").write_bytes(bytes(10000))
+        assert mapped.finish() == 1
+    assert "regular.dat: byte 1234" in mapped.stderr
+
+
+# -- the harness itself -----------------------------------------------------------
+
+
+def test_a_fixture_that_dies_before_ready_fails_with_its_stderr() -> None:
+    with pytest.raises(FixtureError, match=r"(?s)fixture counter .*exit code 2.*usage: counter"):
+        spawn_fixture("counter")
+
+
+def test_a_fixture_that_ignores_eof_is_killed_at_the_finish_timeout() -> None:
+    with spawn_fixture("blocked", "nanosleep", "600000") as sleeper:
+        with pytest.raises(FixtureError, match=r"did not exit within 0\.2 s"):
+            sleeper.finish(timeout=0.2)
+        assert sleeper.returncode == -signal.SIGKILL
+
+
+def test_send_to_a_fixture_that_does_not_read_is_bounded() -> None:
+    with (
+        spawn_fixture("blocked", "nanosleep", "600000") as sleeper,
+        pytest.raises(FixtureError, match="CONTROL_FD not read"),
+    ):
+        sleeper.send(bytes(1 << 20), timeout=0.2)  # far more than a pipe holds
+
+
+def test_leak_check_finds_kills_and_reaps_an_orphaned_grandchild() -> None:
+    root = os.getpid()
+    before = snapshot_descendants(root)
+    # sh exits at once; its background child is orphaned and, pytest being a
+    # subreaper, becomes pytest's child instead of PID 1's.
+    started = subprocess.run(
+        ["sh", "-c", "sleep 600 </dev/null >/dev/null 2>&1 & echo $!"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    orphan = int(started.stdout)
+    leaked = find_leaked_processes(root, before)
+    assert [(info.pid, info.ppid, info.cmdline) for info in leaked] == [(orphan, root, "sleep 600")]
+    assert kill_and_reap(leaked, root, before) == []
+    assert find_leaked_processes(root, before) == []
+    assert not Path(f"/proc/{orphan}").exists()
+
+
+def test_temp_dir_check_sees_the_output_of_a_fixture_never_ended() -> None:
+    before = snapshot_temp_dirs()
+    fixture = spawn_fixture("blocked", "nanosleep", "0")
+    try:
+        [leftover] = find_leftover_temp_dirs(before)
+        assert (leftover / "stderr").exists()
+    finally:
+        fixture.kill()
+    assert find_leftover_temp_dirs(before) == []
+    assert not leftover.exists()
