@@ -63,10 +63,11 @@ class Cursor:
         self.position += size
         return self._data[start : self.position]
 
-    def take_length(self, limit: int, unit: int) -> int:
-        """A u32 length/count, refused if it exceeds `limit` or what the payload still holds."""
+    def take_length(self, unit: int, limit: int | None = None) -> int:
+        """A u32 length or count of `unit`-byte items, refused before anything is
+        allocated if it exceeds `limit` or what the payload still holds."""
         count: int = _LENGTH.unpack(self.take(_LENGTH.size))[0]
-        if count > limit:
+        if limit is not None and count > limit:
             raise ImageError(f"length {count} exceeds the limit of {limit}")
         if count * unit > self.remaining:
             raise ImageError(f"length {count} overruns the section ({self.remaining} bytes left)")
@@ -160,7 +161,7 @@ class _Blob(FieldCodec[bytes]):
         out += value
 
     def decode(self, cursor: Cursor) -> bytes:
-        return cursor.take(cursor.take_length(self._limit, 1))
+        return cursor.take(cursor.take_length(1, self._limit))
 
 
 class _String(FieldCodec[str]):
@@ -223,6 +224,8 @@ class _Sequence(FieldCodec[tuple[Any, ...]]):
     min_size = _LENGTH.size
 
     def __init__(self, item: FieldCodec[Any]) -> None:
+        if item.min_size < 1:  # counts are bounded by the bytes their items take
+            raise TypeError("a list item must take at least one byte")
         self._item = item
 
     def encode(self, value: tuple[Any, ...], out: bytearray) -> None:
@@ -231,8 +234,8 @@ class _Sequence(FieldCodec[tuple[Any, ...]]):
             self._item.encode(element, out)
 
     def decode(self, cursor: Cursor) -> tuple[Any, ...]:
-        # The count is bounded by the bytes left, since every item takes at least one.
-        count = cursor.take_length(cursor.remaining, self._item.min_size)
+        # Bounded by the bytes left: every item takes at least min_size of them.
+        count = cursor.take_length(self._item.min_size)
         return tuple(self._item.decode(cursor) for _ in range(count))
 
 

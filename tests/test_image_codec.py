@@ -1,0 +1,785 @@
+"""The CRF codec on real bytes: round trips, zero pages, corruption, streams, summary."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import struct
+import sys
+import threading
+import tracemalloc
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hijack.errors import ImageError
+from hijack.image import (
+    END_SECTION_SIZE,
+    MAX_PAGES_DATA,
+    PAGE_SIZE,
+    RLIM_INFINITY,
+    SIGNAL_COUNT,
+    AuxvEntry,
+    ContentsKind,
+    Credentials,
+    Cwd,
+    DumpOptions,
+    End,
+    FdKind,
+    FileDescriptor,
+    FileIdentity,
+    Files,
+    ImageHeader,
+    ImageWriter,
+    MemoryStructure,
+    Pages,
+    Prot,
+    Record,
+    Rlimit,
+    Rlimits,
+    RobustList,
+    RseqConfiguration,
+    Segment,
+    Segments,
+    SigAction,
+    SigAltStack,
+    SignalState,
+    SocketInfo,
+    Thread,
+    UserRegsStruct,
+    read_image,
+    recode,
+    summarize,
+    summary_to_json,
+)
+
+SECTION_NAMES = {
+    b"HEAD": "HEADER",
+    b"CRED": "CREDENTIALS",
+    b"RLIM": "RLIMITS",
+    b"MMST": "MM",
+    b"SEGS": "SEGMENTS",
+    b"PAGE": "PAGES",
+    b"THRD": "THREAD",
+    b"SIGS": "SIGNALS",
+    b"FDS_": "FILES",
+    b"CWD_": "CWD",
+    b"END_": "END",
+}
+
+
+# --- an independent reading of the framing in docs/crf.md ---------------------------
+
+
+@dataclass(frozen=True)
+class Section:
+    offset: int
+    tag: bytes
+    payload: bytes
+
+    @property
+    def size(self) -> int:
+        return 8 + len(self.payload) + 4
+
+    @property
+    def name(self) -> str:
+        return SECTION_NAMES[self.tag]
+
+
+def sections(image: bytes) -> list[Section]:
+    found = []
+    offset = 8
+    while offset < len(image):
+        tag, length = struct.unpack_from("<4sI", image, offset)
+        found.append(Section(offset, tag, image[offset + 8 : offset + 8 + length]))
+        offset += 8 + length + 4
+    return found
+
+
+def frame(tag: bytes, payload: bytes) -> bytes:
+    head = struct.pack("<4sI", tag, len(payload))
+    return head + payload + struct.pack("<I", zlib.crc32(head + payload))
+
+
+def replace_section(image: bytes, section: Section, replacement: bytes) -> bytes:
+    return image[: section.offset] + replacement + image[section.offset + section.size :]
+
+
+def read_all(image: bytes, **options: bool) -> list[Record]:
+    return list(read_image(io.BytesIO(image), **options))
+
+
+# --- a realistic process -------------------------------------------------------------
+
+MIB = 1024 * 1024
+
+
+def segment(
+    start: int,
+    size: int,
+    prot: Prot,
+    path: str,
+    contents: ContentsKind,
+    *,
+    shared: bool = False,
+    file: FileIdentity | None = None,
+) -> Segment:
+    return Segment(
+        start=start,
+        end=start + size,
+        prot=prot,
+        shared=shared,
+        offset=0,
+        dev_major=8 if file else 0,
+        dev_minor=1 if file else 0,
+        inode=1234 if file else 0,
+        path=path,
+        vm_flags=("rd", "mr", "mw", "me", "ac") + (("wr",) if prot & Prot.WRITE else ()),
+        contents=contents,
+        file=file,
+    )
+
+
+def memory_with_holes(rng: random.Random, pages: int) -> bytes:
+    """Random pages with about a third of them all zero, plus a page with one byte set."""
+    chunks = []
+    for index in range(pages):
+        if index == 1:
+            chunks.append(bytes(PAGE_SIZE - 1) + b"\x01")  # last byte only: still stored
+        elif rng.random() < 0.35:
+            chunks.append(bytes(PAGE_SIZE))
+        else:
+            chunks.append(rng.randbytes(PAGE_SIZE))
+    return b"".join(chunks)
+
+
+def thread(rng: random.Random, tid: int, name: str) -> Thread:
+    field_names = UserRegsStruct.__dataclass_fields__
+    regs = UserRegsStruct(**{name: rng.getrandbits(64) for name in field_names})
+    return Thread(
+        tid=tid,
+        comm=name,
+        regs=regs,
+        xstate=rng.randbytes(2696),
+        sigmask=1 << 12,
+        pending=(rng.randbytes(128),) if tid % 2 else (),
+        rseq=RseqConfiguration(0x7F00_0000_1000 + tid * 32, 32, 0x53053053, 0),
+        robust_list=RobustList(0x7F00_0000_2000 + tid * 64, 24),
+        clear_child_tid=0x7F00_0000_3000 + tid,
+        sigaltstack=SigAltStack(0, 2, 0),
+    )
+
+
+@dataclass(frozen=True)
+class Built:
+    image: bytes
+    before_pages: list[Record]  # HEADER to SEGMENTS
+    after_pages: list[Record]  # the threads to CWD
+    end: End
+    memory: dict[int, bytes]  # STORED segment start -> its full contents
+
+    @property
+    def records(self) -> list[Record]:
+        """Every record but Pages, in order."""
+        return [*self.before_pages, *self.after_pages, self.end]
+
+
+def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
+    rng = random.Random(seed)
+    libc = FileIdentity("/usr/lib/libc.so.6", 2_000_000, 1_700_000_000_123_456_789, b"\xab" * 20)
+    exe = FileIdentity("/usr/bin/server", 80_000, -5, b"")
+    layout = [
+        segment(
+            0x400000, 0x2000, Prot.READ | Prot.EXEC, "/usr/bin/server", ContentsKind.FILE, file=exe
+        ),
+        segment(0x602000, 0x10000, Prot.READ | Prot.WRITE, "/usr/bin/server", ContentsKind.STORED),
+        segment(
+            0x1000000, heap_pages * PAGE_SIZE, Prot.READ | Prot.WRITE, "[heap]", ContentsKind.STORED
+        ),
+        segment(0x7F0000000000, 0x1000, Prot.READ, "/dev/shm/x", ContentsKind.STORED, shared=True),
+        segment(
+            0x7F0000001000,
+            0x20000,
+            Prot.READ | Prot.EXEC,
+            "/usr/lib/libc.so.6",
+            ContentsKind.FILE,
+            file=libc,
+        ),
+        segment(0x7F0000100000, 0x100000, Prot(0), "", ContentsKind.NONE),
+        segment(0x7FFC00000000, 0x21000, Prot.READ | Prot.WRITE, "[stack]", ContentsKind.STORED),
+        segment(0x7FFC00100000, 0x4000, Prot.READ, "[vvar]", ContentsKind.NONE),
+        segment(0x7FFC00104000, 0x2000, Prot.READ | Prot.EXEC, "[vdso]", ContentsKind.STORED),
+    ]
+    memory = {
+        s.start: memory_with_holes(rng, s.size // PAGE_SIZE)
+        for s in layout
+        if s.contents is ContentsKind.STORED
+    }
+    sockets = SocketInfo(2, 1, 6, 1, "127.0.0.1:6379", "127.0.0.1:51000")
+    files = Files(
+        tuple(
+            FileDescriptor(fd, kind, path, flags, pos, fd > 2, mode, 0x801, 1000 + fd, socket)
+            for fd, kind, path, flags, pos, mode, socket in [
+                (0, FdKind.TTY, "/dev/pts/3", 0o2, 0, 0o20620, None),
+                (1, FdKind.PIPE, "pipe:[4021]", 0o1, 0, 0o10600, None),
+                (2, FdKind.REGULAR, "/var/log/server.log", 0o102001, 123456, 0o100644, None),
+                (3, FdKind.SOCKET, "socket:[7781]", 0o2, 0, 0o140777, sockets),
+                (4, FdKind.EPOLL, "anon_inode:[eventpoll]", 0o2000002, 0, 0o600, None),
+                (5, FdKind.DIRECTORY, "/srv/data \udcff", 0o200000, 0, 0o40755, None),
+                (9, FdKind.EVENTFD, "anon_inode:[eventfd]", 0o2, 0, 0o600, None),
+            ]
+        )
+    )
+    before_pages: list[Record] = [
+        ImageHeader(
+            pid=4242,
+            ppid=1,
+            pgid=4242,
+            sid=4200,
+            comm="server",
+            argv=("/usr/bin/server", "--port", "6379", "caf\u00e9", "bad-\udcff-byte"),
+            exe="/usr/bin/server",
+            node="node-a",
+            created_ns=1_700_000_000_000_000_000,
+            options=DumpOptions.NO_SHARED_LIBS,
+        ),
+        Credentials(
+            1000,
+            1000,
+            1000,
+            1000,
+            100,
+            100,
+            100,
+            100,
+            (4, 24, 100),
+            0,
+            0,
+            0,
+            2**41 - 1,
+            0,
+            0o22,
+            False,
+        ),
+        Rlimits(
+            (
+                Rlimit(3, 8 * MIB, RLIM_INFINITY),
+                Rlimit(7, 1024, 524288),
+                Rlimit(9, RLIM_INFINITY, RLIM_INFINITY),
+            )
+        ),
+        MemoryStructure(
+            0x400000,
+            0x401FFF,
+            0x602000,
+            0x612000,
+            0x1000000,
+            0x1000000 + heap_pages * PAGE_SIZE,
+            0x7FFC00020000,
+            0x7FFC00020100,
+            0x7FFC00020180,
+            0x7FFC00020180,
+            0x7FFC00020400,
+            auxv=(AuxvEntry(6, 4096), AuxvEntry(25, 0x7FFC00020500), AuxvEntry(0, 0)),
+            exe_file="/usr/bin/server",
+            personality=0,
+        ),
+        Segments(tuple(layout)),
+    ]
+    after_pages: list[Record] = [
+        thread(rng, 4242, "server"),
+        thread(rng, 4243, "worker-1"),
+        thread(rng, 4244, "worker-2"),
+        SignalState(
+            tuple(
+                SigAction(0x401234 if n in (2, 15) else 0, 0x04000000, 0x401000, 0)
+                for n in range(1, SIGNAL_COUNT + 1)
+            ),
+            (rng.randbytes(128),),
+        ),
+        files,
+        Cwd("/srv/data", "/"),
+    ]
+    out = io.BytesIO()
+    writer = ImageWriter(out)
+    for record in before_pages:
+        writer.write(record)
+    for start, data in memory.items():
+        writer.write_pages(start, data)
+    for record in after_pages:
+        writer.write(record)
+    end = writer.close(pages_untouched=77, pages_file=0x22)
+    return Built(out.getvalue(), before_pages, after_pages, end, memory)
+
+
+BUILT = build_image()
+R = TypeVar("R")
+
+
+def the(kind: type[R]) -> R:
+    """The record of `kind` in BUILT."""
+    return next(record for record in BUILT.records if isinstance(record, kind))
+
+
+def restored_memory(records: list[Record], segments: Segments) -> dict[int, bytes]:
+    """What a restorer would put in each STORED segment: zero-filled, then the pages."""
+    memory = {
+        s.start: bytearray(s.size) for s in segments.segments if s.contents is ContentsKind.STORED
+    }
+    for record in records:
+        if isinstance(record, Pages):
+            start = max(base for base in memory if base <= record.address)
+            offset = record.address - start
+            memory[start][offset : offset + len(record.data)] = record.data
+    return {start: bytes(data) for start, data in memory.items()}
+
+
+# --- round trip ----------------------------------------------------------------------
+
+
+def test_round_trip_gives_equal_records_and_memory() -> None:
+    records = read_all(BUILT.image)
+    assert [r for r in records if not isinstance(r, Pages)] == BUILT.records
+    assert restored_memory(records, the(Segments)) == BUILT.memory
+
+
+def test_recode_is_byte_identical() -> None:
+    out = io.BytesIO()
+    end = recode(io.BytesIO(BUILT.image), out)
+    assert out.getvalue() == BUILT.image
+    assert end == BUILT.end
+
+
+def test_end_totals_describe_the_image() -> None:
+    end = BUILT.end
+    all_sections = sections(BUILT.image)
+    stored_pages = sum((len(s.payload) - 8) // PAGE_SIZE for s in all_sections if s.tag == b"PAGE")
+    assert end.records == len(all_sections) - 1
+    assert end.image_bytes == all_sections[-1].offset
+    assert end.image_bytes + END_SECTION_SIZE == len(BUILT.image)
+    assert end.pages_stored == stored_pages
+    total_pages = sum(len(data) for data in BUILT.memory.values()) // PAGE_SIZE
+    assert end.pages_zero == total_pages - stored_pages
+    assert (end.pages_untouched, end.pages_file) == (77, 0x22)
+
+
+# --- zero pages ----------------------------------------------------------------------
+
+
+def minimal_writer(out: io.BytesIO, segments: tuple[Segment, ...]) -> ImageWriter:
+    writer = ImageWriter(out)
+    for record in BUILT.before_pages[:-1]:
+        writer.write(record)
+    writer.write(Segments(segments))
+    return writer
+
+
+def finish(writer: ImageWriter) -> End:
+    for record in BUILT.after_pages:
+        writer.write(record)
+    return writer.close()
+
+
+def test_zero_pages_are_not_stored() -> None:
+    pages = 256
+    rng = random.Random(1)
+    data = bytearray(pages * PAGE_SIZE)
+    nonzero = sorted(rng.sample(range(pages), 40))
+    for page in nonzero:
+        data[page * PAGE_SIZE : (page + 1) * PAGE_SIZE] = rng.randbytes(PAGE_SIZE)
+    base = segment(0x10000000, pages * PAGE_SIZE, Prot.READ | Prot.WRITE, "", ContentsKind.STORED)
+
+    empty, full = io.BytesIO(), io.BytesIO()
+    finish(minimal_writer(empty, (base,)))
+    writer = minimal_writer(full, (base,))
+    writer.write_pages(base.start, memoryview(data))
+    end = finish(writer)
+
+    runs = len(
+        [p for i, p in enumerate(nonzero) if i == 0 or nonzero[i - 1] != p - 1]
+    )  # each run of consecutive pages is one section of 8 + 12 bytes overhead
+    assert len(full.getvalue()) == len(empty.getvalue()) + 40 * PAGE_SIZE + runs * 20
+    assert (end.pages_stored, end.pages_zero) == (40, pages - 40)
+    stored = {p.address for p in read_all(full.getvalue()) if isinstance(p, Pages)}
+    assert min(stored) == base.start + nonzero[0] * PAGE_SIZE
+
+
+def test_all_zero_input_yields_no_pages_record() -> None:
+    base = segment(0x10000000, 64 * PAGE_SIZE, Prot.READ | Prot.WRITE, "", ContentsKind.STORED)
+    out = io.BytesIO()
+    writer = minimal_writer(out, (base,))
+    writer.write_pages(base.start, bytes(64 * PAGE_SIZE))
+    end = finish(writer)
+    assert not [r for r in read_all(out.getvalue()) if isinstance(r, Pages)]
+    assert (end.pages_stored, end.pages_zero) == (0, 64)
+
+
+def test_long_runs_are_split_into_records_of_at_most_8_mib() -> None:
+    size = MAX_PAGES_DATA + 3 * PAGE_SIZE
+    base = segment(0x10000000, size, Prot.READ | Prot.WRITE, "", ContentsKind.STORED)
+    data = b"\x5a" * size
+    out = io.BytesIO()
+    writer = minimal_writer(out, (base,))
+    writer.write_pages(base.start, data)
+    finish(writer)
+    pages = [r for r in read_all(out.getvalue()) if isinstance(r, Pages)]
+    assert [len(p.data) for p in pages] == [MAX_PAGES_DATA, 3 * PAGE_SIZE]
+    assert b"".join(p.data for p in pages) == data
+
+
+# --- damaged and foreign input -------------------------------------------------------
+
+
+def cut_points(image: bytes) -> list[int]:
+    rng = random.Random(3)
+    points = set(range(0, 40))  # inside the signature and the HEADER
+    for section in sections(image):
+        for delta in (-1, 0, 1, 4, 7, 8, 9, 12):  # around and inside each section head
+            points.add(section.offset + delta)
+        points.add(section.offset + section.size - 2)  # inside the CRC
+        points.add(section.offset + 8 + len(section.payload) // 2)  # mid-payload
+    points.update(rng.randrange(len(image)) for _ in range(150))
+    return sorted(p for p in points if 0 <= p < len(image))
+
+
+def test_every_truncation_is_an_image_error() -> None:
+    points = cut_points(BUILT.image)
+    assert len(points) > 300
+    boundary_before_end = sections(BUILT.image)[-1].offset
+    assert boundary_before_end in points
+    for point in points:
+        with pytest.raises(ImageError, match=r"truncated|not a CRF image"):
+            read_all(BUILT.image[:point])
+    with pytest.raises(ImageError, match=f"truncated at byte {boundary_before_end}, expected END"):
+        read_all(BUILT.image[:boundary_before_end])
+
+
+def test_a_flipped_bit_in_any_section_names_that_section() -> None:
+    for section in sections(BUILT.image):
+        # tag, length (low and high bits), first payload byte, last payload byte, crc
+        positions = [0, 4, 7, 8, section.size - 5, section.size - 1]
+        for position in positions:
+            damaged = bytearray(BUILT.image)
+            damaged[section.offset + position] ^= 0x10
+            with pytest.raises(ImageError) as caught:
+                read_all(bytes(damaged))
+            assert section.name in str(caught.value), (section.name, position, caught.value)
+
+
+def test_sections_out_of_order_are_refused() -> None:
+    found = sections(BUILT.image)
+    credentials, rlimits = found[1], found[2]
+    swapped = (
+        BUILT.image[: credentials.offset]
+        + BUILT.image[rlimits.offset : rlimits.offset + rlimits.size]
+        + BUILT.image[credentials.offset : rlimits.offset]
+        + BUILT.image[rlimits.offset + rlimits.size :]
+    )
+    message = f"section RLIMITS at byte {credentials.offset}: out of place, expected CREDENTIALS"
+    with pytest.raises(ImageError, match=message):
+        read_all(swapped)
+
+
+def test_foreign_files_are_refused() -> None:
+    with open(sys.executable, "rb") as elf:
+        elf_head = elf.read(4096)
+    assert elf_head.startswith(b"\x7fELF")
+    for foreign in (elf_head, os.urandom(5000), b"", b"hello world\n", b"CRX\0\1\0\0\0"):
+        with pytest.raises(ImageError, match="not a CRF image"):
+            read_all(foreign)
+    with pytest.raises(ImageError, match="unsupported CRF version 2"):
+        read_all(b"CRF\0\2\0\0\0" + BUILT.image[8:])
+
+
+def test_trailing_data_is_refused_unless_the_image_is_embedded() -> None:
+    with pytest.raises(ImageError, match="unexpected data after END"):
+        read_all(BUILT.image + b"x")
+    stream = io.BytesIO(BUILT.image + b"next message")
+    assert isinstance(list(read_image(stream, require_eof=False))[-1], End)
+    assert stream.read() == b"next message"
+
+
+def test_absurd_lengths_are_refused_without_allocating_them() -> None:
+    header = sections(BUILT.image)[0]
+    payload = header.payload
+    # HEADER: pid ppid pgid sid (16 bytes), then comm's length.
+    huge_string = payload[:16] + struct.pack("<I", 0xFFFFFFF0) + payload[20:]
+    comm_length = struct.unpack_from("<I", payload, 16)[0]
+    argv_count_at = 20 + comm_length
+    huge_list = payload[:argv_count_at] + b"\xff\xff\xff\x7f" + payload[argv_count_at + 4 :]
+    first_pages = next(s.offset for s in sections(BUILT.image) if s.tag == b"PAGE")
+    cases = {
+        "section length": b"CRF\0\1\0\0\0HEAD\xff\xff\xff\xff",
+        "pages length": BUILT.image[:first_pages] + b"PAGE\xff\xff\xff\x00",
+        "string length": replace_section(BUILT.image, header, frame(b"HEAD", huge_string)),
+        "list count": replace_section(BUILT.image, header, frame(b"HEAD", huge_list)),
+    }
+    for case, image in cases.items():
+        tracemalloc.start()
+        with pytest.raises(ImageError, match=r"exceeds the limit|overruns") as caught:
+            read_all(image)
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 4 * MIB, (case, peak, caught.value)
+
+
+def test_non_canonical_bytes_are_refused() -> None:
+    files = next(s for s in sections(BUILT.image) if s.tag == b"FDS_")
+    record = struct.pack("<I", 1) + struct.pack("<IB", 7, FdKind.PIPE) + struct.pack("<I", 1) + b"p"
+    fields_after_path = struct.pack("<Iq", 0, 0)
+    for cloexec, problem in ((b"\x02", "boolean byte is 2"), (b"\x01", None)):
+        payload = record + fields_after_path + cloexec + struct.pack("<IQQ", 0, 0, 0) + b"\x00"
+        image = replace_section(BUILT.image, files, frame(b"FDS_", payload))
+        if problem is None:  # the same bytes with a valid bool read fine (END totals aside)
+            with pytest.raises(ImageError, match="END says image_bytes"):
+                read_all(image)
+        else:
+            with pytest.raises(ImageError, match=f"malformed section FILES.*{problem}"):
+                read_all(image)
+    extra = replace_section(BUILT.image, files, frame(b"FDS_", files.payload + b"\0"))
+    with pytest.raises(ImageError, match="1 bytes left over"):
+        read_all(extra)
+
+
+def test_pages_outside_stored_segments_or_backwards_are_refused() -> None:
+    out = io.BytesIO()
+    writer = minimal_writer(out, the(Segments).segments)
+    with pytest.raises(ImageError, match="not inside one STORED segment"):
+        writer.write_pages(0x400000, b"\1" * PAGE_SIZE)  # a FILE segment
+    writer.write_pages(0x1001000, b"\1" * PAGE_SIZE)
+    with pytest.raises(ImageError, match="overlap or precede"):
+        writer.write_pages(0x1000000, b"\1" * PAGE_SIZE)
+    with pytest.raises(ImageError, match="not whole pages"):
+        writer.write_pages(0x1002000, b"\1" * 100)
+
+    first_pages = next(s for s in sections(BUILT.image) if s.tag == b"PAGE")
+    moved = struct.pack("<Q", 0x400000) + first_pages.payload[8:]
+    image = replace_section(BUILT.image, first_pages, frame(b"PAGE", moved))
+    with pytest.raises(ImageError, match=r"malformed section PAGES.*not inside one STORED"):
+        read_all(image)
+
+
+def test_writer_refuses_wrong_order_and_wrong_totals() -> None:
+    out = io.BytesIO()
+    writer = ImageWriter(out)
+    with pytest.raises(
+        ImageError, match="cannot write section CREDENTIALS: out of place, expected HEADER"
+    ):
+        writer.write(the(Credentials))
+    for record in BUILT.before_pages:
+        writer.write(record)
+    with pytest.raises(ImageError, match="expected PAGES or THREAD"):
+        writer.write(the(Files))
+    writer.write(the(Thread))
+    with pytest.raises(ImageError, match="thread 4242 appears twice"):
+        writer.write(the(Thread))
+    for record in BUILT.after_pages[3:]:
+        writer.write(record)
+    with pytest.raises(ImageError, match="END says records is 99"):
+        writer.write(End(99, 0, 0, 0, 0, 0))
+
+
+INVALID_RECORDS: dict[str, Callable[[], object]] = {
+    "unaligned segment": lambda: segment(0x1001, 0x1000, Prot.READ, "", ContentsKind.NONE),
+    "empty segment": lambda: segment(0x2000, 0, Prot.READ, "", ContentsKind.NONE),
+    "FILE without identity": lambda: segment(0x1000, 0x1000, Prot.READ, "/x", ContentsKind.FILE),
+    "partial page": lambda: Pages(0x1000, b"\1" * 100),
+    "no pages": lambda: Pages(0x1000, b""),
+    "63 signal actions": lambda: SignalState((SigAction(0, 0, 0, 0),) * 63, ()),
+    "duplicate fd": lambda: Files(the(Files).descriptors[:1] * 2),
+    "socket on a tty": lambda: replace(
+        the(Files).descriptors[0], socket=SocketInfo(1, 1, 0, 0, "", "")
+    ),
+    "overlapping segments": lambda: Segments(the(Segments).segments[:1] * 2),
+    "umask": lambda: replace(the(Credentials), umask=0o1777),
+}
+
+
+@pytest.mark.parametrize("build", INVALID_RECORDS.values(), ids=INVALID_RECORDS.keys())
+def test_invalid_records_cannot_be_built(build: Callable[[], object]) -> None:
+    with pytest.raises(ImageError):
+        build()
+
+
+def test_unencodable_values_are_image_errors() -> None:
+    out = io.BytesIO()
+    writer = ImageWriter(out)
+    header = the(ImageHeader)
+    with pytest.raises(ImageError, match=r"ImageHeader.pid: .* does not fit in u32"):
+        writer.write(replace(header, pid=2**32))
+    with pytest.raises(ImageError, match=r"ImageHeader.comm: string .* cannot be stored"):
+        writer.write(replace(header, comm="\ud800"))
+
+
+SMALL = build_image(seed=11, heap_pages=8).image
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=2000) | st.binary(max_size=2000).map(lambda tail: SMALL[:8] + tail))
+def test_arbitrary_bytes_raise_only_image_error(data: bytes) -> None:
+    with pytest.raises(ImageError):
+        read_all(data)
+
+
+def read_or_refuse(image: bytes) -> None:
+    """Reading `image` either raises ImageError or succeeds, and then it recodes to itself."""
+    try:
+        read_all(image)
+    except ImageError:
+        return
+    out = io.BytesIO()
+    recode(io.BytesIO(image), out)
+    assert out.getvalue() == image
+
+
+FLIPS = st.lists(st.tuples(st.integers(0, 2**32), st.integers(1, 255)), min_size=1, max_size=4)
+
+
+def flip(data: bytes, flips: list[tuple[int, int]]) -> bytes:
+    damaged = bytearray(data)
+    for position, mask in flips:
+        if damaged:
+            damaged[position % len(damaged)] ^= mask
+    return bytes(damaged)
+
+
+@settings(max_examples=200, deadline=None)
+@given(FLIPS, st.none() | st.integers(0, len(SMALL)))
+def test_mutated_images_raise_only_image_error(
+    flips: list[tuple[int, int]], cut: int | None
+) -> None:
+    read_or_refuse(flip(SMALL, flips)[:cut])
+
+
+SMALL_SECTIONS = sections(SMALL)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(SMALL_SECTIONS),
+    FLIPS,
+    st.none() | st.integers(0, 300),
+    st.binary(max_size=8),
+)
+def test_rechecksummed_mutations_raise_only_image_error(
+    section: Section, flips: list[tuple[int, int]], cut: int | None, extra: bytes
+) -> None:
+    """Damage behind a valid checksum: the field decoders themselves must hold."""
+    payload = flip(section.payload, flips)[:cut] + extra
+    read_or_refuse(replace_section(SMALL, section, frame(section.tag, payload)))
+
+
+# --- streams -------------------------------------------------------------------------
+
+
+def test_writing_and_reading_through_a_pipe() -> None:
+    """Unbuffered pipe ends: short reads and writes, and no seeking possible."""
+    read_end, write_end = os.pipe()
+    errors: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with os.fdopen(write_end, "wb", buffering=0) as sink:
+                recode(io.BytesIO(BUILT.image), sink)
+        except BaseException as error:  # handed to the main thread
+            errors.append(error)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    with os.fdopen(read_end, "rb", buffering=0) as source:
+        assert not source.seekable()
+        records = list(read_image(source))
+    producer.join()
+    assert not errors
+    assert [r for r in records if not isinstance(r, Pages)] == BUILT.records
+
+
+def test_reader_yields_records_before_the_stream_ends() -> None:
+    """A restorer acts on each record as it arrives: nothing waits for END."""
+
+    class Trickle(io.RawIOBase):
+        def __init__(self, data: bytes) -> None:
+            self._data = data
+            self.position = 0
+
+        def readable(self) -> bool:
+            return True
+
+        def readinto(self, buffer: memoryview) -> int:
+            size = min(len(buffer), 1000, len(self._data) - self.position)
+            buffer[:size] = self._data[self.position : self.position + size]
+            self.position += size
+            return size
+
+    stream = Trickle(BUILT.image)
+    records = read_image(stream)
+    header = next(records)
+    assert header == the(ImageHeader)
+    assert stream.position < 2000
+    iterator: Iterator[Record] = records
+    assert sum(1 for _ in iterator) == len(sections(BUILT.image)) - 1
+
+
+# --- summary -------------------------------------------------------------------------
+
+
+def test_summary_and_its_json() -> None:
+    summary = summarize(read_image(io.BytesIO(BUILT.image)))
+    document = summary_to_json(summary)
+    assert json.loads(json.dumps(document)) == document
+    assert set(document) == {
+        "summary_version",
+        "format_version",
+        "image_bytes",
+        "process",
+        "threads",
+        "memory",
+        "descriptors",
+        "pages",
+    }
+    assert document["image_bytes"] == len(BUILT.image)
+    process = document["process"]
+    assert isinstance(process, dict)
+    assert process["options"] == ["NO_SHARED_LIBS"]
+    assert (process["pid"], process["comm"]) == (4242, "server")
+    assert (process["uid"], process["cwd"], process["root"]) == (1000, "/srv/data", "/")
+    assert [t.tid for t in summary.threads] == [4242, 4243, 4244]
+    end = BUILT.end
+    totals = {"stored": end.pages_stored, "zero": end.pages_zero, "untouched": 77, "file": 0x22}
+    assert document["pages"] == totals
+    assert sum(row.stored_bytes for row in summary.memory) == end.pages_stored * PAGE_SIZE
+    memory = document["memory"]
+    assert isinstance(memory, list)
+    assert memory[0] == {
+        "start": "0x400000",
+        "end": "0x402000",
+        "size": 0x2000,
+        "perms": "r-xp",
+        "path": "/usr/bin/server",
+        "contents": "FILE",
+        "stored_bytes": 0,
+    }
+    descriptors = document["descriptors"]
+    assert isinstance(descriptors, list)
+    socket = next(d for d in descriptors if isinstance(d, dict) and d["kind"] == "SOCKET")
+    assert isinstance(socket, dict)
+    assert socket["socket"] == {
+        "family": 2,
+        "type": 1,
+        "protocol": 6,
+        "state": 1,
+        "local_address": "127.0.0.1:6379",
+        "remote_address": "127.0.0.1:51000",
+    }
+
+
+def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:
+    with pytest.raises(ImageError, match="incomplete image"):
+        summarize(BUILT.before_pages)
