@@ -329,15 +329,19 @@ def test_children(child: Child) -> None:
 
 def test_stat_and_comm_with_spaces_and_parentheses(tmp_path: Path) -> None:
     program = tmp_path / "we ird) (name"
-    shutil.copy("/bin/sleep", program)
-    # Popen returns once exec has succeeded, so comm and exe are already the new ones
-    with running([str(program), "1000"]) as process:
+    shutil.copy("/bin/dash", program)
+    script = "echo ready; read line"
+    # The shell says "ready" once it runs its script: exec is complete by then,
+    # arguments included (a bare Popen returns before the new stack is set up).
+    with running([str(program), "-c", script], stdout=subprocess.PIPE) as process:
+        assert process.stdout is not None
+        assert process.stdout.readline() == b"ready\n"
         assert procfs.read_stat(process.pid).comm == program.name
         assert procfs.read_stat(process.pid).ppid == os.getpid()
         assert procfs.read_comm(process.pid) == program.name
         assert procfs.read_status(process.pid).name == program.name
         assert procfs.read_exe(process.pid) == str(program)
-        assert procfs.read_cmdline(process.pid) == [str(program), "1000"]
+        assert procfs.read_cmdline(process.pid) == [str(program), "-c", script]
         assert str(program) in {entry.path for entry in procfs.read_maps(process.pid)}
 
         program.unlink()

@@ -6,7 +6,7 @@ import ctypes
 import os
 
 from hijack.sys.errors import kernel_call, raise_for_errno
-from hijack.sys.libc import libc
+from hijack.sys.libc import libc, raw_syscall
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -37,6 +37,21 @@ def reap_children() -> list[tuple[int, int]]:
         if pid == 0:
             return reaped
         reaped.append((pid, status))
+
+
+def get_robust_list(tid: int) -> tuple[int, int]:
+    """get_robust_list(2) of another thread: (list head address, head size)."""
+    head = ctypes.c_uint64()
+    length = ctypes.c_size_t()
+    raw_syscall(
+        "get_robust_list",
+        tid,
+        ctypes.addressof(head),
+        ctypes.addressof(length),
+        pid=tid,
+        what=f"thread {tid}",
+    )
+    return head.value, length.value
 
 
 def send_signal(pid: int, signal_number: int) -> None:

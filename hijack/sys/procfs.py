@@ -419,6 +419,11 @@ def read_cwd(pid: int) -> str:
     return _readlink(pid, "cwd")
 
 
+def read_personality(pid: int) -> int:
+    """The execution domain flags of personality(2), from /proc/PID/personality (hex)."""
+    return int(_read_text(pid, "personality").strip(), 16)
+
+
 def read_root(pid: int) -> str:
     return _readlink(pid, "root")
 
@@ -720,6 +725,8 @@ def page_swapped(entry: int) -> bool:
 
 # byte -> 1 if bit 7 (PM_PRESENT) or bit 6 (PM_SWAP) of an entry's top byte is set
 _TOUCHED_TOP_BYTE = bytes(int(bool(byte & 0xC0)) for byte in range(256))
+# byte -> 1 if the page is present or swapped and not a file page (bit 5, PM_FILE)
+_WRITTEN_TOP_BYTE = bytes(int(bool(byte & 0xC0) and not byte & 0x20) for byte in range(256))
 
 
 def present_runs(pid: int, start: int, end: int) -> list[tuple[int, int]]:
@@ -730,16 +737,29 @@ def present_runs(pid: int, start: int, end: int) -> list[tuple[int, int]]:
     page-cache page mapped by fault-around: its entry has PM_FILE set, while a
     private page the process wrote (copied on write) does not.
     """
+    return _runs(pid, start, end, _TOUCHED_TOP_BYTE)
+
+
+def written_runs(pid: int, start: int, end: int) -> list[tuple[int, int]]:
+    """Like present_runs, but only the pages of a private file mapping the process wrote.
+
+    A written page of a private file mapping was copied on write: it is an
+    anonymous page now (no PM_FILE), present or swapped.
+    """
+    return _runs(pid, start, end, _WRITTEN_TOP_BYTE)
+
+
+def _runs(pid: int, start: int, end: int, top_byte_table: bytes) -> list[tuple[int, int]]:
     entries = read_pagemap(pid, start, end)
     # Work on the top byte of each little-endian entry at C speed: a 1 GiB
     # region is 262,144 entries, too many for a Python loop per page.
-    touched = memoryview(entries).cast("B")[7::8].tobytes().translate(_TOUCHED_TOP_BYTE)
+    selected = memoryview(entries).cast("B")[7::8].tobytes().translate(top_byte_table)
     runs = []
-    first = touched.find(1)
+    first = selected.find(1)
     while first != -1:
-        after = touched.find(0, first)
+        after = selected.find(0, first)
         if after == -1:
-            after = len(touched)
+            after = len(selected)
         runs.append((start + first * PAGE_SIZE, start + after * PAGE_SIZE))
-        first = touched.find(1, after)
+        first = selected.find(1, after)
     return runs

@@ -37,6 +37,8 @@ PTRACE_SETREGSET = 0x4205
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_LISTEN = 0x4208
+PTRACE_PEEKSIGINFO = 0x4209
+PTRACE_PEEKSIGINFO_SHARED = 1
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
@@ -283,9 +285,36 @@ def set_signal_mask(tid: int, mask: int) -> None:
 
 def get_siginfo(tid: int) -> bytes:
     """The 128-byte siginfo of the signal that stopped `tid`."""
-    buffer = ctypes.create_string_buffer(128)
+    buffer = ctypes.create_string_buffer(SIGINFO_SIZE)
     _request("PTRACE_GETSIGINFO", PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(buffer))
     return buffer.raw
+
+
+class _PeekSiginfoArgs(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("nr", ctypes.c_int32)]
+
+
+SIGINFO_SIZE = 128
+
+
+def peek_pending_signals(tid: int, *, shared: bool) -> list[bytes]:
+    """The queued siginfos of `tid` (or of its whole process, with `shared`), without dequeuing."""
+    batch = 32
+    found: list[bytes] = []
+    buffer = ctypes.create_string_buffer(SIGINFO_SIZE * batch)
+    while True:
+        args = _PeekSiginfoArgs(len(found), PTRACE_PEEKSIGINFO_SHARED if shared else 0, batch)
+        count = _request(
+            "PTRACE_PEEKSIGINFO",
+            PTRACE_PEEKSIGINFO,
+            tid,
+            ctypes.addressof(args),
+            ctypes.addressof(buffer),
+        )
+        raw = buffer.raw
+        found += [raw[i * SIGINFO_SIZE : (i + 1) * SIGINFO_SIZE] for i in range(count)]
+        if count < batch:
+            return found
 
 
 def get_event_message(tid: int) -> int:
