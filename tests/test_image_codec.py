@@ -170,10 +170,15 @@ def thread(rng: random.Random, tid: int, name: str) -> Thread:
         xstate=rng.randbytes(2696),
         sigmask=1 << 12,
         pending=(rng.randbytes(128),) if tid % 2 else (),
-        rseq=RseqConfiguration(0x7F00_0000_1000 + tid * 32, 32, 0x53053053, 0),
-        robust_list=RobustList(0x7F00_0000_2000 + tid * 64, 24),
+        rseq=RseqConfiguration(
+            rseq_abi_pointer=0x7F00_0000_1000 + tid * 32,
+            rseq_abi_size=32,
+            signature=0x53053053,
+            flags=0,
+        ),
+        robust_list=RobustList(head=0x7F00_0000_2000 + tid * 64, len=24),
         clear_child_tid=0x7F00_0000_3000 + tid,
-        sigaltstack=SigAltStack(0, 2, 0),
+        sigaltstack=SigAltStack(ss_sp=0, ss_flags=2, ss_size=0),
     )
 
 
@@ -193,8 +198,13 @@ class Built:
 
 def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
     rng = random.Random(seed)
-    libc = FileIdentity("/usr/lib/libc.so.6", 2_000_000, 1_700_000_000_123_456_789, b"\xab" * 20)
-    exe = FileIdentity("/usr/bin/server", 80_000, -5, b"")
+    libc = FileIdentity(
+        path="/usr/lib/libc.so.6",
+        size=2_000_000,
+        mtime_ns=1_700_000_000_123_456_789,
+        build_id=b"\xab" * 20,
+    )
+    exe = FileIdentity(path="/usr/bin/server", size=80_000, mtime_ns=-5, build_id=b"")
     layout = [
         segment(
             0x400000, 0x2000, Prot.READ | Prot.EXEC, "/usr/bin/server", ContentsKind.FILE, file=exe
@@ -222,10 +232,28 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         for s in layout
         if s.contents is ContentsKind.STORED
     }
-    sockets = SocketInfo(2, 1, 6, 1, "127.0.0.1:6379", "127.0.0.1:51000")
+    sockets = SocketInfo(
+        family=2,
+        type=1,
+        protocol=6,
+        state=1,
+        local_address="127.0.0.1:6379",
+        remote_address="127.0.0.1:51000",
+    )
     files = Files(
-        tuple(
-            FileDescriptor(fd, kind, path, flags, pos, fd > 2, mode, 0x801, 1000 + fd, socket)
+        descriptors=tuple(
+            FileDescriptor(
+                fd=fd,
+                kind=kind,
+                flags=flags,
+                pos=pos,
+                cloexec=fd > 2,
+                mode=mode,
+                dev=0x801,
+                ino=1000 + fd,
+                path=path,
+                socket=socket,
+            )
             for fd, kind, path, flags, pos, mode, socket in [
                 (0, FdKind.TTY, "/dev/pts/3", 0o2, 0, 0o20620, None),
                 (1, FdKind.PIPE, "pipe:[4021]", 0o1, 0, 0o10600, None),
@@ -251,61 +279,70 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             options=DumpOptions.NO_SHARED_LIBS,
         ),
         Credentials(
-            1000,
-            1000,
-            1000,
-            1000,
-            100,
-            100,
-            100,
-            100,
-            (4, 24, 100),
-            0,
-            0,
-            0,
-            2**41 - 1,
-            0,
-            0o22,
-            False,
+            uid=1000,
+            euid=1000,
+            suid=1000,
+            fsuid=1000,
+            gid=100,
+            egid=100,
+            sgid=100,
+            fsgid=100,
+            cap_inheritable=0,
+            cap_permitted=0,
+            cap_effective=0,
+            cap_bounding=2**41 - 1,
+            cap_ambient=0,
+            umask=0o22,
+            no_new_privs=False,
+            groups=(4, 24, 100),
         ),
         Rlimits(
-            (
-                Rlimit(3, 8 * MIB, RLIM_INFINITY),
-                Rlimit(7, 1024, 524288),
-                Rlimit(9, RLIM_INFINITY, RLIM_INFINITY),
+            limits=(
+                Rlimit(resource=3, rlim_cur=8 * MIB, rlim_max=RLIM_INFINITY),
+                Rlimit(resource=7, rlim_cur=1024, rlim_max=524288),
+                Rlimit(resource=9, rlim_cur=RLIM_INFINITY, rlim_max=RLIM_INFINITY),
             )
         ),
         MemoryStructure(
-            0x400000,
-            0x401FFF,
-            0x602000,
-            0x612000,
-            0x1000000,
-            0x1000000 + heap_pages * PAGE_SIZE,
-            0x7FFC00020000,
-            0x7FFC00020100,
-            0x7FFC00020180,
-            0x7FFC00020180,
-            0x7FFC00020400,
-            auxv=(AuxvEntry(6, 4096), AuxvEntry(25, 0x7FFC00020500), AuxvEntry(0, 0)),
-            exe_file="/usr/bin/server",
+            start_code=0x400000,
+            end_code=0x401FFF,
+            start_data=0x602000,
+            end_data=0x612000,
+            start_brk=0x1000000,
+            brk=0x1000000 + heap_pages * PAGE_SIZE,
+            start_stack=0x7FFC00020000,
+            arg_start=0x7FFC00020100,
+            arg_end=0x7FFC00020180,
+            env_start=0x7FFC00020180,
+            env_end=0x7FFC00020400,
             personality=0,
+            auxv=(
+                AuxvEntry(a_type=6, a_val=4096),
+                AuxvEntry(a_type=25, a_val=0x7FFC00020500),
+                AuxvEntry(a_type=0, a_val=0),
+            ),
+            exe_file="/usr/bin/server",
         ),
-        Segments(tuple(layout)),
+        Segments(segments=tuple(layout)),
     ]
     after_pages: list[Record] = [
         thread(rng, 4242, "server"),
         thread(rng, 4243, "worker-1"),
         thread(rng, 4244, "worker-2"),
         SignalState(
-            tuple(
-                SigAction(0x401234 if n in (2, 15) else 0, 0x04000000, 0x401000, 0)
-                for n in range(1, SIGNAL_COUNT + 1)
+            actions=tuple(
+                SigAction(
+                    sa_handler=0x401234 if signal in (2, 15) else 0,
+                    sa_flags=0x04000000,  # SA_RESTORER
+                    sa_restorer=0x401000,
+                    sa_mask=0,
+                )
+                for signal in range(1, SIGNAL_COUNT + 1)
             ),
-            (rng.randbytes(128),),
+            shared_pending=(rng.randbytes(128),),
         ),
         files,
-        Cwd("/srv/data", "/"),
+        Cwd(cwd="/srv/data", root="/"),
     ]
     out = io.BytesIO()
     writer = ImageWriter(out)
@@ -377,7 +414,7 @@ def minimal_writer(out: io.BytesIO, segments: tuple[Segment, ...]) -> ImageWrite
     writer = ImageWriter(out)
     for record in BUILT.before_pages[:-1]:
         writer.write(record)
-    writer.write(Segments(segments))
+    writer.write(Segments(segments=segments))
     return writer
 
 
@@ -509,10 +546,10 @@ def test_trailing_data_is_refused_unless_the_image_is_embedded() -> None:
 def test_absurd_lengths_are_refused_without_allocating_them() -> None:
     header = sections(BUILT.image)[0]
     payload = header.payload
-    # HEADER: pid ppid pgid sid (16 bytes), then comm's length.
-    huge_string = payload[:16] + struct.pack("<I", 0xFFFFFFF0) + payload[20:]
-    comm_length = struct.unpack_from("<I", payload, 16)[0]
-    argv_count_at = 20 + comm_length
+    # HEADER: pid ppid pgid sid created_ns options (28 bytes), comm's length, comm, argv count.
+    huge_string = payload[:28] + struct.pack("<I", 0xFFFFFFF0) + payload[32:]
+    comm_length = struct.unpack_from("<I", payload, 28)[0]
+    argv_count_at = 32 + comm_length
     huge_list = payload[:argv_count_at] + b"\xff\xff\xff\x7f" + payload[argv_count_at + 4 :]
     first_pages = next(s.offset for s in sections(BUILT.image) if s.tag == b"PAGE")
     cases = {
@@ -532,10 +569,11 @@ def test_absurd_lengths_are_refused_without_allocating_them() -> None:
 
 def test_non_canonical_bytes_are_refused() -> None:
     files = next(s for s in sections(BUILT.image) if s.tag == b"FDS_")
-    record = struct.pack("<I", 1) + struct.pack("<IB", 7, FdKind.PIPE) + struct.pack("<I", 1) + b"p"
-    fields_after_path = struct.pack("<Iq", 0, 0)
+    # One descriptor: fd kind flags pos | cloexec | mode dev ino path socket-absent.
+    before = struct.pack("<IIBIq", 1, 7, FdKind.PIPE, 0, 0)
+    after = struct.pack("<IQQI", 0, 0, 0, 1) + b"p" + b"\x00"
     for cloexec, problem in ((b"\x02", "boolean byte is 2"), (b"\x01", None)):
-        payload = record + fields_after_path + cloexec + struct.pack("<IQQ", 0, 0, 0) + b"\x00"
+        payload = before + cloexec + after
         image = replace_section(BUILT.image, files, frame(b"FDS_", payload))
         if problem is None:  # the same bytes with a valid bool read fine (END totals aside)
             with pytest.raises(ImageError, match="END says image_bytes"):
@@ -583,21 +621,21 @@ def test_writer_refuses_wrong_order_and_wrong_totals() -> None:
     for record in BUILT.after_pages[3:]:
         writer.write(record)
     with pytest.raises(ImageError, match="END says records is 99"):
-        writer.write(End(99, 0, 0, 0, 0, 0))
+        writer.write(replace(BUILT.end, records=99))
 
 
 INVALID_RECORDS: dict[str, Callable[[], object]] = {
     "unaligned segment": lambda: segment(0x1001, 0x1000, Prot.READ, "", ContentsKind.NONE),
     "empty segment": lambda: segment(0x2000, 0, Prot.READ, "", ContentsKind.NONE),
     "FILE without identity": lambda: segment(0x1000, 0x1000, Prot.READ, "/x", ContentsKind.FILE),
-    "partial page": lambda: Pages(0x1000, b"\1" * 100),
-    "no pages": lambda: Pages(0x1000, b""),
-    "63 signal actions": lambda: SignalState((SigAction(0, 0, 0, 0),) * 63, ()),
-    "duplicate fd": lambda: Files(the(Files).descriptors[:1] * 2),
+    "partial page": lambda: Pages(address=0x1000, data=b"\1" * 100),
+    "no pages": lambda: Pages(address=0x1000, data=b""),
+    "63 signal actions": lambda: replace(the(SignalState), actions=the(SignalState).actions[:63]),
+    "duplicate fd": lambda: Files(descriptors=the(Files).descriptors[:1] * 2),
     "socket on a tty": lambda: replace(
-        the(Files).descriptors[0], socket=SocketInfo(1, 1, 0, 0, "", "")
+        the(Files).descriptors[0], socket=the(Files).descriptors[3].socket
     ),
-    "overlapping segments": lambda: Segments(the(Segments).segments[:1] * 2),
+    "overlapping segments": lambda: Segments(segments=the(Segments).segments[:1] * 2),
     "umask": lambda: replace(the(Credentials), umask=0o1777),
 }
 

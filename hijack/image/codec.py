@@ -142,7 +142,7 @@ class _PagesSection:
         if len(head) < _ADDRESS.size:
             raise ImageError("too short to hold an address")
         (address,) = _ADDRESS.unpack(head)
-        return Pages(address, tail)
+        return Pages(address=address, data=tail)
 
 
 _PAGES = _PagesSection()

@@ -78,6 +78,8 @@ class FieldCodec(Generic[T]):
     """Encodes one value into a payload and decodes it back."""
 
     min_size: int  # bytes the smallest encoding takes: bounds list counts before allocating
+    fixed = True  # whether every encoding takes exactly min_size bytes
+    spec_type: str  # the type as docs/crf.md writes it (the tests hold the two together)
 
     def encode(self, value: T, out: bytearray) -> None:
         raise NotImplementedError
@@ -94,11 +96,11 @@ class _Integer(FieldCodec[int]):
         bits = 8 * size
         self._low = -(1 << (bits - 1)) if signed else 0
         self._high = (1 << (bits - 1)) if signed else (1 << bits)
-        self._name = f"{'i' if signed else 'u'}{bits}"
+        self.spec_type = f"{'i' if signed else 'u'}{bits}"
 
     def encode(self, value: int, out: bytearray) -> None:
         if not self._low <= value < self._high:
-            raise ImageError(f"{value} does not fit in {self._name}")
+            raise ImageError(f"{value} does not fit in {self.spec_type}")
         out += self._struct.pack(value)
 
     def decode(self, cursor: Cursor) -> int:
@@ -125,6 +127,7 @@ class Fixed(FieldCodec[bytes]):
 
     def __init__(self, size: int) -> None:
         self.min_size = size
+        self.spec_type = f"bytes[{size}]"
 
     def encode(self, value: bytes, out: bytearray) -> None:
         if len(value) != self.min_size:
@@ -137,6 +140,7 @@ class Fixed(FieldCodec[bytes]):
 
 class _Bool(FieldCodec[bool]):
     min_size = 1
+    spec_type = "bool"
 
     def encode(self, value: bool, out: bytearray) -> None:
         out.append(1 if value else 0)
@@ -150,6 +154,8 @@ class _Bool(FieldCodec[bool]):
 
 class _Blob(FieldCodec[bytes]):
     min_size = _LENGTH.size
+    fixed = False
+    spec_type = "bytes"
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
@@ -168,6 +174,8 @@ class _String(FieldCodec[str]):
     """Paths and names: the kernel's bytes, decoded as os.fsdecode does on Linux."""
 
     min_size = _LENGTH.size
+    fixed = False
+    spec_type = "str"
 
     def __init__(self, limit: int) -> None:
         self._bytes = _Blob(limit)
@@ -190,6 +198,7 @@ class _Enum(FieldCodec[enum.IntEnum]):
         self._cls = cls
         self._width = width
         self.min_size = width.min_size
+        self.spec_type = f"{width.spec_type} {cls.__name__}"
 
     def encode(self, value: enum.IntEnum, out: bytearray) -> None:
         self._width.encode(int(value), out)
@@ -206,6 +215,7 @@ class _Flags(FieldCodec[enum.IntFlag]):
         self._cls = cls
         self._width = width
         self.min_size = width.min_size
+        self.spec_type = f"{width.spec_type} {cls.__name__}"
         self._known = 0
         for member in cls:
             self._known |= member.value
@@ -222,11 +232,13 @@ class _Flags(FieldCodec[enum.IntFlag]):
 
 class _Sequence(FieldCodec[tuple[Any, ...]]):
     min_size = _LENGTH.size
+    fixed = False
 
     def __init__(self, item: FieldCodec[Any]) -> None:
         if item.min_size < 1:  # counts are bounded by the bytes their items take
             raise TypeError("a list item must take at least one byte")
         self._item = item
+        self.spec_type = f"list of {item.spec_type}"
 
     def encode(self, value: tuple[Any, ...], out: bytearray) -> None:
         out += _LENGTH.pack(len(value))
@@ -241,9 +253,11 @@ class _Sequence(FieldCodec[tuple[Any, ...]]):
 
 class _Optional(FieldCodec[Any]):
     min_size = 1
+    fixed = False
 
     def __init__(self, inner: FieldCodec[Any]) -> None:
         self._inner = inner
+        self.spec_type = f"optional {inner.spec_type}"
 
     def encode(self, value: Any, out: bytearray) -> None:
         if value is None:
@@ -262,13 +276,15 @@ class StructCodec(FieldCodec[T]):
 
     def __init__(self, cls: type[T], fields: list[tuple[str, FieldCodec[Any]]]) -> None:
         self._cls = cls
-        self._fields = fields
+        self.fields = fields
         self.min_size = sum(codec.min_size for _, codec in fields)
+        self.fixed = all(codec.fixed for _, codec in fields)
+        self.spec_type = cls.__name__
 
     def encode(self, value: T, out: bytearray) -> None:
         name = ""
         try:
-            for name, codec in self._fields:
+            for name, codec in self.fields:
                 codec.encode(getattr(value, name), out)
         except ImageError as error:
             raise ImageError(f"{self._cls.__name__}.{name}: {error.message}") from None
@@ -277,7 +293,7 @@ class StructCodec(FieldCodec[T]):
         values: dict[str, Any] = {}
         name = ""
         try:
-            for name, codec in self._fields:
+            for name, codec in self.fields:
                 values[name] = codec.decode(cursor)
         except ImageError as error:
             raise ImageError(f"{self._cls.__name__}.{name}: {error.message}") from None

@@ -4,8 +4,10 @@ Field names are the kernel's (user_regs_struct, /proc/PID/maps, fdinfo,
 struct sigaction, struct rlimit, prctl_mm_map). Each field's annotation is also
 its on-disk layout (see hijack.image.fields): `U64` is a little-endian u64,
 `tuple[X, ...]` a u32 count then the items, and so on, in declaration order.
-Constructors check what a single record can check (alignment, ordering,
-counts) and raise ImageError, so an invalid record can neither be written nor read.
+Fixed-size fields come first, so most of them sit at fixed offsets. Records are
+keyword-only because field order is layout. Constructors check what a single
+record can check (alignment, ordering, counts) and raise ImageError, so an
+invalid record can neither be written nor read.
 """
 
 from __future__ import annotations
@@ -49,21 +51,21 @@ class DumpOptions(enum.IntFlag):
     NO_SHARED_LIBS = 2  # so are the shared libraries'
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ImageHeader:
     pid: U32
     ppid: U32
     pgid: U32
     sid: U32
+    created_ns: U64  # CLOCK_REALTIME when the dump started
+    options: Annotated[DumpOptions, UInt(4)]
     comm: str
     argv: tuple[str, ...]
     exe: str  # /proc/PID/exe target
     node: str  # uname nodename of the machine that dumped
-    created_ns: U64  # CLOCK_REALTIME when the dump started
-    options: Annotated[DumpOptions, UInt(4)]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Credentials:
     uid: U32
     euid: U32
@@ -73,7 +75,6 @@ class Credentials:
     egid: U32
     sgid: U32
     fsgid: U32
-    groups: tuple[U32, ...]
     cap_inheritable: U64
     cap_permitted: U64
     cap_effective: U64
@@ -81,19 +82,20 @@ class Credentials:
     cap_ambient: U64
     umask: U32
     no_new_privs: bool
+    groups: tuple[U32, ...]  # supplementary groups
 
     def __post_init__(self) -> None:
         _require(self.umask <= 0o777, f"Credentials: umask {self.umask:#o} is not a mode")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Rlimit:
     resource: U32  # RLIMIT_* number
     rlim_cur: U64  # soft limit; RLIM_INFINITY for none
     rlim_max: U64  # hard limit
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Rlimits:
     limits: tuple[Rlimit, ...]
 
@@ -105,13 +107,13 @@ class Rlimits:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class AuxvEntry:
     a_type: U64  # AT_* number
     a_val: U64
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class MemoryStructure:
     """The mm's layout, as prctl(PR_SET_MM_MAP) takes it back at restore."""
 
@@ -126,9 +128,9 @@ class MemoryStructure:
     arg_end: U64
     env_start: U64
     env_end: U64
+    personality: U32
     auxv: tuple[AuxvEntry, ...]
     exe_file: str
-    personality: U32
 
 
 class Prot(enum.IntFlag):
@@ -145,17 +147,17 @@ class ContentsKind(enum.IntEnum):
     NONE = 3  # nothing to restore: zero-filled, or made by the kernel (vvar, vdso)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class FileIdentity:
     """What a restore checks before mapping a file instead of stored pages."""
 
-    path: str
     size: U64
     mtime_ns: I64
+    path: str
     build_id: bytes  # the ELF NT_GNU_BUILD_ID note, empty if none
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Segment:
     """One VMA, a line of /proc/PID/maps plus its smaps VmFlags."""
 
@@ -167,9 +169,9 @@ class Segment:
     dev_major: U32
     dev_minor: U32
     inode: U64
+    contents: Annotated[ContentsKind, UInt(1)]
     path: str  # "", a file, or a pseudo path such as "[heap]", "[stack]", "[vdso]"
     vm_flags: tuple[str, ...]  # two-letter smaps codes: "rd", "wr", "mr", "gd", ...
-    contents: Annotated[ContentsKind, UInt(1)]
     file: FileIdentity | None  # present exactly when contents is FILE
 
     def __post_init__(self) -> None:
@@ -200,7 +202,7 @@ class Segment:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Segments:
     segments: tuple[Segment, ...]
 
@@ -212,7 +214,7 @@ class Segments:
             )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Pages:
     """Contents of consecutive non-zero pages of one STORED segment.
 
@@ -241,7 +243,7 @@ class Pages:
         return len(self.data) // PAGE_SIZE
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UserRegsStruct:
     """struct user_regs_struct of x86_64 (PTRACE_GETREGS), in kernel order."""
 
@@ -274,7 +276,7 @@ class UserRegsStruct:
     gs: U64
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RseqConfiguration:
     """struct ptrace_rseq_configuration (PTRACE_GET_RSEQ_CONFIGURATION)."""
 
@@ -284,7 +286,7 @@ class RseqConfiguration:
     flags: U32
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RobustList:
     """get_robust_list(2): the list head and the size of the head structure."""
 
@@ -292,7 +294,7 @@ class RobustList:
     len: U64
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SigAltStack:
     """stack_t of sigaltstack(2)."""
 
@@ -301,21 +303,21 @@ class SigAltStack:
     ss_size: U64
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Thread:
     tid: U32
-    comm: str  # the thread's own name (PR_SET_NAME)
     regs: UserRegsStruct
-    xstate: bytes  # the NT_X86_XSTATE regset, as PTRACE_GETREGSET returned it
     sigmask: U64  # blocked signals, bit n-1 for signal n
-    pending: tuple[Siginfo, ...]  # signals pending on this thread only
     rseq: RseqConfiguration
     robust_list: RobustList
     clear_child_tid: U64
     sigaltstack: SigAltStack
+    comm: str  # the thread's own name (PR_SET_NAME)
+    xstate: bytes  # the NT_X86_XSTATE regset, as PTRACE_GETREGSET returned it
+    pending: tuple[Siginfo, ...]  # signals pending on this thread only
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SigAction:
     """struct sigaction as the kernel stores it (rt_sigaction)."""
 
@@ -325,7 +327,7 @@ class SigAction:
     sa_mask: U64
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SignalState:
     actions: tuple[SigAction, ...]  # actions[n - 1] belongs to signal n
     shared_pending: tuple[Siginfo, ...]  # signals pending on the whole process
@@ -357,7 +359,7 @@ class FdKind(enum.IntEnum):
     UNKNOWN = 16
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SocketInfo:
     family: U16  # AF_*
     type: U16  # SOCK_STREAM, SOCK_DGRAM, ...
@@ -367,17 +369,17 @@ class SocketInfo:
     remote_address: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class FileDescriptor:
     fd: U32
     kind: Annotated[FdKind, UInt(1)]
-    path: str  # the /proc/PID/fd/N link target, e.g. "pipe:[1234]"
     flags: U32  # O_* flags from fdinfo (printed in octal there)
     pos: I64  # fdinfo pos (loff_t)
     cloexec: bool
     mode: U32  # st_mode
     dev: U64  # st_dev
     ino: U64  # st_ino
+    path: str  # the /proc/PID/fd/N link target, e.g. "pipe:[1234]"
     socket: SocketInfo | None  # only for SOCKET descriptors
 
     def __post_init__(self) -> None:
@@ -387,7 +389,7 @@ class FileDescriptor:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Files:
     descriptors: tuple[FileDescriptor, ...]
 
@@ -399,13 +401,13 @@ class Files:
         )
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Cwd:
     cwd: str
     root: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class End:
     """The trailer: totals a reader checks, so a cut image never passes for whole."""
 

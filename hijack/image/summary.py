@@ -25,6 +25,7 @@ from hijack.image.records import (
     ImageHeader,
     Pages,
     Record,
+    Segment,
     Segments,
     SocketInfo,
     Thread,
@@ -103,7 +104,7 @@ def summarize(records: Iterable[Record]) -> ImageSummary:
     cwd: Cwd | None = None
     files: Files | None = None
     end: End | None = None
-    segments = Segments(())
+    segments: tuple[Segment, ...] = ()
     starts: list[int] = []
     stored_bytes: list[int] = []
     threads: list[ThreadSummary] = []
@@ -113,7 +114,7 @@ def summarize(records: Iterable[Record]) -> ImageSummary:
         elif isinstance(record, Credentials):
             credentials = record
         elif isinstance(record, Segments):
-            segments = record
+            segments = record.segments
             starts = [segment.start for segment in record.segments]
             stored_bytes = [0] * len(record.segments)
         elif isinstance(record, Pages):
@@ -167,7 +168,7 @@ def summarize(records: Iterable[Record]) -> ImageSummary:
                 contents=segment.contents.name,
                 stored_bytes=stored,
             )
-            for segment, stored in zip(segments.segments, stored_bytes, strict=True)
+            for segment, stored in zip(segments, stored_bytes, strict=True)
         ),
         descriptors=files.descriptors,
         pages=PageTotals(
