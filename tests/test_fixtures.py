@@ -7,6 +7,7 @@ a fixture that fails here on its own says nothing about hijack.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import secrets
 import signal
@@ -210,6 +211,56 @@ def test_send_to_a_fixture_that_does_not_read_is_bounded() -> None:
         pytest.raises(FixtureError, match="CONTROL_FD not read"),
     ):
         sleeper.send(bytes(1 << 20), timeout=0.2)  # far more than a pipe holds
+
+
+def _respawn_in_place(pid: int, binary: Path, *args: str) -> int:
+    """A restore in miniature: a new process with the same environment and the same
+    stdout, stderr and CONTROL_FD (the same open files, at the same fd numbers) as `pid`."""
+    environ = dict(
+        entry.split(b"=", 1)
+        for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")[:-1]
+    )
+    control_fd = int(environ[b"CONTROL_FD"])
+    reopened: dict[int, int] = {}
+    try:
+        for fd, flags in (
+            (1, os.O_WRONLY | os.O_APPEND),
+            (2, os.O_WRONLY | os.O_APPEND),
+            (control_fd, os.O_RDONLY),
+        ):
+            opened = os.open(f"/proc/{pid}/fd/{fd}", flags)
+            # Far above any target number, so no dup2 below overwrites a source.
+            reopened[fd] = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, 1000)
+            os.close(opened)
+        return os.posix_spawn(
+            binary,
+            [str(binary), *args],
+            environ,
+            file_actions=[
+                *((os.POSIX_SPAWN_DUP2, source, fd) for fd, source in reopened.items()),
+                # It says ready again, to nobody: the harness already heard it.
+                (os.POSIX_SPAWN_OPEN, int(environ[b"READY_FD"]), os.devnull, os.O_WRONLY, 0),
+            ],
+        )
+    finally:
+        for source in reopened.values():
+            os.close(source)
+
+
+def test_a_fixture_is_followed_into_the_process_that_replaces_it(
+    fixture_bin: Callable[[str], Path],
+) -> None:
+    payload = f"payload-{secrets.token_hex(32)}\n"
+    with spawn_fixture("blocked", "read", payload) as blocked:
+        original = blocked.pid
+        successor = _respawn_in_place(original, fixture_bin("blocked"), "read", payload)
+        os.kill(original, signal.SIGKILL)  # as `hijack dump --kill` would
+        assert blocked.wait_exit() == -signal.SIGKILL
+        blocked.adopt(successor)
+        blocked.send(payload.encode())  # through the pipe the first process was given
+        blocked.assert_intact()
+    assert blocked.pid == successor
+    assert "PASS blocked" in blocked.stdout
 
 
 def test_leak_check_finds_kills_and_reaps_an_orphaned_grandchild() -> None:

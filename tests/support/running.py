@@ -64,7 +64,7 @@ class RunningFixture:
         self.pid = process.pid
         self.ready: dict[str, str] = {}
         self.returncode: int | None = None
-        self._process = process
+        self._popen: subprocess.Popen[bytes] | None = process
         self._pidfd = os.pidfd_open(process.pid)
         self._control_fd: int | None = control_fd
         self._output_dir: Path | None = output_dir
@@ -161,13 +161,40 @@ class RunningFixture:
             _, status = os.waitpid(self.pid, 0)
         except ChildProcessError:
             raise FixtureError(
-                f"fixture {self.name} (pid {self.pid}) was reaped by someone else; "
-                "its exit status is lost"
+                f"fixture {self.name} (pid {self.pid}) is not our child or was reaped by "
+                "someone else; its exit status is lost"
             ) from None
         self.returncode = os.waitstatus_to_exitcode(status)
-        # Tell Popen, or its finaliser would wait on a pid that may be recycled.
-        self._process.returncode = self.returncode
+        if self._popen is not None:
+            # Tell Popen, or its finaliser would wait on a pid that may be recycled.
+            self._popen.returncode = self.returncode
+            self._popen = None
         return self.returncode
+
+    def wait_exit(self, timeout: float = FINISH_TIMEOUT) -> int:
+        """Wait for the process to end without being asked (e.g. `hijack dump --kill`) and reap it.
+
+        CONTROL_FD stays open and the output stays on disk: the fixture may
+        live on in a restored process (adopt). Reaping frees the pid, which a
+        zombie would keep from a same-pid restore.
+        """
+        code = self._wait(timeout)
+        if code is None:
+            raise FixtureError(f"did not exit within {timeout} s\n{self.describe()}")
+        return code
+
+    def adopt(self, pid: int) -> None:
+        """Follow the fixture into process `pid`, restored from an image of the one that ended.
+
+        Its exit status can be read if it is our child, which a restored
+        process orphaned by its restorer becomes (pytest is a subreaper).
+        """
+        if self.returncode is None or self._pidfd < 0:
+            raise FixtureError(f"cannot adopt pid {pid}: pid {self.pid} still runs or was finished")
+        os.close(self._pidfd)
+        self._pidfd = os.pidfd_open(pid)
+        self.pid = pid
+        self.returncode = None
 
     def _release(self) -> None:
         """Close our fds and delete the captured output (kept in memory for messages)."""
