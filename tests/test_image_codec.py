@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import enum
 import io
 import json
 import os
 import random
+import re
 import struct
 import sys
 import threading
 import tracemalloc
 import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, is_dataclass, replace
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -46,6 +49,7 @@ from hijack.image import (
     Rlimits,
     RobustList,
     RseqConfiguration,
+    SectionKind,
     Segment,
     Segments,
     SigAction,
@@ -59,6 +63,8 @@ from hijack.image import (
     summarize,
     summary_to_json,
 )
+from hijack.image import records as records_module
+from hijack.image.fields import struct_codec
 
 SECTION_NAMES = {
     b"HEAD": "HEADER",
@@ -821,3 +827,73 @@ def test_summary_and_its_json() -> None:
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:
     with pytest.raises(ImageError, match="incomplete image"):
         summarize(BUILT.before_pages)
+
+
+# --- docs/crf.md is the spec: its tables must say what the code does -----------------
+
+SPEC = (Path(__file__).parent.parent / "docs" / "crf.md").read_text()
+
+
+def spec_tables() -> dict[str, list[list[str]]]:
+    """Every table of the spec that follows a '#### `Name`' heading, as rows of cells."""
+    tables: dict[str, list[list[str]]] = {}
+    for match in re.finditer(r"^#### `(\w+)`\n(.*?)(?=^#|\Z)", SPEC, re.M | re.S):
+        rows = [
+            [cell.strip().strip("`") for cell in line.strip().strip("|").split("|")]
+            for line in match.group(2).splitlines()
+            if line.startswith("|") and not line.startswith("|---")
+        ]
+        tables[match.group(1)] = rows
+    return tables
+
+
+def test_spec_tables_match_the_records() -> None:
+    tables = spec_tables()
+    documented = set()
+    for name, rows in tables.items():
+        cls = getattr(records_module, name)
+        header, *body = rows
+        if header == ["offset", "field", "type", "meaning"]:
+            codec = struct_codec(cls)
+            offset: int | None = 0
+            expected = []
+            for field, field_codec in codec.fields:
+                expected.append(
+                    [str(offset) if offset is not None else "…", field, field_codec.spec_type]
+                )
+                fixed = offset is not None and field_codec.fixed
+                offset = offset + field_codec.min_size if fixed else None
+            assert [row[:3] for row in body] == expected, name
+        else:
+            assert header == ["value", "name", "meaning"], name
+            assert [row[:2] for row in body] == [[str(m.value), m.name] for m in cls], name
+        documented.add(name)
+    declared = {
+        name
+        for name, value in vars(records_module).items()
+        if isinstance(value, type)
+        and value.__module__ == records_module.__name__
+        and (is_dataclass(value) or issubclass(value, enum.Enum))
+    }
+    assert declared - documented == {"Pages"}  # PAGES has its own table: data is unframed
+
+
+def test_spec_section_table_matches_the_codec() -> None:
+    rows = re.findall(r"^\| ([A-Z]+) \| `(.{4})` \|", SPEC, re.M)
+    assert rows == [(kind.name, kind.value.decode()) for kind in SectionKind]
+
+
+def test_spec_json_example_has_the_keys_of_summary_to_json() -> None:
+    example = json.loads(re.search(r"```json\n(.*?)```", SPEC, re.S).group(1))
+    actual = summary_to_json(summarize(read_image(io.BytesIO(BUILT.image))))
+
+    def shape(value: object) -> object:
+        if isinstance(value, dict):
+            return {key: shape(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [shape(value[0])] if value else []
+        return type(value).__name__
+
+    socket_row = next(d for d in actual["descriptors"] if d["socket"])
+    actual["descriptors"] = [socket_row]
+    assert shape(example) == shape(actual)
