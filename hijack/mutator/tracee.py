@@ -238,6 +238,12 @@ def check_attachable(pid: int) -> None:
         raise NotAttachable(f"process {pid} ({status.name}) is a kernel thread", pid=pid)
     if status.state.startswith(("Z", "X")):
         raise NotAttachable(f"process {pid} ({status.name}) is a zombie", pid=pid)
+    if status.nspid and status.nspid[-1] == 1:
+        # Orphans in a pid namespace go to its init: a shadow forked there
+        # would end up the target's own child, and its death would end them all.
+        raise NotAttachable(
+            f"process {pid} ({status.name}) is the init of a pid namespace", pid=pid
+        )
 
 
 def find_syscall_instruction(pid: int) -> int:
