@@ -592,16 +592,20 @@ def test_non_canonical_bytes_are_refused() -> None:
         read_all(extra)
 
 
+def writer_at_pages() -> ImageWriter:
+    """A writer of BUILT that has written everything up to the pages."""
+    return minimal_writer(io.BytesIO(), the(Segments).segments)
+
+
 def test_pages_outside_stored_segments_or_backwards_are_refused() -> None:
-    out = io.BytesIO()
-    writer = minimal_writer(out, the(Segments).segments)
     with pytest.raises(ImageError, match="not inside one STORED segment"):
-        writer.write_pages(0x400000, b"\1" * PAGE_SIZE)  # a FILE segment
+        writer_at_pages().write_pages(0x400000, b"\1" * PAGE_SIZE)  # a FILE segment
+    writer = writer_at_pages()
     writer.write_pages(0x1001000, b"\1" * PAGE_SIZE)
     with pytest.raises(ImageError, match="overlap or precede"):
         writer.write_pages(0x1000000, b"\1" * PAGE_SIZE)
     with pytest.raises(ImageError, match="not whole pages"):
-        writer.write_pages(0x1002000, b"\1" * 100)
+        writer_at_pages().write_pages(0x1002000, b"\1" * 100)
 
     first_pages = next(s for s in sections(BUILT.image) if s.tag == b"PAGE")
     moved = struct.pack("<Q", 0x400000) + first_pages.payload[8:]
@@ -611,23 +615,40 @@ def test_pages_outside_stored_segments_or_backwards_are_refused() -> None:
 
 
 def test_writer_refuses_wrong_order_and_wrong_totals() -> None:
-    out = io.BytesIO()
-    writer = ImageWriter(out)
     with pytest.raises(
         ImageError, match="cannot write section CREDENTIALS: out of place, expected HEADER"
     ):
-        writer.write(the(Credentials))
-    for record in BUILT.before_pages:
-        writer.write(record)
+        ImageWriter(io.BytesIO()).write(the(Credentials))
     with pytest.raises(ImageError, match="expected PAGES or THREAD"):
-        writer.write(the(Files))
+        writer_at_pages().write(the(Files))
+    writer = writer_at_pages()
     writer.write(the(Thread))
     with pytest.raises(ImageError, match="thread 4242 appears twice"):
         writer.write(the(Thread))
-    for record in BUILT.after_pages[3:]:
+    writer = writer_at_pages()
+    for record in BUILT.after_pages:
         writer.write(record)
     with pytest.raises(ImageError, match="END says records is 99"):
         writer.write(replace(BUILT.end, records=99))
+
+
+def test_a_writer_that_failed_refuses_to_go_on() -> None:
+    """Whatever it wrote before is not an image; going on would only hide that."""
+    writer = writer_at_pages()
+    with pytest.raises(ImageError, match="not inside one STORED segment"):
+        writer.write_pages(0x400000, b"\1" * PAGE_SIZE)
+    with pytest.raises(ImageError, match=r"an earlier write failed \(cannot write section PAGES"):
+        writer.write(the(Thread))
+
+    class Broken(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: object) -> int:
+            raise BrokenPipeError("reader went away")
+
+    with pytest.raises(BrokenPipeError):
+        ImageWriter(Broken())  # the signature cannot go out
 
 
 INVALID_RECORDS: dict[str, Callable[[], object]] = {
@@ -653,13 +674,11 @@ def test_invalid_records_cannot_be_built(build: Callable[[], object]) -> None:
 
 
 def test_unencodable_values_are_image_errors() -> None:
-    out = io.BytesIO()
-    writer = ImageWriter(out)
     header = the(ImageHeader)
     with pytest.raises(ImageError, match=r"ImageHeader.pid: .* does not fit in u32"):
-        writer.write(replace(header, pid=2**32))
+        ImageWriter(io.BytesIO()).write(replace(header, pid=2**32))
     with pytest.raises(ImageError, match=r"ImageHeader.comm: string .* cannot be stored"):
-        writer.write(replace(header, comm="\ud800"))
+        ImageWriter(io.BytesIO()).write(replace(header, comm="\ud800"))
 
 
 SMALL = build_image(seed=11, heap_pages=8).image

@@ -22,10 +22,13 @@ Public API:
     read_image(stream, *, require_eof=True) -> Iterator[Record]
     recode(source, destination) -> End    decode then re-encode: same bytes
 Every malformed image, and every attempt to write one, raises ImageError.
+A writer that failed once (a refused record, a broken stream) refuses every
+later call: what it already wrote is not a valid image.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import struct
@@ -300,32 +303,38 @@ class ImageWriter:
         self.bytes_written = 0
         self._checks = _ImageChecks()
         self._pages_zero = 0
-        self._put(_SIGNATURE.pack(MAGIC, FORMAT_VERSION))
+        self._failure: str | None = None
+        with self._failing_for_good():
+            self._put(_SIGNATURE.pack(MAGIC, FORMAT_VERSION))
 
     def write(self, record: Record) -> None:
         """Write one record as the next section; END via close() unless recoding."""
-        kind = _KIND_OF[type(record)]
-        check = functools.partial(self._checks.check, record, self.bytes_written)
-        self._send(kind, _SECTIONS[kind].encode(record), check)
+        with self._failing_for_good():
+            kind = _KIND_OF[type(record)]
+            check = functools.partial(self._checks.check, record, self.bytes_written)
+            self._send(kind, _SECTIONS[kind].encode(record), check)
 
     def write_pages(self, address: int, data: BytesLike) -> None:
         """Store the pages of [address, address + len(data)) that are not all zero.
 
         `data` is any page-multiple length; runs of non-zero pages become PAGES
         sections of at most 8 MiB, written straight from `data` without copies.
-        The range must lie inside one STORED segment, above any pages written before.
+        Each non-zero run must lie inside one STORED segment, above any pages
+        written before: in practice, one call per segment (or part of one).
         """
-        view = memoryview(data).cast("B")
-        if address % PAGE_SIZE or len(view) % PAGE_SIZE:
-            raise ImageError(
-                f"cannot store pages at {address:#x} ({len(view)} bytes): not whole pages"
-            )
-        stored = 0
-        for start, stop in _nonzero_runs(view):
-            check = functools.partial(self._checks.check_pages, address + start, stop - start)
-            self._send(SectionKind.PAGES, _PAGES.parts(address + start, view[start:stop]), check)
-            stored += stop - start
-        self._pages_zero += (len(view) - stored) // PAGE_SIZE
+        with self._failing_for_good():
+            view = memoryview(data).cast("B")
+            if address % PAGE_SIZE or len(view) % PAGE_SIZE:
+                raise ImageError(
+                    f"cannot store pages at {address:#x} ({len(view)} bytes): not whole pages"
+                )
+            stored = 0
+            for start, stop in _nonzero_runs(view):
+                run = _PAGES.parts(address + start, view[start:stop])
+                check = functools.partial(self._checks.check_pages, address + start, stop - start)
+                self._send(SectionKind.PAGES, run, check)
+                stored += stop - start
+            self._pages_zero += (len(view) - stored) // PAGE_SIZE
 
     def close(self, *, pages_untouched: int = 0, pages_file: int = 0) -> End:
         """Write END with the totals (the two counts come from the dumper) and flush."""
@@ -338,8 +347,21 @@ class ImageWriter:
             pages_file=pages_file,
         )
         self.write(end)
-        self._stream.flush()
+        with self._failing_for_good():
+            self._stream.flush()
         return end
+
+    @contextlib.contextmanager
+    def _failing_for_good(self) -> Iterator[None]:
+        """Refuse to go on after a failure: the bytes already out may be a partial
+        section, and the cross-section checks may have counted what was refused."""
+        if self._failure is not None:
+            raise ImageError(f"cannot write: an earlier write failed ({self._failure})")
+        try:
+            yield
+        except BaseException as error:
+            self._failure = str(error) or type(error).__name__
+            raise
 
     def _send(
         self, kind: SectionKind, parts: Sequence[BytesLike], check: Callable[[], None]
