@@ -1,7 +1,7 @@
 """Field codecs: how each value inside a CRF section payload is laid out.
 
 A record's layout is declared once, by the annotated types of its dataclass
-fields (docs/crf.md, "Field types"); `struct_codec(cls)` compiles those
+fields (docs/crf.md, §3); `struct_codec(cls)` compiles those
 annotations into a codec, so no layout is ever unpacked by hand:
 
     int annotated with UInt(n)/SInt(n)   n-byte little-endian integer
@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
+import operator
 import struct
 import types
 import typing
-from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 from hijack.errors import ImageError
@@ -193,41 +194,27 @@ class _String(FieldCodec[str]):
         return self._bytes.decode(cursor).decode("utf-8", "surrogateescape")
 
 
-class _Enum(FieldCodec[enum.IntEnum]):
-    def __init__(self, cls: type[enum.IntEnum], width: FieldCodec[int]) -> None:
+class _Enum(FieldCodec[enum.IntEnum | enum.IntFlag]):
+    """An IntEnum (exactly one of its values) or an IntFlag (any union of its bits)."""
+
+    def __init__(self, cls: type[enum.IntEnum | enum.IntFlag], width: FieldCodec[int]) -> None:
         self._cls = cls
         self._width = width
         self.min_size = width.min_size
         self.spec_type = f"{width.spec_type} {cls.__name__}"
+        self._is_flags = issubclass(cls, enum.IntFlag)
+        self._known_bits = functools.reduce(operator.or_, (member.value for member in cls), 0)
 
-    def encode(self, value: enum.IntEnum, out: bytearray) -> None:
+    def encode(self, value: enum.IntEnum | enum.IntFlag, out: bytearray) -> None:
         self._width.encode(int(value), out)
 
-    def decode(self, cursor: Cursor) -> enum.IntEnum:
+    def decode(self, cursor: Cursor) -> enum.IntEnum | enum.IntFlag:
         number = self._width.decode(cursor)
-        if number not in self._cls._value2member_map_:
+        if self._is_flags and number & ~self._known_bits:
+            raise ImageError(f"unknown {self._cls.__name__} bits {number & ~self._known_bits:#x}")
+        if not self._is_flags and number not in self._cls._value2member_map_:
             raise ImageError(f"{number} is not a {self._cls.__name__}")
         return self._cls(number)
-
-
-class _Flags(FieldCodec[enum.IntFlag]):
-    def __init__(self, cls: type[enum.IntFlag], width: FieldCodec[int]) -> None:
-        self._cls = cls
-        self._width = width
-        self.min_size = width.min_size
-        self.spec_type = f"{width.spec_type} {cls.__name__}"
-        self._known = 0
-        for member in cls:
-            self._known |= member.value
-
-    def encode(self, value: enum.IntFlag, out: bytearray) -> None:
-        self._width.encode(int(value), out)
-
-    def decode(self, cursor: Cursor) -> enum.IntFlag:
-        bits = self._width.decode(cursor)
-        if bits & ~self._known:
-            raise ImageError(f"unknown {self._cls.__name__} bits {bits & ~self._known:#x}")
-        return self._cls(bits)
 
 
 class _Sequence(FieldCodec[tuple[Any, ...]]):
@@ -311,7 +298,8 @@ def struct_codec(cls: type[T]) -> StructCodec[T]:
     compiled = _STRUCTS.get(cls)
     if compiled is None:
         hints = typing.get_type_hints(cls, include_extras=True)
-        fields = [(field.name, _codec_for(hints[field.name])) for field in dataclasses.fields(cls)]  # type: ignore[arg-type]
+        declared = dataclasses.fields(cls)  # type: ignore[arg-type]  # T: any record dataclass
+        fields = [(field.name, _codec_for(hints[field.name])) for field in declared]
         compiled = _STRUCTS[cls] = StructCodec(cls, fields)
     return compiled
 
@@ -322,12 +310,9 @@ def _codec_for(hint: Any) -> FieldCodec[Any]:
     if origin is typing.Annotated:
         base, *metadata = args
         (width,) = [item for item in metadata if isinstance(item, FieldCodec)]
-        wrap: Callable[[Any, FieldCodec[int]], FieldCodec[Any]] | None = None
-        if isinstance(base, type) and issubclass(base, enum.IntFlag):
-            wrap = _Flags
-        elif isinstance(base, type) and issubclass(base, enum.IntEnum):
-            wrap = _Enum
-        return wrap(base, width) if wrap else width
+        if isinstance(base, type) and issubclass(base, enum.IntEnum | enum.IntFlag):
+            return _Enum(base, width)
+        return width
     if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
         return _Sequence(_codec_for(args[0]))
     if origin in (types.UnionType, typing.Union) and len(args) == 2 and type(None) in args:
