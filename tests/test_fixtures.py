@@ -12,6 +12,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import subprocess
 import threading
 from collections.abc import Callable
@@ -213,22 +214,24 @@ def test_send_to_a_fixture_that_does_not_read_is_bounded() -> None:
         sleeper.send(bytes(1 << 20), timeout=0.2)  # far more than a pipe holds
 
 
-def _respawn_in_place(pid: int, binary: Path, *args: str) -> int:
-    """A restore in miniature: a new process with the same environment and the same
-    stdout, stderr and CONTROL_FD (the same open files, at the same fd numbers) as `pid`."""
-    environ = dict(
+def _fixture_environ(pid: int) -> dict[bytes, bytes]:
+    return dict(
         entry.split(b"=", 1)
         for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")[:-1]
     )
+
+
+def _respawn(
+    binary: Path, args: tuple[str, ...], environ: dict[bytes, bytes], sources: dict[int, str]
+) -> int:
+    """A restore in miniature: a new process with `environ` whose stdout, stderr and
+    CONTROL_FD are the files at `sources` (fd -> path), reopened at the same fd numbers."""
     control_fd = int(environ[b"CONTROL_FD"])
+    flags = {1: os.O_WRONLY | os.O_APPEND, 2: os.O_WRONLY | os.O_APPEND, control_fd: os.O_RDONLY}
     reopened: dict[int, int] = {}
     try:
-        for fd, flags in (
-            (1, os.O_WRONLY | os.O_APPEND),
-            (2, os.O_WRONLY | os.O_APPEND),
-            (control_fd, os.O_RDONLY),
-        ):
-            opened = os.open(f"/proc/{pid}/fd/{fd}", flags)
+        for fd, path in sources.items():
+            opened = os.open(path, flags[fd])
             # Far above any target number, so no dup2 below overwrites a source.
             reopened[fd] = fcntl.fcntl(opened, fcntl.F_DUPFD_CLOEXEC, 1000)
             os.close(opened)
@@ -247,6 +250,14 @@ def _respawn_in_place(pid: int, binary: Path, *args: str) -> int:
             os.close(source)
 
 
+def _respawn_in_place(pid: int, binary: Path, *args: str) -> int:
+    """_respawn with the very open files of `pid` (the same descriptions, through /proc)."""
+    environ = _fixture_environ(pid)
+    control_fd = int(environ[b"CONTROL_FD"])
+    sources = {fd: f"/proc/{pid}/fd/{fd}" for fd in (1, 2, control_fd)}
+    return _respawn(binary, args, environ, sources)
+
+
 def test_a_fixture_is_followed_into_the_process_that_replaces_it(
     fixture_bin: Callable[[str], Path],
 ) -> None:
@@ -260,6 +271,44 @@ def test_a_fixture_is_followed_into_the_process_that_replaces_it(
         blocked.send(payload.encode())  # through the pipe the first process was given
         blocked.assert_intact()
     assert blocked.pid == successor
+    assert "PASS blocked" in blocked.stdout
+
+
+# -- FIFO mode ------------------------------------------------------------------
+
+
+def test_a_fixture_runs_and_finishes_with_fifos(tmp_path: Path) -> None:
+    before = snapshot_temp_dirs()
+    with spawn_fixture("counter", tmp_path / "counter.log", "2", fifos=True) as counter:
+        assert counter.ready == {"lines": "2"}
+        assert counter.control_fifo is not None
+        assert stat.S_ISFIFO(counter.control_fifo.stat().st_mode)
+        control_fd = int(_fixture_environ(counter.pid)[b"CONTROL_FD"])
+        assert os.readlink(f"/proc/{counter.pid}/fd/{control_fd}") == str(counter.control_fifo)
+        [fifo_dir] = find_leftover_temp_dirs(before)
+        assert counter.control_fifo.parent == fifo_dir
+        counter.assert_intact()
+    assert "PASS counter" in counter.stdout
+    assert not fifo_dir.exists()
+
+
+def test_a_fifo_fixture_is_followed_into_a_process_that_reopens_control_by_path(
+    fixture_bin: Callable[[str], Path],
+) -> None:
+    payload = f"payload-{secrets.token_hex(32)}\n"
+    with spawn_fixture("blocked", "read", payload, fifos=True) as blocked:
+        assert blocked.control_fifo is not None
+        original = blocked.pid
+        environ = _fixture_environ(original)
+        # What a restore from an image has: paths, not the dead process's descriptors.
+        sources = {fd: os.readlink(f"/proc/{original}/fd/{fd}") for fd in (1, 2)}
+        sources[int(environ[b"CONTROL_FD"])] = str(blocked.control_fifo)
+        os.kill(original, signal.SIGKILL)
+        assert blocked.wait_exit() == -signal.SIGKILL
+        # Sent while no fixture process holds CONTROL: the FIFO must keep it.
+        blocked.send(payload.encode())
+        blocked.adopt(_respawn(fixture_bin("blocked"), ("read", payload), environ, sources))
+        blocked.assert_intact()
     assert "PASS blocked" in blocked.stdout
 
 

@@ -26,6 +26,9 @@ FINISH_TIMEOUT = 30.0
 SEND_TIMEOUT = 10.0
 KILL_TIMEOUT = 10.0
 _OUTPUT_TAIL = 4000  # characters of stdout/stderr shown in a failure
+# Names of the FIFOs in a fixture's temp directory in FIFO mode (spawn_fixture).
+READY_FIFO = "ready.fifo"
+CONTROL_FIFO = "control.fifo"
 
 
 class FixtureError(AssertionError):
@@ -69,6 +72,8 @@ class RunningFixture:
         self._control_fd: int | None = control_fd
         self._output_dir: Path | None = output_dir
         self._captured: dict[str, str] = {}
+        # The path of CONTROL in FIFO mode (spawn_fixture(fifos=True)), else None.
+        self.control_fifo: Path | None = None
 
     # -- output ---------------------------------------------------------------
 
@@ -248,24 +253,73 @@ class RunningFixture:
         self.kill()
 
 
+def _open_fifos(directory: Path) -> tuple[int, int, int, int]:
+    """Make the READY and CONTROL FIFOs in `directory`; open (ready_read, ready_write,
+    control_read, control_write) without ever blocking in open().
+
+    Opening one end of a FIFO blocks until the other end is open, so the
+    harness's end is opened first in a mode that does not wait: READY's read
+    end O_NONBLOCK (it is only read after select() says so), CONTROL's write
+    end O_RDWR (Linux never blocks that open). That O_RDWR end also matters
+    later: as a writer it lets a restored process reopen CONTROL by path
+    (O_RDONLY) without blocking, and as a reader it keeps the FIFO, and the
+    bytes sent into it, alive and writable while no fixture process holds it
+    (between a dump --kill and the restore).
+    """
+    ready_path, control_path = directory / READY_FIFO, directory / CONTROL_FIFO
+    os.mkfifo(ready_path, 0o600)
+    os.mkfifo(control_path, 0o600)
+    opened: list[int] = []
+    try:
+        for path, flags in (
+            (ready_path, os.O_RDONLY | os.O_NONBLOCK),
+            (ready_path, os.O_WRONLY),
+            (control_path, os.O_RDONLY | os.O_NONBLOCK),
+            (control_path, os.O_RDWR),
+        ):
+            opened.append(os.open(path, flags | os.O_CLOEXEC))
+    except BaseException:
+        for fd in opened:
+            os.close(fd)
+        raise
+    ready_read, ready_write, control_read, control_write = opened
+    # The fixture's read end blocks, as an anonymous pipe's does; opening it
+    # O_NONBLOCK only avoided waiting for a writer.
+    os.set_blocking(control_read, True)
+    return ready_read, ready_write, control_read, control_write
+
+
 def spawn_fixture(
     name: str,
     *args: str | os.PathLike[str],
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
     ready_timeout: float = READY_TIMEOUT,
+    fifos: bool = False,
 ) -> RunningFixture:
     """Start fixture `name` with `args`, wait for its ready line, return it running.
 
     `env` adds to (and overrides) this process's environment. The fixture's
     stdout and stderr go to files (O_APPEND) in a harness temp directory that
     lives until the fixture is finished or killed.
+
+    With `fifos`, READY_FD and CONTROL_FD are named FIFOs in that directory
+    (`RunningFixture.control_fifo`) instead of anonymous pipes: a process
+    restored from an image of the fixture reopens its descriptors by path, and
+    only a FIFO can be reopened onto the same channel.
     """
     binary = fixture_path(name)
     argv = [str(binary), *(os.fspath(arg) for arg in args)]
     output_dir = make_temp_dir(f"hijack-{name}-")
-    ready_read, ready_write = os.pipe()
-    control_read, control_write = os.pipe()
+    try:
+        if fifos:
+            ready_read, ready_write, control_read, control_write = _open_fifos(output_dir)
+        else:
+            ready_read, ready_write = os.pipe()
+            control_read, control_write = os.pipe()
+    except BaseException:
+        remove_temp_dir(output_dir)
+        raise
     child_env = {**os.environ, **(env or {})}
     child_env["READY_FD"] = str(ready_write)
     child_env["CONTROL_FD"] = str(control_read)
@@ -294,6 +348,8 @@ def spawn_fixture(
     # A fixture that stops reading must not block send() forever.
     os.set_blocking(control_write, False)
     fixture = RunningFixture(name, argv, process, control_write, output_dir)
+    if fifos:
+        fixture.control_fifo = output_dir / CONTROL_FIFO
     try:
         fixture._wait_ready(ready_read, ready_timeout)
     except BaseException:
