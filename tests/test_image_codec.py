@@ -330,6 +330,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             exe_file="/usr/bin/server",
         ),
         Segments(segments=tuple(layout)),
+        files,
     ]
     after_pages: list[Record] = [
         thread(rng, 4242, "server"),
@@ -347,7 +348,6 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             ),
             shared_pending=(rng.randbytes(128),),
         ),
-        files,
         Cwd(cwd="/srv/data", root="/"),
     ]
     out = io.BytesIO()
@@ -418,9 +418,11 @@ def test_end_totals_describe_the_image() -> None:
 
 def minimal_writer(out: io.BytesIO, segments: tuple[Segment, ...]) -> ImageWriter:
     writer = ImageWriter(out)
-    for record in BUILT.before_pages[:-1]:
+    *up_to_segments, _, files = BUILT.before_pages
+    for record in up_to_segments:
         writer.write(record)
     writer.write(Segments(segments=segments))
+    writer.write(files)
     return writer
 
 
@@ -598,8 +600,8 @@ def writer_at_pages() -> ImageWriter:
 
 
 def test_pages_outside_stored_segments_or_backwards_are_refused() -> None:
-    with pytest.raises(ImageError, match="not inside one STORED segment"):
-        writer_at_pages().write_pages(0x400000, b"\1" * PAGE_SIZE)  # a FILE segment
+    with pytest.raises(ImageError, match="not inside one STORED or FILE segment"):
+        writer_at_pages().write_pages(0x7F0000100000, b"\1" * PAGE_SIZE)  # a NONE segment
     writer = writer_at_pages()
     writer.write_pages(0x1001000, b"\1" * PAGE_SIZE)
     with pytest.raises(ImageError, match="overlap or precede"):
@@ -608,7 +610,7 @@ def test_pages_outside_stored_segments_or_backwards_are_refused() -> None:
         writer_at_pages().write_pages(0x1002000, b"\1" * 100)
 
     first_pages = next(s for s in sections(BUILT.image) if s.tag == b"PAGE")
-    moved = struct.pack("<Q", 0x400000) + first_pages.payload[8:]
+    moved = struct.pack("<Q", 0x7F0000100000) + first_pages.payload[8:]
     image = replace_section(BUILT.image, first_pages, frame(b"PAGE", moved))
     with pytest.raises(ImageError, match=r"malformed section PAGES.*not inside one STORED"):
         read_all(image)
@@ -635,8 +637,8 @@ def test_writer_refuses_wrong_order_and_wrong_totals() -> None:
 def test_a_writer_that_failed_refuses_to_go_on() -> None:
     """Whatever it wrote before is not an image; going on would only hide that."""
     writer = writer_at_pages()
-    with pytest.raises(ImageError, match="not inside one STORED segment"):
-        writer.write_pages(0x400000, b"\1" * PAGE_SIZE)
+    with pytest.raises(ImageError, match="not inside one STORED or FILE segment"):
+        writer.write_pages(0x7F0000100000, b"\1" * PAGE_SIZE)
     with pytest.raises(ImageError, match=r"an earlier write failed \(cannot write section PAGES"):
         writer.write(the(Thread))
 

@@ -1,7 +1,7 @@
 """Writing and reading CRF images as a stream of checksummed sections.
 
-    IMAGE     ::= SIGNATURE HEADER CREDENTIALS RLIMITS MM SEGMENTS { PAGES }
-                  THREAD { THREAD } SIGNALS FILES CWD END
+    IMAGE     ::= SIGNATURE HEADER CREDENTIALS RLIMITS MM SEGMENTS FILES { PAGES }
+                  THREAD { THREAD } SIGNALS CWD END
     SIGNATURE ::= "CRF\\0" VERSION:u32
     section   ::= TAG:4 LENGTH:u32 PAYLOAD:LENGTH CRC:u32
                   CRC = crc32(TAG LENGTH PAYLOAD)
@@ -183,10 +183,10 @@ _GRAMMAR = (
     _Step(SectionKind.RLIMITS, 1, False),
     _Step(SectionKind.MM, 1, False),
     _Step(SectionKind.SEGMENTS, 1, False),
+    _Step(SectionKind.FILES, 1, False),
     _Step(SectionKind.PAGES, 0, True),
     _Step(SectionKind.THREAD, 1, True),
     _Step(SectionKind.SIGNALS, 1, False),
-    _Step(SectionKind.FILES, 1, False),
     _Step(SectionKind.CWD, 1, False),
     _Step(SectionKind.END, 1, False),
 )
@@ -201,7 +201,7 @@ class _ImageChecks:
         self._count = 0  # occurrences of _GRAMMAR[_step] so far
         self.records = 0  # sections before END
         self.pages_stored = 0
-        self._stored: list[tuple[int, int]] = []  # STORED segments, ascending
+        self._stored: list[tuple[int, int]] = []  # segments that may hold pages, ascending
         self._segment = 0  # index in _stored of the segment pages reached
         self._pages_floor = 0  # pages must start at or above this address
         self._tids: set[int] = set()
@@ -239,7 +239,7 @@ class _ImageChecks:
             self._stored = [
                 (segment.start, segment.end)
                 for segment in record.segments
-                if segment.contents is ContentsKind.STORED
+                if segment.contents is not ContentsKind.NONE
             ]
         elif isinstance(record, Pages):
             self.check_pages(record.address, len(record.data))
@@ -261,7 +261,7 @@ class _ImageChecks:
         )
         if not inside:
             raise ImageError(
-                f"pages {address:#x}-{address + size:#x} are not inside one STORED segment"
+                f"pages {address:#x}-{address + size:#x} are not inside one STORED or FILE segment"
             )
         self._pages_floor = address + size
         self.pages_stored += size // PAGE_SIZE
@@ -273,6 +273,12 @@ class _ImageChecks:
                 raise ImageError(
                     f"END says {name} is {getattr(end, name)}, the image holds {value}"
                 )
+
+
+def _whole_runs(length: int) -> Iterator[tuple[int, int]]:
+    """Byte ranges [start, stop) covering `length` bytes, each ≤ MAX_PAGES_DATA."""
+    for start in range(0, length, MAX_PAGES_DATA):
+        yield start, min(length, start + MAX_PAGES_DATA)
 
 
 def _nonzero_runs(view: memoryview) -> Iterator[tuple[int, int]]:
@@ -314,13 +320,15 @@ class ImageWriter:
             check = functools.partial(self._checks.check, record, self.bytes_written)
             self._send(kind, _SECTIONS[kind].encode(record), check)
 
-    def write_pages(self, address: int, data: BytesLike) -> None:
+    def write_pages(self, address: int, data: BytesLike, *, keep_zero_pages: bool = False) -> None:
         """Store the pages of [address, address + len(data)) that are not all zero.
 
         `data` is any page-multiple length; runs of non-zero pages become PAGES
         sections of at most 8 MiB, written straight from `data` without copies.
-        Each non-zero run must lie inside one STORED segment, above any pages
+        Each run must lie inside one STORED or FILE segment, above any pages
         written before: in practice, one call per segment (or part of one).
+        With `keep_zero_pages`, zero pages are stored too: a file-backed
+        segment is restored from its file, where a page left out is not zero.
         """
         with self._failing_for_good():
             view = memoryview(data).cast("B")
@@ -329,7 +337,8 @@ class ImageWriter:
                     f"cannot store pages at {address:#x} ({len(view)} bytes): not whole pages"
                 )
             stored = 0
-            for start, stop in _nonzero_runs(view):
+            runs = _whole_runs(len(view)) if keep_zero_pages else _nonzero_runs(view)
+            for start, stop in runs:
                 run = _PAGES.parts(address + start, view[start:stop])
                 check = functools.partial(self._checks.check_pages, address + start, stop - start)
                 self._send(SectionKind.PAGES, run, check)

@@ -143,7 +143,8 @@ class ContentsKind(enum.IntEnum):
     """Where a segment's bytes come from at restore."""
 
     STORED = 1  # its non-zero pages follow in PAGES sections
-    FILE = 2  # not stored: mapped from the backing file, checked against a FileIdentity
+    FILE = 2  # mapped from the backing file (checked against a FileIdentity); PAGES hold
+    #           only the pages the process changed (copied on write)
     NONE = 3  # nothing to restore: zero-filled, or made by the kernel (vvar, vdso)
 
 
@@ -216,7 +217,7 @@ class Segments:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Pages:
-    """Contents of consecutive non-zero pages of one STORED segment.
+    """Contents of consecutive pages of one STORED or FILE segment.
 
     Its layout is the address (u64) then the data up to the end of the section,
     with no length prefix, so the writer can stream the data without copying it.

@@ -15,6 +15,7 @@ turns those into exceptions), so the target is left as it was found.
 from __future__ import annotations
 
 import enum
+import errno as errno_codes
 import os
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -30,6 +31,21 @@ ERESTARTNOINTR = -513
 ERESTARTNOHAND = -514
 ERESTART_RESTARTBLOCK = -516
 RESTART_SYSCALL_NR = SYSCALL_NUMBERS["restart_syscall"]
+TIMER_ABSTIME = 1
+# Calls that fail with EINTR (not -ERESTART*) when a stop interrupts them.
+EINTR_ON_STOP = frozenset(
+    SYSCALL_NUMBERS[name]
+    for name in (
+        "epoll_wait",
+        "epoll_pwait",
+        "epoll_pwait2",
+        "rt_sigtimedwait",
+        "semop",
+        "semtimedop",
+        "io_getevents",
+        "io_pgetevents",
+    )
+)
 
 SYSCALL_INSTRUCTION = b"\x0f\x05"
 SYSCALL_INSTRUCTION_LENGTH = len(SYSCALL_INSTRUCTION)
@@ -317,15 +333,33 @@ def release_thread(thread: TracedThread) -> None:
         pt.detach(thread.tid)
         thread.state = ThreadState.RELEASED
         return
-    registers = thread.saved_registers
+    found = thread.saved_registers
+    pending = signal_pending(thread.tid, thread.signal_mask)
     if thread.state is ThreadState.INJECTING:
         # We left the kernel's signal path to inject, so it will not restart the
         # interrupted call for us: rewind to it ourselves (KERNEL-NOTES).
-        registers = restart_interrupted_syscall(registers)
-        pt.set_registers(thread.tid, registers)
+        pt.set_registers(
+            thread.tid,
+            resume_registers(found, restart_block_available=True, signal_pending=pending),
+        )
         pt.set_signal_mask(thread.tid, thread.signal_mask)
+    else:
+        # Still in the kernel's signal path: it restarts -ERESTART* calls
+        # itself; only the calls that our stop made fail with EINTR need us.
+        resumed = restart_spurious_eintr(found, signal_pending=pending)
+        if resumed != found:
+            pt.set_registers(thread.tid, resumed)
     pt.detach(thread.tid)
     thread.state = ThreadState.RELEASED
+
+
+def signal_pending(tid: int, blocked: int) -> bool:
+    """Whether a signal the thread does not block waits for it (thread or process queue)."""
+    try:
+        status = procfs.read_status(tid)
+    except HijackError:
+        return False
+    return bool((status.sig_pnd | status.shd_pnd) & ~blocked)
 
 
 def _wait_for_stop(tid: int) -> None:
@@ -339,8 +373,17 @@ def _wait_for_stop(tid: int) -> None:
         pt.resume(tid, 0 if result.event else result.stop_signal)
 
 
-def restart_interrupted_syscall(registers: pt.Registers) -> pt.Registers:
-    """Registers that re-enter the system call the thread was stopped in, if any."""
+def resume_registers(
+    registers: pt.Registers, *, restart_block_available: bool, signal_pending: bool
+) -> pt.Registers:
+    """Registers that re-enter the system call a thread was stopped in, as the kernel would.
+
+    -ERESTARTSYS/-ERESTARTNOINTR/-ERESTARTNOHAND re-run the call itself.
+    -ERESTART_RESTARTBLOCK continues through restart_syscall on the live task,
+    whose kernel keeps the restart block; a new process (a restore) has none,
+    so the call is re-issued, a sleep with the time that was left (the kernel
+    wrote it to the caller's `rem`) or, without `rem`, with its full request.
+    """
     if registers.signed("orig_rax") < 0:
         return registers
     result = registers.signed("rax")
@@ -348,5 +391,38 @@ def restart_interrupted_syscall(registers: pt.Registers) -> pt.Registers:
     if result in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
         return registers.replace(rax=registers.orig_rax, rip=rewound)
     if result == ERESTART_RESTARTBLOCK:
-        return registers.replace(rax=RESTART_SYSCALL_NR, rip=rewound)
+        if restart_block_available:
+            return registers.replace(rax=RESTART_SYSCALL_NR, rip=rewound)
+        return _reissue_sleep(registers).replace(rax=registers.orig_rax, rip=rewound)
+    return restart_spurious_eintr(registers, signal_pending=signal_pending)
+
+
+def restart_spurious_eintr(registers: pt.Registers, *, signal_pending: bool) -> pt.Registers:
+    """Undo the EINTR a ptrace stop alone makes some calls return (ptrace(2), BUGS).
+
+    epoll_wait and a few others fail with EINTR on any stop, ours included,
+    and are never restarted by the kernel. With no signal waiting, the EINTR
+    was ours: re-enter the call.
+    """
+    if signal_pending or registers.signed("rax") != -errno_codes.EINTR:
+        return registers
+    if registers.orig_rax not in EINTR_ON_STOP:
+        return registers
+    return registers.replace(
+        rax=registers.orig_rax, rip=registers.rip - SYSCALL_INSTRUCTION_LENGTH
+    )
+
+
+def _reissue_sleep(registers: pt.Registers) -> pt.Registers:
+    number = registers.orig_rax
+    if number == SYSCALL_NUMBERS["nanosleep"] and registers.rsi:
+        return registers.replace(rdi=registers.rsi)  # sleep what was left
+    if (
+        number == SYSCALL_NUMBERS["clock_nanosleep"]
+        and not registers.rsi & TIMER_ABSTIME
+        and registers.r10
+    ):
+        return registers.replace(rdx=registers.r10)
     return registers
+
+

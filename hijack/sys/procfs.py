@@ -410,6 +410,11 @@ def read_comm(pid: int) -> str:
     return _read_text(pid, "comm").removesuffix("\n")
 
 
+def read_task_comm(pid: int, tid: int) -> str:
+    """A thread's own name (PR_SET_NAME), as /proc/PID/task/TID/comm shows it."""
+    return _read_text(pid, "comm", tid).removesuffix("\n")
+
+
 def read_exe(pid: int) -> str:
     """Path of the executable (may end in " (deleted)"); a kernel thread or zombie has none."""
     return _readlink(pid, "exe")

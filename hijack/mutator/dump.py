@@ -1,0 +1,447 @@
+"""`hijack dump`: write a CRF image of a live process.
+
+All threads are stopped for the whole dump, so memory, registers and
+descriptors are one consistent instant. What can be read from outside is read
+from outside (/proc, ptrace); what only the process itself can tell (its brk,
+its signal actions, each thread's clear-child-tid address and alternate signal
+stack) is asked by injected system calls, through a scratch page that is
+unmapped again before memory is read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import signal
+import socket as socket_module
+import struct
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from hijack.errors import HijackError, ProcessGone
+from hijack.image import records as rec
+from hijack.image.codec import ImageWriter
+from hijack.image.identity import file_identity, is_shared_library
+from hijack.mutator.tracee import ThreadState, TracedThread, Tracee
+from hijack.sys import memory, procfs
+from hijack.sys import ptrace as pt
+from hijack.sys.process import get_robust_list
+
+PAGE_SIZE = 4096
+READ_CHUNK = 8 * 1024 * 1024  # bytes per process_vm_readv; one Pages record at most
+SCRATCH_SIZE = PAGE_SIZE
+SIGACTION_SIZE = 32  # the kernel's struct sigaction on x86_64
+PR_GET_TID_ADDRESS = 40
+PROT_READ_WRITE = 0x1 | 0x2
+MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20
+O_CLOEXEC = 0o2000000
+# Made by the kernel at exec and moved, not stored, at restore.
+KERNEL_MAPPINGS = ("[vdso]", "[vvar]", "[vvar_vclock]")
+# Not part of the process's own address space layout: never in an image.
+SKIPPED_MAPPINGS = ("[vsyscall]",)
+
+
+@dataclass(frozen=True)
+class DumpResult:
+    pid: int
+    threads: int
+    image_bytes: int
+    pages_stored: int
+    frozen_ms: float  # how long the process was stopped
+
+
+@dataclass
+class _PageCounts:
+    untouched: int = 0
+    from_files: int = 0
+
+
+def dump(
+    pid: int,
+    out: BinaryIO,
+    *,
+    kill: bool = False,
+    no_binary: bool = False,
+    no_shared_libs: bool = False,
+) -> DumpResult:
+    """Write an image of `pid` to `out`; the process runs on unless `kill`.
+
+    With `kill`, the process is killed only after the whole image is written
+    and flushed: a failed dump never loses the process.
+    """
+    options = rec.DumpOptions(0)
+    if no_binary:
+        options |= rec.DumpOptions.NO_BINARY
+    if no_shared_libs:
+        options |= rec.DumpOptions.NO_SHARED_LIBS
+    stopped_at = time.perf_counter()
+    with Tracee.seize(pid) as tracee:
+        writer = ImageWriter(out)
+        maps = procfs.read_maps(pid)
+        with scratch_page(tracee) as scratch:
+            brk = tracee.checked_syscall("brk", 0)
+            actions = read_signal_actions(tracee, scratch)
+            threads = [read_thread(tracee, thread, scratch) for thread in _live(tracee)]
+        writer.write(read_header(pid, options))
+        writer.write(read_credentials(pid))
+        writer.write(read_rlimits(pid))
+        writer.write(read_memory_structure(pid, brk))
+        segments = describe_segments(pid, maps, options)
+        writer.write(rec.Segments(segments=tuple(segments)))
+        writer.write(read_files(pid))
+        counts = write_memory(pid, segments, writer)
+        for thread_record in threads:
+            writer.write(thread_record)
+        writer.write(
+            rec.SignalState(
+                actions=tuple(actions),
+                shared_pending=tuple(pt.peek_pending_signals(tracee.injection_tid, shared=True)),
+            )
+        )
+        writer.write(rec.Cwd(cwd=procfs.read_cwd(pid), root=procfs.read_root(pid)))
+        end = writer.close(pages_untouched=counts.untouched, pages_file=counts.from_files)
+        out.flush()
+        if kill:
+            _sync(out)
+            kill_stopped(tracee)
+    frozen_ms = (time.perf_counter() - stopped_at) * 1000
+    return DumpResult(pid, len(threads), writer.bytes_written, end.pages_stored, frozen_ms)
+
+
+def kill_stopped(tracee: Tracee) -> None:
+    """SIGKILL a seized process and collect each thread's death as its tracer.
+
+    Until its tracer has seen it die, a traced thread stays hidden from its
+    real parent's wait(); collecting it lets the parent reap the process.
+    """
+    os.kill(tracee.pid, signal.SIGKILL)
+    for thread in tracee.threads.values():
+        if thread.state is ThreadState.GONE:
+            continue
+        with contextlib.suppress(ProcessGone):
+            while not (result := pt.wait_for(thread.tid)) or not result.exited:
+                pass
+        thread.state = ThreadState.GONE
+
+
+def _live(tracee: Tracee) -> list[TracedThread]:
+    return [tracee.threads[tid] for tid in tracee.thread_ids]
+
+
+def _sync(out: BinaryIO) -> None:
+    """fsync a file (a pipe or socket has nothing to sync)."""
+    with contextlib.suppress(OSError, ValueError):
+        os.fsync(out.fileno())
+
+
+@contextmanager
+def scratch_page(tracee: Tracee) -> Iterator[int]:
+    """A private page mapped inside the target for injected calls to write into."""
+    address = tracee.checked_syscall(
+        "mmap", 0, SCRATCH_SIZE, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0
+    )
+    try:
+        yield address
+    finally:
+        tracee.syscall("munmap", address, SCRATCH_SIZE)
+
+
+def read_header(pid: int, options: rec.DumpOptions) -> rec.ImageHeader:
+    stat = procfs.read_stat(pid)
+    return rec.ImageHeader(
+        pid=pid,
+        ppid=stat.ppid,
+        pgid=stat.pgrp,
+        sid=stat.session,
+        comm=procfs.read_comm(pid),
+        argv=tuple(procfs.read_cmdline(pid)),
+        exe=procfs.read_exe(pid),
+        node=socket_module.gethostname(),
+        created_ns=time.time_ns(),
+        options=options,
+    )
+
+
+def read_credentials(pid: int) -> rec.Credentials:
+    status = procfs.read_status(pid)
+    uid, euid, suid, fsuid = status.uid
+    gid, egid, sgid, fsgid = status.gid
+    return rec.Credentials(
+        uid=uid,
+        euid=euid,
+        suid=suid,
+        fsuid=fsuid,
+        gid=gid,
+        egid=egid,
+        sgid=sgid,
+        fsgid=fsgid,
+        groups=tuple(status.groups),
+        cap_inheritable=status.cap_inh,
+        cap_permitted=status.cap_prm,
+        cap_effective=status.cap_eff,
+        cap_bounding=status.cap_bnd,
+        cap_ambient=status.cap_amb,
+        umask=status.umask or 0,
+        no_new_privs=status.no_new_privs,
+    )
+
+
+def read_rlimits(pid: int) -> rec.Rlimits:
+    limits = sorted(procfs.read_limits(pid), key=lambda limit: limit.resource)
+    return rec.Rlimits(
+        limits=tuple(
+            rec.Rlimit(resource=lim.resource, rlim_cur=lim.soft, rlim_max=lim.hard)
+            for lim in limits
+        )
+    )
+
+
+def read_memory_structure(pid: int, brk: int) -> rec.MemoryStructure:
+    stat = procfs.read_stat(pid)
+    return rec.MemoryStructure(
+        start_code=stat.start_code,
+        end_code=stat.end_code,
+        start_data=stat.start_data,
+        end_data=stat.end_data,
+        start_brk=stat.start_brk,
+        brk=brk,
+        start_stack=stat.start_stack,
+        arg_start=stat.arg_start,
+        arg_end=stat.arg_end,
+        env_start=stat.env_start,
+        env_end=stat.env_end,
+        auxv=tuple(
+            rec.AuxvEntry(a_type=a_type, a_val=a_val) for a_type, a_val in procfs.read_auxv(pid)
+        ),
+        exe_file=procfs.read_exe(pid),
+        personality=procfs.read_personality(pid),
+    )
+
+
+def read_signal_actions(tracee: Tracee, scratch: int) -> list[rec.SigAction]:
+    actions = []
+    for signal_number in range(1, rec.SIGNAL_COUNT + 1):
+        tracee.checked_syscall("rt_sigaction", signal_number, 0, scratch, 8)
+        handler, flags, restorer, mask = struct.unpack(
+            "<4Q", memory.read(tracee.pid, scratch, SIGACTION_SIZE)
+        )
+        actions.append(
+            rec.SigAction(sa_handler=handler, sa_flags=flags, sa_restorer=restorer, sa_mask=mask)
+        )
+    return actions
+
+
+def read_thread(tracee: Tracee, thread: TracedThread, scratch: int) -> rec.Thread:
+    tid = thread.tid
+    tracee.checked_syscall("prctl", PR_GET_TID_ADDRESS, scratch, 0, 0, 0, tid=tid)
+    (clear_child_tid,) = struct.unpack("<Q", memory.read(tracee.pid, scratch, 8))
+    tracee.checked_syscall("sigaltstack", 0, scratch, tid=tid)
+    ss_sp, ss_flags, ss_size = struct.unpack("<Qi4xQ", memory.read(tracee.pid, scratch, 24))
+    rseq = pt.get_rseq_configuration(tid)
+    head, head_length = get_robust_list(tid)
+    registers = thread.saved_registers
+    return rec.Thread(
+        tid=tid,
+        comm=procfs.read_task_comm(tracee.pid, tid),
+        regs=rec.UserRegsStruct(**{name: getattr(registers, name) for name in pt.REGISTER_NAMES}),
+        xstate=pt.get_xstate(tid),
+        sigmask=thread.signal_mask,
+        pending=tuple(pt.peek_pending_signals(tid, shared=False)),
+        rseq=rec.RseqConfiguration(
+            rseq_abi_pointer=rseq.rseq_abi_pointer,
+            rseq_abi_size=rseq.rseq_abi_size,
+            signature=rseq.signature,
+            flags=rseq.flags,
+        ),
+        robust_list=rec.RobustList(head=head, len=head_length),
+        clear_child_tid=clear_child_tid,
+        sigaltstack=rec.SigAltStack(ss_sp=ss_sp, ss_flags=ss_flags & 0xFFFFFFFF, ss_size=ss_size),
+    )
+
+
+def describe_segments(
+    pid: int, maps: list[procfs.MapEntry], options: rec.DumpOptions
+) -> list[rec.Segment]:
+    flags = procfs.read_smaps_flags(pid)
+    exe = procfs.read_exe(pid)
+    segments = []
+    for mapping in maps:
+        if mapping.path in SKIPPED_MAPPINGS:
+            continue
+        contents, identity = _contents_of(pid, mapping, exe, options)
+        segments.append(
+            rec.Segment(
+                start=mapping.start,
+                end=mapping.end,
+                prot=rec.Prot(
+                    (rec.Prot.READ if mapping.readable else 0)
+                    | (rec.Prot.WRITE if mapping.writable else 0)
+                    | (rec.Prot.EXEC if mapping.executable else 0)
+                ),
+                shared=mapping.shared,
+                offset=mapping.offset,
+                dev_major=mapping.dev_major,
+                dev_minor=mapping.dev_minor,
+                inode=mapping.inode,
+                path=mapping.path,
+                vm_flags=tuple(flags.get(mapping.start, ())),
+                contents=contents,
+                file=identity,
+            )
+        )
+    return segments
+
+
+def _is_file_mapping(mapping: procfs.MapEntry) -> bool:
+    return mapping.inode != 0 and mapping.path.startswith("/") and not mapping.deleted
+
+
+def _contents_of(
+    pid: int, mapping: procfs.MapEntry, exe: str, options: rec.DumpOptions
+) -> tuple[rec.ContentsKind, rec.FileIdentity | None]:
+    """How a segment's bytes get back at restore (docs/crf.md, "Segment contents")."""
+    if mapping.path in KERNEL_MAPPINGS:
+        return rec.ContentsKind.NONE, None
+    if not _is_file_mapping(mapping):
+        return rec.ContentsKind.STORED, None
+    if mapping.shared:
+        # The file itself holds a shared mapping's bytes.
+        return rec.ContentsKind.NONE, None
+    leave_out = (mapping.path == exe and rec.DumpOptions.NO_BINARY in options) or (
+        mapping.path != exe
+        and rec.DumpOptions.NO_SHARED_LIBS in options
+        and is_shared_library(mapping.path)
+    )
+    if leave_out:
+        link = f"/proc/{pid}/map_files/{mapping.start:x}-{mapping.end:x}"
+        return rec.ContentsKind.FILE, file_identity(link, mapping.path)
+    return rec.ContentsKind.STORED, None
+
+
+def write_memory(pid: int, segments: list[rec.Segment], writer: ImageWriter) -> _PageCounts:
+    counts = _PageCounts()
+    buffer = bytearray(READ_CHUNK)  # reused: reading into fresh buffers is several times slower
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+        for segment in segments:
+            # A file-backed segment is restored from its file, where a page
+            # left out is the file's, not zero: its zero pages are stored too.
+            keep_zero = _is_file_backed(segment) and segment.contents is rec.ContentsKind.STORED
+            for start, end in _runs_to_store(pid, segment, counts):
+                for chunk_start in range(start, end, READ_CHUNK):
+                    length = min(READ_CHUNK, end - chunk_start)
+                    view = memoryview(buffer)[:length]
+                    _read_memory(pid, mem, segment, chunk_start, view)
+                    writer.write_pages(chunk_start, view, keep_zero_pages=keep_zero)
+    return counts
+
+
+def _is_file_backed(segment: rec.Segment) -> bool:
+    return segment.path.startswith("/") and segment.inode != 0 and not segment.shared
+
+
+def _runs_to_store(pid: int, segment: rec.Segment, counts: _PageCounts) -> list[tuple[int, int]]:
+    pages = segment.size // PAGE_SIZE
+    if segment.contents is rec.ContentsKind.NONE:
+        return []
+    if segment.contents is rec.ContentsKind.FILE:
+        # Only the pages the process changed: the rest come from the file.
+        runs = procfs.written_runs(pid, segment.start, segment.end)
+        counts.from_files += pages - _pages_in(runs)
+        return runs
+    if _is_file_backed(segment):
+        # Stored whole, so the image does not depend on the file: every page
+        # that exists in the file (touching those past its end would fault).
+        return [(segment.start, min(segment.end, _file_end(pid, segment)))]
+    runs = procfs.present_runs(pid, segment.start, segment.end)
+    counts.untouched += pages - _pages_in(runs)
+    return runs
+
+
+def _pages_in(runs: list[tuple[int, int]]) -> int:
+    return sum(end - start for start, end in runs) // PAGE_SIZE
+
+
+def _file_end(pid: int, segment: rec.Segment) -> int:
+    try:
+        size = os.stat(f"/proc/{pid}/map_files/{segment.start:x}-{segment.end:x}").st_size
+    except OSError:
+        return segment.end
+    in_file = max(0, size - segment.offset)
+    return segment.start + (in_file + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+
+
+def _read_memory(
+    pid: int, mem: io.FileIO, segment: rec.Segment, address: int, view: memoryview
+) -> None:
+    if segment.prot & rec.Prot.READ:
+        memory.read_into(pid, address, view)
+        return
+    # process_vm_readv honours protections; /proc/PID/mem reads PROT_NONE pages too.
+    mem.seek(address)
+    done = 0
+    while done < len(view):
+        got = mem.readinto(view[done:])
+        if not got:
+            raise HijackError(f"cannot read memory of process {pid} at {address + done:#x}")
+        done += got
+
+
+def read_files(pid: int) -> rec.Files:
+    sockets = procfs.read_socket_table(pid)
+    descriptors = []
+    for entry in procfs.list_fds(pid):
+        info = procfs.read_fdinfo(pid, entry.fd)
+        socket_info = None
+        if entry.kind is procfs.FdKind.SOCKET and entry.ino in sockets:
+            found = sockets[entry.ino]
+            socket_info = rec.SocketInfo(
+                family=found.family,
+                type=found.type,
+                protocol=found.protocol,
+                state=_socket_state_number(found.state),
+                local_address=found.local,
+                remote_address=found.remote,
+            )
+        descriptors.append(
+            rec.FileDescriptor(
+                fd=entry.fd,
+                kind=_image_fd_kind(entry.kind),
+                path=entry.target,
+                flags=info.flags,
+                pos=info.pos,
+                cloexec=bool(info.flags & O_CLOEXEC),
+                mode=entry.mode,
+                dev=entry.dev,
+                ino=entry.ino,
+                socket=socket_info,
+            )
+        )
+    return rec.Files(descriptors=tuple(descriptors))
+
+
+def _image_fd_kind(kind: procfs.FdKind) -> rec.FdKind:
+    return rec.FdKind[kind.name] if kind.name in rec.FdKind.__members__ else rec.FdKind.ANON_INODE
+
+
+TCP_STATES = (
+    "",
+    "ESTABLISHED",
+    "SYN_SENT",
+    "SYN_RECV",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "TIME_WAIT",
+    "CLOSE",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "LISTEN",
+    "CLOSING",
+)
+
+
+def _socket_state_number(name: str) -> int:
+    return TCP_STATES.index(name) if name in TCP_STATES else 0

@@ -1,0 +1,203 @@
+"""Rebuilding the address space: empty the stub, place the kernel's mappings, map the image's.
+
+Order matters:
+1. unmap everything the stub program brought, except [vvar], [vvar_vclock]
+   and [vdso], which the kernel made and which hold our syscall instruction;
+2. move those three, each whole, to where the image had them: first all into
+   a temporary hole (so no move overlaps its own source), then to their place;
+   the vdso finds its data at a fixed offset, so their relative layout is the
+   kernel's and must be kept;
+3. map a scratch area in a hole of the image's layout;
+4. map every segment at its address with its protections, from its file or
+   anonymous; pages then stream in (process_vm_writev into writable segments,
+   /proc/PID/mem, which ignores protections, into the others).
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+
+from hijack.errors import RestoreError
+from hijack.image import records as rec
+from hijack.restore.remote import SCRATCH_SIZE, Stub
+from hijack.sys import memory, procfs
+
+MAP_SHARED = 0x01
+MAP_PRIVATE = 0x02
+MAP_FIXED = 0x10
+MAP_ANONYMOUS = 0x20
+MAP_GROWSDOWN = 0x100
+MAP_FIXED_NOREPLACE = 0x100000
+MREMAP_MAYMOVE = 1
+MREMAP_FIXED = 2
+PROT_READ_WRITE = 0x1 | 0x2
+O_RDONLY = 0
+O_RDWR = 2
+O_CLOEXEC = 0o2000000
+AT_FDCWD = -100
+
+KERNEL_MAPPINGS = ("[vvar]", "[vvar_vclock]", "[vdso]")
+LOWEST_HOLE = 0x10000000  # above where small non-PIE programs and mmap_min_addr live
+USER_SPACE_END = 0x7FFFFFFFF000
+
+# smaps VmFlags that an madvise() gives back (the rest follow from mmap flags).
+MADVISE_FOR_FLAG = {
+    "dd": 16,  # MADV_DONTDUMP
+    "hg": 14,  # MADV_HUGEPAGE
+    "nh": 15,  # MADV_NOHUGEPAGE
+    "dc": 10,  # MADV_DONTFORK
+    "wf": 18,  # MADV_WIPEONFORK
+    "mg": 12,  # MADV_MERGEABLE
+}
+
+
+def find_hole(occupied: list[tuple[int, int]], size: int) -> int:
+    """The lowest address >= LOWEST_HOLE where `size` bytes touch no occupied range."""
+    candidate = LOWEST_HOLE
+    for start, end in sorted(occupied):
+        if end <= candidate:
+            continue
+        if start >= candidate + size:
+            return candidate
+        candidate = max(candidate, end)
+    if candidate + size > USER_SPACE_END:
+        raise RestoreError("no room left in the address space for the restorer's scratch area")
+    return candidate
+
+
+class AddressSpace:
+    def __init__(self, stub: Stub, segments: tuple[rec.Segment, ...]) -> None:
+        self.stub = stub
+        self.segments = [s for s in segments if s.path not in KERNEL_MAPPINGS]
+        self.kernel_segments = {s.path: s for s in segments if s.path in KERNEL_MAPPINGS}
+        self._starts = [s.start for s in self.segments]
+        self._mem: io.FileIO | None = None
+
+    def build(self) -> None:
+        self._clear_stub()
+        self._place_kernel_mappings()
+        self._map_scratch()
+        for segment in self.segments:
+            self._map_segment(segment)
+
+    # -- 1. empty the stub ------------------------------------------------------
+
+    def _clear_stub(self) -> None:
+        for mapping in procfs.read_maps(self.stub.pid):
+            if mapping.path in KERNEL_MAPPINGS or mapping.path == "[vsyscall]":
+                continue
+            self.stub.call("munmap", mapping.start, mapping.end - mapping.start)
+
+    # -- 2. the kernel's own mappings ------------------------------------------
+
+    def _place_kernel_mappings(self) -> None:
+        current = {m.path: m for m in procfs.read_maps(self.stub.pid) if m.path in KERNEL_MAPPINGS}
+        missing = sorted(set(current) ^ set(self.kernel_segments))
+        if missing:
+            raise RestoreError(
+                f"the image's kernel mappings ({', '.join(sorted(self.kernel_segments))}) differ"
+                f" from this kernel's ({', '.join(sorted(current))}): made by another kernel?"
+            )
+        for path, mapping in current.items():
+            if mapping.end - mapping.start != self.kernel_segments[path].size:
+                raise RestoreError(f"{path} has another size on this kernel than in the image")
+        syscall_offset = self.stub.tracee.syscall_address - current["[vdso]"].start
+        occupied = [(s.start, s.end) for s in self.kernel_segments.values()]
+        occupied += [(m.start, m.end) for m in current.values()]
+        occupied += [(s.start, s.end) for s in self.segments]
+        hole = find_hole(occupied, sum(m.end - m.start for m in current.values()))
+        staged = {}
+        for path, mapping in current.items():
+            staged[path] = self._move(mapping.start, mapping.end - mapping.start, hole)
+            hole += mapping.end - mapping.start
+            if path == "[vdso]":  # our syscall instruction moved with it
+                self.stub.tracee.syscall_address = staged[path] + syscall_offset
+        for path, segment in self.kernel_segments.items():
+            self._move(staged[path], segment.size, segment.start)
+            if path == "[vdso]":
+                self.stub.tracee.syscall_address = segment.start + syscall_offset
+
+    def _move(self, start: int, size: int, destination: int) -> int:
+        # The call may move the very vdso it runs from: its return address is
+        # gone, but the tracer rewrites every register before the next one.
+        return self.stub.call(
+            "mremap", start, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, destination
+        )
+
+    # -- 3. scratch -------------------------------------------------------------
+
+    def _map_scratch(self) -> None:
+        occupied = [(s.start, s.end) for s in self.segments]
+        occupied += [(s.start, s.end) for s in self.kernel_segments.values()]
+        address = find_hole(occupied, SCRATCH_SIZE)
+        flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
+        self.stub.call("mmap", address, SCRATCH_SIZE, PROT_READ_WRITE, flags, -1, 0)
+        self.stub.use_scratch(address)
+
+    def unmap_scratch(self) -> None:
+        self.stub.call("munmap", self.stub.scratch, SCRATCH_SIZE)
+
+    # -- 4. the image's segments ------------------------------------------------
+
+    def _map_segment(self, segment: rec.Segment) -> None:
+        flags = MAP_FIXED | (MAP_SHARED if segment.shared else MAP_PRIVATE)
+        if "gd" in segment.vm_flags:
+            flags |= MAP_GROWSDOWN
+        fd = self._open_backing_file(segment)
+        try:
+            if fd < 0:
+                flags |= MAP_ANONYMOUS
+            self.stub.call(
+                "mmap",
+                segment.start,
+                segment.size,
+                int(segment.prot),
+                flags,
+                fd,
+                segment.offset if fd >= 0 else 0,
+            )
+        finally:
+            if fd >= 0:
+                self.stub.call("close", fd)
+        for flag, advice in MADVISE_FOR_FLAG.items():
+            if flag in segment.vm_flags:
+                self.stub.try_call("madvise", segment.start, segment.size, advice)
+
+    def _open_backing_file(self, segment: rec.Segment) -> int:
+        """A descriptor in the stub for the segment's file, or -1 to map it anonymous."""
+        if not (segment.path.startswith("/") and segment.inode):
+            return -1
+        self.stub.reset_scratch()
+        path = self.stub.put_string(segment.path)
+        writable_shared = segment.shared and segment.prot & rec.Prot.WRITE
+        mode = O_RDWR if writable_shared else O_RDONLY
+        fd = self.stub.try_call("openat", AT_FDCWD, path, mode | O_CLOEXEC, 0)
+        if fd >= 0:
+            return fd
+        if segment.contents is rec.ContentsKind.STORED and not segment.shared:
+            return -1  # a deleted or moved file: its pages are in the image anyway
+        raise RestoreError(f"cannot open {segment.path}, which the process had mapped")
+
+    # -- pages --------------------------------------------------------------------
+
+    def write_pages(self, pages: rec.Pages) -> None:
+        segment = self._segment_at(pages.address)
+        if segment.prot & rec.Prot.WRITE:
+            memory.write(self.stub.pid, pages.address, pages.data)
+            return
+        if self._mem is None:
+            self._mem = open(f"/proc/{self.stub.pid}/mem", "r+b", buffering=0)  # noqa: SIM115
+        self._mem.seek(pages.address)
+        self._mem.write(pages.data)
+
+    def _segment_at(self, address: int) -> rec.Segment:
+        index = bisect.bisect_right(self._starts, address) - 1
+        if index < 0 or not self.segments[index].start <= address < self.segments[index].end:
+            raise RestoreError(f"pages at {address:#x} lie outside every segment")
+        return self.segments[index]
+
+    def close(self) -> None:
+        if self._mem is not None:
+            self._mem.close()
+            self._mem = None

@@ -1,0 +1,336 @@
+"""`hijack restore`: rebuild a process from a CRF image stream and let it run.
+
+The image is consumed strictly front to back, as it arrives (a file, stdin, or
+a socket from another node). Everything that can refuse the image — a file
+that changed, a descriptor that cannot be reopened — is checked before the
+stub exists. The stub is built while the image streams in and is killed if
+anything fails before the END record has been checked: a process is started
+only from a complete, intact image.
+
+Steps (hijack.restore.* each own one):
+    header, credentials, limits, mm, segments, files   -> checks; spawn the stub
+    address space (empty, kernel mappings, scratch, segments); pages as they come
+    threads (clone3 with their old tids when free), signal state, cwd, END
+    then: descriptors, mm map, signal actions, limits, cwd, ids; per thread
+    robust list, clear-child-tid, altstack, credentials, rseq; pending signals;
+    masks, xstate, registers last; detach: it runs.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO, TypeVar
+
+from hijack.errors import HijackError, ImageError, RestoreError
+from hijack.image import records as rec
+from hijack.image.codec import read_image
+from hijack.image.identity import check_identity
+from hijack.mutator.tracee import (
+    ThreadState,
+    TracedThread,
+    find_syscall_instruction,
+    resume_registers,
+)
+from hijack.restore import files as file_restore
+from hijack.restore.address_space import AddressSpace
+from hijack.restore.remote import Stub
+from hijack.sys import memory
+from hijack.sys import ptrace as pt
+from hijack.sys.stub import kill_stub, spawn_stub
+
+R = TypeVar("R")
+
+SIGKILL, SIGSTOP = 9, 19
+PR_SET_MM, PR_SET_MM_MAP = 35, 14
+PR_SET_NAME = 15
+PR_SET_NO_NEW_PRIVS = 38
+CLONE_THREAD_FLAGS = (
+    0x100  # CLONE_VM
+    | 0x200  # CLONE_FS
+    | 0x400  # CLONE_FILES
+    | 0x800  # CLONE_SIGHAND
+    | 0x10000  # CLONE_THREAD
+    | 0x40000  # CLONE_SYSVSEM
+)
+CLONE_ARGS = struct.Struct("<11Q")
+# glibc 2.36 keeps the thread id in struct pthread at fs_base + 0x2d0
+# (KERNEL-NOTES); robust and PI mutexes compare it with the kernel's tid.
+GLIBC_TID_OFFSET = 0x2D0
+EEXIST = 17
+O_RDONLY, O_CLOEXEC = 0, 0o2000000
+AT_FDCWD = -100
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    pid: int
+    old_pid: int
+    threads: int
+    dropped: tuple[str, ...]  # descriptors left out with --skip-unsupported
+
+
+@dataclass
+class _Image:
+    """What the image said before the stub could be finished."""
+
+    header: rec.ImageHeader
+    credentials: rec.Credentials
+    rlimits: rec.Rlimits
+    mm: rec.MemoryStructure
+    segments: rec.Segments
+    files: rec.Files
+    threads: list[rec.Thread] = field(default_factory=list)
+    signals: rec.SignalState | None = None
+    cwd: rec.Cwd | None = None
+
+
+def restore(stream: BinaryIO, *, skip_unsupported: bool = False) -> RestoreResult:
+    records = read_image(stream)
+    image = _Image(
+        header=_expect(records, rec.ImageHeader),
+        credentials=_expect(records, rec.Credentials),
+        rlimits=_expect(records, rec.Rlimits),
+        mm=_expect(records, rec.MemoryStructure),
+        segments=_expect(records, rec.Segments),
+        files=_expect(records, rec.Files),
+    )
+    for segment in image.segments.segments:
+        if segment.file is not None:
+            check_identity(segment.file)
+    plan = file_restore.plan_files(image.files, skip_unsupported=skip_unsupported)
+    pid = spawn_stub(image.header.pid)
+    space: AddressSpace | None = None
+    try:
+        stub = Stub(pid, find_syscall_instruction(pid))
+        space = AddressSpace(stub, image.segments.segments)
+        space.build()
+        _consume_rest(records, image, space)
+        _finish(stub, space, image, plan)
+    except BaseException:
+        kill_stub(pid)
+        raise
+    finally:
+        if space is not None:
+            space.close()
+    return RestoreResult(
+        pid=pid,
+        old_pid=image.header.pid,
+        threads=len(image.threads),
+        dropped=tuple(file_restore.describe(d) for d in plan.dropped),
+    )
+
+
+def _expect(records: Iterator[rec.Record], kind: type[R]) -> R:
+    try:
+        record = next(records)
+    except StopIteration:
+        raise ImageError(f"image ends before its {kind.__name__} record") from None
+    if not isinstance(record, kind):
+        raise ImageError(f"expected {kind.__name__}, found {type(record).__name__}")
+    return record
+
+
+def _consume_rest(records: Iterator[rec.Record], image: _Image, space: AddressSpace) -> None:
+    for record in records:
+        if isinstance(record, rec.Pages):
+            space.write_pages(record)
+        elif isinstance(record, rec.Thread):
+            image.threads.append(record)
+        elif isinstance(record, rec.SignalState):
+            image.signals = record
+        elif isinstance(record, rec.Cwd):
+            image.cwd = record
+        elif isinstance(record, rec.End):
+            pass  # read_image checked the totals; the iterator ends after it
+        else:
+            raise ImageError(f"unexpected {type(record).__name__} record after the segments")
+    if not image.threads or image.signals is None or image.cwd is None:
+        raise ImageError("image has no threads, signal state or cwd")
+
+
+# -- finishing the stub once the whole image is in --------------------------------
+
+
+def _finish(stub: Stub, space: AddressSpace, image: _Image, plan: file_restore.FilePlan) -> None:
+    assert image.signals is not None and image.cwd is not None
+    leader = _leader_record(image)
+    file_restore.restore_files(stub, plan)
+    _set_mm_map(stub, image.mm)
+    _set_signal_actions(stub, image.signals)
+    _set_rlimits(stub, image.rlimits)
+    _set_process_state(stub, image)
+    thread_ids = {leader.tid: stub.pid}
+    for thread in image.threads:
+        if thread is not leader:
+            thread_ids[thread.tid] = _clone_thread(stub, thread.tid)
+    for thread in image.threads:
+        _set_thread_state(stub, thread, thread_ids[thread.tid], image.credentials)
+    _queue_pending_signals(stub, image, thread_ids)
+    space.unmap_scratch()
+    for thread in image.threads:
+        _set_registers(stub, thread, thread_ids[thread.tid], image.signals)
+    for tid in thread_ids.values():
+        pt.detach(tid)
+        stub.tracee.threads[tid].state = ThreadState.RELEASED
+
+
+def _leader_record(image: _Image) -> rec.Thread:
+    for thread in image.threads:
+        if thread.tid == image.header.pid:
+            return thread
+    raise ImageError(f"image has no thread {image.header.pid} (its main thread)")
+
+
+def _set_mm_map(stub: Stub, mm: rec.MemoryStructure) -> None:
+    stub.reset_scratch()
+    auxv_words = [word for entry in mm.auxv for word in (entry.a_type, entry.a_val)] + [0, 0]
+    auxv = stub.put_u64s(*auxv_words)
+    exe_fd = stub.try_call("openat", AT_FDCWD, stub.put_string(mm.exe_file), O_RDONLY | O_CLOEXEC)
+    prctl_mm_map = struct.pack(
+        "<12QIi",
+        mm.start_code,
+        mm.end_code,
+        mm.start_data,
+        mm.end_data,
+        mm.start_brk,
+        mm.brk,
+        mm.start_stack,
+        mm.arg_start,
+        mm.arg_end,
+        mm.env_start,
+        mm.env_end,
+        auxv,
+        len(auxv_words) * 8,
+        exe_fd if exe_fd >= 0 else -1,  # -1 keeps the stub's exe link: the file is gone
+    )
+    try:
+        stub.call("prctl", PR_SET_MM, PR_SET_MM_MAP, stub.put(prctl_mm_map), len(prctl_mm_map), 0)
+    finally:
+        if exe_fd >= 0:
+            stub.call("close", exe_fd)
+    if mm.personality:
+        stub.call("personality", mm.personality)
+
+
+def _set_signal_actions(stub: Stub, signals: rec.SignalState) -> None:
+    # Every one, defaults included: the stub inherited what the restorer ignores.
+    for number, action in enumerate(signals.actions, start=1):
+        if number in (SIGKILL, SIGSTOP):
+            continue
+        stub.reset_scratch()
+        act = stub.put_u64s(action.sa_handler, action.sa_flags, action.sa_restorer, action.sa_mask)
+        stub.call("rt_sigaction", number, act, 0, 8)
+
+
+def _set_rlimits(stub: Stub, rlimits: rec.Rlimits) -> None:
+    for limit in rlimits.limits:
+        stub.reset_scratch()
+        new = stub.put_u64s(limit.rlim_cur, limit.rlim_max)
+        # Raising a hard limit needs CAP_SYS_RESOURCE, which root lacks here
+        # (KERNEL-NOTES): such a limit stays at the restorer's value.
+        stub.try_call("prlimit64", 0, limit.resource, new, 0)
+
+
+def _set_process_state(stub: Stub, image: _Image) -> None:
+    assert image.cwd is not None
+    stub.reset_scratch()
+    if image.cwd.root != "/":
+        stub.call("chroot", stub.put_string(image.cwd.root))
+    stub.call("chdir", stub.put_string(image.cwd.cwd))
+    stub.call("umask", image.credentials.umask)
+    header = image.header
+    if header.sid == header.pid:
+        stub.call("setsid")
+    elif header.pgid == header.pid:
+        stub.call("setpgid", 0, 0)
+    if image.credentials.no_new_privs:
+        stub.call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+
+
+def _clone_thread(stub: Stub, old_tid: int) -> int:
+    """A new thread in the stub, with `old_tid` as its tid when that is free."""
+    stub.reset_scratch()
+    set_tid = stub.put(struct.pack("<i", old_tid))
+    args = CLONE_ARGS.pack(CLONE_THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, set_tid, 1, 0)
+    tid = stub.try_call("clone3", stub.put(args), CLONE_ARGS.size)
+    if tid == -EEXIST:
+        args = CLONE_ARGS.pack(CLONE_THREAD_FLAGS, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        tid = stub.call("clone3", stub.put(args), CLONE_ARGS.size)
+    elif tid < 0:
+        raise RestoreError(f"cannot create thread {old_tid}: errno {-tid}")
+    result = pt.wait_for(tid)  # traced from birth (TRACECLONE): its first stop
+    if result is None or result.exited:
+        raise RestoreError(f"new thread {tid} died before it could be set up")
+    stub.tracee.threads[tid] = TracedThread(
+        tid,
+        state=ThreadState.STOPPED,
+        registers=pt.get_registers(tid),
+        signal_mask=pt.get_signal_mask(tid),
+    )
+    return tid
+
+
+def _set_thread_state(
+    stub: Stub, thread: rec.Thread, tid: int, credentials: rec.Credentials
+) -> None:
+    stub.reset_scratch()
+    if thread.robust_list.head:
+        stub.call("set_robust_list", thread.robust_list.head, thread.robust_list.len, tid=tid)
+    stub.call("set_tid_address", thread.clear_child_tid, tid=tid)
+    altstack = thread.sigaltstack
+    stack_t = stub.put(struct.pack("<QI4xQ", altstack.ss_sp, altstack.ss_flags, altstack.ss_size))
+    if not altstack.ss_flags & 2:  # SS_DISABLE is what a new thread has already
+        stub.call("sigaltstack", stack_t, 0, tid=tid)
+    stub.call("prctl", PR_SET_NAME, stub.put_string(thread.comm[:15]), 0, 0, 0, tid=tid)
+    if tid != thread.tid:
+        _fix_cached_tid(stub, thread, tid)
+    _set_credentials(stub, credentials, tid)
+    rseq = thread.rseq
+    if rseq.rseq_abi_pointer:
+        # Last of the injected calls in this thread (KERNEL-NOTES).
+        stub.call("rseq", rseq.rseq_abi_pointer, rseq.rseq_abi_size, 0, rseq.signature, tid=tid)
+
+
+def _fix_cached_tid(stub: Stub, thread: rec.Thread, tid: int) -> None:
+    """glibc caches the tid in the TCB: a thread restored under a new tid needs it updated."""
+    address = thread.regs.fs_base + GLIBC_TID_OFFSET
+    try:
+        (cached,) = struct.unpack("<i", memory.read(stub.pid, address, 4))
+    except HijackError:
+        return  # no TCB there: not a glibc thread
+    if cached == thread.tid:
+        memory.write(stub.pid, address, struct.pack("<i", tid))
+
+
+def _set_credentials(stub: Stub, credentials: rec.Credentials, tid: int) -> None:
+    """The image's ids, in each thread (the kernel keeps credentials per thread)."""
+    stub.reset_scratch()
+    groups = stub.put(struct.pack(f"<{len(credentials.groups)}I", *credentials.groups))
+    stub.call("setgroups", len(credentials.groups), groups, tid=tid)
+    stub.call("setresgid", credentials.gid, credentials.egid, credentials.sgid, tid=tid)
+    stub.call("setresuid", credentials.uid, credentials.euid, credentials.suid, tid=tid)
+
+
+def _queue_pending_signals(stub: Stub, image: _Image, thread_ids: dict[int, int]) -> None:
+    assert image.signals is not None
+    for siginfo in image.signals.shared_pending:
+        stub.reset_scratch()
+        (signal_number,) = struct.unpack_from("<i", siginfo)
+        stub.call("rt_sigqueueinfo", stub.pid, signal_number, stub.put(siginfo))
+    for thread in image.threads:
+        for siginfo in thread.pending:
+            stub.reset_scratch()
+            (signal_number,) = struct.unpack_from("<i", siginfo)
+            tid = thread_ids[thread.tid]
+            stub.call("rt_tgsigqueueinfo", stub.pid, tid, signal_number, stub.put(siginfo), tid=tid)
+
+
+def _set_registers(stub: Stub, thread: rec.Thread, tid: int, signals: rec.SignalState) -> None:
+    pending = bool(thread.pending or signals.shared_pending)
+    found = pt.Registers(**{name: getattr(thread.regs, name) for name in pt.REGISTER_NAMES})
+    registers = resume_registers(found, restart_block_available=False, signal_pending=pending)
+    pt.set_signal_mask(tid, thread.sigmask)
+    pt.set_xstate(tid, thread.xstate)
+    pt.set_registers(tid, registers)
