@@ -142,6 +142,17 @@ class Registry:
             self._log(db, pid, "attached", f"shadow {shadow_pid}")
         return self.get(pid)
 
+    def record_restored(self, pid: int, program: str) -> None:
+        """A process rebuilt from an image on this node: no shadow here."""
+        now = time.time()
+        here = node_name()
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO processes VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (pid, 0, program, here, here, "restored", None, None, now, now),
+            )
+            self._log(db, pid, "restored", program)
+
     def set_state(self, pid: int, state: str, current_node: str | None = None) -> None:
         with self._transaction() as db:
             db.execute(

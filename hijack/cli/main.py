@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from types import FrameType
+from typing import BinaryIO
 
 from rich.console import Console
 
 from hijack.cli import render
 from hijack.errors import HijackError
+from hijack.image.codec import read_image
+from hijack.image.summary import summarize
 from hijack.mutator import attach as attaching
+from hijack.mutator import dump as dumping
 from hijack.registry import Registry
+from hijack.restore import restorer as restoring
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -54,6 +61,34 @@ def build_parser() -> argparse.ArgumentParser:
     detach = commands.add_parser("detach", help="end the shadow of PID and forget it")
     detach.add_argument("pid", type=parse_pid, metavar="PID")
     detach.set_defaults(handler=command_detach)
+
+    dump = commands.add_parser("dump", help="write a CRF image of PID; it runs on")
+    dump.add_argument("pid", type=parse_pid, metavar="PID")
+    dump.add_argument(
+        "-o", "--output", required=True, metavar="FILE", help="image file, - for stdout"
+    )
+    dump.add_argument(
+        "--kill", action="store_true", help="end the process once the image is complete"
+    )
+    dump.add_argument("--no-binary", action="store_true", help="map the executable from its file")
+    dump.add_argument(
+        "--no-shared-libs", action="store_true", help="map shared libraries from their files"
+    )
+    dump.set_defaults(handler=command_dump)
+
+    restore = commands.add_parser("restore", help="rebuild and run a process from an image")
+    restore.add_argument("image", metavar="FILE", help="image file, - for stdin")
+    restore.add_argument(
+        "--skip-unsupported",
+        action="store_true",
+        help="drop descriptors that cannot be restored (they are listed) instead of refusing",
+    )
+    restore.set_defaults(handler=command_restore)
+
+    show = commands.add_parser("show", help="what an image holds")
+    show.add_argument("image", metavar="FILE", help="image file, - for stdin")
+    show.add_argument("--json", action="store_true", help="print the summary as JSON")
+    show.set_defaults(handler=command_show)
     return parser
 
 
@@ -69,6 +104,50 @@ def command_detach(args: argparse.Namespace, console: Console) -> int:
         record = attaching.detach(args.pid, registry)
     console.print(f"detached process {record.pid}; shadow {record.shadow_pid} ended")
     return EXIT_OK
+
+
+def command_dump(args: argparse.Namespace, console: Console) -> int:
+    options = {
+        "kill": args.kill,
+        "no_binary": args.no_binary,
+        "no_shared_libs": args.no_shared_libs,
+    }
+    if args.output == "-":
+        result = dumping.dump(args.pid, sys.stdout.buffer, **options)
+        console = Console(stderr=True)  # stdout carries the image
+    else:
+        result = dumping.dump_to_file(args.pid, Path(args.output), **options)
+    render.dump_result(console, result, args.output, killed=args.kill)
+    return EXIT_OK
+
+
+def command_restore(args: argparse.Namespace, console: Console) -> int:
+    with open_image(args.image) as stream:
+        result = restoring.restore(stream, skip_unsupported=args.skip_unsupported)
+    with Registry() as registry:
+        registry.record_restored(result.pid, result.program)
+    render.restore_result(console, result)
+    return EXIT_OK
+
+
+def command_show(args: argparse.Namespace, console: Console) -> int:
+    with open_image(args.image) as stream:
+        summary = summarize(read_image(stream))
+    render.image_summary(console, summary, as_json=args.json)
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def open_image(name: str) -> Iterator[BinaryIO]:
+    if name == "-":
+        yield sys.stdin.buffer
+        return
+    try:
+        stream = open(name, "rb")  # noqa: SIM115 - closed below
+    except OSError as exc:
+        raise HijackError(f"cannot open image {name}: {exc.strerror}") from None
+    with stream:
+        yield stream
 
 
 def main(argv: Sequence[str] | None = None, console: Console | None = None) -> int:
@@ -88,6 +167,11 @@ def main(argv: Sequence[str] | None = None, console: Console | None = None) -> i
         if args.debug:
             traceback.print_exc()
         print(f"hijack: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:  # e.g. the reader of `dump -o -` went away
+        if args.debug:
+            traceback.print_exc()
+        print(f"hijack: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILURE
     except Exception as exc:  # a bug of ours: still one line, unless --debug
         if args.debug:

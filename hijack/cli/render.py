@@ -5,9 +5,13 @@ from __future__ import annotations
 import json
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from hijack.image.summary import ImageSummary, summary_to_json
 from hijack.mutator.attach import AttachResult
+from hijack.mutator.dump import DumpResult
+from hijack.restore.restorer import RestoreResult
 
 
 def attach_result(console: Console, result: AttachResult, *, as_json: bool = False) -> None:
@@ -27,11 +31,105 @@ def attach_result(console: Console, result: AttachResult, *, as_json: bool = Fal
         )
         return
     console.print(
-        f"attached process [bold]{record.pid}[/] ({record.program}): "
+        f"attached process [bold]{record.pid}[/] ({escape(record.program)}): "
         f"shadow [bold]{record.shadow_pid}[/] holds {len(result.fds)} descriptors "
         f"(target paused {result.pause_ms:.1f} ms)"
     )
     table = Table("fd", "kind", "open file description", title="held by the shadow")
     for fd in result.fds:
-        table.add_row(str(fd["fd"]), str(fd["kind"]), str(fd["target"]))
+        table.add_row(str(fd["fd"]), str(fd["kind"]), escape(str(fd["target"])))
     console.print(table)
+
+
+def _size(count: int) -> str:
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def dump_result(console: Console, result: DumpResult, output: str, *, killed: bool) -> None:
+    where = "stdout" if output == "-" else output
+    fate = "killed" if killed else "left running"
+    console.print(
+        f"dumped process [bold]{result.pid}[/] ({result.threads} thread"
+        f"{'s' if result.threads != 1 else ''}) to {where}: {_size(result.image_bytes)}, "
+        f"{result.pages_stored} pages stored, frozen {result.frozen_ms:.1f} ms; {fate}"
+    )
+
+
+def restore_result(console: Console, result: RestoreResult) -> None:
+    same = "its old pid" if result.pid == result.old_pid else f"was {result.old_pid}"
+    console.print(
+        f"restored process [bold]{result.pid}[/] ({escape(result.program)}, {same}, "
+        f"{result.threads} thread{'s' if result.threads != 1 else ''})"
+    )
+    for dropped in result.dropped:
+        console.print(f"  dropped {escape(dropped)}")
+
+
+def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = False) -> None:
+    if as_json:
+        console.print_json(json.dumps(summary_to_json(summary)))
+        return
+    process = summary.process
+    console.print(
+        f"[bold]{escape(process.comm)}[/] pid {process.pid} (ppid {process.ppid},"
+        f" pgid {process.pgid}, sid {process.sid}) uid {process.uid} gid {process.gid}"
+        f" — dumped on {escape(process.node)}"
+    )
+    console.print(f"  exe {escape(process.exe)}")
+    console.print(f"  argv {escape(' '.join(process.argv))}")
+    console.print(f"  cwd {escape(process.cwd)}   root {escape(process.root)}")
+    if process.options:
+        console.print(f"  options {', '.join(process.options)}")
+
+    threads = Table(title="threads")
+    for heading in ("tid", "name", "rip", "rsp", "blocked", "pending"):
+        threads.add_column(heading, no_wrap=True)
+    for thread in summary.threads:
+        threads.add_row(
+            str(thread.tid),
+            escape(thread.comm),
+            f"{thread.rip:#x}",
+            f"{thread.rsp:#x}",
+            f"{thread.sigmask:#x}",
+            str(thread.pending),
+        )
+    console.print(threads)
+
+    memory = Table(title="memory")
+    memory.add_column("start", no_wrap=True, min_width=14)
+    for heading in ("perms", "size", "stored", "contents"):
+        memory.add_column(heading, no_wrap=True)
+    memory.add_column("path", overflow="fold", min_width=20)
+    for row in summary.memory:
+        memory.add_row(
+            f"{row.start:#x}",
+            row.perms,
+            _size(row.size),
+            _size(row.stored_bytes),
+            row.contents.lower(),
+            escape(row.path),
+        )
+    console.print(memory)
+
+    files = Table("fd", "kind", "path", "flags", "pos", title="descriptors")
+    for descriptor in summary.descriptors:
+        files.add_row(
+            str(descriptor.fd),
+            descriptor.kind.name.lower(),
+            escape(descriptor.path),
+            f"{descriptor.flags:#o}",
+            str(descriptor.pos),
+        )
+    console.print(files)
+
+    pages = summary.pages
+    console.print(
+        f"image {_size(summary.image_bytes)} (CRF v{summary.version}): {pages.stored} pages stored;"
+        f" left out: {pages.zero} zero, {pages.untouched} never touched,"
+        f" {pages.file} mapped from files"
+    )

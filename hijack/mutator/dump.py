@@ -17,9 +17,10 @@ import signal
 import socket as socket_module
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 from hijack.errors import HijackError, ProcessGone
@@ -67,11 +68,13 @@ def dump(
     kill: bool = False,
     no_binary: bool = False,
     no_shared_libs: bool = False,
+    on_complete: Callable[[], None] | None = None,
 ) -> DumpResult:
     """Write an image of `pid` to `out`; the process runs on unless `kill`.
 
-    With `kill`, the process is killed only after the whole image is written
-    and flushed: a failed dump never loses the process.
+    `on_complete` runs once the whole image is written and flushed, while the
+    process is still stopped (to put the file in place). With `kill`, the
+    process is killed only after that: a failed dump never loses the process.
     """
     options = rec.DumpOptions(0)
     if no_binary:
@@ -105,11 +108,47 @@ def dump(
         writer.write(rec.Cwd(cwd=procfs.read_cwd(pid), root=procfs.read_root(pid)))
         end = writer.close(pages_untouched=counts.untouched, pages_file=counts.from_files)
         out.flush()
+        if on_complete is not None:
+            on_complete()
         if kill:
-            _sync(out)
             kill_stopped(tracee)
     frozen_ms = (time.perf_counter() - stopped_at) * 1000
     return DumpResult(pid, len(threads), writer.bytes_written, end.pages_stored, frozen_ms)
+
+
+def dump_to_file(
+    pid: int,
+    path: Path,
+    *,
+    kill: bool = False,
+    no_binary: bool = False,
+    no_shared_libs: bool = False,
+) -> DumpResult:
+    """dump() into `path`, through a temporary file renamed when the image is complete.
+
+    A failed dump leaves no partial image behind (and, with `kill`, the
+    process alive): the file is synced and in place before the process dies.
+    """
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        with open(partial, "wb") as out:
+
+            def put_in_place() -> None:
+                os.fsync(out.fileno())
+                os.replace(partial, path)
+
+            return dump(
+                pid,
+                out,
+                kill=kill,
+                no_binary=no_binary,
+                no_shared_libs=no_shared_libs,
+                on_complete=put_in_place,
+            )
+    except OSError as exc:
+        raise HijackError(f"cannot write image {path}: {exc.strerror or exc}") from None
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def kill_stopped(tracee: Tracee) -> None:
@@ -130,12 +169,6 @@ def kill_stopped(tracee: Tracee) -> None:
 
 def _live(tracee: Tracee) -> list[TracedThread]:
     return [tracee.threads[tid] for tid in tracee.thread_ids]
-
-
-def _sync(out: BinaryIO) -> None:
-    """fsync a file (a pipe or socket has nothing to sync)."""
-    with contextlib.suppress(OSError, ValueError):
-        os.fsync(out.fileno())
 
 
 @contextmanager

@@ -67,6 +67,7 @@ AT_FDCWD = -100
 class RestoreResult:
     pid: int
     old_pid: int
+    program: str
     threads: int
     dropped: tuple[str, ...]  # descriptors left out with --skip-unsupported
 
@@ -117,6 +118,7 @@ def restore(stream: BinaryIO, *, skip_unsupported: bool = False) -> RestoreResul
     return RestoreResult(
         pid=pid,
         old_pid=image.header.pid,
+        program=image.header.comm,
         threads=len(image.threads),
         dropped=tuple(file_restore.describe(d) for d in plan.dropped),
     )
