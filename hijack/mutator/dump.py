@@ -157,9 +157,15 @@ def kill_stopped(tracee: Tracee) -> None:
     Until its tracer has seen it die, a traced thread stays hidden from its
     real parent's wait(); collecting it lets the parent reap the process.
     """
+    we_are_parent = procfs.read_stat(tracee.pid).ppid == os.getpid()
     os.kill(tracee.pid, signal.SIGKILL)
-    for thread in tracee.threads.values():
-        if thread.state is ThreadState.GONE:
+    # The leader's death is reported only once every other thread has been
+    # collected: collect them first. If we are its parent too, collecting the
+    # leader would reap it: leave that to our caller's own wait().
+    ordered = sorted(tracee.threads.values(), key=lambda thread: thread.tid == tracee.pid)
+    for thread in ordered:
+        if thread.state is ThreadState.GONE or (thread.tid == tracee.pid and we_are_parent):
+            thread.state = ThreadState.GONE
             continue
         with contextlib.suppress(ProcessGone):
             while not (result := pt.wait_for(thread.tid)) or not result.exited:
