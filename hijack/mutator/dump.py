@@ -441,7 +441,7 @@ def read_files(pid: int) -> rec.Files:
                 family=found.family,
                 type=found.type,
                 protocol=found.protocol,
-                state=_socket_state_number(found.state),
+                state=found.state_number,
                 local_address=found.local,
                 remote_address=found.remote,
             )
@@ -464,23 +464,3 @@ def read_files(pid: int) -> rec.Files:
 
 def _image_fd_kind(kind: procfs.FdKind) -> rec.FdKind:
     return rec.FdKind[kind.name] if kind.name in rec.FdKind.__members__ else rec.FdKind.ANON_INODE
-
-
-TCP_STATES = (
-    "",
-    "ESTABLISHED",
-    "SYN_SENT",
-    "SYN_RECV",
-    "FIN_WAIT1",
-    "FIN_WAIT2",
-    "TIME_WAIT",
-    "CLOSE",
-    "CLOSE_WAIT",
-    "LAST_ACK",
-    "LISTEN",
-    "CLOSING",
-)
-
-
-def _socket_state_number(name: str) -> int:
-    return TCP_STATES.index(name) if name in TCP_STATES else 0

@@ -98,15 +98,19 @@ class Shadow:
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     def describe(self) -> dict[str, Any]:
+        sockets = procfs.read_socket_table(os.getpid())
+        fds = []
+        for entry in procfs.list_fds(os.getpid()):
+            if entry.fd not in self.held_fds:
+                continue
+            found = sockets.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
+            target = found.describe() if found else entry.target
+            fds.append({"fd": entry.fd, "kind": entry.kind.value, "target": target})
         return {
             "shadow_pid": os.getpid(),
             "target_pid": self.target_pid,
             "started_at": self.started_at,
-            "fds": [
-                {"fd": entry.fd, "kind": entry.kind.value, "target": entry.target}
-                for entry in procfs.list_fds(os.getpid())
-                if entry.fd in self.held_fds
-            ],
+            "fds": fds,
         }
 
     def _target_exited(self, _: Any) -> None:

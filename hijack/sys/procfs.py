@@ -630,6 +630,22 @@ class SocketInfo:
     local: str
     remote: str
 
+    @property
+    def state_number(self) -> int:
+        """The kernel's number for `state`: TCP_* for inet sockets, SS_* for unix ones."""
+        table = _UNIX_STATES if self.family == socket.AF_UNIX else _TCP_STATES
+        return table.index(self.state) if self.state in table else 0
+
+    def describe(self) -> str:
+        """One line for people: "tcp 127.0.0.1:8000 LISTEN", "udp ... -> ..."."""
+        kind = {socket.SOCK_STREAM: "tcp", socket.SOCK_DGRAM: "udp"}.get(self.type, "socket")
+        if self.family == socket.AF_UNIX:
+            kind = "unix"
+        elif self.family == socket.AF_INET6:
+            kind += "6"
+        peer = f" -> {self.remote}" if self.remote and not self.remote.endswith(":0") else ""
+        return f"{kind} {self.local or '(unbound)'}{peer} {self.state}"
+
 
 _INET_TABLES = {
     "tcp": (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP),
