@@ -102,29 +102,39 @@ class RunningFixture:
     # -- protocol ---------------------------------------------------------------
 
     def _wait_ready(self, ready_fd: int, timeout: float) -> None:
+        """Read the ready line and wait for the fixture to close READY_FD.
+
+        Waiting for the close, not just the line, means the fixture's
+        descriptor table no longer changes once spawn_fixture returns: a test
+        that compares it before and after hijack works on it sees no READY_FD
+        that was about to go.
+        """
         received = b""
         deadline = time.monotonic() + timeout
-        while b"\n" not in received:
+        while True:
             remaining = deadline - time.monotonic()
             readable, _, _ = select.select([ready_fd], [], [], max(remaining, 0))
             if not readable:
                 self.kill()
-                raise FixtureError(f"no ready line within {timeout} s\n{self.describe()}")
+                what = "READY_FD not closed after" if b"\n" in received else "no"
+                raise FixtureError(f"{what} ready line within {timeout} s\n{self.describe()}")
             chunk = os.read(ready_fd, 4096)
             if not chunk:
-                # EOF: it exited (or closed READY_FD) without a ready line. Give it
-                # the time to exit so the message shows its exit code.
-                self._wait(KILL_TIMEOUT)
-                self.kill()
-                raise FixtureError(
-                    f"READY_FD closed before a ready line (got {received!r})\n{self.describe()}"
-                )
+                break
             received += chunk
-        line = received.split(b"\n", 1)[0].decode(errors="replace")
-        words = line.split()
-        if not words or words[0] != "ready" or not all("=" in word for word in words[1:]):
+        if b"\n" not in received:
+            # EOF: it exited (or closed READY_FD) without a ready line. Give it
+            # the time to exit so the message shows its exit code.
+            self._wait(KILL_TIMEOUT)
             self.kill()
-            raise FixtureError(f"malformed ready line {line!r}\n{self.describe()}")
+            raise FixtureError(
+                f"READY_FD closed before a ready line (got {received!r})\n{self.describe()}"
+            )
+        line, _, rest = received.decode(errors="replace").partition("\n")
+        words = line.split()
+        if rest or not words or words[0] != "ready" or not all("=" in w for w in words[1:]):
+            self.kill()
+            raise FixtureError(f"malformed ready line {received!r}\n{self.describe()}")
         self.ready = dict(word.split("=", 1) for word in words[1:])
 
     def send(self, data: bytes, timeout: float = SEND_TIMEOUT) -> None:
