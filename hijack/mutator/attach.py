@@ -51,8 +51,14 @@ def attach(pid: int, registry: Registry) -> AttachResult:
         return shadow_command(pid, inherited_fds, control_path, log_path)
 
     stopped_at = time.perf_counter()
-    with Tracee.seize(pid) as tracee:
-        shadow_pid = fork_shadow(tracee, command, shadow_environment(registry.directory))
+    try:
+        with Tracee.seize(pid) as tracee:
+            shadow_pid = fork_shadow(tracee, command, shadow_environment(registry.directory))
+    except BaseException:
+        # Refused or failed before any shadow ran: leave no empty directory behind.
+        # (A shadow that dies later keeps it: its shadow.log says why.)
+        shutil.rmtree(shadow_dir, ignore_errors=True)
+        raise
     pause_ms = (time.perf_counter() - stopped_at) * 1000
 
     try:
