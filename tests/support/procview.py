@@ -1,0 +1,151 @@
+"""What /proc shows of a process, as comparable sets (CRIU zdtm's before/after check).
+
+A dump and a restore must give back the same process: the same mappings at
+the same addresses with the same protections, the same descriptors at the
+same numbers with the same targets, offsets and flags. Both views are read
+from /proc directly, not through hijack's own parsers, so a parser bug in
+hijack cannot hide itself. A difference is reported as "lost: ... /
+appeared: ...", naming every entry on each side.
+
+Also here: where a process sits (/proc/PID/syscall), polled with a bound,
+for tests that must dump a process while it is really inside a system call.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+# Not part of the process's own address space: the kernel maps it into every
+# process at the same place, and hijack never puts it in an image.
+IGNORED_MAPPINGS = frozenset({"[vsyscall]"})
+POLL_INTERVAL = 0.002  # seconds between two looks at /proc while polling
+POLL_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, order=True)
+class MapView:
+    """One /proc/PID/maps line, without what a faithful restore may change.
+
+    Device and inode are left out: a MAP_SHARED|MAP_ANONYMOUS mapping is
+    backed by a shmem object ("/dev/zero (deleted)") that a restore must create
+    anew, so its inode differs however faithful the restore is. Offsets are
+    left out too: for file mappings they follow from the path and the address
+    the process mapped, and a wrong one shows as wrong contents, which the
+    fixtures check themselves.
+    """
+
+    start: int
+    end: int
+    perms: str
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.start:x}-{self.end:x} {self.perms} {self.path or '(anonymous)'}"
+
+
+@dataclass(frozen=True, order=True)
+class FdView:
+    """One descriptor: its number, what it refers to, its offset and open flags."""
+
+    fd: int
+    target: str
+    pos: int
+    flags: int
+
+    def __str__(self) -> str:
+        return f"fd {self.fd} -> {self.target} (pos {self.pos}, flags {self.flags:#o})"
+
+
+def maps_view(pid: int) -> frozenset[MapView]:
+    entries = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        # address perms offset dev inode [path]; the path may hold spaces.
+        fields = line.split(maxsplit=5)
+        start, end = (int(bound, 16) for bound in fields[0].split("-"))
+        path = fields[5].strip() if len(fields) > 5 else ""
+        if path not in IGNORED_MAPPINGS:
+            entries.add(MapView(start, end, fields[1], path))
+    return frozenset(entries)
+
+
+def fds_view(pid: int) -> frozenset[FdView]:
+    entries = set()
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        fd = int(name)
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        info = dict(
+            line.split(":", 1)
+            for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines()
+            if ":" in line
+        )
+        entries.add(FdView(fd, target, int(info["pos"]), int(info["flags"], 8)))
+    return frozenset(entries)
+
+
+def difference(before: Iterable[object], after: Iterable[object]) -> str:
+    """'' when equal as sets, else every entry lost and every entry that appeared."""
+    old, new = set(before), set(after)
+    if old == new:
+        return ""
+    lost = "\n".join(f"  {entry}" for entry in sorted(old - new, key=str)) or "  (none)"
+    appeared = "\n".join(f"  {entry}" for entry in sorted(new - old, key=str)) or "  (none)"
+    return f"lost:\n{lost}\nappeared:\n{appeared}"
+
+
+def current_syscall(pid: int) -> tuple[int, ...] | None:
+    """(number, arg1, ..., arg6) of the call the process blocks in; None while it runs."""
+    fields = Path(f"/proc/{pid}/syscall").read_text().split()
+    if fields[0] == "running" or fields[0] == "-1":
+        return None
+    return (int(fields[0]), *(int(arg, 16) for arg in fields[1:7]))
+
+
+def wait_in_syscall(
+    pid: int, numbers: Iterable[int], *, first_arg: int | None = None, timeout: float = POLL_TIMEOUT
+) -> tuple[int, ...]:
+    """Poll until `pid` blocks in one of the system calls `numbers` (and with `first_arg`).
+
+    A bounded poll: a process entering a blocking call tells nobody, /proc is
+    the only place to see it. Fails with where the process was last seen.
+    """
+    wanted = frozenset(numbers)
+    deadline = time.monotonic() + timeout
+    seen = current_syscall(pid)
+    while seen is None or seen[0] not in wanted or first_arg not in (None, seen[1]):
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"process {pid} not blocked in syscall {sorted(wanted)} (first argument"
+                f" {first_arg}) within {timeout} s; last seen in {seen or 'user space'}"
+            )
+        time.sleep(POLL_INTERVAL)
+        seen = current_syscall(pid)
+    return seen
+
+
+def signal_bits(pid: int, field: str) -> int:
+    """A signal mask of /proc/PID/status (SigBlk, SigCgt, SigIgn, ...) as an integer."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1], 16)
+    raise AssertionError(f"/proc/{pid}/status has no {field}")
+
+
+def processes_named(comm: str) -> frozenset[tuple[int, int]]:
+    """(pid, start time) of every process on the machine whose comm is `comm`."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # gone between the listing and the read
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        if name == comm:
+            start_time = int(stat[stat.rindex(")") + 2 :].split()[19])
+            found.add((int(entry), start_time))
+    return frozenset(found)
