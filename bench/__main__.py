@@ -1,0 +1,239 @@
+"""`make bench`: hijack's figures, each printed beside the limit it is held against.
+
+This machine is noisy, so every figure is a ratio to a baseline measured in
+the same run, on the same bytes, at the same place:
+
+- dump of a process holding SIZE of non-zero memory to a file (synced), vs
+  writing SIZE bytes sequentially to a file in the same directory (synced);
+- dump of the same process to a pipe drained by another thread, vs a plain
+  memory copy of SIZE bytes;
+- restore of that image, vs process_vm_writev of SIZE bytes into a fresh
+  process's memory.
+
+`python -m bench` measures 1 GiB; `--quick` measures 64 MiB (CI runs it so the
+scripts cannot rot; it asserts nothing). Results go to stdout and to
+bench/results.txt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from hijack.mutator.dump import MAP_PRIVATE_ANONYMOUS, PROT_READ_WRITE, dump, dump_to_file
+from hijack.mutator.tracee import Tracee
+from hijack.restore.restorer import restore
+from hijack.sys import memory
+from hijack.sys.process import set_child_subreaper
+
+MIB = 1024 * 1024
+RESULTS = Path(__file__).with_name("results.txt")
+
+# A process holding `size` bytes of non-zero, incompressible-enough memory,
+# that says "ready" once it is all in place and then waits for stdin to close.
+HOLDER = """
+import os, sys
+size = int(sys.argv[1])
+block = os.urandom(1 << 20)
+data = bytearray(block * (size >> 20))
+print("ready", flush=True)
+sys.stdin.read()
+print(len(data))
+"""
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    measured_s: float
+    baseline_name: str
+    baseline_s: float
+    target: float | None  # minimum ratio of throughput (baseline time / measured time)
+
+    @property
+    def ratio(self) -> float:
+        return self.baseline_s / self.measured_s
+
+    def line(self, size: int) -> str:
+        throughput = size / self.measured_s / 1e6
+        baseline = size / self.baseline_s / 1e6
+        verdict = ""
+        if self.target is not None:
+            met = "met" if self.ratio >= self.target else "NOT met"
+            verdict = f"  target >= {self.target:.0%}: {met}"
+        return (
+            f"{self.name:<34} {throughput:8.0f} MB/s | {self.baseline_name:<38}"
+            f" {baseline:8.0f} MB/s | ratio {self.ratio:5.2f}{verdict}"
+        )
+
+
+def start_holder(size: int) -> subprocess.Popen[str]:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(size)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None
+    if holder.stdout.readline().strip() != "ready":
+        raise SystemExit("bench: the memory holder did not start")
+    return holder
+
+
+def timed(action: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def sequential_write(path: Path, size: int) -> float:
+    chunk = os.urandom(8 * MIB)
+
+    def write() -> None:
+        with open(path, "wb") as out:
+            for _ in range(size // len(chunk)):
+                out.write(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+
+    elapsed = timed(write)
+    path.unlink()
+    return elapsed
+
+
+def memory_copy(size: int) -> float:
+    source = bytearray(os.urandom(MIB) * (size // MIB))
+    target = bytearray(size)
+
+    def copy() -> None:
+        target[:] = source
+
+    return timed(copy)
+
+
+def dump_to_pipe(pid: int) -> float:
+    read_end, write_end = os.pipe()
+
+    def drain() -> None:
+        with open(read_end, "rb", buffering=0) as pipe:
+            while pipe.read(8 * MIB):
+                pass
+
+    drainer = threading.Thread(target=drain)
+    drainer.start()
+    with open(write_end, "wb") as pipe:
+        elapsed = timed(lambda: dump(pid, pipe))
+    drainer.join()
+    return elapsed
+
+
+def write_into_fresh_process(size: int) -> float:
+    """process_vm_writev of `size` bytes into memory a fresh process has just mapped."""
+    holder = start_holder(MIB)  # a small process, given a fresh region by an injected mmap
+    try:
+        with Tracee.seize(holder.pid) as tracee:
+            region = tracee.checked_syscall(
+                "mmap", 0, size, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0
+            )
+        data = bytearray(os.urandom(MIB) * (size // MIB))
+        step = 64 * MIB
+
+        def write() -> None:
+            view = memoryview(data)
+            for offset in range(0, size, step):
+                memory.write(holder.pid, region + offset, view[offset : offset + step])
+
+        return timed(write)
+    finally:
+        stop(holder)
+
+
+def stop(holder: subprocess.Popen[str]) -> None:
+    if holder.poll() is None:
+        holder.kill()
+    holder.wait()
+
+
+def measure(size: int, directory: Path) -> list[Figure]:
+    figures = []
+    holder = start_holder(size)
+    image = directory / "bench.crf"
+    try:
+        # Write-back of one run slows the next: the baseline is the best of a
+        # run before and a run after the dump.
+        write_before = sequential_write(directory / "baseline.bin", size)
+        dump_file_s = timed(lambda: dump_to_file(holder.pid, image))
+        write_after = sequential_write(directory / "baseline.bin", size)
+        print(f"image: {image.stat().st_size / MIB:.0f} MiB for {size // MIB} MiB held")
+        figures.append(
+            Figure(
+                "dump to a file (fsync)",
+                dump_file_s,
+                "sequential write, same fs (fsync)",
+                min(write_before, write_after),
+                0.70,
+            )
+        )
+        figures.append(
+            Figure(
+                "dump to a pipe",
+                dump_to_pipe(holder.pid),
+                "memory copy",
+                memory_copy(size),
+                None,
+            )
+        )
+    finally:
+        stop(holder)
+
+    restored_pid = 0
+
+    def restore_image() -> None:
+        nonlocal restored_pid
+        with open(image, "rb") as stream:
+            restored_pid = restore(stream, skip_unsupported=True).pid  # its stdio pipes
+
+    restore_s = timed(restore_image)
+    os.kill(restored_pid, 9)
+    os.waitpid(restored_pid, 0)
+    image.unlink()
+    figures.append(
+        Figure(
+            "restore from a file",
+            restore_s,
+            "process_vm_writev into a fresh process",
+            write_into_fresh_process(size),
+            0.60,
+        )
+    )
+    return figures
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench")
+    parser.add_argument("--quick", action="store_true", help="64 MiB instead of 1 GiB")
+    args = parser.parse_args(argv)
+    size = (64 if args.quick else 1024) * MIB
+    set_child_subreaper()
+    with tempfile.TemporaryDirectory(prefix="hijack-bench-", dir="/tmp") as directory:
+        figures = measure(size, Path(directory))
+    header = (
+        f"hijack bench, {size // MIB} MiB, {time.strftime('%Y-%m-%d %H:%M')},"
+        f" {os.uname().sysname} {os.uname().release}, {os.cpu_count()} CPUs"
+    )
+    lines = [header, *(figure.line(size) for figure in figures)]
+    print("\n".join(lines))
+    RESULTS.write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
