@@ -1,0 +1,78 @@
+"""Run the `hijack` command as a user does: a separate `python -m hijack` process.
+
+Each test gets its own state directory (HIJACK_STATE_DIR), so tests never see
+each other's registry rows or shadows. Every run is bounded by a timeout; a
+run that exceeds it fails the test with what the command printed so far.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+CLI_TIMEOUT = 60.0
+# Wide enough that rich never shortens a path in the descriptor table: tests
+# look for whole paths in the output.
+CLI_COLUMNS = "250"
+
+
+@dataclass(frozen=True)
+class CliResult:
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    def describe(self) -> str:
+        """The whole run, for assertion messages."""
+        return (
+            f"$ hijack {' '.join(self.argv)}  -> exit {self.returncode}\n"
+            f"--- stdout ---\n{self.stdout}--- stderr ---\n{self.stderr}"
+        )
+
+
+class HijackCli:
+    """`hijack ARGS...` with the state directory `state_dir`."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+
+    def __call__(self, *args: str | int, timeout: float = CLI_TIMEOUT) -> CliResult:
+        argv = tuple(str(arg) for arg in args)
+        env = {
+            **os.environ,
+            "HIJACK_STATE_DIR": str(self.state_dir),
+            "COLUMNS": CLI_COLUMNS,
+        }
+        try:
+            completed = subprocess.run(
+                [sys.executable, "-m", "hijack", *argv],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as expired:
+            raise AssertionError(
+                f"$ hijack {' '.join(argv)} did not finish within {timeout} s\n"
+                f"--- stdout ---\n{_text(expired.stdout)}--- stderr ---\n{_text(expired.stderr)}"
+            ) from None
+        return CliResult(argv, completed.returncode, completed.stdout, completed.stderr)
+
+    def ok(self, *args: str | int, timeout: float = CLI_TIMEOUT) -> CliResult:
+        """Run and demand exit 0 and a quiet stderr."""
+        result = self(*args, timeout=timeout)
+        assert result.returncode == 0, result.describe()
+        assert result.stderr == "", result.describe()
+        return result
+
+
+def _text(output: str | bytes | None) -> str:
+    if output is None:
+        return ""
+    return output.decode(errors="replace") if isinstance(output, bytes) else output
