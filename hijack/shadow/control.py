@@ -8,13 +8,35 @@ false). docs/protocol.md lists the operations.
 from __future__ import annotations
 
 import json
+import os
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from hijack.errors import ShadowError
 
 Message = dict[str, Any]
 MAX_LINE = 1 << 20  # a control answer larger than this is a broken peer
+SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 for the terminating NUL
+
+
+@contextmanager
+def unix_address(path: str) -> Iterator[str]:
+    """An address for `path` that fits in sun_path.
+
+    A long path (a deep state directory) is reached through an O_PATH
+    descriptor on its directory: /proc/self/fd/N/name is short, and bind()
+    and connect() resolve it to the same file.
+    """
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        yield path
+        return
+    directory = os.open(os.path.dirname(path) or ".", os.O_PATH | os.O_CLOEXEC)
+    try:
+        yield f"/proc/self/fd/{directory}/{os.path.basename(path)}"
+    finally:
+        os.close(directory)
 
 
 def encode(message: Message) -> bytes:
@@ -40,7 +62,8 @@ def request(path: str, message: Message, timeout: float = 3.0) -> Message:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
             sock.settimeout(timeout)
-            sock.connect(path)
+            with unix_address(path) as address:
+                sock.connect(address)
             sock.sendall(encode(message))
             answer = _read_line(sock)
     except TimeoutError:

@@ -45,7 +45,8 @@ class Shadow:
         if os.path.exists(path):
             os.unlink(path)  # a stale socket of a shadow that died
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        listener.bind(path)
+        with control.unix_address(path) as address:
+            listener.bind(address)
         os.chmod(path, 0o600)
         listener.listen(16)
         listener.setblocking(False)
