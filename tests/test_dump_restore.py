@@ -16,6 +16,8 @@ Images a test damages on purpose are named `*.bad`.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import io
 import json
 import os
@@ -25,22 +27,17 @@ import secrets
 import select
 import shutil
 import signal
-import socket
 import struct
 import subprocess
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import descendants, find_leaked_processes, snapshot_descendants, spawn_fixture
+from support import find_leaked_processes, snapshot_descendants, spawn_fixture
 from support.cli import CliResult, HijackCli
 from support.procview import (
-    difference,
-    fds_view,
-    maps_view,
     processes_named,
     signal_bits,
     wait_in_syscall,
@@ -48,9 +45,11 @@ from support.procview import (
 
 from hijack.errors import HijackError
 from hijack.image.codec import recode
+from hijack.image.identity import read_build_id
 from hijack.restore.restorer import restore
 
 PYTHON = "/usr/bin/python3"  # an unmodified, dynamically linked distribution binary
+SLEEP = "/usr/bin/sleep"  # copied under unique names, so its processes can be told apart
 EXIT_TIMEOUT = 30.0
 POLL_TIMEOUT = 10.0
 
@@ -127,10 +126,8 @@ class Restored:
         try:
             if self.returncode is None:
                 # ProcessLookupError: it exited already; reaped below.
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
                 self.wait()
         finally:
             os.close(self._pidfd)
@@ -153,18 +150,19 @@ def assert_refused(result: CliResult, *words: str) -> str:
 class NothingStarted:
     """Around a refused restore: no new descendant of pytest, no new process named `comm`.
 
-    Watching pytest's descendants catches any process the restore started
-    (whatever it became: pytest is a subreaper); watching the comm catches a
-    process restored from the image anywhere on the machine, which is why the
-    images these checks use are of programs with unique names.
+    Watching pytest's descendants catches any process the restore started,
+    whatever became of it (pytest is a subreaper). Watching `comm` catches a
+    process restored from the image anywhere on the machine; it is only
+    meaningful for a name no one else uses, so the images these checks are
+    made from are of programs copied under unique names (None: no such name).
     """
 
-    def __init__(self, comm: str) -> None:
+    def __init__(self, comm: str | None) -> None:
         self.comm = comm
 
     def __enter__(self) -> NothingStarted:
         self._descendants = snapshot_descendants(os.getpid())
-        self._named = processes_named(self.comm)
+        self._named = processes_named(self.comm) if self.comm else frozenset()
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
@@ -172,8 +170,9 @@ class NothingStarted:
             return
         started = find_leaked_processes(os.getpid(), self._descendants)
         assert not started, "processes started: " + ", ".join(p.describe() for p in started)
-        named = processes_named(self.comm) - self._named
-        assert not named, f"new processes named {self.comm}: {sorted(named)}"
+        if self.comm:
+            named = processes_named(self.comm) - self._named
+            assert not named, f"new processes named {self.comm}: {sorted(named)}"
 
 
 def image_json(hijack: HijackCli, image: Path) -> dict[str, Any]:
@@ -316,3 +315,278 @@ def test_blocked_call_resumes_after_restore_with_its_signal_state(
         os.kill(pid, signal.SIGUSR1)
         blocked.assert_intact()
     assert "PASS blocked" in blocked.stdout
+
+
+# -- 3. dump without --kill: the original runs on, the image makes an independent copy -----------
+
+
+def set_aside(path: Path, suffix: str) -> Path:
+    aside = path.with_name(path.name + suffix)
+    os.rename(path, aside)
+    return aside
+
+
+def test_dump_leaves_the_original_running_and_its_image_restores_an_independent_copy(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    log = tmp_path / "counter.log"
+    image = tmp_path / "counter.crf"
+    with spawn_fixture("counter", log, "2", fifos=True) as original:
+        assert original.control_fifo is not None
+        hijack.ok("dump", original.pid, "-o", image)
+        document = image_json(hijack, image)
+        logged = descriptor_in(document, log)["pos"]
+        wait_until(lambda: log.stat().st_size > logged, "the original logging after the dump")
+
+        # A restore reopens every descriptor by path: the copy would share the
+        # original's log, control FIFO and output files, and each would break
+        # the other's checks. So for the time of the restore each path holds a
+        # fresh file of its own (the log as it was at the dump), while the
+        # original goes on through its descriptors to the files set aside.
+        by_fd = {descriptor["fd"]: descriptor for descriptor in document["descriptors"]}
+        outputs = [Path(by_fd[1]["path"]), Path(by_fd[2]["path"])]
+        control = original.control_fifo
+        originals = {path: set_aside(path, ".original") for path in (log, control, *outputs)}
+        log.write_bytes(originals[log].read_bytes()[:logged])
+        os.mkfifo(control, 0o600)
+        # Read-write: never blocks, and the copy's CONTROL ends when we close it.
+        copy_control = os.open(control, os.O_RDWR | os.O_CLOEXEC)
+        for output in outputs:
+            output.touch()
+        try:
+            restored = hijack("restore", image)
+        finally:
+            # The copy holds its own files now; the original's go back to their
+            # paths, except its log: each counter verifies the log at its path.
+            for path in (control, *outputs):
+                os.rename(path, path.with_name(path.name + ".copy"))
+                os.rename(originals[path], path)
+        try:
+            assert restored.returncode == 0, restored.describe()
+            with Restored(restored_pid(restored)) as copy:
+                assert copy.pid != original.pid
+                # Both count at once, each in its own log.
+                for path in (log, originals[log]):
+                    size = path.stat().st_size
+                    wait_until(lambda path=path, size=size: path.stat().st_size > size, f"{path}")
+                os.close(copy_control)
+                copy_control = -1
+                copy_stderr = outputs[1].with_name(outputs[1].name + ".copy")
+                assert copy.wait() == 0, f"the copy failed: {copy_stderr.read_text()}"
+                assert "PASS counter" in outputs[0].with_name(outputs[0].name + ".copy").read_text()
+        finally:
+            if copy_control >= 0:
+                os.close(copy_control)
+        copy_log = log.read_bytes()
+        os.replace(originals[log], log)
+        original.assert_intact()
+    assert "PASS counter" in original.stdout
+    # The two logs share exactly the lines written before the dump.
+    assert copy_log[:logged] == log.read_bytes()[:logged]
+
+
+# -- 4. and 5. an unmodified python3, dumped mid-run ---------------------------------------------
+
+WORK_ITERATIONS = 30_000_000  # about two seconds of pure Python here
+WORK_DIGESTS = 100_000
+WORK_SCRIPT = f"""\
+import hashlib
+
+print("started", flush=True)
+total = 0
+for i in range({WORK_ITERATIONS}):
+    total += i * i
+digest = b"seed"
+for _ in range({WORK_DIGESTS}):
+    digest = hashlib.sha256(digest).digest()
+print(f"total={{total}} sha256={{digest.hex()}}", flush=True)
+"""
+
+
+def expected_work_output() -> str:
+    n = WORK_ITERATIONS
+    digest = b"seed"
+    for _ in range(WORK_DIGESTS):
+        digest = hashlib.sha256(digest).digest()
+    return f"started\ntotal={(n - 1) * n * (2 * n - 1) // 6} sha256={digest.hex()}\n"
+
+
+@contextlib.contextmanager
+def python_at_work(directory: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path]]:
+    """/usr/bin/python3 running WORK_SCRIPT, its stdout in a file; yielded once it started."""
+    script, output = directory / "work.py", directory / "work.out"
+    script.write_text(WORK_SCRIPT)
+    with open(output, "wb") as stdout, open(directory / "work.err", "wb") as stderr:
+        worker = subprocess.Popen(
+            [PYTHON, str(script)], stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr
+        )
+    try:
+        wait_until(lambda: output.read_bytes().startswith(b"started\n"), "python3 starting")
+        yield worker, output
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait(timeout=EXIT_TIMEOUT)
+
+
+def test_unmodified_python3_dumped_mid_run_prints_the_right_result_after_restore(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "python3.crf"
+    with python_at_work(tmp_path) as (worker, output):
+        hijack.ok("dump", worker.pid, "-o", image, "--kill")
+        assert worker.wait(timeout=EXIT_TIMEOUT) == -signal.SIGKILL
+    assert output.read_text() == "started\n", "not dumped mid-run"
+    memory = image_json(hijack, image)["memory"]
+    libraries = {row["path"] for row in memory if ".so" in row["path"]}
+    assert len(memory) > 30 and len(libraries) >= 4, f"few mappings: {memory}"
+
+    with Restored(restored_pid(hijack.ok("restore", image))) as restored:
+        assert restored.wait() == 0, (tmp_path / "work.err").read_text()
+    assert output.read_text() == expected_work_output()
+
+
+def test_image_without_binary_and_libraries_is_much_smaller_and_restores_the_same(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    full, small = tmp_path / "full.crf", tmp_path / "small.crf"
+    with python_at_work(tmp_path) as (worker, output):
+        hijack.ok("dump", worker.pid, "-o", full)
+        hijack.ok("dump", worker.pid, "-o", small, "--kill", "--no-binary", "--no-shared-libs")
+        assert worker.wait(timeout=EXIT_TIMEOUT) == -signal.SIGKILL
+    assert output.read_text() == "started\n", "not dumped mid-run"
+    full_size, small_size = full.stat().st_size, small.stat().st_size
+    print(f"python3 image: full {full_size} bytes, --no-binary --no-shared-libs {small_size}")
+    assert small_size < full_size / 2, f"full {full_size} bytes, small {small_size}"
+
+    document = image_json(hijack, small)
+    assert document["process"]["options"] == ["NO_BINARY", "NO_SHARED_LIBS"]
+    exe = document["process"]["exe"]
+    contents = {(row["path"], row["contents"]) for row in document["memory"]}
+    assert (exe, "FILE") in contents and (exe, "STORED") not in contents, contents
+    libc = {row["contents"] for row in document["memory"] if "/libc.so" in row["path"]}
+    assert libc == {"FILE"}, contents
+
+    with Restored(restored_pid(hijack.ok("restore", small))) as restored:
+        assert restored.wait() == 0, (tmp_path / "work.err").read_text()
+    assert output.read_text() == expected_work_output()
+
+
+def flip_build_id(program: Path) -> None:
+    """Change one byte of the ELF build-id note, keeping the file's size and mtime."""
+    build_id = read_build_id(str(program))
+    assert build_id, f"{program} has no build-id"
+    data = bytearray(program.read_bytes())
+    at = data.index(build_id)
+    data[at] ^= 0xFF
+    times = program.stat()
+    program.write_bytes(data)
+    os.utime(program, ns=(times.st_atime_ns, times.st_mtime_ns))
+
+
+@pytest.mark.parametrize("change", ["appended", "touched", "build-id"])
+def test_restore_refuses_an_executable_changed_since_a_no_binary_dump(
+    hijack: HijackCli, tmp_path: Path, change: str
+) -> None:
+    program = unique_program(tmp_path, SLEEP)
+    image = tmp_path / "sleeper.crf"
+    sleeper = start_sleeper(program)
+    try:
+        hijack.ok("dump", sleeper.pid, "-o", image, "--kill", "--no-binary")
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=EXIT_TIMEOUT)
+    rows = image_json(hijack, image)["memory"]
+    assert {row["contents"] for row in rows if row["path"] == str(program)} == {"FILE"}
+
+    if change == "appended":
+        with open(program, "ab") as appending:
+            appending.write(b"\0")
+    elif change == "touched":
+        times = program.stat()
+        os.utime(program, ns=(times.st_atime_ns, times.st_mtime_ns + 1_000_000_000))
+    else:
+        flip_build_id(program)
+    with NothingStarted(program.name):
+        assert_refused(hijack("restore", image), str(program), "changed since the dump")
+
+
+# -- 6. truncated, corrupted and foreign images --------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sleeper_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A real image (of a sleep under a unique name) and that name, for tests to damage."""
+    directory = tmp_path_factory.mktemp("sleeper")
+    program = unique_program(directory, SLEEP)
+    image = directory / "sleeper.crf"
+    sleeper = start_sleeper(program)
+    try:
+        HijackCli(directory / "state").ok("dump", sleeper.pid, "-o", image, "--kill")
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=EXIT_TIMEOUT)
+    assert_recodes(image)
+    return image, program.name
+
+
+def test_restore_refuses_a_truncated_image(
+    hijack: HijackCli, tmp_path: Path, sleeper_image: tuple[Path, str]
+) -> None:
+    image, comm = sleeper_image
+    data = image.read_bytes()
+    found = sections(data)
+    pages = next(offset + size // 2 for tag, offset, size in found if tag == "PAGE")
+    cuts = {
+        "inside the signature": 5,
+        "inside a section header": found[1][1] + 3,
+        "inside SEGS": next(offset + size // 2 for tag, offset, size in found if tag == "SEGS"),
+        "inside PAGE": pages,
+        "before END": found[-1][1],
+        "one byte short": len(data) - 1,
+    }
+    for where, cut in cuts.items():
+        truncated = tmp_path / f"cut-{cut}.bad"
+        truncated.write_bytes(data[:cut])
+        with NothingStarted(comm):
+            line = assert_refused(hijack("restore", truncated), "truncated")
+        assert line, where
+
+
+def test_restore_refuses_an_image_with_a_bit_flipped_in_any_section(
+    hijack: HijackCli, tmp_path: Path, sleeper_image: tuple[Path, str]
+) -> None:
+    image, comm = sleeper_image
+    data = image.read_bytes()
+    seen_tags: set[str] = set()
+    for index, (tag, offset, size) in enumerate(sections(data)):
+        damaged = bytearray(data)
+        damaged[offset + size // 2] ^= 1 << (index % 8)  # inside the payload
+        bad = tmp_path / f"flip-{index}-{tag}.bad"
+        bad.write_bytes(damaged)
+        with NothingStarted(comm):
+            if tag not in seen_tags:
+                # The first section of each kind through the CLI, as a user would.
+                assert_refused(hijack("restore", bad), "checksum mismatch")
+                seen_tags.add(tag)
+            else:
+                # The others through the API, which is what the CLI runs: faster.
+                with open(bad, "rb") as stream, pytest.raises(HijackError, match="checksum"):
+                    restore(stream)
+
+
+@pytest.mark.parametrize("kind", ["elf", "random", "empty", "text"])
+def test_restore_refuses_a_file_that_is_no_image(
+    hijack: HijackCli, tmp_path: Path, kind: str
+) -> None:
+    foreign = tmp_path / f"{kind}.bad"
+    if kind == "elf":
+        shutil.copy(SLEEP, foreign)
+    elif kind == "random":
+        foreign.write_bytes(b"\x8f" + random.Random(1).randbytes(64 * 1024))
+    elif kind == "empty":
+        foreign.touch()
+    else:
+        foreign.write_text("CRF is the Checkpoint/Restart File\n")
+    with NothingStarted(None):
+        assert_refused(hijack("restore", foreign), "not a CRF image")
