@@ -103,6 +103,10 @@ def fd_table(pid: int) -> dict[int, tuple[str, str]]:
     return table
 
 
+def socket_fds(pid: int) -> list[int]:
+    return [fd for fd, (link, _) in fd_table(pid).items() if link.startswith("socket:")]
+
+
 def children_of(pid: int) -> list[tuple[int, str]]:
     """(pid, state) of every process whose parent is `pid`, zombies included."""
     found = []
@@ -287,6 +291,11 @@ def test_echo_server_streams_on_through_attach_and_detach(cli: HijackCli) -> Non
     with spawn_fixture("echo_server") as server:
         port = server.ready["port"]
         with spawn_fixture("stream_client", "127.0.0.1", port, str(size), "11") as client:
+            # The client is ready once connected; the server accepts a moment later.
+            # Its descriptor table must be settled before attached() takes a copy.
+            wait_until(
+                lambda: len(socket_fds(server.pid)) == 2, "the echo server to accept the client"
+            )
             with attached(cli, server.pid):
                 assert still_running(client.pid), "the stream ended before the attach: too short"
             assert still_running(client.pid), "the stream ended before the detach: too short"
