@@ -50,12 +50,13 @@ from support.procview import (
 )
 
 from hijack.errors import HijackError
-from hijack.image.codec import recode
+from hijack.image.codec import SectionKind, recode
 from hijack.image.identity import read_build_id
 from hijack.restore.restorer import restore
 
 PYTHON = "/usr/bin/python3"  # an unmodified, dynamically linked distribution binary
 SLEEP = "/usr/bin/sleep"  # copied under unique names, so its processes can be told apart
+LIBC = "/lib/x86_64-linux-gnu/libc.so.6"
 EXIT_TIMEOUT = 30.0
 POLL_TIMEOUT = 10.0
 
@@ -139,7 +140,7 @@ class Restored:
             os.close(self._pidfd)
 
 
-def assert_refused(result: CliResult, *words: str) -> str:
+def assert_refused(result: CliResult, *words: str) -> None:
     """Exit 1, nothing on stdout, one `hijack: ...` line on stderr naming `words`."""
     assert result.returncode == 1, result.describe()
     assert result.stdout == "", result.describe()
@@ -150,7 +151,6 @@ def assert_refused(result: CliResult, *words: str) -> str:
     )
     for word in words:
         assert word in lines[0], result.describe()
-    return lines[0]
 
 
 class NothingStarted:
@@ -187,8 +187,9 @@ def image_json(hijack: HijackCli, image: Path) -> dict[str, Any]:
 
 
 def descriptor_in(document: dict[str, Any], path: Path | str) -> dict[str, Any]:
-    [found] = [d for d in document["descriptors"] if d["path"] == str(path)]
-    return found
+    found: list[dict[str, Any]] = [d for d in document["descriptors"] if d["path"] == str(path)]
+    assert len(found) == 1, f"{path} in {document['descriptors']}"
+    return found[0]
 
 
 def wait_until(condition: Callable[[], bool], what: str, timeout: float = POLL_TIMEOUT) -> None:
@@ -209,6 +210,12 @@ def fd_of(pid: int, path: Path) -> int:
     return fd
 
 
+def wait_for_growth(path: Path, what: str) -> None:
+    """Wait (bounded) until the file at `path` is longer than now: its writer lives."""
+    size = path.stat().st_size
+    wait_until(lambda: path.stat().st_size > size, what)
+
+
 def log_lines(log: Path) -> int:
     return log.read_bytes().count(b"\n")
 
@@ -220,13 +227,14 @@ def unique_program(directory: Path, source: str) -> Path:
     return copy
 
 
-def start_sleeper(program: Path) -> subprocess.Popen[bytes]:
+def start_sleeper(program: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
     """`program 3600` (a copy of sleep), returned once it really sleeps."""
     sleeper = subprocess.Popen(
         [str(program), "3600"],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
     try:
         wait_in_syscall(sleeper.pid, SLEEP_CALLS)
@@ -272,7 +280,7 @@ def test_counter_killed_and_restored_continues_from_its_saved_count(
         assert pid == old_pid
         counter.adopt(pid)
         # Going on: lines beyond the dump, in the same log.
-        wait_until(lambda: log_lines(log) > at_dump.count(b"\n"), "restored counter logging")
+        wait_for_growth(log, "the restored counter logging")
         # Its own check: log exactly 1..N, count == N * 2^16, the 8 MiB heap intact.
         counter.assert_intact()
     assert log.read_bytes().startswith(at_dump)
@@ -281,7 +289,7 @@ def test_counter_killed_and_restored_continues_from_its_saved_count(
 
 # -- 2. blocked: dumped inside read / select / nanosleep ------------------------------------------
 
-SLEEP_MS = 2000
+SLEEP_MS = 3000
 
 
 @pytest.mark.parametrize("mode", ["read", "select", "nanosleep"])
@@ -304,7 +312,7 @@ def test_blocked_call_resumes_after_restore_with_its_signal_state(
         pid = restored_pid(hijack.ok("restore", image))
         blocked.adopt(pid)
         # Back inside the same call, waiting as before.
-        wait_in_syscall(pid, calls[mode])
+        wait_in_syscall(pid, calls[mode], describe=blocked.describe)
         usr1, usr2 = 1 << (signal.SIGUSR1 - 1), 1 << (signal.SIGUSR2 - 1)
         assert signal_bits(pid, "SigCgt") & usr1, "SIGUSR1 handler lost"
         assert signal_bits(pid, "SigBlk") & (usr1 | usr2) == usr2, "signal mask changed"
@@ -317,7 +325,13 @@ def test_blocked_call_resumes_after_restore_with_its_signal_state(
             blocked.send(payload.encode())
         # Past the blocking call, in the read that waits for CONTROL's EOF,
         # where SA_RESTART makes a SIGUSR1 harmless: the handler must run.
-        wait_in_syscall(pid, (SYS_READ,), first_arg=control_fd, timeout=SLEEP_MS / 1000 + 10)
+        wait_in_syscall(
+            pid,
+            (SYS_READ,),
+            first_arg=control_fd,
+            timeout=SLEEP_MS / 1000 + POLL_TIMEOUT,
+            describe=blocked.describe,
+        )
         os.kill(pid, signal.SIGUSR1)
         blocked.assert_intact()
     assert "PASS blocked" in blocked.stdout
@@ -372,9 +386,8 @@ def test_dump_leaves_the_original_running_and_its_image_restores_an_independent_
             with Restored(restored_pid(restored)) as copy:
                 assert copy.pid != original.pid
                 # Both count at once, each in its own log.
-                for path in (log, originals[log]):
-                    size = path.stat().st_size
-                    wait_until(lambda path=path, size=size: path.stat().st_size > size, f"{path}")
+                wait_for_growth(log, "the copy logging")
+                wait_for_growth(originals[log], "the original logging")
                 os.close(copy_control)
                 copy_control = -1
                 copy_stderr = outputs[1].with_name(outputs[1].name + ".copy")
@@ -490,31 +503,48 @@ def flip_build_id(program: Path) -> None:
     os.utime(program, ns=(times.st_atime_ns, times.st_mtime_ns))
 
 
-@pytest.mark.parametrize("change", ["appended", "touched", "build-id"])
-def test_restore_refuses_an_executable_changed_since_a_no_binary_dump(
-    hijack: HijackCli, tmp_path: Path, change: str
+@pytest.mark.parametrize(
+    ("mapped_file", "change"),
+    [
+        ("executable", "appended"),
+        ("executable", "touched"),
+        ("executable", "build-id"),  # same size and mtime: only the build-id tells
+        ("library", "appended"),
+    ],
+)
+def test_restore_refuses_a_mapped_file_changed_since_the_dump(
+    hijack: HijackCli, tmp_path: Path, mapped_file: str, change: str
 ) -> None:
     program = unique_program(tmp_path, SLEEP)
     image = tmp_path / "sleeper.crf"
-    sleeper = start_sleeper(program)
+    if mapped_file == "executable":
+        changed, option, env = program, "--no-binary", {}
+    else:
+        # The program maps a copy of libc, found first on LD_LIBRARY_PATH.
+        libraries = tmp_path / "lib"
+        libraries.mkdir()
+        changed = libraries / "libc.so.6"
+        shutil.copy2(LIBC, changed)
+        option, env = "--no-shared-libs", {"LD_LIBRARY_PATH": str(libraries)}
+    sleeper = start_sleeper(program, env)
     try:
-        hijack.ok("dump", sleeper.pid, "-o", image, "--kill", "--no-binary")
+        hijack.ok("dump", sleeper.pid, "-o", image, "--kill", option)
     finally:
         sleeper.kill()
         sleeper.wait(timeout=EXIT_TIMEOUT)
     rows = image_json(hijack, image)["memory"]
-    assert {row["contents"] for row in rows if row["path"] == str(program)} == {"FILE"}
+    assert {row["contents"] for row in rows if row["path"] == str(changed)} == {"FILE"}
 
     if change == "appended":
-        with open(program, "ab") as appending:
+        with open(changed, "ab") as appending:
             appending.write(b"\0")
     elif change == "touched":
-        times = program.stat()
-        os.utime(program, ns=(times.st_atime_ns, times.st_mtime_ns + 1_000_000_000))
+        times = changed.stat()
+        os.utime(changed, ns=(times.st_atime_ns, times.st_mtime_ns + 1_000_000_000))
     else:
-        flip_build_id(program)
+        flip_build_id(changed)
     with NothingStarted(program.name):
-        assert_refused(hijack("restore", image), str(program), "changed since the dump")
+        assert_refused(hijack("restore", image), str(changed), "changed since the dump")
 
 
 # -- 6. truncated, corrupted and foreign images --------------------------------------------------
@@ -542,21 +572,20 @@ def test_restore_refuses_a_truncated_image(
     image, comm = sleeper_image
     data = image.read_bytes()
     found = sections(data)
-    pages = next(offset + size // 2 for tag, offset, size in found if tag == "PAGE")
+    middle = {tag: offset + size // 2 for tag, offset, size in reversed(found)}  # first of each
     cuts = {
-        "inside the signature": 5,
-        "inside a section header": found[1][1] + 3,
-        "inside SEGS": next(offset + size // 2 for tag, offset, size in found if tag == "SEGS"),
-        "inside PAGE": pages,
-        "before END": found[-1][1],
-        "one byte short": len(data) - 1,
+        "in-signature": 5,
+        "in-section-header": found[1][1] + 3,
+        "in-SEGS": middle["SEGS"],
+        "in-PAGE": middle["PAGE"],
+        "before-END": found[-1][1],
+        "one-byte-short": len(data) - 1,
     }
     for where, cut in cuts.items():
-        truncated = tmp_path / f"cut-{cut}.bad"
+        truncated = tmp_path / f"cut-{where}.bad"  # the name shows in a failure
         truncated.write_bytes(data[:cut])
         with NothingStarted(comm):
-            line = assert_refused(hijack("restore", truncated), "truncated")
-        assert line, where
+            assert_refused(hijack("restore", truncated), "truncated")
 
 
 def test_restore_refuses_an_image_with_a_bit_flipped_in_any_section(
@@ -573,7 +602,8 @@ def test_restore_refuses_an_image_with_a_bit_flipped_in_any_section(
         with NothingStarted(comm):
             if tag not in seen_tags:
                 # The first section of each kind through the CLI, as a user would.
-                assert_refused(hijack("restore", bad), "checksum mismatch")
+                expected = f"checksum mismatch in section {SectionKind(tag.encode()).name}"
+                assert_refused(hijack("restore", bad), f"{expected} at byte {offset}")
                 seen_tags.add(tag)
             else:
                 # The others through the API, which is what the CLI runs: faster.
@@ -608,10 +638,8 @@ def test_restore_refuses_a_file_that_is_no_image(
 # the image had them, and the views must agree entry for entry.
 
 
-def assert_same_views(
-    maps_before: frozenset[object], maps_after: frozenset[object], what: str
-) -> None:
-    assert not (found := difference(maps_before, maps_after)), f"{what}:\n{found}"
+def assert_same_views(before: frozenset[object], after: frozenset[object], what: str) -> None:
+    assert not (found := difference(before, after)), f"{what}:\n{found}"
 
 
 def test_proc_views_of_mapped_agree_before_dump_and_after_restore(
@@ -629,7 +657,7 @@ def test_proc_views_of_mapped_agree_before_dump_and_after_restore(
 
         pid = restored_pid(hijack.ok("restore", image))
         mapped.adopt(pid)
-        wait_in_syscall(pid, (SYS_READ,))
+        wait_in_syscall(pid, (SYS_READ,), describe=mapped.describe)
         assert_same_views(maps_before, maps_view(pid), f"/proc/{pid}/maps")
         assert_same_views(fds_before, fds_view(pid), f"/proc/{pid}/fd")
         # Contents, protections, the file under the private mapping, the offset.
@@ -658,7 +686,7 @@ def test_skip_unsupported_drops_exactly_the_anonymous_pipe(
             )
         pid = restored_pid(restored)
         mapped.adopt(pid)
-        wait_in_syscall(pid, (SYS_READ,))
+        wait_in_syscall(pid, (SYS_READ,), describe=mapped.describe)
         assert_same_views(maps_before, maps_view(pid), f"/proc/{pid}/maps")
         # The pipe's two ends are lost, nothing else; nothing appeared.
         fds_after = fds_view(pid)

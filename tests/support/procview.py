@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,22 +104,40 @@ def current_syscall(pid: int) -> tuple[int, ...] | None:
     return (int(fields[0]), *(int(arg, 16) for arg in fields[1:7]))
 
 
+def has_exited(pid: int) -> bool:
+    """Whether `pid` is gone or a zombie (it can block in nothing any more)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return stat[stat.rindex(")") + 2] in "ZX"
+
+
 def wait_in_syscall(
-    pid: int, numbers: Iterable[int], *, first_arg: int | None = None, timeout: float = POLL_TIMEOUT
+    pid: int,
+    numbers: Iterable[int],
+    *,
+    first_arg: int | None = None,
+    timeout: float = POLL_TIMEOUT,
+    describe: Callable[[], str] | None = None,
 ) -> tuple[int, ...]:
     """Poll until `pid` blocks in one of the system calls `numbers` (and with `first_arg`).
 
     A bounded poll: a process entering a blocking call tells nobody, /proc is
-    the only place to see it. Fails with where the process was last seen.
+    the only place to see it. Fails at once if the process exits, else after
+    `timeout`, with where it was last seen and `describe()` (e.g. its stderr).
     """
     wanted = frozenset(numbers)
     deadline = time.monotonic() + timeout
     seen = current_syscall(pid)
     while seen is None or seen[0] not in wanted or first_arg not in (None, seen[1]):
-        if time.monotonic() > deadline:
+        exited = has_exited(pid)
+        if exited or time.monotonic() > deadline:
+            where = "it exited" if exited else f"last seen in {seen or 'user space'}"
             raise AssertionError(
                 f"process {pid} not blocked in syscall {sorted(wanted)} (first argument"
-                f" {first_arg}) within {timeout} s; last seen in {seen or 'user space'}"
+                f" {first_arg}) within {timeout} s: {where}"
+                + (f"\n{describe()}" if describe else "")
             )
         time.sleep(POLL_INTERVAL)
         seen = current_syscall(pid)
