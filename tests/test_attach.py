@@ -527,7 +527,7 @@ def test_the_init_of_a_pid_namespace_is_refused(cli: HijackCli) -> None:
 @pytest.mark.parametrize("text", ["abc", "12x", "0", "-3"])
 def test_an_unparsable_pid_is_a_usage_error(cli: HijackCli, text: str) -> None:
     for command in ("attach", "detach"):
-        result = cli(command, "--", text)
+        result = cli(command, text)
         assert result.returncode == 2, result.describe()
         assert "Traceback" not in result.stderr, result.describe()
         assert "not a process id" in result.stderr, result.describe()
@@ -672,7 +672,6 @@ def test_shadow_is_not_the_targets_child_and_leaves_no_zombie(
             # Neither the shadow nor the intermediate it was forked through
             # (reaped inside the target) is left as the target's child.
             assert children_of(counter.pid) == []
-            assert status_field(shadow, "Tgid") != str(counter.pid)
         assert children_of(counter.pid) == []
         counter.assert_intact()
 
