@@ -25,10 +25,12 @@ import random
 import re
 import secrets
 import select
+import shlex
 import shutil
 import signal
 import struct
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -404,6 +406,39 @@ def test_dump_leaves_the_original_running_and_its_image_restores_an_independent_
     assert copy_log[:logged] == log.read_bytes()[:logged]
 
 
+# -- threads, streamed: `hijack dump PID -o - --kill | hijack restore -` --------------------------
+
+
+def test_threads_streamed_from_dump_into_restore_run_on_intact(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    with spawn_fixture("threads", fifos=True) as threads:
+        tasks = len(os.listdir(f"/proc/{threads.pid}/task"))
+        assert tasks == int(threads.ready["threads"])
+        # A real pipe: restore reads the image while dump writes it, and its
+        # stub exists before the dump ends the original (so: another pid).
+        program = f"{shlex.quote(sys.executable)} -m hijack"
+        command = f"{program} dump {threads.pid} -o - --kill | {program} restore -"
+        piped = subprocess.run(
+            ["sh", "-c", command],
+            env={**os.environ, "HIJACK_STATE_DIR": str(hijack.state_dir)},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=EXIT_TIMEOUT,
+            check=False,
+        )
+        assert piped.returncode == 0, f"$ {command}\n{piped.stdout}{piped.stderr}"
+        assert threads.wait_exit() == -signal.SIGKILL
+        found = RESTORED_LINE.search(piped.stdout)
+        assert found, piped.stdout
+        threads.adopt(int(found[1]))
+        assert len(os.listdir(f"/proc/{threads.pid}/task")) == tasks
+        # Workers still counting under their mutex, the waiter still parked.
+        threads.assert_intact()
+    assert "PASS threads" in threads.stdout
+
+
 # -- 4. and 5. an unmodified python3, dumped mid-run ---------------------------------------------
 
 WORK_ITERATIONS = 30_000_000  # about two seconds of pure Python here
@@ -626,6 +661,7 @@ def test_restore_refuses_a_file_that_is_no_image(
         foreign.write_text("CRF is the Checkpoint/Restart File\n")
     with NothingStarted(None):
         assert_refused(hijack("restore", foreign), "not a CRF image")
+    assert_refused(hijack("show", foreign), "not a CRF image")
 
 
 # -- 7. /proc views before the dump and after the restore ----------------------------------------
