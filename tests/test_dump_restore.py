@@ -204,6 +204,7 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = POLL_T
 
 
 def fd_of(pid: int, path: Path) -> int:
+    """The one descriptor of `pid` open on `path`."""
     [fd] = [
         fd
         for fd in map(int, os.listdir(f"/proc/{pid}/fd"))
@@ -325,8 +326,10 @@ def test_blocked_call_resumes_after_restore_with_its_signal_state(
             assert time.monotonic() - started < SLEEP_MS / 1000, "restore too slow to tell"
         else:
             blocked.send(payload.encode())
-        # Past the blocking call, in the read that waits for CONTROL's EOF,
-        # where SA_RESTART makes a SIGUSR1 harmless: the handler must run.
+        # In a read of CONTROL (past select or the sleep, which a handler
+        # would interrupt with EINTR; in read mode, the very read the payload
+        # may still be on its way to): SA_RESTART restarts it, and the
+        # handler, installed before the dump, must run once.
         wait_in_syscall(
             pid,
             (SYS_READ,),
@@ -342,10 +345,8 @@ def test_blocked_call_resumes_after_restore_with_its_signal_state(
 # -- 3. dump without --kill: the original runs on, the image makes an independent copy -----------
 
 
-def set_aside(path: Path, suffix: str) -> Path:
-    aside = path.with_name(path.name + suffix)
-    os.rename(path, aside)
-    return aside
+def suffixed(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
 
 
 def test_dump_leaves_the_original_running_and_its_image_restores_an_independent_copy(
@@ -366,40 +367,36 @@ def test_dump_leaves_the_original_running_and_its_image_restores_an_independent_
         # fresh file of its own (the log as it was at the dump), while the
         # original goes on through its descriptors to the files set aside.
         by_fd = {descriptor["fd"]: descriptor for descriptor in document["descriptors"]}
-        outputs = [Path(by_fd[1]["path"]), Path(by_fd[2]["path"])]
+        stdout, stderr = Path(by_fd[1]["path"]), Path(by_fd[2]["path"])
         control = original.control_fifo
-        originals = {path: set_aside(path, ".original") for path in (log, control, *outputs)}
-        log.write_bytes(originals[log].read_bytes()[:logged])
+        for path in (log, control, stdout, stderr):
+            os.rename(path, suffixed(path, ".original"))
+        log.write_bytes(suffixed(log, ".original").read_bytes()[:logged])
         os.mkfifo(control, 0o600)
-        # Read-write: never blocks, and the copy's CONTROL ends when we close it.
-        copy_control = os.open(control, os.O_RDWR | os.O_CLOEXEC)
-        for output in outputs:
-            output.touch()
-        try:
-            restored = hijack("restore", image)
-        finally:
-            # The copy holds its own files now; the original's go back to their
-            # paths, except its log: each counter verifies the log at its path.
-            for path in (control, *outputs):
-                os.rename(path, path.with_name(path.name + ".copy"))
-                os.rename(originals[path], path)
-        try:
-            assert restored.returncode == 0, restored.describe()
-            with Restored(restored_pid(restored)) as copy:
+        stdout.touch()
+        stderr.touch()
+        # Read-write: opening never blocks, and the copy's CONTROL ends when we close it.
+        with open(control, "r+b", buffering=0) as copy_control:
+            try:
+                copy_pid = restored_pid(hijack.ok("restore", image))
+            finally:
+                # The copy holds its own files now; the original's go back to
+                # their paths, but for its log: each counter checks the log at
+                # its path when it finishes, so the copy finishes first.
+                for path in (control, stdout, stderr):
+                    os.rename(path, suffixed(path, ".copy"))
+                    os.rename(suffixed(path, ".original"), path)
+            with Restored(copy_pid) as copy:
                 assert copy.pid != original.pid
                 # Both count at once, each in its own log.
                 wait_for_growth(log, "the copy logging")
-                wait_for_growth(originals[log], "the original logging")
-                os.close(copy_control)
-                copy_control = -1
-                copy_stderr = outputs[1].with_name(outputs[1].name + ".copy")
+                wait_for_growth(suffixed(log, ".original"), "the original logging")
+                copy_control.close()
+                copy_stderr = suffixed(stderr, ".copy")
                 assert copy.wait() == 0, f"the copy failed: {copy_stderr.read_text()}"
-                assert "PASS counter" in outputs[0].with_name(outputs[0].name + ".copy").read_text()
-        finally:
-            if copy_control >= 0:
-                os.close(copy_control)
+                assert "PASS counter" in suffixed(stdout, ".copy").read_text()
         copy_log = log.read_bytes()
-        os.replace(originals[log], log)
+        os.replace(suffixed(log, ".original"), log)
         original.assert_intact()
     assert "PASS counter" in original.stdout
     # The two logs share exactly the lines written before the dump.
