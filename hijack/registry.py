@@ -153,6 +153,16 @@ class Registry:
             )
             self._log(db, pid, "restored", program)
 
+    def rehome(self, old_pid: int, new_pid: int, start_time: int) -> None:
+        """A checkpointed process restored on this node, maybe under a new pid: attached again."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE processes SET pid=?, start_time=?, state='attached', current_node=?,"
+                " updated_at=? WHERE pid=?",
+                (new_pid, start_time, node_name(), time.time(), old_pid),
+            )
+            self._log(db, new_pid, "restored", f"from the image of {old_pid}")
+
     def set_state(self, pid: int, state: str, current_node: str | None = None) -> None:
         with self._transaction() as db:
             db.execute(

@@ -20,6 +20,7 @@ from hijack.image.codec import read_image
 from hijack.image.summary import summarize
 from hijack.mutator import attach as attaching
 from hijack.mutator import dump as dumping
+from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.registry import Registry
 from hijack.restore import restorer as restoring
 
@@ -107,25 +108,37 @@ def command_detach(args: argparse.Namespace, console: Console) -> int:
 
 
 def command_dump(args: argparse.Namespace, console: Console) -> int:
-    options = {
-        "kill": args.kill,
-        "no_binary": args.no_binary,
-        "no_shared_libs": args.no_shared_libs,
-    }
-    if args.output == "-":
-        result = dumping.dump(args.pid, sys.stdout.buffer, **options)
-        console = Console(stderr=True)  # stdout carries the image
-    else:
-        result = dumping.dump_to_file(args.pid, Path(args.output), **options)
+    with Registry() as registry:
+        attached = registry.find(args.pid)
+        holder = attached if attached and attached.state == "attached" else None
+
+        def hand_over() -> None:
+            # The shadow keeps the killed process's descriptors for its restore.
+            if holder is not None and holder.shadow_control:
+                hand_descriptors_to_shadow(args.pid, holder.shadow_control)
+
+        options = {
+            "kill": args.kill,
+            "no_binary": args.no_binary,
+            "no_shared_libs": args.no_shared_libs,
+            "before_kill": hand_over,
+        }
+        if args.output == "-":
+            result = dumping.dump(args.pid, sys.stdout.buffer, **options)
+            console = Console(stderr=True)  # stdout carries the image
+        else:
+            result = dumping.dump_to_file(args.pid, Path(args.output), **options)
+        if args.kill and holder is not None:
+            registry.set_state(args.pid, "checkpointed")
     render.dump_result(console, result, args.output, killed=args.kill)
     return EXIT_OK
 
 
 def command_restore(args: argparse.Namespace, console: Console) -> int:
-    with open_image(args.image) as stream:
-        result = restoring.restore(stream, skip_unsupported=args.skip_unsupported)
-    with Registry() as registry:
-        registry.record_restored(result.pid, result.program)
+    with Registry() as registry, open_image(args.image) as stream:
+        result = restoring.restore(
+            stream, skip_unsupported=args.skip_unsupported, registry=registry
+        )
     render.restore_result(console, result)
     return EXIT_OK
 

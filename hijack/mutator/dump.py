@@ -69,12 +69,14 @@ def dump(
     no_binary: bool = False,
     no_shared_libs: bool = False,
     on_complete: Callable[[], None] | None = None,
+    before_kill: Callable[[], None] | None = None,
 ) -> DumpResult:
     """Write an image of `pid` to `out`; the process runs on unless `kill`.
 
     `on_complete` runs once the whole image is written and flushed, while the
     process is still stopped (to put the file in place). With `kill`, the
-    process is killed only after that: a failed dump never loses the process.
+    process is killed only after that, and after `before_kill` (which hands
+    its descriptors to its shadow): a failed dump never loses the process.
     """
     options = rec.DumpOptions(0)
     if no_binary:
@@ -111,6 +113,8 @@ def dump(
         if on_complete is not None:
             on_complete()
         if kill:
+            if before_kill is not None:
+                before_kill()
             kill_stopped(tracee)
     frozen_ms = (time.perf_counter() - stopped_at) * 1000
     return DumpResult(pid, len(threads), writer.bytes_written, end.pages_stored, frozen_ms)
@@ -123,6 +127,7 @@ def dump_to_file(
     kill: bool = False,
     no_binary: bool = False,
     no_shared_libs: bool = False,
+    before_kill: Callable[[], None] | None = None,
 ) -> DumpResult:
     """dump() into `path`, through a temporary file renamed when the image is complete.
 
@@ -144,6 +149,7 @@ def dump_to_file(
                 no_binary=no_binary,
                 no_shared_libs=no_shared_libs,
                 on_complete=put_in_place,
+                before_kill=before_kill,
             )
     except OSError as exc:
         raise HijackError(f"cannot write image {path}: {exc.strerror or exc}") from None

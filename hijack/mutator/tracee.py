@@ -408,9 +408,7 @@ def restart_spurious_eintr(registers: pt.Registers, *, signal_pending: bool) -> 
         return registers
     if registers.orig_rax not in EINTR_ON_STOP:
         return registers
-    return registers.replace(
-        rax=registers.orig_rax, rip=registers.rip - SYSCALL_INSTRUCTION_LENGTH
-    )
+    return registers.replace(rax=registers.orig_rax, rip=registers.rip - SYSCALL_INSTRUCTION_LENGTH)
 
 
 def _reissue_sleep(registers: pt.Registers) -> pt.Registers:
@@ -424,5 +422,3 @@ def _reissue_sleep(registers: pt.Registers) -> pt.Registers:
     ):
         return registers.replace(rdx=registers.r10)
     return registers
-
-

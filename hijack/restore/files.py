@@ -30,39 +30,60 @@ O_NONBLOCK = 0o4000
 O_CLOEXEC = 0o2000000
 # Flags that act at open time only: never replayed (O_TRUNC would empty the file).
 OPEN_TIME_ONLY = O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC
-F_SETFD, F_SETFL = 2, 4
+F_DUPFD, F_SETFD, F_SETFL = 0, 2, 4
 FD_CLOEXEC = 1
 SEEK_SET = 0
 AT_FDCWD = -100
 
 
 @dataclass(frozen=True)
+class ShadowHoldings:
+    """What the shadow of a checkpointed process keeps for its restore."""
+
+    shadow_pid: int
+    control: str
+    own_fd: dict[int, int]  # the process's descriptor number -> the shadow's
+    identity: dict[int, tuple[int, int]]  # the process's descriptor number -> (dev, ino)
+
+
+@dataclass(frozen=True)
 class FilePlan:
-    restore: tuple[rec.FileDescriptor, ...]
-    dropped: tuple[rec.FileDescriptor, ...]
+    from_shadow: tuple[rec.FileDescriptor, ...]  # the very descriptions the shadow keeps
+    reopen: tuple[rec.FileDescriptor, ...]  # reopened by path
+    dropped: tuple[rec.FileDescriptor, ...]  # left out (--skip-unsupported)
 
 
 def describe(descriptor: rec.FileDescriptor) -> str:
     return f"fd {descriptor.fd} ({descriptor.kind.name.lower()} {descriptor.path})"
 
 
-def plan_files(files: rec.Files, *, skip_unsupported: bool) -> FilePlan:
-    """Split the descriptors into those to reopen and those to drop, or refuse."""
-    unsupported = tuple(d for d in files.descriptors if d.kind not in REOPENABLE)
+def plan_files(
+    files: rec.Files, *, skip_unsupported: bool, holdings: ShadowHoldings | None = None
+) -> FilePlan:
+    """Decide for each descriptor where it comes from, or refuse naming those that cannot."""
+    from_shadow, reopenable, unsupported = [], [], []
+    for descriptor in files.descriptors:
+        if holdings and holdings.identity.get(descriptor.fd) == (descriptor.dev, descriptor.ino):
+            from_shadow.append(descriptor)
+        elif descriptor.kind in REOPENABLE:
+            reopenable.append(descriptor)
+        else:
+            unsupported.append(descriptor)
     if unsupported and not skip_unsupported:
         raise Unsupported(
             "cannot restore "
             + ", ".join(describe(d) for d in unsupported)
-            + " (use --skip-unsupported to drop them; `hijack move` proxies them)"
+            + " (use --skip-unsupported to drop them; attach the process before dumping it"
+            " and its shadow keeps them)"
         )
-    supported = tuple(d for d in files.descriptors if d.kind in REOPENABLE)
-    return FilePlan(supported, unsupported)
+    return FilePlan(tuple(from_shadow), tuple(reopenable), tuple(unsupported))
 
 
-def close_foreign_descriptors(stub: Stub) -> None:
+def close_foreign_descriptors(stub: Stub, keep: set[int]) -> None:
     """The stub inherited the restorer's descriptors: none of them belongs to the image."""
     for entry in procfs.list_fds(stub.pid):
-        stub.call("close", entry.fd)
+        if entry.fd not in keep:
+            stub.call("close", entry.fd)
 
 
 def reopen(stub: Stub, descriptor: rec.FileDescriptor) -> None:
@@ -79,20 +100,38 @@ def reopen(stub: Stub, descriptor: rec.FileDescriptor) -> None:
     opened = stub.try_call("openat", AT_FDCWD, path, opening, 0)
     if opened < 0:
         raise RestoreError(f"cannot reopen {describe(descriptor)}: errno {-opened}")
-    if opened != descriptor.fd:
-        stub.call("dup3", opened, descriptor.fd, O_CLOEXEC if descriptor.cloexec else 0)
-        stub.call("close", opened)
-    elif descriptor.cloexec:
-        stub.call("fcntl", descriptor.fd, F_SETFD, FD_CLOEXEC)
+    _place(stub, opened, descriptor)
     if opening != flags:
         stub.call("fcntl", descriptor.fd, F_SETFL, flags)
     if descriptor.kind is rec.FdKind.REGULAR:
         stub.call("lseek", descriptor.fd, descriptor.pos, SEEK_SET)
 
 
-def restore_files(stub: Stub, plan: FilePlan) -> None:
-    close_foreign_descriptors(stub)
+def _place(stub: Stub, opened: int, descriptor: rec.FileDescriptor) -> None:
+    """Move descriptor `opened` of the stub to the image's number, with its close-on-exec."""
+    if opened != descriptor.fd:
+        stub.call("dup3", opened, descriptor.fd, O_CLOEXEC if descriptor.cloexec else 0)
+        stub.call("close", opened)
+    elif descriptor.cloexec:
+        stub.call("fcntl", descriptor.fd, F_SETFD, FD_CLOEXEC)
+
+
+def restore_files(stub: Stub, plan: FilePlan, inherited: dict[int, int]) -> None:
+    """Give the stub the image's descriptors.
+
+    `inherited` maps the image's numbers of the shadow's descriptions to the
+    numbers the stub inherited them under from the restorer. They are parked
+    above every number in play first, so nothing restored lands on them.
+    """
+    numbers = [d.fd for d in (*plan.from_shadow, *plan.reopen)] + list(inherited.values())
+    parking = max(numbers, default=2) + 1
+    parked = {
+        image_fd: stub.call("fcntl", fd, F_DUPFD, parking) for image_fd, fd in inherited.items()
+    }
+    close_foreign_descriptors(stub, keep=set(parked.values()))
     # In ascending order every lower number of the image is taken when a file
     # is opened, so open() returns at most the wanted number and dup3 moves it.
-    for descriptor in sorted(plan.restore, key=lambda d: d.fd):
+    for descriptor in sorted(plan.reopen, key=lambda d: d.fd):
         reopen(stub, descriptor)
+    for descriptor in plan.from_shadow:
+        _place(stub, parked[descriptor.fd], descriptor)

@@ -18,12 +18,13 @@ Steps (hijack.restore.* each own one):
 
 from __future__ import annotations
 
+import os
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, TypeVar
 
-from hijack.errors import HijackError, ImageError, RestoreError
+from hijack.errors import HijackError, ImageError, RestoreError, ShadowError
 from hijack.image import records as rec
 from hijack.image.codec import read_image
 from hijack.image.identity import check_identity
@@ -33,10 +34,12 @@ from hijack.mutator.tracee import (
     find_syscall_instruction,
     resume_registers,
 )
+from hijack.registry import Registry
 from hijack.restore import files as file_restore
 from hijack.restore.address_space import AddressSpace
 from hijack.restore.remote import Stub
-from hijack.sys import memory
+from hijack.shadow import control
+from hijack.sys import memory, pidfd, procfs
 from hijack.sys import ptrace as pt
 from hijack.sys.stub import kill_stub, spawn_stub
 
@@ -87,7 +90,15 @@ class _Image:
     cwd: rec.Cwd | None = None
 
 
-def restore(stream: BinaryIO, *, skip_unsupported: bool = False) -> RestoreResult:
+def restore(
+    stream: BinaryIO, *, skip_unsupported: bool = False, registry: Registry | None = None
+) -> RestoreResult:
+    """Rebuild the process of the image in `stream` and let it run.
+
+    With a `registry`, a process whose shadow on this node holds its
+    descriptors (it was attached, then dumped with --kill) gets those very
+    descriptors back — sockets included — and the shadow follows it again.
+    """
     records = read_image(stream)
     image = _Image(
         header=_expect(records, rec.ImageHeader),
@@ -100,21 +111,31 @@ def restore(stream: BinaryIO, *, skip_unsupported: bool = False) -> RestoreResul
     for segment in image.segments.segments:
         if segment.file is not None:
             check_identity(segment.file)
-    plan = file_restore.plan_files(image.files, skip_unsupported=skip_unsupported)
-    pid = spawn_stub(image.header.pid)
+    holdings = shadow_holdings(registry, image.header.pid) if registry else None
+    plan = file_restore.plan_files(
+        image.files, skip_unsupported=skip_unsupported, holdings=holdings
+    )
+    inherited = _take_from_shadow(holdings, plan) if holdings else {}
+    try:
+        pid = spawn_stub(image.header.pid)
+    finally:
+        for fd in inherited.values():
+            os.close(fd)  # the stub has its own copies now
     space: AddressSpace | None = None
     try:
         stub = Stub(pid, find_syscall_instruction(pid))
         space = AddressSpace(stub, image.segments.segments)
         space.build()
         _consume_rest(records, image, space)
-        _finish(stub, space, image, plan)
+        _finish(stub, space, image, plan, inherited)
     except BaseException:
         kill_stub(pid)
         raise
     finally:
         if space is not None:
             space.close()
+    if registry is not None:
+        _record(registry, image.header, pid, holdings)
     return RestoreResult(
         pid=pid,
         old_pid=image.header.pid,
@@ -122,6 +143,58 @@ def restore(stream: BinaryIO, *, skip_unsupported: bool = False) -> RestoreResul
         threads=len(image.threads),
         dropped=tuple(file_restore.describe(d) for d in plan.dropped),
     )
+
+
+def shadow_holdings(registry: Registry, old_pid: int) -> file_restore.ShadowHoldings | None:
+    """What the shadow of checkpointed process `old_pid` keeps, if it has one here."""
+    record = registry.find(old_pid)
+    if record is None or record.state != "checkpointed" or not record.shadow_control:
+        return None
+    try:
+        status = control.request(record.shadow_control, {"op": "status"})
+    except ShadowError:
+        return None  # the shadow is gone: what it held is gone with it
+    if status.get("mode") != "holding" or record.shadow_pid is None:
+        return None
+    return file_restore.ShadowHoldings(
+        shadow_pid=record.shadow_pid,
+        control=record.shadow_control,
+        own_fd={int(fd["fd"]): int(fd["own_fd"]) for fd in status["fds"]},
+        identity={int(fd["fd"]): (int(fd["dev"]), int(fd["ino"])) for fd in status["fds"]},
+    )
+
+
+def _take_from_shadow(
+    holdings: file_restore.ShadowHoldings, plan: file_restore.FilePlan
+) -> dict[int, int]:
+    """Copies, in this process and inheritable by the stub, of what the shadow keeps."""
+    handle = pidfd.pidfd_open(holdings.shadow_pid)
+    taken: dict[int, int] = {}
+    try:
+        for descriptor in plan.from_shadow:
+            own = holdings.own_fd[descriptor.fd]
+            taken[descriptor.fd] = pidfd.pidfd_getfd(handle, own, holdings.shadow_pid)
+            os.set_inheritable(taken[descriptor.fd], True)
+    except BaseException:
+        for fd in taken.values():
+            os.close(fd)
+        raise
+    finally:
+        os.close(handle)
+    return taken
+
+
+def _record(
+    registry: Registry,
+    header: rec.ImageHeader,
+    pid: int,
+    holdings: file_restore.ShadowHoldings | None,
+) -> None:
+    if holdings is None:
+        registry.record_restored(pid, header.comm)
+        return
+    control.request(holdings.control, {"op": "home", "pid": pid})
+    registry.rehome(header.pid, pid, procfs.read_stat(pid).starttime)
 
 
 def _expect(records: Iterator[rec.Record], kind: type[R]) -> R:
@@ -155,10 +228,16 @@ def _consume_rest(records: Iterator[rec.Record], image: _Image, space: AddressSp
 # -- finishing the stub once the whole image is in --------------------------------
 
 
-def _finish(stub: Stub, space: AddressSpace, image: _Image, plan: file_restore.FilePlan) -> None:
+def _finish(
+    stub: Stub,
+    space: AddressSpace,
+    image: _Image,
+    plan: file_restore.FilePlan,
+    inherited: dict[int, int],
+) -> None:
     assert image.signals is not None and image.cwd is not None
     leader = _leader_record(image)
-    file_restore.restore_files(stub, plan)
+    file_restore.restore_files(stub, plan, inherited)
     _set_mm_map(stub, image.mm)
     _set_signal_actions(stub, image.signals)
     _set_rlimits(stub, image.rlimits)

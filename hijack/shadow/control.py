@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -53,18 +53,25 @@ def decode(line: bytes) -> Message:
     return message
 
 
-def request(path: str, message: Message, timeout: float = 3.0) -> Message:
-    """Send one request to the control socket at `path` and return its answer.
+MAX_FDS = 250  # descriptors passed with one request (SCM_MAX_FD is 253)
+
+
+def request(path: str, message: Message, timeout: float = 3.0, fds: Sequence[int] = ()) -> Message:
+    """Send one request, with `fds` attached (SCM_RIGHTS), to `path`; return the answer.
 
     Raises ShadowError when the socket cannot be reached, the peer does not
     answer within `timeout`, or it answers with ok=false.
     """
+    if len(fds) > MAX_FDS:
+        raise ShadowError(f"{len(fds)} descriptors in one request; at most {MAX_FDS}")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
             sock.settimeout(timeout)
             with unix_address(path) as address:
                 sock.connect(address)
-            sock.sendall(encode(message))
+            data = encode(message)
+            sent = socket.send_fds(sock, [data], list(fds)) if fds else 0
+            sock.sendall(data[sent:])
             answer = _read_line(sock)
     except TimeoutError:
         raise ShadowError(f"no answer from {path} within {timeout:g} s") from None
@@ -74,6 +81,20 @@ def request(path: str, message: Message, timeout: float = 3.0) -> Message:
     if not reply.get("ok"):
         raise ShadowError(f"{message.get('op')} refused: {reply.get('error', 'no reason given')}")
     return reply
+
+
+def receive(sock: socket.socket) -> tuple[Message, list[int]]:
+    """One request and the descriptors that came with it (the server side of request())."""
+    first, fds, _flags, _address = socket.recv_fds(sock, MAX_LINE, MAX_FDS)
+    try:
+        if not first:
+            raise ShadowError("empty control request")
+        line = first if b"\n" in first else first + _read_line(sock)
+        return decode(line.split(b"\n", 1)[0]), fds
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
 
 
 def _read_line(sock: socket.socket) -> bytes:

@@ -1,19 +1,29 @@
 """The shadow: a process forked out of the target that holds its descriptors.
 
-It is started by `hijack attach` (see hijack.mutator.shadow_fork) with every
-open file description of the target at the same descriptor numbers. It serves
-a control socket (JSON lines, docs/protocol.md) and, while the target is at
-home, follows it: a descriptor the target has closed (or reused for another
-file) is closed here too, so the shadow never keeps a connection open that the
-target meant to close. When the target exits at home, the shadow exits.
+It is started by `hijack attach` (see hijack.mutator.shadow_fork) holding every
+open file description of the target at the same descriptor numbers, and serves
+a control socket (JSON lines, docs/protocol.md). It keeps a map from the
+target's descriptor numbers to its own, since descriptors it is handed later
+(`adopt`) land wherever its own table has room.
 
-Its own diagnostics go to a log file: descriptors 0-2 are the target's.
+Its modes:
+- HOME: the target runs on this node. The shadow follows it: a descriptor the
+  target has closed (or reused for another file) is closed here too, so the
+  shadow never keeps open a connection the target meant to close. When the
+  target exits, the shadow exits.
+- HOLDING: the target was checkpointed and killed (`dump --kill` of an
+  attached process): its descriptors were handed over, and the shadow keeps
+  them — sockets stay connected, peers see nothing — until a restore takes
+  them back (`home` with the restored pid) or the process is detached.
+
+Its own diagnostics go to a log file: descriptors 0-2 may be the target's.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import enum
 import os
 import selectors
 import signal
@@ -29,12 +39,19 @@ from hijack.sys import pidfd, procfs
 FOLLOW_INTERVAL = 1.0  # seconds between checks that the target still holds our descriptors
 
 
+class Mode(enum.Enum):
+    HOME = "home"
+    HOLDING = "holding"
+
+
 class Shadow:
     def __init__(self, target_pid: int, held_fds: list[int], control_path: str) -> None:
         self.target_pid = target_pid
-        self.held_fds = set(held_fds)
+        # target's descriptor number -> our own descriptor holding the same description
+        self.held: dict[int, int] = {fd: fd for fd in held_fds}
         self.control_path = control_path
         self.started_at = time.time()
+        self.mode = Mode.HOME
         self.running = True
         self.selector = selectors.DefaultSelector()
         self.target_handle = pidfd.pidfd_open(target_pid)
@@ -61,7 +78,8 @@ class Shadow:
             for key, _ in self.selector.select(timeout):
                 key.data(key.fileobj)
             if time.monotonic() >= next_follow:
-                self.follow_target()
+                if self.mode is Mode.HOME:
+                    self.follow_target()
                 next_follow = time.monotonic() + FOLLOW_INTERVAL
         self.close()
 
@@ -79,8 +97,8 @@ class Shadow:
         with connection:
             connection.settimeout(2.0)
             try:
-                line = connection.makefile("rb").readline(control.MAX_LINE)
-                answer = self.handle(control.decode(line))
+                message, fds = control.receive(connection)
+                answer = self.handle(message, fds)
             except (OSError, HijackError) as exc:
                 answer = {"ok": False, "error": str(exc)}
             except Exception as exc:
@@ -89,42 +107,95 @@ class Shadow:
             with contextlib.suppress(OSError):  # the asker left: nothing to tell
                 connection.sendall(control.encode(answer))
 
-    def handle(self, message: control.Message) -> control.Message:
+    def handle(self, message: control.Message, fds: list[int]) -> control.Message:
         op = message.get("op")
-        if op == "hello" or op == "status":
+        if op != "adopt":
+            for fd in fds:
+                os.close(fd)  # descriptors nobody asked us to keep
+        if op in ("hello", "status"):
             return {"ok": True, **self.describe()}
+        if op == "adopt":
+            return self.adopt(message, fds)
+        if op == "home":
+            return self.come_home(int(message["pid"]))
         if op == "release":
             self.running = False
             return {"ok": True}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
+    def adopt(self, message: control.Message, fds: list[int]) -> control.Message:
+        """Keep `fds` as the target's descriptors `message["fds"]`; with "hold", stop following."""
+        numbers = [int(number) for number in message.get("fds", [])]
+        if len(numbers) != len(fds):
+            for fd in fds:
+                os.close(fd)
+            return {"ok": False, "error": f"{len(numbers)} numbers for {len(fds)} descriptors"}
+        for number, fd in zip(numbers, fds, strict=True):
+            previous = self.held.get(number)
+            if previous is not None:
+                os.close(previous)
+            self.held[number] = fd
+        if message.get("hold"):
+            self.mode = Mode.HOLDING
+            log(f"holding {len(self.held)} descriptors of checkpointed process {self.target_pid}")
+        return {"ok": True, **self.describe()}
+
+    def come_home(self, pid: int) -> control.Message:
+        """The target runs on this node again (restored, maybe under a new pid): follow it."""
+        handle = pidfd.pidfd_open(pid)
+        with contextlib.suppress(KeyError):
+            self.selector.unregister(self.target_handle)
+        os.close(self.target_handle)
+        self.target_handle = handle
+        self.selector.register(handle, selectors.EVENT_READ, self._target_exited)
+        self.target_pid = pid
+        self.mode = Mode.HOME
+        log(f"the target runs at home again as process {pid}")
+        return {"ok": True, **self.describe()}
+
     def describe(self) -> dict[str, Any]:
         sockets = procfs.read_socket_table(os.getpid())
+        own = {entry.fd: entry for entry in procfs.list_fds(os.getpid())}
         fds = []
-        for entry in procfs.list_fds(os.getpid()):
-            if entry.fd not in self.held_fds:
+        for number, fd in sorted(self.held.items()):
+            entry = own.get(fd)
+            if entry is None:
                 continue
             found = sockets.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
-            target = found.describe() if found else entry.target
-            fds.append({"fd": entry.fd, "kind": entry.kind.value, "target": target})
+            fds.append(
+                {
+                    "fd": number,
+                    "own_fd": fd,
+                    "kind": entry.kind.value,
+                    "target": found.describe() if found else entry.target,
+                    "dev": entry.dev,
+                    "ino": entry.ino,
+                }
+            )
         return {
             "shadow_pid": os.getpid(),
             "target_pid": self.target_pid,
+            "mode": self.mode.value,
             "started_at": self.started_at,
             "fds": fds,
         }
 
     def _target_exited(self, _: Any) -> None:
+        if self.mode is Mode.HOLDING:
+            # Its image is the process now; we keep what it held for the restore.
+            with contextlib.suppress(KeyError):
+                self.selector.unregister(self.target_handle)
+            return
         log(f"target {self.target_pid} exited; the shadow ends")
         self.running = False
 
     def follow_target(self) -> None:
         """Close our copy of every descriptor the target no longer holds."""
-        for fd in sorted(self.held_fds):
-            if not same_file(fd, f"/proc/{self.target_pid}/fd/{fd}"):
-                log(f"target closed or replaced fd {fd}; releasing our copy")
+        for number, fd in sorted(self.held.items()):
+            if not same_file(fd, f"/proc/{self.target_pid}/fd/{number}"):
+                log(f"target closed or replaced fd {number}; releasing our copy")
                 os.close(fd)
-                self.held_fds.discard(fd)
+                del self.held[number]
 
 
 def same_file(fd: int, path: str) -> bool:
