@@ -23,6 +23,7 @@ import json
 import os
 import random
 import re
+import resource
 import secrets
 import select
 import shlex
@@ -45,6 +46,7 @@ from support.procview import (
     MapView,
     difference,
     fds_view,
+    identity_view,
     maps_view,
     processes_named,
     signal_bits,
@@ -663,12 +665,13 @@ def test_restore_refuses_a_file_that_is_no_image(
 
 # -- 7. /proc views before the dump and after the restore ----------------------------------------
 #
-# What may legitimately differ: nothing in these views. Both leave out what a
-# faithful restore cannot keep (see support/procview.py): the [vsyscall] page,
-# and the device and inode of each mapping (a shared anonymous mapping is a new
-# shmem object after a restore). The restored process is a freshly exec'd
-# stub emptied and refilled, so its heap, stack, vdso and vvar are all where
-# the image had them, and the views must agree entry for entry.
+# What may legitimately differ: nothing in these views, because they leave out
+# what a faithful restore cannot keep (see support/procview.py): the
+# [vsyscall] page; the device and inode of each mapping (a shared anonymous
+# mapping is a new shmem object after a restore); the pid, the parent and the
+# kernel's task flags. The restored process is a freshly exec'd stub emptied
+# and refilled, so its heap, stack, vdso and vvar are all where the image had
+# them, and the views must agree entry for entry.
 
 
 def assert_same_views(before: frozenset[object], after: frozenset[object], what: str) -> None:
@@ -684,7 +687,11 @@ def test_proc_views_of_mapped_agree_before_dump_and_after_restore(
     with spawn_fixture("mapped", data, "no-pipe", fifos=True) as mapped:
         # Idle in its read of CONTROL: nothing changes while we look.
         wait_in_syscall(mapped.pid, (SYS_READ,))
+        # A limit of its own, so that one the restore left at the restorer's shows.
+        _, hard = resource.prlimit(mapped.pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(mapped.pid, resource.RLIMIT_NOFILE, (321, hard))
         maps_before, fds_before = maps_view(mapped.pid), fds_view(mapped.pid)
+        identity_before = identity_view(mapped.pid)
         hijack.ok("dump", mapped.pid, "-o", image, "--kill")
         assert mapped.wait_exit() == -signal.SIGKILL
 
@@ -693,6 +700,7 @@ def test_proc_views_of_mapped_agree_before_dump_and_after_restore(
         wait_in_syscall(pid, (SYS_READ,), describe=mapped.describe)
         assert_same_views(maps_before, maps_view(pid), f"/proc/{pid}/maps")
         assert_same_views(fds_before, fds_view(pid), f"/proc/{pid}/fd")
+        assert_same_views(identity_before, identity_view(pid), f"/proc/{pid} identity")
         # Contents, protections, the file under the private mapping, the offset.
         mapped.assert_intact()
 

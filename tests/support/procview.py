@@ -5,7 +5,9 @@ the same addresses with the same protections, the same descriptors at the
 same numbers with the same targets, offsets and flags. Both views are read
 from /proc directly, not through hijack's own parsers, so a parser bug in
 hijack cannot hide itself. A difference is reported as "lost: ... /
-appeared: ...", naming every entry on each side.
+appeared: ...", naming every entry on each side. Besides mappings and
+descriptors, an identity view: argv, environment, auxv, ids, capabilities,
+signal dispositions and mask, limits, cwd, root, process group and session.
 
 Also here: where a process sits (/proc/PID/syscall), polled with a bound,
 for tests that must dump a process while it is really inside a system call.
@@ -14,6 +16,7 @@ for tests that must dump a process while it is really inside a system call.
 from __future__ import annotations
 
 import os
+import struct
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -83,6 +86,54 @@ def fds_view(pid: int) -> frozenset[FdView]:
             if ":" in line
         )
         entries.add(FdView(fd, target, int(info["pos"]), int(info["flags"], 8)))
+    return frozenset(entries)
+
+
+# /proc/PID/status lines a restore must give back as they were.
+STATUS_FIELDS = (
+    "Umask",
+    "Uid",
+    "Gid",
+    "Groups",
+    "SigBlk",
+    "SigIgn",
+    "SigCgt",
+    "CapInh",
+    "CapPrm",
+    "CapEff",
+    "CapBnd",
+    "CapAmb",
+    "NoNewPrivs",
+)
+SAME_LINKS = ("exe", "cwd", "root")
+
+
+def identity_view(pid: int) -> frozenset[tuple[str, str]]:
+    """Who the process is, as (what, value) pairs: argv, environment, auxv, ids, limits, ...
+
+    Left out, because they differ by design: the pid and the parent (a
+    restored process is the child of whoever restored it), times and counters,
+    and the kernel's own task flags in /proc/PID/stat (PF_SUPERPRIV records
+    that the restorer used a capability on the process's behalf).
+    """
+    proc = Path(f"/proc/{pid}")
+    # One entry per argument, variable, auxv pair and limit: a difference names it.
+    argv = (proc / "cmdline").read_bytes().split(b"\0")
+    entries = {(f"argv[{index}]", repr(arg)) for index, arg in enumerate(argv)}
+    entries |= {("environ", repr(var)) for var in (proc / "environ").read_bytes().split(b"\0")}
+    auxv = struct.iter_unpack("<QQ", (proc / "auxv").read_bytes())
+    entries |= {("auxv", f"{key} {value:#x}") for key, value in auxv}
+    limits = (proc / "limits").read_text().splitlines()
+    entries |= {("limit", " ".join(line.split())) for line in limits}
+    entries |= {(name, (proc / name).read_text().strip()) for name in ("comm", "personality")}
+    entries |= {(name, os.readlink(proc / name)) for name in SAME_LINKS}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in STATUS_FIELDS:
+            entries.add((key, " ".join(value.split())))
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    entries |= {("pgrp", fields[2]), ("session", fields[3]), ("tty_nr", fields[4])}
     return frozenset(entries)
 
 
