@@ -109,11 +109,11 @@ def restored_pid(result: CliResult) -> int:
     return int(found[1])
 
 
-class Restored:
-    """A restored process that is our child: wait for its exit, or kill and reap it.
+class Child:
+    """A process that became our child: wait for its exit, or kill and reap it.
 
-    Via the CLI it became our child when restore exited (pytest is a
-    subreaper); via the API it is our child from the start.
+    A process restored through the CLI becomes our child when restore exits,
+    a shadow when the process it was forked from ends: pytest is a subreaper.
     """
 
     def __init__(self, pid: int) -> None:
@@ -125,12 +125,12 @@ class Restored:
         if self.returncode is None:
             readable, _, _ = select.select([self._pidfd], [], [], timeout)
             if not readable:
-                raise AssertionError(f"restored process {self.pid} still runs after {timeout} s")
+                raise AssertionError(f"process {self.pid} still runs after {timeout} s")
             _, status = os.waitpid(self.pid, 0)
             self.returncode = os.waitstatus_to_exitcode(status)
         return self.returncode
 
-    def __enter__(self) -> Restored:
+    def __enter__(self) -> Child:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -388,7 +388,7 @@ def test_dump_leaves_the_original_running_and_its_image_restores_an_independent_
                 for path in (control, stdout, stderr):
                     os.rename(path, suffixed(path, ".copy"))
                     os.rename(suffixed(path, ".original"), path)
-            with Restored(copy_pid) as copy:
+            with Child(copy_pid) as copy:
                 assert copy.pid != original.pid
                 # Both count at once, each in its own log.
                 wait_for_growth(log, "the copy logging")
@@ -494,7 +494,7 @@ def test_unmodified_python3_dumped_mid_run_prints_the_right_result_after_restore
     libraries = {row["path"] for row in memory if ".so" in row["path"]}
     assert len(memory) > 30 and len(libraries) >= 4, f"few mappings: {memory}"
 
-    with Restored(restored_pid(hijack.ok("restore", image))) as restored:
+    with Child(restored_pid(hijack.ok("restore", image))) as restored:
         assert restored.wait() == 0, (tmp_path / "work.err").read_text()
     assert output.read_text() == expected_work_output()
 
@@ -520,7 +520,7 @@ def test_image_without_binary_and_libraries_is_much_smaller_and_restores_the_sam
     libc = {row["contents"] for row in document["memory"] if "/libc.so" in row["path"]}
     assert libc == {"FILE"}, contents
 
-    with Restored(restored_pid(hijack.ok("restore", small))) as restored:
+    with Child(restored_pid(hijack.ok("restore", small))) as restored:
         assert restored.wait() == 0, (tmp_path / "work.err").read_text()
     assert output.read_text() == expected_work_output()
 
@@ -892,9 +892,29 @@ def test_restore_refuses_the_listening_socket_of_python_http_server(
 
 
 @pytest.mark.xfail(
-    strict=True, reason="sockets are restored by `hijack move` (proxied through the shadow)"
+    strict=True,
+    reason="sockets are restored by `hijack move` (proxied through the shadow); locally,"
+    " only an attached process's shadow keeps them for a restore",
 )
 def test_python_http_server_serves_pages_after_restore(hijack: HijackCli, tmp_path: Path) -> None:
     image, port, page = dump_http_server(hijack, tmp_path)
-    with Restored(restored_pid(hijack.ok("restore", image))):
+    with Child(restored_pid(hijack.ok("restore", image))):
         assert fetch(port, "page.html") == page
+
+
+def test_attached_python_http_server_serves_pages_after_dump_kill_and_restore(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "http-server.crf"
+    with http_server(tmp_path) as (server, port, page):
+        shadow = json.loads(hijack.ok("attach", "--json", server.pid).stdout)["shadow_pid"]
+        # --kill hands the descriptors, listening socket included, to the shadow.
+        hijack.ok("dump", server.pid, "-o", image, "--kill")
+        assert server.wait(timeout=EXIT_TIMEOUT) == -signal.SIGKILL
+        old_pid = server.pid
+    with Child(shadow) as holder, Child(restored_pid(hijack.ok("restore", image))) as restored:
+        assert restored.pid == old_pid
+        # The very socket the server listened on, back from its shadow.
+        assert fetch(port, "page.html") == page
+        hijack.ok("detach", restored.pid)
+        holder.wait()
