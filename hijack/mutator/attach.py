@@ -6,6 +6,7 @@ import contextlib
 import os
 import shutil
 import signal
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from hijack.sys import pidfd, procfs
 
 SHADOW_START_TIMEOUT = 15.0  # a cold Python start on a loaded machine
 SHADOW_STOP_TIMEOUT = 5.0
+SYSTEM_PYTHON = "/usr/bin/python3"
 
 
 @dataclass(frozen=True)
@@ -43,12 +45,13 @@ def attach(pid: int, registry: Registry) -> AttachResult:
     status = procfs.read_status(pid)
     start_time = procfs.read_stat(pid).starttime
     shadow_dir = registry.directory / "shadows" / str(pid)
+    interpreter = shadow_interpreter(status.uid[1])
     _make_shadow_dir(shadow_dir, status.uid[1], status.gid[1])
     control_path = str(shadow_dir / "control.sock")
     log_path = str(shadow_dir / "shadow.log")
 
     def command(inherited_fds: list[int]) -> list[str]:
-        return shadow_command(pid, inherited_fds, control_path, log_path)
+        return shadow_command(interpreter, pid, inherited_fds, control_path, log_path)
 
     stopped_at = time.perf_counter()
     try:
@@ -86,9 +89,40 @@ def detach(pid: int, registry: Registry) -> ProcessRecord:
     return record
 
 
-def shadow_command(pid: int, fds: list[int], control_path: str, log_path: str) -> list[str]:
+def shadow_interpreter(uid: int) -> str:
+    """A Python the target's user can execute: ours, or the system's.
+
+    The shadow runs with the target's credentials, and our interpreter may
+    live where only root can reach it (a pyenv under /root). The shadow needs
+    nothing but the standard library and this package.
+    """
+    if uid == 0:
+        return sys.executable
+    for candidate in (sys.executable, SYSTEM_PYTHON):
+        if anyone_can_execute(candidate):
+            return candidate
+    raise ShadowError(
+        f"no Python that user {uid} can execute for the shadow ({sys.executable} and"
+        f" {SYSTEM_PYTHON} are out of its reach)"
+    )
+
+
+def anyone_can_execute(path: str) -> bool:
+    """Whether every directory on the way to `path`, and `path`, is executable by others."""
+    real = Path(os.path.realpath(path))
+    try:
+        if not real.stat().st_mode & stat.S_IXOTH:
+            return False
+        return all(parent.stat().st_mode & stat.S_IXOTH for parent in real.parents)
+    except OSError:
+        return False
+
+
+def shadow_command(
+    interpreter: str, pid: int, fds: list[int], control_path: str, log_path: str
+) -> list[str]:
     return [
-        sys.executable,
+        interpreter,
         "-m",
         "hijack.shadow",
         "--target",

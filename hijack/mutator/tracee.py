@@ -254,6 +254,13 @@ def check_attachable(pid: int) -> None:
         raise NotAttachable(f"process {pid} ({status.name}) is a kernel thread", pid=pid)
     if status.state.startswith(("Z", "X")):
         raise NotAttachable(f"process {pid} ({status.name}) is a zombie", pid=pid)
+    if status.state.startswith("T"):
+        # A job-control stop is re-entered whenever we resume a thread to inject.
+        raise NotAttachable(
+            f"process {pid} ({status.name}) is stopped by job control;"
+            f" continue it first (kill -CONT {pid})",
+            pid=pid,
+        )
     if status.nspid and status.nspid[-1] == 1:
         # Orphans in a pid namespace go to its init: a shadow forked there
         # would end up the target's own child, and its death would end them all.

@@ -25,6 +25,7 @@ REOPENABLE = {
     rec.FdKind.BLOCKDEV,
 }
 O_ACCMODE = 0o3
+O_RDONLY, O_WRONLY = 0, 1
 O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC = 0o100, 0o200, 0o400, 0o1000
 O_NONBLOCK = 0o4000
 O_CLOEXEC = 0o2000000
@@ -97,7 +98,14 @@ def reopen(stub: Stub, descriptor: rec.FileDescriptor) -> None:
         opening |= O_NONBLOCK
     stub.reset_scratch()
     path = stub.put_string(descriptor.path)
+    placeholder = -1
+    if descriptor.kind is rec.FdKind.FIFO and flags & O_ACCMODE == O_WRONLY:
+        # A write end opens only while a reader exists (ENXIO otherwise): hold
+        # one for the moment of the open.
+        placeholder = stub.try_call("openat", AT_FDCWD, path, O_RDONLY | O_NONBLOCK, 0)
     opened = stub.try_call("openat", AT_FDCWD, path, opening, 0)
+    if placeholder >= 0:
+        stub.call("close", placeholder)
     if opened < 0:
         raise RestoreError(f"cannot reopen {describe(descriptor)}: errno {-opened}")
     _place(stub, opened, descriptor)
