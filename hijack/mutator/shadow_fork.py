@@ -30,6 +30,7 @@ from hijack.mutator.tracee import (
     TracedThread,
     Tracee,
     inject_syscall,
+    signals_deferred,
 )
 from hijack.sys import memory, procfs
 from hijack.sys import ptrace as pt
@@ -57,7 +58,26 @@ def fork_shadow(tracee: Tracee, command: ShadowCommand, env: dict[str, str]) -> 
 
     Returns the shadow's pid. The target's own registers are not restored here:
     the caller's release() of the tracee does that.
+
+    Atomic for SIGINT and SIGTERM (a few milliseconds): an exception between
+    the clone and the adoption of its child would leave a copy of the target
+    running the target's own code once we are gone.
     """
+    shadow_pid = 0
+    try:
+        with signals_deferred():
+            shadow_pid = _fork_shadow(tracee, command, env)
+    except BaseException:
+        # A signal held back above is raised as the block ends, with the
+        # shadow already running: end it, since no one will get its pid.
+        if shadow_pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(shadow_pid, signal.SIGKILL)
+        raise
+    return shadow_pid
+
+
+def _fork_shadow(tracee: Tracee, command: ShadowCommand, env: dict[str, str]) -> int:
     intermediate = _spawn_child(tracee, clone_flags=0)
     try:
         pt.set_options(intermediate.tid, CHILD_OPTIONS)

@@ -17,6 +17,9 @@ from __future__ import annotations
 import enum
 import errno as errno_codes
 import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -99,8 +102,11 @@ class Tracee:
         tracee = cls(pid)
         check_attachable(pid)
         try:
-            tracee._seize_all_threads()
-            tracee._stop_all_threads()
+            # Atomic for SIGINT/SIGTERM: a stop collected but not yet recorded
+            # would leave release() waiting for a stop that never comes.
+            with signals_deferred():
+                tracee._seize_all_threads()
+                tracee._stop_all_threads()
             tracee.injection_tid = pid if pid in tracee.threads else min(tracee.threads)
             tracee.syscall_address = find_syscall_instruction(pid)
         except BaseException:
@@ -289,8 +295,28 @@ def find_syscall_instruction(pid: int) -> int:
     raise InjectionFailed(f"no syscall instruction found in process {pid}", pid=pid)
 
 
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM while a traced thread is between two of our stops.
+
+    An exception there would unwind while the thread runs with injected
+    registers that no one can put back until it stops again; the signal is
+    handled (and raises) the moment the block ends, with the thread stopped.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def inject_syscall(thread: TracedThread, syscall_address: int, name: str, *args: int) -> int:
     """One injected system call in a stopped thread: set registers, run it, read rax."""
+    with signals_deferred():
+        return _inject_syscall(thread, syscall_address, name, *args)
+
+
+def _inject_syscall(thread: TracedThread, syscall_address: int, name: str, *args: int) -> int:
     if len(args) > 6:
         raise ValueError(f"{name}: at most 6 arguments")
     if thread.state is ThreadState.STOPPED:
@@ -331,6 +357,11 @@ def _run_to_syscall_stop(tid: int, name: str, *, entering: bool) -> None:
 
 
 def release_thread(thread: TracedThread) -> None:
+    with signals_deferred():
+        _release_thread(thread)
+
+
+def _release_thread(thread: TracedThread) -> None:
     if thread.state in (ThreadState.RELEASED, ThreadState.GONE):
         return
     if thread.state is ThreadState.SEIZED:
