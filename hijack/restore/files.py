@@ -49,7 +49,7 @@ class ShadowHoldings:
 
 @dataclass(frozen=True)
 class FilePlan:
-    from_shadow: tuple[rec.FileDescriptor, ...]  # the very descriptions the shadow keeps
+    inherited: tuple[rec.FileDescriptor, ...]  # handed to the stub: from the shadow, or relays
     reopen: tuple[rec.FileDescriptor, ...]  # reopened by path
     dropped: tuple[rec.FileDescriptor, ...]  # left out (--skip-unsupported)
 
@@ -59,13 +59,21 @@ def describe(descriptor: rec.FileDescriptor) -> str:
 
 
 def plan_files(
-    files: rec.Files, *, skip_unsupported: bool, holdings: ShadowHoldings | None = None
+    files: rec.Files,
+    *,
+    skip_unsupported: bool,
+    holdings: ShadowHoldings | None = None,
+    provided: frozenset[int] = frozenset(),
 ) -> FilePlan:
-    """Decide for each descriptor where it comes from, or refuse naming those that cannot."""
-    from_shadow, reopenable, unsupported = [], [], []
+    """Decide for each descriptor where it comes from, or refuse naming those that cannot.
+
+    `provided` are numbers the caller hands over ready-made (a move's relays).
+    """
+    inherited, reopenable, unsupported = [], [], []
     for descriptor in files.descriptors:
-        if holdings and holdings.identity.get(descriptor.fd) == (descriptor.dev, descriptor.ino):
-            from_shadow.append(descriptor)
+        held = holdings and holdings.identity.get(descriptor.fd) == (descriptor.dev, descriptor.ino)
+        if descriptor.fd in provided or held:
+            inherited.append(descriptor)
         elif descriptor.kind in REOPENABLE:
             reopenable.append(descriptor)
         else:
@@ -77,7 +85,7 @@ def plan_files(
             + " (use --skip-unsupported to drop them; attach the process before dumping it"
             " and its shadow keeps them)"
         )
-    return FilePlan(tuple(from_shadow), tuple(reopenable), tuple(unsupported))
+    return FilePlan(tuple(inherited), tuple(reopenable), tuple(unsupported))
 
 
 def close_foreign_descriptors(stub: Stub, keep: set[int]) -> None:
@@ -131,7 +139,7 @@ def restore_files(stub: Stub, plan: FilePlan, inherited: dict[int, int]) -> None
     numbers the stub inherited them under from the restorer. They are parked
     above every number in play first, so nothing restored lands on them.
     """
-    numbers = [d.fd for d in (*plan.from_shadow, *plan.reopen)] + list(inherited.values())
+    numbers = [d.fd for d in (*plan.inherited, *plan.reopen)] + list(inherited.values())
     parking = max(numbers, default=2) + 1
     parked = {
         image_fd: stub.call("fcntl", fd, F_DUPFD, parking) for image_fd, fd in inherited.items()
@@ -141,5 +149,5 @@ def restore_files(stub: Stub, plan: FilePlan, inherited: dict[int, int]) -> None
     # is opened, so open() returns at most the wanted number and dup3 moves it.
     for descriptor in sorted(plan.reopen, key=lambda d: d.fd):
         reopen(stub, descriptor)
-    for descriptor in plan.from_shadow:
+    for descriptor in plan.inherited:
         _place(stub, parked[descriptor.fd], descriptor)

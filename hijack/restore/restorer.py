@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, TypeVar
 
@@ -91,13 +91,22 @@ class _Image:
 
 
 def restore(
-    stream: BinaryIO, *, skip_unsupported: bool = False, registry: Registry | None = None
+    stream: BinaryIO,
+    *,
+    skip_unsupported: bool = False,
+    registry: Registry | None = None,
+    provided: dict[int, int] | None = None,
+    before_start: Callable[[int], None] | None = None,
 ) -> RestoreResult:
     """Rebuild the process of the image in `stream` and let it run.
 
     With a `registry`, a process whose shadow on this node holds its
     descriptors (it was attached, then dumped with --kill) gets those very
     descriptors back — sockets included — and the shadow follows it again.
+    `provided` maps descriptor numbers of the image to descriptors of ours the
+    process gets instead (a move's relays; they stay ours to close).
+    `before_start(pid)` runs once the process is complete but still stopped
+    (a move's two phases); if it raises, the process is killed, never started.
     """
     records = read_image(stream)
     image = _Image(
@@ -111,11 +120,17 @@ def restore(
     for segment in image.segments.segments:
         if segment.file is not None:
             check_identity(segment.file)
-    holdings = shadow_holdings(registry, image.header.pid) if registry else None
+    holdings = shadow_holdings(registry, image.header.pid) if registry and not provided else None
     plan = file_restore.plan_files(
-        image.files, skip_unsupported=skip_unsupported, holdings=holdings
+        image.files,
+        skip_unsupported=skip_unsupported,
+        holdings=holdings,
+        provided=frozenset(provided or {}),
     )
     inherited = _take_from_shadow(holdings, plan) if holdings else {}
+    for number, fd in (provided or {}).items():
+        inherited[number] = os.dup(fd)
+        os.set_inheritable(inherited[number], True)
     try:
         pid = spawn_stub(image.header.pid)
     finally:
@@ -128,6 +143,9 @@ def restore(
         space.build()
         _consume_rest(records, image, space)
         _finish(stub, space, image, plan, inherited)
+        if before_start is not None:
+            before_start(pid)
+        _start(stub)
     except BaseException:
         kill_stub(pid)
         raise
@@ -171,7 +189,7 @@ def _take_from_shadow(
     handle = pidfd.pidfd_open(holdings.shadow_pid)
     taken: dict[int, int] = {}
     try:
-        for descriptor in plan.from_shadow:
+        for descriptor in plan.inherited:
             own = holdings.own_fd[descriptor.fd]
             taken[descriptor.fd] = pidfd.pidfd_getfd(handle, own, holdings.shadow_pid)
             os.set_inheritable(taken[descriptor.fd], True)
@@ -252,9 +270,13 @@ def _finish(
     space.unmap_scratch()
     for thread in image.threads:
         _set_registers(stub, thread, thread_ids[thread.tid], image.signals)
-    for tid in thread_ids.values():
-        pt.detach(tid)
-        stub.tracee.threads[tid].state = ThreadState.RELEASED
+
+
+def _start(stub: Stub) -> None:
+    """Let every thread of the finished process run."""
+    for thread in stub.tracee.threads.values():
+        pt.detach(thread.tid)
+        thread.state = ThreadState.RELEASED
 
 
 def _leader_record(image: _Image) -> rec.Thread:

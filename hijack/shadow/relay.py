@@ -1,0 +1,442 @@
+"""The shadow's relays: the migrant's descriptors, pumped to wherever it runs now.
+
+Every descriptor the process had at home that cannot move (a socket, a pipe,
+a terminal) is a *stream*: its original kernel object stays here, in the
+shadow, and one relay connection at a time carries its bytes to the node the
+process runs on, where the process holds the other end at the same
+descriptor number. A listening socket stays here too: the shadow accepts its
+clients and connects each to the listener the process has on its node; each
+such client is a stream of its own.
+
+A move (docs/protocol.md, "Moving"):
+- `migrating`: the shadow stops reading the originals and stops writing to
+  the old relays, and waits until all it wrote there is acknowledged, so the
+  frozen process's unread bytes are exactly what its sockets hold (the mover
+  copies them with MSG_PEEK, consuming nothing);
+- `migrated`: the new node's relays (connected during the restore) become
+  the active ones, with those unread bytes in front of what is still to be
+  sent; the old relays keep being read until their end (the old process's
+  last writes), before anything from the new ones is passed on;
+- `aborted`: nothing changed: the old relays go on.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import os
+import selectors
+import socket
+import struct
+import termios
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from hijack.errors import HijackError
+
+CHUNK = 256 * 1024
+BUFFER_LIMIT = 4 * 1024 * 1024  # bytes held per direction before we stop reading
+ACK_WAIT = 5.0  # seconds to wait for the old node to acknowledge what we sent
+SIOCOUTQ = termios.TIOCOUTQ
+REPLAY_LIMIT = 1024 * 1024
+
+
+def unacknowledged(sock: socket.socket) -> int:
+    """Bytes sent on `sock` its peer's kernel has not acknowledged yet (SIOCOUTQ)."""
+    value = fcntl.ioctl(sock.fileno(), SIOCOUTQ, b"\0\0\0\0")
+    return int(struct.unpack("i", value)[0])
+
+
+def endpoint(address: tuple[Any, ...]) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+@dataclass
+class Relay:
+    """One connection to the process's node, standing for one stream there."""
+
+    sock: socket.socket
+    move: str
+    eof: bool = False  # the process's side has finished writing
+
+    @property
+    def shadow_end(self) -> str:
+        return endpoint(self.sock.getsockname())
+
+    @property
+    def node_end(self) -> str:
+        return endpoint(self.sock.getpeername())
+
+
+@dataclass
+class Stream:
+    """An original descriptor (or an accepted client) and its relays."""
+
+    id: str  # "fd:N" for the process's descriptor N, "acc:K" for an accepted client
+    original: int  # our own descriptor of the original object
+    kind: str  # "stream" or "listener"
+    original_flags: int = 0  # file status flags to give back when we stop pumping
+    relay: Relay | None = None  # the active relay
+    retiring: list[Relay] = field(default_factory=list)  # old relays, read to their end
+    pending: dict[str, Relay] = field(default_factory=dict)  # move id -> relay of that move
+    to_relay: bytearray = field(default_factory=bytearray)
+    to_original: bytearray = field(default_factory=bytearray)
+    original_eof: bool = False
+    shut_relay: bool = False  # we sent the relay our end (the original ended)
+    shut_original: bool = False
+    bytes_out: int = 0  # original -> process
+    bytes_in: int = 0  # process -> original
+    replay: bytearray | None = None  # an accepted client's bytes until the process answers
+    closed: bool = False
+
+
+class RelayHub:
+    """All streams of one migrant, pumped by the shadow's event loop."""
+
+    def __init__(self, selector: selectors.BaseSelector, log: Any) -> None:
+        self.selector = selector
+        self.log = log
+        self.streams: dict[str, Stream] = {}
+        self.listeners: dict[str, str] = {}  # listener stream id -> "ip:port" at the node
+        self.location = ""  # node the process runs on now; "" while not relaying
+        self.pumping = False
+        self._accepted = 0
+
+    # -- setting up -------------------------------------------------------------
+
+    def adopt(self, number: int, own_fd: int, is_listener: bool) -> None:
+        stream_id = f"fd:{number}"
+        if stream_id in self.streams:
+            return
+        self.streams[stream_id] = Stream(stream_id, own_fd, "listener" if is_listener else "stream")
+
+    def attach_relay(self, stream_id: str, move: str, sock: socket.socket) -> None:
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.kind != "stream":
+            sock.close()
+            raise HijackError(f"no stream {stream_id} to relay")
+        sock.setblocking(False)
+        old = stream.pending.pop(move, None)
+        if old is not None:
+            old.sock.close()
+        stream.pending[move] = Relay(sock, move)
+
+    # -- moves --------------------------------------------------------------------
+
+    def migrating(self) -> None:
+        """Stop the flow towards the process; return once its node has all we sent."""
+        self.pumping = False
+        self._refresh_interest()
+        deadline = time.monotonic() + ACK_WAIT
+        for stream in self.streams.values():
+            if stream.relay is None:
+                continue
+            while unacknowledged(stream.relay.sock) and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+    def migrated(
+        self,
+        move: str,
+        location: str,
+        unread: dict[str, bytes],
+        listeners: dict[str, str],
+        present: set[str],
+    ) -> None:
+        """The process runs at `location` now, with the relays made for `move`."""
+        for stream in list(self.streams.values()):
+            new = stream.pending.pop(move, None)
+            if stream.relay is not None:
+                stream.retiring.append(stream.relay)
+                stream.relay = None
+            if new is not None:
+                stream.relay = new
+                stream.to_relay[:0] = unread.get(stream.id, b"")
+            elif (
+                stream.kind == "stream"
+                and stream.id.startswith("acc:")
+                and (stream.id not in present)
+            ):
+                # Accepted by us but not yet by the process: connect it again at
+                # the new node, replaying what the client had sent.
+                self._connect_accepted(stream, listeners, location)
+            for relay in stream.pending.values():
+                relay.sock.close()
+            stream.pending.clear()
+        self.listeners = dict(listeners)
+        self.location = location
+        self.pumping = True
+        self._set_originals_nonblocking()
+        self._refresh_interest()
+
+    def aborted(self, move: str) -> None:
+        for stream in self.streams.values():
+            relay = stream.pending.pop(move, None)
+            if relay is not None:
+                relay.sock.close()
+        self.pumping = bool(self.location)
+        self._refresh_interest()
+
+    def _set_originals_nonblocking(self) -> None:
+        for stream in self.streams.values():
+            if stream.closed:
+                continue
+            flags = fcntl.fcntl(stream.original, fcntl.F_GETFL)
+            if not flags & os.O_NONBLOCK:
+                stream.original_flags = flags
+                fcntl.fcntl(stream.original, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+    # -- the event loop's side ----------------------------------------------------
+
+    def _refresh_interest(self) -> None:
+        """Register each descriptor for what it should be watched for now."""
+        for stream in self.streams.values():
+            if stream.closed:
+                continue
+            self._watch(stream.original, self._original_events(stream), stream, "original")
+            if stream.relay is not None:
+                self._watch(stream.relay.sock, self._relay_events(stream), stream, "relay")
+            for relay in stream.retiring:
+                self._watch(relay.sock, selectors.EVENT_READ, stream, "retiring")
+
+    def _original_events(self, stream: Stream) -> int:
+        if not self.pumping:
+            return 0
+        if stream.kind == "listener":
+            return selectors.EVENT_READ
+        events = 0
+        if not stream.original_eof and len(stream.to_relay) < BUFFER_LIMIT:
+            events |= selectors.EVENT_READ
+        if stream.to_original and not stream.shut_original:
+            events |= selectors.EVENT_WRITE
+        return events
+
+    def _relay_events(self, stream: Stream) -> int:
+        relay = stream.relay
+        if relay is None:
+            return 0
+        events = 0
+        readable = not relay.eof and not stream.retiring
+        if readable and len(stream.to_original) < BUFFER_LIMIT:
+            events |= selectors.EVENT_READ
+        if self.pumping and stream.to_relay:
+            events |= selectors.EVENT_WRITE
+        return events
+
+    def _watch(self, target: Any, events: int, stream: Stream, role: str) -> None:
+        try:
+            key = self.selector.get_key(target)
+        except KeyError:
+            key = None
+        if events == 0:
+            if key is not None:
+                self.selector.unregister(target)
+            return
+        data = (self._on_event, stream, role)
+        if key is None:
+            self.selector.register(target, events, data)
+        elif key.events != events or key.data != data:
+            self.selector.modify(target, events, data)
+
+    def _on_event(self, stream: Stream, role: str, target: Any, events: int) -> None:
+        try:
+            if role == "original":
+                if stream.kind == "listener":
+                    self._accept_client(stream)
+                else:
+                    self._pump_original(stream, events)
+            elif role == "relay":
+                self._pump_relay(stream, events)
+            else:
+                self._drain_retiring(stream, target)
+        except OSError as exc:
+            self.log(f"{stream.id}: {exc}; closing it")
+            self._close(stream, reset=True)
+        self._finish_if_done(stream)
+        if not stream.closed:
+            self._refresh_interest()
+
+    def _pump_original(self, stream: Stream, events: int) -> None:
+        if events & selectors.EVENT_READ:
+            try:
+                data = os.read(stream.original, CHUNK)
+            except BlockingIOError:
+                data = None
+            if data is not None:
+                if data:
+                    stream.to_relay += data
+                    stream.bytes_out += len(data)
+                else:
+                    stream.original_eof = True
+        if events & selectors.EVENT_WRITE and stream.to_original:
+            try:
+                written = os.write(stream.original, stream.to_original[:CHUNK])
+            except BlockingIOError:
+                written = 0
+            del stream.to_original[:written]
+        self._flush_relay(stream)
+
+    def _pump_relay(self, stream: Stream, events: int) -> None:
+        relay = stream.relay
+        assert relay is not None
+        if events & selectors.EVENT_READ:
+            self._read_relay(stream, relay)
+        if events & selectors.EVENT_WRITE:
+            self._flush_relay(stream)
+        self._flush_original(stream)
+
+    def _read_relay(self, stream: Stream, relay: Relay) -> None:
+        try:
+            data = relay.sock.recv(CHUNK)
+        except BlockingIOError:
+            return
+        if data:
+            stream.to_original += data
+            stream.bytes_in += len(data)
+            stream.replay = None  # the process answered: it has accepted this client
+        else:
+            relay.eof = True
+
+    def _drain_retiring(self, stream: Stream, sock: socket.socket) -> None:
+        relay = next(r for r in stream.retiring if r.sock is sock)
+        self._read_relay(stream, relay)
+        if relay.eof:
+            stream.retiring.remove(relay)
+            self.selector.unregister(relay.sock)
+            relay.sock.close()
+        self._flush_original(stream)
+
+    def _flush_relay(self, stream: Stream) -> None:
+        relay = stream.relay
+        if relay is None or not self.pumping:
+            return
+        if stream.to_relay:
+            try:
+                sent = relay.sock.send(stream.to_relay[:CHUNK])
+            except BlockingIOError:
+                sent = 0
+            if stream.replay is not None and len(stream.replay) < REPLAY_LIMIT:
+                stream.replay += stream.to_relay[:sent]
+            del stream.to_relay[:sent]
+        if stream.original_eof and not stream.to_relay and not stream.shut_relay:
+            relay.sock.shutdown(socket.SHUT_WR)
+            stream.shut_relay = True
+
+    def _flush_original(self, stream: Stream) -> None:
+        if stream.to_original and not stream.shut_original:
+            try:
+                written = os.write(stream.original, stream.to_original[:CHUNK])
+            except BlockingIOError:
+                written = 0
+            del stream.to_original[:written]
+        relay = stream.relay
+        ended = relay is not None and relay.eof and not stream.retiring
+        if ended and not stream.to_original and not stream.shut_original:
+            self._end_original(stream)
+
+    def _end_original(self, stream: Stream) -> None:
+        """The process finished writing: pass the end on to the original's peer."""
+        stream.shut_original = True
+        try:
+            sock = socket.socket(fileno=os.dup(stream.original))
+        except OSError:
+            os.close(stream.original)  # a pipe: closing is how its reader sees the end
+            stream.original = -1
+            return
+        with sock:
+            sock.shutdown(socket.SHUT_WR)
+
+    def _finish_if_done(self, stream: Stream) -> None:
+        if stream.closed or stream.kind != "stream":
+            return
+        relay_done = stream.relay is None or stream.relay.eof
+        if stream.original_eof and stream.shut_relay and relay_done and stream.shut_original:
+            self._close(stream, reset=False)
+
+    def _close(self, stream: Stream, *, reset: bool) -> None:
+        for relay in [r for r in (stream.relay, *stream.retiring) if r is not None]:
+            self._forget(relay.sock)
+            relay.sock.close()
+        if stream.original >= 0:
+            self._forget(stream.original)
+            if reset:
+                try:
+                    with socket.socket(fileno=os.dup(stream.original)) as sock:
+                        sock.setsockopt(
+                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                        )
+                except OSError:
+                    pass
+            os.close(stream.original)
+        stream.original = -1
+        stream.relay = None
+        stream.retiring.clear()
+        stream.closed = True
+
+    def _forget(self, target: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(target)
+
+    # -- listeners ----------------------------------------------------------------
+
+    def _accept_client(self, listener: Stream) -> None:
+        with socket.socket(fileno=os.dup(listener.original)) as sock:
+            sock.setblocking(False)
+            try:
+                client, _ = sock.accept()
+            except BlockingIOError:
+                return
+        self._accepted += 1
+        stream = Stream(f"acc:{self._accepted}", client.detach(), "stream", replay=bytearray())
+        self.streams[stream.id] = stream
+        os.set_blocking(stream.original, False)
+        self._connect_accepted(stream, self.listeners, self.location, listener.id)
+
+    def _connect_accepted(
+        self,
+        stream: Stream,
+        listeners: dict[str, str],
+        location: str,
+        listener_id: str | None = None,
+    ) -> None:
+        target = listeners.get(listener_id or "", "") or next(iter(listeners.values()), "")
+        if not target:
+            self.log(f"{stream.id}: no listener at {location or 'the node'}; dropping the client")
+            self._close(stream, reset=True)
+            return
+        host, port = target.rsplit(":", 1)
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=5)
+        sock.setblocking(False)
+        if stream.replay:
+            stream.to_relay[:0] = stream.replay
+            stream.replay = bytearray()
+        stream.relay = Relay(sock, "accepted")
+
+    # -- reporting ------------------------------------------------------------------
+
+    def describe(self) -> list[dict[str, Any]]:
+        rows = []
+        for stream in self.streams.values():
+            if stream.closed:
+                continue
+            relay = stream.relay
+            rows.append(
+                {
+                    "id": stream.id,
+                    "kind": stream.kind,
+                    "relay": relay.node_end if relay else "",
+                    "shadow_end": relay.shadow_end if relay else "",
+                    "listener": self.listeners.get(stream.id, ""),
+                    "bytes_out": stream.bytes_out,
+                    "bytes_in": stream.bytes_in,
+                    "buffered_out": len(stream.to_relay),
+                    "buffered_in": len(stream.to_original),
+                }
+            )
+        return rows
+
+
+def decode_unread(encoded: dict[str, str]) -> dict[str, bytes]:
+    return {stream: base64.b64decode(data) for stream, data in encoded.items()}
