@@ -3,8 +3,9 @@
 pytest becomes a child subreaper, so whatever a test starts stays its
 descendant however it was orphaned (this machine's PID 1 does not reap
 orphans, see KERNEL-NOTES "The machine's init"). After each test, a process
-that appeared during the test and is still alive, or a harness temp directory
-still on disk, fails that test: it is killed/removed and named.
+that appeared during the test and is still alive, a harness temp directory
+still on disk, or a test node's network namespace (support/nodes.py) still
+there, fails that test: it is killed/removed and named.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from pathlib import Path
 import pytest
 from support import (
     find_leaked_processes,
+    find_leftover_namespaces,
     find_leftover_temp_dirs,
     fixture_path,
     kill_and_reap,
+    remove_namespaces,
     session_fixtures,
     snapshot_descendants,
+    snapshot_namespaces,
     snapshot_temp_dirs,
 )
 from support.tempdirs import remove_temp_dir
@@ -46,6 +50,7 @@ def no_leaked_processes_or_temp_dirs() -> Iterator[None]:
     root = os.getpid()
     processes_before = snapshot_descendants(root)
     temp_dirs_before = snapshot_temp_dirs()
+    namespaces_before = snapshot_namespaces()  # only this process's test nodes count
     yield
     problems: list[str] = []
     leaked = find_leaked_processes(root, processes_before)
@@ -65,6 +70,14 @@ def no_leaked_processes_or_temp_dirs() -> Iterator[None]:
     if leftovers:
         problems.append(
             "harness temp dirs left behind (removed): " + ", ".join(map(str, leftovers))
+        )
+    # After the process check: what it killed no longer pins a namespace.
+    leftover_namespaces = find_leftover_namespaces(namespaces_before)
+    if leftover_namespaces:
+        remove_namespaces(leftover_namespaces)
+        problems.append(
+            "network namespaces left behind (processes inside killed, removed): "
+            + ", ".join(leftover_namespaces)
         )
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)

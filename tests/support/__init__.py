@@ -19,6 +19,11 @@ from support.leaks import (
     kill_and_reap,
     snapshot_descendants,
 )
+from support.nodes import (  # test nodes' namespaces, for the per-test leak check
+    find_leftover_namespaces,
+    remove_namespaces,
+    snapshot_namespaces,
+)
 from support.running import FixtureError, RunningFixture, spawn_fixture
 from support.tempdirs import find_leftover_temp_dirs, snapshot_temp_dirs
 
@@ -32,12 +37,15 @@ __all__ = [
     "build_fixtures",
     "descendants",
     "find_leaked_processes",
+    "find_leftover_namespaces",
     "find_leftover_temp_dirs",
     "fixture_names",
     "fixture_path",
     "kill_and_reap",
+    "remove_namespaces",
     "session_fixtures",
     "snapshot_descendants",
+    "snapshot_namespaces",
     "snapshot_temp_dirs",
     "spawn_fixture",
 ]
