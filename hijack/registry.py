@@ -19,7 +19,7 @@ from pathlib import Path
 from hijack.errors import RegistryError
 
 DEFAULT_STATE_DIR = "/var/lib/hijack"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS processes (
@@ -30,9 +30,31 @@ CREATE TABLE IF NOT EXISTS processes (
     current_node   TEXT    NOT NULL,
     state          TEXT    NOT NULL,  -- attached, moving, moved, restored, gone
     shadow_pid     INTEGER,
-    shadow_control TEXT,              -- the shadow's control socket path
+    shadow_control TEXT,              -- the shadow's control socket path (home node only)
     attached_at    REAL    NOT NULL,
-    updated_at     REAL    NOT NULL
+    updated_at     REAL    NOT NULL,
+    relay_address  TEXT,              -- the home shadow's TCP endpoint, "ip:port"
+    relay_token    TEXT,              -- the migrant's secret for that endpoint (hex)
+    home_pid       INTEGER            -- its pid at home, for a process that runs here as a migrant
+);
+CREATE TABLE IF NOT EXISTS moves (
+    id           TEXT    PRIMARY KEY,
+    pid          INTEGER NOT NULL,    -- its pid on the source node
+    program      TEXT    NOT NULL,
+    source       TEXT    NOT NULL,
+    destination  TEXT    NOT NULL,
+    phase        TEXT    NOT NULL,    -- connecting, streaming, restoring, switching, done, failed
+    started_at   REAL    NOT NULL,
+    finished_at  REAL,
+    bytes_sent   INTEGER NOT NULL DEFAULT 0,
+    freeze_ms    REAL,
+    new_pid      INTEGER,
+    error        TEXT
+);
+CREATE TABLE IF NOT EXISTS nodes (
+    name       TEXT PRIMARY KEY,
+    address    TEXT NOT NULL,        -- "ip:port" of its daemon
+    last_seen  REAL
 );
 CREATE TABLE IF NOT EXISTS events (
     id     INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -66,6 +88,25 @@ class ProcessRecord:
     shadow_control: str | None
     attached_at: float
     updated_at: float
+    relay_address: str | None = None
+    relay_token: str | None = None
+    home_pid: int | None = None
+
+
+@dataclass(frozen=True)
+class MoveRecord:
+    id: str
+    pid: int
+    program: str
+    source: str
+    destination: str
+    phase: str
+    started_at: float
+    finished_at: float | None
+    bytes_sent: int
+    freeze_ms: float | None
+    new_pid: int | None
+    error: str | None
 
 
 @dataclass(frozen=True)
@@ -85,11 +126,19 @@ class Registry:
             self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.executescript(SCHEMA)
+            self._migrate()
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except (OSError, sqlite3.Error) as exc:
             raise RegistryError(
                 f"cannot open the state registry in {self.directory}: {exc}"
             ) from exc
+
+    def _migrate(self) -> None:
+        """Bring a registry written by an older hijack to this schema."""
+        (version,) = self._db.execute("PRAGMA user_version").fetchone()
+        if 0 < version < 2:
+            for column in ("relay_address TEXT", "relay_token TEXT", "home_pid INTEGER"):
+                self._db.execute(f"ALTER TABLE processes ADD COLUMN {column}")
 
     def close(self) -> None:
         self._db.close()
@@ -121,36 +170,23 @@ class Registry:
         shadow_pid: int,
         shadow_control: str,
     ) -> ProcessRecord:
-        now = time.time()
-        here = node_name()
         with self._transaction() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO processes VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (
-                    pid,
-                    start_time,
-                    program,
-                    here,
-                    here,
-                    "attached",
-                    shadow_pid,
-                    shadow_control,
-                    now,
-                    now,
-                ),
+            self._put_process(
+                db,
+                pid=pid,
+                start_time=start_time,
+                program=program,
+                state="attached",
+                shadow_pid=shadow_pid,
+                shadow_control=shadow_control,
             )
             self._log(db, pid, "attached", f"shadow {shadow_pid}")
         return self.get(pid)
 
     def record_restored(self, pid: int, program: str) -> None:
         """A process rebuilt from an image on this node: no shadow here."""
-        now = time.time()
-        here = node_name()
         with self._transaction() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO processes VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (pid, 0, program, here, here, "restored", None, None, now, now),
-            )
+            self._put_process(db, pid=pid, start_time=0, program=program, state="restored")
             self._log(db, pid, "restored", program)
 
     def rehome(self, old_pid: int, new_pid: int, start_time: int) -> None:
@@ -162,6 +198,91 @@ class Registry:
                 (new_pid, start_time, node_name(), time.time(), old_pid),
             )
             self._log(db, new_pid, "restored", f"from the image of {old_pid}")
+
+    def record_migrant(
+        self,
+        pid: int,
+        program: str,
+        home_node: str,
+        home_pid: int,
+        relay_address: str,
+        relay_token: str,
+    ) -> None:
+        """A process moved here from another node: its streams are relayed from home."""
+        with self._transaction() as db:
+            self._put_process(
+                db,
+                pid=pid,
+                start_time=0,
+                program=program,
+                state="running",
+                home_node=home_node,
+                relay_address=relay_address,
+                relay_token=relay_token,
+                home_pid=home_pid,
+            )
+            self._log(db, pid, "arrived", f"from the shadow of {home_node}:{home_pid}")
+
+    @staticmethod
+    def _put_process(db: sqlite3.Connection, **columns: object) -> None:
+        """Insert (or replace) a processes row; unnamed columns get their defaults."""
+        now = time.time()
+        here = node_name()
+        row = {
+            "home_node": here,
+            "current_node": here,
+            "attached_at": now,
+            "updated_at": now,
+            **columns,
+        }
+        names = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        db.execute(
+            f"INSERT OR REPLACE INTO processes ({names}) VALUES ({marks})", tuple(row.values())
+        )
+
+    def set_relay(self, pid: int, relay_address: str, relay_token: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE processes SET relay_address=?, relay_token=?, updated_at=? WHERE pid=?",
+                (relay_address, relay_token, time.time(), pid),
+            )
+
+    # -- moves --------------------------------------------------------------------
+
+    def start_move(self, move_id: str, pid: int, program: str, destination: str) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO moves (id, pid, program, source, destination, phase, started_at)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (move_id, pid, program, node_name(), destination, "connecting", time.time()),
+            )
+            self._log(db, pid, "moving", f"to {destination} (move {move_id})")
+
+    def update_move(self, move_id: str, **fields: object) -> None:
+        allowed = {"phase", "finished_at", "bytes_sent", "freeze_ms", "new_pid", "error"}
+        if not fields or not set(fields) <= allowed:
+            raise RegistryError(f"cannot update move fields {sorted(fields)}")
+        assignments = ", ".join(f"{name}=?" for name in fields)
+        with self._transaction() as db:
+            db.execute(f"UPDATE moves SET {assignments} WHERE id=?", (*fields.values(), move_id))
+            if "error" in fields or fields.get("phase") == "done":
+                row = db.execute("SELECT pid FROM moves WHERE id=?", (move_id,)).fetchone()
+                detail = str(fields.get("error") or f"move {move_id} done")
+                self._log(db, row[0] if row else None, str(fields.get("phase", "")), detail)
+
+    def moves(self, limit: int = 50) -> list[MoveRecord]:
+        rows = self._db.execute(
+            "SELECT * FROM moves ORDER BY started_at DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [MoveRecord(*row) for row in rows]
+
+    def record_node(self, name: str, address: str) -> None:
+        with self._transaction() as db:
+            db.execute("INSERT OR REPLACE INTO nodes VALUES (?,?,?)", (name, address, time.time()))
+
+    def nodes(self) -> list[tuple[str, str, float | None]]:
+        return [tuple(row) for row in self._db.execute("SELECT * FROM nodes ORDER BY name")]
 
     def set_state(self, pid: int, state: str, current_node: str | None = None) -> None:
         with self._transaction() as db:

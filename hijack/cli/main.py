@@ -21,6 +21,10 @@ from hijack.image.summary import summarize
 from hijack.mutator import attach as attaching
 from hijack.mutator import dump as dumping
 from hijack.mutator.handover import hand_descriptors_to_shadow
+from hijack.node import daemon as node_daemon
+from hijack.node import move as moving
+from hijack.node.channel import cluster_key_path, create_cluster_key, load_cluster_key
+from hijack.node.daemon import DEFAULT_PORT
 from hijack.registry import Registry
 from hijack.restore import restorer as restoring
 
@@ -90,6 +94,32 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("image", metavar="FILE", help="image file, - for stdin")
     show.add_argument("--json", action="store_true", help="print the summary as JSON")
     show.set_defaults(handler=command_show)
+
+    move = commands.add_parser("move", help="live-move PID to another node's daemon")
+    move.add_argument("pid", type=parse_pid, metavar="PID")
+    move.add_argument("--to", required=True, metavar="HOST[:PORT]", help="the destination daemon")
+    move.set_defaults(handler=command_move)
+
+    node = commands.add_parser("node", help="the node daemon")
+    node_commands = node.add_subparsers(dest="node_command", required=True, metavar="COMMAND")
+    serve = node_commands.add_parser("serve", help="receive moves (the restart daemon)")
+    serve.add_argument(
+        "--listen",
+        default=f"127.0.0.1:{DEFAULT_PORT}",
+        metavar="ADDR:PORT",
+        help=f"where to listen (default 127.0.0.1:{DEFAULT_PORT}: loopback only)",
+    )
+    serve.set_defaults(handler=command_node_serve)
+
+    cluster = commands.add_parser("cluster", help="the cluster's key")
+    cluster_commands = cluster.add_subparsers(
+        dest="cluster_command", required=True, metavar="COMMAND"
+    )
+    init = cluster_commands.add_parser("init", help="create the cluster key nodes share")
+    init.add_argument(
+        "--key", metavar="FILE", help="where (default $HIJACK_CLUSTER_KEY or STATE/cluster.key)"
+    )
+    init.set_defaults(handler=command_cluster_init)
     return parser
 
 
@@ -147,6 +177,30 @@ def command_show(args: argparse.Namespace, console: Console) -> int:
     with open_image(args.image) as stream:
         summary = summarize(read_image(stream))
     render.image_summary(console, summary, as_json=args.json)
+    return EXIT_OK
+
+
+def command_move(args: argparse.Namespace, console: Console) -> int:
+    with Registry() as registry, render.move_progress(console, args.pid, args.to) as progress:
+        result = moving.move(args.pid, args.to, registry, progress=progress)
+    render.move_result(console, result)
+    return EXIT_OK
+
+
+def command_node_serve(args: argparse.Namespace, console: Console) -> int:
+    node_daemon.serve(node_daemon.parse_address(args.listen), load_cluster_key())
+    return EXIT_OK
+
+
+def command_cluster_init(args: argparse.Namespace, console: Console) -> int:
+    path = Path(args.key) if args.key else cluster_key_path()
+    try:
+        create_cluster_key(path)
+    except FileExistsError:
+        raise HijackError(f"{path} exists already; remove it first to make a new key") from None
+    except OSError as exc:
+        raise HijackError(f"cannot write {path}: {exc.strerror}") from None
+    console.print(f"cluster key written to {path}: copy it to every node (mode 0600)")
     return EXIT_OK
 
 

@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from hijack.image.summary import ImageSummary, summary_to_json
 from hijack.mutator.attach import AttachResult
 from hijack.mutator.dump import DumpResult
+from hijack.node.move import MoveResult
 from hijack.restore.restorer import RestoreResult
 
 
@@ -132,4 +143,37 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
         f"image {_size(summary.image_bytes)} (CRF v{summary.version}): {pages.stored} pages stored;"
         f" left out: {pages.zero} zero, {pages.untouched} never touched,"
         f" {pages.file} mapped from files"
+    )
+
+
+@contextmanager
+def move_progress(
+    console: Console, pid: int, destination: str
+) -> Iterator[Callable[[str, int], None]]:
+    """A live progress bar for a move: the phase, and the image bytes sent."""
+    with Progress(
+        TextColumn("[bold]move {task.fields[pid]} -> {task.fields[destination]}"),
+        TextColumn("{task.fields[phase]:<10}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(
+            "move", total=None, pid=pid, destination=escape(destination), phase="preparing"
+        )
+
+        def report(phase: str, sent: int) -> None:
+            progress.update(task, completed=sent, phase=phase)
+
+        yield report
+
+
+def move_result(console: Console, result: MoveResult) -> None:
+    console.print(
+        f"moved process [bold]{result.pid}[/] to {escape(result.destination)}: it runs there as"
+        f" [bold]{result.new_pid}[/]; frozen {result.freeze_ms:.1f} ms,"
+        f" {_size(result.bytes_sent)} sent"
     )

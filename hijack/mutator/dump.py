@@ -78,38 +78,11 @@ def dump(
     process is killed only after that, and after `before_kill` (which hands
     its descriptors to its shadow): a failed dump never loses the process.
     """
-    options = rec.DumpOptions(0)
-    if no_binary:
-        options |= rec.DumpOptions.NO_BINARY
-    if no_shared_libs:
-        options |= rec.DumpOptions.NO_SHARED_LIBS
     stopped_at = time.perf_counter()
     with Tracee.seize(pid) as tracee:
-        writer = ImageWriter(out)
-        maps = procfs.read_maps(pid)
-        with scratch_page(tracee) as scratch:
-            brk = tracee.checked_syscall("brk", 0)
-            actions = read_signal_actions(tracee, scratch)
-            threads = [read_thread(tracee, thread, scratch) for thread in _live(tracee)]
-        writer.write(read_header(pid, options))
-        writer.write(read_credentials(pid))
-        writer.write(read_rlimits(pid))
-        writer.write(read_memory_structure(pid, brk))
-        segments = describe_segments(pid, maps, options)
-        writer.write(rec.Segments(segments=tuple(segments)))
-        writer.write(read_files(pid))
-        counts = write_memory(pid, segments, writer)
-        for thread_record in threads:
-            writer.write(thread_record)
-        writer.write(
-            rec.SignalState(
-                actions=tuple(actions),
-                shared_pending=tuple(pt.peek_pending_signals(tracee.injection_tid, shared=True)),
-            )
+        end, threads, written = write_image(
+            tracee, out, no_binary=no_binary, no_shared_libs=no_shared_libs
         )
-        writer.write(rec.Cwd(cwd=procfs.read_cwd(pid), root=procfs.read_root(pid)))
-        end = writer.close(pages_untouched=counts.untouched, pages_file=counts.from_files)
-        out.flush()
         if on_complete is not None:
             on_complete()
         if kill:
@@ -117,7 +90,45 @@ def dump(
                 before_kill()
             kill_stopped(tracee)
     frozen_ms = (time.perf_counter() - stopped_at) * 1000
-    return DumpResult(pid, len(threads), writer.bytes_written, end.pages_stored, frozen_ms)
+    return DumpResult(pid, threads, written, end.pages_stored, frozen_ms)
+
+
+def write_image(
+    tracee: Tracee, out: BinaryIO, *, no_binary: bool = False, no_shared_libs: bool = False
+) -> tuple[rec.End, int, int]:
+    """Write the image of a seized process to `out`; return its END, threads and size."""
+    pid = tracee.pid
+    options = rec.DumpOptions(0)
+    if no_binary:
+        options |= rec.DumpOptions.NO_BINARY
+    if no_shared_libs:
+        options |= rec.DumpOptions.NO_SHARED_LIBS
+    writer = ImageWriter(out)
+    maps = procfs.read_maps(pid)
+    with scratch_page(tracee) as scratch:
+        brk = tracee.checked_syscall("brk", 0)
+        actions = read_signal_actions(tracee, scratch)
+        threads = [read_thread(tracee, thread, scratch) for thread in _live(tracee)]
+    writer.write(read_header(pid, options))
+    writer.write(read_credentials(pid))
+    writer.write(read_rlimits(pid))
+    writer.write(read_memory_structure(pid, brk))
+    segments = describe_segments(pid, maps, options)
+    writer.write(rec.Segments(segments=tuple(segments)))
+    writer.write(read_files(pid))
+    counts = write_memory(pid, segments, writer)
+    for thread_record in threads:
+        writer.write(thread_record)
+    writer.write(
+        rec.SignalState(
+            actions=tuple(actions),
+            shared_pending=tuple(pt.peek_pending_signals(tracee.injection_tid, shared=True)),
+        )
+    )
+    writer.write(rec.Cwd(cwd=procfs.read_cwd(pid), root=procfs.read_root(pid)))
+    end = writer.close(pages_untouched=counts.untouched, pages_file=counts.from_files)
+    out.flush()
+    return end, len(threads), writer.bytes_written
 
 
 def dump_to_file(

@@ -18,12 +18,20 @@ import enum
 import errno as errno_codes
 import os
 import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 
-from hijack.errors import HijackError, InjectionFailed, NotAttachable, ProcessGone
+from hijack.errors import (
+    AccessDenied,
+    AlreadyTraced,
+    HijackError,
+    InjectionFailed,
+    NotAttachable,
+    ProcessGone,
+)
 from hijack.sys import memory, procfs
 from hijack.sys import ptrace as pt
 from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
@@ -78,6 +86,9 @@ class TracedThread:
     state: ThreadState = ThreadState.SEIZED
     registers: pt.Registers | None = None  # as found at the stop
     signal_mask: int = 0
+    # Traced from birth (TRACECLONE): its first stop comes without an
+    # interrupt, and one sent while it sits in that stop makes a second.
+    first_stop_pending: bool = False
 
     @property
     def saved_registers(self) -> pt.Registers:
@@ -140,19 +151,44 @@ class Tracee:
                     raise ProcessGone(f"process {self.pid} has no threads left", pid=self.pid)
                 return
             for tid in fresh:
-                try:
-                    pt.seize(tid, SEIZE_OPTIONS)
-                except ProcessGone:
-                    if tid == self.pid:
-                        raise
-                    continue  # a thread that exited between the listing and the seize
-                self.threads[tid] = TracedThread(tid)
+                traced_from_birth = self._seize_thread(tid)
+                if traced_from_birth is not None:
+                    self.threads[tid] = TracedThread(tid, first_stop_pending=traced_from_birth)
         raise HijackError(
             f"process {self.pid} keeps creating threads; could not seize them all", pid=self.pid
         )
 
+    def _seize_thread(self, tid: int) -> bool | None:
+        """Seize one thread of the list: whether it was traced from birth; None if it exited.
+
+        The kernel refuses (EPERM) to seize a thread that a seized thread has
+        just created: TRACECLONE made it ours at birth, with its first stop
+        already pending. It refuses a dying thread too.
+        """
+        try:
+            pt.seize(tid, SEIZE_OPTIONS)
+        except ProcessGone:
+            if tid == self.pid:
+                raise
+            return None  # a thread that exited between the listing and the seize
+        except (AlreadyTraced, AccessDenied):
+            if tid == self.pid:
+                raise
+            try:
+                status = procfs.read_status(tid)
+            except ProcessGone:
+                return None
+            if status.state in ("Z", "X"):
+                return None
+            if status.tracer_pid != threading.get_native_id():
+                raise
+            return True
+        return False
+
     def _stop_all_threads(self) -> None:
         for thread in list(self.threads.values()):
+            if thread.first_stop_pending:
+                continue
             try:
                 pt.interrupt(thread.tid)
             except ProcessGone:
@@ -165,7 +201,8 @@ class Tracee:
             result = pt.wait_for(tid)
             assert result is not None
             born = self._on_stop_while_stopping(self.threads[tid], result)
-            if born is not None:
+            # A thread born to a seized one may be known already, from the list.
+            if born is not None and born not in self.threads:
                 self.threads[born] = TracedThread(born)
                 pending.append(born)
             if self.threads[tid].state is ThreadState.SEIZED:

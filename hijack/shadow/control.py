@@ -7,9 +7,12 @@ false). docs/protocol.md lists the operations.
 
 from __future__ import annotations
 
+import hmac
 import json
 import os
+import secrets
 import socket
+import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -110,3 +113,91 @@ def _read_line(sock: socket.socket) -> bytes:
             return b"".join(chunks).split(b"\n", 1)[0]
         if size > MAX_LINE:
             raise ShadowError("control answer too long")
+
+
+# -- the shadow's TCP endpoint: relays and requests from other nodes ----------------
+#
+#   shadow -> client   NONCE:16
+#   client -> shadow   HMAC-SHA256(token, NONCE):32 LENGTH:u32 HEADER:LENGTH (JSON)
+#   header {"kind": "relay", "stream": ID, "move": ID}  -> shadow answers RELAY_ACCEPTED,
+#       then the connection carries the stream's raw bytes;
+#   header {"kind": "control", "request": {...}}       -> shadow answers LENGTH:u32 JSON.
+# The token is the migrant's own secret, given to the shadow by the first move
+# and to each node it goes to inside the authenticated move channel.
+
+RELAY_ACCEPTED = b"RLY1"
+_LENGTH = struct.Struct("<I")
+HEADER_LIMIT = 1 << 20
+
+
+def _exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ShadowError("the shadow's peer closed the connection")
+        data += chunk
+    return bytes(data)
+
+
+def server_handshake(sock: socket.socket, token: bytes) -> Message:
+    nonce = secrets.token_bytes(16)
+    sock.sendall(nonce)
+    proof = _exactly(sock, 32)
+    if not token or not hmac.compare_digest(proof, hmac.digest(token, nonce, "sha256")):
+        raise ShadowError("wrong token")
+    (length,) = _LENGTH.unpack(_exactly(sock, _LENGTH.size))
+    if length > HEADER_LIMIT:
+        raise ShadowError("header too long")
+    return decode(_exactly(sock, length))
+
+
+def send_framed(sock: socket.socket, message: Message) -> None:
+    payload = json.dumps(message, separators=(",", ":")).encode()
+    sock.sendall(_LENGTH.pack(len(payload)) + payload)
+
+
+def _client(address: str, token: bytes, header: Message, timeout: float) -> socket.socket:
+    host, port = address.rsplit(":", 1)
+    try:
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    except OSError as exc:
+        raise ShadowError(
+            f"cannot reach the home shadow at {address}: {exc.strerror or exc}"
+        ) from None
+    try:
+        nonce = _exactly(sock, 16)
+        payload = json.dumps(header, separators=(",", ":")).encode()
+        sock.sendall(hmac.digest(token, nonce, "sha256") + _LENGTH.pack(len(payload)) + payload)
+    except (OSError, ShadowError) as exc:
+        sock.close()
+        raise ShadowError(f"handshake with the home shadow at {address} failed: {exc}") from None
+    return sock
+
+
+def remote_request(address: str, token: bytes, message: Message, timeout: float = 10.0) -> Message:
+    """A request to the shadow at `address` (another node's view of it)."""
+    with _client(address, token, {"kind": "control", "request": message}, timeout) as sock:
+        try:
+            (length,) = _LENGTH.unpack(_exactly(sock, _LENGTH.size))
+            reply = decode(_exactly(sock, length))
+        except OSError as exc:
+            raise ShadowError(f"the home shadow at {address} did not answer: {exc}") from None
+    if not reply.get("ok"):
+        raise ShadowError(f"{message.get('op')} refused: {reply.get('error', 'no reason given')}")
+    return reply
+
+
+def open_relay(
+    address: str, token: bytes, stream: str, move: str, timeout: float = 10.0
+) -> socket.socket:
+    """A relay connection to the home shadow for `stream`, ready to carry raw bytes."""
+    sock = _client(address, token, {"kind": "relay", "stream": stream, "move": move}, timeout)
+    try:
+        if _exactly(sock, len(RELAY_ACCEPTED)) != RELAY_ACCEPTED:
+            raise ShadowError(f"the home shadow refused a relay for {stream}")
+    except (OSError, ShadowError):
+        sock.close()
+        raise
+    sock.settimeout(None)
+    return sock

@@ -34,6 +34,7 @@ from typing import Any
 
 from hijack.errors import HijackError
 from hijack.shadow import control
+from hijack.shadow.relay import RelayHub, decode_unread
 from hijack.sys import pidfd, procfs
 
 FOLLOW_INTERVAL = 1.0  # seconds between checks that the target still holds our descriptors
@@ -42,6 +43,7 @@ FOLLOW_INTERVAL = 1.0  # seconds between checks that the target still holds our 
 class Mode(enum.Enum):
     HOME = "home"
     HOLDING = "holding"
+    AWAY = "away"  # the process runs on another node: its streams are relayed
 
 
 class Shadow:
@@ -56,6 +58,9 @@ class Shadow:
         self.selector = selectors.DefaultSelector()
         self.target_handle = pidfd.pidfd_open(target_pid)
         self.listener = self._listen(control_path)
+        self.hub = RelayHub(self.selector, log)
+        self.endpoint: socket.socket | None = None  # TCP, for relays and remote control
+        self.token = b""
 
     @staticmethod
     def _listen(path: str) -> socket.socket:
@@ -75,8 +80,8 @@ class Shadow:
         next_follow = time.monotonic() + FOLLOW_INTERVAL
         while self.running:
             timeout = max(0.0, next_follow - time.monotonic())
-            for key, _ in self.selector.select(timeout):
-                key.data(key.fileobj)
+            for key, events in self.selector.select(timeout):
+                key.data(key.fileobj, events)
             if time.monotonic() >= next_follow:
                 if self.mode is Mode.HOME:
                     self.follow_target()
@@ -89,7 +94,7 @@ class Shadow:
         if os.path.exists(self.control_path):
             os.unlink(self.control_path)
 
-    def _accept(self, _: Any) -> None:
+    def _accept(self, _: Any, __: int) -> None:
         try:
             connection, _address = self.listener.accept()
         except BlockingIOError:
@@ -118,6 +123,27 @@ class Shadow:
             return self.adopt(message, fds)
         if op == "home":
             return self.come_home(int(message["pid"]))
+        if op == "relay_listen":
+            return self.open_endpoint(str(message["token"]))
+        if op == "migrating":
+            return self.migrating(message)
+        if op == "migrated":
+            self.hub.migrated(
+                str(message["move"]),
+                str(message["location"]),
+                decode_unread(message.get("unread", {})),
+                {str(k): str(v) for k, v in message.get("listeners", {}).items()},
+                set(message.get("present", [])),
+            )
+            self.mode = Mode.AWAY
+            log(f"the process runs on {self.hub.location} now (move {message['move']})")
+            return {"ok": True, **self.describe()}
+        if op == "aborted":
+            self.hub.aborted(str(message["move"]))
+            if not self.hub.location:  # a first move that failed: it is at home again
+                self.hub.streams.clear()
+                self.mode = Mode.HOME
+            return {"ok": True, **self.describe()}
         if op == "release":
             self.running = False
             return {"ok": True}
@@ -138,6 +164,48 @@ class Shadow:
         if message.get("hold"):
             self.mode = Mode.HOLDING
             log(f"holding {len(self.held)} descriptors of checkpointed process {self.target_pid}")
+        return {"ok": True, **self.describe()}
+
+    def open_endpoint(self, token: str) -> control.Message:
+        """Listen on TCP for the relays and remote requests of the nodes the process goes to."""
+        if self.endpoint is None:
+            self.token = bytes.fromhex(token)
+            endpoint = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            endpoint.bind(("0.0.0.0", 0))
+            endpoint.listen(64)
+            endpoint.setblocking(False)
+            self.selector.register(endpoint, selectors.EVENT_READ, self._accept_network)
+            self.endpoint = endpoint
+        return {"ok": True, "port": self.endpoint.getsockname()[1]}
+
+    def _accept_network(self, _: Any, __: int) -> None:
+        assert self.endpoint is not None
+        try:
+            connection, address = self.endpoint.accept()
+        except BlockingIOError:
+            return
+        try:
+            connection.settimeout(3.0)
+            header = control.server_handshake(connection, self.token)
+            if header.get("kind") == "relay":
+                connection.sendall(control.RELAY_ACCEPTED)
+                self.hub.attach_relay(str(header["stream"]), str(header["move"]), connection)
+                return
+            answer = self.handle(dict(header.get("request", {})), [])
+            control.send_framed(connection, answer)
+        except (OSError, HijackError, KeyError, ValueError) as exc:
+            log(f"refused a connection from {address}: {exc}")
+        connection.close()
+
+    def migrating(self, message: control.Message) -> control.Message:
+        for entry in message.get("proxy", []):
+            number = int(entry["fd"])
+            if number not in self.held:
+                return {"ok": False, "error": f"the shadow holds no fd {number}"}
+            self.hub.adopt(number, self.held[number], bool(entry.get("listener")))
+        if self.mode is Mode.HOME:
+            self.mode = Mode.HOLDING
+        self.hub.migrating()
         return {"ok": True, **self.describe()}
 
     def come_home(self, pid: int) -> control.Message:
@@ -177,11 +245,14 @@ class Shadow:
             "target_pid": self.target_pid,
             "mode": self.mode.value,
             "started_at": self.started_at,
+            "location": self.hub.location,
+            "endpoint_port": self.endpoint.getsockname()[1] if self.endpoint else 0,
             "fds": fds,
+            "streams": self.hub.describe(),
         }
 
-    def _target_exited(self, _: Any) -> None:
-        if self.mode is Mode.HOLDING:
+    def _target_exited(self, _: Any, __: int) -> None:
+        if self.mode is not Mode.HOME:
             # Its image is the process now; we keep what it held for the restore.
             with contextlib.suppress(KeyError):
                 self.selector.unregister(self.target_handle)

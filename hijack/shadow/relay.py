@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import functools
 import os
 import selectors
 import socket
@@ -104,6 +105,7 @@ class RelayHub:
         self.location = ""  # node the process runs on now; "" while not relaying
         self.pumping = False
         self._accepted = 0
+        self._callbacks: dict[tuple[str, str], Any] = {}
 
     # -- setting up -------------------------------------------------------------
 
@@ -234,7 +236,11 @@ class RelayHub:
             if key is not None:
                 self.selector.unregister(target)
             return
-        data = (self._on_event, stream, role)
+        data = self._callbacks.get((stream.id, role))
+        if data is None:
+            data = self._callbacks[(stream.id, role)] = functools.partial(
+                self._on_event, stream, role
+            )
         if key is None:
             self.selector.register(target, events, data)
         elif key.events != events or key.data != data:

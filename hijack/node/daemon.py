@@ -1,0 +1,174 @@
+"""`hijack node serve`: the node daemon (restart daemon) that receives moves.
+
+One thread per connection. Every peer must prove it holds the cluster key
+(hijack.node.channel); one that does not is refused and logged. A move
+(docs/protocol.md, "Moving") is restored straight from the stream, no
+temporary file: the daemon first opens the relays to the migrant's home
+shadow (and a listener here for each of its listening sockets), then
+restores with those as the process's descriptors, holds it stopped and
+answers `prepared`; only on `commit` does the process run (`running`).
+Anything else — the mover gone, a broken stream, `abort` — kills the stub:
+nothing half-built ever runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from typing import Any, BinaryIO, cast
+
+from hijack.errors import HijackError
+from hijack.node.channel import Channel, ChannelError, DataReader
+from hijack.registry import Registry, node_name
+from hijack.restore.restorer import restore
+from hijack.shadow import control
+from hijack.shadow.relay import endpoint
+
+DEFAULT_PORT = 7450
+COMMIT_TIMEOUT = 60.0  # seconds a prepared process waits for the mover's decision
+LISTEN_BACKLOG = 128
+
+
+def log(text: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} node {node_name()}: {text}", file=sys.stderr, flush=True)
+
+
+class NodeDaemon:
+    def __init__(self, address: tuple[str, int], key: bytes) -> None:
+        self.address = address
+        self.key = key
+        self.name = node_name()
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            self.listener.bind(address)
+        except OSError as exc:
+            raise HijackError(
+                f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}"
+            ) from None
+        self.listener.listen(64)
+        self.running = True
+
+    def serve(self) -> None:
+        host, port = self.listener.getsockname()[:2]
+        print(f"hijack node {self.name} listening on {host}:{port}", flush=True)
+        while self.running:
+            try:
+                connection, peer = self.listener.accept()
+            except OSError:
+                if not self.running:
+                    return
+                raise
+            threading.Thread(target=self._serve_peer, args=(connection, peer), daemon=True).start()
+
+    def stop(self) -> None:
+        self.running = False
+        self.listener.close()
+
+    def _serve_peer(self, connection: socket.socket, peer: tuple[str, int]) -> None:
+        where = f"{peer[0]}:{peer[1]}"
+        try:
+            connection.settimeout(COMMIT_TIMEOUT)
+            try:
+                channel = Channel.accept(connection, self.key, self.name)
+            except (ChannelError, OSError) as exc:
+                log(f"refused {where}: {exc}")
+                return
+            request = channel.receive()
+            op = request.get("op")
+            if op == "ping":
+                channel.send({"node": self.name, "pong": True})
+            elif op == "move":
+                self._receive_move(channel, request, where)
+            else:
+                channel.send({"error": f"unknown op {op!r}"})
+        except HijackError as exc:
+            log(f"{where}: {exc}")
+        finally:
+            connection.close()
+
+    def _receive_move(self, channel: Channel, request: dict[str, Any], where: str) -> None:
+        move = str(request["move"])
+        home = dict(request["home"])
+        token = bytes.fromhex(str(home["token"]))
+        log(f"move {move} of {request.get('program')} from {channel.peer} ({where})")
+        here = channel.sock.getsockname()[0]
+        opened: list[socket.socket] = []
+        provided: dict[int, int] = {}
+        listeners: dict[str, str] = {}
+        try:
+            for proxy in request.get("proxies", []):
+                number, stream = int(proxy["fd"]), str(proxy["stream"])
+                if proxy.get("kind") == "listener":
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    sock.bind((here, 0))
+                    sock.listen(LISTEN_BACKLOG)
+                    listeners[stream] = endpoint(sock.getsockname())
+                else:
+                    sock = control.open_relay(str(home["relay"]), token, stream, move)
+                opened.append(sock)
+                provided[number] = sock.fileno()
+
+            def hold_until_commit(pid: int) -> None:
+                channel.send({"phase": "prepared", "pid": pid, "listeners": listeners})
+                decision = channel.receive()
+                if decision.get("op") != "commit":
+                    raise HijackError(f"move {move} aborted by the mover")
+
+            image = cast(BinaryIO, DataReader(channel))
+            result = restore(image, provided=provided, before_start=hold_until_commit)
+        except HijackError as exc:
+            log(f"move {move} failed: {exc}")
+            with contextlib.suppress(ChannelError):
+                channel.send({"error": str(exc)})
+            return
+        finally:
+            for sock in opened:
+                sock.close()  # the process has its own copies
+        with Registry() as registry:
+            registry.record_migrant(
+                result.pid,
+                result.program,
+                str(home["node"]),
+                int(home["pid"]),
+                str(home["relay"]),
+                str(home["token"]),
+            )
+        channel.send({"phase": "running", "pid": result.pid})
+        log(f"move {move}: {result.program} runs here as {result.pid}")
+        threading.Thread(target=_reap, args=(result.pid,), daemon=True).start()
+
+
+def _reap(pid: int) -> None:
+    """The restored process is our child: collect it when it ends."""
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return
+    with Registry() as registry:
+        registry.set_state(pid, "exited")
+    log(f"process {pid} ended ({os.waitstatus_to_exitcode(status)})")
+
+
+def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host:
+        host, port = (text, str(DEFAULT_PORT)) if not text.isdigit() else (default_host, text)
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise HijackError(f"not an address: {text!r} (HOST[:PORT])") from None
+
+
+def serve(address: tuple[str, int], key: bytes) -> None:
+    daemon = NodeDaemon(address, key)
+    signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
+    try:
+        daemon.serve()
+    except KeyboardInterrupt:
+        daemon.stop()

@@ -1,0 +1,309 @@
+"""`hijack move PID --to HOST[:PORT]`: a live process moves to another node.
+
+On the node the process runs on now:
+1. check that every descriptor can go: reopened by path there, or proxied
+   through the home shadow (sockets, pipes, terminals); refuse naming the rest;
+2. connect to the destination daemon (authenticated channel) — nothing has
+   been touched yet, so a refusal changes nothing;
+3. freeze the process (all threads stopped) — the freeze time starts;
+4. tell the home shadow `migrating` (at home: first hand it the descriptors);
+   away from home, copy the process's unread relay bytes (MSG_PEEK);
+5. stream the image; the daemon restores it with relays to the shadow and
+   answers `prepared`;
+6. `commit`: the daemon lets it run and answers `running`;
+7. tell the shadow `migrated` (the new relays take over), kill the original:
+   the freeze time ends.
+If anything fails before the commit, the daemon kills what it built, the
+shadow is told `aborted`, and the original resumes untouched.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import os
+import secrets
+import socket
+import struct
+import termios
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, BinaryIO, cast
+
+from hijack.errors import HijackError, Unsupported
+from hijack.mutator import attach as attaching
+from hijack.mutator.dump import kill_stopped, write_image
+from hijack.mutator.handover import hand_descriptors_to_shadow
+from hijack.mutator.tracee import Tracee
+from hijack.node.channel import Channel, DataWriter, load_cluster_key
+from hijack.node.daemon import parse_address
+from hijack.registry import ProcessRecord, Registry, node_name
+from hijack.shadow import control
+from hijack.sys import pidfd, procfs
+
+# Reopened by path on the destination (nodes share a file system).
+REOPENED = {
+    procfs.FdKind.REGULAR,
+    procfs.FdKind.DIRECTORY,
+    procfs.FdKind.FIFO,
+    procfs.FdKind.CHARDEV,
+    procfs.FdKind.BLOCKDEV,
+}
+# Proxied through the home shadow as a byte stream.
+STREAMED = {procfs.FdKind.PIPE, procfs.FdKind.TTY}
+
+
+@dataclass(frozen=True)
+class MoveResult:
+    move_id: str
+    pid: int
+    new_pid: int
+    destination: str
+    freeze_ms: float
+    bytes_sent: int
+
+
+@dataclass(frozen=True)
+class Proxy:
+    fd: int
+    stream: str  # the home shadow's stream id
+    kind: str  # "stream" or "listener"
+
+
+class HomeShadow:
+    """The migrant's shadow: over its unix socket at home, over TCP elsewhere."""
+
+    def __init__(self, record: ProcessRecord, token: str) -> None:
+        self.record = record
+        self.token = token
+        self.local = record.home_node == node_name() and bool(record.shadow_control)
+
+    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+        if self.local:
+            assert self.record.shadow_control is not None
+            return control.request(self.record.shadow_control, message, timeout=15.0)
+        address = self.record.relay_address or ""
+        return control.remote_request(address, bytes.fromhex(self.token), message, timeout=15.0)
+
+
+def move(
+    pid: int,
+    destination: str,
+    registry: Registry,
+    progress: Callable[[str, int], None] | None = None,
+) -> MoveResult:
+    """Move `pid` to the node daemon at `destination`; see the module docstring."""
+    report = progress or (lambda phase, sent: None)
+    address = parse_address(destination)
+    key = load_cluster_key()
+    record = registry.find(pid)
+    if record is None or record.state not in ("attached", "running"):
+        attaching.attach(pid, registry)
+        record = registry.get(pid)
+    at_home = record.state == "attached"
+    token = record.relay_token or secrets.token_hex(32)
+    shadow = HomeShadow(record, token)
+    plan, present = plan_proxies(pid, shadow, at_home)
+
+    report("connecting", 0)
+    channel = Channel.connect(address, key, node_name())
+    try:
+        if at_home:
+            port = int(shadow.request({"op": "relay_listen", "token": token})["port"])
+            relay_address = f"{channel.sock.getsockname()[0]}:{port}"
+            registry.set_relay(pid, relay_address, token)
+        else:
+            relay_address = record.relay_address or ""
+        move_id = secrets.token_hex(8)
+        registry.start_move(move_id, pid, record.program, channel.peer)
+        try:
+            result = _move_frozen(
+                pid,
+                channel,
+                shadow,
+                plan,
+                present,
+                at_home,
+                move_id,
+                record,
+                relay_address,
+                report,
+            )
+        except BaseException as exc:
+            registry.update_move(move_id, phase="failed", finished_at=time.time(), error=str(exc))
+            raise
+    finally:
+        channel.close()
+    registry.update_move(
+        move_id,
+        phase="done",
+        finished_at=time.time(),
+        bytes_sent=result.bytes_sent,
+        freeze_ms=result.freeze_ms,
+        new_pid=result.new_pid,
+    )
+    if at_home:
+        registry.set_state(pid, "moved", current_node=channel.peer)
+    else:
+        registry.forget(pid, f"moved to {channel.peer}")
+    return result
+
+
+def _move_frozen(
+    pid: int,
+    channel: Channel,
+    shadow: HomeShadow,
+    plan: list[Proxy],
+    present: list[str],
+    at_home: bool,
+    move_id: str,
+    record: ProcessRecord,
+    relay_address: str,
+    report: Callable[[str, int], None],
+) -> MoveResult:
+    committed = False
+    with Tracee.seize(pid) as tracee:
+        frozen_at = time.perf_counter()
+        try:
+            if at_home:
+                hand_descriptors_to_shadow(pid, record.shadow_control or "")
+                proxy = [{"fd": p.fd, "listener": p.kind == "listener"} for p in plan]
+                shadow.request({"op": "migrating", "move": move_id, "proxy": proxy})
+                unread: dict[str, bytes] = {}
+            else:
+                shadow.request({"op": "migrating", "move": move_id})
+                unread = peek_unread(pid, plan)
+            channel.send(
+                {
+                    "op": "move",
+                    "move": move_id,
+                    "pid": pid,
+                    "program": record.program,
+                    "home": {
+                        "node": record.home_node,
+                        "pid": record.home_pid or record.pid,
+                        "relay": relay_address,
+                        "token": shadow.token,
+                    },
+                    "proxies": [p.__dict__ for p in plan],
+                }
+            )
+            report("streaming", 0)
+            writer = DataWriter(channel)
+            progress_writer = _Progress(writer, report)
+            write_image(tracee, cast(BinaryIO, progress_writer))
+            writer.close()
+            report("restoring", writer.sent)
+            prepared = channel.expect("phase")
+            report("switching", writer.sent)
+            channel.send({"op": "commit"})
+            committed = True
+            running = channel.expect("phase")
+        except BaseException:
+            if not committed:
+                _abort(channel, shadow, move_id)
+            raise
+        shadow.request(
+            {
+                "op": "migrated",
+                "move": move_id,
+                "location": channel.peer,
+                "unread": {k: base64.b64encode(v).decode() for k, v in unread.items()},
+                "listeners": prepared.get("listeners", {}),
+                "present": present,
+            }
+        )
+        kill_stopped(tracee)
+        freeze_ms = (time.perf_counter() - frozen_at) * 1000
+    return MoveResult(move_id, pid, int(running["pid"]), channel.peer, freeze_ms, writer.sent)
+
+
+def _abort(channel: Channel, shadow: HomeShadow, move_id: str) -> None:
+    """Best effort: the daemon kills what it built, the shadow goes on as before."""
+    for action in (
+        lambda: channel.send({"op": "abort"}),
+        lambda: shadow.request({"op": "aborted", "move": move_id}),
+    ):
+        with contextlib.suppress(HijackError):
+            action()
+
+
+class _Progress:
+    """A write-only stream that reports how much has gone through it."""
+
+    def __init__(self, writer: DataWriter, report: Callable[[str, int], None]) -> None:
+        self.writer = writer
+        self.report = report
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        written = self.writer.write(data)
+        self.report("streaming", self.writer.sent)
+        return written
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+
+def plan_proxies(pid: int, shadow: HomeShadow, at_home: bool) -> tuple[list[Proxy], list[str]]:
+    """Which descriptors go through the home shadow, and as which stream; refuse the rest.
+
+    Also returns the stream ids the process holds now (so the shadow knows which
+    clients it accepted were not yet accepted by the process).
+    """
+    sockets = procfs.read_socket_table(pid)
+    streams = {} if at_home else {s["id"]: s for s in shadow.request({"op": "status"})["streams"]}
+    by_ends = {(s["relay"], s["shadow_end"]): s["id"] for s in streams.values() if s["relay"]}
+    by_listener = {s["listener"]: s["id"] for s in streams.values() if s["listener"]}
+    plan: list[Proxy] = []
+    refused: list[str] = []
+    for entry in procfs.list_fds(pid):
+        if entry.kind in REOPENED:
+            continue
+        found = sockets.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
+        listening = found is not None and found.state == "LISTEN"
+        if at_home:
+            streamable = entry.kind in STREAMED or (
+                found is not None and found.type == socket.SOCK_STREAM
+            )
+            if streamable:
+                kind = "listener" if listening else "stream"
+                plan.append(Proxy(entry.fd, f"fd:{entry.fd}", kind))
+                continue
+        elif found is not None:
+            stream_id = (
+                by_listener.get(found.local)
+                if listening
+                else by_ends.get((found.local, found.remote))
+            )
+            if stream_id is not None:
+                plan.append(Proxy(entry.fd, stream_id, "listener" if listening else "stream"))
+                continue
+        what = found.describe() if found else entry.target
+        refused.append(f"fd {entry.fd} ({entry.kind.value} {what})")
+    if refused:
+        raise Unsupported(
+            f"cannot move process {pid}: {', '.join(refused)} cannot be proxied;"
+            " nothing was changed"
+        )
+    return plan, [p.stream for p in plan]
+
+
+def peek_unread(pid: int, plan: list[Proxy]) -> dict[str, bytes]:
+    """What the frozen process has not read yet from its relays, copied, not consumed."""
+    unread: dict[str, bytes] = {}
+    handle = pidfd.pidfd_open(pid)
+    try:
+        for proxy in plan:
+            if proxy.kind != "stream":
+                continue
+            with socket.socket(fileno=pidfd.pidfd_getfd(handle, proxy.fd, pid)) as sock:
+                waiting = struct.unpack(
+                    "i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4)
+                )[0]
+                if waiting:
+                    unread[proxy.stream] = sock.recv(waiting, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    finally:
+        os.close(handle)
+    return unread
