@@ -71,7 +71,8 @@ def no_leaked_processes_or_temp_dirs() -> Iterator[None]:
         problems.append(
             "harness temp dirs left behind (removed): " + ", ".join(map(str, leftovers))
         )
-    # After the process check: what it killed no longer pins a namespace.
+    # Processes inside a leftover namespace were named by the check above if
+    # they descended from us; remove_namespaces kills whatever else is inside.
     leftover_namespaces = find_leftover_namespaces(namespaces_before)
     if leftover_namespaces:
         remove_namespaces(leftover_namespaces)

@@ -172,6 +172,18 @@ def test_spawn_execs_the_program_itself_inside_the_node_with_its_env(tmp_path: P
     assert sleeper.returncode == -signal.SIGKILL
 
 
+def test_run_and_hijack_run_inside_the_node_with_its_env(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        b = cluster["b"]
+        completed = b.run_python(
+            "import os; print(os.environ['HIJACK_NODE'], os.stat('/proc/self/ns/net').st_ino)"
+        )
+        assert completed.stdout.split() == ["b", str(os.stat(f"/run/netns/{b.netns}").st_ino)]
+        result = b.hijack("show", tmp_path / "no-such-image")
+        assert result.returncode == 1, result.describe()
+        assert "no-such-image" in result.stderr, result.describe()
+
+
 def test_cleanup_kills_orphans_inside_even_when_the_test_fails(tmp_path: Path) -> None:
     # A daemonised grandchild (its parent exits at once) is no Popen of ours:
     # only the scan of the namespace's processes finds it.

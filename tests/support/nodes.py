@@ -416,15 +416,25 @@ class Node:
         self._cluster._spawned.append(process)
         return process
 
-    def run_python(
-        self, code: str, *args: str | int | float, timeout: float = SNIPPET_TIMEOUT
+    def run(
+        self,
+        argv: Sequence[str | os.PathLike[str]],
+        *,
+        timeout: float,
+        env: Mapping[str, str] | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run a python snippet inside this node (bounded), capturing its output as text."""
+        """Run argv inside this node to its end (bounded), stdin empty, output captured as text.
+
+        `env` adds to the node's environment. Past `timeout` it is killed and
+        NodeError shows what it printed.
+        """
+        command = [os.fspath(arg) for arg in argv]
         try:
             with entering_namespace(self.netns) as enter:
                 return subprocess.run(
-                    [sys.executable, "-c", code, *map(str, args)],
+                    command,
                     preexec_fn=enter,
+                    env=self.environment(env),
                     stdin=subprocess.DEVNULL,
                     capture_output=True,
                     text=True,
@@ -433,33 +443,26 @@ class Node:
                 )
         except subprocess.TimeoutExpired as expired:
             raise NodeError(
-                f"a python snippet in node {self.name} did not finish within {timeout} s\n"
-                f"--- stderr ---\n{_text(expired.stderr)}"
-            ) from None
-
-    def hijack(self, *args: str | int, timeout: float = CLI_TIMEOUT) -> CliResult:
-        """`hijack ARGS...` run inside this node with its environment, as a user would there."""
-        argv = tuple(str(arg) for arg in args)
-        try:
-            with entering_namespace(self.netns) as enter:
-                completed = subprocess.run(
-                    [*HIJACK_PROGRAM, *argv],
-                    preexec_fn=enter,
-                    env=self.environment({"COLUMNS": CLI_COLUMNS}),
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    text=True,
-                    timeout=timeout,
-                    check=False,
-                )
-        except subprocess.TimeoutExpired as expired:
-            raise NodeError(
-                f"[node {self.name}] $ hijack {' '.join(argv)} did not finish within {timeout} s\n"
+                f"[node {self.name}] $ {' '.join(command)}\n"
+                f"did not finish within {timeout} s\n"
                 f"--- stdout ---\n{_text(expired.stdout)}--- stderr ---\n{_text(expired.stderr)}"
             ) from None
+
+    def run_python(
+        self, code: str, *args: str | int | float, timeout: float = SNIPPET_TIMEOUT
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a python snippet with `args` inside this node (bounded)."""
+        return self.run([sys.executable, "-c", code, *map(str, args)], timeout=timeout)
+
+    def hijack(self, *args: str | int | Path, timeout: float = CLI_TIMEOUT) -> CliResult:
+        """`hijack ARGS...` run inside this node with its environment, as a user would there."""
+        argv = tuple(str(arg) for arg in args)
+        completed = self.run(
+            [*HIJACK_PROGRAM, *argv], timeout=timeout, env={"COLUMNS": CLI_COLUMNS}
+        )
         return CliResult(argv, completed.returncode, completed.stdout, completed.stderr)
 
-    def hijack_ok(self, *args: str | int, timeout: float = CLI_TIMEOUT) -> CliResult:
+    def hijack_ok(self, *args: str | int | Path, timeout: float = CLI_TIMEOUT) -> CliResult:
         """`hijack ARGS...` inside this node; demand exit 0 and a quiet stderr."""
         result = self.hijack(*args, timeout=timeout)
         assert result.returncode == 0, f"[node {self.name}] {result.describe()}"
@@ -684,7 +687,7 @@ class Cluster:
         # O_EXCL with the mode at creation: the key is never readable by others.
         fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as key_file:
-            key_file.write(secrets.token_bytes(32).hex())
+            key_file.write(secrets.token_hex(32) + "\n")  # as `hijack cluster init` writes it
 
     def _create_network(self) -> None:
         for name in self.namespaces():
