@@ -7,6 +7,7 @@ node serve` exists; one test runs the real daemon and is skipped until then.
 from __future__ import annotations
 
 import os
+import secrets
 import select
 import shutil
 import signal
@@ -141,7 +142,7 @@ def test_three_nodes_reach_each_other_by_tcp_and_leave_nothing_behind(tmp_path: 
     assert root_links() == links_before
 
 
-def test_spawn_execs_the_program_itself_inside_the_node_with_its_env(tmp_path: Path) -> None:
+def test_spawn_returns_with_the_program_itself_inside_the_node_with_its_env(tmp_path: Path) -> None:
     with Cluster(tmp_path, nodes=1) as cluster:
         (node,) = cluster.nodes
         key = cluster.key_path.read_text()
@@ -212,7 +213,8 @@ def test_cleanup_kills_orphans_inside_even_when_the_test_fails(tmp_path: Path) -
 def test_leak_check_finds_and_removes_a_leftover_namespace() -> None:
     before = snapshot_namespaces()
     leaked = f"{namespace_prefix()}leak"
-    other_run = "hj0xleak"  # pid 0 is no pytest run: another run's name must not count
+    # Pid 0 is no pytest run: a name of another run must not count.
+    other_run = f"hj0x{secrets.token_hex(3)}"
     run_ip("netns", "add", leaked)
     try:
         run_ip("netns", "add", other_run)
