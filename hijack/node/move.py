@@ -117,7 +117,9 @@ def move(
         else:
             relay_address = record.relay_address or ""
         move_id = secrets.token_hex(8)
+        registry.record_node(channel.peer, f"{address[0]}:{address[1]}")
         registry.start_move(move_id, pid, record.program, channel.peer)
+        report = _Published(registry, move_id, report)
         try:
             result = _move_frozen(
                 pid,
@@ -228,6 +230,32 @@ def _abort(channel: Channel, shadow: HomeShadow, move_id: str) -> None:
     ):
         with contextlib.suppress(HijackError):
             action()
+
+
+PUBLISH_INTERVAL = 0.25  # seconds between the progress a move writes to the registry
+
+
+class _Published:
+    """`report`, and the move's row in the registry kept up to date (`hijack status` reads it).
+
+    A new phase is written at once; bytes sent at most every PUBLISH_INTERVAL.
+    """
+
+    def __init__(
+        self, registry: Registry, move_id: str, report: Callable[[str, int], None]
+    ) -> None:
+        self.registry = registry
+        self.move_id = move_id
+        self.report = report
+        self.phase = "connecting"
+        self.written_at = 0.0
+
+    def __call__(self, phase: str, sent: int) -> None:
+        self.report(phase, sent)
+        now = time.monotonic()
+        if phase != self.phase or now - self.written_at >= PUBLISH_INTERVAL:
+            self.registry.update_move(self.move_id, phase=phase, bytes_sent=sent)
+            self.phase, self.written_at = phase, now
 
 
 class _Progress:
