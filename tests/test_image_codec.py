@@ -577,9 +577,10 @@ def test_absurd_lengths_are_refused_without_allocating_them() -> None:
 
 def test_non_canonical_bytes_are_refused() -> None:
     files = next(s for s in sections(BUILT.image) if s.tag == b"FDS_")
-    # One descriptor: fd kind flags pos | cloexec | mode dev ino path socket-absent.
+    # One descriptor: fd kind flags pos | cloexec | mode dev ino eventfd_count path
+    # socket-absent epoll-empty.
     before = struct.pack("<IIBIq", 1, 7, FdKind.PIPE, 0, 0)
-    after = struct.pack("<IQQI", 0, 0, 0, 1) + b"p" + b"\x00"
+    after = struct.pack("<IQQQI", 0, 0, 0, 0, 1) + b"p" + b"\x00" + struct.pack("<I", 0)
     for cloexec, problem in ((b"\x02", "boolean byte is 2"), (b"\x01", None)):
         payload = before + cloexec + after
         image = replace_section(BUILT.image, files, frame(b"FDS_", payload))

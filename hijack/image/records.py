@@ -371,6 +371,15 @@ class SocketInfo:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class EpollTarget:
+    """One entry of an epoll interest list: epoll_ctl(EPOLL_CTL_ADD, tfd, {events, data})."""
+
+    tfd: U32  # the watched descriptor's number
+    events: U32  # EPOLLIN, EPOLLET, ... as registered
+    data: U64  # the user's epoll_data
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class FileDescriptor:
     fd: U32
     kind: Annotated[FdKind, UInt(1)]
@@ -380,13 +389,19 @@ class FileDescriptor:
     mode: U32  # st_mode
     dev: U64  # st_dev
     ino: U64  # st_ino
+    eventfd_count: U64 = 0  # an EVENTFD's counter (fdinfo eventfd-count), else 0
     path: str  # the /proc/PID/fd/N link target, e.g. "pipe:[1234]"
-    socket: SocketInfo | None  # only for SOCKET descriptors
+    socket: SocketInfo | None = None  # only for SOCKET descriptors
+    epoll: tuple[EpollTarget, ...] = ()  # an EPOLL's interest list (fdinfo tfd lines)
 
     def __post_init__(self) -> None:
         _require(
             self.socket is None or self.kind is FdKind.SOCKET,
             f"FileDescriptor {self.fd}: SocketInfo on a {self.kind.name} descriptor",
+        )
+        _require(
+            not self.epoll or self.kind is FdKind.EPOLL,
+            f"FileDescriptor {self.fd}: an interest list on a {self.kind.name} descriptor",
         )
 
 

@@ -473,7 +473,12 @@ def read_files(pid: int) -> rec.Files:
                 mode=entry.mode,
                 dev=entry.dev,
                 ino=entry.ino,
+                eventfd_count=info.eventfd_count,
                 socket=socket_info,
+                epoll=tuple(
+                    rec.EpollTarget(tfd=tfd, events=events, data=data)
+                    for tfd, events, data in info.epoll_targets
+                ),
             )
         )
     return rec.Files(descriptors=tuple(descriptors))

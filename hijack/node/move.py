@@ -43,13 +43,16 @@ from hijack.registry import ProcessRecord, Registry, node_name
 from hijack.shadow import control
 from hijack.sys import pidfd, procfs
 
-# Reopened by path on the destination (nodes share a file system).
+# Reopened by path on the destination (nodes share a file system), or made
+# anew there from the image (epoll with its interest list, eventfd).
 REOPENED = {
     procfs.FdKind.REGULAR,
     procfs.FdKind.DIRECTORY,
     procfs.FdKind.FIFO,
     procfs.FdKind.CHARDEV,
     procfs.FdKind.BLOCKDEV,
+    procfs.FdKind.EPOLL,
+    procfs.FdKind.EVENTFD,
 }
 # Proxied through the home shadow as a byte stream.
 STREAMED = {procfs.FdKind.PIPE, procfs.FdKind.TTY}

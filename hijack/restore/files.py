@@ -1,14 +1,16 @@
 """Restoring descriptors: what can be reopened by path is, at the same number, flags and offset.
 
 Regular files, directories, named FIFOs, terminals and character devices are
-reopened from their paths. Everything else (anonymous pipes, sockets, epoll,
-eventfd, ...) exists only in the kernel of the dumped process: a local restore
-cannot bring it back, and says so before the stub is built (a move proxies
-such descriptors through the shadow instead).
+reopened from their paths; epoll instances (with their interest lists) and
+eventfds are made anew. Anonymous pipes and sockets exist only in the kernel
+of the dumped process: a restore gets them from the process's shadow (which
+keeps them across `dump --kill`) or as relays to it (a move); otherwise it
+refuses them by name before the stub is built.
 """
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from hijack.errors import RestoreError, Unsupported
@@ -24,6 +26,10 @@ REOPENABLE = {
     rec.FdKind.CHARDEV,
     rec.FdKind.BLOCKDEV,
 }
+# Made anew from what the image says of them.
+RECREATED = {rec.FdKind.EPOLL, rec.FdKind.EVENTFD}
+EPOLL_CTL_ADD = 1
+EPOLL_EVENT = struct.Struct("<IQ")  # struct epoll_event is packed on x86_64
 O_ACCMODE = 0o3
 O_RDONLY, O_WRONLY = 0, 1
 O_CREAT, O_EXCL, O_NOCTTY, O_TRUNC = 0o100, 0o200, 0o400, 0o1000
@@ -74,7 +80,7 @@ def plan_files(
         held = holdings and holdings.identity.get(descriptor.fd) == (descriptor.dev, descriptor.ino)
         if descriptor.fd in provided or held:
             inherited.append(descriptor)
-        elif descriptor.kind in REOPENABLE:
+        elif descriptor.kind in REOPENABLE or descriptor.kind in RECREATED:
             reopenable.append(descriptor)
         else:
             unsupported.append(descriptor)
@@ -96,6 +102,14 @@ def close_foreign_descriptors(stub: Stub, keep: set[int]) -> None:
 
 
 def reopen(stub: Stub, descriptor: rec.FileDescriptor) -> None:
+    if descriptor.kind is rec.FdKind.EPOLL:
+        _place(stub, stub.call("epoll_create1", 0), descriptor)
+        return
+    if descriptor.kind is rec.FdKind.EVENTFD:
+        nonblocking = descriptor.flags & O_NONBLOCK  # EFD_NONBLOCK is O_NONBLOCK
+        counter = stub.call("eventfd2", descriptor.eventfd_count, nonblocking)
+        _place(stub, counter, descriptor)
+        return
     flags = descriptor.flags & ~OPEN_TIME_ONLY
     if descriptor.kind in (rec.FdKind.TTY, rec.FdKind.CHARDEV):
         flags |= O_NOCTTY  # never acquire a controlling terminal by restoring
@@ -151,3 +165,9 @@ def restore_files(stub: Stub, plan: FilePlan, inherited: dict[int, int]) -> None
         reopen(stub, descriptor)
     for descriptor in plan.inherited:
         _place(stub, parked[descriptor.fd], descriptor)
+    # Every descriptor is in place now: fill the epoll interest lists.
+    for descriptor in plan.reopen:
+        for target in descriptor.epoll:
+            stub.reset_scratch()
+            event = stub.put(EPOLL_EVENT.pack(target.events, target.data))
+            stub.call("epoll_ctl", descriptor.fd, EPOLL_CTL_ADD, target.tfd, event)

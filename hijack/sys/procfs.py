@@ -582,6 +582,22 @@ class FdInfo:
     ino: int
     extra: Mapping[str, tuple[str, ...]]
 
+    @property
+    def epoll_targets(self) -> list[tuple[int, int, int]]:
+        """An epoll's interest list: (tfd, events, data) for each "tfd:" line."""
+        targets = []
+        for line in self.extra.get("tfd", ()):
+            fields = line.split()
+            # "5 events: 19 data: 5 pos:0 ino:... sdev:..." (events and data in hex)
+            targets.append((int(fields[0]), int(fields[2], 16), int(fields[4], 16)))
+        return targets
+
+    @property
+    def eventfd_count(self) -> int:
+        """An eventfd's counter (fdinfo prints it in hex)."""
+        values = self.extra.get("eventfd-count", ())
+        return int(values[0], 16) if values else 0
+
 
 # "key:<whitespace>value"; lines such as "inotify wd:1 ino:..." have no such colon
 # and are keyed by their first word instead
