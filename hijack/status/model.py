@@ -1,0 +1,464 @@
+"""What `hijack status` shows, gathered from the registry, the shadows and the node daemons.
+
+The registry says what hijack did; the shadows say what holds now (the home
+shadow is the authority on where its migrant runs and on what its relays
+carry); the node daemons say whether they can be reached. Every question
+asked of another process is bounded (QUERY_TIMEOUT) and asked in parallel,
+so a dead shadow, a vanished process or an unreachable node is shown as
+such and never holds the answer up. `snapshot_to_json` is the `--json`
+output, documented in docs/status.md.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+from hijack.errors import HijackError
+from hijack.node.channel import Channel, load_cluster_key
+from hijack.node.daemon import parse_address
+from hijack.registry import EventRecord, MoveRecord, ProcessRecord, Registry, node_name
+from hijack.shadow import control
+from hijack.sys import procfs
+
+SCHEMA_VERSION = 1
+QUERY_TIMEOUT = 0.5  # seconds for each shadow or daemon to answer
+MAX_WORKERS = 32
+ACTIVE_PHASES = frozenset({"connecting", "streaming", "restoring", "switching"})
+RECENT_MOVES = 20
+RECENT_EVENTS = 30
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+class State(enum.Enum):
+    """Where a process is in its life, as `hijack status` tells it."""
+
+    ATTACHED = "attached"  # runs on this node, its shadow beside it
+    RUNNING = "running"  # moved here from another node; its home shadow relays its streams
+    MOVED = "moved"  # moved away: runs on another node, its shadow here relays
+    MOVING = "moving"  # a move of it is in progress
+    RESTORED = "restored"  # rebuilt here from an image, no shadow
+    CHECKPOINTED = "checkpointed"  # dumped and killed; its shadow holds its descriptors
+    GONE = "gone"  # it no longer runs (ended, killed, or its pid belongs to another process)
+    UNKNOWN = "unknown"  # a registry state this hijack does not know
+
+
+class Health(enum.Enum):
+    OK = "ok"  # it answered
+    DEAD = "dead"  # its process is gone
+    UNREACHABLE = "unreachable"  # no answer in time, or its socket refused us (error says which)
+
+
+@dataclass(frozen=True)
+class HeldFd:
+    """A descriptor of the process the shadow keeps a copy of."""
+
+    fd: int  # the process's number
+    kind: str  # as hijack.sys.procfs.FdKind
+    target: str
+
+
+@dataclass(frozen=True)
+class StreamView:
+    """A descriptor proxied through the home shadow while the process runs elsewhere."""
+
+    id: str  # the shadow's stream id: "fd:N", or "acc:K" for a client it accepted
+    fd: int | None  # N of "fd:N"
+    kind: str  # "stream" or "listener"
+    relay: str  # the node end of its relay connection, "" when none
+    bytes_to_process: int  # read from the original, sent on to the process
+    bytes_from_process: int  # from the process, written to the original
+    buffered_to_process: int  # held by the shadow, not yet sent to the process
+    buffered_from_process: int  # held by the shadow, not yet written to the original
+
+
+@dataclass(frozen=True)
+class ShadowView:
+    pid: int | None
+    where: str  # "local": its control socket here; "remote": the home shadow, over TCP
+    health: Health
+    error: str | None
+    mode: str | None  # home, holding or away, by its own word
+    location: str | None  # where the process runs by its word; "" while not relaying
+    held: tuple[HeldFd, ...]
+    streams: tuple[StreamView, ...]
+
+
+@dataclass(frozen=True)
+class MoveView:
+    id: str
+    pid: int
+    program: str
+    source: str
+    destination: str
+    phase: str
+    started_at: float
+    finished_at: float | None
+    bytes_sent: int
+    freeze_ms: float | None
+    new_pid: int | None
+    error: str | None
+    in_progress: bool  # an unfinished phase and the frozen process still there
+    expected_bytes: int | None  # while in progress: the resident memory of the frozen process
+
+
+@dataclass(frozen=True)
+class ProcessView:
+    pid: int
+    program: str
+    home_node: str
+    current_node: str  # by the home shadow's word when it answered, else the registry's
+    state: State
+    registry_state: str
+    alive: bool | None  # does `pid` run on this node; None when it runs elsewhere
+    home_pid: int | None  # for a process that moved here: its pid at home
+    shadow: ShadowView | None
+    last_move: MoveView | None
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    address: str | None  # its daemon, "ip:port"; None when known by name only
+    last_seen: float | None  # when a move last reached it
+    reachable: bool | None  # None: not checked (no address)
+    check: str | None  # "ping" (authenticated with the cluster key) or "connect" (TCP only)
+    latency_ms: float | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    schema_version: int
+    node: str
+    state_dir: str
+    taken_at: float
+    processes: tuple[ProcessView, ...]
+    moves: tuple[MoveView, ...]
+    nodes: tuple[NodeView, ...]
+    events: tuple[EventRecord, ...]
+
+    @property
+    def moves_in_progress(self) -> list[MoveView]:
+        return [move for move in self.moves if move.in_progress]
+
+
+# -- gathering -----------------------------------------------------------------------
+
+
+def gather(registry: Registry, timeout: float = QUERY_TIMEOUT) -> Snapshot:
+    """Everything hijack knows on this node, now; back within about 2 * `timeout`."""
+    here = node_name()
+    records = {record.pid: record for record in registry.processes()}
+    moves = tuple(_move_view(record) for record in registry.moves(RECENT_MOVES))
+    known_nodes = {name: (address, last_seen) for name, address, last_seen in registry.nodes()}
+    events = tuple(registry.recent_events(RECENT_EVENTS))
+    key = _cluster_key()
+
+    shadow_wheres = {
+        pid: where for pid, record in records.items() if (where := _shadow_where(record, here))
+    }
+    shadow_questions = {
+        pid: functools.partial(
+            _ask_local_shadow if where == "local" else _ask_remote_shadow, records[pid], timeout
+        )
+        for pid, where in shadow_wheres.items()
+    }
+    node_questions = {
+        name: functools.partial(_ask_node, name, address, last_seen, key, timeout)
+        for name, (address, last_seen) in known_nodes.items()
+    }
+    with _Questions(len(shadow_questions) + len(node_questions)) as questions:
+        shadow_answers = questions.ask(shadow_questions)
+        node_answers = questions.ask(node_questions)
+        questions.wait(2 * timeout)
+    shadows = _collect(
+        shadow_answers,
+        lambda pid, why: _unreachable_shadow(records[pid], shadow_wheres[pid], why),
+    )
+    nodes = _collect(
+        node_answers,
+        lambda name, why: NodeView(
+            name, known_nodes[name][0], known_nodes[name][1], False, None, None, why
+        ),
+    )
+    mentioned = {record.home_node for record in records.values()}
+    mentioned |= {record.current_node for record in records.values()}
+    mentioned |= {move.destination for move in moves} | {move.source for move in moves}
+    for name in mentioned - set(nodes) - {here}:
+        nodes[name] = NodeView(name, None, None, None, None, None, None)
+
+    return Snapshot(
+        schema_version=SCHEMA_VERSION,
+        node=here,
+        state_dir=str(registry.directory),
+        taken_at=time.time(),
+        processes=tuple(
+            _process_view(record, shadows.get(pid), moves, here) for pid, record in records.items()
+        ),
+        moves=moves,
+        nodes=tuple(nodes[name] for name in sorted(nodes)),
+        events=events,
+    )
+
+
+def _process_view(
+    record: ProcessRecord, shadow: ShadowView | None, moves: tuple[MoveView, ...], here: str
+) -> ProcessView:
+    # Its moves since it was recorded: an older move of the same pid was another process.
+    last_move = next(
+        (
+            move
+            for move in moves
+            if move.pid == record.pid and move.started_at >= record.attached_at
+        ),
+        None,
+    )
+    elsewhere = record.state == "moved" or record.current_node != here
+    alive = None if elsewhere else runs(record.pid, record.start_time)
+    current_node = record.current_node
+    if shadow is not None and shadow.mode == "away" and shadow.location:
+        current_node = shadow.location  # the home shadow knows where it is now
+    return ProcessView(
+        pid=record.pid,
+        program=record.program,
+        home_node=record.home_node,
+        current_node=current_node,
+        state=_state(record.state, alive, last_move),
+        registry_state=record.state,
+        alive=alive,
+        home_pid=record.home_pid,
+        shadow=shadow,
+        last_move=last_move,
+    )
+
+
+def _state(registry_state: str, alive: bool | None, last_move: MoveView | None) -> State:
+    if last_move is not None and last_move.in_progress:
+        return State.MOVING
+    if registry_state == "moved":
+        return State.MOVED
+    if registry_state == "checkpointed":
+        return State.CHECKPOINTED  # killed on purpose: its image and its shadow are the process
+    if registry_state in ("exited", "gone") or not alive:
+        return State.GONE
+    known = {"attached": State.ATTACHED, "running": State.RUNNING, "restored": State.RESTORED}
+    return known.get(registry_state, State.UNKNOWN)
+
+
+def _move_view(record: MoveRecord) -> MoveView:
+    in_progress, expected = False, None
+    if record.phase in ACTIVE_PHASES and record.finished_at is None:
+        # The mover keeps the process frozen until the move ends: if it is
+        # gone, the mover died before it could write the end.
+        stat = _stat(record.pid)
+        if stat is not None:
+            in_progress, expected = True, max(stat.rss * PAGE_SIZE, record.bytes_sent)
+    return MoveView(**asdict(record), in_progress=in_progress, expected_bytes=expected)
+
+
+def _stat(pid: int, start_time: int = 0) -> procfs.ProcStat | None:
+    """/proc/PID/stat of a running process (`start_time` checked when given), else None."""
+    try:
+        stat = procfs.read_stat(pid)
+    except HijackError:
+        return None
+    if stat.state in ("Z", "X") or (start_time and stat.starttime != start_time):
+        return None
+    return stat
+
+
+def runs(pid: int, start_time: int = 0) -> bool:
+    return _stat(pid, start_time) is not None
+
+
+# -- asking the shadows ---------------------------------------------------------------
+
+
+def _shadow_where(record: ProcessRecord, here: str) -> str | None:
+    """ "local" for a shadow on this node, "remote" for a migrant's home shadow, None: no shadow."""
+    if record.home_node == here and record.shadow_control:
+        return "local"
+    if record.relay_address and record.relay_token:
+        return "remote"
+    return None  # restored from an image
+
+
+def _ask_local_shadow(record: ProcessRecord, timeout: float) -> ShadowView:
+    assert record.shadow_control is not None
+    if record.shadow_pid is not None and not runs(record.shadow_pid):
+        return _dead_shadow(record)
+    try:
+        answer = control.request(record.shadow_control, {"op": "status"}, timeout=timeout)
+    except HijackError as exc:
+        if record.shadow_pid is not None and not runs(record.shadow_pid):
+            return _dead_shadow(record)  # it died while we asked
+        return _unreachable_shadow(record, "local", str(exc))
+    return _answered_shadow(answer, "local")
+
+
+def _ask_remote_shadow(record: ProcessRecord, timeout: float) -> ShadowView:
+    try:
+        token = bytes.fromhex(record.relay_token or "")
+        answer = control.remote_request(
+            record.relay_address or "", token, {"op": "status"}, timeout=timeout
+        )
+    except (HijackError, ValueError) as exc:
+        return _unreachable_shadow(record, "remote", str(exc))
+    return _answered_shadow(answer, "remote")
+
+
+def _answered_shadow(answer: Mapping[str, Any], where: str) -> ShadowView:
+    try:
+        held = tuple(
+            HeldFd(int(fd["fd"]), str(fd["kind"]), str(fd["target"])) for fd in answer["fds"]
+        )
+        streams = tuple(_stream_view(stream) for stream in answer.get("streams", []))
+        return ShadowView(
+            pid=int(answer["shadow_pid"]),
+            where=where,
+            health=Health.OK,
+            error=None,
+            mode=str(answer["mode"]),
+            location=str(answer.get("location", "")),
+            held=held,
+            streams=streams,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        return ShadowView(
+            None, where, Health.UNREACHABLE, f"malformed status answer: {exc!r}", None, None, (), ()
+        )
+
+
+def _stream_view(stream: Mapping[str, Any]) -> StreamView:
+    stream_id = str(stream["id"])
+    kind, _, number = stream_id.partition(":")
+    return StreamView(
+        id=stream_id,
+        fd=int(number) if kind == "fd" else None,
+        kind=str(stream["kind"]),
+        relay=str(stream.get("relay", "")),
+        # The shadow counts from the original's side: "out" leaves it for the process.
+        bytes_to_process=int(stream["bytes_out"]),
+        bytes_from_process=int(stream["bytes_in"]),
+        buffered_to_process=int(stream["buffered_out"]),
+        buffered_from_process=int(stream["buffered_in"]),
+    )
+
+
+def _dead_shadow(record: ProcessRecord) -> ShadowView:
+    return ShadowView(
+        record.shadow_pid,
+        "local",
+        Health.DEAD,
+        f"process {record.shadow_pid} is gone",
+        None,
+        None,
+        (),
+        (),
+    )
+
+
+def _unreachable_shadow(record: ProcessRecord, where: str, why: str) -> ShadowView:
+    pid = record.shadow_pid if where == "local" else None
+    return ShadowView(pid, where, Health.UNREACHABLE, why, None, None, (), ())
+
+
+# -- asking the node daemons ----------------------------------------------------------
+
+
+def _cluster_key() -> bytes | None:
+    try:
+        return load_cluster_key()
+    except HijackError:
+        return None  # the daemons can only be seen listening, not asked
+
+
+def _ask_node(
+    name: str, address: str, last_seen: float | None, key: bytes | None, timeout: float
+) -> NodeView:
+    check = "connect" if key is None else "ping"
+    started = time.perf_counter()
+    error = None
+    try:
+        host_port = parse_address(address)
+        if key is None:
+            socket.create_connection(host_port, timeout=timeout).close()
+        else:
+            channel = Channel.connect(host_port, key, node_name(), timeout=timeout)
+            try:
+                channel.send({"op": "ping"})
+                answer = channel.receive()
+            finally:
+                channel.close()
+            if not answer.get("pong"):
+                raise HijackError(f"unexpected answer to ping: {answer!r:.80}")
+            if answer.get("node") != name:
+                error = f"answers as node {answer.get('node')!r}"
+    except (HijackError, OSError) as exc:
+        return NodeView(name, address, last_seen, False, check, None, str(exc) or repr(exc))
+    latency_ms = (time.perf_counter() - started) * 1000
+    return NodeView(name, address, last_seen, True, check, latency_ms, error)
+
+
+# -- questions in parallel, answers by one deadline -------------------------------------
+
+K = TypeVar("K")
+T = TypeVar("T")
+
+
+class _Questions:
+    """Questions to other processes, asked at once in threads; whatever has not
+    answered by the deadline is left behind (each has its own time-out, so the
+    threads end soon after) and reported as unanswered."""
+
+    def __init__(self, count: int) -> None:
+        self.pool = ThreadPoolExecutor(
+            max_workers=max(1, min(MAX_WORKERS, count)), thread_name_prefix="hijack-status"
+        )
+        self.futures: list[Future[Any]] = []
+
+    def ask(self, questions: Mapping[K, Callable[[], T]]) -> dict[K, Future[T]]:
+        asked = {key: self.pool.submit(question) for key, question in questions.items()}
+        self.futures += asked.values()
+        return asked
+
+    def wait(self, timeout: float) -> None:
+        wait(self.futures, timeout=timeout)
+
+    def __enter__(self) -> _Questions:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _collect(futures: Mapping[K, Future[T]], unanswered: Callable[[K, str], T]) -> dict[K, T]:
+    answers: dict[K, T] = {}
+    for key, future in futures.items():
+        if not future.done() or future.cancelled():
+            answers[key] = unanswered(key, "no answer in time")
+        elif (exc := future.exception()) is not None:
+            answers[key] = unanswered(key, f"internal error: {exc!r}")  # a bug: shown, not raised
+        else:
+            answers[key] = future.result()
+    return answers
+
+
+# -- JSON -----------------------------------------------------------------------------
+
+
+def snapshot_to_json(snapshot: Snapshot) -> dict[str, Any]:
+    """The `hijack status --json` document (docs/status.md)."""
+    return asdict(snapshot, dict_factory=_json_object)
+
+
+def _json_object(fields: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {name: value.value if isinstance(value, enum.Enum) else value for name, value in fields}
