@@ -27,6 +27,9 @@ from hijack.node.channel import cluster_key_path, create_cluster_key, load_clust
 from hijack.node.daemon import DEFAULT_PORT
 from hijack.registry import Registry
 from hijack.restore import restorer as restoring
+from hijack.status import model as status_model
+from hijack.status import view as status_view
+from hijack.status import watch as status_watch
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -120,7 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--key", metavar="FILE", help="where (default $HIJACK_CLUSTER_KEY or STATE/cluster.key)"
     )
     init.set_defaults(handler=command_cluster_init)
+    add_status_parser(commands)
     return parser
+
+
+def add_status_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    status = commands.add_parser(
+        "status", help="every known process, shadow, move and node on this node"
+    )
+    output = status.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="print the status as JSON")
+    output.add_argument(
+        "--watch", action="store_true", help="a live full-screen view, refreshed every second"
+    )
+    status.set_defaults(handler=command_status)
 
 
 def command_attach(args: argparse.Namespace, console: Console) -> int:
@@ -201,6 +217,21 @@ def command_cluster_init(args: argparse.Namespace, console: Console) -> int:
     except OSError as exc:
         raise HijackError(f"cannot write {path}: {exc.strerror}") from None
     console.print(f"cluster key written to {path}: copy it to every node (mode 0600)")
+    return EXIT_OK
+
+
+def command_status(args: argparse.Namespace, console: Console) -> int:
+    with Registry() as registry:
+        if args.watch:
+            # q ends the view; so do Ctrl-C and SIGTERM, the terminal restored all the same.
+            with contextlib.suppress(Interrupted):
+                status_watch.watch(console, registry)
+            return EXIT_OK
+        snapshot = status_model.gather(registry)
+    if args.json:
+        status_view.status_json(console, snapshot)
+    else:
+        status_view.status(console, snapshot)
     return EXIT_OK
 
 

@@ -16,7 +16,7 @@ import functools
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
@@ -450,6 +450,53 @@ def _collect(futures: Mapping[K, Future[T]], unanswered: Callable[[K, str], T]) 
         else:
             answers[key] = future.result()
     return answers
+
+
+# -- rates between two snapshots -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Bytes per second between two snapshots (the live view's rates)."""
+
+    streams: Mapping[tuple[int, str], tuple[float, float]]  # (pid, stream id) -> (to, from) process
+    moves: Mapping[str, float]  # move id -> image bytes sent per second
+
+
+def throughput(before: Snapshot, after: Snapshot) -> Throughput:
+    seconds = after.taken_at - before.taken_at
+    if seconds <= 0:
+        return Throughput({}, {})
+    earlier = {
+        (process.pid, stream.id): stream for process, stream in proxied_streams(before.processes)
+    }
+    streams = {}
+    for process, stream in proxied_streams(after.processes):
+        previous = earlier.get((process.pid, stream.id))
+        if previous is not None:
+            to_process = stream.bytes_to_process - previous.bytes_to_process
+            from_process = stream.bytes_from_process - previous.bytes_from_process
+            streams[process.pid, stream.id] = (
+                max(0, to_process) / seconds,
+                max(0, from_process) / seconds,
+            )
+    sent_before = {move.id: move.bytes_sent for move in before.moves}
+    moves = {
+        move.id: max(0, move.bytes_sent - sent_before[move.id]) / seconds
+        for move in after.moves
+        if move.id in sent_before
+    }
+    return Throughput(streams, moves)
+
+
+def proxied_streams(processes: Iterable[ProcessView]) -> list[tuple[ProcessView, StreamView]]:
+    """Every stream the shadows relay, with its process."""
+    return [
+        (process, stream)
+        for process in processes
+        if process.shadow is not None
+        for stream in process.shadow.streams
+    ]
 
 
 # -- JSON -----------------------------------------------------------------------------

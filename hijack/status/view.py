@@ -1,0 +1,306 @@
+"""`hijack status` rendered with rich: the table view, the JSON document, the live view's frame.
+
+Every function takes a Snapshot (hijack.status.model) and draws it; nothing
+here asks anything of anyone, so views are tested in a captured Console.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+
+from rich.console import Console, Group, RenderableType
+from rich.markup import escape
+from rich.panel import Panel
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+
+from hijack.cli.render import _size
+from hijack.status.model import (
+    Health,
+    MoveView,
+    NodeView,
+    ProcessView,
+    Snapshot,
+    State,
+    StreamView,
+    Throughput,
+    proxied_streams,
+    snapshot_to_json,
+)
+
+STATE_LABELS = {
+    State.ATTACHED: "[green]attached[/]",
+    State.RUNNING: "[green]running here[/]",
+    State.MOVED: "[cyan]moved away[/]",
+    State.MOVING: "[bold yellow]moving[/]",
+    State.RESTORED: "[green]restored[/]",
+    State.CHECKPOINTED: "[blue]checkpointed[/]",
+    State.GONE: "[red]gone[/]",
+}
+HEALTH_LABELS = {
+    Health.OK: "[green]ok[/]",
+    Health.DEAD: "[bold red]dead[/]",
+    Health.UNREACHABLE: "[yellow]unreachable[/]",
+}
+NONE = "[dim]—[/]"
+LIVE_MOVES_SHOWN = 5
+LIVE_EVENTS_SHOWN = 12
+BAR_WIDTH = 30
+
+
+def status(console: Console, snapshot: Snapshot) -> None:
+    """The table view of `hijack status`."""
+    console.print(_heading(snapshot))
+    if snapshot.processes:
+        console.print(processes_table(snapshot.processes))
+        for note in _shadow_notes(snapshot.processes):
+            console.print(note)
+    else:
+        console.print("no process known to hijack on this node")
+    if any(proxied_streams(snapshot.processes)):
+        console.print(relays_table(snapshot.processes))
+    if snapshot.moves:
+        console.print(moves_table(snapshot.moves[:LIVE_MOVES_SHOWN]))
+    if snapshot.nodes:
+        console.print(nodes_table(snapshot.nodes))
+
+
+def status_json(console: Console, snapshot: Snapshot) -> None:
+    """`hijack status --json`: the document of docs/status.md, on one line per console width."""
+    console.print_json(json.dumps(snapshot_to_json(snapshot)))
+
+
+def live_frame(snapshot: Snapshot, rates: Throughput | None) -> RenderableType:
+    """One frame of `hijack status --watch`."""
+    clock = time.strftime("%H:%M:%S", time.localtime(snapshot.taken_at))
+    parts: list[RenderableType] = [
+        Text.from_markup(f"{_heading(snapshot)}   [dim]{clock} — q quits[/]"),
+        _moves_in_progress(snapshot, rates),
+        processes_table(snapshot.processes)
+        if snapshot.processes
+        else Text("no process known to hijack on this node"),
+    ]
+    parts += _shadow_notes(snapshot.processes)
+    if any(proxied_streams(snapshot.processes)):
+        parts.append(relays_table(snapshot.processes, rates))
+    if snapshot.nodes:
+        parts.append(nodes_table(snapshot.nodes))
+    parts.append(_events(snapshot))
+    return Group(*parts)
+
+
+# -- pieces ---------------------------------------------------------------------------
+
+
+def _heading(snapshot: Snapshot) -> str:
+    counts = [_count(len(snapshot.processes), "process", "processes")]
+    moving = len(snapshot.moves_in_progress)
+    if moving:
+        counts.append(_count(moving, "move in progress", "moves in progress"))
+    counts.append(_count(len(snapshot.nodes), "other node", "other nodes"))
+    return (
+        f"[bold]hijack status[/] on node [bold]{escape(snapshot.node)}[/]: {', '.join(counts)}"
+        f" [dim](state {escape(snapshot.state_dir)})[/]"
+    )
+
+
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"
+
+
+def processes_table(processes: Iterable[ProcessView]) -> Table:
+    table = Table(title="processes", title_justify="left")
+    for heading in ("pid", "program", "home", "on", "state", "shadow", "health"):
+        table.add_column(heading, no_wrap=True)
+    for heading in ("descriptors", "to process", "from process", "buffered"):
+        table.add_column(heading, no_wrap=True, justify="right")
+    table.add_column("last move", no_wrap=True)
+    for process in processes:
+        shadow = process.shadow
+        streams = shadow.streams if shadow else ()
+        table.add_row(
+            str(process.pid),
+            escape(process.program),
+            escape(process.home_node),
+            escape(process.current_node),
+            STATE_LABELS.get(process.state, f"[red]? {escape(process.registry_state)}[/]"),
+            _shadow_cell(process),
+            HEALTH_LABELS[shadow.health] if shadow else NONE,
+            _descriptors_cell(process),
+            _size(sum(s.bytes_to_process for s in streams)) if streams else NONE,
+            _size(sum(s.bytes_from_process for s in streams)) if streams else NONE,
+            _size(sum(_buffered(s) for s in streams)) if streams else NONE,
+            _last_move_cell(process.last_move),
+        )
+    return table
+
+
+def _shadow_cell(process: ProcessView) -> str:
+    shadow = process.shadow
+    if shadow is None:
+        return NONE
+    pid = str(shadow.pid) if shadow.pid is not None else "?"
+    return pid if shadow.where == "local" else f"{pid} on {escape(process.home_node)}"
+
+
+def _descriptors_cell(process: ProcessView) -> str:
+    shadow = process.shadow
+    if shadow is None or shadow.health is not Health.OK:
+        return NONE
+    if shadow.streams:
+        return f"{len(shadow.streams)} proxied"
+    return f"{len(shadow.held)} held"
+
+
+def _buffered(stream: StreamView) -> int:
+    return stream.buffered_to_process + stream.buffered_from_process
+
+
+def _last_move_cell(move: MoveView | None) -> str:
+    if move is None:
+        return NONE
+    where = f"to {escape(move.destination)}"
+    if move.in_progress:
+        return f"[yellow]{move.phase}[/] {where}"
+    if move.phase == "done":
+        return f"{where}, frozen {move.freeze_ms or 0:.1f} ms"
+    if move.phase == "failed":
+        return f"[red]failed[/] {where}"
+    return f"[red]{move.phase}, interrupted[/] {where}"
+
+
+def _shadow_notes(processes: Iterable[ProcessView]) -> list[Text]:
+    """Why a shadow is not ok, one line each under the table."""
+    return [
+        Text.from_markup(f"  [dim]shadow of {process.pid}:[/] {escape(process.shadow.error or '')}")
+        for process in processes
+        if process.shadow is not None and process.shadow.health is not Health.OK
+    ]
+
+
+def relays_table(processes: Iterable[ProcessView], rates: Throughput | None = None) -> Table:
+    table = Table(title="proxied descriptors", title_justify="left")
+    for heading in ("pid", "stream", "fd", "kind", "relay"):
+        table.add_column(heading, no_wrap=True)
+    for heading in ("to process", "from process", "buffered to", "buffered from"):
+        table.add_column(heading, no_wrap=True, justify="right")
+    if rates is not None:
+        table.add_column("rate to", no_wrap=True, justify="right")
+        table.add_column("rate from", no_wrap=True, justify="right")
+    for process, stream in proxied_streams(processes):
+        row = [
+            str(process.pid),
+            escape(stream.id),
+            str(stream.fd) if stream.fd is not None else NONE,
+            stream.kind,
+            escape(stream.relay) or NONE,
+            _size(stream.bytes_to_process),
+            _size(stream.bytes_from_process),
+            _size(stream.buffered_to_process),
+            _size(stream.buffered_from_process),
+        ]
+        if rates is not None:
+            to_rate, from_rate = rates.streams.get((process.pid, stream.id), (0.0, 0.0))
+            row += [f"{_size(int(to_rate))}/s", f"{_size(int(from_rate))}/s"]
+        table.add_row(*row)
+    return table
+
+
+def moves_table(moves: Iterable[MoveView]) -> Table:
+    table = Table(title="recent moves", title_justify="left")
+    for heading in ("move", "pid", "program", "from", "to", "phase", "sent", "frozen", "new pid"):
+        table.add_column(heading, no_wrap=True)
+    for move in moves:
+        table.add_row(
+            move.id,
+            str(move.pid),
+            escape(move.program),
+            escape(move.source),
+            escape(move.destination),
+            _phase(move),
+            _size(move.bytes_sent),
+            f"{move.freeze_ms:.1f} ms" if move.freeze_ms is not None else NONE,
+            str(move.new_pid) if move.new_pid is not None else NONE,
+        )
+    return table
+
+
+def _phase(move: MoveView) -> str:
+    if move.in_progress:
+        return f"[yellow]{move.phase}[/]"
+    if move.phase == "done":
+        return "[green]done[/]"
+    if move.phase == "failed":
+        return f"[red]failed[/]: {escape(move.error or '')}"
+    return f"[red]{move.phase}, interrupted[/]"  # the mover ended without a word
+
+
+def nodes_table(nodes: Iterable[NodeView]) -> Table:
+    table = Table(title="nodes", title_justify="left")
+    for heading in ("node", "address", "reachable", "latency", "last seen", "note"):
+        table.add_column(heading, no_wrap=True)
+    for node in nodes:
+        if node.reachable is None:
+            reachable = "[dim]not checked[/]"
+        elif node.reachable:
+            reachable = "[green]yes[/]" + (" [dim](tcp only)[/]" if node.check == "connect" else "")
+        else:
+            reachable = "[red]no[/]"
+        table.add_row(
+            escape(node.name),
+            escape(node.address or "") or "[dim]unknown[/]",
+            reachable,
+            f"{node.latency_ms:.1f} ms" if node.latency_ms is not None else NONE,
+            _ago(node.last_seen),
+            escape(node.error or ""),
+        )
+    return table
+
+
+def _ago(at: float | None) -> str:
+    if at is None:
+        return NONE
+    seconds = max(0.0, time.time() - at)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago"
+
+
+def _moves_in_progress(snapshot: Snapshot, rates: Throughput | None) -> RenderableType:
+    moving = snapshot.moves_in_progress
+    if not moving:
+        return Panel(Text("no move in progress", style="dim"), title="moves", title_align="left")
+    table = Table.grid(padding=(0, 1))
+    for move in moving:
+        rate = rates.moves.get(move.id) if rates else None
+        expected = move.expected_bytes
+        table.add_row(
+            f"[bold]{move.pid}[/] {escape(move.program)} → {escape(move.destination)}",
+            f"[yellow]{move.phase:<10}[/]",
+            ProgressBar(
+                total=float(expected) if expected else None,
+                completed=float(move.bytes_sent),
+                width=BAR_WIDTH,
+                pulse=not expected,
+            ),
+            f"{_size(move.bytes_sent)}" + (f" of ≈{_size(expected)}" if expected else ""),
+            f"{_size(int(rate))}/s" if rate else "",
+            f"{snapshot.taken_at - move.started_at:.1f} s",
+        )
+    return Panel(table, title="moves in progress", title_align="left", border_style="yellow")
+
+
+def _events(snapshot: Snapshot) -> RenderableType:
+    lines = Table.grid(padding=(0, 1))
+    for event in snapshot.events[:LIVE_EVENTS_SHOWN]:
+        lines.add_row(
+            time.strftime("%H:%M:%S", time.localtime(event.at)),
+            str(event.pid) if event.pid is not None else "",
+            f"[bold]{escape(event.kind)}[/]",
+            escape(event.detail),
+        )
+    return Panel(lines, title="recent events", title_align="left")
