@@ -38,6 +38,8 @@ O_CLOEXEC = 0o2000000
 # Flags that act at open time only: never replayed (O_TRUNC would empty the file).
 OPEN_TIME_ONLY = O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC
 F_DUPFD, F_SETFD, F_SETFL = 0, 2, 4
+# The status flags F_SETFL can change: O_APPEND, O_ASYNC, O_DIRECT, O_NOATIME, O_NONBLOCK.
+SETTABLE_STATUS_FLAGS = 0o2000 | 0o20000 | 0o40000 | 0o1000000 | O_NONBLOCK
 FD_CLOEXEC = 1
 SEEK_SET = 0
 AT_FDCWD = -100
@@ -165,6 +167,9 @@ def restore_files(stub: Stub, plan: FilePlan, inherited: dict[int, int]) -> None
         reopen(stub, descriptor)
     for descriptor in plan.inherited:
         _place(stub, parked[descriptor.fd], descriptor)
+        # A relay stands for the original: it takes the original's status
+        # flags (a server's non-blocking listener must not block in accept).
+        stub.call("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
     # Every descriptor is in place now: fill the epoll interest lists.
     for descriptor in plan.reopen:
         for target in descriptor.epoll:
