@@ -145,14 +145,27 @@ class NodeDaemon:
 
 
 def _reap(pid: int) -> None:
-    """The restored process is our child: collect it when it ends."""
+    """The restored process is our child: collect it when it ends.
+
+    If it ended here (not moved on: a mover forgets it before killing it),
+    its home shadow has nothing left to relay for and is released.
+    """
     try:
         _, status = os.waitpid(pid, 0)
     except ChildProcessError:
         return
-    with Registry() as registry:
-        registry.set_state(pid, "exited")
     log(f"process {pid} ended ({os.waitstatus_to_exitcode(status)})")
+    with Registry() as registry:
+        record = registry.find(pid)
+        if record is None or record.state != "running":
+            return
+        registry.set_state(pid, "exited")
+    if record.relay_address and record.relay_token:
+        try:
+            token = bytes.fromhex(record.relay_token)
+            control.remote_request(record.relay_address, token, {"op": "release"}, timeout=5.0)
+        except (HijackError, ValueError) as exc:
+            log(f"could not release the home shadow of {pid}: {exc}")
 
 
 def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:

@@ -123,6 +123,14 @@ def move(
         registry.record_node(channel.peer, f"{address[0]}:{address[1]}")
         registry.start_move(move_id, pid, record.program, channel.peer)
         report = _Published(registry, move_id, report)
+
+        def mark_moved() -> None:
+            # Before the original dies: whoever collects it must know it moved on.
+            if at_home:
+                registry.set_state(pid, "moved", current_node=channel.peer)
+            else:
+                registry.forget(pid, f"moved to {channel.peer}")
+
         try:
             result = _move_frozen(
                 pid,
@@ -135,6 +143,7 @@ def move(
                 record,
                 relay_address,
                 report,
+                mark_moved,
             )
         except BaseException as exc:
             registry.update_move(move_id, phase="failed", finished_at=time.time(), error=str(exc))
@@ -149,10 +158,6 @@ def move(
         freeze_ms=result.freeze_ms,
         new_pid=result.new_pid,
     )
-    if at_home:
-        registry.set_state(pid, "moved", current_node=channel.peer)
-    else:
-        registry.forget(pid, f"moved to {channel.peer}")
     return result
 
 
@@ -167,6 +172,7 @@ def _move_frozen(
     record: ProcessRecord,
     relay_address: str,
     report: Callable[[str, int], None],
+    mark_moved: Callable[[], None],
 ) -> MoveResult:
     committed = False
     with Tracee.seize(pid) as tracee:
@@ -220,6 +226,7 @@ def _move_frozen(
                 "present": present,
             }
         )
+        mark_moved()
         kill_stopped(tracee)
         freeze_ms = (time.perf_counter() - frozen_at) * 1000
     return MoveResult(move_id, pid, int(running["pid"]), channel.peer, freeze_ms, writer.sent)
