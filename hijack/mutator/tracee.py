@@ -223,6 +223,10 @@ class Tracee:
             thread.signal_mask = pt.get_signal_mask(thread.tid)
             thread.state = ThreadState.STOPPED
             return None
+        # Any other stop came before our interrupt and consumed it (the kernel
+        # clears a pending STOP trap at every trap): interrupt again, which
+        # stops the thread as soon as it is resumed.
+        pt.interrupt(thread.tid)
         if result.event == pt.PTRACE_EVENT_CLONE:
             # It made a thread before our interrupt reached it. The new thread
             # is traced from birth (TRACECLONE) and reports its own first stop.
@@ -230,8 +234,7 @@ class Tracee:
             pt.resume(thread.tid)
             return born
         # A signal arrived before the interrupt: deliver it as the kernel would
-        # have (a handler runs, or the default action happens); the pending
-        # interrupt stops the thread right after.
+        # have (a handler runs, or the default action happens).
         pt.resume(thread.tid, result.stop_signal)
         return None
 
@@ -445,6 +448,7 @@ def _wait_for_stop(tid: int) -> None:
             raise ProcessGone(f"thread {tid} {result.describe()}", pid=tid)
         if result.event == pt.PTRACE_EVENT_STOP:
             return
+        pt.interrupt(tid)  # that stop consumed the pending interrupt
         pt.resume(tid, 0 if result.event else result.stop_signal)
 
 
@@ -466,10 +470,21 @@ def resume_registers(
     if result in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
         return registers.replace(rax=registers.orig_rax, rip=rewound)
     if result == ERESTART_RESTARTBLOCK:
-        if restart_block_available:
+        if restart_block_available and not _reissue_is_exact(registers):
             return registers.replace(rax=RESTART_SYSCALL_NR, rip=rewound)
         return _reissue_sleep(registers).replace(rax=registers.orig_rax, rip=rewound)
     return restart_spurious_eintr(registers, signal_pending=signal_pending)
+
+
+def _reissue_is_exact(registers: pt.Registers) -> bool:
+    """Whether re-running the call itself does what restart_syscall would.
+
+    Then the call itself is preferred even on the live task: a thread left in
+    restart_syscall no longer shows which call it is in, and a later dump of
+    it (a move after attach) could not re-run it in a new process.
+    """
+    # poll's timeout is an int: a negative one (bit 31 of edx) waits for ever.
+    return registers.orig_rax == SYSCALL_NUMBERS["poll"] and bool(registers.rdx & 0x80000000)
 
 
 def restart_spurious_eintr(registers: pt.Registers, *, signal_pending: bool) -> pt.Registers:
