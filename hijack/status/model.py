@@ -508,4 +508,12 @@ def snapshot_to_json(snapshot: Snapshot) -> dict[str, Any]:
 
 
 def _json_object(fields: list[tuple[str, Any]]) -> dict[str, Any]:
-    return {name: value.value if isinstance(value, enum.Enum) else value for name, value in fields}
+    return {name: _json_value(value) for name, value in fields}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, tuple):
+        return list(value)
+    return value

@@ -76,8 +76,10 @@ def status_json(console: Console, snapshot: Snapshot) -> None:
 def live_frame(snapshot: Snapshot, rates: Throughput | None) -> RenderableType:
     """One frame of `hijack status --watch`."""
     clock = time.strftime("%H:%M:%S", time.localtime(snapshot.taken_at))
+    heading = Text.from_markup(f"{clock} [dim](q quits)[/] {_heading(snapshot)}")
+    heading.no_wrap, heading.overflow = True, "ellipsis"
     parts: list[RenderableType] = [
-        Text.from_markup(f"{_heading(snapshot)}   [dim]{clock} — q quits[/]"),
+        heading,
         _moves_in_progress(snapshot, rates),
         processes_table(snapshot.processes)
         if snapshot.processes
