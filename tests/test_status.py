@@ -627,3 +627,24 @@ def test_the_live_view_shows_a_move_in_progress_and_quits_on_q(
         if new_pid:
             kill_by_pid(new_pid)
         release_home_shadow(home, big.pid)
+
+
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+def test_the_live_view_ends_on_ctrl_c_with_exit_0_and_the_terminal_as_it_was(
+    home: Path, tmp_path: Path
+) -> None:
+    tmux = Tmux(tmp_path / "tmux.sock", {**os.environ, "LC_ALL": "C.UTF-8"})
+    try:
+        tmux.type(f"{sys.executable} -m hijack status --watch")
+        tmux.wait_for(lambda s: "no process known to hijack" in s, "the live view", 20.0)
+        tmux("send-keys", "-t", PANE, "C-c")
+        wait_until(tmux.foreground, lambda command: command == "bash", "the shell's turn again")
+        # What the terminal is set to now is what the next command gets (bash
+        # keeps a normally ending program's settings): line mode, with echo.
+        tmux.type("echo status-exit-$?; stty -a")
+        after = tmux.wait_for(lambda s: "status-exit-" in s and "icanon" in s, "the shell")
+        assert re.search(r"^status-exit-0$", after, re.MULTILINE), after
+        assert re.search(r"(?<![-\w])icanon\b", after) and re.search(r"(?<![-\w])echo\b", after)
+        assert "Traceback" not in after, after
+    finally:
+        tmux.kill()

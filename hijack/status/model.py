@@ -222,7 +222,7 @@ def _process_view(
         None,
     )
     elsewhere = record.state == "moved" or record.current_node != here
-    alive = None if elsewhere else runs(record.pid, record.start_time)
+    alive = None if elsewhere else _runs(record.pid, record.start_time)
     current_node = record.current_node
     if shadow is not None and shadow.mode == "away" and shadow.location:
         current_node = shadow.location  # the home shadow knows where it is now
@@ -275,7 +275,7 @@ def _stat(pid: int, start_time: int = 0) -> procfs.ProcStat | None:
     return stat
 
 
-def runs(pid: int, start_time: int = 0) -> bool:
+def _runs(pid: int, start_time: int = 0) -> bool:
     return _stat(pid, start_time) is not None
 
 
@@ -283,22 +283,23 @@ def runs(pid: int, start_time: int = 0) -> bool:
 
 
 def _shadow_where(record: ProcessRecord, here: str) -> str | None:
-    """ "local" for a shadow on this node, "remote" for a migrant's home shadow, None: no shadow."""
+    """Where the shadow of `record` is: "local" (this node), "remote" (a migrant's home), or
+    None (it has none: restored from an image)."""
     if record.home_node == here and record.shadow_control:
         return "local"
     if record.relay_address and record.relay_token:
         return "remote"
-    return None  # restored from an image
+    return None
 
 
 def _ask_local_shadow(record: ProcessRecord, timeout: float) -> ShadowView:
     assert record.shadow_control is not None
-    if record.shadow_pid is not None and not runs(record.shadow_pid):
+    if record.shadow_pid is not None and not _runs(record.shadow_pid):
         return _dead_shadow(record)
     try:
         answer = control.request(record.shadow_control, {"op": "status"}, timeout=timeout)
     except HijackError as exc:
-        if record.shadow_pid is not None and not runs(record.shadow_pid):
+        if record.shadow_pid is not None and not _runs(record.shadow_pid):
             return _dead_shadow(record)  # it died while we asked
         return _unreachable_shadow(record, "local", str(exc))
     return _answered_shadow(answer, "local")

@@ -69,7 +69,7 @@ def status(console: Console, snapshot: Snapshot) -> None:
 
 
 def status_json(console: Console, snapshot: Snapshot) -> None:
-    """`hijack status --json`: the document of docs/status.md, on one line per console width."""
+    """`hijack status --json`: the document of docs/status.md, indented."""
     console.print_json(json.dumps(snapshot_to_json(snapshot)))
 
 
