@@ -92,19 +92,9 @@ class ShadowView:
 
 
 @dataclass(frozen=True)
-class MoveView:
-    id: str
-    pid: int
-    program: str
-    source: str
-    destination: str
-    phase: str
-    started_at: float
-    finished_at: float | None
-    bytes_sent: int
-    freeze_ms: float | None
-    new_pid: int | None
-    error: str | None
+class MoveView(MoveRecord):
+    """A move as the registry has it, and whether it is still going on."""
+
     in_progress: bool  # an unfinished phase and the frozen process still there
     expected_bytes: int | None  # while in progress: the resident memory of the frozen process
 
