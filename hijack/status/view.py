@@ -46,7 +46,7 @@ HEALTH_LABELS = {
     Health.UNREACHABLE: "[yellow]unreachable[/]",
 }
 NONE = "[dim]—[/]"
-LIVE_MOVES_SHOWN = 5
+RECENT_MOVES_SHOWN = 5
 LIVE_EVENTS_SHOWN = 12
 BAR_WIDTH = 30
 
@@ -60,10 +60,10 @@ def status(console: Console, snapshot: Snapshot) -> None:
             console.print(note)
     else:
         console.print("no process known to hijack on this node")
-    if any(proxied_streams(snapshot.processes)):
+    if proxied_streams(snapshot.processes):
         console.print(relays_table(snapshot.processes))
     if snapshot.moves:
-        console.print(moves_table(snapshot.moves[:LIVE_MOVES_SHOWN]))
+        console.print(moves_table(snapshot.moves[:RECENT_MOVES_SHOWN]))
     if snapshot.nodes:
         console.print(nodes_table(snapshot.nodes))
 
@@ -86,7 +86,7 @@ def live_frame(snapshot: Snapshot, rates: Throughput | None) -> RenderableType:
         else Text("no process known to hijack on this node"),
     ]
     parts += _shadow_notes(snapshot.processes)
-    if any(proxied_streams(snapshot.processes)):
+    if proxied_streams(snapshot.processes):
         parts.append(relays_table(snapshot.processes, rates))
     if snapshot.nodes:
         parts.append(nodes_table(snapshot.nodes))
