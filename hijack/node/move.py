@@ -103,6 +103,7 @@ def move(
     key = load_cluster_key()
     record = registry.find(pid)
     if record is None or record.state not in ("attached", "running"):
+        plan_proxies(pid, None, at_home=True)  # refused before the attach: nothing changes
         attaching.attach(pid, registry)
         record = registry.get(pid)
     at_home = record.state == "attached"
@@ -284,14 +285,21 @@ class _Progress:
         self.writer.flush()
 
 
-def plan_proxies(pid: int, shadow: HomeShadow, at_home: bool) -> tuple[list[Proxy], list[str]]:
+def plan_proxies(
+    pid: int, shadow: HomeShadow | None, at_home: bool
+) -> tuple[list[Proxy], list[str]]:
     """Which descriptors go through the home shadow, and as which stream; refuse the rest.
 
     Also returns the stream ids the process holds now (so the shadow knows which
-    clients it accepted were not yet accepted by the process).
+    clients it accepted were not yet accepted by the process). At home the
+    shadow is not asked, so the check can run before there is one.
     """
     sockets = procfs.read_socket_table(pid)
-    streams = {} if at_home else {s["id"]: s for s in shadow.request({"op": "status"})["streams"]}
+    streams = (
+        {}
+        if at_home or shadow is None
+        else {s["id"]: s for s in shadow.request({"op": "status"})["streams"]}
+    )
     by_ends = {(s["relay"], s["shadow_end"]): s["id"] for s in streams.values() if s["relay"]}
     by_listener = {s["listener"]: s["id"] for s in streams.values() if s["listener"]}
     plan: list[Proxy] = []

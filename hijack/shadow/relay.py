@@ -183,7 +183,7 @@ class RelayHub:
 
     def _set_originals_nonblocking(self) -> None:
         for stream in self.streams.values():
-            if stream.closed:
+            if stream.closed or stream.original < 0:
                 continue
             flags = fcntl.fcntl(stream.original, fcntl.F_GETFL)
             if not flags & os.O_NONBLOCK:
@@ -197,7 +197,8 @@ class RelayHub:
         for stream in self.streams.values():
             if stream.closed:
                 continue
-            self._watch(stream.original, self._original_events(stream), stream, "original")
+            if stream.original >= 0:  # -1: a pipe we closed to pass its end on
+                self._watch(stream.original, self._original_events(stream), stream, "original")
             if stream.relay is not None:
                 self._watch(stream.relay.sock, self._relay_events(stream), stream, "relay")
             for relay in stream.retiring:
@@ -345,9 +346,9 @@ class RelayHub:
     def _end_original(self, stream: Stream) -> None:
         """The process finished writing: pass the end on to the original's peer."""
         stream.shut_original = True
-        try:
-            sock = socket.socket(fileno=os.dup(stream.original))
-        except OSError:
+        sock = _socket_copy(stream.original)
+        if sock is None:
+            self._forget(stream.original)
             os.close(stream.original)  # a pipe: closing is how its reader sees the end
             stream.original = -1
             return
@@ -367,14 +368,10 @@ class RelayHub:
             relay.sock.close()
         if stream.original >= 0:
             self._forget(stream.original)
-            if reset:
-                try:
-                    with socket.socket(fileno=os.dup(stream.original)) as sock:
-                        sock.setsockopt(
-                            socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-                        )
-                except OSError:
-                    pass
+            sock = _socket_copy(stream.original) if reset else None
+            if sock is not None:
+                with sock:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             os.close(stream.original)
         stream.original = -1
         stream.relay = None
@@ -442,6 +439,16 @@ class RelayHub:
                 }
             )
         return rows
+
+
+def _socket_copy(fd: int) -> socket.socket | None:
+    """A socket object on a duplicate of `fd`, or None if `fd` is no socket (a pipe)."""
+    duplicate = os.dup(fd)
+    try:
+        return socket.socket(fileno=duplicate)
+    except OSError:
+        os.close(duplicate)  # socket() does not close what it refused: the pipe stays open
+        return None
 
 
 def decode_unread(encoded: dict[str, str]) -> dict[str, bytes]:
