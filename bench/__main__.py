@@ -8,7 +8,9 @@ the same run, on the same bytes, at the same place:
 - dump of the same process to a pipe drained by another thread, vs a plain
   memory copy of SIZE bytes;
 - restore of that image, vs process_vm_writev of SIZE bytes into a fresh
-  process's memory.
+  process's memory;
+- the figures of a live move (bench/moves.py): relay throughput and added
+  round trip through the shadow, freeze times.
 
 `python -m bench` measures 1 GiB; `--quick` measures 64 MiB (CI runs it so the
 scripts cannot rot; it asserts nothing). Results go to stdout and to
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.moves import measure_moves
 from hijack.mutator.dump import MAP_PRIVATE_ANONYMOUS, PROT_READ_WRITE, dump, dump_to_file
 from hijack.mutator.tracee import Tracee
 from hijack.restore.restorer import restore
@@ -225,11 +228,12 @@ def main(argv: list[str] | None = None) -> int:
     set_child_subreaper()
     with tempfile.TemporaryDirectory(prefix="hijack-bench-", dir="/tmp") as directory:
         figures = measure(size, Path(directory))
+        move_lines = measure_moves(Path(directory), stream_size=size // 4, big=size)
     header = (
         f"hijack bench, {size // MIB} MiB, {time.strftime('%Y-%m-%d %H:%M')},"
         f" {os.uname().sysname} {os.uname().release}, {os.cpu_count()} CPUs"
     )
-    lines = [header, *(figure.line(size) for figure in figures)]
+    lines = [header, *(figure.line(size) for figure in figures), *move_lines]
     print("\n".join(lines))
     RESULTS.write_text("\n".join(lines) + "\n")
     return 0

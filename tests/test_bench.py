@@ -15,10 +15,18 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    for figure in ("dump to a file", "dump to a pipe", "restore from a file"):
+    figures = (
+        "dump to a file",
+        "dump to a pipe",
+        "restore from a file",
+        "relay throughput",
+        "added round trip",
+        "move freeze time, 10 MB",
+        "move freeze time, 64 MiB",
+    )
+    for figure in figures:
         assert figure in result.stdout, result.stdout
-    assert result.stdout.count("ratio") == 3, result.stdout

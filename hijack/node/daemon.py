@@ -74,6 +74,8 @@ class NodeDaemon:
         where = f"{peer[0]}:{peer[1]}"
         try:
             connection.settimeout(COMMIT_TIMEOUT)
+            # Small frames (the handshake, prepared/commit) must not wait on Nagle.
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
                 channel = Channel.accept(connection, self.key, self.name)
             except (ChannelError, OSError) as exc:
