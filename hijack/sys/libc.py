@@ -10,6 +10,13 @@ from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
 
 libc = ctypes.CDLL(None, use_errno=True)
 
+
+class Iovec(ctypes.Structure):
+    """struct iovec."""
+
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
 _syscall = libc.syscall
 _syscall.restype = ctypes.c_long
 

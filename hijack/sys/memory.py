@@ -10,15 +10,11 @@ from __future__ import annotations
 import ctypes
 import errno as errno_codes
 import os
+from typing import Any
 
 from hijack.errors import HijackError
 from hijack.sys.errors import kernel_call, raise_for_errno
-from hijack.sys.libc import libc
-
-
-class _Iovec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
+from hijack.sys.libc import Iovec, libc
 
 _process_vm_readv = libc.process_vm_readv
 _process_vm_readv.restype = ctypes.c_ssize_t
@@ -26,25 +22,31 @@ _process_vm_writev = libc.process_vm_writev
 _process_vm_writev.restype = ctypes.c_ssize_t
 
 
-def _buffer_address(buffer: bytearray | memoryview) -> int:
+def _writable_address(buffer: bytearray | memoryview) -> int:
     """Address of a writable Python buffer, for an iovec (no copy)."""
     return ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
 
 
-def read_into(pid: int, address: int, buffer: bytearray | memoryview) -> None:
-    """Fill `buffer` with the bytes at `address` in `pid`; a short read is an error."""
-    length = len(buffer)
-    local = _Iovec(_buffer_address(buffer), length)
-    remote = _Iovec(address, length)
-    done = _process_vm_readv(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
+def _transfer(call: Any, name: str, pid: int, address: int, local: int, length: int) -> None:
+    """One process_vm_readv/writev of `length` bytes; a short transfer is an error."""
+    local_iov = Iovec(local, length)
+    remote_iov = Iovec(address, length)
+    done = call(pid, ctypes.byref(local_iov), 1, ctypes.byref(remote_iov), 1, 0)
     if done < 0:
-        raise_for_errno(ctypes.get_errno(), "process_vm_readv", pid)
+        raise_for_errno(ctypes.get_errno(), name, pid)
     if done != length:
         raise HijackError(
-            f"short read of process {pid} memory at {address:#x}: {done} of {length} bytes",
+            f"{name} of process {pid} memory at {address:#x} moved {done} of {length} bytes",
             pid=pid,
-            syscall="process_vm_readv",
+            syscall=name,
         )
+
+
+def read_into(pid: int, address: int, buffer: bytearray | memoryview) -> None:
+    """Fill `buffer` with the bytes at `address` in `pid`."""
+    _transfer(
+        _process_vm_readv, "process_vm_readv", pid, address, _writable_address(buffer), len(buffer)
+    )
 
 
 def read(pid: int, address: int, length: int) -> bytes:
@@ -55,19 +57,15 @@ def read(pid: int, address: int, length: int) -> bytes:
 
 def write(pid: int, address: int, data: bytes | bytearray | memoryview) -> None:
     """Write `data` at `address` in `pid`, honouring page protections."""
-    source = bytearray(data) if not isinstance(data, bytearray) else data
-    length = len(source)
-    local = _Iovec(_buffer_address(source), length)
-    remote = _Iovec(address, length)
-    done = _process_vm_writev(pid, ctypes.byref(local), 1, ctypes.byref(remote), 1, 0)
-    if done < 0:
-        raise_for_errno(ctypes.get_errno(), "process_vm_writev", pid)
-    if done != length:
-        raise HijackError(
-            f"short write to process {pid} memory at {address:#x}: {done} of {length} bytes",
-            pid=pid,
-            syscall="process_vm_writev",
-        )
+    if isinstance(data, memoryview) and data.readonly:
+        data = bytes(data)
+    if isinstance(data, bytes):
+        # A bytes object's own buffer: no copy (c_char_p points into it).
+        keep = ctypes.c_char_p(data)
+        local = ctypes.cast(keep, ctypes.c_void_p).value or 0
+    else:
+        local = _writable_address(data)
+    _transfer(_process_vm_writev, "process_vm_writev", pid, address, local, len(data))
 
 
 def poke(pid: int, address: int, data: bytes) -> None:

@@ -19,6 +19,7 @@ from ptrace.error import PtraceError
 
 from hijack.errors import AlreadyTraced
 from hijack.sys.errors import raise_for_errno
+from hijack.sys.libc import Iovec
 from hijack.sys.process import WALL
 
 # Requests (<linux/ptrace.h>).
@@ -151,10 +152,6 @@ class WaitResult:
         return f"stopped by signal {self.stop_signal}"
 
 
-class _Iovec(ctypes.Structure):
-    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
-
-
 class _RseqConfiguration(ctypes.Structure):
     _fields_ = [
         ("rseq_abi_pointer", ctypes.c_uint64),
@@ -261,14 +258,14 @@ def set_registers(tid: int, registers: Registers) -> None:
 def get_xstate(tid: int) -> bytes:
     """The extended FPU/vector state (NT_X86_XSTATE), as the kernel lays it out."""
     buffer = ctypes.create_string_buffer(XSTATE_BUFFER_SIZE)
-    iov = _Iovec(ctypes.cast(buffer, ctypes.c_void_p), XSTATE_BUFFER_SIZE)
+    iov = Iovec(ctypes.cast(buffer, ctypes.c_void_p), XSTATE_BUFFER_SIZE)
     _request("PTRACE_GETREGSET", PTRACE_GETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(iov))
     return buffer.raw[: iov.iov_len]
 
 
 def set_xstate(tid: int, xstate: bytes) -> None:
     buffer = ctypes.create_string_buffer(xstate, len(xstate))
-    iov = _Iovec(ctypes.cast(buffer, ctypes.c_void_p), len(xstate))
+    iov = Iovec(ctypes.cast(buffer, ctypes.c_void_p), len(xstate))
     _request("PTRACE_SETREGSET", PTRACE_SETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(iov))
 
 
