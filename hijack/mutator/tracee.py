@@ -423,8 +423,16 @@ def _release_thread(thread: TracedThread) -> None:
         pt.set_signal_mask(thread.tid, thread.signal_mask)
     else:
         # Still in the kernel's signal path: it restarts -ERESTART* calls
-        # itself; only the calls that our stop made fail with EINTR need us.
+        # itself; the calls that our stop made fail with EINTR need us, and so
+        # does a call it would continue through restart_syscall where
+        # re-running the call itself is exact (see _reissue_is_exact).
         resumed = restart_spurious_eintr(found, signal_pending=pending)
+        if (
+            not pending
+            and found.signed("rax") == ERESTART_RESTARTBLOCK
+            and _reissue_is_exact(found)
+        ):
+            resumed = resume_registers(found, restart_block_available=True, signal_pending=False)
         if resumed != found:
             pt.set_registers(thread.tid, resumed)
     pt.detach(thread.tid)
@@ -483,8 +491,12 @@ def _reissue_is_exact(registers: pt.Registers) -> bool:
     restart_syscall no longer shows which call it is in, and a later dump of
     it (a move after attach) could not re-run it in a new process.
     """
-    # poll's timeout is an int: a negative one (bit 31 of edx) waits for ever.
-    return registers.orig_rax == SYSCALL_NUMBERS["poll"] and bool(registers.rdx & 0x80000000)
+    if registers.orig_rax == SYSCALL_NUMBERS["poll"]:
+        # poll's timeout is an int: a negative one (bit 31 of edx) waits for ever.
+        return bool(registers.rdx & 0x80000000)
+    # A relative sleep with a `rem`, where the kernel wrote the time left (our
+    # stop lengthens the sleep by the pause, which a sleep is allowed to be).
+    return bool(_sleep_rem(registers))
 
 
 def restart_spurious_eintr(registers: pt.Registers, *, signal_pending: bool) -> pt.Registers:
@@ -501,14 +513,19 @@ def restart_spurious_eintr(registers: pt.Registers, *, signal_pending: bool) -> 
     return registers.replace(rax=registers.orig_rax, rip=registers.rip - SYSCALL_INSTRUCTION_LENGTH)
 
 
+def _sleep_rem(registers: pt.Registers) -> int:
+    """The `rem` pointer of an interrupted relative sleep (0: none, or no sleep)."""
+    if registers.orig_rax == SYSCALL_NUMBERS["nanosleep"]:
+        return registers.rsi
+    if registers.orig_rax == SYSCALL_NUMBERS["clock_nanosleep"]:
+        return 0 if registers.rsi & TIMER_ABSTIME else registers.r10
+    return 0
+
+
 def _reissue_sleep(registers: pt.Registers) -> pt.Registers:
-    number = registers.orig_rax
-    if number == SYSCALL_NUMBERS["nanosleep"] and registers.rsi:
-        return registers.replace(rdi=registers.rsi)  # sleep what was left
-    if (
-        number == SYSCALL_NUMBERS["clock_nanosleep"]
-        and not registers.rsi & TIMER_ABSTIME
-        and registers.r10
-    ):
-        return registers.replace(rdx=registers.r10)
-    return registers
+    rem = _sleep_rem(registers)  # sleep what was left
+    if not rem:
+        return registers
+    if registers.orig_rax == SYSCALL_NUMBERS["nanosleep"]:
+        return registers.replace(rdi=rem)
+    return registers.replace(rdx=rem)
