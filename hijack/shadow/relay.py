@@ -160,6 +160,7 @@ class RelayHub:
                 stream.kind == "stream"
                 and stream.id.startswith("acc:")
                 and (stream.id not in present)
+                and not stream.closed  # a client that came and went: nothing to carry on
             ):
                 # Accepted by us but not yet by the process: connect it again at
                 # the new node, replaying what the client had sent.

@@ -1,0 +1,629 @@
+"""Multi-threaded processes: attach, dump and restore stop, save and rebuild every thread.
+
+The fixtures (tests/fixtures/workers.c, churn.c) check their own state at the
+finish: counters kept under a mutex and mirrored in TLS, threads parked in
+each kind of blocking call that must wake on its event and not on EINTR,
+ymm registers kept across a read(), PI and robust mutexes whose futex words
+carry thread ids, threads created and joined thousands of times a second.
+The tests add what only the outside can see: thread ids before and after,
+the state the kernel keeps per thread (a second dump of the restored process
+holds what the first image held), counters in the image against the process,
+and an unmodified multi-threaded server from Debian, redis-server, serving the
+same client connections across a dump and a restore.
+
+What a user does runs through the CLI (`python -m hijack`, its own state
+directory per test). A process restored that way, and a shadow whose target
+ended, is re-parented to pytest (a child subreaper) and reaped here. Waits are
+bounded and on pipes, pidfds and files; where a thread must be inside a
+blocking call, /proc is polled with a bound. Every image a test writes is
+decoded and re-encoded after it and must come out byte-identical.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import secrets
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+
+import pytest
+from support import RunningFixture, spawn_fixture
+from support.cli import CLI_TIMEOUT, CliResult, HijackCli
+from support.procview import has_exited, wait_in_syscall
+
+from hijack.image import records as rec
+from hijack.image.codec import read_image, recode
+from hijack.mutator.tracee import Tracee
+
+EXIT_TIMEOUT = 30.0
+POLL_TIMEOUT = 10.0
+# Long enough that the sleeper still sleeps when the dump is taken (attach
+# and dump take well under a second here), short enough not to slow the file.
+SLEEP_MS = 4000
+CHURN_DUMPS = 10
+CHURN_ATTACHES = 5
+# A seize that misses a stop hangs: fail in seconds, not after the CLI's minute.
+CHURN_CLI_TIMEOUT = 20.0
+WORKERS = 8
+
+# x86_64 system call numbers, as /proc/PID/syscall shows them.
+SYS_READ = 0
+SYS_NANOSLEEP = 35
+SYS_ACCEPT = 43
+SYS_FUTEX = 202
+SYS_RESTART_SYSCALL = 219  # a sleep resumed after a live stop continues here
+SYS_CLOCK_NANOSLEEP = 230  # glibc's nanosleep()
+SYS_EPOLL_WAIT = 232
+SYS_EPOLL_PWAIT = 281
+SYS_ACCEPT4 = 288
+# Where each parked thread of `workers` waits (its tid is in the ready line).
+PARKED_IN = {
+    "cond": (SYS_FUTEX,),
+    "sleeper": (SYS_NANOSLEEP, SYS_CLOCK_NANOSLEEP, SYS_RESTART_SYSCALL),
+    "dier": (SYS_FUTEX,),
+    "epoll": (SYS_EPOLL_WAIT, SYS_EPOLL_PWAIT),
+    "reader": (SYS_READ,),
+    "acceptor": (SYS_ACCEPT, SYS_ACCEPT4),
+}
+# Parked threads whose registers must be exactly the image's after a restore:
+# re-entered, their call stops where it stopped before. (The sleeper's is
+# re-issued with the time that was left, so its arguments differ.)
+SAME_REGISTERS = ("cond", "dier", "epoll", "reader", "acceptor")
+
+RESTORED_LINE = re.compile(r"^restored process (\d+) ", re.MULTILINE)
+COUNTERS_LINE = re.compile(r"^counters=([\d,]+)$", re.MULTILINE)
+
+
+@pytest.fixture
+def hijack(tmp_path: Path) -> HijackCli:
+    return HijackCli(tmp_path / "state")
+
+
+@pytest.fixture(autouse=True)
+def every_image_recodes(tmp_path: Path) -> Iterator[None]:
+    yield
+    for image in sorted(tmp_path.rglob("*.crf")):
+        recoded = io.BytesIO()
+        with open(image, "rb") as source:
+            recode(source, recoded)
+        assert recoded.getvalue() == image.read_bytes(), f"{image} does not re-encode the same"
+
+
+# -- looking at processes and images --------------------------------------------------------------
+
+
+def thread_ids(pid: int) -> set[int]:
+    return {int(tid) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def task_state(pid: int, tid: int) -> str:
+    text = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    return text[text.rindex(")") + 2]
+
+
+def tracer_of(pid: int, tid: int) -> int:
+    for line in Path(f"/proc/{pid}/task/{tid}/status").read_text().splitlines():
+        if line.startswith("TracerPid:"):
+            return int(line.split()[1])
+    raise AssertionError(f"/proc/{pid}/task/{tid}/status has no TracerPid")
+
+
+def assert_untraced(pid: int) -> None:
+    for tid in thread_ids(pid):
+        # FileNotFoundError: a short-lived thread, gone since the listing.
+        with contextlib.suppress(FileNotFoundError):
+            assert tracer_of(pid, tid) == 0, f"task {tid} is still traced"
+            assert task_state(pid, tid) not in ("t", "T"), f"task {tid} is left stopped"
+
+
+def threads_in(image: Path) -> dict[int, rec.Thread]:
+    with open(image, "rb") as stream:
+        return {r.tid: r for r in read_image(stream) if isinstance(r, rec.Thread)}
+
+
+def counters_in_image(image: Path, address: int) -> list[int]:
+    """The workers' 8 counters as the image holds them (the instant of the dump)."""
+    size = WORKERS * 8
+    with open(image, "rb") as stream:
+        for record in read_image(stream):
+            if isinstance(record, rec.Pages):
+                offset = address - record.address
+                if offset >= 0 and offset + size <= len(record.data):
+                    return list(struct.unpack_from(f"<{WORKERS}Q", record.data, offset))
+    raise AssertionError(f"{image} holds no page with the counters at {address:#x}")
+
+
+def counters_in_process(pid: int, address: int) -> list[int]:
+    with open(f"/proc/{pid}/mem", "rb") as memory:
+        memory.seek(address)
+        return list(struct.unpack(f"<{WORKERS}Q", memory.read(WORKERS * 8)))
+
+
+def kept_per_thread(thread: rec.Thread) -> tuple[object, ...]:
+    """What the kernel keeps for a thread that does not change while it runs."""
+    return (
+        thread.regs.fs_base,
+        thread.regs.gs_base,
+        thread.rseq,
+        thread.robust_list,
+        thread.clear_child_tid,
+        thread.sigaltstack,
+        thread.sigmask,
+        thread.comm,
+    )
+
+
+def restored_pid(result: CliResult) -> int:
+    found = RESTORED_LINE.search(result.stdout)
+    assert found, result.describe()
+    return int(found[1])
+
+
+def attach(hijack: HijackCli, pid: int, timeout: float = CLI_TIMEOUT) -> int:
+    """`hijack attach PID`; the shadow's pid."""
+    attached = hijack.ok("attach", "--json", pid, timeout=timeout)
+    shadow: int = json.loads(attached.stdout)["shadow_pid"]
+    return shadow
+
+
+def wait_until(
+    condition: Callable[[], bool],
+    what: str,
+    timeout: float = POLL_TIMEOUT,
+    describe: Callable[[], str] = str,
+) -> None:
+    """Poll `condition` (a look at a file or /proc) until it holds; bounded."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: not within {timeout} s\n{describe()}")
+        time.sleep(0.005)
+
+
+class Reaped:
+    """Around the life of a process that is, or becomes, our child (a restored process, a shadow).
+
+    Leaving the block waits (bounded) for it to end and reaps it; if the
+    block failed, or it does not end in time, it is killed first.
+    """
+
+    def __init__(self, pid: int, timeout: float = EXIT_TIMEOUT) -> None:
+        self.pid = pid
+        self.timeout = timeout
+        self.returncode: int | None = None
+        self._pidfd = os.pidfd_open(pid)
+
+    def __enter__(self) -> Reaped:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        try:
+            ended = exc_type is None and self._ended(self.timeout)
+            if not ended:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                self._ended(self.timeout)
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        finally:
+            os.close(self._pidfd)
+        if exc_type is None and not ended:
+            raise AssertionError(f"process {self.pid} still ran {self.timeout} s after its block")
+
+    def _ended(self, timeout: float) -> bool:
+        readable, _, _ = select.select([self._pidfd], [], [], timeout)
+        return bool(readable)
+
+
+# -- driving the workers fixture ----------------------------------------------------------------
+
+
+def parked_tids(workers: RunningFixture) -> dict[str, int]:
+    return {
+        role: int(workers.ready[f"tid_{role}"])
+        for role in PARKED_IN
+        if f"tid_{role}" in workers.ready
+    }
+
+
+def wait_parked(workers: RunningFixture, *, sleeper: bool = True) -> None:
+    """Every parked thread inside its blocking call, and main in its read of CONTROL_FD."""
+    for role, tid in parked_tids(workers).items():
+        if role != "sleeper" or sleeper:
+            wait_in_syscall(tid, PARKED_IN[role], describe=workers.describe)
+    wait_in_syscall(workers.pid, (SYS_READ,), describe=workers.describe)
+
+
+def wait_for_line(
+    output: Callable[[], str], line: str, pid: int, describe: Callable[[], str]
+) -> None:
+    """Wait until `line` is in `output()`; fail at once, saying why, if process `pid` ends."""
+    wait_until(lambda: line in output() or has_exited(pid), f"{line!r} printed", describe=describe)
+    assert line in output(), f"process {pid} ended before printing {line!r}\n{describe()}"
+
+
+def wait_for_fixture_line(fixture: RunningFixture, line: str) -> None:
+    wait_for_line(lambda: fixture.stdout, line, fixture.pid, fixture.describe)
+
+
+def write_fifo(path: Path, data: bytes) -> None:
+    # The fixture (or the shadow keeping its descriptors) holds it open for
+    # reading: opening for writing does not block.
+    fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        assert os.write(fd, data) == len(data)
+    finally:
+        os.close(fd)
+
+
+def wake_parked(workers: RunningFixture, channels: Path | None) -> None:
+    """Each parked thread gets its event and wakes; then the PI phase and the robust check."""
+    workers.send(b"c")
+    wait_for_fixture_line(workers, "woke cond")
+    if channels is not None:
+        write_fifo(channels / "epoll.fifo", b"epoll\n")
+        wait_for_fixture_line(workers, "woke epoll")
+        write_fifo(channels / "read.fifo", b"read\n")
+        wait_for_fixture_line(workers, "woke reader")
+        token = f"hello-{secrets.token_hex(8)}\n".encode()
+        port = int(workers.ready["port"])
+        with socket.create_connection(("127.0.0.1", port), timeout=POLL_TIMEOUT) as client:
+            client.sendall(token)
+            echoed = client.makefile("rb").readline()
+        assert echoed == token, f"accept()ed connection echoed {echoed!r}\n{workers.describe()}"
+        wait_for_fixture_line(workers, "woke acceptor")
+    workers.send(b"p")
+    wait_for_fixture_line(workers, "pi ok generation=1 ")
+    workers.send(b"r")
+    wait_for_fixture_line(workers, "robust ok")
+
+
+def final_counters(output: str) -> list[int]:
+    found = COUNTERS_LINE.search(output)
+    assert found, output
+    return [int(count) for count in found[1].split(",")]
+
+
+# -- 1. eight workers and six parked threads, attached, killed, restored -------------------------
+
+
+def test_workers_killed_and_restored_count_on_wake_and_join(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    channels = tmp_path / "channels"
+    channels.mkdir()
+    image, again = tmp_path / "workers.crf", tmp_path / "restored.crf"
+    with spawn_fixture("workers", str(SLEEP_MS), channels, fifos=True) as workers:
+        old_pid, address = workers.pid, int(workers.ready["counters"], 16)
+        parked = parked_tids(workers)
+        wait_parked(workers)
+        tids = thread_ids(old_pid)
+        assert len(tids) == int(workers.ready["threads"]) == 1 + WORKERS + len(PARKED_IN)
+        # Attached first: its shadow keeps the epoll instance, the FIFOs and
+        # the listening socket for a restore on this node.
+        with Reaped(attach(hijack, old_pid)):
+            wait_parked(workers)  # back in their calls after the attach, not out with EINTR
+            hijack.ok("dump", old_pid, "-o", image, "--kill")
+            assert workers.wait_exit() == -signal.SIGKILL
+            assert "woke" not in workers.stdout, "not dumped with every thread parked"
+            assert set(threads_in(image)) == tids
+            saved = counters_in_image(image, address)
+            assert all(saved), f"a worker had not counted yet at the dump: {saved}"
+
+            pid = restored_pid(hijack.ok("restore", image))
+            workers.adopt(pid)
+            assert pid == old_pid
+            assert thread_ids(pid) == tids, "not every thread got its old tid back"
+            # Every thread back in the call it was dumped in, the sleeper too
+            # (with what was left of its sleep: it has not printed yet).
+            wait_parked(workers)
+            assert "woke" not in workers.stdout, workers.describe()
+            # The workers go on from their saved counts, not from zero.
+            resumed = counters_in_process(pid, address)
+            assert all(now >= then for now, then in zip(resumed, saved, strict=True)), (
+                f"counters went back: saved {saved}, now {resumed}"
+            )
+            wait_until(
+                lambda: all(
+                    now > then
+                    for now, then in zip(counters_in_process(pid, address), saved, strict=True)
+                ),
+                "every worker counting again after the restore",
+            )
+
+            # A second dump of the restored process holds what the kernel
+            # keeps per thread as the first image did: rseq area, robust
+            # list, clear-child-tid, fs_base, altstack, mask, name; and each
+            # thread that sits in its call exactly its registers.
+            hijack.ok("dump", pid, "-o", again)
+            first, second = threads_in(image), threads_in(again)
+            assert set(second) >= tids - {parked["sleeper"]}, "threads lost by the restore"
+            for tid in set(first) & set(second):
+                assert kept_per_thread(second[tid]) == kept_per_thread(first[tid]), f"thread {tid}"
+            for role in SAME_REGISTERS:
+                tid = parked[role]
+                assert second[tid].regs == first[tid].regs, f"{role} thread {tid} moved"
+            assert second[pid].regs == first[pid].regs, "main thread moved out of its read"
+            assert all(thread.rseq.rseq_abi_pointer for thread in second.values())
+
+            # Each parked thread wakes on its own event: epoll_wait gets its
+            # FIFO ready (not EINTR), accept() a connection through the very
+            # socket the shadow kept; PI and robust mutexes on the old tids.
+            wake_parked(workers, channels)
+            hijack.ok("detach", pid)
+        # The sleeper slept its whole time; everyone joined; all invariants.
+        workers.assert_intact()
+    assert "woke sleeper" in workers.stdout
+    finished = final_counters(workers.stdout)
+    assert all(end > then for end, then in zip(finished, saved, strict=True)), (saved, finished)
+
+
+# -- 2. an independent copy on new tids: glibc's cached thread ids are fixed ---------------------
+
+
+def suffixed(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+def test_copy_on_new_tids_keeps_pi_and_robust_mutexes_working(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "workers.crf"
+    with spawn_fixture("workers", str(SLEEP_MS), fifos=True) as original:
+        wait_parked(original)
+        original_tids = thread_ids(original.pid)
+        hijack.ok("dump", original.pid, "-o", image)
+
+        # A restore reopens every descriptor by path: the copy would share the
+        # original's control FIFO and output files. So for the time of the
+        # restore each path holds a fresh file of its own, while the original
+        # goes on through its descriptors to the files set aside.
+        control = original.control_fifo
+        assert control is not None
+        stdout = Path(os.readlink(f"/proc/{original.pid}/fd/1"))
+        stderr = Path(os.readlink(f"/proc/{original.pid}/fd/2"))
+        for path in (control, stdout, stderr):
+            os.rename(path, suffixed(path, ".original"))
+        os.mkfifo(control, 0o600)
+        stdout.touch()
+        stderr.touch()
+        # Read-write: opening never blocks, and the copy's CONTROL ends when we close it.
+        with open(control, "r+b", buffering=0) as copy_control:
+            try:
+                copy_pid = restored_pid(hijack.ok("restore", image))
+            finally:
+                for path in (control, stdout, stderr):
+                    os.rename(path, suffixed(path, ".copy"))
+                    os.rename(suffixed(path, ".original"), path)
+            copy_stdout, copy_stderr = suffixed(stdout, ".copy"), suffixed(stderr, ".copy")
+            with Reaped(copy_pid) as copy:
+                copy_tids = thread_ids(copy_pid)
+                assert len(copy_tids) == len(original_tids)
+                # The original holds every old tid: each thread of the copy has a new one.
+                assert not copy_tids & original_tids, (copy_tids, original_tids)
+                # Threads that existed at the dump, now on new tids, contend for
+                # a PI mutex (FUTEX_LOCK_PI/UNLOCK_PI check the tid glibc put in
+                # the futex word) and one dies holding a robust mutex (the
+                # kernel marks it only if the word holds the dead thread's tid).
+                for command, line in ((b"c", "woke cond"), (b"p", "pi ok "), (b"r", "robust ok")):
+                    copy_control.write(command)
+                    wait_for_line(copy_stdout.read_text, line, copy_pid, copy_stderr.read_text)
+                copy_control.close()
+            assert copy.returncode == 0, f"the copy failed: {copy_stderr.read_text()}"
+            assert "PASS workers" in copy_stdout.read_text()
+
+        # The original, on its own tids, as intact as its copy.
+        for command, line in ((b"c", "woke cond"), (b"p", "pi ok "), (b"r", "robust ok")):
+            original.send(command)
+            wait_for_fixture_line(original, line)
+        original.assert_intact()
+    assert "PASS workers" in original.stdout
+
+
+# -- 3. threads created and exiting while attach and dump run ------------------------------------
+
+
+def test_churning_threads_dumped_again_and_again_then_killed_and_restored(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    with spawn_fixture("churn", fifos=True) as churn:
+        old_pid = churn.pid
+        held: list[frozenset[int]] = []
+        for round_number in range(CHURN_DUMPS):
+            image = tmp_path / f"churn-{round_number}.crf"
+            hijack.ok("dump", old_pid, "-o", image, timeout=CHURN_CLI_TIMEOUT)
+            held.append(frozenset(threads_in(image)))
+        killed = tmp_path / "churn-killed.crf"
+        hijack.ok("dump", old_pid, "-o", killed, "--kill", timeout=CHURN_CLI_TIMEOUT)
+        assert churn.wait_exit() == -signal.SIGKILL
+        held.append(frozenset(threads_in(killed)))
+
+        pid = restored_pid(hijack.ok("restore", killed))
+        churn.adopt(pid)
+        assert pid == old_pid
+        # Spawners joining what they created, detached threads ending, keepers counting.
+        churn.assert_intact()
+    long_lived = 1 + 3 + 2  # main, spawners, keepers
+    assert all(len(tids) >= long_lived for tids in held), [len(tids) for tids in held]
+    # The dumps caught short-lived threads mid-life, and others each time.
+    assert any(len(tids) > long_lived for tids in held), [len(tids) for tids in held]
+    assert len(set(held)) > 1
+    assert "PASS churn" in churn.stdout
+
+
+def test_churning_threads_attached_and_detached_again_and_again(hijack: HijackCli) -> None:
+    with spawn_fixture("churn") as churn:
+        for _ in range(CHURN_ATTACHES):
+            with Reaped(attach(hijack, churn.pid, CHURN_CLI_TIMEOUT)):
+                assert_untraced(churn.pid)
+                hijack.ok("detach", churn.pid)
+            assert_untraced(churn.pid)
+        churn.assert_intact()
+    assert "PASS churn" in churn.stdout
+
+
+# -- 4. an unmodified multi-threaded server: redis-server from Debian ------------------------------
+
+REDIS_SERVER = shutil.which("redis-server")
+REDIS_KEYS = 200
+REDIS_BIG_VALUE = 1 << 20
+
+
+class Resp:
+    """A client connection speaking RESP (the Redis protocol), one command at a time."""
+
+    def __init__(self, port: int) -> None:
+        self.connection = socket.create_connection(("127.0.0.1", port), timeout=POLL_TIMEOUT)
+        self.replies = self.connection.makefile("rb")
+
+    def command(self, *args: str | bytes) -> bytes | int | None:
+        self.send(*args)
+        return self._reply()
+
+    def send(self, *args: str | bytes) -> None:
+        encoded = [arg.encode() if isinstance(arg, str) else arg for arg in args]
+        request = b"".join(b"$%d\r\n%s\r\n" % (len(arg), arg) for arg in encoded)
+        self.connection.sendall(b"*%d\r\n" % len(encoded) + request)
+
+    def _reply(self) -> bytes | int | None:
+        line = self.replies.readline()
+        assert line.endswith(b"\r\n"), f"connection closed mid-reply ({line!r})"
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"+":
+            return rest
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            if int(rest) < 0:
+                return None
+            data = self.replies.read(int(rest) + 2)
+            return data[:-2]
+        raise AssertionError(f"redis answered {line!r}")
+
+    def closed_by_peer(self) -> bool:
+        return self.replies.read(1) == b""
+
+    def close(self) -> None:
+        self.replies.close()
+        self.connection.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def redis_server(directory: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, Path]]:
+    """redis-server on 127.0.0.1 and a free port, no persistence; yields (server, port, log)."""
+    assert REDIS_SERVER is not None
+    log, port = directory / "redis.log", free_port()
+    argv = [REDIS_SERVER, "--bind", "127.0.0.1", "--port", str(port), "--daemonize", "no"]
+    argv += ["--save", "", "--appendonly", "no", "--dir", str(directory)]
+    with open(log, "wb") as output:
+        server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=output, stderr=output)
+    try:
+        wait_until(
+            lambda: b"Ready to accept connections" in log.read_bytes() or server.poll() is not None,
+            "redis-server starting",
+        )
+        assert server.poll() is None, log.read_text()
+        yield server, port, log
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait(timeout=EXIT_TIMEOUT)
+
+
+@pytest.mark.skipif(
+    REDIS_SERVER is None,
+    reason="redis-server is not installed (`make test` installs it: apt-get install redis-server)",
+)
+def test_attached_redis_server_keeps_its_clients_and_keys_through_dump_kill_and_restore(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "redis.crf"
+    values = {f"key:{n}": secrets.token_hex(16) for n in range(REDIS_KEYS)}
+    big = secrets.token_bytes(REDIS_BIG_VALUE)
+    with redis_server(tmp_path) as (server, port, log):
+        tasks = thread_ids(server.pid)
+        # bio_close_file, bio_aof_fsync, bio_lazy_free, jemalloc_bg_thd beside main.
+        assert len(tasks) > 1, f"redis-server runs {len(tasks)} thread: nothing to prove"
+        before = Resp(port)  # connected before the attach: the shadow forks holding it
+        for key, value in values.items():
+            assert before.command("SET", key, value) == b"OK"
+        with Reaped(attach(hijack, server.pid)):
+            during = Resp(port)  # accepted after the attach: handed over at the dump
+            assert during.command("SET", "big", big) == b"OK"
+            hijack.ok("dump", server.pid, "-o", image, "--kill")
+            assert server.wait(timeout=EXIT_TIMEOUT) == -signal.SIGKILL
+            assert set(threads_in(image)) == tasks
+
+            with Reaped(restored_pid(hijack.ok("restore", image))) as restored:
+                assert restored.pid == server.pid
+                assert thread_ids(restored.pid) == tasks
+                # The same connections, which the shadow kept open.
+                assert before.command("PING") == b"PONG"
+                assert during.command("GET", "big") == big
+                assert before.command("DBSIZE") == REDIS_KEYS + 1
+                # And a new one, through the listening socket the shadow kept.
+                after = Resp(port)
+                for key, value in values.items():
+                    assert after.command("GET", key) == value.encode(), key
+                assert after.command("SET", "after", "restore") == b"OK"
+                assert during.command("GET", "after") == b"restore"
+                hijack.ok("detach", restored.pid)
+                # A clean end: redis closes every client and exits 0.
+                after.send("SHUTDOWN", "NOSAVE")
+                assert all(client.closed_by_peer() for client in (after, before, during))
+            for client in (before, during, after):
+                client.close()
+    assert restored.returncode == 0, log.read_text()
+
+
+# -- 5. attach and detach: every thread stopped while seized, all intact after --------------------
+
+
+def test_workers_all_stopped_while_seized_and_intact_through_attach_and_detach(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    channels = tmp_path / "channels"
+    channels.mkdir()
+    with spawn_fixture("workers", str(SLEEP_MS), channels) as workers:
+        wait_parked(workers)
+        tids = thread_ids(workers.pid)
+        with Tracee.seize(workers.pid) as tracee:
+            assert set(tracee.thread_ids) == tids
+            states = {tid: task_state(workers.pid, tid) for tid in tids}
+            assert set(states.values()) == {"t"}, f"not every task stopped: {states}"
+        assert_untraced(workers.pid)
+        wait_parked(workers)
+        with Reaped(attach(hijack, workers.pid)):
+            assert thread_ids(workers.pid) == tids
+            assert_untraced(workers.pid)
+            wait_parked(workers)  # epoll_wait re-entered, nanosleep continued: no EINTR
+            hijack.ok("detach", workers.pid)
+        assert_untraced(workers.pid)
+        assert "woke" not in workers.stdout, workers.describe()
+        wake_parked(workers, channels)
+        workers.assert_intact()
+    assert "PASS workers" in workers.stdout
