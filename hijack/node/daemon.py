@@ -117,10 +117,28 @@ class NodeDaemon:
                 provided[number] = sock.fileno()
 
             def hold_until_commit(pid: int) -> None:
-                channel.send({"phase": "prepared", "pid": pid, "listeners": listeners})
-                decision = channel.receive()
-                if decision.get("op") != "commit":
-                    raise HijackError(f"move {move} aborted by the mover")
+                # Recorded before it may run: a node that cannot record its
+                # migrant refuses it while the original can still go on, and
+                # nothing can fail here once it runs (the mover would resume
+                # the original: two of it).
+                with Registry() as registry:
+                    registry.record_migrant(
+                        pid,
+                        str(request.get("program")),
+                        str(home["node"]),
+                        int(home["pid"]),
+                        str(home["relay"]),
+                        str(home["token"]),
+                    )
+                try:
+                    channel.send({"phase": "prepared", "pid": pid, "listeners": listeners})
+                    decision = channel.receive()
+                    if decision.get("op") != "commit":
+                        raise HijackError(f"move {move} aborted by the mover")
+                except BaseException:
+                    with contextlib.suppress(HijackError), Registry() as registry:
+                        registry.forget(pid, f"move {move} did not complete")
+                    raise
 
             image = cast(BinaryIO, DataReader(channel))
             result = restore(image, provided=provided, before_start=hold_until_commit)
@@ -132,18 +150,9 @@ class NodeDaemon:
         finally:
             for sock in opened:
                 sock.close()  # the process has its own copies
-        with Registry() as registry:
-            registry.record_migrant(
-                result.pid,
-                result.program,
-                str(home["node"]),
-                int(home["pid"]),
-                str(home["relay"]),
-                str(home["token"]),
-            )
-        channel.send({"phase": "running", "pid": result.pid})
-        log(f"move {move}: {result.program} runs here as {result.pid}")
         threading.Thread(target=_reap, args=(result.pid,), daemon=True).start()
+        log(f"move {move}: {result.program} runs here as {result.pid}")
+        channel.send({"phase": "running", "pid": result.pid})
 
 
 def _reap(pid: int) -> None:
