@@ -38,6 +38,7 @@ from hijack.shadow.relay import RelayHub, decode_unread
 from hijack.sys import pidfd, procfs
 
 FOLLOW_INTERVAL = 1.0  # seconds between checks that the target still holds our descriptors
+RELEASE_DRAIN = 60.0  # seconds a released shadow keeps passing on what its migrant wrote
 
 
 class Mode(enum.Enum):
@@ -55,6 +56,7 @@ class Shadow:
         self.started_at = time.time()
         self.mode = Mode.HOME
         self.running = True
+        self.release_deadline: float | None = None  # released, ending once drained
         self.selector = selectors.DefaultSelector()
         self.target_handle = pidfd.pidfd_open(target_pid)
         self.listener = self._listen(control_path)
@@ -86,6 +88,10 @@ class Shadow:
                 if self.mode is Mode.HOME:
                     self.follow_target()
                 next_follow = time.monotonic() + FOLLOW_INTERVAL
+            if self.release_deadline is not None and (
+                self.hub.drained() or time.monotonic() >= self.release_deadline
+            ):
+                self.running = False
         self.close()
 
     def close(self) -> None:
@@ -145,7 +151,9 @@ class Shadow:
                 self.mode = Mode.HOME
             return {"ok": True, **self.describe()}
         if op == "release":
-            self.running = False
+            # A migrant that ended may have written more than has reached its
+            # peers yet: that is passed on first (bounded), then we end.
+            self.release_deadline = time.monotonic() + RELEASE_DRAIN
             return {"ok": True}
         return {"ok": False, "error": f"unknown op {op!r}"}
 

@@ -418,6 +418,19 @@ class RelayHub:
             stream.replay = bytearray()
         stream.relay = Relay(sock, "accepted")
 
+    def drained(self) -> bool:
+        """Whether everything the process wrote has been passed on to the originals."""
+        return all(
+            stream.closed
+            or stream.kind != "stream"
+            or (
+                (stream.relay is None or stream.relay.eof)
+                and not stream.retiring
+                and (not stream.to_original or stream.original < 0)
+            )
+            for stream in self.streams.values()
+        )
+
     # -- reporting ------------------------------------------------------------------
 
     def describe(self) -> list[dict[str, Any]]:
