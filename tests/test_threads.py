@@ -122,8 +122,8 @@ def tracer_of(pid: int, tid: int) -> int:
 
 def assert_untraced(pid: int) -> None:
     for tid in thread_ids(pid):
-        # FileNotFoundError: a short-lived thread, gone since the listing.
-        with contextlib.suppress(FileNotFoundError):
+        # A short-lived thread gone since the listing: ENOENT, or ESRCH mid-read.
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             assert tracer_of(pid, tid) == 0, f"task {tid} is still traced"
             assert task_state(pid, tid) not in ("t", "T"), f"task {tid} is left stopped"
 
@@ -243,11 +243,10 @@ def parked_tids(workers: RunningFixture) -> dict[str, int]:
     }
 
 
-def wait_parked(workers: RunningFixture, *, sleeper: bool = True) -> None:
+def wait_parked(workers: RunningFixture) -> None:
     """Every parked thread inside its blocking call, and main in its read of CONTROL_FD."""
     for role, tid in parked_tids(workers).items():
-        if role != "sleeper" or sleeper:
-            wait_in_syscall(tid, PARKED_IN[role], describe=workers.describe)
+        wait_in_syscall(tid, PARKED_IN[role], describe=workers.describe)
     wait_in_syscall(workers.pid, (SYS_READ,), describe=workers.describe)
 
 
@@ -299,6 +298,28 @@ def final_counters(output: str) -> list[int]:
     found = COUNTERS_LINE.search(output)
     assert found, output
     return [int(count) for count in found[1].split(",")]
+
+
+# -- 0. the fixtures alone: they pass, and their checks bite --------------------------------------
+
+
+def test_workers_and_churn_alone_pass_and_their_checks_bite(tmp_path: Path) -> None:
+    for name in ("channels", "lazy", "wrong"):
+        (tmp_path / name).mkdir()
+    with spawn_fixture("workers", "100", tmp_path / "channels") as workers:
+        wake_parked(workers, tmp_path / "channels")
+        workers.assert_intact()
+    assert "woke sleeper" in workers.stdout and "PASS workers" in workers.stdout
+    with spawn_fixture("workers", "100", tmp_path / "lazy") as lazy:
+        assert lazy.finish() == 1
+    assert "FAIL workers: the cond thread was never woken" in lazy.stderr
+    with spawn_fixture("workers", "100", tmp_path / "wrong") as wrong:
+        write_fifo(tmp_path / "wrong" / "read.fifo", b"rEad\n")
+        assert wrong.wait_exit() == 1  # at once, on its own
+    assert 'FAIL workers: read(read.fifo): got "rEad' in wrong.stderr
+    with spawn_fixture("churn") as churn:
+        churn.assert_intact()
+    assert re.search(r"^created=[1-9]\d* detached=[1-9]\d*$", churn.stdout, re.MULTILINE)
 
 
 # -- 1. eight workers and six parked threads, attached, killed, restored -------------------------
