@@ -19,6 +19,7 @@ from pathlib import Path
 from types import TracebackType
 
 from support.build import fixture_path
+from support.nodes import entering_namespace
 from support.tempdirs import make_temp_dir, remove_temp_dir
 
 READY_TIMEOUT = 10.0
@@ -306,6 +307,7 @@ def spawn_fixture(
     cwd: str | os.PathLike[str] | None = None,
     ready_timeout: float = READY_TIMEOUT,
     fifos: bool = False,
+    netns: str | None = None,
 ) -> RunningFixture:
     """Start fixture `name` with `args`, wait for its ready line, return it running.
 
@@ -317,6 +319,9 @@ def spawn_fixture(
     (`RunningFixture.control_fifo`) instead of anonymous pipes: a process
     restored from an image of the fixture reopens its descriptors by path, and
     only a FIFO can be reopened onto the same channel.
+
+    With `netns` (a test node's `node.netns`), the fixture runs inside that
+    network namespace, entered between fork and exec.
     """
     binary = fixture_path(name)
     argv = [str(binary), *(os.fspath(arg) for arg in args)]
@@ -337,6 +342,7 @@ def spawn_fixture(
         with (
             open(output_dir / "stdout", "ab") as stdout,
             open(output_dir / "stderr", "ab") as stderr,
+            entering_namespace(netns) if netns else contextlib.nullcontext() as enter,
         ):
             process = subprocess.Popen(
                 argv,
@@ -346,6 +352,7 @@ def spawn_fixture(
                 stdout=stdout,
                 stderr=stderr,
                 pass_fds=(ready_write, control_read),
+                preexec_fn=enter,
             )
     except BaseException:
         for fd in (ready_read, ready_write, control_read, control_write):

@@ -1,0 +1,1007 @@
+"""`hijack move` between test nodes: live processes keep every connection, pipe and key.
+
+Each test builds a Cluster (tests/support/nodes.py): network namespaces on one
+bridge, each with its own address and `hijack node serve`. A process starts
+inside node a and is moved with `hijack move PID --to NODE` run inside the
+node it runs on now, as a user there would. Its sockets, pipes and terminal
+stay in its shadow at home, which relays them; the peers never hear of it.
+
+A moved process is the child of the destination daemon, so its verdict is
+read without waitpid: its exit through a pidfd, its exit code from the
+daemon's log (`process P ended (CODE)`), its PASS from its stdout file (a
+regular file, reopened by path on the node it moved to). A migrant that ends
+on its node makes the daemon release its home shadow, which the tests wait
+for too. Whatever is left (a migrant after a failure, a shadow) is inside a
+cluster namespace and is killed and reaped when the cluster ends.
+
+Streams that must be caught mid-way by a move run over a loopback shaped by
+LOOPBACK_SHAPE in their node: unshaped, 100 MB each way are echoed in half a
+second, less than a move takes to start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import RunningFixture, spawn_fixture
+from support.cli import CliResult
+from support.nodes import (
+    HIJACK_PROGRAM,
+    Cluster,
+    Node,
+    read_line,
+    run_ip,
+)
+
+from hijack.node.channel import create_cluster_key
+from hijack.registry import Registry
+from hijack.shadow import control
+
+STREAM_BYTES = 100 * 1024 * 1024
+# 200 MB cross node a's loopback for a 100 MB echo: about 5 s at this rate.
+LOOPBACK_SHAPE = ("rate", "320mbit", "burst", "256kb", "latency", "100ms")
+STREAMING_BEFORE_MOVE = 1024 * 1024  # bytes acknowledged before a move may start
+STREAM_TIMEOUT = 120.0
+EXIT_TIMEOUT = 30.0
+LINE_TIMEOUT = 10.0
+POLL_INTERVAL = 0.01  # between two looks at a log or `ss` in a bounded poll
+
+MOVED_LINE = re.compile(
+    r"moved process (\d+) to (\w+): it runs there as (\d+); frozen ([\d.]+) ms, (.+) sent"
+)
+
+# -- programs run inside the nodes ------------------------------------------------------
+
+# Prints a descriptor's number, then echoes each stdin line: a process holding
+# one descriptor of the kind argv[1] names, which hijack cannot proxy.
+HOLDER = """\
+import ctypes, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+kind = sys.argv[1]
+if kind == "inotify":
+    fd = libc.inotify_init1(0)
+elif kind == "timerfd":
+    fd = libc.timerfd_create(1, 0)  # CLOCK_MONOTONIC
+elif kind == "signalfd":
+    fd = libc.signalfd(-1, ctypes.create_string_buffer(8), 0)  # an empty mask
+elif kind == "netlink":
+    held = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    fd = held.fileno()
+else:
+    held, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    fd = held.fileno()
+assert fd >= 0, ctypes.get_errno()
+print(fd, flush=True)
+for line in sys.stdin:
+    print(line.strip(), flush=True)
+"""
+
+# The peer of udp_echo: for each stdin line, a burst of datagrams of several
+# sizes to each of its sockets, from the same two sockets every time (one
+# unconnected, one connected); each echo must come back whole, in order, from
+# the address it was sent to. Prints "ok N" (N datagrams) or "FAIL why".
+UDP_PEER = """\
+import os, socket, sys
+port, connected_port = int(sys.argv[1]), int(sys.argv[2])
+plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+bound = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+bound.connect(("127.0.0.1", connected_port))
+for sock in (plain, bound):
+    sock.settimeout(5)
+SIZES = (1, 100, 1400, 9000, 60000)
+for line in sys.stdin:
+    count = 0
+    for sock, target in ((plain, ("127.0.0.1", port)), (bound, ("127.0.0.1", connected_port))):
+        burst = [os.urandom(size) for size in SIZES]
+        for payload in burst:
+            sock.sendto(payload, target)
+        for payload in burst:
+            try:
+                echo, sender = sock.recvfrom(65536)
+            except OSError as error:
+                sys.exit(f"FAIL no echo of {len(payload)} bytes from {target}: {error}")
+            if echo != payload or sender != target:
+                sys.exit(f"FAIL {len(echo)} bytes from {sender} for {len(payload)} to {target}")
+            count += 1
+    print(f"ok {count}", flush=True)
+"""
+
+# Reads "connect HOST PORT" lines from the FIFO argv[1]; connects, reads the
+# line the server sends, answers "ok LOCAL HEARD" (its own end, the end the
+# server saw) or "error NAME" on the FIFO argv[2]. "exit" ends it (status 0).
+DIALER = """\
+import socket, sys
+commands = open(sys.argv[1], "rb", buffering=0)
+replies = open(sys.argv[2], "wb", buffering=0)
+for line in iter(commands.readline, b""):
+    words = line.decode().split()
+    if words == ["exit"]:
+        break
+    try:
+        with socket.create_connection((words[1], int(words[2])), timeout=5) as connection:
+            local = "%s:%d" % connection.getsockname()
+            heard = connection.makefile("rb").readline().decode().strip()
+        replies.write(f"ok {local} {heard}\\n".encode())
+    except OSError as error:
+        replies.write(f"error {type(error).__name__}\\n".encode())
+"""
+
+# Listens on argv[1] (port printed), tells each client the address it came from.
+ADDRESS_REPORTER = """\
+import socket, sys
+server = socket.create_server((sys.argv[1], 0))
+print(server.getsockname()[1], flush=True)
+while True:
+    connection, peer = server.accept()
+    with connection:
+        connection.sendall(f"{peer[0]}:{peer[1]}\\n".encode())
+"""
+
+# One RESP connection to redis at 127.0.0.1:argv[1]. Sets KEYS keys, prints
+# "loaded", then issues INCR/SET/GET without pause, checking every answer,
+# until a stdin line asks: "count" (prints "issued N"), "check" (reads every
+# key back: "checked K keys, W wrong"), "shutdown" (SHUTDOWN NOSAVE through
+# the same connection, which redis closes: "shut down"). Any error or wrong
+# answer: "FAIL why", exit 1.
+REDIS_CLIENT = """\
+import select, socket, sys
+KEYS = 1000
+connection = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30)
+reader = connection.makefile("rb")
+
+def reply():
+    line = reader.readline()
+    if not line:
+        raise ConnectionError("redis closed the connection")
+    kind, rest = line[:1], line[1:-2]
+    if kind == b"+":
+        return rest.decode()
+    if kind == b"-":
+        raise RuntimeError(f"redis error: {rest.decode()}")
+    if kind == b":":
+        return int(rest)
+    if kind == b"$":
+        return None if int(rest) < 0 else reader.read(int(rest) + 2)[:-2].decode()
+    raise RuntimeError(f"unexpected reply {line!r}")
+
+def command(*words):
+    encoded = [str(word).encode() for word in words]
+    connection.sendall(
+        b"*%d\\r\\n" % len(encoded) + b"".join(b"$%d\\r\\n%s\\r\\n" % (len(w), w) for w in encoded)
+    )
+    return reply()
+
+def expect(answer, wanted, what):
+    if answer != wanted:
+        raise RuntimeError(f"{what}: {answer!r}, not {wanted!r}")
+
+try:
+    for key in range(KEYS):
+        expect(command("SET", f"key:{key}", f"value:{key}"), "OK", f"SET key:{key}")
+    print("loaded", flush=True)
+    issued = 0
+    while True:
+        if select.select([sys.stdin], [], [], 0)[0]:
+            request = sys.stdin.readline().strip()
+            if request == "count":
+                print(f"issued {issued}", flush=True)
+            elif request == "check":
+                wrong = [k for k in range(KEYS) if command("GET", f"key:{k}") != f"value:{k}"]
+                print(f"checked {KEYS} keys, {len(wrong)} wrong", flush=True)
+            elif request == "shutdown":
+                try:
+                    command("SHUTDOWN", "NOSAVE")
+                except ConnectionError:
+                    print("shut down", flush=True)
+                    break
+                raise RuntimeError("SHUTDOWN NOSAVE answered instead of closing")
+            continue
+        round_ = issued // 3
+        expect(command("INCR", "counter"), round_ + 1, "INCR counter")
+        expect(command("SET", f"loop:{round_ % 100}", round_), "OK", "SET loop")
+        expect(command("GET", f"loop:{round_ % 100}"), str(round_), "GET loop")
+        issued += 3
+except Exception as error:
+    print(f"FAIL {type(error).__name__}: {error}", flush=True)
+    sys.exit(1)
+"""
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Moved:
+    """A process after a move: its pid on the node it runs on now, and its home shadow."""
+
+    pid: int
+    node: Node
+    freeze_ms: float
+    shadow_pid: int
+
+
+def logs(tmp_path: Path) -> str:
+    """Every daemon's stderr and every shadow's log of the test's cluster(s), for messages."""
+    parts = []
+    for path in sorted(tmp_path.glob("**/daemon.stderr")) + sorted(
+        tmp_path.glob("**/shadows/*/shadow.log")
+    ):
+        parts.append(f"--- {path.relative_to(tmp_path)} ---\n{path.read_text(errors='replace')}")
+    return "\n".join(parts)
+
+
+def move(source: Node, pid: int, destination: Node, home: tuple[Node, int] | None = None) -> Moved:
+    """`hijack move PID --to DESTINATION` inside `source`; it must succeed and say where.
+
+    `home` is the node and pid the process started as (default: `source`, `pid`).
+    """
+    assert destination.daemon_endpoint is not None, f"node {destination.name} runs no daemon"
+    result = source.hijack("move", pid, "--to", destination.daemon_endpoint)
+    where = source.directory.parent
+    assert result.returncode == 0, f"[node {source.name}] {result.describe()}\n{logs(where)}"
+    found = MOVED_LINE.search(result.stdout)
+    assert found is not None, result.describe()
+    assert (int(found[1]), found[2]) == (pid, destination.name), result.describe()
+    shadow_pid = shadow_status(*(home or (source, pid)))["shadow_pid"]
+    moved = Moved(int(found[3]), destination, float(found[4]), shadow_pid)
+    print(f"moved {pid} {source.name} -> {destination.name}: frozen {found[4]} ms, {found[5]}")
+    assert runs_in(moved.pid, destination), f"process {moved.pid} is not inside {destination}"
+    return moved
+
+
+def move_refused(source: Node, pid: int, destination: Node) -> str:
+    """`hijack move` that must fail: exit 1, one line on stderr (returned)."""
+    assert destination.daemon_endpoint is not None
+    result = source.hijack("move", pid, "--to", destination.daemon_endpoint)
+    return refusal_line(result)
+
+
+def refusal_line(result: CliResult) -> str:
+    assert result.returncode == 1, result.describe()
+    assert result.stderr.startswith("hijack: "), result.describe()
+    assert result.stderr.count("\n") == 1 and result.stderr.endswith("\n"), result.describe()
+    print(f"refused: {result.stderr.strip()}")
+    return result.stderr.strip()
+
+
+def runs_in(pid: int, node: Node) -> bool:
+    inside = os.stat(f"/proc/{pid}/ns/net")
+    netns = os.stat(f"/run/netns/{node.netns}")
+    return (inside.st_dev, inside.st_ino) == (netns.st_dev, netns.st_ino)
+
+
+def pids_inside(node: Node) -> set[int]:
+    return {int(pid) for pid in run_ip("netns", "pids", node.netns).split()}
+
+
+def wait_gone(pid: int, timeout: float, what: str) -> None:
+    """Wait (pidfd) for `pid`, not necessarily our child, to end."""
+    try:
+        handle = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        readable, _, _ = select.select([handle], [], [], timeout)
+    finally:
+        os.close(handle)
+    assert readable, f"{what} (pid {pid}) still runs after {timeout} s"
+
+
+def still_running(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return stat[stat.rindex(")") + 2] not in "ZX"
+
+
+def poll_until(condition: Any, what: str, timeout: float = LINE_TIMEOUT) -> Any:
+    """Call `condition` until it returns something true (returned); fail after `timeout`.
+
+    For what nothing can be waited on: a log line, a counter in `ss`.
+    """
+    deadline = time.monotonic() + timeout
+    while not (found := condition()):
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(POLL_INTERVAL)
+    return found
+
+
+def daemon_log(node: Node) -> str:
+    return (node.directory / "daemon.stderr").read_text(errors="replace")
+
+
+def exit_code_on(node: Node, pid: int) -> int:
+    """The exit code the daemon of `node` logged for its child `pid` (it logs after waitpid)."""
+    pattern = re.compile(rf"process {pid} ended \((-?\d+)\)")
+    found = poll_until(
+        lambda: pattern.search(daemon_log(node)), f"node {node.name} logs the end of {pid}"
+    )
+    return int(found[1])
+
+
+def assert_ended_well(moved: Moved, what: str, tmp_path: Path) -> None:
+    """The moved process ends (bounded) with status 0 on its node."""
+    wait_gone(moved.pid, EXIT_TIMEOUT, what)
+    code = exit_code_on(moved.node, moved.pid)
+    assert code == 0, f"{what} ended with {code} on node {moved.node.name}\n{logs(tmp_path)}"
+
+
+def wait_released(moved: Moved) -> None:
+    """A migrant that ended lets its home shadow end, once all it wrote is passed on."""
+    wait_gone(moved.shadow_pid, EXIT_TIMEOUT, f"the home shadow of {moved.pid}, released")
+
+
+def finish_moved(fixture: RunningFixture, moved: Moved, tmp_path: Path) -> str:
+    """Close CONTROL_FD of a fixture that runs moved; demand exit 0 and PASS; return stdout.
+
+    Its original (killed by the move) must have been reaped (wait_exit).
+    """
+    fixture.close_control()
+    assert_ended_well(moved, f"moved {fixture.name}", tmp_path)
+    wait_released(moved)
+    stdout = fixture.stdout
+    assert f"PASS {fixture.name}" in stdout, f"{stdout}\n{fixture.stderr}\n{logs(tmp_path)}"
+    return stdout
+
+
+def control_socket(home: Node, home_pid: int) -> str:
+    return str(home.state_dir / "shadows" / str(home_pid) / "control.sock")
+
+
+def shadow_status(home: Node, home_pid: int) -> dict[str, Any]:
+    return control.request(control_socket(home, home_pid), {"op": "status"})
+
+
+def assert_untouched(pid: int) -> None:
+    """Running or sleeping as before: not stopped, not traced, no shadow."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
+    assert fields["State"][0] in "RS", f"process {pid} is {fields['State']}"
+    assert fields["TracerPid"].strip() == "0", f"process {pid} is traced"
+
+
+def shape_loopback(node: Node) -> None:
+    """Limit the rate of `node`'s loopback (see the module docstring)."""
+    completed = node.run(
+        ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", *LOOPBACK_SHAPE], timeout=10
+    )
+    assert completed.returncode == 0, completed.stderr
+
+
+def acknowledged(node: Node, port: int) -> int:
+    """Bytes the connection to 127.0.0.1:port in `node` has had acknowledged (`ss -i`)."""
+    completed = node.run(
+        ["ss", "-tinH", "state", "established", "dst", f"127.0.0.1:{port}"], timeout=10
+    )
+    found = re.search(r"bytes_acked:(\d+)", completed.stdout)
+    return int(found[1]) if found else 0
+
+
+def wait_streaming(node: Node, port: int) -> None:
+    poll_until(
+        lambda: acknowledged(node, port) >= STREAMING_BEFORE_MOVE,
+        f"a stream to port {port} in node {node.name} under way",
+    )
+
+
+def kill_daemon(node: Node) -> None:
+    """SIGKILL the node's daemon (no clean end to report) and forget it."""
+    assert node.daemon is not None
+    node.daemon.kill()
+    node.daemon.wait()
+    node.daemon = node.daemon_endpoint = None
+
+
+def start_daemon_with(node: Node, variable: str, value: str) -> None:
+    """Start `node`'s daemon with one variable of the node's environment changed."""
+    usual = node.env[variable]
+    node.env[variable] = value
+    try:
+        node.start_daemon()
+    finally:
+        node.env[variable] = usual
+
+
+def write_all(stream: Any, data: bytes) -> None:
+    """Write all of `data` to a pipe (select-bounded)."""
+    os.set_blocking(stream.fileno(), False)
+    pending = memoryview(data)
+    deadline = time.monotonic() + STREAM_TIMEOUT
+    while pending:
+        remaining = deadline - time.monotonic()
+        _, writable, _ = select.select([], [stream], [], max(remaining, 0))
+        assert writable, f"{len(pending)} of {len(data)} bytes not taken after {STREAM_TIMEOUT} s"
+        pending = pending[os.write(stream.fileno(), pending) :]
+
+
+def read_to_end(stream: Any) -> bytes:
+    """Everything a pipe still gives until EOF (select-bounded)."""
+    data = bytearray()
+    deadline = time.monotonic() + STREAM_TIMEOUT
+    while True:
+        remaining = deadline - time.monotonic()
+        readable, _, _ = select.select([stream], [], [], max(remaining, 0))
+        assert readable, f"no EOF after {len(data)} bytes and {STREAM_TIMEOUT} s"
+        chunk = os.read(stream.fileno(), 1024 * 1024)
+        if not chunk:
+            return bytes(data)
+        data += chunk
+
+
+def through_cat(cat: subprocess.Popen[bytes], data: bytes) -> bytes:
+    """Write `data` to cat's stdin while reading as much back from its stdout."""
+    assert cat.stdin is not None and cat.stdout is not None
+    os.set_blocking(cat.stdin.fileno(), False)
+    pending = memoryview(data)
+    echoed = bytearray()
+    deadline = time.monotonic() + STREAM_TIMEOUT
+    while len(echoed) < len(data):
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"{len(echoed)} of {len(data)} bytes back from cat"
+        writers = [cat.stdin] if pending else []
+        readable, writable, _ = select.select([cat.stdout], writers, [], remaining)
+        if writable:
+            pending = pending[os.write(cat.stdin.fileno(), pending[: 64 * 1024]) :]
+        if readable:
+            chunk = os.read(cat.stdout.fileno(), 1024 * 1024)
+            assert chunk, f"cat's stdout ended after {len(echoed)} of {len(data)} bytes"
+            echoed += chunk
+    return bytes(echoed)
+
+
+def pattern(size: int, seed: int) -> bytes:
+    """`size` bytes that no shift, loss or repetition of a slice leaves equal."""
+    return random.Random(seed).randbytes(size)
+
+
+def ss_lines(node: Node, pid: int) -> list[list[str]]:
+    """`ss -tanp` rows (state, recv-q, send-q, local, peer) of the TCP sockets of `pid`."""
+    completed = node.run(["ss", "-tanpH"], timeout=10)
+    return [line.split()[:5] for line in completed.stdout.splitlines() if f"pid={pid}," in line]
+
+
+def fd_of(pid: int, variable: str) -> int:
+    """A descriptor number the fixture protocol put in the environment of `pid`."""
+    for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
+        if entry.startswith(f"{variable}=".encode()):
+            return int(entry.split(b"=", 1)[1])
+    raise AssertionError(f"no {variable} in the environment of {pid}")
+
+
+# -- TCP streams ----------------------------------------------------------------------
+
+
+def test_echo_server_moved_mid_stream_echoes_100_mb_both_ways(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        shape_loopback(a)
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            port = int(server.ready["port"])
+            with spawn_fixture(
+                "stream_client", "127.0.0.1", str(port), str(STREAM_BYTES), "11", netns=a.netns
+            ) as client:
+                wait_streaming(a, port)
+                moved = move(a, server.pid, b)
+                assert still_running(client.pid), "the stream ended before the move: too fast"
+                client.assert_intact(STREAM_TIMEOUT)  # every byte echoed once, in order
+            server.wait_exit()  # the original, killed by the move
+            output = finish_moved(server, moved, tmp_path)
+        assert f"echoed {STREAM_BYTES} bytes over 1 connections" in output
+
+
+def test_stream_client_moved_mid_stream_keeps_its_connection(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        shape_loopback(a)
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            port = int(server.ready["port"])
+            with spawn_fixture(
+                "stream_client", "127.0.0.1", str(port), str(STREAM_BYTES), "12", netns=a.netns
+            ) as client:
+                wait_streaming(a, port)
+                moved = move(a, client.pid, b)
+                client.wait_exit()
+                # It finishes on its own, there: its own check of every byte.
+                assert_ended_well(moved, "the moved stream_client", tmp_path)
+                wait_released(moved)
+                assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
+            server.assert_intact()  # no reset, every byte it received echoed
+        assert f"echoed {STREAM_BYTES} bytes over 1 connections" in server.stdout
+
+
+def test_a_moved_server_accepts_new_clients_at_its_original_address(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            port = server.ready["port"]
+            moved = move(a, server.pid, b)
+            server.wait_exit()
+            with contextlib.ExitStack() as stack:
+                stream = ("127.0.0.1", port, str(1 << 20))
+                clients = [  # three connections at once
+                    stack.enter_context(
+                        spawn_fixture("stream_client", *stream, str(seed), netns=a.netns)
+                    )
+                    for seed in (21, 22, 23)
+                ]
+                for client in clients:
+                    client.assert_intact()
+            output = finish_moved(server, moved, tmp_path)
+        # The connections reached the moved process: its counters say so.
+        assert f"echoed {3 << 20} bytes over 3 connections" in output
+
+
+# -- UDP ------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="UDP relays are not implemented yet")
+def test_a_moved_udp_service_keeps_answering_at_its_original_address(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        with spawn_fixture("udp_echo", netns=a.netns) as service:
+            ports = service.ready["port"], service.ready["connected_port"]
+            peer = a.spawn(
+                [sys.executable, "-c", UDP_PEER, *ports],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                bufsize=0,
+            )
+            assert peer.stdin is not None
+            peer.stdin.write(b"before\n")
+            assert read_line(peer, LINE_TIMEOUT) == "ok 10"
+            moved = move(a, service.pid, b)
+            service.wait_exit()
+            for _ in range(3):
+                peer.stdin.write(b"after\n")
+                assert read_line(peer, LINE_TIMEOUT) == "ok 10"
+            output = finish_moved(service, moved, tmp_path)
+        assert "echoed 40 datagrams" in output
+
+
+def test_a_udp_socket_is_refused_by_name_and_the_process_left_as_it_was(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        with spawn_fixture("udp_echo", netns=a.netns) as service:
+            ports = service.ready["port"], service.ready["connected_port"]
+            peer = a.spawn(
+                [sys.executable, "-c", UDP_PEER, *ports],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                bufsize=0,
+            )
+            assert peer.stdin is not None
+            peer.stdin.write(b"before\n")
+            assert read_line(peer, LINE_TIMEOUT) == "ok 10"
+
+            line = move_refused(a, service.pid, b)
+            for port in ports:
+                assert re.search(rf"fd \d+ \(socket udp 127\.0\.0\.1:{port}\b", line), line
+            assert "cannot be proxied" in line, line
+            assert_untouched(service.pid)
+            assert not (a.state_dir / "shadows" / str(service.pid)).exists()
+            with Registry(a.state_dir) as registry:
+                assert registry.find(service.pid) is None
+                assert registry.moves() == []
+            assert " move " not in daemon_log(b)  # the destination never heard of it
+
+            peer.stdin.write(b"after\n")
+            assert read_line(peer, LINE_TIMEOUT) == "ok 10"
+            service.assert_intact()
+        assert "echoed 20 datagrams" in service.stdout
+
+
+# -- failed moves ---------------------------------------------------------------------
+
+
+def test_a_destination_killed_mid_transfer_leaves_the_original_running(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        shape_loopback(a)
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            port = int(server.ready["port"])
+            with spawn_fixture(
+                "stream_client", "127.0.0.1", str(port), str(STREAM_BYTES), "31", netns=a.netns
+            ) as client:
+                wait_streaming(a, port)
+                assert b.daemon_endpoint is not None
+                mover = a.spawn(
+                    [*HIJACK_PROGRAM, "move", str(server.pid), "--to", b.daemon_endpoint],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                poll_until(
+                    lambda: re.search(r"move \w+ of echo_server from a", daemon_log(b)),
+                    "the daemon of b receives the move",
+                )
+                kill_daemon(b)
+                stdout, stderr = mover.communicate(timeout=EXIT_TIMEOUT)
+                refusal_line(CliResult(("move",), mover.returncode, stdout, stderr))
+                assert still_running(client.pid), "the stream ended before the move: too fast"
+                assert_untouched(server.pid)
+                assert runs_in(server.pid, a)
+                with Registry(a.state_dir) as registry:
+                    (record,) = registry.moves()
+                assert record.phase == "failed", record
+                # Nothing half-built survives there (a stub dies with its tracer).
+                poll_until(lambda: not pids_inside(b), "b's half-built process gone")
+                client.assert_intact(STREAM_TIMEOUT)
+
+            # The same process moves once the destination is back.
+            b.start_daemon()
+            moved = move(a, server.pid, b)
+            server.wait_exit()
+            output = finish_moved(server, moved, tmp_path)
+        assert f"echoed {STREAM_BYTES} bytes over 1 connections" in output
+
+
+@pytest.mark.parametrize(
+    ("flaw", "reason"),
+    [
+        ("another cluster key", "does not hold our cluster key"),
+        ("a state directory it cannot use", "cannot open the state registry"),
+    ],
+)
+def test_a_destination_that_refuses_the_process_changes_nothing(
+    tmp_path: Path, flaw: str, reason: str
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        if flaw == "another cluster key":
+            create_cluster_key(tmp_path / "other.key")
+            start_daemon_with(b, "HIJACK_CLUSTER_KEY", str(tmp_path / "other.key"))
+        else:
+            # Found out only when the process is restored and held there.
+            (tmp_path / "a-file").write_text("not a directory\n")
+            start_daemon_with(b, "HIJACK_STATE_DIR", str(tmp_path / "a-file"))
+        shape_loopback(a)
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            port = int(server.ready["port"])
+            with spawn_fixture(
+                "stream_client", "127.0.0.1", str(port), str(STREAM_BYTES), "41", netns=a.netns
+            ) as client:
+                wait_streaming(a, port)
+                line = move_refused(a, server.pid, b)
+                assert reason in line, line
+                assert still_running(client.pid), "the stream ended before the move: too fast"
+                assert_untouched(server.pid)
+                assert b.daemon is not None
+                assert pids_inside(b) == {b.daemon.pid}
+                client.assert_intact(STREAM_TIMEOUT)
+            server.assert_intact()
+        assert f"echoed {STREAM_BYTES} bytes over 1 connections" in server.stdout
+
+
+def test_a_mover_with_another_key_is_refused_by_the_daemon(tmp_path: Path) -> None:
+    other_key = tmp_path / "other.key"
+    create_cluster_key(other_key)
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            assert b.daemon_endpoint is not None
+            completed = a.run(
+                [*HIJACK_PROGRAM, "move", str(server.pid), "--to", b.daemon_endpoint],
+                timeout=EXIT_TIMEOUT,
+                env={"HIJACK_CLUSTER_KEY": str(other_key)},
+            )
+            line = refusal_line(CliResult(("move",), completed.returncode, "", completed.stderr))
+            assert "does not hold our cluster key" in line, line
+            assert_untouched(server.pid)
+            poll_until(lambda: "refused 10.77.0.1:" in daemon_log(b), "b logs the refusal")
+            assert b.daemon is not None
+            assert pids_inside(b) == {b.daemon.pid}
+            server.assert_intact()
+
+
+# Completes the handshake with a proof made with the wrong key (as a peer
+# that does not check the daemon's proof would), then asks for a move.
+FORGED_PEER = """\
+import json, os, socket, sys
+from hijack.node import channel
+host, port, key = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+with socket.create_connection((host, port), timeout=10) as sock:
+    nonce = os.urandom(channel.NONCE_SIZE)
+    channel._send_plain(sock, {"hello": channel.PROTOCOL_VERSION, "node": "mallory",
+                               "nonce": nonce.hex()})
+    answer = channel._receive_plain(sock)
+    server_nonce = bytes.fromhex(answer["nonce"])
+    proof = channel._proof(key, b"client", server_nonce, nonce)
+    channel._send_plain(sock, {"proof": proof.hex()})
+    move = json.dumps({"op": "move", "move": "forged", "pid": 1, "home": {}, "proxies": []})
+    try:
+        sock.sendall(channel.HEAD.pack(channel.Kind.MESSAGE, len(move)) + move.encode())
+        print("answer", sock.recv(4096))
+    except OSError as error:
+        print("answer", type(error).__name__)
+"""
+
+
+def test_a_peer_that_proves_another_key_is_refused_and_nothing_is_restored(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        assert b.daemon is not None
+        completed = a.run_python(FORGED_PEER, b.address, 7450, os.urandom(32).hex())
+        assert completed.returncode == 0, completed.stderr
+        # No welcome, no answer to the move: the connection is closed on it.
+        assert completed.stdout.strip() in ("answer b''", "answer ConnectionResetError")
+        refusal = poll_until(
+            lambda: re.search(r"refused 10\.77\.0\.1:\d+: (.*)", daemon_log(b)),
+            "b logs the refusal",
+        )
+        assert "'mallory' does not hold the cluster key" in refusal[1], daemon_log(b)
+        assert " move " not in daemon_log(b)
+        assert pids_inside(b) == {b.daemon.pid}
+
+
+# -- several moves ----------------------------------------------------------------------
+
+
+def assert_relays_one_hop(moved: Moved, home: Node, home_pid: int, control_fd: int) -> None:
+    """Every relay of the process on its node goes straight to the home shadow."""
+    status = shadow_status(home, home_pid)
+    shadow_end = f"{home.address}:{status['endpoint_port']}"
+    assert status["location"] == moved.node.name, status
+    rows = ss_lines(moved.node, moved.pid)
+    established = [row for row in rows if row[0] == "ESTAB"]
+    listening = [row for row in rows if row[0] == "LISTEN"]
+    # The control pipe and one client connection, each a relay to the shadow.
+    assert len(established) == 2, (rows, status)
+    assert {row[4] for row in established} == {shadow_end}, (rows, status)
+    assert [row[3].rsplit(":", 1)[0] for row in listening] == [moved.node.address], rows
+    streams = {stream["id"]: stream for stream in status["streams"]}
+    relayed = {stream["relay"] for stream in streams.values() if stream["relay"]}
+    assert relayed == {row[3] for row in established}, (rows, status)
+    assert streams[f"fd:{control_fd}"]["relay"], status
+
+
+ECHO_SESSION = """\
+import socket, sys
+with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30) as connection:
+    print("connected", flush=True)
+    for line in sys.stdin:
+        connection.sendall(line.encode())
+        echoed = b""
+        while not echoed.endswith(b"\\n"):
+            echoed += connection.recv(65536)
+        print(echoed.decode(), end="", flush=True)
+"""
+
+
+def test_three_moves_in_a_row_and_home_again_with_one_hop_relays(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        for node in cluster:
+            node.start_daemon()
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            port = server.ready["port"]
+            home_pid = server.pid
+            control_fd = fd_of(home_pid, "CONTROL_FD")
+            session = a.spawn(
+                [sys.executable, "-c", ECHO_SESSION, port],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                bufsize=0,
+            )
+            assert session.stdin is not None
+            assert read_line(session, LINE_TIMEOUT) == "connected"
+            session.stdin.write(b"at home\n")
+            assert read_line(session, LINE_TIMEOUT) == "at home"
+
+            here, pid = a, home_pid
+            freezes = []
+            for there in (b, c, a):
+                moved = move(here, pid, there, home=(a, home_pid))
+                freezes.append(moved.freeze_ms)
+                if here is a:
+                    server.wait_exit()
+                else:
+                    # Nothing of it is left where it was: only that node's daemon.
+                    assert here.daemon is not None
+                    assert pids_inside(here) == {here.daemon.pid}
+                assert_relays_one_hop(moved, a, home_pid, control_fd)
+                line = f"on {there.name}\n".encode()
+                session.stdin.write(line)
+                assert read_line(session, LINE_TIMEOUT) == f"on {there.name}"
+                with spawn_fixture(
+                    "stream_client", "127.0.0.1", port, str(1 << 20), "61", netns=a.netns
+                ) as client:
+                    client.assert_intact()
+                here, pid = there, moved.pid
+            print(f"freezes: {freezes} ms")
+
+            session.stdin.close()
+            assert session.wait(EXIT_TIMEOUT) == 0
+            output = finish_moved(server, moved, tmp_path)
+        assert "over 4 connections" in output
+
+
+# -- a new node's own network -----------------------------------------------------------
+
+
+def test_a_moved_process_connects_out_from_its_new_node(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        b.start_daemon()
+        reporters = {}
+        for node, address in ((b, "127.0.0.1"), (c, c.address)):
+            reporter = node.spawn(
+                [sys.executable, "-c", ADDRESS_REPORTER, address], stdout=subprocess.PIPE
+            )
+            reporters[node.name] = f"{address} {read_line(reporter, LINE_TIMEOUT)}"
+        commands_path, replies_path = tmp_path / "commands.fifo", tmp_path / "replies.fifo"
+        os.mkfifo(commands_path)
+        os.mkfifo(replies_path)
+        # O_RDWR: neither open blocks, and the dialer's opens (and its restore's) never wait.
+        commands = os.open(commands_path, os.O_RDWR | os.O_CLOEXEC)
+        replies = os.open(replies_path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            dialer = a.spawn(
+                [sys.executable, "-c", DIALER, commands_path, replies_path],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # not pytest's capture file: deleted, not reopenable
+                stderr=subprocess.DEVNULL,
+            )
+            with os.fdopen(os.dup(replies), "rb", buffering=0) as reply_stream:
+
+                def dial(target: str) -> str:
+                    os.write(commands, f"connect {target}\n".encode())
+                    readable, _, _ = select.select([reply_stream], [], [], LINE_TIMEOUT)
+                    assert readable, f"no reply to connect {target}"
+                    return reply_stream.readline().decode().strip()
+
+                assert dial(reporters["c"]).split()[2].startswith(f"{a.address}:")
+                # b's loopback server is b's own: from a, nothing listens there.
+                assert dial(reporters["b"]) == "error ConnectionRefusedError"
+
+                moved = move(a, dialer.pid, b)
+                reply = dial(reporters["c"]).split()
+                assert reply[0] == "ok", reply
+                assert reply[1].startswith(f"{b.address}:"), reply  # its own end
+                assert reply[2] == reply[1], reply  # what c saw
+                reply = dial(reporters["b"]).split()
+                assert reply[0] == "ok" and reply[2].startswith("127.0.0.1:"), reply
+                os.write(commands, b"exit\n")
+                assert_ended_well(moved, "the moved dialer", tmp_path)
+                wait_released(moved)
+        finally:
+            os.close(commands)
+            os.close(replies)
+
+
+# -- pipes and stdio --------------------------------------------------------------------
+
+
+def test_stdin_and_stdout_pipes_are_proxied_after_a_move(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        cat = a.spawn(
+            ["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        assert cat.stdin is not None and cat.stdout is not None
+        assert through_cat(cat, b"before the move\n") == b"before the move\n"
+        moved = move(a, cat.pid, b)
+        assert cat.wait(EXIT_TIMEOUT) == -signal.SIGKILL  # the original
+        assert through_cat(cat, b"after the move\n") == b"after the move\n"
+        data = pattern(8 << 20, 5)
+        assert through_cat(cat, data) == data
+        # Its last words: its input ends and it exits before anyone reads them.
+        last_words = pattern(3 << 20, 6)
+        write_all(cat.stdin, last_words)
+        cat.stdin.close()
+        assert_ended_well(moved, "the moved cat", tmp_path)
+        assert read_to_end(cat.stdout) == last_words  # all of them, then EOF
+        wait_released(moved)
+
+
+# -- what cannot be proxied -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "named"),
+    [
+        ("inotify", r"inotify"),
+        ("timerfd", r"timerfd"),
+        ("signalfd", r"signalfd"),
+        ("netlink", r"socket socket:\[\d+\]"),
+        ("unix-datagram", r"socket unix"),
+    ],
+)
+def test_a_descriptor_that_cannot_be_proxied_is_named_and_nothing_moves(
+    tmp_path: Path, kind: str, named: str
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        holder = a.spawn(
+            [sys.executable, "-c", HOLDER, kind],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+        )
+        assert holder.stdin is not None
+        fd = int(read_line(holder, LINE_TIMEOUT))
+        line = move_refused(a, holder.pid, b)
+        assert re.search(rf"fd {fd} \({named}", line), line
+        assert line.endswith("cannot be proxied; nothing was changed"), line
+        assert_untouched(holder.pid)
+        assert not (a.state_dir / "shadows" / str(holder.pid)).exists()
+        with Registry(a.state_dir) as registry:
+            assert registry.find(holder.pid) is None
+        assert " move " not in daemon_log(b)
+        holder.stdin.write(b"still here\n")
+        assert read_line(holder, LINE_TIMEOUT) == "still here"
+
+
+# -- an unmodified server ---------------------------------------------------------------
+
+
+def redis_options(port: int, directory: Path) -> list[str]:
+    """A redis on 127.0.0.1:port that never writes its data set to disk."""
+    options = {"bind": "127.0.0.1", "port": port, "save": "", "appendonly": "no"}
+    options |= {"dir": directory, "logfile": directory / "redis.log"}
+    return [word for name, value in options.items() for word in (f"--{name}", str(value))]
+
+
+def test_redis_moved_mid_session_keeps_its_keys_and_its_connection(tmp_path: Path) -> None:
+    redis = "/usr/bin/redis-server"
+    if not os.path.exists(redis):
+        pytest.skip("no redis-server (Debian's redis-server package)")
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        port = a.free_port()
+        server = a.spawn(
+            [redis, *redis_options(port, tmp_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        a.wait_tcp("127.0.0.1", port)
+        client = a.spawn(
+            [sys.executable, "-c", REDIS_CLIENT, str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+        )
+        assert client.stdin is not None
+
+        def ask(request: str) -> str:
+            assert client.stdin is not None
+            client.stdin.write(f"{request}\n".encode())
+            return read_line(client, LINE_TIMEOUT)
+
+        assert read_line(client, LINE_TIMEOUT) == "loaded"
+        issued_before = int(ask("count").split()[1])
+        moved = move(a, server.pid, b)
+        assert server.wait(EXIT_TIMEOUT) == -signal.SIGKILL
+        issued_after = [int(ask("count").split()[1]) for _ in range(2)]
+        assert issued_before < issued_after[0] < issued_after[1], issued_after
+        assert ask("check") == "checked 1000 keys, 0 wrong"
+        assert ask("shutdown") == "shut down"
+        assert client.wait(EXIT_TIMEOUT) == 0
+        assert_ended_well(moved, "the moved redis-server", tmp_path)
+        wait_released(moved)
