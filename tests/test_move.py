@@ -67,7 +67,7 @@ MOVED_LINE = re.compile(
 # Prints a descriptor's number, then echoes each stdin line: a process holding
 # one descriptor of the kind argv[1] names, which hijack cannot proxy.
 HOLDER = """\
-import ctypes, socket, sys
+import ctypes, socket, sys, tempfile
 libc = ctypes.CDLL(None, use_errno=True)
 kind = sys.argv[1]
 if kind == "inotify":
@@ -78,6 +78,9 @@ elif kind == "signalfd":
     fd = libc.signalfd(-1, ctypes.create_string_buffer(8), 0)  # an empty mask
 elif kind == "netlink":
     held = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    fd = held.fileno()
+elif kind == "deleted":
+    held = tempfile.TemporaryFile()  # O_TMPFILE: a file without a name
     fd = held.fileno()
 else:
     held, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -645,6 +648,8 @@ def test_a_destination_killed_mid_transfer_leaves_the_original_running(tmp_path:
                 # Nothing half-built survives there (a stub dies with its tracer).
                 poll_until(lambda: not pids_inside(b), "b's half-built process gone")
                 client.assert_intact(STREAM_TIMEOUT)
+            shadow = shadow_status(a, server.pid)
+            assert (shadow["mode"], shadow["streams"]) == ("home", []), shadow
 
             # The same process moves once the destination is back.
             b.start_daemon()
@@ -687,7 +692,11 @@ def test_a_destination_that_refuses_the_process_changes_nothing(
                 assert b.daemon is not None
                 assert pids_inside(b) == {b.daemon.pid}
                 client.assert_intact(STREAM_TIMEOUT)
+            # Attached by the move: its shadow is at home again, following it.
+            shadow = shadow_status(a, server.pid)
+            assert (shadow["mode"], shadow["streams"]) == ("home", []), shadow
             server.assert_intact()
+            wait_gone(shadow["shadow_pid"], EXIT_TIMEOUT, "the shadow of a process that ended")
         assert f"echoed {STREAM_BYTES} bytes over 1 connections" in server.stdout
 
 
@@ -928,6 +937,7 @@ def test_stdin_and_stdout_pipes_are_proxied_after_a_move(tmp_path: Path) -> None
         ("signalfd", r"signalfd"),
         ("netlink", r"socket socket:\[\d+\]"),
         ("unix-datagram", r"socket unix"),
+        ("deleted", r"regular /tmp/.* \(deleted\)"),
     ],
 )
 def test_a_descriptor_that_cannot_be_proxied_is_named_and_nothing_moves(
@@ -940,6 +950,7 @@ def test_a_descriptor_that_cannot_be_proxied_is_named_and_nothing_moves(
             [sys.executable, "-c", HOLDER, kind],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,  # not pytest's capture file: deleted, refused too
             bufsize=0,
         )
         assert holder.stdin is not None

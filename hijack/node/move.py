@@ -305,7 +305,7 @@ def plan_proxies(
     plan: list[Proxy] = []
     refused: list[str] = []
     for entry in procfs.list_fds(pid):
-        if entry.kind in REOPENED:
+        if entry.kind in REOPENED and _reopenable(entry):
             continue
         found = sockets.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
         listening = found is not None and found.state == "LISTEN"
@@ -334,6 +334,17 @@ def plan_proxies(
             " nothing was changed"
         )
     return plan, [p.stream for p in plan]
+
+
+def _reopenable(entry: procfs.FdEntry) -> bool:
+    """Whether the destination can open the file again by its path (not deleted)."""
+    if not entry.target.endswith(" (deleted)"):
+        return True
+    try:  # a file literally named "... (deleted)" is still there under that name
+        found = os.stat(entry.target)
+    except OSError:
+        return False
+    return (found.st_dev, found.st_ino) == (entry.dev, entry.ino)
 
 
 def peek_unread(pid: int, plan: list[Proxy]) -> dict[str, bytes]:
