@@ -30,6 +30,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ from support.nodes import (
     read_line,
     run_ip,
 )
+from test_nodes import ECHO_SESSION
 
 from hijack.node.channel import create_cluster_key
 from hijack.registry import Registry
@@ -393,11 +395,20 @@ def acknowledged(node: Node, port: int) -> int:
     return int(found[1]) if found else 0
 
 
-def wait_streaming(node: Node, port: int) -> None:
-    poll_until(
-        lambda: acknowledged(node, port) >= STREAMING_BEFORE_MOVE,
-        f"a stream to port {port} in node {node.name} under way",
-    )
+@contextlib.contextmanager
+def echo_stream(node: Node, seed: int) -> Iterator[tuple[RunningFixture, RunningFixture]]:
+    """(server, client): an echo_server in `node` and a stream_client echoing STREAM_BYTES
+    through it, under way, over the node's shaped loopback."""
+    shape_loopback(node)
+    with spawn_fixture("echo_server", netns=node.netns) as server:
+        port = server.ready["port"]
+        stream = ("127.0.0.1", port, str(STREAM_BYTES), str(seed))
+        with spawn_fixture("stream_client", *stream, netns=node.netns) as client:
+            poll_until(
+                lambda: acknowledged(node, int(port)) >= STREAMING_BEFORE_MOVE,
+                f"a stream to port {port} in node {node.name} under way",
+            )
+            yield server, client
 
 
 def kill_daemon(node: Node) -> None:
@@ -476,6 +487,28 @@ def ss_lines(node: Node, pid: int) -> list[list[str]]:
     return [line.split()[:5] for line in completed.stdout.splitlines() if f"pid={pid}," in line]
 
 
+def spawn_python(node: Node, program: str, *args: str) -> subprocess.Popen[bytes]:
+    """python3 running `program` inside `node`, its stdin and stdout pipes to the test.
+
+    Its stderr is /dev/null, not pytest's capture file: that one is deleted,
+    and a move refuses a deleted file.
+    """
+    return node.spawn(
+        [sys.executable, "-c", program, *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        bufsize=0,
+    )
+
+
+def ask(process: subprocess.Popen[bytes], request: str) -> str:
+    """One line to the process's stdin; the line it answers on its stdout."""
+    assert process.stdin is not None
+    process.stdin.write(f"{request}\n".encode())
+    return read_line(process, LINE_TIMEOUT)
+
+
 def fd_of(pid: int, variable: str) -> int:
     """A descriptor number the fixture protocol put in the environment of `pid`."""
     for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
@@ -491,16 +524,10 @@ def test_echo_server_moved_mid_stream_echoes_100_mb_both_ways(tmp_path: Path) ->
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         b.start_daemon()
-        shape_loopback(a)
-        with spawn_fixture("echo_server", netns=a.netns) as server:
-            port = int(server.ready["port"])
-            with spawn_fixture(
-                "stream_client", "127.0.0.1", str(port), str(STREAM_BYTES), "11", netns=a.netns
-            ) as client:
-                wait_streaming(a, port)
-                moved = move(a, server.pid, b)
-                assert still_running(client.pid), "the stream ended before the move: too fast"
-                client.assert_intact(STREAM_TIMEOUT)  # every byte echoed once, in order
+        with echo_stream(a, seed=11) as (server, client):
+            moved = move(a, server.pid, b)
+            assert still_running(client.pid), "the stream ended before the move: too fast"
+            client.assert_intact(STREAM_TIMEOUT)  # every byte echoed once, in order
             server.wait_exit()  # the original, killed by the move
             output = finish_moved(server, moved, tmp_path)
         assert f"echoed {STREAM_BYTES} bytes over 1 connections" in output
@@ -510,19 +537,13 @@ def test_stream_client_moved_mid_stream_keeps_its_connection(tmp_path: Path) -> 
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         b.start_daemon()
-        shape_loopback(a)
-        with spawn_fixture("echo_server", netns=a.netns) as server:
-            port = int(server.ready["port"])
-            with spawn_fixture(
-                "stream_client", "127.0.0.1", str(port), str(STREAM_BYTES), "12", netns=a.netns
-            ) as client:
-                wait_streaming(a, port)
-                moved = move(a, client.pid, b)
-                client.wait_exit()
-                # It finishes on its own, there: its own check of every byte.
-                assert_ended_well(moved, "the moved stream_client", tmp_path)
-                wait_released(moved)
-                assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
+        with echo_stream(a, seed=12) as (server, client):
+            moved = move(a, client.pid, b)
+            client.wait_exit()
+            # It finishes on its own, there: its own check of every byte.
+            assert_ended_well(moved, "the moved stream_client", tmp_path)
+            wait_released(moved)
+            assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
             server.assert_intact()  # no reset, every byte it received echoed
         assert f"echoed {STREAM_BYTES} bytes over 1 connections" in server.stdout
 
@@ -553,27 +574,28 @@ def test_a_moved_server_accepts_new_clients_at_its_original_address(tmp_path: Pa
 # -- UDP ------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def udp_service(
+    node: Node,
+) -> Iterator[tuple[RunningFixture, subprocess.Popen[bytes], tuple[str, str]]]:
+    """(service, peer, its two ports): udp_echo in `node`, and a peer it has answered."""
+    with spawn_fixture("udp_echo", netns=node.netns) as service:
+        ports = service.ready["port"], service.ready["connected_port"]
+        peer = spawn_python(node, UDP_PEER, *ports)
+        assert ask(peer, "before") == "ok 10"
+        yield service, peer, ports
+
+
 @pytest.mark.xfail(strict=True, reason="UDP relays are not implemented yet")
 def test_a_moved_udp_service_keeps_answering_at_its_original_address(tmp_path: Path) -> None:
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         b.start_daemon()
-        with spawn_fixture("udp_echo", netns=a.netns) as service:
-            ports = service.ready["port"], service.ready["connected_port"]
-            peer = a.spawn(
-                [sys.executable, "-c", UDP_PEER, *ports],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                bufsize=0,
-            )
-            assert peer.stdin is not None
-            peer.stdin.write(b"before\n")
-            assert read_line(peer, LINE_TIMEOUT) == "ok 10"
+        with udp_service(a) as (service, peer, _):
             moved = move(a, service.pid, b)
             service.wait_exit()
             for _ in range(3):
-                peer.stdin.write(b"after\n")
-                assert read_line(peer, LINE_TIMEOUT) == "ok 10"
+                assert ask(peer, "after") == "ok 10"
             output = finish_moved(service, moved, tmp_path)
         assert "echoed 40 datagrams" in output
 
@@ -582,18 +604,7 @@ def test_a_udp_socket_is_refused_by_name_and_the_process_left_as_it_was(tmp_path
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         b.start_daemon()
-        with spawn_fixture("udp_echo", netns=a.netns) as service:
-            ports = service.ready["port"], service.ready["connected_port"]
-            peer = a.spawn(
-                [sys.executable, "-c", UDP_PEER, *ports],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                bufsize=0,
-            )
-            assert peer.stdin is not None
-            peer.stdin.write(b"before\n")
-            assert read_line(peer, LINE_TIMEOUT) == "ok 10"
-
+        with udp_service(a) as (service, peer, ports):
             line = move_refused(a, service.pid, b)
             for port in ports:
                 assert re.search(rf"fd \d+ \(socket udp 127\.0\.0\.1:{port}\b", line), line
@@ -605,8 +616,7 @@ def test_a_udp_socket_is_refused_by_name_and_the_process_left_as_it_was(tmp_path
                 assert registry.moves() == []
             assert " move " not in daemon_log(b)  # the destination never heard of it
 
-            peer.stdin.write(b"after\n")
-            assert read_line(peer, LINE_TIMEOUT) == "ok 10"
+            assert ask(peer, "after") == "ok 10"
             service.assert_intact()
         assert "echoed 20 datagrams" in service.stdout
 
@@ -618,36 +628,30 @@ def test_a_destination_killed_mid_transfer_leaves_the_original_running(tmp_path:
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         b.start_daemon()
-        shape_loopback(a)
-        with spawn_fixture("echo_server", netns=a.netns) as server:
-            port = int(server.ready["port"])
-            with spawn_fixture(
-                "stream_client", "127.0.0.1", str(port), str(STREAM_BYTES), "31", netns=a.netns
-            ) as client:
-                wait_streaming(a, port)
-                assert b.daemon_endpoint is not None
-                mover = a.spawn(
-                    [*HIJACK_PROGRAM, "move", str(server.pid), "--to", b.daemon_endpoint],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                poll_until(
-                    lambda: re.search(r"move \w+ of echo_server from a", daemon_log(b)),
-                    "the daemon of b receives the move",
-                )
-                kill_daemon(b)
-                stdout, stderr = mover.communicate(timeout=EXIT_TIMEOUT)
-                refusal_line(CliResult(("move",), mover.returncode, stdout, stderr))
-                assert still_running(client.pid), "the stream ended before the move: too fast"
-                assert_untouched(server.pid)
-                assert runs_in(server.pid, a)
-                with Registry(a.state_dir) as registry:
-                    (record,) = registry.moves()
-                assert record.phase == "failed", record
-                # Nothing half-built survives there (a stub dies with its tracer).
-                poll_until(lambda: not pids_inside(b), "b's half-built process gone")
-                client.assert_intact(STREAM_TIMEOUT)
+        with echo_stream(a, seed=31) as (server, client):
+            assert b.daemon_endpoint is not None
+            mover = a.spawn(
+                [*HIJACK_PROGRAM, "move", str(server.pid), "--to", b.daemon_endpoint],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            poll_until(
+                lambda: re.search(r"move \w+ of echo_server from a", daemon_log(b)),
+                "the daemon of b receives the move",
+            )
+            kill_daemon(b)
+            stdout, stderr = mover.communicate(timeout=EXIT_TIMEOUT)
+            refusal_line(CliResult(("move",), mover.returncode, stdout, stderr))
+            assert still_running(client.pid), "the stream ended before the move: too fast"
+            assert_untouched(server.pid)
+            assert runs_in(server.pid, a)
+            with Registry(a.state_dir) as registry:
+                (record,) = registry.moves()
+            assert record.phase == "failed", record
+            # Nothing half-built survives there (a stub dies with its tracer).
+            poll_until(lambda: not pids_inside(b), "b's half-built process gone")
+            client.assert_intact(STREAM_TIMEOUT)
             shadow = shadow_status(a, server.pid)
             assert (shadow["mode"], shadow["streams"]) == ("home", []), shadow
 
@@ -678,20 +682,14 @@ def test_a_destination_that_refuses_the_process_changes_nothing(
             # Found out only when the process is restored and held there.
             (tmp_path / "a-file").write_text("not a directory\n")
             start_daemon_with(b, "HIJACK_STATE_DIR", str(tmp_path / "a-file"))
-        shape_loopback(a)
-        with spawn_fixture("echo_server", netns=a.netns) as server:
-            port = int(server.ready["port"])
-            with spawn_fixture(
-                "stream_client", "127.0.0.1", str(port), str(STREAM_BYTES), "41", netns=a.netns
-            ) as client:
-                wait_streaming(a, port)
-                line = move_refused(a, server.pid, b)
-                assert reason in line, line
-                assert still_running(client.pid), "the stream ended before the move: too fast"
-                assert_untouched(server.pid)
-                assert b.daemon is not None
-                assert pids_inside(b) == {b.daemon.pid}
-                client.assert_intact(STREAM_TIMEOUT)
+        with echo_stream(a, seed=41) as (server, client):
+            line = move_refused(a, server.pid, b)
+            assert reason in line, line
+            assert still_running(client.pid), "the stream ended before the move: too fast"
+            assert_untouched(server.pid)
+            assert b.daemon is not None
+            assert pids_inside(b) == {b.daemon.pid}
+            client.assert_intact(STREAM_TIMEOUT)
             # Attached by the move: its shadow is at home again, following it.
             shadow = shadow_status(a, server.pid)
             assert (shadow["mode"], shadow["streams"]) == ("home", []), shadow
@@ -700,7 +698,11 @@ def test_a_destination_that_refuses_the_process_changes_nothing(
         assert f"echoed {STREAM_BYTES} bytes over 1 connections" in server.stdout
 
 
-def test_a_mover_with_another_key_is_refused_by_the_daemon(tmp_path: Path) -> None:
+def test_a_mover_with_another_key_fails_the_handshake_and_nothing_is_restored(
+    tmp_path: Path,
+) -> None:
+    # The mover sees first that the daemon's proof is not made with its key
+    # and hangs up: the daemon logs the refusal as "peer closed the connection".
     other_key = tmp_path / "other.key"
     create_cluster_key(other_key)
     with Cluster(tmp_path, nodes=2) as cluster:
@@ -786,19 +788,6 @@ def assert_relays_one_hop(moved: Moved, home: Node, home_pid: int, control_fd: i
     assert streams[f"fd:{control_fd}"]["relay"], status
 
 
-ECHO_SESSION = """\
-import socket, sys
-with socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=30) as connection:
-    print("connected", flush=True)
-    for line in sys.stdin:
-        connection.sendall(line.encode())
-        echoed = b""
-        while not echoed.endswith(b"\\n"):
-            echoed += connection.recv(65536)
-        print(echoed.decode(), end="", flush=True)
-"""
-
-
 def test_three_moves_in_a_row_and_home_again_with_one_hop_relays(tmp_path: Path) -> None:
     with Cluster(tmp_path, nodes=3) as cluster:
         a, b, c = cluster.nodes
@@ -808,16 +797,9 @@ def test_three_moves_in_a_row_and_home_again_with_one_hop_relays(tmp_path: Path)
             port = server.ready["port"]
             home_pid = server.pid
             control_fd = fd_of(home_pid, "CONTROL_FD")
-            session = a.spawn(
-                [sys.executable, "-c", ECHO_SESSION, port],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                bufsize=0,
-            )
-            assert session.stdin is not None
+            session = spawn_python(a, ECHO_SESSION, "127.0.0.1", port)
             assert read_line(session, LINE_TIMEOUT) == "connected"
-            session.stdin.write(b"at home\n")
-            assert read_line(session, LINE_TIMEOUT) == "at home"
+            assert ask(session, "at home") == "at home"
 
             here, pid = a, home_pid
             freezes = []
@@ -831,9 +813,7 @@ def test_three_moves_in_a_row_and_home_again_with_one_hop_relays(tmp_path: Path)
                     assert here.daemon is not None
                     assert pids_inside(here) == {here.daemon.pid}
                 assert_relays_one_hop(moved, a, home_pid, control_fd)
-                line = f"on {there.name}\n".encode()
-                session.stdin.write(line)
-                assert read_line(session, LINE_TIMEOUT) == f"on {there.name}"
+                assert ask(session, f"on {there.name}") == f"on {there.name}"
                 with spawn_fixture(
                     "stream_client", "127.0.0.1", port, str(1 << 20), "61", netns=a.netns
                 ) as client:
@@ -841,6 +821,7 @@ def test_three_moves_in_a_row_and_home_again_with_one_hop_relays(tmp_path: Path)
                 here, pid = there, moved.pid
             print(f"freezes: {freezes} ms")
 
+            assert session.stdin is not None
             session.stdin.close()
             assert session.wait(EXIT_TIMEOUT) == 0
             output = finish_moved(server, moved, tmp_path)
@@ -946,14 +927,7 @@ def test_a_descriptor_that_cannot_be_proxied_is_named_and_nothing_moves(
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         b.start_daemon()
-        holder = a.spawn(
-            [sys.executable, "-c", HOLDER, kind],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,  # not pytest's capture file: deleted, refused too
-            bufsize=0,
-        )
-        assert holder.stdin is not None
+        holder = spawn_python(a, HOLDER, kind)
         fd = int(read_line(holder, LINE_TIMEOUT))
         line = move_refused(a, holder.pid, b)
         assert re.search(rf"fd {fd} \({named}", line), line
@@ -963,8 +937,7 @@ def test_a_descriptor_that_cannot_be_proxied_is_named_and_nothing_moves(
         with Registry(a.state_dir) as registry:
             assert registry.find(holder.pid) is None
         assert " move " not in daemon_log(b)
-        holder.stdin.write(b"still here\n")
-        assert read_line(holder, LINE_TIMEOUT) == "still here"
+        assert ask(holder, "still here") == "still here"
 
 
 # -- an unmodified server ---------------------------------------------------------------
@@ -992,27 +965,16 @@ def test_redis_moved_mid_session_keeps_its_keys_and_its_connection(tmp_path: Pat
             stderr=subprocess.DEVNULL,
         )
         a.wait_tcp("127.0.0.1", port)
-        client = a.spawn(
-            [sys.executable, "-c", REDIS_CLIENT, str(port)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            bufsize=0,
-        )
-        assert client.stdin is not None
-
-        def ask(request: str) -> str:
-            assert client.stdin is not None
-            client.stdin.write(f"{request}\n".encode())
-            return read_line(client, LINE_TIMEOUT)
+        client = spawn_python(a, REDIS_CLIENT, str(port))
 
         assert read_line(client, LINE_TIMEOUT) == "loaded"
-        issued_before = int(ask("count").split()[1])
+        issued_before = int(ask(client, "count").split()[1])
         moved = move(a, server.pid, b)
         assert server.wait(EXIT_TIMEOUT) == -signal.SIGKILL
-        issued_after = [int(ask("count").split()[1]) for _ in range(2)]
+        issued_after = [int(ask(client, "count").split()[1]) for _ in range(2)]
         assert issued_before < issued_after[0] < issued_after[1], issued_after
-        assert ask("check") == "checked 1000 keys, 0 wrong"
-        assert ask("shutdown") == "shut down"
+        assert ask(client, "check") == "checked 1000 keys, 0 wrong"
+        assert ask(client, "shutdown") == "shut down"
         assert client.wait(EXIT_TIMEOUT) == 0
         assert_ended_well(moved, "the moved redis-server", tmp_path)
         wait_released(moved)
