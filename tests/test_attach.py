@@ -22,6 +22,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Collection, Iterator
@@ -698,3 +699,40 @@ def test_attach_works_under_a_long_state_dir(tmp_path: Path) -> None:
         with attached(deep, sleeper.pid):
             pass
         sleeper.assert_intact()
+
+
+def test_the_shadow_answers_only_root_and_the_targets_user(tmp_path: Path) -> None:
+    """Even with its socket opened to everyone by mistake, the shadow checks SO_PEERCRED."""
+    # pytest's tmp_path sits under a 0700 directory: another user could not
+    # even reach the socket, which is not what this test is about.
+    with (
+        tempfile.TemporaryDirectory(dir="/tmp") as reachable,
+        spawn_fixture("counter", str(tmp_path / "counter.log")) as counter,
+        Registry(Path(reachable)) as registry,
+    ):
+        Path(reachable).chmod(0o755)
+        result = attaching.attach(counter.pid, registry)
+        control_path = result.record.shadow_control
+        assert control_path is not None
+        try:
+            Path(control_path).parent.chmod(0o777)
+            Path(control_path).chmod(0o777)
+            probe = (
+                "import socket, sys\n"
+                "s = socket.socket(socket.AF_UNIX)\n"
+                "s.connect(sys.argv[1])\n"
+                "try:\n"
+                '    s.sendall(b\'{"op": "status"}\\n\')\n'
+                "    print(repr(s.recv(100)))\n"
+                "except (ConnectionResetError, BrokenPipeError):\n"
+                "    print('reset')\n"
+            )
+            nobody = subprocess.run(
+                ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                 "/usr/bin/python3", "-c", probe, control_path],
+                capture_output=True, text=True, timeout=30, check=False,
+            )  # fmt: skip
+            assert nobody.stdout.strip() in ("reset", "b''"), nobody.stdout + nobody.stderr
+        finally:
+            attaching.detach(counter.pid, registry)
+        assert counter.finish() == 0, counter.describe()

@@ -86,6 +86,13 @@ def request(path: str, message: Message, timeout: float = 3.0, fds: Sequence[int
     return reply
 
 
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a unix socket (SO_PEERCRED)."""
+    credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", credentials)
+    return int(uid)
+
+
 def receive(sock: socket.socket) -> tuple[Message, list[int]]:
     """One request and the descriptors that came with it (the server side of request())."""
     first, fds, _flags, _address = socket.recv_fds(sock, MAX_LINE, MAX_FDS)

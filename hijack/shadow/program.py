@@ -107,6 +107,12 @@ class Shadow:
             return
         with connection:
             connection.settimeout(2.0)
+            peer_uid = control.peer_uid(connection)
+            if peer_uid not in (0, os.getuid()):
+                # The socket's mode already keeps others out; this holds even
+                # if a directory on its path is opened up by mistake.
+                log(f"refused a control connection from uid {peer_uid}")
+                return
             try:
                 message, fds = control.receive(connection)
                 answer = self.handle(message, fds)
