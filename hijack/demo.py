@@ -9,6 +9,7 @@
    after it is detached.
 3. An unmodified python3 computation is dumped with --kill mid-run, its image
    shown, and restored: it finishes with the right result.
+4. The status of node a: what it attached, moved and restored, and the nodes.
 
 Everything runs in a temporary directory with its own state registries, and
 everything started here (namespaces included) is ended here.
@@ -231,32 +232,24 @@ def remove_nodes(nodes: tuple[Node, ...]) -> None:
     reap_orphans()
 
 
-def move_demo(workdir: Path) -> None:
+def move_demo(home: Node, away: Node) -> None:
     console.rule("[bold]1. move: a live TCP server goes to another node and back")
-    nodes = make_nodes(workdir)
-    home, away = nodes
-    try:
-        for node in nodes:
-            node.start_daemon()
-        server = home.spawn([sys.executable, "-c", ECHO_SERVER, home.address, str(SERVER_PORT)])
-        wait_until_serving_in(home, SERVER_PORT)
-        client = home.spawn(
-            [sys.executable, "-c", ECHO_CLIENT, home.address, str(SERVER_PORT), "120"],
-            stdout=subprocess.PIPE,
-        )
-        assert client.stdout is not None
-        console.print(client.stdout.readline().rstrip())
-        moved = home.hijack("move", str(server.pid), "--to", away.address)
-        server.wait()
-        pid = moved.split("runs there as ")[1].split(";")[0]
-        console.print(client.stdout.readline().rstrip())
-        away.hijack("move", pid, "--to", home.address)
-        for line in client.stdout:
-            console.print(line.rstrip())
-        client.wait()
-        home.hijack("status")
-    finally:
-        remove_nodes(nodes)
+    server = home.spawn([sys.executable, "-c", ECHO_SERVER, home.address, str(SERVER_PORT)])
+    wait_until_serving_in(home, SERVER_PORT)
+    client = home.spawn(
+        [sys.executable, "-c", ECHO_CLIENT, home.address, str(SERVER_PORT), "120"],
+        stdout=subprocess.PIPE,
+    )
+    assert client.stdout is not None
+    console.print(client.stdout.readline().rstrip())
+    moved = home.hijack("move", str(server.pid), "--to", away.address)
+    server.wait()
+    pid = moved.split("runs there as ")[1].split(";")[0]
+    console.print(client.stdout.readline().rstrip())
+    away.hijack("move", pid, "--to", home.address)
+    for line in client.stdout:
+        console.print(line.rstrip())
+    client.wait()
 
 
 def wait_until_serving_in(node: Node, port: int) -> None:
@@ -334,10 +327,19 @@ def main() -> int:
     set_child_subreaper()  # restored processes and shadows come back to us
     with tempfile.TemporaryDirectory(prefix="hijack-demo-") as directory:
         workdir = Path(directory)
-        state = workdir / "state"
-        move_demo(workdir)
-        attach_demo(workdir, state)
-        dump_restore_demo(workdir, state)
+        nodes = make_nodes(workdir)
+        home, away = nodes
+        try:
+            for node in nodes:
+                node.start_daemon()
+            move_demo(home, away)
+            # The rest runs on node a's registry too, so the status shows it all.
+            attach_demo(workdir, home.state)
+            dump_restore_demo(workdir, home.state)
+            console.rule("[bold]4. status: what node a knows")
+            home.hijack("status")
+        finally:
+            remove_nodes(nodes)
         reap_orphans()
     console.rule("[bold green]done")
     return 0
