@@ -239,10 +239,6 @@ class Pages:
     def end(self) -> int:
         return self.address + len(self.data)
 
-    @property
-    def page_count(self) -> int:
-        return len(self.data) // PAGE_SIZE
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UserRegsStruct:

@@ -11,7 +11,6 @@ unmapped again before memory is read.
 from __future__ import annotations
 
 import contextlib
-import io
 import os
 import signal
 import socket as socket_module
@@ -381,7 +380,7 @@ def _contents_of(
 def write_memory(pid: int, segments: list[rec.Segment], writer: ImageWriter) -> _PageCounts:
     counts = _PageCounts()
     buffer = bytearray(READ_CHUNK)  # reused: reading into fresh buffers is several times slower
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+    with memory.MemoryFile(pid) as mem:
         for segment in segments:
             # A file-backed segment is restored from its file, where a page
             # left out is the file's, not zero: its zero pages are stored too.
@@ -431,19 +430,12 @@ def _file_end(pid: int, segment: rec.Segment) -> int:
 
 
 def _read_memory(
-    pid: int, mem: io.FileIO, segment: rec.Segment, address: int, view: memoryview
+    pid: int, mem: memory.MemoryFile, segment: rec.Segment, address: int, view: memoryview
 ) -> None:
     if segment.prot & rec.Prot.READ:
         memory.read_into(pid, address, view)
-        return
-    # process_vm_readv honours protections; /proc/PID/mem reads PROT_NONE pages too.
-    mem.seek(address)
-    done = 0
-    while done < len(view):
-        got = mem.readinto(view[done:])
-        if not got:
-            raise HijackError(f"cannot read memory of process {pid} at {address + done:#x}")
-        done += got
+    else:
+        mem.read_into(address, view)
 
 
 def read_files(pid: int) -> rec.Files:

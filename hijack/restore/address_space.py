@@ -16,7 +16,6 @@ Order matters:
 from __future__ import annotations
 
 import bisect
-import io
 
 from hijack.errors import RestoreError
 from hijack.image import records as rec
@@ -72,7 +71,7 @@ class AddressSpace:
         self.segments = [s for s in segments if s.path not in KERNEL_MAPPINGS]
         self.kernel_segments = {s.path: s for s in segments if s.path in KERNEL_MAPPINGS}
         self._starts = [s.start for s in self.segments]
-        self._mem: io.FileIO | None = None
+        self._mem = memory.MemoryFile(stub.pid)
 
     def build(self) -> None:
         self._clear_stub()
@@ -186,10 +185,7 @@ class AddressSpace:
         if segment.prot & rec.Prot.WRITE:
             memory.write(self.stub.pid, pages.address, pages.data)
             return
-        if self._mem is None:
-            self._mem = open(f"/proc/{self.stub.pid}/mem", "r+b", buffering=0)  # noqa: SIM115
-        self._mem.seek(pages.address)
-        self._mem.write(pages.data)
+        self._mem.write(pages.address, pages.data)
 
     def _segment_at(self, address: int) -> rec.Segment:
         index = bisect.bisect_right(self._starts, address) - 1
@@ -198,6 +194,4 @@ class AddressSpace:
         return self.segments[index]
 
     def close(self) -> None:
-        if self._mem is not None:
-            self._mem.close()
-            self._mem = None
+        self._mem.close()

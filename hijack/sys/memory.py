@@ -8,7 +8,6 @@ read-only pages (code, relro) go through /proc/PID/mem, which does not.
 from __future__ import annotations
 
 import ctypes
-import errno as errno_codes
 import os
 from typing import Any
 
@@ -68,12 +67,56 @@ def write(pid: int, address: int, data: bytes | bytearray | memoryview) -> None:
     _transfer(_process_vm_writev, "process_vm_writev", pid, address, local, len(data))
 
 
-def poke(pid: int, address: int, data: bytes) -> None:
-    """Write through /proc/PID/mem, which may write into read-only pages (as a debugger does)."""
-    with kernel_call("write(/proc/PID/mem)", pid):
-        fd = os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
-        try:
-            if os.pwrite(fd, data, address) != len(data):
-                raise_for_errno(errno_codes.EIO, "write(/proc/PID/mem)", pid)
-        finally:
-            os.close(fd)
+class MemoryFile:
+    """/proc/PID/mem, for the pages process_vm_readv/writev refuse.
+
+    Those honour page protections; /proc/PID/mem reaches PROT_NONE and
+    read-only pages too, as a debugger does. Opened on first use.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self._fd = -1
+
+    def __enter__(self) -> MemoryFile:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _descriptor(self) -> int:
+        if self._fd < 0:
+            with kernel_call("open(/proc/PID/mem)", self.pid):
+                self._fd = os.open(f"/proc/{self.pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        return self._fd
+
+    def read_into(self, address: int, buffer: bytearray | memoryview) -> None:
+        view = memoryview(buffer).cast("B")
+        done = 0
+        while done < len(view):
+            with kernel_call("read(/proc/PID/mem)", self.pid):
+                got = os.preadv(self._descriptor(), [view[done:]], address + done)
+            if not got:
+                raise HijackError(
+                    f"cannot read memory of process {self.pid} at {address + done:#x}",
+                    pid=self.pid,
+                )
+            done += got
+
+    def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            with kernel_call("write(/proc/PID/mem)", self.pid):
+                put = os.pwrite(self._descriptor(), view[done:], address + done)
+            if not put:
+                raise HijackError(
+                    f"cannot write memory of process {self.pid} at {address + done:#x}",
+                    pid=self.pid,
+                )
+            done += put
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

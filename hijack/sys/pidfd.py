@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import select
 
 from hijack.sys.libc import raw_syscall
@@ -24,7 +23,3 @@ def wait_exit(pidfd: int, timeout: float) -> bool:
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
     return bool(poller.poll(int(timeout * 1000)))
-
-
-def close(fd: int) -> None:
-    os.close(fd)

@@ -26,19 +26,6 @@ def set_child_subreaper() -> None:
         raise_for_errno(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
-def reap_children() -> list[tuple[int, int]]:
-    """Reap every child that has exited, without blocking; return (pid, status) pairs."""
-    reaped: list[tuple[int, int]] = []
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG | WALL)
-        except ChildProcessError:
-            return reaped
-        if pid == 0:
-            return reaped
-        reaped.append((pid, status))
-
-
 def get_robust_list(tid: int) -> tuple[int, int]:
     """get_robust_list(2) of another thread: (list head address, head size)."""
     head = ctypes.c_uint64()

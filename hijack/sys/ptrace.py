@@ -280,13 +280,6 @@ def set_signal_mask(tid: int, mask: int) -> None:
     _request("PTRACE_SETSIGMASK", PTRACE_SETSIGMASK, tid, 8, ctypes.addressof(value))
 
 
-def get_siginfo(tid: int) -> bytes:
-    """The 128-byte siginfo of the signal that stopped `tid`."""
-    buffer = ctypes.create_string_buffer(SIGINFO_SIZE)
-    _request("PTRACE_GETSIGINFO", PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(buffer))
-    return buffer.raw
-
-
 class _PeekSiginfoArgs(ctypes.Structure):
     _fields_ = [("off", ctypes.c_uint64), ("flags", ctypes.c_uint32), ("nr", ctypes.c_int32)]
 
