@@ -222,6 +222,11 @@ class Registry:
                 home_pid=home_pid,
             )
             self._log(db, pid, "arrived", f"from the shadow of {home_node}:{home_pid}")
+            if home_node == node_name() and home_pid != pid:
+                # Back home under another pid: this row now tells its story,
+                # the old pid's "moved away" would be a second, stale one.
+                db.execute("DELETE FROM processes WHERE pid=?", (home_pid,))
+                self._log(db, home_pid, "returned", f"home again as {pid}")
 
     @staticmethod
     def _put_process(db: sqlite3.Connection, **columns: object) -> None:

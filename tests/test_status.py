@@ -386,6 +386,20 @@ def test_every_field_of_the_schema_is_documented_in_status_md() -> None:
     assert not missing, f"docs/status.md does not name {missing}"
 
 
+def test_a_process_back_home_under_a_new_pid_is_one_row(home: Path) -> None:
+    with Registry(home) as registry:
+        registry.record_attached(100, 1, "server", shadow_pid=101, shadow_control="ctl")
+        registry.set_state(100, "moved", current_node=DEST)
+        registry.record_migrant(200, "server", HOME, 100, "10.0.0.1:7451", "00")
+        assert [(p.pid, p.state, p.home_pid) for p in registry.processes()] == [
+            (200, "running", 100)
+        ]
+        assert [(e.pid, e.kind) for e in registry.recent_events(2)] == [
+            (100, "returned"),
+            (200, "arrived"),
+        ]
+
+
 def test_relay_rates_come_from_two_snapshots_a_second_apart() -> None:
     def snapshot(at: float, to_process: int, from_process: int, sent: int) -> Snapshot:
         stream = StreamView("fd:0", 0, "stream", "10.0.0.2:5000", to_process, from_process, 0, 0)
@@ -480,6 +494,15 @@ def test_a_moved_fixture_is_moved_away_at_home_and_runs_at_its_node(
                     "the moved process shown gone at its node",
                 )
             assert row(render(ended), "processes", new_pid)["state"] == "gone"
+
+            # Its node released the home shadow: at home, no shadow means no process.
+            monkeypatch.setenv("HIJACK_NODE", HOME)
+            with Registry(home) as registry:
+                wait_until(
+                    lambda: gather(registry),
+                    lambda s: s.processes[0].state is State.GONE,
+                    "the home row gone once its migrant ended away",
+                )
         finally:
             monkeypatch.setenv("HIJACK_NODE", HOME)
             kill_by_pid(new_pid)

@@ -221,7 +221,7 @@ def _process_view(
         program=record.program,
         home_node=record.home_node,
         current_node=current_node,
-        state=_state(record.state, alive, last_move),
+        state=_state(record.state, alive, last_move, shadow),
         registry_state=record.state,
         alive=alive,
         home_pid=record.home_pid,
@@ -230,10 +230,16 @@ def _process_view(
     )
 
 
-def _state(registry_state: str, alive: bool | None, last_move: MoveView | None) -> State:
+def _state(
+    registry_state: str, alive: bool | None, last_move: MoveView | None, shadow: ShadowView | None
+) -> State:
     if last_move is not None and last_move.in_progress:
         return State.MOVING
     if registry_state == "moved":
+        # The home shadow lives as long as its migrant does (the node running
+        # it releases the shadow when it ends): no shadow, no process.
+        if shadow is not None and shadow.health is Health.DEAD:
+            return State.GONE
         return State.MOVED
     if registry_state == "checkpointed":
         return State.CHECKPOINTED  # killed on purpose: its image and its shadow are the process
