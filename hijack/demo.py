@@ -267,7 +267,7 @@ def wait_until_serving_in(node: Node, port: int) -> None:
         raise SystemExit("demo: the server did not start")
 
 
-def attach_demo(workdir: Path, state: Path) -> None:
+def attach_demo(workdir: Path, state: Path, env: dict[str, str]) -> None:
     console.rule("[bold]2. attach: a live web server gets a shadow")
     port = free_port()
     (workdir / "index.html").write_text("<h1>hello from a hijacked server</h1>\n")
@@ -280,15 +280,15 @@ def attach_demo(workdir: Path, state: Path) -> None:
     try:
         wait_until_serving(port)
         console.print(f"web server pid {server.pid} on 127.0.0.1:{port}: {fetch(port)}")
-        hijack("attach", str(server.pid), state=state)
+        hijack("attach", str(server.pid), state=state, extra_env=env)
         console.print(f"while attached, the server still answers: {fetch(port)}")
-        hijack("detach", str(server.pid), state=state)
+        hijack("detach", str(server.pid), state=state, extra_env=env)
         console.print(f"after detach: {fetch(port)}")
     finally:
         stop(server)
 
 
-def dump_restore_demo(workdir: Path, state: Path) -> None:
+def dump_restore_demo(workdir: Path, state: Path, env: dict[str, str]) -> None:
     console.rule("[bold]3. dump --kill and restore: a computation continues where it was")
     output = workdir / "computation.out"
     with open(output, "wb") as sink:
@@ -303,13 +303,13 @@ def dump_restore_demo(workdir: Path, state: Path) -> None:
         time.sleep(0.05)
     image = workdir / "computation.crf"
     try:
-        hijack("dump", str(computation.pid), "-o", str(image), "--kill", state=state)
+        hijack("dump", str(computation.pid), "-o", str(image), "--kill", state=state, extra_env=env)
     finally:
         computation.wait()
     console.print(f"the original is gone (exit {computation.returncode}); its output so far:")
     console.print(output.read_text().rstrip().splitlines()[-1])
-    hijack("show", str(image), state=state)
-    restored = hijack("restore", str(image), state=state)
+    hijack("show", str(image), state=state, extra_env=env)
+    restored = hijack("restore", str(image), state=state, extra_env=env)
     pid = int(restored.split("restored process ")[1].split()[0])
     deadline = time.monotonic() + WAIT_SECONDS
     while "final total" not in output.read_text() and time.monotonic() < deadline:
@@ -333,9 +333,10 @@ def main() -> int:
             for node in nodes:
                 node.start_daemon()
             move_demo(home, away)
-            # The rest runs on node a's registry too, so the status shows it all.
-            attach_demo(workdir, home.state)
-            dump_restore_demo(workdir, home.state)
+            # The rest runs on node a's registry too, under its name (outside
+            # its namespace), so the status shows it all.
+            attach_demo(workdir, home.state, home.env)
+            dump_restore_demo(workdir, home.state, home.env)
             console.rule("[bold]4. status: what node a knows")
             home.hijack("status")
         finally:

@@ -400,19 +400,36 @@ def test_a_process_back_home_under_a_new_pid_is_one_row(home: Path) -> None:
         ]
 
 
-def test_relay_rates_come_from_two_snapshots_a_second_apart() -> None:
-    def snapshot(at: float, to_process: int, from_process: int, sent: int) -> Snapshot:
-        stream = StreamView("fd:0", 0, "stream", "10.0.0.2:5000", to_process, from_process, 0, 0)
-        shadow = ShadowView(7, "local", Health.OK, None, "away", DEST, (), (stream,))
-        move = MoveView(
-            "m1", 5, "p", HOME, DEST, "streaming", 0.0, None, sent, None, None, None, True, 10
-        )
-        process = ProcessView(5, "p", HOME, DEST, State.MOVED, "moved", None, None, shadow, None)
-        return Snapshot(1, HOME, "/state", at, (process,), (move,), (), ())
+def moved_snapshot(at: float, to_process: int, from_process: int, sent: int) -> Snapshot:
+    """A process moved from HOME to DEST, one stream relayed, its move still streaming."""
+    stream = StreamView("fd:0", 0, "stream", "10.0.0.2:5000", to_process, from_process, 0, 0)
+    shadow = ShadowView(7, "local", Health.OK, None, "away", DEST, (), (stream,))
+    move = MoveView(
+        "m1", 5, "program", HOME, DEST, "streaming", 0.0, None, sent, None, None, None, True, 10
+    )
+    process = ProcessView(
+        123456, "program", HOME, DEST, State.MOVED, "moved", None, None, shadow, None
+    )
+    return Snapshot(1, HOME, "/state", at, (process,), (move,), (), ())
 
+
+def test_on_a_narrow_terminal_the_traffic_columns_go_and_no_cell_is_cut() -> None:
+    snapshot = moved_snapshot(100.0, 5000, 300, 4096)
+    wide = tables(render(snapshot))["processes"]
+    output = io.StringIO()
+    view.status(Console(file=output, width=100), snapshot)
+    narrow = tables(output.getvalue())["processes"]
+    assert narrow == [
+        {k: v for k, v in wide[0].items() if k not in ("to process", "from process", "buffered")}
+    ]
+    assert "…" not in output.getvalue().split("proxied descriptors")[0]
+
+
+def test_relay_rates_come_from_two_snapshots_a_second_apart() -> None:
+    snapshot = moved_snapshot
     before, after = snapshot(100.0, 1000, 0, 0), snapshot(102.0, 5000, 300, 4096)
     rates = throughput(before, after)
-    assert rates.streams == {(5, "fd:0"): (2000.0, 150.0)}
+    assert rates.streams == {(123456, "fd:0"): (2000.0, 150.0)}
     assert rates.moves == {"m1": 2048.0}
     assert throughput(after, replace(after, taken_at=after.taken_at)).moves == {}
 

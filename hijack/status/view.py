@@ -49,13 +49,14 @@ NONE = "[dim]—[/]"
 RECENT_MOVES_SHOWN = 5
 LIVE_EVENTS_SHOWN = 12
 BAR_WIDTH = 30
+UNBOUNDED_WIDTH = 10_000
 
 
 def status(console: Console, snapshot: Snapshot) -> None:
     """The table view of `hijack status`."""
     console.print(_heading(snapshot))
     if snapshot.processes:
-        console.print(processes_table(snapshot.processes))
+        console.print(processes_table(snapshot.processes, console))
         for note in _shadow_notes(snapshot.processes):
             console.print(note)
     else:
@@ -73,7 +74,7 @@ def status_json(console: Console, snapshot: Snapshot) -> None:
     console.print_json(json.dumps(snapshot_to_json(snapshot)))
 
 
-def live_frame(snapshot: Snapshot, rates: Throughput | None) -> RenderableType:
+def live_frame(snapshot: Snapshot, rates: Throughput | None, console: Console) -> RenderableType:
     """One frame of `hijack status --watch`."""
     clock = time.strftime("%H:%M:%S", time.localtime(snapshot.taken_at))
     heading = Text.from_markup(f"{clock} [dim](q quits)[/] {_heading(snapshot)}")
@@ -81,7 +82,7 @@ def live_frame(snapshot: Snapshot, rates: Throughput | None) -> RenderableType:
     parts: list[RenderableType] = [
         heading,
         _moves_in_progress(snapshot, rates),
-        processes_table(snapshot.processes)
+        processes_table(snapshot.processes, console)
         if snapshot.processes
         else Text("no process known to hijack on this node"),
     ]
@@ -113,16 +114,40 @@ def _count(number: int, one: str, many: str) -> str:
     return f"{number} {one if number == 1 else many}"
 
 
-def processes_table(processes: Iterable[ProcessView]) -> Table:
+def processes_table(processes: Iterable[ProcessView], console: Console) -> Table:
+    """One row per process; its traffic totals only if the console is wide enough.
+
+    The totals are repeated per descriptor in the proxied-descriptors table:
+    on a narrow terminal they go, rather than every cell being cut short.
+    """
+    processes = list(processes)
+    table = _processes_table(processes, with_traffic=True)
+    unbounded = console.options.update_width(UNBOUNDED_WIDTH)  # its natural width, not cut
+    if console.measure(table, options=unbounded).maximum > console.width:
+        table = _processes_table(processes, with_traffic=False)
+    return table
+
+
+def _processes_table(processes: Iterable[ProcessView], with_traffic: bool) -> Table:
     table = Table(title="processes", title_justify="left")
     for heading in ("pid", "program", "home", "on", "state", "shadow", "health"):
         table.add_column(heading, no_wrap=True)
-    for heading in ("descriptors", "to process", "from process", "buffered"):
+    traffic = ("to process", "from process", "buffered") if with_traffic else ()
+    for heading in ("descriptors", *traffic):
         table.add_column(heading, no_wrap=True, justify="right")
     table.add_column("last move", no_wrap=True)
     for process in processes:
         shadow = process.shadow
         streams = shadow.streams if shadow else ()
+        totals = (
+            [
+                _size(sum(s.bytes_to_process for s in streams)) if streams else NONE,
+                _size(sum(s.bytes_from_process for s in streams)) if streams else NONE,
+                _size(sum(_buffered(s) for s in streams)) if streams else NONE,
+            ]
+            if with_traffic
+            else []
+        )
         table.add_row(
             str(process.pid),
             escape(process.program),
@@ -132,9 +157,7 @@ def processes_table(processes: Iterable[ProcessView]) -> Table:
             _shadow_cell(process),
             HEALTH_LABELS[shadow.health] if shadow else NONE,
             _descriptors_cell(process),
-            _size(sum(s.bytes_to_process for s in streams)) if streams else NONE,
-            _size(sum(s.bytes_from_process for s in streams)) if streams else NONE,
-            _size(sum(_buffered(s) for s in streams)) if streams else NONE,
+            *totals,
             _last_move_cell(process.last_move),
         )
     return table

@@ -42,7 +42,7 @@ def watch(
             started = time.monotonic()
             snapshot = gather(registry, QUERY_TIMEOUT)
             rates = throughput(previous, snapshot) if previous is not None else None
-            live.update(view.live_frame(snapshot, rates), refresh=True)
+            live.update(view.live_frame(snapshot, rates, console), refresh=True)
             previous = snapshot
             if _quit_pressed(key_fd, started + interval):
                 return
