@@ -40,7 +40,8 @@ from typing import Any
 
 import pytest
 from support import find_leaked_processes, snapshot_descendants, spawn_fixture
-from support.cli import CliResult, HijackCli
+from support.cli import RESTORED_LINE, CliResult, HijackCli, restored_pid
+from support.copies import copy_beside_original, suffixed
 from support.procview import (
     FdView,
     MapView,
@@ -72,7 +73,6 @@ SYS_SELECT = 23
 SYS_PSELECT6 = 270  # glibc's select()
 SLEEP_CALLS = (SYS_NANOSLEEP, SYS_CLOCK_NANOSLEEP)
 
-RESTORED_LINE = re.compile(r"^restored process (\d+) ", re.MULTILINE)
 # Section framing (docs/crf.md §4, §5): signature, then TAG LENGTH PAYLOAD CRC.
 SIGNATURE_SIZE = 8
 SECTION_HEAD = struct.Struct("<4sI")
@@ -101,12 +101,6 @@ def every_image_recodes(tmp_path: Path) -> Iterator[None]:
     yield
     for image in sorted(tmp_path.rglob("*.crf")):
         assert_recodes(image)
-
-
-def restored_pid(result: CliResult) -> int:
-    found = RESTORED_LINE.search(result.stdout)
-    assert found, result.describe()
-    return int(found[1])
 
 
 class Child:
@@ -347,10 +341,6 @@ def test_blocked_call_resumes_after_restore_with_its_signal_state(
 # -- 3. dump without --kill: the original runs on, the image makes an independent copy -----------
 
 
-def suffixed(path: Path, suffix: str) -> Path:
-    return path.with_name(path.name + suffix)
-
-
 def test_dump_leaves_the_original_running_and_its_image_restores_an_independent_copy(
     hijack: HijackCli, tmp_path: Path
 ) -> None:
@@ -363,40 +353,28 @@ def test_dump_leaves_the_original_running_and_its_image_restores_an_independent_
         logged = descriptor_in(document, log)["pos"]
         wait_until(lambda: log.stat().st_size > logged, "the original logging after the dump")
 
-        # A restore reopens every descriptor by path: the copy would share the
-        # original's log, control FIFO and output files, and each would break
-        # the other's checks. So for the time of the restore each path holds a
-        # fresh file of its own (the log as it was at the dump), while the
-        # original goes on through its descriptors to the files set aside.
+        # The copy gets a log of its own, as it was at the dump; each counter
+        # checks the log at its path when it finishes, so the copy finishes first.
         by_fd = {descriptor["fd"]: descriptor for descriptor in document["descriptors"]}
         stdout, stderr = Path(by_fd[1]["path"]), Path(by_fd[2]["path"])
-        control = original.control_fifo
-        for path in (log, control, stdout, stderr):
-            os.rename(path, suffixed(path, ".original"))
-        log.write_bytes(suffixed(log, ".original").read_bytes()[:logged])
-        os.mkfifo(control, 0o600)
-        stdout.touch()
-        stderr.touch()
-        # Read-write: opening never blocks, and the copy's CONTROL ends when we close it.
-        with open(control, "r+b", buffering=0) as copy_control:
-            try:
-                copy_pid = restored_pid(hijack.ok("restore", image))
-            finally:
-                # The copy holds its own files now; the original's go back to
-                # their paths, but for its log: each counter checks the log at
-                # its path when it finishes, so the copy finishes first.
-                for path in (control, stdout, stderr):
-                    os.rename(path, suffixed(path, ".copy"))
-                    os.rename(suffixed(path, ".original"), path)
-            with Child(copy_pid) as copy:
-                assert copy.pid != original.pid
-                # Both count at once, each in its own log.
-                wait_for_growth(log, "the copy logging")
-                wait_for_growth(suffixed(log, ".original"), "the original logging")
-                copy_control.close()
-                copy_stderr = suffixed(stderr, ".copy")
-                assert copy.wait() == 0, f"the copy failed: {copy_stderr.read_text()}"
-                assert "PASS counter" in suffixed(stdout, ".copy").read_text()
+        with (
+            copy_beside_original(
+                hijack,
+                image,
+                original.control_fifo,
+                (stdout, stderr),
+                kept_apart={log: log.read_bytes()[:logged]},
+            ) as (copy_pid, copy_control),
+            Child(copy_pid) as copy,
+        ):
+            assert copy.pid != original.pid
+            # Both count at once, each in its own log.
+            wait_for_growth(log, "the copy logging")
+            wait_for_growth(suffixed(log, ".original"), "the original logging")
+            copy_control.close()
+            copy_stderr = suffixed(stderr, ".copy")
+            assert copy.wait() == 0, f"the copy failed: {copy_stderr.read_text()}"
+            assert "PASS counter" in suffixed(stdout, ".copy").read_text()
         copy_log = log.read_bytes()
         os.replace(suffixed(log, ".original"), log)
         original.assert_intact()

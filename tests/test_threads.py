@@ -40,7 +40,8 @@ from types import TracebackType
 
 import pytest
 from support import RunningFixture, spawn_fixture
-from support.cli import CLI_TIMEOUT, CliResult, HijackCli
+from support.cli import CLI_TIMEOUT, HijackCli, restored_pid
+from support.copies import copy_beside_original, suffixed
 from support.procview import has_exited, wait_in_syscall
 
 from hijack.image import records as rec
@@ -82,7 +83,6 @@ PARKED_IN = {
 # re-issued with the time that was left, so its arguments differ.)
 SAME_REGISTERS = ("cond", "dier", "epoll", "reader", "acceptor")
 
-RESTORED_LINE = re.compile(r"^restored process (\d+) ", re.MULTILINE)
 COUNTERS_LINE = re.compile(r"^counters=([\d,]+)$", re.MULTILINE)
 
 
@@ -163,12 +163,6 @@ def kept_per_thread(thread: rec.Thread) -> tuple[object, ...]:
         thread.sigmask,
         thread.comm,
     )
-
-
-def restored_pid(result: CliResult) -> int:
-    found = RESTORED_LINE.search(result.stdout)
-    assert found, result.describe()
-    return int(found[1])
 
 
 def attach(hijack: HijackCli, pid: int, timeout: float = CLI_TIMEOUT) -> int:
@@ -399,10 +393,6 @@ def test_workers_killed_and_restored_count_on_wake_and_join(
 # -- 2. an independent copy on new tids: glibc's cached thread ids are fixed ---------------------
 
 
-def suffixed(path: Path, suffix: str) -> Path:
-    return path.with_name(path.name + suffix)
-
-
 def test_copy_on_new_tids_keeps_pi_and_robust_mutexes_working(
     hijack: HijackCli, tmp_path: Path
 ) -> None:
@@ -412,27 +402,14 @@ def test_copy_on_new_tids_keeps_pi_and_robust_mutexes_working(
         original_tids = thread_ids(original.pid)
         hijack.ok("dump", original.pid, "-o", image)
 
-        # A restore reopens every descriptor by path: the copy would share the
-        # original's control FIFO and output files. So for the time of the
-        # restore each path holds a fresh file of its own, while the original
-        # goes on through its descriptors to the files set aside.
         control = original.control_fifo
         assert control is not None
         stdout = Path(os.readlink(f"/proc/{original.pid}/fd/1"))
         stderr = Path(os.readlink(f"/proc/{original.pid}/fd/2"))
-        for path in (control, stdout, stderr):
-            os.rename(path, suffixed(path, ".original"))
-        os.mkfifo(control, 0o600)
-        stdout.touch()
-        stderr.touch()
-        # Read-write: opening never blocks, and the copy's CONTROL ends when we close it.
-        with open(control, "r+b", buffering=0) as copy_control:
-            try:
-                copy_pid = restored_pid(hijack.ok("restore", image))
-            finally:
-                for path in (control, stdout, stderr):
-                    os.rename(path, suffixed(path, ".copy"))
-                    os.rename(suffixed(path, ".original"), path)
+        with copy_beside_original(hijack, image, control, (stdout, stderr)) as (
+            copy_pid,
+            copy_control,
+        ):
             copy_stdout, copy_stderr = suffixed(stdout, ".copy"), suffixed(stderr, ".copy")
             with Reaped(copy_pid) as copy:
                 copy_tids = thread_ids(copy_pid)

@@ -8,6 +8,7 @@ run that exceeds it fails the test with what the command printed so far.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -17,6 +18,10 @@ CLI_TIMEOUT = 60.0
 # Wide enough that rich never shortens a path in the descriptor table: tests
 # look for whole paths in the output.
 CLI_COLUMNS = "250"
+RESTORED_LINE = re.compile(r"^restored process (\d+) ", re.MULTILINE)
+
+# What a command line is made of: paths are given as they are.
+Argument = str | int | os.PathLike[str]
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,8 @@ class HijackCli:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
 
-    def __call__(self, *args: str | int, timeout: float = CLI_TIMEOUT) -> CliResult:
-        argv = tuple(str(arg) for arg in args)
+    def __call__(self, *args: Argument, timeout: float = CLI_TIMEOUT) -> CliResult:
+        argv = tuple(os.fspath(arg) if isinstance(arg, os.PathLike) else str(arg) for arg in args)
         env = {
             **os.environ,
             "HIJACK_STATE_DIR": str(self.state_dir),
@@ -64,12 +69,19 @@ class HijackCli:
             ) from None
         return CliResult(argv, completed.returncode, completed.stdout, completed.stderr)
 
-    def ok(self, *args: str | int, timeout: float = CLI_TIMEOUT) -> CliResult:
+    def ok(self, *args: Argument, timeout: float = CLI_TIMEOUT) -> CliResult:
         """Run and demand exit 0 and a quiet stderr."""
         result = self(*args, timeout=timeout)
         assert result.returncode == 0, result.describe()
         assert result.stderr == "", result.describe()
         return result
+
+
+def restored_pid(result: CliResult) -> int:
+    """The pid `hijack restore` says it restored."""
+    found = RESTORED_LINE.search(result.stdout)
+    assert found, result.describe()
+    return int(found[1])
 
 
 def _text(output: str | bytes | None) -> str:
