@@ -586,7 +586,6 @@ def udp_service(
         yield service, peer, ports
 
 
-@pytest.mark.xfail(strict=True, reason="UDP relays are not implemented yet")
 def test_a_moved_udp_service_keeps_answering_at_its_original_address(tmp_path: Path) -> None:
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes

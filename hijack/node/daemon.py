@@ -103,6 +103,7 @@ class NodeDaemon:
         opened: list[socket.socket] = []
         provided: dict[int, int] = {}
         listeners: dict[str, str] = {}
+        datagrams: dict[str, str] = {}  # stream -> the process's UDP socket, "ip:port"
         try:
             for proxy in request.get("proxies", []):
                 number, stream = int(proxy["fd"]), str(proxy["stream"])
@@ -111,6 +112,9 @@ class NodeDaemon:
                     sock.bind((here, 0))
                     sock.listen(LISTEN_BACKLOG)
                     listeners[stream] = endpoint(sock.getsockname())
+                elif proxy.get("kind") == "datagram":
+                    sock = datagram_socket(proxy, here)
+                    datagrams[stream] = f"{here}:{sock.getsockname()[1]}"
                 else:
                     sock = control.open_relay(str(home["relay"]), token, stream, move)
                 opened.append(sock)
@@ -131,7 +135,14 @@ class NodeDaemon:
                         str(home["token"]),
                     )
                 try:
-                    channel.send({"phase": "prepared", "pid": pid, "listeners": listeners})
+                    channel.send(
+                        {
+                            "phase": "prepared",
+                            "pid": pid,
+                            "listeners": listeners,
+                            "datagrams": datagrams,
+                        }
+                    )
                     decision = channel.receive()
                     if decision.get("op") != "commit":
                         raise HijackError(f"move {move} aborted by the mover")
@@ -153,6 +164,26 @@ class NodeDaemon:
         threading.Thread(target=_reap, args=(result.pid,), daemon=True).start()
         log(f"move {move}: {result.program} runs here as {result.pid}")
         channel.send({"phase": "running", "pid": result.pid})
+
+
+def datagram_socket(proxy: dict[str, Any], here: str) -> socket.socket:
+    """The process's UDP socket on this node: its home shadow relays its datagrams.
+
+    Of the original's family (an IPv6 one speaks IPv4 through a mapped
+    address); connected to the shadow's relay if the original was connected.
+    """
+    family = socket.AddressFamily(int(proxy.get("family", socket.AF_INET)))
+    mapped = "::ffff:" if family == socket.AF_INET6 else ""
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        sock.bind((mapped + here, 0))
+        if proxy.get("peer"):
+            host, port = parse_address(str(proxy["peer"]))
+            sock.connect((mapped + host, port))
+    except OSError as exc:
+        sock.close()
+        raise HijackError(f"cannot make a UDP socket for fd {proxy['fd']}: {exc}") from None
+    return sock
 
 
 def _reap(pid: int) -> None:

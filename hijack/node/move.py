@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import fcntl
 import os
 import secrets
@@ -41,6 +42,8 @@ from hijack.node.channel import Channel, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
 from hijack.registry import ProcessRecord, Registry, node_name
 from hijack.shadow import control
+from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
+from hijack.shadow.datagram import parse_address as parse_datagram_address
 from hijack.sys import pidfd, procfs
 
 # Reopened by path on the destination (nodes share a file system), or made
@@ -72,7 +75,9 @@ class MoveResult:
 class Proxy:
     fd: int
     stream: str  # the home shadow's stream id
-    kind: str  # "stream" or "listener"
+    kind: str  # "stream", "listener" or "datagram" (UDP, hijack.shadow.datagram)
+    family: int = 0  # a datagram's address family
+    peer: str = ""  # a datagram socket connected to this relay ("ip:port"), or ""
 
 
 class HomeShadow:
@@ -181,8 +186,12 @@ def _move_frozen(
         try:
             if at_home:
                 hand_descriptors_to_shadow(pid, record.shadow_control or "")
-                proxy = [{"fd": p.fd, "listener": p.kind == "listener"} for p in plan]
-                shadow.request({"op": "migrating", "move": move_id, "proxy": proxy})
+                proxy = [
+                    {"fd": p.fd, "listener": p.kind == "listener", "datagram": p.kind == "datagram"}
+                    for p in plan
+                ]
+                answer = shadow.request({"op": "migrating", "move": move_id, "proxy": proxy})
+                plan = connect_datagrams(plan, answer, relay_address)
                 unread: dict[str, bytes] = {}
             else:
                 shadow.request({"op": "migrating", "move": move_id})
@@ -217,6 +226,9 @@ def _move_frozen(
             if not committed:
                 _abort(channel, shadow, move_id)
             raise
+        # Committed: the frozen original will not run again, so what waits in
+        # its relay-made UDP sockets can be taken (the shadow sends it again).
+        unread_datagrams = {} if at_home else drain_datagrams(pid, plan)
         shadow.request(
             {
                 "op": "migrated",
@@ -225,6 +237,18 @@ def _move_frozen(
                 "unread": {k: base64.b64encode(v).decode() for k, v in unread.items()},
                 "listeners": prepared.get("listeners", {}),
                 "present": present,
+                "datagrams": {
+                    p.stream: {
+                        "process": prepared.get("datagrams", {}).get(p.stream, ""),
+                        "connected_to": p.peer,
+                    }
+                    for p in plan
+                    if p.kind == "datagram"
+                },
+                "unread_datagrams": {
+                    stream: [[source, base64.b64encode(data).decode()] for source, data in queued]
+                    for stream, queued in unread_datagrams.items()
+                },
             }
         )
         mark_moved()
@@ -300,7 +324,12 @@ def plan_proxies(
         if at_home or shadow is None
         else {s["id"]: s for s in shadow.request({"op": "status"})["streams"]}
     )
-    by_ends = {(s["relay"], s["shadow_end"]): s["id"] for s in streams.values() if s["relay"]}
+    by_ends = {
+        (s["relay"], s["shadow_end"]): s["id"]
+        for s in streams.values()
+        if s["relay"] and s["kind"] != "datagram"
+    }
+    by_datagram = {s["relay"]: s["id"] for s in streams.values() if s["kind"] == "datagram"}
     by_listener = {s["listener"]: s["id"] for s in streams.values() if s["listener"]}
     plan: list[Proxy] = []
     refused: list[str] = []
@@ -309,7 +338,12 @@ def plan_proxies(
             continue
         found = sockets.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
         listening = found is not None and found.state == "LISTEN"
-        if at_home:
+        if found is not None and _is_udp(found):
+            datagram = _datagram_proxy(entry.fd, found, by_datagram, at_home)
+            if datagram is not None:
+                plan.append(datagram)
+                continue
+        elif at_home:
             streamable = entry.kind in STREAMED or (
                 found is not None and found.type == socket.SOCK_STREAM
             )
@@ -334,6 +368,73 @@ def plan_proxies(
             " nothing was changed"
         )
     return plan, [p.stream for p in plan]
+
+
+def _is_udp(found: procfs.SocketInfo) -> bool:
+    return (
+        found.family in (socket.AF_INET, socket.AF_INET6)
+        and found.type == socket.SOCK_DGRAM
+        and found.protocol == socket.IPPROTO_UDP
+    )
+
+
+def _datagram_proxy(
+    fd: int, found: procfs.SocketInfo, by_datagram: dict[str, str], at_home: bool
+) -> Proxy | None:
+    """The proxy of a UDP socket: at home its original; away, the one the shadow relays to."""
+    if at_home:
+        return Proxy(fd, f"fd:{fd}", "datagram", int(found.family))
+    local = _unmapped_endpoint(found.local)
+    stream_id = by_datagram.get(local)
+    if stream_id is None:
+        return None
+    # Connected on its node to one of the shadow's relays: the same at the next one.
+    peer = _unmapped_endpoint(found.remote) if found.state == "ESTABLISHED" else ""
+    return Proxy(fd, stream_id, "datagram", int(found.family), peer)
+
+
+def _unmapped_endpoint(text: str) -> str:
+    host, port = parse_datagram_address(text)
+    return f"{host}:{port}"
+
+
+def connect_datagrams(plan: list[Proxy], answer: dict[str, Any], relay_address: str) -> list[Proxy]:
+    """At home: a connected UDP original's process socket connects to its relay in the shadow."""
+    ports = {
+        s["id"]: int(s.get("connected_relay_port", 0))
+        for s in answer.get("streams", [])
+        if s["kind"] == "datagram"
+    }
+    host = relay_address.rpartition(":")[0]
+    return [
+        dataclasses.replace(p, peer=f"{host}:{ports[p.stream]}")
+        if p.kind == "datagram" and ports.get(p.stream)
+        else p
+        for p in plan
+    ]
+
+
+def drain_datagrams(pid: int, plan: list[Proxy]) -> dict[str, list[tuple[str, bytes]]]:
+    """The datagrams a frozen process had not read from its relay-made UDP sockets, taken."""
+    unread: dict[str, list[tuple[str, bytes]]] = {}
+    handle = pidfd.pidfd_open(pid)
+    try:
+        for proxy in plan:
+            if proxy.kind != "datagram":
+                continue
+            with socket.socket(fileno=pidfd.pidfd_getfd(handle, proxy.fd, pid)) as sock:
+                queued = unread.setdefault(proxy.stream, [])
+                while True:
+                    try:
+                        data, source = sock.recvfrom(DATAGRAM_MAX, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        break
+                    except OSError:  # an ICMP error queued: nothing more to take
+                        break
+                    queued.append((f"{unmapped(source[0])}:{source[1]}", data))
+    finally:
+        os.close(handle)
+    return unread
 
 
 def _reopenable(entry: procfs.FdEntry) -> bool:

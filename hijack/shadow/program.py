@@ -34,7 +34,7 @@ from typing import Any
 
 from hijack.errors import HijackError
 from hijack.shadow import control
-from hijack.shadow.relay import RelayHub, decode_unread
+from hijack.shadow.relay import RelayHub, decode_unread, decode_unread_datagrams
 from hijack.sys import pidfd, procfs
 
 FOLLOW_INTERVAL = 1.0  # seconds between checks that the target still holds our descriptors
@@ -87,6 +87,7 @@ class Shadow:
             if time.monotonic() >= next_follow:
                 if self.mode is Mode.HOME:
                     self.follow_target()
+                self.hub.expire()
                 next_follow = time.monotonic() + FOLLOW_INTERVAL
             if self.release_deadline is not None and (
                 self.hub.drained() or time.monotonic() >= self.release_deadline
@@ -146,6 +147,10 @@ class Shadow:
                 decode_unread(message.get("unread", {})),
                 {str(k): str(v) for k, v in message.get("listeners", {}).items()},
                 set(message.get("present", [])),
+            )
+            self.hub.datagrams_migrated(
+                dict(message.get("datagrams", {})),
+                decode_unread_datagrams(message.get("unread_datagrams", {})),
             )
             self.mode = Mode.AWAY
             log(f"the process runs on {self.hub.location} now (move {message['move']})")
@@ -216,7 +221,10 @@ class Shadow:
             number = int(entry["fd"])
             if number not in self.held:
                 return {"ok": False, "error": f"the shadow holds no fd {number}"}
-            self.hub.adopt(number, self.held[number], bool(entry.get("listener")))
+            if entry.get("datagram"):
+                self.hub.adopt_datagram(number, self.held[number])
+            else:
+                self.hub.adopt(number, self.held[number], bool(entry.get("listener")))
         if self.mode is Mode.HOME:
             self.mode = Mode.HOLDING
         self.hub.migrating()

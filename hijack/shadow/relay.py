@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hijack.errors import HijackError
+from hijack.shadow.datagram import DatagramStream
 
 CHUNK = 256 * 1024
 BUFFER_LIMIT = 4 * 1024 * 1024  # bytes held per direction before we stop reading
@@ -102,6 +103,7 @@ class RelayHub:
         self.log = log
         self.streams: dict[str, Stream] = {}
         self.listeners: dict[str, str] = {}  # listener stream id -> "ip:port" at the node
+        self.datagrams: dict[str, DatagramStream] = {}  # UDP sockets (hijack.shadow.datagram)
         self.location = ""  # node the process runs on now; "" while not relaying
         self.pumping = False
         self._accepted = 0
@@ -114,6 +116,11 @@ class RelayHub:
         if stream_id in self.streams:
             return
         self.streams[stream_id] = Stream(stream_id, own_fd, "listener" if is_listener else "stream")
+
+    def adopt_datagram(self, number: int, own_fd: int) -> None:
+        stream_id = f"fd:{number}"
+        if stream_id not in self.datagrams:
+            self.datagrams[stream_id] = DatagramStream(stream_id, own_fd, self.selector, self.log)
 
     def attach_relay(self, stream_id: str, move: str, sock: socket.socket) -> None:
         stream = self.streams.get(stream_id)
@@ -132,6 +139,8 @@ class RelayHub:
         """Stop the flow towards the process; return once its node has all we sent."""
         self.pumping = False
         self._refresh_interest()
+        for datagram in self.datagrams.values():
+            datagram.migrating()
         deadline = time.monotonic() + ACK_WAIT
         for stream in self.streams.values():
             if stream.relay is None:
@@ -181,6 +190,27 @@ class RelayHub:
                 relay.sock.close()
         self.pumping = bool(self.location)
         self._refresh_interest()
+        for datagram in list(self.datagrams.values()):
+            datagram.aborted()
+            if not self.location:  # a first move that failed: the process keeps its own
+                datagram.close()
+                del self.datagrams[datagram.id]
+
+    def datagrams_migrated(
+        self, placed: dict[str, dict[str, str]], unread: dict[str, list[tuple[str, bytes]]]
+    ) -> None:
+        """Where each UDP socket of the process is now (`process`, `connected_to`)."""
+        for stream_id, where in placed.items():
+            datagram = self.datagrams.get(stream_id)
+            if datagram is not None:
+                datagram.migrated(
+                    where["process"], where.get("connected_to", ""), unread.get(stream_id, [])
+                )
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for datagram in self.datagrams.values():
+            datagram.expire(now)
 
     def _set_originals_nonblocking(self) -> None:
         for stream in self.streams.values():
@@ -452,6 +482,7 @@ class RelayHub:
                     "buffered_in": len(stream.to_original),
                 }
             )
+        rows.extend(datagram.describe() for datagram in self.datagrams.values())
         return rows
 
 
@@ -467,3 +498,12 @@ def _socket_copy(fd: int) -> socket.socket | None:
 
 def decode_unread(encoded: dict[str, str]) -> dict[str, bytes]:
     return {stream: base64.b64decode(data) for stream, data in encoded.items()}
+
+
+def decode_unread_datagrams(
+    encoded: dict[str, list[list[str]]],
+) -> dict[str, list[tuple[str, bytes]]]:
+    return {
+        stream: [(source, base64.b64decode(data)) for source, data in datagrams]
+        for stream, datagrams in encoded.items()
+    }

@@ -1,0 +1,251 @@
+"""The shadow's datagram relays: a migrant's UDP socket, kept at home like a NAT.
+
+The original UDP socket (bound to the address its peers know) stays in the
+shadow. The process, wherever it runs, holds at the same descriptor number a
+UDP socket of its own made by that node's daemon (its *process socket*).
+For each remote peer P that sends to the original, the shadow opens a *peer
+relay*: a UDP socket of its own, on an ephemeral port of the home node. P's
+datagrams go from that relay to the process socket; what the process sends
+back to the relay goes out through the original to P. So P sees the original
+address, and each datagram stays one datagram (boundaries kept). A connected
+original has one peer: its relay is made at once and kept, and the process
+socket is connect()ed to it.
+
+Only datagrams from the process socket (or, during a move, from the one it
+had before) are accepted on a relay. Relays are a bounded table: one idle
+for PEER_IDLE seconds is closed, and past PEER_LIMIT the least recently used
+one makes room, so a flood of peers cannot exhaust the shadow's descriptors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import selectors
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+DATAGRAM_MAX = 65536  # above the largest UDP payload (65507 on IPv4, 65527 on IPv6)
+PEER_LIMIT = 256  # peer relays per socket
+PEER_IDLE = 180.0  # seconds without a datagram either way before a peer relay is closed
+BATCH = 64  # datagrams passed on per readiness event: no socket starves the others
+PAST_ADDRESSES = 4  # earlier process sockets whose last datagrams are still accepted
+
+Address = tuple[str, int]
+
+
+def parse_address(text: str) -> Address:
+    """ "ip:port" or "[ip6]:port" -> (ip, port); an IPv4-mapped IPv6 address as IPv4."""
+    host, _, port = text.rpartition(":")
+    return unmapped(host.strip("[]")), int(port)
+
+
+def unmapped(host: str) -> str:
+    """The IPv4 address inside an IPv4-mapped IPv6 one ("::ffff:10.0.0.1" -> "10.0.0.1")."""
+    prefix = "::ffff:"
+    if host.lower().startswith(prefix) and "." in host:
+        return host[len(prefix) :]
+    return host
+
+
+@dataclass
+class PeerRelay:
+    """The shadow's socket standing for one remote peer towards the process."""
+
+    peer: Any  # the peer's address as the original socket sees it
+    sock: socket.socket
+    used_at: float
+    # never expired: a connected original's, or one a process socket is connected to
+    pinned: bool = False
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+
+class DatagramStream:
+    """One original UDP socket and its peer relays, pumped by the shadow's event loop."""
+
+    def __init__(
+        self, stream_id: str, original_fd: int, selector: selectors.BaseSelector, log: Any
+    ) -> None:
+        self.id = stream_id
+        self.selector = selector
+        self.log = log
+        # Our own descriptor on the original's description. The process may
+        # still use that description (a move can abort): never change its
+        # flags, use MSG_DONTWAIT instead.
+        self.original = socket.socket(fileno=os.dup(original_fd))
+        self.connected_peer: Any = None
+        with contextlib.suppress(OSError):
+            self.connected_peer = self.original.getpeername()
+        self.process: Address | None = None  # the process socket now
+        self.past: list[Address] = []  # the ones before it, newest first
+        self.peers: dict[Any, PeerRelay] = {}
+        self.pumping = False
+        self.closed = False
+        self.datagrams_out = self.datagrams_in = 0
+        self.bytes_out = self.bytes_in = 0
+        self.dropped = 0
+        if self.connected_peer is not None:
+            self._open_relay(self.connected_peer).pinned = True
+
+    @property
+    def connected_relay_port(self) -> int:
+        """The port of a connected original's relay (the process socket connects to it), or 0."""
+        if self.connected_peer is None:
+            return 0
+        return self.peers[self.connected_peer].port
+
+    # -- moves ----------------------------------------------------------------------
+
+    def migrating(self) -> None:
+        """Stop passing datagrams to the process: they wait in the original's queue."""
+        self.pumping = False
+        self._watch_original()
+
+    def migrated(self, process: str, connected_to: str, unread: list[tuple[str, bytes]]) -> None:
+        """The process socket is at `process` now (connected to `connected_to`, or "").
+
+        `unread`: (source, datagram) the process had not read from its previous
+        socket; each goes again from the relay it came from.
+        """
+        if self.process is not None:
+            self.past = [self.process, *self.past][:PAST_ADDRESSES]
+        self.process = parse_address(process)
+        by_port = {relay.port: relay for relay in self.peers.values()}
+        if connected_to:
+            relay = by_port.get(parse_address(connected_to)[1])
+            if relay is not None:
+                relay.pinned = True
+        for source, datagram in unread:
+            relay = by_port.get(parse_address(source)[1])
+            if relay is None:
+                self.dropped += 1  # not from a relay of ours: there is no sender to resend it
+                continue
+            self._to_process(relay, datagram)
+        self.pumping = True
+        self._watch_original()
+
+    def aborted(self) -> None:
+        self.pumping = self.process is not None
+        self._watch_original()
+
+    def close(self) -> None:
+        for relay in list(self.peers.values()):
+            self._close_relay(relay)
+        self._forget(self.original)
+        self.original.close()
+        self.closed = True
+
+    def expire(self, now: float) -> None:
+        for relay in list(self.peers.values()):
+            if not relay.pinned and now - relay.used_at > PEER_IDLE:
+                self._close_relay(relay)
+
+    # -- the event loop's side --------------------------------------------------------
+
+    def _watch_original(self) -> None:
+        if self.closed:
+            return
+        self._forget(self.original)
+        if self.pumping and self.process is not None:
+            self.selector.register(self.original, selectors.EVENT_READ, self._on_original)
+
+    def _on_original(self, _: Any, __: int) -> None:
+        """Datagrams from peers to the original: on to the process, each from its peer's relay."""
+        for _ in range(BATCH):
+            try:
+                datagram, sender = self.original.recvfrom(DATAGRAM_MAX, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # an ICMP error queued on a connected original
+                self.log(f"{self.id}: {exc}")
+                continue
+            if self.connected_peer is not None:
+                sender = self.connected_peer
+            relay = self.peers.get(sender) or self._open_relay(sender)
+            self._to_process(relay, datagram)
+
+    def _to_process(self, relay: PeerRelay, datagram: bytes) -> None:
+        assert self.process is not None
+        relay.used_at = time.monotonic()
+        try:
+            relay.sock.sendto(datagram, self.process)
+        except OSError:  # a full send buffer, too long for IPv4: dropped, as UDP may
+            self.dropped += 1
+            return
+        self.datagrams_out += 1
+        self.bytes_out += len(datagram)
+
+    def _on_relay(self, relay: PeerRelay, _: Any, __: int) -> None:
+        """Datagrams from the process to a peer: out through the original, to that peer."""
+        for _ in range(BATCH):
+            try:
+                datagram, source = relay.sock.recvfrom(DATAGRAM_MAX)
+            except BlockingIOError:
+                return
+            except OSError:  # an ICMP error: a process socket that is gone
+                continue
+            sender = (unmapped(source[0]), source[1])
+            if sender != self.process and sender not in self.past:
+                self.dropped += 1  # a stranger: only the process speaks through a relay
+                continue
+            relay.used_at = time.monotonic()
+            try:
+                if self.connected_peer is not None:
+                    self.original.send(datagram, socket.MSG_DONTWAIT)
+                else:
+                    self.original.sendto(datagram, socket.MSG_DONTWAIT, relay.peer)
+            except OSError:
+                self.dropped += 1
+                continue
+            self.datagrams_in += 1
+            self.bytes_in += len(datagram)
+
+    def _open_relay(self, peer: Any) -> PeerRelay:
+        unpinned = [relay for relay in self.peers.values() if not relay.pinned]
+        if len(unpinned) >= PEER_LIMIT:
+            self._close_relay(min(unpinned, key=lambda relay: relay.used_at))
+        # IPv4 whatever the original's family: nodes reach each other over IPv4,
+        # and an IPv6 process socket talks to it through an IPv4-mapped address.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        sock.bind(("0.0.0.0", 0))
+        sock.setblocking(False)
+        relay = PeerRelay(peer, sock, time.monotonic())
+        self.peers[peer] = relay
+        self.selector.register(sock, selectors.EVENT_READ, functools.partial(self._on_relay, relay))
+        return relay
+
+    def _close_relay(self, relay: PeerRelay) -> None:
+        self._forget(relay.sock)
+        relay.sock.close()
+        del self.peers[relay.peer]
+
+    def _forget(self, target: Any) -> None:
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(target)
+
+    # -- reporting --------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        process = f"{self.process[0]}:{self.process[1]}" if self.process else ""
+        return {
+            "id": self.id,
+            "kind": "datagram",
+            "relay": process,
+            "shadow_end": "",
+            "listener": "",
+            "bytes_out": self.bytes_out,
+            "bytes_in": self.bytes_in,
+            "buffered_out": 0,
+            "buffered_in": 0,
+            "datagrams_out": self.datagrams_out,
+            "datagrams_in": self.datagrams_in,
+            "dropped": self.dropped,
+            "peers": len(self.peers),
+            "connected_relay_port": self.connected_relay_port,
+        }
