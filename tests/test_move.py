@@ -84,6 +84,10 @@ elif kind == "netlink":
 elif kind == "deleted":
     held = tempfile.TemporaryFile()  # O_TMPFILE: a file without a name
     fd = held.fileno()
+elif kind == "udplite":
+    held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 136)  # IPPROTO_UDPLITE
+    held.bind(("127.0.0.1", 0))
+    fd = held.fileno()
 else:
     held, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
     fd = held.fileno()
@@ -94,33 +98,69 @@ for line in sys.stdin:
 """
 
 # The peer of udp_echo: for each stdin line, a burst of datagrams of several
-# sizes to each of its sockets, from the same two sockets every time (one
-# unconnected, one connected); each echo must come back whole, in order, from
-# the address it was sent to. Prints "ok N" (N datagrams) or "FAIL why".
+# sizes (up to the largest IPv4 payload) to each of its sockets, from the same
+# two sockets every time (a port of 0: not that one): one unconnected
+# (sendto/recvfrom: each echo must come from the address it was sent to), one
+# connected (send/recv, as a client would). Each echo must come back whole, in
+# order. Prints "ok N" (N datagrams) or "FAIL why".
 UDP_PEER = """\
 import os, socket, sys
 port, connected_port = int(sys.argv[1]), int(sys.argv[2])
 plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 bound = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-bound.connect(("127.0.0.1", connected_port))
+if connected_port:
+    bound.connect(("127.0.0.1", connected_port))
 for sock in (plain, bound):
     sock.settimeout(5)
-SIZES = (1, 100, 1400, 9000, 60000)
+SIZES = (1, 100, 1400, 9000, 60000, 65507)
+targets = [(sock, ("127.0.0.1", number))
+           for sock, number in ((plain, port), (bound, connected_port)) if number]
 for line in sys.stdin:
     count = 0
-    for sock, target in ((plain, ("127.0.0.1", port)), (bound, ("127.0.0.1", connected_port))):
+    for sock, target in targets:
         burst = [os.urandom(size) for size in SIZES]
         for payload in burst:
-            sock.sendto(payload, target)
+            if sock is bound:
+                sock.send(payload)
+            else:
+                sock.sendto(payload, target)
         for payload in burst:
             try:
-                echo, sender = sock.recvfrom(65536)
+                echo, sender = (sock.recv(65536), target) if sock is bound else sock.recvfrom(65536)
             except OSError as error:
-                sys.exit(f"FAIL no echo of {len(payload)} bytes from {target}: {error}")
+                print(f"FAIL no echo of {len(payload)} bytes from {target}: {error}", flush=True)
+                sys.exit(1)
             if echo != payload or sender != target:
-                sys.exit(f"FAIL {len(echo)} bytes from {sender} for {len(payload)} to {target}")
+                print(f"FAIL {len(echo)} bytes from {sender} for {len(payload)} to {target}",
+                      flush=True)
+                sys.exit(1)
             count += 1
     print(f"ok {count}", flush=True)
+"""
+
+# A udp_echo peer that keeps one datagram in flight at a time, numbered, to
+# argv[1], until its stdin ends: each must come back, whole, within 10 s, so
+# a datagram caught in a move is never lost. A stdin line: "ok N" (N echoed).
+UDP_PINGER = """\
+import os, select, socket, struct, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.connect(("127.0.0.1", int(sys.argv[1])))
+echoed = 0
+while True:
+    if select.select([sys.stdin], [], [], 0)[0]:
+        if not sys.stdin.readline():
+            break
+        print(f"ok {echoed}", flush=True)
+    payload = struct.pack("!Q", echoed) + os.urandom(echoed % 1400)
+    sock.send(payload)
+    if not select.select([sock], [], [], 10)[0]:
+        print(f"FAIL no echo of datagram {echoed}", flush=True)
+        sys.exit(1)
+    echo = sock.recv(65536)
+    if echo != payload:
+        print(f"FAIL datagram {echoed}: {len(echo)} bytes back", flush=True)
+        sys.exit(1)
+    echoed += 1
 """
 
 # Reads "connect HOST PORT" lines from the FIFO argv[1]; connects, reads the
@@ -509,6 +549,23 @@ def ask(process: subprocess.Popen[bytes], request: str) -> str:
     return read_line(process, LINE_TIMEOUT)
 
 
+def ask_moved(process: subprocess.Popen[bytes], request: str) -> str:
+    """ask() a process that was moved: its original is gone, its pipes relayed to it."""
+    assert process.stdin is not None and process.stdout is not None
+    process.stdin.write(f"{request}\n".encode())
+    line = bytearray()
+    deadline = time.monotonic() + LINE_TIMEOUT
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no answer to {request!r} within {LINE_TIMEOUT} s: {line!r}"
+        readable, _, _ = select.select([process.stdout], [], [], remaining)
+        if readable:
+            byte = os.read(process.stdout.fileno(), 1)
+            assert byte, f"stdout ended before an answer to {request!r}: {line!r}"
+            line += byte
+    return line.decode().strip()
+
+
 def fd_of(pid: int, variable: str) -> int:
     """A descriptor number the fixture protocol put in the environment of `pid`."""
     for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0"):
@@ -582,7 +639,7 @@ def udp_service(
     with spawn_fixture("udp_echo", netns=node.netns) as service:
         ports = service.ready["port"], service.ready["connected_port"]
         peer = spawn_python(node, UDP_PEER, *ports)
-        assert ask(peer, "before") == "ok 10"
+        assert ask(peer, "before") == "ok 12"
         yield service, peer, ports
 
 
@@ -590,34 +647,78 @@ def test_a_moved_udp_service_keeps_answering_at_its_original_address(tmp_path: P
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         b.start_daemon()
-        with udp_service(a) as (service, peer, _):
+        with udp_service(a) as (service, peer, (port, _)):
+            # More peers of the unconnected socket, one of them new after the move.
+            others = [spawn_python(a, UDP_PEER, port, "0") for _ in range(3)]
+            for other in others[:2]:
+                assert ask(other, "before") == "ok 6"
             moved = move(a, service.pid, b)
             service.wait_exit()
             for _ in range(3):
-                assert ask(peer, "after") == "ok 10"
+                assert ask(peer, "after") == "ok 12"
+                for other in others:
+                    assert ask(other, "after") == "ok 6"
+            status = shadow_status(a, service.pid)
+            datagrams = [s for s in status["streams"] if s["kind"] == "datagram"]
+            assert len(datagrams) == 2, status
+            assert {s["relay"].rsplit(":", 1)[0] for s in datagrams} == {b.address}, status
+            # One relay per peer of the unconnected socket; one for the connected one.
+            assert sorted(s["peers"] for s in datagrams) == [1, 4], status
             output = finish_moved(service, moved, tmp_path)
-        assert "echoed 40 datagrams" in output
+        # The first peer: 12 before the move, 3 x 12 after; the others 6 each time they asked.
+        assert f"echoed {48 + 6 * (4 + 4 + 3)} datagrams" in output, output
 
 
-def test_a_udp_socket_is_refused_by_name_and_the_process_left_as_it_was(tmp_path: Path) -> None:
+def test_a_moved_udp_client_keeps_exchanging_with_its_server(tmp_path: Path) -> None:
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         b.start_daemon()
-        with udp_service(a) as (service, peer, ports):
-            line = move_refused(a, service.pid, b)
-            for port in ports:
-                assert re.search(rf"fd \d+ \(socket udp 127\.0\.0\.1:{port}\b", line), line
-            assert "cannot be proxied" in line, line
-            assert_untouched(service.pid)
-            assert not (a.state_dir / "shadows" / str(service.pid)).exists()
-            with Registry(a.state_dir) as registry:
-                assert registry.find(service.pid) is None
-                assert registry.moves() == []
-            assert " move " not in daemon_log(b)  # the destination never heard of it
+        with spawn_fixture("udp_echo", netns=a.netns) as server:
+            # The client: one UDP socket connected to the server's connected port.
+            client = spawn_python(a, UDP_PEER, "0", server.ready["connected_port"])
+            assert ask(client, "before") == "ok 6"
+            moved = move(a, client.pid, b)
+            assert client.wait(EXIT_TIMEOUT) == -signal.SIGKILL  # the original
+            for _ in range(3):
+                assert ask_moved(client, "after") == "ok 6"
+            assert client.stdin is not None
+            client.stdin.close()
+            assert_ended_well(moved, "the moved UDP client", tmp_path)
+            wait_released(moved)
+            server.assert_intact()  # no error on its connected socket: its peer stayed
+        assert "echoed 24 datagrams (" in server.stdout, server.stdout
+        assert "24 on the connected socket" in server.stdout, server.stdout
 
-            assert ask(peer, "after") == "ok 10"
-            service.assert_intact()
-        assert "echoed 20 datagrams" in service.stdout
+
+def test_a_udp_service_moved_on_and_home_again_never_loses_a_datagram(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        for node in cluster:
+            node.start_daemon()
+        with udp_service(a) as (service, peer, (port, _)):
+            home_pid = service.pid
+            pinger = spawn_python(a, UDP_PINGER, port)  # datagrams in flight during every move
+            echoed = [int(ask(pinger, "count").split()[1])]
+            here, pid = a, home_pid
+            for there in (b, c, a):
+                moved = move(here, pid, there, home=(a, home_pid))
+                if here is a:
+                    service.wait_exit()
+                assert ask(peer, f"on {there.name}") == "ok 12"
+                answer = ask(pinger, "count")
+                assert answer.startswith("ok "), answer
+                echoed.append(int(answer.split()[1]))
+                status = shadow_status(a, home_pid)
+                relays = {s["relay"] for s in status["streams"] if s["kind"] == "datagram"}
+                assert {r.rsplit(":", 1)[0] for r in relays} == {there.address}, status
+                here, pid = there, moved.pid
+            assert echoed == sorted(echoed) and echoed[0] < echoed[-1], echoed
+            assert pinger.stdin is not None
+            pinger.stdin.close()
+            assert pinger.wait(EXIT_TIMEOUT) == 0
+            print(f"ping-pong datagrams echoed by the end of each move: {echoed}")
+            output = finish_moved(service, moved, tmp_path)
+        assert re.search(r"echoed \d+ datagrams", output), output
 
 
 # -- failed moves ---------------------------------------------------------------------
@@ -917,6 +1018,7 @@ def test_stdin_and_stdout_pipes_are_proxied_after_a_move(tmp_path: Path) -> None
         ("signalfd", r"signalfd"),
         ("netlink", r"socket socket:\[\d+\]"),
         ("unix-datagram", r"socket unix"),
+        ("udplite", r"socket socket:\[\d+\]"),  # a datagram socket, but not UDP
         ("deleted", r"regular /tmp/.* \(deleted\)"),
     ],
 )
@@ -977,3 +1079,4 @@ def test_redis_moved_mid_session_keeps_its_keys_and_its_connection(tmp_path: Pat
         assert client.wait(EXIT_TIMEOUT) == 0
         assert_ended_well(moved, "the moved redis-server", tmp_path)
         wait_released(moved)
+

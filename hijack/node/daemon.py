@@ -27,6 +27,7 @@ from hijack.node.channel import Channel, ChannelError, DataReader
 from hijack.registry import Registry, node_name
 from hijack.restore.restorer import restore
 from hijack.shadow import control
+from hijack.shadow.datagram import widen_receive_buffer
 from hijack.shadow.relay import endpoint
 
 DEFAULT_PORT = 7450
@@ -176,6 +177,7 @@ def datagram_socket(proxy: dict[str, Any], here: str) -> socket.socket:
     mapped = "::ffff:" if family == socket.AF_INET6 else ""
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
+        widen_receive_buffer(sock)
         sock.bind((mapped + here, 0))
         if proxy.get("peer"):
             host, port = parse_address(str(proxy["peer"]))

@@ -337,6 +337,8 @@ def plan_proxies(
         if entry.kind in REOPENED and _reopenable(entry):
             continue
         found = sockets.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
+        if found is None and entry.kind is procfs.FdKind.SOCKET and at_home:
+            found = _unbound_udp(pid, entry)
         listening = found is not None and found.state == "LISTEN"
         if found is not None and _is_udp(found):
             datagram = _datagram_proxy(entry.fd, found, by_datagram, at_home)
@@ -376,6 +378,26 @@ def _is_udp(found: procfs.SocketInfo) -> bool:
         and found.type == socket.SOCK_DGRAM
         and found.protocol == socket.IPPROTO_UDP
     )
+
+
+def _unbound_udp(pid: int, entry: procfs.FdEntry) -> procfs.SocketInfo | None:
+    """A UDP socket never bound (in no /proc/net table), asked through a copy of it."""
+    try:
+        handle = pidfd.pidfd_open(pid)
+        try:
+            sock = socket.socket(fileno=pidfd.pidfd_getfd(handle, entry.fd, pid))
+        finally:
+            os.close(handle)
+    except (OSError, HijackError):
+        return None
+    with sock:
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return None
+        unbound = "[::]:0" if sock.family == socket.AF_INET6 else "0.0.0.0:0"
+        found = procfs.SocketInfo(
+            entry.ino, sock.family, sock.type, sock.proto, "CLOSE", unbound, unbound
+        )
+    return found if _is_udp(found) else None
 
 
 def _datagram_proxy(

@@ -33,6 +33,11 @@ PEER_LIMIT = 256  # peer relays per socket
 PEER_IDLE = 180.0  # seconds without a datagram either way before a peer relay is closed
 BATCH = 64  # datagrams passed on per readiness event: no socket starves the others
 PAST_ADDRESSES = 4  # earlier process sockets whose last datagrams are still accepted
+# Between nodes a large datagram travels as IP fragments, and a reassembled one
+# takes about twice its size of a socket's receive buffer: with the default
+# (208 KiB) two of 64 KiB arriving together would not fit and one be dropped.
+RELAY_RECEIVE_BUFFER = 4 * 1024 * 1024
+SO_RCVBUFFORCE = 33  # asm-generic/socket.h: SO_RCVBUF past rmem_max (CAP_NET_ADMIN)
 
 Address = tuple[str, int]
 
@@ -41,6 +46,14 @@ def parse_address(text: str) -> Address:
     """ "ip:port" or "[ip6]:port" -> (ip, port); an IPv4-mapped IPv6 address as IPv4."""
     host, _, port = text.rpartition(":")
     return unmapped(host.strip("[]")), int(port)
+
+
+def widen_receive_buffer(sock: socket.socket) -> None:
+    """Room for bursts of fragmented datagrams (above rmem_max where we may)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RELAY_RECEIVE_BUFFER)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RELAY_RECEIVE_BUFFER)
 
 
 def unmapped(host: str) -> str:
@@ -121,6 +134,8 @@ class DatagramStream:
             relay = by_port.get(parse_address(connected_to)[1])
             if relay is not None:
                 relay.pinned = True
+        if unread:
+            self.log(f"{self.id}: {len(unread)} datagrams the process had not read go again")
         for source, datagram in unread:
             relay = by_port.get(parse_address(source)[1])
             if relay is None:
@@ -215,6 +230,7 @@ class DatagramStream:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         sock.bind(("0.0.0.0", 0))
         sock.setblocking(False)
+        widen_receive_buffer(sock)
         relay = PeerRelay(peer, sock, time.monotonic())
         self.peers[peer] = relay
         self.selector.register(sock, selectors.EVENT_READ, functools.partial(self._on_relay, relay))
