@@ -106,14 +106,16 @@ for line in sys.stdin:
 UDP_PEER = """\
 import os, socket, sys
 port, connected_port = int(sys.argv[1]), int(sys.argv[2])
-plain = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-bound = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+host = sys.argv[3] if len(sys.argv) > 3 else "127.0.0.1"
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+plain = socket.socket(family, socket.SOCK_DGRAM)
+bound = socket.socket(family, socket.SOCK_DGRAM)
 if connected_port:
-    bound.connect(("127.0.0.1", connected_port))
+    bound.connect((host, connected_port))
 for sock in (plain, bound):
     sock.settimeout(5)
 SIZES = (1, 100, 1400, 9000, 60000, 65507)
-targets = [(sock, ("127.0.0.1", number))
+targets = [(sock, (host, number))
            for sock, number in ((plain, port), (bound, connected_port)) if number]
 for line in sys.stdin:
     count = 0
@@ -130,12 +132,28 @@ for line in sys.stdin:
             except OSError as error:
                 print(f"FAIL no echo of {len(payload)} bytes from {target}: {error}", flush=True)
                 sys.exit(1)
-            if echo != payload or sender != target:
+            if echo != payload or sender[:2] != target:
                 print(f"FAIL {len(echo)} bytes from {sender} for {len(payload)} to {target}",
                       flush=True)
                 sys.exit(1)
             count += 1
     print(f"ok {count}", flush=True)
+"""
+
+# An IPv6 UDP echo service on ::1: prints its port, echoes every datagram to
+# its sender until its stdin ends.
+UDP6_SERVICE = """\
+import select, socket, sys
+sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+sock.bind(("::1", 0))
+print(sock.getsockname()[1], flush=True)
+while True:
+    readable, _, _ = select.select([sys.stdin, sock], [], [])
+    if sock in readable:
+        data, sender = sock.recvfrom(65536)
+        sock.sendto(data, sender)
+    if sys.stdin in readable and not sys.stdin.readline():
+        break
 """
 
 # A udp_echo peer that keeps one datagram in flight at a time, numbered, to
@@ -667,6 +685,28 @@ def test_a_moved_udp_service_keeps_answering_at_its_original_address(tmp_path: P
             output = finish_moved(service, moved, tmp_path)
         # The first peer: 12 before the move, 3 x 12 after; the others 6 each time they asked.
         assert f"echoed {48 + 6 * (4 + 4 + 3)} datagrams" in output, output
+
+
+def test_a_moved_ipv6_udp_service_keeps_answering_on_its_ipv6_address(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        service = spawn_python(a, UDP6_SERVICE)
+        port = read_line(service, LINE_TIMEOUT)
+        peer = spawn_python(a, UDP_PEER, port, "0", "::1")
+        assert ask(peer, "before") == "ok 6"
+        moved = move(a, service.pid, b)
+        assert service.wait(EXIT_TIMEOUT) == -signal.SIGKILL  # the original
+        for _ in range(3):
+            assert ask(peer, "after") == "ok 6"
+        (datagram,) = [
+            s for s in shadow_status(a, service.pid)["streams"] if s["kind"] == "datagram"
+        ]
+        assert datagram["datagrams_out"] == datagram["datagrams_in"] == 18, datagram
+        assert service.stdin is not None
+        service.stdin.close()
+        assert_ended_well(moved, "the moved IPv6 service", tmp_path)
+        wait_released(moved)
 
 
 def test_a_moved_udp_client_keeps_exchanging_with_its_server(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import ipaddress
 import os
 import selectors
 import socket
@@ -58,9 +59,12 @@ def widen_receive_buffer(sock: socket.socket) -> None:
 
 def unmapped(host: str) -> str:
     """The IPv4 address inside an IPv4-mapped IPv6 one ("::ffff:10.0.0.1" -> "10.0.0.1")."""
-    prefix = "::ffff:"
-    if host.lower().startswith(prefix) and "." in host:
-        return host[len(prefix) :]
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return str(address.ipv4_mapped)
     return host
 
 
