@@ -1119,4 +1119,3 @@ def test_redis_moved_mid_session_keeps_its_keys_and_its_connection(tmp_path: Pat
         assert client.wait(EXIT_TIMEOUT) == 0
         assert_ended_well(moved, "the moved redis-server", tmp_path)
         wait_released(moved)
-

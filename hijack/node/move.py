@@ -11,8 +11,9 @@ On the node the process runs on now:
 5. stream the image; the daemon restores it with relays to the shadow and
    answers `prepared`;
 6. `commit`: the daemon lets it run and answers `running`;
-7. tell the shadow `migrated` (the new relays take over), kill the original:
-   the freeze time ends.
+7. away from home, take the datagrams the frozen process had not read from
+   its UDP sockets; tell the shadow `migrated` (the new relays take over, those
+   datagrams sent again), kill the original: the freeze time ends.
 If anything fails before the commit, the daemon kills what it built, the
 shadow is told `aborted`, and the original resumes untouched.
 """

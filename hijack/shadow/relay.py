@@ -6,7 +6,8 @@ shadow, and one relay connection at a time carries its bytes to the node the
 process runs on, where the process holds the other end at the same
 descriptor number. A listening socket stays here too: the shadow accepts its
 clients and connects each to the listener the process has on its node; each
-such client is a stream of its own.
+such client is a stream of its own. A UDP socket is relayed datagram by
+datagram instead (hijack.shadow.datagram).
 
 A move (docs/protocol.md, "Moving"):
 - `migrating`: the shadow stops reading the originals and stops writing to
