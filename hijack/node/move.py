@@ -438,21 +438,30 @@ def connect_datagrams(plan: list[Proxy], answer: dict[str, Any], relay_address: 
 
 
 def drain_datagrams(pid: int, plan: list[Proxy]) -> dict[str, list[tuple[str, bytes]]]:
-    """The datagrams a frozen process had not read from its relay-made UDP sockets, taken."""
+    """The datagrams a frozen process had not read from its relay-made UDP sockets, taken.
+
+    Called once the move is committed: nothing here may fail the move, so a
+    socket that cannot be read just keeps what it holds.
+    """
     unread: dict[str, list[tuple[str, bytes]]] = {}
-    handle = pidfd.pidfd_open(pid)
+    try:
+        handle = pidfd.pidfd_open(pid)
+    except (OSError, HijackError):
+        return unread
     try:
         for proxy in plan:
             if proxy.kind != "datagram":
                 continue
-            with socket.socket(fileno=pidfd.pidfd_getfd(handle, proxy.fd, pid)) as sock:
+            try:
+                sock = socket.socket(fileno=pidfd.pidfd_getfd(handle, proxy.fd, pid))
+            except (OSError, HijackError):
+                continue
+            with sock:
                 queued = unread.setdefault(proxy.stream, [])
                 while True:
                     try:
                         data, source = sock.recvfrom(DATAGRAM_MAX, socket.MSG_DONTWAIT)
-                    except BlockingIOError:
-                        break
-                    except OSError:  # an ICMP error queued: nothing more to take
+                    except OSError:  # none left (or an ICMP error queued: nothing to take)
                         break
                     queued.append((f"{unmapped(source[0])}:{source[1]}", data))
     finally:
