@@ -132,6 +132,10 @@ class DatagramStream:
         """
         if self.process is not None:
             self.past = [self.process, *self.past][:PAST_ADDRESSES]
+        else:
+            # The move is committed: the original is ours alone now, and one hop
+            # further from the process it needs room for bursts as its relays do.
+            widen_receive_buffer(self.original)
         self.process = parse_address(process)
         by_port = {relay.port: relay for relay in self.peers.values()}
         if connected_to:
