@@ -725,7 +725,8 @@ def test_a_moved_udp_client_keeps_exchanging_with_its_server(tmp_path: Path) -> 
         a, b = cluster.nodes
         b.start_daemon()
         with spawn_fixture("udp_echo", netns=a.netns) as server:
-            # The client: one UDP socket connected to the server's connected port.
+            # The client: one UDP socket connected to the server's connected port
+            # (its other one, never used, is unbound: in no /proc/net table).
             client = spawn_python(a, UDP_PEER, "0", server.ready["connected_port"])
             assert ask(client, "before") == "ok 6"
             moved = move(a, client.pid, b)
@@ -739,6 +740,26 @@ def test_a_moved_udp_client_keeps_exchanging_with_its_server(tmp_path: Path) -> 
             server.assert_intact()  # no error on its connected socket: its peer stayed
         assert "echoed 24 datagrams (" in server.stdout, server.stdout
         assert "24 on the connected socket" in server.stdout, server.stdout
+
+
+def test_a_moved_ipv6_udp_client_keeps_exchanging_with_its_server(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        server = spawn_python(a, UDP6_SERVICE)
+        port = read_line(server, LINE_TIMEOUT)
+        client = spawn_python(a, UDP_PEER, "0", port, "::1")  # connected to [::1]:port
+        assert ask(client, "before") == "ok 6"
+        moved = move(a, client.pid, b)
+        assert client.wait(EXIT_TIMEOUT) == -signal.SIGKILL  # the original
+        for _ in range(3):
+            assert ask_moved(client, "after") == "ok 6"
+        assert client.stdin is not None and server.stdin is not None
+        client.stdin.close()
+        assert_ended_well(moved, "the moved IPv6 UDP client", tmp_path)
+        wait_released(moved)
+        server.stdin.close()
+        assert server.wait(EXIT_TIMEOUT) == 0
 
 
 def test_a_udp_service_moved_on_and_home_again_keeps_answering(tmp_path: Path) -> None:
