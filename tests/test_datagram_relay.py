@@ -10,6 +10,8 @@ condition holds (bounded).
 
 from __future__ import annotations
 
+import os
+import resource
 import select
 import selectors
 import socket
@@ -131,6 +133,35 @@ def test_the_peer_table_is_bounded_and_idle_relays_expire(
     finally:
         for peer in peers:
             peer.close()
+
+
+def test_out_of_descriptors_a_new_peer_takes_the_oldest_relay(relayed: Relayed) -> None:
+    selector, original, process, stream = relayed
+    peers = [udp_socket() for _ in range(8)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Room for about three relays from here on (the listing's own descriptor
+    # counts as taken, so one more).
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit_leaving(3), hard))
+    try:
+        for peer in peers:
+            peer.sendto(b"one more", original.getsockname())
+            pump(selector, lambda: waiting(process))
+            assert process.recv(65536) == b"one more"
+        assert 1 <= len(stream.peers) <= 4 < len(peers)  # each new peer took an old one's place
+        assert stream.dropped == 0
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for peer in peers:
+            peer.close()
+
+
+def limit_leaving(free: int) -> int:
+    """The descriptor limit under which exactly `free` more descriptors can be opened."""
+    taken = {int(name) for name in os.listdir("/proc/self/fd")}
+    limit = 0
+    while limit - len(taken & set(range(limit))) < free:
+        limit += 1
+    return limit
 
 
 def test_a_connected_original_keeps_one_relay_that_never_expires() -> None:

@@ -13,8 +13,9 @@ socket is connect()ed to it.
 
 Only datagrams from the process socket (or, during a move, from the one it
 had before) are accepted on a relay. Relays are a bounded table: one idle
-for PEER_IDLE seconds is closed, and past PEER_LIMIT the least recently used
-one makes room, so a flood of peers cannot exhaust the shadow's descriptors.
+for PEER_IDLE seconds is closed, and past PEER_LIMIT (or out of descriptors)
+the least recently used one makes room, so a flood of peers cannot exhaust
+the shadow's descriptors. docs/protocol.md, "UDP through the shadow".
 """
 
 from __future__ import annotations
@@ -190,8 +191,27 @@ class DatagramStream:
                 continue
             if self.connected_peer is not None:
                 sender = self.connected_peer
-            relay = self.peers.get(sender) or self._open_relay(sender)
+            relay = self.peers.get(sender) or self._relay_for_new_peer(sender)
+            if relay is None:
+                self.dropped += 1
+                continue
             self._to_process(relay, datagram)
+
+    def _relay_for_new_peer(self, peer: Any) -> PeerRelay | None:
+        """A relay for `peer`; out of descriptors, the least recently used one makes room."""
+        try:
+            return self._open_relay(peer)
+        except OSError as exc:
+            unpinned = [relay for relay in self.peers.values() if not relay.pinned]
+            if not unpinned:
+                self.log(f"{self.id}: no relay for a new peer: {exc}")
+                return None
+            self._close_relay(min(unpinned, key=lambda relay: relay.used_at))
+        try:
+            return self._open_relay(peer)
+        except OSError as exc:
+            self.log(f"{self.id}: no relay for a new peer: {exc}")
+            return None
 
     def _to_process(self, relay: PeerRelay, datagram: bytes) -> None:
         assert self.process is not None
@@ -236,9 +256,13 @@ class DatagramStream:
         # IPv4 whatever the original's family: nodes reach each other over IPv4,
         # and an IPv6 process socket talks to it through an IPv4-mapped address.
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        sock.bind(("0.0.0.0", 0))
-        sock.setblocking(False)
-        widen_receive_buffer(sock)
+        try:
+            sock.bind(("0.0.0.0", 0))
+            sock.setblocking(False)
+            widen_receive_buffer(sock)
+        except OSError:
+            sock.close()
+            raise
         relay = PeerRelay(peer, sock, time.monotonic())
         self.peers[peer] = relay
         self.selector.register(sock, selectors.EVENT_READ, functools.partial(self._on_relay, relay))
