@@ -208,6 +208,26 @@ def test_unread_datagrams_go_again_to_the_next_process_socket(relayed: Relayed) 
         assert peer.recv(65536) == b"late"
 
 
+def test_what_the_new_process_writes_before_the_shadow_knows_it_is_not_lost(
+    relayed: Relayed,
+) -> None:
+    selector, original, process, stream = relayed
+    with udp_socket() as peer, udp_socket() as next_process, udp_socket() as stranger:
+        peer.sendto(b"hello", original.getsockname())
+        pump(selector, lambda: waiting(process))
+        _, relay = process.recvfrom(65536)
+        stream.migrating()
+        # Running on its new node, not yet announced by the mover.
+        next_process.sendto(b"early", relay)
+        stranger.sendto(b"not from the process", relay)
+        pump(selector, lambda: len(stream.held_back) == 2)
+        assert not waiting(peer)
+        stream.migrated(address(next_process), "", [])
+        pump(selector, lambda: waiting(peer))
+        assert peer.recvfrom(65536) == (b"early", original.getsockname())
+        assert stream.dropped == 1
+
+
 def test_addresses_read_as_ipv4_whatever_way_a_mapped_one_is_written() -> None:
     assert unmapped("::ffff:10.77.0.2") == unmapped("::ffff:a4d:2") == "10.77.0.2"
     assert unmapped("::1") == "::1"

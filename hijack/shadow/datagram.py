@@ -35,6 +35,7 @@ PEER_LIMIT = 256  # peer relays per socket
 PEER_IDLE = 180.0  # seconds without a datagram either way before a peer relay is closed
 BATCH = 64  # datagrams passed on per readiness event: no socket starves the others
 PAST_ADDRESSES = 4  # earlier process sockets whose last datagrams are still accepted
+HELD_BACK_LIMIT = 256  # datagrams of an unknown sender kept during a move (the new process's?)
 # Between nodes a large datagram travels as IP fragments, and a reassembled one
 # takes about twice its size of a socket's receive buffer: with the default
 # (208 KiB) two of 64 KiB arriving together would not fit and one be dropped.
@@ -103,6 +104,9 @@ class DatagramStream:
         self.process: Address | None = None  # the process socket now
         self.past: list[Address] = []  # the ones before it, newest first
         self.peers: dict[Any, PeerRelay] = {}
+        # During a move, from senders not known yet: the new process may write
+        # between its start and our hearing where it is.
+        self.held_back: list[tuple[PeerRelay, Address, bytes]] = []
         self.pumping = False
         self.closed = False
         self.datagrams_out = self.datagrams_in = 0
@@ -151,10 +155,18 @@ class DatagramStream:
                 self.dropped += 1  # not from a relay of ours: there is no sender to resend it
                 continue
             self._to_process(relay, datagram)
+        held_back, self.held_back = self.held_back, []
+        for relay, sender, datagram in held_back:
+            if sender == self.process and self.peers.get(relay.peer) is relay:
+                self._to_peer(relay, datagram)
+            else:
+                self.dropped += 1
         self.pumping = True
         self._watch_original()
 
     def aborted(self) -> None:
+        self.dropped += len(self.held_back)
+        self.held_back.clear()
         self.pumping = self.process is not None
         self._watch_original()
 
@@ -234,20 +246,25 @@ class DatagramStream:
             except OSError:  # an ICMP error: a process socket that is gone
                 continue
             sender = (unmapped(source[0]), source[1])
-            if sender != self.process and sender not in self.past:
+            if sender == self.process or sender in self.past:
+                self._to_peer(relay, datagram)
+            elif not self.pumping and len(self.held_back) < HELD_BACK_LIMIT:
+                self.held_back.append((relay, sender, datagram))
+            else:
                 self.dropped += 1  # a stranger: only the process speaks through a relay
-                continue
-            relay.used_at = time.monotonic()
-            try:
-                if self.connected_peer is not None:
-                    self.original.send(datagram, socket.MSG_DONTWAIT)
-                else:
-                    self.original.sendto(datagram, socket.MSG_DONTWAIT, relay.peer)
-            except OSError:
-                self.dropped += 1
-                continue
-            self.datagrams_in += 1
-            self.bytes_in += len(datagram)
+
+    def _to_peer(self, relay: PeerRelay, datagram: bytes) -> None:
+        relay.used_at = time.monotonic()
+        try:
+            if self.connected_peer is not None:
+                self.original.send(datagram, socket.MSG_DONTWAIT)
+            else:
+                self.original.sendto(datagram, socket.MSG_DONTWAIT, relay.peer)
+        except OSError:
+            self.dropped += 1
+            return
+        self.datagrams_in += 1
+        self.bytes_in += len(datagram)
 
     def _open_relay(self, peer: Any) -> PeerRelay:
         unpinned = [relay for relay in self.peers.values() if not relay.pinned]

@@ -203,7 +203,7 @@ class RelayHub:
         """Where each UDP socket of the process is now (`process`, `connected_to`)."""
         for stream_id, where in placed.items():
             datagram = self.datagrams.get(stream_id)
-            if datagram is not None:
+            if datagram is not None and where.get("process"):
                 datagram.migrated(
                     where["process"], where.get("connected_to", ""), unread.get(stream_id, [])
                 )
