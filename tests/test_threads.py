@@ -51,8 +51,9 @@ from hijack.mutator.tracee import Tracee
 EXIT_TIMEOUT = 30.0
 POLL_TIMEOUT = 10.0
 # Long enough that the sleeper still sleeps when the dump is taken (attach
-# and dump take well under a second here), short enough not to slow the file.
-SLEEP_MS = 4000
+# and dump take well under a second here, but several on a machine loaded
+# by other suites), short enough not to slow the file much.
+SLEEP_MS = 8000
 CHURN_DUMPS = 10
 CHURN_ATTACHES = 5
 # A seize that misses a stop hangs: fail in seconds, not after the CLI's minute.
