@@ -14,6 +14,7 @@ nothing half-built ever runs.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -23,6 +24,8 @@ import time
 from typing import Any, BinaryIO, cast
 
 from hijack.errors import HijackError
+from hijack.image import records as rec
+from hijack.node import policy
 from hijack.node.channel import Channel, ChannelError, DataReader
 from hijack.registry import Registry, node_name
 from hijack.restore.restorer import restore
@@ -30,8 +33,11 @@ from hijack.shadow import control
 from hijack.shadow.relay import endpoint
 
 DEFAULT_PORT = 7450
+HANDSHAKE_TIMEOUT = 10.0  # seconds a connecting peer has to prove it holds the key
 COMMIT_TIMEOUT = 60.0  # seconds a prepared process waits for the mover's decision
 LISTEN_BACKLOG = 128
+
+Proxy = tuple[int, str, str]  # descriptor number, stream id, kind ("stream" or "listener")
 
 
 def log(text: str) -> None:
@@ -39,9 +45,10 @@ def log(text: str) -> None:
 
 
 class NodeDaemon:
-    def __init__(self, address: tuple[str, int], key: bytes) -> None:
+    def __init__(self, address: tuple[str, int], key: bytes, *, allow_root: bool = False) -> None:
         self.address = address
         self.key = key
+        self.allow_root = allow_root  # restore processes with root's powers (hijack.node.policy)
         self.name = node_name()
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -73,7 +80,8 @@ class NodeDaemon:
     def _serve_peer(self, connection: socket.socket, peer: tuple[str, int]) -> None:
         where = f"{peer[0]}:{peer[1]}"
         try:
-            connection.settimeout(COMMIT_TIMEOUT)
+            # A peer that has not proved the key yet gets little of our time.
+            connection.settimeout(HANDSHAKE_TIMEOUT)
             # Small frames (the handshake, prepared/commit) must not wait on Nagle.
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
@@ -81,6 +89,7 @@ class NodeDaemon:
             except (ChannelError, OSError) as exc:
                 log(f"refused {where}: {exc}")
                 return
+            connection.settimeout(COMMIT_TIMEOUT)
             request = channel.receive()
             op = request.get("op")
             if op == "ping":
@@ -88,33 +97,48 @@ class NodeDaemon:
             elif op == "move":
                 self._receive_move(channel, request, where)
             else:
-                channel.send({"error": f"unknown op {op!r}"})
+                log(f"refused a request from {channel.peer} ({where}): unknown op {op!r:.40}")
+                channel.send({"error": f"unknown op {op!r:.40}"})
         except HijackError as exc:
             log(f"{where}: {exc}")
         finally:
             connection.close()
 
     def _receive_move(self, channel: Channel, request: dict[str, Any], where: str) -> None:
-        move = str(request["move"])
-        home = dict(request["home"])
-        token = bytes.fromhex(str(home["token"]))
+        try:
+            move, home, token, proxies = _parse_move(request)
+        except HijackError as exc:
+            log(f"refused a move from {channel.peer} ({where}): {exc}")
+            channel.send({"error": str(exc)})
+            return
         log(f"move {move} of {request.get('program')} from {channel.peer} ({where})")
         here = channel.sock.getsockname()[0]
         opened: list[socket.socket] = []
         provided: dict[int, int] = {}
         listeners: dict[str, str] = {}
+        image = DataReader(channel)
         try:
-            for proxy in request.get("proxies", []):
-                number, stream = int(proxy["fd"]), str(proxy["stream"])
-                if proxy.get("kind") == "listener":
-                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                    sock.bind((here, 0))
-                    sock.listen(LISTEN_BACKLOG)
-                    listeners[stream] = endpoint(sock.getsockname())
-                else:
-                    sock = control.open_relay(str(home["relay"]), token, stream, move)
-                opened.append(sock)
-                provided[number] = sock.fileno()
+
+            def admit(
+                header: rec.ImageHeader, credentials: rec.Credentials, segments: rec.Segments
+            ) -> None:
+                # The policy first: a refused image gets no relay, no listener.
+                policy.check_image(header, credentials, segments, allow_root=self.allow_root)
+                # Filled in place: restore reads `provided` only after this.
+                for number, stream, kind in proxies:
+                    if kind == "listener":
+                        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                        opened.append(sock)
+                        try:
+                            sock.bind((here, 0))
+                            sock.listen(LISTEN_BACKLOG)
+                        except OSError as exc:
+                            raise HijackError(f"cannot listen for fd {number}: {exc}") from None
+                        listeners[stream] = endpoint(sock.getsockname())
+                    else:
+                        sock = control.open_relay(str(home["relay"]), token, stream, move)
+                        opened.append(sock)
+                    provided[number] = sock.fileno()
 
             def hold_until_commit(pid: int) -> None:
                 # Recorded before it may run: a node that cannot record its
@@ -140,12 +164,19 @@ class NodeDaemon:
                         registry.forget(pid, f"move {move} did not complete")
                     raise
 
-            image = cast(BinaryIO, DataReader(channel))
-            result = restore(image, provided=provided, before_start=hold_until_commit)
+            result = restore(
+                cast(BinaryIO, image),
+                provided=provided,
+                before_start=hold_until_commit,
+                admit=admit,
+            )
         except HijackError as exc:
             log(f"move {move} failed: {exc}")
             with contextlib.suppress(ChannelError):
                 channel.send({"error": str(exc)})
+                # The mover reads our answer once it has sent the whole image:
+                # closing on it now would reset the connection, losing the reason.
+                image.drain()
             return
         finally:
             for sock in opened:
@@ -153,6 +184,30 @@ class NodeDaemon:
         threading.Thread(target=_reap, args=(result.pid,), daemon=True).start()
         log(f"move {move}: {result.program} runs here as {result.pid}")
         channel.send({"phase": "running", "pid": result.pid})
+
+
+def _parse_move(request: dict[str, Any]) -> tuple[str, dict[str, Any], bytes, list[Proxy]]:
+    """The fields of a `move` request (docs/protocol.md, "Moving"), checked: any flaw refuses it."""
+    try:
+        move, home = request["move"], request["home"]
+        if not isinstance(move, str) or not isinstance(home, dict):
+            raise TypeError
+        for name in ("node", "relay", "token"):
+            if not isinstance(home[name], str):
+                raise TypeError
+        int(home["pid"])
+        token = bytes.fromhex(home["token"])
+        proxies = []
+        for proxy in request.get("proxies", []):
+            number, stream, kind = proxy["fd"], proxy["stream"], proxy.get("kind", "stream")
+            if not isinstance(number, int) or not 0 <= number < 1 << 20:
+                raise ValueError
+            if not isinstance(stream, str) or not isinstance(kind, str):
+                raise TypeError
+            proxies.append((number, stream, kind))
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
+        raise HijackError(f"malformed move request: {json.dumps(request)[:120]}") from None
+    return move, home, token, proxies
 
 
 def _reap(pid: int) -> None:
@@ -189,8 +244,8 @@ def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]
         raise HijackError(f"not an address: {text!r} (HOST[:PORT])") from None
 
 
-def serve(address: tuple[str, int], key: bytes) -> None:
-    daemon = NodeDaemon(address, key)
+def serve(address: tuple[str, int], key: bytes, *, allow_root: bool = False) -> None:
+    daemon = NodeDaemon(address, key, allow_root=allow_root)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     try:
         daemon.serve()
