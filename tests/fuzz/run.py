@@ -5,8 +5,8 @@ node_client, node_session). Unless corpus directories are given, the
 corpus grows in build/fuzz/TARGET (crf_reader also reads the malformed
 images of tests/corpus/crf, which libFuzzer leaves as they are). A finding is an input
 for which the target raised (see targets.py): libFuzzer saves it as
-crash-* in the current directory; replay it with
-`python tests/fuzz/run.py TARGET crash-...`.
+build/fuzz/TARGET-crash-*; replay it with
+`python tests/fuzz/run.py TARGET build/fuzz/TARGET-crash-...`.
 
 Needs atheris (`pip install atheris`; `make fuzz` installs it in the venv).
 """
@@ -34,6 +34,9 @@ def main() -> None:
         sys.exit(f"usage: {sys.argv[0]} {{{','.join(TARGETS)}}} [libFuzzer options]")
     name, options = sys.argv[1], sys.argv[2:]
     target = getattr(targets, name)
+    if not any(option.startswith("-artifact_prefix=") for option in options):
+        WORK.mkdir(parents=True, exist_ok=True)
+        options.append(f"-artifact_prefix={WORK}/{name}-")
     if not any(not option.startswith("-") for option in options):
         work = WORK / name
         work.mkdir(parents=True, exist_ok=True)
