@@ -79,6 +79,7 @@ def handshake_frames() -> st.SearchStrategy[bytes]:
         st.binary(max_size=200),
         json_values.map(lambda v: json.dumps(v).encode()),
         hello.map(lambda v: json.dumps(v).encode()),
+        st.integers(1, 2040).map(lambda depth: b"[" * depth + b"]" * depth),
     )
     frame = st.tuples(st.integers(0, 255), payload, st.booleans(), st.integers(0, 2**32 - 1)).map(
         lambda t: HEAD.pack(t[0], t[3] if t[2] else len(t[1])) + t[1]
@@ -171,6 +172,14 @@ def test_a_daemon_refuses_any_session_of_a_key_holder_cleanly(data: bytes) -> No
 def test_a_malformed_move_request_is_one_hijack_error(request_: dict[str, object]) -> None:
     with pytest.raises(HijackError, match="malformed move request"):
         node_daemon._parse_move(request_)
+
+
+@pytest.mark.parametrize("depth", [999, 2000])
+def test_json_nested_deeper_than_python_recurses_is_a_malformed_message(depth: int) -> None:
+    # Found by fuzzing: json.loads raised RecursionError, which ended the daemon's thread.
+    nested = b"[" * depth + b"]" * depth
+    targets.node_handshake(HEAD.pack(Kind.HANDSHAKE, len(nested)) + nested)
+    targets.node_session(framed([(Kind.MESSAGE, b'{"a":' * depth + b"1" + b"}" * depth)]))
 
 
 def test_a_frame_longer_than_the_limit_is_refused_before_it_is_read() -> None:

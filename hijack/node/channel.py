@@ -309,7 +309,8 @@ def _receive_plain(sock: socket.socket) -> dict[str, Any]:
 def _decode(payload: bytes, peer: str) -> dict[str, Any]:
     try:
         message = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        # RecursionError: arrays or objects nested a thousand deep.
         raise ChannelError(f"{peer} sent a malformed message") from None
     if not isinstance(message, dict):
         raise ChannelError(f"{peer} sent a malformed message")
