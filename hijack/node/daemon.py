@@ -111,7 +111,7 @@ class NodeDaemon:
             log(f"refused a move from {channel.peer} ({where}): {exc}")
             channel.send({"error": str(exc)})
             return
-        log(f"move {move} of {request.get('program')} from {channel.peer} ({where})")
+        log(f"move {move:.40} of {request.get('program')!s:.80} from {channel.peer} ({where})")
         here = channel.sock.getsockname()[0]
         opened: list[socket.socket] = []
         provided: dict[int, int] = {}
