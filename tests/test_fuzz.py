@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from hijack.errors import HijackError
 from hijack.node import daemon as node_daemon
-from hijack.node.channel import HEAD, MAX_FRAME, Kind
+from hijack.node.channel import HEAD, MAX_FRAME, Channel, Kind
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "crf"
 # A valid image, rebuilt from a corpus file that only has bytes after its END.
@@ -186,3 +186,17 @@ def test_a_frame_longer_than_the_limit_is_refused_before_it_is_read() -> None:
     # The MAC is never reached: the length alone refuses it, so nothing is allocated.
     data = b"\x00" + struct.pack("<BI", Kind.MESSAGE, MAX_FRAME + 1)
     targets.node_session(data)
+
+
+def test_an_error_from_a_peer_is_one_line() -> None:
+    client, daemon_end = targets._tcp_pair()
+    with client, daemon_end:
+        session = bytes(32)
+        mover = Channel(client, session, True, "b")
+        daemon = Channel(daemon_end, session, False, "a")
+        daemon.send({"error": "first line\nsecond line\r\n" + "x" * 5000})
+        with pytest.raises(HijackError) as refused:
+            mover.expect("phase")
+    message = str(refused.value)
+    assert message.startswith("b: first line second line xxx") and "\n" not in message
+    assert len(message) <= 1003

@@ -36,6 +36,7 @@ HEAD = struct.Struct("<BI")
 MAX_FRAME = 16 * 1024 * 1024
 DATA_FRAME = 1024 * 1024  # image bytes per DATA frame
 PROTOCOL_VERSION = 1
+MAX_ERROR = 1000  # characters of a peer's error message we repeat
 
 
 class Kind:
@@ -215,7 +216,9 @@ class Channel:
         """The next message, which must have `field`; an `error` from the peer is raised."""
         message = self.receive()
         if "error" in message:
-            raise HijackError(f"{self.peer}: {message['error']}")
+            # Shown as one line, whatever the peer put in it.
+            reason = " ".join(str(message["error"]).split())[:MAX_ERROR]
+            raise HijackError(f"{self.peer}: {reason}")
         if field not in message:
             raise ChannelError(f"{self.peer} answered without {field!r}: {message!r:.120}")
         return message
