@@ -163,7 +163,10 @@ try:
         channel.send(request)
         channel.send_frame(Kind.DATA, b"CRF\\0\\1\\0\\0\\0")
         channel.send({"op": "commit"})
-    channel.sock.shutdown(socket.SHUT_WR)
+    try:
+        channel.sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass  # the daemon hung up first: what it said, if anything, is still to read
     print("answer", channel.receive())
 except HijackError as error:
     print("hung up", error)
