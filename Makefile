@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Debian packages the suite and the demo drive for real.
 DEBS   := gcc libc6-dev strace curl iproute2 tmux redis-server redis-tools
 
-.PHONY: demo test lint bench system-deps clean
+.PHONY: demo test lint bench fuzz system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,21 @@ demo: $(STAMP) system-deps
 
 bench: $(STAMP) system-deps
 	$(PY) -m bench
+
+# Coverage-guided fuzzing (atheris) of the CRF reader and the node protocol:
+# FUZZ_SECONDS per target; findings are saved as build/fuzz/TARGET-crash-*
+# (tests/fuzz/run.py tells how to replay one).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := crf_reader node_handshake node_client node_session
+fuzz: $(STAMP)
+	$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install --quiet atheris
+	mkdir -p build/fuzz
+	for target in $(FUZZ_TARGETS); do \
+	  log=build/fuzz/$$target.log; echo "fuzzing $$target for $(FUZZ_SECONDS) s"; \
+	  $(PY) tests/fuzz/run.py $$target -max_total_time=$(FUZZ_SECONDS) 2>$$log \
+	    || { tail -30 $$log; exit 1; }; \
+	  tail -1 $$log; \
+	done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

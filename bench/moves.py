@@ -23,6 +23,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 MIB = 1024 * 1024
+SERVE = (sys.executable, "-m", "hijack", "node", "serve")
 
 # A server that, per connection, reads everything until EOF and answers the
 # byte count; a line "ping" is answered at once (for round trips).
@@ -78,7 +79,8 @@ class Nodes:
         self.hijack("a", "cluster", "init", "--key", str(self.key))
         for node, port in self.ports.items():
             daemon = subprocess.Popen(
-                [sys.executable, "-m", "hijack", "node", "serve", "--listen", f"127.0.0.1:{port}"],
+                # The benchmark's fixtures run as root: the daemons must accept them.
+                [*SERVE, "--listen", f"127.0.0.1:{port}", "--allow-root"],
                 env=self.env(node),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.DEVNULL,

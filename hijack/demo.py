@@ -189,7 +189,8 @@ class Node:
     def start_daemon(self) -> None:
         listen = f"{self.address}:{DAEMON_PORT}"
         self.daemon = self.spawn(
-            [sys.executable, "-m", "hijack", "node", "serve", "--listen", listen],
+            # The demo's processes run as root, which a daemon refuses by default.
+            [sys.executable, "-m", "hijack", "node", "serve", "--listen", listen, "--allow-root"],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )

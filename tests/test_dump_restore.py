@@ -896,3 +896,16 @@ def test_attached_python_http_server_serves_pages_after_dump_kill_and_restore(
         assert fetch(port, "page.html") == page
         hijack.ok("detach", restored.pid)
         holder.wait()
+
+
+def test_an_image_file_is_readable_by_its_owner_only(hijack: HijackCli, tmp_path: Path) -> None:
+    # It holds the process's memory: keys, passwords, whatever the process had.
+    image = tmp_path / "sleeper.crf"
+    old_umask = os.umask(0o022)
+    try:
+        with spawn_fixture("blocked", "nanosleep", "0") as sleeper:
+            hijack.ok("dump", sleeper.pid, "-o", image)
+            sleeper.assert_intact()
+    finally:
+        os.umask(old_umask)
+    assert image.stat().st_mode & 0o777 == 0o600

@@ -56,6 +56,7 @@ HOME, DEST = "home", "dest"
 WIDTH = 250  # wide enough that no cell is cut
 PAYLOAD = "relayed-by-the-home-shadow"
 WAIT = 10.0  # seconds for anything a test waits for, unless said otherwise
+HIJACK_SERVE = (sys.executable, "-m", "hijack", "node", "serve")
 DAEMON_LINE = re.compile(rf"hijack node {DEST} listening on (127\.0\.0\.1:\d+)")
 
 T = TypeVar("T")
@@ -215,7 +216,8 @@ def dest(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     env = {**os.environ, "HIJACK_STATE_DIR": str(state), "HIJACK_NODE": DEST}
     with open(tmp_path / "dest.log", "wb") as log:
         daemon = subprocess.Popen(
-            [sys.executable, "-m", "hijack", "node", "serve", "--listen", "127.0.0.1:0"],
+            # The test's fixtures run as root.
+            [*HIJACK_SERVE, "--listen", "127.0.0.1:0", "--allow-root"],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

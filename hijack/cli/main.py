@@ -112,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR:PORT",
         help=f"where to listen (default 127.0.0.1:{DEFAULT_PORT}: loopback only)",
     )
+    serve.add_argument(
+        "--allow-root",
+        action="store_true",
+        help="also restore processes with root's powers (uid/gid 0, capabilities); "
+        "see docs/security.md",
+    )
     serve.set_defaults(handler=command_node_serve)
 
     cluster = commands.add_parser("cluster", help="the cluster's key")
@@ -204,7 +210,9 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
 
 
 def command_node_serve(args: argparse.Namespace, console: Console) -> int:
-    node_daemon.serve(node_daemon.parse_address(args.listen), load_cluster_key())
+    node_daemon.serve(
+        node_daemon.parse_address(args.listen), load_cluster_key(), allow_root=args.allow_root
+    )
     return EXIT_OK
 
 

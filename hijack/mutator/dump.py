@@ -146,7 +146,8 @@ def dump_to_file(
     """
     partial = path.with_name(f".{path.name}.partial")
     try:
-        with open(partial, "wb") as out:
+        # 0600: the image holds the process's memory, its secrets included.
+        with open(partial, "wb", opener=_owner_only) as out:
 
             def put_in_place() -> None:
                 os.fsync(out.fileno())
@@ -165,6 +166,10 @@ def dump_to_file(
         raise HijackError(f"cannot write image {path}: {exc.strerror or exc}") from None
     finally:
         partial.unlink(missing_ok=True)
+
+
+def _owner_only(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
 
 
 def kill_stopped(tracee: Tracee) -> None:

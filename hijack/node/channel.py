@@ -36,6 +36,7 @@ HEAD = struct.Struct("<BI")
 MAX_FRAME = 16 * 1024 * 1024
 DATA_FRAME = 1024 * 1024  # image bytes per DATA frame
 PROTOCOL_VERSION = 1
+MAX_ERROR = 1000  # characters of a peer's error message we repeat
 
 
 class Kind:
@@ -107,21 +108,30 @@ class Channel:
             raise ChannelError(f"cannot reach node {host}:{port}: {exc.strerror or exc}") from None
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            sock.close()
+            raise ChannelError(f"cannot reach node {host}:{port}") from None
+        return cls.open(sock, key, node, f"{host}:{port}")
+
+    @classmethod
+    def open(cls, sock: socket.socket, key: bytes, node: str, where: str) -> Channel:
+        """Client side of the handshake on a connected socket (closed if it fails)."""
+        try:
             nonce_c = secrets.token_bytes(NONCE_SIZE)
             _send_plain(sock, {"hello": PROTOCOL_VERSION, "node": node, "nonce": nonce_c.hex()})
             answer = _receive_plain(sock)
             nonce_s = bytes.fromhex(str(answer.get("nonce", "")))
             expected = _proof(key, b"server", nonce_c, nonce_s)
             if not hmac.compare_digest(bytes.fromhex(str(answer.get("proof", ""))), expected):
-                raise ChannelError(f"node {host}:{port} does not hold our cluster key")
+                raise ChannelError(f"node {where} does not hold our cluster key")
             _send_plain(sock, {"proof": _proof(key, b"client", nonce_s, nonce_c).hex()})
             session = _proof(key, b"session", nonce_c, nonce_s)
-            channel = cls(sock, session, True, str(answer.get("node", f"{host}:{port}")))
+            channel = cls(sock, session, True, str(answer.get("node", where)))
             channel.expect("welcome")
             return channel
         except (OSError, ValueError) as exc:
             sock.close()
-            raise ChannelError(f"handshake with {host}:{port} failed: {exc}") from None
+            raise ChannelError(f"handshake with {where} failed: {exc}") from None
         except BaseException:
             sock.close()
             raise
@@ -206,7 +216,9 @@ class Channel:
         """The next message, which must have `field`; an `error` from the peer is raised."""
         message = self.receive()
         if "error" in message:
-            raise HijackError(f"{self.peer}: {message['error']}")
+            # Shown as one line, whatever the peer put in it.
+            reason = " ".join(str(message["error"]).split())[:MAX_ERROR]
+            raise HijackError(f"{self.peer}: {reason}")
         if field not in message:
             raise ChannelError(f"{self.peer} answered without {field!r}: {message!r:.120}")
         return message
@@ -232,6 +244,12 @@ class DataReader:
             chunks.append(bytes(piece))
             wanted -= len(piece)
         return b"".join(chunks)
+
+    def drain(self) -> None:
+        """Read and drop the rest of the stream, up to DATA_END (each frame still checked)."""
+        while not self._ended and self._fill():
+            pass
+        self._buffer = memoryview(b"")
 
     def _fill(self) -> bool:
         kind, payload = self.channel.receive_frame()
@@ -294,7 +312,8 @@ def _receive_plain(sock: socket.socket) -> dict[str, Any]:
 def _decode(payload: bytes, peer: str) -> dict[str, Any]:
     try:
         message = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        # RecursionError: arrays or objects nested a thousand deep.
         raise ChannelError(f"{peer} sent a malformed message") from None
     if not isinstance(message, dict):
         raise ChannelError(f"{peer} sent a malformed message")

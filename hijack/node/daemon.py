@@ -14,15 +14,18 @@ nothing half-built ever runs.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import sys
 import threading
 import time
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, NamedTuple, cast
 
 from hijack.errors import HijackError
+from hijack.image import records as rec
+from hijack.node import policy
 from hijack.node.channel import Channel, ChannelError, DataReader
 from hijack.registry import Registry, node_name
 from hijack.restore.restorer import restore
@@ -31,8 +34,19 @@ from hijack.shadow.datagram import widen_receive_buffer
 from hijack.shadow.relay import endpoint
 
 DEFAULT_PORT = 7450
+HANDSHAKE_TIMEOUT = 10.0  # seconds a connecting peer has to prove it holds the key
 COMMIT_TIMEOUT = 60.0  # seconds a prepared process waits for the mover's decision
 LISTEN_BACKLOG = 128
+
+
+class Proxy(NamedTuple):
+    """A descriptor of the moving process that its home shadow proxies."""
+
+    fd: int  # the process's descriptor number
+    stream: str  # the shadow's stream id
+    kind: str  # "stream", "listener" or "datagram"
+    family: socket.AddressFamily  # a datagram socket's (AF_UNSPEC for the others)
+    peer: str  # the shadow relay "ip:port" a connected datagram socket is connected to, or ""
 
 
 def log(text: str) -> None:
@@ -40,9 +54,10 @@ def log(text: str) -> None:
 
 
 class NodeDaemon:
-    def __init__(self, address: tuple[str, int], key: bytes) -> None:
+    def __init__(self, address: tuple[str, int], key: bytes, *, allow_root: bool = False) -> None:
         self.address = address
         self.key = key
+        self.allow_root = allow_root  # restore processes with root's powers (hijack.node.policy)
         self.name = node_name()
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -74,7 +89,8 @@ class NodeDaemon:
     def _serve_peer(self, connection: socket.socket, peer: tuple[str, int]) -> None:
         where = f"{peer[0]}:{peer[1]}"
         try:
-            connection.settimeout(COMMIT_TIMEOUT)
+            # A peer that has not proved the key yet gets little of our time.
+            connection.settimeout(HANDSHAKE_TIMEOUT)
             # Small frames (the handshake, prepared/commit) must not wait on Nagle.
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             try:
@@ -82,6 +98,7 @@ class NodeDaemon:
             except (ChannelError, OSError) as exc:
                 log(f"refused {where}: {exc}")
                 return
+            connection.settimeout(COMMIT_TIMEOUT)
             request = channel.receive()
             op = request.get("op")
             if op == "ping":
@@ -89,37 +106,53 @@ class NodeDaemon:
             elif op == "move":
                 self._receive_move(channel, request, where)
             else:
-                channel.send({"error": f"unknown op {op!r}"})
+                log(f"refused a request from {channel.peer} ({where}): unknown op {op!r:.40}")
+                channel.send({"error": f"unknown op {op!r:.40}"})
         except HijackError as exc:
             log(f"{where}: {exc}")
         finally:
             connection.close()
 
     def _receive_move(self, channel: Channel, request: dict[str, Any], where: str) -> None:
-        move = str(request["move"])
-        home = dict(request["home"])
-        token = bytes.fromhex(str(home["token"]))
-        log(f"move {move} of {request.get('program')} from {channel.peer} ({where})")
+        try:
+            move, home, token, proxies = _parse_move(request)
+        except HijackError as exc:
+            log(f"refused a move from {channel.peer} ({where}): {exc}")
+            channel.send({"error": str(exc)})
+            return
+        log(f"move {move:.40} of {request.get('program')!s:.80} from {channel.peer} ({where})")
         here = channel.sock.getsockname()[0]
         opened: list[socket.socket] = []
         provided: dict[int, int] = {}
         listeners: dict[str, str] = {}
         datagrams: dict[str, str] = {}  # stream -> the process's UDP socket, "ip:port"
+        image = DataReader(channel)
         try:
-            for proxy in request.get("proxies", []):
-                number, stream = int(proxy["fd"]), str(proxy["stream"])
-                if proxy.get("kind") == "listener":
-                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                    sock.bind((here, 0))
-                    sock.listen(LISTEN_BACKLOG)
-                    listeners[stream] = endpoint(sock.getsockname())
-                elif proxy.get("kind") == "datagram":
-                    sock = datagram_socket(proxy, here)
-                    datagrams[stream] = f"{here}:{sock.getsockname()[1]}"
-                else:
-                    sock = control.open_relay(str(home["relay"]), token, stream, move)
-                opened.append(sock)
-                provided[number] = sock.fileno()
+
+            def admit(
+                header: rec.ImageHeader, credentials: rec.Credentials, segments: rec.Segments
+            ) -> None:
+                # The policy first: a refused image gets no relay, no listener.
+                policy.check_image(header, credentials, segments, allow_root=self.allow_root)
+                # Filled in place: restore reads `provided` only after this.
+                for proxy in proxies:
+                    if proxy.kind == "listener":
+                        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                        opened.append(sock)
+                        try:
+                            sock.bind((here, 0))
+                            sock.listen(LISTEN_BACKLOG)
+                        except OSError as exc:
+                            raise HijackError(f"cannot listen for fd {proxy.fd}: {exc}") from None
+                        listeners[proxy.stream] = endpoint(sock.getsockname())
+                    elif proxy.kind == "datagram":
+                        sock = datagram_socket(proxy, here)
+                        opened.append(sock)
+                        datagrams[proxy.stream] = f"{here}:{sock.getsockname()[1]}"
+                    else:
+                        sock = control.open_relay(str(home["relay"]), token, proxy.stream, move)
+                        opened.append(sock)
+                    provided[proxy.fd] = sock.fileno()
 
             def hold_until_commit(pid: int) -> None:
                 # Recorded before it may run: a node that cannot record its
@@ -152,12 +185,19 @@ class NodeDaemon:
                         registry.forget(pid, f"move {move} did not complete")
                     raise
 
-            image = cast(BinaryIO, DataReader(channel))
-            result = restore(image, provided=provided, before_start=hold_until_commit)
+            result = restore(
+                cast(BinaryIO, image),
+                provided=provided,
+                before_start=hold_until_commit,
+                admit=admit,
+            )
         except HijackError as exc:
             log(f"move {move} failed: {exc}")
             with contextlib.suppress(ChannelError):
                 channel.send({"error": str(exc)})
+                # The mover reads our answer once it has sent the whole image:
+                # closing on it now would reset the connection, losing the reason.
+                image.drain()
             return
         finally:
             for sock in opened:
@@ -167,25 +207,53 @@ class NodeDaemon:
         channel.send({"phase": "running", "pid": result.pid})
 
 
-def datagram_socket(proxy: dict[str, Any], here: str) -> socket.socket:
+def datagram_socket(proxy: Proxy, here: str) -> socket.socket:
     """The process's UDP socket on this node: its home shadow relays its datagrams.
 
     Of the original's family (an IPv6 one speaks IPv4 through a mapped
     address); connected to the shadow's relay if the original was connected.
     """
-    family = socket.AddressFamily(int(proxy.get("family", socket.AF_INET)))
-    mapped = "::ffff:" if family == socket.AF_INET6 else ""
-    sock = socket.socket(family, socket.SOCK_DGRAM)
+    mapped = "::ffff:" if proxy.family == socket.AF_INET6 else ""
+    sock = socket.socket(proxy.family, socket.SOCK_DGRAM)
     try:
         widen_receive_buffer(sock)
         sock.bind((mapped + here, 0))
-        if proxy.get("peer"):
-            host, port = parse_address(str(proxy["peer"]))
+        if proxy.peer:
+            host, port = parse_address(proxy.peer)
             sock.connect((mapped + host, port))
     except OSError as exc:
         sock.close()
-        raise HijackError(f"cannot make a UDP socket for fd {proxy['fd']}: {exc}") from None
+        raise HijackError(f"cannot make a UDP socket for fd {proxy.fd}: {exc}") from None
     return sock
+
+
+def _parse_move(request: dict[str, Any]) -> tuple[str, dict[str, Any], bytes, list[Proxy]]:
+    """The fields of a `move` request (docs/protocol.md, "Moving"), checked: any flaw refuses it."""
+    try:
+        move, home = request["move"], request["home"]
+        if not isinstance(move, str) or not isinstance(home, dict):
+            raise TypeError
+        for name in ("node", "relay", "token"):
+            if not isinstance(home[name], str):
+                raise TypeError
+        int(home["pid"])
+        token = bytes.fromhex(home["token"])
+        proxies = []
+        for proxy in request.get("proxies", []):
+            number, stream, kind = proxy["fd"], proxy["stream"], proxy.get("kind", "stream")
+            family, peer = proxy.get("family", socket.AF_INET), proxy.get("peer", "")
+            if not isinstance(number, int) or not 0 <= number < 1 << 20:
+                raise ValueError
+            if not isinstance(stream, str) or not isinstance(kind, str):
+                raise TypeError
+            if not isinstance(family, int) or not isinstance(peer, str):
+                raise TypeError
+            if kind == "datagram" and family not in (socket.AF_INET, socket.AF_INET6):
+                raise ValueError
+            proxies.append(Proxy(number, stream, kind, socket.AddressFamily(family), peer))
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
+        raise HijackError(f"malformed move request: {json.dumps(request)[:120]}") from None
+    return move, home, token, proxies
 
 
 def _reap(pid: int) -> None:
@@ -222,8 +290,8 @@ def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]
         raise HijackError(f"not an address: {text!r} (HOST[:PORT])") from None
 
 
-def serve(address: tuple[str, int], key: bytes) -> None:
-    daemon = NodeDaemon(address, key)
+def serve(address: tuple[str, int], key: bytes, *, allow_root: bool = False) -> None:
+    daemon = NodeDaemon(address, key, allow_root=allow_root)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     try:
         daemon.serve()

@@ -97,6 +97,7 @@ def restore(
     registry: Registry | None = None,
     provided: dict[int, int] | None = None,
     before_start: Callable[[int], None] | None = None,
+    admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None,
 ) -> RestoreResult:
     """Rebuild the process of the image in `stream` and let it run.
 
@@ -107,6 +108,9 @@ def restore(
     process gets instead (a move's relays; they stay ours to close).
     `before_start(pid)` runs once the process is complete but still stopped
     (a move's two phases); if it raises, the process is killed, never started.
+    `admit(header, credentials, segments)` runs once the image has described
+    the process and before anything is made for it (a node daemon's policy);
+    it refuses by raising.
     """
     records = read_image(stream)
     image = _Image(
@@ -117,6 +121,8 @@ def restore(
         segments=_expect(records, rec.Segments),
         files=_expect(records, rec.Files),
     )
+    if admit is not None:
+        admit(image.header, image.credentials, image.segments)
     for segment in image.segments.segments:
         if segment.file is not None:
             check_identity(segment.file)

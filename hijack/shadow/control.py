@@ -49,7 +49,8 @@ def encode(message: Message) -> bytes:
 def decode(line: bytes) -> Message:
     try:
         message = json.loads(line)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        # RecursionError: arrays or objects nested a thousand deep.
         raise ShadowError(f"malformed control message: {exc}") from None
     if not isinstance(message, dict):
         raise ShadowError("malformed control message: not an object")

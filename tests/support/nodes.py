@@ -505,7 +505,11 @@ class Node:
     # -- the node daemon ----------------------------------------------------------------
 
     def start_daemon(
-        self, port: int = DEFAULT_DAEMON_PORT, *, program: Sequence[str] = HIJACK_PROGRAM
+        self,
+        port: int = DEFAULT_DAEMON_PORT,
+        *,
+        program: Sequence[str] = HIJACK_PROGRAM,
+        allow_root: bool = True,
     ) -> str:
         """Start `hijack node serve --listen ADDRESS:PORT` inside this node; return "ADDRESS:PORT".
 
@@ -514,7 +518,8 @@ class Node:
         daemon.stderr in the node's directory; its stdout stays a pipe that
         nothing reads after that line, so the daemon must write no more than a
         pipe's buffer there. `program` replaces `python -m hijack` (tests of
-        this harness run a stand-in).
+        this harness run a stand-in). `allow_root` (the default: the suite's
+        fixtures run as root) starts it with --allow-root.
         """
         if self.daemon is not None and self.daemon.returncode is None:
             raise NodeError(f"node {self.name} already runs a daemon (pid {self.daemon.pid})")
@@ -522,7 +527,8 @@ class Node:
         stderr_path = self.directory / "daemon.stderr"
         with open(stderr_path, "ab") as stderr:
             daemon: subprocess.Popen[bytes] = self.spawn(
-                [*program, "node", "serve", "--listen", endpoint],
+                [*program, "node", "serve", "--listen", endpoint]
+                + (["--allow-root"] if allow_root else []),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=stderr,

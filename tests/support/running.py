@@ -14,7 +14,7 @@ import select
 import signal
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -308,6 +308,7 @@ def spawn_fixture(
     ready_timeout: float = READY_TIMEOUT,
     fifos: bool = False,
     netns: str | None = None,
+    user: int | None = None,
 ) -> RunningFixture:
     """Start fixture `name` with `args`, wait for its ready line, return it running.
 
@@ -322,6 +323,10 @@ def spawn_fixture(
 
     With `netns` (a test node's `node.netns`), the fixture runs inside that
     network namespace, entered between fork and exec.
+
+    With `user` (a uid, e.g. 65534), the fixture runs as that uid, with the
+    gid of the same number and no supplementary groups (set after entering
+    `netns`, which needs root).
     """
     binary = fixture_path(name)
     argv = [str(binary), *(os.fspath(arg) for arg in args)]
@@ -352,7 +357,7 @@ def spawn_fixture(
                 stdout=stdout,
                 stderr=stderr,
                 pass_fds=(ready_write, control_read),
-                preexec_fn=enter,
+                preexec_fn=_as_user(enter, user),
             )
     except BaseException:
         for fd in (ready_read, ready_write, control_read, control_write):
@@ -375,3 +380,18 @@ def spawn_fixture(
     finally:
         os.close(ready_read)
     return fixture
+
+
+def _as_user(enter: Callable[[], None] | None, user: int | None) -> Callable[[], None] | None:
+    """`enter` (the namespace), then become `user`: what a fixture's child does before exec."""
+    if user is None:
+        return enter
+
+    def become() -> None:
+        if enter is not None:
+            enter()
+        os.setgroups([])
+        os.setresgid(user, user, user)
+        os.setresuid(user, user, user)
+
+    return become

@@ -1,0 +1,89 @@
+"""What a node daemon agrees to restore (docs/security.md, "The node daemon's policy").
+
+A daemon restores on request of any holder of the cluster key, as root. It
+refuses, by name and before anything is created for the move:
+
+- a process with root's powers — uid or gid 0 (real, effective, saved,
+  filesystem), the root group among its groups, or any capability in its
+  permitted, effective, inheritable or ambient set — unless it was started
+  with `--allow-root`;
+- a file it cannot verify: every segment the image maps from a file
+  (ContentsKind.FILE: `dump --no-binary` / `--no-shared-libs`) must exist on
+  this node with the size, modification time and ELF build-id the image
+  records (the executable too, when `--no-binary` left its pages out); a
+  file mapped shared and executable, whose code would come from this node's
+  copy with nothing to check it by, is refused.
+
+Pages the image carries (ContentsKind.STORED, what `hijack move` always
+sends) are not compared with this node's files: they are the bytes the
+process ran, read from its memory by a holder of the cluster key and
+authenticated frame by frame on the way (hijack.node.channel); this node's
+copy of the file, if any, is never mapped.
+"""
+
+from __future__ import annotations
+
+from hijack.errors import HijackError
+from hijack.image import records as rec
+from hijack.image.identity import check_identity
+
+
+class Refused(HijackError):
+    """The daemon's policy does not allow this image here."""
+
+
+def check_image(
+    header: rec.ImageHeader,
+    credentials: rec.Credentials,
+    segments: rec.Segments,
+    *,
+    allow_root: bool,
+) -> None:
+    """Raise Refused (one line, naming what) for an image this node must not restore."""
+    if not allow_root:
+        powers = root_powers(credentials)
+        if powers:
+            raise Refused(
+                f"refusing {header.comm} (pid {header.pid}): it runs with root's powers "
+                f"({', '.join(powers)}); this node was not started with --allow-root"
+            )
+    check_files(header, segments)
+
+
+def root_powers(credentials: rec.Credentials) -> list[str]:
+    """What in `credentials` makes a process root, or something near it; empty if nothing."""
+    powers = []
+    uids = (credentials.uid, credentials.euid, credentials.suid, credentials.fsuid)
+    gids = (credentials.gid, credentials.egid, credentials.sgid, credentials.fsgid)
+    if 0 in uids:
+        powers.append("uid 0")
+    if 0 in gids or 0 in credentials.groups:
+        powers.append("gid 0")
+    # The bounding set is full for every process; only these sets grant anything.
+    for name, value in (
+        ("permitted", credentials.cap_permitted),
+        ("effective", credentials.cap_effective),
+        ("inheritable", credentials.cap_inheritable),
+        ("ambient", credentials.cap_ambient),
+    ):
+        if value:
+            powers.append(f"{name} capabilities {value:#x}")
+    return powers
+
+
+def check_files(header: rec.ImageHeader, segments: rec.Segments) -> None:
+    """Every file the image maps instead of carrying must be here and unchanged."""
+    for segment in segments.segments:
+        if segment.file is not None:
+            check_identity(segment.file)
+        elif (
+            segment.contents is rec.ContentsKind.NONE
+            and segment.path.startswith("/")
+            and segment.prot & rec.Prot.EXEC
+        ):
+            # A shared mapping's bytes are the file's: executable ones would be
+            # code this node's file supplies, with no identity to check it by.
+            raise Refused(
+                f"refusing {header.comm} (pid {header.pid}): it maps {segment.path} shared "
+                "and executable, code that cannot be verified"
+            )

@@ -1,0 +1,202 @@
+"""Property tests of everything hijack parses from outside: CRF images and the node protocol.
+
+They drive the functions of tests/fuzz/targets.py, the same ones the atheris
+harness (tests/fuzz/run.py, `make fuzz`) runs coverage-guided: whatever the
+input, each ends in a HijackError (or an accepted input), never another
+exception, a hang (every read is bounded) or a daemon thread left behind.
+Inputs are built to get past the first check: mutations of a real image and
+of a real move request, frames with valid MACs.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import pytest
+from fuzz import targets
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hijack.errors import HijackError
+from hijack.node import daemon as node_daemon
+from hijack.node.channel import HEAD, MAX_FRAME, Channel, Kind
+
+CORPUS = Path(__file__).resolve().parent / "corpus" / "crf"
+# A valid image, rebuilt from a corpus file that only has bytes after its END.
+VALID_IMAGE = (CORPUS / "data-after-end.crf").read_bytes()[:-1]
+
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_the_valid_image_is_valid() -> None:
+    targets.crf_reader(VALID_IMAGE)  # no refusal: the mutations below start from a real image
+
+
+@st.composite
+def mutated_images(draw: st.DrawFn) -> bytes:
+    image = bytearray(VALID_IMAGE)
+    for _ in range(draw(st.integers(1, 4))):
+        action = draw(st.sampled_from(["flip", "cut", "insert", "u32"]))
+        at = draw(st.integers(0, len(image) - 1))
+        if action == "flip":
+            image[at] ^= 1 << draw(st.integers(0, 7))
+        elif action == "cut":
+            del image[at : at + draw(st.integers(1, 4096))]
+        elif action == "insert":
+            image[at:at] = draw(st.binary(min_size=1, max_size=64))
+        elif at + 4 <= len(image):
+            image[at : at + 4] = struct.pack("<I", draw(st.sampled_from([0, 1, 2**31, 2**32 - 1])))
+        if not image:
+            break
+    return bytes(image)
+
+
+@FUZZ
+@given(mutated_images())
+def test_crf_reader_refuses_a_mutated_real_image_cleanly(data: bytes) -> None:
+    targets.crf_reader(data)
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_crf_reader_refuses_random_bytes_cleanly(data: bytes) -> None:
+    targets.crf_reader(b"CRF\0\x01\0\0\0" + data)
+
+
+def handshake_frames() -> st.SearchStrategy[bytes]:
+    """Handshake frames: headers with any kind and length, JSON or not."""
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(max_size=80),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+        max_leaves=8,
+    )
+    hello = st.fixed_dictionaries(
+        {"hello": st.sampled_from([1, 2, "1", None]), "node": json_values, "nonce": json_values}
+    )
+    payload = st.one_of(
+        st.binary(max_size=200),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        hello.map(lambda v: json.dumps(v).encode()),
+        st.integers(1, 2040).map(lambda depth: b"[" * depth + b"]" * depth),
+    )
+    frame = st.tuples(st.integers(0, 255), payload, st.booleans(), st.integers(0, 2**32 - 1)).map(
+        lambda t: HEAD.pack(t[0], t[3] if t[2] else len(t[1])) + t[1]
+    )
+    return st.lists(frame, max_size=3).map(b"".join) | st.binary(max_size=300)
+
+
+@FUZZ
+@given(handshake_frames())
+def test_a_daemon_refuses_any_handshake_without_the_key(data: bytes) -> None:
+    targets.node_handshake(data)
+
+
+@FUZZ
+@given(handshake_frames())
+def test_a_mover_refuses_any_daemon_answer_without_the_key(data: bytes) -> None:
+    targets.node_client(data)
+
+
+def move_requests() -> st.SearchStrategy[dict[str, object]]:
+    """Move requests, most of them almost right."""
+    anything = (
+        st.none() | st.integers() | st.text(max_size=20) | st.lists(st.integers(), max_size=2)
+    )
+    home = st.fixed_dictionaries(
+        {
+            "node": st.just("a") | anything,
+            "pid": st.just(1) | anything,
+            "relay": st.just("127.0.0.1:1") | anything,
+            "token": st.just("00ff") | anything,
+        }
+    )
+    proxy = st.fixed_dictionaries(
+        {"fd": st.integers(-1, 2**40) | anything, "stream": st.text(max_size=10) | anything},
+        optional={"kind": st.sampled_from(["stream", "listener"]) | anything},
+    )
+    return st.fixed_dictionaries(
+        {"op": st.just("move"), "move": st.just("m1") | anything, "home": home | anything},
+        optional={"proxies": st.lists(proxy, max_size=2) | anything, "program": anything},
+    )
+
+
+def framed(frames: list[tuple[int, bytes]]) -> bytes:
+    """node_session input: frames the target sends with valid MACs."""
+    return b"\x01" + b"".join(struct.pack("<BH", kind, len(p)) + p for kind, p in frames)
+
+
+@st.composite
+def sessions(draw: st.DrawFn) -> bytes:
+    if draw(st.booleans()):
+        return b"\x00" + draw(st.binary(max_size=200))  # raw: fails its MAC at once
+    request = draw(move_requests() | st.dictionaries(st.text(max_size=5), st.integers()))
+    frames = [(Kind.MESSAGE, json.dumps(request).encode())]
+    image = draw(mutated_images().map(lambda image: image[:8192]) | st.binary(max_size=512))
+    frames += [(Kind.DATA, image[at : at + 4096]) for at in range(0, len(image), 4096)]
+    frames += draw(st.lists(st.tuples(st.integers(0, 6), st.binary(max_size=64)), max_size=3))
+    if draw(st.booleans()):
+        frames.append((Kind.DATA_END, b""))
+    return framed(frames)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sessions())
+def test_a_daemon_refuses_any_session_of_a_key_holder_cleanly(data: bytes) -> None:
+    targets.node_session(data)
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        {"op": "move"},
+        {"op": "move", "move": 1, "home": {}},
+        {"op": "move", "move": "m", "home": {"node": "a", "pid": "x", "relay": "r", "token": ""}},
+        {"op": "move", "move": "m", "home": {"node": "a", "pid": 1, "relay": "r", "token": "zz"}},
+        {"op": "move", "move": "m", "home": [], "proxies": []},
+        {
+            "op": "move",
+            "move": "m",
+            "home": {"node": "a", "pid": 1, "relay": "r", "token": "00"},
+            "proxies": [{"fd": 2**40, "stream": "s"}],
+        },
+        {
+            "op": "move",
+            "move": "m",
+            "home": {"node": "a", "pid": 1, "relay": "r", "token": "00"},
+            "proxies": "all",
+        },
+    ],
+)
+def test_a_malformed_move_request_is_one_hijack_error(request_: dict[str, object]) -> None:
+    with pytest.raises(HijackError, match="malformed move request"):
+        node_daemon._parse_move(request_)
+
+
+@pytest.mark.parametrize("depth", [999, 2000])
+def test_json_nested_deeper_than_python_recurses_is_a_malformed_message(depth: int) -> None:
+    # Found by fuzzing: json.loads raised RecursionError, which ended the daemon's thread.
+    nested = b"[" * depth + b"]" * depth
+    targets.node_handshake(HEAD.pack(Kind.HANDSHAKE, len(nested)) + nested)
+    targets.node_session(framed([(Kind.MESSAGE, b'{"a":' * depth + b"1" + b"}" * depth)]))
+
+
+def test_a_frame_longer_than_the_limit_is_refused_before_it_is_read() -> None:
+    # The MAC is never reached: the length alone refuses it, so nothing is allocated.
+    data = b"\x00" + struct.pack("<BI", Kind.MESSAGE, MAX_FRAME + 1)
+    targets.node_session(data)
+
+
+def test_an_error_from_a_peer_is_one_line() -> None:
+    client, daemon_end = targets._tcp_pair()
+    with client, daemon_end:
+        session = bytes(32)
+        mover = Channel(client, session, True, "b")
+        daemon = Channel(daemon_end, session, False, "a")
+        daemon.send({"error": "first line\nsecond line\r\n" + "x" * 5000})
+        with pytest.raises(HijackError) as refused:
+            mover.expect("phase")
+    message = str(refused.value)
+    assert message.startswith("b: first line second line xxx") and "\n" not in message
+    assert len(message) <= 1003
