@@ -19,6 +19,13 @@ A move (docs/protocol.md, "Moving"):
   sent; the old relays keep being read until their end (the old process's
   last writes), before anything from the new ones is passed on;
 - `aborted`: nothing changed: the old relays go on.
+
+The bytes are not copied through this process: each direction of a stream
+splices them (splice(2)) from its source socket into a kernel pipe and from
+the pipe into its sink, so only descriptors and counts pass through Python.
+What must be seen or put in front of the pipe's bytes (a move's unread bytes,
+an accepted client's bytes kept for replay, a terminal, which cannot splice)
+goes through a bytearray *head*, always sent before the pipe's contents.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import functools
 import os
 import selectors
 import socket
+import stat
 import struct
 import termios
 import time
@@ -44,6 +52,9 @@ BUFFER_LIMIT = 4 * 1024 * 1024  # bytes held per direction before we stop readin
 ACK_WAIT = 5.0  # seconds to wait for the old node to acknowledge what we sent
 SIOCOUTQ = termios.TIOCOUTQ
 REPLAY_LIMIT = 1024 * 1024
+PIPE_SIZE = 1024 * 1024  # /proc/sys/fs/pipe-max-size by default: more needs CAP_SYS_RESOURCE
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+PUMP_ROUNDS = 16  # splices per direction and event, so one wakeup moves what is there
 
 
 def unacknowledged(sock: socket.socket) -> int:
@@ -74,6 +85,60 @@ class Relay:
         return endpoint(self.sock.getpeername())
 
 
+class SplicePipe:
+    """A kernel pipe one direction's bytes pass through, never copied into this process.
+
+    `held` counts the bytes in it. A pipe also runs out of slots (one per
+    page or part of a page a splice brought), so a splice into it can find it
+    full below its size: then it is `full` until some of it is drained.
+    """
+
+    def __init__(self) -> None:
+        self.read_end, self.write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        with contextlib.suppress(OSError):  # a smaller pipe still works
+            fcntl.fcntl(self.write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        self.size = fcntl.fcntl(self.write_end, fcntl.F_GETPIPE_SZ)
+        self.held = 0
+        self.full = False
+
+    def fill(self, source: int) -> int | None:
+        """Splice what `source` has into the pipe: bytes moved, 0 at its end, None if none now."""
+        if self.full or self.held >= self.size:
+            return None
+        try:
+            moved = os.splice(source, self.write_end, self.size - self.held, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            # Nothing to read, or no free slot: with bytes held, take it as
+            # the latter and wait for the sink (it is watched while we hold bytes).
+            self.full = self.held > 0
+            return None
+        self.held += moved
+        return moved
+
+    def drain(self, sink: int) -> int:
+        """Splice what the pipe holds into `sink`, as much as it takes now."""
+        if not self.held:
+            return 0
+        try:
+            moved = os.splice(self.read_end, sink, self.held, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            return 0
+        self.held -= moved
+        if moved:
+            self.full = False
+        return moved
+
+    def close(self) -> None:
+        os.close(self.read_end)
+        os.close(self.write_end)
+
+
+def can_splice(fd: int) -> bool:
+    """Whether splice(2) works on `fd`: sockets and pipes (a terminal does not)."""
+    mode = os.fstat(fd).st_mode
+    return stat.S_ISSOCK(mode) or stat.S_ISFIFO(mode)
+
+
 @dataclass
 class Stream:
     """An original descriptor (or an accepted client) and its relays."""
@@ -94,6 +159,62 @@ class Stream:
     bytes_in: int = 0  # process -> original
     replay: bytearray | None = None  # an accepted client's bytes until the process answers
     closed: bool = False
+    # Kernel pipes behind the heads to_relay / to_original, made at the first
+    # byte; None while the original cannot splice (then the heads carry all).
+    out_pipe: SplicePipe | None = None
+    in_pipe: SplicePipe | None = None
+    splices: bool | None = None  # whether the original can splice; None: not asked yet
+
+    @property
+    def out_held(self) -> int:
+        """Bytes read from the original, not yet sent to the relay."""
+        return len(self.to_relay) + (self.out_pipe.held if self.out_pipe else 0)
+
+    @property
+    def in_held(self) -> int:
+        """Bytes read from the relays, not yet written to the original."""
+        return len(self.to_original) + (self.in_pipe.held if self.in_pipe else 0)
+
+    def out_room(self) -> bool:
+        if len(self.to_relay) >= BUFFER_LIMIT:
+            return False
+        return self.out_pipe is None or not (
+            self.out_pipe.full or self.out_pipe.held >= self.out_pipe.size
+        )
+
+    def in_room(self) -> bool:
+        if len(self.to_original) >= BUFFER_LIMIT:
+            return False
+        return self.in_pipe is None or not (
+            self.in_pipe.full or self.in_pipe.held >= self.in_pipe.size
+        )
+
+    def splicing(self) -> bool:
+        if self.splices is None:
+            self.splices = self.original >= 0 and can_splice(self.original)
+        return self.splices
+
+    def outward_pipe(self) -> SplicePipe | None:
+        """The pipe for original -> relay, or None while bytes must be seen (replay)."""
+        if self.replay is not None or not self.splicing():
+            return None
+        if self.out_pipe is None:
+            self.out_pipe = SplicePipe()
+        return self.out_pipe
+
+    def inward_pipe(self) -> SplicePipe | None:
+        """The pipe for relay -> original, or None if the original cannot splice."""
+        if not self.splicing():
+            return None
+        if self.in_pipe is None:
+            self.in_pipe = SplicePipe()
+        return self.in_pipe
+
+    def close_pipes(self) -> None:
+        for pipe in (self.out_pipe, self.in_pipe):
+            if pipe is not None:
+                pipe.close()
+        self.out_pipe = self.in_pipe = None
 
 
 class RelayHub:
@@ -234,7 +355,8 @@ class RelayHub:
             if stream.relay is not None:
                 self._watch(stream.relay.sock, self._relay_events(stream), stream, "relay")
             for relay in stream.retiring:
-                self._watch(relay.sock, selectors.EVENT_READ, stream, "retiring")
+                events = selectors.EVENT_READ if stream.in_room() else 0
+                self._watch(relay.sock, events, stream, "retiring")
 
     def _original_events(self, stream: Stream) -> int:
         if not self.pumping:
@@ -242,9 +364,9 @@ class RelayHub:
         if stream.kind == "listener":
             return selectors.EVENT_READ
         events = 0
-        if not stream.original_eof and len(stream.to_relay) < BUFFER_LIMIT:
+        if not stream.original_eof and stream.out_room():
             events |= selectors.EVENT_READ
-        if stream.to_original and not stream.shut_original:
+        if stream.in_held and not stream.shut_original:
             events |= selectors.EVENT_WRITE
         return events
 
@@ -254,9 +376,9 @@ class RelayHub:
             return 0
         events = 0
         readable = not relay.eof and not stream.retiring
-        if readable and len(stream.to_original) < BUFFER_LIMIT:
+        if readable and stream.in_room():
             events |= selectors.EVENT_READ
-        if self.pumping and stream.to_relay:
+        if self.pumping and stream.out_held:
             events |= selectors.EVENT_WRITE
         return events
 
@@ -298,45 +420,66 @@ class RelayHub:
             self._refresh_interest()
 
     def _pump_original(self, stream: Stream, events: int) -> None:
-        if events & selectors.EVENT_READ:
+        for _ in range(PUMP_ROUNDS):
+            moved = 0
+            if events & selectors.EVENT_READ and not stream.original_eof and stream.out_room():
+                moved += self._read_original(stream)
+            moved += self._flush_relay(stream)
+            if events & selectors.EVENT_WRITE:
+                moved += self._flush_original(stream)
+            if not moved or stream.original < 0:
+                break
+
+    def _read_original(self, stream: Stream) -> int:
+        pipe = stream.outward_pipe()
+        got: int | None
+        if pipe is not None:
+            got = pipe.fill(stream.original)
+        else:
             try:
                 data = os.read(stream.original, CHUNK)
             except BlockingIOError:
-                data = None
-            if data is not None:
-                if data:
-                    stream.to_relay += data
-                    stream.bytes_out += len(data)
-                else:
-                    stream.original_eof = True
-        if events & selectors.EVENT_WRITE and stream.to_original:
-            try:
-                written = os.write(stream.original, stream.to_original[:CHUNK])
-            except BlockingIOError:
-                written = 0
-            del stream.to_original[:written]
-        self._flush_relay(stream)
+                return 0
+            stream.to_relay += data
+            got = len(data)
+        if got == 0:
+            stream.original_eof = True
+        stream.bytes_out += got or 0
+        return got or 0
 
     def _pump_relay(self, stream: Stream, events: int) -> None:
         relay = stream.relay
         assert relay is not None
-        if events & selectors.EVENT_READ:
-            self._read_relay(stream, relay)
-        if events & selectors.EVENT_WRITE:
-            self._flush_relay(stream)
-        self._flush_original(stream)
+        for _ in range(PUMP_ROUNDS):
+            moved = 0
+            if events & selectors.EVENT_READ and not relay.eof and stream.in_room():
+                moved += self._read_relay(stream, relay)
+            if events & selectors.EVENT_WRITE:
+                moved += self._flush_relay(stream)
+            moved += self._flush_original(stream)
+            if not moved or stream.original < 0:
+                break
 
-    def _read_relay(self, stream: Stream, relay: Relay) -> None:
-        try:
-            data = relay.sock.recv(CHUNK)
-        except BlockingIOError:
-            return
-        if data:
+    def _read_relay(self, stream: Stream, relay: Relay) -> int:
+        pipe = stream.inward_pipe()
+        got: int | None
+        if pipe is not None:
+            got = pipe.fill(relay.sock.fileno())
+        else:
+            try:
+                data = relay.sock.recv(CHUNK)
+            except BlockingIOError:
+                return 0
             stream.to_original += data
-            stream.bytes_in += len(data)
+            got = len(data)
+        if got is None:
+            return 0
+        if got:
+            stream.bytes_in += got
             stream.replay = None  # the process answered: it has accepted this client
         else:
             relay.eof = True
+        return got
 
     def _drain_retiring(self, stream: Stream, sock: socket.socket) -> None:
         relay = next(r for r in stream.retiring if r.sock is sock)
@@ -347,10 +490,12 @@ class RelayHub:
             relay.sock.close()
         self._flush_original(stream)
 
-    def _flush_relay(self, stream: Stream) -> None:
+    def _flush_relay(self, stream: Stream) -> int:
+        """Send the relay what we hold for it, head first: the byte count sent."""
         relay = stream.relay
         if relay is None or not self.pumping:
-            return
+            return 0
+        sent = 0
         if stream.to_relay:
             try:
                 sent = relay.sock.send(stream.to_relay[:CHUNK])
@@ -359,21 +504,29 @@ class RelayHub:
             if stream.replay is not None and len(stream.replay) < REPLAY_LIMIT:
                 stream.replay += stream.to_relay[:sent]
             del stream.to_relay[:sent]
-        if stream.original_eof and not stream.to_relay and not stream.shut_relay:
+        if not stream.to_relay and stream.out_pipe is not None:
+            sent += stream.out_pipe.drain(relay.sock.fileno())
+        if stream.original_eof and not stream.out_held and not stream.shut_relay:
             relay.sock.shutdown(socket.SHUT_WR)
             stream.shut_relay = True
+        return sent
 
-    def _flush_original(self, stream: Stream) -> None:
+    def _flush_original(self, stream: Stream) -> int:
+        """Write the original what we hold for it, head first: the byte count written."""
+        written = 0
         if stream.to_original and not stream.shut_original:
             try:
                 written = os.write(stream.original, stream.to_original[:CHUNK])
             except BlockingIOError:
                 written = 0
             del stream.to_original[:written]
+        if not stream.to_original and stream.in_pipe is not None and not stream.shut_original:
+            written += stream.in_pipe.drain(stream.original)
         relay = stream.relay
         ended = relay is not None and relay.eof and not stream.retiring
-        if ended and not stream.to_original and not stream.shut_original:
+        if ended and not stream.in_held and not stream.shut_original:
             self._end_original(stream)
+        return written
 
     def _end_original(self, stream: Stream) -> None:
         """The process finished writing: pass the end on to the original's peer."""
@@ -408,6 +561,7 @@ class RelayHub:
         stream.original = -1
         stream.relay = None
         stream.retiring.clear()
+        stream.close_pipes()
         stream.closed = True
 
     def _forget(self, target: Any) -> None:
@@ -457,7 +611,7 @@ class RelayHub:
             or (
                 (stream.relay is None or stream.relay.eof)
                 and not stream.retiring
-                and (not stream.to_original or stream.original < 0)
+                and (not stream.in_held or stream.original < 0)
             )
             for stream in self.streams.values()
         )
@@ -479,8 +633,8 @@ class RelayHub:
                     "listener": self.listeners.get(stream.id, ""),
                     "bytes_out": stream.bytes_out,
                     "bytes_in": stream.bytes_in,
-                    "buffered_out": len(stream.to_relay),
-                    "buffered_in": len(stream.to_original),
+                    "buffered_out": stream.out_held,
+                    "buffered_in": stream.in_held,
                 }
             )
         rows.extend(datagram.describe() for datagram in self.datagrams.values())
