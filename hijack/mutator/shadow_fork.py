@@ -13,6 +13,11 @@ all by injected system calls:
 An exit signal of 0 means the intermediate's death sends the target no SIGCHLD,
 and the target reaps it inside the injection, so no zombie is left either. The
 shadow is re-parented to the nearest child subreaper (or init).
+
+Only the two clones and the wait4 need the target stopped: `fork_shadow_copy`
+does them and leaves the new copy stopped under our trace, the caller lets the
+target run, and `become_shadow` then turns the copy into the shadow (its
+setsid, descriptor flags and execve are the copy's own calls).
 """
 
 from __future__ import annotations
@@ -57,41 +62,66 @@ def fork_shadow(tracee: Tracee, command: ShadowCommand, env: dict[str, str]) -> 
     """Fork a shadow out of `tracee`; it execs `command(inherited_fds)` (argv[0] a path).
 
     Returns the shadow's pid. The target's own registers are not restored here:
-    the caller's release() of the tracee does that.
-
-    Atomic for SIGINT and SIGTERM (a few milliseconds): an exception between
-    the clone and the adoption of its child would leave a copy of the target
-    running the target's own code once we are gone.
+    the caller's release() of the tracee does that. (`hijack attach` releases
+    the target between `fork_shadow_copy` and `become_shadow` instead.)
     """
-    shadow_pid = 0
+    copy = fork_shadow_copy(tracee)
+    return become_shadow(copy, tracee.syscall_address, command, env)
+
+
+def fork_shadow_copy(tracee: Tracee) -> TracedThread:
+    """The part that needs the target stopped: a copy of it, no longer its child, stopped.
+
+    Atomic for SIGINT and SIGTERM (about a millisecond): an exception between
+    the clone and the adoption of its child would leave a copy of the target
+    running the target's own code once we are gone. The copy is traced with
+    PTRACE_O_EXITKILL: if we die before it execs, it dies too.
+    """
+    copy: TracedThread | None = None
     try:
         with signals_deferred():
-            shadow_pid = _fork_shadow(tracee, command, env)
+            copy = _fork_copy(tracee)
     except BaseException:
         # A signal held back above is raised as the block ends, with the
-        # shadow already running: end it, since no one will get its pid.
-        if shadow_pid:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(shadow_pid, signal.SIGKILL)
+        # copy already made: end it, since no one will get its pid.
+        if copy is not None:
+            discard_copy(copy)
         raise
-    return shadow_pid
+    return copy
 
 
-def _fork_shadow(tracee: Tracee, command: ShadowCommand, env: dict[str, str]) -> int:
+def become_shadow(
+    copy: TracedThread, syscall_address: int, command: ShadowCommand, env: dict[str, str]
+) -> int:
+    """Turn the stopped copy into the shadow (the target may run meanwhile); its pid."""
+    try:
+        with signals_deferred():
+            _become_shadow(copy, syscall_address, command, env)
+    except BaseException:
+        _kill_quietly(copy.tid)
+        raise
+    return copy.tid
+
+
+def discard_copy(copy: TracedThread) -> None:
+    """End a copy that will not become the shadow."""
+    _kill_quietly(copy.tid)
+
+
+def _fork_copy(tracee: Tracee) -> TracedThread:
     intermediate = _spawn_child(tracee, clone_flags=0)
     try:
         pt.set_options(intermediate.tid, CHILD_OPTIONS)
-        shadow = _spawn_child_of(intermediate, tracee.syscall_address, signal.SIGCHLD)
+        copy = _spawn_child_of(intermediate, tracee.syscall_address, signal.SIGCHLD)
     except BaseException:
         _discard_intermediate(tracee, intermediate)
         raise
     try:
         _finish_intermediate(tracee, intermediate)
-        _become_shadow(shadow, tracee.syscall_address, command, env)
     except BaseException:
-        _kill_quietly(shadow.tid)
+        _kill_quietly(copy.tid)
         raise
-    return shadow.tid
+    return copy
 
 
 def _spawn_child(tracee: Tracee, clone_flags: int) -> TracedThread:

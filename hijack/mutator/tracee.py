@@ -19,6 +19,7 @@ import errno as errno_codes
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -105,6 +106,15 @@ class Tracee:
     threads: dict[int, TracedThread] = field(default_factory=dict)
     syscall_address: int = 0
     injection_tid: int = 0
+    stopped_at: float = 0.0  # perf_counter() when we began stopping it
+    released_at: float = 0.0  # perf_counter() when every thread ran again
+
+    @property
+    def pause_ms(self) -> float:
+        """How long the target was stopped (from our first interrupt to its release)."""
+        if not self.stopped_at:
+            return 0.0
+        return ((self.released_at or time.perf_counter()) - self.stopped_at) * 1000
 
     # -- the context-manager form: `with Tracee.seize(pid) as tracee:` ----------
 
@@ -112,6 +122,8 @@ class Tracee:
     def seize(cls, pid: int) -> Tracee:
         tracee = cls(pid)
         check_attachable(pid)
+        # Read while the target still runs: its vdso and text do not move.
+        tracee.syscall_address = find_syscall_instruction(pid)
         try:
             # Atomic for SIGINT/SIGTERM: a stop collected but not yet recorded
             # would leave release() waiting for a stop that never comes.
@@ -119,7 +131,6 @@ class Tracee:
                 tracee._seize_all_threads()
                 tracee._stop_all_threads()
             tracee.injection_tid = pid if pid in tracee.threads else min(tracee.threads)
-            tracee.syscall_address = find_syscall_instruction(pid)
         except BaseException:
             tracee.release()
             raise
@@ -186,6 +197,7 @@ class Tracee:
         return False
 
     def _stop_all_threads(self) -> None:
+        self.stopped_at = time.perf_counter()
         for thread in list(self.threads.values()):
             if thread.first_stop_pending:
                 continue
@@ -274,6 +286,8 @@ class Tracee:
                 thread.state = ThreadState.GONE
             except HijackError as exc:
                 failures.append(str(exc))
+        if self.stopped_at and not self.released_at:
+            self.released_at = time.perf_counter()
         if failures:
             raise HijackError(
                 f"could not release every thread of process {self.pid}: {'; '.join(failures)}",
