@@ -338,6 +338,83 @@ def test_blocked_call_resumes_after_restore_with_its_signal_state(
     assert "PASS blocked" in blocked.stdout
 
 
+# -- 2b. sleepers: timed sleeps, whose restart state only the old kernel had -------------------
+
+SLEEPERS_MS = 5000
+# Each sleeper thread (by name) and the calls /proc may show it in; 219 is
+# restart_syscall, where a live release leaves a thread the kernel continues.
+SYS_RESTART_SYSCALL = 219
+SLEEPER_CALLS = {
+    "poll": {7},
+    "ppoll": {271},
+    "select": {SYS_SELECT, SYS_PSELECT6},
+    "nanosleep": {SYS_NANOSLEEP},
+    "nanosleep-rem": {SYS_NANOSLEEP},
+    "futex": {202},
+    "futex-abs": {202},
+}
+
+
+def sleeping_threads(pid: int) -> dict[str, int | None]:
+    """Each sleeper thread's name and the call it blocks in (None: not blocked in one)."""
+    found: dict[str, int | None] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            name = (task / "comm").read_text().strip()
+            if name in SLEEPER_CALLS:
+                words = (task / "syscall").read_text().split()
+                found[name] = int(words[0]) if words[0].lstrip("-").isdigit() else None
+    return found
+
+
+def wait_for_sleepers(pid: int, *, restarted: bool = False) -> None:
+    """Bounded poll of /proc until every sleeper blocks in its call."""
+    deadline = time.monotonic() + POLL_TIMEOUT
+    while True:
+        seen = sleeping_threads(pid)
+        allowed = {
+            name: calls | ({SYS_RESTART_SYSCALL} if restarted else set())
+            for name, calls in SLEEPER_CALLS.items()
+        }
+        if all(seen.get(name) in calls for name, calls in allowed.items()):
+            return
+        assert time.monotonic() < deadline, f"process {pid}: sleepers not all asleep: {seen}"
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("attached_before", [False, True], ids=["dumped", "attached-then-dumped"])
+def test_timed_sleeps_go_on_sleeping_after_restore(
+    hijack: HijackCli, tmp_path: Path, attached_before: bool
+) -> None:
+    """poll, ppoll, select, nanosleep and futex waits with timeouts neither end early nor fail.
+
+    Stopped inside such a call, a thread shows ERESTART_RESTARTBLOCK (or
+    another restart value); the new process has no restart block, so the
+    restore re-issues the call itself. After an attach and detach, the live
+    kernel has continued some of them in restart_syscall, which no image can
+    re-run: hijack must have left them in their own call.
+    """
+    image = tmp_path / "sleepers.crf"
+    with spawn_fixture("sleepers", str(SLEEPERS_MS), fifos=True) as sleepers:
+        started = time.monotonic()
+        assert sleepers.ready == {"threads": "8"}
+        wait_for_sleepers(sleepers.pid)
+        if attached_before:
+            hijack.ok("attach", sleepers.pid)
+            hijack.ok("detach", sleepers.pid)
+            wait_for_sleepers(sleepers.pid, restarted=True)
+        hijack.ok("dump", sleepers.pid, "-o", image, "--kill")
+        assert sleepers.wait_exit() == -signal.SIGKILL
+
+        pid = restored_pid(hijack.ok("restore", image))
+        sleepers.adopt(pid)
+        wait_for_sleepers(pid)
+        assert time.monotonic() - started < SLEEPERS_MS / 1000, "restore too slow to tell"
+        # Each thread checks it timed out, after the whole time, with no EINTR.
+        sleepers.assert_intact()
+    assert "PASS sleepers" in sleepers.stdout
+
+
 # -- 3. dump without --kill: the original runs on, the image makes an independent copy -----------
 
 

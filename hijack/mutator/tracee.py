@@ -44,6 +44,11 @@ ERESTARTNOHAND = -514
 ERESTART_RESTARTBLOCK = -516
 RESTART_SYSCALL_NR = SYSCALL_NUMBERS["restart_syscall"]
 TIMER_ABSTIME = 1
+# The timed waits a stop leaves with ERESTART_RESTARTBLOCK that can be re-run
+# from their registers alone: their restart block lives only in the old kernel.
+RERUNNABLE_SLEEPS = frozenset(
+    SYSCALL_NUMBERS[name] for name in ("poll", "nanosleep", "clock_nanosleep", "futex")
+)
 # Calls that fail with EINTR (not -ERESTART*) when a stop interrupts them.
 EINTR_ON_STOP = frozenset(
     SYSCALL_NUMBERS[name]
@@ -438,13 +443,13 @@ def _release_thread(thread: TracedThread) -> None:
     else:
         # Still in the kernel's signal path: it restarts -ERESTART* calls
         # itself; the calls that our stop made fail with EINTR need us, and so
-        # does a call it would continue through restart_syscall where
-        # re-running the call itself is exact (see _reissue_is_exact).
+        # does a timed wait it would continue through restart_syscall, which
+        # we re-issue instead (see resume_registers).
         resumed = restart_spurious_eintr(found, signal_pending=pending)
         if (
             not pending
             and found.signed("rax") == ERESTART_RESTARTBLOCK
-            and _reissue_is_exact(found)
+            and found.orig_rax in RERUNNABLE_SLEEPS
         ):
             resumed = resume_registers(found, restart_block_available=True, signal_pending=False)
         if resumed != found:
@@ -480,10 +485,17 @@ def resume_registers(
     """Registers that re-enter the system call a thread was stopped in, as the kernel would.
 
     -ERESTARTSYS/-ERESTARTNOINTR/-ERESTARTNOHAND re-run the call itself.
-    -ERESTART_RESTARTBLOCK continues through restart_syscall on the live task,
-    whose kernel keeps the restart block; a new process (a restore) has none,
-    so the call is re-issued, a sleep with the time that was left (the kernel
-    wrote it to the caller's `rem`) or, without `rem`, with its full request.
+    -ERESTART_RESTARTBLOCK: the kernel's restart block (what is left of a
+    timed wait) exists only in the live task's kernel. A poll, nanosleep,
+    clock_nanosleep or futex wait is re-issued, live or restored, so that a
+    later dump still sees the call (a thread left in restart_syscall no
+    longer shows which call it is in, and a new process has no restart block:
+    it would get EINTR). The re-issued call waits as long as it can be known
+    to have left: a sleep with a `rem` the time the kernel wrote there, an
+    absolute futex timeout exactly; a poll or a relative futex or sleep
+    without `rem`, its whole timeout again: up to one timeout longer than the
+    program asked for, never shorter and never EINTR. Any other call goes on
+    through restart_syscall on the live task.
     """
     if registers.signed("orig_rax") < 0:
         return registers
@@ -492,25 +504,10 @@ def resume_registers(
     if result in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
         return registers.replace(rax=registers.orig_rax, rip=rewound)
     if result == ERESTART_RESTARTBLOCK:
-        if restart_block_available and not _reissue_is_exact(registers):
+        if restart_block_available and registers.orig_rax not in RERUNNABLE_SLEEPS:
             return registers.replace(rax=RESTART_SYSCALL_NR, rip=rewound)
         return _reissue_sleep(registers).replace(rax=registers.orig_rax, rip=rewound)
     return restart_spurious_eintr(registers, signal_pending=signal_pending)
-
-
-def _reissue_is_exact(registers: pt.Registers) -> bool:
-    """Whether re-running the call itself does what restart_syscall would.
-
-    Then the call itself is preferred even on the live task: a thread left in
-    restart_syscall no longer shows which call it is in, and a later dump of
-    it (a move after attach) could not re-run it in a new process.
-    """
-    if registers.orig_rax == SYSCALL_NUMBERS["poll"]:
-        # poll's timeout is an int: a negative one (bit 31 of edx) waits for ever.
-        return bool(registers.rdx & 0x80000000)
-    # A relative sleep with a `rem`, where the kernel wrote the time left (our
-    # stop lengthens the sleep by the pause, which a sleep is allowed to be).
-    return bool(_sleep_rem(registers))
 
 
 def restart_spurious_eintr(registers: pt.Registers, *, signal_pending: bool) -> pt.Registers:
