@@ -391,8 +391,8 @@ def test_timed_sleeps_go_on_sleeping_after_restore(
     Stopped inside such a call, a thread shows ERESTART_RESTARTBLOCK (or
     another restart value); the new process has no restart block, so the
     restore re-issues the call itself. After an attach and detach, the live
-    kernel has continued some of them in restart_syscall, which no image can
-    re-run: hijack must have left them in their own call.
+    kernel continues the poll and the relative futex wait in restart_syscall,
+    which hides the call: the dump must find it on the thread's kernel stack.
     """
     image = tmp_path / "sleepers.crf"
     with spawn_fixture("sleepers", str(SLEEPERS_MS), fifos=True) as sleepers:
@@ -403,6 +403,9 @@ def test_timed_sleeps_go_on_sleeping_after_restore(
             hijack.ok("attach", sleepers.pid)
             hijack.ok("detach", sleepers.pid)
             wait_for_sleepers(sleepers.pid, restarted=True)
+            # Those the live kernel continues exactly: the dump must name their call.
+            seen = sleeping_threads(sleepers.pid)
+            assert seen["poll"] == seen["futex"] == SYS_RESTART_SYSCALL, seen
         hijack.ok("dump", sleepers.pid, "-o", image, "--kill")
         assert sleepers.wait_exit() == -signal.SIGKILL
 

@@ -26,7 +26,7 @@ from hijack.errors import HijackError, ProcessGone
 from hijack.image import records as rec
 from hijack.image.codec import ImageWriter
 from hijack.image.identity import file_identity, is_shared_library
-from hijack.mutator.tracee import ThreadState, TracedThread, Tracee
+from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, recorded_registers
 from hijack.sys import memory, procfs
 from hijack.sys import ptrace as pt
 from hijack.sys.process import get_robust_list
@@ -303,7 +303,7 @@ def read_thread(tracee: Tracee, thread: TracedThread, scratch: int) -> rec.Threa
     ss_sp, ss_flags, ss_size = struct.unpack("<Qi4xQ", memory.read(tracee.pid, scratch, 24))
     rseq = pt.get_rseq_configuration(tid)
     head, head_length = get_robust_list(tid)
-    registers = thread.saved_registers
+    registers = recorded_registers(thread)
     return rec.Thread(
         tid=tid,
         comm=procfs.read_task_comm(tracee.pid, tid),

@@ -44,11 +44,15 @@ ERESTARTNOHAND = -514
 ERESTART_RESTARTBLOCK = -516
 RESTART_SYSCALL_NR = SYSCALL_NUMBERS["restart_syscall"]
 TIMER_ABSTIME = 1
-# The timed waits a stop leaves with ERESTART_RESTARTBLOCK that can be re-run
-# from their registers alone: their restart block lives only in the old kernel.
-RERUNNABLE_SLEEPS = frozenset(
-    SYSCALL_NUMBERS[name] for name in ("poll", "nanosleep", "clock_nanosleep", "futex")
-)
+FUTEX_CMD_MASK = 0x7F  # without FUTEX_PRIVATE_FLAG and FUTEX_CLOCK_REALTIME
+FUTEX_WAIT_BITSET = 9  # its timeout is absolute
+# The kernel function restart_syscall runs for a call it continues, as a
+# thread's kernel stack shows it, and that call: a thread left in
+# restart_syscall shows the call's arguments in its registers, but not its number.
+RESTART_FUNCTIONS = {
+    "do_restart_poll": SYSCALL_NUMBERS["poll"],
+    "futex_wait_restart": SYSCALL_NUMBERS["futex"],
+}
 # Calls that fail with EINTR (not -ERESTART*) when a stop interrupts them.
 EINTR_ON_STOP = frozenset(
     SYSCALL_NUMBERS[name]
@@ -95,6 +99,9 @@ class TracedThread:
     # Traced from birth (TRACECLONE): its first stop comes without an
     # interrupt, and one sent while it sits in that stop makes a second.
     first_stop_pending: bool = False
+    # The call the kernel continues in restart_syscall for it, if any (seen
+    # on its kernel stack before the stop; the stop itself hides it).
+    restarted_call: int | None = None
 
     @property
     def saved_registers(self) -> pt.Registers:
@@ -134,6 +141,7 @@ class Tracee:
             # would leave release() waiting for a stop that never comes.
             with signals_deferred():
                 tracee._seize_all_threads()
+                tracee._note_restarted_calls()
                 tracee._stop_all_threads()
             tracee.injection_tid = pid if pid in tracee.threads else min(tracee.threads)
         except BaseException:
@@ -200,6 +208,11 @@ class Tracee:
                 raise
             return True
         return False
+
+    def _note_restarted_calls(self) -> None:
+        """Before the stop: which call each thread sleeping in restart_syscall continues."""
+        for thread in self.threads.values():
+            thread.restarted_call = restarted_call(self.pid, thread.tid)
 
     def _stop_all_threads(self) -> None:
         self.stopped_at = time.perf_counter()
@@ -302,6 +315,35 @@ class Tracee:
     @property
     def thread_ids(self) -> list[int]:
         return sorted(t.tid for t in self.threads.values() if t.state is not ThreadState.GONE)
+
+
+def restarted_call(pid: int, tid: int) -> int | None:
+    """The call a thread blocked in restart_syscall continues, from its kernel stack."""
+    try:
+        if procfs.read_task_syscall(pid, tid) != RESTART_SYSCALL_NR:
+            return None
+        stack = procfs.read_task_kernel_stack(pid, tid)
+    except HijackError:
+        return None  # gone, or a stack we may not read: the call stays unknown
+    return next((RESTART_FUNCTIONS[f] for f in stack if f in RESTART_FUNCTIONS), None)
+
+
+def recorded_registers(thread: TracedThread) -> pt.Registers:
+    """A stopped thread's registers for an image, which a new process must be able to resume.
+
+    A thread stopped in restart_syscall shows orig_rax = restart_syscall; a
+    new process has no restart block to continue, so the image names the call
+    it continues instead (its arguments are still in the registers), for the
+    restore to re-issue it (resume_registers).
+    """
+    registers = thread.saved_registers
+    if (
+        thread.restarted_call is not None
+        and registers.orig_rax == RESTART_SYSCALL_NR
+        and registers.signed("rax") == ERESTART_RESTARTBLOCK
+    ):
+        return registers.replace(orig_rax=thread.restarted_call)
+    return registers
 
 
 def check_attachable(pid: int) -> None:
@@ -443,13 +485,13 @@ def _release_thread(thread: TracedThread) -> None:
     else:
         # Still in the kernel's signal path: it restarts -ERESTART* calls
         # itself; the calls that our stop made fail with EINTR need us, and so
-        # does a timed wait it would continue through restart_syscall, which
-        # we re-issue instead (see resume_registers).
+        # does a call it would continue through restart_syscall where
+        # re-running the call itself is exact (see _reissue_when_live).
         resumed = restart_spurious_eintr(found, signal_pending=pending)
         if (
             not pending
             and found.signed("rax") == ERESTART_RESTARTBLOCK
-            and found.orig_rax in RERUNNABLE_SLEEPS
+            and _reissue_when_live(found)
         ):
             resumed = resume_registers(found, restart_block_available=True, signal_pending=False)
         if resumed != found:
@@ -485,17 +527,14 @@ def resume_registers(
     """Registers that re-enter the system call a thread was stopped in, as the kernel would.
 
     -ERESTARTSYS/-ERESTARTNOINTR/-ERESTARTNOHAND re-run the call itself.
-    -ERESTART_RESTARTBLOCK: the kernel's restart block (what is left of a
-    timed wait) exists only in the live task's kernel. A poll, nanosleep,
-    clock_nanosleep or futex wait is re-issued, live or restored, so that a
-    later dump still sees the call (a thread left in restart_syscall no
-    longer shows which call it is in, and a new process has no restart block:
-    it would get EINTR). The re-issued call waits as long as it can be known
-    to have left: a sleep with a `rem` the time the kernel wrote there, an
-    absolute futex timeout exactly; a poll or a relative futex or sleep
-    without `rem`, its whole timeout again: up to one timeout longer than the
-    program asked for, never shorter and never EINTR. Any other call goes on
-    through restart_syscall on the live task.
+    -ERESTART_RESTARTBLOCK continues through restart_syscall on the live task,
+    whose kernel keeps the restart block (what is left of a timed wait) —
+    unless re-issuing the call is as good (_reissue_when_live). A new process
+    (a restore) has no restart block, so the call is re-issued: a sleep with
+    the time that was left (the kernel wrote it to the caller's `rem`), an
+    absolute futex timeout as it was; a poll, a relative futex wait or a
+    sleep without `rem` with its whole timeout again — up to one timeout
+    longer than the program asked for, never shorter, never EINTR.
     """
     if registers.signed("orig_rax") < 0:
         return registers
@@ -504,10 +543,34 @@ def resume_registers(
     if result in (ERESTARTSYS, ERESTARTNOINTR, ERESTARTNOHAND):
         return registers.replace(rax=registers.orig_rax, rip=rewound)
     if result == ERESTART_RESTARTBLOCK:
-        if restart_block_available and registers.orig_rax not in RERUNNABLE_SLEEPS:
+        if restart_block_available and not _reissue_when_live(registers):
             return registers.replace(rax=RESTART_SYSCALL_NR, rip=rewound)
         return _reissue_sleep(registers).replace(rax=registers.orig_rax, rip=rewound)
     return restart_spurious_eintr(registers, signal_pending=signal_pending)
+
+
+def _reissue_when_live(registers: pt.Registers) -> bool:
+    """Whether a live thread re-runs the call itself rather than restart_syscall.
+
+    Where that does what restart_syscall would, it is preferred: a thread left
+    in restart_syscall no longer shows which call it is in, and a later dump
+    of it (a move after attach) must find the call on its kernel stack
+    (RESTART_FUNCTIONS). A poll or relative futex wait with a finite timeout
+    goes on through restart_syscall: re-issued, it would wait its whole
+    timeout again at every attach.
+    """
+    if registers.orig_rax == SYSCALL_NUMBERS["poll"]:
+        # poll's timeout is an int: a negative one (bit 31 of edx) waits for ever.
+        return bool(registers.rdx & 0x80000000)
+    if registers.orig_rax == SYSCALL_NUMBERS["futex"]:
+        # glibc's timed waits (condition variables, semaphores) use an absolute time.
+        return registers.rsi & FUTEX_CMD_MASK == FUTEX_WAIT_BITSET
+    # A sleep: with a `rem`, where the kernel wrote the time left, exact (our
+    # stop lengthens it by the pause, which a sleep is allowed to be);
+    # without, its whole request again: a sleep may last longer, and its
+    # restart is one no stack shows (RESTART_FUNCTIONS), so no image could
+    # re-run it from restart_syscall.
+    return registers.orig_rax in (SYSCALL_NUMBERS["nanosleep"], SYSCALL_NUMBERS["clock_nanosleep"])
 
 
 def restart_spurious_eintr(registers: pt.Registers, *, signal_pending: bool) -> pt.Registers:

@@ -415,6 +415,25 @@ def read_task_comm(pid: int, tid: int) -> str:
     return _read_text(pid, "comm", tid).removesuffix("\n")
 
 
+def read_task_syscall(pid: int, tid: int) -> int | None:
+    """The system call a thread blocks in (/proc/PID/task/TID/syscall); None while it runs."""
+    first = _read_text(pid, "syscall", tid).split(maxsplit=1)[:1]
+    return int(first[0]) if first and first[0].lstrip("-").isdigit() else None
+
+
+def read_task_kernel_stack(pid: int, tid: int) -> list[str]:
+    """The functions on a blocked thread's kernel stack, innermost first (root only).
+
+    /proc/PID/task/TID/stack lines read `[<0>] function+0xOFF/0xLEN`.
+    """
+    functions = []
+    for line in _read_text(pid, "stack", tid).splitlines():
+        words = line.split()
+        if len(words) == 2:
+            functions.append(words[1].split("+", 1)[0])
+    return functions
+
+
 def read_exe(pid: int) -> str:
     """Path of the executable (may end in " (deleted)"); a kernel thread or zombie has none."""
     return _readlink(pid, "exe")
