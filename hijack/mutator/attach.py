@@ -16,7 +16,7 @@ from typing import Any
 import hijack
 from hijack.errors import HijackError, ShadowError
 from hijack.mutator.shadow_fork import become_shadow, discard_copy, fork_shadow_copy
-from hijack.mutator.tracee import TracedThread, Tracee
+from hijack.mutator.tracee import Tracee
 from hijack.registry import ProcessRecord, Registry
 from hijack.shadow import control
 from hijack.sys import pidfd, procfs
@@ -53,18 +53,18 @@ def attach(pid: int, registry: Registry) -> AttachResult:
     def command(inherited_fds: list[int]) -> list[str]:
         return shadow_command(interpreter, pid, inherited_fds, control_path, log_path)
 
-    copy: TracedThread | None = None  # forked, not yet the shadow
+    copy = 0  # the pid of the target's copy, forked, not yet the shadow
     try:
         # The target is stopped only while its copy is forked; the copy becomes
         # the shadow (setsid, descriptor flags, execve) while the target runs.
         with Tracee.seize(pid) as tracee:
             copy = fork_shadow_copy(tracee)
-        forked, copy = copy, None  # become_shadow ends it itself if it fails
+        forked, copy = copy, 0  # become_shadow ends it itself if it fails
         shadow_pid = become_shadow(
             forked, tracee.syscall_address, command, shadow_environment(registry.directory)
         )
     except BaseException:
-        if copy is not None:  # the target's release failed after the fork
+        if copy:  # the target's release failed after the fork
             discard_copy(copy)
         # Refused or failed before any shadow ran: leave no empty directory behind.
         # (A shadow that dies later keeps it: its shadow.log says why.)

@@ -69,59 +69,63 @@ def fork_shadow(tracee: Tracee, command: ShadowCommand, env: dict[str, str]) -> 
     return become_shadow(copy, tracee.syscall_address, command, env)
 
 
-def fork_shadow_copy(tracee: Tracee) -> TracedThread:
-    """The part that needs the target stopped: a copy of it, no longer its child, stopped.
+def fork_shadow_copy(tracee: Tracee) -> int:
+    """The part that needs the target stopped: a copy of it, no longer its child; its pid.
+
+    The copy is traced from birth (PTRACE_O_TRACEFORK) and stops by itself;
+    `become_shadow` waits for that stop, after the target runs again.
 
     Atomic for SIGINT and SIGTERM (about a millisecond): an exception between
     the clone and the adoption of its child would leave a copy of the target
     running the target's own code once we are gone. The copy is traced with
     PTRACE_O_EXITKILL: if we die before it execs, it dies too.
     """
-    copy: TracedThread | None = None
+    copy_pid = 0
     try:
         with signals_deferred():
-            copy = _fork_copy(tracee)
+            copy_pid = _fork_copy(tracee)
     except BaseException:
         # A signal held back above is raised as the block ends, with the
         # copy already made: end it, since no one will get its pid.
-        if copy is not None:
-            discard_copy(copy)
+        if copy_pid:
+            discard_copy(copy_pid)
         raise
-    return copy
+    return copy_pid
 
 
 def become_shadow(
-    copy: TracedThread, syscall_address: int, command: ShadowCommand, env: dict[str, str]
+    copy_pid: int, syscall_address: int, command: ShadowCommand, env: dict[str, str]
 ) -> int:
-    """Turn the stopped copy into the shadow (the target may run meanwhile); its pid."""
+    """Turn the copy into the shadow (the target may run meanwhile); its pid."""
     try:
         with signals_deferred():
+            copy = _adopt_new_child(copy_pid)
             _become_shadow(copy, syscall_address, command, env)
     except BaseException:
-        _kill_quietly(copy.tid)
+        _kill_quietly(copy_pid)
         raise
-    return copy.tid
+    return copy_pid
 
 
-def discard_copy(copy: TracedThread) -> None:
+def discard_copy(copy_pid: int) -> None:
     """End a copy that will not become the shadow."""
-    _kill_quietly(copy.tid)
+    _kill_quietly(copy_pid)
 
 
-def _fork_copy(tracee: Tracee) -> TracedThread:
+def _fork_copy(tracee: Tracee) -> int:
     intermediate = _spawn_child(tracee, clone_flags=0)
     try:
         pt.set_options(intermediate.tid, CHILD_OPTIONS)
-        copy = _spawn_child_of(intermediate, tracee.syscall_address, signal.SIGCHLD)
+        copy_pid = _clone_inside(intermediate, tracee.syscall_address, signal.SIGCHLD)
     except BaseException:
         _discard_intermediate(tracee, intermediate)
         raise
     try:
         _finish_intermediate(tracee, intermediate)
     except BaseException:
-        _kill_quietly(copy.tid)
+        _kill_quietly(copy_pid)
         raise
-    return copy
+    return copy_pid
 
 
 def _spawn_child(tracee: Tracee, clone_flags: int) -> TracedThread:
@@ -129,11 +133,12 @@ def _spawn_child(tracee: Tracee, clone_flags: int) -> TracedThread:
     return _adopt_new_child(child_pid)
 
 
-def _spawn_child_of(parent: TracedThread, syscall_address: int, exit_signal: int) -> TracedThread:
+def _clone_inside(parent: TracedThread, syscall_address: int, exit_signal: int) -> int:
+    """clone() in `parent`: the child's pid (traced from birth: its first stop comes later)."""
     child_pid = inject_syscall(parent, syscall_address, "clone", exit_signal, 0, 0, 0, 0)
     if child_pid < 0:
         raise ShadowError(f"clone inside the intermediate failed: {os.strerror(-child_pid)}")
-    return _adopt_new_child(child_pid)
+    return child_pid
 
 
 def _adopt_new_child(child_pid: int) -> TracedThread:
