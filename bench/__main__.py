@@ -10,7 +10,8 @@ the same run, on the same bytes, at the same place:
 - restore of that image, vs process_vm_writev of SIZE bytes into a fresh
   process's memory;
 - the figures of a live move (bench/moves.py): relay throughput and added
-  round trip through the shadow, freeze times.
+  round trip through the shadow, freeze times;
+- the pause of `hijack attach` + `detach` of a busy process (bench/pauses.py).
 
 `python -m bench` measures 1 GiB; `--quick` measures 64 MiB (CI runs it so the
 scripts cannot rot; it asserts nothing). Results go to stdout and to
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.moves import measure_moves
+from bench.pauses import measure_pauses
 from hijack.mutator.dump import MAP_PRIVATE_ANONYMOUS, PROT_READ_WRITE, dump, dump_to_file
 from hijack.mutator.tracee import Tracee
 from hijack.restore.restorer import restore
@@ -229,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hijack-bench-", dir="/tmp") as directory:
         figures = measure(size, Path(directory))
         move_lines = measure_moves(Path(directory), stream_size=size // 4, big=size)
+        move_lines += measure_pauses(Path(directory), cycles=20 if args.quick else 200)
     header = (
         f"hijack bench, {size // MIB} MiB, {time.strftime('%Y-%m-%d %H:%M')},"
         f" {os.uname().sysname} {os.uname().release}, {os.cpu_count()} CPUs"
