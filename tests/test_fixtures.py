@@ -172,6 +172,14 @@ def test_threads_keep_their_invariants() -> None:
     assert int(threads.stdout.split("total=")[1].split()[0]) >= 4
 
 
+def test_sleepers_each_time_out_after_their_time() -> None:
+    with spawn_fixture("sleepers", "300") as sleepers:
+        assert sleepers.ready == {"threads": "8"}
+        assert len(os.listdir(f"/proc/{sleepers.pid}/task")) == 8
+        sleepers.assert_intact()  # every call timed out, none early, none with EINTR
+    assert "PASS sleepers" in sleepers.stdout
+
+
 def test_mapped_holds_its_mappings_files_and_pipe(tmp_path: Path) -> None:
     with spawn_fixture("mapped", tmp_path) as mapped:
         maps = Path(f"/proc/{mapped.pid}/maps").read_text().splitlines()
