@@ -195,8 +195,14 @@ class Stream:
         return self.splices
 
     def outward_pipe(self) -> SplicePipe | None:
-        """The pipe for original -> relay, or None while bytes must be seen (replay)."""
-        if self.replay is not None or not self.splicing():
+        """The pipe for original -> relay, or None while bytes must be seen (replay).
+
+        An accepted client's bytes are kept for a replay up to REPLAY_LIMIT;
+        past it they are not kept anyway, and splice. Bytes already in the
+        pipe keep the next ones there too: the head goes out first.
+        """
+        recording = self.replay is not None and len(self.replay) < REPLAY_LIMIT
+        if not self.splicing() or (recording and not (self.out_pipe and self.out_pipe.held)):
             return None
         if self.out_pipe is None:
             self.out_pipe = SplicePipe()
