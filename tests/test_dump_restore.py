@@ -29,6 +29,7 @@ import select
 import shlex
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -58,6 +59,7 @@ from hijack.errors import HijackError
 from hijack.image.codec import SectionKind, recode
 from hijack.image.identity import read_build_id
 from hijack.restore.restorer import restore
+from hijack.sys import procfs
 
 PYTHON = "/usr/bin/python3"  # an unmodified, dynamically linked distribution binary
 SLEEP = "/usr/bin/sleep"  # copied under unique names, so its processes can be told apart
@@ -936,28 +938,50 @@ def dump_http_server(hijack: HijackCli, directory: Path) -> tuple[Path, int, byt
     return image, port, page
 
 
-def test_restore_refuses_the_listening_socket_of_python_http_server(
-    hijack: HijackCli, tmp_path: Path
-) -> None:
-    image, port, _ = dump_http_server(hijack, tmp_path)
-    [listening] = [fd for fd in image_json(hijack, image)["descriptors"] if fd["kind"] == "SOCKET"]
-    assert listening["socket"]["local_address"] == f"127.0.0.1:{port}", listening
-    # comm python3 is not unique on this machine: only pytest's descendants tell.
-    with NothingStarted(None):
-        assert_refused(
-            hijack("restore", image), f"fd {listening['fd']} (socket {listening['path']})"
-        )
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="sockets are restored by `hijack move` (proxied through the shadow); locally,"
-    " only an attached process's shadow keeps them for a restore",
-)
 def test_python_http_server_serves_pages_after_restore(hijack: HijackCli, tmp_path: Path) -> None:
     image, port, page = dump_http_server(hijack, tmp_path)
-    with Child(restored_pid(hijack.ok("restore", image))):
+    [listening] = [fd for fd in image_json(hijack, image)["descriptors"] if fd["kind"] == "SOCKET"]
+    assert listening["socket"]["local_address"] == f"127.0.0.1:{port}", listening
+    # Nothing kept it: the restore listens on the same address again.
+    with Child(restored_pid(hijack.ok("restore", image))) as restored:
         assert fetch(port, "page.html") == page
+        assert fetch(port, "page.html") == page
+        entry = next(e for e in procfs.list_fds(restored.pid) if e.fd == listening["fd"])
+        assert entry.kind is procfs.FdKind.SOCKET
+
+
+def test_a_second_copy_cannot_listen_where_its_original_still_does(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "http-server.crf"
+    with http_server(tmp_path) as (server, port, page):
+        hijack.ok("dump", server.pid, "-o", image)
+        with NothingStarted(None):
+            assert_refused(
+                hijack("restore", image), f"cannot listen again on 127.0.0.1:{port}", "in use"
+            )
+        assert fetch(port, "page.html") == page
+
+
+def test_restore_refuses_an_established_connection_by_name(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "echo.crf"
+    with spawn_fixture("echo_server") as server:
+        port = int(server.ready["port"])
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"ping")
+            assert client.recv(4) == b"ping"
+            hijack.ok("dump", server.pid, "-o", image, "--kill")
+            assert server.wait_exit() == -signal.SIGKILL
+    sockets = [fd for fd in image_json(hijack, image)["descriptors"] if fd["kind"] == "SOCKET"]
+    [connection] = [fd for fd in sockets if fd["socket"]["remote_address"] != "0.0.0.0:0"]
+    with NothingStarted(None):
+        assert_refused(
+            hijack("restore", image),
+            f"fd {connection['fd']} (socket {connection['path']})",
+            "--skip-unsupported",
+        )
 
 
 def test_attached_python_http_server_serves_pages_after_dump_kill_and_restore(

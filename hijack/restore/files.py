@@ -2,14 +2,20 @@
 
 Regular files, directories, named FIFOs, terminals and character devices are
 reopened from their paths; epoll instances (with their interest lists) and
-eventfds are made anew. Anonymous pipes and sockets exist only in the kernel
-of the dumped process: a restore gets them from the process's shadow (which
-keeps them across `dump --kill`) or as relays to it (a move); otherwise it
-refuses them by name before the stub is built.
+eventfds are made anew, and so is a TCP socket that was listening (bound to
+its address again: clients that were waiting in its accept queue are lost).
+Anonymous pipes and other sockets exist only in the kernel of the dumped
+process: a restore gets them from the process's shadow (which keeps them
+across `dump --kill`, the waiting clients too) or as relays to it (a move);
+otherwise it refuses them by name before the stub is built.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
+import os
+import socket
 import struct
 from dataclasses import dataclass
 
@@ -29,6 +35,10 @@ REOPENABLE = {
 # Made anew from what the image says of them.
 RECREATED = {rec.FdKind.EPOLL, rec.FdKind.EVENTFD}
 EPOLL_CTL_ADD = 1
+TCP_LISTEN = 10  # the kernel's TCP state number
+LISTEN_BACKLOG = socket.SOMAXCONN  # the kernel caps it at net.core.somaxconn
+SOCKADDR_IN = struct.Struct("<H2s4s8x")  # family, port (network order), address
+SOCKADDR_IN6 = struct.Struct("<H2sI16sI")  # family, port, flow info, address, scope id
 EPOLL_EVENT = struct.Struct("<IQ")  # struct epoll_event is packed on x86_64
 O_ACCMODE = 0o3
 O_RDONLY, O_WRONLY = 0, 1
@@ -82,7 +92,11 @@ def plan_files(
         held = holdings and holdings.identity.get(descriptor.fd) == (descriptor.dev, descriptor.ino)
         if descriptor.fd in provided or held:
             inherited.append(descriptor)
-        elif descriptor.kind in REOPENABLE or descriptor.kind in RECREATED:
+        elif (
+            descriptor.kind in REOPENABLE
+            or descriptor.kind in RECREATED
+            or is_tcp_listener(descriptor)
+        ):
             reopenable.append(descriptor)
         else:
             unsupported.append(descriptor)
@@ -94,6 +108,27 @@ def plan_files(
             " and its shadow keeps them)"
         )
     return FilePlan(tuple(inherited), tuple(reopenable), tuple(unsupported))
+
+
+def is_tcp_listener(descriptor: rec.FileDescriptor) -> bool:
+    info = descriptor.socket
+    return (
+        descriptor.kind is rec.FdKind.SOCKET
+        and info is not None
+        and info.family in (socket.AF_INET, socket.AF_INET6)
+        and info.type == socket.SOCK_STREAM
+        and info.state == TCP_LISTEN
+    )
+
+
+def sockaddr(family: int, address: str) -> bytes:
+    """struct sockaddr_in / sockaddr_in6 of "1.2.3.4:80" or "[::1]:80"."""
+    host, _, port = address.rpartition(":")
+    packed_port = struct.pack("!H", int(port))
+    ip = ipaddress.ip_address(host.strip("[]"))
+    if family == socket.AF_INET:
+        return SOCKADDR_IN.pack(family, packed_port, ip.packed)
+    return SOCKADDR_IN6.pack(family, packed_port, 0, ip.packed, 0)
 
 
 def close_foreign_descriptors(stub: Stub, keep: set[int]) -> None:
@@ -111,6 +146,9 @@ def reopen(stub: Stub, descriptor: rec.FileDescriptor) -> None:
         nonblocking = descriptor.flags & O_NONBLOCK  # EFD_NONBLOCK is O_NONBLOCK
         counter = stub.call("eventfd2", descriptor.eventfd_count, nonblocking)
         _place(stub, counter, descriptor)
+        return
+    if is_tcp_listener(descriptor):
+        _listen_again(stub, descriptor)
         return
     flags = descriptor.flags & ~OPEN_TIME_ONLY
     if descriptor.kind in (rec.FdKind.TTY, rec.FdKind.CHARDEV):
@@ -137,6 +175,28 @@ def reopen(stub: Stub, descriptor: rec.FileDescriptor) -> None:
         stub.call("fcntl", descriptor.fd, F_SETFL, flags)
     if descriptor.kind is rec.FdKind.REGULAR:
         stub.call("lseek", descriptor.fd, descriptor.pos, SEEK_SET)
+
+
+def _listen_again(stub: Stub, descriptor: rec.FileDescriptor) -> None:
+    """A listening TCP socket, bound to the image's address again, with its status flags."""
+    info = descriptor.socket
+    assert info is not None
+    made = stub.call("socket", info.family, info.type, info.protocol)
+    _place(stub, made, descriptor)
+    stub.reset_scratch()
+    # The old socket's accepted connections may linger in TIME_WAIT.
+    one = stub.put(struct.pack("<i", 1))
+    stub.call("setsockopt", descriptor.fd, socket.SOL_SOCKET, socket.SO_REUSEADDR, one, 4)
+    address = sockaddr(info.family, info.local_address)
+    bound = stub.try_call("bind", descriptor.fd, stub.put(address), len(address))
+    if bound < 0:
+        hint = " (does the original still run?)" if -bound == errno.EADDRINUSE else ""
+        raise RestoreError(
+            f"cannot listen again on {info.local_address} for {describe(descriptor)}: "
+            f"{os.strerror(-bound)}{hint}"
+        )
+    stub.call("listen", descriptor.fd, LISTEN_BACKLOG)
+    stub.call("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
 
 
 def _place(stub: Stub, opened: int, descriptor: rec.FileDescriptor) -> None:
