@@ -7,6 +7,7 @@ it; WAL mode lets a node daemon and the CLI use it at once.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import sqlite3
@@ -28,7 +29,7 @@ CREATE TABLE IF NOT EXISTS processes (
     program        TEXT    NOT NULL,
     home_node      TEXT    NOT NULL,
     current_node   TEXT    NOT NULL,
-    state          TEXT    NOT NULL,  -- attached, moving, moved, restored, gone
+    state          TEXT    NOT NULL,  -- attached, moving, moved, restored, held, gone
     shadow_pid     INTEGER,
     shadow_control TEXT,              -- the shadow's control socket path (home node only)
     attached_at    REAL    NOT NULL,
@@ -43,13 +44,20 @@ CREATE TABLE IF NOT EXISTS moves (
     program      TEXT    NOT NULL,
     source       TEXT    NOT NULL,
     destination  TEXT    NOT NULL,
-    phase        TEXT    NOT NULL,    -- connecting, streaming, restoring, switching, done, failed
+    phase        TEXT    NOT NULL,    -- connecting .. switching, in-doubt, done, failed
     started_at   REAL    NOT NULL,
     finished_at  REAL,
     bytes_sent   INTEGER NOT NULL DEFAULT 0,
     freeze_ms    REAL,
     new_pid      INTEGER,
     error        TEXT
+);
+CREATE TABLE IF NOT EXISTS arrivals (
+    move        TEXT    PRIMARY KEY,  -- a move this node received
+    pid         INTEGER NOT NULL,     -- the process it restored
+    outcome     TEXT    NOT NULL,     -- prepared, running, aborted: decided once (protocol.md)
+    listeners   TEXT    NOT NULL,     -- JSON: stream id -> "ip:port" of its listener here
+    updated_at  REAL    NOT NULL
 );
 CREATE TABLE IF NOT EXISTS nodes (
     name       TEXT PRIMARY KEY,
@@ -279,6 +287,36 @@ class Registry:
     def moves(self, limit: int = 50) -> list[MoveRecord]:
         rows = self._db.execute(
             "SELECT * FROM moves ORDER BY started_at DESC LIMIT ?", (limit,)
+        ).fetchall()
+        return [MoveRecord(*row) for row in rows]
+
+    # -- moves received (the destination's side) -------------------------------------
+
+    def record_arrival(
+        self, move_id: str, pid: int, outcome: str, listeners: dict[str, str]
+    ) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO arrivals VALUES (?,?,?,?,?)",
+                (move_id, pid, outcome, json.dumps(listeners), time.time()),
+            )
+
+    def arrival(self, move_id: str) -> tuple[int, str, dict[str, str]] | None:
+        """(pid, outcome, listeners) of a move this node received, if it has a record."""
+        row = self._db.execute(
+            "SELECT pid, outcome, listeners FROM arrivals WHERE move=?", (move_id,)
+        ).fetchone()
+        if row is None:
+            return None
+        return int(row[0]), str(row[1]), dict(json.loads(row[2]))
+
+    def node_address(self, name: str) -> str | None:
+        row = self._db.execute("SELECT address FROM nodes WHERE name=?", (name,)).fetchone()
+        return str(row[0]) if row else None
+
+    def unfinished_moves(self) -> list[MoveRecord]:
+        rows = self._db.execute(
+            "SELECT * FROM moves WHERE phase NOT IN ('done', 'failed') ORDER BY started_at"
         ).fetchall()
         return [MoveRecord(*row) for row in rows]
 

@@ -21,6 +21,7 @@ from hijack.image.summary import summarize
 from hijack.mutator import attach as attaching
 from hijack.mutator import dump as dumping
 from hijack.mutator.handover import hand_descriptors_to_shadow
+from hijack.mutator.tracee import signals_deferred
 from hijack.node import daemon as node_daemon
 from hijack.node import move as moving
 from hijack.node.channel import cluster_key_path, create_cluster_key, load_cluster_key
@@ -102,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     move.add_argument("pid", type=parse_pid, metavar="PID")
     move.add_argument("--to", required=True, metavar="HOST[:PORT]", help="the destination daemon")
     move.set_defaults(handler=command_move)
+
+    recover = commands.add_parser(
+        "recover", help="settle what interrupted moves left here (a process held in doubt)"
+    )
+    recover.set_defaults(handler=command_recover)
 
     node = commands.add_parser("node", help="the node daemon")
     node_commands = node.add_subparsers(dest="node_command", required=True, metavar="COMMAND")
@@ -203,9 +209,25 @@ def command_show(args: argparse.Namespace, console: Console) -> int:
 
 
 def command_move(args: argparse.Namespace, console: Console) -> int:
-    with Registry() as registry, render.move_progress(console, args.pid, args.to) as progress:
+    with Registry() as registry, contextlib.ExitStack() as stack:
+        # The progress bar's thread must never take SIGINT or SIGTERM: blocked
+        # in this thread, they then wait wherever a move holds them back.
+        with signals_deferred():
+            progress = stack.enter_context(render.move_progress(console, args.pid, args.to))
         result = moving.move(args.pid, args.to, registry, progress=progress)
     render.move_result(console, result)
+    return EXIT_OK
+
+
+def command_recover(args: argparse.Namespace, console: Console) -> int:
+    with Registry() as registry:
+        settled, in_doubt = moving.recover(registry)
+    for line in settled + in_doubt:
+        console.print(line, highlight=False)
+    if in_doubt:
+        raise HijackError(f"{len(in_doubt)} move(s) still in doubt; run `hijack recover` again")
+    if not settled:
+        console.print("nothing to recover")
     return EXIT_OK
 
 

@@ -20,6 +20,7 @@ from hijack.mutator.tracee import Tracee
 from hijack.registry import ProcessRecord, Registry
 from hijack.shadow import control
 from hijack.sys import pidfd, procfs
+from hijack.testpoint import reached
 
 SHADOW_START_TIMEOUT = 15.0  # a cold Python start on a loaded machine
 SHADOW_STOP_TIMEOUT = 5.0
@@ -46,19 +47,23 @@ def attach(pid: int, registry: Registry) -> AttachResult:
     start_time = procfs.read_stat(pid).starttime
     shadow_dir = registry.directory / "shadows" / str(pid)
     interpreter = shadow_interpreter(status.uid[1])
-    _make_shadow_dir(shadow_dir, status.uid[1], status.gid[1])
     control_path = str(shadow_dir / "control.sock")
+    end_stale_shadows(control_path)
+    _make_shadow_dir(shadow_dir, status.uid[1], status.gid[1])
     log_path = str(shadow_dir / "shadow.log")
 
     def command(inherited_fds: list[int]) -> list[str]:
         return shadow_command(interpreter, pid, inherited_fds, control_path, log_path)
 
     copy = 0  # the pid of the target's copy, forked, not yet the shadow
+    shadow_pid = 0
     try:
         # The target is stopped only while its copy is forked; the copy becomes
         # the shadow (setsid, descriptor flags, execve) while the target runs.
         with Tracee.seize(pid) as tracee:
+            reached("attach-seized")
             copy = fork_shadow_copy(tracee)
+            reached("attach-forked")
         forked, copy = copy, 0  # become_shadow ends it itself if it fails
         shadow_pid = become_shadow(
             forked, tracee.syscall_address, command, shadow_environment(registry.directory)
@@ -67,17 +72,21 @@ def attach(pid: int, registry: Registry) -> AttachResult:
         if copy:  # the target's release failed after the fork
             discard_copy(copy)
         # Refused or failed before any shadow ran: leave no empty directory behind.
-        # (A shadow that dies later keeps it: its shadow.log says why.)
+        # (A shadow that dies later keeps it: its shadow.log says why.) A shadow
+        # forked just before a signal came is ended: no one would know of it.
+        if shadow_pid:
+            _kill(shadow_pid)
         shutil.rmtree(shadow_dir, ignore_errors=True)
         raise
     pause_ms = tracee.pause_ms
 
     try:
         hello = wait_for_shadow(shadow_pid, control_path)
+        reached("attach-shadow-ready")
+        record = registry.record_attached(pid, start_time, status.name, shadow_pid, control_path)
     except BaseException:
         _kill(shadow_pid)
         raise
-    record = registry.record_attached(pid, start_time, status.name, shadow_pid, control_path)
     return AttachResult(record, pause_ms, list(hello.get("fds", [])))
 
 
@@ -95,6 +104,26 @@ def detach(pid: int, registry: Registry) -> ProcessRecord:
         shutil.rmtree(Path(record.shadow_control).parent, ignore_errors=True)
     registry.forget(pid, "detached")
     return record
+
+
+def end_stale_shadows(control_path: str) -> list[int]:
+    """End the shadows an attach killed mid-way (SIGKILL) left with no record; return them.
+
+    Such a shadow follows its target like any other, but nothing knows of it,
+    and a new one would take its control socket: it is found by that socket's
+    path on its command line.
+    """
+    ended = []
+    for candidate in procfs.list_pids():
+        try:
+            argv = procfs.read_cmdline(candidate)
+        except HijackError:
+            continue
+        if "hijack.shadow" in argv and control_path in argv and candidate != os.getpid():
+            with contextlib.suppress(HijackError, ProcessLookupError):
+                stop_shadow(candidate, None)
+                ended.append(candidate)
+    return ended
 
 
 def shadow_interpreter(uid: int) -> str:

@@ -30,6 +30,7 @@ from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, recorded_re
 from hijack.sys import memory, procfs
 from hijack.sys import ptrace as pt
 from hijack.sys.process import get_robust_list
+from hijack.testpoint import reached
 
 PAGE_SIZE = 4096
 READ_CHUNK = 8 * 1024 * 1024  # bytes per process_vm_readv; one Pages record at most
@@ -79,14 +80,17 @@ def dump(
     """
     stopped_at = time.perf_counter()
     with Tracee.seize(pid) as tracee:
+        reached("dump-seized")
         end, threads, written = write_image(
             tracee, out, no_binary=no_binary, no_shared_libs=no_shared_libs
         )
+        reached("dump-written")
         if on_complete is not None:
             on_complete()
         if kill:
             if before_kill is not None:
                 before_kill()
+            reached("dump-handed-over")
             kill_stopped(tracee)
     frozen_ms = (time.perf_counter() - stopped_at) * 1000
     return DumpResult(pid, threads, written, end.pages_stored, frozen_ms)

@@ -9,6 +9,12 @@ restores with those as the process's descriptors, holds it stopped and
 answers `prepared`; only on `commit` does the process run (`running`).
 Anything else — the mover gone, a broken stream, `abort` — kills the stub:
 nothing half-built ever runs.
+
+Each move's outcome here (`running` or `aborted`) is decided once, under a
+lock, and written to the registry before it is acted on or told: a mover
+that lost the answer to its `commit` asks again on a new connection
+(`outcome`), and that question itself settles a move still waiting for its
+commit as `aborted` (docs/protocol.md, "Settling a move").
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from hijack.restore.restorer import restore
 from hijack.shadow import control
 from hijack.shadow.datagram import widen_receive_buffer
 from hijack.shadow.relay import endpoint
+from hijack.testpoint import reached
 
 DEFAULT_PORT = 7450
 HANDSHAKE_TIMEOUT = 10.0  # seconds a connecting peer has to prove it holds the key
@@ -69,6 +76,10 @@ class NodeDaemon:
             ) from None
         self.listener.listen(64)
         self.running = True
+        # Settling: one decision per move. The sockets of moves held for their
+        # commit, so that an `outcome` question that aborts one wakes its thread.
+        self.decisions = threading.Lock()
+        self.waiting: dict[str, socket.socket] = {}
 
     def serve(self) -> None:
         host, port = self.listener.getsockname()[:2]
@@ -105,6 +116,8 @@ class NodeDaemon:
                 channel.send({"node": self.name, "pong": True})
             elif op == "move":
                 self._receive_move(channel, request, where)
+            elif op == "outcome":
+                channel.send(self._outcome_of(str(request.get("move"))))
             else:
                 log(f"refused a request from {channel.peer} ({where}): unknown op {op!r:.40}")
                 channel.send({"error": f"unknown op {op!r:.40}"})
@@ -127,6 +140,7 @@ class NodeDaemon:
         listeners: dict[str, str] = {}
         datagrams: dict[str, str] = {}  # stream -> the process's UDP socket, "ip:port"
         image = DataReader(channel)
+        committed: list[int] = []  # the pid, once the move is decided `running`
         try:
 
             def admit(
@@ -168,6 +182,9 @@ class NodeDaemon:
                         str(home["relay"]),
                         str(home["token"]),
                     )
+                    registry.record_arrival(move, pid, "prepared", listeners)
+                with self.decisions:
+                    self.waiting[move] = channel.sock
                 try:
                     channel.send(
                         {
@@ -180,10 +197,17 @@ class NodeDaemon:
                     decision = channel.receive()
                     if decision.get("op") != "commit":
                         raise HijackError(f"move {move} aborted by the mover")
+                    if self._decide(move, pid, "running") != "running":
+                        raise HijackError(f"move {move} was settled as aborted before its commit")
+                    committed.append(pid)
                 except BaseException:
+                    self._decide(move, pid, "aborted")
                     with contextlib.suppress(HijackError), Registry() as registry:
                         registry.forget(pid, f"move {move} did not complete")
                     raise
+                finally:
+                    with self.decisions:
+                        self.waiting.pop(move, None)
 
             result = restore(
                 cast(BinaryIO, image),
@@ -193,6 +217,10 @@ class NodeDaemon:
             )
         except HijackError as exc:
             log(f"move {move} failed: {exc}")
+            if committed:
+                # Decided `running`, yet it never started (the restorer killed
+                # it): the record must not tell a mover to end its original.
+                self._decide(move, committed[0], "aborted", force=True)
             with contextlib.suppress(ChannelError):
                 channel.send({"error": str(exc)})
                 # The mover reads our answer once it has sent the whole image:
@@ -204,7 +232,52 @@ class NodeDaemon:
                 sock.close()  # the process has its own copies
         threading.Thread(target=_reap, args=(result.pid,), daemon=True).start()
         log(f"move {move}: {result.program} runs here as {result.pid}")
+        reached("daemon-committed")
         channel.send({"phase": "running", "pid": result.pid})
+
+    def _decide(self, move: str, pid: int, outcome: str, *, force: bool = False) -> str:
+        """Settle `move` as `outcome` unless it is settled already; return its outcome.
+
+        Written to the registry before anyone acts on it. If the registry
+        cannot be written, `running` is not decided (the process never
+        starts); `aborted` is still the outcome in force.
+        """
+        with self.decisions, Registry() as registry:
+            found = registry.arrival(move)
+            if found is not None and found[1] != "prepared" and not force:
+                return found[1]
+            listeners = found[2] if found is not None else {}
+            try:
+                registry.record_arrival(move, pid, outcome, listeners)
+            except HijackError:
+                if outcome == "running":
+                    raise
+                log(f"move {move}: could not record it {outcome}")
+            return outcome
+
+    def _outcome_of(self, move: str) -> dict[str, Any]:
+        """What became of `move` here, settling it as `aborted` if still undecided.
+
+        Asked by a mover that sent `commit` and lost the answer: if the commit
+        has not arrived, it never will be acted on now, and the process held
+        for it is killed (its thread is woken by shutting its connection).
+        """
+        with self.decisions, Registry() as registry:
+            found = registry.arrival(move)
+            if found is None:
+                return {"move": move, "outcome": "unknown"}
+            pid, outcome, listeners = found
+            if outcome == "prepared":
+                # Held for a commit that has not come (or a daemon restarted
+                # since, whose held stub died with it): it never runs now.
+                outcome = "aborted"
+                registry.record_arrival(move, pid, outcome, listeners)
+                waiting = self.waiting.pop(move, None)
+                if waiting is not None:
+                    with contextlib.suppress(OSError):
+                        waiting.shutdown(socket.SHUT_RDWR)
+                log(f"move {move}: settled as aborted, asked before its commit arrived")
+        return {"move": move, "outcome": outcome, "pid": pid, "listeners": listeners}
 
 
 def datagram_socket(proxy: Proxy, here: str) -> socket.socket:

@@ -26,12 +26,14 @@ import dataclasses
 import fcntl
 import os
 import secrets
+import signal
 import socket
 import struct
 import termios
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from hijack.errors import HijackError, Unsupported
@@ -39,13 +41,14 @@ from hijack.mutator import attach as attaching
 from hijack.mutator.dump import kill_stopped, write_image
 from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.tracee import Tracee
-from hijack.node.channel import Channel, DataWriter, load_cluster_key
+from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
-from hijack.registry import ProcessRecord, Registry, node_name
+from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
 from hijack.shadow import control
 from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
 from hijack.shadow.datagram import parse_address as parse_datagram_address
 from hijack.sys import pidfd, procfs
+from hijack.testpoint import reached
 
 # Reopened by path on the destination (nodes share a file system), or made
 # anew there from the image (epoll with its interest list, eventfd).
@@ -97,21 +100,60 @@ class HomeShadow:
         return control.remote_request(address, bytes.fromhex(self.token), message, timeout=15.0)
 
 
+SETTLE_TIMEOUT = 30.0  # seconds a mover keeps asking what became of a commit whose answer it lost
+SETTLE_RETRY = 0.5  # seconds between two tries to reach the destination again
+
+
+class MoveInDoubt(HijackError):
+    """A commit whose outcome is unknown: the original is held stopped, never resumed blindly."""
+
+
 def move(
     pid: int,
     destination: str,
     registry: Registry,
     progress: Callable[[str, int], None] | None = None,
 ) -> MoveResult:
-    """Move `pid` to the node daemon at `destination`; see the module docstring."""
+    """Move `pid` to the node daemon at `destination`; see the module docstring.
+
+    A move that fails leaves the process as it found it: attached only if it
+    was attached before. One whose outcome is unknown raises MoveInDoubt.
+    """
     report = progress or (lambda phase, sent: None)
     address = parse_address(destination)
     key = load_cluster_key()
     record = registry.find(pid)
-    if record is None or record.state not in ("attached", "running"):
+    if record is not None and record.state == "held":
+        raise HijackError(
+            f"process {pid} is held stopped: an earlier move of it has no known outcome;"
+            " run `hijack recover` once its destination answers",
+            pid=pid,
+        )
+    attached_by_move = record is None or record.state not in ("attached", "running")
+    if attached_by_move:
         plan_proxies(pid, None, at_home=True)  # refused before the attach: nothing changes
         attaching.attach(pid, registry)
-        record = registry.get(pid)
+    try:
+        reached("move-attached")
+        return _move_attached(pid, address, key, registry, registry.get(pid), report)
+    except MoveInDoubt:
+        raise  # the process is held as it is, for `hijack recover`
+    except BaseException:
+        if attached_by_move:
+            # As before the command: not attached. (Its shadow was told `aborted`.)
+            with contextlib.suppress(HijackError):
+                attaching.detach(pid, registry)
+        raise
+
+
+def _move_attached(
+    pid: int,
+    address: tuple[str, int],
+    key: bytes,
+    registry: Registry,
+    record: ProcessRecord,
+    report: Callable[[str, int], None],
+) -> MoveResult:
     at_home = record.state == "attached"
     token = record.relay_token or secrets.token_hex(32)
     shadow = HomeShadow(record, token)
@@ -119,24 +161,22 @@ def move(
 
     report("connecting", 0)
     channel = Channel.connect(address, key, node_name())
+    move_id = secrets.token_hex(8)
+    lock = MoverLock(registry.directory, move_id)
     try:
+        reached("move-connected")
         if at_home:
             port = int(shadow.request({"op": "relay_listen", "token": token})["port"])
             relay_address = f"{channel.sock.getsockname()[0]}:{port}"
             registry.set_relay(pid, relay_address, token)
         else:
             relay_address = record.relay_address or ""
-        move_id = secrets.token_hex(8)
         registry.record_node(channel.peer, f"{address[0]}:{address[1]}")
         registry.start_move(move_id, pid, record.program, channel.peer)
         report = _Published(registry, move_id, report)
 
         def mark_moved() -> None:
-            # Before the original dies: whoever collects it must know it moved on.
-            if at_home:
-                registry.set_state(pid, "moved", current_node=channel.peer)
-            else:
-                registry.forget(pid, f"moved to {channel.peer}")
+            _mark_moved(registry, pid, at_home, channel.peer)
 
         try:
             result = _move_frozen(
@@ -151,12 +191,19 @@ def move(
                 relay_address,
                 report,
                 mark_moved,
+                (address, key),
             )
+        except MoveInDoubt as exc:
+            registry.update_move(move_id, phase="in-doubt", error=str(exc))
+            registry.set_state(pid, "held")
+            lock.keep()  # `hijack recover` settles it
+            raise
         except BaseException as exc:
             registry.update_move(move_id, phase="failed", finished_at=time.time(), error=str(exc))
             raise
     finally:
         channel.close()
+        lock.release()
     registry.update_move(
         move_id,
         phase="done",
@@ -166,6 +213,14 @@ def move(
         new_pid=result.new_pid,
     )
     return result
+
+
+def _mark_moved(registry: Registry, pid: int, at_home: bool, location: str) -> None:
+    # Before the original dies: whoever collects it must know it moved on.
+    if at_home:
+        registry.set_state(pid, "moved", current_node=location)
+    else:
+        registry.forget(pid, f"moved to {location}")
 
 
 def _move_frozen(
@@ -180,11 +235,12 @@ def _move_frozen(
     relay_address: str,
     report: Callable[[str, int], None],
     mark_moved: Callable[[], None],
+    destination: tuple[tuple[str, int], bytes],
 ) -> MoveResult:
-    committed = False
     with Tracee.seize(pid) as tracee:
         frozen_at = time.perf_counter()
         try:
+            reached("move-frozen")
             if at_home:
                 hand_descriptors_to_shadow(pid, record.shadow_control or "")
                 proxy = [
@@ -219,43 +275,202 @@ def _move_frozen(
             writer.close()
             report("restoring", writer.sent)
             prepared = channel.expect("phase")
+            reached("move-prepared")
             report("switching", writer.sent)
-            channel.send({"op": "commit"})
-            committed = True
-            running = channel.expect("phase")
         except BaseException:
-            if not committed:
-                _abort(channel, shadow, move_id)
+            _abort(channel, shadow, move_id)
             raise
-        # Committed: the frozen original will not run again, so what waits in
-        # its relay-made UDP sockets can be taken (the shadow sends it again).
-        unread_datagrams = {} if at_home else drain_datagrams(pid, plan)
-        shadow.request(
-            {
-                "op": "migrated",
-                "move": move_id,
-                "location": channel.peer,
-                "unread": {k: base64.b64encode(v).decode() for k, v in unread.items()},
-                "listeners": prepared.get("listeners", {}),
-                "present": present,
-                "datagrams": {
-                    p.stream: {
-                        "process": prepared.get("datagrams", {}).get(p.stream, ""),
-                        "connected_to": p.peer,
-                    }
-                    for p in plan
-                    if p.kind == "datagram"
-                },
-                "unread_datagrams": {
-                    stream: [[source, base64.b64encode(data).decode()] for source, data in queued]
-                    for stream, queued in unread_datagrams.items()
-                },
-            }
-        )
-        mark_moved()
-        kill_stopped(tracee)
-        freeze_ms = (time.perf_counter() - frozen_at) * 1000
-    return MoveResult(move_id, pid, int(running["pid"]), channel.peer, freeze_ms, writer.sent)
+        # From the commit on, the answer alone decides: SIGINT and SIGTERM wait
+        # until the switch is over, and a pending SIGSTOP keeps the original
+        # from ever running again on its own, should this command die (SIGKILL:
+        # the kernel lets a tracer's tracees go). docs/faults.md.
+        with signals_held():
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                outcome, answer, reason = _commit(channel, move_id, *destination)
+            except Exception as exc:  # a malformed answer: what happened there is not known
+                outcome, answer, reason = "unknown", {}, f"{type(exc).__name__}: {exc}"
+            if outcome == "aborted":
+                _abort(channel, shadow, move_id)
+                # SIGCONT takes the pending SIGSTOP back: it resumes untouched.
+                os.kill(pid, signal.SIGCONT)
+                raise HijackError(
+                    f"{channel.peer} did not run the process: {reason}; it runs on here as before",
+                    pid=pid,
+                )
+            if outcome == "unknown":
+                raise MoveInDoubt(
+                    f"move {move_id}: {reason}, and {channel.peer} could not be asked what"
+                    f" became of the commit within {settle_timeout():.0f} s. Process {pid} is"
+                    " held stopped here so that it never runs twice: run `hijack recover` once"
+                    f" {channel.peer} answers (it ends {pid} if the copy runs there, else"
+                    f" resumes it), or decide yourself: `kill -CONT {pid}` only if nothing of"
+                    f" it runs on {channel.peer}",
+                    pid=pid,
+                )
+            # The frozen original will not run again, so what waits in its
+            # relay-made UDP sockets can be taken (the shadow sends it again).
+            unread_datagrams = {} if at_home else drain_datagrams(pid, plan)
+            _switch_shadow(
+                shadow, move_id, channel.peer, plan, prepared, unread, unread_datagrams, present
+            )
+            mark_moved()
+            kill_stopped(tracee)
+            freeze_ms = (time.perf_counter() - frozen_at) * 1000
+    return MoveResult(move_id, pid, int(answer["pid"]), channel.peer, freeze_ms, writer.sent)
+
+
+def _switch_shadow(
+    shadow: HomeShadow,
+    move_id: str,
+    location: str,
+    plan: list[Proxy],
+    prepared: dict[str, Any],
+    unread: dict[str, bytes],
+    unread_datagrams: dict[str, list[tuple[str, bytes]]],
+    present: list[str],
+) -> None:
+    """`migrated` to the shadow: the process runs at `location` with what `prepared` said."""
+    shadow.request(
+        {
+            "op": "migrated",
+            "move": move_id,
+            "location": location,
+            "unread": {k: base64.b64encode(v).decode() for k, v in unread.items()},
+            "listeners": prepared.get("listeners", {}),
+            "present": present,
+            "datagrams": {
+                p.stream: {
+                    "process": prepared.get("datagrams", {}).get(p.stream, ""),
+                    "connected_to": p.peer,
+                }
+                for p in plan
+                if p.kind == "datagram"
+            },
+            "unread_datagrams": {
+                stream: [[source, base64.b64encode(data).decode()] for source, data in queued]
+                for stream, queued in unread_datagrams.items()
+            },
+        }
+    )
+
+
+def _commit(
+    channel: Channel, move_id: str, address: tuple[str, int], key: bytes
+) -> tuple[str, dict[str, Any], str]:
+    """Send `commit`: ("running", answer, ""), ("aborted", {}, why) or ("unknown", {}, why).
+
+    An answer lost (the connection broken, the daemon silent) is asked for
+    again on new connections until SETTLE_TIMEOUT; the daemon's answer to
+    that settles the move if its commit has not arrived.
+    """
+    try:
+        channel.send({"op": "commit"})
+        reached("move-committed")
+        return "running", channel.expect("phase"), ""
+    except ChannelError as exc:
+        lost = f"the answer to the commit was lost ({exc})"
+    except HijackError as exc:
+        return "aborted", {}, str(exc)  # the daemon's own answer: it killed what it built
+    answer = ask_outcome(address, key, move_id, settle_timeout())
+    if answer is None:
+        return "unknown", {}, lost
+    if answer["outcome"] == "running":
+        return "running", answer, ""
+    if answer["outcome"] == "aborted":
+        return "aborted", {}, f"{lost}; it settled the move as aborted"
+    return "unknown", {}, f"{lost}; it has no record of the move"
+
+
+def settle_timeout() -> float:
+    """SETTLE_TIMEOUT, or $HIJACK_SETTLE_TIMEOUT (tests shorten it)."""
+    try:
+        return float(os.environ.get("HIJACK_SETTLE_TIMEOUT") or SETTLE_TIMEOUT)
+    except ValueError:
+        return SETTLE_TIMEOUT
+
+
+def ask_outcome(
+    address: tuple[str, int], key: bytes, move_id: str, timeout: float
+) -> dict[str, Any] | None:
+    """The destination's `outcome` answer for `move_id`, retried until `timeout`.
+
+    None if the destination could not be reached in that time.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            channel = Channel.connect(address, key, node_name(), timeout=max(remaining, 0.1))
+            try:
+                channel.send({"op": "outcome", "move": move_id})
+                return channel.expect("outcome")
+            finally:
+                channel.close()
+        except HijackError:
+            if deadline - time.monotonic() <= SETTLE_RETRY:
+                return None
+            time.sleep(SETTLE_RETRY)  # a node being unreachable gives nothing to wait on
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM held back, then dropped: a switch, once begun, is finished.
+
+    The CLI starts its other threads (the progress bar's) with both blocked,
+    so blocking them here blocks them for the whole process.
+    """
+    wanted = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+    try:
+        yield
+    finally:
+        while signal.sigpending() & wanted:
+            signal.sigtimedwait(wanted, 0)
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+class MoverLock:
+    """A lock file held by the mover for the life of its move: `hijack recover` tells a move
+    whose mover is gone (killed) by taking it."""
+
+    def __init__(self, state_directory: Path, move_id: str) -> None:
+        self.path = lock_path(state_directory, move_id)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        self.kept = False
+
+    def keep(self) -> None:
+        """Leave the file (unlocked) for `hijack recover`."""
+        self.kept = True
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        if not self.kept:
+            self.path.unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = None
+
+
+def lock_path(state_directory: Path, move_id: str) -> Path:
+    return state_directory / "moves" / f"{move_id}.lock"
+
+
+def mover_gone(state_directory: Path, move_id: str) -> bool:
+    """Whether no command works on `move_id` any more (its lock is free or gone)."""
+    try:
+        fd = os.open(lock_path(state_directory, move_id), os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
 
 
 def _abort(channel: Channel, shadow: HomeShadow, move_id: str) -> None:
@@ -497,3 +712,78 @@ def peek_unread(pid: int, plan: list[Proxy]) -> dict[str, bytes]:
     finally:
         os.close(handle)
     return unread
+
+
+def recover(registry: Registry) -> tuple[list[str], list[str]]:
+    """Settle the moves of this node whose mover is gone (killed, or gave up in doubt).
+
+    Returns what was done and what is still in doubt, a line each.
+    """
+    settled: list[str] = []
+    in_doubt: list[str] = []
+    for row in registry.unfinished_moves():
+        if not mover_gone(registry.directory, row.id):
+            continue  # a move under way
+        lock = MoverLock(registry.directory, row.id)
+        try:
+            line, known = _recover_move(registry, row)
+            if not known:
+                lock.keep()
+        finally:
+            lock.release()
+        (settled if known else in_doubt).append(line)
+    return settled, in_doubt
+
+
+def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
+    """Settle one move whose mover is gone: (what was done, whether its outcome is known)."""
+    pid = row.pid
+    record = registry.find(pid)
+    if record is None:
+        registry.update_move(row.id, phase="failed", finished_at=time.time(), error="forgotten")
+        return f"move {row.id}: process {pid} is not known here any more", True
+    at_home = record.home_node == node_name()
+    shadow = HomeShadow(record, record.relay_token or "")
+    if row.phase in ("switching", "in-doubt"):
+        # The commit may have been sent: only the destination knows.
+        address = registry.node_address(row.destination)
+        answer = None
+        if address is not None:
+            answer = ask_outcome(
+                parse_address(address), load_cluster_key(), row.id, settle_timeout()
+            )
+        outcome = answer["outcome"] if answer else "unknown"
+        if outcome == "running":
+            assert answer is not None
+            plan, present = plan_proxies(pid, shadow, at_home)
+            unread = {} if at_home else peek_unread(pid, plan)
+            listeners = dict(answer.get("listeners", {}))
+            _switch_shadow(shadow, row.id, row.destination, unread, listeners, present)
+            _mark_moved(registry, pid, at_home, row.destination)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)  # held stopped since the commit
+            registry.update_move(
+                row.id, phase="done", finished_at=time.time(), new_pid=int(answer["pid"])
+            )
+            return (
+                f"move {row.id}: process {pid} runs on {row.destination} as {answer['pid']};"
+                " the original here was ended",
+                True,
+            )
+        if outcome != "aborted":
+            registry.update_move(row.id, phase="in-doubt")
+            registry.set_state(pid, "held")
+            return (
+                f"move {row.id}: {row.destination} cannot tell what became of the commit;"
+                f" process {pid} stays held stopped",
+                False,
+            )
+    # Never committed, or the destination settled it as aborted: the original goes on.
+    with contextlib.suppress(HijackError):
+        shadow.request({"op": "aborted", "move": row.id})
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)  # a pending or taken SIGSTOP of a switch, undone
+    registry.set_state(pid, "attached" if at_home else "running")
+    error = "its mover was interrupted; the process resumed here"
+    registry.update_move(row.id, phase="failed", finished_at=time.time(), error=error)
+    return f"move {row.id}: not completed; process {pid} runs on here", True

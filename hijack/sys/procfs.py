@@ -397,6 +397,11 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
+def list_pids() -> list[int]:
+    """Every process id in /proc now, ascending."""
+    return sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
+
+
 # ---------------------------------------------------------------- identity
 
 

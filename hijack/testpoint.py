@@ -1,0 +1,28 @@
+"""Test points: a command stops itself at a named stage, for fault-injection tests.
+
+With `HIJACK_STOP_AT=STAGE[,STAGE...]` in its environment, a hijack command
+(or a node daemon) that reaches one of those stages sends itself SIGSTOP. Its
+parent (the test) sees it stop with waitpid(WUNTRACED), sends the signal under
+test (SIGINT, SIGTERM, SIGKILL) or changes the world (a link down), and
+continues it with SIGCONT: the signal lands exactly at that stage, with no
+sleep deciding when. Without the variable a test point costs one lookup.
+
+The stages (docs/faults.md lists what each one holds at that instant):
+attach-seized, attach-forked, attach-shadow-ready; dump-seized, dump-written,
+dump-handed-over; move-attached, move-connected, move-frozen, move-streaming,
+move-prepared, move-committed; daemon-committed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+VARIABLE = "HIJACK_STOP_AT"
+
+
+def reached(stage: str) -> None:
+    """Stop here (SIGSTOP to ourselves) if the environment asks for `stage`."""
+    wanted = os.environ.get(VARIABLE)
+    if wanted and stage in wanted.split(","):
+        os.kill(os.getpid(), signal.SIGSTOP)
