@@ -28,6 +28,7 @@ from hijack.node.channel import cluster_key_path, create_cluster_key, load_clust
 from hijack.node.daemon import DEFAULT_PORT
 from hijack.registry import Registry
 from hijack.restore import restorer as restoring
+from hijack.shadow import control
 from hijack.status import model as status_model
 from hijack.status import view as status_view
 from hijack.status import watch as status_watch
@@ -170,9 +171,12 @@ def command_dump(args: argparse.Namespace, console: Console) -> int:
         attached = registry.find(args.pid)
         holder = attached if attached and attached.state == "attached" else None
 
+        handed_over: list[str] = []
+
         def hand_over() -> None:
             # The shadow keeps the killed process's descriptors for its restore.
             if holder is not None and holder.shadow_control:
+                handed_over.append(holder.shadow_control)
                 hand_descriptors_to_shadow(args.pid, holder.shadow_control)
 
         options = {
@@ -181,11 +185,17 @@ def command_dump(args: argparse.Namespace, console: Console) -> int:
             "no_shared_libs": args.no_shared_libs,
             "before_kill": hand_over,
         }
-        if args.output == "-":
-            result = dumping.dump(args.pid, sys.stdout.buffer, **options)
-            console = Console(stderr=True)  # stdout carries the image
-        else:
-            result = dumping.dump_to_file(args.pid, Path(args.output), **options)
+        try:
+            if args.output == "-":
+                result = dumping.dump(args.pid, sys.stdout.buffer, **options)
+                console = Console(stderr=True)  # stdout carries the image
+            else:
+                result = dumping.dump_to_file(args.pid, Path(args.output), **options)
+        except BaseException:
+            for control_path in handed_over:  # not killed after all: the shadow follows it again
+                with contextlib.suppress(HijackError):
+                    control.request(control_path, {"op": "home", "pid": args.pid})
+            raise
         if args.kill and holder is not None:
             registry.set_state(args.pid, "checkpointed")
     render.dump_result(console, result, args.output, killed=args.kill)

@@ -84,8 +84,10 @@ def attach(pid: int, registry: Registry) -> AttachResult:
         hello = wait_for_shadow(shadow_pid, control_path)
         reached("attach-shadow-ready")
         record = registry.record_attached(pid, start_time, status.name, shadow_pid, control_path)
-    except BaseException:
+    except BaseException as exc:
         _kill(shadow_pid)
+        if not isinstance(exc, ShadowError):  # ended by us, not by its own failure: no log to keep
+            shutil.rmtree(shadow_dir, ignore_errors=True)
         raise
     return AttachResult(record, pause_ms, list(hello.get("fds", [])))
 

@@ -112,6 +112,7 @@ def write_image(
         brk = tracee.checked_syscall("brk", 0)
         actions = read_signal_actions(tracee, scratch)
         threads = [read_thread(tracee, thread, scratch) for thread in _live(tracee)]
+    tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
     writer.write(read_header(pid, options))
     writer.write(read_credentials(pid))
     writer.write(read_rlimits(pid))
@@ -149,13 +150,16 @@ def dump_to_file(
     process alive): the file is synced and in place before the process dies.
     """
     partial = path.with_name(f".{path.name}.partial")
+    placed = False
     try:
         # 0600: the image holds the process's memory, its secrets included.
         with open(partial, "wb", opener=_owner_only) as out:
 
             def put_in_place() -> None:
+                nonlocal placed
                 os.fsync(out.fileno())
                 os.replace(partial, path)
+                placed = True
 
             return dump(
                 pid,
@@ -168,6 +172,12 @@ def dump_to_file(
             )
     except OSError as exc:
         raise HijackError(f"cannot write image {path}: {exc.strerror or exc}") from None
+    except BaseException:
+        if placed and kill:
+            # Interrupted between the image and the kill: the process runs on,
+            # and an image of it that could be restored beside it is no good.
+            path.unlink(missing_ok=True)
+        raise
     finally:
         partial.unlink(missing_ok=True)
 

@@ -122,6 +122,7 @@ def _fork_copy(tracee: Tracee) -> int:
         raise
     try:
         _finish_intermediate(tracee, intermediate)
+        tracee.put_back()  # the target's part is done: a killed hijack leaves it correct
     except BaseException:
         _kill_quietly(copy_pid)
         raise

@@ -86,6 +86,9 @@ class ThreadState(enum.Enum):
     SEIZED = "seized"  # traced, still running
     STOPPED = "stopped"  # in a ptrace-stop, registers saved
     INJECTING = "injecting"  # registers changed by us; must be put back
+    # Registers and signal mask already as the release leaves them: still
+    # stopped, but a tracer that dies now (SIGKILL) leaves the thread correct.
+    PUT_BACK = "put back"
     RELEASED = "released"  # detached, running as before
     GONE = "gone"  # exited while we held it
 
@@ -294,6 +297,20 @@ class Tracee:
 
     # -- releasing ----------------------------------------------------------------
 
+    def put_back(self) -> None:
+        """Give every thread we injected into its own registers and mask again, still stopped.
+
+        Done once the injected calls are over, so that if hijack is killed
+        (SIGKILL) while it goes on working from outside, the kernel's detach
+        lets the threads run on correctly. Injecting again is allowed.
+        """
+        for thread in self.threads.values():
+            try:
+                with signals_deferred():
+                    put_back_thread(thread)
+            except ProcessGone:
+                thread.state = ThreadState.GONE
+
     def release(self) -> None:
         """Put every thread back as it was and let it run. Safe to call twice."""
         failures: list[str] = []
@@ -420,7 +437,7 @@ def inject_syscall(thread: TracedThread, syscall_address: int, name: str, *args:
 def _inject_syscall(thread: TracedThread, syscall_address: int, name: str, *args: int) -> int:
     if len(args) > 6:
         raise ValueError(f"{name}: at most 6 arguments")
-    if thread.state is ThreadState.STOPPED:
+    if thread.state in (ThreadState.STOPPED, ThreadState.PUT_BACK):
         pt.set_signal_mask(thread.tid, ALL_SIGNALS_BLOCKED)
         thread.state = ThreadState.INJECTING
     elif thread.state is not ThreadState.INJECTING:
@@ -462,8 +479,28 @@ def release_thread(thread: TracedThread) -> None:
         _release_thread(thread)
 
 
+def put_back_thread(thread: TracedThread) -> None:
+    """An injected thread's registers (rewound into its interrupted call) and mask, as found."""
+    if thread.state is not ThreadState.INJECTING:
+        return
+    pending = signal_pending(thread.tid, thread.signal_mask)
+    found = thread.saved_registers
+    # We left the kernel's signal path to inject, so it will not restart the
+    # interrupted call for us: rewind to it ourselves (KERNEL-NOTES).
+    pt.set_registers(
+        thread.tid, resume_registers(found, restart_block_available=True, signal_pending=pending)
+    )
+    pt.set_signal_mask(thread.tid, thread.signal_mask)
+    thread.state = ThreadState.PUT_BACK
+
+
 def _release_thread(thread: TracedThread) -> None:
     if thread.state in (ThreadState.RELEASED, ThreadState.GONE):
+        return
+    if thread.state in (ThreadState.INJECTING, ThreadState.PUT_BACK):
+        put_back_thread(thread)
+        pt.detach(thread.tid)
+        thread.state = ThreadState.RELEASED
         return
     if thread.state is ThreadState.SEIZED:
         # Never stopped (an error came first): detaching a running task needs a stop.
@@ -474,28 +511,15 @@ def _release_thread(thread: TracedThread) -> None:
         return
     found = thread.saved_registers
     pending = signal_pending(thread.tid, thread.signal_mask)
-    if thread.state is ThreadState.INJECTING:
-        # We left the kernel's signal path to inject, so it will not restart the
-        # interrupted call for us: rewind to it ourselves (KERNEL-NOTES).
-        pt.set_registers(
-            thread.tid,
-            resume_registers(found, restart_block_available=True, signal_pending=pending),
-        )
-        pt.set_signal_mask(thread.tid, thread.signal_mask)
-    else:
-        # Still in the kernel's signal path: it restarts -ERESTART* calls
-        # itself; the calls that our stop made fail with EINTR need us, and so
-        # does a call it would continue through restart_syscall where
-        # re-running the call itself is exact (see _reissue_when_live).
-        resumed = restart_spurious_eintr(found, signal_pending=pending)
-        if (
-            not pending
-            and found.signed("rax") == ERESTART_RESTARTBLOCK
-            and _reissue_when_live(found)
-        ):
-            resumed = resume_registers(found, restart_block_available=True, signal_pending=False)
-        if resumed != found:
-            pt.set_registers(thread.tid, resumed)
+    # Still in the kernel's signal path: it restarts -ERESTART* calls
+    # itself; the calls that our stop made fail with EINTR need us, and so
+    # does a call it would continue through restart_syscall where
+    # re-running the call itself is exact (see _reissue_when_live).
+    resumed = restart_spurious_eintr(found, signal_pending=pending)
+    if not pending and found.signed("rax") == ERESTART_RESTARTBLOCK and _reissue_when_live(found):
+        resumed = resume_registers(found, restart_block_available=True, signal_pending=False)
+    if resumed != found:
+        pt.set_registers(thread.tid, resumed)
     pt.detach(thread.tid)
     thread.state = ThreadState.RELEASED
 

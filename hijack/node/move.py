@@ -732,7 +732,28 @@ def recover(registry: Registry) -> tuple[list[str], list[str]]:
         finally:
             lock.release()
         (settled if known else in_doubt).append(line)
+    busy = {row.pid for row in registry.unfinished_moves()}
+    for record in registry.processes():
+        if record.pid not in busy and record.state == "attached":
+            followed = _follow_again(record)
+            if followed:
+                settled.append(followed)
     return settled, in_doubt
+
+
+def _follow_again(record: ProcessRecord) -> str | None:
+    """A shadow left holding for a process that was not killed after all (a `dump --kill`
+    killed between the hand-over and the kill) follows it again."""
+    if not record.shadow_control:
+        return None
+    try:
+        status = control.request(record.shadow_control, {"op": "status"})
+        if status.get("mode") != "holding" or procfs.read_status(record.pid).state[0] in "ZX":
+            return None
+        control.request(record.shadow_control, {"op": "home", "pid": record.pid})
+    except HijackError:
+        return None
+    return f"the shadow of process {record.pid} follows it again (it was not killed)"
 
 
 def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
