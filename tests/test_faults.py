@@ -21,24 +21,56 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
-from support import spawn_fixture
+from support import RunningFixture, spawn_fixture
 from support.cli import CliResult, HijackCli
-from support.nodes import Node, read_line
+from support.nodes import HIJACK_PROGRAM, Cluster, Node, link_down, link_up, read_line
 from test_interrupts import shadows_of, tracer_of
 from test_move import (
     EXIT_TIMEOUT,
     LINE_TIMEOUT,
+    Moved,
+    assert_not_attached,
+    daemon_log,
+    finish_moved,
+    logs,
+    pids_inside,
+    poll_until,
+    runs_in,
+    shadow_status,
+    wait_gone,
 )
-from test_nodes import ECHO_SESSION
 
 from hijack.registry import Registry
 
 STOP_TIMEOUT = 30.0  # for a command to reach its stage
+SETTLE_TIMEOUT = "2"  # seconds a mover in doubt asks again (HIJACK_SETTLE_TIMEOUT)
+
+# A client of an echo server: each stdin line is sent and its echo printed,
+# or "EOF" / "RESET name" if the connection ends instead (then exit 3).
+SESSION = """\
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30) as connection:
+    print("connected", flush=True)
+    for line in sys.stdin:
+        echoed = b""
+        try:
+            connection.sendall(line.encode())
+            while not echoed.endswith(b"\\n"):
+                chunk = connection.recv(65536)
+                if not chunk:
+                    print("EOF", flush=True)
+                    sys.exit(3)
+                echoed += chunk
+        except OSError as error:
+            print(f"RESET {type(error).__name__}", flush=True)
+            sys.exit(3)
+        print(echoed.decode(), end="", flush=True)
+"""
 SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
 SIGNAL_IDS = ["SIGINT", "SIGTERM", "SIGKILL"]
 
@@ -120,11 +152,16 @@ def reap(pids: list[int]) -> None:
             os.waitpid(pid, 0)
 
 
+class Talk(Protocol):
+    def __call__(self, line: str, *, echoed: bool = True) -> str: ...
+
+
 @contextlib.contextmanager
-def session(port: str | int, node: Node | None = None) -> Iterator[Callable[[str], None]]:
-    """A TCP client of the echo server at 127.0.0.1:port: each call sends a line and demands
-    it back, over the one connection (a reset or a hang fails it)."""
-    argv = [sys.executable, "-c", ECHO_SESSION, "127.0.0.1", str(port)]
+def session(port: str | int, node: Node | None = None) -> Iterator[Talk]:
+    """A TCP client of the echo server at 127.0.0.1:port. Each call sends a line over the one
+    connection and returns the answer, which must be the line itself unless `echoed=False`
+    (then "EOF" or "RESET ..." tell how the connection ended). Bounded: a hang fails."""
+    argv = [sys.executable, "-c", SESSION, "127.0.0.1", str(port)]
     pipes: dict[str, Any] = {
         "stdin": subprocess.PIPE,
         "stdout": subprocess.PIPE,
@@ -135,15 +172,20 @@ def session(port: str | int, node: Node | None = None) -> Iterator[Callable[[str
     try:
         assert read_line(client, LINE_TIMEOUT) == "connected"
 
-        def talk(line: str) -> None:
+        def talk(line: str, *, echoed: bool = True) -> str:
             assert client.stdin is not None
             client.stdin.write(f"{line}\n".encode())
-            assert read_line(client, LINE_TIMEOUT) == line
+            answer = read_line(client, LINE_TIMEOUT)
+            assert answer == line or not echoed, f"sent {line!r}, got {answer!r}"
+            if answer != line:
+                ended.append(answer)
+            return answer
 
+        ended: list[str] = []
         yield talk
         assert client.stdin is not None
         client.stdin.close()
-        assert client.wait(EXIT_TIMEOUT) == 0
+        assert client.wait(EXIT_TIMEOUT) == (3 if ended else 0)
     finally:
         if client.poll() is None:
             client.kill()
@@ -263,3 +305,305 @@ def test_dump_kill_stopped_between_the_hand_over_and_the_kill_leaves_the_process
             reap([shadow["shadow_pid"]])
             talk("detached")
         server.assert_intact()
+
+
+# -- move -----------------------------------------------------------------------------------
+
+
+def hijack_in(
+    node: Node, stage: str, *args: str | int, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """`hijack ARGS` inside `node`, stopped at `stage`."""
+    process: subprocess.Popen[str] = node.spawn(
+        [*HIJACK_PROGRAM, *map(str, args)],
+        env={"HIJACK_STOP_AT": stage, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_stopped(process, stage)
+    return process
+
+
+def only_the_daemon_in(node: Node) -> None:
+    """Nothing of a failed move stays in `node`: what its daemon built died with the move."""
+    assert node.daemon is not None
+    daemon = node.daemon.pid
+    poll_until(lambda: pids_inside(node) == {daemon}, f"only the daemon left in {node.name}")
+
+
+def shadow_pid_of(node: Node, pid: int) -> int:
+    with Registry(node.state_dir) as registry:
+        shadow = registry.get(pid).shadow_pid
+    assert shadow is not None
+    return shadow
+
+
+@pytest.mark.parametrize("signal_number", SIGNALS, ids=SIGNAL_IDS)
+@pytest.mark.parametrize(
+    "stage", ["move-attached", "move-connected", "move-frozen", "move-streaming", "move-prepared"]
+)
+def test_a_move_stopped_by_a_signal_before_its_commit_leaves_the_original_running(
+    tmp_path: Path, stage: str, signal_number: int
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        assert b.daemon_endpoint is not None
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            with session(server.ready["port"], a) as talk:
+                talk("before")
+                mover = hijack_in(a, stage, "move", server.pid, "--to", b.daemon_endpoint)
+                deliver(mover, signal_number)
+                result = finish(mover, ("move",))
+                assert_running_untraced(server.pid)
+                assert runs_in(server.pid, a)
+                talk("after")
+                only_the_daemon_in(b)
+                if signal_number == signal.SIGKILL:
+                    assert result.returncode == -signal.SIGKILL
+                    # Left: the shadow the move made (and a move row not finished,
+                    # its shadow maybe holding): `hijack recover` puts it back home.
+                    shadow = shadow_pid_of(a, server.pid)
+                    recovered = a.hijack("recover")
+                    assert recovered.returncode == 0, recovered.describe()
+                    if stage not in ("move-attached", "move-connected"):
+                        assert "not completed; process" in recovered.stdout, recovered.describe()
+                    status = shadow_status(a, server.pid)
+                    assert (status["mode"], status["streams"]) == ("home", []), status
+                    talk("recovered")
+                    a.hijack_ok("detach", server.pid)
+                    reap([shadow])
+                else:
+                    assert_interrupted(result, signal_number)
+                    assert_not_attached(a, server.pid)
+                with Registry(a.state_dir) as registry:
+                    assert {row.phase for row in registry.moves()} <= {"failed"}
+                talk("last")
+            server.assert_intact()
+
+
+def assert_one_copy_on(node: Node, home: Node, original: RunningFixture) -> int:
+    """The original has ended; one copy runs in `node`: its pid."""
+    assert original.wait_exit() == -signal.SIGKILL
+    assert node.daemon is not None
+    (copy,) = pids_inside(node) - {node.daemon.pid}
+    assert home.daemon is None or pids_inside(home) >= {home.daemon.pid}
+    return copy
+
+
+@pytest.mark.parametrize("signal_number", SIGNALS, ids=SIGNAL_IDS)
+def test_a_move_stopped_by_a_signal_after_its_commit_ends_with_one_copy_on_the_destination(
+    tmp_path: Path, signal_number: int
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        assert b.daemon_endpoint is not None
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            with session(server.ready["port"], a) as talk:
+                talk("before")
+                mover = hijack_in(
+                    a, "move-committed", "move", server.pid, "--to", b.daemon_endpoint
+                )
+                shadow = shadow_pid_of(a, server.pid)
+                deliver(mover, signal_number)
+                result = finish(mover, ("move",))
+                if signal_number == signal.SIGKILL:
+                    assert result.returncode == -signal.SIGKILL
+                    # The copy runs on b; the original waits stopped (its pending
+                    # SIGSTOP): never two running. `hijack recover` asks b and ends it.
+                    poll_until(
+                        lambda: (
+                            Path(f"/proc/{server.pid}/stat").read_text().split(") ")[1][0] == "T"
+                        ),
+                        "the original held stopped",
+                    )
+                    recovered = a.hijack("recover")
+                    assert recovered.returncode == 0, recovered.describe()
+                    assert "the original here was ended" in recovered.stdout, recovered.describe()
+                else:
+                    # A switch, once begun, is finished: the signal is dropped.
+                    assert result.returncode == 0, result.describe()
+                    assert "moved process" in result.stdout, result.describe()
+                copy = assert_one_copy_on(b, a, server)
+                talk("after")  # through the home shadow, to the copy on b
+            moved = Moved(copy, b, 0.0, shadow)
+            finish_moved(server, moved, tmp_path)
+
+
+# -- the network and the other processes of a move -------------------------------------------
+
+
+def state_of(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+def test_the_link_down_mid_stream_leaves_the_original_running(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        assert b.daemon_endpoint is not None
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            with session(server.ready["port"], a) as talk:
+                talk("before")
+                mover = hijack_in(
+                    a, "move-streaming", "move", server.pid, "--to", b.daemon_endpoint
+                )
+                link_down(b)
+                try:
+                    mover.send_signal(signal.SIGCONT)
+                    # The stream stalls; the mover gives up and the original resumes.
+                    result = finish(mover, ("move",))
+                finally:
+                    link_up(b)
+                assert result.returncode == 1, result.describe()
+                assert result.stderr.count("\n") == 1, result.describe()
+                assert_running_untraced(server.pid)
+                assert_not_attached(a, server.pid)
+                talk("after")
+                # Once b hears of it again, what it built is killed (never run).
+                only_the_daemon_in(b)
+                assert "runs here as" not in daemon_log(b)
+                talk("last")
+            server.assert_intact()
+
+
+def test_the_answer_to_the_commit_lost_leaves_the_original_held_until_recover(
+    tmp_path: Path,
+) -> None:
+    """The link goes down after b has run the copy and before its `running` reaches a.
+
+    a cannot ask b what became of the commit (still down): the original stays
+    stopped, never resumed blindly, and the move exits 1 saying so. With the
+    link back, `hijack recover` learns from b that the copy runs, and ends it.
+    """
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.env["HIJACK_STOP_AT"] = "daemon-committed"
+        b.start_daemon()
+        del b.env["HIJACK_STOP_AT"]
+        assert b.daemon is not None and b.daemon_endpoint is not None
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            with session(server.ready["port"], a) as talk:
+                talk("before")
+                mover = a.spawn(
+                    [*HIJACK_PROGRAM, "move", str(server.pid), "--to", b.daemon_endpoint],
+                    env={"HIJACK_SETTLE_TIMEOUT": SETTLE_TIMEOUT},
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                wait_stopped(b.daemon, "daemon-committed")  # the copy runs; no answer sent yet
+                link_down(b)
+                try:
+                    b.daemon.send_signal(signal.SIGCONT)
+                    result = finish(mover, ("move",))
+                    assert result.returncode == 1, result.describe()
+                    assert "held stopped" in result.stderr, result.describe()
+                    assert "hijack recover" in result.stderr, result.describe()
+                    # One copy runs, on b; the original is stopped, not traced.
+                    assert state_of(server.pid) == "T"
+                    assert tracer_of(server.pid) == 0
+                    (copy,) = pids_inside(b) - {b.daemon.pid}
+                    assert state_of(copy) in "RS"
+                    with Registry(a.state_dir) as registry:
+                        assert registry.get(server.pid).state == "held"
+                        assert registry.moves()[0].phase == "in-doubt"
+                    # Still unreachable: recover says so and changes nothing.
+                    still = a.hijack("recover")
+                    assert still.returncode == 1, still.describe()
+                    assert "stays held stopped" in still.stdout, still.describe()
+                    assert state_of(server.pid) == "T"
+                finally:
+                    link_up(b)
+                recovered = a.hijack("recover")
+                assert recovered.returncode == 0, recovered.describe()
+                assert f"runs on b as {copy}" in recovered.stdout, recovered.describe()
+                assert assert_one_copy_on(b, a, server) == copy
+                talk("after")
+            with Registry(a.state_dir) as registry:
+                assert registry.moves()[0].phase == "done"
+            finish_moved(server, Moved(copy, b, 0.0, shadow_pid_of(a, server.pid)), tmp_path)
+
+
+def test_a_commit_lost_on_the_way_is_settled_once_by_the_destination(tmp_path: Path) -> None:
+    """The link goes down just before the commit: it may reach b late, or never.
+
+    Either way b decides once — `running` if the commit came first, `aborted`
+    if a's question did — and recover acts on that answer: one copy runs.
+    """
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        assert b.daemon is not None and b.daemon_endpoint is not None
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            shadow = 0
+            with session(server.ready["port"], a) as talk:
+                talk("before")
+                mover = hijack_in(
+                    a,
+                    "move-prepared",
+                    "move",
+                    server.pid,
+                    "--to",
+                    b.daemon_endpoint,
+                    env={"HIJACK_SETTLE_TIMEOUT": SETTLE_TIMEOUT},
+                )
+                shadow = shadow_pid_of(a, server.pid)
+                link_down(b)
+                try:
+                    mover.send_signal(signal.SIGCONT)
+                    result = finish(mover, ("move",))
+                    assert result.returncode == 1, result.describe()
+                    assert "held stopped" in result.stderr, result.describe()
+                    assert state_of(server.pid) == "T"
+                finally:
+                    link_up(b)
+                recovered = a.hijack("recover")
+                assert recovered.returncode == 0, recovered.describe()
+                pids = pids_inside(b) - {b.daemon.pid}
+                if "the original here was ended" in recovered.stdout:
+                    (copy,) = pids
+                    assert assert_one_copy_on(b, a, server) == copy
+                else:
+                    assert "not completed" in recovered.stdout, recovered.describe()
+                    copy = 0
+                    only_the_daemon_in(b)
+                    assert_running_untraced(server.pid)
+                print(recovered.stdout)
+                talk("after")
+            if copy:
+                finish_moved(server, Moved(copy, b, 0.0, shadow), tmp_path)
+            else:
+                a.hijack_ok("detach", server.pid)
+                reap([shadow])
+                server.assert_intact()
+
+
+def test_the_home_shadow_killed_after_a_move_ends_the_moved_process_s_connections(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        assert b.daemon_endpoint is not None
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            with session(server.ready["port"], a) as talk:
+                talk("before")
+                result = a.hijack("move", server.pid, "--to", b.daemon_endpoint)
+                assert result.returncode == 0, f"{result.describe()}\n{logs(tmp_path)}"
+                copy = assert_one_copy_on(b, a, server)
+                talk("moved")
+                shadow = shadow_pid_of(a, server.pid)
+                os.kill(shadow, signal.SIGKILL)
+                reap([shadow])
+                # Its client here sees the connection end, not a hang...
+                assert talk("after", echoed=False) in ("EOF", "RESET ConnectionResetError")
+            # ...and so does the moved process: its relays end (its control pipe
+            # too), so it finishes on its own instead of waiting for ever.
+            wait_gone(copy, EXIT_TIMEOUT, "the moved echo_server, its shadow gone")
+            assert re.search(rf"process {copy} ended", daemon_log(b)), daemon_log(b)

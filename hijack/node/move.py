@@ -517,8 +517,11 @@ class _Progress:
         self.report = report
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
+        before = self.writer.sent
         written = self.writer.write(data)
         self.report("streaming", self.writer.sent)
+        if not before and self.writer.sent:
+            reached("move-streaming")  # the first data frame is out
         return written
 
     def flush(self) -> None:
@@ -802,8 +805,9 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     # Never committed, or the destination settled it as aborted: the original goes on.
     with contextlib.suppress(HijackError):
         shadow.request({"op": "aborted", "move": row.id})
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGCONT)  # a pending or taken SIGSTOP of a switch, undone
+    if row.phase in ("switching", "in-doubt"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)  # the SIGSTOP of the switch, undone
     registry.set_state(pid, "attached" if at_home else "running")
     error = "its mover was interrupted; the process resumed here"
     registry.update_move(row.id, phase="failed", finished_at=time.time(), error=error)
