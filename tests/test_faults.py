@@ -607,3 +607,44 @@ def test_the_home_shadow_killed_after_a_move_ends_the_moved_process_s_connection
             # too), so it finishes on its own instead of waiting for ever.
             wait_gone(copy, EXIT_TIMEOUT, "the moved echo_server, its shadow gone")
             assert re.search(rf"process {copy} ended", daemon_log(b)), daemon_log(b)
+
+
+# Asks the daemon at argv[1]:argv[2] what became of move argv[3]; prints the outcome.
+OUTCOME_ASKER = """\
+import sys
+from hijack.node.channel import Channel, load_cluster_key
+channel = Channel.connect((sys.argv[1], int(sys.argv[2])), load_cluster_key(), "asker")
+channel.send({"op": "outcome", "move": sys.argv[3]})
+print(channel.expect("outcome")["outcome"])
+"""
+
+
+def test_a_commit_that_comes_after_the_move_was_settled_aborted_is_refused(
+    tmp_path: Path,
+) -> None:
+    """Asked before the commit arrives, the destination settles the move as aborted, once:
+    the late commit runs nothing, and the mover resumes the original."""
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        assert b.daemon is not None and b.daemon_endpoint is not None
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            with session(server.ready["port"], a) as talk:
+                talk("before")
+                mover = hijack_in(a, "move-prepared", "move", server.pid, "--to", b.daemon_endpoint)
+                with Registry(a.state_dir) as registry:
+                    (row,) = registry.moves()
+                asked = a.run_python(OUTCOME_ASKER, b.address, 7450, row.id)
+                assert asked.stdout.strip() == "aborted", asked.stderr
+                only_the_daemon_in(b)  # what it held for the commit is gone
+                mover.send_signal(signal.SIGCONT)
+                result = finish(mover, ("move",))
+                assert result.returncode == 1, result.describe()
+                assert "did not run the process" in result.stderr, result.describe()
+                assert "settled the move as aborted" in result.stderr, result.describe()
+                assert_running_untraced(server.pid)
+                assert_not_attached(a, server.pid)
+                only_the_daemon_in(b)
+                assert "runs here as" not in daemon_log(b)
+                talk("after")
+            server.assert_intact()
