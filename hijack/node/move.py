@@ -10,12 +10,17 @@ On the node the process runs on now:
    away from home, copy the process's unread relay bytes (MSG_PEEK);
 5. stream the image; the daemon restores it with relays to the shadow and
    answers `prepared`;
-6. `commit`: the daemon lets it run and answers `running`;
+6. queue a SIGSTOP for the original (so it never runs on its own again, even
+   if this command dies), then `commit`: the daemon lets it run and answers
+   `running`;
 7. away from home, take the datagrams the frozen process had not read from
    its UDP sockets; tell the shadow `migrated` (the new relays take over, those
    datagrams sent again), kill the original: the freeze time ends.
 If anything fails before the commit, the daemon kills what it built, the
-shadow is told `aborted`, and the original resumes untouched.
+shadow is told `aborted`, and the original resumes untouched (detached again
+if the move attached it). If the answer to the commit is lost, the daemon is
+asked again what it decided; if it cannot tell, the original stays held
+stopped for `hijack recover` (docs/protocol.md, "Settling a move").
 """
 
 from __future__ import annotations
