@@ -19,11 +19,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from hijack.errors import HijackError
 from hijack.node.channel import Channel, load_cluster_key
 from hijack.node.daemon import parse_address
+from hijack.node.move import mover_gone
 from hijack.registry import EventRecord, MoveRecord, ProcessRecord, Registry, node_name
 from hijack.shadow import control
 from hijack.sys import procfs
@@ -46,6 +48,7 @@ class State(enum.Enum):
     MOVING = "moving"  # a move of it is in progress
     RESTORED = "restored"  # rebuilt here from an image, no shadow
     CHECKPOINTED = "checkpointed"  # dumped and killed; its shadow holds its descriptors
+    HELD = "held"  # stopped after a move whose outcome is unknown: `hijack recover` settles it
     GONE = "gone"  # it no longer runs (ended, killed, or its pid belongs to another process)
     UNKNOWN = "unknown"  # a registry state this hijack does not know
 
@@ -147,7 +150,7 @@ def gather(registry: Registry, timeout: float = QUERY_TIMEOUT) -> Snapshot:
     """Everything hijack knows on this node, now; back within about 2 * `timeout`."""
     here = node_name()
     records = {record.pid: record for record in registry.processes()}
-    moves = tuple(_move_view(record) for record in registry.moves(RECENT_MOVES))
+    moves = tuple(_move_view(record, registry.directory) for record in registry.moves(RECENT_MOVES))
     known_nodes = {name: (address, last_seen) for name, address, last_seen in registry.nodes()}
     events = tuple(registry.recent_events(RECENT_EVENTS))
     key = _cluster_key()
@@ -245,15 +248,24 @@ def _state(
         return State.CHECKPOINTED  # killed on purpose: its image and its shadow are the process
     if registry_state in ("exited", "gone") or not alive:
         return State.GONE
-    known = {"attached": State.ATTACHED, "running": State.RUNNING, "restored": State.RESTORED}
+    known = {
+        "attached": State.ATTACHED,
+        "running": State.RUNNING,
+        "restored": State.RESTORED,
+        "held": State.HELD,
+    }
     return known.get(registry_state, State.UNKNOWN)
 
 
-def _move_view(record: MoveRecord) -> MoveView:
+def _move_view(record: MoveRecord, state_directory: Path) -> MoveView:
     in_progress, expected = False, None
-    if record.phase in ACTIVE_PHASES and record.finished_at is None:
-        # The mover keeps the process frozen until the move ends: if it is
-        # gone, the mover died before it could write the end.
+    if (
+        record.phase in ACTIVE_PHASES
+        and record.finished_at is None
+        and not mover_gone(state_directory, record.id)
+    ):
+        # The mover holds its lock until the move ends: if it is free, the
+        # mover died before it could write the end.
         stat = _stat(record.pid)
         if stat is not None:
             in_progress, expected = True, max(stat.rss * PAGE_SIZE, record.bytes_sent)

@@ -38,6 +38,7 @@ STATE_LABELS = {
     State.MOVING: "[bold yellow]moving[/]",
     State.RESTORED: "[green]restored[/]",
     State.CHECKPOINTED: "[blue]checkpointed[/]",
+    State.HELD: "[bold red]held (in doubt)[/]",
     State.GONE: "[red]gone[/]",
 }
 HEALTH_LABELS = {
@@ -260,7 +261,8 @@ def _phase(move: MoveView) -> str:
         return "[green]done[/]"
     if move.phase == "failed":
         return f"[red]failed[/]: {escape(move.error or '')}"
-    return f"[red]{move.phase}, interrupted[/]"  # the mover ended without a word
+    # The mover ended without a word (killed), or gave up in doubt.
+    return f"[red]{move.phase}, interrupted[/]: run `hijack recover`"
 
 
 def nodes_table(nodes: Iterable[NodeView]) -> Table:
