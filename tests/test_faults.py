@@ -15,6 +15,7 @@ up what the kernel could not (docs/faults.md).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -513,8 +514,18 @@ def test_the_answer_to_the_commit_lost_leaves_the_original_held_until_recover(
                     with Registry(a.state_dir) as registry:
                         assert registry.get(server.pid).state == "held"
                         assert registry.moves()[0].phase == "in-doubt"
+                    status = json.loads(a.hijack_ok("status", "--json").stdout)
+                    (shown,) = [p for p in status["processes"] if p["pid"] == server.pid]
+                    assert shown["state"] == "held", shown
                     # Still unreachable: recover says so and changes nothing.
-                    still = a.hijack("recover")
+                    completed = a.run(
+                        [*HIJACK_PROGRAM, "recover"],
+                        timeout=EXIT_TIMEOUT,
+                        env={"HIJACK_SETTLE_TIMEOUT": SETTLE_TIMEOUT},
+                    )
+                    still = CliResult(
+                        ("recover",), completed.returncode, completed.stdout, completed.stderr
+                    )
                     assert still.returncode == 1, still.describe()
                     assert "stays held stopped" in still.stdout, still.describe()
                     assert state_of(server.pid) == "T"

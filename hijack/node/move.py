@@ -442,8 +442,15 @@ class MoverLock:
     def __init__(self, state_directory: Path, move_id: str) -> None:
         self.path = lock_path(state_directory, move_id)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            # Locked the file that has the name (not one a `recover` just removed)?
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            os.close(fd)
+        self.fd: int | None = fd
         self.kept = False
 
     def keep(self) -> None:
@@ -461,6 +468,21 @@ class MoverLock:
 
 def lock_path(state_directory: Path, move_id: str) -> Path:
     return state_directory / "moves" / f"{move_id}.lock"
+
+
+def _remove_if_free(path: Path) -> None:
+    """Remove a lock file no mover holds (removed while we hold it: no one takes it meanwhile)."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path.unlink(missing_ok=True)
+    except BlockingIOError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def mover_gone(state_directory: Path, move_id: str) -> bool:
@@ -740,7 +762,11 @@ def recover(registry: Registry) -> tuple[list[str], list[str]]:
         finally:
             lock.release()
         (settled if known else in_doubt).append(line)
-    busy = {row.pid for row in registry.unfinished_moves()}
+    unfinished = registry.unfinished_moves()
+    for path in lock_path(registry.directory, "*").parent.glob("*.lock"):
+        if path.stem not in {row.id for row in unfinished}:
+            _remove_if_free(path)  # the lock of a mover killed before it recorded its move
+    busy = {row.pid for row in unfinished}
     for record in registry.processes():
         if record.pid not in busy and record.state == "attached":
             followed = _follow_again(record)
