@@ -517,6 +517,9 @@ def test_the_answer_to_the_commit_lost_leaves_the_original_held_until_recover(
                     status = json.loads(a.hijack_ok("status", "--json").stdout)
                     (shown,) = [p for p in status["processes"] if p["pid"] == server.pid]
                     assert shown["state"] == "held", shown
+                    refused = a.hijack("detach", server.pid)  # its shadow may relay for the copy
+                    assert refused.returncode == 1, refused.describe()
+                    assert "hijack recover" in refused.stderr, refused.describe()
                     # Still unreachable: recover says so and changes nothing.
                     completed = a.run(
                         [*HIJACK_PROGRAM, "recover"],

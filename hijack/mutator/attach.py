@@ -95,6 +95,12 @@ def attach(pid: int, registry: Registry) -> AttachResult:
 def detach(pid: int, registry: Registry) -> ProcessRecord:
     """End the shadow of `pid` and forget the process."""
     record = registry.get(pid)
+    if record.state == "held":
+        raise HijackError(
+            f"process {pid} is held after a move whose outcome is unknown: its copy may run"
+            " elsewhere through this shadow; run `hijack recover` first",
+            pid=pid,
+        )
     if record.state in ("moved", "moving"):
         raise HijackError(
             f"process {pid} runs on {record.current_node}: its shadow relays its connections",

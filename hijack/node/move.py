@@ -316,12 +316,22 @@ def _move_frozen(
             # The frozen original will not run again, so what waits in its
             # relay-made UDP sockets can be taken (the shadow sends it again).
             unread_datagrams = {} if at_home else drain_datagrams(pid, plan)
-            _switch_shadow(
-                shadow, move_id, channel.peer, plan, prepared, unread, unread_datagrams, present
-            )
+            try:
+                _switch_shadow(
+                    shadow, move_id, channel.peer, plan, prepared, unread, unread_datagrams, present
+                )
+                unswitched = None
+            except HijackError as exc:
+                unswitched = exc  # the copy runs all the same: it is the process now
             mark_moved()
             kill_stopped(tracee)
             freeze_ms = (time.perf_counter() - frozen_at) * 1000
+    if unswitched is not None:
+        raise HijackError(
+            f"process {pid} runs on {channel.peer} as {answer['pid']}, but its home shadow"
+            f" could not be told to relay to it ({unswitched}): its connections do not reach it",
+            pid=pid,
+        )
     return MoveResult(move_id, pid, int(answer["pid"]), channel.peer, freeze_ms, writer.sent)
 
 
