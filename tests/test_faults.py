@@ -662,3 +662,51 @@ def test_a_commit_that_comes_after_the_move_was_settled_aborted_is_refused(
                 assert "runs here as" not in daemon_log(b)
                 talk("after")
             server.assert_intact()
+
+
+def test_the_destination_daemon_killed_after_the_commit_keeps_its_word(tmp_path: Path) -> None:
+    """b's daemon dies after running the copy, before answering: the mover holds the original.
+
+    The daemon wrote the outcome before acting on it, so its next run still
+    knows: `hijack recover` learns from it that the copy runs, and ends the
+    original. Exactly one copy of the process ran at every instant.
+    """
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.env["HIJACK_STOP_AT"] = "daemon-committed"
+        b.start_daemon()
+        del b.env["HIJACK_STOP_AT"]
+        assert b.daemon is not None and b.daemon_endpoint is not None
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            with session(server.ready["port"], a) as talk:
+                talk("before")
+                mover = a.spawn(
+                    [*HIJACK_PROGRAM, "move", str(server.pid), "--to", b.daemon_endpoint],
+                    env={"HIJACK_SETTLE_TIMEOUT": SETTLE_TIMEOUT},
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                wait_stopped(b.daemon, "daemon-committed")
+                (copy,) = pids_inside(b) - {b.daemon.pid}
+                b.daemon.kill()  # SIGKILL: no answer, no clean end
+                b.daemon.wait()
+                b.daemon = b.daemon_endpoint = None
+                result = finish(mover, ("move",))
+                assert result.returncode == 1, result.describe()
+                assert "held stopped" in result.stderr, result.describe()
+                assert state_of(server.pid) == "T"
+                assert state_of(copy) in "RS"  # the copy outlives its daemon
+
+                b.start_daemon()
+                recovered = a.hijack("recover")
+                assert recovered.returncode == 0, recovered.describe()
+                assert f"runs on b as {copy}" in recovered.stdout, recovered.describe()
+                assert server.wait_exit() == -signal.SIGKILL
+                talk("after")  # the copy answers, through the home shadow
+            # The copy is an orphan now (ours: pytest is a child subreaper).
+            server.close_control()
+            _, status = os.waitpid(copy, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, logs(tmp_path)
+            assert "PASS echo_server" in server.stdout, server.stdout
