@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 VARIABLE = "HIJACK_STOP_AT"
 
@@ -25,4 +26,7 @@ def reached(stage: str) -> None:
     """Stop here (SIGSTOP to ourselves) if the environment asks for `stage`."""
     wanted = os.environ.get(VARIABLE)
     if wanted and stage in wanted.split(","):
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # To this thread: it takes the stop itself on its way out of the call.
+        # Sent to the process, another thread may take it while this one runs
+        # on past the stage for a moment (a daemon's answer already out).
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
