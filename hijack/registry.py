@@ -56,7 +56,7 @@ CREATE TABLE IF NOT EXISTS arrivals (
     move        TEXT    PRIMARY KEY,  -- a move this node received
     pid         INTEGER NOT NULL,     -- the process it restored
     outcome     TEXT    NOT NULL,     -- prepared, running, aborted: decided once (protocol.md)
-    listeners   TEXT    NOT NULL,     -- JSON: stream id -> "ip:port" of its listener here
+    addresses   TEXT    NOT NULL,     -- JSON {listeners, datagrams}: stream id -> "ip:port" here
     updated_at  REAL    NOT NULL
 );
 CREATE TABLE IF NOT EXISTS nodes (
@@ -293,18 +293,21 @@ class Registry:
     # -- moves received (the destination's side) -------------------------------------
 
     def record_arrival(
-        self, move_id: str, pid: int, outcome: str, listeners: dict[str, str]
+        self, move_id: str, pid: int, outcome: str, addresses: dict[str, dict[str, str]]
     ) -> None:
         with self._transaction() as db:
             db.execute(
                 "INSERT OR REPLACE INTO arrivals VALUES (?,?,?,?,?)",
-                (move_id, pid, outcome, json.dumps(listeners), time.time()),
+                (move_id, pid, outcome, json.dumps(addresses), time.time()),
             )
 
-    def arrival(self, move_id: str) -> tuple[int, str, dict[str, str]] | None:
-        """(pid, outcome, listeners) of a move this node received, if it has a record."""
+    def arrival(self, move_id: str) -> tuple[int, str, dict[str, dict[str, str]]] | None:
+        """(pid, outcome, addresses) of a move this node received, if it has a record.
+
+        `addresses`: the `listeners` and `datagrams` its `prepared` answer gave.
+        """
         row = self._db.execute(
-            "SELECT pid, outcome, listeners FROM arrivals WHERE move=?", (move_id,)
+            "SELECT pid, outcome, addresses FROM arrivals WHERE move=?", (move_id,)
         ).fetchone()
         if row is None:
             return None

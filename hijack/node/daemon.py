@@ -182,7 +182,8 @@ class NodeDaemon:
                         str(home["relay"]),
                         str(home["token"]),
                     )
-                    registry.record_arrival(move, pid, "prepared", listeners)
+                    addresses = {"listeners": listeners, "datagrams": datagrams}
+                    registry.record_arrival(move, pid, "prepared", addresses)
                 with self.decisions:
                     self.waiting[move] = channel.sock
                 try:
@@ -246,9 +247,9 @@ class NodeDaemon:
             found = registry.arrival(move)
             if found is not None and found[1] != "prepared" and not force:
                 return found[1]
-            listeners = found[2] if found is not None else {}
+            addresses = found[2] if found is not None else {}
             try:
-                registry.record_arrival(move, pid, outcome, listeners)
+                registry.record_arrival(move, pid, outcome, addresses)
             except HijackError:
                 if outcome == "running":
                     raise
@@ -266,18 +267,18 @@ class NodeDaemon:
             found = registry.arrival(move)
             if found is None:
                 return {"move": move, "outcome": "unknown"}
-            pid, outcome, listeners = found
+            pid, outcome, addresses = found
             if outcome == "prepared":
                 # Held for a commit that has not come (or a daemon restarted
                 # since, whose held stub died with it): it never runs now.
                 outcome = "aborted"
-                registry.record_arrival(move, pid, outcome, listeners)
+                registry.record_arrival(move, pid, outcome, addresses)
                 waiting = self.waiting.pop(move, None)
                 if waiting is not None:
                     with contextlib.suppress(OSError):
                         waiting.shutdown(socket.SHUT_RDWR)
                 log(f"move {move}: settled as aborted, asked before its commit arrived")
-        return {"move": move, "outcome": outcome, "pid": pid, "listeners": listeners}
+        return {"move": move, "outcome": outcome, "pid": pid, **addresses}
 
 
 def datagram_socket(proxy: Proxy, here: str) -> socket.socket:

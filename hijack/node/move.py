@@ -821,9 +821,14 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
         if outcome == "running":
             assert answer is not None
             plan, present = plan_proxies(pid, shadow, at_home)
+            if at_home:  # the relay ports of its connected UDP sockets, as at `migrating`
+                status = shadow.request({"op": "status"})
+                plan = connect_datagrams(plan, status, record.relay_address or "")
             unread = {} if at_home else peek_unread(pid, plan)
-            listeners = dict(answer.get("listeners", {}))
-            _switch_shadow(shadow, row.id, row.destination, unread, listeners, present)
+            unread_datagrams = {} if at_home else drain_datagrams(pid, plan)
+            _switch_shadow(
+                shadow, row.id, row.destination, plan, answer, unread, unread_datagrams, present
+            )
             _mark_moved(registry, pid, at_home, row.destination)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # held stopped since the commit
