@@ -43,7 +43,8 @@ CREATE TABLE IF NOT EXISTS moves (
     program      TEXT    NOT NULL,
     source       TEXT    NOT NULL,
     destination  TEXT    NOT NULL,
-    phase        TEXT    NOT NULL,    -- connecting, streaming, restoring, switching, done, failed
+    phase        TEXT    NOT NULL,    -- connecting, precopying, streaming, restoring,
+                                      -- switching, done, failed
     started_at   REAL    NOT NULL,
     finished_at  REAL,
     bytes_sent   INTEGER NOT NULL DEFAULT 0,

@@ -176,4 +176,10 @@ def move_result(console: Console, result: MoveResult) -> None:
         f"moved process [bold]{result.pid}[/] to {escape(result.destination)}: it runs there as"
         f" [bold]{result.new_pid}[/]; frozen {result.freeze_ms:.1f} ms,"
         f" {_size(result.bytes_sent)} sent"
+        + (
+            f" ({result.rounds} pre-copy rounds, {_size(result.frozen_bytes)} while frozen;"
+            f" stopped {result.tracking_pause_ms:.1f} ms before, to start tracking)"
+            if result.rounds
+            else ""
+        )
     )

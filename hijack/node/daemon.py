@@ -8,7 +8,9 @@ shadow (and a listener here for each of its listening sockets), then
 restores with those as the process's descriptors, holds it stopped and
 answers `prepared`; only on `commit` does the process run (`running`).
 Anything else — the mover gone, a broken stream, `abort` — kills the stub:
-nothing half-built ever runs.
+nothing half-built ever runs. A move with pre-copy (`precopy`) first sends
+rounds of memory while the process still runs: the stub is built from them
+(hijack.restore.precopy) and the move's final image is restored into it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from hijack.image import records as rec
 from hijack.node import policy
 from hijack.node.channel import Channel, ChannelError, DataReader
 from hijack.registry import Registry, node_name
+from hijack.restore.precopy import Prebuilt
 from hijack.restore.restorer import restore
 from hijack.shadow import control
 from hijack.shadow.datagram import widen_receive_buffer
@@ -105,6 +108,8 @@ class NodeDaemon:
                 channel.send({"node": self.name, "pong": True})
             elif op == "move":
                 self._receive_move(channel, request, where)
+            elif op == "precopy":
+                self._receive_precopy(channel, request, where)
             else:
                 log(f"refused a request from {channel.peer} ({where}): unknown op {op!r:.40}")
                 channel.send({"error": f"unknown op {op!r:.40}"})
@@ -113,7 +118,51 @@ class NodeDaemon:
         finally:
             connection.close()
 
-    def _receive_move(self, channel: Channel, request: dict[str, Any], where: str) -> None:
+    def _receive_precopy(self, channel: Channel, request: dict[str, Any], where: str) -> None:
+        """Rounds of memory (each answered `precopied`), then the move itself into their stub."""
+        move, program, pid = request.get("move"), request.get("program"), request.get("pid")
+        if not isinstance(move, str) or not isinstance(pid, int):
+            log(f"refused a pre-copy from {channel.peer} ({where}): malformed request")
+            channel.send({"error": f"malformed pre-copy request: {json.dumps(request)[:120]}"})
+            return
+        log(f"move {move:.40} of {program!s:.80} from {channel.peer} ({where}): pre-copy")
+        # Round 0 builds the stub: the policy's file checks apply to its layout
+        # first; its root check to the final image, before the process can run.
+        prebuilt = Prebuilt(
+            lambda segments: policy.check_layout(f"{program!s:.80} (pid {pid})", segments)
+        )
+        try:
+            # Opened now rather than while the process is frozen: it takes a while.
+            with Registry() as registry:
+                while True:
+                    message = channel.receive()
+                    if message.get("op") == "move":
+                        self._receive_move(channel, message, where, prebuilt, registry)
+                        return
+                    if message.get("op") != "round":
+                        raise HijackError(f"move {move} aborted by the mover during pre-copy")
+                    reader = DataReader(channel)
+                    received = prebuilt.receive_round(cast(BinaryIO, reader))
+                    if reader.read(1):
+                        raise ChannelError(f"{channel.peer} sent data after pre-copy round")
+                    channel.send(
+                        {"phase": "precopied", "round": received.number, "pages": received.pages}
+                    )
+        except HijackError as exc:
+            log(f"move {move} failed: {exc}")
+            with contextlib.suppress(ChannelError):
+                channel.send({"error": str(exc)})
+        finally:
+            prebuilt.discard()
+
+    def _receive_move(
+        self,
+        channel: Channel,
+        request: dict[str, Any],
+        where: str,
+        prebuilt: Prebuilt | None = None,
+        registry: Registry | None = None,
+    ) -> None:
         try:
             move, home, token, proxies = _parse_move(request)
         except HijackError as exc:
@@ -159,8 +208,8 @@ class NodeDaemon:
                 # migrant refuses it while the original can still go on, and
                 # nothing can fail here once it runs (the mover would resume
                 # the original: two of it).
-                with Registry() as registry:
-                    registry.record_migrant(
+                with contextlib.nullcontext(registry) if registry else Registry() as records:
+                    records.record_migrant(
                         pid,
                         str(request.get("program")),
                         str(home["node"]),
@@ -181,8 +230,8 @@ class NodeDaemon:
                     if decision.get("op") != "commit":
                         raise HijackError(f"move {move} aborted by the mover")
                 except BaseException:
-                    with contextlib.suppress(HijackError), Registry() as registry:
-                        registry.forget(pid, f"move {move} did not complete")
+                    with contextlib.suppress(HijackError), Registry() as forgetting:
+                        forgetting.forget(pid, f"move {move} did not complete")
                     raise
 
             result = restore(
@@ -190,6 +239,7 @@ class NodeDaemon:
                 provided=provided,
                 before_start=hold_until_commit,
                 admit=admit,
+                prebuilt=prebuilt,
             )
         except HijackError as exc:
             log(f"move {move} failed: {exc}")

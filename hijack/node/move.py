@@ -5,17 +5,23 @@ On the node the process runs on now:
    through the home shadow (sockets, pipes, terminals); refuse naming the rest;
 2. connect to the destination daemon (authenticated channel) — nothing has
    been touched yet, so a refusal changes nothing;
+2a. with pre-copy (on by default for processes holding PRECOPY_MIN_BYTES of
+   private memory): send memory in rounds while the process runs, each round
+   the pages written since the one before (hijack.mutator.precopy), then
+   check the descriptors again;
 3. freeze the process (all threads stopped) — the freeze time starts;
 4. tell the home shadow `migrating` (at home: first hand it the descriptors);
    away from home, copy the process's unread relay bytes (MSG_PEEK);
-5. stream the image; the daemon restores it with relays to the shadow and
-   answers `prepared`;
+5. stream the image (after pre-copy: only what changed since the last round);
+   the daemon restores it with relays to the shadow and answers `prepared`;
 6. `commit`: the daemon lets it run and answers `running`;
 7. away from home, take the datagrams the frozen process had not read from
    its UDP sockets; tell the shadow `migrated` (the new relays take over, those
-   datagrams sent again), kill the original: the freeze time ends.
+   datagrams sent again): the freeze time ends; mark the process moved and
+   kill the original.
 If anything fails before the commit, the daemon kills what it built, the
-shadow is told `aborted`, and the original resumes untouched.
+shadow is told `aborted`, and the original resumes untouched (the dirty-page
+tracking of pre-copy ends with the move, either way).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from hijack.errors import HijackError, Unsupported
 from hijack.mutator import attach as attaching
 from hijack.mutator.dump import kill_stopped, write_image
 from hijack.mutator.handover import hand_descriptors_to_shadow
+from hijack.mutator.precopy import Precopy, worth_precopying
 from hijack.mutator.tracee import Tracee
 from hijack.node.channel import Channel, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
@@ -69,7 +76,10 @@ class MoveResult:
     new_pid: int
     destination: str
     freeze_ms: float
-    bytes_sent: int
+    bytes_sent: int  # pre-copy rounds included
+    rounds: int = 0  # pre-copy rounds before the freeze
+    frozen_bytes: int = 0  # sent while the process was frozen (the final image)
+    tracking_pause_ms: float = 0.0  # the process stopped once more, to start pre-copy
 
 
 @dataclass(frozen=True)
@@ -102,8 +112,12 @@ def move(
     destination: str,
     registry: Registry,
     progress: Callable[[str, int], None] | None = None,
+    precopy: bool | None = None,
 ) -> MoveResult:
-    """Move `pid` to the node daemon at `destination`; see the module docstring."""
+    """Move `pid` to the node daemon at `destination`; see the module docstring.
+
+    `precopy`: True or False forces pre-copy on or off; None decides by size.
+    """
     report = progress or (lambda phase, sent: None)
     address = parse_address(destination)
     key = load_cluster_key()
@@ -138,7 +152,12 @@ def move(
             else:
                 registry.forget(pid, f"moved to {channel.peer}")
 
+        precopied: Precopy | None = None
         try:
+            if precopy or (precopy is None and worth_precopying(pid)):
+                precopied = _precopy(pid, channel, move_id, record.program, report)
+                # It ran on meanwhile: what it holds now is what goes.
+                plan, present = plan_proxies(pid, shadow, at_home)
             result = _move_frozen(
                 pid,
                 channel,
@@ -151,10 +170,14 @@ def move(
                 relay_address,
                 report,
                 mark_moved,
+                precopied,
             )
         except BaseException as exc:
             registry.update_move(move_id, phase="failed", finished_at=time.time(), error=str(exc))
             raise
+        finally:
+            if precopied is not None:
+                precopied.close()
     finally:
         channel.close()
     registry.update_move(
@@ -180,11 +203,15 @@ def _move_frozen(
     relay_address: str,
     report: Callable[[str, int], None],
     mark_moved: Callable[[], None],
+    precopied: Precopy | None = None,
 ) -> MoveResult:
     committed = False
+    before = precopied.bytes_sent if precopied is not None else 0
     with Tracee.seize(pid) as tracee:
         frozen_at = time.perf_counter()
         try:
+            if precopied is not None:
+                precopied.freeze()
             if at_home:
                 hand_descriptors_to_shadow(pid, record.shadow_control or "")
                 proxy = [
@@ -212,14 +239,14 @@ def _move_frozen(
                     "proxies": [p.__dict__ for p in plan],
                 }
             )
-            report("streaming", 0)
+            report("streaming", before)
             writer = DataWriter(channel)
-            progress_writer = _Progress(writer, report)
-            write_image(tracee, cast(BinaryIO, progress_writer))
+            progress_writer = _Progress(writer, report, before=before)
+            write_image(tracee, cast(BinaryIO, progress_writer), precopied=precopied)
             writer.close()
-            report("restoring", writer.sent)
+            report("restoring", before + writer.sent)
             prepared = channel.expect("phase")
-            report("switching", writer.sent)
+            report("switching", before + writer.sent)
             channel.send({"op": "commit"})
             committed = True
             running = channel.expect("phase")
@@ -252,10 +279,49 @@ def _move_frozen(
                 },
             }
         )
+        # It runs there and its streams reach it: the freeze is over. What
+        # follows is bookkeeping, and the end of the stopped original (freeing
+        # a big one's memory takes a while).
+        freeze_ms = (time.perf_counter() - frozen_at) * 1000
         mark_moved()
         kill_stopped(tracee)
-        freeze_ms = (time.perf_counter() - frozen_at) * 1000
-    return MoveResult(move_id, pid, int(running["pid"]), channel.peer, freeze_ms, writer.sent)
+    rounds = precopied.rounds if precopied is not None else 0
+    sent = before + writer.sent
+    pause = precopied.pause_ms if precopied is not None else 0.0
+    return MoveResult(
+        move_id, pid, int(running["pid"]), channel.peer, freeze_ms, sent, rounds, writer.sent, pause
+    )
+
+
+def _precopy(
+    pid: int,
+    channel: Channel,
+    move_id: str,
+    program: str,
+    report: Callable[[str, int], None],
+) -> Precopy:
+    """Send the process's memory in rounds while it runs (docs/protocol.md, "Moving")."""
+    channel.send({"op": "precopy", "move": move_id, "pid": pid, "program": program})
+    precopied = Precopy.start(pid)
+    try:
+        before = None
+        while True:
+            phase = f"round {precopied.rounds}"
+            report(phase, precopied.bytes_sent)
+            channel.send({"op": "round", "round": precopied.rounds})
+            writer = DataWriter(channel)
+            progress = _Progress(writer, report, phase, precopied.bytes_sent)
+            last = precopied.send_round(cast(BinaryIO, progress))
+            writer.close()
+            precopied.bytes_sent += writer.sent
+            channel.expect("phase")  # applied there: the next round starts from a caught-up peer
+            if not precopied.should_continue(last, before):
+                precopied.prepare_freeze()
+                return precopied
+            before = last
+    except BaseException:
+        precopied.close()
+        raise
 
 
 def _abort(channel: Channel, shadow: HomeShadow, move_id: str) -> None:
@@ -269,6 +335,7 @@ def _abort(channel: Channel, shadow: HomeShadow, move_id: str) -> None:
 
 
 PUBLISH_INTERVAL = 0.25  # seconds between the progress a move writes to the registry
+REPORT_EVERY = 256 * 1024  # bytes of image between two progress reports
 
 
 class _Published:
@@ -289,6 +356,8 @@ class _Published:
     def __call__(self, phase: str, sent: int) -> None:
         self.report(phase, sent)
         now = time.monotonic()
+        if phase.startswith("round "):  # the registry knows the phase, not the round
+            phase = "precopying"
         if phase != self.phase or now - self.written_at >= PUBLISH_INTERVAL:
             self.registry.update_move(self.move_id, phase=phase, bytes_sent=sent)
             self.phase, self.written_at = phase, now
@@ -297,13 +366,24 @@ class _Published:
 class _Progress:
     """A write-only stream that reports how much has gone through it."""
 
-    def __init__(self, writer: DataWriter, report: Callable[[str, int], None]) -> None:
+    def __init__(
+        self,
+        writer: DataWriter,
+        report: Callable[[str, int], None],
+        phase: str = "streaming",
+        before: int = 0,
+    ) -> None:
         self.writer = writer
         self.report = report
+        self.phase = phase
+        self.before = before  # bytes the move sent before this stream
+        self.reported = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
         written = self.writer.write(data)
-        self.report("streaming", self.writer.sent)
+        if self.writer.sent - self.reported >= REPORT_EVERY:  # not for every small section
+            self.reported = self.writer.sent
+            self.report(self.phase, self.before + self.writer.sent)
         return written
 
     def flush(self) -> None:

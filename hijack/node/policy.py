@@ -73,6 +73,11 @@ def root_powers(credentials: rec.Credentials) -> list[str]:
 
 def check_files(header: rec.ImageHeader, segments: rec.Segments) -> None:
     """Every file the image maps instead of carrying must be here and unchanged."""
+    check_layout(f"{header.comm} (pid {header.pid})", segments)
+
+
+def check_layout(who: str, segments: rec.Segments) -> None:
+    """check_files for `who`; also for a move's pre-copy round 0, which builds the stub."""
     for segment in segments.segments:
         if segment.file is not None:
             check_identity(segment.file)
@@ -84,6 +89,6 @@ def check_files(header: rec.ImageHeader, segments: rec.Segments) -> None:
             # A shared mapping's bytes are the file's: executable ones would be
             # code this node's file supplies, with no identity to check it by.
             raise Refused(
-                f"refusing {header.comm} (pid {header.pid}): it maps {segment.path} shared "
+                f"refusing {who}: it maps {segment.path} shared "
                 "and executable, code that cannot be verified"
             )
