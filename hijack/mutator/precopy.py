@@ -102,7 +102,11 @@ class Precopy:
                 # Stopped anyway: the freeze will only ask again for what may differ.
                 actions = read_signal_actions(tracee, scratch)
             uffd = _userfaultfd_inside(tracee)
-            tracking = dirty.WrittenPages(pid, uffd)
+            try:
+                tracking = dirty.WrittenPages(pid, uffd)
+            except BaseException:
+                os.close(uffd)
+                raise
             try:
                 tracking.collect()  # arms: from here on every write is seen
             except BaseException:
@@ -237,7 +241,7 @@ class Precopy:
     def segments(self, segments: list[rec.Segment]) -> list[rec.Segment]:
         """The final image's segments: PRECOPIED where the destination holds the pages."""
         marked = []
-        for segment in _without_tracking_flags(segments, keep=True):
+        for segment in segments:
             carried = (
                 not clip_runs(self._untracked, segment.start, segment.end)
                 and segment.contents is rec.ContentsKind.STORED
@@ -325,10 +329,8 @@ def _register(tracee: Tracee, uffd: int, scratch: int, run: Run) -> bool:
     return tracee.syscall("ioctl", uffd, dirty.UFFDIO_REGISTER, scratch) >= 0
 
 
-def _without_tracking_flags(segments: list[rec.Segment], keep: bool = False) -> list[rec.Segment]:
-    """Segments as a plain dump describes them: no trace of the userfaultfd (unless `keep`)."""
-    if keep:
-        return segments
+def _without_tracking_flags(segments: list[rec.Segment]) -> list[rec.Segment]:
+    """Segments as a plain dump describes them: no trace of the userfaultfd."""
     return [
         dataclasses.replace(
             segment, vm_flags=tuple(f for f in segment.vm_flags if f not in TRACKING_FLAGS)
