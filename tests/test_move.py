@@ -1259,3 +1259,21 @@ def test_a_destination_killed_during_precopy_leaves_the_original_untracked_and_r
 
 def fds_of(pid: int) -> list[str]:
     return os.listdir(f"/proc/{pid}/fd")
+
+
+def test_a_root_process_is_refused_before_precopy_builds_anything(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon(allow_root=False)
+        assert b.daemon is not None and b.daemon_endpoint is not None
+        with spawn_fixture("dirtier", "16", DIRTY_RATE, netns=a.netns) as dirtier:
+            result = a.hijack("move", dirtier.pid, "--to", b.daemon_endpoint, "--precopy")
+            line = refusal_line(result)
+            assert f"refusing dirtier (pid {dirtier.pid})" in line, line
+            assert "root's powers" in line, line
+            assert "pre-copy" in daemon_log(b)
+            assert pids_inside(b) == {b.daemon.pid}  # no stub was ever made
+            assert_untouched(dirtier.pid)
+            links = [os.readlink(f"/proc/{dirtier.pid}/fd/{fd}") for fd in fds_of(dirtier.pid)]
+            assert not [link for link in links if "userfaultfd" in link], links
+            dirtier.assert_intact()

@@ -121,11 +121,24 @@ class NodeDaemon:
     def _receive_precopy(self, channel: Channel, request: dict[str, Any], where: str) -> None:
         """Rounds of memory (each answered `precopied`), then the move itself into their stub."""
         move, program, pid = request.get("move"), request.get("program"), request.get("pid")
-        if not isinstance(move, str) or not isinstance(pid, int):
+        try:
+            if not isinstance(move, str) or not isinstance(pid, int):
+                raise TypeError
+            credentials = _credentials(request["credentials"])
+        except (KeyError, TypeError, ValueError, HijackError):
             log(f"refused a pre-copy from {channel.peer} ({where}): malformed request")
             channel.send({"error": f"malformed pre-copy request: {json.dumps(request)[:120]}"})
             return
         log(f"move {move:.40} of {program!s:.80} from {channel.peer} ({where}): pre-copy")
+        try:
+            # The policy before anything is made (the final image is checked again).
+            who = f"{program!s:.80} (pid {pid})"
+            policy.check_powers(who, credentials, allow_root=self.allow_root)
+        except HijackError as exc:
+            log(f"move {move:.40} failed: {exc}")
+            channel.send({"error": str(exc)})
+            return
+        channel.send({"phase": "precopying"})
         # Round 0 builds the stub: the policy's file checks apply to its layout
         # first; its root check to the final image, before the process can run.
         prebuilt = Prebuilt(
@@ -275,6 +288,19 @@ def datagram_socket(proxy: Proxy, here: str) -> socket.socket:
         sock.close()
         raise HijackError(f"cannot make a UDP socket for fd {proxy.fd}: {exc}") from None
     return sock
+
+
+def _credentials(fields: Any) -> rec.Credentials:
+    """The Credentials record a pre-copy request carries (its fields as JSON)."""
+    if not isinstance(fields, dict):
+        raise TypeError
+    values = dict(fields)
+    values["groups"] = tuple(values.get("groups", ()))
+    for name, value in values.items():
+        items = value if name == "groups" else (value,)
+        if not all(isinstance(item, int) and 0 <= item < 1 << 64 for item in items):
+            raise ValueError
+    return rec.Credentials(**values)
 
 
 def _parse_move(request: dict[str, Any]) -> tuple[str, dict[str, Any], bytes, list[Proxy]]:

@@ -42,7 +42,7 @@ from typing import Any, BinaryIO, cast
 
 from hijack.errors import HijackError, Unsupported
 from hijack.mutator import attach as attaching
-from hijack.mutator.dump import kill_stopped, write_image
+from hijack.mutator.dump import kill_stopped, read_credentials, write_image
 from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.precopy import Precopy, worth_precopying
 from hijack.mutator.tracee import Tracee
@@ -301,7 +301,18 @@ def _precopy(
     report: Callable[[str, int], None],
 ) -> Precopy:
     """Send the process's memory in rounds while it runs (docs/protocol.md, "Moving")."""
-    channel.send({"op": "precopy", "move": move_id, "pid": pid, "program": program})
+    # Its credentials, for the daemon's policy before it builds anything.
+    credentials = dataclasses.asdict(read_credentials(pid))
+    channel.send(
+        {
+            "op": "precopy",
+            "move": move_id,
+            "pid": pid,
+            "program": program,
+            "credentials": credentials,
+        }
+    )
+    channel.expect("phase")  # accepted: a refusal comes before anything is touched
     precopied = Precopy.start(pid)
     try:
         before = None

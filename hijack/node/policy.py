@@ -40,14 +40,19 @@ def check_image(
     allow_root: bool,
 ) -> None:
     """Raise Refused (one line, naming what) for an image this node must not restore."""
+    check_powers(f"{header.comm} (pid {header.pid})", credentials, allow_root=allow_root)
+    check_files(header, segments)
+
+
+def check_powers(who: str, credentials: rec.Credentials, *, allow_root: bool) -> None:
+    """Refuse `who` if it has root's powers, unless `allow_root` (also before pre-copy)."""
     if not allow_root:
         powers = root_powers(credentials)
         if powers:
             raise Refused(
-                f"refusing {header.comm} (pid {header.pid}): it runs with root's powers "
+                f"refusing {who}: it runs with root's powers "
                 f"({', '.join(powers)}); this node was not started with --allow-root"
             )
-    check_files(header, segments)
 
 
 def root_powers(credentials: rec.Credentials) -> list[str]:
