@@ -73,7 +73,7 @@ class Precopied(Protocol):
 
 
 @dataclass
-class _PageCounts:
+class PageCounts:
     untouched: int = 0
     from_files: int = 0
 
@@ -441,15 +441,15 @@ def write_memory(
     segments: list[rec.Segment],
     writer: ImageWriter,
     precopied: Precopied | None = None,
-) -> _PageCounts:
-    counts = _PageCounts()
+) -> PageCounts:
+    counts = PageCounts()
     buffer = bytearray(READ_CHUNK)  # reused: reading into fresh buffers is several times slower
     with memory.MemoryFile(pid) as mem:
         for segment in segments:
             # A file-backed segment is restored from its file, where a page
             # left out is the file's, not zero: its zero pages are stored too.
             keep_zero = _is_file_backed(segment) and segment.contents is rec.ContentsKind.STORED
-            runs = _runs_to_store(pid, segment, counts)
+            runs = runs_to_store(pid, segment, counts)
             if segment.contents is rec.ContentsKind.PRECOPIED and precopied is not None:
                 # Over what the rounds sent: a page now zero must be sent as such.
                 keep_zero, runs = True, precopied.runs(segment)
@@ -466,7 +466,7 @@ def _is_file_backed(segment: rec.Segment) -> bool:
     return segment.path.startswith("/") and segment.inode != 0 and not segment.shared
 
 
-def _runs_to_store(pid: int, segment: rec.Segment, counts: _PageCounts) -> list[tuple[int, int]]:
+def runs_to_store(pid: int, segment: rec.Segment, counts: PageCounts) -> list[tuple[int, int]]:
     pages = segment.size // PAGE_SIZE
     if segment.contents in (rec.ContentsKind.NONE, rec.ContentsKind.PRECOPIED):
         return []

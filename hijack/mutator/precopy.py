@@ -40,10 +40,10 @@ from hijack.image.codec import ImageWriter
 from hijack.mutator.dump import (
     KERNEL_MAPPINGS,
     READ_CHUNK,
-    _PageCounts,
-    _runs_to_store,
+    PageCounts,
     describe_segments,
     read_signal_actions,
+    runs_to_store,
     scratch_page,
 )
 from hijack.mutator.tracee import Tracee
@@ -141,7 +141,7 @@ class Precopy:
         with memory.MemoryFile(self.pid) as mem:
             for segment in segments:
                 if number == 0:
-                    runs = _runs_to_store(self.pid, segment, _PageCounts())
+                    runs = runs_to_store(self.pid, segment, PageCounts())
                     keep_zero = _is_file_backed(segment)
                 elif segment.contents is rec.ContentsKind.STORED and self._within_base(segment):
                     runs, keep_zero = clip_runs(owed, segment.start, segment.end), True
