@@ -4,7 +4,9 @@
   the server moved (its bytes go through the home shadow's relay), as a ratio;
 - added round-trip latency: small request/answer pairs, the median with the
   relay minus the median without;
-- freeze time of moving processes holding 10 MB and SIZE of memory.
+- freeze time of moving processes holding 10 MB and SIZE of memory, and of
+  one holding SIZE that keeps dirtying 10 MB/s of it: with pre-copy (the
+  default; the rounds it took) beside the same move with --no-precopy.
 
 Each figure is measured in the same run as what it is compared with.
 """
@@ -56,6 +58,28 @@ print("ready", flush=True)
 while True:
     time.sleep(1)
 """
+
+
+# Holds SIZE of non-zero memory and dirties RATE bytes of it a second, in
+# pages scattered over it, a hundredth of a second's worth at a time.
+DIRTIER = """
+import os, sys, time
+size, rate = int(sys.argv[1]), int(sys.argv[2])
+data = bytearray(size)
+chunk = os.urandom(1 << 20)
+for offset in range(0, size, 1 << 20):
+    data[offset:offset + (1 << 20)] = chunk[: size - offset]
+pages = size // 4096
+per_tick = max(1, rate // 4096 // 100)
+position = 0
+print("ready", flush=True)
+while True:
+    for _ in range(per_tick):
+        position = (position + 7919) % pages
+        data[position * 4096] ^= 1
+    time.sleep(0.01)
+"""
+DIRTY_RATE = 10 * 1000 * 1000
 
 
 class Nodes:
@@ -120,12 +144,14 @@ class Nodes:
             raise SystemExit(f"bench: hijack {' '.join(args)}: {result.stderr.strip()}")
         return result.stdout
 
-    def move(self, pid: int, to: str) -> tuple[int, float]:
-        """Move `pid` from node a to `to`; its new pid and the freeze time (ms)."""
-        output = self.hijack("a", "move", str(pid), "--to", f"127.0.0.1:{self.ports[to]}")
+    def move(self, pid: int, to: str, *options: str) -> tuple[int, float, int]:
+        """Move `pid` from node a to `to`; its new pid, the freeze time (ms), pre-copy rounds."""
+        output = self.hijack("a", "move", str(pid), "--to", f"127.0.0.1:{self.ports[to]}", *options)
+        output = " ".join(output.split())  # the line may wrap
         new_pid = int(output.split("runs there as ")[1].split(";")[0])
         freeze_ms = float(output.split("frozen ")[1].split(" ms")[0])
-        return new_pid, freeze_ms
+        rounds = int(output.split("(")[1].split(" pre-copy")[0]) if "pre-copy" in output else 0
+        return new_pid, freeze_ms, rounds
 
 
 def free_port() -> int:
@@ -191,7 +217,7 @@ def measure_moves(directory: Path, stream_size: int, big: int) -> list[str]:
             port = int(port_text)
             direct_s = stream_into(port, stream_size)
             direct_rtt = round_trips(port, 500)
-            moved_pid, _ = nodes.move(sink.pid, "b")
+            moved_pid, _, _ = nodes.move(sink.pid, "b")
             try:
                 relayed_s = stream_into(port, stream_size)
                 relayed_rtt = round_trips(port, 500)
@@ -209,13 +235,24 @@ def measure_moves(directory: Path, stream_size: int, big: int) -> list[str]:
             f"{'direct round trip':<38} {direct_rtt * 1e6:8.0f} us   | "
             f"target <= 50 us: {'met' if added_us <= 50 else 'NOT met'}"
         )
-        for label, size in (("10 MB", 10 * MIB), (f"{big // MIB} MiB", big)):
-            with started([sys.executable, "-c", HOLDER, str(size)], nodes.env("a")) as (holder, _):
-                moved_pid, freeze_ms = nodes.move(holder.pid, "b")
-                kill_moved(moved_pid)
+        big_label = f"{big // MIB} MiB"
+        holders = (
+            ("10 MB", [HOLDER, str(10 * MIB)]),
+            (big_label, [HOLDER, str(big)]),
+            (f"{big_label} dirtying 10 MB/s", [DIRTIER, str(big), str(DIRTY_RATE)]),
+        )
+        for label, program in holders:
+            freezes = {}
+            for options in ((), ("--no-precopy",)):
+                with started([sys.executable, "-c", *program], nodes.env("a")) as (holder, _):
+                    moved_pid, freeze_ms, rounds = nodes.move(holder.pid, "b", *options)
+                    kill_moved(moved_pid)
+                freezes[options] = (freeze_ms, rounds)
+            (freeze_ms, rounds), (plain_ms, _) = freezes[()], freezes[("--no-precopy",)]
             lines.append(
                 f"{'move freeze time, ' + label:<34} {freeze_ms:8.1f} ms   | "
-                f"{'(no pre-copy yet)':<38} {'':>8}      | target <= 50 ms:"
+                f"{'--no-precopy':<38} {plain_ms:8.1f} ms   | "
+                f"{rounds} pre-copy rounds; target <= 50 ms:"
                 f" {'met' if freeze_ms <= 50 else 'NOT met'}"
             )
     finally:

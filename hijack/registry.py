@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS moves (
     program      TEXT    NOT NULL,
     source       TEXT    NOT NULL,
     destination  TEXT    NOT NULL,
-    phase        TEXT    NOT NULL,    -- connecting .. switching, in-doubt, done, failed
+    phase        TEXT    NOT NULL,    -- connecting, precopying, streaming, restoring,
+                                      -- switching, in-doubt, done, failed
     started_at   REAL    NOT NULL,
     finished_at  REAL,
     bytes_sent   INTEGER NOT NULL DEFAULT 0,

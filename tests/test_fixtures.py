@@ -51,6 +51,23 @@ def test_build_is_reused_until_its_binary_is_older_than_the_source(tmp_path: Pat
     assert rebuilt["threads"].stat().st_mtime_ns == built_at["threads"]
 
 
+# -- dirtier -------------------------------------------------------------------
+
+
+def test_dirtier_keeps_writing_and_catches_a_page_changed_behind_its_back() -> None:
+    with spawn_fixture("dirtier", "4", "50") as dirtier:
+        assert dirtier.ready["pages"] == "1024"
+        dirtier.assert_intact()
+        assert "steps" in dirtier.stdout
+    with spawn_fixture("dirtier", "4", "0") as dirtier:  # RATE 0: it writes nothing more
+        page = int(dirtier.ready["buffer"], 16) + 100 * 4096
+        with open(f"/proc/{dirtier.pid}/mem", "r+b", buffering=0) as mem:
+            mem.seek(page + 7)
+            mem.write(b"?")
+        assert dirtier.finish(10.0) == 1
+        assert "buffer page 100 does not hold what was written there last" in dirtier.stderr
+
+
 # -- counter -------------------------------------------------------------------
 
 

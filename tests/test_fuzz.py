@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hijack.errors import HijackError
+from hijack.image import FORMAT_VERSION
 from hijack.node import daemon as node_daemon
 from hijack.node.channel import HEAD, MAX_FRAME, Channel, Kind
 
@@ -62,7 +63,8 @@ def test_crf_reader_refuses_a_mutated_real_image_cleanly(data: bytes) -> None:
 @FUZZ
 @given(st.binary(max_size=2048))
 def test_crf_reader_refuses_random_bytes_cleanly(data: bytes) -> None:
-    targets.crf_reader(b"CRF\0\x01\0\0\0" + data)
+    # This version's signature: the bytes after it meet the section reader.
+    targets.crf_reader(b"CRF\0" + FORMAT_VERSION.to_bytes(4, "little") + data)
 
 
 def handshake_frames() -> st.SearchStrategy[bytes]:

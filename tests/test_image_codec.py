@@ -48,6 +48,7 @@ from hijack.image import (
     Rlimit,
     Rlimits,
     RobustList,
+    Round,
     RseqConfiguration,
     SectionKind,
     Segment,
@@ -59,6 +60,7 @@ from hijack.image import (
     Thread,
     UserRegsStruct,
     read_image,
+    read_round,
     recode,
     summarize,
     summary_to_json,
@@ -539,8 +541,8 @@ def test_foreign_files_are_refused() -> None:
     for foreign in (elf_head, os.urandom(5000), b"", b"hello world\n", b"CRX\0\1\0\0\0"):
         with pytest.raises(ImageError, match="not a CRF image"):
             read_all(foreign)
-    with pytest.raises(ImageError, match="unsupported CRF version 2"):
-        read_all(b"CRF\0\2\0\0\0" + BUILT.image[8:])
+    with pytest.raises(ImageError, match="unsupported CRF version 3"):
+        read_all(b"CRF\0\3\0\0\0" + BUILT.image[8:])
 
 
 def test_trailing_data_is_refused_unless_the_image_is_embedded() -> None:
@@ -561,7 +563,7 @@ def test_absurd_lengths_are_refused_without_allocating_them() -> None:
     huge_list = payload[:argv_count_at] + b"\xff\xff\xff\x7f" + payload[argv_count_at + 4 :]
     first_pages = next(s.offset for s in sections(BUILT.image) if s.tag == b"PAGE")
     cases = {
-        "section length": b"CRF\0\1\0\0\0HEAD\xff\xff\xff\xff",
+        "section length": b"CRF\0\2\0\0\0HEAD\xff\xff\xff\xff",
         "pages length": BUILT.image[:first_pages] + b"PAGE\xff\xff\xff\x00",
         "string length": replace_section(BUILT.image, header, frame(b"HEAD", huge_string)),
         "list count": replace_section(BUILT.image, header, frame(b"HEAD", huge_list)),
@@ -601,7 +603,7 @@ def writer_at_pages() -> ImageWriter:
 
 
 def test_pages_outside_stored_segments_or_backwards_are_refused() -> None:
-    with pytest.raises(ImageError, match="not inside one STORED or FILE segment"):
+    with pytest.raises(ImageError, match="not inside one segment that holds"):
         writer_at_pages().write_pages(0x7F0000100000, b"\1" * PAGE_SIZE)  # a NONE segment
     writer = writer_at_pages()
     writer.write_pages(0x1001000, b"\1" * PAGE_SIZE)
@@ -613,7 +615,7 @@ def test_pages_outside_stored_segments_or_backwards_are_refused() -> None:
     first_pages = next(s for s in sections(BUILT.image) if s.tag == b"PAGE")
     moved = struct.pack("<Q", 0x7F0000100000) + first_pages.payload[8:]
     image = replace_section(BUILT.image, first_pages, frame(b"PAGE", moved))
-    with pytest.raises(ImageError, match=r"malformed section PAGES.*not inside one STORED"):
+    with pytest.raises(ImageError, match=r"malformed section PAGES.*not inside one segment"):
         read_all(image)
 
 
@@ -638,7 +640,7 @@ def test_writer_refuses_wrong_order_and_wrong_totals() -> None:
 def test_a_writer_that_failed_refuses_to_go_on() -> None:
     """Whatever it wrote before is not an image; going on would only hide that."""
     writer = writer_at_pages()
-    with pytest.raises(ImageError, match="not inside one STORED or FILE segment"):
+    with pytest.raises(ImageError, match="not inside one segment that holds"):
         writer.write_pages(0x7F0000100000, b"\1" * PAGE_SIZE)
     with pytest.raises(ImageError, match=r"an earlier write failed \(cannot write section PAGES"):
         writer.write(the(Thread))
@@ -919,3 +921,71 @@ def test_spec_json_example_has_the_keys_of_summary_to_json() -> None:
     socket_row = next(d for d in actual["descriptors"] if d["socket"])
     actual["descriptors"] = [socket_row]
     assert shape(example) == shape(actual)
+
+
+# --- pre-copy rounds (docs/crf.md §7a) ------------------------------------------------
+
+
+def write_round(number: int, segments: tuple[Segment, ...], pages: bytes) -> bytes:
+    out = io.BytesIO()
+    writer = ImageWriter(out)
+    writer.write(Round(pid=4242, number=number))
+    writer.write(Segments(segments=segments))
+    writer.write_pages(segments[0].start, pages, keep_zero_pages=True)
+    writer.close()
+    return out.getvalue()
+
+
+def test_a_precopy_round_round_trips_and_stops_at_its_end() -> None:
+    base = segment(0x10000000, 4 * PAGE_SIZE, Prot.READ | Prot.WRITE, "", ContentsKind.STORED)
+    pages = bytes(PAGE_SIZE) + b"\1" * PAGE_SIZE  # a zero page kept: it may overwrite data
+    data = write_round(3, (base,), pages)
+    stream = io.BytesIO(data + b"what follows in the move's stream")
+    records = list(read_round(stream))
+    assert [type(r) for r in records] == [Round, Segments, Pages, End]
+    assert records[0] == Round(pid=4242, number=3)
+    assert records[2] == Pages(address=base.start, data=pages)
+    end = records[3]
+    assert isinstance(end, End) and (end.pages_stored, end.records) == (2, 3)
+    assert stream.read() == b"what follows in the move's stream"
+
+
+def test_a_round_and_an_image_keep_to_their_own_grammars() -> None:
+    base = segment(0x10000000, PAGE_SIZE, Prot.READ | Prot.WRITE, "", ContentsKind.STORED)
+    round_bytes = write_round(0, (base,), b"\1" * PAGE_SIZE)
+    with pytest.raises(ImageError, match="out of place, expected HEADER"):
+        read_all(round_bytes)
+    with pytest.raises(ImageError, match="out of place, expected ROUND"):
+        list(read_round(io.BytesIO(BUILT.image)))
+    writer = ImageWriter(io.BytesIO())
+    writer.write(Round(pid=1, number=0))
+    with pytest.raises(ImageError, match="out of place, expected SEGMENTS"):
+        writer.write(BUILT.before_pages[0])
+    cut = round_bytes[:-END_SECTION_SIZE]
+    with pytest.raises(ImageError, match="expected PAGES or END"):
+        list(read_round(io.BytesIO(cut)))
+
+
+def test_a_final_image_holds_pages_of_precopied_segments_but_not_of_none() -> None:
+    precopied = segment(
+        0x10000000, 8 * PAGE_SIZE, Prot.READ | Prot.WRITE, "", ContentsKind.PRECOPIED
+    )
+    empty = segment(0x20000000, PAGE_SIZE, Prot.READ, "", ContentsKind.NONE)
+    out = io.BytesIO()
+    writer = minimal_writer(out, (precopied, empty))
+    writer.write_pages(precopied.start + 2 * PAGE_SIZE, bytes(PAGE_SIZE), keep_zero_pages=True)
+    with pytest.raises(ImageError, match="not inside one segment that holds pages"):
+        writer.write_pages(empty.start, b"\1" * PAGE_SIZE)
+    writer = minimal_writer(out := io.BytesIO(), (precopied, empty))
+    writer.write_pages(precopied.start + 2 * PAGE_SIZE, bytes(PAGE_SIZE), keep_zero_pages=True)
+    end = finish(writer)
+    records = read_all(out.getvalue())
+    (segments,) = [r for r in records if isinstance(r, Segments)]
+    assert segments.segments[0].contents is ContentsKind.PRECOPIED
+    assert [r for r in records if isinstance(r, Pages)] == [
+        Pages(address=precopied.start + 2 * PAGE_SIZE, data=bytes(PAGE_SIZE))
+    ]
+    assert end.pages_stored == 1
+    recoded = io.BytesIO()
+    recode(io.BytesIO(out.getvalue()), recoded)
+    assert recoded.getvalue() == out.getvalue()

@@ -316,13 +316,23 @@ def logs(tmp_path: Path) -> str:
     return "\n".join(parts)
 
 
-def move(source: Node, pid: int, destination: Node, home: tuple[Node, int] | None = None) -> Moved:
+def move(
+    source: Node,
+    pid: int,
+    destination: Node,
+    home: tuple[Node, int] | None = None,
+    *,
+    precopy: bool = True,
+) -> Moved:
     """`hijack move PID --to DESTINATION` inside `source`; it must succeed and say where.
 
     `home` is the node and pid the process started as (default: `source`, `pid`).
+    Pre-copy is forced on (by default it is on only for big processes): every
+    move test runs it.
     """
     assert destination.daemon_endpoint is not None, f"node {destination.name} runs no daemon"
-    result = source.hijack("move", pid, "--to", destination.daemon_endpoint)
+    option = "--precopy" if precopy else "--no-precopy"
+    result = source.hijack("move", pid, "--to", destination.daemon_endpoint, option)
     where = source.directory.parent
     assert result.returncode == 0, f"[node {source.name}] {result.describe()}\n{logs(where)}"
     found = MOVED_LINE.search(result.stdout)
@@ -331,6 +341,8 @@ def move(source: Node, pid: int, destination: Node, home: tuple[Node, int] | Non
     shadow_pid = shadow_status(*(home or (source, pid)))["shadow_pid"]
     moved = Moved(int(found[3]), destination, float(found[4]), shadow_pid)
     print(f"moved {pid} {source.name} -> {destination.name}: frozen {found[4]} ms, {found[5]}")
+    print(f"  {result.stdout.strip()}")
+    assert ("pre-copy rounds" in result.stdout) == precopy, result.describe()
     assert runs_in(moved.pid, destination), f"process {moved.pid} is not inside {destination}"
     return moved
 
@@ -1182,3 +1194,88 @@ def test_redis_moved_mid_session_keeps_its_keys_and_its_connection(tmp_path: Pat
         assert client.wait(EXIT_TIMEOUT) == 0
         assert_ended_well(moved, "the moved redis-server", tmp_path)
         wait_released(moved)
+
+
+# -- pre-copy ---------------------------------------------------------------------------
+
+DIRTY_RATE = "20"  # MB/s the dirtier rewrites while it is pre-copied
+
+
+def rounds_of(result_stdout: str) -> int:
+    found = re.search(r"\((\d+) pre-copy rounds\)", result_stdout)
+    return int(found[1]) if found else 0
+
+
+def test_a_process_dirtying_memory_during_precopy_arrives_intact_and_comes_home(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        a.start_daemon()
+        b.start_daemon()
+        # Writes, zeroed and dropped pages, mappings replaced and mprotected,
+        # all while the rounds run; it checks every page at the end.
+        with spawn_fixture("dirtier", "64", DIRTY_RATE, netns=a.netns) as dirtier:
+            there = move(a, dirtier.pid, b)
+            dirtier.wait_exit()
+            back = move(b, there.pid, a, home=(a, dirtier.pid))
+            output = finish_moved(dirtier, back, tmp_path)
+        assert "steps" in output
+
+
+def test_a_destination_killed_during_precopy_leaves_the_original_untracked_and_running(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        with spawn_fixture("dirtier", "256", DIRTY_RATE, netns=a.netns) as dirtier:
+            assert b.daemon_endpoint is not None
+            mover = a.spawn(
+                [*HIJACK_PROGRAM, "move", str(dirtier.pid), "--to", b.daemon_endpoint, "--precopy"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            poll_until(
+                lambda: re.search(r"move \w+ of dirtier from a .*: pre-copy", daemon_log(b)),
+                "the daemon of b receives the rounds",
+            )
+            kill_daemon(b)
+            stdout, stderr = mover.communicate(timeout=EXIT_TIMEOUT)
+            refusal_line(CliResult(("move",), mover.returncode, stdout, stderr))
+            assert_untouched(dirtier.pid)
+            assert runs_in(dirtier.pid, a)
+            # No userfaultfd left in it, nor any range registered with one.
+            links = [os.readlink(f"/proc/{dirtier.pid}/fd/{fd}") for fd in fds_of(dirtier.pid)]
+            assert not [link for link in links if "userfaultfd" in link], links
+            smaps = Path(f"/proc/{dirtier.pid}/smaps").read_text()
+            assert not re.search(r"^VmFlags:.* u[wm]\b", smaps, re.MULTILINE)
+            with Registry(a.state_dir) as registry:
+                (record,) = registry.moves()
+            assert record.phase == "failed", record
+            poll_until(lambda: not pids_inside(b), "b's half-built process gone")
+            # It goes on writing, and every page it wrote holds what it wrote.
+            dirtier.assert_intact()
+
+
+def fds_of(pid: int) -> list[str]:
+    return os.listdir(f"/proc/{pid}/fd")
+
+
+def test_a_root_process_is_refused_before_precopy_builds_anything(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon(allow_root=False)
+        assert b.daemon is not None and b.daemon_endpoint is not None
+        with spawn_fixture("dirtier", "16", DIRTY_RATE, netns=a.netns) as dirtier:
+            result = a.hijack("move", dirtier.pid, "--to", b.daemon_endpoint, "--precopy")
+            line = refusal_line(result)
+            assert f"refusing dirtier (pid {dirtier.pid})" in line, line
+            assert "root's powers" in line, line
+            assert "pre-copy" in daemon_log(b)
+            assert pids_inside(b) == {b.daemon.pid}  # no stub was ever made
+            assert_untouched(dirtier.pid)
+            links = [os.readlink(f"/proc/{dirtier.pid}/fd/{fd}") for fd in fds_of(dirtier.pid)]
+            assert not [link for link in links if "userfaultfd" in link], links
+            dirtier.assert_intact()

@@ -598,7 +598,11 @@ class Tmux:
 
 
 def progress_lines(screen: str) -> list[str]:
-    return [line for line in screen.splitlines() if "streaming" in line and BAR in line]
+    return [
+        line
+        for line in screen.splitlines()
+        if ("streaming" in line or "precopying" in line) and BAR in line
+    ]
 
 
 @pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")

@@ -103,6 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
     move = commands.add_parser("move", help="live-move PID to another node's daemon")
     move.add_argument("pid", type=parse_pid, metavar="PID")
     move.add_argument("--to", required=True, metavar="HOST[:PORT]", help="the destination daemon")
+    move.add_argument(
+        "--precopy",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="send memory in rounds while the process runs, so it is frozen only for the last"
+        " changes (default: unless it holds less than 1 MiB of private memory)",
+    )
     move.set_defaults(handler=command_move)
 
     recover = commands.add_parser(
@@ -224,7 +231,7 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
         # in this thread, they then wait wherever a move holds them back.
         with signals_deferred():
             progress = stack.enter_context(render.move_progress(console, args.pid, args.to))
-        result = moving.move(args.pid, args.to, registry, progress=progress)
+        result = moving.move(args.pid, args.to, registry, progress=progress, precopy=args.precopy)
     render.move_result(console, result)
     return EXIT_OK
 

@@ -52,7 +52,7 @@ def attach_result(console: Console, result: AttachResult, *, as_json: bool = Fal
     console.print(table)
 
 
-def _size(count: int) -> str:
+def human_size(count: int) -> str:
     value = float(count)
     for unit in ("B", "KiB", "MiB", "GiB"):
         if value < 1024 or unit == "GiB":
@@ -66,7 +66,7 @@ def dump_result(console: Console, result: DumpResult, output: str, *, killed: bo
     fate = "killed" if killed else "left running"
     console.print(
         f"dumped process [bold]{result.pid}[/] ({result.threads} thread"
-        f"{'s' if result.threads != 1 else ''}) to {where}: {_size(result.image_bytes)}, "
+        f"{'s' if result.threads != 1 else ''}) to {where}: {human_size(result.image_bytes)}, "
         f"{result.pages_stored} pages stored, frozen {result.frozen_ms:.1f} ms; {fate}"
     )
 
@@ -120,8 +120,8 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
         memory.add_row(
             f"{row.start:#x}",
             row.perms,
-            _size(row.size),
-            _size(row.stored_bytes),
+            human_size(row.size),
+            human_size(row.stored_bytes),
             row.contents.lower(),
             escape(row.path),
         )
@@ -140,7 +140,8 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
 
     pages = summary.pages
     console.print(
-        f"image {_size(summary.image_bytes)} (CRF v{summary.version}): {pages.stored} pages stored;"
+        f"image {human_size(summary.image_bytes)} (CRF v{summary.version}):"
+        f" {pages.stored} pages stored;"
         f" left out: {pages.zero} zero, {pages.untouched} never touched,"
         f" {pages.file} mapped from files"
     )
@@ -175,5 +176,11 @@ def move_result(console: Console, result: MoveResult) -> None:
     console.print(
         f"moved process [bold]{result.pid}[/] to {escape(result.destination)}: it runs there as"
         f" [bold]{result.new_pid}[/]; frozen {result.freeze_ms:.1f} ms,"
-        f" {_size(result.bytes_sent)} sent"
+        f" {human_size(result.bytes_sent)} sent"
+        + (
+            f" ({result.rounds} pre-copy rounds, {human_size(result.frozen_bytes)} while frozen;"
+            f" stopped {result.tracking_pause_ms:.1f} ms before, to start tracking)"
+            if result.rounds
+            else ""
+        )
     )

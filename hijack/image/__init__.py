@@ -22,6 +22,7 @@ from hijack.image.codec import (
     ImageWriter,
     SectionKind,
     read_image,
+    read_round,
     recode,
 )
 from hijack.image.fields import MAX_BLOB, MAX_STRING
@@ -49,6 +50,7 @@ from hijack.image.records import (
     Rlimit,
     Rlimits,
     RobustList,
+    Round,
     RseqConfiguration,
     Segment,
     Segments,
@@ -94,6 +96,7 @@ __all__ = [
     "Rlimit",
     "Rlimits",
     "RobustList",
+    "Round",
     "RseqConfiguration",
     "SectionKind",
     "Segment",
@@ -105,6 +108,7 @@ __all__ = [
     "Thread",
     "UserRegsStruct",
     "read_image",
+    "read_round",
     "recode",
     "summarize",
     "summary_to_json",

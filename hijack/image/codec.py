@@ -2,6 +2,7 @@
 
     IMAGE     ::= SIGNATURE HEADER CREDENTIALS RLIMITS MM SEGMENTS FILES { PAGES }
                   THREAD { THREAD } SIGNALS CWD END
+    ROUND     ::= SIGNATURE ROUND SEGMENTS { PAGES } END     (a move's pre-copy round)
     SIGNATURE ::= "CRF\\0" VERSION:u32
     section   ::= TAG:4 LENGTH:u32 PAYLOAD:LENGTH CRC:u32
                   CRC = crc32(TAG LENGTH PAYLOAD)
@@ -20,6 +21,11 @@ Public API:
                                           does not close the stream
         .bytes_written                    bytes written so far
     read_image(stream, *, require_eof=True) -> Iterator[Record]
+    read_round(stream) -> Iterator[Record]
+                                          a pre-copy round (docs/crf.md, "Pre-copy
+                                          rounds"), embedded in a move's stream;
+                                          ImageWriter writes one when its first
+                                          record is a Round
     recode(source, destination) -> End    decode then re-encode: same bytes
 Every malformed image, and every attempt to write one, raises ImageError.
 A writer that failed once (a refused record, a broken stream) refuses every
@@ -52,13 +58,14 @@ from hijack.image.records import (
     Pages,
     Record,
     Rlimits,
+    Round,
     Segments,
     SignalState,
     Thread,
 )
 
 MAGIC = b"CRF\0"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MAX_METADATA = 16 * 1024 * 1024  # payload limit of every section but PAGES
 
 BytesLike = bytes | bytearray | memoryview
@@ -77,6 +84,7 @@ class SectionKind(enum.Enum):
     """Section tags: four ASCII bytes, readable in a hex dump."""
 
     HEADER = b"HEAD"
+    ROUND = b"RND_"
     CREDENTIALS = b"CRED"
     RLIMITS = b"RLIM"
     MM = b"MMST"
@@ -151,6 +159,7 @@ class _PagesSection:
 _PAGES = _PagesSection()
 _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.HEADER: _StructSection(ImageHeader),
+    SectionKind.ROUND: _StructSection(Round),
     SectionKind.CREDENTIALS: _StructSection(Credentials),
     SectionKind.RLIMITS: _StructSection(Rlimits),
     SectionKind.MM: _StructSection(MemoryStructure),
@@ -177,7 +186,7 @@ class _Step:
     many: bool  # whether it may repeat
 
 
-_GRAMMAR = (
+_IMAGE_GRAMMAR = (
     _Step(SectionKind.HEADER, 1, False),
     _Step(SectionKind.CREDENTIALS, 1, False),
     _Step(SectionKind.RLIMITS, 1, False),
@@ -190,15 +199,23 @@ _GRAMMAR = (
     _Step(SectionKind.CWD, 1, False),
     _Step(SectionKind.END, 1, False),
 )
+_ROUND_GRAMMAR = (
+    _Step(SectionKind.ROUND, 1, False),
+    _Step(SectionKind.SEGMENTS, 1, False),
+    _Step(SectionKind.PAGES, 0, True),
+    _Step(SectionKind.END, 1, False),
+)
 
 
 class _ImageChecks:
     """What holds across sections; the writer and the reader apply the same checks,
     so the writer cannot produce an image the reader refuses."""
 
-    def __init__(self) -> None:
+    def __init__(self, grammar: tuple[_Step, ...] | None = _IMAGE_GRAMMAR) -> None:
+        # None: an image or a round, whichever the first section opens (the writer).
+        self._grammar = grammar
         self._step = 0
-        self._count = 0  # occurrences of _GRAMMAR[_step] so far
+        self._count = 0  # occurrences of the grammar's step _step so far
         self.records = 0  # sections before END
         self.pages_stored = 0
         self._stored: list[tuple[int, int]] = []  # segments that may hold pages, ascending
@@ -208,10 +225,12 @@ class _ImageChecks:
 
     def expected(self) -> str:
         """The sections that may come next, for messages: "THREAD or SIGNALS"."""
+        if self._grammar is None:
+            return "HEADER or ROUND"
         kinds: list[str] = []
         step, count = self._step, self._count
-        while step < len(_GRAMMAR):
-            rule = _GRAMMAR[step]
+        while step < len(self._grammar):
+            rule = self._grammar[step]
             if count == 0 or rule.many:
                 kinds.append(rule.kind.name)
             if count < rule.least:
@@ -221,9 +240,11 @@ class _ImageChecks:
 
     def admit(self, kind: SectionKind) -> None:
         """Accept `kind` as the next section, or raise: it is out of place."""
-        expected = self.expected()
-        while self._step < len(_GRAMMAR):
-            rule = _GRAMMAR[self._step]
+        if self._grammar is None:
+            self._grammar = _ROUND_GRAMMAR if kind is SectionKind.ROUND else _IMAGE_GRAMMAR
+        where = self._step, self._count
+        while self._step < len(self._grammar):
+            rule = self._grammar[self._step]
             if rule.kind is kind and (self._count == 0 or rule.many):
                 self._count += 1
                 if kind is not SectionKind.END:
@@ -232,7 +253,8 @@ class _ImageChecks:
             if self._count < rule.least:
                 break
             self._step, self._count = self._step + 1, 0
-        raise ImageError(f"out of place, expected {expected}")
+        self._step, self._count = where  # the message names what was due there
+        raise ImageError(f"out of place, expected {self.expected()}")
 
     def check(self, record: Record, offset: int) -> None:
         if isinstance(record, Segments):
@@ -261,7 +283,8 @@ class _ImageChecks:
         )
         if not inside:
             raise ImageError(
-                f"pages {address:#x}-{address + size:#x} are not inside one STORED or FILE segment"
+                f"pages {address:#x}-{address + size:#x} are not inside one segment that holds"
+                " pages (STORED, FILE or PRECOPIED)"
             )
         self._pages_floor = address + size
         self.pages_stored += size // PAGE_SIZE
@@ -307,7 +330,7 @@ class ImageWriter:
     def __init__(self, stream: BinaryIO) -> None:
         self._stream = stream
         self.bytes_written = 0
-        self._checks = _ImageChecks()
+        self._checks = _ImageChecks(grammar=None)
         self._pages_zero = 0
         self._failure: str | None = None
         with self._failing_for_good():
@@ -325,7 +348,7 @@ class ImageWriter:
 
         `data` is any page-multiple length; runs of non-zero pages become PAGES
         sections of at most 8 MiB, written straight from `data` without copies.
-        Each run must lie inside one STORED or FILE segment, above any pages
+        Each run must lie inside one STORED, FILE or PRECOPIED segment, above any pages
         written before: in practice, one call per segment (or part of one).
         With `keep_zero_pages`, zero pages are stored too: a file-backed
         segment is restored from its file, where a page left out is not zero.
@@ -413,9 +436,21 @@ def read_image(stream: BinaryIO, *, require_eof: bool = True) -> Iterator[Record
     must be the whole stream; pass False when it is embedded in a longer one
     (a move connection): reading then stops at the last byte of END.
     """
+    return _read_records(stream, _IMAGE_GRAMMAR, require_eof=require_eof)
+
+
+def read_round(stream: BinaryIO) -> Iterator[Record]:
+    """Yield the records of the pre-copy round on `stream` (ROUND, SEGMENTS, PAGES..., END),
+    checked as read_image checks an image; reading stops right after END."""
+    return _read_records(stream, _ROUND_GRAMMAR, require_eof=False)
+
+
+def _read_records(
+    stream: BinaryIO, grammar: tuple[_Step, ...], *, require_eof: bool
+) -> Iterator[Record]:
     source = _Source(stream)
     source.read_signature()
-    checks = _ImageChecks()
+    checks = _ImageChecks(grammar)
     while True:
         offset = source.offset
         head = source.read(_SECTION_HEAD.size)

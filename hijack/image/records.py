@@ -146,6 +146,8 @@ class ContentsKind(enum.IntEnum):
     FILE = 2  # mapped from the backing file (checked against a FileIdentity); PAGES hold
     #           only the pages the process changed (copied on write)
     NONE = 3  # nothing to restore: zero-filled, or made by the kernel (vvar, vdso)
+    PRECOPIED = 4  # only in a move's final image: the pre-copy rounds sent its pages; PAGES
+    #                hold the pages changed since (zero pages included)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -420,6 +422,14 @@ class Cwd:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Round:
+    """Opens a pre-copy round of a move: memory sent while the process still runs."""
+
+    pid: U32  # the process, as in its image's HEADER
+    number: U32  # 0 for the first round, which sends every page; then the pages written since
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class End:
     """The trailer: totals a reader checks, so a cut image never passes for whole."""
 
@@ -433,6 +443,7 @@ class End:
 
 Record = (
     ImageHeader
+    | Round
     | Credentials
     | Rlimits
     | MemoryStructure

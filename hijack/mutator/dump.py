@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from hijack.errors import HijackError, ProcessGone
 from hijack.image import records as rec
@@ -36,6 +36,7 @@ PAGE_SIZE = 4096
 READ_CHUNK = 8 * 1024 * 1024  # bytes per process_vm_readv; one Pages record at most
 SCRATCH_SIZE = PAGE_SIZE
 SIGACTION_SIZE = 32  # the kernel's struct sigaction on x86_64
+SIG_DFL, SIG_IGN = 0, 1
 PR_GET_TID_ADDRESS = 40
 PROT_READ_WRITE = 0x1 | 0x2
 MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20
@@ -55,8 +56,25 @@ class DumpResult:
     frozen_ms: float  # how long the process was stopped
 
 
+class Precopied(Protocol):
+    """What a move's pre-copy rounds sent already (hijack.mutator.precopy.Precopy)."""
+
+    def segments(self, segments: list[rec.Segment]) -> list[rec.Segment]:
+        """The segments, PRECOPIED where the destination holds their pages."""
+
+    def runs(self, segment: rec.Segment) -> list[tuple[int, int]]:
+        """The pages of a PRECOPIED segment changed since they were sent."""
+
+    def vm_flags(self, maps: list[procfs.MapEntry]) -> dict[int, tuple[str, ...]]:
+        """The smaps VmFlags of `maps`, by start (read before the freeze where unchanged)."""
+
+    @property
+    def signal_actions(self) -> list[rec.SigAction]:
+        """The signal actions read when the tracking started (read_signal_actions' `known`)."""
+
+
 @dataclass
-class _PageCounts:
+class PageCounts:
     untouched: int = 0
     from_files: int = 0
 
@@ -97,9 +115,18 @@ def dump(
 
 
 def write_image(
-    tracee: Tracee, out: BinaryIO, *, no_binary: bool = False, no_shared_libs: bool = False
+    tracee: Tracee,
+    out: BinaryIO,
+    *,
+    no_binary: bool = False,
+    no_shared_libs: bool = False,
+    precopied: Precopied | None = None,
 ) -> tuple[rec.End, int, int]:
-    """Write the image of a seized process to `out`; return its END, threads and size."""
+    """Write the image of a seized process to `out`; return its END, threads and size.
+
+    With `precopied`, the image is the final one of a move after pre-copy
+    rounds (docs/crf.md §7a): only what changed since of what they sent.
+    """
     pid = tracee.pid
     options = rec.DumpOptions(0)
     if no_binary:
@@ -110,17 +137,21 @@ def write_image(
     maps = procfs.read_maps(pid)
     with scratch_page(tracee) as scratch:
         brk = tracee.checked_syscall("brk", 0)
-        actions = read_signal_actions(tracee, scratch)
+        known = precopied.signal_actions if precopied is not None else None
+        actions = read_signal_actions(tracee, scratch, known)
         threads = [read_thread(tracee, thread, scratch) for thread in _live(tracee)]
     tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
     writer.write(read_header(pid, options))
     writer.write(read_credentials(pid))
     writer.write(read_rlimits(pid))
     writer.write(read_memory_structure(pid, brk))
-    segments = describe_segments(pid, maps, options)
+    flags = precopied.vm_flags(maps) if precopied is not None else None
+    segments = describe_segments(pid, maps, options, flags=flags)
+    if precopied is not None:
+        segments = precopied.segments(segments)
     writer.write(rec.Segments(segments=tuple(segments)))
     writer.write(read_files(pid))
-    counts = write_memory(pid, segments, writer)
+    counts = write_memory(pid, segments, writer, precopied)
     for thread_record in threads:
         writer.write(thread_record)
     writer.write(
@@ -296,9 +327,26 @@ def read_memory_structure(pid: int, brk: int) -> rec.MemoryStructure:
     )
 
 
-def read_signal_actions(tracee: Tracee, scratch: int) -> list[rec.SigAction]:
+def read_signal_actions(
+    tracee: Tracee, scratch: int, known: list[rec.SigAction] | None = None
+) -> list[rec.SigAction]:
+    """Every signal action of the stopped process (one injected call each).
+
+    With `known`, the actions read a while before (a move's pre-copy): those
+    of signals neither caught then nor now, nor SIGCHLD, are taken from it when
+    /proc shows them still default or still ignored. For such a signal no
+    handler runs, so its flags and mask change nothing (SIGCHLD's do).
+    """
+    status = procfs.read_status(tracee.pid) if known is not None else None
     actions = []
     for signal_number in range(1, rec.SIGNAL_COUNT + 1):
+        if status is not None and known is not None and signal_number != signal.SIGCHLD:
+            bit = 1 << (signal_number - 1)
+            now = SIG_IGN if status.sig_ign & bit else SIG_DFL
+            before = known[signal_number - 1]
+            if not status.sig_cgt & bit and before.sa_handler == now:
+                actions.append(before)
+                continue
         tracee.checked_syscall("rt_sigaction", signal_number, 0, scratch, 8)
         handler, flags, restorer, mask = struct.unpack(
             "<4Q", memory.read(tracee.pid, scratch, SIGACTION_SIZE)
@@ -338,9 +386,15 @@ def read_thread(tracee: Tracee, thread: TracedThread, scratch: int) -> rec.Threa
 
 
 def describe_segments(
-    pid: int, maps: list[procfs.MapEntry], options: rec.DumpOptions
+    pid: int,
+    maps: list[procfs.MapEntry],
+    options: rec.DumpOptions,
+    *,
+    flags: dict[int, tuple[str, ...]] | None = None,
 ) -> list[rec.Segment]:
-    flags = procfs.read_smaps_flags(pid)
+    """The segments of `maps`, with the VmFlags `flags` (by start; default: read from smaps,
+    which walks every page table: tens of milliseconds for a big process)."""
+    flags = procfs.read_smaps_flags(pid) if flags is None else flags
     exe = procfs.read_exe(pid)
     segments = []
     for mapping in maps:
@@ -396,15 +450,24 @@ def _contents_of(
     return rec.ContentsKind.STORED, None
 
 
-def write_memory(pid: int, segments: list[rec.Segment], writer: ImageWriter) -> _PageCounts:
-    counts = _PageCounts()
+def write_memory(
+    pid: int,
+    segments: list[rec.Segment],
+    writer: ImageWriter,
+    precopied: Precopied | None = None,
+) -> PageCounts:
+    counts = PageCounts()
     buffer = bytearray(READ_CHUNK)  # reused: reading into fresh buffers is several times slower
     with memory.MemoryFile(pid) as mem:
         for segment in segments:
             # A file-backed segment is restored from its file, where a page
             # left out is the file's, not zero: its zero pages are stored too.
             keep_zero = _is_file_backed(segment) and segment.contents is rec.ContentsKind.STORED
-            for start, end in _runs_to_store(pid, segment, counts):
+            runs = runs_to_store(pid, segment, counts)
+            if segment.contents is rec.ContentsKind.PRECOPIED and precopied is not None:
+                # Over what the rounds sent: a page now zero must be sent as such.
+                keep_zero, runs = True, precopied.runs(segment)
+            for start, end in runs:
                 for chunk_start in range(start, end, READ_CHUNK):
                     length = min(READ_CHUNK, end - chunk_start)
                     view = memoryview(buffer)[:length]
@@ -417,9 +480,9 @@ def _is_file_backed(segment: rec.Segment) -> bool:
     return segment.path.startswith("/") and segment.inode != 0 and not segment.shared
 
 
-def _runs_to_store(pid: int, segment: rec.Segment, counts: _PageCounts) -> list[tuple[int, int]]:
+def runs_to_store(pid: int, segment: rec.Segment, counts: PageCounts) -> list[tuple[int, int]]:
     pages = segment.size // PAGE_SIZE
-    if segment.contents is rec.ContentsKind.NONE:
+    if segment.contents in (rec.ContentsKind.NONE, rec.ContentsKind.PRECOPIED):
         return []
     if segment.contents is rec.ContentsKind.FILE:
         # Only the pages the process changed: the rest come from the file.
@@ -458,9 +521,12 @@ def _read_memory(
 
 
 def read_files(pid: int) -> rec.Files:
-    sockets = procfs.read_socket_table(pid)
+    entries = procfs.list_fds(pid)
+    # The socket tables take tens of milliseconds on a busy host: only when needed.
+    needed = any(entry.kind is procfs.FdKind.SOCKET for entry in entries)
+    sockets = procfs.read_socket_table(pid) if needed else {}
     descriptors = []
-    for entry in procfs.list_fds(pid):
+    for entry in entries:
         info = procfs.read_fdinfo(pid, entry.fd)
         socket_info = None
         if entry.kind is procfs.FdKind.SOCKET and entry.ino in sockets:

@@ -8,7 +8,9 @@ shadow (and a listener here for each of its listening sockets), then
 restores with those as the process's descriptors, holds it stopped and
 answers `prepared`; only on `commit` does the process run (`running`).
 Anything else — the mover gone, a broken stream, `abort` — kills the stub:
-nothing half-built ever runs.
+nothing half-built ever runs. A move with pre-copy (`precopy`) first sends
+rounds of memory while the process still runs: the stub is built from them
+(hijack.restore.precopy) and the move's final image is restored into it.
 
 Each move's outcome here (`running` or `aborted`) is decided once, under a
 lock, and written to the registry before it is acted on or told: a mover
@@ -34,6 +36,7 @@ from hijack.image import records as rec
 from hijack.node import policy
 from hijack.node.channel import Channel, ChannelError, DataReader
 from hijack.registry import Registry, node_name
+from hijack.restore.precopy import Prebuilt
 from hijack.restore.restorer import restore
 from hijack.shadow import control
 from hijack.shadow.datagram import widen_receive_buffer
@@ -118,6 +121,8 @@ class NodeDaemon:
                 self._receive_move(channel, request, where)
             elif op == "outcome":
                 channel.send(self._outcome_of(str(request.get("move"))))
+            elif op == "precopy":
+                self._receive_precopy(channel, request, where)
             else:
                 log(f"refused a request from {channel.peer} ({where}): unknown op {op!r:.40}")
                 channel.send({"error": f"unknown op {op!r:.40}"})
@@ -126,7 +131,64 @@ class NodeDaemon:
         finally:
             connection.close()
 
-    def _receive_move(self, channel: Channel, request: dict[str, Any], where: str) -> None:
+    def _receive_precopy(self, channel: Channel, request: dict[str, Any], where: str) -> None:
+        """Rounds of memory (each answered `precopied`), then the move itself into their stub."""
+        move, program, pid = request.get("move"), request.get("program"), request.get("pid")
+        try:
+            if not isinstance(move, str) or not isinstance(pid, int):
+                raise TypeError
+            credentials = _credentials(request["credentials"])
+        except (KeyError, TypeError, ValueError, HijackError):
+            log(f"refused a pre-copy from {channel.peer} ({where}): malformed request")
+            channel.send({"error": f"malformed pre-copy request: {json.dumps(request)[:120]}"})
+            return
+        log(f"move {move:.40} of {program!s:.80} from {channel.peer} ({where}): pre-copy")
+        try:
+            # The policy before anything is made (the final image is checked again).
+            who = f"{program!s:.80} (pid {pid})"
+            policy.check_powers(who, credentials, allow_root=self.allow_root)
+        except HijackError as exc:
+            log(f"move {move:.40} failed: {exc}")
+            channel.send({"error": str(exc)})
+            return
+        channel.send({"phase": "precopying"})
+        # Round 0 builds the stub: the policy's file checks apply to its layout
+        # first; its root check to the final image, before the process can run.
+        prebuilt = Prebuilt(
+            lambda segments: policy.check_layout(f"{program!s:.80} (pid {pid})", segments)
+        )
+        try:
+            # Opened now rather than while the process is frozen: it takes a while.
+            with Registry() as registry:
+                while True:
+                    message = channel.receive()
+                    if message.get("op") == "move":
+                        self._receive_move(channel, message, where, prebuilt, registry)
+                        return
+                    if message.get("op") != "round":
+                        raise HijackError(f"move {move} aborted by the mover during pre-copy")
+                    reader = DataReader(channel)
+                    received = prebuilt.receive_round(cast(BinaryIO, reader))
+                    if reader.read(1):
+                        raise ChannelError(f"{channel.peer} sent data after pre-copy round")
+                    channel.send(
+                        {"phase": "precopied", "round": received.number, "pages": received.pages}
+                    )
+        except HijackError as exc:
+            log(f"move {move} failed: {exc}")
+            with contextlib.suppress(ChannelError):
+                channel.send({"error": str(exc)})
+        finally:
+            prebuilt.discard()
+
+    def _receive_move(
+        self,
+        channel: Channel,
+        request: dict[str, Any],
+        where: str,
+        prebuilt: Prebuilt | None = None,
+        registry: Registry | None = None,
+    ) -> None:
         try:
             move, home, token, proxies = _parse_move(request)
         except HijackError as exc:
@@ -173,8 +235,8 @@ class NodeDaemon:
                 # migrant refuses it while the original can still go on, and
                 # nothing can fail here once it runs (the mover would resume
                 # the original: two of it).
-                with Registry() as registry:
-                    registry.record_migrant(
+                with contextlib.nullcontext(registry) if registry else Registry() as records:
+                    records.record_migrant(
                         pid,
                         str(request.get("program")),
                         str(home["node"]),
@@ -183,7 +245,7 @@ class NodeDaemon:
                         str(home["token"]),
                     )
                     addresses = {"listeners": listeners, "datagrams": datagrams}
-                    registry.record_arrival(move, pid, "prepared", addresses)
+                    records.record_arrival(move, pid, "prepared", addresses)
                 with self.decisions:
                     self.waiting[move] = channel.sock
                 try:
@@ -203,8 +265,8 @@ class NodeDaemon:
                     committed.append(pid)
                 except BaseException:
                     self._decide(move, pid, "aborted")
-                    with contextlib.suppress(HijackError), Registry() as registry:
-                        registry.forget(pid, f"move {move} did not complete")
+                    with contextlib.suppress(HijackError), Registry() as forgetting:
+                        forgetting.forget(pid, f"move {move} did not complete")
                     raise
                 finally:
                     with self.decisions:
@@ -215,6 +277,7 @@ class NodeDaemon:
                 provided=provided,
                 before_start=hold_until_commit,
                 admit=admit,
+                prebuilt=prebuilt,
             )
         except HijackError as exc:
             log(f"move {move} failed: {exc}")
@@ -299,6 +362,19 @@ def datagram_socket(proxy: Proxy, here: str) -> socket.socket:
         sock.close()
         raise HijackError(f"cannot make a UDP socket for fd {proxy.fd}: {exc}") from None
     return sock
+
+
+def _credentials(fields: Any) -> rec.Credentials:
+    """The Credentials record a pre-copy request carries (its fields as JSON)."""
+    if not isinstance(fields, dict):
+        raise TypeError
+    values = dict(fields)
+    values["groups"] = tuple(values.get("groups", ()))
+    for name, value in values.items():
+        items = value if name == "groups" else (value,)
+        if not all(isinstance(item, int) and 0 <= item < 1 << 64 for item in items):
+            raise ValueError
+    return rec.Credentials(**values)
 
 
 def _parse_move(request: dict[str, Any]) -> tuple[str, dict[str, Any], bytes, list[Proxy]]:

@@ -5,22 +5,28 @@ On the node the process runs on now:
    through the home shadow (sockets, pipes, terminals); refuse naming the rest;
 2. connect to the destination daemon (authenticated channel) — nothing has
    been touched yet, so a refusal changes nothing;
+2a. with pre-copy (on by default for processes holding PRECOPY_MIN_BYTES of
+   private memory): send memory in rounds while the process runs, each round
+   the pages written since the one before (hijack.mutator.precopy), then
+   check the descriptors again;
 3. freeze the process (all threads stopped) — the freeze time starts;
 4. tell the home shadow `migrating` (at home: first hand it the descriptors);
    away from home, copy the process's unread relay bytes (MSG_PEEK);
-5. stream the image; the daemon restores it with relays to the shadow and
-   answers `prepared`;
+5. stream the image (after pre-copy: only what changed since the last round);
+   the daemon restores it with relays to the shadow and answers `prepared`;
 6. queue a SIGSTOP for the original (so it never runs on its own again, even
    if this command dies), then `commit`: the daemon lets it run and answers
    `running`;
 7. away from home, take the datagrams the frozen process had not read from
    its UDP sockets; tell the shadow `migrated` (the new relays take over, those
-   datagrams sent again), kill the original: the freeze time ends.
+   datagrams sent again): the freeze time ends; mark the process moved and
+   kill the original.
 If anything fails before the commit, the daemon kills what it built, the
 shadow is told `aborted`, and the original resumes untouched (detached again
-if the move attached it). If the answer to the commit is lost, the daemon is
-asked again what it decided; if it cannot tell, the original stays held
-stopped for `hijack recover` (docs/protocol.md, "Settling a move").
+if the move attached it; the dirty-page tracking of pre-copy ends with the
+move, either way). If the answer to the commit is lost, the daemon is asked
+again what it decided; if it cannot tell, the original stays held stopped
+for `hijack recover` (docs/protocol.md, "Settling a move").
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ from typing import Any, BinaryIO, cast
 
 from hijack.errors import HijackError, Unsupported
 from hijack.mutator import attach as attaching
-from hijack.mutator.dump import kill_stopped, write_image
+from hijack.mutator.dump import kill_stopped, read_credentials, write_image
 from hijack.mutator.handover import hand_descriptors_to_shadow
+from hijack.mutator.precopy import Precopy, worth_precopying
 from hijack.mutator.tracee import Tracee
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
@@ -77,7 +84,10 @@ class MoveResult:
     new_pid: int
     destination: str
     freeze_ms: float
-    bytes_sent: int
+    bytes_sent: int  # pre-copy rounds included
+    rounds: int = 0  # pre-copy rounds before the freeze
+    frozen_bytes: int = 0  # sent while the process was frozen (the final image)
+    tracking_pause_ms: float = 0.0  # the process stopped once more, to start pre-copy
 
 
 @dataclass(frozen=True)
@@ -118,9 +128,11 @@ def move(
     destination: str,
     registry: Registry,
     progress: Callable[[str, int], None] | None = None,
+    precopy: bool | None = None,
 ) -> MoveResult:
     """Move `pid` to the node daemon at `destination`; see the module docstring.
 
+    `precopy`: True or False forces pre-copy on or off; None decides by size.
     A move that fails leaves the process as it found it: attached only if it
     was attached before. One whose outcome is unknown raises MoveInDoubt.
     """
@@ -140,7 +152,7 @@ def move(
         attaching.attach(pid, registry)
     try:
         reached("move-attached")
-        return _move_attached(pid, address, key, registry, registry.get(pid), report)
+        return _move_attached(pid, address, key, registry, registry.get(pid), report, precopy)
     except MoveInDoubt:
         raise  # the process is held as it is, for `hijack recover`
     except BaseException:
@@ -158,6 +170,7 @@ def _move_attached(
     registry: Registry,
     record: ProcessRecord,
     report: Callable[[str, int], None],
+    precopy: bool | None,
 ) -> MoveResult:
     at_home = record.state == "attached"
     token = record.relay_token or secrets.token_hex(32)
@@ -183,7 +196,12 @@ def _move_attached(
         def mark_moved() -> None:
             _mark_moved(registry, pid, at_home, channel.peer)
 
+        precopied: Precopy | None = None
         try:
+            if precopy or (precopy is None and worth_precopying(pid)):
+                precopied = _precopy(pid, channel, move_id, record.program, report)
+                # It ran on meanwhile: what it holds now is what goes.
+                plan, present = plan_proxies(pid, shadow, at_home)
             result = _move_frozen(
                 pid,
                 channel,
@@ -197,6 +215,7 @@ def _move_attached(
                 report,
                 mark_moved,
                 (address, key),
+                precopied,
             )
         except MoveInDoubt as exc:
             registry.update_move(move_id, phase="in-doubt", error=str(exc))
@@ -206,6 +225,9 @@ def _move_attached(
         except BaseException as exc:
             registry.update_move(move_id, phase="failed", finished_at=time.time(), error=str(exc))
             raise
+        finally:
+            if precopied is not None:
+                precopied.close()
     finally:
         channel.close()
         lock.release()
@@ -241,11 +263,15 @@ def _move_frozen(
     report: Callable[[str, int], None],
     mark_moved: Callable[[], None],
     destination: tuple[tuple[str, int], bytes],
+    precopied: Precopy | None = None,
 ) -> MoveResult:
+    before = precopied.bytes_sent if precopied is not None else 0
     with Tracee.seize(pid) as tracee:
         frozen_at = time.perf_counter()
         try:
             reached("move-frozen")
+            if precopied is not None:
+                precopied.freeze()
             if at_home:
                 hand_descriptors_to_shadow(pid, record.shadow_control or "")
                 proxy = [
@@ -273,15 +299,15 @@ def _move_frozen(
                     "proxies": [p.__dict__ for p in plan],
                 }
             )
-            report("streaming", 0)
+            report("streaming", before)
             writer = DataWriter(channel)
-            progress_writer = _Progress(writer, report)
-            write_image(tracee, cast(BinaryIO, progress_writer))
+            progress_writer = _Progress(writer, report, before=before)
+            write_image(tracee, cast(BinaryIO, progress_writer), precopied=precopied)
             writer.close()
-            report("restoring", writer.sent)
+            report("restoring", before + writer.sent)
             prepared = channel.expect("phase")
             reached("move-prepared")
-            report("switching", writer.sent)
+            report("switching", before + writer.sent)
         except BaseException:
             _abort(channel, shadow, move_id)
             raise
@@ -323,16 +349,66 @@ def _move_frozen(
                 unswitched = None
             except HijackError as exc:
                 unswitched = exc  # the copy runs all the same: it is the process now
+            # It runs there and its streams reach it: the freeze is over. What
+            # follows is bookkeeping, and the end of the stopped original
+            # (freeing a big one's memory takes a while).
+            freeze_ms = (time.perf_counter() - frozen_at) * 1000
             mark_moved()
             kill_stopped(tracee)
-            freeze_ms = (time.perf_counter() - frozen_at) * 1000
     if unswitched is not None:
         raise HijackError(
             f"process {pid} runs on {channel.peer} as {answer['pid']}, but its home shadow"
             f" could not be told to relay to it ({unswitched}): its connections do not reach it",
             pid=pid,
         )
-    return MoveResult(move_id, pid, int(answer["pid"]), channel.peer, freeze_ms, writer.sent)
+    rounds = precopied.rounds if precopied is not None else 0
+    sent = before + writer.sent
+    pause = precopied.pause_ms if precopied is not None else 0.0
+    return MoveResult(
+        move_id, pid, int(answer["pid"]), channel.peer, freeze_ms, sent, rounds, writer.sent, pause
+    )
+
+
+def _precopy(
+    pid: int,
+    channel: Channel,
+    move_id: str,
+    program: str,
+    report: Callable[[str, int], None],
+) -> Precopy:
+    """Send the process's memory in rounds while it runs (docs/protocol.md, "Moving")."""
+    # Its credentials, for the daemon's policy before it builds anything.
+    credentials = dataclasses.asdict(read_credentials(pid))
+    channel.send(
+        {
+            "op": "precopy",
+            "move": move_id,
+            "pid": pid,
+            "program": program,
+            "credentials": credentials,
+        }
+    )
+    channel.expect("phase")  # accepted: a refusal comes before anything is touched
+    precopied = Precopy.start(pid)
+    try:
+        before = None
+        while True:
+            phase = f"round {precopied.rounds}"
+            report(phase, precopied.bytes_sent)
+            channel.send({"op": "round", "round": precopied.rounds})
+            writer = DataWriter(channel)
+            progress = _Progress(writer, report, phase, precopied.bytes_sent)
+            last = precopied.send_round(cast(BinaryIO, progress))
+            writer.close()
+            precopied.bytes_sent += writer.sent
+            channel.expect("phase")  # applied there: the next round starts from a caught-up peer
+            if not precopied.should_continue(last, before):
+                precopied.prepare_freeze()
+                return precopied
+            before = last
+    except BaseException:
+        precopied.close()
+        raise
 
 
 def _switch_shadow(
@@ -521,6 +597,7 @@ def _abort(channel: Channel, shadow: HomeShadow, move_id: str) -> None:
 
 
 PUBLISH_INTERVAL = 0.25  # seconds between the progress a move writes to the registry
+REPORT_EVERY = 256 * 1024  # bytes of image between two progress reports
 
 
 class _Published:
@@ -541,6 +618,8 @@ class _Published:
     def __call__(self, phase: str, sent: int) -> None:
         self.report(phase, sent)
         now = time.monotonic()
+        if phase.startswith("round "):  # the registry knows the phase, not the round
+            phase = "precopying"
         if phase != self.phase or now - self.written_at >= PUBLISH_INTERVAL:
             self.registry.update_move(self.move_id, phase=phase, bytes_sent=sent)
             self.phase, self.written_at = phase, now
@@ -549,16 +628,27 @@ class _Published:
 class _Progress:
     """A write-only stream that reports how much has gone through it."""
 
-    def __init__(self, writer: DataWriter, report: Callable[[str, int], None]) -> None:
+    def __init__(
+        self,
+        writer: DataWriter,
+        report: Callable[[str, int], None],
+        phase: str = "streaming",
+        before: int = 0,
+    ) -> None:
         self.writer = writer
         self.report = report
+        self.phase = phase
+        self.before = before  # bytes the move sent before this stream
+        self.reported = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        before = self.writer.sent
+        already = self.writer.sent
         written = self.writer.write(data)
-        self.report("streaming", self.writer.sent)
-        if not before and self.writer.sent:
-            reached("move-streaming")  # the first data frame is out
+        if self.writer.sent - self.reported >= REPORT_EVERY:  # not for every small section
+            self.reported = self.writer.sent
+            self.report(self.phase, self.before + self.writer.sent)
+        if self.phase == "streaming" and not already and self.writer.sent:
+            reached("move-streaming")  # the first data frame of the image is out
         return written
 
     def flush(self) -> None:

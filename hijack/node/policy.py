@@ -40,14 +40,19 @@ def check_image(
     allow_root: bool,
 ) -> None:
     """Raise Refused (one line, naming what) for an image this node must not restore."""
+    check_powers(f"{header.comm} (pid {header.pid})", credentials, allow_root=allow_root)
+    check_files(header, segments)
+
+
+def check_powers(who: str, credentials: rec.Credentials, *, allow_root: bool) -> None:
+    """Refuse `who` if it has root's powers, unless `allow_root` (also before pre-copy)."""
     if not allow_root:
         powers = root_powers(credentials)
         if powers:
             raise Refused(
-                f"refusing {header.comm} (pid {header.pid}): it runs with root's powers "
+                f"refusing {who}: it runs with root's powers "
                 f"({', '.join(powers)}); this node was not started with --allow-root"
             )
-    check_files(header, segments)
 
 
 def root_powers(credentials: rec.Credentials) -> list[str]:
@@ -73,6 +78,11 @@ def root_powers(credentials: rec.Credentials) -> list[str]:
 
 def check_files(header: rec.ImageHeader, segments: rec.Segments) -> None:
     """Every file the image maps instead of carrying must be here and unchanged."""
+    check_layout(f"{header.comm} (pid {header.pid})", segments)
+
+
+def check_layout(who: str, segments: rec.Segments) -> None:
+    """check_files for `who`; also for a move's pre-copy round 0, which builds the stub."""
     for segment in segments.segments:
         if segment.file is not None:
             check_identity(segment.file)
@@ -84,6 +94,6 @@ def check_files(header: rec.ImageHeader, segments: rec.Segments) -> None:
             # A shared mapping's bytes are the file's: executable ones would be
             # code this node's file supplies, with no identity to check it by.
             raise Refused(
-                f"refusing {header.comm} (pid {header.pid}): it maps {segment.path} shared "
+                f"refusing {who}: it maps {segment.path} shared "
                 "and executable, code that cannot be verified"
             )

@@ -11,6 +11,10 @@ Order matters:
 4. map every segment at its address with its protections, from its file or
    anonymous; pages then stream in (process_vm_writev into writable segments,
    /proc/PID/mem, which ignores protections, into the others).
+
+A move with pre-copy builds from its round 0 and later turns that layout
+into its final image's (`adopt_final`): PRECOPIED segments keep what the
+rounds wrote, everything else is unmapped and mapped anew.
 """
 
 from __future__ import annotations
@@ -134,6 +138,19 @@ class AddressSpace:
         self.stub.call("mmap", address, SCRATCH_SIZE, PROT_READ_WRITE, flags, -1, 0)
         self.stub.use_scratch(address)
 
+    def _relocate_scratch(self, segments: list[rec.Segment]) -> None:
+        """Move the scratch area out of the way of `segments` (the final layout)."""
+        old = self.stub.scratch
+        if not any(s.start < old + SCRATCH_SIZE and old < s.end for s in segments):
+            return
+        occupied = [(s.start, s.end) for s in segments]
+        occupied += [(m.start, m.end) for m in procfs.read_maps(self.stub.pid)]
+        address = find_hole(occupied, SCRATCH_SIZE)
+        flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
+        self.stub.call("mmap", address, SCRATCH_SIZE, PROT_READ_WRITE, flags, -1, 0)
+        self.stub.use_scratch(address)
+        self.stub.call("munmap", old, SCRATCH_SIZE)
+
     def unmap_scratch(self) -> None:
         self.stub.call("munmap", self.stub.scratch, SCRATCH_SIZE)
 
@@ -178,6 +195,53 @@ class AddressSpace:
             return -1  # a deleted or moved file: its pages are in the image anyway
         raise RestoreError(f"cannot open {segment.path}, which the process had mapped")
 
+    # -- the final layout after pre-copy rounds (docs/crf.md §7a) -----------------
+
+    def adopt_final(self, segments: tuple[rec.Segment, ...]) -> None:
+        """Turn round 0's layout into the final image's, keeping what PRECOPIED segments hold."""
+        final = [s for s in segments if s.path not in KERNEL_MAPPINGS]
+        for segment in segments:
+            placed = self.kernel_segments.get(segment.path)
+            if segment.path in KERNEL_MAPPINGS and (
+                placed is None or (placed.start, placed.end) != (segment.start, segment.end)
+            ):
+                raise RestoreError(f"{segment.path} moved during the pre-copy rounds")
+        # Each kept segment, with the protection round 0 gave it.
+        kept: dict[int, rec.Prot] = {}
+        for segment in final:
+            if segment.contents is rec.ContentsKind.PRECOPIED:
+                holder = [base for base in self.segments if _holds(base, segment)]
+                if not holder:
+                    raise RestoreError(
+                        f"segment {segment.start:#x}-{segment.end:#x} is PRECOPIED, but no"
+                        " pre-copy round built it"
+                    )
+                kept[segment.start] = holder[0].prot
+            elif _same_file_mapping(segment, self.segments):
+                # The file range round 0 mapped just so: the final image stores
+                # its pages whole, so overwriting them is as good as mapping anew.
+                kept[segment.start] = segment.prot
+        kept_ranges = [(s.start, s.end) for s in final if s.start in kept]
+        self._relocate_scratch(final)
+        keep = list(kept_ranges)
+        keep.append((self.stub.scratch, self.stub.scratch + SCRATCH_SIZE))
+        for mapping in procfs.read_maps(self.stub.pid):
+            if mapping.path in KERNEL_MAPPINGS or mapping.path == "[vsyscall]":
+                continue
+            for start, end in _outside(mapping.start, mapping.end, sorted(keep)):
+                self.stub.call("munmap", start, end - start)
+        for segment in final:
+            if segment.start in kept:
+                if kept[segment.start] != segment.prot:
+                    self.stub.call("mprotect", segment.start, segment.size, int(segment.prot))
+                for flag, advice in MADVISE_FOR_FLAG.items():
+                    if flag in segment.vm_flags:
+                        self.stub.try_call("madvise", segment.start, segment.size, advice)
+            else:
+                self._map_segment(segment)
+        self.segments = final
+        self._starts = [s.start for s in final]
+
     # -- pages --------------------------------------------------------------------
 
     def write_pages(self, pages: rec.Pages) -> None:
@@ -195,3 +259,55 @@ class AddressSpace:
 
     def close(self) -> None:
         self._mem.close()
+
+
+def _holds(base: rec.Segment, segment: rec.Segment) -> bool:
+    """Whether round 0's `base` covers `segment` with the same backing."""
+    same_file = segment.inode == 0 or segment.offset - base.offset == segment.start - base.start
+    return (
+        base.start <= segment.start
+        and segment.end <= base.end
+        and base.contents is rec.ContentsKind.STORED
+        and (base.inode, base.dev_major, base.dev_minor, base.shared)
+        == (segment.inode, segment.dev_major, segment.dev_minor, segment.shared)
+        and same_file
+    )
+
+
+def _same_file_mapping(segment: rec.Segment, base: list[rec.Segment]) -> bool:
+    """Whether round 0 mapped `segment`'s file range just so (a whole stored file mapping)."""
+    if not (segment.path.startswith("/") and segment.inode) or segment.shared:
+        return False
+    if segment.contents is not rec.ContentsKind.STORED:
+        return False
+    twin = [
+        b
+        for b in base
+        if (b.start, b.end, b.prot, b.offset, b.inode, b.dev_major, b.dev_minor, b.path)
+        == (
+            segment.start,
+            segment.end,
+            segment.prot,
+            segment.offset,
+            segment.inode,
+            segment.dev_major,
+            segment.dev_minor,
+            segment.path,
+        )
+    ]
+    return bool(twin) and not twin[0].shared and twin[0].contents is rec.ContentsKind.STORED
+
+
+def _outside(start: int, end: int, kept: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of [start, end) that no range of `kept` (sorted) covers."""
+    parts = []
+    cursor = start
+    for keep_start, keep_end in kept:
+        if keep_end <= cursor or keep_start >= end:
+            continue
+        if keep_start > cursor:
+            parts.append((cursor, keep_start))
+        cursor = max(cursor, keep_end)
+    if cursor < end:
+        parts.append((cursor, end))
+    return parts

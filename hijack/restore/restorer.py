@@ -37,6 +37,7 @@ from hijack.mutator.tracee import (
 from hijack.registry import Registry
 from hijack.restore import files as file_restore
 from hijack.restore.address_space import AddressSpace
+from hijack.restore.precopy import Prebuilt
 from hijack.restore.remote import Stub
 from hijack.shadow import control
 from hijack.sys import memory, pidfd, procfs
@@ -46,6 +47,7 @@ from hijack.sys.stub import kill_stub, spawn_stub
 R = TypeVar("R")
 
 SIGKILL, SIGSTOP = 9, 19
+SIG_DFL, SIG_IGN = 0, 1
 PR_SET_MM, PR_SET_MM_MAP = 35, 14
 PR_SET_NAME = 15
 PR_SET_NO_NEW_PRIVS = 38
@@ -98,6 +100,7 @@ def restore(
     provided: dict[int, int] | None = None,
     before_start: Callable[[int], None] | None = None,
     admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None,
+    prebuilt: Prebuilt | None = None,
 ) -> RestoreResult:
     """Rebuild the process of the image in `stream` and let it run.
 
@@ -111,6 +114,8 @@ def restore(
     `admit(header, credentials, segments)` runs once the image has described
     the process and before anything is made for it (a node daemon's policy);
     it refuses by raising.
+    `prebuilt` is the stub a move's pre-copy rounds built: the image is its
+    final one (docs/crf.md §7a) and is restored into that stub.
     """
     records = read_image(stream)
     image = _Image(
@@ -126,6 +131,11 @@ def restore(
     for segment in image.segments.segments:
         if segment.file is not None:
             check_identity(segment.file)
+        if segment.contents is rec.ContentsKind.PRECOPIED and prebuilt is None:
+            raise ImageError(
+                f"segment {segment.start:#x}-{segment.end:#x} is PRECOPIED: the image is the"
+                " last part of a move with pre-copy and cannot be restored alone"
+            )
     holdings = shadow_holdings(registry, image.header.pid) if registry and not provided else None
     plan = file_restore.plan_files(
         image.files,
@@ -133,6 +143,8 @@ def restore(
         holdings=holdings,
         provided=frozenset(provided or {}),
     )
+    if prebuilt is not None:
+        return _restore_prebuilt(records, image, plan, prebuilt, provided or {}, before_start)
     inherited = _take_from_shadow(holdings, plan) if holdings else {}
     for number, fd in (provided or {}).items():
         inherited[number] = os.dup(fd)
@@ -162,6 +174,41 @@ def restore(
         _record(registry, image.header, pid, holdings)
     return RestoreResult(
         pid=pid,
+        old_pid=image.header.pid,
+        program=image.header.comm,
+        threads=len(image.threads),
+        dropped=tuple(file_restore.describe(d) for d in plan.dropped),
+    )
+
+
+def _restore_prebuilt(
+    records: Iterator[rec.Record],
+    image: _Image,
+    plan: file_restore.FilePlan,
+    prebuilt: Prebuilt,
+    provided: dict[int, int],
+    before_start: Callable[[int], None] | None,
+) -> RestoreResult:
+    """restore() of a move's final image into the stub its pre-copy rounds built."""
+    stub, space = prebuilt.stub, prebuilt.space
+    if stub is None or space is None:
+        raise RestoreError("the move's final image came before any pre-copy round")
+    prebuilt.taken = True
+    try:
+        inherited = prebuilt.hand_over(provided)
+        space.adopt_final(image.segments.segments)
+        _consume_rest(records, image, space)
+        _finish(stub, space, image, plan, inherited)
+        if before_start is not None:
+            before_start(stub.pid)
+        _start(stub)
+    except BaseException:
+        kill_stub(stub.pid)
+        raise
+    finally:
+        space.close()
+    return RestoreResult(
+        pid=stub.pid,
         old_pid=image.header.pid,
         program=image.header.comm,
         threads=len(image.threads),
@@ -324,9 +371,20 @@ def _set_mm_map(stub: Stub, mm: rec.MemoryStructure) -> None:
 
 
 def _set_signal_actions(stub: Stub, signals: rec.SignalState) -> None:
-    # Every one, defaults included: the stub inherited what the restorer ignores.
+    # Every one that differs from the stub's, defaults included: the stub
+    # inherited what the restorer ignores. Its exec left every other action
+    # SIG_DFL with no flags, mask or restorer.
+    ignored = procfs.read_status(stub.pid).sig_ign
     for number, action in enumerate(signals.actions, start=1):
         if number in (SIGKILL, SIGSTOP):
+            continue
+        handler = SIG_IGN if ignored & (1 << (number - 1)) else SIG_DFL
+        if (action.sa_handler, action.sa_flags, action.sa_restorer, action.sa_mask) == (
+            handler,
+            0,
+            0,
+            0,
+        ):
             continue
         stub.reset_scratch()
         act = stub.put_u64s(action.sa_handler, action.sa_flags, action.sa_restorer, action.sa_mask)
@@ -334,7 +392,10 @@ def _set_signal_actions(stub: Stub, signals: rec.SignalState) -> None:
 
 
 def _set_rlimits(stub: Stub, rlimits: rec.Rlimits) -> None:
+    current = {limit.resource: (limit.soft, limit.hard) for limit in procfs.read_limits(stub.pid)}
     for limit in rlimits.limits:
+        if current.get(limit.resource) == (limit.rlim_cur, limit.rlim_max):
+            continue  # the stub inherited it as it is
         stub.reset_scratch()
         new = stub.put_u64s(limit.rlim_cur, limit.rlim_max)
         # Raising a hard limit needs CAP_SYS_RESOURCE, which root lacks here

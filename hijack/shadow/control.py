@@ -75,7 +75,10 @@ def request(path: str, message: Message, timeout: float = 3.0, fds: Sequence[int
                 sock.connect(address)
             data = encode(message)
             sent = socket.send_fds(sock, [data], list(fds)) if fds else 0
-            sock.sendall(data[sent:])
+            if sent < len(data):
+                # Never an empty send: the shadow may have answered and closed
+                # already, and sending nothing to a closed socket fails (EPIPE).
+                sock.sendall(data[sent:])
             answer = _read_line(sock)
     except TimeoutError:
         raise ShadowError(f"no answer from {path} within {timeout:g} s") from None

@@ -244,8 +244,13 @@ class Shadow:
         return {"ok": True, **self.describe()}
 
     def describe(self) -> dict[str, Any]:
-        sockets = procfs.read_socket_table(os.getpid())
         own = {entry.fd: entry for entry in procfs.list_fds(os.getpid())}
+        # Read only when needed: with many sockets on the host the tables take
+        # tens of milliseconds, and a move waits for this answer frozen.
+        holds_sockets = any(
+            own[fd].kind is procfs.FdKind.SOCKET for fd in self.held.values() if fd in own
+        )
+        sockets = procfs.read_socket_table(os.getpid()) if holds_sockets else {}
         fds = []
         for number, fd in sorted(self.held.items()):
             entry = own.get(fd)

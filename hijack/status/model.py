@@ -33,7 +33,7 @@ from hijack.sys import procfs
 SCHEMA_VERSION = 1
 QUERY_TIMEOUT = 0.5  # seconds for each shadow or daemon to answer
 MAX_WORKERS = 32
-ACTIVE_PHASES = frozenset({"connecting", "streaming", "restoring", "switching"})
+ACTIVE_PHASES = frozenset({"connecting", "precopying", "streaming", "restoring", "switching"})
 RECENT_MOVES = 20
 RECENT_EVENTS = 30
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")

@@ -17,7 +17,7 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from hijack.cli.render import _size
+from hijack.cli.render import human_size
 from hijack.status.model import (
     Health,
     MoveView,
@@ -142,9 +142,9 @@ def _processes_table(processes: Iterable[ProcessView], with_traffic: bool) -> Ta
         streams = shadow.streams if shadow else ()
         totals = (
             [
-                _size(sum(s.bytes_to_process for s in streams)) if streams else NONE,
-                _size(sum(s.bytes_from_process for s in streams)) if streams else NONE,
-                _size(sum(_buffered(s) for s in streams)) if streams else NONE,
+                human_size(sum(s.bytes_to_process for s in streams)) if streams else NONE,
+                human_size(sum(s.bytes_from_process for s in streams)) if streams else NONE,
+                human_size(sum(_buffered(s) for s in streams)) if streams else NONE,
             ]
             if with_traffic
             else []
@@ -223,14 +223,14 @@ def relays_table(processes: Iterable[ProcessView], rates: Throughput | None = No
             str(stream.fd) if stream.fd is not None else NONE,
             stream.kind,
             escape(stream.relay) or NONE,
-            _size(stream.bytes_to_process),
-            _size(stream.bytes_from_process),
-            _size(stream.buffered_to_process),
-            _size(stream.buffered_from_process),
+            human_size(stream.bytes_to_process),
+            human_size(stream.bytes_from_process),
+            human_size(stream.buffered_to_process),
+            human_size(stream.buffered_from_process),
         ]
         if rates is not None:
             to_rate, from_rate = rates.streams.get((process.pid, stream.id), (0.0, 0.0))
-            row += [f"{_size(int(to_rate))}/s", f"{_size(int(from_rate))}/s"]
+            row += [f"{human_size(int(to_rate))}/s", f"{human_size(int(from_rate))}/s"]
         table.add_row(*row)
     return table
 
@@ -247,7 +247,7 @@ def moves_table(moves: Iterable[MoveView]) -> Table:
             escape(move.source),
             escape(move.destination),
             _phase(move),
-            _size(move.bytes_sent),
+            human_size(move.bytes_sent),
             f"{move.freeze_ms:.1f} ms" if move.freeze_ms is not None else NONE,
             str(move.new_pid) if move.new_pid is not None else NONE,
         )
@@ -314,8 +314,8 @@ def _moves_in_progress(snapshot: Snapshot, rates: Throughput | None) -> Renderab
                 width=BAR_WIDTH,
                 pulse=not expected,
             ),
-            f"{_size(move.bytes_sent)}" + (f" of ≈{_size(expected)}" if expected else ""),
-            f"{_size(int(rate))}/s" if rate else "",
+            f"{human_size(move.bytes_sent)}" + (f" of ≈{human_size(expected)}" if expected else ""),
+            f"{human_size(int(rate))}/s" if rate else "",
             f"{snapshot.taken_at - move.started_at:.1f} s",
         )
     return Panel(table, title="moves in progress", title_align="left", border_style="yellow")

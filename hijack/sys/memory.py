@@ -8,6 +8,7 @@ read-only pages (code, relro) go through /proc/PID/mem, which does not.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 from typing import Any
 
@@ -46,6 +47,28 @@ def read_into(pid: int, address: int, buffer: bytearray | memoryview) -> None:
     _transfer(
         _process_vm_readv, "process_vm_readv", pid, address, _writable_address(buffer), len(buffer)
     )
+
+
+IOV_MAX = 1024
+
+
+def read_gathered(pid: int, ranges: list[tuple[int, int]], buffer: bytearray) -> int:
+    """Read [start, end) `ranges` of `pid` back to back into `buffer`, in one call.
+
+    At most IOV_MAX ranges, fitting in `buffer`. Returns the bytes read: fewer
+    than asked when a range is no longer mapped or readable (the rest were not
+    read).
+    """
+    count = len(ranges)
+    remote = (Iovec * count)(*(Iovec(start, end - start) for start, end in ranges))
+    local = Iovec(_writable_address(buffer), sum(end - start for start, end in ranges))
+    done = int(_process_vm_readv(pid, ctypes.byref(local), 1, remote, count, 0))
+    if done < 0:
+        err = ctypes.get_errno()
+        if err == errno.EFAULT:
+            return 0
+        raise_for_errno(err, "process_vm_readv", pid)
+    return done
 
 
 def read(pid: int, address: int, length: int) -> bytes:

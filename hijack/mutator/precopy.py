@@ -1,0 +1,389 @@
+"""Pre-copy for a live move: memory streams in rounds while the process runs.
+
+1. `Precopy.start`: the process is stopped for a moment while a userfaultfd is
+   made inside it (injected calls) and registered in write-protect async mode
+   over each private mapping; the mover takes it out (pidfd_getfd) and closes
+   the process's own copy, so no image ever shows it. A first scan arms the
+   tracking (hijack.sys.dirty).
+2. Round 0 sends every page a plain image would hold (docs/crf.md §7a); each
+   later round the pages written since the scan before, zero pages included.
+   The rounds stop when what is left is small, stops shrinking, or after
+   MAX_ROUNDS.
+3. The final image (dump.write_image with this object as `precopied`), taken
+   with the process frozen, marks PRECOPIED the segments the destination holds
+   already — tracked all along (still registered: a mapping made, replaced or
+   moved since is not), inside a round-0 segment with the same backing, and
+   anonymous or not writable — and stores only their pages
+   written since the last round, pages owed (a read that failed while the
+   process changed its layout) and, as zero pages, pages the process dropped
+   since they were sent.
+4. `close()` ends the tracking, success or not: the registrations go with the
+   userfaultfd, so an original that resumes runs as if never watched.
+
+A private file mapping that is writable is always sent whole in the final
+image: a page of it the process drops reverts to the file's, which no scan
+reports.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import os
+import time
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from hijack.errors import HijackError
+from hijack.image import records as rec
+from hijack.image.codec import ImageWriter
+from hijack.mutator.dump import (
+    KERNEL_MAPPINGS,
+    READ_CHUNK,
+    PageCounts,
+    describe_segments,
+    read_signal_actions,
+    runs_to_store,
+    scratch_page,
+)
+from hijack.mutator.tracee import Tracee
+from hijack.sys import dirty, memory, pidfd, procfs
+
+Run = tuple[int, int]
+
+# Auto mode: below this much private resident memory (a small C program) the
+# whole image is about what pre-copy would leave for the freeze anyway, and
+# setting up the tracking stops the process once more.
+PRECOPY_MIN_BYTES = 1024 * 1024
+MAX_ROUNDS = 8  # round 0, then at most 7 rounds of written pages
+LAST_ROUND_BYTES = 1024 * 1024  # a round this small is the last: the rest goes frozen
+SHRINK = 0.5  # a round must send at most this share of the one before, or it is the last
+TRACKING_FLAGS = ("uw", "um")  # smaps VmFlags of a userfaultfd registration
+_AFTER_ALL = 1 << 64  # sorts after every end: bisect by start alone
+
+
+def worth_precopying(pid: int) -> bool:
+    """Whether the process holds enough private memory for pre-copy to shorten its freeze."""
+    private = sum(entry.anonymous for entry in procfs.read_smaps(pid).values())
+    return private >= PRECOPY_MIN_BYTES
+
+
+@dataclass(frozen=True)
+class RoundSent:
+    number: int
+    pages: int
+    image_bytes: int
+
+
+class Precopy:
+    """The mover's side of the rounds; also the `precopied` plan of the final image."""
+
+    def __init__(self, pid: int, tracking: dirty.WrittenPages, pause_ms: float = 0.0) -> None:
+        self.pid = pid
+        self.tracking = tracking
+        self.pause_ms = pause_ms  # how long the process was stopped to start the tracking
+        self.rounds = 0
+        self.bytes_sent = 0  # by the rounds, framing included (the mover counts)
+        self.base: list[rec.Segment] = []  # round 0's layout, as the destination built it
+        self.sent: list[Run] = []  # every page sent to the destination, merged
+        self.owed: list[Run] = []  # written pages not sent yet
+        self.final_written: list[Run] = []
+        self._untracked: list[Run] = []  # at the freeze: mappings the destination cannot keep
+        self._flags: dict[procfs.MapEntry, tuple[str, ...]] = {}
+        self.signal_actions: list[rec.SigAction] = []  # as the tracking started
+        self._buffer = bytearray(READ_CHUNK)
+
+    @classmethod
+    def start(cls, pid: int) -> Precopy:
+        """Stop the process for a moment to start tracking what it writes."""
+        stopped_at = time.perf_counter()
+        with Tracee.seize(pid) as tracee:
+            with scratch_page(tracee) as scratch:
+                # Stopped anyway: the freeze will only ask again for what may differ.
+                actions = read_signal_actions(tracee, scratch)
+            uffd = _userfaultfd_inside(tracee)
+            try:
+                tracking = dirty.WrittenPages(pid, uffd)
+            except BaseException:
+                os.close(uffd)
+                raise
+            try:
+                tracking.collect()  # arms: from here on every write is seen
+            except BaseException:
+                tracking.close()
+                raise
+        precopy = cls(pid, tracking, (time.perf_counter() - stopped_at) * 1000)
+        precopy.signal_actions = actions
+        return precopy
+
+    def close(self) -> None:
+        self.tracking.close()
+
+    # -- rounds -------------------------------------------------------------------
+
+    def send_round(self, out: BinaryIO) -> RoundSent:
+        """Write the next round to `out` while the process runs."""
+        number = self.rounds
+        written = [] if number == 0 else self.tracking.collect()
+        writer = ImageWriter(out)
+        writer.write(rec.Round(pid=self.pid, number=number))
+        # Only round 0's layout is built: later rounds' segments just bound
+        # their pages, and go without VmFlags (smaps is slow to read).
+        maps = procfs.read_maps(self.pid)
+        flags: dict[int, tuple[str, ...]] | None = None if number == 0 else {}
+        segments = _without_tracking_flags(
+            describe_segments(self.pid, maps, rec.DumpOptions(0), flags=flags)
+        )
+        writer.write(rec.Segments(segments=tuple(segments)))
+        owed = union_runs(self.owed, written)
+        asked: list[Run] = []
+        sent_now: list[Run] = []
+        with memory.MemoryFile(self.pid) as mem:
+            for segment in segments:
+                if number == 0:
+                    runs = runs_to_store(self.pid, segment, PageCounts())
+                    keep_zero = _is_file_backed(segment)
+                elif segment.contents is rec.ContentsKind.STORED and self._within_base(segment):
+                    runs, keep_zero = clip_runs(owed, segment.start, segment.end), True
+                else:
+                    continue
+                asked += runs
+                sent_now += self._send(mem, segment, runs, writer, keep_zero)
+        if number == 0:
+            self.base = [s for s in segments if s.path not in KERNEL_MAPPINGS]
+            owed = union_runs(asked, [])
+        # What could not be sent (a read failed: the layout changed; or outside
+        # what the destination holds) stays owed: if its mapping is carried
+        # after all, the final image sends it.
+        self.owed = subtract_runs(owed, union_runs(sent_now, []))
+        self.sent = union_runs(self.sent, sent_now)
+        end = writer.close()
+        self.rounds += 1
+        return RoundSent(number, end.pages_stored, writer.bytes_written)
+
+    def _send(
+        self,
+        mem: memory.MemoryFile,
+        segment: rec.Segment,
+        runs: list[Run],
+        writer: ImageWriter,
+        keep_zero: bool,
+    ) -> list[Run]:
+        """Send `runs` of `segment`; return those sent (a read fails if the layout changed)."""
+        sent: list[Run] = []
+        pieces = [
+            (chunk, min(chunk + READ_CHUNK, end))
+            for start, end in runs
+            for chunk in range(start, end, READ_CHUNK)
+        ]
+        readable = bool(segment.prot & rec.Prot.READ)
+        index = 0
+        while index < len(pieces):
+            # Scattered pages (a round's usual lot) are read many in one call.
+            batch = [pieces[index]]
+            size = batch[0][1] - batch[0][0]
+            while (
+                readable
+                and index + len(batch) < len(pieces)
+                and len(batch) < memory.IOV_MAX
+                and size + pieces[index + len(batch)][1] - pieces[index + len(batch)][0]
+                <= READ_CHUNK
+            ):
+                batch.append(pieces[index + len(batch)])
+                size += batch[-1][1] - batch[-1][0]
+            index += len(batch)
+            if readable:
+                done = memory.read_gathered(self.pid, batch, self._buffer)
+            else:
+                try:
+                    mem.read_into(batch[0][0], memoryview(self._buffer)[:size])
+                    done = size
+                except HijackError:
+                    done = 0
+            offset = 0
+            for start, end in batch:
+                if offset + end - start > done:
+                    break  # not mapped any more, from here on: owed
+                view = memoryview(self._buffer)[offset : offset + end - start]
+                writer.write_pages(start, view, keep_zero_pages=keep_zero)
+                sent.append((start, end))
+                offset += end - start
+        return sent
+
+    def should_continue(self, last: RoundSent, before: RoundSent | None) -> bool:
+        """Whether another round is worth it after `last` (and the round `before` it)."""
+        if self.rounds >= MAX_ROUNDS:
+            return False
+        if last.number == 0:
+            return True
+        if last.pages * rec.PAGE_SIZE <= LAST_ROUND_BYTES:
+            return False
+        return before is None or before.number == 0 or last.pages <= before.pages * SHRINK
+
+    # -- the final image (the process is frozen) -------------------------------------
+
+    def prepare_freeze(self) -> None:
+        """Read the VmFlags of every mapping while the process still runs (smaps is slow)."""
+        maps = procfs.read_maps(self.pid)
+        flags = procfs.read_smaps_flags(self.pid)
+        self._flags = {entry: flags[entry.start] for entry in maps if entry.start in flags}
+
+    def freeze(self) -> None:
+        """The last scan: what was written since the last round. Call with the process stopped."""
+        self.final_written = union_runs(self.tracking.collect(), self.owed)
+        self._untracked = self.tracking.untracked()
+
+    def vm_flags(self, maps: list[procfs.MapEntry]) -> dict[int, tuple[str, ...]]:
+        if not all(entry in self._flags for entry in maps):
+            return procfs.read_smaps_flags(self.pid)  # the layout changed since: read it now
+        return {entry.start: self._flags[entry] for entry in maps}
+
+    def segments(self, segments: list[rec.Segment]) -> list[rec.Segment]:
+        """The final image's segments: PRECOPIED where the destination holds the pages."""
+        marked = []
+        for segment in segments:
+            carried = (
+                not clip_runs(self._untracked, segment.start, segment.end)
+                and segment.contents is rec.ContentsKind.STORED
+                and not segment.shared
+                and (segment.inode == 0 or not segment.prot & rec.Prot.WRITE)
+                and self._within_base(segment)
+            )
+            contents = rec.ContentsKind.PRECOPIED if carried else segment.contents
+            flags = tuple(flag for flag in segment.vm_flags if flag not in TRACKING_FLAGS)
+            marked.append(dataclasses.replace(segment, contents=contents, vm_flags=flags))
+        return marked
+
+    def runs(self, segment: rec.Segment) -> list[Run]:
+        """The pages of a PRECOPIED segment the final image stores (zero pages included)."""
+        runs = clip_runs(self.final_written, segment.start, segment.end)
+        if segment.inode == 0:
+            # Sent before, gone since (MADV_DONTNEED and the like): zero now.
+            sent = clip_runs(self.sent, segment.start, segment.end)
+            if sent:
+                absent = self.tracking.absent(segment.start, segment.end)
+                runs = union_runs(runs, [r for run in absent for r in clip_runs(sent, *run)])
+        return runs
+
+    def _within_base(self, segment: rec.Segment) -> bool:
+        for base in self.base:
+            if base.start <= segment.start and segment.end <= base.end:
+                return (
+                    base.contents is rec.ContentsKind.STORED
+                    and (base.inode, base.dev_major, base.dev_minor, base.shared)
+                    == (segment.inode, segment.dev_major, segment.dev_minor, segment.shared)
+                    and (
+                        segment.inode == 0
+                        or segment.offset - base.offset == segment.start - base.start
+                    )
+                )
+        return False
+
+
+def _userfaultfd_inside(tracee: Tracee) -> int:
+    """Make a userfaultfd in the stopped process, register its private mappings, take it out.
+
+    Returns our copy. The process's own descriptor is closed before it runs again.
+    """
+    pid = tracee.pid
+    with scratch_page(tracee) as scratch:
+        uffd = tracee.checked_syscall("userfaultfd", dirty.USERFAULTFD_FLAGS)
+        try:
+            api = dirty.UFFDIO_API_STRUCT.pack(dirty.UFFD_API, dirty.TRACKING_FEATURES, 0)
+            memory.write(pid, scratch, api)
+            tracee.checked_syscall("ioctl", uffd, dirty.UFFDIO_API, scratch)
+            groups: list[list[Run]] = []  # runs of adjacent private mappings
+            for mapping in procfs.read_maps(pid):
+                if mapping.shared or mapping.path in (*KERNEL_MAPPINGS, "[vsyscall]"):
+                    continue
+                if mapping.start <= scratch < mapping.end:
+                    continue  # ours, gone in a moment
+                if groups and groups[-1][-1][1] == mapping.start:
+                    groups[-1].append((mapping.start, mapping.end))
+                else:
+                    groups.append([(mapping.start, mapping.end)])
+            for group in groups:
+                # One call for a whole group (each costs a round trip into the
+                # stopped process); if one of its mappings cannot be tracked,
+                # one by one. One that cannot is simply not carried: it stays
+                # untracked and goes whole in the final image.
+                whole = (group[0][0], group[-1][1])
+                if not _register(tracee, uffd, scratch, whole) and len(group) > 1:
+                    for run in group:
+                        _register(tracee, uffd, scratch, run)
+            handle = pidfd.pidfd_open(pid)
+            try:
+                ours = pidfd.pidfd_getfd(handle, uffd, pid)
+            finally:
+                os.close(handle)
+        finally:
+            tracee.syscall("close", uffd)
+    return ours
+
+
+def _register(tracee: Tracee, uffd: int, scratch: int, run: Run) -> bool:
+    start, end = run
+    mode = dirty.UFFDIO_REGISTER_MODE_WP
+    register = dirty.UFFDIO_REGISTER_STRUCT.pack(start, end - start, mode, 0)
+    memory.write(tracee.pid, scratch, register)
+    return tracee.syscall("ioctl", uffd, dirty.UFFDIO_REGISTER, scratch) >= 0
+
+
+def _without_tracking_flags(segments: list[rec.Segment]) -> list[rec.Segment]:
+    """Segments as a plain dump describes them: no trace of the userfaultfd."""
+    return [
+        dataclasses.replace(
+            segment, vm_flags=tuple(f for f in segment.vm_flags if f not in TRACKING_FLAGS)
+        )
+        for segment in segments
+    ]
+
+
+def _is_file_backed(segment: rec.Segment) -> bool:
+    return segment.path.startswith("/") and segment.inode != 0 and not segment.shared
+
+
+# -- sets of page runs: sorted, disjoint [start, end) pairs ---------------------------
+
+
+def union_runs(first: list[Run], second: list[Run]) -> list[Run]:
+    merged: list[Run] = []
+    for start, end in sorted(first + second):
+        if merged and start <= merged[-1][1]:
+            if end > merged[-1][1]:
+                merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def clip_runs(runs: list[Run], start: int, end: int) -> list[Run]:
+    """The parts of `runs` (sorted, disjoint) inside [start, end)."""
+    first = max(bisect.bisect_right(runs, (start, _AFTER_ALL)) - 1, 0)
+    clipped: list[Run] = []
+    for index in range(first, len(runs)):
+        run_start, run_end = runs[index]
+        if run_start >= end:
+            break
+        if run_end > start and start < end:
+            clipped.append((max(run_start, start), min(run_end, end)))
+    return clipped
+
+
+def subtract_runs(runs: list[Run], removed: list[Run]) -> list[Run]:
+    result: list[Run] = []
+    index = 0
+    for start, end in runs:
+        while index < len(removed) and removed[index][1] <= start:
+            index += 1
+        cursor = start
+        probe = index
+        while probe < len(removed) and removed[probe][0] < end:
+            gap_end = removed[probe][0]
+            if gap_end > cursor:
+                result.append((cursor, gap_end))
+            cursor = max(cursor, removed[probe][1])
+            probe += 1
+        if cursor < end:
+            result.append((cursor, end))
+    return result

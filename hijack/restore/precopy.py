@@ -1,0 +1,93 @@
+"""The receiving side of pre-copy: a stub built from a move's rounds, waiting for its final image.
+
+Round 0 (docs/crf.md §7a) spawns the stub and builds its address space as a
+restore would; each later round writes the pages written since into it. The
+final image is then restored into this very stub (restore(..., prebuilt=)),
+which keeps what PRECOPIED segments hold and rebuilds the rest. The stub
+inherited none of the process's descriptors (they are decided only once the
+process is frozen): the final restore hands them over by injected
+pidfd_getfd. Anything that goes wrong kills the stub, never a half-built
+process that runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from hijack.errors import ImageError, RestoreError
+from hijack.image import records as rec
+from hijack.image.codec import read_round
+from hijack.mutator.tracee import find_syscall_instruction
+from hijack.restore.address_space import AddressSpace
+from hijack.restore.remote import Stub
+from hijack.sys.stub import kill_stub, spawn_stub
+
+
+@dataclass(frozen=True)
+class RoundReceived:
+    number: int
+    pages: int
+
+
+class Prebuilt:
+    """A stub and its address space, as far as the rounds received so far built them."""
+
+    def __init__(self, admit: Callable[[rec.Segments], None] | None = None) -> None:
+        self.admit = admit  # refuses (raising) a layout this node must not build
+        self.stub: Stub | None = None
+        self.space: AddressSpace | None = None
+        self.rounds = 0
+        self.taken = False  # the final restore owns the stub now
+
+    def receive_round(self, stream: BinaryIO) -> RoundReceived:
+        records = read_round(stream)
+        opening = next(records)
+        segments = next(records)
+        assert isinstance(opening, rec.Round) and isinstance(segments, rec.Segments)
+        if opening.number != self.rounds:
+            raise ImageError(f"pre-copy round {opening.number} came where {self.rounds} was due")
+        if self.space is None:
+            if self.admit is not None:
+                self.admit(segments)
+            pid = spawn_stub(opening.pid)
+            try:
+                self.stub = Stub(pid, find_syscall_instruction(pid))
+                self.space = AddressSpace(self.stub, segments.segments)
+            except BaseException:
+                kill_stub(pid)
+                raise
+            self.space.build()
+        pages = 0
+        for record in records:
+            if isinstance(record, rec.Pages):
+                self.space.write_pages(record)
+                pages += len(record.data) // rec.PAGE_SIZE
+        self.rounds += 1
+        return RoundReceived(opening.number, pages)
+
+    def hand_over(self, provided: dict[int, int]) -> dict[int, int]:
+        """Copies in the stub of our descriptors `provided` (image number -> ours):
+        image number -> the stub's number."""
+        stub = self._stub()
+        handle = stub.call("pidfd_open", os.getpid(), 0)
+        try:
+            return {
+                number: stub.call("pidfd_getfd", handle, fd, 0) for number, fd in provided.items()
+            }
+        finally:
+            stub.call("close", handle)
+
+    def _stub(self) -> Stub:
+        if self.stub is None:
+            raise RestoreError("the move's final image came before any pre-copy round")
+        return self.stub
+
+    def discard(self) -> None:
+        """Kill the stub, unless the final restore has taken it."""
+        if self.space is not None:
+            self.space.close()
+        if self.stub is not None and not self.taken:
+            kill_stub(self.stub.pid)
