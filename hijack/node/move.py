@@ -175,7 +175,7 @@ def _move_attached(
     at_home = record.state == "attached"
     token = record.relay_token or secrets.token_hex(32)
     shadow = HomeShadow(record, token)
-    plan, present = plan_proxies(pid, shadow, at_home)
+    plan_proxies(pid, shadow, at_home, frozen=False)  # refused before anything is touched
 
     report("connecting", 0)
     channel = Channel.connect(address, key, node_name())
@@ -200,14 +200,12 @@ def _move_attached(
         try:
             if precopy or (precopy is None and worth_precopying(pid)):
                 precopied = _precopy(pid, channel, move_id, record.program, report)
-                # It ran on meanwhile: what it holds now is what goes.
-                plan, present = plan_proxies(pid, shadow, at_home)
+                # It ran on meanwhile: refused now if it holds what cannot go.
+                plan_proxies(pid, shadow, at_home, frozen=False)
             result = _move_frozen(
                 pid,
                 channel,
                 shadow,
-                plan,
-                present,
                 at_home,
                 move_id,
                 record,
@@ -254,8 +252,6 @@ def _move_frozen(
     pid: int,
     channel: Channel,
     shadow: HomeShadow,
-    plan: list[Proxy],
-    present: list[str],
     at_home: bool,
     move_id: str,
     record: ProcessRecord,
@@ -266,12 +262,26 @@ def _move_frozen(
     precopied: Precopy | None = None,
 ) -> MoveResult:
     before = precopied.bytes_sent if precopied is not None else 0
-    with Tracee.seize(pid) as tracee:
+    if not at_home:
+        # Away, the shadow goes quiet before the freeze: a client it accepted
+        # and connected to this node once the process was frozen would push up
+        # to a socket buffer into a connection the process never accepts.
+        shadow.request({"op": "migrating", "move": move_id})
+    try:
+        tracee = Tracee.seize(pid)
+    except BaseException:
+        if not at_home:
+            _abort(channel, shadow, move_id)
+        raise
+    with tracee:
         frozen_at = time.perf_counter()
         try:
             reached("move-frozen")
             if precopied is not None:
                 precopied.freeze()
+            # Planned now that it is frozen: its descriptors no longer change
+            # (the first look, before the freeze, only refuses what never can go).
+            plan, present = plan_proxies(pid, shadow, at_home)
             if at_home:
                 hand_descriptors_to_shadow(pid, record.shadow_control or "")
                 proxy = [
@@ -282,7 +292,6 @@ def _move_frozen(
                 plan = connect_datagrams(plan, answer, relay_address)
                 unread: dict[str, bytes] = {}
             else:
-                shadow.request({"op": "migrating", "move": move_id})
                 unread = peek_unread(pid, plan)
             channel.send(
                 {
@@ -354,6 +363,9 @@ def _move_frozen(
             # (freeing a big one's memory takes a while).
             freeze_ms = (time.perf_counter() - frozen_at) * 1000
             mark_moved()
+            if not at_home:
+                with contextlib.suppress(HijackError, OSError):  # committed: nothing may fail
+                    consume_unread(pid, plan)
             kill_stopped(tracee)
     if unswitched is not None:
         raise HijackError(
@@ -656,14 +668,18 @@ class _Progress:
 
 
 def plan_proxies(
-    pid: int, shadow: HomeShadow | None, at_home: bool
+    pid: int, shadow: HomeShadow | None, at_home: bool, *, frozen: bool = True
 ) -> tuple[list[Proxy], list[str]]:
     """Which descriptors go through the home shadow, and as which stream; refuse the rest.
 
     Also returns the stream ids the process holds now (so the shadow knows which
     clients it accepted were not yet accepted by the process). At home the
-    shadow is not asked, so the check can run before there is one.
+    shadow is not asked, so the check can run before there is one. Not
+    `frozen`, the process still opens and closes relays while we look, so a
+    relay the shadow does not list (yet, or any more) is not refused then.
     """
+    entries = procfs.list_fds(pid)
+    # Read after the descriptors: a socket accepted meanwhile is in the table.
     sockets = procfs.read_socket_table(pid)
     streams = (
         {}
@@ -677,14 +693,20 @@ def plan_proxies(
     }
     by_datagram = {s["relay"]: s["id"] for s in streams.values() if s["kind"] == "datagram"}
     by_listener = {s["listener"]: s["id"] for s in streams.values() if s["listener"]}
+    # The shadow's endpoint (daemons' relays connect to it) and the listeners
+    # at the node (the shadow connects accepted clients to them).
+    relayed_ends = {shadow.record.relay_address or ""} if shadow else set()
+    relayed_ends |= set(by_listener)
     plan: list[Proxy] = []
     refused: list[str] = []
-    for entry in procfs.list_fds(pid):
+    for entry in entries:
         if entry.kind in REOPENED and _reopenable(entry):
             continue
         found = sockets.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
         if found is None and entry.kind is procfs.FdKind.SOCKET and at_home:
             found = _unbound_udp(pid, entry)
+        if entry.kind is procfs.FdKind.SOCKET and found is None and _closed_since(pid, entry):
+            continue  # a client that came and went while we looked (not frozen yet)
         listening = found is not None and found.state == "LISTEN"
         if found is not None and _is_udp(found):
             datagram = _datagram_proxy(entry.fd, found, by_datagram, at_home)
@@ -707,6 +729,9 @@ def plan_proxies(
             )
             if stream_id is not None:
                 plan.append(Proxy(entry.fd, stream_id, "listener" if listening else "stream"))
+                continue
+            relay_ends = {found.remote, found.local} & relayed_ends
+            if relay_ends and not frozen:
                 continue
         what = found.describe() if found else entry.target
         refused.append(f"fd {entry.fd} ({entry.kind.value} {what})")
@@ -812,6 +837,14 @@ def drain_datagrams(pid: int, plan: list[Proxy]) -> dict[str, list[tuple[str, by
     finally:
         os.close(handle)
     return unread
+
+
+def _closed_since(pid: int, entry: procfs.FdEntry) -> bool:
+    try:
+        now = os.stat(f"/proc/{pid}/fd/{entry.fd}")
+    except FileNotFoundError:
+        return True
+    return (now.st_dev, now.st_ino) != (entry.dev, entry.ino)
 
 
 def _reopenable(entry: procfs.FdEntry) -> bool:
@@ -948,3 +981,23 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     error = "its mover was interrupted; the process resumed here"
     registry.update_move(row.id, phase="failed", finished_at=time.time(), error=error)
     return f"move {row.id}: not completed; process {pid} runs on here", True
+
+
+def consume_unread(pid: int, plan: list[Proxy]) -> None:
+    """Empty the frozen process's relays of what it had not read (the new relays carry a copy).
+
+    A socket closed with unread bytes is reset, and a reset throws away what
+    the process wrote that is still in its send queue: its last bytes would be
+    lost. Emptied, the kill closes each relay gracefully, after those bytes.
+    """
+    handle = pidfd.pidfd_open(pid)
+    try:
+        for proxy in plan:
+            if proxy.kind != "stream":
+                continue
+            copy = pidfd.pidfd_getfd(handle, proxy.fd, pid)
+            with socket.socket(fileno=copy) as sock, contextlib.suppress(OSError):
+                while sock.recv(1 << 20, socket.MSG_DONTWAIT):  # BlockingIOError: empty
+                    pass
+    finally:
+        os.close(handle)

@@ -75,14 +75,15 @@ class Relay:
     sock: socket.socket
     move: str
     eof: bool = False  # the process's side has finished writing
+    # Read once: a connection that was reset has no peer name any more, and
+    # the shadow must still describe it (the status a mover plans with).
+    shadow_end: str = field(init=False, default="")
+    node_end: str = field(init=False, default="")
 
-    @property
-    def shadow_end(self) -> str:
-        return endpoint(self.sock.getsockname())
-
-    @property
-    def node_end(self) -> str:
-        return endpoint(self.sock.getpeername())
+    def __post_init__(self) -> None:
+        with contextlib.suppress(OSError):
+            self.shadow_end = endpoint(self.sock.getsockname())
+            self.node_end = endpoint(self.sock.getpeername())
 
 
 class SplicePipe:
@@ -158,6 +159,7 @@ class Stream:
     bytes_out: int = 0  # original -> process
     bytes_in: int = 0  # process -> original
     replay: bytearray | None = None  # an accepted client's bytes until the process answers
+    replay_lost: bool = False  # more than REPLAY_LIMIT went unanswered: no replay possible
     closed: bool = False
     # Kernel pipes behind the heads to_relay / to_original, made at the first
     # byte; None while the original cannot splice (then the heads carry all).
@@ -201,7 +203,10 @@ class Stream:
         past it they are not kept anyway, and splice. Bytes already in the
         pipe keep the next ones there too: the head goes out first.
         """
-        recording = self.replay is not None and len(self.replay) < REPLAY_LIMIT
+        if self.replay is not None and len(self.replay) >= REPLAY_LIMIT:
+            # Past it the bytes splice unseen: a replay would have a hole.
+            self.replay, self.replay_lost = None, True
+        recording = self.replay is not None
         if not self.splicing() or (recording and not (self.out_pipe and self.out_pipe.held)):
             return None
         if self.out_pipe is None:
@@ -293,6 +298,9 @@ class RelayHub:
             if new is not None:
                 stream.relay = new
                 stream.to_relay[:0] = unread.get(stream.id, b"")
+                # An end we passed to the old relay may not have been read
+                # there: the new one gets it too, after the unread bytes.
+                stream.shut_relay = False
             elif (
                 stream.kind == "stream"
                 and stream.id.startswith("acc:")
@@ -301,6 +309,10 @@ class RelayHub:
             ):
                 # Accepted by us but not yet by the process: connect it again at
                 # the new node, replaying what the client had sent.
+                if stream.replay_lost:  # a reset, rather than a stream with a hole
+                    self.log(f"{stream.id}: too much unanswered to replay; resetting it")
+                    self._close(stream, reset=True)
+                    continue
                 self._connect_accepted(stream, listeners, location)
             for relay in stream.pending.values():
                 relay.sock.close()
@@ -384,7 +396,7 @@ class RelayHub:
         readable = not relay.eof and not stream.retiring
         if readable and stream.in_room():
             events |= selectors.EVENT_READ
-        if self.pumping and stream.out_held:
+        if self.pumping and (stream.out_held or (stream.original_eof and not stream.shut_relay)):
             events |= selectors.EVENT_WRITE
         return events
 
@@ -408,6 +420,8 @@ class RelayHub:
             self.selector.modify(target, events, data)
 
     def _on_event(self, stream: Stream, role: str, target: Any, events: int) -> None:
+        if not self._still_watched(stream, role, target):
+            return  # an event of the same select() batch, for what an earlier one closed
         try:
             if role == "original":
                 if stream.kind == "listener":
@@ -424,6 +438,16 @@ class RelayHub:
         self._finish_if_done(stream)
         if not stream.closed:
             self._refresh_interest()
+
+    @staticmethod
+    def _still_watched(stream: Stream, role: str, target: Any) -> bool:
+        if stream.closed:
+            return False
+        if role == "original":
+            return stream.original >= 0
+        if role == "relay":
+            return stream.relay is not None and stream.relay.sock is target
+        return any(relay.sock is target for relay in stream.retiring)
 
     def _pump_original(self, stream: Stream, events: int) -> None:
         for _ in range(PUMP_ROUNDS):
@@ -483,13 +507,21 @@ class RelayHub:
         if got:
             stream.bytes_in += got
             stream.replay = None  # the process answered: it has accepted this client
+            stream.replay_lost = False
         else:
             relay.eof = True
         return got
 
     def _drain_retiring(self, stream: Stream, sock: socket.socket) -> None:
         relay = next(r for r in stream.retiring if r.sock is sock)
-        self._read_relay(stream, relay)
+        try:
+            self._read_relay(stream, relay)
+        except ConnectionResetError:
+            # The old process was killed with bytes unread in its end (copied
+            # to the new relay by the move), or before it accepted this client
+            # (connected again at the new node): this relay has ended, the
+            # stream goes on.
+            relay.eof = True
         if relay.eof:
             stream.retiring.remove(relay)
             self.selector.unregister(relay.sock)
@@ -507,8 +539,11 @@ class RelayHub:
                 sent = relay.sock.send(stream.to_relay[:CHUNK])
             except BlockingIOError:
                 sent = 0
-            if stream.replay is not None and len(stream.replay) < REPLAY_LIMIT:
-                stream.replay += stream.to_relay[:sent]
+            if stream.replay is not None:
+                if len(stream.replay) + sent <= REPLAY_LIMIT:
+                    stream.replay += stream.to_relay[:sent]
+                else:
+                    stream.replay, stream.replay_lost = None, True
             del stream.to_relay[:sent]
         if not stream.to_relay and stream.out_pipe is not None:
             sent += stream.out_pipe.drain(relay.sock.fileno())
@@ -569,6 +604,10 @@ class RelayHub:
         stream.retiring.clear()
         stream.close_pipes()
         stream.closed = True
+        # Forgotten: a server's clients come and go, the shadow lives on.
+        del self.streams[stream.id]
+        for role in ("original", "relay", "retiring"):
+            self._callbacks.pop((stream.id, role), None)
 
     def _forget(self, target: Any) -> None:
         with contextlib.suppress(KeyError, ValueError):
@@ -587,7 +626,11 @@ class RelayHub:
         stream = Stream(f"acc:{self._accepted}", client.detach(), "stream", replay=bytearray())
         self.streams[stream.id] = stream
         os.set_blocking(stream.original, False)
-        self._connect_accepted(stream, self.listeners, self.location, listener.id)
+        try:
+            self._connect_accepted(stream, self.listeners, self.location, listener.id)
+        except OSError as exc:  # this client's failure, not the listener's
+            self.log(f"{stream.id}: cannot connect it to the process: {exc}; resetting it")
+            self._close(stream, reset=True)
 
     def _connect_accepted(
         self,
