@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-stamp
 # Debian packages the suite and the demo drive for real.
 DEBS   := gcc libc6-dev strace curl iproute2 tmux redis-server redis-tools
 
-.PHONY: demo test lint bench fuzz system-deps clean
+.PHONY: demo test lint bench fuzz soak system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,10 @@ fuzz: $(STAMP)
 	    || { tail -30 $$log; exit 1; }; \
 	  tail -1 $$log; \
 	done
+
+# The full soak (the suite runs a short one): 50 moves between three nodes under load.
+soak: $(STAMP) system-deps
+	SOAK_MOVES=50 $(VENV)/bin/pytest -q -s tests/test_soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

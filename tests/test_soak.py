@@ -1,0 +1,205 @@
+"""Soak: a server fixture moved again and again between three nodes under constant client load.
+
+The echo_server starts in node a and is moved a → b → c → a → b → ... while
+clients never stop talking to it: a load of stream_client fixtures one after
+the other (each streams LOAD_STREAM_BYTES of its checksummed stream and
+checks every echoed byte in order), and one session connection that asks a
+line after each move. After each move: the process runs on its new node,
+the session answers through it, a load stream completes through it, and the
+node it left holds nothing but its daemon. At the end: every stream was
+intact, the server echoed exactly the bytes the clients sent, the daemons'
+memory (VmRSS) and descriptor counts, and the home shadow's descriptors, are
+as they were after the warm-up.
+
+The suite runs a short form (SOAK_MOVES, default 6); `make soak` the full one
+(SOAK_MOVES=50). The figures are printed (pytest -s shows them).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+from support import spawn_fixture
+from support.nodes import Cluster, Node, read_line
+from test_move import (
+    ECHO_SESSION,
+    EXIT_TIMEOUT,
+    LINE_TIMEOUT,
+    Moved,
+    ask,
+    assert_ended_well,
+    logs,
+    move,
+    pids_inside,
+    spawn_python,
+    wait_released,
+)
+
+SOAK_MOVES = int(os.environ.get("SOAK_MOVES", "6"))
+WARM_UP_MOVES = 3  # a -> b -> c -> a: every daemon has received once before the baseline
+LOAD_STREAM_BYTES = 4 * 1024 * 1024
+LOAD_TIMEOUT = 120.0  # one load stream, moves included
+FLOW_TIMEOUT = 60.0  # after a move, for a load stream to complete through the new node
+# VmRSS a daemon may gain from the warm-up to the end: allocator noise, not per-move growth
+# (a leak of one image buffer or thread stack per move would exceed it well before 50 moves).
+RSS_GROWTH_LIMIT_KB = 8 * 1024
+
+
+class Load:
+    """stream_client fixtures one after the other against the server, until stopped."""
+
+    def __init__(self, node: Node, port: str) -> None:
+        self.node = node
+        self.port = port
+        self.completed = 0  # streams that ended intact
+        self.failures: list[str] = []
+        self.changed = threading.Condition()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="soak-load", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        seed = 1000
+        while not self.stopping.is_set() and not self.failures:
+            seed += 1
+            stream = ("127.0.0.1", self.port, str(LOAD_STREAM_BYTES), str(seed))
+            try:
+                with spawn_fixture("stream_client", *stream, netns=self.node.netns) as client:
+                    client.assert_intact(LOAD_TIMEOUT)
+            except Exception as exc:  # reported by the test, not lost in this thread
+                self.failures.append(f"stream {seed}: {exc}")
+            with self.changed:
+                if not self.failures:
+                    self.completed += 1
+                self.changed.notify_all()
+
+    def wait_for_one_more(self, timeout: float) -> None:
+        """Wait until a stream that started after now has completed (so it crossed the node)."""
+        with self.changed:
+            target = self.completed + 2  # the one under way may have started before the move
+            ok = self.changed.wait_for(
+                lambda: self.completed >= target or bool(self.failures), timeout
+            )
+        assert not self.failures, self.failures
+        assert ok, f"no load stream completed within {timeout} s"
+
+    def stop(self) -> int:
+        self.stopping.set()
+        self.thread.join(LOAD_TIMEOUT + 10)
+        assert not self.thread.is_alive(), "the load did not stop"
+        assert not self.failures, self.failures
+        return self.completed
+
+
+def vm_rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def daemon_pid(node: Node) -> int:
+    assert node.daemon is not None
+    return node.daemon.pid
+
+
+def test_soak_moves_between_three_nodes_under_load(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a = cluster.nodes[0]
+        for node in cluster:
+            node.start_daemon()
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            port = server.ready["port"]
+            home_pid = server.pid
+            session = spawn_python(a, ECHO_SESSION, "127.0.0.1", port)
+            assert read_line(session, LINE_TIMEOUT) == "connected"
+            session_bytes = 0
+            load = Load(a, port)
+            load.start()
+            try:
+                here, pid = a, home_pid
+                moved: Moved | None = None
+                baseline: dict[str, tuple[int, int]] = {}
+                shadow_fds = 0
+                freezes: list[float] = []
+                for number in range(1, SOAK_MOVES + 1):
+                    there = cluster.nodes[number % 3]
+                    moved = move(here, pid, there, home=(a, home_pid))
+                    freezes.append(moved.freeze_ms)
+                    if here is a and number == 1:
+                        server.wait_exit()  # the original, killed by the first move
+                    line = f"move {number} to {there.name}"
+                    assert ask(session, line) == line
+                    session_bytes += len(line) + 1
+                    load.wait_for_one_more(FLOW_TIMEOUT)
+                    if here is not a:
+                        # Nothing of it is left where it was: only that node's daemon.
+                        assert pids_inside(here) == {daemon_pid(here)}, logs(tmp_path)
+                    if number == WARM_UP_MOVES:
+                        baseline = {
+                            node.name: (vm_rss_kb(daemon_pid(node)), fd_count(daemon_pid(node)))
+                            for node in cluster
+                        }
+                        shadow_fds = fd_count(moved.shadow_pid)
+                    here, pid = there, moved.pid
+                assert moved is not None
+                streams = load.stop()
+                # Measured with the process still running and its session open,
+                # as at the baseline: only what was left over by the moves counts.
+                ending = {
+                    node.name: (vm_rss_kb(daemon_pid(node)), fd_count(daemon_pid(node)))
+                    for node in cluster
+                }
+                shadow_fds_end = fd_count(moved.shadow_pid)
+            finally:
+                load.stopping.set()
+            assert session.stdin is not None
+            session.stdin.close()
+            assert session.wait(EXIT_TIMEOUT) == 0
+
+            server.close_control()
+            assert_ended_well(moved, "the soaked echo_server", tmp_path)
+            wait_released(moved)
+            output = server.stdout
+            assert "PASS echo_server" in output, f"{output}\n{server.stderr}\n{logs(tmp_path)}"
+            for node in cluster:
+                assert pids_inside(node) == {daemon_pid(node)}, f"{node}: {logs(tmp_path)}"
+
+        echoed = streams * LOAD_STREAM_BYTES + session_bytes
+        assert f"echoed {echoed} bytes over {streams + 1} connections" in output, (
+            f"{output}\nexpected {echoed} bytes over {streams + 1} connections"
+        )
+        print(
+            f"soak: {SOAK_MOVES} moves, {streams} load streams of {LOAD_STREAM_BYTES} bytes, "
+            f"{echoed} bytes echoed, in {time.monotonic() - started:.0f} s; "
+            f"freeze min/median/max {min(freezes):.0f}/{sorted(freezes)[len(freezes) // 2]:.0f}/"
+            f"{max(freezes):.0f} ms"
+        )
+        if baseline:
+            for name, (rss, fds) in baseline.items():
+                rss_end, fds_end = ending[name]
+                print(
+                    f"daemon {name}: VmRSS {rss} -> {rss_end} kB ({rss_end - rss:+d}), "
+                    f"fds {fds} -> {fds_end}"
+                )
+            print(f"home shadow: fds {shadow_fds} -> {shadow_fds_end}")
+            for name, (rss, fds) in baseline.items():
+                rss_end, fds_end = ending[name]
+                assert fds_end <= fds, f"daemon {name} holds {fds_end - fds} more descriptors"
+                assert rss_end - rss <= RSS_GROWTH_LIMIT_KB, (
+                    f"daemon {name} grew by {rss_end - rss} kB over "
+                    f"{SOAK_MOVES - WARM_UP_MOVES} moves"
+                )
+            assert shadow_fds_end <= shadow_fds, (
+                f"the home shadow holds {shadow_fds_end - shadow_fds} more descriptors"
+            )
