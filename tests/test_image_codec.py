@@ -57,6 +57,7 @@ from hijack.image import (
     SigAltStack,
     SignalState,
     SocketInfo,
+    TerminalState,
     Thread,
     UserRegsStruct,
     read_image,
@@ -66,7 +67,7 @@ from hijack.image import (
     summary_to_json,
 )
 from hijack.image import records as records_module
-from hijack.image.fields import struct_codec
+from hijack.image.fields import Cursor, struct_codec
 
 SECTION_NAMES = {
     b"HEAD": "HEADER",
@@ -204,6 +205,22 @@ class Built:
         return [*self.before_pages, *self.after_pages, self.end]
 
 
+# A terminal in canonical mode with echo, 33 rows of 97 columns, the controlling one.
+TERMINAL = TerminalState(
+    c_iflag=0o2400,
+    c_oflag=0o5,
+    c_cflag=0o277,
+    c_lflag=0o105073,
+    c_line=0,
+    c_cc=bytes([3, 28, 8, 21, 4, 0, 1, 0, 17, 19, 26, 0, 18, 15, 23, 22, 0, 0, 0]),
+    ws_row=33,
+    ws_col=97,
+    ws_xpixel=0,
+    ws_ypixel=0,
+    controlling=True,
+)
+
+
 def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
     rng = random.Random(seed)
     libc = FileIdentity(
@@ -261,6 +278,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 ino=1000 + fd,
                 path=path,
                 socket=socket,
+                terminal=TERMINAL if kind is FdKind.TTY else None,
             )
             for fd, kind, path, flags, pos, mode, socket in [
                 (0, FdKind.TTY, "/dev/pts/3", 0o2, 0, 0o20620, None),
@@ -580,9 +598,9 @@ def test_absurd_lengths_are_refused_without_allocating_them() -> None:
 def test_non_canonical_bytes_are_refused() -> None:
     files = next(s for s in sections(BUILT.image) if s.tag == b"FDS_")
     # One descriptor: fd kind flags pos | cloexec | mode dev ino eventfd_count path
-    # socket-absent epoll-empty.
+    # socket-absent epoll-empty terminal-absent.
     before = struct.pack("<IIBIq", 1, 7, FdKind.PIPE, 0, 0)
-    after = struct.pack("<IQQQI", 0, 0, 0, 0, 1) + b"p" + b"\x00" + struct.pack("<I", 0)
+    after = struct.pack("<IQQQI", 0, 0, 0, 0, 1) + b"p" + b"\x00" + struct.pack("<I", 0) + b"\x00"
     for cloexec, problem in ((b"\x02", "boolean byte is 2"), (b"\x01", None)):
         payload = before + cloexec + after
         image = replace_section(BUILT.image, files, frame(b"FDS_", payload))
@@ -989,3 +1007,63 @@ def test_a_final_image_holds_pages_of_precopied_segments_but_not_of_none() -> No
     recoded = io.BytesIO()
     recode(io.BytesIO(out.getvalue()), recoded)
     assert recoded.getvalue() == out.getvalue()
+
+
+# --- terminals ------------------------------------------------------------------------
+
+
+def test_a_terminal_state_round_trips_in_its_documented_layout() -> None:
+    descriptor = FileDescriptor(
+        fd=0,
+        kind=FdKind.TTY,
+        flags=2,
+        pos=0,
+        cloexec=False,
+        mode=0o20620,
+        dev=5,
+        ino=3,
+        path="/dev/pts/3",
+        terminal=TERMINAL,
+    )
+    files = Files(descriptors=(descriptor,))
+    out = bytearray()
+    struct_codec(Files).encode(files, out)
+    # The TerminalState closes the record: optional marker 1, then 4 u32, u8, 19 bytes,
+    # 4 u16, bool.
+    tail = struct.pack(
+        "<B4IB19s4H?", 1, 0o2400, 0o5, 0o277, 0o105073, 0, TERMINAL.c_cc, 33, 97, 0, 0, True
+    )
+    assert bytes(out).endswith(tail)
+    assert struct_codec(Files).decode(Cursor(bytes(out))) == files
+    without = FileDescriptor(
+        fd=0,
+        kind=FdKind.TTY,
+        flags=2,
+        pos=0,
+        cloexec=False,
+        mode=0o20620,
+        dev=5,
+        ino=3,
+        path="/dev/pts/3",
+    )
+    plain = bytearray()
+    struct_codec(Files).encode(Files(descriptors=(without,)), plain)
+    assert bytes(plain) == bytes(out)[: -len(tail)] + b"\0"  # absent: one zero byte
+
+
+def test_a_terminal_state_only_on_a_terminal() -> None:
+    with pytest.raises(ImageError, match="TerminalState on a PIPE"):
+        FileDescriptor(
+            fd=1,
+            kind=FdKind.PIPE,
+            flags=1,
+            pos=0,
+            cloexec=False,
+            mode=0o10600,
+            dev=5,
+            ino=4,
+            path="pipe:[4]",
+            terminal=TERMINAL,
+        )
+    with pytest.raises(ImageError):
+        struct_codec(TerminalState).encode(replace(TERMINAL, c_cc=b"short"), bytearray())

@@ -58,6 +58,7 @@ from hijack.image.records import (
     SigAltStack,
     SignalState,
     SocketInfo,
+    TerminalState,
     Thread,
     UserRegsStruct,
 )
@@ -105,6 +106,7 @@ __all__ = [
     "SigAltStack",
     "SignalState",
     "SocketInfo",
+    "TerminalState",
     "Thread",
     "UserRegsStruct",
     "read_image",

@@ -377,6 +377,26 @@ class EpollTarget:
     data: U64  # the user's epoll_data
 
 
+TERMIOS_NCCS = 19  # c_cc of the kernel's struct termios (TCGETS)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TerminalState:
+    """A terminal as the process had it: struct termios (TCGETS), struct winsize (TIOCGWINSZ)."""
+
+    c_iflag: U32
+    c_oflag: U32
+    c_cflag: U32
+    c_lflag: U32
+    c_line: U8
+    c_cc: Annotated[bytes, Fixed(TERMIOS_NCCS)]
+    ws_row: U16
+    ws_col: U16
+    ws_xpixel: U16
+    ws_ypixel: U16
+    controlling: bool  # the process's controlling terminal (tty_nr of /proc/PID/stat)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FileDescriptor:
     fd: U32
@@ -391,6 +411,7 @@ class FileDescriptor:
     path: str  # the /proc/PID/fd/N link target, e.g. "pipe:[1234]"
     socket: SocketInfo | None = None  # only for SOCKET descriptors
     epoll: tuple[EpollTarget, ...] = ()  # an EPOLL's interest list (fdinfo tfd lines)
+    terminal: TerminalState | None = None  # a TTY's settings and window size
 
     def __post_init__(self) -> None:
         _require(
@@ -400,6 +421,10 @@ class FileDescriptor:
         _require(
             not self.epoll or self.kind is FdKind.EPOLL,
             f"FileDescriptor {self.fd}: an interest list on a {self.kind.name} descriptor",
+        )
+        _require(
+            self.terminal is None or self.kind is FdKind.TTY,
+            f"FileDescriptor {self.fd}: a TerminalState on a {self.kind.name} descriptor",
         )
 
 
