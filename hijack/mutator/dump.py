@@ -27,7 +27,7 @@ from hijack.image import records as rec
 from hijack.image.codec import ImageWriter
 from hijack.image.identity import file_identity, is_shared_library
 from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, recorded_registers
-from hijack.sys import memory, procfs
+from hijack.sys import memory, pidfd, procfs, terminal
 from hijack.sys import ptrace as pt
 from hijack.sys.process import get_robust_list
 from hijack.testpoint import reached
@@ -525,6 +525,7 @@ def read_files(pid: int) -> rec.Files:
     # The socket tables take tens of milliseconds on a busy host: only when needed.
     needed = any(entry.kind is procfs.FdKind.SOCKET for entry in entries)
     sockets = procfs.read_socket_table(pid) if needed else {}
+    tty_nr = procfs.read_stat(pid).tty_nr
     descriptors = []
     for entry in entries:
         info = procfs.read_fdinfo(pid, entry.fd)
@@ -556,9 +557,47 @@ def read_files(pid: int) -> rec.Files:
                     rec.EpollTarget(tfd=tfd, events=events, data=data)
                     for tfd, events, data in info.epoll_targets
                 ),
+                terminal=(
+                    read_terminal(pid, entry.fd, tty_nr)
+                    if entry.kind is procfs.FdKind.TTY
+                    else None
+                ),
             )
         )
     return rec.Files(descriptors=tuple(descriptors))
+
+
+def read_terminal(pid: int, fd: int, tty_nr: int) -> rec.TerminalState | None:
+    """The settings and window size of terminal `fd` of `pid`, through a copy of it.
+
+    None if it answers neither (a pty master whose slave is gone, a hung-up line).
+    """
+    handle = pidfd.pidfd_open(pid)
+    try:
+        copy = pidfd.pidfd_getfd(handle, fd, pid)
+    finally:
+        os.close(handle)
+    try:
+        settings = terminal.get_settings(copy)
+        size = terminal.get_window_size(copy)
+        controlling = terminal.controlling_terminal_of(tty_nr, copy)
+    except HijackError:
+        return None
+    finally:
+        os.close(copy)
+    return rec.TerminalState(
+        c_iflag=settings.c_iflag,
+        c_oflag=settings.c_oflag,
+        c_cflag=settings.c_cflag,
+        c_lflag=settings.c_lflag,
+        c_line=settings.c_line,
+        c_cc=settings.c_cc,
+        ws_row=size.ws_row,
+        ws_col=size.ws_col,
+        ws_xpixel=size.ws_xpixel,
+        ws_ypixel=size.ws_ypixel,
+        controlling=controlling,
+    )
 
 
 def _image_fd_kind(kind: procfs.FdKind) -> rec.FdKind:

@@ -34,6 +34,7 @@ from typing import Any, BinaryIO, NamedTuple, cast
 from hijack.errors import HijackError
 from hijack.image import records as rec
 from hijack.node import policy
+from hijack.node import terminal as terminal_pump
 from hijack.node.channel import Channel, ChannelError, DataReader
 from hijack.registry import Registry, node_name
 from hijack.restore.precopy import Prebuilt
@@ -41,6 +42,7 @@ from hijack.restore.restorer import restore
 from hijack.shadow import control
 from hijack.shadow.datagram import widen_receive_buffer
 from hijack.shadow.relay import endpoint
+from hijack.sys import terminal
 from hijack.testpoint import reached
 
 DEFAULT_PORT = 7450
@@ -54,9 +56,10 @@ class Proxy(NamedTuple):
 
     fd: int  # the process's descriptor number
     stream: str  # the shadow's stream id
-    kind: str  # "stream", "listener" or "datagram"
+    kind: str  # "stream", "listener", "datagram" or "terminal"
     family: socket.AddressFamily  # a datagram socket's (AF_UNSPEC for the others)
     peer: str  # the shadow relay "ip:port" a connected datagram socket is connected to, or ""
+    file: int = -1  # a terminal's: descriptors with one `file` share one open slave
 
 
 def log(text: str) -> None:
@@ -203,6 +206,7 @@ class NodeDaemon:
         datagrams: dict[str, str] = {}  # stream -> the process's UDP socket, "ip:port"
         image = DataReader(channel)
         committed: list[int] = []  # the pid, once the move is decided `running`
+        terminals = _Terminals(str(home["relay"]), token, move)
         try:
 
             def admit(
@@ -212,6 +216,9 @@ class NodeDaemon:
                 policy.check_image(header, credentials, segments, allow_root=self.allow_root)
                 # Filled in place: restore reads `provided` only after this.
                 for proxy in proxies:
+                    if proxy.kind == "terminal":
+                        provided[proxy.fd] = terminals.slave(proxy.stream, proxy.file)
+                        continue
                     if proxy.kind == "listener":
                         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                         opened.append(sock)
@@ -281,6 +288,7 @@ class NodeDaemon:
             )
         except HijackError as exc:
             log(f"move {move} failed: {exc}")
+            terminals.close()
             if committed:
                 # Decided `running`, yet it never started (the restorer killed
                 # it): the record must not tell a mover to end its original.
@@ -294,6 +302,8 @@ class NodeDaemon:
         finally:
             for sock in opened:
                 sock.close()  # the process has its own copies
+            terminals.close_slaves()
+        terminals.start_pumps()
         threading.Thread(target=_reap, args=(result.pid,), daemon=True).start()
         log(f"move {move}: {result.program} runs here as {result.pid}")
         reached("daemon-committed")
@@ -392,7 +402,10 @@ def _parse_move(request: dict[str, Any]) -> tuple[str, dict[str, Any], bytes, li
         for proxy in request.get("proxies", []):
             number, stream, kind = proxy["fd"], proxy["stream"], proxy.get("kind", "stream")
             family, peer = proxy.get("family", socket.AF_INET), proxy.get("peer", "")
+            open_file = proxy.get("file", number)  # a terminal's: see hijack.node.move.Proxy
             if not isinstance(number, int) or not 0 <= number < 1 << 20:
+                raise ValueError
+            if not isinstance(open_file, int) or not -1 <= open_file < 1 << 20:
                 raise ValueError
             if not isinstance(stream, str) or not isinstance(kind, str):
                 raise TypeError
@@ -400,10 +413,61 @@ def _parse_move(request: dict[str, Any]) -> tuple[str, dict[str, Any], bytes, li
                 raise TypeError
             if kind == "datagram" and family not in (socket.AF_INET, socket.AF_INET6):
                 raise ValueError
-            proxies.append(Proxy(number, stream, kind, socket.AddressFamily(family), peer))
+            proxies.append(
+                Proxy(number, stream, kind, socket.AddressFamily(family), peer, file=open_file)
+            )
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
         raise HijackError(f"malformed move request: {json.dumps(request)[:120]}") from None
     return move, home, token, proxies
+
+
+class _Terminals:
+    """The ptys made for a migrant whose terminals stayed at home (hijack.node.terminal)."""
+
+    def __init__(self, relay_address: str, token: bytes, move: str) -> None:
+        self.relay_address = relay_address
+        self.token = token
+        self.move = move
+        self.ptys: dict[str, tuple[int, str, socket.socket]] = {}  # stream -> master, path, relay
+        self.slaves: dict[tuple[str, int], int] = {}  # (stream, open file) -> slave
+
+    def slave(self, stream: str, open_file: int) -> int:
+        """The slave for descriptors of `stream` that shared open file `open_file` at home:
+        one open slave per open file, as there."""
+        if stream not in self.ptys:
+            master, path = terminal.open_pseudo_terminal()
+            try:
+                relay = control.open_relay(
+                    self.relay_address, self.token, stream, self.move, terminal=path
+                )
+            except BaseException:
+                os.close(master)
+                raise
+            self.ptys[stream] = (master, path, relay)
+        key = (stream, open_file)
+        if key not in self.slaves:
+            path = self.ptys[stream][1]
+            self.slaves[key] = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        return self.slaves[key]
+
+    def close_slaves(self) -> None:
+        for slave in self.slaves.values():
+            os.close(slave)  # the process has its own
+        self.slaves.clear()
+
+    def close(self) -> None:
+        self.close_slaves()
+        for master, _path, relay in self.ptys.values():
+            os.close(master)
+            relay.close()
+        self.ptys.clear()
+
+    def start_pumps(self) -> None:
+        for master, path, relay in self.ptys.values():
+            threading.Thread(
+                target=terminal_pump.pump, args=(master, relay, log), name=path, daemon=True
+            ).start()
+        self.ptys.clear()
 
 
 def _reap(pid: int) -> None:

@@ -59,7 +59,7 @@ from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
 from hijack.shadow import control
 from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
 from hijack.shadow.datagram import parse_address as parse_datagram_address
-from hijack.sys import pidfd, procfs
+from hijack.sys import pidfd, procfs, terminal
 from hijack.testpoint import reached
 
 # Reopened by path on the destination (nodes share a file system), or made
@@ -94,9 +94,10 @@ class MoveResult:
 class Proxy:
     fd: int
     stream: str  # the home shadow's stream id
-    kind: str  # "stream", "listener" or "datagram" (UDP, hijack.shadow.datagram)
+    kind: str  # "stream", "listener", "datagram" (UDP, hijack.shadow.datagram) or "terminal"
     family: int = 0  # a datagram's address family
     peer: str = ""  # a datagram socket connected to this relay ("ip:port"), or ""
+    file: int = -1  # a terminal's: the lowest of the descriptors sharing its open file
 
 
 class HomeShadow:
@@ -285,8 +286,14 @@ def _move_frozen(
             if at_home:
                 hand_descriptors_to_shadow(pid, record.shadow_control or "")
                 proxy = [
-                    {"fd": p.fd, "listener": p.kind == "listener", "datagram": p.kind == "datagram"}
+                    {
+                        "fd": p.fd,
+                        "listener": p.kind == "listener",
+                        "datagram": p.kind == "datagram",
+                        "terminal": p.kind == "terminal",
+                    }
                     for p in plan
+                    if p.kind != "terminal" or p.stream == f"tty:{p.fd}"  # one per terminal
                 ]
                 answer = shadow.request({"op": "migrating", "move": move_id, "proxy": proxy})
                 plan = connect_datagrams(plan, answer, relay_address)
@@ -697,11 +704,24 @@ def plan_proxies(
     # at the node (the shadow connects accepted clients to them).
     relayed_ends = {shadow.record.relay_address or ""} if shadow else set()
     relayed_ends |= set(by_listener)
+    by_terminal = {s["terminal"]: s["id"] for s in streams.values() if s.get("terminal")}
+    terminals: dict[tuple[int, int], str] = {}  # at home: (dev, ino) -> stream id
     plan: list[Proxy] = []
     refused: list[str] = []
     for entry in entries:
         if entry.kind in REOPENED and _reopenable(entry):
             continue
+        if entry.kind is procfs.FdKind.TTY and not entry.target.endswith("ptmx"):
+            # At home, the stream of a terminal is named for its lowest descriptor;
+            # away, the shadow knows the pty that stands for it on this node.
+            stream_id = (
+                terminals.setdefault((entry.dev, entry.ino), f"tty:{entry.fd}")
+                if at_home
+                else by_terminal.get(entry.target)
+            )
+            if stream_id is not None:
+                plan.append(_terminal_proxy(pid, entry.fd, stream_id, plan))
+                continue
         found = sockets.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
         if found is None and entry.kind is procfs.FdKind.SOCKET and at_home:
             found = _unbound_udp(pid, entry)
@@ -837,6 +857,14 @@ def drain_datagrams(pid: int, plan: list[Proxy]) -> dict[str, list[tuple[str, by
     finally:
         os.close(handle)
     return unread
+
+
+def _terminal_proxy(pid: int, fd: int, stream: str, plan: list[Proxy]) -> Proxy:
+    """Descriptor `fd` of terminal `stream`; descriptors of one open file get one slave."""
+    for other in plan:
+        if other.stream == stream and terminal.same_open_file(pid, other.fd, fd):
+            return Proxy(fd, stream, "terminal", file=other.file)
+    return Proxy(fd, stream, "terminal", file=fd)
 
 
 def _closed_since(pid: int, entry: procfs.FdEntry) -> bool:

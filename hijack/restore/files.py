@@ -48,6 +48,9 @@ O_CLOEXEC = 0o2000000
 # Flags that act at open time only: never replayed (O_TRUNC would empty the file).
 OPEN_TIME_ONLY = O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC
 F_DUPFD, F_SETFD, F_SETFL = 0, 2, 4
+TCSETS, TIOCSWINSZ = 0x5402, 0x5414
+TERMIOS = struct.Struct("<4IB19s")  # the kernel's struct termios
+WINSIZE = struct.Struct("<4H")
 # The status flags F_SETFL can change: O_APPEND, O_ASYNC, O_DIRECT, O_NOATIME, O_NONBLOCK.
 SETTABLE_STATUS_FLAGS = 0o2000 | 0o20000 | 0o40000 | 0o1000000 | O_NONBLOCK
 FD_CLOEXEC = 1
@@ -236,3 +239,24 @@ def restore_files(stub: Stub, plan: FilePlan, inherited: dict[int, int]) -> None
             stub.reset_scratch()
             event = stub.put(EPOLL_EVENT.pack(target.events, target.data))
             stub.call("epoll_ctl", descriptor.fd, EPOLL_CTL_ADD, target.tfd, event)
+
+
+def set_up_terminals(stub: Stub, plan: FilePlan, fresh: frozenset[int]) -> int | None:
+    """Give each terminal made for the process (`fresh`: a move's ptys) the settings and
+    window size its terminal had; return the number of the one that was its controlling
+    terminal, if any."""
+    controlling = None
+    for descriptor in plan.inherited:
+        state = descriptor.terminal
+        if descriptor.fd not in fresh or state is None:
+            continue
+        stub.reset_scratch()
+        settings = TERMIOS.pack(
+            state.c_iflag, state.c_oflag, state.c_cflag, state.c_lflag, state.c_line, state.c_cc
+        )
+        stub.call("ioctl", descriptor.fd, TCSETS, stub.put(settings))
+        size = WINSIZE.pack(state.ws_row, state.ws_col, state.ws_xpixel, state.ws_ypixel)
+        stub.call("ioctl", descriptor.fd, TIOCSWINSZ, stub.put(size))
+        if state.controlling:
+            controlling = descriptor.fd
+    return controlling

@@ -50,6 +50,7 @@ SIGKILL, SIGSTOP = 9, 19
 SIG_DFL, SIG_IGN = 0, 1
 PR_SET_MM, PR_SET_MM_MAP = 35, 14
 PR_SET_NAME = 15
+TIOCSCTTY = 0x540E
 PR_SET_NO_NEW_PRIVS = 38
 CLONE_THREAD_FLAGS = (
     0x100  # CLONE_VM
@@ -160,7 +161,7 @@ def restore(
         space = AddressSpace(stub, image.segments.segments)
         space.build()
         _consume_rest(records, image, space)
-        _finish(stub, space, image, plan, inherited)
+        _finish(stub, space, image, plan, inherited, frozenset(provided or {}))
         if before_start is not None:
             before_start(pid)
         _start(stub)
@@ -305,14 +306,16 @@ def _finish(
     image: _Image,
     plan: file_restore.FilePlan,
     inherited: dict[int, int],
+    provided: frozenset[int],
 ) -> None:
     assert image.signals is not None and image.cwd is not None
     leader = _leader_record(image)
     file_restore.restore_files(stub, plan, inherited)
+    controlling = file_restore.set_up_terminals(stub, plan, provided)
     _set_mm_map(stub, image.mm)
     _set_signal_actions(stub, image.signals)
     _set_rlimits(stub, image.rlimits)
-    _set_process_state(stub, image)
+    _set_process_state(stub, image, controlling)
     thread_ids = {leader.tid: stub.pid}
     for thread in image.threads:
         if thread is not leader:
@@ -403,7 +406,15 @@ def _set_rlimits(stub: Stub, rlimits: rec.Rlimits) -> None:
         stub.try_call("prlimit64", 0, limit.resource, new, 0)
 
 
-def _set_process_state(stub: Stub, image: _Image) -> None:
+def _set_process_state(stub: Stub, image: _Image, controlling: int | None) -> None:
+    """cwd, umask, session and group, no_new_privs.
+
+    `controlling`: the descriptor of a terminal made for the process (a move's
+    pty) standing for its controlling terminal. Only a session leader can take
+    one, so the process then leads a session of its own (its old one, the
+    shell's, stayed behind), and its group is the terminal's foreground group:
+    it reads its terminal and gets its ^C and SIGWINCH as at home.
+    """
     assert image.cwd is not None
     stub.reset_scratch()
     if image.cwd.root != "/":
@@ -411,10 +422,12 @@ def _set_process_state(stub: Stub, image: _Image) -> None:
     stub.call("chdir", stub.put_string(image.cwd.cwd))
     stub.call("umask", image.credentials.umask)
     header = image.header
-    if header.sid == header.pid:
+    if header.sid == header.pid or controlling is not None:
         stub.call("setsid")
     elif header.pgid == header.pid:
         stub.call("setpgid", 0, 0)
+    if controlling is not None:
+        stub.call("ioctl", controlling, TIOCSCTTY, 0)
     if image.credentials.no_new_privs:
         stub.call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 

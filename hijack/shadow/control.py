@@ -130,7 +130,8 @@ def _read_line(sock: socket.socket) -> bytes:
 #
 #   shadow -> client   NONCE:16
 #   client -> shadow   HMAC-SHA256(token, NONCE):32 LENGTH:u32 HEADER:LENGTH (JSON)
-#   header {"kind": "relay", "stream": ID, "move": ID}  -> shadow answers RELAY_ACCEPTED,
+#   header {"kind": "relay", "stream": ID, "move": ID[, "terminal": PTY]}
+#                                                       -> shadow answers RELAY_ACCEPTED,
 #       then the connection carries the stream's raw bytes;
 #   header {"kind": "control", "request": {...}}       -> shadow answers LENGTH:u32 JSON.
 # The token is the migrant's own secret, given to the shadow by the first move
@@ -202,10 +203,16 @@ def remote_request(address: str, token: bytes, message: Message, timeout: float 
 
 
 def open_relay(
-    address: str, token: bytes, stream: str, move: str, timeout: float = 10.0
+    address: str, token: bytes, stream: str, move: str, timeout: float = 10.0, terminal: str = ""
 ) -> socket.socket:
-    """A relay connection to the home shadow for `stream`, ready to carry raw bytes."""
-    sock = _client(address, token, {"kind": "relay", "stream": stream, "move": move}, timeout)
+    """A relay connection to the home shadow for `stream`, ready to carry raw bytes.
+
+    `terminal`: the pty at the node that stands for the stream (a terminal).
+    """
+    header = {"kind": "relay", "stream": stream, "move": move}
+    if terminal:
+        header["terminal"] = terminal
+    sock = _client(address, token, header, timeout)
     try:
         if _exactly(sock, len(RELAY_ACCEPTED)) != RELAY_ACCEPTED:
             raise ShadowError(f"the home shadow refused a relay for {stream}")

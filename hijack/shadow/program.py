@@ -38,6 +38,7 @@ from hijack.shadow.relay import RelayHub, decode_unread, decode_unread_datagrams
 from hijack.sys import pidfd, procfs
 
 FOLLOW_INTERVAL = 1.0  # seconds between checks that the target still holds our descriptors
+WINDOW_INTERVAL = 0.2  # seconds between looks at the size of a relayed home terminal
 RELEASE_DRAIN = 60.0  # seconds a released shadow keeps passing on what its migrant wrote
 
 
@@ -82,8 +83,14 @@ class Shadow:
         next_follow = time.monotonic() + FOLLOW_INTERVAL
         while self.running:
             timeout = max(0.0, next_follow - time.monotonic())
+            terminals = self.hub.has_terminals()
+            if terminals:
+                # No SIGWINCH reaches us (we are in no terminal's foreground group): look.
+                timeout = min(timeout, WINDOW_INTERVAL)
             for key, events in self.selector.select(timeout):
                 key.data(key.fileobj, events)
+            if terminals:
+                self.hub.check_window_sizes()
             if time.monotonic() >= next_follow:
                 if self.mode is Mode.HOME:
                     self.follow_target()
@@ -96,6 +103,7 @@ class Shadow:
         self.close()
 
     def close(self) -> None:
+        self.hub.release_terminals()
         self.selector.close()
         self.listener.close()
         if os.path.exists(self.control_path):
@@ -158,7 +166,7 @@ class Shadow:
         if op == "aborted":
             self.hub.aborted(str(message["move"]))
             if not self.hub.location:  # a first move that failed: it is at home again
-                self.hub.streams.clear()
+                self.hub.abandon()
                 self.mode = Mode.HOME
             return {"ok": True, **self.describe()}
         if op == "release":
@@ -208,7 +216,12 @@ class Shadow:
             header = control.server_handshake(connection, self.token)
             if header.get("kind") == "relay":
                 connection.sendall(control.RELAY_ACCEPTED)
-                self.hub.attach_relay(str(header["stream"]), str(header["move"]), connection)
+                self.hub.attach_relay(
+                    str(header["stream"]),
+                    str(header["move"]),
+                    connection,
+                    pty=str(header.get("terminal", "")),
+                )
                 return
             answer = self.handle(dict(header.get("request", {})), [])
             control.send_framed(connection, answer)
@@ -223,6 +236,8 @@ class Shadow:
                 return {"ok": False, "error": f"the shadow holds no fd {number}"}
             if entry.get("datagram"):
                 self.hub.adopt_datagram(number, self.held[number])
+            elif entry.get("terminal"):
+                self.hub.adopt_terminal(number, self.held[number])
             else:
                 self.hub.adopt(number, self.held[number], bool(entry.get("listener")))
         if self.mode is Mode.HOME:

@@ -45,7 +45,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hijack.errors import HijackError
+from hijack.node.terminal import DATA, WINDOW
+from hijack.node.terminal import frame as terminal_frame
 from hijack.shadow.datagram import DatagramStream
+from hijack.sys import terminal as terminal_sys
 
 CHUNK = 256 * 1024
 BUFFER_LIMIT = 4 * 1024 * 1024  # bytes held per direction before we stop reading
@@ -75,6 +78,7 @@ class Relay:
     sock: socket.socket
     move: str
     eof: bool = False  # the process's side has finished writing
+    terminal: str = ""  # a terminal's relay: the pty that stands for it at the node
     # Read once: a connection that was reset has no peer name any more, and
     # the shadow must still describe it (the status a mover plans with).
     shadow_end: str = field(init=False, default="")
@@ -160,6 +164,9 @@ class Stream:
     bytes_in: int = 0  # process -> original
     replay: bytearray | None = None  # an accepted client's bytes until the process answers
     replay_lost: bool = False  # more than REPLAY_LIMIT went unanswered: no replay possible
+    # A terminal: what it was set to before we made it raw, and its last window size.
+    terminal: terminal_sys.Settings | None = None
+    window: terminal_sys.WindowSize | None = None
     closed: bool = False
     # Kernel pipes behind the heads to_relay / to_original, made at the first
     # byte; None while the original cannot splice (then the heads carry all).
@@ -255,7 +262,21 @@ class RelayHub:
         if stream_id not in self.datagrams:
             self.datagrams[stream_id] = DatagramStream(stream_id, own_fd, self.selector, self.log)
 
-    def attach_relay(self, stream_id: str, move: str, sock: socket.socket) -> None:
+    def adopt_terminal(self, number: int, own_fd: int) -> None:
+        """The terminal at the target's descriptor `number`: pumped through a pty at the node.
+
+        Read and written through an open file of our own (O_NONBLOCK there must
+        not reach the shell that shares the terminal's open file).
+        """
+        stream_id = f"tty:{number}"
+        if stream_id in self.streams:
+            return
+        flags = os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC
+        fd = os.open(f"/proc/self/fd/{own_fd}", flags)
+        self.streams[stream_id] = Stream(stream_id, fd, "stream", terminal=None)
+        self.streams[stream_id].window = terminal_sys.get_window_size(fd)
+
+    def attach_relay(self, stream_id: str, move: str, sock: socket.socket, pty: str = "") -> None:
         stream = self.streams.get(stream_id)
         if stream is None or stream.kind != "stream":
             sock.close()
@@ -264,7 +285,7 @@ class RelayHub:
         old = stream.pending.pop(move, None)
         if old is not None:
             old.sock.close()
-        stream.pending[move] = Relay(sock, move)
+        stream.pending[move] = Relay(sock, move, terminal=pty)
 
     # -- moves --------------------------------------------------------------------
 
@@ -298,6 +319,8 @@ class RelayHub:
             if new is not None:
                 stream.relay = new
                 stream.to_relay[:0] = unread.get(stream.id, b"")
+                if stream.window is not None:  # the new pty gets the home terminal's size
+                    stream.to_relay[:0] = terminal_frame(WINDOW, stream.window.pack())
                 # An end we passed to the old relay may not have been read
                 # there: the new one gets it too, after the unread bytes.
                 stream.shut_relay = False
@@ -321,7 +344,18 @@ class RelayHub:
         self.location = location
         self.pumping = True
         self._set_originals_nonblocking()
+        self._make_terminals_raw()
         self._refresh_interest()
+
+    def abandon(self) -> None:
+        """Forget every stream (a first move failed: the process is at home again).
+
+        The originals are the shadow's held descriptors, kept; a terminal's is our own.
+        """
+        for stream in self.streams.values():
+            if self._is_terminal(stream) and stream.original >= 0:
+                os.close(stream.original)
+        self.streams.clear()
 
     def aborted(self, move: str) -> None:
         for stream in self.streams.values():
@@ -360,6 +394,52 @@ class RelayHub:
             if not flags & os.O_NONBLOCK:
                 stream.original_flags = flags
                 fcntl.fcntl(stream.original, fcntl.F_SETFL, flags | os.O_NONBLOCK)
+
+    # -- terminals ------------------------------------------------------------------
+
+    def _is_terminal(self, stream: Stream) -> bool:
+        return stream.window is not None
+
+    def _make_terminals_raw(self) -> None:
+        """The home terminal passes every byte on: the pty at the node does the line editing,
+        echo and signals, as the process's terminal did here."""
+        for stream in self.streams.values():
+            if self._is_terminal(stream) and stream.terminal is None and stream.original >= 0:
+                with contextlib.suppress(HijackError):  # hung up: nothing to set
+                    settings = terminal_sys.get_settings(stream.original)
+                    terminal_sys.set_settings(stream.original, settings.raw())
+                    stream.terminal = settings
+
+    def _restore_terminal(self, stream: Stream) -> None:
+        if stream.terminal is not None and stream.original >= 0:
+            with contextlib.suppress(HijackError):  # hung up: nothing to give back
+                terminal_sys.set_settings(stream.original, stream.terminal)
+            stream.terminal = None
+
+    def release_terminals(self) -> None:
+        """Give the home terminals back their settings (the shadow ends)."""
+        for stream in self.streams.values():
+            self._restore_terminal(stream)
+
+    def has_terminals(self) -> bool:
+        return any(self._is_terminal(stream) for stream in self.streams.values())
+
+    def check_window_sizes(self) -> None:
+        """Pass a home terminal's new size on (the node's pty then signals SIGWINCH)."""
+        changed = False
+        for stream in self.streams.values():
+            if not self._is_terminal(stream) or stream.original < 0 or not self.pumping:
+                continue
+            try:
+                size = terminal_sys.get_window_size(stream.original)
+            except HijackError:
+                continue
+            if size != stream.window:
+                stream.window = size
+                stream.to_relay += terminal_frame(WINDOW, size.pack())
+                changed = True
+        if changed:
+            self._refresh_interest()
 
     # -- the event loop's side ----------------------------------------------------
 
@@ -470,7 +550,9 @@ class RelayHub:
                 data = os.read(stream.original, CHUNK)
             except BlockingIOError:
                 return 0
-            stream.to_relay += data
+            # A terminal's bytes go in DATA frames (hijack.node.terminal).
+            framed = data and self._is_terminal(stream)
+            stream.to_relay += terminal_frame(DATA, data) if framed else data
             got = len(data)
         if got == 0:
             stream.original_eof = True
@@ -572,6 +654,7 @@ class RelayHub:
     def _end_original(self, stream: Stream) -> None:
         """The process finished writing: pass the end on to the original's peer."""
         stream.shut_original = True
+        self._restore_terminal(stream)
         sock = _socket_copy(stream.original)
         if sock is None:
             self._forget(stream.original)
@@ -594,6 +677,7 @@ class RelayHub:
             relay.sock.close()
         if stream.original >= 0:
             self._forget(stream.original)
+            self._restore_terminal(stream)
             sock = _socket_copy(stream.original) if reset else None
             if sock is not None:
                 with sock:
@@ -680,6 +764,7 @@ class RelayHub:
                     "relay": relay.node_end if relay else "",
                     "shadow_end": relay.shadow_end if relay else "",
                     "listener": self.listeners.get(stream.id, ""),
+                    "terminal": relay.terminal if relay else "",
                     "bytes_out": stream.bytes_out,
                     "bytes_in": stream.bytes_in,
                     "buffered_out": stream.out_held,

@@ -1,0 +1,119 @@
+"""A process on a terminal moved to another node: it finds a terminal there, the same one to it.
+
+The terminal fixture runs in node a on a pty the test opened (the test holds
+its master: what a terminal emulator or tmux holds), as the leader of a
+session whose controlling terminal it is. The test types lines at the master
+and reads the answers there, before and after the move; on node b the
+process has a pty of its own, with the home terminal's settings and window
+size, as its controlling terminal; the home shadow passes the bytes (and a
+resize of the home terminal, SIGWINCH there) through; when the process ends,
+the home terminal gets its settings back.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import select
+import signal
+import termios
+import time
+from pathlib import Path
+
+from support import spawn_fixture
+from support.nodes import Cluster
+from test_move import EXIT_TIMEOUT, finish_moved, logs, move
+
+from hijack.sys import terminal
+
+ANSWER_TIMEOUT = 10.0
+HOME_SIZE = terminal.WindowSize(33, 97)
+RESIZED = terminal.WindowSize(40, 120)
+
+
+class Typist:
+    """The test at the master of the home pty: types lines, reads what the terminal shows."""
+
+    def __init__(self, master: int) -> None:
+        self.master = master
+        self.shown = b""  # every byte the terminal showed
+        self.seen = 0  # where the last expected line ended
+
+    def type(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def expect(self, pattern: str, what: str) -> re.Match[bytes]:
+        """Read until a line matching `pattern` shows (bounded); return the match."""
+        wanted = re.compile(pattern.encode())
+        deadline = time.monotonic() + ANSWER_TIMEOUT
+        while not (found := wanted.search(self.shown, self.seen)):
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {what} within {ANSWER_TIMEOUT} s; shown: {self.shown!r}"
+            readable, _, _ = select.select([self.master], [], [], remaining)
+            if readable:
+                self.shown += os.read(self.master, 4096)
+        self.seen = found.end()
+        return found
+
+
+def test_a_process_on_a_terminal_keeps_it_across_a_move(tmp_path: Path) -> None:
+    master, slave = os.openpty()
+    try:
+        home_settings = termios.tcgetattr(slave)
+        home_settings[6][termios.VERASE] = b"\x08"  # ^H: settings only the copy can carry over
+        termios.tcsetattr(slave, termios.TCSANOW, home_settings)
+        home_settings = termios.tcgetattr(slave)
+        terminal.set_window_size(master, HOME_SIZE)
+        typist = Typist(master)
+        with Cluster(tmp_path, nodes=2) as cluster:
+            a, b = cluster.nodes
+            b.start_daemon()
+            with spawn_fixture("terminal", os.ttyname(slave), netns=a.netns) as fixture:
+                assert fixture.ready == {"rows": "33", "cols": "97"}
+                typist.type("at home\n")
+                typist.expect(r"echo at home rows=33 cols=97 winch=0\r\n", "answer at home")
+
+                moved = move(a, fixture.pid, b)
+                assert fixture.wait_exit(EXIT_TIMEOUT) == -signal.SIGKILL  # the original
+                typist.type("on b\n")
+                typist.expect(r"on b\r\n", "the echo of the line by the pty at b")
+                typist.expect(r"echo on b rows=33 cols=97 winch=0\r\n", "answer from b")
+                assert termios.tcgetattr(master)[3] & termios.ICANON == 0  # raw while away
+
+                terminal.set_window_size(master, RESIZED)
+                typist.expect(r"winch rows=40 cols=120 winch=1\r\n", "SIGWINCH at b")
+                typist.type("resized\n")
+                typist.expect(r"echo resized rows=40 cols=120 winch=1\r\n", "answer after it")
+
+                finish_moved(fixture, moved, tmp_path)
+            # Released, the shadow gave the home terminal its settings back.
+            assert termios.tcgetattr(master) == home_settings, logs(tmp_path)
+            print(typist.shown.decode(errors="replace"))
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_the_terminal_fixture_passes_alone_and_its_checks_bite() -> None:
+    master, slave = os.openpty()
+    try:
+        terminal.set_window_size(master, HOME_SIZE)
+        typist = Typist(master)
+        with spawn_fixture("terminal", os.ttyname(slave)) as fixture:
+            typist.type("one\n")
+            typist.expect(r"echo one rows=33 cols=97 winch=0\r\n", "an answer")
+            terminal.set_window_size(master, RESIZED)
+            typist.expect(r"winch rows=40 cols=120 winch=1\r\n", "SIGWINCH")
+            fixture.assert_intact()
+        with spawn_fixture("terminal", os.ttyname(slave)) as fixture:
+            settings = termios.tcgetattr(master)
+            settings[6][termios.VERASE] = (
+                b"\x7f" if settings[6][termios.VERASE] != b"\x7f" else b"\x08"
+            )
+            termios.tcsetattr(master, termios.TCSANOW, settings)
+            typist.type("two\n")
+            assert fixture.finish() == 1
+            assert "terminal settings changed" in fixture.stderr, fixture.describe()
+    finally:
+        os.close(master)
+        os.close(slave)
