@@ -22,7 +22,7 @@ from pathlib import Path
 
 from support import spawn_fixture
 from support.nodes import Cluster
-from test_move import EXIT_TIMEOUT, finish_moved, logs, move
+from test_move import EXIT_TIMEOUT, finish_moved, logs, move, poll_until
 
 from hijack.sys import terminal
 
@@ -65,9 +65,12 @@ def test_a_process_on_a_terminal_keeps_it_across_a_move(tmp_path: Path) -> None:
         home_settings = termios.tcgetattr(slave)
         terminal.set_window_size(master, HOME_SIZE)
         typist = Typist(master)
-        with Cluster(tmp_path, nodes=2) as cluster:
-            a, b = cluster.nodes
+        with Cluster(tmp_path, nodes=3) as cluster:
+            a, b, c = cluster.nodes
             b.start_daemon()
+            c.start_daemon()
+            assert b.daemon is not None
+            daemon_fds = len(os.listdir(f"/proc/{b.daemon.pid}/fd"))
             with spawn_fixture("terminal", os.ttyname(slave), netns=a.netns) as fixture:
                 assert fixture.ready == {"rows": "33", "cols": "97"}
                 typist.type("at home\n")
@@ -84,6 +87,17 @@ def test_a_process_on_a_terminal_keeps_it_across_a_move(tmp_path: Path) -> None:
                 typist.expect(r"winch rows=40 cols=120 winch=1\r\n", "SIGWINCH at b")
                 typist.type("resized\n")
                 typist.expect(r"echo resized rows=40 cols=120 winch=1\r\n", "answer after it")
+
+                # On from b: c's pty stands for the same home terminal, b's is gone.
+                home_pid = fixture.pid
+                moved = move(b, moved.pid, c, home=(a, home_pid))
+                typist.type("on c\n")
+                typist.expect(r"echo on c rows=40 cols=120 winch=1\r\n", "answer from c")
+                # b's daemon let go of the pty and the relay once its process was gone.
+                poll_until(
+                    lambda: len(os.listdir(f"/proc/{b.daemon.pid}/fd")) == daemon_fds,
+                    "the daemon of b back to its descriptors",
+                )
 
                 finish_moved(fixture, moved, tmp_path)
             # Released, the shadow gave the home terminal its settings back.
