@@ -199,7 +199,7 @@ def _restore_prebuilt(
         inherited = prebuilt.hand_over(provided)
         space.adopt_final(image.segments.segments)
         _consume_rest(records, image, space)
-        _finish(stub, space, image, plan, inherited)
+        _finish(stub, space, image, plan, inherited, frozenset(provided or {}))
         if before_start is not None:
             before_start(stub.pid)
         _start(stub)
