@@ -689,7 +689,7 @@ class RelayHub:
         stream.close_pipes()
         stream.closed = True
         # Forgotten: a server's clients come and go, the shadow lives on.
-        del self.streams[stream.id]
+        self.streams.pop(stream.id, None)
         for role in ("original", "relay", "retiring"):
             self._callbacks.pop((stream.id, role), None)
 
