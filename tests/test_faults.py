@@ -49,6 +49,7 @@ from test_move import (
 from hijack.registry import Registry
 
 STOP_TIMEOUT = 30.0  # for a command to reach its stage
+LINK_BACKOFF_TIMEOUT = 60.0  # seconds for bytes held back while a link was down
 SETTLE_TIMEOUT = "2"  # seconds a mover in doubt asks again (HIJACK_SETTLE_TIMEOUT)
 
 # A client of an echo server: each stdin line is sent and its echo printed,
@@ -154,7 +155,7 @@ def reap(pids: list[int]) -> None:
 
 
 class Talk(Protocol):
-    def __call__(self, line: str, *, echoed: bool = True) -> str: ...
+    def __call__(self, line: str, *, echoed: bool = True, timeout: float = LINE_TIMEOUT) -> str: ...
 
 
 @contextlib.contextmanager
@@ -173,10 +174,10 @@ def session(port: str | int, node: Node | None = None) -> Iterator[Talk]:
     try:
         assert read_line(client, LINE_TIMEOUT) == "connected"
 
-        def talk(line: str, *, echoed: bool = True) -> str:
+        def talk(line: str, *, echoed: bool = True, timeout: float = LINE_TIMEOUT) -> str:
             assert client.stdin is not None
             client.stdin.write(f"{line}\n".encode())
-            answer = read_line(client, LINE_TIMEOUT)
+            answer = read_line(client, timeout)
             assert answer == line or not echoed, f"sent {line!r}, got {answer!r}"
             if answer != line:
                 ended.append(answer)
@@ -539,7 +540,9 @@ def test_the_answer_to_the_commit_lost_leaves_the_original_held_until_recover(
                 assert recovered.returncode == 0, recovered.describe()
                 assert f"runs on b as {copy}" in recovered.stdout, recovered.describe()
                 assert assert_one_copy_on(b, a, server) == copy
-                talk("after")
+                # The relay's TCP connection retransmits with backoff after the
+                # link was down for seconds: its next try may come that late.
+                talk("after", timeout=LINK_BACKOFF_TIMEOUT)
             with Registry(a.state_dir) as registry:
                 assert registry.moves()[0].phase == "done"
             finish_moved(server, Moved(copy, b, 0.0, shadow_pid_of(a, server.pid)), tmp_path)
@@ -589,8 +592,7 @@ def test_a_commit_lost_on_the_way_is_settled_once_by_the_destination(tmp_path: P
                     copy = 0
                     only_the_daemon_in(b)
                     assert_running_untraced(server.pid)
-                print(recovered.stdout)
-                talk("after")
+                talk("after", timeout=LINK_BACKOFF_TIMEOUT)
             if copy:
                 finish_moved(server, Moved(copy, b, 0.0, shadow), tmp_path)
             else:
