@@ -439,6 +439,30 @@ def test_a_move_stopped_by_a_signal_after_its_commit_ends_with_one_copy_on_the_d
 # -- the network and the other processes of a move -------------------------------------------
 
 
+def start_daemon_stopping_at(node: Node, stage: str) -> None:
+    """Start `node`'s daemon so that it stops itself at test point `stage` (docs/faults.md).
+
+    Only the daemon: commands run on the node later do not stop there.
+    """
+    node.env["HIJACK_STOP_AT"] = stage
+    try:
+        node.start_daemon()
+    finally:
+        del node.env["HIJACK_STOP_AT"]
+
+
+def spawn_move(node: Node, pid: int, destination: str) -> subprocess.Popen[str]:
+    """`hijack move PID --to DESTINATION` started on `node`, asking again briefly when in doubt."""
+    return node.spawn(
+        [*HIJACK_PROGRAM, "move", str(pid), "--to", destination],
+        env={"HIJACK_SETTLE_TIMEOUT": SETTLE_TIMEOUT},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def state_of(pid: int) -> str:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return stat[stat.rindex(")") + 2]
@@ -485,21 +509,12 @@ def test_the_answer_to_the_commit_lost_leaves_the_original_held_until_recover(
     """
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
-        b.env["HIJACK_STOP_AT"] = "daemon-committed"
-        b.start_daemon()
-        del b.env["HIJACK_STOP_AT"]
+        start_daemon_stopping_at(b, "daemon-committed")
         assert b.daemon is not None and b.daemon_endpoint is not None
         with spawn_fixture("echo_server", netns=a.netns) as server:
             with session(server.ready["port"], a) as talk:
                 talk("before")
-                mover = a.spawn(
-                    [*HIJACK_PROGRAM, "move", str(server.pid), "--to", b.daemon_endpoint],
-                    env={"HIJACK_SETTLE_TIMEOUT": SETTLE_TIMEOUT},
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
+                mover = spawn_move(a, server.pid, b.daemon_endpoint)
                 wait_stopped(b.daemon, "daemon-committed")  # the copy runs; no answer sent yet
                 link_down(b)
                 try:
@@ -676,21 +691,12 @@ def test_the_destination_daemon_killed_after_the_commit_keeps_its_word(tmp_path:
     """
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
-        b.env["HIJACK_STOP_AT"] = "daemon-committed"
-        b.start_daemon()
-        del b.env["HIJACK_STOP_AT"]
+        start_daemon_stopping_at(b, "daemon-committed")
         assert b.daemon is not None and b.daemon_endpoint is not None
         with spawn_fixture("echo_server", netns=a.netns) as server:
             with session(server.ready["port"], a) as talk:
                 talk("before")
-                mover = a.spawn(
-                    [*HIJACK_PROGRAM, "move", str(server.pid), "--to", b.daemon_endpoint],
-                    env={"HIJACK_SETTLE_TIMEOUT": SETTLE_TIMEOUT},
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
+                mover = spawn_move(a, server.pid, b.daemon_endpoint)
                 wait_stopped(b.daemon, "daemon-committed")
                 (copy,) = pids_inside(b) - {b.daemon.pid}
                 b.daemon.kill()  # SIGKILL: no answer, no clean end
