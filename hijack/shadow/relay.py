@@ -20,12 +20,13 @@ A move (docs/protocol.md, "Moving"):
   last writes), before anything from the new ones is passed on;
 - `aborted`: nothing changed: the old relays go on.
 
-The bytes are not copied through this process: each direction of a stream
-splices them (splice(2)) from its source socket into a kernel pipe and from
-the pipe into its sink, so only descriptors and counts pass through Python.
-What must be seen or put in front of the pipe's bytes (a move's unread bytes,
-an accepted client's bytes kept for replay, a terminal, which cannot splice)
-goes through a bytearray *head*, always sent before the pipe's contents.
+Each direction of a stream can splice its bytes (splice(2)) from its source
+socket into a kernel pipe and from the pipe into its sink, so only
+descriptors and counts pass through Python; what must be seen or put in
+front of the pipe's bytes (a move's unread bytes, an accepted client's bytes
+kept for replay, a terminal, which cannot splice) goes through a bytearray
+*head*, always sent before the pipe's contents. Splicing is off for now
+(SPLICE, below): every byte goes through the heads.
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ SIOCOUTQ = termios.TIOCOUTQ
 REPLAY_LIMIT = 1024 * 1024
 PIPE_SIZE = 1024 * 1024  # /proc/sys/fs/pipe-max-size by default: more needs CAP_SYS_RESOURCE
 SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+# Off: with the splice pumps `make soak` saw an echoed stream with a hole
+# after a move (4 runs of 8, either direction spliced); with every byte going
+# through the heads (copied), 4 runs of 4 passed. Not understood yet: see the
+# notes of issue #8. Until then the relay copies (about half the speed).
+SPLICE = False
 PUMP_ROUNDS = 16  # splices per direction and event, so one wakeup moves what is there
 
 
@@ -200,7 +206,7 @@ class Stream:
 
     def splicing(self) -> bool:
         if self.splices is None:
-            self.splices = self.original >= 0 and can_splice(self.original)
+            self.splices = SPLICE and self.original >= 0 and can_splice(self.original)
         return self.splices
 
     def outward_pipe(self) -> SplicePipe | None:
