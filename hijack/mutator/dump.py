@@ -588,11 +588,7 @@ def read_terminal(pid: int, fd: int, tty_nr: int) -> rec.TerminalState | None:
 
     None if it answers neither (a pty master whose slave is gone, a hung-up line).
     """
-    handle = pidfd.pidfd_open(pid)
-    try:
-        copy = pidfd.pidfd_getfd(handle, fd, pid)
-    finally:
-        os.close(handle)
+    copy = pidfd.copy_fd(pid, fd)
     try:
         settings = terminal.get_settings(copy)
         size = terminal.get_window_size(copy)

@@ -311,11 +311,7 @@ def _userfaultfd_inside(tracee: Tracee) -> int:
                 if not _register(tracee, uffd, scratch, whole) and len(group) > 1:
                     for run in group:
                         _register(tracee, uffd, scratch, run)
-            handle = pidfd.pidfd_open(pid)
-            try:
-                ours = pidfd.pidfd_getfd(handle, uffd, pid)
-            finally:
-                os.close(handle)
+            ours = pidfd.copy_fd(pid, uffd)
         finally:
             tracee.syscall("close", uffd)
     return ours

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import select
 
 from hijack.sys.libc import raw_syscall
@@ -16,6 +17,15 @@ def pidfd_getfd(pidfd: int, target_fd: int, pid: int | None = None) -> int:
     return raw_syscall(
         "pidfd_getfd", pidfd, target_fd, 0, pid=pid, what=f"fd {target_fd} of process {pid}"
     )
+
+
+def copy_fd(pid: int, target_fd: int) -> int:
+    """Our own copy of descriptor `target_fd` of process `pid` (pidfd_open + pidfd_getfd)."""
+    handle = pidfd_open(pid)
+    try:
+        return pidfd_getfd(handle, target_fd, pid)
+    finally:
+        os.close(handle)
 
 
 def wait_exit(pidfd: int, timeout: float) -> bool:
