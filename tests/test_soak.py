@@ -107,6 +107,21 @@ def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def settled_fd_count(pid: int, expected: int, timeout: float = 10.0) -> int:
+    """The descriptor count of `pid` once it is back to `expected`, or the last one seen.
+
+    The last load client has exited, but the shadow ends its stream (a socket,
+    its relay, and with splicing two pipes) only once the server's end of it
+    has come back: a moment later. A leak never settles.
+    """
+    deadline = time.monotonic() + timeout
+    count = fd_count(pid)
+    while count > expected and time.monotonic() < deadline:
+        time.sleep(0.05)
+        count = fd_count(pid)
+    return count
+
+
 def daemon_pid(node: Node) -> int:
     assert node.daemon is not None
     return node.daemon.pid
@@ -160,7 +175,7 @@ def test_soak_moves_between_three_nodes_under_load(tmp_path: Path) -> None:
                     node.name: (vm_rss_kb(daemon_pid(node)), fd_count(daemon_pid(node)))
                     for node in cluster
                 }
-                shadow_fds_end = fd_count(moved.shadow_pid)
+                shadow_fds_end = settled_fd_count(moved.shadow_pid, shadow_fds)
             finally:
                 load.stopping.set()
             assert session.stdin is not None
