@@ -507,6 +507,27 @@ def kill_daemon(node: Node) -> None:
     node.daemon = node.daemon_endpoint = None
 
 
+def move_with_the_daemon_killed(
+    home: Node, destination: Node, pid: int, logged: str, what: str, *options: str
+) -> None:
+    """`hijack move PID` from `home`, its destination's daemon SIGKILLed once its log
+    matches `logged`; the move must end in one refusal line."""
+    assert destination.daemon_endpoint is not None
+    mover = home.spawn(
+        [*HIJACK_PROGRAM, "move", str(pid), "--to", destination.daemon_endpoint, *options],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    poll_until(
+        lambda: re.search(logged, daemon_log(destination)),
+        f"the daemon of {destination.name} {what}",
+    )
+    kill_daemon(destination)
+    stdout, stderr = mover.communicate(timeout=EXIT_TIMEOUT)
+    refusal_line(CliResult(("move",), mover.returncode, stdout, stderr))
+
+
 def start_daemon_with(node: Node, variable: str, value: str) -> None:
     """Start `node`'s daemon with one variable of the node's environment changed."""
     usual = node.env[variable]
@@ -849,19 +870,9 @@ def test_a_destination_killed_mid_transfer_leaves_the_original_running(tmp_path:
         b.start_daemon()
         with echo_stream(a, seed=31) as (server, client):
             assert b.daemon_endpoint is not None
-            mover = a.spawn(
-                [*HIJACK_PROGRAM, "move", str(server.pid), "--to", b.daemon_endpoint],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
+            move_with_the_daemon_killed(
+                a, b, server.pid, r"move \w+ of echo_server from a", "receives the move"
             )
-            poll_until(
-                lambda: re.search(r"move \w+ of echo_server from a", daemon_log(b)),
-                "the daemon of b receives the move",
-            )
-            kill_daemon(b)
-            stdout, stderr = mover.communicate(timeout=EXIT_TIMEOUT)
-            refusal_line(CliResult(("move",), mover.returncode, stdout, stderr))
             assert still_running(client.pid), "the stream ended before the move: too fast"
             assert_untouched(server.pid)
             assert runs_in(server.pid, a)
@@ -1231,19 +1242,14 @@ def test_a_destination_killed_during_precopy_leaves_the_original_untracked_and_r
         b.start_daemon()
         with spawn_fixture("dirtier", "256", DIRTY_RATE, netns=a.netns) as dirtier:
             assert b.daemon_endpoint is not None
-            mover = a.spawn(
-                [*HIJACK_PROGRAM, "move", str(dirtier.pid), "--to", b.daemon_endpoint, "--precopy"],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
+            move_with_the_daemon_killed(
+                a,
+                b,
+                dirtier.pid,
+                r"move \w+ of dirtier from a .*: pre-copy",
+                "receives the rounds",
+                "--precopy",
             )
-            poll_until(
-                lambda: re.search(r"move \w+ of dirtier from a .*: pre-copy", daemon_log(b)),
-                "the daemon of b receives the rounds",
-            )
-            kill_daemon(b)
-            stdout, stderr = mover.communicate(timeout=EXIT_TIMEOUT)
-            refusal_line(CliResult(("move",), mover.returncode, stdout, stderr))
             assert_untouched(dirtier.pid)
             assert runs_in(dirtier.pid, a)
             # No userfaultfd left in it, nor any range registered with one.
