@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from hijack.errors import HijackError, Unsupported
+from hijack.errors import HijackError, ShadowError, Unsupported
 from hijack.mutator import attach as attaching
 from hijack.mutator.dump import kill_stopped, read_credentials, write_image
 from hijack.mutator.handover import hand_descriptors_to_shadow
@@ -59,6 +59,7 @@ from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
 from hijack.shadow import control
 from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
 from hijack.shadow.datagram import parse_address as parse_datagram_address
+from hijack.shadow.relay import ACK_WAIT
 from hijack.sys import pidfd, procfs, terminal
 from hijack.testpoint import reached
 
@@ -108,12 +109,17 @@ class HomeShadow:
         self.token = token
         self.local = record.home_node == node_name() and bool(record.shadow_control)
 
-    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+    def request(self, message: dict[str, Any], timeout: float = 15.0) -> dict[str, Any]:
         if self.local:
             assert self.record.shadow_control is not None
-            return control.request(self.record.shadow_control, message, timeout=15.0)
+            return control.request(self.record.shadow_control, message, timeout=timeout)
         address = self.record.relay_address or ""
-        return control.remote_request(address, bytes.fromhex(self.token), message, timeout=15.0)
+        return control.remote_request(address, bytes.fromhex(self.token), message, timeout=timeout)
+
+    def migrating(self, message: dict[str, Any]) -> dict[str, Any]:
+        """`migrating`: answered once the process's node has acknowledged all it was sent."""
+        wait = ack_wait()
+        return self.request({**message, "op": "migrating", "ack_wait": wait}, timeout=wait + 15.0)
 
 
 SETTLE_TIMEOUT = 30.0  # seconds a mover keeps asking what became of a commit whose answer it lost
@@ -263,12 +269,17 @@ def _move_frozen(
     precopied: Precopy | None = None,
 ) -> MoveResult:
     before = precopied.bytes_sent if precopied is not None else 0
-    if not at_home:
-        # Away, the shadow goes quiet before the freeze: a client it accepted
-        # and connected to this node once the process was frozen would push up
-        # to a socket buffer into a connection the process never accepts.
-        shadow.request({"op": "migrating", "move": move_id})
     try:
+        if not at_home:
+            # Away, the shadow goes quiet before the freeze: a client it accepted
+            # and connected to this node once the process was frozen would push up
+            # to a socket buffer into a connection the process never accepts.
+            try:
+                shadow.migrating({"move": move_id})
+            except ShadowError as exc:
+                raise HijackError(
+                    f"move aborted: {exc}; process {pid} runs on here as before", pid=pid
+                ) from None
         tracee = Tracee.seize(pid)
     except BaseException:
         if not at_home:
@@ -295,7 +306,7 @@ def _move_frozen(
                     for p in plan
                     if p.kind != "terminal" or p.stream == f"tty:{p.fd}"  # one per terminal
                 ]
-                answer = shadow.request({"op": "migrating", "move": move_id, "proxy": proxy})
+                answer = shadow.migrating({"move": move_id, "proxy": proxy})
                 plan = connect_datagrams(plan, answer, relay_address)
                 unread: dict[str, bytes] = {}
             else:
@@ -494,10 +505,21 @@ def _commit(
 
 def settle_timeout() -> float:
     """SETTLE_TIMEOUT, or $HIJACK_SETTLE_TIMEOUT (tests shorten it)."""
+    return _seconds("HIJACK_SETTLE_TIMEOUT", SETTLE_TIMEOUT)
+
+
+def ack_wait() -> float:
+    """ACK_WAIT, or $HIJACK_ACK_WAIT: how long the shadow waits for the old node's
+    acknowledgements before the move is aborted (tests shorten it)."""
+    return _seconds("HIJACK_ACK_WAIT", ACK_WAIT)
+
+
+def _seconds(variable: str, default: float) -> float:
     try:
-        return float(os.environ.get("HIJACK_SETTLE_TIMEOUT") or SETTLE_TIMEOUT)
+        value = float(os.environ.get(variable) or default)
     except ValueError:
-        return SETTLE_TIMEOUT
+        return default
+    return value if value >= 0 else default
 
 
 def ask_outcome(

@@ -296,21 +296,29 @@ class RelayHub:
 
     # -- moves --------------------------------------------------------------------
 
-    def migrating(self) -> None:
-        """Stop the flow towards the process; return once its node has all we sent."""
+    def migrating(self, move: str, ack_wait: float = ACK_WAIT) -> None:
+        """Stop the flow towards the process; return once its node has all we sent.
+
+        Bytes its node has not acknowledged after `ack_wait` seconds (a
+        process that stopped reading) are in no socket a mover can copy: the
+        flow goes on as before and HijackError says the move cannot be made.
+        """
         self.pumping = False
         self._refresh_interest()
         for datagram in self.datagrams.values():
             datagram.migrating()
-        deadline = time.monotonic() + ACK_WAIT
-        while time.monotonic() < deadline:
-            waiting = [
-                stream
+        deadline = time.monotonic() + ack_wait
+        while True:
+            counts = {
+                stream.id: unacknowledged(stream.relay.sock)
                 for stream in self.streams.values()
-                if stream.relay is not None and unacknowledged(stream.relay.sock)
-            ]
+                if stream.relay is not None
+            }
+            waiting = {stream_id: count for stream_id, count in counts.items() if count}
             if not waiting:
                 return
+            if time.monotonic() >= deadline:
+                break
             # The process must go on reading what we sent: it does only while
             # its own writes get through, so we keep reading its relays (and
             # passing that on) meanwhile. Else it blocks on a full send queue,
@@ -320,7 +328,13 @@ class RelayHub:
             for stream in list(self.streams.values()):
                 self._read_while_migrating(stream)
             time.sleep(0.001)
-        self.log("the process's node did not acknowledge all we sent: its streams may have a hole")
+        self.aborted(move)
+        unread = ", ".join(f"{stream} {count} bytes" for stream, count in sorted(waiting.items()))
+        self.log(f"move {move}: not acknowledged after {ack_wait:g} s ({unread}); relaying on")
+        raise HijackError(
+            f"the process did not take what its home shadow sent it within {ack_wait:g} s"
+            f" ({unread} unacknowledged): moved now, those bytes would be lost"
+        )
 
     def _read_while_migrating(self, stream: Stream) -> None:
         relay = stream.relay

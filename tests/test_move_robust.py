@@ -1,0 +1,139 @@
+"""Moves at the edges: a process that stops reading, descriptors that come and go, streams
+that ended, a mount namespace of its own, half-closed sockets, terminals it holds.
+
+Each test builds a Cluster (tests/support/nodes.py) and moves a real process
+with `hijack move` run inside the node it runs on, as tests/test_move.py does
+(whose helpers these tests share).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import os
+import select
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from support.nodes import Cluster, Node, read_line
+from test_move import (
+    EXIT_TIMEOUT,
+    LINE_TIMEOUT,
+    STREAM_TIMEOUT,
+    ask_moved,
+    assert_ended_well,
+    assert_untouched,
+    move,
+    pattern,
+    pids_inside,
+    poll_until,
+    refusal_line,
+    runs_in,
+    shadow_status,
+    spawn_python,
+    wait_released,
+    write_all,
+)
+
+from hijack.registry import Registry
+
+# -- a process that stops reading -------------------------------------------------------
+
+# Says "stalled" and reads nothing until SIGUSR1; then reads argv[1] bytes of
+# its stdin and prints their count and SHA-256, then echoes stdin lines.
+STALLER = """\
+import hashlib, os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+print("stalled", flush=True)
+signal.sigwait({signal.SIGUSR1})
+wanted, digest, size = int(sys.argv[1]), hashlib.sha256(), 0
+while size < wanted:
+    chunk = os.read(0, min(1 << 20, wanted - size))
+    if not chunk:
+        break
+    digest.update(chunk)
+    size += len(chunk)
+print(size, digest.hexdigest(), flush=True)
+for line in sys.stdin:
+    print(line.strip(), flush=True)
+"""
+STALLED_BYTES = 32 << 20  # more than the relay's socket buffers and the shadow's hold
+HELD_BY_THE_SHADOW = 256 << 10  # bytes the shadow holds once the relay takes no more
+ACK_WAIT = "1"  # seconds, for the mover of the test (HIJACK_ACK_WAIT)
+
+
+def stream_row(home: Node, home_pid: int, stream_id: str) -> dict[str, Any]:
+    """The home shadow's row of one relayed stream."""
+    streams = shadow_status(home, home_pid)["streams"]
+    return next(row for row in streams if row["id"] == stream_id)
+
+
+def line_from(process: subprocess.Popen[bytes], timeout: float) -> str:
+    """The next line on the stdout pipe of `process`, which may have been moved (select-bounded)."""
+    assert process.stdout is not None
+    line = bytearray()
+    deadline = time.monotonic() + timeout
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no line within {timeout} s: {line!r}"
+        readable, _, _ = select.select([process.stdout], [], [], remaining)
+        if readable:
+            byte = os.read(process.stdout.fileno(), 1)
+            assert byte, f"stdout ended before a line: {line!r}"
+            line += byte
+    return line.decode().strip()
+
+
+def test_a_move_whose_acknowledgements_never_come_is_aborted_and_loses_no_byte(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        a.start_daemon()
+        b.start_daemon()
+        data = pattern(STALLED_BYTES, 23)
+        staller = spawn_python(a, STALLER, str(len(data)))
+        assert read_line(staller, LINE_TIMEOUT) == "stalled"
+        home_pid = staller.pid
+        moved = move(a, home_pid, b, precopy=False)
+        assert staller.wait(EXIT_TIMEOUT) == -signal.SIGKILL  # the original
+        assert staller.stdin is not None
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            written = pool.submit(write_all, staller.stdin, data)
+            # Its socket at b takes no more, nor does the relay's send queue here.
+            poll_until(
+                lambda: stream_row(a, home_pid, "fd:0")["buffered_out"] >= HELD_BY_THE_SHADOW,
+                "the shadow holding what the stalled process does not take",
+            )
+            assert a.daemon_endpoint is not None
+            b.env["HIJACK_ACK_WAIT"] = ACK_WAIT
+            try:
+                result = b.hijack("move", moved.pid, "--to", a.daemon_endpoint, "--no-precopy")
+            finally:
+                del b.env["HIJACK_ACK_WAIT"]
+            line = refusal_line(result)
+            assert "move aborted" in line and "unacknowledged" in line, line
+            assert f"process {moved.pid} runs on here as before" in line, line
+            # The original runs on at b, untouched; nothing of it was left at a.
+            assert_untouched(moved.pid)
+            assert runs_in(moved.pid, b)
+            assert a.daemon is not None
+            status = shadow_status(a, home_pid)
+            assert pids_inside(a) == {a.daemon.pid, status["shadow_pid"]}
+            assert status["location"] == "b", status
+            with Registry(b.state_dir) as registry:
+                assert [row.phase for row in registry.moves()] == ["failed"]
+            # It reads now: every byte, in order, none twice.
+            os.kill(moved.pid, signal.SIGUSR1)
+            written.result(STREAM_TIMEOUT)
+        expected = f"{len(data)} {hashlib.sha256(data).hexdigest()}"
+        assert line_from(staller, STREAM_TIMEOUT) == expected
+        # And the relays it kept still carry a move: home again.
+        back = move(b, moved.pid, a, home=(a, home_pid), precopy=False)
+        assert ask_moved(staller, "at home") == "at home"
+        staller.stdin.close()
+        assert_ended_well(back, "the staller, home again", tmp_path)
+        wait_released(back)
