@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from support import spawn_fixture
 from support.nodes import Cluster, Node, read_line
 from test_move import (
     EXIT_TIMEOUT,
@@ -26,6 +27,7 @@ from test_move import (
     ask_moved,
     assert_ended_well,
     assert_untouched,
+    finish_moved,
     move,
     pattern,
     pids_inside,
@@ -137,3 +139,23 @@ def test_a_move_whose_acknowledgements_never_come_is_aborted_and_loses_no_byte(
         staller.stdin.close()
         assert_ended_well(back, "the staller, home again", tmp_path)
         wait_released(back)
+
+
+# -- descriptors that come and go -------------------------------------------------------
+
+
+def test_a_process_replacing_epoll_watched_descriptors_during_precopy_moves_intact(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        a.start_daemon()
+        b.start_daemon()
+        # Its epoll always has entries for numbers it closed (the file kept by a
+        # dup) and two entries under one number: each step checks its events.
+        with spawn_fixture("epoller", netns=a.netns) as epoller:
+            there = move(a, epoller.pid, b)
+            epoller.wait_exit()
+            back = move(b, there.pid, a, home=(a, epoller.pid))
+            output = finish_moved(epoller, back, tmp_path)
+        assert "steps=" in output

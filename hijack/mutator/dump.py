@@ -32,7 +32,7 @@ from hijack.image.identity import file_identity, is_shared_library
 from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, recorded_registers
 from hijack.sys import memory, pidfd, procfs, terminal
 from hijack.sys import ptrace as pt
-from hijack.sys.process import get_robust_list
+from hijack.sys.process import epoll_entry_is_open_at, get_robust_list
 from hijack.testpoint import reached
 
 PAGE_SIZE = 4096
@@ -569,10 +569,7 @@ def read_files(pid: int) -> rec.Files:
                 ino=entry.ino,
                 eventfd_count=info.eventfd_count,
                 socket=socket_info,
-                epoll=tuple(
-                    rec.EpollTarget(tfd=tfd, events=events, data=data)
-                    for tfd, events, data in info.epoll_targets
-                ),
+                epoll=live_epoll_targets(pid, entry.fd, info.epoll_targets),
                 terminal=(
                     read_terminal(pid, entry.fd, tty_nr)
                     if entry.kind is procfs.FdKind.TTY
@@ -581,6 +578,27 @@ def read_files(pid: int) -> rec.Files:
             )
         )
     return rec.Files(descriptors=tuple(descriptors))
+
+
+def live_epoll_targets(
+    pid: int, epoll_fd: int, targets: list[tuple[int, int, int]]
+) -> tuple[rec.EpollTarget, ...]:
+    """The entries of an epoll's interest list the process still holds under their numbers.
+
+    An entry lives as long as its file, not its number: one whose number the
+    process closed or reused while another holder (a dup, a child, its
+    shadow's copy) kept the file open stays listed. Such an entry cannot be
+    added again under that number (EBADF, or EEXIST beside the new file's
+    entry), and it ends with that other holder's copy; it is left out.
+    """
+    kept = []
+    seen: dict[int, int] = {}
+    for tfd, events, data in targets:
+        toff = seen.get(tfd, 0)  # fdinfo lists entries in the order kcmp counts them
+        seen[tfd] = toff + 1
+        if epoll_entry_is_open_at(pid, epoll_fd, tfd, toff):
+            kept.append(rec.EpollTarget(tfd=tfd, events=events, data=data))
+    return tuple(kept)
 
 
 def read_terminal(pid: int, fd: int, tty_nr: int) -> rec.TerminalState | None:
