@@ -24,6 +24,7 @@ from test_move import (
     EXIT_TIMEOUT,
     LINE_TIMEOUT,
     STREAM_TIMEOUT,
+    ask,
     ask_moved,
     assert_ended_well,
     assert_untouched,
@@ -159,3 +160,74 @@ def test_a_process_replacing_epoll_watched_descriptors_during_precopy_moves_inta
             back = move(b, there.pid, a, home=(a, epoller.pid))
             output = finish_moved(epoller, back, tmp_path)
         assert "steps=" in output
+
+
+# -- streams that ended -----------------------------------------------------------------
+
+# Accepts one connection on 127.0.0.1 (its port printed), sends it "last
+# words"; a stdin line "reset" resets it (SO_LINGER 0) and says "reset".
+RESETTING_PEER = """\
+import socket, struct, sys
+server = socket.create_server(("127.0.0.1", 0))
+print(server.getsockname()[1], flush=True)
+connection, _ = server.accept()
+connection.sendall(b"last words")
+for line in sys.stdin:
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    connection.close()
+    print("reset", flush=True)
+"""
+
+# Holds one TCP connection to 127.0.0.1:argv[1] that it never reads nor
+# closes (a descriptor inherited by mistake), then echoes stdin lines;
+# "check" prints what a look (MSG_PEEK) at that socket finds and its TCP
+# state (1 established, 8 CLOSE_WAIT: its peer has ended).
+STRAY_HOLDER = """\
+import socket, sys
+stray = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+stray.setblocking(False)
+print("holding", flush=True)
+for line in sys.stdin:
+    if line.strip() == "check":
+        try:
+            data = stray.recv(100, socket.MSG_PEEK)
+        except OSError as error:
+            data = type(error).__name__
+        state = stray.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
+        print(f"{data!r} {state}", flush=True)
+    else:
+        print(line.strip(), flush=True)
+"""
+
+
+def test_a_stream_whose_peer_reset_it_after_a_move_moves_on_as_an_ended_stream(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        for node in cluster:
+            node.start_daemon()
+        peer = spawn_python(a, RESETTING_PEER)
+        holder = spawn_python(a, STRAY_HOLDER, read_line(peer, LINE_TIMEOUT))
+        assert read_line(holder, LINE_TIMEOUT) == "holding"
+        home_pid = holder.pid
+        moved = move(a, home_pid, b)
+        assert holder.wait(EXIT_TIMEOUT) == -signal.SIGKILL
+        assert ask_moved(holder, "check") == "b'last words' 1"
+        # The shadow sees the reset: the process sees its stream end, its last
+        # words still there to read.
+        assert ask(peer, "reset") == "reset"
+        poll_until(
+            lambda: ask_moved(holder, "check") == "b'last words' 8",
+            "the moved process seeing the end of the stream its peer reset",
+        )
+        here, pid = b, moved.pid
+        for there in (c, a):
+            moved = move(here, pid, there, home=(a, home_pid))
+            assert ask_moved(holder, f"on {there.name}") == f"on {there.name}"
+            assert ask_moved(holder, "check") == "b'last words' 8", there.name
+            here, pid = there, moved.pid
+        assert holder.stdin is not None
+        holder.stdin.close()
+        assert_ended_well(moved, "the holder of an ended stream", tmp_path)
+        wait_released(moved)

@@ -586,17 +586,20 @@ class RelayHub:
     def _read_original(self, stream: Stream) -> int:
         pipe = stream.outward_pipe()
         got: int | None
-        if pipe is not None:
-            got = pipe.fill(stream.original)
-        else:
-            try:
+        try:
+            if pipe is not None:
+                got = pipe.fill(stream.original)
+            else:
                 data = os.read(stream.original, CHUNK)
-            except BlockingIOError:
-                return 0
-            # A terminal's bytes go in DATA frames (hijack.node.terminal).
-            framed = data and self._is_terminal(stream)
-            stream.to_relay += terminal_frame(DATA, data) if framed else data
-            got = len(data)
+                # A terminal's bytes go in DATA frames (hijack.node.terminal).
+                framed = data and self._is_terminal(stream)
+                stream.to_relay += terminal_frame(DATA, data) if framed else data
+                got = len(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            self._original_failed(stream, exc)
+            return 0
         if got == 0:
             stream.original_eof = True
         stream.bytes_out += got or 0
@@ -677,8 +680,24 @@ class RelayHub:
             stream.shut_relay = True
         return sent
 
+    def _original_failed(self, stream: Stream, exc: OSError) -> None:
+        """Reading the original failed (its peer reset it, a terminal hung up): the stream
+        ends there. The process gets what was read before and then the end, as from a
+        peer that closed it, and its stream stays known (a move takes it along, ended);
+        a write of the process to it fails (_flush_original), as it would have there."""
+        self.log(f"{stream.id}: {exc}; passing its end on to the process")
+        self._close_original(stream, reset=True)
+        stream.original_eof = stream.shut_original = True
+        stream.splices = False  # what the process writes now lands in to_original
+        if stream.in_pipe is not None:
+            stream.in_pipe.close()
+            stream.in_pipe = None
+        stream.to_original.clear()
+
     def _flush_original(self, stream: Stream) -> int:
         """Write the original what we hold for it, head first: the byte count written."""
+        if stream.original < 0 and stream.to_original:
+            raise ConnectionResetError(f"{stream.id}: the process wrote to a stream that ended")
         written = 0
         if stream.to_original and not stream.shut_original:
             try:
@@ -704,7 +723,7 @@ class RelayHub:
             os.close(stream.original)  # a pipe: closing is how its reader sees the end
             stream.original = -1
             return
-        with sock:
+        with sock, contextlib.suppress(OSError):  # reset meanwhile: nobody to tell
             sock.shutdown(socket.SHUT_WR)
 
     def _finish_if_done(self, stream: Stream) -> None:
@@ -718,15 +737,7 @@ class RelayHub:
         for relay in [r for r in (stream.relay, *stream.retiring) if r is not None]:
             self._forget(relay.sock)
             relay.sock.close()
-        if stream.original >= 0:
-            self._forget(stream.original)
-            self._restore_terminal(stream)
-            sock = _socket_copy(stream.original) if reset else None
-            if sock is not None:
-                with sock:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            os.close(stream.original)
-        stream.original = -1
+        self._close_original(stream, reset=reset)
         stream.relay = None
         stream.retiring.clear()
         stream.close_pipes()
@@ -735,6 +746,18 @@ class RelayHub:
         self.streams.pop(stream.id, None)
         for role in ("original", "relay", "retiring"):
             self._callbacks.pop((stream.id, role), None)
+
+    def _close_original(self, stream: Stream, *, reset: bool) -> None:
+        if stream.original < 0:
+            return
+        self._forget(stream.original)
+        self._restore_terminal(stream)
+        sock = _socket_copy(stream.original) if reset else None
+        if sock is not None:
+            with sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        os.close(stream.original)
+        stream.original = -1
 
     def _forget(self, target: Any) -> None:
         with contextlib.suppress(KeyError, ValueError):
