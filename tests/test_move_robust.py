@@ -14,10 +14,12 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 from support import spawn_fixture
 from support.nodes import Cluster, Node, read_line
 from test_move import (
@@ -41,6 +43,8 @@ from test_move import (
     write_all,
 )
 
+from hijack.errors import HijackError
+from hijack.node import mounts
 from hijack.registry import Registry
 
 # -- a process that stops reading -------------------------------------------------------
@@ -231,3 +235,77 @@ def test_a_stream_whose_peer_reset_it_after_a_move_moves_on_as_an_ended_stream(
         holder.stdin.close()
         assert_ended_well(moved, "the holder of an ended stream", tmp_path)
         wait_released(moved)
+
+
+# -- a mount namespace of its own -------------------------------------------------------
+
+# Holds argv[1] open, then for each stdin line: "held" prints what its held
+# descriptor reads, "open" what the path reads when opened again, "ns" its
+# mount namespace; anything else is echoed.
+UNSHARE_MOUNTS = ("unshare", "--mount", "--propagation", "private")
+PRIVATE_READER = """\
+import os, sys
+path = sys.argv[1]
+held = os.open(path, os.O_RDONLY)
+for line in sys.stdin:
+    word = line.strip()
+    if word == "held":
+        print(os.pread(held, 100, 0).decode().strip(), flush=True)
+    elif word == "open":
+        with open(path) as reopened:
+            print(reopened.read().strip(), flush=True)
+    elif word == "ns":
+        print(os.readlink("/proc/self/ns/mnt"), flush=True)
+    else:
+        print(word, flush=True)
+"""
+
+
+@pytest.mark.parametrize("precopy", [True, False], ids=["precopy", "no-precopy"])
+def test_a_process_in_its_own_mount_namespace_moves_twice_and_keeps_its_files(
+    tmp_path: Path, precopy: bool
+) -> None:
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "data").write_text("the host's file\n")
+    with Cluster(tmp_path / "cluster", nodes=2) as cluster:
+        a, b = cluster.nodes
+        a.start_daemon()
+        b.start_daemon()
+        # A namespace of its own with a tmpfs of its own over `private`, as
+        # systemd's PrivateTmp makes one: the same path names another file there.
+        script = (
+            f"mount -t tmpfs private {private} && echo its own file > {private}/data"
+            f' && exec "$0" -c "$1" {private}/data'
+        )
+        reader = a.spawn(
+            [*UNSHARE_MOUNTS, "sh", "-c", script, sys.executable, PRIVATE_READER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            bufsize=0,
+        )
+        namespace = ask(reader, "ns")
+        assert namespace != os.readlink("/proc/self/ns/mnt")
+        assert ask(reader, "held") == "its own file"
+        here, pid = a, reader.pid
+        for there in (b, a):
+            moved = move(here, pid, there, home=(a, reader.pid), precopy=precopy)
+            if here is a:
+                assert reader.wait(EXIT_TIMEOUT) == -signal.SIGKILL
+            assert ask_moved(reader, "ns") == namespace, there.name
+            assert ask_moved(reader, "held") == "its own file", there.name
+            assert ask_moved(reader, "open") == "its own file", there.name
+            here, pid = there, moved.pid
+        assert reader.stdin is not None
+        reader.stdin.close()
+        assert_ended_well(moved, "the reader in its own mount namespace", tmp_path)
+        wait_released(moved)
+
+
+def test_a_mount_namespace_no_process_here_holds_is_refused_by_name() -> None:
+    own = mounts.describe(os.getpid(), None)
+    assert mounts.open_namespace(own, "me") is None  # the daemon's own: nothing to enter
+    gone = {"id": "mnt:[1]", "holders": [0, 0], "host": False}
+    with pytest.raises(HijackError, match=r"refusing x \(pid 7\): .* \(mnt:\[1\]\) that this"):
+        mounts.open_namespace(gone, "x (pid 7)")

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO, NamedTuple, cast
 
 from hijack.errors import HijackError
 from hijack.image import records as rec
-from hijack.node import policy
+from hijack.node import mounts, policy
 from hijack.node import terminal as terminal_pump
 from hijack.node.channel import Channel, ChannelError, DataReader
 from hijack.registry import Registry, node_name
@@ -150,6 +150,7 @@ class NodeDaemon:
             # The policy before anything is made (the final image is checked again).
             who = f"{program!s:.80} (pid {pid})"
             policy.check_powers(who, credentials, allow_root=self.allow_root)
+            mount_namespace = mounts.open_namespace(request.get("mount_namespace"), who)
         except HijackError as exc:
             log(f"move {move:.40} failed: {exc}")
             channel.send({"error": str(exc)})
@@ -158,7 +159,8 @@ class NodeDaemon:
         # Round 0 builds the stub: the policy's file checks apply to its layout
         # first; its root check to the final image, before the process can run.
         prebuilt = Prebuilt(
-            lambda segments: policy.check_layout(f"{program!s:.80} (pid {pid})", segments)
+            lambda segments: policy.check_layout(f"{program!s:.80} (pid {pid})", segments),
+            mount_namespace,
         )
         try:
             # Opened now rather than while the process is frozen: it takes a while.
@@ -183,6 +185,8 @@ class NodeDaemon:
                 channel.send({"error": str(exc)})
         finally:
             prebuilt.discard()
+            if mount_namespace is not None:
+                os.close(mount_namespace)
 
     def _receive_move(
         self,
@@ -207,7 +211,11 @@ class NodeDaemon:
         image = DataReader(channel)
         committed: list[int] = []  # the pid, once the move is decided `running`
         terminals = _Terminals(str(home["relay"]), token, move)
+        mount_namespace: int | None = None
         try:
+            if prebuilt is None:  # else the pre-copy's stub is in it already
+                who = f"{request.get('program')!s:.80} (pid {request.get('pid')})"
+                mount_namespace = mounts.open_namespace(request.get("mount_namespace"), who)
 
             def admit(
                 header: rec.ImageHeader, credentials: rec.Credentials, segments: rec.Segments
@@ -285,6 +293,7 @@ class NodeDaemon:
                 before_start=hold_until_commit,
                 admit=admit,
                 prebuilt=prebuilt,
+                mount_namespace=mount_namespace,
             )
         except HijackError as exc:
             log(f"move {move} failed: {exc}")
@@ -303,6 +312,8 @@ class NodeDaemon:
             for sock in opened:
                 sock.close()  # the process has its own copies
             terminals.close_slaves()
+            if mount_namespace is not None:
+                os.close(mount_namespace)
         terminals.start_pumps()
         threading.Thread(target=_reap, args=(result.pid,), daemon=True).start()
         log(f"move {move}: {result.program} runs here as {result.pid}")

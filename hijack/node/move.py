@@ -53,6 +53,7 @@ from hijack.mutator.dump import kill_stopped, read_credentials, write_image
 from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.precopy import Precopy, worth_precopying
 from hijack.mutator.tracee import Tracee
+from hijack.node import mounts
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
@@ -108,6 +109,7 @@ class HomeShadow:
         self.record = record
         self.token = token
         self.local = record.home_node == node_name() and bool(record.shadow_control)
+        self._pid: int | None = None
 
     def request(self, message: dict[str, Any], timeout: float = 15.0) -> dict[str, Any]:
         if self.local:
@@ -115,6 +117,14 @@ class HomeShadow:
             return control.request(self.record.shadow_control, message, timeout=timeout)
         address = self.record.relay_address or ""
         return control.remote_request(address, bytes.fromhex(self.token), message, timeout=timeout)
+
+    def pid(self) -> int:
+        """The shadow's pid (on this machine: nodes share one kernel in tests)."""
+        if self.record.shadow_pid:
+            return self.record.shadow_pid
+        if self._pid is None:
+            self._pid = int(self.request({"op": "status"})["shadow_pid"])
+        return self._pid
 
     def migrating(self, message: dict[str, Any]) -> dict[str, Any]:
         """`migrating`: answered once the process's node has acknowledged all it was sent."""
@@ -206,7 +216,7 @@ def _move_attached(
         precopied: Precopy | None = None
         try:
             if precopy or (precopy is None and worth_precopying(pid)):
-                precopied = _precopy(pid, channel, move_id, record.program, report)
+                precopied = _precopy(pid, channel, move_id, record.program, report, shadow)
                 # It ran on meanwhile: refused now if it holds what cannot go.
                 plan_proxies(pid, shadow, at_home, frozen=False)
             result = _move_frozen(
@@ -317,6 +327,7 @@ def _move_frozen(
                     "move": move_id,
                     "pid": pid,
                     "program": record.program,
+                    "mount_namespace": mounts.describe(pid, shadow.pid()),
                     "home": {
                         "node": record.home_node,
                         "pid": record.home_pid or record.pid,
@@ -405,6 +416,7 @@ def _precopy(
     move_id: str,
     program: str,
     report: Callable[[str, int], None],
+    shadow: HomeShadow,
 ) -> Precopy:
     """Send the process's memory in rounds while it runs (docs/protocol.md, "Moving")."""
     # Its credentials, for the daemon's policy before it builds anything.
@@ -416,6 +428,7 @@ def _precopy(
             "pid": pid,
             "program": program,
             "credentials": credentials,
+            "mount_namespace": mounts.describe(pid, shadow.pid()),
         }
     )
     channel.expect("phase")  # accepted: a refusal comes before anything is touched

@@ -102,6 +102,7 @@ def restore(
     before_start: Callable[[int], None] | None = None,
     admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None,
     prebuilt: Prebuilt | None = None,
+    mount_namespace: int | None = None,
 ) -> RestoreResult:
     """Rebuild the process of the image in `stream` and let it run.
 
@@ -117,6 +118,8 @@ def restore(
     it refuses by raising.
     `prebuilt` is the stub a move's pre-copy rounds built: the image is its
     final one (docs/crf.md §7a) and is restored into that stub.
+    `mount_namespace`: a descriptor of the mount namespace to build the
+    process in (hijack.node.mounts), else the restorer's own.
     """
     records = read_image(stream)
     image = _Image(
@@ -151,7 +154,7 @@ def restore(
         inherited[number] = os.dup(fd)
         os.set_inheritable(inherited[number], True)
     try:
-        pid = spawn_stub(image.header.pid)
+        pid = spawn_stub(image.header.pid, mount_namespace)
     finally:
         for fd in inherited.values():
             os.close(fd)  # the stub has its own copies now
