@@ -309,3 +309,84 @@ def test_a_mount_namespace_no_process_here_holds_is_refused_by_name() -> None:
     gone = {"id": "mnt:[1]", "holders": [0, 0], "host": False}
     with pytest.raises(HijackError, match=r"refusing x \(pid 7\): .* \(mnt:\[1\]\) that this"):
         mounts.open_namespace(gone, "x (pid 7)")
+
+
+# -- a half-closed socket -----------------------------------------------------------------
+
+# Accepts one connection (its port printed), reads it to its end and prints
+# "eof" and what it read; then each stdin line: "answer" sends "answer\n",
+# "close" closes the connection; each says so.
+HALF_PEER = """\
+import socket, sys
+server = socket.create_server(("127.0.0.1", 0))
+print(server.getsockname()[1], flush=True)
+connection, _ = server.accept()
+heard = b""
+while chunk := connection.recv(100):
+    heard += chunk
+print(f"eof {heard!r}", flush=True)
+for line in sys.stdin:
+    if line.strip() == "answer":
+        connection.sendall(b"answer\\n")
+    else:
+        connection.close()
+    print(line.strip(), flush=True)
+"""
+
+# Connects to 127.0.0.1:argv[1], says "bye" and shuts its writing side; then
+# each stdin line: "state" prints the connection's TCP state,
+# "read" a line it reads from it ("" at its end), "write" whether a write
+# fails; anything else is echoed.
+HALF_CLOSER = """\
+import socket, sys
+connection = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+connection.sendall(b"bye")
+connection.shutdown(socket.SHUT_WR)
+reader = connection.makefile("rb")
+print("shut", flush=True)
+for line in sys.stdin:
+    word = line.strip()
+    if word == "state":
+        print(connection.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0], flush=True)
+    elif word == "read":
+        print(repr(reader.readline()), flush=True)
+    elif word == "write":
+        try:
+            connection.send(b"more")
+            print("written", flush=True)
+        except OSError as error:
+            print(type(error).__name__, flush=True)
+    else:
+        print(word, flush=True)
+"""
+HALF_CLOSED = {"4", "5"}  # TCP states FIN_WAIT1, FIN_WAIT2: its end sent, the peer's not
+
+
+def test_a_socket_the_process_half_closed_stays_half_closed_across_moves(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        a.start_daemon()
+        b.start_daemon()
+        peer = spawn_python(a, HALF_PEER)
+        closer = spawn_python(a, HALF_CLOSER, read_line(peer, LINE_TIMEOUT))
+        assert read_line(closer, LINE_TIMEOUT) == "shut"
+        assert read_line(peer, LINE_TIMEOUT) == "eof b'bye'"
+        assert ask(closer, "state") in HALF_CLOSED
+        assert ask(closer, "write") == "BrokenPipeError"
+        here, pid = a, closer.pid
+        for there in (b, a):
+            moved = move(here, pid, there, home=(a, closer.pid), precopy=False)
+            if here is a:
+                assert closer.wait(EXIT_TIMEOUT) == -signal.SIGKILL
+            assert ask_moved(closer, "state") in HALF_CLOSED, there.name
+            assert ask_moved(closer, "write") == "BrokenPipeError", there.name
+            here, pid = there, moved.pid
+        # Its reading side is as open as before: the peer's answer, then its end.
+        assert ask(peer, "answer") == "answer"
+        assert ask_moved(closer, "read") == "b'answer\\n'"
+        assert ask(peer, "close") == "close"
+        assert ask_moved(closer, "read") == "b''"
+        assert closer.stdin is not None
+        closer.stdin.close()
+        assert_ended_well(moved, "the half-closer", tmp_path)
+        wait_released(moved)

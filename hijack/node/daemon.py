@@ -60,6 +60,7 @@ class Proxy(NamedTuple):
     family: socket.AddressFamily  # a datagram socket's (AF_UNSPEC for the others)
     peer: str  # the shadow relay "ip:port" a connected datagram socket is connected to, or ""
     file: int = -1  # a terminal's: descriptors with one `file` share one open slave
+    shut: bool = False  # a stream the process shut down for writing: its relay is too
 
 
 def log(text: str) -> None:
@@ -243,6 +244,10 @@ class NodeDaemon:
                     else:
                         sock = control.open_relay(str(home["relay"]), token, proxy.stream, move)
                         opened.append(sock)
+                        if proxy.shut:
+                            # Its writing side stays shut: its writes fail as before,
+                            # and the shadow sees the end it sent (again).
+                            sock.shutdown(socket.SHUT_WR)
                     provided[proxy.fd] = sock.fileno()
 
             def hold_until_commit(pid: int) -> None:
@@ -414,6 +419,7 @@ def _parse_move(request: dict[str, Any]) -> tuple[str, dict[str, Any], bytes, li
             number, stream, kind = proxy["fd"], proxy["stream"], proxy.get("kind", "stream")
             family, peer = proxy.get("family", socket.AF_INET), proxy.get("peer", "")
             open_file = proxy.get("file", number)  # a terminal's: see hijack.node.move.Proxy
+            shut = proxy.get("shut", False)
             if not isinstance(number, int) or not 0 <= number < 1 << 20:
                 raise ValueError
             if not isinstance(open_file, int) or not -1 <= open_file < 1 << 20:
@@ -422,10 +428,20 @@ def _parse_move(request: dict[str, Any]) -> tuple[str, dict[str, Any], bytes, li
                 raise TypeError
             if not isinstance(family, int) or not isinstance(peer, str):
                 raise TypeError
+            if not isinstance(shut, bool):
+                raise TypeError
             if kind == "datagram" and family not in (socket.AF_INET, socket.AF_INET6):
                 raise ValueError
             proxies.append(
-                Proxy(number, stream, kind, socket.AddressFamily(family), peer, file=open_file)
+                Proxy(
+                    number,
+                    stream,
+                    kind,
+                    socket.AddressFamily(family),
+                    peer,
+                    file=open_file,
+                    shut=shut,
+                )
             )
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
         raise HijackError(f"malformed move request: {json.dumps(request)[:120]}") from None

@@ -100,6 +100,7 @@ class Proxy:
     family: int = 0  # a datagram's address family
     peer: str = ""  # a datagram socket connected to this relay ("ip:port"), or ""
     file: int = -1  # a terminal's: the lowest of the descriptors sharing its open file
+    shut: bool = False  # a TCP stream whose writing side the process shut down
 
 
 class HomeShadow:
@@ -774,7 +775,7 @@ def plan_proxies(
             )
             if streamable:
                 kind = "listener" if listening else "stream"
-                plan.append(Proxy(entry.fd, f"fd:{entry.fd}", kind))
+                plan.append(Proxy(entry.fd, f"fd:{entry.fd}", kind, shut=_shut(found)))
                 continue
         elif found is not None:
             stream_id = (
@@ -783,7 +784,8 @@ def plan_proxies(
                 else by_ends.get((found.local, found.remote))
             )
             if stream_id is not None:
-                plan.append(Proxy(entry.fd, stream_id, "listener" if listening else "stream"))
+                kind = "listener" if listening else "stream"
+                plan.append(Proxy(entry.fd, stream_id, kind, shut=_shut(found)))
                 continue
             relay_ends = {found.remote, found.local} & relayed_ends
             if relay_ends and not frozen:
@@ -796,6 +798,14 @@ def plan_proxies(
             " nothing was changed"
         )
     return plan, [p.stream for p in plan]
+
+
+# TCP states of a socket whose own end is sent: its process shut down its writing side.
+SHUT_STATES = {"FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK"}
+
+
+def _shut(found: procfs.SocketInfo | None) -> bool:
+    return found is not None and found.state in SHUT_STATES
 
 
 def _is_udp(found: procfs.SocketInfo) -> bool:
