@@ -231,6 +231,7 @@ class NodeDaemon:
                     if proxy.kind == "listener":
                         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                         opened.append(sock)
+                        control.bound_backoff(sock)  # its clients (shadow's relays) inherit it
                         try:
                             sock.bind((here, 0))
                             sock.listen(LISTEN_BACKLOG)

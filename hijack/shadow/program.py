@@ -223,6 +223,7 @@ class Shadow:
             connection.settimeout(3.0)
             header = control.server_handshake(connection, self.token)
             if header.get("kind") == "relay":
+                control.bound_backoff(connection)
                 connection.sendall(control.RELAY_ACCEPTED)
                 self.hub.attach_relay(
                     str(header["stream"]),

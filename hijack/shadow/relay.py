@@ -49,6 +49,7 @@ from typing import Any
 from hijack.errors import HijackError
 from hijack.node.terminal import DATA, WINDOW
 from hijack.node.terminal import frame as terminal_frame
+from hijack.shadow.control import bound_backoff
 from hijack.shadow.datagram import DatagramStream
 from hijack.sys import terminal as terminal_sys
 
@@ -796,6 +797,7 @@ class RelayHub:
             return
         host, port = target.rsplit(":", 1)
         sock = socket.create_connection((host.strip("[]"), int(port)), timeout=5)
+        bound_backoff(sock)
         sock.setblocking(False)
         if stream.replay:
             stream.to_relay[:0] = stream.replay
