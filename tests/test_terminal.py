@@ -108,6 +108,33 @@ def test_a_process_on_a_terminal_keeps_it_across_a_move(tmp_path: Path) -> None:
         os.close(slave)
 
 
+def test_input_typed_before_a_later_move_and_not_read_yet_reaches_the_process(
+    tmp_path: Path,
+) -> None:
+    master, slave = os.openpty()
+    try:
+        terminal.set_window_size(master, HOME_SIZE)
+        typist = Typist(master)
+        with Cluster(tmp_path, nodes=3) as cluster:
+            a, b, c = cluster.nodes
+            b.start_daemon()
+            c.start_daemon()
+            with spawn_fixture("terminal", os.ttyname(slave), netns=a.netns) as fixture:
+                moved = move(a, fixture.pid, b)
+                assert fixture.wait_exit(EXIT_TIMEOUT) == -signal.SIGKILL  # the original
+                # Half a line: it waits in the line discipline of b's pty (which
+                # echoed it), read by no one until the line is complete.
+                typist.type("half a")
+                typist.expect(r"half a", "the echo of half a line by the pty at b")
+                moved = move(b, moved.pid, c, home=(a, fixture.pid))
+                typist.type(" line\n")
+                typist.expect(r"echo half a line rows=33 cols=97 winch=0\r\n", "the whole line")
+                finish_moved(fixture, moved, tmp_path)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def test_the_terminal_fixture_passes_alone_and_its_checks_bite() -> None:
     master, slave = os.openpty()
     try:

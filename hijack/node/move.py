@@ -379,8 +379,11 @@ def _move_frozen(
                     pid=pid,
                 )
             # The frozen original will not run again, so what waits in its
-            # relay-made UDP sockets can be taken (the shadow sends it again).
+            # relay-made UDP sockets and its terminals can be taken (the
+            # shadow sends it again).
             unread_datagrams = {} if at_home else drain_datagrams(pid, plan)
+            if not at_home:
+                unread.update(drain_terminals(pid, plan))
             try:
                 _switch_shadow(
                     shadow, move_id, channel.peer, plan, prepared, unread, unread_datagrams, present
@@ -904,6 +907,29 @@ def drain_datagrams(pid: int, plan: list[Proxy]) -> dict[str, list[tuple[str, by
     return unread
 
 
+def drain_terminals(pid: int, plan: list[Proxy]) -> dict[str, bytes]:
+    """What was typed at the frozen process's terminals (ptys of its node) and not read yet.
+
+    Called once the move is committed (the original will not read again), as
+    drain_datagrams: a terminal that cannot be read keeps what it holds.
+    """
+    unread: dict[str, bytes] = {}
+    for proxy in plan:
+        if proxy.kind != "terminal" or proxy.stream in unread:
+            continue
+        try:
+            copy = pidfd.copy_fd(pid, proxy.fd)
+        except HijackError:
+            continue
+        try:
+            unread[proxy.stream] = terminal.take_pending_input(copy)
+        except HijackError:
+            continue
+        finally:
+            os.close(copy)
+    return {stream: data for stream, data in unread.items() if data}
+
+
 def _terminal_proxy(pid: int, fd: int, stream: str, plan: list[Proxy]) -> Proxy:
     """Descriptor `fd` of terminal `stream`; descriptors of one open file get one slave."""
     for other in plan:
@@ -1020,7 +1046,7 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
             if at_home:  # the relay ports of its connected UDP sockets, as at `migrating`
                 status = shadow.request({"op": "status"})
                 plan = connect_datagrams(plan, status, record.relay_address or "")
-            unread = {} if at_home else peek_unread(pid, plan)
+            unread = {} if at_home else peek_unread(pid, plan) | drain_terminals(pid, plan)
             unread_datagrams = {} if at_home else drain_datagrams(pid, plan)
             _switch_shadow(
                 shadow, row.id, row.destination, plan, answer, unread, unread_datagrams, present

@@ -362,7 +362,10 @@ class RelayHub:
                 stream.relay = None
             if new is not None:
                 stream.relay = new
-                stream.to_relay[:0] = unread.get(stream.id, b"")
+                pending = unread.get(stream.id, b"")
+                if pending and self._is_terminal(stream):  # what was typed, not yet read
+                    pending = terminal_frame(DATA, pending)
+                stream.to_relay[:0] = pending
                 if stream.window is not None:  # the new pty gets the home terminal's size
                     stream.to_relay[:0] = terminal_frame(WINDOW, stream.window.pack())
                 # An end we passed to the old relay may not have been read

@@ -7,6 +7,7 @@ window size its `struct winsize` (TIOCGWINSZ/TIOCSWINSZ).
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import struct
@@ -88,6 +89,30 @@ def get_settings(fd: int) -> Settings:
 def set_settings(fd: int, settings: Settings) -> None:
     with kernel_call("TCSETS"):
         fcntl.ioctl(fd, TCSETS, settings.pack())
+
+
+def take_pending_input(fd: int) -> bytes:
+    """What was typed at terminal `fd` and not read yet, a partial line included: taken.
+
+    A canonical read would wait for the end of the line: switched to
+    non-canonical with VMIN = VTIME = 0, the line discipline gives all it
+    holds at once. This changes the terminal's settings: for one that goes.
+    """
+    settings = get_settings(fd)
+    cc = bytearray(settings.c_cc)
+    cc[termios.VMIN], cc[termios.VTIME] = 0, 0
+    lflag = settings.c_lflag & ~termios.ICANON
+    set_settings(fd, dataclasses.replace(settings, c_lflag=lflag, c_cc=bytes(cc)))
+    pending = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # O_NONBLOCK and nothing left, or hung up
+            break
+        if not chunk:
+            break
+        pending += chunk
+    return bytes(pending)
 
 
 def get_window_size(fd: int) -> WindowSize:
