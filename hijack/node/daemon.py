@@ -228,6 +228,9 @@ class NodeDaemon:
                     if proxy.kind == "terminal":
                         provided[proxy.fd] = terminals.slave(proxy.stream, proxy.file)
                         continue
+                    if proxy.kind == "master":
+                        provided[proxy.fd] = terminals.master(proxy.stream)
+                        continue
                     if proxy.kind == "listener":
                         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                         opened.append(sock)
@@ -252,6 +255,10 @@ class NodeDaemon:
                     provided[proxy.fd] = sock.fileno()
 
             def hold_until_commit(pid: int) -> None:
+                # The restore gave each pty the settings of the home one; a pty
+                # whose master the process holds passes bytes through as they
+                # are (the home pty edits and echoes), so its slave is raw again.
+                terminals.make_slaves_raw()
                 # Recorded before it may run: a node that cannot record its
                 # migrant refuses it while the original can still go on, and
                 # nothing can fail here once it runs (the mover would resume
@@ -449,51 +456,89 @@ def _parse_move(request: dict[str, Any]) -> tuple[str, dict[str, Any], bytes, li
     return move, home, token, proxies
 
 
+class _Pty:
+    """A pty made for a migrant: the end the daemon pumps to the relay, and the slave's path."""
+
+    def __init__(self, kept: int, path: str, relay: socket.socket, *, master_held: bool) -> None:
+        self.kept = kept  # the master (for a terminal of the process), or our open slave
+        self.path = path
+        self.relay = relay
+        self.master_held = master_held  # the process holds the master (a pty master at home)
+
+
 class _Terminals:
-    """The ptys made for a migrant whose terminals stayed at home (hijack.node.terminal)."""
+    """The ptys made for a migrant whose terminals, or pty masters, stayed at home
+    (hijack.node.terminal)."""
 
     def __init__(self, relay_address: str, token: bytes, move: str) -> None:
         self.relay_address = relay_address
         self.token = token
         self.move = move
-        self.ptys: dict[str, tuple[int, str, socket.socket]] = {}  # stream -> master, path, relay
-        self.slaves: dict[tuple[str, int], int] = {}  # (stream, open file) -> slave
+        self.ptys: dict[str, _Pty] = {}  # stream -> its pty
+        # What the process gets: (stream, open file) -> a slave, or stream -> the master.
+        self.handed: dict[tuple[str, int] | str, int] = {}
+
+    def _pty(self, stream: str, *, master_held: bool) -> tuple[int, str]:
+        """A new pty for `stream` with its relay: (its master, its slave's path)."""
+        master, path = terminal.open_pseudo_terminal()
+        kept = -1
+        try:
+            kept = terminal.open_slave(path) if master_held else master
+            relay = control.open_relay(
+                self.relay_address, self.token, stream, self.move, terminal=path
+            )
+        except BaseException:
+            os.close(master)
+            if kept not in (-1, master):
+                os.close(kept)
+            raise
+        self.ptys[stream] = _Pty(kept, path, relay, master_held=master_held)
+        return master, path
 
     def slave(self, stream: str, open_file: int) -> int:
         """The slave for descriptors of `stream` that shared open file `open_file` at home:
         one open slave per open file, as there."""
         if stream not in self.ptys:
-            master, path = terminal.open_pseudo_terminal()
-            try:
-                relay = control.open_relay(
-                    self.relay_address, self.token, stream, self.move, terminal=path
-                )
-            except BaseException:
-                os.close(master)
-                raise
-            self.ptys[stream] = (master, path, relay)
+            self._pty(stream, master_held=False)
         key = (stream, open_file)
-        if key not in self.slaves:
-            path = self.ptys[stream][1]
-            self.slaves[key] = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-        return self.slaves[key]
+        if key not in self.handed:
+            path = self.ptys[stream].path
+            self.handed[key] = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        return self.handed[key]
+
+    def master(self, stream: str) -> int:
+        """The master for the descriptors of pty master `stream` (one open file: each open
+        of ptmx is a pty of its own); the daemon pumps its slave, raw, to the relay."""
+        if stream not in self.handed:
+            self.handed[stream], _path = self._pty(stream, master_held=True)
+        return self.handed[stream]
+
+    def make_slaves_raw(self) -> None:
+        for pty in self.ptys.values():
+            if pty.master_held:
+                terminal.set_settings(pty.kept, terminal.get_settings(pty.kept).raw())
 
     def close_slaves(self) -> None:
-        for slave in self.slaves.values():
-            os.close(slave)  # the process has its own
-        self.slaves.clear()
+        """Close what the process was handed: it has its own copies."""
+        for fd in self.handed.values():
+            os.close(fd)
+        self.handed.clear()
 
     def close(self) -> None:
         self.close_slaves()
-        for master, _path, relay in self.ptys.values():
-            os.close(master)
-            relay.close()
+        for pty in self.ptys.values():
+            os.close(pty.kept)
+            pty.relay.close()
         self.ptys.clear()
 
     def start_pumps(self) -> None:
-        for master, path, relay in self.ptys.values():
+        for pty in self.ptys.values():
             threading.Thread(
-                target=terminal_pump.pump, args=(master, relay, log), name=path, daemon=True
+                target=terminal_pump.pump,
+                args=(pty.kept, pty.relay, log),
+                kwargs={"master_held": pty.master_held},
+                name=pty.path,
+                daemon=True,
             ).start()
         self.ptys.clear()
 

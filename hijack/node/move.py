@@ -96,10 +96,11 @@ class MoveResult:
 class Proxy:
     fd: int
     stream: str  # the home shadow's stream id
-    kind: str  # "stream", "listener", "datagram" (UDP, hijack.shadow.datagram) or "terminal"
+    # "stream", "listener", "datagram" (UDP, hijack.shadow.datagram), "terminal" or "master"
+    kind: str
     family: int = 0  # a datagram's address family
     peer: str = ""  # a datagram socket connected to this relay ("ip:port"), or ""
-    file: int = -1  # a terminal's: the lowest of the descriptors sharing its open file
+    file: int = -1  # a terminal's or master's: the lowest descriptor sharing its open file
     shut: bool = False  # a TCP stream whose writing side the process shut down
 
 
@@ -313,9 +314,12 @@ def _move_frozen(
                         "listener": p.kind == "listener",
                         "datagram": p.kind == "datagram",
                         "terminal": p.kind == "terminal",
+                        "master": p.kind == "master",
                     }
                     for p in plan
-                    if p.kind != "terminal" or p.stream == f"tty:{p.fd}"  # one per terminal
+                    # one per terminal, one per pty master
+                    if p.kind not in ("terminal", "master")
+                    or p.stream in (f"tty:{p.fd}", f"ptm:{p.fd}")
                 ]
                 answer = shadow.migrating({"move": move_id, "proxy": proxy})
                 plan = connect_datagrams(plan, answer, relay_address)
@@ -750,7 +754,12 @@ def plan_proxies(
     for entry in entries:
         if entry.kind in REOPENED and _reopenable(entry):
             continue
-        if entry.kind is procfs.FdKind.TTY and not entry.target.endswith("ptmx"):
+        if entry.kind is procfs.FdKind.TTY and entry.target.endswith("ptmx"):
+            master = _master_proxy(pid, entry.fd, at_home, by_terminal, plan)
+            if master is not None:
+                plan.append(master)
+                continue
+        elif entry.kind is procfs.FdKind.TTY:
             # At home, the stream of a terminal is named for its lowest descriptor;
             # away, the shadow knows the pty that stands for it on this node.
             stream_id = (
@@ -908,21 +917,26 @@ def drain_datagrams(pid: int, plan: list[Proxy]) -> dict[str, list[tuple[str, by
 
 
 def drain_terminals(pid: int, plan: list[Proxy]) -> dict[str, bytes]:
-    """What was typed at the frozen process's terminals (ptys of its node) and not read yet.
+    """What was typed at the frozen process's terminals (ptys of its node) and not read yet,
+    and what its pty masters there were given and it did not read.
 
     Called once the move is committed (the original will not read again), as
     drain_datagrams: a terminal that cannot be read keeps what it holds.
     """
     unread: dict[str, bytes] = {}
     for proxy in plan:
-        if proxy.kind != "terminal" or proxy.stream in unread:
+        if proxy.kind not in ("terminal", "master") or proxy.stream in unread:
             continue
         try:
             copy = pidfd.copy_fd(pid, proxy.fd)
         except HijackError:
             continue
         try:
-            unread[proxy.stream] = terminal.take_pending_input(copy)
+            # A master's input is all readable (its settings are the slave's: kept).
+            taking = (
+                terminal.read_available if proxy.kind == "master" else terminal.take_pending_input
+            )
+            unread[proxy.stream] = taking(copy)
         except HijackError:
             continue
         finally:
@@ -936,6 +950,31 @@ def _terminal_proxy(pid: int, fd: int, stream: str, plan: list[Proxy]) -> Proxy:
         if other.stream == stream and terminal.same_open_file(pid, other.fd, fd):
             return Proxy(fd, stream, "terminal", file=other.file)
     return Proxy(fd, stream, "terminal", file=fd)
+
+
+def _master_proxy(
+    pid: int, fd: int, at_home: bool, by_terminal: dict[str, str], plan: list[Proxy]
+) -> Proxy | None:
+    """Pty master `fd` (tmux, screen, expect hold one): at home the stream `ptm:N` of its
+    open file (each open of ptmx is a pty of its own), away the stream the shadow
+    relays to its pty; None if the shadow relays none to it."""
+    for other in plan:
+        if other.kind == "master" and terminal.same_open_file(pid, other.fd, fd):
+            return Proxy(fd, other.stream, "master", file=other.file)
+    if at_home:
+        return Proxy(fd, f"ptm:{fd}", "master", file=fd)
+    try:
+        copy = pidfd.copy_fd(pid, fd)
+    except HijackError:
+        return None
+    try:
+        path = terminal.slave_path(copy)
+    except HijackError:
+        return None
+    finally:
+        os.close(copy)
+    stream = by_terminal.get(path)
+    return None if stream is None else Proxy(fd, stream, "master", file=fd)
 
 
 def _closed_since(pid: int, entry: procfs.FdEntry) -> bool:

@@ -247,6 +247,8 @@ class Shadow:
                 self.hub.adopt_datagram(number, self.held[number])
             elif entry.get("terminal"):
                 self.hub.adopt_terminal(number, self.held[number])
+            elif entry.get("master"):
+                self.hub.adopt_master(number, self.held[number])
             else:
                 self.hub.adopt(number, self.held[number], bool(entry.get("listener")))
         if self.mode is Mode.HOME:

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hijack.errors import HijackError
-from hijack.node.terminal import DATA, WINDOW
+from hijack.node.terminal import DATA, WINDOW, FrameReader
 from hijack.node.terminal import frame as terminal_frame
 from hijack.shadow.control import bound_backoff
 from hijack.shadow.datagram import DatagramStream
@@ -87,6 +87,7 @@ class Relay:
     move: str
     eof: bool = False  # the process's side has finished writing
     terminal: str = ""  # a terminal's relay: the pty that stands for it at the node
+    frames: FrameReader | None = None  # a pty master's relay: what the node sends, framed
     # Read once: a connection that was reset has no peer name any more, and
     # the shadow must still describe it (the status a mover plans with).
     shadow_end: str = field(init=False, default="")
@@ -176,6 +177,9 @@ class Stream:
     terminal: terminal_sys.Settings | None = None
     window: terminal_sys.WindowSize | None = None
     closed: bool = False
+    # A pty master the process held (tmux, screen): the process gets a pty master
+    # at its node; what it writes there comes framed (DATA, WINDOW: a size it set).
+    master: bool = False
     # Kernel pipes behind the heads to_relay / to_original, made at the first
     # byte; None while the original cannot splice (then the heads carry all).
     out_pipe: SplicePipe | None = None
@@ -283,6 +287,14 @@ class RelayHub:
         fd = os.open(f"/proc/self/fd/{own_fd}", flags)
         self.streams[stream_id] = Stream(stream_id, fd, "stream", terminal=None)
         self.streams[stream_id].window = terminal_sys.get_window_size(fd)
+
+    def adopt_master(self, number: int, own_fd: int) -> None:
+        """The pty master at the target's descriptor `number`: the process gets a pty master
+        at its node, whose slave the daemon there pumps to its relay (its own open file:
+        opening ptmx again would make another pty)."""
+        stream_id = f"ptm:{number}"
+        if stream_id not in self.streams:
+            self.streams[stream_id] = Stream(stream_id, own_fd, "stream", master=True)
 
     def attach_relay(self, stream_id: str, move: str, sock: socket.socket, pty: str = "") -> None:
         stream = self.streams.get(stream_id)
@@ -445,6 +457,7 @@ class RelayHub:
     # -- terminals ------------------------------------------------------------------
 
     def _is_terminal(self, stream: Stream) -> bool:
+        """A terminal the process had (pumped through a pty at the node); not a pty master."""
         return stream.window is not None
 
     def _make_terminals_raw(self) -> None:
@@ -632,7 +645,7 @@ class RelayHub:
                 data = relay.sock.recv(CHUNK)
             except BlockingIOError:
                 return 0
-            stream.to_original += data
+            stream.to_original += self._from_master(stream, relay, data) if stream.master else data
             got = len(data)
         if got is None:
             return 0
@@ -643,6 +656,25 @@ class RelayHub:
         else:
             relay.eof = True
         return got
+
+    def _from_master(self, stream: Stream, relay: Relay, data: bytes) -> bytes:
+        """The bytes of the DATA frames in `data` from a pty master's relay; a WINDOW
+        frame's size is set on the home master (its slave's group gets SIGWINCH)."""
+        if relay.frames is None:
+            relay.frames = FrameReader()
+        try:
+            frames = relay.frames.feed(data)
+        except HijackError as exc:  # a broken peer: this stream ends (_on_event)
+            raise ConnectionError(f"{stream.id}: {exc}") from None
+        written = bytearray()
+        for kind, payload in frames:
+            if kind == DATA:
+                written += payload
+            elif len(payload) == terminal_sys.WINSIZE.size and stream.original >= 0:
+                with contextlib.suppress(HijackError):  # hung up: no size to set
+                    size = terminal_sys.WindowSize.unpack(payload)
+                    terminal_sys.set_window_size(stream.original, size)
+        return bytes(written)
 
     def _drain_retiring(self, stream: Stream, sock: socket.socket) -> None:
         relay = next(r for r in stream.retiring if r.sock is sock)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import os
+import select
 import struct
 import termios
 from dataclasses import dataclass
@@ -103,11 +104,17 @@ def take_pending_input(fd: int) -> bytes:
     cc[termios.VMIN], cc[termios.VTIME] = 0, 0
     lflag = settings.c_lflag & ~termios.ICANON
     set_settings(fd, dataclasses.replace(settings, c_lflag=lflag, c_cc=bytes(cc)))
+    return read_available(fd)
+
+
+def read_available(fd: int) -> bytes:
+    """What terminal `fd` gives to a read now, taken without blocking (its open file may
+    be a blocking one: poll first)."""
     pending = bytearray()
-    while True:
+    while select.select([fd], [], [], 0)[0]:
         try:
             chunk = os.read(fd, 4096)
-        except OSError:  # O_NONBLOCK and nothing left, or hung up
+        except OSError:  # hung up
             break
         if not chunk:
             break
@@ -143,11 +150,30 @@ def open_pseudo_terminal() -> tuple[int, str]:
         try:
             # unlockpt; grantpt has nothing to do on devpts.
             fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
-            number = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, bytes(4)))[0]
+            path = slave_path(master)
         except BaseException:
             os.close(master)
             raise
-    return master, f"/dev/pts/{number}"
+    return master, path
+
+
+def slave_path(master: int) -> str:
+    """The path of the slave of pty master `master` (TIOCGPTN)."""
+    with kernel_call("TIOCGPTN"):
+        return f"/dev/pts/{struct.unpack('I', fcntl.ioctl(master, TIOCGPTN, bytes(4)))[0]}"
+
+
+def open_slave(path: str) -> int:
+    """Our own open slave of the pty at `path`, raw (every byte as it is), non-blocking."""
+    flags = os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
+    with kernel_call("open", what=path):
+        slave = os.open(path, flags)
+    try:
+        set_settings(slave, get_settings(slave).raw())
+    except BaseException:
+        os.close(slave)
+        raise
+    return slave
 
 
 def same_open_file(pid: int, fd: int, other: int) -> bool:
