@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 from support import spawn_fixture
+from support.cli import restored_pid
 from support.nodes import Cluster, Node, read_line
 from test_move import (
     EXIT_TIMEOUT,
@@ -261,6 +262,23 @@ for line in sys.stdin:
 """
 
 
+def spawn_private_reader(node: Node, private: Path) -> subprocess.Popen[bytes]:
+    """PRIVATE_READER of `private`/data in `node`, in a mount namespace of its own with a
+    tmpfs of its own over `private`, as systemd's PrivateTmp makes one: the same path
+    names another file there."""
+    script = (
+        f"mount -t tmpfs private {private} && echo its own file > {private}/data"
+        f' && exec "$0" -c "$1" {private}/data'
+    )
+    return node.spawn(
+        [*UNSHARE_MOUNTS, "sh", "-c", script, sys.executable, PRIVATE_READER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        bufsize=0,
+    )
+
+
 @pytest.mark.parametrize("precopy", [True, False], ids=["precopy", "no-precopy"])
 def test_a_process_in_its_own_mount_namespace_moves_twice_and_keeps_its_files(
     tmp_path: Path, precopy: bool
@@ -272,19 +290,7 @@ def test_a_process_in_its_own_mount_namespace_moves_twice_and_keeps_its_files(
         a, b = cluster.nodes
         a.start_daemon()
         b.start_daemon()
-        # A namespace of its own with a tmpfs of its own over `private`, as
-        # systemd's PrivateTmp makes one: the same path names another file there.
-        script = (
-            f"mount -t tmpfs private {private} && echo its own file > {private}/data"
-            f' && exec "$0" -c "$1" {private}/data'
-        )
-        reader = a.spawn(
-            [*UNSHARE_MOUNTS, "sh", "-c", script, sys.executable, PRIVATE_READER],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            bufsize=0,
-        )
+        reader = spawn_private_reader(a, private)
         namespace = ask(reader, "ns")
         assert namespace != os.readlink("/proc/self/ns/mnt")
         assert ask(reader, "held") == "its own file"
@@ -305,6 +311,7 @@ def test_a_process_in_its_own_mount_namespace_moves_twice_and_keeps_its_files(
 
 def test_a_mount_namespace_no_process_here_holds_is_refused_by_name() -> None:
     own = mounts.describe(os.getpid(), None)
+    own["host"] = False  # as on a machine whose pid 1 cannot be looked at
     assert mounts.open_namespace(own, "me") is None  # the daemon's own: nothing to enter
     gone = {"id": "mnt:[1]", "holders": [0, 0], "host": False}
     with pytest.raises(HijackError, match=r"refusing x \(pid 7\): .* \(mnt:\[1\]\) that this"):
@@ -389,4 +396,33 @@ def test_a_socket_the_process_half_closed_stays_half_closed_across_moves(tmp_pat
         assert closer.stdin is not None
         closer.stdin.close()
         assert_ended_well(moved, "the half-closer", tmp_path)
+        wait_released(moved)
+
+
+def test_a_process_in_its_own_mount_namespace_restored_keeps_its_files_and_moves(
+    tmp_path: Path,
+) -> None:
+    private = tmp_path / "private"
+    private.mkdir()
+    (private / "data").write_text("the host's file\n")
+    image = tmp_path / "reader.crf"
+    with Cluster(tmp_path / "cluster", nodes=2) as cluster:
+        a, b = cluster.nodes
+        a.start_daemon()
+        b.start_daemon()
+        reader = spawn_private_reader(a, private)
+        namespace = ask(reader, "ns")
+        a.hijack_ok("attach", reader.pid)
+        a.hijack_ok("dump", reader.pid, "-o", image, "--kill")
+        assert reader.wait(EXIT_TIMEOUT) == -signal.SIGKILL
+        # Restored where its shadow holds what it held: in its own namespace again.
+        restored = restored_pid(a.hijack_ok("restore", image))
+        assert ask_moved(reader, "ns") == namespace
+        assert ask_moved(reader, "held") == "its own file"
+        assert ask_moved(reader, "open") == "its own file"
+        moved = move(a, restored, b, home=(a, reader.pid), precopy=False)
+        assert ask_moved(reader, "open") == "its own file"
+        assert reader.stdin is not None
+        reader.stdin.close()
+        assert_ended_well(moved, "the restored reader", tmp_path)
         wait_released(moved)

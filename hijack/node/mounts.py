@@ -17,31 +17,26 @@ own, whatever namespace the daemon itself runs in.
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Any
 
 from hijack.errors import HijackError
+from hijack.sys.process import mount_namespace_of, open_mount_namespace
 
 HOST = 1  # pid 1 holds the machine's own mount namespace
 
 
-def namespace_of(pid: int) -> str:
-    """ "mnt:[INODE]", the mount namespace of `pid`."""
-    return os.readlink(f"/proc/{pid}/ns/mnt")
-
-
 def describe(pid: int, shadow: int | None) -> dict[str, Any]:
     """The `mount_namespace` field of a move: the process's namespace and who holds it."""
-    own = namespace_of(pid)
+    own = mount_namespace_of(pid)
     return {"id": own, "holders": [pid, shadow or 0], "host": own == _host_namespace()}
 
 
 def _host_namespace() -> str | None:
     """The machine's own mount namespace; None where pid 1 may not be looked at (a sandbox)."""
     try:
-        return namespace_of(HOST)
-    except OSError:
+        return mount_namespace_of(HOST)
+    except HijackError:
         return None
 
 
@@ -57,18 +52,13 @@ def open_namespace(described: Any, who: str) -> int | None:
         raise HijackError(f"malformed mount_namespace for {who}")
     if described.get("host"):  # the machine's own: this machine's own, then
         wanted, holders = _host_namespace(), [HOST]
-    if wanted is None or namespace_of(os.getpid()) == wanted:
+    if wanted is None or mount_namespace_of(os.getpid()) == wanted:
         return None
     for pid in holders:
-        if not isinstance(pid, int) or pid <= 0:
-            continue
-        with contextlib.suppress(OSError):
-            fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
-            # The link named the namespace; the descriptor is it (a pid reused meanwhile
-            # would show another one here).
-            if f"mnt:[{os.fstat(fd).st_ino}]" == wanted:
+        if isinstance(pid, int) and pid > 0:
+            fd = open_mount_namespace(pid, wanted)
+            if fd is not None:
                 return fd
-            os.close(fd)
     raise HijackError(
         f"refusing {who}: it lives in a mount namespace of its own ({wanted}) that this node"
         " cannot enter (no process here holds it any more): its paths would name other files"

@@ -42,6 +42,7 @@ from hijack.restore.remote import Stub
 from hijack.shadow import control
 from hijack.sys import memory, pidfd, procfs
 from hijack.sys import ptrace as pt
+from hijack.sys.process import mount_namespace_of, open_mount_namespace
 from hijack.sys.stub import kill_stub, spawn_stub
 
 R = TypeVar("R")
@@ -153,11 +154,15 @@ def restore(
     for number, fd in (provided or {}).items():
         inherited[number] = os.dup(fd)
         os.set_inheritable(inherited[number], True)
+    # A process in a mount namespace of its own: its shadow, forked from it, lives there.
+    entered = _shadow_namespace(holdings) if holdings and mount_namespace is None else None
     try:
-        pid = spawn_stub(image.header.pid, mount_namespace)
+        pid = spawn_stub(image.header.pid, mount_namespace if entered is None else entered)
     finally:
         for fd in inherited.values():
             os.close(fd)  # the stub has its own copies now
+        if entered is not None:
+            os.close(entered)
     space: AddressSpace | None = None
     try:
         stub = Stub(pid, find_syscall_instruction(pid))
@@ -237,6 +242,15 @@ def shadow_holdings(registry: Registry, old_pid: int) -> file_restore.ShadowHold
         own_fd={int(fd["fd"]): int(fd["own_fd"]) for fd in status["fds"]},
         identity={int(fd["fd"]): (int(fd["dev"]), int(fd["ino"])) for fd in status["fds"]},
     )
+
+
+def _shadow_namespace(holdings: file_restore.ShadowHoldings) -> int | None:
+    """The shadow's mount namespace if it is not ours (that of the process it was forked
+    from), to build the process in: its paths name files there."""
+    theirs = mount_namespace_of(holdings.shadow_pid)
+    if theirs == mount_namespace_of(os.getpid()):
+        return None
+    return open_mount_namespace(holdings.shadow_pid, theirs)
 
 
 def _take_from_shadow(

@@ -71,6 +71,25 @@ def epoll_entry_is_open_at(pid: int, epoll_fd: int, tfd: int, toff: int) -> bool
     return False
 
 
+def mount_namespace_of(pid: int) -> str:
+    """"mnt:[INODE]": the mount namespace process `pid` lives in."""
+    with kernel_call("readlink", pid, f"the mount namespace of process {pid}"):
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+
+
+def open_mount_namespace(pid: int, expected: str) -> int | None:
+    """A descriptor of the mount namespace of `pid` if it is `expected` ("mnt:[INODE]"),
+    else None (no such process, or another namespace: a pid reused meanwhile)."""
+    try:
+        fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if f"mnt:[{os.fstat(fd).st_ino}]" == expected:
+        return fd
+    os.close(fd)
+    return None
+
+
 def send_signal(pid: int, signal_number: int) -> None:
     with kernel_call("kill", pid):
         os.kill(pid, signal_number)
