@@ -11,11 +11,9 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
-import select
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from test_move import (
     assert_ended_well,
     assert_untouched,
     finish_moved,
+    line_from,
     move,
     pattern,
     pids_inside,
@@ -77,22 +76,6 @@ def stream_row(home: Node, home_pid: int, stream_id: str) -> dict[str, Any]:
     """The home shadow's row of one relayed stream."""
     streams = shadow_status(home, home_pid)["streams"]
     return next(row for row in streams if row["id"] == stream_id)
-
-
-def line_from(process: subprocess.Popen[bytes], timeout: float) -> str:
-    """The next line on the stdout pipe of `process`, which may have been moved (select-bounded)."""
-    assert process.stdout is not None
-    line = bytearray()
-    deadline = time.monotonic() + timeout
-    while not line.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"no line within {timeout} s: {line!r}"
-        readable, _, _ = select.select([process.stdout], [], [], remaining)
-        if readable:
-            byte = os.read(process.stdout.fileno(), 1)
-            assert byte, f"stdout ended before a line: {line!r}"
-            line += byte
-    return line.decode().strip()
 
 
 def test_a_move_whose_acknowledgements_never_come_is_aborted_and_loses_no_byte(
