@@ -11,6 +11,7 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -68,7 +69,6 @@ for line in sys.stdin:
     print(line.strip(), flush=True)
 """
 STALLED_BYTES = 32 << 20  # more than the relay's socket buffers and the shadow's hold
-HELD_BY_THE_SHADOW = 256 << 10  # bytes the shadow holds once the relay takes no more
 ACK_WAIT = "1"  # seconds, for the mover of the test (HIJACK_ACK_WAIT)
 
 
@@ -76,6 +76,17 @@ def stream_row(home: Node, home_pid: int, stream_id: str) -> dict[str, Any]:
     """The home shadow's row of one relayed stream."""
     streams = shadow_status(home, home_pid)["streams"]
     return next(row for row in streams if row["id"] == stream_id)
+
+
+def window_closed(node: Node, local: str, remote: str) -> bool:
+    """Whether the TCP connection `local` -> `remote` in `node` has bytes queued and its
+    peer's window closed (`ss -i` shows no snd_wnd when it is 0): they wait
+    unacknowledged until the peer reads."""
+    filters = ["state", "established", "src", local, "dst", remote]
+    completed = node.run(["ss", "-tinH", *filters], timeout=10)
+    fields = completed.stdout.split()
+    window = re.search(r"\bsnd_wnd:(\d+)", completed.stdout)
+    return len(fields) > 1 and fields[1] != "0" and (window is None or window[1] == "0")
 
 
 def test_a_move_whose_acknowledgements_never_come_is_aborted_and_loses_no_byte(
@@ -94,10 +105,11 @@ def test_a_move_whose_acknowledgements_never_come_is_aborted_and_loses_no_byte(
         assert staller.stdin is not None
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             written = pool.submit(write_all, staller.stdin, data)
-            # Its socket at b takes no more, nor does the relay's send queue here.
+            # Its socket at b takes no more: bytes wait unacknowledged here.
+            relay = stream_row(a, home_pid, "fd:0")
             poll_until(
-                lambda: stream_row(a, home_pid, "fd:0")["buffered_out"] >= HELD_BY_THE_SHADOW,
-                "the shadow holding what the stalled process does not take",
+                lambda: window_closed(a, relay["shadow_end"], relay["relay"]),
+                "the stalled process's relay closing its window on the shadow",
             )
             assert a.daemon_endpoint is not None
             b.env["HIJACK_ACK_WAIT"] = ACK_WAIT
