@@ -221,6 +221,7 @@ def _move_attached(
                 precopied = _precopy(pid, channel, move_id, record.program, report, shadow)
                 # It ran on meanwhile: refused now if it holds what cannot go.
                 plan_proxies(pid, shadow, at_home, frozen=False)
+            shadow.pid()  # asked now: the move's message names it while the process is frozen
             result = _move_frozen(
                 pid,
                 channel,
