@@ -181,7 +181,8 @@ for line in sys.stdin:
 # Holds one TCP connection to 127.0.0.1:argv[1] that it never reads nor
 # closes (a descriptor inherited by mistake), then echoes stdin lines;
 # "check" prints what a look (MSG_PEEK) at that socket finds and its TCP
-# state (1 established, 8 CLOSE_WAIT: its peer has ended).
+# state (1 established, 8 CLOSE_WAIT: its peer has ended); "write" sends a
+# byte on it and prints "sent" or the error.
 STRAY_HOLDER = """\
 import socket, sys
 stray = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
@@ -195,6 +196,12 @@ for line in sys.stdin:
             data = type(error).__name__
         state = stray.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]
         print(f"{data!r} {state}", flush=True)
+    elif line.strip() == "write":
+        try:
+            stray.send(b"x")
+            print("sent", flush=True)
+        except OSError as error:
+            print(type(error).__name__, flush=True)
     else:
         print(line.strip(), flush=True)
 """
@@ -227,6 +234,11 @@ def test_a_stream_whose_peer_reset_it_after_a_move_moves_on_as_an_ended_stream(
             assert ask_moved(holder, f"on {there.name}") == f"on {there.name}"
             assert ask_moved(holder, "check") == "b'last words' 8", there.name
             here, pid = there, moved.pid
+        # What it writes there is refused, as by the peer that reset it.
+        poll_until(
+            lambda: ask_moved(holder, "write") in ("ConnectionResetError", "BrokenPipeError"),
+            "a write to the ended stream failing",
+        )
         assert holder.stdin is not None
         holder.stdin.close()
         assert_ended_well(moved, "the holder of an ended stream", tmp_path)

@@ -717,10 +717,11 @@ class RelayHub:
         return sent
 
     def _original_failed(self, stream: Stream, exc: OSError) -> None:
-        """Reading the original failed (its peer reset it, a terminal hung up): the stream
-        ends there. The process gets what was read before and then the end, as from a
-        peer that closed it, and its stream stays known (a move takes it along, ended);
-        a write of the process to it fails (_flush_original), as it would have there."""
+        """Reading or writing the original failed (its peer reset it or stopped reading, a
+        terminal hung up): the stream ends there. The process gets what was read before
+        and then the end, as from a peer that closed it, and its stream stays known (a
+        move takes it along, ended); its next write to it fails (_flush_original), as
+        it would have there."""
         self.log(f"{stream.id}: {exc}; passing its end on to the process")
         self._close_original(stream, reset=True)
         stream.original_eof = stream.shut_original = True
@@ -735,14 +736,18 @@ class RelayHub:
         if stream.original < 0 and stream.to_original:
             raise ConnectionResetError(f"{stream.id}: the process wrote to a stream that ended")
         written = 0
-        if stream.to_original and not stream.shut_original:
-            try:
-                written = os.write(stream.original, stream.to_original[:CHUNK])
-            except BlockingIOError:
-                written = 0
-            del stream.to_original[:written]
-        if not stream.to_original and stream.in_pipe is not None and not stream.shut_original:
-            written += stream.in_pipe.drain(stream.original)
+        try:
+            if stream.to_original and not stream.shut_original:
+                try:
+                    written = os.write(stream.original, stream.to_original[:CHUNK])
+                except BlockingIOError:
+                    written = 0
+                del stream.to_original[:written]
+            if not stream.to_original and stream.in_pipe is not None and not stream.shut_original:
+                written += stream.in_pipe.drain(stream.original)
+        except OSError as exc:  # its peer is gone: what it was sent is lost, as over TCP
+            self._original_failed(stream, exc)
+            return written
         relay = stream.relay
         ended = relay is not None and relay.eof and not stream.retiring
         if ended and not stream.in_held and not stream.shut_original:
