@@ -18,6 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from hijack.check import Finding
 from hijack.image.summary import ImageSummary, summary_to_json
 from hijack.mutator.attach import AttachResult
 from hijack.mutator.dump import DumpResult
@@ -184,3 +185,22 @@ def move_result(console: Console, result: MoveResult) -> None:
             else ""
         )
     )
+
+
+def check_findings(console: Console, findings: list[Finding], *, as_json: bool = False) -> None:
+    """`hijack check`: one line per feature, then what a missing one costs."""
+    if as_json:
+        console.print_json(json.dumps([finding.__dict__ for finding in findings]))
+        return
+    width = max(len(finding.name) for finding in findings)
+    for finding in findings:
+        if finding.ok:
+            mark = "[green]ok     [/]"
+        elif finding.required:
+            mark = "[bold red]MISSING[/]"
+        else:
+            mark = "[yellow]limited[/]"
+        line = f"{mark} {escape(finding.name.ljust(width))}  {escape(finding.detail)}"
+        if not finding.ok:
+            line += f" [dim]— without it: {escape(finding.without)}[/]"
+        console.print(line, highlight=False, soft_wrap=True)
