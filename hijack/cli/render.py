@@ -23,6 +23,8 @@ from hijack.image.summary import ImageSummary, summary_to_json
 from hijack.mutator.attach import AttachResult
 from hijack.mutator.dump import DumpResult
 from hijack.node.move import MoveResult
+from hijack.process import settings as process_settings
+from hijack.process import timers as process_timers
 from hijack.restore.restorer import RestoreResult
 
 
@@ -138,6 +140,12 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
             str(descriptor.pos),
         )
     console.print(files)
+
+    console.print("process settings and timers")
+    for line in process_settings.describe(summary.settings) + process_timers.describe(
+        summary.timers
+    ):
+        console.print(f"  {escape(line)}", highlight=False)
 
     pages = summary.pages
     console.print(

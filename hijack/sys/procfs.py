@@ -457,6 +457,61 @@ def read_root(pid: int) -> str:
     return _readlink(pid, "root")
 
 
+def read_oom_score_adj(pid: int) -> int:
+    return int(_read_text(pid, "oom_score_adj"))
+
+
+def read_loginuid(pid: int) -> int:
+    """The audit login uid; 4294967295 ((uid_t)-1) when never set."""
+    return int(_read_text(pid, "loginuid"))
+
+
+def read_timer_slack_ns(pid: int) -> int:
+    return int(_read_text(pid, "timerslack_ns"))
+
+
+@dataclass(frozen=True)
+class PosixTimerEntry:
+    """One timer of /proc/PID/timers."""
+
+    timer_id: int
+    signal: int  # sigev_signo
+    value: int  # sigev_value
+    notify: str  # "signal", "thread" or "none"
+    notify_tid: int  # the pid or tid after "pid." / "tid."
+    clock_id: int
+
+
+_TIMER_NOTIFY = re.compile(r"(\w+)/(?:pid|tid)\.(\d+)")
+
+
+def read_posix_timers(pid: int) -> list[PosixTimerEntry]:
+    """The timers of timer_create(2), from /proc/PID/timers (blocks of four lines)."""
+    timers = []
+    fields: dict[str, str] = {}
+    for line in _read_text(pid, "timers").splitlines():
+        name, _, value = line.partition(":")
+        fields[name.strip()] = value.strip()
+        if name.strip() != "ClockID":
+            continue
+        signo, _, sigval = fields["signal"].partition("/")
+        notify = _TIMER_NOTIFY.fullmatch(fields["notify"])
+        if notify is None:
+            _malformed(pid, "timers", fields["notify"])
+        timers.append(
+            PosixTimerEntry(
+                timer_id=int(fields["ID"]),
+                signal=int(signo),
+                value=int(sigval, 16),
+                notify=notify[1],
+                notify_tid=int(notify[2]),
+                clock_id=int(fields["ClockID"]),
+            )
+        )
+        fields = {}
+    return timers
+
+
 def read_auxv(pid: int) -> list[tuple[int, int]]:
     """(a_type, a_val) pairs of the ELF auxiliary vector, up to AT_NULL (excluded)."""
     words = array("Q", _read_bytes(pid, "auxv"))
