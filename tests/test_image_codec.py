@@ -54,6 +54,7 @@ from hijack.image import (
     RobustList,
     Round,
     RseqConfiguration,
+    SeccompFilter,
     SectionKind,
     Segment,
     Segments,
@@ -64,6 +65,7 @@ from hijack.image import (
     TerminalState,
     Thread,
     ThreadScheduling,
+    ThreadSeccomp,
     Timers,
     UserRegsStruct,
     read_image,
@@ -388,6 +390,17 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             threads=(
                 ThreadScheduling(tid=4242, policy=3, priority=0, nice=-5, affinity=(0, 2, 3)),
                 ThreadScheduling(tid=4243, policy=1, priority=42, nice=0, affinity=(1,)),
+            ),
+            seccomp=(
+                ThreadSeccomp(
+                    tid=4243,
+                    mode=2,
+                    filters=(
+                        SeccompFilter(flags=0, program=rng.randbytes(8 * 5)),
+                        SeccompFilter(flags=2, program=rng.randbytes(8)),
+                    ),
+                ),
+                ThreadSeccomp(tid=4244, mode=1, filters=()),
             ),
         ),
         Timers(

@@ -74,3 +74,22 @@ def test_settings_and_timers_come_back_after_dump_kill_and_restore(
         assert before == after, difference(before.items(), after.items())
         assert not (lost := difference(identity_before, identity_view(pid))), lost
         fixture.assert_intact()
+
+
+def test_a_seccomp_chain_shared_by_two_threads_still_judges_after_restore(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "seccomp.crf"
+    with spawn_fixture("seccomp", fifos=True) as fixture:
+        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+        assert fixture.wait_exit() == -signal.SIGKILL
+        shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
+        chains = shown["settings"]["seccomp"]
+        assert len(chains) == 2 and all(chain["mode"] == 2 for chain in chains), chains
+        assert chains[0]["filters"] == chains[1]["filters"] and len(chains[0]["filters"]) == 2
+        assert "seccomp filters of 7, 4 instructions" in hijack.ok("show", image).stdout
+
+        pid = restored_pid(hijack.ok("restore", image))
+        fixture.adopt(pid)
+        # Its own check: both threads under both filters, getppid refused, mincore killing.
+        fixture.assert_intact()

@@ -460,6 +460,36 @@ class ThreadScheduling:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SeccompFilter:
+    """One filter of a seccomp chain (PTRACE_SECCOMP_GET_FILTER and _GET_METADATA)."""
+
+    flags: U64  # SECCOMP_FILTER_FLAG_LOG, ... as the metadata reports them
+    program: bytes  # struct sock_filter instructions, 8 bytes each
+
+    def __post_init__(self) -> None:
+        _require(
+            0 < len(self.program) <= 4096 * 8 and len(self.program) % 8 == 0,
+            f"SeccompFilter: {len(self.program)} bytes is not 1 to 4096 instructions",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ThreadSeccomp:
+    """The seccomp state of one thread that has one."""
+
+    tid: U32
+    mode: U8  # SECCOMP_MODE_STRICT 1, SECCOMP_MODE_FILTER 2
+    filters: tuple[SeccompFilter, ...]  # oldest first: the order they are installed in
+
+    def __post_init__(self) -> None:
+        _require(self.mode in (1, 2), f"ThreadSeccomp {self.tid}: mode {self.mode} is not 1 or 2")
+        _require(
+            (self.mode == 2) == bool(self.filters),
+            f"ThreadSeccomp {self.tid}: filters belong to mode 2 and only to it",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ProcessSettings:
     """The small per-process settings programs notice when lost (docs/crf.md, SETTINGS)."""
 
@@ -471,6 +501,7 @@ class ProcessSettings:
     oom_score_adj: I32  # /proc/PID/oom_score_adj, -1000..1000
     loginuid: U32  # /proc/PID/loginuid; 4294967295 when never set
     threads: tuple[ThreadScheduling, ...]
+    seccomp: tuple[ThreadSeccomp, ...]  # the threads under seccomp
 
     def __post_init__(self) -> None:
         _require(self.dumpable <= 2, f"ProcessSettings: dumpable {self.dumpable} is not 0-2")

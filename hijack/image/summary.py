@@ -222,7 +222,9 @@ def _socket_json(socket: SocketInfo | None) -> JsonValue:
 
 
 def _plain(value: object) -> JsonValue:
-    """A record's asdict() as JSON values: its tuples become lists."""
+    """A record's asdict() as JSON values: its tuples become lists, its bytes hex strings."""
+    if isinstance(value, bytes):
+        return value.hex()
     if isinstance(value, dict):
         return {str(key): _plain(item) for key, item in value.items()}
     if isinstance(value, tuple | list):

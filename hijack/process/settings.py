@@ -14,6 +14,7 @@ import struct
 
 from hijack.image import records as rec
 from hijack.mutator.tracee import Tracee
+from hijack.process import seccomp
 from hijack.restore.remote import Stub
 from hijack.sys import memory, procfs, scheduling
 
@@ -52,6 +53,7 @@ def read_settings(tracee: Tracee, scratch: int, thread_ids: list[int]) -> rec.Pr
         oom_score_adj=procfs.read_oom_score_adj(pid),
         loginuid=procfs.read_loginuid(pid),
         threads=tuple(threads),
+        seccomp=seccomp.read_seccomp(tracee),
     )
 
 
@@ -127,7 +129,7 @@ def describe(settings: rec.ProcessSettings) -> list[str]:
             f"thread {thread.tid}: policy {thread.policy}, priority {thread.priority},"
             f" nice {thread.nice}, CPUs {_cpu_list(thread.affinity)}"
         )
-    return lines
+    return lines + seccomp.describe(settings.seccomp)
 
 
 def _cpu_list(cpus: tuple[int, ...]) -> str:

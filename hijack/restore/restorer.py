@@ -34,7 +34,7 @@ from hijack.mutator.tracee import (
     find_syscall_instruction,
     resume_registers,
 )
-from hijack.process import settings, timers
+from hijack.process import seccomp, settings, timers
 from hijack.registry import Registry
 from hijack.restore import files as file_restore
 from hijack.restore.address_space import AddressSpace
@@ -343,6 +343,7 @@ def _finish(
     timers.create_posix_timers(stub, image.timers, thread_ids)
     timers.arm_timers(stub, image.timers)  # last: the restore's own time does not count
     space.unmap_scratch()
+    seccomp.install_seccomp(stub, image.settings, image.threads, image.segments, thread_ids)
     for thread in image.threads:
         _set_registers(stub, thread, thread_ids[thread.tid], image.signals)
 

@@ -249,6 +249,7 @@ class ProcStatus:
     cap_amb: int
     no_new_privs: bool
     seccomp: int  # 0 off, 1 strict, 2 filter
+    seccomp_filters: int  # filters in the chain of this task
     kthread: bool | None  # None on kernels without the "Kthread:" line
 
 
@@ -257,9 +258,10 @@ def _ids(value: str) -> tuple[int, int, int, int]:
     return real, effective, saved, fs
 
 
-def read_status(pid: int) -> ProcStatus:
+def read_status(pid: int, tid: int | None = None) -> ProcStatus:
+    """/proc/PID/status, or the status of thread `tid` of process `pid`."""
     fields: dict[str, str] = {}
-    for line in _read_text(pid, "status").splitlines():
+    for line in _read_text(pid, "status", tid).splitlines():
         key, _, value = line.partition(":")
         fields[key] = value.strip()
     umask = fields.get("Umask")
@@ -289,6 +291,7 @@ def read_status(pid: int) -> ProcStatus:
         cap_amb=int(fields["CapAmb"], 16),
         no_new_privs=fields["NoNewPrivs"] == "1",
         seccomp=int(fields["Seccomp"]),
+        seccomp_filters=int(fields.get("Seccomp_filters", "0")),
         kthread=None if kthread is None else kthread == "1",
     )
 
