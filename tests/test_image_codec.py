@@ -46,6 +46,8 @@ from hijack.image import (
     ImageHeader,
     ImageWriter,
     InetSocket,
+    InotifyObject,
+    InotifyWatch,
     Itimer,
     MemoryStructure,
     ObjectData,
@@ -65,12 +67,14 @@ from hijack.image import (
     Segments,
     SigAction,
     SigAltStack,
+    SignalfdObject,
     SignalState,
     TerminalObject,
     TerminalState,
     Thread,
     ThreadScheduling,
     ThreadSeccomp,
+    TimerfdObject,
     Timers,
     UserRegsStruct,
     read_image,
@@ -82,7 +86,7 @@ from hijack.image import (
 from hijack.image import records as records_module
 from hijack.image.fields import Cursor, struct_codec
 
-OBJECT_TAGS = {b"TTYO", b"EPOL", b"EVFD", b"INET", b"ODAT"}
+OBJECT_TAGS = {b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"INET", b"ODAT"}
 SECTION_NAMES = {
     b"HEAD": "HEADER",
     b"CRED": "CREDENTIALS",
@@ -96,6 +100,9 @@ SECTION_NAMES = {
     b"TTYO": "TERMINAL_OBJECT",
     b"EPOL": "EPOLL_OBJECT",
     b"EVFD": "EVENTFD_OBJECT",
+    b"TMFD": "TIMERFD_OBJECT",
+    b"SGFD": "SIGNALFD_OBJECT",
+    b"INFY": "INOTIFY_OBJECT",
     b"INET": "INET_SOCKET",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
@@ -299,6 +306,22 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         EventfdObject(id=4, count=7, semaphore=True),
         ObjectData(id=4, offset=0, data=rng.randbytes(100)),  # data of no real eventfd: a test
         ObjectData(id=4, offset=4096, data=b"after a hole"),
+        TimerfdObject(
+            id=5,
+            clock_id=1,
+            settime_flags=1,
+            ticks=3,
+            value_ns=1_500_000,
+            interval_ns=20_000_000,
+        ),
+        SignalfdObject(id=6, sigmask=(1 << 9) | (1 << 63)),
+        InotifyObject(
+            id=7,
+            watches=(
+                InotifyWatch(wd=1, mask=0x100, path="/srv/data"),
+                InotifyWatch(wd=4, mask=0x80000302, path="/etc/caf\u00e9 conf"),
+            ),
+        ),
     )
     files = Files(
         objects=len(objects),
@@ -688,9 +711,9 @@ def test_absurd_lengths_are_refused_without_allocating_them() -> None:
 
 def test_non_canonical_bytes_are_refused() -> None:
     files = next(s for s in sections(BUILT.image) if s.tag == b"FDS_")
-    # FILES counting its 6 objects, one descriptor: fd kind flags pos | cloexec |
+    # FILES counting its objects, one descriptor: fd kind flags pos | cloexec |
     # mode dev ino description_id object_id path.
-    before = struct.pack("<IIIBIq", 6, 1, 7, FdKind.PIPE, 0, 0)
+    before = struct.pack("<IIIBIq", the(Files).objects, 1, 7, FdKind.PIPE, 0, 0)
     after = struct.pack("<IQQQQI", 0, 0, 0, 1, 0, 1) + b"p"
     for cloexec, problem in ((b"\x02", "boolean byte is 2"), (b"\x01", None)):
         payload = before + cloexec + after
@@ -978,7 +1001,7 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert len(objects) == 4  # ObjectData counted in its object's data_bytes
+    assert len(objects) == 7  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:

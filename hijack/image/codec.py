@@ -59,6 +59,7 @@ from hijack.image.records import (
     Files,
     ImageHeader,
     InetSocket,
+    InotifyObject,
     MemoryStructure,
     ObjectData,
     Pages,
@@ -67,9 +68,11 @@ from hijack.image.records import (
     Rlimits,
     Round,
     Segments,
+    SignalfdObject,
     SignalState,
     TerminalObject,
     Thread,
+    TimerfdObject,
     Timers,
 )
 
@@ -106,6 +109,9 @@ class SectionKind(enum.Enum):
     TERMINAL_OBJECT = b"TTYO"
     EPOLL_OBJECT = b"EPOL"
     EVENTFD_OBJECT = b"EVFD"
+    TIMERFD_OBJECT = b"TMFD"
+    SIGNALFD_OBJECT = b"SGFD"
+    INOTIFY_OBJECT = b"INFY"
     INET_SOCKET = b"INET"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
@@ -211,6 +217,9 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.TERMINAL_OBJECT: _StructSection(TerminalObject, is_object=True),
     SectionKind.EPOLL_OBJECT: _StructSection(EpollObject, is_object=True),
     SectionKind.EVENTFD_OBJECT: _StructSection(EventfdObject, is_object=True),
+    SectionKind.TIMERFD_OBJECT: _StructSection(TimerfdObject, is_object=True),
+    SectionKind.SIGNALFD_OBJECT: _StructSection(SignalfdObject, is_object=True),
+    SectionKind.INOTIFY_OBJECT: _StructSection(InotifyObject, is_object=True),
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
