@@ -35,9 +35,19 @@ def describe_fd(descriptor: rec.FileDescriptor) -> str:
 class DumpContext:
     """What a kind's dump() is given: the stopped process, and where its records go."""
 
-    def __init__(self, pid: int, descriptions: dict[int, int], *, frozen: bool = True) -> None:
+    def __init__(
+        self,
+        pid: int,
+        descriptions: dict[int, int],
+        *,
+        frozen: bool = True,
+        connections: bool = False,
+    ) -> None:
         self.pid = pid
         self.frozen = frozen  # every thread of the process is stopped
+        # Established TCP connections are read with TCP_REPAIR, so that a restore can
+        # rebuild them (a plain dump; a move relays them through the shadow instead).
+        self.connections = connections
         self.descriptions = descriptions  # fd -> description id (kcmp)
         self.sections: list[rec.ObjectRecord] = []  # object records and their data, in order
         self._ids: dict[Hashable, int] = {}
