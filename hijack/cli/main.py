@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 from rich.console import Console
 
+import hijack
 from hijack.cli import render
 from hijack.errors import HijackError
 from hijack.image.codec import read_image
@@ -32,6 +33,7 @@ from hijack.shadow import control
 from hijack.status import model as status_model
 from hijack.status import view as status_view
 from hijack.status import watch as status_watch
+from hijack.sys import procfs
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -54,6 +56,24 @@ def parse_pid(text: str) -> int:
     return pid
 
 
+def destination_argument(text: str) -> str:
+    """HOST[:PORT] of a node daemon, checked here so that a bad one is a usage error."""
+    try:
+        node_daemon.parse_address(text)
+    except HijackError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def listen_argument(text: str) -> str:
+    """ADDR:PORT to listen on (port 0: any free port)."""
+    try:
+        node_daemon.parse_address(text, listening=True)
+    except HijackError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hijack",
@@ -61,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         "connections.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of failures")
+    parser.add_argument("--version", action="version", version=f"hijack {hijack.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     attach = commands.add_parser("attach", help="seize PID and fork its shadow")
@@ -102,7 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     move = commands.add_parser("move", help="live-move PID to another node's daemon")
     move.add_argument("pid", type=parse_pid, metavar="PID")
-    move.add_argument("--to", required=True, metavar="HOST[:PORT]", help="the destination daemon")
+    move.add_argument(
+        "--to",
+        required=True,
+        type=destination_argument,
+        metavar="HOST[:PORT]",
+        help="the destination daemon",
+    )
     move.add_argument(
         "--precopy",
         action=argparse.BooleanOptionalAction,
@@ -123,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--listen",
         default=f"127.0.0.1:{DEFAULT_PORT}",
+        type=listen_argument,
         metavar="ADDR:PORT",
         help=f"where to listen (default 127.0.0.1:{DEFAULT_PORT}: loopback only)",
     )
@@ -144,7 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.set_defaults(handler=command_cluster_init)
     add_status_parser(commands)
+    accept_after_every_command(parser, "--debug")
     return parser
+
+
+def accept_after_every_command(parser: argparse.ArgumentParser, flag: str) -> None:
+    """Let `flag` of `parser` come after the command too (`hijack move --debug ...`).
+
+    Added to every subcommand with a suppressed default, so that a subcommand
+    without it leaves the value given before the command as it was.
+    """
+    help_text = next(action.help for action in parser._actions if flag in action.option_strings)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subcommand in action.choices.values():
+                subcommand.add_argument(
+                    flag, action="store_true", default=argparse.SUPPRESS, help=help_text
+                )
+                accept_after_every_command(subcommand, flag)
 
 
 def add_status_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -230,10 +275,19 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
         # The progress bar's thread must never take SIGINT or SIGTERM: blocked
         # in this thread, they then wait wherever a move holds them back.
         with signals_deferred():
-            progress = stack.enter_context(render.move_progress(console, args.pid, args.to))
+            progress = stack.enter_context(
+                render.move_progress(console, args.pid, args.to, expected_image_bytes(args.pid))
+            )
         result = moving.move(args.pid, args.to, registry, progress=progress, precopy=args.precopy)
     render.move_result(console, result)
     return EXIT_OK
+
+
+def expected_image_bytes(pid: int) -> int | None:
+    try:
+        return procfs.resident_bytes(pid)
+    except HijackError:
+        return None  # the move says why it cannot read the process
 
 
 def command_recover(args: argparse.Namespace, console: Console) -> int:
@@ -250,7 +304,9 @@ def command_recover(args: argparse.Namespace, console: Console) -> int:
 
 def command_node_serve(args: argparse.Namespace, console: Console) -> int:
     node_daemon.serve(
-        node_daemon.parse_address(args.listen), load_cluster_key(), allow_root=args.allow_root
+        node_daemon.parse_address(args.listen, listening=True),
+        load_cluster_key(),
+        allow_root=args.allow_root,
     )
     return EXIT_OK
 
