@@ -180,8 +180,7 @@ class NodeDaemon:
                     )
         except HijackError as exc:
             log(f"move {move} failed: {exc}")
-            with contextlib.suppress(ChannelError):
-                channel.send({"error": str(exc)})
+            channel.refuse(str(exc))  # the mover may be sending a round: it reads this after
         finally:
             prebuilt.discard()
 
