@@ -25,9 +25,10 @@ from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.tracee import signals_deferred
 from hijack.node import daemon as node_daemon
 from hijack.node import move as moving
+from hijack.node import naming
 from hijack.node.channel import cluster_key_path, create_cluster_key, load_cluster_key
 from hijack.node.daemon import DEFAULT_PORT
-from hijack.registry import Registry
+from hijack.registry import DEFAULT_STATE_DIR, Registry, state_dir
 from hijack.restore import restorer as restoring
 from hijack.shadow import control
 from hijack.status import model as status_model
@@ -69,6 +70,14 @@ def listen_argument(text: str) -> str:
     """ADDR:PORT to listen on (port 0: any free port)."""
     try:
         node_daemon.parse_address(text, listening=True)
+    except HijackError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def node_name_argument(text: str) -> str:
+    try:
+        naming.check_name(text, "--name")
     except HijackError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
@@ -153,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=listen_argument,
         metavar="ADDR:PORT",
         help=f"where to listen (default 127.0.0.1:{DEFAULT_PORT}: loopback only)",
+    )
+    serve.add_argument(
+        "--name",
+        type=node_name_argument,
+        help="this node's name, kept in its state directory for its commands (default:"
+        " $HIJACK_NODE, else the name kept, else the host name; with a state directory other"
+        " than the default, the host name and a digest of it)",
     )
     serve.add_argument(
         "--allow-root",
@@ -303,6 +319,7 @@ def command_recover(args: argparse.Namespace, console: Console) -> int:
 
 
 def command_node_serve(args: argparse.Namespace, console: Console) -> int:
+    naming.name_the_node(state_dir(), Path(DEFAULT_STATE_DIR), args.name)
     node_daemon.serve(
         node_daemon.parse_address(args.listen, listening=True),
         load_cluster_key(),
