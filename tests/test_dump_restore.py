@@ -810,6 +810,8 @@ SUMMARY_KEYS = {
     "threads",
     "memory",
     "descriptors",
+    "settings",
+    "timers",
     "pages",
 }
 PROCESS_KEYS = {

@@ -1,7 +1,7 @@
 """Writing and reading CRF images as a stream of checksummed sections.
 
     IMAGE     ::= SIGNATURE HEADER CREDENTIALS RLIMITS MM SEGMENTS FILES { PAGES }
-                  THREAD { THREAD } SIGNALS CWD END
+                  THREAD { THREAD } SIGNALS CWD SETTINGS TIMERS END
     ROUND     ::= SIGNATURE ROUND SEGMENTS { PAGES } END     (a move's pre-copy round)
     SIGNATURE ::= "CRF\\0" VERSION:u32
     section   ::= TAG:4 LENGTH:u32 PAYLOAD:LENGTH CRC:u32
@@ -56,16 +56,18 @@ from hijack.image.records import (
     ImageHeader,
     MemoryStructure,
     Pages,
+    ProcessSettings,
     Record,
     Rlimits,
     Round,
     Segments,
     SignalState,
     Thread,
+    Timers,
 )
 
 MAGIC = b"CRF\0"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MAX_METADATA = 16 * 1024 * 1024  # payload limit of every section but PAGES
 
 BytesLike = bytes | bytearray | memoryview
@@ -94,6 +96,8 @@ class SectionKind(enum.Enum):
     SIGNALS = b"SIGS"
     FILES = b"FDS_"
     CWD = b"CWD_"
+    SETTINGS = b"PSET"
+    TIMERS = b"TIMR"
     END = b"END_"
 
 
@@ -169,6 +173,8 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.SIGNALS: _StructSection(SignalState),
     SectionKind.FILES: _StructSection(Files),
     SectionKind.CWD: _StructSection(Cwd),
+    SectionKind.SETTINGS: _StructSection(ProcessSettings),
+    SectionKind.TIMERS: _StructSection(Timers),
     SectionKind.END: _StructSection(End),
 }
 _KIND_OF: dict[type[Any], SectionKind] = {
@@ -197,6 +203,8 @@ _IMAGE_GRAMMAR = (
     _Step(SectionKind.THREAD, 1, True),
     _Step(SectionKind.SIGNALS, 1, False),
     _Step(SectionKind.CWD, 1, False),
+    _Step(SectionKind.SETTINGS, 1, False),
+    _Step(SectionKind.TIMERS, 1, False),
     _Step(SectionKind.END, 1, False),
 )
 _ROUND_GRAMMAR = (

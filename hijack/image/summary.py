@@ -10,6 +10,7 @@ as little memory as reading it.
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -24,11 +25,13 @@ from hijack.image.records import (
     Files,
     ImageHeader,
     Pages,
+    ProcessSettings,
     Record,
     Segment,
     Segments,
     SocketInfo,
     Thread,
+    Timers,
 )
 
 SUMMARY_VERSION = 1  # bumped when a key of summary_to_json changes meaning or goes away
@@ -95,6 +98,8 @@ class ImageSummary:
     memory: tuple[MemoryRow, ...]
     descriptors: tuple[FileDescriptor, ...]
     pages: PageTotals
+    settings: ProcessSettings
+    timers: Timers
 
 
 def summarize(records: Iterable[Record]) -> ImageSummary:
@@ -104,6 +109,8 @@ def summarize(records: Iterable[Record]) -> ImageSummary:
     cwd: Cwd | None = None
     files: Files | None = None
     end: End | None = None
+    settings: ProcessSettings | None = None
+    timers: Timers | None = None
     segments: tuple[Segment, ...] = ()
     starts: list[int] = []
     stored_bytes: list[int] = []
@@ -135,10 +142,25 @@ def summarize(records: Iterable[Record]) -> ImageSummary:
             files = record
         elif isinstance(record, Cwd):
             cwd = record
+        elif isinstance(record, ProcessSettings):
+            settings = record
+        elif isinstance(record, Timers):
+            timers = record
         elif isinstance(record, End):
             end = record
-    if header is None or credentials is None or cwd is None or files is None or end is None:
-        raise ImageError("incomplete image: a HEADER, CREDENTIALS, FILES, CWD or END is missing")
+    if (
+        header is None
+        or credentials is None
+        or cwd is None
+        or files is None
+        or settings is None
+        or timers is None
+        or end is None
+    ):
+        raise ImageError(
+            "incomplete image: a HEADER, CREDENTIALS, FILES, CWD, SETTINGS, TIMERS or END"
+            " is missing"
+        )
     return ImageSummary(
         version=FORMAT_VERSION,
         image_bytes=end.image_bytes + END_SECTION_SIZE,
@@ -177,6 +199,8 @@ def summarize(records: Iterable[Record]) -> ImageSummary:
             untouched=end.pages_untouched,
             file=end.pages_file,
         ),
+        settings=settings,
+        timers=timers,
     )
 
 
@@ -195,6 +219,18 @@ def _socket_json(socket: SocketInfo | None) -> JsonValue:
         "local_address": socket.local_address,
         "remote_address": socket.remote_address,
     }
+
+
+def _plain(value: object) -> JsonValue:
+    """A record's asdict() as JSON values: its tuples become lists, its bytes hex strings."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    assert value is None or isinstance(value, bool | int | str), value
+    return value
 
 
 def summary_to_json(summary: ImageSummary) -> dict[str, JsonValue]:
@@ -256,6 +292,8 @@ def summary_to_json(summary: ImageSummary) -> dict[str, JsonValue]:
             }
             for descriptor in summary.descriptors
         ],
+        "settings": _plain(dataclasses.asdict(summary.settings)),
+        "timers": _plain(dataclasses.asdict(summary.timers)),
         "pages": {
             "stored": summary.pages.stored,
             "zero": summary.pages.zero,

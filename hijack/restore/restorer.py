@@ -34,6 +34,7 @@ from hijack.mutator.tracee import (
     find_syscall_instruction,
     resume_registers,
 )
+from hijack.process import seccomp, settings, timers
 from hijack.registry import Registry
 from hijack.restore import files as file_restore
 from hijack.restore.address_space import AddressSpace
@@ -93,6 +94,8 @@ class _Image:
     threads: list[rec.Thread] = field(default_factory=list)
     signals: rec.SignalState | None = None
     cwd: rec.Cwd | None = None
+    settings: rec.ProcessSettings | None = None
+    timers: rec.Timers | None = None
 
 
 def restore(
@@ -306,12 +309,22 @@ def _consume_rest(records: Iterator[rec.Record], image: _Image, space: AddressSp
             image.signals = record
         elif isinstance(record, rec.Cwd):
             image.cwd = record
+        elif isinstance(record, rec.ProcessSettings):
+            image.settings = record
+        elif isinstance(record, rec.Timers):
+            image.timers = record
         elif isinstance(record, rec.End):
             pass  # read_image checked the totals; the iterator ends after it
         else:
             raise ImageError(f"unexpected {type(record).__name__} record after the segments")
-    if not image.threads or image.signals is None or image.cwd is None:
-        raise ImageError("image has no threads, signal state or cwd")
+    if (
+        not image.threads
+        or image.signals is None
+        or image.cwd is None
+        or image.settings is None
+        or image.timers is None
+    ):
+        raise ImageError("image has no threads, signal state, cwd, settings or timers")
 
 
 # -- finishing the stub once the whole image is in --------------------------------
@@ -326,6 +339,7 @@ def _finish(
     provided: frozenset[int],
 ) -> None:
     assert image.signals is not None and image.cwd is not None
+    assert image.settings is not None and image.timers is not None
     leader = _leader_record(image)
     file_restore.restore_files(stub, plan, inherited)
     controlling = file_restore.set_up_terminals(stub, plan, provided)
@@ -333,6 +347,8 @@ def _finish(
     _set_signal_actions(stub, image.signals)
     _set_rlimits(stub, image.rlimits)
     _set_process_state(stub, image, controlling)
+    settings.apply_login_uid(stub, image.settings)
+    settings.lock_memory(stub, image.segments)
     thread_ids = {leader.tid: stub.pid}
     for thread in image.threads:
         if thread is not leader:
@@ -340,7 +356,11 @@ def _finish(
     for thread in image.threads:
         _set_thread_state(stub, thread, thread_ids[thread.tid], image.credentials)
     _queue_pending_signals(stub, image, thread_ids)
+    settings.apply_settings(stub, image.settings, thread_ids)
+    timers.create_posix_timers(stub, image.timers, thread_ids)
+    timers.arm_timers(stub, image.timers)  # last: the restore's own time does not count
     space.unmap_scratch()
+    seccomp.install_seccomp(stub, image.settings, image.threads, image.segments, thread_ids)
     for thread in image.threads:
         _set_registers(stub, thread, thread_ids[thread.tid], image.signals)
 
