@@ -58,30 +58,17 @@ def parse_pid(text: str) -> int:
     return pid
 
 
-def destination_argument(text: str) -> str:
-    """HOST[:PORT] of a node daemon, checked here so that a bad one is a usage error."""
-    try:
-        node_daemon.parse_address(text)
-    except HijackError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+def checked_argument(check: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type: the text as given, a usage error if `check` refuses it."""
 
+    def argument(text: str) -> str:
+        try:
+            check(text)
+        except HijackError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
 
-def listen_argument(text: str) -> str:
-    """ADDR:PORT to listen on (port 0: any free port)."""
-    try:
-        node_daemon.parse_address(text, listening=True)
-    except HijackError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
-
-
-def node_name_argument(text: str) -> str:
-    try:
-        naming.check_name(text, "--name")
-    except HijackError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    return argument
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     move.add_argument(
         "--to",
         required=True,
-        type=destination_argument,
+        type=checked_argument(node_daemon.parse_address),
         metavar="HOST[:PORT]",
         help="the destination daemon",
     )
@@ -160,13 +147,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--listen",
         default=f"127.0.0.1:{DEFAULT_PORT}",
-        type=listen_argument,
+        type=checked_argument(lambda text: node_daemon.parse_address(text, listening=True)),
         metavar="ADDR:PORT",
         help=f"where to listen (default 127.0.0.1:{DEFAULT_PORT}: loopback only)",
     )
     serve.add_argument(
         "--name",
-        type=node_name_argument,
+        type=checked_argument(lambda text: naming.check_name(text, "--name")),
         help="this node's name, kept in its state directory for its commands (default:"
         " $HIJACK_NODE, else the name kept, else the host name; with a state directory other"
         " than the default, the host name and a digest of it)",
