@@ -56,10 +56,10 @@ def default_name(directory: Path, default_directory: Path) -> str:
 def kept_name(directory: Path) -> str | None:
     try:
         text = (directory / NAME_FILE).read_text().strip()
-    except FileNotFoundError:
+    except OSError:
+        # None kept, or a state directory out of reach: the registry, which
+        # needs it too, says why when it is opened.
         return None
-    except OSError as exc:
-        raise HijackError(f"cannot read {directory / NAME_FILE}: {exc.strerror}") from None
     check_name(text, str(directory / NAME_FILE))
     return text
 
@@ -80,13 +80,7 @@ def name_the_node(directory: Path, default_directory: Path, requested: str | Non
             )
     elif given is not None:
         check_name(given, f"${VARIABLE}")
-    name = requested or given
-    if name is None:
-        try:
-            name = kept_name(directory)
-        except HijackError:
-            name = None  # unreadable: named anew below
-    name = name or default_name(directory, default_directory)
+    name = requested or given or kept_name(directory) or default_name(directory, default_directory)
     path = directory / NAME_FILE
     try:
         directory.mkdir(parents=True, exist_ok=True)
