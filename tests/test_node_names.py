@@ -66,8 +66,8 @@ def test_a_node_named_by_its_daemon_is_moved_to_and_from(tmp_path: Path) -> None
             )
             assert result.returncode == 1, result.stderr
             assert result.stderr.splitlines() == [
-                f"hijack: $HIJACK_NODE is 'home', but this node ({b.state_dir}) is named 'b'"
-                " (kept by `hijack node serve --name`): unset $HIJACK_NODE or make it 'b'"
+                f"hijack: $HIJACK_NODE is 'home', but this node ({b.state_dir}) is named 'b' by"
+                " its daemon: unset $HIJACK_NODE or make it 'b'"
             ], result.stderr
             assert ask(session, "still on b") == "still on b"
 

@@ -39,8 +39,8 @@ def node_name(directory: Path, default_directory: Path) -> str:
     kept = kept_name(directory)
     if given and kept and given != kept:
         raise HijackError(
-            f"${VARIABLE} is {given!r}, but this node ({directory}) is named {kept!r}"
-            f" (kept by `hijack node serve --name`): unset ${VARIABLE} or make it {kept!r}"
+            f"${VARIABLE} is {given!r}, but this node ({directory}) is named {kept!r} by its"
+            f" daemon: unset ${VARIABLE} or make it {kept!r}"
         )
     return given or kept or default_name(directory, default_directory)
 
