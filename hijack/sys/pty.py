@@ -97,12 +97,18 @@ def open_pair(master_path: str, index: int) -> tuple[int, int]:
             os.close(extra)
     try:
         set_locked(master, False)  # unlockpt; grantpt has nothing to do on devpts
-        with kernel_call("TIOCGPTPEER"):
-            slave = fcntl.ioctl(master, TIOCGPTPEER, os.O_RDWR | O_NOCTTY | O_CLOEXEC)
+        slave = open_peer(master, os.O_RDWR)
     except BaseException:
         os.close(master)
         raise
     return master, slave
+
+
+def open_peer(master: int, flags: int) -> int:
+    """A new open file of the slave of `master` (TIOCGPTPEER: no path lookup, so the
+    right devpts whatever the mounts), ours, with `flags` plus O_NOCTTY and O_CLOEXEC."""
+    with kernel_call("TIOCGPTPEER"):
+        return int(fcntl.ioctl(master, TIOCGPTPEER, flags | O_NOCTTY | O_CLOEXEC))
 
 
 def _quiet(settings: Settings) -> Settings:
