@@ -35,7 +35,7 @@ from support.procview import (
 from hijack.sys import locks
 
 SYS_READ = 0
-FLOCK = struct.Struct("<hhqqi4x")
+FLOCK = struct.Struct("<hh4xqqi4x")
 F_OFD_GETLK = 36
 
 
@@ -53,7 +53,9 @@ def opened(path: Path, flags: int = os.O_RDWR) -> Iterator[int]:
         os.close(fd)
 
 
-def lock_found(path: Path, command: int, lock_type: int, start: int, length: int) -> tuple[int, int]:
+def lock_found(
+    path: Path, command: int, lock_type: int, start: int, length: int
+) -> tuple[int, int]:
     """(l_type, l_pid) of what F_GETLK / F_OFD_GETLK finds against a `lock_type` lock."""
     with opened(path) as fd:
         answer = fcntl.fcntl(fd, command, FLOCK.pack(lock_type, os.SEEK_SET, start, length, 0))
@@ -64,7 +66,11 @@ def lock_found(path: Path, command: int, lock_type: int, start: int, length: int
 def lease_lines(path: Path) -> list[str]:
     """The /proc/locks lines of leases on `path` (read directly: not through hijack)."""
     ino = f":{path.stat().st_ino} "
-    return [line for line in Path("/proc/locks").read_text().splitlines() if "LEASE" in line and ino in line]
+    return [
+        line
+        for line in Path("/proc/locks").read_text().splitlines()
+        if "LEASE" in line and ino in line
+    ]
 
 
 def assert_held(data: Path, pid: int) -> None:

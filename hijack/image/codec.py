@@ -56,12 +56,14 @@ from hijack.image.records import (
     End,
     EpollObject,
     EventfdObject,
+    FileLocks,
     Files,
     ImageHeader,
     InetSocket,
     MemoryStructure,
     ObjectData,
     Pages,
+    PtyPair,
     Record,
     Rlimits,
     Round,
@@ -105,6 +107,8 @@ class SectionKind(enum.Enum):
     EPOLL_OBJECT = b"EPOL"
     EVENTFD_OBJECT = b"EVFD"
     INET_SOCKET = b"INET"
+    FILE_LOCKS = b"LOCK"
+    PTY_PAIR = b"PTYP"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
     END = b"END_"
@@ -208,6 +212,8 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.EPOLL_OBJECT: _StructSection(EpollObject, is_object=True),
     SectionKind.EVENTFD_OBJECT: _StructSection(EventfdObject, is_object=True),
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
+    SectionKind.FILE_LOCKS: _StructSection(FileLocks, is_object=True),
+    SectionKind.PTY_PAIR: _StructSection(PtyPair, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
     SectionKind.END: _StructSection(End),

@@ -7,7 +7,8 @@
                               descriptor: the owner of its object record's type, or
                               (no object) the first kind listing its FdKind in fd_kinds
     kind_named(name)
-    read_files(pid)           FILES and the object sections of a stopped process
+    read_files(pid)           FILES and the object sections of a stopped process,
+                              the locks each description holds too (hijack.objects.locks)
     refusals(image, held)     why a restore could not rebuild each descriptor
     describe(descriptor, image)  "kind: details", for `hijack show`
 
@@ -27,7 +28,9 @@ from hijack.objects.epoll import Epoll
 from hijack.objects.eventfd import Eventfd
 from hijack.objects.fifo import Fifo
 from hijack.objects.inet import Inet
+from hijack.objects.locks import describe_held, dump_locks
 from hijack.objects.other import Other
+from hijack.objects.pty import PtyPairKind
 from hijack.objects.regular import Regular
 from hijack.objects.terminal import Terminal
 from hijack.sys import kcmp, procfs
@@ -35,6 +38,7 @@ from hijack.sys import kcmp, procfs
 KINDS: tuple[Kind, ...] = (
     Regular(),
     Fifo(),
+    PtyPairKind(),  # before Terminal: both ends of a pair in the process
     Terminal(),
     Device(),
     Epoll(),
@@ -81,6 +85,7 @@ def read_files(pid: int, *, frozen: bool = True) -> ImageFiles:
             description = descriptions[entry.fd]
             if description not in objects:  # a dup'ed or inherited one is dumped once
                 objects[description] = kind_for(entry, dump).dump(entry, info, dump)
+                dump_locks(info, description, dump)
             descriptors.append(
                 rec.FileDescriptor(
                     fd=entry.fd,
@@ -120,4 +125,5 @@ def refusals(
 
 def describe(descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
     kind = kind_of(descriptor, image)
-    return f"{kind.name}: {kind.describe(descriptor, image)}"
+    held = describe_held(image, descriptor)
+    return f"{kind.name}: {kind.describe(descriptor, image)}" + (f"; holds {held}" if held else "")

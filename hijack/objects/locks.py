@@ -86,12 +86,16 @@ def restore_locks(stub: Stub, image: ImageFiles, restored: set[int]) -> None:
 def _take(stub: Stub, descriptor: rec.FileDescriptor, lock: rec.FileLock) -> None:
     fd = descriptor.fd
     if lock.kind is rec.LockKind.FLOCK:
-        operation = kernel_locks.LOCK_EX if lock.type == kernel_locks.F_WRLCK else kernel_locks.LOCK_SH
+        operation = (
+            kernel_locks.LOCK_EX if lock.type == kernel_locks.F_WRLCK else kernel_locks.LOCK_SH
+        )
         result = stub.try_call("flock", fd, operation | kernel_locks.LOCK_NB)
     elif lock.kind is rec.LockKind.LEASE:
         result = stub.try_call("fcntl", fd, kernel_locks.F_SETLEASE, lock.type)
     else:
-        command = kernel_locks.F_SETLK if lock.kind is rec.LockKind.POSIX else kernel_locks.F_OFD_SETLK
+        command = (
+            kernel_locks.F_SETLK if lock.kind is rec.LockKind.POSIX else kernel_locks.F_OFD_SETLK
+        )
         stub.reset_scratch()
         request = stub.put(kernel_locks.pack_flock(lock.type, lock.start, lock.length))
         result = stub.try_call("fcntl", fd, command, request)
@@ -109,7 +113,7 @@ def _take(stub: Stub, descriptor: rec.FileDescriptor, lock: rec.FileLock) -> Non
 
 
 def describe(lock: rec.FileLock) -> str:
-    """"flock write", "posix read lock on bytes 100-199", "ofd write lock on bytes 50-EOF"."""
+    """ "flock write", "posix read lock on bytes 100-199", "ofd write lock on bytes 50-EOF"."""
     kind = lock.kind.name.lower()
     type_name = _TYPE_NAMES.get(lock.type, f"type {lock.type}")
     if lock.kind is rec.LockKind.FLOCK:

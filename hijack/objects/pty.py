@@ -30,6 +30,8 @@ from hijack.objects.terminal import read_terminal
 from hijack.sys import procfs, pty, terminal
 
 O_ACCMODE = 0o3
+# What an open() by a 64-bit process always has, and a TIOCGPTPEER does not add.
+O_LARGEFILE = 0o100000
 _SLAVE_PATH = re.compile(r".*/pts/(\d+)")
 
 
@@ -61,9 +63,9 @@ def _find_pairs(pid: int) -> dict[int, _Ends]:
         if entry.kind is not procfs.FdKind.TTY:
             continue
         if is_master_path(entry.target):
-            index = procfs.read_fdinfo(pid, entry.fd).extra.get("tty-index", ())
-            if index:
-                masters.setdefault(int(index[0]), (entry.fd, entry.target))
+            found_index = procfs.read_fdinfo(pid, entry.fd).extra.get("tty-index", ())
+            if found_index:
+                masters.setdefault(int(found_index[0]), (entry.fd, entry.target))
         elif found := _SLAVE_PATH.fullmatch(entry.target):
             slaves.setdefault(int(found[1]), entry.fd)
     pairs: dict[int, _Ends] = {}
@@ -84,7 +86,9 @@ def _read_pair(object_id: int, ends: _Ends, dump: DumpContext) -> rec.PtyPair:
     slave = dump.copy_fd(ends.slave_fd)
     state = read_terminal(slave, procfs.read_stat(dump.pid).tty_nr)
     if state is None:
-        raise HijackError(f"the pty pair /dev/pts/{ends.index} of process {dump.pid} answers no TCGETS")
+        raise HijackError(
+            f"the pty pair /dev/pts/{ends.index} of process {dump.pid} answers no TCGETS"
+        )
     queued_in = queued_out = b""
     if dump.frozen:
         # Read out, and put back at once: the process may run on after the dump.
@@ -153,7 +157,7 @@ class PtyPairKind(Kind):
         if is_master_path(descriptor.path):
             restore.give(master, descriptor)
             return
-        slave = pty.open_peer(master, descriptor.flags & O_ACCMODE)
+        slave = pty.open_peer(master, descriptor.flags & (O_ACCMODE | O_LARGEFILE))
         try:
             restore.give(slave, descriptor)
         finally:
@@ -164,7 +168,7 @@ class PtyPairKind(Kind):
         if pair.locked and is_master_path(descriptor.path):
             stub = restore.stub
             stub.reset_scratch()
-            stub.call("ioctl", descriptor.fd, pty.TIOCSPTLCK, stub.put(struct.pack("i", 1)))
+            stub.call("ioctl", descriptor.fd, terminal.TIOCSPTLCK, stub.put(struct.pack("i", 1)))
 
     def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
         pair = image.object_of(descriptor, rec.PtyPair)

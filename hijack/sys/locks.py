@@ -34,8 +34,9 @@ F_SETLEASE, F_GETLEASE = 1024, 1025
 F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
 LOCK_SH, LOCK_EX, LOCK_NB = 1, 2, 4
 SEEK_SET = 0
-# struct flock on x86_64: l_type, l_whence (short), l_start, l_len (off_t), l_pid (pid_t)
-FLOCK = struct.Struct("<hhqqi4x")
+# struct flock on x86_64: l_type, l_whence (short), 4 bytes of padding, l_start, l_len
+# (off_t), l_pid (pid_t), padding to 32 bytes
+FLOCK = struct.Struct("<hh4xqqi4x")
 OFFSET_MAX = 2**63 - 1  # the last byte of a lock "to EOF"
 
 

@@ -123,7 +123,9 @@ def _quiet(settings: Settings) -> Settings:
         termios.ECHO | termios.ECHOE | termios.ECHOK | termios.ECHONL | termios.ISIG
         | termios.IEXTEN
     )  # fmt: skip
-    return replace(settings, c_iflag=iflag, c_lflag=lflag, c_oflag=settings.c_oflag & ~termios.OPOST)
+    return replace(
+        settings, c_iflag=iflag, c_lflag=lflag, c_oflag=settings.c_oflag & ~termios.OPOST
+    )
 
 
 def _drain(fd: int, what: str) -> bytes:
