@@ -41,14 +41,18 @@ from hijack.image import (
     FdKind,
     FileDescriptor,
     FileIdentity,
+    FileLock,
+    FileLocks,
     Files,
     ImageHeader,
     ImageWriter,
     InetSocket,
+    LockKind,
     MemoryStructure,
     ObjectData,
     Pages,
     Prot,
+    PtyPair,
     Record,
     Rlimit,
     Rlimits,
@@ -74,7 +78,7 @@ from hijack.image import (
 from hijack.image import records as records_module
 from hijack.image.fields import Cursor, struct_codec
 
-OBJECT_TAGS = {b"TTYO", b"EPOL", b"EVFD", b"INET", b"ODAT"}
+OBJECT_TAGS = {b"TTYO", b"EPOL", b"EVFD", b"INET", b"LOCK", b"PTYP", b"ODAT"}
 SECTION_NAMES = {
     b"HEAD": "HEADER",
     b"CRED": "CREDENTIALS",
@@ -89,6 +93,8 @@ SECTION_NAMES = {
     b"EPOL": "EPOLL_OBJECT",
     b"EVFD": "EVENTFD_OBJECT",
     b"INET": "INET_SOCKET",
+    b"LOCK": "FILE_LOCKS",
+    b"PTYP": "PTY_PAIR",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
     b"END_": "END",
@@ -289,6 +295,26 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         EventfdObject(id=4, count=7, semaphore=True),
         ObjectData(id=4, offset=0, data=rng.randbytes(100)),  # data of no real eventfd: a test
         ObjectData(id=4, offset=4096, data=b"after a hole"),
+        FileLocks(
+            id=5,
+            description_id=3,
+            locks=(
+                FileLock(kind=LockKind.FLOCK, type=1, start=0, length=0),
+                FileLock(kind=LockKind.POSIX, type=1, start=10, length=10),
+                FileLock(kind=LockKind.OFD, type=0, start=100, length=0),
+                FileLock(kind=LockKind.LEASE, type=0, start=0, length=0),
+            ),
+        ),
+        PtyPair(
+            id=6,
+            index=4,
+            packet_mode=True,
+            locked=False,
+            state=TERMINAL,
+            master_path="/dev/ptmx",
+            input=b"queued\n",
+            output=b"\x00out\r\n",
+        ),
     )
     files = Files(
         objects=len(objects),
@@ -315,6 +341,8 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 (5, FdKind.DIRECTORY, "/srv/data \udcff", 0o200000, 0, 0o40755, 6, 0),
                 (6, FdKind.REGULAR, "/var/log/server.log", 0o102001, 123456, 0o100644, 3, 0),
                 (9, FdKind.EVENTFD, "anon_inode:[eventfd]", 0o2, 0, 0o600, 7, 4),
+                (10, FdKind.TTY, "/dev/ptmx", 0o2, 0, 0o20666, 8, 6),
+                (11, FdKind.TTY, "/dev/pts/4", 0o2, 0, 0o20620, 9, 6),
             ]
         ),
     )
@@ -628,9 +656,9 @@ def test_absurd_lengths_are_refused_without_allocating_them() -> None:
 
 def test_non_canonical_bytes_are_refused() -> None:
     files = next(s for s in sections(BUILT.image) if s.tag == b"FDS_")
-    # FILES counting its 6 objects, one descriptor: fd kind flags pos | cloexec |
+    # FILES counting its objects, one descriptor: fd kind flags pos | cloexec |
     # mode dev ino description_id object_id path.
-    before = struct.pack("<IIIBIq", 6, 1, 7, FdKind.PIPE, 0, 0)
+    before = struct.pack("<IIIBIq", the(Files).objects, 1, 7, FdKind.PIPE, 0, 0)
     after = struct.pack("<IQQQQI", 0, 0, 0, 1, 0, 1) + b"p"
     for cloexec, problem in ((b"\x02", "boolean byte is 2"), (b"\x01", None)):
         payload = before + cloexec + after
@@ -716,6 +744,9 @@ INVALID_RECORDS: dict[str, Callable[[], object]] = {
     "no description": lambda: replace(the(Files).descriptors[0], description_id=0),
     "object id 0": lambda: TerminalObject(id=0, state=TERMINAL),
     "empty object data": lambda: ObjectData(id=1, offset=0, data=b""),
+    "lock type": lambda: FileLock(kind=LockKind.POSIX, type=2, start=0, length=0),
+    "flock on a range": lambda: FileLock(kind=LockKind.FLOCK, type=1, start=10, length=1),
+    "locks of no description": lambda: FileLocks(id=1, description_id=0, locks=()),
     "overlapping segments": lambda: Segments(segments=the(Segments).segments[:1] * 2),
     "umask": lambda: replace(the(Credentials), umask=0o1777),
 }
@@ -910,7 +941,14 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert len(objects) == 4  # ObjectData counted in its object's data_bytes
+    assert objects[4]["locks"][1] == {  # type: ignore[index]
+        "kind": "POSIX",
+        "type": 1,
+        "start": 10,
+        "length": 10,
+    }
+    assert objects[5]["output"] == b"\x00out\r\n".hex()  # type: ignore[index]
+    assert len(objects) == 6  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:
