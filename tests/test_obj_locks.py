@@ -12,8 +12,11 @@ makes the restore fail by name.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import json
 import os
+import select
 import signal
 import struct
 from collections.abc import Iterator
@@ -35,6 +38,7 @@ from support.procview import (
 from hijack.sys import locks
 
 SYS_READ = 0
+EXIT_TIMEOUT = 30.0
 FLOCK = struct.Struct("<hh4xqqi4x")
 F_OFD_GETLK = 36
 
@@ -189,4 +193,40 @@ def test_restore_refuses_by_name_a_lock_another_process_took_meanwhile(
         wait_in_syscall(pid, (SYS_READ,), describe=fixture.describe)
         assert_held(data, pid)
         fixture.assert_intact()
+    assert "lease held" in fixture.stdout
+
+
+def test_an_attached_process_gets_its_locks_back_through_the_descriptions_its_shadow_kept(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    image = tmp_path / "locks.crf"
+    with spawn_fixture("locks", data, fifos=True) as fixture:
+        wait_in_syscall(fixture.pid, (SYS_READ,))
+        shadow = json.loads(hijack.ok("attach", "--json", fixture.pid).stdout)["shadow_pid"]
+        shadow_handle = os.pidfd_open(shadow)
+        try:
+            hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+            assert fixture.wait_exit() == -signal.SIGKILL
+            # The shadow's copies of the descriptions keep what they own; the
+            # POSIX locks were the process's, gone with it.
+            with opened(data / "flock.dat") as fd, pytest.raises(BlockingIOError):
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            posix = lock_found(data / "posix.dat", fcntl.F_GETLK, fcntl.F_WRLCK, 10, 10)
+            assert posix[0] == fcntl.F_UNLCK
+
+            pid = restored_pid(hijack.ok("restore", image))
+            fixture.adopt(pid)
+            wait_in_syscall(pid, (SYS_READ,), describe=fixture.describe)
+            hijack.ok("detach", pid)  # the shadow ends: what it held is the process's alone
+            assert select.select([shadow_handle], [], [], EXIT_TIMEOUT)[0], "shadow still runs"
+            assert_held(data, pid)
+            fixture.assert_intact()
+        finally:
+            # Our child since the fixture ended (pytest is a subreaper): reaped here.
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(shadow_handle, signal.SIGKILL)
+            os.waitpid(shadow, 0)
+            os.close(shadow_handle)
     assert "lease held" in fixture.stdout
