@@ -53,7 +53,7 @@ def test_pty_pair_is_rebuilt_with_its_settings_modes_and_queued_bytes(
 
         shown = hijack.ok("show", image).stdout
         for detail in (f"master of /dev/pts/{index}", f"slave of /dev/pts/{index}", "111x37",
-                       "packet mode", "controlling", "12 bytes queued in, 15 out"):  # fmt: skip
+                       "packet mode", "locked", "controlling", "12 bytes queued in, 15 out"):  # fmt: skip
             assert detail in shown, shown
 
         pid = restored_pid(hijack.ok("restore", image))
