@@ -34,6 +34,7 @@ from support.procview import (
     processes_named,
     wait_in_syscall,
 )
+from support.running import RunningFixture
 
 from hijack.sys import locks
 
@@ -90,6 +91,29 @@ def assert_held(data: Path, pid: int) -> None:
     assert len(leases) == 1 and f"ACTIVE    READ {pid} " in leases[0], leases
 
 
+@contextmanager
+def locks_fixture(tmp_path: Path) -> Iterator[tuple[RunningFixture, Path]]:
+    """The `locks` fixture holding its locks in a directory of its own, idle in its read."""
+    data = tmp_path / "data"
+    data.mkdir()
+    with spawn_fixture("locks", data, fifos=True) as fixture:
+        wait_in_syscall(fixture.pid, (SYS_READ,))
+        yield fixture, data
+
+
+def dump_and_kill(hijack: HijackCli, fixture: RunningFixture, image: Path) -> None:
+    hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+    assert fixture.wait_exit() == -signal.SIGKILL
+
+
+def restore_it(hijack: HijackCli, fixture: RunningFixture, image: Path) -> int:
+    """Restore `image` and follow the fixture into it, once idle in its read again."""
+    pid = restored_pid(hijack.ok("restore", image))
+    fixture.adopt(pid)
+    wait_in_syscall(pid, (SYS_READ,), describe=fixture.describe)
+    return pid
+
+
 def assert_free(data: Path) -> None:
     """Nothing of the fixture's is held: its process is gone."""
     with opened(data / "flock.dat") as fd:
@@ -132,16 +156,13 @@ def test_lock_lines_of_this_process_parse_as_the_kernel_prints_them(tmp_path: Pa
 def test_locks_and_lease_are_held_again_after_kill_and_restore(
     hijack: HijackCli, tmp_path: Path
 ) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
     image = tmp_path / "locks.crf"
-    with spawn_fixture("locks", data, fifos=True) as fixture:
-        wait_in_syscall(fixture.pid, (SYS_READ,))
+    with locks_fixture(tmp_path) as (fixture, data):
         assert_held(data, fixture.pid)
         fds_before, locks_before = fds_view(fixture.pid), locks_view(fixture.pid)
         identity_before = identity_view(fixture.pid)
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
+        old_pid = fixture.pid
+        dump_and_kill(hijack, fixture, image)
         assert_free(data)
 
         shown = hijack.ok("show", image).stdout
@@ -150,10 +171,8 @@ def test_locks_and_lease_are_held_again_after_kill_and_restore(
                      "read lease"):  # fmt: skip
             assert held in shown, shown
 
-        pid = restored_pid(hijack.ok("restore", image))
-        assert pid == fixture.pid
-        fixture.adopt(pid)
-        wait_in_syscall(pid, (SYS_READ,), describe=fixture.describe)
+        pid = restore_it(hijack, fixture, image)
+        assert pid == old_pid
         assert not (found := difference(fds_before, fds_view(pid))), found
         assert not (found := difference(locks_before, locks_view(pid))), found
         assert not (found := difference(identity_before, identity_view(pid))), found
@@ -169,14 +188,10 @@ def test_locks_and_lease_are_held_again_after_kill_and_restore(
 def test_restore_refuses_by_name_a_lock_another_process_took_meanwhile(
     hijack: HijackCli, tmp_path: Path
 ) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
     image = tmp_path / "locks.crf"
-    with spawn_fixture("locks", data, fifos=True) as fixture:
-        wait_in_syscall(fixture.pid, (SYS_READ,))
+    with locks_fixture(tmp_path) as (fixture, data):
         flock_fd = int(fixture.ready["flock_fd"])
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
+        dump_and_kill(hijack, fixture, image)
 
         with opened(data / "flock.dat") as taken:
             fcntl.flock(taken, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -188,10 +203,7 @@ def test_restore_refuses_by_name_a_lock_another_process_took_meanwhile(
             assert "flock.dat" in lines[0] and "another process holds" in lines[0], lines[0]
             assert not processes_named("locks"), "a refused restore left a process"
         # Released: the same image restores.
-        pid = restored_pid(hijack.ok("restore", image))
-        fixture.adopt(pid)
-        wait_in_syscall(pid, (SYS_READ,), describe=fixture.describe)
-        assert_held(data, pid)
+        assert_held(data, restore_it(hijack, fixture, image))
         fixture.assert_intact()
     assert "lease held" in fixture.stdout
 
@@ -199,16 +211,12 @@ def test_restore_refuses_by_name_a_lock_another_process_took_meanwhile(
 def test_an_attached_process_gets_its_locks_back_through_the_descriptions_its_shadow_kept(
     hijack: HijackCli, tmp_path: Path
 ) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
     image = tmp_path / "locks.crf"
-    with spawn_fixture("locks", data, fifos=True) as fixture:
-        wait_in_syscall(fixture.pid, (SYS_READ,))
+    with locks_fixture(tmp_path) as (fixture, data):
         shadow = json.loads(hijack.ok("attach", "--json", fixture.pid).stdout)["shadow_pid"]
         shadow_handle = os.pidfd_open(shadow)
         try:
-            hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-            assert fixture.wait_exit() == -signal.SIGKILL
+            dump_and_kill(hijack, fixture, image)
             # The shadow's copies of the descriptions keep what they own; the
             # POSIX locks were the process's, gone with it.
             with opened(data / "flock.dat") as fd, pytest.raises(BlockingIOError):
@@ -216,9 +224,7 @@ def test_an_attached_process_gets_its_locks_back_through_the_descriptions_its_sh
             posix = lock_found(data / "posix.dat", fcntl.F_GETLK, fcntl.F_WRLCK, 10, 10)
             assert posix[0] == fcntl.F_UNLCK
 
-            pid = restored_pid(hijack.ok("restore", image))
-            fixture.adopt(pid)
-            wait_in_syscall(pid, (SYS_READ,), describe=fixture.describe)
+            pid = restore_it(hijack, fixture, image)
             hijack.ok("detach", pid)  # the shadow ends: what it held is the process's alone
             assert select.select([shadow_handle], [], [], EXIT_TIMEOUT)[0], "shadow still runs"
             assert_held(data, pid)

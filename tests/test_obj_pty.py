@@ -52,8 +52,16 @@ def test_pty_pair_is_rebuilt_with_its_settings_modes_and_queued_bytes(
         assert fixture.wait_exit() == -signal.SIGKILL
 
         shown = hijack.ok("show", image).stdout
-        for detail in (f"master of /dev/pts/{index}", f"slave of /dev/pts/{index}", "111x37",
-                       "packet mode", "locked", "controlling", "12 bytes queued in, 15 out"):  # fmt: skip
+        details = (
+            f"master of /dev/pts/{index}",
+            f"slave of /dev/pts/{index}",
+            "111x37",
+            "packet mode",
+            "locked",
+            "controlling",
+            "12 bytes queued in, 15 out",
+        )
+        for detail in details:
             assert detail in shown, shown
 
         pid = restored_pid(hijack.ok("restore", image))

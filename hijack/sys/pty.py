@@ -14,12 +14,13 @@ the descriptions (and their O_NONBLOCK) stay as the process has them.
 
 from __future__ import annotations
 
-import errno as errno_codes
 import fcntl
 import os
 import select
 import struct
 import termios
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 
 from hijack.errors import HijackError
@@ -165,19 +166,25 @@ def take_input(slave: int) -> bytes:
         set_settings(slave, settings)
 
 
+@contextmanager
+def _quietly(slave: int) -> Iterator[None]:
+    """The slave's processing and echo off (`_quiet`) for the time of the block."""
+    settings = get_settings(slave)
+    set_settings(slave, _quiet(settings))
+    try:
+        yield
+    finally:
+        set_settings(slave, settings)
+
+
 def put_input(slave: int, data: bytes) -> None:
     """Queue `data` to be read from `slave`, as if the master had written it (TIOCSTI:
     one byte at a time, taken in at once, unlike a write into the master)."""
     if not data:
-        return
-    settings = get_settings(slave)
-    set_settings(slave, _quiet(settings))
-    try:
-        with kernel_call("TIOCSTI", what="the pty's input queue"):
-            for byte in data:
-                fcntl.ioctl(slave, TIOCSTI, bytes((byte,)))
-    finally:
-        set_settings(slave, settings)
+        return  # the settings untouched
+    with _quietly(slave), kernel_call("TIOCSTI", what="the pty's input queue"):
+        for byte in data:
+            fcntl.ioctl(slave, TIOCSTI, bytes((byte,)))
 
 
 def take_output(master: int) -> bytes:
@@ -200,16 +207,7 @@ def put_output(slave: int, data: bytes) -> None:
     """Queue `data` to be read from the master of `slave`, not processed again (OPOST off)."""
     if not data:
         return
-    settings = get_settings(slave)
-    set_settings(slave, _quiet(settings))
-    try:
-        with kernel_call("write", what="the pty's output queue"):
-            written = 0
-            while written < len(data):
-                written += os.write(slave, data[written:])
-    except HijackError as exc:
-        if exc.errno == errno_codes.EAGAIN:
-            raise HijackError("the pty's output queue is full") from None
-        raise
-    finally:
-        set_settings(slave, settings)
+    with _quietly(slave), kernel_call("write", what="the pty's output queue"):
+        written = 0
+        while written < len(data):
+            written += os.write(slave, data[written:])
