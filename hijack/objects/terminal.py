@@ -81,7 +81,7 @@ def set_up_terminals(stub: Stub, image: ImageFiles, fresh: frozenset[int]) -> in
     for descriptor in image.descriptors:
         found = image.objects.get(descriptor.object_id)
         if descriptor.fd not in fresh or not isinstance(found, rec.TerminalObject | rec.PtyPair):
-            continue
+            continue  # a relay of another kind, or a terminal that did not answer at the dump
         state = found.state
         stub.reset_scratch()
         settings = terminal.Settings(
