@@ -92,8 +92,11 @@ def _read_pair(object_id: int, ends: _Ends, dump: DumpContext) -> rec.PtyPair:
     queued_in = queued_out = b""
     if dump.frozen:
         # Read out, and put back at once: the process may run on after the dump.
-        queued_in, queued_out = pty.take_input(slave), pty.take_output(master)
-        pty.put_input(slave, queued_in)
+        # Input is left where it is (and out of the image) if it could not go back.
+        if pty.can_put_input():
+            queued_in = pty.take_input(slave)
+            pty.put_input(slave, queued_in)
+        queued_out = pty.take_output(master)
         pty.put_output(slave, queued_out)
     return rec.PtyPair(
         id=object_id,

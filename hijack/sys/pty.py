@@ -25,6 +25,7 @@ from dataclasses import replace
 
 from hijack.errors import HijackError
 from hijack.sys.errors import kernel_call
+from hijack.sys.procfs import read_status
 from hijack.sys.terminal import TIOCSPTLCK, Settings, get_settings, set_settings
 
 TIOCGPTN = 0x80045430
@@ -32,6 +33,7 @@ TIOCPKT, TIOCGPKT = 0x5420, 0x80045438
 TIOCGPTLCK = 0x80045439
 TIOCGPTPEER = 0x5441
 TIOCSTI = 0x5412
+CAP_SYS_ADMIN = 21
 INT = struct.Struct("i")
 # A pty's queue holds at most the line discipline's buffer plus the port's
 # flip buffers (64 KiB): reading more than this means someone keeps writing.
@@ -175,6 +177,12 @@ def _quietly(slave: int) -> Iterator[None]:
         yield
     finally:
         set_settings(slave, settings)
+
+
+def can_put_input() -> bool:
+    """Whether `put_input` may work here: TIOCSTI on a terminal that is not one's own
+    controlling terminal needs CAP_SYS_ADMIN (whatever dev.tty.legacy_tiocsti says)."""
+    return bool(read_status(os.getpid()).cap_eff & (1 << CAP_SYS_ADMIN))
 
 
 def put_input(slave: int, data: bytes) -> None:
