@@ -298,6 +298,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         FileLocks(
             id=5,
             description_id=3,
+            signal=35,
             locks=(
                 FileLock(kind=LockKind.FLOCK, type=1, start=0, length=0),
                 FileLock(kind=LockKind.POSIX, type=1, start=10, length=10),
@@ -746,7 +747,7 @@ INVALID_RECORDS: dict[str, Callable[[], object]] = {
     "empty object data": lambda: ObjectData(id=1, offset=0, data=b""),
     "lock type": lambda: FileLock(kind=LockKind.POSIX, type=2, start=0, length=0),
     "flock on a range": lambda: FileLock(kind=LockKind.FLOCK, type=1, start=10, length=1),
-    "locks of no description": lambda: FileLocks(id=1, description_id=0, locks=()),
+    "locks of no description": lambda: FileLocks(id=1, description_id=0, signal=0, locks=()),
     "overlapping segments": lambda: Segments(segments=the(Segments).segments[:1] * 2),
     "umask": lambda: replace(the(Credentials), umask=0o1777),
 }

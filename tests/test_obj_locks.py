@@ -5,7 +5,7 @@ lease. This test looks at them from another process (itself): F_GETLK,
 F_OFD_GETLK, a refused flock, the lease in /proc/locks and, last, an open for
 writing refused by the lease; the fixture checks them itself from a child it
 forks, and says whether its lease was broken by that open (it must be: the
-break signal reaches the restored process). Between the dump and the restore
+break signal, the one the process chose, reaches the restored process). Between the dump and the restore
 the locks are free — the original is gone — and a lock someone takes then
 makes the restore fail by name.
 """
@@ -178,7 +178,7 @@ def test_locks_and_lease_are_held_again_after_kill_and_restore(
         assert not (found := difference(identity_before, identity_view(pid))), found
         assert_held(data, pid)
         # An opener for writing breaks the lease: refused now, and the restored
-        # process gets the break's SIGIO (the fixture counts it).
+        # process gets the break's signal, its own (F_SETSIG), which it counts.
         with pytest.raises(BlockingIOError):
             os.open(data / "lease.dat", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         fixture.assert_intact()

@@ -514,6 +514,7 @@ class FileLocks:
 
     id: U64
     description_id: U64  # of the FileDescriptors it is held through
+    signal: U32  # F_GETSIG of the description: what a lease break sends (0: SIGIO)
     locks: tuple[FileLock, ...]
 
     def __post_init__(self) -> None:

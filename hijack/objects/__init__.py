@@ -85,7 +85,7 @@ def read_files(pid: int, *, frozen: bool = True) -> ImageFiles:
             description = descriptions[entry.fd]
             if description not in objects:  # a dup'ed or inherited one is dumped once
                 objects[description] = kind_for(entry, dump).dump(entry, info, dump)
-                dump_locks(info, description, dump)
+                dump_locks(entry.fd, info, description, dump)
             descriptors.append(
                 rec.FileDescriptor(
                     fd=entry.fd,

@@ -42,8 +42,8 @@ _TYPE_NAMES = {kernel_locks.F_RDLCK: "read", kernel_locks.F_WRLCK: "write"}
 _CONFLICT = (errno.EAGAIN, errno.EACCES)  # EWOULDBLOCK is EAGAIN
 
 
-def dump_locks(info: procfs.FdInfo, description_id: int, dump: DumpContext) -> None:
-    """Record what description `description_id` holds (its fdinfo `info`), if anything."""
+def dump_locks(fd: int, info: procfs.FdInfo, description_id: int, dump: DumpContext) -> None:
+    """Record what description `description_id` (reached by `fd`, fdinfo `info`) holds."""
     held = tuple(
         rec.FileLock(
             kind=_KINDS[lock.lock_class],
@@ -56,11 +56,16 @@ def dump_locks(info: procfs.FdInfo, description_id: int, dump: DumpContext) -> N
         # are the kernel's own.
         if lock.lock_class in _KINDS and not lock.unlocking
     )
-    if held:
-        dump.add_object(
-            ("locks", description_id),
-            lambda id: rec.FileLocks(id=id, description_id=description_id, locks=held),
-        )
+    if not held:
+        return
+    # A lease's break sends the description's F_SETSIG signal: a process that
+    # asked for another one than SIGIO may have no handler for SIGIO at all.
+    leased = any(lock.kind is rec.LockKind.LEASE for lock in held)
+    signal = kernel_locks.owner_signal(dump.copy_fd(fd)) if leased else 0
+    dump.add_object(
+        ("locks", description_id),
+        lambda id: rec.FileLocks(id=id, description_id=description_id, signal=signal, locks=held),
+    )
 
 
 def restore_locks(stub: Stub, image: ImageFiles, restored: set[int]) -> None:
@@ -71,12 +76,16 @@ def restore_locks(stub: Stub, image: ImageFiles, restored: set[int]) -> None:
     for descriptor in image.descriptors:
         if descriptor.fd in restored:
             through.setdefault(descriptor.description_id, descriptor)
-    held = [
-        (through[record.description_id], lock)
+    records = [
+        record
         for record in image.objects.values()
         if isinstance(record, rec.FileLocks) and record.description_id in through
-        for lock in record.locks
     ]
+    for record in records:
+        if record.signal:
+            fd = through[record.description_id].fd
+            stub.call("fcntl", fd, kernel_locks.F_SETSIG, record.signal)
+    held = [(through[record.description_id], lock) for record in records for lock in record.locks]
     for kind in _ORDER:
         for descriptor, lock in held:
             if lock.kind is kind:

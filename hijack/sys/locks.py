@@ -20,17 +20,20 @@ lock is printed under it, "1: -> POSIX ...", in /proc/locks only.
 from __future__ import annotations
 
 import enum
+import fcntl
 import re
 import struct
 from dataclasses import dataclass
 
 from hijack.errors import HijackError
+from hijack.sys.errors import kernel_call
 
 # fcntl commands and flock operations (<fcntl.h>, <sys/file.h>)
 F_SETLK = 6
 F_GETLK = 5
 F_OFD_GETLK, F_OFD_SETLK = 36, 37
 F_SETLEASE, F_GETLEASE = 1024, 1025
+F_SETSIG, F_GETSIG = 10, 11
 F_RDLCK, F_WRLCK, F_UNLCK = 0, 1, 2
 LOCK_SH, LOCK_EX, LOCK_NB = 1, 2, 4
 SEEK_SET = 0
@@ -118,6 +121,12 @@ def read_proc_locks() -> list[HeldLock]:
     """Every lock and lease of the system, and the requests blocked on them (/proc/locks)."""
     with open("/proc/locks", encoding="ascii") as table:
         return [parse_lock_line(line) for line in table if line.strip()]
+
+
+def owner_signal(fd: int) -> int:
+    """F_GETSIG of an open file: the signal its lease break (or O_ASYNC) sends; 0 for SIGIO."""
+    with kernel_call("F_GETSIG"):
+        return fcntl.fcntl(fd, F_GETSIG)
 
 
 def pack_flock(lock_type: int, start: int, length: int) -> bytes:
