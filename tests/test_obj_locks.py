@@ -5,9 +5,9 @@ lease. This test looks at them from another process (itself): F_GETLK,
 F_OFD_GETLK, a refused flock, the lease in /proc/locks and, last, an open for
 writing refused by the lease; the fixture checks them itself from a child it
 forks, and says whether its lease was broken by that open (it must be: the
-break signal, the one the process chose, reaches the restored process). Between the dump and the restore
-the locks are free — the original is gone — and a lock someone takes then
-makes the restore fail by name.
+break signal, the one the process chose, reaches the restored process).
+Between the dump and the restore the locks are free — the original is gone —
+and a lock someone takes then makes the restore fail by name.
 """
 
 from __future__ import annotations
