@@ -89,6 +89,8 @@ def assert_held(data: Path, pid: int) -> None:
     assert lock_found(data / "ofd.dat", F_OFD_GETLK, fcntl.F_RDLCK, 0, 50) == (fcntl.F_WRLCK, -1)
     leases = lease_lines(data / "lease.dat")
     assert len(leases) == 1 and f"ACTIVE    READ {pid} " in leases[0], leases
+    leases = lease_lines(data / "wlease.dat")
+    assert len(leases) == 1 and f"ACTIVE    WRITE {pid} " in leases[0], leases
 
 
 @contextmanager
@@ -123,7 +125,7 @@ def assert_free(data: Path) -> None:
         assert found[0] == fcntl.F_UNLCK
     found = lock_found(data / "ofd.dat", F_OFD_GETLK, fcntl.F_WRLCK, 0, 0)
     assert found[0] == fcntl.F_UNLCK
-    assert not lease_lines(data / "lease.dat")
+    assert not lease_lines(data / "lease.dat") and not lease_lines(data / "wlease.dat")
 
 
 def test_lock_lines_of_this_process_parse_as_the_kernel_prints_them(tmp_path: Path) -> None:
@@ -168,7 +170,7 @@ def test_locks_and_lease_are_held_again_after_kill_and_restore(
         shown = hijack.ok("show", image).stdout
         for held in ("flock LOCK_EX", "posix write lock on bytes 10-19",
                      "posix read lock on bytes 100-199", "ofd write lock on bytes 0-49",
-                     "read lease"):  # fmt: skip
+                     "read lease", "write lease"):  # fmt: skip
             assert held in shown, shown
 
         pid = restore_it(hijack, fixture, image)
