@@ -7,7 +7,8 @@ it checks everything itself (settings, size, modes, its queued bytes once
 each, a round trip through the pair); this test compares /proc before and
 after: the same descriptors (the new pair has the old index, free again once
 the original is gone), the same session and controlling terminal. A plain
-dump must leave the pair and its queued bytes as they were.
+dump must leave the pair and its queued bytes as they were. A pair whose old
+index another process took meanwhile comes back under another name.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
 from support.procview import difference, fds_view, identity_view, wait_in_syscall
 
-from hijack.sys import procfs
+from hijack.sys import procfs, pty
 
 SYS_READ = 0
 
@@ -84,3 +85,31 @@ def test_plain_dump_leaves_the_pair_and_its_queued_bytes_as_they_were(
         # The dump read the queued bytes out and put them back: each arrives once,
         # with no echo, no status packet, the settings untouched.
         fixture.assert_intact()
+
+
+def test_a_pair_whose_old_index_is_taken_comes_back_under_another_name(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "pty_pair.crf"
+    masters: list[int] = []
+    try:
+        with spawn_fixture("pty_pair", fifos=True) as fixture:
+            index = int(fixture.ready["index"])
+            wait_in_syscall(fixture.pid, (SYS_READ,))
+            hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+            assert fixture.wait_exit() == -signal.SIGKILL
+            # The old index taken (the kernel hands out the lowest free one): by us,
+            # or by whoever came first.
+            while not masters or pty.index_of(masters[-1]) < index:
+                masters.append(os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC))
+
+            pid = restored_pid(hijack.ok("restore", image))
+            fixture.adopt(pid)
+            wait_in_syscall(pid, (SYS_READ,), describe=fixture.describe)
+            slave = os.readlink(f"/proc/{pid}/fd/{fixture.ready['slave_fd']}")
+            assert slave != f"/dev/pts/{index}", slave
+            # A pair all the same: the master's peer, settings, bytes, the session's terminal.
+            fixture.assert_intact()
+    finally:
+        for master in masters:
+            os.close(master)
