@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from hijack.errors import ImageError
 from hijack.image import (
     END_SECTION_SIZE,
+    FORMAT_VERSION,
     MAX_PAGES_DATA,
     PAGE_SIZE,
     RLIM_INFINITY,
@@ -47,10 +48,13 @@ from hijack.image import (
     ImageHeader,
     ImageWriter,
     InetSocket,
+    Itimer,
     LockKind,
     MemoryStructure,
     ObjectData,
     Pages,
+    PosixTimer,
+    ProcessSettings,
     Prot,
     PtyPair,
     Record,
@@ -59,6 +63,7 @@ from hijack.image import (
     RobustList,
     Round,
     RseqConfiguration,
+    SeccompFilter,
     SectionKind,
     Segment,
     Segments,
@@ -68,6 +73,9 @@ from hijack.image import (
     TerminalObject,
     TerminalState,
     Thread,
+    ThreadScheduling,
+    ThreadSeccomp,
+    Timers,
     UserRegsStruct,
     read_image,
     read_round,
@@ -97,6 +105,8 @@ SECTION_NAMES = {
     b"PTYP": "PTY_PAIR",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
+    b"PSET": "SETTINGS",
+    b"TIMR": "TIMERS",
     b"END_": "END",
 }
 
@@ -426,6 +436,55 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             shared_pending=(rng.randbytes(128),),
         ),
         Cwd(cwd="/srv/data", root="/"),
+        ProcessSettings(
+            dumpable=2,
+            thp_disable=True,
+            child_subreaper=False,
+            pdeath_signal=15,
+            timer_slack_ns=50_000,
+            oom_score_adj=-17,
+            loginuid=1000,
+            threads=(
+                ThreadScheduling(tid=4242, policy=3, priority=0, nice=-5, affinity=(0, 2, 3)),
+                ThreadScheduling(tid=4243, policy=1, priority=42, nice=0, affinity=(1,)),
+            ),
+            seccomp=(
+                ThreadSeccomp(
+                    tid=4243,
+                    mode=2,
+                    filters=(
+                        SeccompFilter(flags=0, program=rng.randbytes(8 * 5)),
+                        SeccompFilter(flags=2, program=rng.randbytes(8)),
+                    ),
+                ),
+                ThreadSeccomp(tid=4244, mode=1, filters=()),
+            ),
+        ),
+        Timers(
+            itimers=(Itimer(which=0, interval_ns=20_000_000, value_ns=7_000_000),),
+            posix=(
+                PosixTimer(
+                    timer_id=0,
+                    clock_id=1,
+                    notify=0,
+                    signal=10,
+                    value=0xFEED,
+                    thread=0,
+                    interval_ns=0,
+                    value_ns=0,
+                ),
+                PosixTimer(
+                    timer_id=3,
+                    clock_id=-6,
+                    notify=4,
+                    signal=34,
+                    value=2**64 - 1,
+                    thread=4243,
+                    interval_ns=1_000_000,
+                    value_ns=999_999_999_999,
+                ),
+            ),
+        ),
     ]
     out = io.BytesIO()
     writer = ImageWriter(out)
@@ -619,8 +678,9 @@ def test_foreign_files_are_refused() -> None:
     for foreign in (elf_head, os.urandom(5000), b"", b"hello world\n", b"CRX\0\1\0\0\0"):
         with pytest.raises(ImageError, match="not a CRF image"):
             read_all(foreign)
-    with pytest.raises(ImageError, match="unsupported CRF version 4"):
-        read_all(b"CRF\0\4\0\0\0" + BUILT.image[8:])
+    for other in (FORMAT_VERSION - 1, FORMAT_VERSION + 1):
+        with pytest.raises(ImageError, match=f"unsupported CRF version {other}"):
+            read_all(b"CRF\0" + struct.pack("<I", other) + BUILT.image[8:])
 
 
 def test_trailing_data_is_refused_unless_the_image_is_embedded() -> None:
@@ -641,7 +701,7 @@ def test_absurd_lengths_are_refused_without_allocating_them() -> None:
     huge_list = payload[:argv_count_at] + b"\xff\xff\xff\x7f" + payload[argv_count_at + 4 :]
     first_pages = next(s.offset for s in sections(BUILT.image) if s.tag == b"PAGE")
     cases = {
-        "section length": b"CRF\0\3\0\0\0HEAD\xff\xff\xff\xff",
+        "section length": BUILT.image[:8] + b"HEAD\xff\xff\xff\xff",
         "pages length": BUILT.image[:first_pages] + b"PAGE\xff\xff\xff\x00",
         "string length": replace_section(BUILT.image, header, frame(b"HEAD", huge_string)),
         "list count": replace_section(BUILT.image, header, frame(b"HEAD", huge_list)),
@@ -892,9 +952,17 @@ def test_summary_and_its_json() -> None:
         "memory",
         "descriptors",
         "objects",
+        "settings",
+        "timers",
         "pages",
     }
     assert document["image_bytes"] == len(BUILT.image)
+    settings = document["settings"]
+    assert isinstance(settings, dict) and settings["oom_score_adj"] == -17
+    assert settings["threads"] == [
+        {"tid": 4242, "policy": 3, "priority": 0, "nice": -5, "affinity": [0, 2, 3]},
+        {"tid": 4243, "policy": 1, "priority": 42, "nice": 0, "affinity": [1]},
+    ]
     process = document["process"]
     assert isinstance(process, dict)
     assert process["options"] == ["NO_SHARED_LIBS"]

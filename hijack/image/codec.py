@@ -1,7 +1,7 @@
 """Writing and reading CRF images as a stream of checksummed sections.
 
     IMAGE     ::= SIGNATURE HEADER CREDENTIALS RLIMITS MM SEGMENTS FILES { OBJECT }
-                  { PAGES } THREAD { THREAD } SIGNALS CWD END
+                  { PAGES } THREAD { THREAD } SIGNALS CWD SETTINGS TIMERS END
     OBJECT    ::= an object record or OBJECT_DATA (as many as FILES counts)
     ROUND     ::= SIGNATURE ROUND SEGMENTS { PAGES } END     (a move's pre-copy round)
     SIGNATURE ::= "CRF\\0" VERSION:u32
@@ -63,6 +63,7 @@ from hijack.image.records import (
     MemoryStructure,
     ObjectData,
     Pages,
+    ProcessSettings,
     PtyPair,
     Record,
     Rlimits,
@@ -71,6 +72,7 @@ from hijack.image.records import (
     SignalState,
     TerminalObject,
     Thread,
+    Timers,
 )
 
 MAGIC = b"CRF\0"
@@ -111,6 +113,8 @@ class SectionKind(enum.Enum):
     PTY_PAIR = b"PTYP"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
+    SETTINGS = b"PSET"
+    TIMERS = b"TIMR"
     END = b"END_"
 
 
@@ -216,6 +220,8 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.PTY_PAIR: _StructSection(PtyPair, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
+    SectionKind.SETTINGS: _StructSection(ProcessSettings),
+    SectionKind.TIMERS: _StructSection(Timers),
     SectionKind.END: _StructSection(End),
 }
 _KIND_OF: dict[type[Any], SectionKind] = {
@@ -256,6 +262,8 @@ _IMAGE_GRAMMAR = (
     _Step(SectionKind.THREAD, 1, True),
     _Step(SectionKind.SIGNALS, 1, False),
     _Step(SectionKind.CWD, 1, False),
+    _Step(SectionKind.SETTINGS, 1, False),
+    _Step(SectionKind.TIMERS, 1, False),
     _Step(SectionKind.END, 1, False),
 )
 _ROUND_GRAMMAR = (
