@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from hijack.errors import HijackError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
+from hijack.mutator.tracee import signals_deferred
 from hijack.objects.base import DumpContext, Kind, RestoreContext, describe_fd
 from hijack.objects.terminal import read_terminal
 from hijack.sys import procfs, pty, terminal
@@ -93,11 +94,13 @@ def _read_pair(object_id: int, ends: _Ends, dump: DumpContext) -> rec.PtyPair:
     if dump.frozen:
         # Read out, and put back at once: the process may run on after the dump.
         # Input is left where it is (and out of the image) if it could not go back.
-        if pty.can_put_input():
-            queued_in = pty.take_input(slave)
-            pty.put_input(slave, queued_in)
-        queued_out = pty.take_output(master)
-        pty.put_output(slave, queued_out)
+        # SIGINT and SIGTERM wait: the bytes in our hands would be lost.
+        with signals_deferred():
+            if pty.can_put_input():
+                queued_in = pty.take_input(slave)
+                pty.put_input(slave, queued_in)
+            queued_out = pty.take_output(master)
+            pty.put_output(slave, queued_out)
     return rec.PtyPair(
         id=object_id,
         index=ends.index,
