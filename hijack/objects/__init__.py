@@ -75,7 +75,7 @@ def read_files(pid: int, *, frozen: bool = True) -> ImageFiles:
     descriptions = kcmp.description_ids(pid, [(e.fd, e.dev, e.ino) for e in entries])
     objects: dict[int, int] = {}  # description id -> object id
     descriptors = []
-    with DumpContext(pid, descriptions, frozen=frozen) as dump:
+    with DumpContext(pid, entries, descriptions, frozen=frozen) as dump:
         for entry in entries:
             info = procfs.read_fdinfo(pid, entry.fd)
             description = descriptions[entry.fd]
