@@ -99,9 +99,12 @@ class DumpContext:
 class RestoreContext:
     """What a kind's restore() is given: the stub, the image's files, and helpers."""
 
-    def __init__(self, stub: Stub, image: ImageFiles, parking: int) -> None:
+    def __init__(
+        self, stub: Stub, image: ImageFiles, parking: int, restored: frozenset[int]
+    ) -> None:
         self.stub = stub
         self.image = image
+        self.restored = restored  # the numbers the process gets back (not those dropped)
         self._parking = parking  # above every descriptor number the image uses
         self._restorer = -1  # the stub's pidfd of this process, for give()
         self._kept: dict[int, int] = {}
