@@ -65,7 +65,8 @@ from hijack.sys import kcmp, pidfd, procfs
 from hijack.testpoint import reached
 
 # Reopened by path on the destination (nodes share a file system), or made
-# anew there from the image (epoll with its interest list, eventfd).
+# anew there from the image (epoll with its interest list, eventfd, timerfd,
+# signalfd, inotify with its watches).
 REOPENED = {
     procfs.FdKind.REGULAR,
     procfs.FdKind.DIRECTORY,
@@ -74,6 +75,9 @@ REOPENED = {
     procfs.FdKind.BLOCKDEV,
     procfs.FdKind.EPOLL,
     procfs.FdKind.EVENTFD,
+    procfs.FdKind.TIMERFD,
+    procfs.FdKind.SIGNALFD,
+    procfs.FdKind.INOTIFY,
 }
 # Proxied through the home shadow as a byte stream.
 STREAMED = {procfs.FdKind.PIPE, procfs.FdKind.TTY}

@@ -27,9 +27,12 @@ from hijack.objects.epoll import Epoll
 from hijack.objects.eventfd import Eventfd
 from hijack.objects.fifo import Fifo
 from hijack.objects.inet import Inet
+from hijack.objects.inotify import Inotify
 from hijack.objects.other import Other
 from hijack.objects.regular import Regular
+from hijack.objects.signalfd import Signalfd
 from hijack.objects.terminal import Terminal
+from hijack.objects.timerfd import Timerfd
 from hijack.sys import kcmp, procfs
 
 KINDS: tuple[Kind, ...] = (
@@ -39,6 +42,9 @@ KINDS: tuple[Kind, ...] = (
     Device(),
     Epoll(),
     Eventfd(),
+    Timerfd(),
+    Signalfd(),
+    Inotify(),
     Inet(),
     Other(),  # last: claims whatever is left, and refuses it
 )
