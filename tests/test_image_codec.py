@@ -48,6 +48,8 @@ from hijack.image import (
     ImageHeader,
     ImageWriter,
     InetSocket,
+    InotifyObject,
+    InotifyWatch,
     Itimer,
     LockKind,
     MemoryStructure,
@@ -69,12 +71,14 @@ from hijack.image import (
     Segments,
     SigAction,
     SigAltStack,
+    SignalfdObject,
     SignalState,
     TerminalObject,
     TerminalState,
     Thread,
     ThreadScheduling,
     ThreadSeccomp,
+    TimerfdObject,
     Timers,
     UserRegsStruct,
     read_image,
@@ -86,7 +90,18 @@ from hijack.image import (
 from hijack.image import records as records_module
 from hijack.image.fields import Cursor, struct_codec
 
-OBJECT_TAGS = {b"TTYO", b"EPOL", b"EVFD", b"INET", b"LOCK", b"PTYP", b"ODAT"}
+OBJECT_TAGS = {
+    b"TTYO",
+    b"EPOL",
+    b"EVFD",
+    b"TMFD",
+    b"SGFD",
+    b"INFY",
+    b"INET",
+    b"LOCK",
+    b"PTYP",
+    b"ODAT",
+}
 SECTION_NAMES = {
     b"HEAD": "HEADER",
     b"CRED": "CREDENTIALS",
@@ -100,6 +115,9 @@ SECTION_NAMES = {
     b"TTYO": "TERMINAL_OBJECT",
     b"EPOL": "EPOLL_OBJECT",
     b"EVFD": "EVENTFD_OBJECT",
+    b"TMFD": "TIMERFD_OBJECT",
+    b"SGFD": "SIGNALFD_OBJECT",
+    b"INFY": "INOTIFY_OBJECT",
     b"INET": "INET_SOCKET",
     b"LOCK": "FILE_LOCKS",
     b"PTYP": "PTY_PAIR",
@@ -305,8 +323,24 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         EventfdObject(id=4, count=7, semaphore=True),
         ObjectData(id=4, offset=0, data=rng.randbytes(100)),  # data of no real eventfd: a test
         ObjectData(id=4, offset=4096, data=b"after a hole"),
-        FileLocks(
+        TimerfdObject(
             id=5,
+            clock_id=1,
+            settime_flags=1,
+            ticks=3,
+            value_ns=1_500_000,
+            interval_ns=20_000_000,
+        ),
+        SignalfdObject(id=6, sigmask=(1 << 9) | (1 << 63)),
+        InotifyObject(
+            id=7,
+            watches=(
+                InotifyWatch(wd=1, mask=0x100, path="/srv/data"),
+                InotifyWatch(wd=4, mask=0x80000302, path="/etc/caf\u00e9 conf"),
+            ),
+        ),
+        FileLocks(
+            id=8,
             description_id=3,
             signal=35,
             locks=(
@@ -317,7 +351,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             ),
         ),
         PtyPair(
-            id=6,
+            id=9,
             index=4,
             packet_mode=True,
             locked=False,
@@ -352,8 +386,8 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 (5, FdKind.DIRECTORY, "/srv/data \udcff", 0o200000, 0, 0o40755, 6, 0),
                 (6, FdKind.REGULAR, "/var/log/server.log", 0o102001, 123456, 0o100644, 3, 0),
                 (9, FdKind.EVENTFD, "anon_inode:[eventfd]", 0o2, 0, 0o600, 7, 4),
-                (10, FdKind.TTY, "/dev/ptmx", 0o2, 0, 0o20666, 8, 6),
-                (11, FdKind.TTY, "/dev/pts/4", 0o2, 0, 0o20620, 9, 6),
+                (10, FdKind.TTY, "/dev/ptmx", 0o2, 0, 0o20666, 8, 9),
+                (11, FdKind.TTY, "/dev/pts/4", 0o2, 0, 0o20620, 9, 9),
             ]
         ),
     )
@@ -1010,14 +1044,14 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert objects[4]["locks"][1] == {  # type: ignore[index]
+    assert objects[7]["locks"][1] == {  # type: ignore[index]
         "kind": "POSIX",
         "type": 1,
         "start": 10,
         "length": 10,
     }
-    assert objects[5]["output"] == b"\x00out\r\n".hex()  # type: ignore[index]
-    assert len(objects) == 6  # ObjectData counted in its object's data_bytes
+    assert objects[8]["output"] == b"\x00out\r\n".hex()  # type: ignore[index]
+    assert len(objects) == 9  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:

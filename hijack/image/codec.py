@@ -60,6 +60,7 @@ from hijack.image.records import (
     Files,
     ImageHeader,
     InetSocket,
+    InotifyObject,
     MemoryStructure,
     ObjectData,
     Pages,
@@ -69,9 +70,11 @@ from hijack.image.records import (
     Rlimits,
     Round,
     Segments,
+    SignalfdObject,
     SignalState,
     TerminalObject,
     Thread,
+    TimerfdObject,
     Timers,
 )
 
@@ -108,6 +111,9 @@ class SectionKind(enum.Enum):
     TERMINAL_OBJECT = b"TTYO"
     EPOLL_OBJECT = b"EPOL"
     EVENTFD_OBJECT = b"EVFD"
+    TIMERFD_OBJECT = b"TMFD"
+    SIGNALFD_OBJECT = b"SGFD"
+    INOTIFY_OBJECT = b"INFY"
     INET_SOCKET = b"INET"
     FILE_LOCKS = b"LOCK"
     PTY_PAIR = b"PTYP"
@@ -215,6 +221,9 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.TERMINAL_OBJECT: _StructSection(TerminalObject, is_object=True),
     SectionKind.EPOLL_OBJECT: _StructSection(EpollObject, is_object=True),
     SectionKind.EVENTFD_OBJECT: _StructSection(EventfdObject, is_object=True),
+    SectionKind.TIMERFD_OBJECT: _StructSection(TimerfdObject, is_object=True),
+    SectionKind.SIGNALFD_OBJECT: _StructSection(SignalfdObject, is_object=True),
+    SectionKind.INOTIFY_OBJECT: _StructSection(InotifyObject, is_object=True),
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
     SectionKind.FILE_LOCKS: _StructSection(FileLocks, is_object=True),
     SectionKind.PTY_PAIR: _StructSection(PtyPair, is_object=True),

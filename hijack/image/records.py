@@ -464,6 +464,53 @@ class EventfdObject:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TimerfdObject:
+    """A timerfd (fdinfo: clockid, settime flags, ticks, it_value, it_interval)."""
+
+    id: U64
+    clock_id: I32
+    settime_flags: U32  # TFD_TIMER_ABSTIME 1, TFD_TIMER_CANCEL_ON_SET 2, as last set
+    ticks: U64  # expirations not read yet
+    value_ns: U64  # time left until the next expiry; 0 when disarmed
+    interval_ns: U64
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SignalfdObject:
+    id: U64
+    sigmask: U64  # the signals it reads, bit n-1 for signal n (fdinfo sigmask)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InotifyWatch:
+    wd: I32  # the watch descriptor the program knows it by
+    mask: U32  # the events and flags (IN_ONESHOT, IN_EXCL_UNLINK, ...) it was added with
+    path: str  # the watched inode, found by its file handle at dump
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InotifyObject:
+    """An inotify instance and its watches (fdinfo "inotify" lines), ascending wd."""
+
+    id: U64
+    watches: tuple[InotifyWatch, ...]
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        wds = [watch.wd for watch in self.watches]
+        _require(
+            wds == sorted(set(wds)) and all(wd > 0 for wd in wds),
+            f"InotifyObject {self.id}: watch descriptors must be positive, unique, ascending",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class InetSocket:
     """A TCP or UDP socket as /proc/net tells of it."""
 
@@ -563,7 +610,16 @@ class ObjectData:
 
 # The records an object section holds; a new kind adds its records here.
 ObjectRecord = (
-    TerminalObject | EpollObject | EventfdObject | InetSocket | FileLocks | PtyPair | ObjectData
+    TerminalObject
+    | EpollObject
+    | EventfdObject
+    | TimerfdObject
+    | SignalfdObject
+    | InotifyObject
+    | InetSocket
+    | FileLocks
+    | PtyPair
+    | ObjectData
 )
 
 

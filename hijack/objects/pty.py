@@ -53,14 +53,14 @@ _PAIRS: weakref.WeakKeyDictionary[DumpContext, dict[int, _Ends]] = weakref.WeakK
 def _pairs(dump: DumpContext) -> dict[int, _Ends]:
     found = _PAIRS.get(dump)
     if found is None:
-        found = _PAIRS[dump] = _find_pairs(dump.pid)
+        found = _PAIRS[dump] = _find_pairs(dump.pid, dump.entries)
     return found
 
 
-def _find_pairs(pid: int) -> dict[int, _Ends]:
+def _find_pairs(pid: int, entries: list[procfs.FdEntry]) -> dict[int, _Ends]:
     masters: dict[int, tuple[int, str]] = {}  # index -> (fd, path)
     slaves: dict[int, int] = {}  # index -> fd
-    for entry in procfs.list_fds(pid):
+    for entry in entries:
         if entry.kind is not procfs.FdKind.TTY:
             continue
         if is_master_path(entry.target):
