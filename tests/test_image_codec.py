@@ -55,6 +55,7 @@ from hijack.image import (
     MemoryStructure,
     ObjectData,
     Pages,
+    PidfdObject,
     PosixTimer,
     ProcessSettings,
     Prot,
@@ -97,6 +98,7 @@ OBJECT_TAGS = {
     b"TMFD",
     b"SGFD",
     b"INFY",
+    b"PIDF",
     b"INET",
     b"LOCK",
     b"PTYP",
@@ -118,6 +120,7 @@ SECTION_NAMES = {
     b"TMFD": "TIMERFD_OBJECT",
     b"SGFD": "SIGNALFD_OBJECT",
     b"INFY": "INOTIFY_OBJECT",
+    b"PIDF": "PIDFD_OBJECT",
     b"INET": "INET_SOCKET",
     b"LOCK": "FILE_LOCKS",
     b"PTYP": "PTY_PAIR",
@@ -339,8 +342,9 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 InotifyWatch(wd=4, mask=0x80000302, path="/etc/caf\u00e9 conf"),
             ),
         ),
+        PidfdObject(id=8, pid=4242, starttime=123456, own=True),
         FileLocks(
-            id=8,
+            id=9,
             description_id=3,
             signal=35,
             locks=(
@@ -351,7 +355,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             ),
         ),
         PtyPair(
-            id=9,
+            id=10,
             index=4,
             packet_mode=True,
             locked=False,
@@ -386,8 +390,8 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 (5, FdKind.DIRECTORY, "/srv/data \udcff", 0o200000, 0, 0o40755, 6, 0),
                 (6, FdKind.REGULAR, "/var/log/server.log", 0o102001, 123456, 0o100644, 3, 0),
                 (9, FdKind.EVENTFD, "anon_inode:[eventfd]", 0o2, 0, 0o600, 7, 4),
-                (10, FdKind.TTY, "/dev/ptmx", 0o2, 0, 0o20666, 8, 9),
-                (11, FdKind.TTY, "/dev/pts/4", 0o2, 0, 0o20620, 9, 9),
+                (10, FdKind.TTY, "/dev/ptmx", 0o2, 0, 0o20666, 8, 10),
+                (11, FdKind.TTY, "/dev/pts/4", 0o2, 0, 0o20620, 9, 10),
             ]
         ),
     )
@@ -1044,14 +1048,14 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert objects[7]["locks"][1] == {  # type: ignore[index]
+    assert objects[8]["locks"][1] == {  # type: ignore[index]
         "kind": "POSIX",
         "type": 1,
         "start": 10,
         "length": 10,
     }
-    assert objects[8]["output"] == b"\x00out\r\n".hex()  # type: ignore[index]
-    assert len(objects) == 9  # ObjectData counted in its object's data_bytes
+    assert objects[9]["output"] == b"\x00out\r\n".hex()  # type: ignore[index]
+    assert len(objects) == 10  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:

@@ -64,6 +64,7 @@ from hijack.image.records import (
     MemoryStructure,
     ObjectData,
     Pages,
+    PidfdObject,
     ProcessSettings,
     PtyPair,
     Record,
@@ -114,6 +115,7 @@ class SectionKind(enum.Enum):
     TIMERFD_OBJECT = b"TMFD"
     SIGNALFD_OBJECT = b"SGFD"
     INOTIFY_OBJECT = b"INFY"
+    PIDFD_OBJECT = b"PIDF"
     INET_SOCKET = b"INET"
     FILE_LOCKS = b"LOCK"
     PTY_PAIR = b"PTYP"
@@ -224,6 +226,7 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.TIMERFD_OBJECT: _StructSection(TimerfdObject, is_object=True),
     SectionKind.SIGNALFD_OBJECT: _StructSection(SignalfdObject, is_object=True),
     SectionKind.INOTIFY_OBJECT: _StructSection(InotifyObject, is_object=True),
+    SectionKind.PIDFD_OBJECT: _StructSection(PidfdObject, is_object=True),
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
     SectionKind.FILE_LOCKS: _StructSection(FileLocks, is_object=True),
     SectionKind.PTY_PAIR: _StructSection(PtyPair, is_object=True),

@@ -31,6 +31,7 @@ from hijack.objects.inet import Inet
 from hijack.objects.inotify import Inotify
 from hijack.objects.locks import describe_held, dump_locks
 from hijack.objects.other import Other
+from hijack.objects.pidfd import Pidfd
 from hijack.objects.pty import PtyPairKind
 from hijack.objects.regular import Regular
 from hijack.objects.signalfd import Signalfd
@@ -49,6 +50,7 @@ KINDS: tuple[Kind, ...] = (
     Timerfd(),
     Signalfd(),
     Inotify(),
+    Pidfd(),
     Inet(),
     Other(),  # last: claims whatever is left, and refuses it
 )
