@@ -18,10 +18,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from hijack.check import Finding
 from hijack.image.summary import ImageSummary, summary_to_json
 from hijack.mutator.attach import AttachResult
 from hijack.mutator.dump import DumpResult
 from hijack.node.move import MoveResult
+from hijack.process import settings as process_settings
+from hijack.process import timers as process_timers
 from hijack.restore.restorer import RestoreResult
 
 
@@ -73,10 +76,16 @@ def dump_result(console: Console, result: DumpResult, output: str, *, killed: bo
 
 def restore_result(console: Console, result: RestoreResult) -> None:
     same = "its old pid" if result.pid == result.old_pid else f"was {result.old_pid}"
-    console.print(
+    line = (
         f"restored process [bold]{result.pid}[/] ({escape(result.program)}, {same}, "
         f"{result.threads} thread{'s' if result.threads != 1 else ''})"
     )
+    if result.pid != result.old_pid:
+        holder = result.old_pid_holder
+        line += f"; its old pid {result.old_pid} " + (
+            f"is held by {escape(holder)}" if holder else "was in use"
+        )
+    console.print(line)
     for dropped in result.dropped:
         console.print(f"  dropped {escape(dropped)}")
 
@@ -127,16 +136,22 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
         )
     console.print(memory)
 
-    files = Table("fd", "kind", "path", "flags", "pos", title="descriptors")
-    for descriptor in summary.descriptors:
+    files = Table("fd", "kind", "flags", title="descriptors")
+    files.add_column("details", overflow="fold", min_width=20)
+    for descriptor, details in zip(summary.descriptors, summary.details, strict=True):
         files.add_row(
             str(descriptor.fd),
             descriptor.kind.name.lower(),
-            escape(descriptor.path),
             f"{descriptor.flags:#o}",
-            str(descriptor.pos),
+            escape(details),
         )
     console.print(files)
+
+    console.print("process settings and timers")
+    for line in process_settings.describe(summary.settings) + process_timers.describe(
+        summary.timers
+    ):
+        console.print(f"  {escape(line)}", highlight=False)
 
     pages = summary.pages
     console.print(
@@ -149,25 +164,29 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
 
 @contextmanager
 def move_progress(
-    console: Console, pid: int, destination: str
+    console: Console, pid: int, destination: str, expected: int | None = None
 ) -> Iterator[Callable[[str, int], None]]:
-    """A live progress bar for a move: the phase, and the image bytes sent."""
+    """A live progress bar for a move: the phase, and the bytes sent of about `expected`.
+
+    Pre-copy sends pages written meanwhile again: the total grows with them.
+    """
     with Progress(
         TextColumn("[bold]move {task.fields[pid]} -> {task.fields[destination]}"),
         TextColumn("{task.fields[phase]:<10}"),
         BarColumn(),
-        DownloadColumn(),
+        DownloadColumn(binary_units=True),
         TransferSpeedColumn(),
         TimeElapsedColumn(),
         console=console,
         transient=True,
     ) as progress:
         task = progress.add_task(
-            "move", total=None, pid=pid, destination=escape(destination), phase="preparing"
+            "move", total=expected, pid=pid, destination=escape(destination), phase="preparing"
         )
 
         def report(phase: str, sent: int) -> None:
-            progress.update(task, completed=sent, phase=phase)
+            total = max(sent, expected) if expected is not None else None
+            progress.update(task, completed=sent, total=total, phase=phase)
 
         yield report
 
@@ -184,3 +203,22 @@ def move_result(console: Console, result: MoveResult) -> None:
             else ""
         )
     )
+
+
+def check_findings(console: Console, findings: list[Finding], *, as_json: bool = False) -> None:
+    """`hijack check`: one line per feature, then what a missing one costs."""
+    if as_json:
+        console.print_json(json.dumps([finding.__dict__ for finding in findings]))
+        return
+    width = max(len(finding.name) for finding in findings)
+    for finding in findings:
+        if finding.ok:
+            mark = "[green]ok     [/]"
+        elif finding.required:
+            mark = "[bold red]MISSING[/]"
+        else:
+            mark = "[yellow]limited[/]"
+        line = f"{mark} {escape(finding.name.ljust(width))}  {escape(finding.detail)}"
+        if not finding.ok:
+            line += f" [dim]— without it: {escape(finding.without)}[/]"
+        console.print(line, highlight=False, soft_wrap=True)

@@ -24,6 +24,7 @@ U16 = Annotated[int, UInt(2)]
 U32 = Annotated[int, UInt(4)]
 U64 = Annotated[int, UInt(8)]
 I64 = Annotated[int, SInt(8)]
+I32 = Annotated[int, SInt(4)]
 # A raw kernel siginfo_t (always 128 bytes on Linux), kept opaque: restore hands
 # it back to rt_sigqueueinfo / PTRACE_SETSIGINFO unchanged.
 SIGINFO_SIZE = 128
@@ -359,16 +360,6 @@ class FdKind(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SocketInfo:
-    family: U16  # AF_*
-    type: U16  # SOCK_STREAM, SOCK_DGRAM, ...
-    protocol: U16
-    state: U8  # TCP_* state for inet sockets, SS_* otherwise
-    local_address: str  # "127.0.0.1:8080", "[::1]:22", a unix path, "" if unbound
-    remote_address: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class EpollTarget:
     """One entry of an epoll interest list: epoll_ctl(EPOLL_CTL_ADD, tfd, {events, data})."""
 
@@ -399,6 +390,8 @@ class TerminalState:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FileDescriptor:
+    """What every descriptor has; what its kind needs more is in the object it refers to."""
+
     fd: U32
     kind: Annotated[FdKind, UInt(1)]
     flags: U32  # O_* flags from fdinfo (printed in octal there)
@@ -407,29 +400,19 @@ class FileDescriptor:
     mode: U32  # st_mode
     dev: U64  # st_dev
     ino: U64  # st_ino
-    eventfd_count: U64 = 0  # an EVENTFD's counter (fdinfo eventfd-count), else 0
+    # Equal for descriptors sharing one open file description (dup'ed, inherited),
+    # as kcmp(KCMP_FILE) found them: restored as one description.
+    description_id: U64
+    object_id: U64 = 0  # the object record (its id) this descriptor reaches; 0 for none
     path: str  # the /proc/PID/fd/N link target, e.g. "pipe:[1234]"
-    socket: SocketInfo | None = None  # only for SOCKET descriptors
-    epoll: tuple[EpollTarget, ...] = ()  # an EPOLL's interest list (fdinfo tfd lines)
-    terminal: TerminalState | None = None  # a TTY's settings and window size
 
     def __post_init__(self) -> None:
-        _require(
-            self.socket is None or self.kind is FdKind.SOCKET,
-            f"FileDescriptor {self.fd}: SocketInfo on a {self.kind.name} descriptor",
-        )
-        _require(
-            not self.epoll or self.kind is FdKind.EPOLL,
-            f"FileDescriptor {self.fd}: an interest list on a {self.kind.name} descriptor",
-        )
-        _require(
-            self.terminal is None or self.kind is FdKind.TTY,
-            f"FileDescriptor {self.fd}: a TerminalState on a {self.kind.name} descriptor",
-        )
+        _require(self.description_id > 0, f"FileDescriptor {self.fd}: description_id 0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Files:
+    objects: U32 = 0  # object sections (object records and OBJECT_DATA) following FILES
     descriptors: tuple[FileDescriptor, ...]
 
     def __post_init__(self) -> None:
@@ -440,10 +423,365 @@ class Files:
         )
 
 
+# -- object records: one per kernel object, referenced by FileDescriptor.object_id ------
+# Each has `id` (u64, > 0, unique in the image) as its first field.
+
+
+def _check_object_id(record: ObjectRecord) -> None:
+    _require(record.id > 0, f"{type(record).__name__}: id 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TerminalObject:
+    """A terminal the process holds: its settings and window size."""
+
+    id: U64
+    state: TerminalState
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EpollObject:
+    """An epoll instance and its interest list (fdinfo tfd lines)."""
+
+    id: U64
+    targets: tuple[EpollTarget, ...]
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventfdObject:
+    id: U64
+    count: U64  # fdinfo eventfd-count
+    semaphore: bool  # EFD_SEMAPHORE (fdinfo eventfd-semaphore)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TimerfdObject:
+    """A timerfd (fdinfo: clockid, settime flags, ticks, it_value, it_interval)."""
+
+    id: U64
+    clock_id: I32
+    settime_flags: U32  # TFD_TIMER_ABSTIME 1, TFD_TIMER_CANCEL_ON_SET 2, as last set
+    ticks: U64  # expirations not read yet
+    value_ns: U64  # time left until the next expiry; 0 when disarmed
+    interval_ns: U64
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SignalfdObject:
+    id: U64
+    sigmask: U64  # the signals it reads, bit n-1 for signal n (fdinfo sigmask)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InotifyWatch:
+    wd: I32  # the watch descriptor the program knows it by
+    mask: U32  # the events and flags (IN_ONESHOT, IN_EXCL_UNLINK, ...) it was added with
+    path: str  # the watched inode, found by its file handle at dump
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InotifyObject:
+    """An inotify instance and its watches (fdinfo "inotify" lines), ascending wd."""
+
+    id: U64
+    watches: tuple[InotifyWatch, ...]
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        wds = [watch.wd for watch in self.watches]
+        _require(
+            wds == sorted(set(wds)) and all(wd > 0 for wd in wds),
+            f"InotifyObject {self.id}: watch descriptors must be positive, unique, ascending",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PidfdObject:
+    """A pidfd: the process it refers to (fdinfo Pid), told apart from a later process
+    under the same pid by its start time."""
+
+    id: U64
+    pid: I32  # -1 when that process had exited and been reaped
+    starttime: U64  # /proc/PID/stat starttime of that process, 0 when it was gone
+    own: bool  # the dumped process itself: it refers to the restored process
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InetSocket:
+    """A TCP or UDP socket as /proc/net tells of it."""
+
+    id: U64
+    family: U16  # AF_INET or AF_INET6
+    type: U16  # SOCK_STREAM, SOCK_DGRAM
+    protocol: U16
+    state: U8  # the kernel's TCP_* state number
+    local_address: str  # "127.0.0.1:8080", "[::1]:22"
+    remote_address: str
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TcpConnection:
+    """An established TCP connection as TCP_REPAIR reads it: rebuilt from this alone.
+    Its OBJECT_DATA holds the send queue, then the receive queue."""
+
+    id: U64
+    family: U16  # AF_INET or AF_INET6
+    send_seq: U32  # the sequence number of the first byte of the send queue
+    recv_seq: U32  # the sequence number of the first byte of the receive queue
+    mss: U32  # TCP_MAXSEG
+    options: U8  # TCPI_OPT_TIMESTAMPS 1, TCPI_OPT_SACK 2, TCPI_OPT_WSCALE 4 (tcp_info)
+    snd_wscale: U8
+    rcv_wscale: U8
+    timestamp: U32  # TCP_TIMESTAMP: the connection's timestamp clock at the dump
+    snd_wl1: U32  # struct tcp_repair_window, field for field
+    snd_wnd: U32
+    max_window: U32
+    rcv_wnd: U32
+    rcv_wup: U32
+    send_queue_bytes: U64  # written by the program, not yet acknowledged by the peer
+    recv_queue_bytes: U64  # received from the peer, not yet read by the program
+    local_address: str  # "127.0.0.1:8080", "[::1]:22"
+    remote_address: str
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+class LockKind(enum.IntEnum):
+    """Who owns a lock, and so how a restore takes it again."""
+
+    FLOCK = 1  # flock(2): the open file description
+    POSIX = 2  # fcntl F_SETLK: the process
+    OFD = 3  # fcntl F_OFD_SETLK: the open file description
+    LEASE = 4  # fcntl F_SETLEASE: the open file description; its break signals the process
+
+
+LOCK_TYPES = (0, 1)  # F_RDLCK, F_WRLCK
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileLock:
+    """One lock as an fdinfo "lock:" line shows it."""
+
+    kind: Annotated[LockKind, UInt(1)]
+    type: U8  # F_RDLCK 0 / F_WRLCK 1 (flock: LOCK_SH / LOCK_EX)
+    start: U64  # first byte locked; 0 for flock and leases
+    length: U64  # bytes locked, 0 for "to the end of the file" (struct flock's l_len)
+
+    def __post_init__(self) -> None:
+        _require(self.type in LOCK_TYPES, f"FileLock: type {self.type} is not F_RDLCK or F_WRLCK")
+        _require(
+            self.kind in (LockKind.POSIX, LockKind.OFD) or (self.start, self.length) == (0, 0),
+            f"FileLock: a {self.kind.name} lock covers the whole file, not a range",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileLocks:
+    """The locks and lease held through one open file description. No descriptor refers
+    to it by object_id: it names the description."""
+
+    id: U64
+    description_id: U64  # of the FileDescriptors it is held through
+    signal: U32  # F_GETSIG of the description: what a lease break sends (0: SIGIO)
+    locks: tuple[FileLock, ...]
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        _require(self.description_id > 0, f"FileLocks {self.id}: description_id 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PtyPair:
+    """A pseudo-terminal whose master and slave are both open in the process; the master's
+    descriptors (path ending in "ptmx") and the slave's refer to it."""
+
+    id: U64
+    index: U32  # N of the slave /dev/pts/N
+    packet_mode: bool  # TIOCPKT on the master
+    locked: bool  # TIOCSPTLCK: the slave cannot be opened
+    state: TerminalState  # the slave's settings and window size; controlling terminal or not
+    master_path: str  # /dev/ptmx, or devpts's own ptmx
+    input: bytes  # queued for the slave to read (already through its input modes)
+    output: bytes  # queued for the master to read (already through the slave's output modes)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+MAX_OBJECT_DATA = 8 * 1024 * 1024  # bytes of one ObjectData section
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ObjectData:
+    """Bulk bytes of the object `id` (a pipe's buffer, a deleted file's contents), from
+    `offset` on. Laid out as id and offset (u64 each) then the data to the end of the section."""
+
+    id: U64
+    offset: U64
+    data: bytes
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        _require(
+            0 < len(self.data) <= MAX_OBJECT_DATA,
+            f"ObjectData of object {self.id}: {len(self.data)} bytes is not 1 to {MAX_OBJECT_DATA}",
+        )
+
+
+# The records an object section holds; a new kind adds its records here.
+ObjectRecord = (
+    TerminalObject
+    | EpollObject
+    | EventfdObject
+    | TimerfdObject
+    | SignalfdObject
+    | InotifyObject
+    | PidfdObject
+    | InetSocket
+    | TcpConnection
+    | FileLocks
+    | PtyPair
+    | ObjectData
+)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Cwd:
     cwd: str
     root: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ThreadScheduling:
+    """How the kernel schedules one thread: sched_getattr(2), getpriority(2),
+    sched_getaffinity(2)."""
+
+    tid: U32
+    policy: U32  # SCHED_OTHER 0, FIFO 1, RR 2, BATCH 3, IDLE 5 (SCHED_RESET_ON_FORK kept)
+    priority: U32  # sched_priority, for the real-time policies
+    nice: I32  # -20..19
+    affinity: tuple[U32, ...]  # the CPUs it may run on, ascending
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SeccompFilter:
+    """One filter of a seccomp chain (PTRACE_SECCOMP_GET_FILTER and _GET_METADATA)."""
+
+    flags: U64  # SECCOMP_FILTER_FLAG_LOG, ... as the metadata reports them
+    program: bytes  # struct sock_filter instructions, 8 bytes each
+
+    def __post_init__(self) -> None:
+        _require(
+            0 < len(self.program) <= 4096 * 8 and len(self.program) % 8 == 0,
+            f"SeccompFilter: {len(self.program)} bytes is not 1 to 4096 instructions",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ThreadSeccomp:
+    """The seccomp state of one thread that has one."""
+
+    tid: U32
+    mode: U8  # SECCOMP_MODE_STRICT 1, SECCOMP_MODE_FILTER 2
+    filters: tuple[SeccompFilter, ...]  # oldest first: the order they are installed in
+
+    def __post_init__(self) -> None:
+        _require(self.mode in (1, 2), f"ThreadSeccomp {self.tid}: mode {self.mode} is not 1 or 2")
+        _require(
+            (self.mode == 2) == bool(self.filters),
+            f"ThreadSeccomp {self.tid}: filters belong to mode 2 and only to it",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PageRange:
+    start: U64
+    end: U64
+
+    def __post_init__(self) -> None:
+        _require(
+            self.start < self.end and _page_aligned(self.start) and _page_aligned(self.end),
+            f"PageRange {self.start:#x}-{self.end:#x}: not whole pages",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessSettings:
+    """The small per-process settings programs notice when lost (docs/crf.md, SETTINGS)."""
+
+    dumpable: U8  # prctl(PR_GET_DUMPABLE): 0, 1 or 2
+    thp_disable: bool  # prctl(PR_GET_THP_DISABLE)
+    child_subreaper: bool  # prctl(PR_GET_CHILD_SUBREAPER)
+    pdeath_signal: U8  # prctl(PR_GET_PDEATHSIG), 0 for none
+    timer_slack_ns: U64  # /proc/PID/timerslack_ns
+    oom_score_adj: I32  # /proc/PID/oom_score_adj, -1000..1000
+    loginuid: U32  # /proc/PID/loginuid; 4294967295 when never set
+    threads: tuple[ThreadScheduling, ...]
+    seccomp: tuple[ThreadSeccomp, ...]  # the threads under seccomp
+    guard_pages: tuple[PageRange, ...]  # MADV_GUARD_INSTALL regions, ascending
+
+    def __post_init__(self) -> None:
+        _require(self.dumpable <= 2, f"ProcessSettings: dumpable {self.dumpable} is not 0-2")
+        _require(
+            -1000 <= self.oom_score_adj <= 1000,
+            f"ProcessSettings: oom_score_adj {self.oom_score_adj} is outside -1000..1000",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Itimer:
+    """One interval timer (getitimer(2)): ITIMER_REAL 0, ITIMER_VIRTUAL 1, ITIMER_PROF 2."""
+
+    which: U32
+    interval_ns: U64  # it_interval
+    value_ns: U64  # it_value: time left until it next expires; 0 when disarmed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PosixTimer:
+    """A timer of timer_create(2), as /proc/PID/timers and timer_gettime(2) tell it."""
+
+    timer_id: U32
+    clock_id: I32  # CLOCK_REALTIME 0, CLOCK_MONOTONIC 1, ..., or a CPU-time clock id
+    notify: U32  # SIGEV_SIGNAL 0, SIGEV_NONE 1, SIGEV_THREAD_ID 4
+    signal: U32  # sigev_signo
+    value: U64  # sigev_value (sival_ptr), handed to the signal handler
+    thread: U32  # the tid SIGEV_THREAD_ID notifies, else 0
+    interval_ns: U64  # it_interval
+    value_ns: U64  # it_value: time left until it next expires; 0 when disarmed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timers:
+    itimers: tuple[Itimer, ...]  # the armed ones only
+    posix: tuple[PosixTimer, ...]  # ascending timer_id
+
+    def __post_init__(self) -> None:
+        ids = [timer.timer_id for timer in self.posix]
+        _require(ids == sorted(set(ids)), "Timers: POSIX timer ids must be unique, ascending")
+        _require(all(timer.which <= 2 for timer in self.itimers), "Timers: an itimer is not 0-2")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -477,6 +815,9 @@ Record = (
     | Thread
     | SignalState
     | Files
+    | ObjectRecord
     | Cwd
+    | ProcessSettings
+    | Timers
     | End
 )

@@ -48,8 +48,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from hijack.errors import HijackError, ShadowError, Unsupported
+from hijack.image import records as rec
 from hijack.mutator import attach as attaching
-from hijack.mutator.dump import kill_stopped, read_credentials, write_image
+from hijack.mutator.dump import describe_segments, kill_stopped, read_credentials, write_image
 from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.precopy import Precopy, worth_precopying
 from hijack.mutator.tracee import Tracee
@@ -57,15 +58,17 @@ from hijack.node import mounts
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
+from hijack.restore.plan import mapping_problems
 from hijack.shadow import control
 from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
 from hijack.shadow.datagram import parse_address as parse_datagram_address
 from hijack.shadow.relay import ACK_WAIT
-from hijack.sys import pidfd, procfs, terminal
+from hijack.sys import kcmp, pidfd, procfs, terminal
 from hijack.testpoint import reached
 
 # Reopened by path on the destination (nodes share a file system), or made
-# anew there from the image (epoll with its interest list, eventfd).
+# anew there from the image (epoll with its interest list, eventfd, timerfd,
+# signalfd, inotify with its watches).
 REOPENED = {
     procfs.FdKind.REGULAR,
     procfs.FdKind.DIRECTORY,
@@ -74,6 +77,9 @@ REOPENED = {
     procfs.FdKind.BLOCKDEV,
     procfs.FdKind.EPOLL,
     procfs.FdKind.EVENTFD,
+    procfs.FdKind.TIMERFD,
+    procfs.FdKind.SIGNALFD,
+    procfs.FdKind.INOTIFY,
 }
 # Proxied through the home shadow as a byte stream.
 STREAMED = {procfs.FdKind.PIPE, procfs.FdKind.TTY}
@@ -165,6 +171,13 @@ def move(
             " run `hijack recover` once its destination answers",
             pid=pid,
         )
+    if record is not None and record.state == "attached" and record.home_node != node_name():
+        raise HijackError(
+            f"process {pid} was attached on node {record.home_node!r}, and this node is named"
+            f" {node_name()!r} now: move it under its old name (HIJACK_NODE={record.home_node})",
+            pid=pid,
+        )
+    refuse_unmappable(pid)
     attached_by_move = record is None or record.state not in ("attached", "running")
     if attached_by_move:
         plan_proxies(pid, None, at_home=True)  # refused before the attach: nothing changes
@@ -198,6 +211,13 @@ def _move_attached(
 
     report("connecting", 0)
     channel = Channel.connect(address, key, node_name())
+    if channel.peer == node_name():
+        channel.close()
+        raise HijackError(
+            f"the daemon at {address[0]}:{address[1]} is named {channel.peer!r}, as this node is:"
+            " give each node a name of its own (`hijack node serve --name`, $HIJACK_NODE)",
+            pid=pid,
+        )
     move_id = secrets.token_hex(8)
     lock = MoverLock(registry.directory, move_id)
     try:
@@ -718,6 +738,15 @@ class _Progress:
         self.writer.flush()
 
 
+def refuse_unmappable(pid: int) -> None:
+    """Refuse, before anything is touched, a process whose copy could not map what it maps
+    (SysV shared memory, a deleted shared file): the destination's restore would refuse it."""
+    maps = procfs.read_maps(pid)
+    problems = mapping_problems(describe_segments(pid, maps, rec.DumpOptions(0), flags={}))
+    if problems:
+        raise Unsupported(f"cannot move process {pid}: {'; '.join(problems)}; nothing was changed")
+
+
 def plan_proxies(
     pid: int, shadow: HomeShadow | None, at_home: bool, *, frozen: bool = True
 ) -> tuple[list[Proxy], list[str]]:
@@ -948,7 +977,7 @@ def drain_terminals(pid: int, plan: list[Proxy]) -> dict[str, bytes]:
 def _terminal_proxy(pid: int, fd: int, stream: str, plan: list[Proxy]) -> Proxy:
     """Descriptor `fd` of terminal `stream`; descriptors of one open file get one slave."""
     for other in plan:
-        if other.stream == stream and terminal.same_open_file(pid, other.fd, fd):
+        if other.stream == stream and kcmp.same_description(pid, other.fd, fd):
             return Proxy(fd, stream, "terminal", file=other.file)
     return Proxy(fd, stream, "terminal", file=fd)
 
@@ -960,7 +989,7 @@ def _master_proxy(
     open file (each open of ptmx is a pty of its own), away the stream the shadow
     relays to its pty; None if the shadow relays none to it."""
     for other in plan:
-        if other.kind == "master" and terminal.same_open_file(pid, other.fd, fd):
+        if other.kind == "master" and kcmp.same_description(pid, other.fd, fd):
             return Proxy(fd, other.stream, "master", file=other.file)
     if at_home:
         return Proxy(fd, f"ptm:{fd}", "master", file=fd)

@@ -27,16 +27,22 @@ from typing import BinaryIO, TypeVar
 from hijack.errors import HijackError, ImageError, RestoreError, ShadowError
 from hijack.image import records as rec
 from hijack.image.codec import read_image
-from hijack.image.identity import check_identity
+from hijack.image.files import ImageFiles
 from hijack.mutator.tracee import (
     ThreadState,
     TracedThread,
     find_syscall_instruction,
     resume_registers,
 )
+from hijack.objects.base import describe_fd
+from hijack.objects.locks import restore_locks
+from hijack.objects.pty import controlling_slave
+from hijack.objects.terminal import set_up_terminals
+from hijack.process import seccomp, settings, timers
 from hijack.registry import Registry
-from hijack.restore import files as file_restore
 from hijack.restore.address_space import AddressSpace
+from hijack.restore.files import restore_files
+from hijack.restore.plan import FilePlan, ShadowHoldings, plan_files
 from hijack.restore.precopy import Prebuilt
 from hijack.restore.remote import Stub
 from hijack.shadow import control
@@ -77,6 +83,8 @@ class RestoreResult:
     program: str
     threads: int
     dropped: tuple[str, ...]  # descriptors left out with --skip-unsupported
+    # Who held old_pid when it could not be had again, or "" (had, or nobody by now).
+    old_pid_holder: str = ""
 
 
 @dataclass
@@ -88,10 +96,12 @@ class _Image:
     rlimits: rec.Rlimits
     mm: rec.MemoryStructure
     segments: rec.Segments
-    files: rec.Files
+    files: ImageFiles
     threads: list[rec.Thread] = field(default_factory=list)
     signals: rec.SignalState | None = None
     cwd: rec.Cwd | None = None
+    settings: rec.ProcessSettings | None = None
+    timers: rec.Timers | None = None
 
 
 def restore(
@@ -104,6 +114,7 @@ def restore(
     admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None,
     prebuilt: Prebuilt | None = None,
     mount_namespace: int | None = None,
+    take_locks: bool = True,
 ) -> RestoreResult:
     """Rebuild the process of the image in `stream` and let it run.
 
@@ -121,6 +132,9 @@ def restore(
     final one (docs/crf.md §7a) and is restored into that stub.
     `mount_namespace`: a descriptor of the mount namespace to build the
     process in (hijack.node.mounts), else the restorer's own.
+    `take_locks` False (a move) leaves the image's file locks and leases untaken:
+    the home shadow keeps the open files, and with them their flock, OFD locks
+    and leases, and the original holds its POSIX locks until the commit.
     """
     records = read_image(stream)
     image = _Image(
@@ -129,27 +143,28 @@ def restore(
         rlimits=_expect(records, rec.Rlimits),
         mm=_expect(records, rec.MemoryStructure),
         segments=_expect(records, rec.Segments),
-        files=_expect(records, rec.Files),
+        files=_expect_files(records),
     )
     if admit is not None:
         admit(image.header, image.credentials, image.segments)
     for segment in image.segments.segments:
-        if segment.file is not None:
-            check_identity(segment.file)
         if segment.contents is rec.ContentsKind.PRECOPIED and prebuilt is None:
             raise ImageError(
                 f"segment {segment.start:#x}-{segment.end:#x} is PRECOPIED: the image is the"
                 " last part of a move with pre-copy and cannot be restored alone"
             )
     holdings = shadow_holdings(registry, image.header.pid) if registry and not provided else None
-    plan = file_restore.plan_files(
+    plan = plan_files(
+        image.segments.segments,
         image.files,
         skip_unsupported=skip_unsupported,
         holdings=holdings,
         provided=frozenset(provided or {}),
     )
     if prebuilt is not None:
-        return _restore_prebuilt(records, image, plan, prebuilt, provided or {}, before_start)
+        return _restore_prebuilt(
+            records, image, plan, prebuilt, provided or {}, before_start, take_locks
+        )
     inherited = _take_from_shadow(holdings, plan) if holdings else {}
     for number, fd in (provided or {}).items():
         inherited[number] = os.dup(fd)
@@ -169,7 +184,7 @@ def restore(
         space = AddressSpace(stub, image.segments.segments)
         space.build()
         _consume_rest(records, image, space)
-        _finish(stub, space, image, plan, inherited, frozenset(provided or {}))
+        _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
         if before_start is not None:
             before_start(pid)
         _start(stub)
@@ -181,22 +196,17 @@ def restore(
             space.close()
     if registry is not None:
         _record(registry, image.header, pid, holdings)
-    return RestoreResult(
-        pid=pid,
-        old_pid=image.header.pid,
-        program=image.header.comm,
-        threads=len(image.threads),
-        dropped=tuple(file_restore.describe(d) for d in plan.dropped),
-    )
+    return _result(pid, image, plan)
 
 
 def _restore_prebuilt(
     records: Iterator[rec.Record],
     image: _Image,
-    plan: file_restore.FilePlan,
+    plan: FilePlan,
     prebuilt: Prebuilt,
     provided: dict[int, int],
     before_start: Callable[[int], None] | None,
+    take_locks: bool,
 ) -> RestoreResult:
     """restore() of a move's final image into the stub its pre-copy rounds built."""
     stub, space = prebuilt.stub, prebuilt.space
@@ -207,7 +217,7 @@ def _restore_prebuilt(
         inherited = prebuilt.hand_over(provided)
         space.adopt_final(image.segments.segments)
         _consume_rest(records, image, space)
-        _finish(stub, space, image, plan, inherited, frozenset(provided or {}))
+        _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
         if before_start is not None:
             before_start(stub.pid)
         _start(stub)
@@ -216,16 +226,37 @@ def _restore_prebuilt(
         raise
     finally:
         space.close()
+    return _result(stub.pid, image, plan)
+
+
+def _result(pid: int, image: _Image, plan: FilePlan) -> RestoreResult:
+    old_pid = image.header.pid
     return RestoreResult(
-        pid=stub.pid,
-        old_pid=image.header.pid,
+        pid=pid,
+        old_pid=old_pid,
         program=image.header.comm,
         threads=len(image.threads),
-        dropped=tuple(file_restore.describe(d) for d in plan.dropped),
+        dropped=tuple(describe_fd(d) for d in plan.dropped),
+        old_pid_holder="" if pid == old_pid else holder_of(old_pid),
     )
 
 
-def shadow_holdings(registry: Registry, old_pid: int) -> file_restore.ShadowHoldings | None:
+def holder_of(pid: int) -> str:
+    """Who has `pid` now: "NAME (pid P)", "thread T of NAME (pid P)", or "" if nobody."""
+    try:
+        status = procfs.read_status(pid)
+    except HijackError:
+        return ""
+    if status.tgid == pid:
+        return f"{status.name} (pid {pid})"
+    try:
+        name = procfs.read_status(status.tgid).name
+    except HijackError:
+        name = status.name
+    return f"thread {pid} of {name} (pid {status.tgid})"
+
+
+def shadow_holdings(registry: Registry, old_pid: int) -> ShadowHoldings | None:
     """What the shadow of checkpointed process `old_pid` keeps, if it has one here."""
     record = registry.find(old_pid)
     if record is None or record.state != "checkpointed" or not record.shadow_control:
@@ -236,7 +267,7 @@ def shadow_holdings(registry: Registry, old_pid: int) -> file_restore.ShadowHold
         return None  # the shadow is gone: what it held is gone with it
     if status.get("mode") != "holding" or record.shadow_pid is None:
         return None
-    return file_restore.ShadowHoldings(
+    return ShadowHoldings(
         shadow_pid=record.shadow_pid,
         control=record.shadow_control,
         own_fd={int(fd["fd"]): int(fd["own_fd"]) for fd in status["fds"]},
@@ -244,7 +275,7 @@ def shadow_holdings(registry: Registry, old_pid: int) -> file_restore.ShadowHold
     )
 
 
-def _shadow_namespace(holdings: file_restore.ShadowHoldings) -> int | None:
+def _shadow_namespace(holdings: ShadowHoldings) -> int | None:
     """The shadow's mount namespace if it is not ours (that of the process it was forked
     from), to build the process in: its paths name files there."""
     theirs = mount_namespace_of(holdings.shadow_pid)
@@ -253,9 +284,7 @@ def _shadow_namespace(holdings: file_restore.ShadowHoldings) -> int | None:
     return open_mount_namespace(holdings.shadow_pid, theirs)
 
 
-def _take_from_shadow(
-    holdings: file_restore.ShadowHoldings, plan: file_restore.FilePlan
-) -> dict[int, int]:
+def _take_from_shadow(holdings: ShadowHoldings, plan: FilePlan) -> dict[int, int]:
     """Copies, in this process and inheritable by the stub, of what the shadow keeps."""
     handle = pidfd.pidfd_open(holdings.shadow_pid)
     taken: dict[int, int] = {}
@@ -277,7 +306,7 @@ def _record(
     registry: Registry,
     header: rec.ImageHeader,
     pid: int,
-    holdings: file_restore.ShadowHoldings | None,
+    holdings: ShadowHoldings | None,
 ) -> None:
     if holdings is None:
         registry.record_restored(pid, header.comm)
@@ -296,6 +325,13 @@ def _expect(records: Iterator[rec.Record], kind: type[R]) -> R:
     return record
 
 
+def _expect_files(records: Iterator[rec.Record]) -> ImageFiles:
+    """FILES and the object sections it counts (read_image checked their number)."""
+    files = _expect(records, rec.Files)
+    sections = [next(records) for _ in range(files.objects)]
+    return ImageFiles(files, tuple(s for s in sections if isinstance(s, rec.ObjectRecord)))
+
+
 def _consume_rest(records: Iterator[rec.Record], image: _Image, space: AddressSpace) -> None:
     for record in records:
         if isinstance(record, rec.Pages):
@@ -306,12 +342,22 @@ def _consume_rest(records: Iterator[rec.Record], image: _Image, space: AddressSp
             image.signals = record
         elif isinstance(record, rec.Cwd):
             image.cwd = record
+        elif isinstance(record, rec.ProcessSettings):
+            image.settings = record
+        elif isinstance(record, rec.Timers):
+            image.timers = record
         elif isinstance(record, rec.End):
             pass  # read_image checked the totals; the iterator ends after it
         else:
             raise ImageError(f"unexpected {type(record).__name__} record after the segments")
-    if not image.threads or image.signals is None or image.cwd is None:
-        raise ImageError("image has no threads, signal state or cwd")
+    if (
+        not image.threads
+        or image.signals is None
+        or image.cwd is None
+        or image.settings is None
+        or image.timers is None
+    ):
+        raise ImageError("image has no threads, signal state, cwd, settings or timers")
 
 
 # -- finishing the stub once the whole image is in --------------------------------
@@ -321,18 +367,30 @@ def _finish(
     stub: Stub,
     space: AddressSpace,
     image: _Image,
-    plan: file_restore.FilePlan,
+    plan: FilePlan,
     inherited: dict[int, int],
     provided: frozenset[int],
+    take_locks: bool,
 ) -> None:
     assert image.signals is not None and image.cwd is not None
+    assert image.settings is not None and image.timers is not None
     leader = _leader_record(image)
-    file_restore.restore_files(stub, plan, inherited)
-    controlling = file_restore.set_up_terminals(stub, plan, provided)
+    restore_files(stub, plan, image.files, inherited)
+    restored = {descriptor.fd for descriptor in (*plan.inherited, *plan.reopen)}
+    controlling = set_up_terminals(stub, image.files, provided)
+    if controlling is None:
+        controlling = controlling_slave(image.files, restored - provided)
     _set_mm_map(stub, image.mm)
     _set_signal_actions(stub, image.signals)
     _set_rlimits(stub, image.rlimits)
     _set_process_state(stub, image, controlling)
+    settings.apply_login_uid(stub, image.settings)
+    settings.lock_memory(stub, image.segments)
+    settings.install_guard_pages(stub, image.settings)
+    if take_locks:
+        # Last of the descriptors' business: a descriptor closed in the stub (the
+        # exe's, above) would drop the POSIX locks the process holds on its file.
+        restore_locks(stub, image.files, restored)
     thread_ids = {leader.tid: stub.pid}
     for thread in image.threads:
         if thread is not leader:
@@ -340,7 +398,11 @@ def _finish(
     for thread in image.threads:
         _set_thread_state(stub, thread, thread_ids[thread.tid], image.credentials)
     _queue_pending_signals(stub, image, thread_ids)
+    settings.apply_settings(stub, image.settings, thread_ids)
+    timers.create_posix_timers(stub, image.timers, thread_ids)
+    timers.arm_timers(stub, image.timers)  # last: the restore's own time does not count
     space.unmap_scratch()
+    seccomp.install_seccomp(stub, image.settings, image.threads, image.segments, thread_ids)
     for thread in image.threads:
         _set_registers(stub, thread, thread_ids[thread.tid], image.signals)
 
@@ -427,7 +489,8 @@ def _set_process_state(stub: Stub, image: _Image, controlling: int | None) -> No
     """cwd, umask, session and group, no_new_privs.
 
     `controlling`: the descriptor of a terminal made for the process (a move's
-    pty) standing for its controlling terminal. Only a session leader can take
+    pty, the new slave of a pty pair it holds) standing for its controlling
+    terminal. Only a session leader can take
     one, so the process then leads a session of its own (its old one, the
     shell's, stayed behind), and its group is the terminal's foreground group:
     it reads its terminal and gets its ^C and SIGWINCH as at home.

@@ -43,6 +43,7 @@ PAGE_IS_WPALLOWED = 1 << 0  # in a range registered for async write-protection
 PAGE_IS_WRITTEN = 1 << 1
 PAGE_IS_PRESENT = 1 << 3
 PAGE_IS_SWAPPED = 1 << 4
+PAGE_IS_GUARD = 1 << 8  # Linux 6.14+: a page of a MADV_GUARD_INSTALL region
 USER_SPACE_END = 0x7FFFFFFFF000
 REGIONS_PER_CALL = 4096
 
@@ -81,6 +82,35 @@ PAGEMAP_SCAN = _iowr(ord("f"), 16, ctypes.sizeof(_ScanArgument))
 
 _ioctl = libc.ioctl
 _ioctl.restype = ctypes.c_int
+
+
+def negotiate_features(uffd: int) -> int:
+    """UFFDIO_API on our own userfaultfd asking for the tracking features: those granted."""
+    api = bytearray(UFFDIO_API_STRUCT.pack(UFFD_API, TRACKING_FEATURES, 0))
+    buffer = (ctypes.c_char * len(api)).from_buffer(api)
+    if _ioctl(uffd, UFFDIO_API, buffer) != 0:
+        raise_for_errno(ctypes.get_errno(), "ioctl(UFFDIO_API)")
+    del buffer
+    features: int = UFFDIO_API_STRUCT.unpack(api)[1]
+    return features
+
+
+def present_in(pid: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The present pages of [start, end) of `pid`, by PAGEMAP_SCAN (no tracking needed)."""
+    scanner = WrittenPages(pid, -1)
+    try:
+        return scanner._scan(start, end, PAGE_IS_PRESENT)
+    finally:
+        scanner.close()
+
+
+def guard_regions(pid: int) -> list[tuple[int, int]]:
+    """The [start, end) runs of `pid`'s memory made guard pages (MADV_GUARD_INSTALL)."""
+    scanner = WrittenPages(pid, -1)
+    try:
+        return scanner._scan(0, USER_SPACE_END, PAGE_IS_GUARD)
+    finally:
+        scanner.close()
 
 
 class WrittenPages:

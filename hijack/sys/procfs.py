@@ -213,6 +213,11 @@ def read_smaps(pid: int) -> dict[int, SmapsEntry]:
     return entries
 
 
+def resident_bytes(pid: int) -> int:
+    """The process's memory in RAM or swap: about what an image of it stores."""
+    return sum(entry.rss + entry.swap for entry in read_smaps(pid).values())
+
+
 def read_smaps_flags(pid: int) -> dict[int, tuple[str, ...]]:
     """VmFlags of every mapping, by mapping start."""
     return {start: entry.vm_flags for start, entry in read_smaps(pid).items()}
@@ -249,6 +254,7 @@ class ProcStatus:
     cap_amb: int
     no_new_privs: bool
     seccomp: int  # 0 off, 1 strict, 2 filter
+    seccomp_filters: int  # filters in the chain of this task
     kthread: bool | None  # None on kernels without the "Kthread:" line
 
 
@@ -257,9 +263,10 @@ def _ids(value: str) -> tuple[int, int, int, int]:
     return real, effective, saved, fs
 
 
-def read_status(pid: int) -> ProcStatus:
+def read_status(pid: int, tid: int | None = None) -> ProcStatus:
+    """/proc/PID/status, or the status of thread `tid` of process `pid`."""
     fields: dict[str, str] = {}
-    for line in _read_text(pid, "status").splitlines():
+    for line in _read_text(pid, "status", tid).splitlines():
         key, _, value = line.partition(":")
         fields[key] = value.strip()
     umask = fields.get("Umask")
@@ -289,6 +296,7 @@ def read_status(pid: int) -> ProcStatus:
         cap_amb=int(fields["CapAmb"], 16),
         no_new_privs=fields["NoNewPrivs"] == "1",
         seccomp=int(fields["Seccomp"]),
+        seccomp_filters=int(fields.get("Seccomp_filters", "0")),
         kthread=None if kthread is None else kthread == "1",
     )
 
@@ -455,6 +463,61 @@ def read_personality(pid: int) -> int:
 
 def read_root(pid: int) -> str:
     return _readlink(pid, "root")
+
+
+def read_oom_score_adj(pid: int) -> int:
+    return int(_read_text(pid, "oom_score_adj"))
+
+
+def read_loginuid(pid: int) -> int:
+    """The audit login uid; 4294967295 ((uid_t)-1) when never set."""
+    return int(_read_text(pid, "loginuid"))
+
+
+def read_timer_slack_ns(pid: int) -> int:
+    return int(_read_text(pid, "timerslack_ns"))
+
+
+@dataclass(frozen=True)
+class PosixTimerEntry:
+    """One timer of /proc/PID/timers."""
+
+    timer_id: int
+    signal: int  # sigev_signo
+    value: int  # sigev_value
+    notify: str  # "signal", "thread" or "none"
+    notify_tid: int  # the pid or tid after "pid." / "tid."
+    clock_id: int
+
+
+_TIMER_NOTIFY = re.compile(r"(\w+)/(?:pid|tid)\.(\d+)")
+
+
+def read_posix_timers(pid: int) -> list[PosixTimerEntry]:
+    """The timers of timer_create(2), from /proc/PID/timers (blocks of four lines)."""
+    timers = []
+    fields: dict[str, str] = {}
+    for line in _read_text(pid, "timers").splitlines():
+        name, _, value = line.partition(":")
+        fields[name.strip()] = value.strip()
+        if name.strip() != "ClockID":
+            continue
+        signo, _, sigval = fields["signal"].partition("/")
+        notify = _TIMER_NOTIFY.fullmatch(fields["notify"])
+        if notify is None:
+            _malformed(pid, "timers", fields["notify"])
+        timers.append(
+            PosixTimerEntry(
+                timer_id=int(fields["ID"]),
+                signal=int(signo),
+                value=int(sigval, 16),
+                notify=notify[1],
+                notify_tid=int(notify[2]),
+                clock_id=int(fields["ClockID"]),
+            )
+        )
+        fields = {}
+    return timers
 
 
 def read_auxv(pid: int) -> list[tuple[int, int]]:
@@ -709,6 +772,11 @@ def _state_name(names: tuple[str, ...], number: int) -> str:
     return names[number] if 0 < number < len(names) else f"UNKNOWN({number})"
 
 
+def tcp_state_name(number: int) -> str:
+    """The name of the kernel's TCP_* state `number`, as /proc/net/tcp's state column."""
+    return _state_name(_TCP_STATES, number)
+
+
 def _inet_address(text: str) -> str:
     host_hex, _, port_hex = text.partition(":")
     raw = bytes.fromhex(host_hex)
@@ -784,10 +852,13 @@ def page_swapped(entry: int) -> bool:
     return bool(entry & PM_SWAP)
 
 
-# byte -> 1 if bit 7 (PM_PRESENT) or bit 6 (PM_SWAP) of an entry's top byte is set
-_TOUCHED_TOP_BYTE = bytes(int(bool(byte & 0xC0)) for byte in range(256))
+# byte -> 1 if bit 7 (PM_PRESENT) or bit 6 (PM_SWAP) of an entry's top byte is set, and
+# not bit 2 (PM_GUARD_REGION: a guard page reads as a swap entry, but holds nothing)
+_TOUCHED_TOP_BYTE = bytes(int(bool(byte & 0xC0) and not byte & 0x04) for byte in range(256))
 # byte -> 1 if the page is present or swapped and not a file page (bit 5, PM_FILE)
-_WRITTEN_TOP_BYTE = bytes(int(bool(byte & 0xC0) and not byte & 0x20) for byte in range(256))
+_WRITTEN_TOP_BYTE = bytes(
+    int(bool(byte & 0xC0) and not byte & 0x20 and not byte & 0x04) for byte in range(256)
+)
 
 
 def present_runs(pid: int, start: int, end: int) -> list[tuple[int, int]]:
