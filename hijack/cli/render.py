@@ -19,6 +19,7 @@ from rich.progress import (
 from rich.table import Table
 
 from hijack.check import Finding
+from hijack.core import CoreResult
 from hijack.image.summary import ImageSummary, summary_to_json
 from hijack.mutator.attach import AttachResult
 from hijack.mutator.dump import DumpResult
@@ -88,6 +89,15 @@ def restore_result(console: Console, result: RestoreResult) -> None:
     console.print(line)
     for dropped in result.dropped:
         console.print(f"  dropped {escape(dropped)}")
+
+
+def core_result(console: Console, result: CoreResult, output: str) -> None:
+    console.print(
+        f"core of process [bold]{result.pid}[/] ({result.threads} thread"
+        f"{'s' if result.threads != 1 else ''}) written to {escape(output)}:"
+        f" {human_size(result.core_bytes)} with holes, {result.loads} memory segments,"
+        f" {result.mapped_files} file mappings; open it with gdb PROGRAM {escape(output)}"
+    )
 
 
 def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = False) -> None:
