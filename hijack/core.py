@@ -8,16 +8,22 @@ a core file as the kernel would have dumped the process at that instant:
     NOTES ::= { NT_PRSTATUS NT_PRFPREG NT_X86_XSTATE }   one triple per thread,
               NT_PRPSINFO NT_AUXV NT_FILE                 the main thread first
 
-One PT_LOAD per segment of the image, in address order, but a FILE segment
-(`dump --no-binary` / `--no-shared-libs`) is split: the runs of pages the
-process changed are file data, the runs between them have p_filesz 0 and gdb
-reads them from the file NT_FILE names (every file-backed segment is listed
-there), as it does for shared file mappings (NONE). A STORED segment is file
-data as a whole, its pages left out as holes (zeros; the file is sparse)
-where they are not stored; one that is PROT_NONE and holds no page has
-p_filesz 0. The data comes in the image's order and is written as it comes,
-so converting a large image takes as little memory as reading it; the
-program headers, which depend on where the data went, come last.
+One PT_LOAD per segment of the image, in address order. A STORED segment's
+data is its pages, those the image left out as holes (zeros; the file is
+sparse). A FILE segment (`dump --no-binary` / `--no-shared-libs`) is read
+from its file, refused as a restore refuses it if the file changed since the
+dump, with the pages the process changed laid over it: gdb could read such a
+segment from the file NT_FILE names (every file-backed segment is listed
+there), but not the ELF header page of the executable, which is in none of
+its sections, and without it gdb 13 cannot place a PIE binary (it reloads
+the threads over and over and loses the libraries). Segments whose bytes are
+the kernel's or a shared file's (NONE: vvar, vdso, MAP_SHARED files) and
+PROT_NONE ones holding no page have p_filesz 0: gdb reads shared files from
+NT_FILE, and calls the rest unreadable. The vDSO is not in images, so gdb
+says "Failed to read a valid object file image from memory" and does
+without its symbols. Data is written as it comes, so converting a large
+image takes as little memory as reading it; the program headers, which
+depend on where the data went, come last.
 
 What lief (1.0) makes and what is packed here with struct, and why:
 - lief makes the notes: NT_PRSTATUS through CorePrStatus (pid, signals and
@@ -33,6 +39,10 @@ What lief (1.0) makes and what is packed here with struct, and why:
   CoreAuxv.set only takes the AT_* types of its own enum (it has no
   AT_MINSIGSTKSZ, AT_RSEQ_FEATURE_SIZE, ...: entries would be lost), and its
   CoreFile.entry_t has no constructor in Python.
+- NT_X86_XSTATE is the xstate as PTRACE_GETREGSET gave it, as the kernel
+  writes it in its own cores. gdb 13 expects Intel's offsets for AVX-512
+  (2688 bytes) and warns "Section `.reg-xstate/TID' in core file too small"
+  on an AMD machine (2432 bytes here); it shows all else.
 - lief's x86-64 register list ends at es: the fs and gs selectors are written
   as 0, which they are in a 64-bit thread unless it loaded one itself (its
   TLS pointer, fs_base, is written).
@@ -48,11 +58,12 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import lief
 
 from hijack.errors import HijackError, ImageError
+from hijack.image.identity import check_identity
 from hijack.image.records import (
     PAGE_SIZE,
     ContentsKind,
@@ -73,6 +84,7 @@ X86_64 = (ELF.ARCH.X86_64, ELF.Header.CLASS.ELF64)
 EHDR_SIZE, PHDR_SIZE = 64, 56
 PRSTATUS_SIZE, PRPSINFO_SIZE = 336, 136  # x86-64 struct elf_prstatus, elf_prpsinfo
 FXSAVE_SIZE = 512  # NT_PRFPREG: the legacy area that opens every xstate
+COPY_CHUNK = 1 << 20
 PN_XNUM = 0xFFFF  # e_phnum from here on means "see section 0": not written here
 PERMISSIONS = ((Prot.READ, ELF.Segment.FLAGS.R), (Prot.WRITE, ELF.Segment.FLAGS.W),
                (Prot.EXEC, ELF.Segment.FLAGS.X))  # fmt: skip
@@ -97,67 +109,62 @@ class _Load:
 
 
 @dataclass
-class _Run:
-    """Pages of a FILE segment that the process changed, in the core at `offset`."""
-
-    start: int
-    end: int
-    offset: int
-
-
-@dataclass
 class _Memory:
-    """Where each segment's data goes in the core, decided as its pages arrive."""
+    """Where each segment's data goes in the core: a STORED one's when its
+    first page comes (or, holding none, at the end), a FILE one's at once."""
 
     out: BinaryIO
     segments: tuple[Segment, ...]
     tail: int = PAGE_SIZE  # the end of the data so far
-    stored: dict[int, int] = field(default_factory=dict)  # STORED segment index -> offset
-    runs: dict[int, list[_Run]] = field(default_factory=dict)  # FILE segment index -> runs
+    offsets: dict[int, int] = field(default_factory=dict)  # segment index -> its data
 
     def __post_init__(self) -> None:
         self.starts = [segment.start for segment in self.segments]
-        for segment in self.segments:
+        for index, segment in enumerate(self.segments):
             if segment.contents is ContentsKind.PRECOPIED:
                 raise ImageError(
                     f"segment {segment.start:#x} is PRECOPIED: only a move's stream holds"
                     " its pages"
                 )
+            if segment.file is not None:
+                # The pages the process changed come later and are laid over these.
+                check_identity(segment.file)
+                self._copy_file(segment.file.path, segment, self._reserve(index))
 
     def write(self, address: int, data: bytes) -> None:
         # read_image has checked that the pages lie inside one STORED or FILE segment.
         index = bisect.bisect_right(self.starts, address) - 1
-        segment = self.segments[index]
-        if segment.contents is ContentsKind.FILE:
-            runs = self.runs.setdefault(index, [])
-            last = runs[-1] if runs else None
-            if last and last.end == address and last.offset + last.end - last.start == self.tail:
-                last.end += len(data)
-            else:
-                runs.append(_Run(address, address + len(data), self.tail))
-            self.put(self.tail, data)
-            self.tail += len(data)
-            return
-        self.put(self._reserve(index) + address - segment.start, data)
+        self.put(self._reserve(index) + address - self.segments[index].start, data)
 
     def _reserve(self, index: int) -> int:
-        if index not in self.stored:
-            self.stored[index] = self.tail
+        if index not in self.offsets:
+            self.offsets[index] = self.tail
             self.tail += self.segments[index].size
-        return self.stored[index]
+        return self.offsets[index]
 
     def put(self, offset: int, data: bytes) -> None:
         self.out.seek(offset)
         self.out.write(data)
 
+    def _copy_file(self, path: str, segment: Segment, offset: int) -> None:
+        """The file's bytes under the segment; past the file's end, holes."""
+        try:
+            with open(path, "rb") as source:
+                source.seek(segment.offset)
+                for position in range(0, segment.size, COPY_CHUNK):
+                    chunk = source.read(min(COPY_CHUNK, segment.size - position))
+                    if not chunk:
+                        break
+                    self.put(offset + position, chunk)
+        except OSError as exc:
+            raise ImageError(f"cannot read {path}, mapped by the image: {exc.strerror}") from None
+
     def loads(self) -> list[_Load]:
-        loads: list[_Load] = []
+        loads = []
         for index, segment in enumerate(self.segments):
             flags = sum(int(flag.value) for prot, flag in PERMISSIONS if prot & segment.prot)
-            if segment.contents is ContentsKind.FILE:
-                loads.extend(self._file_loads(segment, flags, self.runs.get(index, [])))
-            elif segment.contents is ContentsKind.STORED and (
-                index in self.stored or segment.prot != Prot(0)
+            if index in self.offsets or (
+                segment.contents is ContentsKind.STORED and segment.prot != Prot(0)
             ):
                 # Pages never stored are zeros, and read as such.
                 loads.append(
@@ -166,18 +173,6 @@ class _Memory:
             else:
                 loads.append(_Load(segment.start, segment.size, flags))
         return loads
-
-    @staticmethod
-    def _file_loads(segment: Segment, flags: int, runs: list[_Run]) -> Iterator[_Load]:
-        """The changed runs as file data, the rest left to the file NT_FILE names."""
-        address = segment.start
-        for run in runs:
-            if run.start > address:
-                yield _Load(address, run.start - address, flags)
-            yield _Load(run.start, run.end - run.start, flags, run.offset, run.end - run.start)
-            address = run.end
-        if address < segment.end:
-            yield _Load(address, segment.end - address, flags)
 
 
 def write_core_file(records: Iterable[Record], path: Path) -> CoreResult:
@@ -223,12 +218,16 @@ def write_core(records: Iterable[Record], out: BinaryIO) -> CoreResult:
         elif isinstance(record, End):
             break
     if header is None or credentials is None or mm is None or memory is None or not threads:
-        raise ImageError("incomplete image: a HEADER, CREDENTIALS, MM, SEGMENTS or THREAD is missing")
+        raise ImageError(
+            "incomplete image: a HEADER, CREDENTIALS, MM, SEGMENTS or THREAD is missing"
+        )
     # gdb takes the first thread for the one that dumped: the main thread.
     threads.sort(key=lambda thread: thread.tid != header.pid)
     loads = memory.loads()
     if len(loads) + 1 >= PN_XNUM:
-        raise ImageError(f"{len(loads)} memory segments: more than an ELF core without sections holds")
+        raise ImageError(
+            f"{len(loads)} memory segments: more than an ELF core without sections holds"
+        )
     mapped = [segment for segment in memory.segments if _is_file_backed(segment)]
     notes = b"".join(
         _framed(note)
@@ -264,7 +263,8 @@ def write_core(records: Iterable[Record], out: BinaryIO) -> CoreResult:
 
 
 def _thread_notes(thread: Thread, header: ImageHeader) -> Iterator[lief.ELF.Note]:
-    status: Any = _note("CORE", ELF.Note.TYPE.CORE_PRSTATUS, bytes(PRSTATUS_SIZE))
+    status = _note("CORE", ELF.Note.TYPE.CORE_PRSTATUS, bytes(PRSTATUS_SIZE))
+    assert isinstance(status, ELF.CorePrStatus)  # lief parses what it makes
     values = status.status
     values.pid, values.ppid, values.pgrp, values.sid = (
         thread.tid, header.ppid, header.pgid, header.sid,
@@ -280,8 +280,10 @@ def _thread_notes(thread: Thread, header: ImageHeader) -> Iterator[lief.ELF.Note
 
 
 def _prpsinfo(header: ImageHeader, credentials: Credentials) -> lief.ELF.Note:
-    note: Any = _note("CORE", ELF.Note.TYPE.CORE_PRPSINFO, bytes(PRPSINFO_SIZE))
+    note = _note("CORE", ELF.Note.TYPE.CORE_PRPSINFO, bytes(PRPSINFO_SIZE))
+    assert isinstance(note, ELF.CorePrPsInfo)
     info = note.info
+    assert info is not None  # lief reads the zeros it was given
     # A dump reads a process stopped in its tracks: the kernel calls a dumping task R.
     info.sname = "R"
     info.uid, info.gid = credentials.uid, credentials.gid

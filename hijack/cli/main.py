@@ -16,7 +16,6 @@ from rich.console import Console
 
 import hijack
 from hijack import check as checking
-from hijack import core as core_files
 from hijack import objects
 from hijack.cli import render
 from hijack.errors import HijackError
@@ -296,6 +295,9 @@ def command_show(args: argparse.Namespace, console: Console) -> int:
 
 
 def command_core(args: argparse.Namespace, console: Console) -> int:
+    # lief takes a second or more to load: only this command pays for it.
+    from hijack import core as core_files
+
     with open_image(args.image) as stream:
         result = core_files.write_core_file(read_image(stream), Path(args.output))
     render.core_result(console, result, args.output)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -19,7 +20,6 @@ from rich.progress import (
 from rich.table import Table
 
 from hijack.check import Finding
-from hijack.core import CoreResult
 from hijack.image.summary import ImageSummary, summary_to_json
 from hijack.mutator.attach import AttachResult
 from hijack.mutator.dump import DumpResult
@@ -27,6 +27,9 @@ from hijack.node.move import MoveResult
 from hijack.process import settings as process_settings
 from hijack.process import timers as process_timers
 from hijack.restore.restorer import RestoreResult
+
+if TYPE_CHECKING:  # lief, which hijack.core loads, is slow to import
+    from hijack.core import CoreResult
 
 
 def attach_result(console: Console, result: AttachResult, *, as_json: bool = False) -> None:
