@@ -197,4 +197,5 @@ def test_bad_input_is_one_line_and_leaves_no_core(
     truncated.write_bytes(dumped["stored"].image.read_bytes()[:100_000])
     refused(truncated, core, "truncated")
     refused(dumped["stored"].image, tmp_path / "absent" / "x.core", "cannot write")
+    refused(dumped["stored"].image, Path("-"), "not stdout")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt", "truncated.crf"]

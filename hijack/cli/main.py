@@ -298,6 +298,8 @@ def command_core(args: argparse.Namespace, console: Console) -> int:
     # lief takes a second or more to load: only this command pays for it.
     from hijack import core as core_files
 
+    if args.output == "-":
+        raise HijackError("a core file is written out of order: -o needs a file, not stdout")
     with open_image(args.image) as stream:
         result = core_files.write_core_file(read_image(stream), Path(args.output))
     render.core_result(console, result, args.output)
