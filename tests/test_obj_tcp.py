@@ -68,3 +68,4 @@ def test_a_server_killed_mid_stream_and_restored_keeps_its_client(
             assert client.wait_exit(timeout=120) == 0, client.describe()
         server.assert_intact()
     assert "echoed" in server.stdout
+

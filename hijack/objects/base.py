@@ -38,6 +38,7 @@ class DumpContext:
     def __init__(
         self,
         pid: int,
+        entries: list[procfs.FdEntry],
         descriptions: dict[int, int],
         *,
         frozen: bool = True,
@@ -45,6 +46,7 @@ class DumpContext:
     ) -> None:
         self.pid = pid
         self.frozen = frozen  # every thread of the process is stopped
+        self.entries = entries  # every descriptor of the process (a pipe's other end ...)
         # Established TCP connections are read with TCP_REPAIR, so that a restore can
         # rebuild them (a plain dump; a move relays them through the shadow instead).
         self.connections = connections
@@ -101,9 +103,12 @@ class DumpContext:
 class RestoreContext:
     """What a kind's restore() is given: the stub, the image's files, and helpers."""
 
-    def __init__(self, stub: Stub, image: ImageFiles, parking: int) -> None:
+    def __init__(
+        self, stub: Stub, image: ImageFiles, parking: int, restored: frozenset[int]
+    ) -> None:
         self.stub = stub
         self.image = image
+        self.restored = restored  # the numbers the process gets back (not those dropped)
         self._parking = parking  # above every descriptor number the image uses
         self._restorer = -1  # the stub's pidfd of this process, for give()
         self._kept: dict[int, int] = {}
