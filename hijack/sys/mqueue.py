@@ -61,8 +61,13 @@ def take_and_put_back(fd: int, attrs: Attributes) -> list[tuple[int, bytes]]:
         while True:
             try:
                 length = raw_syscall(
-                    "mq_timedreceive", fd, ctypes.addressof(buffer), attrs.msgsize,
-                    ctypes.addressof(priority), ctypes.addressof(past), what="a message queue",
+                    "mq_timedreceive",
+                    fd,
+                    ctypes.addressof(buffer),
+                    attrs.msgsize,
+                    ctypes.addressof(priority),
+                    ctypes.addressof(past),
+                    what="a message queue",
                 )
             except HijackError as empty:
                 if empty.errno in (errno_codes.ETIMEDOUT, errno_codes.EAGAIN):
@@ -79,8 +84,13 @@ def send(fd: int, messages: list[tuple[int, bytes]]) -> None:
     for priority, message in messages:
         data = ctypes.create_string_buffer(message, len(message))
         raw_syscall(
-            "mq_timedsend", fd, ctypes.addressof(data), len(message), priority,
-            ctypes.addressof(past), what="a message queue",
+            "mq_timedsend",
+            fd,
+            ctypes.addressof(data),
+            len(message),
+            priority,
+            ctypes.addressof(past),
+            what="a message queue",
         )
 
 

@@ -88,8 +88,10 @@ def _table(name: str) -> list[dict[str, int]]:
     lines = (SYSVIPC / name).read_text().splitlines()
     columns = lines[0].split()
     return [
-        {column: int(value, 8 if column == "perms" else 10) for column, value in zip(
-            columns, line.split(), strict=True)}
+        {
+            column: int(value, 8 if column == "perms" else 10)
+            for column, value in zip(columns, line.split(), strict=True)
+        }
         for line in lines[1:]
     ]
 
@@ -109,7 +111,10 @@ def shared_memory() -> dict[int, SharedMemory]:
     """Every segment of this IPC namespace, by id."""
     return {
         row["shmid"]: SharedMemory(
-            id=row["shmid"], owner=_owner(row), size=row["size"], cpid=row["cpid"],
+            id=row["shmid"],
+            owner=_owner(row),
+            size=row["size"],
+            cpid=row["cpid"],
             nattch=row["nattch"],
         )
         for row in _table("shm")
@@ -126,8 +131,12 @@ def semaphore_sets() -> dict[int, SemaphoreSet]:
 def message_queues() -> dict[int, MessageQueue]:
     return {
         row["msqid"]: MessageQueue(
-            id=row["msqid"], owner=_owner(row), cbytes=row["cbytes"], qnum=row["qnum"],
-            lspid=row["lspid"], lrpid=row["lrpid"],
+            id=row["msqid"],
+            owner=_owner(row),
+            cbytes=row["cbytes"],
+            qnum=row["qnum"],
+            lspid=row["lspid"],
+            lrpid=row["lrpid"],
         )
         for row in _table("msg")
     }
@@ -172,8 +181,13 @@ def copy_messages(msqid: int, count: int, largest: int) -> list[tuple[int, bytes
     messages = []
     for index in range(count):
         length = raw_syscall(
-            "msgrcv", msqid, ctypes.addressof(buffer), largest, index,
-            IPC_NOWAIT | MSG_COPY, what=f"message {index} of queue {msqid}",
+            "msgrcv",
+            msqid,
+            ctypes.addressof(buffer),
+            largest,
+            index,
+            IPC_NOWAIT | MSG_COPY,
+            what=f"message {index} of queue {msqid}",
         )
         (message_type,) = MESSAGE_TYPE.unpack_from(buffer.raw)
         messages.append((message_type, buffer.raw[MESSAGE_TYPE.size : MESSAGE_TYPE.size + length]))
@@ -184,7 +198,11 @@ def send_message(msqid: int, message_type: int, text: bytes) -> None:
     message = MESSAGE_TYPE.pack(message_type) + text
     buffer = ctypes.create_string_buffer(message, len(message))
     raw_syscall(
-        "msgsnd", msqid, ctypes.addressof(buffer), len(text), IPC_NOWAIT,
+        "msgsnd",
+        msqid,
+        ctypes.addressof(buffer),
+        len(text),
+        IPC_NOWAIT,
         what=f"message queue {msqid}",
     )
 
@@ -201,7 +219,10 @@ def create_with_id(kind: str, wanted_id: int, key: int, *args: int) -> int:
     mode = args[-1]
     try:
         return raw_syscall(
-            f"{kind}get", key, *args[:-1], IPC_CREAT | IPC_EXCL | (mode & PERMISSIONS),
+            f"{kind}get",
+            key,
+            *args[:-1],
+            IPC_CREAT | IPC_EXCL | (mode & PERMISSIONS),
             what=f"a {kind} object with id {wanted_id}",
         )
     except HijackError as failure:
@@ -220,7 +241,9 @@ def set_owner(kind: str, object_id: int, owner: Owner) -> None:
     call = f"{kind}ctl"
     # semctl takes the buffer as its fourth argument, after a semaphore number.
     before = (0,) if kind == "sem" else ()
-    raw_syscall(call, object_id, *before, IPC_STAT, ctypes.addressof(ds), what=f"{kind} {object_id}")
+    raw_syscall(
+        call, object_id, *before, IPC_STAT, ctypes.addressof(ds), what=f"{kind} {object_id}"
+    )
     perm = list(IPC_PERM.unpack_from(ds.raw))
     perm[1], perm[2], perm[5] = owner.uid, owner.gid, owner.mode & PERMISSIONS
     IPC_PERM.pack_into(ds, 0, *perm)
