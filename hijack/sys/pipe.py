@@ -12,7 +12,6 @@ from __future__ import annotations
 import array
 import fcntl
 import os
-import select
 import termios
 from collections.abc import Iterable
 
@@ -94,10 +93,9 @@ def fill(write_fd: int, chunks: Iterable[bytes], packets: bool) -> None:
             fcntl.fcntl(write_fd, fcntl.F_SETFL, flags)
 
 
-def other_end_open(fd: int, writable: bool) -> bool:
-    """Whether the pipe behind `fd` has an end of the other kind open anywhere: writers
-    for a read end (no POLLHUP), readers for a write end (no POLLERR)."""
-    poller = select.poll()
-    poller.register(fd, select.POLLOUT if writable else select.POLLIN)
-    events = dict(poller.poll(0)).get(fd, 0)
-    return not events & (select.POLLERR if writable else select.POLLHUP)
+def open_end(fd: int, writable: bool) -> int:
+    """A new read or write end (never blocking, close-on-exec) of the pipe or FIFO behind
+    our descriptor `fd`, whichever end `fd` is: /proc/self/fd/N opens the pipe itself."""
+    mode = os.O_WRONLY if writable else os.O_RDONLY
+    with kernel_call("open", what="another end of a pipe"):
+        return os.open(f"/proc/self/fd/{fd}", mode | os.O_NONBLOCK | os.O_CLOEXEC)

@@ -590,16 +590,16 @@ def list_fds(pid: int) -> list[FdEntry]:
     return sorted(entries, key=lambda entry: entry.fd)
 
 
-def holders(targets: frozenset[str], *, besides: int) -> dict[str, set[int]]:
-    """Which processes other than `besides` (and its threads) hold a descriptor whose
-    /proc/PID/fd link is one of `targets` ("pipe:[123]", a FIFO's path, ...).
+def holders(targets: frozenset[str], *, besides: frozenset[int]) -> dict[str, set[int]]:
+    """Which processes, `besides` left out, hold a descriptor whose /proc/PID/fd link is
+    one of `targets` ("pipe:[123]", a FIFO's path, ...).
 
     Every process's descriptors are looked at: a few milliseconds on a quiet host.
     Processes that end or hide their descriptors from us during the scan are passed.
     """
     found: dict[str, set[int]] = {target: set() for target in targets}
     for pid in list_pids():
-        if pid == besides:
+        if pid in besides:
             continue
         fd_dir = f"/proc/{pid}/fd"
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import errno as errno_codes
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,9 @@ MSQID_QBYTES_OFFSET = IPC_PERM.size + 5 * 8  # after stime, rtime, ctime, cbytes
 DS_SIZE = 256  # more than any of shmid64_ds (112), semid64_ds (104), msqid64_ds (120)
 MESSAGE_TYPE = struct.Struct("<q")  # struct msgbuf's mtype, before mtext
 SYSVIPC = Path("/proc/sysvipc")
-NEXT_ID = Path("/proc/sys/kernel")
+# How /proc/PID/maps names a segment's mapping ("(deleted)" taken off); its inode is the id.
+SEGMENT_PATH = re.compile(r"/SYSV[0-9a-f]{8}")
+KERNEL_SETTINGS = Path("/proc/sys/kernel")
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,11 @@ class MessageQueue:
     qnum: int  # messages queued
     lspid: int  # last to send
     lrpid: int  # last to receive
+
+
+def is_segment_mapping(path: str, shared: bool, dev_major: int) -> bool:
+    """Whether a mapping is a System V shared memory segment attached (shmat)."""
+    return shared and dev_major == 0 and SEGMENT_PATH.fullmatch(path) is not None
 
 
 def _table(name: str) -> list[dict[str, int]]:
@@ -213,7 +221,7 @@ def send_message(msqid: int, message_type: int, text: bytes) -> None:
 def create_with_id(kind: str, wanted_id: int, key: int, *args: int) -> int:
     """shmget / semget / msgget (`kind` "shm", "sem", "msg") of a new object that gets
     id `wanted_id`; `args` are the call's arguments between the key and the flags."""
-    next_id = NEXT_ID / f"{kind}_next_id"
+    next_id = KERNEL_SETTINGS / f"{kind}_next_id"
     with kernel_call("write", what=str(next_id)):
         next_id.write_text(f"{wanted_id}\n")
     mode = args[-1]
@@ -235,33 +243,29 @@ def create_with_id(kind: str, wanted_id: int, key: int, *args: int) -> int:
         raise
 
 
-def set_owner(kind: str, object_id: int, owner: Owner) -> None:
-    """IPC_SET of the owner's uid, gid and permission bits (the rest of the object is kept)."""
+def set_owner(kind: str, object_id: int, owner: Owner, qbytes: int | None = None) -> None:
+    """IPC_SET of the owner's uid, gid and permission bits (and a message queue's
+    msg_qbytes); the rest of the object is kept."""
     ds = ctypes.create_string_buffer(DS_SIZE)
     call = f"{kind}ctl"
     # semctl takes the buffer as its fourth argument, after a semaphore number.
     before = (0,) if kind == "sem" else ()
-    raw_syscall(
-        call, object_id, *before, IPC_STAT, ctypes.addressof(ds), what=f"{kind} {object_id}"
-    )
+    what = f"{kind} {object_id}"
+    raw_syscall(call, object_id, *before, IPC_STAT, ctypes.addressof(ds), what=what)
     perm = list(IPC_PERM.unpack_from(ds.raw))
     perm[1], perm[2], perm[5] = owner.uid, owner.gid, owner.mode & PERMISSIONS
     IPC_PERM.pack_into(ds, 0, *perm)
-    raw_syscall(call, object_id, *before, IPC_SET, ctypes.addressof(ds), what=f"{kind} {object_id}")
+    if qbytes is not None:
+        MSQID_QBYTES.pack_into(ds, MSQID_QBYTES_OFFSET, qbytes)
+    raw_syscall(call, object_id, *before, IPC_SET, ctypes.addressof(ds), what=what)
+
+
+def queue_size_limit() -> int:
+    """kernel.msgmnb: the most bytes a queue may hold unless CAP_SYS_RESOURCE raised it."""
+    return int((KERNEL_SETTINGS / "msgmnb").read_text())
 
 
 def remove(kind: str, object_id: int) -> None:
     """IPC_RMID: a segment goes once no process has it attached, the others at once."""
     before = (0,) if kind == "sem" else ()
     raw_syscall(f"{kind}ctl", object_id, *before, IPC_RMID, 0, what=f"{kind} {object_id}")
-
-
-def attach(shmid: int, read_only: bool) -> int:
-    """shmat in this process, at an address the kernel chooses."""
-    return raw_syscall(
-        "shmat", shmid, 0, SHM_RDONLY if read_only else 0, what=f"shared memory {shmid}"
-    )
-
-
-def detach(address: int) -> None:
-    raw_syscall("shmdt", address, what=f"shared memory at {address:#x}")
