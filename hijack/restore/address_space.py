@@ -214,6 +214,12 @@ class AddressSpace:
     # -- 5. the image's segments ------------------------------------------------
 
     def _map_segment(self, segment: rec.Segment) -> None:
+        if is_shared_memory(segment):
+            # Only build() attaches segments: a move's pre-copy rounds cannot.
+            raise RestoreError(
+                f"System V segment {segment.inode} at {segment.start:#x} can only be attached"
+                " by a restore from a whole image"
+            )
         flags = MAP_FIXED | (MAP_SHARED if segment.shared else MAP_PRIVATE)
         if "gd" in segment.vm_flags:
             flags |= MAP_GROWSDOWN

@@ -99,3 +99,10 @@ def open_end(fd: int, writable: bool) -> int:
     mode = os.O_WRONLY if writable else os.O_RDONLY
     with kernel_call("open", what="another end of a pipe"):
         return os.open(f"/proc/self/fd/{fd}", mode | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+def open_fifo(path: str) -> int:
+    """Both ends of the named FIFO at `path` in one descriptor of ours (O_RDWR: Linux opens
+    it without waiting for a peer), non-blocking and close-on-exec."""
+    with kernel_call("open", what=path):
+        return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
