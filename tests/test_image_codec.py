@@ -39,6 +39,7 @@ from hijack.image import (
     EpollTarget,
     EventfdObject,
     FdKind,
+    FifoObject,
     FileDescriptor,
     FileIdentity,
     Files,
@@ -48,6 +49,9 @@ from hijack.image import (
     MemoryStructure,
     ObjectData,
     Pages,
+    PipeObject,
+    PosixMessage,
+    PosixMessageQueue,
     Prot,
     Record,
     Rlimit,
@@ -61,6 +65,10 @@ from hijack.image import (
     SigAction,
     SigAltStack,
     SignalState,
+    SysvMessage,
+    SysvMessageQueue,
+    SysvSemaphores,
+    SysvSharedMemory,
     TerminalObject,
     TerminalState,
     Thread,
@@ -74,7 +82,10 @@ from hijack.image import (
 from hijack.image import records as records_module
 from hijack.image.fields import Cursor, struct_codec
 
-OBJECT_TAGS = {b"TTYO", b"EPOL", b"EVFD", b"INET", b"ODAT"}
+OBJECT_TAGS = {
+    b"TTYO", b"EPOL", b"EVFD", b"INET", b"PIPE", b"FIFO", b"SHM_", b"SEM_", b"MSQ_", b"MQUE",
+    b"ODAT",
+}  # fmt: skip
 SECTION_NAMES = {
     b"HEAD": "HEADER",
     b"CRED": "CREDENTIALS",
@@ -89,6 +100,12 @@ SECTION_NAMES = {
     b"EPOL": "EPOLL_OBJECT",
     b"EVFD": "EVENTFD_OBJECT",
     b"INET": "INET_SOCKET",
+    b"PIPE": "PIPE_OBJECT",
+    b"FIFO": "FIFO_OBJECT",
+    b"SHM_": "SYSV_SHARED_MEMORY",
+    b"SEM_": "SYSV_SEMAPHORES",
+    b"MSQ_": "SYSV_MESSAGE_QUEUE",
+    b"MQUE": "POSIX_MESSAGE_QUEUE",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
     b"END_": "END",
@@ -289,6 +306,33 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         EventfdObject(id=4, count=7, semaphore=True),
         ObjectData(id=4, offset=0, data=rng.randbytes(100)),  # data of no real eventfd: a test
         ObjectData(id=4, offset=4096, data=b"after a hole"),
+        PipeObject(id=5, pipe_size=1 << 20, packets=(), outside_pid=0),
+        ObjectData(id=5, offset=0, data=b"queued in a self-pipe"),
+        FifoObject(id=6, pipe_size=65536, packets=(10, 4000), held_outside=False),
+        ObjectData(id=6, offset=0, data=rng.randbytes(4010)),
+        SysvSharedMemory(id=7, shmid=32769, key=0x0021C0BD, mode=0o1600, uid=0, gid=0, size=12288),
+        SysvSemaphores(
+            id=8, semid=2, key=0xFFFFFFFF, mode=0o600, uid=1000, gid=1000, values=(1, 0, 65535)
+        ),
+        SysvMessageQueue(
+            id=9,
+            msqid=3,
+            key=0,
+            mode=0o644,
+            uid=0,
+            gid=0,
+            qbytes=16384,
+            messages=(SysvMessage(mtype=2, text=b"first\0"), SysvMessage(mtype=2**63, text=b"")),
+        ),
+        PosixMessageQueue(
+            id=10,
+            name="/jobs",
+            unlinked=True,
+            mode=0o600,
+            maxmsg=10,
+            msgsize=8192,
+            messages=(PosixMessage(priority=9, data=b"urgent"), PosixMessage(priority=0, data=b"")),
+        ),
     )
     files = Files(
         objects=len(objects),
@@ -628,9 +672,10 @@ def test_absurd_lengths_are_refused_without_allocating_them() -> None:
 
 def test_non_canonical_bytes_are_refused() -> None:
     files = next(s for s in sections(BUILT.image) if s.tag == b"FDS_")
-    # FILES counting its 6 objects, one descriptor: fd kind flags pos | cloexec |
+    # FILES counting its objects, one descriptor: fd kind flags pos | cloexec |
     # mode dev ino description_id object_id path.
-    before = struct.pack("<IIIBIq", 6, 1, 7, FdKind.PIPE, 0, 0)
+    (objects,) = struct.unpack_from("<I", files.payload)
+    before = struct.pack("<IIIBIq", objects, 1, 7, FdKind.PIPE, 0, 0)
     after = struct.pack("<IQQQQI", 0, 0, 0, 1, 0, 1) + b"p"
     for cloexec, problem in ((b"\x02", "boolean byte is 2"), (b"\x01", None)):
         payload = before + cloexec + after
@@ -910,7 +955,19 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert len(objects) == 4  # ObjectData counted in its object's data_bytes
+    assert objects[4] == {
+        "record": "PipeObject",
+        "id": 5,
+        "pipe_size": 1 << 20,
+        "packets": [],
+        "outside_pid": 0,
+        "data_bytes": len("queued in a self-pipe"),
+    }
+    assert objects[8]["messages"] == [  # type: ignore[index]
+        {"mtype": 2, "text": b"first\0".hex()},
+        {"mtype": 2**63, "text": ""},
+    ]
+    assert len(objects) == 10  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:
@@ -1078,6 +1135,8 @@ def test_object_data_is_laid_out_like_pages() -> None:
     assert [s.payload[:16] for s in found] == [
         struct.pack("<QQ", 4, 0),
         struct.pack("<QQ", 4, 4096),
+        struct.pack("<QQ", 5, 0),
+        struct.pack("<QQ", 6, 0),
     ]
     assert found[1].payload[16:] == b"after a hole"
 

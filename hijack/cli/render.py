@@ -22,6 +22,7 @@ from hijack.image.summary import ImageSummary, summary_to_json
 from hijack.mutator.attach import AttachResult
 from hijack.mutator.dump import DumpResult
 from hijack.node.move import MoveResult
+from hijack.objects import sysv
 from hijack.restore.restorer import RestoreResult
 
 
@@ -137,6 +138,12 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
             escape(details),
         )
     console.print(files)
+    held = sysv.describe_held(summary.files)
+    if held:
+        ipc = Table("System V IPC object", title="held by the process")
+        for line in held:
+            ipc.add_row(escape(line))
+        console.print(ipc)
 
     pages = summary.pages
     console.print(

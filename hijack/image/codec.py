@@ -56,17 +56,23 @@ from hijack.image.records import (
     End,
     EpollObject,
     EventfdObject,
+    FifoObject,
     Files,
     ImageHeader,
     InetSocket,
     MemoryStructure,
     ObjectData,
     Pages,
+    PipeObject,
+    PosixMessageQueue,
     Record,
     Rlimits,
     Round,
     Segments,
     SignalState,
+    SysvMessageQueue,
+    SysvSemaphores,
+    SysvSharedMemory,
     TerminalObject,
     Thread,
 )
@@ -105,6 +111,12 @@ class SectionKind(enum.Enum):
     EPOLL_OBJECT = b"EPOL"
     EVENTFD_OBJECT = b"EVFD"
     INET_SOCKET = b"INET"
+    PIPE_OBJECT = b"PIPE"
+    FIFO_OBJECT = b"FIFO"
+    SYSV_SHARED_MEMORY = b"SHM_"
+    SYSV_SEMAPHORES = b"SEM_"
+    SYSV_MESSAGE_QUEUE = b"MSQ_"
+    POSIX_MESSAGE_QUEUE = b"MQUE"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
     END = b"END_"
@@ -208,6 +220,12 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.EPOLL_OBJECT: _StructSection(EpollObject, is_object=True),
     SectionKind.EVENTFD_OBJECT: _StructSection(EventfdObject, is_object=True),
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
+    SectionKind.PIPE_OBJECT: _StructSection(PipeObject, is_object=True),
+    SectionKind.FIFO_OBJECT: _StructSection(FifoObject, is_object=True),
+    SectionKind.SYSV_SHARED_MEMORY: _StructSection(SysvSharedMemory, is_object=True),
+    SectionKind.SYSV_SEMAPHORES: _StructSection(SysvSemaphores, is_object=True),
+    SectionKind.SYSV_MESSAGE_QUEUE: _StructSection(SysvMessageQueue, is_object=True),
+    SectionKind.POSIX_MESSAGE_QUEUE: _StructSection(PosixMessageQueue, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
     SectionKind.END: _StructSection(End),

@@ -21,20 +21,25 @@ from collections.abc import Callable
 from hijack.errors import ImageError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
+from hijack.objects import sysv
 from hijack.objects.base import O_CLOEXEC, DumpContext, Kind
 from hijack.objects.device import Device
 from hijack.objects.epoll import Epoll
 from hijack.objects.eventfd import Eventfd
 from hijack.objects.fifo import Fifo
 from hijack.objects.inet import Inet
+from hijack.objects.mqueue import MessageQueue
 from hijack.objects.other import Other
+from hijack.objects.pipe import Pipe
 from hijack.objects.regular import Regular
 from hijack.objects.terminal import Terminal
 from hijack.sys import kcmp, procfs
 
 KINDS: tuple[Kind, ...] = (
+    MessageQueue(),  # before Regular: a queue's descriptor looks like a regular file
     Regular(),
     Fifo(),
+    Pipe(),
     Terminal(),
     Device(),
     Epoll(),
@@ -96,6 +101,7 @@ def read_files(pid: int, *, frozen: bool = True) -> ImageFiles:
                     object_id=objects[description],
                 )
             )
+        sysv.dump_held(dump)  # objects of the process that no descriptor reaches
         return ImageFiles.of(descriptors, dump.sections)
 
 

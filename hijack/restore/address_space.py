@@ -59,8 +59,14 @@ MADVISE_FOR_FLAG = {
 }
 
 
+def is_shared_memory(segment: rec.Segment) -> bool:
+    """A System V shared memory segment's mapping: its inode is the segment's id."""
+    return sysv.is_segment_mapping(segment.path, segment.shared, segment.dev_major)
+
+
 def has_backing_file(segment: rec.Segment) -> bool:
-    return segment.path.startswith("/") and segment.inode != 0
+    # A System V segment's "/SYSV..." path opens nothing: the stub attaches it.
+    return segment.path.startswith("/") and segment.inode != 0 and not is_shared_memory(segment)
 
 
 def needs_backing_file(segment: rec.Segment) -> bool:
@@ -92,11 +98,6 @@ def find_hole(occupied: list[tuple[int, int]], size: int) -> int:
     if candidate + size > USER_SPACE_END:
         raise RestoreError("no room left in the address space for the restorer's scratch area")
     return candidate
-
-
-def is_shared_memory(segment: rec.Segment) -> bool:
-    """A System V shared memory segment's mapping: its inode is the segment's id."""
-    return sysv.is_segment_mapping(segment.path, segment.shared, segment.dev_major)
 
 
 def _page_rounded(size: int) -> int:

@@ -16,6 +16,7 @@ from hijack.errors import Unsupported
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.image.identity import identity_change
+from hijack.objects import sysv
 from hijack.restore.address_space import backing_file_mode, needs_backing_file, unmappable
 
 SKIP_HINT = "use --skip-unsupported to drop them; "
@@ -61,6 +62,7 @@ def restore_problems(
             change = unmappable(segment)
         if change is not None and change not in mappings:
             mappings.append(change)
+    mappings.extend(sysv.segment_refusals(segments, image))
     return Problems(tuple(mappings), tuple(objects.refusals(image, held)))
 
 
