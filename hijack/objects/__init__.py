@@ -7,7 +7,8 @@
                               descriptor: the owner of its object record's type, or
                               (no object) the first kind listing its FdKind in fd_kinds
     kind_named(name)
-    read_files(pid)           FILES and the object sections of a stopped process
+    read_files(pid)           FILES and the object sections of a stopped process, the
+                              SysV IPC objects it uses among them (hijack.objects.sysv)
     refusals(image, held)     why a restore could not rebuild each descriptor
     describe(descriptor, image)  "kind: details", for `hijack show`
 
