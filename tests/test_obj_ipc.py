@@ -74,6 +74,9 @@ def dump_kill_restore(
         assert int(fixture.ready[name]) in table, f"{name} {fixture.ready[name]} not there"
     fixture.assert_intact()
     assert "PASS sysv" in fixture.stdout
+    shown = hijack.ok("show", image).stdout
+    assert f"sem {fixture.ready['sem']}: private, values 1 4 42" in shown, shown
+    assert f"msg {fixture.ready['msg']}: private, 3 messages" in shown, shown
     recoded = io.BytesIO()
     with open(image, "rb") as source:
         recode(source, recoded)
@@ -95,3 +98,32 @@ def test_a_plain_dump_takes_no_message(hijack: HijackCli, tmp_path: Path) -> Non
         hijack.ok("dump", fixture.pid, "-o", tmp_path / "sysv.crf")
         fixture.assert_intact()
     assert "PASS sysv" in fixture.stdout
+
+
+def ipc_ids() -> tuple[set[int], set[int], set[int]]:
+    return set(sysv.shared_memory()), set(sysv.semaphore_sets()), set(sysv.message_queues())
+
+
+def test_an_id_another_object_took_is_refused_and_nothing_made_is_left(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "sysv.crf"
+    with sysv_fixture() as fixture:
+        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+        assert fixture.wait_exit() == -signal.SIGKILL
+        remove_objects(fixture.ready)
+        semid = int(fixture.ready["sem"])
+        # Another set (of one semaphore, not three) made under the process's id since.
+        intruder = sysv.create_with_id("sem", semid, sysv.IPC_PRIVATE, 1, 0o600)
+        try:
+            before = ipc_ids()
+            refused = hijack("restore", image)
+            assert refused.returncode == 1, refused.describe()
+            lines = refused.stderr.splitlines()
+            assert len(lines) == 1 and lines[0].startswith("hijack: "), refused.describe()
+            assert f"semaphore set id {semid} is taken" in lines[0], refused.describe()
+            # The segments made before the refusal are gone again; no process started
+            # (the suite's leak check would name it).
+            assert ipc_ids() == before
+        finally:
+            sysv.remove("sem", intruder)
