@@ -506,16 +506,23 @@ class FifoObject:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SysvOwner:
+    """A System V object's key, owner and permissions (struct ipc_perm)."""
+
+    key: U32  # key_t, as an unsigned 32-bit number; 0 for IPC_PRIVATE (and once removed)
+    mode: U32  # permission bits; for a segment also SHM_DEST (0o1000) when removed
+    uid: U32
+    gid: U32
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SysvSharedMemory:
     """A System V shared memory segment the process has attached. Its contents are the
     pages of the segments (mappings) it is attached at; `shmid` is their inode."""
 
     id: U64
     shmid: U32
-    key: U32  # key_t, as an unsigned 32-bit number; 0 for IPC_PRIVATE
-    mode: U32  # permission bits, and SHM_DEST (0o1000) when removed (IPC_RMID)
-    uid: U32
-    gid: U32
+    owner: SysvOwner
     size: U64
 
     def __post_init__(self) -> None:
@@ -528,10 +535,7 @@ class SysvSemaphores:
 
     id: U64
     semid: U32
-    key: U32
-    mode: U32
-    uid: U32
-    gid: U32
+    owner: SysvOwner
     values: tuple[U16, ...]  # semval of each semaphore (GETALL)
 
     def __post_init__(self) -> None:
@@ -551,10 +555,7 @@ class SysvMessageQueue:
 
     id: U64
     msqid: U32
-    key: U32
-    mode: U32
-    uid: U32
-    gid: U32
+    owner: SysvOwner
     qbytes: U64  # msg_qbytes: the bytes it may hold
     messages: tuple[SysvMessage, ...]  # in queue order (MSG_COPY)
 

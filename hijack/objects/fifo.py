@@ -13,14 +13,7 @@ from __future__ import annotations
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects.base import F_SETFL, O_NONBLOCK, DumpContext, Kind, RestoreContext
-from hijack.objects.pipe import (
-    describe_buffer,
-    fill,
-    outside_holders,
-    packet_lengths,
-    read_buffer,
-    store_buffer,
-)
+from hijack.objects.pipe import describe_buffer, dump_buffered, fill
 from hijack.objects.regular import open_by_path, path_refusal, reopen_flags
 from hijack.sys import pipe, procfs
 
@@ -36,22 +29,14 @@ class Fifo(Kind):
         return entry.kind is procfs.FdKind.FIFO
 
     def dump(self, entry: procfs.FdEntry, info: procfs.FdInfo, dump: DumpContext) -> int:
-        taken: list[bytes] = []  # the bytes, once: their data follows the record
-
-        def make(object_id: int) -> rec.FifoObject:
-            outside = bool(outside_holders(dump, entry.target))
-            size, chunks, packets = read_buffer(dump, entry, with_bytes=not outside)
-            taken.extend(chunks)
+        def make(
+            object_id: int, size: int, packets: tuple[int, ...], outside: set[int]
+        ) -> rec.ObjectRecord:
             return rec.FifoObject(
-                id=object_id,
-                pipe_size=size,
-                packets=packet_lengths(chunks, packets),
-                held_outside=outside,
+                id=object_id, pipe_size=size, packets=packets, held_outside=bool(outside)
             )
 
-        object_id = dump.add_object(("fifo", entry.dev, entry.ino), make)
-        store_buffer(dump, object_id, taken)
-        return object_id
+        return dump_buffered(dump, entry, ("fifo", entry.dev, entry.ino), make)
 
     def refusal(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str | None:
         return path_refusal(descriptor)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Callable, Hashable
 from weakref import WeakKeyDictionary
 
 from hijack.image import records as rec
@@ -39,7 +40,32 @@ def outside_holders(dump: DumpContext, target: str) -> set[int]:
     return found.get(target, set())
 
 
-def read_buffer(
+# (object id, pipe size, packet lengths, outside holders) -> the record
+MakeRecord = Callable[[int, int, tuple[int, ...], set[int]], rec.ObjectRecord]
+
+
+def dump_buffered(
+    dump: DumpContext, entry: procfs.FdEntry, key: Hashable, make_record: MakeRecord
+) -> int:
+    """The id of the pipe or FIFO behind `entry`, whose record `make_record` makes once,
+    with its buffered bytes as its data unless another process holds it (then they
+    are that traffic's, and stay in the kernel's pipe)."""
+    taken: list[bytes] = []
+
+    def make(object_id: int) -> rec.ObjectRecord:
+        outside = outside_holders(dump, entry.target)
+        size, chunks, packets = _read_buffer(dump, entry, with_bytes=not outside)
+        taken.extend(chunks)
+        lengths = tuple(len(chunk) for chunk in chunks) if packets else ()
+        return make_record(object_id, size, lengths, outside)
+
+    object_id = dump.add_object(key, make)
+    if taken:  # after the record, as OBJECT_DATA must be
+        dump.add_data(object_id, b"".join(taken))
+    return object_id
+
+
+def _read_buffer(
     dump: DumpContext, entry: procfs.FdEntry, *, with_bytes: bool
 ) -> tuple[int, list[bytes], bool]:
     """The size of the pipe behind `entry`, with `with_bytes` its buffered bytes (as
@@ -69,15 +95,6 @@ def _writer_in_packet_mode(pid: int, target: str) -> bool:
     )
 
 
-def store_buffer(dump: DumpContext, object_id: int, chunks: list[bytes]) -> None:
-    if chunks:
-        dump.add_data(object_id, b"".join(chunks))
-
-
-def packet_lengths(chunks: list[bytes], packets: bool) -> tuple[int, ...]:
-    return tuple(len(chunk) for chunk in chunks) if packets else ()
-
-
 def fill(
     write_fd: int, image: ImageFiles, object_id: int, size: int, packets: tuple[int, ...]
 ) -> None:
@@ -99,23 +116,14 @@ class Pipe(Kind):
         return entry.kind is procfs.FdKind.PIPE
 
     def dump(self, entry: procfs.FdEntry, info: procfs.FdInfo, dump: DumpContext) -> int:
-        taken: list[bytes] = []  # the bytes, once: their data follows the record
-
-        def make(object_id: int) -> rec.PipeObject:
-            outside = outside_holders(dump, entry.target)
-            # Bytes on their way to or from another process stay in its pipe.
-            size, chunks, packets = read_buffer(dump, entry, with_bytes=not outside)
-            taken.extend(chunks)
+        def make(
+            object_id: int, size: int, packets: tuple[int, ...], outside: set[int]
+        ) -> rec.ObjectRecord:
             return rec.PipeObject(
-                id=object_id,
-                pipe_size=size,
-                packets=packet_lengths(chunks, packets),
-                outside_pid=min(outside, default=0),
+                id=object_id, pipe_size=size, packets=packets, outside_pid=min(outside, default=0)
             )
 
-        object_id = dump.add_object(("pipe", entry.ino), make)
-        store_buffer(dump, object_id, taken)
-        return object_id
+        return dump_buffered(dump, entry, ("pipe", entry.ino), make)
 
     def refusal(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str | None:
         found = image.object_of(descriptor, rec.PipeObject)

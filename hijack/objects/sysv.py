@@ -37,13 +37,8 @@ from hijack.sys import procfs, sysv
 SysvRecord = rec.SysvSharedMemory | rec.SysvSemaphores | rec.SysvMessageQueue
 
 
-def _owned(owner: sysv.Owner) -> dict[str, int]:
-    return {
-        "key": owner.key & 0xFFFFFFFF,
-        "mode": owner.mode,
-        "uid": owner.uid,
-        "gid": owner.gid,
-    }
+def _owned(owner: sysv.Owner) -> rec.SysvOwner:
+    return rec.SysvOwner(key=owner.key & 0xFFFFFFFF, mode=owner.mode, uid=owner.uid, gid=owner.gid)
 
 
 def dump_held(dump: DumpContext) -> None:
@@ -68,14 +63,14 @@ def dump_held(dump: DumpContext) -> None:
 
 def _segment_record(found: sysv.SharedMemory) -> Callable[[int], rec.ObjectRecord]:
     return lambda object_id: rec.SysvSharedMemory(
-        id=object_id, shmid=found.id, size=found.size, **_owned(found.owner)
+        id=object_id, shmid=found.id, size=found.size, owner=_owned(found.owner)
     )
 
 
 def _semaphores_record(found: sysv.SemaphoreSet) -> Callable[[int], rec.ObjectRecord]:
     values = sysv.semaphore_values(found.id, found.nsems)
     return lambda object_id: rec.SysvSemaphores(
-        id=object_id, semid=found.id, values=values, **_owned(found.owner)
+        id=object_id, semid=found.id, values=values, owner=_owned(found.owner)
     )
 
 
@@ -86,7 +81,7 @@ def _queue_record(found: sysv.MessageQueue) -> Callable[[int], rec.ObjectRecord]
     )
     qbytes = sysv.message_queue_bytes(found.id)
     return lambda object_id: rec.SysvMessageQueue(
-        id=object_id, msqid=found.id, qbytes=qbytes, messages=messages, **_owned(found.owner)
+        id=object_id, msqid=found.id, qbytes=qbytes, messages=messages, owner=_owned(found.owner)
     )
 
 
@@ -164,11 +159,8 @@ def prepare(image: ImageFiles, segments: tuple[rec.Segment, ...]) -> Prepared:
     return prepared
 
 
-def _owner(found: SysvRecord) -> sysv.Owner:
-    return sysv.Owner(
-        key=_signed(found.key), uid=found.uid, gid=found.gid, cuid=found.uid, cgid=found.gid,
-        mode=found.mode,
-    )  # fmt: skip
+def _set_owner(kind: str, made: int, owner: rec.SysvOwner, qbytes: int | None = None) -> None:
+    sysv.set_owner(kind, made, uid=owner.uid, gid=owner.gid, mode=owner.mode, qbytes=qbytes)
 
 
 def _taken(kind: str, object_id: int) -> RestoreError:
@@ -179,27 +171,29 @@ def _taken(kind: str, object_id: int) -> RestoreError:
 
 
 def _prepare_segment(found: rec.SysvSharedMemory, made_with: int, prepared: Prepared) -> None:
-    removed = bool(found.mode & sysv.SHM_DEST)
+    removed = bool(found.owner.mode & sysv.SHM_DEST)
     prepared.segments[found.shmid] = found.size
     live = sysv.shared_memory().get(found.shmid)
     if live is not None:
         same = (live.size, live.owner.key & 0xFFFFFFFF, live.removed) == (
-            found.size, found.key, removed,
+            found.size, found.owner.key, removed,
         )  # fmt: skip
         if not same:
             raise _taken("shm", found.shmid)
         prepared.kept.add(found.shmid)
         return
-    key = _signed(made_with) if removed else _signed(found.key)
+    key = _signed(made_with) if removed else _signed(found.owner.key)
     try:
-        made = sysv.create_with_id("shm", found.shmid, key, found.size, found.mode)
+        made = sysv.create_with_id("shm", found.shmid, key, found.size, found.owner.mode)
     except HijackError as taken:
         if not removed or taken.errno != errno.EEXIST:
             raise
         # Its old key names another segment now: a removed one needs none.
-        made = sysv.create_with_id("shm", found.shmid, sysv.IPC_PRIVATE, found.size, found.mode)
+        made = sysv.create_with_id(
+            "shm", found.shmid, sysv.IPC_PRIVATE, found.size, found.owner.mode
+        )
     prepared.made.append(("shm", made))
-    sysv.set_owner("shm", made, _owner(found))
+    _set_owner("shm", made, found.owner)
     if removed:
         prepared.to_remove.append(made)
 
@@ -207,29 +201,29 @@ def _prepare_segment(found: rec.SysvSharedMemory, made_with: int, prepared: Prep
 def _prepare_semaphores(found: rec.SysvSemaphores, prepared: Prepared) -> None:
     live = sysv.semaphore_sets().get(found.semid)
     if live is not None:
-        if (live.nsems, live.owner.key & 0xFFFFFFFF) != (len(found.values), found.key):
+        if (live.nsems, live.owner.key & 0xFFFFFFFF) != (len(found.values), found.owner.key):
             raise _taken("semaphore set", found.semid)
         return
     made = sysv.create_with_id(
-        "sem", found.semid, _signed(found.key), len(found.values), found.mode
+        "sem", found.semid, _signed(found.owner.key), len(found.values), found.owner.mode
     )
     prepared.made.append(("sem", made))
     sysv.set_semaphore_values(made, found.values)
-    sysv.set_owner("sem", made, _owner(found))
+    _set_owner("sem", made, found.owner)
 
 
 def _prepare_queue(found: rec.SysvMessageQueue, prepared: Prepared) -> None:
     live = sysv.message_queues().get(found.msqid)
     if live is not None:
-        if live.owner.key & 0xFFFFFFFF != found.key:
+        if live.owner.key & 0xFFFFFFFF != found.owner.key:
             raise _taken("message queue", found.msqid)
         return
-    made = sysv.create_with_id("msg", found.msqid, _signed(found.key), found.mode)
+    made = sysv.create_with_id("msg", found.msqid, _signed(found.owner.key), found.owner.mode)
     prepared.made.append(("msg", made))
     # Above kernel.msgmnb only CAP_SYS_RESOURCE may raise a queue's size, and root
     # has it not here (KERNEL-NOTES): such a queue gets what this kernel allows.
     qbytes = min(found.qbytes, sysv.queue_size_limit())
-    sysv.set_owner("msg", made, _owner(found), qbytes=qbytes)
+    _set_owner("msg", made, found.owner, qbytes)
     for message in found.messages:
         sysv.send_message(made, message.mtype, message.text)
 
@@ -238,9 +232,9 @@ def describe_held(image: ImageFiles) -> list[str]:
     """One line per SysV object of the image, for `hijack show`."""
     lines = []
     for found in held(image):
-        key = f"key {found.key:#010x}" if found.key else "private"
+        key = f"key {found.owner.key:#010x}" if found.owner.key else "private"
         if isinstance(found, rec.SysvSharedMemory):
-            removed = ", removed" if found.mode & sysv.SHM_DEST else ""
+            removed = ", removed" if found.owner.mode & sysv.SHM_DEST else ""
             lines.append(f"shm {found.shmid}: {key}, {found.size} bytes{removed}")
         elif isinstance(found, rec.SysvSemaphores):
             values = " ".join(str(value) for value in found.values)

@@ -51,8 +51,6 @@ class Owner:
     key: int
     uid: int
     gid: int
-    cuid: int
-    cgid: int
     mode: int  # permission bits, plus SHM_DEST for a removed segment
 
 
@@ -109,8 +107,6 @@ def _owner(row: dict[str, int]) -> Owner:
         key=row["key"],
         uid=row["uid"],
         gid=row["gid"],
-        cuid=row["cuid"],
-        cgid=row["cgid"],
         mode=row["perms"],
     )
 
@@ -243,7 +239,9 @@ def create_with_id(kind: str, wanted_id: int, key: int, *args: int) -> int:
         raise
 
 
-def set_owner(kind: str, object_id: int, owner: Owner, qbytes: int | None = None) -> None:
+def set_owner(
+    kind: str, object_id: int, *, uid: int, gid: int, mode: int, qbytes: int | None = None
+) -> None:
     """IPC_SET of the owner's uid, gid and permission bits (and a message queue's
     msg_qbytes); the rest of the object is kept."""
     ds = ctypes.create_string_buffer(DS_SIZE)
@@ -253,7 +251,7 @@ def set_owner(kind: str, object_id: int, owner: Owner, qbytes: int | None = None
     what = f"{kind} {object_id}"
     raw_syscall(call, object_id, *before, IPC_STAT, ctypes.addressof(ds), what=what)
     perm = list(IPC_PERM.unpack_from(ds.raw))
-    perm[1], perm[2], perm[5] = owner.uid, owner.gid, owner.mode & PERMISSIONS
+    perm[1], perm[2], perm[5] = uid, gid, mode & PERMISSIONS
     IPC_PERM.pack_into(ds, 0, *perm)
     if qbytes is not None:
         MSQID_QBYTES.pack_into(ds, MSQID_QBYTES_OFFSET, qbytes)
