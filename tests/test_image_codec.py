@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from hijack.errors import ImageError
 from hijack.image import (
     END_SECTION_SIZE,
+    FORMAT_VERSION,
     MAX_PAGES_DATA,
     PAGE_SIZE,
     RLIM_INFINITY,
@@ -46,12 +47,17 @@ from hijack.image import (
     ImageHeader,
     ImageWriter,
     InetSocket,
+    InotifyObject,
+    InotifyWatch,
+    Itimer,
     MemoryStructure,
     ObjectData,
     Pages,
     PipeObject,
     PosixMessage,
     PosixMessageQueue,
+    PosixTimer,
+    ProcessSettings,
     Prot,
     Record,
     Rlimit,
@@ -59,11 +65,13 @@ from hijack.image import (
     RobustList,
     Round,
     RseqConfiguration,
+    SeccompFilter,
     SectionKind,
     Segment,
     Segments,
     SigAction,
     SigAltStack,
+    SignalfdObject,
     SignalState,
     SysvMessage,
     SysvMessageQueue,
@@ -73,6 +81,10 @@ from hijack.image import (
     TerminalObject,
     TerminalState,
     Thread,
+    ThreadScheduling,
+    ThreadSeccomp,
+    TimerfdObject,
+    Timers,
     UserRegsStruct,
     read_image,
     read_round,
@@ -84,8 +96,8 @@ from hijack.image import records as records_module
 from hijack.image.fields import Cursor, struct_codec
 
 OBJECT_TAGS = {
-    b"TTYO", b"EPOL", b"EVFD", b"INET", b"PIPE", b"FIFO", b"SHM_", b"SEM_", b"MSQ_", b"MQUE",
-    b"ODAT",
+    b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"INET", b"PIPE", b"FIFO", b"SHM_",
+    b"SEM_", b"MSQ_", b"MQUE", b"ODAT",
 }  # fmt: skip
 SECTION_NAMES = {
     b"HEAD": "HEADER",
@@ -100,6 +112,9 @@ SECTION_NAMES = {
     b"TTYO": "TERMINAL_OBJECT",
     b"EPOL": "EPOLL_OBJECT",
     b"EVFD": "EVENTFD_OBJECT",
+    b"TMFD": "TIMERFD_OBJECT",
+    b"SGFD": "SIGNALFD_OBJECT",
+    b"INFY": "INOTIFY_OBJECT",
     b"INET": "INET_SOCKET",
     b"PIPE": "PIPE_OBJECT",
     b"FIFO": "FIFO_OBJECT",
@@ -109,6 +124,8 @@ SECTION_NAMES = {
     b"MQUE": "POSIX_MESSAGE_QUEUE",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
+    b"PSET": "SETTINGS",
+    b"TIMR": "TIMERS",
     b"END_": "END",
 }
 
@@ -307,31 +324,47 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         EventfdObject(id=4, count=7, semaphore=True),
         ObjectData(id=4, offset=0, data=rng.randbytes(100)),  # data of no real eventfd: a test
         ObjectData(id=4, offset=4096, data=b"after a hole"),
-        PipeObject(id=5, pipe_size=1 << 20, packets=(), outside_pid=0),
-        ObjectData(id=5, offset=0, data=b"queued in a self-pipe"),
-        FifoObject(id=6, pipe_size=65536, packets=(10, 4000), held_outside=False),
-        ObjectData(id=6, offset=0, data=rng.randbytes(4010)),
-        SysvSharedMemory(
+        TimerfdObject(
+            id=5,
+            clock_id=1,
+            settime_flags=1,
+            ticks=3,
+            value_ns=1_500_000,
+            interval_ns=20_000_000,
+        ),
+        SignalfdObject(id=6, sigmask=(1 << 9) | (1 << 63)),
+        InotifyObject(
             id=7,
+            watches=(
+                InotifyWatch(wd=1, mask=0x100, path="/srv/data"),
+                InotifyWatch(wd=4, mask=0x80000302, path="/etc/caf\u00e9 conf"),
+            ),
+        ),
+        PipeObject(id=8, pipe_size=1 << 20, packets=(), outside_pid=0),
+        ObjectData(id=8, offset=0, data=b"queued in a self-pipe"),
+        FifoObject(id=9, pipe_size=65536, packets=(10, 4000), held_outside=False),
+        ObjectData(id=9, offset=0, data=rng.randbytes(4010)),
+        SysvSharedMemory(
+            id=10,
             shmid=32769,
             owner=SysvOwner(key=0x0021C0BD, mode=0o1600, uid=0, gid=0),
             size=12288,
         ),
         SysvSemaphores(
-            id=8,
+            id=11,
             semid=2,
             owner=SysvOwner(key=0xFFFFFFFF, mode=0o600, uid=1000, gid=1000),
             values=(1, 0, 65535),
         ),
         SysvMessageQueue(
-            id=9,
+            id=12,
             msqid=3,
             owner=SysvOwner(key=0, mode=0o644, uid=0, gid=0),
             qbytes=16384,
             messages=(SysvMessage(mtype=2, text=b"first\0"), SysvMessage(mtype=2**63, text=b"")),
         ),
         PosixMessageQueue(
-            id=10,
+            id=13,
             name="/jobs",
             unlinked=True,
             mode=0o600,
@@ -447,6 +480,55 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             shared_pending=(rng.randbytes(128),),
         ),
         Cwd(cwd="/srv/data", root="/"),
+        ProcessSettings(
+            dumpable=2,
+            thp_disable=True,
+            child_subreaper=False,
+            pdeath_signal=15,
+            timer_slack_ns=50_000,
+            oom_score_adj=-17,
+            loginuid=1000,
+            threads=(
+                ThreadScheduling(tid=4242, policy=3, priority=0, nice=-5, affinity=(0, 2, 3)),
+                ThreadScheduling(tid=4243, policy=1, priority=42, nice=0, affinity=(1,)),
+            ),
+            seccomp=(
+                ThreadSeccomp(
+                    tid=4243,
+                    mode=2,
+                    filters=(
+                        SeccompFilter(flags=0, program=rng.randbytes(8 * 5)),
+                        SeccompFilter(flags=2, program=rng.randbytes(8)),
+                    ),
+                ),
+                ThreadSeccomp(tid=4244, mode=1, filters=()),
+            ),
+        ),
+        Timers(
+            itimers=(Itimer(which=0, interval_ns=20_000_000, value_ns=7_000_000),),
+            posix=(
+                PosixTimer(
+                    timer_id=0,
+                    clock_id=1,
+                    notify=0,
+                    signal=10,
+                    value=0xFEED,
+                    thread=0,
+                    interval_ns=0,
+                    value_ns=0,
+                ),
+                PosixTimer(
+                    timer_id=3,
+                    clock_id=-6,
+                    notify=4,
+                    signal=34,
+                    value=2**64 - 1,
+                    thread=4243,
+                    interval_ns=1_000_000,
+                    value_ns=999_999_999_999,
+                ),
+            ),
+        ),
     ]
     out = io.BytesIO()
     writer = ImageWriter(out)
@@ -640,8 +722,9 @@ def test_foreign_files_are_refused() -> None:
     for foreign in (elf_head, os.urandom(5000), b"", b"hello world\n", b"CRX\0\1\0\0\0"):
         with pytest.raises(ImageError, match="not a CRF image"):
             read_all(foreign)
-    with pytest.raises(ImageError, match="unsupported CRF version 4"):
-        read_all(b"CRF\0\4\0\0\0" + BUILT.image[8:])
+    for other in (FORMAT_VERSION - 1, FORMAT_VERSION + 1):
+        with pytest.raises(ImageError, match=f"unsupported CRF version {other}"):
+            read_all(b"CRF\0" + struct.pack("<I", other) + BUILT.image[8:])
 
 
 def test_trailing_data_is_refused_unless_the_image_is_embedded() -> None:
@@ -662,7 +745,7 @@ def test_absurd_lengths_are_refused_without_allocating_them() -> None:
     huge_list = payload[:argv_count_at] + b"\xff\xff\xff\x7f" + payload[argv_count_at + 4 :]
     first_pages = next(s.offset for s in sections(BUILT.image) if s.tag == b"PAGE")
     cases = {
-        "section length": b"CRF\0\3\0\0\0HEAD\xff\xff\xff\xff",
+        "section length": BUILT.image[:8] + b"HEAD\xff\xff\xff\xff",
         "pages length": BUILT.image[:first_pages] + b"PAGE\xff\xff\xff\x00",
         "string length": replace_section(BUILT.image, header, frame(b"HEAD", huge_string)),
         "list count": replace_section(BUILT.image, header, frame(b"HEAD", huge_list)),
@@ -680,8 +763,7 @@ def test_non_canonical_bytes_are_refused() -> None:
     files = next(s for s in sections(BUILT.image) if s.tag == b"FDS_")
     # FILES counting its objects, one descriptor: fd kind flags pos | cloexec |
     # mode dev ino description_id object_id path.
-    (objects,) = struct.unpack_from("<I", files.payload)
-    before = struct.pack("<IIIBIq", objects, 1, 7, FdKind.PIPE, 0, 0)
+    before = struct.pack("<IIIBIq", the(Files).objects, 1, 7, FdKind.PIPE, 0, 0)
     after = struct.pack("<IQQQQI", 0, 0, 0, 1, 0, 1) + b"p"
     for cloexec, problem in ((b"\x02", "boolean byte is 2"), (b"\x01", None)):
         payload = before + cloexec + after
@@ -911,9 +993,17 @@ def test_summary_and_its_json() -> None:
         "memory",
         "descriptors",
         "objects",
+        "settings",
+        "timers",
         "pages",
     }
     assert document["image_bytes"] == len(BUILT.image)
+    settings = document["settings"]
+    assert isinstance(settings, dict) and settings["oom_score_adj"] == -17
+    assert settings["threads"] == [
+        {"tid": 4242, "policy": 3, "priority": 0, "nice": -5, "affinity": [0, 2, 3]},
+        {"tid": 4243, "policy": 1, "priority": 42, "nice": 0, "affinity": [1]},
+    ]
     process = document["process"]
     assert isinstance(process, dict)
     assert process["options"] == ["NO_SHARED_LIBS"]
@@ -961,19 +1051,19 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert objects[4] == {
+    assert objects[7] == {
         "record": "PipeObject",
-        "id": 5,
+        "id": 8,
         "pipe_size": 1 << 20,
         "packets": [],
         "outside_pid": 0,
         "data_bytes": len("queued in a self-pipe"),
     }
-    assert objects[8]["messages"] == [  # type: ignore[index]
+    assert objects[11]["messages"] == [  # type: ignore[index]
         {"mtype": 2, "text": b"first\0".hex()},
         {"mtype": 2**63, "text": ""},
     ]
-    assert len(objects) == 10  # ObjectData counted in its object's data_bytes
+    assert len(objects) == 13  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:
@@ -1141,8 +1231,8 @@ def test_object_data_is_laid_out_like_pages() -> None:
     assert [s.payload[:16] for s in found] == [
         struct.pack("<QQ", 4, 0),
         struct.pack("<QQ", 4, 4096),
-        struct.pack("<QQ", 5, 0),
-        struct.pack("<QQ", 6, 0),
+        struct.pack("<QQ", 8, 0),
+        struct.pack("<QQ", 9, 0),
     ]
     assert found[1].payload[16:] == b"after a hole"
 
