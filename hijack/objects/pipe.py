@@ -34,7 +34,7 @@ def outside_holders(dump: DumpContext, target: str) -> set[int]:
     found = _outside.get(dump)
     if found is None:
         kinds = (procfs.FdKind.PIPE, procfs.FdKind.FIFO)
-        targets = frozenset(e.target for e in procfs.list_fds(dump.pid) if e.kind in kinds)
+        targets = frozenset(e.target for e in dump.entries if e.kind in kinds)
         found = procfs.holders(targets, besides=frozenset({dump.pid, os.getpid()}))
         _outside[dump] = found
     return found.get(target, set())
@@ -84,13 +84,13 @@ def _read_buffer(
     finally:
         if reader != copy:
             os.close(reader)
-    return size, chunks, len(chunks) > 1 or _writer_in_packet_mode(dump.pid, entry.target)
+    return size, chunks, len(chunks) > 1 or _writer_in_packet_mode(dump, entry.target)
 
 
-def _writer_in_packet_mode(pid: int, target: str) -> bool:
+def _writer_in_packet_mode(dump: DumpContext, target: str) -> bool:
     return any(
-        procfs.read_fdinfo(pid, entry.fd).flags & pipe.O_DIRECT
-        for entry in procfs.list_fds(pid)
+        procfs.read_fdinfo(dump.pid, entry.fd).flags & pipe.O_DIRECT
+        for entry in dump.entries
         if entry.target == target
     )
 
