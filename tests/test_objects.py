@@ -4,6 +4,7 @@ descriptor goes to. The kinds themselves are tested end to end by dump and resto
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from hijack import objects
 from hijack.image import records as rec
@@ -11,7 +12,7 @@ from hijack.image.files import ImageFiles
 from hijack.objects.base import DumpContext
 from hijack.objects.epoll import Epoll
 from hijack.objects.other import Other
-from hijack.objects.regular import Regular
+from hijack.objects.regular import Regular, is_deleted
 
 MIB = 1024 * 1024
 
@@ -78,3 +79,17 @@ def test_a_descriptor_goes_to_its_objects_kind_or_by_its_fd_kind() -> None:
     assert objects.kind_named("epoll").name == "epoll"
     assert objects.describe(files.descriptors[0], files) == "epoll: watching none"
     assert isinstance(objects.KINDS[-1], Other)  # whatever no kind claims is refused
+
+
+def test_a_deleted_file_is_told_from_one_named_deleted(tmp_path: Path) -> None:
+    named = tmp_path / "kept (deleted)"
+    named.write_text("still here")
+    gone = tmp_path / "gone"
+    gone.write_text("unlinked")
+    with open(named) as kept_file, open(gone) as gone_file:
+        gone.unlink()
+        for file, deleted in ((kept_file, False), (gone_file, True)):
+            link = os.readlink(f"/proc/self/fd/{file.fileno()}")
+            found = os.fstat(file.fileno())
+            assert link.endswith(" (deleted)")
+            assert is_deleted(link, found.st_dev, found.st_ino) == deleted, link
