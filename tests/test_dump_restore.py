@@ -1141,6 +1141,11 @@ def test_an_epoll_watching_a_dropped_pipe_watches_the_rest_after_restore(
     finally:
         process.kill()
         process.wait()
+    # EPOLLIN as registered; the kernel adds EPOLLERR and EPOLLHUP (0x18) to every entry.
+    details = {d["fd"]: d["details"] for d in image_json(hijack, image)["descriptors"]}
+    assert details[epoll_fd] == f"epoll: watching 2 ({counter}:0x19, {pipe_read}:0x19)", details
+    assert details[counter] == "eventfd: count 1", details
+    assert details[pipe_read].startswith("other: pipe:["), details
     restored = hijack.ok("restore", "--skip-unsupported", image)
     assert f"dropped fd {pipe_read} (pipe" in restored.stdout, restored.describe()
     with Child(restored_pid(restored)) as child:

@@ -56,6 +56,7 @@ from hijack.mutator.precopy import Precopy, worth_precopying
 from hijack.mutator.tracee import Tracee
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
+from hijack.objects.regular import is_deleted
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
 from hijack.restore.plan import mapping_problems
 from hijack.shadow import control
@@ -899,13 +900,7 @@ def _closed_since(pid: int, entry: procfs.FdEntry) -> bool:
 
 def _reopenable(entry: procfs.FdEntry) -> bool:
     """Whether the destination can open the file again by its path (not deleted)."""
-    if not entry.target.endswith(" (deleted)"):
-        return True
-    try:  # a file literally named "... (deleted)" is still there under that name
-        found = os.stat(entry.target)
-    except OSError:
-        return False
-    return (found.st_dev, found.st_ino) == (entry.dev, entry.ino)
+    return not is_deleted(entry.target, entry.dev, entry.ino)
 
 
 def peek_unread(pid: int, plan: list[Proxy]) -> dict[str, bytes]:
