@@ -53,6 +53,7 @@ from hijack.image import (
     MemoryStructure,
     ObjectData,
     Pages,
+    PidfdObject,
     PipeObject,
     PosixMessage,
     PosixMessageQueue,
@@ -96,8 +97,8 @@ from hijack.image import records as records_module
 from hijack.image.fields import Cursor, struct_codec
 
 OBJECT_TAGS = {
-    b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"INET", b"PIPE", b"FIFO", b"SHM_",
-    b"SEM_", b"MSQ_", b"MQUE", b"ODAT",
+    b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"PIDF", b"INET", b"PIPE", b"FIFO",
+    b"SHM_", b"SEM_", b"MSQ_", b"MQUE", b"ODAT",
 }  # fmt: skip
 SECTION_NAMES = {
     b"HEAD": "HEADER",
@@ -115,6 +116,7 @@ SECTION_NAMES = {
     b"TMFD": "TIMERFD_OBJECT",
     b"SGFD": "SIGNALFD_OBJECT",
     b"INFY": "INOTIFY_OBJECT",
+    b"PIDF": "PIDFD_OBJECT",
     b"INET": "INET_SOCKET",
     b"PIPE": "PIPE_OBJECT",
     b"FIFO": "FIFO_OBJECT",
@@ -340,31 +342,32 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 InotifyWatch(wd=4, mask=0x80000302, path="/etc/caf\u00e9 conf"),
             ),
         ),
-        PipeObject(id=8, pipe_size=1 << 20, packets=(), outside_pid=0),
-        ObjectData(id=8, offset=0, data=b"queued in a self-pipe"),
-        FifoObject(id=9, pipe_size=65536, packets=(10, 4000), held_outside=False),
-        ObjectData(id=9, offset=0, data=rng.randbytes(4010)),
+        PidfdObject(id=8, pid=4242, starttime=123456, own=True),
+        PipeObject(id=9, pipe_size=1 << 20, packets=(), outside_pid=0),
+        ObjectData(id=9, offset=0, data=b"queued in a self-pipe"),
+        FifoObject(id=10, pipe_size=65536, packets=(10, 4000), held_outside=False),
+        ObjectData(id=10, offset=0, data=rng.randbytes(4010)),
         SysvSharedMemory(
-            id=10,
+            id=11,
             shmid=32769,
             owner=SysvOwner(key=0x0021C0BD, mode=0o1600, uid=0, gid=0),
             size=12288,
         ),
         SysvSemaphores(
-            id=11,
+            id=12,
             semid=2,
             owner=SysvOwner(key=0xFFFFFFFF, mode=0o600, uid=1000, gid=1000),
             values=(1, 0, 65535),
         ),
         SysvMessageQueue(
-            id=12,
+            id=13,
             msqid=3,
             owner=SysvOwner(key=0, mode=0o644, uid=0, gid=0),
             qbytes=16384,
             messages=(SysvMessage(mtype=2, text=b"first\0"), SysvMessage(mtype=2**63, text=b"")),
         ),
         PosixMessageQueue(
-            id=13,
+            id=14,
             name="/jobs",
             unlinked=True,
             mode=0o600,
@@ -1051,19 +1054,19 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert objects[7] == {
+    assert objects[8] == {
         "record": "PipeObject",
-        "id": 8,
+        "id": 9,
         "pipe_size": 1 << 20,
         "packets": [],
         "outside_pid": 0,
         "data_bytes": len("queued in a self-pipe"),
     }
-    assert objects[11]["messages"] == [  # type: ignore[index]
+    assert objects[12]["messages"] == [  # type: ignore[index]
         {"mtype": 2, "text": b"first\0".hex()},
         {"mtype": 2**63, "text": ""},
     ]
-    assert len(objects) == 13  # ObjectData counted in its object's data_bytes
+    assert len(objects) == 14  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:
@@ -1231,8 +1234,8 @@ def test_object_data_is_laid_out_like_pages() -> None:
     assert [s.payload[:16] for s in found] == [
         struct.pack("<QQ", 4, 0),
         struct.pack("<QQ", 4, 4096),
-        struct.pack("<QQ", 8, 0),
         struct.pack("<QQ", 9, 0),
+        struct.pack("<QQ", 10, 0),
     ]
     assert found[1].payload[16:] == b"after a hole"
 

@@ -64,6 +64,7 @@ from hijack.image.records import (
     MemoryStructure,
     ObjectData,
     Pages,
+    PidfdObject,
     PipeObject,
     PosixMessageQueue,
     ProcessSettings,
@@ -118,6 +119,7 @@ class SectionKind(enum.Enum):
     TIMERFD_OBJECT = b"TMFD"
     SIGNALFD_OBJECT = b"SGFD"
     INOTIFY_OBJECT = b"INFY"
+    PIDFD_OBJECT = b"PIDF"
     INET_SOCKET = b"INET"
     PIPE_OBJECT = b"PIPE"
     FIFO_OBJECT = b"FIFO"
@@ -232,6 +234,7 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.TIMERFD_OBJECT: _StructSection(TimerfdObject, is_object=True),
     SectionKind.SIGNALFD_OBJECT: _StructSection(SignalfdObject, is_object=True),
     SectionKind.INOTIFY_OBJECT: _StructSection(InotifyObject, is_object=True),
+    SectionKind.PIDFD_OBJECT: _StructSection(PidfdObject, is_object=True),
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
     SectionKind.PIPE_OBJECT: _StructSection(PipeObject, is_object=True),
     SectionKind.FIFO_OBJECT: _StructSection(FifoObject, is_object=True),

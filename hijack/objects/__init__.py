@@ -32,6 +32,7 @@ from hijack.objects.inet import Inet
 from hijack.objects.inotify import Inotify
 from hijack.objects.mqueue import MessageQueue
 from hijack.objects.other import Other
+from hijack.objects.pidfd import Pidfd
 from hijack.objects.pipe import Pipe
 from hijack.objects.regular import Regular
 from hijack.objects.signalfd import Signalfd
@@ -51,6 +52,7 @@ KINDS: tuple[Kind, ...] = (
     Timerfd(),
     Signalfd(),
     Inotify(),
+    Pidfd(),
     Inet(),
     Other(),  # last: claims whatever is left, and refuses it
 )
