@@ -1106,13 +1106,12 @@ def test_dup_ed_descriptors_of_a_file_share_one_offset_after_restore(
 
 EPOLL_OVER_A_PIPE = """
 import os, select, sys, time
-ready = int(sys.argv[1])
+ready, pipe_read = int(sys.argv[1]), int(sys.argv[2])
 counter = os.eventfd(1)
-pipe_read, pipe_write = os.pipe()
 watcher = select.epoll()
 watcher.register(counter, select.EPOLLIN)
 watcher.register(pipe_read, select.EPOLLIN)
-os.write(ready, f"{watcher.fileno()} {counter} {pipe_read} {pipe_write}".encode())
+os.write(ready, f"{watcher.fileno()} {counter} {pipe_read}".encode())
 os.close(ready)
 while True:
     time.sleep(3600)
@@ -1124,32 +1123,36 @@ def test_an_epoll_watching_a_dropped_pipe_watches_the_rest_after_restore(
 ) -> None:
     image = tmp_path / "epoll.crf"
     ready_read, ready_write = os.pipe()
+    # A pipe whose write end stays here: no restore can rebuild its read end.
+    outside_read, outside_write = os.pipe()
     with open(tmp_path / "out", "wb") as out:
         process = subprocess.Popen(
-            [PYTHON, "-c", EPOLL_OVER_A_PIPE, str(ready_write)],
-            pass_fds=(ready_write,),
+            [PYTHON, "-c", EPOLL_OVER_A_PIPE, str(ready_write), str(outside_read)],
+            pass_fds=(ready_write, outside_read),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=out,
         )
     os.close(ready_write)
+    os.close(outside_read)
     try:
         with os.fdopen(ready_read, "rb") as ready:
-            epoll_fd, counter, pipe_read, pipe_write = map(int, ready.read().split())
+            epoll_fd, counter, pipe_read = map(int, ready.read().split())
         hijack.ok("dump", process.pid, "-o", image, "--kill", "--skip-unsupported")
         assert process.wait(timeout=EXIT_TIMEOUT) == -signal.SIGKILL
     finally:
         process.kill()
         process.wait()
+        os.close(outside_write)
     # EPOLLIN as registered; the kernel adds EPOLLERR and EPOLLHUP (0x18) to every entry.
     details = {d["fd"]: d["details"] for d in image_json(hijack, image)["descriptors"]}
     assert details[epoll_fd] == f"epoll: watching 2 ({counter}:0x19, {pipe_read}:0x19)", details
     assert details[counter] == "eventfd: count 1", details
-    assert details[pipe_read].startswith("other: pipe:["), details
+    assert details[pipe_read] == f"pipe: read end, shared with process {os.getpid()}", details
     restored = hijack.ok("restore", "--skip-unsupported", image)
     assert f"dropped fd {pipe_read} (pipe" in restored.stdout, restored.describe()
     with Child(restored_pid(restored)) as child:
         watched = procfs.read_fdinfo(child.pid, epoll_fd).epoll_targets
         assert [tfd for tfd, _, _ in watched] == [counter], watched
         assert {e.fd for e in procfs.list_fds(child.pid)} >= {epoll_fd, counter}
-        assert pipe_write not in {e.fd for e in procfs.list_fds(child.pid)}
+        assert pipe_read not in {e.fd for e in procfs.list_fds(child.pid)}

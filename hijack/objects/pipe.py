@@ -148,6 +148,8 @@ class Pipe(Kind):
     def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
         found = image.object_of(descriptor, rec.PipeObject)
         end = "read end" if descriptor.flags & O_ACCMODE == O_RDONLY else "write end"
+        if found.outside_pid:
+            return f"{end}, shared with process {found.outside_pid}"
         return f"{end}, {describe_buffer(image, found.id, found.pipe_size, found.packets)}"
 
 
