@@ -110,7 +110,7 @@ def test_an_id_another_object_took_is_refused_and_nothing_made_is_left(
         remove_objects(fixture.ready)
         semid = int(fixture.ready["sem"])
         # Another set (of one semaphore, not three) made under the process's id since.
-        intruder = sysv.create_with_id("sem", semid, sysv.IPC_PRIVATE, 1, 0o600)
+        intruder = sysv.create_with_id("sem", semid, sysv.IPC_PRIVATE, 0o600, 1)
         try:
             refused = hijack("restore", image)
             assert refused.returncode == 1, refused.describe()

@@ -184,13 +184,13 @@ def _prepare_segment(found: rec.SysvSharedMemory, made_with: int, prepared: Prep
         return
     key = _signed(made_with) if removed else _signed(found.owner.key)
     try:
-        made = sysv.create_with_id("shm", found.shmid, key, found.size, found.owner.mode)
+        made = sysv.create_with_id("shm", found.shmid, key, found.owner.mode, found.size)
     except HijackError as taken:
         if not removed or taken.errno != errno.EEXIST:
             raise
         # Its old key names another segment now: a removed one needs none.
         made = sysv.create_with_id(
-            "shm", found.shmid, sysv.IPC_PRIVATE, found.size, found.owner.mode
+            "shm", found.shmid, sysv.IPC_PRIVATE, found.owner.mode, found.size
         )
     prepared.made.append(("shm", made))
     _set_owner("shm", made, found.owner)
@@ -205,7 +205,7 @@ def _prepare_semaphores(found: rec.SysvSemaphores, prepared: Prepared) -> None:
             raise _taken("semaphore set", found.semid)
         return
     made = sysv.create_with_id(
-        "sem", found.semid, _signed(found.owner.key), len(found.values), found.owner.mode
+        "sem", found.semid, _signed(found.owner.key), found.owner.mode, len(found.values)
     )
     prepared.made.append(("sem", made))
     sysv.set_semaphore_values(made, found.values)

@@ -214,18 +214,18 @@ def send_message(msqid: int, message_type: int, text: bytes) -> None:
 # -- making objects again -------------------------------------------------------------
 
 
-def create_with_id(kind: str, wanted_id: int, key: int, *args: int) -> int:
-    """shmget / semget / msgget (`kind` "shm", "sem", "msg") of a new object that gets
-    id `wanted_id`; `args` are the call's arguments between the key and the flags."""
+def create_with_id(kind: str, wanted_id: int, key: int, mode: int, size: int | None = None) -> int:
+    """shmget / semget / msgget (`kind` "shm", "sem", "msg") of a new object with id
+    `wanted_id`; `size` is a segment's bytes or a set's semaphores."""
     next_id = KERNEL_SETTINGS / f"{kind}_next_id"
+    sizes = () if size is None else (size,)
     with kernel_call("write", what=str(next_id)):
         next_id.write_text(f"{wanted_id}\n")
-    mode = args[-1]
     try:
-        return raw_syscall(
+        made = raw_syscall(
             f"{kind}get",
             key,
-            *args[:-1],
+            *sizes,
             IPC_CREAT | IPC_EXCL | (mode & PERMISSIONS),
             what=f"a {kind} object with id {wanted_id}",
         )
@@ -237,6 +237,11 @@ def create_with_id(kind: str, wanted_id: int, key: int, *args: int) -> int:
                 f"SysV {kind} id {wanted_id} is taken by another object", errno=failure.errno
             ) from None
         raise
+    if made != wanted_id:
+        # Another process made an object between our write and our get, and took the id.
+        remove(kind, made)
+        raise HijackError(f"SysV {kind} id {wanted_id} was taken by an object made meanwhile")
+    return made
 
 
 def set_owner(
