@@ -1,7 +1,7 @@
 """System V IPC objects the process uses: shared memory segments, semaphore sets, message queues.
 
 They are no descriptors: the image holds them as object records that no
-FileDescriptor refers to (docs/crf.md, "SysV IPC objects"). Which ones the
+FileDescriptor refers to (docs/crf.md, "How SysV objects are held"). Which the
 process uses:
 - a segment it has attached (a mapping of "/SYSV<key>", whose inode is the
   segment's id), removed (IPC_RMID) or not;
