@@ -57,6 +57,7 @@ from hijack.image.records import (
     EpollObject,
     EventfdObject,
     FifoObject,
+    FileLocks,
     Files,
     ImageHeader,
     InetSocket,
@@ -68,6 +69,7 @@ from hijack.image.records import (
     PipeObject,
     PosixMessageQueue,
     ProcessSettings,
+    PtyPair,
     Record,
     Rlimits,
     Round,
@@ -77,6 +79,7 @@ from hijack.image.records import (
     SysvMessageQueue,
     SysvSemaphores,
     SysvSharedMemory,
+    TcpConnection,
     TerminalObject,
     Thread,
     TimerfdObject,
@@ -121,6 +124,9 @@ class SectionKind(enum.Enum):
     INOTIFY_OBJECT = b"INFY"
     PIDFD_OBJECT = b"PIDF"
     INET_SOCKET = b"INET"
+    TCP_CONNECTION = b"TCPC"
+    FILE_LOCKS = b"LOCK"
+    PTY_PAIR = b"PTYP"
     PIPE_OBJECT = b"PIPE"
     FIFO_OBJECT = b"FIFO"
     SYSV_SHARED_MEMORY = b"SHM_"
@@ -236,6 +242,9 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.INOTIFY_OBJECT: _StructSection(InotifyObject, is_object=True),
     SectionKind.PIDFD_OBJECT: _StructSection(PidfdObject, is_object=True),
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
+    SectionKind.TCP_CONNECTION: _StructSection(TcpConnection, is_object=True),
+    SectionKind.FILE_LOCKS: _StructSection(FileLocks, is_object=True),
+    SectionKind.PTY_PAIR: _StructSection(PtyPair, is_object=True),
     SectionKind.PIPE_OBJECT: _StructSection(PipeObject, is_object=True),
     SectionKind.FIFO_OBJECT: _StructSection(FifoObject, is_object=True),
     SectionKind.SYSV_SHARED_MEMORY: _StructSection(SysvSharedMemory, is_object=True),
