@@ -15,6 +15,7 @@ unlinked, is made anew with its sizes and messages (and unlinked again).
 
 from __future__ import annotations
 
+import errno
 import os
 
 from hijack.errors import HijackError, RestoreError
@@ -77,7 +78,7 @@ def _open_or_make(queue: rec.PosixMessageQueue) -> int:
         try:
             return mqueue.open_queue(queue.name, None)
         except HijackError as missing:
-            if missing.errno != 2:  # ENOENT: made below
+            if missing.errno != errno.ENOENT:  # a queue that is gone is made below
                 raise RestoreError(f"cannot open message queue {queue.name}: {missing}") from None
     attributes = mqueue.Attributes(queue.maxmsg, queue.msgsize, 0)
     try:
