@@ -52,6 +52,7 @@ from hijack.image import (
     MemoryStructure,
     ObjectData,
     Pages,
+    PidfdObject,
     PosixTimer,
     ProcessSettings,
     Prot,
@@ -86,7 +87,17 @@ from hijack.image import (
 from hijack.image import records as records_module
 from hijack.image.fields import Cursor, struct_codec
 
-OBJECT_TAGS = {b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"INET", b"ODAT"}
+OBJECT_TAGS = {
+    b"TTYO",
+    b"EPOL",
+    b"EVFD",
+    b"TMFD",
+    b"SGFD",
+    b"INFY",
+    b"PIDF",
+    b"INET",
+    b"ODAT",
+}
 SECTION_NAMES = {
     b"HEAD": "HEADER",
     b"CRED": "CREDENTIALS",
@@ -103,6 +114,7 @@ SECTION_NAMES = {
     b"TMFD": "TIMERFD_OBJECT",
     b"SGFD": "SIGNALFD_OBJECT",
     b"INFY": "INOTIFY_OBJECT",
+    b"PIDF": "PIDFD_OBJECT",
     b"INET": "INET_SOCKET",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
@@ -322,6 +334,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 InotifyWatch(wd=4, mask=0x80000302, path="/etc/caf\u00e9 conf"),
             ),
         ),
+        PidfdObject(id=8, pid=4242, starttime=123456, own=True),
     )
     files = Files(
         objects=len(objects),
@@ -1001,7 +1014,7 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert len(objects) == 7  # ObjectData counted in its object's data_bytes
+    assert len(objects) == 8  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:

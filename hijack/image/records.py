@@ -511,6 +511,20 @@ class InotifyObject:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PidfdObject:
+    """A pidfd: the process it refers to (fdinfo Pid), told apart from a later process
+    under the same pid by its start time."""
+
+    id: U64
+    pid: I32  # -1 when that process had exited and been reaped
+    starttime: U64  # /proc/PID/stat starttime of that process, 0 when it was gone
+    own: bool  # the dumped process itself: it refers to the restored process
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class InetSocket:
     """A TCP or UDP socket as /proc/net tells of it."""
 
@@ -554,6 +568,7 @@ ObjectRecord = (
     | TimerfdObject
     | SignalfdObject
     | InotifyObject
+    | PidfdObject
     | InetSocket
     | ObjectData
 )

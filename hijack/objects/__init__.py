@@ -29,6 +29,7 @@ from hijack.objects.fifo import Fifo
 from hijack.objects.inet import Inet
 from hijack.objects.inotify import Inotify
 from hijack.objects.other import Other
+from hijack.objects.pidfd import Pidfd
 from hijack.objects.regular import Regular
 from hijack.objects.signalfd import Signalfd
 from hijack.objects.terminal import Terminal
@@ -45,6 +46,7 @@ KINDS: tuple[Kind, ...] = (
     Timerfd(),
     Signalfd(),
     Inotify(),
+    Pidfd(),
     Inet(),
     Other(),  # last: claims whatever is left, and refuses it
 )
