@@ -981,27 +981,26 @@ def test_a_second_copy_cannot_listen_where_its_original_still_does(
         assert fetch(port, "page.html") == page
 
 
-def test_restore_refuses_an_established_connection_by_name(
+def test_an_established_connection_dumped_with_kill_comes_back_to_its_client(
     hijack: HijackCli, tmp_path: Path
 ) -> None:
     image = tmp_path / "echo.crf"
-    with spawn_fixture("echo_server") as server:
+    with spawn_fixture("echo_server", fifos=True) as server:
         port = int(server.ready["port"])
         with socket.create_connection(("127.0.0.1", port)) as client:
             client.sendall(b"ping")
             assert client.recv(4) == b"ping"
-            hijack.ok("dump", server.pid, "-o", image)
-            sockets = [
-                fd for fd in image_json(hijack, image)["descriptors"] if fd["kind"] == "SOCKET"
-            ]
-            [connection] = [fd for fd in sockets if "ESTABLISHED" in fd["details"]]
-            named = f"fd {connection['fd']} (socket {connection['details'].removeprefix('inet: ')})"
-            # Never killed: a restore of its image could not bring it back.
-            assert_refused(hijack("dump", server.pid, "-o", image, "--kill"), named, "not killing")
+            # Sent while the server is gone: held back by the lock, then echoed.
+            hijack.ok("dump", server.pid, "-o", image, "--kill")
+            assert server.wait_exit() == -signal.SIGKILL
             client.sendall(b"pong")
+            shown = image_json(hijack, image)
+            [connection] = [fd for fd in shown["descriptors"] if "ESTABLISHED" in fd["details"]]
+            assert connection["details"].startswith(f"tcp: 127.0.0.1:{port} -> ")
+            server.adopt(restored_pid(hijack.ok("restore", image)))
+            client.settimeout(30)
             assert client.recv(4) == b"pong"
-    with NothingStarted(None):
-        assert_refused(hijack("restore", image), named, "--skip-unsupported")
+        server.assert_intact()
 
 
 def test_attached_python_http_server_serves_pages_after_dump_kill_and_restore(

@@ -70,6 +70,7 @@ from hijack.image import (
     SigAltStack,
     SignalfdObject,
     SignalState,
+    TcpConnection,
     TerminalObject,
     TerminalState,
     Thread,
@@ -96,6 +97,7 @@ OBJECT_TAGS = {
     b"INFY",
     b"PIDF",
     b"INET",
+    b"TCPC",
     b"ODAT",
 }
 SECTION_NAMES = {
@@ -115,6 +117,7 @@ SECTION_NAMES = {
     b"SGFD": "SIGNALFD_OBJECT",
     b"INFY": "INOTIFY_OBJECT",
     b"PIDF": "PIDFD_OBJECT",
+    b"TCPC": "TCP_CONNECTION",
     b"INET": "INET_SOCKET",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
@@ -335,6 +338,27 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             ),
         ),
         PidfdObject(id=8, pid=4242, starttime=123456, own=True),
+        TcpConnection(
+            id=9,
+            family=10,
+            send_seq=2**32 - 5,
+            recv_seq=77,
+            mss=65483,
+            options=7,
+            snd_wscale=10,
+            rcv_wscale=7,
+            timestamp=123456789,
+            snd_wl1=1,
+            snd_wnd=2,
+            max_window=3,
+            rcv_wnd=4,
+            rcv_wup=5,
+            send_queue_bytes=3,
+            recv_queue_bytes=2,
+            local_address="[::1]:6379",
+            remote_address="[::1]:51000",
+        ),
+        ObjectData(id=9, offset=0, data=b"abcde"),
     )
     files = Files(
         objects=len(objects),
@@ -1014,7 +1038,7 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert len(objects) == 8  # ObjectData counted in its object's data_bytes
+    assert len(objects) == 9  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:
@@ -1182,6 +1206,7 @@ def test_object_data_is_laid_out_like_pages() -> None:
     assert [s.payload[:16] for s in found] == [
         struct.pack("<QQ", 4, 0),
         struct.pack("<QQ", 4, 4096),
+        struct.pack("<QQ", 9, 0),
     ]
     assert found[1].payload[16:] == b"after a hole"
 

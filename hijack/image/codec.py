@@ -71,6 +71,7 @@ from hijack.image.records import (
     Segments,
     SignalfdObject,
     SignalState,
+    TcpConnection,
     TerminalObject,
     Thread,
     TimerfdObject,
@@ -115,6 +116,7 @@ class SectionKind(enum.Enum):
     INOTIFY_OBJECT = b"INFY"
     PIDFD_OBJECT = b"PIDF"
     INET_SOCKET = b"INET"
+    TCP_CONNECTION = b"TCPC"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
     SETTINGS = b"PSET"
@@ -224,6 +226,7 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.INOTIFY_OBJECT: _StructSection(InotifyObject, is_object=True),
     SectionKind.PIDFD_OBJECT: _StructSection(PidfdObject, is_object=True),
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
+    SectionKind.TCP_CONNECTION: _StructSection(TcpConnection, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
     SectionKind.SETTINGS: _StructSection(ProcessSettings),

@@ -540,6 +540,34 @@ class InetSocket:
         _check_object_id(self)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TcpConnection:
+    """An established TCP connection as TCP_REPAIR reads it: rebuilt from this alone.
+    Its OBJECT_DATA holds the send queue, then the receive queue."""
+
+    id: U64
+    family: U16  # AF_INET or AF_INET6
+    send_seq: U32  # the sequence number of the first byte of the send queue
+    recv_seq: U32  # the sequence number of the first byte of the receive queue
+    mss: U32  # TCP_MAXSEG
+    options: U8  # TCPI_OPT_TIMESTAMPS 1, TCPI_OPT_SACK 2, TCPI_OPT_WSCALE 4 (tcp_info)
+    snd_wscale: U8
+    rcv_wscale: U8
+    timestamp: U32  # TCP_TIMESTAMP: the connection's timestamp clock at the dump
+    snd_wl1: U32  # struct tcp_repair_window, field for field
+    snd_wnd: U32
+    max_window: U32
+    rcv_wnd: U32
+    rcv_wup: U32
+    send_queue_bytes: U64  # written by the program, not yet acknowledged by the peer
+    recv_queue_bytes: U64  # received from the peer, not yet read by the program
+    local_address: str  # "127.0.0.1:8080", "[::1]:22"
+    remote_address: str
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
 MAX_OBJECT_DATA = 8 * 1024 * 1024  # bytes of one ObjectData section
 
 
@@ -570,6 +598,7 @@ ObjectRecord = (
     | InotifyObject
     | PidfdObject
     | InetSocket
+    | TcpConnection
     | ObjectData
 )
 

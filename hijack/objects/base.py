@@ -42,10 +42,14 @@ class DumpContext:
         descriptions: dict[int, int],
         *,
         frozen: bool = True,
+        connections: bool = False,
     ) -> None:
         self.pid = pid
         self.frozen = frozen  # every thread of the process is stopped
         self.entries = entries  # every descriptor of the process (a pipe's other end ...)
+        # Established TCP connections are read with TCP_REPAIR, so that a restore can
+        # rebuild them (a plain dump; a move relays them through the shadow instead).
+        self.connections = connections
         self.descriptions = descriptions  # fd -> description id (kcmp)
         self.sections: list[rec.ObjectRecord] = []  # object records and their data, in order
         self._ids: dict[Hashable, int] = {}
