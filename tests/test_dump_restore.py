@@ -1094,6 +1094,9 @@ def test_dup_ed_descriptors_of_a_file_share_one_offset_after_restore(
         document = image_json(hijack, image)
         description = {d["fd"]: d["description_id"] for d in document["descriptors"]}
         assert description[first] == description[second] != description[apart]
+        shown = hijack.ok("show", image).stdout
+        assert re.search(rf"│ {second} .*\(the open file of fd {first}\)", shown), shown
+        assert f"(the open file of fd {second})" not in shown, shown
 
         pid = restored_pid(hijack.ok("restore", image))
         shared.adopt(pid)

@@ -139,12 +139,15 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
 
     files = Table("fd", "kind", "flags", title="descriptors")
     files.add_column("details", overflow="fold", min_width=20)
+    first_of: dict[int, int] = {}  # description id -> its lowest descriptor
     for descriptor, details in zip(summary.descriptors, summary.details, strict=True):
+        first = first_of.setdefault(descriptor.description_id, descriptor.fd)
+        shared = f" (the open file of fd {first})" if first != descriptor.fd else ""
         files.add_row(
             str(descriptor.fd),
             descriptor.kind.name.lower(),
             f"{descriptor.flags:#o}",
-            escape(details),
+            escape(details + shared),
         )
     console.print(files)
     held = sysv.describe_held(summary.files)
