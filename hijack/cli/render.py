@@ -24,6 +24,7 @@ from hijack.image.summary import ImageSummary, summary_to_json
 from hijack.mutator.attach import AttachResult
 from hijack.mutator.dump import DumpResult
 from hijack.node.move import MoveResult
+from hijack.objects import sysv
 from hijack.process import settings as process_settings
 from hijack.process import timers as process_timers
 from hijack.restore.restorer import RestoreResult
@@ -151,14 +152,23 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
 
     files = Table("fd", "kind", "flags", title="descriptors")
     files.add_column("details", overflow="fold", min_width=20)
+    first_of: dict[int, int] = {}  # description id -> its lowest descriptor
     for descriptor, details in zip(summary.descriptors, summary.details, strict=True):
+        first = first_of.setdefault(descriptor.description_id, descriptor.fd)
+        shared = f" (the open file of fd {first})" if first != descriptor.fd else ""
         files.add_row(
             str(descriptor.fd),
             descriptor.kind.name.lower(),
             f"{descriptor.flags:#o}",
-            escape(details),
+            escape(details + shared),
         )
     console.print(files)
+    held = sysv.describe_held(summary.files)
+    if held:
+        ipc = Table("System V IPC object", title="held by the process")
+        for line in held:
+            ipc.add_row(escape(line))
+        console.print(ipc)
 
     console.print("process settings and timers")
     for line in process_settings.describe(summary.settings) + process_timers.describe(
