@@ -72,6 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     detach.add_argument("pid", type=parse_pid, metavar="PID")
     detach.set_defaults(handler=command_detach)
 
+    forget = commands.add_parser(
+        "forget", help="end the record of PID whatever its state, and its shadow if it runs"
+    )
+    forget.add_argument("pid", type=parse_pid, metavar="PID")
+    forget.set_defaults(handler=command_forget)
+
     dump = commands.add_parser("dump", help="write a CRF image of PID; it runs on")
     dump.add_argument("pid", type=parse_pid, metavar="PID")
     dump.add_argument(
@@ -168,8 +174,15 @@ def command_attach(args: argparse.Namespace, console: Console) -> int:
 
 def command_detach(args: argparse.Namespace, console: Console) -> int:
     with Registry() as registry:
-        record = attaching.detach(args.pid, registry)
-    console.print(f"detached process {record.pid}; shadow {record.shadow_pid} ended")
+        ended = attaching.detach(args.pid, registry)
+    render.ended(console, "detached", ended)
+    return EXIT_OK
+
+
+def command_forget(args: argparse.Namespace, console: Console) -> int:
+    with Registry() as registry:
+        ended = attaching.forget(args.pid, registry)
+    render.ended(console, "forgot", ended)
     return EXIT_OK
 
 

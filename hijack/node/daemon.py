@@ -42,7 +42,7 @@ from hijack.restore.restorer import restore
 from hijack.shadow import control
 from hijack.shadow.datagram import widen_receive_buffer
 from hijack.shadow.relay import endpoint
-from hijack.sys import terminal
+from hijack.sys import pidfd, procfs, terminal
 from hijack.testpoint import reached
 
 DEFAULT_PORT = 7450
@@ -245,6 +245,7 @@ class NodeDaemon:
                 with contextlib.nullcontext(registry) if registry else Registry() as records:
                     records.record_migrant(
                         pid,
+                        procfs.read_stat(pid).starttime,
                         str(request.get("program")),
                         str(home["node"]),
                         int(home["pid"]),
@@ -270,6 +271,8 @@ class NodeDaemon:
                     if self._decide(move, pid, "running") != "running":
                         raise HijackError(f"move {move} was settled as aborted before its commit")
                     committed.append(pid)
+                    with contextlib.nullcontext(registry) if registry else Registry() as records:
+                        records.settle_arrival(pid)  # back home: its home row is this one now
                 except BaseException:
                     self._decide(move, pid, "aborted")
                     with contextlib.suppress(HijackError), Registry() as forgetting:
@@ -304,7 +307,7 @@ class NodeDaemon:
                 sock.close()  # the process has its own copies
             terminals.close_slaves()
         terminals.start_pumps()
-        threading.Thread(target=_reap, args=(result.pid,), daemon=True).start()
+        _watch_migrant(result.pid, child=True)
         log(f"move {move}: {result.program} runs here as {result.pid}")
         reached("daemon-committed")
         channel.send({"phase": "running", "pid": result.pid})
@@ -470,17 +473,56 @@ class _Terminals:
         self.ptys.clear()
 
 
-def _reap(pid: int) -> None:
-    """The restored process is our child: collect it when it ends.
+def _watch_migrant(pid: int, *, child: bool) -> None:
+    """Release the home shadow of migrant `pid` once it ends (a thread waits for that).
 
-    If it ended here (not moved on: a mover forgets it before killing it),
-    its home shadow has nothing left to relay for and is released.
+    A process we restored is our child, collected here; one restored by an
+    earlier run of the daemon is not, and is watched through a pidfd.
     """
-    try:
-        _, status = os.waitpid(pid, 0)
-    except ChildProcessError:
-        return
-    log(f"process {pid} ended ({os.waitstatus_to_exitcode(status)})")
+
+    def wait() -> None:
+        if child:
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                return
+            log(f"process {pid} ended ({os.waitstatus_to_exitcode(status)})")
+        else:
+            with contextlib.suppress(HijackError):  # gone already
+                handle = pidfd.pidfd_open(pid)
+                try:
+                    pidfd.wait_exit(handle, -1)  # no time-out
+                finally:
+                    os.close(handle)
+            log(f"process {pid} ended")
+        _migrant_ended(pid)
+
+    threading.Thread(target=wait, name=f"migrant-{pid}", daemon=True).start()
+
+
+def reconcile_migrants() -> None:
+    """At start: the migrants that ended while no daemon ran here release their home shadow;
+    those that run are watched again."""
+    with Registry() as registry:
+        migrants = registry.running_migrants()
+    for record in migrants:
+        try:
+            stat = procfs.read_stat(record.pid)
+            gone = stat.state in ("Z", "X") or (
+                record.start_time and stat.starttime != record.start_time
+            )
+            if not gone:
+                _watch_migrant(record.pid, child=False)
+                continue
+        except HijackError:
+            pass  # no such process
+        log(f"process {record.pid} ended while no daemon ran here")
+        _migrant_ended(record.pid)
+
+
+def _migrant_ended(pid: int) -> None:
+    """If `pid` ended here (not moved on: a mover marks it before killing it), its home
+    shadow has nothing left to relay for and is released."""
     with Registry() as registry:
         record = registry.find(pid)
         if record is None or record.state != "running":
@@ -489,7 +531,9 @@ def _reap(pid: int) -> None:
     if record.relay_address and record.relay_token:
         try:
             token = bytes.fromhex(record.relay_token)
-            control.remote_request(record.relay_address, token, {"op": "release"}, timeout=5.0)
+            reason = f"process {pid} ended on {node_name()}"
+            release = {"op": "release", "reason": reason}
+            control.remote_request(record.relay_address, token, release, timeout=5.0)
         except (HijackError, ValueError) as exc:
             log(f"could not release the home shadow of {pid}: {exc}")
 
@@ -506,6 +550,7 @@ def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]
 
 def serve(address: tuple[str, int], key: bytes, *, allow_root: bool = False) -> None:
     daemon = NodeDaemon(address, key, allow_root=allow_root)
+    reconcile_migrants()
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     try:
         daemon.serve()
