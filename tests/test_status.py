@@ -391,12 +391,23 @@ def test_every_field_of_the_schema_is_documented_in_status_md() -> None:
 def test_a_process_back_home_under_a_new_pid_is_one_row(home: Path) -> None:
     with Registry(home) as registry:
         registry.record_attached(100, 1, "server", shadow_pid=101, shadow_control="ctl")
+        registry.set_relay(100, "10.0.0.1:7451", "00")
         registry.set_state(100, "moved", current_node=DEST)
-        registry.record_migrant(200, "server", HOME, 100, "10.0.0.1:7451", "00")
-        assert [(p.pid, p.state, p.home_pid) for p in registry.processes()] == [
-            (200, "running", 100)
+        registry.record_migrant(200, 7, "server", HOME, 100, "10.0.0.1:7451", "00")
+        # Until the move is committed the home row stays as it was.
+        assert [p.pid for p in registry.processes()] == [100, 200]
+        registry.settle_arrival(200)
+        # Then one row, under the new pid, with the home shadow (status asks it, detach ends it).
+        assert [
+            (p.pid, p.state, p.home_pid, p.shadow_pid, p.shadow_control)
+            for p in registry.processes()
+        ] == [(200, "running", 100, 101, "ctl")]
+        registry.moved_on(200, DEST)  # and moved on from home: listed there still
+        assert [(p.pid, p.state, p.current_node) for p in registry.processes()] == [
+            (200, "moved", DEST)
         ]
-        assert [(e.pid, e.kind) for e in registry.recent_events(2)] == [
+        assert [(e.pid, e.kind) for e in registry.recent_events(3)] == [
+            (200, "moved"),
             (100, "returned"),
             (200, "arrived"),
         ]

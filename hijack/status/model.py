@@ -245,15 +245,15 @@ def _process_view(
 def _note(
     record: ProcessRecord, state: State, current_node: str, node: NodeView | None
 ) -> str | None:
-    """What a row cannot vouch for: a process away on a node that does not answer may have
-    ended there unseen (its node releases the shadow when it sees it end)."""
+    """What a row cannot vouch for (a process away on a node that does not answer may have
+    ended there unseen: its node releases the shadow when it sees it end), or what to do."""
     if state is State.MOVED and node is not None and node.reachable is False:
         return (
             f"node {current_node} does not answer: whether the process still runs there is"
             f" unknown (`hijack forget {record.pid}` ends this record and its shadow)"
         )
-    if state is State.GONE and record.shadow_pid and record.state != "exited":
-        return f"`hijack forget {record.pid}` ends this record"
+    if state is State.GONE:
+        return "`hijack recover` clears this record"
     return None
 
 

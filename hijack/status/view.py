@@ -199,12 +199,15 @@ def _last_move_cell(move: MoveView | None) -> str:
 
 
 def _shadow_notes(processes: Iterable[ProcessView]) -> list[Text]:
-    """Why a shadow is not ok, one line each under the table."""
-    return [
-        Text.from_markup(f"  [dim]shadow of {process.pid}:[/] {escape(process.shadow.error or '')}")
-        for process in processes
-        if process.shadow is not None and process.shadow.health is not Health.OK
-    ]
+    """Why a shadow is not ok, and what a row cannot vouch for: lines under the table."""
+    notes = []
+    for process in processes:
+        shadow = process.shadow
+        if shadow is not None and shadow.health is not Health.OK:
+            notes.append(f"  [dim]shadow of {process.pid}:[/] {escape(shadow.error or '')}")
+        if process.note:
+            notes.append(f"  [dim]{process.pid}:[/] {escape(process.note)}")
+    return [Text.from_markup(note) for note in notes]
 
 
 def relays_table(processes: Iterable[ProcessView], rates: Throughput | None = None) -> Table:
