@@ -316,6 +316,39 @@ class Registry:
             )
             self._log(db, pid, "moving", f"to {destination} (move {move_id})")
 
+    def record_received_move(
+        self,
+        move_id: str,
+        pid: int,
+        program: str,
+        source: str,
+        new_pid: int,
+        bytes_received: int,
+        started_at: float,
+    ) -> None:
+        """A move this node received and runs: listed beside the moves it made.
+
+        Its mover has the same row (same id) on its own node; sharing one
+        state directory, the mover's is kept.
+        """
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO moves (id, pid, program, source, destination, phase,"
+                " started_at, finished_at, bytes_sent, new_pid) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    move_id,
+                    pid,
+                    program,
+                    source,
+                    node_name(),
+                    "done",
+                    started_at,
+                    time.time(),
+                    bytes_received,
+                    new_pid,
+                ),
+            )
+
     def update_move(self, move_id: str, **fields: object) -> None:
         allowed = {"phase", "finished_at", "bytes_sent", "freeze_ms", "new_pid", "error"}
         if not fields or not set(fields) <= allowed:

@@ -127,7 +127,7 @@ def test_a_process_moved_there_back_and_away_again_leaves_no_shadow_and_no_port(
 
 def test_detach_of_a_process_back_home_ends_its_shadow_and_names_it(tmp_path: Path) -> None:
     with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
+        a = cluster["a"]
         for node in cluster:
             node.start_daemon()
         with spawn_fixture("echo_server", netns=a.netns) as server:
@@ -146,7 +146,7 @@ def test_a_process_back_home_that_ends_while_no_daemon_runs_ends_its_shadow(
     tmp_path: Path,
 ) -> None:
     with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
+        a = cluster["a"]
         for node in cluster:
             node.start_daemon()
         with spawn_fixture("echo_server", netns=a.netns) as server:
@@ -202,8 +202,7 @@ def test_forget_ends_the_record_and_shadow_of_a_process_dead_on_a_node_that_is_d
 
             result = a.hijack_ok("forget", server.pid)
             assert result.stdout.startswith(
-                f"forgot process {server.pid} (echo_server, moved); shadow {moved.shadow_pid}"
-                " ended"
+                f"forgot process {server.pid} (echo_server, moved); shadow {moved.shadow_pid} ended"
             ), result.stdout
             wait_gone(moved.shadow_pid, EXIT_TIMEOUT, "the shadow of a forgotten process")
             assert_port_free(a, port)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import traceback
@@ -34,6 +35,7 @@ from hijack.status import view as status_view
 from hijack.status import watch as status_watch
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+PIPED_WIDTH = 1000  # columns of output to a pipe or file: tables at their whole width
 
 
 class Interrupted(HijackError):
@@ -308,13 +310,20 @@ def open_image(name: str) -> Iterator[BinaryIO]:
         yield stream
 
 
+def _console() -> Console:
+    """The terminal's width; piped (and no $COLUMNS), wide enough that no table is cut."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=PIPED_WIDTH)
+
+
 def main(argv: Sequence[str] | None = None, console: Console | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad usage, 0 on --help
         return int(exc.code or 0)
-    console = console or Console()
+    console = console or _console()
     previous = {
         sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
     }

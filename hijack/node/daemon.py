@@ -199,6 +199,7 @@ class NodeDaemon:
             channel.send({"error": str(exc)})
             return
         log(f"move {move:.40} of {request.get('program')!s:.80} from {channel.peer} ({where})")
+        started_at = time.time()
         here = channel.sock.getsockname()[0]
         opened: list[socket.socket] = []
         provided: dict[int, int] = {}
@@ -309,6 +310,17 @@ class NodeDaemon:
         terminals.start_pumps()
         _watch_migrant(result.pid, child=True)
         log(f"move {move}: {result.program} runs here as {result.pid}")
+        source_pid = request.get("pid")
+        with contextlib.suppress(HijackError), Registry() as records:  # it runs: nothing may fail
+            records.record_received_move(
+                move,
+                source_pid if isinstance(source_pid, int) else 0,
+                result.program,
+                channel.peer,
+                result.pid,
+                image.received,
+                started_at,
+            )
         reached("daemon-committed")
         channel.send({"phase": "running", "pid": result.pid})
 
