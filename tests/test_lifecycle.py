@@ -209,3 +209,20 @@ def test_forget_ends_the_record_and_shadow_of_a_process_dead_on_a_node_that_is_d
             assert status_of(a)["processes"] == []
             unknown = a.hijack("forget", server.pid)
             assert (unknown.returncode, unknown.stderr.count("\n")) == (1, 1), unknown.describe()
+
+
+def test_a_migrant_that_ends_as_its_daemon_stops_still_releases_its_home_shadow(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            port = int(server.ready["port"])
+            moved = move(a, server.pid, b)
+            # The daemon's thread that waits for the migrant stops with it: what it
+            # had not told the shadow yet, the daemon tells it on its way out.
+            os.kill(moved.pid, signal.SIGKILL)
+            b.stop_daemon()
+            wait_gone(moved.shadow_pid, EXIT_TIMEOUT, "the home shadow of a migrant that ended")
+            assert_port_free(a, port)

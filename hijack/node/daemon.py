@@ -49,6 +49,8 @@ DEFAULT_PORT = 7450
 HANDSHAKE_TIMEOUT = 10.0  # seconds a connecting peer has to prove it holds the key
 COMMIT_TIMEOUT = 60.0  # seconds a prepared process waits for the mover's decision
 LISTEN_BACKLOG = 128
+RELEASE_TIMEOUT = 5.0  # seconds to tell a home shadow its migrant ended
+STOPPING_RELEASE_TIMEOUT = 1.0  # the same, as the daemon stops
 
 
 class Proxy(NamedTuple):
@@ -512,9 +514,13 @@ def _watch_migrant(pid: int, *, child: bool) -> None:
     threading.Thread(target=wait, name=f"migrant-{pid}", daemon=True).start()
 
 
-def reconcile_migrants() -> None:
-    """At start: the migrants that ended while no daemon ran here release their home shadow;
-    those that run are watched again."""
+def reconcile_migrants(*, watch: bool) -> None:
+    """The migrants that ended unseen release their home shadow; with `watch`, those that
+    run are watched again.
+
+    At start, for those that ended while no daemon ran here; at the end, for
+    those that ended as it stopped (the threads that wait for them stop with it).
+    """
     with Registry() as registry:
         migrants = registry.running_migrants()
     for record in migrants:
@@ -523,16 +529,17 @@ def reconcile_migrants() -> None:
             gone = stat.state in ("Z", "X") or (
                 record.start_time and stat.starttime != record.start_time
             )
-            if not gone:
-                _watch_migrant(record.pid, child=False)
-                continue
         except HijackError:
-            pass  # no such process
-        log(f"process {record.pid} ended while no daemon ran here")
-        _migrant_ended(record.pid)
+            gone = True  # no such process
+        if gone:
+            log(f"process {record.pid} ended while no daemon watched it")
+            # Stopping, a home shadow out of reach must not hold the daemon's end up.
+            _migrant_ended(record.pid, RELEASE_TIMEOUT if watch else STOPPING_RELEASE_TIMEOUT)
+        elif watch:
+            _watch_migrant(record.pid, child=False)
 
 
-def _migrant_ended(pid: int) -> None:
+def _migrant_ended(pid: int, timeout: float = RELEASE_TIMEOUT) -> None:
     """If `pid` ended here (not moved on: a mover marks it before killing it), its home
     shadow has nothing left to relay for and is released."""
     with Registry() as registry:
@@ -545,7 +552,7 @@ def _migrant_ended(pid: int) -> None:
             token = bytes.fromhex(record.relay_token)
             reason = f"process {pid} ended on {node_name()}"
             release = {"op": "release", "reason": reason}
-            control.remote_request(record.relay_address, token, release, timeout=5.0)
+            control.remote_request(record.relay_address, token, release, timeout=timeout)
         except (HijackError, ValueError) as exc:
             log(f"could not release the home shadow of {pid}: {exc}")
 
@@ -562,9 +569,11 @@ def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]
 
 def serve(address: tuple[str, int], key: bytes, *, allow_root: bool = False) -> None:
     daemon = NodeDaemon(address, key, allow_root=allow_root)
-    reconcile_migrants()
+    reconcile_migrants(watch=True)
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     try:
         daemon.serve()
     except KeyboardInterrupt:
         daemon.stop()
+    with contextlib.suppress(HijackError):
+        reconcile_migrants(watch=False)
