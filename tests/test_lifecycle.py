@@ -132,6 +132,13 @@ def test_detach_of_a_process_back_home_ends_its_shadow_and_names_it(tmp_path: Pa
             node.start_daemon()
         with spawn_fixture("echo_server", netns=a.netns) as server:
             back = there_and_back(cluster, server)
+            # Home lists both moves: the one it made, the one it received.
+            moves = status_of(a)["moves"]
+            assert [(m["source"], m["destination"], m["phase"]) for m in moves] == [
+                ("b", "a", "done"),
+                ("a", "b", "done"),
+            ], moves
+            assert moves[0]["new_pid"] == back.pid, moves
             result = a.hijack_ok("detach", back.pid)
             assert result.stdout.startswith(
                 f"detached process {back.pid} (echo_server, running); shadow {back.shadow_pid}"
