@@ -569,7 +569,10 @@ def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]
 
 def serve(address: tuple[str, int], key: bytes, *, allow_root: bool = False) -> None:
     daemon = NodeDaemon(address, key, allow_root=allow_root)
-    reconcile_migrants(watch=True)
+    try:
+        reconcile_migrants(watch=True)
+    except HijackError as exc:  # a registry it cannot use refuses moves later, by their mover
+        log(f"cannot look at the migrants of an earlier run: {exc}")
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     try:
         daemon.serve()

@@ -238,12 +238,12 @@ def _process_view(
         home_pid=record.home_pid,
         shadow=shadow,
         last_move=last_move,
-        note=_note(record, state, current_node, nodes.get(current_node)),
+        note=_note(record, state, here, current_node, nodes.get(current_node)),
     )
 
 
 def _note(
-    record: ProcessRecord, state: State, current_node: str, node: NodeView | None
+    record: ProcessRecord, state: State, here: str, current_node: str, node: NodeView | None
 ) -> str | None:
     """What a row cannot vouch for (a process away on a node that does not answer may have
     ended there unseen: its node releases the shadow when it sees it end), or what to do."""
@@ -252,6 +252,8 @@ def _note(
             f"node {current_node} does not answer: whether the process still runs there is"
             f" unknown (`hijack forget {record.pid}` ends this record and its shadow)"
         )
+    if state is State.GONE and record.home_node != here and record.state == "running":
+        return "ended unseen: this node's daemon releases its home shadow (it looks at start)"
     if state is State.GONE:
         return "`hijack recover` clears this record"
     return None
