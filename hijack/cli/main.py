@@ -15,6 +15,8 @@ from typing import BinaryIO
 
 from rich.console import Console
 
+from hijack import check as checking
+from hijack import objects
 from hijack.cli import render
 from hijack.errors import HijackError
 from hijack.image.codec import read_image
@@ -88,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument(
         "--kill", action="store_true", help="end the process once the image is complete"
     )
+    dump.add_argument(
+        "--skip-unsupported",
+        action="store_true",
+        help="with --kill: kill it even though its restore must drop descriptors it cannot rebuild",
+    )
     dump.add_argument("--no-binary", action="store_true", help="map the executable from its file")
     dump.add_argument(
         "--no-shared-libs", action="store_true", help="map shared libraries from their files"
@@ -152,6 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.set_defaults(handler=command_cluster_init)
     add_status_parser(commands)
+
+    check = commands.add_parser(
+        "check", help="can this machine and user do everything hijack needs?"
+    )
+    check.add_argument("--json", action="store_true", help="print the findings as JSON")
+    check.set_defaults(handler=command_check)
     return parser
 
 
@@ -206,6 +219,8 @@ def command_dump(args: argparse.Namespace, console: Console) -> int:
             "no_binary": args.no_binary,
             "no_shared_libs": args.no_shared_libs,
             "before_kill": hand_over,
+            # The shadow keeps the descriptors; or the user accepts losing them.
+            "check_descriptors": holder is None and not args.skip_unsupported,
         }
         try:
             if args.output == "-":
@@ -235,7 +250,7 @@ def command_restore(args: argparse.Namespace, console: Console) -> int:
 
 def command_show(args: argparse.Namespace, console: Console) -> int:
     with open_image(args.image) as stream:
-        summary = summarize(read_image(stream))
+        summary = summarize(read_image(stream), describe=objects.describe)
     render.image_summary(console, summary, as_json=args.json)
     return EXIT_OK
 
@@ -294,6 +309,15 @@ def command_status(args: argparse.Namespace, console: Console) -> int:
         status_view.status_json(console, snapshot)
     else:
         status_view.status(console, snapshot)
+    return EXIT_OK
+
+
+def command_check(args: argparse.Namespace, console: Console) -> int:
+    findings = checking.run_checks()
+    render.check_findings(console, findings, as_json=args.json)
+    missing = [finding.name for finding in findings if finding.required and not finding.ok]
+    if missing:
+        raise HijackError(f"missing what hijack needs: {', '.join(missing)}")
     return EXIT_OK
 
 

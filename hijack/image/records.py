@@ -24,6 +24,7 @@ U16 = Annotated[int, UInt(2)]
 U32 = Annotated[int, UInt(4)]
 U64 = Annotated[int, UInt(8)]
 I64 = Annotated[int, SInt(8)]
+I32 = Annotated[int, SInt(4)]
 # A raw kernel siginfo_t (always 128 bytes on Linux), kept opaque: restore hands
 # it back to rt_sigqueueinfo / PTRACE_SETSIGINFO unchanged.
 SIGINFO_SIZE = 128
@@ -359,16 +360,6 @@ class FdKind(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SocketInfo:
-    family: U16  # AF_*
-    type: U16  # SOCK_STREAM, SOCK_DGRAM, ...
-    protocol: U16
-    state: U8  # TCP_* state for inet sockets, SS_* otherwise
-    local_address: str  # "127.0.0.1:8080", "[::1]:22", a unix path, "" if unbound
-    remote_address: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class EpollTarget:
     """One entry of an epoll interest list: epoll_ctl(EPOLL_CTL_ADD, tfd, {events, data})."""
 
@@ -399,6 +390,8 @@ class TerminalState:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FileDescriptor:
+    """What every descriptor has; what its kind needs more is in the object it refers to."""
+
     fd: U32
     kind: Annotated[FdKind, UInt(1)]
     flags: U32  # O_* flags from fdinfo (printed in octal there)
@@ -407,29 +400,19 @@ class FileDescriptor:
     mode: U32  # st_mode
     dev: U64  # st_dev
     ino: U64  # st_ino
-    eventfd_count: U64 = 0  # an EVENTFD's counter (fdinfo eventfd-count), else 0
+    # Equal for descriptors sharing one open file description (dup'ed, inherited),
+    # as kcmp(KCMP_FILE) found them: restored as one description.
+    description_id: U64
+    object_id: U64 = 0  # the object record (its id) this descriptor reaches; 0 for none
     path: str  # the /proc/PID/fd/N link target, e.g. "pipe:[1234]"
-    socket: SocketInfo | None = None  # only for SOCKET descriptors
-    epoll: tuple[EpollTarget, ...] = ()  # an EPOLL's interest list (fdinfo tfd lines)
-    terminal: TerminalState | None = None  # a TTY's settings and window size
 
     def __post_init__(self) -> None:
-        _require(
-            self.socket is None or self.kind is FdKind.SOCKET,
-            f"FileDescriptor {self.fd}: SocketInfo on a {self.kind.name} descriptor",
-        )
-        _require(
-            not self.epoll or self.kind is FdKind.EPOLL,
-            f"FileDescriptor {self.fd}: an interest list on a {self.kind.name} descriptor",
-        )
-        _require(
-            self.terminal is None or self.kind is FdKind.TTY,
-            f"FileDescriptor {self.fd}: a TerminalState on a {self.kind.name} descriptor",
-        )
+        _require(self.description_id > 0, f"FileDescriptor {self.fd}: description_id 0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Files:
+    objects: U32 = 0  # object sections (object records and OBJECT_DATA) following FILES
     descriptors: tuple[FileDescriptor, ...]
 
     def __post_init__(self) -> None:
@@ -440,10 +423,190 @@ class Files:
         )
 
 
+# -- object records: one per kernel object, referenced by FileDescriptor.object_id ------
+# Each has `id` (u64, > 0, unique in the image) as its first field.
+
+
+def _check_object_id(record: ObjectRecord) -> None:
+    _require(record.id > 0, f"{type(record).__name__}: id 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TerminalObject:
+    """A terminal the process holds: its settings and window size."""
+
+    id: U64
+    state: TerminalState
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EpollObject:
+    """An epoll instance and its interest list (fdinfo tfd lines)."""
+
+    id: U64
+    targets: tuple[EpollTarget, ...]
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventfdObject:
+    id: U64
+    count: U64  # fdinfo eventfd-count
+    semaphore: bool  # EFD_SEMAPHORE (fdinfo eventfd-semaphore)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InetSocket:
+    """A TCP or UDP socket as /proc/net tells of it."""
+
+    id: U64
+    family: U16  # AF_INET or AF_INET6
+    type: U16  # SOCK_STREAM, SOCK_DGRAM
+    protocol: U16
+    state: U8  # the kernel's TCP_* state number
+    local_address: str  # "127.0.0.1:8080", "[::1]:22"
+    remote_address: str
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+MAX_OBJECT_DATA = 8 * 1024 * 1024  # bytes of one ObjectData section
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ObjectData:
+    """Bulk bytes of the object `id` (a pipe's buffer, a deleted file's contents), from
+    `offset` on. Laid out as id and offset (u64 each) then the data to the end of the section."""
+
+    id: U64
+    offset: U64
+    data: bytes
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        _require(
+            0 < len(self.data) <= MAX_OBJECT_DATA,
+            f"ObjectData of object {self.id}: {len(self.data)} bytes is not 1 to {MAX_OBJECT_DATA}",
+        )
+
+
+# The records an object section holds; a new kind adds its records here.
+ObjectRecord = TerminalObject | EpollObject | EventfdObject | InetSocket | ObjectData
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Cwd:
     cwd: str
     root: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ThreadScheduling:
+    """How the kernel schedules one thread: sched_getattr(2), getpriority(2),
+    sched_getaffinity(2)."""
+
+    tid: U32
+    policy: U32  # SCHED_OTHER 0, FIFO 1, RR 2, BATCH 3, IDLE 5 (SCHED_RESET_ON_FORK kept)
+    priority: U32  # sched_priority, for the real-time policies
+    nice: I32  # -20..19
+    affinity: tuple[U32, ...]  # the CPUs it may run on, ascending
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SeccompFilter:
+    """One filter of a seccomp chain (PTRACE_SECCOMP_GET_FILTER and _GET_METADATA)."""
+
+    flags: U64  # SECCOMP_FILTER_FLAG_LOG, ... as the metadata reports them
+    program: bytes  # struct sock_filter instructions, 8 bytes each
+
+    def __post_init__(self) -> None:
+        _require(
+            0 < len(self.program) <= 4096 * 8 and len(self.program) % 8 == 0,
+            f"SeccompFilter: {len(self.program)} bytes is not 1 to 4096 instructions",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ThreadSeccomp:
+    """The seccomp state of one thread that has one."""
+
+    tid: U32
+    mode: U8  # SECCOMP_MODE_STRICT 1, SECCOMP_MODE_FILTER 2
+    filters: tuple[SeccompFilter, ...]  # oldest first: the order they are installed in
+
+    def __post_init__(self) -> None:
+        _require(self.mode in (1, 2), f"ThreadSeccomp {self.tid}: mode {self.mode} is not 1 or 2")
+        _require(
+            (self.mode == 2) == bool(self.filters),
+            f"ThreadSeccomp {self.tid}: filters belong to mode 2 and only to it",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessSettings:
+    """The small per-process settings programs notice when lost (docs/crf.md, SETTINGS)."""
+
+    dumpable: U8  # prctl(PR_GET_DUMPABLE): 0, 1 or 2
+    thp_disable: bool  # prctl(PR_GET_THP_DISABLE)
+    child_subreaper: bool  # prctl(PR_GET_CHILD_SUBREAPER)
+    pdeath_signal: U8  # prctl(PR_GET_PDEATHSIG), 0 for none
+    timer_slack_ns: U64  # /proc/PID/timerslack_ns
+    oom_score_adj: I32  # /proc/PID/oom_score_adj, -1000..1000
+    loginuid: U32  # /proc/PID/loginuid; 4294967295 when never set
+    threads: tuple[ThreadScheduling, ...]
+    seccomp: tuple[ThreadSeccomp, ...]  # the threads under seccomp
+
+    def __post_init__(self) -> None:
+        _require(self.dumpable <= 2, f"ProcessSettings: dumpable {self.dumpable} is not 0-2")
+        _require(
+            -1000 <= self.oom_score_adj <= 1000,
+            f"ProcessSettings: oom_score_adj {self.oom_score_adj} is outside -1000..1000",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Itimer:
+    """One interval timer (getitimer(2)): ITIMER_REAL 0, ITIMER_VIRTUAL 1, ITIMER_PROF 2."""
+
+    which: U32
+    interval_ns: U64  # it_interval
+    value_ns: U64  # it_value: time left until it next expires; 0 when disarmed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PosixTimer:
+    """A timer of timer_create(2), as /proc/PID/timers and timer_gettime(2) tell it."""
+
+    timer_id: U32
+    clock_id: I32  # CLOCK_REALTIME 0, CLOCK_MONOTONIC 1, ..., or a CPU-time clock id
+    notify: U32  # SIGEV_SIGNAL 0, SIGEV_NONE 1, SIGEV_THREAD_ID 4
+    signal: U32  # sigev_signo
+    value: U64  # sigev_value (sival_ptr), handed to the signal handler
+    thread: U32  # the tid SIGEV_THREAD_ID notifies, else 0
+    interval_ns: U64  # it_interval
+    value_ns: U64  # it_value: time left until it next expires; 0 when disarmed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timers:
+    itimers: tuple[Itimer, ...]  # the armed ones only
+    posix: tuple[PosixTimer, ...]  # ascending timer_id
+
+    def __post_init__(self) -> None:
+        ids = [timer.timer_id for timer in self.posix]
+        _require(ids == sorted(set(ids)), "Timers: POSIX timer ids must be unique, ascending")
+        _require(
+            all(timer.which <= 2 for timer in self.itimers), "Timers: an itimer is not 0-2"
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -477,6 +640,9 @@ Record = (
     | Thread
     | SignalState
     | Files
+    | ObjectRecord
     | Cwd
+    | ProcessSettings
+    | Timers
     | End
 )
