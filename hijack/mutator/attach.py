@@ -287,13 +287,18 @@ def wait_for_shadow(shadow_pid: int, control_path: str) -> control.Message:
 
 
 def stop_shadow(shadow_pid: int, control_path: str | None) -> None:
+    """Ask the shadow to end (`release`) over `control_path`, or, if None or unanswered,
+    SIGTERM it; SIGKILL it if it has not ended within SHADOW_STOP_TIMEOUT."""
     handle = pidfd.pidfd_open(shadow_pid)
     try:
-        try:
-            if control_path:
+        released = False
+        if control_path:
+            with contextlib.suppress(ShadowError):
                 control.request(control_path, {"op": "release"})
-        except ShadowError:
-            os.kill(shadow_pid, signal.SIGTERM)
+                released = True
+        if not released:
+            with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+                os.kill(shadow_pid, signal.SIGTERM)
         if not pidfd.wait_exit(handle, SHADOW_STOP_TIMEOUT):
             os.kill(shadow_pid, signal.SIGKILL)
             pidfd.wait_exit(handle, SHADOW_STOP_TIMEOUT)
