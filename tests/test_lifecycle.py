@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from support import RunningFixture, spawn_fixture
+from support.cli import HijackCli
 from support.nodes import Cluster, Node
 from test_move import (
     ECHO_SESSION,
@@ -35,6 +36,8 @@ from test_move import (
     spawn_python,
     wait_gone,
 )
+
+from hijack.registry import Registry
 
 # Binds 127.0.0.1:PORT (exit 0) or says why not.
 BIND_SNIPPET = """\
@@ -233,3 +236,41 @@ def test_a_migrant_that_ends_as_its_daemon_stops_still_releases_its_home_shadow(
             b.stop_daemon()
             wait_gone(moved.shadow_pid, EXIT_TIMEOUT, "the home shadow of a migrant that ended")
             assert_port_free(a, port)
+
+
+# -- records alone (no process behind them) ---------------------------------------------
+
+GONE_PID = 4_000_123  # above any pid this machine has used
+
+
+def test_forget_ends_any_record_and_says_what_it_leaves(tmp_path: Path) -> None:
+    cli = HijackCli(tmp_path / "state")
+    with Registry(tmp_path / "state") as registry:
+        registry.record_attached(GONE_PID, 1, "held-one", GONE_PID + 1, str(tmp_path / "c.sock"))
+        registry.set_state(GONE_PID, "held")
+        registry.record_restored(GONE_PID + 2, "restored-one")
+    refused = cli("detach", GONE_PID)
+    assert (refused.returncode, refused.stderr.count("\n")) == (1, 1), refused.describe()
+    assert "hijack recover" in refused.stderr, refused.describe()
+
+    held = cli.ok("forget", GONE_PID).stdout
+    assert held.startswith(
+        f"forgot process {GONE_PID} (held-one, held); its shadow {GONE_PID + 1} had ended"
+    ), held
+    assert f"`kill -CONT {GONE_PID}` only if nothing of it runs elsewhere" in held, held
+    plain = cli.ok("detach", GONE_PID + 2).stdout
+    assert plain == f"detached process {GONE_PID + 2} (restored-one, restored); it had no shadow\n"
+    with Registry(tmp_path / "state") as registry:
+        assert registry.processes() == []
+
+
+def test_recover_clears_the_records_of_processes_that_ended(tmp_path: Path) -> None:
+    cli = HijackCli(tmp_path / "state")
+    with Registry(tmp_path / "state") as registry:
+        registry.record_attached(GONE_PID, 1, "ended", GONE_PID + 1, str(tmp_path / "c.sock"))
+        registry.record_restored(os.getpid(), "alive")  # runs: stays
+    assert cli.ok("status").stdout.count("`hijack recover` clears this record") == 1
+    recovered = cli.ok("recover").stdout
+    assert recovered == f"process {GONE_PID} (ended): it has ended; record removed\n", recovered
+    with Registry(tmp_path / "state") as registry:
+        assert [record.pid for record in registry.processes()] == [os.getpid()]

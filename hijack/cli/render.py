@@ -72,6 +72,12 @@ def ended(console: Console, verb: str, result: Ended) -> None:
         f" {shadow}",
         highlight=False,
     )
+    if record.state == "held":
+        console.print(
+            f"  process {record.pid} stays stopped as the move left it: `kill -CONT {record.pid}`"
+            " only if nothing of it runs elsewhere",
+            highlight=False,
+        )
 
 
 def human_size(count: int) -> str:

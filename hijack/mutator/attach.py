@@ -178,8 +178,9 @@ def _end(record: ProcessRecord, registry: Registry, reason: str) -> Ended:
         relaying = record.state != "attached"
         stop_shadow(record.shadow_pid, None if relaying else record.shadow_control)
         ended = record.shadow_pid
-    if record.shadow_control:
-        shutil.rmtree(Path(record.shadow_control).parent, ignore_errors=True)
+    shadow_dir = Path(record.shadow_control or "").parent
+    if shadow_dir.parent == registry.directory / "shadows":  # never a directory of anyone else
+        shutil.rmtree(shadow_dir, ignore_errors=True)
     registry.forget(record.pid, reason)
     return Ended(record, ended)
 
