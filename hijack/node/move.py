@@ -953,7 +953,8 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     if record is None:
         registry.update_move(row.id, phase="failed", finished_at=time.time(), error="forgotten")
         return f"move {row.id}: process {pid} is not known here any more", True
-    at_home = record.home_node == node_name()
+    # Attached here, never away: a process back home (home_pid set) is relayed as a migrant.
+    at_home = record.home_node == node_name() and record.home_pid is None
     shadow = HomeShadow(record, record.relay_token or "")
     if row.phase in ("switching", "in-doubt"):
         # The commit may have been sent: only the destination knows.
