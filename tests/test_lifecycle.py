@@ -30,10 +30,14 @@ from test_move import (
     LINE_TIMEOUT,
     Moved,
     ask,
+    ask_moved,
     kill_daemon,
     move,
+    poll_until,
     read_line,
+    shadow_status,
     spawn_python,
+    still_running,
     wait_gone,
 )
 
@@ -274,3 +278,59 @@ def test_recover_clears_the_records_of_processes_that_ended(tmp_path: Path) -> N
     assert recovered == f"process {GONE_PID} (ended): it has ended; record removed\n", recovered
     with Registry(tmp_path / "state") as registry:
         assert [record.pid for record in registry.processes()] == [os.getpid()]
+
+
+# A server: prints its port, accepts one client; on a stdin line writes to it for
+# a second, as much as goes, says how much, and exits (nothing unread: its
+# connections end with a FIN, what it wrote still on the way).
+WRITER = """\
+import socket, sys, time
+server = socket.create_server(("127.0.0.1", 0))
+print(server.getsockname()[1], flush=True)
+connection, _ = server.accept()
+print("accepted", flush=True)
+sys.stdin.readline()
+connection.setblocking(False)
+sent, deadline = 0, time.monotonic() + 1
+while time.monotonic() < deadline:
+    try:
+        sent += connection.send(b"x" * 65536)
+    except BlockingIOError:
+        time.sleep(0.01)
+print(f"sent {sent}", flush=True)
+"""
+
+# Connects to 127.0.0.1:PORT, says so, and never reads: it waits for its stdin to end.
+DEAF_CLIENT = """\
+import socket, sys
+connection = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+print("connected", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_the_port_of_a_process_that_ended_is_free_while_its_shadow_drains(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        writer = spawn_python(a, WRITER)
+        port = int(read_line(writer, LINE_TIMEOUT))
+        client = spawn_python(a, DEAF_CLIENT, str(port))
+        assert read_line(client, LINE_TIMEOUT) == "connected"
+        assert read_line(writer, LINE_TIMEOUT) == "accepted"
+        moved = move(a, writer.pid, b)
+        # It writes more than a client that never reads can take: the shadow holds
+        # the rest when the writer ends, and its daemon releases the shadow.
+        assert ask_moved(writer, "write").startswith("sent ")
+        wait_gone(moved.pid, EXIT_TIMEOUT, "the writer, ended")
+        poll_until(
+            lambda: any(s["buffered_in"] for s in shadow_status(a, writer.pid)["streams"]),
+            "the shadow holding what the client did not read",
+        )
+        poll_until(lambda: a.run_python(BIND_SNIPPET, port).returncode == 0, "the port free")
+        assert still_running(moved.shadow_pid), "the shadow should still be draining"
+        client.kill()  # what it did not read goes with it: nothing left to drain
+        client.wait(EXIT_TIMEOUT)
+        wait_gone(moved.shadow_pid, EXIT_TIMEOUT, "the shadow, drained")

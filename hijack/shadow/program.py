@@ -304,6 +304,11 @@ class Shadow:
             log(f"{reason}; the shadow ends once its streams are drained")
             self.end_reason = reason
             self.release_deadline = time.monotonic() + RELEASE_DRAIN
+            # Its ports are free at once: a server started again can listen there.
+            for number in self.hub.stop_serving():
+                fd = self.held.pop(number, None)
+                if fd is not None:
+                    os.close(fd)
 
     def watch_migrant(self, location: str, pid: int) -> None:
         """Back on this node (as `pid`), the process is watched as at home: when it ends, we
