@@ -42,17 +42,24 @@ from hijack.image import (
     FdKind,
     FileDescriptor,
     FileIdentity,
+    FileLock,
+    FileLocks,
     Files,
     ImageHeader,
     ImageWriter,
     InetSocket,
+    InotifyObject,
+    InotifyWatch,
     Itimer,
+    LockKind,
     MemoryStructure,
     ObjectData,
     Pages,
+    PidfdObject,
     PosixTimer,
     ProcessSettings,
     Prot,
+    PtyPair,
     Record,
     Rlimit,
     Rlimits,
@@ -65,12 +72,15 @@ from hijack.image import (
     Segments,
     SigAction,
     SigAltStack,
+    SignalfdObject,
     SignalState,
+    TcpConnection,
     TerminalObject,
     TerminalState,
     Thread,
     ThreadScheduling,
     ThreadSeccomp,
+    TimerfdObject,
     Timers,
     UserRegsStruct,
     read_image,
@@ -82,7 +92,20 @@ from hijack.image import (
 from hijack.image import records as records_module
 from hijack.image.fields import Cursor, struct_codec
 
-OBJECT_TAGS = {b"TTYO", b"EPOL", b"EVFD", b"INET", b"ODAT"}
+OBJECT_TAGS = {
+    b"TTYO",
+    b"EPOL",
+    b"EVFD",
+    b"TMFD",
+    b"SGFD",
+    b"INFY",
+    b"PIDF",
+    b"INET",
+    b"TCPC",
+    b"LOCK",
+    b"PTYP",
+    b"ODAT",
+}
 SECTION_NAMES = {
     b"HEAD": "HEADER",
     b"CRED": "CREDENTIALS",
@@ -96,7 +119,14 @@ SECTION_NAMES = {
     b"TTYO": "TERMINAL_OBJECT",
     b"EPOL": "EPOLL_OBJECT",
     b"EVFD": "EVENTFD_OBJECT",
+    b"TMFD": "TIMERFD_OBJECT",
+    b"SGFD": "SIGNALFD_OBJECT",
+    b"INFY": "INOTIFY_OBJECT",
+    b"PIDF": "PIDFD_OBJECT",
+    b"TCPC": "TCP_CONNECTION",
     b"INET": "INET_SOCKET",
+    b"LOCK": "FILE_LOCKS",
+    b"PTYP": "PTY_PAIR",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
     b"PSET": "SETTINGS",
@@ -299,6 +329,65 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         EventfdObject(id=4, count=7, semaphore=True),
         ObjectData(id=4, offset=0, data=rng.randbytes(100)),  # data of no real eventfd: a test
         ObjectData(id=4, offset=4096, data=b"after a hole"),
+        TimerfdObject(
+            id=5,
+            clock_id=1,
+            settime_flags=1,
+            ticks=3,
+            value_ns=1_500_000,
+            interval_ns=20_000_000,
+        ),
+        SignalfdObject(id=6, sigmask=(1 << 9) | (1 << 63)),
+        InotifyObject(
+            id=7,
+            watches=(
+                InotifyWatch(wd=1, mask=0x100, path="/srv/data"),
+                InotifyWatch(wd=4, mask=0x80000302, path="/etc/caf\u00e9 conf"),
+            ),
+        ),
+        PidfdObject(id=8, pid=4242, starttime=123456, own=True),
+        FileLocks(
+            id=9,
+            description_id=3,
+            signal=35,
+            locks=(
+                FileLock(kind=LockKind.FLOCK, type=1, start=0, length=0),
+                FileLock(kind=LockKind.POSIX, type=1, start=10, length=10),
+                FileLock(kind=LockKind.OFD, type=0, start=100, length=0),
+                FileLock(kind=LockKind.LEASE, type=0, start=0, length=0),
+            ),
+        ),
+        PtyPair(
+            id=10,
+            index=4,
+            packet_mode=True,
+            locked=False,
+            state=TERMINAL,
+            master_path="/dev/ptmx",
+            input=b"queued\n",
+            output=b"\x00out\r\n",
+        ),
+        TcpConnection(
+            id=11,
+            family=10,
+            send_seq=2**32 - 5,
+            recv_seq=77,
+            mss=65483,
+            options=7,
+            snd_wscale=10,
+            rcv_wscale=7,
+            timestamp=123456789,
+            snd_wl1=1,
+            snd_wnd=2,
+            max_window=3,
+            rcv_wnd=4,
+            rcv_wup=5,
+            send_queue_bytes=3,
+            recv_queue_bytes=2,
+            local_address="[::1]:6379",
+            remote_address="[::1]:51000",
+        ),
+        ObjectData(id=11, offset=0, data=b"abcde"),
     )
     files = Files(
         objects=len(objects),
@@ -325,6 +414,8 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 (5, FdKind.DIRECTORY, "/srv/data \udcff", 0o200000, 0, 0o40755, 6, 0),
                 (6, FdKind.REGULAR, "/var/log/server.log", 0o102001, 123456, 0o100644, 3, 0),
                 (9, FdKind.EVENTFD, "anon_inode:[eventfd]", 0o2, 0, 0o600, 7, 4),
+                (10, FdKind.TTY, "/dev/ptmx", 0o2, 0, 0o20666, 8, 10),
+                (11, FdKind.TTY, "/dev/pts/4", 0o2, 0, 0o20620, 9, 10),
             ]
         ),
     )
@@ -688,9 +779,9 @@ def test_absurd_lengths_are_refused_without_allocating_them() -> None:
 
 def test_non_canonical_bytes_are_refused() -> None:
     files = next(s for s in sections(BUILT.image) if s.tag == b"FDS_")
-    # FILES counting its 6 objects, one descriptor: fd kind flags pos | cloexec |
+    # FILES counting its objects, one descriptor: fd kind flags pos | cloexec |
     # mode dev ino description_id object_id path.
-    before = struct.pack("<IIIBIq", 6, 1, 7, FdKind.PIPE, 0, 0)
+    before = struct.pack("<IIIBIq", the(Files).objects, 1, 7, FdKind.PIPE, 0, 0)
     after = struct.pack("<IQQQQI", 0, 0, 0, 1, 0, 1) + b"p"
     for cloexec, problem in ((b"\x02", "boolean byte is 2"), (b"\x01", None)):
         payload = before + cloexec + after
@@ -776,6 +867,9 @@ INVALID_RECORDS: dict[str, Callable[[], object]] = {
     "no description": lambda: replace(the(Files).descriptors[0], description_id=0),
     "object id 0": lambda: TerminalObject(id=0, state=TERMINAL),
     "empty object data": lambda: ObjectData(id=1, offset=0, data=b""),
+    "lock type": lambda: FileLock(kind=LockKind.POSIX, type=2, start=0, length=0),
+    "flock on a range": lambda: FileLock(kind=LockKind.FLOCK, type=1, start=10, length=1),
+    "locks of no description": lambda: FileLocks(id=1, description_id=0, signal=0, locks=()),
     "overlapping segments": lambda: Segments(segments=the(Segments).segments[:1] * 2),
     "umask": lambda: replace(the(Credentials), umask=0o1777),
 }
@@ -978,7 +1072,14 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert len(objects) == 4  # ObjectData counted in its object's data_bytes
+    assert objects[8]["locks"][1] == {  # type: ignore[index]
+        "kind": "POSIX",
+        "type": 1,
+        "start": 10,
+        "length": 10,
+    }
+    assert objects[9]["output"] == b"\x00out\r\n".hex()  # type: ignore[index]
+    assert len(objects) == 11  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:
@@ -1146,6 +1247,7 @@ def test_object_data_is_laid_out_like_pages() -> None:
     assert [s.payload[:16] for s in found] == [
         struct.pack("<QQ", 4, 0),
         struct.pack("<QQ", 4, 4096),
+        struct.pack("<QQ", 11, 0),
     ]
     assert found[1].payload[16:] == b"after a hole"
 

@@ -347,10 +347,10 @@ def move(
     return moved
 
 
-def move_refused(source: Node, pid: int, destination: Node) -> str:
+def move_refused(source: Node, pid: int, destination: Node, *options: str) -> str:
     """`hijack move` that must fail: exit 1, one line on stderr (returned)."""
     assert destination.daemon_endpoint is not None
-    result = source.hijack("move", pid, "--to", destination.daemon_endpoint)
+    result = source.hijack("move", pid, "--to", destination.daemon_endpoint, *options)
     return refusal_line(result)
 
 
@@ -892,6 +892,7 @@ def test_a_destination_killed_mid_transfer_leaves_the_original_running(tmp_path:
         assert f"echoed {STREAM_BYTES} bytes over 1 connections" in output
 
 
+@pytest.mark.parametrize("precopy", ["--no-precopy", "--precopy"])
 @pytest.mark.parametrize(
     ("flaw", "reason"),
     [
@@ -900,8 +901,10 @@ def test_a_destination_killed_mid_transfer_leaves_the_original_running(tmp_path:
     ],
 )
 def test_a_destination_that_refuses_the_process_changes_nothing(
-    tmp_path: Path, flaw: str, reason: str
+    tmp_path: Path, flaw: str, reason: str, precopy: str
 ) -> None:
+    # With pre-copy, the destination refuses while the first round streams
+    # in: its reason must reach the mover all the same, never a reset.
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         if flaw == "another cluster key":
@@ -912,7 +915,7 @@ def test_a_destination_that_refuses_the_process_changes_nothing(
             (tmp_path / "a-file").write_text("not a directory\n")
             start_daemon_with(b, "HIJACK_STATE_DIR", str(tmp_path / "a-file"))
         with echo_stream(a, seed=41) as (server, client):
-            line = move_refused(a, server.pid, b)
+            line = move_refused(a, server.pid, b, precopy)
             assert reason in line, line
             assert still_running(client.pid), "the stream ended before the move: too fast"
             assert_untouched(server.pid)
@@ -1165,6 +1168,22 @@ def test_a_descriptor_that_cannot_be_proxied_is_named_and_nothing_moves(
             assert registry.find(holder.pid) is None
         assert " move " not in daemon_log(b)
         assert ask(holder, "still here") == "still here"
+
+
+def test_a_mapping_no_copy_could_open_is_named_before_anything_is_touched(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        with spawn_fixture("sysv_shm", netns=a.netns) as shm:
+            line = move_refused(a, shm.pid, b)
+            assert re.search(r"cannot open /SYSV[0-9a-f]+, which the process had mapped", line)
+            assert line.endswith("nothing was changed"), line
+            assert_untouched(shm.pid)
+            assert_not_attached(a, shm.pid)
+            assert " move " not in daemon_log(b)
+            shm.assert_intact()
 
 
 # -- an unmodified server ---------------------------------------------------------------

@@ -56,20 +56,27 @@ from hijack.image.records import (
     End,
     EpollObject,
     EventfdObject,
+    FileLocks,
     Files,
     ImageHeader,
     InetSocket,
+    InotifyObject,
     MemoryStructure,
     ObjectData,
     Pages,
+    PidfdObject,
     ProcessSettings,
+    PtyPair,
     Record,
     Rlimits,
     Round,
     Segments,
+    SignalfdObject,
     SignalState,
+    TcpConnection,
     TerminalObject,
     Thread,
+    TimerfdObject,
     Timers,
 )
 
@@ -106,7 +113,14 @@ class SectionKind(enum.Enum):
     TERMINAL_OBJECT = b"TTYO"
     EPOLL_OBJECT = b"EPOL"
     EVENTFD_OBJECT = b"EVFD"
+    TIMERFD_OBJECT = b"TMFD"
+    SIGNALFD_OBJECT = b"SGFD"
+    INOTIFY_OBJECT = b"INFY"
+    PIDFD_OBJECT = b"PIDF"
     INET_SOCKET = b"INET"
+    TCP_CONNECTION = b"TCPC"
+    FILE_LOCKS = b"LOCK"
+    PTY_PAIR = b"PTYP"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
     SETTINGS = b"PSET"
@@ -211,7 +225,14 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.TERMINAL_OBJECT: _StructSection(TerminalObject, is_object=True),
     SectionKind.EPOLL_OBJECT: _StructSection(EpollObject, is_object=True),
     SectionKind.EVENTFD_OBJECT: _StructSection(EventfdObject, is_object=True),
+    SectionKind.TIMERFD_OBJECT: _StructSection(TimerfdObject, is_object=True),
+    SectionKind.SIGNALFD_OBJECT: _StructSection(SignalfdObject, is_object=True),
+    SectionKind.INOTIFY_OBJECT: _StructSection(InotifyObject, is_object=True),
+    SectionKind.PIDFD_OBJECT: _StructSection(PidfdObject, is_object=True),
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
+    SectionKind.TCP_CONNECTION: _StructSection(TcpConnection, is_object=True),
+    SectionKind.FILE_LOCKS: _StructSection(FileLocks, is_object=True),
+    SectionKind.PTY_PAIR: _StructSection(PtyPair, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
     SectionKind.SETTINGS: _StructSection(ProcessSettings),

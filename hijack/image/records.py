@@ -464,6 +464,67 @@ class EventfdObject:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TimerfdObject:
+    """A timerfd (fdinfo: clockid, settime flags, ticks, it_value, it_interval)."""
+
+    id: U64
+    clock_id: I32
+    settime_flags: U32  # TFD_TIMER_ABSTIME 1, TFD_TIMER_CANCEL_ON_SET 2, as last set
+    ticks: U64  # expirations not read yet
+    value_ns: U64  # time left until the next expiry; 0 when disarmed
+    interval_ns: U64
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SignalfdObject:
+    id: U64
+    sigmask: U64  # the signals it reads, bit n-1 for signal n (fdinfo sigmask)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InotifyWatch:
+    wd: I32  # the watch descriptor the program knows it by
+    mask: U32  # the events and flags (IN_ONESHOT, IN_EXCL_UNLINK, ...) it was added with
+    path: str  # the watched inode, found by its file handle at dump
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InotifyObject:
+    """An inotify instance and its watches (fdinfo "inotify" lines), ascending wd."""
+
+    id: U64
+    watches: tuple[InotifyWatch, ...]
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        wds = [watch.wd for watch in self.watches]
+        _require(
+            wds == sorted(set(wds)) and all(wd > 0 for wd in wds),
+            f"InotifyObject {self.id}: watch descriptors must be positive, unique, ascending",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PidfdObject:
+    """A pidfd: the process it refers to (fdinfo Pid), told apart from a later process
+    under the same pid by its start time."""
+
+    id: U64
+    pid: I32  # -1 when that process had exited and been reaped
+    starttime: U64  # /proc/PID/stat starttime of that process, 0 when it was gone
+    own: bool  # the dumped process itself: it refers to the restored process
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class InetSocket:
     """A TCP or UDP socket as /proc/net tells of it."""
 
@@ -474,6 +535,96 @@ class InetSocket:
     state: U8  # the kernel's TCP_* state number
     local_address: str  # "127.0.0.1:8080", "[::1]:22"
     remote_address: str
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TcpConnection:
+    """An established TCP connection as TCP_REPAIR reads it: rebuilt from this alone.
+    Its OBJECT_DATA holds the send queue, then the receive queue."""
+
+    id: U64
+    family: U16  # AF_INET or AF_INET6
+    send_seq: U32  # the sequence number of the first byte of the send queue
+    recv_seq: U32  # the sequence number of the first byte of the receive queue
+    mss: U32  # TCP_MAXSEG
+    options: U8  # TCPI_OPT_TIMESTAMPS 1, TCPI_OPT_SACK 2, TCPI_OPT_WSCALE 4 (tcp_info)
+    snd_wscale: U8
+    rcv_wscale: U8
+    timestamp: U32  # TCP_TIMESTAMP: the connection's timestamp clock at the dump
+    snd_wl1: U32  # struct tcp_repair_window, field for field
+    snd_wnd: U32
+    max_window: U32
+    rcv_wnd: U32
+    rcv_wup: U32
+    send_queue_bytes: U64  # written by the program, not yet acknowledged by the peer
+    recv_queue_bytes: U64  # received from the peer, not yet read by the program
+    local_address: str  # "127.0.0.1:8080", "[::1]:22"
+    remote_address: str
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+class LockKind(enum.IntEnum):
+    """Who owns a lock, and so how a restore takes it again."""
+
+    FLOCK = 1  # flock(2): the open file description
+    POSIX = 2  # fcntl F_SETLK: the process
+    OFD = 3  # fcntl F_OFD_SETLK: the open file description
+    LEASE = 4  # fcntl F_SETLEASE: the open file description; its break signals the process
+
+
+LOCK_TYPES = (0, 1)  # F_RDLCK, F_WRLCK
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileLock:
+    """One lock as an fdinfo "lock:" line shows it."""
+
+    kind: Annotated[LockKind, UInt(1)]
+    type: U8  # F_RDLCK 0 / F_WRLCK 1 (flock: LOCK_SH / LOCK_EX)
+    start: U64  # first byte locked; 0 for flock and leases
+    length: U64  # bytes locked, 0 for "to the end of the file" (struct flock's l_len)
+
+    def __post_init__(self) -> None:
+        _require(self.type in LOCK_TYPES, f"FileLock: type {self.type} is not F_RDLCK or F_WRLCK")
+        _require(
+            self.kind in (LockKind.POSIX, LockKind.OFD) or (self.start, self.length) == (0, 0),
+            f"FileLock: a {self.kind.name} lock covers the whole file, not a range",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileLocks:
+    """The locks and lease held through one open file description. No descriptor refers
+    to it by object_id: it names the description."""
+
+    id: U64
+    description_id: U64  # of the FileDescriptors it is held through
+    signal: U32  # F_GETSIG of the description: what a lease break sends (0: SIGIO)
+    locks: tuple[FileLock, ...]
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        _require(self.description_id > 0, f"FileLocks {self.id}: description_id 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PtyPair:
+    """A pseudo-terminal whose master and slave are both open in the process; the master's
+    descriptors (path ending in "ptmx") and the slave's refer to it."""
+
+    id: U64
+    index: U32  # N of the slave /dev/pts/N
+    packet_mode: bool  # TIOCPKT on the master
+    locked: bool  # TIOCSPTLCK: the slave cannot be opened
+    state: TerminalState  # the slave's settings and window size; controlling terminal or not
+    master_path: str  # /dev/ptmx, or devpts's own ptmx
+    input: bytes  # queued for the slave to read (already through its input modes)
+    output: bytes  # queued for the master to read (already through the slave's output modes)
 
     def __post_init__(self) -> None:
         _check_object_id(self)
@@ -500,7 +651,20 @@ class ObjectData:
 
 
 # The records an object section holds; a new kind adds its records here.
-ObjectRecord = TerminalObject | EpollObject | EventfdObject | InetSocket | ObjectData
+ObjectRecord = (
+    TerminalObject
+    | EpollObject
+    | EventfdObject
+    | TimerfdObject
+    | SignalfdObject
+    | InotifyObject
+    | PidfdObject
+    | InetSocket
+    | TcpConnection
+    | FileLocks
+    | PtyPair
+    | ObjectData
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -604,9 +768,7 @@ class Timers:
     def __post_init__(self) -> None:
         ids = [timer.timer_id for timer in self.posix]
         _require(ids == sorted(set(ids)), "Timers: POSIX timer ids must be unique, ascending")
-        _require(
-            all(timer.which <= 2 for timer in self.itimers), "Timers: an itimer is not 0-2"
-        )
+        _require(all(timer.which <= 2 for timer in self.itimers), "Timers: an itimer is not 0-2")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

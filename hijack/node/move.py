@@ -48,14 +48,16 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from hijack.errors import HijackError, Unsupported
+from hijack.image import records as rec
 from hijack.mutator import attach as attaching
-from hijack.mutator.dump import kill_stopped, read_credentials, write_image
+from hijack.mutator.dump import describe_segments, kill_stopped, read_credentials, write_image
 from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.precopy import Precopy, worth_precopying
 from hijack.mutator.tracee import Tracee
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
+from hijack.restore.plan import mapping_problems
 from hijack.shadow import control
 from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
 from hijack.shadow.datagram import parse_address as parse_datagram_address
@@ -63,7 +65,8 @@ from hijack.sys import kcmp, pidfd, procfs
 from hijack.testpoint import reached
 
 # Reopened by path on the destination (nodes share a file system), or made
-# anew there from the image (epoll with its interest list, eventfd).
+# anew there from the image (epoll with its interest list, eventfd, timerfd,
+# signalfd, inotify with its watches).
 REOPENED = {
     procfs.FdKind.REGULAR,
     procfs.FdKind.DIRECTORY,
@@ -72,6 +75,9 @@ REOPENED = {
     procfs.FdKind.BLOCKDEV,
     procfs.FdKind.EPOLL,
     procfs.FdKind.EVENTFD,
+    procfs.FdKind.TIMERFD,
+    procfs.FdKind.SIGNALFD,
+    procfs.FdKind.INOTIFY,
 }
 # Proxied through the home shadow as a byte stream.
 STREAMED = {procfs.FdKind.PIPE, procfs.FdKind.TTY}
@@ -147,6 +153,13 @@ def move(
             " run `hijack recover` once its destination answers",
             pid=pid,
         )
+    if record is not None and record.state == "attached" and record.home_node != node_name():
+        raise HijackError(
+            f"process {pid} was attached on node {record.home_node!r}, and this node is named"
+            f" {node_name()!r} now: move it under its old name (HIJACK_NODE={record.home_node})",
+            pid=pid,
+        )
+    refuse_unmappable(pid)
     attached_by_move = record is None or record.state not in ("attached", "running")
     if attached_by_move:
         plan_proxies(pid, None, at_home=True)  # refused before the attach: nothing changes
@@ -180,6 +193,13 @@ def _move_attached(
 
     report("connecting", 0)
     channel = Channel.connect(address, key, node_name())
+    if channel.peer == node_name():
+        channel.close()
+        raise HijackError(
+            f"the daemon at {address[0]}:{address[1]} is named {channel.peer!r}, as this node is:"
+            " give each node a name of its own (`hijack node serve --name`, $HIJACK_NODE)",
+            pid=pid,
+        )
     move_id = secrets.token_hex(8)
     lock = MoverLock(registry.directory, move_id)
     try:
@@ -666,6 +686,15 @@ class _Progress:
 
     def flush(self) -> None:
         self.writer.flush()
+
+
+def refuse_unmappable(pid: int) -> None:
+    """Refuse, before anything is touched, a process whose copy could not map what it maps
+    (SysV shared memory, a deleted shared file): the destination's restore would refuse it."""
+    maps = procfs.read_maps(pid)
+    problems = mapping_problems(describe_segments(pid, maps, rec.DumpOptions(0), flags={}))
+    if problems:
+        raise Unsupported(f"cannot move process {pid}: {'; '.join(problems)}; nothing was changed")
 
 
 def plan_proxies(

@@ -35,9 +35,21 @@ def describe_fd(descriptor: rec.FileDescriptor) -> str:
 class DumpContext:
     """What a kind's dump() is given: the stopped process, and where its records go."""
 
-    def __init__(self, pid: int, descriptions: dict[int, int], *, frozen: bool = True) -> None:
+    def __init__(
+        self,
+        pid: int,
+        entries: list[procfs.FdEntry],
+        descriptions: dict[int, int],
+        *,
+        frozen: bool = True,
+        connections: bool = False,
+    ) -> None:
         self.pid = pid
         self.frozen = frozen  # every thread of the process is stopped
+        self.entries = entries  # every descriptor of the process (a pipe's other end ...)
+        # Established TCP connections are read with TCP_REPAIR, so that a restore can
+        # rebuild them (a plain dump; a move relays them through the shadow instead).
+        self.connections = connections
         self.descriptions = descriptions  # fd -> description id (kcmp)
         self.sections: list[rec.ObjectRecord] = []  # object records and their data, in order
         self._ids: dict[Hashable, int] = {}
@@ -91,9 +103,12 @@ class DumpContext:
 class RestoreContext:
     """What a kind's restore() is given: the stub, the image's files, and helpers."""
 
-    def __init__(self, stub: Stub, image: ImageFiles, parking: int) -> None:
+    def __init__(
+        self, stub: Stub, image: ImageFiles, parking: int, restored: frozenset[int]
+    ) -> None:
         self.stub = stub
         self.image = image
+        self.restored = restored  # the numbers the process gets back (not those dropped)
         self._parking = parking  # above every descriptor number the image uses
         self._restorer = -1  # the stub's pidfd of this process, for give()
         self._kept: dict[int, int] = {}
