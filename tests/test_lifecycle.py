@@ -21,6 +21,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
 from support import RunningFixture, spawn_fixture
 from support.cli import HijackCli
 from support.nodes import Cluster, Node
@@ -247,7 +248,10 @@ def test_a_migrant_that_ends_as_its_daemon_stops_still_releases_its_home_shadow(
 GONE_PID = 4_000_123  # above any pid this machine has used
 
 
-def test_forget_ends_any_record_and_says_what_it_leaves(tmp_path: Path) -> None:
+def test_forget_ends_any_record_and_says_what_it_leaves(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HIJACK_NODE", "home")  # the same node for the registry here and the CLI
     cli = HijackCli(tmp_path / "state")
     with Registry(tmp_path / "state") as registry:
         registry.record_attached(GONE_PID, 1, "held-one", GONE_PID + 1, str(tmp_path / "c.sock"))
@@ -268,7 +272,10 @@ def test_forget_ends_any_record_and_says_what_it_leaves(tmp_path: Path) -> None:
         assert registry.processes() == []
 
 
-def test_recover_clears_the_records_of_processes_that_ended(tmp_path: Path) -> None:
+def test_recover_clears_the_records_of_processes_that_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HIJACK_NODE", "home")  # the same node for the registry here and the CLI
     cli = HijackCli(tmp_path / "state")
     with Registry(tmp_path / "state") as registry:
         registry.record_attached(GONE_PID, 1, "ended", GONE_PID + 1, str(tmp_path / "c.sock"))
