@@ -56,12 +56,13 @@ from hijack.mutator.precopy import Precopy, worth_precopying
 from hijack.mutator.tracee import Tracee
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
+from hijack.objects.regular import is_deleted
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
 from hijack.restore.plan import mapping_problems
 from hijack.shadow import control
 from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
 from hijack.shadow.datagram import parse_address as parse_datagram_address
-from hijack.sys import kcmp, pidfd, procfs
+from hijack.sys import kcmp, pidfd, procfs, sysv
 from hijack.testpoint import reached
 
 # Reopened by path on the destination (nodes share a file system), or made
@@ -692,7 +693,13 @@ def refuse_unmappable(pid: int) -> None:
     """Refuse, before anything is touched, a process whose copy could not map what it maps
     (SysV shared memory, a deleted shared file): the destination's restore would refuse it."""
     maps = procfs.read_maps(pid)
-    problems = mapping_problems(describe_segments(pid, maps, rec.DumpOptions(0), flags={}))
+    problems = list(mapping_problems(describe_segments(pid, maps, rec.DumpOptions(0), flags={})))
+    problems += [
+        f"System V shared memory at {m.start:#x} (a move's pre-copy cannot attach it;"
+        " dump and restore do)"
+        for m in maps
+        if sysv.is_segment_mapping(m.path, m.shared, m.dev_major)
+    ]
     if problems:
         raise Unsupported(f"cannot move process {pid}: {'; '.join(problems)}; nothing was changed")
 
@@ -900,13 +907,7 @@ def _closed_since(pid: int, entry: procfs.FdEntry) -> bool:
 
 def _reopenable(entry: procfs.FdEntry) -> bool:
     """Whether the destination can open the file again by its path (not deleted)."""
-    if not entry.target.endswith(" (deleted)"):
-        return True
-    try:  # a file literally named "... (deleted)" is still there under that name
-        found = os.stat(entry.target)
-    except OSError:
-        return False
-    return (found.st_dev, found.st_ino) == (entry.dev, entry.ino)
+    return not is_deleted(entry.target, entry.dev, entry.ino)
 
 
 def peek_unread(pid: int, plan: list[Proxy]) -> dict[str, bytes]:

@@ -9,6 +9,8 @@
     kind_named(name)
     read_files(pid)           FILES and the object sections of a stopped process,
                               the locks each description holds too (hijack.objects.locks)
+    read_files(pid)           FILES and the object sections of a stopped process, the
+                              SysV IPC objects it uses among them (hijack.objects.sysv)
     refusals(image, held)     why a restore could not rebuild each descriptor
     describe(descriptor, image)  "kind: details", for `hijack show`
 
@@ -22,6 +24,7 @@ from collections.abc import Callable
 from hijack.errors import ImageError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
+from hijack.objects import sysv
 from hijack.objects.base import O_CLOEXEC, DumpContext, Kind
 from hijack.objects.device import Device
 from hijack.objects.epoll import Epoll
@@ -30,8 +33,10 @@ from hijack.objects.fifo import Fifo
 from hijack.objects.inet import Inet
 from hijack.objects.inotify import Inotify
 from hijack.objects.locks import describe_held, dump_locks
+from hijack.objects.mqueue import MessageQueue
 from hijack.objects.other import Other
 from hijack.objects.pidfd import Pidfd
+from hijack.objects.pipe import Pipe
 from hijack.objects.pty import PtyPairKind
 from hijack.objects.regular import Regular
 from hijack.objects.signalfd import Signalfd
@@ -41,9 +46,11 @@ from hijack.objects.timerfd import Timerfd
 from hijack.sys import kcmp, procfs
 
 KINDS: tuple[Kind, ...] = (
+    MessageQueue(),  # before Regular: a queue's descriptor looks like a regular file
     Regular(),
     Fifo(),
     PtyPairKind(),  # before Terminal: both ends of a pair in the process
+    Pipe(),
     Terminal(),
     Device(),
     Epoll(),
@@ -90,9 +97,7 @@ def read_files(pid: int, *, frozen: bool = True, connections: bool = False) -> I
     descriptions = kcmp.description_ids(pid, [(e.fd, e.dev, e.ino) for e in entries])
     objects: dict[int, int] = {}  # description id -> object id
     descriptors = []
-    with DumpContext(
-        pid, entries, descriptions, frozen=frozen, connections=connections
-    ) as dump:
+    with DumpContext(pid, entries, descriptions, frozen=frozen, connections=connections) as dump:
         for entry in entries:
             info = procfs.read_fdinfo(pid, entry.fd)
             description = descriptions[entry.fd]
@@ -114,6 +119,7 @@ def read_files(pid: int, *, frozen: bool = True, connections: bool = False) -> I
                     object_id=objects[description],
                 )
             )
+        sysv.dump_held(dump)  # objects of the process that no descriptor reaches
         return ImageFiles.of(descriptors, dump.sections)
 
 
