@@ -69,6 +69,7 @@ from hijack.image.records import (
     SignalState,
     TerminalObject,
     Thread,
+    UnixSocket,
 )
 
 MAGIC = b"CRF\0"
@@ -105,6 +106,7 @@ class SectionKind(enum.Enum):
     EPOLL_OBJECT = b"EPOL"
     EVENTFD_OBJECT = b"EVFD"
     INET_SOCKET = b"INET"
+    UNIX_SOCKET = b"UNIX"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
     END = b"END_"
@@ -208,6 +210,7 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.EPOLL_OBJECT: _StructSection(EpollObject, is_object=True),
     SectionKind.EVENTFD_OBJECT: _StructSection(EventfdObject, is_object=True),
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
+    SectionKind.UNIX_SOCKET: _StructSection(UnixSocket, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
     SectionKind.END: _StructSection(End),

@@ -79,13 +79,13 @@ class UnixDiag:
 def unix_sockets(pid: int) -> dict[int, UnixDiag]:
     """Every unix socket of the network namespace of process `pid`, by inode."""
     with _in_network_namespace(pid), kernel_call("sock_diag", pid):
-        channel = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
-                                NETLINK_SOCK_DIAG)  # fmt: skip
+        channel = socket.socket(
+            socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
+        )
     with channel:
         show = (
-            UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS
-            | UDIAG_SHOW_RQLEN
-        )  # fmt: skip
+            UDIAG_SHOW_NAME | UDIAG_SHOW_VFS | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS | UDIAG_SHOW_RQLEN
+        )
         request = UNIX_DIAG_REQ.pack(socket.AF_UNIX, 0, 0, ALL_STATES, 0, show, b"\xff" * 8)
         header = NLMSGHDR.pack(
             NLMSGHDR.size + len(request), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, 1, 0
@@ -133,8 +133,9 @@ def _read_dump(channel: socket.socket) -> Iterator[tuple[int, UnixDiag]]:
                 if code:
                     raise HijackError(
                         f"sock_diag for unix sockets failed: {os.strerror(code)}",
-                        errno=code, syscall="sock_diag",
-                    )  # fmt: skip
+                        errno=code,
+                        syscall="sock_diag",
+                    )
                 continue
             if kind == SOCK_DIAG_BY_FAMILY:
                 diag = _parse_socket(body)
@@ -171,9 +172,17 @@ def _parse_socket(body: bytes) -> UnixDiag:
         elif attribute == UNIX_DIAG_SHUTDOWN:
             shutdown = value[0]
     return UnixDiag(
-        inode, socket.SocketKind(kind), state, name, vfs, peer, tuple(icons), rqueue, wqueue,
+        inode,
+        socket.SocketKind(kind),
+        state,
+        name,
+        vfs,
+        peer,
+        tuple(icons),
+        rqueue,
+        wqueue,
         shutdown,
-    )  # fmt: skip
+    )
 
 
 # ---------------------------------------------------------------- options
@@ -238,8 +247,11 @@ class QueuedMessage:
     source: bytes = b""  # a datagram's sender address (sun_path), b"" if unbound
 
 
-def peek_queue(sock: socket.socket, kind: socket.SocketKind, shut_for_reading: bool,
-               ) -> list[QueuedMessage]:  # fmt: skip
+def peek_queue(
+    sock: socket.socket,
+    kind: socket.SocketKind,
+    shut_for_reading: bool,
+) -> list[QueuedMessage]:
     """Every message queued to be read from `sock`, left in place, the peek offset put back.
 
     The caller owns the descriptors the messages carry. `shut_for_reading`: the socket has
@@ -260,8 +272,15 @@ def peek_queue(sock: socket.socket, kind: socket.SocketKind, shut_for_reading: b
             if not message.data and not message.fds and kind != socket.SOCK_STREAM:
                 # the peek offset cannot move past it: what follows cannot be seen
                 raise HijackError("a zero-length message is queued, and peeking cannot pass it")
-            if kind == socket.SOCK_STREAM and messages and _joinable(messages[-1], message):
-                messages[-1].data += message.data
+            if kind == socket.SOCK_STREAM and message.fds and len(message.data) > 1:
+                # A peek goes on to the next message that carries descriptors and stops
+                # after it, and no peek tells where it began: the descriptors are put on
+                # the last byte, so a read of the bytes before never takes (and drops) them.
+                before = QueuedMessage(message.data[:-1], credentials=message.credentials)
+                _append(messages, before)
+                message.data = message.data[-1:]
+            if kind == socket.SOCK_STREAM:
+                _append(messages, message)
             else:
                 messages.append(message)
     except BaseException:
@@ -274,8 +293,13 @@ def peek_queue(sock: socket.socket, kind: socket.SocketKind, shut_for_reading: b
     return messages
 
 
-def _joinable(before: QueuedMessage, after: QueuedMessage) -> bool:
-    return not before.fds and not after.fds and before.credentials == after.credentials
+def _append(stream: list[QueuedMessage], message: QueuedMessage) -> None:
+    """Add a run of a stream's bytes, joined to the run before when nothing tells them apart."""
+    last = stream[-1] if stream else None
+    if last and not last.fds and not message.fds and last.credentials == message.credentials:
+        last.data += message.data
+    else:
+        stream.append(message)
 
 
 _ANCILLARY = socket.CMSG_SPACE(SCM_MAX_FD * 4) + socket.CMSG_SPACE(UCRED.size)
@@ -323,7 +347,7 @@ def close_all(fds: Sequence[int]) -> None:
         os.close(fd)
 
 
-def send_message(sock: socket.socket, message: QueuedMessage, to: bytes = b"") -> None:
+def send_message(sock: socket.socket, message: QueuedMessage, to: str | bytes = b"") -> None:
     """Queue `message` again from `sock` (to address `to` for an unconnected datagram socket),
     without blocking: it fitted in the queue before, it must fit again.
 
@@ -332,8 +356,9 @@ def send_message(sock: socket.socket, message: QueuedMessage, to: bytes = b"") -
     """
     ancillary = []
     if message.fds:
-        ancillary.append((SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"={len(message.fds)}i",
-                                                                     *message.fds)))  # fmt: skip
+        ancillary.append(
+            (SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"={len(message.fds)}i", *message.fds))
+        )
     credentials = message.credentials
     if credentials is not None and credentials.pid > 0:
         packed = UCRED.pack(credentials.pid, credentials.uid, credentials.gid)

@@ -1,0 +1,208 @@
+"""Unix domain sockets rebuilt from the image alone (issue #12 item 3), end to end.
+
+The unix_sockets fixture holds every shape (pairs of each type with data queued,
+a listener with a connection waiting, an abstract name, descriptors in flight,
+options) and checks them all itself at the finish. An unmodified python3 asyncio
+server (its self-pipe is a socketpair) is dumped and restored without attach and
+serves again. What cannot come back is refused by name, before anything is killed.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import socket
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+from support import spawn_fixture
+from support.cli import HijackCli, restored_pid
+from support.procview import FdView, difference, fds_view, maps_view, wait_in_syscall
+from test_dump_restore import (  # noqa: F401  (pytest fixtures: used by name)
+    EXIT_TIMEOUT,
+    PYTHON,
+    SYS_READ,
+    Child,
+    NothingStarted,
+    assert_refused,
+    every_image_recodes,
+    hijack,
+    image_json,
+    wait_until,
+)
+
+SOCKET_TARGET = re.compile(r"socket:\[\d+\]")
+
+
+def without_socket_inodes(view: frozenset[FdView]) -> frozenset[FdView]:
+    """A rebuilt socket is a new one: its inode differs, all else must not."""
+    return frozenset(replace(e, target=SOCKET_TARGET.sub("socket:[]", e.target)) for e in view)
+
+
+def unix_details(document: dict[str, object]) -> dict[int, str]:
+    descriptors = document["descriptors"]
+    assert isinstance(descriptors, list)
+    return {d["fd"]: d["details"] for d in descriptors if d["details"].startswith("unix: ")}
+
+
+def test_every_kind_of_unix_socket_comes_back_with_its_queues(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    image = tmp_path / "unix.crf"
+    with spawn_fixture("unix_sockets", data, fifos=True) as fixture:
+        wait_in_syscall(fixture.pid, (SYS_READ,))
+        maps_before, fds_before = maps_view(fixture.pid), fds_view(fixture.pid)
+        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+        assert fixture.wait_exit() == -signal.SIGKILL
+        details = unix_details(image_json(hijack, image))
+        assert len(details) == 13, details
+        assert any("listening on" in line and "1 connection(s) waiting" in line
+                   for line in details.values()), details  # fmt: skip
+        assert any("2 descriptor(s) in flight" in line for line in details.values()), details
+
+        pid = restored_pid(hijack.ok("restore", image))
+        fixture.adopt(pid)
+        wait_in_syscall(pid, (SYS_READ,), describe=fixture.describe)
+        found = difference(maps_before, maps_view(pid))
+        assert not found, f"/proc/{pid}/maps:\n{found}"
+        found = difference(without_socket_inodes(fds_before), without_socket_inodes(fds_view(pid)))
+        assert not found, f"/proc/{pid}/fd:\n{found}"
+        # Every queue read whole, in order, with boundaries, credentials, descriptors;
+        # the waiting connection accepted and used.
+        fixture.assert_intact()
+
+
+def test_a_plain_dump_reads_the_queues_without_taking_anything(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    with spawn_fixture("unix_sockets", data) as fixture:
+        hijack.ok("dump", fixture.pid, "-o", tmp_path / "unix.crf")
+        # Its bytes, messages and descriptors are all still queued; its peek offset is back.
+        fixture.assert_intact()
+
+
+@contextmanager
+def outside_peer(path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """A python3 that listens on `path`, accepts one connection and holds it."""
+    program = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX); s.bind(sys.argv[1]); s.listen(1)\n"
+        "print('ready', flush=True)\n"
+        "c, _ = s.accept(); c.recv(1)\n"
+    )
+    peer = subprocess.Popen([PYTHON, "-c", program, str(path)], stdout=subprocess.PIPE)
+    try:
+        assert peer.stdout is not None and peer.stdout.readline() == b"ready\n"
+        yield peer
+    finally:
+        peer.kill()
+        peer.wait(timeout=EXIT_TIMEOUT)
+
+
+def test_a_stream_connected_to_a_process_outside_is_refused_by_name(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    path = tmp_path / "outside.sock"
+    image = tmp_path / "client.crf"
+    client_program = (
+        "import socket, sys\n"
+        "c = socket.socket(socket.AF_UNIX); c.connect(sys.argv[1])\n"
+        "print(c.fileno(), flush=True)\n"
+        "sys.stdin.read()\n"
+        "c.sendall(b'x'); print('still connected', flush=True)\n"
+    )
+    with outside_peer(path):
+        client = subprocess.Popen(
+            [PYTHON, "-c", client_program, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        with Child(client.pid):
+            assert client.stdout is not None and client.stdin is not None
+            fd = int(client.stdout.readline())
+            result = hijack("dump", client.pid, "-o", image, "--kill")
+            assert_refused(result, f"fd {fd} (socket", "connected to a peer outside", str(path))
+            assert "not killing" in result.stderr
+            # Untouched: it still runs, its connection still works.
+            client.stdin.close()
+            assert client.stdout.readline() == b"still connected\n"
+            assert client.wait(timeout=EXIT_TIMEOUT) == 0
+    # The image of a plain dump is refused the same way, before anything starts.
+    with outside_peer(path):
+        client = subprocess.Popen(
+            [PYTHON, "-c", client_program, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        with Child(client.pid):
+            assert client.stdout is not None and client.stdin is not None
+            fd = int(client.stdout.readline())
+            hijack.ok("dump", client.pid, "-o", image)
+            client.stdin.close()
+            assert client.wait(timeout=EXIT_TIMEOUT) == 0
+    with NothingStarted(None):
+        assert_refused(hijack("restore", image), f"fd {fd} (socket", "--skip-unsupported")
+
+
+ASYNCIO_SERVER = """
+import asyncio, sys
+
+async def answer(reader, writer):
+    line = await reader.readline()
+    writer.write(b"echo " + line)
+    await writer.drain()
+    writer.close()
+
+async def main():
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    async with server:
+        await server.serve_forever()
+
+asyncio.run(main())
+"""
+
+
+def ask(port: int, line: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(line)
+        answer = b""
+        while chunk := connection.recv(4096):
+            answer += chunk
+        return answer
+
+
+def test_an_asyncio_server_serves_again_after_dump_kill_and_restore(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "asyncio.crf"
+    output = tmp_path / "server.out"
+    with open(output, "wb") as stdout:
+        server = subprocess.Popen(
+            [PYTHON, "-c", ASYNCIO_SERVER],
+            stdin=subprocess.DEVNULL,
+            stdout=stdout,
+            stderr=subprocess.DEVNULL,
+        )
+    with Child(server.pid) as original:
+        wait_until(lambda: output.read_bytes().endswith(b"\n"), "the asyncio server's port")
+        port = int(output.read_bytes())
+        assert ask(port, b"before\n") == b"echo before\n"
+        hijack.ok("dump", server.pid, "-o", image, "--kill")
+        assert original.wait() == -signal.SIGKILL
+        server.returncode = -signal.SIGKILL
+    document = image_json(hijack, image)
+    # Its self-pipe: a socketpair, both ends in the process.
+    pair = [line for line in unix_details(document).values() if "inside the process" in line]
+    assert len(pair) == 2, document["descriptors"]
+    with Child(restored_pid(hijack.ok("restore", image))):
+        assert ask(port, b"after\n") == b"echo after\n"
+        assert ask(port, b"again\n") == b"echo again\n"
+
