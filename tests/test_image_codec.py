@@ -64,6 +64,9 @@ from hijack.image import (
     TerminalObject,
     TerminalState,
     Thread,
+    UnixCredentials,
+    UnixMessage,
+    UnixSocket,
     UserRegsStruct,
     read_image,
     read_round,
@@ -74,7 +77,7 @@ from hijack.image import (
 from hijack.image import records as records_module
 from hijack.image.fields import Cursor, struct_codec
 
-OBJECT_TAGS = {b"TTYO", b"EPOL", b"EVFD", b"INET", b"ODAT"}
+OBJECT_TAGS = {b"TTYO", b"EPOL", b"EVFD", b"INET", b"UNIX", b"ODAT"}
 SECTION_NAMES = {
     b"HEAD": "HEADER",
     b"CRED": "CREDENTIALS",
@@ -89,6 +92,7 @@ SECTION_NAMES = {
     b"EPOL": "EPOLL_OBJECT",
     b"EVFD": "EVENTFD_OBJECT",
     b"INET": "INET_SOCKET",
+    b"UNIX": "UNIX_SOCKET",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
     b"END_": "END",
@@ -289,6 +293,49 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         EventfdObject(id=4, count=7, semaphore=True),
         ObjectData(id=4, offset=0, data=rng.randbytes(100)),  # data of no real eventfd: a test
         ObjectData(id=4, offset=4096, data=b"after a hole"),
+        UnixSocket(
+            id=5,
+            inode=7790,
+            type=1,
+            state=1,
+            shutdown=2,
+            passcred=True,
+            peek_off=-1,
+            sndbuf=131072,
+            rcvbuf=212992,
+            backlog=0,
+            peer=7791,
+            file_mode=0,
+            file_uid=0,
+            file_gid=0,
+            name=b"\0abstract \xff",
+            peer_name=b"",
+            queue=(),
+            messages=(
+                UnixMessage(data=b"queued", source=b"", credentials=None, rights=()),
+                UnixMessage(
+                    data=b"!",
+                    source=b"/run/sender.sock",
+                    credentials=UnixCredentials(pid=4242, uid=0, gid=1000),
+                    rights=(
+                        FileDescriptor(
+                            fd=0,
+                            kind=FdKind.REGULAR,
+                            flags=0o2,
+                            pos=8,
+                            cloexec=False,
+                            mode=0o100600,
+                            dev=0x801,
+                            ino=99,
+                            path="/srv/carried",
+                            description_id=9,
+                            object_id=0,
+                        ),
+                    ),
+                ),
+            ),
+            refusal="",
+        ),
     )
     files = Files(
         objects=len(objects),
@@ -315,6 +362,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 (5, FdKind.DIRECTORY, "/srv/data \udcff", 0o200000, 0, 0o40755, 6, 0),
                 (6, FdKind.REGULAR, "/var/log/server.log", 0o102001, 123456, 0o100644, 3, 0),
                 (9, FdKind.EVENTFD, "anon_inode:[eventfd]", 0o2, 0, 0o600, 7, 4),
+                (10, FdKind.SOCKET, "socket:[7790]", 0o2, 0, 0o140777, 8, 5),
             ]
         ),
     )
@@ -628,9 +676,9 @@ def test_absurd_lengths_are_refused_without_allocating_them() -> None:
 
 def test_non_canonical_bytes_are_refused() -> None:
     files = next(s for s in sections(BUILT.image) if s.tag == b"FDS_")
-    # FILES counting its 6 objects, one descriptor: fd kind flags pos | cloexec |
+    # FILES counting its 7 objects, one descriptor: fd kind flags pos | cloexec |
     # mode dev ino description_id object_id path.
-    before = struct.pack("<IIIBIq", 6, 1, 7, FdKind.PIPE, 0, 0)
+    before = struct.pack("<IIIBIq", 7, 1, 7, FdKind.PIPE, 0, 0)
     after = struct.pack("<IQQQQI", 0, 0, 0, 1, 0, 1) + b"p"
     for cloexec, problem in ((b"\x02", "boolean byte is 2"), (b"\x01", None)):
         payload = before + cloexec + after
@@ -910,7 +958,7 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert len(objects) == 4  # ObjectData counted in its object's data_bytes
+    assert len(objects) == 5  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:

@@ -18,23 +18,28 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
 from support.procview import FdView, difference, fds_view, maps_view, wait_in_syscall
-from test_dump_restore import (  # noqa: F401  (pytest fixtures: used by name)
+from test_dump_restore import (
     EXIT_TIMEOUT,
     PYTHON,
     SYS_READ,
     Child,
     NothingStarted,
     assert_refused,
-    every_image_recodes,
-    hijack,
     image_json,
     wait_until,
 )
+from test_dump_restore import every_image_recodes as every_image_recodes  # autouse
 
 SOCKET_TARGET = re.compile(r"socket:\[\d+\]")
+
+
+@pytest.fixture
+def hijack(tmp_path: Path) -> HijackCli:
+    return HijackCli(tmp_path / "state")
 
 
 def without_socket_inodes(view: frozenset[FdView]) -> frozenset[FdView]:
@@ -89,6 +94,22 @@ def test_a_plain_dump_reads_the_queues_without_taking_anything(
 
 
 @contextmanager
+def running(program: str, *args: str) -> Iterator[subprocess.Popen[bytes]]:
+    """python3 -c PROGRAM ARGS, its stdin and stdout pipes of ours; killed and reaped after."""
+    process = subprocess.Popen(
+        [PYTHON, "-c", program, *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait(timeout=EXIT_TIMEOUT)
+        for pipe in (process.stdin, process.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+@contextmanager
 def outside_peer(path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """A python3 that listens on `path`, accepts one connection and holds it."""
     program = (
@@ -97,13 +118,9 @@ def outside_peer(path: Path) -> Iterator[subprocess.Popen[bytes]]:
         "print('ready', flush=True)\n"
         "c, _ = s.accept(); c.recv(1)\n"
     )
-    peer = subprocess.Popen([PYTHON, "-c", program, str(path)], stdout=subprocess.PIPE)
-    try:
+    with running(program, str(path)) as peer:
         assert peer.stdout is not None and peer.stdout.readline() == b"ready\n"
         yield peer
-    finally:
-        peer.kill()
-        peer.wait(timeout=EXIT_TIMEOUT)
 
 
 def test_a_stream_connected_to_a_process_outside_is_refused_by_name(
@@ -118,35 +135,24 @@ def test_a_stream_connected_to_a_process_outside_is_refused_by_name(
         "sys.stdin.read()\n"
         "c.sendall(b'x'); print('still connected', flush=True)\n"
     )
-    with outside_peer(path):
-        client = subprocess.Popen(
-            [PYTHON, "-c", client_program, str(path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        with Child(client.pid):
-            assert client.stdout is not None and client.stdin is not None
-            fd = int(client.stdout.readline())
-            result = hijack("dump", client.pid, "-o", image, "--kill")
-            assert_refused(result, f"fd {fd} (socket", "connected to a peer outside", str(path))
-            assert "not killing" in result.stderr
-            # Untouched: it still runs, its connection still works.
-            client.stdin.close()
-            assert client.stdout.readline() == b"still connected\n"
-            assert client.wait(timeout=EXIT_TIMEOUT) == 0
+    with outside_peer(path), running(client_program, str(path)) as client:
+        assert client.stdout is not None and client.stdin is not None
+        fd = int(client.stdout.readline())
+        result = hijack("dump", client.pid, "-o", image, "--kill")
+        assert_refused(result, f"fd {fd} (socket", "connected to a peer outside", str(path))
+        assert "not killing" in result.stderr
+        # Untouched: it still runs, its connection still works.
+        client.stdin.close()
+        assert client.stdout.readline() == b"still connected\n"
+        assert client.wait(timeout=EXIT_TIMEOUT) == 0
     # The image of a plain dump is refused the same way, before anything starts.
-    with outside_peer(path):
-        client = subprocess.Popen(
-            [PYTHON, "-c", client_program, str(path)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        with Child(client.pid):
-            assert client.stdout is not None and client.stdin is not None
-            fd = int(client.stdout.readline())
-            hijack.ok("dump", client.pid, "-o", image)
-            client.stdin.close()
-            assert client.wait(timeout=EXIT_TIMEOUT) == 0
+    path = tmp_path / "outside-again.sock"
+    with outside_peer(path), running(client_program, str(path)) as client:
+        assert client.stdout is not None and client.stdin is not None
+        fd = int(client.stdout.readline())
+        hijack.ok("dump", client.pid, "-o", image)
+        client.stdin.close()
+        assert client.wait(timeout=EXIT_TIMEOUT) == 0
     with NothingStarted(None):
         assert_refused(hijack("restore", image), f"fd {fd} (socket", "--skip-unsupported")
 
@@ -205,4 +211,3 @@ def test_an_asyncio_server_serves_again_after_dump_kill_and_restore(
     with Child(restored_pid(hijack.ok("restore", image))):
         assert ask(port, b"after\n") == b"echo after\n"
         assert ask(port, b"again\n") == b"echo again\n"
-

@@ -68,6 +68,9 @@ from hijack.image.records import (
     TerminalObject,
     TerminalState,
     Thread,
+    UnixCredentials,
+    UnixMessage,
+    UnixSocket,
     UserRegsStruct,
 )
 from hijack.image.summary import ImageSummary, summarize, summary_to_json
@@ -124,6 +127,9 @@ __all__ = [
     "TerminalObject",
     "TerminalState",
     "Thread",
+    "UnixCredentials",
+    "UnixMessage",
+    "UnixSocket",
     "UserRegsStruct",
     "read_image",
     "read_round",

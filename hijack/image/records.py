@@ -549,9 +549,7 @@ class ObjectData:
 
 
 # The records an object section holds; a new kind adds its records here.
-ObjectRecord = (
-    TerminalObject | EpollObject | EventfdObject | InetSocket | UnixSocket | ObjectData
-)
+ObjectRecord = TerminalObject | EpollObject | EventfdObject | InetSocket | UnixSocket | ObjectData
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
