@@ -9,6 +9,7 @@ serves again. What cannot come back is refused by name, before anything is kille
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import socket
@@ -211,3 +212,79 @@ def test_an_asyncio_server_serves_again_after_dump_kill_and_restore(
     with Child(restored_pid(hijack.ok("restore", image))):
         assert ask(port, b"after\n") == b"echo after\n"
         assert ask(port, b"again\n") == b"echo again\n"
+
+
+DATAGRAM_CLIENT = """
+import signal, socket, sys
+log = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+log.connect(sys.argv[1])
+log.send(b"before")
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])
+print("connected", flush=True)
+count = 0
+while True:
+    signal.sigwait([signal.SIGUSR1])
+    count += 1
+    log.send(b"after %d" % count)
+"""
+
+
+def test_a_datagram_socket_connected_to_a_name_outside_connects_again(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    """As a program logging to /dev/log: the receiver outside stays, the sender moves on."""
+    path = tmp_path / "log.sock"
+    output = tmp_path / "client.out"
+    image = tmp_path / "logger.crf"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(str(path))
+        receiver.settimeout(10)
+        with open(output, "wb") as stdout:
+            client = subprocess.Popen(
+                [PYTHON, "-c", DATAGRAM_CLIENT, str(path)],
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.DEVNULL,
+            )
+        with Child(client.pid) as original:
+            assert receiver.recv(100) == b"before"
+            wait_until(lambda: output.read_bytes() == b"connected\n", "the client connected")
+            hijack.ok("dump", client.pid, "-o", image, "--kill")
+            assert original.wait() == -signal.SIGKILL
+            client.returncode = -signal.SIGKILL
+        [line] = unix_details(image_json(hijack, image)).values()
+        assert line == f"unix: datagram, connected to {path}", line
+        with Child(restored_pid(hijack.ok("restore", image))) as restored:
+            os.kill(restored.pid, signal.SIGUSR1)
+            assert receiver.recv(100) == b"after 1"
+
+
+CARRIER = """
+import socket, sys
+connection = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+left, right = socket.socketpair()
+socket.send_fds(left, [b"a connection"], [connection.fileno()])
+connection.close()
+print(right.fileno(), flush=True)
+sys.stdin.read()
+data, fds, _, _ = socket.recv_fds(right, 100, 1)
+print(data.decode(), len(fds), flush=True)
+"""
+
+
+def test_a_descriptor_in_flight_that_cannot_come_back_is_refused_by_name(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "carrier.crf"
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        with running(CARRIER, str(port)) as carrier:
+            assert carrier.stdout is not None and carrier.stdin is not None
+            fd = int(carrier.stdout.readline())
+            result = hijack("dump", carrier.pid, "-o", image, "--kill")
+            assert_refused(
+                result, f"fd {fd} (socket", "carrying in flight", "127.0.0.1", "not killing"
+            )
+            # Untouched: the connection is still queued, whole.
+            carrier.stdin.close()
+            assert carrier.stdout.readline() == b"a connection 1\n"
