@@ -59,7 +59,7 @@ from hijack.errors import HijackError
 from hijack.image.codec import SectionKind, recode
 from hijack.image.identity import read_build_id
 from hijack.restore.restorer import restore
-from hijack.sys import procfs
+from hijack.sys import kcmp, procfs
 
 PYTHON = "/usr/bin/python3"  # an unmodified, dynamically linked distribution binary
 SLEEP = "/usr/bin/sleep"  # copied under unique names, so its processes can be told apart
@@ -1031,3 +1031,79 @@ def test_an_image_file_is_readable_by_its_owner_only(hijack: HijackCli, tmp_path
     finally:
         os.umask(old_umask)
     assert image.stat().st_mode & 0o777 == 0o600
+
+
+# -- 10. never kill what cannot come back: dump --kill refuses what a restore would -----------
+
+
+def assert_runs(pid: int) -> None:
+    """Still running (or sleeping): neither dead nor a zombie."""
+    assert procfs.read_stat(pid).state not in ("Z", "X"), (
+        f"process {pid} is {procfs.read_stat(pid)}"
+    )
+
+
+def test_dump_kill_refuses_a_sysv_shared_memory_mapping_and_leaves_it_running(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "shm.crf"
+    # FIFOs for the protocol: the segment is the one thing a restore could not bring back.
+    with spawn_fixture("sysv_shm", fifos=True) as shm:
+        [segment] = [m for m in procfs.read_maps(shm.pid) if m.path.startswith("/SYSV")]
+        assert segment.deleted and segment.shared, segment
+        refused = hijack("dump", shm.pid, "-o", image, "--kill")
+        assert_refused(refused, "not killing", f"cannot open {segment.path}", "had mapped")
+        assert not list(tmp_path.glob("*.crf*")), "an image was left behind"
+        assert_runs(shm.pid)
+        # A plain dump leaves the process running: it is allowed, and a restore refuses it.
+        hijack.ok("dump", shm.pid, "-o", image)
+        with NothingStarted(None):
+            assert_refused(hijack("restore", image), f"cannot open {segment.path}")
+        shm.assert_intact()
+
+
+def test_dump_kill_refuses_a_pipe_to_an_outside_process_unless_attached(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "counter.crf"
+    # CONTROL_FD is an anonymous pipe whose other end is ours: outside the dump.
+    with spawn_fixture("counter", tmp_path / "counter.log", "2") as counter:
+        [pipe] = [e for e in procfs.list_fds(counter.pid) if e.kind is procfs.FdKind.PIPE]
+        refused = hijack("dump", counter.pid, "-o", image, "--kill")
+        assert_refused(refused, "not killing", f"fd {pipe.fd} (pipe {pipe.target})", "attach")
+        assert not image.exists()
+        assert_runs(counter.pid)
+
+        # Attached, its shadow keeps the pipe: the dump kills, the restore gets the pipe back.
+        shadow = json.loads(hijack.ok("attach", "--json", counter.pid).stdout)["shadow_pid"]
+        hijack.ok("dump", counter.pid, "-o", image, "--kill")
+        assert counter.wait_exit() == -signal.SIGKILL
+        with Child(shadow) as holder:
+            counter.adopt(restored_pid(hijack.ok("restore", image)))
+            hijack.ok("detach", counter.pid)
+            holder.wait()
+            counter.assert_intact()
+
+
+# -- 11. one open file description, dup'ed: restored as one ---------------------------------------
+
+
+def test_dup_ed_descriptors_of_a_file_share_one_offset_after_restore(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "shared.crf"
+    with spawn_fixture("shared_offset", tmp_path / "shared.txt", fifos=True) as shared:
+        first, second, apart = (int(shared.ready[key]) for key in ("first", "second", "apart"))
+        fds_before = fds_view(shared.pid)
+        hijack.ok("dump", shared.pid, "-o", image, "--kill")
+        assert shared.wait_exit() == -signal.SIGKILL
+        document = image_json(hijack, image)
+        description = {d["fd"]: d["description_id"] for d in document["descriptors"]}
+        assert description[first] == description[second] != description[apart]
+
+        pid = restored_pid(hijack.ok("restore", image))
+        shared.adopt(pid)
+        assert_same_views(fds_before, fds_view(pid), f"/proc/{pid}/fd")
+        assert kcmp.same_description(pid, first, second)
+        assert not kcmp.same_description(pid, first, apart)
+        shared.assert_intact()  # it writes through `second` and finds `first` moved on
