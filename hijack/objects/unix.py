@@ -344,16 +344,18 @@ def _build_datagram(
 ) -> None:
     fd = _new_socket(sock, restore)
     _bind(sock, fd)
-    if peer is not None:
-        _build(peer, restore)  # bound before we connect to it
-        _connect(fd, peer.name)
-    elif sock.peer_name:
-        _connect(fd, sock.peer_name)
+    # Filled before it connects: a connected datagram socket takes datagrams from its
+    # peer only (the sender is ours).
     if sock.messages:
         sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         with sender:
             kernel.set_buffers(sender, SENDER_BUFFER, SENDER_BUFFER)
             _fill(sock, sender, restore, to=sock.name)
+    if peer is not None:
+        _build(peer, restore)  # bound before we connect to it
+        _connect(fd, peer.name)
+    elif sock.peer_name:
+        _connect(fd, sock.peer_name)
     _finish(sock, fd)
 
 
