@@ -35,6 +35,9 @@ from test_dump_restore import (
 )
 from test_dump_restore import every_image_recodes as every_image_recodes  # autouse
 
+from hijack.errors import HijackError
+from hijack.sys import unix_socket
+
 SOCKET_TARGET = re.compile(r"socket:\[\d+\]")
 
 
@@ -288,3 +291,50 @@ def test_a_descriptor_in_flight_that_cannot_come_back_is_refused_by_name(
             # Untouched: the connection is still queued, whole.
             carrier.stdin.close()
             assert carrier.stdout.readline() == b"a connection 1\n"
+
+
+def test_peeking_a_queue_takes_nothing_and_puts_the_peek_offset_back() -> None:
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    readable, writable = os.pipe()
+    try:
+        left.sendall(b"before ")
+        socket.send_fds(left, [b"carrying"], [readable])
+        left.sendall(b" after")
+        right.setsockopt(socket.SOL_SOCKET, unix_socket.SO_PEEK_OFF, 3)
+        messages = unix_socket.peek_queue(right, socket.SOCK_STREAM, shut_for_reading=False)
+        try:
+            # The descriptor rides on the last byte of the run that carried it.
+            assert [(m.data, len(m.fds)) for m in messages] == [
+                (b"before carryin", 0),
+                (b"g", 1),
+                (b" after", 0),
+            ]
+            assert os.fstat(messages[1].fds[0]).st_ino == os.fstat(readable).st_ino
+        finally:
+            for message in messages:
+                unix_socket.close_all(message.fds)
+        assert right.getsockopt(socket.SOL_SOCKET, unix_socket.SO_PEEK_OFF) == 3
+        right.setsockopt(socket.SOL_SOCKET, unix_socket.SO_PEEK_OFF, -1)
+        data, fds, _, _ = socket.recv_fds(right, 100, 1)
+        assert data == b"before carrying" and len(fds) == 1
+        os.close(fds[0])
+        assert right.recv(100) == b" after"
+        # sock_diag sees the pair as each other's peer.
+        table = unix_socket.unix_sockets(os.getpid())
+        ends = [os.fstat(end.fileno()).st_ino for end in (left, right)]
+        assert [table[inode].peer for inode in ends] == ends[::-1]
+    finally:
+        for fd in (readable, writable):
+            os.close(fd)
+        left.close()
+        right.close()
+
+
+def test_a_zero_length_datagram_cannot_be_peeked_past() -> None:
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with left, right:
+        left.send(b"")
+        left.send(b"behind it")
+        with pytest.raises(HijackError, match="zero-length"):
+            unix_socket.peek_queue(right, socket.SOCK_DGRAM, shut_for_reading=False)
+        assert right.recv(100) == b"" and right.recv(100) == b"behind it"

@@ -33,7 +33,7 @@ from hijack import objects
 from hijack.errors import HijackError, RestoreError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
-from hijack.objects.base import DumpContext, Kind, RestoreContext, describe_fd
+from hijack.objects.base import O_NONBLOCK, DumpContext, Kind, RestoreContext, describe_fd
 from hijack.sys import procfs
 from hijack.sys import unix_socket as kernel
 from hijack.sys.unix_socket import TCP_ESTABLISHED, TCP_LISTEN
@@ -371,6 +371,8 @@ def _fill(
                 carried = restore.image.objects.get(right.object_id)
                 if isinstance(carried, rec.UnixSocket):
                     fds.append(_build(carried, restore))
+                    # one file description, whoever holds it: its status flags as in flight
+                    os.set_blocking(fds[-1], not right.flags & O_NONBLOCK)
                 else:
                     owned.append(objects.rebuild_in_flight(right, restore))
                     fds.append(owned[-1])
@@ -436,7 +438,10 @@ def _clear_stale_file(sock: rec.UnixSocket) -> None:
 
 
 def _connect(fd: int, name: bytes) -> None:
+    """Connect without ever waiting: a listener whose queue filled up meanwhile (someone
+    else connected to it first) is an error, not a restore that hangs."""
     with _wrapped(fd) as made:
+        made.setblocking(False)
         try:
             made.connect(kernel.bind_address(name))
         except OSError as error:
@@ -444,6 +449,7 @@ def _connect(fd: int, name: bytes) -> None:
                 f"cannot connect a unix socket to {_show_name(name)} again: "
                 f"{os.strerror(error.errno or 0)}"
             ) from error
+        made.setblocking(True)
 
 
 def _finish(sock: rec.UnixSocket, fd: int | None) -> None:
