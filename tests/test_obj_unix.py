@@ -9,6 +9,7 @@ serves again. What cannot come back is refused by name, before anything is kille
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -338,3 +339,39 @@ def test_a_zero_length_datagram_cannot_be_peeked_past() -> None:
         with pytest.raises(HijackError, match="zero-length"):
             unix_socket.peek_queue(right, socket.SOCK_DGRAM, shut_for_reading=False)
         assert right.recv(100) == b"" and right.recv(100) == b"behind it"
+
+
+def test_an_attached_process_gets_its_stream_to_a_process_outside_from_its_shadow(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    path = tmp_path / "outside.sock"
+    image = tmp_path / "client.crf"
+    output = tmp_path / "client.out"
+    client_program = (
+        "import signal, socket, sys\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGUSR1])\n"
+        "c = socket.socket(socket.AF_UNIX); c.connect(sys.argv[1])\n"
+        "print('connected', flush=True)\n"
+        "signal.sigwait([signal.SIGUSR1])\n"
+        "c.sendall(b'x')\n"
+    )
+    with outside_peer(path) as peer:
+        with open(output, "wb") as stdout:
+            client = subprocess.Popen(
+                [PYTHON, "-c", client_program, str(path)],
+                stdin=subprocess.DEVNULL,
+                stdout=stdout,
+                stderr=subprocess.DEVNULL,
+            )
+        with Child(client.pid) as original:
+            wait_until(lambda: output.read_bytes() == b"connected\n", "the client connected")
+            shadow = json.loads(hijack.ok("attach", "--json", client.pid).stdout)["shadow_pid"]
+            hijack.ok("dump", client.pid, "-o", image, "--kill")
+            assert original.wait() == -signal.SIGKILL
+            client.returncode = -signal.SIGKILL
+        with Child(shadow) as holder, Child(restored_pid(hijack.ok("restore", image))) as restored:
+            os.kill(restored.pid, signal.SIGUSR1)
+            # The peer outside got the byte on its very connection, then it ends.
+            assert peer.wait(timeout=EXIT_TIMEOUT) == 0
+            assert restored.wait() == 0
+            holder.wait()
