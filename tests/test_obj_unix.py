@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import stat
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,9 +76,12 @@ def test_every_kind_of_unix_socket_comes_back_with_its_queues(
                    for line in details.values()), details  # fmt: skip
         assert any("2 descriptor(s) in flight" in line for line in details.values()), details
 
+        # One socket file is gone (made again), the others stayed behind (replaced).
+        (data / "listener.sock").unlink()
         pid = restored_pid(hijack.ok("restore", image))
         fixture.adopt(pid)
         wait_in_syscall(pid, (SYS_READ,), describe=fixture.describe)
+        assert stat.S_ISSOCK((data / "listener.sock").stat().st_mode)
         found = difference(maps_before, maps_view(pid))
         assert not found, f"/proc/{pid}/maps:\n{found}"
         found = difference(without_socket_inodes(fds_before), without_socket_inodes(fds_view(pid)))
