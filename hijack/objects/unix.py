@@ -9,8 +9,9 @@ inode; peers and accept queues name sockets by inode.
 
 Restore: the sockets are made in the restorer and given to the stub. Two connected ends
 in the image become a socketpair; a listener is bound to its name again (a stale socket
-file left by the dumped process is replaced) and the clients of its accept queue that
-are in the image connect to it again, in order; a datagram socket connected to a name
+file left by the dumped process is replaced), its accepted connections are connected
+and accepted again, and the clients of its accept queue that are in the image connect
+to it again, in order; a datagram socket connected to a name
 outside (/dev/log) connects to it again. Each receive queue is sent again by the socket's
 peer (or, for a bound datagram socket, by a socket of ours), then options, then shutdown.
 
@@ -271,7 +272,7 @@ def _build(sock: rec.UnixSocket, restore: RestoreContext) -> int:
     peer = sockets.get(sock.peer) if sock.peer else None
     if sock.state == TCP_LISTEN:
         _build_listener(sock, restore)
-    elif (listener := _waiting_at(sock, image)) is not None:
+    elif (listener := _waiting_at(sock, image) or _accepting(sock, sockets)) is not None:
         _build_listener(listener, restore)
     elif sock.type == socket.SOCK_DGRAM:
         if peer is not None and peer.peer == sock.inode and not sock.name and not peer.name:
@@ -306,37 +307,99 @@ def _build_pair(one: rec.UnixSocket, other: rec.UnixSocket | None, restore: Rest
     left, right = socket.socketpair(socket.AF_UNIX, one.type)
     one_fd = left.detach()
     restore.keep(one.id, one_fd)
-    with right, _wrapped(one_fd) as ours:
+    _connected(one, one_fd, other, right.detach(), restore)
+
+
+def _connected(
+    one: rec.UnixSocket,
+    one_fd: int,
+    other: rec.UnixSocket | None,
+    other_fd: int,
+    restore: RestoreContext,
+) -> None:
+    """Two connected ends made (`one` kept already): each one's queue sent again by the
+    other, then their options and shutdown. `other` None: an end that stands in for a peer
+    that closed, closed once it has sent."""
+    if other is not None:
+        restore.keep(other.id, other_fd)
+    with _wrapped(one_fd) as ours, _wrapped(other_fd) as theirs:
         kernel.set_buffers(ours, one.sndbuf, one.rcvbuf)
         if other is not None:
-            restore.keep(other.id, os.dup(right.fileno()))
-            kernel.set_buffers(right, other.sndbuf, other.rcvbuf)
+            kernel.set_buffers(theirs, other.sndbuf, other.rcvbuf)
             _fill(other, ours, restore)
         else:
-            kernel.set_buffers(right, SENDER_BUFFER, one.rcvbuf)
-        _fill(one, right, restore)
+            kernel.set_buffers(theirs, SENDER_BUFFER, one.rcvbuf)
+        _fill(one, theirs, restore)
     if other is not None:
-        _finish(other, restore.built(other.id))
+        _finish(other, other_fd)
+    else:
+        os.close(other_fd)
     _finish(one, one_fd)
 
 
 def _build_listener(listener: rec.UnixSocket, restore: RestoreContext) -> None:
-    """A listener bound and listening again, then its waiting connections from the image."""
+    """A listener bound and listening again; then the connections it had accepted (connected
+    and accepted again, so their accepted ends carry its name); then its waiting ones."""
     fd = _new_socket(listener, restore)
     _bind(listener, fd)
     with _wrapped(fd) as sock:
         sock.listen(listener.backlog)
     _finish(listener, fd)
     sockets = _sockets_by_inode(restore.image)
+    for accepted in _accepted_by(listener, sockets):
+        if restore.built(accepted.id) is not None:
+            continue
+        client = sockets.get(accepted.peer) if accepted.peer else None
+        if accepted.peer and client is None:
+            continue  # its client is outside: refused, or the shadow keeps it
+        client_fd = _client(client, listener, restore)
+        with _wrapped(fd) as sock:
+            made, _ = sock.accept()
+        accepted_fd = made.detach()
+        restore.keep(accepted.id, accepted_fd)
+        _connected(accepted, accepted_fd, client, client_fd, restore)
     for inode in listener.queue:
         client = sockets.get(inode)
         if client is None:
             continue  # a client outside the process: its connection is lost with it
-        client_fd = _new_socket(client, restore)
-        if client.name != listener.name:
-            _bind(client, client_fd)
-        _connect(client_fd, listener.name)
-        _finish(client, client_fd)
+        _finish(client, _client(client, listener, restore))
+
+
+def _client(
+    client: rec.UnixSocket | None, listener: rec.UnixSocket, restore: RestoreContext
+) -> int:
+    """A socket connected to `listener`: `client` made again (kept), or one of ours."""
+    if client is None:
+        fd = socket.socket(socket.AF_UNIX, listener.type).detach()
+    else:
+        fd = _new_socket(client, restore)
+        _bind(client, fd)
+    _connect(fd, listener.name)
+    return fd
+
+
+def _accepted_by(
+    listener: rec.UnixSocket, sockets: dict[int, rec.UnixSocket]
+) -> list[rec.UnixSocket]:
+    """The accepted ends of the connections `listener` accepted: they carry its name."""
+    return [
+        found
+        for found in sockets.values()
+        if found.name == listener.name
+        and found.type == listener.type
+        and found.state == TCP_ESTABLISHED
+    ]
+
+
+def _accepting(sock: rec.UnixSocket, sockets: dict[int, rec.UnixSocket]) -> rec.UnixSocket | None:
+    """The image's listener that accepted `sock`'s connection (`sock` is either end)."""
+    for end in (sock, sockets.get(sock.peer)):
+        if end is None or not end.name or end.state != TCP_ESTABLISHED:
+            continue
+        for found in sockets.values():
+            if found.state == TCP_LISTEN and found.name == end.name and found.type == end.type:
+                return found
+    return None
 
 
 def _build_datagram(
