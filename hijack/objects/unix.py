@@ -17,8 +17,8 @@ peer (or, for a bound datagram socket, by a socket of ours), then options, then 
 
 Refused: a stream or seqpacket socket whose peer is outside the image (the process's
 shadow keeps it when attached); bytes a client sent on a connection not yet accepted
-(no descriptor reaches them); a zero-length datagram (no peek passes it); a name
-relative to the directory it was bound in.
+(no descriptor reaches them); a zero-length datagram (no peek passes it); a queue of
+more than 8 MiB; a name relative to the directory it was bound in.
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ TYPE_NAMES: dict[int, str] = {
     socket.SOCK_DGRAM: "datagram",
     socket.SOCK_SEQPACKET: "seqpacket",
 }
+# Bytes of a socket's queue an image takes: the record holding them is one section
+# (at most 16 MiB of metadata, docs/crf.md §6).
+MAX_QUEUED = 8 << 20
 # A sender of ours for queued datagrams: their bytes count against its buffer until read.
 SENDER_BUFFER = 64 << 20
 
@@ -96,7 +99,13 @@ def _dump_socket(diag: kernel.UnixDiag, fd: int, dump: DumpContext) -> int:
                 except HijackError as error:
                     refusal = f"whose queue cannot be read: {error}"
                 else:
-                    messages = tuple(_dump_message(message, dump) for message in queued)
+                    size = sum(len(message.data) for message in queued)
+                    if size > MAX_QUEUED:
+                        for message in queued:
+                            kernel.close_all(message.fds)
+                        refusal = f"whose queue of {size} bytes is more than an image holds"
+                    else:
+                        messages = tuple(_dump_message(message, dump) for message in queued)
         file_mode = file_uid = file_gid = 0
         if diag.vfs is not None and diag.name.startswith(b"/"):
             try:
