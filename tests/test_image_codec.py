@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from hijack.errors import ImageError
 from hijack.image import (
     END_SECTION_SIZE,
+    FORMAT_VERSION,
     MAX_PAGES_DATA,
     PAGE_SIZE,
     RLIM_INFINITY,
@@ -45,9 +46,14 @@ from hijack.image import (
     ImageHeader,
     ImageWriter,
     InetSocket,
+    InotifyObject,
+    InotifyWatch,
+    Itimer,
     MemoryStructure,
     ObjectData,
     Pages,
+    PosixTimer,
+    ProcessSettings,
     Prot,
     Record,
     Rlimit,
@@ -55,15 +61,21 @@ from hijack.image import (
     RobustList,
     Round,
     RseqConfiguration,
+    SeccompFilter,
     SectionKind,
     Segment,
     Segments,
     SigAction,
     SigAltStack,
+    SignalfdObject,
     SignalState,
     TerminalObject,
     TerminalState,
     Thread,
+    ThreadScheduling,
+    ThreadSeccomp,
+    TimerfdObject,
+    Timers,
     UnixCredentials,
     UnixMessage,
     UnixSocket,
@@ -77,7 +89,7 @@ from hijack.image import (
 from hijack.image import records as records_module
 from hijack.image.fields import Cursor, struct_codec
 
-OBJECT_TAGS = {b"TTYO", b"EPOL", b"EVFD", b"INET", b"UNIX", b"ODAT"}
+OBJECT_TAGS = {b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"INET", b"UNIX", b"ODAT"}
 SECTION_NAMES = {
     b"HEAD": "HEADER",
     b"CRED": "CREDENTIALS",
@@ -91,10 +103,15 @@ SECTION_NAMES = {
     b"TTYO": "TERMINAL_OBJECT",
     b"EPOL": "EPOLL_OBJECT",
     b"EVFD": "EVENTFD_OBJECT",
+    b"TMFD": "TIMERFD_OBJECT",
+    b"SGFD": "SIGNALFD_OBJECT",
+    b"INFY": "INOTIFY_OBJECT",
     b"INET": "INET_SOCKET",
     b"UNIX": "UNIX_SOCKET",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
+    b"PSET": "SETTINGS",
+    b"TIMR": "TIMERS",
     b"END_": "END",
 }
 
@@ -293,8 +310,24 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         EventfdObject(id=4, count=7, semaphore=True),
         ObjectData(id=4, offset=0, data=rng.randbytes(100)),  # data of no real eventfd: a test
         ObjectData(id=4, offset=4096, data=b"after a hole"),
-        UnixSocket(
+        TimerfdObject(
             id=5,
+            clock_id=1,
+            settime_flags=1,
+            ticks=3,
+            value_ns=1_500_000,
+            interval_ns=20_000_000,
+        ),
+        SignalfdObject(id=6, sigmask=(1 << 9) | (1 << 63)),
+        InotifyObject(
+            id=7,
+            watches=(
+                InotifyWatch(wd=1, mask=0x100, path="/srv/data"),
+                InotifyWatch(wd=4, mask=0x80000302, path="/etc/caf\u00e9 conf"),
+            ),
+        ),
+        UnixSocket(
+            id=8,
             inode=7790,
             type=1,
             state=1,
@@ -362,7 +395,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 (5, FdKind.DIRECTORY, "/srv/data \udcff", 0o200000, 0, 0o40755, 6, 0),
                 (6, FdKind.REGULAR, "/var/log/server.log", 0o102001, 123456, 0o100644, 3, 0),
                 (9, FdKind.EVENTFD, "anon_inode:[eventfd]", 0o2, 0, 0o600, 7, 4),
-                (10, FdKind.SOCKET, "socket:[7790]", 0o2, 0, 0o140777, 8, 5),
+                (10, FdKind.SOCKET, "socket:[7790]", 0o2, 0, 0o140777, 8, 8),
             ]
         ),
     )
@@ -445,6 +478,55 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             shared_pending=(rng.randbytes(128),),
         ),
         Cwd(cwd="/srv/data", root="/"),
+        ProcessSettings(
+            dumpable=2,
+            thp_disable=True,
+            child_subreaper=False,
+            pdeath_signal=15,
+            timer_slack_ns=50_000,
+            oom_score_adj=-17,
+            loginuid=1000,
+            threads=(
+                ThreadScheduling(tid=4242, policy=3, priority=0, nice=-5, affinity=(0, 2, 3)),
+                ThreadScheduling(tid=4243, policy=1, priority=42, nice=0, affinity=(1,)),
+            ),
+            seccomp=(
+                ThreadSeccomp(
+                    tid=4243,
+                    mode=2,
+                    filters=(
+                        SeccompFilter(flags=0, program=rng.randbytes(8 * 5)),
+                        SeccompFilter(flags=2, program=rng.randbytes(8)),
+                    ),
+                ),
+                ThreadSeccomp(tid=4244, mode=1, filters=()),
+            ),
+        ),
+        Timers(
+            itimers=(Itimer(which=0, interval_ns=20_000_000, value_ns=7_000_000),),
+            posix=(
+                PosixTimer(
+                    timer_id=0,
+                    clock_id=1,
+                    notify=0,
+                    signal=10,
+                    value=0xFEED,
+                    thread=0,
+                    interval_ns=0,
+                    value_ns=0,
+                ),
+                PosixTimer(
+                    timer_id=3,
+                    clock_id=-6,
+                    notify=4,
+                    signal=34,
+                    value=2**64 - 1,
+                    thread=4243,
+                    interval_ns=1_000_000,
+                    value_ns=999_999_999_999,
+                ),
+            ),
+        ),
     ]
     out = io.BytesIO()
     writer = ImageWriter(out)
@@ -638,8 +720,9 @@ def test_foreign_files_are_refused() -> None:
     for foreign in (elf_head, os.urandom(5000), b"", b"hello world\n", b"CRX\0\1\0\0\0"):
         with pytest.raises(ImageError, match="not a CRF image"):
             read_all(foreign)
-    with pytest.raises(ImageError, match="unsupported CRF version 4"):
-        read_all(b"CRF\0\4\0\0\0" + BUILT.image[8:])
+    for other in (FORMAT_VERSION - 1, FORMAT_VERSION + 1):
+        with pytest.raises(ImageError, match=f"unsupported CRF version {other}"):
+            read_all(b"CRF\0" + struct.pack("<I", other) + BUILT.image[8:])
 
 
 def test_trailing_data_is_refused_unless_the_image_is_embedded() -> None:
@@ -660,7 +743,7 @@ def test_absurd_lengths_are_refused_without_allocating_them() -> None:
     huge_list = payload[:argv_count_at] + b"\xff\xff\xff\x7f" + payload[argv_count_at + 4 :]
     first_pages = next(s.offset for s in sections(BUILT.image) if s.tag == b"PAGE")
     cases = {
-        "section length": b"CRF\0\3\0\0\0HEAD\xff\xff\xff\xff",
+        "section length": BUILT.image[:8] + b"HEAD\xff\xff\xff\xff",
         "pages length": BUILT.image[:first_pages] + b"PAGE\xff\xff\xff\x00",
         "string length": replace_section(BUILT.image, header, frame(b"HEAD", huge_string)),
         "list count": replace_section(BUILT.image, header, frame(b"HEAD", huge_list)),
@@ -676,9 +759,9 @@ def test_absurd_lengths_are_refused_without_allocating_them() -> None:
 
 def test_non_canonical_bytes_are_refused() -> None:
     files = next(s for s in sections(BUILT.image) if s.tag == b"FDS_")
-    # FILES counting its 7 objects, one descriptor: fd kind flags pos | cloexec |
+    # FILES counting its objects, one descriptor: fd kind flags pos | cloexec |
     # mode dev ino description_id object_id path.
-    before = struct.pack("<IIIBIq", 7, 1, 7, FdKind.PIPE, 0, 0)
+    before = struct.pack("<IIIBIq", the(Files).objects, 1, 7, FdKind.PIPE, 0, 0)
     after = struct.pack("<IQQQQI", 0, 0, 0, 1, 0, 1) + b"p"
     for cloexec, problem in ((b"\x02", "boolean byte is 2"), (b"\x01", None)):
         payload = before + cloexec + after
@@ -908,9 +991,17 @@ def test_summary_and_its_json() -> None:
         "memory",
         "descriptors",
         "objects",
+        "settings",
+        "timers",
         "pages",
     }
     assert document["image_bytes"] == len(BUILT.image)
+    settings = document["settings"]
+    assert isinstance(settings, dict) and settings["oom_score_adj"] == -17
+    assert settings["threads"] == [
+        {"tid": 4242, "policy": 3, "priority": 0, "nice": -5, "affinity": [0, 2, 3]},
+        {"tid": 4243, "policy": 1, "priority": 42, "nice": 0, "affinity": [1]},
+    ]
     process = document["process"]
     assert isinstance(process, dict)
     assert process["options"] == ["NO_SHARED_LIBS"]
@@ -958,7 +1049,7 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert len(objects) == 5  # ObjectData counted in its object's data_bytes
+    assert len(objects) == 8  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:

@@ -1,7 +1,7 @@
 """Writing and reading CRF images as a stream of checksummed sections.
 
     IMAGE     ::= SIGNATURE HEADER CREDENTIALS RLIMITS MM SEGMENTS FILES { OBJECT }
-                  { PAGES } THREAD { THREAD } SIGNALS CWD END
+                  { PAGES } THREAD { THREAD } SIGNALS CWD SETTINGS TIMERS END
     OBJECT    ::= an object record or OBJECT_DATA (as many as FILES counts)
     ROUND     ::= SIGNATURE ROUND SEGMENTS { PAGES } END     (a move's pre-copy round)
     SIGNATURE ::= "CRF\\0" VERSION:u32
@@ -59,16 +59,21 @@ from hijack.image.records import (
     Files,
     ImageHeader,
     InetSocket,
+    InotifyObject,
     MemoryStructure,
     ObjectData,
     Pages,
+    ProcessSettings,
     Record,
     Rlimits,
     Round,
     Segments,
+    SignalfdObject,
     SignalState,
     TerminalObject,
     Thread,
+    TimerfdObject,
+    Timers,
     UnixSocket,
 )
 
@@ -105,10 +110,15 @@ class SectionKind(enum.Enum):
     TERMINAL_OBJECT = b"TTYO"
     EPOLL_OBJECT = b"EPOL"
     EVENTFD_OBJECT = b"EVFD"
+    TIMERFD_OBJECT = b"TMFD"
+    SIGNALFD_OBJECT = b"SGFD"
+    INOTIFY_OBJECT = b"INFY"
     INET_SOCKET = b"INET"
     UNIX_SOCKET = b"UNIX"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
+    SETTINGS = b"PSET"
+    TIMERS = b"TIMR"
     END = b"END_"
 
 
@@ -209,10 +219,15 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.TERMINAL_OBJECT: _StructSection(TerminalObject, is_object=True),
     SectionKind.EPOLL_OBJECT: _StructSection(EpollObject, is_object=True),
     SectionKind.EVENTFD_OBJECT: _StructSection(EventfdObject, is_object=True),
+    SectionKind.TIMERFD_OBJECT: _StructSection(TimerfdObject, is_object=True),
+    SectionKind.SIGNALFD_OBJECT: _StructSection(SignalfdObject, is_object=True),
+    SectionKind.INOTIFY_OBJECT: _StructSection(InotifyObject, is_object=True),
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
     SectionKind.UNIX_SOCKET: _StructSection(UnixSocket, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
+    SectionKind.SETTINGS: _StructSection(ProcessSettings),
+    SectionKind.TIMERS: _StructSection(Timers),
     SectionKind.END: _StructSection(End),
 }
 _KIND_OF: dict[type[Any], SectionKind] = {
@@ -253,6 +268,8 @@ _IMAGE_GRAMMAR = (
     _Step(SectionKind.THREAD, 1, True),
     _Step(SectionKind.SIGNALS, 1, False),
     _Step(SectionKind.CWD, 1, False),
+    _Step(SectionKind.SETTINGS, 1, False),
+    _Step(SectionKind.TIMERS, 1, False),
     _Step(SectionKind.END, 1, False),
 )
 _ROUND_GRAMMAR = (

@@ -48,14 +48,16 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from hijack.errors import HijackError, Unsupported
+from hijack.image import records as rec
 from hijack.mutator import attach as attaching
-from hijack.mutator.dump import kill_stopped, read_credentials, write_image
+from hijack.mutator.dump import describe_segments, kill_stopped, read_credentials, write_image
 from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.precopy import Precopy, worth_precopying
 from hijack.mutator.tracee import Tracee
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
+from hijack.restore.plan import mapping_problems
 from hijack.shadow import control
 from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
 from hijack.shadow.datagram import parse_address as parse_datagram_address
@@ -63,7 +65,8 @@ from hijack.sys import kcmp, pidfd, procfs
 from hijack.testpoint import reached
 
 # Reopened by path on the destination (nodes share a file system), or made
-# anew there from the image (epoll with its interest list, eventfd).
+# anew there from the image (epoll with its interest list, eventfd, timerfd,
+# signalfd, inotify with its watches).
 REOPENED = {
     procfs.FdKind.REGULAR,
     procfs.FdKind.DIRECTORY,
@@ -72,6 +75,9 @@ REOPENED = {
     procfs.FdKind.BLOCKDEV,
     procfs.FdKind.EPOLL,
     procfs.FdKind.EVENTFD,
+    procfs.FdKind.TIMERFD,
+    procfs.FdKind.SIGNALFD,
+    procfs.FdKind.INOTIFY,
 }
 # Proxied through the home shadow as a byte stream.
 STREAMED = {procfs.FdKind.PIPE, procfs.FdKind.TTY}
@@ -147,6 +153,7 @@ def move(
             " run `hijack recover` once its destination answers",
             pid=pid,
         )
+    refuse_unmappable(pid)
     attached_by_move = record is None or record.state not in ("attached", "running")
     if attached_by_move:
         plan_proxies(pid, None, at_home=True)  # refused before the attach: nothing changes
@@ -672,6 +679,15 @@ class _Progress:
 
     def flush(self) -> None:
         self.writer.flush()
+
+
+def refuse_unmappable(pid: int) -> None:
+    """Refuse, before anything is touched, a process whose copy could not map what it maps
+    (SysV shared memory, a deleted shared file): the destination's restore would refuse it."""
+    maps = procfs.read_maps(pid)
+    problems = mapping_problems(describe_segments(pid, maps, rec.DumpOptions(0), flags={}))
+    if problems:
+        raise Unsupported(f"cannot move process {pid}: {'; '.join(problems)}; nothing was changed")
 
 
 def plan_proxies(

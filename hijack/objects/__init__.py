@@ -30,9 +30,12 @@ from hijack.objects.epoll import Epoll
 from hijack.objects.eventfd import Eventfd
 from hijack.objects.fifo import Fifo
 from hijack.objects.inet import Inet
+from hijack.objects.inotify import Inotify
 from hijack.objects.other import Other
 from hijack.objects.regular import Regular
+from hijack.objects.signalfd import Signalfd
 from hijack.objects.terminal import Terminal
+from hijack.objects.timerfd import Timerfd
 from hijack.objects.unix import Unix
 from hijack.sys import kcmp, procfs
 
@@ -43,6 +46,9 @@ KINDS: tuple[Kind, ...] = (
     Device(),
     Epoll(),
     Eventfd(),
+    Timerfd(),
+    Signalfd(),
+    Inotify(),
     Unix(),  # before Inet: both claim sockets
     Inet(),
     Other(),  # last: claims whatever is left, and refuses it
@@ -80,7 +86,7 @@ def read_files(pid: int, *, frozen: bool = True) -> ImageFiles:
     descriptions = kcmp.description_ids(pid, [(e.fd, e.dev, e.ino) for e in entries])
     objects: dict[int, int] = {}  # description id -> object id
     descriptors = []
-    with DumpContext(pid, descriptions, frozen=frozen) as dump:
+    with DumpContext(pid, entries, descriptions, frozen=frozen) as dump:
         for entry in entries:
             info = procfs.read_fdinfo(pid, entry.fd)
             description = descriptions[entry.fd]

@@ -35,9 +35,17 @@ def describe_fd(descriptor: rec.FileDescriptor) -> str:
 class DumpContext:
     """What a kind's dump() is given: the stopped process, and where its records go."""
 
-    def __init__(self, pid: int, descriptions: dict[int, int], *, frozen: bool = True) -> None:
+    def __init__(
+        self,
+        pid: int,
+        entries: list[procfs.FdEntry],
+        descriptions: dict[int, int],
+        *,
+        frozen: bool = True,
+    ) -> None:
         self.pid = pid
         self.frozen = frozen  # every thread of the process is stopped
+        self.entries = entries  # every descriptor of the process (a pipe's other end ...)
         self.descriptions = descriptions  # fd -> description id (kcmp)
         self.sections: list[rec.ObjectRecord] = []  # object records and their data, in order
         self._ids: dict[Hashable, int] = {}
@@ -79,8 +87,9 @@ class DumpContext:
     def in_flight(self) -> DumpContext:
         """A context for descriptors of THIS process that are copies of ones in flight (read
         out of a socket's queue): its objects join this dump's, its socket tables are the
-        process's. Close it (with) when its descriptors are dumped."""
-        own = DumpContext(os.getpid(), {}, frozen=self.frozen)
+        process's; it knows no descriptor of the process (`entries`). Close it (with) when
+        its descriptors are dumped."""
+        own = DumpContext(os.getpid(), [], {}, frozen=self.frozen)
         own.sections, own._ids, own._network_of = self.sections, self._ids, self._network_of
         return own
 
@@ -116,9 +125,12 @@ class DumpContext:
 class RestoreContext:
     """What a kind's restore() is given: the stub, the image's files, and helpers."""
 
-    def __init__(self, stub: Stub, image: ImageFiles, parking: int) -> None:
+    def __init__(
+        self, stub: Stub, image: ImageFiles, parking: int, restored: frozenset[int]
+    ) -> None:
         self.stub = stub
         self.image = image
+        self.restored = restored  # the numbers the process gets back (not those dropped)
         self._parking = parking  # above every descriptor number the image uses
         self._restorer = -1  # the stub's pidfd of this process, for give()
         self._kept: dict[int, int] = {}

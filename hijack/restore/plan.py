@@ -8,7 +8,7 @@ descriptor's kind (hijack.objects) asked why it could not be rebuilt.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from hijack import objects
@@ -54,14 +54,19 @@ def restore_problems(
 ) -> Problems:
     """Everything a restore from this image would refuse; `held` descriptors come from
     elsewhere (the shadow keeps them, a move relays them)."""
-    mappings: list[str] = []
+    return Problems(mapping_problems(segments), tuple(objects.refusals(image, held)))
+
+
+def mapping_problems(segments: Iterable[rec.Segment]) -> tuple[str, ...]:
+    """The files the segments map that a restore could not open, or that changed."""
+    found: list[str] = []
     for segment in segments:
         change = identity_change(segment.file) if segment.file is not None else None
         if change is None and needs_backing_file(segment) and not _can_open(segment):
             change = unmappable(segment)
-        if change is not None and change not in mappings:
-            mappings.append(change)
-    return Problems(tuple(mappings), tuple(objects.refusals(image, held)))
+        if change is not None and change not in found:
+            found.append(change)
+    return tuple(found)
 
 
 def _can_open(segment: rec.Segment) -> bool:
