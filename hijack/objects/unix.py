@@ -192,6 +192,26 @@ def _wrapped(fd: int) -> Iterator[socket.socket]:
         sock.detach()
 
 
+def pairs_inside(pid: int, inodes: set[int]) -> set[int]:
+    """Of the sockets `inodes` of process `pid`, the unix ones that a restore makes again
+    wherever it runs: unnamed pairs (socketpairs) whose two ends are both among them."""
+    table = kernel.unix_sockets(pid)
+    inside = set()
+    for inode in inodes:
+        found = table.get(inode)
+        peer = table.get(found.peer) if found is not None and found.peer else None
+        if (
+            found is not None
+            and peer is not None
+            and peer.peer == inode
+            and peer.inode in inodes
+            and not found.name
+            and not peer.name
+        ):
+            inside.add(inode)
+    return inside
+
+
 # ---------------------------------------------------------------- refusal and show
 
 
