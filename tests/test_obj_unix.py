@@ -71,7 +71,7 @@ def test_every_kind_of_unix_socket_comes_back_with_its_queues(
         hijack.ok("dump", fixture.pid, "-o", image, "--kill")
         assert fixture.wait_exit() == -signal.SIGKILL
         details = unix_details(image_json(hijack, image))
-        assert len(details) == 17, details
+        assert len(details) == 19, details
         assert any("listening on" in line and "2 connection(s) waiting" in line
                    for line in details.values()), details  # fmt: skip
         assert any("2 descriptor(s) in flight" in line for line in details.values()), details

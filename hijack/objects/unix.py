@@ -92,29 +92,8 @@ def _dump_socket(diag: kernel.UnixDiag, fd: int, dump: DumpContext) -> int:
         with _wrapped(fd) as sock:
             options = kernel.read_options(sock)
             if not diag.listening and not refusal:
-                try:
-                    queued = kernel.peek_queue(
-                        sock, diag.type, bool(diag.shutdown & kernel.RCV_SHUTDOWN)
-                    )
-                except HijackError as error:
-                    refusal = f"whose queue cannot be read: {error}"
-                else:
-                    size = sum(len(message.data) for message in queued)
-                    if size > MAX_QUEUED:
-                        for message in queued:
-                            kernel.close_all(message.fds)
-                        refusal = f"whose queue of {size} bytes is more than an image holds"
-                    else:
-                        messages = tuple(_dump_message(message, dump) for message in queued)
-        file_mode = file_uid = file_gid = 0
-        if diag.vfs is not None and diag.name.startswith(b"/"):
-            try:
-                found = os.lstat(diag.name)
-            except OSError:
-                pass  # gone: made again at restore
-            else:
-                if (found.st_dev, found.st_ino) == diag.vfs:
-                    file_mode, file_uid, file_gid = found.st_mode, found.st_uid, found.st_gid
+                messages, refusal = _read_queue(diag, sock, dump)
+        file_mode, file_uid, file_gid = _socket_file(diag)
         return rec.UnixSocket(
             id=object_id,
             inode=diag.inode,
@@ -138,6 +117,39 @@ def _dump_socket(diag: kernel.UnixDiag, fd: int, dump: DumpContext) -> int:
         )
 
     return dump.add_object(("unix", diag.inode), make)
+
+
+def _read_queue(
+    diag: kernel.UnixDiag, sock: socket.socket, dump: DumpContext
+) -> tuple[tuple[rec.UnixMessage, ...], str]:
+    """The socket's receive queue, peeked, its descriptors in flight dumped; or why it
+    cannot be (and no message)."""
+    try:
+        queued = kernel.peek_queue(sock, diag.type, bool(diag.shutdown & kernel.RCV_SHUTDOWN))
+    except HijackError as error:
+        return (), f"whose queue cannot be read: {error}"
+    try:
+        size = sum(len(message.data) for message in queued)
+        if size > MAX_QUEUED:
+            return (), f"whose queue of {size} bytes is more than an image holds"
+        return tuple(_dump_message(message, dump) for message in queued), ""
+    finally:
+        for message in queued:
+            kernel.close_all(message.fds)
+
+
+def _socket_file(diag: kernel.UnixDiag) -> tuple[int, int, int]:
+    """st_mode, st_uid and st_gid of the socket file a path name made, if it is still the
+    socket's; zeros otherwise (gone: made again at restore)."""
+    if diag.vfs is None or not diag.name.startswith(b"/"):
+        return 0, 0, 0
+    try:
+        found = os.lstat(diag.name)
+    except OSError:
+        return 0, 0, 0
+    if (found.st_dev, found.st_ino) != diag.vfs:
+        return 0, 0, 0
+    return found.st_mode, found.st_uid, found.st_gid
 
 
 def _listener_of(inode: int, table: dict[int, kernel.UnixDiag]) -> kernel.UnixDiag | None:
@@ -165,12 +177,9 @@ def _dump_refusal(diag: kernel.UnixDiag, table: dict[int, kernel.UnixDiag]) -> s
 
 
 def _dump_message(message: kernel.QueuedMessage, dump: DumpContext) -> rec.UnixMessage:
-    try:
-        rights = tuple(
-            objects.dump_in_flight(fd, number, dump) for number, fd in enumerate(message.fds)
-        )
-    finally:
-        kernel.close_all(message.fds)
+    rights = tuple(
+        objects.dump_in_flight(fd, number, dump) for number, fd in enumerate(message.fds)
+    )
     credentials = message.credentials
     return rec.UnixMessage(
         data=message.data,
@@ -224,8 +233,11 @@ def _waiting_at(sock: rec.UnixSocket, image: ImageFiles) -> rec.UnixSocket | Non
     return next((o for o in _sockets_by_inode(image).values() if sock.inode in o.queue), None)
 
 
-def socket_refusal(sock: rec.UnixSocket, image: ImageFiles) -> str | None:
-    """Why `sock` cannot be rebuilt from the image alone, or None."""
+def socket_refusal(
+    sock: rec.UnixSocket, image: ImageFiles, seen: frozenset[int] = frozenset()
+) -> str | None:
+    """Why `sock` cannot be rebuilt from the image alone, or None. `seen`: the sockets
+    whose queues carry it in flight (a socket may carry itself)."""
     if sock.refusal:
         return f"a unix socket {sock.refusal}"
     sockets = _sockets_by_inode(image)
@@ -248,7 +260,14 @@ def socket_refusal(sock: rec.UnixSocket, image: ImageFiles) -> str | None:
         return "an unnamed unix datagram socket with datagrams from outside the process queued"
     for message in sock.messages:
         for right in message.rights:
-            reason = objects.kind_of(right, image).refusal(right, image)
+            carried = image.objects.get(right.object_id)
+            if isinstance(carried, rec.UnixSocket):
+                if carried.id in seen or carried.id == sock.id:
+                    continue
+                inner = socket_refusal(carried, image, seen | {sock.id})
+                reason = None if inner is None else f"{describe_fd(right)}, {inner}"
+            else:
+                reason = objects.kind_of(right, image).refusal(right, image)
             if reason is not None:
                 return f"a unix socket carrying in flight {reason}"
     return None
