@@ -13,7 +13,8 @@ file left by the dumped process is replaced), its accepted connections are conne
 and accepted again, and the clients of its accept queue that are in the image connect
 to it again, in order; a datagram socket connected to a name
 outside (/dev/log) connects to it again. Each receive queue is sent again by the socket's
-peer (or, for a bound datagram socket, by a socket of ours), then options, then shutdown.
+peer (or, for a bound datagram socket, by the socket of the image that sent each datagram,
+else a socket of ours), then options, then shutdown.
 
 Refused: a stream or seqpacket socket whose peer is outside the image (the process's
 shadow keeps it when attached); bytes a client sent on a connection not yet accepted
@@ -473,7 +474,8 @@ def _build_datagram(
 def _fill(
     receiver: rec.UnixSocket, sender: socket.socket, restore: RestoreContext, to: bytes = b""
 ) -> None:
-    """Queue `receiver`'s messages again, sent by `sender`."""
+    """Queue `receiver`'s messages again, sent by `sender` (to `to`, a named datagram
+    socket: then from the image's socket that sent each, if there is one)."""
     for message in receiver.messages:
         fds: list[int] = []
         owned: list[int] = []
@@ -495,14 +497,30 @@ def _fill(
                 if credentials is None
                 else kernel.Credentials(credentials.pid, credentials.uid, credentials.gid),
             )
+            source = _datagram_source(message, restore) if to else None
             try:
-                kernel.send_message(sender, queued, kernel.bind_address(to) if to else b"")
+                if source is None:
+                    kernel.send_message(sender, queued, kernel.bind_address(to) if to else b"")
+                else:
+                    with _wrapped(source) as from_source:
+                        kernel.send_message(from_source, queued, kernel.bind_address(to))
             except HijackError as error:
                 raise RestoreError(
                     f"cannot queue a unix socket's message again: {error}"
                 ) from error
         finally:
             kernel.close_all(owned)
+
+
+def _datagram_source(message: rec.UnixMessage, restore: RestoreContext) -> int | None:
+    """Our descriptor of the image's datagram socket that sent `message` (found by its
+    name), so the receiver reads the same sender address; None if it is not in the image."""
+    if not message.source:
+        return None
+    for found in _sockets_by_inode(restore.image).values():
+        if found.name == message.source and found.type == socket.SOCK_DGRAM:
+            return _build(found, restore)
+    return None
 
 
 def _bind(sock: rec.UnixSocket, fd: int) -> None:
