@@ -77,7 +77,8 @@ class UnixDiag:
 
 
 def unix_sockets(pid: int) -> dict[int, UnixDiag]:
-    """Every unix socket of the network namespace of process `pid`, by inode."""
+    """Every unix socket of the network namespace of process `pid`, by inode; none when
+    the kernel has no unix_diag (then no unix socket is rebuilt: each is refused by name)."""
     with _in_network_namespace(pid), kernel_call("sock_diag", pid):
         channel = socket.socket(
             socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
@@ -130,6 +131,8 @@ def _read_dump(channel: socket.socket) -> Iterator[tuple[int, UnixDiag]]:
                 return
             if kind == NLMSG_ERROR:
                 code = -_INT.unpack_from(body)[0]
+                if code == errno_codes.ENOENT:  # no handler for AF_UNIX: unix_diag missing
+                    return
                 if code:
                     raise HijackError(
                         f"sock_diag for unix sockets failed: {os.strerror(code)}",
