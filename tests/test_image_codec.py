@@ -52,6 +52,7 @@ from hijack.image import (
     MemoryStructure,
     ObjectData,
     Pages,
+    PidfdObject,
     PosixTimer,
     ProcessSettings,
     Prot,
@@ -69,6 +70,7 @@ from hijack.image import (
     SigAltStack,
     SignalfdObject,
     SignalState,
+    TcpConnection,
     TerminalObject,
     TerminalState,
     Thread,
@@ -89,7 +91,19 @@ from hijack.image import (
 from hijack.image import records as records_module
 from hijack.image.fields import Cursor, struct_codec
 
-OBJECT_TAGS = {b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"INET", b"UNIX", b"ODAT"}
+OBJECT_TAGS = {
+    b"TTYO",
+    b"EPOL",
+    b"EVFD",
+    b"TMFD",
+    b"SGFD",
+    b"INFY",
+    b"PIDF",
+    b"INET",
+    b"TCPC",
+    b"UNIX",
+    b"ODAT",
+}
 SECTION_NAMES = {
     b"HEAD": "HEADER",
     b"CRED": "CREDENTIALS",
@@ -106,6 +120,8 @@ SECTION_NAMES = {
     b"TMFD": "TIMERFD_OBJECT",
     b"SGFD": "SIGNALFD_OBJECT",
     b"INFY": "INOTIFY_OBJECT",
+    b"PIDF": "PIDFD_OBJECT",
+    b"TCPC": "TCP_CONNECTION",
     b"INET": "INET_SOCKET",
     b"UNIX": "UNIX_SOCKET",
     b"ODAT": "OBJECT_DATA",
@@ -326,8 +342,30 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 InotifyWatch(wd=4, mask=0x80000302, path="/etc/caf\u00e9 conf"),
             ),
         ),
+        PidfdObject(id=8, pid=4242, starttime=123456, own=True),
+        TcpConnection(
+            id=9,
+            family=10,
+            send_seq=2**32 - 5,
+            recv_seq=77,
+            mss=65483,
+            options=7,
+            snd_wscale=10,
+            rcv_wscale=7,
+            timestamp=123456789,
+            snd_wl1=1,
+            snd_wnd=2,
+            max_window=3,
+            rcv_wnd=4,
+            rcv_wup=5,
+            send_queue_bytes=3,
+            recv_queue_bytes=2,
+            local_address="[::1]:6379",
+            remote_address="[::1]:51000",
+        ),
+        ObjectData(id=9, offset=0, data=b"abcde"),
         UnixSocket(
-            id=8,
+            id=10,
             inode=7790,
             type=1,
             state=1,
@@ -395,7 +433,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 (5, FdKind.DIRECTORY, "/srv/data \udcff", 0o200000, 0, 0o40755, 6, 0),
                 (6, FdKind.REGULAR, "/var/log/server.log", 0o102001, 123456, 0o100644, 3, 0),
                 (9, FdKind.EVENTFD, "anon_inode:[eventfd]", 0o2, 0, 0o600, 7, 4),
-                (10, FdKind.SOCKET, "socket:[7790]", 0o2, 0, 0o140777, 8, 8),
+                (10, FdKind.SOCKET, "socket:[7790]", 0o2, 0, 0o140777, 8, 10),
             ]
         ),
     )
@@ -1049,7 +1087,7 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert len(objects) == 8  # ObjectData counted in its object's data_bytes
+    assert len(objects) == 10  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:
@@ -1217,6 +1255,7 @@ def test_object_data_is_laid_out_like_pages() -> None:
     assert [s.payload[:16] for s in found] == [
         struct.pack("<QQ", 4, 0),
         struct.pack("<QQ", 4, 4096),
+        struct.pack("<QQ", 9, 0),
     ]
     assert found[1].payload[16:] == b"after a hole"
 

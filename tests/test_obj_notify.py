@@ -53,3 +53,19 @@ def test_timerfd_signalfd_and_inotify_come_back_after_dump_kill_and_restore(
         (dirs[0] / "created").touch()
         (dirs[2] / "created").touch()
         fixture.assert_intact()
+
+
+def test_pidfds_of_itself_and_of_its_parent_come_back(hijack: HijackCli, tmp_path: Path) -> None:
+    image = tmp_path / "pidfds.crf"
+    with spawn_fixture("pidfds", fifos=True) as fixture:
+        before = fds_view(fixture.pid)
+        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+        assert fixture.wait_exit() == -signal.SIGKILL
+        text = hijack.ok("show", image).stdout
+        assert "pidfd: of the process itself" in text, text
+        assert f"pidfd: of process {fixture.ready['parent']}" in text, text
+        pid = restored_pid(hijack.ok("restore", image))
+        fixture.adopt(pid)
+        after = fds_view(pid)
+        assert before == after, difference(before, after)
+        fixture.assert_intact()

@@ -63,6 +63,7 @@ from hijack.image.records import (
     MemoryStructure,
     ObjectData,
     Pages,
+    PidfdObject,
     ProcessSettings,
     Record,
     Rlimits,
@@ -70,6 +71,7 @@ from hijack.image.records import (
     Segments,
     SignalfdObject,
     SignalState,
+    TcpConnection,
     TerminalObject,
     Thread,
     TimerfdObject,
@@ -113,7 +115,9 @@ class SectionKind(enum.Enum):
     TIMERFD_OBJECT = b"TMFD"
     SIGNALFD_OBJECT = b"SGFD"
     INOTIFY_OBJECT = b"INFY"
+    PIDFD_OBJECT = b"PIDF"
     INET_SOCKET = b"INET"
+    TCP_CONNECTION = b"TCPC"
     UNIX_SOCKET = b"UNIX"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
@@ -222,7 +226,9 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.TIMERFD_OBJECT: _StructSection(TimerfdObject, is_object=True),
     SectionKind.SIGNALFD_OBJECT: _StructSection(SignalfdObject, is_object=True),
     SectionKind.INOTIFY_OBJECT: _StructSection(InotifyObject, is_object=True),
+    SectionKind.PIDFD_OBJECT: _StructSection(PidfdObject, is_object=True),
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
+    SectionKind.TCP_CONNECTION: _StructSection(TcpConnection, is_object=True),
     SectionKind.UNIX_SOCKET: _StructSection(UnixSocket, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),

@@ -511,6 +511,20 @@ class InotifyObject:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PidfdObject:
+    """A pidfd: the process it refers to (fdinfo Pid), told apart from a later process
+    under the same pid by its start time."""
+
+    id: U64
+    pid: I32  # -1 when that process had exited and been reaped
+    starttime: U64  # /proc/PID/stat starttime of that process, 0 when it was gone
+    own: bool  # the dumped process itself: it refers to the restored process
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class InetSocket:
     """A TCP or UDP socket as /proc/net tells of it."""
 
@@ -519,6 +533,34 @@ class InetSocket:
     type: U16  # SOCK_STREAM, SOCK_DGRAM
     protocol: U16
     state: U8  # the kernel's TCP_* state number
+    local_address: str  # "127.0.0.1:8080", "[::1]:22"
+    remote_address: str
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TcpConnection:
+    """An established TCP connection as TCP_REPAIR reads it: rebuilt from this alone.
+    Its OBJECT_DATA holds the send queue, then the receive queue."""
+
+    id: U64
+    family: U16  # AF_INET or AF_INET6
+    send_seq: U32  # the sequence number of the first byte of the send queue
+    recv_seq: U32  # the sequence number of the first byte of the receive queue
+    mss: U32  # TCP_MAXSEG
+    options: U8  # TCPI_OPT_TIMESTAMPS 1, TCPI_OPT_SACK 2, TCPI_OPT_WSCALE 4 (tcp_info)
+    snd_wscale: U8
+    rcv_wscale: U8
+    timestamp: U32  # TCP_TIMESTAMP: the connection's timestamp clock at the dump
+    snd_wl1: U32  # struct tcp_repair_window, field for field
+    snd_wnd: U32
+    max_window: U32
+    rcv_wnd: U32
+    rcv_wup: U32
+    send_queue_bytes: U64  # written by the program, not yet acknowledged by the peer
+    recv_queue_bytes: U64  # received from the peer, not yet read by the program
     local_address: str  # "127.0.0.1:8080", "[::1]:22"
     remote_address: str
 
@@ -604,7 +646,9 @@ ObjectRecord = (
     | TimerfdObject
     | SignalfdObject
     | InotifyObject
+    | PidfdObject
     | InetSocket
+    | TcpConnection
     | UnixSocket
     | ObjectData
 )

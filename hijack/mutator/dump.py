@@ -33,6 +33,7 @@ from hijack.image.codec import ImageWriter
 from hijack.image.files import ImageFiles
 from hijack.image.identity import file_identity, is_shared_library
 from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, recorded_registers
+from hijack.objects.tcp import ConnectionLocks
 from hijack.process import settings, timers
 from hijack.restore.plan import ATTACH_HINT, restore_problems
 from hijack.sys import memory, procfs
@@ -112,7 +113,12 @@ def dump(
     """
     widen_if_pipe(out)
     stopped_at = time.perf_counter()
-    with Tracee.seize(pid) as tracee:
+    # Connections a killed process's restore rebuilds are locked while it is gone.
+    locking = kill and check_descriptors
+    with (
+        Tracee.seize(pid) as tracee,
+        ConnectionLocks(pid) if locking else contextlib.nullcontext() as locks,
+    ):
         reached("dump-seized")
         check = functools.partial(refuse_unrestorable, pid, check_descriptors)
         end, threads, written = write_image(
@@ -121,6 +127,7 @@ def dump(
             no_binary=no_binary,
             no_shared_libs=no_shared_libs,
             check=check if kill else None,
+            connections=check_descriptors,
         )
         reached("dump-written")
         if on_complete is not None:
@@ -129,7 +136,11 @@ def dump(
             if before_kill is not None:
                 before_kill()
             reached("dump-handed-over")
+            if locks is not None:
+                locks.silence()
             kill_stopped(tracee)
+            if locks is not None:
+                locks.keep()
     frozen_ms = (time.perf_counter() - stopped_at) * 1000
     return DumpResult(pid, threads, written, end.pages_stored, frozen_ms)
 
@@ -142,12 +153,14 @@ def write_image(
     no_shared_libs: bool = False,
     precopied: Precopied | None = None,
     check: Callable[[tuple[rec.Segment, ...], ImageFiles], None] | None = None,
+    connections: bool = False,
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
 
     With `precopied`, the image is the final one of a move after pre-copy
     rounds (docs/crf.md §7a): only what changed since of what they sent.
     `check(segments, files)` may refuse the image before its first byte is written.
+    `connections`: established TCP connections are read with TCP_REPAIR (hijack.objects.tcp).
     """
     pid = tracee.pid
     options = rec.DumpOptions(0)
@@ -168,7 +181,7 @@ def write_image(
     segments = describe_segments(pid, maps, options, flags=flags)
     if precopied is not None:
         segments = precopied.segments(segments)
-    files = objects.read_files(pid)
+    files = objects.read_files(pid, connections=connections)
     if check is not None:
         check(tuple(segments), files)
     writer = ImageWriter(out)

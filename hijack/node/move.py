@@ -59,6 +59,7 @@ from hijack.mutator.tracee import Tracee
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
 from hijack.objects import unix
+from hijack.objects.regular import is_deleted
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
 from hijack.restore.plan import mapping_problems
 from hijack.shadow import control
@@ -156,6 +157,12 @@ def move(
             " run `hijack recover` once its destination answers",
             pid=pid,
         )
+    if record is not None and record.state == "attached" and record.home_node != node_name():
+        raise HijackError(
+            f"process {pid} was attached on node {record.home_node!r}, and this node is named"
+            f" {node_name()!r} now: move it under its old name (HIJACK_NODE={record.home_node})",
+            pid=pid,
+        )
     refuse_unmappable(pid)
     attached_by_move = record is None or record.state not in ("attached", "running")
     if attached_by_move:
@@ -190,6 +197,13 @@ def _move_attached(
 
     report("connecting", 0)
     channel = Channel.connect(address, key, node_name())
+    if channel.peer == node_name():
+        channel.close()
+        raise HijackError(
+            f"the daemon at {address[0]}:{address[1]} is named {channel.peer!r}, as this node is:"
+            " give each node a name of its own (`hijack node serve --name`, $HIJACK_NODE)",
+            pid=pid,
+        )
     move_id = secrets.token_hex(8)
     lock = MoverLock(registry.directory, move_id)
     try:
@@ -901,13 +915,7 @@ def _closed_since(pid: int, entry: procfs.FdEntry) -> bool:
 
 def _reopenable(entry: procfs.FdEntry) -> bool:
     """Whether the destination can open the file again by its path (not deleted)."""
-    if not entry.target.endswith(" (deleted)"):
-        return True
-    try:  # a file literally named "... (deleted)" is still there under that name
-        found = os.stat(entry.target)
-    except OSError:
-        return False
-    return (found.st_dev, found.st_ino) == (entry.dev, entry.ino)
+    return not is_deleted(entry.target, entry.dev, entry.ino)
 
 
 def peek_unread(pid: int, plan: list[Proxy]) -> dict[str, bytes]:

@@ -32,8 +32,10 @@ from hijack.objects.fifo import Fifo
 from hijack.objects.inet import Inet
 from hijack.objects.inotify import Inotify
 from hijack.objects.other import Other
+from hijack.objects.pidfd import Pidfd
 from hijack.objects.regular import Regular
 from hijack.objects.signalfd import Signalfd
+from hijack.objects.tcp import Tcp
 from hijack.objects.terminal import Terminal
 from hijack.objects.timerfd import Timerfd
 from hijack.objects.unix import Unix
@@ -49,7 +51,9 @@ KINDS: tuple[Kind, ...] = (
     Timerfd(),
     Signalfd(),
     Inotify(),
-    Unix(),  # before Inet: both claim sockets
+    Pidfd(),
+    Unix(),  # before Tcp and Inet: all three claim sockets
+    Tcp(),  # before Inet: an established connection, when the dump reads connections
     Inet(),
     Other(),  # last: claims whatever is left, and refuses it
 )
@@ -80,13 +84,14 @@ def kind_of(descriptor: rec.FileDescriptor, image: ImageFiles) -> Kind:
     return next(kind for kind in KINDS if descriptor.kind in kind.fd_kinds)
 
 
-def read_files(pid: int, *, frozen: bool = True) -> ImageFiles:
-    """The descriptors of stopped process `pid` and the objects behind them."""
+def read_files(pid: int, *, frozen: bool = True, connections: bool = False) -> ImageFiles:
+    """The descriptors of stopped process `pid` and the objects behind them;
+    `connections`: established TCP connections with their TCP_REPAIR state."""
     entries = procfs.list_fds(pid)
     descriptions = kcmp.description_ids(pid, [(e.fd, e.dev, e.ino) for e in entries])
     objects: dict[int, int] = {}  # description id -> object id
     descriptors = []
-    with DumpContext(pid, entries, descriptions, frozen=frozen) as dump:
+    with DumpContext(pid, entries, descriptions, frozen=frozen, connections=connections) as dump:
         for entry in entries:
             info = procfs.read_fdinfo(pid, entry.fd)
             description = descriptions[entry.fd]

@@ -42,13 +42,18 @@ class DumpContext:
         descriptions: dict[int, int],
         *,
         frozen: bool = True,
+        connections: bool = False,
     ) -> None:
         self.pid = pid
         self.frozen = frozen  # every thread of the process is stopped
         self.entries = entries  # every descriptor of the process (a pipe's other end ...)
+        # Established TCP connections are read with TCP_REPAIR, so that a restore can
+        # rebuild them (a plain dump; a move relays them through the shadow instead).
+        self.connections = connections
         self.descriptions = descriptions  # fd -> description id (kcmp)
         self.sections: list[rec.ObjectRecord] = []  # object records and their data, in order
         self._ids: dict[Hashable, int] = {}
+        self._data_end: dict[int, int] = {}  # object id -> where its data ends so far
         self._handle = -1
         self._copies: list[int] = []
         self._sockets: dict[int, procfs.SocketInfo] | None = None
@@ -101,11 +106,14 @@ class DumpContext:
             self.sections.append(make(found))
         return found
 
-    def add_data(self, object_id: int, data: bytes, offset: int = 0) -> None:
-        """Bulk bytes of an object, from `offset` on, as ObjectData sections of at most 8 MiB."""
+    def add_data(self, object_id: int, data: bytes, offset: int | None = None) -> None:
+        """Bulk bytes of an object as ObjectData sections of at most 8 MiB, from `offset`
+        (ascending: a gap is a hole) or, by default, where its data added so far ends."""
+        at = self._data_end.get(object_id, 0) if offset is None else offset
         for start in range(0, len(data), rec.MAX_OBJECT_DATA):
             chunk = data[start : start + rec.MAX_OBJECT_DATA]
-            self.sections.append(rec.ObjectData(id=object_id, offset=offset + start, data=chunk))
+            self.sections.append(rec.ObjectData(id=object_id, offset=at + start, data=chunk))
+        self._data_end[object_id] = at + len(data)
 
     def __enter__(self) -> DumpContext:
         return self

@@ -2,7 +2,9 @@
 
 One check serves the restore's plan and `hijack dump --kill` (which must never
 kill a process that could not come back): the files the image maps, and each
-descriptor's kind (hijack.objects) asked why it could not be rebuilt.
+descriptor's kind (hijack.objects) asked why it could not be rebuilt. A move
+asks the mapping part before it touches the process (its descriptors go
+through its own proxy plan).
 """
 
 from __future__ import annotations

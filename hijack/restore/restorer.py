@@ -80,6 +80,8 @@ class RestoreResult:
     program: str
     threads: int
     dropped: tuple[str, ...]  # descriptors left out with --skip-unsupported
+    # Who held old_pid when it could not be had again, or "" (had, or nobody by now).
+    old_pid_holder: str = ""
 
 
 @dataclass
@@ -178,13 +180,7 @@ def restore(
             space.close()
     if registry is not None:
         _record(registry, image.header, pid, holdings)
-    return RestoreResult(
-        pid=pid,
-        old_pid=image.header.pid,
-        program=image.header.comm,
-        threads=len(image.threads),
-        dropped=tuple(describe_fd(d) for d in plan.dropped),
-    )
+    return _result(pid, image, plan)
 
 
 def _restore_prebuilt(
@@ -213,13 +209,34 @@ def _restore_prebuilt(
         raise
     finally:
         space.close()
+    return _result(stub.pid, image, plan)
+
+
+def _result(pid: int, image: _Image, plan: FilePlan) -> RestoreResult:
+    old_pid = image.header.pid
     return RestoreResult(
-        pid=stub.pid,
-        old_pid=image.header.pid,
+        pid=pid,
+        old_pid=old_pid,
         program=image.header.comm,
         threads=len(image.threads),
         dropped=tuple(describe_fd(d) for d in plan.dropped),
+        old_pid_holder="" if pid == old_pid else holder_of(old_pid),
     )
+
+
+def holder_of(pid: int) -> str:
+    """Who has `pid` now: "NAME (pid P)", "thread T of NAME (pid P)", or "" if nobody."""
+    try:
+        status = procfs.read_status(pid)
+    except HijackError:
+        return ""
+    if status.tgid == pid:
+        return f"{status.name} (pid {pid})"
+    try:
+        name = procfs.read_status(status.tgid).name
+    except HijackError:
+        name = status.name
+    return f"thread {pid} of {name} (pid {status.tgid})"
 
 
 def shadow_holdings(registry: Registry, old_pid: int) -> ShadowHoldings | None:
