@@ -92,10 +92,12 @@ class DumpContext:
     def in_flight(self) -> DumpContext:
         """A context for descriptors of THIS process that are copies of ones in flight (read
         out of a socket's queue): its objects join this dump's, its socket tables are the
-        process's; it knows no descriptor of the process (`entries`). Close it (with) when
-        its descriptors are dumped."""
+        process's; it knows no descriptor of the process (`entries`) and reads no TCP
+        connection (one in flight is refused). Close it (with) when its descriptors are
+        dumped."""
         own = DumpContext(os.getpid(), [], {}, frozen=self.frozen)
-        own.sections, own._ids, own._network_of = self.sections, self._ids, self._network_of
+        own.sections, own._ids, own._data_end = self.sections, self._ids, self._data_end
+        own._network_of = self._network_of
         return own
 
     def add_object(self, key: Hashable, make: Callable[[int], rec.ObjectRecord]) -> int:
