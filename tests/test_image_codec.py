@@ -42,6 +42,8 @@ from hijack.image import (
     FdKind,
     FileDescriptor,
     FileIdentity,
+    FileLock,
+    FileLocks,
     Files,
     ImageHeader,
     ImageWriter,
@@ -49,6 +51,7 @@ from hijack.image import (
     InotifyObject,
     InotifyWatch,
     Itimer,
+    LockKind,
     MemoryStructure,
     ObjectData,
     Pages,
@@ -56,6 +59,7 @@ from hijack.image import (
     PosixTimer,
     ProcessSettings,
     Prot,
+    PtyPair,
     Record,
     Rlimit,
     Rlimits,
@@ -102,6 +106,8 @@ OBJECT_TAGS = {
     b"INET",
     b"TCPC",
     b"UNIX",
+    b"LOCK",
+    b"PTYP",
     b"ODAT",
 }
 SECTION_NAMES = {
@@ -124,6 +130,8 @@ SECTION_NAMES = {
     b"TCPC": "TCP_CONNECTION",
     b"INET": "INET_SOCKET",
     b"UNIX": "UNIX_SOCKET",
+    b"LOCK": "FILE_LOCKS",
+    b"PTYP": "PTY_PAIR",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
     b"PSET": "SETTINGS",
@@ -343,8 +351,29 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             ),
         ),
         PidfdObject(id=8, pid=4242, starttime=123456, own=True),
-        TcpConnection(
+        FileLocks(
             id=9,
+            description_id=3,
+            signal=35,
+            locks=(
+                FileLock(kind=LockKind.FLOCK, type=1, start=0, length=0),
+                FileLock(kind=LockKind.POSIX, type=1, start=10, length=10),
+                FileLock(kind=LockKind.OFD, type=0, start=100, length=0),
+                FileLock(kind=LockKind.LEASE, type=0, start=0, length=0),
+            ),
+        ),
+        PtyPair(
+            id=10,
+            index=4,
+            packet_mode=True,
+            locked=False,
+            state=TERMINAL,
+            master_path="/dev/ptmx",
+            input=b"queued\n",
+            output=b"\x00out\r\n",
+        ),
+        TcpConnection(
+            id=11,
             family=10,
             send_seq=2**32 - 5,
             recv_seq=77,
@@ -363,9 +392,9 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             local_address="[::1]:6379",
             remote_address="[::1]:51000",
         ),
-        ObjectData(id=9, offset=0, data=b"abcde"),
+        ObjectData(id=11, offset=0, data=b"abcde"),
         UnixSocket(
-            id=10,
+            id=12,
             inode=7790,
             type=1,
             state=1,
@@ -433,7 +462,9 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 (5, FdKind.DIRECTORY, "/srv/data \udcff", 0o200000, 0, 0o40755, 6, 0),
                 (6, FdKind.REGULAR, "/var/log/server.log", 0o102001, 123456, 0o100644, 3, 0),
                 (9, FdKind.EVENTFD, "anon_inode:[eventfd]", 0o2, 0, 0o600, 7, 4),
-                (10, FdKind.SOCKET, "socket:[7790]", 0o2, 0, 0o140777, 8, 10),
+                (10, FdKind.TTY, "/dev/ptmx", 0o2, 0, 0o20666, 8, 10),
+                (11, FdKind.TTY, "/dev/pts/4", 0o2, 0, 0o20620, 9, 10),
+                (12, FdKind.SOCKET, "socket:[7790]", 0o2, 0, 0o140777, 10, 12),
             ]
         ),
     )
@@ -885,6 +916,9 @@ INVALID_RECORDS: dict[str, Callable[[], object]] = {
     "no description": lambda: replace(the(Files).descriptors[0], description_id=0),
     "object id 0": lambda: TerminalObject(id=0, state=TERMINAL),
     "empty object data": lambda: ObjectData(id=1, offset=0, data=b""),
+    "lock type": lambda: FileLock(kind=LockKind.POSIX, type=2, start=0, length=0),
+    "flock on a range": lambda: FileLock(kind=LockKind.FLOCK, type=1, start=10, length=1),
+    "locks of no description": lambda: FileLocks(id=1, description_id=0, signal=0, locks=()),
     "overlapping segments": lambda: Segments(segments=the(Segments).segments[:1] * 2),
     "umask": lambda: replace(the(Credentials), umask=0o1777),
 }
@@ -1087,7 +1121,14 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert len(objects) == 10  # ObjectData counted in its object's data_bytes
+    assert objects[8]["locks"][1] == {  # type: ignore[index]
+        "kind": "POSIX",
+        "type": 1,
+        "start": 10,
+        "length": 10,
+    }
+    assert objects[9]["output"] == b"\x00out\r\n".hex()  # type: ignore[index]
+    assert len(objects) == 12  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:
@@ -1255,7 +1296,7 @@ def test_object_data_is_laid_out_like_pages() -> None:
     assert [s.payload[:16] for s in found] == [
         struct.pack("<QQ", 4, 0),
         struct.pack("<QQ", 4, 4096),
-        struct.pack("<QQ", 9, 0),
+        struct.pack("<QQ", 11, 0),
     ]
     assert found[1].payload[16:] == b"after a hole"
 

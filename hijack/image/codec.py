@@ -56,6 +56,7 @@ from hijack.image.records import (
     End,
     EpollObject,
     EventfdObject,
+    FileLocks,
     Files,
     ImageHeader,
     InetSocket,
@@ -65,6 +66,7 @@ from hijack.image.records import (
     Pages,
     PidfdObject,
     ProcessSettings,
+    PtyPair,
     Record,
     Rlimits,
     Round,
@@ -118,6 +120,8 @@ class SectionKind(enum.Enum):
     PIDFD_OBJECT = b"PIDF"
     INET_SOCKET = b"INET"
     TCP_CONNECTION = b"TCPC"
+    FILE_LOCKS = b"LOCK"
+    PTY_PAIR = b"PTYP"
     UNIX_SOCKET = b"UNIX"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
@@ -229,6 +233,8 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.PIDFD_OBJECT: _StructSection(PidfdObject, is_object=True),
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
     SectionKind.TCP_CONNECTION: _StructSection(TcpConnection, is_object=True),
+    SectionKind.FILE_LOCKS: _StructSection(FileLocks, is_object=True),
+    SectionKind.PTY_PAIR: _StructSection(PtyPair, is_object=True),
     SectionKind.UNIX_SOCKET: _StructSection(UnixSocket, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),

@@ -285,6 +285,7 @@ class NodeDaemon:
                 before_start=hold_until_commit,
                 admit=admit,
                 prebuilt=prebuilt,
+                take_locks=False,
             )
         except HijackError as exc:
             log(f"move {move} failed: {exc}")

@@ -7,7 +7,8 @@
                               descriptor: the owner of its object record's type, or
                               (no object) the first kind listing its FdKind in fd_kinds
     kind_named(name)
-    read_files(pid)           FILES and the object sections of a stopped process
+    read_files(pid)           FILES and the object sections of a stopped process,
+                              the locks each description holds too (hijack.objects.locks)
     refusals(image, held)     why a restore could not rebuild each descriptor
     describe(descriptor, image)  "kind: details", for `hijack show`
     dump_in_flight(fd, n, dump)   a descriptor in flight (copied out of a socket's queue)
@@ -31,8 +32,10 @@ from hijack.objects.eventfd import Eventfd
 from hijack.objects.fifo import Fifo
 from hijack.objects.inet import Inet
 from hijack.objects.inotify import Inotify
+from hijack.objects.locks import describe_held, dump_locks
 from hijack.objects.other import Other
 from hijack.objects.pidfd import Pidfd
+from hijack.objects.pty import PtyPairKind
 from hijack.objects.regular import Regular
 from hijack.objects.signalfd import Signalfd
 from hijack.objects.tcp import Tcp
@@ -44,6 +47,7 @@ from hijack.sys import kcmp, procfs
 KINDS: tuple[Kind, ...] = (
     Regular(),
     Fifo(),
+    PtyPairKind(),  # before Terminal: both ends of a pair in the process
     Terminal(),
     Device(),
     Epoll(),
@@ -97,6 +101,7 @@ def read_files(pid: int, *, frozen: bool = True, connections: bool = False) -> I
             description = descriptions[entry.fd]
             if description not in objects:  # a dup'ed or inherited one is dumped once
                 objects[description] = kind_for(entry, dump).dump(entry, info, dump)
+                dump_locks(entry.fd, info, description, dump)
             descriptors.append(_descriptor(entry, info, description, objects[description]))
         return ImageFiles.of(descriptors, dump.sections)
 
@@ -162,4 +167,5 @@ def refusals(
 
 def describe(descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
     kind = kind_of(descriptor, image)
-    return f"{kind.name}: {kind.describe(descriptor, image)}"
+    held = describe_held(image, descriptor)
+    return f"{kind.name}: {kind.describe(descriptor, image)}" + (f"; holds {held}" if held else "")
