@@ -11,10 +11,11 @@ Restore: the sockets are made in the restorer and given to the stub. Two connect
 in the image become a socketpair; a listener is bound to its name again (a stale socket
 file left by the dumped process is replaced), its accepted connections are connected
 and accepted again, and the clients of its accept queue that are in the image connect
-to it again, in order; a datagram socket connected to a name
-outside (/dev/log) connects to it again. Each receive queue is sent again by the socket's
-peer (or, for a bound datagram socket, by the socket of the image that sent each datagram,
-else a socket of ours), then options, then shutdown.
+to it again, in order; a datagram socket connected to a name outside (/dev/log)
+connects to it again. Each receive queue is sent again by the socket's peer (or, for a
+bound datagram socket, by the socket of the image that sent each datagram, else a
+socket of ours), then options, then shutdown. A move makes socketpairs again at the
+destination the same way (pairs_inside) instead of relaying them.
 
 Refused: a stream or seqpacket socket whose peer is outside the image (the process's
 shadow keeps it when attached); bytes a client sent on a connection not yet accepted
