@@ -31,6 +31,7 @@ import socket
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from hijack import objects
 from hijack.errors import HijackError, RestoreError
@@ -226,13 +227,43 @@ def pairs_inside(pid: int, inodes: set[int]) -> set[int]:
 # ---------------------------------------------------------------- refusal and show
 
 
+@dataclass(frozen=True)
+class _Index:
+    """The image's unix sockets looked up as the checks and the restore need them."""
+
+    by_inode: dict[int, rec.UnixSocket]
+    waiting_at: dict[int, rec.UnixSocket]  # a waiting client's inode -> its listener
+    named: dict[tuple[bytes, int], rec.UnixSocket]  # (name, type) -> a listener, or a
+    #                                                 datagram socket bound to it
+
+
+def _index(image: ImageFiles) -> _Index:
+    """The index of `image`'s unix sockets, made once and kept with the image: every
+    descriptor asks, and a process may hold thousands of sockets."""
+    kept = vars(image).get("_unix_index")
+    if isinstance(kept, _Index):
+        return kept
+    sockets = [o for o in image.objects.values() if isinstance(o, rec.UnixSocket)]
+    index = _Index(
+        {sock.inode: sock for sock in sockets},
+        {client: sock for sock in sockets for client in sock.queue},
+        {
+            (sock.name, sock.type): sock
+            for sock in sockets
+            if sock.name and (sock.state == TCP_LISTEN or sock.type == socket.SOCK_DGRAM)
+        },
+    )
+    object.__setattr__(image, "_unix_index", index)  # ImageFiles is frozen, not slotted
+    return index
+
+
 def _sockets_by_inode(image: ImageFiles) -> dict[int, rec.UnixSocket]:
-    return {o.inode: o for o in image.objects.values() if isinstance(o, rec.UnixSocket)}
+    return _index(image).by_inode
 
 
 def _waiting_at(sock: rec.UnixSocket, image: ImageFiles) -> rec.UnixSocket | None:
     """The listener of the image whose accept queue holds `sock`'s connection."""
-    return next((o for o in _sockets_by_inode(image).values() if sock.inode in o.queue), None)
+    return _index(image).waiting_at.get(sock.inode)
 
 
 def socket_refusal(
@@ -322,7 +353,7 @@ def _build(sock: rec.UnixSocket, restore: RestoreContext) -> int:
     peer = sockets.get(sock.peer) if sock.peer else None
     if sock.state == TCP_LISTEN:
         _build_listener(sock, restore)
-    elif (listener := _waiting_at(sock, image) or _accepting(sock, sockets)) is not None:
+    elif (listener := _waiting_at(sock, image) or _accepting(sock, image)) is not None:
         _build_listener(listener, restore)
     elif sock.type == socket.SOCK_DGRAM:
         if peer is not None and peer.peer == sock.inode and not sock.name and not peer.name:
@@ -441,14 +472,15 @@ def _accepted_by(
     ]
 
 
-def _accepting(sock: rec.UnixSocket, sockets: dict[int, rec.UnixSocket]) -> rec.UnixSocket | None:
+def _accepting(sock: rec.UnixSocket, image: ImageFiles) -> rec.UnixSocket | None:
     """The image's listener that accepted `sock`'s connection (`sock` is either end)."""
-    for end in (sock, sockets.get(sock.peer)):
+    index = _index(image)
+    for end in (sock, index.by_inode.get(sock.peer)):
         if end is None or not end.name or end.state != TCP_ESTABLISHED:
             continue
-        for found in sockets.values():
-            if found.state == TCP_LISTEN and found.name == end.name and found.type == end.type:
-                return found
+        found = index.named.get((end.name, end.type))
+        if found is not None and found.state == TCP_LISTEN:
+            return found
     return None
 
 
@@ -516,12 +548,8 @@ def _fill(
 def _datagram_source(message: rec.UnixMessage, restore: RestoreContext) -> int | None:
     """Our descriptor of the image's datagram socket that sent `message` (found by its
     name), so the receiver reads the same sender address; None if it is not in the image."""
-    if not message.source:
-        return None
-    for found in _sockets_by_inode(restore.image).values():
-        if found.name == message.source and found.type == socket.SOCK_DGRAM:
-            return _build(found, restore)
-    return None
+    found = _index(restore.image).named.get((message.source, socket.SOCK_DGRAM))
+    return None if found is None or not message.source else _build(found, restore)
 
 
 def _bind(sock: rec.UnixSocket, fd: int) -> None:
