@@ -40,6 +40,7 @@ from hijack.image import (
     EpollTarget,
     EventfdObject,
     FdKind,
+    FifoObject,
     FileDescriptor,
     FileIdentity,
     FileLock,
@@ -54,8 +55,12 @@ from hijack.image import (
     LockKind,
     MemoryStructure,
     ObjectData,
+    PageRange,
     Pages,
     PidfdObject,
+    PipeObject,
+    PosixMessage,
+    PosixMessageQueue,
     PosixTimer,
     ProcessSettings,
     Prot,
@@ -74,6 +79,11 @@ from hijack.image import (
     SigAltStack,
     SignalfdObject,
     SignalState,
+    SysvMessage,
+    SysvMessageQueue,
+    SysvOwner,
+    SysvSemaphores,
+    SysvSharedMemory,
     TcpConnection,
     TerminalObject,
     TerminalState,
@@ -96,20 +106,10 @@ from hijack.image import records as records_module
 from hijack.image.fields import Cursor, struct_codec
 
 OBJECT_TAGS = {
-    b"TTYO",
-    b"EPOL",
-    b"EVFD",
-    b"TMFD",
-    b"SGFD",
-    b"INFY",
-    b"PIDF",
-    b"INET",
-    b"TCPC",
-    b"UNIX",
-    b"LOCK",
-    b"PTYP",
+    b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"PIDF", b"INET", b"TCPC", b"LOCK",
+    b"PTYP", b"PIPE", b"FIFO", b"SHM_", b"SEM_", b"MSQ_", b"MQUE", b"UNIX",
     b"ODAT",
-}
+}  # fmt: skip
 SECTION_NAMES = {
     b"HEAD": "HEADER",
     b"CRED": "CREDENTIALS",
@@ -132,6 +132,12 @@ SECTION_NAMES = {
     b"UNIX": "UNIX_SOCKET",
     b"LOCK": "FILE_LOCKS",
     b"PTYP": "PTY_PAIR",
+    b"PIPE": "PIPE_OBJECT",
+    b"FIFO": "FIFO_OBJECT",
+    b"SHM_": "SYSV_SHARED_MEMORY",
+    b"SEM_": "SYSV_SEMAPHORES",
+    b"MSQ_": "SYSV_MESSAGE_QUEUE",
+    b"MQUE": "POSIX_MESSAGE_QUEUE",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
     b"PSET": "SETTINGS",
@@ -393,8 +399,40 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             remote_address="[::1]:51000",
         ),
         ObjectData(id=11, offset=0, data=b"abcde"),
+        PipeObject(id=12, pipe_size=1 << 20, packets=(), outside_pid=0),
+        ObjectData(id=12, offset=0, data=b"queued in a self-pipe"),
+        FifoObject(id=13, pipe_size=65536, packets=(10, 4000), held_outside=False),
+        ObjectData(id=13, offset=0, data=rng.randbytes(4010)),
+        SysvSharedMemory(
+            id=14,
+            shmid=32769,
+            owner=SysvOwner(key=0x0021C0BD, mode=0o1600, uid=0, gid=0),
+            size=12288,
+        ),
+        SysvSemaphores(
+            id=15,
+            semid=2,
+            owner=SysvOwner(key=0xFFFFFFFF, mode=0o600, uid=1000, gid=1000),
+            values=(1, 0, 65535),
+        ),
+        SysvMessageQueue(
+            id=16,
+            msqid=3,
+            owner=SysvOwner(key=0, mode=0o644, uid=0, gid=0),
+            qbytes=16384,
+            messages=(SysvMessage(mtype=2, text=b"first\0"), SysvMessage(mtype=2**63, text=b"")),
+        ),
+        PosixMessageQueue(
+            id=17,
+            name="/jobs",
+            unlinked=True,
+            mode=0o600,
+            maxmsg=10,
+            msgsize=8192,
+            messages=(PosixMessage(priority=9, data=b"urgent"), PosixMessage(priority=0, data=b"")),
+        ),
         UnixSocket(
-            id=12,
+            id=18,
             inode=7790,
             type=1,
             state=1,
@@ -464,7 +502,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 (9, FdKind.EVENTFD, "anon_inode:[eventfd]", 0o2, 0, 0o600, 7, 4),
                 (10, FdKind.TTY, "/dev/ptmx", 0o2, 0, 0o20666, 8, 10),
                 (11, FdKind.TTY, "/dev/pts/4", 0o2, 0, 0o20620, 9, 10),
-                (12, FdKind.SOCKET, "socket:[7790]", 0o2, 0, 0o140777, 10, 12),
+                (12, FdKind.SOCKET, "socket:[7790]", 0o2, 0, 0o140777, 10, 18),
             ]
         ),
     )
@@ -570,6 +608,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 ),
                 ThreadSeccomp(tid=4244, mode=1, filters=()),
             ),
+            guard_pages=(PageRange(start=0x7F0000100000, end=0x7F0000102000),),
         ),
         Timers(
             itimers=(Itimer(which=0, interval_ns=20_000_000, value_ns=7_000_000),),
@@ -1128,7 +1167,19 @@ def test_summary_and_its_json() -> None:
         "length": 10,
     }
     assert objects[9]["output"] == b"\x00out\r\n".hex()  # type: ignore[index]
-    assert len(objects) == 12  # ObjectData counted in its object's data_bytes
+    assert objects[11] == {
+        "record": "PipeObject",
+        "id": 12,
+        "pipe_size": 1 << 20,
+        "packets": [],
+        "outside_pid": 0,
+        "data_bytes": len("queued in a self-pipe"),
+    }
+    assert objects[15]["messages"] == [  # type: ignore[index]
+        {"mtype": 2, "text": b"first\0".hex()},
+        {"mtype": 2**63, "text": ""},
+    ]
+    assert len(objects) == 18  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:
@@ -1297,6 +1348,8 @@ def test_object_data_is_laid_out_like_pages() -> None:
         struct.pack("<QQ", 4, 0),
         struct.pack("<QQ", 4, 4096),
         struct.pack("<QQ", 11, 0),
+        struct.pack("<QQ", 12, 0),
+        struct.pack("<QQ", 13, 0),
     ]
     assert found[1].payload[16:] == b"after a hole"
 

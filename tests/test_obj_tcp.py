@@ -38,7 +38,7 @@ def wait_for_connection(pid: int) -> None:
 
 
 @pytest.fixture
-def hijack(tmp_path: Path) -> HijackCli:
+def hijack(tmp_path: Path, no_leaked_network_locks: None) -> HijackCli:
     return HijackCli(tmp_path / "state")
 
 

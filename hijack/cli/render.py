@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -23,9 +24,13 @@ from hijack.image.summary import ImageSummary, summary_to_json
 from hijack.mutator.attach import AttachResult
 from hijack.mutator.dump import DumpResult
 from hijack.node.move import MoveResult
+from hijack.objects import sysv
 from hijack.process import settings as process_settings
 from hijack.process import timers as process_timers
 from hijack.restore.restorer import RestoreResult
+
+if TYPE_CHECKING:  # lief, which hijack.core loads, is slow to import
+    from hijack.core import CoreResult
 
 
 def attach_result(console: Console, result: AttachResult, *, as_json: bool = False) -> None:
@@ -90,6 +95,15 @@ def restore_result(console: Console, result: RestoreResult) -> None:
         console.print(f"  dropped {escape(dropped)}")
 
 
+def core_result(console: Console, result: CoreResult, output: str) -> None:
+    console.print(
+        f"core of process [bold]{result.pid}[/] ({result.threads} thread"
+        f"{'s' if result.threads != 1 else ''}) written to {escape(output)}:"
+        f" {human_size(result.core_bytes)} with holes, {result.loads} memory segments,"
+        f" {result.mapped_files} file mappings; open it with gdb PROGRAM {escape(output)}"
+    )
+
+
 def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = False) -> None:
     if as_json:
         console.print_json(json.dumps(summary_to_json(summary)))
@@ -149,6 +163,12 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
             escape(details + shared),
         )
     console.print(files)
+    held = sysv.describe_held(summary.files)
+    if held:
+        ipc = Table("System V IPC object", title="held by the process")
+        for line in held:
+            ipc.add_row(escape(line))
+        console.print(ipc)
 
     console.print("process settings and timers")
     for line in process_settings.describe(summary.settings) + process_timers.describe(

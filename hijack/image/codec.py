@@ -56,6 +56,7 @@ from hijack.image.records import (
     End,
     EpollObject,
     EventfdObject,
+    FifoObject,
     FileLocks,
     Files,
     ImageHeader,
@@ -65,6 +66,8 @@ from hijack.image.records import (
     ObjectData,
     Pages,
     PidfdObject,
+    PipeObject,
+    PosixMessageQueue,
     ProcessSettings,
     PtyPair,
     Record,
@@ -73,6 +76,9 @@ from hijack.image.records import (
     Segments,
     SignalfdObject,
     SignalState,
+    SysvMessageQueue,
+    SysvSemaphores,
+    SysvSharedMemory,
     TcpConnection,
     TerminalObject,
     Thread,
@@ -122,6 +128,12 @@ class SectionKind(enum.Enum):
     TCP_CONNECTION = b"TCPC"
     FILE_LOCKS = b"LOCK"
     PTY_PAIR = b"PTYP"
+    PIPE_OBJECT = b"PIPE"
+    FIFO_OBJECT = b"FIFO"
+    SYSV_SHARED_MEMORY = b"SHM_"
+    SYSV_SEMAPHORES = b"SEM_"
+    SYSV_MESSAGE_QUEUE = b"MSQ_"
+    POSIX_MESSAGE_QUEUE = b"MQUE"
     UNIX_SOCKET = b"UNIX"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
@@ -235,6 +247,12 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.TCP_CONNECTION: _StructSection(TcpConnection, is_object=True),
     SectionKind.FILE_LOCKS: _StructSection(FileLocks, is_object=True),
     SectionKind.PTY_PAIR: _StructSection(PtyPair, is_object=True),
+    SectionKind.PIPE_OBJECT: _StructSection(PipeObject, is_object=True),
+    SectionKind.FIFO_OBJECT: _StructSection(FifoObject, is_object=True),
+    SectionKind.SYSV_SHARED_MEMORY: _StructSection(SysvSharedMemory, is_object=True),
+    SectionKind.SYSV_SEMAPHORES: _StructSection(SysvSemaphores, is_object=True),
+    SectionKind.SYSV_MESSAGE_QUEUE: _StructSection(SysvMessageQueue, is_object=True),
+    SectionKind.POSIX_MESSAGE_QUEUE: _StructSection(PosixMessageQueue, is_object=True),
     SectionKind.UNIX_SOCKET: _StructSection(UnixSocket, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),

@@ -631,6 +631,113 @@ class PtyPair:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PipeObject:
+    """An anonymous pipe. Its buffered bytes, in order, are its ObjectData."""
+
+    id: U64
+    pipe_size: U32  # F_GETPIPE_SZ, bytes
+    packets: tuple[U32, ...]  # the buffered bytes' packet lengths (packet mode), else ()
+    outside_pid: U32  # a process beside the dumped one holding an end of it, 0 if none
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FifoObject:
+    """A named FIFO (reopened by the descriptor's path). Its buffered bytes are its
+    ObjectData when no other process held it open: otherwise they stayed in the kernel."""
+
+    id: U64
+    pipe_size: U32
+    packets: tuple[U32, ...]
+    held_outside: bool  # another process had it open: its bytes were not taken
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SysvOwner:
+    """A System V object's key, owner and permissions (struct ipc_perm)."""
+
+    key: U32  # key_t, as an unsigned 32-bit number; 0 for IPC_PRIVATE (and once removed)
+    mode: U32  # permission bits; for a segment also SHM_DEST (0o1000) when removed
+    uid: U32
+    gid: U32
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SysvSharedMemory:
+    """A System V shared memory segment the process has attached. Its contents are the
+    pages of the segments (mappings) it is attached at; `shmid` is their inode."""
+
+    id: U64
+    shmid: U32
+    owner: SysvOwner
+    size: U64
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SysvSemaphores:
+    """A System V semaphore set the process changed last (a semaphore's sempid)."""
+
+    id: U64
+    semid: U32
+    owner: SysvOwner
+    values: tuple[U16, ...]  # semval of each semaphore (GETALL)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        _require(self.values != (), f"SysvSemaphores {self.semid}: no semaphores")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SysvMessage:
+    mtype: U64  # > 0
+    text: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SysvMessageQueue:
+    """A System V message queue the process sent to or received from last."""
+
+    id: U64
+    msqid: U32
+    owner: SysvOwner
+    qbytes: U64  # msg_qbytes: the bytes it may hold
+    messages: tuple[SysvMessage, ...]  # in queue order (MSG_COPY)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PosixMessage:
+    priority: U32
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PosixMessageQueue:
+    """A POSIX message queue (mq_open) a descriptor reaches."""
+
+    id: U64
+    name: str  # "/name", as mq_open takes it
+    unlinked: bool  # mq_unlink'ed: made anew and unlinked again at restore
+    mode: U32
+    maxmsg: U64
+    msgsize: U64
+    messages: tuple[PosixMessage, ...]  # in the order mq_receive gives them
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class UnixCredentials:
     """SCM_CREDENTIALS of a queued message (struct ucred), as its receiver would read them."""
 
@@ -714,6 +821,12 @@ ObjectRecord = (
     | UnixSocket
     | FileLocks
     | PtyPair
+    | PipeObject
+    | FifoObject
+    | SysvSharedMemory
+    | SysvSemaphores
+    | SysvMessageQueue
+    | PosixMessageQueue
     | ObjectData
 )
 
@@ -767,6 +880,18 @@ class ThreadSeccomp:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PageRange:
+    start: U64
+    end: U64
+
+    def __post_init__(self) -> None:
+        _require(
+            self.start < self.end and _page_aligned(self.start) and _page_aligned(self.end),
+            f"PageRange {self.start:#x}-{self.end:#x}: not whole pages",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ProcessSettings:
     """The small per-process settings programs notice when lost (docs/crf.md, SETTINGS)."""
 
@@ -779,6 +904,7 @@ class ProcessSettings:
     loginuid: U32  # /proc/PID/loginuid; 4294967295 when never set
     threads: tuple[ThreadScheduling, ...]
     seccomp: tuple[ThreadSeccomp, ...]  # the threads under seccomp
+    guard_pages: tuple[PageRange, ...]  # MADV_GUARD_INSTALL regions, ascending
 
     def __post_init__(self) -> None:
         _require(self.dumpable <= 2, f"ProcessSettings: dumpable {self.dumpable} is not 0-2")

@@ -65,7 +65,7 @@ from hijack.restore.plan import mapping_problems
 from hijack.shadow import control
 from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
 from hijack.shadow.datagram import parse_address as parse_datagram_address
-from hijack.sys import kcmp, pidfd, procfs
+from hijack.sys import kcmp, pidfd, procfs, sysv
 from hijack.testpoint import reached
 
 # Reopened by path on the destination (nodes share a file system), or made
@@ -702,7 +702,13 @@ def refuse_unmappable(pid: int) -> None:
     """Refuse, before anything is touched, a process whose copy could not map what it maps
     (SysV shared memory, a deleted shared file): the destination's restore would refuse it."""
     maps = procfs.read_maps(pid)
-    problems = mapping_problems(describe_segments(pid, maps, rec.DumpOptions(0), flags={}))
+    problems = list(mapping_problems(describe_segments(pid, maps, rec.DumpOptions(0), flags={})))
+    problems += [
+        f"System V shared memory at {m.start:#x} (a move's pre-copy cannot attach it;"
+        " dump and restore do)"
+        for m in maps
+        if sysv.is_segment_mapping(m.path, m.shared, m.dev_major)
+    ]
     if problems:
         raise Unsupported(f"cannot move process {pid}: {'; '.join(problems)}; nothing was changed")
 

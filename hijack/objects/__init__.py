@@ -9,6 +9,8 @@
     kind_named(name)
     read_files(pid)           FILES and the object sections of a stopped process,
                               the locks each description holds too (hijack.objects.locks)
+    read_files(pid)           FILES and the object sections of a stopped process, the
+                              SysV IPC objects it uses among them (hijack.objects.sysv)
     refusals(image, held)     why a restore could not rebuild each descriptor
     describe(descriptor, image)  "kind: details", for `hijack show`
     dump_in_flight(fd, n, dump)   a descriptor in flight (copied out of a socket's queue)
@@ -25,6 +27,7 @@ from dataclasses import replace
 from hijack.errors import ImageError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
+from hijack.objects import sysv
 from hijack.objects.base import O_CLOEXEC, DumpContext, Kind, RestoreContext
 from hijack.objects.device import Device
 from hijack.objects.epoll import Epoll
@@ -33,8 +36,10 @@ from hijack.objects.fifo import Fifo
 from hijack.objects.inet import Inet
 from hijack.objects.inotify import Inotify
 from hijack.objects.locks import describe_held, dump_locks
+from hijack.objects.mqueue import MessageQueue
 from hijack.objects.other import Other
 from hijack.objects.pidfd import Pidfd
+from hijack.objects.pipe import Pipe
 from hijack.objects.pty import PtyPairKind
 from hijack.objects.regular import Regular
 from hijack.objects.signalfd import Signalfd
@@ -45,9 +50,11 @@ from hijack.objects.unix import Unix
 from hijack.sys import kcmp, procfs
 
 KINDS: tuple[Kind, ...] = (
+    MessageQueue(),  # before Regular: a queue's descriptor looks like a regular file
     Regular(),
     Fifo(),
     PtyPairKind(),  # before Terminal: both ends of a pair in the process
+    Pipe(),
     Terminal(),
     Device(),
     Epoll(),
@@ -103,6 +110,7 @@ def read_files(pid: int, *, frozen: bool = True, connections: bool = False) -> I
                 objects[description] = kind_for(entry, dump).dump(entry, info, dump)
                 dump_locks(entry.fd, info, description, dump)
             descriptors.append(_descriptor(entry, info, description, objects[description]))
+        sysv.dump_held(dump)  # objects of the process that no descriptor reaches
         return ImageFiles.of(descriptors, dump.sections)
 
 

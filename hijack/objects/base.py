@@ -143,7 +143,7 @@ class RestoreContext:
         self.restored = restored  # the numbers the process gets back (not those dropped)
         self._parking = parking  # above every descriptor number the image uses
         self._restorer = -1  # the stub's pidfd of this process, for give()
-        self._kept: dict[int, int] = {}
+        self._kept: dict[Hashable, int] = {}
 
     def place(self, stub_fd: int, descriptor: rec.FileDescriptor) -> None:
         """Move the stub's descriptor `stub_fd` to the image's number, with its close-on-exec."""
@@ -175,13 +175,14 @@ class RestoreContext:
         self.stub.call("close", stub_fd)
         return copy
 
-    def built(self, object_id: int) -> int | None:
-        """Our descriptor of an object an earlier restore() kept (the other end of a pipe)."""
-        return self._kept.get(object_id)
+    def built(self, key: Hashable) -> int | None:
+        """Our descriptor an earlier restore() kept under `key`: an object's id, or
+        (id, part) for an object that is several of ours (a pipe's two ends)."""
+        return self._kept.get(key)
 
-    def keep(self, object_id: int, our_fd: int) -> None:
+    def keep(self, key: Hashable, our_fd: int) -> None:
         """Keep our descriptor of an object for later descriptors, until the restore ends."""
-        self._kept[object_id] = our_fd
+        self._kept[key] = our_fd
 
     def __enter__(self) -> RestoreContext:
         return self

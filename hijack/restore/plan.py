@@ -18,6 +18,7 @@ from hijack.errors import Unsupported
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.image.identity import identity_change
+from hijack.objects import sysv
 from hijack.restore.address_space import backing_file_mode, needs_backing_file, unmappable
 
 SKIP_HINT = "use --skip-unsupported to drop them; "
@@ -56,7 +57,8 @@ def restore_problems(
 ) -> Problems:
     """Everything a restore from this image would refuse; `held` descriptors come from
     elsewhere (the shadow keeps them, a move relays them)."""
-    return Problems(mapping_problems(segments), tuple(objects.refusals(image, held)))
+    mappings = (*mapping_problems(segments), *sysv.segment_refusals(segments, image))
+    return Problems(mappings, tuple(objects.refusals(image, held)))
 
 
 def mapping_problems(segments: Iterable[rec.Segment]) -> tuple[str, ...]:

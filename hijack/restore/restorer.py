@@ -34,6 +34,7 @@ from hijack.mutator.tracee import (
     find_syscall_instruction,
     resume_registers,
 )
+from hijack.objects import sysv
 from hijack.objects.base import describe_fd
 from hijack.objects.locks import restore_locks
 from hijack.objects.pty import controlling_slave
@@ -161,20 +162,27 @@ def restore(
         return _restore_prebuilt(
             records, image, plan, prebuilt, provided or {}, before_start, take_locks
         )
-    inherited = _take_from_shadow(holdings, plan) if holdings else {}
-    for number, fd in (provided or {}).items():
-        inherited[number] = os.dup(fd)
-        os.set_inheritable(inherited[number], True)
+    # SysV objects first: a refusal (an id taken by another object) comes before the stub.
+    ipc = sysv.prepare(image.files, image.segments.segments)
     try:
-        pid = spawn_stub(image.header.pid)
-    finally:
-        for fd in inherited.values():
-            os.close(fd)  # the stub has its own copies now
+        inherited = _take_from_shadow(holdings, plan) if holdings else {}
+        for number, fd in (provided or {}).items():
+            inherited[number] = os.dup(fd)
+            os.set_inheritable(inherited[number], True)
+        try:
+            pid = spawn_stub(image.header.pid)
+        finally:
+            for fd in inherited.values():
+                os.close(fd)  # the stub has its own copies now
+    except BaseException:
+        ipc.undo()
+        raise
     space: AddressSpace | None = None
     try:
         stub = Stub(pid, find_syscall_instruction(pid))
-        space = AddressSpace(stub, image.segments.segments)
+        space = AddressSpace(stub, image.segments.segments, ipc.segments, frozenset(ipc.kept))
         space.build()
+        ipc.after_attach()
         _consume_rest(records, image, space)
         _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
         if before_start is not None:
@@ -182,6 +190,7 @@ def restore(
         _start(stub)
     except BaseException:
         kill_stub(pid)
+        ipc.undo()
         raise
     finally:
         if space is not None:
@@ -369,6 +378,7 @@ def _finish(
     _set_process_state(stub, image, controlling)
     settings.apply_login_uid(stub, image.settings)
     settings.lock_memory(stub, image.segments)
+    settings.install_guard_pages(stub, image.settings)
     if take_locks:
         # Last of the descriptors' business: a descriptor closed in the stub (the
         # exe's, above) would drop the POSIX locks the process holds on its file.
