@@ -92,10 +92,11 @@ class DumpContext:
     def in_flight(self) -> DumpContext:
         """A context for descriptors of THIS process that are copies of ones in flight (read
         out of a socket's queue): its objects join this dump's, its socket tables are the
-        process's; it knows no descriptor of the process (`entries`) and reads no TCP
+        process's, and so are its `entries` (whoever holds what the process holds: a pipe
+        the process holds too counts as held outside, and is refused); it reads no TCP
         connection (one in flight is refused). Close it (with) when its descriptors are
         dumped."""
-        own = DumpContext(os.getpid(), [], {}, frozen=self.frozen)
+        own = DumpContext(os.getpid(), self.entries, {}, frozen=self.frozen)
         own.sections, own._ids, own._data_end = self.sections, self._ids, self._data_end
         own._network_of = self._network_of
         return own
