@@ -219,7 +219,8 @@ def _move_attached(
         report = _Published(registry, move_id, report)
 
         def mark_moved() -> None:
-            _mark_moved(registry, pid, at_home, channel.peer)
+            # Before the original dies: whoever collects it must know it moved on.
+            registry.moved_on(pid, channel.peer)
 
         precopied: Precopy | None = None
         try:
@@ -263,14 +264,6 @@ def _move_attached(
         new_pid=result.new_pid,
     )
     return result
-
-
-def _mark_moved(registry: Registry, pid: int, at_home: bool, location: str) -> None:
-    # Before the original dies: whoever collects it must know it moved on.
-    if at_home:
-        registry.set_state(pid, "moved", current_node=location)
-    else:
-        registry.forget(pid, f"moved to {location}")
 
 
 def _move_frozen(
@@ -470,6 +463,7 @@ def _switch_shadow(
             "op": "migrated",
             "move": move_id,
             "location": location,
+            "pid": int(prepared.get("pid", 0)),  # its pid there
             "unread": {k: base64.b64encode(v).decode() for k, v in unread.items()},
             "listeners": prepared.get("listeners", {}),
             "present": present,
@@ -971,6 +965,7 @@ def recover(registry: Registry) -> tuple[list[str], list[str]]:
             followed = _follow_again(record)
             if followed:
                 settled.append(followed)
+    settled += attaching.clear_ended(registry)
     return settled, in_doubt
 
 
@@ -996,7 +991,8 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     if record is None:
         registry.update_move(row.id, phase="failed", finished_at=time.time(), error="forgotten")
         return f"move {row.id}: process {pid} is not known here any more", True
-    at_home = record.home_node == node_name()
+    # Attached here, never away: a process back home (home_pid set) is relayed as a migrant.
+    at_home = record.home_node == node_name() and record.home_pid is None
     shadow = HomeShadow(record, record.relay_token or "")
     if row.phase in ("switching", "in-doubt"):
         # The commit may have been sent: only the destination knows.
@@ -1018,7 +1014,7 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
             _switch_shadow(
                 shadow, row.id, row.destination, plan, answer, unread, unread_datagrams, present
             )
-            _mark_moved(registry, pid, at_home, row.destination)
+            registry.moved_on(pid, row.destination)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # held stopped since the commit
             registry.update_move(
