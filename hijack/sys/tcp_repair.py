@@ -74,9 +74,7 @@ def _peek(sock: socket.socket, queue: int, length: int) -> bytes:
 def set_repair(fd: int, on: bool) -> None:
     with kernel_call("setsockopt(TCP_REPAIR)"), socket.socket(fileno=fd) as sock:
         try:
-            sock.setsockopt(
-                socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON if on else TCP_REPAIR_OFF
-            )
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON if on else TCP_REPAIR_OFF)
         finally:
             sock.detach()
 
