@@ -176,6 +176,13 @@ class RestoreContext:
         self.stub.call("close", stub_fd)
         return copy
 
+    def give_made(self, made: int, descriptor: rec.FileDescriptor) -> None:
+        """give() a descriptor the restorer made for this one alone, then close ours."""
+        try:
+            self.give(made, descriptor)
+        finally:
+            os.close(made)
+
     def built(self, key: Hashable) -> int | None:
         """Our descriptor an earlier restore() kept under `key`: an object's id, or
         (id, part) for an object that is several of ours (a pipe's two ends)."""
