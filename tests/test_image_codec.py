@@ -92,6 +92,9 @@ from hijack.image import (
     ThreadSeccomp,
     TimerfdObject,
     Timers,
+    UnixCredentials,
+    UnixMessage,
+    UnixSocket,
     UserRegsStruct,
     read_image,
     read_round,
@@ -104,7 +107,8 @@ from hijack.image.fields import Cursor, struct_codec
 
 OBJECT_TAGS = {
     b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"PIDF", b"INET", b"TCPC", b"LOCK",
-    b"PTYP", b"PIPE", b"FIFO", b"SHM_", b"SEM_", b"MSQ_", b"MQUE", b"ODAT",
+    b"PTYP", b"PIPE", b"FIFO", b"SHM_", b"SEM_", b"MSQ_", b"MQUE", b"UNIX",
+    b"ODAT",
 }  # fmt: skip
 SECTION_NAMES = {
     b"HEAD": "HEADER",
@@ -125,6 +129,7 @@ SECTION_NAMES = {
     b"PIDF": "PIDFD_OBJECT",
     b"TCPC": "TCP_CONNECTION",
     b"INET": "INET_SOCKET",
+    b"UNIX": "UNIX_SOCKET",
     b"LOCK": "FILE_LOCKS",
     b"PTYP": "PTY_PAIR",
     b"PIPE": "PIPE_OBJECT",
@@ -426,6 +431,49 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             msgsize=8192,
             messages=(PosixMessage(priority=9, data=b"urgent"), PosixMessage(priority=0, data=b"")),
         ),
+        UnixSocket(
+            id=18,
+            inode=7790,
+            type=1,
+            state=1,
+            shutdown=2,
+            passcred=True,
+            peek_off=-1,
+            sndbuf=131072,
+            rcvbuf=212992,
+            backlog=0,
+            peer=7791,
+            file_mode=0,
+            file_uid=0,
+            file_gid=0,
+            name=b"\0abstract \xff",
+            peer_name=b"",
+            queue=(),
+            messages=(
+                UnixMessage(data=b"queued", source=b"", credentials=None, rights=()),
+                UnixMessage(
+                    data=b"!",
+                    source=b"/run/sender.sock",
+                    credentials=UnixCredentials(pid=4242, uid=0, gid=1000),
+                    rights=(
+                        FileDescriptor(
+                            fd=0,
+                            kind=FdKind.REGULAR,
+                            flags=0o2,
+                            pos=8,
+                            cloexec=False,
+                            mode=0o100600,
+                            dev=0x801,
+                            ino=99,
+                            path="/srv/carried",
+                            description_id=9,
+                            object_id=0,
+                        ),
+                    ),
+                ),
+            ),
+            refusal="",
+        ),
     )
     files = Files(
         objects=len(objects),
@@ -454,6 +502,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 (9, FdKind.EVENTFD, "anon_inode:[eventfd]", 0o2, 0, 0o600, 7, 4),
                 (10, FdKind.TTY, "/dev/ptmx", 0o2, 0, 0o20666, 8, 10),
                 (11, FdKind.TTY, "/dev/pts/4", 0o2, 0, 0o20620, 9, 10),
+                (12, FdKind.SOCKET, "socket:[7790]", 0o2, 0, 0o140777, 10, 18),
             ]
         ),
     )
@@ -1130,7 +1179,7 @@ def test_summary_and_its_json() -> None:
         {"mtype": 2, "text": b"first\0".hex()},
         {"mtype": 2**63, "text": ""},
     ]
-    assert len(objects) == 17  # ObjectData counted in its object's data_bytes
+    assert len(objects) == 18  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:

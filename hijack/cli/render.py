@@ -21,7 +21,7 @@ from rich.table import Table
 
 from hijack.check import Finding
 from hijack.image.summary import ImageSummary, summary_to_json
-from hijack.mutator.attach import AttachResult
+from hijack.mutator.attach import AttachResult, Ended
 from hijack.mutator.dump import DumpResult
 from hijack.node.move import MoveResult
 from hijack.objects import sysv
@@ -58,6 +58,31 @@ def attach_result(console: Console, result: AttachResult, *, as_json: bool = Fal
     for fd in result.fds:
         table.add_row(str(fd["fd"]), str(fd["kind"]), escape(str(fd["target"])))
     console.print(table)
+
+
+def ended(console: Console, verb: str, result: Ended) -> None:
+    """`hijack detach` and `hijack forget`: what was ended."""
+    record = result.record
+    if record.shadow_pid is None:
+        shadow = "it had no shadow"
+    elif result.shadow_ended is None:
+        shadow = f"its shadow {record.shadow_pid} had ended already"
+    else:
+        shadow = f"shadow {result.shadow_ended} ended"
+        if record.state not in ("attached", "checkpointed"):
+            where = record.current_node
+            shadow += f" (the connections it relayed to the process on {escape(where)} with it)"
+    console.print(
+        f"{verb} process [bold]{record.pid}[/] ({escape(record.program)}, {record.state});"
+        f" {shadow}",
+        highlight=False,
+    )
+    if record.state == "held":
+        console.print(
+            f"  process {record.pid} stays stopped as the move left it: `kill -CONT {record.pid}`"
+            " only if nothing of it runs elsewhere",
+            highlight=False,
+        )
 
 
 def human_size(count: int) -> str:

@@ -95,6 +95,9 @@ from hijack.image.records import (
     ThreadSeccomp,
     TimerfdObject,
     Timers,
+    UnixCredentials,
+    UnixMessage,
+    UnixSocket,
     UserRegsStruct,
 )
 from hijack.image.summary import ImageSummary, summarize, summary_to_json
@@ -178,6 +181,9 @@ __all__ = [
     "ThreadSeccomp",
     "TimerfdObject",
     "Timers",
+    "UnixCredentials",
+    "UnixMessage",
+    "UnixSocket",
     "UserRegsStruct",
     "read_image",
     "read_round",

@@ -1,8 +1,10 @@
 """`hijack move PID --to HOST[:PORT]`: a live process moves to another node.
 
 On the node the process runs on now:
-1. check that every descriptor can go: reopened by path there, or proxied
-   through the home shadow (sockets, pipes, terminals); refuse naming the rest;
+1. check that every descriptor can go: reopened by path there, made again from
+   the image (epoll, eventfd, unix socketpairs with what is queued in them, ...),
+   or proxied through the home shadow (sockets, pipes, terminals); refuse naming
+   the rest;
 2. connect to the destination daemon (authenticated channel) — nothing has
    been touched yet, so a refusal changes nothing;
 2a. with pre-copy (on by default for processes holding PRECOPY_MIN_BYTES of
@@ -57,6 +59,7 @@ from hijack.mutator.tracee import Tracee
 from hijack.node import mounts
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
+from hijack.objects import unix
 from hijack.objects.regular import is_deleted
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
 from hijack.restore.plan import mapping_problems
@@ -234,7 +237,8 @@ def _move_attached(
         report = _Published(registry, move_id, report)
 
         def mark_moved() -> None:
-            _mark_moved(registry, pid, at_home, channel.peer)
+            # Before the original dies: whoever collects it must know it moved on.
+            registry.moved_on(pid, channel.peer)
 
         precopied: Precopy | None = None
         try:
@@ -279,14 +283,6 @@ def _move_attached(
         new_pid=result.new_pid,
     )
     return result
-
-
-def _mark_moved(registry: Registry, pid: int, at_home: bool, location: str) -> None:
-    # Before the original dies: whoever collects it must know it moved on.
-    if at_home:
-        registry.set_state(pid, "moved", current_node=location)
-    else:
-        registry.forget(pid, f"moved to {location}")
 
 
 def _move_frozen(
@@ -500,6 +496,7 @@ def _switch_shadow(
             "op": "migrated",
             "move": move_id,
             "location": location,
+            "pid": int(prepared.get("pid", 0)),  # its pid there
             "unread": {k: base64.b64encode(v).decode() for k, v in unread.items()},
             "listeners": prepared.get("listeners", {}),
             "present": present,
@@ -768,6 +765,9 @@ def plan_proxies(
     entries = procfs.list_fds(pid)
     # Read after the descriptors: a socket accepted meanwhile is in the table.
     sockets = procfs.read_socket_table(pid)
+    socketpairs = unix.pairs_inside(
+        pid, {entry.ino for entry in entries if entry.kind is procfs.FdKind.SOCKET}
+    )
     streams = (
         {}
         if at_home or shadow is None
@@ -791,6 +791,8 @@ def plan_proxies(
     for entry in entries:
         if entry.kind in REOPENED and _reopenable(entry):
             continue
+        if entry.ino in socketpairs and entry.kind is procfs.FdKind.SOCKET:
+            continue  # both ends in the process: made again at the destination from the image
         if entry.kind is procfs.FdKind.TTY and entry.target.endswith("ptmx"):
             master = _master_proxy(pid, entry.fd, at_home, by_terminal, plan)
             if master is not None:
@@ -1074,6 +1076,7 @@ def recover(registry: Registry) -> tuple[list[str], list[str]]:
             followed = _follow_again(record)
             if followed:
                 settled.append(followed)
+    settled += attaching.clear_ended(registry)
     return settled, in_doubt
 
 
@@ -1099,7 +1102,8 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     if record is None:
         registry.update_move(row.id, phase="failed", finished_at=time.time(), error="forgotten")
         return f"move {row.id}: process {pid} is not known here any more", True
-    at_home = record.home_node == node_name()
+    # Attached here, never away: a process back home (home_pid set) is relayed as a migrant.
+    at_home = record.home_node == node_name() and record.home_pid is None
     shadow = HomeShadow(record, record.relay_token or "")
     if row.phase in ("switching", "in-doubt"):
         # The commit may have been sent: only the destination knows.
@@ -1121,7 +1125,7 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
             _switch_shadow(
                 shadow, row.id, row.destination, plan, answer, unread, unread_datagrams, present
             )
-            _mark_moved(registry, pid, at_home, row.destination)
+            registry.moved_on(pid, row.destination)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # held stopped since the commit
             registry.update_move(
