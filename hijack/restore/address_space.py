@@ -77,12 +77,15 @@ class AddressSpace:
         self._starts = [s.start for s in self.segments]
         self._mem = memory.MemoryFile(stub.pid)
 
-    def build(self) -> None:
+    def build(self, later: frozenset[int] = frozenset()) -> None:
+        """Lay the stub out as the image says; the segments starting at `later` are left
+        for map_segment_from (mapped from objects the descriptors' restore makes)."""
         self._clear_stub()
         self._place_kernel_mappings()
         self._map_scratch()
         for segment in self.segments:
-            self._map_segment(segment)
+            if segment.start not in later:
+                self._map_segment(segment)
 
     # -- 1. empty the stub ------------------------------------------------------
 
@@ -157,25 +160,22 @@ class AddressSpace:
     # -- 4. the image's segments ------------------------------------------------
 
     def _map_segment(self, segment: rec.Segment) -> None:
-        flags = MAP_FIXED | (MAP_SHARED if segment.shared else MAP_PRIVATE)
-        if "gd" in segment.vm_flags:
-            flags |= MAP_GROWSDOWN
         fd = self._open_backing_file(segment)
         try:
-            if fd < 0:
-                flags |= MAP_ANONYMOUS
-            self.stub.call(
-                "mmap",
-                segment.start,
-                segment.size,
-                int(segment.prot),
-                flags,
-                fd,
-                segment.offset if fd >= 0 else 0,
-            )
+            self.map_segment_from(segment, fd)
         finally:
             if fd >= 0:
                 self.stub.call("close", fd)
+
+    def map_segment_from(self, segment: rec.Segment, fd: int) -> None:
+        """Map `segment` from the stub's descriptor `fd` (-1: anonymous), with its advice."""
+        flags = MAP_FIXED | (MAP_SHARED if segment.shared else MAP_PRIVATE)
+        if "gd" in segment.vm_flags:
+            flags |= MAP_GROWSDOWN
+        if fd < 0:
+            flags |= MAP_ANONYMOUS
+        offset = segment.offset if fd >= 0 else 0
+        self.stub.call("mmap", segment.start, segment.size, int(segment.prot), flags, fd, offset)
         for flag, advice in MADVISE_FOR_FLAG.items():
             if flag in segment.vm_flags:
                 self.stub.try_call("madvise", segment.start, segment.size, advice)
