@@ -59,7 +59,7 @@ from hijack.errors import HijackError
 from hijack.image.codec import SectionKind, recode
 from hijack.image.identity import read_build_id
 from hijack.restore.restorer import restore
-from hijack.sys import procfs
+from hijack.sys import kcmp, procfs
 
 PYTHON = "/usr/bin/python3"  # an unmodified, dynamically linked distribution binary
 SLEEP = "/usr/bin/sleep"  # copied under unique names, so its processes can be told apart
@@ -775,7 +775,8 @@ def test_skip_unsupported_drops_exactly_the_anonymous_pipe(
         pipe_fds = {int(mapped.ready["pipe_read_fd"]), int(mapped.ready["pipe_write_fd"])}
         wait_in_syscall(mapped.pid, (SYS_READ,))
         maps_before, fds_before = maps_view(mapped.pid), fds_view(mapped.pid)
-        hijack.ok("dump", mapped.pid, "-o", image, "--kill")
+        assert_refused(hijack("dump", mapped.pid, "-o", image, "--kill"), "pipe", "not killing")
+        hijack.ok("dump", mapped.pid, "-o", image, "--kill", "--skip-unsupported")
         assert mapped.wait_exit() == -signal.SIGKILL
 
         with NothingStarted(None):
@@ -810,6 +811,7 @@ SUMMARY_KEYS = {
     "threads",
     "memory",
     "descriptors",
+    "objects",
     "pages",
 }
 PROCESS_KEYS = {
@@ -830,7 +832,17 @@ PROCESS_KEYS = {
 }
 THREAD_KEYS = {"tid", "comm", "rip", "rsp", "sigmask", "pending"}
 MEMORY_KEYS = {"start", "end", "size", "perms", "path", "contents", "stored_bytes"}
-DESCRIPTOR_KEYS = {"fd", "kind", "path", "flags", "pos", "cloexec", "socket"}
+DESCRIPTOR_KEYS = {
+    "fd",
+    "kind",
+    "path",
+    "flags",
+    "pos",
+    "cloexec",
+    "description_id",
+    "object_id",
+    "details",
+}
 PAGES_KEYS = {"stored", "zero", "untouched", "file"}
 
 
@@ -940,8 +952,12 @@ def dump_http_server(hijack: HijackCli, directory: Path) -> tuple[Path, int, byt
 
 def test_python_http_server_serves_pages_after_restore(hijack: HijackCli, tmp_path: Path) -> None:
     image, port, page = dump_http_server(hijack, tmp_path)
-    [listening] = [fd for fd in image_json(hijack, image)["descriptors"] if fd["kind"] == "SOCKET"]
-    assert listening["socket"]["local_address"] == f"127.0.0.1:{port}", listening
+    document = image_json(hijack, image)
+    [listening] = [fd for fd in document["descriptors"] if fd["kind"] == "SOCKET"]
+    [socket_object] = [o for o in document["objects"] if o["id"] == listening["object_id"]]
+    assert socket_object["record"] == "InetSocket", socket_object
+    assert socket_object["local_address"] == f"127.0.0.1:{port}", socket_object
+    assert listening["details"] == f"inet: tcp 127.0.0.1:{port} LISTEN", listening
     # Nothing kept it: the restore listens on the same address again.
     with Child(restored_pid(hijack.ok("restore", image))) as restored:
         assert fetch(port, "page.html") == page
@@ -972,16 +988,18 @@ def test_restore_refuses_an_established_connection_by_name(
         with socket.create_connection(("127.0.0.1", port)) as client:
             client.sendall(b"ping")
             assert client.recv(4) == b"ping"
-            hijack.ok("dump", server.pid, "-o", image, "--kill")
-            assert server.wait_exit() == -signal.SIGKILL
-    sockets = [fd for fd in image_json(hijack, image)["descriptors"] if fd["kind"] == "SOCKET"]
-    [connection] = [fd for fd in sockets if fd["socket"]["remote_address"] != "0.0.0.0:0"]
+            hijack.ok("dump", server.pid, "-o", image)
+            sockets = [
+                fd for fd in image_json(hijack, image)["descriptors"] if fd["kind"] == "SOCKET"
+            ]
+            [connection] = [fd for fd in sockets if "ESTABLISHED" in fd["details"]]
+            named = f"fd {connection['fd']} (socket {connection['details'].removeprefix('inet: ')})"
+            # Never killed: a restore of its image could not bring it back.
+            assert_refused(hijack("dump", server.pid, "-o", image, "--kill"), named, "not killing")
+            client.sendall(b"pong")
+            assert client.recv(4) == b"pong"
     with NothingStarted(None):
-        assert_refused(
-            hijack("restore", image),
-            f"fd {connection['fd']} (socket {connection['path']})",
-            "--skip-unsupported",
-        )
+        assert_refused(hijack("restore", image), named, "--skip-unsupported")
 
 
 def test_attached_python_http_server_serves_pages_after_dump_kill_and_restore(
@@ -1013,3 +1031,79 @@ def test_an_image_file_is_readable_by_its_owner_only(hijack: HijackCli, tmp_path
     finally:
         os.umask(old_umask)
     assert image.stat().st_mode & 0o777 == 0o600
+
+
+# -- 10. never kill what cannot come back: dump --kill refuses what a restore would -----------
+
+
+def assert_runs(pid: int) -> None:
+    """Still running (or sleeping): neither dead nor a zombie."""
+    assert procfs.read_stat(pid).state not in ("Z", "X"), (
+        f"process {pid} is {procfs.read_stat(pid)}"
+    )
+
+
+def test_dump_kill_refuses_a_sysv_shared_memory_mapping_and_leaves_it_running(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "shm.crf"
+    # FIFOs for the protocol: the segment is the one thing a restore could not bring back.
+    with spawn_fixture("sysv_shm", fifos=True) as shm:
+        [segment] = [m for m in procfs.read_maps(shm.pid) if m.path.startswith("/SYSV")]
+        assert segment.deleted and segment.shared, segment
+        refused = hijack("dump", shm.pid, "-o", image, "--kill")
+        assert_refused(refused, "not killing", f"cannot open {segment.path}", "had mapped")
+        assert not list(tmp_path.glob("*.crf*")), "an image was left behind"
+        assert_runs(shm.pid)
+        # A plain dump leaves the process running: it is allowed, and a restore refuses it.
+        hijack.ok("dump", shm.pid, "-o", image)
+        with NothingStarted(None):
+            assert_refused(hijack("restore", image), f"cannot open {segment.path}")
+        shm.assert_intact()
+
+
+def test_dump_kill_refuses_a_pipe_to_an_outside_process_unless_attached(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "counter.crf"
+    # CONTROL_FD is an anonymous pipe whose other end is ours: outside the dump.
+    with spawn_fixture("counter", tmp_path / "counter.log", "2") as counter:
+        [pipe] = [e for e in procfs.list_fds(counter.pid) if e.kind is procfs.FdKind.PIPE]
+        refused = hijack("dump", counter.pid, "-o", image, "--kill")
+        assert_refused(refused, "not killing", f"fd {pipe.fd} (pipe {pipe.target})", "attach")
+        assert not image.exists()
+        assert_runs(counter.pid)
+
+        # Attached, its shadow keeps the pipe: the dump kills, the restore gets the pipe back.
+        shadow = json.loads(hijack.ok("attach", "--json", counter.pid).stdout)["shadow_pid"]
+        hijack.ok("dump", counter.pid, "-o", image, "--kill")
+        assert counter.wait_exit() == -signal.SIGKILL
+        with Child(shadow) as holder:
+            counter.adopt(restored_pid(hijack.ok("restore", image)))
+            hijack.ok("detach", counter.pid)
+            holder.wait()
+            counter.assert_intact()
+
+
+# -- 11. one open file description, dup'ed: restored as one ---------------------------------------
+
+
+def test_dup_ed_descriptors_of_a_file_share_one_offset_after_restore(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "shared.crf"
+    with spawn_fixture("shared_offset", tmp_path / "shared.txt", fifos=True) as shared:
+        first, second, apart = (int(shared.ready[key]) for key in ("first", "second", "apart"))
+        fds_before = fds_view(shared.pid)
+        hijack.ok("dump", shared.pid, "-o", image, "--kill")
+        assert shared.wait_exit() == -signal.SIGKILL
+        document = image_json(hijack, image)
+        description = {d["fd"]: d["description_id"] for d in document["descriptors"]}
+        assert description[first] == description[second] != description[apart]
+
+        pid = restored_pid(hijack.ok("restore", image))
+        shared.adopt(pid)
+        assert_same_views(fds_before, fds_view(pid), f"/proc/{pid}/fd")
+        assert kcmp.same_description(pid, first, second)
+        assert not kcmp.same_description(pid, first, apart)
+        shared.assert_intact()  # it writes through `second` and finds `first` moved on

@@ -35,13 +35,18 @@ from hijack.image import (
     Cwd,
     DumpOptions,
     End,
+    EpollObject,
+    EpollTarget,
+    EventfdObject,
     FdKind,
     FileDescriptor,
     FileIdentity,
     Files,
     ImageHeader,
     ImageWriter,
+    InetSocket,
     MemoryStructure,
+    ObjectData,
     Pages,
     Prot,
     Record,
@@ -56,7 +61,7 @@ from hijack.image import (
     SigAction,
     SigAltStack,
     SignalState,
-    SocketInfo,
+    TerminalObject,
     TerminalState,
     Thread,
     UserRegsStruct,
@@ -69,6 +74,7 @@ from hijack.image import (
 from hijack.image import records as records_module
 from hijack.image.fields import Cursor, struct_codec
 
+OBJECT_TAGS = {b"TTYO", b"EPOL", b"EVFD", b"INET", b"ODAT"}
 SECTION_NAMES = {
     b"HEAD": "HEADER",
     b"CRED": "CREDENTIALS",
@@ -79,6 +85,11 @@ SECTION_NAMES = {
     b"THRD": "THREAD",
     b"SIGS": "SIGNALS",
     b"FDS_": "FILES",
+    b"TTYO": "TERMINAL_OBJECT",
+    b"EPOL": "EPOLL_OBJECT",
+    b"EVFD": "EVENTFD_OBJECT",
+    b"INET": "INET_SOCKET",
+    b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
     b"END_": "END",
 }
@@ -257,15 +268,30 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         for s in layout
         if s.contents is ContentsKind.STORED
     }
-    sockets = SocketInfo(
-        family=2,
-        type=1,
-        protocol=6,
-        state=1,
-        local_address="127.0.0.1:6379",
-        remote_address="127.0.0.1:51000",
+    objects = (
+        TerminalObject(id=1, state=TERMINAL),
+        InetSocket(
+            id=2,
+            family=2,
+            type=1,
+            protocol=6,
+            state=1,
+            local_address="127.0.0.1:6379",
+            remote_address="127.0.0.1:51000",
+        ),
+        EpollObject(
+            id=3,
+            targets=(
+                EpollTarget(tfd=3, events=0x80000001, data=3),
+                EpollTarget(tfd=9, events=1, data=2**64 - 1),
+            ),
+        ),
+        EventfdObject(id=4, count=7, semaphore=True),
+        ObjectData(id=4, offset=0, data=rng.randbytes(100)),  # data of no real eventfd: a test
+        ObjectData(id=4, offset=4096, data=b"after a hole"),
     )
     files = Files(
+        objects=len(objects),
         descriptors=tuple(
             FileDescriptor(
                 fd=fd,
@@ -277,19 +303,20 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 dev=0x801,
                 ino=1000 + fd,
                 path=path,
-                socket=socket,
-                terminal=TERMINAL if kind is FdKind.TTY else None,
+                description_id=description,
+                object_id=object_id,
             )
-            for fd, kind, path, flags, pos, mode, socket in [
-                (0, FdKind.TTY, "/dev/pts/3", 0o2, 0, 0o20620, None),
-                (1, FdKind.PIPE, "pipe:[4021]", 0o1, 0, 0o10600, None),
-                (2, FdKind.REGULAR, "/var/log/server.log", 0o102001, 123456, 0o100644, None),
-                (3, FdKind.SOCKET, "socket:[7781]", 0o2, 0, 0o140777, sockets),
-                (4, FdKind.EPOLL, "anon_inode:[eventpoll]", 0o2000002, 0, 0o600, None),
-                (5, FdKind.DIRECTORY, "/srv/data \udcff", 0o200000, 0, 0o40755, None),
-                (9, FdKind.EVENTFD, "anon_inode:[eventfd]", 0o2, 0, 0o600, None),
+            for fd, kind, path, flags, pos, mode, description, object_id in [
+                (0, FdKind.TTY, "/dev/pts/3", 0o2, 0, 0o20620, 1, 1),
+                (1, FdKind.PIPE, "pipe:[4021]", 0o1, 0, 0o10600, 2, 0),
+                (2, FdKind.REGULAR, "/var/log/server.log", 0o102001, 123456, 0o100644, 3, 0),
+                (3, FdKind.SOCKET, "socket:[7781]", 0o2, 0, 0o140777, 4, 2),
+                (4, FdKind.EPOLL, "anon_inode:[eventpoll]", 0o2000002, 0, 0o600, 5, 3),
+                (5, FdKind.DIRECTORY, "/srv/data \udcff", 0o200000, 0, 0o40755, 6, 0),
+                (6, FdKind.REGULAR, "/var/log/server.log", 0o102001, 123456, 0o100644, 3, 0),
+                (9, FdKind.EVENTFD, "anon_inode:[eventfd]", 0o2, 0, 0o600, 7, 4),
             ]
-        )
+        ),
     )
     before_pages: list[Record] = [
         ImageHeader(
@@ -351,6 +378,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         ),
         Segments(segments=tuple(layout)),
         files,
+        *objects,
     ]
     after_pages: list[Record] = [
         thread(rng, 4242, "server"),
@@ -438,11 +466,12 @@ def test_end_totals_describe_the_image() -> None:
 
 def minimal_writer(out: io.BytesIO, segments: tuple[Segment, ...]) -> ImageWriter:
     writer = ImageWriter(out)
-    *up_to_segments, _, files = BUILT.before_pages
-    for record in up_to_segments:
+    at = BUILT.before_pages.index(the(Segments))
+    for record in BUILT.before_pages[:at]:
         writer.write(record)
     writer.write(Segments(segments=segments))
-    writer.write(files)
+    for record in BUILT.before_pages[at + 1 :]:
+        writer.write(record)  # FILES and its objects
     return writer
 
 
@@ -535,7 +564,9 @@ def test_a_flipped_bit_in_any_section_names_that_section() -> None:
             damaged[section.offset + position] ^= 0x10
             with pytest.raises(ImageError) as caught:
                 read_all(bytes(damaged))
-            assert section.name in str(caught.value), (section.name, position, caught.value)
+            # A damaged object section's tag is no tag: the message says an OBJECT was due.
+            named = "OBJECT" if section.tag in OBJECT_TAGS and position == 0 else section.name
+            assert named in str(caught.value), (section.name, position, caught.value)
 
 
 def test_sections_out_of_order_are_refused() -> None:
@@ -559,8 +590,8 @@ def test_foreign_files_are_refused() -> None:
     for foreign in (elf_head, os.urandom(5000), b"", b"hello world\n", b"CRX\0\1\0\0\0"):
         with pytest.raises(ImageError, match="not a CRF image"):
             read_all(foreign)
-    with pytest.raises(ImageError, match="unsupported CRF version 3"):
-        read_all(b"CRF\0\3\0\0\0" + BUILT.image[8:])
+    with pytest.raises(ImageError, match="unsupported CRF version 4"):
+        read_all(b"CRF\0\4\0\0\0" + BUILT.image[8:])
 
 
 def test_trailing_data_is_refused_unless_the_image_is_embedded() -> None:
@@ -581,7 +612,7 @@ def test_absurd_lengths_are_refused_without_allocating_them() -> None:
     huge_list = payload[:argv_count_at] + b"\xff\xff\xff\x7f" + payload[argv_count_at + 4 :]
     first_pages = next(s.offset for s in sections(BUILT.image) if s.tag == b"PAGE")
     cases = {
-        "section length": b"CRF\0\2\0\0\0HEAD\xff\xff\xff\xff",
+        "section length": b"CRF\0\3\0\0\0HEAD\xff\xff\xff\xff",
         "pages length": BUILT.image[:first_pages] + b"PAGE\xff\xff\xff\x00",
         "string length": replace_section(BUILT.image, header, frame(b"HEAD", huge_string)),
         "list count": replace_section(BUILT.image, header, frame(b"HEAD", huge_list)),
@@ -597,10 +628,10 @@ def test_absurd_lengths_are_refused_without_allocating_them() -> None:
 
 def test_non_canonical_bytes_are_refused() -> None:
     files = next(s for s in sections(BUILT.image) if s.tag == b"FDS_")
-    # One descriptor: fd kind flags pos | cloexec | mode dev ino eventfd_count path
-    # socket-absent epoll-empty terminal-absent.
-    before = struct.pack("<IIBIq", 1, 7, FdKind.PIPE, 0, 0)
-    after = struct.pack("<IQQQI", 0, 0, 0, 0, 1) + b"p" + b"\x00" + struct.pack("<I", 0) + b"\x00"
+    # FILES counting its 6 objects, one descriptor: fd kind flags pos | cloexec |
+    # mode dev ino description_id object_id path.
+    before = struct.pack("<IIIBIq", 6, 1, 7, FdKind.PIPE, 0, 0)
+    after = struct.pack("<IQQQQI", 0, 0, 0, 1, 0, 1) + b"p"
     for cloexec, problem in ((b"\x02", "boolean byte is 2"), (b"\x01", None)):
         payload = before + cloexec + after
         image = replace_section(BUILT.image, files, frame(b"FDS_", payload))
@@ -682,9 +713,9 @@ INVALID_RECORDS: dict[str, Callable[[], object]] = {
     "no pages": lambda: Pages(address=0x1000, data=b""),
     "63 signal actions": lambda: replace(the(SignalState), actions=the(SignalState).actions[:63]),
     "duplicate fd": lambda: Files(descriptors=the(Files).descriptors[:1] * 2),
-    "socket on a tty": lambda: replace(
-        the(Files).descriptors[0], socket=the(Files).descriptors[3].socket
-    ),
+    "no description": lambda: replace(the(Files).descriptors[0], description_id=0),
+    "object id 0": lambda: TerminalObject(id=0, state=TERMINAL),
+    "empty object data": lambda: ObjectData(id=1, offset=0, data=b""),
     "overlapping segments": lambda: Segments(segments=the(Segments).segments[:1] * 2),
     "umask": lambda: replace(the(Credentials), umask=0o1777),
 }
@@ -828,6 +859,7 @@ def test_summary_and_its_json() -> None:
         "threads",
         "memory",
         "descriptors",
+        "objects",
         "pages",
     }
     assert document["image_bytes"] == len(BUILT.image)
@@ -856,14 +888,29 @@ def test_summary_and_its_json() -> None:
     assert isinstance(descriptors, list)
     socket = next(d for d in descriptors if isinstance(d, dict) and d["kind"] == "SOCKET")
     assert isinstance(socket, dict)
-    assert socket["socket"] == {
+    assert (socket["description_id"], socket["object_id"], socket["details"]) == (4, 2, "")
+    objects = document["objects"]
+    assert isinstance(objects, list)
+    assert objects[1] == {
+        "record": "InetSocket",
+        "id": 2,
         "family": 2,
         "type": 1,
         "protocol": 6,
         "state": 1,
         "local_address": "127.0.0.1:6379",
         "remote_address": "127.0.0.1:51000",
+        "data_bytes": 0,
     }
+    assert objects[0]["state"]["c_cc"] == TERMINAL.c_cc.hex()  # type: ignore[index]
+    assert objects[3] == {
+        "record": "EventfdObject",
+        "id": 4,
+        "count": 7,
+        "semaphore": True,
+        "data_bytes": 100 + len("after a hole"),
+    }
+    assert len(objects) == 4  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:
@@ -917,11 +964,12 @@ def test_spec_tables_match_the_records() -> None:
         and value.__module__ == records_module.__name__
         and (is_dataclass(value) or issubclass(value, enum.Enum))
     }
-    assert declared - documented == {"Pages"}  # PAGES has its own table: data is unframed
+    # PAGES and OBJECT_DATA have their own tables: their data is unframed.
+    assert declared - documented == {"Pages", "ObjectData"}
 
 
 def test_spec_section_table_matches_the_codec() -> None:
-    rows = re.findall(r"^\| ([A-Z]+) \| `(.{4})` \|", SPEC, re.M)
+    rows = re.findall(r"^\| ([A-Z_]+) \| `(.{4})` \|", SPEC, re.M)
     assert rows == [(kind.name, kind.value.decode()) for kind in SectionKind]
 
 
@@ -936,8 +984,8 @@ def test_spec_json_example_has_the_keys_of_summary_to_json() -> None:
             return [shape(value[0])] if value else []
         return type(value).__name__
 
-    socket_row = next(d for d in actual["descriptors"] if d["socket"])
-    actual["descriptors"] = [socket_row]
+    actual["descriptors"] = [d for d in actual["descriptors"] if d["kind"] == "SOCKET"]
+    actual["objects"] = [o for o in actual["objects"] if o["record"] == "InetSocket"]
     assert shape(example) == shape(actual)
 
 
@@ -1012,58 +1060,60 @@ def test_a_final_image_holds_pages_of_precopied_segments_but_not_of_none() -> No
 # --- terminals ------------------------------------------------------------------------
 
 
-def test_a_terminal_state_round_trips_in_its_documented_layout() -> None:
-    descriptor = FileDescriptor(
-        fd=0,
-        kind=FdKind.TTY,
-        flags=2,
-        pos=0,
-        cloexec=False,
-        mode=0o20620,
-        dev=5,
-        ino=3,
-        path="/dev/pts/3",
-        terminal=TERMINAL,
-    )
-    files = Files(descriptors=(descriptor,))
+def test_a_terminal_object_round_trips_in_its_documented_layout() -> None:
+    terminal = TerminalObject(id=7, state=TERMINAL)
     out = bytearray()
-    struct_codec(Files).encode(files, out)
-    # The TerminalState closes the record: optional marker 1, then 4 u32, u8, 19 bytes,
-    # 4 u16, bool.
-    tail = struct.pack(
-        "<B4IB19s4H?", 1, 0o2400, 0o5, 0o277, 0o105073, 0, TERMINAL.c_cc, 33, 97, 0, 0, True
+    struct_codec(TerminalObject).encode(terminal, out)
+    # id, then the TerminalState: 4 u32, u8, 19 bytes, 4 u16, bool.
+    assert bytes(out) == struct.pack(
+        "<Q4IB19s4H?", 7, 0o2400, 0o5, 0o277, 0o105073, 0, TERMINAL.c_cc, 33, 97, 0, 0, True
     )
-    assert bytes(out).endswith(tail)
-    assert struct_codec(Files).decode(Cursor(bytes(out))) == files
-    without = FileDescriptor(
-        fd=0,
-        kind=FdKind.TTY,
-        flags=2,
-        pos=0,
-        cloexec=False,
-        mode=0o20620,
-        dev=5,
-        ino=3,
-        path="/dev/pts/3",
-    )
-    plain = bytearray()
-    struct_codec(Files).encode(Files(descriptors=(without,)), plain)
-    assert bytes(plain) == bytes(out)[: -len(tail)] + b"\0"  # absent: one zero byte
-
-
-def test_a_terminal_state_only_on_a_terminal() -> None:
-    with pytest.raises(ImageError, match="TerminalState on a PIPE"):
-        FileDescriptor(
-            fd=1,
-            kind=FdKind.PIPE,
-            flags=1,
-            pos=0,
-            cloexec=False,
-            mode=0o10600,
-            dev=5,
-            ino=4,
-            path="pipe:[4]",
-            terminal=TERMINAL,
-        )
+    assert struct_codec(TerminalObject).decode(Cursor(bytes(out))) == terminal
     with pytest.raises(ImageError):
         struct_codec(TerminalState).encode(replace(TERMINAL, c_cc=b"short"), bytearray())
+
+
+def test_object_data_is_laid_out_like_pages() -> None:
+    found = [s for s in sections(BUILT.image) if s.tag == b"ODAT"]
+    assert [s.payload[:16] for s in found] == [
+        struct.pack("<QQ", 4, 0),
+        struct.pack("<QQ", 4, 4096),
+    ]
+    assert found[1].payload[16:] == b"after a hole"
+
+
+def image_with_objects(objects: list[Record], count: int | None = None) -> bytes:
+    """BUILT up to FILES (counting `count` object sections), `objects`, then a THREAD."""
+    files = replace(the(Files), objects=len(objects) if count is None else count)
+    out = io.BytesIO()
+    writer = ImageWriter(out)
+    head = BUILT.before_pages[: BUILT.before_pages.index(the(Files))]
+    for record in (*head, files, *objects, the(Thread)):
+        writer.write(record)
+    return out.getvalue()
+
+
+def test_object_sections_are_checked_against_files() -> None:
+    every = [r for r in BUILT.before_pages if isinstance(r, records_module.ObjectRecord)]
+    terminal, inet = every[0], every[1]
+    eventfd = EventfdObject(id=4, count=0, semaphore=False)
+    cases: dict[str, list[Record]] = {
+        "more object sections than the 1 FILES counts": [terminal, inet],
+        "object 1 appears twice": [terminal, terminal],
+        "data of object 4, which no object record before it has": [
+            ObjectData(id=4, offset=0, data=b"x")
+        ],
+        "FILES counts 3 object sections, 2 follow": [terminal, inet],
+        "descriptors refer to object 3, which is not in the image": [terminal, inet, eventfd],
+        "data of object 4 at offset 12 overlaps or precedes the data before it": [
+            eventfd,
+            ObjectData(id=4, offset=10, data=b"abc"),
+            ObjectData(id=4, offset=12, data=b"abc"),
+        ],
+    }
+    counts = {"more object": 1, "FILES counts 3": 3}
+    for message, objects in cases.items():
+        count = next((n for start, n in counts.items() if message.startswith(start)), None)
+        with pytest.raises(ImageError, match=message):
+            image_with_objects(objects, count)
+    assert image_with_objects(every)  # the objects FILES counts, each once: accepted

@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 from rich.console import Console
 
+from hijack import objects
 from hijack.cli import render
 from hijack.errors import HijackError
 from hijack.image.codec import read_image
@@ -79,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     dump.add_argument(
         "--kill", action="store_true", help="end the process once the image is complete"
+    )
+    dump.add_argument(
+        "--skip-unsupported",
+        action="store_true",
+        help="with --kill: kill it even though its restore must drop descriptors it cannot rebuild",
     )
     dump.add_argument("--no-binary", action="store_true", help="map the executable from its file")
     dump.add_argument(
@@ -191,6 +197,8 @@ def command_dump(args: argparse.Namespace, console: Console) -> int:
             "no_binary": args.no_binary,
             "no_shared_libs": args.no_shared_libs,
             "before_kill": hand_over,
+            # The shadow keeps the descriptors; or the user accepts losing them.
+            "check_descriptors": holder is None and not args.skip_unsupported,
         }
         try:
             if args.output == "-":
@@ -220,7 +228,7 @@ def command_restore(args: argparse.Namespace, console: Console) -> int:
 
 def command_show(args: argparse.Namespace, console: Console) -> int:
     with open_image(args.image) as stream:
-        summary = summarize(read_image(stream))
+        summary = summarize(read_image(stream), describe=objects.describe)
     render.image_summary(console, summary, as_json=args.json)
     return EXIT_OK
 

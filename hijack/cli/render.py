@@ -127,14 +127,14 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
         )
     console.print(memory)
 
-    files = Table("fd", "kind", "path", "flags", "pos", title="descriptors")
-    for descriptor in summary.descriptors:
+    files = Table("fd", "kind", "flags", title="descriptors")
+    files.add_column("details", overflow="fold", min_width=20)
+    for descriptor, details in zip(summary.descriptors, summary.details, strict=True):
         files.add_row(
             str(descriptor.fd),
             descriptor.kind.name.lower(),
-            escape(descriptor.path),
             f"{descriptor.flags:#o}",
-            str(descriptor.pos),
+            escape(details),
         )
     console.print(files)
 

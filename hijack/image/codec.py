@@ -1,7 +1,8 @@
 """Writing and reading CRF images as a stream of checksummed sections.
 
-    IMAGE     ::= SIGNATURE HEADER CREDENTIALS RLIMITS MM SEGMENTS FILES { PAGES }
-                  THREAD { THREAD } SIGNALS CWD END
+    IMAGE     ::= SIGNATURE HEADER CREDENTIALS RLIMITS MM SEGMENTS FILES { OBJECT }
+                  { PAGES } THREAD { THREAD } SIGNALS CWD END
+    OBJECT    ::= an object record or OBJECT_DATA (as many as FILES counts)
     ROUND     ::= SIGNATURE ROUND SEGMENTS { PAGES } END     (a move's pre-copy round)
     SIGNATURE ::= "CRF\\0" VERSION:u32
     section   ::= TAG:4 LENGTH:u32 PAYLOAD:LENGTH CRC:u32
@@ -46,26 +47,32 @@ from typing import Any, BinaryIO, Protocol
 from hijack.errors import ImageError
 from hijack.image.fields import Cursor, struct_codec
 from hijack.image.records import (
+    MAX_OBJECT_DATA,
     MAX_PAGES_DATA,
     PAGE_SIZE,
     ContentsKind,
     Credentials,
     Cwd,
     End,
+    EpollObject,
+    EventfdObject,
     Files,
     ImageHeader,
+    InetSocket,
     MemoryStructure,
+    ObjectData,
     Pages,
     Record,
     Rlimits,
     Round,
     Segments,
     SignalState,
+    TerminalObject,
     Thread,
 )
 
 MAGIC = b"CRF\0"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MAX_METADATA = 16 * 1024 * 1024  # payload limit of every section but PAGES
 
 BytesLike = bytes | bytearray | memoryview
@@ -74,6 +81,7 @@ _SIGNATURE = struct.Struct("<4sI")
 _SECTION_HEAD = struct.Struct("<4sI")
 _CRC = struct.Struct("<I")
 _ADDRESS = struct.Struct("<Q")
+_ID_OFFSET = struct.Struct("<QQ")
 _ZERO_PAGE = bytes(PAGE_SIZE)
 # Zero detection scans a copy of this many bytes at a time: bytes.startswith is
 # a memcmp, while comparing memoryviews goes element by element (5x slower).
@@ -93,6 +101,11 @@ class SectionKind(enum.Enum):
     THREAD = b"THRD"
     SIGNALS = b"SIGS"
     FILES = b"FDS_"
+    TERMINAL_OBJECT = b"TTYO"
+    EPOLL_OBJECT = b"EPOL"
+    EVENTFD_OBJECT = b"EVFD"
+    INET_SOCKET = b"INET"
+    OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
     END = b"END_"
 
@@ -100,6 +113,7 @@ class SectionKind(enum.Enum):
 class _SectionCodec(Protocol):
     record_type: type[Any]
     max_payload: int
+    is_object: bool  # one of the object sections after FILES
 
     def head_length(self, length: int) -> int:
         """How many of a payload's `length` bytes are fields; the rest is raw data."""
@@ -114,8 +128,9 @@ class _StructSection:
 
     max_payload = MAX_METADATA
 
-    def __init__(self, record_type: type[Any]) -> None:
+    def __init__(self, record_type: type[Any], *, is_object: bool = False) -> None:
         self.record_type = record_type
+        self.is_object = is_object
         self._codec = struct_codec(record_type)
 
     def head_length(self, length: int) -> int:
@@ -139,6 +154,7 @@ class _PagesSection:
 
     record_type = Pages
     max_payload = _ADDRESS.size + MAX_PAGES_DATA
+    is_object = False
 
     def head_length(self, length: int) -> int:
         return min(length, _ADDRESS.size)
@@ -156,6 +172,26 @@ class _PagesSection:
         return Pages(address=address, data=tail)
 
 
+class _ObjectDataSection:
+    """id:u64 offset:u64 then the data to the end of the payload, as PAGES."""
+
+    record_type = ObjectData
+    max_payload = _ID_OFFSET.size + MAX_OBJECT_DATA
+    is_object = True
+
+    def head_length(self, length: int) -> int:
+        return min(length, _ID_OFFSET.size)
+
+    def encode(self, record: ObjectData) -> list[BytesLike]:
+        return [_ID_OFFSET.pack(record.id, record.offset), record.data]
+
+    def decode(self, head: bytes, tail: bytes) -> Record:
+        if len(head) < _ID_OFFSET.size:
+            raise ImageError("too short to hold an id and an offset")
+        object_id, offset = _ID_OFFSET.unpack(head)
+        return ObjectData(id=object_id, offset=offset, data=tail)
+
+
 _PAGES = _PagesSection()
 _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.HEADER: _StructSection(ImageHeader),
@@ -168,6 +204,11 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.THREAD: _StructSection(Thread),
     SectionKind.SIGNALS: _StructSection(SignalState),
     SectionKind.FILES: _StructSection(Files),
+    SectionKind.TERMINAL_OBJECT: _StructSection(TerminalObject, is_object=True),
+    SectionKind.EPOLL_OBJECT: _StructSection(EpollObject, is_object=True),
+    SectionKind.EVENTFD_OBJECT: _StructSection(EventfdObject, is_object=True),
+    SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
+    SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
     SectionKind.END: _StructSection(End),
 }
@@ -175,15 +216,26 @@ _KIND_OF: dict[type[Any], SectionKind] = {
     codec.record_type: kind for kind, codec in _SECTIONS.items()
 }
 _KIND_OF_TAG: dict[bytes, SectionKind] = {kind.value: kind for kind in SectionKind}
+OBJECT_SECTIONS = frozenset(kind for kind, codec in _SECTIONS.items() if codec.is_object)
+_OBJECT_RECORDS: tuple[type[Any], ...] = tuple(
+    _SECTIONS[kind].record_type for kind in OBJECT_SECTIONS if kind is not SectionKind.OBJECT_DATA
+)
 # END has fixed-size fields, so its section always takes this many bytes.
 END_SECTION_SIZE = _SECTION_HEAD.size + struct_codec(End).min_size + _CRC.size
 
 
 @dataclass(frozen=True)
 class _Step:
-    kind: SectionKind
+    kind: SectionKind | None  # None: any of the OBJECT_SECTIONS
     least: int  # how many times it must occur
     many: bool  # whether it may repeat
+
+    def admits(self, kind: SectionKind) -> bool:
+        return kind is self.kind or (self.kind is None and kind in OBJECT_SECTIONS)
+
+    @property
+    def name(self) -> str:
+        return "OBJECT" if self.kind is None else self.kind.name
 
 
 _IMAGE_GRAMMAR = (
@@ -193,6 +245,7 @@ _IMAGE_GRAMMAR = (
     _Step(SectionKind.MM, 1, False),
     _Step(SectionKind.SEGMENTS, 1, False),
     _Step(SectionKind.FILES, 1, False),
+    _Step(None, 0, True),
     _Step(SectionKind.PAGES, 0, True),
     _Step(SectionKind.THREAD, 1, True),
     _Step(SectionKind.SIGNALS, 1, False),
@@ -222,17 +275,30 @@ class _ImageChecks:
         self._segment = 0  # index in _stored of the segment pages reached
         self._pages_floor = 0  # pages must start at or above this address
         self._tids: set[int] = set()
+        self._objects_due: int | None = None  # object sections FILES announced
+        self._objects_closed = False  # a section after them came: every check was made
+        self._objects_seen = 0
+        self._object_refs: set[int] = set()  # object ids the descriptors refer to
+        self._data_floor: dict[int, int] = {}  # object id -> where its next ObjectData may start
 
     def expected(self) -> str:
         """The sections that may come next, for messages: "THREAD or SIGNALS"."""
         if self._grammar is None:
             return "HEADER or ROUND"
+        due = self._objects_due
+        if due is not None and not self._objects_closed and self._objects_seen < due:
+            return f"OBJECT ({due - self._objects_seen} more of those FILES counts)"
         kinds: list[str] = []
         step, count = self._step, self._count
         while step < len(self._grammar):
             rule = self._grammar[step]
-            if count == 0 or rule.many:
-                kinds.append(rule.kind.name)
+            objects_done = (
+                rule.kind is None
+                and self._objects_due is not None
+                and self._objects_seen >= self._objects_due
+            )
+            if (count == 0 or rule.many) and not objects_done:
+                kinds.append(rule.name)
             if count < rule.least:
                 break
             step, count = step + 1, 0
@@ -242,10 +308,13 @@ class _ImageChecks:
         """Accept `kind` as the next section, or raise: it is out of place."""
         if self._grammar is None:
             self._grammar = _ROUND_GRAMMAR if kind is SectionKind.ROUND else _IMAGE_GRAMMAR
+        objects_end = self._objects_due is not None and not self._objects_closed
+        if objects_end and kind not in OBJECT_SECTIONS:
+            self._close_objects()
         where = self._step, self._count
         while self._step < len(self._grammar):
             rule = self._grammar[self._step]
-            if rule.kind is kind and (self._count == 0 or rule.many):
+            if rule.admits(kind) and (self._count == 0 or rule.many):
                 self._count += 1
                 if kind is not SectionKind.END:
                     self.records += 1
@@ -269,8 +338,45 @@ class _ImageChecks:
             if record.tid in self._tids:
                 raise ImageError(f"thread {record.tid} appears twice")
             self._tids.add(record.tid)
+        elif isinstance(record, Files):
+            self._objects_due = record.objects
+            self._object_refs = {d.object_id for d in record.descriptors if d.object_id}
+        elif isinstance(record, ObjectData):
+            self._count_object()
+            floor = self._data_floor.get(record.id)
+            if floor is None:
+                raise ImageError(
+                    f"data of object {record.id}, which no object record before it has"
+                )
+            if record.offset < floor:
+                raise ImageError(
+                    f"data of object {record.id} at offset {record.offset} overlaps or precedes"
+                    " the data before it"
+                )
+            self._data_floor[record.id] = record.offset + len(record.data)
+        elif isinstance(record, _OBJECT_RECORDS):
+            self._count_object()
+            if record.id in self._data_floor:
+                raise ImageError(f"object {record.id} appears twice")
+            self._data_floor[record.id] = 0
         elif isinstance(record, End):
             self._check_totals(record, offset)
+
+    def _count_object(self) -> None:
+        self._objects_seen += 1
+        if self._objects_due is None or self._objects_seen > self._objects_due:
+            raise ImageError(f"more object sections than the {self._objects_due} FILES counts")
+
+    def _close_objects(self) -> None:
+        """The object sections have ended: as many as FILES said, every reference resolved."""
+        if self._objects_seen != self._objects_due:
+            raise ImageError(
+                f"FILES counts {self._objects_due} object sections, {self._objects_seen} follow"
+            )
+        missing = sorted(self._object_refs - self._data_floor.keys())
+        if missing:
+            raise ImageError(f"descriptors refer to object {missing[0]}, which is not in the image")
+        self._objects_closed = True
 
     def check_pages(self, address: int, size: int) -> None:
         if address < self._pages_floor:

@@ -54,14 +54,12 @@ def file_identity(open_path: str, recorded_path: str) -> FileIdentity:
     )
 
 
-def check_identity(expected: FileIdentity) -> None:
-    """Refuse, with one clear line, a file that is not the one the image was made with."""
+def identity_change(expected: FileIdentity) -> str | None:
+    """Why the file at the identity's path is not the one the image was made with, or None."""
     try:
         info = os.stat(expected.path)
     except OSError as exc:
-        raise ImageError(
-            f"{expected.path}, mapped by the image, cannot be opened: {exc.strerror}"
-        ) from None
+        return f"{expected.path}, mapped by the image, cannot be opened: {exc.strerror}"
     changes = []
     if info.st_size != expected.size:
         changes.append(f"size {expected.size} -> {info.st_size}")
@@ -70,6 +68,12 @@ def check_identity(expected: FileIdentity) -> None:
     if expected.build_id and read_build_id(expected.path) != expected.build_id:
         changes.append("ELF build-id")
     if changes:
-        raise ImageError(
-            f"{expected.path} changed since the dump ({', '.join(changes)}); refusing to map it"
-        )
+        return f"{expected.path} changed since the dump ({', '.join(changes)}); refusing to map it"
+    return None
+
+
+def check_identity(expected: FileIdentity) -> None:
+    """Refuse, with one clear line, a file that is not the one the image was made with."""
+    change = identity_change(expected)
+    if change is not None:
+        raise ImageError(change)

@@ -359,16 +359,6 @@ class FdKind(enum.IntEnum):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SocketInfo:
-    family: U16  # AF_*
-    type: U16  # SOCK_STREAM, SOCK_DGRAM, ...
-    protocol: U16
-    state: U8  # TCP_* state for inet sockets, SS_* otherwise
-    local_address: str  # "127.0.0.1:8080", "[::1]:22", a unix path, "" if unbound
-    remote_address: str
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
 class EpollTarget:
     """One entry of an epoll interest list: epoll_ctl(EPOLL_CTL_ADD, tfd, {events, data})."""
 
@@ -399,6 +389,8 @@ class TerminalState:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class FileDescriptor:
+    """What every descriptor has; what its kind needs more is in the object it refers to."""
+
     fd: U32
     kind: Annotated[FdKind, UInt(1)]
     flags: U32  # O_* flags from fdinfo (printed in octal there)
@@ -407,29 +399,19 @@ class FileDescriptor:
     mode: U32  # st_mode
     dev: U64  # st_dev
     ino: U64  # st_ino
-    eventfd_count: U64 = 0  # an EVENTFD's counter (fdinfo eventfd-count), else 0
+    # Equal for descriptors sharing one open file description (dup'ed, inherited),
+    # as kcmp(KCMP_FILE) found them: restored as one description.
+    description_id: U64
+    object_id: U64 = 0  # the object record (its id) this descriptor reaches; 0 for none
     path: str  # the /proc/PID/fd/N link target, e.g. "pipe:[1234]"
-    socket: SocketInfo | None = None  # only for SOCKET descriptors
-    epoll: tuple[EpollTarget, ...] = ()  # an EPOLL's interest list (fdinfo tfd lines)
-    terminal: TerminalState | None = None  # a TTY's settings and window size
 
     def __post_init__(self) -> None:
-        _require(
-            self.socket is None or self.kind is FdKind.SOCKET,
-            f"FileDescriptor {self.fd}: SocketInfo on a {self.kind.name} descriptor",
-        )
-        _require(
-            not self.epoll or self.kind is FdKind.EPOLL,
-            f"FileDescriptor {self.fd}: an interest list on a {self.kind.name} descriptor",
-        )
-        _require(
-            self.terminal is None or self.kind is FdKind.TTY,
-            f"FileDescriptor {self.fd}: a TerminalState on a {self.kind.name} descriptor",
-        )
+        _require(self.description_id > 0, f"FileDescriptor {self.fd}: description_id 0")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Files:
+    objects: U32 = 0  # object sections (object records and OBJECT_DATA) following FILES
     descriptors: tuple[FileDescriptor, ...]
 
     def __post_init__(self) -> None:
@@ -438,6 +420,86 @@ class Files:
             numbers == sorted(set(numbers)),
             "Files: descriptors must be unique and in ascending order",
         )
+
+
+# -- object records: one per kernel object, referenced by FileDescriptor.object_id ------
+# Each has `id` (u64, > 0, unique in the image) as its first field.
+
+
+def _check_object_id(record: ObjectRecord) -> None:
+    _require(record.id > 0, f"{type(record).__name__}: id 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TerminalObject:
+    """A terminal the process holds: its settings and window size."""
+
+    id: U64
+    state: TerminalState
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EpollObject:
+    """An epoll instance and its interest list (fdinfo tfd lines)."""
+
+    id: U64
+    targets: tuple[EpollTarget, ...]
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EventfdObject:
+    id: U64
+    count: U64  # fdinfo eventfd-count
+    semaphore: bool  # EFD_SEMAPHORE (fdinfo eventfd-semaphore)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InetSocket:
+    """A TCP or UDP socket as /proc/net tells of it."""
+
+    id: U64
+    family: U16  # AF_INET or AF_INET6
+    type: U16  # SOCK_STREAM, SOCK_DGRAM
+    protocol: U16
+    state: U8  # the kernel's TCP_* state number
+    local_address: str  # "127.0.0.1:8080", "[::1]:22"
+    remote_address: str
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+MAX_OBJECT_DATA = 8 * 1024 * 1024  # bytes of one ObjectData section
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ObjectData:
+    """Bulk bytes of the object `id` (a pipe's buffer, a deleted file's contents), from
+    `offset` on. Laid out as id and offset (u64 each) then the data to the end of the section."""
+
+    id: U64
+    offset: U64
+    data: bytes
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        _require(
+            0 < len(self.data) <= MAX_OBJECT_DATA,
+            f"ObjectData of object {self.id}: {len(self.data)} bytes is not 1 to {MAX_OBJECT_DATA}",
+        )
+
+
+# The records an object section holds; a new kind adds its records here.
+ObjectRecord = TerminalObject | EpollObject | EventfdObject | InetSocket | ObjectData
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -477,6 +539,7 @@ Record = (
     | Thread
     | SignalState
     | Files
+    | ObjectRecord
     | Cwd
     | End
 )

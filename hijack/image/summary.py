@@ -10,11 +10,14 @@ as little memory as reading it.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable
+import dataclasses
+import enum
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from hijack.errors import ImageError
 from hijack.image.codec import END_SECTION_SIZE, FORMAT_VERSION
+from hijack.image.files import ImageFiles
 from hijack.image.records import (
     Credentials,
     Cwd,
@@ -23,15 +26,16 @@ from hijack.image.records import (
     FileDescriptor,
     Files,
     ImageHeader,
+    ObjectData,
+    ObjectRecord,
     Pages,
     Record,
     Segment,
     Segments,
-    SocketInfo,
     Thread,
 )
 
-SUMMARY_VERSION = 1  # bumped when a key of summary_to_json changes meaning or goes away
+SUMMARY_VERSION = 2  # bumped when a key of summary_to_json changes meaning or goes away
 
 JsonValue = None | bool | int | str | list["JsonValue"] | dict[str, "JsonValue"]
 
@@ -93,12 +97,24 @@ class ImageSummary:
     process: ProcessSummary
     threads: tuple[ThreadSummary, ...]
     memory: tuple[MemoryRow, ...]
-    descriptors: tuple[FileDescriptor, ...]
+    files: ImageFiles  # the descriptors and object records (ObjectData left out)
+    object_data: dict[int, int]  # bytes of ObjectData by object id
+    details: tuple[str, ...]  # one line per descriptor, by its kind ("" if not asked)
     pages: PageTotals
 
+    @property
+    def descriptors(self) -> tuple[FileDescriptor, ...]:
+        return self.files.descriptors
 
-def summarize(records: Iterable[Record]) -> ImageSummary:
-    """Fold a complete record stream into a summary; ImageError if a section is missing."""
+
+def summarize(
+    records: Iterable[Record],
+    describe: Callable[[FileDescriptor, ImageFiles], str] | None = None,
+) -> ImageSummary:
+    """Fold a complete record stream into a summary; ImageError if a section is missing.
+
+    `describe` gives each descriptor's line of details (hijack.objects.describe).
+    """
     header: ImageHeader | None = None
     credentials: Credentials | None = None
     cwd: Cwd | None = None
@@ -108,6 +124,8 @@ def summarize(records: Iterable[Record]) -> ImageSummary:
     starts: list[int] = []
     stored_bytes: list[int] = []
     threads: list[ThreadSummary] = []
+    objects: list[ObjectRecord] = []
+    object_data: dict[int, int] = {}
     for record in records:
         if isinstance(record, ImageHeader):
             header = record
@@ -133,12 +151,17 @@ def summarize(records: Iterable[Record]) -> ImageSummary:
             )
         elif isinstance(record, Files):
             files = record
+        elif isinstance(record, ObjectData):
+            object_data[record.id] = object_data.get(record.id, 0) + len(record.data)
+        elif isinstance(record, ObjectRecord):
+            objects.append(record)
         elif isinstance(record, Cwd):
             cwd = record
         elif isinstance(record, End):
             end = record
     if header is None or credentials is None or cwd is None or files is None or end is None:
         raise ImageError("incomplete image: a HEADER, CREDENTIALS, FILES, CWD or END is missing")
+    image_files = ImageFiles(files, tuple(objects))
     return ImageSummary(
         version=FORMAT_VERSION,
         image_bytes=end.image_bytes + END_SECTION_SIZE,
@@ -170,7 +193,12 @@ def summarize(records: Iterable[Record]) -> ImageSummary:
             )
             for segment, stored in zip(segments, stored_bytes, strict=True)
         ),
-        descriptors=files.descriptors,
+        files=image_files,
+        object_data=object_data,
+        details=tuple(
+            describe(descriptor, image_files) if describe is not None else ""
+            for descriptor in files.descriptors
+        ),
         pages=PageTotals(
             stored=end.pages_stored,
             zero=end.pages_zero,
@@ -184,17 +212,24 @@ def _hex(value: int) -> str:
     return f"{value:#x}"
 
 
-def _socket_json(socket: SocketInfo | None) -> JsonValue:
-    if socket is None:
-        return None
-    return {
-        "family": socket.family,
-        "type": socket.type,
-        "protocol": socket.protocol,
-        "state": socket.state,
-        "local_address": socket.local_address,
-        "remote_address": socket.remote_address,
-    }
+def _value_json(value: object) -> JsonValue:
+    """A record's field as JSON: enums by name, bytes in hex, records as objects."""
+    if isinstance(value, enum.Enum):
+        return str(value.name)
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, tuple):
+        return [_value_json(item) for item in value]
+    assert dataclasses.is_dataclass(value) and not isinstance(value, type)
+    return {f.name: _value_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+
+
+def _object_json(record: ObjectRecord, data_bytes: int) -> JsonValue:
+    fields = _value_json(record)
+    assert isinstance(fields, dict)
+    return {"record": type(record).__name__, **fields, "data_bytes": data_bytes}
 
 
 def summary_to_json(summary: ImageSummary) -> dict[str, JsonValue]:
@@ -252,9 +287,15 @@ def summary_to_json(summary: ImageSummary) -> dict[str, JsonValue]:
                 "flags": descriptor.flags,
                 "pos": descriptor.pos,
                 "cloexec": descriptor.cloexec,
-                "socket": _socket_json(descriptor.socket),
+                "description_id": descriptor.description_id,
+                "object_id": descriptor.object_id,
+                "details": details,
             }
-            for descriptor in summary.descriptors
+            for descriptor, details in zip(summary.descriptors, summary.details, strict=True)
+        ],
+        "objects": [
+            _object_json(record, summary.object_data.get(record.id, 0))
+            for record in summary.files.sections
         ],
         "pages": {
             "stored": summary.pages.stored,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import io
 import os
 import signal
@@ -25,12 +26,15 @@ from pathlib import Path
 from stat import S_ISFIFO
 from typing import BinaryIO, Protocol
 
-from hijack.errors import HijackError, ProcessGone
+from hijack import objects
+from hijack.errors import HijackError, ProcessGone, Unsupported
 from hijack.image import records as rec
 from hijack.image.codec import ImageWriter
+from hijack.image.files import ImageFiles
 from hijack.image.identity import file_identity, is_shared_library
 from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, recorded_registers
-from hijack.sys import memory, pidfd, procfs, terminal
+from hijack.restore.plan import ATTACH_HINT, restore_problems
+from hijack.sys import memory, procfs
 from hijack.sys import ptrace as pt
 from hijack.sys.process import get_robust_list
 from hijack.testpoint import reached
@@ -92,6 +96,7 @@ def dump(
     no_shared_libs: bool = False,
     on_complete: Callable[[], None] | None = None,
     before_kill: Callable[[], None] | None = None,
+    check_descriptors: bool = True,
 ) -> DumpResult:
     """Write an image of `pid` to `out`; the process runs on unless `kill`.
 
@@ -99,13 +104,22 @@ def dump(
     process is still stopped (to put the file in place). With `kill`, the
     process is killed only after that, and after `before_kill` (which hands
     its descriptors to its shadow): a failed dump never loses the process.
+    With `kill`, an image a restore would refuse is refused before anything is
+    written (Unsupported), and the process runs on; its descriptors are left
+    out of that check unless `check_descriptors` (its shadow takes them over,
+    or the user chose to drop them).
     """
     widen_if_pipe(out)
     stopped_at = time.perf_counter()
     with Tracee.seize(pid) as tracee:
         reached("dump-seized")
+        check = functools.partial(refuse_unrestorable, pid, check_descriptors)
         end, threads, written = write_image(
-            tracee, out, no_binary=no_binary, no_shared_libs=no_shared_libs
+            tracee,
+            out,
+            no_binary=no_binary,
+            no_shared_libs=no_shared_libs,
+            check=check if kill else None,
         )
         reached("dump-written")
         if on_complete is not None:
@@ -126,11 +140,13 @@ def write_image(
     no_binary: bool = False,
     no_shared_libs: bool = False,
     precopied: Precopied | None = None,
+    check: Callable[[tuple[rec.Segment, ...], ImageFiles], None] | None = None,
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
 
     With `precopied`, the image is the final one of a move after pre-copy
     rounds (docs/crf.md §7a): only what changed since of what they sent.
+    `check(segments, files)` may refuse the image before its first byte is written.
     """
     pid = tracee.pid
     options = rec.DumpOptions(0)
@@ -138,7 +154,6 @@ def write_image(
         options |= rec.DumpOptions.NO_BINARY
     if no_shared_libs:
         options |= rec.DumpOptions.NO_SHARED_LIBS
-    writer = ImageWriter(out)
     maps = procfs.read_maps(pid)
     with scratch_page(tracee) as scratch:
         brk = tracee.checked_syscall("brk", 0)
@@ -146,16 +161,22 @@ def write_image(
         actions = read_signal_actions(tracee, scratch, known)
         threads = [read_thread(tracee, thread, scratch) for thread in _live(tracee)]
     tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
-    writer.write(read_header(pid, options))
-    writer.write(read_credentials(pid))
-    writer.write(read_rlimits(pid))
-    writer.write(read_memory_structure(pid, brk))
     flags = precopied.vm_flags(maps) if precopied is not None else None
     segments = describe_segments(pid, maps, options, flags=flags)
     if precopied is not None:
         segments = precopied.segments(segments)
+    files = objects.read_files(pid)
+    if check is not None:
+        check(tuple(segments), files)
+    writer = ImageWriter(out)
+    writer.write(read_header(pid, options))
+    writer.write(read_credentials(pid))
+    writer.write(read_rlimits(pid))
+    writer.write(read_memory_structure(pid, brk))
     writer.write(rec.Segments(segments=tuple(segments)))
-    writer.write(read_files(pid))
+    writer.write(files.files)
+    for section in files.sections:
+        writer.write(section)
     counts = write_memory(pid, segments, writer, precopied)
     for thread_record in threads:
         writer.write(thread_record)
@@ -171,6 +192,21 @@ def write_image(
     return end, len(threads), writer.bytes_written
 
 
+def refuse_unrestorable(
+    pid: int, check_descriptors: bool, segments: tuple[rec.Segment, ...], files: ImageFiles
+) -> None:
+    """Never kill what cannot come back: refuse what a restore of this image would refuse."""
+    problems = restore_problems(segments, files, held=lambda _: not check_descriptors)
+    reasons = list(problems.mappings)
+    if problems.descriptors:
+        reasons.append(
+            f"a restore could not rebuild {', '.join(r for _, r in problems.descriptors)}"
+            f" ({ATTACH_HINT}; or --skip-unsupported to kill it anyway and drop them)"
+        )
+    if reasons:
+        raise Unsupported(f"not killing process {pid}: {'; '.join(reasons)}")
+
+
 def dump_to_file(
     pid: int,
     path: Path,
@@ -179,6 +215,7 @@ def dump_to_file(
     no_binary: bool = False,
     no_shared_libs: bool = False,
     before_kill: Callable[[], None] | None = None,
+    check_descriptors: bool = True,
 ) -> DumpResult:
     """dump() into `path`, through a temporary file renamed when the image is complete.
 
@@ -205,6 +242,7 @@ def dump_to_file(
                 no_shared_libs=no_shared_libs,
                 on_complete=put_in_place,
                 before_kill=before_kill,
+                check_descriptors=check_descriptors,
             )
     except OSError as exc:
         raise HijackError(f"cannot write image {path}: {exc.strerror or exc}") from None
@@ -534,83 +572,3 @@ def _read_memory(
         memory.read_into(pid, address, view)
     else:
         mem.read_into(address, view)
-
-
-def read_files(pid: int) -> rec.Files:
-    entries = procfs.list_fds(pid)
-    # The socket tables take tens of milliseconds on a busy host: only when needed.
-    needed = any(entry.kind is procfs.FdKind.SOCKET for entry in entries)
-    sockets = procfs.read_socket_table(pid) if needed else {}
-    tty_nr = procfs.read_stat(pid).tty_nr
-    descriptors = []
-    for entry in entries:
-        info = procfs.read_fdinfo(pid, entry.fd)
-        socket_info = None
-        if entry.kind is procfs.FdKind.SOCKET and entry.ino in sockets:
-            found = sockets[entry.ino]
-            socket_info = rec.SocketInfo(
-                family=found.family,
-                type=found.type,
-                protocol=found.protocol,
-                state=found.state_number,
-                local_address=found.local,
-                remote_address=found.remote,
-            )
-        descriptors.append(
-            rec.FileDescriptor(
-                fd=entry.fd,
-                kind=_image_fd_kind(entry.kind),
-                path=entry.target,
-                flags=info.flags,
-                pos=info.pos,
-                cloexec=bool(info.flags & O_CLOEXEC),
-                mode=entry.mode,
-                dev=entry.dev,
-                ino=entry.ino,
-                eventfd_count=info.eventfd_count,
-                socket=socket_info,
-                epoll=tuple(
-                    rec.EpollTarget(tfd=tfd, events=events, data=data)
-                    for tfd, events, data in info.epoll_targets
-                ),
-                terminal=(
-                    read_terminal(pid, entry.fd, tty_nr)
-                    if entry.kind is procfs.FdKind.TTY
-                    else None
-                ),
-            )
-        )
-    return rec.Files(descriptors=tuple(descriptors))
-
-
-def read_terminal(pid: int, fd: int, tty_nr: int) -> rec.TerminalState | None:
-    """The settings and window size of terminal `fd` of `pid`, through a copy of it.
-
-    None if it answers neither (a pty master whose slave is gone, a hung-up line).
-    """
-    copy = pidfd.copy_fd(pid, fd)
-    try:
-        settings = terminal.get_settings(copy)
-        size = terminal.get_window_size(copy)
-        controlling = terminal.controlling_terminal_of(tty_nr, copy)
-    except HijackError:
-        return None
-    finally:
-        os.close(copy)
-    return rec.TerminalState(
-        c_iflag=settings.c_iflag,
-        c_oflag=settings.c_oflag,
-        c_cflag=settings.c_cflag,
-        c_lflag=settings.c_lflag,
-        c_line=settings.c_line,
-        c_cc=settings.c_cc,
-        ws_row=size.ws_row,
-        ws_col=size.ws_col,
-        ws_xpixel=size.ws_xpixel,
-        ws_ypixel=size.ws_ypixel,
-        controlling=controlling,
-    )
-
-
-def _image_fd_kind(kind: procfs.FdKind) -> rec.FdKind:
-    return rec.FdKind[kind.name] if kind.name in rec.FdKind.__members__ else rec.FdKind.ANON_INODE

@@ -59,7 +59,7 @@ from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
 from hijack.shadow import control
 from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
 from hijack.shadow.datagram import parse_address as parse_datagram_address
-from hijack.sys import pidfd, procfs, terminal
+from hijack.sys import kcmp, pidfd, procfs
 from hijack.testpoint import reached
 
 # Reopened by path on the destination (nodes share a file system), or made
@@ -862,7 +862,7 @@ def drain_datagrams(pid: int, plan: list[Proxy]) -> dict[str, list[tuple[str, by
 def _terminal_proxy(pid: int, fd: int, stream: str, plan: list[Proxy]) -> Proxy:
     """Descriptor `fd` of terminal `stream`; descriptors of one open file get one slave."""
     for other in plan:
-        if other.stream == stream and terminal.same_open_file(pid, other.fd, fd):
+        if other.stream == stream and kcmp.same_description(pid, other.fd, fd):
             return Proxy(fd, stream, "terminal", file=other.file)
     return Proxy(fd, stream, "terminal", file=fd)
 

@@ -55,6 +55,27 @@ MADVISE_FOR_FLAG = {
 }
 
 
+def has_backing_file(segment: rec.Segment) -> bool:
+    return segment.path.startswith("/") and segment.inode != 0
+
+
+def needs_backing_file(segment: rec.Segment) -> bool:
+    """Whether a restore cannot do without the segment's file: its pages are not all in the
+    image (FILE, NONE for a shared file mapping), or the mapping is shared with it."""
+    return has_backing_file(segment) and (
+        segment.shared or segment.contents is not rec.ContentsKind.STORED
+    )
+
+
+def backing_file_mode(segment: rec.Segment) -> int:
+    writable_shared = segment.shared and segment.prot & rec.Prot.WRITE
+    return (O_RDWR if writable_shared else O_RDONLY) | O_CLOEXEC
+
+
+def unmappable(segment: rec.Segment) -> str:
+    return f"cannot open {segment.path}, which the process had mapped"
+
+
 def find_hole(occupied: list[tuple[int, int]], size: int) -> int:
     """The lowest address >= LOWEST_HOLE where `size` bytes touch no occupied range."""
     candidate = LOWEST_HOLE
@@ -215,18 +236,16 @@ class AddressSpace:
 
     def _open_backing_file(self, segment: rec.Segment) -> int:
         """A descriptor in the stub for the segment's file, or -1 to map it anonymous."""
-        if not (segment.path.startswith("/") and segment.inode):
+        if not has_backing_file(segment):
             return -1
         self.stub.reset_scratch()
         path = self.stub.put_string(segment.path)
-        writable_shared = segment.shared and segment.prot & rec.Prot.WRITE
-        mode = O_RDWR if writable_shared else O_RDONLY
-        fd = self.stub.try_call("openat", AT_FDCWD, path, mode | O_CLOEXEC, 0)
+        fd = self.stub.try_call("openat", AT_FDCWD, path, backing_file_mode(segment), 0)
         if fd >= 0:
             return fd
-        if segment.contents is rec.ContentsKind.STORED and not segment.shared:
+        if not needs_backing_file(segment):
             return -1  # a deleted or moved file: its pages are in the image anyway
-        raise RestoreError(f"cannot open {segment.path}, which the process had mapped")
+        raise RestoreError(unmappable(segment))
 
     # -- the final layout after pre-copy rounds (docs/crf.md §7a) -----------------
 

@@ -27,16 +27,19 @@ from typing import BinaryIO, TypeVar
 from hijack.errors import HijackError, ImageError, RestoreError, ShadowError
 from hijack.image import records as rec
 from hijack.image.codec import read_image
-from hijack.image.identity import check_identity
+from hijack.image.files import ImageFiles
 from hijack.mutator.tracee import (
     ThreadState,
     TracedThread,
     find_syscall_instruction,
     resume_registers,
 )
+from hijack.objects.base import describe_fd
+from hijack.objects.terminal import set_up_terminals
 from hijack.registry import Registry
-from hijack.restore import files as file_restore
 from hijack.restore.address_space import AddressSpace
+from hijack.restore.files import restore_files
+from hijack.restore.plan import FilePlan, ShadowHoldings, plan_files
 from hijack.restore.precopy import Prebuilt
 from hijack.restore.remote import Stub
 from hijack.shadow import control
@@ -87,7 +90,7 @@ class _Image:
     rlimits: rec.Rlimits
     mm: rec.MemoryStructure
     segments: rec.Segments
-    files: rec.Files
+    files: ImageFiles
     threads: list[rec.Thread] = field(default_factory=list)
     signals: rec.SignalState | None = None
     cwd: rec.Cwd | None = None
@@ -125,20 +128,19 @@ def restore(
         rlimits=_expect(records, rec.Rlimits),
         mm=_expect(records, rec.MemoryStructure),
         segments=_expect(records, rec.Segments),
-        files=_expect(records, rec.Files),
+        files=_expect_files(records),
     )
     if admit is not None:
         admit(image.header, image.credentials, image.segments)
     for segment in image.segments.segments:
-        if segment.file is not None:
-            check_identity(segment.file)
         if segment.contents is rec.ContentsKind.PRECOPIED and prebuilt is None:
             raise ImageError(
                 f"segment {segment.start:#x}-{segment.end:#x} is PRECOPIED: the image is the"
                 " last part of a move with pre-copy and cannot be restored alone"
             )
     holdings = shadow_holdings(registry, image.header.pid) if registry and not provided else None
-    plan = file_restore.plan_files(
+    plan = plan_files(
+        image.segments.segments,
         image.files,
         skip_unsupported=skip_unsupported,
         holdings=holdings,
@@ -178,14 +180,14 @@ def restore(
         old_pid=image.header.pid,
         program=image.header.comm,
         threads=len(image.threads),
-        dropped=tuple(file_restore.describe(d) for d in plan.dropped),
+        dropped=tuple(describe_fd(d) for d in plan.dropped),
     )
 
 
 def _restore_prebuilt(
     records: Iterator[rec.Record],
     image: _Image,
-    plan: file_restore.FilePlan,
+    plan: FilePlan,
     prebuilt: Prebuilt,
     provided: dict[int, int],
     before_start: Callable[[int], None] | None,
@@ -213,11 +215,11 @@ def _restore_prebuilt(
         old_pid=image.header.pid,
         program=image.header.comm,
         threads=len(image.threads),
-        dropped=tuple(file_restore.describe(d) for d in plan.dropped),
+        dropped=tuple(describe_fd(d) for d in plan.dropped),
     )
 
 
-def shadow_holdings(registry: Registry, old_pid: int) -> file_restore.ShadowHoldings | None:
+def shadow_holdings(registry: Registry, old_pid: int) -> ShadowHoldings | None:
     """What the shadow of checkpointed process `old_pid` keeps, if it has one here."""
     record = registry.find(old_pid)
     if record is None or record.state != "checkpointed" or not record.shadow_control:
@@ -228,7 +230,7 @@ def shadow_holdings(registry: Registry, old_pid: int) -> file_restore.ShadowHold
         return None  # the shadow is gone: what it held is gone with it
     if status.get("mode") != "holding" or record.shadow_pid is None:
         return None
-    return file_restore.ShadowHoldings(
+    return ShadowHoldings(
         shadow_pid=record.shadow_pid,
         control=record.shadow_control,
         own_fd={int(fd["fd"]): int(fd["own_fd"]) for fd in status["fds"]},
@@ -236,9 +238,7 @@ def shadow_holdings(registry: Registry, old_pid: int) -> file_restore.ShadowHold
     )
 
 
-def _take_from_shadow(
-    holdings: file_restore.ShadowHoldings, plan: file_restore.FilePlan
-) -> dict[int, int]:
+def _take_from_shadow(holdings: ShadowHoldings, plan: FilePlan) -> dict[int, int]:
     """Copies, in this process and inheritable by the stub, of what the shadow keeps."""
     handle = pidfd.pidfd_open(holdings.shadow_pid)
     taken: dict[int, int] = {}
@@ -260,7 +260,7 @@ def _record(
     registry: Registry,
     header: rec.ImageHeader,
     pid: int,
-    holdings: file_restore.ShadowHoldings | None,
+    holdings: ShadowHoldings | None,
 ) -> None:
     if holdings is None:
         registry.record_restored(pid, header.comm)
@@ -277,6 +277,13 @@ def _expect(records: Iterator[rec.Record], kind: type[R]) -> R:
     if not isinstance(record, kind):
         raise ImageError(f"expected {kind.__name__}, found {type(record).__name__}")
     return record
+
+
+def _expect_files(records: Iterator[rec.Record]) -> ImageFiles:
+    """FILES and the object sections it counts (read_image checked their number)."""
+    files = _expect(records, rec.Files)
+    sections = [next(records) for _ in range(files.objects)]
+    return ImageFiles(files, tuple(s for s in sections if isinstance(s, rec.ObjectRecord)))
 
 
 def _consume_rest(records: Iterator[rec.Record], image: _Image, space: AddressSpace) -> None:
@@ -304,14 +311,14 @@ def _finish(
     stub: Stub,
     space: AddressSpace,
     image: _Image,
-    plan: file_restore.FilePlan,
+    plan: FilePlan,
     inherited: dict[int, int],
     provided: frozenset[int],
 ) -> None:
     assert image.signals is not None and image.cwd is not None
     leader = _leader_record(image)
-    file_restore.restore_files(stub, plan, inherited)
-    controlling = file_restore.set_up_terminals(stub, plan, provided)
+    restore_files(stub, plan, image.files, inherited)
+    controlling = set_up_terminals(stub, image.files, provided)
     _set_mm_map(stub, image.mm)
     _set_signal_actions(stub, image.signals)
     _set_rlimits(stub, image.rlimits)

@@ -709,6 +709,11 @@ def _state_name(names: tuple[str, ...], number: int) -> str:
     return names[number] if 0 < number < len(names) else f"UNKNOWN({number})"
 
 
+def tcp_state_name(number: int) -> str:
+    """The name of the kernel's TCP_* state `number`, as /proc/net/tcp's state column."""
+    return _state_name(_TCP_STATES, number)
+
+
 def _inet_address(text: str) -> str:
     host_hex, _, port_hex = text.partition(":")
     raw = bytes.fromhex(host_hex)

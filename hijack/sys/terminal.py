@@ -14,7 +14,6 @@ import termios
 from dataclasses import dataclass
 
 from hijack.sys.errors import kernel_call
-from hijack.sys.libc import raw_syscall
 
 TCGETS, TCSETS = 0x5401, 0x5402
 TIOCSCTTY = 0x540E
@@ -22,7 +21,6 @@ TIOCGPTN, TIOCSPTLCK = 0x80045430, 0x40045431
 NCCS = 19  # the kernel's struct termios (glibc's has 32, with speeds after)
 TERMIOS = struct.Struct(f"<4IB{NCCS}s")  # c_iflag c_oflag c_cflag c_lflag c_line c_cc
 WINSIZE = struct.Struct("<4H")  # ws_row ws_col ws_xpixel ws_ypixel
-KCMP_FILE = 0
 
 
 @dataclass(frozen=True)
@@ -123,8 +121,3 @@ def open_pseudo_terminal() -> tuple[int, str]:
             os.close(master)
             raise
     return master, f"/dev/pts/{number}"
-
-
-def same_open_file(pid: int, fd: int, other: int) -> bool:
-    """Whether descriptors `fd` and `other` of `pid` share one open file (kcmp KCMP_FILE)."""
-    return raw_syscall("kcmp", pid, pid, KCMP_FILE, fd, other, pid=pid) == 0

@@ -170,6 +170,17 @@ def raw_length(sig: bytes, sections: list[Section], tag: bytes, length: int) -> 
     return before + HEAD.pack(tag, length) + encoded[HEAD.size :] + join(b"", sections[index + 1 :])
 
 
+def with_objects(sections: list[Section], count: int, objects: list[Section]) -> list[Section]:
+    """FILES announcing `count` object sections, followed by `objects`."""
+    at = first(sections, b"FDS_")
+    files = (b"FDS_", struct.pack("<I", count) + sections[at][1][4:])
+    return [*sections[:at], files, *objects, *sections[at + 1 :]]
+
+
+def eventfd(object_id: int) -> Section:
+    return (b"EVFD", struct.pack("<QQ?", object_id, 3, False))
+
+
 def pages_field(sections: list[Section], offset: int, data: bytes) -> list[Section]:
     return patched(sections, b"PAGE", offset, data)
 
@@ -179,6 +190,9 @@ COMM_LENGTH = 28
 # Credentials: 8 u32 ids, 5 u64 capability sets, then umask (u32) and no_new_privs (bool).
 UMASK = 8 * 4 + 5 * 8
 END_RECORDS = 0  # End: records (u64) first
+# Files: objects (u32), the descriptor count (u32), then the first FileDescriptor: fd u32,
+# kind u8, flags u32, pos i64, cloexec bool, mode u32, dev ino description_id u64, object_id.
+FIRST_OBJECT_ID = 4 + 4 + 4 + 1 + 4 + 8 + 1 + 4 + 3 * 8
 
 MUTATIONS: dict[str, Mutation] = {
     "empty": lambda sig, s: b"",
@@ -255,6 +269,20 @@ MUTATIONS: dict[str, Mutation] = {
     ),
     "end-bytes-wrong": lambda sig, s: join(sig, patched(s, b"END_", 8, struct.pack("<Q", 0))),
     "random-garbage": lambda sig, s: bytes((i * 7919 + 13) % 251 for i in range(5000)),
+    "object-not-counted": lambda sig, s: join(sig, with_objects(s, 0, [eventfd(1)])),
+    "objects-missing": lambda sig, s: join(sig, with_objects(s, 1, [])),
+    "object-twice": lambda sig, s: join(sig, with_objects(s, 2, [eventfd(1), eventfd(1)])),
+    "object-id-zero": lambda sig, s: join(sig, with_objects(s, 1, [eventfd(0)])),
+    "object-data-before-its-object": lambda sig, s: join(
+        sig, with_objects(s, 2, [(b"ODAT", struct.pack("<QQ", 1, 0) + b"x"), eventfd(1)])
+    ),
+    "object-data-empty": lambda sig, s: join(
+        sig, with_objects(s, 2, [eventfd(1), (b"ODAT", struct.pack("<QQ", 1, 0))])
+    ),
+    "descriptor-object-missing": lambda sig, s: join(
+        sig,
+        patched(with_objects(s, 1, [eventfd(1)]), b"FDS_", FIRST_OBJECT_ID, struct.pack("<Q", 7)),
+    ),
 }
 
 

@@ -1,0 +1,123 @@
+"""Descriptors and the kernel objects behind them, one module per kind, in one table.
+
+    KINDS                     every kind, most specific first: the first whose
+                              claims() is true dumps a descriptor
+    kind_for(entry, dump)     the kind that dumps a live descriptor
+    kind_of(descriptor, image)  the kind that restores, refuses, describes an image's
+                              descriptor: the owner of its object record's type, or
+                              (no object) the first kind listing its FdKind in fd_kinds
+    kind_named(name)
+    read_files(pid)           FILES and the object sections of a stopped process
+    refusals(image, held)     why a restore could not rebuild each descriptor
+    describe(descriptor, image)  "kind: details", for `hijack show`
+
+The base protocol and the contexts a kind is given are in hijack.objects.base.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from hijack.errors import ImageError
+from hijack.image import records as rec
+from hijack.image.files import ImageFiles
+from hijack.objects.base import O_CLOEXEC, DumpContext, Kind
+from hijack.objects.device import Device
+from hijack.objects.epoll import Epoll
+from hijack.objects.eventfd import Eventfd
+from hijack.objects.fifo import Fifo
+from hijack.objects.inet import Inet
+from hijack.objects.other import Other
+from hijack.objects.regular import Regular
+from hijack.objects.terminal import Terminal
+from hijack.sys import kcmp, procfs
+
+KINDS: tuple[Kind, ...] = (
+    Regular(),
+    Fifo(),
+    Terminal(),
+    Device(),
+    Epoll(),
+    Eventfd(),
+    Inet(),
+    Other(),  # last: claims whatever is left, and refuses it
+)
+_BY_RECORD = {record_type: kind for kind in KINDS for record_type in kind.record_types}
+
+
+def kind_for(entry: procfs.FdEntry, dump: DumpContext) -> Kind:
+    return next(kind for kind in KINDS if kind.claims(entry, dump))
+
+
+def kind_named(name: str) -> Kind:
+    for kind in KINDS:
+        if kind.name == name:
+            return kind
+    raise KeyError(name)
+
+
+def kind_of(descriptor: rec.FileDescriptor, image: ImageFiles) -> Kind:
+    if descriptor.object_id:
+        found = image.objects.get(descriptor.object_id)
+        kind = _BY_RECORD.get(type(found))
+        if kind is None:
+            raise ImageError(
+                f"fd {descriptor.fd} refers to object {descriptor.object_id}, which is no"
+                " object record"
+            )
+        return kind
+    return next(kind for kind in KINDS if descriptor.kind in kind.fd_kinds)
+
+
+def read_files(pid: int, *, frozen: bool = True) -> ImageFiles:
+    """The descriptors of stopped process `pid` and the objects behind them."""
+    entries = procfs.list_fds(pid)
+    descriptions = kcmp.description_ids(pid, [(e.fd, e.dev, e.ino) for e in entries])
+    objects: dict[int, int] = {}  # description id -> object id
+    descriptors = []
+    with DumpContext(pid, descriptions, frozen=frozen) as dump:
+        for entry in entries:
+            info = procfs.read_fdinfo(pid, entry.fd)
+            description = descriptions[entry.fd]
+            if description not in objects:  # a dup'ed or inherited one is dumped once
+                objects[description] = kind_for(entry, dump).dump(entry, info, dump)
+            descriptors.append(
+                rec.FileDescriptor(
+                    fd=entry.fd,
+                    kind=_image_fd_kind(entry.kind),
+                    path=entry.target,
+                    flags=info.flags,
+                    pos=info.pos,
+                    cloexec=bool(info.flags & O_CLOEXEC),
+                    mode=entry.mode,
+                    dev=entry.dev,
+                    ino=entry.ino,
+                    description_id=description,
+                    object_id=objects[description],
+                )
+            )
+        return ImageFiles.of(descriptors, dump.sections)
+
+
+def _image_fd_kind(kind: procfs.FdKind) -> rec.FdKind:
+    return rec.FdKind[kind.name] if kind.name in rec.FdKind.__members__ else rec.FdKind.ANON_INODE
+
+
+def refusals(
+    image: ImageFiles, held: Callable[[rec.FileDescriptor], bool] = lambda _: False
+) -> list[tuple[rec.FileDescriptor, str]]:
+    """Each descriptor a restore from `image` alone could not rebuild, and why;
+    `held` are those it gets elsewhere (the shadow keeps them, a move relays them)."""
+    found = []
+    for descriptor in image.descriptors:
+        if held(descriptor):
+            continue
+        reason = kind_of(descriptor, image).refusal(descriptor, image)
+        if reason is not None:
+            found.append((descriptor, reason))
+    return found
+
+
+def describe(descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
+    kind = kind_of(descriptor, image)
+    return f"{kind.name}: {kind.describe(descriptor, image)}"

@@ -1,0 +1,177 @@
+"""What every kind of descriptor and kernel object provides, and what it is given.
+
+A kind (one module of hijack.objects) reads its descriptors at dump time into
+object records (DumpContext), says why an image's descriptor could not be
+rebuilt (refusal), rebuilds it in the stub (RestoreContext) and describes it
+for `hijack show`. The framework (hijack.objects: the table and its glue)
+calls each kind once per open file description: descriptors sharing one
+(dup'ed, inherited) are dumped and restored once and duplicated again by it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Hashable
+from types import TracebackType
+
+from hijack.image import records as rec
+from hijack.image.files import ImageFiles
+from hijack.restore.remote import Stub
+from hijack.sys import pidfd, procfs
+
+O_CLOEXEC = 0o2000000
+O_NONBLOCK = 0o4000
+F_DUPFD, F_SETFD, F_SETFL = 0, 2, 4
+FD_CLOEXEC = 1
+# The status flags F_SETFL can change: O_APPEND, O_ASYNC, O_DIRECT, O_NOATIME, O_NONBLOCK.
+SETTABLE_STATUS_FLAGS = 0o2000 | 0o20000 | 0o40000 | 0o1000000 | O_NONBLOCK
+
+
+def describe_fd(descriptor: rec.FileDescriptor) -> str:
+    """How a descriptor is named in messages: "fd 3 (regular /var/log/x.log)"."""
+    return f"fd {descriptor.fd} ({descriptor.kind.name.lower()} {descriptor.path})"
+
+
+class DumpContext:
+    """What a kind's dump() is given: the stopped process, and where its records go."""
+
+    def __init__(self, pid: int, descriptions: dict[int, int], *, frozen: bool = True) -> None:
+        self.pid = pid
+        self.frozen = frozen  # every thread of the process is stopped
+        self.descriptions = descriptions  # fd -> description id (kcmp)
+        self.sections: list[rec.ObjectRecord] = []  # object records and their data, in order
+        self._ids: dict[Hashable, int] = {}
+        self._handle = -1
+        self._copies: list[int] = []
+        self._sockets: dict[int, procfs.SocketInfo] | None = None
+
+    def copy_fd(self, fd: int) -> int:
+        """Our own copy of the process's descriptor `fd`, closed when the dump ends."""
+        if self._handle < 0:
+            self._handle = pidfd.pidfd_open(self.pid)
+        copy = pidfd.pidfd_getfd(self._handle, fd, self.pid)
+        self._copies.append(copy)
+        return copy
+
+    def socket_table(self) -> dict[int, procfs.SocketInfo]:
+        """The sockets of the process's network namespace by inode (read once, when asked)."""
+        if self._sockets is None:
+            self._sockets = procfs.read_socket_table(self.pid)
+        return self._sockets
+
+    def add_object(self, key: Hashable, make: Callable[[int], rec.ObjectRecord]) -> int:
+        """The id of kernel object `key` (e.g. ("pipe", ino)); its record is made once."""
+        found = self._ids.get(key)
+        if found is None:
+            found = self._ids[key] = len(self._ids) + 1
+            self.sections.append(make(found))
+        return found
+
+    def add_data(self, object_id: int, data: bytes, offset: int = 0) -> None:
+        """Bulk bytes of an object, from `offset` on, as ObjectData sections of at most 8 MiB."""
+        for start in range(0, len(data), rec.MAX_OBJECT_DATA):
+            chunk = data[start : start + rec.MAX_OBJECT_DATA]
+            self.sections.append(rec.ObjectData(id=object_id, offset=offset + start, data=chunk))
+
+    def __enter__(self) -> DumpContext:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        for copy in self._copies:
+            os.close(copy)
+        if self._handle >= 0:
+            os.close(self._handle)
+
+
+class RestoreContext:
+    """What a kind's restore() is given: the stub, the image's files, and helpers."""
+
+    def __init__(self, stub: Stub, image: ImageFiles, parking: int) -> None:
+        self.stub = stub
+        self.image = image
+        self._parking = parking  # above every descriptor number the image uses
+        self._restorer = -1  # the stub's pidfd of this process, for give()
+        self._kept: dict[int, int] = {}
+
+    def place(self, stub_fd: int, descriptor: rec.FileDescriptor) -> None:
+        """Move the stub's descriptor `stub_fd` to the image's number, with its close-on-exec."""
+        if stub_fd != descriptor.fd:
+            self.stub.call("dup3", stub_fd, descriptor.fd, O_CLOEXEC if descriptor.cloexec else 0)
+            self.stub.call("close", stub_fd)
+        else:
+            self.stub.call("fcntl", descriptor.fd, F_SETFD, FD_CLOEXEC if descriptor.cloexec else 0)
+
+    def give(self, our_fd: int, descriptor: rec.FileDescriptor) -> None:
+        """Put our descriptor `our_fd` into the stub at the image's number, with its
+        close-on-exec and status flags (the stub takes it with pidfd_getfd)."""
+        if self._restorer < 0:
+            opened = self.stub.call("pidfd_open", os.getpid(), 0)
+            # Parked above the image's numbers, so no restored descriptor lands on it.
+            self._restorer = self.stub.call("fcntl", opened, F_DUPFD, self._parking)
+            self.stub.call("close", opened)
+        taken = self.stub.call("pidfd_getfd", self._restorer, our_fd, 0)
+        self.place(taken, descriptor)
+        self.stub.call("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
+
+    def built(self, object_id: int) -> int | None:
+        """Our descriptor of an object an earlier restore() kept (the other end of a pipe)."""
+        return self._kept.get(object_id)
+
+    def keep(self, object_id: int, our_fd: int) -> None:
+        """Keep our descriptor of an object for later descriptors, until the restore ends."""
+        self._kept[object_id] = our_fd
+
+    def __enter__(self) -> RestoreContext:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        for fd in self._kept.values():
+            os.close(fd)
+        if self._restorer >= 0 and error is None:
+            self.stub.call("close", self._restorer)
+
+
+class Kind:
+    """One kind of descriptor: subclass it in a module of hijack.objects and add an
+    instance to hijack.objects.KINDS. Defaults: no object records, nothing refused,
+    nothing to finish, the descriptor's path for `hijack show`."""
+
+    name: str = ""  # as `hijack show` prints it
+    record_types: tuple[type, ...] = ()  # the object records it owns
+    # The FdKinds it restores when a descriptor has no object record (object_id 0);
+    # a descriptor with one goes to the kind owning the record's type.
+    fd_kinds: tuple[rec.FdKind, ...] = ()
+
+    def claims(self, entry: procfs.FdEntry, dump: DumpContext) -> bool:
+        """Whether this kind dumps `entry` (the first kind of the table that claims it does)."""
+        raise NotImplementedError
+
+    def dump(self, entry: procfs.FdEntry, info: procfs.FdInfo, dump: DumpContext) -> int:
+        """Read what the kind needs, add its record(s); the object id, 0 for none."""
+        return 0
+
+    def refusal(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str | None:
+        """Why a restore from the image alone cannot rebuild `descriptor`, naming it
+        (describe_fd), or None. Asked by a restore's plan and by `dump --kill`."""
+        return None
+
+    def restore(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
+        """Make descriptor.fd exist in the stub: flags, close-on-exec, offset, ..."""
+        raise NotImplementedError
+
+    def finish(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
+        """Once every descriptor exists (an epoll's interest list)."""
+
+    def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
+        """One line of details for `hijack show`."""
+        return descriptor.path

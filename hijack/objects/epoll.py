@@ -1,0 +1,46 @@
+"""epoll instances: made anew, their interest lists filled once every descriptor exists."""
+
+from __future__ import annotations
+
+import struct
+
+from hijack.image import records as rec
+from hijack.image.files import ImageFiles
+from hijack.objects.base import O_CLOEXEC, DumpContext, Kind, RestoreContext
+from hijack.sys import procfs
+
+EPOLL_CTL_ADD = 1
+EPOLL_EVENT = struct.Struct("<IQ")  # struct epoll_event is packed on x86_64
+
+
+class Epoll(Kind):
+    name = "epoll"
+    record_types = (rec.EpollObject,)
+
+    def claims(self, entry: procfs.FdEntry, dump: DumpContext) -> bool:
+        return entry.kind is procfs.FdKind.EPOLL
+
+    def dump(self, entry: procfs.FdEntry, info: procfs.FdInfo, dump: DumpContext) -> int:
+        targets = tuple(
+            rec.EpollTarget(tfd=tfd, events=events, data=data)
+            for tfd, events, data in info.epoll_targets
+        )
+        # Every epoll shares one anonymous inode: the description is the instance.
+        key = ("epoll", dump.descriptions[entry.fd])
+        return dump.add_object(key, lambda id: rec.EpollObject(id=id, targets=targets))
+
+    def restore(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
+        made = restore.stub.call("epoll_create1", O_CLOEXEC)
+        restore.place(made, descriptor)
+
+    def finish(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
+        stub = restore.stub
+        for target in restore.image.object_of(descriptor, rec.EpollObject).targets:
+            stub.reset_scratch()
+            event = stub.put(EPOLL_EVENT.pack(target.events, target.data))
+            stub.call("epoll_ctl", descriptor.fd, EPOLL_CTL_ADD, target.tfd, event)
+
+    def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
+        targets = image.object_of(descriptor, rec.EpollObject).targets
+        watched = ", ".join(f"{t.tfd}:{t.events:#x}" for t in targets)
+        return f"watching {len(targets)} ({watched})" if targets else "watching none"

@@ -1,0 +1,111 @@
+"""TCP and UDP sockets: a listener listens again on its address (clients waiting in its
+accept queue are lost); any other is refused, unless the process's shadow keeps it."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import os
+import socket
+import struct
+
+from hijack.errors import RestoreError
+from hijack.image import records as rec
+from hijack.image.files import ImageFiles
+from hijack.objects.base import (
+    F_SETFL,
+    SETTABLE_STATUS_FLAGS,
+    DumpContext,
+    Kind,
+    RestoreContext,
+    describe_fd,
+)
+from hijack.sys import procfs
+
+TCP_LISTEN = 10  # the kernel's TCP state number
+LISTEN_BACKLOG = socket.SOMAXCONN  # the kernel caps it at net.core.somaxconn
+SOCKADDR_IN = struct.Struct("<H2s4s8x")  # family, port (network order), address
+SOCKADDR_IN6 = struct.Struct("<H2sI16sI")  # family, port, flow info, address, scope id
+
+
+def sockaddr(family: int, address: str) -> bytes:
+    """struct sockaddr_in / sockaddr_in6 of "1.2.3.4:80" or "[::1]:80"."""
+    host, _, port = address.rpartition(":")
+    packed_port = struct.pack("!H", int(port))
+    ip = ipaddress.ip_address(host.strip("[]"))
+    if family == socket.AF_INET:
+        return SOCKADDR_IN.pack(family, packed_port, ip.packed)
+    return SOCKADDR_IN6.pack(family, packed_port, 0, ip.packed, 0)
+
+
+def is_listener(sock: rec.InetSocket) -> bool:
+    return sock.type == socket.SOCK_STREAM and sock.state == TCP_LISTEN
+
+
+def describe_socket(sock: rec.InetSocket) -> str:
+    """ "tcp 127.0.0.1:8000 LISTEN", as hijack.sys.procfs.SocketInfo says it."""
+    return procfs.SocketInfo(
+        inode=0,
+        family=socket.AddressFamily(sock.family),
+        type=socket.SocketKind(sock.type),
+        protocol=sock.protocol,
+        state=procfs.tcp_state_name(sock.state),
+        local=sock.local_address,
+        remote=sock.remote_address,
+    ).describe()
+
+
+class Inet(Kind):
+    name = "inet"
+    record_types = (rec.InetSocket,)
+
+    def claims(self, entry: procfs.FdEntry, dump: DumpContext) -> bool:
+        if entry.kind is not procfs.FdKind.SOCKET:
+            return False
+        found = dump.socket_table().get(entry.ino)
+        return found is not None and found.family in (socket.AF_INET, socket.AF_INET6)
+
+    def dump(self, entry: procfs.FdEntry, info: procfs.FdInfo, dump: DumpContext) -> int:
+        found = dump.socket_table()[entry.ino]
+
+        def make(id: int) -> rec.InetSocket:
+            return rec.InetSocket(
+                id=id,
+                family=found.family,
+                type=found.type,
+                protocol=found.protocol,
+                state=found.state_number,
+                local_address=found.local,
+                remote_address=found.remote,
+            )
+
+        return dump.add_object(("socket", entry.ino), make)
+
+    def refusal(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str | None:
+        sock = image.object_of(descriptor, rec.InetSocket)
+        if is_listener(sock):
+            return None
+        return f"fd {descriptor.fd} (socket {describe_socket(sock)})"
+
+    def restore(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
+        """A listening TCP socket, bound to the image's address again, with its status flags."""
+        sock = restore.image.object_of(descriptor, rec.InetSocket)
+        stub = restore.stub
+        restore.place(stub.call("socket", sock.family, sock.type, sock.protocol), descriptor)
+        stub.reset_scratch()
+        # The old socket's accepted connections may linger in TIME_WAIT.
+        one = stub.put(struct.pack("<i", 1))
+        stub.call("setsockopt", descriptor.fd, socket.SOL_SOCKET, socket.SO_REUSEADDR, one, 4)
+        address = sockaddr(sock.family, sock.local_address)
+        bound = stub.try_call("bind", descriptor.fd, stub.put(address), len(address))
+        if bound < 0:
+            hint = " (does the original still run?)" if -bound == errno.EADDRINUSE else ""
+            raise RestoreError(
+                f"cannot listen again on {sock.local_address} for {describe_fd(descriptor)}: "
+                f"{os.strerror(-bound)}{hint}"
+            )
+        stub.call("listen", descriptor.fd, LISTEN_BACKLOG)
+        stub.call("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
+
+    def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
+        return describe_socket(image.object_of(descriptor, rec.InetSocket))

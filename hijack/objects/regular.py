@@ -1,0 +1,60 @@
+"""Regular files and directories, reopened by path at the same flags and offset."""
+
+from __future__ import annotations
+
+import os
+
+from hijack.errors import RestoreError
+from hijack.image import records as rec
+from hijack.image.files import ImageFiles
+from hijack.objects.base import DumpContext, Kind, RestoreContext, describe_fd
+from hijack.sys import procfs
+
+O_CREAT, O_EXCL, O_TRUNC, O_CLOEXEC = 0o100, 0o200, 0o1000, 0o2000000
+# Flags that act at open time only: never replayed (O_TRUNC would empty the file).
+OPEN_TIME_ONLY = O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC
+AT_FDCWD = -100
+SEEK_SET = 0
+DELETED = " (deleted)"
+
+
+def open_by_path(restore: RestoreContext, descriptor: rec.FileDescriptor, flags: int) -> int:
+    """Open the descriptor's path in the stub with `flags`; the stub's new descriptor."""
+    stub = restore.stub
+    stub.reset_scratch()
+    opened = stub.try_call("openat", AT_FDCWD, stub.put_string(descriptor.path), flags, 0)
+    if opened < 0:
+        raise RestoreError(f"cannot reopen {describe_fd(descriptor)}: errno {-opened}")
+    return opened
+
+
+def reopen_flags(descriptor: rec.FileDescriptor) -> int:
+    return descriptor.flags & ~OPEN_TIME_ONLY
+
+
+def path_refusal(descriptor: rec.FileDescriptor) -> str | None:
+    """A descriptor reopened by path cannot come back if its file is gone."""
+    if descriptor.path.endswith(DELETED):
+        return f"{describe_fd(descriptor)}, a deleted file"
+    if not os.path.lexists(descriptor.path):
+        return f"{describe_fd(descriptor)}, whose file is gone"
+    return None
+
+
+class Regular(Kind):
+    name = "regular"
+    fd_kinds = (rec.FdKind.REGULAR, rec.FdKind.DIRECTORY)
+
+    def claims(self, entry: procfs.FdEntry, dump: DumpContext) -> bool:
+        return entry.kind in (procfs.FdKind.REGULAR, procfs.FdKind.DIRECTORY)
+
+    def refusal(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str | None:
+        return path_refusal(descriptor)
+
+    def restore(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
+        restore.place(open_by_path(restore, descriptor, reopen_flags(descriptor)), descriptor)
+        if descriptor.kind is rec.FdKind.REGULAR:
+            restore.stub.call("lseek", descriptor.fd, descriptor.pos, SEEK_SET)
+
+    def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
+        return f"{descriptor.path} at offset {descriptor.pos}"
