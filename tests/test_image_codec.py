@@ -42,9 +42,11 @@ from hijack.image import (
     FileDescriptor,
     FileIdentity,
     Files,
+    GhostFile,
     ImageHeader,
     ImageWriter,
     InetSocket,
+    MemfdObject,
     MemoryStructure,
     ObjectData,
     Pages,
@@ -58,6 +60,7 @@ from hijack.image import (
     SectionKind,
     Segment,
     Segments,
+    SharedAnonymous,
     SigAction,
     SigAltStack,
     SignalState,
@@ -74,7 +77,7 @@ from hijack.image import (
 from hijack.image import records as records_module
 from hijack.image.fields import Cursor, struct_codec
 
-OBJECT_TAGS = {b"TTYO", b"EPOL", b"EVFD", b"INET", b"ODAT"}
+OBJECT_TAGS = {b"TTYO", b"EPOL", b"EVFD", b"INET", b"GHST", b"MEMF", b"SHMA", b"ODAT"}
 SECTION_NAMES = {
     b"HEAD": "HEADER",
     b"CRED": "CREDENTIALS",
@@ -89,6 +92,9 @@ SECTION_NAMES = {
     b"EPOL": "EPOLL_OBJECT",
     b"EVFD": "EVENTFD_OBJECT",
     b"INET": "INET_SOCKET",
+    b"GHST": "GHOST_FILE",
+    b"MEMF": "MEMFD",
+    b"SHMA": "SHARED_ANONYMOUS",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
     b"END_": "END",
@@ -289,6 +295,15 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         EventfdObject(id=4, count=7, semaphore=True),
         ObjectData(id=4, offset=0, data=rng.randbytes(100)),  # data of no real eventfd: a test
         ObjectData(id=4, offset=4096, data=b"after a hole"),
+        GhostFile(
+            id=5, dev=2049, ino=77, mode=0o100640, uid=1000, gid=100, size=9000, path="/tmp/x"
+        ),
+        ObjectData(id=5, offset=8192, data=b"the tail after a hole"),
+        MemfdObject(
+            id=6, dev=1, ino=1032, size=4096, seals=0xA, mode=0o100777, uid=0, gid=0, name="m"
+        ),
+        ObjectData(id=6, offset=0, data=rng.randbytes(4096)),
+        SharedAnonymous(id=7, dev=1, ino=1035, size=16384),
     )
     files = Files(
         objects=len(objects),
@@ -716,6 +731,9 @@ INVALID_RECORDS: dict[str, Callable[[], object]] = {
     "no description": lambda: replace(the(Files).descriptors[0], description_id=0),
     "object id 0": lambda: TerminalObject(id=0, state=TERMINAL),
     "empty object data": lambda: ObjectData(id=1, offset=0, data=b""),
+    "ghost of a socket": lambda: GhostFile(
+        id=1, dev=1, ino=1, mode=0o140777, uid=0, gid=0, size=0, path="/s"
+    ),
     "overlapping segments": lambda: Segments(segments=the(Segments).segments[:1] * 2),
     "umask": lambda: replace(the(Credentials), umask=0o1777),
 }

@@ -57,8 +57,10 @@ from hijack.image.records import (
     EpollObject,
     EventfdObject,
     Files,
+    GhostFile,
     ImageHeader,
     InetSocket,
+    MemfdObject,
     MemoryStructure,
     ObjectData,
     Pages,
@@ -66,6 +68,7 @@ from hijack.image.records import (
     Rlimits,
     Round,
     Segments,
+    SharedAnonymous,
     SignalState,
     TerminalObject,
     Thread,
@@ -105,6 +108,9 @@ class SectionKind(enum.Enum):
     EPOLL_OBJECT = b"EPOL"
     EVENTFD_OBJECT = b"EVFD"
     INET_SOCKET = b"INET"
+    GHOST_FILE = b"GHST"
+    MEMFD = b"MEMF"
+    SHARED_ANONYMOUS = b"SHMA"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
     END = b"END_"
@@ -208,6 +214,9 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.EPOLL_OBJECT: _StructSection(EpollObject, is_object=True),
     SectionKind.EVENTFD_OBJECT: _StructSection(EventfdObject, is_object=True),
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
+    SectionKind.GHOST_FILE: _StructSection(GhostFile, is_object=True),
+    SectionKind.MEMFD: _StructSection(MemfdObject, is_object=True),
+    SectionKind.SHARED_ANONYMOUS: _StructSection(SharedAnonymous, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
     SectionKind.END: _StructSection(End),

@@ -7,7 +7,7 @@
                               descriptor: the owner of its object record's type, or
                               (no object) the first kind listing its FdKind in fd_kinds
     kind_named(name)
-    read_files(pid)           FILES and the object sections of a stopped process
+    read_files(pid, ...)      FILES and the object sections of a stopped process
     refusals(image, held)     why a restore could not rebuild each descriptor
     describe(descriptor, image)  "kind: details", for `hijack show`
 
@@ -21,18 +21,22 @@ from collections.abc import Callable
 from hijack.errors import ImageError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
-from hijack.objects.base import O_CLOEXEC, DumpContext, Kind
+from hijack.objects.base import DEFAULT_GHOST_LIMIT, O_CLOEXEC, DumpContext, Kind
 from hijack.objects.device import Device
 from hijack.objects.epoll import Epoll
 from hijack.objects.eventfd import Eventfd
 from hijack.objects.fifo import Fifo
+from hijack.objects.ghost import Ghost
 from hijack.objects.inet import Inet
+from hijack.objects.memfd import Memfd
 from hijack.objects.other import Other
 from hijack.objects.regular import Regular
 from hijack.objects.terminal import Terminal
 from hijack.sys import kcmp, procfs
 
 KINDS: tuple[Kind, ...] = (
+    Ghost(),  # before Regular and Fifo: a deleted one cannot be reopened by path
+    Memfd(),
     Regular(),
     Fifo(),
     Terminal(),
@@ -69,13 +73,20 @@ def kind_of(descriptor: rec.FileDescriptor, image: ImageFiles) -> Kind:
     return next(kind for kind in KINDS if descriptor.kind in kind.fd_kinds)
 
 
-def read_files(pid: int, *, frozen: bool = True) -> ImageFiles:
-    """The descriptors of stopped process `pid` and the objects behind them."""
+def read_files(
+    pid: int,
+    *,
+    frozen: bool = True,
+    maps: list[procfs.MapEntry] | None = None,
+    ghost_limit: int = DEFAULT_GHOST_LIMIT,
+) -> ImageFiles:
+    """The descriptors of stopped process `pid` and the objects behind them, those it
+    reaches through its mappings `maps` and its cwd too (Kind.dump_process)."""
     entries = procfs.list_fds(pid)
     descriptions = kcmp.description_ids(pid, [(e.fd, e.dev, e.ino) for e in entries])
     objects: dict[int, int] = {}  # description id -> object id
     descriptors = []
-    with DumpContext(pid, descriptions, frozen=frozen) as dump:
+    with DumpContext(pid, descriptions, frozen=frozen, maps=maps, ghost_limit=ghost_limit) as dump:
         for entry in entries:
             info = procfs.read_fdinfo(pid, entry.fd)
             description = descriptions[entry.fd]
@@ -96,6 +107,8 @@ def read_files(pid: int, *, frozen: bool = True) -> ImageFiles:
                     object_id=objects[description],
                 )
             )
+        for kind in KINDS:
+            kind.dump_process(dump)
         return ImageFiles.of(descriptors, dump.sections)
 
 

@@ -25,6 +25,7 @@ F_DUPFD, F_SETFD, F_SETFL = 0, 2, 4
 FD_CLOEXEC = 1
 # The status flags F_SETFL can change: O_APPEND, O_ASYNC, O_DIRECT, O_NOATIME, O_NONBLOCK.
 SETTABLE_STATUS_FLAGS = 0o2000 | 0o20000 | 0o40000 | 0o1000000 | O_NONBLOCK
+DEFAULT_GHOST_LIMIT = 64 * 1024 * 1024  # `hijack dump --ghost-limit`'s default
 
 
 def describe_fd(descriptor: rec.FileDescriptor) -> str:
@@ -35,10 +36,20 @@ def describe_fd(descriptor: rec.FileDescriptor) -> str:
 class DumpContext:
     """What a kind's dump() is given: the stopped process, and where its records go."""
 
-    def __init__(self, pid: int, descriptions: dict[int, int], *, frozen: bool = True) -> None:
+    def __init__(
+        self,
+        pid: int,
+        descriptions: dict[int, int],
+        *,
+        frozen: bool = True,
+        maps: list[procfs.MapEntry] | None = None,
+        ghost_limit: int = DEFAULT_GHOST_LIMIT,
+    ) -> None:
         self.pid = pid
         self.frozen = frozen  # every thread of the process is stopped
         self.descriptions = descriptions  # fd -> description id (kcmp)
+        self.maps = maps if maps is not None else []  # its mappings, for Kind.dump_process
+        self.ghost_limit = ghost_limit  # bytes of data one deleted file may put in the image
         self.sections: list[rec.ObjectRecord] = []  # object records and their data, in order
         self._ids: dict[Hashable, int] = {}
         self._handle = -1
@@ -109,14 +120,18 @@ class RestoreContext:
     def give(self, our_fd: int, descriptor: rec.FileDescriptor) -> None:
         """Put our descriptor `our_fd` into the stub at the image's number, with its
         close-on-exec and status flags (the stub takes it with pidfd_getfd)."""
+        self.place(self.take(our_fd), descriptor)
+        self.stub.call("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
+
+    def take(self, our_fd: int) -> int:
+        """The stub's own copy of our descriptor `our_fd`, at a free number of its choosing
+        (pidfd_getfd): for what the stub uses once and closes (a file it maps)."""
         if self._restorer < 0:
             opened = self.stub.call("pidfd_open", os.getpid(), 0)
             # Parked above the image's numbers, so no restored descriptor lands on it.
             self._restorer = self.stub.call("fcntl", opened, F_DUPFD, self._parking)
             self.stub.call("close", opened)
-        taken = self.stub.call("pidfd_getfd", self._restorer, our_fd, 0)
-        self.place(taken, descriptor)
-        self.stub.call("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
+        return self.stub.call("pidfd_getfd", self._restorer, our_fd, 0)
 
     def built(self, object_id: int) -> int | None:
         """Our descriptor of an object an earlier restore() kept (the other end of a pipe)."""
@@ -171,6 +186,10 @@ class Kind:
 
     def finish(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
         """Once every descriptor exists (an epoll's interest list)."""
+
+    def dump_process(self, dump: DumpContext) -> None:
+        """Objects the process reaches other than by a descriptor (a memfd it only maps,
+        its deleted cwd), added as dump() adds them; once per dump, after the descriptors."""
 
     def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
         """One line of details for `hijack show`."""

@@ -16,6 +16,7 @@ from hijack.errors import Unsupported
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.image.identity import identity_change
+from hijack.objects.memfd import mapped_objects
 from hijack.restore.address_space import backing_file_mode, needs_backing_file, unmappable
 
 SKIP_HINT = "use --skip-unsupported to drop them; "
@@ -55,7 +56,10 @@ def restore_problems(
     """Everything a restore from this image would refuse; `held` descriptors come from
     elsewhere (the shadow keeps them, a move relays them)."""
     mappings: list[str] = []
+    held_by_objects = mapped_objects(segments, image)  # made from the image: no file needed
     for segment in segments:
+        if segment.start in held_by_objects:
+            continue
         change = identity_change(segment.file) if segment.file is not None else None
         if change is None and needs_backing_file(segment) and not _can_open(segment):
             change = unmappable(segment)

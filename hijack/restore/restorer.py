@@ -18,6 +18,7 @@ Steps (hijack.restore.* each own one):
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -34,7 +35,9 @@ from hijack.mutator.tracee import (
     find_syscall_instruction,
     resume_registers,
 )
-from hijack.objects.base import describe_fd
+from hijack.objects.base import RestoreContext, describe_fd
+from hijack.objects.ghost import deleted_cwd, enter_deleted_cwd
+from hijack.objects.memfd import map_objects, mapped_objects
 from hijack.objects.terminal import set_up_terminals
 from hijack.registry import Registry
 from hijack.restore.address_space import AddressSpace
@@ -94,6 +97,10 @@ class _Image:
     threads: list[rec.Thread] = field(default_factory=list)
     signals: rec.SignalState | None = None
     cwd: rec.Cwd | None = None
+
+    def mapped(self) -> dict[int, int]:
+        """The segments an object holds: start -> object id (made after the descriptors)."""
+        return mapped_objects(self.segments.segments, self.files)
 
 
 def restore(
@@ -161,7 +168,7 @@ def restore(
     try:
         stub = Stub(pid, find_syscall_instruction(pid))
         space = AddressSpace(stub, image.segments.segments)
-        space.build()
+        space.build(later=frozenset(image.mapped()))
         _consume_rest(records, image, space)
         _finish(stub, space, image, plan, inherited, frozenset(provided or {}))
         if before_start is not None:
@@ -199,7 +206,7 @@ def _restore_prebuilt(
     prebuilt.taken = True
     try:
         inherited = prebuilt.hand_over(provided)
-        space.adopt_final(image.segments.segments)
+        space.adopt_final(image.segments.segments, later=frozenset(image.mapped()))
         _consume_rest(records, image, space)
         _finish(stub, space, image, plan, inherited, frozenset(provided or {}))
         if before_start is not None:
@@ -317,7 +324,7 @@ def _finish(
 ) -> None:
     assert image.signals is not None and image.cwd is not None
     leader = _leader_record(image)
-    restore_files(stub, plan, image.files, inherited)
+    restore_files(stub, plan, image.files, inherited, functools.partial(_objects, space, image))
     controlling = set_up_terminals(stub, image.files, provided)
     _set_mm_map(stub, image.mm)
     _set_signal_actions(stub, image.signals)
@@ -333,6 +340,16 @@ def _finish(
     space.unmap_scratch()
     for thread in image.threads:
         _set_registers(stub, thread, thread_ids[thread.tid], image.signals)
+
+
+def _objects(space: AddressSpace, image: _Image, context: RestoreContext) -> None:
+    """What the process reaches other than by descriptors: the mappings of memfds, deleted
+    files and shared anonymous memory; a deleted cwd."""
+    assert image.cwd is not None
+    map_objects(space, context, image.mapped())
+    directory = deleted_cwd(image.cwd, image.files)
+    if directory is not None:
+        enter_deleted_cwd(context, directory)
 
 
 def _start(stub: Stub) -> None:
@@ -426,7 +443,8 @@ def _set_process_state(stub: Stub, image: _Image, controlling: int | None) -> No
     stub.reset_scratch()
     if image.cwd.root != "/":
         stub.call("chroot", stub.put_string(image.cwd.root))
-    stub.call("chdir", stub.put_string(image.cwd.cwd))
+    if deleted_cwd(image.cwd, image.files) is None:  # else entered with the descriptors
+        stub.call("chdir", stub.put_string(image.cwd.cwd))
     stub.call("umask", image.credentials.umask)
     header = image.header
     if header.sid == header.pid or controlling is not None:

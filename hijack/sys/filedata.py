@@ -34,7 +34,19 @@ SPARE_NAMES = 100
 
 
 def data_runs(fd: int, size: int) -> list[tuple[int, int]]:
-    """The [start, end) ranges of file `fd` (of `size` bytes) that hold data, not holes."""
+    """The [start, end) ranges of file `fd` (of `size` bytes) that hold data, not holes.
+
+    Sought on a description of our own: `fd` may share the process's, whose
+    offset must not move.
+    """
+    own = reopen(fd, os.O_RDONLY)
+    try:
+        return _data_runs(own, size)
+    finally:
+        os.close(own)
+
+
+def _data_runs(fd: int, size: int) -> list[tuple[int, int]]:
     runs = []
     offset = 0
     while offset < size:

@@ -1,0 +1,128 @@
+"""Deleted files and memfds come back from the image alone (issue #12 items 4 and 5).
+
+Each fixture is dumped with --kill, without attach, restored, and checks its
+own state (contents, holes, sizes, offsets, modes, seals, sharing between a
+descriptor and a mapping); the /proc views of the process must be the same
+before and after. A deleted file holding more than --ghost-limit is refused
+before the process is touched.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+from support import spawn_fixture
+from support.cli import CliResult, HijackCli, restored_pid
+from support.procview import difference, fds_view, identity_view, maps_view, wait_in_syscall
+
+from hijack.image import records as rec
+from hijack.image.codec import read_image
+
+SYS_READ = 0
+SCRATCH_SIZE = 2 * 1024 * 1024  # ghost.c's deleted file, mostly holes
+MEMFD_SHARED_SIZE = 64 * 1024  # memfd.c's shared memfd
+
+
+@pytest.fixture
+def hijack(tmp_path: Path) -> HijackCli:
+    return HijackCli(tmp_path / "state")
+
+
+def image_records(image: Path) -> list[rec.Record]:
+    with open(image, "rb") as stream:
+        return list(read_image(stream))
+
+
+def stored_bytes(records: list[rec.Record], object_id: int) -> int:
+    """The bytes of object `object_id` the image stores (its ObjectData)."""
+    return sum(len(r.data) for r in records if isinstance(r, rec.ObjectData) and r.id == object_id)
+
+
+def dump_kill_restore(hijack: HijackCli, fixture_name: str, image: Path, *args: object) -> None:
+    """Dump the fixture with --kill, restore it, compare its /proc views, let it check itself."""
+    with spawn_fixture(fixture_name, *args, fifos=True) as fixture:
+        wait_in_syscall(fixture.pid, (SYS_READ,))  # idle: nothing changes while we look
+        before = (maps_view(fixture.pid), fds_view(fixture.pid), identity_view(fixture.pid))
+        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+        assert fixture.wait_exit() == -signal.SIGKILL
+        pid = restored_pid(hijack.ok("restore", image))
+        fixture.adopt(pid)
+        wait_in_syscall(pid, (SYS_READ,), describe=fixture.describe)
+        after = (maps_view(pid), fds_view(pid), identity_view(pid))
+        for what, old, new in zip(("maps", "fd", "identity"), before, after, strict=True):
+            assert not (found := difference(old, new)), f"/proc/{pid} {what}:\n{found}"
+        fixture.assert_intact()
+
+
+def test_deleted_file_directory_fifo_and_cwd_come_back_with_their_bytes_and_holes(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    image = tmp_path / "ghost.crf"
+    dump_kill_restore(hijack, "ghost", image, data)
+    # Made again under their old names and unlinked at once: nothing is left.
+    assert list(data.iterdir()) == []
+    records = image_records(image)
+    [scratch] = [r for r in records if isinstance(r, rec.GhostFile) and r.size == SCRATCH_SIZE]
+    assert 0 < stored_bytes(records, scratch.id) < SCRATCH_SIZE // 64, (
+        "the holes of the deleted file were stored"
+    )
+    ghosts = {r.path for r in records if isinstance(r, rec.GhostFile)}
+    assert ghosts == {str(data / name) for name in ("scratch.dat", "gone.d", "gone.fifo", "cwd.d")}
+    shown = hijack.ok("show", image).stdout
+    assert f"deleted {data / 'scratch.dat'}" in shown, shown
+
+
+def test_memfds_come_back_named_sealed_and_shared_with_their_mappings(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "memfd.crf"
+    dump_kill_restore(hijack, "memfd", image)
+    records = image_records(image)
+    memfds = {r.name: r for r in records if isinstance(r, rec.MemfdObject)}
+    assert sorted(memfds) == ["hijack-mapped", "hijack-sealed", "hijack-shared"]
+    # A memfd's bytes are in the image once: in its object, not in its mappings' pages.
+    [segments] = [r for r in records if isinstance(r, rec.Segments)]
+    in_memfds = [s for s in segments.segments if s.path.startswith("/memfd:")]
+    assert len(in_memfds) == 2 and all(s.contents is rec.ContentsKind.NONE for s in in_memfds)
+    pages = [r for r in records if isinstance(r, rec.Pages)]
+    assert not any(s.start <= p.address < s.end for s in in_memfds for p in pages)
+    shared = memfds["hijack-shared"]
+    assert stored_bytes(records, shared.id) < MEMFD_SHARED_SIZE, (
+        "the hole of the shared memfd was stored"
+    )
+
+
+def assert_refused(result: CliResult, *words: str) -> None:
+    """Exit 1, one `hijack: ...` line on stderr naming `words`, no traceback."""
+    assert result.returncode == 1, result.describe()
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hijack: "), result.describe()
+    assert "Traceback" not in result.stderr, result.describe()
+    for word in words:
+        assert word in lines[0], result.describe()
+
+
+def test_a_deleted_file_above_the_ghost_limit_is_refused_and_the_process_runs_on(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    image = tmp_path / "big.crf"
+    with spawn_fixture("ghost", data, "3") as ghost:
+        result = hijack("dump", ghost.pid, "-o", image, "--kill", "--ghost-limit", "2M")
+        assert_refused(result, str(data / "big.dat"), "--ghost-limit")
+        assert not image.exists() and not image.with_name(f".{image.name}.partial").exists()
+        # Under the default limit, a plain dump takes it whole; the process runs on.
+        hijack.ok("dump", ghost.pid, "-o", image)
+        big = [
+            r for r in image_records(image) if isinstance(r, rec.GhostFile) and r.size == 3 << 20
+        ]
+        assert len(big) == 1
+        # Untouched by either: offsets, bytes and all, as it checks itself.
+        ghost.assert_intact()
+    limit = hijack("dump", "1", "-o", image, "--ghost-limit", "lots")
+    assert limit.returncode == 2, limit.describe()
