@@ -9,7 +9,9 @@ before the process is touched.
 
 from __future__ import annotations
 
+import shutil
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -76,11 +78,15 @@ def test_deleted_file_directory_fifo_and_cwd_come_back_with_their_bytes_and_hole
     assert f"deleted {data / 'scratch.dat'}" in shown, shown
 
 
-def test_memfds_come_back_named_sealed_and_shared_with_their_mappings(
+def test_memfds_and_shared_memory_come_back_named_sealed_and_shared_with_their_mappings(
     hijack: HijackCli, tmp_path: Path
 ) -> None:
     image = tmp_path / "memfd.crf"
-    dump_kill_restore(hijack, "memfd", image)
+    shm = Path(tempfile.mkdtemp(prefix="hijack-test-", dir="/dev/shm"))  # a file in shm too
+    try:
+        dump_kill_restore(hijack, "memfd", image, shm)
+    finally:
+        shutil.rmtree(shm)
     records = image_records(image)
     memfds = {r.name: r for r in records if isinstance(r, rec.MemfdObject)}
     assert sorted(memfds) == ["hijack-mapped", "hijack-sealed", "hijack-shared"]

@@ -31,7 +31,7 @@ from hijack.image.files import ImageFiles
 from hijack.objects.base import DumpContext, Kind, RestoreContext
 from hijack.objects.ghost import add_with_contents, dump_ghost, fill, ghost_fd, inode_key
 from hijack.objects.regular import reopen_flags
-from hijack.restore.address_space import AddressSpace
+from hijack.restore.address_space import AddressSpace, may_write
 from hijack.sys import filedata, procfs
 
 SEEK_SET = 0
@@ -163,8 +163,8 @@ def map_objects(space: AddressSpace, restore: RestoreContext, mapped: dict[int, 
         object_id = mapped.get(segment.start)
         if object_id is None or isinstance(restore.image.objects[object_id], rec.SharedAnonymous):
             continue
-        may_write = segment.prot & rec.Prot.WRITE or "mw" in segment.vm_flags
-        opened = filedata.reopen(object_fd(restore, object_id), O_RDWR if may_write else O_RDONLY)
+        mode = O_RDWR if may_write(segment) else O_RDONLY
+        opened = filedata.reopen(object_fd(restore, object_id), mode)
         try:
             taken = restore.take(opened)
         finally:

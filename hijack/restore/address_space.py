@@ -67,9 +67,15 @@ def needs_backing_file(segment: rec.Segment) -> bool:
     )
 
 
+def may_write(segment: rec.Segment) -> bool:
+    """Whether a shared mapping is or may be made writable (VM_MAYWRITE, smaps "mw"): it was
+    mapped from a descriptor opened for writing, and must be again, or a later
+    mprotect(PROT_WRITE) fails."""
+    return segment.shared and bool(segment.prot & rec.Prot.WRITE or "mw" in segment.vm_flags)
+
+
 def backing_file_mode(segment: rec.Segment) -> int:
-    writable_shared = segment.shared and segment.prot & rec.Prot.WRITE
-    return (O_RDWR if writable_shared else O_RDONLY) | O_CLOEXEC
+    return (O_RDWR if may_write(segment) else O_RDONLY) | O_CLOEXEC
 
 
 def unmappable(segment: rec.Segment) -> str:
