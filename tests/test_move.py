@@ -1167,6 +1167,22 @@ def test_a_descriptor_that_cannot_be_proxied_is_named_and_nothing_moves(
         assert ask(holder, "still here") == "still here"
 
 
+def test_a_mapping_no_copy_could_open_is_named_before_anything_is_touched(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        with spawn_fixture("sysv_shm", netns=a.netns) as shm:
+            line = move_refused(a, shm.pid, b)
+            assert re.search(r"cannot open /SYSV[0-9a-f]+, which the process had mapped", line)
+            assert line.endswith("nothing was changed"), line
+            assert_untouched(shm.pid)
+            assert_not_attached(a, shm.pid)
+            assert " move " not in daemon_log(b)
+            shm.assert_intact()
+
+
 # -- an unmodified server ---------------------------------------------------------------
 
 

@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 
 from hijack.errors import HijackError, ProcessGone
-from hijack.sys import procfs
+from hijack.sys import kcmp, procfs
 from hijack.sys.procfs import FdKind
 
 PAGE = mmap.PAGESIZE
@@ -577,3 +577,17 @@ def test_a_pid_that_does_not_exist_is_process_gone(reader: str, dead_pid: int) -
     with pytest.raises(ProcessGone) as raised:
         READERS[reader](dead_pid)
     assert raised.value.pid == dead_pid
+
+
+def test_descriptions_found_with_kcmp_group_dups_and_only_them() -> None:
+    counters = [os.eventfd(0) for _ in range(40)]  # forty descriptions of one anonymous inode
+    dups = {fd: os.dup(fd) for fd in counters[::7]}
+    try:
+        entries = procfs.list_fds(os.getpid())
+        ids = kcmp.description_ids(os.getpid(), [(e.fd, e.dev, e.ino) for e in entries])
+        assert all(ids[fd] == ids[dup] for fd, dup in dups.items())
+        assert len({ids[fd] for fd in counters}) == len(counters)
+        assert sorted(set(ids.values())) == list(range(1, len(set(ids.values())) + 1))
+    finally:
+        for fd in [*counters, *dups.values()]:
+            os.close(fd)

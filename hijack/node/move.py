@@ -48,14 +48,17 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from hijack.errors import HijackError, Unsupported
+from hijack.image import records as rec
 from hijack.mutator import attach as attaching
-from hijack.mutator.dump import kill_stopped, read_credentials, write_image
+from hijack.mutator.dump import describe_segments, kill_stopped, read_credentials, write_image
 from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.precopy import Precopy, worth_precopying
 from hijack.mutator.tracee import Tracee
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
+from hijack.objects.memfd import holds_object
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
+from hijack.restore.plan import mapping_problems
 from hijack.shadow import control
 from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
 from hijack.shadow.datagram import parse_address as parse_datagram_address
@@ -147,6 +150,7 @@ def move(
             " run `hijack recover` once its destination answers",
             pid=pid,
         )
+    refuse_unmappable(pid)
     attached_by_move = record is None or record.state not in ("attached", "running")
     if attached_by_move:
         plan_proxies(pid, None, at_home=True)  # refused before the attach: nothing changes
@@ -672,6 +676,17 @@ class _Progress:
 
     def flush(self) -> None:
         self.writer.flush()
+
+
+def refuse_unmappable(pid: int) -> None:
+    """Refuse, before anything is touched, a process whose copy could not map what it maps
+    (SysV shared memory): the destination's restore would refuse it. What an object of
+    the image holds (a memfd, a deleted file, shared anonymous memory) is made there."""
+    maps = procfs.read_maps(pid)
+    segments = describe_segments(pid, maps, rec.DumpOptions(0), flags={})
+    problems = mapping_problems(segments, frozenset(m.start for m in maps if holds_object(m)))
+    if problems:
+        raise Unsupported(f"cannot move process {pid}: {'; '.join(problems)}; nothing was changed")
 
 
 def plan_proxies(

@@ -79,9 +79,10 @@ def set_up_terminals(stub: Stub, image: ImageFiles, fresh: frozenset[int]) -> in
     terminal, if any."""
     controlling = None
     for descriptor in image.descriptors:
-        if descriptor.fd not in fresh or not descriptor.object_id:
-            continue
-        state = image.object_of(descriptor, rec.TerminalObject).state
+        found = image.objects.get(descriptor.object_id)
+        if descriptor.fd not in fresh or not isinstance(found, rec.TerminalObject):
+            continue  # a relay of another kind, or a terminal that did not answer at the dump
+        state = found.state
         stub.reset_scratch()
         settings = terminal.Settings(
             state.c_iflag, state.c_oflag, state.c_cflag, state.c_lflag, state.c_line, state.c_cc

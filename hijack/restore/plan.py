@@ -8,7 +8,7 @@ descriptor's kind (hijack.objects) asked why it could not be rebuilt.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from hijack import objects
@@ -55,17 +55,27 @@ def restore_problems(
 ) -> Problems:
     """Everything a restore from this image would refuse; `held` descriptors come from
     elsewhere (the shadow keeps them, a move relays them)."""
-    mappings: list[str] = []
-    held_by_objects = mapped_objects(segments, image)  # made from the image: no file needed
+    held_by_objects = frozenset(mapped_objects(segments, image))
+    return Problems(
+        mapping_problems(segments, held_by_objects), tuple(objects.refusals(image, held))
+    )
+
+
+def mapping_problems(
+    segments: Iterable[rec.Segment], held_by_objects: frozenset[int] = frozenset()
+) -> tuple[str, ...]:
+    """The files the segments map that a restore could not open, or that changed; those
+    starting at `held_by_objects` are made from the image (a memfd, a deleted file)."""
+    found: list[str] = []
     for segment in segments:
         if segment.start in held_by_objects:
             continue
         change = identity_change(segment.file) if segment.file is not None else None
         if change is None and needs_backing_file(segment) and not _can_open(segment):
             change = unmappable(segment)
-        if change is not None and change not in mappings:
-            mappings.append(change)
-    return Problems(tuple(mappings), tuple(objects.refusals(image, held)))
+        if change is not None and change not in found:
+            found.append(change)
+    return tuple(found)
 
 
 def _can_open(segment: rec.Segment) -> bool:

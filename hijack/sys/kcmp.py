@@ -7,29 +7,51 @@ from collections.abc import Iterable
 from hijack.sys.libc import raw_syscall
 
 KCMP_FILE = 0
+# kcmp's answers: equal, first less, first greater (an order on the kernel's
+# objects, consistent within one boot), different without an order.
+_EQUAL, _LESS, _GREATER = 0, 1, 2
+
+
+def _compare(pid: int, fd: int, other_fd: int) -> int:
+    return raw_syscall("kcmp", pid, pid, KCMP_FILE, fd, other_fd, pid=pid)
 
 
 def same_description(pid: int, fd: int, other_fd: int) -> bool:
     """Whether descriptors `fd` and `other_fd` of `pid` are one open file description."""
-    return raw_syscall("kcmp", pid, pid, KCMP_FILE, fd, other_fd, pid=pid) == 0
+    return _compare(pid, fd, other_fd) == _EQUAL
 
 
 def description_ids(pid: int, descriptors: Iterable[tuple[int, int, int]]) -> dict[int, int]:
     """A description id (1, 2, ... in order of first use) for each of `pid`'s descriptors,
     given as (fd, dev, ino) in ascending fd order: equal ids for one open file description.
 
-    Only descriptors of one inode can share a description, so kcmp compares those alone.
+    Only descriptors of one inode can share a description, so kcmp compares those alone,
+    by binary search in kcmp's order (every eventfd or epoll shares one anonymous inode:
+    a process may hold thousands).
     """
     ids: dict[int, int] = {}
-    firsts: dict[tuple[int, int], list[int]] = {}  # inode -> the first fd of each description
-    count = 0
+    descriptions = 0
+    firsts: dict[tuple[int, int], list[int]] = {}  # inode -> first fds, in kcmp's order
     for fd, dev, ino in descriptors:
-        seen = firsts.setdefault((dev, ino), [])
-        shared = next((first for first in seen if same_description(pid, first, fd)), None)
-        if shared is None:
-            seen.append(fd)
-            count += 1
-            ids[fd] = count
-        else:
-            ids[fd] = ids[shared]
+        ordered = firsts.setdefault((dev, ino), [])
+        low, high = 0, len(ordered)
+        while low < high:
+            middle = (low + high) // 2
+            answer = _compare(pid, fd, ordered[middle])
+            if answer == _EQUAL:
+                ids[fd] = ids[ordered[middle]]
+                break
+            if answer == _LESS:
+                high = middle
+            elif answer == _GREATER:
+                low = middle + 1
+            else:  # no order given: compare with each
+                found = next((f for f in ordered if same_description(pid, f, fd)), None)
+                if found is not None:
+                    ids[fd] = ids[found]
+                break
+        if fd not in ids:
+            ordered.insert(low, fd)
+            descriptions += 1
+            ids[fd] = descriptions
     return ids
