@@ -66,8 +66,9 @@ from hijack.sys import kcmp, pidfd, procfs
 from hijack.testpoint import reached
 
 # Reopened by path on the destination (nodes share a file system), or made
-# anew there from the image (epoll with its interest list, eventfd).
-REOPENED = {
+# anew there from the image (epoll with its interest list, eventfd, a memfd, a
+# deleted file, directory or FIFO with what it holds).
+REBUILT = {
     procfs.FdKind.REGULAR,
     procfs.FdKind.DIRECTORY,
     procfs.FdKind.FIFO,
@@ -75,6 +76,7 @@ REOPENED = {
     procfs.FdKind.BLOCKDEV,
     procfs.FdKind.EPOLL,
     procfs.FdKind.EVENTFD,
+    procfs.FdKind.MEMFD,
 }
 # Proxied through the home shadow as a byte stream.
 STREAMED = {procfs.FdKind.PIPE, procfs.FdKind.TTY}
@@ -724,7 +726,7 @@ def plan_proxies(
     plan: list[Proxy] = []
     refused: list[str] = []
     for entry in entries:
-        if entry.kind in REOPENED and _reopenable(entry):
+        if entry.kind in REBUILT:
             continue
         if entry.kind is procfs.FdKind.TTY and not entry.target.endswith("ptmx"):
             # At home, the stream of a terminal is named for its lowest descriptor;
@@ -888,17 +890,6 @@ def _closed_since(pid: int, entry: procfs.FdEntry) -> bool:
     except FileNotFoundError:
         return True
     return (now.st_dev, now.st_ino) != (entry.dev, entry.ino)
-
-
-def _reopenable(entry: procfs.FdEntry) -> bool:
-    """Whether the destination can open the file again by its path (not deleted)."""
-    if not entry.target.endswith(" (deleted)"):
-        return True
-    try:  # a file literally named "... (deleted)" is still there under that name
-        found = os.stat(entry.target)
-    except OSError:
-        return False
-    return (found.st_dev, found.st_ino) == (entry.dev, entry.ino)
 
 
 def peek_unread(pid: int, plan: list[Proxy]) -> dict[str, bytes]:
