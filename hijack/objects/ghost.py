@@ -193,7 +193,4 @@ class Ghost(Kind):
         ghost = image.object_of(descriptor, rec.GhostFile)
         if not stat.S_ISREG(ghost.mode):
             return f"deleted {ghost.path}"
-        stored = sum(len(chunk.data) for chunk in image.chunks.get(ghost.id, ()))
-        return (
-            f"deleted {ghost.path}, {ghost.size} bytes ({stored} stored), offset {descriptor.pos}"
-        )
+        return f"deleted {ghost.path}, {ghost.size} bytes, offset {descriptor.pos}"

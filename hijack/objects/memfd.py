@@ -200,8 +200,6 @@ class Memfd(Kind):
 
     def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
         memfd = image.object_of(descriptor, rec.MemfdObject)
-        stored = sum(len(chunk.data) for chunk in image.chunks.get(memfd.id, ()))
         return (
-            f"memfd {memfd.name!r}, {memfd.size} bytes ({stored} stored), seals {memfd.seals:#x},"
-            f" offset {descriptor.pos}"
+            f"{memfd.name!r}, {memfd.size} bytes, seals {memfd.seals:#x}, offset {descriptor.pos}"
         )
