@@ -9,6 +9,9 @@ before the process is touched.
 
 from __future__ import annotations
 
+import json
+import os
+import select
 import shutil
 import signal
 import tempfile
@@ -23,6 +26,7 @@ from hijack.image import records as rec
 from hijack.image.codec import read_image
 
 SYS_READ = 0
+EXIT_TIMEOUT = 30.0
 SCRATCH_SIZE = 2 * 1024 * 1024  # ghost.c's deleted file, mostly holes
 MEMFD_SHARED_SIZE = 64 * 1024  # memfd.c's shared memfd
 
@@ -132,3 +136,34 @@ def test_a_deleted_file_above_the_ghost_limit_is_refused_and_the_process_runs_on
         ghost.assert_intact()
     limit = hijack("dump", "1", "-o", image, "--ghost-limit", "lots")
     assert limit.returncode == 2, limit.describe()
+
+
+def test_an_attached_process_maps_the_very_memfd_its_shadow_kept(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "memfd.crf"
+    with spawn_fixture("memfd", fifos=True) as memfd:
+        attached = json.loads(hijack.ok("attach", "--json", memfd.pid).stdout)
+        shadow = os.pidfd_open(attached["shadow_pid"])
+        try:
+            hijack.ok("dump", memfd.pid, "-o", image, "--kill")
+            assert memfd.wait_exit() == -signal.SIGKILL
+            pid = restored_pid(hijack.ok("restore", image))
+            memfd.adopt(pid)
+            # The descriptor is the shadow's, the memfd itself: its mapping maps it too.
+            kept = os.stat(f"/proc/{pid}/fd/{memfd.ready['shared_fd']}").st_ino
+            [original] = [
+                r
+                for r in image_records(image)
+                if isinstance(r, rec.MemfdObject) and r.name == "hijack-shared"
+            ]
+            assert kept == original.ino
+            maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+            mapping = [line.split() for line in maps if "/memfd:hijack-shared" in line]
+            assert [fields[4] for fields in mapping] == [str(kept)]
+            hijack.ok("detach", pid)
+            memfd.assert_intact()
+        finally:
+            select.select([shadow], [], [], EXIT_TIMEOUT)
+            os.waitid(os.P_PIDFD, shadow, os.WEXITED | os.WNOHANG)
+            os.close(shadow)

@@ -36,6 +36,8 @@ from hijack.sys import filedata, procfs
 
 SEEK_SET = 0
 O_RDONLY, O_RDWR = 0, 2
+O_CLOEXEC = 0o2000000
+AT_FDCWD = -100
 SHARED_ANONYMOUS = "/dev/zero"  # the name the kernel gives MAP_SHARED | MAP_ANONYMOUS memory
 SYSV_SHM = "/SYSV"  # SysV shared memory segments: not ours
 
@@ -163,16 +165,28 @@ def map_objects(space: AddressSpace, restore: RestoreContext, mapped: dict[int, 
         object_id = mapped.get(segment.start)
         if object_id is None or isinstance(restore.image.objects[object_id], rec.SharedAnonymous):
             continue
-        mode = O_RDWR if may_write(segment) else O_RDONLY
-        opened = filedata.reopen(object_fd(restore, object_id), mode)
-        try:
-            taken = restore.take(opened)
-        finally:
-            os.close(opened)
+        taken = _stub_file(restore, object_id, O_RDWR if may_write(segment) else O_RDONLY)
         try:
             space.map_segment_from(segment, taken)
         finally:
             restore.stub.call("close", taken)
+
+
+def _stub_file(restore: RestoreContext, object_id: int, mode: int) -> int:
+    """A descriptor in the stub of file object `object_id`, a new description opened with
+    `mode`: of the stub's own descriptor of it where it has one (made from the image, or
+    the very file its shadow kept), so descriptor and mapping share the file; else of ours."""
+    holders = [d.fd for d in restore.image.descriptors if d.object_id == object_id]
+    if holders:
+        stub = restore.stub
+        stub.reset_scratch()
+        path = stub.put_string(f"/proc/self/fd/{holders[0]}")
+        return stub.call("openat", AT_FDCWD, path, mode | O_CLOEXEC, 0)
+    opened = filedata.reopen(object_fd(restore, object_id), mode)
+    try:
+        return restore.take(opened)
+    finally:
+        os.close(opened)
 
 
 class Memfd(Kind):
