@@ -21,9 +21,6 @@ from pathlib import Path
 
 from hijack.sys.errors import kernel_call, raise_for_errno
 
-# File seals (fcntl F_ADD_SEALS); <linux/fcntl.h>
-F_SEAL_SEAL = 0x1
-F_SEAL_WRITE = 0x8
 MFD_CLOEXEC = 0x1
 MFD_ALLOW_SEALING = 0x2
 # The name memfd_create() puts before the caller's in the /proc links.
