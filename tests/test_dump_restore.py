@@ -812,6 +812,8 @@ SUMMARY_KEYS = {
     "memory",
     "descriptors",
     "objects",
+    "settings",
+    "timers",
     "pages",
 }
 PROCESS_KEYS = {

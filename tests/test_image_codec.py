@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from hijack.errors import ImageError
 from hijack.image import (
     END_SECTION_SIZE,
+    FORMAT_VERSION,
     MAX_PAGES_DATA,
     PAGE_SIZE,
     RLIM_INFINITY,
@@ -46,10 +47,16 @@ from hijack.image import (
     ImageHeader,
     ImageWriter,
     InetSocket,
+    InotifyObject,
+    InotifyWatch,
+    Itimer,
     MemfdObject,
     MemoryStructure,
     ObjectData,
     Pages,
+    PidfdObject,
+    PosixTimer,
+    ProcessSettings,
     Prot,
     Record,
     Rlimit,
@@ -57,16 +64,22 @@ from hijack.image import (
     RobustList,
     Round,
     RseqConfiguration,
+    SeccompFilter,
     SectionKind,
     Segment,
     Segments,
     SharedAnonymous,
     SigAction,
     SigAltStack,
+    SignalfdObject,
     SignalState,
     TerminalObject,
     TerminalState,
     Thread,
+    ThreadScheduling,
+    ThreadSeccomp,
+    TimerfdObject,
+    Timers,
     UserRegsStruct,
     read_image,
     read_round,
@@ -77,7 +90,20 @@ from hijack.image import (
 from hijack.image import records as records_module
 from hijack.image.fields import Cursor, struct_codec
 
-OBJECT_TAGS = {b"TTYO", b"EPOL", b"EVFD", b"INET", b"GHST", b"MEMF", b"SHMA", b"ODAT"}
+OBJECT_TAGS = {
+    b"TTYO",
+    b"EPOL",
+    b"EVFD",
+    b"TMFD",
+    b"SGFD",
+    b"INFY",
+    b"PIDF",
+    b"INET",
+    b"GHST",
+    b"MEMF",
+    b"SHMA",
+    b"ODAT",
+}
 SECTION_NAMES = {
     b"HEAD": "HEADER",
     b"CRED": "CREDENTIALS",
@@ -91,12 +117,18 @@ SECTION_NAMES = {
     b"TTYO": "TERMINAL_OBJECT",
     b"EPOL": "EPOLL_OBJECT",
     b"EVFD": "EVENTFD_OBJECT",
+    b"TMFD": "TIMERFD_OBJECT",
+    b"SGFD": "SIGNALFD_OBJECT",
+    b"INFY": "INOTIFY_OBJECT",
+    b"PIDF": "PIDFD_OBJECT",
     b"INET": "INET_SOCKET",
     b"GHST": "GHOST_FILE",
     b"MEMF": "MEMFD",
     b"SHMA": "SHARED_ANONYMOUS",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
+    b"PSET": "SETTINGS",
+    b"TIMR": "TIMERS",
     b"END_": "END",
 }
 
@@ -295,15 +327,32 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         EventfdObject(id=4, count=7, semaphore=True),
         ObjectData(id=4, offset=0, data=rng.randbytes(100)),  # data of no real eventfd: a test
         ObjectData(id=4, offset=4096, data=b"after a hole"),
+        TimerfdObject(
+            id=5,
+            clock_id=1,
+            settime_flags=1,
+            ticks=3,
+            value_ns=1_500_000,
+            interval_ns=20_000_000,
+        ),
+        SignalfdObject(id=6, sigmask=(1 << 9) | (1 << 63)),
+        InotifyObject(
+            id=7,
+            watches=(
+                InotifyWatch(wd=1, mask=0x100, path="/srv/data"),
+                InotifyWatch(wd=4, mask=0x80000302, path="/etc/caf\u00e9 conf"),
+            ),
+        ),
+        PidfdObject(id=8, pid=4242, starttime=123456, own=True),
         GhostFile(
-            id=5, dev=2049, ino=77, mode=0o100640, uid=1000, gid=100, size=9000, path="/tmp/x"
+            id=9, dev=2049, ino=77, mode=0o100640, uid=1000, gid=100, size=9000, path="/tmp/x"
         ),
-        ObjectData(id=5, offset=8192, data=b"the tail after a hole"),
+        ObjectData(id=9, offset=8192, data=b"the tail after a hole"),
         MemfdObject(
-            id=6, dev=1, ino=1032, size=4096, seals=0xA, mode=0o100777, uid=0, gid=0, name="m"
+            id=10, dev=1, ino=1032, size=4096, seals=0xA, mode=0o100777, uid=0, gid=0, name="m"
         ),
-        ObjectData(id=6, offset=0, data=rng.randbytes(4096)),
-        SharedAnonymous(id=7, dev=1, ino=1035, size=16384),
+        ObjectData(id=10, offset=0, data=rng.randbytes(4096)),
+        SharedAnonymous(id=11, dev=1, ino=1035, size=16384),
     )
     files = Files(
         objects=len(objects),
@@ -412,6 +461,55 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             shared_pending=(rng.randbytes(128),),
         ),
         Cwd(cwd="/srv/data", root="/"),
+        ProcessSettings(
+            dumpable=2,
+            thp_disable=True,
+            child_subreaper=False,
+            pdeath_signal=15,
+            timer_slack_ns=50_000,
+            oom_score_adj=-17,
+            loginuid=1000,
+            threads=(
+                ThreadScheduling(tid=4242, policy=3, priority=0, nice=-5, affinity=(0, 2, 3)),
+                ThreadScheduling(tid=4243, policy=1, priority=42, nice=0, affinity=(1,)),
+            ),
+            seccomp=(
+                ThreadSeccomp(
+                    tid=4243,
+                    mode=2,
+                    filters=(
+                        SeccompFilter(flags=0, program=rng.randbytes(8 * 5)),
+                        SeccompFilter(flags=2, program=rng.randbytes(8)),
+                    ),
+                ),
+                ThreadSeccomp(tid=4244, mode=1, filters=()),
+            ),
+        ),
+        Timers(
+            itimers=(Itimer(which=0, interval_ns=20_000_000, value_ns=7_000_000),),
+            posix=(
+                PosixTimer(
+                    timer_id=0,
+                    clock_id=1,
+                    notify=0,
+                    signal=10,
+                    value=0xFEED,
+                    thread=0,
+                    interval_ns=0,
+                    value_ns=0,
+                ),
+                PosixTimer(
+                    timer_id=3,
+                    clock_id=-6,
+                    notify=4,
+                    signal=34,
+                    value=2**64 - 1,
+                    thread=4243,
+                    interval_ns=1_000_000,
+                    value_ns=999_999_999_999,
+                ),
+            ),
+        ),
     ]
     out = io.BytesIO()
     writer = ImageWriter(out)
@@ -605,8 +703,9 @@ def test_foreign_files_are_refused() -> None:
     for foreign in (elf_head, os.urandom(5000), b"", b"hello world\n", b"CRX\0\1\0\0\0"):
         with pytest.raises(ImageError, match="not a CRF image"):
             read_all(foreign)
-    with pytest.raises(ImageError, match="unsupported CRF version 4"):
-        read_all(b"CRF\0\4\0\0\0" + BUILT.image[8:])
+    for other in (FORMAT_VERSION - 1, FORMAT_VERSION + 1):
+        with pytest.raises(ImageError, match=f"unsupported CRF version {other}"):
+            read_all(b"CRF\0" + struct.pack("<I", other) + BUILT.image[8:])
 
 
 def test_trailing_data_is_refused_unless_the_image_is_embedded() -> None:
@@ -627,7 +726,7 @@ def test_absurd_lengths_are_refused_without_allocating_them() -> None:
     huge_list = payload[:argv_count_at] + b"\xff\xff\xff\x7f" + payload[argv_count_at + 4 :]
     first_pages = next(s.offset for s in sections(BUILT.image) if s.tag == b"PAGE")
     cases = {
-        "section length": b"CRF\0\3\0\0\0HEAD\xff\xff\xff\xff",
+        "section length": BUILT.image[:8] + b"HEAD\xff\xff\xff\xff",
         "pages length": BUILT.image[:first_pages] + b"PAGE\xff\xff\xff\x00",
         "string length": replace_section(BUILT.image, header, frame(b"HEAD", huge_string)),
         "list count": replace_section(BUILT.image, header, frame(b"HEAD", huge_list)),
@@ -645,8 +744,7 @@ def test_non_canonical_bytes_are_refused() -> None:
     files = next(s for s in sections(BUILT.image) if s.tag == b"FDS_")
     # FILES counting its objects, one descriptor: fd kind flags pos | cloexec |
     # mode dev ino description_id object_id path.
-    (objects,) = struct.unpack_from("<I", files.payload)
-    before = struct.pack("<IIIBIq", objects, 1, 7, FdKind.PIPE, 0, 0)
+    before = struct.pack("<IIIBIq", the(Files).objects, 1, 7, FdKind.PIPE, 0, 0)
     after = struct.pack("<IQQQQI", 0, 0, 0, 1, 0, 1) + b"p"
     for cloexec, problem in ((b"\x02", "boolean byte is 2"), (b"\x01", None)):
         payload = before + cloexec + after
@@ -879,9 +977,17 @@ def test_summary_and_its_json() -> None:
         "memory",
         "descriptors",
         "objects",
+        "settings",
+        "timers",
         "pages",
     }
     assert document["image_bytes"] == len(BUILT.image)
+    settings = document["settings"]
+    assert isinstance(settings, dict) and settings["oom_score_adj"] == -17
+    assert settings["threads"] == [
+        {"tid": 4242, "policy": 3, "priority": 0, "nice": -5, "affinity": [0, 2, 3]},
+        {"tid": 4243, "policy": 1, "priority": 42, "nice": 0, "affinity": [1]},
+    ]
     process = document["process"]
     assert isinstance(process, dict)
     assert process["options"] == ["NO_SHARED_LIBS"]
@@ -929,8 +1035,8 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert objects[4]["record"] == "GhostFile"
-    assert objects[4]["data_bytes"] == len("the tail after a hole")
+    assert objects[8]["record"] == "GhostFile"
+    assert objects[8]["data_bytes"] == len("the tail after a hole")
     # Every object record once, ObjectData counted in its object's data_bytes.
     records = [r for r in BUILT.records if isinstance(r, records_module.ObjectRecord)]
     assert len(objects) == len([r for r in records if not isinstance(r, ObjectData)])

@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 from rich.console import Console
 
+from hijack import check as checking
 from hijack import objects
 from hijack.cli import render
 from hijack.errors import HijackError
@@ -172,6 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     init.set_defaults(handler=command_cluster_init)
     add_status_parser(commands)
+
+    check = commands.add_parser(
+        "check", help="can this machine and user do everything hijack needs?"
+    )
+    check.add_argument("--json", action="store_true", help="print the findings as JSON")
+    check.set_defaults(handler=command_check)
     return parser
 
 
@@ -310,6 +317,15 @@ def command_status(args: argparse.Namespace, console: Console) -> int:
         status_view.status_json(console, snapshot)
     else:
         status_view.status(console, snapshot)
+    return EXIT_OK
+
+
+def command_check(args: argparse.Namespace, console: Console) -> int:
+    findings = checking.run_checks()
+    render.check_findings(console, findings, as_json=args.json)
+    missing = [finding.name for finding in findings if finding.required and not finding.ok]
+    if missing:
+        raise HijackError(f"missing what hijack needs: {', '.join(missing)}")
     return EXIT_OK
 
 

@@ -18,10 +18,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from hijack.check import Finding
 from hijack.image.summary import ImageSummary, summary_to_json
 from hijack.mutator.attach import AttachResult
 from hijack.mutator.dump import DumpResult
 from hijack.node.move import MoveResult
+from hijack.process import settings as process_settings
+from hijack.process import timers as process_timers
 from hijack.restore.restorer import RestoreResult
 
 
@@ -138,6 +141,12 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
         )
     console.print(files)
 
+    console.print("process settings and timers")
+    for line in process_settings.describe(summary.settings) + process_timers.describe(
+        summary.timers
+    ):
+        console.print(f"  {escape(line)}", highlight=False)
+
     pages = summary.pages
     console.print(
         f"image {human_size(summary.image_bytes)} (CRF v{summary.version}):"
@@ -184,3 +193,22 @@ def move_result(console: Console, result: MoveResult) -> None:
             else ""
         )
     )
+
+
+def check_findings(console: Console, findings: list[Finding], *, as_json: bool = False) -> None:
+    """`hijack check`: one line per feature, then what a missing one costs."""
+    if as_json:
+        console.print_json(json.dumps([finding.__dict__ for finding in findings]))
+        return
+    width = max(len(finding.name) for finding in findings)
+    for finding in findings:
+        if finding.ok:
+            mark = "[green]ok     [/]"
+        elif finding.required:
+            mark = "[bold red]MISSING[/]"
+        else:
+            mark = "[yellow]limited[/]"
+        line = f"{mark} {escape(finding.name.ljust(width))}  {escape(finding.detail)}"
+        if not finding.ok:
+            line += f" [dim]— without it: {escape(finding.without)}[/]"
+        console.print(line, highlight=False, soft_wrap=True)

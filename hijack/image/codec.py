@@ -1,7 +1,7 @@
 """Writing and reading CRF images as a stream of checksummed sections.
 
     IMAGE     ::= SIGNATURE HEADER CREDENTIALS RLIMITS MM SEGMENTS FILES { OBJECT }
-                  { PAGES } THREAD { THREAD } SIGNALS CWD END
+                  { PAGES } THREAD { THREAD } SIGNALS CWD SETTINGS TIMERS END
     OBJECT    ::= an object record or OBJECT_DATA (as many as FILES counts)
     ROUND     ::= SIGNATURE ROUND SEGMENTS { PAGES } END     (a move's pre-copy round)
     SIGNATURE ::= "CRF\\0" VERSION:u32
@@ -60,18 +60,24 @@ from hijack.image.records import (
     GhostFile,
     ImageHeader,
     InetSocket,
+    InotifyObject,
     MemfdObject,
     MemoryStructure,
     ObjectData,
     Pages,
+    PidfdObject,
+    ProcessSettings,
     Record,
     Rlimits,
     Round,
     Segments,
     SharedAnonymous,
+    SignalfdObject,
     SignalState,
     TerminalObject,
     Thread,
+    TimerfdObject,
+    Timers,
 )
 
 MAGIC = b"CRF\0"
@@ -107,12 +113,18 @@ class SectionKind(enum.Enum):
     TERMINAL_OBJECT = b"TTYO"
     EPOLL_OBJECT = b"EPOL"
     EVENTFD_OBJECT = b"EVFD"
+    TIMERFD_OBJECT = b"TMFD"
+    SIGNALFD_OBJECT = b"SGFD"
+    INOTIFY_OBJECT = b"INFY"
+    PIDFD_OBJECT = b"PIDF"
     INET_SOCKET = b"INET"
     GHOST_FILE = b"GHST"
     MEMFD = b"MEMF"
     SHARED_ANONYMOUS = b"SHMA"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
+    SETTINGS = b"PSET"
+    TIMERS = b"TIMR"
     END = b"END_"
 
 
@@ -213,12 +225,18 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.TERMINAL_OBJECT: _StructSection(TerminalObject, is_object=True),
     SectionKind.EPOLL_OBJECT: _StructSection(EpollObject, is_object=True),
     SectionKind.EVENTFD_OBJECT: _StructSection(EventfdObject, is_object=True),
+    SectionKind.TIMERFD_OBJECT: _StructSection(TimerfdObject, is_object=True),
+    SectionKind.SIGNALFD_OBJECT: _StructSection(SignalfdObject, is_object=True),
+    SectionKind.INOTIFY_OBJECT: _StructSection(InotifyObject, is_object=True),
+    SectionKind.PIDFD_OBJECT: _StructSection(PidfdObject, is_object=True),
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
     SectionKind.GHOST_FILE: _StructSection(GhostFile, is_object=True),
     SectionKind.MEMFD: _StructSection(MemfdObject, is_object=True),
     SectionKind.SHARED_ANONYMOUS: _StructSection(SharedAnonymous, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
+    SectionKind.SETTINGS: _StructSection(ProcessSettings),
+    SectionKind.TIMERS: _StructSection(Timers),
     SectionKind.END: _StructSection(End),
 }
 _KIND_OF: dict[type[Any], SectionKind] = {
@@ -259,6 +277,8 @@ _IMAGE_GRAMMAR = (
     _Step(SectionKind.THREAD, 1, True),
     _Step(SectionKind.SIGNALS, 1, False),
     _Step(SectionKind.CWD, 1, False),
+    _Step(SectionKind.SETTINGS, 1, False),
+    _Step(SectionKind.TIMERS, 1, False),
     _Step(SectionKind.END, 1, False),
 )
 _ROUND_GRAMMAR = (

@@ -25,6 +25,7 @@ U16 = Annotated[int, UInt(2)]
 U32 = Annotated[int, UInt(4)]
 U64 = Annotated[int, UInt(8)]
 I64 = Annotated[int, SInt(8)]
+I32 = Annotated[int, SInt(4)]
 # A raw kernel siginfo_t (always 128 bytes on Linux), kept opaque: restore hands
 # it back to rt_sigqueueinfo / PTRACE_SETSIGINFO unchanged.
 SIGINFO_SIZE = 128
@@ -464,6 +465,67 @@ class EventfdObject:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TimerfdObject:
+    """A timerfd (fdinfo: clockid, settime flags, ticks, it_value, it_interval)."""
+
+    id: U64
+    clock_id: I32
+    settime_flags: U32  # TFD_TIMER_ABSTIME 1, TFD_TIMER_CANCEL_ON_SET 2, as last set
+    ticks: U64  # expirations not read yet
+    value_ns: U64  # time left until the next expiry; 0 when disarmed
+    interval_ns: U64
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SignalfdObject:
+    id: U64
+    sigmask: U64  # the signals it reads, bit n-1 for signal n (fdinfo sigmask)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InotifyWatch:
+    wd: I32  # the watch descriptor the program knows it by
+    mask: U32  # the events and flags (IN_ONESHOT, IN_EXCL_UNLINK, ...) it was added with
+    path: str  # the watched inode, found by its file handle at dump
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class InotifyObject:
+    """An inotify instance and its watches (fdinfo "inotify" lines), ascending wd."""
+
+    id: U64
+    watches: tuple[InotifyWatch, ...]
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        wds = [watch.wd for watch in self.watches]
+        _require(
+            wds == sorted(set(wds)) and all(wd > 0 for wd in wds),
+            f"InotifyObject {self.id}: watch descriptors must be positive, unique, ascending",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PidfdObject:
+    """A pidfd: the process it refers to (fdinfo Pid), told apart from a later process
+    under the same pid by its start time."""
+
+    id: U64
+    pid: I32  # -1 when that process had exited and been reaped
+    starttime: U64  # /proc/PID/stat starttime of that process, 0 when it was gone
+    own: bool  # the dumped process itself: it refers to the restored process
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class InetSocket:
     """A TCP or UDP socket as /proc/net tells of it."""
 
@@ -562,6 +624,10 @@ ObjectRecord = (
     TerminalObject
     | EpollObject
     | EventfdObject
+    | TimerfdObject
+    | SignalfdObject
+    | InotifyObject
+    | PidfdObject
     | InetSocket
     | GhostFile
     | MemfdObject
@@ -574,6 +640,104 @@ ObjectRecord = (
 class Cwd:
     cwd: str
     root: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ThreadScheduling:
+    """How the kernel schedules one thread: sched_getattr(2), getpriority(2),
+    sched_getaffinity(2)."""
+
+    tid: U32
+    policy: U32  # SCHED_OTHER 0, FIFO 1, RR 2, BATCH 3, IDLE 5 (SCHED_RESET_ON_FORK kept)
+    priority: U32  # sched_priority, for the real-time policies
+    nice: I32  # -20..19
+    affinity: tuple[U32, ...]  # the CPUs it may run on, ascending
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SeccompFilter:
+    """One filter of a seccomp chain (PTRACE_SECCOMP_GET_FILTER and _GET_METADATA)."""
+
+    flags: U64  # SECCOMP_FILTER_FLAG_LOG, ... as the metadata reports them
+    program: bytes  # struct sock_filter instructions, 8 bytes each
+
+    def __post_init__(self) -> None:
+        _require(
+            0 < len(self.program) <= 4096 * 8 and len(self.program) % 8 == 0,
+            f"SeccompFilter: {len(self.program)} bytes is not 1 to 4096 instructions",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ThreadSeccomp:
+    """The seccomp state of one thread that has one."""
+
+    tid: U32
+    mode: U8  # SECCOMP_MODE_STRICT 1, SECCOMP_MODE_FILTER 2
+    filters: tuple[SeccompFilter, ...]  # oldest first: the order they are installed in
+
+    def __post_init__(self) -> None:
+        _require(self.mode in (1, 2), f"ThreadSeccomp {self.tid}: mode {self.mode} is not 1 or 2")
+        _require(
+            (self.mode == 2) == bool(self.filters),
+            f"ThreadSeccomp {self.tid}: filters belong to mode 2 and only to it",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProcessSettings:
+    """The small per-process settings programs notice when lost (docs/crf.md, SETTINGS)."""
+
+    dumpable: U8  # prctl(PR_GET_DUMPABLE): 0, 1 or 2
+    thp_disable: bool  # prctl(PR_GET_THP_DISABLE)
+    child_subreaper: bool  # prctl(PR_GET_CHILD_SUBREAPER)
+    pdeath_signal: U8  # prctl(PR_GET_PDEATHSIG), 0 for none
+    timer_slack_ns: U64  # /proc/PID/timerslack_ns
+    oom_score_adj: I32  # /proc/PID/oom_score_adj, -1000..1000
+    loginuid: U32  # /proc/PID/loginuid; 4294967295 when never set
+    threads: tuple[ThreadScheduling, ...]
+    seccomp: tuple[ThreadSeccomp, ...]  # the threads under seccomp
+
+    def __post_init__(self) -> None:
+        _require(self.dumpable <= 2, f"ProcessSettings: dumpable {self.dumpable} is not 0-2")
+        _require(
+            -1000 <= self.oom_score_adj <= 1000,
+            f"ProcessSettings: oom_score_adj {self.oom_score_adj} is outside -1000..1000",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Itimer:
+    """One interval timer (getitimer(2)): ITIMER_REAL 0, ITIMER_VIRTUAL 1, ITIMER_PROF 2."""
+
+    which: U32
+    interval_ns: U64  # it_interval
+    value_ns: U64  # it_value: time left until it next expires; 0 when disarmed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PosixTimer:
+    """A timer of timer_create(2), as /proc/PID/timers and timer_gettime(2) tell it."""
+
+    timer_id: U32
+    clock_id: I32  # CLOCK_REALTIME 0, CLOCK_MONOTONIC 1, ..., or a CPU-time clock id
+    notify: U32  # SIGEV_SIGNAL 0, SIGEV_NONE 1, SIGEV_THREAD_ID 4
+    signal: U32  # sigev_signo
+    value: U64  # sigev_value (sival_ptr), handed to the signal handler
+    thread: U32  # the tid SIGEV_THREAD_ID notifies, else 0
+    interval_ns: U64  # it_interval
+    value_ns: U64  # it_value: time left until it next expires; 0 when disarmed
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timers:
+    itimers: tuple[Itimer, ...]  # the armed ones only
+    posix: tuple[PosixTimer, ...]  # ascending timer_id
+
+    def __post_init__(self) -> None:
+        ids = [timer.timer_id for timer in self.posix]
+        _require(ids == sorted(set(ids)), "Timers: POSIX timer ids must be unique, ascending")
+        _require(all(timer.which <= 2 for timer in self.itimers), "Timers: an itimer is not 0-2")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -609,5 +773,7 @@ Record = (
     | Files
     | ObjectRecord
     | Cwd
+    | ProcessSettings
+    | Timers
     | End
 )

@@ -29,10 +29,12 @@ from hijack.image.records import (
     ObjectData,
     ObjectRecord,
     Pages,
+    ProcessSettings,
     Record,
     Segment,
     Segments,
     Thread,
+    Timers,
 )
 
 SUMMARY_VERSION = 2  # bumped when a key of summary_to_json changes meaning or goes away
@@ -101,6 +103,8 @@ class ImageSummary:
     object_data: dict[int, int]  # bytes of ObjectData by object id
     details: tuple[str, ...]  # one line per descriptor, by its kind ("" if not asked)
     pages: PageTotals
+    settings: ProcessSettings
+    timers: Timers
 
     @property
     def descriptors(self) -> tuple[FileDescriptor, ...]:
@@ -120,6 +124,8 @@ def summarize(
     cwd: Cwd | None = None
     files: Files | None = None
     end: End | None = None
+    settings: ProcessSettings | None = None
+    timers: Timers | None = None
     segments: tuple[Segment, ...] = ()
     starts: list[int] = []
     stored_bytes: list[int] = []
@@ -157,10 +163,25 @@ def summarize(
             objects.append(record)
         elif isinstance(record, Cwd):
             cwd = record
+        elif isinstance(record, ProcessSettings):
+            settings = record
+        elif isinstance(record, Timers):
+            timers = record
         elif isinstance(record, End):
             end = record
-    if header is None or credentials is None or cwd is None or files is None or end is None:
-        raise ImageError("incomplete image: a HEADER, CREDENTIALS, FILES, CWD or END is missing")
+    if (
+        header is None
+        or credentials is None
+        or cwd is None
+        or files is None
+        or settings is None
+        or timers is None
+        or end is None
+    ):
+        raise ImageError(
+            "incomplete image: a HEADER, CREDENTIALS, FILES, CWD, SETTINGS, TIMERS or END"
+            " is missing"
+        )
     image_files = ImageFiles(files, tuple(objects))
     return ImageSummary(
         version=FORMAT_VERSION,
@@ -205,6 +226,8 @@ def summarize(
             untouched=end.pages_untouched,
             file=end.pages_file,
         ),
+        settings=settings,
+        timers=timers,
     )
 
 
@@ -230,6 +253,18 @@ def _object_json(record: ObjectRecord, data_bytes: int) -> JsonValue:
     fields = _value_json(record)
     assert isinstance(fields, dict)
     return {"record": type(record).__name__, **fields, "data_bytes": data_bytes}
+
+
+def _plain(value: object) -> JsonValue:
+    """A record's asdict() as JSON values: its tuples become lists, its bytes hex strings."""
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(item) for item in value]
+    assert value is None or isinstance(value, bool | int | str), value
+    return value
 
 
 def summary_to_json(summary: ImageSummary) -> dict[str, JsonValue]:
@@ -297,6 +332,8 @@ def summary_to_json(summary: ImageSummary) -> dict[str, JsonValue]:
             _object_json(record, summary.object_data.get(record.id, 0))
             for record in summary.files.sections
         ],
+        "settings": _plain(dataclasses.asdict(summary.settings)),
+        "timers": _plain(dataclasses.asdict(summary.timers)),
         "pages": {
             "stored": summary.pages.stored,
             "zero": summary.pages.zero,

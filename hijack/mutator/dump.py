@@ -35,6 +35,7 @@ from hijack.image.identity import file_identity, is_shared_library
 from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, recorded_registers
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.objects.memfd import held_by_objects
+from hijack.process import settings, timers
 from hijack.restore.plan import ATTACH_HINT, restore_problems
 from hijack.sys import memory, procfs
 from hijack.sys import ptrace as pt
@@ -167,6 +168,8 @@ def write_image(
         known = precopied.signal_actions if precopied is not None else None
         actions = read_signal_actions(tracee, scratch, known)
         threads = [read_thread(tracee, thread, scratch) for thread in _live(tracee)]
+        process_settings = settings.read_settings(tracee, scratch, tracee.thread_ids)
+        process_timers = timers.read_timers(tracee, scratch)
     tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
     files = objects.read_files(pid, maps=maps, ghost_limit=ghost_limit)
     flags = precopied.vm_flags(maps) if precopied is not None else None
@@ -194,6 +197,8 @@ def write_image(
         )
     )
     writer.write(rec.Cwd(cwd=procfs.read_cwd(pid), root=procfs.read_root(pid)))
+    writer.write(process_settings)
+    writer.write(process_timers)
     end = writer.close(pages_untouched=counts.untouched, pages_file=counts.from_files)
     out.flush()
     return end, len(threads), writer.bytes_written

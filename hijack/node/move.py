@@ -66,8 +66,9 @@ from hijack.sys import kcmp, pidfd, procfs
 from hijack.testpoint import reached
 
 # Reopened by path on the destination (nodes share a file system), or made
-# anew there from the image (epoll with its interest list, eventfd, a memfd, a
-# deleted file, directory or FIFO with what it holds).
+# anew there from the image (epoll with its interest list, eventfd, timerfd,
+# signalfd, inotify with its watches, a memfd, a deleted file, directory or
+# FIFO with what it holds).
 REBUILT = {
     procfs.FdKind.REGULAR,
     procfs.FdKind.DIRECTORY,
@@ -77,6 +78,9 @@ REBUILT = {
     procfs.FdKind.EPOLL,
     procfs.FdKind.EVENTFD,
     procfs.FdKind.MEMFD,
+    procfs.FdKind.TIMERFD,
+    procfs.FdKind.SIGNALFD,
+    procfs.FdKind.INOTIFY,
 }
 # Proxied through the home shadow as a byte stream.
 STREAMED = {procfs.FdKind.PIPE, procfs.FdKind.TTY}

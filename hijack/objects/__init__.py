@@ -28,10 +28,14 @@ from hijack.objects.eventfd import Eventfd
 from hijack.objects.fifo import Fifo
 from hijack.objects.ghost import Ghost
 from hijack.objects.inet import Inet
+from hijack.objects.inotify import Inotify
 from hijack.objects.memfd import Memfd
 from hijack.objects.other import Other
+from hijack.objects.pidfd import Pidfd
 from hijack.objects.regular import Regular
+from hijack.objects.signalfd import Signalfd
 from hijack.objects.terminal import Terminal
+from hijack.objects.timerfd import Timerfd
 from hijack.sys import kcmp, procfs
 
 KINDS: tuple[Kind, ...] = (
@@ -43,6 +47,10 @@ KINDS: tuple[Kind, ...] = (
     Device(),
     Epoll(),
     Eventfd(),
+    Timerfd(),
+    Signalfd(),
+    Inotify(),
+    Pidfd(),
     Inet(),
     Other(),  # last: claims whatever is left, and refuses it
 )

@@ -39,6 +39,7 @@ from hijack.objects.base import RestoreContext, describe_fd
 from hijack.objects.ghost import deleted_cwd, enter_deleted_cwd
 from hijack.objects.memfd import map_objects, mapped_objects
 from hijack.objects.terminal import set_up_terminals
+from hijack.process import seccomp, settings, timers
 from hijack.registry import Registry
 from hijack.restore.address_space import AddressSpace
 from hijack.restore.files import restore_files
@@ -97,6 +98,8 @@ class _Image:
     threads: list[rec.Thread] = field(default_factory=list)
     signals: rec.SignalState | None = None
     cwd: rec.Cwd | None = None
+    settings: rec.ProcessSettings | None = None
+    timers: rec.Timers | None = None
 
     def mapped(self) -> dict[int, int]:
         """The segments an object holds: start -> object id (made after the descriptors)."""
@@ -303,12 +306,22 @@ def _consume_rest(records: Iterator[rec.Record], image: _Image, space: AddressSp
             image.signals = record
         elif isinstance(record, rec.Cwd):
             image.cwd = record
+        elif isinstance(record, rec.ProcessSettings):
+            image.settings = record
+        elif isinstance(record, rec.Timers):
+            image.timers = record
         elif isinstance(record, rec.End):
             pass  # read_image checked the totals; the iterator ends after it
         else:
             raise ImageError(f"unexpected {type(record).__name__} record after the segments")
-    if not image.threads or image.signals is None or image.cwd is None:
-        raise ImageError("image has no threads, signal state or cwd")
+    if (
+        not image.threads
+        or image.signals is None
+        or image.cwd is None
+        or image.settings is None
+        or image.timers is None
+    ):
+        raise ImageError("image has no threads, signal state, cwd, settings or timers")
 
 
 # -- finishing the stub once the whole image is in --------------------------------
@@ -323,6 +336,7 @@ def _finish(
     provided: frozenset[int],
 ) -> None:
     assert image.signals is not None and image.cwd is not None
+    assert image.settings is not None and image.timers is not None
     leader = _leader_record(image)
     restore_files(stub, plan, image.files, inherited, functools.partial(_objects, space, image))
     controlling = set_up_terminals(stub, image.files, provided)
@@ -330,6 +344,8 @@ def _finish(
     _set_signal_actions(stub, image.signals)
     _set_rlimits(stub, image.rlimits)
     _set_process_state(stub, image, controlling)
+    settings.apply_login_uid(stub, image.settings)
+    settings.lock_memory(stub, image.segments)
     thread_ids = {leader.tid: stub.pid}
     for thread in image.threads:
         if thread is not leader:
@@ -337,7 +353,11 @@ def _finish(
     for thread in image.threads:
         _set_thread_state(stub, thread, thread_ids[thread.tid], image.credentials)
     _queue_pending_signals(stub, image, thread_ids)
+    settings.apply_settings(stub, image.settings, thread_ids)
+    timers.create_posix_timers(stub, image.timers, thread_ids)
+    timers.arm_timers(stub, image.timers)  # last: the restore's own time does not count
     space.unmap_scratch()
+    seccomp.install_seccomp(stub, image.settings, image.threads, image.segments, thread_ids)
     for thread in image.threads:
         _set_registers(stub, thread, thread_ids[thread.tid], image.signals)
 

@@ -83,6 +83,26 @@ _ioctl = libc.ioctl
 _ioctl.restype = ctypes.c_int
 
 
+def negotiate_features(uffd: int) -> int:
+    """UFFDIO_API on our own userfaultfd asking for the tracking features: those granted."""
+    api = bytearray(UFFDIO_API_STRUCT.pack(UFFD_API, TRACKING_FEATURES, 0))
+    buffer = (ctypes.c_char * len(api)).from_buffer(api)
+    if _ioctl(uffd, UFFDIO_API, buffer) != 0:
+        raise_for_errno(ctypes.get_errno(), "ioctl(UFFDIO_API)")
+    del buffer
+    features: int = UFFDIO_API_STRUCT.unpack(api)[1]
+    return features
+
+
+def present_in(pid: int, start: int, end: int) -> list[tuple[int, int]]:
+    """The present pages of [start, end) of `pid`, by PAGEMAP_SCAN (no tracking needed)."""
+    scanner = WrittenPages(pid, -1)
+    try:
+        return scanner._scan(start, end, PAGE_IS_PRESENT)
+    finally:
+        scanner.close()
+
+
 class WrittenPages:
     """The pages `pid` writes from now on, over its userfaultfd `uffd` (ours; closed by close()).
 

@@ -8,8 +8,9 @@ import select
 from hijack.sys.libc import raw_syscall
 
 
-def pidfd_open(pid: int) -> int:
-    return raw_syscall("pidfd_open", pid, 0, pid=pid)
+def pidfd_open(pid: int, flags: int = 0) -> int:
+    """A pidfd of `pid`; `flags` may hold PIDFD_NONBLOCK (O_NONBLOCK)."""
+    return raw_syscall("pidfd_open", pid, flags, pid=pid)
 
 
 def pidfd_getfd(pidfd: int, target_fd: int, pid: int | None = None) -> int:

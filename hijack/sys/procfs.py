@@ -249,6 +249,7 @@ class ProcStatus:
     cap_amb: int
     no_new_privs: bool
     seccomp: int  # 0 off, 1 strict, 2 filter
+    seccomp_filters: int  # filters in the chain of this task
     kthread: bool | None  # None on kernels without the "Kthread:" line
 
 
@@ -257,9 +258,10 @@ def _ids(value: str) -> tuple[int, int, int, int]:
     return real, effective, saved, fs
 
 
-def read_status(pid: int) -> ProcStatus:
+def read_status(pid: int, tid: int | None = None) -> ProcStatus:
+    """/proc/PID/status, or the status of thread `tid` of process `pid`."""
     fields: dict[str, str] = {}
-    for line in _read_text(pid, "status").splitlines():
+    for line in _read_text(pid, "status", tid).splitlines():
         key, _, value = line.partition(":")
         fields[key] = value.strip()
     umask = fields.get("Umask")
@@ -289,6 +291,7 @@ def read_status(pid: int) -> ProcStatus:
         cap_amb=int(fields["CapAmb"], 16),
         no_new_privs=fields["NoNewPrivs"] == "1",
         seccomp=int(fields["Seccomp"]),
+        seccomp_filters=int(fields.get("Seccomp_filters", "0")),
         kthread=None if kthread is None else kthread == "1",
     )
 
@@ -455,6 +458,61 @@ def read_personality(pid: int) -> int:
 
 def read_root(pid: int) -> str:
     return _readlink(pid, "root")
+
+
+def read_oom_score_adj(pid: int) -> int:
+    return int(_read_text(pid, "oom_score_adj"))
+
+
+def read_loginuid(pid: int) -> int:
+    """The audit login uid; 4294967295 ((uid_t)-1) when never set."""
+    return int(_read_text(pid, "loginuid"))
+
+
+def read_timer_slack_ns(pid: int) -> int:
+    return int(_read_text(pid, "timerslack_ns"))
+
+
+@dataclass(frozen=True)
+class PosixTimerEntry:
+    """One timer of /proc/PID/timers."""
+
+    timer_id: int
+    signal: int  # sigev_signo
+    value: int  # sigev_value
+    notify: str  # "signal", "thread" or "none"
+    notify_tid: int  # the pid or tid after "pid." / "tid."
+    clock_id: int
+
+
+_TIMER_NOTIFY = re.compile(r"(\w+)/(?:pid|tid)\.(\d+)")
+
+
+def read_posix_timers(pid: int) -> list[PosixTimerEntry]:
+    """The timers of timer_create(2), from /proc/PID/timers (blocks of four lines)."""
+    timers = []
+    fields: dict[str, str] = {}
+    for line in _read_text(pid, "timers").splitlines():
+        name, _, value = line.partition(":")
+        fields[name.strip()] = value.strip()
+        if name.strip() != "ClockID":
+            continue
+        signo, _, sigval = fields["signal"].partition("/")
+        notify = _TIMER_NOTIFY.fullmatch(fields["notify"])
+        if notify is None:
+            _malformed(pid, "timers", fields["notify"])
+        timers.append(
+            PosixTimerEntry(
+                timer_id=int(fields["ID"]),
+                signal=int(signo),
+                value=int(sigval, 16),
+                notify=notify[1],
+                notify_tid=int(notify[2]),
+                clock_id=int(fields["ClockID"]),
+            )
+        )
+        fields = {}
+    return timers
 
 
 def read_auxv(pid: int) -> list[tuple[int, int]]:

@@ -42,7 +42,10 @@ PTRACE_PEEKSIGINFO = 0x4209
 PTRACE_PEEKSIGINFO_SHARED = 1
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
+PTRACE_SECCOMP_GET_FILTER = 0x420C
+PTRACE_SECCOMP_GET_METADATA = 0x420D
 PTRACE_GET_RSEQ_CONFIGURATION = 0x420F
+SOCK_FILTER_SIZE = 8  # struct sock_filter: code u16, jt u8, jf u8, k u32
 
 # Options.
 PTRACE_O_TRACESYSGOOD = 0x1
@@ -305,6 +308,34 @@ def peek_pending_signals(tid: int, *, shared: bool) -> list[bytes]:
         found += [raw[i * SIGINFO_SIZE : (i + 1) * SIGINFO_SIZE] for i in range(count)]
         if count < batch:
             return found
+
+
+class _SeccompMetadata(ctypes.Structure):
+    _fields_ = [("filter_off", ctypes.c_uint64), ("flags", ctypes.c_uint64)]
+
+
+def get_seccomp_filter(tid: int, index: int) -> tuple[int, bytes]:
+    """The flags and program (sock_filter instructions) of seccomp filter `index` of a
+    stopped `tid`. Index 0 is the oldest filter: get_nth_filter() counts back from the
+    newest (seen here; seccomp_unotify(2)-era man pages say the reverse)."""
+    count = _request("PTRACE_SECCOMP_GET_FILTER", PTRACE_SECCOMP_GET_FILTER, tid, index)
+    program = ctypes.create_string_buffer(count * SOCK_FILTER_SIZE)
+    _request(
+        "PTRACE_SECCOMP_GET_FILTER",
+        PTRACE_SECCOMP_GET_FILTER,
+        tid,
+        index,
+        ctypes.addressof(program),
+    )
+    metadata = _SeccompMetadata(filter_off=index)
+    _request(
+        "PTRACE_SECCOMP_GET_METADATA",
+        PTRACE_SECCOMP_GET_METADATA,
+        tid,
+        ctypes.sizeof(metadata),
+        ctypes.addressof(metadata),
+    )
+    return metadata.flags, program.raw
 
 
 def get_event_message(tid: int) -> int:

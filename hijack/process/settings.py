@@ -1,0 +1,143 @@
+"""The small settings a process notices when lost: prctl flags, OOM score, timer slack,
+audit login uid, and each thread's scheduling (policy, priority, nice, CPUs).
+
+What /proc shows is read from outside; the prctl flags only the process can
+tell, so they are asked by injected prctl(PR_GET_*) calls. At restore, the
+prctl flags are set by injected calls after the credentials (a change of
+credentials resets the parent-death signal and the dumpable flag), the rest
+from outside, once every thread exists.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from hijack.image import records as rec
+from hijack.mutator.tracee import Tracee
+from hijack.process import seccomp
+from hijack.restore.remote import Stub
+from hijack.sys import memory, procfs, scheduling
+
+PR_GET_PDEATHSIG = 2
+PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
+PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
+PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
+LOGINUID_UNSET = 2**32 - 1
+SUID_DUMP_USER = 1  # what a fresh process has
+AT_FDCWD, O_WRONLY = -100, 1
+
+
+def read_settings(tracee: Tracee, scratch: int, thread_ids: list[int]) -> rec.ProcessSettings:
+    pid = tracee.pid
+    tracee.checked_syscall("prctl", PR_GET_PDEATHSIG, scratch, 0, 0, 0)
+    tracee.checked_syscall("prctl", PR_GET_CHILD_SUBREAPER, scratch + 4, 0, 0, 0)
+    pdeath_signal, subreaper = struct.unpack("<ii", memory.read(pid, scratch, 8))
+    threads = []
+    for tid in thread_ids:
+        found = scheduling.read_scheduling(tid)
+        threads.append(
+            rec.ThreadScheduling(
+                tid=tid,
+                policy=found.policy,
+                priority=found.priority,
+                nice=found.nice,
+                affinity=found.affinity,
+            )
+        )
+    return rec.ProcessSettings(
+        dumpable=tracee.checked_syscall("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0),
+        thp_disable=bool(tracee.checked_syscall("prctl", PR_GET_THP_DISABLE, 0, 0, 0, 0)),
+        child_subreaper=bool(subreaper),
+        pdeath_signal=pdeath_signal,
+        timer_slack_ns=procfs.read_timer_slack_ns(pid),
+        oom_score_adj=procfs.read_oom_score_adj(pid),
+        loginuid=procfs.read_loginuid(pid),
+        threads=tuple(threads),
+        seccomp=seccomp.read_seccomp(tracee),
+    )
+
+
+def apply_settings(stub: Stub, settings: rec.ProcessSettings, thread_ids: dict[int, int]) -> None:
+    """Give the stub `settings`; `thread_ids` maps the image's tids to the stub's.
+
+    Runs after the credentials are restored and before the process starts.
+    """
+    if settings.dumpable != SUID_DUMP_USER:
+        stub.call("prctl", PR_SET_DUMPABLE, settings.dumpable, 0, 0, 0)
+    if settings.thp_disable:
+        stub.call("prctl", PR_SET_THP_DISABLE, 1, 0, 0, 0)
+    if settings.child_subreaper:
+        stub.call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    # The parent-death signal is kept in the image but not set: a restored process's
+    # parent is the restorer, which exits at once, so the signal would fire for a
+    # death that never happened. A process tree's restore, which gives each member
+    # its own parent back, sets it.
+    scheduling.write_timer_slack_ns(stub.pid, settings.timer_slack_ns)
+    scheduling.write_oom_score_adj(stub.pid, settings.oom_score_adj)
+    for thread in settings.threads:
+        scheduling.set_scheduling(
+            thread_ids[thread.tid],
+            scheduling.Scheduling(thread.policy, thread.priority, thread.nice, thread.affinity),
+        )
+
+
+def apply_login_uid(stub: Stub, settings: rec.ProcessSettings) -> None:
+    """The audit login uid. Only a process itself may write its /proc/self/loginuid, and
+    changing one already set takes CAP_AUDIT_CONTROL: injected while the stub is still
+    root, before its credentials are restored."""
+    if settings.loginuid in (LOGINUID_UNSET, procfs.read_loginuid(stub.pid)):
+        return
+    stub.reset_scratch()
+    fd = stub.call("openat", AT_FDCWD, stub.put_string("/proc/self/loginuid"), O_WRONLY, 0)
+    try:
+        text = str(settings.loginuid).encode()
+        stub.call("write", fd, stub.put(text), len(text))
+    finally:
+        stub.call("close", fd)
+
+
+def lock_memory(stub: Stub, segments: rec.Segments) -> None:
+    """mlock() again what was locked (smaps VmFlags "lo"), while the stub may still lock any
+    amount (it is root until its credentials are restored)."""
+    for segment in segments.segments:
+        if "lo" in segment.vm_flags:
+            stub.call("mlock", segment.start, segment.size)
+
+
+def describe(settings: rec.ProcessSettings) -> list[str]:
+    """Lines for `hijack show`: what differs from a fresh process's defaults."""
+    lines = [
+        f"oom_score_adj {settings.oom_score_adj}, timer slack {settings.timer_slack_ns} ns,"
+        f" dumpable {settings.dumpable}"
+    ]
+    flags = [
+        name
+        for name, on in (
+            ("THP disabled", settings.thp_disable),
+            ("child subreaper", settings.child_subreaper),
+        )
+        if on
+    ]
+    if settings.pdeath_signal:
+        flags.append(f"parent-death signal {settings.pdeath_signal}")
+    if settings.loginuid != LOGINUID_UNSET:
+        flags.append(f"loginuid {settings.loginuid}")
+    if flags:
+        lines.append(", ".join(flags))
+    for thread in settings.threads:
+        lines.append(
+            f"thread {thread.tid}: policy {thread.policy}, priority {thread.priority},"
+            f" nice {thread.nice}, CPUs {_cpu_list(thread.affinity)}"
+        )
+    return lines + seccomp.describe(settings.seccomp)
+
+
+def _cpu_list(cpus: tuple[int, ...]) -> str:
+    """"0-3,6" for (0, 1, 2, 3, 6)."""
+    runs: list[list[int]] = []
+    for cpu in cpus:
+        if runs and runs[-1][1] == cpu - 1:
+            runs[-1][1] = cpu
+        else:
+            runs.append([cpu, cpu])
+    return ",".join(f"{a}" if a == b else f"{a}-{b}" for a, b in runs)

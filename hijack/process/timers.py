@@ -1,0 +1,129 @@
+"""Interval timers (setitimer) and POSIX timers (timer_create) of a process.
+
+Read at dump by injected getitimer / timer_gettime (the time left is only the
+process's to tell; /proc/PID/timers names the POSIX timers, their clock and how
+they notify). At restore each comes back with its interval and the time that
+was left, POSIX timers under their old ids (prctl PR_TIMER_CREATE_RESTORE_IDS,
+Linux 6.17+, makes timer_create take the id it is given). They are armed last,
+just before the process runs, so the restore's own time does not eat into
+them. A timer's pending overrun count is not kept.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from hijack.errors import RestoreError, Unsupported
+from hijack.image import records as rec
+from hijack.mutator.tracee import Tracee
+from hijack.restore.remote import Stub
+from hijack.sys import memory, procfs
+
+ITIMER_WHICH = (0, 1, 2)  # ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF
+ITIMERVAL = struct.Struct("<4q")  # struct itimerval: interval {sec, usec}, value {sec, usec}
+ITIMERSPEC = struct.Struct("<4q")  # struct itimerspec: interval {sec, nsec}, value {sec, nsec}
+# struct sigevent: sigev_value, sigev_signo, sigev_notify, then _sigev_un (_tid first), 64 bytes.
+SIGEVENT = struct.Struct("<Qiii44x")
+SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID = 0, 1, 4
+NOTIFY_KINDS = {"signal": SIGEV_SIGNAL, "none": SIGEV_NONE, "thread": SIGEV_THREAD_ID}
+PR_TIMER_CREATE_RESTORE_IDS = 77
+NS = 1_000_000_000
+
+
+def read_timers(tracee: Tracee, scratch: int) -> rec.Timers:
+    pid = tracee.pid
+    itimers = []
+    for which in ITIMER_WHICH:
+        tracee.checked_syscall("getitimer", which, scratch)
+        isec, iusec, vsec, vusec = ITIMERVAL.unpack(memory.read(pid, scratch, ITIMERVAL.size))
+        if vsec or vusec or isec or iusec:
+            itimers.append(
+                rec.Itimer(
+                    which=which,
+                    interval_ns=isec * NS + iusec * 1000,
+                    value_ns=vsec * NS + vusec * 1000,
+                )
+            )
+    posix = []
+    for timer in sorted(procfs.read_posix_timers(pid), key=lambda found: found.timer_id):
+        tracee.checked_syscall("timer_gettime", timer.timer_id, scratch)
+        isec, insec, vsec, vnsec = ITIMERSPEC.unpack(memory.read(pid, scratch, ITIMERSPEC.size))
+        notify = NOTIFY_KINDS.get(timer.notify)
+        if notify is None:
+            raise Unsupported(f"POSIX timer {timer.timer_id} notifies by {timer.notify!r}")
+        posix.append(
+            rec.PosixTimer(
+                timer_id=timer.timer_id,
+                clock_id=timer.clock_id,
+                notify=notify,
+                signal=timer.signal,
+                value=timer.value,
+                thread=timer.notify_tid if notify == SIGEV_THREAD_ID else 0,
+                interval_ns=isec * NS + insec,
+                value_ns=vsec * NS + vnsec,
+            )
+        )
+    return rec.Timers(itimers=tuple(itimers), posix=tuple(posix))
+
+
+def create_posix_timers(stub: Stub, timers: rec.Timers, thread_ids: dict[int, int]) -> None:
+    """Make every POSIX timer under its old id, still disarmed (arm_timers arms them)."""
+    if not timers.posix:
+        return
+    stub.call("prctl", PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0)
+    try:
+        for timer in timers.posix:
+            stub.reset_scratch()
+            event = SIGEVENT.pack(
+                timer.value, timer.signal, timer.notify, thread_ids.get(timer.thread, 0)
+            )
+            timer_id = stub.put(struct.pack("<i", timer.timer_id))
+            stub.call("timer_create", timer.clock_id, stub.put(event), timer_id)
+            (made,) = struct.unpack("<i", memory.read(stub.pid, timer_id, 4))
+            if made != timer.timer_id:
+                raise RestoreError(f"POSIX timer {timer.timer_id} came back as {made}")
+    finally:
+        stub.call("prctl", PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0)
+
+
+def arm_timers(stub: Stub, timers: rec.Timers) -> None:
+    """Arm every timer with its interval and the time it had left."""
+    for itimer in timers.itimers:
+        stub.reset_scratch()
+        value = ITIMERVAL.pack(
+            *divmod(itimer.interval_ns // 1000, 1_000_000),
+            *divmod(max(_next_expiry_ns(itimer) // 1000, 1), 1_000_000),
+        )
+        stub.call("setitimer", itimer.which, stub.put(value), 0)
+    for timer in timers.posix:
+        if not _next_expiry_ns(timer):
+            continue  # disarmed: as created
+        stub.reset_scratch()
+        spec = ITIMERSPEC.pack(*divmod(timer.interval_ns, NS), *divmod(_next_expiry_ns(timer), NS))
+        stub.call("timer_settime", timer.timer_id, 0, stub.put(spec), 0)
+
+
+def _next_expiry_ns(timer: rec.Itimer | rec.PosixTimer) -> int:
+    """When to fire first after the restore. A periodic timer that expired while its
+    signal was still pending shows no time left: the kernel re-arms it only when the
+    signal is taken (and the image queues that signal again). One interval from now
+    stands for that."""
+    return timer.value_ns or timer.interval_ns
+
+
+def describe(timers: rec.Timers) -> list[str]:
+    """Lines for `hijack show`."""
+    names = {0: "ITIMER_REAL", 1: "ITIMER_VIRTUAL", 2: "ITIMER_PROF"}
+    notified = {SIGEV_SIGNAL: "signal", SIGEV_NONE: "none", SIGEV_THREAD_ID: "thread"}
+    lines = [
+        f"{names[t.which]}: every {t.interval_ns / 1e6:g} ms, next in {t.value_ns / 1e6:g} ms"
+        for t in timers.itimers
+    ]
+    for timer in timers.posix:
+        target = f" {timer.thread}" if timer.notify == SIGEV_THREAD_ID else ""
+        lines.append(
+            f"POSIX timer {timer.timer_id}: clock {timer.clock_id}, signal {timer.signal}"
+            f" to {notified[timer.notify]}{target}, every {timer.interval_ns / 1e6:g} ms,"
+            f" next in {timer.value_ns / 1e6:g} ms"
+        )
+    return lines
