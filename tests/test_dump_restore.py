@@ -1109,3 +1109,49 @@ def test_dup_ed_descriptors_of_a_file_share_one_offset_after_restore(
         assert kcmp.same_description(pid, first, second)
         assert not kcmp.same_description(pid, first, apart)
         shared.assert_intact()  # it writes through `second` and finds `first` moved on
+
+
+EPOLL_OVER_A_PIPE = """
+import os, select, sys, time
+ready = int(sys.argv[1])
+counter = os.eventfd(1)
+pipe_read, pipe_write = os.pipe()
+watcher = select.epoll()
+watcher.register(counter, select.EPOLLIN)
+watcher.register(pipe_read, select.EPOLLIN)
+os.write(ready, f"{watcher.fileno()} {counter} {pipe_read} {pipe_write}".encode())
+os.close(ready)
+while True:
+    time.sleep(3600)
+"""
+
+
+def test_an_epoll_watching_a_dropped_pipe_watches_the_rest_after_restore(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "epoll.crf"
+    ready_read, ready_write = os.pipe()
+    with open(tmp_path / "out", "wb") as out:
+        process = subprocess.Popen(
+            [PYTHON, "-c", EPOLL_OVER_A_PIPE, str(ready_write)],
+            pass_fds=(ready_write,),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+        )
+    os.close(ready_write)
+    try:
+        with os.fdopen(ready_read, "rb") as ready:
+            epoll_fd, counter, pipe_read, pipe_write = map(int, ready.read().split())
+        hijack.ok("dump", process.pid, "-o", image, "--kill", "--skip-unsupported")
+        assert process.wait(timeout=EXIT_TIMEOUT) == -signal.SIGKILL
+    finally:
+        process.kill()
+        process.wait()
+    restored = hijack.ok("restore", "--skip-unsupported", image)
+    assert f"dropped fd {pipe_read} (pipe" in restored.stdout, restored.describe()
+    with Child(restored_pid(restored)) as child:
+        watched = procfs.read_fdinfo(child.pid, epoll_fd).epoll_targets
+        assert [tfd for tfd, _, _ in watched] == [counter], watched
+        assert {e.fd for e in procfs.list_fds(child.pid)} >= {epoll_fd, counter}
+        assert pipe_write not in {e.fd for e in procfs.list_fds(child.pid)}

@@ -94,7 +94,9 @@ def read_files(
     descriptions = kcmp.description_ids(pid, [(e.fd, e.dev, e.ino) for e in entries])
     objects: dict[int, int] = {}  # description id -> object id
     descriptors = []
-    with DumpContext(pid, descriptions, frozen=frozen, maps=maps, ghost_limit=ghost_limit) as dump:
+    with DumpContext(
+        pid, entries, descriptions, frozen=frozen, maps=maps, ghost_limit=ghost_limit
+    ) as dump:
         for entry in entries:
             info = procfs.read_fdinfo(pid, entry.fd)
             description = descriptions[entry.fd]

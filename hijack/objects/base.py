@@ -39,6 +39,7 @@ class DumpContext:
     def __init__(
         self,
         pid: int,
+        entries: list[procfs.FdEntry],
         descriptions: dict[int, int],
         *,
         frozen: bool = True,
@@ -47,6 +48,7 @@ class DumpContext:
     ) -> None:
         self.pid = pid
         self.frozen = frozen  # every thread of the process is stopped
+        self.entries = entries  # every descriptor of the process (a pipe's other end ...)
         self.descriptions = descriptions  # fd -> description id (kcmp)
         self.maps = maps if maps is not None else []  # its mappings, for Kind.dump_process
         self.ghost_limit = ghost_limit  # bytes of data one deleted file may put in the image
@@ -102,9 +104,12 @@ class DumpContext:
 class RestoreContext:
     """What a kind's restore() is given: the stub, the image's files, and helpers."""
 
-    def __init__(self, stub: Stub, image: ImageFiles, parking: int) -> None:
+    def __init__(
+        self, stub: Stub, image: ImageFiles, parking: int, restored: frozenset[int]
+    ) -> None:
         self.stub = stub
         self.image = image
+        self.restored = restored  # the numbers the process gets back (not those dropped)
         self._parking = parking  # above every descriptor number the image uses
         self._restorer = -1  # the stub's pidfd of this process, for give()
         self._kept: dict[int, int] = {}
