@@ -93,11 +93,11 @@ def test_memfds_and_shared_memory_come_back_named_sealed_and_shared_with_their_m
         shutil.rmtree(shm)
     records = image_records(image)
     memfds = {r.name: r for r in records if isinstance(r, rec.MemfdObject)}
-    assert sorted(memfds) == ["hijack-mapped", "hijack-sealed", "hijack-shared"]
+    assert sorted(memfds) == ["hijack-future", "hijack-mapped", "hijack-sealed", "hijack-shared"]
     # A memfd's bytes are in the image once: in its object, not in its mappings' pages.
     [segments] = [r for r in records if isinstance(r, rec.Segments)]
     in_memfds = [s for s in segments.segments if s.path.startswith("/memfd:")]
-    assert len(in_memfds) == 2 and all(s.contents is rec.ContentsKind.NONE for s in in_memfds)
+    assert len(in_memfds) == 3 and all(s.contents is rec.ContentsKind.NONE for s in in_memfds)
     pages = [r for r in records if isinstance(r, rec.Pages)]
     assert not any(s.start <= p.address < s.end for s in in_memfds for p in pages)
     shared = memfds["hijack-shared"]

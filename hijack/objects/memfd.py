@@ -38,6 +38,7 @@ SEEK_SET = 0
 O_RDONLY, O_RDWR = 0, 2
 O_CLOEXEC = 0o2000000
 AT_FDCWD = -100
+F_SEAL_FUTURE_WRITE = 0x10
 SHARED_ANONYMOUS = "/dev/zero"  # the name the kernel gives MAP_SHARED | MAP_ANONYMOUS memory
 SYSV_SHM = "/SYSV"  # SysV shared memory segments: not ours
 
@@ -65,7 +66,8 @@ def dump_memfd(dump: DumpContext, fd: int, name: str) -> int:
 
 
 def memfd_fd(restore: RestoreContext, memfd: rec.MemfdObject) -> int:
-    """Our descriptor of the memfd, made, filled and sealed the first time it is asked."""
+    """Our descriptor of the memfd, made and filled the first time it is asked (sealed once
+    it is mapped: seal_memfds)."""
     found = restore.built(memfd.id)
     if found is not None:
         return found
@@ -73,8 +75,18 @@ def memfd_fd(restore: RestoreContext, memfd: rec.MemfdObject) -> int:
     restore.keep(memfd.id, made)
     fill(made, restore.image, memfd.id, memfd.size)
     filedata.set_owner(made, memfd.uid, memfd.gid, stat.S_IMODE(memfd.mode))
-    filedata.add_seals(made, memfd.seals)
     return made
+
+
+def seal_memfds(restore: RestoreContext) -> None:
+    """Seal every memfd the restore made, once all its mappings exist: F_SEAL_FUTURE_WRITE
+    leaves the writable mappings made before it, but forbids making them after."""
+    for found in restore.image.objects.values():
+        if not isinstance(found, rec.MemfdObject):
+            continue
+        made = restore.built(found.id)
+        if made is not None:
+            filedata.add_seals(made, found.seals)
 
 
 def object_fd(restore: RestoreContext, object_id: int) -> int:
@@ -176,11 +188,22 @@ def _stub_file(restore: RestoreContext, object_id: int, mode: int) -> int:
     """A descriptor in the stub of file object `object_id`, a new description opened with
     `mode`: of the stub's own descriptor of it where it has one (made from the image, or
     the very file its shadow kept), so descriptor and mapping share the file; else of ours."""
-    holders = [d.fd for d in restore.image.descriptors if d.object_id == object_id]
+    holders = [d for d in restore.image.descriptors if d.object_id == object_id]
+    found = restore.image.objects[object_id]
+    kept_sealed = (
+        isinstance(found, rec.MemfdObject)
+        and found.seals & F_SEAL_FUTURE_WRITE
+        and restore.built(object_id) is None
+    )
+    if holders and kept_sealed and mode == O_RDWR:
+        # The memfd the shadow kept takes no new writable mapping: the process gets a
+        # copy from the image instead, for its descriptors and its mappings alike.
+        for descriptor in holders:
+            Memfd().restore(descriptor, restore)
     if holders:
         stub = restore.stub
         stub.reset_scratch()
-        path = stub.put_string(f"/proc/self/fd/{holders[0]}")
+        path = stub.put_string(f"/proc/self/fd/{holders[0].fd}")
         return stub.call("openat", AT_FDCWD, path, mode | O_CLOEXEC, 0)
     opened = filedata.reopen(object_fd(restore, object_id), mode)
     try:

@@ -37,7 +37,7 @@ from hijack.mutator.tracee import (
 )
 from hijack.objects.base import RestoreContext, describe_fd
 from hijack.objects.ghost import deleted_cwd, enter_deleted_cwd
-from hijack.objects.memfd import map_objects, mapped_objects
+from hijack.objects.memfd import map_objects, mapped_objects, seal_memfds
 from hijack.objects.terminal import set_up_terminals
 from hijack.process import seccomp, settings, timers
 from hijack.registry import Registry
@@ -367,6 +367,7 @@ def _objects(space: AddressSpace, image: _Image, context: RestoreContext) -> Non
     files and shared anonymous memory; a deleted cwd."""
     assert image.cwd is not None
     map_objects(space, context, image.mapped())
+    seal_memfds(context)
     directory = deleted_cwd(image.cwd, image.files)
     if directory is not None:
         enter_deleted_cwd(context, directory)
