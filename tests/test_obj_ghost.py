@@ -77,7 +77,8 @@ def test_deleted_file_directory_fifo_and_cwd_come_back_with_their_bytes_and_hole
         "the holes of the deleted file were stored"
     )
     ghosts = {r.path for r in records if isinstance(r, rec.GhostFile)}
-    assert ghosts == {str(data / name) for name in ("scratch.dat", "gone.d", "gone.fifo", "cwd.d")}
+    names = ("scratch.dat", "mapped.dat", "gone.d", "gone.fifo", "cwd.d")
+    assert ghosts == {str(data / name) for name in names}
     shown = hijack.ok("show", image).stdout
     assert f"deleted {data / 'scratch.dat'}" in shown, shown
 
