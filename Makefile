@@ -8,6 +8,11 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 # Debian packages the suite and the demo drive for real.
 DEBS   := gcc libc6-dev strace curl iproute2 tmux redis-server redis-tools
+# Another apt run (unattended-upgrades, a second make) holds apt's locks: wait
+# up to APT_LOCK_WAIT seconds for each rather than fail at once. `install`
+# waits by itself (DPkg::Lock::Timeout); `update` has no such option (apt 2.6)
+# and is tried again while it fails for a lock.
+APT_LOCK_WAIT ?= 600
 
 .PHONY: demo test lint bench fuzz soak system-deps clean
 
@@ -23,7 +28,14 @@ system-deps:
 	done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  waited=0; \
+	  until output=$$(apt-get update -qq 2>&1); do \
+	    case "$$output" in *"Could not get lock"*) ;; *) echo "$$output" >&2; exit 1;; esac; \
+	    [ $$waited -lt $(APT_LOCK_WAIT) ] || { echo "$$output" >&2; exit 1; }; \
+	    sleep 1; waited=$$((waited + 1)); \
+	  done; \
+	  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=$(APT_LOCK_WAIT) \
+	    install -y -qq $$missing >/dev/null; \
 	fi
 
 lint: $(STAMP)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hijack.errors import RegistryError
+from hijack.node import naming
 
 DEFAULT_STATE_DIR = "/var/lib/hijack"
 SCHEMA_VERSION = 2
@@ -81,8 +81,8 @@ def state_dir() -> Path:
 
 
 def node_name() -> str:
-    """This node's name: $HIJACK_NODE, else the host name."""
-    return os.environ.get("HIJACK_NODE") or socket.gethostname()
+    """This node's name (hijack.node.naming): $HIJACK_NODE, kept, or from the host name."""
+    return naming.node_name(state_dir(), Path(DEFAULT_STATE_DIR))
 
 
 @dataclass(frozen=True)

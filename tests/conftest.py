@@ -29,6 +29,7 @@ from support import (
 )
 from support.tempdirs import remove_temp_dir
 
+from hijack.sys import netlock
 from hijack.sys.process import set_child_subreaper
 
 
@@ -51,6 +52,7 @@ def no_leaked_processes_or_temp_dirs() -> Iterator[None]:
     processes_before = snapshot_descendants(root)
     temp_dirs_before = snapshot_temp_dirs()
     namespaces_before = snapshot_namespaces()  # only this process's test nodes count
+    locks_before = set(netlock.locks_held(root))
     yield
     problems: list[str] = []
     leaked = find_leaked_processes(root, processes_before)
@@ -79,6 +81,13 @@ def no_leaked_processes_or_temp_dirs() -> Iterator[None]:
         problems.append(
             "network namespaces left behind (processes inside killed, removed): "
             + ", ".join(leftover_namespaces)
+        )
+    leftover_locks = set(netlock.locks_held(root)) - locks_before
+    for name in leftover_locks:
+        netlock.remove_lock(root, name)
+    if leftover_locks:
+        problems.append(
+            "network locks left behind (removed): " + ", ".join(sorted(leftover_locks))
         )
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)

@@ -981,27 +981,26 @@ def test_a_second_copy_cannot_listen_where_its_original_still_does(
         assert fetch(port, "page.html") == page
 
 
-def test_restore_refuses_an_established_connection_by_name(
+def test_an_established_connection_dumped_with_kill_comes_back_to_its_client(
     hijack: HijackCli, tmp_path: Path
 ) -> None:
     image = tmp_path / "echo.crf"
-    with spawn_fixture("echo_server") as server:
+    with spawn_fixture("echo_server", fifos=True) as server:
         port = int(server.ready["port"])
         with socket.create_connection(("127.0.0.1", port)) as client:
             client.sendall(b"ping")
             assert client.recv(4) == b"ping"
-            hijack.ok("dump", server.pid, "-o", image)
-            sockets = [
-                fd for fd in image_json(hijack, image)["descriptors"] if fd["kind"] == "SOCKET"
-            ]
-            [connection] = [fd for fd in sockets if "ESTABLISHED" in fd["details"]]
-            named = f"fd {connection['fd']} (socket {connection['details'].removeprefix('inet: ')})"
-            # Never killed: a restore of its image could not bring it back.
-            assert_refused(hijack("dump", server.pid, "-o", image, "--kill"), named, "not killing")
+            # Sent while the server is gone: held back by the lock, then echoed.
+            hijack.ok("dump", server.pid, "-o", image, "--kill")
+            assert server.wait_exit() == -signal.SIGKILL
             client.sendall(b"pong")
+            shown = image_json(hijack, image)
+            [connection] = [fd for fd in shown["descriptors"] if "ESTABLISHED" in fd["details"]]
+            assert connection["details"].startswith(f"tcp: 127.0.0.1:{port} -> ")
+            server.adopt(restored_pid(hijack.ok("restore", image)))
+            client.settimeout(30)
             assert client.recv(4) == b"pong"
-    with NothingStarted(None):
-        assert_refused(hijack("restore", image), named, "--skip-unsupported")
+        server.assert_intact()
 
 
 def test_attached_python_http_server_serves_pages_after_dump_kill_and_restore(
@@ -1148,6 +1147,11 @@ def test_an_epoll_watching_a_dropped_pipe_watches_the_rest_after_restore(
     finally:
         process.kill()
         process.wait()
+    # EPOLLIN as registered; the kernel adds EPOLLERR and EPOLLHUP (0x18) to every entry.
+    details = {d["fd"]: d["details"] for d in image_json(hijack, image)["descriptors"]}
+    assert details[epoll_fd] == f"epoll: watching 2 ({counter}:0x19, {pipe_read}:0x19)", details
+    assert details[counter] == "eventfd: count 1", details
+    assert details[pipe_read].startswith("other: pipe:["), details
     restored = hijack.ok("restore", "--skip-unsupported", image)
     assert f"dropped fd {pipe_read} (pipe" in restored.stdout, restored.describe()
     with Child(restored_pid(restored)) as child:

@@ -42,6 +42,8 @@ from hijack.image import (
     FdKind,
     FileDescriptor,
     FileIdentity,
+    FileLock,
+    FileLocks,
     Files,
     GhostFile,
     ImageHeader,
@@ -50,6 +52,7 @@ from hijack.image import (
     InotifyObject,
     InotifyWatch,
     Itimer,
+    LockKind,
     MemfdObject,
     MemoryStructure,
     ObjectData,
@@ -58,6 +61,7 @@ from hijack.image import (
     PosixTimer,
     ProcessSettings,
     Prot,
+    PtyPair,
     Record,
     Rlimit,
     Rlimits,
@@ -73,6 +77,7 @@ from hijack.image import (
     SigAltStack,
     SignalfdObject,
     SignalState,
+    TcpConnection,
     TerminalObject,
     TerminalState,
     Thread,
@@ -99,6 +104,9 @@ OBJECT_TAGS = {
     b"INFY",
     b"PIDF",
     b"INET",
+    b"TCPC",
+    b"LOCK",
+    b"PTYP",
     b"GHST",
     b"MEMF",
     b"SHMA",
@@ -121,7 +129,10 @@ SECTION_NAMES = {
     b"SGFD": "SIGNALFD_OBJECT",
     b"INFY": "INOTIFY_OBJECT",
     b"PIDF": "PIDFD_OBJECT",
+    b"TCPC": "TCP_CONNECTION",
     b"INET": "INET_SOCKET",
+    b"LOCK": "FILE_LOCKS",
+    b"PTYP": "PTY_PAIR",
     b"GHST": "GHOST_FILE",
     b"MEMF": "MEMFD",
     b"SHMA": "SHARED_ANONYMOUS",
@@ -344,15 +355,57 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             ),
         ),
         PidfdObject(id=8, pid=4242, starttime=123456, own=True),
+        FileLocks(
+            id=9,
+            description_id=3,
+            signal=35,
+            locks=(
+                FileLock(kind=LockKind.FLOCK, type=1, start=0, length=0),
+                FileLock(kind=LockKind.POSIX, type=1, start=10, length=10),
+                FileLock(kind=LockKind.OFD, type=0, start=100, length=0),
+                FileLock(kind=LockKind.LEASE, type=0, start=0, length=0),
+            ),
+        ),
+        PtyPair(
+            id=10,
+            index=4,
+            packet_mode=True,
+            locked=False,
+            state=TERMINAL,
+            master_path="/dev/ptmx",
+            input=b"queued\n",
+            output=b"\x00out\r\n",
+        ),
+        TcpConnection(
+            id=11,
+            family=10,
+            send_seq=2**32 - 5,
+            recv_seq=77,
+            mss=65483,
+            options=7,
+            snd_wscale=10,
+            rcv_wscale=7,
+            timestamp=123456789,
+            snd_wl1=1,
+            snd_wnd=2,
+            max_window=3,
+            rcv_wnd=4,
+            rcv_wup=5,
+            send_queue_bytes=3,
+            recv_queue_bytes=2,
+            local_address="[::1]:6379",
+            remote_address="[::1]:51000",
+        ),
+        ObjectData(id=11, offset=0, data=b"abcde"),
         GhostFile(
-            id=9, dev=2049, ino=77, mode=0o100640, uid=1000, gid=100, size=9000, path="/tmp/x"
+            id=12, dev=2049, ino=77, mode=0o100640, uid=1000, gid=100, size=9000, path="/tmp/x"
         ),
-        ObjectData(id=9, offset=8192, data=b"the tail after a hole"),
+        ObjectData(id=12, offset=8192, data=b"the tail after a hole"),
         MemfdObject(
-            id=10, dev=1, ino=1032, size=4096, seals=0xA, mode=0o100777, uid=0, gid=0, name="m"
+            id=13, dev=1, ino=1032, size=4096, seals=0xA, mode=0o100777, uid=0, gid=0, name="m"
         ),
-        ObjectData(id=10, offset=0, data=rng.randbytes(4096)),
-        SharedAnonymous(id=11, dev=1, ino=1035, size=16384),
+        ObjectData(id=13, offset=0, data=rng.randbytes(4096)),
+        SharedAnonymous(id=14, dev=1, ino=1035, size=16384),
     )
     files = Files(
         objects=len(objects),
@@ -379,6 +432,8 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 (5, FdKind.DIRECTORY, "/srv/data \udcff", 0o200000, 0, 0o40755, 6, 0),
                 (6, FdKind.REGULAR, "/var/log/server.log", 0o102001, 123456, 0o100644, 3, 0),
                 (9, FdKind.EVENTFD, "anon_inode:[eventfd]", 0o2, 0, 0o600, 7, 4),
+                (10, FdKind.TTY, "/dev/ptmx", 0o2, 0, 0o20666, 8, 10),
+                (11, FdKind.TTY, "/dev/pts/4", 0o2, 0, 0o20620, 9, 10),
             ]
         ),
     )
@@ -830,6 +885,9 @@ INVALID_RECORDS: dict[str, Callable[[], object]] = {
     "no description": lambda: replace(the(Files).descriptors[0], description_id=0),
     "object id 0": lambda: TerminalObject(id=0, state=TERMINAL),
     "empty object data": lambda: ObjectData(id=1, offset=0, data=b""),
+    "lock type": lambda: FileLock(kind=LockKind.POSIX, type=2, start=0, length=0),
+    "flock on a range": lambda: FileLock(kind=LockKind.FLOCK, type=1, start=10, length=1),
+    "locks of no description": lambda: FileLocks(id=1, description_id=0, signal=0, locks=()),
     "ghost of a socket": lambda: GhostFile(
         id=1, dev=1, ino=1, mode=0o140777, uid=0, gid=0, size=0, path="/s"
     ),
@@ -1035,8 +1093,15 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert objects[8]["record"] == "GhostFile"
-    assert objects[8]["data_bytes"] == len("the tail after a hole")
+    assert objects[8]["locks"][1] == {  # type: ignore[index]
+        "kind": "POSIX",
+        "type": 1,
+        "start": 10,
+        "length": 10,
+    }
+    assert objects[9]["output"] == b"\x00out\r\n".hex()  # type: ignore[index]
+    [ghost] = [o for o in objects if isinstance(o, dict) and o["record"] == "GhostFile"]
+    assert ghost["data_bytes"] == len("the tail after a hole")
     # Every object record once, ObjectData counted in its object's data_bytes.
     records = [r for r in BUILT.records if isinstance(r, records_module.ObjectRecord)]
     assert len(objects) == len([r for r in records if not isinstance(r, ObjectData)])
@@ -1207,6 +1272,7 @@ def test_object_data_is_laid_out_like_pages() -> None:
     assert [s.payload[:16] for s in found[:2]] == [
         struct.pack("<QQ", 4, 0),
         struct.pack("<QQ", 4, 4096),
+        struct.pack("<QQ", 11, 0),
     ]
     assert found[1].payload[16:] == b"after a hole"
 

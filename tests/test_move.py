@@ -344,10 +344,10 @@ def move(
     return moved
 
 
-def move_refused(source: Node, pid: int, destination: Node) -> str:
+def move_refused(source: Node, pid: int, destination: Node, *options: str) -> str:
     """`hijack move` that must fail: exit 1, one line on stderr (returned)."""
     assert destination.daemon_endpoint is not None
-    result = source.hijack("move", pid, "--to", destination.daemon_endpoint)
+    result = source.hijack("move", pid, "--to", destination.daemon_endpoint, *options)
     return refusal_line(result)
 
 
@@ -889,6 +889,7 @@ def test_a_destination_killed_mid_transfer_leaves_the_original_running(tmp_path:
         assert f"echoed {STREAM_BYTES} bytes over 1 connections" in output
 
 
+@pytest.mark.parametrize("precopy", ["--no-precopy", "--precopy"])
 @pytest.mark.parametrize(
     ("flaw", "reason"),
     [
@@ -897,8 +898,10 @@ def test_a_destination_killed_mid_transfer_leaves_the_original_running(tmp_path:
     ],
 )
 def test_a_destination_that_refuses_the_process_changes_nothing(
-    tmp_path: Path, flaw: str, reason: str
+    tmp_path: Path, flaw: str, reason: str, precopy: str
 ) -> None:
+    # With pre-copy, the destination refuses while the first round streams
+    # in: its reason must reach the mover all the same, never a reset.
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         if flaw == "another cluster key":
@@ -909,7 +912,7 @@ def test_a_destination_that_refuses_the_process_changes_nothing(
             (tmp_path / "a-file").write_text("not a directory\n")
             start_daemon_with(b, "HIJACK_STATE_DIR", str(tmp_path / "a-file"))
         with echo_stream(a, seed=41) as (server, client):
-            line = move_refused(a, server.pid, b)
+            line = move_refused(a, server.pid, b, precopy)
             assert reason in line, line
             assert still_running(client.pid), "the stream ended before the move: too fast"
             assert_untouched(server.pid)

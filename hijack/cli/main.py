@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 from rich.console import Console
 
+import hijack
 from hijack import check as checking
 from hijack import objects
 from hijack.cli import render
@@ -26,15 +27,17 @@ from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.tracee import signals_deferred
 from hijack.node import daemon as node_daemon
 from hijack.node import move as moving
+from hijack.node import naming
 from hijack.node.channel import cluster_key_path, create_cluster_key, load_cluster_key
 from hijack.node.daemon import DEFAULT_PORT
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
-from hijack.registry import Registry
+from hijack.registry import DEFAULT_STATE_DIR, Registry, state_dir
 from hijack.restore import restorer as restoring
 from hijack.shadow import control
 from hijack.status import model as status_model
 from hijack.status import view as status_view
 from hijack.status import watch as status_watch
+from hijack.sys import procfs
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
@@ -70,6 +73,19 @@ def parse_size(text: str) -> int:
     return int(number) * SIZE_UNITS[unit]
 
 
+def checked_argument(check: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type: the text as given, a usage error if `check` refuses it."""
+
+    def argument(text: str) -> str:
+        try:
+            check(text)
+        except HijackError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+
+    return argument
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hijack",
@@ -77,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         "connections.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of failures")
+    parser.add_argument("--version", action="version", version=f"hijack {hijack.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     attach = commands.add_parser("attach", help="seize PID and fork its shadow")
@@ -131,7 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     move = commands.add_parser("move", help="live-move PID to another node's daemon")
     move.add_argument("pid", type=parse_pid, metavar="PID")
-    move.add_argument("--to", required=True, metavar="HOST[:PORT]", help="the destination daemon")
+    move.add_argument(
+        "--to",
+        required=True,
+        type=checked_argument(node_daemon.parse_address),
+        metavar="HOST[:PORT]",
+        help="the destination daemon",
+    )
     move.add_argument(
         "--precopy",
         action=argparse.BooleanOptionalAction,
@@ -152,8 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--listen",
         default=f"127.0.0.1:{DEFAULT_PORT}",
+        type=checked_argument(lambda text: node_daemon.parse_address(text, listening=True)),
         metavar="ADDR:PORT",
         help=f"where to listen (default 127.0.0.1:{DEFAULT_PORT}: loopback only)",
+    )
+    serve.add_argument(
+        "--name",
+        type=checked_argument(lambda text: naming.check_name(text, "--name")),
+        help="this node's name, kept in its state directory for its commands (default:"
+        " $HIJACK_NODE, else the name kept, else the host name; with a state directory other"
+        " than the default, the host name and a digest of it)",
     )
     serve.add_argument(
         "--allow-root",
@@ -179,7 +210,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--json", action="store_true", help="print the findings as JSON")
     check.set_defaults(handler=command_check)
+    # Last: every command is known by now.
+    accept_after_every_command(parser, "--debug")
     return parser
+
+
+def accept_after_every_command(parser: argparse.ArgumentParser, flag: str) -> None:
+    """Let `flag` of `parser` come after the command too (`hijack move --debug ...`).
+
+    Added to every subcommand with a suppressed default, so that a subcommand
+    without it leaves the value given before the command as it was.
+    """
+    help_text = next(action.help for action in parser._actions if flag in action.option_strings)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subcommand in action.choices.values():
+                subcommand.add_argument(
+                    flag, action="store_true", default=argparse.SUPPRESS, help=help_text
+                )
+                accept_after_every_command(subcommand, flag)
 
 
 def add_status_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -268,10 +317,19 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
         # The progress bar's thread must never take SIGINT or SIGTERM: blocked
         # in this thread, they then wait wherever a move holds them back.
         with signals_deferred():
-            progress = stack.enter_context(render.move_progress(console, args.pid, args.to))
+            progress = stack.enter_context(
+                render.move_progress(console, args.pid, args.to, expected_image_bytes(args.pid))
+            )
         result = moving.move(args.pid, args.to, registry, progress=progress, precopy=args.precopy)
     render.move_result(console, result)
     return EXIT_OK
+
+
+def expected_image_bytes(pid: int) -> int | None:
+    try:
+        return procfs.resident_bytes(pid)
+    except HijackError:
+        return None  # the move says why it cannot read the process
 
 
 def command_recover(args: argparse.Namespace, console: Console) -> int:
@@ -287,8 +345,11 @@ def command_recover(args: argparse.Namespace, console: Console) -> int:
 
 
 def command_node_serve(args: argparse.Namespace, console: Console) -> int:
+    naming.name_the_node(state_dir(), Path(DEFAULT_STATE_DIR), args.name)
     node_daemon.serve(
-        node_daemon.parse_address(args.listen), load_cluster_key(), allow_root=args.allow_root
+        node_daemon.parse_address(args.listen, listening=True),
+        load_cluster_key(),
+        allow_root=args.allow_root,
     )
     return EXIT_OK
 

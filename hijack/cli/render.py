@@ -76,10 +76,16 @@ def dump_result(console: Console, result: DumpResult, output: str, *, killed: bo
 
 def restore_result(console: Console, result: RestoreResult) -> None:
     same = "its old pid" if result.pid == result.old_pid else f"was {result.old_pid}"
-    console.print(
+    line = (
         f"restored process [bold]{result.pid}[/] ({escape(result.program)}, {same}, "
         f"{result.threads} thread{'s' if result.threads != 1 else ''})"
     )
+    if result.pid != result.old_pid:
+        holder = result.old_pid_holder
+        line += f"; its old pid {result.old_pid} " + (
+            f"is held by {escape(holder)}" if holder else "was in use"
+        )
+    console.print(line)
     for dropped in result.dropped:
         console.print(f"  dropped {escape(dropped)}")
 
@@ -158,25 +164,29 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
 
 @contextmanager
 def move_progress(
-    console: Console, pid: int, destination: str
+    console: Console, pid: int, destination: str, expected: int | None = None
 ) -> Iterator[Callable[[str, int], None]]:
-    """A live progress bar for a move: the phase, and the image bytes sent."""
+    """A live progress bar for a move: the phase, and the bytes sent of about `expected`.
+
+    Pre-copy sends pages written meanwhile again: the total grows with them.
+    """
     with Progress(
         TextColumn("[bold]move {task.fields[pid]} -> {task.fields[destination]}"),
         TextColumn("{task.fields[phase]:<10}"),
         BarColumn(),
-        DownloadColumn(),
+        DownloadColumn(binary_units=True),
         TransferSpeedColumn(),
         TimeElapsedColumn(),
         console=console,
         transient=True,
     ) as progress:
         task = progress.add_task(
-            "move", total=None, pid=pid, destination=escape(destination), phase="preparing"
+            "move", total=expected, pid=pid, destination=escape(destination), phase="preparing"
         )
 
         def report(phase: str, sent: int) -> None:
-            progress.update(task, completed=sent, phase=phase)
+            total = max(sent, expected) if expected is not None else None
+            progress.update(task, completed=sent, total=total, phase=phase)
 
         yield report
 

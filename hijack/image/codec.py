@@ -56,6 +56,7 @@ from hijack.image.records import (
     End,
     EpollObject,
     EventfdObject,
+    FileLocks,
     Files,
     GhostFile,
     ImageHeader,
@@ -67,6 +68,7 @@ from hijack.image.records import (
     Pages,
     PidfdObject,
     ProcessSettings,
+    PtyPair,
     Record,
     Rlimits,
     Round,
@@ -74,6 +76,7 @@ from hijack.image.records import (
     SharedAnonymous,
     SignalfdObject,
     SignalState,
+    TcpConnection,
     TerminalObject,
     Thread,
     TimerfdObject,
@@ -121,6 +124,9 @@ class SectionKind(enum.Enum):
     GHOST_FILE = b"GHST"
     MEMFD = b"MEMF"
     SHARED_ANONYMOUS = b"SHMA"
+    TCP_CONNECTION = b"TCPC"
+    FILE_LOCKS = b"LOCK"
+    PTY_PAIR = b"PTYP"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
     SETTINGS = b"PSET"
@@ -233,6 +239,9 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.GHOST_FILE: _StructSection(GhostFile, is_object=True),
     SectionKind.MEMFD: _StructSection(MemfdObject, is_object=True),
     SectionKind.SHARED_ANONYMOUS: _StructSection(SharedAnonymous, is_object=True),
+    SectionKind.TCP_CONNECTION: _StructSection(TcpConnection, is_object=True),
+    SectionKind.FILE_LOCKS: _StructSection(FileLocks, is_object=True),
+    SectionKind.PTY_PAIR: _StructSection(PtyPair, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
     SectionKind.SETTINGS: _StructSection(ProcessSettings),

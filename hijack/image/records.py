@@ -542,6 +542,96 @@ class InetSocket:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TcpConnection:
+    """An established TCP connection as TCP_REPAIR reads it: rebuilt from this alone.
+    Its OBJECT_DATA holds the send queue, then the receive queue."""
+
+    id: U64
+    family: U16  # AF_INET or AF_INET6
+    send_seq: U32  # the sequence number of the first byte of the send queue
+    recv_seq: U32  # the sequence number of the first byte of the receive queue
+    mss: U32  # TCP_MAXSEG
+    options: U8  # TCPI_OPT_TIMESTAMPS 1, TCPI_OPT_SACK 2, TCPI_OPT_WSCALE 4 (tcp_info)
+    snd_wscale: U8
+    rcv_wscale: U8
+    timestamp: U32  # TCP_TIMESTAMP: the connection's timestamp clock at the dump
+    snd_wl1: U32  # struct tcp_repair_window, field for field
+    snd_wnd: U32
+    max_window: U32
+    rcv_wnd: U32
+    rcv_wup: U32
+    send_queue_bytes: U64  # written by the program, not yet acknowledged by the peer
+    recv_queue_bytes: U64  # received from the peer, not yet read by the program
+    local_address: str  # "127.0.0.1:8080", "[::1]:22"
+    remote_address: str
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+class LockKind(enum.IntEnum):
+    """Who owns a lock, and so how a restore takes it again."""
+
+    FLOCK = 1  # flock(2): the open file description
+    POSIX = 2  # fcntl F_SETLK: the process
+    OFD = 3  # fcntl F_OFD_SETLK: the open file description
+    LEASE = 4  # fcntl F_SETLEASE: the open file description; its break signals the process
+
+
+LOCK_TYPES = (0, 1)  # F_RDLCK, F_WRLCK
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileLock:
+    """One lock as an fdinfo "lock:" line shows it."""
+
+    kind: Annotated[LockKind, UInt(1)]
+    type: U8  # F_RDLCK 0 / F_WRLCK 1 (flock: LOCK_SH / LOCK_EX)
+    start: U64  # first byte locked; 0 for flock and leases
+    length: U64  # bytes locked, 0 for "to the end of the file" (struct flock's l_len)
+
+    def __post_init__(self) -> None:
+        _require(self.type in LOCK_TYPES, f"FileLock: type {self.type} is not F_RDLCK or F_WRLCK")
+        _require(
+            self.kind in (LockKind.POSIX, LockKind.OFD) or (self.start, self.length) == (0, 0),
+            f"FileLock: a {self.kind.name} lock covers the whole file, not a range",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileLocks:
+    """The locks and lease held through one open file description. No descriptor refers
+    to it by object_id: it names the description."""
+
+    id: U64
+    description_id: U64  # of the FileDescriptors it is held through
+    signal: U32  # F_GETSIG of the description: what a lease break sends (0: SIGIO)
+    locks: tuple[FileLock, ...]
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        _require(self.description_id > 0, f"FileLocks {self.id}: description_id 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PtyPair:
+    """A pseudo-terminal whose master and slave are both open in the process; the master's
+    descriptors (path ending in "ptmx") and the slave's refer to it."""
+
+    id: U64
+    index: U32  # N of the slave /dev/pts/N
+    packet_mode: bool  # TIOCPKT on the master
+    locked: bool  # TIOCSPTLCK: the slave cannot be opened
+    state: TerminalState  # the slave's settings and window size; controlling terminal or not
+    master_path: str  # /dev/ptmx, or devpts's own ptmx
+    input: bytes  # queued for the slave to read (already through its input modes)
+    output: bytes  # queued for the master to read (already through the slave's output modes)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GhostFile:
     """A file, directory or FIFO the process holds after its name was removed.
 
@@ -629,6 +719,9 @@ ObjectRecord = (
     | InotifyObject
     | PidfdObject
     | InetSocket
+    | TcpConnection
+    | FileLocks
+    | PtyPair
     | GhostFile
     | MemfdObject
     | SharedAnonymous

@@ -43,6 +43,7 @@ def attach(pid: int, registry: Registry) -> AttachResult:
                 f"process {pid} is already attached (shadow {known.shadow_pid})", pid=pid
             )
         registry.forget(pid, "stale record: its shadow is gone")
+    refuse_hijack_itself(pid)
     status = procfs.read_status(pid)
     start_time = procfs.read_stat(pid).starttime
     shadow_dir = registry.directory / "shadows" / str(pid)
@@ -90,6 +91,43 @@ def attach(pid: int, registry: Registry) -> AttachResult:
             shutil.rmtree(shadow_dir, ignore_errors=True)
         raise
     return AttachResult(record, pause_ms, list(hello.get("fds", [])))
+
+
+def refuse_hijack_itself(pid: int) -> None:
+    """A shadow, a node daemon or a hijack command is never a target: refused by name."""
+    try:
+        argv = procfs.read_cmdline(pid)
+    except HijackError:
+        return  # gone, or not ours to read: the seize says so
+    role = hijack_role(argv)
+    if role is None and pid == os.getpid():
+        role = argv[0]  # run some other way (a test's own interpreter)
+    if role is None:
+        return
+    if role == "hijack.shadow":
+        target = argv[argv.index("--target") + 1] if "--target" in argv[:-1] else "?"
+        raise HijackError(
+            f"process {pid} is the shadow of process {target}, part of hijack: not a target",
+            pid=pid,
+        )
+    words = [word for word in argv[argv.index(role) + 1 :] if not word.startswith("-")]
+    command = " ".join(["hijack", *words[:2]])
+    raise HijackError(f"process {pid} is hijack itself ({command}): not a target", pid=pid)
+
+
+def hijack_role(argv: list[str]) -> str | None:
+    """"hijack.shadow" for a shadow, the argument that runs hijack for a hijack command.
+
+    Seen on a command line: `python -m hijack.shadow ...`, `python -m hijack ...`,
+    and the console script, run directly or by its interpreter.
+    """
+    run_by_python = bool(argv) and os.path.basename(argv[0]).startswith("python")
+    for index, argument in enumerate(argv[:3]):
+        if index and argv[index - 1] == "-m" and argument in ("hijack", "hijack.shadow"):
+            return argument
+        if os.path.basename(argument) == "hijack" and (index == 0 or run_by_python):
+            return argument
+    return None
 
 
 def detach(pid: int, registry: Registry) -> ProcessRecord:

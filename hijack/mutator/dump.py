@@ -35,6 +35,7 @@ from hijack.image.identity import file_identity, is_shared_library
 from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, recorded_registers
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.objects.memfd import held_by_objects
+from hijack.objects.tcp import ConnectionLocks
 from hijack.process import settings, timers
 from hijack.restore.plan import ATTACH_HINT, restore_problems
 from hijack.sys import memory, procfs
@@ -116,7 +117,11 @@ def dump(
     """
     widen_if_pipe(out)
     stopped_at = time.perf_counter()
-    with Tracee.seize(pid) as tracee:
+    # Connections a killed process's restore rebuilds are locked while it is gone.
+    locking = kill and check_descriptors
+    with Tracee.seize(pid) as tracee, (
+        ConnectionLocks(pid) if locking else contextlib.nullcontext()
+    ) as locks:
         reached("dump-seized")
         check = functools.partial(refuse_unrestorable, pid, check_descriptors)
         end, threads, written = write_image(
@@ -126,6 +131,7 @@ def dump(
             no_shared_libs=no_shared_libs,
             check=check if kill else None,
             ghost_limit=ghost_limit,
+            connections=check_descriptors,
         )
         reached("dump-written")
         if on_complete is not None:
@@ -134,7 +140,11 @@ def dump(
             if before_kill is not None:
                 before_kill()
             reached("dump-handed-over")
+            if locks is not None:
+                locks.silence()
             kill_stopped(tracee)
+            if locks is not None:
+                locks.keep()
     frozen_ms = (time.perf_counter() - stopped_at) * 1000
     return DumpResult(pid, threads, written, end.pages_stored, frozen_ms)
 
@@ -148,6 +158,7 @@ def write_image(
     precopied: Precopied | None = None,
     check: Callable[[tuple[rec.Segment, ...], ImageFiles], None] | None = None,
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
+    connections: bool = False,
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
 
@@ -155,6 +166,7 @@ def write_image(
     rounds (docs/crf.md §7a): only what changed since of what they sent.
     `check(segments, files)` may refuse the image before its first byte is written.
     A deleted file the process holds may put at most `ghost_limit` bytes in it.
+    `connections`: established TCP connections are read with TCP_REPAIR (hijack.objects.tcp).
     """
     pid = tracee.pid
     options = rec.DumpOptions(0)
@@ -171,7 +183,9 @@ def write_image(
         process_settings = settings.read_settings(tracee, scratch, tracee.thread_ids)
         process_timers = timers.read_timers(tracee, scratch)
     tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
-    files = objects.read_files(pid, maps=maps, ghost_limit=ghost_limit)
+    files = objects.read_files(
+        pid, connections=connections, maps=maps, ghost_limit=ghost_limit
+    )
     flags = precopied.vm_flags(maps) if precopied is not None else None
     segments = held_by_objects(describe_segments(pid, maps, options, flags=flags), files)
     if precopied is not None:

@@ -18,6 +18,7 @@ to end.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import os
@@ -37,6 +38,7 @@ MAX_FRAME = 16 * 1024 * 1024
 DATA_FRAME = 1024 * 1024  # image bytes per DATA frame
 PROTOCOL_VERSION = 1
 MAX_ERROR = 1000  # characters of a peer's error message we repeat
+DRAIN_CHUNK = 1 << 16  # bytes read at a time from a refused peer, and dropped
 
 
 class Kind:
@@ -211,6 +213,19 @@ class Channel:
         if kind != Kind.MESSAGE:
             raise ChannelError(f"{self.peer} sent a data frame where a message was due")
         return _decode(payload, self.peer)
+
+    def refuse(self, reason: str) -> None:
+        """Answer `error: reason`, then drop what the peer still sends until it closes.
+
+        A peer in the middle of sending (a pre-copy round) reads the answer only
+        once it has sent all: closing before that resets the connection, and the
+        peer sees "connection reset" where the reason was due.
+        """
+        # ChannelError, OSError: gone, or silent past the socket's timeout.
+        with contextlib.suppress(ChannelError, OSError):
+            self.send({"error": reason})
+            while self.sock.recv(DRAIN_CHUNK):
+                pass
 
     def expect(self, field: str) -> dict[str, Any]:
         """The next message, which must have `field`; an `error` from the peer is raised."""

@@ -46,6 +46,7 @@ from hijack.sys import terminal
 from hijack.testpoint import reached
 
 DEFAULT_PORT = 7450
+MAX_PORT = 65535
 HANDSHAKE_TIMEOUT = 10.0  # seconds a connecting peer has to prove it holds the key
 COMMIT_TIMEOUT = 60.0  # seconds a prepared process waits for the mover's decision
 LISTEN_BACKLOG = 128
@@ -179,8 +180,7 @@ class NodeDaemon:
                     )
         except HijackError as exc:
             log(f"move {move} failed: {exc}")
-            with contextlib.suppress(ChannelError):
-                channel.send({"error": str(exc)})
+            channel.refuse(str(exc))  # the mover may be sending a round: it reads this after
         finally:
             prebuilt.discard()
 
@@ -285,6 +285,7 @@ class NodeDaemon:
                 before_start=hold_until_commit,
                 admit=admit,
                 prebuilt=prebuilt,
+                take_locks=False,
             )
         except HijackError as exc:
             log(f"move {move} failed: {exc}")
@@ -494,14 +495,21 @@ def _reap(pid: int) -> None:
             log(f"could not release the home shadow of {pid}: {exc}")
 
 
-def parse_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
+def parse_address(
+    text: str, default_host: str = "127.0.0.1", *, listening: bool = False
+) -> tuple[str, int]:
+    """HOST[:PORT] (or PORT alone) as (host, port); `listening`: port 0 is any free port."""
     host, _, port = text.rpartition(":")
     if not host:
         host, port = (text, str(DEFAULT_PORT)) if not text.isdigit() else (default_host, text)
     try:
-        return host.strip("[]"), int(port)
+        number = int(port)
     except ValueError:
         raise HijackError(f"not an address: {text!r} (HOST[:PORT])") from None
+    lowest = 0 if listening else 1
+    if not lowest <= number <= MAX_PORT:
+        raise HijackError(f"port {number} of {text!r} is not in {lowest}-{MAX_PORT}")
+    return host.strip("[]"), number
 
 
 def serve(address: tuple[str, int], key: bytes, *, allow_root: bool = False) -> None:

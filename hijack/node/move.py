@@ -156,6 +156,12 @@ def move(
             " run `hijack recover` once its destination answers",
             pid=pid,
         )
+    if record is not None and record.state == "attached" and record.home_node != node_name():
+        raise HijackError(
+            f"process {pid} was attached on node {record.home_node!r}, and this node is named"
+            f" {node_name()!r} now: move it under its old name (HIJACK_NODE={record.home_node})",
+            pid=pid,
+        )
     refuse_unmappable(pid)
     attached_by_move = record is None or record.state not in ("attached", "running")
     if attached_by_move:
@@ -190,6 +196,13 @@ def _move_attached(
 
     report("connecting", 0)
     channel = Channel.connect(address, key, node_name())
+    if channel.peer == node_name():
+        channel.close()
+        raise HijackError(
+            f"the daemon at {address[0]}:{address[1]} is named {channel.peer!r}, as this node is:"
+            " give each node a name of its own (`hijack node serve --name`, $HIJACK_NODE)",
+            pid=pid,
+        )
     move_id = secrets.token_hex(8)
     lock = MoverLock(registry.directory, move_id)
     try:

@@ -7,7 +7,8 @@
                               descriptor: the owner of its object record's type, or
                               (no object) the first kind listing its FdKind in fd_kinds
     kind_named(name)
-    read_files(pid, ...)      FILES and the object sections of a stopped process
+    read_files(pid, ...)      FILES and the object sections of a stopped process,
+                              the locks each description holds too (hijack.objects.locks)
     refusals(image, held)     why a restore could not rebuild each descriptor
     describe(descriptor, image)  "kind: details", for `hijack show`
 
@@ -29,11 +30,14 @@ from hijack.objects.fifo import Fifo
 from hijack.objects.ghost import Ghost
 from hijack.objects.inet import Inet
 from hijack.objects.inotify import Inotify
+from hijack.objects.locks import describe_held, dump_locks
 from hijack.objects.memfd import Memfd
 from hijack.objects.other import Other
 from hijack.objects.pidfd import Pidfd
+from hijack.objects.pty import PtyPairKind
 from hijack.objects.regular import Regular
 from hijack.objects.signalfd import Signalfd
+from hijack.objects.tcp import Tcp
 from hijack.objects.terminal import Terminal
 from hijack.objects.timerfd import Timerfd
 from hijack.sys import kcmp, procfs
@@ -43,6 +47,7 @@ KINDS: tuple[Kind, ...] = (
     Memfd(),
     Regular(),
     Fifo(),
+    PtyPairKind(),  # before Terminal: both ends of a pair in the process
     Terminal(),
     Device(),
     Epoll(),
@@ -51,6 +56,7 @@ KINDS: tuple[Kind, ...] = (
     Signalfd(),
     Inotify(),
     Pidfd(),
+    Tcp(),  # before Inet: an established connection, when the dump reads connections
     Inet(),
     Other(),  # last: claims whatever is left, and refuses it
 )
@@ -85,23 +91,32 @@ def read_files(
     pid: int,
     *,
     frozen: bool = True,
+    connections: bool = False,
     maps: list[procfs.MapEntry] | None = None,
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
 ) -> ImageFiles:
     """The descriptors of stopped process `pid` and the objects behind them, those it
-    reaches through its mappings `maps` and its cwd too (Kind.dump_process)."""
+    reaches through its mappings `maps` and its cwd too (Kind.dump_process);
+    `connections`: established TCP connections with their TCP_REPAIR state."""
     entries = procfs.list_fds(pid)
     descriptions = kcmp.description_ids(pid, [(e.fd, e.dev, e.ino) for e in entries])
     objects: dict[int, int] = {}  # description id -> object id
     descriptors = []
     with DumpContext(
-        pid, entries, descriptions, frozen=frozen, maps=maps, ghost_limit=ghost_limit
+        pid,
+        entries,
+        descriptions,
+        frozen=frozen,
+        connections=connections,
+        maps=maps,
+        ghost_limit=ghost_limit,
     ) as dump:
         for entry in entries:
             info = procfs.read_fdinfo(pid, entry.fd)
             description = descriptions[entry.fd]
             if description not in objects:  # a dup'ed or inherited one is dumped once
                 objects[description] = kind_for(entry, dump).dump(entry, info, dump)
+                dump_locks(entry.fd, info, description, dump)
             descriptors.append(
                 rec.FileDescriptor(
                     fd=entry.fd,
@@ -143,4 +158,5 @@ def refusals(
 
 def describe(descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
     kind = kind_of(descriptor, image)
-    return f"{kind.name}: {kind.describe(descriptor, image)}"
+    held = describe_held(image, descriptor)
+    return f"{kind.name}: {kind.describe(descriptor, image)}" + (f"; holds {held}" if held else "")

@@ -45,10 +45,14 @@ class DumpContext:
         frozen: bool = True,
         maps: list[procfs.MapEntry] | None = None,
         ghost_limit: int = DEFAULT_GHOST_LIMIT,
+        connections: bool = False,
     ) -> None:
         self.pid = pid
         self.frozen = frozen  # every thread of the process is stopped
         self.entries = entries  # every descriptor of the process (a pipe's other end ...)
+        # Established TCP connections are read with TCP_REPAIR, so that a restore can
+        # rebuild them (a plain dump; a move relays them through the shadow instead).
+        self.connections = connections
         self.descriptions = descriptions  # fd -> description id (kcmp)
         self.maps = maps if maps is not None else []  # its mappings, for Kind.dump_process
         self.ghost_limit = ghost_limit  # bytes of data one deleted file may put in the image

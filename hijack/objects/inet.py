@@ -28,6 +28,12 @@ SOCKADDR_IN = struct.Struct("<H2s4s8x")  # family, port (network order), address
 SOCKADDR_IN6 = struct.Struct("<H2sI16sI")  # family, port, flow info, address, scope id
 
 
+def endpoint(address: str) -> tuple[str, int]:
+    """("1.2.3.4", 80) of "1.2.3.4:80", ("::1", 80) of "[::1]:80"."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
 def sockaddr(family: int, address: str) -> bytes:
     """struct sockaddr_in / sockaddr_in6 of "1.2.3.4:80" or "[::1]:80"."""
     host, _, port = address.rpartition(":")

@@ -188,7 +188,11 @@ def _stub_file(restore: RestoreContext, object_id: int, mode: int) -> int:
     """A descriptor in the stub of file object `object_id`, a new description opened with
     `mode`: of the stub's own descriptor of it where it has one (made from the image, or
     the very file its shadow kept), so descriptor and mapping share the file; else of ours."""
-    holders = [d for d in restore.image.descriptors if d.object_id == object_id]
+    holders = [
+        d
+        for d in restore.image.descriptors
+        if d.object_id == object_id and d.fd in restore.restored
+    ]
     found = restore.image.objects[object_id]
     kept_sealed = (
         isinstance(found, rec.MemfdObject)

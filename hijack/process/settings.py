@@ -133,7 +133,7 @@ def describe(settings: rec.ProcessSettings) -> list[str]:
 
 
 def _cpu_list(cpus: tuple[int, ...]) -> str:
-    """"0-3,6" for (0, 1, 2, 3, 6)."""
+    """ "0-3,6" for (0, 1, 2, 3, 6)."""
     runs: list[list[int]] = []
     for cpu in cpus:
         if runs and runs[-1][1] == cpu - 1:

@@ -37,7 +37,9 @@ from hijack.mutator.tracee import (
 )
 from hijack.objects.base import RestoreContext, describe_fd
 from hijack.objects.ghost import deleted_cwd, enter_deleted_cwd
+from hijack.objects.locks import restore_locks
 from hijack.objects.memfd import map_objects, mapped_objects, seal_memfds
+from hijack.objects.pty import controlling_slave
 from hijack.objects.terminal import set_up_terminals
 from hijack.process import seccomp, settings, timers
 from hijack.registry import Registry
@@ -83,6 +85,8 @@ class RestoreResult:
     program: str
     threads: int
     dropped: tuple[str, ...]  # descriptors left out with --skip-unsupported
+    # Who held old_pid when it could not be had again, or "" (had, or nobody by now).
+    old_pid_holder: str = ""
 
 
 @dataclass
@@ -115,6 +119,7 @@ def restore(
     before_start: Callable[[int], None] | None = None,
     admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None,
     prebuilt: Prebuilt | None = None,
+    take_locks: bool = True,
 ) -> RestoreResult:
     """Rebuild the process of the image in `stream` and let it run.
 
@@ -130,6 +135,9 @@ def restore(
     it refuses by raising.
     `prebuilt` is the stub a move's pre-copy rounds built: the image is its
     final one (docs/crf.md §7a) and is restored into that stub.
+    `take_locks` False (a move) leaves the image's file locks and leases untaken:
+    the home shadow keeps the open files, and with them their flock, OFD locks
+    and leases, and the original holds its POSIX locks until the commit.
     """
     records = read_image(stream)
     image = _Image(
@@ -157,7 +165,9 @@ def restore(
         provided=frozenset(provided or {}),
     )
     if prebuilt is not None:
-        return _restore_prebuilt(records, image, plan, prebuilt, provided or {}, before_start)
+        return _restore_prebuilt(
+            records, image, plan, prebuilt, provided or {}, before_start, take_locks
+        )
     inherited = _take_from_shadow(holdings, plan) if holdings else {}
     for number, fd in (provided or {}).items():
         inherited[number] = os.dup(fd)
@@ -173,7 +183,7 @@ def restore(
         space = AddressSpace(stub, image.segments.segments)
         space.build(later=frozenset(image.mapped()))
         _consume_rest(records, image, space)
-        _finish(stub, space, image, plan, inherited, frozenset(provided or {}))
+        _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
         if before_start is not None:
             before_start(pid)
         _start(stub)
@@ -185,13 +195,7 @@ def restore(
             space.close()
     if registry is not None:
         _record(registry, image.header, pid, holdings)
-    return RestoreResult(
-        pid=pid,
-        old_pid=image.header.pid,
-        program=image.header.comm,
-        threads=len(image.threads),
-        dropped=tuple(describe_fd(d) for d in plan.dropped),
-    )
+    return _result(pid, image, plan)
 
 
 def _restore_prebuilt(
@@ -201,6 +205,7 @@ def _restore_prebuilt(
     prebuilt: Prebuilt,
     provided: dict[int, int],
     before_start: Callable[[int], None] | None,
+    take_locks: bool,
 ) -> RestoreResult:
     """restore() of a move's final image into the stub its pre-copy rounds built."""
     stub, space = prebuilt.stub, prebuilt.space
@@ -211,7 +216,7 @@ def _restore_prebuilt(
         inherited = prebuilt.hand_over(provided)
         space.adopt_final(image.segments.segments, later=frozenset(image.mapped()))
         _consume_rest(records, image, space)
-        _finish(stub, space, image, plan, inherited, frozenset(provided or {}))
+        _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
         if before_start is not None:
             before_start(stub.pid)
         _start(stub)
@@ -220,13 +225,34 @@ def _restore_prebuilt(
         raise
     finally:
         space.close()
+    return _result(stub.pid, image, plan)
+
+
+def _result(pid: int, image: _Image, plan: FilePlan) -> RestoreResult:
+    old_pid = image.header.pid
     return RestoreResult(
-        pid=stub.pid,
-        old_pid=image.header.pid,
+        pid=pid,
+        old_pid=old_pid,
         program=image.header.comm,
         threads=len(image.threads),
         dropped=tuple(describe_fd(d) for d in plan.dropped),
+        old_pid_holder="" if pid == old_pid else holder_of(old_pid),
     )
+
+
+def holder_of(pid: int) -> str:
+    """Who has `pid` now: "NAME (pid P)", "thread T of NAME (pid P)", or "" if nobody."""
+    try:
+        status = procfs.read_status(pid)
+    except HijackError:
+        return ""
+    if status.tgid == pid:
+        return f"{status.name} (pid {pid})"
+    try:
+        name = procfs.read_status(status.tgid).name
+    except HijackError:
+        name = status.name
+    return f"thread {pid} of {name} (pid {status.tgid})"
 
 
 def shadow_holdings(registry: Registry, old_pid: int) -> ShadowHoldings | None:
@@ -334,18 +360,26 @@ def _finish(
     plan: FilePlan,
     inherited: dict[int, int],
     provided: frozenset[int],
+    take_locks: bool,
 ) -> None:
     assert image.signals is not None and image.cwd is not None
     assert image.settings is not None and image.timers is not None
     leader = _leader_record(image)
     restore_files(stub, plan, image.files, inherited, functools.partial(_objects, space, image))
+    restored = {descriptor.fd for descriptor in (*plan.inherited, *plan.reopen)}
     controlling = set_up_terminals(stub, image.files, provided)
+    if controlling is None:
+        controlling = controlling_slave(image.files, restored - provided)
     _set_mm_map(stub, image.mm)
     _set_signal_actions(stub, image.signals)
     _set_rlimits(stub, image.rlimits)
     _set_process_state(stub, image, controlling)
     settings.apply_login_uid(stub, image.settings)
     settings.lock_memory(stub, image.segments)
+    if take_locks:
+        # Last of the descriptors' business: a descriptor closed in the stub (the
+        # exe's, above) would drop the POSIX locks the process holds on its file.
+        restore_locks(stub, image.files, restored)
     thread_ids = {leader.tid: stub.pid}
     for thread in image.threads:
         if thread is not leader:
@@ -455,7 +489,8 @@ def _set_process_state(stub: Stub, image: _Image, controlling: int | None) -> No
     """cwd, umask, session and group, no_new_privs.
 
     `controlling`: the descriptor of a terminal made for the process (a move's
-    pty) standing for its controlling terminal. Only a session leader can take
+    pty, the new slave of a pty pair it holds) standing for its controlling
+    terminal. Only a session leader can take
     one, so the process then leads a session of its own (its old one, the
     shell's, stayed behind), and its group is the terminal's foreground group:
     it reads its terminal and gets its ^C and SIGWINCH as at home.

@@ -172,7 +172,9 @@ def send_framed(sock: socket.socket, message: Message) -> None:
 
 
 def _client(address: str, token: bytes, header: Message, timeout: float) -> socket.socket:
-    host, port = address.rsplit(":", 1)
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ShadowError(f"no address of the home shadow to reach (have {address!r})")
     try:
         sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
     except OSError as exc:

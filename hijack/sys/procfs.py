@@ -213,6 +213,11 @@ def read_smaps(pid: int) -> dict[int, SmapsEntry]:
     return entries
 
 
+def resident_bytes(pid: int) -> int:
+    """The process's memory in RAM or swap: about what an image of it stores."""
+    return sum(entry.rss + entry.swap for entry in read_smaps(pid).values())
+
+
 def read_smaps_flags(pid: int) -> dict[int, tuple[str, ...]]:
     """VmFlags of every mapping, by mapping start."""
     return {start: entry.vm_flags for start, entry in read_smaps(pid).items()}

@@ -510,6 +510,7 @@ class Node:
         *,
         program: Sequence[str] = HIJACK_PROGRAM,
         allow_root: bool = True,
+        options: Sequence[str] = (),
     ) -> str:
         """Start `hijack node serve --listen ADDRESS:PORT` inside this node; return "ADDRESS:PORT".
 
@@ -519,7 +520,8 @@ class Node:
         nothing reads after that line, so the daemon must write no more than a
         pipe's buffer there. `program` replaces `python -m hijack` (tests of
         this harness run a stand-in). `allow_root` (the default: the suite's
-        fixtures run as root) starts it with --allow-root.
+        fixtures run as root) starts it with --allow-root. `options` are more
+        options of `node serve` (--name).
         """
         if self.daemon is not None and self.daemon.returncode is None:
             raise NodeError(f"node {self.name} already runs a daemon (pid {self.daemon.pid})")
@@ -528,7 +530,8 @@ class Node:
         with open(stderr_path, "ab") as stderr:
             daemon: subprocess.Popen[bytes] = self.spawn(
                 [*program, "node", "serve", "--listen", endpoint]
-                + (["--allow-root"] if allow_root else []),
+                + (["--allow-root"] if allow_root else [])
+                + list(options),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=stderr,

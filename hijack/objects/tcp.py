@@ -1,0 +1,206 @@
+"""Established TCP connections, checkpointed with TCP_REPAIR and rebuilt the same way.
+
+At dump, a copy of the socket is put in repair mode and its sequence numbers,
+queues, options and window are read (the process is stopped; repair mode is
+turned off again). A `dump --kill` first locks every such connection
+(hijack.sys.netlock: packets from the peer are dropped, so no reset answers
+them while the socket is gone), and puts the sockets in repair mode just before
+the kill, so closing them sends the peer nothing. The restorer makes the
+connection again in repair mode, gives it to the process, and lifts the lock
+once every descriptor exists; the peer's retransmissions then reach it.
+
+A plain dump (the process runs on) neither locks nor silences anything: its
+image can be restored only once the original's connections are gone. After a
+move, connections stay relayed through the home shadow (hijack.node.move).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from types import TracebackType
+
+from hijack.errors import HijackError, RestoreError
+from hijack.image import records as rec
+from hijack.image.files import ImageFiles
+from hijack.objects.base import DumpContext, Kind, RestoreContext, describe_fd
+from hijack.objects.inet import endpoint
+from hijack.sys import netlock, pidfd, procfs, tcp_repair
+
+TCP_ESTABLISHED = 1
+
+
+class Tcp(Kind):
+    name = "tcp"
+    record_types = (rec.TcpConnection,)
+
+    def claims(self, entry: procfs.FdEntry, dump: DumpContext) -> bool:
+        if not dump.connections or entry.kind is not procfs.FdKind.SOCKET:
+            return False
+        found = dump.socket_table().get(entry.ino)
+        return (
+            found is not None
+            and found.family in (socket.AF_INET, socket.AF_INET6)
+            and found.type == socket.SOCK_STREAM
+            and found.state_number == TCP_ESTABLISHED
+        )
+
+    def dump(self, entry: procfs.FdEntry, info: procfs.FdInfo, dump: DumpContext) -> int:
+        found = dump.socket_table()[entry.ino]
+        copy = dump.copy_fd(entry.fd)
+        tcp_repair.set_repair(copy, True)
+        try:
+            state = tcp_repair.read_state(copy)
+        finally:
+            tcp_repair.set_repair(copy, False)
+        snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup = state.window
+
+        def make(id: int) -> rec.TcpConnection:
+            return rec.TcpConnection(
+                id=id,
+                family=found.family,
+                local_address=found.local,
+                remote_address=found.remote,
+                send_seq=state.send_seq,
+                recv_seq=state.recv_seq,
+                mss=state.mss,
+                options=state.options,
+                snd_wscale=state.snd_wscale,
+                rcv_wscale=state.rcv_wscale,
+                timestamp=state.timestamp,
+                snd_wl1=snd_wl1,
+                snd_wnd=snd_wnd,
+                max_window=max_window,
+                rcv_wnd=rcv_wnd,
+                rcv_wup=rcv_wup,
+                send_queue_bytes=len(state.send_queue),
+                recv_queue_bytes=len(state.received),
+            )
+
+        object_id = dump.add_object(("socket", entry.ino), make)
+        dump.add_data(object_id, state.send_queue + state.received)
+        return object_id
+
+    def restore(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
+        connection = restore.image.object_of(descriptor, rec.TcpConnection)
+        queues = restore.image.data(connection.id)
+        if len(queues) != connection.send_queue_bytes + connection.recv_queue_bytes:
+            raise RestoreError(
+                f"the queues of {describe_fd(descriptor)} hold {len(queues)} bytes, not"
+                f" {connection.send_queue_bytes} + {connection.recv_queue_bytes}"
+            )
+        made = tcp_repair.make_connection(
+            connection.family,
+            endpoint(connection.local_address),
+            endpoint(connection.remote_address),
+            tcp_repair.TcpState(
+                send_seq=connection.send_seq,
+                recv_seq=connection.recv_seq,
+                send_queue=queues[: connection.send_queue_bytes],
+                received=queues[connection.send_queue_bytes :],
+                mss=connection.mss,
+                options=connection.options,
+                snd_wscale=connection.snd_wscale,
+                rcv_wscale=connection.rcv_wscale,
+                timestamp=connection.timestamp,
+                window=(
+                    connection.snd_wl1,
+                    connection.snd_wnd,
+                    connection.max_window,
+                    connection.rcv_wnd,
+                    connection.rcv_wup,
+                ),
+            ),
+        )
+        try:
+            restore.give(made, descriptor)
+        finally:
+            os.close(made)
+
+    def finish(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
+        # The connection exists again: let the peer's packets reach it.
+        connection = restore.image.object_of(descriptor, rec.TcpConnection)
+        netlock.unlock(
+            restore.stub.pid,
+            endpoint(connection.local_address),
+            endpoint(connection.remote_address),
+        )
+
+    def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
+        connection = image.object_of(descriptor, rec.TcpConnection)
+        return (
+            f"{connection.local_address} -> {connection.remote_address}"
+            f" ESTABLISHED, {connection.send_queue_bytes} bytes to send,"
+            f" {connection.recv_queue_bytes} to read"
+        )
+
+
+class ConnectionLocks:
+    """The locks of a `dump --kill`: every established TCP connection of the process is
+    locked before it is read; silence() puts them in repair mode just before the kill;
+    keep() leaves the locks for the restore. Left any other way (the dump failed or was
+    refused), every connection is as it was: in normal mode, unlocked."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.locked: list[tuple[int, netlock.Endpoint, netlock.Endpoint]] = []
+        self.silenced: list[int] = []
+        self.kept = False
+
+    def __enter__(self) -> ConnectionLocks:
+        sockets = procfs.read_socket_table(self.pid)
+        try:
+            for entry in procfs.list_fds(self.pid):
+                found = sockets.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
+                if (
+                    found is not None
+                    and found.family in (socket.AF_INET, socket.AF_INET6)
+                    and found.type == socket.SOCK_STREAM
+                    and found.state_number == TCP_ESTABLISHED
+                ):
+                    ends = endpoint(found.local), endpoint(found.remote)
+                    netlock.lock(self.pid, *ends)
+                    self.locked.append((entry.fd, *ends))
+        except BaseException:
+            self._undo()
+            raise
+        return self
+
+    def silence(self) -> None:
+        """Repair mode on for each locked connection: the kill closes them silently."""
+        handle = pidfd.pidfd_open(self.pid)
+        try:
+            for fd, _, _ in self.locked:
+                copy = pidfd.pidfd_getfd(handle, fd, self.pid)
+                try:
+                    tcp_repair.set_repair(copy, True)
+                    self.silenced.append(fd)
+                finally:
+                    os.close(copy)
+        finally:
+            os.close(handle)
+
+    def keep(self) -> None:
+        self.kept = True
+
+    def _undo(self) -> None:
+        with contextlib.suppress(OSError, HijackError):
+            handle = pidfd.pidfd_open(self.pid)
+            for fd in self.silenced:
+                copy = pidfd.pidfd_getfd(handle, fd, self.pid)
+                tcp_repair.set_repair(copy, False)
+                os.close(copy)
+            os.close(handle)
+        for _, local, remote in self.locked:
+            with contextlib.suppress(HijackError):
+                netlock.unlock(self.pid, local, remote)
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if not self.kept:
+            self._undo()

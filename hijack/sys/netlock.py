@@ -1,0 +1,207 @@
+"""The network lock: while an established TCP connection is between its dump and its
+restore, packets from the peer are dropped, so the kernel never answers them with a
+reset for a socket that is gone. The peer retransmits them once the lock is lifted.
+
+One nftables table per connection, in the network namespace of the process, named
+for the connection so that a later `hijack restore` lifts exactly that lock. Rules
+are loaded over netlink with pyroute2 (no nft or iptables commands).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import ipaddress
+import os
+import socket
+import struct
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from pyroute2.nftables.expressions import genex, verdict
+from pyroute2.nftables.main import NFTables
+
+from hijack.errors import HijackError
+from hijack.sys.libc import libc
+
+CLONE_NEWNET = 0x40000000
+NF_DROP = 0
+NF_ACCEPT = 1
+NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
+NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER = 1, 2
+NFT_META_L4PROTO = 16
+# Before conntrack and every usual filter chain: the lock must win.
+LOCK_PRIORITY = -400
+T = TypeVar("T")
+
+Endpoint = tuple[str, int]  # address, port
+
+
+def lock_name(local: Endpoint, remote: Endpoint) -> str:
+    digest = hashlib.sha256(f"{local}>{remote}".encode()).hexdigest()[:16]
+    return f"hijack_lock_{digest}"
+
+
+def _payload(base: int, offset: int, length: int) -> dict[str, Any]:
+    arguments: OrderedDict[str, Any] = OrderedDict()
+    arguments["dreg"] = 1
+    arguments["base"] = base
+    arguments["offset"] = offset
+    arguments["len"] = length
+    return genex("payload", arguments)  # type: ignore[no-any-return]
+
+
+def _equals(data: bytes) -> dict[str, Any]:
+    arguments: OrderedDict[str, Any] = OrderedDict()
+    arguments["sreg"] = 1
+    arguments["op"] = 0  # NFT_CMP_EQ
+    arguments["data"] = {"attrs": [("NFTA_DATA_VALUE", data)]}
+    return genex("cmp", arguments)  # type: ignore[no-any-return]
+
+
+def _l4proto() -> dict[str, Any]:
+    arguments: OrderedDict[str, Any] = OrderedDict()
+    arguments["key"] = NFT_META_L4PROTO
+    arguments["dreg"] = 1
+    return genex("meta", arguments)  # type: ignore[no-any-return]
+
+
+def _family(address: str) -> int:
+    return NFPROTO_IPV6 if ipaddress.ip_address(address).version == 6 else NFPROTO_IPV4
+
+
+def _drop_from_peer(local: Endpoint, remote: Endpoint) -> tuple[list[dict[str, Any]], ...]:
+    """tcp packets from `remote` to `local`: dropped."""
+    local_ip = ipaddress.ip_address(local[0])
+    # The destination address: at 16 in an IPv4 header, at 24 in an IPv6 one.
+    daddr_at = 24 if local_ip.version == 6 else 16
+    return (
+        [_l4proto(), _equals(bytes([socket.IPPROTO_TCP]))],
+        [_payload(NFT_PAYLOAD_NETWORK_HEADER, daddr_at, len(local_ip.packed))],
+        [_equals(local_ip.packed)],
+        [_payload(NFT_PAYLOAD_TRANSPORT_HEADER, 0, 4)],
+        [_equals(struct.pack("!HH", remote[1], local[1]))],
+        verdict(code=NF_DROP),
+    )
+
+
+def lock(pid: int, local: Endpoint, remote: Endpoint) -> None:
+    """Drop what `remote` sends to `local` in the network namespace of `pid`."""
+
+    def install() -> None:
+        name = lock_name(local, remote)
+        nft = NFTables(nfgen_family=_family(local[0]))
+        try:
+            nft.table("add", name=name)
+            nft.chain(
+                "add",
+                table=name,
+                name="input",
+                hook="input",
+                type="filter",
+                priority=LOCK_PRIORITY,
+                policy=NF_ACCEPT,
+            )
+            nft.rule("add", table=name, chain="input", expressions=_drop_from_peer(local, remote))
+        finally:
+            nft.close()
+
+    _in_network_of(pid, install, f"cannot lock the connection {local} -> {remote}")
+
+
+def unlock(pid: int, local: Endpoint, remote: Endpoint) -> None:
+    """Lift the lock of lock(); nothing if there is none."""
+
+    def remove() -> None:
+        name = lock_name(local, remote)
+        nft = NFTables(nfgen_family=_family(local[0]))
+        try:
+            if any(_table_name(table) == name for table in nft.get_tables()):
+                nft.table("del", name=name)
+        finally:
+            nft.close()
+
+    _in_network_of(pid, remove, f"cannot unlock the connection {local} -> {remote}")
+
+
+def locks_held(pid: int) -> list[str]:
+    """The names of the lock tables in the network namespace of `pid` (IPv4 and IPv6)."""
+
+    def names() -> list[str]:
+        found = []
+        for family in (NFPROTO_IPV4, NFPROTO_IPV6):
+            nft = NFTables(nfgen_family=family)
+            try:
+                found += [
+                    name
+                    for name in map(_table_name, nft.get_tables())
+                    if name and name.startswith("hijack_lock_")
+                ]
+            finally:
+                nft.close()
+        return found
+
+    return _in_network_of(pid, names, "cannot list the network locks")
+
+
+def remove_lock(pid: int, name: str) -> None:
+    """Remove lock table `name` (as locks_held() lists it) in the namespace of `pid`."""
+
+    def remove() -> None:
+        for family in (NFPROTO_IPV4, NFPROTO_IPV6):
+            nft = NFTables(nfgen_family=family)
+            try:
+                if name in map(_table_name, nft.get_tables()):
+                    nft.table("del", name=name)
+            finally:
+                nft.close()
+
+    _in_network_of(pid, remove, f"cannot remove the network lock {name}")
+
+
+def _table_name(table: Any) -> str | None:
+    found: str | None = table.get_attr("NFTA_TABLE_NAME")
+    return found
+
+
+def _in_network_of(pid: int, work: Callable[[], T], failure: str) -> T:
+    """Run `work` in the network namespace of `pid`: in a thread of its own entered there
+    (setns moves only the calling thread), or here if we share it."""
+    mine = os.stat("/proc/self/ns/net")
+    try:
+        theirs = os.stat(f"/proc/{pid}/ns/net")
+    except OSError as exc:
+        raise HijackError(f"{failure}: process {pid}: {exc.strerror}") from None
+    if (mine.st_dev, mine.st_ino) == (theirs.st_dev, theirs.st_ino):
+        return _checked(work, failure)
+    outcome: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        namespace = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if libc.setns(namespace, CLONE_NEWNET) != 0:
+                raise HijackError(f"{failure}: setns: {os.strerror(ctypes.get_errno())}")
+            outcome.append(_checked(work, failure))
+        except BaseException as error:
+            errors.append(error)
+        finally:
+            os.close(namespace)
+
+    thread = threading.Thread(target=run, name="netlock")
+    thread.start()
+    thread.join()
+    if errors:
+        raise errors[0]
+    return outcome[0]
+
+
+def _checked(work: Callable[[], T], failure: str) -> T:
+    try:
+        return work()
+    except OSError as exc:
+        raise HijackError(f"{failure}: {exc.strerror or exc}") from None
+    except Exception as exc:  # pyroute2 raises its own NetlinkError (an OSError too) or others
+        raise HijackError(f"{failure}: {exc}") from None

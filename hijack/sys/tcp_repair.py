@@ -1,0 +1,168 @@
+"""TCP_REPAIR: reading an established connection's state, and making it again.
+
+A socket in repair mode sends nothing: reading its queues and sequence numbers
+changes nothing the peer can see, and closing it sends neither FIN nor RST. A
+socket made in repair mode and connect()ed takes the given sequence numbers
+and queues as its own without a handshake; turning repair off makes it a live
+connection again (the kernel then sends a window probe, and the peer
+retransmits whatever it sent meanwhile).
+
+The whole send queue is put back in repair mode, as if sent and not yet
+acknowledged: what the peer has not acknowledged is retransmitted when the
+retransmission timer fires, so a restore never blocks on a peer that does
+not read.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import socket
+import struct
+import termios
+from dataclasses import dataclass
+
+from hijack.sys.errors import kernel_call
+
+TCP_REPAIR = 19
+TCP_REPAIR_QUEUE = 20
+TCP_QUEUE_SEQ = 21
+TCP_REPAIR_OPTIONS = 22
+TCP_TIMESTAMP = 24
+TCP_REPAIR_WINDOW = 29
+TCP_REPAIR_ON, TCP_REPAIR_OFF = 1, 0
+TCP_NO_QUEUE, TCP_RECV_QUEUE, TCP_SEND_QUEUE = 0, 1, 2
+TCPOPT_MAXSEG, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
+TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
+SIOCOUTQ = termios.TIOCOUTQ  # bytes in the send queue (sent or not)
+REPAIR_WINDOW = struct.Struct("<5I")  # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
+REPAIR_OPTION = struct.Struct("<II")  # opt_code, opt_val
+# struct tcp_info: state, ca_state, retransmits, probes, backoff, options, wscales (4+4 bits)
+TCP_INFO_HEAD = struct.Struct("<7B")
+CHUNK = 1 << 20  # bytes put back into a queue per call
+
+
+@dataclass(frozen=True)
+class TcpState:
+    send_seq: int  # the sequence number of the first byte of the send queue
+    recv_seq: int  # the sequence number of the first byte of the receive queue
+    send_queue: bytes  # bytes written by the program the peer has not acknowledged
+    received: bytes  # the receive queue: bytes the peer sent that the program has not read
+    mss: int
+    options: int  # TCPI_OPT_* bits
+    snd_wscale: int
+    rcv_wscale: int
+    timestamp: int
+    window: tuple[int, int, int, int, int]  # struct tcp_repair_window
+
+
+def _queued(sock: socket.socket, request: int) -> int:
+    value: int = struct.unpack("<i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
+    return value
+
+
+def _peek(sock: socket.socket, queue: int, length: int) -> bytes:
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
+    data = b""
+    if length:
+        data = sock.recv(length, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    return data
+
+
+def set_repair(fd: int, on: bool) -> None:
+    with kernel_call("setsockopt(TCP_REPAIR)"), socket.socket(fileno=fd) as sock:
+        try:
+            sock.setsockopt(
+                socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON if on else TCP_REPAIR_OFF
+            )
+        finally:
+            sock.detach()
+
+
+def read_state(fd: int) -> TcpState:
+    """The state of established TCP socket `fd` (ours), which must be in repair mode."""
+    with kernel_call("TCP_REPAIR"), socket.socket(fileno=fd) as sock:
+        try:
+            in_send_queue = _queued(sock, SIOCOUTQ)
+            in_recv_queue = _queued(sock, termios.FIONREAD)
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+            send_seq = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ)
+            send_queue = _peek(sock, TCP_SEND_QUEUE, in_send_queue)
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+            recv_seq = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ)
+            received = _peek(sock, TCP_RECV_QUEUE, in_recv_queue)
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+            options, wscales = TCP_INFO_HEAD.unpack_from(info)[5:7]
+            window = REPAIR_WINDOW.unpack(
+                sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.size)
+            )
+            # TCP_QUEUE_SEQ tells where each queue ends (write_seq, rcv_nxt); a restore
+            # sets where it starts, then puts the bytes back, which moves it to the end.
+            state = TcpState(
+                send_seq=(send_seq - len(send_queue)) & 0xFFFFFFFF,
+                recv_seq=(recv_seq - len(received)) & 0xFFFFFFFF,
+                send_queue=send_queue,
+                received=received,
+                mss=sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG),
+                options=options,
+                snd_wscale=wscales & 0xF,
+                rcv_wscale=wscales >> 4,
+                timestamp=sock.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF,
+                window=window,
+            )
+        finally:
+            sock.detach()
+    return state
+
+
+def _fill(sock: socket.socket, queue: int, data: bytes) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
+    view = memoryview(data)
+    while view:
+        sent = sock.send(view[:CHUNK])
+        view = view[sent:]
+
+
+def make_connection(
+    family: int, local: tuple[str, int], remote: tuple[str, int], state: TcpState
+) -> int:
+    """A socket of ours holding the connection `state` describes, live; returns its fd."""
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        with kernel_call("TCP_REPAIR", what=f"the connection {local} -> {remote}"):
+            # Repair mode forces the reuse of the address (a listener of the process may
+            # hold the port already); SO_REUSEADDR now would take that back.
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON)
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ, _signed(state.send_seq))
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ, _signed(state.recv_seq))
+            sock.bind(local)
+            sock.connect(remote)  # in repair mode: no handshake, ESTABLISHED at once
+            options = [REPAIR_OPTION.pack(TCPOPT_MAXSEG, state.mss)]
+            if state.options & TCPI_OPT_WSCALE:
+                scales = state.snd_wscale | state.rcv_wscale << 16
+                options.append(REPAIR_OPTION.pack(TCPOPT_WINDOW, scales))
+            if state.options & TCPI_OPT_SACK:
+                options.append(REPAIR_OPTION.pack(TCPOPT_SACK_PERM, 0))
+            if state.options & TCPI_OPT_TIMESTAMPS:
+                options.append(REPAIR_OPTION.pack(TCPOPT_TIMESTAMP, 0))
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_OPTIONS, b"".join(options))
+            if state.options & TCPI_OPT_TIMESTAMPS:
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP, _signed(state.timestamp))
+            _fill(sock, TCP_SEND_QUEUE, state.send_queue)
+            _fill(sock, TCP_RECV_QUEUE, state.received)
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+            sock.setsockopt(
+                socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.pack(*state.window)
+            )
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+    except BaseException:
+        sock.close()
+        raise
+    return sock.detach()
+
+
+def _signed(value: int) -> int:
+    """setsockopt takes an int: a u32 above 2^31 as its two's complement."""
+    return value - (1 << 32) if value >= 1 << 31 else value
