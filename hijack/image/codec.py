@@ -121,12 +121,12 @@ class SectionKind(enum.Enum):
     INOTIFY_OBJECT = b"INFY"
     PIDFD_OBJECT = b"PIDF"
     INET_SOCKET = b"INET"
-    GHOST_FILE = b"GHST"
-    MEMFD = b"MEMF"
-    SHARED_ANONYMOUS = b"SHMA"
     TCP_CONNECTION = b"TCPC"
     FILE_LOCKS = b"LOCK"
     PTY_PAIR = b"PTYP"
+    GHOST_FILE = b"GHST"
+    MEMFD = b"MEMF"
+    SHARED_ANONYMOUS = b"SHMA"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
     SETTINGS = b"PSET"
@@ -236,12 +236,12 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.INOTIFY_OBJECT: _StructSection(InotifyObject, is_object=True),
     SectionKind.PIDFD_OBJECT: _StructSection(PidfdObject, is_object=True),
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
-    SectionKind.GHOST_FILE: _StructSection(GhostFile, is_object=True),
-    SectionKind.MEMFD: _StructSection(MemfdObject, is_object=True),
-    SectionKind.SHARED_ANONYMOUS: _StructSection(SharedAnonymous, is_object=True),
     SectionKind.TCP_CONNECTION: _StructSection(TcpConnection, is_object=True),
     SectionKind.FILE_LOCKS: _StructSection(FileLocks, is_object=True),
     SectionKind.PTY_PAIR: _StructSection(PtyPair, is_object=True),
+    SectionKind.GHOST_FILE: _StructSection(GhostFile, is_object=True),
+    SectionKind.MEMFD: _StructSection(MemfdObject, is_object=True),
+    SectionKind.SHARED_ANONYMOUS: _StructSection(SharedAnonymous, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
     SectionKind.SETTINGS: _StructSection(ProcessSettings),
