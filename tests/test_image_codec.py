@@ -56,6 +56,7 @@ from hijack.image import (
     MemfdObject,
     MemoryStructure,
     ObjectData,
+    PageRange,
     Pages,
     PidfdObject,
     PosixTimer,
@@ -539,6 +540,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 ),
                 ThreadSeccomp(tid=4244, mode=1, filters=()),
             ),
+            guard_pages=(PageRange(start=0x7F0000100000, end=0x7F0000102000),),
         ),
         Timers(
             itimers=(Itimer(which=0, interval_ns=20_000_000, value_ns=7_000_000),),

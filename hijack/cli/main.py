@@ -146,6 +146,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="print the summary as JSON")
     show.set_defaults(handler=command_show)
 
+    core = commands.add_parser("core", help="write an ELF core file of an image, for gdb")
+    core.add_argument("image", metavar="IMAGE", help="image file, - for stdin")
+    core.add_argument("-o", "--output", required=True, metavar="FILE", help="the core file")
+    core.set_defaults(handler=command_core)
+
     move = commands.add_parser("move", help="live-move PID to another node's daemon")
     move.add_argument("pid", type=parse_pid, metavar="PID")
     move.add_argument(
@@ -309,6 +314,18 @@ def command_show(args: argparse.Namespace, console: Console) -> int:
     with open_image(args.image) as stream:
         summary = summarize(read_image(stream), describe=objects.describe)
     render.image_summary(console, summary, as_json=args.json)
+    return EXIT_OK
+
+
+def command_core(args: argparse.Namespace, console: Console) -> int:
+    # lief takes a second or more to load: only this command pays for it.
+    from hijack import core as core_files
+
+    if args.output == "-":
+        raise HijackError("a core file is written out of order: -o needs a file, not stdout")
+    with open_image(args.image) as stream:
+        result = core_files.write_core_file(read_image(stream), Path(args.output))
+    render.core_result(console, result, args.output)
     return EXIT_OK
 
 

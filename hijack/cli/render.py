@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -26,6 +27,9 @@ from hijack.node.move import MoveResult
 from hijack.process import settings as process_settings
 from hijack.process import timers as process_timers
 from hijack.restore.restorer import RestoreResult
+
+if TYPE_CHECKING:  # lief, which hijack.core loads, is slow to import
+    from hijack.core import CoreResult
 
 
 def attach_result(console: Console, result: AttachResult, *, as_json: bool = False) -> None:
@@ -88,6 +92,15 @@ def restore_result(console: Console, result: RestoreResult) -> None:
     console.print(line)
     for dropped in result.dropped:
         console.print(f"  dropped {escape(dropped)}")
+
+
+def core_result(console: Console, result: CoreResult, output: str) -> None:
+    console.print(
+        f"core of process [bold]{result.pid}[/] ({result.threads} thread"
+        f"{'s' if result.threads != 1 else ''}) written to {escape(output)}:"
+        f" {human_size(result.core_bytes)} with holes, {result.loads} memory segments,"
+        f" {result.mapped_files} file mappings; open it with gdb PROGRAM {escape(output)}"
+    )
 
 
 def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = False) -> None:

@@ -778,6 +778,18 @@ class ThreadSeccomp:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PageRange:
+    start: U64
+    end: U64
+
+    def __post_init__(self) -> None:
+        _require(
+            self.start < self.end and _page_aligned(self.start) and _page_aligned(self.end),
+            f"PageRange {self.start:#x}-{self.end:#x}: not whole pages",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ProcessSettings:
     """The small per-process settings programs notice when lost (docs/crf.md, SETTINGS)."""
 
@@ -790,6 +802,7 @@ class ProcessSettings:
     loginuid: U32  # /proc/PID/loginuid; 4294967295 when never set
     threads: tuple[ThreadScheduling, ...]
     seccomp: tuple[ThreadSeccomp, ...]  # the threads under seccomp
+    guard_pages: tuple[PageRange, ...]  # MADV_GUARD_INSTALL regions, ascending
 
     def __post_init__(self) -> None:
         _require(self.dumpable <= 2, f"ProcessSettings: dumpable {self.dumpable} is not 0-2")

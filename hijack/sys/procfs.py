@@ -852,10 +852,13 @@ def page_swapped(entry: int) -> bool:
     return bool(entry & PM_SWAP)
 
 
-# byte -> 1 if bit 7 (PM_PRESENT) or bit 6 (PM_SWAP) of an entry's top byte is set
-_TOUCHED_TOP_BYTE = bytes(int(bool(byte & 0xC0)) for byte in range(256))
+# byte -> 1 if bit 7 (PM_PRESENT) or bit 6 (PM_SWAP) of an entry's top byte is set, and
+# not bit 2 (PM_GUARD_REGION: a guard page reads as a swap entry, but holds nothing)
+_TOUCHED_TOP_BYTE = bytes(int(bool(byte & 0xC0) and not byte & 0x04) for byte in range(256))
 # byte -> 1 if the page is present or swapped and not a file page (bit 5, PM_FILE)
-_WRITTEN_TOP_BYTE = bytes(int(bool(byte & 0xC0) and not byte & 0x20) for byte in range(256))
+_WRITTEN_TOP_BYTE = bytes(
+    int(bool(byte & 0xC0) and not byte & 0x20 and not byte & 0x04) for byte in range(256)
+)
 
 
 def present_runs(pid: int, start: int, end: int) -> list[tuple[int, int]]:
