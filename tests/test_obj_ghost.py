@@ -17,6 +17,7 @@ import signal
 import tempfile
 from pathlib import Path
 
+import lief
 import pytest
 from support import spawn_fixture
 from support.cli import CliResult, HijackCli, restored_pid
@@ -168,3 +169,34 @@ def test_an_attached_process_maps_the_very_memfd_its_shadow_kept(
             select.select([shadow], [], [], EXIT_TIMEOUT)
             os.waitid(os.P_PIDFD, shadow, os.WEXITED | os.WNOHANG)
             os.close(shadow)
+
+
+def test_a_core_of_the_image_shows_each_memory_object_in_its_mappings(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image, core = tmp_path / "memfd.crf", tmp_path / "memfd.core"
+    with spawn_fixture("memfd") as memfd:
+        hijack.ok("dump", memfd.pid, "-o", image)
+        memfd.assert_intact()
+    hijack.ok("core", image, "-o", core)
+    records = image_records(image)
+    binary = lief.ELF.parse(str(core))
+    assert binary is not None
+    objects = {
+        (r.dev, r.ino): r for r in records if isinstance(r, rec.MemfdObject | rec.SharedAnonymous)
+    }
+    [segments] = [r for r in records if isinstance(r, rec.Segments)]
+    checked = 0
+    for segment in segments.segments:
+        found = objects.get((os.makedev(segment.dev_major, segment.dev_minor), segment.inode))
+        if found is None or not segment.shared:
+            continue
+        contents = bytearray(max(found.size, segment.offset + segment.size))
+        for chunk in records:
+            if isinstance(chunk, rec.ObjectData) and chunk.id == found.id:
+                contents[chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
+        expected = bytes(contents[segment.offset : segment.offset + segment.size])
+        shown = bytes(binary.get_content_from_virtual_address(segment.start, segment.size))
+        assert shown == expected, f"{segment.path} at {segment.start:#x}"
+        checked += 1
+    assert checked == 5  # three memfd mappings, the /dev/zero region and its second mapping
