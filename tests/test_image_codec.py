@@ -40,6 +40,7 @@ from hijack.image import (
     EpollTarget,
     EventfdObject,
     FdKind,
+    FifoObject,
     FileDescriptor,
     FileIdentity,
     FileLock,
@@ -59,6 +60,9 @@ from hijack.image import (
     PageRange,
     Pages,
     PidfdObject,
+    PipeObject,
+    PosixMessage,
+    PosixMessageQueue,
     PosixTimer,
     ProcessSettings,
     Prot,
@@ -78,6 +82,11 @@ from hijack.image import (
     SigAltStack,
     SignalfdObject,
     SignalState,
+    SysvMessage,
+    SysvMessageQueue,
+    SysvOwner,
+    SysvSemaphores,
+    SysvSharedMemory,
     TcpConnection,
     TerminalObject,
     TerminalState,
@@ -86,6 +95,9 @@ from hijack.image import (
     ThreadSeccomp,
     TimerfdObject,
     Timers,
+    UnixCredentials,
+    UnixMessage,
+    UnixSocket,
     UserRegsStruct,
     read_image,
     read_round,
@@ -97,22 +109,10 @@ from hijack.image import records as records_module
 from hijack.image.fields import Cursor, struct_codec
 
 OBJECT_TAGS = {
-    b"TTYO",
-    b"EPOL",
-    b"EVFD",
-    b"TMFD",
-    b"SGFD",
-    b"INFY",
-    b"PIDF",
-    b"INET",
-    b"TCPC",
-    b"LOCK",
-    b"PTYP",
-    b"GHST",
-    b"MEMF",
-    b"SHMA",
-    b"ODAT",
-}
+    b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"PIDF", b"INET", b"TCPC", b"LOCK",
+    b"PTYP", b"PIPE", b"FIFO", b"SHM_", b"SEM_", b"MSQ_", b"MQUE", b"UNIX",
+    b"GHST", b"MEMF", b"SHMA", b"ODAT",
+}  # fmt: skip
 SECTION_NAMES = {
     b"HEAD": "HEADER",
     b"CRED": "CREDENTIALS",
@@ -132,11 +132,18 @@ SECTION_NAMES = {
     b"PIDF": "PIDFD_OBJECT",
     b"TCPC": "TCP_CONNECTION",
     b"INET": "INET_SOCKET",
-    b"LOCK": "FILE_LOCKS",
-    b"PTYP": "PTY_PAIR",
+    b"UNIX": "UNIX_SOCKET",
     b"GHST": "GHOST_FILE",
     b"MEMF": "MEMFD",
     b"SHMA": "SHARED_ANONYMOUS",
+    b"LOCK": "FILE_LOCKS",
+    b"PTYP": "PTY_PAIR",
+    b"PIPE": "PIPE_OBJECT",
+    b"FIFO": "FIFO_OBJECT",
+    b"SHM_": "SYSV_SHARED_MEMORY",
+    b"SEM_": "SYSV_SEMAPHORES",
+    b"MSQ_": "SYSV_MESSAGE_QUEUE",
+    b"MQUE": "POSIX_MESSAGE_QUEUE",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
     b"PSET": "SETTINGS",
@@ -398,15 +405,90 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             remote_address="[::1]:51000",
         ),
         ObjectData(id=11, offset=0, data=b"abcde"),
+        PipeObject(id=12, pipe_size=1 << 20, packets=(), outside_pid=0),
+        ObjectData(id=12, offset=0, data=b"queued in a self-pipe"),
+        FifoObject(id=13, pipe_size=65536, packets=(10, 4000), held_outside=False),
+        ObjectData(id=13, offset=0, data=rng.randbytes(4010)),
+        SysvSharedMemory(
+            id=14,
+            shmid=32769,
+            owner=SysvOwner(key=0x0021C0BD, mode=0o1600, uid=0, gid=0),
+            size=12288,
+        ),
+        SysvSemaphores(
+            id=15,
+            semid=2,
+            owner=SysvOwner(key=0xFFFFFFFF, mode=0o600, uid=1000, gid=1000),
+            values=(1, 0, 65535),
+        ),
+        SysvMessageQueue(
+            id=16,
+            msqid=3,
+            owner=SysvOwner(key=0, mode=0o644, uid=0, gid=0),
+            qbytes=16384,
+            messages=(SysvMessage(mtype=2, text=b"first\0"), SysvMessage(mtype=2**63, text=b"")),
+        ),
+        PosixMessageQueue(
+            id=17,
+            name="/jobs",
+            unlinked=True,
+            mode=0o600,
+            maxmsg=10,
+            msgsize=8192,
+            messages=(PosixMessage(priority=9, data=b"urgent"), PosixMessage(priority=0, data=b"")),
+        ),
+        UnixSocket(
+            id=18,
+            inode=7790,
+            type=1,
+            state=1,
+            shutdown=2,
+            passcred=True,
+            peek_off=-1,
+            sndbuf=131072,
+            rcvbuf=212992,
+            backlog=0,
+            peer=7791,
+            file_mode=0,
+            file_uid=0,
+            file_gid=0,
+            name=b"\0abstract \xff",
+            peer_name=b"",
+            queue=(),
+            messages=(
+                UnixMessage(data=b"queued", source=b"", credentials=None, rights=()),
+                UnixMessage(
+                    data=b"!",
+                    source=b"/run/sender.sock",
+                    credentials=UnixCredentials(pid=4242, uid=0, gid=1000),
+                    rights=(
+                        FileDescriptor(
+                            fd=0,
+                            kind=FdKind.REGULAR,
+                            flags=0o2,
+                            pos=8,
+                            cloexec=False,
+                            mode=0o100600,
+                            dev=0x801,
+                            ino=99,
+                            path="/srv/carried",
+                            description_id=9,
+                            object_id=0,
+                        ),
+                    ),
+                ),
+            ),
+            refusal="",
+        ),
         GhostFile(
-            id=12, dev=2049, ino=77, mode=0o100640, uid=1000, gid=100, size=9000, path="/tmp/x"
+            id=19, dev=2049, ino=77, mode=0o100640, uid=1000, gid=100, size=9000, path="/tmp/x"
         ),
-        ObjectData(id=12, offset=8192, data=b"the tail after a hole"),
+        ObjectData(id=19, offset=8192, data=b"the tail after a hole"),
         MemfdObject(
-            id=13, dev=1, ino=1032, size=4096, seals=0xA, mode=0o100777, uid=0, gid=0, name="m"
+            id=20, dev=1, ino=1032, size=4096, seals=0xA, mode=0o100777, uid=0, gid=0, name="m"
         ),
-        ObjectData(id=13, offset=0, data=rng.randbytes(4096)),
-        SharedAnonymous(id=14, dev=1, ino=1035, size=16384),
+        ObjectData(id=20, offset=0, data=rng.randbytes(4096)),
+        SharedAnonymous(id=21, dev=1, ino=1035, size=16384),
     )
     files = Files(
         objects=len(objects),
@@ -435,6 +517,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 (9, FdKind.EVENTFD, "anon_inode:[eventfd]", 0o2, 0, 0o600, 7, 4),
                 (10, FdKind.TTY, "/dev/ptmx", 0o2, 0, 0o20666, 8, 10),
                 (11, FdKind.TTY, "/dev/pts/4", 0o2, 0, 0o20620, 9, 10),
+                (12, FdKind.SOCKET, "socket:[7790]", 0o2, 0, 0o140777, 10, 18),
             ]
         ),
     )
@@ -887,12 +970,12 @@ INVALID_RECORDS: dict[str, Callable[[], object]] = {
     "no description": lambda: replace(the(Files).descriptors[0], description_id=0),
     "object id 0": lambda: TerminalObject(id=0, state=TERMINAL),
     "empty object data": lambda: ObjectData(id=1, offset=0, data=b""),
-    "lock type": lambda: FileLock(kind=LockKind.POSIX, type=2, start=0, length=0),
-    "flock on a range": lambda: FileLock(kind=LockKind.FLOCK, type=1, start=10, length=1),
-    "locks of no description": lambda: FileLocks(id=1, description_id=0, signal=0, locks=()),
     "ghost of a socket": lambda: GhostFile(
         id=1, dev=1, ino=1, mode=0o140777, uid=0, gid=0, size=0, path="/s"
     ),
+    "lock type": lambda: FileLock(kind=LockKind.POSIX, type=2, start=0, length=0),
+    "flock on a range": lambda: FileLock(kind=LockKind.FLOCK, type=1, start=10, length=1),
+    "locks of no description": lambda: FileLocks(id=1, description_id=0, signal=0, locks=()),
     "overlapping segments": lambda: Segments(segments=the(Segments).segments[:1] * 2),
     "umask": lambda: replace(the(Credentials), umask=0o1777),
 }
@@ -1102,6 +1185,18 @@ def test_summary_and_its_json() -> None:
         "length": 10,
     }
     assert objects[9]["output"] == b"\x00out\r\n".hex()  # type: ignore[index]
+    assert objects[11] == {
+        "record": "PipeObject",
+        "id": 12,
+        "pipe_size": 1 << 20,
+        "packets": [],
+        "outside_pid": 0,
+        "data_bytes": len("queued in a self-pipe"),
+    }
+    assert objects[15]["messages"] == [  # type: ignore[index]
+        {"mtype": 2, "text": b"first\0".hex()},
+        {"mtype": 2**63, "text": ""},
+    ]
     [ghost] = [o for o in objects if isinstance(o, dict) and o["record"] == "GhostFile"]
     assert ghost["data_bytes"] == len("the tail after a hole")
     # Every object record once, ObjectData counted in its object's data_bytes.
@@ -1271,10 +1366,14 @@ def test_a_terminal_object_round_trips_in_its_documented_layout() -> None:
 
 def test_object_data_is_laid_out_like_pages() -> None:
     found = [s for s in sections(BUILT.image) if s.tag == b"ODAT"]
-    assert [s.payload[:16] for s in found[:3]] == [
+    assert [s.payload[:16] for s in found] == [
         struct.pack("<QQ", 4, 0),
         struct.pack("<QQ", 4, 4096),
         struct.pack("<QQ", 11, 0),
+        struct.pack("<QQ", 12, 0),
+        struct.pack("<QQ", 13, 0),
+        struct.pack("<QQ", 19, 8192),
+        struct.pack("<QQ", 20, 0),
     ]
     assert found[1].payload[16:] == b"after a hole"
 

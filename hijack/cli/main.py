@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import traceback
@@ -40,6 +41,7 @@ from hijack.status import watch as status_watch
 from hijack.sys import procfs
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+PIPED_WIDTH = 1000  # columns of output to a pipe or file: tables at their whole width
 
 
 class Interrupted(HijackError):
@@ -104,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     detach = commands.add_parser("detach", help="end the shadow of PID and forget it")
     detach.add_argument("pid", type=parse_pid, metavar="PID")
     detach.set_defaults(handler=command_detach)
+
+    forget = commands.add_parser(
+        "forget", help="end the record of PID whatever its state, and its shadow if it runs"
+    )
+    forget.add_argument("pid", type=parse_pid, metavar="PID")
+    forget.set_defaults(handler=command_forget)
 
     dump = commands.add_parser("dump", help="write a CRF image of PID; it runs on")
     dump.add_argument("pid", type=parse_pid, metavar="PID")
@@ -257,8 +265,15 @@ def command_attach(args: argparse.Namespace, console: Console) -> int:
 
 def command_detach(args: argparse.Namespace, console: Console) -> int:
     with Registry() as registry:
-        record = attaching.detach(args.pid, registry)
-    console.print(f"detached process {record.pid}; shadow {record.shadow_pid} ended")
+        ended = attaching.detach(args.pid, registry)
+    render.ended(console, "detached", ended)
+    return EXIT_OK
+
+
+def command_forget(args: argparse.Namespace, console: Console) -> int:
+    with Registry() as registry:
+        ended = attaching.forget(args.pid, registry)
+    render.ended(console, "forgot", ended)
     return EXIT_OK
 
 
@@ -420,13 +435,20 @@ def open_image(name: str) -> Iterator[BinaryIO]:
         yield stream
 
 
+def _console() -> Console:
+    """The terminal's width; piped (and no $COLUMNS), wide enough that no table is cut."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=PIPED_WIDTH)
+
+
 def main(argv: Sequence[str] | None = None, console: Console | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad usage, 0 on --help
         return int(exc.code or 0)
-    console = console or Console()
+    console = console or _console()
     previous = {
         sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
     }

@@ -21,9 +21,10 @@ from rich.table import Table
 
 from hijack.check import Finding
 from hijack.image.summary import ImageSummary, summary_to_json
-from hijack.mutator.attach import AttachResult
+from hijack.mutator.attach import AttachResult, Ended
 from hijack.mutator.dump import DumpResult
 from hijack.node.move import MoveResult
+from hijack.objects import sysv
 from hijack.process import settings as process_settings
 from hijack.process import timers as process_timers
 from hijack.restore.restorer import RestoreResult
@@ -57,6 +58,31 @@ def attach_result(console: Console, result: AttachResult, *, as_json: bool = Fal
     for fd in result.fds:
         table.add_row(str(fd["fd"]), str(fd["kind"]), escape(str(fd["target"])))
     console.print(table)
+
+
+def ended(console: Console, verb: str, result: Ended) -> None:
+    """`hijack detach` and `hijack forget`: what was ended."""
+    record = result.record
+    if record.shadow_pid is None:
+        shadow = "it had no shadow"
+    elif result.shadow_ended is None:
+        shadow = f"its shadow {record.shadow_pid} had ended already"
+    else:
+        shadow = f"shadow {result.shadow_ended} ended"
+        if record.state not in ("attached", "checkpointed"):
+            where = record.current_node
+            shadow += f" (the connections it relayed to the process on {escape(where)} with it)"
+    console.print(
+        f"{verb} process [bold]{record.pid}[/] ({escape(record.program)}, {record.state});"
+        f" {shadow}",
+        highlight=False,
+    )
+    if record.state == "held":
+        console.print(
+            f"  process {record.pid} stays stopped as the move left it: `kill -CONT {record.pid}`"
+            " only if nothing of it runs elsewhere",
+            highlight=False,
+        )
 
 
 def human_size(count: int) -> str:
@@ -151,14 +177,23 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
 
     files = Table("fd", "kind", "flags", title="descriptors")
     files.add_column("details", overflow="fold", min_width=20)
+    first_of: dict[int, int] = {}  # description id -> its lowest descriptor
     for descriptor, details in zip(summary.descriptors, summary.details, strict=True):
+        first = first_of.setdefault(descriptor.description_id, descriptor.fd)
+        shared = f" (the open file of fd {first})" if first != descriptor.fd else ""
         files.add_row(
             str(descriptor.fd),
             descriptor.kind.name.lower(),
             f"{descriptor.flags:#o}",
-            escape(details),
+            escape(details + shared),
         )
     console.print(files)
+    held = sysv.describe_held(summary.files)
+    if held:
+        ipc = Table("System V IPC object", title="held by the process")
+        for line in held:
+            ipc.add_row(escape(line))
+        console.print(ipc)
 
     console.print("process settings and timers")
     for line in process_settings.describe(summary.settings) + process_timers.describe(

@@ -56,6 +56,7 @@ from hijack.image.records import (
     End,
     EpollObject,
     EventfdObject,
+    FifoObject,
     FileLocks,
     Files,
     GhostFile,
@@ -67,6 +68,8 @@ from hijack.image.records import (
     ObjectData,
     Pages,
     PidfdObject,
+    PipeObject,
+    PosixMessageQueue,
     ProcessSettings,
     PtyPair,
     Record,
@@ -76,11 +79,15 @@ from hijack.image.records import (
     SharedAnonymous,
     SignalfdObject,
     SignalState,
+    SysvMessageQueue,
+    SysvSemaphores,
+    SysvSharedMemory,
     TcpConnection,
     TerminalObject,
     Thread,
     TimerfdObject,
     Timers,
+    UnixSocket,
 )
 
 MAGIC = b"CRF\0"
@@ -124,6 +131,13 @@ class SectionKind(enum.Enum):
     TCP_CONNECTION = b"TCPC"
     FILE_LOCKS = b"LOCK"
     PTY_PAIR = b"PTYP"
+    PIPE_OBJECT = b"PIPE"
+    FIFO_OBJECT = b"FIFO"
+    SYSV_SHARED_MEMORY = b"SHM_"
+    SYSV_SEMAPHORES = b"SEM_"
+    SYSV_MESSAGE_QUEUE = b"MSQ_"
+    POSIX_MESSAGE_QUEUE = b"MQUE"
+    UNIX_SOCKET = b"UNIX"
     GHOST_FILE = b"GHST"
     MEMFD = b"MEMF"
     SHARED_ANONYMOUS = b"SHMA"
@@ -239,6 +253,13 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.TCP_CONNECTION: _StructSection(TcpConnection, is_object=True),
     SectionKind.FILE_LOCKS: _StructSection(FileLocks, is_object=True),
     SectionKind.PTY_PAIR: _StructSection(PtyPair, is_object=True),
+    SectionKind.PIPE_OBJECT: _StructSection(PipeObject, is_object=True),
+    SectionKind.FIFO_OBJECT: _StructSection(FifoObject, is_object=True),
+    SectionKind.SYSV_SHARED_MEMORY: _StructSection(SysvSharedMemory, is_object=True),
+    SectionKind.SYSV_SEMAPHORES: _StructSection(SysvSemaphores, is_object=True),
+    SectionKind.SYSV_MESSAGE_QUEUE: _StructSection(SysvMessageQueue, is_object=True),
+    SectionKind.POSIX_MESSAGE_QUEUE: _StructSection(PosixMessageQueue, is_object=True),
+    SectionKind.UNIX_SOCKET: _StructSection(UnixSocket, is_object=True),
     SectionKind.GHOST_FILE: _StructSection(GhostFile, is_object=True),
     SectionKind.MEMFD: _StructSection(MemfdObject, is_object=True),
     SectionKind.SHARED_ANONYMOUS: _StructSection(SharedAnonymous, is_object=True),

@@ -632,6 +632,163 @@ class PtyPair:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PipeObject:
+    """An anonymous pipe. Its buffered bytes, in order, are its ObjectData."""
+
+    id: U64
+    pipe_size: U32  # F_GETPIPE_SZ, bytes
+    packets: tuple[U32, ...]  # the buffered bytes' packet lengths (packet mode), else ()
+    outside_pid: U32  # a process beside the dumped one holding an end of it, 0 if none
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FifoObject:
+    """A named FIFO (reopened by the descriptor's path). Its buffered bytes are its
+    ObjectData when no other process held it open: otherwise they stayed in the kernel."""
+
+    id: U64
+    pipe_size: U32
+    packets: tuple[U32, ...]
+    held_outside: bool  # another process had it open: its bytes were not taken
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SysvOwner:
+    """A System V object's key, owner and permissions (struct ipc_perm)."""
+
+    key: U32  # key_t, as an unsigned 32-bit number; 0 for IPC_PRIVATE (and once removed)
+    mode: U32  # permission bits; for a segment also SHM_DEST (0o1000) when removed
+    uid: U32
+    gid: U32
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SysvSharedMemory:
+    """A System V shared memory segment the process has attached. Its contents are the
+    pages of the segments (mappings) it is attached at; `shmid` is their inode."""
+
+    id: U64
+    shmid: U32
+    owner: SysvOwner
+    size: U64
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SysvSemaphores:
+    """A System V semaphore set the process changed last (a semaphore's sempid)."""
+
+    id: U64
+    semid: U32
+    owner: SysvOwner
+    values: tuple[U16, ...]  # semval of each semaphore (GETALL)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        _require(self.values != (), f"SysvSemaphores {self.semid}: no semaphores")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SysvMessage:
+    mtype: U64  # > 0
+    text: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SysvMessageQueue:
+    """A System V message queue the process sent to or received from last."""
+
+    id: U64
+    msqid: U32
+    owner: SysvOwner
+    qbytes: U64  # msg_qbytes: the bytes it may hold
+    messages: tuple[SysvMessage, ...]  # in queue order (MSG_COPY)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PosixMessage:
+    priority: U32
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PosixMessageQueue:
+    """A POSIX message queue (mq_open) a descriptor reaches."""
+
+    id: U64
+    name: str  # "/name", as mq_open takes it
+    unlinked: bool  # mq_unlink'ed: made anew and unlinked again at restore
+    mode: U32
+    maxmsg: U64
+    msgsize: U64
+    messages: tuple[PosixMessage, ...]  # in the order mq_receive gives them
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnixCredentials:
+    """SCM_CREDENTIALS of a queued message (struct ucred), as its receiver would read them."""
+
+    pid: U32
+    uid: U32
+    gid: U32
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnixMessage:
+    """One message queued to be read from a unix socket; a stream's bytes are cut where the
+    kernel's reads stop too (before other credentials, after descriptors in flight)."""
+
+    data: bytes
+    source: bytes  # a datagram's sender address (sun_path), empty if the sender is unbound
+    credentials: UnixCredentials | None  # only when the receiver has SO_PASSCRED
+    rights: tuple[FileDescriptor, ...]  # descriptors in flight (SCM_RIGHTS); fd is their index
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnixSocket:
+    """A unix domain socket: one per socket of the dump, reached by a descriptor, in flight,
+    or connected to a listener and waiting in its accept queue. Peers and accept queues name
+    sockets by their inode at dump time."""
+
+    id: U64
+    inode: U64
+    type: U16  # SOCK_STREAM 1, SOCK_DGRAM 2, SOCK_SEQPACKET 5
+    state: U8  # sock_diag's: TCP_ESTABLISHED 1 (connected), TCP_CLOSE 7, TCP_LISTEN 10
+    shutdown: U8  # RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2
+    passcred: bool  # SO_PASSCRED
+    peek_off: Annotated[int, SInt(4)]  # SO_PEEK_OFF; -1 when off
+    sndbuf: U32  # SO_SNDBUF, SO_RCVBUF as getsockopt gives them
+    rcvbuf: U32
+    backlog: U32  # a listener's listen() backlog, else 0
+    peer: U64  # the peer's inode; 0: none, closed, or not yet accepted
+    file_mode: U32  # the socket file's st_mode, uid and gid (a path name), else 0
+    file_uid: U32
+    file_gid: U32
+    name: bytes  # sun_path as bound: empty when unbound, a leading NUL for an abstract name
+    peer_name: bytes  # the peer's name (a queued client: its listener's), empty if none
+    queue: tuple[U64, ...]  # a listener's waiting connections: their clients' inodes, in order
+    messages: tuple[UnixMessage, ...]  # its receive queue, in order
+    refusal: str  # why it cannot be rebuilt, found at dump (data no peek can reach), or ""
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class GhostFile:
     """A file, directory or FIFO the process holds after its name was removed.
 
@@ -720,8 +877,15 @@ ObjectRecord = (
     | PidfdObject
     | InetSocket
     | TcpConnection
+    | UnixSocket
     | FileLocks
     | PtyPair
+    | PipeObject
+    | FifoObject
+    | SysvSharedMemory
+    | SysvSemaphores
+    | SysvMessageQueue
+    | PosixMessageQueue
     | GhostFile
     | MemfdObject
     | SharedAnonymous

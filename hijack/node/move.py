@@ -1,8 +1,10 @@
 """`hijack move PID --to HOST[:PORT]`: a live process moves to another node.
 
 On the node the process runs on now:
-1. check that every descriptor can go: reopened by path there, or proxied
-   through the home shadow (sockets, pipes, terminals); refuse naming the rest;
+1. check that every descriptor can go: reopened by path there, made again from
+   the image (epoll, eventfd, unix socketpairs with what is queued in them, ...),
+   or proxied through the home shadow (sockets, pipes, terminals); refuse naming
+   the rest;
 2. connect to the destination daemon (authenticated channel) — nothing has
    been touched yet, so a refusal changes nothing;
 2a. with pre-copy (on by default for processes holding PRECOPY_MIN_BYTES of
@@ -56,13 +58,14 @@ from hijack.mutator.precopy import Precopy, worth_precopying
 from hijack.mutator.tracee import Tracee
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
+from hijack.objects import unix
 from hijack.objects.memfd import holds_object
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
 from hijack.restore.plan import mapping_problems
 from hijack.shadow import control
 from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
 from hijack.shadow.datagram import parse_address as parse_datagram_address
-from hijack.sys import kcmp, pidfd, procfs
+from hijack.sys import kcmp, pidfd, procfs, sysv
 from hijack.testpoint import reached
 
 # Reopened by path on the destination (nodes share a file system), or made
@@ -218,7 +221,8 @@ def _move_attached(
         report = _Published(registry, move_id, report)
 
         def mark_moved() -> None:
-            _mark_moved(registry, pid, at_home, channel.peer)
+            # Before the original dies: whoever collects it must know it moved on.
+            registry.moved_on(pid, channel.peer)
 
         precopied: Precopy | None = None
         try:
@@ -262,14 +266,6 @@ def _move_attached(
         new_pid=result.new_pid,
     )
     return result
-
-
-def _mark_moved(registry: Registry, pid: int, at_home: bool, location: str) -> None:
-    # Before the original dies: whoever collects it must know it moved on.
-    if at_home:
-        registry.set_state(pid, "moved", current_node=location)
-    else:
-        registry.forget(pid, f"moved to {location}")
 
 
 def _move_frozen(
@@ -469,6 +465,7 @@ def _switch_shadow(
             "op": "migrated",
             "move": move_id,
             "location": location,
+            "pid": int(prepared.get("pid", 0)),  # its pid there
             "unread": {k: base64.b64encode(v).decode() for k, v in unread.items()},
             "listeners": prepared.get("listeners", {}),
             "present": present,
@@ -703,7 +700,14 @@ def refuse_unmappable(pid: int) -> None:
     the image holds (a memfd, a deleted file, shared anonymous memory) is made there."""
     maps = procfs.read_maps(pid)
     segments = describe_segments(pid, maps, rec.DumpOptions(0), flags={})
-    problems = mapping_problems(segments, frozenset(m.start for m in maps if holds_object(m)))
+    held = frozenset(m.start for m in maps if holds_object(m))
+    problems = list(mapping_problems(segments, held))
+    problems += [
+        f"System V shared memory at {m.start:#x} (a move's pre-copy cannot attach it;"
+        " dump and restore do)"
+        for m in maps
+        if sysv.is_segment_mapping(m.path, m.shared, m.dev_major)
+    ]
     if problems:
         raise Unsupported(f"cannot move process {pid}: {'; '.join(problems)}; nothing was changed")
 
@@ -722,6 +726,9 @@ def plan_proxies(
     entries = procfs.list_fds(pid)
     # Read after the descriptors: a socket accepted meanwhile is in the table.
     sockets = procfs.read_socket_table(pid)
+    socketpairs = unix.pairs_inside(
+        pid, {entry.ino for entry in entries if entry.kind is procfs.FdKind.SOCKET}
+    )
     streams = (
         {}
         if at_home or shadow is None
@@ -745,6 +752,8 @@ def plan_proxies(
     for entry in entries:
         if entry.kind in REBUILT:
             continue
+        if entry.ino in socketpairs and entry.kind is procfs.FdKind.SOCKET:
+            continue  # both ends in the process: made again at the destination from the image
         if entry.kind is procfs.FdKind.TTY and not entry.target.endswith("ptmx"):
             # At home, the stream of a terminal is named for its lowest descriptor;
             # away, the shadow knows the pty that stands for it on this node.
@@ -956,6 +965,7 @@ def recover(registry: Registry) -> tuple[list[str], list[str]]:
             followed = _follow_again(record)
             if followed:
                 settled.append(followed)
+    settled += attaching.clear_ended(registry)
     return settled, in_doubt
 
 
@@ -981,7 +991,8 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     if record is None:
         registry.update_move(row.id, phase="failed", finished_at=time.time(), error="forgotten")
         return f"move {row.id}: process {pid} is not known here any more", True
-    at_home = record.home_node == node_name()
+    # Attached here, never away: a process back home (home_pid set) is relayed as a migrant.
+    at_home = record.home_node == node_name() and record.home_pid is None
     shadow = HomeShadow(record, record.relay_token or "")
     if row.phase in ("switching", "in-doubt"):
         # The commit may have been sent: only the destination knows.
@@ -1003,7 +1014,7 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
             _switch_shadow(
                 shadow, row.id, row.destination, plan, answer, unread, unread_datagrams, present
             )
-            _mark_moved(registry, pid, at_home, row.destination)
+            registry.moved_on(pid, row.destination)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # held stopped since the commit
             registry.update_move(

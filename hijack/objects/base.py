@@ -17,7 +17,7 @@ from types import TracebackType
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.restore.remote import Stub
-from hijack.sys import pidfd, procfs
+from hijack.sys import pidfd, procfs, unix_socket
 
 O_CLOEXEC = 0o2000000
 O_NONBLOCK = 0o4000
@@ -58,9 +58,13 @@ class DumpContext:
         self.ghost_limit = ghost_limit  # bytes of data one deleted file may put in the image
         self.sections: list[rec.ObjectRecord] = []  # object records and their data, in order
         self._ids: dict[Hashable, int] = {}
+        self._data_end: dict[int, int] = {}  # object id -> where its data ends so far
         self._handle = -1
         self._copies: list[int] = []
         self._sockets: dict[int, procfs.SocketInfo] | None = None
+        self._unix_sockets: dict[int, unix_socket.UnixDiag] | None = None
+        self._network_of = self  # whose network namespace socket tables are read in
+        self._last_description = max(descriptions.values(), default=0)
 
     def copy_fd(self, fd: int) -> int:
         """Our own copy of the process's descriptor `fd`, closed when the dump ends."""
@@ -72,9 +76,37 @@ class DumpContext:
 
     def socket_table(self) -> dict[int, procfs.SocketInfo]:
         """The sockets of the process's network namespace by inode (read once, when asked)."""
-        if self._sockets is None:
-            self._sockets = procfs.read_socket_table(self.pid)
-        return self._sockets
+        owner = self._network_of
+        if owner._sockets is None:
+            owner._sockets = procfs.read_socket_table(owner.pid)
+        return owner._sockets
+
+    def unix_sockets(self) -> dict[int, unix_socket.UnixDiag]:
+        """The unix sockets of the process's network namespace by inode, as sock_diag tells
+        of them: peers, accept queues (read once, when asked)."""
+        owner = self._network_of
+        if owner._unix_sockets is None:
+            owner._unix_sockets = unix_socket.unix_sockets(owner.pid)
+        return owner._unix_sockets
+
+    def new_description(self) -> int:
+        """A description id no descriptor of the process has (for one in flight)."""
+        self._network_of._last_description += 1
+        return self._network_of._last_description
+
+    def in_flight(self) -> DumpContext:
+        """A context for descriptors of THIS process that are copies of ones in flight (read
+        out of a socket's queue): its objects join this dump's, its socket tables are the
+        process's, and so are its `entries` (whoever holds what the process holds: a pipe
+        the process holds too counts as held outside, and is refused); it reads no TCP
+        connection (one in flight is refused). Close it (with) when its descriptors are
+        dumped."""
+        own = DumpContext(
+            os.getpid(), self.entries, {}, frozen=self.frozen, ghost_limit=self.ghost_limit
+        )
+        own.sections, own._ids, own._data_end = self.sections, self._ids, self._data_end
+        own._network_of = self._network_of
+        return own
 
     def add_object(self, key: Hashable, make: Callable[[int], rec.ObjectRecord]) -> int:
         """The id of kernel object `key` (e.g. ("pipe", ino)); its record is made once."""
@@ -84,11 +116,14 @@ class DumpContext:
             self.sections.append(make(found))
         return found
 
-    def add_data(self, object_id: int, data: bytes, offset: int = 0) -> None:
-        """Bulk bytes of an object, from `offset` on, as ObjectData sections of at most 8 MiB."""
+    def add_data(self, object_id: int, data: bytes, offset: int | None = None) -> None:
+        """Bulk bytes of an object as ObjectData sections of at most 8 MiB, from `offset`
+        (ascending: a gap is a hole) or, by default, where its data added so far ends."""
+        at = self._data_end.get(object_id, 0) if offset is None else offset
         for start in range(0, len(data), rec.MAX_OBJECT_DATA):
             chunk = data[start : start + rec.MAX_OBJECT_DATA]
-            self.sections.append(rec.ObjectData(id=object_id, offset=offset + start, data=chunk))
+            self.sections.append(rec.ObjectData(id=object_id, offset=at + start, data=chunk))
+        self._data_end[object_id] = at + len(data)
 
     def __enter__(self) -> DumpContext:
         return self
@@ -116,7 +151,7 @@ class RestoreContext:
         self.restored = restored  # the numbers the process gets back (not those dropped)
         self._parking = parking  # above every descriptor number the image uses
         self._restorer = -1  # the stub's pidfd of this process, for give()
-        self._kept: dict[int, int] = {}
+        self._kept: dict[Hashable, int] = {}
 
     def place(self, stub_fd: int, descriptor: rec.FileDescriptor) -> None:
         """Move the stub's descriptor `stub_fd` to the image's number, with its close-on-exec."""
@@ -129,10 +164,10 @@ class RestoreContext:
     def give(self, our_fd: int, descriptor: rec.FileDescriptor) -> None:
         """Put our descriptor `our_fd` into the stub at the image's number, with its
         close-on-exec and status flags (the stub takes it with pidfd_getfd)."""
-        self.place(self.take(our_fd), descriptor)
+        self.place(self.lend(our_fd), descriptor)
         self.stub.call("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
 
-    def take(self, our_fd: int) -> int:
+    def lend(self, our_fd: int) -> int:
         """The stub's own copy of our descriptor `our_fd`, at a free number of its choosing
         (pidfd_getfd): for what the stub uses once and closes (a file it maps)."""
         if self._restorer < 0:
@@ -142,13 +177,31 @@ class RestoreContext:
             self.stub.call("close", opened)
         return self.stub.call("pidfd_getfd", self._restorer, our_fd, 0)
 
-    def built(self, object_id: int) -> int | None:
-        """Our descriptor of an object an earlier restore() kept (the other end of a pipe)."""
-        return self._kept.get(object_id)
+    def spare_number(self) -> int:
+        """A descriptor number free in the stub, above every one the image uses."""
+        return max((entry.fd for entry in procfs.list_fds(self.stub.pid)), default=2) + 1
 
-    def keep(self, object_id: int, our_fd: int) -> None:
+    def take(self, stub_fd: int) -> int:
+        """Our own copy of the stub's descriptor `stub_fd`, which the stub closes."""
+        copy = pidfd.copy_fd(self.stub.pid, stub_fd)
+        self.stub.call("close", stub_fd)
+        return copy
+
+    def give_made(self, made: int, descriptor: rec.FileDescriptor) -> None:
+        """give() a descriptor the restorer made for this one alone, then close ours."""
+        try:
+            self.give(made, descriptor)
+        finally:
+            os.close(made)
+
+    def built(self, key: Hashable) -> int | None:
+        """Our descriptor an earlier restore() kept under `key`: an object's id, or
+        (id, part) for an object that is several of ours (a pipe's two ends)."""
+        return self._kept.get(key)
+
+    def keep(self, key: Hashable, our_fd: int) -> None:
         """Keep our descriptor of an object for later descriptors, until the restore ends."""
-        self._kept[object_id] = our_fd
+        self._kept[key] = our_fd
 
     def __enter__(self) -> RestoreContext:
         return self

@@ -21,24 +21,12 @@ from hijack.errors import Unsupported
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects.base import DumpContext, Kind, RestoreContext
-from hijack.objects.regular import reopen_flags
+from hijack.objects.regular import is_deleted, reopen_flags
 from hijack.sys import filedata, procfs
 
 O_NONBLOCK = 0o4000
 SEEK_SET = 0
 GHOST_KINDS = (procfs.FdKind.REGULAR, procfs.FdKind.DIRECTORY, procfs.FdKind.FIFO)
-
-
-def is_deleted(pid: int, target: str, dev: int, ino: int) -> bool:
-    """Whether the file (dev, ino) that process `pid` reaches as `target` (a /proc link)
-    no longer has its name. A file whose real name ends in " (deleted)" is still there."""
-    if not target.endswith(filedata.DELETED_SUFFIX):
-        return False
-    try:
-        found = os.stat(f"/proc/{pid}/root{target}")
-    except OSError:
-        return True
-    return (found.st_dev, found.st_ino) != (dev, ino)
 
 
 def inode_key(dev: int, ino: int) -> Hashable:
@@ -116,7 +104,7 @@ def dump_deleted_cwd(dump: DumpContext) -> None:
     fd = filedata.open_cwd(dump.pid)
     try:
         status = filedata.file_status(fd)
-        if is_deleted(dump.pid, cwd, status.st_dev, status.st_ino):
+        if is_deleted(cwd, status.st_dev, status.st_ino):
             dump_ghost(dump, fd, cwd.removesuffix(filedata.DELETED_SUFFIX), dump.ghost_limit)
     finally:
         os.close(fd)
@@ -135,7 +123,7 @@ def deleted_cwd(cwd: rec.Cwd, image: ImageFiles) -> rec.GhostFile | None:
 
 def enter_deleted_cwd(restore: RestoreContext, directory: rec.GhostFile) -> None:
     """Make the deleted directory again and the stub's cwd (fchdir: it has no name)."""
-    taken = restore.take(ghost_fd(restore, directory.id))
+    taken = restore.lend(ghost_fd(restore, directory.id))
     try:
         restore.stub.call("fchdir", taken)
     finally:
@@ -162,9 +150,7 @@ class Ghost(Kind):
     record_types = (rec.GhostFile,)
 
     def claims(self, entry: procfs.FdEntry, dump: DumpContext) -> bool:
-        return entry.kind in GHOST_KINDS and is_deleted(
-            dump.pid, entry.target, entry.dev, entry.ino
-        )
+        return entry.kind in GHOST_KINDS and is_deleted(entry.target, entry.dev, entry.ino)
 
     def dump(self, entry: procfs.FdEntry, info: procfs.FdInfo, dump: DumpContext) -> int:
         path = entry.target.removesuffix(filedata.DELETED_SUFFIX)

@@ -211,7 +211,7 @@ def _stub_file(restore: RestoreContext, object_id: int, mode: int) -> int:
         return stub.call("openat", AT_FDCWD, path, mode | O_CLOEXEC, 0)
     opened = filedata.reopen(object_fd(restore, object_id), mode)
     try:
-        return restore.take(opened)
+        return restore.lend(opened)
     finally:
         os.close(opened)
 

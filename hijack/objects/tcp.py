@@ -113,10 +113,7 @@ class Tcp(Kind):
                 ),
             ),
         )
-        try:
-            restore.give(made, descriptor)
-        finally:
-            os.close(made)
+        restore.give_made(made, descriptor)
 
     def finish(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
         # The connection exists again: let the peer's packets reach it.

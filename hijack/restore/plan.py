@@ -2,7 +2,9 @@
 
 One check serves the restore's plan and `hijack dump --kill` (which must never
 kill a process that could not come back): the files the image maps, and each
-descriptor's kind (hijack.objects) asked why it could not be rebuilt.
+descriptor's kind (hijack.objects) asked why it could not be rebuilt. A move
+asks the mapping part before it touches the process (its descriptors go
+through its own proxy plan).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from hijack.errors import Unsupported
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.image.identity import identity_change
+from hijack.objects import sysv
 from hijack.objects.memfd import mapped_objects
 from hijack.restore.address_space import backing_file_mode, needs_backing_file, unmappable
 
@@ -56,9 +59,11 @@ def restore_problems(
     """Everything a restore from this image would refuse; `held` descriptors come from
     elsewhere (the shadow keeps them, a move relays them)."""
     held_by_objects = frozenset(mapped_objects(segments, image))
-    return Problems(
-        mapping_problems(segments, held_by_objects), tuple(objects.refusals(image, held))
+    mappings = (
+        *mapping_problems(segments, held_by_objects),
+        *sysv.segment_refusals(segments, image),
     )
+    return Problems(mappings, tuple(objects.refusals(image, held)))
 
 
 def mapping_problems(

@@ -35,6 +35,7 @@ from hijack.mutator.tracee import (
     find_syscall_instruction,
     resume_registers,
 )
+from hijack.objects import sysv
 from hijack.objects.base import RestoreContext, describe_fd
 from hijack.objects.ghost import deleted_cwd, enter_deleted_cwd
 from hijack.objects.locks import restore_locks
@@ -168,20 +169,27 @@ def restore(
         return _restore_prebuilt(
             records, image, plan, prebuilt, provided or {}, before_start, take_locks
         )
-    inherited = _take_from_shadow(holdings, plan) if holdings else {}
-    for number, fd in (provided or {}).items():
-        inherited[number] = os.dup(fd)
-        os.set_inheritable(inherited[number], True)
+    # SysV objects first: a refusal (an id taken by another object) comes before the stub.
+    ipc = sysv.prepare(image.files, image.segments.segments)
     try:
-        pid = spawn_stub(image.header.pid)
-    finally:
-        for fd in inherited.values():
-            os.close(fd)  # the stub has its own copies now
+        inherited = _take_from_shadow(holdings, plan) if holdings else {}
+        for number, fd in (provided or {}).items():
+            inherited[number] = os.dup(fd)
+            os.set_inheritable(inherited[number], True)
+        try:
+            pid = spawn_stub(image.header.pid)
+        finally:
+            for fd in inherited.values():
+                os.close(fd)  # the stub has its own copies now
+    except BaseException:
+        ipc.undo()
+        raise
     space: AddressSpace | None = None
     try:
         stub = Stub(pid, find_syscall_instruction(pid))
-        space = AddressSpace(stub, image.segments.segments)
+        space = AddressSpace(stub, image.segments.segments, ipc.segments, frozenset(ipc.kept))
         space.build(later=frozenset(image.mapped()))
+        ipc.after_attach()
         _consume_rest(records, image, space)
         _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
         if before_start is not None:
@@ -189,6 +197,7 @@ def restore(
         _start(stub)
     except BaseException:
         kill_stub(pid)
+        ipc.undo()
         raise
     finally:
         if space is not None:

@@ -17,6 +17,7 @@ for tests that must dump a process while it is really inside a system call.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -88,6 +89,20 @@ def fds_view(pid: int) -> frozenset[FdView]:
         )
         entries.add(FdView(fd, target, int(info["pos"]), int(info["flags"], 8)))
     return frozenset(entries)
+
+
+def pipes_named_alike(view: frozenset[FdView]) -> frozenset[FdView]:
+    """The descriptors with each pipe named by its lowest descriptor number instead of its
+    inode (a pipe rebuilt from an image is a new inode): which descriptors share a pipe,
+    and which end each is (the flags), still show."""
+    first: dict[str, int] = {}
+    renamed = set()
+    for entry in sorted(view):
+        target = entry.target
+        if re.fullmatch(r"pipe:\[\d+\]", target):
+            target = f"pipe of fd {first.setdefault(target, entry.fd)}"
+        renamed.add(FdView(entry.fd, target, entry.pos, entry.flags))
+    return frozenset(renamed)
 
 
 @dataclass(frozen=True, order=True)
