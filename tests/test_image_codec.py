@@ -46,6 +46,7 @@ from hijack.image import (
     FileLock,
     FileLocks,
     Files,
+    GhostFile,
     ImageHeader,
     ImageWriter,
     InetSocket,
@@ -53,6 +54,7 @@ from hijack.image import (
     InotifyWatch,
     Itimer,
     LockKind,
+    MemfdObject,
     MemoryStructure,
     ObjectData,
     PageRange,
@@ -75,6 +77,7 @@ from hijack.image import (
     SectionKind,
     Segment,
     Segments,
+    SharedAnonymous,
     SigAction,
     SigAltStack,
     SignalfdObject,
@@ -108,7 +111,7 @@ from hijack.image.fields import Cursor, struct_codec
 OBJECT_TAGS = {
     b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"PIDF", b"INET", b"TCPC", b"LOCK",
     b"PTYP", b"PIPE", b"FIFO", b"SHM_", b"SEM_", b"MSQ_", b"MQUE", b"UNIX",
-    b"ODAT",
+    b"GHST", b"MEMF", b"SHMA", b"ODAT",
 }  # fmt: skip
 SECTION_NAMES = {
     b"HEAD": "HEADER",
@@ -130,6 +133,9 @@ SECTION_NAMES = {
     b"TCPC": "TCP_CONNECTION",
     b"INET": "INET_SOCKET",
     b"UNIX": "UNIX_SOCKET",
+    b"GHST": "GHOST_FILE",
+    b"MEMF": "MEMFD",
+    b"SHMA": "SHARED_ANONYMOUS",
     b"LOCK": "FILE_LOCKS",
     b"PTYP": "PTY_PAIR",
     b"PIPE": "PIPE_OBJECT",
@@ -474,6 +480,15 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             ),
             refusal="",
         ),
+        GhostFile(
+            id=19, dev=2049, ino=77, mode=0o100640, uid=1000, gid=100, size=9000, path="/tmp/x"
+        ),
+        ObjectData(id=19, offset=8192, data=b"the tail after a hole"),
+        MemfdObject(
+            id=20, dev=1, ino=1032, size=4096, seals=0xA, mode=0o100777, uid=0, gid=0, name="m"
+        ),
+        ObjectData(id=20, offset=0, data=rng.randbytes(4096)),
+        SharedAnonymous(id=21, dev=1, ino=1035, size=16384),
     )
     files = Files(
         objects=len(objects),
@@ -955,6 +970,9 @@ INVALID_RECORDS: dict[str, Callable[[], object]] = {
     "no description": lambda: replace(the(Files).descriptors[0], description_id=0),
     "object id 0": lambda: TerminalObject(id=0, state=TERMINAL),
     "empty object data": lambda: ObjectData(id=1, offset=0, data=b""),
+    "ghost of a socket": lambda: GhostFile(
+        id=1, dev=1, ino=1, mode=0o140777, uid=0, gid=0, size=0, path="/s"
+    ),
     "lock type": lambda: FileLock(kind=LockKind.POSIX, type=2, start=0, length=0),
     "flock on a range": lambda: FileLock(kind=LockKind.FLOCK, type=1, start=10, length=1),
     "locks of no description": lambda: FileLocks(id=1, description_id=0, signal=0, locks=()),
@@ -1179,7 +1197,11 @@ def test_summary_and_its_json() -> None:
         {"mtype": 2, "text": b"first\0".hex()},
         {"mtype": 2**63, "text": ""},
     ]
-    assert len(objects) == 18  # ObjectData counted in its object's data_bytes
+    [ghost] = [o for o in objects if isinstance(o, dict) and o["record"] == "GhostFile"]
+    assert ghost["data_bytes"] == len("the tail after a hole")
+    # Every object record once, ObjectData counted in its object's data_bytes.
+    records = [r for r in BUILT.records if isinstance(r, records_module.ObjectRecord)]
+    assert len(objects) == len([r for r in records if not isinstance(r, ObjectData)])
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:
@@ -1350,6 +1372,8 @@ def test_object_data_is_laid_out_like_pages() -> None:
         struct.pack("<QQ", 11, 0),
         struct.pack("<QQ", 12, 0),
         struct.pack("<QQ", 13, 0),
+        struct.pack("<QQ", 19, 8192),
+        struct.pack("<QQ", 20, 0),
     ]
     assert found[1].payload[16:] == b"after a hole"
 
