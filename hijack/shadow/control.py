@@ -141,6 +141,9 @@ def _read_line(sock: socket.socket) -> bytes:
 RELAY_ACCEPTED = b"RLY1"
 TCP_RTO_MAX_MS = 44  # <linux/tcp.h>, Linux 6.14
 RELAY_RTO_MAX_MS = 1000  # the least the kernel takes
+# Retried a second apart, the kernel's 15 tries (tcp_retries2) would give a relay
+# up after 15 s of outage; with its back-off they last about 15 minutes: kept so.
+RELAY_GIVE_UP_MS = 15 * 60 * 1000
 
 
 def bound_backoff(sock: socket.socket) -> None:
@@ -150,11 +153,13 @@ def bound_backoff(sock: socket.socket) -> None:
     By default TCP doubles the wait after each lost try, up to 2 minutes:
     bytes sent while a link was down for 20 s would wait up to 13 s more
     once it is back (an in-doubt move settled by `hijack recover`, a
-    partition healed). Capped, they go within a second. Older kernels
-    refuse the option and keep their back-off.
+    partition healed). Capped, they go within a second; RELAY_GIVE_UP_MS
+    keeps the time a relay survives an outage. Older kernels refuse the
+    option and keep their back-off.
     """
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, RELAY_RTO_MAX_MS)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, RELAY_GIVE_UP_MS)
 
 _LENGTH = struct.Struct("<I")
 # A `migrated` request carries the unread bytes of every stream (base64): up to a
