@@ -60,6 +60,7 @@ from hijack.image.records import (
     PosixTimer,
     ProcessSettings,
     Prot,
+    QueuedDatagram,
     Record,
     Rlimit,
     Rlimits,
@@ -81,6 +82,7 @@ from hijack.image.records import (
     ThreadSeccomp,
     TimerfdObject,
     Timers,
+    UdpSocket,
     UserRegsStruct,
 )
 from hijack.image.summary import ImageSummary, summarize, summary_to_json
@@ -128,6 +130,7 @@ __all__ = [
     "PosixTimer",
     "ProcessSettings",
     "Prot",
+    "QueuedDatagram",
     "Record",
     "Rlimit",
     "Rlimits",
@@ -150,6 +153,7 @@ __all__ = [
     "ThreadSeccomp",
     "TimerfdObject",
     "Timers",
+    "UdpSocket",
     "UserRegsStruct",
     "read_image",
     "read_round",

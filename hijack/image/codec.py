@@ -76,6 +76,7 @@ from hijack.image.records import (
     Thread,
     TimerfdObject,
     Timers,
+    UdpSocket,
 )
 
 MAGIC = b"CRF\0"
@@ -117,6 +118,7 @@ class SectionKind(enum.Enum):
     PIDFD_OBJECT = b"PIDF"
     INET_SOCKET = b"INET"
     TCP_CONNECTION = b"TCPC"
+    UDP_SOCKET = b"UDPS"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
     SETTINGS = b"PSET"
@@ -227,6 +229,7 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.PIDFD_OBJECT: _StructSection(PidfdObject, is_object=True),
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
     SectionKind.TCP_CONNECTION: _StructSection(TcpConnection, is_object=True),
+    SectionKind.UDP_SOCKET: _StructSection(UdpSocket, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
     SectionKind.SETTINGS: _StructSection(ProcessSettings),

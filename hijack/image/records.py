@@ -568,6 +568,29 @@ class TcpConnection:
         _check_object_id(self)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueuedDatagram:
+    """One datagram of a socket's receive queue; its bytes are in the socket's OBJECT_DATA."""
+
+    length: U32
+    source: str  # the sender: "127.0.0.1:5353", "[::1]:5353"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UdpSocket:
+    """A UDP socket: where it is bound and connected, and the datagrams it has not read.
+    Its OBJECT_DATA holds their bytes, one after the other."""
+
+    id: U64
+    family: U16  # AF_INET or AF_INET6
+    local_address: str  # "0.0.0.0:0" (or "[::]:0") when never bound
+    remote_address: str  # "" when not connected
+    queue: tuple[QueuedDatagram, ...]  # oldest first
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
 MAX_OBJECT_DATA = 8 * 1024 * 1024  # bytes of one ObjectData section
 
 
@@ -599,6 +622,7 @@ ObjectRecord = (
     | PidfdObject
     | InetSocket
     | TcpConnection
+    | UdpSocket
     | ObjectData
 )
 

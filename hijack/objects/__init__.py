@@ -35,6 +35,7 @@ from hijack.objects.signalfd import Signalfd
 from hijack.objects.tcp import Tcp
 from hijack.objects.terminal import Terminal
 from hijack.objects.timerfd import Timerfd
+from hijack.objects.udp import Udp
 from hijack.sys import kcmp, procfs
 
 KINDS: tuple[Kind, ...] = (
@@ -49,6 +50,7 @@ KINDS: tuple[Kind, ...] = (
     Inotify(),
     Pidfd(),
     Tcp(),  # before Inet: an established connection, when the dump reads connections
+    Udp(),  # before Inet, likewise
     Inet(),
     Other(),  # last: claims whatever is left, and refuses it
 )
