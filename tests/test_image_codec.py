@@ -56,6 +56,7 @@ from hijack.image import (
     PosixTimer,
     ProcessSettings,
     Prot,
+    QueuedDatagram,
     Record,
     Rlimit,
     Rlimits,
@@ -78,6 +79,7 @@ from hijack.image import (
     ThreadSeccomp,
     TimerfdObject,
     Timers,
+    UdpSocket,
     UserRegsStruct,
     read_image,
     read_round,
@@ -98,6 +100,7 @@ OBJECT_TAGS = {
     b"PIDF",
     b"INET",
     b"TCPC",
+    b"UDPS",
     b"ODAT",
 }
 SECTION_NAMES = {
@@ -119,6 +122,7 @@ SECTION_NAMES = {
     b"PIDF": "PIDFD_OBJECT",
     b"TCPC": "TCP_CONNECTION",
     b"INET": "INET_SOCKET",
+    b"UDPS": "UDP_SOCKET",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
     b"PSET": "SETTINGS",
@@ -359,6 +363,17 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             remote_address="[::1]:51000",
         ),
         ObjectData(id=9, offset=0, data=b"abcde"),
+        UdpSocket(
+            id=10,
+            family=10,
+            local_address="[::]:5353",
+            remote_address="",
+            queue=(
+                QueuedDatagram(length=3, source="[::ffff:127.0.0.1]:40000"),
+                QueuedDatagram(length=0, source="[::1]:40001"),
+            ),
+        ),
+        ObjectData(id=10, offset=0, data=b"abc"),
     )
     files = Files(
         objects=len(objects),
@@ -1038,7 +1053,7 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert len(objects) == 9  # ObjectData counted in its object's data_bytes
+    assert len(objects) == 10  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:
@@ -1207,6 +1222,7 @@ def test_object_data_is_laid_out_like_pages() -> None:
         struct.pack("<QQ", 4, 0),
         struct.pack("<QQ", 4, 4096),
         struct.pack("<QQ", 9, 0),
+        struct.pack("<QQ", 10, 0),
     ]
     assert found[1].payload[16:] == b"after a hole"
 

@@ -38,14 +38,14 @@ class Datagram:
 
 
 def endpoint_text(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    """"1.2.3.4:53" or "[::1]:53" of a Python socket address."""
+    """The text of a Python socket address: "1.2.3.4:53", "[::1]:53"."""
     host, port = address[0], address[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def read_queue(sock: socket.socket) -> list[Datagram]:
     """Every datagram queued on `sock`, in order, left queued."""
-    found = []
+    found: list[Datagram] = []
     with kernel_call("setsockopt", what="SO_PEEK_OFF"):
         saved = sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
         sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
@@ -72,7 +72,7 @@ def _split(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, in
 def _checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
     while total >> 16:
         total = (total & 0xFFFF) + (total >> 16)
     return ~total & 0xFFFF
