@@ -71,6 +71,8 @@ from hijack.image import (
     SigAltStack,
     SignalfdObject,
     SignalState,
+    SocketOption,
+    SocketOptions,
     TcpConnection,
     TerminalObject,
     TerminalState,
@@ -101,6 +103,7 @@ OBJECT_TAGS = {
     b"INET",
     b"TCPC",
     b"UDPS",
+    b"SOPT",
     b"ODAT",
 }
 SECTION_NAMES = {
@@ -123,6 +126,7 @@ SECTION_NAMES = {
     b"TCPC": "TCP_CONNECTION",
     b"INET": "INET_SOCKET",
     b"UDPS": "UDP_SOCKET",
+    b"SOPT": "SOCKET_OPTIONS",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
     b"PSET": "SETTINGS",
@@ -374,6 +378,16 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             ),
         ),
         ObjectData(id=10, offset=0, data=b"abc"),
+        SocketOptions(
+            id=11,
+            socket_id=10,
+            filter_locked=True,
+            options=(
+                SocketOption(level=1, name=2, value=b"\x01\0\0\0"),
+                SocketOption(level=6, name=13, value=b"reno".ljust(16, b"\0")),
+            ),
+            filter=bytes.fromhex("0600000000000100"),
+        ),
     )
     files = Files(
         objects=len(objects),
@@ -1053,7 +1067,7 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert len(objects) == 10  # ObjectData counted in its object's data_bytes
+    assert len(objects) == 11  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:

@@ -3,14 +3,17 @@
 The `udp_sockets` fixture (tests/fixtures/udp_sockets.c) holds IPv4 and IPv6
 UDP sockets bound, connected, never bound, with datagrams not yet read; after
 `dump --kill` and `restore` it reads every datagram, checks its sender and
-boundaries, and sends new ones. The /proc views of its descriptors agree
-before and after (but for the sockets' inode numbers).
+boundaries, and sends new ones; `socket_options` sets options on a TCP
+listener, a TCP connection and a UDP socket, and reads them back. The /proc
+views of its descriptors agree before and after (but for the sockets' inode
+numbers).
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +65,29 @@ def test_a_plain_dump_leaves_the_datagrams_queued(hijack: HijackCli, tmp_path: P
     with spawn_fixture("udp_sockets", fifos=True) as fixture:
         hijack.ok("dump", fixture.pid, "-o", tmp_path / "udp.crf")
         fixture.assert_intact()
+
+
+def test_socket_options_read_back_the_same(hijack: HijackCli, tmp_path: Path) -> None:
+    image = tmp_path / "options.crf"
+    with socket.create_server(("127.0.0.1", 0)) as peer:
+        port = peer.getsockname()[1]
+        with spawn_fixture("socket_options", str(port), fifos=True) as fixture:
+            held, _ = peer.accept()  # the other end of the fixture's connection
+            with held:
+                before = sockets_view(fixture.pid)
+                hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+                assert fixture.wait_exit() == -signal.SIGKILL
+
+                shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
+                kept = [o for o in shown["objects"] if o["record"] == "SocketOptions"]
+                assert len(kept) == 3, kept
+                [filtered] = [o for o in kept if o["filter"]]
+                assert filtered["filter_locked"] and len(filtered["filter"]) == 2 * 16
+                text = hijack.ok("show", image).stdout
+                assert "a filter of 2 instructions (locked)" in text, text
+
+                pid = restored_pid(hijack.ok("restore", image))
+                fixture.adopt(pid)
+                after = sockets_view(pid)
+                assert before == after, difference(before, after)
+                fixture.assert_intact()

@@ -71,6 +71,7 @@ from hijack.image.records import (
     Segments,
     SignalfdObject,
     SignalState,
+    SocketOptions,
     TcpConnection,
     TerminalObject,
     Thread,
@@ -119,6 +120,7 @@ class SectionKind(enum.Enum):
     INET_SOCKET = b"INET"
     TCP_CONNECTION = b"TCPC"
     UDP_SOCKET = b"UDPS"
+    SOCKET_OPTIONS = b"SOPT"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
     SETTINGS = b"PSET"
@@ -230,6 +232,7 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
     SectionKind.TCP_CONNECTION: _StructSection(TcpConnection, is_object=True),
     SectionKind.UDP_SOCKET: _StructSection(UdpSocket, is_object=True),
+    SectionKind.SOCKET_OPTIONS: _StructSection(SocketOptions, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
     SectionKind.SETTINGS: _StructSection(ProcessSettings),

@@ -591,6 +591,30 @@ class UdpSocket:
         _check_object_id(self)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SocketOption:
+    """One option as getsockopt(2) gave it, to be given back to setsockopt(2)."""
+
+    level: U32  # SOL_SOCKET 1, IPPROTO_IP 0, IPPROTO_IPV6 41, IPPROTO_TCP 6
+    name: U32  # SO_REUSEADDR 2, TCP_NODELAY 1, ...
+    value: bytes  # an int (4 bytes, little-endian), struct linger, or a name
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SocketOptions:
+    """The options of a socket (the TcpConnection, UdpSocket or InetSocket `socket_id`)."""
+
+    id: U64
+    socket_id: U64
+    filter_locked: bool  # SO_LOCK_FILTER
+    options: tuple[SocketOption, ...]
+    filter: bytes  # its classic BPF filter (struct sock_filter array), b"" when none
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        _require(len(self.filter) % 8 == 0, "SocketOptions: a filter of part of an instruction")
+
+
 MAX_OBJECT_DATA = 8 * 1024 * 1024  # bytes of one ObjectData section
 
 
@@ -623,6 +647,7 @@ ObjectRecord = (
     | InetSocket
     | TcpConnection
     | UdpSocket
+    | SocketOptions
     | ObjectData
 )
 

@@ -15,12 +15,14 @@ shadow instead (hijack.node.move): its images hold no UdpSocket.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 
 from hijack.errors import HijackError, RestoreError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
+from hijack.objects import sockopts
 from hijack.objects.base import DumpContext, Kind, RestoreContext, describe_fd
 from hijack.objects.inet import endpoint
 from hijack.sys import datagrams, procfs
@@ -70,33 +72,34 @@ class Udp(Kind):
                     raise
                 remote = ""
             queue = datagrams.read_queue(sock)
-            family = sock.family
-
-        def make(id: int) -> rec.UdpSocket:
-            return rec.UdpSocket(
-                id=id,
-                family=family,
+            record = functools.partial(
+                rec.UdpSocket,
+                family=sock.family,
                 local_address=local,
                 remote_address=remote,
                 queue=tuple(
                     rec.QueuedDatagram(length=len(d.data), source=d.source) for d in queue
                 ),
             )
-
-        object_id = dump.add_object(("socket", entry.ino), make)
-        dump.add_data(object_id, b"".join(d.data for d in queue))
+            object_id = dump.add_object(("socket", entry.ino), lambda id: record(id=id))
+            dump.add_data(object_id, b"".join(d.data for d in queue))
+            sockopts.dump_options(sock, object_id, entry.ino, dump)
         return object_id
 
     def restore(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
         udp = restore.image.object_of(descriptor, rec.UdpSocket)
         queue = _queue(udp, restore.image.data(udp.id), descriptor)
+        options = sockopts.options_of(restore.image, udp.id)
         with socket.socket(udp.family, socket.SOCK_DGRAM, socket.IPPROTO_UDP) as sock:
+            set_option, attach = sockopts.our_setters(sock)
             try:
+                sockopts.set_early(options, set_option)
                 if endpoint(udp.local_address)[1]:
                     sock.bind(endpoint(udp.local_address))
                 datagrams.fill_queue(udp.local_address, queue)
                 if udp.remote_address:
                     sock.connect(endpoint(udp.remote_address))
+                sockopts.set_late(options, set_option, attach)
             except OSError as error:
                 hint = " (does the original still run?)" if error.errno == errno.EADDRINUSE else ""
                 raise RestoreError(
@@ -116,7 +119,8 @@ class Udp(Kind):
         bound = "unbound" if udp.local_address == _unbound(udp.family) else udp.local_address
         connected = f" -> {udp.remote_address}" if udp.remote_address else ""
         size = sum(d.length for d in udp.queue)
-        return f"{bound}{connected}, {len(udp.queue)} datagrams ({size} bytes) queued"
+        queued = f"{len(udp.queue)} datagrams ({size} bytes) queued"
+        return f"{bound}{connected}, {queued}{sockopts.describe_options(image, udp.id)}"
 
 
 def _queue(
