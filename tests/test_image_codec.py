@@ -50,6 +50,7 @@ from hijack.image import (
     InotifyWatch,
     Itimer,
     MemoryStructure,
+    NetlinkSocket,
     ObjectData,
     Pages,
     PidfdObject,
@@ -104,6 +105,7 @@ OBJECT_TAGS = {
     b"TCPC",
     b"UDPS",
     b"SOPT",
+    b"NLNK",
     b"ODAT",
 }
 SECTION_NAMES = {
@@ -127,6 +129,7 @@ SECTION_NAMES = {
     b"INET": "INET_SOCKET",
     b"UDPS": "UDP_SOCKET",
     b"SOPT": "SOCKET_OPTIONS",
+    b"NLNK": "NETLINK_SOCKET",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
     b"PSET": "SETTINGS",
@@ -388,6 +391,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             ),
             filter=bytes.fromhex("0600000000000100"),
         ),
+        NetlinkSocket(id=12, type=3, protocol=0, port_id=4242, groups=(1, 5)),
     )
     files = Files(
         objects=len(objects),
@@ -1067,7 +1071,7 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert len(objects) == 11  # ObjectData counted in its object's data_bytes
+    assert len(objects) == 12  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:

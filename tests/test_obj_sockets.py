@@ -4,7 +4,8 @@ The `udp_sockets` fixture (tests/fixtures/udp_sockets.c) holds IPv4 and IPv6
 UDP sockets bound, connected, never bound, with datagrams not yet read; after
 `dump --kill` and `restore` it reads every datagram, checks its sender and
 boundaries, and sends new ones; `socket_options` sets options on a TCP
-listener, a TCP connection and a UDP socket, and reads them back. The /proc
+listener, a TCP connection and a UDP socket, and reads them back; `netlink`
+holds netlink sockets bound and not, with groups. The /proc
 views of its descriptors agree before and after (but for the sockets' inode
 numbers).
 """
@@ -91,3 +92,22 @@ def test_socket_options_read_back_the_same(hijack: HijackCli, tmp_path: Path) ->
                 after = sockets_view(pid)
                 assert before == after, difference(before, after)
                 fixture.assert_intact()
+
+
+def test_netlink_sockets_come_back_with_their_port_and_groups(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "netlink.crf"
+    with spawn_fixture("netlink", fifos=True) as fixture:
+        before = sockets_view(fixture.pid)
+        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+        assert fixture.wait_exit() == -signal.SIGKILL
+        text = hijack.ok("show", image).stdout
+        assert f"netlink: protocol 0, port {fixture.ready['port']}, groups 1,5" in text, text
+        assert "netlink: protocol 16, port 0, groups none" in text, text
+
+        pid = restored_pid(hijack.ok("restore", image))
+        fixture.adopt(pid)
+        after = sockets_view(pid)
+        assert before == after, difference(before, after)
+        fixture.assert_intact()

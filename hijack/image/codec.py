@@ -61,6 +61,7 @@ from hijack.image.records import (
     InetSocket,
     InotifyObject,
     MemoryStructure,
+    NetlinkSocket,
     ObjectData,
     Pages,
     PidfdObject,
@@ -121,6 +122,7 @@ class SectionKind(enum.Enum):
     TCP_CONNECTION = b"TCPC"
     UDP_SOCKET = b"UDPS"
     SOCKET_OPTIONS = b"SOPT"
+    NETLINK_SOCKET = b"NLNK"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
     SETTINGS = b"PSET"
@@ -233,6 +235,7 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.TCP_CONNECTION: _StructSection(TcpConnection, is_object=True),
     SectionKind.UDP_SOCKET: _StructSection(UdpSocket, is_object=True),
     SectionKind.SOCKET_OPTIONS: _StructSection(SocketOptions, is_object=True),
+    SectionKind.NETLINK_SOCKET: _StructSection(NetlinkSocket, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
     SectionKind.SETTINGS: _StructSection(ProcessSettings),

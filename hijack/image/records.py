@@ -592,6 +592,20 @@ class UdpSocket:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class NetlinkSocket:
+    """A netlink socket: its protocol, port id and multicast groups (messages queued are lost)."""
+
+    id: U64
+    type: U16  # SOCK_RAW, SOCK_DGRAM
+    protocol: U16  # NETLINK_ROUTE 0, NETLINK_GENERIC 16, ...
+    port_id: U32  # getsockname's nl_pid; 0 when never bound
+    groups: tuple[U32, ...]  # the groups joined (NETLINK_LIST_MEMBERSHIPS), ascending
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SocketOption:
     """One option as getsockopt(2) gave it, to be given back to setsockopt(2)."""
 
@@ -648,6 +662,7 @@ ObjectRecord = (
     | TcpConnection
     | UdpSocket
     | SocketOptions
+    | NetlinkSocket
     | ObjectData
 )
 

@@ -28,6 +28,7 @@ from hijack.objects.eventfd import Eventfd
 from hijack.objects.fifo import Fifo
 from hijack.objects.inet import Inet
 from hijack.objects.inotify import Inotify
+from hijack.objects.netlink import Netlink
 from hijack.objects.other import Other
 from hijack.objects.pidfd import Pidfd
 from hijack.objects.regular import Regular
@@ -51,6 +52,7 @@ KINDS: tuple[Kind, ...] = (
     Pidfd(),
     Tcp(),  # before Inet: an established connection, when the dump reads connections
     Udp(),  # before Inet, likewise
+    Netlink(),
     Inet(),
     Other(),  # last: claims whatever is left, and refuses it
 )
