@@ -211,6 +211,7 @@ class Registry:
     def record_migrant(
         self,
         pid: int,
+        start_time: int,
         program: str,
         home_node: str,
         home_pid: int,
@@ -222,7 +223,7 @@ class Registry:
             self._put_process(
                 db,
                 pid=pid,
-                start_time=0,
+                start_time=start_time,
                 program=program,
                 state="running",
                 home_node=home_node,
@@ -231,11 +232,53 @@ class Registry:
                 home_pid=home_pid,
             )
             self._log(db, pid, "arrived", f"from the shadow of {home_node}:{home_pid}")
-            if home_node == node_name() and home_pid != pid:
-                # Back home under another pid: this row now tells its story,
-                # the old pid's "moved away" would be a second, stale one.
-                db.execute("DELETE FROM processes WHERE pid=?", (home_pid,))
-                self._log(db, home_pid, "returned", f"home again as {pid}")
+
+    def settle_arrival(self, pid: int) -> None:
+        """A migrant recorded here now runs: if this is its home, its home row becomes this one.
+
+        Found by its relay token (the migrant's own secret, the same on every
+        node it goes to), the home row keeps its shadow (pid and control
+        socket: status asks it, detach and forget end it) and takes the
+        migrant's pid; the old pid's "moved away" would be a second, stale row.
+        Called once the move is committed: a move that fails leaves the home
+        row as it was.
+        """
+        with self._transaction() as db:
+            migrant = db.execute(
+                "SELECT relay_token, home_node FROM processes WHERE pid=?", (pid,)
+            ).fetchone()
+            if migrant is None or not migrant[0] or migrant[1] != node_name():
+                return
+            home = db.execute(
+                "SELECT pid, shadow_pid, shadow_control, attached_at FROM processes"
+                " WHERE relay_token=? AND pid!=? AND shadow_control IS NOT NULL",
+                (migrant[0], pid),
+            ).fetchone()
+            if home is None:
+                return
+            old_pid, shadow_pid, shadow_control, attached_at = home
+            db.execute(
+                "UPDATE processes SET shadow_pid=?, shadow_control=?, attached_at=? WHERE pid=?",
+                (shadow_pid, shadow_control, attached_at, pid),
+            )
+            db.execute("DELETE FROM processes WHERE pid=?", (old_pid,))
+            self._log(db, old_pid, "returned", f"home again as {pid}, shadow {shadow_pid}")
+
+    def moved_on(self, pid: int, location: str) -> None:
+        """`pid` was moved from here to `location`: at its home the row stays, as "moved"
+        (its shadow here relays it); elsewhere this node forgets it."""
+        record = self.find(pid)
+        if record is not None and record.home_node == node_name() and record.shadow_control:
+            self.set_state(pid, "moved", current_node=location)
+        else:
+            self.forget(pid, f"moved to {location}")
+
+    def running_migrants(self) -> list[ProcessRecord]:
+        """The processes moved here that run here, by the registry's word."""
+        rows = self._db.execute(
+            "SELECT * FROM processes WHERE state='running' AND relay_token IS NOT NULL"
+        ).fetchall()
+        return [ProcessRecord(*row) for row in rows]
 
     @staticmethod
     def _put_process(db: sqlite3.Connection, **columns: object) -> None:
@@ -272,6 +315,39 @@ class Registry:
                 (move_id, pid, program, node_name(), destination, "connecting", time.time()),
             )
             self._log(db, pid, "moving", f"to {destination} (move {move_id})")
+
+    def record_received_move(
+        self,
+        move_id: str,
+        pid: int,
+        program: str,
+        source: str,
+        new_pid: int,
+        bytes_received: int,
+        started_at: float,
+    ) -> None:
+        """A move this node received and runs: listed beside the moves it made.
+
+        Its mover has the same row (same id) on its own node; sharing one
+        state directory, the mover's is kept.
+        """
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO moves (id, pid, program, source, destination, phase,"
+                " started_at, finished_at, bytes_sent, new_pid) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (
+                    move_id,
+                    pid,
+                    program,
+                    source,
+                    node_name(),
+                    "done",
+                    started_at,
+                    time.time(),
+                    bytes_received,
+                    new_pid,
+                ),
+            )
 
     def update_move(self, move_id: str, **fields: object) -> None:
         allowed = {"phase", "finished_at", "bytes_sent", "freeze_ms", "new_pid", "error"}

@@ -52,7 +52,6 @@ def no_leaked_processes_or_temp_dirs() -> Iterator[None]:
     processes_before = snapshot_descendants(root)
     temp_dirs_before = snapshot_temp_dirs()
     namespaces_before = snapshot_namespaces()  # only this process's test nodes count
-    locks_before = set(netlock.locks_held(root))
     yield
     problems: list[str] = []
     leaked = find_leaked_processes(root, processes_before)
@@ -82,12 +81,24 @@ def no_leaked_processes_or_temp_dirs() -> Iterator[None]:
             "network namespaces left behind (processes inside killed, removed): "
             + ", ".join(leftover_namespaces)
         )
-    leftover_locks = set(netlock.locks_held(root)) - locks_before
-    for name in leftover_locks:
-        netlock.remove_lock(root, name)
-    if leftover_locks:
-        problems.append(
-            "network locks left behind (removed): " + ", ".join(sorted(leftover_locks))
-        )
     if problems:
         pytest.fail("\n".join(problems), pytrace=False)
+
+
+@pytest.fixture
+def no_leaked_network_locks() -> Iterator[None]:
+    """Fail a test that leaves a network lock (hijack.sys.netlock) behind, and remove it.
+
+    Not autouse: the locks live in this machine's own network namespace, where
+    another suite running at the same time may hold some of its own.
+    """
+    root = os.getpid()
+    before = set(netlock.locks_held(root))
+    yield
+    leftover = set(netlock.locks_held(root)) - before
+    for name in leftover:
+        netlock.remove_lock(root, name)
+    if leftover:
+        pytest.fail(
+            "network locks left behind (removed): " + ", ".join(sorted(leftover)), pytrace=False
+        )

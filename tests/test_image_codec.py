@@ -40,8 +40,11 @@ from hijack.image import (
     EpollTarget,
     EventfdObject,
     FdKind,
+    FifoObject,
     FileDescriptor,
     FileIdentity,
+    FileLock,
+    FileLocks,
     Files,
     ImageHeader,
     ImageWriter,
@@ -49,14 +52,20 @@ from hijack.image import (
     InotifyObject,
     InotifyWatch,
     Itimer,
+    LockKind,
     MemoryStructure,
     NetlinkSocket,
     ObjectData,
+    PageRange,
     Pages,
     PidfdObject,
+    PipeObject,
+    PosixMessage,
+    PosixMessageQueue,
     PosixTimer,
     ProcessSettings,
     Prot,
+    PtyPair,
     QueuedDatagram,
     Record,
     Rlimit,
@@ -74,6 +83,11 @@ from hijack.image import (
     SignalState,
     SocketOption,
     SocketOptions,
+    SysvMessage,
+    SysvMessageQueue,
+    SysvOwner,
+    SysvSemaphores,
+    SysvSharedMemory,
     TcpConnection,
     TerminalObject,
     TerminalState,
@@ -94,20 +108,10 @@ from hijack.image import records as records_module
 from hijack.image.fields import Cursor, struct_codec
 
 OBJECT_TAGS = {
-    b"TTYO",
-    b"EPOL",
-    b"EVFD",
-    b"TMFD",
-    b"SGFD",
-    b"INFY",
-    b"PIDF",
-    b"INET",
-    b"TCPC",
-    b"UDPS",
-    b"SOPT",
-    b"NLNK",
+    b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"PIDF", b"INET", b"TCPC", b"LOCK",
+    b"PTYP", b"PIPE", b"FIFO", b"SHM_", b"SEM_", b"MSQ_", b"MQUE", b"UDPS", b"SOPT", b"NLNK",
     b"ODAT",
-}
+}  # fmt: skip
 SECTION_NAMES = {
     b"HEAD": "HEADER",
     b"CRED": "CREDENTIALS",
@@ -130,6 +134,14 @@ SECTION_NAMES = {
     b"UDPS": "UDP_SOCKET",
     b"SOPT": "SOCKET_OPTIONS",
     b"NLNK": "NETLINK_SOCKET",
+    b"LOCK": "FILE_LOCKS",
+    b"PTYP": "PTY_PAIR",
+    b"PIPE": "PIPE_OBJECT",
+    b"FIFO": "FIFO_OBJECT",
+    b"SHM_": "SYSV_SHARED_MEMORY",
+    b"SEM_": "SYSV_SEMAPHORES",
+    b"MSQ_": "SYSV_MESSAGE_QUEUE",
+    b"MQUE": "POSIX_MESSAGE_QUEUE",
     b"ODAT": "OBJECT_DATA",
     b"CWD_": "CWD",
     b"PSET": "SETTINGS",
@@ -349,8 +361,29 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             ),
         ),
         PidfdObject(id=8, pid=4242, starttime=123456, own=True),
-        TcpConnection(
+        FileLocks(
             id=9,
+            description_id=3,
+            signal=35,
+            locks=(
+                FileLock(kind=LockKind.FLOCK, type=1, start=0, length=0),
+                FileLock(kind=LockKind.POSIX, type=1, start=10, length=10),
+                FileLock(kind=LockKind.OFD, type=0, start=100, length=0),
+                FileLock(kind=LockKind.LEASE, type=0, start=0, length=0),
+            ),
+        ),
+        PtyPair(
+            id=10,
+            index=4,
+            packet_mode=True,
+            locked=False,
+            state=TERMINAL,
+            master_path="/dev/ptmx",
+            input=b"queued\n",
+            output=b"\x00out\r\n",
+        ),
+        TcpConnection(
+            id=11,
             family=10,
             send_seq=2**32 - 5,
             recv_seq=77,
@@ -369,9 +402,41 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             local_address="[::1]:6379",
             remote_address="[::1]:51000",
         ),
-        ObjectData(id=9, offset=0, data=b"abcde"),
+        ObjectData(id=11, offset=0, data=b"abcde"),
+        PipeObject(id=12, pipe_size=1 << 20, packets=(), outside_pid=0),
+        ObjectData(id=12, offset=0, data=b"queued in a self-pipe"),
+        FifoObject(id=13, pipe_size=65536, packets=(10, 4000), held_outside=False),
+        ObjectData(id=13, offset=0, data=rng.randbytes(4010)),
+        SysvSharedMemory(
+            id=14,
+            shmid=32769,
+            owner=SysvOwner(key=0x0021C0BD, mode=0o1600, uid=0, gid=0),
+            size=12288,
+        ),
+        SysvSemaphores(
+            id=15,
+            semid=2,
+            owner=SysvOwner(key=0xFFFFFFFF, mode=0o600, uid=1000, gid=1000),
+            values=(1, 0, 65535),
+        ),
+        SysvMessageQueue(
+            id=16,
+            msqid=3,
+            owner=SysvOwner(key=0, mode=0o644, uid=0, gid=0),
+            qbytes=16384,
+            messages=(SysvMessage(mtype=2, text=b"first\0"), SysvMessage(mtype=2**63, text=b"")),
+        ),
+        PosixMessageQueue(
+            id=17,
+            name="/jobs",
+            unlinked=True,
+            mode=0o600,
+            maxmsg=10,
+            msgsize=8192,
+            messages=(PosixMessage(priority=9, data=b"urgent"), PosixMessage(priority=0, data=b"")),
+        ),
         UdpSocket(
-            id=10,
+            id=18,
             family=10,
             local_address="[::]:5353",
             remote_address="",
@@ -380,10 +445,10 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 QueuedDatagram(length=0, source="[::1]:40001"),
             ),
         ),
-        ObjectData(id=10, offset=0, data=b"abc"),
+        ObjectData(id=18, offset=0, data=b"abc"),
         SocketOptions(
-            id=11,
-            socket_id=10,
+            id=19,
+            socket_id=18,
             filter_locked=True,
             options=(
                 SocketOption(level=1, name=2, value=b"\x01\0\0\0"),
@@ -391,7 +456,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             ),
             filter=bytes.fromhex("0600000000000100"),
         ),
-        NetlinkSocket(id=12, type=3, protocol=0, port_id=4242, groups=(1, 5)),
+        NetlinkSocket(id=20, type=3, protocol=0, port_id=4242, groups=(1, 5)),
     )
     files = Files(
         objects=len(objects),
@@ -418,6 +483,8 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 (5, FdKind.DIRECTORY, "/srv/data \udcff", 0o200000, 0, 0o40755, 6, 0),
                 (6, FdKind.REGULAR, "/var/log/server.log", 0o102001, 123456, 0o100644, 3, 0),
                 (9, FdKind.EVENTFD, "anon_inode:[eventfd]", 0o2, 0, 0o600, 7, 4),
+                (10, FdKind.TTY, "/dev/ptmx", 0o2, 0, 0o20666, 8, 10),
+                (11, FdKind.TTY, "/dev/pts/4", 0o2, 0, 0o20620, 9, 10),
             ]
         ),
     )
@@ -523,6 +590,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 ),
                 ThreadSeccomp(tid=4244, mode=1, filters=()),
             ),
+            guard_pages=(PageRange(start=0x7F0000100000, end=0x7F0000102000),),
         ),
         Timers(
             itimers=(Itimer(which=0, interval_ns=20_000_000, value_ns=7_000_000),),
@@ -869,6 +937,9 @@ INVALID_RECORDS: dict[str, Callable[[], object]] = {
     "no description": lambda: replace(the(Files).descriptors[0], description_id=0),
     "object id 0": lambda: TerminalObject(id=0, state=TERMINAL),
     "empty object data": lambda: ObjectData(id=1, offset=0, data=b""),
+    "lock type": lambda: FileLock(kind=LockKind.POSIX, type=2, start=0, length=0),
+    "flock on a range": lambda: FileLock(kind=LockKind.FLOCK, type=1, start=10, length=1),
+    "locks of no description": lambda: FileLocks(id=1, description_id=0, signal=0, locks=()),
     "overlapping segments": lambda: Segments(segments=the(Segments).segments[:1] * 2),
     "umask": lambda: replace(the(Credentials), umask=0o1777),
 }
@@ -1071,7 +1142,26 @@ def test_summary_and_its_json() -> None:
         "semaphore": True,
         "data_bytes": 100 + len("after a hole"),
     }
-    assert len(objects) == 12  # ObjectData counted in its object's data_bytes
+    assert objects[8]["locks"][1] == {  # type: ignore[index]
+        "kind": "POSIX",
+        "type": 1,
+        "start": 10,
+        "length": 10,
+    }
+    assert objects[9]["output"] == b"\x00out\r\n".hex()  # type: ignore[index]
+    assert objects[11] == {
+        "record": "PipeObject",
+        "id": 12,
+        "pipe_size": 1 << 20,
+        "packets": [],
+        "outside_pid": 0,
+        "data_bytes": len("queued in a self-pipe"),
+    }
+    assert objects[15]["messages"] == [  # type: ignore[index]
+        {"mtype": 2, "text": b"first\0".hex()},
+        {"mtype": 2**63, "text": ""},
+    ]
+    assert len(objects) == 20  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:
@@ -1239,8 +1329,10 @@ def test_object_data_is_laid_out_like_pages() -> None:
     assert [s.payload[:16] for s in found] == [
         struct.pack("<QQ", 4, 0),
         struct.pack("<QQ", 4, 4096),
-        struct.pack("<QQ", 9, 0),
-        struct.pack("<QQ", 10, 0),
+        struct.pack("<QQ", 11, 0),
+        struct.pack("<QQ", 12, 0),
+        struct.pack("<QQ", 13, 0),
+        struct.pack("<QQ", 18, 0),
     ]
     assert found[1].payload[16:] == b"after a hole"
 

@@ -155,10 +155,10 @@ try:
         channel.send_frame(Kind.DATA_END, b"")
     elif case == "truncated-image":
         channel.send(request)
-        channel.send_frame(Kind.DATA, b"CRF\\0\\2\\0\\0\\0HEAD")
+        channel.send_frame(Kind.DATA, b"CRF\\0\\3\\0\\0\\0HEAD")
     elif case == "message-inside-image":
         channel.send(request)
-        channel.send_frame(Kind.DATA, b"CRF\\0\\2\\0\\0\\0")
+        channel.send_frame(Kind.DATA, b"CRF\\0\\3\\0\\0\\0")
         channel.send({"op": "commit"})
     try:
         channel.sock.shutdown(socket.SHUT_WR)

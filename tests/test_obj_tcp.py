@@ -10,6 +10,7 @@ reset; the server must end intact.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -18,6 +19,8 @@ from typing import Any
 import pytest
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
+from support.procview import has_exited
+from support.redis import REDIS_SERVER, Resp, redis_server
 
 from hijack.sys import netlock, procfs
 
@@ -38,7 +41,7 @@ def wait_for_connection(pid: int) -> None:
 
 
 @pytest.fixture
-def hijack(tmp_path: Path) -> HijackCli:
+def hijack(tmp_path: Path, no_leaked_network_locks: None) -> HijackCli:
     return HijackCli(tmp_path / "state")
 
 
@@ -68,3 +71,41 @@ def test_a_server_killed_mid_stream_and_restored_keeps_its_client(
             assert client.wait_exit(timeout=120) == 0, client.describe()
         server.assert_intact()
     assert "echoed" in server.stdout
+
+
+
+@pytest.mark.skipif(
+    REDIS_SERVER is None,
+    reason="redis-server is not installed (`make test` installs it: apt-get install redis-server)",
+)
+def test_an_unattached_redis_server_keeps_its_clients_through_dump_kill_and_restore(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "redis.crf"
+    with redis_server(tmp_path) as (server, port, log):
+        client = Resp(port)
+        assert client.command("SET", "before", "the dump") == b"OK"
+        hijack.ok("dump", server.pid, "-o", image, "--kill")
+        assert server.wait(timeout=30) == -signal.SIGKILL
+        # Sent while redis is gone: the lock holds it back until the restore.
+        client.send("GET", "before")
+        restored = restored_pid(hijack.ok("restore", image))
+        other: Resp | None = None
+        try:
+            assert restored == server.pid
+            assert client.reply() == b"the dump"
+            assert client.command("SET", "after", "the restore") == b"OK"
+            other = Resp(port)
+            assert other.command("GET", "after") == b"the restore"
+            client.send("SHUTDOWN", "NOSAVE")
+            assert client.closed_by_peer()
+            # A clean end: it is our child now (the suite is a subreaper).
+            _, status = os.waitpid(restored, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, log.read_text()
+        finally:
+            if not has_exited(restored):
+                os.kill(restored, signal.SIGKILL)
+                os.waitpid(restored, 0)
+            client.close()
+            if other is not None:
+                other.close()

@@ -60,6 +60,8 @@ def test_settings_and_timers_come_back_after_dump_kill_and_restore(
         assert shown["settings"]["oom_score_adj"] == 345
         assert shown["settings"]["thp_disable"] and shown["settings"]["child_subreaper"]
         assert shown["settings"]["dumpable"] == 0
+        [guard] = shown["settings"]["guard_pages"]
+        assert guard["end"] - guard["start"] == 2 * 4096
         [posix] = [t for t in shown["timers"]["posix"] if t["value_ns"]]
         assert posix["timer_id"] == int(fixture.ready["timer"])
         assert posix["interval_ns"] == 20_000_000 and posix["value"] == 0xFEED

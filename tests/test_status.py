@@ -39,6 +39,7 @@ from hijack.status import view
 from hijack.status.model import (
     Health,
     MoveView,
+    NodeView,
     ProcessView,
     ShadowView,
     Snapshot,
@@ -361,7 +362,8 @@ def test_silent_shadows_and_unreachable_nodes_cost_one_time_out_not_one_each(
     assert "within 0.5 s" in (snapshot.processes[0].shadow.error or "")  # type: ignore[union-attr]
     assert row(text, "nodes", "refusing")["reachable"] == "no"
     assert row(text, "nodes", "silent")["reachable"] == "no"
-    assert "refused" in row(text, "nodes", "refusing")["note"].lower()
+    # Why, below the table.
+    assert "refused" in text.split("node refusing:")[1].splitlines()[0].lower(), text
     assert_valid(snapshot_to_json(snapshot))
 
 
@@ -391,12 +393,23 @@ def test_every_field_of_the_schema_is_documented_in_status_md() -> None:
 def test_a_process_back_home_under_a_new_pid_is_one_row(home: Path) -> None:
     with Registry(home) as registry:
         registry.record_attached(100, 1, "server", shadow_pid=101, shadow_control="ctl")
+        registry.set_relay(100, "10.0.0.1:7451", "00")
         registry.set_state(100, "moved", current_node=DEST)
-        registry.record_migrant(200, "server", HOME, 100, "10.0.0.1:7451", "00")
-        assert [(p.pid, p.state, p.home_pid) for p in registry.processes()] == [
-            (200, "running", 100)
+        registry.record_migrant(200, 7, "server", HOME, 100, "10.0.0.1:7451", "00")
+        # Until the move is committed the home row stays as it was.
+        assert [p.pid for p in registry.processes()] == [100, 200]
+        registry.settle_arrival(200)
+        # Then one row, under the new pid, with the home shadow (status asks it, detach ends it).
+        assert [
+            (p.pid, p.state, p.home_pid, p.shadow_pid, p.shadow_control)
+            for p in registry.processes()
+        ] == [(200, "running", 100, 101, "ctl")]
+        registry.moved_on(200, DEST)  # and moved on from home: listed there still
+        assert [(p.pid, p.state, p.current_node) for p in registry.processes()] == [
+            (200, "moved", DEST)
         ]
-        assert [(e.pid, e.kind) for e in registry.recent_events(2)] == [
+        assert [(e.pid, e.kind) for e in registry.recent_events(3)] == [
+            (200, "moved"),
             (100, "returned"),
             (200, "arrived"),
         ]
@@ -425,6 +438,96 @@ def test_on_a_narrow_terminal_the_traffic_columns_go_and_no_cell_is_cut() -> Non
         {k: v for k, v in wide[0].items() if k not in ("to process", "from process", "buffered")}
     ]
     assert "…" not in output.getvalue().split("proxied descriptors")[0]
+
+
+LONG_ERROR = (
+    "cannot move process 4194301: fd 251 (socket tcp 10.77.0.1:6379 -> 10.77.0.9:51234"
+    " CLOSE_WAIT), fd 252 (socket tcp 10.77.0.1:6379 -> 10.77.0.9:51236 CLOSE_WAIT)"
+    " cannot be proxied; nothing was changed"
+)
+
+
+def crowded_snapshot() -> Snapshot:
+    """Pids as long as pid_max allows, a migrant, a dead shadow, a failed move with a long
+    error and a node that cannot be reached: everything that makes a table wide."""
+    stream = StreamView("acc:12", None, "stream", "10.77.0.2:51234", 5 << 30, 3 << 20, 7, 9)
+    away = ShadowView(4194302, "local", Health.OK, None, "away", DEST, (), (stream,))
+    dead = ShadowView(
+        4194304, "local", Health.DEAD, "ended: process 4194303 exited", None, None, (), ()
+    )
+    done = MoveView(
+        "9c1f2e3d4b5a6978", 4194301, "redis-server", HOME, DEST, "done", 1.0, 2.0,
+        379 << 20, 7.1, 4194299, None, False, None,
+    )  # fmt: skip
+    failed = replace(done, id="0123456789abcdef", phase="failed", error=LONG_ERROR, new_pid=None)
+    returned = replace(done, id="fedcba9876543210", pid=4194299, source=DEST, destination=HOME)
+    moved = ProcessView(
+        4194301, "redis-server", HOME, DEST, State.MOVED, "moved", None, None, away, done
+    )
+    gone = ProcessView(
+        4194303, "postgres", HOME, HOME, State.GONE, "attached", False, None, dead, None
+    )
+    migrant = ProcessView(
+        4194300, "worker", DEST, HOME, State.RUNNING, "running", True, 1, None, None
+    )
+    processes = (moved, gone, migrant)
+    unreachable = NodeView(DEST, "10.77.0.2:7450", 1.0, False, "ping", None, LONG_ERROR)
+    return Snapshot(
+        1, HOME, "/var/lib/hijack", 3.0, processes, (returned, failed, done), (unreachable,), ()
+    )
+
+
+PIDS = ("4194299", "4194300", "4194301", "4194302", "4194303", "4194304")
+SIZES = ("379.0 MiB", "5.0 GiB", "3.0 MiB")
+
+
+def assert_whole(text: str) -> None:
+    """Every pid, node name and size complete, the long errors whole (wrapped, not cut)."""
+    assert "…" not in text, text
+    words = set(re.findall(r"[\w.:-]+", text))
+    assert set(PIDS) <= words, sorted(set(PIDS) - words)
+    assert {HOME, DEST} <= words
+    flowing = " ".join(text.split())
+    for size in SIZES:
+        assert size in flowing, size
+    assert flowing.count(" ".join(LONG_ERROR.split())) == 2, text  # the move's and the node's
+
+
+@pytest.mark.parametrize("width", [80, 100, 120])
+def test_status_at_80_columns_cuts_no_pid_node_or_size_and_keeps_errors_whole(width: int) -> None:
+    output = io.StringIO()
+    view.status(Console(file=output, width=width), crowded_snapshot())
+    text = output.getvalue()
+    print(text)
+    assert_whole(text)
+    # Each table found a layout that fits: nothing wider than the terminal.
+    assert max(len(line) for line in text.splitlines()) <= width, text
+    moves = text.split("recent moves")[1]
+    assert moves.count("done") == 2 and moves.count("failed") == 1, moves
+    if width >= 120:  # the move ids too, when there is room
+        assert "9c1f2e3d4b5a6978" in moves, moves
+
+
+def test_status_piped_is_plain_and_complete(home: Path) -> None:
+    with Registry(home) as registry:
+        registry.record_attached(4194301, 1, "redis-server", 4194302, str(home / "gone.sock"))
+        registry.start_move("0123456789abcdef", 4194301, "redis-server", DEST)
+        registry.update_move("0123456789abcdef", phase="failed", finished_at=2.0, error=LONG_ERROR)
+    env = {key: value for key, value in os.environ.items() if key != "COLUMNS"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "hijack", "status"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    text = completed.stdout
+    print(text)
+    assert "\x1b" not in text  # no colours, no cursor movement
+    assert "…" not in text and "4194301" in text and "4194302" in text
+    assert " ".join(LONG_ERROR.split()) in " ".join(text.split())
 
 
 def test_relay_rates_come_from_two_snapshots_a_second_apart() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import traceback
@@ -39,6 +40,7 @@ from hijack.status import watch as status_watch
 from hijack.sys import procfs
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+PIPED_WIDTH = 1000  # columns of output to a pipe or file: tables at their whole width
 
 
 class Interrupted(HijackError):
@@ -91,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     detach.add_argument("pid", type=parse_pid, metavar="PID")
     detach.set_defaults(handler=command_detach)
 
+    forget = commands.add_parser(
+        "forget", help="end the record of PID whatever its state, and its shadow if it runs"
+    )
+    forget.add_argument("pid", type=parse_pid, metavar="PID")
+    forget.set_defaults(handler=command_forget)
+
     dump = commands.add_parser("dump", help="write a CRF image of PID; it runs on")
     dump.add_argument("pid", type=parse_pid, metavar="PID")
     dump.add_argument(
@@ -123,6 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("image", metavar="FILE", help="image file, - for stdin")
     show.add_argument("--json", action="store_true", help="print the summary as JSON")
     show.set_defaults(handler=command_show)
+
+    core = commands.add_parser("core", help="write an ELF core file of an image, for gdb")
+    core.add_argument("image", metavar="IMAGE", help="image file, - for stdin")
+    core.add_argument("-o", "--output", required=True, metavar="FILE", help="the core file")
+    core.set_defaults(handler=command_core)
 
     move = commands.add_parser("move", help="live-move PID to another node's daemon")
     move.add_argument("pid", type=parse_pid, metavar="PID")
@@ -230,8 +243,15 @@ def command_attach(args: argparse.Namespace, console: Console) -> int:
 
 def command_detach(args: argparse.Namespace, console: Console) -> int:
     with Registry() as registry:
-        record = attaching.detach(args.pid, registry)
-    console.print(f"detached process {record.pid}; shadow {record.shadow_pid} ended")
+        ended = attaching.detach(args.pid, registry)
+    render.ended(console, "detached", ended)
+    return EXIT_OK
+
+
+def command_forget(args: argparse.Namespace, console: Console) -> int:
+    with Registry() as registry:
+        ended = attaching.forget(args.pid, registry)
+    render.ended(console, "forgot", ended)
     return EXIT_OK
 
 
@@ -286,6 +306,18 @@ def command_show(args: argparse.Namespace, console: Console) -> int:
     with open_image(args.image) as stream:
         summary = summarize(read_image(stream), describe=objects.describe)
     render.image_summary(console, summary, as_json=args.json)
+    return EXIT_OK
+
+
+def command_core(args: argparse.Namespace, console: Console) -> int:
+    # lief takes a second or more to load: only this command pays for it.
+    from hijack import core as core_files
+
+    if args.output == "-":
+        raise HijackError("a core file is written out of order: -o needs a file, not stdout")
+    with open_image(args.image) as stream:
+        result = core_files.write_core_file(read_image(stream), Path(args.output))
+    render.core_result(console, result, args.output)
     return EXIT_OK
 
 
@@ -380,13 +412,20 @@ def open_image(name: str) -> Iterator[BinaryIO]:
         yield stream
 
 
+def _console() -> Console:
+    """The terminal's width; piped (and no $COLUMNS), wide enough that no table is cut."""
+    if sys.stdout.isatty() or os.environ.get("COLUMNS"):
+        return Console()
+    return Console(width=PIPED_WIDTH)
+
+
 def main(argv: Sequence[str] | None = None, console: Console | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # argparse exits 2 on bad usage, 0 on --help
         return int(exc.code or 0)
-    console = console or Console()
+    console = console or _console()
     previous = {
         sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGINT, signal.SIGTERM)
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.markup import escape
@@ -20,12 +21,16 @@ from rich.table import Table
 
 from hijack.check import Finding
 from hijack.image.summary import ImageSummary, summary_to_json
-from hijack.mutator.attach import AttachResult
+from hijack.mutator.attach import AttachResult, Ended
 from hijack.mutator.dump import DumpResult
 from hijack.node.move import MoveResult
+from hijack.objects import sysv
 from hijack.process import settings as process_settings
 from hijack.process import timers as process_timers
 from hijack.restore.restorer import RestoreResult
+
+if TYPE_CHECKING:  # lief, which hijack.core loads, is slow to import
+    from hijack.core import CoreResult
 
 
 def attach_result(console: Console, result: AttachResult, *, as_json: bool = False) -> None:
@@ -53,6 +58,31 @@ def attach_result(console: Console, result: AttachResult, *, as_json: bool = Fal
     for fd in result.fds:
         table.add_row(str(fd["fd"]), str(fd["kind"]), escape(str(fd["target"])))
     console.print(table)
+
+
+def ended(console: Console, verb: str, result: Ended) -> None:
+    """`hijack detach` and `hijack forget`: what was ended."""
+    record = result.record
+    if record.shadow_pid is None:
+        shadow = "it had no shadow"
+    elif result.shadow_ended is None:
+        shadow = f"its shadow {record.shadow_pid} had ended already"
+    else:
+        shadow = f"shadow {result.shadow_ended} ended"
+        if record.state not in ("attached", "checkpointed"):
+            where = record.current_node
+            shadow += f" (the connections it relayed to the process on {escape(where)} with it)"
+    console.print(
+        f"{verb} process [bold]{record.pid}[/] ({escape(record.program)}, {record.state});"
+        f" {shadow}",
+        highlight=False,
+    )
+    if record.state == "held":
+        console.print(
+            f"  process {record.pid} stays stopped as the move left it: `kill -CONT {record.pid}`"
+            " only if nothing of it runs elsewhere",
+            highlight=False,
+        )
 
 
 def human_size(count: int) -> str:
@@ -88,6 +118,15 @@ def restore_result(console: Console, result: RestoreResult) -> None:
     console.print(line)
     for dropped in result.dropped:
         console.print(f"  dropped {escape(dropped)}")
+
+
+def core_result(console: Console, result: CoreResult, output: str) -> None:
+    console.print(
+        f"core of process [bold]{result.pid}[/] ({result.threads} thread"
+        f"{'s' if result.threads != 1 else ''}) written to {escape(output)}:"
+        f" {human_size(result.core_bytes)} with holes, {result.loads} memory segments,"
+        f" {result.mapped_files} file mappings; open it with gdb PROGRAM {escape(output)}"
+    )
 
 
 def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = False) -> None:
@@ -138,14 +177,23 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
 
     files = Table("fd", "kind", "flags", title="descriptors")
     files.add_column("details", overflow="fold", min_width=20)
+    first_of: dict[int, int] = {}  # description id -> its lowest descriptor
     for descriptor, details in zip(summary.descriptors, summary.details, strict=True):
+        first = first_of.setdefault(descriptor.description_id, descriptor.fd)
+        shared = f" (the open file of fd {first})" if first != descriptor.fd else ""
         files.add_row(
             str(descriptor.fd),
             descriptor.kind.name.lower(),
             f"{descriptor.flags:#o}",
-            escape(details),
+            escape(details + shared),
         )
     console.print(files)
+    held = sysv.describe_held(summary.files)
+    if held:
+        ipc = Table("System V IPC object", title="held by the process")
+        for line in held:
+            ipc.add_row(escape(line))
+        console.print(ipc)
 
     console.print("process settings and timers")
     for line in process_settings.describe(summary.settings) + process_timers.describe(

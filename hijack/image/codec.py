@@ -56,6 +56,8 @@ from hijack.image.records import (
     End,
     EpollObject,
     EventfdObject,
+    FifoObject,
+    FileLocks,
     Files,
     ImageHeader,
     InetSocket,
@@ -65,7 +67,10 @@ from hijack.image.records import (
     ObjectData,
     Pages,
     PidfdObject,
+    PipeObject,
+    PosixMessageQueue,
     ProcessSettings,
+    PtyPair,
     Record,
     Rlimits,
     Round,
@@ -73,6 +78,9 @@ from hijack.image.records import (
     SignalfdObject,
     SignalState,
     SocketOptions,
+    SysvMessageQueue,
+    SysvSemaphores,
+    SysvSharedMemory,
     TcpConnection,
     TerminalObject,
     Thread,
@@ -123,6 +131,14 @@ class SectionKind(enum.Enum):
     UDP_SOCKET = b"UDPS"
     SOCKET_OPTIONS = b"SOPT"
     NETLINK_SOCKET = b"NLNK"
+    FILE_LOCKS = b"LOCK"
+    PTY_PAIR = b"PTYP"
+    PIPE_OBJECT = b"PIPE"
+    FIFO_OBJECT = b"FIFO"
+    SYSV_SHARED_MEMORY = b"SHM_"
+    SYSV_SEMAPHORES = b"SEM_"
+    SYSV_MESSAGE_QUEUE = b"MSQ_"
+    POSIX_MESSAGE_QUEUE = b"MQUE"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
     SETTINGS = b"PSET"
@@ -236,6 +252,14 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.UDP_SOCKET: _StructSection(UdpSocket, is_object=True),
     SectionKind.SOCKET_OPTIONS: _StructSection(SocketOptions, is_object=True),
     SectionKind.NETLINK_SOCKET: _StructSection(NetlinkSocket, is_object=True),
+    SectionKind.FILE_LOCKS: _StructSection(FileLocks, is_object=True),
+    SectionKind.PTY_PAIR: _StructSection(PtyPair, is_object=True),
+    SectionKind.PIPE_OBJECT: _StructSection(PipeObject, is_object=True),
+    SectionKind.FIFO_OBJECT: _StructSection(FifoObject, is_object=True),
+    SectionKind.SYSV_SHARED_MEMORY: _StructSection(SysvSharedMemory, is_object=True),
+    SectionKind.SYSV_SEMAPHORES: _StructSection(SysvSemaphores, is_object=True),
+    SectionKind.SYSV_MESSAGE_QUEUE: _StructSection(SysvMessageQueue, is_object=True),
+    SectionKind.POSIX_MESSAGE_QUEUE: _StructSection(PosixMessageQueue, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
     SectionKind.SETTINGS: _StructSection(ProcessSettings),

@@ -591,6 +591,68 @@ class UdpSocket:
         _check_object_id(self)
 
 
+class LockKind(enum.IntEnum):
+    """Who owns a lock, and so how a restore takes it again."""
+
+    FLOCK = 1  # flock(2): the open file description
+    POSIX = 2  # fcntl F_SETLK: the process
+    OFD = 3  # fcntl F_OFD_SETLK: the open file description
+    LEASE = 4  # fcntl F_SETLEASE: the open file description; its break signals the process
+
+
+LOCK_TYPES = (0, 1)  # F_RDLCK, F_WRLCK
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileLock:
+    """One lock as an fdinfo "lock:" line shows it."""
+
+    kind: Annotated[LockKind, UInt(1)]
+    type: U8  # F_RDLCK 0 / F_WRLCK 1 (flock: LOCK_SH / LOCK_EX)
+    start: U64  # first byte locked; 0 for flock and leases
+    length: U64  # bytes locked, 0 for "to the end of the file" (struct flock's l_len)
+
+    def __post_init__(self) -> None:
+        _require(self.type in LOCK_TYPES, f"FileLock: type {self.type} is not F_RDLCK or F_WRLCK")
+        _require(
+            self.kind in (LockKind.POSIX, LockKind.OFD) or (self.start, self.length) == (0, 0),
+            f"FileLock: a {self.kind.name} lock covers the whole file, not a range",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FileLocks:
+    """The locks and lease held through one open file description. No descriptor refers
+    to it by object_id: it names the description."""
+
+    id: U64
+    description_id: U64  # of the FileDescriptors it is held through
+    signal: U32  # F_GETSIG of the description: what a lease break sends (0: SIGIO)
+    locks: tuple[FileLock, ...]
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        _require(self.description_id > 0, f"FileLocks {self.id}: description_id 0")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PtyPair:
+    """A pseudo-terminal whose master and slave are both open in the process; the master's
+    descriptors (path ending in "ptmx") and the slave's refer to it."""
+
+    id: U64
+    index: U32  # N of the slave /dev/pts/N
+    packet_mode: bool  # TIOCPKT on the master
+    locked: bool  # TIOCSPTLCK: the slave cannot be opened
+    state: TerminalState  # the slave's settings and window size; controlling terminal or not
+    master_path: str  # /dev/ptmx, or devpts's own ptmx
+    input: bytes  # queued for the slave to read (already through its input modes)
+    output: bytes  # queued for the master to read (already through the slave's output modes)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NetlinkSocket:
     """A netlink socket: its protocol, port id and multicast groups (messages queued are lost)."""
@@ -600,6 +662,19 @@ class NetlinkSocket:
     protocol: U16  # NETLINK_ROUTE 0, NETLINK_GENERIC 16, ...
     port_id: U32  # getsockname's nl_pid; 0 when never bound
     groups: tuple[U32, ...]  # the groups joined (NETLINK_LIST_MEMBERSHIPS), ascending
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PipeObject:
+    """An anonymous pipe. Its buffered bytes, in order, are its ObjectData."""
+
+    id: U64
+    pipe_size: U32  # F_GETPIPE_SZ, bytes
+    packets: tuple[U32, ...]  # the buffered bytes' packet lengths (packet mode), else ()
+    outside_pid: U32  # a process beside the dumped one holding an end of it, 0 if none
 
     def __post_init__(self) -> None:
         _check_object_id(self)
@@ -627,6 +702,100 @@ class SocketOptions:
     def __post_init__(self) -> None:
         _check_object_id(self)
         _require(len(self.filter) % 8 == 0, "SocketOptions: a filter of part of an instruction")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FifoObject:
+    """A named FIFO (reopened by the descriptor's path). Its buffered bytes are its
+    ObjectData when no other process held it open: otherwise they stayed in the kernel."""
+
+    id: U64
+    pipe_size: U32
+    packets: tuple[U32, ...]
+    held_outside: bool  # another process had it open: its bytes were not taken
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SysvOwner:
+    """A System V object's key, owner and permissions (struct ipc_perm)."""
+
+    key: U32  # key_t, as an unsigned 32-bit number; 0 for IPC_PRIVATE (and once removed)
+    mode: U32  # permission bits; for a segment also SHM_DEST (0o1000) when removed
+    uid: U32
+    gid: U32
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SysvSharedMemory:
+    """A System V shared memory segment the process has attached. Its contents are the
+    pages of the segments (mappings) it is attached at; `shmid` is their inode."""
+
+    id: U64
+    shmid: U32
+    owner: SysvOwner
+    size: U64
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SysvSemaphores:
+    """A System V semaphore set the process changed last (a semaphore's sempid)."""
+
+    id: U64
+    semid: U32
+    owner: SysvOwner
+    values: tuple[U16, ...]  # semval of each semaphore (GETALL)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        _require(self.values != (), f"SysvSemaphores {self.semid}: no semaphores")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SysvMessage:
+    mtype: U64  # > 0
+    text: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SysvMessageQueue:
+    """A System V message queue the process sent to or received from last."""
+
+    id: U64
+    msqid: U32
+    owner: SysvOwner
+    qbytes: U64  # msg_qbytes: the bytes it may hold
+    messages: tuple[SysvMessage, ...]  # in queue order (MSG_COPY)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PosixMessage:
+    priority: U32
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PosixMessageQueue:
+    """A POSIX message queue (mq_open) a descriptor reaches."""
+
+    id: U64
+    name: str  # "/name", as mq_open takes it
+    unlinked: bool  # mq_unlink'ed: made anew and unlinked again at restore
+    mode: U32
+    maxmsg: U64
+    msgsize: U64
+    messages: tuple[PosixMessage, ...]  # in the order mq_receive gives them
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
 
 
 MAX_OBJECT_DATA = 8 * 1024 * 1024  # bytes of one ObjectData section
@@ -663,6 +832,14 @@ ObjectRecord = (
     | UdpSocket
     | SocketOptions
     | NetlinkSocket
+    | FileLocks
+    | PtyPair
+    | PipeObject
+    | FifoObject
+    | SysvSharedMemory
+    | SysvSemaphores
+    | SysvMessageQueue
+    | PosixMessageQueue
     | ObjectData
 )
 
@@ -716,6 +893,18 @@ class ThreadSeccomp:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PageRange:
+    start: U64
+    end: U64
+
+    def __post_init__(self) -> None:
+        _require(
+            self.start < self.end and _page_aligned(self.start) and _page_aligned(self.end),
+            f"PageRange {self.start:#x}-{self.end:#x}: not whole pages",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ProcessSettings:
     """The small per-process settings programs notice when lost (docs/crf.md, SETTINGS)."""
 
@@ -728,6 +917,7 @@ class ProcessSettings:
     loginuid: U32  # /proc/PID/loginuid; 4294967295 when never set
     threads: tuple[ThreadScheduling, ...]
     seccomp: tuple[ThreadSeccomp, ...]  # the threads under seccomp
+    guard_pages: tuple[PageRange, ...]  # MADV_GUARD_INSTALL regions, ascending
 
     def __post_init__(self) -> None:
         _require(self.dumpable <= 2, f"ProcessSettings: dumpable {self.dumpable} is not 0-2")
@@ -768,9 +958,7 @@ class Timers:
     def __post_init__(self) -> None:
         ids = [timer.timer_id for timer in self.posix]
         _require(ids == sorted(set(ids)), "Timers: POSIX timer ids must be unique, ascending")
-        _require(
-            all(timer.which <= 2 for timer in self.itimers), "Timers: an itimer is not 0-2"
-        )
+        _require(all(timer.which <= 2 for timer in self.itimers), "Timers: an itimer is not 0-2")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

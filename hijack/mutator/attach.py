@@ -17,8 +17,9 @@ import hijack
 from hijack.errors import HijackError, ShadowError
 from hijack.mutator.shadow_fork import become_shadow, discard_copy, fork_shadow_copy
 from hijack.mutator.tracee import Tracee
-from hijack.registry import ProcessRecord, Registry
+from hijack.registry import ProcessRecord, Registry, node_name
 from hijack.shadow import control
+from hijack.shadow.program import ended_path
 from hijack.sys import pidfd, procfs
 from hijack.testpoint import reached
 
@@ -130,8 +131,16 @@ def hijack_role(argv: list[str]) -> str | None:
     return None
 
 
-def detach(pid: int, registry: Registry) -> ProcessRecord:
-    """End the shadow of `pid` and forget the process."""
+@dataclass(frozen=True)
+class Ended:
+    """What `detach` or `forget` ended."""
+
+    record: ProcessRecord
+    shadow_ended: int | None  # the shadow it ended, if one still ran
+
+
+def detach(pid: int, registry: Registry) -> Ended:
+    """End the shadow of `pid` and forget the process; refused while something depends on it."""
     record = registry.get(pid)
     if record.state == "held":
         raise HijackError(
@@ -139,17 +148,79 @@ def detach(pid: int, registry: Registry) -> ProcessRecord:
             " elsewhere through this shadow; run `hijack recover` first",
             pid=pid,
         )
-    if record.state in ("moved", "moving"):
+    if record.state in ("moved", "moving") and record.shadow_pid and _alive(record.shadow_pid):
         raise HijackError(
-            f"process {pid} runs on {record.current_node}: its shadow relays its connections",
+            f"process {pid} runs on {record.current_node}: its shadow {record.shadow_pid} relays"
+            f" its connections (`hijack forget {pid}` ends both the record and the shadow)",
             pid=pid,
         )
+    return _end(record, registry, "detached")
+
+
+def forget(pid: int, registry: Registry) -> Ended:
+    """End the record of `pid` whatever its state, and its shadow if it still runs.
+
+    For a record that cannot be settled otherwise: a moved process whose node
+    is gone, a shadow left behind. A migrant's connections through the shadow
+    end with it.
+    """
+    return _end(registry.get(pid), registry, "forgotten on request")
+
+
+def clear_ended(registry: Registry) -> list[str]:
+    """Remove the records whose process has ended here or whose shadow ended with it
+    (`hijack recover`); a line each.
+
+    A shadow still running for a process that ended here is ended too.
+    Records a move, a restore or `recover` itself still needs (held,
+    moving, checkpointed) are left alone.
+    """
+    lines = []
+    for record in registry.processes():
+        if record.state in ("held", "moving", "checkpointed"):
+            continue
+        if record.home_node != node_name() and record.state == "running":
+            continue  # a migrant: the daemon here releases its home shadow when it ends
+        shadow_runs = record.shadow_pid is not None and _alive(record.shadow_pid)
+        runs_here = record.state != "moved" and record.current_node == node_name()
+        if record.state == "moved" and record.shadow_pid and not shadow_runs:
+            why = f"moved to {record.current_node}, its shadow {record.shadow_pid} has ended"
+            if record.shadow_control:
+                with contextlib.suppress(OSError):
+                    why += f" ({ended_path(record.shadow_control).read_text().strip()})"
+        elif record.state == "exited" or (runs_here and not _runs(record.pid, record.start_time)):
+            why = "it has ended"
+            if shadow_runs:
+                why += f"; its shadow {record.shadow_pid}, still running, was ended"
+        else:
+            continue
+        _end(record, registry, why)
+        lines.append(f"process {record.pid} ({record.program}): {why}; record removed")
+    return lines
+
+
+def _runs(pid: int, start_time: int) -> bool:
+    """`pid` runs (not a zombie), and is the process started at `start_time` if known."""
+    try:
+        stat = procfs.read_stat(pid)
+    except HijackError:
+        return False
+    return stat.state not in ("Z", "X") and (not start_time or stat.starttime == start_time)
+
+
+def _end(record: ProcessRecord, registry: Registry, reason: str) -> Ended:
+    ended = None
     if record.shadow_pid and _alive(record.shadow_pid):
-        stop_shadow(record.shadow_pid, record.shadow_control)
-    if record.shadow_control:
-        shutil.rmtree(Path(record.shadow_control).parent, ignore_errors=True)
-    registry.forget(pid, "detached")
-    return record
+        # Relaying for a process elsewhere, a shadow never drains on its own:
+        # no "release", it is ended at once.
+        relaying = record.state != "attached"
+        stop_shadow(record.shadow_pid, None if relaying else record.shadow_control)
+        ended = record.shadow_pid
+    shadow_dir = Path(record.shadow_control or "").parent
+    if shadow_dir.parent == registry.directory / "shadows":  # never a directory of anyone else
+        shutil.rmtree(shadow_dir, ignore_errors=True)
+    registry.forget(record.pid, reason)
+    return Ended(record, ended)
 
 
 def end_stale_shadows(control_path: str) -> list[int]:
@@ -227,6 +298,7 @@ def shadow_environment(state_directory: Path) -> dict[str, str]:
         "PYTHONPATH": package_root,
         "PYTHONDONTWRITEBYTECODE": "1",
         "HIJACK_STATE_DIR": str(state_directory),
+        "HIJACK_NODE": node_name(),  # it watches its process itself when it is back here
     }
 
 
@@ -254,13 +326,18 @@ def wait_for_shadow(shadow_pid: int, control_path: str) -> control.Message:
 
 
 def stop_shadow(shadow_pid: int, control_path: str | None) -> None:
+    """Ask the shadow to end (`release`) over `control_path`, or, if None or unanswered,
+    SIGTERM it; SIGKILL it if it has not ended within SHADOW_STOP_TIMEOUT."""
     handle = pidfd.pidfd_open(shadow_pid)
     try:
-        try:
-            if control_path:
+        released = False
+        if control_path:
+            with contextlib.suppress(ShadowError):
                 control.request(control_path, {"op": "release"})
-        except ShadowError:
-            os.kill(shadow_pid, signal.SIGTERM)
+                released = True
+        if not released:
+            with contextlib.suppress(ProcessLookupError):  # ended meanwhile
+                os.kill(shadow_pid, signal.SIGTERM)
         if not pidfd.wait_exit(handle, SHADOW_STOP_TIMEOUT):
             os.kill(shadow_pid, signal.SIGKILL)
             pidfd.wait_exit(handle, SHADOW_STOP_TIMEOUT)

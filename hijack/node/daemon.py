@@ -42,7 +42,7 @@ from hijack.restore.restorer import restore
 from hijack.shadow import control
 from hijack.shadow.datagram import widen_receive_buffer
 from hijack.shadow.relay import endpoint
-from hijack.sys import terminal
+from hijack.sys import pidfd, procfs, terminal
 from hijack.testpoint import reached
 
 DEFAULT_PORT = 7450
@@ -50,6 +50,8 @@ MAX_PORT = 65535
 HANDSHAKE_TIMEOUT = 10.0  # seconds a connecting peer has to prove it holds the key
 COMMIT_TIMEOUT = 60.0  # seconds a prepared process waits for the mover's decision
 LISTEN_BACKLOG = 128
+RELEASE_TIMEOUT = 5.0  # seconds to tell a home shadow its migrant ended
+STOPPING_RELEASE_TIMEOUT = 1.0  # the same, as the daemon stops
 
 
 class Proxy(NamedTuple):
@@ -199,6 +201,7 @@ class NodeDaemon:
             channel.send({"error": str(exc)})
             return
         log(f"move {move:.40} of {request.get('program')!s:.80} from {channel.peer} ({where})")
+        started_at = time.time()
         here = channel.sock.getsockname()[0]
         opened: list[socket.socket] = []
         provided: dict[int, int] = {}
@@ -245,6 +248,7 @@ class NodeDaemon:
                 with contextlib.nullcontext(registry) if registry else Registry() as records:
                     records.record_migrant(
                         pid,
+                        procfs.read_stat(pid).starttime,
                         str(request.get("program")),
                         str(home["node"]),
                         int(home["pid"]),
@@ -270,6 +274,8 @@ class NodeDaemon:
                     if self._decide(move, pid, "running") != "running":
                         raise HijackError(f"move {move} was settled as aborted before its commit")
                     committed.append(pid)
+                    with contextlib.nullcontext(registry) if registry else Registry() as records:
+                        records.settle_arrival(pid)  # back home: its home row is this one now
                 except BaseException:
                     self._decide(move, pid, "aborted")
                     with contextlib.suppress(HijackError), Registry() as forgetting:
@@ -285,6 +291,7 @@ class NodeDaemon:
                 before_start=hold_until_commit,
                 admit=admit,
                 prebuilt=prebuilt,
+                take_locks=False,
             )
         except HijackError as exc:
             log(f"move {move} failed: {exc}")
@@ -304,8 +311,19 @@ class NodeDaemon:
                 sock.close()  # the process has its own copies
             terminals.close_slaves()
         terminals.start_pumps()
-        threading.Thread(target=_reap, args=(result.pid,), daemon=True).start()
+        _watch_migrant(result.pid, child=True)
         log(f"move {move}: {result.program} runs here as {result.pid}")
+        source_pid = request.get("pid")
+        with contextlib.suppress(HijackError), Registry() as records:  # it runs: nothing may fail
+            records.record_received_move(
+                move,
+                source_pid if isinstance(source_pid, int) else 0,
+                result.program,
+                channel.peer,
+                result.pid,
+                image.received,
+                started_at,
+            )
         reached("daemon-committed")
         channel.send({"phase": "running", "pid": result.pid})
 
@@ -470,17 +488,61 @@ class _Terminals:
         self.ptys.clear()
 
 
-def _reap(pid: int) -> None:
-    """The restored process is our child: collect it when it ends.
+def _watch_migrant(pid: int, *, child: bool) -> None:
+    """Release the home shadow of migrant `pid` once it ends (a thread waits for that).
 
-    If it ended here (not moved on: a mover forgets it before killing it),
-    its home shadow has nothing left to relay for and is released.
+    A process we restored is our child, collected here; one restored by an
+    earlier run of the daemon is not, and is watched through a pidfd.
     """
-    try:
-        _, status = os.waitpid(pid, 0)
-    except ChildProcessError:
-        return
-    log(f"process {pid} ended ({os.waitstatus_to_exitcode(status)})")
+
+    def wait() -> None:
+        if child:
+            try:
+                _, status = os.waitpid(pid, 0)
+            except ChildProcessError:
+                return
+            log(f"process {pid} ended ({os.waitstatus_to_exitcode(status)})")
+        else:
+            with contextlib.suppress(HijackError):  # gone already
+                handle = pidfd.pidfd_open(pid)
+                try:
+                    pidfd.wait_exit(handle, -1)  # no time-out
+                finally:
+                    os.close(handle)
+            log(f"process {pid} ended")
+        _migrant_ended(pid)
+
+    threading.Thread(target=wait, name=f"migrant-{pid}", daemon=True).start()
+
+
+def reconcile_migrants(*, watch: bool) -> None:
+    """The migrants that ended unseen release their home shadow; with `watch`, those that
+    run are watched again.
+
+    At start, for those that ended while no daemon ran here; at the end, for
+    those that ended as it stopped (the threads that wait for them stop with it).
+    """
+    with Registry() as registry:
+        migrants = registry.running_migrants()
+    for record in migrants:
+        try:
+            stat = procfs.read_stat(record.pid)
+            gone = stat.state in ("Z", "X") or (
+                record.start_time and stat.starttime != record.start_time
+            )
+        except HijackError:
+            gone = True  # no such process
+        if gone:
+            log(f"process {record.pid} ended while no daemon watched it")
+            # Stopping, a home shadow out of reach must not hold the daemon's end up.
+            _migrant_ended(record.pid, RELEASE_TIMEOUT if watch else STOPPING_RELEASE_TIMEOUT)
+        elif watch:
+            _watch_migrant(record.pid, child=False)
+
+
+def _migrant_ended(pid: int, timeout: float = RELEASE_TIMEOUT) -> None:
+    """If `pid` ended here (not moved on: a mover marks it before killing it), its home
+    shadow has nothing left to relay for and is released."""
     with Registry() as registry:
         record = registry.find(pid)
         if record is None or record.state != "running":
@@ -489,7 +551,9 @@ def _reap(pid: int) -> None:
     if record.relay_address and record.relay_token:
         try:
             token = bytes.fromhex(record.relay_token)
-            control.remote_request(record.relay_address, token, {"op": "release"}, timeout=5.0)
+            reason = f"process {pid} ended on {node_name()}"
+            release = {"op": "release", "reason": reason}
+            control.remote_request(record.relay_address, token, release, timeout=timeout)
         except (HijackError, ValueError) as exc:
             log(f"could not release the home shadow of {pid}: {exc}")
 
@@ -513,8 +577,14 @@ def parse_address(
 
 def serve(address: tuple[str, int], key: bytes, *, allow_root: bool = False) -> None:
     daemon = NodeDaemon(address, key, allow_root=allow_root)
+    try:
+        reconcile_migrants(watch=True)
+    except HijackError as exc:  # a registry it cannot use refuses moves later, by their mover
+        log(f"cannot look at the migrants of an earlier run: {exc}")
     signal.signal(signal.SIGTERM, lambda *_: daemon.stop())
     try:
         daemon.serve()
     except KeyboardInterrupt:
         daemon.stop()
+    with contextlib.suppress(HijackError):
+        reconcile_migrants(watch=False)

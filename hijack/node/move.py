@@ -48,18 +48,21 @@ from pathlib import Path
 from typing import Any, BinaryIO, cast
 
 from hijack.errors import HijackError, Unsupported
+from hijack.image import records as rec
 from hijack.mutator import attach as attaching
-from hijack.mutator.dump import kill_stopped, read_credentials, write_image
+from hijack.mutator.dump import describe_segments, kill_stopped, read_credentials, write_image
 from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.precopy import Precopy, worth_precopying
 from hijack.mutator.tracee import Tracee
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
+from hijack.objects.regular import is_deleted
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
+from hijack.restore.plan import mapping_problems
 from hijack.shadow import control
 from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
 from hijack.shadow.datagram import parse_address as parse_datagram_address
-from hijack.sys import kcmp, pidfd, procfs
+from hijack.sys import kcmp, pidfd, procfs, sysv
 from hijack.testpoint import reached
 
 # Reopened by path on the destination (nodes share a file system), or made
@@ -157,6 +160,7 @@ def move(
             f" {node_name()!r} now: move it under its old name (HIJACK_NODE={record.home_node})",
             pid=pid,
         )
+    refuse_unmappable(pid)
     attached_by_move = record is None or record.state not in ("attached", "running")
     if attached_by_move:
         plan_proxies(pid, None, at_home=True)  # refused before the attach: nothing changes
@@ -212,7 +216,8 @@ def _move_attached(
         report = _Published(registry, move_id, report)
 
         def mark_moved() -> None:
-            _mark_moved(registry, pid, at_home, channel.peer)
+            # Before the original dies: whoever collects it must know it moved on.
+            registry.moved_on(pid, channel.peer)
 
         precopied: Precopy | None = None
         try:
@@ -256,14 +261,6 @@ def _move_attached(
         new_pid=result.new_pid,
     )
     return result
-
-
-def _mark_moved(registry: Registry, pid: int, at_home: bool, location: str) -> None:
-    # Before the original dies: whoever collects it must know it moved on.
-    if at_home:
-        registry.set_state(pid, "moved", current_node=location)
-    else:
-        registry.forget(pid, f"moved to {location}")
 
 
 def _move_frozen(
@@ -463,6 +460,7 @@ def _switch_shadow(
             "op": "migrated",
             "move": move_id,
             "location": location,
+            "pid": int(prepared.get("pid", 0)),  # its pid there
             "unread": {k: base64.b64encode(v).decode() for k, v in unread.items()},
             "listeners": prepared.get("listeners", {}),
             "present": present,
@@ -691,6 +689,21 @@ class _Progress:
         self.writer.flush()
 
 
+def refuse_unmappable(pid: int) -> None:
+    """Refuse, before anything is touched, a process whose copy could not map what it maps
+    (SysV shared memory, a deleted shared file): the destination's restore would refuse it."""
+    maps = procfs.read_maps(pid)
+    problems = list(mapping_problems(describe_segments(pid, maps, rec.DumpOptions(0), flags={})))
+    problems += [
+        f"System V shared memory at {m.start:#x} (a move's pre-copy cannot attach it;"
+        " dump and restore do)"
+        for m in maps
+        if sysv.is_segment_mapping(m.path, m.shared, m.dev_major)
+    ]
+    if problems:
+        raise Unsupported(f"cannot move process {pid}: {'; '.join(problems)}; nothing was changed")
+
+
 def plan_proxies(
     pid: int, shadow: HomeShadow | None, at_home: bool, *, frozen: bool = True
 ) -> tuple[list[Proxy], list[str]]:
@@ -894,13 +907,7 @@ def _closed_since(pid: int, entry: procfs.FdEntry) -> bool:
 
 def _reopenable(entry: procfs.FdEntry) -> bool:
     """Whether the destination can open the file again by its path (not deleted)."""
-    if not entry.target.endswith(" (deleted)"):
-        return True
-    try:  # a file literally named "... (deleted)" is still there under that name
-        found = os.stat(entry.target)
-    except OSError:
-        return False
-    return (found.st_dev, found.st_ino) == (entry.dev, entry.ino)
+    return not is_deleted(entry.target, entry.dev, entry.ino)
 
 
 def peek_unread(pid: int, plan: list[Proxy]) -> dict[str, bytes]:
@@ -950,6 +957,7 @@ def recover(registry: Registry) -> tuple[list[str], list[str]]:
             followed = _follow_again(record)
             if followed:
                 settled.append(followed)
+    settled += attaching.clear_ended(registry)
     return settled, in_doubt
 
 
@@ -975,7 +983,8 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     if record is None:
         registry.update_move(row.id, phase="failed", finished_at=time.time(), error="forgotten")
         return f"move {row.id}: process {pid} is not known here any more", True
-    at_home = record.home_node == node_name()
+    # Attached here, never away: a process back home (home_pid set) is relayed as a migrant.
+    at_home = record.home_node == node_name() and record.home_pid is None
     shadow = HomeShadow(record, record.relay_token or "")
     if row.phase in ("switching", "in-doubt"):
         # The commit may have been sent: only the destination knows.
@@ -997,7 +1006,7 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
             _switch_shadow(
                 shadow, row.id, row.destination, plan, answer, unread, unread_datagrams, present
             )
-            _mark_moved(registry, pid, at_home, row.destination)
+            registry.moved_on(pid, row.destination)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)  # held stopped since the commit
             registry.update_move(

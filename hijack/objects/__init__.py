@@ -7,7 +7,10 @@
                               descriptor: the owner of its object record's type, or
                               (no object) the first kind listing its FdKind in fd_kinds
     kind_named(name)
-    read_files(pid)           FILES and the object sections of a stopped process
+    read_files(pid)           FILES and the object sections of a stopped process,
+                              the locks each description holds too (hijack.objects.locks)
+    read_files(pid)           FILES and the object sections of a stopped process, the
+                              SysV IPC objects it uses among them (hijack.objects.sysv)
     refusals(image, held)     why a restore could not rebuild each descriptor
     describe(descriptor, image)  "kind: details", for `hijack show`
 
@@ -21,6 +24,7 @@ from collections.abc import Callable
 from hijack.errors import ImageError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
+from hijack.objects import sysv
 from hijack.objects.base import O_CLOEXEC, DumpContext, Kind
 from hijack.objects.device import Device
 from hijack.objects.epoll import Epoll
@@ -28,9 +32,13 @@ from hijack.objects.eventfd import Eventfd
 from hijack.objects.fifo import Fifo
 from hijack.objects.inet import Inet
 from hijack.objects.inotify import Inotify
+from hijack.objects.locks import describe_held, dump_locks
+from hijack.objects.mqueue import MessageQueue
 from hijack.objects.netlink import Netlink
 from hijack.objects.other import Other
 from hijack.objects.pidfd import Pidfd
+from hijack.objects.pipe import Pipe
+from hijack.objects.pty import PtyPairKind
 from hijack.objects.regular import Regular
 from hijack.objects.signalfd import Signalfd
 from hijack.objects.tcp import Tcp
@@ -40,8 +48,11 @@ from hijack.objects.udp import Udp
 from hijack.sys import kcmp, procfs
 
 KINDS: tuple[Kind, ...] = (
+    MessageQueue(),  # before Regular: a queue's descriptor looks like a regular file
     Regular(),
     Fifo(),
+    PtyPairKind(),  # before Terminal: both ends of a pair in the process
+    Pipe(),
     Terminal(),
     Device(),
     Epoll(),
@@ -90,12 +101,13 @@ def read_files(pid: int, *, frozen: bool = True, connections: bool = False) -> I
     descriptions = kcmp.description_ids(pid, [(e.fd, e.dev, e.ino) for e in entries])
     objects: dict[int, int] = {}  # description id -> object id
     descriptors = []
-    with DumpContext(pid, descriptions, frozen=frozen, connections=connections) as dump:
+    with DumpContext(pid, entries, descriptions, frozen=frozen, connections=connections) as dump:
         for entry in entries:
             info = procfs.read_fdinfo(pid, entry.fd)
             description = descriptions[entry.fd]
             if description not in objects:  # a dup'ed or inherited one is dumped once
                 objects[description] = kind_for(entry, dump).dump(entry, info, dump)
+                dump_locks(entry.fd, info, description, dump)
             descriptors.append(
                 rec.FileDescriptor(
                     fd=entry.fd,
@@ -111,6 +123,7 @@ def read_files(pid: int, *, frozen: bool = True, connections: bool = False) -> I
                     object_id=objects[description],
                 )
             )
+        sysv.dump_held(dump)  # objects of the process that no descriptor reaches
         return ImageFiles.of(descriptors, dump.sections)
 
 
@@ -135,4 +148,5 @@ def refusals(
 
 def describe(descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
     kind = kind_of(descriptor, image)
-    return f"{kind.name}: {kind.describe(descriptor, image)}"
+    held = describe_held(image, descriptor)
+    return f"{kind.name}: {kind.describe(descriptor, image)}" + (f"; holds {held}" if held else "")

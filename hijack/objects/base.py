@@ -38,6 +38,7 @@ class DumpContext:
     def __init__(
         self,
         pid: int,
+        entries: list[procfs.FdEntry],
         descriptions: dict[int, int],
         *,
         frozen: bool = True,
@@ -45,12 +46,14 @@ class DumpContext:
     ) -> None:
         self.pid = pid
         self.frozen = frozen  # every thread of the process is stopped
+        self.entries = entries  # every descriptor of the process (a pipe's other end ...)
         # Established TCP connections are read with TCP_REPAIR, so that a restore can
         # rebuild them (a plain dump; a move relays them through the shadow instead).
         self.connections = connections
         self.descriptions = descriptions  # fd -> description id (kcmp)
         self.sections: list[rec.ObjectRecord] = []  # object records and their data, in order
         self._ids: dict[Hashable, int] = {}
+        self._data_end: dict[int, int] = {}  # object id -> where its data ends so far
         self._handle = -1
         self._copies: list[int] = []
         self._sockets: dict[int, procfs.SocketInfo] | None = None
@@ -77,11 +80,14 @@ class DumpContext:
             self.sections.append(make(found))
         return found
 
-    def add_data(self, object_id: int, data: bytes, offset: int = 0) -> None:
-        """Bulk bytes of an object, from `offset` on, as ObjectData sections of at most 8 MiB."""
+    def add_data(self, object_id: int, data: bytes, offset: int | None = None) -> None:
+        """Bulk bytes of an object as ObjectData sections of at most 8 MiB, from `offset`
+        (ascending: a gap is a hole) or, by default, where its data added so far ends."""
+        at = self._data_end.get(object_id, 0) if offset is None else offset
         for start in range(0, len(data), rec.MAX_OBJECT_DATA):
             chunk = data[start : start + rec.MAX_OBJECT_DATA]
-            self.sections.append(rec.ObjectData(id=object_id, offset=offset + start, data=chunk))
+            self.sections.append(rec.ObjectData(id=object_id, offset=at + start, data=chunk))
+        self._data_end[object_id] = at + len(data)
 
     def __enter__(self) -> DumpContext:
         return self
@@ -101,12 +107,15 @@ class DumpContext:
 class RestoreContext:
     """What a kind's restore() is given: the stub, the image's files, and helpers."""
 
-    def __init__(self, stub: Stub, image: ImageFiles, parking: int) -> None:
+    def __init__(
+        self, stub: Stub, image: ImageFiles, parking: int, restored: frozenset[int]
+    ) -> None:
         self.stub = stub
         self.image = image
+        self.restored = restored  # the numbers the process gets back (not those dropped)
         self._parking = parking  # above every descriptor number the image uses
         self._restorer = -1  # the stub's pidfd of this process, for give()
-        self._kept: dict[int, int] = {}
+        self._kept: dict[Hashable, int] = {}
 
     def place(self, stub_fd: int, descriptor: rec.FileDescriptor) -> None:
         """Move the stub's descriptor `stub_fd` to the image's number, with its close-on-exec."""
@@ -128,13 +137,14 @@ class RestoreContext:
         self.place(taken, descriptor)
         self.stub.call("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
 
-    def built(self, object_id: int) -> int | None:
-        """Our descriptor of an object an earlier restore() kept (the other end of a pipe)."""
-        return self._kept.get(object_id)
+    def built(self, key: Hashable) -> int | None:
+        """Our descriptor an earlier restore() kept under `key`: an object's id, or
+        (id, part) for an object that is several of ours (a pipe's two ends)."""
+        return self._kept.get(key)
 
-    def keep(self, object_id: int, our_fd: int) -> None:
+    def keep(self, key: Hashable, our_fd: int) -> None:
         """Keep our descriptor of an object for later descriptors, until the restore ends."""
-        self._kept[object_id] = our_fd
+        self._kept[key] = our_fd
 
     def __enter__(self) -> RestoreContext:
         return self

@@ -36,6 +36,8 @@ class Epoll(Kind):
     def finish(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
         stub = restore.stub
         for target in restore.image.object_of(descriptor, rec.EpollObject).targets:
+            if target.tfd not in restore.restored:
+                continue  # dropped (--skip-unsupported): nothing to watch
             stub.reset_scratch()
             event = stub.put(EPOLL_EVENT.pack(target.events, target.data))
             stub.call("epoll_ctl", descriptor.fd, EPOLL_CTL_ADD, target.tfd, event)

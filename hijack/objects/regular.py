@@ -32,9 +32,21 @@ def reopen_flags(descriptor: rec.FileDescriptor) -> int:
     return descriptor.flags & ~OPEN_TIME_ONLY
 
 
+def is_deleted(path: str, dev: int, ino: int) -> bool:
+    """Whether /proc marked the file (dev, ino) deleted: its link ends in " (deleted)" and
+    no file literally named so is that file."""
+    if not path.endswith(DELETED):
+        return False
+    try:
+        found = os.stat(path)
+    except OSError:
+        return True
+    return (found.st_dev, found.st_ino) != (dev, ino)
+
+
 def path_refusal(descriptor: rec.FileDescriptor) -> str | None:
     """A descriptor reopened by path cannot come back if its file is gone."""
-    if descriptor.path.endswith(DELETED):
+    if is_deleted(descriptor.path, descriptor.dev, descriptor.ino):
         return f"{describe_fd(descriptor)}, a deleted file"
     if not os.path.lexists(descriptor.path):
         return f"{describe_fd(descriptor)}, whose file is gone"

@@ -80,7 +80,7 @@ def set_up_terminals(stub: Stub, image: ImageFiles, fresh: frozenset[int]) -> in
     controlling = None
     for descriptor in image.descriptors:
         found = image.objects.get(descriptor.object_id)
-        if descriptor.fd not in fresh or not isinstance(found, rec.TerminalObject):
+        if descriptor.fd not in fresh or not isinstance(found, rec.TerminalObject | rec.PtyPair):
             continue  # a relay of another kind, or a terminal that did not answer at the dump
         state = found.state
         stub.reset_scratch()

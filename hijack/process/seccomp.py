@@ -80,9 +80,7 @@ def install_seccomp(
             stub.call("prctl", PR_SET_SECCOMP, SECCOMP_MODE_STRICT, 0, 0, 0, tid=tid)
 
 
-def _place_program(
-    stub: Stub, thread: rec.Thread, segments: rec.Segments, program: bytes
-) -> int:
+def _place_program(stub: Stub, thread: rec.Thread, segments: rec.Segments, program: bytes) -> int:
     """Write a sock_fprog and its program below `thread`'s stack pointer; its address."""
     top = thread.regs.rsp - RED_ZONE
     instructions = (top - len(program)) & ~15
@@ -92,9 +90,7 @@ def _place_program(
         None,
     )
     if stack is None or not stack.prot & rec.Prot.WRITE:
-        raise RestoreError(
-            f"no room below the stack of thread {thread.tid} for its seccomp filter"
-        )
+        raise RestoreError(f"no room below the stack of thread {thread.tid} for its seccomp filter")
     memory.write(stub.pid, instructions, program)
     count = len(program) // pt.SOCK_FILTER_SIZE
     memory.write(stub.pid, fprog, SOCK_FPROG.pack(count, instructions))

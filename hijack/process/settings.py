@@ -16,7 +16,7 @@ from hijack.image import records as rec
 from hijack.mutator.tracee import Tracee
 from hijack.process import seccomp
 from hijack.restore.remote import Stub
-from hijack.sys import memory, procfs, scheduling
+from hijack.sys import dirty, memory, procfs, scheduling
 
 PR_GET_PDEATHSIG = 2
 PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
@@ -25,6 +25,7 @@ PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
 LOGINUID_UNSET = 2**32 - 1
 SUID_DUMP_USER = 1  # what a fresh process has
 AT_FDCWD, O_WRONLY = -100, 1
+MADV_GUARD_INSTALL = 102
 
 
 def read_settings(tracee: Tracee, scratch: int, thread_ids: list[int]) -> rec.ProcessSettings:
@@ -54,6 +55,9 @@ def read_settings(tracee: Tracee, scratch: int, thread_ids: list[int]) -> rec.Pr
         loginuid=procfs.read_loginuid(pid),
         threads=tuple(threads),
         seccomp=seccomp.read_seccomp(tracee),
+        guard_pages=tuple(
+            rec.PageRange(start=start, end=end) for start, end in dirty.guard_regions(pid)
+        ),
     )
 
 
@@ -96,6 +100,13 @@ def apply_login_uid(stub: Stub, settings: rec.ProcessSettings) -> None:
         stub.call("close", fd)
 
 
+def install_guard_pages(stub: Stub, settings: rec.ProcessSettings) -> None:
+    """Make the guard pages again (a touch kills with SIGSEGV); their memory was never
+    read, since a guard page holds nothing."""
+    for guard in settings.guard_pages:
+        stub.call("madvise", guard.start, guard.end - guard.start, MADV_GUARD_INSTALL)
+
+
 def lock_memory(stub: Stub, segments: rec.Segments) -> None:
     """mlock() again what was locked (smaps VmFlags "lo"), while the stub may still lock any
     amount (it is root until its credentials are restored)."""
@@ -129,11 +140,12 @@ def describe(settings: rec.ProcessSettings) -> list[str]:
             f"thread {thread.tid}: policy {thread.policy}, priority {thread.priority},"
             f" nice {thread.nice}, CPUs {_cpu_list(thread.affinity)}"
         )
+    lines += [f"guard pages {g.start:#x}-{g.end:#x}" for g in settings.guard_pages]
     return lines + seccomp.describe(settings.seccomp)
 
 
 def _cpu_list(cpus: tuple[int, ...]) -> str:
-    """"0-3,6" for (0, 1, 2, 3, 6)."""
+    """ "0-3,6" for (0, 1, 2, 3, 6)."""
     runs: list[list[int]] = []
     for cpu in cpus:
         if runs and runs[-1][1] == cpu - 1:

@@ -7,10 +7,12 @@ Order matters:
    a temporary hole (so no move overlaps its own source), then to their place;
    the vdso finds its data at a fixed offset, so their relative layout is the
    kernel's and must be kept;
-3. map a scratch area in a hole of the image's layout;
-4. map every segment at its address with its protections, from its file or
-   anonymous; pages then stream in (process_vm_writev into writable segments,
-   /proc/PID/mem, which ignores protections, into the others).
+3. attach the System V shared memory segments (shmat) at their addresses,
+   cut to the parts the process had mapped, with their protections;
+4. map a scratch area in a hole of the image's layout;
+5. map every other segment at its address with its protections, from its file
+   or anonymous; pages then stream in (process_vm_writev into writable
+   segments, /proc/PID/mem, which ignores protections, into the others).
 
 A move with pre-copy builds from its round 0 and later turns that layout
 into its final image's (`adopt_final`): PRECOPIED segments keep what the
@@ -20,11 +22,12 @@ rounds wrote, everything else is unmapped and mapped anew.
 from __future__ import annotations
 
 import bisect
+from collections.abc import Mapping
 
 from hijack.errors import RestoreError
 from hijack.image import records as rec
 from hijack.restore.remote import SCRATCH_SIZE, Stub
-from hijack.sys import memory, procfs
+from hijack.sys import memory, procfs, sysv
 
 MAP_SHARED = 0x01
 MAP_PRIVATE = 0x02
@@ -41,6 +44,7 @@ O_CLOEXEC = 0o2000000
 AT_FDCWD = -100
 
 KERNEL_MAPPINGS = ("[vvar]", "[vvar_vclock]", "[vdso]")
+PAGE_SIZE = rec.PAGE_SIZE
 LOWEST_HOLE = 0x10000000  # above where small non-PIE programs and mmap_min_addr live
 USER_SPACE_END = 0x7FFFFFFFF000
 
@@ -55,8 +59,14 @@ MADVISE_FOR_FLAG = {
 }
 
 
+def is_shared_memory(segment: rec.Segment) -> bool:
+    """A System V shared memory segment's mapping: its inode is the segment's id."""
+    return sysv.is_segment_mapping(segment.path, segment.shared, segment.dev_major)
+
+
 def has_backing_file(segment: rec.Segment) -> bool:
-    return segment.path.startswith("/") and segment.inode != 0
+    # A System V segment's "/SYSV..." path opens nothing: the stub attaches it.
+    return segment.path.startswith("/") and segment.inode != 0 and not is_shared_memory(segment)
 
 
 def needs_backing_file(segment: rec.Segment) -> bool:
@@ -90,9 +100,24 @@ def find_hole(occupied: list[tuple[int, int]], size: int) -> int:
     return candidate
 
 
+def _page_rounded(size: int) -> int:
+    return (size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
+
+
 class AddressSpace:
-    def __init__(self, stub: Stub, segments: tuple[rec.Segment, ...]) -> None:
+    """`shared_memory`: the size of each System V segment (by id) the stub attaches;
+    `kept`: those found live, whose pages the image does not overwrite."""
+
+    def __init__(
+        self,
+        stub: Stub,
+        segments: tuple[rec.Segment, ...],
+        shared_memory: Mapping[int, int] | None = None,
+        kept: frozenset[int] = frozenset(),
+    ) -> None:
         self.stub = stub
+        self.shared_memory = dict(shared_memory or {})
+        self.kept = kept
         self.segments = [s for s in segments if s.path not in KERNEL_MAPPINGS]
         self.kernel_segments = {s.path: s for s in segments if s.path in KERNEL_MAPPINGS}
         self._starts = [s.start for s in self.segments]
@@ -101,9 +126,11 @@ class AddressSpace:
     def build(self) -> None:
         self._clear_stub()
         self._place_kernel_mappings()
+        self._attach_shared_memory()
         self._map_scratch()
         for segment in self.segments:
-            self._map_segment(segment)
+            if not is_shared_memory(segment):
+                self._map_segment(segment)
 
     # -- 1. empty the stub ------------------------------------------------------
 
@@ -149,7 +176,38 @@ class AddressSpace:
             "mremap", start, size, size, MREMAP_MAYMOVE | MREMAP_FIXED, destination
         )
 
-    # -- 3. scratch -------------------------------------------------------------
+    # -- 3. System V shared memory ----------------------------------------------
+
+    def _attach_shared_memory(self) -> None:
+        """shmat each segment where the process had it; the parts of an attachment the
+        process had unmapped are unmapped, those it had mprotect'ed get their protection."""
+        attachments: dict[tuple[int, int], list[rec.Segment]] = {}
+        for segment in self.segments:
+            if is_shared_memory(segment):
+                base = segment.start - segment.offset
+                attachments.setdefault((segment.inode, base), []).append(segment)
+        for (shmid, base), parts in attachments.items():
+            size = self.shared_memory.get(shmid)
+            if size is None:
+                raise RestoreError(
+                    f"the image has no System V segment {shmid} for its mapping at {base:#x}"
+                )
+            prot = rec.Prot.READ
+            for part in parts:
+                prot |= part.prot & (rec.Prot.WRITE | rec.Prot.EXEC)
+            flags = (0 if prot & rec.Prot.WRITE else sysv.SHM_RDONLY) | (
+                sysv.SHM_EXEC if prot & rec.Prot.EXEC else 0
+            )
+            self.stub.call("shmat", shmid, base, flags)
+            kept = sorted((part.start, part.end) for part in parts)
+            for start, end in _outside(base, base + _page_rounded(size), kept):
+                self.stub.call("munmap", start, end - start)
+            for part in parts:
+                if part.prot != prot:
+                    self.stub.call("mprotect", part.start, part.size, int(part.prot))
+                self._advise(part)
+
+    # -- 4. scratch -------------------------------------------------------------
 
     def _map_scratch(self) -> None:
         occupied = [(s.start, s.end) for s in self.segments]
@@ -175,9 +233,15 @@ class AddressSpace:
     def unmap_scratch(self) -> None:
         self.stub.call("munmap", self.stub.scratch, SCRATCH_SIZE)
 
-    # -- 4. the image's segments ------------------------------------------------
+    # -- 5. the image's segments ------------------------------------------------
 
     def _map_segment(self, segment: rec.Segment) -> None:
+        if is_shared_memory(segment):
+            # Only build() attaches segments: a move's pre-copy rounds cannot.
+            raise RestoreError(
+                f"System V segment {segment.inode} at {segment.start:#x} can only be attached"
+                " by a restore from a whole image"
+            )
         flags = MAP_FIXED | (MAP_SHARED if segment.shared else MAP_PRIVATE)
         if "gd" in segment.vm_flags:
             flags |= MAP_GROWSDOWN
@@ -197,6 +261,9 @@ class AddressSpace:
         finally:
             if fd >= 0:
                 self.stub.call("close", fd)
+        self._advise(segment)
+
+    def _advise(self, segment: rec.Segment) -> None:
         for flag, advice in MADVISE_FOR_FLAG.items():
             if flag in segment.vm_flags:
                 self.stub.try_call("madvise", segment.start, segment.size, advice)
@@ -253,9 +320,7 @@ class AddressSpace:
             if segment.start in kept:
                 if kept[segment.start] != segment.prot:
                     self.stub.call("mprotect", segment.start, segment.size, int(segment.prot))
-                for flag, advice in MADVISE_FOR_FLAG.items():
-                    if flag in segment.vm_flags:
-                        self.stub.try_call("madvise", segment.start, segment.size, advice)
+                self._advise(segment)
             else:
                 self._map_segment(segment)
         self.segments = final
@@ -265,6 +330,8 @@ class AddressSpace:
 
     def write_pages(self, pages: rec.Pages) -> None:
         segment = self._segment_at(pages.address)
+        if is_shared_memory(segment) and segment.inode in self.kept:
+            return  # a live segment: what it holds now is its truth
         if segment.prot & rec.Prot.WRITE:
             memory.write(self.stub.pid, pages.address, pages.data)
             return

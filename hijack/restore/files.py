@@ -47,8 +47,9 @@ def restore_files(stub: Stub, plan: FilePlan, image: ImageFiles, inherited: dict
     close_foreign_descriptors(stub, keep=set(parked.values()))
     first_of: dict[int, int] = {}  # description id -> the descriptor that made it
     made: list[tuple[Kind, rec.FileDescriptor]] = []
-    with RestoreContext(stub, image, parking) as context:
-        for descriptor in sorted((*plan.inherited, *plan.reopen), key=lambda d: d.fd):
+    given = sorted((*plan.inherited, *plan.reopen), key=lambda d: d.fd)
+    with RestoreContext(stub, image, parking, frozenset(d.fd for d in given)) as context:
+        for descriptor in given:
             if descriptor.fd in parked:
                 context.place(parked[descriptor.fd], descriptor)
                 # A relay stands for the original: it takes the original's status

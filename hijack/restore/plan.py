@@ -2,13 +2,15 @@
 
 One check serves the restore's plan and `hijack dump --kill` (which must never
 kill a process that could not come back): the files the image maps, and each
-descriptor's kind (hijack.objects) asked why it could not be rebuilt.
+descriptor's kind (hijack.objects) asked why it could not be rebuilt. A move
+asks the mapping part before it touches the process (its descriptors go
+through its own proxy plan).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from hijack import objects
@@ -16,6 +18,7 @@ from hijack.errors import Unsupported
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.image.identity import identity_change
+from hijack.objects import sysv
 from hijack.restore.address_space import backing_file_mode, needs_backing_file, unmappable
 
 SKIP_HINT = "use --skip-unsupported to drop them; "
@@ -54,14 +57,20 @@ def restore_problems(
 ) -> Problems:
     """Everything a restore from this image would refuse; `held` descriptors come from
     elsewhere (the shadow keeps them, a move relays them)."""
-    mappings: list[str] = []
+    mappings = (*mapping_problems(segments), *sysv.segment_refusals(segments, image))
+    return Problems(mappings, tuple(objects.refusals(image, held)))
+
+
+def mapping_problems(segments: Iterable[rec.Segment]) -> tuple[str, ...]:
+    """The files the segments map that a restore could not open, or that changed."""
+    found: list[str] = []
     for segment in segments:
         change = identity_change(segment.file) if segment.file is not None else None
         if change is None and needs_backing_file(segment) and not _can_open(segment):
             change = unmappable(segment)
-        if change is not None and change not in mappings:
-            mappings.append(change)
-    return Problems(tuple(mappings), tuple(objects.refusals(image, held)))
+        if change is not None and change not in found:
+            found.append(change)
+    return tuple(found)
 
 
 def _can_open(segment: rec.Segment) -> bool:

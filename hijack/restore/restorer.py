@@ -34,7 +34,10 @@ from hijack.mutator.tracee import (
     find_syscall_instruction,
     resume_registers,
 )
+from hijack.objects import sysv
 from hijack.objects.base import describe_fd
+from hijack.objects.locks import restore_locks
+from hijack.objects.pty import controlling_slave
 from hijack.objects.terminal import set_up_terminals
 from hijack.process import seccomp, settings, timers
 from hijack.registry import Registry
@@ -110,6 +113,7 @@ def restore(
     before_start: Callable[[int], None] | None = None,
     admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None,
     prebuilt: Prebuilt | None = None,
+    take_locks: bool = True,
 ) -> RestoreResult:
     """Rebuild the process of the image in `stream` and let it run.
 
@@ -125,6 +129,9 @@ def restore(
     it refuses by raising.
     `prebuilt` is the stub a move's pre-copy rounds built: the image is its
     final one (docs/crf.md §7a) and is restored into that stub.
+    `take_locks` False (a move) leaves the image's file locks and leases untaken:
+    the home shadow keeps the open files, and with them their flock, OFD locks
+    and leases, and the original holds its POSIX locks until the commit.
     """
     records = read_image(stream)
     image = _Image(
@@ -152,28 +159,38 @@ def restore(
         provided=frozenset(provided or {}),
     )
     if prebuilt is not None:
-        return _restore_prebuilt(records, image, plan, prebuilt, provided or {}, before_start)
-    inherited = _take_from_shadow(holdings, plan) if holdings else {}
-    for number, fd in (provided or {}).items():
-        inherited[number] = os.dup(fd)
-        os.set_inheritable(inherited[number], True)
+        return _restore_prebuilt(
+            records, image, plan, prebuilt, provided or {}, before_start, take_locks
+        )
+    # SysV objects first: a refusal (an id taken by another object) comes before the stub.
+    ipc = sysv.prepare(image.files, image.segments.segments)
     try:
-        pid = spawn_stub(image.header.pid)
-    finally:
-        for fd in inherited.values():
-            os.close(fd)  # the stub has its own copies now
+        inherited = _take_from_shadow(holdings, plan) if holdings else {}
+        for number, fd in (provided or {}).items():
+            inherited[number] = os.dup(fd)
+            os.set_inheritable(inherited[number], True)
+        try:
+            pid = spawn_stub(image.header.pid)
+        finally:
+            for fd in inherited.values():
+                os.close(fd)  # the stub has its own copies now
+    except BaseException:
+        ipc.undo()
+        raise
     space: AddressSpace | None = None
     try:
         stub = Stub(pid, find_syscall_instruction(pid))
-        space = AddressSpace(stub, image.segments.segments)
+        space = AddressSpace(stub, image.segments.segments, ipc.segments, frozenset(ipc.kept))
         space.build()
+        ipc.after_attach()
         _consume_rest(records, image, space)
-        _finish(stub, space, image, plan, inherited, frozenset(provided or {}))
+        _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
         if before_start is not None:
             before_start(pid)
         _start(stub)
     except BaseException:
         kill_stub(pid)
+        ipc.undo()
         raise
     finally:
         if space is not None:
@@ -190,6 +207,7 @@ def _restore_prebuilt(
     prebuilt: Prebuilt,
     provided: dict[int, int],
     before_start: Callable[[int], None] | None,
+    take_locks: bool,
 ) -> RestoreResult:
     """restore() of a move's final image into the stub its pre-copy rounds built."""
     stub, space = prebuilt.stub, prebuilt.space
@@ -200,7 +218,7 @@ def _restore_prebuilt(
         inherited = prebuilt.hand_over(provided)
         space.adopt_final(image.segments.segments)
         _consume_rest(records, image, space)
-        _finish(stub, space, image, plan, inherited, frozenset(provided or {}))
+        _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
         if before_start is not None:
             before_start(stub.pid)
         _start(stub)
@@ -344,18 +362,27 @@ def _finish(
     plan: FilePlan,
     inherited: dict[int, int],
     provided: frozenset[int],
+    take_locks: bool,
 ) -> None:
     assert image.signals is not None and image.cwd is not None
     assert image.settings is not None and image.timers is not None
     leader = _leader_record(image)
     restore_files(stub, plan, image.files, inherited)
+    restored = {descriptor.fd for descriptor in (*plan.inherited, *plan.reopen)}
     controlling = set_up_terminals(stub, image.files, provided)
+    if controlling is None:
+        controlling = controlling_slave(image.files, restored - provided)
     _set_mm_map(stub, image.mm)
     _set_signal_actions(stub, image.signals)
     _set_rlimits(stub, image.rlimits)
     _set_process_state(stub, image, controlling)
     settings.apply_login_uid(stub, image.settings)
     settings.lock_memory(stub, image.segments)
+    settings.install_guard_pages(stub, image.settings)
+    if take_locks:
+        # Last of the descriptors' business: a descriptor closed in the stub (the
+        # exe's, above) would drop the POSIX locks the process holds on its file.
+        restore_locks(stub, image.files, restored)
     thread_ids = {leader.tid: stub.pid}
     for thread in image.threads:
         if thread is not leader:
@@ -454,7 +481,8 @@ def _set_process_state(stub: Stub, image: _Image, controlling: int | None) -> No
     """cwd, umask, session and group, no_new_privs.
 
     `controlling`: the descriptor of a terminal made for the process (a move's
-    pty) standing for its controlling terminal. Only a session leader can take
+    pty, the new slave of a pty pair it holds) standing for its controlling
+    terminal. Only a session leader can take
     one, so the process then leads a session of its own (its old one, the
     shell's, stayed behind), and its group is the terminal's foreground group:
     it reads its terminal and gets its ^C and SIGWINCH as at home.

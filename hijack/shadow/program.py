@@ -30,9 +30,11 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from hijack.errors import HijackError
+from hijack.registry import node_name
 from hijack.shadow import control
 from hijack.shadow.relay import RelayHub, decode_unread, decode_unread_datagrams
 from hijack.sys import pidfd, procfs
@@ -64,6 +66,9 @@ class Shadow:
         self.hub = RelayHub(self.selector, log)
         self.endpoint: socket.socket | None = None  # TCP, for relays and remote control
         self.token = b""
+        self.node = node_name()  # where we are (the attach gave us its HIJACK_NODE)
+        self.migrant_here = 0  # the pid of the process, away from home but on this node
+        self.end_reason = ""  # why we ended: left beside the control socket for `status`
 
     @staticmethod
     def _listen(path: str) -> socket.socket:
@@ -108,6 +113,9 @@ class Shadow:
         self.listener.close()
         if os.path.exists(self.control_path):
             os.unlink(self.control_path)
+        if self.end_reason:
+            with contextlib.suppress(OSError):
+                ended_path(self.control_path).write_text(self.end_reason + "\n")
 
     def _accept(self, _: Any, __: int) -> None:
         try:
@@ -149,6 +157,7 @@ class Shadow:
         if op == "migrating":
             return self.migrating(message)
         if op == "migrated":
+            self.watch_migrant(str(message["location"]), int(message.get("pid", 0)))
             self.hub.migrated(
                 str(message["move"]),
                 str(message["location"]),
@@ -170,9 +179,7 @@ class Shadow:
                 self.mode = Mode.HOME
             return {"ok": True, **self.describe()}
         if op == "release":
-            # A migrant that ended may have written more than has reached its
-            # peers yet: that is passed on first (bounded), then we end.
-            self.release_deadline = time.monotonic() + RELEASE_DRAIN
+            self.end_when_drained(str(message.get("reason") or "released"))
             return {"ok": True}
         return {"ok": False, "error": f"unknown op {op!r}"}
 
@@ -248,9 +255,7 @@ class Shadow:
     def come_home(self, pid: int) -> control.Message:
         """The target runs on this node again (restored, maybe under a new pid): follow it."""
         handle = pidfd.pidfd_open(pid)
-        with contextlib.suppress(KeyError):
-            self.selector.unregister(self.target_handle)
-        os.close(self.target_handle)
+        self._unwatch_target()
         self.target_handle = handle
         self.selector.register(handle, selectors.EVENT_READ, self._target_exited)
         self.target_pid = pid
@@ -293,13 +298,46 @@ class Shadow:
             "streams": self.hub.describe(),
         }
 
-    def _target_exited(self, _: Any, __: int) -> None:
-        if self.mode is not Mode.HOME:
-            # Its image is the process now; we keep what it held for the restore.
+    def end_when_drained(self, reason: str) -> None:
+        """End once what the process wrote has reached its peers (bounded: RELEASE_DRAIN)."""
+        if self.release_deadline is None:
+            log(f"{reason}; the shadow ends once its streams are drained")
+            self.end_reason = reason
+            self.release_deadline = time.monotonic() + RELEASE_DRAIN
+            # Its ports are free at once: a server started again can listen there.
+            for number in self.hub.stop_serving():
+                fd = self.held.pop(number, None)
+                if fd is not None:
+                    os.close(fd)
+
+    def watch_migrant(self, location: str, pid: int) -> None:
+        """Back on this node (as `pid`), the process is watched as at home: when it ends, we
+        end, whether or not a node daemon here tells us. Elsewhere its node's daemon does."""
+        self._unwatch_target()
+        self.migrant_here = 0
+        if location != self.node or not pid:
+            return
+        with contextlib.suppress(HijackError):  # ended already: its daemon releases us
+            self.target_handle = pidfd.pidfd_open(pid)
+            self.selector.register(self.target_handle, selectors.EVENT_READ, self._target_exited)
+            self.migrant_here = pid
+
+    def _unwatch_target(self) -> None:
+        if self.target_handle >= 0:
             with contextlib.suppress(KeyError):
                 self.selector.unregister(self.target_handle)
+            os.close(self.target_handle)
+            self.target_handle = -1
+
+    def _target_exited(self, _: Any, __: int) -> None:
+        self._unwatch_target()
+        if self.mode is Mode.AWAY and self.migrant_here:
+            self.end_when_drained(f"process {self.migrant_here} ended on this node")
             return
+        if self.mode is not Mode.HOME:
+            return  # its image is the process now; we keep what it held for the restore
         log(f"target {self.target_pid} exited; the shadow ends")
+        self.end_reason = f"process {self.target_pid} exited"
         self.running = False
 
     def follow_target(self) -> None:
@@ -309,6 +347,11 @@ class Shadow:
                 log(f"target closed or replaced fd {number}; releasing our copy")
                 os.close(fd)
                 del self.held[number]
+
+
+def ended_path(control_path: str) -> Path:
+    """Where a shadow that ended by itself says why (`hijack status` shows it)."""
+    return Path(control_path).parent / "ended"
 
 
 def same_file(fd: int, path: str) -> bool:

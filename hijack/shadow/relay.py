@@ -765,6 +765,25 @@ class RelayHub:
             stream.replay = bytearray()
         stream.relay = Relay(sock, "accepted")
 
+    def stop_serving(self) -> list[int]:
+        """Take no more clients or datagrams (the process they were for has ended).
+
+        Returns the process's descriptor numbers of its listening and UDP
+        sockets: their originals are the caller's to close, which frees their
+        ports at once, while the streams drain.
+        """
+        numbers = []
+        for stream in [s for s in self.streams.values() if s.kind == "listener"]:
+            self._forget(stream.original)
+            stream.original = -1  # the caller's descriptor, closed by the caller
+            self._close(stream, reset=False)
+            numbers.append(int(stream.id.partition(":")[2]))
+        for datagram in self.datagrams.values():
+            datagram.close()  # its own copy; the original is the caller's too
+            numbers.append(int(datagram.id.partition(":")[2]))
+        self.datagrams.clear()
+        return numbers
+
     def drained(self) -> bool:
         """Whether everything the process wrote has been passed on to the originals."""
         return all(

@@ -28,6 +28,7 @@ from hijack.node.daemon import parse_address
 from hijack.node.move import mover_gone
 from hijack.registry import EventRecord, MoveRecord, ProcessRecord, Registry, node_name
 from hijack.shadow import control
+from hijack.shadow.program import ended_path
 from hijack.sys import procfs
 
 SCHEMA_VERSION = 1
@@ -114,6 +115,7 @@ class ProcessView:
     home_pid: int | None  # for a process that moved here: its pid at home
     shadow: ShadowView | None
     last_move: MoveView | None
+    note: str | None = None  # what status could not check, or why the row is what it is
 
 
 @dataclass(frozen=True)
@@ -194,7 +196,8 @@ def gather(registry: Registry, timeout: float = QUERY_TIMEOUT) -> Snapshot:
         state_dir=str(registry.directory),
         taken_at=time.time(),
         processes=tuple(
-            _process_view(record, shadows.get(pid), moves, here) for pid, record in records.items()
+            _process_view(record, shadows.get(pid), moves, here, nodes)
+            for pid, record in records.items()
         ),
         moves=moves,
         nodes=tuple(nodes[name] for name in sorted(nodes)),
@@ -203,7 +206,11 @@ def gather(registry: Registry, timeout: float = QUERY_TIMEOUT) -> Snapshot:
 
 
 def _process_view(
-    record: ProcessRecord, shadow: ShadowView | None, moves: tuple[MoveView, ...], here: str
+    record: ProcessRecord,
+    shadow: ShadowView | None,
+    moves: tuple[MoveView, ...],
+    here: str,
+    nodes: Mapping[str, NodeView],
 ) -> ProcessView:
     # Its moves since it was recorded: an older move of the same pid was another process.
     last_move = next(
@@ -219,18 +226,37 @@ def _process_view(
     current_node = record.current_node
     if shadow is not None and shadow.mode == "away" and shadow.location:
         current_node = shadow.location  # the home shadow knows where it is now
+    state = _state(record.state, alive, last_move, shadow)
     return ProcessView(
         pid=record.pid,
         program=record.program,
         home_node=record.home_node,
         current_node=current_node,
-        state=_state(record.state, alive, last_move, shadow),
+        state=state,
         registry_state=record.state,
         alive=alive,
         home_pid=record.home_pid,
         shadow=shadow,
         last_move=last_move,
+        note=_note(record, state, here, current_node, nodes.get(current_node)),
     )
+
+
+def _note(
+    record: ProcessRecord, state: State, here: str, current_node: str, node: NodeView | None
+) -> str | None:
+    """What a row cannot vouch for (a process away on a node that does not answer may have
+    ended there unseen: its node releases the shadow when it sees it end), or what to do."""
+    if state is State.MOVED and node is not None and node.reachable is False:
+        return (
+            f"node {current_node} does not answer: whether the process still runs there is"
+            f" unknown (`hijack forget {record.pid}` ends this record and its shadow)"
+        )
+    if state is State.GONE and record.home_node != here and record.state == "running":
+        return "ended unseen: this node's daemon releases its home shadow (it looks at start)"
+    if state is State.GONE:
+        return "`hijack recover` clears this record"
+    return None
 
 
 def _state(
@@ -363,16 +389,13 @@ def _stream_view(stream: Mapping[str, Any]) -> StreamView:
 
 
 def _dead_shadow(record: ProcessRecord) -> ShadowView:
-    return ShadowView(
-        record.shadow_pid,
-        "local",
-        Health.DEAD,
-        f"process {record.shadow_pid} is gone",
-        None,
-        None,
-        (),
-        (),
-    )
+    assert record.shadow_control is not None
+    try:  # a shadow that ended by itself said why
+        reason = ended_path(record.shadow_control).read_text().strip()
+    except OSError:
+        reason = ""
+    error = f"ended: {reason}" if reason else f"process {record.shadow_pid} is gone"
+    return ShadowView(record.shadow_pid, "local", Health.DEAD, error, None, None, (), ())
 
 
 def _unreachable_shadow(record: ProcessRecord, where: str, why: str) -> ShadowView:

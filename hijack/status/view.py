@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+from rich import box
 from rich.console import Console, Group, RenderableType
 from rich.markup import escape
 from rich.panel import Panel
@@ -54,20 +55,30 @@ UNBOUNDED_WIDTH = 10_000
 
 
 def status(console: Console, snapshot: Snapshot) -> None:
-    """The table view of `hijack status`."""
+    """The table view of `hijack status`.
+
+    Each table takes the widest of its layouts that fits the console; if
+    even its narrowest does not, that one is printed whole, never cut (the
+    terminal wraps its lines). Long texts (errors, notes) go below it.
+    """
     console.print(_heading(snapshot))
     if snapshot.processes:
-        console.print(processes_table(snapshot.processes, console))
+        console.print(processes_table(snapshot.processes, console), crop=False)
         for note in _shadow_notes(snapshot.processes):
             console.print(note)
     else:
         console.print("no process known to hijack on this node")
     if proxied_streams(snapshot.processes):
-        console.print(relays_table(snapshot.processes))
+        console.print(relays_table(snapshot.processes, console), crop=False)
     if snapshot.moves:
-        console.print(moves_table(snapshot.moves[:RECENT_MOVES_SHOWN]))
+        shown = snapshot.moves[:RECENT_MOVES_SHOWN]
+        console.print(moves_table(shown, console), crop=False)
+        for note in _move_notes(shown):
+            console.print(note)
     if snapshot.nodes:
-        console.print(nodes_table(snapshot.nodes))
+        console.print(nodes_table(snapshot.nodes, console), crop=False)
+        for note in _node_notes(snapshot.nodes):
+            console.print(note)
 
 
 def status_json(console: Console, snapshot: Snapshot) -> None:
@@ -89,9 +100,10 @@ def live_frame(snapshot: Snapshot, rates: Throughput | None, console: Console) -
     ]
     parts += _shadow_notes(snapshot.processes)
     if proxied_streams(snapshot.processes):
-        parts.append(relays_table(snapshot.processes, rates))
+        parts.append(relays_table(snapshot.processes, console, rates))
     if snapshot.nodes:
-        parts.append(nodes_table(snapshot.nodes))
+        parts.append(nodes_table(snapshot.nodes, console))
+        parts += _node_notes(snapshot.nodes)
     parts.append(_events(snapshot))
     return Group(*parts)
 
@@ -116,25 +128,37 @@ def _count(number: int, one: str, many: str) -> str:
 
 
 def processes_table(processes: Iterable[ProcessView], console: Console) -> Table:
-    """One row per process; its traffic totals only if the console is wide enough.
+    """One row per process, in the widest layout that fits `console`.
 
-    The totals are repeated per descriptor in the proxied-descriptors table:
-    on a narrow terminal they go, rather than every cell being cut short.
+    The traffic totals are repeated per descriptor in the proxied-descriptors
+    table: on a narrow terminal they go first, rather than any cell being cut.
     """
     processes = list(processes)
-    table = _processes_table(processes, with_traffic=True)
-    unbounded = console.options.update_width(UNBOUNDED_WIDTH)  # its natural width, not cut
-    if console.measure(table, options=unbounded).maximum > console.width:
-        table = _processes_table(processes, with_traffic=False)
-    return table
+    return fitted(
+        console,
+        lambda: _processes_table(processes, with_traffic=True),
+        lambda: _processes_table(processes, with_traffic=False),
+        lambda: _processes_table(processes, with_traffic=False, compact=True),
+        lambda: _processes_table(processes, with_traffic=False, compact=True, minimal=True),
+    )
 
 
-def _processes_table(processes: Iterable[ProcessView], with_traffic: bool) -> Table:
-    table = Table(title="processes", title_justify="left")
-    for heading in ("pid", "program", "home", "on", "state", "shadow", "health"):
+def _processes_table(
+    processes: Iterable[ProcessView],
+    with_traffic: bool,
+    compact: bool = False,
+    minimal: bool = False,
+) -> Table:
+    """`minimal`: no home and descriptors columns; the shadow's health, if not ok, in its cell."""
+    table = _table("processes", compact)
+    headings = ["pid", "program"]
+    headings += (
+        ["on", "state", "shadow"] if minimal else ["home", "on", "state", "shadow", "health"]
+    )
+    for heading in headings:
         table.add_column(heading, no_wrap=True)
     traffic = ("to process", "from process", "buffered") if with_traffic else ()
-    for heading in ("descriptors", *traffic):
+    for heading in (() if minimal else ("descriptors",)) + traffic:
         table.add_column(heading, no_wrap=True, justify="right")
     table.add_column("last move", no_wrap=True)
     for process in processes:
@@ -149,15 +173,25 @@ def _processes_table(processes: Iterable[ProcessView], with_traffic: bool) -> Ta
             if with_traffic
             else []
         )
+        state = STATE_LABELS.get(process.state, f"[red]? {escape(process.registry_state)}[/]")
+        health = HEALTH_LABELS[shadow.health] if shadow else NONE
+        if minimal:
+            ok = shadow is None or shadow.health is Health.OK
+            cells = [escape(process.current_node), state, _shadow_cell(process)]
+            cells[-1] += "" if ok else f" {health}"
+        else:
+            cells = [
+                escape(process.home_node),
+                escape(process.current_node),
+                state,
+                _shadow_cell(process),
+                health,
+                _descriptors_cell(process),
+            ]
         table.add_row(
             str(process.pid),
             escape(process.program),
-            escape(process.home_node),
-            escape(process.current_node),
-            STATE_LABELS.get(process.state, f"[red]? {escape(process.registry_state)}[/]"),
-            _shadow_cell(process),
-            HEALTH_LABELS[shadow.health] if shadow else NONE,
-            _descriptors_cell(process),
+            *cells,
             *totals,
             _last_move_cell(process.last_move),
         )
@@ -199,35 +233,62 @@ def _last_move_cell(move: MoveView | None) -> str:
 
 
 def _shadow_notes(processes: Iterable[ProcessView]) -> list[Text]:
-    """Why a shadow is not ok, one line each under the table."""
-    return [
-        Text.from_markup(f"  [dim]shadow of {process.pid}:[/] {escape(process.shadow.error or '')}")
-        for process in processes
-        if process.shadow is not None and process.shadow.health is not Health.OK
-    ]
+    """Why a shadow is not ok, and what a row cannot vouch for: lines under the table."""
+    notes = []
+    for process in processes:
+        shadow = process.shadow
+        if shadow is not None and shadow.health is not Health.OK:
+            notes.append(f"  [dim]shadow of {process.pid}:[/] {escape(shadow.error or '')}")
+        if process.note:
+            notes.append(f"  [dim]{process.pid}:[/] {escape(process.note)}")
+    return [Text.from_markup(note) for note in notes]
 
 
-def relays_table(processes: Iterable[ProcessView], rates: Throughput | None = None) -> Table:
-    table = Table(title="proxied descriptors", title_justify="left")
-    for heading in ("pid", "stream", "fd", "kind", "relay"):
+def relays_table(
+    processes: Iterable[ProcessView], console: Console, rates: Throughput | None = None
+) -> Table:
+    processes = list(processes)
+    return fitted(
+        console,
+        lambda: _relays_table(processes, rates),
+        lambda: _relays_table(processes, rates, compact=True),
+        lambda: _relays_table(processes, rates, compact=True, minimal=True),
+    )
+
+
+def _relays_table(
+    processes: Iterable[ProcessView],
+    rates: Throughput | None,
+    compact: bool = False,
+    minimal: bool = False,
+) -> Table:
+    """`minimal`: no fd and kind columns (the stream id tells), one buffered column."""
+    table = _table("proxied descriptors", compact)
+    for heading in ("pid", "stream") if minimal else ("pid", "stream", "fd", "kind"):
         table.add_column(heading, no_wrap=True)
-    for heading in ("to process", "from process", "buffered to", "buffered from"):
+    table.add_column("relay", no_wrap=True)
+    buffered = ("buffered",) if minimal else ("buffered to", "buffered from")
+    for heading in ("to process", "from process", *buffered):
         table.add_column(heading, no_wrap=True, justify="right")
     if rates is not None:
         table.add_column("rate to", no_wrap=True, justify="right")
         table.add_column("rate from", no_wrap=True, justify="right")
     for process, stream in proxied_streams(processes):
-        row = [
-            str(process.pid),
-            escape(stream.id),
-            str(stream.fd) if stream.fd is not None else NONE,
-            stream.kind,
+        row = [str(process.pid), escape(stream.id)]
+        if not minimal:
+            row += [str(stream.fd) if stream.fd is not None else NONE, stream.kind]
+        row += [
             escape(stream.relay) or NONE,
             human_size(stream.bytes_to_process),
             human_size(stream.bytes_from_process),
-            human_size(stream.buffered_to_process),
-            human_size(stream.buffered_from_process),
         ]
+        if minimal:
+            row.append(human_size(_buffered(stream)))
+        else:
+            row += [
+                human_size(stream.buffered_to_process),
+                human_size(stream.buffered_from_process),
+            ]
         if rates is not None:
             to_rate, from_rate = rates.streams.get((process.pid, stream.id), (0.0, 0.0))
             row += [f"{human_size(int(to_rate))}/s", f"{human_size(int(from_rate))}/s"]
@@ -235,13 +296,27 @@ def relays_table(processes: Iterable[ProcessView], rates: Throughput | None = No
     return table
 
 
-def moves_table(moves: Iterable[MoveView]) -> Table:
-    table = Table(title="recent moves", title_justify="left")
-    for heading in ("move", "pid", "program", "from", "to", "phase", "sent", "frozen", "new pid"):
+def moves_table(moves: Iterable[MoveView], console: Console) -> Table:
+    """Moves made or received here; why one failed goes below the table (_move_notes)."""
+    moves = list(moves)
+    return fitted(
+        console,
+        lambda: _moves_table(moves),
+        lambda: _moves_table(moves, compact=True),
+        lambda: _moves_table(moves, compact=True, minimal=True),
+    )
+
+
+def _moves_table(moves: Iterable[MoveView], compact: bool = False, minimal: bool = False) -> Table:
+    """`minimal`: no move id column."""
+    table = _table("recent moves", compact)
+    headings = ("pid", "program", "from", "to", "phase", "sent", "frozen", "new pid")
+    for heading in headings if minimal else ("move", *headings):
         table.add_column(heading, no_wrap=True)
     for move in moves:
+        row = [] if minimal else [move.id]
         table.add_row(
-            move.id,
+            *row,
             str(move.pid),
             escape(move.program),
             escape(move.source),
@@ -260,14 +335,31 @@ def _phase(move: MoveView) -> str:
     if move.phase == "done":
         return "[green]done[/]"
     if move.phase == "failed":
-        return f"[red]failed[/]: {escape(move.error or '')}"
+        return "[red]failed[/]"
     # The mover ended without a word (killed), or gave up in doubt.
-    return f"[red]{move.phase}, interrupted[/]: run `hijack recover`"
+    return f"[red]{move.phase}, interrupted[/]"
 
 
-def nodes_table(nodes: Iterable[NodeView]) -> Table:
-    table = Table(title="nodes", title_justify="left")
-    for heading in ("node", "address", "reachable", "latency", "last seen", "note"):
+def _move_notes(moves: Iterable[MoveView]) -> list[Text]:
+    """Why each failed or interrupted move did not complete: a line each, below the table."""
+    notes = []
+    for move in moves:
+        if move.in_progress or move.phase == "done":
+            continue
+        why = move.error or "" if move.phase == "failed" else "run `hijack recover`"
+        notes.append(f"  [dim]move {move.id} of {move.pid}:[/] {escape(why)}")
+    return [Text.from_markup(note) for note in notes]
+
+
+def nodes_table(nodes: Iterable[NodeView], console: Console) -> Table:
+    """The other nodes; what went wrong reaching one goes below the table (_node_notes)."""
+    nodes = list(nodes)
+    return fitted(console, lambda: _nodes_table(nodes), lambda: _nodes_table(nodes, compact=True))
+
+
+def _nodes_table(nodes: Iterable[NodeView], compact: bool = False) -> Table:
+    table = _table("nodes", compact)
+    for heading in ("node", "address", "reachable", "latency", "last seen"):
         table.add_column(heading, no_wrap=True)
     for node in nodes:
         if node.reachable is None:
@@ -282,8 +374,48 @@ def nodes_table(nodes: Iterable[NodeView]) -> Table:
             reachable,
             f"{node.latency_ms:.1f} ms" if node.latency_ms is not None else NONE,
             _ago(node.last_seen),
-            escape(node.error or ""),
         )
+    return table
+
+
+def _node_notes(nodes: Iterable[NodeView]) -> list[Text]:
+    return [
+        Text.from_markup(f"  [dim]node {escape(node.name)}:[/] {escape(node.error)}")
+        for node in nodes
+        if node.error
+    ]
+
+
+# -- fitting tables -------------------------------------------------------------------
+
+
+def _table(title: str, compact: bool) -> Table:
+    """A table; `compact`: no borders, a rule under the headings, one space between cells."""
+    if compact:
+        return Table(
+            title=title,
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            pad_edge=False,
+            collapse_padding=True,
+        )
+    return Table(title=title, title_justify="left")
+
+
+def fitted(console: Console, *layouts: Callable[[], Table]) -> Table:
+    """The first of `layouts` (widest first) whose whole width fits `console`.
+
+    If none does, the last one at its whole width: printed with crop=False,
+    its lines are longer than the console, but no cell is cut short.
+    """
+    unbounded = console.options.update_width(UNBOUNDED_WIDTH)  # its natural width, not cut
+    for layout in layouts:
+        table = layout()
+        width = console.measure(table, options=unbounded).maximum
+        if width <= console.width:
+            return table
+    table.width = width
     return table
 
 

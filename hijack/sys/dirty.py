@@ -43,6 +43,7 @@ PAGE_IS_WPALLOWED = 1 << 0  # in a range registered for async write-protection
 PAGE_IS_WRITTEN = 1 << 1
 PAGE_IS_PRESENT = 1 << 3
 PAGE_IS_SWAPPED = 1 << 4
+PAGE_IS_GUARD = 1 << 8  # Linux 6.14+: a page of a MADV_GUARD_INSTALL region
 USER_SPACE_END = 0x7FFFFFFFF000
 REGIONS_PER_CALL = 4096
 
@@ -99,6 +100,15 @@ def present_in(pid: int, start: int, end: int) -> list[tuple[int, int]]:
     scanner = WrittenPages(pid, -1)
     try:
         return scanner._scan(start, end, PAGE_IS_PRESENT)
+    finally:
+        scanner.close()
+
+
+def guard_regions(pid: int) -> list[tuple[int, int]]:
+    """The [start, end) runs of `pid`'s memory made guard pages (MADV_GUARD_INSTALL)."""
+    scanner = WrittenPages(pid, -1)
+    try:
+        return scanner._scan(0, USER_SPACE_END, PAGE_IS_GUARD)
     finally:
         scanner.close()
 

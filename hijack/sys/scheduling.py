@@ -43,14 +43,16 @@ def set_scheduling(tid: int, scheduling: Scheduling) -> None:
 
 
 def write_oom_score_adj(pid: int, value: int) -> None:
-    with kernel_call("write", pid, f"/proc/{pid}/oom_score_adj"), open(
-        f"/proc/{pid}/oom_score_adj", "w"
-    ) as adjust:
+    with (
+        kernel_call("write", pid, f"/proc/{pid}/oom_score_adj"),
+        open(f"/proc/{pid}/oom_score_adj", "w") as adjust,
+    ):
         adjust.write(str(value))
 
 
 def write_timer_slack_ns(pid: int, value: int) -> None:
-    with kernel_call("write", pid, f"/proc/{pid}/timerslack_ns"), open(
-        f"/proc/{pid}/timerslack_ns", "w"
-    ) as slack:
+    with (
+        kernel_call("write", pid, f"/proc/{pid}/timerslack_ns"),
+        open(f"/proc/{pid}/timerslack_ns", "w") as slack,
+    ):
         slack.write(str(value))

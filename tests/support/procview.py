@@ -6,8 +6,9 @@ same numbers with the same targets, offsets and flags. Both views are read
 from /proc directly, not through hijack's own parsers, so a parser bug in
 hijack cannot hide itself. A difference is reported as "lost: ... /
 appeared: ...", naming every entry on each side. Besides mappings and
-descriptors, an identity view: argv, environment, auxv, ids, capabilities,
-signal dispositions and mask, limits, cwd, root, process group and session.
+descriptors: the locks and leases held through each descriptor, and an
+identity view: argv, environment, auxv, ids, capabilities, signal
+dispositions and mask, limits, cwd, root, process group and session.
 
 Also here: where a process sits (/proc/PID/syscall), polled with a bound,
 for tests that must dump a process while it is really inside a system call.
@@ -16,6 +17,7 @@ for tests that must dump a process while it is really inside a system call.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -86,6 +88,41 @@ def fds_view(pid: int) -> frozenset[FdView]:
             if ":" in line
         )
         entries.add(FdView(fd, target, int(info["pos"]), int(info["flags"], 8)))
+    return frozenset(entries)
+
+
+def pipes_named_alike(view: frozenset[FdView]) -> frozenset[FdView]:
+    """The descriptors with each pipe named by its lowest descriptor number instead of its
+    inode (a pipe rebuilt from an image is a new inode): which descriptors share a pipe,
+    and which end each is (the flags), still show."""
+    first: dict[str, int] = {}
+    renamed = set()
+    for entry in sorted(view):
+        target = entry.target
+        if re.fullmatch(r"pipe:\[\d+\]", target):
+            target = f"pipe of fd {first.setdefault(target, entry.fd)}"
+        renamed.add(FdView(entry.fd, target, entry.pos, entry.flags))
+    return frozenset(renamed)
+
+
+@dataclass(frozen=True, order=True)
+class LockView:
+    """A lock or lease held through a descriptor: an fdinfo "lock:" line, its number left out
+    ("POSIX  ADVISORY  WRITE 1234 fe:00:5678 10 19": class, state, type, pid, file, range)."""
+
+    fd: int
+    lock: str
+
+    def __str__(self) -> str:
+        return f"fd {self.fd} holds {self.lock}"
+
+
+def locks_view(pid: int) -> frozenset[LockView]:
+    entries = set()
+    for name in os.listdir(f"/proc/{pid}/fdinfo"):
+        for line in Path(f"/proc/{pid}/fdinfo/{name}").read_text().splitlines():
+            if line.startswith("lock:"):
+                entries.add(LockView(int(name), " ".join(line.split()[2:])))
     return frozenset(entries)
 
 

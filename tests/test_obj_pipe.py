@@ -1,0 +1,105 @@
+"""Pipes and named FIFOs rebuilt from the image alone (issue #12 item 2).
+
+The `pipes` fixture holds self-pipes (both ends, bytes waiting, O_NONBLOCK,
+a 1 MiB size, a dup'ed end, packet mode, a pipe whose writer or reader is
+gone) and a named FIFO with bytes in it; it checks every byte arrives once,
+in order, at its finish. Dumped with --kill without attach, restored, it
+must pass; a plain dump must leave every byte where it was. A pipe whose
+other end another process holds is refused by name.
+"""
+
+from __future__ import annotations
+
+import io
+import signal
+from pathlib import Path
+
+import pytest
+from support import spawn_fixture
+from support.cli import HijackCli, restored_pid
+from support.procview import difference, fds_view, maps_view, pipes_named_alike
+
+from hijack.image import records as rec
+from hijack.image.codec import read_image, recode
+
+STREAM_BYTES = 200_000  # as tests/fixtures/pipes.c writes them
+FIFO_BYTES = 3000
+PIPE_SIZE = 1024 * 1024
+PACKETS = (10, 333, 4000)
+
+
+@pytest.fixture
+def hijack(tmp_path: Path) -> HijackCli:
+    return HijackCli(tmp_path / "state")
+
+
+def _recodes(image: Path) -> None:
+    recoded = io.BytesIO()
+    with open(image, "rb") as source:
+        recode(source, recoded)
+    assert recoded.getvalue() == image.read_bytes(), f"{image} does not re-encode to itself"
+
+
+def test_self_pipes_and_a_fifo_come_back_with_their_bytes_once_in_order(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "pipes.crf"
+    with spawn_fixture("pipes", tmp_path, fifos=True) as pipes:
+        maps_before = maps_view(pipes.pid)
+        fds_before = pipes_named_alike(fds_view(pipes.pid))
+        hijack.ok("dump", pipes.pid, "-o", image, "--kill")
+        assert pipes.wait_exit() == -signal.SIGKILL
+
+        pid = restored_pid(hijack.ok("restore", image))
+        pipes.adopt(pid)
+        assert not difference(maps_before, maps_view(pid)), difference(maps_before, maps_view(pid))
+        fds_after = pipes_named_alike(fds_view(pid))
+        assert not difference(fds_before, fds_after), difference(fds_before, fds_after)
+        pipes.assert_intact()
+    assert "PASS pipes" in pipes.stdout
+    _recodes(image)
+
+
+def test_a_plain_dump_takes_no_byte_and_the_image_holds_them_all(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "pipes.crf"
+    with spawn_fixture("pipes", tmp_path, fifos=True) as pipes:
+        hijack.ok("dump", pipes.pid, "-o", image)
+        # The process goes on: every byte must still be in its pipes.
+        pipes.assert_intact()
+    with open(image, "rb") as source:
+        records = list(read_image(source))
+    objects = {r.id: r for r in records if isinstance(r, rec.PipeObject | rec.FifoObject)}
+    held: dict[int, int] = {}
+    for chunk in (r for r in records if isinstance(r, rec.ObjectData)):
+        held[chunk.id] = held.get(chunk.id, 0) + len(chunk.data)
+    pipes_held = sorted(
+        (held.get(i, 0), o.pipe_size, o.packets)
+        for i, o in objects.items()
+        if isinstance(o, rec.PipeObject)
+    )
+    assert (STREAM_BYTES, PIPE_SIZE, ()) in pipes_held, pipes_held
+    assert (sum(PACKETS), 65536, PACKETS) in pipes_held, pipes_held
+    fifos = [
+        (held.get(i, 0), o.held_outside)
+        for i, o in objects.items()
+        if isinstance(o, rec.FifoObject)
+    ]
+    # The fixture's own FIFO, and the harness's CONTROL, which the harness holds too.
+    assert sorted(fifos) == [(0, True), (FIFO_BYTES, False)], fifos
+    _recodes(image)
+
+
+def test_a_pipe_to_another_process_is_refused_by_name(hijack: HijackCli, tmp_path: Path) -> None:
+    image = tmp_path / "pipes.crf"
+    # Without fifos, CONTROL_FD is a pipe whose write end this test holds.
+    with spawn_fixture("pipes", tmp_path) as pipes:
+        refused = hijack("dump", pipes.pid, "-o", image, "--kill")
+        assert refused.returncode == 1, refused.describe()
+        lines = refused.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith("hijack: "), refused.describe()
+        assert "pipe" in lines[0] and "process" in lines[0], refused.describe()
+        assert "attach" in lines[0], refused.describe()
+        # Untouched: it runs on and every byte of its pipes is still there.
+        pipes.assert_intact()
