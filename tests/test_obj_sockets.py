@@ -5,7 +5,8 @@ UDP sockets bound, connected, never bound, with datagrams not yet read; after
 `dump --kill` and `restore` it reads every datagram, checks its sender and
 boundaries, and sends new ones; `socket_options` sets options on a TCP
 listener, a TCP connection and a UDP socket, and reads them back; `netlink`
-holds netlink sockets bound and not, with groups. The /proc
+holds netlink sockets bound and not, with groups; `raw_sockets` raw IPv4 and
+IPv6 sockets with their options. The /proc
 views of its descriptors agree before and after (but for the sockets' inode
 numbers).
 """
@@ -105,6 +106,26 @@ def test_netlink_sockets_come_back_with_their_port_and_groups(
         text = hijack.ok("show", image).stdout
         assert f"netlink: protocol 0, port {fixture.ready['port']}, groups 1,5" in text, text
         assert "netlink: protocol 16, port 0, groups none" in text, text
+
+        pid = restored_pid(hijack.ok("restore", image))
+        fixture.adopt(pid)
+        after = sockets_view(pid)
+        assert before == after, difference(before, after)
+        fixture.assert_intact()
+
+
+def test_raw_sockets_come_back_with_their_addresses_and_options(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "raw.crf"
+    with spawn_fixture("raw_sockets", fifos=True) as fixture:
+        before = sockets_view(fixture.pid)
+        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+        assert fixture.wait_exit() == -signal.SIGKILL
+        text = hijack.ok("show", image).stdout
+        assert "raw: ipv4 protocol 17 bound to 127.0.0.1" in text, text
+        assert "raw: ipv4 protocol 1 bound to 127.0.0.1, 16 options" in text, text
+        assert "raw: ipv6 protocol 58," in text, text
 
         pid = restored_pid(hijack.ok("restore", image))
         fixture.adopt(pid)

@@ -71,6 +71,7 @@ from hijack.image.records import (
     PosixMessageQueue,
     ProcessSettings,
     PtyPair,
+    RawSocket,
     Record,
     Rlimits,
     Round,
@@ -131,6 +132,7 @@ class SectionKind(enum.Enum):
     UDP_SOCKET = b"UDPS"
     SOCKET_OPTIONS = b"SOPT"
     NETLINK_SOCKET = b"NLNK"
+    RAW_SOCKET = b"RAWS"
     FILE_LOCKS = b"LOCK"
     PTY_PAIR = b"PTYP"
     PIPE_OBJECT = b"PIPE"
@@ -252,6 +254,7 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.UDP_SOCKET: _StructSection(UdpSocket, is_object=True),
     SectionKind.SOCKET_OPTIONS: _StructSection(SocketOptions, is_object=True),
     SectionKind.NETLINK_SOCKET: _StructSection(NetlinkSocket, is_object=True),
+    SectionKind.RAW_SOCKET: _StructSection(RawSocket, is_object=True),
     SectionKind.FILE_LOCKS: _StructSection(FileLocks, is_object=True),
     SectionKind.PTY_PAIR: _StructSection(PtyPair, is_object=True),
     SectionKind.PIPE_OBJECT: _StructSection(PipeObject, is_object=True),

@@ -681,6 +681,21 @@ class PipeObject:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RawSocket:
+    """A raw IP socket: its protocol and addresses (IP_HDRINCL, ICMP_FILTER are SocketOptions);
+    packets queued on it are lost."""
+
+    id: U64
+    family: U16  # AF_INET or AF_INET6
+    protocol: U16  # IPPROTO_ICMP 1, IPPROTO_UDP 17, IPPROTO_RAW 255, ...
+    local_address: str  # the address it is bound to, "" when not bound
+    remote_address: str  # connected to: "" (the kernel does not tell a raw socket's peer)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SocketOption:
     """One option as getsockopt(2) gave it, to be given back to setsockopt(2)."""
 
@@ -832,6 +847,7 @@ ObjectRecord = (
     | UdpSocket
     | SocketOptions
     | NetlinkSocket
+    | RawSocket
     | FileLocks
     | PtyPair
     | PipeObject

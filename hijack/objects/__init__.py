@@ -39,6 +39,7 @@ from hijack.objects.other import Other
 from hijack.objects.pidfd import Pidfd
 from hijack.objects.pipe import Pipe
 from hijack.objects.pty import PtyPairKind
+from hijack.objects.raw import Raw
 from hijack.objects.regular import Regular
 from hijack.objects.signalfd import Signalfd
 from hijack.objects.tcp import Tcp
@@ -64,6 +65,7 @@ KINDS: tuple[Kind, ...] = (
     Tcp(),  # before Inet: an established connection, when the dump reads connections
     Udp(),  # before Inet, likewise
     Netlink(),
+    Raw(),
     Inet(),
     Other(),  # last: claims whatever is left, and refuses it
 )

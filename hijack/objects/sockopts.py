@@ -65,6 +65,9 @@ TCP_OPTIONS = (
     (IPPROTO_TCP, 18, INT),  # TCP_USER_TIMEOUT
     (IPPROTO_TCP, 13, NAME),  # TCP_CONGESTION
 )
+RAW_IPV4_OPTIONS = ((IPPROTO_IP, 3, INT),)  # IP_HDRINCL
+RAW_ICMP_OPTIONS = ((255, 1, INT),)  # SOL_RAW, ICMP_FILTER: the ICMP types dropped
+
 # Set before bind(): they decide whether and where it binds.
 EARLY = frozenset(
     {
@@ -93,6 +96,13 @@ def _read(sock: socket.socket) -> dict[tuple[int, int], bytes]:
         table += IPV6_OPTIONS
     if sock.type == socket.SOCK_STREAM:
         table += TCP_OPTIONS
+    if sock.type == socket.SOCK_RAW and sock.family == socket.AF_INET:
+        table += RAW_IPV4_OPTIONS
+        if sock.proto == socket.IPPROTO_ICMP:
+            table += RAW_ICMP_OPTIONS
+    if sock.type == socket.SOCK_RAW and sock.family == socket.AF_INET6:
+        # Bound to its protocol from the start, so it can never be set.
+        table.remove((IPPROTO_IPV6, IPV6_V6ONLY, INT))
     found = {}
     for level, name, size in table:
         try:
