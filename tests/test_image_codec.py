@@ -67,6 +67,7 @@ from hijack.image import (
     Prot,
     PtyPair,
     QueuedDatagram,
+    RawSocket,
     Record,
     Rlimit,
     Rlimits,
@@ -110,7 +111,7 @@ from hijack.image.fields import Cursor, struct_codec
 OBJECT_TAGS = {
     b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"PIDF", b"INET", b"TCPC", b"LOCK",
     b"PTYP", b"PIPE", b"FIFO", b"SHM_", b"SEM_", b"MSQ_", b"MQUE", b"UDPS", b"SOPT", b"NLNK",
-    b"ODAT",
+    b"RAWS", b"ODAT",
 }  # fmt: skip
 SECTION_NAMES = {
     b"HEAD": "HEADER",
@@ -134,6 +135,7 @@ SECTION_NAMES = {
     b"UDPS": "UDP_SOCKET",
     b"SOPT": "SOCKET_OPTIONS",
     b"NLNK": "NETLINK_SOCKET",
+    b"RAWS": "RAW_SOCKET",
     b"LOCK": "FILE_LOCKS",
     b"PTYP": "PTY_PAIR",
     b"PIPE": "PIPE_OBJECT",
@@ -457,6 +459,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             filter=bytes.fromhex("0600000000000100"),
         ),
         NetlinkSocket(id=20, type=3, protocol=0, port_id=4242, groups=(1, 5)),
+        RawSocket(id=21, family=2, protocol=1, local_address="127.0.0.1", remote_address=""),
     )
     files = Files(
         objects=len(objects),
@@ -1161,7 +1164,7 @@ def test_summary_and_its_json() -> None:
         {"mtype": 2, "text": b"first\0".hex()},
         {"mtype": 2**63, "text": ""},
     ]
-    assert len(objects) == 20  # ObjectData counted in its object's data_bytes
+    assert len(objects) == 21  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:
