@@ -123,8 +123,7 @@ class _Memory:
         for index, segment in enumerate(self.segments):
             if segment.contents is ContentsKind.PRECOPIED:
                 raise ImageError(
-                    f"segment {segment.start:#x} is PRECOPIED: only a move's stream holds"
-                    " its pages"
+                    f"segment {segment.start:#x} is PRECOPIED: only a move's stream holds its pages"
                 )
             if segment.file is not None:
                 # The pages the process changed come later and are laid over these.

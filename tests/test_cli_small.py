@@ -61,9 +61,7 @@ def test_version_prints_the_package_version(cli: HijackCli) -> None:
 
 
 @pytest.mark.parametrize("where", ["before", "after"])
-def test_debug_before_or_after_the_command_shows_the_traceback(
-    cli: HijackCli, where: str
-) -> None:
+def test_debug_before_or_after_the_command_shows_the_traceback(cli: HijackCli, where: str) -> None:
     absent = int(Path("/proc/sys/kernel/pid_max").read_text())
     argv = ("--debug", "detach", absent) if where == "before" else ("detach", absent, "--debug")
     result = cli(*argv)

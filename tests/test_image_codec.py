@@ -98,6 +98,9 @@ from hijack.image import (
     TimerfdObject,
     Timers,
     UdpSocket,
+    UnixCredentials,
+    UnixMessage,
+    UnixSocket,
     UserRegsStruct,
     read_image,
     read_round,
@@ -110,8 +113,8 @@ from hijack.image.fields import Cursor, struct_codec
 
 OBJECT_TAGS = {
     b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"PIDF", b"INET", b"TCPC", b"LOCK",
-    b"PTYP", b"PIPE", b"FIFO", b"SHM_", b"SEM_", b"MSQ_", b"MQUE", b"UDPS", b"SOPT", b"NLNK",
-    b"RAWS", b"ODAT",
+    b"PTYP", b"PIPE", b"FIFO", b"SHM_", b"SEM_", b"MSQ_", b"MQUE", b"UNIX", b"UDPS", b"SOPT",
+    b"NLNK", b"RAWS", b"ODAT",
 }  # fmt: skip
 SECTION_NAMES = {
     b"HEAD": "HEADER",
@@ -132,6 +135,7 @@ SECTION_NAMES = {
     b"PIDF": "PIDFD_OBJECT",
     b"TCPC": "TCP_CONNECTION",
     b"INET": "INET_SOCKET",
+    b"UNIX": "UNIX_SOCKET",
     b"UDPS": "UDP_SOCKET",
     b"SOPT": "SOCKET_OPTIONS",
     b"NLNK": "NETLINK_SOCKET",
@@ -437,8 +441,51 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             msgsize=8192,
             messages=(PosixMessage(priority=9, data=b"urgent"), PosixMessage(priority=0, data=b"")),
         ),
-        UdpSocket(
+        UnixSocket(
             id=18,
+            inode=7790,
+            type=1,
+            state=1,
+            shutdown=2,
+            passcred=True,
+            peek_off=-1,
+            sndbuf=131072,
+            rcvbuf=212992,
+            backlog=0,
+            peer=7791,
+            file_mode=0,
+            file_uid=0,
+            file_gid=0,
+            name=b"\0abstract \xff",
+            peer_name=b"",
+            queue=(),
+            messages=(
+                UnixMessage(data=b"queued", source=b"", credentials=None, rights=()),
+                UnixMessage(
+                    data=b"!",
+                    source=b"/run/sender.sock",
+                    credentials=UnixCredentials(pid=4242, uid=0, gid=1000),
+                    rights=(
+                        FileDescriptor(
+                            fd=0,
+                            kind=FdKind.REGULAR,
+                            flags=0o2,
+                            pos=8,
+                            cloexec=False,
+                            mode=0o100600,
+                            dev=0x801,
+                            ino=99,
+                            path="/srv/carried",
+                            description_id=9,
+                            object_id=0,
+                        ),
+                    ),
+                ),
+            ),
+            refusal="",
+        ),
+        UdpSocket(
+            id=19,
             family=10,
             local_address="[::]:5353",
             remote_address="",
@@ -447,10 +494,10 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 QueuedDatagram(length=0, source="[::1]:40001"),
             ),
         ),
-        ObjectData(id=18, offset=0, data=b"abc"),
+        ObjectData(id=19, offset=0, data=b"abc"),
         SocketOptions(
-            id=19,
-            socket_id=18,
+            id=20,
+            socket_id=19,
             filter_locked=True,
             options=(
                 SocketOption(level=1, name=2, value=b"\x01\0\0\0"),
@@ -458,8 +505,8 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             ),
             filter=bytes.fromhex("0600000000000100"),
         ),
-        NetlinkSocket(id=20, type=3, protocol=0, port_id=4242, groups=(1, 5)),
-        RawSocket(id=21, family=2, protocol=1, local_address="127.0.0.1", remote_address=""),
+        NetlinkSocket(id=21, type=3, protocol=0, port_id=4242, groups=(1, 5)),
+        RawSocket(id=22, family=2, protocol=1, local_address="127.0.0.1", remote_address=""),
     )
     files = Files(
         objects=len(objects),
@@ -488,6 +535,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 (9, FdKind.EVENTFD, "anon_inode:[eventfd]", 0o2, 0, 0o600, 7, 4),
                 (10, FdKind.TTY, "/dev/ptmx", 0o2, 0, 0o20666, 8, 10),
                 (11, FdKind.TTY, "/dev/pts/4", 0o2, 0, 0o20620, 9, 10),
+                (12, FdKind.SOCKET, "socket:[7790]", 0o2, 0, 0o140777, 10, 18),
             ]
         ),
     )
@@ -1164,7 +1212,7 @@ def test_summary_and_its_json() -> None:
         {"mtype": 2, "text": b"first\0".hex()},
         {"mtype": 2**63, "text": ""},
     ]
-    assert len(objects) == 21  # ObjectData counted in its object's data_bytes
+    assert len(objects) == 22  # ObjectData counted in its object's data_bytes
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:
@@ -1335,7 +1383,7 @@ def test_object_data_is_laid_out_like_pages() -> None:
         struct.pack("<QQ", 11, 0),
         struct.pack("<QQ", 12, 0),
         struct.pack("<QQ", 13, 0),
-        struct.pack("<QQ", 18, 0),
+        struct.pack("<QQ", 19, 0),
     ]
     assert found[1].payload[16:] == b"after a hole"
 

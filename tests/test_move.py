@@ -69,7 +69,7 @@ MOVED_LINE = re.compile(
 # Prints a descriptor's number, then echoes each stdin line: a process holding
 # one descriptor of the kind argv[1] names, which hijack cannot proxy.
 HOLDER = """\
-import socket, sys, tempfile
+import os, socket, sys, tempfile
 kind = sys.argv[1]
 if kind == "netlink":
     held = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
@@ -81,8 +81,9 @@ elif kind == "udplite":
     held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 136)  # IPPROTO_UDPLITE
     held.bind(("127.0.0.1", 0))
     fd = held.fileno()
-else:
-    held, other = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+else:  # a unix datagram socket with a name (a socketpair would be made again there)
+    held = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    held.bind(b"\\0hijack-holder-%d" % os.getpid())
     fd = held.fileno()
 print(fd, flush=True)
 for line in sys.stdin:
@@ -1125,6 +1126,43 @@ def test_stdin_and_stdout_pipes_are_proxied_after_a_move(tmp_path: Path) -> None
         cat.stdin.close()
         assert_ended_well(moved, "the moved cat", tmp_path)
         assert read_to_end(cat.stdout) == last_words  # all of them, then EOF
+        wait_released(moved)
+
+
+# A python3 holding two socketpairs with data queued in them (a stream and a datagram
+# pair); for each stdin line it reads them all and answers with what it read.
+SOCKETPAIRS = """\
+import socket, sys
+stream = socket.socketpair()
+stream[0].sendall(b"queued bytes")
+dgram = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+dgram[0].send(b"one")
+dgram[0].send(b"two")
+print("ready", flush=True)
+for line in sys.stdin:
+    got = [stream[1].recv(100), dgram[1].recv(100), dgram[1].recv(100)]
+    stream[0].sendall(b"again")
+    dgram[1].send(b"back")
+    got += [stream[1].recv(100), dgram[0].recv(100)]
+    print(b" ".join(got).decode(), flush=True)
+"""
+
+
+def test_socketpairs_are_made_again_at_the_destination_with_their_queues(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        holder = spawn_python(a, SOCKETPAIRS)
+        assert read_line(holder, LINE_TIMEOUT) == "ready"
+        moved = move(a, holder.pid, b)
+        assert holder.wait(EXIT_TIMEOUT) == -signal.SIGKILL  # the original
+        # Not relayed: made again there, with what was queued in them.
+        assert ask_moved(holder, "read") == "queued bytes one two again back"
+        assert holder.stdin is not None
+        holder.stdin.close()
+        assert_ended_well(moved, "the moved holder", tmp_path)
         wait_released(moved)
 
 

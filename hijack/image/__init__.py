@@ -101,6 +101,9 @@ from hijack.image.records import (
     TimerfdObject,
     Timers,
     UdpSocket,
+    UnixCredentials,
+    UnixMessage,
+    UnixSocket,
     UserRegsStruct,
 )
 from hijack.image.summary import ImageSummary, summarize, summary_to_json
@@ -190,6 +193,9 @@ __all__ = [
     "TimerfdObject",
     "Timers",
     "UdpSocket",
+    "UnixCredentials",
+    "UnixMessage",
+    "UnixSocket",
     "UserRegsStruct",
     "read_image",
     "read_round",

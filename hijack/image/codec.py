@@ -88,6 +88,7 @@ from hijack.image.records import (
     TimerfdObject,
     Timers,
     UdpSocket,
+    UnixSocket,
 )
 
 MAGIC = b"CRF\0"
@@ -141,6 +142,7 @@ class SectionKind(enum.Enum):
     SYSV_SEMAPHORES = b"SEM_"
     SYSV_MESSAGE_QUEUE = b"MSQ_"
     POSIX_MESSAGE_QUEUE = b"MQUE"
+    UNIX_SOCKET = b"UNIX"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
     SETTINGS = b"PSET"
@@ -263,6 +265,7 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.SYSV_SEMAPHORES: _StructSection(SysvSemaphores, is_object=True),
     SectionKind.SYSV_MESSAGE_QUEUE: _StructSection(SysvMessageQueue, is_object=True),
     SectionKind.POSIX_MESSAGE_QUEUE: _StructSection(PosixMessageQueue, is_object=True),
+    SectionKind.UNIX_SOCKET: _StructSection(UnixSocket, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
     SectionKind.SETTINGS: _StructSection(ProcessSettings),

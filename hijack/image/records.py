@@ -813,6 +813,56 @@ class PosixMessageQueue:
         _check_object_id(self)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnixCredentials:
+    """SCM_CREDENTIALS of a queued message (struct ucred), as its receiver would read them."""
+
+    pid: U32
+    uid: U32
+    gid: U32
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnixMessage:
+    """One message queued to be read from a unix socket; a stream's bytes are cut where the
+    kernel's reads stop too (before other credentials, after descriptors in flight)."""
+
+    data: bytes
+    source: bytes  # a datagram's sender address (sun_path), empty if the sender is unbound
+    credentials: UnixCredentials | None  # only when the receiver has SO_PASSCRED
+    rights: tuple[FileDescriptor, ...]  # descriptors in flight (SCM_RIGHTS); fd is their index
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnixSocket:
+    """A unix domain socket: one per socket of the dump, reached by a descriptor, in flight,
+    or connected to a listener and waiting in its accept queue. Peers and accept queues name
+    sockets by their inode at dump time."""
+
+    id: U64
+    inode: U64
+    type: U16  # SOCK_STREAM 1, SOCK_DGRAM 2, SOCK_SEQPACKET 5
+    state: U8  # sock_diag's: TCP_ESTABLISHED 1 (connected), TCP_CLOSE 7, TCP_LISTEN 10
+    shutdown: U8  # RCV_SHUTDOWN 1 | SEND_SHUTDOWN 2
+    passcred: bool  # SO_PASSCRED
+    peek_off: Annotated[int, SInt(4)]  # SO_PEEK_OFF; -1 when off
+    sndbuf: U32  # SO_SNDBUF, SO_RCVBUF as getsockopt gives them
+    rcvbuf: U32
+    backlog: U32  # a listener's listen() backlog, else 0
+    peer: U64  # the peer's inode; 0: none, closed, or not yet accepted
+    file_mode: U32  # the socket file's st_mode, uid and gid (a path name), else 0
+    file_uid: U32
+    file_gid: U32
+    name: bytes  # sun_path as bound: empty when unbound, a leading NUL for an abstract name
+    peer_name: bytes  # the peer's name (a queued client: its listener's), empty if none
+    queue: tuple[U64, ...]  # a listener's waiting connections: their clients' inodes, in order
+    messages: tuple[UnixMessage, ...]  # its receive queue, in order
+    refusal: str  # why it cannot be rebuilt, found at dump (data no peek can reach), or ""
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
 MAX_OBJECT_DATA = 8 * 1024 * 1024  # bytes of one ObjectData section
 
 
@@ -848,6 +898,7 @@ ObjectRecord = (
     | SocketOptions
     | NetlinkSocket
     | RawSocket
+    | UnixSocket
     | FileLocks
     | PtyPair
     | PipeObject

@@ -117,7 +117,7 @@ def refuse_hijack_itself(pid: int) -> None:
 
 
 def hijack_role(argv: list[str]) -> str | None:
-    """"hijack.shadow" for a shadow, the argument that runs hijack for a hijack command.
+    """ "hijack.shadow" for a shadow, the argument that runs hijack for a hijack command.
 
     Seen on a command line: `python -m hijack.shadow ...`, `python -m hijack ...`,
     and the console script, run directly or by its interpreter.

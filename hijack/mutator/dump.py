@@ -115,9 +115,10 @@ def dump(
     stopped_at = time.perf_counter()
     # Connections a killed process's restore rebuilds are locked while it is gone.
     locking = kill and check_descriptors
-    with Tracee.seize(pid) as tracee, (
-        ConnectionLocks(pid) if locking else contextlib.nullcontext()
-    ) as locks:
+    with (
+        Tracee.seize(pid) as tracee,
+        ConnectionLocks(pid) if locking else contextlib.nullcontext() as locks,
+    ):
         reached("dump-seized")
         check = functools.partial(refuse_unrestorable, pid, check_descriptors)
         end, threads, written = write_image(

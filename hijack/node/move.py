@@ -1,8 +1,10 @@
 """`hijack move PID --to HOST[:PORT]`: a live process moves to another node.
 
 On the node the process runs on now:
-1. check that every descriptor can go: reopened by path there, or proxied
-   through the home shadow (sockets, pipes, terminals); refuse naming the rest;
+1. check that every descriptor can go: reopened by path there, made again from
+   the image (epoll, eventfd, unix socketpairs with what is queued in them, ...),
+   or proxied through the home shadow (sockets, pipes, terminals); refuse naming
+   the rest;
 2. connect to the destination daemon (authenticated channel) — nothing has
    been touched yet, so a refusal changes nothing;
 2a. with pre-copy (on by default for processes holding PRECOPY_MIN_BYTES of
@@ -56,6 +58,7 @@ from hijack.mutator.precopy import Precopy, worth_precopying
 from hijack.mutator.tracee import Tracee
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
+from hijack.objects import unix
 from hijack.objects.regular import is_deleted
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
 from hijack.restore.plan import mapping_problems
@@ -718,6 +721,9 @@ def plan_proxies(
     entries = procfs.list_fds(pid)
     # Read after the descriptors: a socket accepted meanwhile is in the table.
     sockets = procfs.read_socket_table(pid)
+    socketpairs = unix.pairs_inside(
+        pid, {entry.ino for entry in entries if entry.kind is procfs.FdKind.SOCKET}
+    )
     streams = (
         {}
         if at_home or shadow is None
@@ -741,6 +747,8 @@ def plan_proxies(
     for entry in entries:
         if entry.kind in REOPENED and _reopenable(entry):
             continue
+        if entry.ino in socketpairs and entry.kind is procfs.FdKind.SOCKET:
+            continue  # both ends in the process: made again at the destination from the image
         if entry.kind is procfs.FdKind.TTY and not entry.target.endswith("ptmx"):
             # At home, the stream of a terminal is named for its lowest descriptor;
             # away, the shadow knows the pty that stands for it on this node.

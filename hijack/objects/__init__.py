@@ -13,6 +13,8 @@
                               SysV IPC objects it uses among them (hijack.objects.sysv)
     refusals(image, held)     why a restore could not rebuild each descriptor
     describe(descriptor, image)  "kind: details", for `hijack show`
+    dump_in_flight(fd, n, dump)   a descriptor in flight (copied out of a socket's queue)
+    rebuild_in_flight(d, restore) ... made again, as our own descriptor to send
 
 The base protocol and the contexts a kind is given are in hijack.objects.base.
 """
@@ -20,12 +22,13 @@ The base protocol and the contexts a kind is given are in hijack.objects.base.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 
 from hijack.errors import ImageError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects import sysv
-from hijack.objects.base import O_CLOEXEC, DumpContext, Kind
+from hijack.objects.base import O_CLOEXEC, DumpContext, Kind, RestoreContext
 from hijack.objects.device import Device
 from hijack.objects.epoll import Epoll
 from hijack.objects.eventfd import Eventfd
@@ -46,6 +49,7 @@ from hijack.objects.tcp import Tcp
 from hijack.objects.terminal import Terminal
 from hijack.objects.timerfd import Timerfd
 from hijack.objects.udp import Udp
+from hijack.objects.unix import Unix
 from hijack.sys import kcmp, procfs
 
 KINDS: tuple[Kind, ...] = (
@@ -62,6 +66,7 @@ KINDS: tuple[Kind, ...] = (
     Signalfd(),
     Inotify(),
     Pidfd(),
+    Unix(),  # before Tcp and Inet: all three claim sockets
     Tcp(),  # before Inet: an established connection, when the dump reads connections
     Udp(),  # before Inet, likewise
     Netlink(),
@@ -110,23 +115,49 @@ def read_files(pid: int, *, frozen: bool = True, connections: bool = False) -> I
             if description not in objects:  # a dup'ed or inherited one is dumped once
                 objects[description] = kind_for(entry, dump).dump(entry, info, dump)
                 dump_locks(entry.fd, info, description, dump)
-            descriptors.append(
-                rec.FileDescriptor(
-                    fd=entry.fd,
-                    kind=_image_fd_kind(entry.kind),
-                    path=entry.target,
-                    flags=info.flags,
-                    pos=info.pos,
-                    cloexec=bool(info.flags & O_CLOEXEC),
-                    mode=entry.mode,
-                    dev=entry.dev,
-                    ino=entry.ino,
-                    description_id=description,
-                    object_id=objects[description],
-                )
-            )
+            descriptors.append(_descriptor(entry, info, description, objects[description]))
         sysv.dump_held(dump)  # objects of the process that no descriptor reaches
         return ImageFiles.of(descriptors, dump.sections)
+
+
+def _descriptor(
+    entry: procfs.FdEntry, info: procfs.FdInfo, description: int, object_id: int
+) -> rec.FileDescriptor:
+    return rec.FileDescriptor(
+        fd=entry.fd,
+        kind=_image_fd_kind(entry.kind),
+        path=entry.target,
+        flags=info.flags,
+        pos=info.pos,
+        cloexec=bool(info.flags & O_CLOEXEC),
+        mode=entry.mode,
+        dev=entry.dev,
+        ino=entry.ino,
+        description_id=description,
+        object_id=object_id,
+    )
+
+
+def dump_in_flight(fd: int, number: int, dump: DumpContext) -> rec.FileDescriptor:
+    """Our descriptor `fd`, a copy of one in flight in a socket's queue, as an image
+    descriptor numbered `number` (its place in its message), its object added to `dump`.
+    It is a description of its own: one shared with a descriptor of the process is not
+    told apart (its object, a pipe or a socket, is shared all the same)."""
+    with dump.in_flight() as own:
+        entry = procfs.fd_entry(own.pid, fd)
+        info = procfs.read_fdinfo(own.pid, fd)
+        object_id = kind_for(entry, own).dump(entry, info, own)
+    return replace(
+        _descriptor(entry, info, dump.new_description(), object_id), fd=number, cloexec=False
+    )
+
+
+def rebuild_in_flight(descriptor: rec.FileDescriptor, restore: RestoreContext) -> int:
+    """Our own descriptor for an image descriptor in flight: its kind makes it in the stub at
+    a number nothing else uses, and we take it from there."""
+    spare = replace(descriptor, fd=restore.spare_number())
+    kind_of(spare, restore.image).restore(spare, restore)
+    return restore.take(spare.fd)
 
 
 def _image_fd_kind(kind: procfs.FdKind) -> rec.FdKind:

@@ -17,7 +17,7 @@ from types import TracebackType
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.restore.remote import Stub
-from hijack.sys import pidfd, procfs
+from hijack.sys import pidfd, procfs, unix_socket
 
 O_CLOEXEC = 0o2000000
 O_NONBLOCK = 0o4000
@@ -57,6 +57,9 @@ class DumpContext:
         self._handle = -1
         self._copies: list[int] = []
         self._sockets: dict[int, procfs.SocketInfo] | None = None
+        self._unix_sockets: dict[int, unix_socket.UnixDiag] | None = None
+        self._network_of = self  # whose network namespace socket tables are read in
+        self._last_description = max(descriptions.values(), default=0)
 
     def copy_fd(self, fd: int) -> int:
         """Our own copy of the process's descriptor `fd`, closed when the dump ends."""
@@ -68,9 +71,35 @@ class DumpContext:
 
     def socket_table(self) -> dict[int, procfs.SocketInfo]:
         """The sockets of the process's network namespace by inode (read once, when asked)."""
-        if self._sockets is None:
-            self._sockets = procfs.read_socket_table(self.pid)
-        return self._sockets
+        owner = self._network_of
+        if owner._sockets is None:
+            owner._sockets = procfs.read_socket_table(owner.pid)
+        return owner._sockets
+
+    def unix_sockets(self) -> dict[int, unix_socket.UnixDiag]:
+        """The unix sockets of the process's network namespace by inode, as sock_diag tells
+        of them: peers, accept queues (read once, when asked)."""
+        owner = self._network_of
+        if owner._unix_sockets is None:
+            owner._unix_sockets = unix_socket.unix_sockets(owner.pid)
+        return owner._unix_sockets
+
+    def new_description(self) -> int:
+        """A description id no descriptor of the process has (for one in flight)."""
+        self._network_of._last_description += 1
+        return self._network_of._last_description
+
+    def in_flight(self) -> DumpContext:
+        """A context for descriptors of THIS process that are copies of ones in flight (read
+        out of a socket's queue): its objects join this dump's, its socket tables are the
+        process's, and so are its `entries` (whoever holds what the process holds: a pipe
+        the process holds too counts as held outside, and is refused); it reads no TCP
+        connection (one in flight is refused). Close it (with) when its descriptors are
+        dumped."""
+        own = DumpContext(os.getpid(), self.entries, {}, frozen=self.frozen)
+        own.sections, own._ids, own._data_end = self.sections, self._ids, self._data_end
+        own._network_of = self._network_of
+        return own
 
     def add_object(self, key: Hashable, make: Callable[[int], rec.ObjectRecord]) -> int:
         """The id of kernel object `key` (e.g. ("pipe", ino)); its record is made once."""
@@ -136,6 +165,23 @@ class RestoreContext:
         taken = self.stub.call("pidfd_getfd", self._restorer, our_fd, 0)
         self.place(taken, descriptor)
         self.stub.call("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
+
+    def spare_number(self) -> int:
+        """A descriptor number free in the stub, above every one the image uses."""
+        return max((entry.fd for entry in procfs.list_fds(self.stub.pid)), default=2) + 1
+
+    def take(self, stub_fd: int) -> int:
+        """Our own copy of the stub's descriptor `stub_fd`, which the stub closes."""
+        copy = pidfd.copy_fd(self.stub.pid, stub_fd)
+        self.stub.call("close", stub_fd)
+        return copy
+
+    def give_made(self, made: int, descriptor: rec.FileDescriptor) -> None:
+        """give() a descriptor the restorer made for this one alone, then close ours."""
+        try:
+            self.give(made, descriptor)
+        finally:
+            os.close(made)
 
     def built(self, key: Hashable) -> int | None:
         """Our descriptor an earlier restore() kept under `key`: an object's id, or

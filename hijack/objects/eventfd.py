@@ -29,10 +29,7 @@ class Eventfd(Kind):
     def restore(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
         counter = restore.image.object_of(descriptor, rec.EventfdObject)
         made = os.eventfd(counter.count, os.EFD_CLOEXEC | (os.EFD_SEMAPHORE * counter.semaphore))
-        try:
-            restore.give(made, descriptor)
-        finally:
-            os.close(made)
+        restore.give_made(made, descriptor)
 
     def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
         counter = image.object_of(descriptor, rec.EventfdObject)

@@ -8,8 +8,6 @@ had exited (fdinfo Pid -1) cannot be made again.
 
 from __future__ import annotations
 
-import os
-
 from hijack.errors import HijackError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
@@ -47,10 +45,7 @@ class Pidfd(Kind):
         target = restore.image.object_of(descriptor, rec.PidfdObject)
         pid = restore.stub.pid if target.own else target.pid
         made = pidfd.pidfd_open(pid, descriptor.flags & O_NONBLOCK)
-        try:
-            restore.give(made, descriptor)
-        finally:
-            os.close(made)
+        restore.give_made(made, descriptor)
 
     def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
         target = image.object_of(descriptor, rec.PidfdObject)

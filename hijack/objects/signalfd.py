@@ -3,8 +3,6 @@ read are the process's pending signals, which the image queues again."""
 
 from __future__ import annotations
 
-import os
-
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects.base import O_NONBLOCK, DumpContext, Kind, RestoreContext
@@ -26,10 +24,7 @@ class Signalfd(Kind):
     def restore(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
         signals = restore.image.object_of(descriptor, rec.SignalfdObject)
         made = notify.make_signalfd(signals.sigmask, descriptor.flags & O_NONBLOCK)
-        try:
-            restore.give(made, descriptor)
-        finally:
-            os.close(made)
+        restore.give_made(made, descriptor)
 
     def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
         mask = image.object_of(descriptor, rec.SignalfdObject).sigmask

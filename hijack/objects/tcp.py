@@ -121,9 +121,10 @@ class Tcp(Kind):
                 set_option, attach = sockopts.our_setters(sock)
                 options = sockopts.options_of(restore.image, connection.id)
                 sockopts.set_late(options, set_option, attach, early_too=True)
-            restore.give(made, descriptor)
-        finally:
+        except BaseException:
             os.close(made)
+            raise
+        restore.give_made(made, descriptor)
 
     def finish(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
         # The connection exists again: let the peer's packets reach it.

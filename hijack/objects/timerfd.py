@@ -3,8 +3,6 @@ with the expirations the program had not read yet (TFD_IOC_SET_TICKS), and given
 
 from __future__ import annotations
 
-import os
-
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects.base import O_NONBLOCK, DumpContext, Kind, RestoreContext
@@ -40,10 +38,7 @@ class Timerfd(Kind):
             timer.clock_id, timer.settime_flags, timer.ticks, timer.value_ns, timer.interval_ns
         )
         made = notify.make_timerfd(state, descriptor.flags & O_NONBLOCK)
-        try:
-            restore.give(made, descriptor)
-        finally:
-            os.close(made)
+        restore.give_made(made, descriptor)
 
     def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
         timer = image.object_of(descriptor, rec.TimerfdObject)

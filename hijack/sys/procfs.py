@@ -636,21 +636,27 @@ def list_fds(pid: int) -> list[FdEntry]:
     entries = []
     with _proc_access("readlink", pid, "fd") as fd_dir:
         for name in os.listdir(fd_dir):
-            link = f"{fd_dir}/{name}"
             try:
-                target = os.readlink(link)
-                points_to = os.stat(link)
+                entries.append(_fd_entry(fd_dir, int(name)))
             except FileNotFoundError:
                 if os.path.isdir(fd_dir):
                     continue
                 raise
-            kind = classify_fd(target, points_to.st_mode)
-            entries.append(
-                FdEntry(
-                    int(name), target, kind, points_to.st_mode, points_to.st_dev, points_to.st_ino
-                )
-            )
     return sorted(entries, key=lambda entry: entry.fd)
+
+
+def fd_entry(pid: int, fd: int) -> FdEntry:
+    """Descriptor `fd` of `pid`."""
+    with _proc_access("readlink", pid, f"fd/{fd}"):
+        return _fd_entry(f"/proc/{pid}/fd", fd)
+
+
+def _fd_entry(fd_dir: str, fd: int) -> FdEntry:
+    link = f"{fd_dir}/{fd}"
+    target = os.readlink(link)
+    points_to = os.stat(link)
+    kind = classify_fd(target, points_to.st_mode)
+    return FdEntry(fd, target, kind, points_to.st_mode, points_to.st_dev, points_to.st_ino)
 
 
 def holders(targets: frozenset[str], *, besides: frozenset[int]) -> dict[str, set[int]]:

@@ -21,6 +21,7 @@ import struct
 import termios
 from dataclasses import dataclass
 
+from hijack.errors import HijackError
 from hijack.sys.errors import kernel_call
 
 TCP_REPAIR = 19
@@ -39,6 +40,8 @@ REPAIR_OPTION = struct.Struct("<II")  # opt_code, opt_val
 # struct tcp_info: state, ca_state, retransmits, probes, backoff, options, wscales (4+4 bits)
 TCP_INFO_HEAD = struct.Struct("<7B")
 CHUNK = 1 << 20  # bytes put back into a queue per call
+SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+BUFFER_SLACK = 1 << 16  # the kernel counts its own overhead against the buffer too
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,7 @@ def _peek(sock: socket.socket, queue: int, length: int) -> bytes:
 def set_repair(fd: int, on: bool) -> None:
     with kernel_call("setsockopt(TCP_REPAIR)"), socket.socket(fileno=fd) as sock:
         try:
-            sock.setsockopt(
-                socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON if on else TCP_REPAIR_OFF
-            )
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON if on else TCP_REPAIR_OFF)
         finally:
             sock.detach()
 
@@ -116,11 +117,23 @@ def read_state(fd: int) -> TcpState:
 
 
 def _fill(sock: socket.socket, queue: int, data: bytes) -> None:
+    """Put `data` back into a queue. Nothing drains a queue in repair mode, so a buffer
+    smaller than the data would block forever: it is made big enough first (root may
+    go past the sysctl limits), and the socket never blocks here."""
+    if not data:
+        return
+    buffer = SO_SNDBUFFORCE if queue == TCP_SEND_QUEUE else SO_RCVBUFFORCE
+    sock.setsockopt(socket.SOL_SOCKET, buffer, len(data) + BUFFER_SLACK)
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
     view = memoryview(data)
-    while view:
-        sent = sock.send(view[:CHUNK])
-        view = view[sent:]
+    try:
+        while view:
+            sent = sock.send(view[:CHUNK])
+            view = view[sent:]
+    except BlockingIOError:
+        raise HijackError(
+            f"{len(view)} of the {len(data)} bytes of a TCP queue do not fit back"
+        ) from None
 
 
 def make_connection(
@@ -128,6 +141,7 @@ def make_connection(
 ) -> int:
     """A socket of ours holding the connection `state` describes, live; returns its fd."""
     sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
     try:
         with kernel_call("TCP_REPAIR", what=f"the connection {local} -> {remote}"):
             # Repair mode forces the reuse of the address (a listener of the process may
@@ -157,6 +171,7 @@ def make_connection(
                 socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.pack(*state.window)
             )
             sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+            sock.setblocking(True)
     except BaseException:
         sock.close()
         raise

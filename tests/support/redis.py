@@ -90,5 +90,3 @@ def redis_server(directory: Path) -> Iterator[tuple[subprocess.Popen[bytes], int
         if server.poll() is None:
             server.kill()
         server.wait(timeout=EXIT_TIMEOUT)
-
-
