@@ -19,11 +19,14 @@ its sections, and without it gdb 13 cannot place a PIE binary (it reloads
 the threads over and over and loses the libraries). Segments whose bytes are
 the kernel's or a shared file's (NONE: vvar, vdso, MAP_SHARED files) and
 PROT_NONE ones holding no page have p_filesz 0: gdb reads shared files from
-NT_FILE, and calls the rest unreadable. The vDSO is not in images, so gdb
-says "Failed to read a valid object file image from memory" and does
-without its symbols. Data is written as it comes, so converting a large
-image takes as little memory as reading it; the program headers, which
-depend on where the data went, come last.
+NT_FILE, and calls the rest unreadable. A segment sharing the pages of a
+memory object of the image (a memfd, a deleted file, shared anonymous
+memory: NONE too) gets the object's bytes (its OBJECT_DATA), holes as
+zeros. The vDSO is not in images, so gdb says "Failed to read a valid
+object file image from memory" and does without its symbols. Data is
+written as it comes, so converting a large image takes as little memory as
+reading it; the program headers, which depend on where the data went, come
+last.
 
 What lief (1.0) makes and what is packed here with struct, and why:
 - lief makes the notes: NT_PRSTATUS through CorePrStatus (pid, signals and
@@ -69,13 +72,17 @@ from hijack.image.records import (
     ContentsKind,
     Credentials,
     End,
+    GhostFile,
     ImageHeader,
+    MemfdObject,
     MemoryStructure,
+    ObjectData,
     Pages,
     Prot,
     Record,
     Segment,
     Segments,
+    SharedAnonymous,
     Thread,
 )
 
@@ -117,6 +124,7 @@ class _Memory:
     segments: tuple[Segment, ...]
     tail: int = PAGE_SIZE  # the end of the data so far
     offsets: dict[int, int] = field(default_factory=dict)  # segment index -> its data
+    mapping: dict[int, list[int]] = field(default_factory=dict)  # object id -> segment indexes
 
     def __post_init__(self) -> None:
         self.starts = [segment.start for segment in self.segments]
@@ -134,6 +142,29 @@ class _Memory:
         # read_image has checked that the pages lie inside one STORED or FILE segment.
         index = bisect.bisect_right(self.starts, address) - 1
         self.put(self._reserve(index) + address - self.segments[index].start, data)
+
+    def object_mapped(self, found: GhostFile | MemfdObject | SharedAnonymous) -> None:
+        """The segments sharing the pages of memory object `found` (the same device and
+        inode) hold its bytes: zeros until its OBJECT_DATA come."""
+        self.mapping[found.id] = [
+            index
+            for index, segment in enumerate(self.segments)
+            if segment.shared
+            and (os.makedev(segment.dev_major, segment.dev_minor), segment.inode)
+            == (found.dev, found.ino)
+        ]
+        for index in self.mapping[found.id]:
+            self._reserve(index)
+
+    def object_data(self, chunk: ObjectData) -> None:
+        """Bytes of a memory object, into every segment that maps them."""
+        for index in self.mapping.get(chunk.id, ()):
+            segment = self.segments[index]
+            start = max(chunk.offset, segment.offset)
+            end = min(chunk.offset + len(chunk.data), segment.offset + segment.size)
+            if start < end:
+                part = chunk.data[start - chunk.offset : end - chunk.offset]
+                self.put(self.offsets[index] + start - segment.offset, part)
 
     def _reserve(self, index: int) -> int:
         if index not in self.offsets:
@@ -212,6 +243,12 @@ def write_core(records: Iterable[Record], out: BinaryIO) -> CoreResult:
         elif isinstance(record, Pages):
             assert memory is not None  # read_image: SEGMENTS comes before any PAGES
             memory.write(record.address, record.data)
+        elif isinstance(record, GhostFile | MemfdObject | SharedAnonymous):
+            assert memory is not None  # read_image: SEGMENTS comes before the objects
+            memory.object_mapped(record)
+        elif isinstance(record, ObjectData):
+            assert memory is not None
+            memory.object_data(record)
         elif isinstance(record, Thread):
             threads.append(record)
         elif isinstance(record, End):

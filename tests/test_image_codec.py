@@ -46,6 +46,7 @@ from hijack.image import (
     FileLock,
     FileLocks,
     Files,
+    GhostFile,
     ImageHeader,
     ImageWriter,
     InetSocket,
@@ -53,6 +54,7 @@ from hijack.image import (
     InotifyWatch,
     Itimer,
     LockKind,
+    MemfdObject,
     MemoryStructure,
     NetlinkSocket,
     ObjectData,
@@ -78,6 +80,7 @@ from hijack.image import (
     SectionKind,
     Segment,
     Segments,
+    SharedAnonymous,
     SigAction,
     SigAltStack,
     SignalfdObject,
@@ -114,7 +117,7 @@ from hijack.image.fields import Cursor, struct_codec
 OBJECT_TAGS = {
     b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"PIDF", b"INET", b"TCPC", b"LOCK",
     b"PTYP", b"PIPE", b"FIFO", b"SHM_", b"SEM_", b"MSQ_", b"MQUE", b"UNIX", b"UDPS", b"SOPT",
-    b"NLNK", b"RAWS", b"ODAT",
+    b"NLNK", b"RAWS", b"GHST", b"MEMF", b"SHMA", b"ODAT",
 }  # fmt: skip
 SECTION_NAMES = {
     b"HEAD": "HEADER",
@@ -140,6 +143,9 @@ SECTION_NAMES = {
     b"SOPT": "SOCKET_OPTIONS",
     b"NLNK": "NETLINK_SOCKET",
     b"RAWS": "RAW_SOCKET",
+    b"GHST": "GHOST_FILE",
+    b"MEMF": "MEMFD",
+    b"SHMA": "SHARED_ANONYMOUS",
     b"LOCK": "FILE_LOCKS",
     b"PTYP": "PTY_PAIR",
     b"PIPE": "PIPE_OBJECT",
@@ -484,8 +490,17 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             ),
             refusal="",
         ),
+        GhostFile(
+            id=19, dev=2049, ino=77, mode=0o100640, uid=1000, gid=100, size=9000, path="/tmp/x"
+        ),
+        ObjectData(id=19, offset=8192, data=b"the tail after a hole"),
+        MemfdObject(
+            id=20, dev=1, ino=1032, size=4096, seals=0xA, mode=0o100777, uid=0, gid=0, name="m"
+        ),
+        ObjectData(id=20, offset=0, data=rng.randbytes(4096)),
+        SharedAnonymous(id=21, dev=1, ino=1035, size=16384),
         UdpSocket(
-            id=19,
+            id=22,
             family=10,
             local_address="[::]:5353",
             remote_address="",
@@ -494,10 +509,10 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 QueuedDatagram(length=0, source="[::1]:40001"),
             ),
         ),
-        ObjectData(id=19, offset=0, data=b"abc"),
+        ObjectData(id=22, offset=0, data=b"abc"),
         SocketOptions(
-            id=20,
-            socket_id=19,
+            id=23,
+            socket_id=22,
             filter_locked=True,
             options=(
                 SocketOption(level=1, name=2, value=b"\x01\0\0\0"),
@@ -505,8 +520,8 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             ),
             filter=bytes.fromhex("0600000000000100"),
         ),
-        NetlinkSocket(id=21, type=3, protocol=0, port_id=4242, groups=(1, 5)),
-        RawSocket(id=22, family=2, protocol=1, local_address="127.0.0.1", remote_address=""),
+        NetlinkSocket(id=24, type=3, protocol=0, port_id=4242, groups=(1, 5)),
+        RawSocket(id=25, family=2, protocol=1, local_address="127.0.0.1", remote_address=""),
     )
     files = Files(
         objects=len(objects),
@@ -988,6 +1003,9 @@ INVALID_RECORDS: dict[str, Callable[[], object]] = {
     "no description": lambda: replace(the(Files).descriptors[0], description_id=0),
     "object id 0": lambda: TerminalObject(id=0, state=TERMINAL),
     "empty object data": lambda: ObjectData(id=1, offset=0, data=b""),
+    "ghost of a socket": lambda: GhostFile(
+        id=1, dev=1, ino=1, mode=0o140777, uid=0, gid=0, size=0, path="/s"
+    ),
     "lock type": lambda: FileLock(kind=LockKind.POSIX, type=2, start=0, length=0),
     "flock on a range": lambda: FileLock(kind=LockKind.FLOCK, type=1, start=10, length=1),
     "locks of no description": lambda: FileLocks(id=1, description_id=0, signal=0, locks=()),
@@ -1212,7 +1230,11 @@ def test_summary_and_its_json() -> None:
         {"mtype": 2, "text": b"first\0".hex()},
         {"mtype": 2**63, "text": ""},
     ]
-    assert len(objects) == 22  # ObjectData counted in its object's data_bytes
+    [ghost] = [o for o in objects if isinstance(o, dict) and o["record"] == "GhostFile"]
+    assert ghost["data_bytes"] == len("the tail after a hole")
+    # Every object record once, ObjectData counted in its object's data_bytes.
+    records = [r for r in BUILT.records if isinstance(r, records_module.ObjectRecord)]
+    assert len(objects) == len([r for r in records if not isinstance(r, ObjectData)])
 
 
 def test_summary_of_an_incomplete_stream_is_an_image_error() -> None:
@@ -1383,7 +1405,9 @@ def test_object_data_is_laid_out_like_pages() -> None:
         struct.pack("<QQ", 11, 0),
         struct.pack("<QQ", 12, 0),
         struct.pack("<QQ", 13, 0),
-        struct.pack("<QQ", 19, 0),
+        struct.pack("<QQ", 19, 8192),
+        struct.pack("<QQ", 20, 0),
+        struct.pack("<QQ", 22, 0),
     ]
     assert found[1].payload[16:] == b"after a hole"
 

@@ -69,13 +69,10 @@ MOVED_LINE = re.compile(
 # Prints a descriptor's number, then echoes each stdin line: a process holding
 # one descriptor of the kind argv[1] names, which hijack cannot proxy.
 HOLDER = """\
-import os, socket, sys, tempfile
+import os, socket, sys
 kind = sys.argv[1]
 if kind == "netlink":
     held = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-    fd = held.fileno()
-elif kind == "deleted":
-    held = tempfile.TemporaryFile()  # O_TMPFILE: a file without a name
     fd = held.fileno()
 elif kind == "udplite":
     held = socket.socket(socket.AF_INET, socket.SOCK_DGRAM, 136)  # IPPROTO_UDPLITE
@@ -1175,7 +1172,6 @@ def test_socketpairs_are_made_again_at_the_destination_with_their_queues(
         ("netlink", r"socket socket:\[\d+\]"),
         ("unix-datagram", r"socket unix"),
         ("udplite", r"socket socket:\[\d+\]"),  # a datagram socket, but not UDP
-        ("deleted", r"regular /tmp/.* \(deleted\)"),
     ],
 )
 def test_a_descriptor_that_cannot_be_proxied_is_named_and_nothing_moves(
@@ -1205,12 +1201,33 @@ def test_a_mapping_no_copy_could_open_is_named_before_anything_is_touched(
         b.start_daemon()
         with spawn_fixture("sysv_shm", netns=a.netns) as shm:
             line = move_refused(a, shm.pid, b)
-            assert re.search(r"cannot open /SYSV[0-9a-f]+, which the process had mapped", line)
+            assert re.search(r"System V shared memory at 0x[0-9a-f]+ \(a move's pre-copy", line)
             assert line.endswith("nothing was changed"), line
             assert_untouched(shm.pid)
             assert_not_attached(a, shm.pid)
             assert " move " not in daemon_log(b)
             shm.assert_intact()
+
+
+# -- what the image itself carries -------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ghost", "memfd"])
+def test_deleted_files_and_memfds_are_made_again_from_the_image_on_the_destination(
+    tmp_path: Path, name: str
+) -> None:
+    """Not proxied: the destination rebuilds them (bytes, holes, offsets, seals, the sharing
+    between a memfd's descriptor and its mapping, a deleted cwd) from the image."""
+    data = tmp_path / "data"
+    data.mkdir()
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        with spawn_fixture(name, *([data] if name == "ghost" else []), netns=a.netns) as held:
+            moved = move(a, held.pid, b)
+            held.wait_exit()  # the original, killed by the move
+            finish_moved(held, moved, tmp_path)
+    assert list(data.iterdir()) == []  # made again under their names, unlinked at once
 
 
 # -- an unmodified server ---------------------------------------------------------------

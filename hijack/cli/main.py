@@ -31,6 +31,7 @@ from hijack.node import move as moving
 from hijack.node import naming
 from hijack.node.channel import cluster_key_path, create_cluster_key, load_cluster_key
 from hijack.node.daemon import DEFAULT_PORT
+from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.registry import DEFAULT_STATE_DIR, Registry, state_dir
 from hijack.restore import restorer as restoring
 from hijack.shadow import control
@@ -59,6 +60,19 @@ def parse_pid(text: str) -> int:
     if pid <= 0:
         raise argparse.ArgumentTypeError(f"not a process id: {text!r}")
     return pid
+
+
+SIZE_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+def parse_size(text: str) -> int:
+    """A size in bytes: a number, optionally followed by K, M or G (powers of 1024)."""
+    number, unit = text[:-1], text[-1:].upper()
+    if unit.isdigit():
+        number, unit = text, ""
+    if not number.isdigit() or unit not in SIZE_UNITS:
+        raise argparse.ArgumentTypeError(f"not a size (bytes, or with K, M, G): {text!r}")
+    return int(number) * SIZE_UNITS[unit]
 
 
 def checked_argument(check: Callable[[str], object]) -> Callable[[str], str]:
@@ -115,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     dump.add_argument("--no-binary", action="store_true", help="map the executable from its file")
     dump.add_argument(
         "--no-shared-libs", action="store_true", help="map shared libraries from their files"
+    )
+    dump.add_argument(
+        "--ghost-limit",
+        type=parse_size,
+        default=DEFAULT_GHOST_LIMIT,
+        metavar="SIZE",
+        help="the most data one deleted but open file may put in the image (bytes, or with"
+        " K, M, G; default 64M): a bigger one is refused",
     )
     dump.set_defaults(handler=command_dump)
 
@@ -275,6 +297,7 @@ def command_dump(args: argparse.Namespace, console: Console) -> int:
             "before_kill": hand_over,
             # The shadow keeps the descriptors; or the user accepts losing them.
             "check_descriptors": holder is None and not args.skip_unsupported,
+            "ghost_limit": args.ghost_limit,
         }
         try:
             if args.output == "-":

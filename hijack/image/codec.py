@@ -59,9 +59,11 @@ from hijack.image.records import (
     FifoObject,
     FileLocks,
     Files,
+    GhostFile,
     ImageHeader,
     InetSocket,
     InotifyObject,
+    MemfdObject,
     MemoryStructure,
     NetlinkSocket,
     ObjectData,
@@ -76,6 +78,7 @@ from hijack.image.records import (
     Rlimits,
     Round,
     Segments,
+    SharedAnonymous,
     SignalfdObject,
     SignalState,
     SocketOptions,
@@ -143,6 +146,9 @@ class SectionKind(enum.Enum):
     SYSV_MESSAGE_QUEUE = b"MSQ_"
     POSIX_MESSAGE_QUEUE = b"MQUE"
     UNIX_SOCKET = b"UNIX"
+    GHOST_FILE = b"GHST"
+    MEMFD = b"MEMF"
+    SHARED_ANONYMOUS = b"SHMA"
     OBJECT_DATA = b"ODAT"
     CWD = b"CWD_"
     SETTINGS = b"PSET"
@@ -266,6 +272,9 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.SYSV_MESSAGE_QUEUE: _StructSection(SysvMessageQueue, is_object=True),
     SectionKind.POSIX_MESSAGE_QUEUE: _StructSection(PosixMessageQueue, is_object=True),
     SectionKind.UNIX_SOCKET: _StructSection(UnixSocket, is_object=True),
+    SectionKind.GHOST_FILE: _StructSection(GhostFile, is_object=True),
+    SectionKind.MEMFD: _StructSection(MemfdObject, is_object=True),
+    SectionKind.SHARED_ANONYMOUS: _StructSection(SharedAnonymous, is_object=True),
     SectionKind.OBJECT_DATA: _ObjectDataSection(),
     SectionKind.CWD: _StructSection(Cwd),
     SectionKind.SETTINGS: _StructSection(ProcessSettings),

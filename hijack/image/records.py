@@ -13,6 +13,7 @@ invalid record can neither be written nor read.
 from __future__ import annotations
 
 import enum
+import stat
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -863,6 +864,64 @@ class UnixSocket:
         _check_object_id(self)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GhostFile:
+    """A file, directory or FIFO the process holds after its name was removed.
+
+    A regular file's bytes follow in ObjectData sections, one per run of data
+    (SEEK_DATA / SEEK_HOLE): what no section covers up to `size` is a hole.
+    """
+
+    id: U64
+    dev: U64  # st_dev and st_ino of the original: its shared mappings name the same
+    ino: U64
+    mode: U32  # st_mode: S_IFREG, S_IFDIR or S_IFIFO and the permission bits
+    uid: U32
+    gid: U32
+    size: U64  # st_size of a regular file; 0 otherwise
+    path: str  # where it was, without the kernel's " (deleted)"
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        _require(
+            stat.S_IFMT(self.mode) in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFIFO),
+            f"GhostFile {self.id}: mode {self.mode:#o} is no file, directory or FIFO",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MemfdObject:
+    """A memfd (memfd_create): its bytes follow in ObjectData sections, holes left out
+    (hijack.objects.memfd); reached by descriptors and by shared mappings alike."""
+
+    id: U64
+    dev: U64  # st_dev and st_ino of the original: its shared mappings name the same
+    ino: U64
+    size: U64  # st_size
+    seals: U32  # F_GET_SEALS: F_SEAL_SEAL 1, SHRINK 2, GROW 4, WRITE 8, FUTURE_WRITE 16, EXEC 32
+    mode: U32  # st_mode
+    uid: U32
+    gid: U32
+    name: str  # as given to memfd_create ("/memfd:NAME (deleted)" in /proc)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SharedAnonymous:
+    """Shared anonymous memory (MAP_SHARED | MAP_ANONYMOUS, "/dev/zero (deleted)" in maps):
+    reached by mappings only; its bytes follow in ObjectData sections, holes left out."""
+
+    id: U64
+    dev: U64  # st_dev and st_ino of the kernel's object: its segments name the same
+    ino: U64
+    size: U64  # the object's size: the length of the mmap that made it
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
 MAX_OBJECT_DATA = 8 * 1024 * 1024  # bytes of one ObjectData section
 
 
@@ -907,6 +966,9 @@ ObjectRecord = (
     | SysvSemaphores
     | SysvMessageQueue
     | PosixMessageQueue
+    | GhostFile
+    | MemfdObject
+    | SharedAnonymous
     | ObjectData
 )
 

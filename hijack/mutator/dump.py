@@ -33,6 +33,8 @@ from hijack.image.codec import ImageWriter
 from hijack.image.files import ImageFiles
 from hijack.image.identity import file_identity, is_shared_library
 from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, recorded_registers
+from hijack.objects.base import DEFAULT_GHOST_LIMIT
+from hijack.objects.memfd import held_by_objects
 from hijack.objects.tcp import ConnectionLocks
 from hijack.process import settings, timers
 from hijack.restore.plan import ATTACH_HINT, restore_problems
@@ -99,6 +101,7 @@ def dump(
     on_complete: Callable[[], None] | None = None,
     before_kill: Callable[[], None] | None = None,
     check_descriptors: bool = True,
+    ghost_limit: int = DEFAULT_GHOST_LIMIT,
 ) -> DumpResult:
     """Write an image of `pid` to `out`; the process runs on unless `kill`.
 
@@ -109,7 +112,8 @@ def dump(
     With `kill`, an image a restore would refuse is refused before anything is
     written (Unsupported), and the process runs on; its descriptors are left
     out of that check unless `check_descriptors` (its shadow takes them over,
-    or the user chose to drop them).
+    or the user chose to drop them). A deleted file holding more than
+    `ghost_limit` bytes of data is refused before anything is written.
     """
     widen_if_pipe(out)
     stopped_at = time.perf_counter()
@@ -127,6 +131,7 @@ def dump(
             no_binary=no_binary,
             no_shared_libs=no_shared_libs,
             check=check if kill else None,
+            ghost_limit=ghost_limit,
             connections=check_descriptors,
         )
         reached("dump-written")
@@ -153,6 +158,7 @@ def write_image(
     no_shared_libs: bool = False,
     precopied: Precopied | None = None,
     check: Callable[[tuple[rec.Segment, ...], ImageFiles], None] | None = None,
+    ghost_limit: int = DEFAULT_GHOST_LIMIT,
     connections: bool = False,
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
@@ -160,6 +166,7 @@ def write_image(
     With `precopied`, the image is the final one of a move after pre-copy
     rounds (docs/crf.md §7a): only what changed since of what they sent.
     `check(segments, files)` may refuse the image before its first byte is written.
+    A deleted file the process holds may put at most `ghost_limit` bytes in it.
     `connections`: established TCP connections are read with TCP_REPAIR (hijack.objects.tcp).
     """
     pid = tracee.pid
@@ -177,11 +184,13 @@ def write_image(
         process_settings = settings.read_settings(tracee, scratch, tracee.thread_ids)
         process_timers = timers.read_timers(tracee, scratch)
     tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
+    files = objects.read_files(
+        pid, connections=connections, maps=maps, ghost_limit=ghost_limit
+    )
     flags = precopied.vm_flags(maps) if precopied is not None else None
-    segments = describe_segments(pid, maps, options, flags=flags)
+    segments = held_by_objects(describe_segments(pid, maps, options, flags=flags), files)
     if precopied is not None:
         segments = precopied.segments(segments)
-    files = objects.read_files(pid, connections=connections)
     if check is not None:
         check(tuple(segments), files)
     writer = ImageWriter(out)
@@ -234,6 +243,7 @@ def dump_to_file(
     no_shared_libs: bool = False,
     before_kill: Callable[[], None] | None = None,
     check_descriptors: bool = True,
+    ghost_limit: int = DEFAULT_GHOST_LIMIT,
 ) -> DumpResult:
     """dump() into `path`, through a temporary file renamed when the image is complete.
 
@@ -261,6 +271,7 @@ def dump_to_file(
                 on_complete=put_in_place,
                 before_kill=before_kill,
                 check_descriptors=check_descriptors,
+                ghost_limit=ghost_limit,
             )
     except OSError as exc:
         raise HijackError(f"cannot write image {path}: {exc.strerror or exc}") from None

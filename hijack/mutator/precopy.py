@@ -47,6 +47,7 @@ from hijack.mutator.dump import (
     scratch_page,
 )
 from hijack.mutator.tracee import Tracee
+from hijack.objects.memfd import holds_object
 from hijack.sys import dirty, memory, pidfd, procfs
 
 Run = tuple[int, int]
@@ -128,8 +129,10 @@ class Precopy:
         writer = ImageWriter(out)
         writer.write(rec.Round(pid=self.pid, number=number))
         # Only round 0's layout is built: later rounds' segments just bound
-        # their pages, and go without VmFlags (smaps is slow to read).
-        maps = procfs.read_maps(self.pid)
+        # their pages, and go without VmFlags (smaps is slow to read). What a
+        # memory object holds (a memfd, shared anonymous memory) comes whole
+        # with its object in the final image, and is mapped from it there.
+        maps = [m for m in procfs.read_maps(self.pid) if not holds_object(m)]
         flags: dict[int, tuple[str, ...]] | None = None if number == 0 else {}
         segments = _without_tracking_flags(
             describe_segments(self.pid, maps, rec.DumpOptions(0), flags=flags)

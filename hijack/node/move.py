@@ -59,7 +59,7 @@ from hijack.mutator.tracee import Tracee
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
 from hijack.objects import unix
-from hijack.objects.regular import is_deleted
+from hijack.objects.memfd import holds_object
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
 from hijack.restore.plan import mapping_problems
 from hijack.shadow import control
@@ -70,8 +70,9 @@ from hijack.testpoint import reached
 
 # Reopened by path on the destination (nodes share a file system), or made
 # anew there from the image (epoll with its interest list, eventfd, timerfd,
-# signalfd, inotify with its watches).
-REOPENED = {
+# signalfd, inotify with its watches, a memfd, a deleted file, directory or
+# FIFO with what it holds).
+REBUILT = {
     procfs.FdKind.REGULAR,
     procfs.FdKind.DIRECTORY,
     procfs.FdKind.FIFO,
@@ -79,6 +80,7 @@ REOPENED = {
     procfs.FdKind.BLOCKDEV,
     procfs.FdKind.EPOLL,
     procfs.FdKind.EVENTFD,
+    procfs.FdKind.MEMFD,
     procfs.FdKind.TIMERFD,
     procfs.FdKind.SIGNALFD,
     procfs.FdKind.INOTIFY,
@@ -694,9 +696,12 @@ class _Progress:
 
 def refuse_unmappable(pid: int) -> None:
     """Refuse, before anything is touched, a process whose copy could not map what it maps
-    (SysV shared memory, a deleted shared file): the destination's restore would refuse it."""
+    (SysV shared memory): the destination's restore would refuse it. What an object of
+    the image holds (a memfd, a deleted file, shared anonymous memory) is made there."""
     maps = procfs.read_maps(pid)
-    problems = list(mapping_problems(describe_segments(pid, maps, rec.DumpOptions(0), flags={})))
+    segments = describe_segments(pid, maps, rec.DumpOptions(0), flags={})
+    held = frozenset(m.start for m in maps if holds_object(m))
+    problems = list(mapping_problems(segments, held))
     problems += [
         f"System V shared memory at {m.start:#x} (a move's pre-copy cannot attach it;"
         " dump and restore do)"
@@ -745,7 +750,7 @@ def plan_proxies(
     plan: list[Proxy] = []
     refused: list[str] = []
     for entry in entries:
-        if entry.kind in REOPENED and _reopenable(entry):
+        if entry.kind in REBUILT:
             continue
         if entry.ino in socketpairs and entry.kind is procfs.FdKind.SOCKET:
             continue  # both ends in the process: made again at the destination from the image
@@ -911,11 +916,6 @@ def _closed_since(pid: int, entry: procfs.FdEntry) -> bool:
     except FileNotFoundError:
         return True
     return (now.st_dev, now.st_ino) != (entry.dev, entry.ino)
-
-
-def _reopenable(entry: procfs.FdEntry) -> bool:
-    """Whether the destination can open the file again by its path (not deleted)."""
-    return not is_deleted(entry.target, entry.dev, entry.ino)
 
 
 def peek_unread(pid: int, plan: list[Proxy]) -> dict[str, bytes]:

@@ -7,7 +7,7 @@
                               descriptor: the owner of its object record's type, or
                               (no object) the first kind listing its FdKind in fd_kinds
     kind_named(name)
-    read_files(pid)           FILES and the object sections of a stopped process,
+    read_files(pid, ...)      FILES and the object sections of a stopped process,
                               the locks each description holds too (hijack.objects.locks)
     read_files(pid)           FILES and the object sections of a stopped process, the
                               SysV IPC objects it uses among them (hijack.objects.sysv)
@@ -28,14 +28,22 @@ from hijack.errors import ImageError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects import sysv
-from hijack.objects.base import O_CLOEXEC, DumpContext, Kind, RestoreContext
+from hijack.objects.base import (
+    DEFAULT_GHOST_LIMIT,
+    O_CLOEXEC,
+    DumpContext,
+    Kind,
+    RestoreContext,
+)
 from hijack.objects.device import Device
 from hijack.objects.epoll import Epoll
 from hijack.objects.eventfd import Eventfd
 from hijack.objects.fifo import Fifo
+from hijack.objects.ghost import Ghost
 from hijack.objects.inet import Inet
 from hijack.objects.inotify import Inotify
 from hijack.objects.locks import describe_held, dump_locks
+from hijack.objects.memfd import Memfd
 from hijack.objects.mqueue import MessageQueue
 from hijack.objects.netlink import Netlink
 from hijack.objects.other import Other
@@ -54,6 +62,8 @@ from hijack.sys import kcmp, procfs
 
 KINDS: tuple[Kind, ...] = (
     MessageQueue(),  # before Regular: a queue's descriptor looks like a regular file
+    Ghost(),  # before Regular and Fifo: a deleted one cannot be reopened by path
+    Memfd(),
     Regular(),
     Fifo(),
     PtyPairKind(),  # before Terminal: both ends of a pair in the process
@@ -101,14 +111,30 @@ def kind_of(descriptor: rec.FileDescriptor, image: ImageFiles) -> Kind:
     return next(kind for kind in KINDS if descriptor.kind in kind.fd_kinds)
 
 
-def read_files(pid: int, *, frozen: bool = True, connections: bool = False) -> ImageFiles:
-    """The descriptors of stopped process `pid` and the objects behind them;
+def read_files(
+    pid: int,
+    *,
+    frozen: bool = True,
+    connections: bool = False,
+    maps: list[procfs.MapEntry] | None = None,
+    ghost_limit: int = DEFAULT_GHOST_LIMIT,
+) -> ImageFiles:
+    """The descriptors of stopped process `pid` and the objects behind them, those it
+    reaches through its mappings `maps` and its cwd too (Kind.dump_process);
     `connections`: established TCP connections with their TCP_REPAIR state."""
     entries = procfs.list_fds(pid)
     descriptions = kcmp.description_ids(pid, [(e.fd, e.dev, e.ino) for e in entries])
     objects: dict[int, int] = {}  # description id -> object id
     descriptors = []
-    with DumpContext(pid, entries, descriptions, frozen=frozen, connections=connections) as dump:
+    with DumpContext(
+        pid,
+        entries,
+        descriptions,
+        frozen=frozen,
+        connections=connections,
+        maps=maps,
+        ghost_limit=ghost_limit,
+    ) as dump:
         for entry in entries:
             info = procfs.read_fdinfo(pid, entry.fd)
             description = descriptions[entry.fd]
@@ -117,6 +143,8 @@ def read_files(pid: int, *, frozen: bool = True, connections: bool = False) -> I
                 dump_locks(entry.fd, info, description, dump)
             descriptors.append(_descriptor(entry, info, description, objects[description]))
         sysv.dump_held(dump)  # objects of the process that no descriptor reaches
+        for kind in KINDS:
+            kind.dump_process(dump)
         return ImageFiles.of(descriptors, dump.sections)
 
 

@@ -25,6 +25,7 @@ F_DUPFD, F_SETFD, F_SETFL = 0, 2, 4
 FD_CLOEXEC = 1
 # The status flags F_SETFL can change: O_APPEND, O_ASYNC, O_DIRECT, O_NOATIME, O_NONBLOCK.
 SETTABLE_STATUS_FLAGS = 0o2000 | 0o20000 | 0o40000 | 0o1000000 | O_NONBLOCK
+DEFAULT_GHOST_LIMIT = 64 * 1024 * 1024  # `hijack dump --ghost-limit`'s default
 
 
 def describe_fd(descriptor: rec.FileDescriptor) -> str:
@@ -42,6 +43,8 @@ class DumpContext:
         descriptions: dict[int, int],
         *,
         frozen: bool = True,
+        maps: list[procfs.MapEntry] | None = None,
+        ghost_limit: int = DEFAULT_GHOST_LIMIT,
         connections: bool = False,
     ) -> None:
         self.pid = pid
@@ -51,6 +54,8 @@ class DumpContext:
         # rebuild them (a plain dump; a move relays them through the shadow instead).
         self.connections = connections
         self.descriptions = descriptions  # fd -> description id (kcmp)
+        self.maps = maps if maps is not None else []  # its mappings, for Kind.dump_process
+        self.ghost_limit = ghost_limit  # bytes of data one deleted file may put in the image
         self.sections: list[rec.ObjectRecord] = []  # object records and their data, in order
         self._ids: dict[Hashable, int] = {}
         self._data_end: dict[int, int] = {}  # object id -> where its data ends so far
@@ -96,7 +101,9 @@ class DumpContext:
         the process holds too counts as held outside, and is refused); it reads no TCP
         connection (one in flight is refused). Close it (with) when its descriptors are
         dumped."""
-        own = DumpContext(os.getpid(), self.entries, {}, frozen=self.frozen)
+        own = DumpContext(
+            os.getpid(), self.entries, {}, frozen=self.frozen, ghost_limit=self.ghost_limit
+        )
         own.sections, own._ids, own._data_end = self.sections, self._ids, self._data_end
         own._network_of = self._network_of
         return own
@@ -157,14 +164,18 @@ class RestoreContext:
     def give(self, our_fd: int, descriptor: rec.FileDescriptor) -> None:
         """Put our descriptor `our_fd` into the stub at the image's number, with its
         close-on-exec and status flags (the stub takes it with pidfd_getfd)."""
+        self.place(self.lend(our_fd), descriptor)
+        self.stub.call("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
+
+    def lend(self, our_fd: int) -> int:
+        """The stub's own copy of our descriptor `our_fd`, at a free number of its choosing
+        (pidfd_getfd): for what the stub uses once and closes (a file it maps)."""
         if self._restorer < 0:
             opened = self.stub.call("pidfd_open", os.getpid(), 0)
             # Parked above the image's numbers, so no restored descriptor lands on it.
             self._restorer = self.stub.call("fcntl", opened, F_DUPFD, self._parking)
             self.stub.call("close", opened)
-        taken = self.stub.call("pidfd_getfd", self._restorer, our_fd, 0)
-        self.place(taken, descriptor)
-        self.stub.call("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
+        return self.stub.call("pidfd_getfd", self._restorer, our_fd, 0)
 
     def spare_number(self) -> int:
         """A descriptor number free in the stub, above every one the image uses."""
@@ -237,6 +248,10 @@ class Kind:
 
     def finish(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
         """Once every descriptor exists (an epoll's interest list)."""
+
+    def dump_process(self, dump: DumpContext) -> None:
+        """Objects the process reaches other than by a descriptor (a memfd it only maps,
+        its deleted cwd), added as dump() adds them; once per dump, after the descriptors."""
 
     def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
         """One line of details for `hijack show`."""

@@ -77,9 +77,15 @@ def needs_backing_file(segment: rec.Segment) -> bool:
     )
 
 
+def may_write(segment: rec.Segment) -> bool:
+    """Whether a shared mapping is or may be made writable (VM_MAYWRITE, smaps "mw"): it was
+    mapped from a descriptor opened for writing, and must be again, or a later
+    mprotect(PROT_WRITE) fails."""
+    return segment.shared and bool(segment.prot & rec.Prot.WRITE or "mw" in segment.vm_flags)
+
+
 def backing_file_mode(segment: rec.Segment) -> int:
-    writable_shared = segment.shared and segment.prot & rec.Prot.WRITE
-    return (O_RDWR if writable_shared else O_RDONLY) | O_CLOEXEC
+    return (O_RDWR if may_write(segment) else O_RDONLY) | O_CLOEXEC
 
 
 def unmappable(segment: rec.Segment) -> str:
@@ -123,13 +129,15 @@ class AddressSpace:
         self._starts = [s.start for s in self.segments]
         self._mem = memory.MemoryFile(stub.pid)
 
-    def build(self) -> None:
+    def build(self, later: frozenset[int] = frozenset()) -> None:
+        """Lay the stub out as the image says; the segments starting at `later` are left
+        for map_segment_from (mapped from objects the descriptors' restore makes)."""
         self._clear_stub()
         self._place_kernel_mappings()
         self._attach_shared_memory()
         self._map_scratch()
         for segment in self.segments:
-            if not is_shared_memory(segment):
+            if not is_shared_memory(segment) and segment.start not in later:
                 self._map_segment(segment)
 
     # -- 1. empty the stub ------------------------------------------------------
@@ -242,31 +250,58 @@ class AddressSpace:
                 f"System V segment {segment.inode} at {segment.start:#x} can only be attached"
                 " by a restore from a whole image"
             )
-        flags = MAP_FIXED | (MAP_SHARED if segment.shared else MAP_PRIVATE)
-        if "gd" in segment.vm_flags:
-            flags |= MAP_GROWSDOWN
         fd = self._open_backing_file(segment)
         try:
-            if fd < 0:
-                flags |= MAP_ANONYMOUS
-            self.stub.call(
-                "mmap",
-                segment.start,
-                segment.size,
-                int(segment.prot),
-                flags,
-                fd,
-                segment.offset if fd >= 0 else 0,
-            )
+            self.map_segment_from(segment, fd)
         finally:
             if fd >= 0:
                 self.stub.call("close", fd)
+
+    def map_segment_from(self, segment: rec.Segment, fd: int) -> None:
+        """Map `segment` from the stub's descriptor `fd` (-1: anonymous), with its advice."""
+        flags = MAP_FIXED | (MAP_SHARED if segment.shared else MAP_PRIVATE)
+        if "gd" in segment.vm_flags:
+            flags |= MAP_GROWSDOWN
+        if fd < 0:
+            flags |= MAP_ANONYMOUS
+        offset = segment.offset if fd >= 0 else 0
+        self.stub.call("mmap", segment.start, segment.size, int(segment.prot), flags, fd, offset)
         self._advise(segment)
 
     def _advise(self, segment: rec.Segment) -> None:
         for flag, advice in MADVISE_FOR_FLAG.items():
             if flag in segment.vm_flags:
                 self.stub.try_call("madvise", segment.start, segment.size, advice)
+
+    def map_shared_anonymous(
+        self, size: int, chunks: list[tuple[int, bytes]], segments: list[rec.Segment]
+    ) -> None:
+        """One shared anonymous memory object ("/dev/zero (deleted)") of `size` bytes,
+        holding `chunks` (offset, bytes), mapped at each of `segments` (its `offset` is
+        where in the object the segment starts): they share its pages, as they did.
+
+        The object is made as a mapping of its own in a hole, filled, and each segment
+        made a second mapping of its pages (mremap with old size 0); then it goes."""
+        occupied = [(s.start, s.end) for s in self.segments]
+        occupied += [(s.start, s.end) for s in self.kernel_segments.values()]
+        occupied.append((self.stub.scratch, self.stub.scratch + SCRATCH_SIZE))
+        length = (size + rec.PAGE_SIZE - 1) // rec.PAGE_SIZE * rec.PAGE_SIZE
+        address = find_hole(occupied, length)
+        flags = MAP_SHARED | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
+        self.stub.call("mmap", address, length, PROT_READ_WRITE, flags, -1, 0)
+        try:
+            for offset, data in chunks:
+                memory.write(self.stub.pid, address + offset, data)
+            for segment in segments:
+                moving = MREMAP_MAYMOVE | MREMAP_FIXED
+                self.stub.call(
+                    "mremap", address + segment.offset, 0, segment.size, moving, segment.start
+                )
+                if segment.prot != PROT_READ_WRITE:
+                    self.stub.call("mprotect", segment.start, segment.size, int(segment.prot))
+                self._advise(segment)
+        finally:
+            self.stub.call("munmap", address, length)
 
     def _open_backing_file(self, segment: rec.Segment) -> int:
         """A descriptor in the stub for the segment's file, or -1 to map it anonymous."""
@@ -283,8 +318,11 @@ class AddressSpace:
 
     # -- the final layout after pre-copy rounds (docs/crf.md §7a) -----------------
 
-    def adopt_final(self, segments: tuple[rec.Segment, ...]) -> None:
-        """Turn round 0's layout into the final image's, keeping what PRECOPIED segments hold."""
+    def adopt_final(
+        self, segments: tuple[rec.Segment, ...], later: frozenset[int] = frozenset()
+    ) -> None:
+        """Turn round 0's layout into the final image's, keeping what PRECOPIED segments hold;
+        the segments starting at `later` are left out, as by build()."""
         final = [s for s in segments if s.path not in KERNEL_MAPPINGS]
         for segment in segments:
             placed = self.kernel_segments.get(segment.path)
@@ -321,7 +359,7 @@ class AddressSpace:
                 if kept[segment.start] != segment.prot:
                     self.stub.call("mprotect", segment.start, segment.size, int(segment.prot))
                 self._advise(segment)
-            else:
+            elif segment.start not in later:
                 self._map_segment(segment)
         self.segments = final
         self._starts = [s.start for s in final]

@@ -9,6 +9,8 @@ last, once every descriptor exists (Kind.finish).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from hijack import objects
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
@@ -32,12 +34,20 @@ def close_foreign_descriptors(stub: Stub, keep: set[int]) -> None:
             stub.call("close", entry.fd)
 
 
-def restore_files(stub: Stub, plan: FilePlan, image: ImageFiles, inherited: dict[int, int]) -> None:
+def restore_files(
+    stub: Stub,
+    plan: FilePlan,
+    image: ImageFiles,
+    inherited: dict[int, int],
+    then: Callable[[RestoreContext], None] | None = None,
+) -> None:
     """Give the stub the image's descriptors.
 
     `inherited` maps the image's numbers of the shadow's descriptions to the
     numbers the stub inherited them under from the restorer. They are parked
     above every number in play first, so nothing restored lands on them.
+    `then(context)` runs last, while the objects the descriptors' kinds made
+    are still kept (the process's mappings of them, its deleted cwd).
     """
     numbers = [d.fd for d in (*plan.inherited, *plan.reopen)] + list(inherited.values())
     parking = max(numbers, default=2) + 1
@@ -65,3 +75,5 @@ def restore_files(stub: Stub, plan: FilePlan, image: ImageFiles, inherited: dict
             first_of.setdefault(descriptor.description_id, descriptor.fd)
         for kind, descriptor in made:
             kind.finish(descriptor, context)
+        if then is not None:
+            then(context)

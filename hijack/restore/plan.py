@@ -19,6 +19,7 @@ from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.image.identity import identity_change
 from hijack.objects import sysv
+from hijack.objects.memfd import mapped_objects
 from hijack.restore.address_space import backing_file_mode, needs_backing_file, unmappable
 
 SKIP_HINT = "use --skip-unsupported to drop them; "
@@ -57,14 +58,23 @@ def restore_problems(
 ) -> Problems:
     """Everything a restore from this image would refuse; `held` descriptors come from
     elsewhere (the shadow keeps them, a move relays them)."""
-    mappings = (*mapping_problems(segments), *sysv.segment_refusals(segments, image))
+    held_by_objects = frozenset(mapped_objects(segments, image))
+    mappings = (
+        *mapping_problems(segments, held_by_objects),
+        *sysv.segment_refusals(segments, image),
+    )
     return Problems(mappings, tuple(objects.refusals(image, held)))
 
 
-def mapping_problems(segments: Iterable[rec.Segment]) -> tuple[str, ...]:
-    """The files the segments map that a restore could not open, or that changed."""
+def mapping_problems(
+    segments: Iterable[rec.Segment], held_by_objects: frozenset[int] = frozenset()
+) -> tuple[str, ...]:
+    """The files the segments map that a restore could not open, or that changed; those
+    starting at `held_by_objects` are made from the image (a memfd, a deleted file)."""
     found: list[str] = []
     for segment in segments:
+        if segment.start in held_by_objects:
+            continue
         change = identity_change(segment.file) if segment.file is not None else None
         if change is None and needs_backing_file(segment) and not _can_open(segment):
             change = unmappable(segment)

@@ -18,6 +18,7 @@ Steps (hijack.restore.* each own one):
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -35,8 +36,10 @@ from hijack.mutator.tracee import (
     resume_registers,
 )
 from hijack.objects import sysv
-from hijack.objects.base import describe_fd
+from hijack.objects.base import RestoreContext, describe_fd
+from hijack.objects.ghost import deleted_cwd, enter_deleted_cwd
 from hijack.objects.locks import restore_locks
+from hijack.objects.memfd import map_objects, mapped_objects, seal_memfds
 from hijack.objects.pty import controlling_slave
 from hijack.objects.terminal import set_up_terminals
 from hijack.process import seccomp, settings, timers
@@ -102,6 +105,10 @@ class _Image:
     cwd: rec.Cwd | None = None
     settings: rec.ProcessSettings | None = None
     timers: rec.Timers | None = None
+
+    def mapped(self) -> dict[int, int]:
+        """The segments an object holds: start -> object id (made after the descriptors)."""
+        return mapped_objects(self.segments.segments, self.files)
 
 
 def restore(
@@ -181,7 +188,7 @@ def restore(
     try:
         stub = Stub(pid, find_syscall_instruction(pid))
         space = AddressSpace(stub, image.segments.segments, ipc.segments, frozenset(ipc.kept))
-        space.build()
+        space.build(later=frozenset(image.mapped()))
         ipc.after_attach()
         _consume_rest(records, image, space)
         _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
@@ -216,7 +223,7 @@ def _restore_prebuilt(
     prebuilt.taken = True
     try:
         inherited = prebuilt.hand_over(provided)
-        space.adopt_final(image.segments.segments)
+        space.adopt_final(image.segments.segments, later=frozenset(image.mapped()))
         _consume_rest(records, image, space)
         _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
         if before_start is not None:
@@ -367,7 +374,7 @@ def _finish(
     assert image.signals is not None and image.cwd is not None
     assert image.settings is not None and image.timers is not None
     leader = _leader_record(image)
-    restore_files(stub, plan, image.files, inherited)
+    restore_files(stub, plan, image.files, inherited, functools.partial(_objects, space, image))
     restored = {descriptor.fd for descriptor in (*plan.inherited, *plan.reopen)}
     controlling = set_up_terminals(stub, image.files, provided)
     if controlling is None:
@@ -397,6 +404,17 @@ def _finish(
     seccomp.install_seccomp(stub, image.settings, image.threads, image.segments, thread_ids)
     for thread in image.threads:
         _set_registers(stub, thread, thread_ids[thread.tid], image.signals)
+
+
+def _objects(space: AddressSpace, image: _Image, context: RestoreContext) -> None:
+    """What the process reaches other than by descriptors: the mappings of memfds, deleted
+    files and shared anonymous memory; a deleted cwd."""
+    assert image.cwd is not None
+    map_objects(space, context, image.mapped())
+    seal_memfds(context)
+    directory = deleted_cwd(image.cwd, image.files)
+    if directory is not None:
+        enter_deleted_cwd(context, directory)
 
 
 def _start(stub: Stub) -> None:
@@ -491,7 +509,8 @@ def _set_process_state(stub: Stub, image: _Image, controlling: int | None) -> No
     stub.reset_scratch()
     if image.cwd.root != "/":
         stub.call("chroot", stub.put_string(image.cwd.root))
-    stub.call("chdir", stub.put_string(image.cwd.cwd))
+    if deleted_cwd(image.cwd, image.files) is None:  # else entered with the descriptors
+        stub.call("chdir", stub.put_string(image.cwd.cwd))
     stub.call("umask", image.credentials.umask)
     header = image.header
     if header.sid == header.pid or controlling is not None:
