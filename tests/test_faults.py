@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -35,21 +36,24 @@ from test_move import (
     EXIT_TIMEOUT,
     LINE_TIMEOUT,
     Moved,
+    assert_ended_well,
     assert_not_attached,
     daemon_log,
     finish_moved,
     logs,
+    move,
     pids_inside,
     poll_until,
     runs_in,
     shadow_status,
+    through_cat,
     wait_gone,
+    wait_released,
 )
 
 from hijack.registry import Registry
 
 STOP_TIMEOUT = 30.0  # for a command to reach its stage
-LINK_BACKOFF_TIMEOUT = 60.0  # seconds for bytes held back while a link was down
 SETTLE_TIMEOUT = "2"  # seconds a mover in doubt asks again (HIJACK_SETTLE_TIMEOUT)
 
 # A client of an echo server: each stdin line is sent and its echo printed,
@@ -498,6 +502,42 @@ def test_the_link_down_mid_stream_leaves_the_original_running(tmp_path: Path) ->
             server.assert_intact()
 
 
+OUTAGE = 8.0  # seconds a link stays down: TCP would back off to a retry 6.4 s apart
+AFTER_OUTAGE_TIMEOUT = 3.0  # seconds for bytes held back by an outage, once the link is back
+
+
+def test_bytes_sent_on_a_relay_while_its_link_was_down_arrive_soon_after_it_is_back(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        cat = a.spawn(
+            ["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL
+        )
+        assert cat.stdin is not None and cat.stdout is not None
+        moved = move(a, cat.pid, b, precopy=False)
+        assert cat.wait(EXIT_TIMEOUT) == -signal.SIGKILL  # the original
+        assert through_cat(cat, b"before\n") == b"before\n"
+        link_down(b)
+        try:
+            # The shadow sends them on the relay; they are lost, and sent again
+            # ever later while the link is down (an outage, so a sleep).
+            os.write(cat.stdin.fileno(), b"during\n")
+            time.sleep(OUTAGE)
+        finally:
+            link_up(b)
+        started = time.monotonic()
+        readable, _, _ = select.select([cat.stdout], [], [], AFTER_OUTAGE_TIMEOUT)
+        waited = time.monotonic() - started
+        assert readable, f"nothing {AFTER_OUTAGE_TIMEOUT} s after the link came back"
+        assert os.read(cat.stdout.fileno(), 100) == b"during\n"
+        print(f"the bytes of the outage came {waited:.2f} s after the link")
+        cat.stdin.close()
+        assert_ended_well(moved, "the moved cat", tmp_path)
+        wait_released(moved)
+
+
 def test_the_answer_to_the_commit_lost_leaves_the_original_held_until_recover(
     tmp_path: Path,
 ) -> None:
@@ -555,9 +595,8 @@ def test_the_answer_to_the_commit_lost_leaves_the_original_held_until_recover(
                 assert recovered.returncode == 0, recovered.describe()
                 assert f"runs on b as {copy}" in recovered.stdout, recovered.describe()
                 assert assert_one_copy_on(b, a, server) == copy
-                # The relay's TCP connection retransmits with backoff after the
-                # link was down for seconds: its next try may come that late.
-                talk("after", timeout=LINK_BACKOFF_TIMEOUT)
+                # At once: the relays retry at most a second apart (control.bound_backoff).
+                talk("after", timeout=AFTER_OUTAGE_TIMEOUT)
             with Registry(a.state_dir) as registry:
                 assert registry.moves()[0].phase == "done"
             finish_moved(server, Moved(copy, b, 0.0, shadow_pid_of(a, server.pid)), tmp_path)
@@ -607,7 +646,7 @@ def test_a_commit_lost_on_the_way_is_settled_once_by_the_destination(tmp_path: P
                     copy = 0
                     only_the_daemon_in(b)
                     assert_running_untraced(server.pid)
-                talk("after", timeout=LINK_BACKOFF_TIMEOUT)
+                talk("after", timeout=AFTER_OUTAGE_TIMEOUT)
             if copy:
                 finish_moved(server, Moved(copy, b, 0.0, shadow), tmp_path)
             else:

@@ -31,6 +31,9 @@ from support import (
     spawn_fixture,
 )
 
+from hijack.errors import HijackError
+from hijack.sys import pidfd
+
 TESTS_DIR = Path(__file__).parent
 
 
@@ -66,6 +69,43 @@ def test_dirtier_keeps_writing_and_catches_a_page_changed_behind_its_back() -> N
             mem.write(b"?")
         assert dirtier.finish(10.0) == 1
         assert "buffer page 100 does not hold what was written there last" in dirtier.stderr
+
+
+# -- epoller -------------------------------------------------------------------
+
+
+def eventfd_copy(pid: int, fd: int) -> int | None:
+    """Our copy of descriptor `fd` of `pid` if it is an eventfd; None if not (or gone)."""
+    try:
+        copy = pidfd.copy_fd(pid, fd)
+    except HijackError:
+        return None
+    if os.readlink(f"/proc/self/fd/{copy}") == "anon_inode:[eventfd]":
+        return copy
+    os.close(copy)
+    return None
+
+
+def test_epoller_checks_its_events_and_sees_one_it_did_not_cause() -> None:
+    with spawn_fixture("epoller") as epoller:
+        assert epoller.ready["slots"] == "32"
+        epoller.assert_intact()
+        assert "steps=" in epoller.stdout
+    with spawn_fixture("epoller") as epoller:
+        # A count behind its back, in any of its eventfds (it replaces them all
+        # the time: the first one still there): that entry fires beside the one
+        # it expects.
+        copy = next(
+            copied
+            for fd in os.listdir(f"/proc/{epoller.pid}/fd")
+            if (copied := eventfd_copy(epoller.pid, int(fd))) is not None
+        )
+        try:
+            os.write(copy, (1).to_bytes(8, "little"))
+            assert epoller.finish(10.0) == 1
+        finally:
+            os.close(copy)
+        assert "events ready, not 1" in epoller.stderr or "counted 2" in epoller.stderr
 
 
 # -- counter -------------------------------------------------------------------

@@ -610,17 +610,24 @@ def ask(process: subprocess.Popen[bytes], request: str) -> str:
 
 def ask_moved(process: subprocess.Popen[bytes], request: str) -> str:
     """ask() a process that was moved: its original is gone, its pipes relayed to it."""
-    assert process.stdin is not None and process.stdout is not None
+    assert process.stdin is not None
     process.stdin.write(f"{request}\n".encode())
+    return line_from(process, LINE_TIMEOUT, f"an answer to {request!r}")
+
+
+def line_from(process: subprocess.Popen[bytes], timeout: float, what: str = "a line") -> str:
+    """The next line on the stdout pipe of `process`, which may have been moved (its
+    original gone: no pidfd to wait on), select-bounded."""
+    assert process.stdout is not None
     line = bytearray()
-    deadline = time.monotonic() + LINE_TIMEOUT
+    deadline = time.monotonic() + timeout
     while not line.endswith(b"\n"):
         remaining = deadline - time.monotonic()
-        assert remaining > 0, f"no answer to {request!r} within {LINE_TIMEOUT} s: {line!r}"
+        assert remaining > 0, f"no {what} within {timeout} s: {line!r}"
         readable, _, _ = select.select([process.stdout], [], [], remaining)
         if readable:
             byte = os.read(process.stdout.fileno(), 1)
-            assert byte, f"stdout ended before an answer to {request!r}: {line!r}"
+            assert byte, f"stdout ended before {what}: {line!r}"
             line += byte
     return line.decode().strip()
 

@@ -12,6 +12,7 @@ the home terminal gets its settings back.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -21,8 +22,20 @@ import time
 from pathlib import Path
 
 from support import spawn_fixture
-from support.nodes import Cluster
-from test_move import EXIT_TIMEOUT, finish_moved, logs, move, poll_until
+from support.nodes import Cluster, read_line
+from test_move import (
+    EXIT_TIMEOUT,
+    LINE_TIMEOUT,
+    ask,
+    ask_moved,
+    assert_ended_well,
+    finish_moved,
+    logs,
+    move,
+    poll_until,
+    spawn_python,
+    wait_released,
+)
 
 from hijack.sys import terminal
 
@@ -108,6 +121,33 @@ def test_a_process_on_a_terminal_keeps_it_across_a_move(tmp_path: Path) -> None:
         os.close(slave)
 
 
+def test_input_typed_before_a_later_move_and_not_read_yet_reaches_the_process(
+    tmp_path: Path,
+) -> None:
+    master, slave = os.openpty()
+    try:
+        terminal.set_window_size(master, HOME_SIZE)
+        typist = Typist(master)
+        with Cluster(tmp_path, nodes=3) as cluster:
+            a, b, c = cluster.nodes
+            b.start_daemon()
+            c.start_daemon()
+            with spawn_fixture("terminal", os.ttyname(slave), netns=a.netns) as fixture:
+                moved = move(a, fixture.pid, b)
+                assert fixture.wait_exit(EXIT_TIMEOUT) == -signal.SIGKILL  # the original
+                # Half a line: it waits in the line discipline of b's pty (which
+                # echoed it), read by no one until the line is complete.
+                typist.type("half a")
+                typist.expect(r"half a", "the echo of half a line by the pty at b")
+                moved = move(b, moved.pid, c, home=(a, fixture.pid))
+                typist.type(" line\n")
+                typist.expect(r"echo half a line rows=33 cols=97 winch=0\r\n", "the whole line")
+                finish_moved(fixture, moved, tmp_path)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
 def test_the_terminal_fixture_passes_alone_and_its_checks_bite() -> None:
     master, slave = os.openpty()
     try:
@@ -131,3 +171,80 @@ def test_the_terminal_fixture_passes_alone_and_its_checks_bite() -> None:
     finally:
         os.close(master)
         os.close(slave)
+
+
+# Holds the master of a pty whose slave is `cat`'s terminal (as tmux, screen or
+# expect hold theirs); prints cat's pid and the slave's path. Each stdin line:
+# "send TEXT" writes TEXT and a newline to the master and prints what the
+# master gives until cat's answer ("TEXT|TEXT": the pty's echo, then cat's);
+# "size" prints whether the master is a terminal and its window size;
+# "resize ROWS COLS" sets it.
+PTY_HOLDER = """\
+import fcntl, os, struct, subprocess, sys, termios
+master, slave = os.openpty()
+fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("4H", 30, 100, 0, 0))
+cat = subprocess.Popen(["cat"], stdin=slave, stdout=slave, stderr=subprocess.DEVNULL,
+                       start_new_session=True)
+slave_path = os.ttyname(slave)
+os.close(slave)
+print(cat.pid, slave_path, flush=True)
+for line in sys.stdin:
+    words = line.split()
+    if words[0] == "send":
+        os.write(master, words[1].encode() + b"\\n")
+        shown = b""
+        while shown.count(b"\\r\\n") < 2:
+            shown += os.read(master, 100)
+        print(shown.decode().replace("\\r\\n", "|").rstrip("|"), flush=True)
+    elif words[0] == "size":
+        rows, cols, _, _ = struct.unpack("4H", fcntl.ioctl(master, termios.TIOCGWINSZ, bytes(8)))
+        print(os.isatty(master), rows, cols, flush=True)
+    else:
+        size = struct.pack("4H", int(words[1]), int(words[2]), 0, 0)
+        fcntl.ioctl(master, termios.TIOCSWINSZ, size)
+        print("resized", flush=True)
+"""
+
+
+def home_window(slave_path: str) -> terminal.WindowSize:
+    slave = os.open(slave_path, os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        return terminal.get_window_size(slave)
+    finally:
+        os.close(slave)
+
+
+def test_a_process_holding_a_pty_master_gets_a_pty_master_on_each_node(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        a.start_daemon()
+        b.start_daemon()
+        holder = spawn_python(a, PTY_HOLDER)
+        cat_pid, slave_path = read_line(holder, LINE_TIMEOUT).split()
+        try:
+            assert ask(holder, "send one") == "one|one"
+            assert ask(holder, "size") == "True 30 100"
+            moved = move(a, holder.pid, b)
+            assert holder.wait(EXIT_TIMEOUT) == -signal.SIGKILL  # the original
+            # A terminal there: the home pty's size; its bytes go to cat and back.
+            assert ask_moved(holder, "size") == "True 30 100"
+            assert ask_moved(holder, "send two") == "two|two"
+            # A size it sets reaches the home pty (cat's terminal).
+            assert ask_moved(holder, "resize 40 120") == "resized"
+            poll_until(
+                lambda: home_window(slave_path) == terminal.WindowSize(40, 120),
+                "the home pty resized",
+            )
+            back = move(b, moved.pid, a, home=(a, holder.pid))
+            assert ask_moved(holder, "size") == "True 40 120"
+            assert ask_moved(holder, "send three") == "three|three"
+            assert holder.stdin is not None
+            holder.stdin.close()
+            assert_ended_well(back, "the pty holder", tmp_path)
+            wait_released(back)
+        finally:
+            # cat (its child, ours now) ends when the master goes: hung up.
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(cat_pid), signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(cat_pid), 0)

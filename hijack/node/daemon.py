@@ -33,7 +33,7 @@ from typing import Any, BinaryIO, NamedTuple, cast
 
 from hijack.errors import HijackError
 from hijack.image import records as rec
-from hijack.node import policy
+from hijack.node import mounts, policy
 from hijack.node import terminal as terminal_pump
 from hijack.node.channel import Channel, ChannelError, DataReader
 from hijack.registry import Registry, node_name
@@ -63,6 +63,7 @@ class Proxy(NamedTuple):
     family: socket.AddressFamily  # a datagram socket's (AF_UNSPEC for the others)
     peer: str  # the shadow relay "ip:port" a connected datagram socket is connected to, or ""
     file: int = -1  # a terminal's: descriptors with one `file` share one open slave
+    shut: bool = False  # a stream the process shut down for writing: its relay is too
 
 
 def log(text: str) -> None:
@@ -153,6 +154,7 @@ class NodeDaemon:
             # The policy before anything is made (the final image is checked again).
             who = f"{program!s:.80} (pid {pid})"
             policy.check_powers(who, credentials, allow_root=self.allow_root)
+            mount_namespace = mounts.open_namespace(request.get("mount_namespace"), who)
         except HijackError as exc:
             log(f"move {move:.40} failed: {exc}")
             channel.send({"error": str(exc)})
@@ -161,7 +163,8 @@ class NodeDaemon:
         # Round 0 builds the stub: the policy's file checks apply to its layout
         # first; its root check to the final image, before the process can run.
         prebuilt = Prebuilt(
-            lambda segments: policy.check_layout(f"{program!s:.80} (pid {pid})", segments)
+            lambda segments: policy.check_layout(f"{program!s:.80} (pid {pid})", segments),
+            mount_namespace,
         )
         try:
             # Opened now rather than while the process is frozen: it takes a while.
@@ -185,6 +188,8 @@ class NodeDaemon:
             channel.refuse(str(exc))  # the mover may be sending a round: it reads this after
         finally:
             prebuilt.discard()
+            if mount_namespace is not None:
+                os.close(mount_namespace)
 
     def _receive_move(
         self,
@@ -210,7 +215,11 @@ class NodeDaemon:
         image = DataReader(channel)
         committed: list[int] = []  # the pid, once the move is decided `running`
         terminals = _Terminals(str(home["relay"]), token, move)
+        mount_namespace: int | None = None
         try:
+            if prebuilt is None:  # else the pre-copy's stub is in it already
+                who = f"{request.get('program')!s:.80} (pid {request.get('pid')})"
+                mount_namespace = mounts.open_namespace(request.get("mount_namespace"), who)
 
             def admit(
                 header: rec.ImageHeader, credentials: rec.Credentials, segments: rec.Segments
@@ -222,9 +231,13 @@ class NodeDaemon:
                     if proxy.kind == "terminal":
                         provided[proxy.fd] = terminals.slave(proxy.stream, proxy.file)
                         continue
+                    if proxy.kind == "master":
+                        provided[proxy.fd] = terminals.master(proxy.stream)
+                        continue
                     if proxy.kind == "listener":
                         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
                         opened.append(sock)
+                        control.bound_backoff(sock)  # its clients (shadow's relays) inherit it
                         try:
                             sock.bind((here, 0))
                             sock.listen(LISTEN_BACKLOG)
@@ -238,9 +251,17 @@ class NodeDaemon:
                     else:
                         sock = control.open_relay(str(home["relay"]), token, proxy.stream, move)
                         opened.append(sock)
+                        if proxy.shut:
+                            # Its writing side stays shut: its writes fail as before,
+                            # and the shadow sees the end it sent (again).
+                            sock.shutdown(socket.SHUT_WR)
                     provided[proxy.fd] = sock.fileno()
 
             def hold_until_commit(pid: int) -> None:
+                # The restore gave each pty the settings of the home one; a pty
+                # whose master the process holds passes bytes through as they
+                # are (the home pty edits and echoes), so its slave is raw again.
+                terminals.make_slaves_raw()
                 # Recorded before it may run: a node that cannot record its
                 # migrant refuses it while the original can still go on, and
                 # nothing can fail here once it runs (the mover would resume
@@ -291,6 +312,7 @@ class NodeDaemon:
                 before_start=hold_until_commit,
                 admit=admit,
                 prebuilt=prebuilt,
+                mount_namespace=mount_namespace,
                 take_locks=False,
             )
         except HijackError as exc:
@@ -310,6 +332,8 @@ class NodeDaemon:
             for sock in opened:
                 sock.close()  # the process has its own copies
             terminals.close_slaves()
+            if mount_namespace is not None:
+                os.close(mount_namespace)
         terminals.start_pumps()
         _watch_migrant(result.pid, child=True)
         log(f"move {move}: {result.program} runs here as {result.pid}")
@@ -421,6 +445,7 @@ def _parse_move(request: dict[str, Any]) -> tuple[str, dict[str, Any], bytes, li
             number, stream, kind = proxy["fd"], proxy["stream"], proxy.get("kind", "stream")
             family, peer = proxy.get("family", socket.AF_INET), proxy.get("peer", "")
             open_file = proxy.get("file", number)  # a terminal's: see hijack.node.move.Proxy
+            shut = proxy.get("shut", False)
             if not isinstance(number, int) or not 0 <= number < 1 << 20:
                 raise ValueError
             if not isinstance(open_file, int) or not -1 <= open_file < 1 << 20:
@@ -429,61 +454,109 @@ def _parse_move(request: dict[str, Any]) -> tuple[str, dict[str, Any], bytes, li
                 raise TypeError
             if not isinstance(family, int) or not isinstance(peer, str):
                 raise TypeError
+            if not isinstance(shut, bool):
+                raise TypeError
             if kind == "datagram" and family not in (socket.AF_INET, socket.AF_INET6):
                 raise ValueError
             proxies.append(
-                Proxy(number, stream, kind, socket.AddressFamily(family), peer, file=open_file)
+                Proxy(
+                    number,
+                    stream,
+                    kind,
+                    socket.AddressFamily(family),
+                    peer,
+                    file=open_file,
+                    shut=shut,
+                )
             )
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
         raise HijackError(f"malformed move request: {json.dumps(request)[:120]}") from None
     return move, home, token, proxies
 
 
+class _Pty:
+    """A pty made for a migrant: the end the daemon pumps to the relay, and the slave's path."""
+
+    def __init__(self, kept: int, path: str, relay: socket.socket, *, master_held: bool) -> None:
+        self.kept = kept  # the master (for a terminal of the process), or our open slave
+        self.path = path
+        self.relay = relay
+        self.master_held = master_held  # the process holds the master (a pty master at home)
+
+
 class _Terminals:
-    """The ptys made for a migrant whose terminals stayed at home (hijack.node.terminal)."""
+    """The ptys made for a migrant whose terminals, or pty masters, stayed at home
+    (hijack.node.terminal)."""
 
     def __init__(self, relay_address: str, token: bytes, move: str) -> None:
         self.relay_address = relay_address
         self.token = token
         self.move = move
-        self.ptys: dict[str, tuple[int, str, socket.socket]] = {}  # stream -> master, path, relay
-        self.slaves: dict[tuple[str, int], int] = {}  # (stream, open file) -> slave
+        self.ptys: dict[str, _Pty] = {}  # stream -> its pty
+        # What the process gets: (stream, open file) -> a slave, or stream -> the master.
+        self.handed: dict[tuple[str, int] | str, int] = {}
+
+    def _pty(self, stream: str, *, master_held: bool) -> tuple[int, str]:
+        """A new pty for `stream` with its relay: (its master, its slave's path)."""
+        master, path = terminal.open_pseudo_terminal()
+        kept = -1
+        try:
+            kept = terminal.open_slave(path) if master_held else master
+            relay = control.open_relay(
+                self.relay_address, self.token, stream, self.move, terminal=path
+            )
+        except BaseException:
+            os.close(master)
+            if kept not in (-1, master):
+                os.close(kept)
+            raise
+        self.ptys[stream] = _Pty(kept, path, relay, master_held=master_held)
+        return master, path
 
     def slave(self, stream: str, open_file: int) -> int:
         """The slave for descriptors of `stream` that shared open file `open_file` at home:
         one open slave per open file, as there."""
         if stream not in self.ptys:
-            master, path = terminal.open_pseudo_terminal()
-            try:
-                relay = control.open_relay(
-                    self.relay_address, self.token, stream, self.move, terminal=path
-                )
-            except BaseException:
-                os.close(master)
-                raise
-            self.ptys[stream] = (master, path, relay)
+            self._pty(stream, master_held=False)
         key = (stream, open_file)
-        if key not in self.slaves:
-            path = self.ptys[stream][1]
-            self.slaves[key] = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-        return self.slaves[key]
+        if key not in self.handed:
+            path = self.ptys[stream].path
+            self.handed[key] = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+        return self.handed[key]
+
+    def master(self, stream: str) -> int:
+        """The master for the descriptors of pty master `stream` (one open file: each open
+        of ptmx is a pty of its own); the daemon pumps its slave, raw, to the relay."""
+        if stream not in self.handed:
+            self.handed[stream], _path = self._pty(stream, master_held=True)
+        return self.handed[stream]
+
+    def make_slaves_raw(self) -> None:
+        for pty in self.ptys.values():
+            if pty.master_held:
+                terminal.set_settings(pty.kept, terminal.get_settings(pty.kept).raw())
 
     def close_slaves(self) -> None:
-        for slave in self.slaves.values():
-            os.close(slave)  # the process has its own
-        self.slaves.clear()
+        """Close what the process was handed: it has its own copies."""
+        for fd in self.handed.values():
+            os.close(fd)
+        self.handed.clear()
 
     def close(self) -> None:
         self.close_slaves()
-        for master, _path, relay in self.ptys.values():
-            os.close(master)
-            relay.close()
+        for pty in self.ptys.values():
+            os.close(pty.kept)
+            pty.relay.close()
         self.ptys.clear()
 
     def start_pumps(self) -> None:
-        for master, path, relay in self.ptys.values():
+        for pty in self.ptys.values():
             threading.Thread(
-                target=terminal_pump.pump, args=(master, relay, log), name=path, daemon=True
+                target=terminal_pump.pump,
+                args=(pty.kept, pty.relay, log),
+                kwargs={"master_held": pty.master_held},
+                name=pty.path,
+                daemon=True,
             ).start()
         self.ptys.clear()
 

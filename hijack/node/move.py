@@ -49,13 +49,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
-from hijack.errors import HijackError, Unsupported
+from hijack.errors import HijackError, ShadowError, Unsupported
 from hijack.image import records as rec
 from hijack.mutator import attach as attaching
 from hijack.mutator.dump import describe_segments, kill_stopped, read_credentials, write_image
 from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.precopy import Precopy, worth_precopying
 from hijack.mutator.tracee import Tracee
+from hijack.node import mounts
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
 from hijack.objects import unix
@@ -65,7 +66,8 @@ from hijack.restore.plan import mapping_problems
 from hijack.shadow import control
 from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
 from hijack.shadow.datagram import parse_address as parse_datagram_address
-from hijack.sys import kcmp, pidfd, procfs, sysv
+from hijack.shadow.relay import ACK_WAIT
+from hijack.sys import kcmp, pidfd, procfs, sysv, terminal
 from hijack.testpoint import reached
 
 # Reopened by path on the destination (nodes share a file system), or made
@@ -106,10 +108,12 @@ class MoveResult:
 class Proxy:
     fd: int
     stream: str  # the home shadow's stream id
-    kind: str  # "stream", "listener", "datagram" (UDP, hijack.shadow.datagram) or "terminal"
+    # "stream", "listener", "datagram" (UDP, hijack.shadow.datagram), "terminal" or "master"
+    kind: str
     family: int = 0  # a datagram's address family
     peer: str = ""  # a datagram socket connected to this relay ("ip:port"), or ""
-    file: int = -1  # a terminal's: the lowest of the descriptors sharing its open file
+    file: int = -1  # a terminal's or master's: the lowest descriptor sharing its open file
+    shut: bool = False  # a TCP stream whose writing side the process shut down
 
 
 class HomeShadow:
@@ -119,13 +123,27 @@ class HomeShadow:
         self.record = record
         self.token = token
         self.local = record.home_node == node_name() and bool(record.shadow_control)
+        self._pid: int | None = None
 
-    def request(self, message: dict[str, Any]) -> dict[str, Any]:
+    def request(self, message: dict[str, Any], timeout: float = 15.0) -> dict[str, Any]:
         if self.local:
             assert self.record.shadow_control is not None
-            return control.request(self.record.shadow_control, message, timeout=15.0)
+            return control.request(self.record.shadow_control, message, timeout=timeout)
         address = self.record.relay_address or ""
-        return control.remote_request(address, bytes.fromhex(self.token), message, timeout=15.0)
+        return control.remote_request(address, bytes.fromhex(self.token), message, timeout=timeout)
+
+    def pid(self) -> int:
+        """The shadow's pid (on this machine: nodes share one kernel in tests)."""
+        if self.record.shadow_pid:
+            return self.record.shadow_pid
+        if self._pid is None:
+            self._pid = int(self.request({"op": "status"})["shadow_pid"])
+        return self._pid
+
+    def migrating(self, message: dict[str, Any]) -> dict[str, Any]:
+        """`migrating`: answered once the process's node has acknowledged all it was sent."""
+        wait = ack_wait()
+        return self.request({**message, "op": "migrating", "ack_wait": wait}, timeout=wait + 15.0)
 
 
 SETTLE_TIMEOUT = 30.0  # seconds a mover keeps asking what became of a commit whose answer it lost
@@ -227,9 +245,10 @@ def _move_attached(
         precopied: Precopy | None = None
         try:
             if precopy or (precopy is None and worth_precopying(pid)):
-                precopied = _precopy(pid, channel, move_id, record.program, report)
+                precopied = _precopy(pid, channel, move_id, record.program, report, shadow)
                 # It ran on meanwhile: refused now if it holds what cannot go.
                 plan_proxies(pid, shadow, at_home, frozen=False)
+            shadow.pid()  # asked now: the move's message names it while the process is frozen
             result = _move_frozen(
                 pid,
                 channel,
@@ -282,12 +301,17 @@ def _move_frozen(
     precopied: Precopy | None = None,
 ) -> MoveResult:
     before = precopied.bytes_sent if precopied is not None else 0
-    if not at_home:
-        # Away, the shadow goes quiet before the freeze: a client it accepted
-        # and connected to this node once the process was frozen would push up
-        # to a socket buffer into a connection the process never accepts.
-        shadow.request({"op": "migrating", "move": move_id})
     try:
+        if not at_home:
+            # Away, the shadow goes quiet before the freeze: a client it accepted
+            # and connected to this node once the process was frozen would push up
+            # to a socket buffer into a connection the process never accepts.
+            try:
+                shadow.migrating({"move": move_id})
+            except ShadowError as exc:
+                raise HijackError(
+                    f"move aborted: {exc}; process {pid} runs on here as before", pid=pid
+                ) from None
         tracee = Tracee.seize(pid)
     except BaseException:
         if not at_home:
@@ -310,11 +334,14 @@ def _move_frozen(
                         "listener": p.kind == "listener",
                         "datagram": p.kind == "datagram",
                         "terminal": p.kind == "terminal",
+                        "master": p.kind == "master",
                     }
                     for p in plan
-                    if p.kind != "terminal" or p.stream == f"tty:{p.fd}"  # one per terminal
+                    # one per terminal, one per pty master
+                    if p.kind not in ("terminal", "master")
+                    or p.stream in (f"tty:{p.fd}", f"ptm:{p.fd}")
                 ]
-                answer = shadow.request({"op": "migrating", "move": move_id, "proxy": proxy})
+                answer = shadow.migrating({"move": move_id, "proxy": proxy})
                 plan = connect_datagrams(plan, answer, relay_address)
                 unread: dict[str, bytes] = {}
             else:
@@ -325,6 +352,7 @@ def _move_frozen(
                     "move": move_id,
                     "pid": pid,
                     "program": record.program,
+                    "mount_namespace": mounts.describe(pid, shadow.pid()),
                     "home": {
                         "node": record.home_node,
                         "pid": record.home_pid or record.pid,
@@ -375,8 +403,11 @@ def _move_frozen(
                     pid=pid,
                 )
             # The frozen original will not run again, so what waits in its
-            # relay-made UDP sockets can be taken (the shadow sends it again).
+            # relay-made UDP sockets and its terminals can be taken (the
+            # shadow sends it again).
             unread_datagrams = {} if at_home else drain_datagrams(pid, plan)
+            if not at_home:
+                unread.update(drain_terminals(pid, plan))
             try:
                 _switch_shadow(
                     shadow, move_id, channel.peer, plan, prepared, unread, unread_datagrams, present
@@ -413,6 +444,7 @@ def _precopy(
     move_id: str,
     program: str,
     report: Callable[[str, int], None],
+    shadow: HomeShadow,
 ) -> Precopy:
     """Send the process's memory in rounds while it runs (docs/protocol.md, "Moving")."""
     # Its credentials, for the daemon's policy before it builds anything.
@@ -424,6 +456,7 @@ def _precopy(
             "pid": pid,
             "program": program,
             "credentials": credentials,
+            "mount_namespace": mounts.describe(pid, shadow.pid()),
         }
     )
     channel.expect("phase")  # accepted: a refusal comes before anything is touched
@@ -514,10 +547,21 @@ def _commit(
 
 def settle_timeout() -> float:
     """SETTLE_TIMEOUT, or $HIJACK_SETTLE_TIMEOUT (tests shorten it)."""
+    return _seconds("HIJACK_SETTLE_TIMEOUT", SETTLE_TIMEOUT)
+
+
+def ack_wait() -> float:
+    """ACK_WAIT, or $HIJACK_ACK_WAIT: how long the shadow waits for the old node's
+    acknowledgements before the move is aborted (tests shorten it)."""
+    return _seconds("HIJACK_ACK_WAIT", ACK_WAIT)
+
+
+def _seconds(variable: str, default: float) -> float:
     try:
-        return float(os.environ.get("HIJACK_SETTLE_TIMEOUT") or SETTLE_TIMEOUT)
+        value = float(os.environ.get(variable) or default)
     except ValueError:
-        return SETTLE_TIMEOUT
+        return default
+    return value if value >= 0 else default
 
 
 def ask_outcome(
@@ -754,7 +798,12 @@ def plan_proxies(
             continue
         if entry.ino in socketpairs and entry.kind is procfs.FdKind.SOCKET:
             continue  # both ends in the process: made again at the destination from the image
-        if entry.kind is procfs.FdKind.TTY and not entry.target.endswith("ptmx"):
+        if entry.kind is procfs.FdKind.TTY and entry.target.endswith("ptmx"):
+            master = _master_proxy(pid, entry.fd, at_home, by_terminal, plan)
+            if master is not None:
+                plan.append(master)
+                continue
+        elif entry.kind is procfs.FdKind.TTY:
             # At home, the stream of a terminal is named for its lowest descriptor;
             # away, the shadow knows the pty that stands for it on this node.
             stream_id = (
@@ -782,7 +831,7 @@ def plan_proxies(
             )
             if streamable:
                 kind = "listener" if listening else "stream"
-                plan.append(Proxy(entry.fd, f"fd:{entry.fd}", kind))
+                plan.append(Proxy(entry.fd, f"fd:{entry.fd}", kind, shut=_shut(found)))
                 continue
         elif found is not None:
             stream_id = (
@@ -791,7 +840,8 @@ def plan_proxies(
                 else by_ends.get((found.local, found.remote))
             )
             if stream_id is not None:
-                plan.append(Proxy(entry.fd, stream_id, "listener" if listening else "stream"))
+                kind = "listener" if listening else "stream"
+                plan.append(Proxy(entry.fd, stream_id, kind, shut=_shut(found)))
                 continue
             relay_ends = {found.remote, found.local} & relayed_ends
             if relay_ends and not frozen:
@@ -804,6 +854,14 @@ def plan_proxies(
             " nothing was changed"
         )
     return plan, [p.stream for p in plan]
+
+
+# TCP states of a socket whose own end is sent: its process shut down its writing side.
+SHUT_STATES = {"FIN_WAIT1", "FIN_WAIT2", "CLOSING", "LAST_ACK"}
+
+
+def _shut(found: procfs.SocketInfo | None) -> bool:
+    return found is not None and found.state in SHUT_STATES
 
 
 def _is_udp(found: procfs.SocketInfo) -> bool:
@@ -902,12 +960,65 @@ def drain_datagrams(pid: int, plan: list[Proxy]) -> dict[str, list[tuple[str, by
     return unread
 
 
+def drain_terminals(pid: int, plan: list[Proxy]) -> dict[str, bytes]:
+    """What was typed at the frozen process's terminals (ptys of its node) and not read yet,
+    and what its pty masters there were given and it did not read.
+
+    Called once the move is committed (the original will not read again), as
+    drain_datagrams: a terminal that cannot be read keeps what it holds.
+    """
+    unread: dict[str, bytes] = {}
+    for proxy in plan:
+        if proxy.kind not in ("terminal", "master") or proxy.stream in unread:
+            continue
+        try:
+            copy = pidfd.copy_fd(pid, proxy.fd)
+        except HijackError:
+            continue
+        try:
+            # A master's input is all readable (its settings are the slave's: kept).
+            taking = (
+                terminal.read_available if proxy.kind == "master" else terminal.take_pending_input
+            )
+            unread[proxy.stream] = taking(copy)
+        except HijackError:
+            continue
+        finally:
+            os.close(copy)
+    return {stream: data for stream, data in unread.items() if data}
+
+
 def _terminal_proxy(pid: int, fd: int, stream: str, plan: list[Proxy]) -> Proxy:
     """Descriptor `fd` of terminal `stream`; descriptors of one open file get one slave."""
     for other in plan:
         if other.stream == stream and kcmp.same_description(pid, other.fd, fd):
             return Proxy(fd, stream, "terminal", file=other.file)
     return Proxy(fd, stream, "terminal", file=fd)
+
+
+def _master_proxy(
+    pid: int, fd: int, at_home: bool, by_terminal: dict[str, str], plan: list[Proxy]
+) -> Proxy | None:
+    """Pty master `fd` (tmux, screen, expect hold one): at home the stream `ptm:N` of its
+    open file (each open of ptmx is a pty of its own), away the stream the shadow
+    relays to its pty; None if the shadow relays none to it."""
+    for other in plan:
+        if other.kind == "master" and kcmp.same_description(pid, other.fd, fd):
+            return Proxy(fd, other.stream, "master", file=other.file)
+    if at_home:
+        return Proxy(fd, f"ptm:{fd}", "master", file=fd)
+    try:
+        copy = pidfd.copy_fd(pid, fd)
+    except HijackError:
+        return None
+    try:
+        path = terminal.slave_path(copy)
+    except HijackError:
+        return None
+    finally:
+        os.close(copy)
+    stream = by_terminal.get(path)
+    return None if stream is None else Proxy(fd, stream, "master", file=fd)
 
 
 def _closed_since(pid: int, entry: procfs.FdEntry) -> bool:
@@ -1009,7 +1120,7 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
             if at_home:  # the relay ports of its connected UDP sockets, as at `migrating`
                 status = shadow.request({"op": "status"})
                 plan = connect_datagrams(plan, status, record.relay_address or "")
-            unread = {} if at_home else peek_unread(pid, plan)
+            unread = {} if at_home else peek_unread(pid, plan) | drain_terminals(pid, plan)
             unread_datagrams = {} if at_home else drain_datagrams(pid, plan)
             _switch_shadow(
                 shadow, row.id, row.destination, plan, answer, unread, unread_datagrams, present

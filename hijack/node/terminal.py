@@ -15,6 +15,11 @@ set on the master, the kernel sends SIGWINCH to the process's group).
 The pump ends when the process's side ends (no slave open any more: EIO on
 the master; its output is passed on, then the relay is shut) or the home side
 does (the relay ends: the master is closed, which hangs the terminal up).
+
+A process that held a pty master at home (tmux, screen, expect: the programs
+on its slave stay at home) gets a pty master here instead; the daemon keeps
+an open slave of it, raw, and pumps that, framed the other way round (pump's
+`master_held`).
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ MAX_FRAME = 1 << 20
 CHUNK = 64 * 1024
 BUFFER_LIMIT = 1 << 20  # bytes held per direction before we stop reading
 LINGER = 2.0  # seconds to wait for the shadow to close the relay after our end
+WINDOW_INTERVAL = 0.2  # seconds between looks at the size a process holding a master set
 
 
 def frame(kind: int, payload: bytes) -> bytes:
@@ -62,50 +68,68 @@ class FrameReader:
         return frames
 
 
-def pump(master: int, relay: socket.socket, log: Callable[[str], None]) -> None:
-    """Pump until one side ends (see the module docstring); closes both."""
+def pump(
+    local: int, relay: socket.socket, log: Callable[[str], None], *, master_held: bool = False
+) -> None:
+    """Pump until one side ends (see the module docstring); closes both.
+
+    `local` is the pty's master; with `master_held` (the process holds the
+    master: it held a pty master at home) it is our raw slave instead, and
+    the framing is the other way round: what the process writes to its
+    master goes to the shadow in DATA frames, with a WINDOW frame when it
+    sets another size (looked at every WINDOW_INTERVAL), and what the shadow
+    sends is written to the slave as it is.
+    """
     relay.setblocking(False)
     frames = FrameReader()
-    to_master = bytearray()
+    to_local = bytearray()
     to_relay = bytearray()
-    process_open = True  # a slave is open: the process is there
+    process_open = True  # the process's end is open (a slave; with master_held, its master)
     home_open = True  # the relay has not ended
+    window = terminal.get_window_size(local) if master_held else None
     selector = selectors.DefaultSelector()
     try:
         while home_open and (process_open or to_relay):
-            _watch(selector, master, _events(process_open, to_master, to_relay))
-            _watch(selector, relay, _events(home_open, to_relay, to_master))
-            for key, events in selector.select():
-                if key.fileobj == master:
+            _watch(selector, local, _events(process_open, to_local, to_relay))
+            _watch(selector, relay, _events(home_open, to_relay, to_local))
+            for key, events in selector.select(WINDOW_INTERVAL if master_held else None):
+                if key.fileobj == local:
                     if events & selectors.EVENT_READ:
                         try:
-                            to_relay += os.read(master, CHUNK)
+                            data = os.read(local, CHUNK)
                         except BlockingIOError:
-                            pass
-                        except OSError:  # EIO: every slave is closed
+                            data = None
+                        except OSError:  # EIO: the process's end is closed
+                            data = b""
+                        if data == b"":
                             process_open = False
-                    if events & selectors.EVENT_WRITE and to_master:
+                        elif data:
+                            to_relay += frame(DATA, data) if master_held else data
+                    if events & selectors.EVENT_WRITE and to_local:
                         try:
-                            del to_master[: os.write(master, to_master[:CHUNK])]
+                            del to_local[: os.write(local, to_local[:CHUNK])]
                         except BlockingIOError:
                             pass
                         except OSError:  # EIO: the process is gone, its input with it
-                            to_master.clear()
+                            to_local.clear()
                             process_open = False
                 else:
                     if events & selectors.EVENT_READ:
                         data = _receive(relay)
                         if data == b"":
                             home_open = False
-                        for kind, payload in frames.feed(data or b""):
-                            if kind == DATA:
-                                to_master += payload
-                            elif len(payload) == terminal.WINSIZE.size:
-                                size = terminal.WindowSize.unpack(payload)
-                                terminal.set_window_size(master, size)
+                        if master_held:
+                            to_local += data or b""
+                        else:
+                            _apply(frames.feed(data or b""), local, to_local)
                     if events & selectors.EVENT_WRITE and to_relay:
                         with contextlib.suppress(BlockingIOError):
                             del to_relay[: relay.send(to_relay[:CHUNK])]
+            if window is not None and process_open:
+                size = terminal.get_window_size(local)
+                if size != window:
+                    window = size
+                    to_relay += frame(WINDOW, size.pack())
         if home_open:
             relay.shutdown(socket.SHUT_WR)
             _linger(relay)
@@ -114,7 +138,16 @@ def pump(master: int, relay: socket.socket, log: Callable[[str], None]) -> None:
     finally:
         selector.close()
         relay.close()
-        os.close(master)  # the home side ended: the process's terminal hangs up
+        os.close(local)  # the home side ended: the process's terminal hangs up
+
+
+def _apply(frames: list[tuple[int, bytes]], master: int, to_master: bytearray) -> None:
+    """The shadow's frames: DATA for the master, WINDOW set on it (SIGWINCH there)."""
+    for kind, payload in frames:
+        if kind == DATA:
+            to_master += payload
+        elif len(payload) == terminal.WINSIZE.size:
+            terminal.set_window_size(master, terminal.WindowSize.unpack(payload))
 
 
 def _events(open_: bool, outgoing: bytearray, incoming: bytearray) -> int:

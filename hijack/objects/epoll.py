@@ -8,6 +8,7 @@ from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects.base import O_CLOEXEC, DumpContext, Kind, RestoreContext
 from hijack.sys import procfs
+from hijack.sys.process import epoll_entry_is_open_at
 
 EPOLL_CTL_ADD = 1
 EPOLL_EVENT = struct.Struct("<IQ")  # struct epoll_event is packed on x86_64
@@ -21,10 +22,7 @@ class Epoll(Kind):
         return entry.kind is procfs.FdKind.EPOLL
 
     def dump(self, entry: procfs.FdEntry, info: procfs.FdInfo, dump: DumpContext) -> int:
-        targets = tuple(
-            rec.EpollTarget(tfd=tfd, events=events, data=data)
-            for tfd, events, data in info.epoll_targets
-        )
+        targets = live_targets(dump.pid, entry.fd, info.epoll_targets)
         # Every epoll shares one anonymous inode: the description is the instance.
         key = ("epoll", dump.descriptions[entry.fd])
         return dump.add_object(key, lambda id: rec.EpollObject(id=id, targets=targets))
@@ -46,3 +44,24 @@ class Epoll(Kind):
         targets = image.object_of(descriptor, rec.EpollObject).targets
         watched = ", ".join(f"{t.tfd}:{t.events:#x}" for t in targets)
         return f"watching {len(targets)} ({watched})" if targets else "watching none"
+
+
+def live_targets(
+    pid: int, epoll_fd: int, targets: list[tuple[int, int, int]]
+) -> tuple[rec.EpollTarget, ...]:
+    """The entries of an epoll's interest list the process still holds under their numbers.
+
+    An entry lives as long as its file, not its number: one whose number the
+    process closed or reused while another holder (a dup, a child, its
+    shadow's copy) kept the file open stays listed. Such an entry cannot be
+    added again under that number (EBADF, or EEXIST beside the new file's
+    entry), and it ends with that other holder's copy; it is left out.
+    """
+    kept = []
+    seen: dict[int, int] = {}
+    for tfd, events, data in targets:
+        toff = seen.get(tfd, 0)  # fdinfo lists entries in the order kcmp counts them
+        seen[tfd] = toff + 1
+        if epoll_entry_is_open_at(pid, epoll_fd, tfd, toff):
+            kept.append(rec.EpollTarget(tfd=tfd, events=events, data=data))
+    return tuple(kept)

@@ -35,8 +35,13 @@ class RoundReceived:
 class Prebuilt:
     """A stub and its address space, as far as the rounds received so far built them."""
 
-    def __init__(self, admit: Callable[[rec.Segments], None] | None = None) -> None:
+    def __init__(
+        self,
+        admit: Callable[[rec.Segments], None] | None = None,
+        mount_namespace: int | None = None,
+    ) -> None:
         self.admit = admit  # refuses (raising) a layout this node must not build
+        self.mount_namespace = mount_namespace  # the stub's (hijack.sys.stub.spawn_stub)
         self.stub: Stub | None = None
         self.space: AddressSpace | None = None
         self.rounds = 0
@@ -52,7 +57,7 @@ class Prebuilt:
         if self.space is None:
             if self.admit is not None:
                 self.admit(segments)
-            pid = spawn_stub(opening.pid)
+            pid = spawn_stub(opening.pid, self.mount_namespace)
             try:
                 self.stub = Stub(pid, find_syscall_instruction(pid))
                 self.space = AddressSpace(self.stub, segments.segments)

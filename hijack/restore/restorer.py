@@ -52,6 +52,7 @@ from hijack.restore.remote import Stub
 from hijack.shadow import control
 from hijack.sys import memory, pidfd, procfs
 from hijack.sys import ptrace as pt
+from hijack.sys.process import mount_namespace_of, open_mount_namespace
 from hijack.sys.stub import kill_stub, spawn_stub
 
 R = TypeVar("R")
@@ -120,6 +121,7 @@ def restore(
     before_start: Callable[[int], None] | None = None,
     admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None,
     prebuilt: Prebuilt | None = None,
+    mount_namespace: int | None = None,
     take_locks: bool = True,
 ) -> RestoreResult:
     """Rebuild the process of the image in `stream` and let it run.
@@ -136,6 +138,8 @@ def restore(
     it refuses by raising.
     `prebuilt` is the stub a move's pre-copy rounds built: the image is its
     final one (docs/crf.md §7a) and is restored into that stub.
+    `mount_namespace`: a descriptor of the mount namespace to build the
+    process in (hijack.node.mounts), else the restorer's own.
     `take_locks` False (a move) leaves the image's file locks and leases untaken:
     the home shadow keeps the open files, and with them their flock, OFD locks
     and leases, and the original holds its POSIX locks until the commit.
@@ -176,11 +180,15 @@ def restore(
         for number, fd in (provided or {}).items():
             inherited[number] = os.dup(fd)
             os.set_inheritable(inherited[number], True)
+        # A process in a mount namespace of its own: its shadow, forked from it, lives there.
+        entered = _shadow_namespace(holdings) if holdings and mount_namespace is None else None
         try:
-            pid = spawn_stub(image.header.pid)
+            pid = spawn_stub(image.header.pid, mount_namespace if entered is None else entered)
         finally:
             for fd in inherited.values():
                 os.close(fd)  # the stub has its own copies now
+            if entered is not None:
+                os.close(entered)
     except BaseException:
         ipc.undo()
         raise
@@ -281,6 +289,15 @@ def shadow_holdings(registry: Registry, old_pid: int) -> ShadowHoldings | None:
         own_fd={int(fd["fd"]): int(fd["own_fd"]) for fd in status["fds"]},
         identity={int(fd["fd"]): (int(fd["dev"]), int(fd["ino"])) for fd in status["fds"]},
     )
+
+
+def _shadow_namespace(holdings: ShadowHoldings) -> int | None:
+    """The shadow's mount namespace if it is not ours (that of the process it was forked
+    from), to build the process in: its paths name files there."""
+    theirs = mount_namespace_of(holdings.shadow_pid)
+    if theirs == mount_namespace_of(os.getpid()):
+        return None
+    return open_mount_namespace(holdings.shadow_pid, theirs)
 
 
 def _take_from_shadow(holdings: ShadowHoldings, plan: FilePlan) -> dict[int, int]:

@@ -7,6 +7,7 @@ false). docs/protocol.md lists the operations.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import json
 import os
@@ -138,6 +139,23 @@ def _read_line(sock: socket.socket) -> bytes:
 # and to each node it goes to inside the authenticated move channel.
 
 RELAY_ACCEPTED = b"RLY1"
+TCP_RTO_MAX_MS = 44  # <linux/tcp.h>, Linux 6.14
+RELAY_RTO_MAX_MS = 1000  # the least the kernel takes
+
+
+def bound_backoff(sock: socket.socket) -> None:
+    """Retransmit at most RELAY_RTO_MAX_MS apart on `sock` (a relay, or a connection that
+    stands for one).
+
+    By default TCP doubles the wait after each lost try, up to 2 minutes:
+    bytes sent while a link was down for 20 s would wait up to 13 s more
+    once it is back (an in-doubt move settled by `hijack recover`, a
+    partition healed). Capped, they go within a second. Older kernels
+    refuse the option and keep their back-off.
+    """
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, RELAY_RTO_MAX_MS)
+
 _LENGTH = struct.Struct("<I")
 # A `migrated` request carries the unread bytes of every stream (base64): up to a
 # socket receive buffer each. Only a peer that proved the token gets this far.
@@ -181,6 +199,7 @@ def _client(address: str, token: bytes, header: Message, timeout: float) -> sock
         raise ShadowError(
             f"cannot reach the home shadow at {address}: {exc.strerror or exc}"
         ) from None
+    bound_backoff(sock)
     try:
         nonce = _exactly(sock, 16)
         payload = json.dumps(header, separators=(",", ":")).encode()

@@ -36,7 +36,7 @@ from typing import Any
 from hijack.errors import HijackError
 from hijack.registry import node_name
 from hijack.shadow import control
-from hijack.shadow.relay import RelayHub, decode_unread, decode_unread_datagrams
+from hijack.shadow.relay import ACK_WAIT, RelayHub, decode_unread, decode_unread_datagrams
 from hijack.sys import pidfd, procfs
 
 FOLLOW_INTERVAL = 1.0  # seconds between checks that the target still holds our descriptors
@@ -132,14 +132,22 @@ class Shadow:
                 return
             try:
                 message, fds = control.receive(connection)
-                answer = self.handle(message, fds)
             except (OSError, HijackError) as exc:
                 answer = {"ok": False, "error": str(exc)}
-            except Exception as exc:
-                log(f"error answering a request: {exc!r}")
-                answer = {"ok": False, "error": f"internal error: {exc!r}"}
+            else:
+                answer = self.answer(message, fds)
             with contextlib.suppress(OSError):  # the asker left: nothing to tell
                 connection.sendall(control.encode(answer))
+
+    def answer(self, message: control.Message, fds: list[int]) -> control.Message:
+        """handle(), with a failure as the answer that says why."""
+        try:
+            return self.handle(message, fds)
+        except (OSError, HijackError) as exc:
+            return {"ok": False, "error": str(exc)}
+        except Exception as exc:
+            log(f"error answering a request: {exc!r}")
+            return {"ok": False, "error": f"internal error: {exc!r}"}
 
     def handle(self, message: control.Message, fds: list[int]) -> control.Message:
         op = message.get("op")
@@ -222,6 +230,7 @@ class Shadow:
             connection.settimeout(3.0)
             header = control.server_handshake(connection, self.token)
             if header.get("kind") == "relay":
+                control.bound_backoff(connection)
                 connection.sendall(control.RELAY_ACCEPTED)
                 self.hub.attach_relay(
                     str(header["stream"]),
@@ -230,7 +239,7 @@ class Shadow:
                     pty=str(header.get("terminal", "")),
                 )
                 return
-            answer = self.handle(dict(header.get("request", {})), [])
+            answer = self.answer(dict(header.get("request", {})), [])
             control.send_framed(connection, answer)
         except (OSError, HijackError, KeyError, ValueError) as exc:
             log(f"refused a connection from {address}: {exc}")
@@ -245,11 +254,13 @@ class Shadow:
                 self.hub.adopt_datagram(number, self.held[number])
             elif entry.get("terminal"):
                 self.hub.adopt_terminal(number, self.held[number])
+            elif entry.get("master"):
+                self.hub.adopt_master(number, self.held[number])
             else:
                 self.hub.adopt(number, self.held[number], bool(entry.get("listener")))
         if self.mode is Mode.HOME:
             self.mode = Mode.HOLDING
-        self.hub.migrating()
+        self.hub.migrating(str(message.get("move", "")), float(message.get("ack_wait", ACK_WAIT)))
         return {"ok": True, **self.describe()}
 
     def come_home(self, pid: int) -> control.Message:

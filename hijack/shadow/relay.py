@@ -47,8 +47,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hijack.errors import HijackError
-from hijack.node.terminal import DATA, WINDOW
+from hijack.node.terminal import DATA, WINDOW, FrameReader
 from hijack.node.terminal import frame as terminal_frame
+from hijack.shadow.control import bound_backoff
 from hijack.shadow.datagram import DatagramStream
 from hijack.sys import terminal as terminal_sys
 
@@ -86,6 +87,7 @@ class Relay:
     move: str
     eof: bool = False  # the process's side has finished writing
     terminal: str = ""  # a terminal's relay: the pty that stands for it at the node
+    frames: FrameReader | None = None  # a pty master's relay: what the node sends, framed
     # Read once: a connection that was reset has no peer name any more, and
     # the shadow must still describe it (the status a mover plans with).
     shadow_end: str = field(init=False, default="")
@@ -175,6 +177,9 @@ class Stream:
     terminal: terminal_sys.Settings | None = None
     window: terminal_sys.WindowSize | None = None
     closed: bool = False
+    # A pty master the process held (tmux, screen): the process gets a pty master
+    # at its node; what it writes there comes framed (DATA, WINDOW: a size it set).
+    master: bool = False
     # Kernel pipes behind the heads to_relay / to_original, made at the first
     # byte; None while the original cannot splice (then the heads carry all).
     out_pipe: SplicePipe | None = None
@@ -283,6 +288,14 @@ class RelayHub:
         self.streams[stream_id] = Stream(stream_id, fd, "stream", terminal=None)
         self.streams[stream_id].window = terminal_sys.get_window_size(fd)
 
+    def adopt_master(self, number: int, own_fd: int) -> None:
+        """The pty master at the target's descriptor `number`: the process gets a pty master
+        at its node, whose slave the daemon there pumps to its relay (its own open file:
+        opening ptmx again would make another pty)."""
+        stream_id = f"ptm:{number}"
+        if stream_id not in self.streams:
+            self.streams[stream_id] = Stream(stream_id, own_fd, "stream", master=True)
+
     def attach_relay(self, stream_id: str, move: str, sock: socket.socket, pty: str = "") -> None:
         stream = self.streams.get(stream_id)
         if stream is None or stream.kind != "stream":
@@ -296,21 +309,29 @@ class RelayHub:
 
     # -- moves --------------------------------------------------------------------
 
-    def migrating(self) -> None:
-        """Stop the flow towards the process; return once its node has all we sent."""
+    def migrating(self, move: str, ack_wait: float = ACK_WAIT) -> None:
+        """Stop the flow towards the process; return once its node has all we sent.
+
+        Bytes its node has not acknowledged after `ack_wait` seconds (a
+        process that stopped reading) are in no socket a mover can copy: the
+        flow goes on as before and HijackError says the move cannot be made.
+        """
         self.pumping = False
         self._refresh_interest()
         for datagram in self.datagrams.values():
             datagram.migrating()
-        deadline = time.monotonic() + ACK_WAIT
-        while time.monotonic() < deadline:
-            waiting = [
-                stream
+        deadline = time.monotonic() + ack_wait
+        while True:
+            counts = {
+                stream.id: unacknowledged(stream.relay.sock)
                 for stream in self.streams.values()
-                if stream.relay is not None and unacknowledged(stream.relay.sock)
-            ]
+                if stream.relay is not None
+            }
+            waiting = {stream_id: count for stream_id, count in counts.items() if count}
             if not waiting:
                 return
+            if time.monotonic() >= deadline:
+                break
             # The process must go on reading what we sent: it does only while
             # its own writes get through, so we keep reading its relays (and
             # passing that on) meanwhile. Else it blocks on a full send queue,
@@ -320,7 +341,13 @@ class RelayHub:
             for stream in list(self.streams.values()):
                 self._read_while_migrating(stream)
             time.sleep(0.001)
-        self.log("the process's node did not acknowledge all we sent: its streams may have a hole")
+        self.aborted(move)
+        unread = ", ".join(f"{stream} {count} bytes" for stream, count in sorted(waiting.items()))
+        self.log(f"move {move}: not acknowledged after {ack_wait:g} s ({unread}); relaying on")
+        raise HijackError(
+            f"the process did not take what its home shadow sent it within {ack_wait:g} s"
+            f" ({unread} unacknowledged): moved now, those bytes would be lost"
+        )
 
     def _read_while_migrating(self, stream: Stream) -> None:
         relay = stream.relay
@@ -347,7 +374,10 @@ class RelayHub:
                 stream.relay = None
             if new is not None:
                 stream.relay = new
-                stream.to_relay[:0] = unread.get(stream.id, b"")
+                pending = unread.get(stream.id, b"")
+                if pending and self._is_terminal(stream):  # what was typed, not yet read
+                    pending = terminal_frame(DATA, pending)
+                stream.to_relay[:0] = pending
                 if stream.window is not None:  # the new pty gets the home terminal's size
                     stream.to_relay[:0] = terminal_frame(WINDOW, stream.window.pack())
                 # An end we passed to the old relay may not have been read
@@ -427,6 +457,7 @@ class RelayHub:
     # -- terminals ------------------------------------------------------------------
 
     def _is_terminal(self, stream: Stream) -> bool:
+        """A terminal the process had (pumped through a pty at the node); not a pty master."""
         return stream.window is not None
 
     def _make_terminals_raw(self) -> None:
@@ -572,17 +603,20 @@ class RelayHub:
     def _read_original(self, stream: Stream) -> int:
         pipe = stream.outward_pipe()
         got: int | None
-        if pipe is not None:
-            got = pipe.fill(stream.original)
-        else:
-            try:
+        try:
+            if pipe is not None:
+                got = pipe.fill(stream.original)
+            else:
                 data = os.read(stream.original, CHUNK)
-            except BlockingIOError:
-                return 0
-            # A terminal's bytes go in DATA frames (hijack.node.terminal).
-            framed = data and self._is_terminal(stream)
-            stream.to_relay += terminal_frame(DATA, data) if framed else data
-            got = len(data)
+                # A terminal's bytes go in DATA frames (hijack.node.terminal).
+                framed = data and self._is_terminal(stream)
+                stream.to_relay += terminal_frame(DATA, data) if framed else data
+                got = len(data)
+        except BlockingIOError:
+            return 0
+        except OSError as exc:
+            self._original_failed(stream, exc)
+            return 0
         if got == 0:
             stream.original_eof = True
         stream.bytes_out += got or 0
@@ -611,7 +645,7 @@ class RelayHub:
                 data = relay.sock.recv(CHUNK)
             except BlockingIOError:
                 return 0
-            stream.to_original += data
+            stream.to_original += self._from_master(stream, relay, data) if stream.master else data
             got = len(data)
         if got is None:
             return 0
@@ -622,6 +656,25 @@ class RelayHub:
         else:
             relay.eof = True
         return got
+
+    def _from_master(self, stream: Stream, relay: Relay, data: bytes) -> bytes:
+        """The bytes of the DATA frames in `data` from a pty master's relay; a WINDOW
+        frame's size is set on the home master (its slave's group gets SIGWINCH)."""
+        if relay.frames is None:
+            relay.frames = FrameReader()
+        try:
+            frames = relay.frames.feed(data)
+        except HijackError as exc:  # a broken peer: this stream ends (_on_event)
+            raise ConnectionError(f"{stream.id}: {exc}") from None
+        written = bytearray()
+        for kind, payload in frames:
+            if kind == DATA:
+                written += payload
+            elif len(payload) == terminal_sys.WINSIZE.size and stream.original >= 0:
+                with contextlib.suppress(HijackError):  # hung up: no size to set
+                    size = terminal_sys.WindowSize.unpack(payload)
+                    terminal_sys.set_window_size(stream.original, size)
+        return bytes(written)
 
     def _drain_retiring(self, stream: Stream, sock: socket.socket) -> None:
         relay = next(r for r in stream.retiring if r.sock is sock)
@@ -663,17 +716,38 @@ class RelayHub:
             stream.shut_relay = True
         return sent
 
+    def _original_failed(self, stream: Stream, exc: OSError) -> None:
+        """Reading or writing the original failed (its peer reset it or stopped reading, a
+        terminal hung up): the stream ends there. The process gets what was read before
+        and then the end, as from a peer that closed it, and its stream stays known (a
+        move takes it along, ended); its next write to it fails (_flush_original), as
+        it would have there."""
+        self.log(f"{stream.id}: {exc}; passing its end on to the process")
+        self._close_original(stream, reset=True)
+        stream.original_eof = stream.shut_original = True
+        stream.splices = False  # what the process writes now lands in to_original
+        if stream.in_pipe is not None:
+            stream.in_pipe.close()
+            stream.in_pipe = None
+        stream.to_original.clear()
+
     def _flush_original(self, stream: Stream) -> int:
         """Write the original what we hold for it, head first: the byte count written."""
+        if stream.original < 0 and stream.to_original:
+            raise ConnectionResetError(f"{stream.id}: the process wrote to a stream that ended")
         written = 0
-        if stream.to_original and not stream.shut_original:
-            try:
-                written = os.write(stream.original, stream.to_original[:CHUNK])
-            except BlockingIOError:
-                written = 0
-            del stream.to_original[:written]
-        if not stream.to_original and stream.in_pipe is not None and not stream.shut_original:
-            written += stream.in_pipe.drain(stream.original)
+        try:
+            if stream.to_original and not stream.shut_original:
+                try:
+                    written = os.write(stream.original, stream.to_original[:CHUNK])
+                except BlockingIOError:
+                    written = 0
+                del stream.to_original[:written]
+            if not stream.to_original and stream.in_pipe is not None and not stream.shut_original:
+                written += stream.in_pipe.drain(stream.original)
+        except OSError as exc:  # its peer is gone: what it was sent is lost, as over TCP
+            self._original_failed(stream, exc)
+            return written
         relay = stream.relay
         ended = relay is not None and relay.eof and not stream.retiring
         if ended and not stream.in_held and not stream.shut_original:
@@ -690,7 +764,7 @@ class RelayHub:
             os.close(stream.original)  # a pipe: closing is how its reader sees the end
             stream.original = -1
             return
-        with sock:
+        with sock, contextlib.suppress(OSError):  # reset meanwhile: nobody to tell
             sock.shutdown(socket.SHUT_WR)
 
     def _finish_if_done(self, stream: Stream) -> None:
@@ -704,15 +778,7 @@ class RelayHub:
         for relay in [r for r in (stream.relay, *stream.retiring) if r is not None]:
             self._forget(relay.sock)
             relay.sock.close()
-        if stream.original >= 0:
-            self._forget(stream.original)
-            self._restore_terminal(stream)
-            sock = _socket_copy(stream.original) if reset else None
-            if sock is not None:
-                with sock:
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            os.close(stream.original)
-        stream.original = -1
+        self._close_original(stream, reset=reset)
         stream.relay = None
         stream.retiring.clear()
         stream.close_pipes()
@@ -721,6 +787,18 @@ class RelayHub:
         self.streams.pop(stream.id, None)
         for role in ("original", "relay", "retiring"):
             self._callbacks.pop((stream.id, role), None)
+
+    def _close_original(self, stream: Stream, *, reset: bool) -> None:
+        if stream.original < 0:
+            return
+        self._forget(stream.original)
+        self._restore_terminal(stream)
+        sock = _socket_copy(stream.original) if reset else None
+        if sock is not None:
+            with sock:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        os.close(stream.original)
+        stream.original = -1
 
     def _forget(self, target: Any) -> None:
         with contextlib.suppress(KeyError, ValueError):
@@ -759,6 +837,7 @@ class RelayHub:
             return
         host, port = target.rsplit(":", 1)
         sock = socket.create_connection((host.strip("[]"), int(port)), timeout=5)
+        bound_backoff(sock)
         sock.setblocking(False)
         if stream.replay:
             stream.to_relay[:0] = stream.replay

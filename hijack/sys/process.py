@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 from hijack.sys.errors import kernel_call, raise_for_errno
 from hijack.sys.libc import libc, raw_syscall
+from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -39,6 +41,53 @@ def get_robust_list(tid: int) -> tuple[int, int]:
         what=f"thread {tid}",
     )
     return head.value, length.value
+
+
+KCMP_EPOLL_TFD = 7
+
+
+class KcmpEpollSlot(ctypes.Structure):
+    """struct kcmp_epoll_slot: the `toff`-th entry for number `tfd` in epoll `efd`."""
+
+    _fields_ = [("efd", ctypes.c_uint32), ("tfd", ctypes.c_uint32), ("toff", ctypes.c_uint32)]
+
+
+def epoll_entry_is_open_at(pid: int, epoll_fd: int, tfd: int, toff: int) -> bool:
+    """Whether `pid`'s descriptor `tfd` is the very file its epoll `epoll_fd` watches under
+    that number (the `toff`-th of its entries for `tfd`; kcmp KCMP_EPOLL_TFD).
+
+    Not so when the process closed `tfd` (or reused the number for another
+    file) while someone else kept the watched file open: the entry lives on.
+    """
+    slot = KcmpEpollSlot(epoll_fd, tfd, toff)
+    number = SYSCALL_NUMBERS["kcmp"]
+    args = (pid, pid, KCMP_EPOLL_TFD, tfd, ctypes.addressof(slot))
+    result = int(libc.syscall(ctypes.c_long(number), *(ctypes.c_long(a) for a in args)))
+    if result == 0:
+        return True
+    err = ctypes.get_errno() if result < 0 else 0
+    if err not in (0, errno.EBADF, errno.ENOENT):  # EBADF: tfd closed; ENOENT: no such entry
+        raise_for_errno(err, "kcmp(KCMP_EPOLL_TFD)", pid, f"epoll fd {epoll_fd}")
+    return False
+
+
+def mount_namespace_of(pid: int) -> str:
+    """"mnt:[INODE]": the mount namespace process `pid` lives in."""
+    with kernel_call("readlink", pid, f"the mount namespace of process {pid}"):
+        return os.readlink(f"/proc/{pid}/ns/mnt")
+
+
+def open_mount_namespace(pid: int, expected: str) -> int | None:
+    """A descriptor of the mount namespace of `pid` if it is `expected` ("mnt:[INODE]"),
+    else None (no such process, or another namespace: a pid reused meanwhile)."""
+    try:
+        fd = os.open(f"/proc/{pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    if f"mnt:[{os.fstat(fd).st_ino}]" == expected:
+        return fd
+    os.close(fd)
+    return None
 
 
 def send_signal(pid: int, signal_number: int) -> None:

@@ -24,6 +24,7 @@ from hijack.sys.errors import raise_for_errno
 from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
 
 STUB_PROGRAM = "/bin/true"
+CLONE_NEWNS = 0x00020000
 
 _python_libc = ctypes.PyDLL(None, use_errno=True)
 _syscall_holding_gil = _python_libc.syscall
@@ -63,19 +64,27 @@ def _fork(wanted_pid: int | None) -> int:
     return -ctypes.get_errno() if result < 0 else result
 
 
-def _become_stub() -> None:
-    """In the child: ask to be traced and exec the stub program. Never returns."""
+def _become_stub(mount_namespace: int | None) -> None:
+    """In the child: enter `mount_namespace` (a descriptor of one) if given, ask to be
+    traced and exec the stub program. Never returns."""
     try:
+        if mount_namespace is not None:
+            number = ctypes.c_long(SYSCALL_NUMBERS["setns"])
+            if _syscall_holding_gil(number, ctypes.c_long(mount_namespace), CLONE_NEWNS) != 0:
+                os._exit(126)  # the parent sees no exec trap: a failed stub
         pt.traceme()
         os.execv(STUB_PROGRAM, [STUB_PROGRAM])
     finally:
         os._exit(127)
 
 
-def spawn_stub(wanted_pid: int | None) -> int:
+def spawn_stub(wanted_pid: int | None, mount_namespace: int | None = None) -> int:
     """Start a traced stub, stopped at its exec trap; return its pid.
 
-    It gets `wanted_pid` when that pid is free, and any pid otherwise.
+    It gets `wanted_pid` when that pid is free, and any pid otherwise. With
+    `mount_namespace` (a descriptor of /proc/PID/ns/mnt) it lives in that
+    mount namespace, entered before its exec: every path the restore opens
+    in it, and the process's own later, is looked up there.
     """
     pid = _fork(wanted_pid) if wanted_pid else -errno_codes.EEXIST
     if pid in (-errno_codes.EEXIST, -errno_codes.EINVAL):
@@ -83,7 +92,7 @@ def spawn_stub(wanted_pid: int | None) -> int:
     if pid < 0:
         raise_for_errno(-pid, "clone3")
     if pid == 0:
-        _become_stub()
+        _become_stub(mount_namespace)
     result = pt.wait_for(pid)
     if result is None or not result.stopped or result.stop_signal != signal.SIGTRAP:
         reason = result.describe() if result else "did not stop"

@@ -7,8 +7,10 @@ window size its `struct winsize` (TIOCGWINSZ/TIOCSWINSZ).
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
+import select
 import struct
 import termios
 from dataclasses import dataclass
@@ -88,6 +90,36 @@ def set_settings(fd: int, settings: Settings) -> None:
         fcntl.ioctl(fd, TCSETS, settings.pack())
 
 
+def take_pending_input(fd: int) -> bytes:
+    """What was typed at terminal `fd` and not read yet, a partial line included: taken.
+
+    A canonical read would wait for the end of the line: switched to
+    non-canonical with VMIN = VTIME = 0, the line discipline gives all it
+    holds at once. This changes the terminal's settings: for one that goes.
+    """
+    settings = get_settings(fd)
+    cc = bytearray(settings.c_cc)
+    cc[termios.VMIN], cc[termios.VTIME] = 0, 0
+    lflag = settings.c_lflag & ~termios.ICANON
+    set_settings(fd, dataclasses.replace(settings, c_lflag=lflag, c_cc=bytes(cc)))
+    return read_available(fd)
+
+
+def read_available(fd: int) -> bytes:
+    """What terminal `fd` gives to a read now, taken without blocking (its open file may
+    be a blocking one: poll first)."""
+    pending = bytearray()
+    while select.select([fd], [], [], 0)[0]:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # hung up
+            break
+        if not chunk:
+            break
+        pending += chunk
+    return bytes(pending)
+
+
 def get_window_size(fd: int) -> WindowSize:
     with kernel_call("TIOCGWINSZ"):
         return WindowSize.unpack(fcntl.ioctl(fd, termios.TIOCGWINSZ, bytes(WINSIZE.size)))
@@ -116,8 +148,28 @@ def open_pseudo_terminal() -> tuple[int, str]:
         try:
             # unlockpt; grantpt has nothing to do on devpts.
             fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
-            number = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, bytes(4)))[0]
+            path = slave_path(master)
         except BaseException:
             os.close(master)
             raise
-    return master, f"/dev/pts/{number}"
+    return master, path
+
+
+def slave_path(master: int) -> str:
+    """The path of the slave of pty master `master` (TIOCGPTN)."""
+    with kernel_call("TIOCGPTN"):
+        return f"/dev/pts/{struct.unpack('I', fcntl.ioctl(master, TIOCGPTN, bytes(4)))[0]}"
+
+
+def open_slave(path: str) -> int:
+    """Our own open slave of the pty at `path`, raw (every byte as it is), non-blocking."""
+    flags = os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC | os.O_NONBLOCK
+    with kernel_call("open", what=path):
+        slave = os.open(path, flags)
+    try:
+        set_settings(slave, get_settings(slave).raw())
+    except BaseException:
+        os.close(slave)
+        raise
+    return slave
+
