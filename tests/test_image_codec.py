@@ -56,6 +56,7 @@ from hijack.image import (
     LockKind,
     MemfdObject,
     MemoryStructure,
+    NetlinkSocket,
     ObjectData,
     PageRange,
     Pages,
@@ -67,6 +68,8 @@ from hijack.image import (
     ProcessSettings,
     Prot,
     PtyPair,
+    QueuedDatagram,
+    RawSocket,
     Record,
     Rlimit,
     Rlimits,
@@ -82,6 +85,8 @@ from hijack.image import (
     SigAltStack,
     SignalfdObject,
     SignalState,
+    SocketOption,
+    SocketOptions,
     SysvMessage,
     SysvMessageQueue,
     SysvOwner,
@@ -95,6 +100,7 @@ from hijack.image import (
     ThreadSeccomp,
     TimerfdObject,
     Timers,
+    UdpSocket,
     UnixCredentials,
     UnixMessage,
     UnixSocket,
@@ -110,8 +116,8 @@ from hijack.image.fields import Cursor, struct_codec
 
 OBJECT_TAGS = {
     b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"PIDF", b"INET", b"TCPC", b"LOCK",
-    b"PTYP", b"PIPE", b"FIFO", b"SHM_", b"SEM_", b"MSQ_", b"MQUE", b"UNIX",
-    b"GHST", b"MEMF", b"SHMA", b"ODAT",
+    b"PTYP", b"PIPE", b"FIFO", b"SHM_", b"SEM_", b"MSQ_", b"MQUE", b"UNIX", b"UDPS", b"SOPT",
+    b"NLNK", b"RAWS", b"GHST", b"MEMF", b"SHMA", b"ODAT",
 }  # fmt: skip
 SECTION_NAMES = {
     b"HEAD": "HEADER",
@@ -133,6 +139,10 @@ SECTION_NAMES = {
     b"TCPC": "TCP_CONNECTION",
     b"INET": "INET_SOCKET",
     b"UNIX": "UNIX_SOCKET",
+    b"UDPS": "UDP_SOCKET",
+    b"SOPT": "SOCKET_OPTIONS",
+    b"NLNK": "NETLINK_SOCKET",
+    b"RAWS": "RAW_SOCKET",
     b"GHST": "GHOST_FILE",
     b"MEMF": "MEMFD",
     b"SHMA": "SHARED_ANONYMOUS",
@@ -489,6 +499,29 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         ),
         ObjectData(id=20, offset=0, data=rng.randbytes(4096)),
         SharedAnonymous(id=21, dev=1, ino=1035, size=16384),
+        UdpSocket(
+            id=22,
+            family=10,
+            local_address="[::]:5353",
+            remote_address="",
+            queue=(
+                QueuedDatagram(length=3, source="[::ffff:127.0.0.1]:40000"),
+                QueuedDatagram(length=0, source="[::1]:40001"),
+            ),
+        ),
+        ObjectData(id=22, offset=0, data=b"abc"),
+        SocketOptions(
+            id=23,
+            socket_id=22,
+            filter_locked=True,
+            options=(
+                SocketOption(level=1, name=2, value=b"\x01\0\0\0"),
+                SocketOption(level=6, name=13, value=b"reno".ljust(16, b"\0")),
+            ),
+            filter=bytes.fromhex("0600000000000100"),
+        ),
+        NetlinkSocket(id=24, type=3, protocol=0, port_id=4242, groups=(1, 5)),
+        RawSocket(id=25, family=2, protocol=1, local_address="127.0.0.1", remote_address=""),
     )
     files = Files(
         objects=len(objects),
@@ -1374,6 +1407,7 @@ def test_object_data_is_laid_out_like_pages() -> None:
         struct.pack("<QQ", 13, 0),
         struct.pack("<QQ", 19, 8192),
         struct.pack("<QQ", 20, 0),
+        struct.pack("<QQ", 22, 0),
     ]
     assert found[1].payload[16:] == b"after a hole"
 

@@ -65,6 +65,7 @@ from hijack.image.records import (
     InotifyObject,
     MemfdObject,
     MemoryStructure,
+    NetlinkSocket,
     ObjectData,
     Pages,
     PidfdObject,
@@ -72,6 +73,7 @@ from hijack.image.records import (
     PosixMessageQueue,
     ProcessSettings,
     PtyPair,
+    RawSocket,
     Record,
     Rlimits,
     Round,
@@ -79,6 +81,7 @@ from hijack.image.records import (
     SharedAnonymous,
     SignalfdObject,
     SignalState,
+    SocketOptions,
     SysvMessageQueue,
     SysvSemaphores,
     SysvSharedMemory,
@@ -87,6 +90,7 @@ from hijack.image.records import (
     Thread,
     TimerfdObject,
     Timers,
+    UdpSocket,
     UnixSocket,
 )
 
@@ -129,6 +133,10 @@ class SectionKind(enum.Enum):
     PIDFD_OBJECT = b"PIDF"
     INET_SOCKET = b"INET"
     TCP_CONNECTION = b"TCPC"
+    UDP_SOCKET = b"UDPS"
+    SOCKET_OPTIONS = b"SOPT"
+    NETLINK_SOCKET = b"NLNK"
+    RAW_SOCKET = b"RAWS"
     FILE_LOCKS = b"LOCK"
     PTY_PAIR = b"PTYP"
     PIPE_OBJECT = b"PIPE"
@@ -251,6 +259,10 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.PIDFD_OBJECT: _StructSection(PidfdObject, is_object=True),
     SectionKind.INET_SOCKET: _StructSection(InetSocket, is_object=True),
     SectionKind.TCP_CONNECTION: _StructSection(TcpConnection, is_object=True),
+    SectionKind.UDP_SOCKET: _StructSection(UdpSocket, is_object=True),
+    SectionKind.SOCKET_OPTIONS: _StructSection(SocketOptions, is_object=True),
+    SectionKind.NETLINK_SOCKET: _StructSection(NetlinkSocket, is_object=True),
+    SectionKind.RAW_SOCKET: _StructSection(RawSocket, is_object=True),
     SectionKind.FILE_LOCKS: _StructSection(FileLocks, is_object=True),
     SectionKind.PTY_PAIR: _StructSection(PtyPair, is_object=True),
     SectionKind.PIPE_OBJECT: _StructSection(PipeObject, is_object=True),

@@ -569,6 +569,29 @@ class TcpConnection:
         _check_object_id(self)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueuedDatagram:
+    """One datagram of a socket's receive queue; its bytes are in the socket's OBJECT_DATA."""
+
+    length: U32
+    source: str  # the sender: "127.0.0.1:5353", "[::1]:5353"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UdpSocket:
+    """A UDP socket: where it is bound and connected, and the datagrams it has not read.
+    Its OBJECT_DATA holds their bytes, one after the other."""
+
+    id: U64
+    family: U16  # AF_INET or AF_INET6
+    local_address: str  # "0.0.0.0:0" (or "[::]:0") when never bound
+    remote_address: str  # "" when not connected
+    queue: tuple[QueuedDatagram, ...]  # oldest first
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
 class LockKind(enum.IntEnum):
     """Who owns a lock, and so how a restore takes it again."""
 
@@ -632,6 +655,20 @@ class PtyPair:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class NetlinkSocket:
+    """A netlink socket: its protocol, port id and multicast groups (messages queued are lost)."""
+
+    id: U64
+    type: U16  # SOCK_RAW, SOCK_DGRAM
+    protocol: U16  # NETLINK_ROUTE 0, NETLINK_GENERIC 16, ...
+    port_id: U32  # getsockname's nl_pid; 0 when never bound
+    groups: tuple[U32, ...]  # the groups joined (NETLINK_LIST_MEMBERSHIPS), ascending
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PipeObject:
     """An anonymous pipe. Its buffered bytes, in order, are its ObjectData."""
 
@@ -642,6 +679,45 @@ class PipeObject:
 
     def __post_init__(self) -> None:
         _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RawSocket:
+    """A raw IP socket: its protocol and addresses (IP_HDRINCL, ICMP_FILTER are SocketOptions);
+    packets queued on it are lost."""
+
+    id: U64
+    family: U16  # AF_INET or AF_INET6
+    protocol: U16  # IPPROTO_ICMP 1, IPPROTO_UDP 17, IPPROTO_RAW 255, ...
+    local_address: str  # the address it is bound to, "" when not bound
+    remote_address: str  # connected to: "" (the kernel does not tell a raw socket's peer)
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SocketOption:
+    """One option as getsockopt(2) gave it, to be given back to setsockopt(2)."""
+
+    level: U32  # SOL_SOCKET 1, IPPROTO_IP 0, IPPROTO_IPV6 41, IPPROTO_TCP 6
+    name: U32  # SO_REUSEADDR 2, TCP_NODELAY 1, ...
+    value: bytes  # an int (4 bytes, little-endian), struct linger, or a name
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SocketOptions:
+    """The options of a socket (the TcpConnection, UdpSocket or InetSocket `socket_id`)."""
+
+    id: U64
+    socket_id: U64
+    filter_locked: bool  # SO_LOCK_FILTER
+    options: tuple[SocketOption, ...]
+    filter: bytes  # its classic BPF filter (struct sock_filter array), b"" when none
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        _require(len(self.filter) % 8 == 0, "SocketOptions: a filter of part of an instruction")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -877,6 +953,10 @@ ObjectRecord = (
     | PidfdObject
     | InetSocket
     | TcpConnection
+    | UdpSocket
+    | SocketOptions
+    | NetlinkSocket
+    | RawSocket
     | UnixSocket
     | FileLocks
     | PtyPair

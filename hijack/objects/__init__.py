@@ -45,15 +45,18 @@ from hijack.objects.inotify import Inotify
 from hijack.objects.locks import describe_held, dump_locks
 from hijack.objects.memfd import Memfd
 from hijack.objects.mqueue import MessageQueue
+from hijack.objects.netlink import Netlink
 from hijack.objects.other import Other
 from hijack.objects.pidfd import Pidfd
 from hijack.objects.pipe import Pipe
 from hijack.objects.pty import PtyPairKind
+from hijack.objects.raw import Raw
 from hijack.objects.regular import Regular
 from hijack.objects.signalfd import Signalfd
 from hijack.objects.tcp import Tcp
 from hijack.objects.terminal import Terminal
 from hijack.objects.timerfd import Timerfd
+from hijack.objects.udp import Udp
 from hijack.objects.unix import Unix
 from hijack.sys import kcmp, procfs
 
@@ -75,6 +78,9 @@ KINDS: tuple[Kind, ...] = (
     Pidfd(),
     Unix(),  # before Tcp and Inet: all three claim sockets
     Tcp(),  # before Inet: an established connection, when the dump reads connections
+    Udp(),  # before Inet, likewise
+    Netlink(),
+    Raw(),
     Inet(),
     Other(),  # last: claims whatever is left, and refuses it
 )

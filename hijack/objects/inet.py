@@ -12,6 +12,7 @@ import struct
 from hijack.errors import RestoreError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
+from hijack.objects import sockopts
 from hijack.objects.base import (
     F_SETFL,
     SETTABLE_STATUS_FLAGS,
@@ -85,7 +86,13 @@ class Inet(Kind):
                 remote_address=found.remote,
             )
 
-        return dump.add_object(("socket", entry.ino), make)
+        object_id = dump.add_object(("socket", entry.ino), make)
+        listening = found.type == socket.SOCK_STREAM and found.state_number == TCP_LISTEN
+        if dump.connections and listening:
+            # A restore rebuilds a listener (a move relays it: its image holds no options).
+            with socket.socket(fileno=os.dup(dump.copy_fd(entry.fd))) as sock:
+                sockopts.dump_options(sock, object_id, entry.ino, dump)
+        return object_id
 
     def refusal(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str | None:
         sock = image.object_of(descriptor, rec.InetSocket)
@@ -98,10 +105,12 @@ class Inet(Kind):
         sock = restore.image.object_of(descriptor, rec.InetSocket)
         stub = restore.stub
         restore.place(stub.call("socket", sock.family, sock.type, sock.protocol), descriptor)
-        stub.reset_scratch()
+        options = sockopts.options_of(restore.image, sock.id)
+        set_option, attach = sockopts.stub_setters(stub, descriptor.fd)
+        sockopts.set_early(options, set_option)
         # The old socket's accepted connections may linger in TIME_WAIT.
-        one = stub.put(struct.pack("<i", 1))
-        stub.call("setsockopt", descriptor.fd, socket.SOL_SOCKET, socket.SO_REUSEADDR, one, 4)
+        set_option(socket.SOL_SOCKET, socket.SO_REUSEADDR, struct.pack("<i", 1))
+        stub.reset_scratch()
         address = sockaddr(sock.family, sock.local_address)
         bound = stub.try_call("bind", descriptor.fd, stub.put(address), len(address))
         if bound < 0:
@@ -110,8 +119,11 @@ class Inet(Kind):
                 f"cannot listen again on {sock.local_address} for {describe_fd(descriptor)}: "
                 f"{os.strerror(-bound)}{hint}"
             )
+        sockopts.set_late(options, set_option, attach)
+        sockopts.set_reuse(options, set_option)  # as it was, now that it is bound
         stub.call("listen", descriptor.fd, LISTEN_BACKLOG)
         stub.call("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
 
     def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
-        return describe_socket(image.object_of(descriptor, rec.InetSocket))
+        sock = image.object_of(descriptor, rec.InetSocket)
+        return describe_socket(sock) + sockopts.describe_options(image, sock.id)

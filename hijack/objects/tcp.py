@@ -24,6 +24,7 @@ from types import TracebackType
 from hijack.errors import HijackError, RestoreError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
+from hijack.objects import sockopts
 from hijack.objects.base import DumpContext, Kind, RestoreContext, describe_fd
 from hijack.objects.inet import endpoint
 from hijack.sys import netlock, pidfd, procfs, tcp_repair
@@ -80,6 +81,8 @@ class Tcp(Kind):
 
         object_id = dump.add_object(("socket", entry.ino), make)
         dump.add_data(object_id, state.send_queue + state.received)
+        with socket.socket(fileno=os.dup(copy)) as sock:
+            sockopts.dump_options(sock, object_id, entry.ino, dump)
         return object_id
 
     def restore(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
@@ -113,6 +116,14 @@ class Tcp(Kind):
                 ),
             ),
         )
+        try:
+            with socket.socket(fileno=os.dup(made)) as sock:
+                set_option, attach = sockopts.our_setters(sock)
+                options = sockopts.options_of(restore.image, connection.id)
+                sockopts.set_late(options, set_option, attach, early_too=True)
+        except BaseException:
+            os.close(made)
+            raise
         restore.give_made(made, descriptor)
 
     def finish(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
@@ -130,6 +141,7 @@ class Tcp(Kind):
             f"{connection.local_address} -> {connection.remote_address}"
             f" ESTABLISHED, {connection.send_queue_bytes} bytes to send,"
             f" {connection.recv_queue_bytes} to read"
+            f"{sockopts.describe_options(image, connection.id)}"
         )
 
 

@@ -1,0 +1,126 @@
+"""A UDP socket's receive queue: read without consuming it, and filled again.
+
+Reading peeks (MSG_PEEK) with a peek offset (SO_PEEK_OFF): each peek returns the
+next datagram, whole, with its source address, and leaves the queue as it was;
+the socket's own peek offset is put back afterwards.
+
+Filling puts each datagram back as a UDP packet sent through a raw socket, its
+IP and UDP headers written here: the packet carries the datagram's original
+source address and port, whoever holds that port now (or no one: a peer on
+another host), so the receiver's recvfrom() sees the sender it saw before.
+Loopback delivers such a packet within the sendto() call.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass
+
+from hijack.sys.errors import kernel_call
+
+SO_PEEK_OFF = 42
+PEEK_DISABLED = -1  # the peek offset of a socket that never asked for one
+MAX_DATAGRAM = 65535
+IPPROTO_UDP = socket.IPPROTO_UDP
+DEFAULT_TTL = 64
+IP_DONT_FRAGMENT = 0x4000
+IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")  # version+ihl, tos, length, id, frag, ttl, proto, csum
+IPV6_HEADER = struct.Struct("!IHBB16s16s")  # version+class+flow, payload length, next, hops
+UDP_HEADER = struct.Struct("!HHHH")  # source port, destination port, length, checksum
+
+
+@dataclass(frozen=True)
+class Datagram:
+    source: str  # "1.2.3.4:53", "[::1]:53" (an IPv4 sender of an IPv6 socket: "[::ffff:...]")
+    data: bytes
+
+
+def endpoint_text(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    """The text of a Python socket address: "1.2.3.4:53", "[::1]:53"."""
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def read_queue(sock: socket.socket) -> list[Datagram]:
+    """Every datagram queued on `sock`, in order, left queued."""
+    found: list[Datagram] = []
+    with kernel_call("setsockopt", what="SO_PEEK_OFF"):
+        saved = sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
+        sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    try:
+        while True:
+            try:
+                data, source = sock.recvfrom(MAX_DATAGRAM, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return found
+            found.append(Datagram(endpoint_text(source), data))
+    finally:
+        with kernel_call("setsockopt", what="SO_PEEK_OFF"):
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, saved)
+
+
+def _split(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+    host, _, port = text.rpartition(":")
+    address = ipaddress.ip_address(host.strip("[]"))
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped, int(port)
+    return address, int(port)
+
+
+def _checksum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def _destination(local: str, version: int) -> str:
+    """Where a datagram for a socket bound to `local` is sent: a wildcard is loopback."""
+    address, _ = _split(local)
+    if version == 4 and address.version == 6:
+        address = ipaddress.IPv4Address("127.0.0.1")  # an IPv6 socket taking IPv4 too
+    if address.is_unspecified:
+        return "127.0.0.1" if version == 4 else "::1"
+    return str(address)
+
+
+def _packet(source: str, local: str, data: bytes) -> tuple[int, bytes, str]:
+    """(family, packet with its IP header, destination host) of one datagram to `local`."""
+    sender, sender_port = _split(source)
+    destination = ipaddress.ip_address(_destination(local, sender.version))
+    _, port = _split(local)
+    length = UDP_HEADER.size + len(data)
+    if sender.version == 4:
+        pseudo = sender.packed + destination.packed + struct.pack("!xBH", IPPROTO_UDP, length)
+    else:
+        pseudo = sender.packed + destination.packed + struct.pack("!I3xB", length, IPPROTO_UDP)
+    checksum = _checksum(pseudo + UDP_HEADER.pack(sender_port, port, length, 0) + data)
+    udp = UDP_HEADER.pack(sender_port, port, length, checksum or 0xFFFF) + data
+    if sender.version == 4:
+        head = IPV4_HEADER.pack(
+            0x45, 0, IPV4_HEADER.size + length, 0, IP_DONT_FRAGMENT, DEFAULT_TTL,
+            IPPROTO_UDP, 0, sender.packed, destination.packed,
+        )  # fmt: skip
+        return socket.AF_INET, head + udp, str(destination)
+    head = IPV6_HEADER.pack(6 << 28, length, IPPROTO_UDP, DEFAULT_TTL, sender.packed,
+                            destination.packed)  # fmt: skip
+    return socket.AF_INET6, head + udp, str(destination)
+
+
+def fill_queue(local: str, datagrams: list[Datagram]) -> None:
+    """Send each datagram, from its source, to the socket bound to `local`, in order."""
+    raws: dict[int, socket.socket] = {}
+    try:
+        for datagram in datagrams:
+            family, packet, host = _packet(datagram.source, local, datagram.data)
+            with kernel_call("sendto", what=f"a raw socket re-queuing to {local}"):
+                if family not in raws:
+                    raws[family] = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
+                raws[family].sendto(packet, (host, 0))
+    finally:
+        for raw in raws.values():
+            raw.close()
