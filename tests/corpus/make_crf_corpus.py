@@ -171,10 +171,14 @@ def raw_length(sig: bytes, sections: list[Section], tag: bytes, length: int) -> 
 
 
 def with_objects(sections: list[Section], count: int, objects: list[Section]) -> list[Section]:
-    """FILES announcing `count` object sections, followed by `objects`."""
+    """FILES announcing `count` object sections, followed by `objects` instead of the
+    image's own (those up to its first PAGES or THREAD)."""
     at = first(sections, b"FDS_")
     files = (b"FDS_", struct.pack("<I", count) + sections[at][1][4:])
-    return [*sections[:at], files, *objects, *sections[at + 1 :]]
+    rest = at + 1
+    while sections[rest][0] not in (b"PAGE", b"THRD"):
+        rest += 1
+    return [*sections[:at], files, *objects, *sections[rest:]]
 
 
 def eventfd(object_id: int) -> Section:
