@@ -20,6 +20,7 @@ import contextlib
 import os
 import socket
 from types import TracebackType
+from typing import TypeGuard
 
 from hijack.errors import HijackError, RestoreError
 from hijack.image import records as rec
@@ -32,6 +33,16 @@ from hijack.sys import netlock, pidfd, procfs, tcp_repair
 TCP_ESTABLISHED = 1
 
 
+def is_established(found: procfs.SocketInfo | None) -> TypeGuard[procfs.SocketInfo]:
+    """An established TCP connection (IPv4 or IPv6): what this kind rebuilds and locks."""
+    return (
+        found is not None
+        and found.family in (socket.AF_INET, socket.AF_INET6)
+        and found.type == socket.SOCK_STREAM
+        and found.state_number == TCP_ESTABLISHED
+    )
+
+
 class Tcp(Kind):
     name = "tcp"
     record_types = (rec.TcpConnection,)
@@ -39,13 +50,7 @@ class Tcp(Kind):
     def claims(self, entry: procfs.FdEntry, dump: DumpContext) -> bool:
         if not dump.connections or entry.kind is not procfs.FdKind.SOCKET:
             return False
-        found = dump.socket_table().get(entry.ino)
-        return (
-            found is not None
-            and found.family in (socket.AF_INET, socket.AF_INET6)
-            and found.type == socket.SOCK_STREAM
-            and found.state_number == TCP_ESTABLISHED
-        )
+        return is_established(dump.socket_table().get(entry.ino))
 
     def dump(self, entry: procfs.FdEntry, info: procfs.FdInfo, dump: DumpContext) -> int:
         found = dump.socket_table()[entry.ino]
@@ -162,12 +167,7 @@ class ConnectionLocks:
         try:
             for entry in procfs.list_fds(self.pid):
                 found = sockets.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
-                if (
-                    found is not None
-                    and found.family in (socket.AF_INET, socket.AF_INET6)
-                    and found.type == socket.SOCK_STREAM
-                    and found.state_number == TCP_ESTABLISHED
-                ):
+                if is_established(found):
                     ends = endpoint(found.local), endpoint(found.remote)
                     netlock.lock(self.pid, *ends)
                     self.locked.append((entry.fd, *ends))
