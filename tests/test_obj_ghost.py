@@ -80,6 +80,12 @@ def test_deleted_file_directory_fifo_and_cwd_come_back_with_their_bytes_and_hole
     ghosts = {r.path for r in records if isinstance(r, rec.GhostFile)}
     names = ("scratch.dat", "mapped.dat", "gone.d", "gone.fifo", "cwd.d")
     assert ghosts == {str(data / name) for name in names}
+    # The deleted FIFO's bytes are in the image, with its pipe size.
+    [fifo] = [r for r in records if isinstance(r, rec.GhostFile) and r.path.endswith(".fifo")]
+    assert (fifo.size, stored_bytes(records, fifo.id)) == (
+        8192,
+        len("queued before the dump, in order"),
+    )
     shown = hijack.ok("show", image).stdout
     assert f"deleted {data / 'scratch.dat'}" in shown, shown
 

@@ -878,7 +878,7 @@ class GhostFile:
     mode: U32  # st_mode: S_IFREG, S_IFDIR or S_IFIFO and the permission bits
     uid: U32
     gid: U32
-    size: U64  # st_size of a regular file; 0 otherwise
+    size: U64  # st_size of a regular file; a FIFO's pipe size; 0 otherwise
     path: str  # where it was, without the kernel's " (deleted)"
 
     def __post_init__(self) -> None:

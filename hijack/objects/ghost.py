@@ -8,7 +8,10 @@ anything is written. At restore each ghost is made again under its old name
 (or one beside it), filled, and unlinked at once while the restorer holds it;
 every descriptor of it is reopened from that (/proc/self/fd/N) with its own
 flags and offset, so two descriptions stay two and share one inode. A
-directory comes back empty (a deleted one is), a FIFO empty.
+directory comes back empty (a deleted one is); a FIFO with its pipe size and
+the bytes it buffered, in order (read without being taken, and written back,
+as a named FIFO's: hijack.objects.pipe), one stream of bytes: packet
+boundaries of a FIFO in packet mode are not kept.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from hijack.errors import Unsupported
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects.base import DumpContext, Kind, RestoreContext
+from hijack.objects.pipe import fill as fill_pipe
+from hijack.objects.pipe import peek_buffer
 from hijack.objects.regular import is_deleted, reopen_flags
 from hijack.sys import filedata, procfs
 
@@ -80,20 +85,41 @@ def dump_ghost(dump: DumpContext, fd: int, path: str, limit: int) -> int:
                 f"deleted file {path} holds {stored} bytes of data, more than the ghost limit"
                 f" of {limit} (hijack dump --ghost-limit SIZE)"
             )
+    elif stat.S_ISFIFO(status.st_mode):
+        return _dump_fifo(dump, fd, path, status)
 
     def make(object_id: int) -> rec.GhostFile:
-        return rec.GhostFile(
-            id=object_id,
-            dev=status.st_dev,
-            ino=status.st_ino,
-            mode=status.st_mode,
-            uid=status.st_uid,
-            gid=status.st_gid,
-            size=size,
-            path=path,
-        )
+        return _record(object_id, status, size, path)
 
     return add_with_contents(dump, inode_key(status.st_dev, status.st_ino), make, fd, runs)
+
+
+def _dump_fifo(dump: DumpContext, fd: int, path: str, status: os.stat_result) -> int:
+    """A deleted FIFO: its record's size is its pipe size, its data the bytes it buffers
+    (read once, when its first descriptor is dumped)."""
+    taken: list[bytes] = []
+
+    def make(object_id: int) -> rec.GhostFile:
+        size, chunks = peek_buffer(fd)
+        taken.extend(chunks)
+        return _record(object_id, status, size, path)
+
+    object_id = dump.add_object(inode_key(status.st_dev, status.st_ino), make)
+    dump.add_data(object_id, b"".join(taken), 0)  # after the record, as OBJECT_DATA must be
+    return object_id
+
+
+def _record(object_id: int, status: os.stat_result, size: int, path: str) -> rec.GhostFile:
+    return rec.GhostFile(
+        id=object_id,
+        dev=status.st_dev,
+        ino=status.st_ino,
+        mode=status.st_mode,
+        uid=status.st_uid,
+        gid=status.st_gid,
+        size=size,
+        path=path,
+    )
 
 
 def dump_deleted_cwd(dump: DumpContext) -> None:
@@ -142,6 +168,8 @@ def ghost_fd(restore: RestoreContext, object_id: int) -> int:
     restore.keep(object_id, made)
     if stat.S_ISREG(ghost.mode):
         fill(made, restore.image, object_id, ghost.size)
+    elif stat.S_ISFIFO(ghost.mode):
+        fill_pipe(made, restore.image, object_id, ghost.size, ())
     return made
 
 

@@ -8,7 +8,8 @@ pipe an outside process also holds (the other end of a shell pipeline, a
 parent's pipe) cannot be made again: it is refused by name, unless the
 process's shadow keeps it (attach before dump).
 
-Named FIFOs use the same reading and filling (hijack.objects.fifo).
+Named FIFOs, and deleted ones, use the same reading and filling (hijack.objects.fifo,
+hijack.objects.ghost).
 """
 
 from __future__ import annotations
@@ -74,17 +75,22 @@ def _read_buffer(
     copy = dump.copy_fd(entry.fd)
     if not with_bytes:
         return pipe.pipe_size(copy), [], False
-    # tee reads from a read end: for a write end, a new reader of ours (which the
-    # pipe's writers do not notice: the dumped process is stopped).
     writable_only = procfs.read_fdinfo(dump.pid, entry.fd).flags & O_ACCMODE == os.O_WRONLY
-    reader = pipe.open_end(copy, writable=False) if writable_only else copy
-    try:
-        chunks = pipe.peek(reader)
-        size = pipe.pipe_size(reader)
-    finally:
-        if reader != copy:
-            os.close(reader)
+    size, chunks = peek_buffer(copy, writable_only=writable_only)
     return size, chunks, len(chunks) > 1 or _writer_in_packet_mode(dump, entry.target)
+
+
+def peek_buffer(fd: int, *, writable_only: bool = True) -> tuple[int, list[bytes]]:
+    """The size of the pipe or FIFO behind our descriptor `fd` and its buffered bytes (one
+    chunk per packet in packet mode), left in it. tee reads from a read end: when `fd`
+    may be a write end only, through a new reader of ours (which the pipe's writers do
+    not notice: the dumped process is stopped)."""
+    reader = pipe.open_end(fd, writable=False) if writable_only else fd
+    try:
+        return pipe.pipe_size(reader), pipe.peek(reader)
+    finally:
+        if reader != fd:
+            os.close(reader)
 
 
 def _writer_in_packet_mode(dump: DumpContext, target: str) -> bool:
@@ -98,8 +104,9 @@ def _writer_in_packet_mode(dump: DumpContext, target: str) -> bool:
 def fill(
     write_fd: int, image: ImageFiles, object_id: int, size: int, packets: tuple[int, ...]
 ) -> None:
-    """Give the pipe behind our `write_fd` its size and the image's bytes."""
-    pipe.set_pipe_size(write_fd, size)
+    """Give the pipe behind our `write_fd` its size (0: leave it) and the image's bytes."""
+    if size:
+        pipe.set_pipe_size(write_fd, size)
     data = image.data(object_id)
     if not packets:
         pipe.fill(write_fd, [data] if data else [], packets=False)
