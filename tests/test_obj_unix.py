@@ -37,7 +37,6 @@ from test_dump_restore import (
 )
 from test_dump_restore import every_image_recodes as every_image_recodes  # autouse
 
-from hijack.errors import HijackError
 from hijack.sys import unix_socket
 
 SOCKET_TARGET = re.compile(r"socket:\[\d+\]")
@@ -335,14 +334,16 @@ def test_peeking_a_queue_takes_nothing_and_puts_the_peek_offset_back() -> None:
         right.close()
 
 
-def test_a_zero_length_datagram_cannot_be_peeked_past() -> None:
+def test_zero_length_datagrams_are_peeked_in_order_and_left_in_place() -> None:
     left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sent = [b"", b"behind it", b"", b"", b"last"]
     with left, right:
-        left.send(b"")
-        left.send(b"behind it")
-        with pytest.raises(HijackError, match="zero-length"):
-            unix_socket.peek_queue(right, socket.SOCK_DGRAM, shut_for_reading=False)
-        assert right.recv(100) == b"" and right.recv(100) == b"behind it"
+        for data in sent:
+            left.send(data)
+        right.recv(1, socket.MSG_PEEK)  # the process peeked at the head itself
+        queued = unix_socket.peek_queue(right, socket.SOCK_DGRAM, shut_for_reading=False)
+        assert [message.data for message in queued] == sent
+        assert [right.recv(100) for _ in sent] == sent
 
 
 def test_an_attached_process_gets_its_stream_to_a_process_outside_from_its_shadow(

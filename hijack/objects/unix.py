@@ -19,8 +19,9 @@ destination the same way (pairs_inside) instead of relaying them.
 
 Refused: a stream or seqpacket socket whose peer is outside the image (the process's
 shadow keeps it when attached); bytes a client sent on a connection not yet accepted
-(no descriptor reaches them); a zero-length datagram (no peek passes it); a queue of
-more than 8 MiB; a name relative to the directory it was bound in.
+(no descriptor reaches them); a queue of more than 8 MiB; a name relative to the
+directory it was bound in. Zero-length datagrams are kept, in order (how a peek
+passes them: hijack.sys.unix_socket.peek_queue).
 """
 
 from __future__ import annotations

@@ -259,22 +259,34 @@ def peek_queue(
 
     The caller owns the descriptors the messages carry. `shut_for_reading`: the socket has
     RCV_SHUTDOWN, when an empty queue reads as end of file rather than EAGAIN (a
-    zero-length datagram of such a socket is not told apart from the end then). A
-    zero-length datagram is refused otherwise: the peek offset does not move past it.
+    zero-length datagram of such a socket is not told apart from the end then, and ends
+    the queue).
+
+    A zero-length datagram is returned by one peek, which marks it peeked, and passed by
+    every peek at an offset after that (__skb_try_recv_from_queue: measured on 6.18). So
+    each one is seen once as the walk goes, except one the process peeked itself: the
+    head of the queue is peeked first without an offset, which marks it, and kept if it
+    is one (a process peeking at offsets of its own may have marked others further on:
+    those are not seen).
     """
     with kernel_call("getsockopt"):
         saved = sock.getsockopt(SOL_SOCKET, SO_PEEK_OFF)
     messages: list[QueuedMessage] = []
     try:
+        if kind != socket.SOCK_STREAM and not shut_for_reading:
+            with kernel_call("setsockopt"):
+                sock.setsockopt(SOL_SOCKET, SO_PEEK_OFF, -1)
+            head = _peek_one(sock, kind)
+            if head is not None and not head.data:
+                messages.append(head)
+            elif head is not None:
+                close_all(head.fds)
         with kernel_call("setsockopt"):
             sock.setsockopt(SOL_SOCKET, SO_PEEK_OFF, 0)
         while True:
             message = _peek_one(sock, kind)
             if message is None or (not message.data and shut_for_reading and not message.fds):
                 break
-            if not message.data and not message.fds and kind != socket.SOCK_STREAM:
-                # the peek offset cannot move past it: what follows cannot be seen
-                raise HijackError("a zero-length message is queued, and peeking cannot pass it")
             if kind == socket.SOCK_STREAM and message.fds and len(message.data) > 1:
                 # A peek goes on to the next message that carries descriptors and stops
                 # after it, and no peek tells where it began: the descriptors are put on
@@ -313,11 +325,9 @@ def _peek_one(sock: socket.socket, kind: socket.SocketKind) -> QueuedMessage | N
     try:
         with kernel_call("recvmsg"):
             if kind == socket.SOCK_STREAM:
-                size = STREAM_CHUNK
+                data, ancillary, flags, source = sock.recvmsg(STREAM_CHUNK, _ANCILLARY, _PEEK)
             else:
-                # MSG_TRUNC reports the whole length; with no room, the offset stays
-                size = raw_syscall("recvfrom", sock.fileno(), 0, 0, _PEEK | socket.MSG_TRUNC, 0, 0)
-            data, ancillary, flags, source = sock.recvmsg(size, _ANCILLARY, _PEEK)
+                data, ancillary, flags, source = _peek_datagram(sock)
     except HijackError as error:
         if error.errno == errno_codes.EAGAIN:
             return None
@@ -337,6 +347,20 @@ def _peek_one(sock: socket.socket, kind: socket.SocketKind) -> QueuedMessage | N
     if kind == socket.SOCK_STREAM and not data and not message.fds:
         return None  # end of file
     return message
+
+
+def _peek_datagram(sock: socket.socket) -> tuple[bytes, list[tuple[int, int, bytes]], int, object]:
+    """Peek the next datagram whole. A first peek with no room and MSG_TRUNC tells its length
+    (the offset stays); a zero-length one is all there is then: a second peek would pass it."""
+    length, ancillary, flags, source = sock.recvmsg_into(
+        [bytearray()], _ANCILLARY, _PEEK | socket.MSG_TRUNC
+    )
+    if length == 0:
+        return b"", ancillary, flags, source
+    for level, ancillary_type, payload in ancillary:
+        if level == SOL_SOCKET and ancillary_type == socket.SCM_RIGHTS:
+            close_all(struct.unpack(f"={len(payload) // 4}i", payload[: len(payload) // 4 * 4]))
+    return sock.recvmsg(length, _ANCILLARY, _PEEK)
 
 
 def _source_name(source: object) -> bytes:
