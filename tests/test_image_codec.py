@@ -489,6 +489,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 ),
             ),
             refusal="",
+            bound_in="/srv/app",
         ),
         GhostFile(
             id=19, dev=2049, ino=77, mode=0o100640, uid=1000, gid=100, size=9000, path="/tmp/x"

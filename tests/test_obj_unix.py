@@ -70,17 +70,20 @@ def test_every_kind_of_unix_socket_comes_back_with_its_queues(
         hijack.ok("dump", fixture.pid, "-o", image, "--kill")
         assert fixture.wait_exit() == -signal.SIGKILL
         details = unix_details(image_json(hijack, image))
-        assert len(details) == 19, details
+        assert len(details) == 20, details
         assert any("listening on" in line and "2 connection(s) waiting" in line
                    for line in details.values()), details  # fmt: skip
         assert any("2 descriptor(s) in flight" in line for line in details.values()), details
 
-        # One socket file is gone (made again), the others stayed behind (replaced).
+        # Two socket files are gone (made again; one of a name bound relative to the cwd),
+        # the others stayed behind (replaced).
         (data / "listener.sock").unlink()
+        (data / "rel.sock").unlink()
         pid = restored_pid(hijack.ok("restore", image))
         fixture.adopt(pid)
         wait_in_syscall(pid, (SYS_READ,), describe=fixture.describe)
         assert stat.S_ISSOCK((data / "listener.sock").stat().st_mode)
+        assert stat.S_ISSOCK((data / "rel.sock").stat().st_mode)
         found = difference(maps_before, maps_view(pid))
         assert not found, f"/proc/{pid}/maps:\n{found}"
         found = difference(without_socket_inodes(fds_before), without_socket_inodes(fds_view(pid)))

@@ -859,6 +859,7 @@ class UnixSocket:
     queue: tuple[U64, ...]  # a listener's waiting connections: their clients' inodes, in order
     messages: tuple[UnixMessage, ...]  # its receive queue, in order
     refusal: str  # why it cannot be rebuilt, found at dump (data no peek can reach), or ""
+    bound_in: str  # the directory a relative `name` was bound in (its socket file's), else ""
 
     def __post_init__(self) -> None:
         _check_object_id(self)

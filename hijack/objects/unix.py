@@ -19,8 +19,9 @@ destination the same way (pairs_inside) instead of relaying them.
 
 Refused: a stream or seqpacket socket whose peer is outside the image (the process's
 shadow keeps it when attached); bytes a client sent on a connection not yet accepted
-(no descriptor reaches them); a queue of more than 8 MiB; a name relative to the
-directory it was bound in. Zero-length datagrams are kept, in order (how a peek
+(no descriptor reaches them); a queue of more than 8 MiB; a relative name whose socket
+file is not in the process's cwd. A name relative to the cwd is bound again from that
+directory (the image keeps it), so getsockname() gives the same relative name. Zero-length datagrams are kept, in order (how a peek
 passes them: hijack.sys.unix_socket.peek_queue).
 """
 
@@ -97,7 +98,12 @@ def _dump_socket(diag: kernel.UnixDiag, fd: int, dump: DumpContext) -> int:
             options = kernel.read_options(sock)
             if not diag.listening and not refusal:
                 messages, refusal = _read_queue(diag, sock, dump)
-        file_mode, file_uid, file_gid = _socket_file(diag)
+        bound_in = _bound_in(diag, dump)
+        if diag.name and not diag.name.startswith((b"/", b"\0")) and not bound_in:
+            refusal = refusal or (
+                f"bound to {os.fsdecode(diag.name)!r}, relative to a directory other than its cwd"
+            )
+        file_mode, file_uid, file_gid = _socket_file(diag, _file_path(diag.name, bound_in))
         return rec.UnixSocket(
             id=object_id,
             inode=diag.inode,
@@ -118,6 +124,7 @@ def _dump_socket(diag: kernel.UnixDiag, fd: int, dump: DumpContext) -> int:
             queue=diag.icons,
             messages=messages,
             refusal=refusal,
+            bound_in=bound_in,
         )
 
     return dump.add_object(("unix", diag.inode), make)
@@ -142,13 +149,31 @@ def _read_queue(
             kernel.close_all(message.fds)
 
 
-def _socket_file(diag: kernel.UnixDiag) -> tuple[int, int, int]:
-    """st_mode, st_uid and st_gid of the socket file a path name made, if it is still the
-    socket's; zeros otherwise (gone: made again at restore)."""
-    if diag.vfs is None or not diag.name.startswith(b"/"):
+def _bound_in(diag: kernel.UnixDiag, dump: DumpContext) -> str:
+    """For a name bound relative to the cwd of the time: the process's cwd if the socket's
+    file (UNIX_DIAG_VFS) is there under that name; else ""."""
+    if not diag.name or diag.name.startswith((b"/", b"\0")) or diag.vfs is None:
+        return ""
+    cwd = procfs.read_cwd(dump.pid)
+    try:
+        found = os.lstat(os.path.join(os.fsencode(cwd), diag.name))
+    except OSError:
+        return ""
+    return cwd if (found.st_dev, found.st_ino) == diag.vfs else ""
+
+
+def _file_path(name: bytes, bound_in: str) -> bytes:
+    """Where the socket file of sun_path `name` is: a relative name, in `bound_in`."""
+    return os.path.join(os.fsencode(bound_in), name) if bound_in else name
+
+
+def _socket_file(diag: kernel.UnixDiag, path: bytes) -> tuple[int, int, int]:
+    """st_mode, st_uid and st_gid of the socket file at `path` a path name made, if it is
+    still the socket's; zeros otherwise (gone: made again at restore)."""
+    if diag.vfs is None or not path.startswith(b"/"):
         return 0, 0, 0
     try:
-        found = os.lstat(diag.name)
+        found = os.lstat(path)
     except OSError:
         return 0, 0, 0
     if (found.st_dev, found.st_ino) != diag.vfs:
@@ -172,8 +197,6 @@ def _peer_name(diag: kernel.UnixDiag, table: dict[int, kernel.UnixDiag]) -> byte
 
 
 def _dump_refusal(diag: kernel.UnixDiag, table: dict[int, kernel.UnixDiag]) -> str:
-    if diag.name and not diag.name.startswith((b"/", b"\0")):
-        return f"bound to {os.fsdecode(diag.name)!r}, relative to a directory unknown now"
     waiting = diag.peer == 0 and diag.state == TCP_ESTABLISHED and diag.type != socket.SOCK_DGRAM
     if waiting and diag.wqueue and _listener_of(diag.inode, table) is not None:
         return "whose bytes wait in a connection its listener has not accepted yet"
@@ -496,7 +519,7 @@ def _build_datagram(
         sender = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         with sender:
             kernel.set_buffers(sender, SENDER_BUFFER, SENDER_BUFFER)
-            _fill(sock, sender, restore, to=sock.name)
+            _fill(sock, sender, restore, to=_file_path(sock.name, sock.bound_in))
     if peer is not None:
         _build(peer, restore)  # bound before we connect to it
         _connect(fd, peer.name)
@@ -556,9 +579,10 @@ def _datagram_source(message: rec.UnixMessage, restore: RestoreContext) -> int |
 def _bind(sock: rec.UnixSocket, fd: int) -> None:
     if not sock.name:
         return
-    if sock.name.startswith(b"/"):
-        _clear_stale_file(sock)
-    with _wrapped(fd) as made:
+    path = os.fsdecode(_file_path(sock.name, sock.bound_in))
+    if path.startswith("/"):
+        _clear_stale_file(sock, path)
+    with _wrapped(fd) as made, _in_directory(sock.bound_in):
         try:
             made.bind(kernel.bind_address(sock.name))
         except OSError as error:
@@ -568,15 +592,34 @@ def _bind(sock: rec.UnixSocket, fd: int) -> None:
                 f"{os.strerror(error.errno or 0)}{hint}"
             ) from error
     if sock.file_mode:
-        path = os.fsdecode(sock.name)
         os.chmod(path, stat.S_IMODE(sock.file_mode))
         os.chown(path, sock.file_uid, sock.file_gid)
 
 
-def _clear_stale_file(sock: rec.UnixSocket) -> None:
+@contextmanager
+def _in_directory(directory: str) -> Iterator[None]:
+    """Our cwd is `directory` for the moment (a relative name is bound from there: the
+    kernel keeps the name as given); nothing changes for ""."""
+    if not directory:
+        yield
+        return
+    here = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            os.chdir(directory)
+        except OSError as error:
+            raise RestoreError(
+                f"cannot bind a unix socket in {directory} again: {os.strerror(error.errno or 0)}"
+            ) from error
+        yield
+    finally:
+        os.fchdir(here)
+        os.close(here)
+
+
+def _clear_stale_file(sock: rec.UnixSocket, path: str) -> None:
     """The dumped process's socket file stays when it ends; no one listens there any more
     (a connect is refused), so it goes and a new one is made."""
-    path = os.fsdecode(sock.name)
     try:
         found = os.lstat(path)
     except FileNotFoundError:
