@@ -21,8 +21,9 @@ Refused: a stream or seqpacket socket whose peer is outside the image (the proce
 shadow keeps it when attached); bytes a client sent on a connection not yet accepted
 (no descriptor reaches them); a queue of more than 8 MiB; a relative name whose socket
 file is not in the process's cwd. A name relative to the cwd is bound again from that
-directory (the image keeps it), so getsockname() gives the same relative name. Zero-length datagrams are kept, in order (how a peek
-passes them: hijack.sys.unix_socket.peek_queue).
+directory (the image keeps it), so getsockname() gives the same relative name.
+Zero-length datagrams are kept, in order (how a peek passes them:
+hijack.sys.unix_socket.peek_queue).
 """
 
 from __future__ import annotations
