@@ -27,6 +27,7 @@ from support import (
     snapshot_namespaces,
     snapshot_temp_dirs,
 )
+from support.objects import hijack  # noqa: F401 (the CLI fixture of the tests of each kind)
 from support.tempdirs import remove_temp_dir
 
 from hijack.sys import netlock

@@ -18,10 +18,10 @@ import tempfile
 from pathlib import Path
 
 import lief
-import pytest
 from support import spawn_fixture
 from support.cli import CliResult, HijackCli, restored_pid
-from support.procview import difference, fds_view, identity_view, maps_view, wait_in_syscall
+from support.objects import compare_views, dump_kill_and_restore, proc_views
+from support.procview import wait_in_syscall
 
 from hijack.image import records as rec
 from hijack.image.codec import read_image
@@ -30,11 +30,6 @@ SYS_READ = 0
 EXIT_TIMEOUT = 30.0
 SCRATCH_SIZE = 2 * 1024 * 1024  # ghost.c's deleted file, mostly holes
 MEMFD_SHARED_SIZE = 64 * 1024  # memfd.c's shared memfd
-
-
-@pytest.fixture
-def hijack(tmp_path: Path) -> HijackCli:
-    return HijackCli(tmp_path / "state")
 
 
 def image_records(image: Path) -> list[rec.Record]:
@@ -51,15 +46,10 @@ def dump_kill_restore(hijack: HijackCli, fixture_name: str, image: Path, *args: 
     """Dump the fixture with --kill, restore it, compare its /proc views, let it check itself."""
     with spawn_fixture(fixture_name, *args, fifos=True) as fixture:
         wait_in_syscall(fixture.pid, (SYS_READ,))  # idle: nothing changes while we look
-        before = (maps_view(fixture.pid), fds_view(fixture.pid), identity_view(fixture.pid))
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
-        pid = restored_pid(hijack.ok("restore", image))
-        fixture.adopt(pid)
+        before = proc_views(fixture.pid)
+        pid = dump_kill_and_restore(hijack, fixture, image)
         wait_in_syscall(pid, (SYS_READ,), describe=fixture.describe)
-        after = (maps_view(pid), fds_view(pid), identity_view(pid))
-        for what, old, new in zip(("maps", "fd", "identity"), before, after, strict=True):
-            assert not (found := difference(old, new)), f"/proc/{pid} {what}:\n{found}"
+        compare_views(before, pid)
         fixture.assert_intact()
 
 

@@ -18,7 +18,6 @@ import signal
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 from support import RunningFixture, spawn_fixture
 from support.cli import HijackCli, restored_pid
 from support.procview import difference, fds_view, maps_view
@@ -26,11 +25,6 @@ from support.procview import difference, fds_view, maps_view
 from hijack.errors import HijackError
 from hijack.image.codec import recode
 from hijack.sys import mqueue, sysv
-
-
-@pytest.fixture
-def hijack(tmp_path: Path) -> HijackCli:
-    return HijackCli(tmp_path / "state")
 
 
 def remove_objects(ready: dict[str, str]) -> None:

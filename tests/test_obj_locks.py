@@ -44,11 +44,6 @@ FLOCK = struct.Struct("<hh4xqqi4x")
 F_OFD_GETLK = 36
 
 
-@pytest.fixture
-def hijack(tmp_path: Path) -> HijackCli:
-    return HijackCli(tmp_path / "state")
-
-
 @contextmanager
 def opened(path: Path, flags: int = os.O_RDWR) -> Iterator[int]:
     fd = os.open(path, flags | os.O_CLOEXEC)

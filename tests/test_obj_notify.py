@@ -14,15 +14,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import pytest
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
 from support.procview import difference, fds_view
-
-
-@pytest.fixture
-def hijack(tmp_path: Path) -> HijackCli:
-    return HijackCli(tmp_path / "state")
 
 
 def test_timerfd_signalfd_and_inotify_come_back_after_dump_kill_and_restore(

@@ -11,13 +11,12 @@ other end another process holds is refused by name.
 from __future__ import annotations
 
 import io
-import signal
 from pathlib import Path
 
-import pytest
 from support import spawn_fixture
-from support.cli import HijackCli, restored_pid
-from support.procview import difference, fds_view, maps_view, pipes_named_alike
+from support.cli import HijackCli
+from support.objects import compare_views, dump_kill_and_restore, proc_views
+from support.procview import pipes_named_alike
 
 from hijack.image import records as rec
 from hijack.image.codec import read_image, recode
@@ -26,11 +25,6 @@ STREAM_BYTES = 200_000  # as tests/fixtures/pipes.c writes them
 FIFO_BYTES = 3000
 PIPE_SIZE = 1024 * 1024
 PACKETS = (10, 333, 4000)
-
-
-@pytest.fixture
-def hijack(tmp_path: Path) -> HijackCli:
-    return HijackCli(tmp_path / "state")
 
 
 def _recodes(image: Path) -> None:
@@ -45,16 +39,9 @@ def test_self_pipes_and_a_fifo_come_back_with_their_bytes_once_in_order(
 ) -> None:
     image = tmp_path / "pipes.crf"
     with spawn_fixture("pipes", tmp_path, fifos=True) as pipes:
-        maps_before = maps_view(pipes.pid)
-        fds_before = pipes_named_alike(fds_view(pipes.pid))
-        hijack.ok("dump", pipes.pid, "-o", image, "--kill")
-        assert pipes.wait_exit() == -signal.SIGKILL
-
-        pid = restored_pid(hijack.ok("restore", image))
-        pipes.adopt(pid)
-        assert not difference(maps_before, maps_view(pid)), difference(maps_before, maps_view(pid))
-        fds_after = pipes_named_alike(fds_view(pid))
-        assert not difference(fds_before, fds_after), difference(fds_before, fds_after)
+        before = proc_views(pipes.pid, pipes_named_alike)
+        pid = dump_kill_and_restore(hijack, pipes, image)
+        compare_views(before, pid, pipes_named_alike)
         pipes.assert_intact()
     assert "PASS pipes" in pipes.stdout
     _recodes(image)

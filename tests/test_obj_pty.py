@@ -17,7 +17,6 @@ import os
 import signal
 from pathlib import Path
 
-import pytest
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
 from support.procview import difference, fds_view, identity_view, wait_in_syscall
@@ -25,11 +24,6 @@ from support.procview import difference, fds_view, identity_view, wait_in_syscal
 from hijack.sys import procfs, pty
 
 SYS_READ = 0
-
-
-@pytest.fixture
-def hijack(tmp_path: Path) -> HijackCli:
-    return HijackCli(tmp_path / "state")
 
 
 def controlling_terminal(pid: int) -> tuple[int, int]:

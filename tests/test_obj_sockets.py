@@ -19,7 +19,6 @@ import socket
 from pathlib import Path
 from typing import Any
 
-import pytest
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
 from support.procview import FdView, difference, fds_view
@@ -31,11 +30,6 @@ def sockets_view(pid: int) -> frozenset[FdView]:
         FdView(v.fd, "socket" if v.target.startswith("socket:") else v.target, v.pos, v.flags)
         for v in fds_view(pid)
     )
-
-
-@pytest.fixture
-def hijack(tmp_path: Path) -> HijackCli:
-    return HijackCli(tmp_path / "state")
 
 
 def test_udp_sockets_with_queued_datagrams_come_back(hijack: HijackCli, tmp_path: Path) -> None:

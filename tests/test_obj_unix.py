@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import stat
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 
-import pytest
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
-from support.procview import FdView, difference, fds_view, maps_view, wait_in_syscall
+from support.objects import compare_views, proc_views, without_socket_inodes
+from support.procview import wait_in_syscall
 from test_dump_restore import (
     EXIT_TIMEOUT,
     PYTHON,
@@ -38,18 +36,6 @@ from test_dump_restore import (
 from test_dump_restore import every_image_recodes as every_image_recodes  # autouse
 
 from hijack.sys import unix_socket
-
-SOCKET_TARGET = re.compile(r"socket:\[\d+\]")
-
-
-@pytest.fixture
-def hijack(tmp_path: Path) -> HijackCli:
-    return HijackCli(tmp_path / "state")
-
-
-def without_socket_inodes(view: frozenset[FdView]) -> frozenset[FdView]:
-    """A rebuilt socket is a new one: its inode differs, all else must not."""
-    return frozenset(replace(e, target=SOCKET_TARGET.sub("socket:[]", e.target)) for e in view)
 
 
 def unix_details(document: dict[str, object]) -> dict[int, str]:
@@ -66,7 +52,7 @@ def test_every_kind_of_unix_socket_comes_back_with_its_queues(
     image = tmp_path / "unix.crf"
     with spawn_fixture("unix_sockets", data, fifos=True) as fixture:
         wait_in_syscall(fixture.pid, (SYS_READ,))
-        maps_before, fds_before = maps_view(fixture.pid), fds_view(fixture.pid)
+        before = proc_views(fixture.pid, without_socket_inodes)
         hijack.ok("dump", fixture.pid, "-o", image, "--kill")
         assert fixture.wait_exit() == -signal.SIGKILL
         details = unix_details(image_json(hijack, image))
@@ -84,10 +70,7 @@ def test_every_kind_of_unix_socket_comes_back_with_its_queues(
         wait_in_syscall(pid, (SYS_READ,), describe=fixture.describe)
         assert stat.S_ISSOCK((data / "listener.sock").stat().st_mode)
         assert stat.S_ISSOCK((data / "rel.sock").stat().st_mode)
-        found = difference(maps_before, maps_view(pid))
-        assert not found, f"/proc/{pid}/maps:\n{found}"
-        found = difference(without_socket_inodes(fds_before), without_socket_inodes(fds_view(pid)))
-        assert not found, f"/proc/{pid}/fd:\n{found}"
+        compare_views(before, pid, without_socket_inodes)
         # Every queue read whole, in order, with boundaries, credentials, descriptors;
         # the waiting connection accepted and used.
         fixture.assert_intact()
