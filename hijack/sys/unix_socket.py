@@ -290,8 +290,9 @@ def peek_queue(
             if kind == socket.SOCK_STREAM and message.fds and len(message.data) > 1:
                 # A peek goes on to the next message that carries descriptors and stops
                 # after it, and no peek tells where it began (a 1-byte peek of any byte
-                # before it reports its descriptors too: measured on 6.18): the descriptors are put on
-                # the last byte, so a read of the bytes before never takes (and drops) them.
+                # before it reports its descriptors too: measured on 6.18): the
+                # descriptors are put on the last byte, so a read of the bytes before
+                # never takes (and drops) them.
                 before = QueuedMessage(message.data[:-1], credentials=message.credentials)
                 _append(messages, before)
                 message.data = message.data[-1:]
