@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import socket
 
-from hijack.errors import HijackError, RestoreError
+from hijack.errors import RestoreError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects import sockopts
@@ -36,17 +36,12 @@ class Raw(Kind):
     record_types = (rec.RawSocket,)
 
     def claims(self, entry: procfs.FdEntry, dump: DumpContext) -> bool:
-        if not dump.connections or entry.kind is not procfs.FdKind.SOCKET:
-            return False
-        if entry.ino in dump.socket_table():
-            return False  # TCP, UDP or unix
-        try:
-            with _copy(entry, dump) as sock:
-                return sock.family in (socket.AF_INET, socket.AF_INET6) and (
-                    sock.type == socket.SOCK_RAW
-                )
-        except (OSError, HijackError):
-            return False
+        found = dump.socket_of(entry)
+        return (
+            found is not None
+            and found.family in (socket.AF_INET, socket.AF_INET6)
+            and found.type == socket.SOCK_RAW
+        )
 
     def dump(self, entry: procfs.FdEntry, info: procfs.FdInfo, dump: DumpContext) -> int:
         with _copy(entry, dump) as sock:

@@ -19,7 +19,7 @@ import functools
 import os
 import socket
 
-from hijack.errors import HijackError, RestoreError
+from hijack.errors import RestoreError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects import sockopts
@@ -50,17 +50,8 @@ class Udp(Kind):
     record_types = (rec.UdpSocket,)
 
     def claims(self, entry: procfs.FdEntry, dump: DumpContext) -> bool:
-        if not dump.connections or entry.kind is not procfs.FdKind.SOCKET:
-            return False
-        found = dump.socket_table().get(entry.ino)
-        if found is not None:
-            return _is_udp(found.family, found.type, found.protocol)
-        # Never bound, so in no /proc/net table: ask a copy what it is.
-        try:
-            with _copy(entry, dump) as sock:
-                return _is_udp(sock.family, sock.type, sock.proto)
-        except (OSError, HijackError):
-            return False
+        found = dump.socket_of(entry)
+        return found is not None and _is_udp(found.family, found.type, found.protocol)
 
     def dump(self, entry: procfs.FdEntry, info: procfs.FdInfo, dump: DumpContext) -> int:
         with _copy(entry, dump) as sock:
@@ -77,9 +68,7 @@ class Udp(Kind):
                 family=sock.family,
                 local_address=local,
                 remote_address=remote,
-                queue=tuple(
-                    rec.QueuedDatagram(length=len(d.data), source=d.source) for d in queue
-                ),
+                queue=tuple(rec.QueuedDatagram(length=len(d.data), source=d.source) for d in queue),
             )
             object_id = dump.add_object(("socket", entry.ino), lambda id: record(id=id))
             dump.add_data(object_id, b"".join(d.data for d in queue))
