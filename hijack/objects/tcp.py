@@ -31,6 +31,7 @@ from hijack.image.files import ImageFiles
 from hijack.objects import sockopts
 from hijack.objects.base import DumpContext, Kind, RestoreContext, describe_fd
 from hijack.objects.inet import endpoint
+from hijack.objects.udp import udp_lock_ends
 from hijack.sys import netlock, pidfd, procfs, tcp_repair
 
 
@@ -163,14 +164,16 @@ class Tcp(Kind):
 
 
 class ConnectionLocks:
-    """The locks of a `dump --kill`: every TCP connection of the process is
-    locked before it is read; silence() puts them in repair mode just before the kill;
-    keep() leaves the locks for the restore. Left any other way (the dump failed or was
-    refused), every connection is as it was: in normal mode, unlocked."""
+    """The locks of a `dump --kill`: every TCP connection of the process, and every UDP
+    socket bound to a port, is locked before it is read (hijack.sys.netlock);
+    silence() puts the connections in repair mode just before the kill; keep() leaves
+    the locks for the restore. Left any other way (the dump failed or was refused),
+    every socket is as it was: in normal mode, unlocked."""
 
     def __init__(self, pid: int) -> None:
         self.pid = pid
-        self.locked: list[tuple[int, netlock.Endpoint, netlock.Endpoint]] = []
+        self.connections: list[tuple[int, netlock.Endpoint, netlock.Endpoint]] = []
+        self.locked: list[tuple[netlock.Endpoint, netlock.Endpoint | None, int]] = []
         self.silenced: list[int] = []
         self.kept = False
 
@@ -179,20 +182,29 @@ class ConnectionLocks:
         try:
             for entry in procfs.list_fds(self.pid):
                 found = sockets.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
+                udp_ends = udp_lock_ends(found) if found is not None else None
                 if is_connection(found):
                     ends = endpoint(found.local), endpoint(found.remote)
-                    netlock.lock(self.pid, *ends)
-                    self.locked.append((entry.fd, *ends))
+                    self._lock(*ends, socket.IPPROTO_TCP)
+                    self.connections.append((entry.fd, *ends))
+                elif udp_ends is not None:
+                    self._lock(*udp_ends, socket.IPPROTO_UDP)
         except BaseException:
             self._undo()
             raise
         return self
 
+    def _lock(
+        self, local: netlock.Endpoint, remote: netlock.Endpoint | None, protocol: int
+    ) -> None:
+        netlock.lock(self.pid, local, remote, protocol)
+        self.locked.append((local, remote, protocol))
+
     def silence(self) -> None:
         """Repair mode on for each locked connection: the kill closes them silently."""
         handle = pidfd.pidfd_open(self.pid)
         try:
-            for fd, _, _ in self.locked:
+            for fd, _, _ in self.connections:
                 copy = pidfd.pidfd_getfd(handle, fd, self.pid)
                 try:
                     tcp_repair.set_repair(copy, True)
@@ -213,9 +225,9 @@ class ConnectionLocks:
                 tcp_repair.set_repair(copy, False)
                 os.close(copy)
             os.close(handle)
-        for _, local, remote in self.locked:
+        for local, remote, protocol in self.locked:
             with contextlib.suppress(HijackError):
-                netlock.unlock(self.pid, local, remote)
+                netlock.unlock(self.pid, local, remote, protocol)
 
     def __exit__(
         self,
