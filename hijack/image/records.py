@@ -693,7 +693,7 @@ class RawSocket:
     family: U16  # AF_INET or AF_INET6
     protocol: U16  # IPPROTO_ICMP 1, IPPROTO_UDP 17, IPPROTO_RAW 255, ...
     local_address: str  # the address it is bound to, "" when not bound
-    remote_address: str  # connected to: "" (the kernel does not tell a raw socket's peer)
+    remote_address: str  # the address it is connect()ed to (/proc/net/raw), "" when not
 
     def __post_init__(self) -> None:
         _check_object_id(self)
