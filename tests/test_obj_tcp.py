@@ -23,6 +23,7 @@ from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
 from support.procview import has_exited
 from support.redis import REDIS_SERVER, Resp, redis_server
+from test_faults import deliver, finish, hijack_at
 
 from hijack.sys import netlock, procfs
 
@@ -211,3 +212,58 @@ def test_a_closing_connection_comes_back_in_its_state(
             fixture.assert_intact()
             # Exactly what the fixture wrote since, then its FIN: never a reset.
             assert read_to_end(peer) == (b"" if write == "epipe" else write.encode())
+
+
+def echoed(client: socket.socket, data: bytes) -> bytes:
+    client.sendall(data)
+    received = b""
+    while len(received) < len(data) and (chunk := client.recv(len(data) - len(received))):
+        received += chunk
+    return received
+
+
+def test_recover_lifts_the_lock_of_a_dump_killed_before_it_killed(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    with spawn_fixture("echo_server", fifos=True) as server:
+        client = socket.create_connection(("127.0.0.1", int(server.ready["port"])), timeout=10)
+        with client:
+            assert echoed(client, b"before") == b"before"
+            locks_before = set(netlock.locks_held(os.getpid()))
+            dump = hijack_at(
+                "dump-handed-over", hijack.state_dir, "dump", server.pid, "-o",
+                tmp_path / "echo.crf", "--kill",
+            )  # fmt: skip
+            deliver(dump, signal.SIGKILL)
+            finish(dump)
+            # It runs on, but its connection is locked: its client would never reach it.
+            assert len(set(netlock.locks_held(os.getpid())) - locks_before) == 1
+            recovered = hijack.ok("recover").stdout
+            assert "lifted: the process was not killed" in recovered, recovered
+            assert set(netlock.locks_held(os.getpid())) == locks_before
+            assert echoed(client, b"after the recover") == b"after the recover"
+            assert "nothing to recover" in hijack.ok("recover").stdout
+        server.assert_intact()
+
+
+def test_recover_keeps_the_lock_an_image_waits_on_and_lifts_it_once_the_image_is_gone(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "echo.crf"
+    with spawn_fixture("echo_server", fifos=True) as server:
+        client = socket.create_connection(("127.0.0.1", int(server.ready["port"])), timeout=10)
+        with client:
+            assert echoed(client, b"before") == b"before"
+            locks_before = set(netlock.locks_held(os.getpid()))
+            hijack.ok("dump", server.pid, "-o", image, "--kill")
+            assert server.wait_exit() == -signal.SIGKILL
+            recovered = hijack.ok("recover").stdout
+            assert f"kept: its image {image} waits for its restore" in recovered, recovered
+            assert len(set(netlock.locks_held(os.getpid())) - locks_before) == 1
+            image.unlink()
+            recovered = hijack.ok("recover").stdout
+            assert f"lifted: its image {image} is gone" in recovered, recovered
+            assert set(netlock.locks_held(os.getpid())) == locks_before
+            # No restore can come: the kernel now resets the connection.
+            with pytest.raises(ConnectionResetError):
+                echoed(client, b"to no one")

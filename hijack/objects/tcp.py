@@ -25,6 +25,7 @@ import socket
 from types import TracebackType
 from typing import TypeGuard
 
+from hijack import lockbook
 from hijack.errors import HijackError, RestoreError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
@@ -139,7 +140,7 @@ class Tcp(Kind):
     def finish(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
         # The connection exists again: let the peer's packets reach it.
         connection = restore.image.object_of(descriptor, rec.TcpConnection)
-        netlock.unlock(
+        lockbook.unlock(
             restore.stub.pid,
             endpoint(connection.local_address),
             endpoint(connection.remote_address),
@@ -170,8 +171,9 @@ class ConnectionLocks:
     the locks for the restore. Left any other way (the dump failed or was refused),
     every socket is as it was: in normal mode, unlocked."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, image: str = lockbook.STDOUT) -> None:
         self.pid = pid
+        self.image = image  # where the image goes, written down with each lock (lockbook)
         self.connections: list[tuple[int, netlock.Endpoint, netlock.Endpoint]] = []
         self.locked: list[tuple[netlock.Endpoint, netlock.Endpoint | None, int]] = []
         self.silenced: list[int] = []
@@ -185,19 +187,19 @@ class ConnectionLocks:
                 udp_ends = udp_lock_ends(found) if found is not None else None
                 if is_connection(found):
                     ends = endpoint(found.local), endpoint(found.remote)
-                    self._lock(*ends, socket.IPPROTO_TCP)
+                    self._lock(entry.fd, *ends, socket.IPPROTO_TCP)
                     self.connections.append((entry.fd, *ends))
                 elif udp_ends is not None:
-                    self._lock(*udp_ends, socket.IPPROTO_UDP)
+                    self._lock(entry.fd, *udp_ends, socket.IPPROTO_UDP)
         except BaseException:
             self._undo()
             raise
         return self
 
     def _lock(
-        self, local: netlock.Endpoint, remote: netlock.Endpoint | None, protocol: int
+        self, fd: int, local: netlock.Endpoint, remote: netlock.Endpoint | None, protocol: int
     ) -> None:
-        netlock.lock(self.pid, local, remote, protocol)
+        lockbook.lock(self.pid, fd, self.image, local, remote, protocol)
         self.locked.append((local, remote, protocol))
 
     def silence(self) -> None:
@@ -227,7 +229,7 @@ class ConnectionLocks:
             os.close(handle)
         for local, remote, protocol in self.locked:
             with contextlib.suppress(HijackError):
-                netlock.unlock(self.pid, local, remote, protocol)
+                lockbook.unlock(self.pid, local, remote, protocol)
 
     def __exit__(
         self,

@@ -24,6 +24,7 @@ import functools
 import os
 import socket
 
+from hijack import lockbook
 from hijack.errors import RestoreError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
@@ -127,7 +128,7 @@ class Udp(Kind):
         local = endpoint(udp.local_address)
         if local[1]:
             remote = endpoint(udp.remote_address) if udp.remote_address else None
-            netlock.unlock(restore.stub.pid, local, remote, socket.IPPROTO_UDP)
+            lockbook.unlock(restore.stub.pid, local, remote, socket.IPPROTO_UDP)
 
     def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
         udp = image.object_of(descriptor, rec.UdpSocket)

@@ -149,7 +149,7 @@ def lock(
         finally:
             nft.close()
 
-    _in_network_of(pid, install, f"cannot lock {_describe(local, remote, protocol)}")
+    _in_network_of(pid, install, f"cannot lock {describe(local, remote, protocol)}")
 
 
 def unlock(
@@ -166,10 +166,10 @@ def unlock(
         finally:
             nft.close()
 
-    _in_network_of(pid, remove, f"cannot unlock {_describe(local, remote, protocol)}")
+    _in_network_of(pid, remove, f"cannot unlock {describe(local, remote, protocol)}")
 
 
-def _describe(local: Endpoint, remote: Endpoint | None, protocol: int) -> str:
+def describe(local: Endpoint, remote: Endpoint | None, protocol: int) -> str:
     if protocol == socket.IPPROTO_TCP:
         return f"the connection {local} -> {remote}"
     return f"the UDP socket {local}" + (f" -> {remote}" if remote else "")
