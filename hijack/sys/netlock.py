@@ -85,7 +85,16 @@ def _family(local: Endpoint, protocol: int) -> int:
     [::] receives both), matching no address."""
     if protocol != socket.IPPROTO_TCP:
         return NFPROTO_INET
-    return NFPROTO_IPV6 if ipaddress.ip_address(local[0]).version == 6 else NFPROTO_IPV4
+    return NFPROTO_IPV6 if wire_address(local[0]).version == 6 else NFPROTO_IPV4
+
+
+def wire_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address packets carry: an IPv6 socket's IPv4-mapped one (::ffff:1.2.3.4) is
+    IPv4 on the wire."""
+    found = ipaddress.ip_address(address)
+    if isinstance(found, ipaddress.IPv6Address) and found.ipv4_mapped is not None:
+        return found.ipv4_mapped
+    return found
 
 
 def _own_packets() -> tuple[list[dict[str, Any]], ...]:
@@ -99,7 +108,7 @@ def _drop_from_peer(
     """Packets of `protocol` from `remote` (None: from anyone) to `local`: dropped."""
     match = [[_meta(NFT_META_L4PROTO), _equals(bytes([protocol]))]]
     if protocol == socket.IPPROTO_TCP:
-        local_ip = ipaddress.ip_address(local[0])
+        local_ip = wire_address(local[0])
         # The destination address: at 16 in an IPv4 header, at 24 in an IPv6 one.
         daddr_at = 24 if local_ip.version == 6 else 16
         match += [

@@ -30,7 +30,6 @@ no FIN received; poll tells it by POLLRDHUP) is done again as it was.
 from __future__ import annotations
 
 import fcntl
-import ipaddress
 import select
 import socket
 import struct
@@ -275,7 +274,7 @@ def _receive_fin(
         raw.setsockopt(socket.SOL_SOCKET, SO_MARK, netlock.OWN_MARK)
         if family == socket.AF_INET6:
             raw.setsockopt(socket.IPPROTO_IPV6, IPV6_HDRINCL, 1)
-        raw.sendto(packet, (local[0], 0))
+        raw.sendto(packet, (str(netlock.wire_address(local[0])), 0))
     expected = {CLOSE_WAIT: CLOSE_WAIT, LAST_ACK: CLOSE_WAIT, CLOSING: CLOSING}[state.state]
     deadline = time.monotonic() + FIN_WAIT
     while state_of(sock.fileno()) != expected:
@@ -291,7 +290,7 @@ def fin_packet(
 ) -> tuple[bytes, int]:
     """(IP packet, family) of a FIN+ACK from `remote` to `local`: sequence number `seq`,
     acknowledging `ack` (no more than the connection sent: its send queue's start)."""
-    source, destination = ipaddress.ip_address(remote[0]), ipaddress.ip_address(local[0])
+    source, destination = netlock.wire_address(remote[0]), netlock.wire_address(local[0])
     window = min(state.window[1] >> state.snd_wscale, 0xFFFF)
     flags = TH_FIN | TH_ACK
     header = TCP_HEADER.pack(remote[1], local[1], seq, ack, 5 << 4, flags, window, 0, 0)
