@@ -76,7 +76,11 @@ def lock(
     partial = directory / f".{table}.partial"
     partial.write_text(json.dumps(asdict(record)))
     partial.replace(directory / f"{table}.json")
-    netlock.lock(pid, local, remote, protocol)
+    try:
+        netlock.lock(pid, local, remote, protocol)
+    except BaseException:
+        forget(table)
+        raise
 
 
 def unlock(

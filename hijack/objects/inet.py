@@ -131,8 +131,9 @@ class Inet(Kind):
             bound = stub.try_call("bind", descriptor.fd, stub.put(address), len(address))
             if bound < 0:
                 hint = " (does the original still run?)" if -bound == errno.EADDRINUSE else ""
+                again = "listen again on" if is_listener(sock) else "bind again to"
                 raise RestoreError(
-                    f"cannot bind again to {sock.local_address} for {describe_fd(descriptor)}:"
+                    f"cannot {again} {sock.local_address} for {describe_fd(descriptor)}:"
                     f" {os.strerror(-bound)}{hint}"
                 )
         sockopts.set_late(options, set_option, attach)
