@@ -35,7 +35,7 @@ from hijack.image.identity import file_identity, is_shared_library
 from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, recorded_registers
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.objects.memfd import held_by_objects
-from hijack.objects.tcp import ConnectionLocks
+from hijack.objects.tcp import NetworkLocks
 from hijack.process import settings, timers
 from hijack.restore.plan import ATTACH_HINT, restore_problems
 from hijack.sys import memory, procfs
@@ -124,7 +124,7 @@ def dump(
     locking = kill and check_descriptors
     with (
         Tracee.seize(pid) as tracee,
-        ConnectionLocks(pid, image) if locking else contextlib.nullcontext() as locks,
+        NetworkLocks(pid, image) if locking else contextlib.nullcontext() as locks,
     ):
         reached("dump-seized")
         check = functools.partial(refuse_unrestorable, pid, check_descriptors)

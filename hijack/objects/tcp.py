@@ -164,7 +164,7 @@ class Tcp(Kind):
         )
 
 
-class ConnectionLocks:
+class NetworkLocks:
     """The locks of a `dump --kill`: every TCP connection of the process, and every UDP
     socket bound to a port, is locked before it is read (hijack.sys.netlock);
     silence() puts the connections in repair mode just before the kill; keep() leaves
@@ -179,7 +179,7 @@ class ConnectionLocks:
         self.silenced: list[int] = []
         self.kept = False
 
-    def __enter__(self) -> ConnectionLocks:
+    def __enter__(self) -> NetworkLocks:
         sockets = procfs.read_socket_table(self.pid)
         try:
             for entry in procfs.list_fds(self.pid):

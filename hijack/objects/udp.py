@@ -8,7 +8,7 @@ their headers), connected last (a connected socket takes only its peer's),
 then given to the process.
 
 A `dump --kill` locks every UDP socket bound to a port (hijack.sys.netlock, from
-hijack.objects.tcp.ConnectionLocks) until the restore has made it again: the
+hijack.objects.tcp.NetworkLocks) until the restore has made it again: the
 datagrams sent to it meanwhile are dropped, so the kernel answers none with an
 ICMP port unreachable (a connected peer would get ECONNREFUSED and might give
 up). They are lost, as on a lossy network: nothing holds the socket while the
