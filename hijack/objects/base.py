@@ -19,7 +19,7 @@ from hijack.errors import HijackError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.restore.remote import Stub
-from hijack.sys import pidfd, procfs, unix_socket
+from hijack.sys import pidfd, procfs, tcp_repair, unix_socket
 
 O_CLOEXEC = 0o2000000
 O_NONBLOCK = 0o4000
@@ -89,7 +89,8 @@ class DumpContext:
         None: a move relays sockets): as its network namespace's tables list it, or,
         listed nowhere (an inet socket never bound, or bound and neither listening nor
         connected; raw, packet, netlink), as a copy of it tells: family, type, protocol,
-        local address, state CLOSE. The kinds of sockets ask this in their claims()."""
+        local address, state CLOSE (a TCP socket closed after it was a connection: state
+        ""). The kinds of sockets ask this in their claims()."""
         if not self.connections or entry.kind is not procfs.FdKind.SOCKET:
             return None
         found = self.socket_table().get(entry.ino)
@@ -102,16 +103,20 @@ class DumpContext:
     def _ask_copy(self, entry: procfs.FdEntry) -> procfs.SocketInfo | None:
         try:
             with socket.socket(fileno=os.dup(self.copy_fd(entry.fd))) as sock:
-                local = ""
+                local, state = "", "CLOSE"
                 if sock.family in (socket.AF_INET, socket.AF_INET6):
                     host, port = sock.getsockname()[:2]
                     local = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                    if sock.type == socket.SOCK_STREAM and not tcp_repair.never_connected(
+                        sock.fileno()
+                    ):
+                        state = ""
                 return procfs.SocketInfo(
                     inode=entry.ino,
                     family=sock.family,
                     type=sock.type,
                     protocol=sock.proto,
-                    state="CLOSE",
+                    state=state,
                     local=local,
                     remote="",
                 )

@@ -80,8 +80,8 @@ class Inet(Kind):
         found = dump.socket_table().get(entry.ino)
         if found is None:  # listed nowhere: a TCP socket that is no connection, if any
             found = dump.socket_of(entry)
-            if found is None or found.type != socket.SOCK_STREAM:
-                return False
+            if found is None or found.type != socket.SOCK_STREAM or found.state != "CLOSE":
+                return False  # not TCP, or closed after a connection: refused (Other)
         return found.family in (socket.AF_INET, socket.AF_INET6)
 
     def dump(self, entry: procfs.FdEntry, info: procfs.FdInfo, dump: DumpContext) -> int:

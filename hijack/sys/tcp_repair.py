@@ -63,6 +63,7 @@ REPAIR_WINDOW = struct.Struct("<5I")  # snd_wl1, snd_wnd, max_window, rcv_wnd, r
 REPAIR_OPTION = struct.Struct("<II")  # opt_code, opt_val
 # struct tcp_info: state, ca_state, retransmits, probes, backoff, options, wscales (4+4 bits)
 TCP_INFO_HEAD = struct.Struct("<7B")
+TCP_INFO_SEGS = struct.Struct("<136xII")  # ... tcpi_segs_out, tcpi_segs_in
 CHUNK = 1 << 20  # bytes put back into a queue per call
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SO_MARK = 36
@@ -125,6 +126,17 @@ def state_of(fd: int) -> int:
             sock.detach()
     state: int = TCP_INFO_HEAD.unpack(info)[0]
     return state
+
+
+def never_connected(fd: int) -> bool:
+    """Whether TCP socket `fd` (ours) never sent nor received a segment: made, maybe bound,
+    not one that was a connection (closed since, its port given back)."""
+    with kernel_call("getsockopt(TCP_INFO)"), socket.socket(fileno=fd) as sock:
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SEGS.size)
+        finally:
+            sock.detach()
+    return len(info) >= TCP_INFO_SEGS.size and TCP_INFO_SEGS.unpack(info)[-2:] == (0, 0)
 
 
 def read_state(fd: int) -> TcpState:
