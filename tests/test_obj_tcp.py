@@ -146,16 +146,22 @@ def read_to_end(peer: socket.socket) -> bytes:
     return data
 
 
-@pytest.mark.parametrize("case", list(CLOSING_CASES))
+@pytest.mark.parametrize(
+    ("case", "host"),
+    [(case, "127.0.0.1") for case in CLOSING_CASES]
+    # The FIN it sent, the FIN it received, over IPv6.
+    + [("FIN_WAIT1", "::1"), ("LAST_ACK", "::1")],
+)
 def test_a_closing_connection_comes_back_in_its_state(
-    case: str, hijack: HijackCli, tmp_path: Path
+    case: str, host: str, hijack: HijackCli, tmp_path: Path
 ) -> None:
     image = tmp_path / "closing.crf"
     expect_read, write = CLOSING_CASES[case]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with (
-        socket.create_server(("127.0.0.1", 0)) as listener,
+        socket.create_server((host, 0), family=family) as listener,
         spawn_fixture(
-            "tcp_closing", str(listener.getsockname()[1]), expect_read, write, fifos=True
+            "tcp_closing", host, str(listener.getsockname()[1]), expect_read, write, fifos=True
         ) as fixture,
     ):
         peer, _ = listener.accept()
@@ -163,7 +169,7 @@ def test_a_closing_connection_comes_back_in_its_state(
             peer.settimeout(POLL_TIMEOUT)
             assert peer.recv(5) == b"hello"
             ours = int(fixture.ready["port"])
-            ends = ("127.0.0.1", listener.getsockname()[1]), ("127.0.0.1", ours)
+            ends = (host, listener.getsockname()[1]), (host, ours)
 
             def drop_what_it_sends() -> None:
                 # Its FIN then never reaches the peer, nor is acknowledged.
@@ -199,7 +205,8 @@ def test_a_closing_connection_comes_back_in_its_state(
             assert fixture.wait_exit() == -signal.SIGKILL
             drops.close()  # the fixture is gone: only the dump's lock holds the peer back
             shown = hijack.ok("show", image).stdout
-            assert f"127.0.0.1:{ours} -> 127.0.0.1:{ends[0][1]} {state}" in shown, shown
+            at = f"[{host}]" if family == socket.AF_INET6 else host
+            assert f"{at}:{ours} -> {at}:{ends[0][1]} {state}" in shown, shown
             assert ("reading shut" in shown) == (case == "SHUT_RD"), shown
             assert "inet: tcp 0.0.0.0:0 CLOSE" in shown, shown  # never bound
             assert f"inet: tcp 127.0.0.1:{fixture.ready['bound']} CLOSE" in shown, shown
