@@ -411,6 +411,8 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             rcv_wup=5,
             send_queue_bytes=3,
             recv_queue_bytes=2,
+            state=9,
+            read_shut=True,
             local_address="[::1]:6379",
             remote_address="[::1]:51000",
         ),

@@ -14,6 +14,7 @@ numbers).
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 from pathlib import Path
@@ -23,6 +24,8 @@ from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
 from support.procview import FdView, difference, fds_view
 
+from hijack.sys import netlock
+
 
 def sockets_view(pid: int) -> frozenset[FdView]:
     """fds_view without socket inode numbers: a restored socket is a new one."""
@@ -30,6 +33,11 @@ def sockets_view(pid: int) -> frozenset[FdView]:
         FdView(v.fd, "socket" if v.target.startswith("socket:") else v.target, v.pos, v.flags)
         for v in fds_view(pid)
     )
+
+
+@pytest.fixture
+def hijack(tmp_path: Path, no_leaked_network_locks: None) -> HijackCli:
+    return HijackCli(tmp_path / "state")
 
 
 def test_udp_sockets_with_queued_datagrams_come_back(hijack: HijackCli, tmp_path: Path) -> None:
@@ -54,6 +62,36 @@ def test_udp_sockets_with_queued_datagrams_come_back(hijack: HijackCli, tmp_path
         fixture.adopt(pid)
         after = sockets_view(pid)
         assert before == after, difference(before, after)
+        fixture.assert_intact()
+
+
+def test_a_udp_peer_gets_no_refusal_while_the_process_is_gone(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "udp-echo.crf"
+    with (
+        spawn_fixture("udp_echo", fifos=True) as fixture,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as peer,
+    ):
+        peer.settimeout(10)
+        peer.connect(("127.0.0.1", int(fixture.ready["connected_port"])))
+        peer.send(b"before the dump")
+        assert peer.recv(100) == b"before the dump"
+        locks_before = set(netlock.locks_held(os.getpid()))
+        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+        assert fixture.wait_exit() == -signal.SIGKILL
+        # Both its bound sockets are locked until the restore.
+        assert len(set(netlock.locks_held(os.getpid())) - locks_before) == 2
+        # Dropped: no ICMP port unreachable, which loopback would have queued on the
+        # peer's socket at once (its next send or recv would raise ECONNREFUSED).
+        peer.send(b"while it is gone")
+        peer.send(b"while it is gone, again")
+
+        pid = restored_pid(hijack.ok("restore", image))
+        fixture.adopt(pid)
+        assert set(netlock.locks_held(os.getpid())) == locks_before
+        peer.send(b"after the restore")
+        assert peer.recv(100) == b"after the restore"
         fixture.assert_intact()
 
 
@@ -118,7 +156,8 @@ def test_raw_sockets_come_back_with_their_addresses_and_options(
         assert fixture.wait_exit() == -signal.SIGKILL
         text = hijack.ok("show", image).stdout
         assert "raw: ipv4 protocol 17 bound to 127.0.0.1" in text, text
-        assert "raw: ipv4 protocol 1 bound to 127.0.0.1, 16 options" in text, text
+        connected = "raw: ipv4 protocol 1 bound to 127.0.0.1 connected to 127.0.0.1, 16 options"
+        assert connected in text, text
         assert "raw: ipv6 protocol 58," in text, text
 
         pid = restored_pid(hijack.ok("restore", image))

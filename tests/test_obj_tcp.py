@@ -9,9 +9,11 @@ reset; the server must end intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
 from support.procview import has_exited
 from support.redis import REDIS_SERVER, Resp, redis_server
+from test_faults import deliver, finish, hijack_at
 
 from hijack.sys import netlock, procfs
 
@@ -51,9 +54,7 @@ def test_a_server_killed_mid_stream_and_restored_keeps_its_client(
     image = tmp_path / "echo.crf"
     with spawn_fixture("echo_server", fifos=True) as server:
         port = server.ready["port"]
-        with spawn_fixture(
-            "stream_client", "127.0.0.1", port, str(STREAM_BYTES), "7"
-        ) as client:
+        with spawn_fixture("stream_client", "127.0.0.1", port, str(STREAM_BYTES), "7") as client:
             wait_for_connection(server.pid)
             locks_before = set(netlock.locks_held(client.pid))  # another suite's may be there
             hijack.ok("dump", server.pid, "-o", image, "--kill")
@@ -72,7 +73,6 @@ def test_a_server_killed_mid_stream_and_restored_keeps_its_client(
             assert client.wait_exit(timeout=120) == 0, client.describe()
         server.assert_intact()
     assert "echoed" in server.stdout
-
 
 
 @pytest.mark.skipif(
@@ -110,3 +110,167 @@ def test_an_unattached_redis_server_keeps_its_clients_through_dump_kill_and_rest
             client.close()
             if other is not None:
                 other.close()
+
+
+# What the fixture must read to the end of its connection after the restore, and write
+# then ("epipe": its sending side is shut, a write must fail).
+CLOSING_CASES = {
+    "FIN_WAIT2": ("after the restore", "epipe"),  # it half-closed; the peer still sends
+    "FIN_WAIT1": ("late", "epipe"),  # its FIN not yet acknowledged
+    "CLOSE_WAIT": ("unread", "reply"),  # the peer closed; bytes left to read, then EOF
+    "LAST_ACK": ("unread", "epipe"),  # both closed, its FIN not yet acknowledged
+    "CLOSING": ("-", "epipe"),  # both sent a FIN before either was acknowledged
+    "SHUT_RD": ("-", "still writing"),  # it shut its reading side: ESTABLISHED still
+}
+
+
+def wait_for_state(pid: int, port: int, state: str) -> None:
+    """Until the TCP socket of `pid` on local port `port` is in `state`; bounded."""
+    deadline = time.monotonic() + POLL_TIMEOUT
+    seen = ""
+    while time.monotonic() < deadline:
+        for found in procfs.read_socket_table(pid).values():
+            if found.type == socket.SOCK_STREAM and found.local.endswith(f":{port}"):
+                seen = found.state
+        if seen == state:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"the connection of {pid} from port {port} is {seen}, not {state}")
+
+
+def read_to_end(peer: socket.socket) -> bytes:
+    """Every byte until the other end's FIN (a reset raises)."""
+    data = b""
+    while chunk := peer.recv(4096):
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize(
+    ("case", "host"),
+    [(case, "127.0.0.1") for case in CLOSING_CASES]
+    # The FIN it sent, the FIN it received, over IPv6.
+    + [("FIN_WAIT1", "::1"), ("LAST_ACK", "::1")],
+)
+def test_a_closing_connection_comes_back_in_its_state(
+    case: str, host: str, hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "closing.crf"
+    expect_read, write = CLOSING_CASES[case]
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with (
+        socket.create_server((host, 0), family=family) as listener,
+        spawn_fixture(
+            "tcp_closing", host, str(listener.getsockname()[1]), expect_read, write, fifos=True
+        ) as fixture,
+    ):
+        peer, _ = listener.accept()
+        with peer, contextlib.ExitStack() as drops:
+            peer.settimeout(POLL_TIMEOUT)
+            assert peer.recv(5) == b"hello"
+            ours = int(fixture.ready["port"])
+            ends = (host, listener.getsockname()[1]), (host, ours)
+
+            def drop_what_it_sends() -> None:
+                # Its FIN then never reaches the peer, nor is acknowledged.
+                netlock.lock(os.getpid(), *ends)
+                drops.callback(netlock.unlock, os.getpid(), *ends)
+
+            state = case
+            if case == "FIN_WAIT2":
+                fixture.send(b"w")
+                assert peer.recv(10) == b""
+            elif case == "FIN_WAIT1":
+                drop_what_it_sends()
+                fixture.send(b"w")
+            elif case in ("CLOSE_WAIT", "LAST_ACK"):
+                peer.sendall(b"unread")
+                peer.shutdown(socket.SHUT_WR)
+                if case == "LAST_ACK":
+                    wait_for_state(fixture.pid, ours, "CLOSE_WAIT")
+                    drop_what_it_sends()
+                    fixture.send(b"w")
+            elif case == "CLOSING":
+                drop_what_it_sends()
+                fixture.send(b"w")
+                wait_for_state(fixture.pid, ours, "FIN_WAIT1")
+                peer.shutdown(socket.SHUT_WR)
+            else:
+                fixture.send(b"r")
+                assert peer.recv(1) == b"r"
+                state = "ESTABLISHED"
+            wait_for_state(fixture.pid, ours, state)
+
+            hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+            assert fixture.wait_exit() == -signal.SIGKILL
+            drops.close()  # the fixture is gone: only the dump's lock holds the peer back
+            shown = hijack.ok("show", image).stdout
+            at = f"[{host}]" if family == socket.AF_INET6 else host
+            assert f"{at}:{ours} -> {at}:{ends[0][1]} {state}" in shown, shown
+            assert ("reading shut" in shown) == (case == "SHUT_RD"), shown
+            assert "inet: tcp 0.0.0.0:0 CLOSE" in shown, shown  # never bound
+            assert f"inet: tcp 127.0.0.1:{fixture.ready['bound']} CLOSE" in shown, shown
+
+            pid = restored_pid(hijack.ok("restore", image))
+            fixture.adopt(pid)
+            if case in ("FIN_WAIT2", "FIN_WAIT1"):
+                peer.sendall(expect_read.encode())
+                peer.shutdown(socket.SHUT_WR)
+            fixture.assert_intact()
+            # Exactly what the fixture wrote since, then its FIN: never a reset.
+            assert read_to_end(peer) == (b"" if write == "epipe" else write.encode())
+
+
+def echoed(client: socket.socket, data: bytes) -> bytes:
+    client.sendall(data)
+    received = b""
+    while len(received) < len(data) and (chunk := client.recv(len(data) - len(received))):
+        received += chunk
+    return received
+
+
+def test_recover_lifts_the_lock_of_a_dump_killed_before_it_killed(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    with spawn_fixture("echo_server", fifos=True) as server:
+        client = socket.create_connection(("127.0.0.1", int(server.ready["port"])), timeout=10)
+        with client:
+            assert echoed(client, b"before") == b"before"
+            locks_before = set(netlock.locks_held(os.getpid()))
+            dump = hijack_at(
+                "dump-handed-over", hijack.state_dir, "dump", server.pid, "-o",
+                tmp_path / "echo.crf", "--kill",
+            )  # fmt: skip
+            deliver(dump, signal.SIGKILL)
+            finish(dump)
+            # It runs on, but its connection is locked: its client would never reach it.
+            assert len(set(netlock.locks_held(os.getpid())) - locks_before) == 1
+            recovered = hijack.ok("recover").stdout
+            assert "lifted: the process was not killed" in recovered, recovered
+            assert set(netlock.locks_held(os.getpid())) == locks_before
+            assert echoed(client, b"after the recover") == b"after the recover"
+            assert "nothing to recover" in hijack.ok("recover").stdout
+        server.assert_intact()
+
+
+def test_recover_keeps_the_lock_an_image_waits_on_and_lifts_it_once_the_image_is_gone(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "echo.crf"
+    with spawn_fixture("echo_server", fifos=True) as server:
+        client = socket.create_connection(("127.0.0.1", int(server.ready["port"])), timeout=10)
+        with client:
+            assert echoed(client, b"before") == b"before"
+            locks_before = set(netlock.locks_held(os.getpid()))
+            hijack.ok("dump", server.pid, "-o", image, "--kill")
+            assert server.wait_exit() == -signal.SIGKILL
+            recovered = hijack.ok("recover").stdout
+            assert f"kept: its image {image} waits for its restore" in recovered, recovered
+            assert len(set(netlock.locks_held(os.getpid())) - locks_before) == 1
+            image.unlink()
+            recovered = hijack.ok("recover").stdout
+            assert f"lifted: its image {image} is gone" in recovered, recovered
+            assert set(netlock.locks_held(os.getpid())) == locks_before
+            # No restore can come: the kernel now resets the connection.
+            with pytest.raises(ConnectionResetError):
+                echoed(client, b"to no one")

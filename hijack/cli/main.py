@@ -17,7 +17,7 @@ from rich.console import Console
 
 import hijack
 from hijack import check as checking
-from hijack import objects
+from hijack import lockbook, objects
 from hijack.cli import render
 from hijack.errors import HijackError
 from hijack.image.codec import read_image
@@ -367,6 +367,7 @@ def expected_image_bytes(pid: int) -> int | None:
 def command_recover(args: argparse.Namespace, console: Console) -> int:
     with Registry() as registry:
         settled, in_doubt = moving.recover(registry)
+    settled += lockbook.settle()  # network locks left by a `dump --kill` killed itself
     for line in settled + in_doubt:
         console.print(line, highlight=False)
     if in_doubt:

@@ -543,8 +543,8 @@ class InetSocket:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TcpConnection:
-    """An established TCP connection as TCP_REPAIR reads it: rebuilt from this alone.
-    Its OBJECT_DATA holds the send queue, then the receive queue."""
+    """A TCP connection (established or closing) as TCP_REPAIR reads it: rebuilt from this
+    alone. Its OBJECT_DATA holds the send queue, then the receive queue."""
 
     id: U64
     family: U16  # AF_INET or AF_INET6
@@ -562,6 +562,9 @@ class TcpConnection:
     rcv_wup: U32
     send_queue_bytes: U64  # written by the program, not yet acknowledged by the peer
     recv_queue_bytes: U64  # received from the peer, not yet read by the program
+    state: U8  # the kernel's TCP state: ESTABLISHED 1, FIN_WAIT1 4, FIN_WAIT2 5, CLOSE_WAIT 8,
+    # LAST_ACK 9, CLOSING 11
+    read_shut: bool  # the program shut its reading side (shutdown SHUT_RD), no FIN received
     local_address: str  # "127.0.0.1:8080", "[::1]:22"
     remote_address: str
 
@@ -690,7 +693,7 @@ class RawSocket:
     family: U16  # AF_INET or AF_INET6
     protocol: U16  # IPPROTO_ICMP 1, IPPROTO_UDP 17, IPPROTO_RAW 255, ...
     local_address: str  # the address it is bound to, "" when not bound
-    remote_address: str  # connected to: "" (the kernel does not tell a raw socket's peer)
+    remote_address: str  # the address it is connect()ed to (/proc/net/raw), "" when not
 
     def __post_init__(self) -> None:
         _check_object_id(self)

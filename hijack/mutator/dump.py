@@ -26,7 +26,7 @@ from pathlib import Path
 from stat import S_ISFIFO
 from typing import BinaryIO, Protocol
 
-from hijack import objects
+from hijack import lockbook, objects
 from hijack.errors import HijackError, ProcessGone, Unsupported
 from hijack.image import records as rec
 from hijack.image.codec import ImageWriter
@@ -35,7 +35,7 @@ from hijack.image.identity import file_identity, is_shared_library
 from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, recorded_registers
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.objects.memfd import held_by_objects
-from hijack.objects.tcp import ConnectionLocks
+from hijack.objects.tcp import NetworkLocks
 from hijack.process import settings, timers
 from hijack.restore.plan import ATTACH_HINT, restore_problems
 from hijack.sys import memory, procfs
@@ -102,6 +102,7 @@ def dump(
     before_kill: Callable[[], None] | None = None,
     check_descriptors: bool = True,
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
+    image: str = lockbook.STDOUT,
 ) -> DumpResult:
     """Write an image of `pid` to `out`; the process runs on unless `kill`.
 
@@ -113,7 +114,9 @@ def dump(
     written (Unsupported), and the process runs on; its descriptors are left
     out of that check unless `check_descriptors` (its shadow takes them over,
     or the user chose to drop them). A deleted file holding more than
-    `ghost_limit` bytes of data is refused before anything is written.
+    `ghost_limit` bytes of data is refused before anything is written. `image`: where
+    `out` ends up (an absolute path, or lockbook.STDOUT), written down with the network
+    locks a `kill` leaves for the restore (hijack.lockbook).
     """
     widen_if_pipe(out)
     stopped_at = time.perf_counter()
@@ -121,7 +124,7 @@ def dump(
     locking = kill and check_descriptors
     with (
         Tracee.seize(pid) as tracee,
-        ConnectionLocks(pid) if locking else contextlib.nullcontext() as locks,
+        NetworkLocks(pid, image) if locking else contextlib.nullcontext() as locks,
     ):
         reached("dump-seized")
         check = functools.partial(refuse_unrestorable, pid, check_descriptors)
@@ -270,6 +273,7 @@ def dump_to_file(
                 before_kill=before_kill,
                 check_descriptors=check_descriptors,
                 ghost_limit=ghost_limit,
+                image=str(path.resolve()),
             )
     except OSError as exc:
         raise HijackError(f"cannot write image {path}: {exc.strerror or exc}") from None

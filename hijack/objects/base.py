@@ -11,13 +11,15 @@ calls each kind once per open file description: descriptors sharing one
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Hashable
 from types import TracebackType
 
+from hijack.errors import HijackError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.restore.remote import Stub
-from hijack.sys import pidfd, procfs, unix_socket
+from hijack.sys import pidfd, procfs, tcp_repair, unix_socket
 
 O_CLOEXEC = 0o2000000
 O_NONBLOCK = 0o4000
@@ -62,6 +64,7 @@ class DumpContext:
         self._handle = -1
         self._copies: list[int] = []
         self._sockets: dict[int, procfs.SocketInfo] | None = None
+        self._unlisted: dict[int, procfs.SocketInfo | None] = {}  # socket_of(), by inode
         self._unix_sockets: dict[int, unix_socket.UnixDiag] | None = None
         self._network_of = self  # whose network namespace socket tables are read in
         self._last_description = max(descriptions.values(), default=0)
@@ -80,6 +83,45 @@ class DumpContext:
         if owner._sockets is None:
             owner._sockets = procfs.read_socket_table(owner.pid)
         return owner._sockets
+
+    def socket_of(self, entry: procfs.FdEntry) -> procfs.SocketInfo | None:
+        """The socket behind descriptor `entry`, when the dump reads connections (else
+        None: a move relays sockets): as its network namespace's tables list it, or,
+        listed nowhere (an inet socket never bound, or bound and neither listening nor
+        connected; raw, packet, netlink), as a copy of it tells: family, type, protocol,
+        local address, state CLOSE (a TCP socket closed after it was a connection: state
+        ""). The kinds of sockets ask this in their claims()."""
+        if not self.connections or entry.kind is not procfs.FdKind.SOCKET:
+            return None
+        found = self.socket_table().get(entry.ino)
+        if found is None:
+            if entry.ino not in self._unlisted:
+                self._unlisted[entry.ino] = self._ask_copy(entry)
+            found = self._unlisted[entry.ino]
+        return found
+
+    def _ask_copy(self, entry: procfs.FdEntry) -> procfs.SocketInfo | None:
+        try:
+            with socket.socket(fileno=os.dup(self.copy_fd(entry.fd))) as sock:
+                local, state = "", "CLOSE"
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    host, port = sock.getsockname()[:2]
+                    local = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                    if sock.type == socket.SOCK_STREAM and not tcp_repair.never_connected(
+                        sock.fileno()
+                    ):
+                        state = ""
+                return procfs.SocketInfo(
+                    inode=entry.ino,
+                    family=sock.family,
+                    type=sock.type,
+                    protocol=sock.proto,
+                    state=state,
+                    local=local,
+                    remote="",
+                )
+        except (OSError, HijackError):
+            return None
 
     def unix_sockets(self) -> dict[int, unix_socket.UnixDiag]:
         """The unix sockets of the process's network namespace by inode, as sock_diag tells

@@ -1,9 +1,10 @@
 """Raw IP sockets: made again with their protocol, addresses and options.
 
 At dump a copy of the socket tells its protocol and the address it is bound
-to (or, connected, the local address connect() chose: getpeername() of a raw
-socket never answers, so a connect() is not kept); its options (IP_HDRINCL, ICMP_FILTER, the
-common ones) are a SocketOptions record. The restorer makes the socket (it
+to (or, connected, the local address connect() chose); the address it is
+connected to is /proc/net/raw's (getpeername() of a raw socket never answers);
+its options (IP_HDRINCL, ICMP_FILTER, the common ones) are a SocketOptions
+record. The restorer makes the socket (it
 needs CAP_NET_RAW, as the original did), binds and connects it, sets its
 options and gives it to the process. Packets queued on it are lost: a raw
 socket sees copies of traffic, which goes on without it.
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import socket
 
-from hijack.errors import HijackError, RestoreError
+from hijack.errors import RestoreError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects import sockopts
@@ -36,22 +37,18 @@ class Raw(Kind):
     record_types = (rec.RawSocket,)
 
     def claims(self, entry: procfs.FdEntry, dump: DumpContext) -> bool:
-        if not dump.connections or entry.kind is not procfs.FdKind.SOCKET:
-            return False
-        if entry.ino in dump.socket_table():
-            return False  # TCP, UDP or unix
-        try:
-            with _copy(entry, dump) as sock:
-                return sock.family in (socket.AF_INET, socket.AF_INET6) and (
-                    sock.type == socket.SOCK_RAW
-                )
-        except (OSError, HijackError):
-            return False
+        found = dump.socket_of(entry)
+        return (
+            found is not None
+            and found.family in (socket.AF_INET, socket.AF_INET6)
+            and found.type == socket.SOCK_RAW
+        )
 
     def dump(self, entry: procfs.FdEntry, info: procfs.FdInfo, dump: DumpContext) -> int:
         with _copy(entry, dump) as sock:
             family, protocol = int(sock.family), sock.proto
             local = _host(sock.getsockname())
+            remote = procfs.read_raw_peers(dump.pid).get(entry.ino, "")
             object_id = dump.add_object(
                 ("socket", entry.ino),
                 lambda id: rec.RawSocket(
@@ -59,7 +56,7 @@ class Raw(Kind):
                     family=family,
                     protocol=protocol,
                     local_address=local,
-                    remote_address="",
+                    remote_address=remote,
                 ),
             )
             sockopts.dump_options(sock, object_id, entry.ino, dump)

@@ -1,8 +1,11 @@
-"""Established TCP connections, checkpointed with TCP_REPAIR and rebuilt the same way.
+"""TCP connections, established or closing, checkpointed with TCP_REPAIR and rebuilt the
+same way.
 
 At dump, a copy of the socket is put in repair mode and its sequence numbers,
-queues, options and window are read (the process is stopped; repair mode is
-turned off again). A `dump --kill` first locks every such connection
+queues, options, window and state are read (the process is stopped; repair mode
+is turned off again). A closing connection (FIN_WAIT1/2, CLOSE_WAIT, LAST_ACK,
+CLOSING, or half-closed by the program's shutdown) is rebuilt established and
+its FINs replayed (hijack.sys.tcp_repair). A `dump --kill` first locks every such connection
 (hijack.sys.netlock: packets from the peer are dropped, so no reset answers
 them while the socket is gone), and puts the sockets in repair mode just before
 the kill, so closing them sends the peer nothing. The restorer makes the
@@ -22,24 +25,25 @@ import socket
 from types import TracebackType
 from typing import TypeGuard
 
+from hijack import lockbook
 from hijack.errors import HijackError, RestoreError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects import sockopts
 from hijack.objects.base import DumpContext, Kind, RestoreContext, describe_fd
 from hijack.objects.inet import endpoint
+from hijack.objects.udp import udp_lock_ends
 from hijack.sys import netlock, pidfd, procfs, tcp_repair
 
-TCP_ESTABLISHED = 1
 
-
-def is_established(found: procfs.SocketInfo | None) -> TypeGuard[procfs.SocketInfo]:
-    """An established TCP connection (IPv4 or IPv6): what this kind rebuilds and locks."""
+def is_connection(found: procfs.SocketInfo | None) -> TypeGuard[procfs.SocketInfo]:
+    """A TCP connection (IPv4 or IPv6), established or closing: what this kind rebuilds
+    and a `dump --kill` locks."""
     return (
         found is not None
         and found.family in (socket.AF_INET, socket.AF_INET6)
         and found.type == socket.SOCK_STREAM
-        and found.state_number == TCP_ESTABLISHED
+        and found.state_number in tcp_repair.CONNECTED_STATES
     )
 
 
@@ -48,9 +52,7 @@ class Tcp(Kind):
     record_types = (rec.TcpConnection,)
 
     def claims(self, entry: procfs.FdEntry, dump: DumpContext) -> bool:
-        if not dump.connections or entry.kind is not procfs.FdKind.SOCKET:
-            return False
-        return is_established(dump.socket_table().get(entry.ino))
+        return is_connection(dump.socket_of(entry))
 
     def dump(self, entry: procfs.FdEntry, info: procfs.FdInfo, dump: DumpContext) -> int:
         found = dump.socket_table()[entry.ino]
@@ -82,6 +84,8 @@ class Tcp(Kind):
                 rcv_wup=rcv_wup,
                 send_queue_bytes=len(state.send_queue),
                 recv_queue_bytes=len(state.received),
+                state=state.state,
+                read_shut=state.read_shut,
             )
 
         object_id = dump.add_object(("socket", entry.ino), make)
@@ -119,6 +123,8 @@ class Tcp(Kind):
                     connection.rcv_wnd,
                     connection.rcv_wup,
                 ),
+                state=connection.state,
+                read_shut=connection.read_shut,
             ),
         )
         try:
@@ -134,53 +140,73 @@ class Tcp(Kind):
     def finish(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
         # The connection exists again: let the peer's packets reach it.
         connection = restore.image.object_of(descriptor, rec.TcpConnection)
-        netlock.unlock(
+        lockbook.unlock(
             restore.stub.pid,
             endpoint(connection.local_address),
             endpoint(connection.remote_address),
         )
 
+    def refusal(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str | None:
+        connection = image.object_of(descriptor, rec.TcpConnection)
+        if connection.state in tcp_repair.CONNECTED_STATES:
+            return None
+        return f"{describe_fd(descriptor)}: a TCP connection in state {connection.state}"
+
     def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
         connection = image.object_of(descriptor, rec.TcpConnection)
+        shut = ", reading shut" if connection.read_shut else ""
         return (
             f"{connection.local_address} -> {connection.remote_address}"
-            f" ESTABLISHED, {connection.send_queue_bytes} bytes to send,"
+            f" {procfs.tcp_state_name(connection.state)}{shut},"
+            f" {connection.send_queue_bytes} bytes to send,"
             f" {connection.recv_queue_bytes} to read"
             f"{sockopts.describe_options(image, connection.id)}"
         )
 
 
-class ConnectionLocks:
-    """The locks of a `dump --kill`: every established TCP connection of the process is
-    locked before it is read; silence() puts them in repair mode just before the kill;
-    keep() leaves the locks for the restore. Left any other way (the dump failed or was
-    refused), every connection is as it was: in normal mode, unlocked."""
+class NetworkLocks:
+    """The locks of a `dump --kill`: every TCP connection of the process, and every UDP
+    socket bound to a port, is locked before it is read (hijack.sys.netlock);
+    silence() puts the connections in repair mode just before the kill; keep() leaves
+    the locks for the restore. Left any other way (the dump failed or was refused),
+    every socket is as it was: in normal mode, unlocked."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, image: str = lockbook.STDOUT) -> None:
         self.pid = pid
-        self.locked: list[tuple[int, netlock.Endpoint, netlock.Endpoint]] = []
+        self.image = image  # where the image goes, written down with each lock (lockbook)
+        self.connections: list[tuple[int, netlock.Endpoint, netlock.Endpoint]] = []
+        self.locked: list[tuple[netlock.Endpoint, netlock.Endpoint | None, int]] = []
         self.silenced: list[int] = []
         self.kept = False
 
-    def __enter__(self) -> ConnectionLocks:
+    def __enter__(self) -> NetworkLocks:
         sockets = procfs.read_socket_table(self.pid)
         try:
             for entry in procfs.list_fds(self.pid):
                 found = sockets.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
-                if is_established(found):
+                udp_ends = udp_lock_ends(found) if found is not None else None
+                if is_connection(found):
                     ends = endpoint(found.local), endpoint(found.remote)
-                    netlock.lock(self.pid, *ends)
-                    self.locked.append((entry.fd, *ends))
+                    self._lock(entry.fd, *ends, socket.IPPROTO_TCP)
+                    self.connections.append((entry.fd, *ends))
+                elif udp_ends is not None:
+                    self._lock(entry.fd, *udp_ends, socket.IPPROTO_UDP)
         except BaseException:
             self._undo()
             raise
         return self
 
+    def _lock(
+        self, fd: int, local: netlock.Endpoint, remote: netlock.Endpoint | None, protocol: int
+    ) -> None:
+        lockbook.lock(self.pid, fd, self.image, local, remote, protocol)
+        self.locked.append((local, remote, protocol))
+
     def silence(self) -> None:
         """Repair mode on for each locked connection: the kill closes them silently."""
         handle = pidfd.pidfd_open(self.pid)
         try:
-            for fd, _, _ in self.locked:
+            for fd, _, _ in self.connections:
                 copy = pidfd.pidfd_getfd(handle, fd, self.pid)
                 try:
                     tcp_repair.set_repair(copy, True)
@@ -201,9 +227,9 @@ class ConnectionLocks:
                 tcp_repair.set_repair(copy, False)
                 os.close(copy)
             os.close(handle)
-        for _, local, remote in self.locked:
+        for local, remote, protocol in self.locked:
             with contextlib.suppress(HijackError):
-                netlock.unlock(self.pid, local, remote)
+                lockbook.unlock(self.pid, local, remote, protocol)
 
     def __exit__(
         self,

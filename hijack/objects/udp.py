@@ -7,9 +7,14 @@ its datagrams sent back to it from their original senders (a raw socket writes
 their headers), connected last (a connected socket takes only its peer's),
 then given to the process.
 
-Datagrams sent to the socket while the process is gone (between a `dump --kill`
-and the restore) are lost, as on a real network. A move relays UDP through its
-shadow instead (hijack.node.move): its images hold no UdpSocket.
+A `dump --kill` locks every UDP socket bound to a port (hijack.sys.netlock, from
+hijack.objects.tcp.NetworkLocks) until the restore has made it again: the
+datagrams sent to it meanwhile are dropped, so the kernel answers none with an
+ICMP port unreachable (a connected peer would get ECONNREFUSED and might give
+up). They are lost, as on a lossy network: nothing holds the socket while the
+process is gone (the datagrams queued at the dump are in the image). A move
+relays UDP through its shadow instead (hijack.node.move): its images hold no
+UdpSocket.
 """
 
 from __future__ import annotations
@@ -19,13 +24,14 @@ import functools
 import os
 import socket
 
-from hijack.errors import HijackError, RestoreError
+from hijack import lockbook
+from hijack.errors import RestoreError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects import sockopts
 from hijack.objects.base import DumpContext, Kind, RestoreContext, describe_fd
 from hijack.objects.inet import endpoint
-from hijack.sys import datagrams, procfs
+from hijack.sys import datagrams, netlock, procfs
 
 
 def _is_udp(family: int, kind: int, protocol: int) -> bool:
@@ -34,6 +40,19 @@ def _is_udp(family: int, kind: int, protocol: int) -> bool:
         and kind == socket.SOCK_DGRAM
         and protocol == socket.IPPROTO_UDP
     )
+
+
+def udp_lock_ends(
+    found: procfs.SocketInfo,
+) -> tuple[netlock.Endpoint, netlock.Endpoint | None] | None:
+    """The ends of the network lock of a UDP socket: (local, peer or None when not
+    connected); None for another socket, or one bound to no port (nothing reaches it)."""
+    if not _is_udp(found.family, found.type, found.protocol):
+        return None
+    local, remote = endpoint(found.local), endpoint(found.remote)
+    if not local[1]:
+        return None
+    return local, remote if remote[1] else None
 
 
 def _copy(entry: procfs.FdEntry, dump: DumpContext) -> socket.socket:
@@ -50,17 +69,8 @@ class Udp(Kind):
     record_types = (rec.UdpSocket,)
 
     def claims(self, entry: procfs.FdEntry, dump: DumpContext) -> bool:
-        if not dump.connections or entry.kind is not procfs.FdKind.SOCKET:
-            return False
-        found = dump.socket_table().get(entry.ino)
-        if found is not None:
-            return _is_udp(found.family, found.type, found.protocol)
-        # Never bound, so in no /proc/net table: ask a copy what it is.
-        try:
-            with _copy(entry, dump) as sock:
-                return _is_udp(sock.family, sock.type, sock.proto)
-        except (OSError, HijackError):
-            return False
+        found = dump.socket_of(entry)
+        return found is not None and _is_udp(found.family, found.type, found.protocol)
 
     def dump(self, entry: procfs.FdEntry, info: procfs.FdInfo, dump: DumpContext) -> int:
         with _copy(entry, dump) as sock:
@@ -111,6 +121,14 @@ class Udp(Kind):
                     f" {describe_fd(descriptor)} could be queued again"
                 )
             restore.give(sock.fileno(), descriptor)
+
+    def finish(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
+        # The socket exists again: let datagrams reach it (none if it was not locked).
+        udp = restore.image.object_of(descriptor, rec.UdpSocket)
+        local = endpoint(udp.local_address)
+        if local[1]:
+            remote = endpoint(udp.remote_address) if udp.remote_address else None
+            lockbook.unlock(restore.stub.pid, local, remote, socket.IPPROTO_UDP)
 
     def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
         udp = image.object_of(descriptor, rec.UdpSocket)

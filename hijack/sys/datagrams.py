@@ -18,9 +18,11 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from hijack.sys import netlock
 from hijack.sys.errors import kernel_call
 
 SO_PEEK_OFF = 42
+SO_MARK = 36
 PEEK_DISABLED = -1  # the peek offset of a socket that never asked for one
 MAX_DATAGRAM = 65535
 IPPROTO_UDP = socket.IPPROTO_UDP
@@ -69,7 +71,7 @@ def _split(text: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, in
     return address, int(port)
 
 
-def _checksum(data: bytes) -> int:
+def checksum(data: bytes) -> int:
     if len(data) % 2:
         data += b"\0"
     total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
@@ -98,8 +100,8 @@ def _packet(source: str, local: str, data: bytes) -> tuple[int, bytes, str]:
         pseudo = sender.packed + destination.packed + struct.pack("!xBH", IPPROTO_UDP, length)
     else:
         pseudo = sender.packed + destination.packed + struct.pack("!I3xB", length, IPPROTO_UDP)
-    checksum = _checksum(pseudo + UDP_HEADER.pack(sender_port, port, length, 0) + data)
-    udp = UDP_HEADER.pack(sender_port, port, length, checksum or 0xFFFF) + data
+    summed = checksum(pseudo + UDP_HEADER.pack(sender_port, port, length, 0) + data)
+    udp = UDP_HEADER.pack(sender_port, port, length, summed or 0xFFFF) + data
     if sender.version == 4:
         head = IPV4_HEADER.pack(
             0x45, 0, IPV4_HEADER.size + length, 0, IP_DONT_FRAGMENT, DEFAULT_TTL,
@@ -120,6 +122,8 @@ def fill_queue(local: str, datagrams: list[Datagram]) -> None:
             with kernel_call("sendto", what=f"a raw socket re-queuing to {local}"):
                 if family not in raws:
                     raws[family] = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
+                    # Let through by the socket's network lock, if it has one.
+                    raws[family].setsockopt(socket.SOL_SOCKET, SO_MARK, netlock.OWN_MARK)
                 raws[family].sendto(packet, (host, 0))
     finally:
         for raw in raws.values():

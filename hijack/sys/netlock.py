@@ -1,10 +1,15 @@
-"""The network lock: while an established TCP connection is between its dump and its
-restore, packets from the peer are dropped, so the kernel never answers them with a
-reset for a socket that is gone. The peer retransmits them once the lock is lifted.
+"""The network lock: while a TCP connection is between its dump and its restore, packets
+from the peer are dropped, so the kernel never answers them with a reset for a socket
+that is gone. The peer retransmits them once the lock is lifted. A UDP socket's lock
+drops the datagrams sent to it (from its peer, if connected), so the kernel answers
+them with no ICMP port unreachable (a connected sender would get ECONNREFUSED); those
+datagrams are lost, as on a lossy network: nothing keeps them.
 
-One nftables table per connection, in the network namespace of the process, named
-for the connection so that a later `hijack restore` lifts exactly that lock. Rules
-are loaded over netlink with pyroute2 (no nft or iptables commands).
+One nftables table per socket, in the network namespace of the process, named for
+the socket's ends (and protocol) so that a later `hijack restore` lifts exactly that
+lock. Packets carrying OWN_MARK are let through: those the restorer writes itself to
+the socket it rebuilds (a FIN replayed, a datagram queued again). Rules are loaded
+over netlink with pyroute2 (no nft or iptables commands).
 """
 
 from __future__ import annotations
@@ -29,9 +34,13 @@ from hijack.sys.libc import libc
 CLONE_NEWNET = 0x40000000
 NF_DROP = 0
 NF_ACCEPT = 1
-NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
+NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6 = 1, 2, 10
 NFT_PAYLOAD_NETWORK_HEADER, NFT_PAYLOAD_TRANSPORT_HEADER = 1, 2
-NFT_META_L4PROTO = 16
+NFT_META_MARK, NFT_META_L4PROTO = 3, 16
+# The mark (SO_MARK) of the packets hijack writes to a socket it rebuilds: every lock
+# lets them through. "hjk" in ASCII.
+OWN_MARK = 0x686A6B
+LOCK_PREFIX = "hijack_lock_"
 # Before conntrack and every usual filter chain: the lock must win.
 LOCK_PRIORITY = -400
 T = TypeVar("T")
@@ -39,9 +48,12 @@ T = TypeVar("T")
 Endpoint = tuple[str, int]  # address, port
 
 
-def lock_name(local: Endpoint, remote: Endpoint) -> str:
-    digest = hashlib.sha256(f"{local}>{remote}".encode()).hexdigest()[:16]
-    return f"hijack_lock_{digest}"
+def lock_name(local: Endpoint, remote: Endpoint | None, protocol: int = socket.IPPROTO_TCP) -> str:
+    """The table of the lock of a socket: a TCP connection, or a UDP socket (`remote`
+    None when not connected)."""
+    ends = f"{local}>{remote}" if protocol == socket.IPPROTO_TCP else f"udp {local}>{remote}"
+    digest = hashlib.sha256(ends.encode()).hexdigest()[:16]
+    return f"{LOCK_PREFIX}{digest}"
 
 
 def _payload(base: int, offset: int, length: int) -> dict[str, Any]:
@@ -61,38 +73,70 @@ def _equals(data: bytes) -> dict[str, Any]:
     return genex("cmp", arguments)  # type: ignore[no-any-return]
 
 
-def _l4proto() -> dict[str, Any]:
+def _meta(key: int) -> dict[str, Any]:
     arguments: OrderedDict[str, Any] = OrderedDict()
-    arguments["key"] = NFT_META_L4PROTO
+    arguments["key"] = key
     arguments["dreg"] = 1
     return genex("meta", arguments)  # type: ignore[no-any-return]
 
 
-def _family(address: str) -> int:
-    return NFPROTO_IPV6 if ipaddress.ip_address(address).version == 6 else NFPROTO_IPV4
+def _family(local: Endpoint, protocol: int) -> int:
+    """The table family of a lock: a UDP socket's takes IPv4 and IPv6 alike (one bound to
+    [::] receives both), matching no address."""
+    if protocol != socket.IPPROTO_TCP:
+        return NFPROTO_INET
+    return NFPROTO_IPV6 if wire_address(local[0]).version == 6 else NFPROTO_IPV4
 
 
-def _drop_from_peer(local: Endpoint, remote: Endpoint) -> tuple[list[dict[str, Any]], ...]:
-    """tcp packets from `remote` to `local`: dropped."""
-    local_ip = ipaddress.ip_address(local[0])
-    # The destination address: at 16 in an IPv4 header, at 24 in an IPv6 one.
-    daddr_at = 24 if local_ip.version == 6 else 16
-    return (
-        [_l4proto(), _equals(bytes([socket.IPPROTO_TCP]))],
-        [_payload(NFT_PAYLOAD_NETWORK_HEADER, daddr_at, len(local_ip.packed))],
-        [_equals(local_ip.packed)],
-        [_payload(NFT_PAYLOAD_TRANSPORT_HEADER, 0, 4)],
-        [_equals(struct.pack("!HH", remote[1], local[1]))],
-        verdict(code=NF_DROP),
-    )
+def wire_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address packets carry: an IPv6 socket's IPv4-mapped one (::ffff:1.2.3.4) is
+    IPv4 on the wire."""
+    found = ipaddress.ip_address(address)
+    if isinstance(found, ipaddress.IPv6Address) and found.ipv4_mapped is not None:
+        return found.ipv4_mapped
+    return found
 
 
-def lock(pid: int, local: Endpoint, remote: Endpoint) -> None:
-    """Drop what `remote` sends to `local` in the network namespace of `pid`."""
+def _own_packets() -> tuple[list[dict[str, Any]], ...]:
+    """Packets marked OWN_MARK: accepted."""
+    return ([_meta(NFT_META_MARK)], [_equals(struct.pack("=I", OWN_MARK))], verdict(code=NF_ACCEPT))
+
+
+def _drop_from_peer(
+    local: Endpoint, remote: Endpoint | None, protocol: int
+) -> tuple[list[dict[str, Any]], ...]:
+    """Packets of `protocol` from `remote` (None: from anyone) to `local`: dropped."""
+    match = [[_meta(NFT_META_L4PROTO), _equals(bytes([protocol]))]]
+    if protocol == socket.IPPROTO_TCP:
+        local_ip = wire_address(local[0])
+        # The destination address: at 16 in an IPv4 header, at 24 in an IPv6 one.
+        daddr_at = 24 if local_ip.version == 6 else 16
+        match += [
+            [_payload(NFT_PAYLOAD_NETWORK_HEADER, daddr_at, len(local_ip.packed))],
+            [_equals(local_ip.packed)],
+        ]
+    if remote is not None:
+        match += [
+            [_payload(NFT_PAYLOAD_TRANSPORT_HEADER, 0, 4)],
+            [_equals(struct.pack("!HH", remote[1], local[1]))],
+        ]
+    else:
+        match += [
+            [_payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2)],
+            [_equals(struct.pack("!H", local[1]))],
+        ]
+    return (*match, verdict(code=NF_DROP))
+
+
+def lock(
+    pid: int, local: Endpoint, remote: Endpoint | None, protocol: int = socket.IPPROTO_TCP
+) -> None:
+    """Drop what `remote` (None: anyone) sends to `local` over `protocol` (TCP, UDP) in
+    the network namespace of `pid`."""
 
     def install() -> None:
-        name = lock_name(local, remote)
-        nft = NFTables(nfgen_family=_family(local[0]))
+        name = lock_name(local, remote, protocol)
+        nft = NFTables(nfgen_family=_family(local, protocol))
         try:
             nft.table("add", name=name)
             nft.chain(
@@ -104,40 +148,54 @@ def lock(pid: int, local: Endpoint, remote: Endpoint) -> None:
                 priority=LOCK_PRIORITY,
                 policy=NF_ACCEPT,
             )
-            nft.rule("add", table=name, chain="input", expressions=_drop_from_peer(local, remote))
+            nft.rule("add", table=name, chain="input", expressions=_own_packets())
+            nft.rule(
+                "add",
+                table=name,
+                chain="input",
+                expressions=_drop_from_peer(local, remote, protocol),
+            )
         finally:
             nft.close()
 
-    _in_network_of(pid, install, f"cannot lock the connection {local} -> {remote}")
+    _in_network_of(pid, install, f"cannot lock {describe(local, remote, protocol)}")
 
 
-def unlock(pid: int, local: Endpoint, remote: Endpoint) -> None:
+def unlock(
+    pid: int, local: Endpoint, remote: Endpoint | None, protocol: int = socket.IPPROTO_TCP
+) -> None:
     """Lift the lock of lock(); nothing if there is none."""
 
     def remove() -> None:
-        name = lock_name(local, remote)
-        nft = NFTables(nfgen_family=_family(local[0]))
+        name = lock_name(local, remote, protocol)
+        nft = NFTables(nfgen_family=_family(local, protocol))
         try:
             if any(_table_name(table) == name for table in nft.get_tables()):
                 nft.table("del", name=name)
         finally:
             nft.close()
 
-    _in_network_of(pid, remove, f"cannot unlock the connection {local} -> {remote}")
+    _in_network_of(pid, remove, f"cannot unlock {describe(local, remote, protocol)}")
+
+
+def describe(local: Endpoint, remote: Endpoint | None, protocol: int) -> str:
+    if protocol == socket.IPPROTO_TCP:
+        return f"the connection {local} -> {remote}"
+    return f"the UDP socket {local}" + (f" -> {remote}" if remote else "")
 
 
 def locks_held(pid: int) -> list[str]:
-    """The names of the lock tables in the network namespace of `pid` (IPv4 and IPv6)."""
+    """The names of the lock tables in the network namespace of `pid` (every family)."""
 
     def names() -> list[str]:
         found = []
-        for family in (NFPROTO_IPV4, NFPROTO_IPV6):
+        for family in (NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6):
             nft = NFTables(nfgen_family=family)
             try:
                 found += [
                     name
                     for name in map(_table_name, nft.get_tables())
-                    if name and name.startswith("hijack_lock_")
+                    if name and name.startswith(LOCK_PREFIX)
                 ]
             finally:
                 nft.close()
@@ -150,7 +208,7 @@ def remove_lock(pid: int, name: str) -> None:
     """Remove lock table `name` (as locks_held() lists it) in the namespace of `pid`."""
 
     def remove() -> None:
-        for family in (NFPROTO_IPV4, NFPROTO_IPV6):
+        for family in (NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6):
             nft = NFTables(nfgen_family=family)
             try:
                 if name in map(_table_name, nft.get_tables()):

@@ -850,6 +850,21 @@ def read_socket_table(pid: int) -> dict[int, SocketInfo]:
     return table
 
 
+def read_raw_peers(pid: int) -> dict[int, str]:
+    """The address each raw IP socket of the network namespace of `pid` is connected to,
+    by inode ("" for one not connected): /proc/net/raw{,6}'s rem_address (its "port"
+    is the protocol, left out). getpeername() of a raw socket never answers."""
+    peers: dict[int, str] = {}
+    for name in ("raw", "raw6"):
+        if not os.path.exists(f"/proc/{pid}/net/{name}"):
+            continue  # no raw6 when IPv6 is disabled
+        for line in _read_text(pid, f"net/{name}").splitlines()[1:]:
+            fields = line.split()
+            host = _inet_address(fields[2]).rpartition(":")[0].strip("[]")
+            peers[int(fields[9])] = "" if host in ("0.0.0.0", "::") else host
+    return peers
+
+
 # ---------------------------------------------------------------- pagemap
 
 

@@ -11,17 +11,41 @@ The whole send queue is put back in repair mode, as if sent and not yet
 acknowledged: what the peer has not acknowledged is retransmitted when the
 retransmission timer fires, so a restore never blocks on a peer that does
 not read.
+
+A connection closing (FIN_WAIT1/2, CLOSE_WAIT, LAST_ACK, CLOSING) is read and
+made the same way, as CRIU's soccr does: each FIN takes a sequence number of
+its own, which the queues' ends (write_seq, rcv_nxt) count and their bytes do
+not, so it is taken off at dump. The restore makes the connection ESTABLISHED,
+then replays its FINs in the order the state says they came: the FIN it sent,
+by shutdown(SHUT_WR) in repair mode with the send queue selected (queued as
+sent and not acknowledged: nothing goes out; the peer acknowledges it again,
+or the retransmission timer sends it); the FIN it received, by a FIN packet
+from the peer's address written on a raw socket (the kernel takes it as the
+peer's: the state moves on, and the program reads the end of the stream after
+its bytes). That packet carries netlock.OWN_MARK, which every network lock lets
+through (hijack.sys.netlock). A program's own shutdown(SHUT_RD) (reading shut,
+no FIN received; poll tells it by POLLRDHUP) is done again as it was.
 """
 
 from __future__ import annotations
 
 import fcntl
+import select
 import socket
 import struct
 import termios
+import time
 from dataclasses import dataclass
 
 from hijack.errors import HijackError
+from hijack.sys import netlock
+from hijack.sys.datagrams import (
+    DEFAULT_TTL,
+    IP_DONT_FRAGMENT,
+    IPV4_HEADER,
+    IPV6_HEADER,
+    checksum,
+)
 from hijack.sys.errors import kernel_call
 
 TCP_REPAIR = 19
@@ -39,8 +63,20 @@ REPAIR_WINDOW = struct.Struct("<5I")  # snd_wl1, snd_wnd, max_window, rcv_wnd, r
 REPAIR_OPTION = struct.Struct("<II")  # opt_code, opt_val
 # struct tcp_info: state, ca_state, retransmits, probes, backoff, options, wscales (4+4 bits)
 TCP_INFO_HEAD = struct.Struct("<7B")
+TCP_INFO_SEGS = struct.Struct("<136xII")  # ... tcpi_segs_out, tcpi_segs_in
 CHUNK = 1 << 20  # bytes put back into a queue per call
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
+SO_MARK = 36
+IPV6_HDRINCL = 36
+POLLRDHUP = 0x2000
+# The kernel's TCP state numbers of the connections this module reads and makes.
+ESTABLISHED, FIN_WAIT1, FIN_WAIT2, CLOSE_WAIT, LAST_ACK, CLOSING = 1, 4, 5, 8, 9, 11
+FIN_SENT = frozenset({FIN_WAIT1, FIN_WAIT2, LAST_ACK, CLOSING})
+FIN_RECEIVED = frozenset({CLOSE_WAIT, LAST_ACK, CLOSING})
+CONNECTED_STATES = frozenset({ESTABLISHED}) | FIN_SENT | FIN_RECEIVED
+TCP_HEADER = struct.Struct("!HHIIBBHHH")  # ports, seq, ack, offset, flags, window, csum, urg
+TH_FIN, TH_ACK = 0x01, 0x10
+FIN_WAIT = 1.0  # seconds a replayed FIN may take to be received (loopback: at once)
 BUFFER_SLACK = 1 << 16  # the kernel counts its own overhead against the buffer too
 
 
@@ -56,6 +92,8 @@ class TcpState:
     rcv_wscale: int
     timestamp: int
     window: tuple[int, int, int, int, int]  # struct tcp_repair_window
+    state: int = ESTABLISHED  # one of CONNECTED_STATES
+    read_shut: bool = False  # the program shut reading (shutdown SHUT_RD), no FIN received
 
 
 def _queued(sock: socket.socket, request: int) -> int:
@@ -79,8 +117,31 @@ def set_repair(fd: int, on: bool) -> None:
             sock.detach()
 
 
+def state_of(fd: int) -> int:
+    """The kernel's TCP state number of socket `fd` (ours)."""
+    with kernel_call("getsockopt(TCP_INFO)"), socket.socket(fileno=fd) as sock:
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_HEAD.size)
+        finally:
+            sock.detach()
+    state: int = TCP_INFO_HEAD.unpack(info)[0]
+    return state
+
+
+def never_connected(fd: int) -> bool:
+    """Whether TCP socket `fd` (ours) never sent nor received a segment: made, maybe bound,
+    not one that was a connection (closed since, its port given back)."""
+    with kernel_call("getsockopt(TCP_INFO)"), socket.socket(fileno=fd) as sock:
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SEGS.size)
+        finally:
+            sock.detach()
+    return len(info) >= TCP_INFO_SEGS.size and TCP_INFO_SEGS.unpack(info)[-2:] == (0, 0)
+
+
 def read_state(fd: int) -> TcpState:
-    """The state of established TCP socket `fd` (ours), which must be in repair mode."""
+    """The state of connected TCP socket `fd` (ours; in one of CONNECTED_STATES), which
+    must be in repair mode."""
     with kernel_call("TCP_REPAIR"), socket.socket(fileno=fd) as sock:
         try:
             in_send_queue = _queued(sock, SIOCOUTQ)
@@ -93,7 +154,18 @@ def read_state(fd: int) -> TcpState:
             received = _peek(sock, TCP_RECV_QUEUE, in_recv_queue)
             sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
             info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-            options, wscales = TCP_INFO_HEAD.unpack_from(info)[5:7]
+            head = TCP_INFO_HEAD.unpack_from(info)
+            state, options, wscales = head[0], head[5], head[6]
+            if state not in CONNECTED_STATES:
+                raise HijackError(f"a TCP connection in state {state} cannot be read")
+            # A FIN has a sequence number of its own, but no byte in a queue.
+            send_seq -= state in FIN_SENT
+            recv_seq -= state in FIN_RECEIVED
+            polled = select.poll()
+            polled.register(sock.fileno(), POLLRDHUP)
+            read_shut = state not in FIN_RECEIVED and any(
+                events & POLLRDHUP for _, events in polled.poll(0)
+            )
             window = REPAIR_WINDOW.unpack(
                 sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.size)
             )
@@ -110,6 +182,8 @@ def read_state(fd: int) -> TcpState:
                 rcv_wscale=wscales >> 4,
                 timestamp=sock.getsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP) & 0xFFFFFFFF,
                 window=window,
+                state=state,
+                read_shut=read_shut,
             )
         finally:
             sock.detach()
@@ -167,6 +241,8 @@ def make_connection(
             _fill(sock, TCP_SEND_QUEUE, state.send_queue)
             _fill(sock, TCP_RECV_QUEUE, state.received)
             sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+            # Before the window: its rcv_wup may count the FIN received.
+            _replay_fins(sock, local, remote, state)
             sock.setsockopt(
                 socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.pack(*state.window)
             )
@@ -176,6 +252,75 @@ def make_connection(
         sock.close()
         raise
     return sock.detach()
+
+
+def _replay_fins(
+    sock: socket.socket, local: tuple[str, int], remote: tuple[str, int], state: TcpState
+) -> None:
+    """Bring an ESTABLISHED connection in repair mode to `state`: its FINs, in order."""
+    if state.state in (FIN_WAIT1, FIN_WAIT2, CLOSING):  # ours went first
+        _shut_sending(sock)
+    if state.state in FIN_RECEIVED:
+        _receive_fin(sock, local, remote, state)
+    if state.state == LAST_ACK:  # the peer's went first
+        _shut_sending(sock)
+    if state.read_shut:
+        sock.shutdown(socket.SHUT_RD)
+
+
+def _shut_sending(sock: socket.socket) -> None:
+    """The FIN queued as sent, not transmitted (the send queue is selected)."""
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
+    sock.shutdown(socket.SHUT_WR)
+    sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+
+
+def _receive_fin(
+    sock: socket.socket, local: tuple[str, int], remote: tuple[str, int], state: TcpState
+) -> None:
+    """A FIN from `remote`, at the end of what the connection received, written on a raw
+    socket; waits until the connection took it (it moves to CLOSE_WAIT or on)."""
+    fin_seq = (state.recv_seq + len(state.received)) & 0xFFFFFFFF
+    packet, family = fin_packet(local, remote, fin_seq, state.send_seq, state)
+    with socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        raw.setsockopt(socket.SOL_SOCKET, SO_MARK, netlock.OWN_MARK)
+        if family == socket.AF_INET6:
+            raw.setsockopt(socket.IPPROTO_IPV6, IPV6_HDRINCL, 1)
+        raw.sendto(packet, (str(netlock.wire_address(local[0])), 0))
+    expected = {CLOSE_WAIT: CLOSE_WAIT, LAST_ACK: CLOSE_WAIT, CLOSING: CLOSING}[state.state]
+    deadline = time.monotonic() + FIN_WAIT
+    while state_of(sock.fileno()) != expected:
+        if time.monotonic() > deadline:
+            raise HijackError(
+                f"the FIN of {remote}, replayed, did not reach the connection from {local}"
+            )
+        time.sleep(0.001)
+
+
+def fin_packet(
+    local: tuple[str, int], remote: tuple[str, int], seq: int, ack: int, state: TcpState
+) -> tuple[bytes, int]:
+    """(IP packet, family) of a FIN+ACK from `remote` to `local`: sequence number `seq`,
+    acknowledging `ack` (no more than the connection sent: its send queue's start)."""
+    source, destination = netlock.wire_address(remote[0]), netlock.wire_address(local[0])
+    window = min(state.window[1] >> state.snd_wscale, 0xFFFF)
+    flags = TH_FIN | TH_ACK
+    header = TCP_HEADER.pack(remote[1], local[1], seq, ack, 5 << 4, flags, window, 0, 0)
+    if source.version == 4:
+        pseudo = source.packed + destination.packed + struct.pack("!xBH", 6, len(header))
+    else:
+        pseudo = source.packed + destination.packed + struct.pack("!I3xB", len(header), 6)
+    summed = checksum(pseudo + header)
+    header = TCP_HEADER.pack(remote[1], local[1], seq, ack, 5 << 4, flags, window, summed, 0)
+    if source.version == 4:
+        head = IPV4_HEADER.pack(
+            0x45, 0, IPV4_HEADER.size + len(header), 0, IP_DONT_FRAGMENT, DEFAULT_TTL,
+            socket.IPPROTO_TCP, 0, source.packed, destination.packed,
+        )  # fmt: skip
+        return head + header, socket.AF_INET
+    head = IPV6_HEADER.pack(6 << 28, len(header), socket.IPPROTO_TCP, DEFAULT_TTL,
+                            source.packed, destination.packed)  # fmt: skip
+    return head + header, socket.AF_INET6
 
 
 def _signed(value: int) -> int:
