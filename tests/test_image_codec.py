@@ -641,6 +641,8 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             timer_slack_ns=50_000,
             oom_score_adj=-17,
             loginuid=1000,
+            membarrier=0x10,
+            mlockall=6,
             threads=(
                 ThreadScheduling(tid=4242, policy=3, priority=0, nice=-5, affinity=(0, 2, 3)),
                 ThreadScheduling(tid=4243, policy=1, priority=42, nice=0, affinity=(1,)),

@@ -95,3 +95,42 @@ def test_a_seccomp_chain_shared_by_two_threads_still_judges_after_restore(
         fixture.adopt(pid)
         # Its own check: both threads under both filters, getppid refused, mincore killing.
         fixture.assert_intact()
+
+
+def flags_view(pid: int) -> dict[str, str]:
+    """What /proc says of the process_flags fixture's state, before and after."""
+    status = {
+        line.split(":")[0]: line.split(":", 1)[1].strip()
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    }
+    names = sorted(
+        task.joinpath("comm").read_text() for task in Path(f"/proc/{pid}/task").iterdir()
+    )
+    return {
+        "personality": Path(f"/proc/{pid}/personality").read_text().strip(),
+        "Umask": status["Umask"],
+        "NoNewPrivs": status["NoNewPrivs"],
+        "names": "".join(names),
+    }
+
+
+def test_mlockall_membarrier_personality_and_names_come_back(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "flags.crf"
+    with spawn_fixture("process_flags", fifos=True) as fixture:
+        before = flags_view(fixture.pid)
+        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+        assert fixture.wait_exit() == -signal.SIGKILL
+
+        shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
+        assert shown["settings"]["mlockall"] == 6  # MCL_FUTURE | MCL_ONFAULT
+        assert shown["settings"]["membarrier"] == 0x14  # REGISTER_GLOBAL_ and _PRIVATE_EXPEDITED
+        text = hijack.ok("show", image).stdout
+        assert "mlockall MCL_FUTURE, MCL_ONFAULT, membarrier registrations 0x14" in text
+
+        pid = restored_pid(hijack.ok("restore", image))
+        fixture.adopt(pid)
+        after = flags_view(pid)
+        assert before == after, difference(before.items(), after.items())
+        fixture.assert_intact()  # its own check: a new mapping locked, barriers, names

@@ -1044,6 +1044,8 @@ class ProcessSettings:
     timer_slack_ns: U64  # /proc/PID/timerslack_ns
     oom_score_adj: I32  # /proc/PID/oom_score_adj, -1000..1000
     loginuid: U32  # /proc/PID/loginuid; 4294967295 when never set
+    membarrier: U32  # membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS): the REGISTER_* bits
+    mlockall: U8  # the mlockall(2) flags new mappings get: MCL_FUTURE 2 | MCL_ONFAULT 4
     threads: tuple[ThreadScheduling, ...]
     seccomp: tuple[ThreadSeccomp, ...]  # the threads under seccomp
     guard_pages: tuple[PageRange, ...]  # MADV_GUARD_INSTALL regions, ascending
@@ -1053,6 +1055,10 @@ class ProcessSettings:
         _require(
             -1000 <= self.oom_score_adj <= 1000,
             f"ProcessSettings: oom_score_adj {self.oom_score_adj} is outside -1000..1000",
+        )
+        _require(
+            self.mlockall & ~6 == 0 and self.mlockall != 4,
+            f"ProcessSettings: mlockall {self.mlockall} is not MCL_FUTURE [| MCL_ONFAULT]",
         )
 
 

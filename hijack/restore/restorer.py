@@ -402,6 +402,7 @@ def _finish(
     _set_process_state(stub, image, controlling)
     settings.apply_login_uid(stub, image.settings)
     settings.lock_memory(stub, image.segments)
+    settings.lock_future_memory(stub, image.settings)
     settings.install_guard_pages(stub, image.settings)
     if take_locks:
         # Last of the descriptors' business: a descriptor closed in the stub (the
