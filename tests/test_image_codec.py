@@ -502,6 +502,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         UdpSocket(
             id=22,
             family=10,
+            protocol=136,
             local_address="[::]:5353",
             remote_address="",
             queue=(

@@ -579,11 +579,12 @@ class QueuedDatagram:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UdpSocket:
-    """A UDP socket: where it is bound and connected, and the datagrams it has not read.
-    Its OBJECT_DATA holds their bytes, one after the other."""
+    """A UDP or UDP-Lite socket: where it is bound and connected, and the datagrams it has
+    not read. Its OBJECT_DATA holds their bytes, one after the other."""
 
     id: U64
     family: U16  # AF_INET or AF_INET6
+    protocol: U16  # IPPROTO_UDP 17 or IPPROTO_UDPLITE 136
     local_address: str  # "0.0.0.0:0" (or "[::]:0") when never bound
     remote_address: str  # "" when not connected
     queue: tuple[QueuedDatagram, ...]  # oldest first

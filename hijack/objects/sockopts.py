@@ -65,6 +65,8 @@ TCP_OPTIONS = (
     (IPPROTO_TCP, 18, INT),  # TCP_USER_TIMEOUT
     (IPPROTO_TCP, 13, NAME),  # TCP_CONGESTION
 )
+# SOL_UDPLITE: UDPLITE_SEND_CSCOV, UDPLITE_RECV_CSCOV (checksum coverage)
+UDPLITE_OPTIONS = ((136, 10, INT), (136, 11, INT))
 RAW_IPV4_OPTIONS = ((IPPROTO_IP, 3, INT),)  # IP_HDRINCL
 RAW_ICMP_OPTIONS = ((255, 1, INT),)  # SOL_RAW, ICMP_FILTER: the ICMP types dropped
 
@@ -96,6 +98,8 @@ def _read(sock: socket.socket) -> dict[tuple[int, int], bytes]:
         table += IPV6_OPTIONS
     if sock.type == socket.SOCK_STREAM:
         table += TCP_OPTIONS
+    if sock.type == socket.SOCK_DGRAM and sock.proto == 136:  # IPPROTO_UDPLITE
+        table += UDPLITE_OPTIONS
     if sock.type == socket.SOCK_RAW and sock.family == socket.AF_INET:
         table += RAW_IPV4_OPTIONS
         if sock.proto == socket.IPPROTO_ICMP:
