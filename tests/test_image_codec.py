@@ -61,6 +61,7 @@ from hijack.image import (
     PageRange,
     Pages,
     PidfdObject,
+    PingSocket,
     PipeObject,
     PosixMessage,
     PosixMessageQueue,
@@ -118,6 +119,7 @@ OBJECT_TAGS = {
     b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"PIDF", b"INET", b"TCPC", b"LOCK",
     b"PTYP", b"PIPE", b"FIFO", b"SHM_", b"SEM_", b"MSQ_", b"MQUE", b"UNIX", b"UDPS", b"SOPT",
     b"NLNK", b"RAWS", b"GHST", b"MEMF", b"SHMA", b"ODAT",
+    b"PING",
 }  # fmt: skip
 SECTION_NAMES = {
     b"HEAD": "HEADER",
@@ -143,6 +145,7 @@ SECTION_NAMES = {
     b"SOPT": "SOCKET_OPTIONS",
     b"NLNK": "NETLINK_SOCKET",
     b"RAWS": "RAW_SOCKET",
+    b"PING": "PING_SOCKET",
     b"GHST": "GHOST_FILE",
     b"MEMF": "MEMFD",
     b"SHMA": "SHARED_ANONYMOUS",
@@ -523,6 +526,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         ),
         NetlinkSocket(id=24, type=3, protocol=0, port_id=4242, groups=(1, 5)),
         RawSocket(id=25, family=2, protocol=1, local_address="127.0.0.1", remote_address=""),
+        PingSocket(id=61, family=2, local_address="127.0.0.1:4321", remote_address="127.0.0.1"),
     )
     files = Files(
         objects=len(objects),

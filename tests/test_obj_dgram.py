@@ -11,13 +11,20 @@ sockets; the /proc views of its descriptors agree before and after.
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 from support import spawn_fixture
-from support.cli import HijackCli, restored_pid
+from support.cli import CLI_COLUMNS, Argument, CliResult, HijackCli, restored_pid
+from support.nodes import entering_namespace, namespace_prefix, remove_namespaces, run_ip
 from support.procview import difference
 from test_obj_sockets import sockets_view
 
@@ -42,6 +49,76 @@ def test_udplite_sockets_come_back_with_their_datagrams_and_coverage(
         assert len(lite) == 4 and all(o["protocol"] == 136 for o in lite), lite
         text = hijack.ok("show", image).stdout
         assert f"udp: UDP-Lite 127.0.0.1:{port}, 2 datagrams (2005 bytes) queued" in text, text
+
+        pid = restored_pid(hijack.ok("restore", image))
+        fixture.adopt(pid)
+        after = sockets_view(pid)
+        assert before == after, difference(before, after)
+        fixture.assert_intact()
+
+
+class HijackInNamespace(HijackCli):
+    """`hijack ARGS...` run inside network namespace `netns` (where its sockets are made)."""
+
+    def __init__(self, state_dir: Path, netns: str) -> None:
+        super().__init__(state_dir)
+        self.netns = netns
+
+    def __call__(self, *args: Argument, timeout: float = 60.0) -> CliResult:
+        argv = tuple(os.fspath(arg) if isinstance(arg, os.PathLike) else str(arg) for arg in args)
+        env = {**os.environ, "HIJACK_STATE_DIR": str(self.state_dir), "COLUMNS": CLI_COLUMNS}
+        with entering_namespace(self.netns) as enter:
+            done = subprocess.run(
+                [sys.executable, "-m", "hijack", *argv],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                check=False,
+                preexec_fn=enter,
+            )
+        return CliResult(argv, done.returncode, done.stdout, done.stderr)
+
+
+@contextmanager
+def ping_namespace() -> Iterator[str]:
+    """A network namespace of our own, loopback up, where root's group may make ping
+    sockets (net.ipv4.ping_group_range is per namespace)."""
+    name = f"{namespace_prefix()}ping{secrets.token_hex(3)}"
+    run_ip("netns", "add", name)
+    try:
+        run_ip("-n", name, "link", "set", "lo", "up")
+        with entering_namespace(name) as enter:
+            subprocess.run(
+                ["sysctl", "-q", "-w", "net.ipv4.ping_group_range=0 0"],
+                check=True,
+                timeout=10,
+                preexec_fn=enter,
+            )
+        yield name
+    finally:
+        remove_namespaces([name])
+
+
+def test_ping_sockets_come_back_bound_connected_with_their_identifier(tmp_path: Path) -> None:
+    image = tmp_path / "ping.crf"
+    with (
+        ping_namespace() as netns,
+        spawn_fixture("ping_sockets", fifos=True, netns=netns) as fixture,
+    ):
+        hijack = HijackInNamespace(tmp_path / "state", netns)
+        ident = fixture.ready["ident"]
+        before = sockets_view(fixture.pid)
+        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+        assert fixture.wait_exit() == -signal.SIGKILL
+
+        shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
+        pings = [o for o in shown["objects"] if o["record"] == "PingSocket"]
+        assert len(pings) == 3, pings
+        text = hijack.ok("show", image).stdout
+        assert f"ping: ipv4 bound to 127.0.0.1:{ident} connected to 127.0.0.1" in text, text
+        assert "ping: ipv6 bound to [::1]:" in text, text
 
         pid = restored_pid(hijack.ok("restore", image))
         fixture.adopt(pid)

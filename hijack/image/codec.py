@@ -69,6 +69,7 @@ from hijack.image.records import (
     ObjectData,
     Pages,
     PidfdObject,
+    PingSocket,
     PipeObject,
     PosixMessageQueue,
     ProcessSettings,
@@ -137,6 +138,7 @@ class SectionKind(enum.Enum):
     SOCKET_OPTIONS = b"SOPT"
     NETLINK_SOCKET = b"NLNK"
     RAW_SOCKET = b"RAWS"
+    PING_SOCKET = b"PING"
     FILE_LOCKS = b"LOCK"
     PTY_PAIR = b"PTYP"
     PIPE_OBJECT = b"PIPE"
@@ -263,6 +265,7 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.SOCKET_OPTIONS: _StructSection(SocketOptions, is_object=True),
     SectionKind.NETLINK_SOCKET: _StructSection(NetlinkSocket, is_object=True),
     SectionKind.RAW_SOCKET: _StructSection(RawSocket, is_object=True),
+    SectionKind.PING_SOCKET: _StructSection(PingSocket, is_object=True),
     SectionKind.FILE_LOCKS: _StructSection(FileLocks, is_object=True),
     SectionKind.PTY_PAIR: _StructSection(PtyPair, is_object=True),
     SectionKind.PIPE_OBJECT: _StructSection(PipeObject, is_object=True),

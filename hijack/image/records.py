@@ -698,6 +698,20 @@ class RawSocket:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PingSocket:
+    """An ICMP ping socket (SOCK_DGRAM, IPPROTO_ICMP or IPPROTO_ICMPV6): the address and
+    echo identifier it is bound to, the host it is connected to; replies queued are lost."""
+
+    id: U64
+    family: U16  # AF_INET or AF_INET6
+    local_address: str  # "127.0.0.1:IDENT", "[::1]:IDENT"; "0.0.0.0:0" / "[::]:0" never bound
+    remote_address: str  # the host it is connected to ("127.0.0.1", "::1"), "" when not
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SocketOption:
     """One option as getsockopt(2) gave it, to be given back to setsockopt(2)."""
 
@@ -708,7 +722,7 @@ class SocketOption:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SocketOptions:
-    """The options of a socket (the TcpConnection, UdpSocket or InetSocket `socket_id`)."""
+    """The options of a socket (the TcpConnection, UdpSocket, PingSocket, ... `socket_id`)."""
 
     id: U64
     socket_id: U64
@@ -958,6 +972,7 @@ ObjectRecord = (
     | SocketOptions
     | NetlinkSocket
     | RawSocket
+    | PingSocket
     | UnixSocket
     | FileLocks
     | PtyPair

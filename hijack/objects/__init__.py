@@ -48,6 +48,7 @@ from hijack.objects.mqueue import MessageQueue
 from hijack.objects.netlink import Netlink
 from hijack.objects.other import Other
 from hijack.objects.pidfd import Pidfd
+from hijack.objects.ping import Ping
 from hijack.objects.pipe import Pipe
 from hijack.objects.pty import PtyPairKind
 from hijack.objects.raw import Raw
@@ -81,6 +82,7 @@ KINDS: tuple[Kind, ...] = (
     Udp(),  # before Inet, likewise
     Netlink(),
     Raw(),
+    Ping(),
     Inet(),
     Other(),  # last: claims whatever is left, and refuses it
 )

@@ -119,8 +119,13 @@ def _read(sock: socket.socket) -> dict[tuple[int, int], bytes]:
 def dump_options(sock: socket.socket, socket_id: int, key: object, dump: DumpContext) -> None:
     """Add the SocketOptions of `sock` (a copy of the socket `socket_id`, kernel object `key`)."""
     found = _read(sock)
-    with socket.socket(sock.family, sock.type, sock.proto) as fresh:
-        default = _read(fresh)
+    try:
+        with socket.socket(sock.family, sock.type, sock.proto) as fresh:
+            default = _read(fresh)
+    except OSError:
+        # Not ours to make here (a ping socket outside net.ipv4.ping_group_range): its
+        # buffer sizes are kept even if they are the defaults.
+        default = {}
     for name in BUFFERS:
         if found.get((SOL_SOCKET, name)) == default.get((SOL_SOCKET, name)):
             found.pop((SOL_SOCKET, name), None)
