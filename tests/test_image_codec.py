@@ -58,6 +58,8 @@ from hijack.image import (
     MemoryStructure,
     NetlinkSocket,
     ObjectData,
+    PacketMembership,
+    PacketSocket,
     PageRange,
     Pages,
     PidfdObject,
@@ -119,7 +121,7 @@ OBJECT_TAGS = {
     b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"PIDF", b"INET", b"TCPC", b"LOCK",
     b"PTYP", b"PIPE", b"FIFO", b"SHM_", b"SEM_", b"MSQ_", b"MQUE", b"UNIX", b"UDPS", b"SOPT",
     b"NLNK", b"RAWS", b"GHST", b"MEMF", b"SHMA", b"ODAT",
-    b"PING",
+    b"PING", b"PCKT",
 }  # fmt: skip
 SECTION_NAMES = {
     b"HEAD": "HEADER",
@@ -146,6 +148,7 @@ SECTION_NAMES = {
     b"NLNK": "NETLINK_SOCKET",
     b"RAWS": "RAW_SOCKET",
     b"PING": "PING_SOCKET",
+    b"PCKT": "PACKET_SOCKET",
     b"GHST": "GHOST_FILE",
     b"MEMF": "MEMFD",
     b"SHMA": "SHARED_ANONYMOUS",
@@ -527,6 +530,16 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         NetlinkSocket(id=24, type=3, protocol=0, port_id=4242, groups=(1, 5)),
         RawSocket(id=25, family=2, protocol=1, local_address="127.0.0.1", remote_address=""),
         PingSocket(id=61, family=2, local_address="127.0.0.1:4321", remote_address="127.0.0.1"),
+        PacketSocket(
+            id=62,
+            type=3,
+            protocol=3,
+            ifindex=2,
+            fanout=77,
+            memberships=(PacketMembership(ifindex=2, count=1, type=0, address=b"\x01\0^\0\0\1"),),
+            rx_ring=(65536, 4, 2048, 128, 60, 0, 0),
+            tx_ring=(),
+        ),
     )
     files = Files(
         objects=len(objects),

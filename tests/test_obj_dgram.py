@@ -82,10 +82,10 @@ class HijackInNamespace(HijackCli):
 
 
 @contextmanager
-def ping_namespace() -> Iterator[str]:
+def own_namespace() -> Iterator[str]:
     """A network namespace of our own, loopback up, where root's group may make ping
     sockets (net.ipv4.ping_group_range is per namespace)."""
-    name = f"{namespace_prefix()}ping{secrets.token_hex(3)}"
+    name = f"{namespace_prefix()}own{secrets.token_hex(3)}"
     run_ip("netns", "add", name)
     try:
         run_ip("-n", name, "link", "set", "lo", "up")
@@ -104,7 +104,7 @@ def ping_namespace() -> Iterator[str]:
 def test_ping_sockets_come_back_bound_connected_with_their_identifier(tmp_path: Path) -> None:
     image = tmp_path / "ping.crf"
     with (
-        ping_namespace() as netns,
+        own_namespace() as netns,
         spawn_fixture("ping_sockets", fifos=True, netns=netns) as fixture,
     ):
         hijack = HijackInNamespace(tmp_path / "state", netns)

@@ -67,6 +67,7 @@ from hijack.image.records import (
     MemoryStructure,
     NetlinkSocket,
     ObjectData,
+    PacketSocket,
     Pages,
     PidfdObject,
     PingSocket,
@@ -139,6 +140,7 @@ class SectionKind(enum.Enum):
     NETLINK_SOCKET = b"NLNK"
     RAW_SOCKET = b"RAWS"
     PING_SOCKET = b"PING"
+    PACKET_SOCKET = b"PCKT"
     FILE_LOCKS = b"LOCK"
     PTY_PAIR = b"PTYP"
     PIPE_OBJECT = b"PIPE"
@@ -266,6 +268,7 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.NETLINK_SOCKET: _StructSection(NetlinkSocket, is_object=True),
     SectionKind.RAW_SOCKET: _StructSection(RawSocket, is_object=True),
     SectionKind.PING_SOCKET: _StructSection(PingSocket, is_object=True),
+    SectionKind.PACKET_SOCKET: _StructSection(PacketSocket, is_object=True),
     SectionKind.FILE_LOCKS: _StructSection(FileLocks, is_object=True),
     SectionKind.PTY_PAIR: _StructSection(PtyPair, is_object=True),
     SectionKind.PIPE_OBJECT: _StructSection(PipeObject, is_object=True),

@@ -712,6 +712,36 @@ class PingSocket:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PacketMembership:
+    """One PACKET_ADD_MEMBERSHIP of a packet socket (struct packet_mreq), as packet_diag's
+    MCLIST tells it."""
+
+    ifindex: U32
+    count: U32  # how many times it was added (each add needs its drop)
+    type: U16  # PACKET_MR_MULTICAST 0, PACKET_MR_PROMISC 1, _ALLMULTI 2, _UNICAST 3
+    address: bytes  # the link-layer address (multicast, unicast); empty for the others
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PacketSocket:
+    """An AF_PACKET socket (its PACKET_* options are SocketOptions); frames queued are lost."""
+
+    id: U64
+    type: U16  # SOCK_RAW 3 or SOCK_DGRAM 2
+    protocol: U16  # the ethertype it receives, host order (ETH_P_ALL 3); 0 for none
+    ifindex: U32  # the interface it is bound to; 0 for every one
+    fanout: U32  # getsockopt(PACKET_FANOUT): group id | (mode | flags) << 16; 0 for none
+    memberships: tuple[PacketMembership, ...]
+    rx_ring: tuple[U32, ...]  # struct packet_diag_ring of PACKET_RX_RING; () for none
+    tx_ring: tuple[U32, ...]  # ... of PACKET_TX_RING
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        for ring in (self.rx_ring, self.tx_ring):
+            _require(len(ring) in (0, 7), "PacketSocket: a ring is 7 numbers or none")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SocketOption:
     """One option as getsockopt(2) gave it, to be given back to setsockopt(2)."""
 
@@ -973,6 +1003,7 @@ ObjectRecord = (
     | NetlinkSocket
     | RawSocket
     | PingSocket
+    | PacketSocket
     | UnixSocket
     | FileLocks
     | PtyPair

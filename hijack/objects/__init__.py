@@ -47,6 +47,7 @@ from hijack.objects.memfd import Memfd
 from hijack.objects.mqueue import MessageQueue
 from hijack.objects.netlink import Netlink
 from hijack.objects.other import Other
+from hijack.objects.packet import Packet
 from hijack.objects.pidfd import Pidfd
 from hijack.objects.ping import Ping
 from hijack.objects.pipe import Pipe
@@ -83,6 +84,7 @@ KINDS: tuple[Kind, ...] = (
     Netlink(),
     Raw(),
     Ping(),
+    Packet(),
     Inet(),
     Other(),  # last: claims whatever is left, and refuses it
 )

@@ -67,6 +67,10 @@ TCP_OPTIONS = (
 )
 # SOL_UDPLITE: UDPLITE_SEND_CSCOV, UDPLITE_RECV_CSCOV (checksum coverage)
 UDPLITE_OPTIONS = ((136, 10, INT), (136, 11, INT))
+# SOL_PACKET: PACKET_AUXDATA, _ORIGDEV, _VERSION, _RESERVE, _LOSS, _TIMESTAMP, _QDISC_BYPASS,
+# _IGNORE_OUTGOING (PACKET_FANOUT is the packet kind's: it needs a bound socket)
+PACKET_OPTIONS = tuple((263, name, INT) for name in (8, 9, 10, 12, 14, 17, 20, 23))
+PACKET_RAW_OPTIONS = ((263, 15, INT),)  # PACKET_VNET_HDR: SOCK_RAW only (EINVAL otherwise)
 RAW_IPV4_OPTIONS = ((IPPROTO_IP, 3, INT),)  # IP_HDRINCL
 RAW_ICMP_OPTIONS = ((255, 1, INT),)  # SOL_RAW, ICMP_FILTER: the ICMP types dropped
 
@@ -98,7 +102,12 @@ def _read(sock: socket.socket) -> dict[tuple[int, int], bytes]:
         table += IPV6_OPTIONS
     if sock.type == socket.SOCK_STREAM:
         table += TCP_OPTIONS
-    if sock.type == socket.SOCK_DGRAM and sock.proto == 136:  # IPPROTO_UDPLITE
+    if sock.family == socket.AF_PACKET:
+        table = [*SOCKET_OPTIONS, *PACKET_OPTIONS]
+        if sock.type == socket.SOCK_RAW:
+            table += PACKET_RAW_OPTIONS
+    if sock.family != socket.AF_PACKET and sock.type == socket.SOCK_DGRAM and sock.proto == 136:
+        # IPPROTO_UDPLITE
         table += UDPLITE_OPTIONS
     if sock.type == socket.SOCK_RAW and sock.family == socket.AF_INET:
         table += RAW_IPV4_OPTIONS
@@ -130,9 +139,7 @@ def dump_options(sock: socket.socket, socket_id: int, key: object, dump: DumpCon
         if found.get((SOL_SOCKET, name)) == default.get((SOL_SOCKET, name)):
             found.pop((SOL_SOCKET, name), None)
     code = socket_filter.get_filter(sock.fileno())
-    locked = bool(
-        sock.getsockopt(SOL_SOCKET, socket_filter.SO_LOCK_FILTER) if code else False
-    )
+    locked = bool(sock.getsockopt(SOL_SOCKET, socket_filter.SO_LOCK_FILTER) if code else False)
     options = tuple(
         rec.SocketOption(level=level, name=name, value=value)
         for (level, name), value in found.items()
@@ -226,7 +233,7 @@ def stub_setters(stub: Stub, fd: int) -> tuple[SetOption, AttachFilter]:
 
 
 def describe_options(image: ImageFiles, socket_id: int) -> str:
-    """", 14 options, a filter of 4 instructions (locked)" for `hijack show`."""
+    """ ", 14 options, a filter of 4 instructions (locked)" for `hijack show`."""
     found = options_of(image, socket_id)
     if found is None:
         return ""
