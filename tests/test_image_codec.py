@@ -39,6 +39,8 @@ from hijack.image import (
     EpollObject,
     EpollTarget,
     EventfdObject,
+    FanotifyMark,
+    FanotifyObject,
     FdKind,
     FifoObject,
     FileDescriptor,
@@ -121,7 +123,7 @@ OBJECT_TAGS = {
     b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"PIDF", b"INET", b"TCPC", b"LOCK",
     b"PTYP", b"PIPE", b"FIFO", b"SHM_", b"SEM_", b"MSQ_", b"MQUE", b"UNIX", b"UDPS", b"SOPT",
     b"NLNK", b"RAWS", b"GHST", b"MEMF", b"SHMA", b"ODAT",
-    b"PING", b"PCKT",
+    b"PING", b"PCKT", b"FANO",
 }  # fmt: skip
 SECTION_NAMES = {
     b"HEAD": "HEADER",
@@ -149,6 +151,7 @@ SECTION_NAMES = {
     b"RAWS": "RAW_SOCKET",
     b"PING": "PING_SOCKET",
     b"PCKT": "PACKET_SOCKET",
+    b"FANO": "FANOTIFY_OBJECT",
     b"GHST": "GHOST_FILE",
     b"MEMF": "MEMFD",
     b"SHMA": "SHARED_ANONYMOUS",
@@ -539,6 +542,15 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             memberships=(PacketMembership(ifindex=2, count=1, type=0, address=b"\x01\0^\0\0\1"),),
             rx_ring=(65536, 4, 2048, 128, 60, 0, 0),
             tx_ring=(),
+        ),
+        FanotifyObject(
+            id=63,
+            flags=0x2,
+            event_flags=0x8000,
+            marks=(
+                FanotifyMark(kind=0, mflags=0, mask=0xA, ignored_mask=0, path="/srv/data/a"),
+                FanotifyMark(kind=1, mflags=0x40, mask=0, ignored_mask=0x20, path="/srv"),
+            ),
         ),
     )
     files = Files(

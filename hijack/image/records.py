@@ -512,6 +512,33 @@ class InotifyObject:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FanotifyMark:
+    """One mark of a fanotify group, named by a path."""
+
+    kind: U8  # on an inode 0, a mount 1 (FAN_MARK_MOUNT), a file system 2 (FAN_MARK_FILESYSTEM)
+    mflags: U32  # FAN_MARK_IGNORED_SURV_MODIFY 0x40, _EVICTABLE 0x200, _IGNORE 0x400
+    mask: U64  # the events it reports
+    ignored_mask: U64  # the events it ignores
+    path: str  # the inode's path, the mount point, a mount of the file system
+
+    def __post_init__(self) -> None:
+        _require(self.kind <= 2, f"FanotifyMark: kind {self.kind} is not 0-2")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FanotifyObject:
+    """A fanotify group (fanotify_init): its flags and marks; events queued are lost."""
+
+    id: U64
+    flags: U32  # fanotify_init flags (FAN_CLASS_*, FAN_NONBLOCK, FAN_REPORT_*, ...)
+    event_flags: U32  # fanotify_init event_f_flags (O_RDONLY, O_LARGEFILE, ...)
+    marks: tuple[FanotifyMark, ...]
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PidfdObject:
     """A pidfd: the process it refers to (fdinfo Pid), told apart from a later process
     under the same pid by its start time."""
@@ -995,6 +1022,7 @@ ObjectRecord = (
     | TimerfdObject
     | SignalfdObject
     | InotifyObject
+    | FanotifyObject
     | PidfdObject
     | InetSocket
     | TcpConnection

@@ -38,6 +38,7 @@ from hijack.objects.base import (
 from hijack.objects.device import Device
 from hijack.objects.epoll import Epoll
 from hijack.objects.eventfd import Eventfd
+from hijack.objects.fanotify import Fanotify
 from hijack.objects.fifo import Fifo
 from hijack.objects.ghost import Ghost
 from hijack.objects.inet import Inet
@@ -77,6 +78,7 @@ KINDS: tuple[Kind, ...] = (
     Timerfd(),
     Signalfd(),
     Inotify(),
+    Fanotify(),
     Pidfd(),
     Unix(),  # before Tcp and Inet: all three claim sockets
     Tcp(),  # before Inet: an established connection, when the dump reads connections
