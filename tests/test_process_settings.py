@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +136,37 @@ def test_mlockall_membarrier_personality_and_names_come_back(
         after = flags_view(pid)
         assert before == after, difference(before.items(), after.items())
         fixture.assert_intact()  # its own check: a new mapping locked, barriers, names
+
+
+# Holds an AIO context (io_setup with 1 event); prints its aio_context_t, the ring's address.
+AIO_HOLDER = """\
+import ctypes, sys
+libc = ctypes.CDLL(None, use_errno=True)
+context = ctypes.c_ulong(0)
+if libc.syscall(206, 1, ctypes.byref(context)) != 0:  # SYS_io_setup
+    sys.exit(f"io_setup: errno {ctypes.get_errno()}")
+print(hex(context.value), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_an_aio_context_is_refused_by_name_and_the_process_runs_on(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", AIO_HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        ring = holder.stdout.readline().strip()
+        refused = hijack("dump", holder.pid, "-o", tmp_path / "aio.crf", "--kill")
+        assert refused.returncode == 1, refused.describe()
+        assert refused.stderr == (
+            f"hijack: process {holder.pid} has AIO contexts (io_setup) whose rings are not"
+            f" rebuilt: {ring}\n"
+        ), refused.describe()
+        assert not (tmp_path / "aio.crf").exists()
+        assert holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()

@@ -36,7 +36,7 @@ from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, recorded_re
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.objects.memfd import held_by_objects
 from hijack.objects.tcp import ConnectionLocks
-from hijack.process import settings, timers
+from hijack.process import aio, settings, timers
 from hijack.restore.plan import ATTACH_HINT, restore_problems
 from hijack.sys import memory, procfs
 from hijack.sys import ptrace as pt
@@ -176,6 +176,7 @@ def write_image(
     if no_shared_libs:
         options |= rec.DumpOptions.NO_SHARED_LIBS
     maps = procfs.read_maps(pid)
+    aio.refuse_aio(pid, maps)  # before anything is injected or written
     with scratch_page(tracee) as scratch:
         brk = tracee.checked_syscall("brk", 0)
         known = precopied.signal_actions if precopied is not None else None
