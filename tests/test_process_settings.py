@@ -138,19 +138,45 @@ def test_mlockall_membarrier_personality_and_names_come_back(
         fixture.assert_intact()  # its own check: a new mapping locked, barriers, names
 
 
-# Holds an AIO context (io_setup with 1 event); prints its aio_context_t, the ring's address.
+def test_an_aio_context_comes_back_at_its_address(hijack: HijackCli, tmp_path: Path) -> None:
+    image = tmp_path / "aio.crf"
+    with spawn_fixture("aio", fifos=True) as fixture:
+        context = int(fixture.ready["context"], 16)
+        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+        assert fixture.wait_exit() == -signal.SIGKILL
+        shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
+        assert shown["settings"]["aio_rings"] == [{"address": context, "size": 4096, "nr": 127}]
+        assert f"AIO context at {context:#x}: 127 events" in hijack.ok("show", image).stdout
+
+        pid = restored_pid(hijack.ok("restore", image))
+        fixture.adopt(pid)
+        fixture.assert_intact()  # its own check: the ring at its address, a read through it
+
+
+# Holds an AIO context with a completed event not reaped; prints its aio_context_t.
 AIO_HOLDER = """\
-import ctypes, sys
+import ctypes, os, struct, sys
 libc = ctypes.CDLL(None, use_errno=True)
 context = ctypes.c_ulong(0)
 if libc.syscall(206, 1, ctypes.byref(context)) != 0:  # SYS_io_setup
     sys.exit(f"io_setup: errno {ctypes.get_errno()}")
+buffer = ctypes.create_string_buffer(4)
+fd = os.open("/proc/self/exe", os.O_RDONLY)
+# struct iocb: data, key, rw_flags, opcode 0 (PREAD), reqprio, fildes, buf, nbytes, offset
+iocb = ctypes.create_string_buffer(struct.pack("<QIiHhIQQqQIi", 7, 0, 0, 0, 0, fd,
+                                               ctypes.addressof(buffer), 4, 0, 0, 0, 0))
+requests = (ctypes.c_void_p * 1)(ctypes.addressof(iocb))
+if libc.syscall(209, context, 1, requests) != 1:  # SYS_io_submit
+    sys.exit(f"io_submit: errno {ctypes.get_errno()}")
+ring = (ctypes.c_uint * 4).from_address(context.value)
+while ring[2] == ring[3]:  # head == tail: not completed yet
+    pass
 print(hex(context.value), flush=True)
 sys.stdin.read()
 """
 
 
-def test_an_aio_context_is_refused_by_name_and_the_process_runs_on(
+def test_unreaped_aio_events_are_refused_by_name_and_the_process_runs_on(
     hijack: HijackCli, tmp_path: Path
 ) -> None:
     holder = subprocess.Popen(
@@ -162,8 +188,8 @@ def test_an_aio_context_is_refused_by_name_and_the_process_runs_on(
         refused = hijack("dump", holder.pid, "-o", tmp_path / "aio.crf", "--kill")
         assert refused.returncode == 1, refused.describe()
         assert refused.stderr == (
-            f"hijack: process {holder.pid} has AIO contexts (io_setup) whose rings are not"
-            f" rebuilt: {ring}\n"
+            f"hijack: process {holder.pid} has completed AIO events not yet reaped in its"
+            f" context at {ring} (io_getevents them first)\n"
         ), refused.describe()
         assert not (tmp_path / "aio.crf").exists()
         assert holder.poll() is None

@@ -1109,6 +1109,21 @@ class PageRange:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AioRing:
+    """The ring of an AIO context (io_setup), mapped at `address`: the aio_context_t."""
+
+    address: U64
+    size: U64  # bytes of its mapping
+    nr: U32  # the ring header's nr: io_events it holds (io_setup((nr - 2) / 2) makes as many)
+
+    def __post_init__(self) -> None:
+        _require(
+            _page_aligned(self.address) and self.size > 0 and _page_aligned(self.size),
+            f"AioRing {self.address:#x}+{self.size:#x}: not whole pages",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ProcessSettings:
     """The small per-process settings programs notice when lost (docs/crf.md, SETTINGS)."""
 
@@ -1124,6 +1139,7 @@ class ProcessSettings:
     threads: tuple[ThreadScheduling, ...]
     seccomp: tuple[ThreadSeccomp, ...]  # the threads under seccomp
     guard_pages: tuple[PageRange, ...]  # MADV_GUARD_INSTALL regions, ascending
+    aio_rings: tuple[AioRing, ...]  # the AIO contexts, ascending address
 
     def __post_init__(self) -> None:
         _require(self.dumpable <= 2, f"ProcessSettings: dumpable {self.dumpable} is not 0-2")

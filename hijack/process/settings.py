@@ -18,7 +18,7 @@ import struct
 
 from hijack.image import records as rec
 from hijack.mutator.tracee import Tracee
-from hijack.process import seccomp
+from hijack.process import aio, seccomp
 from hijack.restore.remote import Stub
 from hijack.sys import dirty, memory, procfs, scheduling
 
@@ -38,7 +38,13 @@ MCL_FUTURE, MCL_ONFAULT = 2, 4
 MLOCK_ONFAULT = 1
 
 
-def read_settings(tracee: Tracee, scratch: int, thread_ids: list[int]) -> rec.ProcessSettings:
+def read_settings(
+    tracee: Tracee,
+    scratch: int,
+    thread_ids: list[int],
+    *,
+    aio_rings: tuple[rec.AioRing, ...] = (),
+) -> rec.ProcessSettings:
     pid = tracee.pid
     tracee.checked_syscall("prctl", PR_GET_PDEATHSIG, scratch, 0, 0, 0)
     tracee.checked_syscall("prctl", PR_GET_CHILD_SUBREAPER, scratch + 4, 0, 0, 0)
@@ -70,6 +76,7 @@ def read_settings(tracee: Tracee, scratch: int, thread_ids: list[int]) -> rec.Pr
         guard_pages=tuple(
             rec.PageRange(start=start, end=end) for start, end in dirty.guard_regions(pid)
         ),
+        aio_rings=aio_rings,
     )
 
 
@@ -186,7 +193,7 @@ def describe(settings: rec.ProcessSettings) -> list[str]:
             f" nice {thread.nice}, CPUs {_cpu_list(thread.affinity)}"
         )
     lines += [f"guard pages {g.start:#x}-{g.end:#x}" for g in settings.guard_pages]
-    return lines + seccomp.describe(settings.seccomp)
+    return lines + aio.describe(settings) + seccomp.describe(settings.seccomp)
 
 
 def _cpu_list(cpus: tuple[int, ...]) -> str:
