@@ -11,11 +11,9 @@ sockets; the /proc views of its descriptors agree before and after.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +21,7 @@ from typing import Any
 
 import pytest
 from support import spawn_fixture
-from support.cli import CLI_COLUMNS, Argument, CliResult, HijackCli, restored_pid
+from support.cli import HijackCli, restored_pid
 from support.nodes import entering_namespace, namespace_prefix, remove_namespaces, run_ip
 from support.procview import difference
 from test_obj_sockets import sockets_view
@@ -57,30 +55,6 @@ def test_udplite_sockets_come_back_with_their_datagrams_and_coverage(
         fixture.assert_intact()
 
 
-class HijackInNamespace(HijackCli):
-    """`hijack ARGS...` run inside network namespace `netns` (where its sockets are made)."""
-
-    def __init__(self, state_dir: Path, netns: str) -> None:
-        super().__init__(state_dir)
-        self.netns = netns
-
-    def __call__(self, *args: Argument, timeout: float = 60.0) -> CliResult:
-        argv = tuple(os.fspath(arg) if isinstance(arg, os.PathLike) else str(arg) for arg in args)
-        env = {**os.environ, "HIJACK_STATE_DIR": str(self.state_dir), "COLUMNS": CLI_COLUMNS}
-        with entering_namespace(self.netns) as enter:
-            done = subprocess.run(
-                [sys.executable, "-m", "hijack", *argv],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-                preexec_fn=enter,
-            )
-        return CliResult(argv, done.returncode, done.stdout, done.stderr)
-
-
 @contextmanager
 def own_namespace() -> Iterator[str]:
     """A network namespace of our own, loopback up, where root's group may make ping
@@ -107,7 +81,7 @@ def test_ping_sockets_come_back_bound_connected_with_their_identifier(tmp_path: 
         own_namespace() as netns,
         spawn_fixture("ping_sockets", fifos=True, netns=netns) as fixture,
     ):
-        hijack = HijackInNamespace(tmp_path / "state", netns)
+        hijack = HijackCli(tmp_path / "state", netns)
         ident = fixture.ready["ident"]
         before = sockets_view(fixture.pid)
         hijack.ok("dump", fixture.pid, "-o", image, "--kill")

@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from support import spawn_fixture
-from support.cli import restored_pid
+from support.cli import HijackCli, restored_pid
 from support.nodes import run_ip, spawn_in_namespace
 from support.procview import difference
-from test_obj_dgram import HijackInNamespace, own_namespace
+from test_obj_dgram import own_namespace
 from test_obj_sockets import sockets_view
 
 from hijack.sys import packet_diag
@@ -64,7 +64,7 @@ def test_packet_sockets_come_back_bound_with_fanout_and_options(tmp_path: Path) 
     with own_namespace() as netns:
         add_veth(netns)
         with spawn_fixture("packet_sockets", IFACE, PEER, fifos=True, netns=netns) as fixture:
-            hijack = HijackInNamespace(tmp_path / "state", netns)
+            hijack = HijackCli(tmp_path / "state", netns)
             ifindex = int(fixture.ready["ifindex"])
             before = sockets_view(fixture.pid)
             packets_before = packet_view(fixture.pid)
@@ -102,7 +102,7 @@ def test_a_packet_socket_with_a_ring_is_refused_by_name(tmp_path: Path) -> None:
         try:
             assert holder.stdout is not None
             fd = int(holder.stdout.readline())
-            hijack = HijackInNamespace(tmp_path / "state", netns)
+            hijack = HijackCli(tmp_path / "state", netns)
             refused = hijack("dump", holder.pid, "-o", tmp_path / "ring.crf", "--kill")
             assert refused.returncode == 1, refused.describe()
             assert f"fd {fd} (socket socket:[" in refused.stderr, refused.describe()

@@ -18,7 +18,6 @@ dump would store as plain memory, no longer the socket's ring.
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 
@@ -27,6 +26,7 @@ from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects import sockopts
 from hijack.objects.base import DumpContext, Kind, RestoreContext, describe_fd
+from hijack.objects.sockets import copy_socket, unlisted_socket_is
 from hijack.sys import packet_diag, procfs
 
 SOL_PACKET = 263
@@ -35,24 +35,12 @@ PACKET_MREQ = struct.Struct("=iHH8s")  # struct packet_mreq: ifindex, type, alen
 MEMBERSHIP_TYPES = {0: "multicast", 1: "promiscuous", 2: "allmulti", 3: "unicast"}
 
 
-def _copy(entry: procfs.FdEntry, dump: DumpContext) -> socket.socket:
-    return socket.socket(fileno=os.dup(dump.copy_fd(entry.fd)))
-
-
 class Packet(Kind):
     name = "packet"
     record_types = (rec.PacketSocket,)
 
     def claims(self, entry: procfs.FdEntry, dump: DumpContext) -> bool:
-        if not dump.connections or entry.kind is not procfs.FdKind.SOCKET:
-            return False
-        if entry.ino in dump.socket_table():
-            return False  # TCP, UDP or unix
-        try:
-            with _copy(entry, dump) as sock:
-                return sock.family == socket.AF_PACKET
-        except (OSError, HijackError):
-            return False
+        return unlisted_socket_is(entry, dump, lambda sock: sock.family == socket.AF_PACKET)
 
     def dump(self, entry: procfs.FdEntry, info: procfs.FdInfo, dump: DumpContext) -> int:
         diag = packet_diag.packet_sockets(dump.pid).get(entry.ino)
@@ -77,7 +65,7 @@ class Packet(Kind):
             )
 
         object_id = dump.add_object(("socket", entry.ino), make)
-        with _copy(entry, dump) as sock:
+        with copy_socket(entry, dump) as sock:
             sockopts.dump_options(sock, object_id, entry.ino, dump)
         return object_id
 

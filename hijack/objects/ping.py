@@ -13,23 +13,19 @@ queue cannot be read without consuming it.
 
 from __future__ import annotations
 
-import os
 import socket
 
-from hijack.errors import HijackError, RestoreError
+from hijack.errors import RestoreError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects import sockopts
 from hijack.objects.base import DumpContext, Kind, RestoreContext, describe_fd
 from hijack.objects.inet import endpoint
+from hijack.objects.sockets import copy_socket, unlisted_socket_is
 from hijack.sys import datagrams, procfs
 
 IPPROTO_ICMPV6 = 58
 PROTOCOLS: dict[int, int] = {socket.AF_INET: socket.IPPROTO_ICMP, socket.AF_INET6: IPPROTO_ICMPV6}
-
-
-def _copy(entry: procfs.FdEntry, dump: DumpContext) -> socket.socket:
-    return socket.socket(fileno=os.dup(dump.copy_fd(entry.fd)))
 
 
 class Ping(Kind):
@@ -37,21 +33,19 @@ class Ping(Kind):
     record_types = (rec.PingSocket,)
 
     def claims(self, entry: procfs.FdEntry, dump: DumpContext) -> bool:
-        if not dump.connections or entry.kind is not procfs.FdKind.SOCKET:
-            return False
-        if entry.ino in dump.socket_table():
-            return False  # TCP, UDP or unix
-        try:
-            with _copy(entry, dump) as sock:
-                return sock.type == socket.SOCK_DGRAM and PROTOCOLS.get(sock.family) == sock.proto
-        except (OSError, HijackError):
-            return False
+        return unlisted_socket_is(
+            entry,
+            dump,
+            lambda sock: (
+                sock.type == socket.SOCK_DGRAM and PROTOCOLS.get(sock.family) == sock.proto
+            ),
+        )
 
     def dump(self, entry: procfs.FdEntry, info: procfs.FdInfo, dump: DumpContext) -> int:
         found = procfs.read_ping_sockets(dump.pid).get(entry.ino)
         connected = found is not None and found.state == "ESTABLISHED"
         remote = endpoint(found.remote)[0] if found is not None and connected else ""
-        with _copy(entry, dump) as sock:
+        with copy_socket(entry, dump) as sock:
             family, local = int(sock.family), datagrams.endpoint_text(sock.getsockname())
             object_id = dump.add_object(
                 ("socket", entry.ino),
