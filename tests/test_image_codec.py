@@ -30,6 +30,7 @@ from hijack.image import (
     PAGE_SIZE,
     RLIM_INFINITY,
     SIGNAL_COUNT,
+    AioRing,
     AuxvEntry,
     ContentsKind,
     Credentials,
@@ -39,6 +40,8 @@ from hijack.image import (
     EpollObject,
     EpollTarget,
     EventfdObject,
+    FanotifyMark,
+    FanotifyObject,
     FdKind,
     FifoObject,
     FileDescriptor,
@@ -58,9 +61,12 @@ from hijack.image import (
     MemoryStructure,
     NetlinkSocket,
     ObjectData,
+    PacketMembership,
+    PacketSocket,
     PageRange,
     Pages,
     PidfdObject,
+    PingSocket,
     PipeObject,
     PosixMessage,
     PosixMessageQueue,
@@ -118,6 +124,7 @@ OBJECT_TAGS = {
     b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"PIDF", b"INET", b"TCPC", b"LOCK",
     b"PTYP", b"PIPE", b"FIFO", b"SHM_", b"SEM_", b"MSQ_", b"MQUE", b"UNIX", b"UDPS", b"SOPT",
     b"NLNK", b"RAWS", b"GHST", b"MEMF", b"SHMA", b"ODAT",
+    b"PING", b"PCKT", b"FANO",
 }  # fmt: skip
 SECTION_NAMES = {
     b"HEAD": "HEADER",
@@ -143,6 +150,9 @@ SECTION_NAMES = {
     b"SOPT": "SOCKET_OPTIONS",
     b"NLNK": "NETLINK_SOCKET",
     b"RAWS": "RAW_SOCKET",
+    b"PING": "PING_SOCKET",
+    b"PCKT": "PACKET_SOCKET",
+    b"FANO": "FANOTIFY_OBJECT",
     b"GHST": "GHOST_FILE",
     b"MEMF": "MEMFD",
     b"SHMA": "SHARED_ANONYMOUS",
@@ -505,6 +515,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         UdpSocket(
             id=22,
             family=10,
+            protocol=136,
             local_address="[::]:5353",
             remote_address="",
             queue=(
@@ -525,6 +536,26 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         ),
         NetlinkSocket(id=24, type=3, protocol=0, port_id=4242, groups=(1, 5)),
         RawSocket(id=25, family=2, protocol=1, local_address="127.0.0.1", remote_address=""),
+        PingSocket(id=61, family=2, local_address="127.0.0.1:4321", remote_address="127.0.0.1"),
+        PacketSocket(
+            id=62,
+            type=3,
+            protocol=3,
+            ifindex=2,
+            fanout=77,
+            memberships=(PacketMembership(ifindex=2, count=1, type=0, address=b"\x01\0^\0\0\1"),),
+            rx_ring=(65536, 4, 2048, 128, 60, 0, 0),
+            tx_ring=(),
+        ),
+        FanotifyObject(
+            id=63,
+            flags=0x2,
+            event_flags=0x8000,
+            marks=(
+                FanotifyMark(kind=0, mflags=0, mask=0xA, ignored_mask=0, path="/srv/data/a"),
+                FanotifyMark(kind=1, mflags=0x40, mask=0, ignored_mask=0x20, path="/srv"),
+            ),
+        ),
     )
     files = Files(
         objects=len(objects),
@@ -644,6 +675,8 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             timer_slack_ns=50_000,
             oom_score_adj=-17,
             loginuid=1000,
+            membarrier=0x10,
+            mlockall=6,
             threads=(
                 ThreadScheduling(tid=4242, policy=3, priority=0, nice=-5, affinity=(0, 2, 3)),
                 ThreadScheduling(tid=4243, policy=1, priority=42, nice=0, affinity=(1,)),
@@ -660,6 +693,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 ThreadSeccomp(tid=4244, mode=1, filters=()),
             ),
             guard_pages=(PageRange(start=0x7F0000100000, end=0x7F0000102000),),
+            aio_rings=(AioRing(address=0x7F0000200000, size=0x3000, nr=383),),
         ),
         Timers(
             itimers=(Itimer(which=0, interval_ns=20_000_000, value_ns=7_000_000),),

@@ -20,6 +20,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import pytest
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
 from support.procview import FdView, difference, fds_view

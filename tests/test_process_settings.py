@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -95,3 +97,102 @@ def test_a_seccomp_chain_shared_by_two_threads_still_judges_after_restore(
         fixture.adopt(pid)
         # Its own check: both threads under both filters, getppid refused, mincore killing.
         fixture.assert_intact()
+
+
+def flags_view(pid: int) -> dict[str, str]:
+    """What /proc says of the process_flags fixture's state, before and after."""
+    status = {
+        line.split(":")[0]: line.split(":", 1)[1].strip()
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+    }
+    names = sorted(
+        task.joinpath("comm").read_text() for task in Path(f"/proc/{pid}/task").iterdir()
+    )
+    return {
+        "personality": Path(f"/proc/{pid}/personality").read_text().strip(),
+        "Umask": status["Umask"],
+        "NoNewPrivs": status["NoNewPrivs"],
+        "names": "".join(names),
+    }
+
+
+def test_mlockall_membarrier_personality_and_names_come_back(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "flags.crf"
+    with spawn_fixture("process_flags", fifos=True) as fixture:
+        before = flags_view(fixture.pid)
+        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+        assert fixture.wait_exit() == -signal.SIGKILL
+
+        shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
+        assert shown["settings"]["mlockall"] == 6  # MCL_FUTURE | MCL_ONFAULT
+        assert shown["settings"]["membarrier"] == 0x14  # REGISTER_GLOBAL_ and _PRIVATE_EXPEDITED
+        text = hijack.ok("show", image).stdout
+        assert "mlockall MCL_FUTURE, MCL_ONFAULT, membarrier registrations 0x14" in text
+
+        pid = restored_pid(hijack.ok("restore", image))
+        fixture.adopt(pid)
+        after = flags_view(pid)
+        assert before == after, difference(before.items(), after.items())
+        fixture.assert_intact()  # its own check: a new mapping locked, barriers, names
+
+
+def test_an_aio_context_comes_back_at_its_address(hijack: HijackCli, tmp_path: Path) -> None:
+    image = tmp_path / "aio.crf"
+    with spawn_fixture("aio", fifos=True) as fixture:
+        context = int(fixture.ready["context"], 16)
+        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+        assert fixture.wait_exit() == -signal.SIGKILL
+        shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
+        assert shown["settings"]["aio_rings"] == [{"address": context, "size": 4096, "nr": 127}]
+        assert f"AIO context at {context:#x}: 127 events" in hijack.ok("show", image).stdout
+
+        pid = restored_pid(hijack.ok("restore", image))
+        fixture.adopt(pid)
+        fixture.assert_intact()  # its own check: the ring at its address, a read through it
+
+
+# Holds an AIO context with a completed event not reaped; prints its aio_context_t.
+AIO_HOLDER = """\
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+context = ctypes.c_ulong(0)
+if libc.syscall(206, 1, ctypes.byref(context)) != 0:  # SYS_io_setup
+    sys.exit(f"io_setup: errno {ctypes.get_errno()}")
+buffer = ctypes.create_string_buffer(4)
+fd = os.open("/proc/self/exe", os.O_RDONLY)
+# struct iocb: data, key, rw_flags, opcode 0 (PREAD), reqprio, fildes, buf, nbytes, offset
+iocb = ctypes.create_string_buffer(struct.pack("<QIiHhIQQqQIi", 7, 0, 0, 0, 0, fd,
+                                               ctypes.addressof(buffer), 4, 0, 0, 0, 0))
+requests = (ctypes.c_void_p * 1)(ctypes.addressof(iocb))
+if libc.syscall(209, context, 1, requests) != 1:  # SYS_io_submit
+    sys.exit(f"io_submit: errno {ctypes.get_errno()}")
+ring = (ctypes.c_uint * 4).from_address(context.value)
+while ring[2] == ring[3]:  # head == tail: not completed yet
+    pass
+print(hex(context.value), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_unreaped_aio_events_are_refused_by_name_and_the_process_runs_on(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", AIO_HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None
+        ring = holder.stdout.readline().strip()
+        refused = hijack("dump", holder.pid, "-o", tmp_path / "aio.crf", "--kill")
+        assert refused.returncode == 1, refused.describe()
+        assert refused.stderr == (
+            f"hijack: process {holder.pid} has completed AIO events not yet reaped in its"
+            f" context at {ring} (io_getevents them first)\n"
+        ), refused.describe()
+        assert not (tmp_path / "aio.crf").exists()
+        assert holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()

@@ -56,6 +56,7 @@ from hijack.image.records import (
     End,
     EpollObject,
     EventfdObject,
+    FanotifyObject,
     FifoObject,
     FileLocks,
     Files,
@@ -67,8 +68,10 @@ from hijack.image.records import (
     MemoryStructure,
     NetlinkSocket,
     ObjectData,
+    PacketSocket,
     Pages,
     PidfdObject,
+    PingSocket,
     PipeObject,
     PosixMessageQueue,
     ProcessSettings,
@@ -137,6 +140,9 @@ class SectionKind(enum.Enum):
     SOCKET_OPTIONS = b"SOPT"
     NETLINK_SOCKET = b"NLNK"
     RAW_SOCKET = b"RAWS"
+    PING_SOCKET = b"PING"
+    PACKET_SOCKET = b"PCKT"
+    FANOTIFY_OBJECT = b"FANO"
     FILE_LOCKS = b"LOCK"
     PTY_PAIR = b"PTYP"
     PIPE_OBJECT = b"PIPE"
@@ -263,6 +269,9 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.SOCKET_OPTIONS: _StructSection(SocketOptions, is_object=True),
     SectionKind.NETLINK_SOCKET: _StructSection(NetlinkSocket, is_object=True),
     SectionKind.RAW_SOCKET: _StructSection(RawSocket, is_object=True),
+    SectionKind.PING_SOCKET: _StructSection(PingSocket, is_object=True),
+    SectionKind.PACKET_SOCKET: _StructSection(PacketSocket, is_object=True),
+    SectionKind.FANOTIFY_OBJECT: _StructSection(FanotifyObject, is_object=True),
     SectionKind.FILE_LOCKS: _StructSection(FileLocks, is_object=True),
     SectionKind.PTY_PAIR: _StructSection(PtyPair, is_object=True),
     SectionKind.PIPE_OBJECT: _StructSection(PipeObject, is_object=True),

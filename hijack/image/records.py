@@ -512,6 +512,33 @@ class InotifyObject:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class FanotifyMark:
+    """One mark of a fanotify group, named by a path."""
+
+    kind: U8  # on an inode 0, a mount 1 (FAN_MARK_MOUNT), a file system 2 (FAN_MARK_FILESYSTEM)
+    mflags: U32  # FAN_MARK_IGNORED_SURV_MODIFY 0x40, _EVICTABLE 0x200, _IGNORE 0x400
+    mask: U64  # the events it reports
+    ignored_mask: U64  # the events it ignores
+    path: str  # the inode's path, the mount point, a mount of the file system
+
+    def __post_init__(self) -> None:
+        _require(self.kind <= 2, f"FanotifyMark: kind {self.kind} is not 0-2")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FanotifyObject:
+    """A fanotify group (fanotify_init): its flags and marks; events queued are lost."""
+
+    id: U64
+    flags: U32  # fanotify_init flags (FAN_CLASS_*, FAN_NONBLOCK, FAN_REPORT_*, ...)
+    event_flags: U32  # fanotify_init event_f_flags (O_RDONLY, O_LARGEFILE, ...)
+    marks: tuple[FanotifyMark, ...]
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PidfdObject:
     """A pidfd: the process it refers to (fdinfo Pid), told apart from a later process
     under the same pid by its start time."""
@@ -582,11 +609,12 @@ class QueuedDatagram:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UdpSocket:
-    """A UDP socket: where it is bound and connected, and the datagrams it has not read.
-    Its OBJECT_DATA holds their bytes, one after the other."""
+    """A UDP or UDP-Lite socket: where it is bound and connected, and the datagrams it has
+    not read. Its OBJECT_DATA holds their bytes, one after the other."""
 
     id: U64
     family: U16  # AF_INET or AF_INET6
+    protocol: U16  # IPPROTO_UDP 17 or IPPROTO_UDPLITE 136
     local_address: str  # "0.0.0.0:0" (or "[::]:0") when never bound
     remote_address: str  # "" when not connected
     queue: tuple[QueuedDatagram, ...]  # oldest first
@@ -700,6 +728,50 @@ class RawSocket:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class PingSocket:
+    """An ICMP ping socket (SOCK_DGRAM, IPPROTO_ICMP or IPPROTO_ICMPV6): the address and
+    echo identifier it is bound to, the host it is connected to; replies queued are lost."""
+
+    id: U64
+    family: U16  # AF_INET or AF_INET6
+    local_address: str  # "127.0.0.1:IDENT", "[::1]:IDENT"; "0.0.0.0:0" / "[::]:0" never bound
+    remote_address: str  # the host it is connected to ("127.0.0.1", "::1"), "" when not
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PacketMembership:
+    """One PACKET_ADD_MEMBERSHIP of a packet socket (struct packet_mreq), as packet_diag's
+    MCLIST tells it."""
+
+    ifindex: U32
+    count: U32  # how many times it was added (each add needs its drop)
+    type: U16  # PACKET_MR_MULTICAST 0, PACKET_MR_PROMISC 1, _ALLMULTI 2, _UNICAST 3
+    address: bytes  # the link-layer address (multicast, unicast); empty for the others
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PacketSocket:
+    """An AF_PACKET socket (its PACKET_* options are SocketOptions); frames queued are lost."""
+
+    id: U64
+    type: U16  # SOCK_RAW 3 or SOCK_DGRAM 2
+    protocol: U16  # the ethertype it receives, host order (ETH_P_ALL 3); 0 for none
+    ifindex: U32  # the interface it is bound to; 0 for every one
+    fanout: U32  # getsockopt(PACKET_FANOUT): group id | (mode | flags) << 16; 0 for none
+    memberships: tuple[PacketMembership, ...]
+    rx_ring: tuple[U32, ...]  # struct packet_diag_ring of PACKET_RX_RING; () for none
+    tx_ring: tuple[U32, ...]  # ... of PACKET_TX_RING
+
+    def __post_init__(self) -> None:
+        _check_object_id(self)
+        for ring in (self.rx_ring, self.tx_ring):
+            _require(len(ring) in (0, 7), "PacketSocket: a ring is 7 numbers or none")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SocketOption:
     """One option as getsockopt(2) gave it, to be given back to setsockopt(2)."""
 
@@ -710,7 +782,7 @@ class SocketOption:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SocketOptions:
-    """The options of a socket (the TcpConnection, UdpSocket or InetSocket `socket_id`)."""
+    """The options of a socket (the TcpConnection, UdpSocket, PingSocket, ... `socket_id`)."""
 
     id: U64
     socket_id: U64
@@ -954,6 +1026,7 @@ ObjectRecord = (
     | TimerfdObject
     | SignalfdObject
     | InotifyObject
+    | FanotifyObject
     | PidfdObject
     | InetSocket
     | TcpConnection
@@ -961,6 +1034,8 @@ ObjectRecord = (
     | SocketOptions
     | NetlinkSocket
     | RawSocket
+    | PingSocket
+    | PacketSocket
     | UnixSocket
     | FileLocks
     | PtyPair
@@ -1038,6 +1113,21 @@ class PageRange:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class AioRing:
+    """The ring of an AIO context (io_setup), mapped at `address`: the aio_context_t."""
+
+    address: U64
+    size: U64  # bytes of its mapping
+    nr: U32  # the ring header's nr: io_events it holds (io_setup((nr - 2) / 2) makes as many)
+
+    def __post_init__(self) -> None:
+        _require(
+            _page_aligned(self.address) and self.size > 0 and _page_aligned(self.size),
+            f"AioRing {self.address:#x}+{self.size:#x}: not whole pages",
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class ProcessSettings:
     """The small per-process settings programs notice when lost (docs/crf.md, SETTINGS)."""
 
@@ -1048,15 +1138,22 @@ class ProcessSettings:
     timer_slack_ns: U64  # /proc/PID/timerslack_ns
     oom_score_adj: I32  # /proc/PID/oom_score_adj, -1000..1000
     loginuid: U32  # /proc/PID/loginuid; 4294967295 when never set
+    membarrier: U32  # membarrier(MEMBARRIER_CMD_GET_REGISTRATIONS): the REGISTER_* bits
+    mlockall: U8  # the mlockall(2) flags new mappings get: MCL_FUTURE 2 | MCL_ONFAULT 4
     threads: tuple[ThreadScheduling, ...]
     seccomp: tuple[ThreadSeccomp, ...]  # the threads under seccomp
     guard_pages: tuple[PageRange, ...]  # MADV_GUARD_INSTALL regions, ascending
+    aio_rings: tuple[AioRing, ...]  # the AIO contexts, ascending address
 
     def __post_init__(self) -> None:
         _require(self.dumpable <= 2, f"ProcessSettings: dumpable {self.dumpable} is not 0-2")
         _require(
             -1000 <= self.oom_score_adj <= 1000,
             f"ProcessSettings: oom_score_adj {self.oom_score_adj} is outside -1000..1000",
+        )
+        _require(
+            self.mlockall & ~6 == 0 and self.mlockall != 4,
+            f"ProcessSettings: mlockall {self.mlockall} is not MCL_FUTURE [| MCL_ONFAULT]",
         )
 
 

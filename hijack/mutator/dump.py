@@ -36,7 +36,7 @@ from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, recorded_re
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.objects.memfd import held_by_objects
 from hijack.objects.tcp import NetworkLocks
-from hijack.process import settings, timers
+from hijack.process import aio, settings, timers
 from hijack.restore.plan import ATTACH_HINT, restore_problems
 from hijack.sys import memory, procfs
 from hijack.sys import ptrace as pt
@@ -179,12 +179,16 @@ def write_image(
     if no_shared_libs:
         options |= rec.DumpOptions.NO_SHARED_LIBS
     maps = procfs.read_maps(pid)
+    aio_rings = aio.read_rings(pid, maps, moving=precopied is not None)
+    maps = [entry for entry in maps if not aio.is_aio_ring(entry)]  # made again by io_setup
     with scratch_page(tracee) as scratch:
         brk = tracee.checked_syscall("brk", 0)
         known = precopied.signal_actions if precopied is not None else None
         actions = read_signal_actions(tracee, scratch, known)
         threads = [read_thread(tracee, thread, scratch) for thread in _live(tracee)]
-        process_settings = settings.read_settings(tracee, scratch, tracee.thread_ids)
+        process_settings = settings.read_settings(
+            tracee, scratch, tracee.thread_ids, aio_rings=aio_rings
+        )
         process_timers = timers.read_timers(tracee, scratch)
     tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
     files = objects.read_files(pid, connections=connections, maps=maps, ghost_limit=ghost_limit)

@@ -38,6 +38,7 @@ from hijack.objects.base import (
 from hijack.objects.device import Device
 from hijack.objects.epoll import Epoll
 from hijack.objects.eventfd import Eventfd
+from hijack.objects.fanotify import Fanotify
 from hijack.objects.fifo import Fifo
 from hijack.objects.ghost import Ghost
 from hijack.objects.inet import Inet
@@ -47,7 +48,9 @@ from hijack.objects.memfd import Memfd
 from hijack.objects.mqueue import MessageQueue
 from hijack.objects.netlink import Netlink
 from hijack.objects.other import Other
+from hijack.objects.packet import Packet
 from hijack.objects.pidfd import Pidfd
+from hijack.objects.ping import Ping
 from hijack.objects.pipe import Pipe
 from hijack.objects.pty import PtyPairKind
 from hijack.objects.raw import Raw
@@ -75,12 +78,15 @@ KINDS: tuple[Kind, ...] = (
     Timerfd(),
     Signalfd(),
     Inotify(),
+    Fanotify(),
     Pidfd(),
     Unix(),  # before Tcp and Inet: all three claim sockets
     Tcp(),  # before Inet: an established connection, when the dump reads connections
     Udp(),  # before Inet, likewise
     Netlink(),
     Raw(),
+    Ping(),
+    Packet(),
     Inet(),
     Other(),  # last: claims whatever is left, and refuses it
 )

@@ -65,6 +65,12 @@ TCP_OPTIONS = (
     (IPPROTO_TCP, 18, INT),  # TCP_USER_TIMEOUT
     (IPPROTO_TCP, 13, NAME),  # TCP_CONGESTION
 )
+# SOL_UDPLITE: UDPLITE_SEND_CSCOV, UDPLITE_RECV_CSCOV (checksum coverage)
+UDPLITE_OPTIONS = ((136, 10, INT), (136, 11, INT))
+# SOL_PACKET: PACKET_AUXDATA, _ORIGDEV, _VERSION, _RESERVE, _LOSS, _TIMESTAMP, _QDISC_BYPASS,
+# _IGNORE_OUTGOING (PACKET_FANOUT is the packet kind's: it needs a bound socket)
+PACKET_OPTIONS = tuple((263, name, INT) for name in (8, 9, 10, 12, 14, 17, 20, 23))
+PACKET_RAW_OPTIONS = ((263, 15, INT),)  # PACKET_VNET_HDR: SOCK_RAW only (EINVAL otherwise)
 RAW_IPV4_OPTIONS = ((IPPROTO_IP, 3, INT),)  # IP_HDRINCL
 RAW_ICMP_OPTIONS = ((255, 1, INT),)  # SOL_RAW, ICMP_FILTER: the ICMP types dropped
 
@@ -96,6 +102,13 @@ def _read(sock: socket.socket) -> dict[tuple[int, int], bytes]:
         table += IPV6_OPTIONS
     if sock.type == socket.SOCK_STREAM:
         table += TCP_OPTIONS
+    if sock.family == socket.AF_PACKET:
+        table = [*SOCKET_OPTIONS, *PACKET_OPTIONS]
+        if sock.type == socket.SOCK_RAW:
+            table += PACKET_RAW_OPTIONS
+    if sock.family != socket.AF_PACKET and sock.type == socket.SOCK_DGRAM and sock.proto == 136:
+        # IPPROTO_UDPLITE
+        table += UDPLITE_OPTIONS
     if sock.type == socket.SOCK_RAW and sock.family == socket.AF_INET:
         table += RAW_IPV4_OPTIONS
         if sock.proto == socket.IPPROTO_ICMP:
@@ -115,8 +128,13 @@ def _read(sock: socket.socket) -> dict[tuple[int, int], bytes]:
 def dump_options(sock: socket.socket, socket_id: int, key: object, dump: DumpContext) -> None:
     """Add the SocketOptions of `sock` (a copy of the socket `socket_id`, kernel object `key`)."""
     found = _read(sock)
-    with socket.socket(sock.family, sock.type, sock.proto) as fresh:
-        default = _read(fresh)
+    try:
+        with socket.socket(sock.family, sock.type, sock.proto) as fresh:
+            default = _read(fresh)
+    except OSError:
+        # Not ours to make here (a ping socket outside net.ipv4.ping_group_range): its
+        # buffer sizes are kept even if they are the defaults.
+        default = {}
     for name in BUFFERS:
         if found.get((SOL_SOCKET, name)) == default.get((SOL_SOCKET, name)):
             found.pop((SOL_SOCKET, name), None)

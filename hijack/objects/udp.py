@@ -1,4 +1,5 @@
-"""UDP sockets (IPv4 and IPv6): bound, connected, with the datagrams not yet read.
+"""UDP and UDP-Lite sockets (IPv4 and IPv6): bound, connected, with the datagrams not yet
+read (UDP-Lite's checksum coverage options are SocketOptions).
 
 At dump, a copy of the socket tells its addresses, and its receive queue is
 peeked (hijack.sys.datagrams: nothing is consumed, the process runs on after a
@@ -33,12 +34,14 @@ from hijack.objects.base import DumpContext, Kind, RestoreContext, describe_fd
 from hijack.objects.inet import endpoint
 from hijack.sys import datagrams, netlock, procfs
 
+IPPROTO_UDPLITE = 136
+
 
 def _is_udp(family: int, kind: int, protocol: int) -> bool:
     return (
         family in (socket.AF_INET, socket.AF_INET6)
         and kind == socket.SOCK_DGRAM
-        and protocol == socket.IPPROTO_UDP
+        and protocol in (socket.IPPROTO_UDP, IPPROTO_UDPLITE)
     )
 
 
@@ -85,6 +88,7 @@ class Udp(Kind):
             record = functools.partial(
                 rec.UdpSocket,
                 family=sock.family,
+                protocol=sock.proto,
                 local_address=local,
                 remote_address=remote,
                 queue=tuple(rec.QueuedDatagram(length=len(d.data), source=d.source) for d in queue),
@@ -98,13 +102,13 @@ class Udp(Kind):
         udp = restore.image.object_of(descriptor, rec.UdpSocket)
         queue = _queue(udp, restore.image.data(udp.id), descriptor)
         options = sockopts.options_of(restore.image, udp.id)
-        with socket.socket(udp.family, socket.SOCK_DGRAM, socket.IPPROTO_UDP) as sock:
+        with socket.socket(udp.family, socket.SOCK_DGRAM, udp.protocol) as sock:
             set_option, attach = sockopts.our_setters(sock)
             try:
                 sockopts.set_early(options, set_option)
                 if endpoint(udp.local_address)[1]:
                     sock.bind(endpoint(udp.local_address))
-                datagrams.fill_queue(udp.local_address, queue)
+                datagrams.fill_queue(udp.local_address, queue, udp.protocol)
                 if udp.remote_address:
                     sock.connect(endpoint(udp.remote_address))
                 sockopts.set_late(options, set_option, attach)
@@ -136,7 +140,8 @@ class Udp(Kind):
         connected = f" -> {udp.remote_address}" if udp.remote_address else ""
         size = sum(d.length for d in udp.queue)
         queued = f"{len(udp.queue)} datagrams ({size} bytes) queued"
-        return f"{bound}{connected}, {queued}{sockopts.describe_options(image, udp.id)}"
+        lite = "UDP-Lite " if udp.protocol == IPPROTO_UDPLITE else ""
+        return f"{lite}{bound}{connected}, {queued}{sockopts.describe_options(image, udp.id)}"
 
 
 def _queue(

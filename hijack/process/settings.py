@@ -1,8 +1,12 @@
 """The small settings a process notices when lost: prctl flags, OOM score, timer slack,
-audit login uid, and each thread's scheduling (policy, priority, nice, CPUs).
+audit login uid, membarrier registrations, mlockall flags, and each thread's
+scheduling (policy, priority, nice, CPUs).
 
-What /proc shows is read from outside; the prctl flags only the process can
-tell, so they are asked by injected prctl(PR_GET_*) calls. At restore, the
+What /proc shows is read from outside; the prctl flags and membarrier
+registrations only the process can tell, so they are asked by injected calls.
+mlockall(MCL_FUTURE) is nowhere to be read: the kernel gives every new mapping
+VM_LOCKED (VM_LOCKONFAULT with MCL_ONFAULT), so the dump's own scratch page,
+mapped in the process anyway, shows it in smaps ("lo", "lf"). At restore, the
 prctl flags are set by injected calls after the credentials (a change of
 credentials resets the parent-death signal and the dumpable flag), the rest
 from outside, once every thread exists.
@@ -14,7 +18,7 @@ import struct
 
 from hijack.image import records as rec
 from hijack.mutator.tracee import Tracee
-from hijack.process import seccomp
+from hijack.process import aio, seccomp
 from hijack.restore.remote import Stub
 from hijack.sys import dirty, memory, procfs, scheduling
 
@@ -26,9 +30,21 @@ LOGINUID_UNSET = 2**32 - 1
 SUID_DUMP_USER = 1  # what a fresh process has
 AT_FDCWD, O_WRONLY = -100, 1
 MADV_GUARD_INSTALL = 102
+MEMBARRIER_CMD_GET_REGISTRATIONS = 1 << 9  # Linux 6.3+; EINVAL before: none read
+# The REGISTER_* commands GET_REGISTRATIONS reports: GLOBAL_EXPEDITED, PRIVATE_EXPEDITED,
+# PRIVATE_EXPEDITED_SYNC_CORE, PRIVATE_EXPEDITED_RSEQ.
+MEMBARRIER_REGISTRATIONS = (1 << 2, 1 << 4, 1 << 6, 1 << 8)
+MCL_FUTURE, MCL_ONFAULT = 2, 4
+MLOCK_ONFAULT = 1
 
 
-def read_settings(tracee: Tracee, scratch: int, thread_ids: list[int]) -> rec.ProcessSettings:
+def read_settings(
+    tracee: Tracee,
+    scratch: int,
+    thread_ids: list[int],
+    *,
+    aio_rings: tuple[rec.AioRing, ...] = (),
+) -> rec.ProcessSettings:
     pid = tracee.pid
     tracee.checked_syscall("prctl", PR_GET_PDEATHSIG, scratch, 0, 0, 0)
     tracee.checked_syscall("prctl", PR_GET_CHILD_SUBREAPER, scratch + 4, 0, 0, 0)
@@ -53,12 +69,31 @@ def read_settings(tracee: Tracee, scratch: int, thread_ids: list[int]) -> rec.Pr
         timer_slack_ns=procfs.read_timer_slack_ns(pid),
         oom_score_adj=procfs.read_oom_score_adj(pid),
         loginuid=procfs.read_loginuid(pid),
+        membarrier=_membarrier_registrations(tracee),
+        mlockall=_mlockall_flags(pid, scratch),
         threads=tuple(threads),
         seccomp=seccomp.read_seccomp(tracee),
         guard_pages=tuple(
             rec.PageRange(start=start, end=end) for start, end in dirty.guard_regions(pid)
         ),
+        aio_rings=aio_rings,
     )
+
+
+def _membarrier_registrations(tracee: Tracee) -> int:
+    found = tracee.syscall("membarrier", MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0)
+    return found if found > 0 else 0  # an older kernel (EINVAL) tells none
+
+
+def _mlockall_flags(pid: int, scratch: int) -> int:
+    """MCL_FUTURE (| MCL_ONFAULT) when the page the dump mapped at `scratch` came locked."""
+    start = next(
+        entry.start for entry in procfs.read_maps(pid) if entry.start <= scratch < entry.end
+    )
+    flags = procfs.read_smaps_flags(pid).get(start, ())
+    if "lo" not in flags:
+        return 0
+    return MCL_FUTURE | (MCL_ONFAULT if "lf" in flags else 0)
 
 
 def apply_settings(stub: Stub, settings: rec.ProcessSettings, thread_ids: dict[int, int]) -> None:
@@ -72,6 +107,9 @@ def apply_settings(stub: Stub, settings: rec.ProcessSettings, thread_ids: dict[i
         stub.call("prctl", PR_SET_THP_DISABLE, 1, 0, 0, 0)
     if settings.child_subreaper:
         stub.call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    for command in MEMBARRIER_REGISTRATIONS:
+        if settings.membarrier & command:
+            stub.call("membarrier", command, 0, 0)
     # The parent-death signal is kept in the image but not set: a restored process's
     # parent is the restorer, which exits at once, so the signal would fire for a
     # death that never happened. A process tree's restore, which gives each member
@@ -108,11 +146,21 @@ def install_guard_pages(stub: Stub, settings: rec.ProcessSettings) -> None:
 
 
 def lock_memory(stub: Stub, segments: rec.Segments) -> None:
-    """mlock() again what was locked (smaps VmFlags "lo"), while the stub may still lock any
-    amount (it is root until its credentials are restored)."""
+    """mlock() again what was locked (smaps VmFlags "lo"; "lf": locked on fault, mlock2
+    MLOCK_ONFAULT), while the stub may still lock any amount (it is root until its
+    credentials are restored)."""
     for segment in segments.segments:
-        if "lo" in segment.vm_flags:
+        if "lf" in segment.vm_flags:
+            stub.call("mlock2", segment.start, segment.size, MLOCK_ONFAULT)
+        elif "lo" in segment.vm_flags:
             stub.call("mlock", segment.start, segment.size)
+
+
+def lock_future_memory(stub: Stub, settings: rec.ProcessSettings) -> None:
+    """mlockall(MCL_FUTURE [| MCL_ONFAULT]) again, once the image's memory is mapped (what
+    the restorer maps for itself afterwards is unmapped before the process runs)."""
+    if settings.mlockall:
+        stub.call("mlockall", settings.mlockall)
 
 
 def describe(settings: rec.ProcessSettings) -> list[str]:
@@ -126,9 +174,13 @@ def describe(settings: rec.ProcessSettings) -> list[str]:
         for name, on in (
             ("THP disabled", settings.thp_disable),
             ("child subreaper", settings.child_subreaper),
+            ("mlockall MCL_FUTURE", settings.mlockall & MCL_FUTURE),
+            ("MCL_ONFAULT", settings.mlockall & MCL_ONFAULT),
         )
         if on
     ]
+    if settings.membarrier:
+        flags.append(f"membarrier registrations {settings.membarrier:#x}")
     if settings.pdeath_signal:
         flags.append(f"parent-death signal {settings.pdeath_signal}")
     if settings.loginuid != LOGINUID_UNSET:
@@ -141,7 +193,7 @@ def describe(settings: rec.ProcessSettings) -> list[str]:
             f" nice {thread.nice}, CPUs {_cpu_list(thread.affinity)}"
         )
     lines += [f"guard pages {g.start:#x}-{g.end:#x}" for g in settings.guard_pages]
-    return lines + seccomp.describe(settings.seccomp)
+    return lines + aio.describe(settings) + seccomp.describe(settings.seccomp)
 
 
 def _cpu_list(cpus: tuple[int, ...]) -> str:

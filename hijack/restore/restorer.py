@@ -42,7 +42,7 @@ from hijack.objects.locks import restore_locks
 from hijack.objects.memfd import map_objects, mapped_objects, seal_memfds
 from hijack.objects.pty import controlling_slave
 from hijack.objects.terminal import set_up_terminals
-from hijack.process import seccomp, settings, timers
+from hijack.process import aio, seccomp, settings, timers
 from hijack.registry import Registry
 from hijack.restore.address_space import AddressSpace
 from hijack.restore.files import restore_files
@@ -404,6 +404,8 @@ def _finish(
     _set_process_state(stub, image, controlling)
     settings.apply_login_uid(stub, image.settings)
     settings.lock_memory(stub, image.segments)
+    settings.lock_future_memory(stub, image.settings)
+    aio.rebuild_rings(stub, image.settings)
     settings.install_guard_pages(stub, image.settings)
     if take_locks:
         # Last of the descriptors' business: a descriptor closed in the stub (the

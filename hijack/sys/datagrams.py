@@ -8,7 +8,9 @@ Filling puts each datagram back as a UDP packet sent through a raw socket, its
 IP and UDP headers written here: the packet carries the datagram's original
 source address and port, whoever holds that port now (or no one: a peer on
 another host), so the receiver's recvfrom() sees the sender it saw before.
-Loopback delivers such a packet within the sendto() call.
+Loopback delivers such a packet within the sendto() call. A UDP-Lite datagram
+(RFC 3828) goes back covered whole by its checksum (coverage 0), which any
+UDPLITE_RECV_CSCOV minimum accepts.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ SO_MARK = 36
 PEEK_DISABLED = -1  # the peek offset of a socket that never asked for one
 MAX_DATAGRAM = 65535
 IPPROTO_UDP = socket.IPPROTO_UDP
+IPPROTO_UDPLITE = 136
 DEFAULT_TTL = 64
 IP_DONT_FRAGMENT = 0x4000
 IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")  # version+ihl, tos, length, id, frag, ttl, proto, csum
@@ -90,35 +93,40 @@ def _destination(local: str, version: int) -> str:
     return str(address)
 
 
-def _packet(source: str, local: str, data: bytes) -> tuple[int, bytes, str]:
+def _packet(
+    source: str, local: str, data: bytes, protocol: int = IPPROTO_UDP
+) -> tuple[int, bytes, str]:
     """(family, packet with its IP header, destination host) of one datagram to `local`."""
     sender, sender_port = _split(source)
     destination = ipaddress.ip_address(_destination(local, sender.version))
     _, port = _split(local)
     length = UDP_HEADER.size + len(data)
     if sender.version == 4:
-        pseudo = sender.packed + destination.packed + struct.pack("!xBH", IPPROTO_UDP, length)
+        pseudo = sender.packed + destination.packed + struct.pack("!xBH", protocol, length)
     else:
-        pseudo = sender.packed + destination.packed + struct.pack("!I3xB", length, IPPROTO_UDP)
-    summed = checksum(pseudo + UDP_HEADER.pack(sender_port, port, length, 0) + data)
-    udp = UDP_HEADER.pack(sender_port, port, length, summed or 0xFFFF) + data
+        pseudo = sender.packed + destination.packed + struct.pack("!I3xB", length, protocol)
+    # UDP-Lite's length field is its checksum coverage: 0, the whole datagram.
+    field = 0 if protocol == IPPROTO_UDPLITE else length
+    summed = checksum(pseudo + UDP_HEADER.pack(sender_port, port, field, 0) + data)
+    udp = UDP_HEADER.pack(sender_port, port, field, summed or 0xFFFF) + data
     if sender.version == 4:
         head = IPV4_HEADER.pack(
             0x45, 0, IPV4_HEADER.size + length, 0, IP_DONT_FRAGMENT, DEFAULT_TTL,
-            IPPROTO_UDP, 0, sender.packed, destination.packed,
+            protocol, 0, sender.packed, destination.packed,
         )  # fmt: skip
         return socket.AF_INET, head + udp, str(destination)
-    head = IPV6_HEADER.pack(6 << 28, length, IPPROTO_UDP, DEFAULT_TTL, sender.packed,
+    head = IPV6_HEADER.pack(6 << 28, length, protocol, DEFAULT_TTL, sender.packed,
                             destination.packed)  # fmt: skip
     return socket.AF_INET6, head + udp, str(destination)
 
 
-def fill_queue(local: str, datagrams: list[Datagram]) -> None:
-    """Send each datagram, from its source, to the socket bound to `local`, in order."""
+def fill_queue(local: str, datagrams: list[Datagram], protocol: int = IPPROTO_UDP) -> None:
+    """Send each datagram, from its source, to the socket bound to `local`, in order, as
+    `protocol` (IPPROTO_UDP or IPPROTO_UDPLITE)."""
     raws: dict[int, socket.socket] = {}
     try:
         for datagram in datagrams:
-            family, packet, host = _packet(datagram.source, local, datagram.data)
+            family, packet, host = _packet(datagram.source, local, datagram.data, protocol)
             with kernel_call("sendto", what=f"a raw socket re-queuing to {local}"):
                 if family not in raws:
                     raws[family] = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)

@@ -819,6 +819,37 @@ def _inet_address(text: str) -> str:
     return f"[{host}]:{port}" if host.version == 6 else f"{host}:{port}"
 
 
+def _read_inet_table(
+    pid: int,
+    name: str,
+    family: socket.AddressFamily,
+    kind: socket.SocketKind,
+    protocol: int,
+    table: dict[int, SocketInfo],
+) -> None:
+    """Add the sockets of /proc/PID/net/`name` (tcp, udp6, icmp, ...) to `table`."""
+    # no IPv6 tables when IPv6 is disabled; tcp, udp, icmp and unix always exist
+    if family == socket.AF_INET6 and not os.path.exists(f"/proc/{pid}/net/{name}"):
+        return
+    for line in _read_text(pid, f"net/{name}").splitlines()[1:]:
+        fields = line.split()
+        inode = int(fields[9])
+        if inode:
+            state = _state_name(_TCP_STATES, int(fields[3], 16))
+            local, remote = _inet_address(fields[1]), _inet_address(fields[2])
+            table[inode] = SocketInfo(inode, family, kind, protocol, state, local, remote)
+
+
+def read_ping_sockets(pid: int) -> dict[int, SocketInfo]:
+    """The ICMP ping sockets (SOCK_DGRAM) of the network namespace of `pid`, by inode:
+    /proc/PID/net/icmp and icmp6, whose "port" is the socket's echo identifier; a
+    connected one is ESTABLISHED, with its peer (getpeername does not tell it)."""
+    table: dict[int, SocketInfo] = {}
+    _read_inet_table(pid, "icmp", socket.AF_INET, socket.SOCK_DGRAM, 1, table)
+    _read_inet_table(pid, "icmp6", socket.AF_INET6, socket.SOCK_DGRAM, 58, table)
+    return table
+
+
 def read_socket_table(pid: int) -> dict[int, SocketInfo]:
     """TCP, UDP (v4 and v6) and unix sockets of the network namespace of `pid`, by inode.
 
@@ -827,16 +858,7 @@ def read_socket_table(pid: int) -> dict[int, SocketInfo]:
     """
     table: dict[int, SocketInfo] = {}
     for name, (family, kind, protocol) in _INET_TABLES.items():
-        # no tcp6/udp6 tables when IPv6 is disabled; tcp, udp and unix always exist
-        if family == socket.AF_INET6 and not os.path.exists(f"/proc/{pid}/net/{name}"):
-            continue
-        for line in _read_text(pid, f"net/{name}").splitlines()[1:]:
-            fields = line.split()
-            inode = int(fields[9])
-            if inode:
-                state = _state_name(_TCP_STATES, int(fields[3], 16))
-                local, remote = _inet_address(fields[1]), _inet_address(fields[2])
-                table[inode] = SocketInfo(inode, family, kind, protocol, state, local, remote)
+        _read_inet_table(pid, name, family, kind, protocol, table)
     for line in _read_text(pid, "net/unix").splitlines()[1:]:
         parsed = _UNIX_LINE.fullmatch(line)
         if parsed is None:

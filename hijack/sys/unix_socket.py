@@ -79,7 +79,7 @@ class UnixDiag:
 def unix_sockets(pid: int) -> dict[int, UnixDiag]:
     """Every unix socket of the network namespace of process `pid`, by inode; none when
     the kernel has no unix_diag (then no unix socket is rebuilt: each is refused by name)."""
-    with _in_network_namespace(pid), kernel_call("sock_diag", pid):
+    with in_network_namespace(pid), kernel_call("sock_diag", pid):
         channel = socket.socket(
             socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC, NETLINK_SOCK_DIAG
         )
@@ -93,11 +93,13 @@ def unix_sockets(pid: int) -> dict[int, UnixDiag]:
         )
         with kernel_call("sock_diag", pid):
             channel.sendto(header + request, (0, 0))
-            return dict(_read_dump(channel))
+            return {
+                diag.inode: diag for diag in map(_parse_socket, read_diag_dump(channel, "unix"))
+            }
 
 
 @contextmanager
-def _in_network_namespace(pid: int) -> Iterator[None]:
+def in_network_namespace(pid: int) -> Iterator[None]:
     """This thread inside the network namespace of `pid` for the block (a netlink socket
     speaks for the namespace it was made in); a no-op when it is ours already."""
     with kernel_call("open", pid, what=f"the network namespace of process {pid}"):
@@ -117,7 +119,9 @@ def _in_network_namespace(pid: int) -> Iterator[None]:
         os.close(ours)
 
 
-def _read_dump(channel: socket.socket) -> Iterator[tuple[int, UnixDiag]]:
+def read_diag_dump(channel: socket.socket, family: str) -> Iterator[bytes]:
+    """The body of each socket a sock_diag dump of `family` ("unix", "packet") tells of;
+    none when the kernel has no handler for that family."""
     while True:
         data = channel.recv(1 << 16)
         offset = 0
@@ -131,21 +135,20 @@ def _read_dump(channel: socket.socket) -> Iterator[tuple[int, UnixDiag]]:
                 return
             if kind == NLMSG_ERROR:
                 code = -_INT.unpack_from(body)[0]
-                if code == errno_codes.ENOENT:  # no handler for AF_UNIX: unix_diag missing
+                if code == errno_codes.ENOENT:  # no handler for the family: its diag missing
                     return
                 if code:
                     raise HijackError(
-                        f"sock_diag for unix sockets failed: {os.strerror(code)}",
+                        f"sock_diag for {family} sockets failed: {os.strerror(code)}",
                         errno=code,
                         syscall="sock_diag",
                     )
                 continue
             if kind == SOCK_DIAG_BY_FAMILY:
-                diag = _parse_socket(body)
-                yield diag.inode, diag
+                yield body
 
 
-def _attributes(data: bytes) -> Iterator[tuple[int, bytes]]:
+def attributes(data: bytes) -> Iterator[tuple[int, bytes]]:
     offset = 0
     while offset + NLATTR.size <= len(data):
         length, kind = NLATTR.unpack_from(data, offset)
@@ -158,7 +161,7 @@ def _attributes(data: bytes) -> Iterator[tuple[int, bytes]]:
 def _parse_socket(body: bytes) -> UnixDiag:
     _family, kind, state, _pad, inode, _cookie = UNIX_DIAG_MSG.unpack_from(body)
     name, vfs, peer, icons, rqueue, wqueue, shutdown = b"", None, 0, (), 0, 0, 0
-    for attribute, value in _attributes(body[UNIX_DIAG_MSG.size :]):
+    for attribute, value in attributes(body[UNIX_DIAG_MSG.size :]):
         if attribute == UNIX_DIAG_NAME:
             # a path's length counts its terminating NUL; an abstract name is all bytes
             name = value if value.startswith(b"\0") else value.split(b"\0", 1)[0]

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +41,12 @@ class CliResult:
 
 
 class HijackCli:
-    """`hijack ARGS...` with the state directory `state_dir`."""
+    """`hijack ARGS...` with the state directory `state_dir`; with `netns`, run inside that
+    network namespace (where the sockets a dump reads or a restore makes live)."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, netns: str | None = None) -> None:
         self.state_dir = state_dir
+        self.netns = netns
 
     def __call__(self, *args: Argument, timeout: float = CLI_TIMEOUT) -> CliResult:
         argv = tuple(os.fspath(arg) if isinstance(arg, os.PathLike) else str(arg) for arg in args)
@@ -52,16 +55,20 @@ class HijackCli:
             "HIJACK_STATE_DIR": str(self.state_dir),
             "COLUMNS": CLI_COLUMNS,
         }
+        from support.nodes import entering_namespace  # nodes imports this module
+
         try:
-            completed = subprocess.run(
-                [sys.executable, "-m", "hijack", *argv],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                check=False,
-            )
+            with entering_namespace(self.netns) if self.netns else nullcontext() as enter:
+                completed = subprocess.run(
+                    [sys.executable, "-m", "hijack", *argv],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    text=True,
+                    timeout=timeout,
+                    check=False,
+                    preexec_fn=enter,
+                )
         except subprocess.TimeoutExpired as expired:
             raise AssertionError(
                 f"$ hijack {' '.join(argv)} did not finish within {timeout} s\n"

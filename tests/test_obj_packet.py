@@ -1,0 +1,113 @@
+"""Packet sockets (AF_PACKET) come back from the image alone (`dump --kill`, no attach).
+
+The `packet_sockets` fixture (tests/fixtures/packet_sockets.c) runs in a network
+namespace of the test's own with a veth pair: raw and datagram packet sockets,
+bound to an interface or not, two in one fanout group, with options and a
+promiscuous membership. After `dump --kill` and `restore` (both run in that
+namespace) it checks each socket and that a frame sent from the peer reaches the
+group. A socket with a ring is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from support import spawn_fixture
+from support.cli import HijackCli, restored_pid
+from support.nodes import run_ip, spawn_in_namespace
+from support.procview import difference
+from test_obj_dgram import own_namespace
+from test_obj_sockets import sockets_view
+
+from hijack.sys import packet_diag
+
+IFACE, PEER = "hjv0", "hjv1"
+ETH_P_ALL = 3
+
+# Holds a TPACKET_V3 packet socket with an RX ring mapped; prints its descriptor.
+RING_HOLDER = """\
+import mmap, socket, struct, sys
+held = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+held.setsockopt(263, 10, 2)  # PACKET_VERSION TPACKET_V3
+held.setsockopt(263, 5, struct.pack("7I", 1 << 16, 2, 2048, 64, 60, 0, 0))  # PACKET_RX_RING
+ring = mmap.mmap(held.fileno(), 2 << 16)
+print(held.fileno(), flush=True)
+sys.stdin.read()
+"""
+
+
+def packet_view(pid: int) -> set[tuple[object, ...]]:
+    """What packet_diag says of the sockets of `pid` (but their inode numbers)."""
+    links = [os.readlink(link) for link in Path(f"/proc/{pid}/fd").iterdir()]
+    inodes = {int(link[len("socket:[") : -1]) for link in links if link.startswith("socket:[")}
+    return {
+        (d.type, d.protocol, d.ifindex, d.fanout, d.memberships, d.rx_ring, d.tx_ring)
+        for inode, d in packet_diag.packet_sockets(pid).items()
+        if inode in inodes
+    }
+
+
+def add_veth(netns: str) -> None:
+    run_ip("-n", netns, "link", "add", IFACE, "type", "veth", "peer", "name", PEER)
+    run_ip("-n", netns, "link", "set", IFACE, "up")
+    run_ip("-n", netns, "link", "set", PEER, "up")
+
+
+def test_packet_sockets_come_back_bound_with_fanout_and_options(tmp_path: Path) -> None:
+    image = tmp_path / "packet.crf"
+    with own_namespace() as netns:
+        add_veth(netns)
+        with spawn_fixture("packet_sockets", IFACE, PEER, fifos=True, netns=netns) as fixture:
+            hijack = HijackCli(tmp_path / "state", netns)
+            ifindex = int(fixture.ready["ifindex"])
+            before = sockets_view(fixture.pid)
+            packets_before = packet_view(fixture.pid)
+            assert len(packets_before) == 5, packets_before
+            hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+            assert fixture.wait_exit() == -signal.SIGKILL
+
+            shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
+            packets = [o for o in shown["objects"] if o["record"] == "PacketSocket"]
+            assert len(packets) == 5, packets
+            [promiscuous] = [o for o in packets if o["memberships"]]
+            assert promiscuous["memberships"][0]["type"] == 1  # PACKET_MR_PROMISC
+            text = hijack.ok("show", image).stdout
+            group = f"raw protocol 0x0003, interface {ifindex}, fanout group 77 mode 0x0"
+            assert text.count(group) == 2, text
+
+            pid = restored_pid(hijack.ok("restore", image))
+            fixture.adopt(pid)
+            after = sockets_view(pid)
+            assert before == after, difference(before, after)
+            packets_after = packet_view(pid)
+            assert packets_before == packets_after, difference(packets_before, packets_after)
+            fixture.assert_intact()
+
+
+def test_a_packet_socket_with_a_ring_is_refused_by_name(tmp_path: Path) -> None:
+    with own_namespace() as netns:
+        holder = spawn_in_namespace(
+            netns,
+            [sys.executable, "-c", RING_HOLDER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None
+            fd = int(holder.stdout.readline())
+            hijack = HijackCli(tmp_path / "state", netns)
+            refused = hijack("dump", holder.pid, "-o", tmp_path / "ring.crf", "--kill")
+            assert refused.returncode == 1, refused.describe()
+            assert f"fd {fd} (socket socket:[" in refused.stderr, refused.describe()
+            assert "with a PACKET_RX_RING: its mapped ring is not rebuilt" in refused.stderr
+            assert holder.poll() is None  # refused before the kill
+        finally:
+            holder.kill()
+            holder.wait()
