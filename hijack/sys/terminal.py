@@ -172,3 +172,4 @@ def open_slave(path: str) -> int:
         os.close(slave)
         raise
     return slave
+
