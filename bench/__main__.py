@@ -7,6 +7,7 @@ the same run, on the same bytes, at the same place:
   writing SIZE bytes sequentially to a file in the same directory (synced);
 - dump of the same process to a pipe drained by another thread, vs a plain
   memory copy of SIZE bytes;
+- the freeze of a snapshot dump and a dump's CPU cost (bench/snapshots.py);
 - restore of that image, vs process_vm_writev of SIZE bytes into a fresh
   process's memory;
 - the figures of a live move (bench/moves.py): relay throughput and added
@@ -33,6 +34,7 @@ from pathlib import Path
 
 from bench.moves import measure_moves
 from bench.pauses import measure_pauses
+from bench.snapshots import measure_snapshots
 from hijack.mutator.dump import MAP_PRIVATE_ANONYMOUS, PROT_READ_WRITE, dump, dump_to_file
 from hijack.mutator.tracee import Tracee
 from hijack.restore.restorer import restore
@@ -167,7 +169,7 @@ def stop(holder: subprocess.Popen[str]) -> None:
     holder.wait()
 
 
-def measure(size: int, directory: Path) -> list[Figure]:
+def measure(size: int, directory: Path, snapshot_lines: list[str]) -> list[Figure]:
     figures = []
     holder = start_holder(size)
     image = directory / "bench.crf"
@@ -196,6 +198,7 @@ def measure(size: int, directory: Path) -> list[Figure]:
                 None,
             )
         )
+        snapshot_lines += measure_snapshots(holder.pid, size, dumps=5)
     finally:
         stop(holder)
 
@@ -229,14 +232,15 @@ def main(argv: list[str] | None = None) -> int:
     size = (64 if args.quick else 1024) * MIB
     set_child_subreaper()
     with tempfile.TemporaryDirectory(prefix="hijack-bench-", dir="/tmp") as directory:
-        figures = measure(size, Path(directory))
+        snapshot_lines: list[str] = []
+        figures = measure(size, Path(directory), snapshot_lines)
         move_lines = measure_moves(Path(directory), stream_size=size // 4, big=size)
         move_lines += measure_pauses(Path(directory), cycles=20 if args.quick else 200)
     header = (
         f"hijack bench, {size // MIB} MiB, {time.strftime('%Y-%m-%d %H:%M')},"
         f" {os.uname().sysname} {os.uname().release}, {os.cpu_count()} CPUs"
     )
-    lines = [header, *(figure.line(size) for figure in figures), *move_lines]
+    lines = [header, *(figure.line(size) for figure in figures), *snapshot_lines, *move_lines]
     print("\n".join(lines))
     RESULTS.write_text("\n".join(lines) + "\n")
     return 0

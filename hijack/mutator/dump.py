@@ -606,9 +606,10 @@ def write_segment_pages(
     buffer: bytearray,
     precopied: Precopied | None = None,
     runs: list[tuple[int, int]] | None = None,
+    through_mem: bool = False,
 ) -> None:
     """Store the pages of one segment of `pid`, read through `buffer` (READ_CHUNK bytes):
-    its `runs`, by default runs_to_store()'s."""
+    its `runs`, by default runs_to_store()'s; all through /proc/PID/mem if `through_mem`."""
     # A file-backed segment is restored from its file, where a page left out
     # is the file's, not zero: its zero pages are stored too.
     keep_zero = keeps_zero_pages(segment)
@@ -621,7 +622,10 @@ def write_segment_pages(
         for chunk_start in range(start, end, READ_CHUNK):
             length = min(READ_CHUNK, end - chunk_start)
             view = memoryview(buffer)[:length]
-            _read_memory(pid, mem, segment, chunk_start, view)
+            if through_mem:
+                mem.read_into(chunk_start, view)
+            else:
+                _read_memory(pid, mem, segment, chunk_start, view)
             writer.write_pages(chunk_start, view, keep_zero_pages=keep_zero)
 
 
