@@ -43,6 +43,8 @@ from hijack.sys.process import set_child_subreaper
 
 MIB = 1024 * 1024
 RESULTS = Path(__file__).with_name("results.txt")
+# Issue #17: a dump to a synced file takes at most 1.1x writing its bytes and syncing them.
+DUMP_TO_FILE_TARGET = 1 / 1.1
 
 # A process holding `size` bytes of non-zero, incompressible-enough memory,
 # that says "ready" once it is all in place and then waits for stdin to close.
@@ -186,7 +188,7 @@ def measure(size: int, directory: Path, snapshot_lines: list[str]) -> list[Figur
                 dump_file_s,
                 "sequential write, same fs (fsync)",
                 min(write_before, write_after),
-                0.70,
+                DUMP_TO_FILE_TARGET,
             )
         )
         figures.append(
