@@ -233,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     size = (64 if args.quick else 1024) * MIB
     set_child_subreaper()
+    load_at_start = os.getloadavg()[0]  # a shared machine: each figure is only as good as this
     with tempfile.TemporaryDirectory(prefix="hijack-bench-", dir="/tmp") as directory:
         snapshot_lines: list[str] = []
         figures = measure(size, Path(directory), snapshot_lines)
@@ -240,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         move_lines += measure_pauses(Path(directory), cycles=20 if args.quick else 200)
     header = (
         f"hijack bench, {size // MIB} MiB, {time.strftime('%Y-%m-%d %H:%M')},"
-        f" {os.uname().sysname} {os.uname().release}, {os.cpu_count()} CPUs"
+        f" {os.uname().sysname} {os.uname().release}, {os.cpu_count()} CPUs,"
+        f" load {load_at_start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end"
     )
     lines = [header, *(figure.line(size) for figure in figures), *snapshot_lines, *move_lines]
     print("\n".join(lines))

@@ -3,7 +3,8 @@
 - freeze: a snapshot dump (without --kill) stops the process only to read its
   threads, timers, settings and descriptors and to fork a copy whose memory is
   the image's; the figure is the median (and range) of DUMPS dumps to
-  /dev/null, each as `hijack dump` prints it;
+  /dev/null, each as `hijack dump` prints it, beside the freeze of a dump that
+  keeps the process stopped throughout (as `dump --kill` does, and `dump` did);
 - CPU-seconds per GiB: user + system time of hijack (this process) and of the
   target during one dump to /dev/null, per GiB held.
 """
@@ -14,7 +15,8 @@ import os
 import resource
 import statistics
 
-from hijack.mutator.dump import dump
+from hijack.mutator.dump import dump, write_image
+from hijack.mutator.tracee import Tracee
 from hijack.sys import procfs
 
 GIB = 1024**3
@@ -40,13 +42,16 @@ def measure_snapshots(pid: int, size: int, dumps: int) -> list[str]:
         with open(os.devnull, "wb") as out:
             freezes.append(dump(pid, out).frozen_ms)
         cpu.append((_own_cpu() - ours + _cpu_of(pid) - theirs) * GIB / size)
+    with open(os.devnull, "wb") as out, Tracee.seize(pid) as tracee:
+        write_image(tracee, out)
+    stopped_ms = tracee.pause_ms
     median = statistics.median(freezes)
     per_gib = statistics.median(cpu)
     return [
         f"{'snapshot dump freeze (median)':<34} {median:8.1f} ms   | "
-        f"{f'{dumps} dumps of {size >> 20} MiB, range':<38}"
-        f" {min(freezes):6.1f}-{max(freezes):.1f} ms | "
-        f"target <= {FREEZE_LIMIT_MS:.0f} ms: {'met' if median <= FREEZE_LIMIT_MS else 'NOT met'}",
+        f"{'stopped throughout (dump --kill)':<38} {stopped_ms:8.1f} ms   |"
+        f" range of {dumps} {min(freezes):.1f}-{max(freezes):.1f} ms;"
+        f" target <= {FREEZE_LIMIT_MS:.0f} ms: {'met' if median <= FREEZE_LIMIT_MS else 'NOT met'}",
         f"{'dump CPU per GiB (median)':<34} {per_gib:8.2f} s    | "
         f"{'user+sys of hijack and target, range':<38}"
         f" {min(cpu):6.2f}-{max(cpu):.2f} s  | "
