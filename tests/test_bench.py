@@ -23,6 +23,8 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "dump to a file",
         "dump to a pipe",
         "restore from a file",
+        "snapshot dump freeze",
+        "dump CPU per GiB",
         "relay throughput",
         "added round trip",
         "move freeze time, 10 MB",

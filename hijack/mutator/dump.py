@@ -118,6 +118,18 @@ def dump(
     `out` ends up (an absolute path, or lockbook.STDOUT), written down with the network
     locks a `kill` leaves for the restore (hijack.lockbook).
     """
+    if not kill:
+        # Imported here: the snapshot is built of this module's parts.
+        from hijack.mutator.snapshot import snapshot_dump
+
+        return snapshot_dump(
+            pid,
+            out,
+            no_binary=no_binary,
+            no_shared_libs=no_shared_libs,
+            on_complete=on_complete,
+            ghost_limit=ghost_limit,
+        )
     widen_if_pipe(out)
     stopped_at = time.perf_counter()
     # Connections a killed process's restore rebuilds are locked while it is gone.
@@ -173,11 +185,7 @@ def write_image(
     `connections`: established TCP connections are read with TCP_REPAIR (hijack.objects.tcp).
     """
     pid = tracee.pid
-    options = rec.DumpOptions(0)
-    if no_binary:
-        options |= rec.DumpOptions.NO_BINARY
-    if no_shared_libs:
-        options |= rec.DumpOptions.NO_SHARED_LIBS
+    options = dump_options(no_binary=no_binary, no_shared_libs=no_shared_libs)
     maps = procfs.read_maps(pid)
     aio_rings = aio.read_rings(pid, maps, moving=precopied is not None)
     maps = [entry for entry in maps if not aio.is_aio_ring(entry)]  # made again by io_setup
@@ -198,30 +206,74 @@ def write_image(
         segments = precopied.segments(segments)
     if check is not None:
         check(tuple(segments), files)
-    writer = ImageWriter(out)
-    writer.write(read_header(pid, options))
-    writer.write(read_credentials(pid))
-    writer.write(read_rlimits(pid))
-    writer.write(read_memory_structure(pid, brk))
-    writer.write(rec.Segments(segments=tuple(segments)))
-    writer.write(files.files)
-    for section in files.sections:
-        writer.write(section)
-    counts = write_memory(pid, segments, writer, precopied)
-    for thread_record in threads:
-        writer.write(thread_record)
-    writer.write(
-        rec.SignalState(
+    parts = ImageParts(
+        header=read_header(pid, options),
+        credentials=read_credentials(pid),
+        rlimits=read_rlimits(pid),
+        memory_structure=read_memory_structure(pid, brk),
+        segments=segments,
+        files=files,
+        threads=threads,
+        signal_state=rec.SignalState(
             actions=tuple(actions),
             shared_pending=tuple(pt.peek_pending_signals(tracee.injection_tid, shared=True)),
-        )
+        ),
+        cwd=rec.Cwd(cwd=procfs.read_cwd(pid), root=procfs.read_root(pid)),
+        settings=process_settings,
+        timers=process_timers,
     )
-    writer.write(rec.Cwd(cwd=procfs.read_cwd(pid), root=procfs.read_root(pid)))
-    writer.write(process_settings)
-    writer.write(process_timers)
+    return write_parts(out, parts, lambda writer: write_memory(pid, segments, writer, precopied))
+
+
+def dump_options(*, no_binary: bool, no_shared_libs: bool) -> rec.DumpOptions:
+    options = rec.DumpOptions(0)
+    if no_binary:
+        options |= rec.DumpOptions.NO_BINARY
+    if no_shared_libs:
+        options |= rec.DumpOptions.NO_SHARED_LIBS
+    return options
+
+
+@dataclass
+class ImageParts:
+    """Every record of an image but its pages, in the order they are written."""
+
+    header: rec.ImageHeader
+    credentials: rec.Credentials
+    rlimits: rec.Rlimits
+    memory_structure: rec.MemoryStructure
+    segments: list[rec.Segment]
+    files: ImageFiles
+    threads: list[rec.Thread]
+    signal_state: rec.SignalState
+    cwd: rec.Cwd
+    settings: rec.ProcessSettings
+    timers: rec.Timers
+
+
+def write_parts(
+    out: BinaryIO, parts: ImageParts, write_pages: Callable[[ImageWriter], PageCounts]
+) -> tuple[rec.End, int, int]:
+    """Write an image of `parts`, its pages by `write_pages`; return its END, threads and size."""
+    writer = ImageWriter(out)
+    writer.write(parts.header)
+    writer.write(parts.credentials)
+    writer.write(parts.rlimits)
+    writer.write(parts.memory_structure)
+    writer.write(rec.Segments(segments=tuple(parts.segments)))
+    writer.write(parts.files.files)
+    for section in parts.files.sections:
+        writer.write(section)
+    counts = write_pages(writer)
+    for thread_record in parts.threads:
+        writer.write(thread_record)
+    writer.write(parts.signal_state)
+    writer.write(parts.cwd)
+    writer.write(parts.settings)
+    writer.write(parts.timers)
     end = writer.close(pages_untouched=counts.untouched, pages_file=counts.from_files)
     out.flush()
-    return end, len(threads), writer.bytes_written
+    return end, len(parts.threads), writer.bytes_written
 
 
 def refuse_unrestorable(
@@ -549,20 +601,45 @@ def write_memory(
     buffer = bytearray(READ_CHUNK)  # reused: reading into fresh buffers is several times slower
     with memory.MemoryFile(pid) as mem:
         for segment in segments:
-            # A file-backed segment is restored from its file, where a page
-            # left out is the file's, not zero: its zero pages are stored too.
-            keep_zero = _is_file_backed(segment) and segment.contents is rec.ContentsKind.STORED
-            runs = runs_to_store(pid, segment, counts)
-            if segment.contents is rec.ContentsKind.PRECOPIED and precopied is not None:
-                # Over what the rounds sent: a page now zero must be sent as such.
-                keep_zero, runs = True, precopied.runs(segment)
-            for start, end in runs:
-                for chunk_start in range(start, end, READ_CHUNK):
-                    length = min(READ_CHUNK, end - chunk_start)
-                    view = memoryview(buffer)[:length]
-                    _read_memory(pid, mem, segment, chunk_start, view)
-                    writer.write_pages(chunk_start, view, keep_zero_pages=keep_zero)
+            write_segment_pages(pid, mem, segment, writer, counts, buffer, precopied)
     return counts
+
+
+def write_segment_pages(
+    pid: int,
+    mem: memory.MemoryFile,
+    segment: rec.Segment,
+    writer: ImageWriter,
+    counts: PageCounts,
+    buffer: bytearray,
+    precopied: Precopied | None = None,
+    runs: list[tuple[int, int]] | None = None,
+    through_mem: bool = False,
+) -> None:
+    """Store the pages of one segment of `pid`, read through `buffer` (READ_CHUNK bytes):
+    its `runs`, by default runs_to_store()'s; all through /proc/PID/mem if `through_mem`."""
+    # A file-backed segment is restored from its file, where a page left out
+    # is the file's, not zero: its zero pages are stored too.
+    keep_zero = keeps_zero_pages(segment)
+    if runs is None:
+        runs = runs_to_store(pid, segment, counts)
+    if segment.contents is rec.ContentsKind.PRECOPIED and precopied is not None:
+        # Over what the rounds sent: a page now zero must be sent as such.
+        keep_zero, runs = True, precopied.runs(segment)
+    for start, end in runs:
+        for chunk_start in range(start, end, READ_CHUNK):
+            length = min(READ_CHUNK, end - chunk_start)
+            view = memoryview(buffer)[:length]
+            if through_mem:
+                mem.read_into(chunk_start, view)
+            else:
+                _read_memory(pid, mem, segment, chunk_start, view)
+            writer.write_pages(chunk_start, view, keep_zero_pages=keep_zero)
+
+
+def keeps_zero_pages(segment: rec.Segment) -> bool:
+    """Whether a segment's zero pages are stored too (its restore maps a file beneath)."""
+    return _is_file_backed(segment) and segment.contents is rec.ContentsKind.STORED
 
 
 def _is_file_backed(segment: rec.Segment) -> bool:

@@ -44,6 +44,7 @@ from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
 
 O_CLOEXEC = 0o2000000
 F_SETFD = 2
+CLONE_VM = 0x100
 PROT_READ_WRITE = 0x1 | 0x2
 MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20
 PAGE_SIZE = 4096
@@ -69,8 +70,12 @@ def fork_shadow(tracee: Tracee, command: ShadowCommand, env: dict[str, str]) -> 
     return become_shadow(copy, tracee.syscall_address, command, env)
 
 
-def fork_shadow_copy(tracee: Tracee) -> int:
+def fork_shadow_copy(tracee: Tracee, *, intermediate_shares_memory: bool = False) -> int:
     """The part that needs the target stopped: a copy of it, no longer its child; its pid.
+
+    `intermediate_shares_memory`: the intermediate is cloned with CLONE_VM, so
+    the target's page tables are copied once (for the copy), not twice and
+    torn down once more (a snapshot's freeze: about 20 ms a GiB less).
 
     The copy is traced from birth (PTRACE_O_TRACEFORK) and stops by itself;
     `become_shadow` waits for that stop, after the target runs again.
@@ -83,7 +88,7 @@ def fork_shadow_copy(tracee: Tracee) -> int:
     copy_pid = 0
     try:
         with signals_deferred():
-            copy_pid = _fork_copy(tracee)
+            copy_pid = _fork_copy(tracee, CLONE_VM if intermediate_shares_memory else 0)
     except BaseException:
         # A signal held back above is raised as the block ends, with the
         # copy already made: end it, since no one will get its pid.
@@ -107,13 +112,20 @@ def become_shadow(
     return copy_pid
 
 
+def adopt_copy(copy_pid: int) -> TracedThread:
+    """The copy, stopped at its birth (it never runs): injected calls may go into it."""
+    return _adopt_new_child(copy_pid)
+
+
 def discard_copy(copy_pid: int) -> None:
     """End a copy that will not become the shadow."""
     _kill_quietly(copy_pid)
 
 
-def _fork_copy(tracee: Tracee) -> int:
-    intermediate = _spawn_child(tracee, clone_flags=0)
+def _fork_copy(tracee: Tracee, intermediate_flags: int = 0) -> int:
+    # With CLONE_VM the intermediate runs on the target's stack: harmless, it
+    # only ever runs our injected clone and exit, which touch no memory.
+    intermediate = _spawn_child(tracee, clone_flags=intermediate_flags)
     try:
         pt.set_options(intermediate.tid, CHILD_OPTIONS)
         copy_pid = _clone_inside(intermediate, tracee.syscall_address, signal.SIGCHLD)

@@ -1,0 +1,59 @@
+"""Snapshot dumps: how long `hijack dump PID` freezes a 1 GiB process, and what a dump costs.
+
+- freeze: a snapshot dump (without --kill) stops the process only to read its
+  threads, timers, settings and descriptors and to fork a copy whose memory is
+  the image's; the figure is the median (and range) of DUMPS dumps to
+  /dev/null, each as `hijack dump` prints it, beside the freeze of a dump that
+  keeps the process stopped throughout (as `dump --kill` does, and `dump` did);
+- CPU-seconds per GiB: user + system time of hijack (this process) and of the
+  target during one dump to /dev/null, per GiB held.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+
+from hijack.mutator.dump import dump, write_image
+from hijack.mutator.tracee import Tracee
+from hijack.sys import procfs
+
+GIB = 1024**3
+FREEZE_LIMIT_MS = 10.0
+CPU_LIMIT_S = 0.6  # CPU-seconds per GiB dumped
+
+
+def _cpu_of(pid: int) -> float:
+    stat = procfs.read_stat(pid)
+    return (stat.utime + stat.stime) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure_snapshots(pid: int, size: int, dumps: int) -> list[str]:
+    freezes = []
+    cpu = []
+    for _ in range(dumps):
+        ours, theirs = _own_cpu(), _cpu_of(pid)
+        with open(os.devnull, "wb") as out:
+            freezes.append(dump(pid, out).frozen_ms)
+        cpu.append((_own_cpu() - ours + _cpu_of(pid) - theirs) * GIB / size)
+    with open(os.devnull, "wb") as out, Tracee.seize(pid) as tracee:
+        write_image(tracee, out)
+    stopped_ms = tracee.pause_ms
+    median = statistics.median(freezes)
+    per_gib = statistics.median(cpu)
+    return [
+        f"{'snapshot dump freeze (median)':<34} {median:8.1f} ms   | "
+        f"{'stopped throughout (dump --kill)':<38} {stopped_ms:8.1f} ms   |"
+        f" range of {dumps} {min(freezes):.1f}-{max(freezes):.1f} ms;"
+        f" target <= {FREEZE_LIMIT_MS:.0f} ms: {'met' if median <= FREEZE_LIMIT_MS else 'NOT met'}",
+        f"{'dump CPU per GiB (median)':<34} {per_gib:8.2f} s    | "
+        f"{'user+sys of hijack and target, range':<38}"
+        f" {min(cpu):6.2f}-{max(cpu):.2f} s  | "
+        f"target <= {CPU_LIMIT_S} s: {'met' if per_gib <= CPU_LIMIT_S else 'NOT met'}",
+    ]

@@ -1,0 +1,243 @@
+"""`hijack dump PID` (without --kill): a copy-on-write snapshot, a millisecond freeze.
+
+The process is stopped only for what a copy of it cannot tell, then made to
+fork a copy (hijack.mutator.shadow_fork: the copy is no child of it, is traced
+from birth and never runs a single instruction of its own), and released.
+The copy's memory is the process's memory at the instant of the fork; the
+image's pages and signal actions are read from the copy while the
+process runs on; then the copy is killed.
+
+Read while frozen, from the process itself:
+- every thread's registers, signal mask, pending signals, rseq, robust list,
+  clear-child-tid and alternate stack (the copy has one thread: the forker's);
+- its timers and settings (a fork inherits neither interval nor POSIX timers,
+  nor the parent-death signal and subreaper flag);
+- its descriptors and the kernel objects behind them, the contents of its
+  shared memory included: those are shared with the copy, not snapshotted,
+  and the process changes them as it runs. The freeze grows with them, not
+  with private memory;
+- the pages of its MADV_DONTFORK mappings (absent in the copy) and
+  MADV_WIPEONFORK mappings (zero in the copy).
+
+The mappings' VmFlags (smaps walks every page table: 15 ms a GiB) are read
+just before the freeze and used for every mapping still the same at the
+freeze; a layout that changed in between has them read while frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from hijack import objects
+from hijack.image import records as rec
+from hijack.image.codec import ImageWriter
+from hijack.mutator.dump import (
+    READ_CHUNK,
+    DumpResult,
+    ImageParts,
+    PageCounts,
+    _live,
+    describe_segments,
+    dump_options,
+    keeps_zero_pages,
+    read_credentials,
+    read_header,
+    read_memory_structure,
+    read_rlimits,
+    read_signal_actions,
+    read_thread,
+    runs_to_store,
+    scratch_page,
+    widen_if_pipe,
+    write_parts,
+    write_segment_pages,
+)
+from hijack.mutator.shadow_fork import adopt_copy, discard_copy, fork_shadow_copy
+from hijack.mutator.tracee import Tracee
+from hijack.objects.base import DEFAULT_GHOST_LIMIT
+from hijack.objects.memfd import held_by_objects
+from hijack.process import settings, timers
+from hijack.sys import memory, procfs
+from hijack.sys import ptrace as pt
+from hijack.testpoint import reached
+
+# VmFlags of mappings whose pages a forked copy does not hold as they are.
+NOT_FORKED = ("dc", "wf")  # MADV_DONTFORK, MADV_WIPEONFORK
+CLOSE_RANGE_ALL = (0, (1 << 32) - 1, 0)
+UNREAD_ACTION = rec.SigAction(sa_handler=0, sa_flags=0, sa_restorer=0, sa_mask=0)
+
+
+Run = tuple[int, int]
+
+
+@dataclass
+class Frozen:
+    """What was read while the process was stopped (the signal actions come from the copy)."""
+
+    parts: ImageParts
+    syscall_address: int
+    counts: PageCounts = field(default_factory=PageCounts)
+    # Unforked segments (start -> their pages, read while frozen).
+    kept: dict[int, list[tuple[int, bytes]]] = field(default_factory=dict)
+    # Segments whose pages the copy's pagemap does not show (start -> runs).
+    runs: dict[int, list[Run]] = field(default_factory=dict)
+
+
+def snapshot_dump(
+    pid: int,
+    out: BinaryIO,
+    *,
+    no_binary: bool = False,
+    no_shared_libs: bool = False,
+    on_complete: Callable[[], None] | None = None,
+    ghost_limit: int = DEFAULT_GHOST_LIMIT,
+) -> DumpResult:
+    """Write an image of `pid` as it was at a freeze of about a millisecond; it runs on.
+
+    `on_complete` runs once the whole image is written and flushed.
+    """
+    widen_if_pipe(out)
+    options = dump_options(no_binary=no_binary, no_shared_libs=no_shared_libs)
+    # Slow to read (every page table): read while the process still runs.
+    flags_before = procfs.read_smaps_flags(pid)
+    maps_before = set(procfs.read_maps(pid))
+    copy_pid = 0
+    try:
+        with Tracee.seize(pid) as tracee:
+            reached("dump-seized")
+            frozen = _read_frozen(tracee, options, flags_before, maps_before, ghost_limit)
+            copy_pid = fork_shadow_copy(tracee, intermediate_shares_memory=True)
+            _read_what_the_copy_lacks(pid, frozen)
+        frozen_ms = tracee.pause_ms
+        end, threads, written = _write_from_copy(copy_pid, frozen, out)
+        reached("dump-written")
+        if on_complete is not None:
+            on_complete()
+    finally:
+        if copy_pid:
+            discard_copy(copy_pid)
+    return DumpResult(pid, threads, written, end.pages_stored, frozen_ms)
+
+
+def _read_frozen(
+    tracee: Tracee,
+    options: rec.DumpOptions,
+    flags_before: dict[int, tuple[str, ...]],
+    maps_before: set[procfs.MapEntry],
+    ghost_limit: int,
+) -> Frozen:
+    pid = tracee.pid
+    maps = procfs.read_maps(pid)
+    with scratch_page(tracee) as scratch:
+        brk = tracee.checked_syscall("brk", 0)
+        threads = [read_thread(tracee, thread, scratch) for thread in _live(tracee)]
+        process_settings = settings.read_settings(tracee, scratch, tracee.thread_ids)
+        process_timers = timers.read_timers(tracee, scratch)
+    tracee.put_back()
+    files = objects.read_files(pid, connections=False, maps=maps, ghost_limit=ghost_limit)
+    if all(entry in maps_before for entry in maps):
+        flags = {entry.start: flags_before.get(entry.start, ()) for entry in maps}
+    else:
+        flags = procfs.read_smaps_flags(pid)  # the layout changed since: read them now
+    parts = ImageParts(
+        header=read_header(pid, options),
+        credentials=read_credentials(pid),
+        rlimits=read_rlimits(pid),
+        memory_structure=read_memory_structure(pid, brk),
+        segments=held_by_objects(describe_segments(pid, maps, options, flags=flags), files),
+        files=files,
+        threads=threads,
+        signal_state=rec.SignalState(
+            # Read from the copy, which inherits them (64 calls: 3 ms or more).
+            actions=(UNREAD_ACTION,) * rec.SIGNAL_COUNT,
+            shared_pending=tuple(pt.peek_pending_signals(tracee.injection_tid, shared=True)),
+        ),
+        cwd=rec.Cwd(cwd=procfs.read_cwd(pid), root=procfs.read_root(pid)),
+        settings=process_settings,
+        timers=process_timers,
+    )
+    return Frozen(parts, tracee.syscall_address)
+
+
+def _read_what_the_copy_lacks(pid: int, frozen: Frozen) -> None:
+    """Still frozen: the pages of the segments a fork does not copy as they are, and the
+    runs of those whose pages the copy's page tables do not show."""
+    with memory.MemoryFile(pid) as mem:
+        for segment in frozen.parts.segments:
+            if any(flag in segment.vm_flags for flag in NOT_FORKED):
+                frozen.kept[segment.start] = [
+                    (start, _read(pid, mem, segment, start, end))
+                    for start, end in runs_to_store(pid, segment, frozen.counts)
+                ]
+            elif _copy_hides_pages(segment):
+                frozen.runs[segment.start] = runs_to_store(pid, segment, frozen.counts)
+
+
+def _copy_hides_pages(segment: rec.Segment) -> bool:
+    """A mapping of a file whose stored pages are the ones present (a deleted file's):
+    fork copies no page table of a mapping that holds no anonymous page, so the copy
+    would show none present."""
+    return (
+        segment.contents is rec.ContentsKind.STORED
+        and segment.inode != 0
+        and not keeps_zero_pages(segment)
+    )
+
+
+def _read(pid: int, mem: memory.MemoryFile, segment: rec.Segment, start: int, end: int) -> bytes:
+    buffer = bytearray(end - start)
+    if segment.prot & rec.Prot.READ:
+        memory.read_into(pid, start, buffer)
+    else:
+        mem.read_into(start, buffer)
+    return bytes(buffer)
+
+
+def _write_from_copy(copy_pid: int, frozen: Frozen, out: BinaryIO) -> tuple[rec.End, int, int]:
+    """The rest of the image, from the copy (stopped at its birth) while the process runs."""
+    copy = Tracee(
+        copy_pid,
+        {copy_pid: adopt_copy(copy_pid)},
+        syscall_address=frozen.syscall_address,
+        injection_tid=copy_pid,
+    )
+    # The copy's references to the process's open files must not outlive
+    # them: a socket the process closes meanwhile must close now, not when
+    # the copy dies. The copy holds no locks of its own to release.
+    copy.checked_syscall("close_range", *CLOSE_RANGE_ALL)
+    with scratch_page(copy) as scratch:
+        actions = read_signal_actions(copy, scratch)  # a fork copies them as they were
+    parts = dataclasses.replace(
+        frozen.parts,
+        signal_state=dataclasses.replace(frozen.parts.signal_state, actions=tuple(actions)),
+    )
+
+    def write_pages(writer: ImageWriter) -> PageCounts:
+        buffer = bytearray(READ_CHUNK)
+        with memory.MemoryFile(copy_pid) as mem:
+            for segment in frozen.parts.segments:
+                kept = frozen.kept.get(segment.start)
+                if kept is None:
+                    runs = frozen.runs.get(segment.start)
+                    # Not process_vm_readv: it pins pages, and pinning a page the
+                    # copy shares with the process copies it first (unsharing):
+                    # a GiB more memory and twice the time for a GiB read.
+                    write_segment_pages(
+                        copy_pid,
+                        mem,
+                        segment,
+                        writer,
+                        frozen.counts,
+                        buffer,
+                        runs=runs,
+                        through_mem=True,
+                    )
+                    continue
+                for start, data in kept:
+                    writer.write_pages(start, data, keep_zero_pages=keeps_zero_pages(segment))
+        return frozen.counts
+
+    return write_parts(out, parts, write_pages)
