@@ -51,9 +51,7 @@ def test_a_server_killed_mid_stream_and_restored_keeps_its_client(
     image = tmp_path / "echo.crf"
     with spawn_fixture("echo_server", fifos=True) as server:
         port = server.ready["port"]
-        with spawn_fixture(
-            "stream_client", "127.0.0.1", port, str(STREAM_BYTES), "7"
-        ) as client:
+        with spawn_fixture("stream_client", "127.0.0.1", port, str(STREAM_BYTES), "7") as client:
             wait_for_connection(server.pid)
             locks_before = set(netlock.locks_held(client.pid))  # another suite's may be there
             hijack.ok("dump", server.pid, "-o", image, "--kill")
@@ -72,7 +70,6 @@ def test_a_server_killed_mid_stream_and_restored_keeps_its_client(
             assert client.wait_exit(timeout=120) == 0, client.describe()
         server.assert_intact()
     assert "echoed" in server.stdout
-
 
 
 @pytest.mark.skipif(

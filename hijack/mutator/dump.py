@@ -184,9 +184,7 @@ def write_image(
         process_settings = settings.read_settings(tracee, scratch, tracee.thread_ids)
         process_timers = timers.read_timers(tracee, scratch)
     tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
-    files = objects.read_files(
-        pid, connections=connections, maps=maps, ghost_limit=ghost_limit
-    )
+    files = objects.read_files(pid, connections=connections, maps=maps, ghost_limit=ghost_limit)
     flags = precopied.vm_flags(maps) if precopied is not None else None
     segments = held_by_objects(describe_segments(pid, maps, options, flags=flags), files)
     if precopied is not None:

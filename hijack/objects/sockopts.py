@@ -121,9 +121,7 @@ def dump_options(sock: socket.socket, socket_id: int, key: object, dump: DumpCon
         if found.get((SOL_SOCKET, name)) == default.get((SOL_SOCKET, name)):
             found.pop((SOL_SOCKET, name), None)
     code = socket_filter.get_filter(sock.fileno())
-    locked = bool(
-        sock.getsockopt(SOL_SOCKET, socket_filter.SO_LOCK_FILTER) if code else False
-    )
+    locked = bool(sock.getsockopt(SOL_SOCKET, socket_filter.SO_LOCK_FILTER) if code else False)
     options = tuple(
         rec.SocketOption(level=level, name=name, value=value)
         for (level, name), value in found.items()
@@ -217,7 +215,7 @@ def stub_setters(stub: Stub, fd: int) -> tuple[SetOption, AttachFilter]:
 
 
 def describe_options(image: ImageFiles, socket_id: int) -> str:
-    """", 14 options, a filter of 4 instructions (locked)" for `hijack show`."""
+    """ ", 14 options, a filter of 4 instructions (locked)" for `hijack show`."""
     found = options_of(image, socket_id)
     if found is None:
         return ""

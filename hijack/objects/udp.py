@@ -77,9 +77,7 @@ class Udp(Kind):
                 family=sock.family,
                 local_address=local,
                 remote_address=remote,
-                queue=tuple(
-                    rec.QueuedDatagram(length=len(d.data), source=d.source) for d in queue
-                ),
+                queue=tuple(rec.QueuedDatagram(length=len(d.data), source=d.source) for d in queue),
             )
             object_id = dump.add_object(("socket", entry.ino), lambda id: record(id=id))
             dump.add_data(object_id, b"".join(d.data for d in queue))

@@ -161,6 +161,7 @@ def bound_backoff(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, TCP_RTO_MAX_MS, RELAY_RTO_MAX_MS)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, RELAY_GIVE_UP_MS)
 
+
 _LENGTH = struct.Struct("<I")
 # A `migrated` request carries the unread bytes of every stream (base64): up to a
 # socket receive buffer each. Only a peer that proved the token gets this far.

@@ -72,7 +72,7 @@ def epoll_entry_is_open_at(pid: int, epoll_fd: int, tfd: int, toff: int) -> bool
 
 
 def mount_namespace_of(pid: int) -> str:
-    """"mnt:[INODE]": the mount namespace process `pid` lives in."""
+    """ "mnt:[INODE]": the mount namespace process `pid` lives in."""
     with kernel_call("readlink", pid, f"the mount namespace of process {pid}"):
         return os.readlink(f"/proc/{pid}/ns/mnt")
 

@@ -172,4 +172,3 @@ def open_slave(path: str) -> int:
         os.close(slave)
         raise
     return slave
-
