@@ -12,6 +12,8 @@ import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from support.cli import HijackCli
 
 from hijack.errors import HijackError
@@ -174,3 +176,24 @@ def test_a_peer_naming_another_node_is_refused_by_name(tmp_path: Path) -> None:
         pki.expect_peer(tls, "a")
         with pytest.raises(HijackError, match="names node 'a', not 'c'"):
             pki.expect_peer(tls, "c")
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(damage=st.binary(max_size=400))
+def test_damaged_ca_and_revocation_files_are_one_clear_error(tmp_path: Path, damage: bytes) -> None:
+    directory = tmp_path / "pki"
+    if not (directory / "ca.key").exists():
+        pki.init_ca(directory)
+        pki.add_node(directory, "a")
+    crl = directory / "revoked.crl"
+    good = crl.read_bytes()
+    crl.write_bytes(b"-----BEGIN X509 CRL-----\n" + damage)
+    try:
+        with pytest.raises(HijackError):
+            pki.load_crl(directory)
+        with pytest.raises(HijackError):
+            pki.revoke(directory, "a")
+    finally:
+        crl.write_bytes(good)
