@@ -225,13 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_node.add_argument("name", metavar="NAME", help="the node's name (its certificate's)")
     add_node.add_argument("--address", metavar="ADDR", help="also name this IP address or host")
     add_node.add_argument("--pki", metavar="DIR", help="the CA's directory (default as init)")
-    add_node.set_defaults(handler=command_cluster_add_node)
+    add_node.set_defaults(handler=command_cluster_node)
     revoke = cluster_commands.add_parser(
         "revoke", help="put a node's certificate on the revocation list every daemon reads"
     )
     revoke.add_argument("name", metavar="NAME", help="the node to revoke")
     revoke.add_argument("--pki", metavar="DIR", help="the CA's directory (default as init)")
-    revoke.set_defaults(handler=command_cluster_revoke)
+    revoke.set_defaults(handler=command_cluster_node)
     add_status_parser(commands)
 
     check = commands.add_parser(
@@ -420,23 +420,19 @@ def command_cluster_init(args: argparse.Namespace, console: Console) -> int:
     return EXIT_OK
 
 
-def command_cluster_add_node(args: argparse.Namespace, console: Console) -> int:
+def command_cluster_node(args: argparse.Namespace, console: Console) -> int:
+    """`cluster add-node` and `cluster revoke`: one node's certificate, issued or revoked."""
     directory = Path(args.pki) if args.pki else pki.pki_dir()
-    key_path, cert_path = pki.add_node(directory, args.name, args.address)
-    console.print(
-        f"node {args.name}: key {key_path}, certificate {cert_path} (mode 0600):"
-        " copy both to that node only, with ca.crt and revoked.crl"
-    )
-    return EXIT_OK
-
-
-def command_cluster_revoke(args: argparse.Namespace, console: Console) -> int:
-    directory = Path(args.pki) if args.pki else pki.pki_dir()
-    serial = pki.revoke(directory, args.name)
-    console.print(
-        f"node {args.name} revoked (serial {serial:x}): copy {directory / 'revoked.crl'}"
-        " to every node"
-    )
+    if args.cluster_command == "add-node":
+        key_path, cert_path = pki.add_node(directory, args.name, args.address)
+        said = (
+            f"key {key_path}, certificate {cert_path} (mode 0600):"
+            " copy both to that node only, with ca.crt and revoked.crl"
+        )
+    else:
+        serial = pki.revoke(directory, args.name)
+        said = f"revoked (serial {serial:x}): copy {directory / 'revoked.crl'} to every node"
+    console.print(f"node {args.name}: {said}")
     return EXIT_OK
 
 
