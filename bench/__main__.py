@@ -12,7 +12,9 @@ the same run, on the same bytes, at the same place:
   process's memory;
 - the figures of a live move (bench/moves.py): relay throughput and added
   round trip through the shadow, freeze times;
-- the pause of `hijack attach` + `detach` of a busy process (bench/pauses.py).
+- the pause of `hijack attach` + `detach` of a busy process (bench/pauses.py);
+- TLS 1.3 between nodes beside plain TCP: handshake and stream throughput
+  (bench/tls.py).
 
 `python -m bench` measures 1 GiB; `--quick` measures 64 MiB (CI runs it so the
 scripts cannot rot; it asserts nothing). Results go to stdout and to
@@ -35,6 +37,7 @@ from pathlib import Path
 from bench.moves import measure_moves
 from bench.pauses import measure_pauses
 from bench.snapshots import measure_snapshots
+from bench.tls import measure_tls
 from hijack.mutator.dump import MAP_PRIVATE_ANONYMOUS, PROT_READ_WRITE, dump, dump_to_file
 from hijack.mutator.tracee import Tracee
 from hijack.restore.restorer import restore
@@ -240,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         figures = measure(size, Path(directory), snapshot_lines)
         move_lines = measure_moves(Path(directory), stream_size=size // 4, big=size)
         move_lines += measure_pauses(Path(directory), cycles=20 if args.quick else 200)
+        move_lines += measure_tls(Path(directory) / "pki", size // 4)
     header = (
         f"hijack bench, {size // MIB} MiB, {time.strftime('%Y-%m-%d %H:%M')},"
         f" {os.uname().sysname} {os.uname().release}, {os.cpu_count()} CPUs,"

@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from hijack.errors import HijackError
+from hijack.node import pki
 from hijack.node.channel import cluster_key_path, load_cluster_key
-from hijack.registry import state_dir
+from hijack.registry import node_name, state_dir
 from hijack.sys import probe
 
 # PAGEMAP_SCAN arrived in Linux 6.7: older kernels cannot pre-copy.
@@ -102,6 +103,14 @@ def _cluster_key() -> str:
     return f"{cluster_key_path()}"
 
 
+def _cluster_certificates() -> str:
+    """The CA's certificate, the revocation list and this node's key and certificate."""
+    directory, name = pki.pki_dir(), node_name()
+    pki.load_crl(directory)
+    pki.server_context(directory, name)  # loads and matches them all, as a daemon would
+    return f"{directory} (node {name})"
+
+
 FEATURES = (
     Feature("machine", True, "nothing: hijack runs on x86_64 Linux", _architecture),
     Feature(
@@ -137,6 +146,12 @@ FEATURES = (
     ),
     Feature("state directory", True, "attach, move, status (the registry)", _state_directory),
     Feature("cluster key", True, "move and node serve", _cluster_key),
+    Feature(
+        "cluster certificates",
+        False,
+        "TLS between nodes (`hijack cluster init`, then `hijack cluster add-node NAME`)",
+        _cluster_certificates,
+    ),
 )
 
 

@@ -28,7 +28,7 @@ from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.tracee import signals_deferred
 from hijack.node import daemon as node_daemon
 from hijack.node import move as moving
-from hijack.node import naming
+from hijack.node import naming, pki
 from hijack.node.channel import cluster_key_path, create_cluster_key, load_cluster_key
 from hijack.node.daemon import DEFAULT_PORT
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(handler=command_node_serve)
 
-    cluster = commands.add_parser("cluster", help="the cluster's key")
+    cluster = commands.add_parser("cluster", help="the cluster's key and certificates")
     cluster_commands = cluster.add_subparsers(
         dest="cluster_command", required=True, metavar="COMMAND"
     )
@@ -215,7 +215,23 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument(
         "--key", metavar="FILE", help="where (default $HIJACK_CLUSTER_KEY or STATE/cluster.key)"
     )
+    init.add_argument(
+        "--pki", metavar="DIR", help="where the CA goes (default $HIJACK_PKI or STATE/pki)"
+    )
     init.set_defaults(handler=command_cluster_init)
+    add_node = cluster_commands.add_parser(
+        "add-node", help="issue a node its key and certificate, signed by the cluster's CA"
+    )
+    add_node.add_argument("name", metavar="NAME", help="the node's name (its certificate's)")
+    add_node.add_argument("--address", metavar="ADDR", help="also name this IP address or host")
+    add_node.add_argument("--pki", metavar="DIR", help="the CA's directory (default as init)")
+    add_node.set_defaults(handler=command_cluster_node)
+    revoke = cluster_commands.add_parser(
+        "revoke", help="put a node's certificate on the revocation list every daemon reads"
+    )
+    revoke.add_argument("name", metavar="NAME", help="the node to revoke")
+    revoke.add_argument("--pki", metavar="DIR", help="the CA's directory (default as init)")
+    revoke.set_defaults(handler=command_cluster_node)
     add_status_parser(commands)
 
     check = commands.add_parser(
@@ -396,6 +412,28 @@ def command_cluster_init(args: argparse.Namespace, console: Console) -> int:
     except OSError as exc:
         raise HijackError(f"cannot write {path}: {exc.strerror}") from None
     console.print(f"cluster key written to {path}: copy it to every node (mode 0600)")
+    directory = Path(args.pki) if args.pki else pki.pki_dir()
+    pki.init_ca(directory)
+    console.print(
+        f"cluster CA written to {directory}: keep ca.key there; copy ca.crt and revoked.crl"
+        " to every node"
+    )
+    return EXIT_OK
+
+
+def command_cluster_node(args: argparse.Namespace, console: Console) -> int:
+    """`cluster add-node` and `cluster revoke`: one node's certificate, issued or revoked."""
+    directory = Path(args.pki) if args.pki else pki.pki_dir()
+    if args.cluster_command == "add-node":
+        key_path, cert_path = pki.add_node(directory, args.name, args.address)
+        said = (
+            f"key {key_path}, certificate {cert_path} (mode 0600):"
+            " copy both to that node only, with ca.crt and revoked.crl"
+        )
+    else:
+        serial = pki.revoke(directory, args.name)
+        said = f"revoked (serial {serial:x}): copy {directory / 'revoked.crl'} to every node"
+    console.print(f"node {args.name}: {said}")
     return EXIT_OK
 
 

@@ -1,0 +1,315 @@
+"""The cluster's certificates: a CA, one key and certificate per node, a revocation list.
+
+Layout (docs/security.md, "Keys and certificates"), in $HIJACK_PKI or STATE/pki:
+
+    ca.key              the CA's private key (0600; keep it on one admin machine)
+    ca.crt              the CA's certificate (every node holds a copy)
+    revoked.crl         the revocation list, signed by the CA (every node holds a copy)
+    nodes/NAME.key      a node's private key (0600; only that node holds it)
+    nodes/NAME.crt      a node's certificate: subject CN=NAME, DNS name NAME (+ --address)
+
+The keys and certificates come from the `cryptography` package; TLS itself is
+Python's `ssl` (OpenSSL), version 1.3 only, each side verifying the other's
+chain to ca.crt, the revocation list and the node name it expects.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import socket
+import ssl
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from hijack.errors import HijackError
+from hijack.registry import state_dir
+
+CA_DAYS = 3650
+NODE_DAYS = 825
+CRL_DAYS = 3650  # the list is reissued at every revocation; it must not lapse between
+NODE_NAME_MAX = 64
+
+
+def pki_dir() -> Path:
+    return Path(os.environ.get("HIJACK_PKI") or state_dir() / "pki")
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a file only its owner can read, never replacing one (keys are not overwritten)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+
+
+def _replace_private(path: Path, data: bytes) -> None:
+    """Replace a file atomically (the revocation list a daemon may be reading)."""
+    part = path.with_name(path.name + ".part")
+    part.unlink(missing_ok=True)
+    _write_private(part, data)
+    os.replace(part, path)
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _check_name(name: str) -> None:
+    if (
+        not name
+        or len(name) > NODE_NAME_MAX
+        or not all(c.isalnum() or c in "-_." for c in name)
+        or name.startswith((".", "-"))
+    ):
+        raise HijackError(
+            f"bad node name {name!r}: letters, digits, '-', '_', '.' (at most {NODE_NAME_MAX})"
+        )
+
+
+def _load_ca(directory: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    try:
+        key_bytes = (directory / "ca.key").read_bytes()
+        cert_bytes = (directory / "ca.crt").read_bytes()
+    except OSError as exc:
+        raise HijackError(
+            f"no cluster CA in {directory} ({exc.strerror}); create it with `hijack cluster init`"
+        ) from None
+    try:
+        key = serialization.load_pem_private_key(key_bytes, password=None)
+        cert = x509.load_pem_x509_certificate(cert_bytes)
+    except ValueError as exc:
+        raise HijackError(f"the cluster CA in {directory} is damaged: {exc}") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise HijackError(f"the cluster CA key in {directory} is not an EC key")
+    return key, cert
+
+
+def _issue_crl(
+    directory: Path,
+    key: ec.EllipticCurvePrivateKey,
+    ca: x509.Certificate,
+    revoked: list[x509.RevokedCertificate],
+) -> None:
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.subject)
+        .last_update(now - datetime.timedelta(minutes=5))
+        .next_update(now + datetime.timedelta(days=CRL_DAYS))
+    )
+    for entry in revoked:
+        builder = builder.add_revoked_certificate(entry)
+    crl = builder.sign(key, hashes.SHA256())
+    _replace_private(directory / "revoked.crl", crl.public_bytes(serialization.Encoding.PEM))
+
+
+def init_ca(directory: Path, name: str = "hijack cluster") -> None:
+    """Create the cluster's CA and an empty revocation list; refuse if one is there."""
+    if (directory / "ca.key").exists() or (directory / "ca.crt").exists():
+        raise HijackError(f"a cluster CA exists already in {directory}")
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=False,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(directory / "ca.key", _pem_key(key))
+    _write_private(directory / "ca.crt", cert.public_bytes(serialization.Encoding.PEM))
+    _issue_crl(directory, key, cert, [])
+
+
+def node_paths(directory: Path, name: str) -> tuple[Path, Path]:
+    """(key, certificate) of node NAME."""
+    return directory / "nodes" / f"{name}.key", directory / "nodes" / f"{name}.crt"
+
+
+def add_node(
+    directory: Path,
+    name: str,
+    address: str | None = None,
+    *,
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+) -> tuple[Path, Path]:
+    """Issue node NAME a key and a certificate signed by the cluster's CA."""
+    _check_name(name)
+    ca_key, ca = _load_ca(directory)
+    key_path, cert_path = node_paths(directory, name)
+    if key_path.exists() or cert_path.exists():
+        raise HijackError(f"node {name} has a certificate already; revoke it and remove its files")
+    alt_names: list[x509.GeneralName] = [x509.DNSName(name)]
+    if address is not None:
+        try:
+            alt_names.append(x509.IPAddress(ipaddress.ip_address(address)))
+        except ValueError:
+            alt_names.append(x509.DNSName(address))
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or now - datetime.timedelta(minutes=5))
+        .not_valid_after(not_after or now + datetime.timedelta(days=NODE_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .add_extension(
+            # A node is a server (daemon) and a client (mover, daemon to daemon).
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_private(key_path, _pem_key(key))
+    _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return key_path, cert_path
+
+
+def revoke(directory: Path, name: str) -> int:
+    """Put node NAME's certificate on the revocation list; its serial number."""
+    _check_name(name)
+    ca_key, ca = _load_ca(directory)
+    _, cert_path = node_paths(directory, name)
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except OSError as exc:
+        raise HijackError(
+            f"no certificate for node {name} at {cert_path} ({exc.strerror})"
+        ) from None
+    crl = load_crl(directory)
+    entries = list(crl)
+    if not any(entry.serial_number == cert.serial_number for entry in entries):
+        entries.append(
+            x509.RevokedCertificateBuilder()
+            .serial_number(cert.serial_number)
+            .revocation_date(_now())
+            .build()
+        )
+    _issue_crl(directory, ca_key, ca, entries)
+    return cert.serial_number
+
+
+def load_crl(directory: Path) -> x509.CertificateRevocationList:
+    path = directory / "revoked.crl"
+    try:
+        return x509.load_pem_x509_crl(path.read_bytes())
+    except OSError as exc:
+        raise HijackError(f"no revocation list at {path} ({exc.strerror})") from None
+    except ValueError as exc:
+        raise HijackError(f"the revocation list at {path} is damaged: {exc}") from None
+
+
+def _context(purpose: ssl.Purpose, directory: Path, name: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(
+        ssl.PROTOCOL_TLS_SERVER if purpose is ssl.Purpose.CLIENT_AUTH else ssl.PROTOCOL_TLS_CLIENT
+    )
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.verify_mode = ssl.CERT_REQUIRED
+    # A name is checked by peer_name() against the node expected, on both sides alike;
+    # OpenSSL's host-name check covers only the client's view of the server.
+    context.check_hostname = False
+    key_path, cert_path = node_paths(directory, name)
+    try:
+        context.load_cert_chain(cert_path, key_path)
+        context.load_verify_locations(cafile=directory / "ca.crt")
+        # The revocation list is read at every context made: a daemon makes one per
+        # connection's listener refresh (hijack.node.daemon), so `revoke` takes effect
+        # once the new list is copied to the node.
+        context.load_verify_locations(cafile=directory / "revoked.crl")
+    except (OSError, ssl.SSLError) as exc:
+        raise HijackError(
+            f"cannot load node {name}'s certificates from {directory}: {exc}"
+        ) from None
+    context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
+    return context
+
+
+def server_context(directory: Path, name: str) -> ssl.SSLContext:
+    """TLS 1.3 for node NAME's daemon: client certificates required, CA and revocation checked."""
+    return _context(ssl.Purpose.CLIENT_AUTH, directory, name)
+
+
+def client_context(directory: Path, name: str) -> ssl.SSLContext:
+    """TLS 1.3 for node NAME connecting to another node (mover, daemon to daemon)."""
+    return _context(ssl.Purpose.SERVER_AUTH, directory, name)
+
+
+def peer_name(tls: ssl.SSLSocket) -> str:
+    """The node name the peer's verified certificate gives (its common name)."""
+    der = tls.getpeercert(binary_form=True)
+    if der is None:
+        raise HijackError("the peer sent no certificate")
+    cert = x509.load_der_x509_certificate(der)
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if len(names) != 1 or not isinstance(names[0].value, str):
+        raise HijackError("the peer's certificate names no node")
+    return names[0].value
+
+
+def expect_peer(tls: ssl.SSLSocket, expected: str) -> None:
+    """Refuse a peer whose verified certificate names another node than the one expected."""
+    name = peer_name(tls)
+    if name != expected:
+        raise HijackError(f"the peer's certificate names node {name!r}, not {expected!r}")
+
+
+def handshake(
+    sock: socket.socket,
+    context: ssl.SSLContext,
+    *,
+    server: bool,
+    deadline: float,
+) -> ssl.SSLSocket:
+    """Run the TLS handshake within DEADLINE seconds; one clear error if it fails."""
+    sock.settimeout(deadline)
+    try:
+        tls = context.wrap_socket(sock, server_side=server)
+    except ssl.SSLCertVerificationError as exc:
+        raise HijackError(f"TLS: the peer's certificate is refused: {exc.verify_message}") from None
+    except (ssl.SSLError, OSError) as exc:
+        raise HijackError(f"TLS handshake failed: {exc}") from None
+    return tls
