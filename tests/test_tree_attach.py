@@ -28,7 +28,10 @@ from pathlib import Path
 import pytest
 from support.cli import HijackCli
 
+from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.registry import Registry
+from hijack.restore.restorer import shadow_holdings
+from hijack.sys import pidfd
 
 LINE_TIMEOUT = 10.0
 EXIT_TIMEOUT = 10.0
@@ -295,8 +298,11 @@ def test_member_traced_by_another_tracer_is_refused_by_name(
         # Nothing attached: no record, no shadow directory, no shadow.
         assert Registry(cli.state_dir).processes() == []
         assert not any((cli.state_dir / "shadows").glob("*"))
-        assert all(int(Path(f"/proc/{pid}/status").read_text().split("TracerPid:")[1].split()[0])
-                   in (0, tracer.pid) for pid in tree.pids)
+        assert all(
+            int(Path(f"/proc/{pid}/status").read_text().split("TracerPid:")[1].split()[0])
+            in (0, tracer.pid)
+            for pid in tree.pids
+        )
     finally:
         assert tracer.stdin is not None
         tracer.stdin.close()
@@ -332,3 +338,36 @@ def test_forget_and_recover_handle_the_tree(cli: HijackCli, tree: Tree) -> None:
     assert Registry(cli.state_dir).members(tree.root) == []
     for pid in tree.pids[:2]:
         assert tree.ask(pid, "ping") == f"pong {pid}"
+
+
+def test_a_checkpointed_member_is_held_for_its_restore(cli: HijackCli, tree: Tree) -> None:
+    """What a restore of one member asks (restorer.shadow_holdings keyed by member pid):
+    its descriptors handed over as at `dump --kill`, the member killed, the shadow keeps
+    its very connection (the client sees no end) and gives it back by the member's pid."""
+    attach_tree(cli, tree)
+    member = tree.pids[1]
+    (member_socket,) = socket_inodes(member)
+    registry = Registry(cli.state_dir)
+    record = registry.get(tree.root)
+    assert record.shadow_control is not None and record.shadow_pid is not None
+    assert shadow_holdings(registry, member) is None  # followed, not checkpointed
+    assert shadow_holdings(registry, tree.root) is None  # attached, not checkpointed
+
+    hand_descriptors_to_shadow(member, record.shadow_control, as_member=True)
+    os.kill(member, signal.SIGKILL)
+    wait_gone(member)
+    holdings = shadow_holdings(registry, member)
+    assert holdings is not None and holdings.member == member
+    number = next(
+        fd for fd, (_dev, ino) in holdings.identity.items() if f"socket:[{ino}]" == member_socket
+    )
+    taken = pidfd.copy_fd(holdings.shadow_pid, holdings.own_fd[number])
+    with socket.socket(fileno=taken) as connection:
+        connection.sendall(b"still here\n")
+        assert read_line(tree.clients[member]) == "still here"
+
+    # The root and the other member run on, followed; the root's own holdings are not given.
+    assert shadow_holdings(registry, tree.pids[2]) is None
+    for pid in (tree.root, tree.pids[2]):
+        assert tree.ask(pid, "ping") == f"pong {pid}"
+    assert cli("detach", tree.root).returncode == 0

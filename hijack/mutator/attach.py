@@ -144,8 +144,10 @@ def refuse_untakeable_tree(tree: ProcessTree, registry: Registry) -> None:
     """Refuse, naming every such member, a tree with a member that cannot be taken (traced
     by another tracer, in a pid namespace of its own, a kernel thread, hijack itself) or
     that is attached on its own already. Nothing is touched before."""
-    reasons = untakeable(tree)
-    for member in tree.members[1:]:
+    # The root's own refusals are the seize's (check_attachable), in their own words.
+    descendants = tree.members[1:]
+    reasons = untakeable(ProcessTree(descendants)) if descendants else []
+    for member in descendants:
         try:
             refuse_hijack_itself(member.pid)
         except HijackError as exc:

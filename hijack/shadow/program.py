@@ -230,7 +230,10 @@ class Shadow:
             table[number] = fd
             if previous is not None and previous != fd:
                 self._close_unless_named(previous)
-        if message.get("hold"):
+        if message.get("hold") and member and member != self.target_pid:
+            self._unwatch_member(member)  # checkpointed: kept for its restore
+            log(f"holding {len(self.members[member])} descriptors of member {member}")
+        elif message.get("hold"):
             self.mode = Mode.HOLDING
             log(f"holding {len(self.held)} descriptors of checkpointed process {self.target_pid}")
         return {"ok": True, **self.describe()}
@@ -350,7 +353,11 @@ class Shadow:
             "endpoint_port": self.endpoint.getsockname()[1] if self.endpoint else 0,
             "fds": fds,
             "members": [
-                {"pid": member, "fds": described(table)}
+                {
+                    "pid": member,
+                    "following": member in self.member_handles,
+                    "fds": described(table),
+                }
                 for member, table in sorted(self.members.items())
             ],
             "streams": self.hub.describe(),
@@ -400,7 +407,9 @@ class Shadow:
 
     def follow_target(self) -> None:
         """Close our copy of every descriptor the target (or a member) no longer holds."""
-        for pid, table in [(self.target_pid, self.held), *self.members.items()]:
+        # A member not followed is held for its restore (checkpointed, not yet home).
+        followed = [(pid, t) for pid, t in self.members.items() if pid in self.member_handles]
+        for pid, table in [(self.target_pid, self.held), *followed]:
             for number, fd in sorted(table.items()):
                 if not same_file(fd, f"/proc/{pid}/fd/{number}"):
                     log(f"process {pid} closed or replaced fd {number}; releasing our copy")
