@@ -39,7 +39,9 @@ EXIT_TIMEOUT = 10.0
 # The tree: argv[1] is the port of the test's listener. Each member connects
 # to it, says "hello PID", and then answers each line "ping" with "pong PID"
 # ("pipe" to the parent: the line child 1 wrote into their pipe at start, read
-# only now). "ready P C1 C2" on stdout once every member is connected.
+# only now; both children keep the pipe's write end, one description inherited
+# by each). "ready P C1 C2 INODE" (the pipe's) on stdout once every member is
+# connected.
 TREE_PROGRAM = r"""
 import os, socket, sys
 
@@ -70,7 +72,7 @@ for index in range(2):
         sock = connect()
         if index == 0:
             os.write(write_end, f"from child {os.getpid()}\n".encode())
-        os.close(write_end)
+        # Both children keep the write end: one description, inherited by each.
         os.write(ready_write, b"x")
         os.close(ready_write)
         serve(sock)
@@ -80,7 +82,7 @@ os.close(ready_write)
 sock = connect()
 assert len(os.read(ready_read, 1)) == 1 and len(os.read(ready_read, 1)) == 1
 os.close(ready_read)
-print("ready", os.getpid(), *children, flush=True)
+print("ready", os.getpid(), *children, os.fstat(read_end).st_ino, flush=True)
 serve(sock, read_end)
 """
 
@@ -102,6 +104,7 @@ class Tree:
     process: subprocess.Popen[bytes]
     pids: tuple[int, int, int]  # root, child 1, child 2
     clients: dict[int, socket.socket]  # member pid -> the test's end of its connection
+    pipe: str  # "pipe:[N]": the pipe between child 1 and the root
 
     @property
     def root(self) -> int:
@@ -156,9 +159,9 @@ def tree() -> Iterator[Tree]:
             assert ready, "the tree did not say ready"
             words = process.stdout.readline().decode().split()
             assert words[0] == "ready", words
-            pids = [int(word) for word in words[1:]]
+            pids = [int(word) for word in words[1:4]]
             assert set(pids) == set(clients)
-            yield Tree(process, (pids[0], pids[1], pids[2]), clients)
+            yield Tree(process, (pids[0], pids[1], pids[2]), clients, f"pipe:[{words[4]}]")
         finally:
             for pid in pids[1:]:
                 with contextlib.suppress(ProcessLookupError):
@@ -234,10 +237,12 @@ def test_attach_tree_one_shadow_holds_every_member(cli: HijackCli, tree: Tree) -
         assert held <= set(shadow_targets), f"the shadow does not hold {held} of {pid}"
     assert Registry(cli.state_dir).processes()[0].shadow_pid == shadow
     assert len(Registry(cli.state_dir).processes()) == 1
-    pipes = [target for target in shadow_targets if target.startswith("pipe:")]
-    # The child's write end (its own, closed after the write) is gone; the
-    # parent's read end is held once, though child 2 inherited nothing of it.
-    assert len(pipes) == len(set(pipes)), shadow_targets
+    # The pipe: the root's read end (inherited by the fork) and the write end
+    # once, though both children hold it (one description: kcmp, not copied twice).
+    assert shadow_targets.count(tree.pipe) == 2, shadow_targets
+    # Every member's stdout, one description inherited by all three: held once.
+    stdout = os.readlink(f"/proc/{tree.root}/fd/1")
+    assert shadow_targets.count(stdout) == 1, shadow_targets
 
     # `hijack status` shows the members under their root.
     status = cli("status", "--json")
@@ -255,6 +260,12 @@ def test_attach_tree_one_shadow_holds_every_member(cli: HijackCli, tree: Tree) -
     }
     assert sorted(held_sockets) == sorted(tree.pids[1:]), row["shadow"]
     assert all(len(held) == 1 for held in held_sockets.values()), held_sockets
+    held_pipes = {
+        m["pid"]: {fd["target"] for fd in m["held"] if fd["kind"] == "pipe"}
+        for m in row["shadow"]["members"]
+    }
+    both = {tree.pipe, stdout}
+    assert held_pipes == {tree.pids[1]: both, tree.pids[2]: both}, held_pipes
     table = cli("status")
     assert table.returncode == 0, table.describe()
     for pid in tree.pids[1:]:
