@@ -60,10 +60,14 @@ def attach_result(console: Console, result: AttachResult, *, as_json: bool = Fal
         )
         return
     held = len(result.fds) + sum(len(fds) for fds in member_fds.values())
-    tree = f" and {len(result.members)} descendants" if result.members else ""
+    tree, copies = "", ""
+    if result.members:
+        tree = f" and {len(result.members)} descendants"
+        own = {fd["own_fd"] for fds in [result.fds, *member_fds.values()] for fd in fds}
+        copies = f" of the tree in {len(own)} of its own"  # a shared description is kept once
     console.print(
         f"attached process [bold]{record.pid}[/] ({escape(record.program)}){tree}: "
-        f"shadow [bold]{record.shadow_pid}[/] holds {held} descriptors "
+        f"shadow [bold]{record.shadow_pid}[/] holds {held} descriptors{copies} "
         f"(target paused {result.pause_ms:.1f} ms)"
     )
     table = Table("fd", "kind", "open file description", title="held by the shadow")

@@ -109,6 +109,7 @@ class Shadow:
             if time.monotonic() >= next_follow:
                 if self.mode is Mode.HOME:
                     self.follow_target()
+                self.follow_members()
                 self.hub.expire()
                 next_follow = time.monotonic() + FOLLOW_INTERVAL
             if self.release_deadline is not None and (
@@ -406,15 +407,21 @@ class Shadow:
         self.running = False
 
     def follow_target(self) -> None:
-        """Close our copy of every descriptor the target (or a member) no longer holds."""
-        # A member not followed is held for its restore (checkpointed, not yet home).
-        followed = [(pid, t) for pid, t in self.members.items() if pid in self.member_handles]
-        for pid, table in [(self.target_pid, self.held), *followed]:
-            for number, fd in sorted(table.items()):
-                if not same_file(fd, f"/proc/{pid}/fd/{number}"):
-                    log(f"process {pid} closed or replaced fd {number}; releasing our copy")
-                    del table[number]
-                    self._close_unless_named(fd)
+        """Close our copy of every descriptor the target no longer holds."""
+        self._follow(self.target_pid, self.held)
+
+    def follow_members(self) -> None:
+        """The same for each member running at home, whatever the root's mode (a member
+        not followed is held for its restore: checkpointed, not yet back)."""
+        for pid in list(self.member_handles):
+            self._follow(pid, self.members[pid])
+
+    def _follow(self, pid: int, table: dict[int, int]) -> None:
+        for number, fd in sorted(table.items()):
+            if not same_file(fd, f"/proc/{pid}/fd/{number}"):
+                log(f"process {pid} closed or replaced fd {number}; releasing our copy")
+                del table[number]
+                self._close_unless_named(fd)
 
     def _own_fds(self) -> set[int]:
         """Our descriptors that some key (the target's or a member's) names."""
@@ -426,10 +433,9 @@ class Shadow:
             os.close(fd)
 
     def _watch_member(self, pid: int) -> None:
-        """Follow member `pid` (at home): when it ends, what it held is let go."""
+        """Follow member `pid` (it runs here): when it ends, what it held is let go. A member
+        checkpointed (`adopt` with `hold`) is not watched: we keep what it held."""
         self.members.setdefault(pid, {})
-        if self.mode is not Mode.HOME:
-            return  # checkpointed or away: its image is the member now
         handle = pidfd.pidfd_open(pid)
         self.member_handles[pid] = handle
         self.selector.register(handle, selectors.EVENT_READ, self._member_exited)
@@ -444,8 +450,8 @@ class Shadow:
     def _member_exited(self, handle: Any, _: int) -> None:
         pid = next((p for p, h in self.member_handles.items() if h == handle), 0)
         self._unwatch_member(pid)
-        if self.mode is not Mode.HOME or pid not in self.members:
-            return  # checkpointed: we keep what it held for the restore
+        if pid not in self.members:
+            return
         log(f"member {pid} exited; releasing its {len(self.members[pid])} descriptors")
         for fd in self.members.pop(pid).values():
             self._close_unless_named(fd)
