@@ -303,6 +303,7 @@ class Registry:
                 (shadow_pid, shadow_control, attached_at, pid),
             )
             db.execute("DELETE FROM processes WHERE pid=?", (old_pid,))
+            db.execute("UPDATE members SET root=? WHERE root=?", (pid, old_pid))
             self._log(db, old_pid, "returned", f"home again as {pid}, shadow {shadow_pid}")
 
     def moved_on(self, pid: int, location: str) -> None:
