@@ -37,13 +37,14 @@ LINE_TIMEOUT = 10.0
 EXIT_TIMEOUT = 10.0
 
 # The tree: argv[1] is the port of the test's listener. Each member connects
-# to it, says "hello PID", and then answers each line "ping" with "pong PID"
-# ("pipe" to the parent: the line child 1 wrote into their pipe at start, read
-# only now; both children keep the pipe's write end, one description inherited
-# by each). "ready P C1 C2 INODE" (the pipe's) on stdout once every member is
+# to it, says "hello PID", and then answers each line "ping" with "pong PID".
+# To the parent also: "pipe", the line child 1 wrote into their pipe at start,
+# read only now (both children keep the pipe's write end: one description,
+# inherited by each); "fork", a new child, which pauses; "reap", wait for a
+# child. "ready P C1 C2 INODE" (the pipe's) on stdout once every member is
 # connected.
 TREE_PROGRAM = r"""
-import os, socket, sys
+import os, signal, socket, sys
 
 port = int(sys.argv[1])
 
@@ -59,6 +60,14 @@ def serve(sock, pipe=None):
             sock.sendall(f"pong {os.getpid()}\n".encode())
         elif line == b"pipe\n" and pipe is not None:
             sock.sendall(os.read(pipe, 100))
+        elif line == b"fork\n":
+            child = os.fork()
+            if child == 0:
+                signal.pause()
+                os._exit(0)
+            sock.sendall(f"forked {child}\n".encode())
+        elif line == b"reap\n":
+            sock.sendall(f"reaped {os.wait()[0]}\n".encode())
     os._exit(0)
 
 read_end, write_end = os.pipe()
@@ -382,3 +391,24 @@ def test_a_checkpointed_member_is_held_for_its_restore(cli: HijackCli, tree: Tre
     for pid in (tree.root, tree.pids[2]):
         assert tree.ask(pid, "ping") == f"pong {pid}"
     assert cli("detach", tree.root).returncode == 0
+
+
+def test_a_child_born_after_the_attach_is_shown_not_attached(cli: HijackCli, tree: Tree) -> None:
+    attached = attach_tree(cli, tree)
+    shadow = int(str(attached["shadow_pid"]))
+    newborn = int(tree.ask(tree.root, "fork").split()[1])
+    try:
+        status = cli("status", "--json")
+        assert status.returncode == 0, status.describe()
+        (row,) = json.loads(status.stdout)["processes"]
+        members = {m["pid"]: m for m in row["members"]}
+        assert members[newborn]["attached"] is False and members[newborn]["alive"], members
+        assert members[newborn]["parent"] == tree.root
+        assert all(members[pid]["attached"] for pid in tree.pids[1:]), members
+        assert newborn not in {m["pid"] for m in row["shadow"]["members"]}
+        assert "not attached" in cli("status").stdout
+    finally:
+        os.kill(newborn, signal.SIGKILL)
+        assert tree.ask(tree.root, "reap") == f"reaped {newborn}"
+    assert cli("detach", tree.root).returncode == 0
+    wait_gone(shadow)
