@@ -94,7 +94,6 @@ def attach(pid: int, registry: Registry) -> AttachResult:
         hello = wait_for_shadow(shadow_pid, control_path)
         reached("attach-shadow-ready")
         members = _hand_members_over(tree, control_path)
-        reached("attach-members-handed")
         if members:
             hello = control.request(control_path, {"op": "status"})
         record = registry.record_attached(
