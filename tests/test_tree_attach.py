@@ -412,3 +412,47 @@ def test_a_child_born_after_the_attach_is_shown_not_attached(cli: HijackCli, tre
         assert tree.ask(tree.root, "reap") == f"reaped {newborn}"
     assert cli("detach", tree.root).returncode == 0
     wait_gone(shadow)
+
+
+# Forks a child that stays root, then drops to nobody itself: "ready CHILD" once
+# both are set; when its stdin closes, reaps the child (the test, root, kills it).
+DROPPING_PROGRAM = r"""
+import os, signal, sys
+child = os.fork()
+if child == 0:
+    signal.pause()
+    os._exit(0)
+os.setresgid(65534, 65534, 65534)
+os.setresuid(65534, 65534, 65534)
+print("ready", child, flush=True)
+sys.stdin.read()
+os.waitpid(child, 0)
+"""
+
+
+def test_a_member_with_more_privilege_than_its_root_is_refused_by_name(cli: HijackCli) -> None:
+    """The shadow runs as the root: it must not hold what a more privileged member holds."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", DROPPING_PROGRAM],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    words = process.stdout.readline().decode().split()
+    child = int(words[1]) if words[:1] == ["ready"] else 0
+    try:
+        assert child, words
+        result = cli("attach", process.pid)
+        assert result.returncode == 1, result.describe()
+        assert f"process {child} (python" in result.stderr, result.stderr
+        assert "other credentials" in result.stderr and "Traceback" not in result.stderr
+        assert Registry(cli.state_dir).processes() == []
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)
+        assert process.stdin is not None
+        process.stdin.close()
+        process.wait(EXIT_TIMEOUT)
+        assert process.stdout is not None
+        process.stdout.close()

@@ -146,11 +146,23 @@ def refuse_untakeable_tree(tree: ProcessTree, registry: Registry) -> None:
     # The root's own refusals are the seize's (check_attachable), in their own words.
     descendants = tree.members[1:]
     reasons = untakeable(ProcessTree(descendants)) if descendants else []
+    root_status = procfs.read_status(tree.root.pid)  # the shadow runs with its credentials
     for member in descendants:
         try:
             refuse_hijack_itself(member.pid)
         except HijackError as exc:
             reasons.append(str(exc))
+        if root_status.uid[1] and not member.zombie:
+            # Its descriptors would be held by a shadow of less privilege, which the
+            # root's user may take them from (pidfd_getfd): a setuid child's, say.
+            with contextlib.suppress(ProcessGone):
+                status = procfs.read_status(member.pid)
+                if (status.uid, status.gid) != (root_status.uid, root_status.gid):
+                    reasons.append(
+                        f"process {member.pid} ({member.comm}) runs with other credentials"
+                        f" (uids {'/'.join(map(str, status.uid))}) than its tree's shadow"
+                        f" would (uids {'/'.join(map(str, root_status.uid))})"
+                    )
         known = registry.find(member.pid)
         if known is not None and known.shadow_pid and _alive(known.shadow_pid):
             reasons.append(
