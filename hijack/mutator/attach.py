@@ -192,6 +192,10 @@ def _hand_members_over(tree: ProcessTree, control_path: str) -> tuple[MemberReco
                 hand_over(member.pid, control_path, member=member.pid, hold=False)
         except ProcessGone:
             continue
+        except ShadowError:
+            if _runs(member.pid, start_time):
+                raise
+            continue  # it ended while the shadow took it in: the shadow lets it go
         members.append(
             MemberRecord(member.pid, tree.root.pid, member.ppid, start_time, member.comm)
         )

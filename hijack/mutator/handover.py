@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 
+from hijack.errors import HijackError
 from hijack.shadow import control
 from hijack.sys import kcmp, pidfd, procfs
 
@@ -47,25 +48,36 @@ def hand_over(pid: int, control_path: str, *, member: int, hold: bool) -> int:
             if not member:
                 numbers.append(entry.fd)  # the root's own numbers are always sent: no aliases
                 continue
-            own = next(
-                (
-                    fd
-                    for fd in sorted(held.get((entry.dev, entry.ino), ()))
-                    if kcmp.same_description_in(shadow_pid, fd, pid, entry.fd)
-                ),
-                None,
-            )
+            try:
+                own = next(
+                    (
+                        fd
+                        for fd in sorted(held.get((entry.dev, entry.ino), ()))
+                        if kcmp.same_description_in(shadow_pid, fd, pid, entry.fd)
+                    ),
+                    None,
+                )
+            except HijackError:
+                if _still_open(pid, entry.fd):
+                    raise
+                continue  # the member, running, closed it meanwhile
             if own is None:
                 numbers.append(entry.fd)
             else:
                 shared[str(entry.fd)] = own
         first = True
         for start in range(0, max(len(numbers), 1), control.MAX_FDS):
-            batch = numbers[start : start + control.MAX_FDS]
+            batch: list[int] = []
             copies: list[int] = []
             try:
-                for number in batch:
-                    copies.append(pidfd.pidfd_getfd(handle, number, pid))
+                for number in numbers[start : start + control.MAX_FDS]:
+                    try:
+                        copies.append(pidfd.pidfd_getfd(handle, number, pid))
+                    except HijackError:
+                        if not member or _still_open(pid, number):
+                            raise  # a stopped root's descriptors do not go away
+                        continue  # the member, running, closed it meanwhile
+                    batch.append(number)
                 message: control.Message = {"op": "adopt", "fds": batch, "hold": hold}
                 if member:
                     message["member"] = member
@@ -78,3 +90,7 @@ def hand_over(pid: int, control_path: str, *, member: int, hold: bool) -> int:
         return len(entries)
     finally:
         os.close(handle)
+
+
+def _still_open(pid: int, fd: int) -> bool:
+    return os.path.lexists(f"/proc/{pid}/fd/{fd}")

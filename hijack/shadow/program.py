@@ -435,8 +435,8 @@ class Shadow:
     def _watch_member(self, pid: int) -> None:
         """Follow member `pid` (it runs here): when it ends, what it held is let go. A member
         checkpointed (`adopt` with `hold`) is not watched: we keep what it held."""
+        handle = pidfd.pidfd_open(pid)  # first: a member gone already is not taken in
         self.members.setdefault(pid, {})
-        handle = pidfd.pidfd_open(pid)
         self.member_handles[pid] = handle
         self.selector.register(handle, selectors.EVENT_READ, self._member_exited)
 
