@@ -38,6 +38,13 @@ CREATE TABLE IF NOT EXISTS processes (
     relay_token    TEXT,              -- the migrant's secret for that endpoint (hex)
     home_pid       INTEGER            -- its pid at home, for a process that runs here as a migrant
 );
+CREATE TABLE IF NOT EXISTS members (
+    pid         INTEGER PRIMARY KEY,  -- a descendant of an attached process, covered by its shadow
+    root        INTEGER NOT NULL,     -- the processes row of its tree (the pid `hijack attach` got)
+    parent      INTEGER NOT NULL,     -- its parent when it was attached
+    start_time  INTEGER NOT NULL,     -- /proc/PID/stat starttime: tells a reused pid
+    program     TEXT    NOT NULL
+);
 CREATE TABLE IF NOT EXISTS moves (
     id           TEXT    PRIMARY KEY,
     pid          INTEGER NOT NULL,    -- its pid on the source node
@@ -100,6 +107,18 @@ class ProcessRecord:
     relay_address: str | None = None
     relay_token: str | None = None
     home_pid: int | None = None
+
+
+@dataclass(frozen=True)
+class MemberRecord:
+    """A descendant of an attached process, attached with it (its tree's shadow holds its
+    descriptors)."""
+
+    pid: int
+    root: int
+    parent: int
+    start_time: int
+    program: str
 
 
 @dataclass(frozen=True)
@@ -178,8 +197,15 @@ class Registry:
         program: str,
         shadow_pid: int,
         shadow_control: str,
+        members: tuple[MemberRecord, ...] = (),
     ) -> ProcessRecord:
+        """`pid` attached, with `members` (its descendants, attached with it: one tree)."""
         with self._transaction() as db:
+            db.execute("DELETE FROM members WHERE root=?", (pid,))
+            db.executemany(
+                "INSERT OR REPLACE INTO members VALUES (?,?,?,?,?)",
+                [(m.pid, pid, m.parent, m.start_time, m.program) for m in members],
+            )
             self._put_process(
                 db,
                 pid=pid,
@@ -189,7 +215,11 @@ class Registry:
                 shadow_pid=shadow_pid,
                 shadow_control=shadow_control,
             )
-            self._log(db, pid, "attached", f"shadow {shadow_pid}")
+            detail = f"shadow {shadow_pid}"
+            if members:
+                pids = " ".join(str(member.pid) for member in members)
+                detail += f", with {len(members)} descendants: {pids}"
+            self._log(db, pid, "attached", detail)
         return self.get(pid)
 
     def record_restored(self, pid: int, program: str) -> None:
@@ -206,7 +236,18 @@ class Registry:
                 " updated_at=? WHERE pid=?",
                 (new_pid, start_time, node_name(), time.time(), old_pid),
             )
+            db.execute("UPDATE members SET root=? WHERE root=?", (new_pid, old_pid))
+            db.execute("UPDATE members SET parent=? WHERE parent=?", (new_pid, old_pid))
             self._log(db, new_pid, "restored", f"from the image of {old_pid}")
+
+    def rehome_member(self, old_pid: int, new_pid: int, start_time: int) -> None:
+        """A member of a checkpointed tree restored on this node, maybe under a new pid."""
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE members SET pid=?, start_time=? WHERE pid=?", (new_pid, start_time, old_pid)
+            )
+            db.execute("UPDATE members SET parent=? WHERE parent=?", (new_pid, old_pid))
+            self._log(db, new_pid, "restored", f"a member of a tree, from the image of {old_pid}")
 
     def record_migrant(
         self,
@@ -262,6 +303,7 @@ class Registry:
                 (shadow_pid, shadow_control, attached_at, pid),
             )
             db.execute("DELETE FROM processes WHERE pid=?", (old_pid,))
+            db.execute("UPDATE members SET root=? WHERE root=?", (pid, old_pid))
             self._log(db, old_pid, "returned", f"home again as {pid}, shadow {shadow_pid}")
 
     def moved_on(self, pid: int, location: str) -> None:
@@ -417,9 +459,31 @@ class Registry:
             self._log(db, pid, state, current_node or "")
 
     def forget(self, pid: int, reason: str) -> None:
+        """End the record of `pid`, and of the members of its tree."""
         with self._transaction() as db:
             db.execute("DELETE FROM processes WHERE pid=?", (pid,))
+            db.execute("DELETE FROM members WHERE root=?", (pid,))
             self._log(db, pid, "forgotten", reason)
+
+    def forget_member(self, pid: int, reason: str) -> None:
+        with self._transaction() as db:
+            db.execute("DELETE FROM members WHERE pid=?", (pid,))
+            self._log(db, pid, "forgotten", reason)
+
+    def members(self, root: int) -> list[MemberRecord]:
+        """The members attached with `root`, by pid (their `parent` links make the tree)."""
+        rows = self._db.execute(
+            "SELECT pid, root, parent, start_time, program FROM members WHERE root=? ORDER BY pid",
+            (root,),
+        ).fetchall()
+        return [MemberRecord(*row) for row in rows]
+
+    def member(self, pid: int) -> MemberRecord | None:
+        """The member record of `pid` if it was attached as a member of a tree."""
+        row = self._db.execute(
+            "SELECT pid, root, parent, start_time, program FROM members WHERE pid=?", (pid,)
+        ).fetchone()
+        return MemberRecord(*row) if row else None
 
     def find(self, pid: int) -> ProcessRecord | None:
         row = self._db.execute("SELECT * FROM processes WHERE pid=?", (pid,)).fetchone()

@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # lief, which hijack.core loads, is slow to import
 
 def attach_result(console: Console, result: AttachResult, *, as_json: bool = False) -> None:
     record = result.record
+    member_fds = result.member_fds or {}
     if as_json:
         console.print_json(
             json.dumps(
@@ -45,18 +46,37 @@ def attach_result(console: Console, result: AttachResult, *, as_json: bool = Fal
                     "control": record.shadow_control,
                     "pause_ms": round(result.pause_ms, 3),
                     "fds": result.fds,
+                    "members": [
+                        {
+                            "pid": member.pid,
+                            "parent": member.parent,
+                            "program": member.program,
+                            "fds": member_fds.get(member.pid, []),
+                        }
+                        for member in result.members
+                    ],
                 }
             )
         )
         return
+    held = len(result.fds) + sum(len(fds) for fds in member_fds.values())
+    tree, copies = "", ""
+    if result.members:
+        tree = f" and {len(result.members)} descendants"
+        own = {fd["own_fd"] for fds in [result.fds, *member_fds.values()] for fd in fds}
+        copies = f" of the tree in {len(own)} of its own"  # a shared description is kept once
     console.print(
-        f"attached process [bold]{record.pid}[/] ({escape(record.program)}): "
-        f"shadow [bold]{record.shadow_pid}[/] holds {len(result.fds)} descriptors "
+        f"attached process [bold]{record.pid}[/] ({escape(record.program)}){tree}: "
+        f"shadow [bold]{record.shadow_pid}[/] holds {held} descriptors{copies} "
         f"(target paused {result.pause_ms:.1f} ms)"
     )
     table = Table("fd", "kind", "open file description", title="held by the shadow")
-    for fd in result.fds:
-        table.add_row(str(fd["fd"]), str(fd["kind"]), escape(str(fd["target"])))
+    if result.members:
+        table = Table("pid", "fd", "kind", "open file description", title="held by the shadow")
+    for pid, fds in [(record.pid, result.fds), *member_fds.items()]:
+        for fd in fds:
+            cells = [str(fd["fd"]), str(fd["kind"]), escape(str(fd["target"]))]
+            table.add_row(*([str(pid)] if result.members else []), *cells)
     console.print(table)
 
 

@@ -1,4 +1,12 @@
-"""`hijack attach` and `hijack detach`: fork a shadow out of a live process, end it."""
+"""`hijack attach` and `hijack detach`: fork a shadow out of a live process tree, end it.
+
+The unit is the tree: PID and all its descendants (hijack.process.tree). One
+shadow stands for it, forked from the root (which is stopped for the fork, as
+a single process is); every other member's descriptors are then handed to the
+shadow while the members run on (pidfd_getfd and SCM_RIGHTS,
+hijack.mutator.handover), keyed by member pid. The registry records the root
+and its members; detach, forget and recover end them as one.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import hijack
-from hijack.errors import HijackError, ShadowError
+from hijack.errors import HijackError, ProcessGone, ShadowError
+from hijack.mutator.handover import hand_over
 from hijack.mutator.shadow_fork import become_shadow, discard_copy, fork_shadow_copy
 from hijack.mutator.tracee import Tracee
-from hijack.registry import ProcessRecord, Registry, node_name
+from hijack.process.tree import ProcessTree, read_tree, untakeable
+from hijack.registry import MemberRecord, ProcessRecord, Registry, node_name
 from hijack.shadow import control
 from hijack.shadow.program import ended_path
 from hijack.sys import pidfd, procfs
@@ -31,20 +41,18 @@ SYSTEM_PYTHON = "/usr/bin/python3"
 @dataclass(frozen=True)
 class AttachResult:
     record: ProcessRecord
-    pause_ms: float  # how long the target was stopped
-    fds: list[dict[str, Any]]
+    pause_ms: float  # how long the root was stopped
+    fds: list[dict[str, Any]]  # the root's, as the shadow holds them
+    members: tuple[MemberRecord, ...] = ()  # its descendants, attached with it
+    member_fds: dict[int, list[dict[str, Any]]] | None = None  # member pid -> as `fds`
 
 
 def attach(pid: int, registry: Registry) -> AttachResult:
-    """Seize `pid`, fork its shadow, let it run on; record both."""
-    known = registry.find(pid)
-    if known is not None and known.state != "gone":
-        if known.shadow_pid and _alive(known.shadow_pid):
-            raise HijackError(
-                f"process {pid} is already attached (shadow {known.shadow_pid})", pid=pid
-            )
-        registry.forget(pid, "stale record: its shadow is gone")
+    """Seize `pid`, fork the shadow of its tree, let it run on; record the tree and shadow."""
+    _refuse_attached(pid, registry)
     refuse_hijack_itself(pid)
+    tree = read_tree(pid)
+    refuse_untakeable_tree(tree, registry)
     status = procfs.read_status(pid)
     start_time = procfs.read_stat(pid).starttime
     shadow_dir = registry.directory / "shadows" / str(pid)
@@ -85,13 +93,113 @@ def attach(pid: int, registry: Registry) -> AttachResult:
     try:
         hello = wait_for_shadow(shadow_pid, control_path)
         reached("attach-shadow-ready")
-        record = registry.record_attached(pid, start_time, status.name, shadow_pid, control_path)
+        members = _hand_members_over(tree, control_path)
+        if members:
+            hello = control.request(control_path, {"op": "status"})
+        record = registry.record_attached(
+            pid, start_time, status.name, shadow_pid, control_path, members
+        )
     except BaseException as exc:
         _kill(shadow_pid)
         if not isinstance(exc, ShadowError):  # ended by us, not by its own failure: no log to keep
             shutil.rmtree(shadow_dir, ignore_errors=True)
         raise
-    return AttachResult(record, pause_ms, list(hello.get("fds", [])))
+    member_fds = {int(m["pid"]): list(m["fds"]) for m in hello.get("members", [])}
+    return AttachResult(record, pause_ms, list(hello.get("fds", [])), members, member_fds)
+
+
+def _refuse_attached(pid: int, registry: Registry) -> None:
+    """Refuse `pid` if it is attached already, on its own or as a member of a tree."""
+    known = registry.find(pid)
+    if known is not None and known.state != "gone":
+        if known.shadow_pid and _alive(known.shadow_pid):
+            raise HijackError(
+                f"process {pid} is already attached (shadow {known.shadow_pid})", pid=pid
+            )
+        registry.forget(pid, "stale record: its shadow is gone")
+    root = _tree_root(pid, registry)
+    if root is not None:
+        raise HijackError(
+            f"process {pid} is already attached as a member of the tree of process"
+            f" {root.pid} (shadow {root.shadow_pid})",
+            pid=pid,
+        )
+
+
+def _tree_root(pid: int, registry: Registry) -> ProcessRecord | None:
+    """The record of the tree `pid` was attached in as a member, while its shadow runs."""
+    member = registry.member(pid)
+    if member is None:
+        return None
+    root = registry.find(member.root)
+    if root is None or not root.shadow_pid or not _alive(root.shadow_pid):
+        return None
+    if not _runs(pid, member.start_time):
+        return None  # that member ended: the pid is another process now
+    return root
+
+
+def refuse_untakeable_tree(tree: ProcessTree, registry: Registry) -> None:
+    """Refuse, naming every such member, a tree with a member that cannot be taken (traced
+    by another tracer, in a pid namespace of its own, a kernel thread, hijack itself) or
+    that is attached on its own already. Nothing is touched before."""
+    # The root's own refusals are the seize's (check_attachable), in their own words.
+    descendants = tree.members[1:]
+    reasons = untakeable(ProcessTree(descendants)) if descendants else []
+    root_status = procfs.read_status(tree.root.pid)  # the shadow runs with its credentials
+    for member in descendants:
+        try:
+            refuse_hijack_itself(member.pid)
+        except HijackError as exc:
+            reasons.append(str(exc))
+        if root_status.uid[1] and not member.zombie:
+            # Its descriptors would be held by a shadow of less privilege, which the
+            # root's user may take them from (pidfd_getfd): a setuid child's, say.
+            with contextlib.suppress(ProcessGone):
+                status = procfs.read_status(member.pid)
+                if (status.uid, status.gid) != (root_status.uid, root_status.gid):
+                    reasons.append(
+                        f"process {member.pid} ({member.comm}) runs with other credentials"
+                        f" (uids {'/'.join(map(str, status.uid))}) than its tree's shadow"
+                        f" would (uids {'/'.join(map(str, root_status.uid))})"
+                    )
+        known = registry.find(member.pid)
+        if known is not None and known.shadow_pid and _alive(known.shadow_pid):
+            reasons.append(
+                f"process {member.pid} ({member.comm}) is attached on its own"
+                f" (shadow {known.shadow_pid}; `hijack detach {member.pid}` first)"
+            )
+    if reasons:
+        root = tree.root
+        raise HijackError(
+            f"cannot attach process {root.pid} ({root.comm}) and its descendants: "
+            + "; ".join(reasons),
+            pid=root.pid,
+        )
+
+
+def _hand_members_over(tree: ProcessTree, control_path: str) -> tuple[MemberRecord, ...]:
+    """Give the shadow the descriptors of every member but the root; their records.
+
+    The members run meanwhile: a member that has ended since the tree was read is
+    left out (a zombie has no descriptors: recorded, nothing handed over).
+    """
+    members = []
+    for member in tree.members[1:]:
+        try:
+            start_time = procfs.read_stat(member.pid).starttime
+            if not member.zombie:
+                hand_over(member.pid, control_path, member=member.pid, hold=False)
+        except ProcessGone:
+            continue
+        except ShadowError:
+            if _runs(member.pid, start_time):
+                raise
+            continue  # it ended while the shadow took it in: the shadow lets it go
+        members.append(
+            MemberRecord(member.pid, tree.root.pid, member.ppid, start_time, member.comm)
+        )
+    return tuple(members)
 
 
 def refuse_hijack_itself(pid: int) -> None:
@@ -140,8 +248,9 @@ class Ended:
 
 
 def detach(pid: int, registry: Registry) -> Ended:
-    """End the shadow of `pid` and forget the process; refused while something depends on it."""
-    record = registry.get(pid)
+    """End the shadow of `pid` and forget the process (and the members of its tree);
+    refused while something depends on it."""
+    record = _root_record(pid, registry, "detach")
     if record.state == "held":
         raise HijackError(
             f"process {pid} is held after a move whose outcome is unknown: its copy may run"
@@ -164,7 +273,21 @@ def forget(pid: int, registry: Registry) -> Ended:
     is gone, a shadow left behind. A migrant's connections through the shadow
     end with it.
     """
-    return _end(registry.get(pid), registry, "forgotten on request")
+    return _end(_root_record(pid, registry, "forget"), registry, "forgotten on request")
+
+
+def _root_record(pid: int, registry: Registry, verb: str) -> ProcessRecord:
+    """The record of `pid`; a member of a tree is refused with the command for its root
+    (the tree is detached or forgotten as one)."""
+    record = registry.find(pid)
+    member = registry.member(pid) if record is None else None
+    if member is not None and registry.find(member.root) is not None:
+        raise HijackError(
+            f"process {pid} was attached as a member of the tree of process {member.root}:"
+            f" `hijack {verb} {member.root}` {verb}s the whole tree",
+            pid=pid,
+        )
+    return registry.get(pid)
 
 
 def clear_ended(registry: Registry) -> list[str]:
@@ -179,6 +302,14 @@ def clear_ended(registry: Registry) -> list[str]:
     for record in registry.processes():
         if record.state in ("held", "moving", "checkpointed"):
             continue
+        if record.state == "attached":
+            for member in registry.members(record.pid):
+                if not _runs(member.pid, member.start_time):
+                    registry.forget_member(member.pid, "it has ended")
+                    lines.append(
+                        f"process {member.pid} ({member.program}), a member of the tree of"
+                        f" {record.pid}: it has ended; record removed"
+                    )
         if record.home_node != node_name() and record.state == "running":
             continue  # a migrant: the daemon here releases its home shadow when it ends
         shadow_runs = record.shadow_pid is not None and _alive(record.shadow_pid)

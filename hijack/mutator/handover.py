@@ -1,4 +1,5 @@
-"""Handing a stopped target's descriptors to its shadow, which keeps them for a restore.
+"""Handing descriptors to a shadow, which keeps them: a stopped target's before a restore,
+and the members' of a tree at attach time.
 
 The shadow forked at attach time holds what the target had then; a target's
 descriptors change (a server accepts connections). Just before `dump --kill`
@@ -6,32 +7,90 @@ kills it, the target's current descriptors are copied out (pidfd_getfd) and
 passed to the shadow over its control socket (SCM_RIGHTS), which then keeps
 them: the sockets stay open, the peers see nothing, and a restore on this node
 takes the very same open file descriptions back.
+
+The shadow of a tree is forked from its root alone; every other member's
+descriptors reach it the same way, keyed by the member's pid. A description
+the shadow holds already (kcmp KCMP_FILE says so: a socket a child inherited
+from its parent) is not sent again: the member's number is mapped to the
+shadow's copy ("shared").
 """
 
 from __future__ import annotations
 
 import os
 
+from hijack.errors import HijackError
 from hijack.shadow import control
-from hijack.sys import pidfd, procfs
+from hijack.sys import kcmp, pidfd, procfs
 
 
-def hand_descriptors_to_shadow(pid: int, control_path: str) -> int:
-    """Give the shadow at `control_path` every descriptor of `pid`; return how many."""
+def hand_descriptors_to_shadow(pid: int, control_path: str, *, as_member: bool = False) -> int:
+    """Give the shadow at `control_path` every descriptor of `pid` and have it keep them
+    (it stops following the process); return how many. `as_member`: `pid` is a member of
+    the shadow's tree, not its root."""
+    return hand_over(pid, control_path, member=pid if as_member else 0, hold=True)
+
+
+def hand_over(pid: int, control_path: str, *, member: int, hold: bool) -> int:
+    """Give the shadow at `control_path` the descriptors of `pid` (of member `member`, or of
+    its root when 0) it does not hold already; return how many descriptors are named."""
+    status = control.request(control_path, {"op": "status"})
+    shadow_pid = int(status["shadow_pid"])
+    held: dict[tuple[int, int], set[int]] = {}  # (dev, ino) -> our descriptors of that file
+    for entry in [*status["fds"], *(f for m in status.get("members", []) for f in m["fds"])]:
+        held.setdefault((int(entry["dev"]), int(entry["ino"])), set()).add(int(entry["own_fd"]))
     handle = pidfd.pidfd_open(pid)
     try:
-        numbers = [entry.fd for entry in procfs.list_fds(pid)]
-        for first in range(0, len(numbers), control.MAX_FDS):
-            batch = numbers[first : first + control.MAX_FDS]
+        entries = procfs.list_fds(pid)
+        shared: dict[str, int] = {}
+        numbers: list[int] = []
+        for entry in entries:
+            if not member:
+                numbers.append(entry.fd)  # the root's own numbers are always sent: no aliases
+                continue
+            try:
+                own = next(
+                    (
+                        fd
+                        for fd in sorted(held.get((entry.dev, entry.ino), ()))
+                        if kcmp.same_description_in(shadow_pid, fd, pid, entry.fd)
+                    ),
+                    None,
+                )
+            except HijackError:
+                if _still_open(pid, entry.fd):
+                    raise
+                continue  # the member, running, closed it meanwhile
+            if own is None:
+                numbers.append(entry.fd)
+            else:
+                shared[str(entry.fd)] = own
+        first = True
+        for start in range(0, max(len(numbers), 1), control.MAX_FDS):
+            batch: list[int] = []
             copies: list[int] = []
             try:
-                for number in batch:
-                    copies.append(pidfd.pidfd_getfd(handle, number, pid))
-                message = {"op": "adopt", "fds": batch, "hold": True}
+                for number in numbers[start : start + control.MAX_FDS]:
+                    try:
+                        copies.append(pidfd.pidfd_getfd(handle, number, pid))
+                    except HijackError:
+                        if not member or _still_open(pid, number):
+                            raise  # a stopped root's descriptors do not go away
+                        continue  # the member, running, closed it meanwhile
+                    batch.append(number)
+                message: control.Message = {"op": "adopt", "fds": batch, "hold": hold}
+                if member:
+                    message["member"] = member
+                if first:
+                    message["shared"], first = shared, False
                 control.request(control_path, message, fds=copies)
             finally:
                 for copy in copies:
                     os.close(copy)
-        return len(numbers)
+        return len(entries)
     finally:
         os.close(handle)
+
+
+def _still_open(pid: int, fd: int) -> bool:
+    return os.path.lexists(f"/proc/{pid}/fd/{fd}")

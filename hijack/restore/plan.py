@@ -34,6 +34,7 @@ class ShadowHoldings:
     control: str
     own_fd: dict[int, int]  # the process's descriptor number -> the shadow's
     identity: dict[int, tuple[int, int]]  # the process's descriptor number -> (dev, ino)
+    member: int = 0  # the process is this member of the shadow's tree (0: its root)
 
 
 @dataclass(frozen=True)

@@ -275,21 +275,37 @@ def holder_of(pid: int) -> str:
 
 
 def shadow_holdings(registry: Registry, old_pid: int) -> ShadowHoldings | None:
-    """What the shadow of checkpointed process `old_pid` keeps, if it has one here."""
+    """What the shadow of checkpointed process `old_pid` keeps, if it has one here:
+    `old_pid` the root of an attached tree, or one of its members (keyed by member pid)."""
     record = registry.find(old_pid)
-    if record is None or record.state != "checkpointed" or not record.shadow_control:
+    member = registry.member(old_pid) if record is None else None
+    if member is not None:
+        record = registry.find(member.root)
+    if record is None or not record.shadow_control or record.shadow_pid is None:
         return None
+    if member is None and record.state != "checkpointed":
+        return None
+    if member is not None and record.state not in ("checkpointed", "attached"):
+        return None  # a tree's root restored first is attached again; its members still held
     try:
         status = control.request(record.shadow_control, {"op": "status"})
     except ShadowError:
         return None  # the shadow is gone: what it held is gone with it
-    if status.get("mode") != "holding" or record.shadow_pid is None:
-        return None
+    if member is None:
+        if status.get("mode") != "holding":
+            return None
+        fds = status["fds"]
+    else:
+        entry = next((m for m in status.get("members", []) if int(m["pid"]) == old_pid), None)
+        if entry is None or entry.get("following", True):
+            return None  # not checkpointed: the shadow follows it, it holds nothing for a restore
+        fds = entry["fds"]
     return ShadowHoldings(
         shadow_pid=record.shadow_pid,
         control=record.shadow_control,
-        own_fd={int(fd["fd"]): int(fd["own_fd"]) for fd in status["fds"]},
-        identity={int(fd["fd"]): (int(fd["dev"]), int(fd["ino"])) for fd in status["fds"]},
+        own_fd={int(fd["fd"]): int(fd["own_fd"]) for fd in fds},
+        identity={int(fd["fd"]): (int(fd["dev"]), int(fd["ino"])) for fd in fds},
+        member=old_pid if member is not None else 0,
     )
 
 
@@ -328,6 +344,10 @@ def _record(
 ) -> None:
     if holdings is None:
         registry.record_restored(pid, header.comm)
+        return
+    if holdings.member:
+        control.request(holdings.control, {"op": "home", "pid": pid, "member": holdings.member})
+        registry.rehome_member(header.pid, pid, procfs.read_stat(pid).starttime)
         return
     control.request(holdings.control, {"op": "home", "pid": pid})
     registry.rehome(header.pid, pid, procfs.read_stat(pid).starttime)

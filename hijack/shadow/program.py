@@ -6,6 +6,13 @@ a control socket (JSON lines, docs/protocol.md). It keeps a map from the
 target's descriptor numbers to its own, since descriptors it is handed later
 (`adopt`) land wherever its own table has room.
 
+The target is the root of a tree: its descendants attached with it (members)
+hand their descriptors over with `adopt` and a "member" pid, and the shadow
+keeps a map of each member's numbers to its own descriptors too. A description
+the shadow holds already (a member's inherited socket, the pipe a child shares
+with its parent) is not copied again: several keys name one own descriptor,
+which is closed once no key names it.
+
 Its modes:
 - HOME: the target runs on this node. The shadow follows it: a descriptor the
   target has closed (or reused for another file) is closed here too, so the
@@ -55,6 +62,9 @@ class Shadow:
         self.target_pid = target_pid
         # target's descriptor number -> our own descriptor holding the same description
         self.held: dict[int, int] = {fd: fd for fd in held_fds}
+        # member pid -> (its descriptor number -> our own descriptor), as `held`
+        self.members: dict[int, dict[int, int]] = {}
+        self.member_handles: dict[int, int] = {}  # member pid -> its pidfd, watched at home
         self.control_path = control_path
         self.started_at = time.time()
         self.mode = Mode.HOME
@@ -99,6 +109,7 @@ class Shadow:
             if time.monotonic() >= next_follow:
                 if self.mode is Mode.HOME:
                     self.follow_target()
+                self.follow_members()
                 self.hub.expire()
                 next_follow = time.monotonic() + FOLLOW_INTERVAL
             if self.release_deadline is not None and (
@@ -159,7 +170,7 @@ class Shadow:
         if op == "adopt":
             return self.adopt(message, fds)
         if op == "home":
-            return self.come_home(int(message["pid"]))
+            return self.come_home(int(message["pid"]), int(message.get("member") or 0))
         if op == "relay_listen":
             return self.open_endpoint(str(message["token"]))
         if op == "migrating":
@@ -192,18 +203,38 @@ class Shadow:
         return {"ok": False, "error": f"unknown op {op!r}"}
 
     def adopt(self, message: control.Message, fds: list[int]) -> control.Message:
-        """Keep `fds` as the target's descriptors `message["fds"]`; with "hold", stop following."""
+        """Keep `fds` as the target's descriptors `message["fds"]`; with "hold", stop following.
+
+        With "member": they are that member's; "shared" maps more of its numbers to
+        descriptors we hold already (our own numbers), sent once.
+        """
         numbers = [int(number) for number in message.get("fds", [])]
+        member = int(message.get("member") or 0)
+        shared = {int(k): int(v) for k, v in dict(message.get("shared") or {}).items()}
+        error = ""
         if len(numbers) != len(fds):
+            error = f"{len(numbers)} numbers for {len(fds)} descriptors"
+        elif any(own not in self._own_fds() for own in shared.values()):
+            error = "a shared descriptor names none of ours"
+        elif member and member != self.target_pid and member not in self.members:
+            try:
+                self._watch_member(member)
+            except HijackError as exc:
+                error = str(exc)
+        if error:
             for fd in fds:
                 os.close(fd)
-            return {"ok": False, "error": f"{len(numbers)} numbers for {len(fds)} descriptors"}
-        for number, fd in zip(numbers, fds, strict=True):
-            previous = self.held.get(number)
-            if previous is not None:
-                os.close(previous)
-            self.held[number] = fd
-        if message.get("hold"):
+            return {"ok": False, "error": error}
+        table = self.members[member] if member and member != self.target_pid else self.held
+        for number, fd in [*zip(numbers, fds, strict=True), *shared.items()]:
+            previous = table.get(number)
+            table[number] = fd
+            if previous is not None and previous != fd:
+                self._close_unless_named(previous)
+        if message.get("hold") and member and member != self.target_pid:
+            self._unwatch_member(member)  # checkpointed: kept for its restore
+            log(f"holding {len(self.members[member])} descriptors of member {member}")
+        elif message.get("hold"):
             self.mode = Mode.HOLDING
             log(f"holding {len(self.held)} descriptors of checkpointed process {self.target_pid}")
         return {"ok": True, **self.describe()}
@@ -263,8 +294,19 @@ class Shadow:
         self.hub.migrating(str(message.get("move", "")), float(message.get("ack_wait", ACK_WAIT)))
         return {"ok": True, **self.describe()}
 
-    def come_home(self, pid: int) -> control.Message:
-        """The target runs on this node again (restored, maybe under a new pid): follow it."""
+    def come_home(self, pid: int, member: int = 0) -> control.Message:
+        """The target runs on this node again (restored, maybe under a new pid): follow it.
+
+        With `member` (its pid before): a member of the tree, back as `pid`.
+        """
+        if member and member != self.target_pid:
+            if member not in self.members:
+                return {"ok": False, "error": f"process {member} is no member of this tree"}
+            self._unwatch_member(member)
+            self.members[pid] = self.members.pop(member)
+            self._watch_member(pid)
+            log(f"member {member} runs at home again as process {pid}")
+            return {"ok": True, **self.describe()}
         handle = pidfd.pidfd_open(pid)
         self._unwatch_target()
         self.target_handle = handle
@@ -279,25 +321,30 @@ class Shadow:
         # Read only when needed: with many sockets on the host the tables take
         # tens of milliseconds, and a move waits for this answer frozen.
         holds_sockets = any(
-            own[fd].kind is procfs.FdKind.SOCKET for fd in self.held.values() if fd in own
+            own[fd].kind is procfs.FdKind.SOCKET for fd in self._own_fds() if fd in own
         )
         sockets = procfs.read_socket_table(os.getpid()) if holds_sockets else {}
-        fds = []
-        for number, fd in sorted(self.held.items()):
-            entry = own.get(fd)
-            if entry is None:
-                continue
-            found = sockets.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
-            fds.append(
-                {
-                    "fd": number,
-                    "own_fd": fd,
-                    "kind": entry.kind.value,
-                    "target": found.describe() if found else entry.target,
-                    "dev": entry.dev,
-                    "ino": entry.ino,
-                }
-            )
+
+        def described(table: dict[int, int]) -> list[dict[str, Any]]:
+            fds = []
+            for number, fd in sorted(table.items()):
+                entry = own.get(fd)
+                if entry is None:
+                    continue
+                found = sockets.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
+                fds.append(
+                    {
+                        "fd": number,
+                        "own_fd": fd,
+                        "kind": entry.kind.value,
+                        "target": found.describe() if found else entry.target,
+                        "dev": entry.dev,
+                        "ino": entry.ino,
+                    }
+                )
+            return fds
+
+        fds = described(self.held)
         return {
             "shadow_pid": os.getpid(),
             "target_pid": self.target_pid,
@@ -306,6 +353,14 @@ class Shadow:
             "location": self.hub.location,
             "endpoint_port": self.endpoint.getsockname()[1] if self.endpoint else 0,
             "fds": fds,
+            "members": [
+                {
+                    "pid": member,
+                    "following": member in self.member_handles,
+                    "fds": described(table),
+                }
+                for member, table in sorted(self.members.items())
+            ],
             "streams": self.hub.describe(),
         }
 
@@ -319,7 +374,7 @@ class Shadow:
             for number in self.hub.stop_serving():
                 fd = self.held.pop(number, None)
                 if fd is not None:
-                    os.close(fd)
+                    self._close_unless_named(fd)
 
     def watch_migrant(self, location: str, pid: int) -> None:
         """Back on this node (as `pid`), the process is watched as at home: when it ends, we
@@ -353,11 +408,53 @@ class Shadow:
 
     def follow_target(self) -> None:
         """Close our copy of every descriptor the target no longer holds."""
-        for number, fd in sorted(self.held.items()):
-            if not same_file(fd, f"/proc/{self.target_pid}/fd/{number}"):
-                log(f"target closed or replaced fd {number}; releasing our copy")
-                os.close(fd)
-                del self.held[number]
+        self._follow(self.target_pid, self.held)
+
+    def follow_members(self) -> None:
+        """The same for each member running at home, whatever the root's mode (a member
+        not followed is held for its restore: checkpointed, not yet back)."""
+        for pid in list(self.member_handles):
+            self._follow(pid, self.members[pid])
+
+    def _follow(self, pid: int, table: dict[int, int]) -> None:
+        for number, fd in sorted(table.items()):
+            if not same_file(fd, f"/proc/{pid}/fd/{number}"):
+                log(f"process {pid} closed or replaced fd {number}; releasing our copy")
+                del table[number]
+                self._close_unless_named(fd)
+
+    def _own_fds(self) -> set[int]:
+        """Our descriptors that some key (the target's or a member's) names."""
+        return {*self.held.values(), *(fd for t in self.members.values() for fd in t.values())}
+
+    def _close_unless_named(self, fd: int) -> None:
+        """Close `fd` once no key names it any more (a description shared in the tree)."""
+        if fd not in self._own_fds():
+            os.close(fd)
+
+    def _watch_member(self, pid: int) -> None:
+        """Follow member `pid` (it runs here): when it ends, what it held is let go. A member
+        checkpointed (`adopt` with `hold`) is not watched: we keep what it held."""
+        handle = pidfd.pidfd_open(pid)  # first: a member gone already is not taken in
+        self.members.setdefault(pid, {})
+        self.member_handles[pid] = handle
+        self.selector.register(handle, selectors.EVENT_READ, self._member_exited)
+
+    def _unwatch_member(self, pid: int) -> None:
+        handle = self.member_handles.pop(pid, -1)
+        if handle >= 0:
+            with contextlib.suppress(KeyError):
+                self.selector.unregister(handle)
+            os.close(handle)
+
+    def _member_exited(self, handle: Any, _: int) -> None:
+        pid = next((p for p, h in self.member_handles.items() if h == handle), 0)
+        self._unwatch_member(pid)
+        if pid not in self.members:
+            return
+        log(f"member {pid} exited; releasing its {len(self.members[pid])} descriptors")
+        for fd in self.members.pop(pid).values():
+            self._close_unless_named(fd)
 
 
 def ended_path(control_path: str) -> Path:

@@ -11,6 +11,7 @@ output, documented in docs/status.md.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import os
@@ -26,7 +27,15 @@ from hijack.errors import HijackError
 from hijack.node.channel import Channel, load_cluster_key
 from hijack.node.daemon import parse_address
 from hijack.node.move import mover_gone
-from hijack.registry import EventRecord, MoveRecord, ProcessRecord, Registry, node_name
+from hijack.process.tree import read_tree
+from hijack.registry import (
+    EventRecord,
+    MemberRecord,
+    MoveRecord,
+    ProcessRecord,
+    Registry,
+    node_name,
+)
 from hijack.shadow import control
 from hijack.shadow.program import ended_path
 from hijack.sys import procfs
@@ -70,6 +79,25 @@ class HeldFd:
 
 
 @dataclass(frozen=True)
+class MemberHeld:
+    """What the shadow of a tree holds of one member (not the root): by its word."""
+
+    pid: int
+    held: tuple[HeldFd, ...]
+
+
+@dataclass(frozen=True)
+class MemberView:
+    """A descendant of an attached process: attached with it, or born since."""
+
+    pid: int
+    parent: int  # its parent now (when it runs), else when it was attached
+    program: str
+    attached: bool  # attached with its root: the shadow holds its descriptors
+    alive: bool  # it runs (with its recorded start time, when attached)
+
+
+@dataclass(frozen=True)
 class StreamView:
     """A descriptor proxied through the home shadow while the process runs elsewhere."""
 
@@ -93,6 +121,7 @@ class ShadowView:
     location: str | None  # where the process runs by its word; "" while not relaying
     held: tuple[HeldFd, ...]
     streams: tuple[StreamView, ...]
+    members: tuple[MemberHeld, ...] = ()  # the other members of its tree
 
 
 @dataclass(frozen=True)
@@ -116,6 +145,7 @@ class ProcessView:
     shadow: ShadowView | None
     last_move: MoveView | None
     note: str | None = None  # what status could not check, or why the row is what it is
+    members: tuple[MemberView, ...] = ()  # its descendants, parents before children
 
 
 @dataclass(frozen=True)
@@ -196,7 +226,7 @@ def gather(registry: Registry, timeout: float = QUERY_TIMEOUT) -> Snapshot:
         state_dir=str(registry.directory),
         taken_at=time.time(),
         processes=tuple(
-            _process_view(record, shadows.get(pid), moves, here, nodes)
+            _process_view(record, shadows.get(pid), moves, here, nodes, registry.members(pid))
             for pid, record in records.items()
         ),
         moves=moves,
@@ -211,6 +241,7 @@ def _process_view(
     moves: tuple[MoveView, ...],
     here: str,
     nodes: Mapping[str, NodeView],
+    members: Iterable[MemberRecord] = (),
 ) -> ProcessView:
     # Its moves since it was recorded: an older move of the same pid was another process.
     last_move = next(
@@ -239,7 +270,29 @@ def _process_view(
         shadow=shadow,
         last_move=last_move,
         note=_note(record, state, here, current_node, nodes.get(current_node)),
+        members=_member_views(record, state, members),
     )
+
+
+def _member_views(
+    record: ProcessRecord, state: State, members: Iterable[MemberRecord]
+) -> tuple[MemberView, ...]:
+    """The tree of `record` as it is now: its members attached with it (alive or not), and,
+    while it runs here attached, the tree re-read from /proc (a descendant born since is
+    shown, not attached: its shadow does not hold its descriptors)."""
+    recorded = {member.pid: member for member in members}
+    views: list[MemberView] = []
+    if state is State.ATTACHED:
+        with contextlib.suppress(HijackError):
+            for member in read_tree(record.pid).members[1:]:
+                known = recorded.pop(member.pid, None)
+                attached = known is not None and _runs(member.pid, known.start_time)
+                alive = member.state not in ("Z", "X")
+                views.append(MemberView(member.pid, member.ppid, member.comm, attached, alive))
+    for known in recorded.values():  # ended, or no longer below the root
+        alive = _runs(known.pid, known.start_time)
+        views.append(MemberView(known.pid, known.parent, known.program, True, alive))
+    return tuple(views)
 
 
 def _note(
@@ -352,10 +405,12 @@ def _ask_remote_shadow(record: ProcessRecord, timeout: float) -> ShadowView:
 
 def _answered_shadow(answer: Mapping[str, Any], where: str) -> ShadowView:
     try:
-        held = tuple(
-            HeldFd(int(fd["fd"]), str(fd["kind"]), str(fd["target"])) for fd in answer["fds"]
-        )
+        held = _held(answer["fds"])
         streams = tuple(_stream_view(stream) for stream in answer.get("streams", []))
+        members = tuple(
+            MemberHeld(int(member["pid"]), _held(member["fds"]))
+            for member in answer.get("members", [])
+        )
         return ShadowView(
             pid=int(answer["shadow_pid"]),
             where=where,
@@ -365,11 +420,16 @@ def _answered_shadow(answer: Mapping[str, Any], where: str) -> ShadowView:
             location=str(answer.get("location", "")),
             held=held,
             streams=streams,
+            members=members,
         )
     except (KeyError, TypeError, ValueError) as exc:
         return ShadowView(
             None, where, Health.UNREACHABLE, f"malformed status answer: {exc!r}", None, None, (), ()
         )
+
+
+def _held(fds: Iterable[Mapping[str, Any]]) -> tuple[HeldFd, ...]:
+    return tuple(HeldFd(int(fd["fd"]), str(fd["kind"]), str(fd["target"])) for fd in fds)
 
 
 def _stream_view(stream: Mapping[str, Any]) -> StreamView:

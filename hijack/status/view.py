@@ -21,6 +21,7 @@ from rich.text import Text
 from hijack.cli.render import human_size
 from hijack.status.model import (
     Health,
+    MemberView,
     MoveView,
     NodeView,
     ProcessView,
@@ -195,7 +196,39 @@ def _processes_table(
             *totals,
             _last_move_cell(process.last_move),
         )
+        for member in process.members:
+            table.add_row(*_member_cells(process, member, len(table.columns), minimal))
     return table
+
+
+def _member_cells(
+    process: ProcessView, member: MemberView, columns: int, minimal: bool
+) -> list[str]:
+    """A member's row under its root: its pid indented by its depth, its state, what the
+    shadow holds of it; the other cells are the root's."""
+    depth, parent = 1, member.parent
+    parents = {m.pid: m.parent for m in process.members}
+    while parent in parents and depth < len(parents):
+        depth, parent = depth + 1, parents[parent]
+    if not member.alive:
+        state = "[red]gone[/]"
+    elif member.attached:
+        state = "[green]member[/]"
+    else:
+        state = "[yellow]not attached[/] [dim](born since)[/]"
+    cells = [f"{'  ' * (depth - 1)}└ {member.pid}", escape(member.program)]
+    cells += ["", state, ""] if minimal else ["", "", state, "", ""]
+    if not minimal:
+        held = next(
+            (
+                m.held
+                for m in (process.shadow.members if process.shadow else ())
+                if m.pid == member.pid
+            ),
+            None,
+        )
+        cells.append(f"{len(held)} held" if held is not None else NONE)
+    return cells + [""] * (columns - len(cells))
 
 
 def _shadow_cell(process: ProcessView) -> str:

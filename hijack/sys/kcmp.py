@@ -55,3 +55,10 @@ def description_ids(pid: int, descriptors: Iterable[tuple[int, int, int]]) -> di
             descriptions += 1
             ids[fd] = descriptions
     return ids
+
+
+def same_description_in(pid: int, fd: int, other_pid: int, other_fd: int) -> bool:
+    """Whether descriptor `fd` of `pid` and `other_fd` of `other_pid` are one open file
+    description (one inherited across a fork, or passed between them)."""
+    answer = raw_syscall("kcmp", pid, other_pid, KCMP_FILE, fd, other_fd, pid=other_pid)
+    return answer == _EQUAL
