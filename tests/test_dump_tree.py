@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from support import spawn_fixture
 from support.cli import HijackCli
+from test_process_tree import SEIZE  # another tracer, holding a pid
 
 from hijack.image import Tree, read_stream
 from hijack.process.tree import read_tree
@@ -24,17 +25,6 @@ from hijack.process.tree import read_tree
 @pytest.fixture
 def hijack(tmp_path: Path) -> HijackCli:
     return HijackCli(tmp_path / "state")
-
-
-# Seizes the pid in argv[1] (PTRACE_SEIZE: it keeps running), says so, holds it until killed.
-SEIZE = r"""
-import ctypes, os, sys
-libc = ctypes.CDLL(None, use_errno=True)
-if libc.ptrace(0x4206, int(sys.argv[1]), None, None) != 0:
-    sys.exit(os.strerror(ctypes.get_errno()))
-print("seized", flush=True)
-os.read(0, 1)
-"""
 
 
 def test_a_tree_is_dumped_as_a_tree_and_shown_as_one(hijack: HijackCli, tmp_path: Path) -> None:
