@@ -20,8 +20,8 @@ from hijack import check as checking
 from hijack import lockbook, objects
 from hijack.cli import render
 from hijack.errors import HijackError
-from hijack.image.codec import read_image
-from hijack.image.summary import summarize
+from hijack.image.codec import read_image, read_stream
+from hijack.image.summary import TreeSummary, summarize_stream
 from hijack.mutator import attach as attaching
 from hijack.mutator import dump as dumping
 from hijack.mutator.handover import hand_descriptors_to_shadow
@@ -343,8 +343,11 @@ def command_restore(args: argparse.Namespace, console: Console) -> int:
 
 def command_show(args: argparse.Namespace, console: Console) -> int:
     with open_image(args.image) as stream:
-        summary = summarize(read_image(stream), describe=objects.describe)
-    render.image_summary(console, summary, as_json=args.json)
+        summary = summarize_stream(read_stream(stream), describe=objects.describe)
+    if isinstance(summary, TreeSummary):
+        render.tree_summary(console, summary, as_json=args.json)
+    else:
+        render.image_summary(console, summary, as_json=args.json)
     return EXIT_OK
 
 

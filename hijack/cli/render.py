@@ -18,9 +18,16 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+from rich.tree import Tree as RichTree
 
 from hijack.check import Finding
-from hijack.image.summary import ImageSummary, summary_to_json
+from hijack.image import records as rec
+from hijack.image.summary import (
+    ImageSummary,
+    TreeSummary,
+    summary_to_json,
+    tree_summary_to_json,
+)
 from hijack.mutator.attach import AttachResult, Ended
 from hijack.mutator.dump import DumpResult
 from hijack.node.move import MoveResult
@@ -117,9 +124,14 @@ def human_size(count: int) -> str:
 def dump_result(console: Console, result: DumpResult, output: str, *, killed: bool) -> None:
     where = "stdout" if output == "-" else output
     fate = "killed" if killed else "left running"
+    what = f"process [bold]{result.pid}[/]"
+    if result.members > 1:
+        what = f"the tree of process [bold]{result.pid}[/] ({result.members} processes,"
+        what += f" {result.threads} threads)"
+    else:
+        what += f" ({result.threads} thread{'s' if result.threads != 1 else ''})"
     console.print(
-        f"dumped process [bold]{result.pid}[/] ({result.threads} thread"
-        f"{'s' if result.threads != 1 else ''}) to {where}: {human_size(result.image_bytes)}, "
+        f"dumped {what} to {where}: {human_size(result.image_bytes)}, "
         f"{result.pages_stored} pages stored, frozen {result.frozen_ms:.1f} ms; {fate}"
     )
 
@@ -147,6 +159,44 @@ def core_result(console: Console, result: CoreResult, output: str) -> None:
         f" {human_size(result.core_bytes)} with holes, {result.loads} memory segments,"
         f" {result.mapped_files} file mappings; open it with gdb PROGRAM {escape(output)}"
     )
+
+
+def tree_summary(console: Console, summary: TreeSummary, *, as_json: bool = False) -> None:
+    """A tree stream: the tree drawn, each member with its one-line summary."""
+    if as_json:
+        console.print_json(json.dumps(tree_summary_to_json(summary)))
+        return
+    nodes: dict[int, RichTree] = {}
+    top: RichTree | None = None
+    for member in summary.tree.members:
+        label = _member_line(member, summary.images.get(member.pid))
+        parent = nodes.get(member.ppid)
+        node = RichTree(label) if parent is None else parent.add(label)
+        nodes[member.pid] = node
+        top = top or node
+    assert top is not None  # a Tree has members
+    console.print(top)
+    images = summary.images.values()
+    console.print(
+        f"tree of {len(summary.tree.members)} processes: image {human_size(summary.image_bytes)},"
+        f" {sum(image.pages.stored for image in images)} pages stored"
+    )
+
+
+def _member_line(member: rec.TreeMember, image: ImageSummary | None) -> str:
+    line = f"[bold]{escape(member.comm)}[/] pid {member.pid} (pgid {member.pgid}, sid {member.sid})"
+    if member.state is rec.MemberState.ZOMBIE:
+        return f"{line} zombie, wait status {member.exit_code:#x}"
+    if member.state is rec.MemberState.STOPPED:
+        line += " stopped"
+    if image is not None:
+        threads = len(image.threads)
+        line += (
+            f": {threads} thread{'s' if threads != 1 else ''},"
+            f" {len(image.descriptors)} descriptors,"
+            f" {human_size(image.image_bytes)} image, {image.pages.stored} pages stored"
+        )
+    return line
 
 
 def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = False) -> None:

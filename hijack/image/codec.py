@@ -94,12 +94,13 @@ from hijack.image.records import (
     Thread,
     TimerfdObject,
     Timers,
+    Tree,
     UdpSocket,
     UnixSocket,
 )
 
 MAGIC = b"CRF\0"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MAX_METADATA = 16 * 1024 * 1024  # payload limit of every section but PAGES
 
 BytesLike = bytes | bytearray | memoryview
@@ -120,6 +121,7 @@ class SectionKind(enum.Enum):
 
     HEADER = b"HEAD"
     ROUND = b"RND_"
+    TREE = b"TREE"
     CREDENTIALS = b"CRED"
     RLIMITS = b"RLIM"
     MM = b"MMST"
@@ -249,6 +251,7 @@ _PAGES = _PagesSection()
 _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.HEADER: _StructSection(ImageHeader),
     SectionKind.ROUND: _StructSection(Round),
+    SectionKind.TREE: _StructSection(Tree),
     SectionKind.CREDENTIALS: _StructSection(Credentials),
     SectionKind.RLIMITS: _StructSection(Rlimits),
     SectionKind.MM: _StructSection(MemoryStructure),
@@ -339,6 +342,11 @@ _ROUND_GRAMMAR = (
     _Step(SectionKind.PAGES, 0, True),
     _Step(SectionKind.END, 1, False),
 )
+_TREE_GRAMMAR = (
+    _Step(SectionKind.TREE, 1, False),
+    _Step(SectionKind.END, 1, False),
+)
+_OPENING_GRAMMARS = {SectionKind.ROUND: _ROUND_GRAMMAR, SectionKind.TREE: _TREE_GRAMMAR}
 
 
 class _ImageChecks:
@@ -365,7 +373,7 @@ class _ImageChecks:
     def expected(self) -> str:
         """The sections that may come next, for messages: "THREAD or SIGNALS"."""
         if self._grammar is None:
-            return "HEADER or ROUND"
+            return "HEADER, ROUND or TREE"
         due = self._objects_due
         if due is not None and not self._objects_closed and self._objects_seen < due:
             return f"OBJECT ({due - self._objects_seen} more of those FILES counts)"
@@ -388,7 +396,7 @@ class _ImageChecks:
     def admit(self, kind: SectionKind) -> None:
         """Accept `kind` as the next section, or raise: it is out of place."""
         if self._grammar is None:
-            self._grammar = _ROUND_GRAMMAR if kind is SectionKind.ROUND else _IMAGE_GRAMMAR
+            self._grammar = _OPENING_GRAMMARS.get(kind, _IMAGE_GRAMMAR)
         objects_end = self._objects_due is not None and not self._objects_closed
         if objects_end and kind not in OBJECT_SECTIONS:
             self._close_objects()
@@ -645,11 +653,43 @@ def read_round(stream: BinaryIO) -> Iterator[Record]:
     return _read_records(stream, _ROUND_GRAMMAR, require_eof=False)
 
 
+def read_stream(stream: BinaryIO) -> Iterator[Record]:
+    """Yield the records of the image or the tree stream on `stream` (docs/crf.md §7b).
+
+    A tree stream yields its TREE and END, then the records of each member's
+    IMAGE (each ending with its END), which must end the stream.
+    """
+    records = _read_records(stream, None, require_eof=False)
+    first = next(records)
+    yield first
+    if not isinstance(first, Tree):
+        yield from records
+        if stream.read(1):
+            raise ImageError("unexpected data after END")
+        return
+    yield from records
+    imaged = first.imaged
+    for index, member in enumerate(imaged):
+        last = index == len(imaged) - 1
+        missing = f"the tree stream ends after {index} of its {len(imaged)} images"
+        for record in _read_records(stream, _IMAGE_GRAMMAR, require_eof=last, missing=missing):
+            if isinstance(record, ImageHeader) and record.pid != member.pid:
+                raise ImageError(
+                    f"the tree's image {index + 1} is of process {record.pid},"
+                    f" the TREE says {member.pid}"
+                )
+            yield record
+
+
 def _read_records(
-    stream: BinaryIO, grammar: tuple[_Step, ...], *, require_eof: bool
+    stream: BinaryIO,
+    grammar: tuple[_Step, ...] | None,
+    *,
+    require_eof: bool,
+    missing: str = "not a CRF image (empty)",
 ) -> Iterator[Record]:
     source = _Source(stream)
-    source.read_signature()
+    source.read_signature(missing)
     checks = _ImageChecks(grammar)
     while True:
         offset = source.offset
@@ -669,8 +709,8 @@ def _read_records(
         yield record
         if isinstance(record, End):
             break
-    if require_eof and source.read(1):
-        raise ImageError(f"unexpected data after END at byte {source.offset - 1}")
+    if require_eof:
+        source.require_eof()
 
 
 def _read_section(
@@ -725,16 +765,21 @@ class _Source:
         self.offset += len(data)
         return data
 
+    def require_eof(self) -> None:
+        if self.read(1):
+            raise ImageError(f"unexpected data after END at byte {self.offset - 1}")
+
     def read_exactly(self, size: int, kind: SectionKind) -> bytes:
         data = self.read(size)
         if len(data) < size:
             raise ImageError(f"image truncated in section {kind.name} at byte {self.offset}")
         return data
 
-    def read_signature(self) -> None:
+    def read_signature(self, missing: str) -> None:
+        """`missing`: the message for a stream that ends before the signature."""
         signature = self.read(_SIGNATURE.size)
         if not signature:
-            raise ImageError("not a CRF image (empty)")
+            raise ImageError(missing)
         if not MAGIC.startswith(signature[: len(MAGIC)]):
             raise ImageError("not a CRF image (bad signature)")
         if len(signature) < _SIGNATURE.size:

@@ -1199,6 +1199,53 @@ class Round:
     number: U32  # 0 for the first round, which sends every page; then the pages written since
 
 
+class MemberState(enum.IntEnum):
+    """What a tree member was doing when the tree was frozen."""
+
+    RUNNING = 0  # running or sleeping: restored to run on
+    STOPPED = 1  # stopped by a signal (state T): restored stopped
+    ZOMBIE = 2  # exited, not yet reaped by its parent: no image, only its exit status
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TreeMember:
+    pid: U32
+    ppid: U32  # the parent's pid; the root's parent is outside the tree
+    pgid: U32  # process group
+    sid: U32  # session
+    exit_signal: U32  # the signal the parent gets at its end (SIGCHLD after a fork)
+    exit_code: U32  # a zombie's wait status, as waitpid(2) reports it; 0 otherwise
+    state: Annotated[MemberState, UInt(1)]
+    comm: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Tree:
+    """Opens a tree stream: the members, root first, each parent before its children.
+
+    One IMAGE follows per member that is not a ZOMBIE, in this order.
+    """
+
+    members: tuple[TreeMember, ...]
+
+    def __post_init__(self) -> None:
+        _require(bool(self.members), "Tree: no members")
+        seen: set[int] = set()
+        for index, member in enumerate(self.members):
+            _require(member.pid not in seen, f"Tree: process {member.pid} appears twice")
+            _require(
+                index == 0 or member.ppid in seen,
+                f"Tree: process {member.pid} comes before its parent {member.ppid}",
+            )
+            seen.add(member.pid)
+        _require(self.members[0].state is not MemberState.ZOMBIE, "Tree: the root is a zombie")
+
+    @property
+    def imaged(self) -> tuple[TreeMember, ...]:
+        """The members that have an IMAGE in the stream, in stream order."""
+        return tuple(m for m in self.members if m.state is not MemberState.ZOMBIE)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class End:
     """The trailer: totals a reader checks, so a cut image never passes for whole."""
@@ -1214,6 +1261,7 @@ class End:
 Record = (
     ImageHeader
     | Round
+    | Tree
     | Credentials
     | Rlimits
     | MemoryStructure

@@ -12,7 +12,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import enum
-from collections.abc import Callable, Iterable
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from hijack.errors import ImageError
@@ -35,6 +36,7 @@ from hijack.image.records import (
     Segments,
     Thread,
     Timers,
+    Tree,
 )
 
 SUMMARY_VERSION = 2  # bumped when a key of summary_to_json changes meaning or goes away
@@ -340,4 +342,44 @@ def summary_to_json(summary: ImageSummary) -> dict[str, JsonValue]:
             "untouched": summary.pages.untouched,
             "file": summary.pages.file,
         },
+    }
+
+
+@dataclass(frozen=True)
+class TreeSummary:
+    """A tree stream: its members, and the summary of each member's image."""
+
+    tree: Tree
+    images: dict[int, ImageSummary]  # by pid; zombies have none
+
+    @property
+    def image_bytes(self) -> int:
+        return sum(image.image_bytes for image in self.images.values())
+
+
+def summarize_stream(
+    records: Iterator[Record],
+    describe: Callable[[FileDescriptor, ImageFiles], str] | None = None,
+) -> ImageSummary | TreeSummary:
+    """Summarize an image, or a tree stream member by member (hijack.image.read_stream)."""
+    first = next(records)
+    if not isinstance(first, Tree):
+        return summarize(itertools.chain([first], records), describe)
+    next(records)  # the tree's END
+    images = {member.pid: summarize(_through_end(records), describe) for member in first.imaged}
+    return TreeSummary(tree=first, images=images)
+
+
+def _through_end(records: Iterator[Record]) -> Iterator[Record]:
+    """The records of one image: up to and including its END."""
+    for record in records:
+        yield record
+        if isinstance(record, End):
+            return
+
+
+def tree_summary_to_json(summary: TreeSummary) -> dict[str, JsonValue]:
+    return {
+        "tree": [_value_json(member) for member in summary.tree.members],
+        "images": {str(pid): summary_to_json(image) for pid, image in summary.images.items()},
     }

@@ -32,11 +32,13 @@ from hijack.image import records as rec
 from hijack.image.codec import ImageWriter
 from hijack.image.files import ImageFiles
 from hijack.image.identity import file_identity, is_shared_library
+from hijack.mutator.frozen_tree import FrozenTree, frozen_tree
 from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, recorded_registers
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.objects.memfd import held_by_objects
 from hijack.objects.tcp import NetworkLocks
 from hijack.process import aio, settings, timers
+from hijack.process.tree import read_tree
 from hijack.restore.plan import ATTACH_HINT, restore_problems
 from hijack.sys import memory, procfs
 from hijack.sys import ptrace as pt
@@ -66,6 +68,7 @@ class DumpResult:
     image_bytes: int
     pages_stored: int
     frozen_ms: float  # how long the process was stopped
+    members: int = 1  # processes in the tree dumped (PID and its descendants)
 
 
 class Precopied(Protocol):
@@ -104,7 +107,10 @@ def dump(
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
     image: str = lockbook.STDOUT,
 ) -> DumpResult:
-    """Write an image of `pid` to `out`; the process runs on unless `kill`.
+    """Write an image of `pid` and its descendants to `out`; they run on unless `kill`.
+
+    A process without children gets a plain image; a tree, a tree stream
+    (docs/crf.md §7b), its members all stopped together.
 
     `on_complete` runs once the whole image is written and flushed, while the
     process is still stopped (to put the file in place). With `kill`, the
@@ -118,7 +124,9 @@ def dump(
     `out` ends up (an absolute path, or lockbook.STDOUT), written down with the network
     locks a `kill` leaves for the restore (hijack.lockbook).
     """
-    if not kill:
+    if not kill and len(read_tree(pid).members) == 1:
+        # A tree is stopped throughout its dump: only a single process is
+        # snapshot (a child forked after this look is not in its image).
         # Imported here: the snapshot is built of this module's parts.
         from hijack.mutator.snapshot import snapshot_dump
 
@@ -135,20 +143,32 @@ def dump(
     # Connections a killed process's restore rebuilds are locked while it is gone.
     locking = kill and check_descriptors
     with (
-        Tracee.seize(pid) as tracee,
+        frozen_tree(pid) as frozen,
         NetworkLocks(pid, image) if locking else contextlib.nullcontext() as locks,
     ):
         reached("dump-seized")
+        members = len(frozen.record.members)
+        if kill and members > 1:
+            raise Unsupported(
+                f"not killing the tree of process {pid} ({members} processes): restoring a"
+                " tree is not implemented yet; dump it without --kill"
+            )
+        tracee = frozen.tracees[pid]
         check = functools.partial(refuse_unrestorable, pid, check_descriptors)
-        end, threads, written = write_image(
-            tracee,
-            out,
+        write_member = functools.partial(
+            write_image,
+            out=out,
             no_binary=no_binary,
             no_shared_libs=no_shared_libs,
             check=check if kill else None,
             ghost_limit=ghost_limit,
             connections=check_descriptors,
         )
+        if members == 1:
+            end, threads, written = write_member(tracee)
+            pages = end.pages_stored
+        else:
+            threads, written, pages = write_tree(frozen, out, write_member)
         reached("dump-written")
         if on_complete is not None:
             on_complete()
@@ -162,7 +182,23 @@ def dump(
             if locks is not None:
                 locks.keep()
     frozen_ms = (time.perf_counter() - stopped_at) * 1000
-    return DumpResult(pid, threads, written, end.pages_stored, frozen_ms)
+    return DumpResult(pid, threads, written, pages, frozen_ms, members)
+
+
+def write_tree(
+    frozen: FrozenTree, out: BinaryIO, image: Callable[[Tracee], tuple[rec.End, int, int]]
+) -> tuple[int, int, int]:
+    """Write the tree stream of a frozen tree (docs/crf.md §7b): its TREE, then
+    `image(tracee)` of each member that is not a zombie; return threads, bytes and pages."""
+    writer = ImageWriter(out)
+    writer.write(frozen.record)
+    writer.close()
+    threads, written, pages = 0, writer.bytes_written, 0
+    for member in frozen.record.imaged:
+        end, member_threads, member_written = image(frozen.tracees[member.pid])
+        threads, written = threads + member_threads, written + member_written
+        pages += end.pages_stored
+    return threads, written, pages
 
 
 def write_image(

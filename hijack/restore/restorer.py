@@ -19,15 +19,16 @@ Steps (hijack.restore.* each own one):
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO, TypeVar
 
-from hijack.errors import HijackError, ImageError, RestoreError, ShadowError
+from hijack.errors import HijackError, ImageError, RestoreError, ShadowError, Unsupported
 from hijack.image import records as rec
-from hijack.image.codec import read_image
+from hijack.image.codec import read_stream
 from hijack.image.files import ImageFiles
 from hijack.mutator.tracee import (
     ThreadState,
@@ -144,7 +145,15 @@ def restore(
     the home shadow keeps the open files, and with them their flock, OFD locks
     and leases, and the original holds its POSIX locks until the commit.
     """
-    records = read_image(stream)
+    records = read_stream(stream)
+    first = next(records)
+    if isinstance(first, rec.Tree):
+        raise Unsupported(
+            f"the image is of a tree of {len(first.members)} processes (process"
+            f" {first.members[0].pid} and its descendants): restoring a tree is not"
+            " implemented yet"
+        )
+    records = itertools.chain([first], records)
     image = _Image(
         header=_expect(records, rec.ImageHeader),
         credentials=_expect(records, rec.Credentials),

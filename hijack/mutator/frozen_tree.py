@@ -1,0 +1,96 @@
+"""Freezing a whole process tree: every member and every thread stopped at once.
+
+A running tree changes while it is read (a member forks, a child exits), but
+a stopped process can neither fork nor exit: members found are seized and the
+tree read again until a reading finds nothing new. What cannot be taken
+(hijack.process.tree.untakeable) is refused by name before the first seize.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+from hijack.errors import NotAttachable, ProcessGone
+from hijack.image import records as rec
+from hijack.mutator.tracee import Tracee
+from hijack.process.tree import Member, ProcessTree, read_tree, untakeable
+from hijack.sys import procfs
+
+MAX_READINGS = 50  # a tree that still changes after this many is forking faster than we stop it
+
+
+@dataclass(frozen=True)
+class FrozenTree:
+    tree: ProcessTree  # the final reading (under ptrace: stopped members read as 't')
+    tracees: dict[int, Tracee]  # every member but the zombies, by pid
+    record: rec.Tree  # the tree as its image records it (states from before the freeze)
+
+
+@contextmanager
+def frozen_tree(root: int) -> Iterator[FrozenTree]:
+    """Seize `root` and all its descendants; release them all when the block ends.
+
+    Raises NotAttachable naming every member that cannot be taken, before
+    anything is touched; ProcessGone if `root` does not exist.
+    """
+    with ExitStack() as stack:
+        tracees: dict[int, Tracee] = {}
+        first_state: dict[int, str] = {}
+        for _ in range(MAX_READINGS):
+            tree = read_tree(root)
+            reasons = untakeable(tree) + [
+                # Injection re-enters a job-control stop (hijack.mutator.tracee.check_attachable).
+                f"process {m.pid} ({m.comm}) is stopped by job control; continue it first"
+                f" (kill -CONT {m.pid})"
+                for m in tree.members
+                if m.stopped and m.pid not in tracees
+            ]
+            if reasons:
+                raise NotAttachable(f"cannot take the tree of process {root}: {'; '.join(reasons)}")
+            for member in tree.members:
+                first_state.setdefault(member.pid, member.state)
+            for member in tree.members:
+                if member.zombie or member.pid in tracees:
+                    continue
+                try:
+                    tracees[member.pid] = stack.enter_context(Tracee.seize(member.pid))
+                except ProcessGone:
+                    if member.pid == root:
+                        raise
+            again = read_tree(root)
+            settled = again.same_members(tree) and all(
+                m.pid in tracees for m in again.members if not m.zombie
+            )
+            if settled:
+                break
+        else:
+            raise NotAttachable(
+                f"the tree of process {root} kept changing over {MAX_READINGS} readings"
+            )
+        members = again.members
+        yield FrozenTree(
+            tree=again,
+            tracees={m.pid: tracees[m.pid] for m in members if not m.zombie},
+            record=rec.Tree(members=tuple(_recorded(m, first_state[m.pid]) for m in members)),
+        )
+
+
+def _recorded(member: Member, state_before: str) -> rec.TreeMember:
+    if member.zombie:
+        state, exit_code = rec.MemberState.ZOMBIE, procfs.read_stat(member.pid).exit_code
+    elif state_before == "T":
+        state, exit_code = rec.MemberState.STOPPED, 0
+    else:
+        state, exit_code = rec.MemberState.RUNNING, 0
+    return rec.TreeMember(
+        pid=member.pid,
+        ppid=member.ppid,
+        pgid=member.pgid,
+        sid=member.sid,
+        exit_signal=member.exit_signal,
+        exit_code=exit_code,
+        state=state,
+        comm=member.comm,
+    )

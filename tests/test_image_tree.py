@@ -1,0 +1,105 @@
+"""The tree stream of docs/crf.md §7b: TREE, END, then one IMAGE per living member."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from test_image_codec import BUILT
+
+from hijack.errors import ImageError
+from hijack.image import (
+    End,
+    ImageHeader,
+    ImageWriter,
+    MemberState,
+    Tree,
+    TreeMember,
+    read_image,
+    read_stream,
+)
+
+
+def member(pid: int, ppid: int, state: MemberState = MemberState.RUNNING) -> TreeMember:
+    return TreeMember(
+        pid=pid,
+        ppid=ppid,
+        pgid=pid,
+        sid=1,
+        exit_signal=17,
+        exit_code=0x300 if state is MemberState.ZOMBIE else 0,
+        state=state,
+        comm=f"p{pid}",
+    )
+
+
+def tree_head(tree: Tree) -> bytes:
+    out = io.BytesIO()
+    writer = ImageWriter(out)
+    writer.write(tree)
+    writer.close()
+    return out.getvalue()
+
+
+def image_of(pid: int) -> bytes:
+    """BUILT's image, its HEADER saying `pid`."""
+    out = io.BytesIO()
+    writer = ImageWriter(out)
+    for record in read_image(io.BytesIO(BUILT.image)):
+        if isinstance(record, ImageHeader):
+            record = ImageHeader(**{**_fields(record), "pid": pid})
+        if isinstance(record, End):
+            writer.close(pages_untouched=record.pages_untouched, pages_file=record.pages_file)
+        elif type(record).__name__ == "Pages":
+            writer.write_pages(record.address, record.data, keep_zero_pages=True)  # type: ignore[union-attr]
+        else:
+            writer.write(record)
+    return out.getvalue()
+
+
+def _fields(record: ImageHeader) -> dict[str, object]:
+    return {name: getattr(record, name) for name in record.__slots__}
+
+
+TREE = Tree(
+    members=(member(10, 1), member(11, 10), member(12, 10, MemberState.ZOMBIE), member(13, 11))
+)
+
+
+def test_a_tree_stream_round_trips_member_by_member() -> None:
+    stream = tree_head(TREE) + image_of(10) + image_of(11) + image_of(13)
+    records = list(read_stream(io.BytesIO(stream)))
+    assert records[0] == TREE and isinstance(records[1], End)
+    assert [r.pid for r in records if isinstance(r, ImageHeader)] == [10, 11, 13]
+    assert sum(isinstance(r, End) for r in records) == 4
+    assert [m.pid for m in TREE.imaged] == [10, 11, 13]
+
+
+def test_a_plain_image_reads_as_before() -> None:
+    assert list(read_stream(io.BytesIO(BUILT.image))) == list(read_image(io.BytesIO(BUILT.image)))
+    with pytest.raises(ImageError, match="unexpected data after END"):
+        list(read_stream(io.BytesIO(BUILT.image + b"x")))
+
+
+def test_a_tree_stream_must_hold_the_images_it_announces_in_order() -> None:
+    head = tree_head(TREE)
+    with pytest.raises(ImageError, match="image 2 is of process 13, the TREE says 11"):
+        list(read_stream(io.BytesIO(head + image_of(10) + image_of(13) + image_of(11))))
+    with pytest.raises(ImageError, match="the tree stream ends after 2 of its 3 images"):
+        list(read_stream(io.BytesIO(head + image_of(10) + image_of(11))))
+    with pytest.raises(ImageError, match="unexpected data after END"):
+        whole = head + image_of(10) + image_of(11) + image_of(13)
+        list(read_stream(io.BytesIO(whole + b"x")))
+    with pytest.raises(ImageError, match="out of place, expected HEADER"):
+        list(read_image(io.BytesIO(head)))
+
+
+def test_a_tree_record_refuses_what_is_not_a_tree() -> None:
+    with pytest.raises(ImageError, match="no members"):
+        Tree(members=())
+    with pytest.raises(ImageError, match="appears twice"):
+        Tree(members=(member(10, 1), member(10, 10)))
+    with pytest.raises(ImageError, match="comes before its parent 11"):
+        Tree(members=(member(10, 1), member(12, 11), member(11, 10)))
+    with pytest.raises(ImageError, match="the root is a zombie"):
+        Tree(members=(member(10, 1, MemberState.ZOMBIE),))
