@@ -258,11 +258,13 @@ def _result(pid: int, image: _Image, plan: FilePlan) -> RestoreResult:
 
 
 def holder_of(pid: int) -> str:
-    """Who has `pid` now: "NAME (pid P)", "thread T of NAME (pid P)", or "" if nobody."""
+    """Who has `pid` now: "NAME (pid P)", "thread T of NAME (pid P)", a zombie, or "" if nobody."""
     try:
         status = procfs.read_status(pid)
     except HijackError:
         return ""
+    if status.tgid == pid and status.state == "Z":
+        return f"the zombie of {status.name}, not yet reaped by its parent (pid {status.ppid})"
     if status.tgid == pid:
         return f"{status.name} (pid {pid})"
     try:

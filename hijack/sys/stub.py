@@ -17,14 +17,17 @@ import ctypes
 import errno as errno_codes
 import os
 import signal
+import time
 
-from hijack.errors import HijackError
+from hijack.errors import HijackError, ProcessGone
+from hijack.sys import procfs
 from hijack.sys import ptrace as pt
 from hijack.sys.errors import raise_for_errno
 from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
 
 STUB_PROGRAM = "/bin/true"
 CLONE_NEWNS = 0x00020000
+ORPHAN_REAP_WAIT = 5.0  # seconds
 
 _python_libc = ctypes.PyDLL(None, use_errno=True)
 _syscall_holding_gil = _python_libc.syscall
@@ -86,6 +89,8 @@ def spawn_stub(wanted_pid: int | None, mount_namespace: int | None = None) -> in
     mount namespace, entered before its exec: every path the restore opens
     in it, and the process's own later, is looked up there.
     """
+    if wanted_pid:
+        _wait_for_orphan_reaped(wanted_pid)
     pid = _fork(wanted_pid) if wanted_pid else -errno_codes.EEXIST
     if pid in (-errno_codes.EEXIST, -errno_codes.EINVAL):
         pid = _fork(None)  # the old pid is taken (or never existed here)
@@ -99,6 +104,27 @@ def spawn_stub(wanted_pid: int | None, mount_namespace: int | None = None) -> in
         raise HijackError(f"the restore stub {pid} {reason} instead of stopping at exec")
     pt.set_options(pid, pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACECLONE | pt.PTRACE_O_EXITKILL)
     return pid
+
+
+def _wait_for_orphan_reaped(pid: int) -> None:
+    """Give the reaper of a dead orphan holding `pid` a moment to reap it.
+
+    A process killed by `dump --kill` stays a zombie until its parent reaps
+    it; an orphan's parent is init, which does so soon but not at once (up to
+    two seconds with the init of a firecracker VM, measured). A restore run
+    right after the dump would otherwise give the process a fresh pid. A
+    zombie whose living parent has not reaped it may never be reaped: that is
+    not waited for.
+    """
+    deadline = time.monotonic() + ORPHAN_REAP_WAIT
+    while time.monotonic() < deadline:
+        try:
+            stat = procfs.read_stat(pid)
+        except ProcessGone:
+            return
+        if stat.state != "Z" or stat.ppid != 1:
+            return
+        time.sleep(0.02)  # no descriptor tells of a reap by another process
 
 
 def kill_stub(pid: int) -> None:

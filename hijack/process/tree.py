@@ -1,0 +1,165 @@
+"""A process and all its descendants: the unit every command acts on.
+
+The tree is read from /proc in one scan (this kernel has no
+/proc/PID/task/TID/children: every process's stat is read once and the
+parent links followed). A running tree changes while it is read — a member
+forks, a child exits — so a reading is only final once every member is
+stopped: callers freeze what they found and read again until two readings
+agree (`same_members`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from hijack.errors import ProcessGone
+from hijack.sys import procfs
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One process of a tree, as /proc shows it."""
+
+    pid: int
+    ppid: int
+    pgid: int
+    sid: int
+    state: str  # one letter, as in /proc/PID/stat: R, S, D, T, t, Z, ...
+    exit_signal: int  # the signal its parent gets when it ends (SIGCHLD for a fork)
+    comm: str
+    threads: tuple[int, ...]  # ascending, the leader first; empty for a zombie
+
+    @property
+    def zombie(self) -> bool:
+        return self.state == "Z"
+
+    @property
+    def stopped(self) -> bool:
+        return self.state == "T"
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessTree:
+    """A root and its descendants, each parent before its children."""
+
+    members: tuple[Member, ...]  # members[0] is the root
+
+    @property
+    def root(self) -> Member:
+        return self.members[0]
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return tuple(member.pid for member in self.members)
+
+    def member(self, pid: int) -> Member:
+        for member in self.members:
+            if member.pid == pid:
+                return member
+        raise KeyError(pid)
+
+    def children_of(self, pid: int) -> tuple[Member, ...]:
+        return tuple(member for member in self.members if member.ppid == pid)
+
+    def depth_of(self, pid: int) -> int:
+        """0 for the root, 1 for its children, and so on."""
+        depth, member = 0, self.member(pid)
+        while member.pid != self.root.pid:
+            member, depth = self.member(member.ppid), depth + 1
+        return depth
+
+    def same_members(self, other: ProcessTree) -> bool:
+        """Whether `other` holds the same processes with the same threads."""
+        return {(m.pid, m.threads) for m in self.members} == {
+            (m.pid, m.threads) for m in other.members
+        }
+
+
+def read_tree(root: int) -> ProcessTree:
+    """The tree under process `root` now (ProcessGone if `root` does not exist)."""
+    root_stat = procfs.read_stat(root)  # a root that does not exist is ProcessGone
+    stats = {root: root_stat}
+    children: dict[int, list[int]] = {}
+    for pid in procfs.list_pids():
+        if pid == root:
+            continue
+        try:
+            stat = procfs.read_stat(pid)
+        except ProcessGone:
+            continue  # exited during the scan
+        stats[pid] = stat
+        children.setdefault(stat.ppid, []).append(pid)
+    members = [_member(stats[root])]
+    for pid in _descendants(root, children):
+        try:
+            members.append(_member(stats[pid]))
+        except ProcessGone:
+            continue
+    return ProcessTree(tuple(members))
+
+
+def _descendants(root: int, children: dict[int, list[int]]) -> Iterator[int]:
+    """Every descendant of `root`, breadth first: parents before their children."""
+    level = sorted(children.get(root, []))
+    while level:
+        yield from level
+        level = sorted(child for pid in level for child in children.get(pid, []))
+
+
+def _member(stat: procfs.ProcStat) -> Member:
+    threads: tuple[int, ...] = ()
+    if stat.state != "Z":
+        try:
+            threads = tuple(procfs.list_threads(stat.pid))
+        except ProcessGone:
+            threads = ()
+    return Member(
+        pid=stat.pid,
+        ppid=stat.ppid,
+        pgid=stat.pgrp,
+        sid=stat.session,
+        state=stat.state,
+        exit_signal=stat.exit_signal,
+        comm=stat.comm,
+        threads=threads,
+    )
+
+
+def untakeable(tree: ProcessTree) -> list[str]:
+    """Why members of `tree` cannot be taken, one reason per member (empty: all can).
+
+    Checked before anything is touched: a member traced by another tracer, in
+    a pid namespace below ours (its pids there are not ours to give back), a
+    kernel thread, or hijack itself.
+    """
+    ours = len(procfs.read_status(os.getpid()).nspid)
+    reasons = []
+    for member in tree.members:
+        what = f"process {member.pid} ({member.comm})"
+        if member.pid == os.getpid():
+            reasons.append(f"{what} is hijack itself")
+            continue
+        try:
+            if procfs.is_kernel_thread(member.pid):
+                reasons.append(f"{what} is a kernel thread")
+                continue
+            if member.zombie:
+                continue  # nothing to trace; its exit status is in its stat
+            status = procfs.read_status(member.pid)
+        except ProcessGone:
+            continue  # gone since the reading: the next reading will not have it
+        if status.tracer_pid not in (0, os.getpid()):
+            tracer = _comm_or_gone(status.tracer_pid)
+            reasons.append(f"{what} is traced by pid {status.tracer_pid} ({tracer})")
+        elif len(status.nspid) > ours:
+            reasons.append(f"{what} is in a pid namespace of its own")
+    return reasons
+
+
+def _comm_or_gone(pid: int) -> str:
+    try:
+        return procfs.read_comm(pid)
+    except ProcessGone:
+        return "gone"
