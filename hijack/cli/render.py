@@ -211,6 +211,20 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
     )
 
 
+def transfer_progress(console: Console, *what: TextColumn) -> Progress:
+    """The bars of a move and of a drain: `what` moves, then its phase and the bytes sent."""
+    return Progress(
+        *what,
+        TextColumn("{task.fields[phase]:<10}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
 @contextmanager
 def move_progress(
     console: Console, pid: int, destination: str, expected: int | None = None
@@ -219,15 +233,8 @@ def move_progress(
 
     Pre-copy sends pages written meanwhile again: the total grows with them.
     """
-    with Progress(
-        TextColumn("[bold]move {task.fields[pid]} -> {task.fields[destination]}"),
-        TextColumn("{task.fields[phase]:<10}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
+    with transfer_progress(
+        console, TextColumn("[bold]move {task.fields[pid]} -> {task.fields[destination]}")
     ) as progress:
         task = progress.add_task(
             "move", total=expected, pid=pid, destination=escape(destination), phase="preparing"
@@ -243,16 +250,10 @@ def move_progress(
 @contextmanager
 def drain_progress(console: Console, processes: list[Candidate]) -> Iterator[ProgressFor]:
     """One live view for a whole drain: a bar per process, each try's destination and phase."""
-    with Progress(
+    with transfer_progress(
+        console,
         TextColumn("[bold]{task.fields[pid]:>7} {task.fields[program]:<15.15}"),
         TextColumn("-> {task.fields[destination]:<12.12}"),
-        TextColumn("{task.fields[phase]:<10}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
     ) as progress:
         tasks = {
             candidate.pid: progress.add_task(
