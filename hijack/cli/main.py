@@ -27,6 +27,7 @@ from hijack.mutator import dump as dumping
 from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.tracee import signals_deferred
 from hijack.node import daemon as node_daemon
+from hijack.node import drain as draining
 from hijack.node import move as moving
 from hijack.node import naming, pki
 from hijack.node.channel import cluster_key_path, create_cluster_key, load_cluster_key
@@ -176,6 +177,19 @@ def build_parser() -> argparse.ArgumentParser:
         " changes (default: unless it holds less than 1 MiB of private memory)",
     )
     move.set_defaults(handler=command_move)
+
+    drain = commands.add_parser(
+        "drain", help="move every process this node manages to other nodes (README: the rule)"
+    )
+    drain.add_argument(
+        "--to",
+        action="append",
+        default=[],
+        metavar="NODE",
+        help="a destination: a node name this node knows, or its daemon's HOST[:PORT];"
+        " repeat for more (default: every other node this node knows)",
+    )
+    drain.set_defaults(handler=command_drain)
 
     recover = commands.add_parser(
         "recover", help="settle what interrupted moves left here (a process held in doubt)"
@@ -373,6 +387,24 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
             )
         result = moving.move(args.pid, args.to, registry, progress=progress, precopy=args.precopy)
     render.move_result(console, result)
+    return EXIT_OK
+
+
+def command_drain(args: argparse.Namespace, console: Console) -> int:
+    with Registry() as registry, contextlib.ExitStack() as stack:
+        processes, destinations = draining.plan(registry, args.to)
+        if not processes:
+            console.print("nothing to drain: this node manages no process")
+            return EXIT_OK
+        with signals_deferred():  # as in command_move: the view's thread takes no signal
+            progress_for = stack.enter_context(render.drain_progress(console, processes))
+        outcomes = draining.drain(registry, processes, destinations, progress_for)
+        stack.close()
+    render.drain_summary(console, outcomes)
+    stayed = [outcome for outcome in outcomes if outcome.result is None]
+    if stayed:
+        names = ", ".join(f"{outcome.pid} ({outcome.program})" for outcome in stayed)
+        raise HijackError(f"{len(stayed)} of {len(outcomes)} process(es) stayed: {names}")
     return EXIT_OK
 
 

@@ -30,6 +30,7 @@ from hijack.image.summary import (
 )
 from hijack.mutator.attach import AttachResult, Ended
 from hijack.mutator.dump import DumpResult
+from hijack.node.drain import Candidate, Outcome, ProgressFor
 from hijack.node.move import MoveResult
 from hijack.objects import sysv
 from hijack.process import settings as process_settings
@@ -280,6 +281,20 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
     )
 
 
+def transfer_progress(console: Console, *what: TextColumn) -> Progress:
+    """The bars of a move and of a drain: `what` moves, then its phase and the bytes sent."""
+    return Progress(
+        *what,
+        TextColumn("{task.fields[phase]:<10}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    )
+
+
 @contextmanager
 def move_progress(
     console: Console, pid: int, destination: str, expected: int | None = None
@@ -288,15 +303,8 @@ def move_progress(
 
     Pre-copy sends pages written meanwhile again: the total grows with them.
     """
-    with Progress(
-        TextColumn("[bold]move {task.fields[pid]} -> {task.fields[destination]}"),
-        TextColumn("{task.fields[phase]:<10}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
+    with transfer_progress(
+        console, TextColumn("[bold]move {task.fields[pid]} -> {task.fields[destination]}")
     ) as progress:
         task = progress.add_task(
             "move", total=expected, pid=pid, destination=escape(destination), phase="preparing"
@@ -307,6 +315,90 @@ def move_progress(
             progress.update(task, completed=sent, total=total, phase=phase)
 
         yield report
+
+
+@contextmanager
+def drain_progress(console: Console, processes: list[Candidate]) -> Iterator[ProgressFor]:
+    """One live view for a whole drain: a bar per process, each try's destination and phase."""
+    with transfer_progress(
+        console,
+        TextColumn("[bold]{task.fields[pid]:>7} {task.fields[program]:<15.15}"),
+        TextColumn("-> {task.fields[destination]:<12.12}"),
+    ) as progress:
+        tasks = {
+            candidate.pid: progress.add_task(
+                "drain",
+                total=candidate.size or None,
+                start=False,
+                pid=candidate.pid,
+                program=escape(candidate.program),
+                destination="",
+                phase="waiting",
+            )
+            for candidate in processes
+        }
+        expected = {candidate.pid: candidate.size for candidate in processes}
+
+        def progress_for(pid: int, destination: str) -> Callable[[str, int], None]:
+            task = tasks[pid]
+            progress.start_task(task)
+            # reset() replaces every field: all of them again.
+            progress.reset(
+                task,
+                pid=pid,
+                program=progress.tasks[task].fields["program"],
+                destination=escape(destination),
+                phase="preparing",
+            )
+
+            def report(phase: str, sent: int) -> None:
+                total = max(sent, expected[pid]) or None
+                progress.update(task, completed=sent, total=total, phase=phase)
+
+            return report
+
+        yield progress_for
+
+
+def drain_summary(console: Console, outcomes: list[Outcome]) -> None:
+    """The table a drain ends with: where each process went, or why it stayed."""
+    table = Table(
+        "pid", "program", "now on", "new pid", "frozen", "sent, or why it stayed", title="drain"
+    )
+    for outcome in outcomes:
+        result = outcome.result
+        if result is None:
+            table.add_row(
+                str(outcome.pid),
+                escape(outcome.program),
+                "[bold red]stayed[/]",
+                "",
+                "",
+                escape(outcome.error),
+            )
+        else:
+            table.add_row(
+                str(outcome.pid),
+                escape(outcome.program),
+                escape(result.destination),
+                str(result.new_pid),
+                f"{result.freeze_ms:.1f} ms",
+                human_size(result.bytes_sent),
+            )
+    console.print(table)
+    for outcome in outcomes:  # one plain line each, for scripts and logs
+        if outcome.result is not None:
+            console.print(
+                f"drained process {outcome.pid} to {escape(outcome.result.destination)}:"
+                f" it runs there as {outcome.result.new_pid}",
+                highlight=False,
+            )
+        else:
+            console.print(
+                f"process {outcome.pid} stayed: {escape(outcome.error)}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 def move_result(console: Console, result: MoveResult) -> None:

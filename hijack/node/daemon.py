@@ -36,6 +36,7 @@ from hijack.image import records as rec
 from hijack.node import mounts, policy
 from hijack.node import terminal as terminal_pump
 from hijack.node.channel import Channel, ChannelError, DataReader
+from hijack.node.load import node_load
 from hijack.registry import Registry, node_name
 from hijack.restore.precopy import Prebuilt
 from hijack.restore.restorer import restore
@@ -124,6 +125,8 @@ class NodeDaemon:
             op = request.get("op")
             if op == "ping":
                 channel.send({"node": self.name, "pong": True})
+            elif op == "load":
+                channel.send(node_load(self.name))
             elif op == "move":
                 self._receive_move(channel, request, where)
             elif op == "outcome":
