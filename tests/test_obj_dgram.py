@@ -19,17 +19,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
 from support.nodes import entering_namespace, namespace_prefix, remove_namespaces, run_ip
 from support.procview import difference
 from test_obj_sockets import sockets_view
-
-
-@pytest.fixture
-def hijack(tmp_path: Path) -> HijackCli:
-    return HijackCli(tmp_path / "state")
 
 
 def test_udplite_sockets_come_back_with_their_datagrams_and_coverage(

@@ -13,15 +13,9 @@ import signal
 from pathlib import Path
 from typing import Any
 
-import pytest
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
 from support.procview import difference, fds_view
-
-
-@pytest.fixture
-def hijack(tmp_path: Path) -> HijackCli:
-    return HijackCli(tmp_path / "state")
 
 
 def test_a_fanotify_group_comes_back_with_its_marks(hijack: HijackCli, tmp_path: Path) -> None:

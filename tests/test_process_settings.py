@@ -17,15 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
 from support.procview import difference, identity_view
-
-
-@pytest.fixture
-def hijack(tmp_path: Path) -> HijackCli:
-    return HijackCli(tmp_path / "state")
 
 
 def settings_view(pid: int) -> dict[str, str]:
