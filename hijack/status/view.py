@@ -196,20 +196,34 @@ def _processes_table(
             *totals,
             _last_move_cell(process.last_move),
         )
-        for member in process.members:
-            table.add_row(*_member_cells(process, member, len(table.columns), minimal))
+        for member, depth in _depth_first(process):
+            table.add_row(*_member_cells(process, member, depth, len(table.columns), minimal))
     return table
 
 
+def _depth_first(process: ProcessView) -> list[tuple[MemberView, int]]:
+    """The members of `process`'s tree, each under its parent (depth 1: a child of the
+    root); a member whose parent is not in the tree any more hangs from the root."""
+    pids = {member.pid for member in process.members}
+    children: dict[int, list[MemberView]] = {}
+    for member in process.members:
+        parent = member.parent if member.parent in pids else process.pid
+        children.setdefault(parent, []).append(member)
+    ordered: list[tuple[MemberView, int]] = []
+    pending = [(member, 1) for member in reversed(children.get(process.pid, []))]
+    while pending:
+        member, depth = pending.pop()
+        ordered.append((member, depth))
+        pending += [(child, depth + 1) for child in reversed(children.get(member.pid, []))]
+    shown = {member.pid for member, _ in ordered}
+    return ordered + [(member, 1) for member in process.members if member.pid not in shown]
+
+
 def _member_cells(
-    process: ProcessView, member: MemberView, columns: int, minimal: bool
+    process: ProcessView, member: MemberView, depth: int, columns: int, minimal: bool
 ) -> list[str]:
-    """A member's row under its root: its pid indented by its depth, its state, what the
+    """A member's row under its root: its pid indented by its `depth`, its state, what the
     shadow holds of it; the other cells are the root's."""
-    depth, parent = 1, member.parent
-    parents = {m.pid: m.parent for m in process.members}
-    while parent in parents and depth < len(parents):
-        depth, parent = depth + 1, parents[parent]
     if not member.alive:
         state = "[red]gone[/]"
     elif member.attached:
