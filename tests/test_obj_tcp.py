@@ -274,3 +274,52 @@ def test_recover_keeps_the_lock_an_image_waits_on_and_lifts_it_once_the_image_is
             # No restore can come: the kernel now resets the connection.
             with pytest.raises(ConnectionResetError):
                 echoed(client, b"to no one")
+
+
+@pytest.mark.parametrize(
+    ("outcome", "host"),
+    [("accepted", "127.0.0.1"), ("refused", "127.0.0.1"), ("accepted", "::1")],
+)
+def test_a_connect_in_progress_goes_on_after_the_restore(
+    outcome: str, host: str, hijack: HijackCli, tmp_path: Path
+) -> None:
+    image = tmp_path / "syn_sent.crf"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    with contextlib.ExitStack() as held:
+        held.enter_context(listener)
+        listener.bind((host, 0))
+        listener.listen(0)  # one waiting client fills its accept queue
+        port = listener.getsockname()[1]
+        filler = held.enter_context(socket.create_connection((host, port), timeout=POLL_TIMEOUT))
+        # Its SYN meets a full queue and is dropped: the fixture stays in SYN_SENT.
+        fixture = held.enter_context(
+            spawn_fixture("tcp_syn_sent", host, str(port), outcome, fifos=True)
+        )
+        ours = int(fixture.ready["port"])
+        wait_for_state(fixture.pid, ours, "SYN_SENT")
+
+        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+        assert fixture.wait_exit() == -signal.SIGKILL
+        shown = hijack.ok("show", image).stdout
+        at = f"[{host}]" if family == socket.AF_INET6 else host
+        assert f"{at}:{ours}" in shown and "SYN_SENT" in shown, shown
+        if outcome == "refused":
+            filler.close()
+            listener.close()  # the new SYN meets a closed port: a reset
+
+        pid = restored_pid(hijack.ok("restore", image))
+        fixture.adopt(pid)
+        if outcome == "accepted":
+            listener.settimeout(POLL_TIMEOUT)
+            listener.accept()[0].close()  # the filler: room for the fixture's SYN
+            peer, address = listener.accept()
+            with peer:
+                assert address[1] == ours
+                peer.settimeout(POLL_TIMEOUT)
+                peer.sendall(b"welcome")
+                peer.shutdown(socket.SHUT_WR)
+                fixture.assert_intact()
+                assert read_to_end(peer) == b"hello"
+        else:
+            fixture.assert_intact()

@@ -1,8 +1,29 @@
 """TCP and UDP sockets that no other kind rebuilds: a listener listens again on its address
 (clients waiting in its accept queue are lost); a TCP socket that is no connection (never
-bound, or bound and neither listening nor connected) is made and bound again; any other is
-refused, unless the process's shadow keeps it. Connections are hijack.objects.tcp's, UDP
-sockets hijack.objects.udp's (when the dump reads connections)."""
+bound, or bound and neither listening nor connected) is made and bound again; a TCP socket
+in the middle of its connect() (SYN_SENT) is made, bound to its local address and port and
+connects again; any other is refused, unless the process's shadow keeps it. Connections
+are hijack.objects.tcp's, UDP sockets hijack.objects.udp's (when the dump reads
+connections).
+
+Why SYN_SENT is connected again rather than repaired: the kernel lets TCP_REPAIR on only
+in CLOSE and ESTABLISHED (tcp_can_repair_sock), so nothing of a socket in SYN_SENT can be
+read in repair mode, its initial sequence number included; and nothing of it needs to be:
+no byte has been sent or received yet. (CRIU dumps it with the connections and, at
+restore, sets the old sequence number in repair mode before a plain connect(), so that a
+SYN-ACK already on its way still matches; it can read that number because it stops the
+SYN first.) Here the restore's connect() sends a fresh SYN from the same address and port
+to the same peer: the process, which polls for POLLOUT and reads SO_ERROR, or is blocked
+in a connect() that the kernel restarts (SS_CONNECTING waits on), sees the handshake end
+as it would have: 0 once the peer accepts, ECONNREFUSED if it refuses. The killed socket
+closed in SYN_SENT sends nothing (no FIN, no reset), so no lock is needed: a SYN-ACK for
+the old SYN meets no socket and is reset, and the peer forgets it; if the peer still holds
+that half-open request when the new SYN arrives, it answers with an ACK the new socket
+resets, and the SYN's retransmission (a second later) then succeeds.
+
+SYN_RECV never has a descriptor of its own: a connection being accepted lives in its
+listener's queue (lost with it, as accept-queue clients are), except a TCP Fast Open
+server's, which accept() returns before the handshake ends: that one is refused."""
 
 from __future__ import annotations
 
@@ -18,6 +39,7 @@ from hijack.image.files import ImageFiles
 from hijack.objects import sockopts
 from hijack.objects.base import (
     F_SETFL,
+    O_NONBLOCK,
     SETTABLE_STATUS_FLAGS,
     DumpContext,
     Kind,
@@ -26,7 +48,7 @@ from hijack.objects.base import (
 )
 from hijack.sys import procfs
 
-TCP_LISTEN, TCP_CLOSE = 10, 7  # the kernel's TCP state numbers
+TCP_SYN_SENT, TCP_CLOSE, TCP_LISTEN = 2, 7, 10  # the kernel's TCP state numbers
 LISTEN_BACKLOG = socket.SOMAXCONN  # the kernel caps it at net.core.somaxconn
 SOCKADDR_IN = struct.Struct("<H2s4s8x")  # family, port (network order), address
 SOCKADDR_IN6 = struct.Struct("<H2sI16sI")  # family, port, flow info, address, scope id
@@ -55,6 +77,11 @@ def is_listener(sock: rec.InetSocket) -> bool:
 def is_unconnected(sock: rec.InetSocket) -> bool:
     """A TCP socket never bound, or bound and neither listening nor connected."""
     return sock.type == socket.SOCK_STREAM and sock.state == TCP_CLOSE
+
+
+def is_connecting(sock: rec.InetSocket) -> bool:
+    """A TCP socket in the middle of its connect(): its SYN sent, not yet answered."""
+    return sock.type == socket.SOCK_STREAM and sock.state == TCP_SYN_SENT
 
 
 def describe_socket(sock: rec.InetSocket) -> str:
@@ -100,7 +127,11 @@ class Inet(Kind):
             )
 
         object_id = dump.add_object(("socket", entry.ino), make)
-        rebuilt = found.type == socket.SOCK_STREAM and found.state_number in (TCP_LISTEN, TCP_CLOSE)
+        rebuilt = found.type == socket.SOCK_STREAM and found.state_number in (
+            TCP_LISTEN,
+            TCP_CLOSE,
+            TCP_SYN_SENT,
+        )
         if dump.connections and rebuilt:
             # A restore rebuilds it (a move relays it: its image holds no options).
             with socket.socket(fileno=os.dup(dump.copy_fd(entry.fd))) as sock:
@@ -109,21 +140,23 @@ class Inet(Kind):
 
     def refusal(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str | None:
         sock = image.object_of(descriptor, rec.InetSocket)
-        if is_listener(sock) or is_unconnected(sock):
+        if is_listener(sock) or is_unconnected(sock) or is_connecting(sock):
             return None
         return f"fd {descriptor.fd} (socket {describe_socket(sock)})"
 
     def restore(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
-        """A TCP socket listening or no connection, bound to the image's address again (if it
-        was), with its options and status flags."""
+        """A TCP socket listening, no connection or connecting, bound to the image's address
+        again (if it was), with its options and status flags; a connecting one connects
+        again (non-blocking: the process's own connect() or poll() sees it end)."""
         sock = restore.image.object_of(descriptor, rec.InetSocket)
         stub = restore.stub
         restore.place(stub.call("socket", sock.family, sock.type, sock.protocol), descriptor)
         options = sockopts.options_of(restore.image, sock.id)
         set_option, attach = sockopts.stub_setters(stub, descriptor.fd)
         sockopts.set_early(options, set_option)
-        if is_listener(sock):
-            # The old socket's accepted connections may linger in TIME_WAIT.
+        if is_listener(sock) or is_connecting(sock):
+            # The old socket's accepted connections may linger in TIME_WAIT; a connecting
+            # socket's port, picked by connect(), may be another connection's too.
             set_option(socket.SOL_SOCKET, socket.SO_REUSEADDR, struct.pack("<i", 1))
         stub.reset_scratch()
         if endpoint(sock.local_address)[1]:
@@ -132,6 +165,7 @@ class Inet(Kind):
             if bound < 0:
                 hint = " (does the original still run?)" if -bound == errno.EADDRINUSE else ""
                 again = "listen again on" if is_listener(sock) else "bind again to"
+                again = "connect again from" if is_connecting(sock) else again
                 raise RestoreError(
                     f"cannot {again} {sock.local_address} for {describe_fd(descriptor)}:"
                     f" {os.strerror(-bound)}{hint}"
@@ -140,7 +174,28 @@ class Inet(Kind):
         sockopts.set_reuse(options, set_option)  # as it was, now that it is bound
         if is_listener(sock):
             stub.call("listen", descriptor.fd, LISTEN_BACKLOG)
+        if is_connecting(sock):
+            self._connect_again(sock, descriptor, restore)
         stub.call("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
+
+    def _connect_again(
+        self, sock: rec.InetSocket, descriptor: rec.FileDescriptor, restore: RestoreContext
+    ) -> None:
+        """connect() to the image's peer, the socket non-blocking for the stub's sake: the
+        SYN goes out, the handshake ends later, as the process waits for it."""
+        stub = restore.stub
+        stub.call("fcntl", descriptor.fd, F_SETFL, O_NONBLOCK)
+        stub.reset_scratch()
+        peer = sockaddr(sock.family, sock.remote_address)
+        started = stub.try_call("connect", descriptor.fd, stub.put(peer), len(peer))
+        if started != -errno.EINPROGRESS:
+            # A refusal shows in SO_ERROR after EINPROGRESS, never here: anything else
+            # (EADDRNOTAVAIL, ENETUNREACH...) means the socket could not start again.
+            said = os.strerror(-started) if started < 0 else "it connected at once"
+            raise RestoreError(
+                f"cannot connect {describe_fd(descriptor)} again from {sock.local_address}"
+                f" to {sock.remote_address}: {said}"
+            )
 
     def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
         sock = image.object_of(descriptor, rec.InetSocket)
