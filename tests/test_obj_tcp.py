@@ -309,7 +309,7 @@ def test_a_connect_in_progress_goes_on_after_the_restore(
         assert fixture.wait_exit() == -signal.SIGKILL
         shown = hijack.ok("show", image).stdout
         at = f"[{host}]" if family == socket.AF_INET6 else host
-        assert f"{at}:{ours}" in shown and "SYN_SENT" in shown, shown
+        assert f"{at}:{ours} -> {at}:{port} SYN_SENT" in shown, shown
         if outcome == "refused":
             filler.close()
             listener.close()  # the new SYN meets a closed port: a reset
