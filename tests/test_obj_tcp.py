@@ -307,6 +307,9 @@ def test_a_connect_in_progress_goes_on_after_the_restore(
 
         hijack.ok("dump", fixture.pid, "-o", image, "--kill")
         assert fixture.wait_exit() == -signal.SIGKILL
+        # Closed in SYN_SENT, it sent nothing: no lock holds its peer back.
+        ends = (host, ours), (host, port)
+        assert netlock.lock_name(*ends) not in netlock.locks_held(os.getpid())
         shown = hijack.ok("show", image).stdout
         at = f"[{host}]" if family == socket.AF_INET6 else host
         assert f"{at}:{ours} -> {at}:{port} SYN_SENT" in shown, shown
