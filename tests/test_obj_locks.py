@@ -25,11 +25,10 @@ from pathlib import Path
 
 import pytest
 from support import spawn_fixture
-from support.cli import HijackCli, restored_pid
+from support.cli import HijackCli
+from support.objects import compare_views, dump_kill, proc_views, restore_adopted
 from support.procview import (
     difference,
-    fds_view,
-    identity_view,
     locks_view,
     processes_named,
     wait_in_syscall,
@@ -98,15 +97,9 @@ def locks_fixture(tmp_path: Path) -> Iterator[tuple[RunningFixture, Path]]:
         yield fixture, data
 
 
-def dump_and_kill(hijack: HijackCli, fixture: RunningFixture, image: Path) -> None:
-    hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-    assert fixture.wait_exit() == -signal.SIGKILL
-
-
 def restore_it(hijack: HijackCli, fixture: RunningFixture, image: Path) -> int:
     """Restore `image` and follow the fixture into it, once idle in its read again."""
-    pid = restored_pid(hijack.ok("restore", image))
-    fixture.adopt(pid)
+    pid = restore_adopted(hijack, fixture, image)
     wait_in_syscall(pid, (SYS_READ,), describe=fixture.describe)
     return pid
 
@@ -156,10 +149,10 @@ def test_locks_and_lease_are_held_again_after_kill_and_restore(
     image = tmp_path / "locks.crf"
     with locks_fixture(tmp_path) as (fixture, data):
         assert_held(data, fixture.pid)
-        fds_before, locks_before = fds_view(fixture.pid), locks_view(fixture.pid)
-        identity_before = identity_view(fixture.pid)
+        before = proc_views(fixture.pid, views=("fd", "identity"))
+        locks_before = locks_view(fixture.pid)
         old_pid = fixture.pid
-        dump_and_kill(hijack, fixture, image)
+        dump_kill(hijack, fixture, image)
         assert_free(data)
 
         shown = hijack.ok("show", image).stdout
@@ -170,9 +163,8 @@ def test_locks_and_lease_are_held_again_after_kill_and_restore(
 
         pid = restore_it(hijack, fixture, image)
         assert pid == old_pid
-        assert not (found := difference(fds_before, fds_view(pid))), found
+        compare_views(before, pid)
         assert not (found := difference(locks_before, locks_view(pid))), found
-        assert not (found := difference(identity_before, identity_view(pid))), found
         assert_held(data, pid)
         # An opener for writing breaks the lease: refused now, and the restored
         # process gets the break's signal, its own (F_SETSIG), which it counts.
@@ -188,7 +180,7 @@ def test_restore_refuses_by_name_a_lock_another_process_took_meanwhile(
     image = tmp_path / "locks.crf"
     with locks_fixture(tmp_path) as (fixture, data):
         flock_fd = int(fixture.ready["flock_fd"])
-        dump_and_kill(hijack, fixture, image)
+        dump_kill(hijack, fixture, image)
 
         with opened(data / "flock.dat") as taken:
             fcntl.flock(taken, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -213,7 +205,7 @@ def test_an_attached_process_gets_its_locks_back_through_the_descriptions_its_sh
         shadow = json.loads(hijack.ok("attach", "--json", fixture.pid).stdout)["shadow_pid"]
         shadow_handle = os.pidfd_open(shadow)
         try:
-            dump_and_kill(hijack, fixture, image)
+            dump_kill(hijack, fixture, image)
             # The shadow's copies of the descriptions keep what they own; the
             # POSIX locks were the process's, gone with it.
             with opened(data / "flock.dat") as fd, pytest.raises(BlockingIOError):

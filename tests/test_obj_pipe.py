@@ -10,28 +10,20 @@ other end another process holds is refused by name.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 from support import spawn_fixture
 from support.cli import HijackCli
-from support.objects import compare_views, dump_kill_and_restore, proc_views
+from support.objects import assert_recodes, compare_views, dump_kill_and_restore, proc_views
 from support.procview import pipes_named_alike
 
 from hijack.image import records as rec
-from hijack.image.codec import read_image, recode
+from hijack.image.codec import read_image
 
 STREAM_BYTES = 200_000  # as tests/fixtures/pipes.c writes them
 FIFO_BYTES = 3000
 PIPE_SIZE = 1024 * 1024
 PACKETS = (10, 333, 4000)
-
-
-def _recodes(image: Path) -> None:
-    recoded = io.BytesIO()
-    with open(image, "rb") as source:
-        recode(source, recoded)
-    assert recoded.getvalue() == image.read_bytes(), f"{image} does not re-encode to itself"
 
 
 def test_self_pipes_and_a_fifo_come_back_with_their_bytes_once_in_order(
@@ -44,7 +36,7 @@ def test_self_pipes_and_a_fifo_come_back_with_their_bytes_once_in_order(
         compare_views(before, pid, pipes_named_alike)
         pipes.assert_intact()
     assert "PASS pipes" in pipes.stdout
-    _recodes(image)
+    assert_recodes(image)
 
 
 def test_a_plain_dump_takes_no_byte_and_the_image_holds_them_all(
@@ -75,7 +67,7 @@ def test_a_plain_dump_takes_no_byte_and_the_image_holds_them_all(
     ]
     # The fixture's own FIFO, and the harness's CONTROL, which the harness holds too.
     assert sorted(fifos) == [(0, True), (FIFO_BYTES, False)], fifos
-    _recodes(image)
+    assert_recodes(image)
 
 
 def test_a_pipe_to_another_process_is_refused_by_name(hijack: HijackCli, tmp_path: Path) -> None:

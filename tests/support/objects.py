@@ -9,6 +9,7 @@
     restore_adopted(hijack, process, image)        -> the restored pid (adopted)
     dump_kill_and_restore(hijack, process, image)  -> both steps, nothing between them
     compare_views(before, pid, normalize=...)      assert nothing differs
+    assert_recodes(image)                          the image re-encodes to itself
 
 A test that looks at the image (or at what the kill freed) between the dump and the
 restore calls dump_kill and restore_adopted itself.
@@ -19,6 +20,7 @@ inode (procview.pipes_named_alike, without_socket_inodes), all else must not dif
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import signal
@@ -29,6 +31,7 @@ from typing import Any
 
 import pytest
 
+from hijack.image.codec import recode
 from support.cli import HijackCli, restored_pid
 from support.procview import FdView, difference, fds_view, identity_view, maps_view
 from support.running import RunningFixture
@@ -102,3 +105,11 @@ def compare_views(before: Views, pid: int, normalize: FdNormalize = same) -> Non
     for what, old in before.items():
         found = difference(old, after[what])
         assert not found, f"/proc/{pid} {what}:\n{found}"
+
+
+def assert_recodes(image: Path) -> None:
+    """Decoding `image` and encoding it again gives it back byte for byte."""
+    recoded = io.BytesIO()
+    with open(image, "rb") as source:
+        recode(source, recoded)
+    assert recoded.getvalue() == image.read_bytes(), f"{image} does not re-encode to itself"
