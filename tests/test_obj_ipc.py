@@ -18,7 +18,14 @@ from pathlib import Path
 
 from support import RunningFixture, spawn_fixture
 from support.cli import HijackCli
-from support.objects import assert_recodes, compare_views, dump_kill, proc_views, restore_adopted
+from support.objects import (
+    assert_recodes,
+    assert_refused,
+    compare_views,
+    dump_kill,
+    proc_views,
+    restore_adopted,
+)
 
 from hijack.errors import HijackError
 from hijack.sys import mqueue, sysv
@@ -97,10 +104,7 @@ def test_an_id_another_object_took_is_refused_and_nothing_made_is_left(
         intruder = sysv.create_with_id("sem", semid, sysv.IPC_PRIVATE, 0o600, 1)
         try:
             refused = hijack("restore", image)
-            assert refused.returncode == 1, refused.describe()
-            lines = refused.stderr.splitlines()
-            assert len(lines) == 1 and lines[0].startswith("hijack: "), refused.describe()
-            assert f"semaphore set id {semid} is taken" in lines[0], refused.describe()
+            assert_refused(refused, f"semaphore set id {semid} is taken")
             # The segments made before the refusal are gone again (other tests may make
             # objects meanwhile: only the image's ids are looked at); no process started
             # (the suite's leak check would name it).

@@ -14,7 +14,13 @@ from pathlib import Path
 
 from support import spawn_fixture
 from support.cli import HijackCli
-from support.objects import assert_recodes, compare_views, dump_kill_and_restore, proc_views
+from support.objects import (
+    assert_recodes,
+    assert_refused,
+    compare_views,
+    dump_kill_and_restore,
+    proc_views,
+)
 from support.procview import pipes_named_alike
 
 from hijack.image import records as rec
@@ -75,10 +81,6 @@ def test_a_pipe_to_another_process_is_refused_by_name(hijack: HijackCli, tmp_pat
     # Without fifos, CONTROL_FD is a pipe whose write end this test holds.
     with spawn_fixture("pipes", tmp_path) as pipes:
         refused = hijack("dump", pipes.pid, "-o", image, "--kill")
-        assert refused.returncode == 1, refused.describe()
-        lines = refused.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("hijack: "), refused.describe()
-        assert "pipe" in lines[0] and "process" in lines[0], refused.describe()
-        assert "attach" in lines[0], refused.describe()
+        assert_refused(refused, "pipe", "process", "attach")
         # Untouched: it runs on and every byte of its pipes is still there.
         pipes.assert_intact()

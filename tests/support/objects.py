@@ -10,6 +10,7 @@
     dump_kill_and_restore(hijack, process, image)  -> both steps, nothing between them
     compare_views(before, pid, normalize=...)      assert nothing differs
     assert_recodes(image)                          the image re-encodes to itself
+    assert_refused(result, *words)                 exit 1, one `hijack:` line naming words
 
 A test that looks at the image (or at what the kill freed) between the dump and the
 restore calls dump_kill and restore_adopted itself.
@@ -32,7 +33,7 @@ from typing import Any
 import pytest
 
 from hijack.image.codec import recode
-from support.cli import HijackCli, restored_pid
+from support.cli import CliResult, HijackCli, restored_pid
 from support.procview import FdView, difference, fds_view, identity_view, maps_view
 from support.running import RunningFixture
 
@@ -113,3 +114,13 @@ def assert_recodes(image: Path) -> None:
     with open(image, "rb") as source:
         recode(source, recoded)
     assert recoded.getvalue() == image.read_bytes(), f"{image} does not re-encode to itself"
+
+
+def assert_refused(result: CliResult, *words: str) -> None:
+    """Exit 1, one `hijack: ...` line on stderr naming `words`, no traceback."""
+    assert result.returncode == 1, result.describe()
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hijack: "), result.describe()
+    assert "Traceback" not in result.stderr, result.describe()
+    for word in words:
+        assert word in lines[0], result.describe()
