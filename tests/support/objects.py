@@ -1,7 +1,7 @@
 """The steps every kind-of-object test (tests/test_obj_*.py) repeats: look at a fixture's
 /proc views, dump it with --kill (no attach), restore it, look again and compare.
 
-    hijack                              the CLI fixture (a state directory of the test's)
+    hijack                                         the CLI fixture (its own state directory)
     proc_views(pid, normalize=..., views=...)      its maps, fds and identity, as sets
     dump_kill(hijack, process, image)              dump --kill; it died of the kill
     shown_json(hijack, image)                      `show --json` of the image, parsed
