@@ -256,6 +256,7 @@ class ProcStatus:
     seccomp: int  # 0 off, 1 strict, 2 filter
     seccomp_filters: int  # filters in the chain of this task
     kthread: bool | None  # None on kernels without the "Kthread:" line
+    locked_bytes: int  # VmLck: memory in VM_LOCKED mappings (0 for a process with no mm)
 
 
 def _ids(value: str) -> tuple[int, int, int, int]:
@@ -298,6 +299,7 @@ def read_status(pid: int, tid: int | None = None) -> ProcStatus:
         seccomp=int(fields["Seccomp"]),
         seccomp_filters=int(fields.get("Seccomp_filters", "0")),
         kthread=None if kthread is None else kthread == "1",
+        locked_bytes=int(fields.get("VmLck", "0 kB").removesuffix(" kB")) * 1024,
     )
 
 
