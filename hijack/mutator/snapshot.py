@@ -57,6 +57,7 @@ from hijack.mutator.dump import (
 )
 from hijack.mutator.shadow_fork import adopt_copy, discard_copy, fork_shadow_copy
 from hijack.mutator.tracee import Tracee
+from hijack.objects import pipe
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.objects.memfd import held_by_objects
 from hijack.process import settings, timers
@@ -104,11 +105,14 @@ def snapshot_dump(
     # Slow to read (every page table): read while the process still runs.
     flags_before = procfs.read_smaps_flags(pid)
     maps_before = set(procfs.read_maps(pid))
+    holders_before = pipe.scan_holders_before(pid)
     copy_pid = 0
     try:
         with Tracee.seize(pid) as tracee:
             reached("dump-seized")
-            frozen = _read_frozen(tracee, options, flags_before, maps_before, ghost_limit)
+            frozen = _read_frozen(
+                tracee, options, flags_before, maps_before, holders_before, ghost_limit
+            )
             copy_pid = fork_shadow_copy(tracee, intermediate_shares_memory=True)
             _read_what_the_copy_lacks(pid, frozen)
         frozen_ms = tracee.pause_ms
@@ -127,6 +131,7 @@ def _read_frozen(
     options: rec.DumpOptions,
     flags_before: dict[int, tuple[str, ...]],
     maps_before: set[procfs.MapEntry],
+    holders_before: procfs.HolderScan,
     ghost_limit: int,
 ) -> Frozen:
     pid = tracee.pid
@@ -137,7 +142,9 @@ def _read_frozen(
         process_settings = settings.read_settings(tracee, scratch, tracee.thread_ids)
         process_timers = timers.read_timers(tracee, scratch)
     tracee.put_back()
-    files = objects.read_files(pid, connections=False, maps=maps, ghost_limit=ghost_limit)
+    files = objects.read_files(
+        pid, connections=False, maps=maps, ghost_limit=ghost_limit, holders_before=holders_before
+    )
     if all(entry in maps_before for entry in maps):
         flags = {entry.start: flags_before.get(entry.start, ()) for entry in maps}
     else:
