@@ -10,20 +10,24 @@ sockets; the /proc views of its descriptors agree before and after.
 
 from __future__ import annotations
 
-import json
 import secrets
-import signal
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from support import spawn_fixture
-from support.cli import HijackCli, restored_pid
+from support.cli import HijackCli
 from support.nodes import entering_namespace, namespace_prefix, remove_namespaces, run_ip
-from support.procview import difference
-from test_obj_sockets import sockets_view
+from support.objects import (
+    compare_views,
+    dump_kill,
+    objects_of,
+    proc_views,
+    restore_adopted,
+    shown_json,
+    without_socket_inodes,
+)
 
 
 def test_udplite_sockets_come_back_with_their_datagrams_and_coverage(
@@ -32,20 +36,16 @@ def test_udplite_sockets_come_back_with_their_datagrams_and_coverage(
     image = tmp_path / "udplite.crf"
     with spawn_fixture("udplite_sockets", fifos=True) as fixture:
         port = fixture.ready["port"]
-        before = sockets_view(fixture.pid)
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
+        before = proc_views(fixture.pid, without_socket_inodes, views=("fd",))
+        dump_kill(hijack, fixture, image)
 
-        shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
-        lite = [o for o in shown["objects"] if o["record"] == "UdpSocket"]
+        shown = shown_json(hijack, image)
+        lite = objects_of(shown, "UdpSocket")
         assert len(lite) == 4 and all(o["protocol"] == 136 for o in lite), lite
         text = hijack.ok("show", image).stdout
         assert f"udp: UDP-Lite 127.0.0.1:{port}, 2 datagrams (2005 bytes) queued" in text, text
 
-        pid = restored_pid(hijack.ok("restore", image))
-        fixture.adopt(pid)
-        after = sockets_view(pid)
-        assert before == after, difference(before, after)
+        compare_views(before, restore_adopted(hijack, fixture, image), without_socket_inodes)
         fixture.assert_intact()
 
 
@@ -77,19 +77,15 @@ def test_ping_sockets_come_back_bound_connected_with_their_identifier(tmp_path: 
     ):
         hijack = HijackCli(tmp_path / "state", netns)
         ident = fixture.ready["ident"]
-        before = sockets_view(fixture.pid)
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
+        before = proc_views(fixture.pid, without_socket_inodes, views=("fd",))
+        dump_kill(hijack, fixture, image)
 
-        shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
-        pings = [o for o in shown["objects"] if o["record"] == "PingSocket"]
+        shown = shown_json(hijack, image)
+        pings = objects_of(shown, "PingSocket")
         assert len(pings) == 3, pings
         text = hijack.ok("show", image).stdout
         assert f"ping: ipv4 bound to 127.0.0.1:{ident} connected to 127.0.0.1" in text, text
         assert "ping: ipv6 bound to [::1]:" in text, text
 
-        pid = restored_pid(hijack.ok("restore", image))
-        fixture.adopt(pid)
-        after = sockets_view(pid)
-        assert before == after, difference(before, after)
+        compare_views(before, restore_adopted(hijack, fixture, image), without_socket_inodes)
         fixture.assert_intact()

@@ -8,14 +8,18 @@ after the restore is reported. The /proc views of its descriptors agree.
 
 from __future__ import annotations
 
-import json
-import signal
 from pathlib import Path
-from typing import Any
 
 from support import spawn_fixture
-from support.cli import HijackCli, restored_pid
-from support.procview import difference, fds_view
+from support.cli import HijackCli
+from support.objects import (
+    compare_views,
+    dump_kill,
+    objects_of,
+    proc_views,
+    restore_adopted,
+    shown_json,
+)
 
 
 def test_a_fanotify_group_comes_back_with_its_marks(hijack: HijackCli, tmp_path: Path) -> None:
@@ -23,21 +27,16 @@ def test_a_fanotify_group_comes_back_with_its_marks(hijack: HijackCli, tmp_path:
     watched = tmp_path / "dir"
     watched.mkdir()
     with spawn_fixture("fanotify", watched, fifos=True) as fixture:
-        before = fds_view(fixture.pid)
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
+        before = proc_views(fixture.pid, views=("fd",))
+        dump_kill(hijack, fixture, image)
 
-        shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
-        [group] = [o for o in shown["objects"] if o["record"] == "FanotifyObject"]
+        [group] = objects_of(shown_json(hijack, image), "FanotifyObject")
         assert [m["kind"] for m in group["marks"]].count(0) == 3, group
         text = hijack.ok("show", image).stdout
         assert f"inode {watched}/watched.dat 0xa" in text, text
         assert f"inode {watched}/ignored.dat 0x0 ignoring 0x20" in text, text
 
-        pid = restored_pid(hijack.ok("restore", image))
-        fixture.adopt(pid)
-        after = fds_view(pid)
-        assert before == after, difference(before, after)
+        compare_views(before, restore_adopted(hijack, fixture, image))
         fixture.assert_intact()
 
 

@@ -13,14 +13,13 @@ import json
 import os
 import select
 import shutil
-import signal
 import tempfile
 from pathlib import Path
 
 import lief
 from support import spawn_fixture
-from support.cli import CliResult, HijackCli, restored_pid
-from support.objects import compare_views, dump_kill_and_restore, proc_views
+from support.cli import HijackCli
+from support.objects import assert_refused, compare_views, dump_kill_and_restore, proc_views
 from support.procview import wait_in_syscall
 
 from hijack.image import records as rec
@@ -104,16 +103,6 @@ def test_memfds_and_shared_memory_come_back_named_sealed_and_shared_with_their_m
     )
 
 
-def assert_refused(result: CliResult, *words: str) -> None:
-    """Exit 1, one `hijack: ...` line on stderr naming `words`, no traceback."""
-    assert result.returncode == 1, result.describe()
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hijack: "), result.describe()
-    assert "Traceback" not in result.stderr, result.describe()
-    for word in words:
-        assert word in lines[0], result.describe()
-
-
 def test_a_deleted_file_above_the_ghost_limit_is_refused_and_the_process_runs_on(
     hijack: HijackCli, tmp_path: Path
 ) -> None:
@@ -144,10 +133,7 @@ def test_an_attached_process_maps_the_very_memfd_its_shadow_kept(
         attached = json.loads(hijack.ok("attach", "--json", memfd.pid).stdout)
         shadow = os.pidfd_open(attached["shadow_pid"])
         try:
-            hijack.ok("dump", memfd.pid, "-o", image, "--kill")
-            assert memfd.wait_exit() == -signal.SIGKILL
-            pid = restored_pid(hijack.ok("restore", image))
-            memfd.adopt(pid)
+            pid = dump_kill_and_restore(hijack, memfd, image)
             # The descriptor is the shadow's, the memfd itself: its mapping maps it too.
             kept = os.stat(f"/proc/{pid}/fd/{memfd.ready['shared_fd']}").st_ino
             [original] = [

@@ -13,17 +13,21 @@ makes them again under the same ids, keys and names).
 from __future__ import annotations
 
 import contextlib
-import io
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 
 from support import RunningFixture, spawn_fixture
-from support.cli import HijackCli, restored_pid
-from support.procview import difference, fds_view, maps_view
+from support.cli import HijackCli
+from support.objects import (
+    assert_recodes,
+    assert_refused,
+    compare_views,
+    dump_kill,
+    proc_views,
+    restore_adopted,
+)
 
 from hijack.errors import HijackError
-from hijack.image.codec import recode
 from hijack.sys import mqueue, sysv
 
 
@@ -48,16 +52,13 @@ def sysv_fixture() -> Iterator[RunningFixture]:
 def dump_kill_restore(
     hijack: HijackCli, fixture: RunningFixture, image: Path, *, gone: bool
 ) -> None:
-    maps_before, fds_before = maps_view(fixture.pid), fds_view(fixture.pid)
-    hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-    assert fixture.wait_exit() == -signal.SIGKILL
+    before = proc_views(fixture.pid, views=("maps", "fd"))
+    dump_kill(hijack, fixture, image)
     if gone:
         remove_objects(fixture.ready)
         assert int(fixture.ready["sem"]) not in sysv.semaphore_sets()
-    pid = restored_pid(hijack.ok("restore", image))
-    fixture.adopt(pid)
-    assert not difference(maps_before, maps_view(pid)), difference(maps_before, maps_view(pid))
-    assert not difference(fds_before, fds_view(pid)), difference(fds_before, fds_view(pid))
+    pid = restore_adopted(hijack, fixture, image)
+    compare_views(before, pid)
     ids = {
         "shm": sysv.shared_memory(),
         "removed": sysv.shared_memory(),
@@ -71,10 +72,7 @@ def dump_kill_restore(
     shown = hijack.ok("show", image).stdout
     assert f"sem {fixture.ready['sem']}: private, values 1 4 42" in shown, shown
     assert f"msg {fixture.ready['msg']}: private, 3 messages" in shown, shown
-    recoded = io.BytesIO()
-    with open(image, "rb") as source:
-        recode(source, recoded)
-    assert recoded.getvalue() == image.read_bytes()
+    assert_recodes(image)
 
 
 def test_ipc_objects_still_there_are_taken_as_they_are(hijack: HijackCli, tmp_path: Path) -> None:
@@ -99,18 +97,14 @@ def test_an_id_another_object_took_is_refused_and_nothing_made_is_left(
 ) -> None:
     image = tmp_path / "sysv.crf"
     with sysv_fixture() as fixture:
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
+        dump_kill(hijack, fixture, image)
         remove_objects(fixture.ready)
         semid = int(fixture.ready["sem"])
         # Another set (of one semaphore, not three) made under the process's id since.
         intruder = sysv.create_with_id("sem", semid, sysv.IPC_PRIVATE, 0o600, 1)
         try:
             refused = hijack("restore", image)
-            assert refused.returncode == 1, refused.describe()
-            lines = refused.stderr.splitlines()
-            assert len(lines) == 1 and lines[0].startswith("hijack: "), refused.describe()
-            assert f"semaphore set id {semid} is taken" in lines[0], refused.describe()
+            assert_refused(refused, f"semaphore set id {semid} is taken")
             # The segments made before the refusal are gone again (other tests may make
             # objects meanwhile: only the image's ids are looked at); no process started
             # (the suite's leak check would name it).

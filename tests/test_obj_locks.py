@@ -25,11 +25,16 @@ from pathlib import Path
 
 import pytest
 from support import spawn_fixture
-from support.cli import HijackCli, restored_pid
+from support.cli import HijackCli
+from support.objects import (
+    assert_refused,
+    compare_views,
+    dump_kill,
+    proc_views,
+    restore_adopted,
+)
 from support.procview import (
     difference,
-    fds_view,
-    identity_view,
     locks_view,
     processes_named,
     wait_in_syscall,
@@ -98,15 +103,9 @@ def locks_fixture(tmp_path: Path) -> Iterator[tuple[RunningFixture, Path]]:
         yield fixture, data
 
 
-def dump_and_kill(hijack: HijackCli, fixture: RunningFixture, image: Path) -> None:
-    hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-    assert fixture.wait_exit() == -signal.SIGKILL
-
-
 def restore_it(hijack: HijackCli, fixture: RunningFixture, image: Path) -> int:
     """Restore `image` and follow the fixture into it, once idle in its read again."""
-    pid = restored_pid(hijack.ok("restore", image))
-    fixture.adopt(pid)
+    pid = restore_adopted(hijack, fixture, image)
     wait_in_syscall(pid, (SYS_READ,), describe=fixture.describe)
     return pid
 
@@ -156,10 +155,10 @@ def test_locks_and_lease_are_held_again_after_kill_and_restore(
     image = tmp_path / "locks.crf"
     with locks_fixture(tmp_path) as (fixture, data):
         assert_held(data, fixture.pid)
-        fds_before, locks_before = fds_view(fixture.pid), locks_view(fixture.pid)
-        identity_before = identity_view(fixture.pid)
+        before = proc_views(fixture.pid, views=("fd", "identity"))
+        locks_before = locks_view(fixture.pid)
         old_pid = fixture.pid
-        dump_and_kill(hijack, fixture, image)
+        dump_kill(hijack, fixture, image)
         assert_free(data)
 
         shown = hijack.ok("show", image).stdout
@@ -170,9 +169,8 @@ def test_locks_and_lease_are_held_again_after_kill_and_restore(
 
         pid = restore_it(hijack, fixture, image)
         assert pid == old_pid
-        assert not (found := difference(fds_before, fds_view(pid))), found
+        compare_views(before, pid)
         assert not (found := difference(locks_before, locks_view(pid))), found
-        assert not (found := difference(identity_before, identity_view(pid))), found
         assert_held(data, pid)
         # An opener for writing breaks the lease: refused now, and the restored
         # process gets the break's signal, its own (F_SETSIG), which it counts.
@@ -188,16 +186,14 @@ def test_restore_refuses_by_name_a_lock_another_process_took_meanwhile(
     image = tmp_path / "locks.crf"
     with locks_fixture(tmp_path) as (fixture, data):
         flock_fd = int(fixture.ready["flock_fd"])
-        dump_and_kill(hijack, fixture, image)
+        dump_kill(hijack, fixture, image)
 
         with opened(data / "flock.dat") as taken:
             fcntl.flock(taken, fcntl.LOCK_EX | fcntl.LOCK_NB)
             refused = hijack("restore", image)
-            assert refused.returncode == 1, refused.describe()
-            lines = refused.stderr.strip().splitlines()
-            assert len(lines) == 1 and "Traceback" not in refused.stderr, refused.describe()
-            assert f"flock LOCK_EX of fd {flock_fd}" in lines[0], lines[0]
-            assert "flock.dat" in lines[0] and "another process holds" in lines[0], lines[0]
+            assert_refused(
+                refused, f"flock LOCK_EX of fd {flock_fd}", "flock.dat", "another process holds"
+            )
             assert not processes_named("locks"), "a refused restore left a process"
         # Released: the same image restores.
         assert_held(data, restore_it(hijack, fixture, image))
@@ -213,7 +209,7 @@ def test_an_attached_process_gets_its_locks_back_through_the_descriptions_its_sh
         shadow = json.loads(hijack.ok("attach", "--json", fixture.pid).stdout)["shadow_pid"]
         shadow_handle = os.pidfd_open(shadow)
         try:
-            dump_and_kill(hijack, fixture, image)
+            dump_kill(hijack, fixture, image)
             # The shadow's copies of the descriptions keep what they own; the
             # POSIX locks were the process's, gone with it.
             with opened(data / "flock.dat") as fd, pytest.raises(BlockingIOError):

@@ -9,14 +9,18 @@ them. The /proc views of its descriptors agree before and after.
 
 from __future__ import annotations
 
-import json
-import signal
 from pathlib import Path
-from typing import Any
 
 from support import spawn_fixture
-from support.cli import HijackCli, restored_pid
-from support.procview import difference, fds_view
+from support.cli import HijackCli
+from support.objects import (
+    compare_views,
+    dump_kill,
+    objects_of,
+    proc_views,
+    restore_adopted,
+    shown_json,
+)
 
 
 def test_timerfd_signalfd_and_inotify_come_back_after_dump_kill_and_restore(
@@ -27,23 +31,20 @@ def test_timerfd_signalfd_and_inotify_come_back_after_dump_kill_and_restore(
         directory.mkdir()
     image = tmp_path / "notify.crf"
     with spawn_fixture("notify", *dirs, fifos=True) as fixture:
-        before = fds_view(fixture.pid)
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
+        before = proc_views(fixture.pid, views=("fd",))
+        dump_kill(hijack, fixture, image)
 
-        shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
+        shown = shown_json(hijack, image)
         records = {o["record"] for o in shown["objects"]}
         assert {"TimerfdObject", "SignalfdObject", "InotifyObject"} <= records, records
-        [inotify] = [o for o in shown["objects"] if o["record"] == "InotifyObject"]
+        [inotify] = objects_of(shown, "InotifyObject")
         watched = [(w["wd"], w["path"]) for w in inotify["watches"]]
         assert watched == [(1, str(dirs[0])), (3, str(dirs[2]))]
         text = hijack.ok("show", image).stdout
         assert "1 unread ticks" in text and "signals 10" in text, text
 
-        pid = restored_pid(hijack.ok("restore", image))
-        fixture.adopt(pid)
-        after = fds_view(pid)
-        assert before == after, difference(before, after)
+        pid = restore_adopted(hijack, fixture, image)
+        compare_views(before, pid)
         (dirs[0] / "created").touch()
         (dirs[2] / "created").touch()
         fixture.assert_intact()
@@ -52,14 +53,10 @@ def test_timerfd_signalfd_and_inotify_come_back_after_dump_kill_and_restore(
 def test_pidfds_of_itself_and_of_its_parent_come_back(hijack: HijackCli, tmp_path: Path) -> None:
     image = tmp_path / "pidfds.crf"
     with spawn_fixture("pidfds", fifos=True) as fixture:
-        before = fds_view(fixture.pid)
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
+        before = proc_views(fixture.pid, views=("fd",))
+        dump_kill(hijack, fixture, image)
         text = hijack.ok("show", image).stdout
         assert "pidfd: of the process itself" in text, text
         assert f"pidfd: of process {fixture.ready['parent']}" in text, text
-        pid = restored_pid(hijack.ok("restore", image))
-        fixture.adopt(pid)
-        after = fds_view(pid)
-        assert before == after, difference(before, after)
+        compare_views(before, restore_adopted(hijack, fixture, image))
         fixture.assert_intact()

@@ -10,20 +10,25 @@ group. A socket with a ring is refused by name.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from support import spawn_fixture
-from support.cli import HijackCli, restored_pid
+from support.cli import HijackCli
 from support.nodes import run_ip, spawn_in_namespace
+from support.objects import (
+    compare_views,
+    dump_kill,
+    objects_of,
+    proc_views,
+    restore_adopted,
+    shown_json,
+    without_socket_inodes,
+)
 from support.procview import difference
 from test_obj_dgram import own_namespace
-from test_obj_sockets import sockets_view
 
 from hijack.sys import packet_diag
 
@@ -66,14 +71,13 @@ def test_packet_sockets_come_back_bound_with_fanout_and_options(tmp_path: Path) 
         with spawn_fixture("packet_sockets", IFACE, PEER, fifos=True, netns=netns) as fixture:
             hijack = HijackCli(tmp_path / "state", netns)
             ifindex = int(fixture.ready["ifindex"])
-            before = sockets_view(fixture.pid)
+            before = proc_views(fixture.pid, without_socket_inodes, views=("fd",))
             packets_before = packet_view(fixture.pid)
             assert len(packets_before) == 5, packets_before
-            hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-            assert fixture.wait_exit() == -signal.SIGKILL
+            dump_kill(hijack, fixture, image)
 
-            shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
-            packets = [o for o in shown["objects"] if o["record"] == "PacketSocket"]
+            shown = shown_json(hijack, image)
+            packets = objects_of(shown, "PacketSocket")
             assert len(packets) == 5, packets
             [promiscuous] = [o for o in packets if o["memberships"]]
             assert promiscuous["memberships"][0]["type"] == 1  # PACKET_MR_PROMISC
@@ -81,10 +85,8 @@ def test_packet_sockets_come_back_bound_with_fanout_and_options(tmp_path: Path) 
             group = f"raw protocol 0x0003, interface {ifindex}, fanout group 77 mode 0x0"
             assert text.count(group) == 2, text
 
-            pid = restored_pid(hijack.ok("restore", image))
-            fixture.adopt(pid)
-            after = sockets_view(pid)
-            assert before == after, difference(before, after)
+            pid = restore_adopted(hijack, fixture, image)
+            compare_views(before, pid, without_socket_inodes)
             packets_after = packet_view(pid)
             assert packets_before == packets_after, difference(packets_before, packets_after)
             fixture.assert_intact()

@@ -10,28 +10,32 @@ other end another process holds is refused by name.
 
 from __future__ import annotations
 
-import io
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from support import spawn_fixture
 from support.cli import HijackCli
-from support.objects import compare_views, dump_kill_and_restore, proc_views
+from support.objects import (
+    assert_recodes,
+    assert_refused,
+    compare_views,
+    dump_kill_and_restore,
+    proc_views,
+)
 from support.procview import pipes_named_alike
 
 from hijack.image import records as rec
-from hijack.image.codec import read_image, recode
+from hijack.image.codec import read_image
+from hijack.objects import pipe
+from hijack.sys import procfs
 
 STREAM_BYTES = 200_000  # as tests/fixtures/pipes.c writes them
 FIFO_BYTES = 3000
 PIPE_SIZE = 1024 * 1024
 PACKETS = (10, 333, 4000)
-
-
-def _recodes(image: Path) -> None:
-    recoded = io.BytesIO()
-    with open(image, "rb") as source:
-        recode(source, recoded)
-    assert recoded.getvalue() == image.read_bytes(), f"{image} does not re-encode to itself"
 
 
 def test_self_pipes_and_a_fifo_come_back_with_their_bytes_once_in_order(
@@ -44,7 +48,7 @@ def test_self_pipes_and_a_fifo_come_back_with_their_bytes_once_in_order(
         compare_views(before, pid, pipes_named_alike)
         pipes.assert_intact()
     assert "PASS pipes" in pipes.stdout
-    _recodes(image)
+    assert_recodes(image)
 
 
 def test_a_plain_dump_takes_no_byte_and_the_image_holds_them_all(
@@ -75,7 +79,7 @@ def test_a_plain_dump_takes_no_byte_and_the_image_holds_them_all(
     ]
     # The fixture's own FIFO, and the harness's CONTROL, which the harness holds too.
     assert sorted(fifos) == [(0, True), (FIFO_BYTES, False)], fifos
-    _recodes(image)
+    assert_recodes(image)
 
 
 def test_a_pipe_to_another_process_is_refused_by_name(hijack: HijackCli, tmp_path: Path) -> None:
@@ -83,10 +87,57 @@ def test_a_pipe_to_another_process_is_refused_by_name(hijack: HijackCli, tmp_pat
     # Without fifos, CONTROL_FD is a pipe whose write end this test holds.
     with spawn_fixture("pipes", tmp_path) as pipes:
         refused = hijack("dump", pipes.pid, "-o", image, "--kill")
-        assert refused.returncode == 1, refused.describe()
-        lines = refused.stderr.splitlines()
-        assert len(lines) == 1 and lines[0].startswith("hijack: "), refused.describe()
-        assert "pipe" in lines[0] and "process" in lines[0], refused.describe()
-        assert "attach" in lines[0], refused.describe()
+        assert_refused(refused, "pipe", "process", "attach")
         # Untouched: it runs on and every byte of its pipes is still there.
         pipes.assert_intact()
+
+
+def test_a_plain_dump_records_the_pipe_another_process_holds(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    # A snapshot dump looks for the pipes' holders before its freeze: this test's end
+    # of CONTROL_FD must still be found, and its bytes left to it.
+    image = tmp_path / "pipes.crf"
+    with spawn_fixture("pipes", tmp_path) as pipes:
+        hijack.ok("dump", pipes.pid, "-o", image)
+        pipes.assert_intact()
+    with open(image, "rb") as source:
+        records = list(read_image(source))
+    outside = [r.outside_pid for r in records if isinstance(r, rec.PipeObject) and r.outside_pid]
+    assert outside == [os.getpid()], outside
+
+
+@contextmanager
+def _holding(fd: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A process that holds our descriptor `fd` until it is killed."""
+    held = subprocess.Popen(["sleep", "60"], pass_fds=(fd,))
+    try:
+        yield held
+    finally:
+        held.kill()
+        held.wait()
+
+
+def test_holders_scanned_before_a_freeze_miss_no_fork_and_no_hand_over() -> None:
+    reader, writer = os.pipe()
+    link = procfs.fd_entry(os.getpid(), reader).target
+    try:
+        with _holding(reader) as dumped:
+            besides = frozenset({dumped.pid, os.getpid()})
+            before = pipe.scan_holders_before(dumped.pid)
+            assert before.found == {link: set()}
+            # A process born since the scan (as a fork of a holder would be).
+            with _holding(writer) as born:
+                assert pipe._holders(frozenset({link}), besides, before)[link] == {born.pid}
+            with _holding(writer) as gone, _holding(writer) as kept:
+                # A holder that let the pipe go (here, to a process there at the scan).
+                let_go = procfs.HolderScan(frozenset(procfs.list_pids()), {link: {gone.pid}})
+                gone.kill()
+                gone.wait()
+                assert pipe._holders(frozenset({link}), besides, let_go)[link] == {kept.pid}
+                # A pipe the process got since the scan.
+                unknown = procfs.HolderScan(frozenset(procfs.list_pids()), {})
+                assert pipe._holders(frozenset({link}), besides, unknown)[link] == {kept.pid}
+    finally:
+        os.close(reader)
+        os.close(writer)

@@ -14,12 +14,12 @@ index another process took meanwhile comes back under another name.
 from __future__ import annotations
 
 import os
-import signal
 from pathlib import Path
 
 from support import spawn_fixture
-from support.cli import HijackCli, restored_pid
-from support.procview import difference, fds_view, identity_view, wait_in_syscall
+from support.cli import HijackCli
+from support.objects import compare_views, dump_kill, proc_views, restore_adopted
+from support.procview import wait_in_syscall
 
 from hijack.sys import procfs, pty
 
@@ -42,9 +42,8 @@ def test_pty_pair_is_rebuilt_with_its_settings_modes_and_queued_bytes(
         wait_in_syscall(fixture.pid, (SYS_READ,))
         slave = os.stat(f"/proc/{fixture.pid}/fd/{slave_fd}").st_rdev
         assert controlling_terminal(fixture.pid) == (os.major(slave), os.minor(slave))
-        fds_before, identity_before = fds_view(fixture.pid), identity_view(fixture.pid)
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
+        before = proc_views(fixture.pid, views=("fd", "identity"))
+        dump_kill(hijack, fixture, image)
 
         shown = hijack.ok("show", image).stdout
         details = (
@@ -59,13 +58,12 @@ def test_pty_pair_is_rebuilt_with_its_settings_modes_and_queued_bytes(
         for detail in details:
             assert detail in shown, shown
 
-        pid = restored_pid(hijack.ok("restore", image))
-        assert pid == fixture.pid
-        fixture.adopt(pid)
+        old_pid = fixture.pid
+        pid = restore_adopted(hijack, fixture, image)
+        assert pid == old_pid
         wait_in_syscall(pid, (SYS_READ,), describe=fixture.describe)
         # Same numbers, same /dev/pts/N, same flags; same session, group and tty_nr.
-        assert not (found := difference(fds_before, fds_view(pid))), found
-        assert not (found := difference(identity_before, identity_view(pid))), found
+        compare_views(before, pid)
         fixture.assert_intact()
 
 
@@ -90,15 +88,13 @@ def test_a_pair_whose_old_index_is_taken_comes_back_under_another_name(
         with spawn_fixture("pty_pair", fifos=True) as fixture:
             index = int(fixture.ready["index"])
             wait_in_syscall(fixture.pid, (SYS_READ,))
-            hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-            assert fixture.wait_exit() == -signal.SIGKILL
+            dump_kill(hijack, fixture, image)
             # The old index taken (the kernel hands out the lowest free one): by us,
             # or by whoever came first.
             while not masters or pty.index_of(masters[-1]) < index:
                 masters.append(os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC))
 
-            pid = restored_pid(hijack.ok("restore", image))
-            fixture.adopt(pid)
+            pid = restore_adopted(hijack, fixture, image)
             wait_in_syscall(pid, (SYS_READ,), describe=fixture.describe)
             slave = os.readlink(f"/proc/{pid}/fd/{fixture.ready['slave_fd']}")
             assert slave != f"/dev/pts/{index}", slave

@@ -13,27 +13,24 @@ numbers).
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import socket
 from pathlib import Path
-from typing import Any
 
 import pytest
 from support import spawn_fixture
-from support.cli import HijackCli, restored_pid
-from support.procview import FdView, difference, fds_view
+from support.cli import HijackCli
+from support.objects import (
+    compare_views,
+    dump_kill,
+    objects_of,
+    proc_views,
+    restore_adopted,
+    shown_json,
+    without_socket_inodes,
+)
 
 from hijack.sys import netlock
-
-
-def sockets_view(pid: int) -> frozenset[FdView]:
-    """fds_view without socket inode numbers: a restored socket is a new one."""
-    return frozenset(
-        FdView(v.fd, "socket" if v.target.startswith("socket:") else v.target, v.pos, v.flags)
-        for v in fds_view(pid)
-    )
 
 
 @pytest.fixture
@@ -45,12 +42,11 @@ def test_udp_sockets_with_queued_datagrams_come_back(hijack: HijackCli, tmp_path
     image = tmp_path / "udp.crf"
     with spawn_fixture("udp_sockets", fifos=True) as fixture:
         port = fixture.ready["port"]
-        before = sockets_view(fixture.pid)
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
+        before = proc_views(fixture.pid, without_socket_inodes, views=("fd",))
+        dump_kill(hijack, fixture, image)
 
-        shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
-        udp = [o for o in shown["objects"] if o["record"] == "UdpSocket"]
+        shown = shown_json(hijack, image)
+        udp = objects_of(shown, "UdpSocket")
         assert len(udp) == 8, udp
         [server] = [o for o in udp if o["local_address"] == f"127.0.0.1:{port}"]
         assert [d["length"] for d in server["queue"]] == [5, 0, 3000, 4]
@@ -59,10 +55,7 @@ def test_udp_sockets_with_queued_datagrams_come_back(hijack: HijackCli, tmp_path
         assert f"udp: 127.0.0.1:{port}, 4 datagrams (3009 bytes) queued" in text, text
         assert "udp: unbound, 0 datagrams" in text, text
 
-        pid = restored_pid(hijack.ok("restore", image))
-        fixture.adopt(pid)
-        after = sockets_view(pid)
-        assert before == after, difference(before, after)
+        compare_views(before, restore_adopted(hijack, fixture, image), without_socket_inodes)
         fixture.assert_intact()
 
 
@@ -79,8 +72,7 @@ def test_a_udp_peer_gets_no_refusal_while_the_process_is_gone(
         peer.send(b"before the dump")
         assert peer.recv(100) == b"before the dump"
         locks_before = set(netlock.locks_held(os.getpid()))
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
+        dump_kill(hijack, fixture, image)
         # Both its bound sockets are locked until the restore.
         assert len(set(netlock.locks_held(os.getpid())) - locks_before) == 2
         # Dropped: no ICMP port unreachable, which loopback would have queued on the
@@ -88,8 +80,7 @@ def test_a_udp_peer_gets_no_refusal_while_the_process_is_gone(
         peer.send(b"while it is gone")
         peer.send(b"while it is gone, again")
 
-        pid = restored_pid(hijack.ok("restore", image))
-        fixture.adopt(pid)
+        restore_adopted(hijack, fixture, image)
         assert set(netlock.locks_held(os.getpid())) == locks_before
         peer.send(b"after the restore")
         assert peer.recv(100) == b"after the restore"
@@ -109,22 +100,20 @@ def test_socket_options_read_back_the_same(hijack: HijackCli, tmp_path: Path) ->
         with spawn_fixture("socket_options", str(port), fifos=True) as fixture:
             held, _ = peer.accept()  # the other end of the fixture's connection
             with held:
-                before = sockets_view(fixture.pid)
-                hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-                assert fixture.wait_exit() == -signal.SIGKILL
+                before = proc_views(fixture.pid, without_socket_inodes, views=("fd",))
+                dump_kill(hijack, fixture, image)
 
-                shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
-                kept = [o for o in shown["objects"] if o["record"] == "SocketOptions"]
+                shown = shown_json(hijack, image)
+                kept = objects_of(shown, "SocketOptions")
                 assert len(kept) == 3, kept
                 [filtered] = [o for o in kept if o["filter"]]
                 assert filtered["filter_locked"] and len(filtered["filter"]) == 2 * 16
                 text = hijack.ok("show", image).stdout
                 assert "a filter of 2 instructions (locked)" in text, text
 
-                pid = restored_pid(hijack.ok("restore", image))
-                fixture.adopt(pid)
-                after = sockets_view(pid)
-                assert before == after, difference(before, after)
+                compare_views(
+                    before, restore_adopted(hijack, fixture, image), without_socket_inodes
+                )
                 fixture.assert_intact()
 
 
@@ -133,17 +122,13 @@ def test_netlink_sockets_come_back_with_their_port_and_groups(
 ) -> None:
     image = tmp_path / "netlink.crf"
     with spawn_fixture("netlink", fifos=True) as fixture:
-        before = sockets_view(fixture.pid)
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
+        before = proc_views(fixture.pid, without_socket_inodes, views=("fd",))
+        dump_kill(hijack, fixture, image)
         text = hijack.ok("show", image).stdout
         assert f"netlink: protocol 0, port {fixture.ready['port']}, groups 1,5" in text, text
         assert "netlink: protocol 16, port 0, groups none" in text, text
 
-        pid = restored_pid(hijack.ok("restore", image))
-        fixture.adopt(pid)
-        after = sockets_view(pid)
-        assert before == after, difference(before, after)
+        compare_views(before, restore_adopted(hijack, fixture, image), without_socket_inodes)
         fixture.assert_intact()
 
 
@@ -152,17 +137,13 @@ def test_raw_sockets_come_back_with_their_addresses_and_options(
 ) -> None:
     image = tmp_path / "raw.crf"
     with spawn_fixture("raw_sockets", fifos=True) as fixture:
-        before = sockets_view(fixture.pid)
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
+        before = proc_views(fixture.pid, without_socket_inodes, views=("fd",))
+        dump_kill(hijack, fixture, image)
         text = hijack.ok("show", image).stdout
         assert "raw: ipv4 protocol 17 bound to 127.0.0.1" in text, text
         connected = "raw: ipv4 protocol 1 bound to 127.0.0.1 connected to 127.0.0.1, 16 options"
         assert connected in text, text
         assert "raw: ipv6 protocol 58," in text, text
 
-        pid = restored_pid(hijack.ok("restore", image))
-        fixture.adopt(pid)
-        after = sockets_view(pid)
-        assert before == after, difference(before, after)
+        compare_views(before, restore_adopted(hijack, fixture, image), without_socket_inodes)
         fixture.assert_intact()

@@ -10,17 +10,16 @@ reset; the server must end intact.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
+from support.objects import dump_kill, objects_of, restore_adopted, shown_json
 from support.procview import has_exited
 from support.redis import REDIS_SERVER, Resp, redis_server
 from test_faults import deliver, finish, hijack_at
@@ -57,17 +56,15 @@ def test_a_server_killed_mid_stream_and_restored_keeps_its_client(
         with spawn_fixture("stream_client", "127.0.0.1", port, str(STREAM_BYTES), "7") as client:
             wait_for_connection(server.pid)
             locks_before = set(netlock.locks_held(client.pid))  # another suite's may be there
-            hijack.ok("dump", server.pid, "-o", image, "--kill")
-            assert server.wait_exit() == -signal.SIGKILL
+            dump_kill(hijack, server, image)
             # Until the restore, what the client sends is dropped, not answered by a reset.
             assert len(set(netlock.locks_held(client.pid)) - locks_before) == 1
-            shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
-            [connection] = [o for o in shown["objects"] if o["record"] == "TcpConnection"]
+            shown = shown_json(hijack, image)
+            [connection] = objects_of(shown, "TcpConnection")
             assert connection["local_address"] == f"127.0.0.1:{port}"
             assert "tcp: 127.0.0.1:" in hijack.ok("show", image).stdout
 
-            pid = restored_pid(hijack.ok("restore", image))
-            server.adopt(pid)
+            restore_adopted(hijack, server, image)
             assert set(netlock.locks_held(client.pid)) == locks_before
             # The client goes on to the end of its stream, every echoed byte checked.
             assert client.wait_exit(timeout=120) == 0, client.describe()
@@ -201,8 +198,7 @@ def test_a_closing_connection_comes_back_in_its_state(
                 state = "ESTABLISHED"
             wait_for_state(fixture.pid, ours, state)
 
-            hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-            assert fixture.wait_exit() == -signal.SIGKILL
+            dump_kill(hijack, fixture, image)
             drops.close()  # the fixture is gone: only the dump's lock holds the peer back
             shown = hijack.ok("show", image).stdout
             at = f"[{host}]" if family == socket.AF_INET6 else host
@@ -211,8 +207,7 @@ def test_a_closing_connection_comes_back_in_its_state(
             assert "inet: tcp 0.0.0.0:0 CLOSE" in shown, shown  # never bound
             assert f"inet: tcp 127.0.0.1:{fixture.ready['bound']} CLOSE" in shown, shown
 
-            pid = restored_pid(hijack.ok("restore", image))
-            fixture.adopt(pid)
+            restore_adopted(hijack, fixture, image)
             if case in ("FIN_WAIT2", "FIN_WAIT1"):
                 peer.sendall(expect_read.encode())
                 peer.shutdown(socket.SHUT_WR)
@@ -262,8 +257,7 @@ def test_recover_keeps_the_lock_an_image_waits_on_and_lifts_it_once_the_image_is
         with client:
             assert echoed(client, b"before") == b"before"
             locks_before = set(netlock.locks_held(os.getpid()))
-            hijack.ok("dump", server.pid, "-o", image, "--kill")
-            assert server.wait_exit() == -signal.SIGKILL
+            dump_kill(hijack, server, image)
             recovered = hijack.ok("recover").stdout
             assert f"kept: its image {image} waits for its restore" in recovered, recovered
             assert len(set(netlock.locks_held(os.getpid())) - locks_before) == 1

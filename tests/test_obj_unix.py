@@ -21,7 +21,14 @@ from pathlib import Path
 
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
-from support.objects import compare_views, proc_views, without_socket_inodes
+from support.objects import (
+    compare_views,
+    dump_kill,
+    proc_views,
+    restore_adopted,
+    shown_json,
+    without_socket_inodes,
+)
 from support.procview import wait_in_syscall
 from test_dump_restore import (
     EXIT_TIMEOUT,
@@ -30,7 +37,6 @@ from test_dump_restore import (
     Child,
     NothingStarted,
     assert_refused,
-    image_json,
     wait_until,
 )
 from test_dump_restore import every_image_recodes as every_image_recodes  # autouse
@@ -53,9 +59,8 @@ def test_every_kind_of_unix_socket_comes_back_with_its_queues(
     with spawn_fixture("unix_sockets", data, fifos=True) as fixture:
         wait_in_syscall(fixture.pid, (SYS_READ,))
         before = proc_views(fixture.pid, without_socket_inodes)
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
-        details = unix_details(image_json(hijack, image))
+        dump_kill(hijack, fixture, image)
+        details = unix_details(shown_json(hijack, image))
         assert len(details) == 20, details
         assert any("listening on" in line and "2 connection(s) waiting" in line
                    for line in details.values()), details  # fmt: skip
@@ -65,8 +70,7 @@ def test_every_kind_of_unix_socket_comes_back_with_its_queues(
         # the others stayed behind (replaced).
         (data / "listener.sock").unlink()
         (data / "rel.sock").unlink()
-        pid = restored_pid(hijack.ok("restore", image))
-        fixture.adopt(pid)
+        pid = restore_adopted(hijack, fixture, image)
         wait_in_syscall(pid, (SYS_READ,), describe=fixture.describe)
         assert stat.S_ISSOCK((data / "listener.sock").stat().st_mode)
         assert stat.S_ISSOCK((data / "rel.sock").stat().st_mode)
@@ -198,7 +202,7 @@ def test_an_asyncio_server_serves_again_after_dump_kill_and_restore(
         hijack.ok("dump", server.pid, "-o", image, "--kill")
         assert original.wait() == -signal.SIGKILL
         server.returncode = -signal.SIGKILL
-    document = image_json(hijack, image)
+    document = shown_json(hijack, image)
     # Its self-pipe: a socketpair, both ends in the process.
     pair = [line for line in unix_details(document).values() if "inside the process" in line]
     assert len(pair) == 2, document["descriptors"]
@@ -245,7 +249,7 @@ def test_a_datagram_socket_connected_to_a_name_outside_connects_again(
             hijack.ok("dump", client.pid, "-o", image, "--kill")
             assert original.wait() == -signal.SIGKILL
             client.returncode = -signal.SIGKILL
-        [line] = unix_details(image_json(hijack, image)).values()
+        [line] = unix_details(shown_json(hijack, image)).values()
         assert line == f"unix: datagram, connected to {path}", line
         with Child(restored_pid(hijack.ok("restore", image))) as restored:
             os.kill(restored.pid, signal.SIGUSR1)

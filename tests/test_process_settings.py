@@ -9,17 +9,15 @@ to fire again. The test compares what /proc shows of them before and after.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 from support import spawn_fixture
-from support.cli import HijackCli, restored_pid
-from support.procview import difference, identity_view
+from support.cli import HijackCli
+from support.objects import compare_views, dump_kill, proc_views, restore_adopted, shown_json
+from support.procview import difference
 
 
 def settings_view(pid: int) -> dict[str, str]:
@@ -48,11 +46,10 @@ def test_settings_and_timers_come_back_after_dump_kill_and_restore(
     image = tmp_path / "settings.crf"
     with spawn_fixture("settings", fifos=True) as fixture:
         before = settings_view(fixture.pid)
-        identity_before = identity_view(fixture.pid)
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
+        identity_before = proc_views(fixture.pid, views=("identity",))
+        dump_kill(hijack, fixture, image)
 
-        shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
+        shown = shown_json(hijack, image)
         assert shown["settings"]["oom_score_adj"] == 345
         assert shown["settings"]["thp_disable"] and shown["settings"]["child_subreaper"]
         assert shown["settings"]["dumpable"] == 0
@@ -66,11 +63,10 @@ def test_settings_and_timers_come_back_after_dump_kill_and_restore(
         assert "oom_score_adj 345" in text and "THP disabled, child subreaper" in text
         assert f"POSIX timer {posix['timer_id']}: clock 1, signal 10" in text
 
-        pid = restored_pid(hijack.ok("restore", image))
-        fixture.adopt(pid)
+        pid = restore_adopted(hijack, fixture, image)
         after = settings_view(pid)
         assert before == after, difference(before.items(), after.items())
-        assert not (lost := difference(identity_before, identity_view(pid))), lost
+        compare_views(identity_before, pid)
         fixture.assert_intact()
 
 
@@ -79,16 +75,14 @@ def test_a_seccomp_chain_shared_by_two_threads_still_judges_after_restore(
 ) -> None:
     image = tmp_path / "seccomp.crf"
     with spawn_fixture("seccomp", fifos=True) as fixture:
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
-        shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
+        dump_kill(hijack, fixture, image)
+        shown = shown_json(hijack, image)
         chains = shown["settings"]["seccomp"]
         assert len(chains) == 2 and all(chain["mode"] == 2 for chain in chains), chains
         assert chains[0]["filters"] == chains[1]["filters"] and len(chains[0]["filters"]) == 2
         assert "seccomp filters of 7, 4 instructions" in hijack.ok("show", image).stdout
 
-        pid = restored_pid(hijack.ok("restore", image))
-        fixture.adopt(pid)
+        restore_adopted(hijack, fixture, image)
         # Its own check: both threads under both filters, getppid refused, mincore killing.
         fixture.assert_intact()
 
@@ -116,17 +110,15 @@ def test_mlockall_membarrier_personality_and_names_come_back(
     image = tmp_path / "flags.crf"
     with spawn_fixture("process_flags", fifos=True) as fixture:
         before = flags_view(fixture.pid)
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
+        dump_kill(hijack, fixture, image)
 
-        shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
+        shown = shown_json(hijack, image)
         assert shown["settings"]["mlockall"] == 6  # MCL_FUTURE | MCL_ONFAULT
         assert shown["settings"]["membarrier"] == 0x14  # REGISTER_GLOBAL_ and _PRIVATE_EXPEDITED
         text = hijack.ok("show", image).stdout
         assert "mlockall MCL_FUTURE, MCL_ONFAULT, membarrier registrations 0x14" in text
 
-        pid = restored_pid(hijack.ok("restore", image))
-        fixture.adopt(pid)
+        pid = restore_adopted(hijack, fixture, image)
         after = flags_view(pid)
         assert before == after, difference(before.items(), after.items())
         fixture.assert_intact()  # its own check: a new mapping locked, barriers, names
@@ -136,14 +128,12 @@ def test_an_aio_context_comes_back_at_its_address(hijack: HijackCli, tmp_path: P
     image = tmp_path / "aio.crf"
     with spawn_fixture("aio", fifos=True) as fixture:
         context = int(fixture.ready["context"], 16)
-        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
-        assert fixture.wait_exit() == -signal.SIGKILL
-        shown: dict[str, Any] = json.loads(hijack.ok("show", "--json", image).stdout)
+        dump_kill(hijack, fixture, image)
+        shown = shown_json(hijack, image)
         assert shown["settings"]["aio_rings"] == [{"address": context, "size": 4096, "nr": 127}]
         assert f"AIO context at {context:#x}: 127 events" in hijack.ok("show", image).stdout
 
-        pid = restored_pid(hijack.ok("restore", image))
-        fixture.adopt(pid)
+        restore_adopted(hijack, fixture, image)
         fixture.assert_intact()  # its own check: the ring at its address, a read through it
 
 

@@ -21,7 +21,10 @@ Read while frozen, from the process itself:
 
 The mappings' VmFlags (smaps walks every page table: 15 ms a GiB) are read
 just before the freeze and used for every mapping still the same at the
-freeze; a layout that changed in between has them read while frozen.
+freeze; a layout that changed in between has them read while frozen. So are
+the other holders of its pipes (every process's descriptors: 2-15 ms by the
+host's process count): the freeze reads only processes born since and the
+known holders (hijack.objects.pipe.outside_holders tells what it rescans).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ from hijack.mutator.dump import (
 )
 from hijack.mutator.shadow_fork import adopt_copy, discard_copy, fork_shadow_copy
 from hijack.mutator.tracee import Tracee
+from hijack.objects import pipe
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.objects.memfd import held_by_objects
 from hijack.process import settings, timers
@@ -104,11 +108,14 @@ def snapshot_dump(
     # Slow to read (every page table): read while the process still runs.
     flags_before = procfs.read_smaps_flags(pid)
     maps_before = set(procfs.read_maps(pid))
+    holders_before = pipe.scan_holders_before(pid)
     copy_pid = 0
     try:
         with Tracee.seize(pid) as tracee:
             reached("dump-seized")
-            frozen = _read_frozen(tracee, options, flags_before, maps_before, ghost_limit)
+            frozen = _read_frozen(
+                tracee, options, flags_before, maps_before, holders_before, ghost_limit
+            )
             copy_pid = fork_shadow_copy(tracee, intermediate_shares_memory=True)
             _read_what_the_copy_lacks(pid, frozen)
         frozen_ms = tracee.pause_ms
@@ -127,6 +134,7 @@ def _read_frozen(
     options: rec.DumpOptions,
     flags_before: dict[int, tuple[str, ...]],
     maps_before: set[procfs.MapEntry],
+    holders_before: procfs.HolderScan,
     ghost_limit: int,
 ) -> Frozen:
     pid = tracee.pid
@@ -137,7 +145,9 @@ def _read_frozen(
         process_settings = settings.read_settings(tracee, scratch, tracee.thread_ids)
         process_timers = timers.read_timers(tracee, scratch)
     tracee.put_back()
-    files = objects.read_files(pid, connections=False, maps=maps, ghost_limit=ghost_limit)
+    files = objects.read_files(
+        pid, connections=False, maps=maps, ghost_limit=ghost_limit, holders_before=holders_before
+    )
     if all(entry in maps_before for entry in maps):
         flags = {entry.start: flags_before.get(entry.start, ()) for entry in maps}
     else:

@@ -48,6 +48,7 @@ class DumpContext:
         maps: list[procfs.MapEntry] | None = None,
         ghost_limit: int = DEFAULT_GHOST_LIMIT,
         connections: bool = False,
+        holders_before: procfs.HolderScan | None = None,
     ) -> None:
         self.pid = pid
         self.frozen = frozen  # every thread of the process is stopped
@@ -58,6 +59,8 @@ class DumpContext:
         self.descriptions = descriptions  # fd -> description id (kcmp)
         self.maps = maps if maps is not None else []  # its mappings, for Kind.dump_process
         self.ghost_limit = ghost_limit  # bytes of data one deleted file may put in the image
+        # Who held the process's pipes, scanned before it was stopped (hijack.objects.pipe).
+        self.holders_before = holders_before
         self.sections: list[rec.ObjectRecord] = []  # object records and their data, in order
         self._ids: dict[Hashable, int] = {}
         self._data_end: dict[int, int] = {}  # object id -> where its data ends so far
