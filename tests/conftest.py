@@ -87,16 +87,19 @@ def no_leaked_processes_or_temp_dirs() -> Iterator[None]:
 
 
 @pytest.fixture
-def no_leaked_network_locks() -> Iterator[None]:
+def no_leaked_network_locks(tmp_path: Path) -> Iterator[None]:
     """Fail a test that leaves a network lock (hijack.sys.netlock) behind, and remove it.
 
-    Not autouse: the locks live in this machine's own network namespace, where
-    another suite running at the same time may hold some of its own.
+    Only the test's own locks count: those written down in a state directory
+    under its tmp_path (hijack.lockbook records a lock before taking it, and
+    crosses it out once lifted). The locks live in this machine's own network
+    namespace, where another suite running at the same time holds its own.
     """
     root = os.getpid()
     before = set(netlock.locks_held(root))
     yield
-    leftover = set(netlock.locks_held(root)) - before
+    ours = {record.stem for record in tmp_path.rglob("netlocks/*.json")}
+    leftover = (set(netlock.locks_held(root)) - before) & ours
     for name in leftover:
         netlock.remove_lock(root, name)
     if leftover:

@@ -126,12 +126,15 @@ def test_a_process_of_an_unprivileged_user_moves_to_a_daemon_without_allow_root(
 # argv[3] says; prints what the daemon answered (or how it hung up).
 RUDE_PEER = """\
 import json, socket, sys
+import struct
 from hijack.errors import HijackError
+from hijack.image.codec import FORMAT_VERSION
 from hijack.node.channel import HEAD, MAX_FRAME, Channel, Kind, load_cluster_key
 host, port, case = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 channel = Channel.connect((host, port), load_cluster_key(), "rude")
 request = {"op": "move", "move": "rude-" + case, "program": "none",
            "home": {"node": "a", "pid": 1, "relay": "127.0.0.1:9", "token": "00"}, "proxies": []}
+signature = b"CRF\\0" + struct.pack("<I", FORMAT_VERSION)
 raw = {
     "garbage": b"\\xff" * 64,
     "oversized-length": HEAD.pack(Kind.MESSAGE, MAX_FRAME + 1),
@@ -155,10 +158,10 @@ try:
         channel.send_frame(Kind.DATA_END, b"")
     elif case == "truncated-image":
         channel.send(request)
-        channel.send_frame(Kind.DATA, b"CRF\\0\\3\\0\\0\\0HEAD")
+        channel.send_frame(Kind.DATA, signature + b"HEAD")
     elif case == "message-inside-image":
         channel.send(request)
-        channel.send_frame(Kind.DATA, b"CRF\\0\\3\\0\\0\\0")
+        channel.send_frame(Kind.DATA, signature)
         channel.send({"op": "commit"})
     try:
         channel.sock.shutdown(socket.SHUT_WR)
