@@ -12,6 +12,11 @@ the same run, on the same bytes, at the same place:
   process's memory;
 - the figures of a live move (bench/moves.py): relay throughput and added
   round trip through the shadow, freeze times;
+- the freeze of MOVES moves of a process dirtying 10 MB/s as percentiles, the
+  whole move's time, and where the freeze goes (bench/freezes.py);
+- relays between network-namespace nodes on veth links, unshaped and shaped
+  to 1 and 10 Gbit/s: throughput beside direct, the added round trip's p50
+  and p99, the shadow's CPU per GB (bench/links.py);
 - the pause of `hijack attach` + `detach` of a busy process (bench/pauses.py);
 - TLS 1.3 between nodes beside plain TCP: handshake and stream throughput
   (bench/tls.py).
@@ -34,6 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.freezes import measure_freezes
+from bench.links import measure_links
 from bench.moves import measure_moves
 from bench.pauses import measure_pauses
 from bench.snapshots import measure_snapshots
@@ -242,6 +249,10 @@ def main(argv: list[str] | None = None) -> int:
         snapshot_lines: list[str] = []
         figures = measure(size, Path(directory), snapshot_lines)
         move_lines = measure_moves(Path(directory), stream_size=size // 4, big=size)
+        move_lines += measure_freezes(size // MIB, moves=4 if args.quick else 50)
+        move_lines += measure_links(
+            size // 4, streams_each=1 if args.quick else 3, pings=200 if args.quick else 2000
+        )
         move_lines += measure_pauses(Path(directory), cycles=20 if args.quick else 200)
         move_lines += measure_tls(Path(directory) / "pki", size // 4)
     header = (

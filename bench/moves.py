@@ -27,11 +27,12 @@ from pathlib import Path
 MIB = 1024 * 1024
 SERVE = (sys.executable, "-m", "hijack", "node", "serve")
 
-# A server that, per connection, reads everything until EOF and answers the
-# byte count; a line "ping" is answered at once (for round trips).
+# A server on address argv[1] (default loopback) that, per connection, reads
+# everything until EOF and answers the byte count; a line "ping" is answered
+# at once (for round trips).
 SINK = """
 import socket, sys, threading
-server = socket.create_server(("127.0.0.1", 0))
+server = socket.create_server((sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1", 0))
 print(server.getsockname()[1], flush=True)
 def serve(conn):
     total = 0

@@ -153,6 +153,14 @@ class Registry:
             self.path = self.directory / "hijack.db"
             self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
+            # A commit is on disk for every other process at once (the WAL, in the
+            # page cache), so it outlives the death of any hijack process, the
+            # failure the registry is there for (docs/faults.md); only an OS crash
+            # or power loss may take back the last commits — and with them every
+            # process the node ran, a move's copy or original included. FULL
+            # syncs the disk at each commit: 4 ms each here, and a move's freeze
+            # makes several (issue #17).
+            self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
             self._migrate()
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")

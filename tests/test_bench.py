@@ -30,6 +30,17 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "move freeze time, 10 MB",
         "move freeze time, 64 MiB",
         "move freeze time, 64 MiB dirtying 10 MB/s",
+        "move freeze p50",
+        "move freeze p99",
+        "move total time",
+        "freeze steps on the mover",
+        "freeze steps at the destination",
+        "relay throughput, veth",
+        "relay throughput, 1 Gbit/s",
+        "relay throughput, 10 Gbit/s",
+        "added round trip p50, veth",
+        "added round trip p99, veth",
+        "shadow CPU per GB relayed",
     )
     for figure in figures:
         assert figure in result.stdout, result.stdout

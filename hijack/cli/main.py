@@ -176,6 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="send memory in rounds while the process runs, so it is frozen only for the last"
         " changes (default: unless it holds less than 1 MiB of private memory)",
     )
+    move.add_argument(
+        "--timing",
+        action="store_true",
+        help="also print where the freeze went: each step on both nodes, in ms, and the"
+        " system calls injected into the frozen process and into its copy",
+    )
     move.set_defaults(handler=command_move)
 
     drain = commands.add_parser(
@@ -386,7 +392,7 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
                 render.move_progress(console, args.pid, args.to, expected_image_bytes(args.pid))
             )
         result = moving.move(args.pid, args.to, registry, progress=progress, precopy=args.precopy)
-    render.move_result(console, result)
+    render.move_result(console, result, timing=args.timing)
     return EXIT_OK
 
 

@@ -36,6 +36,7 @@ from hijack.objects import sysv
 from hijack.process import settings as process_settings
 from hijack.process import timers as process_timers
 from hijack.restore.restorer import RestoreResult
+from hijack.timing import describe as describe_laps
 
 if TYPE_CHECKING:  # lief, which hijack.core loads, is slow to import
     from hijack.core import CoreResult
@@ -401,7 +402,7 @@ def drain_summary(console: Console, outcomes: list[Outcome]) -> None:
             )
 
 
-def move_result(console: Console, result: MoveResult) -> None:
+def move_result(console: Console, result: MoveResult, *, timing: bool = False) -> None:
     console.print(
         f"moved process [bold]{result.pid}[/] to {escape(result.destination)}: it runs there as"
         f" [bold]{result.new_pid}[/]; frozen {result.freeze_ms:.1f} ms,"
@@ -413,6 +414,22 @@ def move_result(console: Console, result: MoveResult) -> None:
             else ""
         )
     )
+    if timing and result.timing is not None:
+        spent = result.timing
+        # One line each, never wrapped: a bench reads them.
+        console.print(f"move took {result.total_ms:.0f} ms in all", highlight=False)
+        console.print(
+            f"freeze here (ms): {describe_laps(spent.here)};"
+            f" {spent.injected_here} system calls injected",
+            soft_wrap=True,
+            highlight=False,
+        )
+        console.print(
+            f"freeze at {escape(result.destination)} (ms): {describe_laps(spent.there)};"
+            f" {spent.injected_there} system calls injected",
+            soft_wrap=True,
+            highlight=False,
+        )
 
 
 def check_findings(console: Console, findings: list[Finding], *, as_json: bool = False) -> None:

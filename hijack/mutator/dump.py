@@ -44,6 +44,7 @@ from hijack.sys import memory, procfs
 from hijack.sys import ptrace as pt
 from hijack.sys.process import get_robust_list
 from hijack.testpoint import reached
+from hijack.timing import Laps
 
 PAGE_SIZE = 4096
 READ_CHUNK = 8 * 1024 * 1024  # bytes per process_vm_readv; one Pages record at most
@@ -211,6 +212,8 @@ def write_image(
     check: Callable[[tuple[rec.Segment, ...], ImageFiles], None] | None = None,
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
     connections: bool = False,
+    laps: Laps | None = None,
+    holders_before: procfs.HolderScan | None = None,
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
 
@@ -219,7 +222,10 @@ def write_image(
     `check(segments, files)` may refuse the image before its first byte is written.
     A deleted file the process holds may put at most `ghost_limit` bytes in it.
     `connections`: established TCP connections are read with TCP_REPAIR (hijack.objects.tcp).
+    `laps` (a move's, hijack.timing) gets a lap at the end of each step.
+    `holders_before`: who held its pipes before it was stopped (hijack.objects.pipe).
     """
+    laps = laps or Laps()
     pid = tracee.pid
     options = dump_options(no_binary=no_binary, no_shared_libs=no_shared_libs)
     maps = procfs.read_maps(pid)
@@ -235,11 +241,20 @@ def write_image(
         )
         process_timers = timers.read_timers(tracee, scratch)
     tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
-    files = objects.read_files(pid, connections=connections, maps=maps, ghost_limit=ghost_limit)
+    laps.lap("image: injected")
+    files = objects.read_files(
+        pid,
+        connections=connections,
+        maps=maps,
+        ghost_limit=ghost_limit,
+        holders_before=holders_before,
+    )
+    laps.lap("image: descriptors")
     flags = precopied.vm_flags(maps) if precopied is not None else None
     segments = held_by_objects(describe_segments(pid, maps, options, flags=flags), files)
     if precopied is not None:
         segments = precopied.segments(segments)
+    laps.lap("image: segments")
     if check is not None:
         check(tuple(segments), files)
     parts = ImageParts(

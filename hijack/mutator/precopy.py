@@ -30,9 +30,11 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import os
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Generic, TypeVar
 
 from hijack.errors import HijackError
 from hijack.image import records as rec
@@ -51,6 +53,7 @@ from hijack.objects.memfd import holds_object
 from hijack.sys import dirty, memory, pidfd, procfs
 
 Run = tuple[int, int]
+T = TypeVar("T")
 
 # Auto mode: below this much private resident memory (a small C program) the
 # whole image is about what pre-copy would leave for the freeze anyway, and
@@ -91,6 +94,7 @@ class Precopy:
         self.final_written: list[Run] = []
         self._untracked: list[Run] = []  # at the freeze: mappings the destination cannot keep
         self._flags: dict[procfs.MapEntry, tuple[str, ...]] = {}
+        self._flags_now: _InThread[dict[int, tuple[str, ...]]] | None = None  # read at the freeze
         self.signal_actions: list[rec.SigAction] = []  # as the tracking started
         self._buffer = bytearray(READ_CHUNK)
 
@@ -235,10 +239,18 @@ class Precopy:
         """The last scan: what was written since the last round. Call with the process stopped."""
         self.final_written = union_runs(self.tracking.collect(), self.owed)
         self._untracked = self.tracking.untracked()
+        if not all(entry in self._flags for entry in procfs.read_maps(self.pid)):
+            # The layout changed since prepare_freeze (a mapping made or replaced):
+            # smaps is read again, in a thread, while the freeze goes on with the
+            # injected calls and the descriptors (its kernel walk of every page
+            # table, ~11 ms a GiB, runs on another core meanwhile).
+            self._flags_now = _InThread(procfs.read_smaps_flags, self.pid)
 
     def vm_flags(self, maps: list[procfs.MapEntry]) -> dict[int, tuple[str, ...]]:
         if not all(entry in self._flags for entry in maps):
-            return procfs.read_smaps_flags(self.pid)  # the layout changed since: read it now
+            # The layout changed since: read now (the process is stopped).
+            flags_now = self._flags_now or _InThread(procfs.read_smaps_flags, self.pid)
+            return flags_now.result()
         return {entry.start: self._flags[entry] for entry in maps}
 
     def segments(self, segments: list[rec.Segment]) -> list[rec.Segment]:
@@ -281,6 +293,30 @@ class Precopy:
                     )
                 )
         return False
+
+
+class _InThread(Generic[T]):
+    """`function(*args)` run in a thread of its own; result() waits for it (or raises)."""
+
+    def __init__(self, function: Callable[..., T], *args: object) -> None:
+        self._value: T | None = None
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                self._value = function(*args)
+            except BaseException as exc:  # handed to result(), in the caller's thread
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="hijack-smaps", daemon=True)
+        self._thread.start()
+
+    def result(self) -> T:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
 
 
 def _userfaultfd_inside(tracee: Tracee) -> int:

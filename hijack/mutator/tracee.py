@@ -123,6 +123,7 @@ class Tracee:
     injection_tid: int = 0
     stopped_at: float = 0.0  # perf_counter() when we began stopping it
     released_at: float = 0.0  # perf_counter() when every thread ran again
+    injected: int = 0  # system calls injected so far (each a few ptrace round trips)
 
     @property
     def pause_ms(self) -> float:
@@ -281,6 +282,7 @@ class Tracee:
         them back.
         """
         thread = self.threads[tid or self.injection_tid]
+        self.injected += 1
         return inject_syscall(thread, self.syscall_address, name, *args)
 
     def checked_syscall(self, name: str, *args: int, tid: int | None = None) -> int:

@@ -45,6 +45,7 @@ from hijack.shadow.datagram import widen_receive_buffer
 from hijack.shadow.relay import endpoint
 from hijack.sys import pidfd, procfs, terminal
 from hijack.testpoint import reached
+from hijack.timing import Laps
 
 DEFAULT_PORT = 7450
 MAX_PORT = 65535
@@ -208,6 +209,9 @@ class NodeDaemon:
             log(f"refused a move from {channel.peer} ({where}): {exc}")
             channel.send({"error": str(exc)})
             return
+        # The process is frozen from here until `running`: where the time goes,
+        # told to the mover (hijack.timing).
+        laps = Laps()
         log(f"move {move:.40} of {request.get('program')!s:.80} from {channel.peer} ({where})")
         started_at = time.time()
         here = channel.sock.getsockname()[0]
@@ -259,6 +263,7 @@ class NodeDaemon:
                             # and the shadow sees the end it sent (again).
                             sock.shutdown(socket.SHUT_WR)
                     provided[proxy.fd] = sock.fileno()
+                laps.lap("admit and relays")
 
             def hold_until_commit(pid: int) -> None:
                 # The restore gave each pty the settings of the home one; a pty
@@ -283,6 +288,7 @@ class NodeDaemon:
                     records.record_arrival(move, pid, "prepared", addresses)
                 with self.decisions:
                     self.waiting[move] = channel.sock
+                laps.lap("record arrival")
                 try:
                     channel.send(
                         {
@@ -290,9 +296,12 @@ class NodeDaemon:
                             "pid": pid,
                             "listeners": listeners,
                             "datagrams": datagrams,
+                            "laps": laps.rounded(),
+                            "injected": laps.injected,
                         }
                     )
                     decision = channel.receive()
+                    laps.lap("wait for commit")
                     if decision.get("op") != "commit":
                         raise HijackError(f"move {move} aborted by the mover")
                     if self._decide(move, pid, "running") != "running":
@@ -300,6 +309,7 @@ class NodeDaemon:
                     committed.append(pid)
                     with contextlib.nullcontext(registry) if registry else Registry() as records:
                         records.settle_arrival(pid)  # back home: its home row is this one now
+                    laps.lap("decide")
                 except BaseException:
                     self._decide(move, pid, "aborted")
                     with contextlib.suppress(HijackError), Registry() as forgetting:
@@ -317,6 +327,7 @@ class NodeDaemon:
                 prebuilt=prebuilt,
                 mount_namespace=mount_namespace,
                 take_locks=False,
+                laps=laps,
             )
         except HijackError as exc:
             log(f"move {move} failed: {exc}")
@@ -351,8 +362,9 @@ class NodeDaemon:
                 image.received,
                 started_at,
             )
+        laps.lap("record move")
         reached("daemon-committed")
-        channel.send({"phase": "running", "pid": result.pid})
+        channel.send({"phase": "running", "pid": result.pid, "laps": laps.rounded()})
 
     def _decide(self, move: str, pid: int, outcome: str, *, force: bool = False) -> str:
         """Settle `move` as `outcome` unless it is settled already; return its outcome.

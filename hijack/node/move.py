@@ -59,7 +59,7 @@ from hijack.mutator.tracee import Tracee
 from hijack.node import mounts
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
-from hijack.objects import unix
+from hijack.objects import pipe, unix
 from hijack.objects.memfd import holds_object
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
 from hijack.restore.plan import mapping_problems
@@ -69,6 +69,7 @@ from hijack.shadow.datagram import parse_address as parse_datagram_address
 from hijack.shadow.relay import ACK_WAIT
 from hijack.sys import kcmp, pidfd, procfs, sysv, terminal
 from hijack.testpoint import reached
+from hijack.timing import Laps
 
 # Reopened by path on the destination (nodes share a file system), or made
 # anew there from the image (epoll with its interest list, eventfd, timerfd,
@@ -102,6 +103,18 @@ class MoveResult:
     rounds: int = 0  # pre-copy rounds before the freeze
     frozen_bytes: int = 0  # sent while the process was frozen (the final image)
     tracking_pause_ms: float = 0.0  # the process stopped once more, to start pre-copy
+    timing: FreezeTiming | None = None
+    total_ms: float = 0.0  # the whole move, pre-copy rounds included
+
+
+@dataclass(frozen=True)
+class FreezeTiming:
+    """Where a move's freeze went (hijack.timing), each node's steps in milliseconds."""
+
+    here: dict[str, float]
+    injected_here: int  # system calls injected into the frozen original
+    there: dict[str, float]  # as the destination reported them (`prepared`, `running`)
+    injected_there: int  # system calls injected into the copy being finished there
 
 
 @dataclass(frozen=True)
@@ -167,6 +180,7 @@ def move(
     A move that fails leaves the process as it found it: attached only if it
     was attached before. One whose outcome is unknown raises MoveInDoubt.
     """
+    started_at = time.perf_counter()
     report = progress or (lambda phase, sent: None)
     address = parse_address(destination)
     key = load_cluster_key()
@@ -190,7 +204,9 @@ def move(
         attaching.attach(pid, registry)
     try:
         reached("move-attached")
-        return _move_attached(pid, address, key, registry, registry.get(pid), report, precopy)
+        result = _move_attached(pid, address, key, registry, registry.get(pid), report, precopy)
+        # As VM migrations report it: from the command's start to the copy running, settled.
+        return dataclasses.replace(result, total_ms=(time.perf_counter() - started_at) * 1000)
     except MoveInDoubt:
         raise  # the process is held as it is, for `hijack recover`
     except BaseException:
@@ -312,20 +328,26 @@ def _move_frozen(
                 raise HijackError(
                     f"move aborted: {exc}; process {pid} runs on here as before", pid=pid
                 ) from None
+        # Who else holds its pipes, while it runs: the freeze checks only what changed.
+        holders_before = pipe.scan_holders_before(pid)
         tracee = Tracee.seize(pid)
     except BaseException:
         if not at_home:
             _abort(channel, shadow, move_id)
         raise
     with tracee:
-        frozen_at = time.perf_counter()
+        # The freeze began with the first interrupt: stopping every thread is part of it.
+        laps = Laps(tracee.stopped_at or None)
+        laps.lap("stop")
         try:
             reached("move-frozen")
             if precopied is not None:
                 precopied.freeze()
+                laps.lap("dirty scan")
             # Planned now that it is frozen: its descriptors no longer change
             # (the first look, before the freeze, only refuses what never can go).
             plan, present = plan_proxies(pid, shadow, at_home)
+            laps.lap("plan")
             if at_home:
                 hand_descriptors_to_shadow(pid, record.shadow_control or "")
                 proxy = [
@@ -346,6 +368,7 @@ def _move_frozen(
                 unread: dict[str, bytes] = {}
             else:
                 unread = peek_unread(pid, plan)
+            laps.lap("shadow hand-over")
             channel.send(
                 {
                     "op": "move",
@@ -362,13 +385,22 @@ def _move_frozen(
                     "proxies": [p.__dict__ for p in plan],
                 }
             )
+            laps.lap("move message")
             report("streaming", before)
             writer = DataWriter(channel)
             progress_writer = _Progress(writer, report, before=before)
-            write_image(tracee, cast(BinaryIO, progress_writer), precopied=precopied)
+            write_image(
+                tracee,
+                cast(BinaryIO, progress_writer),
+                precopied=precopied,
+                laps=laps,
+                holders_before=holders_before,
+            )
             writer.close()
+            laps.lap("image: pages")
             report("restoring", before + writer.sent)
             prepared = channel.expect("phase")
+            laps.lap("destination")
             reached("move-prepared")
             report("switching", before + writer.sent)
         except BaseException:
@@ -402,6 +434,7 @@ def _move_frozen(
                     f" it runs on {channel.peer}",
                     pid=pid,
                 )
+            laps.lap("commit")
             # The frozen original will not run again, so what waits in its
             # relay-made UDP sockets and its terminals can be taken (the
             # shadow sends it again).
@@ -418,7 +451,8 @@ def _move_frozen(
             # It runs there and its streams reach it: the freeze is over. What
             # follows is bookkeeping, and the end of the stopped original
             # (freeing a big one's memory takes a while).
-            freeze_ms = (time.perf_counter() - frozen_at) * 1000
+            laps.lap("shadow switch")
+            freeze_ms = laps.total_ms()
             mark_moved()
             if not at_home:
                 with contextlib.suppress(HijackError, OSError):  # committed: nothing may fail
@@ -434,8 +468,30 @@ def _move_frozen(
     sent = before + writer.sent
     pause = precopied.pause_ms if precopied is not None else 0.0
     return MoveResult(
-        move_id, pid, int(answer["pid"]), channel.peer, freeze_ms, sent, rounds, writer.sent, pause
+        move_id,
+        pid,
+        int(answer["pid"]),
+        channel.peer,
+        freeze_ms,
+        sent,
+        rounds,
+        writer.sent,
+        pause,
+        FreezeTiming(
+            laps.rounded(),
+            tracee.injected,
+            _laps_of(prepared) | _laps_of(answer),
+            int(prepared.get("injected", 0)) + int(answer.get("injected", 0)),
+        ),
     )
+
+
+def _laps_of(answer: dict[str, Any]) -> dict[str, float]:
+    """The destination's laps in an answer (absent from a daemon that does not time)."""
+    laps = answer.get("laps")
+    if not isinstance(laps, dict):
+        return {}
+    return {str(name): float(ms) for name, ms in laps.items() if isinstance(ms, int | float)}
 
 
 def _precopy(
@@ -768,8 +824,10 @@ def plan_proxies(
     relay the shadow does not list (yet, or any more) is not refused then.
     """
     entries = procfs.list_fds(pid)
-    # Read after the descriptors: a socket accepted meanwhile is in the table.
-    sockets = procfs.read_socket_table(pid)
+    # Read after the descriptors: a socket accepted meanwhile is in the table. Not
+    # read without a socket to look up: its TCP tables take ~8 ms here, empty or not.
+    holds_sockets = any(entry.kind is procfs.FdKind.SOCKET for entry in entries)
+    sockets = procfs.read_socket_table(pid) if holds_sockets else {}
     socketpairs = unix.pairs_inside(
         pid, {entry.ino for entry in entries if entry.kind is procfs.FdKind.SOCKET}
     )

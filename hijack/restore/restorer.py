@@ -55,6 +55,7 @@ from hijack.sys import memory, pidfd, procfs
 from hijack.sys import ptrace as pt
 from hijack.sys.process import mount_namespace_of, open_mount_namespace
 from hijack.sys.stub import kill_stub, spawn_stub
+from hijack.timing import Laps
 
 R = TypeVar("R")
 
@@ -124,6 +125,7 @@ def restore(
     prebuilt: Prebuilt | None = None,
     mount_namespace: int | None = None,
     take_locks: bool = True,
+    laps: Laps | None = None,
 ) -> RestoreResult:
     """Rebuild the process of the image in `stream` and let it run.
 
@@ -144,7 +146,10 @@ def restore(
     `take_locks` False (a move) leaves the image's file locks and leases untaken:
     the home shadow keeps the open files, and with them their flock, OFD locks
     and leases, and the original holds its POSIX locks until the commit.
+    `laps` (a move's, hijack.timing) gets a lap at the end of each step, and
+    the count of system calls injected.
     """
+    laps = laps or Laps()
     records = read_stream(stream)
     first = next(records)
     if isinstance(first, rec.Tree):
@@ -180,7 +185,7 @@ def restore(
     )
     if prebuilt is not None:
         return _restore_prebuilt(
-            records, image, plan, prebuilt, provided or {}, before_start, take_locks
+            records, image, plan, prebuilt, provided or {}, before_start, take_locks, laps
         )
     # SysV objects first: a refusal (an id taken by another object) comes before the stub.
     ipc = sysv.prepare(image.files, image.segments.segments)
@@ -207,11 +212,16 @@ def restore(
         space = AddressSpace(stub, image.segments.segments, ipc.segments, frozenset(ipc.kept))
         space.build(later=frozenset(image.mapped()))
         ipc.after_attach()
+        laps.lap("layout")
         _consume_rest(records, image, space)
+        laps.lap("pages")
         _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
+        laps.lap("finish")
+        laps.injected = stub.tracee.injected
         if before_start is not None:
             before_start(pid)
         _start(stub)
+        laps.lap("start")
     except BaseException:
         kill_stub(pid)
         ipc.undo()
@@ -232,20 +242,28 @@ def _restore_prebuilt(
     provided: dict[int, int],
     before_start: Callable[[int], None] | None,
     take_locks: bool,
+    laps: Laps,
 ) -> RestoreResult:
     """restore() of a move's final image into the stub its pre-copy rounds built."""
     stub, space = prebuilt.stub, prebuilt.space
     if stub is None or space is None:
         raise RestoreError("the move's final image came before any pre-copy round")
     prebuilt.taken = True
+    injected_before = stub.tracee.injected  # the rounds' calls ran before the freeze
     try:
         inherited = prebuilt.hand_over(provided)
+        laps.lap("descriptors in")
         space.adopt_final(image.segments.segments, later=frozenset(image.mapped()))
+        laps.lap("layout")
         _consume_rest(records, image, space)
+        laps.lap("pages")
         _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
+        laps.lap("finish")
+        laps.injected = stub.tracee.injected - injected_before
         if before_start is not None:
             before_start(stub.pid)
         _start(stub)
+        laps.lap("start")
     except BaseException:
         kill_stub(stub.pid)
         raise
