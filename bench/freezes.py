@@ -117,7 +117,9 @@ def measure_freezes(size_mib: int, moves: int) -> list[str]:
         a, b = cluster.nodes
         a.start_daemon()
         b.start_daemon()
-        with spawn_fixture("dirtier", str(size_mib), str(DIRTY_RATE_MB), netns=a.netns) as dirtier:
+        dirtying = (str(size_mib), str(DIRTY_RATE_MB))
+        # It fills every page with its pattern first: seconds a GiB, more on a busy machine.
+        with spawn_fixture("dirtier", *dirtying, netns=a.netns, ready_timeout=120) as dirtier:
             pid, here, there = dirtier.pid, a, b
             for number in range(moves):
                 pid = taken.add(move_once(here, pid, there))

@@ -317,13 +317,14 @@ def _move_frozen(
     precopied: Precopy | None = None,
 ) -> MoveResult:
     before = precopied.bytes_sent if precopied is not None else 0
+    quiet: dict[str, Any] | None = None  # away: the shadow's streams, as it went quiet
     try:
         if not at_home:
             # Away, the shadow goes quiet before the freeze: a client it accepted
             # and connected to this node once the process was frozen would push up
             # to a socket buffer into a connection the process never accepts.
             try:
-                shadow.migrating({"move": move_id})
+                quiet = shadow.migrating({"move": move_id})
             except ShadowError as exc:
                 raise HijackError(
                     f"move aborted: {exc}; process {pid} runs on here as before", pid=pid
@@ -346,7 +347,7 @@ def _move_frozen(
                 laps.lap("dirty scan")
             # Planned now that it is frozen: its descriptors no longer change
             # (the first look, before the freeze, only refuses what never can go).
-            plan, present = plan_proxies(pid, shadow, at_home)
+            plan, present = plan_proxies(pid, shadow, at_home, status=quiet)
             laps.lap("plan")
             if at_home:
                 hand_descriptors_to_shadow(pid, record.shadow_control or "")
@@ -813,7 +814,12 @@ def refuse_unmappable(pid: int) -> None:
 
 
 def plan_proxies(
-    pid: int, shadow: HomeShadow | None, at_home: bool, *, frozen: bool = True
+    pid: int,
+    shadow: HomeShadow | None,
+    at_home: bool,
+    *,
+    frozen: bool = True,
+    status: dict[str, Any] | None = None,
 ) -> tuple[list[Proxy], list[str]]:
     """Which descriptors go through the home shadow, and as which stream; refuse the rest.
 
@@ -822,6 +828,8 @@ def plan_proxies(
     shadow is not asked, so the check can run before there is one. Not
     `frozen`, the process still opens and closes relays while we look, so a
     relay the shadow does not list (yet, or any more) is not refused then.
+    `status`: the shadow's answer to `migrating` (away, it lists no new stream
+    after it), instead of asking it again while the process is frozen.
     """
     entries = procfs.list_fds(pid)
     # Read after the descriptors: a socket accepted meanwhile is in the table. Not
@@ -831,11 +839,11 @@ def plan_proxies(
     socketpairs = unix.pairs_inside(
         pid, {entry.ino for entry in entries if entry.kind is procfs.FdKind.SOCKET}
     )
-    streams = (
-        {}
-        if at_home or shadow is None
-        else {s["id"]: s for s in shadow.request({"op": "status"})["streams"]}
-    )
+    if at_home or shadow is None:
+        streams = {}
+    else:
+        status = status or shadow.request({"op": "status"})
+        streams = {s["id"]: s for s in status["streams"]}
     by_ends = {
         (s["relay"], s["shadow_end"]): s["id"]
         for s in streams.values()
