@@ -318,11 +318,11 @@ def move(
 
     `home` is the node and pid the process started as (default: `source`, `pid`).
     Pre-copy is forced on (by default it is on only for big processes): every
-    move test runs it.
+    move test runs it. `--timing` too: both nodes tell where the freeze went.
     """
     assert destination.daemon_endpoint is not None, f"node {destination.name} runs no daemon"
     option = "--precopy" if precopy else "--no-precopy"
-    result = source.hijack("move", pid, "--to", destination.daemon_endpoint, option)
+    result = source.hijack("move", pid, "--to", destination.daemon_endpoint, option, "--timing")
     where = source.directory.parent
     assert result.returncode == 0, f"[node {source.name}] {result.describe()}\n{logs(where)}"
     found = MOVED_LINE.search(result.stdout)
@@ -333,6 +333,8 @@ def move(
     print(f"moved {pid} {source.name} -> {destination.name}: frozen {found[4]} ms, {found[5]}")
     print(f"  {result.stdout.strip()}")
     assert ("pre-copy rounds" in result.stdout) == precopy, result.describe()
+    for side in ("freeze here (ms): stop", f"freeze at {destination.name} (ms): admit"):
+        assert side in result.stdout, result.describe()
     assert runs_in(moved.pid, destination), f"process {moved.pid} is not inside {destination}"
     return moved
 
