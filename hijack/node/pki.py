@@ -15,6 +15,7 @@ chain to ca.crt, the revocation list and the node name it expects.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
@@ -28,7 +29,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hijack.errors import HijackError
-from hijack.registry import state_dir
+from hijack.registry import node_name, state_dir
 
 CA_DAYS = 3650
 NODE_DAYS = 825
@@ -263,6 +264,7 @@ def _context(purpose: ssl.Purpose, directory: Path, name: str) -> ssl.SSLContext
     except (OSError, ssl.SSLError) as exc:
         raise HijackError(
             f"cannot load node {name}'s certificates from {directory}: {exc}"
+            f" (`hijack cluster add-node {name}` on the CA's machine, then copy them here)"
         ) from None
     context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
     return context
@@ -283,11 +285,10 @@ def peer_name(tls: ssl.SSLSocket) -> str:
     der = tls.getpeercert(binary_form=True)
     if der is None:
         raise HijackError("the peer sent no certificate")
-    cert = x509.load_der_x509_certificate(der)
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(names) != 1 or not isinstance(names[0].value, str):
+    names = _common_names(x509.load_der_x509_certificate(der))
+    if len(names) != 1:
         raise HijackError("the peer's certificate names no node")
-    return names[0].value
+    return names[0]
 
 
 def expect_peer(tls: ssl.SSLSocket, expected: str) -> None:
@@ -295,6 +296,102 @@ def expect_peer(tls: ssl.SSLSocket, expected: str) -> None:
     name = peer_name(tls)
     if name != expected:
         raise HijackError(f"the peer's certificate names node {name!r}, not {expected!r}")
+
+
+def names_host(tls: ssl.SSLSocket, host: str) -> None:
+    """Refuse a server whose verified certificate does not name HOST, the address dialed.
+
+    Named means: its node name (CN or DNS name) is HOST, or one of its IP
+    addresses (`add-node --address`) is HOST. A certificate of the cluster
+    that names another host is another node answering in its place.
+    """
+    der = tls.getpeercert(binary_form=True)
+    if der is None:
+        raise HijackError("the peer sent no certificate")
+    cert = x509.load_der_x509_certificate(der)
+    named: set[str] = {str(value) for value in _common_names(cert)}
+    try:
+        alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        alt = x509.SubjectAlternativeName([])
+    named.update(alt.get_values_for_type(x509.DNSName))
+    named.update(str(address) for address in alt.get_values_for_type(x509.IPAddress))
+    wanted = host.strip("[]")
+    with contextlib.suppress(ValueError):
+        wanted = str(ipaddress.ip_address(wanted))  # one spelling of an IPv6 address
+    if wanted not in named:
+        raise HijackError(
+            f"the certificate of node {peer_name(tls)!r} does not name {host}"
+            f" (it names {', '.join(sorted(named))}): issue it with `hijack cluster add-node"
+            f" NAME --address {host}`, or connect by a name it has"
+        )
+
+
+def _common_names(cert: x509.Certificate) -> list[str]:
+    return [
+        value
+        for attribute in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if isinstance(value := attribute.value, str)
+    ]
+
+
+class NodeIdentity:
+    """This node's TLS contexts, from its certificates in `directory`.
+
+    The server's context is made again whenever the revocation list changes
+    (checked at every accept: a stat), so a `revoke` copied to a node takes
+    effect at the daemon's next connection without a restart.
+    """
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.directory = directory
+        self.name = name
+        self._client: ssl.SSLContext | None = None
+        self._server: ssl.SSLContext | None = None
+        self._crl_seen: tuple[int, int, int] | None = None
+        self.server_context()  # refuse at once if this node's files do not load
+
+    def _crl_signature(self) -> tuple[int, int, int]:
+        try:
+            found = os.stat(self.directory / "revoked.crl")
+        except OSError as exc:
+            raise HijackError(
+                f"no revocation list at {self.directory / 'revoked.crl'} ({exc.strerror})"
+            ) from None
+        return found.st_ino, found.st_size, found.st_mtime_ns
+
+    def server_context(self) -> ssl.SSLContext:
+        signature = self._crl_signature()
+        if self._server is None or signature != self._crl_seen:
+            self._server = server_context(self.directory, self.name)
+            self._crl_seen = signature
+        return self._server
+
+    def client_context(self) -> ssl.SSLContext:
+        if self._client is None:
+            self._client = client_context(self.directory, self.name)
+        return self._client
+
+
+def load_identity(directory: Path | None = None, name: str | None = None) -> NodeIdentity:
+    """This node's identity: $HIJACK_PKI (or STATE/pki) and its node name."""
+    return NodeIdentity(directory or pki_dir(), name or node_name())
+
+
+ALERT = "ALERT_"
+
+
+def describe_tls_error(exc: OSError) -> str:
+    """One line for a failed TLS exchange: a refusal the peer sent us says so, by its reason."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"its certificate is refused: {exc.verify_message}"
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str) and ALERT in reason:
+        said = reason.split(ALERT, 1)[1].lower().replace("_", " ")
+        return f"it refused our certificate ({said})"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS failed: {reason or exc}"
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def handshake(
@@ -310,6 +407,8 @@ def handshake(
         tls = context.wrap_socket(sock, server_side=server)
     except ssl.SSLCertVerificationError as exc:
         raise HijackError(f"TLS: the peer's certificate is refused: {exc.verify_message}") from None
+    except TimeoutError:
+        raise HijackError(f"TLS handshake failed: no answer within {deadline:g} s") from None
     except (ssl.SSLError, OSError) as exc:
-        raise HijackError(f"TLS handshake failed: {exc}") from None
+        raise HijackError(f"TLS handshake failed: {describe_tls_error(exc)}") from None
     return tls
