@@ -169,7 +169,6 @@ def move(
     """
     report = progress or (lambda phase, sent: None)
     address = parse_address(destination)
-    identity = pki.load_identity()
     record = registry.find(pid)
     if record is not None and record.state == "held":
         raise HijackError(
@@ -183,6 +182,7 @@ def move(
             f" {node_name()!r} now: move it under its old name (HIJACK_NODE={record.home_node})",
             pid=pid,
         )
+    identity = pki.load_identity()  # this node's certificates, before anything is touched
     refuse_unmappable(pid)
     attached_by_move = record is None or record.state not in ("attached", "running")
     if attached_by_move:
