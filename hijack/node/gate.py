@@ -10,8 +10,9 @@ Limits (docs/security.md, "The node daemon under load"):
 - at most `per_address` connections from one peer address, handshaking or
   served; more from it are closed at once;
 - at most `handshakes` handshakes at a time: a new connection past that
-  evicts the oldest one still handshaking (a flood of slow or silent peers
-  keeps being turned over, so a real node gets through);
+  evicts the oldest handshake of the address with the most under way (a
+  flood from many connections keeps evicting itself, so a real node, one
+  handshake from its address, gets through);
 - at most `connections` authenticated connections served at a time: past
   that, a newly authenticated peer is told `busy` and closed.
 """
@@ -147,12 +148,12 @@ class Gate:
             )
             return
         if len(self.pending) >= self.limits.handshakes:
-            oldest = next(iter(self.pending))
+            evicted = self._most_crowded()
             self._log_refusal(
-                self.pending[oldest].peer[0],
+                self.pending[evicted].peer[0],
                 f"dropped a handshake: {self.limits.handshakes} under way",
             )
-            self._drop(oldest)
+            self._drop(evicted)
         try:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -168,6 +169,12 @@ class Gate:
         self.pending[fd] = _Pending(tls, peer, time.monotonic() + self.limits.handshake_timeout)
         self.selector.register(fd, selectors.EVENT_READ, None)
         self._step(fd)  # the ClientHello may be there already
+
+    def _most_crowded(self) -> int:
+        """The oldest handshake of the address with the most under way."""
+        under_way = collections.Counter(entry.peer[0] for entry in self.pending.values())
+        crowded = max(under_way.values())
+        return next(fd for fd, entry in self.pending.items() if under_way[entry.peer[0]] == crowded)
 
     def _step(self, fd: int) -> None:
         entry = self.pending.get(fd)

@@ -386,11 +386,13 @@ def describe_tls_error(exc: OSError) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"its certificate is refused: {exc.verify_message}"
     reason = getattr(exc, "reason", None)
-    if isinstance(reason, str) and ALERT in reason:
-        said = reason.split(ALERT, 1)[1].lower().replace("_", " ")
-        return f"it refused our certificate ({said})"
-    if isinstance(exc, ssl.SSLError):
-        return f"TLS failed: {reason or exc}"
+    if isinstance(reason, str):
+        said = reason.split(ALERT, 1)[-1].lower().replace("_", " ")
+        if ALERT not in reason:
+            return f"TLS failed: {said}"
+        if "certificate" in said or "unknown ca" in said:
+            return f"it refused our certificate ({said})"
+        return f"it ended the TLS session ({said})"
     return exc.strerror or str(exc) or type(exc).__name__
 
 
