@@ -22,6 +22,7 @@ import os
 import socket
 import ssl
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -280,15 +281,47 @@ def client_context(directory: Path, name: str) -> ssl.SSLContext:
     return _context(ssl.Purpose.SERVER_AUTH, directory, name)
 
 
-def peer_name(tls: ssl.SSLSocket) -> str:
-    """The node name the peer's verified certificate gives (its common name)."""
+class CertificateNames(NamedTuple):
+    """What a node certificate names: its node (CN) and the hosts it may answer for."""
+
+    node: str
+    hosts: frozenset[str]  # its node name, DNS names and IP addresses
+
+
+def certificate_names(der: bytes) -> CertificateNames:
+    """The names in a DER certificate (verified by TLS before we look); HijackError if it
+    has none to go by or does not parse."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        common = [
+            value
+            for attribute in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            if isinstance(value := attribute.value, str)
+        ]
+        try:
+            alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            alt = x509.SubjectAlternativeName([])
+        hosts = {*common, *alt.get_values_for_type(x509.DNSName)}
+        hosts.update(str(address) for address in alt.get_values_for_type(x509.IPAddress))
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        # cryptography's errors for what does not parse, read lazily as extensions are
+        raise HijackError(f"the peer's certificate does not parse: {exc}") from None
+    if len(common) != 1:
+        raise HijackError("the peer's certificate names no node")
+    return CertificateNames(common[0], frozenset(hosts))
+
+
+def _peer_names(tls: ssl.SSLSocket) -> CertificateNames:
     der = tls.getpeercert(binary_form=True)
     if der is None:
         raise HijackError("the peer sent no certificate")
-    names = _common_names(x509.load_der_x509_certificate(der))
-    if len(names) != 1:
-        raise HijackError("the peer's certificate names no node")
-    return names[0]
+    return certificate_names(der)
+
+
+def peer_name(tls: ssl.SSLSocket) -> str:
+    """The node name the peer's verified certificate gives (its common name)."""
+    return _peer_names(tls).node
 
 
 def expect_peer(tls: ssl.SSLSocket, expected: str) -> None:
@@ -305,34 +338,16 @@ def names_host(tls: ssl.SSLSocket, host: str) -> None:
     addresses (`add-node --address`) is HOST. A certificate of the cluster
     that names another host is another node answering in its place.
     """
-    der = tls.getpeercert(binary_form=True)
-    if der is None:
-        raise HijackError("the peer sent no certificate")
-    cert = x509.load_der_x509_certificate(der)
-    named: set[str] = {str(value) for value in _common_names(cert)}
-    try:
-        alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        alt = x509.SubjectAlternativeName([])
-    named.update(alt.get_values_for_type(x509.DNSName))
-    named.update(str(address) for address in alt.get_values_for_type(x509.IPAddress))
+    names = _peer_names(tls)
     wanted = host.strip("[]")
     with contextlib.suppress(ValueError):
         wanted = str(ipaddress.ip_address(wanted))  # one spelling of an IPv6 address
-    if wanted not in named:
+    if wanted not in names.hosts:
         raise HijackError(
-            f"the certificate of node {peer_name(tls)!r} does not name {host}"
-            f" (it names {', '.join(sorted(named))}): issue it with `hijack cluster add-node"
-            f" NAME --address {host}`, or connect by a name it has"
+            f"the certificate of node {names.node!r} does not name {host}"
+            f" (it names {', '.join(sorted(names.hosts))}): issue it with `hijack cluster"
+            f" add-node NAME --address {host}`, or connect by a name it has"
         )
-
-
-def _common_names(cert: x509.Certificate) -> list[str]:
-    return [
-        value
-        for attribute in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        if isinstance(value := attribute.value, str)
-    ]
 
 
 class NodeIdentity:
