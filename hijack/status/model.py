@@ -155,7 +155,7 @@ class NodeView:
     address: str | None  # its daemon, "ip:port"; None when known by name only
     last_seen: float | None  # when a move last reached it
     reachable: bool | None  # None: not checked (no address)
-    check: str | None  # "ping" (authenticated with the cluster key) or "connect" (TCP only)
+    check: str | None  # "ping" (over the node channel's TLS) or "connect" (TCP only)
     latency_ms: float | None
     error: str | None
 
