@@ -190,6 +190,7 @@ class Gate:
             return
         except OSError as exc:
             where = f"{entry.peer[0]}:{entry.peer[1]}"
+            _discard_unread(entry.tls)  # so the close is a FIN: the peer reads our alert
             self._drop(fd)
             self.log(f"refused {where}: TLS handshake: {pki.describe_tls_error(exc)}")
             return
@@ -258,3 +259,21 @@ class Gate:
             if len(self._logged) > 4 * self.limits.handshakes:
                 self._logged = {address: now}  # forget old addresses: bounded memory
             self.log(f"refused {address}: {why} (more such refusals from it unlogged for a while)")
+
+
+UNREAD_DISCARDED = 1 << 18  # bytes at most read and dropped from a refused peer
+
+
+def _discard_unread(tls: ssl.SSLSocket) -> None:
+    """Drop what the peer sent that was not read (the plain socket's bytes, under TLS).
+
+    Closed with unread bytes, a socket answers with a reset, and the peer may
+    lose the alert that says why it was refused (`certificate revoked`).
+    """
+    dropped = 0
+    with contextlib.suppress(OSError):
+        while dropped < UNREAD_DISCARDED:
+            chunk = socket.socket.recv(tls, 65536, socket.MSG_DONTWAIT)
+            if not chunk:
+                return
+            dropped += len(chunk)
