@@ -114,12 +114,13 @@ class Gate:
             for fd in list(self.pending):
                 self._drop(fd)
             self.selector.close()
-            os.close(self._wake_read)
-            os.close(self._wake_write)
+            # The wake pipe stays open: stop() may still be called (a second
+            # SIGTERM), and must never write into a descriptor reused since.
 
     def stop(self) -> None:
+        """End run() (from a signal handler or another thread)."""
         self.running = False
-        with contextlib.suppress(BlockingIOError):
+        with contextlib.suppress(BlockingIOError):  # full: it is woken already
             os.write(self._wake_write, b"x")
 
     # -- accepting ------------------------------------------------------------------

@@ -258,9 +258,9 @@ def _context(purpose: ssl.Purpose, directory: Path, name: str) -> ssl.SSLContext
     try:
         context.load_cert_chain(cert_path, key_path)
         context.load_verify_locations(cafile=directory / "ca.crt")
-        # The revocation list is read at every context made: a daemon makes one per
-        # connection's listener refresh (hijack.node.daemon), so `revoke` takes effect
-        # once the new list is copied to the node.
+        # The revocation list is read into every context made: a daemon makes a new
+        # one when the file changes (NodeIdentity), so `revoke` takes effect once the
+        # new list is copied to the node.
         context.load_verify_locations(cafile=directory / "revoked.crl")
     except (OSError, ssl.SSLError) as exc:
         raise HijackError(
