@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from support import certificates, spawn_fixture
 from support.capture import Capture
-from support.cli import CliResult
+from support.cli import CliResult, HijackCli
 from support.nodes import HIJACK_PROGRAM, Cluster, Node, run_ip
 from test_move import (
     EXIT_TIMEOUT,
@@ -34,9 +34,11 @@ from test_move import (
     daemon_log,
     finish_moved,
     move,
+    move_refused,
     pids_inside,
     poll_until,
     refusal_line,
+    start_daemon_with,
 )
 
 from hijack.node import pki
@@ -129,6 +131,32 @@ def test_a_mover_with_a_refused_certificate_moves_nothing(
             assert_untouched(server.pid)
             assert_not_attached(a, server.pid)
             server.assert_intact()
+
+
+def test_a_mover_refuses_a_daemon_whose_certificate_names_another_host(tmp_path: Path) -> None:
+    # b's own certificate, of the cluster, but issued without its address: it
+    # could be any node of the cluster answering at 10.77.0.2.
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        unnamed = certificates.reissued(cluster.pki_dir, tmp_path / "unnamed", "b", None)
+        start_daemon_with(b, "HIJACK_PKI", str(unnamed))
+        assert b.daemon is not None
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            line = move_refused(a, server.pid, b)
+            assert f"the certificate of node 'b' does not name {b.address}" in line, line
+            assert f"--address {b.address}" in line, line
+            assert pids_inside(b) == {b.daemon.pid}
+            assert_untouched(server.pid)
+            assert_not_attached(a, server.pid)
+            server.assert_intact()
+
+
+def test_the_daemon_limits_must_be_numbers_above_zero(tmp_path: Path) -> None:
+    cli = HijackCli(tmp_path / "state")
+    for flag, value in (("--max-per-address", "0"), ("--handshake-timeout", "soon")):
+        result = cli("node", "serve", flag, value)
+        assert result.returncode == 2, result.describe()
+        assert f"argument {flag}:" in result.stderr, result.describe()
 
 
 # A TLS client with no certificate; and a peer of the shared key's days

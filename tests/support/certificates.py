@@ -32,18 +32,32 @@ def from_another_ca(cluster: Path, directory: Path, name: str, address: str) -> 
     return directory
 
 
-def expired(cluster: Path, directory: Path, name: str, address: str) -> Path:
-    """NAME's certificate signed by the cluster's CA, but out of date since yesterday."""
+def reissued(
+    cluster: Path,
+    directory: Path,
+    name: str,
+    address: str | None,
+    *,
+    not_before: datetime.datetime | None = None,
+    not_after: datetime.datetime | None = None,
+) -> Path:
+    """NAME's certificate signed by the cluster's CA, naming `address` (or no address)."""
     directory.mkdir(parents=True)
     shutil.copy2(cluster / "ca.key", directory / "ca.key")
     _trusting(cluster, directory)
+    pki.add_node(directory, name, address, not_before=not_before, not_after=not_after)
+    (directory / "ca.key").unlink()
+    return directory
+
+
+def expired(cluster: Path, directory: Path, name: str, address: str) -> Path:
+    """NAME's certificate signed by the cluster's CA, but out of date since yesterday."""
     now = datetime.datetime.now(datetime.UTC)
-    pki.add_node(
+    return reissued(
+        cluster,
         directory,
         name,
         address,
         not_before=now - datetime.timedelta(days=30),
         not_after=now - datetime.timedelta(days=1),
     )
-    (directory / "ca.key").unlink()
-    return directory
