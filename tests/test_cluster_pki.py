@@ -47,6 +47,7 @@ def test_cluster_commands_write_the_documented_layout(cli: HijackCli, tmp_path: 
         ("add-node", "../evil"),
         ("add-node", ""),
         ("revoke", "nobody"),
+        ("init", "--key", "cluster.key"),
     ],
 )
 def test_bad_cluster_commands_say_one_line(

@@ -262,6 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     init = cluster_commands.add_parser(
         "init", help="create the cluster's certificate authority and revocation list"
     )
+    # Gone with the shared key (protocol 1): said so, rather than "unrecognized".
+    init.add_argument("--key", help=argparse.SUPPRESS)
     init.add_argument(
         "--pki", metavar="DIR", help="where the CA goes (default $HIJACK_PKI or STATE/pki)"
     )
@@ -479,6 +481,11 @@ def command_node_serve(args: argparse.Namespace, console: Console) -> int:
 
 
 def command_cluster_init(args: argparse.Namespace, console: Console) -> int:
+    if args.key is not None:
+        raise HijackError(
+            "there is no shared cluster key any more: nodes use certificates"
+            " (docs/security.md, 'Moving from the shared key')"
+        )
     directory = Path(args.pki) if args.pki else pki.pki_dir()
     pki.init_ca(directory)
     console.print(
