@@ -141,3 +141,11 @@ def test_a_revocation_takes_effect_at_the_next_connection(certificates: Path) ->
         with pytest.raises(HijackError, match=r"refused our certificate \(certificate revoked\)"):
             ping(certificates, port)
         ping(certificates, port, "other").close()
+
+
+def test_a_mover_refuses_a_revoked_daemon(certificates: Path) -> None:
+    with running_gate(certificates, gate.Limits()) as (_, port):
+        pki.revoke(certificates, "daemon")
+        # The mover reads the list as it starts; the daemon serves on with its own key.
+        with pytest.raises(HijackError, match="certificate is refused: certificate revoked"):
+            ping(certificates, port)

@@ -162,9 +162,11 @@ class Gate:
                 sock, server_side=True, do_handshake_on_connect=False
             )
         except (OSError, HijackError) as exc:
+            # A revocation list that does not load refuses every peer (fail closed),
+            # once a while in the log.
             sock.close()
             self._release(address)
-            self.log(f"refused {address}:{peer[1]}: {exc}")
+            self._log_refusal(address, str(exc))
             return
         fd = tls.fileno()
         self.pending[fd] = _Pending(tls, peer, time.monotonic() + self.limits.handshake_timeout)
