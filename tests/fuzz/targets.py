@@ -23,6 +23,7 @@ atheris (tests/fuzz/run.py, `make fuzz`).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import io
@@ -56,6 +57,7 @@ def crf_reader(data: bytes) -> None:
 def certificates() -> Path:
     """A cluster made once per process: a CA, nodes "daemon" and "mover" on loopback."""
     directory = Path(tempfile.mkdtemp(prefix="hijack-fuzz-pki-"))
+    atexit.register(shutil.rmtree, directory, True)  # made once, removed as the process ends
     pki.init_ca(directory)
     for name in ("daemon", "mover"):
         pki.add_node(directory, name, "127.0.0.1")
