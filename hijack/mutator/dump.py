@@ -214,6 +214,7 @@ def write_image(
     connections: bool = False,
     laps: Laps | None = None,
     holders_before: procfs.HolderScan | None = None,
+    sockets: dict[int, procfs.SocketInfo] | None = None,
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
 
@@ -223,7 +224,8 @@ def write_image(
     A deleted file the process holds may put at most `ghost_limit` bytes in it.
     `connections`: established TCP connections are read with TCP_REPAIR (hijack.objects.tcp).
     `laps` (a move's, hijack.timing) gets a lap at the end of each step.
-    `holders_before`: who held its pipes before it was stopped (hijack.objects.pipe).
+    `holders_before`: who held its pipes before it was stopped (hijack.objects.pipe);
+    `sockets`: its network namespace's socket tables, read since it was stopped.
     """
     laps = laps or Laps()
     pid = tracee.pid
@@ -248,6 +250,7 @@ def write_image(
         maps=maps,
         ghost_limit=ghost_limit,
         holders_before=holders_before,
+        sockets=sockets,
     )
     laps.lap("image: descriptors")
     flags = precopied.vm_flags(maps) if precopied is not None else None

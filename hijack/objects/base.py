@@ -49,6 +49,7 @@ class DumpContext:
         ghost_limit: int = DEFAULT_GHOST_LIMIT,
         connections: bool = False,
         holders_before: procfs.HolderScan | None = None,
+        sockets: dict[int, procfs.SocketInfo] | None = None,
     ) -> None:
         self.pid = pid
         self.frozen = frozen  # every thread of the process is stopped
@@ -66,7 +67,8 @@ class DumpContext:
         self._data_end: dict[int, int] = {}  # object id -> where its data ends so far
         self._handle = -1
         self._copies: list[int] = []
-        self._sockets: dict[int, procfs.SocketInfo] | None = None
+        # Its network namespace's socket tables, if the caller read them since the stop.
+        self._sockets: dict[int, procfs.SocketInfo] | None = sockets
         self._unlisted: dict[int, procfs.SocketInfo | None] = {}  # socket_of(), by inode
         self._unix_sockets: dict[int, unix_socket.UnixDiag] | None = None
         self._network_of = self  # whose network namespace socket tables are read in
