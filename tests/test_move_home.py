@@ -11,12 +11,16 @@ Helpers and programs come from test_move (the same Cluster of netns nodes).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import signal
 from pathlib import Path
 
+import pytest
 from support import spawn_fixture
 from support.nodes import Cluster, Node, read_line
+from test_faults import deliver, finish, hijack_in, session
 from test_move import (
     EXIT_TIMEOUT,
     LINE_TIMEOUT,
@@ -26,6 +30,7 @@ from test_move import (
     finish_moved,
     move,
     poll_until,
+    runs_in,
     shadow_status,
     shape_loopback,
     spawn_python,
@@ -144,6 +149,15 @@ def test_a_server_moved_away_and_home_again_serves_with_its_own_sockets(tmp_path
         assert "over 4 connections" in output, output
 
 
+def children(pid: int) -> list[int]:
+    """The children of `pid` (what its threads forked)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(FileNotFoundError):
+            found += map(int, Path(f"/proc/{pid}/task/{task}/children").read_text().split())
+    return found
+
+
 def most_acknowledged(node: Node, port: str) -> int:
     """The most bytes one connection to 127.0.0.1:port in `node` has had acknowledged."""
     completed = node.run(
@@ -227,3 +241,44 @@ def test_an_idle_session_home_again_keeps_talking_through_its_own_socket(tmp_pat
             wait_gone(home.pid, EXIT_TIMEOUT, "the session, its input ended")
             server.close_control()
             assert server.wait_exit() == 0
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGKILL], ids=["INT", "KILL"])
+def test_a_move_home_stopped_after_the_hand_back_leaves_the_relays_working(
+    tmp_path: Path, signal_number: int
+) -> None:
+    """Stopped once the shadow has handed the originals back and the copy at home holds
+    them (prepared), before the commit: the process runs on where it was, relayed as
+    before (after `hijack recover` if the mover was killed), and goes home later."""
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        for node in cluster:
+            node.start_daemon()
+        assert a.daemon_endpoint is not None
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            home_pid = server.pid
+            with session(server.ready["port"], a) as talk:
+                talk("at home")
+                away = move(a, home_pid, b)
+                server.wait_exit()
+                talk("away")
+                mover = hijack_in(b, "move-prepared", "move", away.pid, "--to", a.daemon_endpoint)
+                deliver(mover, signal_number)
+                result = finish(mover, ("move",))
+                assert result.returncode != 0, result.describe()
+                assert runs_in(away.pid, b)
+                shadow_log = a.state_dir / "shadows" / str(home_pid) / "shadow.log"
+                assert "originals go back to the process at home" in shadow_log.read_text()
+                if signal_number == signal.SIGKILL:
+                    # The shadow waits (it relays nothing of those streams) until
+                    # `hijack recover` on b tells it the move did not happen.
+                    b.hijack_ok("recover")
+                assert a.daemon is not None
+                poll_until(lambda: not children(a.daemon.pid), "the copy at home gone")
+                status = shadow_status(a, home_pid)
+                assert (status["mode"], status["location"]) == ("away", "b"), status
+                talk("relayed as before")
+                home = move(b, away.pid, a, home=(a, home_pid))
+                assert_home_again(a, home_pid, home.pid, away.shadow_pid)
+                talk("home again")
+            finish_moved(server, home, tmp_path)
