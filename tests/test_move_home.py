@@ -282,3 +282,56 @@ def test_a_move_home_stopped_after_the_hand_back_leaves_the_relays_working(
                 assert_home_again(a, home_pid, home.pid, away.shadow_pid)
                 talk("home again")
             finish_moved(server, home, tmp_path)
+
+
+# A python3 with bytes waiting in a self-pipe it reads only when told ("drain"); it
+# answers every other stdin line at once.
+LAZY_PIPE = """\
+import os, sys
+read_end, write_end = os.pipe()
+os.write(write_end, b"queued before any move")
+print("ready", flush=True)
+for line in sys.stdin:
+    if line == "drain\\n":
+        print(os.read(read_end, 1 << 16).decode(), flush=True)
+    else:
+        print(line.strip(), flush=True)
+"""
+
+
+def test_a_process_that_does_not_read_its_relays_comes_home_relayed_and_later_unrelayed(
+    tmp_path: Path,
+) -> None:
+    """Bytes it has not read are in no original: the move home relays it as before (and
+    says why); once it has read them, the next move home gives it its own pipes."""
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        for node in cluster:
+            node.start_daemon()
+        assert a.daemon_endpoint is not None
+        program = spawn_python(a, LAZY_PIPE)
+        try:
+            assert read_line(program, LINE_TIMEOUT) == "ready"
+            home_pid = program.pid
+            away = move(a, home_pid, b)
+            assert ask_moved(program, "on b") == "on b"
+            result = b.hijack("move", away.pid, "--to", a.daemon_endpoint, "--no-precopy")
+            assert result.returncode == 0, result.describe()
+            assert "home again, relayed by its shadow still: it did not catch up" in " ".join(
+                result.stdout.split()
+            ), result.describe()
+            back = int(re.search(r"runs there as (\d+)", result.stdout)[1])  # type: ignore[index]
+            status = shadow_status(a, home_pid)
+            assert (status["mode"], status["location"]) == ("away", "a"), status
+            assert ask_moved(program, "drain") == "queued before any move"  # once
+            assert ask_moved(program, "relayed at home") == "relayed at home"
+
+            away = move(a, back, b, home=(a, home_pid))
+            home = move(b, away.pid, a, home=(a, home_pid))
+            assert_home_again(a, home_pid, home.pid, away.shadow_pid)
+            assert links(home.pid)[0].startswith("pipe:")
+            assert ask_moved(program, "home") == "home"
+        finally:
+            assert program.stdin is not None
+            program.stdin.close()
+        wait_gone(home.pid, EXIT_TIMEOUT, "the lazy program, its input ended")

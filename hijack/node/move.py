@@ -476,6 +476,9 @@ def _move_frozen(
 
 
 HOMEABLE = ("stream", "listener")  # what a shadow can hand back (docs/protocol.md, "Home again")
+# Seconds a process going home may go without reading its relays or accepting a client
+# before its descriptors are relayed from home instead.
+HOME_PATIENCE = 1.0
 HOME_SETTLE_INTERVAL = 0.01  # seconds between looks at a process catching up before going home
 
 
@@ -491,6 +494,7 @@ def unsettled_for_home(pid: int, shadow: HomeShadow) -> str:
     ack_wait()), else why not. The shadow sends nothing more meanwhile (`migrating`), so
     once true it stays true; else its descriptors are relayed from home as before."""
     deadline = time.monotonic() + ack_wait()
+    least, progressed_at = -1, time.monotonic()
     while True:
         plan, present = plan_proxies(pid, shadow, False, frozen=False)
         why = unhomeable(plan)
@@ -500,9 +504,12 @@ def unsettled_for_home(pid: int, shadow: HomeShadow) -> str:
         unread = {stream: count for stream, count in _queued(pid, plan, "in").items() if count}
         if not pending and not unread:
             return ""
-        if time.monotonic() >= deadline:
+        now, left = time.monotonic(), sum(unread.values()) + len(pending)
+        if least < 0 or left < least:
+            least, progressed_at = left, now
+        if now >= deadline or now - progressed_at > HOME_PATIENCE:
             waiting = [*(f"{s} {n} bytes unread" for s, n in unread.items()), *pending]
-            return f"not caught up within {ack_wait():g} s ({', '.join(waiting)})"
+            return f"it did not catch up ({', '.join(waiting)})"
         time.sleep(HOME_SETTLE_INTERVAL)
 
 

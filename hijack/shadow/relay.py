@@ -66,6 +66,20 @@ SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # made it likely, by putting more unacknowledged bytes on the wire.)
 SPLICE = True
 PUMP_ROUNDS = 16  # splices per direction and event, so one wakeup moves what is there
+TCPI_SND_WND = 228  # offset of tcpi_snd_wnd in struct tcp_info (<linux/tcp.h>)
+# Seconds a move home's flush goes on with nothing the process's node would take.
+FLUSH_PATIENCE = 0.5
+
+
+def window_room(sock: socket.socket) -> int:
+    """Bytes the peer's kernel would take on `sock` now: its advertised receive window
+    (TCP_INFO's tcpi_snd_wnd, Linux 6.2 on) less what is queued and unacknowledged.
+    0 where the kernel does not tell."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_SND_WND + 4)
+    if len(info) < TCPI_SND_WND + 4:
+        return 0
+    (window,) = struct.unpack_from("<I", info, TCPI_SND_WND)
+    return int(window) - unacknowledged(sock)
 
 
 def unacknowledged(sock: socket.socket) -> int:
@@ -129,12 +143,14 @@ class SplicePipe:
         self.held += moved
         return moved
 
-    def drain(self, sink: int) -> int:
-        """Splice what the pipe holds into `sink`, as much as it takes now."""
+    def drain(self, sink: int, limit: int = 0) -> int:
+        """Splice what the pipe holds into `sink`, as much as it takes now (at most `limit`
+        bytes, if given)."""
         if not self.held:
             return 0
         try:
-            moved = os.splice(self.read_end, sink, self.held, flags=SPLICE_FLAGS)
+            count = min(self.held, limit) if limit else self.held
+            moved = os.splice(self.read_end, sink, count, flags=SPLICE_FLAGS)
         except BlockingIOError:
             return 0
         self.held -= moved
@@ -333,12 +349,14 @@ class RelayHub:
             datagram.migrating()
         deadline = time.monotonic() + ack_wait
         flush_until = time.monotonic() + ack_wait / 2
+        flushed_at = time.monotonic()
         try:
             while True:
-                if self.flushing and time.monotonic() >= flush_until:
+                now = time.monotonic()
+                if self.flushing and (now >= flush_until or now - flushed_at > FLUSH_PATIENCE):
                     self.flushing = False  # the rest is carried by the move, as usual
-                if self.flushing:
-                    self._flush_towards_process()
+                if self.flushing and self._flush_towards_process():
+                    flushed_at = now
                 counts = {
                     stream.id: unacknowledged(stream.relay.sock)
                     for stream in self.streams.values()
@@ -915,11 +933,29 @@ class RelayHub:
 
     # -- home again -----------------------------------------------------------------
 
-    def _flush_towards_process(self) -> None:
+    def _flush_towards_process(self) -> int:
+        """Send each relay what we hold for the process, as far as its window allows:
+        bytes its node's kernel does not take now would be neither acknowledged nor in
+        any socket the mover could copy (`migrating` would fail). The byte count sent."""
+        sent = 0
         for stream in list(self.streams.values()):
-            if not stream.closed and stream.relay is not None:
-                with contextlib.suppress(OSError):  # the event loop meets it again
-                    self._flush_relay(stream)
+            relay = stream.relay
+            if stream.closed or relay is None:
+                continue
+            with contextlib.suppress(OSError):  # the event loop meets it again
+                room = window_room(relay.sock)
+                if room > 0 and stream.to_relay:
+                    moved = relay.sock.send(stream.to_relay[: min(CHUNK, room)])
+                    if stream.replay is not None:  # (as _flush_relay)
+                        if len(stream.replay) + moved <= REPLAY_LIMIT:
+                            stream.replay += stream.to_relay[:moved]
+                        else:
+                            stream.replay, stream.replay_lost = None, True
+                    del stream.to_relay[:moved]
+                    sent, room = sent + moved, room - moved
+                if room > 0 and not stream.to_relay and stream.out_pipe is not None:
+                    sent += stream.out_pipe.drain(relay.sock.fileno(), room)
+        return sent
 
     def _holding_for_process(self) -> bool:
         return any(s.out_held for s in self.streams.values() if s.relay and not s.closed)
