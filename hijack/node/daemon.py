@@ -221,7 +221,8 @@ class NodeDaemon:
         committed: list[int] = []  # the pid, once the move is decided `running`
         terminals = _Terminals(str(home["relay"]), token, move)
         originals = _Originals(str(home["relay"]), token, move)
-        home_again = bool(proxies) and all(proxy.kind == "original" for proxy in proxies)
+        # A move home whose every descriptor is its original again (hijack.node.move).
+        home_again = request.get("home_again") is True and home["node"] == self.name
         mount_namespace: int | None = None
         try:
             if prebuilt is None:  # else the pre-copy's stub is in it already
