@@ -336,11 +336,12 @@ class RelayHub:
         process that stopped reading) are in no socket a mover can copy: the
         flow goes on as before and HijackError says the move cannot be made.
         With `flush` (a move to the process's home), what we read from the
-        originals and hold for the process is still sent to it, for the first
-        half of `ack_wait` (the rest is for its acknowledgements: a process
-        that does not read must not fail a move that could have carried those
-        bytes): the originals can go back to it only with nothing of theirs in
-        between (hand_back).
+        originals and hold for the process is still sent to it, as far as its
+        receive window takes it (more would stay unacknowledged if it stopped
+        reading, and fail a move that could have carried those bytes), for at
+        most half of `ack_wait` and while it goes on taking some: the
+        originals can go back to it only with nothing of theirs in between
+        (hand_back). What is left is carried by the move as usual.
         """
         self.pumping = False
         self.flushing = flush
@@ -750,7 +751,7 @@ class RelayHub:
     def _flush_relay(self, stream: Stream) -> int:
         """Send the relay what we hold for it, head first: the byte count sent."""
         relay = stream.relay
-        if relay is None or not (self.pumping or self.flushing) or stream.handed:
+        if relay is None or not self.pumping or stream.handed:
             return 0
         sent = 0
         if stream.to_relay:
