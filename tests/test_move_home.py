@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from support import spawn_fixture
+from support.cli import restored_pid
 from support.nodes import Cluster, Node, read_line
 from test_faults import deliver, finish, hijack_in, session
 from test_move import (
@@ -235,10 +236,18 @@ def test_an_idle_session_home_again_keeps_talking_through_its_own_socket(tmp_pat
                 sockets = {n: t for n, t in before.items() if t.startswith("socket:")}
                 assert {n: links(home.pid)[n] for n in sockets} == sockets
                 assert ask_moved(session, "home again") == "home again"
+
+                # Attached again, its shadow holds what a dump --kill and a local
+                # restore need: the very same socket, once more.
+                image = tmp_path / "session.crf"
+                a.hijack_ok("dump", home.pid, "-o", image, "--kill")
+                restored = restored_pid(a.hijack_ok("restore", image))
+                assert {n: links(restored)[n] for n in sockets} == sockets
+                assert ask_moved(session, "restored") == "restored"
             finally:
                 assert session.stdin is not None
                 session.stdin.close()
-            wait_gone(home.pid, EXIT_TIMEOUT, "the session, its input ended")
+            wait_gone(restored, EXIT_TIMEOUT, "the session, its input ended")
             server.close_control()
             assert server.wait_exit() == 0
 
