@@ -92,7 +92,31 @@ def test_packet_sockets_come_back_bound_with_fanout_and_options(tmp_path: Path) 
             fixture.assert_intact()
 
 
-def test_a_packet_socket_with_a_ring_is_refused_by_name(tmp_path: Path) -> None:
+def test_a_tpacket_v2_rx_ring_comes_back_with_its_frames_and_position(tmp_path: Path) -> None:
+    image = tmp_path / "ring.crf"
+    with own_namespace() as netns:
+        add_veth(netns)
+        with spawn_fixture("packet_ring", IFACE, PEER, fifos=True, netns=netns) as fixture:
+            hijack = HijackCli(tmp_path / "state", netns)
+            before = proc_views(fixture.pid, without_socket_inodes)
+            packets_before = packet_view(fixture.pid)
+            dump_kill(hijack, fixture, image)
+
+            packets = objects_of(shown_json(hijack, image), "PacketSocket")
+            [ring] = [o for o in packets if o["rx_ring"]]
+            assert ring["rx_head"] == 6, ring  # six frames came, the kernel fills the 7th
+            [mapping] = ring["ring_mappings"]
+            assert mapping["start"] == int(fixture.ready["ring"], 16), ring
+            assert "RX ring" in hijack.ok("show", image).stdout
+
+            pid = restore_adopted(hijack, fixture, image)
+            compare_views(before, pid, without_socket_inodes)
+            packets_after = packet_view(pid)
+            assert packets_before == packets_after, difference(packets_before, packets_after)
+            fixture.assert_intact()
+
+
+def test_a_packet_socket_with_a_v3_ring_is_refused_by_name(tmp_path: Path) -> None:
     with own_namespace() as netns:
         holder = spawn_in_namespace(
             netns,
@@ -108,7 +132,7 @@ def test_a_packet_socket_with_a_ring_is_refused_by_name(tmp_path: Path) -> None:
             refused = hijack("dump", holder.pid, "-o", tmp_path / "ring.crf", "--kill")
             assert refused.returncode == 1, refused.describe()
             assert f"fd {fd} (socket socket:[" in refused.stderr, refused.describe()
-            assert "with a PACKET_RX_RING: its mapped ring is not rebuilt" in refused.stderr
+            assert "with a TPACKET_V3 PACKET_RX_RING: the kernel's open block" in refused.stderr
             assert holder.poll() is None  # refused before the kill
         finally:
             holder.kill()
