@@ -11,9 +11,24 @@ adds its memberships, joins its fanout group last (a group takes bound sockets
 only) and gives it to the process. Frames queued on it are lost: a packet socket
 sees copies of traffic, which goes on without it.
 
-Refused by name: a socket with a PACKET_RX_RING or PACKET_TX_RING. Its ring is
-mapped in the process (/proc/PID/maps shows "socket:[INODE]", shared), which the
-dump would store as plain memory, no longer the socket's ring.
+Rings (PACKET_RX_RING, PACKET_TX_RING; TPACKET_V1 and V2): the record keeps each
+ring's request (packet_diag), where the process maps them ("socket:[INODE]" in its
+maps: address, length, offset, protections) and the kernel's position in each; the
+rings' bytes are the object's ObjectData, read through the mappings, and those
+segments store no pages (memfd.held_by_objects). The restorer makes the socket with
+no protocol, sets its options (PACKET_VERSION, _RESERVE, _TIMESTAMP ... before the
+rings, as the kernel requires), sets the RX ring and moves the kernel's position in
+it (hijack.sys.packet_ring.advance_rx_head), sets the TX ring, writes the bytes back
+(frames not yet consumed stay TP_STATUS_USER where they were), binds it, then
+attaches its filter; once the descriptors are given, memfd.map_objects has the stub
+mmap the rings at their address (map_rings: MAP_SHARED | MAP_FIXED, then each part's
+protection).
+
+Refused by name: a TPACKET_V3 ring (the kernel's open block and its fill offset
+cannot be set again), a TX ring that has been used (nothing tells which frame the
+kernel sends next: restored, it would wait at frame 0 while the program fills
+another), a ring mapped in part or not at all (its frames, or its position, are
+not known).
 """
 
 from __future__ import annotations
@@ -178,9 +193,12 @@ class Packet(Kind):
             )
 
         object_id = dump.add_object(("socket", entry.ino), make)
-        for offset, data in contents if fresh else ():
-            for at in range(0, len(data), rec.MAX_OBJECT_DATA):
-                dump.add_data(object_id, data[at : at + rec.MAX_OBJECT_DATA], offset + at)
+        if fresh and rings is not None:
+            # Page by page, the pages of zeros left out: a new ring holds zeros.
+            for at in range(0, len(rings), rec.PAGE_SIZE):
+                page = rings[at : at + rec.PAGE_SIZE]
+                if any(page):
+                    dump.add_data(object_id, page, at)
         with copy_socket(entry, dump) as sock:
             sockopts.dump_options(sock, object_id, entry.ino, dump)
         return object_id
@@ -206,8 +224,8 @@ class Packet(Kind):
             )
         if packet.tx_ring and packet.tx_head == rec.PACKET_HEAD_UNKNOWN:
             return (
-                f"{describe_fd(descriptor)} with a PACKET_TX_RING that was used: the"
-                " kernel's position in it is not known"
+                f"{describe_fd(descriptor)} with a PACKET_TX_RING used or not mapped whole:"
+                " the kernel's position in it is not known"
             )
         return None
 
@@ -310,8 +328,12 @@ class Packet(Kind):
             f"{MEMBERSHIP_TYPES.get(m.type, m.type)} on {m.ifindex}" for m in packet.memberships
         ]
         parts += [
-            f"{name} ring"
-            for name, ring in (("RX", packet.rx_ring), ("TX", packet.tx_ring))
+            f"{name} ring of {ring[3]} frames, next {head}"
+            for name, ring, head in (
+                ("RX", packet.rx_ring, packet.rx_head),
+                ("TX", packet.tx_ring, packet.tx_head),
+            )
             if ring
         ]
+        parts += [f"rings mapped at {m.start:#x}+{m.offset:#x}" for m in packet.ring_mappings]
         return ", ".join(parts) + sockopts.describe_options(image, packet.id)
