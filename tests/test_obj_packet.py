@@ -5,7 +5,9 @@ namespace of the test's own with a veth pair: raw and datagram packet sockets,
 bound to an interface or not, two in one fanout group, with options and a
 promiscuous membership. After `dump --kill` and `restore` (both run in that
 namespace) it checks each socket and that a frame sent from the peer reaches the
-group. A socket with a ring is refused by name.
+group. The `packet_ring` fixture's TPACKET_V2 rings come back with their frames and
+the kernel's position in them; a ring whose position cannot be told is refused by
+name.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from support import spawn_fixture
 from support.cli import HijackCli
 from support.nodes import run_ip, spawn_in_namespace
@@ -36,12 +39,27 @@ IFACE, PEER = "hjv0", "hjv1"
 ETH_P_ALL = 3
 
 # Holds a TPACKET_V3 packet socket with an RX ring mapped; prints its descriptor.
-RING_HOLDER = """\
+V3_RING_HOLDER = """\
 import mmap, socket, struct, sys
 held = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
 held.setsockopt(263, 10, 2)  # PACKET_VERSION TPACKET_V3
 held.setsockopt(263, 5, struct.pack("7I", 1 << 16, 2, 2048, 64, 60, 0, 0))  # PACKET_RX_RING
 ring = mmap.mmap(held.fileno(), 2 << 16)
+print(held.fileno(), flush=True)
+sys.stdin.read()
+"""
+
+# Holds a TPACKET_V2 packet socket on lo that sent a frame through its TX ring.
+USED_TX_RING_HOLDER = """\
+import mmap, socket, struct, sys
+held = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+held.setsockopt(263, 10, 1)  # PACKET_VERSION TPACKET_V2
+held.setsockopt(263, 13, struct.pack("4I", 4096, 1, 2048, 2))  # PACKET_TX_RING
+ring = mmap.mmap(held.fileno(), 4096)
+held.bind(("lo", 0))
+ring[32:92] = bytes(12) + b"\\x88\\xb5" + bytes(46)
+struct.pack_into("=II", ring, 0, 1, 60)  # TP_STATUS_SEND_REQUEST, tp_len
+held.send(b"")
 print(held.fileno(), flush=True)
 sys.stdin.read()
 """
@@ -116,11 +134,21 @@ def test_a_tpacket_v2_rx_ring_comes_back_with_its_frames_and_position(tmp_path: 
             fixture.assert_intact()
 
 
-def test_a_packet_socket_with_a_v3_ring_is_refused_by_name(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("holder_program", "refusal"),
+    [
+        (V3_RING_HOLDER, "with a TPACKET_V3 PACKET_RX_RING: the kernel's open block"),
+        (USED_TX_RING_HOLDER, "with a PACKET_TX_RING used or not mapped whole: the kernel's"),
+    ],
+    ids=["v3", "used-tx"],
+)
+def test_a_packet_ring_whose_position_is_not_known_is_refused_by_name(
+    tmp_path: Path, holder_program: str, refusal: str
+) -> None:
     with own_namespace() as netns:
         holder = spawn_in_namespace(
             netns,
-            [sys.executable, "-c", RING_HOLDER],
+            [sys.executable, "-c", holder_program],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -132,7 +160,7 @@ def test_a_packet_socket_with_a_v3_ring_is_refused_by_name(tmp_path: Path) -> No
             refused = hijack("dump", holder.pid, "-o", tmp_path / "ring.crf", "--kill")
             assert refused.returncode == 1, refused.describe()
             assert f"fd {fd} (socket socket:[" in refused.stderr, refused.describe()
-            assert "with a TPACKET_V3 PACKET_RX_RING: the kernel's open block" in refused.stderr
+            assert refusal in refused.stderr, refused.describe()
             assert holder.poll() is None  # refused before the kill
         finally:
             holder.kill()
