@@ -12,9 +12,11 @@ name.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,7 @@ from support import spawn_fixture
 from support.cli import HijackCli
 from support.nodes import run_ip, spawn_in_namespace
 from support.objects import (
+    Views,
     compare_views,
     dump_kill,
     objects_of,
@@ -31,6 +34,7 @@ from support.objects import (
     without_socket_inodes,
 )
 from support.procview import difference
+from support.running import RunningFixture
 from test_obj_dgram import own_namespace
 
 from hijack.sys import packet_diag
@@ -76,6 +80,32 @@ def packet_view(pid: int) -> set[tuple[object, ...]]:
     }
 
 
+@contextlib.contextmanager
+def fixture_on_veth(name: str, tmp_path: Path) -> Iterator[tuple[RunningFixture, HijackCli]]:
+    """Fixture `name` IFACE PEER in a namespace of our own with that veth pair, and the
+    CLI that dumps and restores it there."""
+    with own_namespace() as netns:
+        add_veth(netns)
+        with spawn_fixture(name, IFACE, PEER, fifos=True, netns=netns) as fixture:
+            yield fixture, HijackCli(tmp_path / "state", netns)
+
+
+def restored_the_same(
+    hijack: HijackCli,
+    fixture: RunningFixture,
+    image: Path,
+    before: Views,
+    packets_before: set[tuple[object, ...]],
+) -> None:
+    """Restore `image` of `fixture`; its views and packet sockets are `before`'s again and
+    it finds itself intact."""
+    pid = restore_adopted(hijack, fixture, image)
+    compare_views(before, pid, without_socket_inodes)
+    packets_after = packet_view(pid)
+    assert packets_before == packets_after, difference(packets_before, packets_after)
+    fixture.assert_intact()
+
+
 def add_veth(netns: str) -> None:
     run_ip("-n", netns, "link", "add", IFACE, "type", "veth", "peer", "name", PEER)
     run_ip("-n", netns, "link", "set", IFACE, "up")
@@ -84,54 +114,40 @@ def add_veth(netns: str) -> None:
 
 def test_packet_sockets_come_back_bound_with_fanout_and_options(tmp_path: Path) -> None:
     image = tmp_path / "packet.crf"
-    with own_namespace() as netns:
-        add_veth(netns)
-        with spawn_fixture("packet_sockets", IFACE, PEER, fifos=True, netns=netns) as fixture:
-            hijack = HijackCli(tmp_path / "state", netns)
-            ifindex = int(fixture.ready["ifindex"])
-            before = proc_views(fixture.pid, without_socket_inodes, views=("fd",))
-            packets_before = packet_view(fixture.pid)
-            assert len(packets_before) == 5, packets_before
-            dump_kill(hijack, fixture, image)
+    with fixture_on_veth("packet_sockets", tmp_path) as (fixture, hijack):
+        ifindex = int(fixture.ready["ifindex"])
+        before = proc_views(fixture.pid, without_socket_inodes, views=("fd",))
+        packets_before = packet_view(fixture.pid)
+        assert len(packets_before) == 5, packets_before
+        dump_kill(hijack, fixture, image)
 
-            shown = shown_json(hijack, image)
-            packets = objects_of(shown, "PacketSocket")
-            assert len(packets) == 5, packets
-            [promiscuous] = [o for o in packets if o["memberships"]]
-            assert promiscuous["memberships"][0]["type"] == 1  # PACKET_MR_PROMISC
-            text = hijack.ok("show", image).stdout
-            group = f"raw protocol 0x0003, interface {ifindex}, fanout group 77 mode 0x0"
-            assert text.count(group) == 2, text
+        shown = shown_json(hijack, image)
+        packets = objects_of(shown, "PacketSocket")
+        assert len(packets) == 5, packets
+        [promiscuous] = [o for o in packets if o["memberships"]]
+        assert promiscuous["memberships"][0]["type"] == 1  # PACKET_MR_PROMISC
+        text = hijack.ok("show", image).stdout
+        group = f"raw protocol 0x0003, interface {ifindex}, fanout group 77 mode 0x0"
+        assert text.count(group) == 2, text
 
-            pid = restore_adopted(hijack, fixture, image)
-            compare_views(before, pid, without_socket_inodes)
-            packets_after = packet_view(pid)
-            assert packets_before == packets_after, difference(packets_before, packets_after)
-            fixture.assert_intact()
+        restored_the_same(hijack, fixture, image, before, packets_before)
 
 
 def test_a_tpacket_v2_rx_ring_comes_back_with_its_frames_and_position(tmp_path: Path) -> None:
     image = tmp_path / "ring.crf"
-    with own_namespace() as netns:
-        add_veth(netns)
-        with spawn_fixture("packet_ring", IFACE, PEER, fifos=True, netns=netns) as fixture:
-            hijack = HijackCli(tmp_path / "state", netns)
-            before = proc_views(fixture.pid, without_socket_inodes)
-            packets_before = packet_view(fixture.pid)
-            dump_kill(hijack, fixture, image)
+    with fixture_on_veth("packet_ring", tmp_path) as (fixture, hijack):
+        before = proc_views(fixture.pid, without_socket_inodes)
+        packets_before = packet_view(fixture.pid)
+        dump_kill(hijack, fixture, image)
 
-            packets = objects_of(shown_json(hijack, image), "PacketSocket")
-            [ring] = [o for o in packets if o["rx_ring"]]
-            assert ring["rx_head"] == 6, ring  # six frames came, the kernel fills the 7th
-            [mapping] = ring["ring_mappings"]
-            assert mapping["start"] == int(fixture.ready["ring"], 16), ring
-            assert "RX ring" in hijack.ok("show", image).stdout
+        packets = objects_of(shown_json(hijack, image), "PacketSocket")
+        [ring] = [o for o in packets if o["rx_ring"]]
+        assert ring["rx_head"] == 6, ring  # six frames came, the kernel fills the 7th
+        [mapping] = ring["ring_mappings"]
+        assert mapping["start"] == int(fixture.ready["ring"], 16), ring
+        assert "RX ring" in hijack.ok("show", image).stdout
 
-            pid = restore_adopted(hijack, fixture, image)
-            compare_views(before, pid, without_socket_inodes)
-            packets_after = packet_view(pid)
-            assert packets_before == packets_after, difference(packets_before, packets_after)
-            fixture.assert_intact()
+        restored_the_same(hijack, fixture, image, before, packets_before)
 
 
 @pytest.mark.parametrize(

@@ -134,6 +134,18 @@ def map_rings(restore: RestoreContext) -> None:
                     stub.call("mprotect", mapping.start, mapping.size, mapping.prot)
 
 
+def _new_socket(
+    packet: rec.PacketSocket, descriptor: rec.FileDescriptor, protocol: int
+) -> socket.socket:
+    """A packet socket of `packet`'s type receiving `protocol` (0: nothing yet)."""
+    try:
+        return socket.socket(socket.AF_PACKET, packet.type, socket.htons(protocol))
+    except OSError as error:
+        raise RestoreError(
+            f"cannot make the packet socket of {describe_fd(descriptor)} again: {error.strerror}"
+        ) from None
+
+
 def _add_memberships(sock: socket.socket, packet: rec.PacketSocket) -> None:
     for membership in packet.memberships:
         request = PACKET_MREQ.pack(
@@ -235,14 +247,7 @@ class Packet(Kind):
             self._restore_with_rings(packet, descriptor, restore)
             return
         options = sockopts.options_of(restore.image, packet.id)
-        try:
-            sock = socket.socket(socket.AF_PACKET, packet.type, socket.htons(packet.protocol))
-        except OSError as error:
-            raise RestoreError(
-                f"cannot make the packet socket of {describe_fd(descriptor)} again:"
-                f" {error.strerror}"
-            ) from None
-        with sock:
+        with _new_socket(packet, descriptor, packet.protocol) as sock:
             set_option, attach = sockopts.our_setters(sock)
             try:
                 sockopts.set_early(options, set_option)
@@ -270,14 +275,7 @@ class Packet(Kind):
         unfiltered = (
             dataclasses.replace(options, filter=b"", filter_locked=False) if options else None
         )
-        try:
-            sock = socket.socket(socket.AF_PACKET, packet.type, 0)
-        except OSError as error:
-            raise RestoreError(
-                f"cannot make the packet socket of {describe_fd(descriptor)} again:"
-                f" {error.strerror}"
-            ) from None
-        with sock:
+        with _new_socket(packet, descriptor, 0) as sock:
             set_option, attach = sockopts.our_setters(sock)
             try:
                 sockopts.set_early(options, set_option)
