@@ -38,8 +38,9 @@ from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.objects.memfd import held_by_objects
 from hijack.objects.tcp import NetworkLocks
 from hijack.process import aio, settings, timers
-from hijack.process.tree import read_tree
+from hijack.process.tree import read_tree, shared_context_refusals
 from hijack.restore.plan import ATTACH_HINT, restore_problems
+from hijack.restore.tree import relation_refusals
 from hijack.sys import memory, procfs
 from hijack.sys import ptrace as pt
 from hijack.sys.process import get_robust_list
@@ -102,7 +103,7 @@ def dump(
     no_binary: bool = False,
     no_shared_libs: bool = False,
     on_complete: Callable[[], None] | None = None,
-    before_kill: Callable[[], None] | None = None,
+    before_kill: Callable[[tuple[int, ...]], None] | None = None,
     check_descriptors: bool = True,
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
     image: str = lockbook.STDOUT,
@@ -114,8 +115,9 @@ def dump(
 
     `on_complete` runs once the whole image is written and flushed, while the
     process is still stopped (to put the file in place). With `kill`, the
-    process is killed only after that, and after `before_kill` (which hands
-    its descriptors to its shadow): a failed dump never loses the process.
+    process is killed only after that, and after `before_kill(pids)` (which hands
+    the descriptors of the processes `pids`, the tree's living members, root
+    first, to its shadow): a failed dump never loses the process.
     With `kill`, an image a restore would refuse is refused before anything is
     written (Unsupported), and the process runs on; its descriptors are left
     out of that check unless `check_descriptors` (its shadow takes them over,
@@ -149,21 +151,22 @@ def dump(
         reached("dump-seized")
         members = len(frozen.record.members)
         if kill and members > 1:
-            raise Unsupported(
-                f"not killing the tree of process {pid} ({members} processes): restoring a"
-                " tree is not implemented yet; dump it without --kill"
-            )
+            refuse_unrestorable_tree(frozen)
         tracee = frozen.tracees[pid]
-        check = functools.partial(refuse_unrestorable, pid, check_descriptors)
-        write_member = functools.partial(
-            write_image,
-            out=out,
-            no_binary=no_binary,
-            no_shared_libs=no_shared_libs,
-            check=check if kill else None,
-            ghost_limit=ghost_limit,
-            connections=check_descriptors,
-        )
+
+        def write_member(member: Tracee) -> tuple[rec.End, int, int]:
+            check = functools.partial(refuse_unrestorable, member.pid, check_descriptors)
+            return write_image(
+                member,
+                out=out,
+                no_binary=no_binary,
+                no_shared_libs=no_shared_libs,
+                check=check if kill else None,
+                ghost_limit=ghost_limit,
+                connections=check_descriptors,
+                tree=frozenset(frozen.tracees),
+            )
+
         if members == 1:
             end, threads, written = write_member(tracee)
             pages = end.pages_stored
@@ -174,11 +177,12 @@ def dump(
             on_complete()
         if kill:
             if before_kill is not None:
-                before_kill()
+                before_kill(tuple(frozen.tracees))
             reached("dump-handed-over")
             if locks is not None:
                 locks.silence()
-            kill_stopped(tracee)
+            for member in reversed(list(frozen.tracees.values())):
+                kill_stopped(member)
             if locks is not None:
                 locks.keep()
     frozen_ms = (time.perf_counter() - stopped_at) * 1000
@@ -211,6 +215,7 @@ def write_image(
     check: Callable[[tuple[rec.Segment, ...], ImageFiles], None] | None = None,
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
     connections: bool = False,
+    tree: frozenset[int] = frozenset(),
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
 
@@ -219,6 +224,7 @@ def write_image(
     `check(segments, files)` may refuse the image before its first byte is written.
     A deleted file the process holds may put at most `ghost_limit` bytes in it.
     `connections`: established TCP connections are read with TCP_REPAIR (hijack.objects.tcp).
+    `tree`: the members of the tree dumped with it (the pipes joining them are inside).
     """
     pid = tracee.pid
     options = dump_options(no_binary=no_binary, no_shared_libs=no_shared_libs)
@@ -235,7 +241,9 @@ def write_image(
         )
         process_timers = timers.read_timers(tracee, scratch)
     tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
-    files = objects.read_files(pid, connections=connections, maps=maps, ghost_limit=ghost_limit)
+    files = objects.read_files(
+        pid, connections=connections, maps=maps, ghost_limit=ghost_limit, tree=tree
+    )
     flags = precopied.vm_flags(maps) if precopied is not None else None
     segments = held_by_objects(describe_segments(pid, maps, options, flags=flags), files)
     if precopied is not None:
@@ -312,6 +320,15 @@ def write_parts(
     return end, len(parts.threads), writer.bytes_written
 
 
+def refuse_unrestorable_tree(frozen: FrozenTree) -> None:
+    """Never kill a tree that could not come back as it is: refuse what a restore of its
+    relations would refuse, and what members share that no image records."""
+    reasons = relation_refusals(frozen.record) + shared_context_refusals(frozen.tree)
+    if reasons:
+        root = frozen.record.members[0].pid
+        raise Unsupported(f"not killing the tree of process {root}: {'; '.join(reasons)}")
+
+
 def refuse_unrestorable(
     pid: int, check_descriptors: bool, segments: tuple[rec.Segment, ...], files: ImageFiles
 ) -> None:
@@ -334,7 +351,7 @@ def dump_to_file(
     kill: bool = False,
     no_binary: bool = False,
     no_shared_libs: bool = False,
-    before_kill: Callable[[], None] | None = None,
+    before_kill: Callable[[tuple[int, ...]], None] | None = None,
     check_descriptors: bool = True,
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
 ) -> DumpResult:

@@ -50,6 +50,7 @@ from hijack.restore.files import restore_files
 from hijack.restore.plan import FilePlan, ShadowHoldings, plan_files
 from hijack.restore.precopy import Prebuilt
 from hijack.restore.remote import Stub
+from hijack.restore.shared import TreeShared
 from hijack.shadow import control
 from hijack.sys import memory, pidfd, procfs
 from hijack.sys import ptrace as pt
@@ -145,23 +146,41 @@ def restore(
     the home shadow keeps the open files, and with them their flock, OFD locks
     and leases, and the original holds its POSIX locks until the commit.
     """
-    records = read_stream(stream)
+    return restore_records(
+        read_stream(stream),
+        skip_unsupported=skip_unsupported,
+        registry=registry,
+        provided=provided,
+        before_start=before_start,
+        admit=admit,
+        prebuilt=prebuilt,
+        mount_namespace=mount_namespace,
+        take_locks=take_locks,
+    )
+
+
+def restore_records(
+    records: Iterator[rec.Record],
+    *,
+    skip_unsupported: bool = False,
+    registry: Registry | None = None,
+    provided: dict[int, int] | None = None,
+    before_start: Callable[[int], None] | None = None,
+    admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None,
+    prebuilt: Prebuilt | None = None,
+    mount_namespace: int | None = None,
+    take_locks: bool = True,
+) -> RestoreResult:
+    """restore() of the records of an image (read_stream), the first not yet taken."""
     first = next(records)
     if isinstance(first, rec.Tree):
         raise Unsupported(
             f"the image is of a tree of {len(first.members)} processes (process"
-            f" {first.members[0].pid} and its descendants): restoring a tree is not"
-            " implemented yet"
+            f" {first.members[0].pid} and its descendants): only `hijack restore` restores a"
+            " tree; moving one is not implemented yet"
         )
     records = itertools.chain([first], records)
-    image = _Image(
-        header=_expect(records, rec.ImageHeader),
-        credentials=_expect(records, rec.Credentials),
-        rlimits=_expect(records, rec.Rlimits),
-        mm=_expect(records, rec.MemoryStructure),
-        segments=_expect(records, rec.Segments),
-        files=_expect_files(records),
-    )
+    image = read_head(records)
     if admit is not None:
         admit(image.header, image.credentials, image.segments)
     for segment in image.segments.segments:
@@ -211,7 +230,7 @@ def restore(
         _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
         if before_start is not None:
             before_start(pid)
-        _start(stub)
+        start(stub)
     except BaseException:
         kill_stub(pid)
         ipc.undo()
@@ -222,6 +241,95 @@ def restore(
     if registry is not None:
         _record(registry, image.header, pid, holdings)
     return _result(pid, image, plan)
+
+
+def read_head(records: Iterator[rec.Record]) -> _Image:
+    """The image's records up to its objects: what a restore checks before it builds."""
+    return _Image(
+        header=_expect(records, rec.ImageHeader),
+        credentials=_expect(records, rec.Credentials),
+        rlimits=_expect(records, rec.Rlimits),
+        mm=_expect(records, rec.MemoryStructure),
+        segments=_expect(records, rec.Segments),
+        files=_expect_files(records),
+    )
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """A member of a tree rebuilt into its stub, still stopped (hijack.restore.tree)."""
+
+    result: RestoreResult
+    header: rec.ImageHeader
+    holdings: ShadowHoldings | None
+
+
+def rebuild_member(
+    stub: Stub,
+    records: Iterator[rec.Record],
+    shared: TreeShared,
+    *,
+    skip_unsupported: bool = False,
+    registry: Registry | None = None,
+) -> Rebuilt:
+    """Rebuild the process of the image `records` (up to its END) into `stub`, a member of
+    a tree whose relations (parent, session, group) are made already; leave it stopped.
+
+    The image is checked before the stub is touched, as restore() checks; objects other
+    members share come from `shared`. A shadow's descriptors (an attached tree dumped
+    with --kill) are lent to the stub: it was forked from its parent's stub, not ours.
+    """
+    image = read_head(records)
+    for segment in image.segments.segments:
+        if segment.contents is rec.ContentsKind.PRECOPIED:
+            raise ImageError(
+                f"segment {segment.start:#x} of process {image.header.pid} is PRECOPIED"
+            )
+    holdings = shadow_holdings(registry, image.header.pid) if registry else None
+    plan = plan_files(
+        image.segments.segments, image.files, skip_unsupported=skip_unsupported, holdings=holdings
+    )
+    ipc = sysv.prepare(image.files, image.segments.segments)
+    try:
+        taken = _take_from_shadow(holdings, plan) if holdings else {}
+        try:
+            inherited = _lend(stub, taken)
+        finally:
+            for fd in taken.values():
+                os.close(fd)
+        shared.begin(image.header.pid, stub.pid, image.files)
+        space = AddressSpace(stub, image.segments.segments, ipc.segments, frozenset(ipc.kept))
+        try:
+            space.build(later=frozenset(image.mapped()))
+            ipc.after_attach()
+            _consume_rest(records, image, space)
+            _finish(stub, space, image, plan, inherited, frozenset(), True, shared=shared)
+        finally:
+            space.close()
+    except BaseException:
+        ipc.undo()
+        raise
+    return Rebuilt(_result(stub.pid, image, plan), image.header, holdings)
+
+
+def _lend(stub: Stub, ours: dict[int, int]) -> dict[int, int]:
+    """The stub's own copies (pidfd_getfd) of our descriptors `ours`, by the same keys."""
+    if not ours:
+        return {}
+    stub.reset_scratch()
+    handle = stub.call("pidfd_open", os.getpid(), 0)
+    try:
+        return {key: stub.call("pidfd_getfd", handle, fd, 0) for key, fd in ours.items()}
+    finally:
+        stub.call("close", handle)
+
+
+def record_restored(
+    registry: Registry, header: rec.ImageHeader, pid: int, holdings: ShadowHoldings | None
+) -> None:
+    """Write down a restored process (a tree's member too): rehomed to its shadow, if it
+    has one, else restored here."""
+    _record(registry, header, pid, holdings)
 
 
 def _restore_prebuilt(
@@ -245,7 +353,7 @@ def _restore_prebuilt(
         _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
         if before_start is not None:
             before_start(stub.pid)
-        _start(stub)
+        start(stub)
     except BaseException:
         kill_stub(stub.pid)
         raise
@@ -418,11 +526,14 @@ def _finish(
     inherited: dict[int, int],
     provided: frozenset[int],
     take_locks: bool,
+    shared: TreeShared | None = None,
 ) -> None:
     assert image.signals is not None and image.cwd is not None
     assert image.settings is not None and image.timers is not None
     leader = _leader_record(image)
-    restore_files(stub, plan, image.files, inherited, functools.partial(_objects, space, image))
+    restore_files(
+        stub, plan, image.files, inherited, functools.partial(_objects, space, image), shared
+    )
     restored = {descriptor.fd for descriptor in (*plan.inherited, *plan.reopen)}
     controlling = set_up_terminals(stub, image.files, provided)
     if controlling is None:
@@ -430,7 +541,8 @@ def _finish(
     _set_mm_map(stub, image.mm)
     _set_signal_actions(stub, image.signals)
     _set_rlimits(stub, image.rlimits)
-    _set_process_state(stub, image, controlling)
+    # A tree's member has its session and group already (hijack.restore.tree).
+    _set_process_state(stub, image, controlling, relations=shared is None)
     settings.apply_login_uid(stub, image.settings)
     settings.lock_memory(stub, image.segments)
     settings.lock_future_memory(stub, image.settings)
@@ -467,7 +579,7 @@ def _objects(space: AddressSpace, image: _Image, context: RestoreContext) -> Non
         enter_deleted_cwd(context, directory)
 
 
-def _start(stub: Stub) -> None:
+def start(stub: Stub) -> None:
     """Let every thread of the finished process run."""
     for thread in stub.tracee.threads.values():
         pt.detach(thread.tid)
@@ -545,7 +657,9 @@ def _set_rlimits(stub: Stub, rlimits: rec.Rlimits) -> None:
         stub.try_call("prlimit64", 0, limit.resource, new, 0)
 
 
-def _set_process_state(stub: Stub, image: _Image, controlling: int | None) -> None:
+def _set_process_state(
+    stub: Stub, image: _Image, controlling: int | None, *, relations: bool = True
+) -> None:
     """cwd, umask, session and group, no_new_privs.
 
     `controlling`: the descriptor of a terminal made for the process (a move's
@@ -563,11 +677,14 @@ def _set_process_state(stub: Stub, image: _Image, controlling: int | None) -> No
         stub.call("chdir", stub.put_string(image.cwd.cwd))
     stub.call("umask", image.credentials.umask)
     header = image.header
-    if header.sid == header.pid or controlling is not None:
+    if not relations:
+        if controlling is not None:
+            stub.try_call("ioctl", controlling, TIOCSCTTY, 0)  # a session leader's terminal
+    elif header.sid == header.pid or controlling is not None:
         stub.call("setsid")
     elif header.pgid == header.pid:
         stub.call("setpgid", 0, 0)
-    if controlling is not None:
+    if controlling is not None and relations:
         stub.call("ioctl", controlling, TIOCSCTTY, 0)
     if image.credentials.no_new_privs:
         stub.call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
