@@ -40,13 +40,7 @@ def frozen_tree(root: int) -> Iterator[FrozenTree]:
         first_state: dict[int, str] = {}
         for _ in range(MAX_READINGS):
             tree = read_tree(root)
-            reasons = untakeable(tree) + [
-                # Injection re-enters a job-control stop (hijack.mutator.tracee.check_attachable).
-                f"process {m.pid} ({m.comm}) is stopped by job control; continue it first"
-                f" (kill -CONT {m.pid})"
-                for m in tree.members
-                if m.stopped and m.pid not in tracees
-            ]
+            reasons = untakeable(tree)
             if reasons:
                 raise NotAttachable(f"cannot take the tree of process {root}: {'; '.join(reasons)}")
             for member in tree.members:
@@ -55,7 +49,9 @@ def frozen_tree(root: int) -> Iterator[FrozenTree]:
                 if member.zombie or member.pid in tracees:
                     continue
                 try:
-                    tracees[member.pid] = stack.enter_context(Tracee.seize(member.pid))
+                    tracees[member.pid] = stack.enter_context(
+                        Tracee.seize(member.pid, job_stopped=True)
+                    )
                 except ProcessGone:
                     if member.pid == root:
                         raise
