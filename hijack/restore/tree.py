@@ -211,7 +211,7 @@ def _one_image(records: Iterator[rec.Record]) -> Iterator[rec.Record]:
 
 def _fork_tree(tree: rec.Tree, made: _Made, new_pids: bool) -> None:
     root = tree.members[0]
-    pid = spawn_stub(None if new_pids else root.pid)
+    pid = spawn_stub(root.pid)  # or a new pid where that one is taken
     made.stubs[root.pid] = stub = Stub(pid, find_syscall_instruction(pid))
     made.pids[root.pid] = pid
     if not new_pids and pid != root.pid:
@@ -245,11 +245,15 @@ def _scratch_on_stack(stub: Stub) -> None:
 
 
 def _fork_member(parent: Stub, member: rec.TreeMember, new_pids: bool) -> Stub:
-    """Fork `member` from its parent's stub, with its pid unless `new_pids`."""
+    """Fork `member` from its parent's stub, with its pid; with `new_pids`, a new one
+    where its own is taken."""
     parent.reset_scratch()
-    set_tid = 0 if new_pids else parent.put(struct.pack("<i", member.pid))
-    args = CLONE_ARGS.pack(0, 0, 0, 0, member.exit_signal, 0, 0, 0, set_tid, int(not new_pids), 0)
+    set_tid = parent.put(struct.pack("<i", member.pid))
+    args = CLONE_ARGS.pack(0, 0, 0, 0, member.exit_signal, 0, 0, 0, set_tid, 1, 0)
     pid = parent.try_call("clone3", parent.put(args), CLONE_ARGS.size)
+    if pid == -EEXIST and new_pids:
+        args = CLONE_ARGS.pack(0, 0, 0, 0, member.exit_signal, 0, 0, 0, 0, 0, 0)
+        pid = parent.try_call("clone3", parent.put(args), CLONE_ARGS.size)
     if pid == -EEXIST:
         raise RestoreError(f"pid {member.pid} ({member.comm}) was taken meanwhile: try again")
     if pid < 0:

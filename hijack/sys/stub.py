@@ -51,8 +51,9 @@ class _CloneArgs(ctypes.Structure):
     ]
 
 
-def _fork(wanted_pid: int | None) -> int:
-    """fork() through clone3, with pid `wanted_pid` if given; -errno on failure."""
+def fork_with_pid(wanted_pid: int | None) -> int:
+    """fork() through clone3, with pid `wanted_pid` if given; -errno on failure. The child
+    holds the GIL and must exec (or _exit) at once."""
     set_tid = (ctypes.c_int32 * 1)(wanted_pid or 0)
     args = _CloneArgs(exit_signal=signal.SIGCHLD)
     if wanted_pid:
@@ -92,9 +93,9 @@ def spawn_stub(wanted_pid: int | None, mount_namespace: int | None = None) -> in
     """
     if wanted_pid:
         wait_for_orphan_reaped(wanted_pid)
-    pid = _fork(wanted_pid) if wanted_pid else -errno_codes.EEXIST
+    pid = fork_with_pid(wanted_pid) if wanted_pid else -errno_codes.EEXIST
     if pid in (-errno_codes.EEXIST, -errno_codes.EINVAL):
-        pid = _fork(None)  # the old pid is taken (or never existed here)
+        pid = fork_with_pid(None)  # the old pid is taken (or never existed here)
     if pid < 0:
         raise_for_errno(-pid, "clone3")
     if pid == 0:

@@ -1,0 +1,203 @@
+"""`hijack dump --kill` of a process tree and `hijack restore` of its image (docs/crf.md §7b).
+
+The tree_relations fixture is three levels deep: a group and a session led
+below the root, a zombie, a stopped child, a pipe carrying data in flight from
+root to a child, shared anonymous memory every member increments and a file
+whose one offset root and a child advance. Killed and restored, every member
+is back under its pid with its parent, group, session and state, its /proc
+views as they were, what members shared shared again (the same pipe, the same
+memory, the same open file description), and the fixture's own checks pass:
+its root reaps the zombie with its status. A pid taken is refused unless
+--new-pids; with it, the tree comes back under new pids, relations kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import select
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+
+from support import spawn_fixture
+from support.cli import HijackCli, restored_pid
+from support.objects import Views, assert_refused, compare_views, hijack, proc_views
+from support.procview import pipes_named_alike
+from support.running import RunningFixture
+
+from hijack.process.tree import read_tree
+from hijack.sys.stub import fork_with_pid
+
+__all__ = ["hijack"]  # the CLI fixture, used by name
+
+REAP_TIMEOUT = 10.0  # seconds for a killed member to be ours to reap
+SHARED_MEMORY = "/dev/zero (deleted)"
+
+
+def relations(root: int) -> dict[int, tuple[int, int, int, str]]:
+    """Each member's parent, group, session and state: Z, T (stopped; t under a tracer),
+    or S (running or sleeping, which a running process turns from one to the other)."""
+    found = {}
+    for member in read_tree(root).members:
+        state = {"t": "T", "R": "S", "D": "S"}.get(member.state, member.state)
+        found[member.pid] = (member.ppid, member.pgid, member.sid, state)
+    return found
+
+
+def sharing(pids: Iterable[int]) -> set[frozenset[tuple[int, int | str]]]:
+    """What members share, as groups of (pid, fd) holding one pipe, and of (pid, address)
+    mapping one shared anonymous object; only groups spanning two members or more."""
+    groups: dict[str, set[tuple[int, int | str]]] = {}
+    for pid in pids:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+            if re.fullmatch(r"pipe:\[\d+\]", target):
+                groups.setdefault(target, set()).add((pid, int(name)))
+        for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5] == SHARED_MEMORY:
+                groups.setdefault(f"shmem {fields[4]}", set()).add((pid, fields[0]))
+    return {frozenset(g) for g in groups.values() if len({pid for pid, _ in g}) > 1}
+
+
+def same_description(pid: int, fd: int, other_pid: int, other_fd: int) -> bool:
+    """Whether two descriptors are one open file description: an offset moved through one
+    shows through the other."""
+    return os.path.samestat(
+        os.stat(f"/proc/{pid}/fd/{fd}"), os.stat(f"/proc/{other_pid}/fd/{other_fd}")
+    ) and _pos(pid, fd) == _pos(other_pid, other_fd)
+
+
+def _pos(pid: int, fd: int) -> int:
+    return int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split()[1])
+
+
+def reap_killed(pids: Iterable[int]) -> None:
+    """Reap the killed members, orphaned to us (pytest is a subreaper): their pids free."""
+    for pid in pids:
+        try:
+            handle = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue  # reaped already, by its own parent
+        try:
+            readable, _, _ = select.select([handle], [], [], REAP_TIMEOUT)
+            assert readable, f"killed member {pid} still runs"
+        finally:
+            os.close(handle)
+        while True:
+            try:
+                reaped, _ = os.waitpid(pid, 0)
+            except ChildProcessError:
+                break  # reaped by its own parent, dead before it
+            if reaped == pid:
+                break
+
+
+def dump_kill_tree(hijack: HijackCli, tree: RunningFixture, image: Path) -> None:
+    dumped = hijack.ok("dump", tree.pid, "-o", image, "--kill")
+    assert "the tree of process" in dumped.stdout and "killed" in dumped.stdout
+    assert tree.wait_exit() == -signal.SIGKILL
+    reap_killed(int(pid) for pid in tree.ready.values())
+
+
+def test_a_killed_tree_comes_back_whole_under_its_pids(hijack: HijackCli, tmp_path: Path) -> None:
+    image = tmp_path / "tree.crf"
+    with spawn_fixture("tree_relations", tmp_path / "file", "stopped", fifos=True) as tree:
+        members = {name: int(pid) for name, pid in tree.ready.items()}
+        living = [tree.pid] + [pid for name, pid in members.items() if name != "z"]
+        before_relations = relations(tree.pid)
+        before_views: dict[int, Views] = {pid: proc_views(pid, pipes_named_alike) for pid in living}
+        before_sharing = sharing(living)
+
+        dump_kill_tree(hijack, tree, image)
+        restored = hijack.ok("restore", image)
+        assert restored_pid(restored) == tree.pid
+        assert f"restored zombie {members['z']} (its old pid)" in restored.stdout
+        tree.adopt(tree.pid)
+
+        assert relations(tree.pid) == before_relations
+        for pid in living:
+            compare_views(before_views[pid], pid, pipes_named_alike)
+        assert sharing(living) == before_sharing, "pipes and shared memory shared again"
+        file_fds = [
+            (pid, int(name))
+            for pid in (tree.pid, members["a"])
+            for name in os.listdir(f"/proc/{pid}/fd")
+            if os.readlink(f"/proc/{pid}/fd/{name}") == str(tmp_path / "file")
+        ]
+        assert len(file_fds) == 2 and same_description(*file_fds[0], *file_fds[1])
+        # Its own checks: the zombie reaped with status 7, s still stopped, the pipe's
+        # bytes in flight, the counter, the file's offset advanced by root and a alike.
+        tree.assert_intact()
+
+
+def hold_pid(pid: int) -> tuple[int, int]:
+    """A process of ours with pid `pid` (clone3 set_tid): cat, blocked reading a pipe
+    whose write end (returned with its pid) nobody writes. End it with release_pid."""
+    read_end, write_end = os.pipe()
+    child = fork_with_pid(pid)
+    if child == 0:
+        os.dup2(read_end, 0)
+        os.execv("/bin/cat", ["cat"])
+    os.close(read_end)
+    assert child == pid, f"pid {pid} could not be had: {child}"
+    return child, write_end
+
+
+def release_pid(held: tuple[int, int]) -> None:
+    pid, write_end = held
+    os.close(write_end)  # cat reads EOF and exits
+    os.waitpid(pid, 0)
+
+
+def kill_tree(pids: Iterable[int]) -> None:
+    """Kill restored members that are not ours to wait for, and reap what becomes ours."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # ended already: its parent's gone
+            os.kill(pid, signal.SIGKILL)
+    reap_killed(pids)
+
+
+def test_a_taken_pid_is_refused_unless_new_pids_asked(hijack: HijackCli, tmp_path: Path) -> None:
+    image = tmp_path / "tree.crf"
+    with spawn_fixture("tree_relations", tmp_path / "file", fifos=True) as tree:
+        members = {name: int(pid) for name, pid in tree.ready.items()}
+        before = relations(tree.pid)
+        dump_kill_tree(hijack, tree, image)
+        held = hold_pid(members["a"])
+        try:
+            refused = hijack("restore", image)
+            assert_refused(
+                refused, f"pid {members['a']} (tree_relations) is held by cat", "--new-pids"
+            )
+            assert not any(
+                os.path.exists(f"/proc/{pid}") for pid in members.values() if pid != held[0]
+            )
+            assert not os.path.exists(f"/proc/{tree.pid}"), "nothing made"
+
+            restored = hijack.ok("restore", "--new-pids", image)
+            new_of = {
+                int(old): int(new)
+                for new, old in re.findall(
+                    r"restored process (\d+) \(tree_relations, was (\d+)", restored.stdout
+                )
+            }
+            assert list(new_of) == [members["a"]], restored.stdout  # only the taken pid changed
+            new_a = new_of[members["a"]]
+            assert restored_pid(restored) == tree.pid
+            tree.adopt(tree.pid)
+            renamed = {
+                new_of.get(pid, pid): tuple(
+                    new_of.get(x, x) if isinstance(x, int) else x for x in relation
+                )
+                for pid, relation in before.items()
+            }
+            assert relations(tree.pid) == renamed
+            assert new_a in {pid for pid, _ in next(iter(sharing([tree.pid, new_a])))}
+        finally:
+            release_pid(held)
+        # Its own checks would wait for a by its old pid: end the tree instead.
+        tree.kill()
+        kill_tree([new_a, *(pid for name, pid in members.items() if name not in ("a", "z"))])
