@@ -1259,6 +1259,14 @@ class Tree:
             where = f"Tree: shared fd {link.fd} of process {link.pid}"
             _require(link.pid in order and link.holder_pid in order, f"{where}: not a member")
             _require(
+                MemberState.ZOMBIE
+                not in (
+                    self.members[order[link.pid]].state,
+                    self.members[order[link.holder_pid]].state,
+                ),
+                f"{where}: a zombie holds no descriptor",
+            )
+            _require(
                 order[link.holder_pid] < order[link.pid],
                 f"{where}: its holder is not a member listed before it",
             )
