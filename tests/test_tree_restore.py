@@ -26,11 +26,12 @@ from support.cli import HijackCli, restored_pid
 from support.objects import Views, assert_refused, compare_views, hijack, proc_views
 from support.procview import pipes_named_alike
 from support.running import RunningFixture
+from test_tree_attach import Tree, attach_tree, cli, tree
 
 from hijack.process.tree import read_tree
 from hijack.sys.stub import fork_with_pid
 
-__all__ = ["hijack"]  # the CLI fixture, used by name
+__all__ = ["cli", "hijack", "tree"]  # fixtures, used by name
 
 REAP_TIMEOUT = 10.0  # seconds for a killed member to be ours to reap
 SHARED_MEMORY = "/dev/zero (deleted)"
@@ -201,3 +202,24 @@ def test_a_taken_pid_is_refused_unless_new_pids_asked(hijack: HijackCli, tmp_pat
         # Its own checks would wait for a by its old pid: end the tree instead.
         tree.kill()
         kill_tree([new_a, *(pid for name, pid in members.items() if name not in ("a", "z"))])
+
+
+def test_an_attached_tree_killed_and_restored_keeps_its_connections(
+    tmp_path: Path, cli: HijackCli, tree: Tree
+) -> None:
+    """dump --kill of an attached tree hands every member's descriptors to the one shadow;
+    the restore gives each member its very connections back, the pipe's line still in it."""
+    attach_tree(cli, tree)
+    image = tmp_path / "attached.crf"
+    cli.ok("dump", tree.root, "-o", image, "--kill")
+    assert tree.process.wait(REAP_TIMEOUT) == -signal.SIGKILL
+    reap_killed(tree.pids[1:])
+    restored = cli.ok("restore", image)
+    assert restored_pid(restored) == tree.root
+    try:
+        for pid in tree.pids:
+            assert tree.ask(pid, "ping") == f"pong {pid}", "its connection, kept by the shadow"
+        assert tree.ask(tree.root, "pipe") == f"from child {tree.pids[1]}"
+    finally:
+        cli("detach", tree.root)
+        kill_tree(tree.pids)
