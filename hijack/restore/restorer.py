@@ -271,13 +271,16 @@ def rebuild_member(
     *,
     skip_unsupported: bool = False,
     registry: Registry | None = None,
+    own_parent: bool = False,
 ) -> Rebuilt:
     """Rebuild the process of the image `records` (up to its END) into `stub`, a member of
     a tree whose relations (parent, session, group) are made already; leave it stopped.
 
     The image is checked before the stub is touched, as restore() checks; objects other
-    members share come from `shared`. A shadow's descriptors (an attached tree dumped
-    with --kill) are lent to the stub: it was forked from its parent's stub, not ours.
+    members share come from `shared`. `own_parent`: its parent is its own (a member
+    below the root), whose death its parent-death signal, if any, is for. A shadow's
+    descriptors (an attached tree dumped with --kill) are lent to the stub: it was
+    forked from its parent's stub, not ours.
     """
     image = read_head(records)
     for segment in image.segments.segments:
@@ -303,7 +306,7 @@ def rebuild_member(
             space.build(later=frozenset(image.mapped()))
             ipc.after_attach()
             _consume_rest(records, image, space)
-            _finish(stub, space, image, plan, inherited, frozenset(), True, shared=shared)
+            _finish(stub, space, image, plan, inherited, frozenset(), True, shared, own_parent)
         finally:
             space.close()
     except BaseException:
@@ -527,6 +530,7 @@ def _finish(
     provided: frozenset[int],
     take_locks: bool,
     shared: TreeShared | None = None,
+    own_parent: bool = False,
 ) -> None:
     assert image.signals is not None and image.cwd is not None
     assert image.settings is not None and image.timers is not None
@@ -560,6 +564,8 @@ def _finish(
         _set_thread_state(stub, thread, thread_ids[thread.tid], image.credentials)
     _queue_pending_signals(stub, image, thread_ids)
     settings.apply_settings(stub, image.settings, thread_ids)
+    if own_parent:
+        settings.apply_parent_death_signal(stub, image.settings)
     timers.create_posix_timers(stub, image.timers, thread_ids)
     timers.arm_timers(stub, image.timers)  # last: the restore's own time does not count
     space.unmap_scratch()

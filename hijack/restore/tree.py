@@ -160,6 +160,7 @@ def restore_tree(
                     shared,
                     skip_unsupported=skip_unsupported,
                     registry=registry,
+                    own_parent=member is not tree.members[0],
                 )
             )
         for _ in records:
