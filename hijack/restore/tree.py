@@ -9,7 +9,9 @@ As CRIU does, the tree is forked first and each member rebuilt after:
    its parent's stub (flags 0, its exit signal, set_tid its pid), a copy of
    that pristine stub, traced by us from birth (PTRACE_O_TRACEFORK). A session
    leader calls setsid as soon as it exists, before its children are forked
-   (they inherit its session); then groups are made, leaders first. A zombie
+   (they inherit its session); then groups are made, leaders first (a group
+   whose leader has exited gets a stand-in leader under its id, a sibling of
+   its first member, which exits and is reaped once they joined). A zombie
    takes its name and exits with its wait status, untraced, so that its parent
    (its stub, later the restored process) reaps it; the exit signal it sent
    the stub is taken back, the original parent had it long ago.
@@ -56,7 +58,8 @@ from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
 EEXIST = 17
 PR_SET_NAME = 15
 SIG_DFL = 0
-ZOMBIE_EXIT_WAIT = 5.0  # seconds for a zombie's stub to exit once let go
+STUB_EXIT_WAIT = 5.0  # seconds for a zombie's or a stand-in's stub to exit once let go
+WALL = 0x40000000
 # Where the injected calls that fork the tree find room for their arguments: the
 # pristine stub's stack, below what exec put there (its stack mapping is 128 KiB at least).
 STACK_SCRATCH_BELOW = 96 * 1024
@@ -110,7 +113,6 @@ def restore_image(
 def relation_refusals(tree: rec.Tree) -> list[str]:
     """What of the tree's relations a restore cannot make, one reason per member."""
     by_pid = {member.pid: member for member in tree.members}
-    root = tree.members[0]
     reasons = []
     for member in tree.members[1:]:
         what = f"process {member.pid} ({member.comm})"
@@ -121,12 +123,7 @@ def relation_refusals(tree: rec.Tree) -> list[str]:
                 " restoring that is not implemented yet"
             )
         leader = by_pid.get(member.pgid)
-        if leader is None and member.pgid != root.pgid:
-            reasons.append(
-                f"{what} is in process group {member.pgid}, whose leader has exited:"
-                " restoring such a group is not implemented yet"
-            )
-        elif leader is not None and leader.sid != member.sid:
+        if leader is not None and leader.sid != member.sid:
             reasons.append(f"{what} is in group {member.pgid} of another session")
     return reasons
 
@@ -192,6 +189,10 @@ def _refuse_taken_pids(tree: rec.Tree) -> None:
         holder = holder_of(member.pid)
         if holder:
             taken.append(f"pid {member.pid} ({member.comm}) is held by {holder}")
+    for group in orphaned_groups(tree):
+        holder = holder_of(group)
+        if holder:
+            taken.append(f"pid {group} (the id of a process group of the tree) is held by {holder}")
     if taken:
         raise RestoreError(
             f"cannot restore the tree of process {tree.members[0].pid} under its pids:"
@@ -221,8 +222,8 @@ def _fork_tree(tree: rec.Tree, made: _Made, new_pids: bool) -> None:
     _scratch_on_stack(stub)
     if root.sid == root.pid:
         stub.call("setsid")
-    zombies = {m.ppid for m in tree.members if m.state is rec.MemberState.ZOMBIE}
-    if root.pid in zombies:
+    zombie_parents = {m.ppid for m in tree.members if m.state is rec.MemberState.ZOMBIE}
+    if root.pid in zombie_parents:
         _default_action(stub, signal.SIGCHLD)
     for member in tree.members[1:]:
         parent = made.stubs[member.ppid]
@@ -232,12 +233,58 @@ def _fork_tree(tree: rec.Tree, made: _Made, new_pids: bool) -> None:
         _scratch_on_stack(child)
         if member.sid == member.pid:
             child.call("setsid")
-        if member.pid in zombies:
+        if member.pid in zombie_parents:
             _default_action(child, signal.SIGCHLD)  # a SIGCHLD ignored would reap them
+    groups = orphaned_groups(tree)
+    for group, first in groups.items():
+        _make_group_leader(made, group, first, new_pids)
     _make_groups(tree, made)
+    for group, first in groups.items():
+        _end_group_leader(made, group, made.stubs[first.ppid])
     for member in tree.members:
         if member.state is rec.MemberState.ZOMBIE:
             _exit_as_zombie(made, member)
+
+
+def orphaned_groups(tree: rec.Tree) -> dict[int, rec.TreeMember]:
+    """The process groups of members whose leader has exited (the root's excepted: it is
+    outside the tree), each with its first member."""
+    pids = {member.pid for member in tree.members}
+    root = tree.members[0]
+    found: dict[int, rec.TreeMember] = {}
+    for member in tree.members[1:]:
+        if member.pgid not in pids and member.pgid != root.pgid:
+            found.setdefault(member.pgid, member)
+    return found
+
+
+def _make_group_leader(made: _Made, group: int, first: rec.TreeMember, new_pids: bool) -> None:
+    """A stand-in for the exited leader of process group `group`, as CRIU makes: a sibling
+    of its first member (in its session) under the group's id, leading the group until
+    the members have joined it (_end_group_leader)."""
+    stand_in = rec.TreeMember(
+        pid=group,
+        ppid=first.ppid,
+        pgid=group,
+        sid=first.sid,
+        exit_signal=signal.SIGCHLD,
+        exit_code=0,
+        state=rec.MemberState.RUNNING,
+        comm=f"leader of group {group}",
+    )
+    leader = _fork_member(made.stubs[first.ppid], stand_in, new_pids)
+    made.stubs[group] = leader  # a group's id is no member's pid: never a member's key
+    made.pids[group] = leader.pid
+    leader.call("setpgid", 0, 0)
+
+
+def _end_group_leader(made: _Made, group: int, parent: Stub) -> None:
+    """The stand-in leader exits and its parent's stub reaps it: the group lives on in its
+    members, leaderless as it was."""
+    leader = made.stubs.pop(group)
+    _let_exit(leader, "exit_group", [0], f"the stand-in leader of group {group}")
+    parent.try_call("wait4", leader.pid, 0, WALL, 0)  # ECHILD: SIGCHLD ignored reaped it
+    _take_signal(parent, signal.SIGCHLD)
 
 
 def _scratch_on_stack(stub: Stub) -> None:
@@ -303,6 +350,14 @@ def _exit_as_zombie(made: _Made, member: rec.TreeMember) -> None:
         call, args = "tgkill", [stub.pid, stub.pid, number]
     else:
         call, args = "exit_group", [os.WEXITSTATUS(status)]
+    _let_exit(stub, call, args, f"the zombie {member.pid} ({member.comm})")
+    if member.exit_signal:
+        _take_signal(parent, member.exit_signal)
+
+
+def _let_exit(stub: Stub, call: str, args: list[int], what: str) -> None:
+    """Let the stub run its last call (`call`: exit_group or tgkill) as nobody's tracee,
+    and wait until it has exited."""
     thread = stub.tracee.threads[stub.pid]
     registers = thread.saved_registers.replace(
         rax=SYSCALL_NUMBERS[call],
@@ -314,14 +369,18 @@ def _exit_as_zombie(made: _Made, member: rec.TreeMember) -> None:
     try:
         pt.set_registers(stub.pid, registers)
         pt.set_signal_mask(stub.pid, 0)
-        pt.detach(stub.pid)  # it runs its last call, as nobody's tracee
+        pt.detach(stub.pid)
         thread.state = ThreadState.RELEASED
-        readable, _, _ = select.select([handle], [], [], ZOMBIE_EXIT_WAIT)
+        readable, _, _ = select.select([handle], [], [], STUB_EXIT_WAIT)
         if not readable:
-            raise RestoreError(f"the zombie {member.pid} ({member.comm}) did not exit")
+            raise RestoreError(f"{what} did not exit")
     finally:
         os.close(handle)
-    if member.exit_signal:
-        parent.reset_scratch()
-        wanted = parent.put_u64s(1 << (member.exit_signal - 1))
-        parent.try_call("rt_sigtimedwait", wanted, 0, parent.put_u64s(0, 0), 8)
+
+
+def _take_signal(stub: Stub, number: int) -> None:
+    """Take back the signal `number` a child's exit sent the stub (its mask blocks every
+    signal while calls are injected): the process it becomes had it long ago."""
+    stub.reset_scratch()
+    wanted = stub.put_u64s(1 << (number - 1))
+    stub.try_call("rt_sigtimedwait", wanted, 0, stub.put_u64s(0, 0), 8)
