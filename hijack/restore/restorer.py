@@ -125,6 +125,7 @@ def restore(
     prebuilt: Prebuilt | None = None,
     mount_namespace: int | None = None,
     take_locks: bool = True,
+    records: Iterator[rec.Record] | None = None,
 ) -> RestoreResult:
     """Rebuild the process of the image in `stream` and let it run.
 
@@ -145,33 +146,10 @@ def restore(
     `take_locks` False (a move) leaves the image's file locks and leases untaken:
     the home shadow keeps the open files, and with them their flock, OFD locks
     and leases, and the original holds its POSIX locks until the commit.
+    `records`: the image's records, read from `stream` by a caller that looked at
+    the first already (a tree's image is restored by hijack.restore.tree).
     """
-    return restore_records(
-        read_stream(stream),
-        skip_unsupported=skip_unsupported,
-        registry=registry,
-        provided=provided,
-        before_start=before_start,
-        admit=admit,
-        prebuilt=prebuilt,
-        mount_namespace=mount_namespace,
-        take_locks=take_locks,
-    )
-
-
-def restore_records(
-    records: Iterator[rec.Record],
-    *,
-    skip_unsupported: bool = False,
-    registry: Registry | None = None,
-    provided: dict[int, int] | None = None,
-    before_start: Callable[[int], None] | None = None,
-    admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None,
-    prebuilt: Prebuilt | None = None,
-    mount_namespace: int | None = None,
-    take_locks: bool = True,
-) -> RestoreResult:
-    """restore() of the records of an image (read_stream), the first not yet taken."""
+    records = read_stream(stream) if records is None else records
     first = next(records)
     if isinstance(first, rec.Tree):
         raise Unsupported(

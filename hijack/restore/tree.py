@@ -46,7 +46,7 @@ from hijack.restore.restorer import (
     holder_of,
     rebuild_member,
     record_restored,
-    restore_records,
+    restore,
     start,
 )
 from hijack.restore.shared import TreeShared
@@ -100,8 +100,11 @@ def restore_image(
     records = read_stream(stream)
     first = next(records)
     if not isinstance(first, rec.Tree):
-        return restore_records(
-            itertools.chain([first], records), skip_unsupported=skip_unsupported, registry=registry
+        return restore(
+            stream,
+            skip_unsupported=skip_unsupported,
+            registry=registry,
+            records=itertools.chain([first], records),
         )
     if not isinstance(next(records), rec.End):
         raise ImageError("the TREE is not followed by its END")
