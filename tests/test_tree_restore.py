@@ -21,11 +21,13 @@ import signal
 from collections.abc import Iterable
 from pathlib import Path
 
+import pytest
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
 from support.objects import Views, assert_refused, compare_views, hijack, proc_views
 from support.procview import pipes_named_alike
 from support.running import RunningFixture
+from test_faults import assert_interrupted, deliver, finish, hijack_at
 from test_tree_attach import Tree, attach_tree, cli, tree
 
 from hijack.process.tree import read_tree
@@ -223,3 +225,23 @@ def test_an_attached_tree_killed_and_restored_keeps_its_connections(
     finally:
         cli("detach", tree.root)
         kill_tree(tree.pids)
+
+
+@pytest.mark.parametrize("stage", ["restore-tree-forked", "restore-tree-rebuilt"])
+def test_a_tree_restore_interrupted_leaves_no_member(
+    hijack: HijackCli, tmp_path: Path, stage: str
+) -> None:
+    """SIGTERM once the tree is forked, or once every member is rebuilt: every stub is
+    killed, none runs; the image restores whole afterwards."""
+    image = tmp_path / "tree.crf"
+    with spawn_fixture("tree_relations", tmp_path / "file", fifos=True) as tree:
+        members = {name: int(pid) for name, pid in tree.ready.items()}
+        dump_kill_tree(hijack, tree, image)
+        process = hijack_at(stage, hijack.state_dir, "restore", image)
+        deliver(process, signal.SIGTERM)
+        assert_interrupted(finish(process), signal.SIGTERM)
+        reap_killed([tree.pid, *members.values()])
+        assert not [pid for pid in [tree.pid, *members.values()] if os.path.exists(f"/proc/{pid}")]
+
+        tree.adopt(restored_pid(hijack.ok("restore", image)))
+        tree.assert_intact()

@@ -54,6 +54,7 @@ from hijack.sys import pidfd, procfs
 from hijack.sys import ptrace as pt
 from hijack.sys.stub import STUB_OPTIONS, kill_stub, spawn_stub, wait_for_orphan_reaped
 from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
+from hijack.testpoint import reached
 
 EEXIST = 17
 PR_SET_NAME = 15
@@ -151,6 +152,7 @@ def restore_tree(
     shared = TreeShared(tree.shared)
     try:
         _fork_tree(tree, made, new_pids)
+        reached("restore-tree-forked")
         rebuilt: list[Rebuilt] = []
         for member in tree.imaged:
             rebuilt.append(
@@ -165,6 +167,7 @@ def restore_tree(
             )
         for _ in records:
             raise ImageError("records after the last image of the tree")
+        reached("restore-tree-rebuilt")
         for member in reversed(tree.imaged):
             stub = made.stubs[member.pid]
             if member.state is rec.MemberState.STOPPED:
