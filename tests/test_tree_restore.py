@@ -18,6 +18,8 @@ import os
 import re
 import select
 import signal
+import subprocess
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -245,3 +247,45 @@ def test_a_tree_restore_interrupted_leaves_no_member(
 
         tree.adopt(restored_pid(hijack.ok("restore", image)))
         tree.assert_intact()
+
+
+# A parent and a child made by clone(CLONE_FILES): one descriptor table for both. The
+# child blocks reading a pipe; "ready CHILD" once it runs.
+CLONE_FILES_PROGRAM = r"""
+import ctypes, os, sys
+CLONE_FILES, SIGCHLD, SYS_CLONE = 0x400, 17, 56
+libc = ctypes.CDLL(None, use_errno=True)
+read_end, write_end = os.pipe()
+child = libc.syscall(SYS_CLONE, CLONE_FILES | SIGCHLD, 0, 0, 0, 0)
+if child == 0:
+    os.read(read_end, 1)
+    os._exit(0)
+print("ready", child, flush=True)
+os.read(read_end, 1)
+"""
+
+
+def test_a_tree_sharing_a_descriptor_table_is_not_killed(hijack: HijackCli, tmp_path: Path) -> None:
+    """Members sharing what no image records (CLONE_FILES) are refused by name before the
+    kill: the tree runs on, no image is left."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", CLONE_FILES_PROGRAM], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert process.stdout is not None
+        words = process.stdout.readline().split()
+        assert words[0] == "ready", words
+        child = int(words[1])
+        refused = hijack("dump", process.pid, "-o", tmp_path / "shared.crf", "--kill")
+        assert_refused(
+            refused,
+            f"not killing the tree of process {process.pid}",
+            f"process {child} (python) shares its descriptor table (CLONE_FILES) with process"
+            f" {process.pid}",
+        )
+        assert not (tmp_path / "shared.crf").exists()
+        assert process.poll() is None and os.path.exists(f"/proc/{child}")
+    finally:
+        process.kill()
+        process.wait()
+        kill_tree([child])
