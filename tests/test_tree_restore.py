@@ -2,7 +2,8 @@
 
 The tree_relations fixture is three levels deep: a group and a session led
 below the root, a zombie, a stopped child, a pipe carrying data in flight from
-root to a child, shared anonymous memory every member increments and a file
+root to a child, a unix socket pair joining root and another with bytes in flight
+both ways, shared anonymous memory every member increments and a file
 whose one offset root and a child advance. Killed and restored, every member
 is back under its pid with its parent, group, session and state, its /proc
 views as they were, what members shared shared again (the same pipe, the same
@@ -26,8 +27,15 @@ from pathlib import Path
 import pytest
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
-from support.objects import Views, assert_refused, compare_views, hijack, proc_views
-from support.procview import pipes_named_alike
+from support.objects import (
+    Views,
+    assert_refused,
+    compare_views,
+    hijack,
+    proc_views,
+    without_socket_inodes,
+)
+from support.procview import FdView, pipes_named_alike
 from support.running import RunningFixture
 from test_faults import assert_interrupted, deliver, finish, hijack_at
 from test_tree_attach import Tree, attach_tree, cli, tree
@@ -52,13 +60,14 @@ def relations(root: int) -> dict[int, tuple[int, int, int, str]]:
 
 
 def sharing(pids: Iterable[int]) -> set[frozenset[tuple[int, int | str]]]:
-    """What members share, as groups of (pid, fd) holding one pipe, and of (pid, address)
-    mapping one shared anonymous object; only groups spanning two members or more."""
+    """What members share, as groups of (pid, fd) holding one pipe or socket, and of (pid,
+    address) mapping one shared anonymous object; only groups spanning two members or
+    more."""
     groups: dict[str, set[tuple[int, int | str]]] = {}
     for pid in pids:
         for name in os.listdir(f"/proc/{pid}/fd"):
             target = os.readlink(f"/proc/{pid}/fd/{name}")
-            if re.fullmatch(r"pipe:\[\d+\]", target):
+            if re.fullmatch(r"(pipe|socket):\[\d+\]", target):
                 groups.setdefault(target, set()).add((pid, int(name)))
         for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
             fields = line.split(maxsplit=5)
@@ -77,6 +86,12 @@ def same_description(pid: int, fd: int, other_pid: int, other_fd: int) -> bool:
 
 def _pos(pid: int, fd: int) -> int:
     return int(Path(f"/proc/{pid}/fdinfo/{fd}").read_text().split()[1])
+
+
+def rebuilt_alike(view: frozenset[FdView]) -> frozenset[FdView]:
+    """A pipe or socket rebuilt is a new inode: named alike (which pipes and sockets each
+    member shares with another: sharing())."""
+    return without_socket_inodes(pipes_named_alike(view))
 
 
 def reap_killed(pids: Iterable[int]) -> None:
@@ -113,7 +128,7 @@ def test_a_killed_tree_comes_back_whole_under_its_pids(hijack: HijackCli, tmp_pa
         members = {name: int(pid) for name, pid in tree.ready.items()}
         living = [tree.pid] + [pid for name, pid in members.items() if name != "z"]
         before_relations = relations(tree.pid)
-        before_views: dict[int, Views] = {pid: proc_views(pid, pipes_named_alike) for pid in living}
+        before_views: dict[int, Views] = {pid: proc_views(pid, rebuilt_alike) for pid in living}
         before_sharing = sharing(living)
 
         dump_kill_tree(hijack, tree, image)
@@ -124,8 +139,8 @@ def test_a_killed_tree_comes_back_whole_under_its_pids(hijack: HijackCli, tmp_pa
 
         assert relations(tree.pid) == before_relations
         for pid in living:
-            compare_views(before_views[pid], pid, pipes_named_alike)
-        assert sharing(living) == before_sharing, "pipes and shared memory shared again"
+            compare_views(before_views[pid], pid, rebuilt_alike)
+        assert sharing(living) == before_sharing, "pipes, sockets, memory shared again"
         file_fds = [
             (pid, int(name))
             for pid in (tree.pid, members["a"])

@@ -19,7 +19,7 @@ import signal
 import socket as socket_module
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from hijack.image.files import ImageFiles
 from hijack.image.identity import file_identity, is_shared_library
 from hijack.mutator.frozen_tree import FrozenTree, frozen_tree
 from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, recorded_registers
+from hijack.objects import unix
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.objects.memfd import held_by_objects
 from hijack.objects.tcp import NetworkLocks
@@ -154,8 +155,12 @@ def dump(
             refuse_unrestorable_tree(frozen)
         tracee = frozen.tracees[pid]
 
+        tree_sockets = sockets_of(frozen.tracees) if members > 1 else frozenset()
+
         def write_member(member: Tracee) -> tuple[rec.End, int, int]:
-            check = functools.partial(refuse_unrestorable, member.pid, check_descriptors)
+            check = functools.partial(
+                refuse_unrestorable, member.pid, check_descriptors, tree_sockets=tree_sockets
+            )
             return write_image(
                 member,
                 out=out,
@@ -329,11 +334,34 @@ def refuse_unrestorable_tree(frozen: FrozenTree) -> None:
         raise Unsupported(f"not killing the tree of process {root}: {'; '.join(reasons)}")
 
 
+def sockets_of(pids: Iterable[int]) -> frozenset[int]:
+    """The inodes of the sockets the stopped processes `pids` hold."""
+    return frozenset(
+        entry.ino
+        for pid in pids
+        for entry in procfs.list_fds(pid)
+        if entry.kind is procfs.FdKind.SOCKET
+    )
+
+
 def refuse_unrestorable(
-    pid: int, check_descriptors: bool, segments: tuple[rec.Segment, ...], files: ImageFiles
+    pid: int,
+    check_descriptors: bool,
+    segments: tuple[rec.Segment, ...],
+    files: ImageFiles,
+    *,
+    tree_sockets: frozenset[int] = frozenset(),
 ) -> None:
-    """Never kill what cannot come back: refuse what a restore of this image would refuse."""
-    problems = restore_problems(segments, files, held=lambda _: not check_descriptors)
+    """Never kill what cannot come back: refuse what a restore of this image would refuse.
+    `tree_sockets`: the sockets of the tree the process is dumped with (a socket pair
+    joining two members is made again for both: hijack.objects.unix.joins_members)."""
+
+    def held(descriptor: rec.FileDescriptor) -> bool:
+        sock = files.objects.get(descriptor.object_id)
+        joins = isinstance(sock, rec.UnixSocket) and unix.joins_members(sock, files, tree_sockets)
+        return joins or not check_descriptors
+
+    problems = restore_problems(segments, files, held=held)
     reasons = list(problems.mappings)
     if problems.descriptors:
         reasons.append(

@@ -70,7 +70,7 @@ def restore_files(
             if copy is not None:
                 context.give_made(copy, descriptor)  # another member's description, shared
             elif descriptor.fd in parked:
-                context.place(parked[descriptor.fd], descriptor)
+                context.place(parked.pop(descriptor.fd), descriptor)
                 # A relay stands for the original: it takes the original's status
                 # flags (a server's non-blocking listener must not block in accept).
                 stub.call("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
@@ -82,6 +82,8 @@ def restore_files(
                 kind.restore(descriptor, context)
                 made.append((kind, descriptor))
             first_of.setdefault(descriptor.description_id, descriptor.fd)
+        for unused in parked.values():
+            stub.call("close", unused)  # a description another member's copy stood for
         for kind, descriptor in made:
             kind.finish(descriptor, context)
         if shared is not None:

@@ -36,7 +36,7 @@ from hijack.mutator.tracee import (
     find_syscall_instruction,
     resume_registers,
 )
-from hijack.objects import sysv
+from hijack.objects import sysv, unix
 from hijack.objects.base import RestoreContext, describe_fd
 from hijack.objects.ghost import deleted_cwd, enter_deleted_cwd
 from hijack.objects.locks import restore_locks
@@ -267,18 +267,24 @@ def rebuild_member(
                 f"segment {segment.start:#x} of process {image.header.pid} is PRECOPIED"
             )
     holdings = shadow_holdings(registry, image.header.pid) if registry else None
+    shared.begin(image.header.pid, stub.pid, image.files)
+    kept = frozenset(holdings.own_fd) if holdings else frozenset()
+    pairs = unix.pair_ends(image.files, shared, skip=kept)  # the tree's: not ours to close
     plan = plan_files(
-        image.segments.segments, image.files, skip_unsupported=skip_unsupported, holdings=holdings
+        image.segments.segments,
+        image.files,
+        skip_unsupported=skip_unsupported,
+        holdings=holdings,
+        provided=frozenset(pairs),
     )
     ipc = sysv.prepare(image.files, image.segments.segments)
     try:
         taken = _take_from_shadow(holdings, plan) if holdings else {}
         try:
-            inherited = _lend(stub, taken)
+            inherited = _lend(stub, {**taken, **pairs})
         finally:
             for fd in taken.values():
                 os.close(fd)
-        shared.begin(image.header.pid, stub.pid, image.files)
         space = AddressSpace(stub, image.segments.segments, ipc.segments, frozenset(ipc.kept))
         try:
             space.build(later=frozenset(image.mapped()))
@@ -422,6 +428,8 @@ def _take_from_shadow(holdings: ShadowHoldings, plan: FilePlan) -> dict[int, int
     taken: dict[int, int] = {}
     try:
         for descriptor in plan.inherited:
+            if descriptor.fd not in holdings.own_fd:
+                continue  # handed over otherwise (a unix socket pair joining a tree's members)
             own = holdings.own_fd[descriptor.fd]
             taken[descriptor.fd] = pidfd.pidfd_getfd(handle, own, holdings.shadow_pid)
             os.set_inheritable(taken[descriptor.fd], True)

@@ -10,7 +10,9 @@ gives the very same object to the others:
 - an anonymous pipe joining members (the same pipe inode in their descriptors):
   made and filled once, its ends kept here until the whole tree is rebuilt;
 - shared anonymous memory (the same dev and inode in their SHARED_ANONYMOUS
-  records): made in the first member, then mapped by the others from it.
+  records): made in the first member, then mapped by the others from it;
+- an unnamed unix socket pair joining members (an end's peer is the other
+  member's socket): made once, each end's queue filled from the other.
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ class TreeShared:
         self._given: set[tuple[int, int]] = set()  # (member, fd) given to its stub
         self._kept: dict[Hashable, int] = {}  # tree-wide key -> our descriptor
         self._keys: dict[int, Hashable] = {}  # the current member's object id -> tree key
+        # The first ends of unix socket pairs joining members, by inode, with their member,
+        # until the member holding the other end is rebuilt (hijack.objects.unix).
+        self._half_pairs: dict[int, tuple[int, rec.UnixSocket]] = {}
         self.member = 0  # the pid in the image of the member being rebuilt
 
     def begin(self, member: int, stub_pid: int, image: ImageFiles) -> None:
@@ -69,6 +74,22 @@ class TreeShared:
 
     def keep(self, key: Hashable, our_fd: int) -> None:
         self._kept[key] = our_fd
+
+    def half_made(self, sock: rec.UnixSocket) -> None:
+        """A socket pair was made for `sock`, an end the current member holds."""
+        self._half_pairs[sock.inode] = (self.member, sock)
+
+    def complete(self, inode: int) -> rec.UnixSocket | None:
+        """The record of first end `inode` of a half-made pair, now complete; None if done."""
+        found = self._half_pairs.pop(inode, None)
+        return None if found is None else found[1]
+
+    def unclaimed(self) -> list[str]:
+        """The pairs whose other end no member held, one line each."""
+        return [
+            f"a unix socket of process {member} whose peer (socket {sock.peer}) no member holds"
+            for member, sock in self._half_pairs.values()
+        ]
 
     def close(self) -> None:
         for fd in self._kept.values():

@@ -167,6 +167,9 @@ def restore_tree(
             )
         for _ in records:
             raise ImageError("records after the last image of the tree")
+        unclaimed = shared.unclaimed()
+        if unclaimed:
+            raise RestoreError(f"cannot restore the tree: {'; '.join(unclaimed)}")
         reached("restore-tree-rebuilt")
         for member in reversed(tree.imaged):
             stub = made.stubs[member.pid]
