@@ -1,7 +1,8 @@
 """`hijack dump --kill` of a process tree and `hijack restore` of its image (docs/crf.md §7b).
 
 The tree_relations fixture is three levels deep: a group and a session led
-below the root, a zombie, a stopped child, a pipe carrying data in flight from
+below the root, a group whose leader has exited, a child whose exit signal is
+SIGURG, two zombies (exited, killed by a signal), a stopped child, a pipe carrying data in flight from
 root to a child, a unix socket pair joining root and another with bytes in flight
 both ways, shared anonymous memory every member increments and a file
 whose one offset root and a child advance. Killed and restored, every member
@@ -49,13 +50,14 @@ REAP_TIMEOUT = 10.0  # seconds for a killed member to be ours to reap
 SHARED_MEMORY = "/dev/zero (deleted)"
 
 
-def relations(root: int) -> dict[int, tuple[int, int, int, str]]:
-    """Each member's parent, group, session and state: Z, T (stopped; t under a tracer),
-    or S (running or sleeping, which a running process turns from one to the other)."""
+def relations(root: int) -> dict[int, tuple[int, int, int, int, str]]:
+    """Each member's parent, group, session, exit signal and state: Z, T (stopped; t under
+    a tracer), or S (running or sleeping, which a running process turns from one to the
+    other)."""
     found = {}
-    for member in read_tree(root).members:
-        state = {"t": "T", "R": "S", "D": "S"}.get(member.state, member.state)
-        found[member.pid] = (member.ppid, member.pgid, member.sid, state)
+    for m in read_tree(root).members:
+        state = {"t": "T", "R": "S", "D": "S"}.get(m.state, m.state)
+        found[m.pid] = (m.ppid, m.pgid, m.sid, m.exit_signal, state)
     return found
 
 
@@ -126,7 +128,7 @@ def test_a_killed_tree_comes_back_whole_under_its_pids(hijack: HijackCli, tmp_pa
     image = tmp_path / "tree.crf"
     with spawn_fixture("tree_relations", tmp_path / "file", "stopped", fifos=True) as tree:
         members = {name: int(pid) for name, pid in tree.ready.items()}
-        living = [tree.pid] + [pid for name, pid in members.items() if name != "z"]
+        living = [tree.pid] + [pid for name, pid in members.items() if name not in ("z", "zk")]
         before_relations = relations(tree.pid)
         before_views: dict[int, Views] = {pid: proc_views(pid, rebuilt_alike) for pid in living}
         before_sharing = sharing(living)
@@ -220,7 +222,7 @@ def test_a_taken_pid_is_refused_unless_new_pids_asked(hijack: HijackCli, tmp_pat
             release_pid(held)
         # Its own checks would wait for a by its old pid: end the tree instead.
         tree.kill()
-        kill_tree([new_a, *(pid for name, pid in members.items() if name not in ("a", "z"))])
+        kill_tree([new_a, *(pid for name, pid in members.items() if name not in ("a", "z", "zk"))])
 
 
 def test_an_attached_tree_killed_and_restored_keeps_its_connections(
