@@ -2,15 +2,17 @@
 
 The tree_relations fixture is three levels deep: a group and a session led
 below the root, a group whose leader has exited, a child whose exit signal is
-SIGURG, two zombies (exited, killed by a signal), a stopped child, a pipe carrying data in flight from
-root to a child, a unix socket pair joining root and another with bytes in flight
-both ways, shared anonymous memory every member increments and a file
-whose one offset root and a child advance. Killed and restored, every member
-is back under its pid with its parent, group, session and state, its /proc
-views as they were, what members shared shared again (the same pipe, the same
-memory, the same open file description), and the fixture's own checks pass:
-its root reaps the zombie with its status. A pid taken is refused unless
---new-pids; with it, the tree comes back under new pids, relations kept.
+SIGURG, two zombies (one exited, one killed by a signal), a stopped child, a
+pipe carrying data in flight from root to a child, a unix socket pair joining
+root and another with bytes in flight both ways, shared anonymous memory every
+member increments and a file whose one offset root and a child advance. Killed
+and restored, every member is back under its pid with its parent, group,
+session, exit signal and state, its /proc views as they were, what members
+shared shared again (the same pipe, socket, memory, open file description),
+and the fixture's own checks pass: its root reaps the zombies with their
+status. A pid taken is refused unless --new-pids, which renumbers only the
+members whose pid is taken, relations kept. A restore interrupted kills every
+stub it made; members sharing a descriptor table are refused before the kill.
 """
 
 from __future__ import annotations
