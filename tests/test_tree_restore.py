@@ -18,6 +18,7 @@ stub it made; members sharing a descriptor table are refused before the kill.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import select
@@ -136,6 +137,9 @@ def test_a_killed_tree_comes_back_whole_under_its_pids(hijack: HijackCli, tmp_pa
         before_sharing = sharing(living)
 
         dump_kill_tree(hijack, tree, image)
+        shown = json.loads(hijack.ok("show", "--json", image).stdout)
+        links = {(link["pid"], link["holder_pid"]) for link in shown["shared"]}
+        assert (members["a"], tree.pid) in links, "the file a inherited: one description"
         restored = hijack.ok("restore", image)
         assert restored_pid(restored) == tree.pid
         assert f"restored zombie {members['z']} (its old pid)" in restored.stdout

@@ -193,6 +193,11 @@ def tree_summary(console: Console, summary: TreeSummary, *, as_json: bool = Fals
         f"tree of {len(summary.tree.members)} processes: image {human_size(summary.image_bytes)},"
         f" {sum(image.pages.stored for image in images)} pages stored"
     )
+    for link in summary.tree.shared:
+        console.print(
+            f"  fd {link.fd} of pid {link.pid} is fd {link.holder_fd} of pid {link.holder_pid}"
+            " (one open file description)"
+        )
 
 
 def _member_line(member: rec.TreeMember, image: ImageSummary | None) -> str:
