@@ -23,6 +23,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -42,7 +43,15 @@ from support.objects import (
 from support.procview import FdView, pipes_named_alike
 from support.running import RunningFixture
 from test_faults import assert_interrupted, deliver, finish, hijack_at
-from test_tree_attach import Tree, attach_tree, cli, tree
+from test_tree_attach import (
+    LINE_TIMEOUT,
+    TREE_PROGRAM,
+    Tree,
+    attach_tree,
+    cli,
+    read_line,
+    tree,
+)
 
 from hijack.process.tree import read_tree
 from hijack.sys.stub import fork_with_pid
@@ -312,3 +321,51 @@ def test_a_tree_sharing_a_descriptor_table_is_not_killed(hijack: HijackCli, tmp_
         process.kill()
         process.wait()
         kill_tree([child])
+
+
+def test_a_tree_killed_and_restored_keeps_each_member_s_tcp_connection(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    """Not attached: every member's connection is locked at the kill and rebuilt
+    (TCP_REPAIR) by the restore; each answers on it, the pipe's line still in flight.
+    The tree's stdout is a FIFO, which a restore opens again."""
+    fifo = tmp_path / "stdout"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    with socket.socket() as listener, contextlib.ExitStack() as stack:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.settimeout(LINE_TIMEOUT)
+        with open(fifo, "w") as writer:
+            process = subprocess.Popen(
+                [sys.executable, "-c", TREE_PROGRAM, str(listener.getsockname()[1])],
+                stdin=subprocess.DEVNULL,
+                stdout=writer,
+                stderr=subprocess.DEVNULL,
+            )
+        stack.callback(os.close, reader)
+        clients: dict[int, socket.socket] = {}
+        for _ in range(3):
+            client, _address = listener.accept()
+            stack.enter_context(client)
+            clients[int(read_line(client).split()[1])] = client
+        said = b""
+        while not said.endswith(b"\n"):
+            readable, _, _ = select.select([reader], [], [], LINE_TIMEOUT)
+            assert readable, f"the tree did not say ready (said {said!r})"
+            said += os.read(reader, 4096)
+        words = said.decode().split()
+        pids = [int(word) for word in words[1:4]]
+        assert words[0] == "ready" and set(pids) == set(clients)
+        tree = Tree(process, (pids[0], pids[1], pids[2]), clients, f"pipe:[{words[4]}]")
+
+        hijack.ok("dump", tree.root, "-o", tmp_path / "tcp.crf", "--kill")
+        assert process.wait(REAP_TIMEOUT) == -signal.SIGKILL
+        reap_killed(pids[1:])
+        assert restored_pid(hijack.ok("restore", tmp_path / "tcp.crf")) == tree.root
+        try:
+            for pid in pids:
+                assert tree.ask(pid, "ping") == f"pong {pid}", "its connection, rebuilt"
+            assert tree.ask(tree.root, "pipe") == f"from child {pids[1]}"
+        finally:
+            kill_tree(pids)

@@ -145,10 +145,11 @@ def dump(
     stopped_at = time.perf_counter()
     # Connections a killed process's restore rebuilds are locked while it is gone.
     locking = kill and check_descriptors
-    with (
-        frozen_tree(pid) as frozen,
-        NetworkLocks(pid, image) if locking else contextlib.nullcontext() as locks,
-    ):
+    with frozen_tree(pid) as frozen, contextlib.ExitStack() as held:
+        # Every member's: a connection two members share (inherited) is locked once.
+        locked: set[int] = set()
+        members_locked = frozen.tracees if locking else {}
+        locks = [held.enter_context(NetworkLocks(m, image, locked)) for m in members_locked]
         reached("dump-seized")
         members = len(frozen.record.members)
         if kill and members > 1:
@@ -184,12 +185,12 @@ def dump(
             if before_kill is not None:
                 before_kill(tuple(frozen.tracees))
             reached("dump-handed-over")
-            if locks is not None:
-                locks.silence()
+            for lock in locks:
+                lock.silence()
             for member in reversed(list(frozen.tracees.values())):
                 kill_stopped(member)
-            if locks is not None:
-                locks.keep()
+            for lock in locks:
+                lock.keep()
     frozen_ms = (time.perf_counter() - stopped_at) * 1000
     return DumpResult(pid, threads, written, pages, frozen_ms, members)
 
