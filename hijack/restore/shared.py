@@ -7,8 +7,9 @@ gives the very same object to the others:
 - an open file description members share (the TREE's `shared` list: a file
   inherited across a fork, with one offset): copied out of the first holder's
   stub (pidfd_getfd) and given to the others;
-- an anonymous pipe joining members (the same pipe inode in their descriptors):
-  made and filled once, its ends kept here until the whole tree is rebuilt;
+- an anonymous pipe or a FIFO joining members (the same inode in their
+  descriptors): made (opened) and filled once, kept here until the whole tree
+  is rebuilt;
 - shared anonymous memory (the same dev and inode in their SHARED_ANONYMOUS
   records): made in the first member, then mapped by the others from it;
 - an unnamed unix socket pair joining members (an end's peer is the other
@@ -46,7 +47,7 @@ class TreeShared:
         self._keys = {
             d.object_id: ("pipe", d.dev, d.ino)
             for d in image.descriptors
-            if d.object_id and isinstance(image.objects.get(d.object_id), rec.PipeObject)
+            if isinstance(image.objects.get(d.object_id), rec.PipeObject | rec.FifoObject)
         }
 
     def given(self, fds: set[int]) -> None:
