@@ -240,6 +240,7 @@ class Rebuilt:
     result: RestoreResult
     header: rec.ImageHeader
     holdings: ShadowHoldings | None
+    pending: frozenset[int]  # the signals the image has pending, process-wide or in a thread
 
 
 def rebuild_member(
@@ -296,7 +297,10 @@ def rebuild_member(
     except BaseException:
         ipc.undo()
         raise
-    return Rebuilt(_result(stub.pid, image, plan), image.header, holdings)
+    assert image.signals is not None
+    queued = [*image.signals.shared_pending, *(s for t in image.threads for s in t.pending)]
+    pending = frozenset(struct.unpack_from("<i", siginfo)[0] for siginfo in queued)
+    return Rebuilt(_result(stub.pid, image, plan), image.header, holdings, pending)
 
 
 def _lend(stub: Stub, ours: dict[int, int]) -> dict[int, int]:

@@ -17,7 +17,9 @@ As CRIU does, the tree is forked first and each member rebuilt after:
    the stub is taken back, the original parent had it long ago.
 3. Each member's image is rebuilt into its stub as a single process's is
    (restorer.rebuild_member), what members share made once (hijack.restore.shared).
-4. Every member starts; a member that was stopped is stopped again.
+4. Every member starts, children first; a member that was stopped is stopped
+   again, and its parent's stub (not started yet) takes back the wait report
+   and the SIGCHLD that stop gave it.
 
 A failure at any step kills every stub made: never half a tree.
 """
@@ -29,6 +31,7 @@ import os
 import select
 import signal
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -36,7 +39,7 @@ from typing import BinaryIO
 from hijack.errors import ImageError, RestoreError
 from hijack.image import records as rec
 from hijack.image.codec import read_stream
-from hijack.mutator.tracee import ThreadState, find_syscall_instruction
+from hijack.mutator.tracee import ALL_SIGNALS_BLOCKED, ThreadState, find_syscall_instruction
 from hijack.registry import Registry
 from hijack.restore.remote import Stub
 from hijack.restore.restorer import (
@@ -59,6 +62,8 @@ from hijack.testpoint import reached
 EEXIST = 17
 PR_SET_NAME = 15
 SIG_DFL = 0
+PAGE_SIZE, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS = 4096, 0x3, 0x22
+P_PID, WSTOPPED, WNOHANG = 1, 2, 1
 STUB_EXIT_WAIT = 5.0  # seconds for a zombie's or a stand-in's stub to exit once let go
 WALL = 0x40000000
 # Where the injected calls that fork the tree find room for their arguments: the
@@ -171,11 +176,15 @@ def restore_tree(
         if unclaimed:
             raise RestoreError(f"cannot restore the tree: {'; '.join(unclaimed)}")
         reached("restore-tree-rebuilt")
-        for member in reversed(tree.imaged):
+        pending = {done.header.pid: done.pending for done in rebuilt}
+        for member in reversed(tree.imaged):  # children first: their parents still ours
             stub = made.stubs[member.pid]
             if member.state is rec.MemberState.STOPPED:
                 os.kill(stub.pid, signal.SIGSTOP)  # taken once it runs: stopped again
             start(stub)
+            parent = made.stubs.get(member.ppid)
+            if member.state is rec.MemberState.STOPPED and parent is not None:
+                _take_stop_report(parent, stub.pid, pending[member.ppid])
     except BaseException:
         made.kill_all()
         raise
@@ -385,6 +394,32 @@ def _let_exit(stub: Stub, call: str, args: list[int], what: str) -> None:
             raise RestoreError(f"{what} did not exit")
     finally:
         os.close(handle)
+
+
+def _take_stop_report(parent: Stub, child: int, pending: frozenset[int]) -> None:
+    """Once `child` has stopped again, take back from its parent's finished stub what
+    that told it: its wait report (WSTOPPED) and the SIGCHLD, unless the image has a
+    SIGCHLD pending of its own; the original parent had them long ago. The stub's
+    registers and mask are its process's already: put back after the calls."""
+    deadline = time.monotonic() + STUB_EXIT_WAIT
+    while procfs.read_stat(child).state != "T":
+        if time.monotonic() > deadline:
+            raise RestoreError(f"process {child} did not stop again")
+        time.sleep(0.002)  # no descriptor tells of another process's stop
+    registers = pt.get_registers(parent.pid)
+    mask = pt.get_signal_mask(parent.pid)
+    pt.set_signal_mask(parent.pid, ALL_SIGNALS_BLOCKED)  # the SIGCHLD waits for us
+    page = parent.call("mmap", 0, PAGE_SIZE, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0)
+    try:
+        parent.use_scratch(page)
+        info = parent.put(bytes(128))  # a siginfo_t
+        parent.call("waitid", P_PID, child, info, WSTOPPED | WNOHANG, 0)
+        if signal.SIGCHLD not in pending:
+            _take_signal(parent, signal.SIGCHLD)
+    finally:
+        parent.call("munmap", page, PAGE_SIZE)
+        pt.set_registers(parent.pid, registers)
+        pt.set_signal_mask(parent.pid, mask)
 
 
 def _take_signal(stub: Stub, number: int) -> None:
