@@ -429,6 +429,14 @@ def move_result(console: Console, result: MoveResult) -> None:
             else ""
         )
     )
+    if result.relayed_at_home == "":
+        console.print("home again: it holds its own sockets and pipes, nothing is relayed")
+    elif result.relayed_at_home is not None:
+        console.print(
+            f"home again, relayed by its shadow still: {escape(result.relayed_at_home)}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def check_findings(console: Console, findings: list[Finding], *, as_json: bool = False) -> None:
