@@ -53,6 +53,23 @@ print(held.fileno(), flush=True)
 sys.stdin.read()
 """
 
+# Holds the mapped TPACKET_V2 RX ring of a packet socket it closed.
+CLOSED_RING_HOLDER = """\
+import ctypes, os, socket, struct, sys
+held = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+held.setsockopt(263, 10, 1)  # PACKET_VERSION TPACKET_V2
+held.setsockopt(263, 5, struct.pack("4I", 4096, 1, 2048, 2))  # PACKET_RX_RING
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+assert libc.mmap(None, 4096, 3, 1, held.fileno(), 0) not in (None, ctypes.c_void_p(-1).value)
+fd = held.detach()
+os.close(fd)  # (Python's mmap would keep a descriptor of its own)
+print(fd, flush=True)
+sys.stdin.read()
+"""
+
 # Holds a TPACKET_V2 packet socket on lo that sent a frame through its TX ring.
 USED_TX_RING_HOLDER = """\
 import mmap, socket, struct, sys
@@ -155,8 +172,9 @@ def test_a_tpacket_v2_rx_ring_comes_back_with_its_frames_and_position(tmp_path: 
     [
         (V3_RING_HOLDER, "with a TPACKET_V3 PACKET_RX_RING: the kernel's open block"),
         (USED_TX_RING_HOLDER, "with a PACKET_TX_RING used or not mapped whole: the kernel's"),
+        (CLOSED_RING_HOLDER, "a socket's ring mapped with no descriptor of it left (socket:["),
     ],
-    ids=["v3", "used-tx"],
+    ids=["v3", "used-tx", "socket-closed"],
 )
 def test_a_packet_ring_whose_position_is_not_known_is_refused_by_name(
     tmp_path: Path, holder_program: str, refusal: str
@@ -175,7 +193,8 @@ def test_a_packet_ring_whose_position_is_not_known_is_refused_by_name(
             hijack = HijackCli(tmp_path / "state", netns)
             refused = hijack("dump", holder.pid, "-o", tmp_path / "ring.crf", "--kill")
             assert refused.returncode == 1, refused.describe()
-            assert f"fd {fd} (socket socket:[" in refused.stderr, refused.describe()
+            if holder_program != CLOSED_RING_HOLDER:
+                assert f"fd {fd} (socket socket:[" in refused.stderr, refused.describe()
             assert refusal in refused.stderr, refused.describe()
             assert holder.poll() is None  # refused before the kill
         finally:

@@ -55,6 +55,12 @@ PACKET_MREQ = struct.Struct("=iHH8s")  # struct packet_mreq: ifindex, type, alen
 MEMBERSHIP_TYPES = {0: "multicast", 1: "promiscuous", 2: "allmulti", 3: "unicast"}
 
 
+def _read(mem: memory.MemoryFile, address: int, size: int) -> bytes:
+    buffer = bytearray(size)
+    mem.read_into(address, buffer)
+    return bytes(buffer)
+
+
 def _assembled(contents: list[tuple[int, bytes]], size: int) -> bytes | None:
     """The rings' bytes from the mappings' (offset, bytes); None where a part is unmapped."""
     whole = bytearray(size)
@@ -172,7 +178,8 @@ class Packet(Kind):
 
         mappings = [m for m in dump.maps if m.path == f"socket:[{entry.ino}]"]
         rx_size = packet_ring.ring_size(diag.rx_ring)
-        contents = [(m.offset, memory.read(dump.pid, m.start, m.size)) for m in mappings]
+        with memory.MemoryFile(dump.pid) as mem:  # whatever the mappings' protections
+            contents = [(m.offset, _read(mem, m.start, m.size)) for m in mappings]
         rings = _assembled(contents, rx_size + packet_ring.ring_size(diag.tx_ring))
         fresh = False
 

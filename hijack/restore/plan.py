@@ -77,6 +77,10 @@ def mapping_problems(
         if segment.start in held_by_objects:
             continue
         change = identity_change(segment.file) if segment.file is not None else None
+        if segment.path.startswith("socket:["):
+            # A packet socket's ring with no descriptor of the socket left: memory
+            # would come back, the socket that fills it would not.
+            change = f"a socket's ring mapped with no descriptor of it left ({segment.path})"
         if change is None and needs_backing_file(segment) and not _can_open(segment):
             change = unmappable(segment)
         if change is not None and change not in found:
