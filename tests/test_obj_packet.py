@@ -98,12 +98,14 @@ def packet_view(pid: int) -> set[tuple[object, ...]]:
 
 
 @contextlib.contextmanager
-def fixture_on_veth(name: str, tmp_path: Path) -> Iterator[tuple[RunningFixture, HijackCli]]:
-    """Fixture `name` IFACE PEER in a namespace of our own with that veth pair, and the
+def fixture_on_veth(
+    name: str, tmp_path: Path, *args: str
+) -> Iterator[tuple[RunningFixture, HijackCli]]:
+    """Fixture `name` IFACE PEER `args` in a namespace of our own with that veth pair, and the
     CLI that dumps and restores it there."""
     with own_namespace() as netns:
         add_veth(netns)
-        with spawn_fixture(name, IFACE, PEER, fifos=True, netns=netns) as fixture:
+        with spawn_fixture(name, IFACE, PEER, *args, fifos=True, netns=netns) as fixture:
             yield fixture, HijackCli(tmp_path / "state", netns)
 
 
@@ -150,9 +152,13 @@ def test_packet_sockets_come_back_bound_with_fanout_and_options(tmp_path: Path) 
         restored_the_same(hijack, fixture, image, before, packets_before)
 
 
-def test_a_tpacket_v2_rx_ring_comes_back_with_its_frames_and_position(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_a_tpacket_ring_comes_back_with_its_frames_and_position(
+    tmp_path: Path, version: str
+) -> None:
     image = tmp_path / "ring.crf"
-    with fixture_on_veth("packet_ring", tmp_path) as (fixture, hijack):
+    extra = () if version == "v2" else ("v1",)
+    with fixture_on_veth("packet_ring", tmp_path, *extra) as (fixture, hijack):
         before = proc_views(fixture.pid, without_socket_inodes)
         packets_before = packet_view(fixture.pid)
         dump_kill(hijack, fixture, image)

@@ -28,7 +28,8 @@ Refused by name: a TPACKET_V3 ring (the kernel's open block and its fill offset
 cannot be set again), a TX ring that has been used (nothing tells which frame the
 kernel sends next: restored, it would wait at frame 0 while the program fills
 another), a ring mapped in part or not at all (its frames, or its position, are
-not known).
+not known), and (hijack.restore.plan) a ring mapped after the socket's last
+descriptor was closed (its memory would come back without the socket filling it).
 """
 
 from __future__ import annotations
