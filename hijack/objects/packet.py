@@ -34,10 +34,12 @@ descriptor was closed (its memory would come back without the socket filling it)
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import mmap
 import socket
 import struct
+from collections.abc import Iterator
 
 from hijack.errors import HijackError, RestoreError
 from hijack.image import records as rec
@@ -153,6 +155,29 @@ def _new_socket(
         ) from None
 
 
+@contextlib.contextmanager
+def _rebuilt(
+    packet: rec.PacketSocket, descriptor: rec.FileDescriptor, restore: RestoreContext, protocol: int
+) -> Iterator[socket.socket]:
+    """A new socket of `packet`'s type receiving `protocol` (0: nothing yet), for the body
+    to set up (its failure a RestoreError), then given to the process."""
+    with _new_socket(packet, descriptor, protocol) as sock:
+        try:
+            yield sock
+        except OSError as error:
+            raise RestoreError(
+                f"cannot make the packet socket of {describe_fd(descriptor)} again"
+                f" (interface {packet.ifindex}): {error.strerror}"
+            ) from None
+        restore.give(sock.fileno(), descriptor)
+
+
+def _join_fanout(sock: socket.socket, packet: rec.PacketSocket) -> None:
+    """Last: a fanout group takes bound sockets only."""
+    if packet.fanout:
+        sock.setsockopt(SOL_PACKET, PACKET_FANOUT, packet.fanout)
+
+
 def _add_memberships(sock: socket.socket, packet: rec.PacketSocket) -> None:
     for membership in packet.memberships:
         request = PACKET_MREQ.pack(
@@ -255,22 +280,14 @@ class Packet(Kind):
             self._restore_with_rings(packet, descriptor, restore)
             return
         options = sockopts.options_of(restore.image, packet.id)
-        with _new_socket(packet, descriptor, packet.protocol) as sock:
+        with _rebuilt(packet, descriptor, restore, packet.protocol) as sock:
             set_option, attach = sockopts.our_setters(sock)
-            try:
-                sockopts.set_early(options, set_option)
-                if packet.ifindex:
-                    sock.bind((socket.if_indextoname(packet.ifindex), packet.protocol))
-                _add_memberships(sock, packet)
-                sockopts.set_late(options, set_option, attach)
-                if packet.fanout:
-                    sock.setsockopt(SOL_PACKET, PACKET_FANOUT, packet.fanout)
-            except OSError as error:
-                raise RestoreError(
-                    f"cannot make the packet socket of {describe_fd(descriptor)} again"
-                    f" (interface {packet.ifindex}): {error.strerror}"
-                ) from None
-            restore.give(sock.fileno(), descriptor)
+            sockopts.set_early(options, set_option)
+            if packet.ifindex:
+                sock.bind((socket.if_indextoname(packet.ifindex), packet.protocol))
+            _add_memberships(sock, packet)
+            sockopts.set_late(options, set_option, attach)
+            _join_fanout(sock, packet)
 
     def _restore_with_rings(
         self, packet: rec.PacketSocket, descriptor: rec.FileDescriptor, restore: RestoreContext
@@ -283,45 +300,35 @@ class Packet(Kind):
         unfiltered = (
             dataclasses.replace(options, filter=b"", filter_locked=False) if options else None
         )
-        with _new_socket(packet, descriptor, 0) as sock:
+        with _rebuilt(packet, descriptor, restore, 0) as sock:
             set_option, attach = sockopts.our_setters(sock)
-            try:
-                sockopts.set_early(options, set_option)
-                sockopts.set_late(unfiltered, set_option, attach)
-                if packet.rx_ring:
-                    sock.setsockopt(
-                        SOL_PACKET,
-                        packet_ring.PACKET_RX_RING,
-                        packet_ring.request(packet.rx_ring, packet.version),
-                    )
-                    packet_ring.advance_rx_head(
-                        sock, packet.rx_ring, packet.version, packet.rx_head
-                    )
-                if packet.tx_ring:
-                    sock.setsockopt(
-                        SOL_PACKET,
-                        packet_ring.PACKET_TX_RING,
-                        packet_ring.request(packet.tx_ring, packet.version),
-                    )
-                size = packet_ring.ring_size(packet.rx_ring) + packet_ring.ring_size(packet.tx_ring)
-                with mmap.mmap(sock.fileno(), size) as rings:
-                    for chunk in restore.image.chunks.get(packet.id, ()):
-                        rings[chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
-                packet_ring.bind(sock, packet.ifindex, packet.protocol)
-                _add_memberships(sock, packet)
-                if options is not None:
-                    if options.filter:
-                        attach(options.filter)
-                    if options.filter_locked:
-                        set_option(SOL_SOCKET, socket_filter.SO_LOCK_FILTER, struct.pack("<i", 1))
-                if packet.fanout:
-                    sock.setsockopt(SOL_PACKET, PACKET_FANOUT, packet.fanout)
-            except OSError as error:
-                raise RestoreError(
-                    f"cannot make the packet socket of {describe_fd(descriptor)} again with"
-                    f" its rings (interface {packet.ifindex}): {error.strerror}"
-                ) from None
-            restore.give(sock.fileno(), descriptor)
+            sockopts.set_early(options, set_option)
+            sockopts.set_late(unfiltered, set_option, attach)
+            if packet.rx_ring:
+                sock.setsockopt(
+                    SOL_PACKET,
+                    packet_ring.PACKET_RX_RING,
+                    packet_ring.request(packet.rx_ring, packet.version),
+                )
+                packet_ring.advance_rx_head(sock, packet.rx_ring, packet.version, packet.rx_head)
+            if packet.tx_ring:
+                sock.setsockopt(
+                    SOL_PACKET,
+                    packet_ring.PACKET_TX_RING,
+                    packet_ring.request(packet.tx_ring, packet.version),
+                )
+            size = packet_ring.ring_size(packet.rx_ring) + packet_ring.ring_size(packet.tx_ring)
+            with mmap.mmap(sock.fileno(), size) as rings:
+                for chunk in restore.image.chunks.get(packet.id, ()):
+                    rings[chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
+            packet_ring.bind(sock, packet.ifindex, packet.protocol)
+            _add_memberships(sock, packet)
+            if options is not None:
+                if options.filter:
+                    attach(options.filter)
+                if options.filter_locked:
+                    set_option(SOL_SOCKET, socket_filter.SO_LOCK_FILTER, struct.pack("<i", 1))
+            _join_fanout(sock, packet)
 
     def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
         packet = image.object_of(descriptor, rec.PacketSocket)
