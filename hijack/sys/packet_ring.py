@@ -64,19 +64,22 @@ def frame_offset(ring: tuple[int, ...], index: int) -> int:
 
 def rx_head(ring: tuple[int, ...], version: int, data: bytes) -> int:
     """The frame the kernel fills next in RX ring `ring` holding `data`: the one after the
-    frame stamped last, 0 when none was ever filled."""
-    latest: tuple[int, int] | None = None
-    head = 0
-    for index in range(ring[3]):
+    frame stamped last, 0 when none was ever filled. Frames stamped alike (V1 stamps in
+    microseconds) were filled in a row: the one after the last of that run."""
+    frames = ring[3]
+    stamps: dict[int, tuple[int, int]] = {}
+    for index in range(frames):
         at = frame_offset(ring, index)
         (length,) = struct.unpack_from("=I", data, at + HEADER_LEN_AT[version])
         (status,) = HEADER_STATUS[version].unpack_from(data, at)
-        if length == 0 and status == TP_STATUS_KERNEL:
-            continue  # never filled
-        stamp = STAMP.unpack_from(data, at + HEADER_STAMP_AT[version])
-        if latest is None or stamp >= latest:
-            latest, head = stamp, (index + 1) % ring[3]
-    return head
+        if length or status != TP_STATUS_KERNEL:  # else never filled
+            stamps[index] = STAMP.unpack_from(data, at + HEADER_STAMP_AT[version])
+    if not stamps:
+        return 0
+    latest = max(stamps.values())
+    run = {index for index, stamp in stamps.items() if stamp == latest}
+    ends = [index for index in sorted(run) if (index + 1) % frames not in run]
+    return (ends[0] + 1) % frames if ends else 0
 
 
 def ever_used(data: bytes) -> bool:
