@@ -752,6 +752,20 @@ class PacketMembership:
     address: bytes  # the link-layer address (multicast, unicast); empty for the others
 
 
+PACKET_HEAD_UNKNOWN = 0xFFFFFFFF  # the kernel's position in a ring could not be told
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PacketRingMapping:
+    """One mapping of a packet socket's rings in the process ("socket:[INODE]" in its
+    maps): the pages are the ring's, whose bytes are the socket's ObjectData."""
+
+    start: U64
+    size: U64
+    offset: U64  # where in the rings (RX ring first, then TX) the mapping starts
+    prot: U32  # PROT_READ 1 | PROT_WRITE 2 | PROT_EXEC 4
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PacketSocket:
     """An AF_PACKET socket (its PACKET_* options are SocketOptions); frames queued are lost."""
@@ -764,6 +778,10 @@ class PacketSocket:
     memberships: tuple[PacketMembership, ...]
     rx_ring: tuple[U32, ...]  # struct packet_diag_ring of PACKET_RX_RING; () for none
     tx_ring: tuple[U32, ...]  # ... of PACKET_TX_RING
+    version: U32  # PACKET_VERSION: TPACKET_V1 0, V2 1, V3 2 (how to read the rings)
+    rx_head: U32  # the frame the kernel fills next in the RX ring; PACKET_HEAD_UNKNOWN
+    tx_head: U32  # the frame the kernel sends next from the TX ring; PACKET_HEAD_UNKNOWN
+    ring_mappings: tuple[PacketRingMapping, ...]  # where the process maps the rings
 
     def __post_init__(self) -> None:
         _check_object_id(self)
@@ -1220,6 +1238,18 @@ class TreeMember:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SharedDescription:
+    """A descriptor of one member that is the same open file description as a descriptor
+    of a member listed before it (inherited across a fork, or passed): one offset, one set
+    of status flags, one lock owner."""
+
+    pid: U32  # the member holding it
+    fd: U32  # its descriptor number there
+    holder_pid: U32  # the first member (in TREE order) holding that description
+    holder_fd: U32  # its descriptor number there
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Tree:
     """Opens a tree stream: the members, root first, each parent before its children.
 
@@ -1227,6 +1257,8 @@ class Tree:
     """
 
     members: tuple[TreeMember, ...]
+    # Open file descriptions shared among members, each descriptor after its first holder's.
+    shared: tuple[SharedDescription, ...] = ()
 
     def __post_init__(self) -> None:
         _require(bool(self.members), "Tree: no members")
@@ -1239,6 +1271,25 @@ class Tree:
             )
             seen.add(member.pid)
         _require(self.members[0].state is not MemberState.ZOMBIE, "Tree: the root is a zombie")
+        order = {member.pid: index for index, member in enumerate(self.members)}
+        holders: set[tuple[int, int]] = set()
+        for link in self.shared:
+            where = f"Tree: shared fd {link.fd} of process {link.pid}"
+            _require(link.pid in order and link.holder_pid in order, f"{where}: not a member")
+            _require(
+                MemberState.ZOMBIE
+                not in (
+                    self.members[order[link.pid]].state,
+                    self.members[order[link.holder_pid]].state,
+                ),
+                f"{where}: a zombie holds no descriptor",
+            )
+            _require(
+                order[link.holder_pid] < order[link.pid],
+                f"{where}: its holder is not a member listed before it",
+            )
+            _require((link.pid, link.fd) not in holders, f"{where}: listed twice")
+            holders.add((link.pid, link.fd))
 
     @property
     def imaged(self) -> tuple[TreeMember, ...]:
