@@ -176,6 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="send memory in rounds while the process runs, so it is frozen only for the last"
         " changes (default: unless it holds less than 1 MiB of private memory)",
     )
+    move.add_argument(
+        "--plain-relays",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="carry its relayed connections unencrypted between nodes, for a link you trust"
+        " (still authenticated; kept for its later moves and drains; default: as its last"
+        " move chose, else encrypted)",
+    )
     move.set_defaults(handler=command_move)
 
     drain = commands.add_parser(
@@ -385,7 +393,14 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
             progress = stack.enter_context(
                 render.move_progress(console, args.pid, args.to, expected_image_bytes(args.pid))
             )
-        result = moving.move(args.pid, args.to, registry, progress=progress, precopy=args.precopy)
+        result = moving.move(
+            args.pid,
+            args.to,
+            registry,
+            progress=progress,
+            precopy=args.precopy,
+            plain_relays=args.plain_relays,
+        )
     render.move_result(console, result)
     return EXIT_OK
 

@@ -59,15 +59,17 @@ from hijack.mutator.tracee import Tracee
 from hijack.node import mounts
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
+from hijack.node.pki import pki_dir
 from hijack.objects import unix
 from hijack.objects.memfd import holds_object
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
 from hijack.restore.plan import mapping_problems
-from hijack.shadow import control
+from hijack.shadow import control, relay_link
 from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
 from hijack.shadow.datagram import parse_address as parse_datagram_address
 from hijack.shadow.relay import ACK_WAIT
 from hijack.sys import kcmp, pidfd, procfs, sysv, terminal
+from hijack.sys.socket_filter import listen_backlog
 from hijack.testpoint import reached
 
 # Reopened by path on the destination (nodes share a file system), or made
@@ -114,6 +116,7 @@ class Proxy:
     peer: str = ""  # a datagram socket connected to this relay ("ip:port"), or ""
     file: int = -1  # a terminal's or master's: the lowest descriptor sharing its open file
     shut: bool = False  # a TCP stream whose writing side the process shut down
+    backlog: int = 0  # a listener's listen() backlog, which its listener at the node gets
 
 
 class HomeShadow:
@@ -129,8 +132,7 @@ class HomeShadow:
         if self.local:
             assert self.record.shadow_control is not None
             return control.request(self.record.shadow_control, message, timeout=timeout)
-        address = self.record.relay_address or ""
-        return control.remote_request(address, bytes.fromhex(self.token), message, timeout=timeout)
+        return control.remote_request(self.record.home_endpoint(), message, timeout=timeout)
 
     def pid(self) -> int:
         """The shadow's pid (on this machine: nodes share one kernel in tests)."""
@@ -160,10 +162,13 @@ def move(
     registry: Registry,
     progress: Callable[[str, int], None] | None = None,
     precopy: bool | None = None,
+    plain_relays: bool | None = None,
 ) -> MoveResult:
     """Move `pid` to the node daemon at `destination`; see the module docstring.
 
     `precopy`: True or False forces pre-copy on or off; None decides by size.
+    `plain_relays`: whether its relays leave TLS between nodes (recorded, and
+    kept by later moves); None keeps what its last move chose (else encrypted).
     A move that fails leaves the process as it found it: attached only if it
     was attached before. One whose outcome is unknown raises MoveInDoubt.
     """
@@ -190,7 +195,9 @@ def move(
         attaching.attach(pid, registry)
     try:
         reached("move-attached")
-        return _move_attached(pid, address, key, registry, registry.get(pid), report, precopy)
+        return _move_attached(
+            pid, address, key, registry, registry.get(pid), report, precopy, plain_relays
+        )
     except MoveInDoubt:
         raise  # the process is held as it is, for `hijack recover`
     except BaseException:
@@ -209,8 +216,10 @@ def _move_attached(
     record: ProcessRecord,
     report: Callable[[str, int], None],
     precopy: bool | None,
+    plain_relays: bool | None,
 ) -> MoveResult:
     at_home = record.state == "attached"
+    plain = bool(record.plain_relays) if plain_relays is None else plain_relays
     token = record.relay_token or secrets.token_hex(32)
     shadow = HomeShadow(record, token)
     plan_proxies(pid, shadow, at_home, frozen=False)  # refused before anything is touched
@@ -229,11 +238,16 @@ def _move_attached(
     try:
         reached("move-connected")
         if at_home:
-            port = int(shadow.request({"op": "relay_listen", "token": token})["port"])
-            relay_address = f"{channel.sock.getsockname()[0]}:{port}"
-            registry.set_relay(pid, relay_address, token)
+            # Who may open relays: the cluster's nodes, as its CA and revocation list say now.
+            trust = relay_link.cluster_trust(pki_dir())
+            endpoint = shadow.request({"op": "relay_listen", "token": token, "trust": trust})
+            relay_address = f"{channel.sock.getsockname()[0]}:{int(endpoint['port'])}"
+            fingerprint = str(endpoint["certificate"])
         else:
             relay_address = record.relay_address or ""
+            fingerprint = record.relay_cert or ""
+        registry.set_relay(pid, relay_address, token, fingerprint, plain)
+        home = control.HomeEndpoint(relay_address, bytes.fromhex(token), fingerprint, plain)
         registry.record_node(channel.peer, f"{address[0]}:{address[1]}")
         registry.start_move(move_id, pid, record.program, channel.peer)
         report = _Published(registry, move_id, report)
@@ -261,6 +275,7 @@ def _move_attached(
                 mark_moved,
                 (address, key),
                 precopied,
+                home,
             )
         except MoveInDoubt as exc:
             registry.update_move(move_id, phase="in-doubt", error=str(exc))
@@ -299,6 +314,7 @@ def _move_frozen(
     mark_moved: Callable[[], None],
     destination: tuple[tuple[str, int], bytes],
     precopied: Precopy | None = None,
+    home: control.HomeEndpoint | None = None,
 ) -> MoveResult:
     before = precopied.bytes_sent if precopied is not None else 0
     try:
@@ -358,6 +374,8 @@ def _move_frozen(
                         "pid": record.home_pid or record.pid,
                         "relay": relay_address,
                         "token": shadow.token,
+                        "relay_cert": home.fingerprint if home else "",
+                        "plain_relays": home.plain if home else False,
                     },
                     "proxies": [p.__dict__ for p in plan],
                 }
@@ -831,7 +849,10 @@ def plan_proxies(
             )
             if streamable:
                 kind = "listener" if listening else "stream"
-                plan.append(Proxy(entry.fd, f"fd:{entry.fd}", kind, shut=_shut(found)))
+                backlog = _backlog(pid, entry.fd) if listening else 0
+                plan.append(
+                    Proxy(entry.fd, f"fd:{entry.fd}", kind, shut=_shut(found), backlog=backlog)
+                )
                 continue
         elif found is not None:
             stream_id = (
@@ -841,7 +862,8 @@ def plan_proxies(
             )
             if stream_id is not None:
                 kind = "listener" if listening else "stream"
-                plan.append(Proxy(entry.fd, stream_id, kind, shut=_shut(found)))
+                backlog = _backlog(pid, entry.fd) if listening else 0
+                plan.append(Proxy(entry.fd, stream_id, kind, shut=_shut(found), backlog=backlog))
                 continue
             relay_ends = {found.remote, found.local} & relayed_ends
             if relay_ends and not frozen:
@@ -854,6 +876,24 @@ def plan_proxies(
             " nothing was changed"
         )
     return plan, [p.stream for p in plan]
+
+
+def _backlog(pid: int, fd: int) -> int:
+    """The backlog process `pid` gave its listener `fd` (its listener at the node gets it)."""
+    try:
+        handle = pidfd.pidfd_open(pid)
+        try:
+            copy = pidfd.pidfd_getfd(handle, fd, pid)
+        finally:
+            os.close(handle)
+    except HijackError:
+        return 0  # gone meanwhile: the frozen look decides
+    try:
+        return listen_backlog(copy)
+    except OSError:
+        return 0
+    finally:
+        os.close(copy)
 
 
 # TCP states of a socket whose own end is sent: its process shut down its writing side.

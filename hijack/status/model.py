@@ -394,11 +394,8 @@ def _ask_local_shadow(record: ProcessRecord, timeout: float) -> ShadowView:
 
 def _ask_remote_shadow(record: ProcessRecord, timeout: float) -> ShadowView:
     try:
-        token = bytes.fromhex(record.relay_token or "")
-        answer = control.remote_request(
-            record.relay_address or "", token, {"op": "status"}, timeout=timeout
-        )
-    except (HijackError, ValueError) as exc:
+        answer = control.remote_request(record.home_endpoint(), {"op": "status"}, timeout=timeout)
+    except HijackError as exc:
         return _unreachable_shadow(record, "remote", str(exc))
     return _answered_shadow(answer, "remote")
 

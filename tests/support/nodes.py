@@ -53,6 +53,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from hijack.node import pki
 from hijack.sys.process import WALL
 from support.cli import CLI_COLUMNS, CLI_TIMEOUT, CliResult, _text
 
@@ -376,6 +377,7 @@ class Node:
         hub_netns: str,
         directory: Path,
         key_path: Path,
+        pki_dir: Path,
         cluster: Cluster,
     ) -> None:
         self.name = name
@@ -390,6 +392,7 @@ class Node:
             "HIJACK_STATE_DIR": str(self.state_dir),
             "HIJACK_NODE": name,
             "HIJACK_CLUSTER_KEY": str(key_path),
+            "HIJACK_PKI": str(pki_dir),
         }
         self.daemon: subprocess.Popen[bytes] | None = None
         self.daemon_endpoint: str | None = None  # "ADDRESS:PORT", what `hijack move --to` takes
@@ -637,7 +640,8 @@ class Cluster:
     """`with Cluster(tmp_path, nodes=3) as cluster:` nodes a, b, c on one bridge, removed after.
 
     tmp_path holds cluster.key (HIJACK_CLUSTER_KEY: 32 random bytes as hex,
-    mode 0600) and node-NAME/ per node (state/ is its HIJACK_STATE_DIR,
+    mode 0600), pki/ (HIJACK_PKI: the CA and each node's certificate, for relays) and
+    node-NAME/ per node (state/ is its HIJACK_STATE_DIR,
     daemon.stderr). Node i (0-based) has address 10.77.0.(i+1).
     """
 
@@ -649,6 +653,7 @@ class Cluster:
         self.id = f"{namespace_prefix()}{secrets.token_hex(3)}"
         self.hub_netns = f"{self.id}-hub"
         self.key_path = tmp_path / "cluster.key"
+        self.pki_dir = tmp_path / "pki"
         self.stop_timeout = stop_timeout  # how long each daemon gets to end on SIGTERM
         self.nodes: tuple[Node, ...] = tuple(
             Node(
@@ -658,6 +663,7 @@ class Cluster:
                 hub_netns=self.hub_netns,
                 directory=tmp_path / f"node-{name}",
                 key_path=self.key_path,
+                pki_dir=self.pki_dir,
                 cluster=self,
             )
             for index, name in enumerate(string.ascii_lowercase[:nodes])
@@ -683,6 +689,7 @@ class Cluster:
     def __enter__(self) -> Cluster:
         try:
             self._write_key()
+            self._issue_certificates()
             for node in self.nodes:
                 node.state_dir.mkdir(parents=True)
             self._create_network()
@@ -697,6 +704,13 @@ class Cluster:
         fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as key_file:
             key_file.write(secrets.token_hex(32) + "\n")  # as `hijack cluster init` writes it
+
+    def _issue_certificates(self) -> None:
+        # What `hijack cluster init` and `add-node` do, without a process each:
+        # relays to home shadows run over TLS with the nodes' certificates.
+        pki.init_ca(self.pki_dir)
+        for node in self.nodes:
+            pki.add_node(self.pki_dir, node.name, node.address)
 
     def _create_network(self) -> None:
         for name in self.namespaces():
