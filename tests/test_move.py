@@ -313,6 +313,7 @@ def move(
     home: tuple[Node, int] | None = None,
     *,
     precopy: bool = True,
+    options: tuple[str, ...] = (),
 ) -> Moved:
     """`hijack move PID --to DESTINATION` inside `source`; it must succeed and say where.
 
@@ -322,7 +323,7 @@ def move(
     """
     assert destination.daemon_endpoint is not None, f"node {destination.name} runs no daemon"
     option = "--precopy" if precopy else "--no-precopy"
-    result = source.hijack("move", pid, "--to", destination.daemon_endpoint, option)
+    result = source.hijack("move", pid, "--to", destination.daemon_endpoint, option, *options)
     where = source.directory.parent
     assert result.returncode == 0, f"[node {source.name}] {result.describe()}\n{logs(where)}"
     found = MOVED_LINE.search(result.stdout)

@@ -59,7 +59,6 @@ from hijack.mutator.tracee import Tracee
 from hijack.node import mounts
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
 from hijack.node.daemon import parse_address
-from hijack.node.pki import pki_dir
 from hijack.objects import unix
 from hijack.objects.memfd import holds_object
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
@@ -239,6 +238,8 @@ def _move_attached(
         reached("move-connected")
         if at_home:
             # Who may open relays: the cluster's nodes, as its CA and revocation list say now.
+            from hijack.node.pki import pki_dir  # not at the top: it loads `cryptography`
+
             trust = relay_link.cluster_trust(pki_dir())
             endpoint = shadow.request({"op": "relay_listen", "token": token, "trust": trust})
             relay_address = f"{channel.sock.getsockname()[0]}:{int(endpoint['port'])}"

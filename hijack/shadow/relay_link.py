@@ -44,11 +44,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from hijack.errors import ShadowError
 
 CHUNK = 256 * 1024
@@ -68,6 +63,13 @@ class ShadowIdentity:
     """The shadow's own key and self-signed certificate, made once, in memory."""
 
     def __init__(self) -> None:
+        # Here, not at the top: a shadow that never sees a move, and every mover,
+        # do without loading the package.
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hijack home shadow")])
         now = datetime.datetime.now(datetime.UTC)
