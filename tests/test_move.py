@@ -998,7 +998,8 @@ def test_a_peer_that_proves_another_key_is_refused_and_nothing_is_restored(
 
 
 def assert_relays_one_hop(moved: Moved, home: Node, home_pid: int, control_fd: int) -> None:
-    """Every relay of the process on its node goes straight to the home shadow."""
+    """Every relay of the process on its node goes straight to the home shadow: plain at
+    home, else through its node's forwarder (docs/protocol.md, "Encrypted relays")."""
     status = shadow_status(home, home_pid)
     shadow_end = f"{home.address}:{status['endpoint_port']}"
     assert status["location"] == moved.node.name, status
@@ -1007,12 +1008,24 @@ def assert_relays_one_hop(moved: Moved, home: Node, home_pid: int, control_fd: i
     listening = [row for row in rows if row[0] == "LISTEN"]
     # The control pipe and one client connection, each a relay to the shadow.
     assert len(established) == 2, (rows, status)
-    assert {row[4] for row in established} == {shadow_end}, (rows, status)
-    assert [row[3].rsplit(":", 1)[0] for row in listening] == [moved.node.address], rows
+    # Its listener is on loopback: only the shadow's clients, through the node, get in.
+    assert [row[3].rsplit(":", 1)[0] for row in listening] == ["127.0.0.1"], rows
     streams = {stream["id"]: stream for stream in status["streams"]}
-    relayed = {stream["relay"] for stream in streams.values() if stream["relay"]}
-    assert relayed == {row[3] for row in established}, (rows, status)
+    relayed = {(s["relay"], s["shadow_end"]) for s in streams.values() if s["relay"]}
+    assert relayed == {(row[3], row[4]) for row in established}, (rows, status)
     assert streams[f"fd:{control_fd}"]["relay"], status
+    if moved.node is home:
+        assert {row[4] for row in established} == {shadow_end}, (rows, status)
+    else:
+        # Its node's forwarder holds the other ends, and its TLS relays (and the
+        # listener's link) go straight to the shadow.
+        assert moved.node.daemon is not None
+        forwarded = [
+            row
+            for row in ss_lines(moved.node, moved.node.daemon.pid)
+            if row[0] == "ESTAB" and row[4] == shadow_end
+        ]
+        assert len(forwarded) >= 3, (forwarded, status)
 
 
 def test_three_moves_in_a_row_and_home_again_with_one_hop_relays(tmp_path: Path) -> None:
