@@ -195,7 +195,8 @@ class Forwarder:
                         self._on_listener_link(item)
                     else:
                         self._on_pair(item, role, events)
-                except (OSError, HijackError) as exc:
+                except (OSError, HijackError, ValueError, TypeError) as exc:
+                    # One relay's failure (a reset, a broken peer): the others go on.
                     self.log(f"forwarded relay: {exc}; closing it")
                     self._close(item, reset=True)
             for pair in list(self.pairs):
@@ -324,7 +325,7 @@ class Forwarder:
         while b"\n" in item.lines:
             line, _, rest = bytes(item.lines).partition(b"\n")
             item.lines = bytearray(rest)
-            stream = json.loads(line).get("accept")
+            stream = dict(json.loads(line)).get("accept")
             if isinstance(stream, str):
                 threading.Thread(
                     target=self._connect_client, args=(item, stream), daemon=True
