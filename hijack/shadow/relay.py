@@ -748,12 +748,8 @@ class RelayHub:
         if not data:  # the connection's end, with or without END: the node is gone
             relay.eof = True
             return 0
-        try:
-            frames = relay.forwarded.feed(data)
-        except HijackError as exc:  # a broken peer: this stream ends (_on_event)
-            raise ConnectionError(f"{stream.id}: {exc}") from None
         payload = bytearray()
-        for kind, body in frames:
+        for kind, body in _frames(relay.forwarded, data, stream):
             if kind == DATA:
                 payload += body
             elif kind == forwarder.ACK and len(body) == forwarder.ACK_FORMAT.size:
@@ -774,12 +770,8 @@ class RelayHub:
         frame's size is set on the home master (its slave's group gets SIGWINCH)."""
         if relay.frames is None:
             relay.frames = FrameReader()
-        try:
-            frames = relay.frames.feed(data)
-        except HijackError as exc:  # a broken peer: this stream ends (_on_event)
-            raise ConnectionError(f"{stream.id}: {exc}") from None
         written = bytearray()
-        for kind, payload in frames:
+        for kind, payload in _frames(relay.frames, data, stream):
             if kind == DATA:
                 written += payload
             elif len(payload) == terminal_sys.WINSIZE.size and stream.original >= 0:
@@ -1017,6 +1009,14 @@ class RelayHub:
             )
         rows.extend(datagram.describe() for datagram in self.datagrams.values())
         return rows
+
+
+def _frames(reader: FrameReader, data: bytes, stream: Stream) -> list[tuple[int, bytes]]:
+    """The frames `data` completes; a broken peer ends this stream (_on_event)."""
+    try:
+        return reader.feed(data)
+    except HijackError as exc:
+        raise ConnectionError(f"{stream.id}: {exc}") from None
 
 
 def _unpipe(pipe: SplicePipe | None, into: bytearray) -> None:
