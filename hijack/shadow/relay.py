@@ -426,9 +426,14 @@ class RelayHub:
         self.listener_links = self.pending_listener_links.pop(move, {})
         for stream in list(self.streams.values()):
             new = stream.pending.pop(move, None)
-            if stream.relay is not None:
+            if stream.relay is not None and stream.relay.eof:
+                # All the old process wrote is read already (it had shut its side):
+                # nothing to wait for there (a forwarded relay may never end by itself).
+                self._forget(stream.relay.sock)
+                stream.relay.sock.close()
+            elif stream.relay is not None:
                 stream.retiring.append(stream.relay)
-                stream.relay = None
+            stream.relay = None
             if new is not None:
                 stream.relay = new
                 pending = unread.get(stream.id, b"")
