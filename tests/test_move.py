@@ -360,7 +360,17 @@ def runs_in(pid: int, node: Node) -> bool:
 
 
 def pids_inside(node: Node) -> set[int]:
-    return {int(pid) for pid in run_ip("netns", "pids", node.netns).split()}
+    """The processes in `node`'s namespace, but its relay forwarder: like its daemon, a
+    part of the node, which outlives a move (hijack/node/forwarder.py)."""
+    pids = {int(pid) for pid in run_ip("netns", "pids", node.netns).split()}
+    return {pid for pid in pids if not is_forwarder(pid)}
+
+
+def is_forwarder(pid: int) -> bool:
+    try:
+        return b"hijack.node.forwarder" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def wait_gone(pid: int, timeout: float, what: str) -> None:

@@ -37,7 +37,7 @@ from hijack.image import records as rec
 from hijack.node import mounts, policy
 from hijack.node import terminal as terminal_pump
 from hijack.node.channel import Channel, ChannelError, DataReader
-from hijack.node.forwarder import Forwarder, closed_listener
+from hijack.node.forwarder import ForwarderProcess, closed_listener
 from hijack.node.load import node_load
 from hijack.registry import Registry, node_name
 from hijack.restore.precopy import Prebuilt
@@ -90,7 +90,7 @@ class NodeDaemon:
             ) from None
         self.listener.listen(64)
         self.running = True
-        self.forwarder = Forwarder(log)  # the node's ends of encrypted relays
+        self.forwarder = ForwarderProcess(log)  # the node's ends of encrypted relays
         # Settling: one decision per move. The sockets of moves held for their
         # commit, so that an `outcome` question that aborts one wakes its thread.
         self.decisions = threading.Lock()

@@ -29,7 +29,12 @@ forwarder connects to the process's listener (marked) and opens an encrypted
 relay for acc:K. Nobody else can reach that listener: not from the network
 (loopback) and not from this node (unmarked).
 
-Forwarders run on one thread of the daemon: they live as long as it does.
+The forwarder is a process of its own (`python -m hijack.node.forwarder`),
+started by the daemon at its first encrypted relay and asked over a unix
+socketpair for each relay or listener link (the process's end comes back as
+SCM_RIGHTS): a migrant's relays outlive a daemon that dies or restarts, as
+plain relays do. Once the daemon is gone it ends with the last relay it
+carries; a daemon started again starts a forwarder of its own.
 """
 
 from __future__ import annotations
@@ -37,11 +42,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import os
 import selectors
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import termios
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -132,6 +142,7 @@ class Forwarder:
         self.lock = threading.Lock()
         self.added: list[_Pair | _ListenerLink] = []
         self.pairs: set[_Pair] = set()
+        self.links: set[_ListenerLink] = set()
         self.wake_read, self.wake_write = socket.socketpair()
         self.wake_read.setblocking(False)
         self.selector.register(self.wake_read, selectors.EVENT_READ, None)
@@ -214,6 +225,7 @@ class Forwarder:
         for item in added:
             item.link.sock.setblocking(False)
             if isinstance(item, _ListenerLink):
+                self.links.add(item)
                 self.selector.register(item.link.sock, selectors.EVENT_READ, (item, "link"))
             else:
                 item.local.setblocking(False)
@@ -311,6 +323,13 @@ class Forwarder:
         if isinstance(item, _Pair):
             item.closed = True
             self.pairs.discard(item)
+        else:
+            self.links.discard(item)
+
+    def idle(self) -> bool:
+        """Whether it carries nothing (no relay, no listener link)."""
+        with self.lock:
+            return not (self.added or self.pairs or self.links)
 
     # -- listener links -----------------------------------------------------------------
 
@@ -353,3 +372,121 @@ class Forwarder:
             self.log(f"cannot connect client {stream} to the process's listener: {exc}")
             return
         self._add(_Pair(link, local))
+
+
+# -- the forwarder as a process of its own, and the daemon's handle on it ---------------
+
+IDLE_POLL = 0.2  # seconds between looks at a forwarder whose daemon is gone
+
+
+def _home_fields(home: control.HomeEndpoint) -> dict[str, str]:
+    return {"address": home.address, "token": home.token.hex(), "certificate": home.fingerprint}
+
+
+def _home_of(fields: dict[str, str]) -> control.HomeEndpoint:
+    return control.HomeEndpoint(
+        str(fields["address"]), bytes.fromhex(str(fields["token"])), str(fields["certificate"])
+    )
+
+
+class ForwarderProcess:
+    """The daemon's side: the same requests as Forwarder, answered by its process."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+        self.lock = threading.Lock()
+        self.sock: socket.socket | None = None
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "hijack.node.forwarder", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        # Reaped here while we run; once we are gone, by whoever adopts it.
+        threading.Thread(target=process.wait, name="forwarder-reaper", daemon=True).start()
+        self.log(f"forwarder {process.pid} started")
+        return ours
+
+    def _ask(self, request: dict[str, object]) -> socket.socket:
+        with self.lock:
+            if self.sock is None:
+                self.sock = self._start()
+            try:
+                self.sock.sendall(control.encode(request))
+                answer, fds = control.receive(self.sock)
+            except (OSError, HijackError) as exc:
+                self.sock.close()
+                self.sock = None  # the next move starts another
+                raise HijackError(f"the node's relay forwarder failed: {exc}") from None
+        if not answer.get("ok") or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise HijackError(str(answer.get("error", "the node's relay forwarder refused")))
+        return socket.socket(fileno=fds[0])
+
+    def relay(
+        self, home: control.HomeEndpoint, stream: str, move: str, terminal: str = ""
+    ) -> socket.socket:
+        request = {"op": "relay", "home": _home_fields(home), "stream": stream, "move": move}
+        return self._ask({**request, "terminal": terminal})
+
+    def listen(
+        self, home: control.HomeEndpoint, stream: str, move: str, listener: str
+    ) -> socket.socket:
+        request = {"op": "listen", "home": _home_fields(home), "stream": stream, "move": move}
+        return self._ask({**request, "listener": listener})
+
+
+def serve(channel: socket.socket) -> None:
+    """The forwarder process: answer the daemon until it is gone, then carry on until idle."""
+
+    def log(text: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        print(f"{stamp} forwarder {os.getpid()}: {text}", file=sys.stderr, flush=True)
+
+    forwarder = Forwarder(log)
+    while True:
+        try:
+            request, fds = control.receive(channel)
+        except (OSError, HijackError):
+            break  # the daemon is gone
+        for fd in fds:
+            os.close(fd)
+        try:
+            home = _home_of(dict(request["home"]))
+            stream, move = str(request["stream"]), str(request["move"])
+            if request.get("op") == "listen":
+                given = forwarder.listen(home, stream, move, str(request["listener"]))
+                handed = os.dup(given.fileno())  # the daemon shuts it if its move fails
+            else:
+                given = forwarder.relay(home, stream, move, str(request.get("terminal", "")))
+                handed = given.detach()
+        except (HijackError, OSError, KeyError, ValueError, TypeError) as exc:
+            with contextlib.suppress(OSError):
+                channel.sendall(control.encode({"ok": False, "error": str(exc)}))
+            continue
+        try:
+            socket.send_fds(channel, [control.encode({"ok": True})], [handed])
+        except OSError:
+            break
+        finally:
+            os.close(handed)
+    channel.close()
+    while not forwarder.idle():
+        time.sleep(IDLE_POLL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the daemon
+    serve(socket.socket(fileno=int(arguments[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
