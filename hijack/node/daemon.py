@@ -97,6 +97,7 @@ class NodeDaemon:
         self.waiting: dict[str, socket.socket] = {}
 
     def serve(self) -> None:
+        self.forwarder.start()
         host, port = self.listener.getsockname()[:2]
         print(f"hijack node {self.name} listening on {host}:{port}", flush=True)
         while self.running:

@@ -412,6 +412,12 @@ class ForwarderProcess:
         self.log(f"forwarder {process.pid} started")
         return ours
 
+    def start(self) -> None:
+        """Start the process now, not during a move's freeze (Python takes a while to start)."""
+        with self.lock:
+            if self.sock is None:
+                self.sock = self._start()
+
     def _ask(self, request: dict[str, object]) -> socket.socket:
         with self.lock:
             if self.sock is None:
