@@ -152,6 +152,7 @@ def test_spawn_returns_with_the_program_itself_inside_the_node_with_its_env(tmp_
             "HIJACK_STATE_DIR": str(node.state_dir),
             "HIJACK_NODE": "a",
             "HIJACK_CLUSTER_KEY": str(cluster.key_path),
+            "HIJACK_PKI": str(cluster.pki_dir),
         }
         assert node.state_dir.is_dir()
 
