@@ -277,6 +277,8 @@ class Shadow:
                 link.write_all(control.RELAY_ACCEPTED)
                 ends = header.get("ends")
                 plain = header.get("mode") == relay_link.PLAIN
+                if not plain:  # a record per write, and small ones (ACKs, pongs) at once
+                    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self.hub.attach_relay(
                     str(header["stream"]),
                     str(header["move"]),
