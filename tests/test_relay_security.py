@@ -144,6 +144,39 @@ def test_a_stranger_who_knows_the_shadows_port_opens_no_relay_and_streams_go_on(
         assert shadow_log.count("refused a connection") >= 4, shadow_log
 
 
+# Asks the home shadow its status as a node holding the migrant's token: "ok" or the error.
+ASK_STATUS = """\
+import sys
+from hijack.shadow import control
+home = control.HomeEndpoint(sys.argv[1], bytes.fromhex(sys.argv[2]), sys.argv[3])
+try:
+    control.remote_request(home, {"op": "status"}, timeout=5)
+    print("ok", flush=True)
+except Exception as exc:
+    print(type(exc).__name__, exc, flush=True)
+"""
+
+
+def test_a_revoked_node_is_refused_even_with_the_token(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        b.start_daemon()
+        pki.revoke(cluster.pki_dir, "c")  # before the move: the shadow gets the new list
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            moved = move(a, server.pid, b)
+            server.wait_exit()
+            with Registry(a.state_dir) as registry:
+                record = registry.get(server.pid)
+            assert record.relay_address and record.relay_token and record.relay_cert
+            arguments = (record.relay_address, record.relay_token, record.relay_cert)
+            assert read_line(spawn_python(b, ASK_STATUS, *arguments), LINE_TIMEOUT) == "ok"
+            refused = read_line(spawn_python(c, ASK_STATUS, *arguments), LINE_TIMEOUT)
+            assert refused.startswith("ShadowError") and "revoked" in refused.lower(), refused
+            finish_moved(server, moved, tmp_path)
+        shadow_log = (a.state_dir / "shadows" / str(server.pid) / "shadow.log").read_text()
+        assert "its certificate is refused: certificate revoked" in shadow_log, shadow_log
+
+
 def test_the_moved_listener_takes_only_the_home_shadows_clients(tmp_path: Path) -> None:
     with Cluster(tmp_path, nodes=3) as cluster:
         a, b, c = cluster.nodes

@@ -197,6 +197,10 @@ class TlsLink:
             except ssl.SSLWantReadError:
                 link._send_all()
                 incoming.write(_read_record(sock))
+            except ssl.SSLError:
+                with contextlib.suppress(OSError):
+                    link._send_all()  # the alert: the peer learns why (a revoked certificate)
+                raise
         link._send_all()
         return link
 
@@ -319,6 +323,8 @@ def accept(
         raise ShadowError("no cluster CA handed to this shadow yet")
     try:
         link = TlsLink.handshake(sock, identity.context, server=True)
+    except ssl.SSLCertVerificationError as exc:
+        raise ShadowError(f"TLS: its certificate is refused: {exc.verify_message}") from None
     except ssl.SSLError as exc:
         raise ShadowError(f"TLS: {exc.reason or exc}") from None
     nonce = secrets.token_bytes(NONCE)
