@@ -209,9 +209,13 @@ class LoopbackNode:
 
 @pytest.fixture
 def dest(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackNode]:
-    """A node daemon ("dest") on loopback with its own state, sharing a cluster key with home."""
+    """A node daemon ("dest") on loopback with its own state, sharing a cluster key with home
+    and the cluster's certificates (relays to the home shadow run over TLS)."""
     key = tmp_path / "cluster.key"
+    monkeypatch.setenv("HIJACK_PKI", str(tmp_path / "pki"))
     HijackCli(home).ok("cluster", "init", "--key", key)
+    for node in (HOME, DEST):
+        HijackCli(home).ok("cluster", "add-node", node)
     monkeypatch.setenv("HIJACK_CLUSTER_KEY", str(key))
     state = tmp_path / "dest"
     env = {**os.environ, "HIJACK_STATE_DIR": str(state), "HIJACK_NODE": DEST}

@@ -54,7 +54,7 @@ HANDSHAKE_TIMEOUT = 10.0  # seconds a connecting peer has to prove it holds the 
 COMMIT_TIMEOUT = 60.0  # seconds a prepared process waits for the mover's decision
 LISTEN_BACKLOG = 128  # a listener's, when an older mover does not say the process's own
 RELEASE_TIMEOUT = 5.0  # seconds to tell a home shadow its migrant ended
-STOPPING_RELEASE_TIMEOUT = 1.0  # the same, as the daemon stops
+STOPPING_RELEASE_TIMEOUT = 3.0  # the same, as the daemon stops (a TLS handshake, then the answer)
 
 
 class Proxy(NamedTuple):
