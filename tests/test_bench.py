@@ -27,9 +27,13 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "dump CPU per GiB",
         "relay throughput",
         "added round trip",
+        "throughput home again",
         "move freeze time, 10 MB",
         "move freeze time, 64 MiB",
         "move freeze time, 64 MiB dirtying 10 MB/s",
+        "move image stream, TLS 1.3",
+        "message round trip, TLS 1.3",
+        "node stream, TLS 1.3",
     )
     for figure in figures:
         assert figure in result.stdout, result.stdout

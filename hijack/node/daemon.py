@@ -1,7 +1,10 @@
 """`hijack node serve`: the node daemon (restart daemon) that receives moves.
 
-One thread per connection. Every peer must prove it holds the cluster key
-(hijack.node.channel); one that does not is refused and logged. A move
+Connections come in through the gate (hijack.node.gate): TLS 1.3, each peer
+presenting a certificate of the cluster's CA that is in date and not revoked
+(hijack.node.pki), within bounds on how many connect and how long they take;
+one that does not is refused and logged. Each authenticated peer is served
+by a thread of its own. A move
 (docs/protocol.md, "Moving") is restored straight from the stream, no
 temporary file: the daemon first opens the relays to the migrant's home
 shadow (and a listener here for each of its listening sockets), then
@@ -26,6 +29,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -34,7 +38,7 @@ from typing import Any, BinaryIO, NamedTuple, cast
 
 from hijack.errors import HijackError
 from hijack.image import records as rec
-from hijack.node import mounts, policy
+from hijack.node import gate, mounts, pki, policy
 from hijack.node import terminal as terminal_pump
 from hijack.node.channel import Channel, ChannelError, DataReader
 from hijack.node.forwarder import ForwarderProcess, closed_listener
@@ -50,7 +54,6 @@ from hijack.testpoint import reached
 
 DEFAULT_PORT = 7450
 MAX_PORT = 65535
-HANDSHAKE_TIMEOUT = 10.0  # seconds a connecting peer has to prove it holds the key
 COMMIT_TIMEOUT = 60.0  # seconds a prepared process waits for the mover's decision
 LISTEN_BACKLOG = 128  # a listener's, when an older mover does not say the process's own
 RELEASE_TIMEOUT = 5.0  # seconds to tell a home shadow its migrant ended
@@ -62,7 +65,9 @@ class Proxy(NamedTuple):
 
     fd: int  # the process's descriptor number
     stream: str  # the shadow's stream id
-    kind: str  # "stream", "listener", "datagram" or "terminal"
+    # "stream", "listener", "datagram", "terminal", "master", or "original": a move home,
+    # the home shadow's original itself
+    kind: str
     family: socket.AddressFamily  # a datagram socket's (AF_UNSPEC for the others)
     peer: str  # the shadow relay "ip:port" a connected datagram socket is connected to, or ""
     file: int = -1  # a terminal's: descriptors with one `file` share one open slave
@@ -75,9 +80,17 @@ def log(text: str) -> None:
 
 
 class NodeDaemon:
-    def __init__(self, address: tuple[str, int], key: bytes, *, allow_root: bool = False) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        identity: pki.NodeIdentity,
+        limits: gate.Limits,
+        *,
+        allow_root: bool = False,
+    ) -> None:
         self.address = address
-        self.key = key
+        self.identity = identity
+        self.limits = limits
         self.allow_root = allow_root  # restore processes with root's powers (hijack.node.policy)
         self.name = node_name()
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -88,44 +101,32 @@ class NodeDaemon:
             raise HijackError(
                 f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}"
             ) from None
-        self.listener.listen(64)
-        self.running = True
+        self.listener.listen(gate.LISTEN_BACKLOG)
+        self.gate = gate.Gate(self.listener, identity, limits, self._serve_peer, log)
         self.forwarder = ForwarderProcess(log)  # the node's ends of encrypted relays
         # Settling: one decision per move. The sockets of moves held for their
         # commit, so that an `outcome` question that aborts one wakes its thread.
         self.decisions = threading.Lock()
-        self.waiting: dict[str, socket.socket] = {}
+        self.waiting: dict[str, Channel] = {}
 
     def serve(self) -> None:
         self.forwarder.start()
         host, port = self.listener.getsockname()[:2]
         print(f"hijack node {self.name} listening on {host}:{port}", flush=True)
-        while self.running:
-            try:
-                connection, peer = self.listener.accept()
-            except OSError:
-                if not self.running:
-                    return
-                raise
-            threading.Thread(target=self._serve_peer, args=(connection, peer), daemon=True).start()
+        try:
+            self.gate.run()
+        finally:
+            self.listener.close()
 
     def stop(self) -> None:
-        self.running = False
-        self.listener.close()
+        self.gate.stop()
 
-    def _serve_peer(self, connection: socket.socket, peer: tuple[str, int]) -> None:
+    def _serve_peer(self, connection: ssl.SSLSocket, peer: tuple[str, int]) -> None:
+        """One authenticated peer (the gate ran its handshake), on a thread of its own."""
         where = f"{peer[0]}:{peer[1]}"
         try:
-            # A peer that has not proved the key yet gets little of our time.
-            connection.settimeout(HANDSHAKE_TIMEOUT)
-            # Small frames (the handshake, prepared/commit) must not wait on Nagle.
-            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                channel = Channel.accept(connection, self.key, self.name)
-            except (ChannelError, OSError) as exc:
-                log(f"refused {where}: {exc}")
-                return
             connection.settimeout(COMMIT_TIMEOUT)
+            channel = Channel.accept(connection)
             request = channel.receive()
             op = request.get("op")
             if op == "ping":
@@ -232,6 +233,9 @@ class NodeDaemon:
             return self.forwarder.relay(shadow, stream, move, terminal)
 
         terminals = _Terminals(relay)
+        originals = _Originals(shadow, move)
+        # A move home whose every descriptor is its original again (hijack.node.move).
+        home_again = request.get("home_again") is True and home["node"] == self.name
         links: list[socket.socket] = []  # listener links, shut if the move fails
         mount_namespace: int | None = None
         try:
@@ -246,6 +250,13 @@ class NodeDaemon:
                 policy.check_image(header, credentials, segments, allow_root=self.allow_root)
                 # Filled in place: restore reads `provided` only after this.
                 for proxy in proxies:
+                    if proxy.kind == "original":
+                        if home["node"] != self.name:
+                            raise HijackError(
+                                f"fd {proxy.fd}: its original is at {home['node']}, not here"
+                            )
+                        provided[proxy.fd] = originals.take(proxy.stream)
+                        continue
                     if proxy.kind == "terminal":
                         provided[proxy.fd] = terminals.slave(proxy.stream, proxy.file)
                         continue
@@ -302,7 +313,7 @@ class NodeDaemon:
                     addresses = {"listeners": listeners, "datagrams": datagrams}
                     records.record_arrival(move, pid, "prepared", addresses)
                 with self.decisions:
-                    self.waiting[move] = channel.sock
+                    self.waiting[move] = channel
                 try:
                     channel.send(
                         {
@@ -319,7 +330,9 @@ class NodeDaemon:
                         raise HijackError(f"move {move} was settled as aborted before its commit")
                     committed.append(pid)
                     with contextlib.nullcontext(registry) if registry else Registry() as records:
-                        records.settle_arrival(pid)  # back home: its home row is this one now
+                        # Back home: its home row is this one now (attached again, if its
+                        # shadow handed every original back).
+                        records.settle_arrival(pid, home_again=home_again)
                 except BaseException:
                     self._decide(move, pid, "aborted")
                     with contextlib.suppress(HijackError), Registry() as forgetting:
@@ -357,6 +370,7 @@ class NodeDaemon:
         finally:
             for sock in opened:
                 sock.close()  # the process has its own copies
+            originals.close()
             terminals.close_slaves()
             if mount_namespace is not None:
                 os.close(mount_namespace)
@@ -416,8 +430,7 @@ class NodeDaemon:
                 registry.record_arrival(move, pid, outcome, addresses)
                 waiting = self.waiting.pop(move, None)
                 if waiting is not None:
-                    with contextlib.suppress(OSError):
-                        waiting.shutdown(socket.SHUT_RDWR)
+                    waiting.wake()
                 log(f"move {move}: settled as aborted, asked before its commit arrived")
         return {"move": move, "outcome": outcome, "pid": pid, **addresses}
 
@@ -508,6 +521,52 @@ def _parse_move(
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
         raise HijackError(f"malformed move request: {json.dumps(request)[:120]}") from None
     return move, home, shadow, proxies
+
+
+class _Originals:
+    """A move home: the originals its home shadow hands back, copied out of the shadow
+    (pidfd_getfd; it runs on this node). The shadow is asked through its endpoint, with
+    the migrant's token: it names only what it handed back for this move."""
+
+    def __init__(self, home: control.HomeEndpoint, move: str) -> None:
+        self.home = home
+        self.move = move
+        self.shadow_pid = 0
+        self.own: dict[str, int] = {}  # stream -> the shadow's descriptor
+        self.taken: list[int] = []
+
+    def take(self, stream: str) -> int:
+        if not self.shadow_pid:
+            answer = control.remote_request(self.home, {"op": "originals", "move": self.move})
+            shadow_pid = int(answer["shadow_pid"])
+            _check_endpoint_owner(shadow_pid, self.home.address)
+            self.shadow_pid = shadow_pid
+            self.own = {str(k): int(v) for k, v in dict(answer["originals"]).items()}
+        if stream not in self.own:
+            raise HijackError(f"the home shadow hands no original of {stream} back")
+        self.taken.append(pidfd.copy_fd(self.shadow_pid, self.own[stream]))
+        return self.taken[-1]
+
+    def close(self) -> None:
+        for fd in self.taken:
+            os.close(fd)
+        self.taken.clear()
+
+
+def _check_endpoint_owner(pid: int, relay_address: str) -> None:
+    """Copy nothing out of a process that does not listen on the endpoint we asked: whoever
+    answered there names only its own descriptors, never another process's."""
+    port = relay_address.rpartition(":")[2]
+    try:
+        held = {entry.ino for entry in procfs.list_fds(pid)}
+        table = procfs.read_socket_table(pid)
+    except HijackError:
+        held, table = set(), {}
+    if not any(
+        info.state == "LISTEN" and info.local.endswith(f":{port}") and inode in held
+        for inode, info in table.items()
+    ):
+        raise HijackError(f"process {pid} is not the home shadow listening at {relay_address}")
 
 
 class _Pty:
@@ -679,8 +738,14 @@ def parse_address(
     return host.strip("[]"), number
 
 
-def serve(address: tuple[str, int], key: bytes, *, allow_root: bool = False) -> None:
-    daemon = NodeDaemon(address, key, allow_root=allow_root)
+def serve(
+    address: tuple[str, int],
+    identity: pki.NodeIdentity,
+    limits: gate.Limits | None = None,
+    *,
+    allow_root: bool = False,
+) -> None:
+    daemon = NodeDaemon(address, identity, limits or gate.Limits(), allow_root=allow_root)
     try:
         reconcile_migrants(watch=True)
     except HijackError as exc:  # a registry it cannot use refuses moves later, by their mover
