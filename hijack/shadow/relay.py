@@ -1055,8 +1055,8 @@ class RelayHub:
         sent = 0
         for stream in list(self.streams.values()):
             relay = stream.relay
-            if stream.closed or relay is None:
-                continue
+            if stream.closed or relay is None or relay.link is not None:
+                continue  # an encrypted relay is not handed back: its bytes go as usual
             with contextlib.suppress(OSError):  # the event loop meets it again
                 room = window_room(relay.sock)
                 if room > 0 and stream.to_relay:
@@ -1073,7 +1073,11 @@ class RelayHub:
         return sent
 
     def _holding_for_process(self) -> bool:
-        return any(s.out_held for s in self.streams.values() if s.relay and not s.closed)
+        return any(
+            s.out_held
+            for s in self.streams.values()
+            if s.relay and s.relay.link is None and not s.closed
+        )
 
     def hand_back(self, move: str, stream_ids: list[str], wait: float) -> dict[str, int]:
         """Stop relaying `stream_ids`: the process, frozen at its node, gets their originals
@@ -1125,7 +1129,10 @@ class RelayHub:
             return ""
         if stream.relay is None or stream.retiring:
             return "its relays are changing"
-        unsent, unacknowledged_bytes = stream.out_held, unacknowledged(stream.relay.sock)
+        if stream.relay.link is not None:
+            # Its bytes pass through its node's forwarder, out of the mover's sight.
+            return "its relay is encrypted (hijack move --plain-relays hands it back)"
+        unsent, unacknowledged_bytes = stream.out_held, stream.relay.unacknowledged()
         if unsent or unacknowledged_bytes:
             return (
                 f"bytes for the process are on their way ({unsent} held here,"
