@@ -943,7 +943,9 @@ def test_a_destination_that_refuses_the_process_changes_nothing(
 # -- several moves ----------------------------------------------------------------------
 
 
-def assert_relays_one_hop(moved: Moved, home: Node, home_pid: int, control_fd: int) -> None:
+def assert_relays_one_hop(
+    moved: Moved, home: Node, home_pid: int, control_fd: int, *, plain: bool = False
+) -> None:
     """Every relay of the process on its node goes straight to the home shadow: plain at
     home, else through its node's forwarder (docs/protocol.md, "Encrypted relays")."""
     status = shadow_status(home, home_pid)
@@ -960,7 +962,7 @@ def assert_relays_one_hop(moved: Moved, home: Node, home_pid: int, control_fd: i
     relayed = {(s["relay"], s["shadow_end"]) for s in streams.values() if s["relay"]}
     assert relayed == {(row[3], row[4]) for row in established}, (rows, status)
     assert streams[f"fd:{control_fd}"]["relay"], status
-    if moved.node is home:
+    if moved.node is home or plain:
         assert {row[4] for row in established} == {shadow_end}, (rows, status)
     else:
         # Its node's forwarder holds the other ends, and its TLS relays (and the
@@ -992,7 +994,10 @@ def test_two_moves_with_one_hop_relays_then_home_again_unrelayed(tmp_path: Path)
             here, pid = a, home_pid
             freezes = []
             for there in (b, c, a):
-                moved = move(here, pid, there, home=(a, home_pid))
+                # Plain relays (recorded at the first move, kept by the next):
+                # home again takes only those back (test_move_home).
+                options = ("--plain-relays",) if here is a else ()
+                moved = move(here, pid, there, home=(a, home_pid), options=options)
                 freezes.append(moved.freeze_ms)
                 if here is a:
                     server.wait_exit()
@@ -1006,7 +1011,7 @@ def test_two_moves_with_one_hop_relays_then_home_again_unrelayed(tmp_path: Path)
                     status = shadow_status(a, home_pid)
                     assert (status["mode"], status["streams"]) == ("home", []), status
                 else:
-                    assert_relays_one_hop(moved, a, home_pid, control_fd)
+                    assert_relays_one_hop(moved, a, home_pid, control_fd, plain=True)
                 assert ask(session, f"on {there.name}") == f"on {there.name}"
                 with spawn_fixture(
                     "stream_client", "127.0.0.1", port, str(1 << 20), "61", netns=a.netns
