@@ -55,6 +55,11 @@ def frozen_tree(root: int) -> Iterator[FrozenTree]:
                 except ProcessGone:
                     if member.pid == root:
                         raise
+                except NotAttachable:
+                    # A member that exited since the reading (a shell's short-lived
+                    # child) is a zombie now: the next reading records it as one.
+                    if member.pid == root or not _zombie_now(member.pid):
+                        raise
             again = read_tree(root)
             settled = again.same_members(tree) and all(
                 m.pid in tracees for m in again.members if not m.zombie
@@ -74,6 +79,13 @@ def frozen_tree(root: int) -> Iterator[FrozenTree]:
                 shared=_shared_descriptions(again),
             ),
         )
+
+
+def _zombie_now(pid: int) -> bool:
+    try:
+        return procfs.read_stat(pid).state in ("Z", "X")
+    except ProcessGone:
+        return True  # reaped already: as good as a zombie for the next reading
 
 
 def _shared_descriptions(tree: ProcessTree) -> tuple[rec.SharedDescription, ...]:
