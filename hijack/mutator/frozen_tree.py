@@ -40,6 +40,8 @@ def frozen_tree(root: int) -> Iterator[FrozenTree]:
         first_state: dict[int, str] = {}
         for _ in range(MAX_READINGS):
             tree = read_tree(root)
+            if tree.root.zombie:  # it ended before we stopped it (its parent has not reaped it)
+                raise NotAttachable(f"process {root} ({tree.root.comm}) is a zombie", pid=root)
             reasons = untakeable(tree)
             if reasons:
                 raise NotAttachable(f"cannot take the tree of process {root}: {'; '.join(reasons)}")
