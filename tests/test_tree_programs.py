@@ -126,19 +126,21 @@ def test_a_shell_pipeline_killed_mid_stream_finishes_its_output_in_order(
 
 
 POOL_PROGRAM = r"""
-import multiprocessing, sys, time
+import multiprocessing, os, sys, time
 
 def square(n):
     time.sleep(0.01)
     return n * n
 
 if __name__ == "__main__":
-    count = int(sys.argv[1])
+    count, go = int(sys.argv[1]), sys.argv[2]
     with multiprocessing.Pool(4) as pool:
         for n, result in enumerate(pool.imap(square, range(count))):
             print(n, result, flush=True)
             if result != n * n:
                 sys.exit(1)
+        while not os.path.exists(go):  # the pool kept for the test to look at, until told
+            time.sleep(0.01)
 """
 
 
@@ -161,7 +163,7 @@ def test_a_multiprocessing_pool_killed_mid_work_delivers_every_result(
     output = tmp_path / "results"
     with output.open("w") as stdout:
         process = subprocess.Popen(
-            [sys.executable, "-c", POOL_PROGRAM, str(count)],
+            [sys.executable, "-c", POOL_PROGRAM, str(count), tmp_path / "go"],
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=subprocess.STDOUT,
@@ -175,6 +177,7 @@ def test_a_multiprocessing_pool_killed_mid_work_delivers_every_result(
         assert lines_in(output) < count, "the pool ended before the kill"
         root = restored_pid(hijack.ok("restore", tmp_path / "pool.crf"))
         assert semaphores_shared(root) == semaphores, "each semaphore one file for all"
+        (tmp_path / "go").touch()
         assert wait_exit(root) == 0, output.read_text()[-2000:]
         assert output.read_text().splitlines() == [f"{n} {n * n}" for n in range(count)]
     finally:
