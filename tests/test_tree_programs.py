@@ -182,3 +182,150 @@ def test_a_multiprocessing_pool_killed_mid_work_delivers_every_result(
         assert output.read_text().splitlines() == [f"{n} {n * n}" for n in range(count)]
     finally:
         end_tree(process.pid)
+
+
+NGINX_CONFIG = """
+master_process on;
+worker_processes 2;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ return 200 "hello\\n"; }}
+    }}
+}}
+"""
+BODY = b"hello\n"
+
+
+class Load:
+    """An HTTP load generator in a thread: KEPT keep-alive connections, each asked in turn,
+    and one fresh connection per round; every failure counted with its reason."""
+
+    KEPT = 4
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.kept = [self._connect() for _ in range(self.KEPT)]
+        self.served = 0
+        self.fresh = 0
+        self.failures: list[str] = []
+        self.slowest = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _connect(self) -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", self.port, timeout=POLL_TIMEOUT * 2)
+
+    def _ask(self, connection: http.client.HTTPConnection) -> None:
+        began = time.monotonic()
+        try:
+            connection.request("GET", "/")
+            response = connection.getresponse()
+            body = response.read()
+            if response.status != 200 or body != BODY:
+                self.failures.append(f"answered {response.status} {body!r}")
+        except (OSError, http.client.HTTPException) as error:
+            self.failures.append(repr(error))
+        self.slowest = max(self.slowest, time.monotonic() - began)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for connection in self.kept:
+                self._ask(connection)
+                self.served += 1
+            fresh = self._connect()
+            self._ask(fresh)
+            fresh.close()
+            self.fresh += 1
+
+    def ports(self) -> list[int]:
+        """The local port of each kept connection: the same ones unless one reconnected."""
+        return [c.sock.getsockname()[1] if c.sock else 0 for c in self.kept]
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(POLL_TIMEOUT * 3)
+        for connection in self.kept:
+            connection.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextlib.contextmanager
+def nginx(directory: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """nginx, a master and 2 workers on a free loopback port, serving once both workers
+    run; stopped (and its members killed) when the block ends."""
+    assert NGINX is not None
+    port = free_port()
+    config = directory / "nginx.conf"
+    config.write_text(NGINX_CONFIG.format(dir=directory, port=port))
+    master = subprocess.Popen(
+        [NGINX, "-p", str(directory), "-c", str(config), "-e", str(directory / "error.log")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+
+        def serving() -> bool:
+            if len(_members(master.pid)) < 3:
+                return False
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return True
+            return False
+
+        wait_until(serving, "nginx serving with 2 workers")
+        yield master, port
+    finally:
+        end_tree(master.pid)
+        with contextlib.suppress(ChildProcessError):
+            master.wait(EXIT_TIMEOUT)
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx (Debian package nginx) is not installed")
+def test_nginx_killed_under_load_and_restored_loses_no_request(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    with nginx(tmp_path) as (master, port), Load(port) as load:
+        wait_until(lambda: load.served >= 100, "the load's first answers")
+        before = relations(master.pid)
+        ports = load.ports()
+        dump_and_kill(hijack, master, tmp_path / "nginx.crf")
+        killed_at = load.served
+        root = restored_pid(hijack.ok("restore", tmp_path / "nginx.crf"))
+        assert root == master.pid
+        fresh = load.fresh
+        wait_until(
+            lambda: load.served >= killed_at + 100 and load.fresh >= fresh + 20,
+            "answers after the restore",
+        )
+        assert load.failures == [], load.failures[:5]
+        assert load.ports() == ports, "the load's connections are the same ones"
+        assert relations(root) == before, "the master and its workers under their pids"
+        workers = [pid for pid in before if pid != root]
+        # The master still commands its workers: a graceful stop (SIGQUIT) ends them, then it.
+        os.kill(root, signal.SIGQUIT)
+        assert wait_exit(root) == 0
+        assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
+    assert "exited with code 0" in (tmp_path / "error.log").read_text()
