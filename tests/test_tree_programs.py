@@ -27,12 +27,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support.cli import HijackCli, restored_pid
 from support.objects import hijack
+from support.redis import REDIS_SERVER, Resp, free_port, redis_server, wait_until
 from test_tree_restore import kill_tree, reap_killed, relations
 
 from hijack.errors import ProcessGone
@@ -45,14 +46,6 @@ NGINX = shutil.which("nginx") or next(
 )
 POLL_TIMEOUT = 20.0  # seconds for a program to reach a point of its work
 EXIT_TIMEOUT = 30.0
-
-
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = POLL_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {timeout} s")
-        time.sleep(0.01)
 
 
 def lines_in(path: Path) -> int:
@@ -265,12 +258,6 @@ class Load:
             connection.close()
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @contextlib.contextmanager
 def nginx(directory: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """nginx, a master and 2 workers on a free loopback port, serving once both workers
@@ -329,3 +316,36 @@ def test_nginx_killed_under_load_and_restored_loses_no_request(
         assert wait_exit(root) == 0
         assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
     assert "exited with code 0" in (tmp_path / "error.log").read_text()
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server (Debian package) is not installed")
+def test_redis_killed_during_bgsave_finishes_the_save(hijack: HijackCli, tmp_path: Path) -> None:
+    """The BGSAVE child (a fork of the server) killed mid-save with its parent and restored:
+    it finishes the file, its parent reaps it and reports success; the client's connection
+    is the same one."""
+    with redis_server(tmp_path) as (server, port, log):
+        try:
+            client = Resp(port)
+            script = "for i=1,2000 do redis.call('set','k'..i,i) end return 1"
+            assert client.command("EVAL", script, "0") == 1
+            assert client.command("CONFIG", "SET", "rdb-key-save-delay", "1000") == b"OK"
+            assert client.command("BGSAVE") == b"Background saving started"
+            wait_until(lambda: len(_members(server.pid)) == 2, "the BGSAVE child")
+            dumped = dump_and_kill(hijack, server, tmp_path / "redis.crf")
+            assert "2 processes" in dumped
+            assert not (tmp_path / "dump.rdb").exists(), "the save ended before the kill"
+            assert restored_pid(hijack.ok("restore", tmp_path / "redis.crf")) == server.pid
+
+            def saved() -> bool:
+                info = client.command("INFO", "persistence")
+                return isinstance(info, bytes) and b"rdb_bgsave_in_progress:0" in info
+
+            wait_until(saved, "the restored BGSAVE's end")
+            info = client.command("INFO", "persistence")
+            assert isinstance(info, bytes) and b"rdb_last_bgsave_status:ok" in info, info
+            assert (tmp_path / "dump.rdb").exists()
+            assert b"Background saving terminated with success" in log.read_bytes()
+            assert client.command("DBSIZE") == 2000
+            client.close()
+        finally:
+            end_tree(server.pid)
