@@ -369,3 +369,32 @@ def test_a_tree_killed_and_restored_keeps_each_member_s_tcp_connection(
             assert tree.ask(tree.root, "pipe") == f"from child {pids[1]}"
         finally:
             kill_tree(pids)
+
+
+def mapped_files(pid: int) -> set[tuple[str, str]]:
+    """The (device, inode) of each memfd and deleted file `pid` maps shared."""
+    found = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[1][3] == "s" and fields[5].endswith("(deleted)"):
+            if fields[5] != SHARED_MEMORY:
+                found.add((fields[3], fields[4]))
+    return found
+
+
+def test_a_memfd_and_a_deleted_file_only_mapped_stay_one_across_members(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    """A memfd the child only maps (its descriptor closed) and a deleted file both only map
+    are each made once and mapped by both: a write by one is seen by the other; the memfd's
+    seals (F_SEAL_SEAL among them) are set once every member maps it."""
+    image = tmp_path / "mapped.crf"
+    with spawn_fixture("tree_mapped", tmp_path / "file", fifos=True) as tree:
+        child = int(tree.ready["child"])
+        assert len(mapped_files(tree.pid)) == 2 and mapped_files(child) == mapped_files(tree.pid)
+        dump_kill_tree(hijack, tree, image)
+        assert restored_pid(hijack.ok("restore", image)) == tree.pid
+        tree.adopt(tree.pid)
+        assert len(mapped_files(tree.pid)) == 2, "one memfd, one deleted file"
+        assert mapped_files(child) == mapped_files(tree.pid), "the very same files, not copies"
+        tree.assert_intact()

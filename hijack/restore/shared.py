@@ -12,6 +12,12 @@ gives the very same object to the others:
   is rebuilt;
 - shared anonymous memory (the same dev and inode in their SHARED_ANONYMOUS
   records): made in the first member, then mapped by the others from it;
+- a memfd or a deleted file (the same dev and inode in their MEMFD / GHOST_FILE
+  records), whether members hold it by descriptors or only map it: made and
+  filled once, each descriptor a new description of it and each mapping mapped
+  from it; a memfd's seals are set once every member is rebuilt (seal), as
+  F_SEAL_SEAL or F_SEAL_FUTURE_WRITE set after the first member would refuse
+  the next one's seals or writable mappings;
 - an unnamed unix socket pair joining members (an end's peer is the other
   member's socket): made once, each end's queue filled from the other.
 """
@@ -23,7 +29,7 @@ from collections.abc import Hashable
 
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
-from hijack.sys import pidfd
+from hijack.sys import filedata, pidfd
 
 
 class TreeShared:
@@ -38,6 +44,7 @@ class TreeShared:
         # The first ends of unix socket pairs joining members, by inode, with their member,
         # until the member holding the other end is rebuilt (hijack.objects.unix).
         self._half_pairs: dict[int, tuple[int, rec.UnixSocket]] = {}
+        self._seals: dict[int, int] = {}  # our descriptor of a memfd -> the seals it takes
         self.member = 0  # the pid in the image of the member being rebuilt
 
     def begin(self, member: int, stub_pid: int, image: ImageFiles) -> None:
@@ -49,6 +56,11 @@ class TreeShared:
             for d in image.descriptors
             if isinstance(image.objects.get(d.object_id), rec.PipeObject | rec.FifoObject)
         }
+        self._keys.update(
+            (found.id, ("file", found.dev, found.ino))
+            for found in image.objects.values()
+            if isinstance(found, rec.MemfdObject | rec.GhostFile)
+        )
 
     def given(self, fds: set[int]) -> None:
         """The current member's descriptors `fds` exist in its stub now."""
@@ -75,6 +87,15 @@ class TreeShared:
 
     def keep(self, key: Hashable, our_fd: int) -> None:
         self._kept[key] = our_fd
+
+    def seal_later(self, memfd: int, seals: int) -> None:
+        """Seal our memfd `memfd` with `seals` once every member is rebuilt (seal)."""
+        self._seals[memfd] = seals
+
+    def seal(self) -> None:
+        for memfd, seals in self._seals.items():
+            filedata.add_seals(memfd, seals)
+        self._seals.clear()
 
     def half_made(self, sock: rec.UnixSocket) -> None:
         """A socket pair was made for `sock`, an end the current member holds."""

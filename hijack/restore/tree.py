@@ -175,6 +175,7 @@ def restore_tree(
         unclaimed = shared.unclaimed()
         if unclaimed:
             raise RestoreError(f"cannot restore the tree: {'; '.join(unclaimed)}")
+        shared.seal()
         reached("restore-tree-rebuilt")
         pending = {done.header.pid: done.pending for done in rebuilt}
         for member in reversed(tree.imaged):  # children first: their parents still ours
