@@ -376,9 +376,9 @@ def mapped_files(pid: int) -> set[tuple[str, str]]:
     found = set()
     for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
         fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[1][3] == "s" and fields[5].endswith("(deleted)"):
-            if fields[5] != SHARED_MEMORY:
-                found.add((fields[3], fields[4]))
+        deleted = len(fields) == 6 and fields[5].endswith("(deleted)")
+        if deleted and fields[1][3] == "s" and fields[5] != SHARED_MEMORY:
+            found.add((fields[3], fields[4]))
     return found
 
 
