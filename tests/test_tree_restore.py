@@ -256,9 +256,50 @@ def test_an_attached_tree_killed_and_restored_keeps_its_connections(
         for pid in tree.pids:
             assert tree.ask(pid, "ping") == f"pong {pid}", "its connection, kept by the shadow"
         assert tree.ask(tree.root, "pipe") == f"from child {tree.pids[1]}"
+        assert_status_draws(cli, tree.root, tree.pids[1:])
     finally:
         cli("detach", tree.root)
         kill_tree(tree.pids)
+
+
+def assert_status_draws(cli: HijackCli, root: int, children: Iterable[int]) -> None:
+    """`hijack status` draws the restored tree: its root, each of its `children` under it,
+    attached (the shadow holds its descriptors again) and alive."""
+    status = cli("status", "--json")
+    assert status.returncode == 0, status.describe()
+    (row,) = json.loads(status.stdout)["processes"]
+    assert row["pid"] == root and row["state"] == "attached", row
+    assert {m["pid"]: m["parent"] for m in row["members"]} == dict.fromkeys(children, root)
+    assert all(m["attached"] and m["alive"] for m in row["members"]), row["members"]
+    table = cli("status")
+    for pid in children:
+        assert f"└ {pid}" in table.stdout, table.stdout
+
+
+def test_an_attached_tree_restored_under_new_pids_is_drawn_by_status(
+    tmp_path: Path, cli: HijackCli, tree: Tree
+) -> None:
+    """A member whose pid is taken comes back under a new one (--new-pids): the registry's
+    members table follows it, so `hijack status` draws the tree with its new pid."""
+    attach_tree(cli, tree)
+    image = tmp_path / "attached.crf"
+    cli.ok("dump", tree.root, "-o", image, "--kill")
+    assert tree.process.wait(REAP_TIMEOUT) == -signal.SIGKILL
+    reap_killed(tree.pids[1:])
+    held = hold_pid(tree.pids[1])
+    new_child = 0
+    try:
+        restored = cli.ok("restore", "--new-pids", image)
+        found = re.findall(r"restored process (\d+) \(\S+, was (\d+)", restored.stdout)
+        new_of = {int(old): int(new) for new, old in found}
+        assert list(new_of) == [tree.pids[1]], restored.stdout
+        new_child = new_of[tree.pids[1]]
+        assert tree.ask(tree.pids[1], "ping") == f"pong {new_child}", "its connection, kept"
+        assert_status_draws(cli, tree.root, [new_child, tree.pids[2]])
+    finally:
+        release_pid(held)
+        cli("detach", tree.root)
+        kill_tree([tree.root, tree.pids[2], *([new_child] if new_child else [])])
 
 
 @pytest.mark.parametrize("stage", ["restore-tree-forked", "restore-tree-rebuilt"])
