@@ -438,4 +438,13 @@ def test_a_memfd_and_a_deleted_file_only_mapped_stay_one_across_members(
         tree.adopt(tree.pid)
         assert len(mapped_files(tree.pid)) == 2, "one memfd, one deleted file"
         assert mapped_files(child) == mapped_files(tree.pid), "the very same files, not copies"
+        # `hijack status` draws the restored tree: the child under its root.
+        (row,) = json.loads(hijack.ok("status", "--json").stdout)["processes"]
+        assert (row["pid"], row["state"]) == (tree.pid, "restored"), row
+        assert [(m["pid"], m["parent"], m["alive"]) for m in row["members"]] == [
+            (child, tree.pid, True)
+        ]
+        assert not row["members"][0]["attached"], "no shadow holds its descriptors"
+        table = hijack.ok("status").stdout
+        assert f"└ {child}" in table and "member" in table, table
         tree.assert_intact()
