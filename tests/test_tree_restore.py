@@ -364,6 +364,81 @@ def test_a_tree_sharing_a_descriptor_table_is_not_killed(hijack: HijackCli, tmp_
         kill_tree([child])
 
 
+# forkpty: the parent holds the pty's master only, the child its slave (stdin, stdout,
+# stderr), blocked reading it; "ready CHILD" once it runs.
+FORKPTY_PROGRAM = r"""
+import os, pty
+child, master = pty.fork()
+if child == 0:
+    os.read(0, 1)
+    os._exit(0)
+print("ready", child, flush=True)
+os.read(master, 1)
+"""
+
+# A POSIX message queue parent and child each open by its name (two descriptions), then
+# unlinked; "ready CHILD" once both hold it.
+MQUEUE_PROGRAM = r"""
+import ctypes, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+name = sys.argv[1].encode()
+def open_queue():
+    fd = libc.mq_open(name, os.O_RDWR | os.O_CREAT, 0o600, None)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    return fd
+queue = open_queue()
+told_read, told_write = os.pipe()
+child = os.fork()
+if child == 0:
+    os.close(queue)
+    os.close(told_read)
+    open_queue()
+    os.close(told_write)
+    signal.pause()
+os.close(told_write)
+os.read(told_read, 1)  # EOF: the child holds the queue
+libc.mq_unlink(name)
+print("ready", child, flush=True)
+signal.pause()
+"""
+
+
+@pytest.mark.parametrize(
+    ("program", "argument", "reason"),
+    [
+        (FORKPTY_PROGRAM, "", "holds the master of pty /dev/pts/"),
+        (MQUEUE_PROGRAM, "/hijack-tree-test", "each opened the unlinked message queue"),
+    ],
+    ids=["forkpty", "mqueue"],
+)
+def test_what_a_restore_would_copy_per_member_is_not_killed(
+    hijack: HijackCli, tmp_path: Path, program: str, argument: str, reason: str
+) -> None:
+    """What members share that a restore would make once for each (a pty split between
+    a master holder and a slave holder; an unlinked message queue each opened) is refused
+    by name before the kill: the tree runs on, no image is left."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", program, *([argument] if argument else [])],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    child = 0
+    try:
+        assert process.stdout is not None
+        words = process.stdout.readline().split()
+        assert words[0] == "ready", words
+        child = int(words[1])
+        refused = hijack("dump", process.pid, "-o", tmp_path / "copied.crf", "--kill")
+        assert_refused(refused, f"not killing the tree of process {process.pid}", reason)
+        assert not (tmp_path / "copied.crf").exists()
+        assert process.poll() is None and os.path.exists(f"/proc/{child}")
+    finally:
+        process.kill()
+        process.wait()
+        if child:
+            kill_tree([child])
+
+
 def test_a_tree_killed_and_restored_keeps_each_member_s_tcp_connection(
     hijack: HijackCli, tmp_path: Path
 ) -> None:
