@@ -338,32 +338,6 @@ os.read(read_end, 1)
 """
 
 
-def test_a_tree_sharing_a_descriptor_table_is_not_killed(hijack: HijackCli, tmp_path: Path) -> None:
-    """Members sharing what no image records (CLONE_FILES) are refused by name before the
-    kill: the tree runs on, no image is left."""
-    process = subprocess.Popen(
-        [sys.executable, "-c", CLONE_FILES_PROGRAM], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert process.stdout is not None
-        words = process.stdout.readline().split()
-        assert words[0] == "ready", words
-        child = int(words[1])
-        refused = hijack("dump", process.pid, "-o", tmp_path / "shared.crf", "--kill")
-        assert_refused(
-            refused,
-            f"not killing the tree of process {process.pid}",
-            f"process {child} (python) shares its descriptor table (CLONE_FILES) with process"
-            f" {process.pid}",
-        )
-        assert not (tmp_path / "shared.crf").exists()
-        assert process.poll() is None and os.path.exists(f"/proc/{child}")
-    finally:
-        process.kill()
-        process.wait()
-        kill_tree([child])
-
-
 # forkpty: the parent holds the pty's master only, the child its slave (stdin, stdout,
 # stderr), blocked reading it; "ready CHILD" once it runs.
 FORKPTY_PROGRAM = r"""
@@ -406,17 +380,24 @@ signal.pause()
 @pytest.mark.parametrize(
     ("program", "argument", "reason"),
     [
+        (
+            CLONE_FILES_PROGRAM,
+            "",
+            "process {child} (python) shares its descriptor table (CLONE_FILES) with process"
+            " {root}",
+        ),
         (FORKPTY_PROGRAM, "", "holds the master of pty /dev/pts/"),
         (MQUEUE_PROGRAM, "/hijack-tree-test", "each opened the unlinked message queue"),
     ],
-    ids=["forkpty", "mqueue"],
+    ids=["clone-files", "forkpty", "mqueue"],
 )
-def test_what_a_restore_would_copy_per_member_is_not_killed(
+def test_a_tree_sharing_what_a_restore_would_not_is_not_killed(
     hijack: HijackCli, tmp_path: Path, program: str, argument: str, reason: str
 ) -> None:
-    """What members share that a restore would make once for each (a pty split between
-    a master holder and a slave holder; an unlinked message queue each opened) is refused
-    by name before the kill: the tree runs on, no image is left."""
+    """Members sharing what no image records (CLONE_FILES), or what a restore would make
+    once for each (a pty split between a master holder and a slave holder; an unlinked
+    message queue each opened), are refused by name before the kill: the tree runs on, no
+    image is left."""
     process = subprocess.Popen(
         [sys.executable, "-c", program, *([argument] if argument else [])],
         stdout=subprocess.PIPE,
@@ -429,7 +410,11 @@ def test_what_a_restore_would_copy_per_member_is_not_killed(
         assert words[0] == "ready", words
         child = int(words[1])
         refused = hijack("dump", process.pid, "-o", tmp_path / "copied.crf", "--kill")
-        assert_refused(refused, f"not killing the tree of process {process.pid}", reason)
+        assert_refused(
+            refused,
+            f"not killing the tree of process {process.pid}",
+            reason.format(child=child, root=process.pid),
+        )
         assert not (tmp_path / "copied.crf").exists()
         assert process.poll() is None and os.path.exists(f"/proc/{child}")
     finally:
