@@ -13,6 +13,10 @@ and the fixture's own checks pass: its root reaps the zombies with their
 status. A pid taken is refused unless --new-pids, which renumbers only the
 members whose pid is taken, relations kept. A restore interrupted kills every
 stub it made; members sharing a descriptor table are refused before the kill.
+The tree_mapped fixture: a memfd and a deleted file members only map, and a pty
+pair both hold whole, come back one object each, not a copy per member; what a
+restore would copy per member (a forkpty split, an unlinked queue each opened)
+is refused before the kill.
 """
 
 from __future__ import annotations
@@ -483,12 +487,13 @@ def mapped_files(pid: int) -> set[tuple[str, str]]:
     return found
 
 
-def test_a_memfd_and_a_deleted_file_only_mapped_stay_one_across_members(
+def test_a_memfd_a_deleted_file_and_a_pty_stay_one_across_members(
     hijack: HijackCli, tmp_path: Path
 ) -> None:
     """A memfd the child only maps (its descriptor closed) and a deleted file both only map
     are each made once and mapped by both: a write by one is seen by the other; the memfd's
-    seals (F_SEAL_SEAL among them) are set once every member maps it."""
+    seals (F_SEAL_SEAL among them) are set once every member maps it. A pty pair both hold
+    whole (the child's slave its own description) is one pty. Status draws the tree."""
     image = tmp_path / "mapped.crf"
     with spawn_fixture("tree_mapped", tmp_path / "file", fifos=True) as tree:
         child = int(tree.ready["child"])

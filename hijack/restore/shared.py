@@ -18,6 +18,8 @@ gives the very same object to the others:
   from it; a memfd's seals are set once every member is rebuilt (seal), as
   F_SEAL_SEAL or F_SEAL_FUTURE_WRITE set after the first member would refuse
   the next one's seals or writable mappings;
+- a pty pair members hold whole (the same `index` in their PTY_PAIR records):
+  made once, each member's slave descriptors opened from its one master;
 - an unnamed unix socket pair joining members (an end's peer is the other
   member's socket): made once, each end's queue filled from the other.
 
@@ -63,11 +65,11 @@ class TreeShared:
             for d in image.descriptors
             if isinstance(image.objects.get(d.object_id), rec.PipeObject | rec.FifoObject)
         }
-        self._keys.update(
-            (found.id, ("file", found.dev, found.ino))
-            for found in image.objects.values()
-            if isinstance(found, rec.MemfdObject | rec.GhostFile)
-        )
+        for found in image.objects.values():
+            if isinstance(found, rec.MemfdObject | rec.GhostFile):
+                self._keys[found.id] = ("file", found.dev, found.ino)
+            elif isinstance(found, rec.PtyPair):
+                self._keys[found.id] = ("pty", found.index)
 
     def given(self, fds: set[int]) -> None:
         """The current member's descriptors `fds` exist in its stub now."""
@@ -152,7 +154,7 @@ def _split_ptys(entries: dict[int, list[procfs.FdEntry]]) -> list[str]:
     refusals = []
     for index, holders in sorted(masters.items()):
         alone = sorted(holders - slaves.get(index, set()))
-        others = sorted(slaves.get(index, set()) - holders)
+        others = sorted(slaves.get(index, set()) - set(alone))
         if alone and others:
             refusals.append(
                 f"process {alone[0]} holds the master of pty /dev/pts/{index} and process"
