@@ -2,15 +2,19 @@
 
 - a shell pipeline (`producer | filter | consumer`, the filter forking a sleep
   per line): the consumer's output is complete and in order;
-- a Python multiprocessing Pool (pipes, POSIX semaphores in deleted /dev/shm
-  files every member maps, a parent with threads): every task's result
-  arrives and the parent exits 0;
+- a Python multiprocessing Pool, started by fork (pipes, POSIX semaphores in
+  deleted /dev/shm files every member maps, a parent with threads) and by
+  forkserver (a resource tracker, a fork server whose children the workers
+  are, semaphores under names glibc linked them to): every task's result
+  arrives, the semaphores are shared again, and the parent exits 0;
 - nginx from Debian's package, a master and two workers sharing the master's
   listening socket, under a keep-alive HTTP load: no request fails (those in
   flight during the freeze wait), the load's connections are the same ones
   after the restore, new connections are served, every process is back under
   its pid with its parent, and the master still commands its workers (a
-  graceful stop ends them all with status 0).
+  graceful stop ends them all with status 0);
+- redis-server killed while its BGSAVE child writes the RDB: the child
+  finishes it, the server reaps it and reports success.
 """
 
 from __future__ import annotations
@@ -156,15 +160,8 @@ def semaphores_shared(root: int) -> set[frozenset[int]]:
 @pytest.mark.parametrize(
     "start_method",
     [
-        # Remove the mark once branch tree-more (cd8ce3f: a deleted file members only map
-        # made once) is in main: until then each member gets a copy of every semaphore (fork
-        # unlinks them at once), and the pool may hang.
-        pytest.param(
-            "fork",
-            marks=pytest.mark.xfail(
-                reason="POSIX semaphores copied per member until tree-more lands", strict=False
-            ),
-        ),
+        # fork unlinks each semaphore at once: a deleted file all members map, made once.
+        "fork",
         # Python 3.14's default: a resource tracker and a fork server beside the parent, the
         # workers the fork server's children, the semaphores named files while in use.
         "forkserver",
