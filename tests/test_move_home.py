@@ -91,6 +91,12 @@ def assert_home_again(node: Node, home_pid: int, pid: int, shadow_pid: int) -> N
     assert (record.state, record.home_pid) == ("attached", None), record
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="relay-auth: a client accepted while away is relayed through the node's forwarder"
+    " (encrypted, even with --plain-relays), which the shadow does not hand back: the move"
+    " home goes on relayed",
+)
 def test_a_server_moved_away_and_home_again_serves_with_its_own_sockets(tmp_path: Path) -> None:
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
