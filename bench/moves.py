@@ -5,8 +5,14 @@
 - throughput home again: the same after the server moved back to its home node
   (its shadow handed it back its own sockets: no relay), as a ratio to a sink
   started beside it then and never moved (the two taken in turns, best of 3);
+- relay throughput, both ways, on a connection made before the move: a
+  client streams into a sink server and reads a stream out of it, directly,
+  then after the server moved (its bytes go through the home shadow's
+  relay), as a ratio; once with the relays
+  encrypted (the default between nodes: TLS through the node's forwarder) and
+  once with --plain-relays;
 - added round-trip latency: small request/answer pairs, the median with the
-  relay minus the median without;
+  relay minus the median without, encrypted and plain;
 - freeze time of moving processes holding 10 MB and SIZE of memory, and of
   one holding SIZE that keeps dirtying 10 MB/s of it: with pre-copy (the
   default; the rounds it took) beside the same move with --no-precopy.
@@ -31,24 +37,43 @@ MIB = 1024 * 1024
 SERVE = (sys.executable, "-m", "hijack", "node", "serve")
 
 # A server on address argv[1] (default loopback) that, per connection, reads
-# everything until EOF and answers the byte count; a line "ping" is answered
-# at once (for round trips).
+# everything until EOF and answers the byte count (a client connecting after the
+# move: accepted by the shadow), or, begun with "ping", takes commands, a line each
+# (a connection made before the move, relayed as a stream of the process): "ping"
+# is answered "pong"; "up N" is followed by N bytes and answered "ok"; "down N" is
+# answered with N bytes.
 SINK = """
 import socket, sys, threading
 server = socket.create_server((sys.argv[1] if len(sys.argv) > 1 else "127.0.0.1", 0))
 print(server.getsockname()[1], flush=True)
-def serve(conn):
-    total = 0
-    buffer = bytearray(1 << 20)
-    while True:
-        got = conn.recv_into(buffer)
+def exactly(conn, size, buffer):
+    view = memoryview(buffer)
+    while size:
+        got = conn.recv_into(view[: min(size, len(buffer))])
         if not got:
-            break
-        if got == 5 and buffer[:5] == b"ping\\n":
+            raise EOFError
+        size -= got
+def serve(conn):
+    buffer = bytearray(1 << 20)
+    if conn.recv(5, socket.MSG_PEEK | socket.MSG_WAITALL) != b"ping\\n":
+        total = 0
+        while got := conn.recv_into(buffer):
+            total += got
+        conn.sendall(str(total).encode())
+        conn.close()
+        return
+    lines = conn.makefile("rb", buffering=0)
+    while line := lines.readline():
+        word, _, size = line.strip().partition(b" ")
+        if word == b"ping":
             conn.sendall(b"pong\\n")
-            continue
-        total += got
-    conn.sendall(str(total).encode())
+        elif word == b"up":
+            exactly(conn, int(size), buffer)
+            conn.sendall(b"ok\\n")
+        elif word == b"down":
+            chunk = bytes(1 << 20)
+            for _ in range(int(size) >> 20):
+                conn.sendall(chunk)
     conn.close()
 while True:
     conn, _ = server.accept()
@@ -191,7 +216,7 @@ def started(argv: list[str], env: dict[str, str]) -> Iterator[tuple[subprocess.P
 
 
 def stream_into(port: int, size: int) -> float:
-    """Seconds to send `size` bytes to the sink and have it confirm them all."""
+    """Seconds to send `size` bytes to the sink on a new connection and have it confirm them."""
     chunk = os.urandom(MIB)
     started_at = time.perf_counter()
     with socket.create_connection(("127.0.0.1", port)) as sock:
@@ -205,17 +230,48 @@ def stream_into(port: int, size: int) -> float:
     return elapsed
 
 
-def round_trips(port: int, count: int) -> float:
-    """Median seconds of a small request and its answer."""
-    times = []
+def upload(sock: socket.socket, size: int) -> float:
+    """Seconds to send `size` bytes to the sink on `sock` and have it confirm them."""
+    chunk = os.urandom(MIB)
+    started_at = time.perf_counter()
+    sock.sendall(f"up {size}\n".encode())
+    for _ in range(size // MIB):
+        sock.sendall(chunk)
+    if sock.recv(16) != b"ok\n":
+        raise SystemExit("bench: the sink did not confirm an upload")
+    return time.perf_counter() - started_at
+
+
+def download(sock: socket.socket, size: int) -> float:
+    """Seconds to have the sink send `size` bytes on `sock` and read them all."""
+    buffer = bytearray(MIB)
+    started_at = time.perf_counter()
+    sock.sendall(f"down {size}\n".encode())
+    received = 0
+    while received < size:
+        got = sock.recv_into(buffer, min(MIB, size - received))
+        if not got:
+            raise SystemExit(f"bench: got {received} bytes of {size} from the sink")
+        received += got
+    return time.perf_counter() - started_at
+
+
+def round_trips_to(port: int, count: int) -> float:
+    """round_trips on a new connection to the sink."""
     with socket.create_connection(("127.0.0.1", port)) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        for _ in range(count):
-            started_at = time.perf_counter()
-            sock.sendall(b"ping\n")
-            if sock.recv(16) != b"pong\n":
-                raise SystemExit("bench: the sink did not answer pong")
-            times.append(time.perf_counter() - started_at)
+        return round_trips(sock, count)
+
+
+def round_trips(sock: socket.socket, count: int) -> float:
+    """Median seconds of a small request and its answer."""
+    times = []
+    for _ in range(count):
+        started_at = time.perf_counter()
+        sock.sendall(b"ping\n")
+        if sock.recv(16) != b"pong\n":
+            raise SystemExit("bench: the sink did not answer pong")
+        times.append(time.perf_counter() - started_at)
     return statistics.median(times)
 
 
@@ -247,11 +303,11 @@ def measure_moves(directory: Path, stream_size: int, big: int) -> list[str]:
         with started([sys.executable, "-c", SINK], nodes.env("a")) as (sink, port_text):
             port = int(port_text)
             direct_s = stream_into(port, stream_size)
-            direct_rtt = round_trips(port, 500)
+            direct_rtt = round_trips_to(port, 500)
             moved_pid, _, _ = nodes.move(sink.pid, "b")
             try:
                 relayed_s = stream_into(port, stream_size)
-                relayed_rtt = round_trips(port, 500)
+                relayed_rtt = round_trips_to(port, 500)
                 moved_pid, _, _ = nodes.move(moved_pid, "a", source="b")
                 unrelayed = "home again: it holds its own" in nodes.output
                 home_s, fresh_s = home_against_fresh(port, stream_size, nodes.env("a"))
@@ -276,6 +332,8 @@ def measure_moves(directory: Path, stream_size: int, big: int) -> list[str]:
             f"{'direct round trip':<38} {direct_rtt * 1e6:8.0f} us   | "
             f"target <= 50 us: {'met' if added_us <= 50 else 'NOT met'}"
         )
+        for label, options in (("encrypted", ()), ("plain", ("--plain-relays",))):
+            lines += _relay_figures(nodes, stream_size, label, options)
         big_label = f"{big // MIB} MiB"
         holders = (
             ("10 MB", [HOLDER, str(10 * MIB)]),
@@ -298,4 +356,50 @@ def measure_moves(directory: Path, stream_size: int, big: int) -> list[str]:
             )
     finally:
         nodes.stop()
+    return lines
+
+
+def _relay_figures(
+    nodes: Nodes, stream_size: int, label: str, options: tuple[str, ...]
+) -> list[str]:
+    """Throughput both ways and the added round trip of a moved sink's relays: on a
+    connection it had before the move (a relayed stream), and for a client after it
+    (accepted by the shadow, forwarded by the node: encrypted even with --plain-relays)."""
+    with (
+        started([sys.executable, "-c", SINK], nodes.env("a")) as (sink, port_text),
+        socket.create_connection(("127.0.0.1", int(port_text))) as sock,
+    ):
+        port = int(port_text)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        round_trips(sock, 1)  # the sink has accepted it: the move relays it
+        direct = (upload(sock, stream_size), download(sock, stream_size))
+        direct_rtt = round_trips(sock, 500)
+        direct_client = stream_into(port, stream_size)
+        moved_pid, _, _ = nodes.move(sink.pid, "b", *options)
+        try:
+            relayed = (upload(sock, stream_size), download(sock, stream_size))
+            relayed_rtt = round_trips(sock, 500)
+            relayed_client = stream_into(port, stream_size)
+        finally:
+            kill_moved(moved_pid)
+    lines = []
+    # Encryption costs the splice path: the target holds for plain relays only.
+    target = 0.9 if label == "plain" else None
+    ways = (("in", direct[0], relayed[0]), ("out", direct[1], relayed[1]))
+    ways += (("in, new client", direct_client, relayed_client),)
+    for way, direct_s, relayed_s in ways:
+        ratio = direct_s / relayed_s
+        goal = target if "client" not in way else None
+        verdict = f"  target >= 0.90: {'met' if ratio >= 0.9 else 'NOT met'}" if goal else ""
+        lines.append(
+            f"{f'relay {way}, {label}':<34} {stream_size / relayed_s / 1e6:8.0f} MB/s | "
+            f"{'direct TCP, same path':<38} {stream_size / direct_s / 1e6:8.0f} MB/s | "
+            f"ratio {ratio:5.2f}{verdict}"
+        )
+    added_us = (relayed_rtt - direct_rtt) * 1e6
+    verdict = f"target <= 50 us: {'met' if added_us <= 50 else 'NOT met'}" if target else ""
+    lines.append(
+        f"{f'added round trip, {label}':<34} {added_us:8.0f} us   | "
+        f"{'direct round trip':<38} {direct_rtt * 1e6:8.0f} us   | {verdict}"
+    )
     return lines

@@ -15,12 +15,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hijack.errors import RegistryError
 from hijack.node import naming
 
+if TYPE_CHECKING:
+    from hijack.shadow.control import HomeEndpoint
+
 DEFAULT_STATE_DIR = "/var/lib/hijack"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS processes (
@@ -36,7 +40,9 @@ CREATE TABLE IF NOT EXISTS processes (
     updated_at     REAL    NOT NULL,
     relay_address  TEXT,              -- the home shadow's TCP endpoint, "ip:port"
     relay_token    TEXT,              -- the migrant's secret for that endpoint (hex)
-    home_pid       INTEGER            -- its pid at home, for a process that runs here as a migrant
+    home_pid       INTEGER,           -- its pid at home, for a process that runs here as a migrant
+    relay_cert     TEXT,              -- SHA-256 of the home shadow's certificate (hex)
+    plain_relays   INTEGER            -- 1: its relays leave TLS (`hijack move --plain-relays`)
 );
 CREATE TABLE IF NOT EXISTS members (
     pid         INTEGER PRIMARY KEY,  -- a descendant of an attached process, covered by its shadow
@@ -107,6 +113,20 @@ class ProcessRecord:
     relay_address: str | None = None
     relay_token: str | None = None
     home_pid: int | None = None
+    relay_cert: str | None = None
+    plain_relays: int | None = None
+
+    def home_endpoint(self) -> HomeEndpoint:
+        """How to reach the home shadow of this process (a migrant, or one moved from here)."""
+        from hijack.shadow.control import HomeEndpoint
+
+        try:
+            token = bytes.fromhex(self.relay_token or "")
+        except ValueError:
+            token = b""
+        return HomeEndpoint(
+            self.relay_address or "", token, self.relay_cert or "", bool(self.plain_relays)
+        )
 
 
 @dataclass(frozen=True)
@@ -175,6 +195,9 @@ class Registry:
         if 0 < version < 2:
             for column in ("relay_address TEXT", "relay_token TEXT", "home_pid INTEGER"):
                 self._db.execute(f"ALTER TABLE processes ADD COLUMN {column}")
+        if 0 < version < 3:
+            for column in ("relay_cert TEXT", "plain_relays INTEGER"):
+                self._db.execute(f"ALTER TABLE processes ADD COLUMN {column}")
 
     def close(self) -> None:
         self._db.close()
@@ -230,11 +253,23 @@ class Registry:
             self._log(db, pid, "attached", detail)
         return self.get(pid)
 
-    def record_restored(self, pid: int, program: str) -> None:
-        """A process rebuilt from an image on this node: no shadow here."""
+    def record_restored(
+        self, pid: int, program: str, members: tuple[MemberRecord, ...] = ()
+    ) -> None:
+        """A process rebuilt from an image on this node: no shadow here; `members`: the
+        rest of its tree, rebuilt with it (status draws them under it)."""
         with self._transaction() as db:
+            db.execute("DELETE FROM members WHERE root=?", (pid,))
+            db.executemany(
+                "INSERT OR REPLACE INTO members VALUES (?,?,?,?,?)",
+                [(m.pid, pid, m.parent, m.start_time, m.program) for m in members],
+            )
             self._put_process(db, pid=pid, start_time=0, program=program, state="restored")
-            self._log(db, pid, "restored", program)
+            detail = program
+            if members:
+                pids = " ".join(str(member.pid) for member in members)
+                detail += f", with {len(members)} descendants: {pids}"
+            self._log(db, pid, "restored", detail)
 
     def rehome(self, old_pid: int, new_pid: int, start_time: int) -> None:
         """A checkpointed process restored on this node, maybe under a new pid: attached again."""
@@ -266,6 +301,8 @@ class Registry:
         home_pid: int,
         relay_address: str,
         relay_token: str,
+        relay_cert: str = "",
+        plain_relays: bool = False,
     ) -> None:
         """A process moved here from another node: its streams are relayed from home."""
         with self._transaction() as db:
@@ -279,6 +316,8 @@ class Registry:
                 relay_address=relay_address,
                 relay_token=relay_token,
                 home_pid=home_pid,
+                relay_cert=relay_cert,
+                plain_relays=int(plain_relays),
             )
             self._log(db, pid, "arrived", f"from the shadow of {home_node}:{home_pid}")
 
@@ -353,11 +392,19 @@ class Registry:
             f"INSERT OR REPLACE INTO processes ({names}) VALUES ({marks})", tuple(row.values())
         )
 
-    def set_relay(self, pid: int, relay_address: str, relay_token: str) -> None:
+    def set_relay(
+        self,
+        pid: int,
+        relay_address: str,
+        relay_token: str,
+        relay_cert: str = "",
+        plain_relays: bool = False,
+    ) -> None:
         with self._transaction() as db:
             db.execute(
-                "UPDATE processes SET relay_address=?, relay_token=?, updated_at=? WHERE pid=?",
-                (relay_address, relay_token, time.time(), pid),
+                "UPDATE processes SET relay_address=?, relay_token=?, relay_cert=?,"
+                " plain_relays=?, updated_at=? WHERE pid=?",
+                (relay_address, relay_token, relay_cert, int(plain_relays), time.time(), pid),
             )
 
     # -- moves --------------------------------------------------------------------

@@ -127,6 +127,20 @@ def test_a_mover_refuses_any_daemon_answer_without_a_certificate(data: bytes) ->
     targets.node_client(data)
 
 
+def tls_records() -> st.SearchStrategy[bytes]:
+    """A stranger's first bytes to a shadow's relay port: TLS records, mostly well formed."""
+    record = st.tuples(st.sampled_from([20, 21, 22, 23, 0, 255]), st.binary(max_size=200)).map(
+        lambda t: bytes([t[0], 3, 3]) + len(t[1]).to_bytes(2, "big") + t[1]
+    )
+    return st.lists(record, max_size=3).map(b"".join) | st.binary(max_size=300)
+
+
+@FUZZ
+@given(tls_records())
+def test_a_shadow_refuses_any_relay_handshake_without_a_certificate(data: bytes) -> None:
+    targets.shadow_relay(data)
+
+
 def certificate_files() -> st.SearchStrategy[bytes]:
     """node_certificate input: which file (first byte), then its bytes: the real file mutated,
     PEM around random DER, or anything."""

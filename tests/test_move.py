@@ -312,6 +312,7 @@ def move(
     home: tuple[Node, int] | None = None,
     *,
     precopy: bool = True,
+    options: tuple[str, ...] = (),
 ) -> Moved:
     """`hijack move PID --to DESTINATION` inside `source`; it must succeed and say where.
 
@@ -321,7 +322,9 @@ def move(
     """
     assert destination.daemon_endpoint is not None, f"node {destination.name} runs no daemon"
     option = "--precopy" if precopy else "--no-precopy"
-    result = source.hijack("move", pid, "--to", destination.daemon_endpoint, option, "--timing")
+    result = source.hijack(
+        "move", pid, "--to", destination.daemon_endpoint, option, *options, "--timing"
+    )
     where = source.directory.parent
     assert result.returncode == 0, f"[node {source.name}] {result.describe()}\n{logs(where)}"
     found = MOVED_LINE.search(result.stdout)
@@ -360,7 +363,17 @@ def runs_in(pid: int, node: Node) -> bool:
 
 
 def pids_inside(node: Node) -> set[int]:
-    return {int(pid) for pid in run_ip("netns", "pids", node.netns).split()}
+    """The processes in `node`'s namespace, but its relay forwarder: like its daemon, a
+    part of the node, which outlives a move (hijack/node/forwarder.py)."""
+    pids = {int(pid) for pid in run_ip("netns", "pids", node.netns).split()}
+    return {pid for pid in pids if not is_forwarder(pid)}
+
+
+def is_forwarder(pid: int) -> bool:
+    try:
+        return b"hijack.node.forwarder" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def wait_gone(pid: int, timeout: float, what: str) -> None:
@@ -934,8 +947,11 @@ def test_a_destination_that_refuses_the_process_changes_nothing(
 # -- several moves ----------------------------------------------------------------------
 
 
-def assert_relays_one_hop(moved: Moved, home: Node, home_pid: int, control_fd: int) -> None:
-    """Every relay of the process on its node goes straight to the home shadow."""
+def assert_relays_one_hop(
+    moved: Moved, home: Node, home_pid: int, control_fd: int, *, plain: bool = False
+) -> None:
+    """Every relay of the process on its node goes straight to the home shadow: plain at
+    home, else through its node's forwarder (docs/protocol.md, "Encrypted relays")."""
     status = shadow_status(home, home_pid)
     shadow_end = f"{home.address}:{status['endpoint_port']}"
     assert status["location"] == moved.node.name, status
@@ -944,12 +960,26 @@ def assert_relays_one_hop(moved: Moved, home: Node, home_pid: int, control_fd: i
     listening = [row for row in rows if row[0] == "LISTEN"]
     # The control pipe and one client connection, each a relay to the shadow.
     assert len(established) == 2, (rows, status)
-    assert {row[4] for row in established} == {shadow_end}, (rows, status)
-    assert [row[3].rsplit(":", 1)[0] for row in listening] == [moved.node.address], rows
+    # Its listener is on loopback: only the shadow's clients, through the node, get in.
+    assert [row[3].rsplit(":", 1)[0] for row in listening] == ["127.0.0.1"], rows
     streams = {stream["id"]: stream for stream in status["streams"]}
-    relayed = {stream["relay"] for stream in streams.values() if stream["relay"]}
-    assert relayed == {row[3] for row in established}, (rows, status)
+    relayed = {(s["relay"], s["shadow_end"]) for s in streams.values() if s["relay"]}
+    assert relayed == {(row[3], row[4]) for row in established}, (rows, status)
     assert streams[f"fd:{control_fd}"]["relay"], status
+    if moved.node is home or plain:
+        assert {row[4] for row in established} == {shadow_end}, (rows, status)
+    else:
+        # Its node's forwarder holds the other ends, and its TLS relays (and the
+        # listener's link) go straight to the shadow.
+        everyone = {int(pid) for pid in run_ip("netns", "pids", moved.node.netns).split()}
+        forwarded = [
+            row
+            for pid in everyone
+            if is_forwarder(pid)
+            for row in ss_lines(moved.node, pid)
+            if row[0] == "ESTAB" and row[4] == shadow_end
+        ]
+        assert len(forwarded) >= 3, (forwarded, status)
 
 
 def test_two_moves_with_one_hop_relays_then_home_again_unrelayed(tmp_path: Path) -> None:
@@ -968,7 +998,10 @@ def test_two_moves_with_one_hop_relays_then_home_again_unrelayed(tmp_path: Path)
             here, pid = a, home_pid
             freezes = []
             for there in (b, c, a):
-                moved = move(here, pid, there, home=(a, home_pid))
+                # Plain relays (recorded at the first move, kept by the next):
+                # home again takes only those back (test_move_home).
+                options = ("--plain-relays",) if here is a else ()
+                moved = move(here, pid, there, home=(a, home_pid), options=options)
                 freezes.append(moved.freeze_ms)
                 if here is a:
                     server.wait_exit()
@@ -982,7 +1015,7 @@ def test_two_moves_with_one_hop_relays_then_home_again_unrelayed(tmp_path: Path)
                     status = shadow_status(a, home_pid)
                     assert (status["mode"], status["streams"]) == ("home", []), status
                 else:
-                    assert_relays_one_hop(moved, a, home_pid, control_fd)
+                    assert_relays_one_hop(moved, a, home_pid, control_fd, plain=True)
                 assert ask(session, f"on {there.name}") == f"on {there.name}"
                 with spawn_fixture(
                     "stream_client", "127.0.0.1", port, str(1 << 20), "61", netns=a.netns

@@ -105,10 +105,12 @@ def test_a_move_whose_acknowledgements_never_come_is_aborted_and_loses_no_byte(
         assert staller.stdin is not None
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             written = pool.submit(write_all, staller.stdin, data)
-            # Its socket at b takes no more: bytes wait unacknowledged here.
+            # Its socket at b takes no more: bytes wait unacknowledged in the
+            # forwarder's end of it there (its relay is encrypted: the forwarder
+            # acknowledges to the shadow only what reached that socket).
             relay = stream_row(a, home_pid, "fd:0")
             poll_until(
-                lambda: window_closed(a, relay["shadow_end"], relay["relay"]),
+                lambda: window_closed(b, relay["shadow_end"], relay["relay"]),
                 "the stalled process's relay closing its window on the shadow",
             )
             assert a.daemon_endpoint is not None

@@ -247,6 +247,28 @@ def test_maps_tells_deleted_files_from_files_named_deleted(child: Child) -> None
     assert not kept.deleted and kept.path == str(child.workdir / "  kept (deleted)")
 
 
+def test_maps_names_a_file_by_the_link_left_when_its_mapped_name_was_unlinked(
+    tmp_path: Path,
+) -> None:
+    """As glibc's sem_open does: a file mapped under a temporary name, linked under its own,
+    the first name unlinked. maps says "(deleted)"; the file lives on by the second name."""
+    temporary, final = tmp_path / "sem.XXXXXX", tmp_path / "sem.name"
+    temporary.write_bytes(b"\0" * PAGE)
+    with open(temporary, "r+b") as file, mmap.mmap(file.fileno(), PAGE):
+        inode = os.fstat(file.fileno()).st_ino
+
+        def mapping() -> procfs.MapEntry:
+            return next(e for e in procfs.read_maps(os.getpid()) if e.inode == inode)
+
+        os.link(temporary, final)
+        temporary.unlink()
+        linked = mapping()
+        assert not linked.deleted and linked.path == str(final)
+        final.unlink()
+        gone = mapping()
+        assert gone.deleted and gone.path == str(temporary)
+
+
 def test_maps_names_special_and_anonymous_mappings(child: Child) -> None:
     paths = {entry.path for entry in procfs.read_maps(os.getpid())}
     assert {"[heap]", "[stack]", "[vdso]", "[vvar]"} <= paths

@@ -201,6 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="also print where the freeze went: each step on both nodes, in ms, and the"
         " system calls injected into the frozen process and into its copy",
     )
+    move.add_argument(
+        "--plain-relays",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="carry its relayed connections unencrypted between nodes, for a link you trust"
+        " (still authenticated; kept for its later moves and drains; default: as its last"
+        " move chose, else encrypted)",
+    )
     move.set_defaults(handler=command_move)
 
     drain = commands.add_parser(
@@ -440,7 +448,14 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
             progress = stack.enter_context(
                 render.move_progress(console, args.pid, args.to, expected_image_bytes(args.pid))
             )
-        result = moving.move(args.pid, args.to, registry, progress=progress, precopy=args.precopy)
+        result = moving.move(
+            args.pid,
+            args.to,
+            registry,
+            progress=progress,
+            precopy=args.precopy,
+            plain_relays=args.plain_relays,
+        )
     render.move_result(console, result, timing=args.timing)
     return EXIT_OK
 

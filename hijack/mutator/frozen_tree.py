@@ -40,6 +40,8 @@ def frozen_tree(root: int) -> Iterator[FrozenTree]:
         first_state: dict[int, str] = {}
         for _ in range(MAX_READINGS):
             tree = read_tree(root)
+            if tree.root.zombie:  # it ended before we stopped it (its parent has not reaped it)
+                raise NotAttachable(f"process {root} ({tree.root.comm}) is a zombie", pid=root)
             reasons = untakeable(tree)
             if reasons:
                 raise NotAttachable(f"cannot take the tree of process {root}: {'; '.join(reasons)}")
@@ -54,6 +56,11 @@ def frozen_tree(root: int) -> Iterator[FrozenTree]:
                     )
                 except ProcessGone:
                     if member.pid == root:
+                        raise
+                except NotAttachable:
+                    # A member that exited since the reading (a shell's short-lived
+                    # child) is a zombie now: the next reading records it as one.
+                    if member.pid == root or not _zombie_now(member.pid):
                         raise
             again = read_tree(root)
             settled = again.same_members(tree) and all(
@@ -74,6 +81,13 @@ def frozen_tree(root: int) -> Iterator[FrozenTree]:
                 shared=_shared_descriptions(again),
             ),
         )
+
+
+def _zombie_now(pid: int) -> bool:
+    try:
+        return procfs.read_stat(pid).state in ("Z", "X")
+    except ProcessGone:
+        return True  # reaped already: as good as a zombie for the next reading
 
 
 def _shared_descriptions(tree: ProcessTree) -> tuple[rec.SharedDescription, ...]:

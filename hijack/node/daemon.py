@@ -33,6 +33,7 @@ import ssl
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, BinaryIO, NamedTuple, cast
 
 from hijack.errors import HijackError
@@ -40,6 +41,7 @@ from hijack.image import records as rec
 from hijack.node import gate, mounts, pki, policy
 from hijack.node import terminal as terminal_pump
 from hijack.node.channel import Channel, ChannelError, DataReader
+from hijack.node.forwarder import ForwarderProcess, closed_listener
 from hijack.node.load import node_load
 from hijack.registry import Registry, node_name
 from hijack.restore.precopy import Prebuilt
@@ -54,9 +56,9 @@ from hijack.timing import Laps
 DEFAULT_PORT = 7450
 MAX_PORT = 65535
 COMMIT_TIMEOUT = 60.0  # seconds a prepared process waits for the mover's decision
-LISTEN_BACKLOG = 128
+LISTEN_BACKLOG = 128  # a listener's, when an older mover does not say the process's own
 RELEASE_TIMEOUT = 5.0  # seconds to tell a home shadow its migrant ended
-STOPPING_RELEASE_TIMEOUT = 1.0  # the same, as the daemon stops
+STOPPING_RELEASE_TIMEOUT = 3.0  # the same, as the daemon stops (a TLS handshake, then the answer)
 
 
 class Proxy(NamedTuple):
@@ -71,6 +73,7 @@ class Proxy(NamedTuple):
     peer: str  # the shadow relay "ip:port" a connected datagram socket is connected to, or ""
     file: int = -1  # a terminal's: descriptors with one `file` share one open slave
     shut: bool = False  # a stream the process shut down for writing: its relay is too
+    backlog: int = 0  # a listener's: the backlog the process gave it
 
 
 def log(text: str) -> None:
@@ -101,12 +104,14 @@ class NodeDaemon:
             ) from None
         self.listener.listen(gate.LISTEN_BACKLOG)
         self.gate = gate.Gate(self.listener, identity, limits, self._serve_peer, log)
+        self.forwarder = ForwarderProcess(log)  # the node's ends of encrypted relays
         # Settling: one decision per move. The sockets of moves held for their
         # commit, so that an `outcome` question that aborts one wakes its thread.
         self.decisions = threading.Lock()
         self.waiting: dict[str, Channel] = {}
 
     def serve(self) -> None:
+        self.forwarder.start()
         host, port = self.listener.getsockname()[:2]
         print(f"hijack node {self.name} listening on {host}:{port}", flush=True)
         try:
@@ -205,7 +210,7 @@ class NodeDaemon:
         registry: Registry | None = None,
     ) -> None:
         try:
-            move, home, token, proxies = _parse_move(request)
+            move, home, shadow, proxies = _parse_move(request)
         except HijackError as exc:
             log(f"refused a move from {channel.peer} ({where}): {exc}")
             channel.send({"error": str(exc)})
@@ -222,10 +227,20 @@ class NodeDaemon:
         datagrams: dict[str, str] = {}  # stream -> the process's UDP socket, "ip:port"
         image = DataReader(channel)
         committed: list[int] = []  # the pid, once the move is decided `running`
-        terminals = _Terminals(str(home["relay"]), token, move)
-        originals = _Originals(str(home["relay"]), token, move)
+        # Plain relays back home (nothing crosses between hosts) or when asked;
+        # else encrypted, through this node's forwarder.
+        plain = shadow.plain or home["node"] == self.name
+
+        def relay(stream: str, terminal: str = "") -> socket.socket:
+            if plain:
+                return control.open_plain_relay(shadow, stream, move, terminal=terminal)
+            return self.forwarder.relay(shadow, stream, move, terminal)
+
+        terminals = _Terminals(relay)
+        originals = _Originals(shadow, move)
         # A move home whose every descriptor is its original again (hijack.node.move).
         home_again = request.get("home_again") is True and home["node"] == self.name
+        links: list[socket.socket] = []  # listener links, shut if the move fails
         mount_namespace: int | None = None
         try:
             if prebuilt is None:  # else the pre-copy's stub is in it already
@@ -253,21 +268,24 @@ class NodeDaemon:
                         provided[proxy.fd] = terminals.master(proxy.stream)
                         continue
                     if proxy.kind == "listener":
-                        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                        opened.append(sock)
-                        control.bound_backoff(sock)  # its clients (shadow's relays) inherit it
+                        # Only the shadow's clients, through our forwarder, get in.
                         try:
-                            sock.bind((here, 0))
-                            sock.listen(LISTEN_BACKLOG)
+                            sock = closed_listener(proxy.backlog)
                         except OSError as exc:
                             raise HijackError(f"cannot listen for fd {proxy.fd}: {exc}") from None
+                        opened.append(sock)
                         listeners[proxy.stream] = endpoint(sock.getsockname())
+                        links.append(
+                            self.forwarder.listen(
+                                shadow, proxy.stream, move, listeners[proxy.stream]
+                            )
+                        )
                     elif proxy.kind == "datagram":
                         sock = datagram_socket(proxy, here)
                         opened.append(sock)
                         datagrams[proxy.stream] = f"{here}:{sock.getsockname()[1]}"
                     else:
-                        sock = control.open_relay(str(home["relay"]), token, proxy.stream, move)
+                        sock = relay(proxy.stream)
                         opened.append(sock)
                         if proxy.shut:
                             # Its writing side stays shut: its writes fail as before,
@@ -294,6 +312,8 @@ class NodeDaemon:
                         int(home["pid"]),
                         str(home["relay"]),
                         str(home["token"]),
+                        shadow.fingerprint,
+                        shadow.plain,
                     )
                     addresses = {"listeners": listeners, "datagrams": datagrams}
                     records.record_arrival(move, pid, "prepared", addresses)
@@ -345,6 +365,9 @@ class NodeDaemon:
         except HijackError as exc:
             log(f"move {move} failed: {exc}")
             terminals.close()
+            for link in links:  # the forwarder lets go of them
+                with contextlib.suppress(OSError):
+                    link.shutdown(socket.SHUT_RDWR)
             if committed:
                 # Decided `running`, yet it never started (the restorer killed
                 # it): the record must not tell a mover to end its original.
@@ -457,7 +480,9 @@ def _credentials(fields: Any) -> rec.Credentials:
     return rec.Credentials(**values)
 
 
-def _parse_move(request: dict[str, Any]) -> tuple[str, dict[str, Any], bytes, list[Proxy]]:
+def _parse_move(
+    request: dict[str, Any],
+) -> tuple[str, dict[str, Any], control.HomeEndpoint, list[Proxy]]:
     """The fields of a `move` request (docs/protocol.md, "Moving"), checked: any flaw refuses it."""
     try:
         move, home = request["move"], request["home"]
@@ -468,12 +493,19 @@ def _parse_move(request: dict[str, Any]) -> tuple[str, dict[str, Any], bytes, li
                 raise TypeError
         int(home["pid"])
         token = bytes.fromhex(home["token"])
+        fingerprint, plain = home.get("relay_cert", ""), home.get("plain_relays", False)
+        if not isinstance(fingerprint, str) or not isinstance(plain, bool):
+            raise TypeError
+        shadow = control.HomeEndpoint(home["relay"], token, fingerprint, plain)
         proxies = []
         for proxy in request.get("proxies", []):
             number, stream, kind = proxy["fd"], proxy["stream"], proxy.get("kind", "stream")
             family, peer = proxy.get("family", socket.AF_INET), proxy.get("peer", "")
             open_file = proxy.get("file", number)  # a terminal's: see hijack.node.move.Proxy
             shut = proxy.get("shut", False)
+            backlog = proxy.get("backlog", LISTEN_BACKLOG)
+            if not isinstance(backlog, int) or not 0 <= backlog < 1 << 31:
+                raise ValueError
             if not isinstance(number, int) or not 0 <= number < 1 << 20:
                 raise ValueError
             if not isinstance(open_file, int) or not -1 <= open_file < 1 << 20:
@@ -495,11 +527,12 @@ def _parse_move(request: dict[str, Any]) -> tuple[str, dict[str, Any], bytes, li
                     peer,
                     file=open_file,
                     shut=shut,
+                    backlog=backlog,
                 )
             )
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
         raise HijackError(f"malformed move request: {json.dumps(request)[:120]}") from None
-    return move, home, token, proxies
+    return move, home, shadow, proxies
 
 
 class _Originals:
@@ -507,9 +540,8 @@ class _Originals:
     (pidfd_getfd; it runs on this node). The shadow is asked through its endpoint, with
     the migrant's token: it names only what it handed back for this move."""
 
-    def __init__(self, relay_address: str, token: bytes, move: str) -> None:
-        self.relay_address = relay_address
-        self.token = token
+    def __init__(self, home: control.HomeEndpoint, move: str) -> None:
+        self.home = home
         self.move = move
         self.shadow_pid = 0
         self.own: dict[str, int] = {}  # stream -> the shadow's descriptor
@@ -517,11 +549,9 @@ class _Originals:
 
     def take(self, stream: str) -> int:
         if not self.shadow_pid:
-            answer = control.remote_request(
-                self.relay_address, self.token, {"op": "originals", "move": self.move}
-            )
+            answer = control.remote_request(self.home, {"op": "originals", "move": self.move})
             shadow_pid = int(answer["shadow_pid"])
-            _check_endpoint_owner(shadow_pid, self.relay_address)
+            _check_endpoint_owner(shadow_pid, self.home.address)
             self.shadow_pid = shadow_pid
             self.own = {str(k): int(v) for k, v in dict(answer["originals"]).items()}
         if stream not in self.own:
@@ -565,10 +595,8 @@ class _Terminals:
     """The ptys made for a migrant whose terminals, or pty masters, stayed at home
     (hijack.node.terminal)."""
 
-    def __init__(self, relay_address: str, token: bytes, move: str) -> None:
-        self.relay_address = relay_address
-        self.token = token
-        self.move = move
+    def __init__(self, relay: Callable[[str, str], socket.socket]) -> None:
+        self.relay = relay  # (stream, the pty standing for it) -> its relay here
         self.ptys: dict[str, _Pty] = {}  # stream -> its pty
         # What the process gets: (stream, open file) -> a slave, or stream -> the master.
         self.handed: dict[tuple[str, int] | str, int] = {}
@@ -579,9 +607,7 @@ class _Terminals:
         kept = -1
         try:
             kept = terminal.open_slave(path) if master_held else master
-            relay = control.open_relay(
-                self.relay_address, self.token, stream, self.move, terminal=path
-            )
+            relay = self.relay(stream, path)
         except BaseException:
             os.close(master)
             if kept not in (-1, master):
@@ -700,11 +726,10 @@ def _migrant_ended(pid: int, timeout: float = RELEASE_TIMEOUT) -> None:
         registry.set_state(pid, "exited")
     if record.relay_address and record.relay_token:
         try:
-            token = bytes.fromhex(record.relay_token)
             reason = f"process {pid} ended on {node_name()}"
             release = {"op": "release", "reason": reason}
-            control.remote_request(record.relay_address, token, release, timeout=timeout)
-        except (HijackError, ValueError) as exc:
+            control.remote_request(record.home_endpoint(), release, timeout=timeout)
+        except HijackError as exc:
             log(f"could not release the home shadow of {pid}: {exc}")
 
 

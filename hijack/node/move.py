@@ -63,11 +63,12 @@ from hijack.objects import pipe, unix
 from hijack.objects.memfd import holds_object
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
 from hijack.restore.plan import mapping_problems
-from hijack.shadow import control
+from hijack.shadow import control, relay_link
 from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
 from hijack.shadow.datagram import parse_address as parse_datagram_address
 from hijack.shadow.relay import ACK_WAIT
 from hijack.sys import kcmp, pidfd, procfs, sysv, terminal
+from hijack.sys.socket_filter import listen_backlog
 from hijack.testpoint import reached
 from hijack.timing import Laps
 
@@ -130,6 +131,7 @@ class Proxy:
     peer: str = ""  # a datagram socket connected to this relay ("ip:port"), or ""
     file: int = -1  # a terminal's or master's: the lowest descriptor sharing its open file
     shut: bool = False  # a TCP stream whose writing side the process shut down
+    backlog: int = 0  # a listener's listen() backlog, which its listener at the node gets
 
 
 class HomeShadow:
@@ -145,8 +147,7 @@ class HomeShadow:
         if self.local:
             assert self.record.shadow_control is not None
             return control.request(self.record.shadow_control, message, timeout=timeout)
-        address = self.record.relay_address or ""
-        return control.remote_request(address, bytes.fromhex(self.token), message, timeout=timeout)
+        return control.remote_request(self.record.home_endpoint(), message, timeout=timeout)
 
     def pid(self) -> int:
         """The shadow's pid (on this machine: nodes share one kernel in tests)."""
@@ -176,10 +177,13 @@ def move(
     registry: Registry,
     progress: Callable[[str, int], None] | None = None,
     precopy: bool | None = None,
+    plain_relays: bool | None = None,
 ) -> MoveResult:
     """Move `pid` to the node daemon at `destination`; see the module docstring.
 
     `precopy`: True or False forces pre-copy on or off; None decides by size.
+    `plain_relays`: whether its relays leave TLS between nodes (recorded, and
+    kept by later moves); None keeps what its last move chose (else encrypted).
     A move that fails leaves the process as it found it: attached only if it
     was attached before. One whose outcome is unknown raises MoveInDoubt.
     """
@@ -208,7 +212,7 @@ def move(
     try:
         reached("move-attached")
         result = _move_attached(
-            pid, address, identity, registry, registry.get(pid), report, precopy
+            pid, address, identity, registry, registry.get(pid), report, precopy, plain_relays
         )
         # As VM migrations report it: from the command's start to the copy running, settled.
         return dataclasses.replace(result, total_ms=(time.perf_counter() - started_at) * 1000)
@@ -230,8 +234,10 @@ def _move_attached(
     record: ProcessRecord,
     report: Callable[[str, int], None],
     precopy: bool | None,
+    plain_relays: bool | None,
 ) -> MoveResult:
     at_home = record.state == "attached"
+    plain = bool(record.plain_relays) if plain_relays is None else plain_relays
     token = record.relay_token or secrets.token_hex(32)
     shadow = HomeShadow(record, token)
     plan_proxies(pid, shadow, at_home, frozen=False)  # refused before anything is touched
@@ -250,11 +256,18 @@ def _move_attached(
     try:
         reached("move-connected")
         if at_home:
-            port = int(shadow.request({"op": "relay_listen", "token": token})["port"])
-            relay_address = f"{channel.sock.getsockname()[0]}:{port}"
-            registry.set_relay(pid, relay_address, token)
+            # Who may open relays: the cluster's nodes, as its CA and revocation list say now.
+            from hijack.node.pki import pki_dir  # not at the top: it loads `cryptography`
+
+            trust = relay_link.cluster_trust(pki_dir())
+            endpoint = shadow.request({"op": "relay_listen", "token": token, "trust": trust})
+            relay_address = f"{channel.sock.getsockname()[0]}:{int(endpoint['port'])}"
+            fingerprint = str(endpoint["certificate"])
         else:
             relay_address = record.relay_address or ""
+            fingerprint = record.relay_cert or ""
+        registry.set_relay(pid, relay_address, token, fingerprint, plain)
+        home = control.HomeEndpoint(relay_address, bytes.fromhex(token), fingerprint, plain)
         registry.record_node(channel.peer, f"{address[0]}:{address[1]}")
         registry.start_move(move_id, pid, record.program, channel.peer)
         report = _Published(registry, move_id, report)
@@ -282,6 +295,7 @@ def _move_attached(
                 mark_moved,
                 (address, identity),
                 precopied,
+                home,
             )
         except MoveInDoubt as exc:
             registry.update_move(move_id, phase="in-doubt", error=str(exc))
@@ -320,6 +334,7 @@ def _move_frozen(
     mark_moved: Callable[[], None],
     destination: tuple[tuple[str, int], pki.NodeIdentity],
     precopied: Precopy | None = None,
+    home: control.HomeEndpoint | None = None,
 ) -> MoveResult:
     before = precopied.bytes_sent if precopied is not None else 0
     quiet: dict[str, Any] | None = None  # away: the shadow's streams, as it went quiet
@@ -406,6 +421,8 @@ def _move_frozen(
                         "pid": record.home_pid or record.pid,
                         "relay": relay_address,
                         "token": shadow.token,
+                        "relay_cert": home.fingerprint if home else "",
+                        "plain_relays": home.plain if home else False,
                     },
                     "proxies": [p.__dict__ for p in plan],
                 }
@@ -1051,7 +1068,10 @@ def plan_proxies(
             )
             if streamable:
                 kind = "listener" if listening else "stream"
-                plan.append(Proxy(entry.fd, f"fd:{entry.fd}", kind, shut=_shut(found)))
+                backlog = _backlog(pid, entry.fd) if listening else 0
+                plan.append(
+                    Proxy(entry.fd, f"fd:{entry.fd}", kind, shut=_shut(found), backlog=backlog)
+                )
                 continue
         elif found is not None:
             stream_id = (
@@ -1061,7 +1081,8 @@ def plan_proxies(
             )
             if stream_id is not None:
                 kind = "listener" if listening else "stream"
-                plan.append(Proxy(entry.fd, stream_id, kind, shut=_shut(found)))
+                backlog = _backlog(pid, entry.fd) if listening else 0
+                plan.append(Proxy(entry.fd, stream_id, kind, shut=_shut(found), backlog=backlog))
                 continue
             relay_ends = {found.remote, found.local} & relayed_ends
             if relay_ends and not frozen:
@@ -1086,6 +1107,22 @@ def sockets_of(
     if any(entry.kind is procfs.FdKind.SOCKET for entry in entries):
         return procfs.read_socket_table(pid)
     return {}
+def _backlog(pid: int, fd: int) -> int:
+    """The backlog process `pid` gave its listener `fd` (its listener at the node gets it)."""
+    try:
+        handle = pidfd.pidfd_open(pid)
+        try:
+            copy = pidfd.pidfd_getfd(handle, fd, pid)
+        finally:
+            os.close(handle)
+    except HijackError:
+        return 0  # gone meanwhile: the frozen look decides
+    try:
+        return listen_backlog(copy)
+    except OSError:
+        return 0
+    finally:
+        os.close(copy)
 
 
 # TCP states of a socket whose own end is sent: its process shut down its writing side.

@@ -49,18 +49,20 @@ def frame(kind: int, payload: bytes) -> bytes:
 
 
 class FrameReader:
-    """Cuts the shadow's stream into (kind, payload) frames."""
+    """Cuts the shadow's stream into (kind, payload) frames (of `kinds`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kinds: tuple[int, ...] = (DATA, WINDOW), what: str = "terminal") -> None:
         self.buffer = bytearray()
+        self.kinds = kinds
+        self.what = what
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
         self.buffer += data
         frames = []
         while len(self.buffer) >= FRAME.size:
             kind, length = FRAME.unpack_from(self.buffer)
-            if kind not in (DATA, WINDOW) or length > MAX_FRAME:
-                raise HijackError(f"bad terminal frame from the shadow (kind {kind})")
+            if kind not in self.kinds or length > MAX_FRAME:
+                raise HijackError(f"bad {self.what} frame (kind {kind})")
             if len(self.buffer) < FRAME.size + length:
                 break
             frames.append((kind, bytes(self.buffer[FRAME.size : FRAME.size + length])))

@@ -81,12 +81,15 @@ def memfd_fd(restore: RestoreContext, memfd: rec.MemfdObject) -> int:
 
 def seal_memfds(restore: RestoreContext) -> None:
     """Seal every memfd the restore made, once all its mappings exist: F_SEAL_FUTURE_WRITE
-    leaves the writable mappings made before it, but forbids making them after."""
+    leaves the writable mappings made before it, but forbids making them after. In a tree,
+    once every member maps it (TreeShared.seal)."""
     for found in restore.image.objects.values():
         if not isinstance(found, rec.MemfdObject):
             continue
         made = restore.built(found.id)
-        if made is not None:
+        if made is not None and restore.shared is not None:
+            restore.shared.seal_later(made, found.seals)
+        elif made is not None:
             filedata.add_seals(made, found.seals)
 
 

@@ -8,17 +8,18 @@ false). docs/protocol.md lists the operations.
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
 import os
-import secrets
 import socket
+import ssl
 import struct
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from hijack.errors import ShadowError
+from hijack.shadow import relay_link
 
 Message = dict[str, Any]
 MAX_LINE = 1 << 20  # a control answer larger than this is a broken peer
@@ -129,11 +130,17 @@ def _read_line(sock: socket.socket) -> bytes:
 
 # -- the shadow's TCP endpoint: relays and requests from other nodes ----------------
 #
+# TLS 1.3 first (hijack.shadow.relay_link: the shadow's pinned certificate, the
+# node's cluster certificate), then inside it:
 #   shadow -> client   NONCE:16
 #   client -> shadow   HMAC-SHA256(token, NONCE):32 LENGTH:u32 HEADER:LENGTH (JSON)
-#   header {"kind": "relay", "stream": ID, "move": ID[, "terminal": PTY]}
+#   header {"kind": "relay", "stream": ID, "move": ID, "mode": "tls"|"plain"
+#           [, "terminal": PTY][, "ends": [PROCESS END, ITS PEER]]}
 #                                                       -> shadow answers RELAY_ACCEPTED,
-#       then the connection carries the stream's raw bytes;
+#       then the connection carries the stream's bytes (in TLS, or raw for "plain");
+#   header {"kind": "listener", "stream": ID, "move": ID, "listener": "ip:port"}
+#                                                       -> shadow answers RELAY_ACCEPTED,
+#       then sends a line {"accept": "acc:K"} for each client to connect there;
 #   header {"kind": "control", "request": {...}}       -> shadow answers LENGTH:u32 JSON.
 # The token is the migrant's own secret, given to the shadow by the first move
 # and to each node it goes to inside the authenticated move channel.
@@ -162,89 +169,50 @@ def bound_backoff(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, RELAY_GIVE_UP_MS)
 
 
-_LENGTH = struct.Struct("<I")
-# A `migrated` request carries the unread bytes of every stream (base64): up to a
-# socket receive buffer each. Only a peer that proved the token gets this far.
-HEADER_LIMIT = 256 << 20
+@dataclass(frozen=True)
+class HomeEndpoint:
+    """How a node reaches a migrant's home shadow (the move's `home`, the registry's row)."""
+
+    address: str  # "ip:port" of the shadow's TCP endpoint
+    token: bytes  # the migrant's secret
+    fingerprint: str  # SHA-256 of the shadow's certificate (hex)
+    plain: bool = False  # relays leave TLS after the handshake (`hijack move --plain-relays`)
 
 
-def _exactly(sock: socket.socket, size: int) -> bytes:
-    data = bytearray()
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise ShadowError("the shadow's peer closed the connection")
-        data += chunk
-    return bytes(data)
-
-
-def server_handshake(sock: socket.socket, token: bytes) -> Message:
-    nonce = secrets.token_bytes(16)
-    sock.sendall(nonce)
-    proof = _exactly(sock, 32)
-    if not token or not hmac.compare_digest(proof, hmac.digest(token, nonce, "sha256")):
-        raise ShadowError("wrong token")
-    (length,) = _LENGTH.unpack(_exactly(sock, _LENGTH.size))
-    if length > HEADER_LIMIT:
-        raise ShadowError("header too long")
-    return decode(_exactly(sock, length))
-
-
-def send_framed(sock: socket.socket, message: Message) -> None:
-    payload = json.dumps(message, separators=(",", ":")).encode()
-    sock.sendall(_LENGTH.pack(len(payload)) + payload)
-
-
-def _client(address: str, token: bytes, header: Message, timeout: float) -> socket.socket:
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ShadowError(f"no address of the home shadow to reach (have {address!r})")
-    try:
-        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
-    except OSError as exc:
-        raise ShadowError(
-            f"cannot reach the home shadow at {address}: {exc.strerror or exc}"
-        ) from None
-    bound_backoff(sock)
-    try:
-        nonce = _exactly(sock, 16)
-        payload = json.dumps(header, separators=(",", ":")).encode()
-        sock.sendall(hmac.digest(token, nonce, "sha256") + _LENGTH.pack(len(payload)) + payload)
-    except (OSError, ShadowError) as exc:
-        sock.close()
-        raise ShadowError(f"handshake with the home shadow at {address} failed: {exc}") from None
-    return sock
-
-
-def remote_request(address: str, token: bytes, message: Message, timeout: float = 10.0) -> Message:
-    """A request to the shadow at `address` (another node's view of it)."""
-    with _client(address, token, {"kind": "control", "request": message}, timeout) as sock:
+def remote_request(home: HomeEndpoint, message: Message, timeout: float = 10.0) -> Message:
+    """A request to the shadow at `home` (another node's view of it), inside TLS."""
+    header = {"kind": "control", "request": message}
+    link = relay_link.connect(home.address, home.fingerprint, home.token, header, timeout)
+    with link.sock:
         try:
-            (length,) = _LENGTH.unpack(_exactly(sock, _LENGTH.size))
-            reply = decode(_exactly(sock, length))
-        except OSError as exc:
-            raise ShadowError(f"the home shadow at {address} did not answer: {exc}") from None
+            reply = relay_link.read_answer(link)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ShadowError(f"the home shadow at {home.address} did not answer: {exc}") from None
     if not reply.get("ok"):
         raise ShadowError(f"{message.get('op')} refused: {reply.get('error', 'no reason given')}")
     return reply
 
 
-def open_relay(
-    address: str, token: bytes, stream: str, move: str, timeout: float = 10.0, terminal: str = ""
-) -> socket.socket:
-    """A relay connection to the home shadow for `stream`, ready to carry raw bytes.
+def open_link(home: HomeEndpoint, header: Message, timeout: float = 10.0) -> relay_link.TlsLink:
+    """A relay or listener connection to the home shadow, accepted, still inside TLS."""
+    link = relay_link.connect(home.address, home.fingerprint, home.token, header, timeout)
+    try:
+        bound_backoff(link.sock)
+        if link.read_exactly(len(RELAY_ACCEPTED)) != RELAY_ACCEPTED:
+            raise ShadowError(f"the home shadow refused a relay for {header.get('stream')}")
+    except (OSError, ShadowError, ssl.SSLError) as exc:
+        link.sock.close()
+        raise ShadowError(f"the home shadow refused a relay: {exc}") from None
+    link.sock.settimeout(None)
+    return link
 
-    `terminal`: the pty at the node that stands for the stream (a terminal).
-    """
-    header = {"kind": "relay", "stream": stream, "move": move}
+
+def open_plain_relay(
+    home: HomeEndpoint, stream: str, move: str, timeout: float = 10.0, terminal: str = ""
+) -> socket.socket:
+    """A relay connection for `stream` that has left TLS: raw bytes both ways, as the process
+    needs its descriptor to be (`terminal`: the pty at the node that stands for it)."""
+    header = {"kind": "relay", "stream": stream, "move": move, "mode": relay_link.PLAIN}
     if terminal:
         header["terminal"] = terminal
-    sock = _client(address, token, header, timeout)
-    try:
-        if _exactly(sock, len(RELAY_ACCEPTED)) != RELAY_ACCEPTED:
-            raise ShadowError(f"the home shadow refused a relay for {stream}")
-    except (OSError, ShadowError):
-        sock.close()
-        raise
-    sock.settimeout(None)
-    return sock
+    return open_link(home, header, timeout).sock

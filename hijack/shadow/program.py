@@ -42,7 +42,7 @@ from typing import Any
 
 from hijack.errors import HijackError
 from hijack.registry import node_name
-from hijack.shadow import control
+from hijack.shadow import control, relay_link
 from hijack.shadow.relay import ACK_WAIT, RelayHub, decode_unread, decode_unread_datagrams
 from hijack.sys import pidfd, procfs
 
@@ -75,6 +75,7 @@ class Shadow:
         self.listener = self._listen(control_path)
         self.hub = RelayHub(self.selector, log)
         self.endpoint: socket.socket | None = None  # TCP, for relays and remote control
+        self.identity: relay_link.ShadowIdentity | None = None  # its TLS certificate
         self.token = b""
         self.node = node_name()  # where we are (the attach gave us its HIJACK_NODE)
         self.migrant_here = 0  # the pid of the process, away from home but on this node
@@ -175,7 +176,7 @@ class Shadow:
         if op == "home":
             return self.come_home(int(message["pid"]), int(message.get("member") or 0))
         if op == "relay_listen":
-            return self.open_endpoint(str(message["token"]))
+            return self.open_endpoint(str(message["token"]), str(message.get("trust", "")))
         if op == "migrating":
             return self.migrating(message)
         if op == "hand_back":
@@ -249,8 +250,15 @@ class Shadow:
             log(f"holding {len(self.held)} descriptors of checkpointed process {self.target_pid}")
         return {"ok": True, **self.describe()}
 
-    def open_endpoint(self, token: str) -> control.Message:
-        """Listen on TCP for the relays and remote requests of the nodes the process goes to."""
+    def open_endpoint(self, token: str, trust: str) -> control.Message:
+        """Listen on TCP for the relays and remote requests of the nodes the process goes to.
+
+        `trust`: the cluster's CA certificate and revocation list (PEM), which
+        the nodes' certificates must pass; our own certificate is made once.
+        """
+        if self.identity is None:
+            self.identity = relay_link.ShadowIdentity()
+        self.identity.trust(trust)
         if self.endpoint is None:
             self.token = bytes.fromhex(token)
             endpoint = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -259,7 +267,8 @@ class Shadow:
             endpoint.setblocking(False)
             self.selector.register(endpoint, selectors.EVENT_READ, self._accept_network)
             self.endpoint = endpoint
-        return {"ok": True, "port": self.endpoint.getsockname()[1]}
+        port = self.endpoint.getsockname()[1]
+        return {"ok": True, "port": port, "certificate": self.identity.fingerprint}
 
     def _accept_network(self, _: Any, __: int) -> None:
         assert self.endpoint is not None
@@ -269,20 +278,36 @@ class Shadow:
             return
         try:
             connection.settimeout(3.0)
-            header = control.server_handshake(connection, self.token)
-            if header.get("kind") == "relay":
+            if self.identity is None:
+                raise HijackError("no relay endpoint made yet")
+            header, link = relay_link.accept(connection, self.identity, self.token)
+            kind = header.get("kind")
+            if kind == "relay":
                 control.bound_backoff(connection)
-                connection.sendall(control.RELAY_ACCEPTED)
+                link.write_all(control.RELAY_ACCEPTED)
+                ends = header.get("ends")
+                plain = header.get("mode") == relay_link.PLAIN
+                if not plain:  # a record per write, and small ones (ACKs, pongs) at once
+                    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self.hub.attach_relay(
                     str(header["stream"]),
                     str(header["move"]),
-                    connection,
+                    connection if plain else link,  # plain: TLS ends after RELAY_ACCEPTED
                     pty=str(header.get("terminal", "")),
+                    ends=(str(ends[0]), str(ends[1])) if isinstance(ends, list) else None,
                 )
                 return
-            answer = self.answer(dict(header.get("request", {})), [])
-            control.send_framed(connection, answer)
-        except (OSError, HijackError, KeyError, ValueError) as exc:
+            if kind == "listener":
+                link.write_all(control.RELAY_ACCEPTED)
+                self.hub.attach_listener_link(str(header["stream"]), str(header["move"]), link)
+                return
+            request = dict(header.get("request", {}))
+            if request.get("op") == "relay_listen":  # who we trust is for the local mover only
+                answer: control.Message = {"ok": False, "error": "relay_listen is local only"}
+            else:
+                answer = self.answer(request, [])
+            relay_link.send_answer(link, answer)
+        except (OSError, HijackError, KeyError, ValueError, IndexError) as exc:
             log(f"refused a connection from {address}: {exc}")
         connection.close()
 

@@ -36,9 +36,11 @@ import base64
 import contextlib
 import fcntl
 import functools
+import json
 import os
 import selectors
 import socket
+import ssl
 import stat
 import struct
 import termios
@@ -47,10 +49,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hijack.errors import HijackError
+from hijack.node import forwarder
 from hijack.node.terminal import DATA, WINDOW, FrameReader
 from hijack.node.terminal import frame as terminal_frame
-from hijack.shadow.control import bound_backoff
 from hijack.shadow.datagram import DatagramStream
+from hijack.shadow.relay_link import TlsLink
 from hijack.sys import terminal as terminal_sys
 
 CHUNK = 256 * 1024
@@ -102,15 +105,36 @@ class Relay:
     eof: bool = False  # the process's side has finished writing
     terminal: str = ""  # a terminal's relay: the pty that stands for it at the node
     frames: FrameReader | None = None  # a pty master's relay: what the node sends, framed
+    # An encrypted relay (hijack.node.forwarder): TLS, the node's side framed.
+    link: TlsLink | None = None
+    forwarded: FrameReader | None = None
+    acked: int = 0  # bytes the node's forwarder has put in the process's socket
+    # The ends of the process's socket at the node ("ip:port" each) when they are
+    # not this connection's (a forwarder stands between).
+    ends: tuple[str, str] | None = None
     # Read once: a connection that was reset has no peer name any more, and
     # the shadow must still describe it (the status a mover plans with).
     shadow_end: str = field(init=False, default="")
     node_end: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
+        if self.ends is not None:
+            self.node_end, self.shadow_end = self.ends
+            return
         with contextlib.suppress(OSError):
             self.shadow_end = endpoint(self.sock.getsockname())
             self.node_end = endpoint(self.sock.getpeername())
+
+    def readable(self) -> bool:
+        """Whether the node may still send on it (an encrypted one: acknowledgements
+        after the process's end, too)."""
+        return not self.link.eof if self.link is not None else not self.eof
+
+    def unacknowledged(self) -> int:
+        """Bytes sent that are not yet in the process's socket at the node."""
+        if self.link is not None:
+            return self.link.plain_sent - self.acked
+        return unacknowledged(self.sock)
 
 
 class SplicePipe:
@@ -276,6 +300,9 @@ class RelayHub:
         self.listeners: dict[str, str] = {}  # listener stream id -> "ip:port" at the node
         self.datagrams: dict[str, DatagramStream] = {}  # UDP sockets (hijack.shadow.datagram)
         self.location = ""  # node the process runs on now; "" while not relaying
+        # listener stream id -> the node's link for its clients (hijack.node.forwarder)
+        self.listener_links: dict[str, TlsLink] = {}
+        self.pending_listener_links: dict[str, dict[str, TlsLink]] = {}  # move -> id -> link
         self.pumping = False
         self.flushing = False  # a move home: what we hold for the process still goes to it
         self._accepted = 0
@@ -316,16 +343,44 @@ class RelayHub:
         if stream_id not in self.streams:
             self.streams[stream_id] = Stream(stream_id, own_fd, "stream", master=True)
 
-    def attach_relay(self, stream_id: str, move: str, sock: socket.socket, pty: str = "") -> None:
+    def attach_relay(
+        self,
+        stream_id: str,
+        move: str,
+        connection: socket.socket | TlsLink,
+        pty: str = "",
+        ends: tuple[str, str] | None = None,
+    ) -> None:
+        """A relay for `stream_id` the node opened for `move` (plain, or a TlsLink);
+        an accepted client's (move `accepted`) is its relay at once."""
+        link = connection if isinstance(connection, TlsLink) else None
+        sock = connection.sock if isinstance(connection, TlsLink) else connection
         stream = self.streams.get(stream_id)
-        if stream is None or stream.kind != "stream":
+        if stream is None or stream.kind != "stream" or stream.closed:
             sock.close()
             raise HijackError(f"no stream {stream_id} to relay")
         sock.setblocking(False)
+        relay = Relay(sock, move, terminal=pty, link=link, ends=ends)
+        if link is not None:
+            relay.forwarded = forwarder.frames()
+        if move == forwarder.ACCEPTED:
+            if stream.relay is not None:
+                sock.close()
+                raise HijackError(f"{stream_id} has a relay already")
+            stream.relay = relay
+            self._refresh_interest()
+            return
         old = stream.pending.pop(move, None)
         if old is not None:
             old.sock.close()
-        stream.pending[move] = Relay(sock, move, terminal=pty)
+        stream.pending[move] = relay
+
+    def attach_listener_link(self, stream_id: str, move: str, link: TlsLink) -> None:
+        """The node's link for the clients of listener `stream_id` once `move` is done."""
+        old = self.pending_listener_links.setdefault(move, {}).pop(stream_id, None)
+        if old is not None:
+            old.sock.close()
+        self.pending_listener_links[move][stream_id] = link
 
     # -- moves --------------------------------------------------------------------
 
@@ -359,7 +414,7 @@ class RelayHub:
                 if self.flushing and self._flush_towards_process():
                     flushed_at = now
                 counts = {
-                    stream.id: unacknowledged(stream.relay.sock)
+                    stream.id: stream.relay.unacknowledged()
                     for stream in self.streams.values()
                     if stream.relay is not None
                 }
@@ -397,7 +452,7 @@ class RelayHub:
 
     def _read_while_migrating(self, stream: Stream) -> None:
         relay = stream.relay
-        if stream.closed or relay is None or relay.eof:
+        if stream.closed or relay is None or not relay.readable():
             return
         with contextlib.suppress(OSError):  # the event loop meets it again and handles it
             if stream.in_room():
@@ -413,11 +468,18 @@ class RelayHub:
         present: set[str],
     ) -> None:
         """The process runs at `location` now, with the relays made for `move`."""
+        old_links = self.listener_links
+        self.listener_links = self.pending_listener_links.pop(move, {})
         for stream in list(self.streams.values()):
             new = stream.pending.pop(move, None)
-            if stream.relay is not None:
+            if stream.relay is not None and stream.relay.eof:
+                # All the old process wrote is read already (it had shut its side):
+                # nothing to wait for there (a forwarded relay may never end by itself).
+                self._forget(stream.relay.sock)
+                stream.relay.sock.close()
+            elif stream.relay is not None:
                 stream.retiring.append(stream.relay)
-                stream.relay = None
+            stream.relay = None
             if new is not None:
                 stream.relay = new
                 pending = unread.get(stream.id, b"")
@@ -441,10 +503,17 @@ class RelayHub:
                     self.log(f"{stream.id}: too much unanswered to replay; resetting it")
                     self._close(stream, reset=True)
                     continue
-                self._connect_accepted(stream, listeners, location)
+                try:
+                    self._connect_accepted(stream)
+                except OSError as exc:
+                    self.log(f"{stream.id}: cannot connect it at {location}: {exc}; resetting it")
+                    self._close(stream, reset=True)
             for relay in stream.pending.values():
                 relay.sock.close()
             stream.pending.clear()
+        for link in old_links.values():
+            link.sock.close()  # the old node's forwarder lets go of that listener
+        self._close_listener_links()
         self.listeners = dict(listeners)
         self.location = location
         self.pumping = True
@@ -462,6 +531,13 @@ class RelayHub:
                 os.close(stream.original)
         self.streams.clear()
 
+    def _close_listener_links(self) -> None:
+        """Those of moves that did not happen."""
+        for links in self.pending_listener_links.values():
+            for link in links.values():
+                link.sock.close()
+        self.pending_listener_links.clear()
+
     def aborted(self, move: str) -> None:
         for stream in self.streams.values():
             relay = stream.pending.pop(move, None)
@@ -473,6 +549,8 @@ class RelayHub:
                 stream.handed = ""
                 with contextlib.suppress(OSError):
                     os.set_blocking(stream.original, False)
+        for link in self.pending_listener_links.pop(move, {}).values():
+            link.sock.close()
         self.pumping = bool(self.location)
         self._refresh_interest()
         for datagram in list(self.datagrams.values()):
@@ -585,10 +663,12 @@ class RelayHub:
         if relay is None:
             return 0
         events = 0
-        readable = not relay.eof and not stream.retiring
+        readable = relay.readable() and not stream.retiring
         if readable and stream.in_room():
             events |= selectors.EVENT_READ
         if self.pumping and (stream.out_held or (stream.original_eof and not stream.shut_relay)):
+            events |= selectors.EVENT_WRITE
+        if self.pumping and relay.link is not None and relay.link.pending:
             events |= selectors.EVENT_WRITE
         return events
 
@@ -683,7 +763,7 @@ class RelayHub:
         assert relay is not None
         for _ in range(PUMP_ROUNDS):
             moved = 0
-            if events & selectors.EVENT_READ and not relay.eof and stream.in_room():
+            if events & selectors.EVENT_READ and relay.readable() and stream.in_room():
                 moved += self._read_relay(stream, relay)
             if events & selectors.EVENT_WRITE:
                 moved += self._flush_relay(stream)
@@ -692,6 +772,8 @@ class RelayHub:
                 break
 
     def _read_relay(self, stream: Stream, relay: Relay) -> int:
+        if relay.link is not None:
+            return self._read_link(stream, relay)
         pipe = stream.inward_pipe()
         got: int | None
         if pipe is not None:
@@ -713,17 +795,44 @@ class RelayHub:
             relay.eof = True
         return got
 
+    def _read_link(self, stream: Stream, relay: Relay) -> int:
+        """Read an encrypted relay: its DATA for the original, its ACKs, its END."""
+        assert relay.link is not None and relay.forwarded is not None
+        # Bytes spliced from an earlier relay go first: they join the head.
+        _unpipe(stream.in_pipe, stream.to_original)
+        try:
+            data = relay.link.recv()
+        except BlockingIOError:
+            return 0
+        except ssl.SSLError as exc:
+            raise ConnectionResetError(f"{stream.id}: {exc.reason or exc}") from None
+        if not data:  # the connection's end, with or without END: the node is gone
+            relay.eof = True
+            return 0
+        payload = bytearray()
+        for kind, body in _frames(relay.forwarded, data, stream):
+            if kind == DATA:
+                payload += body
+            elif kind == forwarder.ACK and len(body) == forwarder.ACK_FORMAT.size:
+                relay.acked = max(relay.acked, forwarder.ACK_FORMAT.unpack(body)[0])
+            elif kind == forwarder.END:
+                relay.eof = True
+        if payload:
+            stream.to_original += (
+                self._from_master(stream, relay, bytes(payload)) if stream.master else payload
+            )
+            stream.bytes_in += len(payload)
+            stream.replay = None  # the process answered: it has accepted this client
+            stream.replay_lost = False
+        return len(data)
+
     def _from_master(self, stream: Stream, relay: Relay, data: bytes) -> bytes:
         """The bytes of the DATA frames in `data` from a pty master's relay; a WINDOW
         frame's size is set on the home master (its slave's group gets SIGWINCH)."""
         if relay.frames is None:
             relay.frames = FrameReader()
-        try:
-            frames = relay.frames.feed(data)
-        except HijackError as exc:  # a broken peer: this stream ends (_on_event)
-            raise ConnectionError(f"{stream.id}: {exc}") from None
         written = bytearray()
-        for kind, payload in frames:
+        for kind, payload in _frames(relay.frames, data, stream):
             if kind == DATA:
                 written += payload
             elif len(payload) == terminal_sys.WINSIZE.size and stream.original >= 0:
@@ -754,9 +863,16 @@ class RelayHub:
         if relay is None or not self.pumping or stream.handed:
             return 0
         sent = 0
+        if relay.link is not None:
+            relay.link.flush()
+            if not stream.to_relay:  # what was spliced for a plain relay goes through TLS
+                _unpipe(stream.out_pipe, stream.to_relay)
         if stream.to_relay:
             try:
-                sent = relay.sock.send(stream.to_relay[:CHUNK])
+                if relay.link is not None:
+                    sent = relay.link.send(stream.to_relay)
+                else:
+                    sent = relay.sock.send(stream.to_relay[:CHUNK])
             except BlockingIOError:
                 sent = 0
             if stream.replay is not None:
@@ -765,11 +881,14 @@ class RelayHub:
                 else:
                     stream.replay, stream.replay_lost = None, True
             del stream.to_relay[:sent]
-        if not stream.to_relay and stream.out_pipe is not None:
+        if relay.link is None and not stream.to_relay and stream.out_pipe is not None:
             sent += stream.out_pipe.drain(relay.sock.fileno())
         if stream.original_eof and not stream.out_held and not stream.shut_relay:
-            relay.sock.shutdown(socket.SHUT_WR)
-            stream.shut_relay = True
+            if relay.link is None:
+                relay.sock.shutdown(socket.SHUT_WR)
+                stream.shut_relay = True
+            else:
+                stream.shut_relay = relay.link.shut_write()
         return sent
 
     def _original_failed(self, stream: Stream, exc: OSError) -> None:
@@ -874,31 +993,26 @@ class RelayHub:
         self.streams[stream.id] = stream
         os.set_blocking(stream.original, False)
         try:
-            self._connect_accepted(stream, self.listeners, self.location, listener.id)
+            self._connect_accepted(stream, listener.id)
         except OSError as exc:  # this client's failure, not the listener's
             self.log(f"{stream.id}: cannot connect it to the process: {exc}; resetting it")
             self._close(stream, reset=True)
 
-    def _connect_accepted(
-        self,
-        stream: Stream,
-        listeners: dict[str, str],
-        location: str,
-        listener_id: str | None = None,
-    ) -> None:
-        target = listeners.get(listener_id or "", "") or next(iter(listeners.values()), "")
-        if not target:
-            self.log(f"{stream.id}: no listener at {location or 'the node'}; dropping the client")
+    def _connect_accepted(self, stream: Stream, listener_id: str | None = None) -> None:
+        """Ask the process's node to connect the client `stream` to the process's listener:
+        its forwarder opens the client's relay (hijack.node.forwarder), nobody else can."""
+        link = self.listener_links.get(listener_id or "") or next(
+            iter(self.listener_links.values()), None
+        )
+        if link is None:
+            where = self.location or "the node"
+            self.log(f"{stream.id}: no listener at {where}; dropping the client")
             self._close(stream, reset=True)
             return
-        host, port = target.rsplit(":", 1)
-        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=5)
-        bound_backoff(sock)
-        sock.setblocking(False)
         if stream.replay:
             stream.to_relay[:0] = stream.replay
             stream.replay = bytearray()
-        stream.relay = Relay(sock, "accepted")
+        link.write_all(json.dumps({"accept": stream.id}).encode() + b"\n")
 
     def stop_serving(self) -> list[int]:
         """Take no more clients or datagrams (the process they were for has ended).
@@ -941,8 +1055,8 @@ class RelayHub:
         sent = 0
         for stream in list(self.streams.values()):
             relay = stream.relay
-            if stream.closed or relay is None:
-                continue
+            if stream.closed or relay is None or relay.link is not None:
+                continue  # an encrypted relay is not handed back: its bytes go as usual
             with contextlib.suppress(OSError):  # the event loop meets it again
                 room = window_room(relay.sock)
                 if room > 0 and stream.to_relay:
@@ -959,7 +1073,11 @@ class RelayHub:
         return sent
 
     def _holding_for_process(self) -> bool:
-        return any(s.out_held for s in self.streams.values() if s.relay and not s.closed)
+        return any(
+            s.out_held
+            for s in self.streams.values()
+            if s.relay and s.relay.link is None and not s.closed
+        )
 
     def hand_back(self, move: str, stream_ids: list[str], wait: float) -> dict[str, int]:
         """Stop relaying `stream_ids`: the process, frozen at its node, gets their originals
@@ -1011,7 +1129,10 @@ class RelayHub:
             return ""
         if stream.relay is None or stream.retiring:
             return "its relays are changing"
-        unsent, unacknowledged_bytes = stream.out_held, unacknowledged(stream.relay.sock)
+        if stream.relay.link is not None:
+            # Its bytes pass through its node's forwarder, out of the mover's sight.
+            return "its relay is encrypted (hijack move --plain-relays hands it back)"
+        unsent, unacknowledged_bytes = stream.out_held, stream.relay.unacknowledged()
         if unsent or unacknowledged_bytes:
             return (
                 f"bytes for the process are on their way ({unsent} held here,"
@@ -1071,6 +1192,23 @@ class RelayHub:
             )
         rows.extend(datagram.describe() for datagram in self.datagrams.values())
         return rows
+
+
+def _frames(reader: FrameReader, data: bytes, stream: Stream) -> list[tuple[int, bytes]]:
+    """The frames `data` completes; a broken peer ends this stream (_on_event)."""
+    try:
+        return reader.feed(data)
+    except HijackError as exc:
+        raise ConnectionError(f"{stream.id}: {exc}") from None
+
+
+def _unpipe(pipe: SplicePipe | None, into: bytearray) -> None:
+    """Move what `pipe` holds to the end of `into` (a relay that cannot splice: TLS)."""
+    while pipe is not None and pipe.held:
+        data = os.read(pipe.read_end, pipe.held)
+        pipe.held -= len(data)
+        pipe.full = False
+        into += data
 
 
 def _socket_copy(fd: int) -> socket.socket | None:

@@ -154,8 +154,38 @@ def _parse_maps_line(pid: int, line: str) -> MapEntry:
         int(major, 16), int(minor, 16), int(inode), path, False,
     )  # fmt: skip
     if path.endswith(_DELETED) and not _still_linked(pid, entry):
-        return replace(entry, path=path[: -len(_DELETED)], deleted=True)
+        unlinked = replace(entry, path=path[: -len(_DELETED)], deleted=True)
+        other = _other_link(pid, unlinked)
+        return unlinked if other is None else replace(unlinked, path=other, deleted=False)
     return entry
+
+
+def _other_link(pid: int, entry: MapEntry) -> str | None:
+    """The name a mapped file whose name was unlinked still has beside it, if any.
+
+    glibc's sem_open makes a semaphore under a temporary name, links it under
+    its own and unlinks the first: the mapping shows "sem.XXXXXX (deleted)"
+    while the file lives on as "sem.NAME" in the same directory (Python's
+    multiprocessing semaphores under forkserver and spawn). A file with no link
+    left, or linked only elsewhere, is None.
+    """
+    try:
+        mapped = os.stat(f"/proc/{pid}/map_files/{entry.start:x}-{entry.end:x}")
+    except OSError:
+        return None
+    if mapped.st_nlink == 0:
+        return None
+    directory = os.path.dirname(entry.path)
+    try:
+        with os.scandir(f"/proc/{pid}/root{directory}") as names:
+            for name in names:
+                if name.inode() == mapped.st_ino and name.stat(follow_symlinks=False).st_dev == (
+                    mapped.st_dev
+                ):
+                    return os.path.join(directory, name.name)
+    except OSError:
+        return None
+    return None
 
 
 def _still_linked(pid: int, entry: MapEntry) -> bool:

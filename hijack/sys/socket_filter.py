@@ -8,6 +8,7 @@ hence ctypes here.
 from __future__ import annotations
 
 import ctypes
+import os
 import socket
 import struct
 
@@ -55,3 +56,34 @@ def attach_filter(fd: int, code: bytes) -> None:
 def filter_program(code: bytes, address: int) -> bytes:
     """struct sock_fprog for `code` placed at `address` (another process's memory)."""
     return struct.pack("<H6xQ", len(code) // INSTRUCTION, address)
+
+
+# struct sock_filter codes (linux/filter.h) and the ancillary offset of skb->mark.
+_LD_W_ABS, _JEQ_K, _RET_K = 0x20, 0x15, 0x06
+SKF_AD_MARK = 0xFFFFF000 + 20  # SKF_AD_OFF + SKF_AD_MARK
+SO_MARK = 36
+
+
+def only_marked(mark: int) -> bytes:
+    """A filter that lets in only packets carrying `mark` (SO_MARK of their sender, which
+    only CAP_NET_ADMIN may set): on a TCP listener, the SYNs of anyone else are dropped."""
+    return b"".join(
+        struct.pack("<HBBI", code, jt, jf, k)
+        for code, jt, jf, k in (
+            (_LD_W_ABS, 0, 0, SKF_AD_MARK),
+            (_JEQ_K, 0, 1, mark),
+            (_RET_K, 0, 0, 0xFFFFFFFF),
+            (_RET_K, 0, 0, 0),
+        )
+    )
+
+
+def listen_backlog(fd: int) -> int:
+    """The backlog a TCP listener was given (after the kernel's somaxconn cap).
+
+    TCP_INFO of a listener holds it in tcpi_sacked (sk_max_ack_backlog), the
+    figure `ss -l` shows as Send-Q and inet_diag as idiag_wqueue.
+    """
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return int(struct.unpack_from("<I", info, 28)[0])

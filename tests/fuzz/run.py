@@ -24,7 +24,14 @@ import atheris  # noqa: E402
 with atheris.instrument_imports(include=["hijack"]):
     from fuzz import targets
 
-TARGETS = ("crf_reader", "node_handshake", "node_client", "node_certificate", "node_session")
+TARGETS = (
+    "crf_reader",
+    "node_handshake",
+    "node_client",
+    "node_certificate",
+    "node_session",
+    "shadow_relay",
+)
 SEED_CORPUS = {"crf_reader": TESTS / "corpus" / "crf"}
 WORK = TESTS.parent / "build" / "fuzz"
 

@@ -19,6 +19,8 @@ atheris (tests/fuzz/run.py, `make fuzz`).
                       sends the bytes: the first byte picks raw bytes or frames the
                       target makes (so JSON, the request and the image stream are
                       reached); served by a real NodeDaemon
+    shadow_relay      the bytes as a stranger's side of a relay connection, to a home
+                      shadow's relay_link.accept (TLS first: none gets past it)
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ import threading
 import time
 from pathlib import Path
 
-from hijack.errors import HijackError
+from hijack.errors import HijackError, ShadowError
 from hijack.image import read_image
 from hijack.image.summary import summarize
 from hijack.node import daemon as node_daemon
 from hijack.node import gate, pki
 from hijack.node.channel import Channel, ChannelError, Kind
+from hijack.shadow import relay_link
+from hijack.shadow.relay_link import ShadowIdentity, cluster_trust
 
 TIMEOUT = 5.0  # seconds any one read of a target may wait: past that, it hangs
 MAX_INPUT = 64 * 1024  # bytes of an input used (all fit in a socket buffer: no deadlock)
@@ -185,6 +189,28 @@ def _send_session(channel: Channel, data: bytes) -> None:
         rest = rest[FRAME_HEAD.size + length :]
         # Kinds past DATA_END are sent as they are: the daemon must refuse them too.
         channel.send_frame(kind % (Kind.DATA_END + 2), payload)
+
+
+_SHADOW: ShadowIdentity | None = None
+
+
+def shadow_relay(data: bytes) -> None:
+    global _SHADOW
+    if _SHADOW is None:  # made once: a key and a CA per input would be most of the time
+        with tempfile.TemporaryDirectory() as directory:
+            pki.init_ca(Path(directory))
+            _SHADOW = ShadowIdentity()
+            _SHADOW.trust(cluster_trust(Path(directory)))
+    server, peer = _tcp_pair()
+    with server, peer:
+        peer.sendall(data[:MAX_INPUT])
+        peer.shutdown(socket.SHUT_WR)
+        server.settimeout(TIMEOUT)
+        try:
+            relay_link.accept(server, _SHADOW, bytes(range(32)))  # a token it never proves
+        except (ShadowError, OSError):  # ssl.SSLError is an OSError
+            return
+        raise AssertionError("a peer without a certificate passed the relay handshake")
 
 
 def _tls_pair() -> tuple[ssl.SSLSocket, ssl.SSLSocket]:

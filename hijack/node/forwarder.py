@@ -1,0 +1,498 @@
+"""The node's end of an encrypted relay: TLS to the home shadow, a plain socket to the process.
+
+The process is not modified: the descriptor it holds for a relayed stream
+must be a plain TCP socket. Between nodes the relay is encrypted, so the
+daemon gives it one end of a loopback TCP connection whose other end a
+*forwarder* here holds, and the forwarder carries the bytes between that
+socket and the TLS connection to the shadow (hijack.shadow.relay_link).
+
+What a move needs of a relay (hijack.shadow.relay, `migrating`) is that the
+shadow knows when every byte it sent is in the process's socket, so that a
+mover copies them from there: over a plain relay TCP's acknowledgements say
+so. Here TCP's say only that the forwarder's kernel has them, so the node ->
+shadow direction is framed and carries the forwarder's own acknowledgements:
+
+    frame ::= KIND:u8 LENGTH:u32 PAYLOAD
+    KIND  ::= 1 DATA (the process's bytes) | 3 ACK (u64: bytes now in the
+              process's socket, in all) | 4 END (the process finished writing)
+
+An ACK is sent once the bytes written to the loopback socket are
+acknowledged there (SIOCOUTQ 0: they are in the process's receive queue).
+shadow -> node stays raw (inside TLS); its end is the TLS connection's end.
+
+A listener of the process is relayed the same way round (the node connects,
+the shadow never does): the process gets a listener on 127.0.0.1 that drops
+every packet without this node's mark (SO_MARK, which only CAP_NET_ADMIN may
+set: socket_filter.only_marked), and a *listener link* to the shadow. For
+each client the shadow accepts, it sends {"accept": "acc:K"} on the link; the
+forwarder connects to the process's listener (marked) and opens an encrypted
+relay for acc:K. Nobody else can reach that listener: not from the network
+(loopback) and not from this node (unmarked).
+
+The forwarder is a process of its own (`python -m hijack.node.forwarder`),
+started by the daemon at its first encrypted relay and asked over a unix
+socketpair for each relay or listener link (the process's end comes back as
+SCM_RIGHTS): a migrant's relays outlive a daemon that dies or restarts, as
+plain relays do. Once the daemon is gone it ends with the last relay it
+carries; a daemon started again starts a forwarder of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hijack.errors import HijackError
+from hijack.node.terminal import DATA, FRAME, FrameReader
+from hijack.node.terminal import frame as make_frame
+from hijack.shadow import control
+from hijack.shadow.relay_link import ENCRYPTED, TlsLink
+from hijack.sys.socket_filter import SO_MARK, attach_filter, only_marked
+
+ACK, END = 3, 4
+FORWARDED_KINDS = (DATA, ACK, END)
+ACK_FORMAT = struct.Struct("<Q")
+CHUNK = 256 * 1024 - FRAME.size  # a DATA frame fits what TlsLink.send takes at once
+LIMIT = 4 * 1024 * 1024  # bytes held per direction before we stop reading
+ACK_POLL = 0.005  # seconds between looks at a process socket that has not taken all yet
+LISTENER_MARK = 0x484A4B52  # "HJKR": the mark of the forwarder's connections to a listener
+ACCEPTED = "accepted"  # the move id of an accepted client's relay
+
+
+def frames() -> FrameReader:
+    """A reader for the node -> shadow direction of a forwarded relay."""
+    return FrameReader(FORWARDED_KINDS, "forwarded relay")
+
+
+def endpoint(address: tuple[object, ...]) -> str:
+    host, port = address[0], address[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+def loopback_pair() -> tuple[socket.socket, socket.socket]:
+    """(the process's end, the forwarder's end) of a new loopback TCP connection."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        process_end = socket.create_connection(listener.getsockname()[:2])
+        forwarder_end, _ = listener.accept()
+    for sock in (process_end, forwarder_end):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return process_end, forwarder_end
+
+
+def unacknowledged(sock: socket.socket) -> int:
+    value = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+    return int(struct.unpack("i", value)[0])
+
+
+def closed_listener(backlog: int) -> socket.socket:
+    """The process's listener here: on loopback, and only marked packets get in."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        attach_filter(sock.fileno(), only_marked(LISTENER_MARK))
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+@dataclass(eq=False)
+class _Pair:
+    link: TlsLink
+    local: socket.socket  # our end of the loopback connection
+    to_local: bytearray = field(default_factory=bytearray)  # from the shadow, not yet written
+    to_link: bytearray = field(default_factory=bytearray)  # frames not yet handed to TLS
+    delivered: int = 0  # bytes written to the local socket, in all
+    acked: int = 0  # what our last ACK said
+    local_eof: bool = False
+    shut_local: bool = False
+    closed: bool = False
+
+
+@dataclass(eq=False)
+class _ListenerLink:
+    link: TlsLink
+    listener: str  # "127.0.0.1:port" of the process's listener
+    home: control.HomeEndpoint
+    lines: bytearray = field(default_factory=bytearray)
+
+
+class Forwarder:
+    """Every forwarded relay and listener link of this node, pumped by one thread."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+        self.selector = selectors.DefaultSelector()
+        self.lock = threading.Lock()
+        self.added: list[_Pair | _ListenerLink] = []
+        self.pairs: set[_Pair] = set()
+        self.links: set[_ListenerLink] = set()
+        self.wake_read, self.wake_write = socket.socketpair()
+        self.wake_read.setblocking(False)
+        self.selector.register(self.wake_read, selectors.EVENT_READ, None)
+        self.thread: threading.Thread | None = None
+
+    # -- what the daemon asks ---------------------------------------------------------
+
+    def relay(
+        self, home: control.HomeEndpoint, stream: str, move: str, terminal: str = ""
+    ) -> socket.socket:
+        """An encrypted relay for `stream`: the plain socket the process (or a pump) holds."""
+        process_end, ours = loopback_pair()
+        try:
+            header = {
+                "kind": "relay",
+                "stream": stream,
+                "move": move,
+                "mode": ENCRYPTED,
+                "ends": [endpoint(process_end.getsockname()), endpoint(ours.getsockname())],
+            }
+            if terminal:
+                header["terminal"] = terminal
+            link = control.open_link(home, header)
+        except BaseException:
+            process_end.close()
+            ours.close()
+            raise
+        self._add(_Pair(link, ours))
+        return process_end
+
+    def listen(
+        self, home: control.HomeEndpoint, stream: str, move: str, listener: str
+    ) -> socket.socket:
+        """Connect the shadow's clients of listener `stream` to the process's `listener`;
+        returns the link's socket (shut down: the forwarder lets go of it)."""
+        header = {"kind": "listener", "stream": stream, "move": move, "listener": listener}
+        link = control.open_link(home, header)
+        self._add(_ListenerLink(link, listener, home))
+        return link.sock
+
+    def _add(self, item: _Pair | _ListenerLink) -> None:
+        with self.lock:
+            self.added.append(item)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._run, name="forwarder", daemon=True)
+                self.thread.start()
+        self.wake_write.send(b"\0")
+
+    # -- the thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            waiting = any(pair.delivered > pair.acked for pair in self.pairs)
+            for key, events in self.selector.select(ACK_POLL if waiting else None):
+                if key.data is None:
+                    self._take_added()
+                    continue
+                item, role = key.data
+                try:
+                    if isinstance(item, _ListenerLink):
+                        self._on_listener_link(item)
+                    else:
+                        self._on_pair(item, role, events)
+                except (OSError, HijackError, ValueError, TypeError) as exc:
+                    # One relay's failure (a reset, a broken peer): the others go on.
+                    self.log(f"forwarded relay: {exc}; closing it")
+                    self._close(item, reset=True)
+            for pair in list(self.pairs):
+                if not pair.closed:
+                    self._acknowledge(pair)
+                    self._finish_if_done(pair)
+                if not pair.closed:
+                    self._watch(pair)
+
+    def _take_added(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            self.wake_read.recv(4096)
+        with self.lock:
+            added, self.added = self.added, []
+        for item in added:
+            item.link.sock.setblocking(False)
+            if isinstance(item, _ListenerLink):
+                self.links.add(item)
+                self.selector.register(item.link.sock, selectors.EVENT_READ, (item, "link"))
+            else:
+                item.local.setblocking(False)
+                self.pairs.add(item)
+                self._watch(item)
+
+    def _watch(self, pair: _Pair) -> None:
+        link_events = 0
+        if not pair.link.eof and len(pair.to_local) < LIMIT:
+            link_events |= selectors.EVENT_READ
+        if pair.link.pending or pair.to_link:
+            link_events |= selectors.EVENT_WRITE
+        local_events = 0
+        if not pair.local_eof and len(pair.to_link) < LIMIT:
+            local_events |= selectors.EVENT_READ
+        if pair.to_local:
+            local_events |= selectors.EVENT_WRITE
+        for sock, events, role in (
+            (pair.link.sock, link_events, "link"),
+            (pair.local, local_events, "local"),
+        ):
+            try:
+                key = self.selector.get_key(sock)
+            except KeyError:
+                key = None
+            if not events:
+                if key is not None:
+                    self.selector.unregister(sock)
+            elif key is None:
+                self.selector.register(sock, events, (pair, role))
+            elif key.events != events:
+                self.selector.modify(sock, events, (pair, role))
+
+    def _on_pair(self, pair: _Pair, role: str, events: int) -> None:
+        if pair.closed:
+            return
+        if role == "link" and events & selectors.EVENT_READ:
+            with contextlib.suppress(BlockingIOError):
+                pair.to_local += pair.link.recv()
+        if role == "local" and events & selectors.EVENT_READ:
+            try:
+                data = pair.local.recv(CHUNK)
+            except BlockingIOError:
+                data = None
+            if data == b"":
+                pair.local_eof = True
+                pair.to_link += make_frame(END, b"")
+            elif data:
+                pair.to_link += make_frame(DATA, data)
+        self._flush(pair)
+
+    def _flush(self, pair: _Pair) -> None:
+        while pair.to_link:
+            taken = pair.link.send(pair.to_link)
+            if not taken:
+                break
+            del pair.to_link[:taken]
+        pair.link.flush()
+        if pair.to_local:
+            try:
+                written = pair.local.send(pair.to_local)
+            except BlockingIOError:
+                written = 0
+            del pair.to_local[:written]
+            pair.delivered += written
+        if pair.link.eof and not pair.to_local and not pair.shut_local:
+            pair.shut_local = True  # the shadow's end: the process reads its end
+            with contextlib.suppress(OSError):
+                pair.local.shutdown(socket.SHUT_WR)
+
+    def _acknowledge(self, pair: _Pair) -> None:
+        if pair.delivered > pair.acked and not unacknowledged(pair.local):
+            pair.acked = pair.delivered
+            pair.to_link += make_frame(ACK, ACK_FORMAT.pack(pair.acked))
+            try:
+                self._flush(pair)
+            except OSError as exc:
+                self.log(f"forwarded relay: {exc}; closing it")
+                self._close(pair, reset=True)
+
+    def _finish_if_done(self, pair: _Pair) -> None:
+        sent_all = pair.local_eof and not pair.to_link and not pair.link.pending
+        if sent_all and pair.link.eof and not pair.to_local:
+            self._close(pair, reset=False)
+
+    def _close(self, item: _Pair | _ListenerLink, *, reset: bool) -> None:
+        socks = [item.link.sock] + ([item.local] if isinstance(item, _Pair) else [])
+        for sock in socks:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(sock)
+            if reset:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
+        if isinstance(item, _Pair):
+            item.closed = True
+            self.pairs.discard(item)
+        else:
+            self.links.discard(item)
+
+    def idle(self) -> bool:
+        """Whether it carries nothing (no relay, no listener link)."""
+        with self.lock:
+            return not (self.added or self.pairs or self.links)
+
+    # -- listener links -----------------------------------------------------------------
+
+    def _on_listener_link(self, item: _ListenerLink) -> None:
+        try:
+            item.lines += item.link.recv()
+        except BlockingIOError:
+            return
+        if item.link.eof:  # the shadow is done with this listener (moved on, released)
+            self._close(item, reset=False)
+            return
+        while b"\n" in item.lines:
+            line, _, rest = bytes(item.lines).partition(b"\n")
+            item.lines = bytearray(rest)
+            stream = dict(json.loads(line)).get("accept")
+            if isinstance(stream, str):
+                threading.Thread(
+                    target=self._connect_client, args=(item, stream), daemon=True
+                ).start()
+
+    def _connect_client(self, item: _ListenerLink, stream: str) -> None:
+        """Connect the shadow's client `stream` to the process's listener, through a relay."""
+        host, _, port = item.listener.rpartition(":")
+        local = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            local.setsockopt(socket.SOL_SOCKET, SO_MARK, LISTENER_MARK)
+            local.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            local.settimeout(5.0)
+            local.connect((host, int(port)))
+            header = {
+                "kind": "relay",
+                "stream": stream,
+                "move": ACCEPTED,
+                "mode": ENCRYPTED,
+                "ends": [item.listener, endpoint(local.getsockname())],
+            }
+            link = control.open_link(item.home, header)
+        except (OSError, HijackError) as exc:
+            local.close()
+            self.log(f"cannot connect client {stream} to the process's listener: {exc}")
+            return
+        self._add(_Pair(link, local))
+
+
+# -- the forwarder as a process of its own, and the daemon's handle on it ---------------
+
+IDLE_POLL = 0.2  # seconds between looks at a forwarder whose daemon is gone
+
+
+def _home_fields(home: control.HomeEndpoint) -> dict[str, str]:
+    return {"address": home.address, "token": home.token.hex(), "certificate": home.fingerprint}
+
+
+def _home_of(fields: dict[str, str]) -> control.HomeEndpoint:
+    return control.HomeEndpoint(
+        str(fields["address"]), bytes.fromhex(str(fields["token"])), str(fields["certificate"])
+    )
+
+
+class ForwarderProcess:
+    """The daemon's side: the same requests as Forwarder, answered by its process."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+        self.lock = threading.Lock()
+        self.sock: socket.socket | None = None
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "hijack.node.forwarder", str(theirs.fileno())],
+                pass_fds=[theirs.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
+        finally:
+            theirs.close()
+        # Reaped here while we run; once we are gone, by whoever adopts it.
+        threading.Thread(target=process.wait, name="forwarder-reaper", daemon=True).start()
+        self.log(f"forwarder {process.pid} started")
+        return ours
+
+    def start(self) -> None:
+        """Start the process now, not during a move's freeze (Python takes a while to start)."""
+        with self.lock:
+            if self.sock is None:
+                self.sock = self._start()
+
+    def _ask(self, request: dict[str, object]) -> socket.socket:
+        with self.lock:
+            if self.sock is None:
+                self.sock = self._start()
+            try:
+                self.sock.sendall(control.encode(request))
+                answer, fds = control.receive(self.sock)
+            except (OSError, HijackError) as exc:
+                self.sock.close()
+                self.sock = None  # the next move starts another
+                raise HijackError(f"the node's relay forwarder failed: {exc}") from None
+        if not answer.get("ok") or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise HijackError(str(answer.get("error", "the node's relay forwarder refused")))
+        return socket.socket(fileno=fds[0])
+
+    def relay(
+        self, home: control.HomeEndpoint, stream: str, move: str, terminal: str = ""
+    ) -> socket.socket:
+        request = {"op": "relay", "home": _home_fields(home), "stream": stream, "move": move}
+        return self._ask({**request, "terminal": terminal})
+
+    def listen(
+        self, home: control.HomeEndpoint, stream: str, move: str, listener: str
+    ) -> socket.socket:
+        request = {"op": "listen", "home": _home_fields(home), "stream": stream, "move": move}
+        return self._ask({**request, "listener": listener})
+
+
+def serve(channel: socket.socket) -> None:
+    """The forwarder process: answer the daemon until it is gone, then carry on until idle."""
+
+    def log(text: str) -> None:
+        stamp = time.strftime("%H:%M:%S")
+        print(f"{stamp} forwarder {os.getpid()}: {text}", file=sys.stderr, flush=True)
+
+    forwarder = Forwarder(log)
+    while True:
+        try:
+            request, fds = control.receive(channel)
+        except (OSError, HijackError):
+            break  # the daemon is gone
+        for fd in fds:
+            os.close(fd)
+        try:
+            home = _home_of(dict(request["home"]))
+            stream, move = str(request["stream"]), str(request["move"])
+            if request.get("op") == "listen":
+                given = forwarder.listen(home, stream, move, str(request["listener"]))
+                handed = os.dup(given.fileno())  # the daemon shuts it if its move fails
+            else:
+                given = forwarder.relay(home, stream, move, str(request.get("terminal", "")))
+                handed = given.detach()
+        except (HijackError, OSError, KeyError, ValueError, TypeError) as exc:
+            with contextlib.suppress(OSError):
+                channel.sendall(control.encode({"ok": False, "error": str(exc)}))
+            continue
+        try:
+            socket.send_fds(channel, [control.encode({"ok": True})], [handed])
+        except OSError:
+            break
+        finally:
+            os.close(handed)
+    channel.close()
+    while not forwarder.idle():
+        time.sleep(IDLE_POLL)
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = sys.argv[1:] if argv is None else argv
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the daemon
+    serve(socket.socket(fileno=int(arguments[0])))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,389 @@
+"""The connection between a node and a migrant's home shadow: TLS 1.3, then plain or not.
+
+Every connection to the shadow's TCP endpoint (docs/protocol.md, "The
+shadow's TCP endpoint") starts with a TLS 1.3 handshake:
+
+- the shadow presents a certificate of its own, made when it first listens
+  (ShadowIdentity: a fresh key that never leaves it); the node knows it by its
+  SHA-256 fingerprint, which travelled with the migrant's token inside the
+  node channel, and refuses any other;
+- the node presents its cluster certificate (hijack.node.pki); the shadow
+  checks it chains to the cluster's CA and is not on the revocation list (both
+  handed to it by the mover, which reads them as root): a machine that is not
+  in the cluster is refused before it can say anything;
+- inside TLS, the node then proves it holds the migrant's token (HMAC over the
+  shadow's fresh nonce): the token itself never travels.
+
+Then a relay either stays inside TLS (encrypted, between different nodes) or,
+with `plain`, both sides leave TLS at the same byte and carry raw bytes (the
+splice path, as fast as a relay can be). Reading records one at a time (their
+length is in their header) during this exchange is what lets both sides know
+that byte: nothing beyond the last TLS record is ever read into OpenSSL.
+
+A TlsLink is the streaming side (non-blocking) over the raw socket: OpenSSL
+through memory BIOs, so that what is queued, sent and acknowledged stays
+visible (hijack.shadow.relay waits on it during a move).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import socket
+import ssl
+import struct
+import termios
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from hijack.errors import ShadowError
+
+CHUNK = 256 * 1024
+RECORD_HEADER = 5
+MAX_RECORD = (1 << 14) + 256  # the longest TLS 1.3 ciphertext record
+RELAY_ACCEPTED = b"RLY1"
+NONCE = 16
+_LENGTH = struct.Struct("<I")
+# A `migrated` request carries the unread bytes of every stream (base64): up to a
+# socket receive buffer each. Only a peer that proved the token gets this far.
+HEADER_LIMIT = 256 << 20
+SHADOW_CERT_DAYS = 3650  # its key lives as long as the shadow; the node pins it, not its dates
+ENCRYPTED, PLAIN = "tls", "plain"
+
+
+class ShadowIdentity:
+    """The shadow's own key and self-signed certificate, made once, in memory."""
+
+    def __init__(self) -> None:
+        # Here, not at the top: a shadow that never sees a move, and every mover,
+        # do without loading the package.
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hijack home shadow")])
+        now = datetime.datetime.now(datetime.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=SHADOW_CERT_DAYS))
+            .sign(key, hashes.SHA256())
+        )
+        self.fingerprint = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+        self._chain = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        self.context: ssl.SSLContext | None = None
+
+    def trust(self, cluster: str) -> None:
+        """Accept the nodes whose certificates `cluster` (the CA's certificate and revocation
+        list, PEM) vouches for; made again with each new list a mover hands us."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.minimum_version = ssl.TLSVersion.TLSv1_3
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.num_tickets = 0  # nothing after the handshake: the plain switch is exact
+        try:
+            with _in_memory(self._chain) as chain:
+                context.load_cert_chain(chain)
+            with _in_memory(cluster.encode()) as cafile:
+                context.load_verify_locations(cafile=cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ShadowError(f"cannot use the cluster's CA for relays: {exc}") from None
+        context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
+        self.context = context
+
+
+@contextlib.contextmanager
+def _in_memory(data: bytes) -> Iterator[str]:
+    """A path OpenSSL can load `data` from, backed by no file on disk (a memfd)."""
+    fd = os.memfd_create("hijack-tls", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, data)
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
+
+
+def cluster_trust(directory: Path) -> str:
+    """What a shadow needs to check nodes: the CA's certificate and revocation list (PEM)."""
+    try:
+        return (directory / "ca.crt").read_text() + (directory / "revoked.crl").read_text()
+    except OSError as exc:
+        raise ShadowError(
+            f"no cluster CA to hand the home shadow ({exc.filename}: {exc.strerror});"
+            " relays need the cluster's certificates (`hijack cluster init`, `add-node`)"
+        ) from None
+
+
+@lru_cache(maxsize=4)
+def _node_context(directory: Path, name: str, stamp: float) -> ssl.SSLContext:
+    from hijack.node import pki  # the node side only: a shadow never reads node keys
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    # The shadow's certificate is its own, self-signed: it is pinned by its
+    # fingerprint (relay_cert) after the handshake, not checked against a CA.
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    key_path, cert_path = pki.node_paths(directory, name)
+    try:
+        context.load_cert_chain(cert_path, key_path)
+    except (OSError, ssl.SSLError) as exc:
+        raise ShadowError(
+            f"cannot load node {name}'s certificate from {directory} for relays: {exc}"
+        ) from None
+    return context
+
+
+def node_context() -> ssl.SSLContext:
+    """This node's client context towards home shadows (its cluster certificate)."""
+    from hijack.node import pki
+    from hijack.registry import node_name
+
+    directory, name = pki.pki_dir(), node_name()
+    _, cert_path = pki.node_paths(directory, name)
+    try:
+        stamp = cert_path.stat().st_mtime
+    except OSError:
+        stamp = 0.0
+    return _node_context(directory, name, stamp)
+
+
+class TlsLink:
+    """TLS over a raw socket, through memory BIOs."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        tls: ssl.SSLObject,
+        incoming: ssl.MemoryBIO,
+        outgoing: ssl.MemoryBIO,
+    ) -> None:
+        self.sock = sock
+        self.tls = tls
+        self.incoming = incoming
+        self.outgoing = outgoing
+        self.pending = bytearray()  # ciphertext made, not yet taken by the kernel
+        self.eof = False  # the peer's raw end came
+        self.plain_sent = 0  # plaintext bytes handed to TLS, in all
+
+    # -- the exchange before streaming: blocking, one record at a time --------------
+
+    @classmethod
+    def handshake(cls, sock: socket.socket, context: ssl.SSLContext, *, server: bool) -> TlsLink:
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing, server_side=server)
+        link = cls(sock, tls, incoming, outgoing)
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                link._send_all()
+                incoming.write(_read_record(sock))
+            except ssl.SSLError:
+                with contextlib.suppress(OSError):
+                    link._send_all()  # the alert: the peer learns why (a revoked certificate)
+                raise
+        link._send_all()
+        return link
+
+    def peer_fingerprint(self) -> str:
+        der = self.tls.getpeercert(binary_form=True)
+        return hashlib.sha256(der).hexdigest() if der else ""
+
+    def read_exactly(self, size: int) -> bytes:
+        data = bytearray()
+        while len(data) < size:
+            try:
+                data += self.tls.read(size - len(data))
+            except ssl.SSLWantReadError:
+                self.incoming.write(_read_record(self.sock))
+            except ssl.SSLZeroReturnError:
+                raise ShadowError("the peer closed the connection") from None
+        return bytes(data)
+
+    def write_all(self, data: bytes) -> None:
+        self.tls.write(data)
+        self._send_all()
+
+    def _send_all(self) -> None:
+        ciphertext = self.outgoing.read()
+        if ciphertext:
+            self.sock.sendall(ciphertext)
+
+    # -- streaming: non-blocking ----------------------------------------------------
+
+    def recv(self) -> bytes:
+        """The plaintext that has come: b"" at the peer's end; BlockingIOError if none yet."""
+        if not self.eof:
+            try:
+                raw = self.sock.recv(CHUNK)
+            except BlockingIOError:
+                raw = None
+            if raw == b"":
+                self.eof = True
+            elif raw:
+                self.incoming.write(raw)
+        plain = bytearray()
+        while True:
+            try:
+                plain += self.tls.read(CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self.eof = True
+                break
+        if plain:
+            return bytes(plain)
+        if self.eof:
+            return b""  # a record cut short by the end is no data (a broken peer)
+        raise BlockingIOError
+
+    def send(self, data: bytes | bytearray | memoryview) -> int:
+        """Take up to CHUNK bytes of `data` (0 while earlier ones wait for the kernel)."""
+        if len(self.pending) >= CHUNK:
+            self.flush()
+            if len(self.pending) >= CHUNK:
+                return 0
+        taken = self.tls.write(bytes(data[:CHUNK]))
+        self.plain_sent += taken
+        self.pending += self.outgoing.read()
+        self.flush()
+        return taken
+
+    def flush(self) -> int:
+        """Hand the kernel what ciphertext waits: the byte count taken."""
+        if not self.pending:
+            return 0
+        try:
+            sent = self.sock.send(self.pending)
+        except BlockingIOError:
+            return 0
+        del self.pending[:sent]
+        return sent
+
+    def unacknowledged(self) -> int:
+        """Ciphertext not yet acknowledged by the peer's kernel, ours included."""
+        value = fcntl.ioctl(self.sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+        return len(self.pending) + int(struct.unpack("i", value)[0])
+
+    def shut_write(self) -> bool:
+        """Our end, once all is sent (a TCP end under TLS: the next byte never comes)."""
+        self.flush()
+        if self.pending:
+            return False
+        self.sock.shutdown(socket.SHUT_WR)
+        return True
+
+
+def _exactly(sock: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise ShadowError("the peer closed the connection")
+        data += chunk
+    return bytes(data)
+
+
+def _read_record(sock: socket.socket) -> bytes:
+    """One TLS record, no byte more: what follows the last one may be plain."""
+    head = _exactly(sock, RECORD_HEADER)
+    length = int.from_bytes(head[3:5], "big")
+    if length > MAX_RECORD:
+        raise ShadowError("not TLS: a record longer than TLS allows")
+    return head + _exactly(sock, length)
+
+
+# -- both sides of the exchange ------------------------------------------------------
+
+
+def accept(
+    sock: socket.socket, identity: ShadowIdentity, token: bytes
+) -> tuple[dict[str, Any], TlsLink]:
+    """The shadow's side: the node's header once its certificate and token proof pass."""
+    if identity.context is None:
+        raise ShadowError("no cluster CA handed to this shadow yet")
+    try:
+        link = TlsLink.handshake(sock, identity.context, server=True)
+    except ssl.SSLCertVerificationError as exc:
+        raise ShadowError(f"TLS: its certificate is refused: {exc.verify_message}") from None
+    except ssl.SSLError as exc:
+        raise ShadowError(f"TLS: {exc.reason or exc}") from None
+    nonce = secrets.token_bytes(NONCE)
+    link.write_all(nonce)
+    proof = link.read_exactly(32)
+    if not token or not hmac.compare_digest(proof, hmac.digest(token, nonce, "sha256")):
+        raise ShadowError("wrong token")
+    (length,) = _LENGTH.unpack(link.read_exactly(_LENGTH.size))
+    if length > HEADER_LIMIT:
+        raise ShadowError("header too long")
+    try:
+        header = json.loads(link.read_exactly(length))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ShadowError(f"malformed header: {exc}") from None
+    if not isinstance(header, dict):
+        raise ShadowError("malformed header: not an object")
+    return header, link
+
+
+def connect(
+    address: str, fingerprint: str, token: bytes, header: dict[str, Any], timeout: float
+) -> TlsLink:
+    """The node's side: TLS to the shadow at `address`, pinned, then our proof and header."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ShadowError(f"no address of the home shadow to reach (have {address!r})")
+    if not fingerprint:
+        raise ShadowError(f"no certificate of the home shadow at {address} to check it by")
+    context = node_context()
+    try:
+        sock = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    except OSError as exc:
+        raise ShadowError(
+            f"cannot reach the home shadow at {address}: {exc.strerror or exc}"
+        ) from None
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        link = TlsLink.handshake(sock, context, server=False)
+        if not hmac.compare_digest(link.peer_fingerprint(), fingerprint):
+            raise ShadowError("it is not the home shadow: its certificate is another")
+        nonce = link.read_exactly(NONCE)
+        payload = json.dumps(header, separators=(",", ":")).encode()
+        link.write_all(hmac.digest(token, nonce, "sha256") + _LENGTH.pack(len(payload)) + payload)
+    except (OSError, ShadowError, ssl.SSLError) as exc:
+        sock.close()
+        raise ShadowError(f"handshake with the home shadow at {address} failed: {exc}") from None
+    return link
+
+
+def read_answer(link: TlsLink) -> dict[str, Any]:
+    (length,) = _LENGTH.unpack(link.read_exactly(_LENGTH.size))
+    if length > HEADER_LIMIT:
+        raise ShadowError("answer too long")
+    answer = json.loads(link.read_exactly(length))
+    if not isinstance(answer, dict):
+        raise ShadowError("malformed answer")
+    return answer
+
+
+def send_answer(link: TlsLink, message: dict[str, Any]) -> None:
+    payload = json.dumps(message, separators=(",", ":")).encode()
+    link.write_all(_LENGTH.pack(len(payload)) + payload)

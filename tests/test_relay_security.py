@@ -1,0 +1,259 @@
+"""Relays between nodes: who may open one, who can read one, who can reach a moved listener.
+
+After a move, a process's connections are relayed between the home shadow
+and its new node (docs/protocol.md, "The shadow's TCP endpoint"). These tests
+stand where an attacker stands: on another node knowing the shadow's port,
+on the link with a packet socket, next to the moved process's listener.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from support import spawn_fixture
+from support.nodes import Cluster, Node, read_line, spawn_in_namespace
+from test_move import (
+    LINE_TIMEOUT,
+    ask,
+    finish_moved,
+    move,
+    shadow_status,
+    spawn_python,
+)
+from test_nodes import ECHO_SESSION
+
+from hijack.node import pki
+from hijack.registry import Registry
+
+# Tries, from another node, to open a relay to the shadow at HOST:PORT without its
+# token: one line each, "NAME refused ..." or "NAME ACCEPTED".
+STRANGER = """\
+import os, socket, ssl, sys
+from hijack.shadow import control
+host, port, fingerprint, other_ca = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+
+def attempt(name, try_it):
+    try:
+        try_it()
+        print(name, "ACCEPTED", flush=True)
+    except Exception as exc:
+        print(name, "refused", type(exc).__name__, flush=True)
+
+def no_tls():  # the pre-TLS protocol: a guessed proof and a header
+    with socket.create_connection((host, port), timeout=5) as sock:
+        header = b'{"kind":"relay","stream":"fd:3"}'
+        sock.sendall(os.urandom(32) + len(header).to_bytes(4, "little") + header)
+        answer = sock.recv(64)
+        if b"RLY1" not in answer:
+            raise ConnectionError(f"answered {answer!r}")
+
+def tls_with(certificate_dir):
+    def connect():
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        if certificate_dir:
+            node = f"{certificate_dir}/nodes/c"
+            context.load_cert_chain(f"{node}.crt", f"{node}.key")
+        with socket.create_connection((host, port), timeout=5) as raw:
+            with context.wrap_socket(raw) as tls:
+                nonce = tls.recv(16)  # a refused certificate comes back as an alert here
+                if len(nonce) != 16:
+                    raise ConnectionError("no nonce")
+                tls.sendall(os.urandom(32))  # a guessed proof
+                if tls.recv(4) == b"":
+                    raise ConnectionError("closed")
+    return connect
+
+def wrong_token():  # a cluster node's own certificate, the shadow's pinned one, no token
+    home = control.HomeEndpoint(f"{host}:{port}", os.urandom(32), fingerprint)
+    control.open_link(home, {"kind": "relay", "stream": "fd:3", "move": "x", "mode": "plain"})
+
+attempt("no-tls", no_tls)
+attempt("no-certificate", tls_with(""))
+attempt("another-ca", tls_with(other_ca))
+attempt("wrong-token", wrong_token)
+"""
+
+# Captures every frame on the interfaces of the namespace it runs in (the hub's
+# bridge and the hub's ends of the nodes' veths) into FILE until its stdin ends.
+CAPTURE = """\
+import select, socket, sys
+capture = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+print("capturing", flush=True)
+with open(sys.argv[1], "wb") as out:
+    while True:
+        readable, _, _ = select.select([capture, sys.stdin], [], [])
+        if sys.stdin in readable:
+            break
+        out.write(capture.recv(1 << 16))
+"""
+
+# Connects to HOST PORT: "connected", or the error's name.
+PROBE = """\
+import socket, sys
+try:
+    socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+    print("connected", flush=True)
+except OSError as exc:
+    print(type(exc).__name__, flush=True)
+"""
+
+MARKER = "relayed-secret-7f3a9c41d2e8b605"
+
+
+def endpoint_of(home: Node, home_pid: int) -> tuple[str, int, str]:
+    """(address, port, certificate fingerprint) of the home shadow's TCP endpoint."""
+    status = shadow_status(home, home_pid)
+    with Registry(home.state_dir) as registry:
+        record = registry.get(home_pid)
+    assert record.relay_cert, record
+    return home.address, int(status["endpoint_port"]), record.relay_cert
+
+
+def test_a_stranger_who_knows_the_shadows_port_opens_no_relay_and_streams_go_on(
+    tmp_path: Path,
+) -> None:
+    other_ca = tmp_path / "other-ca"
+    pki.init_ca(other_ca, name="another cluster")
+    pki.add_node(other_ca, "c")
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        b.start_daemon()
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            # A client's connection, relayed once the server moved: it must not notice.
+            session = spawn_python(a, ECHO_SESSION, "127.0.0.1", server.ready["port"])
+            assert read_line(session, LINE_TIMEOUT) == "connected"
+            assert ask(session, "before") == "before"
+            moved = move(a, server.pid, b)
+            server.wait_exit()
+            assert ask(session, "moved") == "moved"
+            host, port, fingerprint = endpoint_of(a, server.pid)
+            stranger = spawn_python(c, STRANGER, host, str(port), fingerprint, str(other_ca))
+            lines = [read_line(stranger, LINE_TIMEOUT) for _ in range(4)]
+            stranger.wait(LINE_TIMEOUT)
+            print("\n".join(lines))
+            for name, line in zip(
+                ("no-tls", "no-certificate", "another-ca", "wrong-token"), lines, strict=True
+            ):
+                assert line.startswith(f"{name} refused"), lines
+            assert ask(session, "after") == "after"  # the same connection, untouched
+            assert session.stdin is not None
+            session.stdin.close()
+            assert session.wait(LINE_TIMEOUT) == 0
+            output = finish_moved(server, moved, tmp_path)
+        assert "over 1 connections" in output  # no stranger's relay reached it
+        shadow_log = (a.state_dir / "shadows" / str(server.pid) / "shadow.log").read_text()
+        assert shadow_log.count("refused a connection") >= 4, shadow_log
+
+
+# Asks the home shadow its status as a node holding the migrant's token: "ok" or the error.
+ASK_STATUS = """\
+import sys
+from hijack.shadow import control
+home = control.HomeEndpoint(sys.argv[1], bytes.fromhex(sys.argv[2]), sys.argv[3])
+try:
+    control.remote_request(home, {"op": "status"}, timeout=5)
+    print("ok", flush=True)
+except Exception as exc:
+    print(type(exc).__name__, exc, flush=True)
+"""
+
+
+def test_a_revoked_node_is_refused_even_with_the_token(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        b.start_daemon()
+        pki.revoke(cluster.pki_dir, "c")  # before the move: the shadow gets the new list
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            moved = move(a, server.pid, b)
+            server.wait_exit()
+            with Registry(a.state_dir) as registry:
+                record = registry.get(server.pid)
+            assert record.relay_address and record.relay_token and record.relay_cert
+            arguments = (record.relay_address, record.relay_token, record.relay_cert)
+            assert read_line(spawn_python(b, ASK_STATUS, *arguments), LINE_TIMEOUT) == "ok"
+            refused = read_line(spawn_python(c, ASK_STATUS, *arguments), LINE_TIMEOUT)
+            assert refused.startswith("ShadowError") and "revoked" in refused.lower(), refused
+            finish_moved(server, moved, tmp_path)
+        shadow_log = (a.state_dir / "shadows" / str(server.pid) / "shadow.log").read_text()
+        assert "its certificate is refused: certificate revoked" in shadow_log, shadow_log
+
+
+def test_the_moved_listener_takes_only_the_home_shadows_clients(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        b.start_daemon()
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            port = server.ready["port"]
+            moved = move(a, server.pid, b)
+            server.wait_exit()
+            (listener,) = [
+                s["listener"] for s in shadow_status(a, server.pid)["streams"] if s["listener"]
+            ]
+            host, _, listener_port = listener.rpartition(":")
+            assert host == "127.0.0.1", listener  # not on the node's network address
+            # Its backlog is the process's own (echo_server listens with 64).
+            listening = b.run(["ss", "-ltnH", f"sport = :{listener_port}"], timeout=10).stdout
+            assert listening.split()[2] == "64", listening
+            # From another node: nothing listens there on the network.
+            remote = spawn_python(c, PROBE, b.address, listener_port)
+            assert read_line(remote, LINE_TIMEOUT) == "ConnectionRefusedError"
+            # On its own node, a process without the forwarder's mark is dropped.
+            local = spawn_python(b, PROBE, "127.0.0.1", listener_port)
+            assert read_line(local, LINE_TIMEOUT) == "TimeoutError"
+            # The home address still reaches it, through the shadow.
+            with spawn_fixture(
+                "stream_client", "127.0.0.1", port, str(1 << 20), "41", netns=a.netns
+            ) as client:
+                client.assert_intact()
+            output = finish_moved(server, moved, tmp_path)
+        assert "over 1 connections" in output  # neither stranger got in
+
+
+def captured_after_a_move(tmp_path: Path, *options: str) -> bytes:
+    """Every frame between the nodes while a moved echo_server echoes MARKER to a client."""
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            session = spawn_python(a, ECHO_SESSION, "127.0.0.1", server.ready["port"])
+            assert read_line(session, LINE_TIMEOUT) == "connected"
+            moved = move(a, server.pid, b, options=options)
+            server.wait_exit()
+            frames = tmp_path / "frames"
+            capture = spawn_in_namespace(
+                cluster.hub_netns,
+                [sys.executable, "-c", CAPTURE, frames],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+            )
+            try:
+                assert read_line(capture, LINE_TIMEOUT) == "capturing"
+                for _ in range(3):
+                    assert ask(session, MARKER) == MARKER
+            finally:
+                assert capture.stdin is not None
+                capture.stdin.close()
+                capture.wait(LINE_TIMEOUT)
+            assert session.stdin is not None
+            session.stdin.close()
+            assert session.wait(LINE_TIMEOUT) == 0
+            finish_moved(server, moved, tmp_path)
+        seen = frames.read_bytes()
+        assert len(seen) > 1000, "nothing captured between the nodes"
+        os.unlink(frames)
+        return seen
+
+
+def test_relayed_bytes_between_nodes_are_encrypted(tmp_path: Path) -> None:
+    seen = captured_after_a_move(tmp_path)
+    assert MARKER.encode() not in seen
+
+
+def test_plain_relays_carry_the_bytes_as_they_are(tmp_path: Path) -> None:
+    seen = captured_after_a_move(tmp_path, "--plain-relays")
+    assert MARKER.encode() in seen
