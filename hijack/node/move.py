@@ -1107,6 +1107,8 @@ def sockets_of(
     if any(entry.kind is procfs.FdKind.SOCKET for entry in entries):
         return procfs.read_socket_table(pid)
     return {}
+
+
 def _backlog(pid: int, fd: int) -> int:
     """The backlog process `pid` gave its listener `fd` (its listener at the node gets it)."""
     try:
