@@ -174,7 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="send memory in rounds while the process runs, so it is frozen only for the last"
-        " changes (default: unless it holds less than 1 MiB of private memory)",
+        " changes (default: unless it holds less than 1 MiB of private memory); --precopy"
+        " alone never falls back to post-copy",
+    )
+    move.add_argument(
+        "--postcopy",
+        action="store_true",
+        default=None,
+        help="after one pre-copy round, start the process there at once and send the pages it"
+        " wrote since on first touch and in the background (default: only when the rounds do"
+        " not converge); until the last page arrives the process needs both nodes",
     )
     move.set_defaults(handler=command_move)
 
@@ -385,7 +394,16 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
             progress = stack.enter_context(
                 render.move_progress(console, args.pid, args.to, expected_image_bytes(args.pid))
             )
-        result = moving.move(args.pid, args.to, registry, progress=progress, precopy=args.precopy)
+        if args.postcopy and args.precopy is not None:
+            raise HijackError("--postcopy starts with one pre-copy round: drop --(no-)precopy")
+        result = moving.move(
+            args.pid,
+            args.to,
+            registry,
+            progress=progress,
+            precopy=args.precopy,
+            postcopy=args.postcopy,
+        )
     render.move_result(console, result)
     return EXIT_OK
 

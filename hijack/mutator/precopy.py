@@ -92,6 +92,12 @@ class Precopy:
         self._untracked: list[Run] = []  # at the freeze: mappings the destination cannot keep
         self._flags: dict[procfs.MapEntry, tuple[str, ...]] = {}
         self.signal_actions: list[rec.SigAction] = []  # as the tracking started
+        # Post-copy (hijack.mutator.postcopy): the final image leaves out the
+        # `lazy` pages, which the destination fetches on first touch; `pinned`
+        # pages (those the restore itself touches) are never lazy.
+        self.postcopy = False
+        self.pinned: list[Run] = []
+        self.lazy: list[Run] = []
         self._buffer = bytearray(READ_CHUNK)
 
     @classmethod
@@ -244,6 +250,7 @@ class Precopy:
     def segments(self, segments: list[rec.Segment]) -> list[rec.Segment]:
         """The final image's segments: PRECOPIED where the destination holds the pages."""
         marked = []
+        self.lazy = []
         for segment in segments:
             carried = (
                 not clip_runs(self._untracked, segment.start, segment.end)
@@ -255,6 +262,9 @@ class Precopy:
             contents = rec.ContentsKind.PRECOPIED if carried else segment.contents
             flags = tuple(flag for flag in segment.vm_flags if flag not in TRACKING_FLAGS)
             marked.append(dataclasses.replace(segment, contents=contents, vm_flags=flags))
+            if self.postcopy and carried and lazy_capable(marked[-1]):
+                written = clip_runs(self.final_written, segment.start, segment.end)
+                self.lazy += subtract_runs(coalesce_runs(written), self.pinned)
         return marked
 
     def runs(self, segment: rec.Segment) -> list[Run]:
@@ -266,6 +276,9 @@ class Precopy:
             if sent:
                 absent = self.tracking.absent(segment.start, segment.end)
                 runs = union_runs(runs, [r for run in absent for r in clip_runs(sent, *run)])
+        if self.lazy:
+            # Fetched from the frozen original when first touched (or pushed later).
+            runs = subtract_runs(runs, clip_runs(self.lazy, segment.start, segment.end))
         return runs
 
     def _within_base(self, segment: rec.Segment) -> bool:
@@ -281,6 +294,39 @@ class Precopy:
                     )
                 )
         return False
+
+
+LAZY_GAP = 64 * 1024  # written runs this close are one lazy run (each costs a call there)
+MAX_LAZY_RUNS = 512  # per segment: past this, runs further apart are joined too
+
+
+def lazy_capable(segment: rec.Segment) -> bool:
+    """Whether a PRECOPIED segment may have pages left out for post-copy: private anonymous
+    memory (all userfaultfd's missing mode serves), readable and writable, not locked (mlock
+    would touch every page while the process is built)."""
+    return (
+        segment.inode == 0
+        and not segment.shared
+        and segment.prot & (rec.Prot.READ | rec.Prot.WRITE) == rec.Prot.READ | rec.Prot.WRITE
+        and not segment.path.startswith("[v")  # [vdso], [vvar], [vsyscall]
+        and "lo" not in segment.vm_flags
+    )
+
+
+def coalesce_runs(runs: list[Run]) -> list[Run]:
+    """`runs` (sorted, disjoint) with the gaps under LAZY_GAP filled, and wider gaps as
+    needed to keep at most MAX_LAZY_RUNS."""
+    gap = LAZY_GAP
+    while True:
+        joined: list[Run] = []
+        for start, end in runs:
+            if joined and start - joined[-1][1] <= gap:
+                joined[-1] = (joined[-1][0], end)
+            else:
+                joined.append((start, end))
+        if len(joined) <= MAX_LAZY_RUNS:
+            return joined
+        gap *= 4
 
 
 def _userfaultfd_inside(tracee: Tracee) -> int:

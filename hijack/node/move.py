@@ -54,7 +54,15 @@ from hijack.image import records as rec
 from hijack.mutator import attach as attaching
 from hijack.mutator.dump import describe_segments, kill_stopped, read_credentials, write_image
 from hijack.mutator.handover import hand_descriptors_to_shadow
-from hijack.mutator.precopy import Precopy, worth_precopying
+from hijack.mutator.postcopy import (
+    POSTCOPY_MIN_BYTES,
+    PageServer,
+    encode_runs,
+    lazy_bytes,
+    page_timeout,
+    pinned_pages,
+)
+from hijack.mutator.precopy import SHRINK, Precopy, RoundSent, worth_precopying
 from hijack.mutator.tracee import Tracee
 from hijack.node import mounts
 from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
@@ -102,6 +110,13 @@ class MoveResult:
     rounds: int = 0  # pre-copy rounds before the freeze
     frozen_bytes: int = 0  # sent while the process was frozen (the final image)
     tracking_pause_ms: float = 0.0  # the process stopped once more, to start pre-copy
+    postcopy_bytes: int = 0  # pages left out of the final image, served after the start
+    postcopy_ms: float = 0.0  # from the start there until the last of them arrived
+    total_ms: float = 0.0  # the whole move, from the first round to the last page
+
+
+class PostcopyBroken(HijackError):
+    """A post-copy cut short: the copy is stopped on its node, the original held here."""
 
 
 @dataclass(frozen=True)
@@ -160,10 +175,14 @@ def move(
     registry: Registry,
     progress: Callable[[str, int], None] | None = None,
     precopy: bool | None = None,
+    postcopy: bool | None = None,
 ) -> MoveResult:
     """Move `pid` to the node daemon at `destination`; see the module docstring.
 
     `precopy`: True or False forces pre-copy on or off; None decides by size.
+    `postcopy`: True ends pre-copy after its first round with post-copy
+    (hijack.mutator.postcopy); False never does; None does when the rounds do
+    not converge (and `precopy` is None).
     A move that fails leaves the process as it found it: attached only if it
     was attached before. One whose outcome is unknown raises MoveInDoubt.
     """
@@ -190,9 +209,11 @@ def move(
         attaching.attach(pid, registry)
     try:
         reached("move-attached")
-        return _move_attached(pid, address, key, registry, registry.get(pid), report, precopy)
-    except MoveInDoubt:
-        raise  # the process is held as it is, for `hijack recover`
+        return _move_attached(
+            pid, address, key, registry, registry.get(pid), report, precopy, postcopy
+        )
+    except (MoveInDoubt, PostcopyBroken):
+        raise  # the process is held as it is (for `hijack recover`, or by hand)
     except BaseException:
         if attached_by_move:
             # As before the command: not attached. (Its shadow was told `aborted`.)
@@ -209,6 +230,7 @@ def _move_attached(
     record: ProcessRecord,
     report: Callable[[str, int], None],
     precopy: bool | None,
+    postcopy: bool | None = None,
 ) -> MoveResult:
     at_home = record.state == "attached"
     token = record.relay_token or secrets.token_hex(32)
@@ -243,9 +265,14 @@ def _move_attached(
             registry.moved_on(pid, channel.peer)
 
         precopied: Precopy | None = None
+        started_at = time.perf_counter()
         try:
-            if precopy or (precopy is None and worth_precopying(pid)):
-                precopied = _precopy(pid, channel, move_id, record.program, report, shadow)
+            if postcopy or precopy or (precopy is None and worth_precopying(pid)):
+                if postcopy is None and precopy is not None:
+                    postcopy = False  # pre-copy asked for as such: no post-copy
+                precopied = _precopy(
+                    pid, channel, move_id, record.program, report, shadow, postcopy
+                )
                 # It ran on meanwhile: refused now if it holds what cannot go.
                 plan_proxies(pid, shadow, at_home, frozen=False)
             shadow.pid()  # asked now: the move's message names it while the process is frozen
@@ -267,6 +294,11 @@ def _move_attached(
             registry.set_state(pid, "held")
             lock.keep()  # `hijack recover` settles it
             raise
+        except PostcopyBroken as exc:
+            # Not for `hijack recover`: it would end the original, the only whole copy.
+            registry.update_move(move_id, phase="failed", finished_at=time.time(), error=str(exc))
+            registry.set_state(pid, "held")
+            raise
         except BaseException as exc:
             registry.update_move(move_id, phase="failed", finished_at=time.time(), error=str(exc))
             raise
@@ -284,7 +316,7 @@ def _move_attached(
         freeze_ms=result.freeze_ms,
         new_pid=result.new_pid,
     )
-    return result
+    return dataclasses.replace(result, total_ms=(time.perf_counter() - started_at) * 1000)
 
 
 def _move_frozen(
@@ -301,6 +333,7 @@ def _move_frozen(
     precopied: Precopy | None = None,
 ) -> MoveResult:
     before = precopied.bytes_sent if precopied is not None else 0
+    postcopy = precopied is not None and precopied.postcopy
     try:
         if not at_home:
             # Away, the shadow goes quiet before the freeze: a client it accepted
@@ -323,6 +356,8 @@ def _move_frozen(
             reached("move-frozen")
             if precopied is not None:
                 precopied.freeze()
+                if precopied.postcopy:
+                    precopied.pinned = pinned_pages(tracee)
             # Planned now that it is frozen: its descriptors no longer change
             # (the first look, before the freeze, only refuses what never can go).
             plan, present = plan_proxies(pid, shadow, at_home)
@@ -360,6 +395,7 @@ def _move_frozen(
                         "token": shadow.token,
                     },
                     "proxies": [p.__dict__ for p in plan],
+                    "postcopy": postcopy,
                 }
             )
             report("streaming", before)
@@ -367,6 +403,9 @@ def _move_frozen(
             progress_writer = _Progress(writer, report, before=before)
             write_image(tracee, cast(BinaryIO, progress_writer), precopied=precopied)
             writer.close()
+            lazy = precopied.lazy if precopied is not None and postcopy else []
+            if postcopy:
+                channel.send({"op": "lazy", "lazy": encode_runs(lazy)})
             report("restoring", before + writer.sent)
             prepared = channel.expect("phase")
             reached("move-prepared")
@@ -423,7 +462,23 @@ def _move_frozen(
             if not at_home:
                 with contextlib.suppress(HijackError, OSError):  # committed: nothing may fail
                     consume_unread(pid, plan)
-            kill_stopped(tracee)
+            broken, postcopy_ms = None, 0.0
+            if lazy:
+                reached("move-postcopy")  # the copy runs there, without its lazy pages yet
+                report("post-copy", before + writer.sent)
+                broken, postcopy_ms = _serve_lazy(pid, channel, answer, lazy)
+            if broken is None:
+                kill_stopped(tracee)
+    if broken is not None:
+        # The pending SIGSTOP holds the original once we let it go.
+        raise PostcopyBroken(
+            f"move {move_id}: post-copy to {channel.peer} broke off ({broken}) with"
+            f" {lazy_bytes(lazy) >> 20} MiB of pages not all delivered: the copy there (pid"
+            f" {answer.get('pid', '?')}) is stopped, and process {pid} is held stopped here"
+            f" as the only whole one. To go on here: kill the copy on {channel.peer}, then"
+            f" `kill -CONT {pid}`",
+            pid=pid,
+        )
     if unswitched is not None:
         raise HijackError(
             f"process {pid} runs on {channel.peer} as {answer['pid']}, but its home shadow"
@@ -434,8 +489,35 @@ def _move_frozen(
     sent = before + writer.sent
     pause = precopied.pause_ms if precopied is not None else 0.0
     return MoveResult(
-        move_id, pid, int(answer["pid"]), channel.peer, freeze_ms, sent, rounds, writer.sent, pause
+        move_id,
+        pid,
+        int(answer["pid"]),
+        channel.peer,
+        freeze_ms,
+        sent,
+        rounds,
+        writer.sent,
+        pause,
+        postcopy_bytes=lazy_bytes(lazy),
+        postcopy_ms=postcopy_ms,
     )
+
+
+def _serve_lazy(
+    pid: int, channel: Channel, answer: dict[str, Any], lazy: list[tuple[int, int]]
+) -> tuple[str | None, float]:
+    """Serve the copy's missing pages from the frozen original: (why it broke off, or None;
+    how long it took)."""
+    started = time.perf_counter()
+    if "phase" not in answer:
+        # The commit's answer came on another connection: this one, which the
+        # destination serves the pages on, is broken.
+        return "the move's connection broke at the commit", 0.0
+    try:
+        PageServer(pid, channel, lazy).serve(page_timeout())
+    except HijackError as exc:
+        return str(exc), (time.perf_counter() - started) * 1000
+    return None, (time.perf_counter() - started) * 1000
 
 
 def _precopy(
@@ -445,8 +527,13 @@ def _precopy(
     program: str,
     report: Callable[[str, int], None],
     shadow: HomeShadow,
+    postcopy: bool | None = None,
 ) -> Precopy:
-    """Send the process's memory in rounds while it runs (docs/protocol.md, "Moving")."""
+    """Send the process's memory in rounds while it runs (docs/protocol.md, "Moving").
+
+    With `postcopy` True, after round 0 the rest is left to post-copy; None,
+    when the rounds stop without having converged (see `_converged`).
+    """
     # Its credentials, for the daemon's policy before it builds anything.
     credentials = dataclasses.asdict(read_credentials(pid))
     channel.send(
@@ -473,13 +560,26 @@ def _precopy(
             writer.close()
             precopied.bytes_sent += writer.sent
             channel.expect("phase")  # applied there: the next round starts from a caught-up peer
+            if postcopy:
+                precopied.postcopy = True
+                precopied.prepare_freeze()
+                return precopied
             if not precopied.should_continue(last, before):
+                precopied.postcopy = postcopy is None and not _converged(last, before)
                 precopied.prepare_freeze()
                 return precopied
             before = last
     except BaseException:
         precopied.close()
         raise
+
+
+def _converged(last: RoundSent, before: RoundSent | None) -> bool:
+    """Whether the rounds left little enough for the freeze: the last was small, or
+    shrank well from the one before (it stopped on MAX_ROUNDS)."""
+    if last.pages * rec.PAGE_SIZE < POSTCOPY_MIN_BYTES:
+        return True
+    return before is not None and before.number > 0 and last.pages <= before.pages * SHRINK
 
 
 def _switch_shadow(

@@ -48,6 +48,7 @@ from hijack.registry import Registry
 from hijack.restore.address_space import AddressSpace
 from hijack.restore.files import restore_files
 from hijack.restore.plan import FilePlan, ShadowHoldings, plan_files
+from hijack.restore.postcopy import LazyPages
 from hijack.restore.precopy import Prebuilt
 from hijack.restore.remote import Stub
 from hijack.shadow import control
@@ -124,6 +125,7 @@ def restore(
     prebuilt: Prebuilt | None = None,
     mount_namespace: int | None = None,
     take_locks: bool = True,
+    lazy: Callable[[], LazyPages | None] | None = None,
 ) -> RestoreResult:
     """Rebuild the process of the image in `stream` and let it run.
 
@@ -144,6 +146,9 @@ def restore(
     `take_locks` False (a move) leaves the image's file locks and leases untaken:
     the home shadow keeps the open files, and with them their flock, OFD locks
     and leases, and the original holds its POSIX locks until the commit.
+    `lazy` (a post-copy move, with `prebuilt`) is asked once the image is in for
+    the pages left out of it; they are made to arrive on first touch
+    (hijack.restore.postcopy) before anything else is done in the process.
     """
     records = read_stream(stream)
     first = next(records)
@@ -180,7 +185,7 @@ def restore(
     )
     if prebuilt is not None:
         return _restore_prebuilt(
-            records, image, plan, prebuilt, provided or {}, before_start, take_locks
+            records, image, plan, prebuilt, provided or {}, before_start, take_locks, lazy
         )
     # SysV objects first: a refusal (an id taken by another object) comes before the stub.
     ipc = sysv.prepare(image.files, image.segments.segments)
@@ -232,6 +237,7 @@ def _restore_prebuilt(
     provided: dict[int, int],
     before_start: Callable[[int], None] | None,
     take_locks: bool,
+    lazy: Callable[[], LazyPages | None] | None = None,
 ) -> RestoreResult:
     """restore() of a move's final image into the stub its pre-copy rounds built."""
     stub, space = prebuilt.stub, prebuilt.space
@@ -242,6 +248,11 @@ def _restore_prebuilt(
         inherited = prebuilt.hand_over(provided)
         space.adopt_final(image.segments.segments, later=frozenset(image.mapped()))
         _consume_rest(records, image, space)
+        missing = lazy() if lazy is not None else None
+        if missing is not None:
+            # While the stub has root's powers; what the rest of the restore
+            # touches (each thread's TCB and stack top) was never left out.
+            missing.prepare(stub, image.segments.segments)
         _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
         if before_start is not None:
             before_start(stub.pid)

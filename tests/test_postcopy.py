@@ -1,0 +1,122 @@
+"""Post-copy moves: the process starts at the destination before all its pages are there.
+
+The dirtier fixture rewrites its memory all the time (pages written, zeroed,
+dropped, side mappings replaced and mprotected) and, at the end, checks every
+page of it against what it last wrote: a page served stale, twice, or as
+zeros where it held data fails it. Moved with `--postcopy`, the pages it
+wrote during pre-copy's first round are left out of the final image and
+reach it on first touch or pushed by the source.
+
+Cut off mid-way (the source node's link down), the copy must be stopped
+there, never left running on part of its memory, and both nodes must say so;
+the original is held stopped at home as the only whole copy.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+from support import spawn_fixture
+from support.nodes import Cluster, link_down, link_up
+from test_faults import finish, hijack_in
+from test_move import (
+    MOVED_LINE,
+    Moved,
+    daemon_log,
+    finish_moved,
+    logs,
+    poll_until,
+    refusal_line,
+    runs_in,
+    shadow_status,
+)
+
+from hijack.registry import Registry
+
+DIRTY_RATE = "100"  # MB/s the dirtier rewrites
+POSTCOPY_LINE = re.compile(r"post-copy: ([\d.]+ \w+) served after the start")
+
+
+def process_state(pid: int) -> str:
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2]
+
+
+def test_a_postcopy_move_of_a_process_that_keeps_writing_arrives_with_every_page(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        a.start_daemon()
+        b.start_daemon()
+        with spawn_fixture("dirtier", "128", DIRTY_RATE, netns=a.netns) as dirtier:
+            assert b.daemon_endpoint is not None
+            result = a.hijack("move", dirtier.pid, "--to", b.daemon_endpoint, "--postcopy")
+            assert result.returncode == 0, f"{result.describe()}\n{logs(tmp_path)}"
+            found = MOVED_LINE.search(result.stdout)
+            assert found is not None, result.describe()
+            served = POSTCOPY_LINE.search(result.stdout)
+            assert served is not None, result.describe()  # some pages did come after the start
+            moved = Moved(
+                int(found[3]), b, float(found[4]), shadow_status(a, dirtier.pid)["shadow_pid"]
+            )
+            dirtier.wait_exit()  # the original, ended once the copy had every page
+            assert runs_in(moved.pid, b)
+            log = daemon_log(b)
+            assert re.search(r"post-copy complete in [\d.]+ s: \d+ pages", log), log
+            # Its userfaultfd is closed: no range of it is registered any more.
+            smaps = Path(f"/proc/{moved.pid}/smaps").read_text()
+            assert not re.search(r"^VmFlags:.* um\b", smaps, re.MULTILINE)
+            output = finish_moved(dirtier, moved, tmp_path)
+        assert "steps" in output
+
+
+def test_a_source_cut_off_mid_postcopy_leaves_the_copy_stopped_and_the_original_held(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        # Short waits on a silent peer: the cut is noticed within seconds.
+        for node in (a, b):
+            node.env["HIJACK_PAGE_TIMEOUT"] = "2"
+        a.start_daemon()
+        b.start_daemon()
+        with spawn_fixture("dirtier", "128", DIRTY_RATE, netns=a.netns) as dirtier:
+            assert b.daemon_endpoint is not None
+            # Stopped once the copy runs on b without its lazy pages; then a is cut off.
+            mover = hijack_in(
+                a, "move-postcopy", "move", dirtier.pid, "--to", b.daemon_endpoint, "--postcopy"
+            )
+            link_down(a)
+            try:
+                mover.send_signal(signal.SIGCONT)
+                result = finish(mover, ("move",))
+            finally:
+                link_up(a)
+            # One line: the copy is stopped there, the original held here.
+            line = refusal_line(result)
+            assert "post-copy" in line and "held stopped" in line, line
+            assert process_state(dirtier.pid) == "T"  # not ended: the only whole copy
+            with Registry(a.state_dir) as registry:
+                assert registry.get(dirtier.pid).state == "held"
+                (record,) = registry.moves()
+            assert record.phase == "failed" and "post-copy" in (record.error or ""), record
+            # On b: the copy stopped and reported, never running on part of its memory.
+            found = poll_until(
+                lambda: re.search(
+                    r"post-copy broke off .*: process (\d+) is stopped", daemon_log(b)
+                ),
+                "b reports the post-copy broken off",
+            )
+            copy = int(found[1])
+            assert process_state(copy) == "T"
+            with Registry(b.state_dir) as registry:
+                assert registry.get(copy).state == "held"
+            # As the line says: the copy killed there, the original goes on here,
+            # every page of it as it wrote it.
+            os.kill(copy, signal.SIGKILL)
+            os.kill(dirtier.pid, signal.SIGCONT)
+            dirtier.assert_intact()
