@@ -219,6 +219,20 @@ class Precopy:
                 offset += end - start
         return sent
 
+    def written_to_drop(self) -> list[Run]:
+        """For post-copy, while the process runs: the pages written since the last round in
+        memory that may be lazy, coalesced as the final image's lazy runs will be. The
+        destination drops them now rather than while the process is frozen; owed from here
+        on, they are lazy or sent at the freeze."""
+        written = self.tracking.collect()
+        dropped: list[Run] = []
+        for base in self.base:
+            if lazy_capable(base):
+                dropped += coalesce_runs(clip_runs(written, base.start, base.end))
+        # What was written elsewhere stays owed too: the scan protected it again.
+        self.owed = union_runs(self.owed, union_runs(written, dropped))
+        return dropped
+
     def should_continue(self, last: RoundSent, before: RoundSent | None) -> bool:
         """Whether another round is worth it after `last` (and the round `before` it)."""
         if self.rounds >= MAX_ROUNDS:

@@ -182,6 +182,10 @@ class NodeDaemon:
                     if message.get("op") == "move":
                         self._receive_move(channel, message, where, prebuilt, registry)
                         return
+                    if message.get("op") == "drop":  # post-copy comes: stale pages go
+                        prebuilt.drop(decode_runs(message.get("lazy")))
+                        channel.send({"phase": "dropped"})
+                        continue
                     if message.get("op") != "round":
                         raise HijackError(f"move {move} aborted by the mover during pre-copy")
                     reader = DataReader(channel)
@@ -407,7 +411,7 @@ class NodeDaemon:
                 records.set_state(pid, "held")
             log(
                 f"move {move}: post-copy broke off ({exc}): process {pid} is stopped here,"
-                f" {len(pages.missing)} of its pages still on {channel.peer}; it cannot run"
+                f" {pages.left} of its pages still on {channel.peer}; it cannot run"
                 " without them"
             )
             return

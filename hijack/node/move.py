@@ -560,12 +560,16 @@ def _precopy(
             writer.close()
             precopied.bytes_sent += writer.sent
             channel.expect("phase")  # applied there: the next round starts from a caught-up peer
-            if postcopy:
-                precopied.postcopy = True
-                precopied.prepare_freeze()
-                return precopied
-            if not precopied.should_continue(last, before):
-                precopied.postcopy = postcopy is None and not _converged(last, before)
+            if postcopy or not precopied.should_continue(last, before):
+                precopied.postcopy = bool(postcopy) or (
+                    postcopy is None and not _converged(last, before)
+                )
+                if precopied.postcopy:
+                    # The pages written during the last round are stale there: dropped
+                    # now, while the process runs, not during the freeze.
+                    dropped = precopied.written_to_drop()
+                    channel.send({"op": "drop", "lazy": encode_runs(dropped)})
+                    channel.expect("phase")
                 precopied.prepare_freeze()
                 return precopied
             before = last

@@ -20,6 +20,7 @@ README).
 
 from __future__ import annotations
 
+import bisect
 import collections
 import functools
 import os
@@ -32,10 +33,10 @@ from hijack.image import records as rec
 from hijack.mutator.postcopy import ADDRESS, MAX_FETCH, PAGE_SIZE
 from hijack.mutator.precopy import Run, clip_runs
 from hijack.node.channel import Channel, ChannelError, Kind
+from hijack.restore.precopy import MADV_DONTNEED
 from hijack.restore.remote import Stub
 from hijack.sys import pidfd, userfault
 
-MADV_DONTNEED = 4
 READAHEAD = 16  # pages fetched with a touched one (processes tend to read on)
 
 
@@ -44,17 +45,22 @@ class LazyPages:
     for them."""
 
     def __init__(self, runs: list[Run]) -> None:
-        self.runs = runs
+        self.runs = runs  # where the pages are in the original (sorted, disjoint)
         self.uffd = -1
-        # Where each missing page is here -> where it is in the original (an mremap
-        # here moves it), and back.
-        self.missing: dict[int, int] = {}
-        self.here: dict[int, int] = {}
+        # One byte a page of `runs`, in order: 1 while it is missing here; and 1
+        # while it is fetched and has not arrived. (Bytes, not a dict of pages:
+        # a GiB is 262144 of them, and this is made while the process is frozen.)
+        self._starts = [start for start, _ in runs]
+        self._first: list[int] = []  # the index of each run's first page
+        total = 0
         for start, end in runs:
-            for page in range(start, end, PAGE_SIZE):
-                self.missing[page] = page
-                self.here[page] = page
-        self.asked: set[int] = set()  # source pages fetched and not arrived yet
+            self._first.append(total)
+            total += (end - start) // PAGE_SIZE
+        self.missing = bytearray(b"\x01") * total
+        self.asked = bytearray(total)
+        self.left = total  # pages still missing
+        # The process's mremaps of lazy memory, in order: [start, end) moved by delta.
+        self.moves: list[tuple[int, int, int]] = []
         self._faults: collections.deque[int] = collections.deque()  # read, not served yet
         self.faults = 0
         self.arrived = 0
@@ -105,14 +111,45 @@ class LazyPages:
                 if not pushed and time.monotonic() - heard > timeout:
                     raise ChannelError(
                         f"{channel.peer} sent nothing for {timeout:.0f} s"
-                        f" with {len(self.missing)} pages missing"
+                        f" with {self.left} pages missing"
                     )
         finally:
             os.close(ended)
-        if self.missing:
-            raise HijackError(f"{channel.peer} pushed all but {len(self.missing)} pages")
+        if self.left:
+            raise HijackError(f"{channel.peer} pushed all but {self.left} pages")
         self.close()
         channel.send({"phase": "complete"})
+
+    # -- where a page is: in the original (its source) and here (its place) ----------
+
+    def _index(self, source: int) -> int:
+        """The page's index in `missing`, or -1 if it is not lazy."""
+        run = bisect.bisect_right(self._starts, source) - 1
+        if run < 0 or source >= self.runs[run][1]:
+            return -1
+        return self._first[run] + (source - self.runs[run][0]) // PAGE_SIZE
+
+    def _place(self, source: int) -> int:
+        for start, end, delta in self.moves:
+            if start <= source < end:
+                source += delta
+        return source
+
+    def _source(self, place: int) -> int:
+        for start, end, delta in reversed(self.moves):
+            if start + delta <= place < end + delta:
+                place -= delta
+        return place
+
+    def _missing_index(self, place: int) -> int:
+        """The index of the page missing at `place`, or -1 (here, or never lazy)."""
+        source = self._source(place)
+        index = self._index(source)
+        if index < 0 or not self.missing[index] or self._place(source) != place:
+            return -1
+        return index
+
+    # -- events -----------------------------------------------------------------------
 
     def _read_events(self) -> None:
         """Take the waiting events: layout changes applied at once, faults queued."""
@@ -120,31 +157,36 @@ class LazyPages:
             if event == userfault.UFFD_EVENT_PAGEFAULT:
                 self._faults.append(second)
             elif event == userfault.UFFD_EVENT_REMOVE:
-                for page in range(first, second, PAGE_SIZE):  # zeros now: nothing to fill
-                    source = self.missing.pop(page, None)
-                    if source is not None:
-                        del self.here[source]
+                self._dropped(first, second)
             elif event == userfault.UFFD_EVENT_REMAP:
-                moved = [
-                    (page, self.missing.pop(page))
-                    for page in range(first, first + third, PAGE_SIZE)
-                    if page in self.missing
-                ]
-                for page, source in moved:
-                    self.missing[page - first + second] = source
-                    self.here[source] = page - first + second
+                self.moves.append((first, first + third, second - first))
+
+    def _dropped(self, start: int, end: int) -> None:
+        """The process dropped [start, end) (MADV_DONTNEED): zeros now, nothing to fill."""
+        if not self.moves:
+            for run_start, run_end in clip_runs(self.runs, start, end):
+                low = self._index(run_start)
+                high = low + (run_end - run_start) // PAGE_SIZE
+                self.left -= self.missing.count(1, low, high)
+                self.missing[low:high] = bytes(high - low)
+            return
+        for place in range(start, end, PAGE_SIZE):
+            index = self._missing_index(place)
+            if index >= 0:
+                self.missing[index] = 0
+                self.left -= 1
 
     def _events(self, channel: Channel) -> None:
         self._read_events()
         while self._faults:
-            page = self._faults.popleft()
+            place = self._faults.popleft()
             self.faults += 1
-            source = self.missing.get(page)
-            if source is None:
+            index = self._missing_index(place)
+            if index < 0:
                 # Never had one, or dropped it since it came: zeros.
-                self._until_done(functools.partial(userfault.zero, self.uffd, page))
-            elif source not in self.asked:
-                self._fetch(channel, page, source)
+                self._until_done(functools.partial(userfault.zero, self.uffd, place))
+            elif not self.asked[index]:
+                self._fetch(channel, self._source(place), index)
 
     def _until_done(self, action: Callable[[], None]) -> None:
         """`action`, again each time the process was changing its layout meanwhile."""
@@ -156,18 +198,23 @@ class LazyPages:
                 self._read_events()  # the change waits for its event to be read
                 os.sched_yield()
 
-    def _fetch(self, channel: Channel, page: int, source: int) -> None:
-        """Ask for `source` (missing at `page`), with the missing pages after it."""
+    def _fetch(self, channel: Channel, source: int, index: int) -> None:
+        """Ask for `source` (page `index`), with the missing pages after it in its run."""
+        run = bisect.bisect_right(self._starts, source) - 1
+        last = self._first[run] + (self.runs[run][1] - self.runs[run][0]) // PAGE_SIZE
         count = 1
         while (
             count < READAHEAD
-            and self.missing.get(page + count * PAGE_SIZE) == source + count * PAGE_SIZE
-            and source + count * PAGE_SIZE not in self.asked
+            and index + count < last
+            and self.missing[index + count]
+            and not self.asked[index + count]
         ):
             count += 1
         count = min(count, MAX_FETCH)
-        self.asked.update(source + index * PAGE_SIZE for index in range(count))
+        self.asked[index : index + count] = b"\x01" * count
         channel.send({"op": "fetch", "address": source, "pages": count})
+
+    # -- pages that arrive -------------------------------------------------------------
 
     def _frame(self, channel: Channel) -> bool:
         """One frame from the source: pages (filled), `pushed` (True) or its error."""
@@ -180,36 +227,33 @@ class LazyPages:
             raise ChannelError(f"{channel.peer} sent a malformed post-copy frame")
         (address,) = ADDRESS.unpack_from(payload)
         data = memoryview(payload)[ADDRESS.size :]
+        first = self._index(address)
+        pages = len(data) // PAGE_SIZE
+        if first < 0 or self._index(address + (pages - 1) * PAGE_SIZE) != first + pages - 1:
+            raise ChannelError(f"{channel.peer} sent pages at {address:#x} that are not lazy")
         # Again from the start if the layout changed meanwhile: a page dropped
         # since (MADV_DONTNEED) must not be filled.
-        self._until_done(lambda: self._fill(address, data))
+        self._until_done(lambda: self._fill(address, first, data))
         return False
 
-    def _fill(self, address: int, data: memoryview) -> None:
-        """Fill the pages of `data` (from `address` in the original) still missing here, in
-        runs whose places here follow one another; each run forgotten once filled."""
-        pages = len(data) // PAGE_SIZE
-        runs: list[tuple[int, int, int]] = []  # (place here, first index, count)
-        for index in range(pages):
-            place = self.here.get(address + index * PAGE_SIZE)
-            if place is None:
-                continue
-            if (
-                runs
-                and runs[-1][1] + runs[-1][2] == index
-                and place == runs[-1][0] + runs[-1][2] * PAGE_SIZE
-            ):
-                runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
-            else:
-                runs.append((place, index, 1))
-        for place, first, count in runs:
-            chunk = bytes(data[first * PAGE_SIZE : (first + count) * PAGE_SIZE])
-            userfault.fill(self.uffd, place, chunk)
-            for index in range(first, first + count):
-                source = address + index * PAGE_SIZE
-                del self.missing[self.here.pop(source)]
-                self.asked.discard(source)
-                self.arrived += 1
+    def _fill(self, address: int, first: int, data: memoryview) -> None:
+        """Fill the pages of `data` (page `first` on, from `address` in the original) still
+        missing here, a run of them at a time; each run marked once filled."""
+        end = first + len(data) // PAGE_SIZE
+        low = self.missing.find(1, first, end)
+        while low >= 0:
+            high = self.missing.find(0, low, end)
+            high = end if high < 0 else high
+            if self.moves:
+                high = low + 1  # a page at a time: its place may have moved
+            offset = (low - first) * PAGE_SIZE
+            chunk = bytes(data[offset : offset + (high - low) * PAGE_SIZE])
+            userfault.fill(self.uffd, self._place(address + offset), chunk)
+            self.missing[low:high] = bytes(high - low)
+            self.asked[low:high] = bytes(high - low)
+            self.left -= high - low
+            self.arrived += high - low
+            low = self.missing.find(1, high, end)
 
     def close(self) -> None:
         """Close the userfaultfd: its ranges are the process's own again."""

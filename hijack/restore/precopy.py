@@ -20,10 +20,13 @@ from typing import BinaryIO
 from hijack.errors import ImageError, RestoreError
 from hijack.image import records as rec
 from hijack.image.codec import read_round
+from hijack.mutator.precopy import clip_runs
 from hijack.mutator.tracee import find_syscall_instruction
 from hijack.restore.address_space import AddressSpace
 from hijack.restore.remote import Stub
 from hijack.sys.stub import kill_stub, spawn_stub
+
+MADV_DONTNEED = 4
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,18 @@ class Prebuilt:
                 pages += len(record.data) // rec.PAGE_SIZE
         self.rounds += 1
         return RoundReceived(opening.number, pages)
+
+    def drop(self, runs: list[tuple[int, int]]) -> None:
+        """Drop the pages of `runs` (MADV_DONTNEED) from the stub's private anonymous memory:
+        written since they were sent, they will come again (post-copy)."""
+        if self.space is None:
+            raise RestoreError("pages to drop came before any pre-copy round")
+        stub = self._stub()
+        for segment in self.space.segments:
+            if segment.inode or segment.shared:
+                continue  # a file's page dropped would read as the file's
+            for start, end in clip_runs(runs, segment.start, segment.end):
+                stub.call("madvise", start, end - start, MADV_DONTNEED)
 
     def hand_over(self, provided: dict[int, int]) -> dict[int, int]:
         """Copies in the stub of our descriptors `provided` (image number -> ours):
