@@ -1206,6 +1206,18 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     if record is None:
         registry.update_move(row.id, phase="failed", finished_at=time.time(), error="forgotten")
         return f"move {row.id}: process {pid} is not known here any more", True
+    if row.phase == "post-copy":
+        # Its copy runs there on part of its memory (or was stopped there): the
+        # original, stopped here, is the only whole one. Not for a guess.
+        registry.set_state(pid, "held")
+        error = "its mover was interrupted during post-copy"
+        registry.update_move(row.id, phase="failed", finished_at=time.time(), error=error)
+        return (
+            f"move {row.id}: interrupted during post-copy; process {pid} stays held stopped"
+            f" here as the only whole copy (its copy on {row.destination} stops once it"
+            f" misses a page): kill that copy, then `kill -CONT {pid}`",
+            True,
+        )
     # Attached here, never away: a process back home (home_pid set) is relayed as a migrant.
     at_home = record.home_node == node_name() and record.home_pid is None
     shadow = HomeShadow(record, record.relay_token or "")
