@@ -26,7 +26,8 @@ TOTAL = re.compile(r"([\d.]+) s in all")
 
 
 def measure_postcopy(directory: Path, size: int) -> list[str]:
-    nodes = Nodes(directory)
+    (directory / "postcopy").mkdir()
+    nodes = Nodes(directory / "postcopy")  # a cluster of its own (bench/moves.py has one)
     nodes.start()
     lines = []
     try:

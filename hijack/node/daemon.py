@@ -55,9 +55,6 @@ COMMIT_TIMEOUT = 60.0  # seconds a prepared process waits for the mover's decisi
 LISTEN_BACKLOG = 128
 RELEASE_TIMEOUT = 5.0  # seconds to tell a home shadow its migrant ended
 STOPPING_RELEASE_TIMEOUT = 1.0  # the same, as the daemon stops
-# The missing pages of migrants whose post-copy broke off: their userfaultfds stay
-# open for the daemon's life (hijack.node.daemon.NodeDaemon._postcopy).
-_broken_off: list[LazyPages] = []
 
 
 class Proxy(NamedTuple):
@@ -396,8 +393,9 @@ class NodeDaemon:
         """Serve the moved process's missing pages from its source until it has them all.
 
         A source that goes away or silent first: the process is stopped, never
-        left running on half its memory, and the userfaultfd kept open, so that
-        even one resumed by hand waits on a missing page rather than read it as zeros.
+        left running on half its memory, and its userfaultfd kept open (by its
+        keeper, hijack.restore.postcopy), so that even one resumed by hand waits
+        on a missing page rather than read it as zeros. So too if this daemon ends.
         """
         log(f"move {move}: post-copy of {pages.total_bytes >> 10} KiB from {channel.peer}")
         started = time.monotonic()
@@ -406,7 +404,7 @@ class NodeDaemon:
         except HijackError as exc:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGSTOP)
-            _broken_off.append(pages)
+            pages.abandon()  # its keeper holds it stopped, its userfaultfd open
             with contextlib.suppress(HijackError), Registry() as records:
                 records.set_state(pid, "held")
             log(

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
 import functools
 import os
 import select
+import subprocess
+import threading
 import time
 from collections.abc import Callable
 
@@ -37,6 +40,12 @@ from hijack.restore.precopy import MADV_DONTNEED
 from hijack.restore.remote import Stub
 from hijack.sys import pidfd, userfault
 
+# The keeper (see LazyPages._keep): "done" on its stdin ends it; its end (EOF)
+# without that stops the process, then it waits for the process to be gone.
+KEEPER = (
+    'IFS= read -r word; [ "$word" = done ] && exit 0; kill -STOP "$1";'
+    ' while kill -0 "$1" 2>/dev/null; do sleep 1; done'
+)
 READAHEAD = 16  # pages fetched with a touched one (processes tend to read on)
 
 
@@ -64,6 +73,7 @@ class LazyPages:
         self._faults: collections.deque[int] = collections.deque()  # read, not served yet
         self.faults = 0
         self.arrived = 0
+        self._keeper: subprocess.Popen[bytes] | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -82,6 +92,7 @@ class LazyPages:
         for segment in segments:
             if clip_runs(self.runs, segment.start, segment.end):
                 userfault.register_missing(self.uffd, segment.start, segment.end)
+        self._keep(stub.pid)
 
     def serve(self, channel: Channel, pid: int, timeout: float) -> None:
         """Fill pages as they are touched or pushed, until the source has pushed them all.
@@ -256,7 +267,39 @@ class LazyPages:
             low = self.missing.find(1, high, end)
 
     def close(self) -> None:
-        """Close the userfaultfd: its ranges are the process's own again."""
+        """Close the userfaultfd (and the keeper's): its ranges are the process's own again."""
+        if self._keeper is not None:
+            with contextlib.suppress(OSError):
+                assert self._keeper.stdin is not None
+                self._keeper.stdin.write(b"done\n")
+                self._keeper.stdin.close()
+            self._keeper.wait()
+            self._keeper = None
         if self.uffd >= 0:
             os.close(self.uffd)
             self.uffd = -1
+
+    def abandon(self) -> None:
+        """Give up on the missing pages: the keeper stops the process and holds its
+        userfaultfd until the process is gone; ours is closed."""
+        if self._keeper is not None:
+            keeper, self._keeper = self._keeper, None
+            assert keeper.stdin is not None
+            keeper.stdin.close()
+            threading.Thread(target=keeper.wait, name="keeper", daemon=True).start()
+        if self.uffd >= 0:
+            os.close(self.uffd)
+            self.uffd = -1
+
+    def _keep(self, pid: int) -> None:
+        """Start the keeper: a small process holding a copy of the userfaultfd. Should this
+        daemon end before every page is in (SIGKILL included: the keeper's stdin closes),
+        the keeper stops the process and holds the userfaultfd until the process is gone —
+        so its missing pages never read as zeros. Told `done`, it exits."""
+        self._keeper = subprocess.Popen(
+            ["sh", "-c", KEEPER, "hijack-postcopy-keeper", str(pid)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(self.uffd,),
+        )
