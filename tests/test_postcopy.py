@@ -27,6 +27,7 @@ from test_move import (
     Moved,
     daemon_log,
     finish_moved,
+    kill_daemon,
     logs,
     poll_until,
     refusal_line,
@@ -117,6 +118,35 @@ def test_a_source_cut_off_mid_postcopy_leaves_the_copy_stopped_and_the_original_
                 assert registry.get(copy).state == "held"
             # As the line says: the copy killed there, the original goes on here,
             # every page of it as it wrote it.
+            os.kill(copy, signal.SIGKILL)
+            os.kill(dirtier.pid, signal.SIGCONT)
+            dirtier.assert_intact()
+
+
+def test_a_destination_daemon_killed_mid_postcopy_leaves_its_copy_stopped_not_on_zeros(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        a.env["HIJACK_PAGE_TIMEOUT"] = "2"
+        a.start_daemon()
+        b.start_daemon()
+        with spawn_fixture("dirtier", "64", DIRTY_RATE, netns=a.netns) as dirtier:
+            assert b.daemon_endpoint is not None
+            mover = hijack_in(
+                a, "move-postcopy", "move", dirtier.pid, "--to", b.daemon_endpoint, "--postcopy"
+            )
+            found = re.search(r"runs here as (\d+)", daemon_log(b))
+            assert found is not None, daemon_log(b)
+            copy = int(found[1])
+            # The daemon serving its pages dies: its userfaultfd with it, but for
+            # the keeper's copy, which stops the process.
+            kill_daemon(b)
+            mover.send_signal(signal.SIGCONT)
+            line = refusal_line(finish(mover, ("move",)))
+            assert "post-copy" in line and "held stopped" in line, line
+            poll_until(lambda: process_state(copy) == "T", f"the copy {copy} stopped")
+            assert process_state(dirtier.pid) == "T"
             os.kill(copy, signal.SIGKILL)
             os.kill(dirtier.pid, signal.SIGCONT)
             dirtier.assert_intact()
