@@ -17,10 +17,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
 from pathlib import Path
 
-from support import spawn_fixture
-from support.nodes import Cluster, link_down, link_up
+from support import RunningFixture, spawn_fixture
+from support.nodes import Cluster, Node, link_down, link_up
 from test_faults import finish, hijack_in
 from test_move import (
     MOVED_LINE,
@@ -44,6 +45,29 @@ POSTCOPY_LINE = re.compile(r"post-copy: ([\d.]+ \w+) served after the start")
 def process_state(pid: int) -> str:
     stat = Path(f"/proc/{pid}/stat").read_text()
     return stat[stat.rindex(")") + 2]
+
+
+def postcopy_stopped_at_start(a: Node, b: Node, pid: int) -> subprocess.Popen[str]:
+    """`hijack move PID --postcopy` from a to b, stopped once the copy runs on b without
+    its lazy pages (the test point `move-postcopy`)."""
+    assert b.daemon_endpoint is not None
+    return hijack_in(a, "move-postcopy", "move", pid, "--to", b.daemon_endpoint, "--postcopy")
+
+
+def assert_broken_off(mover: subprocess.Popen[str], original: int) -> None:
+    """The mover (continued) ends in one line saying the copy is stopped and the original
+    held; the original is stopped, not ended: the only whole copy."""
+    line = refusal_line(finish(mover, ("move",)))
+    assert "post-copy" in line and "held stopped" in line, line
+    assert process_state(original) == "T"
+
+
+def the_original_goes_on(copy: int, original: RunningFixture) -> None:
+    """As the line says: the copy killed, the original continued, every page of it as it
+    wrote it."""
+    os.kill(copy, signal.SIGKILL)
+    os.kill(original.pid, signal.SIGCONT)
+    original.assert_intact()
 
 
 def test_a_postcopy_move_of_a_process_that_keeps_writing_arrives_with_every_page(
@@ -86,21 +110,13 @@ def test_a_source_cut_off_mid_postcopy_leaves_the_copy_stopped_and_the_original_
         a.start_daemon()
         b.start_daemon()
         with spawn_fixture("dirtier", "128", DIRTY_RATE, netns=a.netns) as dirtier:
-            assert b.daemon_endpoint is not None
-            # Stopped once the copy runs on b without its lazy pages; then a is cut off.
-            mover = hijack_in(
-                a, "move-postcopy", "move", dirtier.pid, "--to", b.daemon_endpoint, "--postcopy"
-            )
-            link_down(a)
+            mover = postcopy_stopped_at_start(a, b, dirtier.pid)
+            link_down(a)  # the source cut off
             try:
                 mover.send_signal(signal.SIGCONT)
-                result = finish(mover, ("move",))
+                assert_broken_off(mover, dirtier.pid)
             finally:
                 link_up(a)
-            # One line: the copy is stopped there, the original held here.
-            line = refusal_line(result)
-            assert "post-copy" in line and "held stopped" in line, line
-            assert process_state(dirtier.pid) == "T"  # not ended: the only whole copy
             with Registry(a.state_dir) as registry:
                 assert registry.get(dirtier.pid).state == "held"
                 (record,) = registry.moves()
@@ -116,11 +132,7 @@ def test_a_source_cut_off_mid_postcopy_leaves_the_copy_stopped_and_the_original_
             assert process_state(copy) == "T"
             with Registry(b.state_dir) as registry:
                 assert registry.get(copy).state == "held"
-            # As the line says: the copy killed there, the original goes on here,
-            # every page of it as it wrote it.
-            os.kill(copy, signal.SIGKILL)
-            os.kill(dirtier.pid, signal.SIGCONT)
-            dirtier.assert_intact()
+            the_original_goes_on(copy, dirtier)
 
 
 def test_a_destination_daemon_killed_mid_postcopy_leaves_its_copy_stopped_not_on_zeros(
@@ -132,10 +144,7 @@ def test_a_destination_daemon_killed_mid_postcopy_leaves_its_copy_stopped_not_on
         a.start_daemon()
         b.start_daemon()
         with spawn_fixture("dirtier", "64", DIRTY_RATE, netns=a.netns) as dirtier:
-            assert b.daemon_endpoint is not None
-            mover = hijack_in(
-                a, "move-postcopy", "move", dirtier.pid, "--to", b.daemon_endpoint, "--postcopy"
-            )
+            mover = postcopy_stopped_at_start(a, b, dirtier.pid)
             found = re.search(r"runs here as (\d+)", daemon_log(b))
             assert found is not None, daemon_log(b)
             copy = int(found[1])
@@ -143,10 +152,6 @@ def test_a_destination_daemon_killed_mid_postcopy_leaves_its_copy_stopped_not_on
             # the keeper's copy, which stops the process.
             kill_daemon(b)
             mover.send_signal(signal.SIGCONT)
-            line = refusal_line(finish(mover, ("move",)))
-            assert "post-copy" in line and "held stopped" in line, line
+            assert_broken_off(mover, dirtier.pid)
             poll_until(lambda: process_state(copy) == "T", f"the copy {copy} stopped")
-            assert process_state(dirtier.pid) == "T"
-            os.kill(copy, signal.SIGKILL)
-            os.kill(dirtier.pid, signal.SIGCONT)
-            dirtier.assert_intact()
+            the_original_goes_on(copy, dirtier)
