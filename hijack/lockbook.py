@@ -21,6 +21,7 @@ nothing would lift: `hijack recover` settles them (settle()):
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import os
 import socket
@@ -107,29 +108,75 @@ def records() -> list[LockRecord]:
     return found
 
 
-def settle() -> list[str]:
-    """Lift the locks nothing else would lift, keep those an image waits on; a line
-    for each lock written down (module docstring)."""
-    lines = []
+class Standing(enum.Enum):
+    """Where a lock written down stands (module docstring)."""
+
+    WAITS_FOR_RESTORE = "waits for its restore"  # the image exists: its restore lifts it
+    WAITS_UNKNOWN = "image went to stdout"  # kept: nothing tells whether a restore comes
+    PROCESS_RUNS = "stale: the process was not killed"
+    IMAGE_GONE = "stale: its image is gone"
+
+    @property
+    def stale(self) -> bool:
+        """Nothing but `hijack recover` would lift it."""
+        return self in (Standing.PROCESS_RUNS, Standing.IMAGE_GONE)
+
+
+@dataclass(frozen=True)
+class StandingLock:
+    record: LockRecord
+    standing: Standing
+    holder: int  # a process in the lock's network namespace, to enter it through
+
+
+def standing() -> list[StandingLock]:
+    """Every lock written down that is still there, and where it stands; changes nothing."""
+    return _survey()[0]
+
+
+def _survey() -> tuple[list[StandingLock], list[LockRecord]]:
+    """The locks written down: those still there, where they stand; those gone."""
+    found, gone = [], []
     for record in records():
         holder = _in_namespace(record.namespace, record.pid)
         if holder is None or record.table not in netlock.locks_held(holder):
-            forget(record.table)
+            gone.append(record)
             continue
-        name = f"the network lock of process {record.pid} ({record.what})"
         if _still_runs(record):
-            _repair_off(record)
-            reason = "lifted: the process was not killed"
+            state = Standing.PROCESS_RUNS
         elif record.image == STDOUT:
+            state = Standing.WAITS_UNKNOWN
+        elif Path(record.image).exists():
+            state = Standing.WAITS_FOR_RESTORE
+        else:
+            state = Standing.IMAGE_GONE
+        found.append(StandingLock(record, state, holder))
+    return found, gone
+
+
+def settle() -> list[str]:
+    """Lift the locks nothing else would lift, keep those an image waits on; a line
+    for each lock written down (module docstring)."""
+    still_there, gone = _survey()
+    for record in gone:
+        forget(record.table)  # its namespace ended, or someone lifted it
+    lines = []
+    for lock in still_there:
+        record = lock.record
+        name = f"the network lock of process {record.pid} ({record.what})"
+        if lock.standing is Standing.WAITS_UNKNOWN:
             lines.append(f"{name} kept: its image went to stdout; its restore lifts it")
             continue
-        elif Path(record.image).exists():
+        if lock.standing is Standing.WAITS_FOR_RESTORE:
             lines.append(f"{name} kept: its image {record.image} waits for its restore")
             continue
+        if lock.standing is Standing.PROCESS_RUNS:
+            _repair_off(record)
+            reason = "lifted: the process was not killed"
         else:
             reason = f"lifted: its image {record.image} is gone"
         try:
-            netlock.remove_lock(holder, record.table)
+            netlock.remove_lock(lock.holder, record.table)
         except HijackError as error:
             lines.append(f"{name} could not be lifted: {error}")
             continue

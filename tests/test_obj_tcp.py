@@ -10,6 +10,7 @@ reset; the server must end intact.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -224,6 +225,12 @@ def echoed(client: socket.socket, data: bytes) -> bytes:
     return received
 
 
+def lock_standings(hijack: HijackCli) -> list[tuple[int, str]]:
+    """The network locks `hijack status --json` shows: (pid, standing) each."""
+    document = json.loads(hijack.ok("status", "--json").stdout)
+    return [(lock["pid"], lock["standing"]) for lock in document["network_locks"]]
+
+
 def test_recover_lifts_the_lock_of_a_dump_killed_before_it_killed(
     hijack: HijackCli, tmp_path: Path
 ) -> None:
@@ -240,8 +247,12 @@ def test_recover_lifts_the_lock_of_a_dump_killed_before_it_killed(
             finish(dump)
             # It runs on, but its connection is locked: its client would never reach it.
             assert len(set(netlock.locks_held(os.getpid())) - locks_before) == 1
+            assert lock_standings(hijack) == [(server.pid, "stale: the process was not killed")]
+            shown = hijack.ok("status").stdout
+            assert "network locks" in shown and "`hijack recover` lifts them" in shown, shown
             recovered = hijack.ok("recover").stdout
             assert "lifted: the process was not killed" in recovered, recovered
+            assert lock_standings(hijack) == []
             assert set(netlock.locks_held(os.getpid())) == locks_before
             assert echoed(client, b"after the recover") == b"after the recover"
             assert "nothing to recover" in hijack.ok("recover").stdout
@@ -261,7 +272,10 @@ def test_recover_keeps_the_lock_an_image_waits_on_and_lifts_it_once_the_image_is
             recovered = hijack.ok("recover").stdout
             assert f"kept: its image {image} waits for its restore" in recovered, recovered
             assert len(set(netlock.locks_held(os.getpid())) - locks_before) == 1
+            assert lock_standings(hijack) == [(server.pid, "waits for its restore")]
+            assert "`hijack recover`" not in hijack.ok("status").stdout
             image.unlink()
+            assert lock_standings(hijack) == [(server.pid, "stale: its image is gone")]
             recovered = hijack.ok("recover").stdout
             assert f"lifted: its image {image} is gone" in recovered, recovered
             assert set(netlock.locks_held(os.getpid())) == locks_before

@@ -425,7 +425,7 @@ def moved_snapshot(at: float, to_process: int, from_process: int, sent: int) -> 
     process = ProcessView(
         123456, "program", HOME, DEST, State.MOVED, "moved", None, None, shadow, None
     )
-    return Snapshot(1, HOME, "/state", at, (process,), (move,), (), ())
+    return Snapshot(1, HOME, "/state", at, (process,), (move,), (), (), ())
 
 
 def test_on_a_narrow_terminal_the_traffic_columns_go_and_no_cell_is_cut() -> None:
@@ -473,7 +473,7 @@ def crowded_snapshot() -> Snapshot:
     processes = (moved, gone, migrant)
     unreachable = NodeView(DEST, "10.77.0.2:7450", 1.0, False, "ping", None, LONG_ERROR)
     return Snapshot(
-        1, HOME, "/var/lib/hijack", 3.0, processes, (returned, failed, done), (unreachable,), ()
+        1, HOME, "/var/lib/hijack", 3.0, processes, (returned, failed, done), (unreachable,), (), ()
     )
 
 

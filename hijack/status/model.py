@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from hijack import lockbook
 from hijack.errors import HijackError
 from hijack.node.channel import Channel, load_cluster_key
 from hijack.node.daemon import parse_address
@@ -160,6 +161,19 @@ class NodeView:
 
 
 @dataclass(frozen=True)
+class NetworkLockView:
+    """A network lock a `dump --kill` took and no restore has lifted yet (hijack.lockbook)."""
+
+    table: str
+    pid: int
+    connection: str  # what it locks, for people
+    image: str  # the image whose restore lifts it, or "-" (it went to stdout)
+    taken_at: float
+    standing: str  # lockbook.Standing's words
+    stale: bool  # nothing but `hijack recover` would lift it
+
+
+@dataclass(frozen=True)
 class Snapshot:
     schema_version: int
     node: str
@@ -169,6 +183,7 @@ class Snapshot:
     moves: tuple[MoveView, ...]
     nodes: tuple[NodeView, ...]
     events: tuple[EventRecord, ...]
+    network_locks: tuple[NetworkLockView, ...]
 
     @property
     def moves_in_progress(self) -> list[MoveView]:
@@ -232,6 +247,27 @@ def gather(registry: Registry, timeout: float = QUERY_TIMEOUT) -> Snapshot:
         moves=moves,
         nodes=tuple(nodes[name] for name in sorted(nodes)),
         events=events,
+        network_locks=_network_locks(),
+    )
+
+
+def _network_locks() -> tuple[NetworkLockView, ...]:
+    """The locks written down in this node's state directory that are still there."""
+    try:
+        standing = lockbook.standing()
+    except (OSError, HijackError):
+        return ()  # nftables unreadable here: status shows the rest
+    return tuple(
+        NetworkLockView(
+            table=lock.record.table,
+            pid=lock.record.pid,
+            connection=lock.record.what,
+            image=lock.record.image,
+            taken_at=lock.record.taken_at,
+            standing=lock.standing.value,
+            stale=lock.standing.stale,
+        )
+        for lock in standing
     )
 
 

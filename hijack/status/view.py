@@ -23,6 +23,7 @@ from hijack.status.model import (
     Health,
     MemberView,
     MoveView,
+    NetworkLockView,
     NodeView,
     ProcessView,
     Snapshot,
@@ -80,6 +81,10 @@ def status(console: Console, snapshot: Snapshot) -> None:
         console.print(nodes_table(snapshot.nodes, console), crop=False)
         for note in _node_notes(snapshot.nodes):
             console.print(note)
+    if snapshot.network_locks:
+        console.print(locks_table(snapshot.network_locks, console), crop=False)
+        for note in _lock_notes(snapshot.network_locks):
+            console.print(note)
 
 
 def status_json(console: Console, snapshot: Snapshot) -> None:
@@ -105,6 +110,9 @@ def live_frame(snapshot: Snapshot, rates: Throughput | None, console: Console) -
     if snapshot.nodes:
         parts.append(nodes_table(snapshot.nodes, console))
         parts += _node_notes(snapshot.nodes)
+    if snapshot.network_locks:
+        parts.append(locks_table(snapshot.network_locks, console))
+        parts += _lock_notes(snapshot.network_locks)
     parts.append(_events(snapshot))
     return Group(*parts)
 
@@ -118,6 +126,8 @@ def _heading(snapshot: Snapshot) -> str:
     if moving:
         counts.append(_count(moving, "move in progress", "moves in progress"))
     counts.append(_count(len(snapshot.nodes), "other node", "other nodes"))
+    if snapshot.network_locks:
+        counts.append(_count(len(snapshot.network_locks), "network lock", "network locks"))
     return (
         f"[bold]hijack status[/] on node [bold]{escape(snapshot.node)}[/]: {', '.join(counts)}"
         f" [dim](state {escape(snapshot.state_dir)})[/]"
@@ -431,6 +441,33 @@ def _node_notes(nodes: Iterable[NodeView]) -> list[Text]:
         for node in nodes
         if node.error
     ]
+
+
+def locks_table(locks: Iterable[NetworkLockView], console: Console) -> Table:
+    """The network locks `dump --kill` took that no restore has lifted yet."""
+    locks = list(locks)
+    return fitted(console, lambda: _locks_table(locks), lambda: _locks_table(locks, compact=True))
+
+
+def _locks_table(locks: Iterable[NetworkLockView], compact: bool = False) -> Table:
+    table = _table("network locks", compact)
+    for heading in ("pid", "connection", "image", "taken", "standing"):
+        table.add_column(heading, no_wrap=heading != "connection")
+    for lock in locks:
+        table.add_row(
+            str(lock.pid),
+            escape(lock.connection),
+            escape(lock.image),
+            _ago(lock.taken_at),
+            f"[red]{escape(lock.standing)}[/]" if lock.stale else escape(lock.standing),
+        )
+    return table
+
+
+def _lock_notes(locks: Iterable[NetworkLockView]) -> list[Text]:
+    if not any(lock.stale for lock in locks):
+        return []
+    return [Text.from_markup("  [dim]stale network locks:[/] `hijack recover` lifts them")]
 
 
 # -- fitting tables -------------------------------------------------------------------
