@@ -155,3 +155,34 @@ def test_a_destination_daemon_killed_mid_postcopy_leaves_its_copy_stopped_not_on
             assert_broken_off(mover, dirtier.pid)
             poll_until(lambda: process_state(copy) == "T", f"the copy {copy} stopped")
             the_original_goes_on(copy, dirtier)
+
+
+def test_a_mover_killed_mid_postcopy_is_settled_by_recover_without_ending_the_original(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        a.start_daemon()
+        b.start_daemon()
+        with spawn_fixture("dirtier", "64", DIRTY_RATE, netns=a.netns) as dirtier:
+            mover = postcopy_stopped_at_start(a, b, dirtier.pid)
+            mover.kill()  # the page server gone: its connection closes
+            mover.wait()
+            found = poll_until(
+                lambda: re.search(
+                    r"post-copy broke off .*: process (\d+) is stopped", daemon_log(b)
+                ),
+                "b reports the post-copy broken off",
+            )
+            copy = int(found[1])
+            assert process_state(copy) == "T"
+            # The kernel let the original go at the mover's death: the queued SIGSTOP holds it.
+            poll_until(lambda: process_state(dirtier.pid) == "T", "the original stopped")
+            settled = a.hijack_ok("recover").stdout
+            assert "interrupted during post-copy" in settled, settled
+            assert process_state(dirtier.pid) == "T"  # recover ends no copy of it
+            with Registry(a.state_dir) as registry:
+                assert registry.get(dirtier.pid).state == "held"
+                (record,) = registry.moves()
+            assert record.phase == "failed", record
+            the_original_goes_on(copy, dirtier)

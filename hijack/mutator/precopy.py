@@ -230,7 +230,10 @@ class Precopy:
             if lazy_capable(base):
                 dropped += coalesce_runs(clip_runs(written, base.start, base.end))
         # What was written elsewhere stays owed too: the scan protected it again.
-        self.owed = union_runs(self.owed, union_runs(written, dropped))
+        # (Only that: the written pages inside `dropped` are a great many runs,
+        # and the freeze merges what is owed with what it scans.)
+        elsewhere = subtract_runs(written, dropped)
+        self.owed = union_runs(self.owed, union_runs(dropped, elsewhere))
         return dropped
 
     def should_continue(self, last: RoundSent, before: RoundSent | None) -> bool:

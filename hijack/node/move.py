@@ -409,7 +409,9 @@ def _move_frozen(
             report("restoring", before + writer.sent)
             prepared = channel.expect("phase")
             reached("move-prepared")
-            report("switching", before + writer.sent)
+            # A post-copy's original must outlive the commit until its last page
+            # is out: `hijack recover` tells that move by this phase.
+            report("post-copy" if lazy else "switching", before + writer.sent)
         except BaseException:
             _abort(channel, shadow, move_id)
             raise
@@ -429,6 +431,16 @@ def _move_frozen(
                 os.kill(pid, signal.SIGCONT)
                 raise HijackError(
                     f"{channel.peer} did not run the process: {reason}; it runs on here as before",
+                    pid=pid,
+                )
+            if outcome == "unknown" and lazy:
+                # `hijack recover` would end the original if the copy runs: the
+                # only whole one, as the copy cannot get its pages any more.
+                raise PostcopyBroken(
+                    f"move {move_id}: {reason}, and {channel.peer} could not be asked what"
+                    f" became of the commit. Process {pid} is held stopped here: if a copy of"
+                    f" it runs on {channel.peer} it is stopped there, without its last pages;"
+                    f" kill that copy, then `kill -CONT {pid}`",
                     pid=pid,
                 )
             if outcome == "unknown":
@@ -1206,7 +1218,14 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     if record is None:
         registry.update_move(row.id, phase="failed", finished_at=time.time(), error="forgotten")
         return f"move {row.id}: process {pid} is not known here any more", True
+    answer: dict[str, Any] | None = None
     if row.phase == "post-copy":
+        address = registry.node_address(row.destination)
+        if address is not None:
+            answer = ask_outcome(
+                parse_address(address), load_cluster_key(), row.id, settle_timeout()
+            )
+    if row.phase == "post-copy" and (answer is None or answer["outcome"] != "aborted"):
         # Its copy runs there on part of its memory (or was stopped there): the
         # original, stopped here, is the only whole one. Not for a guess.
         registry.set_state(pid, "held")
@@ -1263,7 +1282,7 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     # Never committed, or the destination settled it as aborted: the original goes on.
     with contextlib.suppress(HijackError):
         shadow.request({"op": "aborted", "move": row.id})
-    if row.phase in ("switching", "in-doubt"):
+    if row.phase in ("switching", "in-doubt", "post-copy"):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)  # the SIGSTOP of the switch, undone
     registry.set_state(pid, "attached" if at_home else "running")
