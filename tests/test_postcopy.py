@@ -99,6 +99,33 @@ def test_a_postcopy_move_of_a_process_that_keeps_writing_arrives_with_every_page
         assert "steps" in output
 
 
+def test_children_forked_during_postcopy_see_every_page_their_parent_had(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        a.start_daemon()
+        b.start_daemon()
+        # Every 20 ms a child checks every page of the buffer as it was at its fork:
+        # one forked before the last page arrived reads the missing ones through a
+        # userfaultfd of its own (never as zeros).
+        with spawn_fixture("dirtier", "64", DIRTY_RATE, "20", netns=a.netns) as dirtier:
+            assert b.daemon_endpoint is not None
+            result = a.hijack("move", dirtier.pid, "--to", b.daemon_endpoint, "--postcopy")
+            assert result.returncode == 0, f"{result.describe()}\n{logs(tmp_path)}"
+            found = MOVED_LINE.search(result.stdout)
+            assert found is not None, result.describe()
+            moved = Moved(
+                int(found[3]), b, float(found[4]), shadow_status(a, dirtier.pid)["shadow_pid"]
+            )
+            dirtier.wait_exit()
+            output = finish_moved(dirtier, moved, tmp_path)
+            log = daemon_log(b)
+        followed = re.search(r"post-copy complete .* (\d+) forks followed", log)
+        assert followed is not None and int(followed[1]) > 0, log
+        assert re.search(r"\d+ forks", output), output
+
+
 def test_a_source_cut_off_mid_postcopy_leaves_the_copy_stopped_and_the_original_held(
     tmp_path: Path,
 ) -> None:

@@ -415,7 +415,7 @@ class NodeDaemon:
             return
         log(
             f"move {move}: post-copy complete in {time.monotonic() - started:.2f} s:"
-            f" {pages.arrived} pages, {pages.faults} faults"
+            f" {pages.arrived} pages, {pages.faults} faults, {pages.forks} forks followed"
         )
 
     def _decide(self, move: str, pid: int, outcome: str, *, force: bool = False) -> str:

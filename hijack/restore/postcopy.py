@@ -13,9 +13,9 @@ until the source has pushed them all; then the userfaultfd is closed and the
 process is on its own.
 
 Pages the process drops before they arrive (MADV_DONTNEED) are not filled
-any more; a range it moves (mremap) is followed. A fork during post-copy is
-not followed: the child would read the missing pages as zeros (a limit, in
-README).
+any more; a range it moves (mremap) is followed. A child it forks meanwhile
+comes with a userfaultfd of its own (the fork event's): its address space is
+served as the process's, from the pages missing in the parent at the fork.
 """
 
 from __future__ import annotations
@@ -41,84 +41,125 @@ from hijack.restore.remote import Stub
 from hijack.sys import pidfd, userfault
 
 # The keeper (see LazyPages._keep): "done" on its stdin ends it; its end (EOF)
-# without that stops the process, then it waits for the process to be gone.
+# without that stops the process and its children, then it waits for the
+# process to be gone.
 KEEPER = (
-    'IFS= read -r word; [ "$word" = done ] && exit 0; kill -STOP "$1";'
+    'IFS= read -r word; [ "$word" = done ] && exit 0; kill -STOP "$1"; pkill -STOP -P "$1";'
     ' while kill -0 "$1" 2>/dev/null; do sleep 1; done'
 )
 READAHEAD = 16  # pages fetched with a touched one (processes tend to read on)
 
 
+class _Space:
+    """An address space waiting for lazy pages: the moved process's, or a child's it forked
+    during post-copy, with its own userfaultfd."""
+
+    def __init__(
+        self, uffd: int, missing: bytearray, left: int, moves: list[tuple[int, int, int]]
+    ) -> None:
+        self.uffd = uffd
+        # One byte a page of the lazy runs, in order: 1 while it is missing here.
+        # (Bytes, not a dict of pages: a GiB is 262144 of them, made while frozen.)
+        self.missing = missing
+        self.left = left  # pages still missing
+        # Its mremaps of lazy memory, in order: [start, end) moved by delta.
+        self.moves = moves
+        self.faults: collections.deque[int] = collections.deque()  # read, not served yet
+        self.keeper: subprocess.Popen[bytes] | None = None
+
+    def forked(self, uffd: int) -> _Space:
+        """The child's space, as this one is at its fork."""
+        return _Space(uffd, bytearray(self.missing), self.left, list(self.moves))
+
+    def place(self, source: int) -> int:
+        """Where the page at `source` in the original is here."""
+        for start, end, delta in self.moves:
+            if start <= source < end:
+                source += delta
+        return source
+
+    def source(self, place: int) -> int:
+        for start, end, delta in reversed(self.moves):
+            if start + delta <= place < end + delta:
+                place -= delta
+        return place
+
+
 class LazyPages:
-    """The pages of a moved process still on its source node, and the userfaultfd that waits
-    for them."""
+    """The pages of a moved process still on its source node, and the userfaultfds that
+    wait for them."""
 
     def __init__(self, runs: list[Run]) -> None:
         self.runs = runs  # where the pages are in the original (sorted, disjoint)
-        self.uffd = -1
-        # One byte a page of `runs`, in order: 1 while it is missing here; and 1
-        # while it is fetched and has not arrived. (Bytes, not a dict of pages:
-        # a GiB is 262144 of them, and this is made while the process is frozen.)
         self._starts = [start for start, _ in runs]
         self._first: list[int] = []  # the index of each run's first page
         total = 0
         for start, end in runs:
             self._first.append(total)
             total += (end - start) // PAGE_SIZE
-        self.missing = bytearray(b"\x01") * total
-        self.asked = bytearray(total)
-        self.left = total  # pages still missing
-        # The process's mremaps of lazy memory, in order: [start, end) moved by delta.
-        self.moves: list[tuple[int, int, int]] = []
-        self._faults: collections.deque[int] = collections.deque()  # read, not served yet
+        self.asked = bytearray(total)  # 1 while a page is fetched and has not arrived
+        self.spaces: list[_Space] = []
+        self._pending = _Space(-1, bytearray(b"\x01") * total, total, [])
+        self._poller: select.poll | None = None
         self.faults = 0
         self.arrived = 0
-        self._keeper: subprocess.Popen[bytes] | None = None
+        self.forks = 0  # children forked during post-copy, followed
+        self.pid = 0
 
     @property
     def total_bytes(self) -> int:
         return sum(end - start for start, end in self.runs)
 
+    @property
+    def left(self) -> int:
+        """Pages still missing, in all the spaces."""
+        return sum(space.left for space in self.spaces)
+
     def prepare(self, stub: Stub, segments: tuple[rec.Segment, ...]) -> None:
         """Make the userfaultfd in the stub, drop the lazy pages, register their segments."""
         inside = stub.call("userfaultfd", userfault.USERFAULTFD_FLAGS)
         try:
-            self.uffd = pidfd.copy_fd(stub.pid, inside)
+            space, self._pending.uffd = self._pending, pidfd.copy_fd(stub.pid, inside)
         finally:
             stub.call("close", inside)
-        userfault.handshake(self.uffd)
+        self.spaces.append(space)
+        userfault.handshake(space.uffd)
         for start, end in self.runs:
             stub.call("madvise", start, end - start, MADV_DONTNEED)
         for segment in segments:
             if clip_runs(self.runs, segment.start, segment.end):
-                userfault.register_missing(self.uffd, segment.start, segment.end)
-        self._keep(stub.pid)
+                userfault.register_missing(space.uffd, segment.start, segment.end)
+        self.pid = stub.pid
+        self._keep(space)
 
     def serve(self, channel: Channel, pid: int, timeout: float) -> None:
         """Fill pages as they are touched or pushed, until the source has pushed them all.
 
-        Returns early if the process ends. ChannelError if the source goes away
-        or is silent for `timeout` seconds while pages are missing; HijackError
-        if it pushed all and some never came.
+        Returns early if the process ends (and forked no child meanwhile).
+        ChannelError if the source goes away or is silent for `timeout` seconds
+        while pages are missing; HijackError if it pushed all and some never came.
         """
-        poller = select.poll()
-        poller.register(self.uffd, select.POLLIN)
-        poller.register(channel.sock, select.POLLIN)
+        self._poller = select.poll()
+        for space in self.spaces:
+            self._poller.register(space.uffd, select.POLLIN)
+        self._poller.register(channel.sock, select.POLLIN)
         ended = pidfd.pidfd_open(pid)
-        poller.register(ended, select.POLLIN)
+        self._poller.register(ended, select.POLLIN)
         pushed = False
         heard = time.monotonic()
         try:
             while not pushed:
-                for fd, _events in poller.poll(250):
-                    if fd == self.uffd:
-                        self._events(channel)
-                    elif fd == ended:
-                        channel.send({"op": "gone"})
-                        return
-                    else:
+                for fd, _events in self._poller.poll(250):
+                    if fd == ended:
+                        self._poller.unregister(ended)
+                        if len(self.spaces) == 1:
+                            channel.send({"op": "gone"})
+                            return
+                    elif fd == channel.sock.fileno():
                         heard = time.monotonic()
                         pushed = self._frame(channel)
+                    else:
+                        self._events(channel, fd)
                 if not pushed and time.monotonic() - heard > timeout:
                     raise ChannelError(
                         f"{channel.peer} sent nothing for {timeout:.0f} s"
@@ -131,85 +172,82 @@ class LazyPages:
         self.close()
         channel.send({"phase": "complete"})
 
-    # -- where a page is: in the original (its source) and here (its place) ----------
+    # -- where a page is: in the original (its source) and in a space (its place) ------
 
     def _index(self, source: int) -> int:
-        """The page's index in `missing`, or -1 if it is not lazy."""
+        """The page's index in the spaces' `missing`, or -1 if it is not lazy."""
         run = bisect.bisect_right(self._starts, source) - 1
         if run < 0 or source >= self.runs[run][1]:
             return -1
         return self._first[run] + (source - self.runs[run][0]) // PAGE_SIZE
 
-    def _place(self, source: int) -> int:
-        for start, end, delta in self.moves:
-            if start <= source < end:
-                source += delta
-        return source
-
-    def _source(self, place: int) -> int:
-        for start, end, delta in reversed(self.moves):
-            if start + delta <= place < end + delta:
-                place -= delta
-        return place
-
-    def _missing_index(self, place: int) -> int:
-        """The index of the page missing at `place`, or -1 (here, or never lazy)."""
-        source = self._source(place)
+    def _missing_index(self, space: _Space, place: int) -> int:
+        """The index of the page missing at `place` in `space`, or -1."""
+        source = space.source(place)
         index = self._index(source)
-        if index < 0 or not self.missing[index] or self._place(source) != place:
+        if index < 0 or not space.missing[index] or space.place(source) != place:
             return -1
         return index
 
     # -- events -----------------------------------------------------------------------
 
-    def _read_events(self) -> None:
-        """Take the waiting events: layout changes applied at once, faults queued."""
-        for event, first, second, third in userfault.events(self.uffd):
+    def _read_events(self, space: _Space) -> None:
+        """Take `space`'s waiting events: layout changes and forks at once, faults queued."""
+        for event, first, second, third in userfault.events(space.uffd):
             if event == userfault.UFFD_EVENT_PAGEFAULT:
-                self._faults.append(second)
+                space.faults.append(second)
             elif event == userfault.UFFD_EVENT_REMOVE:
-                self._dropped(first, second)
+                self._dropped(space, first, second)
             elif event == userfault.UFFD_EVENT_REMAP:
-                self.moves.append((first, first + third, second - first))
+                space.moves.append((first, first + third, second - first))
+            elif event == userfault.UFFD_EVENT_FORK:
+                child = space.forked(first & 0xFFFFFFFF)  # installed here by the read
+                self.spaces.append(child)
+                self.forks += 1
+                if self._poller is not None:
+                    self._poller.register(child.uffd, select.POLLIN)
+                self._keep(child)
 
-    def _dropped(self, start: int, end: int) -> None:
-        """The process dropped [start, end) (MADV_DONTNEED): zeros now, nothing to fill."""
-        if not self.moves:
+    def _dropped(self, space: _Space, start: int, end: int) -> None:
+        """`space` dropped [start, end) (MADV_DONTNEED): zeros now, nothing to fill."""
+        if not space.moves:
             for run_start, run_end in clip_runs(self.runs, start, end):
                 low = self._index(run_start)
                 high = low + (run_end - run_start) // PAGE_SIZE
-                self.left -= self.missing.count(1, low, high)
-                self.missing[low:high] = bytes(high - low)
+                space.left -= space.missing.count(1, low, high)
+                space.missing[low:high] = bytes(high - low)
             return
         for place in range(start, end, PAGE_SIZE):
-            index = self._missing_index(place)
+            index = self._missing_index(space, place)
             if index >= 0:
-                self.missing[index] = 0
-                self.left -= 1
+                space.missing[index] = 0
+                space.left -= 1
 
-    def _events(self, channel: Channel) -> None:
-        self._read_events()
-        while self._faults:
-            place = self._faults.popleft()
+    def _events(self, channel: Channel, uffd: int) -> None:
+        space = next(space for space in self.spaces if space.uffd == uffd)
+        self._read_events(space)
+        while space.faults:
+            place = space.faults.popleft()
             self.faults += 1
-            index = self._missing_index(place)
+            index = self._missing_index(space, place)
             if index < 0:
                 # Never had one, or dropped it since it came: zeros.
-                self._until_done(functools.partial(userfault.zero, self.uffd, place))
+                zero = functools.partial(userfault.zero, space.uffd, place)
+                self._until_done(space, zero)
             elif not self.asked[index]:
-                self._fetch(channel, self._source(place), index)
+                self._fetch(channel, space, space.source(place), index)
 
-    def _until_done(self, action: Callable[[], None]) -> None:
-        """`action`, again each time the process was changing its layout meanwhile."""
+    def _until_done(self, space: _Space, action: Callable[[], None]) -> None:
+        """`action` on `space`, again each time it was changing its layout meanwhile."""
         while True:
             try:
                 action()
                 return
             except userfault.Busy:
-                self._read_events()  # the change waits for its event to be read
+                self._read_events(space)  # the change waits for its event to be read
                 os.sched_yield()
 
-    def _fetch(self, channel: Channel, source: int, index: int) -> None:
+    def _fetch(self, channel: Channel, space: _Space, source: int, index: int) -> None:
         """Ask for `source` (page `index`), with the missing pages after it in its run."""
         run = bisect.bisect_right(self._starts, source) - 1
         last = self._first[run] + (self.runs[run][1] - self.runs[run][0]) // PAGE_SIZE
@@ -217,7 +255,7 @@ class LazyPages:
         while (
             count < READAHEAD
             and index + count < last
-            and self.missing[index + count]
+            and space.missing[index + count]
             and not self.asked[index + count]
         ):
             count += 1
@@ -242,64 +280,71 @@ class LazyPages:
         pages = len(data) // PAGE_SIZE
         if first < 0 or self._index(address + (pages - 1) * PAGE_SIZE) != first + pages - 1:
             raise ChannelError(f"{channel.peer} sent pages at {address:#x} that are not lazy")
-        # Again from the start if the layout changed meanwhile: a page dropped
-        # since (MADV_DONTNEED) must not be filled.
-        self._until_done(lambda: self._fill(address, first, data))
+        self.asked[first : first + pages] = bytes(pages)
+        filled = 0
+        while filled < len(self.spaces):  # a child forked meanwhile too (it is last)
+            space = self.spaces[filled]
+            # Again from the start if the layout changed meanwhile: a page dropped
+            # since (MADV_DONTNEED) must not be filled.
+            self._until_done(space, functools.partial(self._fill, space, address, first, data))
+            filled += 1
         return False
 
-    def _fill(self, address: int, first: int, data: memoryview) -> None:
+    def _fill(self, space: _Space, address: int, first: int, data: memoryview) -> None:
         """Fill the pages of `data` (page `first` on, from `address` in the original) still
-        missing here, a run of them at a time; each run marked once filled."""
+        missing in `space`, a run of them at a time; each run marked once filled."""
         end = first + len(data) // PAGE_SIZE
-        low = self.missing.find(1, first, end)
+        low = space.missing.find(1, first, end)
         while low >= 0:
-            high = self.missing.find(0, low, end)
+            high = space.missing.find(0, low, end)
             high = end if high < 0 else high
-            if self.moves:
+            if space.moves:
                 high = low + 1  # a page at a time: its place may have moved
             offset = (low - first) * PAGE_SIZE
             chunk = bytes(data[offset : offset + (high - low) * PAGE_SIZE])
-            userfault.fill(self.uffd, self._place(address + offset), chunk)
-            self.missing[low:high] = bytes(high - low)
-            self.asked[low:high] = bytes(high - low)
-            self.left -= high - low
+            userfault.fill(space.uffd, space.place(address + offset), chunk)
+            space.missing[low:high] = bytes(high - low)
+            space.left -= high - low
             self.arrived += high - low
-            low = self.missing.find(1, high, end)
+            low = space.missing.find(1, high, end)
 
     def close(self) -> None:
-        """Close the userfaultfd (and the keeper's): its ranges are the process's own again."""
-        if self._keeper is not None:
-            with contextlib.suppress(OSError):
-                assert self._keeper.stdin is not None
-                self._keeper.stdin.write(b"done\n")
-                self._keeper.stdin.close()
-            self._keeper.wait()
-            self._keeper = None
-        if self.uffd >= 0:
-            os.close(self.uffd)
-            self.uffd = -1
+        """Close the userfaultfds (and the keepers'): the ranges are the processes' own."""
+        for space in self.spaces:
+            if space.keeper is not None:
+                with contextlib.suppress(OSError):
+                    assert space.keeper.stdin is not None
+                    space.keeper.stdin.write(b"done\n")
+                    space.keeper.stdin.close()
+                space.keeper.wait()
+                space.keeper = None
+            if space.uffd >= 0:
+                os.close(space.uffd)
+                space.uffd = -1
 
     def abandon(self) -> None:
-        """Give up on the missing pages: the keeper stops the process and holds its
-        userfaultfd until the process is gone; ours is closed."""
-        if self._keeper is not None:
-            keeper, self._keeper = self._keeper, None
-            assert keeper.stdin is not None
-            keeper.stdin.close()
-            threading.Thread(target=keeper.wait, name="keeper", daemon=True).start()
-        if self.uffd >= 0:
-            os.close(self.uffd)
-            self.uffd = -1
+        """Give up on the missing pages: the keepers stop the process (and its children)
+        and hold the userfaultfds until it is gone; ours are closed."""
+        for space in self.spaces:
+            if space.keeper is not None:
+                keeper, space.keeper = space.keeper, None
+                assert keeper.stdin is not None
+                keeper.stdin.close()
+                threading.Thread(target=keeper.wait, name="keeper", daemon=True).start()
+            if space.uffd >= 0:
+                os.close(space.uffd)
+                space.uffd = -1
 
-    def _keep(self, pid: int) -> None:
-        """Start the keeper: a small process holding a copy of the userfaultfd. Should this
-        daemon end before every page is in (SIGKILL included: the keeper's stdin closes),
-        the keeper stops the process and holds the userfaultfd until the process is gone —
-        so its missing pages never read as zeros. Told `done`, it exits."""
-        self._keeper = subprocess.Popen(
-            ["sh", "-c", KEEPER, "hijack-postcopy-keeper", str(pid)],
+    def _keep(self, space: _Space) -> None:
+        """Start `space`'s keeper: a small process holding a copy of its userfaultfd.
+        Should this daemon end before every page is in (SIGKILL included: the keeper's
+        stdin closes), the keeper stops the process and its children and holds the
+        userfaultfd until the process is gone — so missing pages never read as zeros.
+        Told `done`, it exits."""
+        space.keeper = subprocess.Popen(
+            ["sh", "-c", KEEPER, "hijack-postcopy-keeper", str(self.pid)],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            pass_fds=(self.uffd,),
+            pass_fds=(space.uffd,),
         )

@@ -30,13 +30,16 @@ PAGE_SIZE = 4096
 USERFAULTFD_FLAGS = os.O_CLOEXEC | os.O_NONBLOCK
 UFFDIO_REGISTER_MODE_MISSING = 1
 UFFD_EVENT_PAGEFAULT = 0x12
+UFFD_EVENT_FORK = 0x13  # {ufd}: the child's userfaultfd, installed in the reader's table
 UFFD_EVENT_REMAP = 0x14  # {from, to, len}: an mremap moved registered memory
 UFFD_EVENT_REMOVE = 0x15  # {start, end}: MADV_DONTNEED / MADV_REMOVE dropped pages
-UFFD_FEATURE_EVENT_REMAP = 1 << 1
+UFFD_FEATURE_EVENT_FORK = 1 << 1
+UFFD_FEATURE_EVENT_REMAP = 1 << 2
 UFFD_FEATURE_EVENT_REMOVE = 1 << 3
-# Without them a moved range would lose its registration (its missing pages
-# then read as zeros), and a page dropped before it arrived would come back.
-FEATURES = UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE
+# Without them a forked child's or a moved range would lose its registration
+# (its missing pages then read as zeros), and a page dropped before it arrived
+# would come back. (EVENT_FORK wants CAP_SYS_PTRACE: the daemon, root.)
+FEATURES = UFFD_FEATURE_EVENT_FORK | UFFD_FEATURE_EVENT_REMAP | UFFD_FEATURE_EVENT_REMOVE
 # struct uffd_msg: event u8, 7 reserved bytes, then a union of three u64 at most
 # (pagefault {flags, address, ptid}; remap {from, to, len}; remove {start, end})
 MESSAGE = struct.Struct("<B7xQQQ")
@@ -75,7 +78,8 @@ def _call(uffd: int, request: int, argument: bytearray, name: str) -> int:
 
 
 def handshake(uffd: int) -> None:
-    """UFFDIO_API asking for FEATURES: page faults, moved and dropped ranges are told."""
+    """UFFDIO_API asking for FEATURES: page faults, forks, moved and dropped ranges are
+    told."""
     api = bytearray(UFFDIO_API_STRUCT.pack(UFFD_API, FEATURES, 0))
     err = _call(uffd, UFFDIO_API, api, "UFFDIO_API")
     if err:
