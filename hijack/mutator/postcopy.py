@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import os
 import select
 import struct
@@ -26,6 +27,7 @@ from hijack.mutator.precopy import Run, clip_runs, union_runs
 from hijack.mutator.tracee import Tracee
 from hijack.node.channel import Channel, ChannelError, Kind
 from hijack.sys import memory
+from hijack.sys import ptrace as pt
 
 PAGE_SIZE = 4096
 PUSH_CHUNK = 256 * 1024  # bytes of a pushed piece: a fetch waits behind one at most (on our side)
@@ -144,14 +146,21 @@ STACK_PINNED = 64 * 1024
 
 def pinned_pages(tracee: Tracee) -> list[Run]:
     """The pages of the frozen process that the restore itself touches, never left out:
-    each thread's TCB (its cached tid, its rseq area) and the top of its stack."""
+    each thread's TCB (its cached tid), its rseq area and the top of its stack."""
     runs: list[Run] = []
     for thread in tracee.threads.values():
-        registers = thread.saved_registers
-        for low, high in (
+        registers = thread.registers
+        if registers is None:
+            continue  # gone while it was stopped: not in the image either
+        areas = [
             (registers.rsp - STACK_PINNED, registers.rsp + PAGE_SIZE),
             (registers.fs_base - PAGE_SIZE, registers.fs_base + 2 * PAGE_SIZE),
-        ):
+        ]
+        with contextlib.suppress(HijackError):
+            rseq = pt.get_rseq_configuration(thread.tid)
+            if rseq.rseq_abi_pointer:
+                areas.append((rseq.rseq_abi_pointer, rseq.rseq_abi_pointer + rseq.rseq_abi_size))
+        for low, high in areas:
             if high > PAGE_SIZE:
                 start = max(low, 0) & ~(PAGE_SIZE - 1)
                 runs.append((start, (high + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)))
