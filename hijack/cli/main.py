@@ -387,6 +387,8 @@ def command_core(args: argparse.Namespace, console: Console) -> int:
 
 
 def command_move(args: argparse.Namespace, console: Console) -> int:
+    if args.postcopy and args.precopy is not None:
+        raise HijackError("--postcopy starts with one pre-copy round: drop --(no-)precopy")
     with Registry() as registry, contextlib.ExitStack() as stack:
         # The progress bar's thread must never take SIGINT or SIGTERM: blocked
         # in this thread, they then wait wherever a move holds them back.
@@ -394,8 +396,6 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
             progress = stack.enter_context(
                 render.move_progress(console, args.pid, args.to, expected_image_bytes(args.pid))
             )
-        if args.postcopy and args.precopy is not None:
-            raise HijackError("--postcopy starts with one pre-copy round: drop --(no-)precopy")
         result = moving.move(
             args.pid,
             args.to,
