@@ -41,10 +41,11 @@ from hijack.restore.remote import Stub
 from hijack.sys import pidfd, userfault
 
 # The keeper (see LazyPages._keep): "done" on its stdin ends it; its end (EOF)
-# without that stops the process and its children, then it waits for the
-# process to be gone.
+# without that stops the process, then it waits for the process to be gone.
+# (A child forked during post-copy is not stopped, but its keeper holds its
+# userfaultfd: it sleeps on the first missing page it touches.)
 KEEPER = (
-    'IFS= read -r word; [ "$word" = done ] && exit 0; kill -STOP "$1"; pkill -STOP -P "$1";'
+    'IFS= read -r word; [ "$word" = done ] && exit 0; kill -STOP "$1";'
     ' while kill -0 "$1" 2>/dev/null; do sleep 1; done'
 )
 READAHEAD = 16  # pages fetched with a touched one (processes tend to read on)
@@ -323,8 +324,8 @@ class LazyPages:
                 space.uffd = -1
 
     def abandon(self) -> None:
-        """Give up on the missing pages: the keepers stop the process (and its children)
-        and hold the userfaultfds until it is gone; ours are closed."""
+        """Give up on the missing pages: the keepers stop the process and hold the
+        userfaultfds until it is gone; ours are closed."""
         for space in self.spaces:
             if space.keeper is not None:
                 keeper, space.keeper = space.keeper, None
@@ -338,8 +339,8 @@ class LazyPages:
     def _keep(self, space: _Space) -> None:
         """Start `space`'s keeper: a small process holding a copy of its userfaultfd.
         Should this daemon end before every page is in (SIGKILL included: the keeper's
-        stdin closes), the keeper stops the process and its children and holds the
-        userfaultfd until the process is gone — so missing pages never read as zeros.
+        stdin closes), the keeper stops the process and holds the userfaultfd until the
+        process is gone — so missing pages never read as zeros.
         Told `done`, it exits."""
         space.keeper = subprocess.Popen(
             ["sh", "-c", KEEPER, "hijack-postcopy-keeper", str(self.pid)],
