@@ -99,6 +99,29 @@ def test_a_postcopy_move_of_a_process_that_keeps_writing_arrives_with_every_page
         assert "steps" in output
 
 
+def test_a_move_whose_rounds_do_not_converge_goes_on_with_postcopy_by_itself(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        a.start_daemon()
+        b.start_daemon()
+        # As fast as it can, over a buffer small enough that each round finds all
+        # of it written again: the rounds never shrink.
+        with spawn_fixture("dirtier", "32", "1000", netns=a.netns) as dirtier:
+            assert b.daemon_endpoint is not None
+            result = a.hijack("move", dirtier.pid, "--to", b.daemon_endpoint)
+            assert result.returncode == 0, f"{result.describe()}\n{logs(tmp_path)}"
+            assert POSTCOPY_LINE.search(result.stdout), result.describe()
+            found = MOVED_LINE.search(result.stdout)
+            assert found is not None, result.describe()
+            moved = Moved(
+                int(found[3]), b, float(found[4]), shadow_status(a, dirtier.pid)["shadow_pid"]
+            )
+            dirtier.wait_exit()
+            finish_moved(dirtier, moved, tmp_path)
+
+
 def test_children_forked_during_postcopy_see_every_page_their_parent_had(
     tmp_path: Path,
 ) -> None:
