@@ -77,7 +77,7 @@ def test_a_postcopy_move_of_a_process_that_keeps_writing_arrives_with_every_page
         a, b = cluster.nodes
         a.start_daemon()
         b.start_daemon()
-        with spawn_fixture("dirtier", "128", DIRTY_RATE, netns=a.netns) as dirtier:
+        with spawn_fixture("dirtier", "64", DIRTY_RATE, netns=a.netns) as dirtier:
             assert b.daemon_endpoint is not None
             result = a.hijack("move", dirtier.pid, "--to", b.daemon_endpoint, "--postcopy")
             assert result.returncode == 0, f"{result.describe()}\n{logs(tmp_path)}"
@@ -159,7 +159,7 @@ def test_a_source_cut_off_mid_postcopy_leaves_the_copy_stopped_and_the_original_
             node.env["HIJACK_PAGE_TIMEOUT"] = "2"
         a.start_daemon()
         b.start_daemon()
-        with spawn_fixture("dirtier", "128", DIRTY_RATE, netns=a.netns) as dirtier:
+        with spawn_fixture("dirtier", "64", DIRTY_RATE, netns=a.netns) as dirtier:
             mover = postcopy_stopped_at_start(a, b, dirtier.pid)
             link_down(a)  # the source cut off
             try:
