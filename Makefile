@@ -55,7 +55,7 @@ bench: $(STAMP) system-deps
 # FUZZ_SECONDS per target; findings are saved as build/fuzz/TARGET-crash-*
 # (tests/fuzz/run.py tells how to replay one).
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := crf_reader node_handshake node_client node_session
+FUZZ_TARGETS := crf_reader node_handshake node_client node_certificate node_session
 fuzz: $(STAMP)
 	$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install --quiet atheris
 	mkdir -p build/fuzz

@@ -87,7 +87,7 @@ class Nodes:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.key = directory / "cluster.key"
+        self.certificates = directory / "pki"
         self.daemons: list[subprocess.Popen[str]] = []
         self.ports = {"a": free_port(), "b": free_port()}
 
@@ -96,11 +96,13 @@ class Nodes:
             **os.environ,
             "HIJACK_STATE_DIR": str(self.directory / f"node-{node}"),
             "HIJACK_NODE": node,
-            "HIJACK_CLUSTER_KEY": str(self.key),
+            "HIJACK_PKI": str(self.certificates),
         }
 
     def start(self) -> None:
-        self.hijack("a", "cluster", "init", "--key", str(self.key))
+        self.hijack("a", "cluster", "init")
+        for node in self.ports:
+            self.hijack("a", "cluster", "add-node", node, "--address", "127.0.0.1")
         for node, port in self.ports.items():
             daemon = subprocess.Popen(
                 # The benchmark's fixtures run as root: the daemons must accept them.

@@ -1,16 +1,27 @@
 """What TLS 1.3 between nodes costs, on loopback, beside plain TCP in the same run:
 the mutual handshake with cluster certificates (hijack/node/pki.py), and the
-throughput of one stream encrypted and plain (the figure `--plain-relays` trades)."""
+throughput of one stream encrypted and plain (the figure `--plain-relays` trades).
+
+And the node channel itself (hijack/node/channel.py) as a move uses it: an
+image streamed through DataWriter and DataReader, and a message round trip
+(what `prepared`/`commit` cost while the process is frozen), over TLS 1.3 as
+now, beside the same over protocol 1 as it was before TLS (frames in clear,
+each with an HMAC-SHA256 under a session key: the code below is its frame
+path, kept here for the comparison) and beside bare frames in clear."""
 
 from __future__ import annotations
 
+import hmac
 import socket
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from hijack.node import pki
+from hijack.node.channel import HEAD, Channel, DataReader, DataWriter
 
 CHUNK = 1 << 16
 
@@ -35,6 +46,8 @@ def _pair(
         if client is not None:
             outgoing = pki.handshake(outgoing, client, server=False, deadline=10)
         thread.join()
+        for sock in (accepted[0], outgoing):  # as the node channel's sockets
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return accepted[0], outgoing, time.perf_counter() - started
 
 
@@ -63,8 +76,8 @@ def measure_tls(directory: Path, size: int) -> list[str]:
     pki.init_ca(directory)
     pki.add_node(directory, "a")
     pki.add_node(directory, "b")
+    lines = measure_channel(directory, size)
     server, client = pki.server_context(directory, "a"), pki.client_context(directory, "b")
-    lines = []
     figures = {}
     for label, contexts in (("plain TCP", (None, None)), ("TLS 1.3", (server, client))):
         receiver, sender, setup = _pair(*contexts)
@@ -77,3 +90,126 @@ def measure_tls(directory: Path, size: int) -> list[str]:
             f" connect+handshake {setup * 1000:.2f} ms"
         )
     return lines
+
+
+class ProtocolOneChannel(Channel):
+    """The frame path of the node channel before TLS (protocol 1): in clear, each frame
+    followed by HMAC-SHA256(session, direction sequence head payload)."""
+
+    def __init__(self, sock: Any, peer: str, is_client: bool) -> None:
+        super().__init__(sock, peer)
+        self._key = bytes(32)
+        self._directions = (b"C", b"S") if is_client else (b"S", b"C")
+        self._sent = self._received = 0
+
+    def _mac(self, direction: bytes, sequence: int, head: bytes, payload: Any) -> bytes:
+        mac = hmac.new(self._key, direction + sequence.to_bytes(8, "little") + head, "sha256")
+        mac.update(payload)
+        return mac.digest()
+
+    def send_frame(self, kind: int, payload: bytes | memoryview) -> None:
+        head = HEAD.pack(kind, len(payload))
+        mac = self._mac(self._directions[0], self._sent, head, payload)
+        self._sent += 1
+        self.sock.sendall(head)
+        self.sock.sendall(payload)
+        self.sock.sendall(mac)
+
+    def receive_frame(self) -> tuple[int, bytes]:
+        head = self._read_exactly(HEAD.size)
+        kind, length = HEAD.unpack(head)
+        payload = self._read_exactly(length)
+        mac = self._read_exactly(32)
+        expected = self._mac(self._directions[1], self._received, head, payload)
+        if not hmac.compare_digest(mac, expected):
+            raise SystemExit("bench: a protocol 1 frame failed its check")
+        self._received += 1
+        return kind, payload
+
+
+Pair = Callable[[], tuple[Channel, Channel]]
+
+
+def _channel_pairs(directory: Path) -> dict[str, Pair]:
+    server, client = pki.server_context(directory, "a"), pki.client_context(directory, "b")
+
+    def tls() -> tuple[Channel, Channel]:
+        receiver, sender, _ = _pair(server, client)
+        return Channel(receiver, "a"), Channel(sender, "b")  # type: ignore[arg-type]
+
+    def protocol_one() -> tuple[Channel, Channel]:
+        receiver, sender, _ = _pair(None, None)
+        return ProtocolOneChannel(receiver, "a", False), ProtocolOneChannel(sender, "b", True)
+
+    def bare() -> tuple[Channel, Channel]:
+        receiver, sender, _ = _pair(None, None)
+        return Channel(receiver, "a"), Channel(sender, "b")  # type: ignore[arg-type]
+
+    return {"TLS 1.3": tls, "protocol 1 (HMAC, clear)": protocol_one, "bare frames": bare}
+
+
+def _image_stream(receiver: Channel, sender: Channel, size: int) -> float:
+    """Seconds to send SIZE bytes as a move sends an image (1 MiB writes of a buffer)."""
+    block = memoryview(bytes(range(256)) * 4096)  # 1 MiB
+
+    def drain() -> None:
+        DataReader(receiver).drain()
+
+    thread = threading.Thread(target=drain)
+    started = time.perf_counter()
+    thread.start()
+    writer = DataWriter(sender)
+    for _ in range(size // len(block)):
+        writer.write(block)
+    writer.close()
+    thread.join()
+    return time.perf_counter() - started
+
+
+def _message_round_trip(receiver: Channel, sender: Channel, count: int) -> float:
+    """Median seconds of a small message and its answer (as `commit` and `running`)."""
+
+    def answer() -> None:
+        for _ in range(count):
+            receiver.receive()
+            receiver.send({"phase": "running", "pid": 4242})
+
+    thread = threading.Thread(target=answer)
+    thread.start()
+    times = []
+    for _ in range(count):
+        started = time.perf_counter()
+        sender.send({"op": "commit"})
+        sender.receive()
+        times.append(time.perf_counter() - started)
+    thread.join()
+    return sorted(times)[len(times) // 2]
+
+
+def measure_channel(directory: Path, size: int) -> list[str]:
+    """The node channel with TLS beside protocol 1 and bare frames (same run, same bytes)."""
+    rates, trips = {}, {}
+    for label, make in _channel_pairs(directory).items():
+        receiver, sender = make()
+        try:
+            rates[label] = size / _image_stream(receiver, sender, size)
+        finally:
+            receiver.close()
+            sender.close()
+        receiver, sender = make()
+        try:
+            trips[label] = _message_round_trip(receiver, sender, 300)
+        finally:
+            receiver.close()
+            sender.close()
+    before = "protocol 1 (HMAC, clear)"
+    tls_rate, before_rate = rates["TLS 1.3"], rates[before]
+    tls_trip, before_trip = trips["TLS 1.3"], trips[before]
+    return [
+        f"{'move image stream, TLS 1.3':<34} {tls_rate / 1e6:8.0f} MB/s | "
+        f"{'before TLS: ' + before:<38} {before_rate / 1e6:8.0f} MB/s | "
+        f"ratio {tls_rate / before_rate:5.2f}; bare frames {rates['bare frames'] / 1e6:.0f} MB/s",
+        f"{'message round trip, TLS 1.3':<34} {tls_trip * 1e6:8.0f} us   | "
+        f"{'before TLS: ' + before:<38} {before_trip * 1e6:8.0f} us   | "
+        f"added {(tls_trip - before_trip) * 1e6:.0f} us per exchange while frozen (3 a move)",
+    ]

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 from hijack.errors import HijackError
 from hijack.node import pki
-from hijack.node.channel import cluster_key_path, load_cluster_key
 from hijack.registry import node_name, state_dir
 from hijack.sys import probe
 
@@ -98,16 +97,11 @@ def _state_directory() -> str:
     return f"{directory} is writable"
 
 
-def _cluster_key() -> str:
-    load_cluster_key()
-    return f"{cluster_key_path()}"
-
-
 def _cluster_certificates() -> str:
     """The CA's certificate, the revocation list and this node's key and certificate."""
     directory, name = pki.pki_dir(), node_name()
     pki.load_crl(directory)
-    pki.server_context(directory, name)  # loads and matches them all, as a daemon would
+    pki.load_identity(directory, name)  # loads and matches them all, as a daemon would
     return f"{directory} (node {name})"
 
 
@@ -145,13 +139,7 @@ FEATURES = (
         _capabilities(("CAP_SYS_RESOURCE",)),
     ),
     Feature("state directory", True, "attach, move, status (the registry)", _state_directory),
-    Feature("cluster key", True, "move and node serve", _cluster_key),
-    Feature(
-        "cluster certificates",
-        False,
-        "TLS between nodes (`hijack cluster init`, then `hijack cluster add-node NAME`)",
-        _cluster_certificates,
-    ),
+    Feature("cluster certificates", True, "move and node serve", _cluster_certificates),
 )
 
 

@@ -166,12 +166,13 @@ def reap_orphans() -> None:
 class Node:
     """A network namespace with an address and its own state directory and daemon."""
 
-    def __init__(self, name: str, address: str, workdir: Path, key: Path) -> None:
+    def __init__(self, name: str, address: str, workdir: Path, certificates: Path) -> None:
         self.name = name
         self.netns = NETNS_PREFIX + name
         self.address = address
         self.state = workdir / f"node-{name}"
-        self.env = {"HIJACK_NODE": name, "HIJACK_CLUSTER_KEY": str(key)}
+        # Both nodes read one directory here; on real machines each has its own copy.
+        self.env = {"HIJACK_NODE": name, "HIJACK_PKI": str(certificates)}
         self.daemon: subprocess.Popen[str] | None = None
 
     def spawn(
@@ -207,9 +208,13 @@ def ip(*args: str) -> None:
 
 def make_nodes(workdir: Path) -> tuple[Node, Node]:
     """Two namespaces joined by one veth link: 10.78.0.1 and 10.78.0.2."""
-    key = workdir / "cluster.key"
-    hijack("cluster", "init", "--key", str(key), state=workdir / "node-a")
-    home, away = Node("a", "10.78.0.1", workdir, key), Node("b", "10.78.0.2", workdir, key)
+    certificates = workdir / "pki"
+    home = Node("a", "10.78.0.1", workdir, certificates)
+    away = Node("b", "10.78.0.2", workdir, certificates)
+    hijack("cluster", "init", "--pki", str(certificates), state=home.state)
+    for node in (home, away):
+        add = ("cluster", "add-node", node.name, "--address", node.address)
+        hijack(*add, "--pki", str(certificates), state=home.state)
     for node in (home, away):
         ip("netns", "add", node.netns)
         ip("-n", node.netns, "link", "set", "lo", "up")

@@ -1,8 +1,8 @@
 """`hijack check` on this machine, and with a requirement made unmet in a way the test undoes.
 
 Nothing machine-wide is changed: the unmet requirements are a state directory
-that cannot be one (a regular file stands where it should be) and a cluster
-key that is not there, both under the test's own temporary directory.
+that cannot be one (a regular file stands where it should be) and a node
+certificate that is not there, both under the test's own temporary directory.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ REQUIRED = (
     "PR_SET_MM_MAP",
     "pidfd_getfd",
     "state directory",
-    "cluster key",
+    "cluster certificates",
 )
 
 
@@ -33,9 +33,11 @@ def findings(result: CliResult) -> dict[str, dict[str, Any]]:
 
 
 @pytest.fixture
-def cli(tmp_path: Path) -> HijackCli:
+def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HijackCli:
+    monkeypatch.setenv("HIJACK_NODE", "checked")
     cli = HijackCli(tmp_path / "state")
     cli.ok("cluster", "init")
+    cli.ok("cluster", "add-node", "checked")
     return cli
 
 
@@ -63,20 +65,21 @@ def test_an_unusable_state_directory_is_missing_and_exit_is_1(tmp_path: Path) ->
     assert line.startswith("MISSING") and "is not a directory" in line, result.describe()
     assert "the registry" in line, result.describe()
     assert result.stderr.strip().splitlines() == [
-        "hijack: missing what hijack needs: state directory, cluster key"
+        "hijack: missing what hijack needs: state directory, cluster certificates"
     ], result.describe()
 
 
-def test_a_missing_cluster_key_is_missing_and_exit_is_1(cli: HijackCli) -> None:
-    os.unlink(cli.state_dir / "cluster.key")
+def test_a_missing_node_certificate_is_missing_and_exit_is_1(cli: HijackCli) -> None:
+    os.unlink(cli.state_dir / "pki" / "nodes" / "checked.crt")
     result = cli("check", "--json")
     assert result.returncode == 1, result.describe()
     found = findings(result)
-    assert not found["cluster key"]["ok"], found["cluster key"]
-    assert "hijack cluster init" in found["cluster key"]["detail"]
-    assert found["cluster key"]["without"] == "move and node serve"
-    assert all(found[name]["ok"] for name in REQUIRED if name != "cluster key"), found
-    assert result.stderr.strip() == "hijack: missing what hijack needs: cluster key"
+    certificates = found["cluster certificates"]
+    assert not certificates["ok"], certificates
+    assert "hijack cluster add-node checked" in certificates["detail"]
+    assert certificates["without"] == "move and node serve"
+    assert all(found[name]["ok"] for name in REQUIRED if name != "cluster certificates"), found
+    assert result.stderr.strip() == "hijack: missing what hijack needs: cluster certificates"
 
 
 def capabilities() -> set[str]:

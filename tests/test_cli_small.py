@@ -110,12 +110,14 @@ def test_attach_refuses_a_shadow_by_name(cli: HijackCli, tmp_path: Path) -> None
 @contextmanager
 def node_daemon(cli: HijackCli, tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     """`hijack node serve` on a free loopback port, running until the block ends."""
-    key = tmp_path / "cluster.key"
-    cli.ok("cluster", "init", "--key", key)
+    certificates = tmp_path / "pki"
+    cli.ok("cluster", "init", "--pki", certificates)
+    cli.ok("cluster", "add-node", "solo", "--pki", certificates)
     environment = {
         **os.environ,
         "HIJACK_STATE_DIR": str(cli.state_dir),
-        "HIJACK_CLUSTER_KEY": str(key),
+        "HIJACK_NODE": "solo",
+        "HIJACK_PKI": str(certificates),
     }
     daemon = subprocess.Popen(
         [sys.executable, "-m", "hijack", "node", "serve", "--listen", "127.0.0.1:0"],

@@ -31,7 +31,7 @@ def cli(tmp_path: Path) -> HijackCli:
 
 def test_cluster_commands_write_the_documented_layout(cli: HijackCli, tmp_path: Path) -> None:
     directory = tmp_path / "pki"
-    cli.ok("cluster", "init", "--key", tmp_path / "cluster.key", "--pki", directory)
+    cli.ok("cluster", "init", "--pki", directory)
     cli.ok("cluster", "add-node", "a", "--address", "10.0.0.1", "--pki", directory)
     cli.ok("cluster", "add-node", "b", "--pki", directory)
     for path in ("ca.key", "ca.crt", "revoked.crl", "nodes/a.key", "nodes/a.crt", "nodes/b.key"):
@@ -47,6 +47,7 @@ def test_cluster_commands_write_the_documented_layout(cli: HijackCli, tmp_path: 
         ("add-node", "../evil"),
         ("add-node", ""),
         ("revoke", "nobody"),
+        ("init", "--key", "cluster.key"),
     ],
 )
 def test_bad_cluster_commands_say_one_line(

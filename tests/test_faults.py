@@ -683,8 +683,9 @@ def test_the_home_shadow_killed_after_a_move_ends_the_moved_process_s_connection
 # Asks the daemon at argv[1]:argv[2] what became of move argv[3]; prints the outcome.
 OUTCOME_ASKER = """\
 import sys
-from hijack.node.channel import Channel, load_cluster_key
-channel = Channel.connect((sys.argv[1], int(sys.argv[2])), load_cluster_key(), "asker")
+from hijack.node import pki
+from hijack.node.channel import Channel
+channel = Channel.connect((sys.argv[1], int(sys.argv[2])), pki.load_identity())
 channel.send({"op": "outcome", "move": sys.argv[3]})
 print(channel.expect("outcome")["outcome"])
 """

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import RunningFixture, spawn_fixture
+from support import RunningFixture, certificates, spawn_fixture
 from support.cli import CliResult
 from support.nodes import (
     HIJACK_PROGRAM,
@@ -47,7 +47,6 @@ from support.nodes import (
 )
 from test_nodes import ECHO_SESSION
 
-from hijack.node.channel import create_cluster_key
 from hijack.registry import Registry
 from hijack.shadow import control
 
@@ -893,7 +892,10 @@ def test_a_destination_killed_mid_transfer_leaves_the_original_running(tmp_path:
 @pytest.mark.parametrize(
     ("flaw", "reason"),
     [
-        ("another cluster key", "does not hold our cluster key"),
+        (
+            "a certificate of another CA",
+            "certificate is refused: unable to get local issuer certificate",
+        ),
         ("a state directory it cannot use", "cannot open the state registry"),
     ],
 )
@@ -904,9 +906,12 @@ def test_a_destination_that_refuses_the_process_changes_nothing(
     # in: its reason must reach the mover all the same, never a reset.
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
-        if flaw == "another cluster key":
-            create_cluster_key(tmp_path / "other.key")
-            start_daemon_with(b, "HIJACK_CLUSTER_KEY", str(tmp_path / "other.key"))
+        if flaw == "a certificate of another CA":
+            # The mover refuses it before it sends anything.
+            other = certificates.from_another_ca(
+                cluster.pki_dir, tmp_path / "other", "b", b.address
+            )
+            start_daemon_with(b, "HIJACK_PKI", str(other))
         else:
             # Found out only when the process is restored and held there.
             (tmp_path / "a-file").write_text("not a directory\n")
@@ -922,75 +927,6 @@ def test_a_destination_that_refuses_the_process_changes_nothing(
             assert_not_attached(a, server.pid)  # attached by the move, detached again
             server.assert_intact()
         assert f"echoed {STREAM_BYTES} bytes over 1 connections" in server.stdout
-
-
-def test_a_mover_with_another_key_fails_the_handshake_and_nothing_is_restored(
-    tmp_path: Path,
-) -> None:
-    # The mover sees first that the daemon's proof is not made with its key
-    # and hangs up: the daemon logs the refusal as "peer closed the connection".
-    other_key = tmp_path / "other.key"
-    create_cluster_key(other_key)
-    with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
-        b.start_daemon()
-        with spawn_fixture("echo_server", netns=a.netns) as server:
-            assert b.daemon_endpoint is not None
-            completed = a.run(
-                [*HIJACK_PROGRAM, "move", str(server.pid), "--to", b.daemon_endpoint],
-                timeout=EXIT_TIMEOUT,
-                env={"HIJACK_CLUSTER_KEY": str(other_key)},
-            )
-            line = refusal_line(CliResult(("move",), completed.returncode, "", completed.stderr))
-            assert "does not hold our cluster key" in line, line
-            assert_untouched(server.pid)
-            poll_until(lambda: "refused 10.77.0.1:" in daemon_log(b), "b logs the refusal")
-            assert b.daemon is not None
-            assert pids_inside(b) == {b.daemon.pid}
-            server.assert_intact()
-
-
-# Completes the handshake with a proof made with the wrong key (as a peer
-# that does not check the daemon's proof would), then asks for a move.
-FORGED_PEER = """\
-import json, os, socket, sys
-from hijack.node import channel
-host, port, key = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
-with socket.create_connection((host, port), timeout=10) as sock:
-    nonce = os.urandom(channel.NONCE_SIZE)
-    channel._send_plain(sock, {"hello": channel.PROTOCOL_VERSION, "node": "mallory",
-                               "nonce": nonce.hex()})
-    answer = channel._receive_plain(sock)
-    server_nonce = bytes.fromhex(answer["nonce"])
-    proof = channel._proof(key, b"client", server_nonce, nonce)
-    channel._send_plain(sock, {"proof": proof.hex()})
-    move = json.dumps({"op": "move", "move": "forged", "pid": 1, "home": {}, "proxies": []})
-    try:
-        sock.sendall(channel.HEAD.pack(channel.Kind.MESSAGE, len(move)) + move.encode())
-        print("answer", sock.recv(4096))
-    except OSError as error:
-        print("answer", type(error).__name__)
-"""
-
-
-def test_a_peer_that_proves_another_key_is_refused_and_nothing_is_restored(
-    tmp_path: Path,
-) -> None:
-    with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
-        b.start_daemon()
-        assert b.daemon is not None
-        completed = a.run_python(FORGED_PEER, b.address, 7450, os.urandom(32).hex())
-        assert completed.returncode == 0, completed.stderr
-        # No welcome, no answer to the move: the connection is closed on it.
-        assert completed.stdout.strip() in ("answer b''", "answer ConnectionResetError")
-        refusal = poll_until(
-            lambda: re.search(r"refused 10\.77\.0\.1:\d+: (.*)", daemon_log(b)),
-            "b logs the refusal",
-        )
-        assert "'mallory' does not hold the cluster key" in refusal[1], daemon_log(b)
-        assert " move " not in daemon_log(b)
-        assert pids_inside(b) == {b.daemon.pid}
 
 
 # -- several moves ----------------------------------------------------------------------

@@ -33,6 +33,7 @@ from test_move import (
 )
 from test_nodes import ECHO_SESSION
 
+from hijack.node import pki
 from hijack.node.naming import NAME_FILE
 from hijack.registry import Registry
 
@@ -122,10 +123,28 @@ def test_a_malformed_name_is_refused_in_one_line(tmp_path: Path) -> None:
 
 
 @contextmanager
-def unnamed_daemon(state: Path, key: Path) -> Iterator[str]:
-    """`hijack node serve` on loopback with state directory `state` and no name given; its name."""
-    environment = {**os.environ, "HIJACK_STATE_DIR": str(state), "HIJACK_CLUSTER_KEY": str(key)}
+def unnamed_daemon(state: Path, certificates: Path) -> Iterator[str]:
+    """`hijack node serve` on loopback with state directory `state` and no name given; its name.
+
+    Started the first time, the daemon names its node, then refuses to serve
+    without a certificate for that name: it is issued, as an admin would.
+    """
+    environment = {**os.environ, "HIJACK_STATE_DIR": str(state), "HIJACK_PKI": str(certificates)}
     environment.pop("HIJACK_NODE", None)
+    if not (state / NAME_FILE).exists():
+        first = subprocess.run(
+            [*HIJACK_PROGRAM, "node", "serve", "--listen", "127.0.0.1:0"],
+            env=environment,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            check=False,
+        )
+        name = (state / NAME_FILE).read_text().strip()
+        assert first.returncode == 1, first.stderr
+        assert f"`hijack cluster add-node {name}`" in first.stderr, first.stderr
+        pki.add_node(certificates, name)
     daemon = subprocess.Popen(
         [*HIJACK_PROGRAM, "node", "serve", "--listen", "127.0.0.1:0"],
         env=environment,
@@ -145,18 +164,18 @@ def unnamed_daemon(state: Path, key: Path) -> Iterator[str]:
 
 
 def test_two_daemons_on_one_host_get_names_of_their_own(tmp_path: Path) -> None:
-    key = tmp_path / "cluster.key"
-    HijackCli(tmp_path / "first").ok("cluster", "init", "--key", key)
+    certificates = tmp_path / "pki"
+    HijackCli(tmp_path / "first").ok("cluster", "init", "--pki", certificates)
     with (
-        unnamed_daemon(tmp_path / "first", key) as first,
-        unnamed_daemon(tmp_path / "second", key) as second,
+        unnamed_daemon(tmp_path / "first", certificates) as first,
+        unnamed_daemon(tmp_path / "second", certificates) as second,
     ):
         assert first != second
         for state, name in ((tmp_path / "first", first), (tmp_path / "second", second)):
             assert (state / NAME_FILE).read_text() == f"{name}\n"
             assert name.startswith(os.uname().nodename)
     # A daemon started again keeps its node's name.
-    with unnamed_daemon(tmp_path / "first", key) as again:
+    with unnamed_daemon(tmp_path / "first", certificates) as again:
         assert again == first
 
 

@@ -1,9 +1,10 @@
-"""The node daemon's policy and its resistance to a peer that holds the key but not the rules.
+"""The node daemon's policy and its resistance to a node of the cluster that breaks the rules.
 
 - A daemon refuses a process with root's powers unless started with
   --allow-root: by name, before it makes anything; the original runs on.
 - A process of an unprivileged user moves to a daemon without --allow-root.
-- A peer that passes the handshake and then sends garbage (bad frames,
+- A peer with a certificate of the cluster (node "rude") that passes the
+  TLS handshake and then sends garbage (bad frames,
   oversized lengths, truncated streams, malformed requests, a broken image)
   gets a refusal the daemon logs in one line; the daemon stays up, starts
   nothing, and serves the next good move.
@@ -19,12 +20,14 @@ import contextlib
 import dataclasses
 import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import spawn_fixture
-from support.nodes import Cluster
+from support.nodes import Cluster, Node
 from support.tempdirs import make_temp_dir, remove_temp_dir
 from test_move import (
     EXIT_TIMEOUT,
@@ -40,7 +43,7 @@ from test_move import (
 
 from hijack.image import records as rec
 from hijack.image.identity import file_identity
-from hijack.node import policy
+from hijack.node import pki, policy
 from hijack.registry import Registry
 
 NOBODY = 65534
@@ -120,18 +123,20 @@ def test_a_process_of_an_unprivileged_user_moves_to_a_daemon_without_allow_root(
         assert f"echoed {STREAM} bytes over 1 connections" in output
 
 
-# -- a key holder that breaks the protocol -------------------------------------------------
+# -- a node of the cluster that breaks the protocol -----------------------------------------
 
-# Passes the handshake with the node's own key, then breaks the protocol as
-# argv[3] says; prints what the daemon answered (or how it hung up).
+# Passes the TLS handshake with a certificate of the cluster (node "rude"),
+# then breaks the protocol as argv[3] says; prints what the daemon answered
+# (or how it hung up).
 RUDE_PEER = """\
 import json, socket, sys
 import struct
 from hijack.errors import HijackError
 from hijack.image.codec import FORMAT_VERSION
-from hijack.node.channel import HEAD, MAX_FRAME, Channel, Kind, load_cluster_key
+from hijack.node import pki
+from hijack.node.channel import HEAD, MAX_FRAME, Channel, Kind
 host, port, case = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-channel = Channel.connect((host, port), load_cluster_key(), "rude")
+channel = Channel.connect((host, port), pki.load_identity())
 request = {"op": "move", "move": "rude-" + case, "program": "none",
            "home": {"node": "a", "pid": 1, "relay": "127.0.0.1:9", "token": "00"}, "proxies": []}
 signature = b"CRF\\0" + struct.pack("<I", FORMAT_VERSION)
@@ -139,7 +144,7 @@ raw = {
     "garbage": b"\\xff" * 64,
     "oversized-length": HEAD.pack(Kind.MESSAGE, MAX_FRAME + 1),
     "truncated-frame": HEAD.pack(Kind.MESSAGE, 100) + b"{" * 10,
-    "bad-mac": HEAD.pack(Kind.MESSAGE, 2) + b"{}" + bytes(32),
+    "unknown-kind": HEAD.pack(9, 2) + b"{}",
 }
 try:
     if case in raw:
@@ -164,7 +169,8 @@ try:
         channel.send_frame(Kind.DATA, signature)
         channel.send({"op": "commit"})
     try:
-        channel.sock.shutdown(socket.SHUT_WR)
+        # The TCP socket's shutdown: SSLSocket's would drop TLS for the read below.
+        socket.socket.shutdown(channel.sock, socket.SHUT_WR)
     except OSError:
         pass  # the daemon hung up first: what it said, if anything, is still to read
     print("answer", channel.receive())
@@ -176,7 +182,7 @@ RUDE_CASES = {
     "garbage": "sent a frame of 4294967295 bytes",
     "oversized-length": f"sent a frame of {16 * 1024 * 1024 + 1} bytes",
     "truncated-frame": "rude closed the connection",
-    "bad-mac": "a frame from rude failed its integrity check",
+    "unknown-kind": "rude sent a frame of unknown kind 9",
     "not-json": "rude sent a malformed message",
     "data-first": "rude sent a data frame where a message was due",
     "unknown-op": "unknown op 'format-disk'",
@@ -187,16 +193,23 @@ RUDE_CASES = {
 }
 
 
-def test_a_key_holder_sending_garbage_is_refused_and_the_daemon_serves_on(
+def rude_peer(node: Node, host: str, port: str, case: str) -> subprocess.CompletedProcess[str]:
+    """RUDE_PEER run in `node` as node "rude" (its certificate, issued in the cluster)."""
+    command = [sys.executable, "-c", RUDE_PEER, host, port, case]
+    return node.run(command, timeout=EXIT_TIMEOUT, env={"HIJACK_NODE": "rude"})
+
+
+def test_a_node_sending_garbage_is_refused_and_the_daemon_serves_on(
     tmp_path: Path,
 ) -> None:
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
+        pki.add_node(cluster.pki_dir, "rude", a.address)
         b.start_daemon()
         assert b.daemon is not None and b.daemon_endpoint is not None
         host, port = b.daemon_endpoint.rsplit(":", 1)
         for case, logged in RUDE_CASES.items():
-            completed = a.run_python(RUDE_PEER, host, port, case, timeout=EXIT_TIMEOUT)
+            completed = rude_peer(a, host, port, case)
             assert completed.returncode == 0, f"{case}: {completed.stderr}"
             print(f"{case}: {completed.stdout.strip()}")
             poll_until(lambda logged=logged: logged in daemon_log(b), f"b logs {logged!r}")
@@ -204,7 +217,7 @@ def test_a_key_holder_sending_garbage_is_refused_and_the_daemon_serves_on(
             assert pids_inside(b) == {b.daemon.pid}, case
         answers = {"unknown-op": "format-disk", "malformed-move": "malformed move request"}
         for case, answer in answers.items():
-            completed = a.run_python(RUDE_PEER, host, port, case, timeout=EXIT_TIMEOUT)
+            completed = rude_peer(a, host, port, case)
             assert answer in completed.stdout, completed.stdout
         assert "Traceback" not in daemon_log(b), daemon_log(b)
 

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from support.nodes import (
     Cluster,
     Node,
@@ -32,6 +33,8 @@ from support.nodes import (
     snapshot_namespaces,
     spawn_in_namespace,
 )
+
+from hijack.node import pki
 
 LINE_TIMEOUT = 10.0
 
@@ -145,13 +148,16 @@ def test_three_nodes_reach_each_other_by_tcp_and_leave_nothing_behind(tmp_path: 
 def test_spawn_returns_with_the_program_itself_inside_the_node_with_its_env(tmp_path: Path) -> None:
     with Cluster(tmp_path, nodes=1) as cluster:
         (node,) = cluster.nodes
-        key = cluster.key_path.read_text()
-        assert len(bytes.fromhex(key)) == 32
-        assert stat.S_IMODE(cluster.key_path.stat().st_mode) == 0o600
+        key, certificate = pki.node_paths(cluster.pki_dir, "a")
+        assert stat.S_IMODE(key.stat().st_mode) == 0o600
+        assert pki.load_identity(cluster.pki_dir, "a").name == "a"
+        names = x509.load_pem_x509_certificate(certificate.read_bytes()).extensions
+        alt = names.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert [str(ip) for ip in alt.get_values_for_type(x509.IPAddress)] == [node.address]
         assert node.env == {
             "HIJACK_STATE_DIR": str(node.state_dir),
             "HIJACK_NODE": "a",
-            "HIJACK_CLUSTER_KEY": str(cluster.key_path),
+            "HIJACK_PKI": str(cluster.pki_dir),
         }
         assert node.state_dir.is_dir()
 

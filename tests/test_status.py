@@ -33,7 +33,7 @@ from support.nodes import read_line
 
 from hijack.errors import HijackError
 from hijack.mutator import attach as attaching
-from hijack.node.channel import create_cluster_key
+from hijack.node import pki
 from hijack.registry import Registry
 from hijack.status import view
 from hijack.status.model import (
@@ -209,10 +209,12 @@ class LoopbackNode:
 
 @pytest.fixture
 def dest(tmp_path: Path, home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackNode]:
-    """A node daemon ("dest") on loopback with its own state, sharing a cluster key with home."""
-    key = tmp_path / "cluster.key"
-    HijackCli(home).ok("cluster", "init", "--key", key)
-    monkeypatch.setenv("HIJACK_CLUSTER_KEY", str(key))
+    """A node daemon ("dest") on loopback with its own state, with home in one cluster."""
+    certificates = tmp_path / "pki"
+    monkeypatch.setenv("HIJACK_PKI", str(certificates))
+    HijackCli(home).ok("cluster", "init")
+    for node in (HOME, DEST):
+        HijackCli(home).ok("cluster", "add-node", node, "--address", "127.0.0.1")
     state = tmp_path / "dest"
     env = {**os.environ, "HIJACK_STATE_DIR": str(state), "HIJACK_NODE": DEST}
     with open(tmp_path / "dest.log", "wb") as log:
@@ -331,9 +333,10 @@ def test_silent_shadows_and_unreachable_nodes_cost_one_time_out_not_one_each(
 ) -> None:
     # A "shadow" that accepts (its backlog does) and never answers, standing for
     # eight processes; a node that refuses; a node that accepts and never speaks.
-    key = tmp_path / "cluster.key"
-    create_cluster_key(key)
-    monkeypatch.setenv("HIJACK_CLUSTER_KEY", str(key))
+    certificates = tmp_path / "pki"
+    pki.init_ca(certificates)
+    pki.add_node(certificates, HOME)
+    monkeypatch.setenv("HIJACK_PKI", str(certificates))
     silent_path = tmp_path / "silent.sock"
     with (
         socket.socket(socket.AF_UNIX) as silent_shadow,

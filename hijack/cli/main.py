@@ -28,9 +28,8 @@ from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.tracee import signals_deferred
 from hijack.node import daemon as node_daemon
 from hijack.node import drain as draining
+from hijack.node import gate, naming, pki
 from hijack.node import move as moving
-from hijack.node import naming, pki
-from hijack.node.channel import cluster_key_path, create_cluster_key, load_cluster_key
 from hijack.node.daemon import DEFAULT_PORT
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.registry import DEFAULT_STATE_DIR, Registry, state_dir
@@ -85,6 +84,21 @@ def checked_argument(check: Callable[[str], object]) -> Callable[[str], str]:
         except HijackError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
         return text
+
+    return argument
+
+
+def positive(kind: Callable[[str], float]) -> Callable[[str], float]:
+    """An argparse type: a number above 0 (an int or a float, as `kind` reads it)."""
+
+    def argument(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be above 0: {text!r}")
+        return value
 
     return argument
 
@@ -228,16 +242,37 @@ def build_parser() -> argparse.ArgumentParser:
         help="also restore processes with root's powers (uid/gid 0, capabilities); "
         "see docs/security.md",
     )
+    limits = gate.Limits()
+    serve.add_argument(
+        "--handshake-timeout",
+        type=positive(float),
+        default=limits.handshake_timeout,
+        metavar="SECONDS",
+        help=f"time a peer has for the TLS handshake (default {limits.handshake_timeout:g})",
+    )
+    for flag, default, what in (
+        ("--max-handshakes", limits.handshakes, "TLS handshakes under way at a time"),
+        ("--max-connections", limits.connections, "authenticated connections served at a time"),
+        ("--max-per-address", limits.per_address, "connections from one peer address"),
+    ):
+        serve.add_argument(
+            flag,
+            type=positive(int),
+            default=default,
+            metavar="N",
+            help=f"at most N {what} (default {default}; docs/security.md)",
+        )
     serve.set_defaults(handler=command_node_serve)
 
     cluster = commands.add_parser("cluster", help="the cluster's key and certificates")
     cluster_commands = cluster.add_subparsers(
         dest="cluster_command", required=True, metavar="COMMAND"
     )
-    init = cluster_commands.add_parser("init", help="create the cluster key nodes share")
-    init.add_argument(
-        "--key", metavar="FILE", help="where (default $HIJACK_CLUSTER_KEY or STATE/cluster.key)"
+    init = cluster_commands.add_parser(
+        "init", help="create the cluster's certificate authority and revocation list"
     )
+    # Gone with the shared key (protocol 1): said so, rather than "unrecognized".
+    init.add_argument("--key", help=argparse.SUPPRESS)
     init.add_argument(
         "--pki", metavar="DIR", help="where the CA goes (default $HIJACK_PKI or STATE/pki)"
     )
@@ -448,23 +483,27 @@ def command_recover(args: argparse.Namespace, console: Console) -> int:
 
 def command_node_serve(args: argparse.Namespace, console: Console) -> int:
     naming.name_the_node(state_dir(), Path(DEFAULT_STATE_DIR), args.name)
+    limits = gate.Limits(
+        handshake_timeout=args.handshake_timeout,
+        handshakes=args.max_handshakes,
+        connections=args.max_connections,
+        per_address=args.max_per_address,
+    )
     node_daemon.serve(
         node_daemon.parse_address(args.listen, listening=True),
-        load_cluster_key(),
+        pki.load_identity(),
+        limits,
         allow_root=args.allow_root,
     )
     return EXIT_OK
 
 
 def command_cluster_init(args: argparse.Namespace, console: Console) -> int:
-    path = Path(args.key) if args.key else cluster_key_path()
-    try:
-        create_cluster_key(path)
-    except FileExistsError:
-        raise HijackError(f"{path} exists already; remove it first to make a new key") from None
-    except OSError as exc:
-        raise HijackError(f"cannot write {path}: {exc.strerror}") from None
-    console.print(f"cluster key written to {path}: copy it to every node (mode 0600)")
+    if args.key is not None:
+        raise HijackError(
+            "there is no shared cluster key any more: nodes use certificates"
+            " (docs/security.md, 'Moving from the shared key')"
+        )
     directory = Path(args.pki) if args.pki else pki.pki_dir()
     pki.init_ca(directory)
     console.print(

@@ -100,8 +100,8 @@ class PageServer:
         silent_since = time.monotonic()
         while True:
             wait = 0.0 if queue else min(timeout, 0.5)
-            readable, _, _ = select.select([sock], [], [], wait)
-            if readable:
+            # What TLS decrypted already is not the socket's to tell about.
+            if sock.pending() or select.select([sock], [], [], wait)[0]:
                 silent_since = time.monotonic()
                 message = self.channel.answer(self.channel.receive())
                 if message.get("phase") == "complete":

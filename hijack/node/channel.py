@@ -1,48 +1,43 @@
-"""An authenticated channel between hijack nodes, over one TCP connection.
+"""The channel between hijack nodes: frames over TLS 1.3, mutually authenticated.
 
-Handshake (docs/protocol.md, "Node channel"), with K the cluster key:
+Both ends present a node certificate of the cluster's CA (hijack.node.pki):
+the daemon requires the client's, checks it chains to ca.crt, is in date
+and not on revoked.crl; the client checks the same of the daemon's and that
+it names the host it dialed (or the node it expects). Once the handshake is
+done the daemon says `welcome`; from then on, frames (docs/protocol.md,
+"Node channel"):
 
-    client -> server   HELLO {node, nonce_c}
-    server -> client   {node, nonce_s, proof_s = HMAC(K, "server" nonce_c nonce_s)}
-    client -> server   {proof_c = HMAC(K, "client" nonce_s nonce_c)}
+    frame ::= KIND:u8 LENGTH:u32 PAYLOAD
 
-Each side proves it holds K without sending it; a peer with another key (or
-none) is refused at its first proof. Both then derive a session key
-S = HMAC(K, "session" nonce_c nonce_s), and every later frame carries
-HMAC(S, direction seq kind length payload): a frame changed, dropped, replayed
-or reordered on the way fails its check, so the image stream is protected end
-to end.
-
-    frame ::= KIND:u8 LENGTH:u32 PAYLOAD MAC:32
+TLS gives them confidentiality and integrity (a record changed, dropped,
+replayed or reordered ends the connection), so a frame carries no MAC of
+its own any more. The channel's peer is the node its certificate names.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import json
-import os
-import secrets
 import socket
+import ssl
 import struct
-from pathlib import Path
 from typing import Any
 
 from hijack.errors import HijackError
-from hijack.registry import state_dir
+from hijack.node import pki
 
-MAC_SIZE = 32
-NONCE_SIZE = 32
 HEAD = struct.Struct("<BI")
 MAX_FRAME = 16 * 1024 * 1024
 DATA_FRAME = 1024 * 1024  # image bytes per DATA frame
-PROTOCOL_VERSION = 1
+# A frame this small goes out in one TLS record with its head; a larger one is
+# sent from where it lies (a memoryview of the image), the head on its own.
+JOINED_FRAME = 64 * 1024
+PROTOCOL_VERSION = 2  # 1: the shared cluster key's HMAC handshake and MACed frames
 MAX_ERROR = 1000  # characters of a peer's error message we repeat
 DRAIN_CHUNK = 1 << 16  # bytes read at a time from a refused peer, and dropped
 
 
 class Kind:
-    HANDSHAKE = 0  # before the session key exists: not MACed
     MESSAGE = 1  # one JSON object
     DATA = 2  # a piece of the image stream
     DATA_END = 3  # the image stream is complete
@@ -52,153 +47,119 @@ class ChannelError(HijackError):
     """The peer is not who it claims, broke the protocol, or went away."""
 
 
-def cluster_key_path() -> Path:
-    return Path(os.environ.get("HIJACK_CLUSTER_KEY") or state_dir() / "cluster.key")
-
-
-def load_cluster_key(path: Path | None = None) -> bytes:
-    """The cluster key: hex in a file only root can read (`hijack cluster init` writes it)."""
-    path = path or cluster_key_path()
-    try:
-        text = path.read_text().strip()
-    except OSError as exc:
-        raise HijackError(
-            f"no cluster key at {path} ({exc.strerror}); create one with `hijack cluster init`"
-        ) from None
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        raise HijackError(f"the cluster key in {path} is not hex") from None
-    if len(key) < 16:
-        raise HijackError(f"the cluster key in {path} is too short (at least 16 bytes)")
-    return key
-
-
-def create_cluster_key(path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(secrets.token_hex(32) + "\n")
-
-
-def _proof(key: bytes, role: bytes, first: bytes, second: bytes) -> bytes:
-    return hmac.digest(key, role + first + second, "sha256")
-
-
 class Channel:
-    """Authenticated frames over a connected socket. Not thread-safe: one user at a time."""
+    """Frames over a TLS connection with another node. Not thread-safe: one user at a time."""
 
-    def __init__(self, sock: socket.socket, session_key: bytes, is_client: bool, peer: str) -> None:
+    def __init__(self, sock: ssl.SSLSocket, peer: str) -> None:
         self.sock = sock
-        self.peer = peer  # the peer's node name
-        self._key = session_key
-        self._send_direction = b"C" if is_client else b"S"
-        self._receive_direction = b"S" if is_client else b"C"
-        self._sent = 0
-        self._received = 0
+        self.peer = peer  # the peer's node name, as its verified certificate gives it
 
     # -- establishing -------------------------------------------------------------
 
     @classmethod
     def connect(
-        cls, address: tuple[str, int], key: bytes, node: str, timeout: float = 10.0
+        cls,
+        address: tuple[str, int],
+        identity: pki.NodeIdentity,
+        timeout: float = 10.0,
+        expect: str | None = None,
     ) -> Channel:
+        """Connect to the daemon at ADDRESS as this node.
+
+        Its certificate must name the host dialed, or with `expect` be node
+        EXPECT's (asking again a node whose name we know).
+        """
         host, port = address
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
             raise ChannelError(f"cannot reach node {host}:{port}: {exc.strerror or exc}") from None
         try:
+            # Small frames (prepared/commit) must not wait on Nagle.
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             sock.close()
             raise ChannelError(f"cannot reach node {host}:{port}") from None
-        return cls.open(sock, key, node, f"{host}:{port}")
+        return cls.open(sock, identity, f"{host}:{port}", expect=expect, timeout=timeout)
 
     @classmethod
-    def open(cls, sock: socket.socket, key: bytes, node: str, where: str) -> Channel:
+    def open(
+        cls,
+        sock: socket.socket,
+        identity: pki.NodeIdentity,
+        where: str,
+        *,
+        expect: str | None = None,
+        timeout: float = 10.0,
+    ) -> Channel:
         """Client side of the handshake on a connected socket (closed if it fails)."""
         try:
-            nonce_c = secrets.token_bytes(NONCE_SIZE)
-            _send_plain(sock, {"hello": PROTOCOL_VERSION, "node": node, "nonce": nonce_c.hex()})
-            answer = _receive_plain(sock)
-            nonce_s = bytes.fromhex(str(answer.get("nonce", "")))
-            expected = _proof(key, b"server", nonce_c, nonce_s)
-            if not hmac.compare_digest(bytes.fromhex(str(answer.get("proof", ""))), expected):
-                raise ChannelError(f"node {where} does not hold our cluster key")
-            _send_plain(sock, {"proof": _proof(key, b"client", nonce_s, nonce_c).hex()})
-            session = _proof(key, b"session", nonce_c, nonce_s)
-            channel = cls(sock, session, True, str(answer.get("node", where)))
-            channel.expect("welcome")
+            tls = pki.handshake(sock, identity.client_context(), server=False, deadline=timeout)
+        except HijackError as exc:
+            sock.close()
+            raise ChannelError(f"node {where}: {exc}") from None
+        try:
+            if expect is not None:
+                pki.expect_peer(tls, expect)
+            else:
+                pki.names_host(tls, where.rpartition(":")[0])
+            channel = cls(tls, pki.peer_name(tls))
+            # Our certificate is checked by the daemon after our side of the
+            # handshake is over: its refusal arrives here, as an alert.
+            welcome = channel.expect("welcome")
+            if welcome["welcome"] != PROTOCOL_VERSION:
+                raise ChannelError(
+                    f"node {where} speaks node protocol {welcome['welcome']!r:.20},"
+                    f" not {PROTOCOL_VERSION}"
+                )
             return channel
-        except (OSError, ValueError) as exc:
-            sock.close()
-            raise ChannelError(f"handshake with {where} failed: {exc}") from None
+        except HijackError as exc:
+            tls.close()
+            raise ChannelError(f"node {where}: {exc}") from None
         except BaseException:
-            sock.close()
+            tls.close()
             raise
 
     @classmethod
-    def accept(cls, sock: socket.socket, key: bytes, node: str) -> Channel:
-        """Server side of the handshake; raises ChannelError for a peer without the key."""
-        hello = _receive_plain(sock)
-        if hello.get("hello") != PROTOCOL_VERSION:
-            raise ChannelError(f"not a hijack node (or another protocol version): {hello!r:.80}")
-        try:
-            nonce_c = bytes.fromhex(str(hello.get("nonce", "")))
-        except ValueError:
-            raise ChannelError("malformed hello") from None
-        nonce_s = secrets.token_bytes(NONCE_SIZE)
-        proof = _proof(key, b"server", nonce_c, nonce_s).hex()
-        _send_plain(sock, {"node": node, "nonce": nonce_s.hex(), "proof": proof})
-        answer = _receive_plain(sock)
-        expected = _proof(key, b"client", nonce_s, nonce_c)
-        try:
-            given = bytes.fromhex(str(answer.get("proof", "")))
-        except ValueError:
-            given = b""
-        if not hmac.compare_digest(given, expected):
-            raise ChannelError(f"peer {hello.get('node')!r} does not hold the cluster key")
-        session = _proof(key, b"session", nonce_c, nonce_s)
-        channel = cls(sock, session, False, str(hello.get("node", "?")))
-        channel.send({"welcome": True})
+    def accept(cls, tls: ssl.SSLSocket) -> Channel:
+        """Server side, once the TLS handshake is done (hijack.node.gate): say welcome."""
+        channel = cls(tls, pki.peer_name(tls))
+        channel.send({"welcome": PROTOCOL_VERSION})
         return channel
 
     def close(self) -> None:
         self.sock.close()
 
-    # -- frames -----------------------------------------------------------------
+    def wake(self) -> None:
+        """Make a read blocked on this channel in another thread return (an error)."""
+        # The plain socket's shutdown: SSLSocket's would drop its TLS state under
+        # the reader's feet.
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
 
-    def _mac(
-        self, direction: bytes, sequence: int, head: bytes, payload: bytes | memoryview
-    ) -> bytes:
-        mac = hmac.new(self._key, direction + sequence.to_bytes(8, "little") + head, "sha256")
-        mac.update(payload)
-        return mac.digest()
+    # -- frames -----------------------------------------------------------------
 
     def send_frame(self, kind: int, payload: bytes | memoryview) -> None:
         head = HEAD.pack(kind, len(payload))
-        mac = self._mac(self._send_direction, self._sent, head, payload)
-        self._sent += 1
         try:
-            self.sock.sendall(head)
-            self.sock.sendall(payload)
-            self.sock.sendall(mac)
+            if len(payload) < JOINED_FRAME:
+                self.sock.sendall(head + payload)
+            else:
+                self.sock.sendall(head)
+                self.sock.sendall(payload)
         except OSError as exc:
-            raise ChannelError(f"connection to {self.peer} lost: {exc.strerror or exc}") from None
+            raise ChannelError(
+                f"connection to {self.peer} lost: {pki.describe_tls_error(exc)}"
+            ) from None
 
     def receive_frame(self) -> tuple[int, bytes]:
         head = self._read_exactly(HEAD.size)
         kind, length = HEAD.unpack(head)
         if length > MAX_FRAME:
             raise ChannelError(f"{self.peer} sent a frame of {length} bytes")
-        payload = self._read_exactly(length)
-        mac = self._read_exactly(MAC_SIZE)
-        expected = self._mac(self._receive_direction, self._received, head, payload)
-        if not hmac.compare_digest(mac, expected):
-            raise ChannelError(f"a frame from {self.peer} failed its integrity check")
-        self._received += 1
-        return kind, payload
+        if kind not in (Kind.MESSAGE, Kind.DATA, Kind.DATA_END):
+            raise ChannelError(f"{self.peer} sent a frame of unknown kind {kind}")
+        return kind, self._read_exactly(length)
 
     def _read_exactly(self, size: int) -> bytes:
         return _read_exactly(self.sock, size, self.peer)
@@ -318,18 +279,6 @@ class DataWriter:
         self.channel.send_frame(Kind.DATA_END, b"")
 
 
-def _send_plain(sock: socket.socket, message: dict[str, Any]) -> None:
-    payload = json.dumps(message).encode()
-    sock.sendall(HEAD.pack(Kind.HANDSHAKE, len(payload)) + payload)
-
-
-def _receive_plain(sock: socket.socket) -> dict[str, Any]:
-    kind, length = HEAD.unpack(_read_exactly(sock, HEAD.size, "peer"))
-    if kind != Kind.HANDSHAKE or length > 4096:
-        raise ChannelError("not a hijack handshake")
-    return _decode(_read_exactly(sock, length, "peer"), "peer")
-
-
 def _decode(payload: bytes, peer: str) -> dict[str, Any]:
     try:
         message = json.loads(payload)
@@ -351,7 +300,9 @@ def _read_exactly(sock: socket.socket, size: int, peer: str) -> bytes:
         except TimeoutError:
             raise ChannelError(f"{peer} stopped answering") from None
         except OSError as exc:
-            raise ChannelError(f"connection to {peer} lost: {exc.strerror or exc}") from None
+            raise ChannelError(
+                f"connection to {peer} lost: {pki.describe_tls_error(exc)}"
+            ) from None
         if not got:
             raise ChannelError(f"{peer} closed the connection")
         done += got

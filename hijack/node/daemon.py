@@ -1,7 +1,10 @@
 """`hijack node serve`: the node daemon (restart daemon) that receives moves.
 
-One thread per connection. Every peer must prove it holds the cluster key
-(hijack.node.channel); one that does not is refused and logged. A move
+Connections come in through the gate (hijack.node.gate): TLS 1.3, each peer
+presenting a certificate of the cluster's CA that is in date and not revoked
+(hijack.node.pki), within bounds on how many connect and how long they take;
+one that does not is refused and logged. Each authenticated peer is served
+by a thread of its own. A move
 (docs/protocol.md, "Moving") is restored straight from the stream, no
 temporary file: the daemon first opens the relays to the migrant's home
 shadow (and a listener here for each of its listening sockets), then
@@ -26,6 +29,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -34,7 +38,7 @@ from typing import Any, BinaryIO, NamedTuple, cast
 from hijack.errors import HijackError
 from hijack.image import records as rec
 from hijack.mutator.postcopy import decode_runs, page_timeout
-from hijack.node import mounts, policy
+from hijack.node import gate, mounts, pki, policy
 from hijack.node import terminal as terminal_pump
 from hijack.node.channel import Channel, ChannelError, DataReader
 from hijack.node.load import node_load
@@ -50,7 +54,6 @@ from hijack.testpoint import reached
 
 DEFAULT_PORT = 7450
 MAX_PORT = 65535
-HANDSHAKE_TIMEOUT = 10.0  # seconds a connecting peer has to prove it holds the key
 COMMIT_TIMEOUT = 60.0  # seconds a prepared process waits for the mover's decision
 LISTEN_BACKLOG = 128
 RELEASE_TIMEOUT = 5.0  # seconds to tell a home shadow its migrant ended
@@ -74,9 +77,17 @@ def log(text: str) -> None:
 
 
 class NodeDaemon:
-    def __init__(self, address: tuple[str, int], key: bytes, *, allow_root: bool = False) -> None:
+    def __init__(
+        self,
+        address: tuple[str, int],
+        identity: pki.NodeIdentity,
+        limits: gate.Limits,
+        *,
+        allow_root: bool = False,
+    ) -> None:
         self.address = address
-        self.key = key
+        self.identity = identity
+        self.limits = limits
         self.allow_root = allow_root  # restore processes with root's powers (hijack.node.policy)
         self.name = node_name()
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
@@ -87,42 +98,30 @@ class NodeDaemon:
             raise HijackError(
                 f"cannot listen on {address[0]}:{address[1]}: {exc.strerror}"
             ) from None
-        self.listener.listen(64)
-        self.running = True
+        self.listener.listen(gate.LISTEN_BACKLOG)
+        self.gate = gate.Gate(self.listener, identity, limits, self._serve_peer, log)
         # Settling: one decision per move. The sockets of moves held for their
         # commit, so that an `outcome` question that aborts one wakes its thread.
         self.decisions = threading.Lock()
-        self.waiting: dict[str, socket.socket] = {}
+        self.waiting: dict[str, Channel] = {}
 
     def serve(self) -> None:
         host, port = self.listener.getsockname()[:2]
         print(f"hijack node {self.name} listening on {host}:{port}", flush=True)
-        while self.running:
-            try:
-                connection, peer = self.listener.accept()
-            except OSError:
-                if not self.running:
-                    return
-                raise
-            threading.Thread(target=self._serve_peer, args=(connection, peer), daemon=True).start()
+        try:
+            self.gate.run()
+        finally:
+            self.listener.close()
 
     def stop(self) -> None:
-        self.running = False
-        self.listener.close()
+        self.gate.stop()
 
-    def _serve_peer(self, connection: socket.socket, peer: tuple[str, int]) -> None:
+    def _serve_peer(self, connection: ssl.SSLSocket, peer: tuple[str, int]) -> None:
+        """One authenticated peer (the gate ran its handshake), on a thread of its own."""
         where = f"{peer[0]}:{peer[1]}"
         try:
-            # A peer that has not proved the key yet gets little of our time.
-            connection.settimeout(HANDSHAKE_TIMEOUT)
-            # Small frames (the handshake, prepared/commit) must not wait on Nagle.
-            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            try:
-                channel = Channel.accept(connection, self.key, self.name)
-            except (ChannelError, OSError) as exc:
-                log(f"refused {where}: {exc}")
-                return
             connection.settimeout(COMMIT_TIMEOUT)
+            channel = Channel.accept(connection)
             request = channel.receive()
             op = request.get("op")
             if op == "ping":
@@ -307,7 +306,7 @@ class NodeDaemon:
                     addresses = {"listeners": listeners, "datagrams": datagrams}
                     records.record_arrival(move, pid, "prepared", addresses)
                 with self.decisions:
-                    self.waiting[move] = channel.sock
+                    self.waiting[move] = channel
                 try:
                     channel.send(
                         {
@@ -457,8 +456,7 @@ class NodeDaemon:
                 registry.record_arrival(move, pid, outcome, addresses)
                 waiting = self.waiting.pop(move, None)
                 if waiting is not None:
-                    with contextlib.suppress(OSError):
-                        waiting.shutdown(socket.SHUT_RDWR)
+                    waiting.wake()
                 log(f"move {move}: settled as aborted, asked before its commit arrived")
         return {"move": move, "outcome": outcome, "pid": pid, **addresses}
 
@@ -715,8 +713,14 @@ def parse_address(
     return host.strip("[]"), number
 
 
-def serve(address: tuple[str, int], key: bytes, *, allow_root: bool = False) -> None:
-    daemon = NodeDaemon(address, key, allow_root=allow_root)
+def serve(
+    address: tuple[str, int],
+    identity: pki.NodeIdentity,
+    limits: gate.Limits | None = None,
+    *,
+    allow_root: bool = False,
+) -> None:
+    daemon = NodeDaemon(address, identity, limits or gate.Limits(), allow_root=allow_root)
     try:
         reconcile_migrants(watch=True)
     except HijackError as exc:  # a registry it cannot use refuses moves later, by their mover

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hijack.errors import HijackError
-from hijack.node.channel import Channel, ChannelError, load_cluster_key
+from hijack.node import pki
+from hijack.node.channel import Channel, ChannelError
 from hijack.node.daemon import parse_address
 from hijack.node.move import MoveInDoubt, MoveResult, move
 from hijack.registry import ProcessRecord, Registry, node_name
@@ -108,14 +109,14 @@ def resolve(registry: Registry, targets: list[str]) -> list[str]:
     return list(dict.fromkeys(resolved))
 
 
-def survey(addresses: list[str], key: bytes) -> tuple[list[Destination], list[str]]:
+def survey(addresses: list[str], identity: pki.NodeIdentity) -> tuple[list[Destination], list[str]]:
     """Ask each daemon its load: (the destinations that answered, why the others did not)."""
     found: list[Destination] = []
     unreachable: list[str] = []
     here = node_name()
     for address in addresses:
         try:
-            answer = ask_load(address, key)
+            answer = ask_load(address, identity)
         except (HijackError, ChannelError, OSError) as exc:
             unreachable.append(f"{address}: {exc}")
             continue
@@ -134,8 +135,8 @@ def survey(addresses: list[str], key: bytes) -> tuple[list[Destination], list[st
     return found, unreachable
 
 
-def ask_load(address: str, key: bytes) -> dict[str, Any]:
-    channel = Channel.connect(parse_address(address), key, node_name())
+def ask_load(address: str, identity: pki.NodeIdentity) -> dict[str, Any]:
+    channel = Channel.connect(parse_address(address), identity)
     try:
         channel.send({"op": "load"})
         answer = channel.receive()
@@ -203,7 +204,7 @@ def plan(registry: Registry, targets: list[str]) -> tuple[list[Candidate], list[
     processes = candidates(registry)
     if not processes:
         return [], []
-    destinations, unreachable = survey(resolve(registry, targets), load_cluster_key())
+    destinations, unreachable = survey(resolve(registry, targets), pki.load_identity())
     if not destinations:
         raise HijackError("no destination answered: " + "; ".join(unreachable))
     return processes, destinations

@@ -5,7 +5,7 @@ On the node the process runs on now:
    the image (epoll, eventfd, unix socketpairs with what is queued in them, ...),
    or proxied through the home shadow (sockets, pipes, terminals); refuse naming
    the rest;
-2. connect to the destination daemon (authenticated channel) — nothing has
+2. connect to the destination daemon (TLS, each side's certificate checked) — nothing has
    been touched yet, so a refusal changes nothing;
 2a. with pre-copy (on by default for processes holding PRECOPY_MIN_BYTES of
    private memory): send memory in rounds while the process runs, each round
@@ -64,8 +64,8 @@ from hijack.mutator.postcopy import (
 )
 from hijack.mutator.precopy import SHRINK, Precopy, RoundSent, worth_precopying
 from hijack.mutator.tracee import Tracee
-from hijack.node import mounts
-from hijack.node.channel import Channel, ChannelError, DataWriter, load_cluster_key
+from hijack.node import mounts, pki
+from hijack.node.channel import Channel, ChannelError, DataWriter
 from hijack.node.daemon import parse_address
 from hijack.objects import unix
 from hijack.objects.memfd import holds_object
@@ -188,7 +188,6 @@ def move(
     """
     report = progress or (lambda phase, sent: None)
     address = parse_address(destination)
-    key = load_cluster_key()
     record = registry.find(pid)
     if record is not None and record.state == "held":
         raise HijackError(
@@ -202,6 +201,7 @@ def move(
             f" {node_name()!r} now: move it under its old name (HIJACK_NODE={record.home_node})",
             pid=pid,
         )
+    identity = pki.load_identity()  # this node's certificates, before anything is touched
     refuse_unmappable(pid)
     attached_by_move = record is None or record.state not in ("attached", "running")
     if attached_by_move:
@@ -210,7 +210,7 @@ def move(
     try:
         reached("move-attached")
         return _move_attached(
-            pid, address, key, registry, registry.get(pid), report, precopy, postcopy
+            pid, address, identity, registry, registry.get(pid), report, precopy, postcopy
         )
     except (MoveInDoubt, PostcopyBroken):
         raise  # the process is held as it is (for `hijack recover`, or by hand)
@@ -225,7 +225,7 @@ def move(
 def _move_attached(
     pid: int,
     address: tuple[str, int],
-    key: bytes,
+    identity: pki.NodeIdentity,
     registry: Registry,
     record: ProcessRecord,
     report: Callable[[str, int], None],
@@ -238,7 +238,7 @@ def _move_attached(
     plan_proxies(pid, shadow, at_home, frozen=False)  # refused before anything is touched
 
     report("connecting", 0)
-    channel = Channel.connect(address, key, node_name())
+    channel = Channel.connect(address, identity)
     if channel.peer == node_name():
         channel.close()
         raise HijackError(
@@ -286,7 +286,7 @@ def _move_attached(
                 relay_address,
                 report,
                 mark_moved,
-                (address, key),
+                (address, identity),
                 precopied,
             )
         except MoveInDoubt as exc:
@@ -329,7 +329,7 @@ def _move_frozen(
     relay_address: str,
     report: Callable[[str, int], None],
     mark_moved: Callable[[], None],
-    destination: tuple[tuple[str, int], bytes],
+    destination: tuple[tuple[str, int], pki.NodeIdentity],
     precopied: Precopy | None = None,
 ) -> MoveResult:
     before = precopied.bytes_sent if precopied is not None else 0
@@ -635,7 +635,7 @@ def _switch_shadow(
 
 
 def _commit(
-    channel: Channel, move_id: str, address: tuple[str, int], key: bytes
+    channel: Channel, move_id: str, address: tuple[str, int], identity: pki.NodeIdentity
 ) -> tuple[str, dict[str, Any], str]:
     """Send `commit`: ("running", answer, ""), ("aborted", {}, why) or ("unknown", {}, why).
 
@@ -651,7 +651,7 @@ def _commit(
         lost = f"the answer to the commit was lost ({exc})"
     except HijackError as exc:
         return "aborted", {}, str(exc)  # the daemon's own answer: it killed what it built
-    answer = ask_outcome(address, key, move_id, settle_timeout())
+    answer = ask_outcome(address, identity, move_id, settle_timeout(), channel.peer)
     if answer is None:
         return "unknown", {}, lost
     if answer["outcome"] == "running":
@@ -681,9 +681,13 @@ def _seconds(variable: str, default: float) -> float:
 
 
 def ask_outcome(
-    address: tuple[str, int], key: bytes, move_id: str, timeout: float
+    address: tuple[str, int],
+    identity: pki.NodeIdentity,
+    move_id: str,
+    timeout: float,
+    node: str,
 ) -> dict[str, Any] | None:
-    """The destination's `outcome` answer for `move_id`, retried until `timeout`.
+    """The `outcome` answer of destination NODE for `move_id`, retried until `timeout`.
 
     None if the destination could not be reached in that time.
     """
@@ -691,7 +695,7 @@ def ask_outcome(
     while True:
         remaining = deadline - time.monotonic()
         try:
-            channel = Channel.connect(address, key, node_name(), timeout=max(remaining, 0.1))
+            channel = Channel.connect(address, identity, timeout=max(remaining, 0.1), expect=node)
             try:
                 channel.send({"op": "outcome", "move": move_id})
                 return channel.expect("outcome")
@@ -1223,7 +1227,11 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
         address = registry.node_address(row.destination)
         if address is not None:
             answer = ask_outcome(
-                parse_address(address), load_cluster_key(), row.id, settle_timeout()
+                parse_address(address),
+                pki.load_identity(),
+                row.id,
+                settle_timeout(),
+                row.destination,
             )
     if row.phase == "post-copy" and (answer is None or answer["outcome"] != "aborted"):
         # Its copy runs there on part of its memory (or was stopped there): the
@@ -1246,7 +1254,11 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
         answer = None
         if address is not None:
             answer = ask_outcome(
-                parse_address(address), load_cluster_key(), row.id, settle_timeout()
+                parse_address(address),
+                pki.load_identity(),
+                row.id,
+                settle_timeout(),
+                row.destination,
             )
         outcome = answer["outcome"] if answer else "unknown"
         if outcome == "running":

@@ -15,12 +15,14 @@ chain to ca.crt, the revocation list and the node name it expects.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
 import socket
 import ssl
 from pathlib import Path
+from typing import NamedTuple
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -28,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from hijack.errors import HijackError
-from hijack.registry import state_dir
+from hijack.registry import node_name, state_dir
 
 CA_DAYS = 3650
 NODE_DAYS = 825
@@ -256,13 +258,14 @@ def _context(purpose: ssl.Purpose, directory: Path, name: str) -> ssl.SSLContext
     try:
         context.load_cert_chain(cert_path, key_path)
         context.load_verify_locations(cafile=directory / "ca.crt")
-        # The revocation list is read at every context made: a daemon makes one per
-        # connection's listener refresh (hijack.node.daemon), so `revoke` takes effect
-        # once the new list is copied to the node.
+        # The revocation list is read into every context made: a daemon makes a new
+        # one when the file changes (NodeIdentity), so `revoke` takes effect once the
+        # new list is copied to the node.
         context.load_verify_locations(cafile=directory / "revoked.crl")
     except (OSError, ssl.SSLError) as exc:
         raise HijackError(
             f"cannot load node {name}'s certificates from {directory}: {exc}"
+            f" (`hijack cluster add-node {name}` on the CA's machine, then copy them here)"
         ) from None
     context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
     return context
@@ -278,16 +281,47 @@ def client_context(directory: Path, name: str) -> ssl.SSLContext:
     return _context(ssl.Purpose.SERVER_AUTH, directory, name)
 
 
-def peer_name(tls: ssl.SSLSocket) -> str:
-    """The node name the peer's verified certificate gives (its common name)."""
+class CertificateNames(NamedTuple):
+    """What a node certificate names: its node (CN) and the hosts it may answer for."""
+
+    node: str
+    hosts: frozenset[str]  # its node name, DNS names and IP addresses
+
+
+def certificate_names(der: bytes) -> CertificateNames:
+    """The names in a DER certificate (verified by TLS before we look); HijackError if it
+    has none to go by or does not parse."""
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        common = [
+            value
+            for attribute in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+            if isinstance(value := attribute.value, str)
+        ]
+        try:
+            alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            alt = x509.SubjectAlternativeName([])
+        hosts = {*common, *alt.get_values_for_type(x509.DNSName)}
+        hosts.update(str(address) for address in alt.get_values_for_type(x509.IPAddress))
+    except (ValueError, x509.DuplicateExtension, x509.UnsupportedGeneralNameType) as exc:
+        # cryptography's errors for what does not parse, read lazily as extensions are
+        raise HijackError(f"the peer's certificate does not parse: {exc}") from None
+    if len(common) != 1:
+        raise HijackError("the peer's certificate names no node")
+    return CertificateNames(common[0], frozenset(hosts))
+
+
+def _peer_names(tls: ssl.SSLSocket) -> CertificateNames:
     der = tls.getpeercert(binary_form=True)
     if der is None:
         raise HijackError("the peer sent no certificate")
-    cert = x509.load_der_x509_certificate(der)
-    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    if len(names) != 1 or not isinstance(names[0].value, str):
-        raise HijackError("the peer's certificate names no node")
-    return names[0].value
+    return certificate_names(der)
+
+
+def peer_name(tls: ssl.SSLSocket) -> str:
+    """The node name the peer's verified certificate gives (its common name)."""
+    return _peer_names(tls).node
 
 
 def expect_peer(tls: ssl.SSLSocket, expected: str) -> None:
@@ -295,6 +329,86 @@ def expect_peer(tls: ssl.SSLSocket, expected: str) -> None:
     name = peer_name(tls)
     if name != expected:
         raise HijackError(f"the peer's certificate names node {name!r}, not {expected!r}")
+
+
+def names_host(tls: ssl.SSLSocket, host: str) -> None:
+    """Refuse a server whose verified certificate does not name HOST, the address dialed.
+
+    Named means: its node name (CN or DNS name) is HOST, or one of its IP
+    addresses (`add-node --address`) is HOST. A certificate of the cluster
+    that names another host is another node answering in its place.
+    """
+    names = _peer_names(tls)
+    wanted = host.strip("[]")
+    with contextlib.suppress(ValueError):
+        wanted = str(ipaddress.ip_address(wanted))  # one spelling of an IPv6 address
+    if wanted not in names.hosts:
+        raise HijackError(
+            f"the certificate of node {names.node!r} does not name {host}"
+            f" (it names {', '.join(sorted(names.hosts))}): issue it with `hijack cluster"
+            f" add-node NAME --address {host}`, or connect by a name it has"
+        )
+
+
+class NodeIdentity:
+    """This node's TLS contexts, from its certificates in `directory`.
+
+    The server's context is made again whenever the revocation list changes
+    (checked at every accept: a stat), so a `revoke` copied to a node takes
+    effect at the daemon's next connection without a restart.
+    """
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.directory = directory
+        self.name = name
+        self._client: ssl.SSLContext | None = None
+        self._server: ssl.SSLContext | None = None
+        self._crl_seen: tuple[int, int, int] | None = None
+        self.server_context()  # refuse at once if this node's files do not load
+
+    def _crl_signature(self) -> tuple[int, int, int]:
+        try:
+            found = os.stat(self.directory / "revoked.crl")
+        except OSError as exc:
+            raise HijackError(
+                f"no revocation list at {self.directory / 'revoked.crl'} ({exc.strerror})"
+            ) from None
+        return found.st_ino, found.st_size, found.st_mtime_ns
+
+    def server_context(self) -> ssl.SSLContext:
+        signature = self._crl_signature()
+        if self._server is None or signature != self._crl_seen:
+            self._server = server_context(self.directory, self.name)
+            self._crl_seen = signature
+        return self._server
+
+    def client_context(self) -> ssl.SSLContext:
+        if self._client is None:
+            self._client = client_context(self.directory, self.name)
+        return self._client
+
+
+def load_identity(directory: Path | None = None, name: str | None = None) -> NodeIdentity:
+    """This node's identity: $HIJACK_PKI (or STATE/pki) and its node name."""
+    return NodeIdentity(directory or pki_dir(), name or node_name())
+
+
+ALERT = "ALERT_"
+
+
+def describe_tls_error(exc: OSError) -> str:
+    """One line for a failed TLS exchange: a refusal the peer sent us says so, by its reason."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"its certificate is refused: {exc.verify_message}"
+    reason = getattr(exc, "reason", None)
+    if isinstance(reason, str):
+        said = reason.split(ALERT, 1)[-1].lower().replace("_", " ")
+        if ALERT not in reason:
+            return f"TLS failed: {said}"
+        if "certificate" in said or "unknown ca" in said:
+            return f"it refused our certificate ({said})"
+        return f"it ended the TLS session ({said})"
+    return exc.strerror or str(exc) or type(exc).__name__
 
 
 def handshake(
@@ -310,6 +424,8 @@ def handshake(
         tls = context.wrap_socket(sock, server_side=server)
     except ssl.SSLCertVerificationError as exc:
         raise HijackError(f"TLS: the peer's certificate is refused: {exc.verify_message}") from None
+    except TimeoutError:
+        raise HijackError(f"TLS handshake failed: no answer within {deadline:g} s") from None
     except (ssl.SSLError, OSError) as exc:
-        raise HijackError(f"TLS handshake failed: {exc}") from None
+        raise HijackError(f"TLS handshake failed: {describe_tls_error(exc)}") from None
     return tls

@@ -1,6 +1,7 @@
 """What a node daemon agrees to restore (docs/security.md, "The node daemon's policy").
 
-A daemon restores on request of any holder of the cluster key, as root. It
+A daemon restores on request of any node with a certificate of the cluster's
+CA (hijack.node.pki), as root. It
 refuses, by name and before anything is created for the move:
 
 - a process with root's powers — uid or gid 0 (real, effective, saved,
@@ -16,8 +17,8 @@ refuses, by name and before anything is created for the move:
 
 Pages the image carries (ContentsKind.STORED, what `hijack move` always
 sends) are not compared with this node's files: they are the bytes the
-process ran, read from its memory by a holder of the cluster key and
-authenticated frame by frame on the way (hijack.node.channel); this node's
+process ran, read from its memory by a node of the cluster and carried
+inside TLS (hijack.node.channel); this node's
 copy of the file, if any, is never mapped.
 """
 

@@ -149,14 +149,20 @@ class LazyPages:
         pushed = False
         heard = time.monotonic()
         try:
+            sock = channel.sock.fileno()
             while not pushed:
-                for fd, _events in self._poller.poll(250):
+                # What TLS decrypted already is not the socket's to tell about.
+                decrypted = channel.sock.pending() > 0
+                ready = [fd for fd, _events in self._poller.poll(0 if decrypted else 250)]
+                if decrypted and sock not in ready:
+                    ready.append(sock)
+                for fd in ready:
                     if fd == ended:
                         self._poller.unregister(ended)
                         if len(self.spaces) == 1:
                             channel.send({"op": "gone"})
                             return
-                    elif fd == channel.sock.fileno():
+                    elif fd == sock:
                         heard = time.monotonic()
                         pushed = self._frame(channel)
                     else:

@@ -25,7 +25,8 @@ from typing import Any, TypeVar
 
 from hijack import lockbook
 from hijack.errors import HijackError
-from hijack.node.channel import Channel, load_cluster_key
+from hijack.node import pki
+from hijack.node.channel import Channel
 from hijack.node.daemon import parse_address
 from hijack.node.move import mover_gone
 from hijack.process.tree import read_tree
@@ -159,7 +160,7 @@ class NodeView:
     address: str | None  # its daemon, "ip:port"; None when known by name only
     last_seen: float | None  # when a move last reached it
     reachable: bool | None  # None: not checked (no address)
-    check: str | None  # "ping" (authenticated with the cluster key) or "connect" (TCP only)
+    check: str | None  # "ping" (over the node channel's TLS) or "connect" (TCP only)
     latency_ms: float | None
     error: str | None
 
@@ -204,7 +205,7 @@ def gather(registry: Registry, timeout: float = QUERY_TIMEOUT) -> Snapshot:
     moves = tuple(_move_view(record, registry.directory) for record in registry.moves(RECENT_MOVES))
     known_nodes = {name: (address, last_seen) for name, address, last_seen in registry.nodes()}
     events = tuple(registry.recent_events(RECENT_EVENTS))
-    key = _cluster_key()
+    identity = _identity()
 
     shadow_wheres = {
         pid: where for pid, record in records.items() if (where := _shadow_where(record, here))
@@ -216,7 +217,7 @@ def gather(registry: Registry, timeout: float = QUERY_TIMEOUT) -> Snapshot:
         for pid, where in shadow_wheres.items()
     }
     node_questions = {
-        name: functools.partial(_ask_node, name, address, last_seen, key, timeout)
+        name: functools.partial(_ask_node, name, address, last_seen, identity, timeout)
         for name, (address, last_seen) in known_nodes.items()
     }
     with _Questions(len(shadow_questions) + len(node_questions)) as questions:
@@ -506,25 +507,29 @@ def _unreachable_shadow(record: ProcessRecord, where: str, why: str) -> ShadowVi
 # -- asking the node daemons ----------------------------------------------------------
 
 
-def _cluster_key() -> bytes | None:
+def _identity() -> pki.NodeIdentity | None:
     try:
-        return load_cluster_key()
+        return pki.load_identity()
     except HijackError:
-        return None  # the daemons can only be seen listening, not asked
+        return None  # no certificate here: the daemons can only be seen listening, not asked
 
 
 def _ask_node(
-    name: str, address: str, last_seen: float | None, key: bytes | None, timeout: float
+    name: str,
+    address: str,
+    last_seen: float | None,
+    identity: pki.NodeIdentity | None,
+    timeout: float,
 ) -> NodeView:
-    check = "connect" if key is None else "ping"
+    check = "connect" if identity is None else "ping"
     started = time.perf_counter()
     error = None
     try:
         host_port = parse_address(address)
-        if key is None:
+        if identity is None:
             socket.create_connection(host_port, timeout=timeout).close()
         else:
-            channel = Channel.connect(host_port, key, node_name(), timeout=timeout)
+            channel = Channel.connect(host_port, identity, timeout=timeout, expect=name)
             try:
                 channel.send({"op": "ping"})
                 answer = channel.receive()

@@ -1,7 +1,7 @@
 """The atheris harness: `python tests/fuzz/run.py TARGET [libFuzzer options]` (`make fuzz`).
 
 TARGET is a function of tests/fuzz/targets.py (crf_reader, node_handshake,
-node_client, node_session). Unless corpus directories are given, the
+node_client, node_certificate, node_session). Unless corpus directories are given, the
 corpus grows in build/fuzz/TARGET (crf_reader also reads the malformed
 images of tests/corpus/crf, which libFuzzer leaves as they are). A finding is an input
 for which the target raised (see targets.py): libFuzzer saves it as
@@ -24,7 +24,7 @@ import atheris  # noqa: E402
 with atheris.instrument_imports(include=["hijack"]):
     from fuzz import targets
 
-TARGETS = ("crf_reader", "node_handshake", "node_client", "node_session")
+TARGETS = ("crf_reader", "node_handshake", "node_client", "node_certificate", "node_session")
 SEED_CORPUS = {"crf_reader": TESTS / "corpus" / "crf"}
 WORK = TESTS.parent / "build" / "fuzz"
 

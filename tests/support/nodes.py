@@ -53,6 +53,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from hijack.node import pki
 from hijack.sys.process import WALL
 from support.cli import CLI_COLUMNS, CLI_TIMEOUT, CliResult, _text
 
@@ -375,7 +376,7 @@ class Node:
         netns: str,
         hub_netns: str,
         directory: Path,
-        key_path: Path,
+        pki_dir: Path,
         cluster: Cluster,
     ) -> None:
         self.name = name
@@ -389,7 +390,7 @@ class Node:
         self.env: dict[str, str] = {
             "HIJACK_STATE_DIR": str(self.state_dir),
             "HIJACK_NODE": name,
-            "HIJACK_CLUSTER_KEY": str(key_path),
+            "HIJACK_PKI": str(pki_dir),
         }
         self.daemon: subprocess.Popen[bytes] | None = None
         self.daemon_endpoint: str | None = None  # "ADDRESS:PORT", what `hijack move --to` takes
@@ -636,9 +637,13 @@ def link_up(node: Node) -> None:
 class Cluster:
     """`with Cluster(tmp_path, nodes=3) as cluster:` nodes a, b, c on one bridge, removed after.
 
-    tmp_path holds cluster.key (HIJACK_CLUSTER_KEY: 32 random bytes as hex,
-    mode 0600) and node-NAME/ per node (state/ is its HIJACK_STATE_DIR,
-    daemon.stderr). Node i (0-based) has address 10.77.0.(i+1).
+    tmp_path holds pki/ (HIJACK_PKI: the cluster's CA, revocation list and
+    each node's key and certificate, naming the node and its address, as
+    `hijack cluster init` and `hijack cluster add-node NAME --address ADDR`
+    write them: every node channel runs over TLS) and node-NAME/ per node
+    (state/ is its HIJACK_STATE_DIR, daemon.stderr). Node i (0-based) has
+    address 10.77.0.(i+1). All nodes read the one pki/ (they share the
+    filesystem); each uses its own key and certificate in it.
     """
 
     def __init__(
@@ -648,7 +653,7 @@ class Cluster:
             raise ValueError(f"a cluster has 1 to 26 nodes, not {nodes}")
         self.id = f"{namespace_prefix()}{secrets.token_hex(3)}"
         self.hub_netns = f"{self.id}-hub"
-        self.key_path = tmp_path / "cluster.key"
+        self.pki_dir = tmp_path / "pki"
         self.stop_timeout = stop_timeout  # how long each daemon gets to end on SIGTERM
         self.nodes: tuple[Node, ...] = tuple(
             Node(
@@ -657,7 +662,7 @@ class Cluster:
                 netns=f"{self.id}-{name}",
                 hub_netns=self.hub_netns,
                 directory=tmp_path / f"node-{name}",
-                key_path=self.key_path,
+                pki_dir=self.pki_dir,
                 cluster=self,
             )
             for index, name in enumerate(string.ascii_lowercase[:nodes])
@@ -682,7 +687,7 @@ class Cluster:
 
     def __enter__(self) -> Cluster:
         try:
-            self._write_key()
+            self._issue_certificates()
             for node in self.nodes:
                 node.state_dir.mkdir(parents=True)
             self._create_network()
@@ -691,12 +696,11 @@ class Cluster:
             raise
         return self
 
-    def _write_key(self) -> None:
-        self.key_path.parent.mkdir(parents=True, exist_ok=True)
-        # O_EXCL with the mode at creation: the key is never readable by others.
-        fd = os.open(self.key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as key_file:
-            key_file.write(secrets.token_hex(32) + "\n")  # as `hijack cluster init` writes it
+    def _issue_certificates(self) -> None:
+        # What `hijack cluster init` and `add-node` do, without a process each.
+        pki.init_ca(self.pki_dir)
+        for node in self.nodes:
+            pki.add_node(self.pki_dir, node.name, node.address)
 
     def _create_network(self) -> None:
         for name in self.namespaces():
