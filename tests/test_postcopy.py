@@ -70,6 +70,18 @@ def the_original_goes_on(copy: int, original: RunningFixture) -> None:
     original.assert_intact()
 
 
+def moved_with_postcopy(a: Node, b: Node, pid: int, *options: str) -> Moved:
+    """`hijack move PID` from a to b with `options`: it must succeed, some pages served
+    after the start; once it returns every page is there, and the original is ended."""
+    assert b.daemon_endpoint is not None
+    result = a.hijack("move", pid, "--to", b.daemon_endpoint, *options)
+    assert result.returncode == 0, f"{result.describe()}\n{logs(a.directory.parent)}"
+    found = MOVED_LINE.search(result.stdout)
+    assert found is not None, result.describe()
+    assert POSTCOPY_LINE.search(result.stdout), result.describe()
+    return Moved(int(found[3]), b, float(found[4]), shadow_status(a, pid)["shadow_pid"])
+
+
 def test_a_postcopy_move_of_a_process_that_keeps_writing_arrives_with_every_page(
     tmp_path: Path,
 ) -> None:
@@ -78,16 +90,7 @@ def test_a_postcopy_move_of_a_process_that_keeps_writing_arrives_with_every_page
         a.start_daemon()
         b.start_daemon()
         with spawn_fixture("dirtier", "64", DIRTY_RATE, netns=a.netns) as dirtier:
-            assert b.daemon_endpoint is not None
-            result = a.hijack("move", dirtier.pid, "--to", b.daemon_endpoint, "--postcopy")
-            assert result.returncode == 0, f"{result.describe()}\n{logs(tmp_path)}"
-            found = MOVED_LINE.search(result.stdout)
-            assert found is not None, result.describe()
-            served = POSTCOPY_LINE.search(result.stdout)
-            assert served is not None, result.describe()  # some pages did come after the start
-            moved = Moved(
-                int(found[3]), b, float(found[4]), shadow_status(a, dirtier.pid)["shadow_pid"]
-            )
+            moved = moved_with_postcopy(a, b, dirtier.pid, "--postcopy")
             dirtier.wait_exit()  # the original, ended once the copy had every page
             assert runs_in(moved.pid, b)
             log = daemon_log(b)
@@ -109,15 +112,7 @@ def test_a_move_whose_rounds_do_not_converge_goes_on_with_postcopy_by_itself(
         # As fast as it can, over a buffer small enough that each round finds all
         # of it written again: the rounds never shrink.
         with spawn_fixture("dirtier", "32", "1000", netns=a.netns) as dirtier:
-            assert b.daemon_endpoint is not None
-            result = a.hijack("move", dirtier.pid, "--to", b.daemon_endpoint)
-            assert result.returncode == 0, f"{result.describe()}\n{logs(tmp_path)}"
-            assert POSTCOPY_LINE.search(result.stdout), result.describe()
-            found = MOVED_LINE.search(result.stdout)
-            assert found is not None, result.describe()
-            moved = Moved(
-                int(found[3]), b, float(found[4]), shadow_status(a, dirtier.pid)["shadow_pid"]
-            )
+            moved = moved_with_postcopy(a, b, dirtier.pid)  # no option: the automatic choice
             dirtier.wait_exit()
             finish_moved(dirtier, moved, tmp_path)
 
@@ -133,14 +128,7 @@ def test_children_forked_during_postcopy_see_every_page_their_parent_had(
         # one forked before the last page arrived reads the missing ones through a
         # userfaultfd of its own (never as zeros).
         with spawn_fixture("dirtier", "64", DIRTY_RATE, "20", netns=a.netns) as dirtier:
-            assert b.daemon_endpoint is not None
-            result = a.hijack("move", dirtier.pid, "--to", b.daemon_endpoint, "--postcopy")
-            assert result.returncode == 0, f"{result.describe()}\n{logs(tmp_path)}"
-            found = MOVED_LINE.search(result.stdout)
-            assert found is not None, result.describe()
-            moved = Moved(
-                int(found[3]), b, float(found[4]), shadow_status(a, dirtier.pid)["shadow_pid"]
-            )
+            moved = moved_with_postcopy(a, b, dirtier.pid, "--postcopy")
             dirtier.wait_exit()
             output = finish_moved(dirtier, moved, tmp_path)
             log = daemon_log(b)

@@ -279,20 +279,12 @@ class Precopy:
             contents = rec.ContentsKind.PRECOPIED if carried else segment.contents
             flags = tuple(flag for flag in segment.vm_flags if flag not in TRACKING_FLAGS)
             marked.append(dataclasses.replace(segment, contents=contents, vm_flags=flags))
-            if not self.postcopy or not lazy_capable(marked[-1]):
-                continue
-            if carried:
+            # (Memory the rounds did not build — mapped or grown since round 0 —
+            # goes whole in the image: made lazy too, it failed the dirtier's
+            # check now and then, cause not found yet.)
+            if self.postcopy and carried and lazy_capable(marked[-1]):
                 written = clip_runs(self.final_written, segment.start, segment.end)
                 self.lazy += subtract_runs(coalesce_runs(written), self.pinned)
-            elif segment.contents is rec.ContentsKind.STORED and not clip_runs(
-                self.pinned, segment.start, segment.end
-            ):
-                # Memory the rounds did not build (mapped or grown since round 0):
-                # made empty there (NONE), every page it holds lazy.
-                present = procfs.present_runs(self.pid, segment.start, segment.end)
-                if present:
-                    marked[-1] = dataclasses.replace(marked[-1], contents=rec.ContentsKind.NONE)
-                    self.lazy += coalesce_runs(present)
         return marked
 
     def runs(self, segment: rec.Segment) -> list[Run]:

@@ -1215,6 +1215,20 @@ def _follow_again(record: ProcessRecord) -> str | None:
     return f"the shadow of process {record.pid} follows it again (it was not killed)"
 
 
+# The phases of a move whose commit may have been sent.
+COMMITTING_PHASES = ("switching", "in-doubt", "post-copy")
+
+
+def _ask_destination(registry: Registry, row: MoveRecord) -> dict[str, Any] | None:
+    """The destination's `outcome` answer for the move of `row`, or None (unreachable)."""
+    address = registry.node_address(row.destination)
+    if address is None:
+        return None
+    return ask_outcome(
+        parse_address(address), pki.load_identity(), row.id, settle_timeout(), row.destination
+    )
+
+
 def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     """Settle one move whose mover is gone: (what was done, whether its outcome is known)."""
     pid = row.pid
@@ -1222,17 +1236,8 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     if record is None:
         registry.update_move(row.id, phase="failed", finished_at=time.time(), error="forgotten")
         return f"move {row.id}: process {pid} is not known here any more", True
-    answer: dict[str, Any] | None = None
-    if row.phase == "post-copy":
-        address = registry.node_address(row.destination)
-        if address is not None:
-            answer = ask_outcome(
-                parse_address(address),
-                pki.load_identity(),
-                row.id,
-                settle_timeout(),
-                row.destination,
-            )
+    # The commit may have been sent: only the destination knows.
+    answer = _ask_destination(registry, row) if row.phase in COMMITTING_PHASES else None
     if row.phase == "post-copy" and (answer is None or answer["outcome"] != "aborted"):
         # Its copy runs there on part of its memory (or was stopped there): the
         # original, stopped here, is the only whole one. Not for a guess.
@@ -1249,17 +1254,6 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     at_home = record.home_node == node_name() and record.home_pid is None
     shadow = HomeShadow(record, record.relay_token or "")
     if row.phase in ("switching", "in-doubt"):
-        # The commit may have been sent: only the destination knows.
-        address = registry.node_address(row.destination)
-        answer = None
-        if address is not None:
-            answer = ask_outcome(
-                parse_address(address),
-                pki.load_identity(),
-                row.id,
-                settle_timeout(),
-                row.destination,
-            )
         outcome = answer["outcome"] if answer else "unknown"
         if outcome == "running":
             assert answer is not None
@@ -1294,7 +1288,7 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     # Never committed, or the destination settled it as aborted: the original goes on.
     with contextlib.suppress(HijackError):
         shadow.request({"op": "aborted", "move": row.id})
-    if row.phase in ("switching", "in-doubt", "post-copy"):
+    if row.phase in COMMITTING_PHASES:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)  # the SIGSTOP of the switch, undone
     registry.set_state(pid, "attached" if at_home else "running")
