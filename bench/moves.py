@@ -2,6 +2,9 @@
 
 - relay throughput: a client streams into a sink server, directly, then after
   the server moved (its bytes go through the home shadow's relay), as a ratio;
+- throughput home again: the same after the server moved back to its home node
+  (its shadow handed it back its own sockets: no relay), as a ratio to a sink
+  started beside it then and never moved (the two taken in turns, best of 3);
 - added round-trip latency: small request/answer pairs, the median with the
   relay minus the median without;
 - freeze time of moving processes holding 10 MB and SIZE of memory, and of
@@ -90,6 +93,7 @@ class Nodes:
         self.certificates = directory / "pki"
         self.daemons: list[subprocess.Popen[str]] = []
         self.ports = {"a": free_port(), "b": free_port()}
+        self.output = ""  # what the last move printed
 
     def env(self, node: str) -> dict[str, str]:
         return {
@@ -146,10 +150,12 @@ class Nodes:
             raise SystemExit(f"bench: hijack {' '.join(args)}: {result.stderr.strip()}")
         return result.stdout
 
-    def move(self, pid: int, to: str, *options: str) -> tuple[int, float, int]:
-        """Move `pid` from node a to `to`; its new pid, the freeze time (ms), pre-copy rounds."""
-        output = self.hijack("a", "move", str(pid), "--to", f"127.0.0.1:{self.ports[to]}", *options)
-        output = " ".join(output.split())  # the line may wrap
+    def move(self, pid: int, to: str, *options: str, source: str = "a") -> tuple[int, float, int]:
+        """Move `pid` from node `source` to `to`; its new pid, the freeze time (ms), pre-copy
+        rounds."""
+        destination = f"127.0.0.1:{self.ports[to]}"
+        output = self.hijack(source, "move", str(pid), "--to", destination, *options)
+        output = self.output = " ".join(output.split())  # the line may wrap
         new_pid = int(output.split("runs there as ")[1].split(";")[0])
         freeze_ms = float(output.split("frozen ")[1].split(" ms")[0])
         rounds = int(output.split("(")[1].split(" pre-copy")[0]) if "pre-copy" in output else 0
@@ -165,7 +171,15 @@ def free_port() -> int:
 
 @contextmanager
 def started(argv: list[str], env: dict[str, str]) -> Iterator[tuple[subprocess.Popen[str], str]]:
-    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True)
+    # No terminal of ours: a terminal stays relayed by the shadow even home again.
+    process = subprocess.Popen(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     assert process.stdout is not None
     try:
         yield process, process.stdout.readline().strip()
@@ -204,6 +218,20 @@ def round_trips(port: int, count: int) -> float:
     return statistics.median(times)
 
 
+HOME_ROUNDS = 3
+
+
+def home_against_fresh(port: int, size: int, env: dict[str, str]) -> tuple[float, float]:
+    """The best of HOME_ROUNDS streams into the sink back home and into a sink started now
+    beside it (never moved), taken in turns: the machine's noise hits both alike."""
+    home, fresh = [], []
+    with started([sys.executable, "-c", SINK], env) as (_, fresh_port):
+        for _ in range(HOME_ROUNDS):
+            home.append(stream_into(port, size))
+            fresh.append(stream_into(int(fresh_port), size))
+    return min(home), min(fresh)
+
+
 def kill_moved(pid: int) -> None:
     """A moved process is the destination daemon's child; it reaps it."""
     with suppress(ProcessLookupError):
@@ -223,6 +251,9 @@ def measure_moves(directory: Path, stream_size: int, big: int) -> list[str]:
             try:
                 relayed_s = stream_into(port, stream_size)
                 relayed_rtt = round_trips(port, 500)
+                moved_pid, _, _ = nodes.move(moved_pid, "a", source="b")
+                unrelayed = "home again: it holds its own" in nodes.output
+                home_s, fresh_s = home_against_fresh(port, stream_size, nodes.env("a"))
             finally:
                 kill_moved(moved_pid)
         ratio = direct_s / relayed_s
@@ -230,6 +261,13 @@ def measure_moves(directory: Path, stream_size: int, big: int) -> list[str]:
             f"{'relay throughput':<34} {stream_size / relayed_s / 1e6:8.0f} MB/s | "
             f"{'direct TCP, same path':<38} {stream_size / direct_s / 1e6:8.0f} MB/s | "
             f"ratio {ratio:5.2f}  target >= 0.90: {'met' if ratio >= 0.9 else 'NOT met'}"
+        )
+        home_ratio = fresh_s / home_s
+        lines.append(
+            f"{'throughput home again (a->b->a)':<34} {stream_size / home_s / 1e6:8.0f} MB/s | "
+            f"{'a sink never moved, same path':<38} {stream_size / fresh_s / 1e6:8.0f} MB/s | "
+            f"ratio {home_ratio:5.2f}  target >= 0.95: {'met' if home_ratio >= 0.95 else 'NOT met'}"
+            + ("" if unrelayed else " (still relayed by its shadow!)")
         )
         added_us = (relayed_rtt - direct_rtt) * 1e6
         lines.append(

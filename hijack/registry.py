@@ -274,7 +274,7 @@ class Registry:
             )
             self._log(db, pid, "arrived", f"from the shadow of {home_node}:{home_pid}")
 
-    def settle_arrival(self, pid: int) -> None:
+    def settle_arrival(self, pid: int, *, home_again: bool = False) -> None:
         """A migrant recorded here now runs: if this is its home, its home row becomes this one.
 
         Found by its relay token (the migrant's own secret, the same on every
@@ -282,7 +282,8 @@ class Registry:
         socket: status asks it, detach and forget end it) and takes the
         migrant's pid; the old pid's "moved away" would be a second, stale row.
         Called once the move is committed: a move that fails leaves the home
-        row as it was.
+        row as it was. `home_again`: its shadow handed every original back
+        (nothing is relayed): the row is an attached process's again.
         """
         with self._transaction() as db:
             migrant = db.execute(
@@ -302,6 +303,10 @@ class Registry:
                 "UPDATE processes SET shadow_pid=?, shadow_control=?, attached_at=? WHERE pid=?",
                 (shadow_pid, shadow_control, attached_at, pid),
             )
+            if home_again:
+                db.execute(
+                    "UPDATE processes SET state='attached', home_pid=NULL WHERE pid=?", (pid,)
+                )
             db.execute("DELETE FROM processes WHERE pid=?", (old_pid,))
             db.execute("UPDATE members SET root=? WHERE root=?", (pid, old_pid))
             self._log(db, old_pid, "returned", f"home again as {pid}, shadow {shadow_pid}")

@@ -9,8 +9,9 @@ sleep deciding when. Without the variable a test point costs one lookup.
 
 The stages (docs/faults.md lists what each one holds at that instant):
 attach-seized, attach-forked, attach-shadow-ready; dump-seized, dump-written,
-dump-handed-over; move-attached, move-connected, move-frozen, move-streaming,
-move-prepared, move-committed, move-postcopy; daemon-committed.
+dump-handed-over; restore-tree-forked, restore-tree-rebuilt; move-attached,
+move-connected, move-frozen, move-streaming, move-prepared, move-committed,
+move-postcopy; daemon-committed.
 """
 
 from __future__ import annotations

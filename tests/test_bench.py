@@ -27,6 +27,7 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "dump CPU per GiB",
         "relay throughput",
         "added round trip",
+        "throughput home again",
         "move freeze time, 10 MB",
         "move freeze time, 64 MiB",
         "move freeze time, 64 MiB dirtying 10 MB/s",

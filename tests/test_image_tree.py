@@ -13,6 +13,7 @@ from hijack.image import (
     ImageHeader,
     ImageWriter,
     MemberState,
+    SharedDescription,
     Tree,
     TreeMember,
     read_image,
@@ -62,7 +63,11 @@ def _fields(record: ImageHeader) -> dict[str, object]:
 
 
 TREE = Tree(
-    members=(member(10, 1), member(11, 10), member(12, 10, MemberState.ZOMBIE), member(13, 11))
+    members=(member(10, 1), member(11, 10), member(12, 10, MemberState.ZOMBIE), member(13, 11)),
+    shared=(
+        SharedDescription(pid=11, fd=3, holder_pid=10, holder_fd=4),
+        SharedDescription(pid=13, fd=3, holder_pid=10, holder_fd=4),
+    ),
 )
 
 
@@ -103,3 +108,21 @@ def test_a_tree_record_refuses_what_is_not_a_tree() -> None:
         Tree(members=(member(10, 1), member(12, 11), member(11, 10)))
     with pytest.raises(ImageError, match="the root is a zombie"):
         Tree(members=(member(10, 1, MemberState.ZOMBIE),))
+
+
+def test_shared_descriptions_name_living_members_listed_before() -> None:
+    members = (member(10, 1), member(11, 10), member(12, 10, MemberState.ZOMBIE))
+
+    def link(pid: int, holder: int, fd: int = 3) -> SharedDescription:
+        return SharedDescription(pid=pid, fd=fd, holder_pid=holder, holder_fd=4)
+
+    with pytest.raises(ImageError, match="not a member"):
+        Tree(members=members, shared=(link(11, 99),))
+    with pytest.raises(ImageError, match="not a member listed before it"):
+        Tree(members=members, shared=(link(10, 11),))
+    with pytest.raises(ImageError, match="not a member listed before it"):
+        Tree(members=members, shared=(link(10, 10),))
+    with pytest.raises(ImageError, match="a zombie holds no descriptor"):
+        Tree(members=members, shared=(link(12, 10),))
+    with pytest.raises(ImageError, match="listed twice"):
+        Tree(members=members, shared=(link(11, 10), link(11, 10)))

@@ -105,9 +105,10 @@ def test_a_process_moved_there_back_and_away_again_leaves_no_shadow_and_no_port(
             port = int(server.ready["port"])
             session = served(a, server)
             back = there_and_back(cluster, server)
-            # One row at home, under its new pid, with its shadow here.
+            # One row at home, under its new pid, with its shadow here: attached
+            # again (its shadow handed its sockets back: test_move_home).
             row = row_of(a, back.pid)
-            assert (row["state"], row["current_node"]) == ("running", "a"), row
+            assert (row["state"], row["current_node"]) == ("attached", "a"), row
             assert (row["shadow"]["pid"], row["shadow"]["where"]) == (back.shadow_pid, "local")
             assert row["shadow"]["health"] == "ok", row
 
@@ -149,7 +150,7 @@ def test_detach_of_a_process_back_home_ends_its_shadow_and_names_it(tmp_path: Pa
             assert moves[0]["new_pid"] == back.pid, moves
             result = a.hijack_ok("detach", back.pid)
             assert result.stdout.startswith(
-                f"detached process {back.pid} (echo_server, running); shadow {back.shadow_pid}"
+                f"detached process {back.pid} (echo_server, attached); shadow {back.shadow_pid}"
                 " ended"
             ), result.stdout
             wait_gone(back.shadow_pid, EXIT_TIMEOUT, "the shadow of a detached process")
@@ -173,7 +174,8 @@ def test_a_process_back_home_that_ends_while_no_daemon_runs_ends_its_shadow(
             assert_port_free(a, port)
             row = row_of(a, back.pid)
             assert row["state"] == "gone", row
-            assert row["shadow"]["error"] == f"ended: process {back.pid} ended on this node"
+            # Home again it is followed as an attached process is: its exit ends the shadow.
+            assert row["shadow"]["error"] == f"ended: process {back.pid} exited"
 
 
 def test_a_moved_process_that_ends_while_its_daemon_is_down_is_settled_when_it_returns(

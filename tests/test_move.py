@@ -950,7 +950,7 @@ def assert_relays_one_hop(moved: Moved, home: Node, home_pid: int, control_fd: i
     assert streams[f"fd:{control_fd}"]["relay"], status
 
 
-def test_three_moves_in_a_row_and_home_again_with_one_hop_relays(tmp_path: Path) -> None:
+def test_two_moves_with_one_hop_relays_then_home_again_unrelayed(tmp_path: Path) -> None:
     with Cluster(tmp_path, nodes=3) as cluster:
         a, b, c = cluster.nodes
         for node in cluster:
@@ -974,7 +974,13 @@ def test_three_moves_in_a_row_and_home_again_with_one_hop_relays(tmp_path: Path)
                     # Nothing of it is left where it was: only that node's daemon.
                     assert here.daemon is not None
                     assert pids_inside(here) == {here.daemon.pid}
-                assert_relays_one_hop(moved, a, home_pid, control_fd)
+                if there is a:
+                    # Home again: its own sockets and pipe back, nothing relayed
+                    # (test_move_home holds the details).
+                    status = shadow_status(a, home_pid)
+                    assert (status["mode"], status["streams"]) == ("home", []), status
+                else:
+                    assert_relays_one_hop(moved, a, home_pid, control_fd)
                 assert ask(session, f"on {there.name}") == f"on {there.name}"
                 with spawn_fixture(
                     "stream_client", "127.0.0.1", port, str(1 << 20), "61", netns=a.netns

@@ -33,7 +33,7 @@ from hijack.node import move as moving
 from hijack.node.daemon import DEFAULT_PORT
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.registry import DEFAULT_STATE_DIR, Registry, state_dir
-from hijack.restore import restorer as restoring
+from hijack.restore import tree as restoring_trees
 from hijack.shadow import control
 from hijack.status import model as status_model
 from hijack.status import view as status_view
@@ -161,6 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip-unsupported",
         action="store_true",
         help="drop descriptors that cannot be restored (they are listed) instead of refusing",
+    )
+    restore.add_argument(
+        "--new-pids",
+        action="store_true",
+        help="a tree: restore it under new pids (printed) where its old ones are taken",
     )
     restore.set_defaults(handler=command_restore)
 
@@ -358,11 +363,14 @@ def command_dump(args: argparse.Namespace, console: Console) -> int:
 
         handed_over: list[str] = []
 
-        def hand_over() -> None:
-            # The shadow keeps the killed process's descriptors for its restore.
+        def hand_over(pids: tuple[int, ...]) -> None:
+            # The shadow keeps the killed processes' descriptors for their restore.
             if holder is not None and holder.shadow_control:
                 handed_over.append(holder.shadow_control)
-                hand_descriptors_to_shadow(args.pid, holder.shadow_control)
+                for pid in pids:
+                    hand_descriptors_to_shadow(
+                        pid, holder.shadow_control, as_member=pid != args.pid
+                    )
 
         options = {
             "kill": args.kill,
@@ -392,10 +400,16 @@ def command_dump(args: argparse.Namespace, console: Console) -> int:
 
 def command_restore(args: argparse.Namespace, console: Console) -> int:
     with Registry() as registry, open_image(args.image) as stream:
-        result = restoring.restore(
-            stream, skip_unsupported=args.skip_unsupported, registry=registry
+        result = restoring_trees.restore_image(
+            stream,
+            skip_unsupported=args.skip_unsupported,
+            registry=registry,
+            new_pids=args.new_pids,
         )
-    render.restore_result(console, result)
+    if isinstance(result, restoring_trees.TreeRestoreResult):
+        render.tree_restore_result(console, result)
+    else:
+        render.restore_result(console, result)
     return EXIT_OK
 
 

@@ -36,6 +36,7 @@ from hijack.objects import sysv
 from hijack.process import settings as process_settings
 from hijack.process import timers as process_timers
 from hijack.restore.restorer import RestoreResult
+from hijack.restore.tree import TreeRestoreResult
 
 if TYPE_CHECKING:  # lief, which hijack.core loads, is slow to import
     from hijack.core import CoreResult
@@ -153,6 +154,16 @@ def restore_result(console: Console, result: RestoreResult) -> None:
         console.print(f"  dropped {escape(dropped)}")
 
 
+def tree_restore_result(console: Console, result: TreeRestoreResult) -> None:
+    count = len(result.members) + len(result.zombies)
+    console.print(f"restored the tree of process [bold]{result.root.pid}[/] ({count} processes):")
+    for member in result.members:
+        restore_result(console, member)
+    for old, new in result.zombies:
+        same = "its old pid" if new == old else f"was {old}"
+        console.print(f"restored zombie [bold]{new}[/] ({same}), for its parent to reap")
+
+
 def core_result(console: Console, result: CoreResult, output: str) -> None:
     console.print(
         f"core of process [bold]{result.pid}[/] ({result.threads} thread"
@@ -182,6 +193,11 @@ def tree_summary(console: Console, summary: TreeSummary, *, as_json: bool = Fals
         f"tree of {len(summary.tree.members)} processes: image {human_size(summary.image_bytes)},"
         f" {sum(image.pages.stored for image in images)} pages stored"
     )
+    for link in summary.tree.shared:
+        console.print(
+            f"  fd {link.fd} of pid {link.pid} is fd {link.holder_fd} of pid {link.holder_pid}"
+            " (one open file description)"
+        )
 
 
 def _member_line(member: rec.TreeMember, image: ImageSummary | None) -> str:
@@ -420,6 +436,14 @@ def move_result(console: Console, result: MoveResult) -> None:
         )
         + (f"; {result.total_ms / 1000:.2f} s in all" if result.total_ms else "")
     )
+    if result.relayed_at_home == "":
+        console.print("home again: it holds its own sockets and pipes, nothing is relayed")
+    elif result.relayed_at_home is not None:
+        console.print(
+            f"home again, relayed by its shadow still: {escape(result.relayed_at_home)}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def check_findings(console: Console, findings: list[Finding], *, as_json: bool = False) -> None:

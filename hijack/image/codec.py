@@ -100,7 +100,7 @@ from hijack.image.records import (
 )
 
 MAGIC = b"CRF\0"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 MAX_METADATA = 16 * 1024 * 1024  # payload limit of every section but PAGES
 
 BytesLike = bytes | bytearray | memoryview

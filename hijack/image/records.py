@@ -1220,6 +1220,18 @@ class TreeMember:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SharedDescription:
+    """A descriptor of one member that is the same open file description as a descriptor
+    of a member listed before it (inherited across a fork, or passed): one offset, one set
+    of status flags, one lock owner."""
+
+    pid: U32  # the member holding it
+    fd: U32  # its descriptor number there
+    holder_pid: U32  # the first member (in TREE order) holding that description
+    holder_fd: U32  # its descriptor number there
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Tree:
     """Opens a tree stream: the members, root first, each parent before its children.
 
@@ -1227,6 +1239,8 @@ class Tree:
     """
 
     members: tuple[TreeMember, ...]
+    # Open file descriptions shared among members, each descriptor after its first holder's.
+    shared: tuple[SharedDescription, ...] = ()
 
     def __post_init__(self) -> None:
         _require(bool(self.members), "Tree: no members")
@@ -1239,6 +1253,25 @@ class Tree:
             )
             seen.add(member.pid)
         _require(self.members[0].state is not MemberState.ZOMBIE, "Tree: the root is a zombie")
+        order = {member.pid: index for index, member in enumerate(self.members)}
+        holders: set[tuple[int, int]] = set()
+        for link in self.shared:
+            where = f"Tree: shared fd {link.fd} of process {link.pid}"
+            _require(link.pid in order and link.holder_pid in order, f"{where}: not a member")
+            _require(
+                MemberState.ZOMBIE
+                not in (
+                    self.members[order[link.pid]].state,
+                    self.members[order[link.holder_pid]].state,
+                ),
+                f"{where}: a zombie holds no descriptor",
+            )
+            _require(
+                order[link.holder_pid] < order[link.pid],
+                f"{where}: its holder is not a member listed before it",
+            )
+            _require((link.pid, link.fd) not in holders, f"{where}: listed twice")
+            holders.add((link.pid, link.fd))
 
     @property
     def imaged(self) -> tuple[TreeMember, ...]:

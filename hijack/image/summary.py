@@ -381,5 +381,6 @@ def _through_end(records: Iterator[Record]) -> Iterator[Record]:
 def tree_summary_to_json(summary: TreeSummary) -> dict[str, JsonValue]:
     return {
         "tree": [_value_json(member) for member in summary.tree.members],
+        "shared": [_value_json(link) for link in summary.tree.shared],
         "images": {str(pid): summary_to_json(image) for pid, image in summary.images.items()},
     }

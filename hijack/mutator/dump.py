@@ -19,7 +19,7 @@ import signal
 import socket as socket_module
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +34,14 @@ from hijack.image.files import ImageFiles
 from hijack.image.identity import file_identity, is_shared_library
 from hijack.mutator.frozen_tree import FrozenTree, frozen_tree
 from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, recorded_registers
+from hijack.objects import unix
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.objects.memfd import held_by_objects
 from hijack.objects.tcp import NetworkLocks
 from hijack.process import aio, settings, timers
-from hijack.process.tree import read_tree
+from hijack.process.tree import read_tree, shared_context_refusals
 from hijack.restore.plan import ATTACH_HINT, restore_problems
+from hijack.restore.tree import relation_refusals
 from hijack.sys import memory, procfs
 from hijack.sys import ptrace as pt
 from hijack.sys.process import get_robust_list
@@ -102,7 +104,7 @@ def dump(
     no_binary: bool = False,
     no_shared_libs: bool = False,
     on_complete: Callable[[], None] | None = None,
-    before_kill: Callable[[], None] | None = None,
+    before_kill: Callable[[tuple[int, ...]], None] | None = None,
     check_descriptors: bool = True,
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
     image: str = lockbook.STDOUT,
@@ -114,8 +116,9 @@ def dump(
 
     `on_complete` runs once the whole image is written and flushed, while the
     process is still stopped (to put the file in place). With `kill`, the
-    process is killed only after that, and after `before_kill` (which hands
-    its descriptors to its shadow): a failed dump never loses the process.
+    process is killed only after that, and after `before_kill(pids)` (which hands
+    the descriptors of the processes `pids`, the tree's living members, root
+    first, to its shadow): a failed dump never loses the process.
     With `kill`, an image a restore would refuse is refused before anything is
     written (Unsupported), and the process runs on; its descriptors are left
     out of that check unless `check_descriptors` (its shadow takes them over,
@@ -142,28 +145,34 @@ def dump(
     stopped_at = time.perf_counter()
     # Connections a killed process's restore rebuilds are locked while it is gone.
     locking = kill and check_descriptors
-    with (
-        frozen_tree(pid) as frozen,
-        NetworkLocks(pid, image) if locking else contextlib.nullcontext() as locks,
-    ):
+    with frozen_tree(pid) as frozen, contextlib.ExitStack() as held:
+        # Every member's: a connection two members share (inherited) is locked once.
+        locked: set[int] = set()
+        members_locked = frozen.tracees if locking else {}
+        locks = [held.enter_context(NetworkLocks(m, image, locked)) for m in members_locked]
         reached("dump-seized")
         members = len(frozen.record.members)
         if kill and members > 1:
-            raise Unsupported(
-                f"not killing the tree of process {pid} ({members} processes): restoring a"
-                " tree is not implemented yet; dump it without --kill"
-            )
+            refuse_unrestorable_tree(frozen)
         tracee = frozen.tracees[pid]
-        check = functools.partial(refuse_unrestorable, pid, check_descriptors)
-        write_member = functools.partial(
-            write_image,
-            out=out,
-            no_binary=no_binary,
-            no_shared_libs=no_shared_libs,
-            check=check if kill else None,
-            ghost_limit=ghost_limit,
-            connections=check_descriptors,
-        )
+
+        tree_sockets = sockets_of(frozen.tracees) if members > 1 else frozenset()
+
+        def write_member(member: Tracee) -> tuple[rec.End, int, int]:
+            check = functools.partial(
+                refuse_unrestorable, member.pid, check_descriptors, tree_sockets=tree_sockets
+            )
+            return write_image(
+                member,
+                out=out,
+                no_binary=no_binary,
+                no_shared_libs=no_shared_libs,
+                check=check if kill else None,
+                ghost_limit=ghost_limit,
+                connections=check_descriptors,
+                tree=frozenset(frozen.tracees),
+            )
+
         if members == 1:
             end, threads, written = write_member(tracee)
             pages = end.pages_stored
@@ -174,13 +183,14 @@ def dump(
             on_complete()
         if kill:
             if before_kill is not None:
-                before_kill()
+                before_kill(tuple(frozen.tracees))
             reached("dump-handed-over")
-            if locks is not None:
-                locks.silence()
-            kill_stopped(tracee)
-            if locks is not None:
-                locks.keep()
+            for lock in locks:
+                lock.silence()
+            for member in reversed(list(frozen.tracees.values())):
+                kill_stopped(member)
+            for lock in locks:
+                lock.keep()
     frozen_ms = (time.perf_counter() - stopped_at) * 1000
     return DumpResult(pid, threads, written, pages, frozen_ms, members)
 
@@ -211,6 +221,7 @@ def write_image(
     check: Callable[[tuple[rec.Segment, ...], ImageFiles], None] | None = None,
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
     connections: bool = False,
+    tree: frozenset[int] = frozenset(),
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
 
@@ -219,6 +230,7 @@ def write_image(
     `check(segments, files)` may refuse the image before its first byte is written.
     A deleted file the process holds may put at most `ghost_limit` bytes in it.
     `connections`: established TCP connections are read with TCP_REPAIR (hijack.objects.tcp).
+    `tree`: the members of the tree dumped with it (the pipes joining them are inside).
     """
     pid = tracee.pid
     options = dump_options(no_binary=no_binary, no_shared_libs=no_shared_libs)
@@ -235,7 +247,9 @@ def write_image(
         )
         process_timers = timers.read_timers(tracee, scratch)
     tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
-    files = objects.read_files(pid, connections=connections, maps=maps, ghost_limit=ghost_limit)
+    files = objects.read_files(
+        pid, connections=connections, maps=maps, ghost_limit=ghost_limit, tree=tree
+    )
     flags = precopied.vm_flags(maps) if precopied is not None else None
     segments = held_by_objects(describe_segments(pid, maps, options, flags=flags), files)
     if precopied is not None:
@@ -312,11 +326,43 @@ def write_parts(
     return end, len(parts.threads), writer.bytes_written
 
 
+def refuse_unrestorable_tree(frozen: FrozenTree) -> None:
+    """Never kill a tree that could not come back as it is: refuse what a restore of its
+    relations would refuse, and what members share that no image records."""
+    reasons = relation_refusals(frozen.record) + shared_context_refusals(frozen.tree)
+    if reasons:
+        root = frozen.record.members[0].pid
+        raise Unsupported(f"not killing the tree of process {root}: {'; '.join(reasons)}")
+
+
+def sockets_of(pids: Iterable[int]) -> frozenset[int]:
+    """The inodes of the sockets the stopped processes `pids` hold."""
+    return frozenset(
+        entry.ino
+        for pid in pids
+        for entry in procfs.list_fds(pid)
+        if entry.kind is procfs.FdKind.SOCKET
+    )
+
+
 def refuse_unrestorable(
-    pid: int, check_descriptors: bool, segments: tuple[rec.Segment, ...], files: ImageFiles
+    pid: int,
+    check_descriptors: bool,
+    segments: tuple[rec.Segment, ...],
+    files: ImageFiles,
+    *,
+    tree_sockets: frozenset[int] = frozenset(),
 ) -> None:
-    """Never kill what cannot come back: refuse what a restore of this image would refuse."""
-    problems = restore_problems(segments, files, held=lambda _: not check_descriptors)
+    """Never kill what cannot come back: refuse what a restore of this image would refuse.
+    `tree_sockets`: the sockets of the tree the process is dumped with (a socket pair
+    joining two members is made again for both: hijack.objects.unix.joins_members)."""
+
+    def held(descriptor: rec.FileDescriptor) -> bool:
+        sock = files.objects.get(descriptor.object_id)
+        joins = isinstance(sock, rec.UnixSocket) and unix.joins_members(sock, files, tree_sockets)
+        return joins or not check_descriptors
+
+    problems = restore_problems(segments, files, held=held)
     reasons = list(problems.mappings)
     if problems.descriptors:
         reasons.append(
@@ -334,7 +380,7 @@ def dump_to_file(
     kill: bool = False,
     no_binary: bool = False,
     no_shared_libs: bool = False,
-    before_kill: Callable[[], None] | None = None,
+    before_kill: Callable[[tuple[int, ...]], None] | None = None,
     check_descriptors: bool = True,
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
 ) -> DumpResult:

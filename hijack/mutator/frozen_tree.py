@@ -16,7 +16,7 @@ from hijack.errors import NotAttachable, ProcessGone
 from hijack.image import records as rec
 from hijack.mutator.tracee import Tracee
 from hijack.process.tree import Member, ProcessTree, read_tree, untakeable
-from hijack.sys import procfs
+from hijack.sys import kcmp, procfs
 
 MAX_READINGS = 50  # a tree that still changes after this many is forking faster than we stop it
 
@@ -40,13 +40,7 @@ def frozen_tree(root: int) -> Iterator[FrozenTree]:
         first_state: dict[int, str] = {}
         for _ in range(MAX_READINGS):
             tree = read_tree(root)
-            reasons = untakeable(tree) + [
-                # Injection re-enters a job-control stop (hijack.mutator.tracee.check_attachable).
-                f"process {m.pid} ({m.comm}) is stopped by job control; continue it first"
-                f" (kill -CONT {m.pid})"
-                for m in tree.members
-                if m.stopped and m.pid not in tracees
-            ]
+            reasons = untakeable(tree)
             if reasons:
                 raise NotAttachable(f"cannot take the tree of process {root}: {'; '.join(reasons)}")
             for member in tree.members:
@@ -55,7 +49,9 @@ def frozen_tree(root: int) -> Iterator[FrozenTree]:
                 if member.zombie or member.pid in tracees:
                     continue
                 try:
-                    tracees[member.pid] = stack.enter_context(Tracee.seize(member.pid))
+                    tracees[member.pid] = stack.enter_context(
+                        Tracee.seize(member.pid, job_stopped=True)
+                    )
                 except ProcessGone:
                     if member.pid == root:
                         raise
@@ -73,8 +69,26 @@ def frozen_tree(root: int) -> Iterator[FrozenTree]:
         yield FrozenTree(
             tree=again,
             tracees={m.pid: tracees[m.pid] for m in members if not m.zombie},
-            record=rec.Tree(members=tuple(_recorded(m, first_state[m.pid]) for m in members)),
+            record=rec.Tree(
+                members=tuple(_recorded(m, first_state[m.pid]) for m in members),
+                shared=_shared_descriptions(again),
+            ),
         )
+
+
+def _shared_descriptions(tree: ProcessTree) -> tuple[rec.SharedDescription, ...]:
+    """The open file descriptions members share (docs/crf.md §7b), read while all stop."""
+    shared = kcmp.descriptions_across(
+        [
+            (m.pid, [(e.fd, e.dev, e.ino) for e in procfs.list_fds(m.pid)])
+            for m in tree.members
+            if not m.zombie
+        ]
+    )
+    return tuple(
+        rec.SharedDescription(pid=pid, fd=fd, holder_pid=holder_pid, holder_fd=holder_fd)
+        for (pid, fd), (holder_pid, holder_fd) in shared.items()
+    )
 
 
 def _recorded(member: Member, state_before: str) -> rec.TreeMember:

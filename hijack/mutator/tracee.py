@@ -134,9 +134,11 @@ class Tracee:
     # -- the context-manager form: `with Tracee.seize(pid) as tracee:` ----------
 
     @classmethod
-    def seize(cls, pid: int) -> Tracee:
+    def seize(cls, pid: int, *, job_stopped: bool = False) -> Tracee:
+        """Seize and stop every thread of `pid`; `job_stopped`: a process stopped by job
+        control is taken too (a tree's member: it stays stopped when released)."""
         tracee = cls(pid)
-        check_attachable(pid)
+        check_attachable(pid, job_stopped=job_stopped)
         # Read while the target still runs: its vdso and text do not move.
         tracee.syscall_address = find_syscall_instruction(pid)
         try:
@@ -363,8 +365,9 @@ def recorded_registers(thread: TracedThread) -> pt.Registers:
     return registers
 
 
-def check_attachable(pid: int) -> None:
-    """Refuse, with a clear reason, the processes hijack must not seize."""
+def check_attachable(pid: int, *, job_stopped: bool = False) -> None:
+    """Refuse, with a clear reason, the processes hijack must not seize (one stopped by
+    job control too, unless `job_stopped`)."""
     if pid <= 0:
         raise NotAttachable(f"{pid} is not a valid process id", pid=pid)
     if pid == os.getpid():
@@ -378,7 +381,7 @@ def check_attachable(pid: int) -> None:
         raise NotAttachable(f"process {pid} ({status.name}) is a kernel thread", pid=pid)
     if status.state.startswith(("Z", "X")):
         raise NotAttachable(f"process {pid} ({status.name}) is a zombie", pid=pid)
-    if status.state.startswith("T"):
+    if status.state.startswith("T") and not job_stopped:
         # A job-control stop is re-entered whenever we resume a thread to inject.
         raise NotAttachable(
             f"process {pid} ({status.name}) is stopped by job control;"
@@ -428,6 +431,9 @@ def signals_deferred() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+MAX_JOB_CONTROL_STOPS = 2
+
+
 def inject_syscall(thread: TracedThread, syscall_address: int, name: str, *args: int) -> int:
     """One injected system call in a stopped thread: set registers, run it, read rax."""
     with signals_deferred():
@@ -455,6 +461,7 @@ def _inject_syscall(thread: TracedThread, syscall_address: int, name: str, *args
 
 def _run_to_syscall_stop(tid: int, name: str, *, entering: bool) -> None:
     pt.resume_to_syscall(tid)
+    job_control_stops = 0
     while True:
         result = pt.wait_for(tid)
         assert result is not None
@@ -462,6 +469,13 @@ def _run_to_syscall_stop(tid: int, name: str, *, entering: bool) -> None:
             raise ProcessGone(f"thread {tid} {result.describe()} during injected {name}", pid=tid)
         if result.is_syscall_stop:
             return
+        if result.event == pt.PTRACE_EVENT_STOP and job_control_stops < MAX_JOB_CONTROL_STOPS:
+            # A thread stopped by job control traps again once when first resumed
+            # (measured); resumed once more it runs the call, and the kernel puts
+            # its stop back on detach.
+            job_control_stops += 1
+            pt.resume_to_syscall(tid)
+            continue
         if result.event in (pt.PTRACE_EVENT_CLONE, pt.PTRACE_EVENT_FORK, pt.PTRACE_EVENT_EXEC):
             # The injected clone/fork/execve reports its event between the entry
             # and exit stops; the caller picks the new child up by waiting on it.

@@ -65,7 +65,9 @@ class Proxy(NamedTuple):
 
     fd: int  # the process's descriptor number
     stream: str  # the shadow's stream id
-    kind: str  # "stream", "listener", "datagram" or "terminal"
+    # "stream", "listener", "datagram", "terminal", "master", or "original": a move home,
+    # the home shadow's original itself
+    kind: str
     family: socket.AddressFamily  # a datagram socket's (AF_UNSPEC for the others)
     peer: str  # the shadow relay "ip:port" a connected datagram socket is connected to, or ""
     file: int = -1  # a terminal's: descriptors with one `file` share one open slave
@@ -223,6 +225,9 @@ class NodeDaemon:
         image = DataReader(channel)
         committed: list[int] = []  # the pid, once the move is decided `running`
         terminals = _Terminals(str(home["relay"]), token, move)
+        originals = _Originals(str(home["relay"]), token, move)
+        # A move home whose every descriptor is its original again (hijack.node.move).
+        home_again = request.get("home_again") is True and home["node"] == self.name
         mount_namespace: int | None = None
         lazy: list[LazyPages] = []  # a post-copy move's pages still on the source
 
@@ -255,6 +260,13 @@ class NodeDaemon:
                 policy.check_image(header, credentials, segments, allow_root=self.allow_root)
                 # Filled in place: restore reads `provided` only after this.
                 for proxy in proxies:
+                    if proxy.kind == "original":
+                        if home["node"] != self.name:
+                            raise HijackError(
+                                f"fd {proxy.fd}: its original is at {home['node']}, not here"
+                            )
+                        provided[proxy.fd] = originals.take(proxy.stream)
+                        continue
                     if proxy.kind == "terminal":
                         provided[proxy.fd] = terminals.slave(proxy.stream, proxy.file)
                         continue
@@ -323,7 +335,9 @@ class NodeDaemon:
                         raise HijackError(f"move {move} was settled as aborted before its commit")
                     committed.append(pid)
                     with contextlib.nullcontext(registry) if registry else Registry() as records:
-                        records.settle_arrival(pid)  # back home: its home row is this one now
+                        # Back home: its home row is this one now (attached again, if its
+                        # shadow handed every original back).
+                        records.settle_arrival(pid, home_again=home_again)
                 except BaseException:
                     self._decide(move, pid, "aborted")
                     with contextlib.suppress(HijackError), Registry() as forgetting:
@@ -366,6 +380,7 @@ class NodeDaemon:
                     pages.close()
             for sock in opened:
                 sock.close()  # the process has its own copies
+            originals.close()
             terminals.close_slaves()
             if mount_namespace is not None:
                 os.close(mount_namespace)
@@ -537,6 +552,55 @@ def _parse_move(request: dict[str, Any]) -> tuple[str, dict[str, Any], bytes, li
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
         raise HijackError(f"malformed move request: {json.dumps(request)[:120]}") from None
     return move, home, token, proxies
+
+
+class _Originals:
+    """A move home: the originals its home shadow hands back, copied out of the shadow
+    (pidfd_getfd; it runs on this node). The shadow is asked through its endpoint, with
+    the migrant's token: it names only what it handed back for this move."""
+
+    def __init__(self, relay_address: str, token: bytes, move: str) -> None:
+        self.relay_address = relay_address
+        self.token = token
+        self.move = move
+        self.shadow_pid = 0
+        self.own: dict[str, int] = {}  # stream -> the shadow's descriptor
+        self.taken: list[int] = []
+
+    def take(self, stream: str) -> int:
+        if not self.shadow_pid:
+            answer = control.remote_request(
+                self.relay_address, self.token, {"op": "originals", "move": self.move}
+            )
+            shadow_pid = int(answer["shadow_pid"])
+            _check_endpoint_owner(shadow_pid, self.relay_address)
+            self.shadow_pid = shadow_pid
+            self.own = {str(k): int(v) for k, v in dict(answer["originals"]).items()}
+        if stream not in self.own:
+            raise HijackError(f"the home shadow hands no original of {stream} back")
+        self.taken.append(pidfd.copy_fd(self.shadow_pid, self.own[stream]))
+        return self.taken[-1]
+
+    def close(self) -> None:
+        for fd in self.taken:
+            os.close(fd)
+        self.taken.clear()
+
+
+def _check_endpoint_owner(pid: int, relay_address: str) -> None:
+    """Copy nothing out of a process that does not listen on the endpoint we asked: whoever
+    answered there names only its own descriptors, never another process's."""
+    port = relay_address.rpartition(":")[2]
+    try:
+        held = {entry.ino for entry in procfs.list_fds(pid)}
+        table = procfs.read_socket_table(pid)
+    except HijackError:
+        held, table = set(), {}
+    if not any(
+        info.state == "LISTEN" and info.local.endswith(f":{port}") and inode in held
+        for inode, info in table.items()
+    ):
+        raise HijackError(f"process {pid} is not the home shadow listening at {relay_address}")
 
 
 class _Pty:

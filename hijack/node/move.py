@@ -110,6 +110,9 @@ class MoveResult:
     rounds: int = 0  # pre-copy rounds before the freeze
     frozen_bytes: int = 0  # sent while the process was frozen (the final image)
     tracking_pause_ms: float = 0.0  # the process stopped once more, to start pre-copy
+    # A move to its home node: "" if it holds its own descriptors again, else why its
+    # shadow relays them still. None for a move elsewhere.
+    relayed_at_home: str | None = None
     postcopy_bytes: int = 0  # pages left out of the final image, served after the start
     postcopy_ms: float = 0.0  # from the start there until the last of them arrived
     total_ms: float = 0.0  # the whole move, from the first round to the last page
@@ -334,17 +337,28 @@ def _move_frozen(
 ) -> MoveResult:
     before = precopied.bytes_sent if precopied is not None else 0
     postcopy = precopied is not None and precopied.postcopy
+    # Back to its home node, with nothing but streams and listeners relayed: the
+    # shadow may hand it back its originals (docs/protocol.md, "Home again").
+    homing = not at_home and channel.peer == record.home_node
+    # Why its shadow relays its descriptors still, for a move home.
+    relayed = None if not homing else ""
     try:
+        if homing:
+            relayed = unhomeable(plan_proxies(pid, shadow, at_home, frozen=False)[0])
+            homing = not relayed
         if not at_home:
             # Away, the shadow goes quiet before the freeze: a client it accepted
             # and connected to this node once the process was frozen would push up
             # to a socket buffer into a connection the process never accepts.
             try:
-                shadow.migrating({"move": move_id})
+                shadow.migrating({"move": move_id, "flush": homing})
             except ShadowError as exc:
                 raise HijackError(
                     f"move aborted: {exc}; process {pid} runs on here as before", pid=pid
                 ) from None
+        if homing:
+            relayed = unsettled_for_home(pid, shadow)
+            homing = not relayed
         tracee = Tracee.seize(pid)
     except BaseException:
         if not at_home:
@@ -381,10 +395,16 @@ def _move_frozen(
                 unread: dict[str, bytes] = {}
             else:
                 unread = peek_unread(pid, plan)
+                if homing:
+                    relayed = hand_back(pid, shadow, move_id, plan, unread, present)
+                    homing = not relayed
+                if homing:
+                    plan = [dataclasses.replace(p, kind="original") for p in plan]
             channel.send(
                 {
                     "op": "move",
                     "move": move_id,
+                    "home_again": homing,
                     "pid": pid,
                     "program": record.program,
                     "mount_namespace": mounts.describe(pid, shadow.pid()),
@@ -461,7 +481,15 @@ def _move_frozen(
                 unread.update(drain_terminals(pid, plan))
             try:
                 _switch_shadow(
-                    shadow, move_id, channel.peer, plan, prepared, unread, unread_datagrams, present
+                    shadow,
+                    move_id,
+                    channel.peer,
+                    plan,
+                    prepared,
+                    unread,
+                    unread_datagrams,
+                    present,
+                    home_again=homing,
                 )
                 unswitched = None
             except HijackError as exc:
@@ -510,6 +538,7 @@ def _move_frozen(
         rounds,
         writer.sent,
         pause,
+        relayed,
         postcopy_bytes=lazy_bytes(lazy),
         postcopy_ms=postcopy_ms,
     )
@@ -530,6 +559,112 @@ def _serve_lazy(
     except HijackError as exc:
         return str(exc), (time.perf_counter() - started) * 1000
     return None, (time.perf_counter() - started) * 1000
+
+
+HOMEABLE = ("stream", "listener")  # what a shadow can hand back (docs/protocol.md, "Home again")
+# Seconds a process going home may go without reading its relays or accepting a client
+# before its descriptors are relayed from home instead.
+HOME_PATIENCE = 1.0
+HOME_SETTLE_INTERVAL = 0.01  # seconds between looks at a process catching up before going home
+
+
+def unhomeable(plan: list[Proxy]) -> str:
+    """Why not every relayed descriptor of the plan is one the shadow can hand back, or ""."""
+    others = [f"fd {p.fd} ({p.kind})" for p in plan if p.kind not in HOMEABLE]
+    return f"{', '.join(others)} stay relayed" if others else ""
+
+
+def unsettled_for_home(pid: int, shadow: HomeShadow) -> str:
+    """Before the freeze of a move home: "" once the process, running on, has read all its
+    relays hold and accepted every client the shadow passed to its listeners (within
+    ack_wait()), else why not. The shadow sends nothing more meanwhile (`migrating`), so
+    once true it stays true; else its descriptors are relayed from home as before."""
+    deadline = time.monotonic() + ack_wait()
+    least, progressed_at = -1, time.monotonic()
+    while True:
+        plan, present = plan_proxies(pid, shadow, False, frozen=False)
+        why = unhomeable(plan)
+        if why:
+            return why
+        pending = _pending_clients(shadow, present)
+        unread = {stream: count for stream, count in _queued(pid, plan, "in").items() if count}
+        if not pending and not unread:
+            return ""
+        now, left = time.monotonic(), sum(unread.values()) + len(pending)
+        if least < 0 or left < least:
+            least, progressed_at = left, now
+        if now >= deadline or now - progressed_at > HOME_PATIENCE:
+            waiting = [*(f"{s} {n} bytes unread" for s, n in unread.items()), *pending]
+            return f"it did not catch up ({', '.join(waiting)})"
+        time.sleep(HOME_SETTLE_INTERVAL)
+
+
+def _pending_clients(shadow: HomeShadow, present: list[str]) -> list[str]:
+    """Clients the shadow accepted that the process has not accepted (yet)."""
+    streams = shadow.request({"op": "status"})["streams"]
+    return [s["id"] for s in streams if s["id"].startswith("acc:") and s["id"] not in present]
+
+
+def _queued(pid: int, plan: list[Proxy], way: str) -> dict[str, int]:
+    """Bytes in the process's relays: "in", not read by it yet (FIONREAD); "out", sent by
+    it and not acknowledged by the shadow yet (SIOCOUTQ)."""
+    request = termios.FIONREAD if way == "in" else termios.TIOCOUTQ
+    queued: dict[str, int] = {}
+    for proxy in plan:
+        if proxy.kind != "stream":
+            continue
+        try:
+            copy = pidfd.copy_fd(pid, proxy.fd)
+        except HijackError:
+            continue  # closed meanwhile (not frozen): the next look tells
+        try:
+            value = fcntl.ioctl(copy, request, b"\0" * 4)
+            queued[proxy.stream] = int(struct.unpack("i", value)[0])
+        except OSError:
+            pass
+        finally:
+            os.close(copy)
+    return queued
+
+
+def hand_back(
+    pid: int,
+    shadow: HomeShadow,
+    move_id: str,
+    plan: list[Proxy],
+    unread: dict[str, bytes],
+    present: list[str],
+) -> str:
+    """Frozen, before a move home: have the shadow hand back every original (`hand_back`).
+
+    Only with nothing in flight towards the process (what it had not read
+    would have to reach it before what waits in the original), no client
+    waiting in its listener, and all it wrote in the shadow's hands (its
+    relays' send queues empty: the shadow writes it through before it
+    answers). Else why not, and nothing changed: the move relays its
+    descriptors from home as before.
+    """
+    why = unhomeable(plan)
+    unread_streams = [stream for stream, data in unread.items() if data]
+    pending = _pending_clients(shadow, present)
+    if why or unread_streams or pending:
+        return why or f"{', '.join([*unread_streams, *pending])} not caught up"
+    deadline = time.monotonic() + ack_wait()
+    while any(_queued(pid, plan, "out").values()):
+        if time.monotonic() >= deadline:
+            return f"what it wrote was not taken by its shadow within {ack_wait():g} s"
+        time.sleep(HOME_SETTLE_INTERVAL)
+    streams = sorted({p.stream for p in plan})
+    request = {"op": "hand_back", "move": move_id, "streams": streams, "wait": ack_wait()}
+    try:
+        shadow.request(request, timeout=ack_wait() + 15.0)
+    except ShadowError as exc:
+        if str(exc).startswith("hand_back refused"):
+            return str(exc)  # its answer: nothing changed there
+        # No answer: it may have stopped relaying them. Relayed on from here, they would
+        # be neither pumped nor handed back: the move is aborted (the shadow is told).
+        raise HijackError(f"move aborted: the home shadow did not answer ({exc})") from None
+    return ""
 
 
 def _precopy(
@@ -607,13 +742,22 @@ def _switch_shadow(
     unread: dict[str, bytes],
     unread_datagrams: dict[str, list[tuple[str, bytes]]],
     present: list[str],
+    *,
+    home_again: bool = False,
 ) -> None:
-    """`migrated` to the shadow: the process runs at `location` with what `prepared` said."""
+    """`migrated` to the shadow: the process runs at `location` with what `prepared` said.
+
+    `home_again`: at home, with every original the shadow handed back.
+    """
     shadow.request(
         {
             "op": "migrated",
             "move": move_id,
             "location": location,
+            "home_again": home_again,
+            # Its numbers of each stream: those of the originals handed back (the same
+            # wherever it runs) are what the shadow holds for it at home again.
+            "numbers": {str(p.fd): p.stream for p in plan},
             "pid": int(prepared.get("pid", 0)),  # its pid there
             "unread": {k: base64.b64encode(v).decode() for k, v in unread.items()},
             "listeners": prepared.get("listeners", {}),

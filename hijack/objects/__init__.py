@@ -125,11 +125,13 @@ def read_files(
     maps: list[procfs.MapEntry] | None = None,
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
     holders_before: procfs.HolderScan | None = None,
+    tree: frozenset[int] = frozenset(),
 ) -> ImageFiles:
     """The descriptors of stopped process `pid` and the objects behind them, those it
     reaches through its mappings `maps` and its cwd too (Kind.dump_process);
     `connections`: established TCP connections with their TCP_REPAIR state;
-    `holders_before`: pipe.scan_holders_before(pid), made while it still ran."""
+    `holders_before`: pipe.scan_holders_before(pid), made while it still ran;
+    `tree`: the other members of the tree dumped with it (their pipes are inside)."""
     entries = procfs.list_fds(pid)
     descriptions = kcmp.description_ids(pid, [(e.fd, e.dev, e.ino) for e in entries])
     objects: dict[int, int] = {}  # description id -> object id
@@ -143,6 +145,7 @@ def read_files(
         maps=maps,
         ghost_limit=ghost_limit,
         holders_before=holders_before,
+        tree=tree,
     ) as dump:
         for entry in entries:
             info = procfs.read_fdinfo(pid, entry.fd)

@@ -19,6 +19,7 @@ from hijack.errors import HijackError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.restore.remote import Stub
+from hijack.restore.shared import TreeShared
 from hijack.sys import pidfd, procfs, tcp_repair, unix_socket
 
 O_CLOEXEC = 0o2000000
@@ -49,8 +50,10 @@ class DumpContext:
         ghost_limit: int = DEFAULT_GHOST_LIMIT,
         connections: bool = False,
         holders_before: procfs.HolderScan | None = None,
+        tree: frozenset[int] = frozenset(),
     ) -> None:
         self.pid = pid
+        self.tree = tree  # the other members of the tree dumped with the process
         self.frozen = frozen  # every thread of the process is stopped
         self.entries = entries  # every descriptor of the process (a pipe's other end ...)
         # Established TCP connections are read with TCP_REPAIR, so that a restore can
@@ -189,10 +192,17 @@ class RestoreContext:
     """What a kind's restore() is given: the stub, the image's files, and helpers."""
 
     def __init__(
-        self, stub: Stub, image: ImageFiles, parking: int, restored: frozenset[int]
+        self,
+        stub: Stub,
+        image: ImageFiles,
+        parking: int,
+        restored: frozenset[int],
+        shared: TreeShared | None = None,
     ) -> None:
         self.stub = stub
         self.image = image
+        # A member of a tree: objects other members share are made once for all.
+        self.shared = shared
         self.restored = restored  # the numbers the process gets back (not those dropped)
         self._parking = parking  # above every descriptor number the image uses
         self._restorer = -1  # the stub's pidfd of this process, for give()
@@ -241,12 +251,21 @@ class RestoreContext:
 
     def built(self, key: Hashable) -> int | None:
         """Our descriptor an earlier restore() kept under `key`: an object's id, or
-        (id, part) for an object that is several of ours (a pipe's two ends)."""
+        (id, part) for an object that is several of ours (a pipe's two ends); or one made
+        for another member of the tree that shares the object."""
+        tree_key = self.shared.tree_key(key) if self.shared is not None else None
+        if tree_key is not None and self.shared is not None:
+            return self.shared.built(tree_key)
         return self._kept.get(key)
 
     def keep(self, key: Hashable, our_fd: int) -> None:
-        """Keep our descriptor of an object for later descriptors, until the restore ends."""
-        self._kept[key] = our_fd
+        """Keep our descriptor of an object for later descriptors, until the restore ends
+        (the whole tree's, for an object members share)."""
+        tree_key = self.shared.tree_key(key) if self.shared is not None else None
+        if tree_key is not None and self.shared is not None:
+            self.shared.keep(tree_key, our_fd)
+        else:
+            self._kept[key] = our_fd
 
     def __enter__(self) -> RestoreContext:
         return self

@@ -36,7 +36,8 @@ class Fifo(Kind):
                 id=object_id, pipe_size=size, packets=packets, held_outside=bool(outside)
             )
 
-        return dump_buffered(dump, entry, ("fifo", entry.dev, entry.ino), make)
+        key = ("fifo", entry.dev, entry.ino)
+        return dump_buffered(dump, entry, key, make, members_inside=True)
 
     def refusal(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str | None:
         return path_refusal(descriptor)

@@ -171,8 +171,7 @@ def map_objects(space: AddressSpace, restore: RestoreContext, mapped: dict[int, 
     for found in restore.image.objects.values():
         if isinstance(found, rec.SharedAnonymous):
             segments = [s for s in space.segments if mapped.get(s.start) == found.id]
-            chunks = [(c.offset, c.data) for c in restore.image.chunks.get(found.id, ())]
-            space.map_shared_anonymous(found.size, chunks, segments)
+            _map_shared_anonymous(space, restore, found, segments)
     for segment in space.segments:
         object_id = mapped.get(segment.start)
         if object_id is None or isinstance(restore.image.objects[object_id], rec.SharedAnonymous):
@@ -182,6 +181,33 @@ def map_objects(space: AddressSpace, restore: RestoreContext, mapped: dict[int, 
             space.map_segment_from(segment, taken)
         finally:
             restore.stub.call("close", taken)
+
+
+def _map_shared_anonymous(
+    space: AddressSpace,
+    restore: RestoreContext,
+    found: rec.SharedAnonymous,
+    segments: list[rec.Segment],
+) -> None:
+    """Make the object filled from the image and map it at `segments`; in a member of a
+    tree, map the one made for a member before it instead, and keep ours for those after."""
+    key = ("shared anonymous", found.dev, found.ino)
+    made = restore.shared.built(key) if restore.shared is not None else None
+    if made is None:
+        chunks = [(c.offset, c.data) for c in restore.image.chunks.get(found.id, ())]
+        space.map_shared_anonymous(found.size, chunks, segments)
+        if restore.shared is not None and segments:
+            first = segments[0]
+            restore.shared.keep(
+                key, filedata.open_mapped_file(restore.stub.pid, first.start, first.end)
+            )
+        return
+    for segment in segments:
+        lent = restore.lend(made)
+        try:
+            space.map_segment_from(segment, lent)
+        finally:
+            restore.stub.call("close", lent)
 
 
 def _stub_file(restore: RestoreContext, object_id: int, mode: int) -> int:

@@ -80,15 +80,24 @@ MakeRecord = Callable[[int, int, tuple[int, ...], set[int]], rec.ObjectRecord]
 
 
 def dump_buffered(
-    dump: DumpContext, entry: procfs.FdEntry, key: Hashable, make_record: MakeRecord
+    dump: DumpContext,
+    entry: procfs.FdEntry,
+    key: Hashable,
+    make_record: MakeRecord,
+    *,
+    members_inside: bool = False,
 ) -> int:
     """The id of the pipe or FIFO behind `entry`, whose record `make_record` makes once,
     with its buffered bytes as its data unless another process holds it (then they
-    are that traffic's, and stay in the kernel's pipe)."""
+    are that traffic's, and stay in the kernel's pipe). `members_inside`: the other
+    members of a tree dumped with the process are not outside (a tree's restore makes
+    the pipe once, for all of them: hijack.restore.tree)."""
     taken: list[bytes] = []
 
     def make(object_id: int) -> rec.ObjectRecord:
         outside = outside_holders(dump, entry.target)
+        if members_inside:
+            outside -= dump.tree
         size, chunks, packets = _read_buffer(dump, entry, with_bytes=not outside)
         taken.extend(chunks)
         lengths = tuple(len(chunk) for chunk in chunks) if packets else ()
@@ -164,7 +173,7 @@ class Pipe(Kind):
                 id=object_id, pipe_size=size, packets=packets, outside_pid=min(outside, default=0)
             )
 
-        return dump_buffered(dump, entry, ("pipe", entry.ino), make)
+        return dump_buffered(dump, entry, ("pipe", entry.ino), make, members_inside=True)
 
     def refusal(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str | None:
         found = image.object_of(descriptor, rec.PipeObject)

@@ -171,9 +171,14 @@ class NetworkLocks:
     the locks for the restore. Left any other way (the dump failed or was refused),
     every socket is as it was: in normal mode, unlocked."""
 
-    def __init__(self, pid: int, image: str = lockbook.STDOUT) -> None:
+    def __init__(
+        self, pid: int, image: str = lockbook.STDOUT, locked: set[int] | None = None
+    ) -> None:
         self.pid = pid
         self.image = image  # where the image goes, written down with each lock (lockbook)
+        # The inodes of the sockets locked already: by another member of a tree, which
+        # shares them (an inherited connection is locked once). Those it locks are added.
+        self.locked_inodes = locked if locked is not None else set()
         self.connections: list[tuple[int, netlock.Endpoint, netlock.Endpoint]] = []
         self.locked: list[tuple[netlock.Endpoint, netlock.Endpoint | None, int]] = []
         self.silenced: list[int] = []
@@ -183,14 +188,18 @@ class NetworkLocks:
         sockets = procfs.read_socket_table(self.pid)
         try:
             for entry in procfs.list_fds(self.pid):
+                if entry.ino in self.locked_inodes:
+                    continue
                 found = sockets.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
                 udp_ends = udp_lock_ends(found) if found is not None else None
                 if is_connection(found):
                     ends = endpoint(found.local), endpoint(found.remote)
                     self._lock(entry.fd, *ends, socket.IPPROTO_TCP)
                     self.connections.append((entry.fd, *ends))
+                    self.locked_inodes.add(entry.ino)
                 elif udp_ends is not None:
                     self._lock(entry.fd, *udp_ends, socket.IPPROTO_UDP)
+                    self.locked_inodes.add(entry.ino)
         except BaseException:
             self._undo()
             raise

@@ -41,6 +41,7 @@ from hijack.errors import HijackError, RestoreError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects.base import O_NONBLOCK, DumpContext, Kind, RestoreContext, describe_fd
+from hijack.restore.shared import TreeShared
 from hijack.sys import procfs
 from hijack.sys import unix_socket as kernel
 from hijack.sys.unix_socket import TCP_ESTABLISHED, TCP_LISTEN
@@ -530,15 +531,20 @@ def _build_datagram(
 
 
 def _fill(
-    receiver: rec.UnixSocket, sender: socket.socket, restore: RestoreContext, to: bytes = b""
+    receiver: rec.UnixSocket,
+    sender: socket.socket,
+    restore: RestoreContext | None,
+    to: bytes = b"",
 ) -> None:
     """Queue `receiver`'s messages again, sent by `sender` (to `to`, a named datagram
-    socket: then from the image's socket that sent each, if there is one)."""
+    socket: then from the image's socket that sent each, if there is one). Without a
+    `restore`, the messages carry no descriptors (joins_members)."""
     for message in receiver.messages:
         fds: list[int] = []
         owned: list[int] = []
         try:
             for right in message.rights:
+                assert restore is not None
                 carried = restore.image.objects.get(right.object_id)
                 if isinstance(carried, rec.UnixSocket):
                     fds.append(_build(carried, restore))
@@ -555,7 +561,7 @@ def _fill(
                 if credentials is None
                 else kernel.Credentials(credentials.pid, credentials.uid, credentials.gid),
             )
-            source = _datagram_source(message, restore) if to else None
+            source = _datagram_source(message, restore) if to and restore else None
             try:
                 if source is None:
                     kernel.send_message(sender, queued, kernel.bind_address(to) if to else b"")
@@ -669,3 +675,64 @@ def _finish(sock: rec.UnixSocket, fd: int | None) -> None:
             except OSError as error:
                 if error.errno != errno.ENOTCONN:
                     raise
+
+
+# ---------------------------------------------------------------- pairs joining a tree's members
+
+
+def joins_members(sock: rec.UnixSocket, image: ImageFiles, tree_inodes: frozenset[int]) -> bool:
+    """Whether `sock` is an end of an unnamed pair (a socketpair a fork shared out) whose
+    other end is not in the image but among the sockets `tree_inodes` of the other members
+    of its tree: a tree's restore makes the pair once, for both (pair_ends)."""
+    return (
+        sock.peer in tree_inodes
+        and sock.peer not in _sockets_by_inode(image)
+        and not sock.name
+        and not sock.peer_name
+        and not sock.refusal
+        and not any(message.rights for message in sock.messages)
+    )
+
+
+def pair_ends(image: ImageFiles, shared: TreeShared, skip: frozenset[int]) -> dict[int, int]:
+    """Our descriptor of each socket of the image that joins its member to another of its
+    tree, by the image's descriptor number (those in `skip` excepted): the pair made for
+    the first member holding one end is the one the member holding the other gets. What a
+    member of the tree may hold, the TREE does not list: a pair whose other end no member
+    claims is found when the tree is rebuilt (TreeShared.unclaimed)."""
+    ends = {}
+    for descriptor in image.descriptors:
+        sock = image.objects.get(descriptor.object_id)
+        if descriptor.fd in skip or not isinstance(sock, rec.UnixSocket):
+            continue
+        if joins_members(sock, image, frozenset({sock.peer})):
+            ends[descriptor.fd] = _pair_end(sock, shared)
+    return ends
+
+
+def _pair_end(sock: rec.UnixSocket, shared: TreeShared) -> int:
+    made = shared.built(("unix pair", sock.inode))
+    if made is None:
+        # The first end: the pair is made and this end's queue filled from the other.
+        left, right = socket.socketpair(socket.AF_UNIX, sock.type)
+        made, other = left.detach(), right.detach()
+        shared.keep(("unix pair", sock.inode), made)
+        shared.keep(("unix pair", sock.peer), other)
+        shared.half_made(sock)
+        with _wrapped(made) as ours, _wrapped(other) as theirs:
+            kernel.set_buffers(ours, SENDER_BUFFER, sock.rcvbuf)
+            kernel.set_buffers(theirs, SENDER_BUFFER, sock.rcvbuf)
+            _fill(sock, theirs, None)
+        return made
+    first = shared.complete(sock.peer)
+    if first is not None:
+        # The other end, first asked: its queue filled from the first, then the options
+        # and shutdown of both (a shutdown first would have stopped the filling).
+        first_end = shared.built(("unix pair", sock.peer))
+        assert first_end is not None
+        with _wrapped(made) as ours, _wrapped(first_end) as theirs:
+            kernel.set_buffers(ours, sock.sndbuf, sock.rcvbuf)
+            _fill(sock, theirs, None)
+        _finish(first, first_end)
+        _finish(sock, made)
+    return made

@@ -22,7 +22,7 @@ from hijack.process import aio, seccomp
 from hijack.restore.remote import Stub
 from hijack.sys import dirty, memory, procfs, scheduling
 
-PR_GET_PDEATHSIG = 2
+PR_SET_PDEATHSIG, PR_GET_PDEATHSIG = 1, 2
 PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
 PR_SET_CHILD_SUBREAPER, PR_GET_CHILD_SUBREAPER = 36, 37
 PR_SET_THP_DISABLE, PR_GET_THP_DISABLE = 41, 42
@@ -125,6 +125,13 @@ def apply_settings(stub: Stub, settings: rec.ProcessSettings, thread_ids: dict[i
             thread_ids[thread.tid],
             scheduling.Scheduling(thread.policy, thread.priority, thread.nice, thread.affinity),
         )
+
+
+def apply_parent_death_signal(stub: Stub, settings: rec.ProcessSettings) -> None:
+    """The parent-death signal, for a member of a tree whose restore gave it its own parent
+    back; after the credentials, whose change clears it."""
+    if settings.pdeath_signal:
+        stub.call("prctl", PR_SET_PDEATHSIG, settings.pdeath_signal, 0, 0, 0)
 
 
 def apply_login_uid(stub: Stub, settings: rec.ProcessSettings) -> None:

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from hijack.errors import ProcessGone
-from hijack.sys import procfs
+from hijack.sys import kcmp, procfs
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,3 +163,20 @@ def _comm_or_gone(pid: int) -> str:
         return procfs.read_comm(pid)
     except ProcessGone:
         return "gone"
+
+
+def shared_context_refusals(tree: ProcessTree) -> list[str]:
+    """The members sharing a kernel context with another (clone with CLONE_VM, CLONE_FILES,
+    CLONE_FS or CLONE_SIGHAND but not a thread), which a restore would make separate
+    copies of: one reason per pair and context, for the stopped `tree`."""
+    living = [member for member in tree.members if not member.zombie]
+    reasons = []
+    for index, member in enumerate(living):
+        for other in living[:index]:
+            for kind, what in kcmp.SHARED_CONTEXTS.items():
+                if kcmp.shares_context(other.pid, member.pid, kind):
+                    reasons.append(
+                        f"process {member.pid} ({member.comm}) shares {what} with process"
+                        f" {other.pid}: restoring that is not implemented yet"
+                    )
+    return reasons

@@ -24,6 +24,7 @@ from hijack.objects.base import (
 )
 from hijack.restore.plan import FilePlan
 from hijack.restore.remote import Stub
+from hijack.restore.shared import TreeShared
 from hijack.sys import procfs
 
 
@@ -40,6 +41,7 @@ def restore_files(
     image: ImageFiles,
     inherited: dict[int, int],
     then: Callable[[RestoreContext], None] | None = None,
+    shared: TreeShared | None = None,
 ) -> None:
     """Give the stub the image's descriptors.
 
@@ -47,7 +49,8 @@ def restore_files(
     numbers the stub inherited them under from the restorer. They are parked
     above every number in play first, so nothing restored lands on them.
     `then(context)` runs last, while the objects the descriptors' kinds made
-    are still kept (the process's mappings of them, its deleted cwd).
+    are still kept (the process's mappings of them, its deleted cwd). `shared`: the
+    process is a member of a tree, whose other members' objects it may share.
     """
     numbers = [d.fd for d in (*plan.inherited, *plan.reopen)] + list(inherited.values())
     parking = max(numbers, default=2) + 1
@@ -58,10 +61,16 @@ def restore_files(
     first_of: dict[int, int] = {}  # description id -> the descriptor that made it
     made: list[tuple[Kind, rec.FileDescriptor]] = []
     given = sorted((*plan.inherited, *plan.reopen), key=lambda d: d.fd)
-    with RestoreContext(stub, image, parking, frozenset(d.fd for d in given)) as context:
+    restored = frozenset(d.fd for d in given)
+    with RestoreContext(stub, image, parking, restored, shared) as context:
         for descriptor in given:
-            if descriptor.fd in parked:
-                context.place(parked[descriptor.fd], descriptor)
+            copy = None
+            if shared is not None and descriptor.description_id not in first_of:
+                copy = shared.description(descriptor.fd)
+            if copy is not None:
+                context.give_made(copy, descriptor)  # another member's description, shared
+            elif descriptor.fd in parked:
+                context.place(parked.pop(descriptor.fd), descriptor)
                 # A relay stands for the original: it takes the original's status
                 # flags (a server's non-blocking listener must not block in accept).
                 stub.call("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
@@ -73,7 +82,11 @@ def restore_files(
                 kind.restore(descriptor, context)
                 made.append((kind, descriptor))
             first_of.setdefault(descriptor.description_id, descriptor.fd)
+        for unused in parked.values():
+            stub.call("close", unused)  # a description another member's copy stood for
         for kind, descriptor in made:
             kind.finish(descriptor, context)
+        if shared is not None:
+            shared.given(set(restored))
         if then is not None:
             then(context)

@@ -36,7 +36,7 @@ from hijack.mutator.tracee import (
     find_syscall_instruction,
     resume_registers,
 )
-from hijack.objects import sysv
+from hijack.objects import sysv, unix
 from hijack.objects.base import RestoreContext, describe_fd
 from hijack.objects.ghost import deleted_cwd, enter_deleted_cwd
 from hijack.objects.locks import restore_locks
@@ -51,6 +51,7 @@ from hijack.restore.plan import FilePlan, ShadowHoldings, plan_files
 from hijack.restore.postcopy import LazyPages
 from hijack.restore.precopy import Prebuilt
 from hijack.restore.remote import Stub
+from hijack.restore.shared import TreeShared
 from hijack.shadow import control
 from hijack.sys import memory, pidfd, procfs
 from hijack.sys import ptrace as pt
@@ -125,6 +126,7 @@ def restore(
     prebuilt: Prebuilt | None = None,
     mount_namespace: int | None = None,
     take_locks: bool = True,
+    records: Iterator[rec.Record] | None = None,
     lazy: Callable[[], LazyPages | None] | None = None,
 ) -> RestoreResult:
     """Rebuild the process of the image in `stream` and let it run.
@@ -146,27 +148,22 @@ def restore(
     `take_locks` False (a move) leaves the image's file locks and leases untaken:
     the home shadow keeps the open files, and with them their flock, OFD locks
     and leases, and the original holds its POSIX locks until the commit.
+    `records`: the image's records, read from `stream` by a caller that looked at
+    the first already (a tree's image is restored by hijack.restore.tree).
     `lazy` (a post-copy move, with `prebuilt`) is asked once the image is in for
     the pages left out of it; they are made to arrive on first touch
     (hijack.restore.postcopy) before anything else is done in the process.
     """
-    records = read_stream(stream)
+    records = read_stream(stream) if records is None else records
     first = next(records)
     if isinstance(first, rec.Tree):
         raise Unsupported(
             f"the image is of a tree of {len(first.members)} processes (process"
-            f" {first.members[0].pid} and its descendants): restoring a tree is not"
-            " implemented yet"
+            f" {first.members[0].pid} and its descendants): only `hijack restore` restores a"
+            " tree; moving one is not implemented yet"
         )
     records = itertools.chain([first], records)
-    image = _Image(
-        header=_expect(records, rec.ImageHeader),
-        credentials=_expect(records, rec.Credentials),
-        rlimits=_expect(records, rec.Rlimits),
-        mm=_expect(records, rec.MemoryStructure),
-        segments=_expect(records, rec.Segments),
-        files=_expect_files(records),
-    )
+    image = read_head(records)
     if admit is not None:
         admit(image.header, image.credentials, image.segments)
     for segment in image.segments.segments:
@@ -216,7 +213,7 @@ def restore(
         _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
         if before_start is not None:
             before_start(pid)
-        _start(stub)
+        start(stub)
     except BaseException:
         kill_stub(pid)
         ipc.undo()
@@ -227,6 +224,108 @@ def restore(
     if registry is not None:
         _record(registry, image.header, pid, holdings)
     return _result(pid, image, plan)
+
+
+def read_head(records: Iterator[rec.Record]) -> _Image:
+    """The image's records up to its objects: what a restore checks before it builds."""
+    return _Image(
+        header=_expect(records, rec.ImageHeader),
+        credentials=_expect(records, rec.Credentials),
+        rlimits=_expect(records, rec.Rlimits),
+        mm=_expect(records, rec.MemoryStructure),
+        segments=_expect(records, rec.Segments),
+        files=_expect_files(records),
+    )
+
+
+@dataclass(frozen=True)
+class Rebuilt:
+    """A member of a tree rebuilt into its stub, still stopped (hijack.restore.tree)."""
+
+    result: RestoreResult
+    header: rec.ImageHeader
+    holdings: ShadowHoldings | None
+    pending: frozenset[int]  # the signals the image has pending, process-wide or in a thread
+
+
+def rebuild_member(
+    stub: Stub,
+    records: Iterator[rec.Record],
+    shared: TreeShared,
+    *,
+    skip_unsupported: bool = False,
+    registry: Registry | None = None,
+    own_parent: bool = False,
+) -> Rebuilt:
+    """Rebuild the process of the image `records` (up to its END) into `stub`, a member of
+    a tree whose relations (parent, session, group) are made already; leave it stopped.
+
+    The image is checked before the stub is touched, as restore() checks; objects other
+    members share come from `shared`. `own_parent`: its parent is its own (a member
+    below the root), whose death its parent-death signal, if any, is for. A shadow's
+    descriptors (an attached tree dumped with --kill) are lent to the stub: it was
+    forked from its parent's stub, not ours.
+    """
+    image = read_head(records)
+    for segment in image.segments.segments:
+        if segment.contents is rec.ContentsKind.PRECOPIED:
+            raise ImageError(
+                f"segment {segment.start:#x} of process {image.header.pid} is PRECOPIED"
+            )
+    holdings = shadow_holdings(registry, image.header.pid) if registry else None
+    shared.begin(image.header.pid, stub.pid, image.files)
+    kept = frozenset(holdings.own_fd) if holdings else frozenset()
+    pairs = unix.pair_ends(image.files, shared, skip=kept)  # the tree's: not ours to close
+    plan = plan_files(
+        image.segments.segments,
+        image.files,
+        skip_unsupported=skip_unsupported,
+        holdings=holdings,
+        provided=frozenset(pairs),
+    )
+    ipc = sysv.prepare(image.files, image.segments.segments)
+    try:
+        taken = _take_from_shadow(holdings, plan) if holdings else {}
+        try:
+            inherited = _lend(stub, {**taken, **pairs})
+        finally:
+            for fd in taken.values():
+                os.close(fd)
+        space = AddressSpace(stub, image.segments.segments, ipc.segments, frozenset(ipc.kept))
+        try:
+            space.build(later=frozenset(image.mapped()))
+            ipc.after_attach()
+            _consume_rest(records, image, space)
+            _finish(stub, space, image, plan, inherited, frozenset(), True, shared, own_parent)
+        finally:
+            space.close()
+    except BaseException:
+        ipc.undo()
+        raise
+    assert image.signals is not None
+    queued = [*image.signals.shared_pending, *(s for t in image.threads for s in t.pending)]
+    pending = frozenset(struct.unpack_from("<i", siginfo)[0] for siginfo in queued)
+    return Rebuilt(_result(stub.pid, image, plan), image.header, holdings, pending)
+
+
+def _lend(stub: Stub, ours: dict[int, int]) -> dict[int, int]:
+    """The stub's own copies (pidfd_getfd) of our descriptors `ours`, by the same keys."""
+    if not ours:
+        return {}
+    stub.reset_scratch()
+    handle = stub.call("pidfd_open", os.getpid(), 0)
+    try:
+        return {key: stub.call("pidfd_getfd", handle, fd, 0) for key, fd in ours.items()}
+    finally:
+        stub.call("close", handle)
+
+
+def record_restored(
+    registry: Registry, header: rec.ImageHeader, pid: int, holdings: ShadowHoldings | None
+) -> None:
+    """Write down a restored process (a tree's member too): rehomed to its shadow, if it
+    has one, else restored here."""
+    _record(registry, header, pid, holdings)
 
 
 def _restore_prebuilt(
@@ -256,7 +355,7 @@ def _restore_prebuilt(
         _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
         if before_start is not None:
             before_start(stub.pid)
-        _start(stub)
+        start(stub)
     except BaseException:
         kill_stub(stub.pid)
         raise
@@ -344,6 +443,8 @@ def _take_from_shadow(holdings: ShadowHoldings, plan: FilePlan) -> dict[int, int
     taken: dict[int, int] = {}
     try:
         for descriptor in plan.inherited:
+            if descriptor.fd not in holdings.own_fd:
+                continue  # handed over otherwise (a unix socket pair joining a tree's members)
             own = holdings.own_fd[descriptor.fd]
             taken[descriptor.fd] = pidfd.pidfd_getfd(handle, own, holdings.shadow_pid)
             os.set_inheritable(taken[descriptor.fd], True)
@@ -429,11 +530,15 @@ def _finish(
     inherited: dict[int, int],
     provided: frozenset[int],
     take_locks: bool,
+    shared: TreeShared | None = None,
+    own_parent: bool = False,
 ) -> None:
     assert image.signals is not None and image.cwd is not None
     assert image.settings is not None and image.timers is not None
     leader = _leader_record(image)
-    restore_files(stub, plan, image.files, inherited, functools.partial(_objects, space, image))
+    restore_files(
+        stub, plan, image.files, inherited, functools.partial(_objects, space, image), shared
+    )
     restored = {descriptor.fd for descriptor in (*plan.inherited, *plan.reopen)}
     controlling = set_up_terminals(stub, image.files, provided)
     if controlling is None:
@@ -441,7 +546,8 @@ def _finish(
     _set_mm_map(stub, image.mm)
     _set_signal_actions(stub, image.signals)
     _set_rlimits(stub, image.rlimits)
-    _set_process_state(stub, image, controlling)
+    # A tree's member has its session and group already (hijack.restore.tree).
+    _set_process_state(stub, image, controlling, relations=shared is None)
     settings.apply_login_uid(stub, image.settings)
     settings.lock_memory(stub, image.segments)
     settings.lock_future_memory(stub, image.settings)
@@ -459,6 +565,8 @@ def _finish(
         _set_thread_state(stub, thread, thread_ids[thread.tid], image.credentials)
     _queue_pending_signals(stub, image, thread_ids)
     settings.apply_settings(stub, image.settings, thread_ids)
+    if own_parent:
+        settings.apply_parent_death_signal(stub, image.settings)
     timers.create_posix_timers(stub, image.timers, thread_ids)
     timers.arm_timers(stub, image.timers)  # last: the restore's own time does not count
     space.unmap_scratch()
@@ -478,7 +586,7 @@ def _objects(space: AddressSpace, image: _Image, context: RestoreContext) -> Non
         enter_deleted_cwd(context, directory)
 
 
-def _start(stub: Stub) -> None:
+def start(stub: Stub) -> None:
     """Let every thread of the finished process run."""
     for thread in stub.tracee.threads.values():
         pt.detach(thread.tid)
@@ -556,7 +664,9 @@ def _set_rlimits(stub: Stub, rlimits: rec.Rlimits) -> None:
         stub.try_call("prlimit64", 0, limit.resource, new, 0)
 
 
-def _set_process_state(stub: Stub, image: _Image, controlling: int | None) -> None:
+def _set_process_state(
+    stub: Stub, image: _Image, controlling: int | None, *, relations: bool = True
+) -> None:
     """cwd, umask, session and group, no_new_privs.
 
     `controlling`: the descriptor of a terminal made for the process (a move's
@@ -574,11 +684,14 @@ def _set_process_state(stub: Stub, image: _Image, controlling: int | None) -> No
         stub.call("chdir", stub.put_string(image.cwd.cwd))
     stub.call("umask", image.credentials.umask)
     header = image.header
-    if header.sid == header.pid or controlling is not None:
+    if not relations:
+        if controlling is not None:
+            stub.try_call("ioctl", controlling, TIOCSCTTY, 0)  # a session leader's terminal
+    elif header.sid == header.pid or controlling is not None:
         stub.call("setsid")
     elif header.pgid == header.pid:
         stub.call("setpgid", 0, 0)
-    if controlling is not None:
+    if controlling is not None and relations:
         stub.call("ioctl", controlling, TIOCSCTTY, 0)
     if image.credentials.no_new_privs:
         stub.call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)

@@ -79,6 +79,9 @@ class Shadow:
         self.node = node_name()  # where we are (the attach gave us its HIJACK_NODE)
         self.migrant_here = 0  # the pid of the process, away from home but on this node
         self.end_reason = ""  # why we ended: left beside the control socket for `status`
+        # Our descriptors given to the hub to relay (each closed by it when its stream
+        # ends): what `held` may still name once the process is home again.
+        self.relayed: set[int] = set()
 
     @staticmethod
     def _listen(path: str) -> socket.socket:
@@ -175,7 +178,12 @@ class Shadow:
             return self.open_endpoint(str(message["token"]))
         if op == "migrating":
             return self.migrating(message)
+        if op == "hand_back":
+            return self.hand_back(message)
+        if op == "originals":
+            return self.originals(str(message["move"]))
         if op == "migrated":
+            handed = self.hub.forget_handed(str(message["move"]))
             self.watch_migrant(str(message["location"]), int(message.get("pid", 0)))
             self.hub.migrated(
                 str(message["move"]),
@@ -189,6 +197,8 @@ class Shadow:
                 decode_unread_datagrams(message.get("unread_datagrams", {})),
             )
             self.mode = Mode.AWAY
+            if handed or message.get("home_again"):
+                return self.home_again(message, handed)
             log(f"the process runs on {self.hub.location} now (move {message['move']})")
             return {"ok": True, **self.describe()}
         if op == "aborted":
@@ -289,10 +299,58 @@ class Shadow:
                 self.hub.adopt_master(number, self.held[number])
             else:
                 self.hub.adopt(number, self.held[number], bool(entry.get("listener")))
+            self.relayed.add(self.held[number])
         if self.mode is Mode.HOME:
             self.mode = Mode.HOLDING
-        self.hub.migrating(str(message.get("move", "")), float(message.get("ack_wait", ACK_WAIT)))
+        self.hub.migrating(
+            str(message.get("move", "")),
+            float(message.get("ack_wait", ACK_WAIT)),
+            flush=bool(message.get("flush")),
+        )
         return {"ok": True, **self.describe()}
+
+    def hand_back(self, message: control.Message) -> control.Message:
+        """Move `move` brings the process home: stop relaying `streams`, whose originals its
+        copy there gets (`originals`); answered once all it wrote is written through."""
+        move = str(message["move"])
+        streams = [str(stream) for stream in message.get("streams", [])]
+        originals = self.hub.hand_back(move, streams, float(message.get("wait", ACK_WAIT)))
+        log(f"move {move}: {len(originals)} originals go back to the process at home")
+        return {"ok": True, "shadow_pid": os.getpid(), "originals": originals}
+
+    def originals(self, move: str) -> control.Message:
+        """Our descriptors of the originals `move` hands back (the home daemon copies them)."""
+        originals = {s.id: s.original for s in self.hub.streams.values() if s.handed == move}
+        return {"ok": True, "shadow_pid": os.getpid(), "originals": originals}
+
+    def home_again(self, message: control.Message, handed: dict[str, int]) -> control.Message:
+        """The process runs at home with the originals `handed` (stream id -> ours).
+
+        Once no stream is relayed any more we follow it, as when it was
+        attached: `held` names the originals under its numbers now
+        (`numbers`: its descriptor -> stream id), and no longer what the
+        relaying closed.
+        """
+        numbers = {int(fd): str(stream) for fd, stream in message.get("numbers", {}).items()}
+        kept = set(handed.values())
+        everything = not self.hub.streams and not self.hub.datagrams
+        self.held = {
+            number: own
+            for number, own in self.held.items()
+            # Relayed and not handed back: closed by the hub (its stream ended).
+            if own not in kept and not (everything and own in self.relayed)
+        }
+        self.held.update({fd: handed[stream] for fd, stream in numbers.items() if stream in handed})
+        for own in kept - set(self.held.values()):
+            self._close_unless_named(own)  # an original the process no longer holds
+        if not everything:
+            log(f"{len(handed)} streams are the process's own again (move {message['move']})")
+            return {"ok": True, **self.describe()}
+        self.relayed = set()
+        self.migrant_here = 0
+        self.hub.location, self.hub.pumping, self.hub.listeners = "", False, {}
+        log(f"the process is home again with its own descriptors (move {message['move']})")
+        return self.come_home(int(message.get("pid", 0)))
 
     def come_home(self, pid: int, member: int = 0) -> control.Message:
         """The target runs on this node again (restored, maybe under a new pid): follow it.

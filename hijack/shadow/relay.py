@@ -66,6 +66,20 @@ SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # made it likely, by putting more unacknowledged bytes on the wire.)
 SPLICE = True
 PUMP_ROUNDS = 16  # splices per direction and event, so one wakeup moves what is there
+TCPI_SND_WND = 228  # offset of tcpi_snd_wnd in struct tcp_info (<linux/tcp.h>)
+# Seconds a move home's flush goes on with nothing the process's node would take.
+FLUSH_PATIENCE = 0.5
+
+
+def window_room(sock: socket.socket) -> int:
+    """Bytes the peer's kernel would take on `sock` now: its advertised receive window
+    (TCP_INFO's tcpi_snd_wnd, Linux 6.2 on) less what is queued and unacknowledged.
+    0 where the kernel does not tell."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_SND_WND + 4)
+    if len(info) < TCPI_SND_WND + 4:
+        return 0
+    (window,) = struct.unpack_from("<I", info, TCPI_SND_WND)
+    return int(window) - unacknowledged(sock)
 
 
 def unacknowledged(sock: socket.socket) -> int:
@@ -129,12 +143,14 @@ class SplicePipe:
         self.held += moved
         return moved
 
-    def drain(self, sink: int) -> int:
-        """Splice what the pipe holds into `sink`, as much as it takes now."""
+    def drain(self, sink: int, limit: int = 0) -> int:
+        """Splice what the pipe holds into `sink`, as much as it takes now (at most `limit`
+        bytes, if given)."""
         if not self.held:
             return 0
         try:
-            moved = os.splice(self.read_end, sink, self.held, flags=SPLICE_FLAGS)
+            count = min(self.held, limit) if limit else self.held
+            moved = os.splice(self.read_end, sink, count, flags=SPLICE_FLAGS)
         except BlockingIOError:
             return 0
         self.held -= moved
@@ -185,6 +201,9 @@ class Stream:
     out_pipe: SplicePipe | None = None
     in_pipe: SplicePipe | None = None
     splices: bool | None = None  # whether the original can splice; None: not asked yet
+    # The move that is handing the original back to the process at home (RelayHub.hand_back):
+    # no longer pumped; "" for a stream relayed as usual.
+    handed: str = ""
 
     @property
     def out_held(self) -> int:
@@ -258,6 +277,7 @@ class RelayHub:
         self.datagrams: dict[str, DatagramStream] = {}  # UDP sockets (hijack.shadow.datagram)
         self.location = ""  # node the process runs on now; "" while not relaying
         self.pumping = False
+        self.flushing = False  # a move home: what we hold for the process still goes to it
         self._accepted = 0
         self._callbacks: dict[tuple[str, str], Any] = {}
 
@@ -309,38 +329,50 @@ class RelayHub:
 
     # -- moves --------------------------------------------------------------------
 
-    def migrating(self, move: str, ack_wait: float = ACK_WAIT) -> None:
+    def migrating(self, move: str, ack_wait: float = ACK_WAIT, *, flush: bool = False) -> None:
         """Stop the flow towards the process; return once its node has all we sent.
 
         Bytes its node has not acknowledged after `ack_wait` seconds (a
         process that stopped reading) are in no socket a mover can copy: the
         flow goes on as before and HijackError says the move cannot be made.
+        With `flush` (a move to the process's home), what we read from the
+        originals and hold for the process is still sent to it, as far as its
+        receive window takes it (more would stay unacknowledged if it stopped
+        reading, and fail a move that could have carried those bytes), for at
+        most half of `ack_wait` and while it goes on taking some: the
+        originals can go back to it only with nothing of theirs in between
+        (hand_back). What is left is carried by the move as usual.
         """
         self.pumping = False
+        self.flushing = flush
         self._refresh_interest()
         for datagram in self.datagrams.values():
             datagram.migrating()
         deadline = time.monotonic() + ack_wait
-        while True:
-            counts = {
-                stream.id: unacknowledged(stream.relay.sock)
-                for stream in self.streams.values()
-                if stream.relay is not None
-            }
-            waiting = {stream_id: count for stream_id, count in counts.items() if count}
-            if not waiting:
-                return
-            if time.monotonic() >= deadline:
-                break
-            # The process must go on reading what we sent: it does only while
-            # its own writes get through, so we keep reading its relays (and
-            # passing that on) meanwhile. Else it blocks on a full send queue,
-            # stops reading, closes its window on our last bytes, and past
-            # ACK_WAIT those bytes are neither in what the mover peeks nor
-            # anywhere else: a hole in the stream.
-            for stream in list(self.streams.values()):
-                self._read_while_migrating(stream)
-            time.sleep(0.001)
+        flush_until = time.monotonic() + ack_wait / 2
+        flushed_at = time.monotonic()
+        try:
+            while True:
+                now = time.monotonic()
+                if self.flushing and (now >= flush_until or now - flushed_at > FLUSH_PATIENCE):
+                    self.flushing = False  # the rest is carried by the move, as usual
+                if self.flushing and self._flush_towards_process():
+                    flushed_at = now
+                counts = {
+                    stream.id: unacknowledged(stream.relay.sock)
+                    for stream in self.streams.values()
+                    if stream.relay is not None
+                }
+                waiting = {stream_id: count for stream_id, count in counts.items() if count}
+                if not waiting and not (self.flushing and self._holding_for_process()):
+                    return
+                if not waiting and time.monotonic() >= deadline:
+                    return  # acknowledged, though not all flushed: no move home (hand_back)
+                if time.monotonic() >= deadline:
+                    break
+                self._read_while_waiting()
+        finally:
+            self.flushing = False
         self.aborted(move)
         unread = ", ".join(f"{stream} {count} bytes" for stream, count in sorted(waiting.items()))
         self.log(f"move {move}: not acknowledged after {ack_wait:g} s ({unread}); relaying on")
@@ -348,6 +380,20 @@ class RelayHub:
             f"the process did not take what its home shadow sent it within {ack_wait:g} s"
             f" ({unread} unacknowledged): moved now, those bytes would be lost"
         )
+
+    def _read_while_waiting(self) -> None:
+        """While `migrating` waits for acknowledgements.
+
+        The process must go on reading what we sent: it does only while its
+        own writes get through, so we keep reading its relays (and passing
+        that on) meanwhile. Else it blocks on a full send queue, stops
+        reading, closes its window on our last bytes, and past ACK_WAIT those
+        bytes are neither in what the mover peeks nor anywhere else: a hole in
+        the stream.
+        """
+        for stream in list(self.streams.values()):
+            self._read_while_migrating(stream)
+        time.sleep(0.001)
 
     def _read_while_migrating(self, stream: Stream) -> None:
         relay = stream.relay
@@ -421,6 +467,12 @@ class RelayHub:
             relay = stream.pending.pop(move, None)
             if relay is not None:
                 relay.sock.close()
+            if stream.handed == move:
+                # Relayed on. The copy built at home set the original's status flags
+                # (they are its open file's): we pump it non-blocking again.
+                stream.handed = ""
+                with contextlib.suppress(OSError):
+                    os.set_blocking(stream.original, False)
         self.pumping = bool(self.location)
         self._refresh_interest()
         for datagram in list(self.datagrams.values()):
@@ -506,7 +558,7 @@ class RelayHub:
     def _refresh_interest(self) -> None:
         """Register each descriptor for what it should be watched for now."""
         for stream in self.streams.values():
-            if stream.closed:
+            if stream.closed or stream.handed:
                 continue
             if stream.original >= 0:  # -1: a pipe we closed to pass its end on
                 self._watch(stream.original, self._original_events(stream), stream, "original")
@@ -517,12 +569,12 @@ class RelayHub:
                 self._watch(relay.sock, events, stream, "retiring")
 
     def _original_events(self, stream: Stream) -> int:
-        if not self.pumping:
-            return 0
         if stream.kind == "listener":
-            return selectors.EVENT_READ
+            return selectors.EVENT_READ if self.pumping else 0
         events = 0
-        if not stream.original_eof and stream.out_room():
+        # Not pumping (a move under way), the flow towards the process stops; what
+        # it wrote still goes to the originals (a frozen process's last bytes too).
+        if self.pumping and not stream.original_eof and stream.out_room():
             events |= selectors.EVENT_READ
         if stream.in_held and not stream.shut_original:
             events |= selectors.EVENT_WRITE
@@ -565,7 +617,8 @@ class RelayHub:
         try:
             if role == "original":
                 if stream.kind == "listener":
-                    self._accept_client(stream)
+                    if self.pumping:  # (as above: no client is taken once a move began)
+                        self._accept_client(stream)
                 else:
                     self._pump_original(stream, events)
             elif role == "relay":
@@ -592,7 +645,10 @@ class RelayHub:
     def _pump_original(self, stream: Stream, events: int) -> None:
         for _ in range(PUMP_ROUNDS):
             moved = 0
-            if events & selectors.EVENT_READ and not stream.original_eof and stream.out_room():
+            # Pumping checked again: an event of the select() batch that held a
+            # `migrating` request may come after it, and must read nothing more.
+            reading = events & selectors.EVENT_READ and self.pumping
+            if reading and not stream.original_eof and stream.out_room():
                 moved += self._read_original(stream)
             moved += self._flush_relay(stream)
             if events & selectors.EVENT_WRITE:
@@ -695,7 +751,7 @@ class RelayHub:
     def _flush_relay(self, stream: Stream) -> int:
         """Send the relay what we hold for it, head first: the byte count sent."""
         relay = stream.relay
-        if relay is None or not self.pumping:
+        if relay is None or not self.pumping or stream.handed:
             return 0
         sent = 0
         if stream.to_relay:
@@ -876,6 +932,121 @@ class RelayHub:
             for stream in self.streams.values()
         )
 
+    # -- home again -----------------------------------------------------------------
+
+    def _flush_towards_process(self) -> int:
+        """Send each relay what we hold for the process, as far as its window allows:
+        bytes its node's kernel does not take now would be neither acknowledged nor in
+        any socket the mover could copy (`migrating` would fail). The byte count sent."""
+        sent = 0
+        for stream in list(self.streams.values()):
+            relay = stream.relay
+            if stream.closed or relay is None:
+                continue
+            with contextlib.suppress(OSError):  # the event loop meets it again
+                room = window_room(relay.sock)
+                if room > 0 and stream.to_relay:
+                    moved = relay.sock.send(stream.to_relay[: min(CHUNK, room)])
+                    if stream.replay is not None:  # (as _flush_relay)
+                        if len(stream.replay) + moved <= REPLAY_LIMIT:
+                            stream.replay += stream.to_relay[:moved]
+                        else:
+                            stream.replay, stream.replay_lost = None, True
+                    del stream.to_relay[:moved]
+                    sent, room = sent + moved, room - moved
+                if room > 0 and not stream.to_relay and stream.out_pipe is not None:
+                    sent += stream.out_pipe.drain(relay.sock.fileno(), room)
+        return sent
+
+    def _holding_for_process(self) -> bool:
+        return any(s.out_held for s in self.streams.values() if s.relay and not s.closed)
+
+    def hand_back(self, move: str, stream_ids: list[str], wait: float) -> dict[str, int]:
+        """Stop relaying `stream_ids`: the process, frozen at its node, gets their originals
+        at home (move `move`); returns each one's original (our descriptor).
+
+        What it wrote goes to the originals first: the caller saw the send
+        queues of its relays empty (all of it is in our receive queues), so
+        reading them until nothing is left takes it all, and it is written
+        through within `wait` seconds. Refused, nothing changed, if a stream
+        holds bytes for the process (it must have read all we sent, no byte of
+        the original may wait in between), cannot be written through, or is
+        no plain stream or listener.
+        """
+        streams = [self.streams.get(stream_id) for stream_id in stream_ids]
+        for stream_id, found in zip(stream_ids, streams, strict=True):
+            problem = self._cannot_hand_back(found)
+            if problem:
+                raise HijackError(f"{stream_id} cannot go back: {problem}")
+        chosen = [s for s in streams if s is not None]
+        deadline = time.monotonic() + wait
+        while True:
+            busy = [s.id for s in chosen if s.kind == "stream" and self._write_through(s)]
+            if not busy:
+                break
+            if time.monotonic() >= deadline:
+                raise HijackError(f"{', '.join(busy)}: not written through within {wait:g} s")
+            time.sleep(0.001)
+        for stream in chosen:
+            problem = self._cannot_hand_back(stream)
+            if problem:  # the original failed meanwhile: it ended where it was
+                raise HijackError(f"{stream.id} cannot go back: {problem}")
+        for stream in chosen:
+            stream.handed = move
+            self._forget(stream.original)
+            for relay in [r for r in (stream.relay, *stream.retiring) if r is not None]:
+                self._forget(relay.sock)
+        return {stream.id: stream.original for stream in chosen}
+
+    def _cannot_hand_back(self, stream: Stream | None) -> str:
+        if stream is None or stream.closed:
+            return "no such stream"
+        if stream.original < 0:
+            return "its original has ended"
+        if stream.master or self._is_terminal(stream) or stream.kind not in ("stream", "listener"):
+            return "a terminal"
+        if stream.handed:
+            return f"handed back by move {stream.handed} already"
+        if stream.kind == "listener":
+            return ""
+        if stream.relay is None or stream.retiring:
+            return "its relays are changing"
+        unsent, unacknowledged_bytes = stream.out_held, unacknowledged(stream.relay.sock)
+        if unsent or unacknowledged_bytes:
+            return (
+                f"bytes for the process are on their way ({unsent} held here,"
+                f" {unacknowledged_bytes} not acknowledged)"
+            )
+        return ""
+
+    def _write_through(self, stream: Stream) -> bool:
+        """Read the relay, write the original: whether anything of the process is left."""
+        relay = stream.relay
+        assert relay is not None
+        with contextlib.suppress(BlockingIOError):
+            if not relay.eof and stream.in_room():
+                self._read_relay(stream, relay)
+        try:
+            self._flush_original(stream)
+        except OSError as exc:
+            raise HijackError(f"{stream.id}: {exc}") from None
+        return bool(stream.in_held) or (not relay.eof and _readable(relay.sock) > 0)
+
+    def forget_handed(self, move: str) -> dict[str, int]:
+        """The process runs at home with the originals `move` handed back: their relays are
+        closed, the originals kept (ours to hold, as for any process attached here);
+        returns stream id -> original."""
+        handed: dict[str, int] = {}
+        for stream in [s for s in self.streams.values() if s.handed == move]:
+            handed[stream.id] = stream.original
+            stream.original = -1  # not ours to close here
+            self._close(stream, reset=False)
+            for relay in stream.pending.values():
+                relay.sock.close()
+            stream.pending.clear()
+            self.listeners.pop(stream.id, None)
+        return handed
+
     # -- reporting ------------------------------------------------------------------
 
     def describe(self) -> list[dict[str, Any]]:
@@ -910,6 +1081,12 @@ def _socket_copy(fd: int) -> socket.socket | None:
     except OSError:
         os.close(duplicate)  # socket() does not close what it refused: the pipe stays open
         return None
+
+
+def _readable(sock: socket.socket) -> int:
+    """Bytes waiting in `sock`'s receive queue (FIONREAD)."""
+    value = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    return int(struct.unpack("i", value)[0])
 
 
 def decode_unread(encoded: dict[str, str]) -> dict[str, bytes]:

@@ -28,6 +28,7 @@ from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
 STUB_PROGRAM = "/bin/true"
 CLONE_NEWNS = 0x00020000
 ORPHAN_REAP_WAIT = 5.0  # seconds
+STUB_OPTIONS = pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACECLONE | pt.PTRACE_O_EXITKILL
 
 _python_libc = ctypes.PyDLL(None, use_errno=True)
 _syscall_holding_gil = _python_libc.syscall
@@ -50,8 +51,9 @@ class _CloneArgs(ctypes.Structure):
     ]
 
 
-def _fork(wanted_pid: int | None) -> int:
-    """fork() through clone3, with pid `wanted_pid` if given; -errno on failure."""
+def fork_with_pid(wanted_pid: int | None) -> int:
+    """fork() through clone3, with pid `wanted_pid` if given; -errno on failure. The child
+    holds the GIL and must exec (or _exit) at once."""
     set_tid = (ctypes.c_int32 * 1)(wanted_pid or 0)
     args = _CloneArgs(exit_signal=signal.SIGCHLD)
     if wanted_pid:
@@ -90,10 +92,10 @@ def spawn_stub(wanted_pid: int | None, mount_namespace: int | None = None) -> in
     in it, and the process's own later, is looked up there.
     """
     if wanted_pid:
-        _wait_for_orphan_reaped(wanted_pid)
-    pid = _fork(wanted_pid) if wanted_pid else -errno_codes.EEXIST
+        wait_for_orphan_reaped(wanted_pid)
+    pid = fork_with_pid(wanted_pid) if wanted_pid else -errno_codes.EEXIST
     if pid in (-errno_codes.EEXIST, -errno_codes.EINVAL):
-        pid = _fork(None)  # the old pid is taken (or never existed here)
+        pid = fork_with_pid(None)  # the old pid is taken (or never existed here)
     if pid < 0:
         raise_for_errno(-pid, "clone3")
     if pid == 0:
@@ -102,11 +104,11 @@ def spawn_stub(wanted_pid: int | None, mount_namespace: int | None = None) -> in
     if result is None or not result.stopped or result.stop_signal != signal.SIGTRAP:
         reason = result.describe() if result else "did not stop"
         raise HijackError(f"the restore stub {pid} {reason} instead of stopping at exec")
-    pt.set_options(pid, pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACECLONE | pt.PTRACE_O_EXITKILL)
+    pt.set_options(pid, STUB_OPTIONS)
     return pid
 
 
-def _wait_for_orphan_reaped(pid: int) -> None:
+def wait_for_orphan_reaped(pid: int) -> None:
     """Give the reaper of a dead orphan holding `pid` a moment to reap it.
 
     A process killed by `dump --kill` stays a zombie until its parent reaps

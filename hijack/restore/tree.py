@@ -1,0 +1,430 @@
+"""`hijack restore` of a tree stream (docs/crf.md §7b): every member back, with its relations.
+
+As CRIU does, the tree is forked first and each member rebuilt after:
+
+1. Refusals, before anything is made: a member's pid taken (unless new pids are
+   asked for), relations this version cannot make (relation_refusals).
+2. The tree is forked. The root is a stub as a single process's is
+   (hijack.sys.stub); every other member is forked by a clone3 injected into
+   its parent's stub (flags 0, its exit signal, set_tid its pid), a copy of
+   that pristine stub, traced by us from birth (PTRACE_O_TRACEFORK). A session
+   leader calls setsid as soon as it exists, before its children are forked
+   (they inherit its session); then groups are made, leaders first (a group
+   whose leader has exited gets a stand-in leader under its id, a sibling of
+   its first member, which exits and is reaped once they joined). A zombie
+   takes its name and exits with its wait status, untraced, so that its parent
+   (its stub, later the restored process) reaps it; the exit signal it sent
+   the stub is taken back, the original parent had it long ago.
+3. Each member's image is rebuilt into its stub as a single process's is
+   (restorer.rebuild_member), what members share made once (hijack.restore.shared).
+4. Every member starts, children first; a member that was stopped is stopped
+   again, and its parent's stub (not started yet) takes back the wait report
+   and the SIGCHLD that stop gave it.
+
+A failure at any step kills every stub made: never half a tree.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import select
+import signal
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from hijack.errors import ImageError, RestoreError
+from hijack.image import records as rec
+from hijack.image.codec import read_stream
+from hijack.mutator.tracee import ALL_SIGNALS_BLOCKED, ThreadState, find_syscall_instruction
+from hijack.registry import Registry
+from hijack.restore.remote import Stub
+from hijack.restore.restorer import (
+    CLONE_ARGS,
+    Rebuilt,
+    RestoreResult,
+    holder_of,
+    rebuild_member,
+    record_restored,
+    restore,
+    start,
+)
+from hijack.restore.shared import TreeShared
+from hijack.sys import pidfd, procfs
+from hijack.sys import ptrace as pt
+from hijack.sys.stub import STUB_OPTIONS, kill_stub, spawn_stub, wait_for_orphan_reaped
+from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
+from hijack.testpoint import reached
+
+EEXIST = 17
+PR_SET_NAME = 15
+SIG_DFL = 0
+PAGE_SIZE, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS = 4096, 0x3, 0x22
+P_PID, WSTOPPED, WNOHANG = 1, 2, 1
+STUB_EXIT_WAIT = 5.0  # seconds for a zombie's or a stand-in's stub to exit once let go
+WALL = 0x40000000
+# Where the injected calls that fork the tree find room for their arguments: the
+# pristine stub's stack, below what exec put there (its stack mapping is 128 KiB at least).
+STACK_SCRATCH_BELOW = 96 * 1024
+
+
+@dataclass(frozen=True)
+class TreeRestoreResult:
+    members: tuple[RestoreResult, ...]  # the restored processes, root first
+    zombies: tuple[tuple[int, int], ...]  # (pid in the image, pid now) of each zombie
+
+    @property
+    def root(self) -> RestoreResult:
+        return self.members[0]
+
+
+@dataclass
+class _Made:
+    """The stubs of a tree being restored, by the pid each member had."""
+
+    stubs: dict[int, Stub] = field(default_factory=dict)  # living members, by old pid
+    pids: dict[int, int] = field(default_factory=dict)  # every member made: old pid -> new
+
+    def kill_all(self) -> None:
+        """Kill every member made, children before their parents (the root is our child,
+        reaped; the others are reaped by their tracer's wait, or by init)."""
+        for stub in reversed(list(self.stubs.values())):
+            kill_stub(stub.pid)
+
+
+def restore_image(
+    stream: BinaryIO,
+    *,
+    skip_unsupported: bool = False,
+    registry: Registry | None = None,
+    new_pids: bool = False,
+) -> RestoreResult | TreeRestoreResult:
+    """`hijack restore`: the process of an image, or every member of a tree stream."""
+    records = read_stream(stream)
+    first = next(records)
+    if not isinstance(first, rec.Tree):
+        return restore(
+            stream,
+            skip_unsupported=skip_unsupported,
+            registry=registry,
+            records=itertools.chain([first], records),
+        )
+    if not isinstance(next(records), rec.End):
+        raise ImageError("the TREE is not followed by its END")
+    return restore_tree(
+        first, records, skip_unsupported=skip_unsupported, registry=registry, new_pids=new_pids
+    )
+
+
+def relation_refusals(tree: rec.Tree) -> list[str]:
+    """What of the tree's relations a restore cannot make, one reason per member."""
+    by_pid = {member.pid: member for member in tree.members}
+    reasons = []
+    for member in tree.members[1:]:
+        what = f"process {member.pid} ({member.comm})"
+        parent = by_pid[member.ppid]
+        if member.sid not in (member.pid, parent.sid):
+            reasons.append(
+                f"{what} is in session {member.sid}, neither its own nor its parent's:"
+                " restoring that is not implemented yet"
+            )
+        leader = by_pid.get(member.pgid)
+        if leader is not None and leader.sid != member.sid:
+            reasons.append(f"{what} is in group {member.pgid} of another session")
+    return reasons
+
+
+def restore_tree(
+    tree: rec.Tree,
+    records: Iterator[rec.Record],
+    *,
+    skip_unsupported: bool = False,
+    registry: Registry | None = None,
+    new_pids: bool = False,
+) -> TreeRestoreResult:
+    """Restore the tree stream whose TREE (and its END) `records` yielded already."""
+    refusals = relation_refusals(tree)
+    if refusals:
+        raise RestoreError(
+            f"cannot restore the tree of process {tree.members[0].pid}: {'; '.join(refusals)}"
+        )
+    if not new_pids:
+        _refuse_taken_pids(tree)
+    made = _Made()
+    shared = TreeShared(tree.shared)
+    try:
+        _fork_tree(tree, made, new_pids)
+        reached("restore-tree-forked")
+        rebuilt: list[Rebuilt] = []
+        for member in tree.imaged:
+            rebuilt.append(
+                rebuild_member(
+                    made.stubs[member.pid],
+                    _one_image(records),
+                    shared,
+                    skip_unsupported=skip_unsupported,
+                    registry=registry,
+                    own_parent=member is not tree.members[0],
+                )
+            )
+        for _ in records:
+            raise ImageError("records after the last image of the tree")
+        unclaimed = shared.unclaimed()
+        if unclaimed:
+            raise RestoreError(f"cannot restore the tree: {'; '.join(unclaimed)}")
+        reached("restore-tree-rebuilt")
+        pending = {done.header.pid: done.pending for done in rebuilt}
+        for member in reversed(tree.imaged):  # children first: their parents still ours
+            stub = made.stubs[member.pid]
+            if member.state is rec.MemberState.STOPPED:
+                os.kill(stub.pid, signal.SIGSTOP)  # taken once it runs: stopped again
+            start(stub)
+            parent = made.stubs.get(member.ppid)
+            if member.state is rec.MemberState.STOPPED and parent is not None:
+                _take_stop_report(parent, stub.pid, pending[member.ppid])
+    except BaseException:
+        made.kill_all()
+        raise
+    finally:
+        shared.close()
+    if registry is not None:
+        for done in rebuilt:
+            if done.holdings is not None or done.header.pid == tree.members[0].pid:
+                record_restored(registry, done.header, done.result.pid, done.holdings)
+    zombies = tuple(
+        (m.pid, made.pids[m.pid]) for m in tree.members if m.state is rec.MemberState.ZOMBIE
+    )
+    return TreeRestoreResult(tuple(done.result for done in rebuilt), zombies)
+
+
+def _refuse_taken_pids(tree: rec.Tree) -> None:
+    taken = []
+    for member in tree.members:
+        wait_for_orphan_reaped(member.pid)
+        holder = holder_of(member.pid)
+        if holder:
+            taken.append(f"pid {member.pid} ({member.comm}) is held by {holder}")
+    for group in orphaned_groups(tree):
+        holder = holder_of(group)
+        if holder:
+            taken.append(f"pid {group} (the id of a process group of the tree) is held by {holder}")
+    if taken:
+        raise RestoreError(
+            f"cannot restore the tree of process {tree.members[0].pid} under its pids:"
+            f" {'; '.join(taken)} (--new-pids restores it under new ones)"
+        )
+
+
+def _one_image(records: Iterator[rec.Record]) -> Iterator[rec.Record]:
+    """The records of the next image of the stream, up to its END."""
+    for record in records:
+        yield record
+        if isinstance(record, rec.End):
+            return
+
+
+# -- 2. forking the tree --------------------------------------------------------------
+
+
+def _fork_tree(tree: rec.Tree, made: _Made, new_pids: bool) -> None:
+    root = tree.members[0]
+    pid = spawn_stub(root.pid)  # or a new pid where that one is taken
+    made.stubs[root.pid] = stub = Stub(pid, find_syscall_instruction(pid))
+    made.pids[root.pid] = pid
+    if not new_pids and pid != root.pid:
+        raise RestoreError(f"pid {root.pid} ({root.comm}) was taken meanwhile: try again")
+    pt.set_options(pid, STUB_OPTIONS | pt.PTRACE_O_TRACEFORK)  # its children are ours too
+    _scratch_on_stack(stub)
+    if root.sid == root.pid:
+        stub.call("setsid")
+    zombie_parents = {m.ppid for m in tree.members if m.state is rec.MemberState.ZOMBIE}
+    if root.pid in zombie_parents:
+        _default_action(stub, signal.SIGCHLD)
+    for member in tree.members[1:]:
+        parent = made.stubs[member.ppid]
+        child = _fork_member(parent, member, new_pids)
+        made.stubs[member.pid] = child
+        made.pids[member.pid] = child.pid
+        _scratch_on_stack(child)
+        if member.sid == member.pid:
+            child.call("setsid")
+        if member.pid in zombie_parents:
+            _default_action(child, signal.SIGCHLD)  # a SIGCHLD ignored would reap them
+    groups = orphaned_groups(tree)
+    for group, first in groups.items():
+        _make_group_leader(made, group, first, new_pids)
+    _make_groups(tree, made)
+    for group, first in groups.items():
+        _end_group_leader(made, group, made.stubs[first.ppid])
+    for member in tree.members:
+        if member.state is rec.MemberState.ZOMBIE:
+            _exit_as_zombie(made, member)
+
+
+def orphaned_groups(tree: rec.Tree) -> dict[int, rec.TreeMember]:
+    """The process groups of members whose leader has exited (the root's excepted: it is
+    outside the tree), each with its first member."""
+    pids = {member.pid for member in tree.members}
+    root = tree.members[0]
+    found: dict[int, rec.TreeMember] = {}
+    for member in tree.members[1:]:
+        if member.pgid not in pids and member.pgid != root.pgid:
+            found.setdefault(member.pgid, member)
+    return found
+
+
+def _make_group_leader(made: _Made, group: int, first: rec.TreeMember, new_pids: bool) -> None:
+    """A stand-in for the exited leader of process group `group`, as CRIU makes: a sibling
+    of its first member (in its session) under the group's id, leading the group until
+    the members have joined it (_end_group_leader)."""
+    stand_in = rec.TreeMember(
+        pid=group,
+        ppid=first.ppid,
+        pgid=group,
+        sid=first.sid,
+        exit_signal=signal.SIGCHLD,
+        exit_code=0,
+        state=rec.MemberState.RUNNING,
+        comm=f"leader of group {group}",
+    )
+    leader = _fork_member(made.stubs[first.ppid], stand_in, new_pids)
+    made.stubs[group] = leader  # a group's id is no member's pid: never a member's key
+    made.pids[group] = leader.pid
+    leader.call("setpgid", 0, 0)
+
+
+def _end_group_leader(made: _Made, group: int, parent: Stub) -> None:
+    """The stand-in leader exits and its parent's stub reaps it: the group lives on in its
+    members, leaderless as it was."""
+    leader = made.stubs.pop(group)
+    _let_exit(leader, "exit_group", [0], f"the stand-in leader of group {group}")
+    parent.try_call("wait4", leader.pid, 0, WALL, 0)  # ECHILD: SIGCHLD ignored reaped it
+    _take_signal(parent, signal.SIGCHLD)
+
+
+def _scratch_on_stack(stub: Stub) -> None:
+    rsp = pt.get_registers(stub.pid).rsp
+    stub.use_scratch((rsp - STACK_SCRATCH_BELOW) & ~0xFFF)
+
+
+def _fork_member(parent: Stub, member: rec.TreeMember, new_pids: bool) -> Stub:
+    """Fork `member` from its parent's stub, with its pid; with `new_pids`, a new one
+    where its own is taken."""
+    parent.reset_scratch()
+    set_tid = parent.put(struct.pack("<i", member.pid))
+    args = CLONE_ARGS.pack(0, 0, 0, 0, member.exit_signal, 0, 0, 0, set_tid, 1, 0)
+    pid = parent.try_call("clone3", parent.put(args), CLONE_ARGS.size)
+    if pid == -EEXIST and new_pids:
+        args = CLONE_ARGS.pack(0, 0, 0, 0, member.exit_signal, 0, 0, 0, 0, 0, 0)
+        pid = parent.try_call("clone3", parent.put(args), CLONE_ARGS.size)
+    if pid == -EEXIST:
+        raise RestoreError(f"pid {member.pid} ({member.comm}) was taken meanwhile: try again")
+    if pid < 0:
+        raise RestoreError(f"cannot fork process {member.pid} ({member.comm}): {os.strerror(-pid)}")
+    result = pt.wait_for(pid)  # traced from birth (TRACEFORK): its first stop
+    if result is None or not result.stopped:
+        reason = result.describe() if result else "did not stop"
+        raise RestoreError(f"the stub of process {member.pid} {reason} instead of stopping")
+    return Stub(pid, parent.tracee.syscall_address)
+
+
+def _default_action(stub: Stub, number: int) -> None:
+    stub.reset_scratch()
+    stub.call("rt_sigaction", number, stub.put_u64s(SIG_DFL, 0, 0, 0), 0, 8)
+
+
+def _make_groups(tree: rec.Tree, made: _Made) -> None:
+    """Each member into its process group: those leading one first, then the others (a
+    session leader leads its group already)."""
+    root = tree.members[0]
+    root_group = procfs.read_stat(made.pids[root.pid]).pgrp
+    leaders = [m for m in tree.members if m.pgid == m.pid]
+    for member in leaders + [m for m in tree.members if m.pgid != m.pid]:
+        pid = made.pids[member.pid]
+        if member.pgid == member.pid:
+            target = pid
+        elif member.pgid in made.pids:
+            target = made.pids[member.pgid]
+        else:
+            target = root_group  # the root's group, outside the tree (relation_refusals)
+        if procfs.read_stat(pid).pgrp != target:
+            made.stubs[member.pid].call("setpgid", 0, target)
+
+
+def _exit_as_zombie(made: _Made, member: rec.TreeMember) -> None:
+    """Let the stub of `member` exit as it did, untraced: its parent's stub reaps it never;
+    the restored parent will. The exit signal it sends the parent's stub is taken back."""
+    stub = made.stubs.pop(member.pid)
+    parent = made.stubs[member.ppid]
+    stub.reset_scratch()
+    stub.call("prctl", PR_SET_NAME, stub.put_string(member.comm[:15]), 0, 0, 0)
+    status = member.exit_code
+    if os.WIFSIGNALED(status):
+        number = os.WTERMSIG(status)
+        _default_action(stub, number)
+        call, args = "tgkill", [stub.pid, stub.pid, number]
+    else:
+        call, args = "exit_group", [os.WEXITSTATUS(status)]
+    _let_exit(stub, call, args, f"the zombie {member.pid} ({member.comm})")
+    if member.exit_signal:
+        _take_signal(parent, member.exit_signal)
+
+
+def _let_exit(stub: Stub, call: str, args: list[int], what: str) -> None:
+    """Let the stub run its last call (`call`: exit_group or tgkill) as nobody's tracee,
+    and wait until it has exited."""
+    thread = stub.tracee.threads[stub.pid]
+    registers = thread.saved_registers.replace(
+        rax=SYSCALL_NUMBERS[call],
+        rip=stub.tracee.syscall_address,
+        orig_rax=-1 & 0xFFFFFFFFFFFFFFFF,
+        **dict(zip(("rdi", "rsi", "rdx"), args, strict=False)),
+    )
+    handle = pidfd.pidfd_open(stub.pid)
+    try:
+        pt.set_registers(stub.pid, registers)
+        pt.set_signal_mask(stub.pid, 0)
+        pt.detach(stub.pid)
+        thread.state = ThreadState.RELEASED
+        readable, _, _ = select.select([handle], [], [], STUB_EXIT_WAIT)
+        if not readable:
+            raise RestoreError(f"{what} did not exit")
+    finally:
+        os.close(handle)
+
+
+def _take_stop_report(parent: Stub, child: int, pending: frozenset[int]) -> None:
+    """Once `child` has stopped again, take back from its parent's finished stub what
+    that told it: its wait report (WSTOPPED) and the SIGCHLD, unless the image has a
+    SIGCHLD pending of its own; the original parent had them long ago. The stub's
+    registers and mask are its process's already: put back after the calls."""
+    deadline = time.monotonic() + STUB_EXIT_WAIT
+    while procfs.read_stat(child).state != "T":
+        if time.monotonic() > deadline:
+            raise RestoreError(f"process {child} did not stop again")
+        time.sleep(0.002)  # no descriptor tells of another process's stop
+    registers = pt.get_registers(parent.pid)
+    mask = pt.get_signal_mask(parent.pid)
+    pt.set_signal_mask(parent.pid, ALL_SIGNALS_BLOCKED)  # the SIGCHLD waits for us
+    page = parent.call("mmap", 0, PAGE_SIZE, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0)
+    try:
+        parent.use_scratch(page)
+        info = parent.put(bytes(128))  # a siginfo_t
+        parent.call("waitid", P_PID, child, info, WSTOPPED | WNOHANG, 0)
+        if signal.SIGCHLD not in pending:
+            _take_signal(parent, signal.SIGCHLD)
+    finally:
+        parent.call("munmap", page, PAGE_SIZE)
+        pt.set_registers(parent.pid, registers)
+        pt.set_signal_mask(parent.pid, mask)
+
+
+def _take_signal(stub: Stub, number: int) -> None:
+    """Take back the signal `number` a child's exit sent the stub (its mask blocks every
+    signal while calls are injected): the process it becomes had it long ago."""
+    stub.reset_scratch()
+    wanted = stub.put_u64s(1 << (number - 1))
+    stub.try_call("rt_sigtimedwait", wanted, 0, stub.put_u64s(0, 0), 8)
