@@ -20,7 +20,6 @@ from typing import BinaryIO
 from hijack.errors import ImageError, RestoreError
 from hijack.image import records as rec
 from hijack.image.codec import read_round
-from hijack.mutator.precopy import clip_runs
 from hijack.mutator.tracee import find_syscall_instruction
 from hijack.restore.address_space import AddressSpace
 from hijack.restore.remote import Stub
@@ -79,6 +78,10 @@ class Prebuilt:
     def drop(self, runs: list[tuple[int, int]]) -> None:
         """Drop the pages of `runs` (MADV_DONTNEED) from the stub's private anonymous memory:
         written since they were sent, they will come again (post-copy)."""
+        # (Here, not at the top: the mover's module imports the dump, which imports
+        # the restorer, which imports this one.)
+        from hijack.mutator.precopy import clip_runs
+
         if self.space is None:
             raise RestoreError("pages to drop came before any pre-copy round")
         stub = self._stub()

@@ -24,7 +24,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from hijack.errors import HijackError, ImageError, RestoreError, ShadowError, Unsupported
 from hijack.image import records as rec
@@ -48,7 +48,6 @@ from hijack.registry import Registry
 from hijack.restore.address_space import AddressSpace
 from hijack.restore.files import restore_files
 from hijack.restore.plan import FilePlan, ShadowHoldings, plan_files
-from hijack.restore.postcopy import LazyPages
 from hijack.restore.precopy import Prebuilt
 from hijack.restore.remote import Stub
 from hijack.restore.shared import TreeShared
@@ -57,6 +56,9 @@ from hijack.sys import memory, pidfd, procfs
 from hijack.sys import ptrace as pt
 from hijack.sys.process import mount_namespace_of, open_mount_namespace
 from hijack.sys.stub import kill_stub, spawn_stub
+
+if TYPE_CHECKING:  # (imported for its type only: it imports the dump, which imports us)
+    from hijack.restore.postcopy import LazyPages
 
 R = TypeVar("R")
 
