@@ -222,11 +222,23 @@ class Registry:
             self._log(db, pid, "attached", detail)
         return self.get(pid)
 
-    def record_restored(self, pid: int, program: str) -> None:
-        """A process rebuilt from an image on this node: no shadow here."""
+    def record_restored(
+        self, pid: int, program: str, members: tuple[MemberRecord, ...] = ()
+    ) -> None:
+        """A process rebuilt from an image on this node: no shadow here; `members`: the
+        rest of its tree, rebuilt with it (status draws them under it)."""
         with self._transaction() as db:
+            db.execute("DELETE FROM members WHERE root=?", (pid,))
+            db.executemany(
+                "INSERT OR REPLACE INTO members VALUES (?,?,?,?,?)",
+                [(m.pid, pid, m.parent, m.start_time, m.program) for m in members],
+            )
             self._put_process(db, pid=pid, start_time=0, program=program, state="restored")
-            self._log(db, pid, "restored", program)
+            detail = program
+            if members:
+                pids = " ".join(str(member.pid) for member in members)
+                detail += f", with {len(members)} descendants: {pids}"
+            self._log(db, pid, "restored", detail)
 
     def rehome(self, old_pid: int, new_pid: int, start_time: int) -> None:
         """A checkpointed process restored on this node, maybe under a new pid: attached again."""

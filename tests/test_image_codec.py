@@ -62,6 +62,7 @@ from hijack.image import (
     NetlinkSocket,
     ObjectData,
     PacketMembership,
+    PacketRingMapping,
     PacketSocket,
     PageRange,
     Pages,
@@ -546,6 +547,10 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             memberships=(PacketMembership(ifindex=2, count=1, type=0, address=b"\x01\0^\0\0\1"),),
             rx_ring=(65536, 4, 2048, 128, 60, 0, 0),
             tx_ring=(),
+            version=1,
+            rx_head=5,
+            tx_head=0,
+            ring_mappings=(PacketRingMapping(start=0x7F0000000000, size=262144, offset=0, prot=3),),
         ),
         FanotifyObject(
             id=63,

@@ -5,20 +5,26 @@ namespace of the test's own with a veth pair: raw and datagram packet sockets,
 bound to an interface or not, two in one fanout group, with options and a
 promiscuous membership. After `dump --kill` and `restore` (both run in that
 namespace) it checks each socket and that a frame sent from the peer reaches the
-group. A socket with a ring is refused by name.
+group. The `packet_ring` fixture's TPACKET_V2 rings come back with their frames and
+the kernel's position in them; a ring whose position cannot be told is refused by
+name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from support import spawn_fixture
 from support.cli import HijackCli
 from support.nodes import run_ip, spawn_in_namespace
 from support.objects import (
+    Views,
     compare_views,
     dump_kill,
     objects_of,
@@ -28,6 +34,7 @@ from support.objects import (
     without_socket_inodes,
 )
 from support.procview import difference
+from support.running import RunningFixture
 from test_obj_dgram import own_namespace
 
 from hijack.sys import packet_diag
@@ -36,12 +43,44 @@ IFACE, PEER = "hjv0", "hjv1"
 ETH_P_ALL = 3
 
 # Holds a TPACKET_V3 packet socket with an RX ring mapped; prints its descriptor.
-RING_HOLDER = """\
+V3_RING_HOLDER = """\
 import mmap, socket, struct, sys
 held = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
 held.setsockopt(263, 10, 2)  # PACKET_VERSION TPACKET_V3
 held.setsockopt(263, 5, struct.pack("7I", 1 << 16, 2, 2048, 64, 60, 0, 0))  # PACKET_RX_RING
 ring = mmap.mmap(held.fileno(), 2 << 16)
+print(held.fileno(), flush=True)
+sys.stdin.read()
+"""
+
+# Holds the mapped TPACKET_V2 RX ring of a packet socket it closed.
+CLOSED_RING_HOLDER = """\
+import ctypes, os, socket, struct, sys
+held = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+held.setsockopt(263, 10, 1)  # PACKET_VERSION TPACKET_V2
+held.setsockopt(263, 5, struct.pack("4I", 4096, 1, 2048, 2))  # PACKET_RX_RING
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_int, ctypes.c_long]
+assert libc.mmap(None, 4096, 3, 1, held.fileno(), 0) not in (None, ctypes.c_void_p(-1).value)
+fd = held.detach()
+os.close(fd)  # (Python's mmap would keep a descriptor of its own)
+print(fd, flush=True)
+sys.stdin.read()
+"""
+
+# Holds a TPACKET_V2 packet socket on lo that sent a frame through its TX ring.
+USED_TX_RING_HOLDER = """\
+import mmap, socket, struct, sys
+held = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
+held.setsockopt(263, 10, 1)  # PACKET_VERSION TPACKET_V2
+held.setsockopt(263, 13, struct.pack("4I", 4096, 1, 2048, 2))  # PACKET_TX_RING
+ring = mmap.mmap(held.fileno(), 4096)
+held.bind(("lo", 0))
+ring[32:92] = bytes(12) + b"\\x88\\xb5" + bytes(46)
+struct.pack_into("=II", ring, 0, 1, 60)  # TP_STATUS_SEND_REQUEST, tp_len
+held.send(b"")
 print(held.fileno(), flush=True)
 sys.stdin.read()
 """
@@ -58,6 +97,34 @@ def packet_view(pid: int) -> set[tuple[object, ...]]:
     }
 
 
+@contextlib.contextmanager
+def fixture_on_veth(
+    name: str, tmp_path: Path, *args: str
+) -> Iterator[tuple[RunningFixture, HijackCli]]:
+    """Fixture `name` IFACE PEER `args` in a namespace of our own with that veth pair, and the
+    CLI that dumps and restores it there."""
+    with own_namespace() as netns:
+        add_veth(netns)
+        with spawn_fixture(name, IFACE, PEER, *args, fifos=True, netns=netns) as fixture:
+            yield fixture, HijackCli(tmp_path / "state", netns)
+
+
+def restored_the_same(
+    hijack: HijackCli,
+    fixture: RunningFixture,
+    image: Path,
+    before: Views,
+    packets_before: set[tuple[object, ...]],
+) -> None:
+    """Restore `image` of `fixture`; its views and packet sockets are `before`'s again and
+    it finds itself intact."""
+    pid = restore_adopted(hijack, fixture, image)
+    compare_views(before, pid, without_socket_inodes)
+    packets_after = packet_view(pid)
+    assert packets_before == packets_after, difference(packets_before, packets_after)
+    fixture.assert_intact()
+
+
 def add_veth(netns: str) -> None:
     run_ip("-n", netns, "link", "add", IFACE, "type", "veth", "peer", "name", PEER)
     run_ip("-n", netns, "link", "set", IFACE, "up")
@@ -66,37 +133,72 @@ def add_veth(netns: str) -> None:
 
 def test_packet_sockets_come_back_bound_with_fanout_and_options(tmp_path: Path) -> None:
     image = tmp_path / "packet.crf"
-    with own_namespace() as netns:
-        add_veth(netns)
-        with spawn_fixture("packet_sockets", IFACE, PEER, fifos=True, netns=netns) as fixture:
-            hijack = HijackCli(tmp_path / "state", netns)
-            ifindex = int(fixture.ready["ifindex"])
-            before = proc_views(fixture.pid, without_socket_inodes, views=("fd",))
-            packets_before = packet_view(fixture.pid)
-            assert len(packets_before) == 5, packets_before
-            dump_kill(hijack, fixture, image)
+    with fixture_on_veth("packet_sockets", tmp_path) as (fixture, hijack):
+        ifindex = int(fixture.ready["ifindex"])
+        before = proc_views(fixture.pid, without_socket_inodes, views=("fd",))
+        packets_before = packet_view(fixture.pid)
+        assert len(packets_before) == 5, packets_before
+        dump_kill(hijack, fixture, image)
 
-            shown = shown_json(hijack, image)
-            packets = objects_of(shown, "PacketSocket")
-            assert len(packets) == 5, packets
-            [promiscuous] = [o for o in packets if o["memberships"]]
-            assert promiscuous["memberships"][0]["type"] == 1  # PACKET_MR_PROMISC
-            text = hijack.ok("show", image).stdout
-            group = f"raw protocol 0x0003, interface {ifindex}, fanout group 77 mode 0x0"
-            assert text.count(group) == 2, text
+        shown = shown_json(hijack, image)
+        packets = objects_of(shown, "PacketSocket")
+        assert len(packets) == 5, packets
+        [promiscuous] = [o for o in packets if o["memberships"]]
+        assert promiscuous["memberships"][0]["type"] == 1  # PACKET_MR_PROMISC
+        text = hijack.ok("show", image).stdout
+        group = f"raw protocol 0x0003, interface {ifindex}, fanout group 77 mode 0x0"
+        assert text.count(group) == 2, text
 
-            pid = restore_adopted(hijack, fixture, image)
-            compare_views(before, pid, without_socket_inodes)
-            packets_after = packet_view(pid)
-            assert packets_before == packets_after, difference(packets_before, packets_after)
-            fixture.assert_intact()
+        restored_the_same(hijack, fixture, image, before, packets_before)
 
 
-def test_a_packet_socket_with_a_ring_is_refused_by_name(tmp_path: Path) -> None:
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_a_tpacket_ring_comes_back_with_its_frames_and_position(
+    tmp_path: Path, version: str
+) -> None:
+    image = tmp_path / "ring.crf"
+    extra = () if version == "v2" else ("v1",)
+    with fixture_on_veth("packet_ring", tmp_path, *extra) as (fixture, hijack):
+        before = proc_views(fixture.pid, without_socket_inodes)
+        packets_before = packet_view(fixture.pid)
+        dump_kill(hijack, fixture, image)
+
+        packets = objects_of(shown_json(hijack, image), "PacketSocket")
+        [ring] = [o for o in packets if o["rx_ring"]]
+        assert ring["rx_head"] == 6, ring  # six frames came, the kernel fills the 7th
+        [mapping] = ring["ring_mappings"]
+        assert mapping["start"] == int(fixture.ready["ring"], 16), ring
+        assert "RX ring" in hijack.ok("show", image).stdout
+        if version == "v1":
+            # Moving the kernel's position takes lo: down, the restore says so, starts
+            # nothing, and works once it is up again.
+            assert hijack.netns is not None
+            run_ip("-n", hijack.netns, "link", "set", "lo", "down")
+            failed = hijack("restore", image)
+            assert failed.returncode == 1, failed.describe()
+            assert "is lo up?" in failed.stderr and "Traceback" not in failed.stderr
+            assert len(failed.stderr.strip().splitlines()) == 1, failed.describe()
+            run_ip("-n", hijack.netns, "link", "set", "lo", "up")
+
+        restored_the_same(hijack, fixture, image, before, packets_before)
+
+
+@pytest.mark.parametrize(
+    ("holder_program", "refusal"),
+    [
+        (V3_RING_HOLDER, "with a TPACKET_V3 PACKET_RX_RING: the kernel's open block"),
+        (USED_TX_RING_HOLDER, "with a PACKET_TX_RING used or not mapped whole: the kernel's"),
+        (CLOSED_RING_HOLDER, "a socket's ring mapped with no descriptor of it left (socket:["),
+    ],
+    ids=["v3", "used-tx", "socket-closed"],
+)
+def test_a_packet_ring_whose_position_is_not_known_is_refused_by_name(
+    tmp_path: Path, holder_program: str, refusal: str
+) -> None:
     with own_namespace() as netns:
         holder = spawn_in_namespace(
             netns,
-            [sys.executable, "-c", RING_HOLDER],
+            [sys.executable, "-c", holder_program],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -107,8 +209,9 @@ def test_a_packet_socket_with_a_ring_is_refused_by_name(tmp_path: Path) -> None:
             hijack = HijackCli(tmp_path / "state", netns)
             refused = hijack("dump", holder.pid, "-o", tmp_path / "ring.crf", "--kill")
             assert refused.returncode == 1, refused.describe()
-            assert f"fd {fd} (socket socket:[" in refused.stderr, refused.describe()
-            assert "with a PACKET_RX_RING: its mapped ring is not rebuilt" in refused.stderr
+            if holder_program != CLOSED_RING_HOLDER:
+                assert f"fd {fd} (socket socket:[" in refused.stderr, refused.describe()
+            assert refusal in refused.stderr, refused.describe()
             assert holder.poll() is None  # refused before the kill
         finally:
             holder.kill()

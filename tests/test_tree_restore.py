@@ -13,6 +13,10 @@ and the fixture's own checks pass: its root reaps the zombies with their
 status. A pid taken is refused unless --new-pids, which renumbers only the
 members whose pid is taken, relations kept. A restore interrupted kills every
 stub it made; members sharing a descriptor table are refused before the kill.
+The tree_mapped fixture: a memfd and a deleted file members only map, and a pty
+pair both hold whole, come back one object each, not a copy per member; what a
+restore would copy per member (a forkpty split, an unlinked queue each opened)
+is refused before the kill.
 """
 
 from __future__ import annotations
@@ -256,9 +260,50 @@ def test_an_attached_tree_killed_and_restored_keeps_its_connections(
         for pid in tree.pids:
             assert tree.ask(pid, "ping") == f"pong {pid}", "its connection, kept by the shadow"
         assert tree.ask(tree.root, "pipe") == f"from child {tree.pids[1]}"
+        assert_status_draws(cli, tree.root, tree.pids[1:])
     finally:
         cli("detach", tree.root)
         kill_tree(tree.pids)
+
+
+def assert_status_draws(cli: HijackCli, root: int, children: Iterable[int]) -> None:
+    """`hijack status` draws the restored tree: its root, each of its `children` under it,
+    attached (the shadow holds its descriptors again) and alive."""
+    status = cli("status", "--json")
+    assert status.returncode == 0, status.describe()
+    (row,) = json.loads(status.stdout)["processes"]
+    assert row["pid"] == root and row["state"] == "attached", row
+    assert {m["pid"]: m["parent"] for m in row["members"]} == dict.fromkeys(children, root)
+    assert all(m["attached"] and m["alive"] for m in row["members"]), row["members"]
+    table = cli("status")
+    for pid in children:
+        assert f"└ {pid}" in table.stdout, table.stdout
+
+
+def test_an_attached_tree_restored_under_new_pids_is_drawn_by_status(
+    tmp_path: Path, cli: HijackCli, tree: Tree
+) -> None:
+    """A member whose pid is taken comes back under a new one (--new-pids): the registry's
+    members table follows it, so `hijack status` draws the tree with its new pid."""
+    attach_tree(cli, tree)
+    image = tmp_path / "attached.crf"
+    cli.ok("dump", tree.root, "-o", image, "--kill")
+    assert tree.process.wait(REAP_TIMEOUT) == -signal.SIGKILL
+    reap_killed(tree.pids[1:])
+    held = hold_pid(tree.pids[1])
+    new_child = 0
+    try:
+        restored = cli.ok("restore", "--new-pids", image)
+        found = re.findall(r"restored process (\d+) \(\S+, was (\d+)", restored.stdout)
+        new_of = {int(old): int(new) for new, old in found}
+        assert list(new_of) == [tree.pids[1]], restored.stdout
+        new_child = new_of[tree.pids[1]]
+        assert tree.ask(tree.pids[1], "ping") == f"pong {new_child}", "its connection, kept"
+        assert_status_draws(cli, tree.root, [new_child, tree.pids[2]])
+    finally:
+        release_pid(held)
+        cli("detach", tree.root)
+        kill_tree([tree.root, tree.pids[2], *([new_child] if new_child else [])])
 
 
 @pytest.mark.parametrize("stage", ["restore-tree-forked", "restore-tree-rebuilt"])
@@ -297,30 +342,90 @@ os.read(read_end, 1)
 """
 
 
-def test_a_tree_sharing_a_descriptor_table_is_not_killed(hijack: HijackCli, tmp_path: Path) -> None:
-    """Members sharing what no image records (CLONE_FILES) are refused by name before the
-    kill: the tree runs on, no image is left."""
+# forkpty: the parent holds the pty's master only, the child its slave (stdin, stdout,
+# stderr), blocked reading it; "ready CHILD" once it runs.
+FORKPTY_PROGRAM = r"""
+import os, pty
+child, master = pty.fork()
+if child == 0:
+    os.read(0, 1)
+    os._exit(0)
+print("ready", child, flush=True)
+os.read(master, 1)
+"""
+
+# A POSIX message queue parent and child each open by its name (two descriptions), then
+# unlinked; "ready CHILD" once both hold it.
+MQUEUE_PROGRAM = r"""
+import ctypes, os, signal, sys
+libc = ctypes.CDLL(None, use_errno=True)
+name = sys.argv[1].encode()
+def open_queue():
+    fd = libc.mq_open(name, os.O_RDWR | os.O_CREAT, 0o600, None)
+    assert fd >= 0, os.strerror(ctypes.get_errno())
+    return fd
+queue = open_queue()
+told_read, told_write = os.pipe()
+child = os.fork()
+if child == 0:
+    os.close(queue)
+    os.close(told_read)
+    open_queue()
+    os.close(told_write)
+    signal.pause()
+os.close(told_write)
+os.read(told_read, 1)  # EOF: the child holds the queue
+libc.mq_unlink(name)
+print("ready", child, flush=True)
+signal.pause()
+"""
+
+
+@pytest.mark.parametrize(
+    ("program", "argument", "reason"),
+    [
+        (
+            CLONE_FILES_PROGRAM,
+            "",
+            "process {child} (python) shares its descriptor table (CLONE_FILES) with process"
+            " {root}",
+        ),
+        (FORKPTY_PROGRAM, "", "holds the master of pty /dev/pts/"),
+        (MQUEUE_PROGRAM, "/hijack-tree-test", "each opened the unlinked message queue"),
+    ],
+    ids=["clone-files", "forkpty", "mqueue"],
+)
+def test_a_tree_sharing_what_a_restore_would_not_is_not_killed(
+    hijack: HijackCli, tmp_path: Path, program: str, argument: str, reason: str
+) -> None:
+    """Members sharing what no image records (CLONE_FILES), or what a restore would make
+    once for each (a pty split between a master holder and a slave holder; an unlinked
+    message queue each opened), are refused by name before the kill: the tree runs on, no
+    image is left."""
     process = subprocess.Popen(
-        [sys.executable, "-c", CLONE_FILES_PROGRAM], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", program, *([argument] if argument else [])],
+        stdout=subprocess.PIPE,
+        text=True,
     )
+    child = 0
     try:
         assert process.stdout is not None
         words = process.stdout.readline().split()
         assert words[0] == "ready", words
         child = int(words[1])
-        refused = hijack("dump", process.pid, "-o", tmp_path / "shared.crf", "--kill")
+        refused = hijack("dump", process.pid, "-o", tmp_path / "copied.crf", "--kill")
         assert_refused(
             refused,
             f"not killing the tree of process {process.pid}",
-            f"process {child} (python) shares its descriptor table (CLONE_FILES) with process"
-            f" {process.pid}",
+            reason.format(child=child, root=process.pid),
         )
-        assert not (tmp_path / "shared.crf").exists()
+        assert not (tmp_path / "copied.crf").exists()
         assert process.poll() is None and os.path.exists(f"/proc/{child}")
     finally:
         process.kill()
         process.wait()
-        kill_tree([child])
+        if child:
+            kill_tree([child])
 
 
 def test_a_tree_killed_and_restored_keeps_each_member_s_tcp_connection(
@@ -369,3 +474,42 @@ def test_a_tree_killed_and_restored_keeps_each_member_s_tcp_connection(
             assert tree.ask(tree.root, "pipe") == f"from child {pids[1]}"
         finally:
             kill_tree(pids)
+
+
+def mapped_files(pid: int) -> set[tuple[str, str]]:
+    """The (device, inode) of each memfd and deleted file `pid` maps shared."""
+    found = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        deleted = len(fields) == 6 and fields[5].endswith("(deleted)")
+        if deleted and fields[1][3] == "s" and fields[5] != SHARED_MEMORY:
+            found.add((fields[3], fields[4]))
+    return found
+
+
+def test_a_memfd_a_deleted_file_and_a_pty_stay_one_across_members(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    """A memfd the child only maps (its descriptor closed) and a deleted file both only map
+    are each made once and mapped by both: a write by one is seen by the other; the memfd's
+    seals (F_SEAL_SEAL among them) are set once every member maps it. A pty pair both hold
+    whole (the child's slave its own description) is one pty. Status draws the tree."""
+    image = tmp_path / "mapped.crf"
+    with spawn_fixture("tree_mapped", tmp_path / "file", fifos=True) as tree:
+        child = int(tree.ready["child"])
+        assert len(mapped_files(tree.pid)) == 2 and mapped_files(child) == mapped_files(tree.pid)
+        dump_kill_tree(hijack, tree, image)
+        assert restored_pid(hijack.ok("restore", image)) == tree.pid
+        tree.adopt(tree.pid)
+        assert len(mapped_files(tree.pid)) == 2, "one memfd, one deleted file"
+        assert mapped_files(child) == mapped_files(tree.pid), "the very same files, not copies"
+        # `hijack status` draws the restored tree: the child under its root.
+        (row,) = json.loads(hijack.ok("status", "--json").stdout)["processes"]
+        assert (row["pid"], row["state"]) == (tree.pid, "restored"), row
+        assert [(m["pid"], m["parent"], m["alive"]) for m in row["members"]] == [
+            (child, tree.pid, True)
+        ]
+        assert not row["members"][0]["attached"], "no shadow holds its descriptors"
+        table = hijack.ok("status").stdout
+        assert f"└ {child}" in table and "member" in table, table
+        tree.assert_intact()

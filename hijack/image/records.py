@@ -752,6 +752,20 @@ class PacketMembership:
     address: bytes  # the link-layer address (multicast, unicast); empty for the others
 
 
+PACKET_HEAD_UNKNOWN = 0xFFFFFFFF  # the kernel's position in a ring could not be told
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PacketRingMapping:
+    """One mapping of a packet socket's rings in the process ("socket:[INODE]" in its
+    maps): the pages are the ring's, whose bytes are the socket's ObjectData."""
+
+    start: U64
+    size: U64
+    offset: U64  # where in the rings (RX ring first, then TX) the mapping starts
+    prot: U32  # PROT_READ 1 | PROT_WRITE 2 | PROT_EXEC 4
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PacketSocket:
     """An AF_PACKET socket (its PACKET_* options are SocketOptions); frames queued are lost."""
@@ -764,6 +778,10 @@ class PacketSocket:
     memberships: tuple[PacketMembership, ...]
     rx_ring: tuple[U32, ...]  # struct packet_diag_ring of PACKET_RX_RING; () for none
     tx_ring: tuple[U32, ...]  # ... of PACKET_TX_RING
+    version: U32  # PACKET_VERSION: TPACKET_V1 0, V2 1, V3 2 (how to read the rings)
+    rx_head: U32  # the frame the kernel fills next in the RX ring; PACKET_HEAD_UNKNOWN
+    tx_head: U32  # the frame the kernel sends next from the TX ring; PACKET_HEAD_UNKNOWN
+    ring_mappings: tuple[PacketRingMapping, ...]  # where the process maps the rings
 
     def __post_init__(self) -> None:
         _check_object_id(self)

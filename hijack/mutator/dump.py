@@ -41,6 +41,7 @@ from hijack.objects.tcp import NetworkLocks
 from hijack.process import aio, settings, timers
 from hijack.process.tree import read_tree, shared_context_refusals
 from hijack.restore.plan import ATTACH_HINT, restore_problems
+from hijack.restore.shared import copied_refusals
 from hijack.restore.tree import relation_refusals
 from hijack.sys import memory, procfs
 from hijack.sys import ptrace as pt
@@ -153,7 +154,7 @@ def dump(
         reached("dump-seized")
         members = len(frozen.record.members)
         if kill and members > 1:
-            refuse_unrestorable_tree(frozen)
+            refuse_unrestorable_tree(frozen, check_descriptors)
         tracee = frozen.tracees[pid]
 
         tree_sockets = sockets_of(frozen.tracees) if members > 1 else frozenset()
@@ -326,10 +327,14 @@ def write_parts(
     return end, len(parts.threads), writer.bytes_written
 
 
-def refuse_unrestorable_tree(frozen: FrozenTree) -> None:
+def refuse_unrestorable_tree(frozen: FrozenTree, check_descriptors: bool) -> None:
     """Never kill a tree that could not come back as it is: refuse what a restore of its
-    relations would refuse, and what members share that no image records."""
+    relations would refuse, what members share that no image records, and (unless its
+    shadow keeps their descriptors: not `check_descriptors`) what members share that a
+    restore would copy for each."""
     reasons = relation_refusals(frozen.record) + shared_context_refusals(frozen.tree)
+    if check_descriptors:
+        reasons += copied_refusals(frozen.record)
     if reasons:
         root = frozen.record.members[0].pid
         raise Unsupported(f"not killing the tree of process {root}: {'; '.join(reasons)}")

@@ -28,6 +28,7 @@ import stat
 from hijack.errors import ImageError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
+from hijack.objects import packet
 from hijack.objects.base import DumpContext, Kind, RestoreContext
 from hijack.objects.ghost import add_with_contents, dump_ghost, fill, ghost_fd, inode_key
 from hijack.objects.regular import reopen_flags
@@ -80,12 +81,15 @@ def memfd_fd(restore: RestoreContext, memfd: rec.MemfdObject) -> int:
 
 def seal_memfds(restore: RestoreContext) -> None:
     """Seal every memfd the restore made, once all its mappings exist: F_SEAL_FUTURE_WRITE
-    leaves the writable mappings made before it, but forbids making them after."""
+    leaves the writable mappings made before it, but forbids making them after. In a tree,
+    once every member maps it (TreeShared.seal)."""
     for found in restore.image.objects.values():
         if not isinstance(found, rec.MemfdObject):
             continue
         made = restore.built(found.id)
-        if made is not None:
+        if made is not None and restore.shared is not None:
+            restore.shared.seal_later(made, found.seals)
+        elif made is not None:
             filedata.add_seals(made, found.seals)
 
 
@@ -153,7 +157,7 @@ def mapped_objects(segments: tuple[rec.Segment, ...], image: ImageFiles) -> dict
         key = (os.makedev(segment.dev_major, segment.dev_minor), segment.inode)
         if segment.shared and key in by_inode:
             mapped[segment.start] = by_inode[key]
-    return mapped
+    return mapped | packet.ring_segments(image)
 
 
 def held_by_objects(segments: list[rec.Segment], image: ImageFiles) -> list[rec.Segment]:
@@ -167,14 +171,18 @@ def held_by_objects(segments: list[rec.Segment], image: ImageFiles) -> list[rec.
 
 def map_objects(space: AddressSpace, restore: RestoreContext, mapped: dict[int, int]) -> None:
     """Map each segment of `mapped` (start -> object id) from its object, made again:
-    shared anonymous memory in the stub, a memfd or deleted file in the restorer."""
+    shared anonymous memory in the stub, a memfd or deleted file in the restorer; the rings
+    of packet sockets from the sockets, restored already."""
+    packet.map_rings(restore)
     for found in restore.image.objects.values():
         if isinstance(found, rec.SharedAnonymous):
             segments = [s for s in space.segments if mapped.get(s.start) == found.id]
             _map_shared_anonymous(space, restore, found, segments)
     for segment in space.segments:
         object_id = mapped.get(segment.start)
-        if object_id is None or isinstance(restore.image.objects[object_id], rec.SharedAnonymous):
+        if object_id is None or isinstance(
+            restore.image.objects[object_id], rec.SharedAnonymous | rec.PacketSocket
+        ):
             continue
         taken = _stub_file(restore, object_id, O_RDWR if may_write(segment) else O_RDONLY)
         try:

@@ -11,15 +11,35 @@ adds its memberships, joins its fanout group last (a group takes bound sockets
 only) and gives it to the process. Frames queued on it are lost: a packet socket
 sees copies of traffic, which goes on without it.
 
-Refused by name: a socket with a PACKET_RX_RING or PACKET_TX_RING. Its ring is
-mapped in the process (/proc/PID/maps shows "socket:[INODE]", shared), which the
-dump would store as plain memory, no longer the socket's ring.
+Rings (PACKET_RX_RING, PACKET_TX_RING; TPACKET_V1 and V2): the record keeps each
+ring's request (packet_diag), where the process maps them ("socket:[INODE]" in its
+maps: address, length, offset, protections) and the kernel's position in each; the
+rings' bytes are the object's ObjectData, read through the mappings, and those
+segments store no pages (memfd.held_by_objects). The restorer makes the socket with
+no protocol, sets its options (PACKET_VERSION, _RESERVE, _TIMESTAMP ... before the
+rings, as the kernel requires), sets the RX ring and moves the kernel's position in
+it (hijack.sys.packet_ring.advance_rx_head), sets the TX ring, writes the bytes back
+(frames not yet consumed stay TP_STATUS_USER where they were), binds it, then
+attaches its filter; once the descriptors are given, memfd.map_objects has the stub
+mmap the rings at their address (map_rings: MAP_SHARED | MAP_FIXED, then each part's
+protection).
+
+Refused by name: a TPACKET_V3 ring (the kernel's open block and its fill offset
+cannot be set again), a TX ring that has been used (nothing tells which frame the
+kernel sends next: restored, it would wait at frame 0 while the program fills
+another), a ring mapped in part or not at all (its frames, or its position, are
+not known), and (hijack.restore.plan) a ring mapped after the socket's last
+descriptor was closed (its memory would come back without the socket filling it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import mmap
 import socket
 import struct
+from collections.abc import Iterator
 
 from hijack.errors import HijackError, RestoreError
 from hijack.image import records as rec
@@ -27,12 +47,147 @@ from hijack.image.files import ImageFiles
 from hijack.objects import sockopts
 from hijack.objects.base import DumpContext, Kind, RestoreContext, describe_fd
 from hijack.objects.sockets import copy_socket, unlisted_socket_is
-from hijack.sys import packet_diag, procfs
+from hijack.sys import memory, packet_diag, packet_ring, procfs, socket_filter
 
 SOL_PACKET = 263
 PACKET_ADD_MEMBERSHIP, PACKET_FANOUT = 1, 18
+SOL_SOCKET = 1
+MAP_SHARED, MAP_FIXED = 0x01, 0x10
+PROT_READ_WRITE = 0x1 | 0x2
 PACKET_MREQ = struct.Struct("=iHH8s")  # struct packet_mreq: ifindex, type, alen, address
 MEMBERSHIP_TYPES = {0: "multicast", 1: "promiscuous", 2: "allmulti", 3: "unicast"}
+
+
+def _read(mem: memory.MemoryFile, address: int, size: int) -> bytes:
+    buffer = bytearray(size)
+    mem.read_into(address, buffer)
+    return bytes(buffer)
+
+
+def _assembled(contents: list[tuple[int, bytes]], size: int) -> bytes | None:
+    """The rings' bytes from the mappings' (offset, bytes); None where a part is unmapped."""
+    whole = bytearray(size)
+    covered = bytearray(size)
+    for offset, data in contents:
+        whole[offset : offset + len(data)] = data
+        covered[offset : offset + len(data)] = b"\1" * len(data)
+    return bytes(whole) if size and all(covered) else None
+
+
+def _rx_head(diag: packet_diag.PacketDiag, rings: bytes | None, rx_size: int) -> int:
+    if not diag.rx_ring or diag.version == packet_ring.TPACKET_V3:
+        return 0 if not diag.rx_ring else rec.PACKET_HEAD_UNKNOWN
+    if rings is None:
+        return rec.PACKET_HEAD_UNKNOWN
+    return packet_ring.rx_head(diag.rx_ring, diag.version, rings[:rx_size])
+
+
+def _tx_head(diag: packet_diag.PacketDiag, rings: bytes | None, rx_size: int) -> int:
+    """0 for a TX ring never used (the kernel's position is its first frame), else unknown:
+    a frame sent leaves no trace of when."""
+    if not diag.tx_ring:
+        return 0
+    if rings is None or packet_ring.ever_used(rings[rx_size:]):
+        return rec.PACKET_HEAD_UNKNOWN
+    return 0
+
+
+def _prot(perms: str) -> int:
+    return sum(bit for flag, bit in zip(perms[:3], (1, 2, 4), strict=True) if flag != "-")
+
+
+def _size(packet: rec.PacketSocket) -> int:
+    return packet_ring.ring_size(packet.rx_ring) + packet_ring.ring_size(packet.tx_ring)
+
+
+def _by_base(packet: rec.PacketSocket) -> dict[int, list[rec.PacketRingMapping]]:
+    """The ring mappings by the address of the mmap that made them (one per mmap: the
+    process may have cut one in parts of other protections)."""
+    found: dict[int, list[rec.PacketRingMapping]] = {}
+    for mapping in packet.ring_mappings:
+        found.setdefault(mapping.start - mapping.offset, []).append(mapping)
+    return found
+
+
+def _whole(packet: rec.PacketSocket, mappings: list[rec.PacketRingMapping]) -> bool:
+    return sum(m.size for m in mappings) == _size(packet)
+
+
+def ring_segments(image: ImageFiles) -> dict[int, int]:
+    """Where the process maps the rings of packet sockets: start -> object id."""
+    return {
+        mapping.start: found.id
+        for found in image.objects.values()
+        if isinstance(found, rec.PacketSocket)
+        for mapping in found.ring_mappings
+    }
+
+
+def map_rings(restore: RestoreContext) -> None:
+    """mmap the rings of each restored packet socket in the stub where the process had them
+    (MAP_SHARED | MAP_FIXED, whole, as the kernel maps them), with each part's protection."""
+    stub = restore.stub
+    for found in restore.image.objects.values():
+        if not isinstance(found, rec.PacketSocket) or not found.ring_mappings:
+            continue
+        fd = next(
+            d.fd
+            for d in restore.image.descriptors
+            if d.object_id == found.id and d.fd in restore.restored
+        )
+        for base, mappings in _by_base(found).items():
+            flags = MAP_SHARED | MAP_FIXED
+            stub.call("mmap", base, _size(found), PROT_READ_WRITE, flags, fd, 0)
+            for mapping in mappings:
+                if mapping.prot != PROT_READ_WRITE:
+                    stub.call("mprotect", mapping.start, mapping.size, mapping.prot)
+
+
+def _new_socket(
+    packet: rec.PacketSocket, descriptor: rec.FileDescriptor, protocol: int
+) -> socket.socket:
+    """A packet socket of `packet`'s type receiving `protocol` (0: nothing yet)."""
+    try:
+        return socket.socket(socket.AF_PACKET, packet.type, socket.htons(protocol))
+    except OSError as error:
+        raise RestoreError(
+            f"cannot make the packet socket of {describe_fd(descriptor)} again: {error.strerror}"
+        ) from None
+
+
+@contextlib.contextmanager
+def _rebuilt(
+    packet: rec.PacketSocket, descriptor: rec.FileDescriptor, restore: RestoreContext, protocol: int
+) -> Iterator[socket.socket]:
+    """A new socket of `packet`'s type receiving `protocol` (0: nothing yet), for the body
+    to set up (its failure a RestoreError), then given to the process."""
+    with _new_socket(packet, descriptor, protocol) as sock:
+        try:
+            yield sock
+        except OSError as error:
+            raise RestoreError(
+                f"cannot make the packet socket of {describe_fd(descriptor)} again"
+                f" (interface {packet.ifindex}): {error.strerror}"
+            ) from None
+        restore.give(sock.fileno(), descriptor)
+
+
+def _join_fanout(sock: socket.socket, packet: rec.PacketSocket) -> None:
+    """Last: a fanout group takes bound sockets only."""
+    if packet.fanout:
+        sock.setsockopt(SOL_PACKET, PACKET_FANOUT, packet.fanout)
+
+
+def _add_memberships(sock: socket.socket, packet: rec.PacketSocket) -> None:
+    for membership in packet.memberships:
+        request = PACKET_MREQ.pack(
+            membership.ifindex,
+            membership.type,
+            len(membership.address),
+            membership.address.ljust(8, b"\0"),
+        )
+        for _ in range(membership.count):
+            sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, request)
 
 
 class Packet(Kind):
@@ -47,7 +202,16 @@ class Packet(Kind):
         if diag is None:
             raise HijackError(f"fd {entry.fd}: packet_diag does not know socket {entry.ino}")
 
+        mappings = [m for m in dump.maps if m.path == f"socket:[{entry.ino}]"]
+        rx_size = packet_ring.ring_size(diag.rx_ring)
+        with memory.MemoryFile(dump.pid) as mem:  # whatever the mappings' protections
+            contents = [(m.offset, _read(mem, m.start, m.size)) for m in mappings]
+        rings = _assembled(contents, rx_size + packet_ring.ring_size(diag.tx_ring))
+        fresh = False
+
         def make(id: int) -> rec.PacketSocket:
+            nonlocal fresh
+            fresh = True
             return rec.PacketSocket(
                 id=id,
                 type=diag.type,
@@ -62,9 +226,24 @@ class Packet(Kind):
                 ),
                 rx_ring=diag.rx_ring,
                 tx_ring=diag.tx_ring,
+                version=diag.version,
+                rx_head=_rx_head(diag, rings, rx_size),
+                tx_head=_tx_head(diag, rings, rx_size),
+                ring_mappings=tuple(
+                    rec.PacketRingMapping(
+                        start=m.start, size=m.size, offset=m.offset, prot=_prot(m.perms)
+                    )
+                    for m in mappings
+                ),
             )
 
         object_id = dump.add_object(("socket", entry.ino), make)
+        if fresh and rings is not None:
+            # Page by page, the pages of zeros left out: a new ring holds zeros.
+            for at in range(0, len(rings), rec.PAGE_SIZE):
+                page = rings[at : at + rec.PAGE_SIZE]
+                if any(page):
+                    dump.add_data(object_id, page, at)
         with copy_socket(entry, dump) as sock:
             sockopts.dump_options(sock, object_id, entry.ino, dump)
         return object_id
@@ -72,45 +251,84 @@ class Packet(Kind):
     def refusal(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str | None:
         packet = image.object_of(descriptor, rec.PacketSocket)
         rings = [name for name, ring in (("RX", packet.rx_ring), ("TX", packet.tx_ring)) if ring]
-        if rings:
-            named = " and ".join(f"PACKET_{name}_RING" for name in rings)
-            return f"{describe_fd(descriptor)} with a {named}: its mapped ring is not rebuilt"
+        named = " and ".join(f"PACKET_{name}_RING" for name in rings)
+        if rings and packet.version == packet_ring.TPACKET_V3:
+            return (
+                f"{describe_fd(descriptor)} with a TPACKET_V3 {named}: the kernel's open"
+                " block is not rebuilt"
+            )
+        if any(not _whole(packet, maps) for maps in _by_base(packet).values()):
+            return (
+                f"{describe_fd(descriptor)} with its {named} mapped in part: the kernel maps"
+                " a ring whole only"
+            )
+        if packet.rx_ring and packet.rx_head == rec.PACKET_HEAD_UNKNOWN:
+            return (
+                f"{describe_fd(descriptor)} with a PACKET_RX_RING not mapped whole: the"
+                " kernel's position in it is not known"
+            )
+        if packet.tx_ring and packet.tx_head == rec.PACKET_HEAD_UNKNOWN:
+            return (
+                f"{describe_fd(descriptor)} with a PACKET_TX_RING used or not mapped whole:"
+                " the kernel's position in it is not known"
+            )
         return None
 
     def restore(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
         packet = restore.image.object_of(descriptor, rec.PacketSocket)
+        if packet.rx_ring or packet.tx_ring:
+            self._restore_with_rings(packet, descriptor, restore)
+            return
         options = sockopts.options_of(restore.image, packet.id)
-        try:
-            sock = socket.socket(socket.AF_PACKET, packet.type, socket.htons(packet.protocol))
-        except OSError as error:
-            raise RestoreError(
-                f"cannot make the packet socket of {describe_fd(descriptor)} again:"
-                f" {error.strerror}"
-            ) from None
-        with sock:
+        with _rebuilt(packet, descriptor, restore, packet.protocol) as sock:
             set_option, attach = sockopts.our_setters(sock)
-            try:
-                sockopts.set_early(options, set_option)
-                if packet.ifindex:
-                    sock.bind((socket.if_indextoname(packet.ifindex), packet.protocol))
-                for membership in packet.memberships:
-                    request = PACKET_MREQ.pack(
-                        membership.ifindex,
-                        membership.type,
-                        len(membership.address),
-                        membership.address.ljust(8, b"\0"),
-                    )
-                    for _ in range(membership.count):
-                        sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, request)
-                sockopts.set_late(options, set_option, attach)
-                if packet.fanout:
-                    sock.setsockopt(SOL_PACKET, PACKET_FANOUT, packet.fanout)
-            except OSError as error:
-                raise RestoreError(
-                    f"cannot make the packet socket of {describe_fd(descriptor)} again"
-                    f" (interface {packet.ifindex}): {error.strerror}"
-                ) from None
-            restore.give(sock.fileno(), descriptor)
+            sockopts.set_early(options, set_option)
+            if packet.ifindex:
+                sock.bind((socket.if_indextoname(packet.ifindex), packet.protocol))
+            _add_memberships(sock, packet)
+            sockopts.set_late(options, set_option, attach)
+            _join_fanout(sock, packet)
+
+    def _restore_with_rings(
+        self, packet: rec.PacketSocket, descriptor: rec.FileDescriptor, restore: RestoreContext
+    ) -> None:
+        """A socket with rings: made with no protocol (it receives nothing yet), its options
+        set (PACKET_VERSION, _RESERVE, ... before the rings, as the kernel requires; the
+        filter after the filler frames), the RX ring set and its head moved, the TX ring
+        set, the rings' bytes written back, then bound where it was."""
+        options = sockopts.options_of(restore.image, packet.id)
+        unfiltered = (
+            dataclasses.replace(options, filter=b"", filter_locked=False) if options else None
+        )
+        with _rebuilt(packet, descriptor, restore, 0) as sock:
+            set_option, attach = sockopts.our_setters(sock)
+            sockopts.set_early(options, set_option)
+            sockopts.set_late(unfiltered, set_option, attach)
+            if packet.rx_ring:
+                sock.setsockopt(
+                    SOL_PACKET,
+                    packet_ring.PACKET_RX_RING,
+                    packet_ring.request(packet.rx_ring, packet.version),
+                )
+                packet_ring.advance_rx_head(sock, packet.rx_ring, packet.version, packet.rx_head)
+            if packet.tx_ring:
+                sock.setsockopt(
+                    SOL_PACKET,
+                    packet_ring.PACKET_TX_RING,
+                    packet_ring.request(packet.tx_ring, packet.version),
+                )
+            size = packet_ring.ring_size(packet.rx_ring) + packet_ring.ring_size(packet.tx_ring)
+            with mmap.mmap(sock.fileno(), size) as rings:
+                for chunk in restore.image.chunks.get(packet.id, ()):
+                    rings[chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
+            packet_ring.bind(sock, packet.ifindex, packet.protocol)
+            _add_memberships(sock, packet)
+            if options is not None:
+                if options.filter:
+                    attach(options.filter)
+                if options.filter_locked:
+                    set_option(SOL_SOCKET, socket_filter.SO_LOCK_FILTER, struct.pack("<i", 1))
+            _join_fanout(sock, packet)
 
     def describe(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str:
         packet = image.object_of(descriptor, rec.PacketSocket)
@@ -123,8 +341,12 @@ class Packet(Kind):
             f"{MEMBERSHIP_TYPES.get(m.type, m.type)} on {m.ifindex}" for m in packet.memberships
         ]
         parts += [
-            f"{name} ring"
-            for name, ring in (("RX", packet.rx_ring), ("TX", packet.tx_ring))
+            f"{name} ring of {ring[3]} frames, next {head}"
+            for name, ring, head in (
+                ("RX", packet.rx_ring, packet.rx_head),
+                ("TX", packet.tx_ring, packet.tx_head),
+            )
             if ring
         ]
+        parts += [f"rings mapped at {m.start:#x}+{m.offset:#x}" for m in packet.ring_mappings]
         return ", ".join(parts) + sockopts.describe_options(image, packet.id)

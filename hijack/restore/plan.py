@@ -61,22 +61,34 @@ def restore_problems(
     elsewhere (the shadow keeps them, a move relays them)."""
     held_by_objects = frozenset(mapped_objects(segments, image))
     mappings = (
-        *mapping_problems(segments, held_by_objects),
+        *mapping_problems(segments, held_by_objects, frozenset(d.ino for d in image.descriptors)),
         *sysv.segment_refusals(segments, image),
     )
     return Problems(mappings, tuple(objects.refusals(image, held)))
 
 
 def mapping_problems(
-    segments: Iterable[rec.Segment], held_by_objects: frozenset[int] = frozenset()
+    segments: Iterable[rec.Segment],
+    held_by_objects: frozenset[int] = frozenset(),
+    descriptor_inodes: frozenset[int] | None = None,
 ) -> tuple[str, ...]:
     """The files the segments map that a restore could not open, or that changed; those
-    starting at `held_by_objects` are made from the image (a memfd, a deleted file)."""
+    starting at `held_by_objects` are made from the image (a memfd, a deleted file, a
+    packet socket's ring). Given the inodes of the image's descriptors, a socket's
+    mapping whose socket has none is one too."""
     found: list[str] = []
     for segment in segments:
         if segment.start in held_by_objects:
             continue
         change = identity_change(segment.file) if segment.file is not None else None
+        if (
+            descriptor_inodes is not None
+            and segment.path.startswith("socket:[")
+            and segment.inode not in descriptor_inodes
+        ):
+            # A packet socket's ring with no descriptor of the socket left: memory
+            # would come back, the socket that fills it would not.
+            change = f"a socket's ring mapped with no descriptor of it left ({segment.path})"
         if change is None and needs_backing_file(segment) and not _can_open(segment):
             change = unmappable(segment)
         if change is not None and change not in found:

@@ -40,7 +40,7 @@ from hijack.errors import ImageError, RestoreError
 from hijack.image import records as rec
 from hijack.image.codec import read_stream
 from hijack.mutator.tracee import ALL_SIGNALS_BLOCKED, ThreadState, find_syscall_instruction
-from hijack.registry import Registry
+from hijack.registry import MemberRecord, Registry
 from hijack.restore.remote import Stub
 from hijack.restore.restorer import (
     CLONE_ARGS,
@@ -93,6 +93,30 @@ class _Made:
         reaped; the others are reaped by their tracer's wait, or by init)."""
         for stub in reversed(list(self.stubs.values())):
             kill_stub(stub.pid)
+
+
+def _record_tree(registry: Registry, tree: rec.Tree, rebuilt: list[Rebuilt], made: _Made) -> None:
+    """Write the restored tree down: each member its shadow holds rehomed to it; a root
+    with no shadow recorded as restored, with its living members (their pids now) for
+    `hijack status` to draw."""
+    root = rebuilt[0]
+    if root.holdings is None:
+        members = tuple(
+            MemberRecord(
+                pid=done.result.pid,
+                root=root.result.pid,
+                parent=made.pids.get(member.ppid, member.ppid),
+                start_time=procfs.read_stat(done.result.pid).starttime,
+                program=done.header.comm,
+            )
+            for member, done in zip(tree.imaged[1:], rebuilt[1:], strict=True)
+        )
+        registry.record_restored(root.result.pid, root.header.comm, members)
+    else:
+        record_restored(registry, root.header, root.result.pid, root.holdings)
+    for done in rebuilt[1:]:
+        if done.holdings is not None:
+            record_restored(registry, done.header, done.result.pid, done.holdings)
 
 
 def restore_image(
@@ -175,6 +199,7 @@ def restore_tree(
         unclaimed = shared.unclaimed()
         if unclaimed:
             raise RestoreError(f"cannot restore the tree: {'; '.join(unclaimed)}")
+        shared.seal()
         reached("restore-tree-rebuilt")
         pending = {done.header.pid: done.pending for done in rebuilt}
         for member in reversed(tree.imaged):  # children first: their parents still ours
@@ -191,9 +216,7 @@ def restore_tree(
     finally:
         shared.close()
     if registry is not None:
-        for done in rebuilt:
-            if done.holdings is not None or done.header.pid == tree.members[0].pid:
-                record_restored(registry, done.header, done.result.pid, done.holdings)
+        _record_tree(registry, tree, rebuilt, made)
     zombies = tuple(
         (m.pid, made.pids[m.pid]) for m in tree.members if m.state is rec.MemberState.ZOMBIE
     )

@@ -318,9 +318,10 @@ def _process_view(
 def _member_views(
     record: ProcessRecord, state: State, members: Iterable[MemberRecord]
 ) -> tuple[MemberView, ...]:
-    """The tree of `record` as it is now: its members attached with it (alive or not), and,
-    while it runs here attached, the tree re-read from /proc (a descendant born since is
-    shown, not attached: its shadow does not hold its descriptors)."""
+    """The tree of `record` as it is now: its members attached (or restored) with it
+    (alive or not), and, while it runs here attached, the tree re-read from /proc (a
+    descendant born since is shown, not attached: its shadow does not hold its
+    descriptors)."""
     recorded = {member.pid: member for member in members}
     views: list[MemberView] = []
     if state is State.ATTACHED:
@@ -330,9 +331,11 @@ def _member_views(
                 attached = known is not None and _runs(member.pid, known.start_time)
                 alive = member.state not in ("Z", "X")
                 views.append(MemberView(member.pid, member.ppid, member.comm, attached, alive))
+    # A restored tree's members were rebuilt with it: no shadow holds their descriptors.
+    attached = record.state != "restored"
     for known in recorded.values():  # ended, or no longer below the root
         alive = _runs(known.pid, known.start_time)
-        views.append(MemberView(known.pid, known.parent, known.program, True, alive))
+        views.append(MemberView(known.pid, known.parent, known.program, attached, alive))
     return tuple(views)
 
 

@@ -236,7 +236,7 @@ def _member_cells(
     shadow holds of it; the other cells are the root's."""
     if not member.alive:
         state = "[red]gone[/]"
-    elif member.attached:
+    elif member.attached or process.state is State.RESTORED:
         state = "[green]member[/]"
     else:
         state = "[yellow]not attached[/] [dim](born since)[/]"
