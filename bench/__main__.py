@@ -12,6 +12,8 @@ the same run, on the same bytes, at the same place:
   process's memory;
 - the figures of a live move (bench/moves.py): relay throughput and added
   round trip through the shadow, freeze times;
+- the freeze of a move of a process dirtying 200 MB/s, with post-copy beside
+  pre-copy alone (bench/postcopy.py);
 - the pause of `hijack attach` + `detach` of a busy process (bench/pauses.py);
 - TLS 1.3 between nodes beside plain TCP: handshake and stream throughput;
   a move's image stream and message round trip through the node channel over
@@ -38,6 +40,7 @@ from pathlib import Path
 
 from bench.moves import measure_moves
 from bench.pauses import measure_pauses
+from bench.postcopy import measure_postcopy
 from bench.snapshots import measure_snapshots
 from bench.tls import measure_tls
 from hijack.mutator.dump import MAP_PRIVATE_ANONYMOUS, PROT_READ_WRITE, dump, dump_to_file
@@ -244,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         snapshot_lines: list[str] = []
         figures = measure(size, Path(directory), snapshot_lines)
         move_lines = measure_moves(Path(directory), stream_size=size // 4, big=size)
+        move_lines += measure_postcopy(Path(directory), size)
         move_lines += measure_pauses(Path(directory), cycles=20 if args.quick else 200)
         move_lines += measure_tls(Path(directory) / "tls-pki", size // 4)
     header = (

@@ -31,6 +31,8 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "move freeze time, 10 MB",
         "move freeze time, 64 MiB",
         "move freeze time, 64 MiB dirtying 10 MB/s",
+        "move freeze, 64 MiB dirtying 200 MB/s, default (auto)",
+        "move freeze, 64 MiB dirtying 200 MB/s, --postcopy",
         "move image stream, TLS 1.3",
         "message round trip, TLS 1.3",
         "node stream, TLS 1.3",

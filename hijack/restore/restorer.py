@@ -24,7 +24,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from hijack.errors import HijackError, ImageError, RestoreError, ShadowError, Unsupported
 from hijack.image import records as rec
@@ -56,6 +56,9 @@ from hijack.sys import memory, pidfd, procfs
 from hijack.sys import ptrace as pt
 from hijack.sys.process import mount_namespace_of, open_mount_namespace
 from hijack.sys.stub import kill_stub, spawn_stub
+
+if TYPE_CHECKING:  # (imported for its type only: it imports the dump, which imports us)
+    from hijack.restore.postcopy import LazyPages
 
 R = TypeVar("R")
 
@@ -126,6 +129,7 @@ def restore(
     mount_namespace: int | None = None,
     take_locks: bool = True,
     records: Iterator[rec.Record] | None = None,
+    lazy: Callable[[], LazyPages | None] | None = None,
 ) -> RestoreResult:
     """Rebuild the process of the image in `stream` and let it run.
 
@@ -148,6 +152,9 @@ def restore(
     and leases, and the original holds its POSIX locks until the commit.
     `records`: the image's records, read from `stream` by a caller that looked at
     the first already (a tree's image is restored by hijack.restore.tree).
+    `lazy` (a post-copy move, with `prebuilt`) is asked once the image is in for
+    the pages left out of it; they are made to arrive on first touch
+    (hijack.restore.postcopy) before anything else is done in the process.
     """
     records = read_stream(stream) if records is None else records
     first = next(records)
@@ -177,7 +184,7 @@ def restore(
     )
     if prebuilt is not None:
         return _restore_prebuilt(
-            records, image, plan, prebuilt, provided or {}, before_start, take_locks
+            records, image, plan, prebuilt, provided or {}, before_start, take_locks, lazy
         )
     # SysV objects first: a refusal (an id taken by another object) comes before the stub.
     ipc = sysv.prepare(image.files, image.segments.segments)
@@ -331,6 +338,7 @@ def _restore_prebuilt(
     provided: dict[int, int],
     before_start: Callable[[int], None] | None,
     take_locks: bool,
+    lazy: Callable[[], LazyPages | None] | None = None,
 ) -> RestoreResult:
     """restore() of a move's final image into the stub its pre-copy rounds built."""
     stub, space = prebuilt.stub, prebuilt.space
@@ -341,6 +349,11 @@ def _restore_prebuilt(
         inherited = prebuilt.hand_over(provided)
         space.adopt_final(image.segments.segments, later=frozenset(image.mapped()))
         _consume_rest(records, image, space)
+        missing = lazy() if lazy is not None else None
+        if missing is not None:
+            # While the stub has root's powers; what the rest of the restore
+            # touches (each thread's TCB and stack top) was never left out.
+            missing.prepare(stub, image.segments.segments)
         _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
         if before_start is not None:
             before_start(stub.pid)
