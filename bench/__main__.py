@@ -17,6 +17,8 @@ the same run, on the same bytes, at the same place:
 - relays between network-namespace nodes on veth links, unshaped and shaped
   to 1 and 10 Gbit/s: throughput beside direct, the added round trip's p50
   and p99, the shadow's CPU per GB (bench/links.py);
+- the freeze of a move of a process dirtying 200 MB/s, with post-copy beside
+  pre-copy alone (bench/postcopy.py);
 - the pause of `hijack attach` + `detach` of a busy process (bench/pauses.py);
 - TLS 1.3 between nodes beside plain TCP: handshake and stream throughput;
   a move's image stream and message round trip through the node channel over
@@ -45,6 +47,7 @@ from bench.freezes import measure_freezes
 from bench.links import measure_links
 from bench.moves import measure_moves
 from bench.pauses import measure_pauses
+from bench.postcopy import measure_postcopy
 from bench.snapshots import measure_snapshots
 from bench.tls import measure_tls
 from hijack.mutator.dump import MAP_PRIVATE_ANONYMOUS, PROT_READ_WRITE, dump, dump_to_file
@@ -255,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         move_lines += measure_links(
             size // 4, streams_each=1 if args.quick else 3, pings=200 if args.quick else 2000
         )
+        move_lines += measure_postcopy(Path(directory), size)
         move_lines += measure_pauses(Path(directory), cycles=20 if args.quick else 200)
         move_lines += measure_tls(Path(directory) / "tls-pki", size // 4)
     header = (

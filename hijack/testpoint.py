@@ -10,8 +10,8 @@ sleep deciding when. Without the variable a test point costs one lookup.
 The stages (docs/faults.md lists what each one holds at that instant):
 attach-seized, attach-forked, attach-shadow-ready; dump-seized, dump-written,
 dump-handed-over; restore-tree-forked, restore-tree-rebuilt; move-attached,
-move-connected, move-frozen, move-streaming, move-prepared, move-committed;
-daemon-committed.
+move-connected, move-frozen, move-streaming, move-prepared, move-committed,
+move-postcopy; daemon-committed.
 """
 
 from __future__ import annotations

@@ -42,6 +42,8 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "added round trip p50, veth",
         "added round trip p99, veth",
         "shadow CPU per GB relayed",
+        "move freeze, 64 MiB dirtying 200 MB/s, default (auto)",
+        "move freeze, 64 MiB dirtying 200 MB/s, --postcopy",
         "move image stream, TLS 1.3",
         "message round trip, TLS 1.3",
         "node stream, TLS 1.3",

@@ -193,7 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="send memory in rounds while the process runs, so it is frozen only for the last"
-        " changes (default: unless it holds less than 1 MiB of private memory)",
+        " changes (default: unless it holds less than 1 MiB of private memory); --precopy"
+        " alone never falls back to post-copy",
+    )
+    move.add_argument(
+        "--postcopy",
+        action="store_true",
+        default=None,
+        help="after one pre-copy round, start the process there at once and send the pages it"
+        " wrote since on first touch and in the background (default: only when the rounds do"
+        " not converge); until the last page arrives the process needs both nodes",
     )
     move.add_argument(
         "--timing",
@@ -441,6 +450,8 @@ def command_core(args: argparse.Namespace, console: Console) -> int:
 
 
 def command_move(args: argparse.Namespace, console: Console) -> int:
+    if args.postcopy and args.precopy is not None:
+        raise HijackError("--postcopy starts with one pre-copy round: drop --(no-)precopy")
     with Registry() as registry, contextlib.ExitStack() as stack:
         # The progress bar's thread must never take SIGINT or SIGTERM: blocked
         # in this thread, they then wait wherever a move holds them back.
@@ -455,6 +466,7 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
             progress=progress,
             precopy=args.precopy,
             plain_relays=args.plain_relays,
+            postcopy=args.postcopy,
         )
     render.move_result(console, result, timing=args.timing)
     return EXIT_OK

@@ -429,6 +429,13 @@ def move_result(console: Console, result: MoveResult, *, timing: bool = False) -
             if result.rounds
             else ""
         )
+        + (
+            f"; post-copy: {human_size(result.postcopy_bytes)} served after the start,"
+            f" in {result.postcopy_ms:.0f} ms"
+            if result.postcopy_bytes
+            else ""
+        )
+        + (f"; {result.total_ms / 1000:.2f} s in all" if result.total_ms else "")
     )
     if result.relayed_at_home == "":
         console.print("home again: it holds its own sockets and pipes, nothing is relayed")

@@ -96,6 +96,12 @@ class Precopy:
         self._flags: dict[procfs.MapEntry, tuple[str, ...]] = {}
         self._flags_now: _InThread[dict[int, tuple[str, ...]]] | None = None  # read at the freeze
         self.signal_actions: list[rec.SigAction] = []  # as the tracking started
+        # Post-copy (hijack.mutator.postcopy): the final image leaves out the
+        # `lazy` pages, which the destination fetches on first touch; `pinned`
+        # pages (those the restore itself touches) are never lazy.
+        self.postcopy = False
+        self.pinned: list[Run] = []
+        self.lazy: list[Run] = []
         self._buffer = bytearray(READ_CHUNK)
 
     @classmethod
@@ -217,6 +223,23 @@ class Precopy:
                 offset += end - start
         return sent
 
+    def written_to_drop(self) -> list[Run]:
+        """For post-copy, while the process runs: the pages written since the last round in
+        memory that may be lazy, coalesced as the final image's lazy runs will be. The
+        destination drops them now rather than while the process is frozen; owed from here
+        on, they are lazy or sent at the freeze."""
+        written = self.tracking.collect()
+        dropped: list[Run] = []
+        for base in self.base:
+            if lazy_capable(base):
+                dropped += coalesce_runs(clip_runs(written, base.start, base.end))
+        # What was written elsewhere stays owed too: the scan protected it again.
+        # (Only that: the written pages inside `dropped` are a great many runs,
+        # and the freeze merges what is owed with what it scans.)
+        elsewhere = subtract_runs(written, dropped)
+        self.owed = union_runs(self.owed, union_runs(dropped, elsewhere))
+        return dropped
+
     def should_continue(self, last: RoundSent, before: RoundSent | None) -> bool:
         """Whether another round is worth it after `last` (and the round `before` it)."""
         if self.rounds >= MAX_ROUNDS:
@@ -256,6 +279,7 @@ class Precopy:
     def segments(self, segments: list[rec.Segment]) -> list[rec.Segment]:
         """The final image's segments: PRECOPIED where the destination holds the pages."""
         marked = []
+        self.lazy = []
         for segment in segments:
             carried = (
                 not clip_runs(self._untracked, segment.start, segment.end)
@@ -267,6 +291,12 @@ class Precopy:
             contents = rec.ContentsKind.PRECOPIED if carried else segment.contents
             flags = tuple(flag for flag in segment.vm_flags if flag not in TRACKING_FLAGS)
             marked.append(dataclasses.replace(segment, contents=contents, vm_flags=flags))
+            # (Memory the rounds did not build — mapped or grown since round 0 —
+            # goes whole in the image: made lazy too, it failed the dirtier's
+            # check now and then, cause not found yet.)
+            if self.postcopy and carried and lazy_capable(marked[-1]):
+                written = clip_runs(self.final_written, segment.start, segment.end)
+                self.lazy += subtract_runs(coalesce_runs(written), self.pinned)
         return marked
 
     def runs(self, segment: rec.Segment) -> list[Run]:
@@ -278,6 +308,9 @@ class Precopy:
             if sent:
                 absent = self.tracking.absent(segment.start, segment.end)
                 runs = union_runs(runs, [r for run in absent for r in clip_runs(sent, *run)])
+        if self.lazy:
+            # Fetched from the frozen original when first touched (or pushed later).
+            runs = subtract_runs(runs, clip_runs(self.lazy, segment.start, segment.end))
         return runs
 
     def _within_base(self, segment: rec.Segment) -> bool:
@@ -317,6 +350,39 @@ class _InThread(Generic[T]):
             raise self._error
         assert self._value is not None
         return self._value
+
+
+LAZY_GAP = 64 * 1024  # written runs this close are one lazy run (each costs a call there)
+MAX_LAZY_RUNS = 512  # per segment: past this, runs further apart are joined too
+
+
+def lazy_capable(segment: rec.Segment) -> bool:
+    """Whether a PRECOPIED segment may have pages left out for post-copy: private anonymous
+    memory (all userfaultfd's missing mode serves), readable and writable, not locked (mlock
+    would touch every page while the process is built)."""
+    return (
+        segment.inode == 0
+        and not segment.shared
+        and segment.prot & (rec.Prot.READ | rec.Prot.WRITE) == rec.Prot.READ | rec.Prot.WRITE
+        and not segment.path.startswith("[v")  # [vdso], [vvar], [vsyscall]
+        and "lo" not in segment.vm_flags
+    )
+
+
+def coalesce_runs(runs: list[Run]) -> list[Run]:
+    """`runs` (sorted, disjoint) with the gaps under LAZY_GAP filled, and wider gaps as
+    needed to keep at most MAX_LAZY_RUNS."""
+    gap = LAZY_GAP
+    while True:
+        joined: list[Run] = []
+        for start, end in runs:
+            if joined and start - joined[-1][1] <= gap:
+                joined[-1] = (joined[-1][0], end)
+            else:
+                joined.append((start, end))
+        if len(joined) <= MAX_LAZY_RUNS:
+            return joined
+        gap *= 4
 
 
 def _userfaultfd_inside(tracee: Tracee) -> int:

@@ -188,13 +188,19 @@ class Channel:
             while self.sock.recv(DRAIN_CHUNK):
                 pass
 
-    def expect(self, field: str) -> dict[str, Any]:
-        """The next message, which must have `field`; an `error` from the peer is raised."""
-        message = self.receive()
+    def answer(self, message: dict[str, Any] | bytes) -> dict[str, Any]:
+        """`message` (or a MESSAGE frame's payload) as it is, unless it is an `error`: raised."""
+        if isinstance(message, bytes):
+            message = _decode(message, self.peer)
         if "error" in message:
             # Shown as one line, whatever the peer put in it.
             reason = " ".join(str(message["error"]).split())[:MAX_ERROR]
             raise HijackError(f"{self.peer}: {reason}")
+        return message
+
+    def expect(self, field: str) -> dict[str, Any]:
+        """The next message, which must have `field`; an `error` from the peer is raised."""
+        message = self.answer(self.receive())
         if field not in message:
             raise ChannelError(f"{self.peer} answered without {field!r}: {message!r:.120}")
         return message

@@ -38,12 +38,14 @@ from typing import Any, BinaryIO, NamedTuple, cast
 
 from hijack.errors import HijackError
 from hijack.image import records as rec
+from hijack.mutator.postcopy import decode_runs, page_timeout
 from hijack.node import gate, mounts, pki, policy
 from hijack.node import terminal as terminal_pump
 from hijack.node.channel import Channel, ChannelError, DataReader
 from hijack.node.forwarder import ForwarderProcess, closed_listener
 from hijack.node.load import node_load
 from hijack.registry import Registry, node_name
+from hijack.restore.postcopy import LazyPages
 from hijack.restore.precopy import Prebuilt
 from hijack.restore.restorer import restore
 from hijack.shadow import control
@@ -184,6 +186,10 @@ class NodeDaemon:
                     if message.get("op") == "move":
                         self._receive_move(channel, message, where, prebuilt, registry)
                         return
+                    if message.get("op") == "drop":  # post-copy comes: stale pages go
+                        prebuilt.drop(decode_runs(message.get("lazy")))
+                        channel.send({"phase": "dropped"})
+                        continue
                     if message.get("op") != "round":
                         raise HijackError(f"move {move} aborted by the mover during pre-copy")
                     reader = DataReader(channel)
@@ -242,6 +248,25 @@ class NodeDaemon:
         home_again = request.get("home_again") is True and home["node"] == self.name
         links: list[socket.socket] = []  # listener links, shut if the move fails
         mount_namespace: int | None = None
+        lazy: list[LazyPages] = []  # a post-copy move's pages still on the source
+
+        taken: list[bool] = []
+
+        def take_lazy() -> LazyPages | None:
+            # Sent after the final image: the pages it left out (docs/protocol.md).
+            message = channel.expect("lazy")
+            taken.append(True)
+            runs = decode_runs(message["lazy"])
+            if not runs:
+                return None
+            lazy.append(LazyPages(runs))
+            return lazy[0]
+
+        postcopy = request.get("postcopy") is True
+        if postcopy and prebuilt is None:
+            log(f"refused a move from {channel.peer} ({where}): post-copy without pre-copy")
+            channel.send({"error": "a post-copy move must start with pre-copy rounds"})
+            return
         try:
             if prebuilt is None:  # else the pre-copy's stub is in it already
                 who = f"{request.get('program')!s:.80} (pid {request.get('pid')})"
@@ -361,9 +386,12 @@ class NodeDaemon:
                 mount_namespace=mount_namespace,
                 take_locks=False,
                 laps=laps,
+                lazy=take_lazy if postcopy else None,
             )
         except HijackError as exc:
             log(f"move {move} failed: {exc}")
+            for pages in lazy:
+                pages.close()
             terminals.close()
             for link in links:  # the forwarder lets go of them
                 with contextlib.suppress(OSError):
@@ -377,8 +405,13 @@ class NodeDaemon:
                 # The mover reads our answer once it has sent the whole image:
                 # closing on it now would reset the connection, losing the reason.
                 image.drain()
+                if postcopy and not taken:
+                    channel.receive()  # and the `lazy` message after it
             return
         finally:
+            if sys.exc_info()[1] is not None:
+                for pages in lazy:
+                    pages.close()
             for sock in opened:
                 sock.close()  # the process has its own copies
             originals.close()
@@ -402,6 +435,37 @@ class NodeDaemon:
         laps.lap("record move")
         reached("daemon-committed")
         channel.send({"phase": "running", "pid": result.pid, "laps": laps.rounded()})
+        if lazy:
+            self._postcopy(channel, move, result.pid, lazy[0])
+
+    def _postcopy(self, channel: Channel, move: str, pid: int, pages: LazyPages) -> None:
+        """Serve the moved process's missing pages from its source until it has them all.
+
+        A source that goes away or silent first: the process is stopped, never
+        left running on half its memory, and its userfaultfd kept open (by its
+        keeper, hijack.restore.postcopy), so that even one resumed by hand waits
+        on a missing page rather than read it as zeros. So too if this daemon ends.
+        """
+        log(f"move {move}: post-copy of {pages.total_bytes >> 10} KiB from {channel.peer}")
+        started = time.monotonic()
+        try:
+            pages.serve(channel, pid, page_timeout())
+        except HijackError as exc:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+            pages.abandon()  # its keeper holds it stopped, its userfaultfd open
+            with contextlib.suppress(HijackError), Registry() as records:
+                records.set_state(pid, "held")
+            log(
+                f"move {move}: post-copy broke off ({exc}): process {pid} is stopped here,"
+                f" {pages.left} of its pages still on {channel.peer}; it cannot run"
+                " without them"
+            )
+            return
+        log(
+            f"move {move}: post-copy complete in {time.monotonic() - started:.2f} s:"
+            f" {pages.arrived} pages, {pages.faults} faults, {pages.forks} forks followed"
+        )
 
     def _decide(self, move: str, pid: int, outcome: str, *, force: bool = False) -> str:
         """Settle `move` as `outcome` unless it is settled already; return its outcome.

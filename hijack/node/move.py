@@ -54,7 +54,15 @@ from hijack.image import records as rec
 from hijack.mutator import attach as attaching
 from hijack.mutator.dump import describe_segments, kill_stopped, read_credentials, write_image
 from hijack.mutator.handover import hand_descriptors_to_shadow
-from hijack.mutator.precopy import Precopy, worth_precopying
+from hijack.mutator.postcopy import (
+    POSTCOPY_MIN_BYTES,
+    PageServer,
+    encode_runs,
+    lazy_bytes,
+    page_timeout,
+    pinned_pages,
+)
+from hijack.mutator.precopy import SHRINK, Precopy, RoundSent, worth_precopying
 from hijack.mutator.tracee import Tracee
 from hijack.node import mounts, pki
 from hijack.node.channel import Channel, ChannelError, DataWriter
@@ -107,8 +115,10 @@ class MoveResult:
     # A move to its home node: "" if it holds its own descriptors again, else why its
     # shadow relays them still. None for a move elsewhere.
     relayed_at_home: str | None = None
-    timing: FreezeTiming | None = None
-    total_ms: float = 0.0  # the whole move, pre-copy rounds included
+    postcopy_bytes: int = 0  # pages left out of the final image, served after the start
+    postcopy_ms: float = 0.0  # from the start there until the last of them arrived
+    total_ms: float = 0.0  # the whole move, from the first round to the last page
+    timing: FreezeTiming | None = None  # where the freeze went (hijack move --timing)
 
 
 @dataclass(frozen=True)
@@ -119,6 +129,10 @@ class FreezeTiming:
     injected_here: int  # system calls injected into the frozen original
     there: dict[str, float]  # as the destination reported them (`prepared`, `running`)
     injected_there: int  # system calls injected into the copy being finished there
+
+
+class PostcopyBroken(HijackError):
+    """A post-copy cut short: the copy is stopped on its node, the original held here."""
 
 
 @dataclass(frozen=True)
@@ -178,16 +192,19 @@ def move(
     progress: Callable[[str, int], None] | None = None,
     precopy: bool | None = None,
     plain_relays: bool | None = None,
+    postcopy: bool | None = None,
 ) -> MoveResult:
     """Move `pid` to the node daemon at `destination`; see the module docstring.
 
     `precopy`: True or False forces pre-copy on or off; None decides by size.
     `plain_relays`: whether its relays leave TLS between nodes (recorded, and
     kept by later moves); None keeps what its last move chose (else encrypted).
+    `postcopy`: True ends pre-copy after its first round with post-copy
+    (hijack.mutator.postcopy); False never does; None does when the rounds do
+    not converge (and `precopy` is None).
     A move that fails leaves the process as it found it: attached only if it
     was attached before. One whose outcome is unknown raises MoveInDoubt.
     """
-    started_at = time.perf_counter()
     report = progress or (lambda phase, sent: None)
     address = parse_address(destination)
     record = registry.find(pid)
@@ -211,13 +228,19 @@ def move(
         attaching.attach(pid, registry)
     try:
         reached("move-attached")
-        result = _move_attached(
-            pid, address, identity, registry, registry.get(pid), report, precopy, plain_relays
+        return _move_attached(
+            pid,
+            address,
+            identity,
+            registry,
+            registry.get(pid),
+            report,
+            precopy,
+            plain_relays,
+            postcopy,
         )
-        # As VM migrations report it: from the command's start to the copy running, settled.
-        return dataclasses.replace(result, total_ms=(time.perf_counter() - started_at) * 1000)
-    except MoveInDoubt:
-        raise  # the process is held as it is, for `hijack recover`
+    except (MoveInDoubt, PostcopyBroken):
+        raise  # the process is held as it is (for `hijack recover`, or by hand)
     except BaseException:
         if attached_by_move:
             # As before the command: not attached. (Its shadow was told `aborted`.)
@@ -235,6 +258,7 @@ def _move_attached(
     report: Callable[[str, int], None],
     precopy: bool | None,
     plain_relays: bool | None,
+    postcopy: bool | None = None,
 ) -> MoveResult:
     at_home = record.state == "attached"
     plain = bool(record.plain_relays) if plain_relays is None else plain_relays
@@ -277,9 +301,14 @@ def _move_attached(
             registry.moved_on(pid, channel.peer)
 
         precopied: Precopy | None = None
+        started_at = time.perf_counter()
         try:
-            if precopy or (precopy is None and worth_precopying(pid)):
-                precopied = _precopy(pid, channel, move_id, record.program, report, shadow)
+            if postcopy or precopy or (precopy is None and worth_precopying(pid)):
+                if postcopy is None and precopy is not None:
+                    postcopy = False  # pre-copy asked for as such: no post-copy
+                precopied = _precopy(
+                    pid, channel, move_id, record.program, report, shadow, postcopy
+                )
                 # It ran on meanwhile: refused now if it holds what cannot go.
                 plan_proxies(pid, shadow, at_home, frozen=False)
             shadow.pid()  # asked now: the move's message names it while the process is frozen
@@ -302,6 +331,11 @@ def _move_attached(
             registry.set_state(pid, "held")
             lock.keep()  # `hijack recover` settles it
             raise
+        except PostcopyBroken as exc:
+            # Not for `hijack recover`: it would end the original, the only whole copy.
+            registry.update_move(move_id, phase="failed", finished_at=time.time(), error=str(exc))
+            registry.set_state(pid, "held")
+            raise
         except BaseException as exc:
             registry.update_move(move_id, phase="failed", finished_at=time.time(), error=str(exc))
             raise
@@ -319,7 +353,7 @@ def _move_attached(
         freeze_ms=result.freeze_ms,
         new_pid=result.new_pid,
     )
-    return result
+    return dataclasses.replace(result, total_ms=(time.perf_counter() - started_at) * 1000)
 
 
 def _move_frozen(
@@ -338,6 +372,7 @@ def _move_frozen(
 ) -> MoveResult:
     before = precopied.bytes_sent if precopied is not None else 0
     quiet: dict[str, Any] | None = None  # away: the shadow's streams, as it went quiet
+    postcopy = precopied is not None and precopied.postcopy
     # Back to its home node, with nothing but streams and listeners relayed: the
     # shadow may hand it back its originals (docs/protocol.md, "Home again").
     homing = not at_home and channel.peer == record.home_node
@@ -375,6 +410,8 @@ def _move_frozen(
             reached("move-frozen")
             if precopied is not None:
                 precopied.freeze()
+                if precopied.postcopy:
+                    precopied.pinned = pinned_pages(tracee)
                 laps.lap("dirty scan")
             # Planned now that it is frozen: its descriptors no longer change
             # (the first look, before the freeze, only refuses what never can go).
@@ -425,6 +462,7 @@ def _move_frozen(
                         "plain_relays": home.plain if home else False,
                     },
                     "proxies": [p.__dict__ for p in plan],
+                    "postcopy": postcopy,
                 }
             )
             laps.lap("move message")
@@ -441,11 +479,16 @@ def _move_frozen(
             )
             writer.close()
             laps.lap("image: pages")
+            lazy = precopied.lazy if precopied is not None and postcopy else []
+            if postcopy:
+                channel.send({"op": "lazy", "lazy": encode_runs(lazy)})
             report("restoring", before + writer.sent)
             prepared = channel.expect("phase")
             laps.lap("destination")
             reached("move-prepared")
-            report("switching", before + writer.sent)
+            # A post-copy's original must outlive the commit until its last page
+            # is out: `hijack recover` tells that move by this phase.
+            report("post-copy" if lazy else "switching", before + writer.sent)
         except BaseException:
             _abort(channel, shadow, move_id)
             raise
@@ -465,6 +508,16 @@ def _move_frozen(
                 os.kill(pid, signal.SIGCONT)
                 raise HijackError(
                     f"{channel.peer} did not run the process: {reason}; it runs on here as before",
+                    pid=pid,
+                )
+            if outcome == "unknown" and lazy:
+                # `hijack recover` would end the original if the copy runs: the
+                # only whole one, as the copy cannot get its pages any more.
+                raise PostcopyBroken(
+                    f"move {move_id}: {reason}, and {channel.peer} could not be asked what"
+                    f" became of the commit. Process {pid} is held stopped here: if a copy of"
+                    f" it runs on {channel.peer} it is stopped there, without its last pages;"
+                    f" kill that copy, then `kill -CONT {pid}`",
                     pid=pid,
                 )
             if outcome == "unknown":
@@ -508,7 +561,23 @@ def _move_frozen(
             if not at_home:
                 with contextlib.suppress(HijackError, OSError):  # committed: nothing may fail
                     consume_unread(pid, plan)
-            kill_stopped(tracee)
+            broken, postcopy_ms = None, 0.0
+            if lazy:
+                reached("move-postcopy")  # the copy runs there, without its lazy pages yet
+                report("post-copy", before + writer.sent)
+                broken, postcopy_ms = _serve_lazy(pid, channel, answer, lazy)
+            if broken is None:
+                kill_stopped(tracee)
+    if broken is not None:
+        # The pending SIGSTOP holds the original once we let it go.
+        raise PostcopyBroken(
+            f"move {move_id}: post-copy to {channel.peer} broke off ({broken}) with"
+            f" {lazy_bytes(lazy) >> 20} MiB of pages not all delivered: the copy there (pid"
+            f" {answer.get('pid', '?')}) is stopped, and process {pid} is held stopped here"
+            f" as the only whole one. To go on here: kill the copy on {channel.peer}, then"
+            f" `kill -CONT {pid}`",
+            pid=pid,
+        )
     if unswitched is not None:
         raise HijackError(
             f"process {pid} runs on {channel.peer} as {answer['pid']}, but its home shadow"
@@ -529,7 +598,9 @@ def _move_frozen(
         writer.sent,
         pause,
         relayed,
-        FreezeTiming(
+        postcopy_bytes=lazy_bytes(lazy),
+        postcopy_ms=postcopy_ms,
+        timing=FreezeTiming(
             laps.rounded(),
             tracee.injected,
             _laps_of(prepared) | _laps_of(answer),
@@ -544,6 +615,23 @@ def _laps_of(answer: dict[str, Any]) -> dict[str, float]:
     if not isinstance(laps, dict):
         return {}
     return {str(name): float(ms) for name, ms in laps.items() if isinstance(ms, int | float)}
+
+
+def _serve_lazy(
+    pid: int, channel: Channel, answer: dict[str, Any], lazy: list[tuple[int, int]]
+) -> tuple[str | None, float]:
+    """Serve the copy's missing pages from the frozen original: (why it broke off, or None;
+    how long it took)."""
+    started = time.perf_counter()
+    if "phase" not in answer:
+        # The commit's answer came on another connection: this one, which the
+        # destination serves the pages on, is broken.
+        return "the move's connection broke at the commit", 0.0
+    try:
+        PageServer(pid, channel, lazy).serve(page_timeout())
+    except HijackError as exc:
+        return str(exc), (time.perf_counter() - started) * 1000
+    return None, (time.perf_counter() - started) * 1000
 
 
 HOMEABLE = ("stream", "listener")  # what a shadow can hand back (docs/protocol.md, "Home again")
@@ -659,8 +747,13 @@ def _precopy(
     program: str,
     report: Callable[[str, int], None],
     shadow: HomeShadow,
+    postcopy: bool | None = None,
 ) -> Precopy:
-    """Send the process's memory in rounds while it runs (docs/protocol.md, "Moving")."""
+    """Send the process's memory in rounds while it runs (docs/protocol.md, "Moving").
+
+    With `postcopy` True, after round 0 the rest is left to post-copy; None,
+    when the rounds stop without having converged (see `_converged`).
+    """
     # Its credentials, for the daemon's policy before it builds anything.
     credentials = dataclasses.asdict(read_credentials(pid))
     channel.send(
@@ -687,13 +780,30 @@ def _precopy(
             writer.close()
             precopied.bytes_sent += writer.sent
             channel.expect("phase")  # applied there: the next round starts from a caught-up peer
-            if not precopied.should_continue(last, before):
+            if postcopy or not precopied.should_continue(last, before):
+                precopied.postcopy = bool(postcopy) or (
+                    postcopy is None and not _converged(last, before)
+                )
+                if precopied.postcopy:
+                    # The pages written during the last round are stale there: dropped
+                    # now, while the process runs, not during the freeze.
+                    dropped = precopied.written_to_drop()
+                    channel.send({"op": "drop", "lazy": encode_runs(dropped)})
+                    channel.expect("phase")
                 precopied.prepare_freeze()
                 return precopied
             before = last
     except BaseException:
         precopied.close()
         raise
+
+
+def _converged(last: RoundSent, before: RoundSent | None) -> bool:
+    """Whether the rounds left little enough for the freeze: the last was small, or
+    shrank well from the one before (it stopped on MAX_ROUNDS)."""
+    if last.pages * rec.PAGE_SIZE < POSTCOPY_MIN_BYTES:
+        return True
+    return before is not None and before.number > 0 and last.pages <= before.pages * SHRINK
 
 
 def _switch_shadow(
@@ -1366,6 +1476,20 @@ def _follow_again(record: ProcessRecord) -> str | None:
     return f"the shadow of process {record.pid} follows it again (it was not killed)"
 
 
+# The phases of a move whose commit may have been sent.
+COMMITTING_PHASES = ("switching", "in-doubt", "post-copy")
+
+
+def _ask_destination(registry: Registry, row: MoveRecord) -> dict[str, Any] | None:
+    """The destination's `outcome` answer for the move of `row`, or None (unreachable)."""
+    address = registry.node_address(row.destination)
+    if address is None:
+        return None
+    return ask_outcome(
+        parse_address(address), pki.load_identity(), row.id, settle_timeout(), row.destination
+    )
+
+
 def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     """Settle one move whose mover is gone: (what was done, whether its outcome is known)."""
     pid = row.pid
@@ -1373,21 +1497,24 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     if record is None:
         registry.update_move(row.id, phase="failed", finished_at=time.time(), error="forgotten")
         return f"move {row.id}: process {pid} is not known here any more", True
+    # The commit may have been sent: only the destination knows.
+    answer = _ask_destination(registry, row) if row.phase in COMMITTING_PHASES else None
+    if row.phase == "post-copy" and (answer is None or answer["outcome"] != "aborted"):
+        # Its copy runs there on part of its memory (or was stopped there): the
+        # original, stopped here, is the only whole one. Not for a guess.
+        registry.set_state(pid, "held")
+        error = "its mover was interrupted during post-copy"
+        registry.update_move(row.id, phase="failed", finished_at=time.time(), error=error)
+        return (
+            f"move {row.id}: interrupted during post-copy; process {pid} stays held stopped"
+            f" here as the only whole copy (its copy on {row.destination} stops once it"
+            f" misses a page): kill that copy, then `kill -CONT {pid}`",
+            True,
+        )
     # Attached here, never away: a process back home (home_pid set) is relayed as a migrant.
     at_home = record.home_node == node_name() and record.home_pid is None
     shadow = HomeShadow(record, record.relay_token or "")
     if row.phase in ("switching", "in-doubt"):
-        # The commit may have been sent: only the destination knows.
-        address = registry.node_address(row.destination)
-        answer = None
-        if address is not None:
-            answer = ask_outcome(
-                parse_address(address),
-                pki.load_identity(),
-                row.id,
-                settle_timeout(),
-                row.destination,
-            )
         outcome = answer["outcome"] if answer else "unknown"
         if outcome == "running":
             assert answer is not None
@@ -1422,7 +1549,7 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     # Never committed, or the destination settled it as aborted: the original goes on.
     with contextlib.suppress(HijackError):
         shadow.request({"op": "aborted", "move": row.id})
-    if row.phase in ("switching", "in-doubt"):
+    if row.phase in COMMITTING_PHASES:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)  # the SIGSTOP of the switch, undone
     registry.set_state(pid, "attached" if at_home else "running")

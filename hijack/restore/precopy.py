@@ -25,6 +25,8 @@ from hijack.restore.address_space import AddressSpace
 from hijack.restore.remote import Stub
 from hijack.sys.stub import kill_stub, spawn_stub
 
+MADV_DONTNEED = 4
+
 
 @dataclass(frozen=True)
 class RoundReceived:
@@ -72,6 +74,22 @@ class Prebuilt:
                 pages += len(record.data) // rec.PAGE_SIZE
         self.rounds += 1
         return RoundReceived(opening.number, pages)
+
+    def drop(self, runs: list[tuple[int, int]]) -> None:
+        """Drop the pages of `runs` (MADV_DONTNEED) from the stub's private anonymous memory:
+        written since they were sent, they will come again (post-copy)."""
+        # (Here, not at the top: the mover's module imports the dump, which imports
+        # the restorer, which imports this one.)
+        from hijack.mutator.precopy import clip_runs
+
+        if self.space is None:
+            raise RestoreError("pages to drop came before any pre-copy round")
+        stub = self._stub()
+        for segment in self.space.segments:
+            if segment.inode or segment.shared:
+                continue  # a file's page dropped would read as the file's
+            for start, end in clip_runs(runs, segment.start, segment.end):
+                stub.call("madvise", start, end - start, MADV_DONTNEED)
 
     def hand_over(self, provided: dict[int, int]) -> dict[int, int]:
         """Copies in the stub of our descriptors `provided` (image number -> ours):

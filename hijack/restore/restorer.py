@@ -24,7 +24,7 @@ import os
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from hijack.errors import HijackError, ImageError, RestoreError, ShadowError, Unsupported
 from hijack.image import records as rec
@@ -57,6 +57,9 @@ from hijack.sys import ptrace as pt
 from hijack.sys.process import mount_namespace_of, open_mount_namespace
 from hijack.sys.stub import kill_stub, spawn_stub
 from hijack.timing import Laps
+
+if TYPE_CHECKING:  # (imported for its type only: it imports the dump, which imports us)
+    from hijack.restore.postcopy import LazyPages
 
 R = TypeVar("R")
 
@@ -128,6 +131,7 @@ def restore(
     take_locks: bool = True,
     laps: Laps | None = None,
     records: Iterator[rec.Record] | None = None,
+    lazy: Callable[[], LazyPages | None] | None = None,
 ) -> RestoreResult:
     """Rebuild the process of the image in `stream` and let it run.
 
@@ -152,6 +156,9 @@ def restore(
     the count of system calls injected.
     `records`: the image's records, read from `stream` by a caller that looked at
     the first already (a tree's image is restored by hijack.restore.tree).
+    `lazy` (a post-copy move, with `prebuilt`) is asked once the image is in for
+    the pages left out of it; they are made to arrive on first touch
+    (hijack.restore.postcopy) before anything else is done in the process.
     """
     laps = laps or Laps()
     records = read_stream(stream) if records is None else records
@@ -182,7 +189,7 @@ def restore(
     )
     if prebuilt is not None:
         return _restore_prebuilt(
-            records, image, plan, prebuilt, provided or {}, before_start, take_locks, laps
+            records, image, plan, prebuilt, provided or {}, before_start, take_locks, laps, lazy
         )
     # SysV objects first: a refusal (an id taken by another object) comes before the stub.
     ipc = sysv.prepare(image.files, image.segments.segments)
@@ -342,6 +349,7 @@ def _restore_prebuilt(
     before_start: Callable[[int], None] | None,
     take_locks: bool,
     laps: Laps,
+    lazy: Callable[[], LazyPages | None] | None = None,
 ) -> RestoreResult:
     """restore() of a move's final image into the stub its pre-copy rounds built."""
     stub, space = prebuilt.stub, prebuilt.space
@@ -356,6 +364,11 @@ def _restore_prebuilt(
         laps.lap("layout")
         _consume_rest(records, image, space)
         laps.lap("pages")
+        missing = lazy() if lazy is not None else None
+        if missing is not None:
+            # While the stub has root's powers; what the rest of the restore
+            # touches (each thread's TCB and stack top) was never left out.
+            missing.prepare(stub, image.segments.segments)
         _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
         laps.lap("finish")
         laps.injected = stub.tracee.injected - injected_before

@@ -45,7 +45,9 @@ from hijack.sys import procfs
 SCHEMA_VERSION = 1
 QUERY_TIMEOUT = 0.5  # seconds for each shadow or daemon to answer
 MAX_WORKERS = 32
-ACTIVE_PHASES = frozenset({"connecting", "precopying", "streaming", "restoring", "switching"})
+ACTIVE_PHASES = frozenset(
+    {"connecting", "precopying", "streaming", "restoring", "switching", "post-copy"}
+)
 RECENT_MOVES = 20
 RECENT_EVENTS = 30
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
@@ -60,7 +62,9 @@ class State(enum.Enum):
     MOVING = "moving"  # a move of it is in progress
     RESTORED = "restored"  # rebuilt here from an image, no shadow
     CHECKPOINTED = "checkpointed"  # dumped and killed; its shadow holds its descriptors
-    HELD = "held"  # stopped after a move whose outcome is unknown: `hijack recover` settles it
+    # Stopped after a move whose outcome is unknown (`hijack recover` settles it), or
+    # whose post-copy broke off (here the original or there the copy: by hand).
+    HELD = "held"
     GONE = "gone"  # it no longer runs (ended, killed, or its pid belongs to another process)
     UNKNOWN = "unknown"  # a registry state this hijack does not know
 
