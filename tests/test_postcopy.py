@@ -47,6 +47,17 @@ def process_state(pid: int) -> str:
     return stat[stat.rindex(")") + 2]
 
 
+def copy_stopped_and_reported(b: Node) -> int:
+    """The pid of the copy node b stopped when its post-copy broke off (b's log says it)."""
+    found = poll_until(
+        lambda: re.search(r"post-copy broke off .*: process (\d+) is stopped", daemon_log(b)),
+        "b reports the post-copy broken off",
+    )
+    copy = int(found[1])
+    assert process_state(copy) == "T"
+    return copy
+
+
 def postcopy_stopped_at_start(a: Node, b: Node, pid: int) -> subprocess.Popen[str]:
     """`hijack move PID --postcopy` from a to b, stopped once the copy runs on b without
     its lazy pages (the test point `move-postcopy`)."""
@@ -160,14 +171,7 @@ def test_a_source_cut_off_mid_postcopy_leaves_the_copy_stopped_and_the_original_
                 (record,) = registry.moves()
             assert record.phase == "failed" and "post-copy" in (record.error or ""), record
             # On b: the copy stopped and reported, never running on part of its memory.
-            found = poll_until(
-                lambda: re.search(
-                    r"post-copy broke off .*: process (\d+) is stopped", daemon_log(b)
-                ),
-                "b reports the post-copy broken off",
-            )
-            copy = int(found[1])
-            assert process_state(copy) == "T"
+            copy = copy_stopped_and_reported(b)
             with Registry(b.state_dir) as registry:
                 assert registry.get(copy).state == "held"
             the_original_goes_on(copy, dirtier)
@@ -206,14 +210,7 @@ def test_a_mover_killed_mid_postcopy_is_settled_by_recover_without_ending_the_or
             mover = postcopy_stopped_at_start(a, b, dirtier.pid)
             mover.kill()  # the page server gone: its connection closes
             mover.wait()
-            found = poll_until(
-                lambda: re.search(
-                    r"post-copy broke off .*: process (\d+) is stopped", daemon_log(b)
-                ),
-                "b reports the post-copy broken off",
-            )
-            copy = int(found[1])
-            assert process_state(copy) == "T"
+            copy = copy_stopped_and_reported(b)
             # The kernel let the original go at the mover's death: the queued SIGSTOP holds it.
             poll_until(lambda: process_state(dirtier.pid) == "T", "the original stopped")
             settled = a.hijack_ok("recover").stdout
