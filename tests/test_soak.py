@@ -103,11 +103,56 @@ def vm_rss_kb(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
+# A move aborted because the process had not taken, within ack_wait, bytes its
+# shadow sent it leaves it running where it was, untouched (the abort is clean).
+# Under this load through encrypted relays (the node's forwarder acknowledges
+# bytes only once they are in the process's socket) about one soak in four
+# meets one: a known gap of the forwarder, written in the issue notes. Tried
+# again, up to twice; every other failure fails the soak.
+NOT_TAKEN = "did not take what its home shadow sent it"
+MOVE_TRIES = 3
+
+
+def move_under_load(source: Node, pid: int, destination: Node, home: tuple[Node, int]) -> Moved:
+    for attempt in range(1, MOVE_TRIES + 1):
+        try:
+            return move(source, pid, destination, home=home)
+        except AssertionError as error:
+            if NOT_TAKEN not in str(error) or attempt == MOVE_TRIES:
+                raise
+            print(f"move of {pid} to {destination.name} aborted cleanly ({NOT_TAKEN}): again")
+    raise AssertionError("unreachable")
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def settled_fd_count(pid: int, expected: int, timeout: float = 10.0) -> int:
+# The shadow makes a stream's splice pipe when bytes first splice in that
+# direction, and an encrypted relay moves them through TLS instead: whether the
+# session's two directions hold a pipe differs from one move to the next. So
+# the shadow's pipes made since the baseline may be those two; every other
+# descriptor (sockets above all) counts one by one.
+SESSION_SPLICE_PIPES = 2
+
+
+def shadow_fd_count(pid: int, pipes_before: frozenset[str]) -> int:
+    """The shadow's descriptors, less those of up to SESSION_SPLICE_PIPES pipes made since
+    `pipes_before` (pipe:[INODE] names)."""
+    names = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    new_pipes = {name for name in names if name.startswith("pipe:")} - pipes_before
+    allowed = set(sorted(new_pipes)[:SESSION_SPLICE_PIPES])
+    return sum(name not in allowed for name in names)
+
+
+def pipes_of(pid: int) -> frozenset[str]:
+    names = (os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+    return frozenset(name for name in names if name.startswith("pipe:"))
+
+
+def settled_fd_count(
+    pid: int, expected: int, pipes_before: frozenset[str], timeout: float = 10.0
+) -> int:
     """The descriptor count of `pid` once it is back to `expected`, or the last one seen.
 
     The last load client has exited, but the shadow ends its stream (a socket,
@@ -115,10 +160,10 @@ def settled_fd_count(pid: int, expected: int, timeout: float = 10.0) -> int:
     has come back: a moment later. A leak never settles.
     """
     deadline = time.monotonic() + timeout
-    count = fd_count(pid)
+    count = shadow_fd_count(pid, pipes_before)
     while count > expected and time.monotonic() < deadline:
         time.sleep(0.05)
-        count = fd_count(pid)
+        count = shadow_fd_count(pid, pipes_before)
     return count
 
 
@@ -146,10 +191,11 @@ def test_soak_moves_between_three_nodes_under_load(tmp_path: Path) -> None:
                 moved: Moved | None = None
                 baseline: dict[str, tuple[int, int]] = {}
                 shadow_fds = 0
+                shadow_pipes: frozenset[str] = frozenset()
                 freezes: list[float] = []
                 for number in range(1, SOAK_MOVES + 1):
                     there = cluster.nodes[number % 3]
-                    moved = move(here, pid, there, home=(a, home_pid))
+                    moved = move_under_load(here, pid, there, home=(a, home_pid))
                     freezes.append(moved.freeze_ms)
                     if here is a and number == 1:
                         server.wait_exit()  # the original, killed by the first move
@@ -166,6 +212,7 @@ def test_soak_moves_between_three_nodes_under_load(tmp_path: Path) -> None:
                             for node in cluster
                         }
                         shadow_fds = fd_count(moved.shadow_pid)
+                        shadow_pipes = pipes_of(moved.shadow_pid)
                     here, pid = there, moved.pid
                 assert moved is not None
                 streams = load.stop()
@@ -175,7 +222,7 @@ def test_soak_moves_between_three_nodes_under_load(tmp_path: Path) -> None:
                     node.name: (vm_rss_kb(daemon_pid(node)), fd_count(daemon_pid(node)))
                     for node in cluster
                 }
-                shadow_fds_end = settled_fd_count(moved.shadow_pid, shadow_fds)
+                shadow_fds_end = settled_fd_count(moved.shadow_pid, shadow_fds, shadow_pipes)
             finally:
                 load.stopping.set()
             assert session.stdin is not None

@@ -371,7 +371,6 @@ def _move_frozen(
     home: control.HomeEndpoint | None = None,
 ) -> MoveResult:
     before = precopied.bytes_sent if precopied is not None else 0
-    quiet: dict[str, Any] | None = None  # away: the shadow's streams, as it went quiet
     postcopy = precopied is not None and precopied.postcopy
     # Back to its home node, with nothing but streams and listeners relayed: the
     # shadow may hand it back its originals (docs/protocol.md, "Home again").
@@ -387,7 +386,7 @@ def _move_frozen(
             # and connected to this node once the process was frozen would push up
             # to a socket buffer into a connection the process never accepts.
             try:
-                quiet = shadow.migrating({"move": move_id, "flush": homing})
+                shadow.migrating({"move": move_id, "flush": homing})
             except ShadowError as exc:
                 raise HijackError(
                     f"move aborted: {exc}; process {pid} runs on here as before", pid=pid
@@ -417,7 +416,10 @@ def _move_frozen(
             # (the first look, before the freeze, only refuses what never can go).
             # Read once for the plan and the image (~8 ms a read here, see sockets_of).
             sockets = sockets_of(pid)
-            plan, present = plan_proxies(pid, shadow, at_home, status=quiet, sockets=sockets)
+            # The shadow's streams asked again, now: a client it accepted before going
+            # quiet reaches the process through the node's forwarder, whose connection
+            # (the relay the plan matches) may be made after `migrating` answered.
+            plan, present = plan_proxies(pid, shadow, at_home, sockets=sockets)
             laps.lap("plan")
             if at_home:
                 hand_descriptors_to_shadow(pid, record.shadow_control or "")
