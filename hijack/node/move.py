@@ -1101,7 +1101,6 @@ def plan_proxies(
     at_home: bool,
     *,
     frozen: bool = True,
-    status: dict[str, Any] | None = None,
     sockets: dict[int, procfs.SocketInfo] | None = None,
 ) -> tuple[list[Proxy], list[str]]:
     """Which descriptors go through the home shadow, and as which stream; refuse the rest.
@@ -1111,8 +1110,6 @@ def plan_proxies(
     shadow is not asked, so the check can run before there is one. Not
     `frozen`, the process still opens and closes relays while we look, so a
     relay the shadow does not list (yet, or any more) is not refused then.
-    `status`: the shadow's answer to `migrating` (away, it lists no new stream
-    after it), instead of asking it again while the process is frozen;
     `sockets`: sockets_of(pid), read since it was frozen.
     """
     entries = procfs.list_fds(pid)
@@ -1125,8 +1122,7 @@ def plan_proxies(
     if at_home or shadow is None:
         streams = {}
     else:
-        status = status or shadow.request({"op": "status"})
-        streams = {s["id"]: s for s in status["streams"]}
+        streams = {s["id"]: s for s in shadow.request({"op": "status"})["streams"]}
     by_ends = {
         (s["relay"], s["shadow_end"]): s["id"]
         for s in streams.values()
