@@ -133,9 +133,15 @@ def dump_result(console: Console, result: DumpResult, output: str, *, killed: bo
         what += f" {result.threads} threads)"
     else:
         what += f" ({result.threads} thread{'s' if result.threads != 1 else ''})"
+    shared = ""
+    if result.pages_referenced:
+        shared = (
+            f" ({result.pages_referenced} more shared copy-on-write by members, stored once:"
+            f" {human_size(result.pages_referenced * 4096)} saved)"
+        )
     console.print(
         f"dumped {what} to {where}: {human_size(result.image_bytes)}, "
-        f"{result.pages_stored} pages stored, frozen {result.frozen_ms:.1f} ms; {fate}"
+        f"{result.pages_stored} pages stored{shared}, frozen {result.frozen_ms:.1f} ms; {fate}"
     )
 
 
@@ -190,9 +196,12 @@ def tree_summary(console: Console, summary: TreeSummary, *, as_json: bool = Fals
     assert top is not None  # a Tree has members
     console.print(top)
     images = summary.images.values()
+    referenced = summary.pages_referenced
     console.print(
         f"tree of {len(summary.tree.members)} processes: image {human_size(summary.image_bytes)},"
-        f" {sum(image.pages.stored for image in images)} pages stored"
+        f" {sum(image.pages.stored for image in images)} pages stored; {referenced} pages"
+        f" ({human_size(referenced * rec.PAGE_SIZE)}) shared copy-on-write by members stored"
+        " once"
     )
     for link in summary.tree.shared:
         console.print(
@@ -214,6 +223,8 @@ def _member_line(member: rec.TreeMember, image: ImageSummary | None) -> str:
             f" {len(image.descriptors)} descriptors,"
             f" {human_size(image.image_bytes)} image, {image.pages.stored} pages stored"
         )
+        if image.pages.referenced:
+            line += f", {image.pages.referenced} referred to (stored by a member before)"
     return line
 
 

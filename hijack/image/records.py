@@ -244,6 +244,41 @@ class Pages:
         return self.address + len(self.data)
 
 
+MAX_REFERENCED_PAGES = MAX_PAGES_DATA // PAGE_SIZE  # pages one PageReference names at most
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PageReference:
+    """Consecutive pages of one STORED or FILE segment that were, at the dump, the very
+    physical pages of a member listed before this one in its tree stream (private memory
+    still shared copy-on-write since a fork): their bytes are in that member's image, at
+    `source`, and are not stored again (docs/crf.md §7b)."""
+
+    address: U64  # where the pages are in this process
+    pages: U32  # how many: 1 to 2048
+    pid: U32  # the member (its pid in TREE) whose image holds their bytes
+    source: U64  # where they are in that member
+
+    def __post_init__(self) -> None:
+        where = f"PageReference at {self.address:#x}"
+        _require(_page_aligned(self.address), f"{where}: address not page-aligned")
+        _require(_page_aligned(self.source), f"{where}: source {self.source:#x} not page-aligned")
+        _require(
+            0 < self.pages <= MAX_REFERENCED_PAGES,
+            f"{where}: {self.pages} pages is not 1 to {MAX_REFERENCED_PAGES}",
+        )
+        for start in (self.address, self.source):
+            _require(start <= 2**64 - self.size, f"{where}: outside 64-bit space")
+
+    @property
+    def size(self) -> int:
+        return self.pages * PAGE_SIZE
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UserRegsStruct:
     """struct user_regs_struct of x86_64 (PTRACE_GETREGS), in kernel order."""
@@ -1318,6 +1353,7 @@ Record = (
     | MemoryStructure
     | Segments
     | Pages
+    | PageReference
     | Thread
     | SignalState
     | Files

@@ -307,7 +307,7 @@ def rebuild_member(
         try:
             space.build(later=frozenset(image.mapped()))
             ipc.after_attach()
-            _consume_rest(records, image, space)
+            _consume_rest(records, image, space, shared.stub_of)
             _finish(stub, space, image, plan, inherited, frozenset(), True, shared, own_parent)
         finally:
             space.close()
@@ -511,10 +511,19 @@ def _expect_files(records: Iterator[rec.Record]) -> ImageFiles:
     return ImageFiles(files, tuple(s for s in sections if isinstance(s, rec.ObjectRecord)))
 
 
-def _consume_rest(records: Iterator[rec.Record], image: _Image, space: AddressSpace) -> None:
+def _consume_rest(
+    records: Iterator[rec.Record],
+    image: _Image,
+    space: AddressSpace,
+    stub_of: Callable[[int], int] | None = None,
+) -> None:
+    """The image's records after its objects. `stub_of(pid)`: the stub of a tree's member
+    rebuilt before, whose pages a PAGE_REFERENCE copies (only a tree stream has those)."""
     for record in records:
         if isinstance(record, rec.Pages):
             space.write_pages(record)
+        elif isinstance(record, rec.PageReference) and stub_of is not None:
+            space.copy_pages(record, stub_of(record.pid))
         elif isinstance(record, rec.Thread):
             image.threads.append(record)
         elif isinstance(record, rec.SignalState):
