@@ -766,10 +766,12 @@ def write_segment_pages(
             view = memoryview(buffer)[:length]
             frames = None
             if shared_pages is not None and not segment.shared and not through_mem:
-                # Before the read: process_vm_readv's pin unshares the pages it reads
-                # (a copy for this process), pagemap would tell the copies' frames.
                 frames = procfs.read_pagemap(pid, chunk_start, chunk_start + length)
-            if through_mem:
+            if through_mem or frames is not None:
+                # process_vm_readv pins what it reads, and the kernel unshares an anonymous
+                # page shared copy-on-write that is pinned: each member would get a copy
+                # of every page (a tree running on after its dump would double its memory,
+                # and pagemap tell the copies' frames). /proc/PID/mem does not pin.
                 mem.read_into(chunk_start, view)
             else:
                 _read_memory(pid, mem, segment, chunk_start, view)

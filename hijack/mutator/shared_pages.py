@@ -6,9 +6,10 @@ less than N + 1 copies. While the tree is frozen, /proc/PID/pagemap gives each
 page's frame number (PFN; root reads them). The first member whose image
 stores a frame writes its bytes; a later member mapping the same frame writes a
 PAGE_REFERENCE to (that member, that address) instead (docs/crf.md §7b).
-The frames are read before the pages: process_vm_readv pins what it reads, and
-the kernel unshares a shared anonymous page it pins (the reader's process gets
-a copy of its own), so after the read pagemap tells the copies' frames.
+The pages are read through /proc/PID/mem, not process_vm_readv: that pins
+what it reads, and the kernel unshares a shared anonymous page it pins (the
+process gets a copy of its own): the tree would double its memory, and
+pagemap tell the copies' frames.
 
 Every present page's frame is remembered, not only those pagemap calls shared:
 its PM_MMAP_EXCLUSIVE bit is not to be trusted for a transparent huge page
@@ -33,6 +34,7 @@ from hijack.image.codec import ImageWriter
 from hijack.sys import memory, procfs
 
 PAGE_SIZE = rec.PAGE_SIZE
+_ZEROS = bytes(rec.MAX_PAGES_DATA)
 
 
 @dataclass
@@ -43,6 +45,9 @@ class SharedPages:
     frames: dict[int | tuple[int, int, int, int], tuple[int, int]] = field(default_factory=dict)
     referenced: int = 0  # pages written as references, not bytes
     written: list[int] = field(default_factory=list)  # the members whose images are written
+    # Where the bytes a reference names are read to be compared: reused, as a fresh buffer's
+    # pages fault in one by one.
+    _buffer: bytearray = field(default_factory=lambda: bytearray(rec.MAX_PAGES_DATA))
 
     @property
     def referable(self) -> frozenset[int]:
@@ -123,14 +128,15 @@ class SharedPages:
         """Write the pages of `run` as a reference if the member named holds those very
         bytes, else as bytes."""
         start, pages, member, source = run
-        ours = bytes(view[start : start + pages * PAGE_SIZE])
-        theirs = bytearray(len(ours))
+        ours = view[start : start + pages * PAGE_SIZE]
+        theirs = memoryview(self._buffer)[: len(ours)]
         try:
             with memory.MemoryFile(member) as mem:
                 mem.read_into(source, theirs)
+            same = self._buffer.startswith(ours)  # a memcmp (memoryviews compare by element)
         except HijackError:
-            theirs = bytearray()  # not there to compare: stored as bytes
-        if ours != theirs or ours == bytes(len(ours)):
+            same = False  # not there to compare: stored as bytes
+        if not same or _ZEROS.startswith(ours):
             writer.write_pages(address + start, ours, keep_zero_pages=keep_zero_pages)
             return
         writer.write(
