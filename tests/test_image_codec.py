@@ -32,6 +32,7 @@ from hijack.image import (
     SIGNAL_COUNT,
     AioRing,
     AuxvEntry,
+    CloneFlags,
     ContentsKind,
     Credentials,
     Cwd,
@@ -90,6 +91,7 @@ from hijack.image import (
     Segment,
     Segments,
     SharedAnonymous,
+    SharedContext,
     SigAction,
     SigAltStack,
     SignalfdObject,
@@ -1588,3 +1590,27 @@ def test_page_references_name_a_member_before_and_only_in_a_tree_stream() -> Non
         member_image(11, overlapping)
     with pytest.raises(ImageError, match="is not 1 to 2048"):
         PageReference(address=0, pages=0, pid=1, source=0)
+
+
+def test_contexts_a_tree_member_shares_with_its_parent_round_trip() -> None:
+    head = tree_of(10, 11, 12)
+    (tree,) = [r for r in read_all_stream(head) if isinstance(r, Tree)]
+    shared = replace(
+        tree, contexts=(SharedContext(pid=12, flags=CloneFlags.FILES | CloneFlags.FS),)
+    )
+    out = io.BytesIO()
+    writer = ImageWriter(out)
+    writer.write(shared)
+    writer.close()
+    (again,) = [r for r in read_all_stream(out.getvalue()) if isinstance(r, Tree)]
+    assert again == shared
+    with pytest.raises(ImageError, match="not a member below the root"):
+        replace(tree, contexts=(SharedContext(pid=10, flags=CloneFlags.FILES),))
+    with pytest.raises(ImageError, match="listed twice"):
+        replace(tree, contexts=(SharedContext(pid=11, flags=CloneFlags.FS),) * 2)
+
+
+def read_all_stream(head: bytes) -> list[Record]:
+    """The records of a tree stream's head (TREE and END), read as read_stream reads one."""
+    records = read_stream(io.BytesIO(head + member_image(10, lambda w, s: None)))
+    return [next(records), next(records)]

@@ -1284,6 +1284,22 @@ class SharedDescription:
     holder_fd: U32  # its descriptor number there
 
 
+class CloneFlags(enum.IntFlag):
+    """What a member shares with its parent, made by clone without CLONE_THREAD."""
+
+    FS = 0x200  # CLONE_FS: one root, cwd and umask
+    FILES = 0x400  # CLONE_FILES: one descriptor table
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SharedContext:
+    """A member sharing kernel contexts with its parent: a change by one is seen by the other
+    (clone with CLONE_FILES or CLONE_FS, not a thread)."""
+
+    pid: U32  # the member
+    flags: Annotated[CloneFlags, UInt(4)]  # what it shares with its parent
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Tree:
     """Opens a tree stream: the members, root first, each parent before its children.
@@ -1294,6 +1310,8 @@ class Tree:
     members: tuple[TreeMember, ...]
     # Open file descriptions shared among members, each descriptor after its first holder's.
     shared: tuple[SharedDescription, ...] = ()
+    # Members sharing a descriptor table or fs context with their parent, each once.
+    contexts: tuple[SharedContext, ...] = ()
 
     def __post_init__(self) -> None:
         _require(bool(self.members), "Tree: no members")
@@ -1325,6 +1343,20 @@ class Tree:
             )
             _require((link.pid, link.fd) not in holders, f"{where}: listed twice")
             holders.add((link.pid, link.fd))
+        sharing: set[int] = set()
+        for context in self.contexts:
+            where = f"Tree: the contexts process {context.pid} shares"
+            at = order.get(context.pid, 0)
+            _require(at > 0, f"{where}: not a member below the root")
+            member = self.members[at]
+            parent = self.members[order[member.ppid]]
+            _require(
+                MemberState.ZOMBIE not in (member.state, parent.state),
+                f"{where}: a zombie shares nothing",
+            )
+            _require(bool(context.flags), f"{where}: none")
+            _require(context.pid not in sharing, f"{where}: listed twice")
+            sharing.add(context.pid)
 
     @property
     def imaged(self) -> tuple[TreeMember, ...]:

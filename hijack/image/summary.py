@@ -394,5 +394,6 @@ def tree_summary_to_json(summary: TreeSummary) -> dict[str, JsonValue]:
     return {
         "tree": [_value_json(member) for member in summary.tree.members],
         "shared": [_value_json(link) for link in summary.tree.shared],
+        "contexts": [_value_json(context) for context in summary.tree.contexts],
         "images": {str(pid): summary_to_json(image) for pid, image in summary.images.items()},
     }

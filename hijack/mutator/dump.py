@@ -75,6 +75,9 @@ class DumpResult:
     frozen_ms: float  # how long the process was stopped
     members: int = 1  # processes in the tree dumped (PID and its descendants)
     pages_referenced: int = 0  # a tree's pages stored once for several members (COW)
+    # What members of a tree killed without the check of their descriptors share that a
+    # restore will make once for each (hijack.restore.shared.copied_refusals' lines).
+    copied: tuple[str, ...] = ()
 
 
 class Precopied(Protocol):
@@ -156,8 +159,11 @@ def dump(
         locks = [held.enter_context(NetworkLocks(m, image, locked)) for m in members_locked]
         reached("dump-seized")
         members = len(frozen.record.members)
+        copied: tuple[str, ...] = ()
         if kill and members > 1:
             refuse_unrestorable_tree(frozen, check_descriptors)
+            if not check_descriptors:
+                copied = tuple(copied_refusals(frozen.record))
         tracee = frozen.tracees[pid]
 
         tree_sockets = sockets_of(frozen.tracees) if members > 1 else frozenset()
@@ -198,7 +204,9 @@ def dump(
             for lock in locks:
                 lock.keep()
     frozen_ms = (time.perf_counter() - stopped_at) * 1000
-    return DumpResult(pid, threads, written, pages, frozen_ms, members, shared_pages.referenced)
+    return DumpResult(
+        pid, threads, written, pages, frozen_ms, members, shared_pages.referenced, copied
+    )
 
 
 def write_tree(

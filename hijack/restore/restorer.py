@@ -268,6 +268,7 @@ def rebuild_member(
     skip_unsupported: bool = False,
     registry: Registry | None = None,
     own_parent: bool = False,
+    parents_table: bool = False,
 ) -> Rebuilt:
     """Rebuild the process of the image `records` (up to its END) into `stub`, a member of
     a tree whose relations (parent, session, group) are made already; leave it stopped.
@@ -276,7 +277,8 @@ def rebuild_member(
     members share come from `shared`. `own_parent`: its parent is its own (a member
     below the root), whose death its parent-death signal, if any, is for. A shadow's
     descriptors (an attached tree dumped with --kill) are lent to the stub: it was
-    forked from its parent's stub, not ours.
+    forked from its parent's stub, not ours. `parents_table`: the stub shares its parent's
+    descriptor table (CLONE_FILES), rebuilt already: its descriptors are there.
     """
     image = read_head(records)
     for segment in image.segments.segments:
@@ -285,9 +287,11 @@ def rebuild_member(
                 f"segment {segment.start:#x} of process {image.header.pid} is PRECOPIED"
             )
     holdings = shadow_holdings(registry, image.header.pid) if registry else None
+    if parents_table:
+        holdings = None  # its descriptors are its parent's, made from the shadow's already
     shared.begin(image.header.pid, stub.pid, image.files)
     kept = frozenset(holdings.own_fd) if holdings else frozenset()
-    pairs = unix.pair_ends(image.files, shared, skip=kept)  # the tree's: not ours to close
+    pairs = {} if parents_table else unix.pair_ends(image.files, shared, skip=kept)
     plan = plan_files(
         image.segments.segments,
         image.files,
@@ -308,7 +312,18 @@ def rebuild_member(
             space.build(later=frozenset(image.mapped()))
             ipc.after_attach()
             _consume_rest(records, image, space, shared.stub_of)
-            _finish(stub, space, image, plan, inherited, frozenset(), True, shared, own_parent)
+            _finish(
+                stub,
+                space,
+                image,
+                plan,
+                inherited,
+                frozenset(),
+                not parents_table,  # the table's locks are taken (POSIX locks are its own)
+                shared,
+                own_parent,
+                parents_table,
+            )
         finally:
             space.close()
     except BaseException:
@@ -561,12 +576,19 @@ def _finish(
     take_locks: bool,
     shared: TreeShared | None = None,
     own_parent: bool = False,
+    parents_table: bool = False,
 ) -> None:
     assert image.signals is not None and image.cwd is not None
     assert image.settings is not None and image.timers is not None
     leader = _leader_record(image)
     restore_files(
-        stub, plan, image.files, inherited, functools.partial(_objects, space, image), shared
+        stub,
+        plan,
+        image.files,
+        inherited,
+        functools.partial(_objects, space, image),
+        shared,
+        made_already=parents_table,
     )
     restored = {descriptor.fd for descriptor in (*plan.inherited, *plan.reopen)}
     controlling = set_up_terminals(stub, image.files, provided)
