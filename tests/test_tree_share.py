@@ -75,16 +75,22 @@ def contexts_shared(pid: int, other: int) -> set[str]:
 
 
 @pytest.mark.parametrize(
-    ("mode", "flags"),
-    [("files", "FILES"), ("fs", "FS"), ("both", "FS|FILES")],
+    ("mode", "flags", "attached"),
+    [
+        ("files", "FILES", False),
+        ("fs", "FS", False),
+        ("both", "FS|FILES", False),
+        ("both", "FS|FILES", True),
+    ],
+    ids=["files", "fs", "both", "both-attached"],
 )
 def test_a_descriptor_table_or_fs_context_shared_with_the_parent_is_shared_again(
-    hijack: HijackCli, tmp_path: Path, mode: str, flags: str
+    hijack: HijackCli, tmp_path: Path, mode: str, flags: str, attached: bool
 ) -> None:
     """A child made by clone(CLONE_FILES), clone(CLONE_FS) or both is cloned so again from
     its parent at the restore: once restored, the file it opens, the directory it enters
     and the umask it sets are its parent's too (the fixture checks), and not where they
-    share nothing."""
+    share nothing. Attached first, its shadow's descriptors go to the table once."""
     image = tmp_path / "contexts.crf"
     opened, entered = tmp_path / "opened", tmp_path / "entered"
     opened.write_text("the child opens me\n")
@@ -93,6 +99,8 @@ def test_a_descriptor_table_or_fs_context_shared_with_the_parent_is_shared_again
         child = int(tree.ready["child"])
         shared = contexts_shared(tree.pid, child)
         assert shared == ({"files", "fs"} if mode == "both" else {mode})
+        if attached:
+            hijack.ok("attach", tree.pid)
         dump_kill_tree(hijack, tree, image)
         shown = json.loads(hijack.ok("show", "--json", image).stdout)
         assert shown["contexts"] == [{"pid": child, "flags": flags}]
@@ -101,6 +109,10 @@ def test_a_descriptor_table_or_fs_context_shared_with_the_parent_is_shared_again
         assert restored_pid(hijack.ok("restore", image)) == tree.pid
         tree.adopt(tree.pid)
         assert contexts_shared(tree.pid, child) == shared
+        if attached:
+            (row,) = json.loads(hijack.ok("status", "--json").stdout)["processes"]
+            assert (row["pid"], row["state"]) == (tree.pid, "attached"), row
+            hijack.ok("detach", tree.pid)
         tree.assert_intact()
 
 

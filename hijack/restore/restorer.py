@@ -287,8 +287,6 @@ def rebuild_member(
                 f"segment {segment.start:#x} of process {image.header.pid} is PRECOPIED"
             )
     holdings = shadow_holdings(registry, image.header.pid) if registry else None
-    if parents_table:
-        holdings = None  # its descriptors are its parent's, made from the shadow's already
     shared.begin(image.header.pid, stub.pid, image.files)
     kept = frozenset(holdings.own_fd) if holdings else frozenset()
     pairs = {} if parents_table else unix.pair_ends(image.files, shared, skip=kept)
@@ -301,7 +299,8 @@ def rebuild_member(
     )
     ipc = sysv.prepare(image.files, image.segments.segments)
     try:
-        taken = _take_from_shadow(holdings, plan) if holdings else {}
+        # A table shared with the parent has the shadow's descriptors from the parent's.
+        taken = _take_from_shadow(holdings, plan) if holdings and not parents_table else {}
         try:
             inherited = _lend(stub, {**taken, **pairs})
         finally:
