@@ -773,7 +773,12 @@ def write_segment_pages(
             length = min(READ_CHUNK, end - chunk_start)
             view = memoryview(buffer)[:length]
             frames = None
-            if shared_pages is not None and not segment.shared and not through_mem:
+            if (
+                shared_pages is not None
+                and not segment.shared
+                and not through_mem
+                and segment.contents is not rec.ContentsKind.PRECOPIED  # over the rounds'
+            ):
                 frames = procfs.read_pagemap(pid, chunk_start, chunk_start + length)
             if through_mem or frames is not None:
                 # process_vm_readv pins what it reads, and the kernel unshares an anonymous

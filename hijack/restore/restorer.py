@@ -536,7 +536,12 @@ def _consume_rest(
     for record in records:
         if isinstance(record, rec.Pages):
             space.write_pages(record)
-        elif isinstance(record, rec.PageReference) and stub_of is not None:
+        elif isinstance(record, rec.PageReference):
+            if stub_of is None:
+                raise ImageError(
+                    f"pages at {record.address:#x} refer to process {record.pid}: only the"
+                    " restore of the whole tree stream restores them"
+                )
             space.copy_pages(record, stub_of(record.pid))
         elif isinstance(record, rec.Thread):
             image.threads.append(record)
