@@ -50,6 +50,7 @@ from bench.pauses import measure_pauses
 from bench.postcopy import measure_postcopy
 from bench.snapshots import measure_snapshots
 from bench.tls import measure_tls
+from bench.trees import measure_tree_dumps
 from hijack.mutator.dump import MAP_PRIVATE_ANONYMOUS, PROT_READ_WRITE, dump, dump_to_file
 from hijack.mutator.tracee import Tracee
 from hijack.restore.restorer import restore
@@ -261,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         move_lines += measure_postcopy(Path(directory), size)
         move_lines += measure_pauses(Path(directory), cycles=20 if args.quick else 200)
         move_lines += measure_tls(Path(directory) / "tls-pki", size // 4)
+        move_lines += measure_tree_dumps(size // MIB // 4)
     header = (
         f"hijack bench, {size // MIB} MiB, {time.strftime('%Y-%m-%d %H:%M')},"
         f" {os.uname().sysname} {os.uname().release}, {os.cpu_count()} CPUs,"

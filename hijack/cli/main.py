@@ -408,7 +408,9 @@ def command_dump(args: argparse.Namespace, console: Console) -> int:
             raise
         if args.kill and holder is not None:
             registry.set_state(args.pid, "checkpointed")
-    render.dump_result(console, result, args.output, killed=args.kill)
+    # An attached tree's shadow keeps what members share: only a skip makes copies.
+    copies = holder is None and args.skip_unsupported
+    render.dump_result(console, result, args.output, killed=args.kill, copies=copies)
     return EXIT_OK
 
 
