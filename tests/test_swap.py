@@ -1,0 +1,87 @@
+"""Socket swap: two managed ends of a relayed TCP connection joined directly.
+
+After `hijack move` a process's connections go through its home shadow. When
+the other end is a process hijack manages too, `hijack swap PID` joins the two
+ends with a new direct connection between their nodes (docs/protocol.md,
+"Socket swap"): what was in flight arrives first and once, each end's
+descriptor holds the direct socket, and the shadow relays no more of it.
+
+Helpers and programs come from test_move (the same Cluster of netns nodes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from support import spawn_fixture
+from support.nodes import Cluster, Node
+from support.running import RunningFixture
+from test_move import assert_ended_well, move, poll_until, shadow_status, still_running
+
+from hijack.sys import procfs
+
+PLAIN = ("--plain-relays",)  # a swap takes plain relays only (docs/protocol.md)
+# Node a's loopback slowed down so that the stream is still under way after the moves and
+# the swaps (the direct connection between nodes is not shaped): 40 MB/s, 400 MB echoed.
+LOOPBACK_SHAPE = ("rate", "320mbit", "burst", "256kb", "latency", "100ms")
+STREAM_BYTES = 400 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def echo_stream(node: Node, seed: int) -> Iterator[tuple[RunningFixture, RunningFixture]]:
+    """(server, client): an echo_server in `node` and a stream_client echoing STREAM_BYTES
+    through it over the node's (slowed) loopback, under way."""
+    shaped = node.run(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", *LOOPBACK_SHAPE], timeout=10)
+    assert shaped.returncode == 0, shaped.stderr
+    with spawn_fixture("echo_server", netns=node.netns) as server:
+        stream = ("127.0.0.1", server.ready["port"], str(STREAM_BYTES), str(seed))
+        with spawn_fixture("stream_client", *stream, netns=node.netns) as client:
+            yield server, client
+
+
+def peers_of(pid: int) -> set[str]:
+    """The peers ("ip:port") of the established TCP connections `pid` holds."""
+    table = procfs.read_socket_table(pid)
+    found = set()
+    for entry in procfs.list_fds(pid):
+        info = table.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
+        if info is not None and info.type == socket.SOCK_STREAM and info.state == "ESTABLISHED":
+            found.add(info.remote)
+    return found
+
+
+def relayed_ids(node: Node, home_pid: int) -> list[str]:
+    """The TCP connections the home shadow of `home_pid` relays (not its pipes)."""
+    return [row["id"] for row in shadow_status(node, home_pid)["streams"] if row["original"]]
+
+
+def test_a_moved_client_and_its_attached_server_are_joined_directly(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        with echo_stream(a, seed=41) as (server, client):
+            a.hijack_ok("attach", server.pid)
+            moved = move(a, client.pid, b, options=PLAIN)
+            client.wait_exit()  # the original, killed by the move
+            assert still_running(moved.pid), "the stream ended before the swap: too fast"
+            assert len(relayed_ids(a, client.pid)) == 1
+            listed = a.hijack_ok("swap", "--list")
+            assert f"stream_client {moved.pid} on b" in listed.stdout, listed.describe()
+            assert f"echo_server {server.pid} on a" in listed.stdout, listed.describe()
+
+            swapped = a.hijack_ok("swap", client.pid)
+            print(swapped.stdout)
+            assert "direct: " in swapped.stdout, swapped.describe()
+            # The shadow relays nothing of it any more; the server talks to b itself.
+            assert relayed_ids(a, client.pid) == [], f"{client.stderr}\n{server.stderr}"
+            poll_until(
+                lambda: any(peer.startswith("10.77.0.2:") for peer in peers_of(server.pid)),
+                "the server's connection goes to node b",
+            )
+            assert all(peer.startswith("10.77.0.1:") for peer in peers_of(moved.pid))
+            # It finishes there on its own: its own check of every byte echoed, in order.
+            assert_ended_well(moved, "the swapped stream_client", tmp_path)
+            server.assert_intact()
