@@ -25,8 +25,8 @@ from hijack.sys import procfs
 
 PLAIN = ("--plain-relays",)  # a swap takes plain relays only (docs/protocol.md)
 # Node a's loopback slowed down so that the stream is still under way after the moves and
-# the swaps (the direct connection between nodes is not shaped): 40 MB/s, 400 MB echoed.
-LOOPBACK_SHAPE = ("rate", "320mbit", "burst", "256kb", "latency", "100ms")
+# the swaps (the direct connection between nodes is not shaped): 10 MB/s, 400 MB echoed.
+LOOPBACK_SHAPE = ("rate", "80mbit", "burst", "256kb", "latency", "100ms")
 STREAM_BYTES = 400 * 1024 * 1024
 
 
@@ -34,7 +34,9 @@ STREAM_BYTES = 400 * 1024 * 1024
 def echo_stream(node: Node, seed: int) -> Iterator[tuple[RunningFixture, RunningFixture]]:
     """(server, client): an echo_server in `node` and a stream_client echoing STREAM_BYTES
     through it over the node's (slowed) loopback, under way."""
-    shaped = node.run(["tc", "qdisc", "add", "dev", "lo", "root", "tbf", *LOOPBACK_SHAPE], timeout=10)
+    shaped = node.run(
+        ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", *LOOPBACK_SHAPE], timeout=10
+    )
     assert shaped.returncode == 0, shaped.stderr
     with spawn_fixture("echo_server", netns=node.netns) as server:
         stream = ("127.0.0.1", server.ready["port"], str(STREAM_BYTES), str(seed))

@@ -17,24 +17,30 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import secrets
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
+from hijack import testpoint
 from hijack.errors import HijackError
 from hijack.mutator.tracee import signals_deferred
-from hijack.node import pki
-from hijack.node.channel import Channel, ChannelError
+from hijack.node import pki, swap_end
+from hijack.node.channel import Channel
 from hijack.node.daemon import parse_address
-from hijack.node.swap_end import FrozenEnd, split_endpoint
+from hijack.node.swap_end import split_endpoint
 from hijack.registry import ProcessRecord, Registry, node_name
 from hijack.shadow import control
 from hijack.sys import procfs
 
 SWAP_WAIT = 10.0  # seconds each draining step may take before the swap is given up
 OWED_PIECE = 4 << 20  # owed bytes sent to a remote end in one message
+READ_TRIES = 3
 SHADOW_TIMEOUT = 15.0  # a shadow's answer to one swap step (it waits SWAP_WAIT at most)
 
 
@@ -85,8 +91,8 @@ def _port(endpoint: str) -> int:
 def _shadow_status(record: ProcessRecord) -> dict[str, Any] | None:
     if not record.shadow_control:
         return None
-    with contextlib.suppress(HijackError):
-        return control.request(record.shadow_control, {"op": "status"})
+    with contextlib.suppress(HijackError):  # ended meanwhile: nothing to swap
+        return control.request(record.shadow_control, {"op": "status"}, timeout=SHADOW_TIMEOUT)
     return None
 
 
@@ -119,12 +125,17 @@ def _relayed_ends(registry: Registry) -> Iterator[tuple[End, list[str]]]:
 
 def _attached_socket(record: ProcessRecord, local: str, peer: str) -> End | None:
     """The attached process's end of the connection `local` -> `peer`, if it holds it."""
-    with contextlib.suppress(HijackError, OSError):
-        table = procfs.read_socket_table(record.pid)
-        for entry in procfs.list_fds(record.pid):
+    for _ in range(READ_TRIES):  # /proc tables change while read: a failed read is retried
+        try:
+            table = procfs.read_socket_table(record.pid)
+            entries = procfs.list_fds(record.pid)
+        except (HijackError, OSError):
+            continue
+        for entry in entries:
             found = table.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
             if found is not None and (found.local, found.remote) == (local, peer):
                 return End(record.pid, node_name(), record.program, local, peer, _port(local))
+        return None
     return None
 
 
@@ -153,65 +164,102 @@ def find_pairs(registry: Registry) -> list[Pair]:
 # -- one end, where it runs ----------------------------------------------------------
 
 
-class EndSession(Protocol):
-    def queued(self, wait: float) -> int: ...
-    def join(self, local: str, remote: str, send_seq: int, recv_next: int, owed: bytes) -> None: ...
-    def commit(self) -> None: ...
-    def abort(self) -> None: ...
+class EndSession:
+    """One end of a swap, frozen where it runs by a helper (hijack.node.swap_end): the
+    messages of `swap_end`, one answer each. The helper aborts (the process gets its old
+    socket back) if it loses us before `commit`, whatever killed us."""
 
+    def ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
 
-class LocalEnd:
-    """An end that runs on this node: frozen by this command itself."""
-
-    def __init__(self, end: End) -> None:
-        self.frozen = FrozenEnd.freeze(end.pid, end.local, end.peer)
+    def close(self) -> None:
+        raise NotImplementedError
 
     def queued(self, wait: float) -> int:
-        return self.frozen.wait_sent(wait)
+        return int(self.ask({"op": "sent", "wait": wait})["queued"])
 
     def join(self, local: str, remote: str, send_seq: int, recv_next: int, owed: bytes) -> None:
-        self.frozen.join(split_endpoint(local), split_endpoint(remote), send_seq, recv_next, owed)
-
-    def commit(self) -> None:
-        self.frozen.commit()
-
-    def abort(self) -> None:
-        self.frozen.abort()
-
-
-class RemoteEnd:
-    """An end that runs on another node: frozen by its daemon (`swap_end`)."""
-
-    def __init__(self, end: End, channel: Channel) -> None:
-        self.channel = channel
-        channel.send({"op": "swap_end", "pid": end.pid, "local": end.local, "peer": end.peer})
-        channel.expect("phase")
-
-    def queued(self, wait: float) -> int:
-        self.channel.send({"op": "sent", "wait": wait})
-        return int(self.channel.expect("queued")["queued"])
-
-    def join(self, local: str, remote: str, send_seq: int, recv_next: int, owed: bytes) -> None:
-        # What is owed goes first, a piece a message (a frame is at most 16 MiB).
+        # What is owed goes first, a piece a message (a node frame is at most 16 MiB).
         for start in range(0, len(owed), OWED_PIECE):
-            piece = base64.b64encode(owed[start : start + OWED_PIECE]).decode()
-            self.channel.send({"op": "owed", "data": piece})
-            self.channel.expect("phase")
-        self.channel.send(
+            self.ask(
+                {"op": "owed", "data": base64.b64encode(owed[start : start + OWED_PIECE]).decode()}
+            )
+        self.ask(
             {"op": "join", "local": local, "remote": remote, "send_seq": send_seq,
              "recv_next": recv_next}
         )  # fmt: skip
-        self.channel.expect("phase")
 
     def commit(self) -> None:
-        self.channel.send({"op": "commit"})
-        self.channel.expect("phase")
-        self.channel.close()
+        try:
+            self.ask({"op": "commit"})
+        finally:
+            self.close()
 
     def abort(self) -> None:
-        with contextlib.suppress(ChannelError, OSError, HijackError):
-            self.channel.send({"op": "abort"})
-            self.channel.expect("phase")
+        try:
+            with contextlib.suppress(HijackError, OSError, ValueError):
+                self.ask({"op": "abort"})
+        finally:
+            self.close()
+
+
+class LocalEnd(EndSession):
+    """An end that runs on this node: its helper is our child."""
+
+    def __init__(self, end: End) -> None:
+        self.helper = subprocess.Popen(
+            [sys.executable, "-m", "hijack.node.swap_end"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            self.ask({"op": "swap_end", "pid": end.pid, "local": end.local, "peer": end.peer})
+        except BaseException:
+            self.close()
+            raise
+
+    def ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        assert self.helper.stdin is not None and self.helper.stdout is not None
+        self.helper.stdin.write(json.dumps(message) + "\n")
+        self.helper.stdin.flush()
+        line = self.helper.stdout.readline()
+        if not line:
+            raise HijackError("the swap helper ended")
+        answer: dict[str, Any] = json.loads(line)
+        if "error" in answer:
+            raise HijackError(str(answer["error"]))
+        return answer
+
+    def close(self) -> None:
+        if self.helper.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.helper.stdin.close()
+        try:
+            self.helper.wait(swap_end.HELPER_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.helper.kill()
+            self.helper.wait()
+        if self.helper.stdout is not None:
+            self.helper.stdout.close()
+
+
+class RemoteEnd(EndSession):
+    """An end that runs on another node: its daemon's helper (`swap_end`)."""
+
+    def __init__(self, end: End, channel: Channel) -> None:
+        self.channel = channel
+        try:
+            self.ask({"op": "swap_end", "pid": end.pid, "local": end.local, "peer": end.peer})
+        except BaseException:
+            self.close()
+            raise
+
+    def ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.channel.send(message)
+        return self.channel.answer(self.channel.receive())
+
+    def close(self) -> None:
         self.channel.close()
 
 
@@ -229,6 +277,7 @@ class Swap:
     sessions: list[EndSession] = field(default_factory=list)
     paused: list[Shadowed] = field(default_factory=list)
     channels: dict[str, Channel] = field(default_factory=dict)
+    leases: list[socket.socket] = field(default_factory=list)  # see control.hold
     report: Callable[[str], None] = lambda _: None
 
     def run(self) -> tuple[str, str]:
@@ -243,7 +292,7 @@ class Swap:
             # goes on to the other end, whose answers are kept for the direct connection.
             for end in relayed:
                 assert end.shadow is not None
-                self._shadow(end.shadow, "write")
+                self.leases.append(self._hold(end.shadow))
                 self.paused.append(end.shadow)
             # 2. Running on, each relayed end takes in all its shadow had sent it; then it
             # stops, and all it wrote reaches the other end (which runs on and reads it if
@@ -260,28 +309,55 @@ class Swap:
                 sessions[id(end)] = self._freeze(end)
                 self.sessions.append(sessions[id(end)])
                 self._check_sent(end, sessions[id(end)])
+            testpoint.reached("swap-frozen")
             # 4. The direct connection, with what each end is owed in its receive queue.
             owed = [self._owed(end) for end in ends]
             seqs = [secrets.randbits(32), secrets.randbits(32)]
             local = [f"{addresses[0]}:{ends[0].port}", f"{addresses[1]}:{ends[1].port}"]
             sessions[id(ends[0])].join(local[0], local[1], seqs[0], seqs[1], owed[0])
             sessions[id(ends[1])].join(local[1], local[0], seqs[1], seqs[0], owed[1])
+            testpoint.reached("swap-joined")
         except BaseException:
             self.undo()
             raise
-        # The switch: both ends run on the direct connection; the relay retires. Once
-        # begun it is finished: a signal waits until it is over.
+        # The switch: both ends leave repair mode and run on the direct connection; the
+        # relay retires. Once begun it is finished: a signal waits until it is over.
+        # A remote end goes first: if its node does not answer, the local one is
+        # still undone (the one window: a commit done there whose answer was lost).
         with signals_deferred():
-            for session in self.sessions:
+            ordered = sorted(self.sessions, key=lambda session: isinstance(session, LocalEnd))
+            try:
+                ordered[0].commit()
+            except BaseException:
+                self.sessions.remove(ordered[0])
+                self.undo()
+                raise
+            for session in ordered[1:]:
                 session.commit()
             self.sessions = []
             for shadowed in self.paused:
                 with contextlib.suppress(HijackError):
                     self._shadow(shadowed, "retire")
             self.paused = []
+            self._close()
+        return local[0], local[1]
+
+    def _hold(self, shadowed: Shadowed) -> socket.socket:
+        """`write`, on a connection the shadow watches until the swap is over."""
+        lease, _ = control.hold(
+            shadowed.control,
+            {"op": "swap", "swap": self.id, "stream": shadowed.stream, "step": "write"},
+            timeout=SHADOW_TIMEOUT,
+        )
+        return lease
+
+    def _close(self) -> None:
+        for lease in self.leases:
+            lease.close()
+        self.leases = []
         for channel in self.channels.values():
             channel.close()
-        return local[0], local[1]
+        self.channels = {}
 
     def _wait_drained(self, *counts: str) -> None:
         """Until every paused shadow's `counts` are 0: `unacknowledged`, bytes it sent its
@@ -314,8 +390,7 @@ class Swap:
             with contextlib.suppress(HijackError):
                 self._shadow(shadowed, "resume")
         self.paused = []
-        for channel in self.channels.values():
-            channel.close()
+        self._close()
 
     def _addresses(self) -> tuple[str, str]:
         """Where each end's new socket is: its node's address, as the other reaches it."""

@@ -157,6 +157,28 @@ class Shadow:
                 answer = self.answer(message, fds)
             with contextlib.suppress(OSError):  # the asker left: nothing to tell
                 connection.sendall(control.encode(answer))
+                if (
+                    answer.get("ok")
+                    and message.get("op") == "swap"
+                    and message.get("step") == "write"
+                ):
+                    self._watch_swap(connection.dup(), str(message["swap"]), str(message["stream"]))
+
+    def _watch_swap(self, lease: socket.socket, swap: str, stream: str) -> None:
+        """The coordinator of swap `swap` keeps this connection open while it works: when
+        it closes (or speaks) the swap is over; if the stream was neither retired nor given
+        back by then (the coordinator died), it is relayed on as before."""
+
+        def over(_: Any, __: int) -> None:
+            self.selector.unregister(lease)
+            lease.close()
+            taken = self.hub.streams.get(stream)
+            if taken is not None and taken.swapping == swap:
+                log(f"swap {swap}: its coordinator is gone; {stream} is relayed on")
+                self.hub.swap_resume(stream, swap)
+
+        lease.setblocking(False)
+        self.selector.register(lease, selectors.EVENT_READ, over)
 
     def answer(self, message: control.Message, fds: list[int]) -> control.Message:
         """handle(), with a failure as the answer that says why."""
