@@ -12,13 +12,15 @@ Helpers and programs come from test_move (the same Cluster of netns nodes).
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
 
 from support import spawn_fixture
-from support.nodes import Cluster, Node
+from support.nodes import Cluster, Node, link_down, link_up
 from support.running import RunningFixture
+from test_faults import deliver, finish, hijack_in
 from test_move import assert_ended_well, move, poll_until, shadow_status, still_running
 
 from hijack.sys import procfs
@@ -31,15 +33,17 @@ STREAM_BYTES = 400 * 1024 * 1024
 
 
 @contextlib.contextmanager
-def echo_stream(node: Node, seed: int) -> Iterator[tuple[RunningFixture, RunningFixture]]:
-    """(server, client): an echo_server in `node` and a stream_client echoing STREAM_BYTES
+def echo_stream(
+    node: Node, seed: int, size: int = STREAM_BYTES
+) -> Iterator[tuple[RunningFixture, RunningFixture]]:
+    """(server, client): an echo_server in `node` and a stream_client echoing `size` bytes
     through it over the node's (slowed) loopback, under way."""
     shaped = node.run(
         ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", *LOOPBACK_SHAPE], timeout=10
     )
     assert shaped.returncode == 0, shaped.stderr
     with spawn_fixture("echo_server", netns=node.netns) as server:
-        stream = ("127.0.0.1", server.ready["port"], str(STREAM_BYTES), str(seed))
+        stream = ("127.0.0.1", server.ready["port"], str(size), str(seed))
         with spawn_fixture("stream_client", *stream, netns=node.netns) as client:
             yield server, client
 
@@ -86,4 +90,51 @@ def test_a_moved_client_and_its_attached_server_are_joined_directly(tmp_path: Pa
             assert all(peer.startswith("10.77.0.1:") for peer in peers_of(moved.pid))
             # It finishes there on its own: its own check of every byte echoed, in order.
             assert_ended_well(moved, "the swapped stream_client", tmp_path)
+            server.assert_intact()
+
+
+def relayed_bytes(node: Node, home_pid: int) -> int:
+    """What the home shadow of `home_pid` has relayed of its TCP connection, both ways."""
+    (row,) = [row for row in shadow_status(node, home_pid)["streams"] if row["original"]]
+    return int(row["bytes_out"]) + int(row["bytes_in"])
+
+
+def test_a_swap_interrupted_at_any_step_leaves_the_relayed_stream_working(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        with echo_stream(a, seed=42, size=2 * STREAM_BYTES) as (server, client):
+            a.hijack_ok("attach", server.pid)
+            moved = move(a, client.pid, b, options=PLAIN)
+            client.wait_exit()  # the original, killed by the move
+            for stage, what in (
+                ("swap-frozen", signal.SIGINT),
+                ("swap-joined", signal.SIGKILL),
+                ("swap-frozen", "b unreachable"),
+            ):
+                assert still_running(moved.pid), "the stream ended before the swaps: too fast"
+                swapping = hijack_in(a, stage, "swap", client.pid)
+                if what == "b unreachable":
+                    link_down(b)
+                    deliver(swapping, signal.SIGCONT)
+                else:
+                    deliver(swapping, what)
+                result = finish(swapping)
+                link_up(b)
+                assert result.returncode != 0, f"{stage} {what}: {result.describe()}"
+                # Relayed as before, and it goes on.
+                assert relayed_ids(a, client.pid) == ["fd:3"], f"{stage} {what}"
+                before = relayed_bytes(a, client.pid)
+                poll_until(
+                    lambda: relayed_bytes(a, client.pid) > before + (1 << 20),  # noqa: B023
+                    f"the relayed stream goes on after a swap stopped at {stage} by {what}",
+                    timeout=30,
+                )
+                print(f"{stage} {what}: relayed still, {result.stderr.strip()}")
+            # Then a swap that is let through: every byte, in order, both ways.
+            a.hijack_ok("swap", client.pid)
+            assert relayed_ids(a, client.pid) == []
+            assert_ended_well(moved, "the stream_client swapped at last", tmp_path)
             server.assert_intact()

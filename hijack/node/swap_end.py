@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from hijack import testpoint
 from hijack.errors import HijackError
 from hijack.mutator.tracee import Tracee
 from hijack.objects import sockopts
@@ -96,7 +95,6 @@ class FrozenEnd:
         except BaseException:
             tracee.release()
             raise
-        testpoint.reached("swap-frozen")
         return cls(tracee, fd, old, family, flags)
 
     def queued(self) -> int:
@@ -146,7 +144,6 @@ class FrozenEnd:
         made = tcp_repair.make_connection(self.family, local, remote, state, live=False)
         try:
             self._copy_options(made)
-            testpoint.reached("swap-joined")
             self._inject(made)
         except BaseException:
             os.close(made)
