@@ -12,6 +12,7 @@ Helpers and programs come from test_move (the same Cluster of netns nodes).
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import socket
 from collections.abc import Iterator
@@ -77,6 +78,12 @@ def test_a_moved_client_and_its_attached_server_are_joined_directly(tmp_path: Pa
             listed = a.hijack_ok("swap", "--list")
             assert f"stream_client {moved.pid} on b" in listed.stdout, listed.describe()
             assert f"echo_server {server.pid} on a" in listed.stdout, listed.describe()
+
+            # `hijack status` marks the stream as one a swap can join directly.
+            snapshot = json.loads(a.hijack_ok("status", "--json").stdout)
+            (process,) = [p for p in snapshot["processes"] if p["pid"] == client.pid]
+            streams = [s for s in process["shadow"]["streams"] if s["original"]]
+            assert [s["swappable"] for s in streams] == [True], streams
 
             swapped = a.hijack_ok("swap", client.pid)
             print(swapped.stdout)

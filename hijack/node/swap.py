@@ -123,6 +123,11 @@ def _relayed_ends(registry: Registry) -> Iterator[tuple[End, list[str]]]:
             yield end, [str(original[0]), str(original[1])]
 
 
+def holds_connection(record: ProcessRecord, local: str, peer: str) -> bool:
+    """Whether the attached process of `record` holds the TCP connection `local` -> `peer`."""
+    return _attached_socket(record, local, peer) is not None
+
+
 def _attached_socket(record: ProcessRecord, local: str, peer: str) -> End | None:
     """The attached process's end of the connection `local` -> `peer`, if it holds it."""
     for _ in range(READ_TRIES):  # /proc tables change while read: a failed read is retried
