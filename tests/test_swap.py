@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import socket
 from collections.abc import Iterator
@@ -22,7 +23,14 @@ from support import spawn_fixture
 from support.nodes import Cluster, Node, link_down, link_up
 from support.running import RunningFixture
 from test_faults import deliver, finish, hijack_in
-from test_move import assert_ended_well, move, poll_until, shadow_status, still_running
+from test_move import (
+    assert_ended_well,
+    finish_moved,
+    move,
+    poll_until,
+    shadow_status,
+    still_running,
+)
 
 from hijack.sys import procfs
 
@@ -145,3 +153,42 @@ def test_a_swap_interrupted_at_any_step_leaves_the_relayed_stream_working(
             assert relayed_ids(a, client.pid) == []
             assert_ended_well(moved, "the stream_client swapped at last", tmp_path)
             server.assert_intact()
+
+
+def acked_between(node: Node, peer: str) -> int:
+    """Bytes acknowledged on `node`'s established connection to `peer`'s address (`ss -i`)."""
+    completed = node.run(["ss", "-tinH", "state", "established", "dst", peer], timeout=10)
+    found = re.search(r"bytes_acked:(\d+)", completed.stdout)
+    return int(found[1]) if found else 0
+
+
+def test_two_migrants_joined_directly_outlive_their_home_node(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        b.start_daemon()
+        c.start_daemon()
+        with echo_stream(a, seed=43) as (server, client):
+            moved_client = move(a, client.pid, b, options=PLAIN)
+            client.wait_exit()
+            moved_server = move(a, server.pid, c, options=PLAIN)
+            server.wait_exit()
+            assert still_running(moved_client.pid), "the stream ended before the swap: too fast"
+            # Both ends relayed by their shadows at a: one swap joins b and c directly.
+            swapped = a.hijack_ok("swap", client.pid)
+            assert "direct: " in swapped.stdout, swapped.describe()
+            assert "10.77.0.2:" in swapped.stdout and "10.77.0.3:" in swapped.stdout
+            assert relayed_ids(a, client.pid) == []
+            assert relayed_ids(a, server.pid) == []
+            # Node a cut off: the connection between b and c goes on.
+            link_down(a)
+            try:
+                before = acked_between(b, "10.77.0.3")
+                poll_until(
+                    lambda: acked_between(b, "10.77.0.3") > before + (8 << 20),
+                    "8 MiB more acknowledged between b and c while a is cut off",
+                    timeout=30,
+                )
+            finally:
+                link_up(a)  # their pipes (stdout, stderr) are relayed through a
+            assert_ended_well(moved_client, "the stream_client, swapped", tmp_path)
+            finish_moved(server, moved_server, tmp_path)  # it checked its own state: PASS
