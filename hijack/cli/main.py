@@ -219,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         " (still authenticated; kept for its later moves and drains; default: as its last"
         " move chose, else encrypted)",
     )
+    move.add_argument(
+        "--swap",
+        action="store_true",
+        help="then join its relayed connections whose other end this node manages too"
+        " directly (as hijack swap PID does; on its home node)",
+    )
     move.set_defaults(handler=command_move)
 
     drain = commands.add_parser(
@@ -480,6 +486,14 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
             postcopy=args.postcopy,
         )
     render.move_result(console, result, timing=args.timing)
+    if args.swap:  # the move is done whatever becomes of the swap: it only says so
+        try:
+            outcomes = swapping.swap(args.pid)
+        except HijackError as exc:
+            console.print(f"swap: {exc}", highlight=False, markup=False)
+            return EXIT_OK
+        for pair, outcome in outcomes:
+            console.print(f"swap: {pair.describe()}: {outcome}", highlight=False, markup=False)
     return EXIT_OK
 
 
