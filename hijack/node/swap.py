@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import json
 import secrets
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -180,6 +177,14 @@ class EndSession:
     def close(self) -> None:
         raise NotImplementedError
 
+    def open(self, end: End) -> None:
+        """Have the helper freeze `end`'s process and find its socket."""
+        try:
+            self.ask({"op": "swap_end", "pid": end.pid, "local": end.local, "peer": end.peer})
+        except BaseException:
+            self.close()
+            raise
+
     def queued(self, wait: float) -> int:
         return int(self.ask({"op": "sent", "wait": wait})["queued"])
 
@@ -212,41 +217,17 @@ class LocalEnd(EndSession):
     """An end that runs on this node: its helper is our child."""
 
     def __init__(self, end: End) -> None:
-        self.helper = subprocess.Popen(
-            [sys.executable, "-m", "hijack.node.swap_end"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            self.ask({"op": "swap_end", "pid": end.pid, "local": end.local, "peer": end.peer})
-        except BaseException:
-            self.close()
-            raise
+        self.helper = swap_end.Helper()
+        self.open(end)
 
     def ask(self, message: dict[str, Any]) -> dict[str, Any]:
-        assert self.helper.stdin is not None and self.helper.stdout is not None
-        self.helper.stdin.write(json.dumps(message) + "\n")
-        self.helper.stdin.flush()
-        line = self.helper.stdout.readline()
-        if not line:
-            raise HijackError("the swap helper ended")
-        answer: dict[str, Any] = json.loads(line)
+        answer = self.helper.ask(message)
         if "error" in answer:
             raise HijackError(str(answer["error"]))
         return answer
 
     def close(self) -> None:
-        if self.helper.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.helper.stdin.close()
-        try:
-            self.helper.wait(swap_end.HELPER_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            self.helper.kill()
-            self.helper.wait()
-        if self.helper.stdout is not None:
-            self.helper.stdout.close()
+        self.helper.close()
 
 
 class RemoteEnd(EndSession):
@@ -254,11 +235,7 @@ class RemoteEnd(EndSession):
 
     def __init__(self, end: End, channel: Channel) -> None:
         self.channel = channel
-        try:
-            self.ask({"op": "swap_end", "pid": end.pid, "local": end.local, "peer": end.peer})
-        except BaseException:
-            self.close()
-            raise
+        self.open(end)
 
     def ask(self, message: dict[str, Any]) -> dict[str, Any]:
         self.channel.send(message)
@@ -340,11 +317,7 @@ class Swap:
             for session in ordered[1:]:
                 session.commit()
             self.sessions = []
-            for shadowed in self.paused:
-                with contextlib.suppress(HijackError):
-                    self._shadow(shadowed, "retire")
-            self.paused = []
-            self._close()
+            self._end_shadows("retire")
         return local[0], local[1]
 
     def _hold(self, shadowed: Shadowed) -> socket.socket:
@@ -391,9 +364,14 @@ class Swap:
             with contextlib.suppress(Exception):
                 session.abort()
         self.sessions = []
+        self._end_shadows("resume")
+
+    def _end_shadows(self, step: str) -> None:
+        """`retire` (swapped) or `resume` (not) at every paused shadow; then let go of
+        their leases and our channels."""
         for shadowed in self.paused:
             with contextlib.suppress(HijackError):
-                self._shadow(shadowed, "resume")
+                self._shadow(shadowed, step)
         self.paused = []
         self._close()
 

@@ -290,40 +290,58 @@ def serve(channel: Any, request: dict[str, Any]) -> None:
 HELPER_TIMEOUT = 60.0  # seconds a helper may take to answer one message
 
 
+class Helper:
+    """A helper process of ours (`python -m hijack.node.swap_end`) serving one end: a
+    JSON object a line each way. Closing its input makes it abort what is not committed."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "hijack.node.swap_end"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Its answer to `message` (an `error` answer too)."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(message) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            return {"error": "the swap helper ended"}
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()  # end of input: it aborts what is not committed
+        try:
+            self.process.wait(HELPER_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
 def relay_to_helper(channel: Any, request: dict[str, Any]) -> None:
-    """The daemon's `swap_end`: the end is served by a helper process of its own
-    (`python -m hijack.node.swap_end`), not by the daemon: the daemon is the parent of
-    the migrants it restored, and a parent's waitpid() takes the ptrace stops of its
-    child when the tracer is one of its own threads."""
-    helper = subprocess.Popen(
-        [sys.executable, "-m", "hijack.node.swap_end"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert helper.stdin is not None and helper.stdout is not None
+    """The daemon's `swap_end`: the end is served by a helper process of its own, not by
+    the daemon: the daemon is the parent of the migrants it restored, and a parent's
+    waitpid() takes the ptrace stops of its child when the tracer is one of its own
+    threads."""
+    helper = Helper()
     try:
         message = request
         while True:
-            helper.stdin.write(json.dumps(message) + "\n")
-            helper.stdin.flush()
-            line = helper.stdout.readline()
-            if not line:
-                channel.send({"error": "the swap helper ended"})
-                return
-            answer = json.loads(line)
+            answer = helper.ask(message)
             channel.send(answer)
             if "error" in answer or answer.get("phase") in ("done", "aborted"):
                 return
             message = channel.receive()
     finally:
-        with contextlib.suppress(OSError):
-            helper.stdin.close()  # end of input: the helper aborts what is not committed
-        try:
-            helper.wait(HELPER_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            helper.kill()
-            helper.wait()
+        helper.close()
 
 
 def main() -> int:
