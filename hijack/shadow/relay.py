@@ -228,6 +228,10 @@ class Stream:
     # The move that is handing the original back to the process at home (RelayHub.hand_back):
     # no longer pumped; "" for a stream relayed as usual.
     handed: str = ""
+    # The socket swap that is taking this stream off its relay (RelayHub.swap_write): what
+    # the process wrote still goes to the original, what the original sends is kept here
+    # (to_relay) for the direct connection; "" for a stream relayed as usual.
+    swapping: str = ""
 
     @property
     def out_held(self) -> int:
@@ -649,6 +653,9 @@ class RelayHub:
     def _original_events(self, stream: Stream) -> int:
         if stream.kind == "listener":
             return selectors.EVENT_READ if self.pumping else 0
+        if stream.swapping:  # read all the peer sends, whatever we hold: it is owed
+            events = 0 if stream.original_eof else selectors.EVENT_READ
+            return events | (selectors.EVENT_WRITE if stream.in_held else 0)
         events = 0
         # Not pumping (a move under way), the flow towards the process stops; what
         # it wrote still goes to the originals (a frozen process's last bytes too).
@@ -666,6 +673,8 @@ class RelayHub:
         readable = relay.readable() and not stream.retiring
         if readable and stream.in_room():
             events |= selectors.EVENT_READ
+        if stream.swapping:
+            return events
         if self.pumping and (stream.out_held or (stream.original_eof and not stream.shut_relay)):
             events |= selectors.EVENT_WRITE
         if self.pumping and relay.link is not None and relay.link.pending:
@@ -727,8 +736,9 @@ class RelayHub:
             moved = 0
             # Pumping checked again: an event of the select() batch that held a
             # `migrating` request may come after it, and must read nothing more.
-            reading = events & selectors.EVENT_READ and self.pumping
-            if reading and not stream.original_eof and stream.out_room():
+            reading = events & selectors.EVENT_READ and (self.pumping or stream.swapping)
+            room = stream.out_room() or stream.swapping
+            if reading and not stream.original_eof and room:
                 moved += self._read_original(stream)
             moved += self._flush_relay(stream)
             if events & selectors.EVENT_WRITE:
@@ -860,7 +870,7 @@ class RelayHub:
     def _flush_relay(self, stream: Stream) -> int:
         """Send the relay what we hold for it, head first: the byte count sent."""
         relay = stream.relay
-        if relay is None or not self.pumping or stream.handed:
+        if relay is None or not self.pumping or stream.handed or stream.swapping:
             return 0
         sent = 0
         if relay.link is not None:
@@ -1168,6 +1178,100 @@ class RelayHub:
             self.listeners.pop(stream.id, None)
         return handed
 
+    # -- socket swap (docs/protocol.md, "Socket swap") -------------------------------
+
+    def swap_write(self, stream_id: str, swap: str) -> None:
+        """Swap `swap` takes stream `stream_id` off its relay: from now on nothing more
+        goes to the process; what it wrote still goes to the original, and what the
+        original sends is kept for the direct connection (swap_collect). Refused,
+        nothing changed, if it is no plain connected stream."""
+        stream = self.streams.get(stream_id)
+        problem = self._cannot_swap(stream)
+        if problem or stream is None:
+            raise HijackError(f"{stream_id} cannot be swapped: {problem}")
+        stream.swapping = swap
+        # What is kept is counted in to_relay alone: the outward kernel pipe is emptied.
+        _unpipe(stream.out_pipe, stream.to_relay)
+        if stream.out_pipe is not None:
+            stream.out_pipe.close()
+            stream.out_pipe = None
+        stream.splices = False
+        self._refresh_interest()
+
+    def swap_state(self, stream_id: str, swap: str) -> dict[str, int]:
+        """How far stream `stream_id` is drained: the process's bytes still on their way
+        to the original's peer (`towards_peer`), ours to the process not yet in its
+        socket (`unacknowledged`), and what we keep for it (`owed`)."""
+        stream = self._swapped(stream_id, swap)
+        relay = stream.relay
+        assert relay is not None
+        towards_peer = stream.in_held + _readable(relay.sock) + unacknowledged_fd(stream.original)
+        return {
+            "towards_peer": towards_peer,
+            "unacknowledged": relay.unacknowledged(),
+            "owed": len(stream.to_relay),
+        }
+
+    def swap_collect(self, stream_id: str, swap: str, *, read: bool = True) -> bytes:
+        """What the process is owed on `stream_id`: what we held for it, then (`read`) the
+        original read to its end (the caller saw its peer's send queue empty). Kept
+        until swap_retire: swap_resume sends it on."""
+        stream = self._swapped(stream_id, swap)
+        while read:
+            try:
+                data = os.read(stream.original, CHUNK)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                raise HijackError(f"{stream_id}: {exc}") from None
+            if not data:
+                raise HijackError(f"{stream_id}: its peer ended it meanwhile")
+            stream.to_relay += data
+            stream.bytes_out += len(data)
+        return bytes(stream.to_relay)
+
+    def swap_resume(self, stream_id: str, swap: str) -> None:
+        """The swap failed: relay the stream on as before (what we kept goes first)."""
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.swapping == swap:
+            stream.swapping = ""
+            stream.splices = None
+            self._refresh_interest()
+
+    def swap_retire(self, stream_id: str, swap: str) -> int:
+        """Both ends hold the direct connection: close the stream's relay and original.
+        Returns the original (our descriptor, closed now)."""
+        stream = self._swapped(stream_id, swap)
+        original = stream.original
+        self._close(stream, reset=True)
+        return original
+
+    def _swapped(self, stream_id: str, swap: str) -> Stream:
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.closed or stream.swapping != swap or stream.relay is None:
+            raise HijackError(f"{stream_id} is not being swapped by {swap}")
+        if stream.original < 0:
+            raise HijackError(f"{stream_id}: its original has ended")
+        return stream
+
+    def _cannot_swap(self, stream: Stream | None) -> str:
+        if stream is None or stream.closed:
+            return "no such stream"
+        if stream.kind != "stream" or stream.master or self._is_terminal(stream):
+            return "not a connection"
+        if stream.handed or stream.swapping:
+            return f"taken by {stream.handed or stream.swapping} already"
+        if stream.original < 0 or stream.original_eof or stream.shut_original:
+            return "its original has ended"
+        if stream.relay is None or stream.retiring or stream.relay.eof:
+            return "its relays are changing"
+        if stream.relay.link is not None:
+            # Its bytes pass through its node's forwarder, out of the swap's sight.
+            return "its relay is encrypted (hijack move --plain-relays)"
+        if _socket_copy(stream.original) is None:
+            return "not a socket"
+        return ""
+
     # -- reporting ------------------------------------------------------------------
 
     def describe(self) -> list[dict[str, Any]]:
@@ -1188,6 +1292,7 @@ class RelayHub:
                     "bytes_in": stream.bytes_in,
                     "buffered_out": stream.out_held,
                     "buffered_in": stream.in_held,
+                    "original": _original_ends(stream),
                 }
             )
         rows.extend(datagram.describe() for datagram in self.datagrams.values())
@@ -1209,6 +1314,26 @@ def _unpipe(pipe: SplicePipe | None, into: bytearray) -> None:
         pipe.held -= len(data)
         pipe.full = False
         into += data
+
+
+def _original_ends(stream: Stream) -> list[str]:
+    """[ours, its peer] ("ip:port") of a stream's original connection, or [] (a pipe, a
+    listener, ended): what a socket swap matches the other end of the connection by."""
+    if stream.kind != "stream" or stream.original < 0:
+        return []
+    sock = _socket_copy(stream.original)
+    if sock is None:
+        return []
+    with sock, contextlib.suppress(OSError):
+        if sock.type == socket.SOCK_STREAM and sock.family != socket.AF_UNIX:
+            return [endpoint(sock.getsockname()), endpoint(sock.getpeername())]
+    return []
+
+
+def unacknowledged_fd(fd: int) -> int:
+    """Bytes in the send queue of socket `fd`."""
+    value: int = struct.unpack("<i", fcntl.ioctl(fd, SIOCOUTQ, b"\0" * 4))[0]
+    return value
 
 
 def _socket_copy(fd: int) -> socket.socket | None:
