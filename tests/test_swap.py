@@ -121,7 +121,12 @@ def test_a_swap_interrupted_at_any_step_leaves_the_relayed_stream_working(
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         b.start_daemon()
-        with echo_stream(a, seed=42, size=2 * STREAM_BYTES) as (server, client):
+        # The server waits in epoll: a swap undone after the join moves its entry back.
+        epoll = ("0", "epoll")
+        with echo_stream(a, seed=42, size=2 * STREAM_BYTES, server_args=epoll) as (
+            server,
+            client,
+        ):
             a.hijack_ok("attach", server.pid)
             moved = move(a, client.pid, b, options=PLAIN)
             client.wait_exit()  # the original, killed by the move
