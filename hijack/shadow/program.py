@@ -123,6 +123,7 @@ class Shadow:
         self.close()
 
     def close(self) -> None:
+        self.hub.close_pump()
         self.hub.release_terminals()
         self.selector.close()
         self.listener.close()
