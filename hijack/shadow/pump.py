@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -105,8 +106,9 @@ class NativePump:
             raise
         finally:
             theirs.close()
+        # Blocking, without a timeout (a socket with one waits before even a
+        # MSG_DONTWAIT read): answers are waited for with select, bounded.
         self.sock = ours
-        self.sock.settimeout(ANSWER_WAIT)
         self.log = log
         self.dead = False
         self.deferred: list[Report] = []  # streams given back while we waited for an answer
@@ -176,6 +178,8 @@ class NativePump:
 
     def _receive(self) -> Report:
         try:
+            if not select.select([self.sock], [], [], ANSWER_WAIT)[0]:
+                raise TimeoutError(f"no answer within {ANSWER_WAIT:g} s")
             data = self.sock.recv(REPORT.size)
         except OSError as exc:
             raise HijackError(f"the native relay pump did not answer: {exc}") from None

@@ -768,6 +768,7 @@ class RelayHub:
                 stream, native.Report(native.EV_RETURNED, stream.native, 0, 0, 0, 0, *held)
             )
         self.close_pump()
+        self._refresh_interest()  # their descriptors are watched here again
 
     def close_pump(self) -> None:
         """Stop the pump (the shadow ends): it lets go of the copies it holds."""
