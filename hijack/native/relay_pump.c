@@ -5,11 +5,15 @@
  * The shadow hands it a stream in its steady state: the original's socket,
  * the relay's socket and the two kernel pipes the stream's bytes pass through
  * (original -> out pipe -> relay, relay -> in pipe -> original), with what the
- * pipes already hold. It splices both directions in one epoll loop, no byte
- * ever in its memory, until the shadow asks for the stream back or one side
- * ends or fails: then it lets go of the stream's descriptors and says what it
- * moved, what the pipes hold and why it stopped. Everything past the steady
- * state (a move, an end, a reset) stays the shadow's.
+ * pipes already hold. It pumps both directions in one epoll loop (edge
+ * triggered): a direction with nothing queued reads into a buffer and sends at
+ * once (a message costs two system calls), and whatever its sink does not take
+ * goes to the pipe, which then splices on first. It goes on until the shadow
+ * asks for the stream back or one side ends or fails: then it lets go of the
+ * stream's descriptors and says what it moved, what the pipes hold (nothing
+ * is ever held anywhere else between two requests) and why it stopped.
+ * Everything past the steady state (a move, an end, a reset) stays the
+ * shadow's.
  *
  * Control: a SOCK_SEQPACKET socket at descriptor argv[1]; one message each way
  * per request or event (struct request / struct report below, little endian).
@@ -37,6 +41,7 @@ enum {
     ORIGINAL_ERROR = 3, /* reading or writing the original failed: err */
     RELAY_ERROR = 4,    /* reading or writing the relay failed: err */
 };
+enum { MOVED = 100 }; /* pass_through() moved some: no reason above */
 enum { ORIGINAL, RELAY, OUT_READ, OUT_WRITE, IN_READ, IN_WRITE, FDS };
 
 struct request {
@@ -69,6 +74,11 @@ struct pair {
     struct direction out, in;
     struct pair *next;
 };
+
+/* What a direction with nothing queued reads, sent on at once: a small message
+ * costs a recv and a send, not a splice in and a splice out. */
+#define BUFFER_SIZE 65536
+static char buffer[BUFFER_SIZE];
 
 static struct pair *pairs;
 static int epoll_fd, control_fd;
@@ -106,11 +116,52 @@ static void give_back(struct pair *pair, int reason, int err) {
     send_report(&report); /* after closing: the shadow may close the stream at once */
 }
 
+/* Read what `d`'s source has (nothing queued) and send it on; what the sink does
+ * not take now goes to the pipe, where the shadow finds it if it takes the stream
+ * back. MOVED: moved some, 0: nothing there, else why it stopped (as pump()). */
+static int pass_through(struct direction *d, int source_end, int sink_error, int *err) {
+    size_t room = d->size < BUFFER_SIZE ? (size_t)d->size : BUFFER_SIZE;
+    ssize_t got = recv(d->source, buffer, room, MSG_DONTWAIT);
+    if (got == 0)
+        return source_end;
+    if (got < 0) {
+        if (errno == EAGAIN || errno == EINTR)
+            return 0;
+        *err = errno;
+        return source_end == ORIGINAL_EOF ? ORIGINAL_ERROR : RELAY_ERROR;
+    }
+    d->moved += got;
+    ssize_t put = send(d->sink, buffer, (size_t)got, MSG_DONTWAIT | MSG_NOSIGNAL);
+    int failed = put < 0 && errno != EAGAIN && errno != EINTR ? errno : 0;
+    if (put < 0)
+        put = 0;
+    while (put < got) { /* the pipe is empty and at least `room` big: it takes it all */
+        ssize_t kept = write(d->pipe_write, buffer + put, (size_t)(got - put));
+        if (kept < 0 && errno != EINTR)
+            die("write to an empty pipe");
+        if (kept > 0) {
+            put += kept;
+            d->held += kept;
+        }
+    }
+    if (failed) {
+        *err = failed;
+        return sink_error;
+    }
+    return MOVED;
+}
+
 /* Move what is there in one direction: 0 while it goes on, else why it stopped
  * (reason, with errno in *err). */
 static int pump(struct direction *d, int source_end, int sink_error, int *err) {
     for (;;) {
         int progress = 0;
+        if (d->held == 0) {
+            int passed = pass_through(d, source_end, sink_error, err);
+            if (passed != MOVED)
+                return passed;
+            continue;
+        }
         if (!d->full && d->held < d->size) {
             ssize_t got = splice(d->source, NULL, d->pipe_write, NULL, (size_t)(d->size - d->held),
                                  SPLICE_F_MOVE | SPLICE_F_NONBLOCK);

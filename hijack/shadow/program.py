@@ -375,6 +375,7 @@ class Shadow:
         self.relayed = set()
         self.migrant_here = 0
         self.hub.location, self.hub.pumping, self.hub.listeners = "", False, {}
+        self.hub.close_pump()  # nothing relayed: no socket of ours but what the process holds
         log(f"the process is home again with its own descriptors (move {message['move']})")
         return self.come_home(int(message.get("pid", 0)))
 

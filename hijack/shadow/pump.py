@@ -6,8 +6,9 @@ a splice in, a splice out, the bookkeeping between, all in Python — about
 a stream's life needs none of that bookkeeping: both ends open, nothing in
 front of the pipes, no move under way. For that *steady state* the hub hands
 the stream to relay-pump (hijack/native/relay_pump.c, built at install: `make`
-builds it beside its source), which splices both directions in one epoll loop
-through the stream's own kernel pipes, and gives the stream back — its pipes
+builds it beside its source), which pumps both directions in one epoll loop
+(a message: one recv, one send) with the stream's own kernel pipes for what a
+sink does not take at once, and gives the stream back — its pipes
 holding what they held, the counts of what it moved — when the hub asks (a
 move, a status, a close) or when a side ends or fails (the hub then does what
 it always did: it reads the end itself; a failure's errno comes with it).

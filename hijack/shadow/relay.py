@@ -267,13 +267,15 @@ class Stream:
 
         An accepted client's bytes are kept for a replay up to REPLAY_LIMIT;
         past it they are not kept anyway, and splice. Bytes already in the
-        pipe keep the next ones there too: the head goes out first.
+        pipe keep the next ones there too: the head goes out first. An
+        encrypted relay's bytes go through TLS (in our memory) anyway: read
+        straight into the head, not spliced and read back out of the pipe.
         """
         if self.replay is not None and len(self.replay) >= REPLAY_LIMIT:
             # Past it the bytes splice unseen: a replay would have a hole.
             self.replay, self.replay_lost = None, True
-        recording = self.replay is not None
-        if not self.splicing() or (recording and not (self.out_pipe and self.out_pipe.held)):
+        seen = self.replay is not None or (self.relay is not None and self.relay.link is not None)
+        if not self.splicing() or (seen and not (self.out_pipe and self.out_pipe.held)):
             return None
         if self.out_pipe is None:
             self.out_pipe = SplicePipe()
@@ -799,8 +801,11 @@ class RelayHub:
         """Register each descriptor for what it should be watched for now (or hand a stream
         in its steady state to the native pump)."""
         for stream in list(self.streams.values()):
-            if stream.closed or stream.handed or stream.native or self._offer_native(stream):
-                continue
+            self._refresh_stream(stream)
+
+    def _refresh_stream(self, stream: Stream) -> None:
+        """_refresh_interest for one stream (an event touches only its own)."""
+        if not (stream.closed or stream.handed or stream.native or self._offer_native(stream)):
             if stream.original >= 0:  # -1: a pipe we closed to pass its end on
                 self._watch(stream.original, self._original_events(stream), stream, "original")
             if stream.relay is not None:
@@ -872,8 +877,10 @@ class RelayHub:
             self.log(f"{stream.id}: {exc}; closing it")
             self._close(stream, reset=True)
         self._finish_if_done(stream)
-        if not stream.closed:
-            self._refresh_interest()
+        if stream.kind == "listener":
+            self._refresh_interest()  # a client accepted: a stream of its own to watch
+        elif not stream.closed:
+            self._refresh_stream(stream)
 
     @staticmethod
     def _still_watched(stream: Stream, role: str, target: Any) -> bool:
