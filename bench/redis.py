@@ -32,13 +32,12 @@ import re
 import signal
 import statistics
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.links import cpu_seconds as process_cpu_seconds
-from bench.testnodes import Cluster, Node
+from bench.testnodes import Node, relay_nodes
 from hijack.shadow import control
 
 REDIS_SERVER = "/usr/bin/redis-server"
@@ -176,17 +175,12 @@ def measure_redis(rounds: int, warm: float, window: float) -> list[str]:
     programs = (REDIS_SERVER, REDIS_BENCHMARK, REDIS_CLI)
     if not all(os.path.exists(program) for program in programs):
         return [f"{'redis GET relayed':<34} skipped: no {' or '.join(programs)}"]
-    with (
-        tempfile.TemporaryDirectory(prefix="hijack-bench-redis-") as directory,
-        Cluster(Path(directory), nodes=3) as cluster,
-    ):
+    with relay_nodes("hijack-bench-redis-") as (directory, cluster):
         a, b, c = cluster.nodes
-        a.start_daemon()
-        b.start_daemon()
         assert b.daemon_endpoint is not None
         loads: list[Load] = []
         for label, options in (("direct", None), ("plain", ("--plain-relays",)), ("tls", ())):
-            pid, port = start_redis(a, Path(directory), label)
+            pid, port = start_redis(a, directory, label)
             load = Load(label, port)
             start_load(c, a.address, load)
             if options is not None:
