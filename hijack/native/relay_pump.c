@@ -17,7 +17,7 @@
  *
  * Control: a SOCK_SEQPACKET socket at descriptor argv[1]; one message each way
  * per request or event (struct request / struct report below, little endian).
- * It ends when the shadow closes it (or dies: PR_SET_PDEATHSIG).
+ * It ends when the shadow closes it (or dies, which closes it too).
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -28,7 +28,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
-#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -280,7 +279,9 @@ int main(int argc, char **argv) {
         return 2;
     }
     control_fd = atoi(argv[1]);
-    prctl(PR_SET_PDEATHSIG, SIGKILL); /* and a shadow gone closes the control socket too */
+    /* No PR_SET_PDEATHSIG: it fires when the thread that started us ends, which
+     * need not be the shadow's end. A shadow gone closes the control socket: we
+     * read its end and exit. */
     signal(SIGPIPE, SIG_IGN);
     signal(SIGINT, SIG_IGN);
     epoll_fd = epoll_create1(EPOLL_CLOEXEC);
