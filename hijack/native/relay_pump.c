@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -282,6 +283,13 @@ int main(int argc, char **argv) {
     /* No PR_SET_PDEATHSIG: it fires when the thread that started us ends, which
      * need not be the shadow's end. A shadow gone closes the control socket: we
      * read its end and exit. */
+    /* Six descriptors a stream: as many as the hard limit allows (past it an ADD's
+     * descriptors are cut short, we end, and the shadow pumps in Python). */
+    struct rlimit files;
+    if (getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+        files.rlim_cur = files.rlim_max;
+        setrlimit(RLIMIT_NOFILE, &files);
+    }
     signal(SIGPIPE, SIG_IGN);
     signal(SIGINT, SIG_IGN);
     epoll_fd = epoll_create1(EPOLL_CLOEXEC);
