@@ -127,6 +127,7 @@ class Shadow:
         self.close()
 
     def close(self) -> None:
+        self.hub.close_pump()
         self.hub.release_terminals()
         self.selector.close()
         self.listener.close()
@@ -428,6 +429,7 @@ class Shadow:
         self.relayed = set()
         self.migrant_here = 0
         self.hub.location, self.hub.pumping, self.hub.listeners = "", False, {}
+        self.hub.close_pump()  # nothing relayed: no socket of ours but what the process holds
         log(f"the process is home again with its own descriptors (move {message['move']})")
         return self.come_home(int(message.get("pid", 0)))
 
