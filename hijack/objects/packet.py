@@ -55,6 +55,7 @@ SOL_SOCKET = 1
 MAP_SHARED, MAP_FIXED = 0x01, 0x10
 PROT_READ_WRITE = 0x1 | 0x2
 PACKET_MREQ = struct.Struct("=iHH8s")  # struct packet_mreq: ifindex, type, alen, address
+V3_ATTEMPTS = 3  # a TPACKET_V3 ring is set again when its timer closed the block early
 MEMBERSHIP_TYPES = {0: "multicast", 1: "promiscuous", 2: "allmulti", 3: "unicast"}
 
 
@@ -75,10 +76,14 @@ def _assembled(contents: list[tuple[int, bytes]], size: int) -> bytes | None:
 
 
 def _rx_head(diag: packet_diag.PacketDiag, rings: bytes | None, rx_size: int) -> int:
-    if not diag.rx_ring or diag.version == packet_ring.TPACKET_V3:
-        return 0 if not diag.rx_ring else rec.PACKET_HEAD_UNKNOWN
+    """The frame (TPACKET_V3: the block) the kernel fills next."""
+    if not diag.rx_ring:
+        return 0
     if rings is None:
         return rec.PACKET_HEAD_UNKNOWN
+    if diag.version == packet_ring.TPACKET_V3:
+        position = packet_ring.v3_position(diag.rx_ring, rings[:rx_size])
+        return rec.PACKET_HEAD_UNKNOWN if isinstance(position, str) else position.block
     return packet_ring.rx_head(diag.rx_ring, diag.version, rings[:rx_size])
 
 
@@ -111,6 +116,23 @@ def _by_base(packet: rec.PacketSocket) -> dict[int, list[rec.PacketRingMapping]]
 
 def _whole(packet: rec.PacketSocket, mappings: list[rec.PacketRingMapping]) -> bool:
     return sum(m.size for m in mappings) == _size(packet)
+
+
+def _saved_rings(packet: rec.PacketSocket, image: ImageFiles) -> bytes:
+    """The rings' bytes as the image keeps them (pages of zeros left out)."""
+    rings = bytearray(_size(packet))
+    for chunk in image.chunks.get(packet.id, ()):
+        rings[chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
+    return bytes(rings)
+
+
+def _reserve(image: ImageFiles, packet: rec.PacketSocket) -> int:
+    """The socket's PACKET_RESERVE (the room before each frame's link header)."""
+    options = sockopts.options_of(image, packet.id)
+    for option in options.options if options else ():
+        if (option.level, option.name) == (SOL_PACKET, packet_ring.PACKET_RESERVE):
+            return int.from_bytes(option.value[:4], "little")
+    return 0
 
 
 def ring_segments(image: ImageFiles) -> dict[int, int]:
@@ -190,6 +212,35 @@ def _add_memberships(sock: socket.socket, packet: rec.PacketSocket) -> None:
             sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, request)
 
 
+def _set_rx_ring(sock: socket.socket, packet: rec.PacketSocket, saved: bytes) -> None:
+    """Set `sock`'s RX ring, move the kernel's position in it where it was (V1/V2: its next
+    frame; V3: its block and the frames in it) and write its bytes back at once (a V3
+    block's retire timer runs); set again when that timer closed the block meanwhile."""
+    ring, version = packet.rx_ring, packet.version
+    for _ in range(V3_ATTEMPTS):
+        sock.setsockopt(SOL_PACKET, packet_ring.PACKET_RX_RING, packet_ring.request(ring, version))
+        with mmap.mmap(sock.fileno(), len(saved)) as rx:
+            if version == packet_ring.TPACKET_V3:
+                position = packet_ring.v3_position(ring, saved)
+                if isinstance(position, str):  # refused before (refusal)
+                    raise RestoreError(f"a TPACKET_V3 ring's position is not known: {position}")
+                placed = packet_ring.advance_v3(sock, ring, rx, position)
+            else:
+                packet_ring.advance_rx_head(sock, ring, version, rx, packet.rx_head)
+                placed = True
+            if placed:
+                rx[:] = saved
+                packet_ring.reset_statistics(sock)
+                return
+        sock.setsockopt(
+            SOL_PACKET, packet_ring.PACKET_RX_RING, packet_ring.request((0,) * 7, version)
+        )
+    raise RestoreError(
+        "cannot move a TPACKET_V3 ring's position: its retire timer closed the block"
+        f" while it was filled, {V3_ATTEMPTS} times"
+    )
+
+
 class Packet(Kind):
     name = "packet"
     record_types = (rec.PacketSocket,)
@@ -252,11 +303,6 @@ class Packet(Kind):
         packet = image.object_of(descriptor, rec.PacketSocket)
         rings = [name for name, ring in (("RX", packet.rx_ring), ("TX", packet.tx_ring)) if ring]
         named = " and ".join(f"PACKET_{name}_RING" for name in rings)
-        if rings and packet.version == packet_ring.TPACKET_V3:
-            return (
-                f"{describe_fd(descriptor)} with a TPACKET_V3 {named}: the kernel's open"
-                " block is not rebuilt"
-            )
         if any(not _whole(packet, maps) for maps in _by_base(packet).values()):
             return (
                 f"{describe_fd(descriptor)} with its {named} mapped in part: the kernel maps"
@@ -272,6 +318,14 @@ class Packet(Kind):
                 f"{describe_fd(descriptor)} with a PACKET_TX_RING used or not mapped whole:"
                 " the kernel's position in it is not known"
             )
+        if packet.rx_ring and packet.version == packet_ring.TPACKET_V3:
+            rx = _saved_rings(packet, image)[: packet_ring.ring_size(packet.rx_ring)]
+            why = packet_ring.v3_refusal(packet.rx_ring, rx, _reserve(image, packet))
+            if why is not None:
+                return (
+                    f"{describe_fd(descriptor)} with a TPACKET_V3 PACKET_RX_RING whose"
+                    f" position is not rebuilt: {why}"
+                )
         return None
 
     def restore(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
@@ -304,23 +358,18 @@ class Packet(Kind):
             set_option, attach = sockopts.our_setters(sock)
             sockopts.set_early(options, set_option)
             sockopts.set_late(unfiltered, set_option, attach)
+            saved = _saved_rings(packet, restore.image)
+            rx_size = packet_ring.ring_size(packet.rx_ring)
             if packet.rx_ring:
-                sock.setsockopt(
-                    SOL_PACKET,
-                    packet_ring.PACKET_RX_RING,
-                    packet_ring.request(packet.rx_ring, packet.version),
-                )
-                packet_ring.advance_rx_head(sock, packet.rx_ring, packet.version, packet.rx_head)
+                _set_rx_ring(sock, packet, saved[:rx_size])
             if packet.tx_ring:
                 sock.setsockopt(
                     SOL_PACKET,
                     packet_ring.PACKET_TX_RING,
                     packet_ring.request(packet.tx_ring, packet.version),
                 )
-            size = packet_ring.ring_size(packet.rx_ring) + packet_ring.ring_size(packet.tx_ring)
-            with mmap.mmap(sock.fileno(), size) as rings:
-                for chunk in restore.image.chunks.get(packet.id, ()):
-                    rings[chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
+                with mmap.mmap(sock.fileno(), len(saved)) as rings:
+                    rings[rx_size:] = saved[rx_size:]
             packet_ring.bind(sock, packet.ifindex, packet.protocol)
             _add_memberships(sock, packet)
             if options is not None:
@@ -340,13 +389,15 @@ class Packet(Kind):
         parts += [
             f"{MEMBERSHIP_TYPES.get(m.type, m.type)} on {m.ifindex}" for m in packet.memberships
         ]
-        parts += [
-            f"{name} ring of {ring[3]} frames, next {head}"
-            for name, ring, head in (
-                ("RX", packet.rx_ring, packet.rx_head),
-                ("TX", packet.tx_ring, packet.tx_head),
+        v3 = packet.version == packet_ring.TPACKET_V3
+        if packet.rx_ring:
+            ring = packet.rx_ring
+            parts.append(
+                f"RX ring of {ring[1]} blocks, block {packet.rx_head}"
+                if v3
+                else f"RX ring of {ring[3]} frames, next {packet.rx_head}"
             )
-            if ring
-        ]
+        if packet.tx_ring:
+            parts.append(f"TX ring of {packet.tx_ring[3]} frames, next {packet.tx_head}")
         parts += [f"rings mapped at {m.start:#x}+{m.offset:#x}" for m in packet.ring_mappings]
         return ", ".join(parts) + sockopts.describe_options(image, packet.id)
