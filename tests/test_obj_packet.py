@@ -63,7 +63,8 @@ print(fd, flush=True)
 sys.stdin.read()
 """
 
-# Holds a TPACKET_V2 packet socket on lo that sent a frame through its TX ring.
+# Holds a TPACKET_V2 packet socket on lo that sent a frame through each slot of its TX
+# ring: gone round, nothing tells where the kernel sends next.
 USED_TX_RING_HOLDER = """\
 import mmap, socket, struct, sys
 held = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0)
@@ -71,9 +72,10 @@ held.setsockopt(263, 10, 1)  # PACKET_VERSION TPACKET_V2
 held.setsockopt(263, 13, struct.pack("4I", 4096, 1, 2048, 2))  # PACKET_TX_RING
 ring = mmap.mmap(held.fileno(), 4096)
 held.bind(("lo", 0))
-ring[32:92] = bytes(12) + b"\\x88\\xb5" + bytes(46)
-struct.pack_into("=II", ring, 0, 1, 60)  # TP_STATUS_SEND_REQUEST, tp_len
-held.send(b"")
+for slot in range(2):
+    ring[2048 * slot + 32 : 2048 * slot + 92] = bytes(12) + b"\\x88\\xb5" + bytes(46)
+    struct.pack_into("=II", ring, 2048 * slot, 1, 60)  # TP_STATUS_SEND_REQUEST, tp_len
+    held.send(b"")
 print(held.fileno(), flush=True)
 sys.stdin.read()
 """
@@ -243,7 +245,7 @@ def test_a_tpacket_v3_ring_comes_back_with_its_blocks_and_position(
 @pytest.mark.parametrize(
     ("holder_program", "refusal"),
     [
-        (USED_TX_RING_HOLDER, "with a PACKET_TX_RING used or not mapped whole: the kernel's"),
+        (USED_TX_RING_HOLDER, "with a PACKET_TX_RING not mapped whole, gone round"),
         (CLOSED_RING_HOLDER, "a socket's ring mapped with no descriptor of it left (socket:["),
     ],
     ids=["used-tx", "socket-closed"],

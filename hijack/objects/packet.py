@@ -11,25 +11,27 @@ adds its memberships, joins its fanout group last (a group takes bound sockets
 only) and gives it to the process. Frames queued on it are lost: a packet socket
 sees copies of traffic, which goes on without it.
 
-Rings (PACKET_RX_RING, PACKET_TX_RING; TPACKET_V1 and V2): the record keeps each
+Rings (PACKET_RX_RING, PACKET_TX_RING; TPACKET_V1, V2 and V3): the record keeps each
 ring's request (packet_diag), where the process maps them ("socket:[INODE]" in its
-maps: address, length, offset, protections) and the kernel's position in each; the
-rings' bytes are the object's ObjectData, read through the mappings, and those
-segments store no pages (memfd.held_by_objects). The restorer makes the socket with
-no protocol, sets its options (PACKET_VERSION, _RESERVE, _TIMESTAMP ... before the
-rings, as the kernel requires), sets the RX ring and moves the kernel's position in
-it (hijack.sys.packet_ring.advance_rx_head), sets the TX ring, writes the bytes back
-(frames not yet consumed stay TP_STATUS_USER where they were), binds it, then
-attaches its filter; once the descriptors are given, memfd.map_objects has the stub
-mmap the rings at their address (map_rings: MAP_SHARED | MAP_FIXED, then each part's
-protection).
+maps: address, length, offset, protections) and the kernel's position in each (a
+frame; a V3 RX ring's: a block, the frames in it told from the ring's bytes again at
+restore); the rings' bytes are the object's ObjectData, read through the mappings,
+and those segments store no pages (memfd.held_by_objects). The restorer makes the
+socket with no protocol, sets its options (PACKET_VERSION, _RESERVE, _TIMESTAMP ...
+before the rings, as the kernel requires), sets the RX ring, moves the kernel's
+position in it (hijack.sys.packet_ring.advance_rx_head, advance_v3) and writes its
+bytes back at once (frames not yet consumed stay TP_STATUS_USER where they were),
+sets the TX ring, moves the kernel's position in it (advance_tx_head) and writes its
+bytes back, binds it, then attaches its filter; once the descriptors are given,
+memfd.map_objects has the stub mmap the rings at their address (map_rings:
+MAP_SHARED | MAP_FIXED, then each part's protection).
 
-Refused by name: a TPACKET_V3 ring (the kernel's open block and its fill offset
-cannot be set again), a TX ring that has been used (nothing tells which frame the
-kernel sends next: restored, it would wait at frame 0 while the program fills
-another), a ring mapped in part or not at all (its frames, or its position, are
-not known), and (hijack.restore.plan) a ring mapped after the socket's last
-descriptor was closed (its memory would come back without the socket filling it).
+Refused by name: a ring whose position cannot be told (a TX ring gone round with
+nothing waiting; a V3 ring whose block headers were rewritten, or whose open block
+holds a frame no filler frame on lo can stand for), a ring mapped in part or not at
+all (its frames, or its position, are not known), and (hijack.restore.plan) a ring
+mapped after the socket's last descriptor was closed (its memory would come back
+without the socket filling it).
 """
 
 from __future__ import annotations
@@ -88,13 +90,13 @@ def _rx_head(diag: packet_diag.PacketDiag, rings: bytes | None, rx_size: int) ->
 
 
 def _tx_head(diag: packet_diag.PacketDiag, rings: bytes | None, rx_size: int) -> int:
-    """0 for a TX ring never used (the kernel's position is its first frame), else unknown:
-    a frame sent leaves no trace of when."""
+    """The frame the kernel sends next (packet_ring.tx_head), else unknown."""
     if not diag.tx_ring:
         return 0
-    if rings is None or packet_ring.ever_used(rings[rx_size:]):
-        return rec.PACKET_HEAD_UNKNOWN
-    return 0
+    head = (
+        None if rings is None else packet_ring.tx_head(diag.tx_ring, diag.version, rings[rx_size:])
+    )
+    return rec.PACKET_HEAD_UNKNOWN if head is None else head
 
 
 def _prot(perms: str) -> int:
@@ -315,8 +317,9 @@ class Packet(Kind):
             )
         if packet.tx_ring and packet.tx_head == rec.PACKET_HEAD_UNKNOWN:
             return (
-                f"{describe_fd(descriptor)} with a PACKET_TX_RING used or not mapped whole:"
-                " the kernel's position in it is not known"
+                f"{describe_fd(descriptor)} with a PACKET_TX_RING not mapped whole, gone"
+                " round or with frames waiting here and there: the kernel's position in it"
+                " is not known"
             )
         if packet.rx_ring and packet.version == packet_ring.TPACKET_V3:
             rx = _saved_rings(packet, image)[: packet_ring.ring_size(packet.rx_ring)]
@@ -368,8 +371,12 @@ class Packet(Kind):
                     packet_ring.PACKET_TX_RING,
                     packet_ring.request(packet.tx_ring, packet.version),
                 )
-                with mmap.mmap(sock.fileno(), len(saved)) as rings:
-                    rings[rx_size:] = saved[rx_size:]
+                tx = packet_ring.settled_tx(packet.tx_ring, packet.version, saved[rx_size:])
+                with mmap.mmap(sock.fileno(), len(saved)) as rings, memoryview(rings) as view:
+                    packet_ring.advance_tx_head(
+                        sock, packet.tx_ring, packet.version, view[rx_size:], packet.tx_head
+                    )
+                    view[rx_size:] = tx
             packet_ring.bind(sock, packet.ifindex, packet.protocol)
             _add_memberships(sock, packet)
             if options is not None:

@@ -68,8 +68,21 @@ FRAME3_OVERHEAD = 82
 ETH_HEADER = 14
 LO_MAX_FRAME = 65536 + ETH_HEADER
 PACKET_RESERVE, PACKET_STATISTICS = 12, 6
+# A TX frame's status, tp_len and where its data starts (tp_hdrlen less the address):
+# struct tpacket_hdr (V1), tpacket2_hdr (V2), tpacket3_hdr (V3).
+TP_STATUS_AVAILABLE, TP_STATUS_SEND_REQUEST, TP_STATUS_SENDING = 0, 1, 2
+TP_STATUS_WRONG_FORMAT = 4
+TX_STATUS = {TPACKET_V1: struct.Struct("=Q"), TPACKET_V2: struct.Struct("=I")}
+TX_STATUS[TPACKET_V3] = TX_STATUS[TPACKET_V2]
+TX_STATUS_AT = {TPACKET_V1: 0, TPACKET_V2: 0, TPACKET_V3: 20}
+TX_LEN_AT = {TPACKET_V1: 8, TPACKET_V2: 4, TPACKET_V3: 16}
+TX_DATA_AT = {TPACKET_V1: 32, TPACKET_V2: 32, TPACKET_V3: 48}
 ETH_P_LOCAL_EXPERIMENT = 0x88B5  # IEEE 802 local experimental ethertype 1
 FILLER = bytes(12) + ETH_P_LOCAL_EXPERIMENT.to_bytes(2, "big") + bytes(46)
+# What a TX ring sends: another ethertype, that the socket's own RX ring (bound on lo
+# for the one above; a bind for protocol 0 keeps it) does not receive it back.
+ETH_P_LOCAL_EXPERIMENT_2 = 0x88B6
+TX_FILLER = bytes(12) + ETH_P_LOCAL_EXPERIMENT_2.to_bytes(2, "big") + bytes(46)
 SOCKADDR_LL = struct.Struct("=HHiHBB8s")  # family, protocol (network order), ifindex, ...
 BATCH = 32  # filler frames sent before waiting for them (the backlog holds 1000)
 FILL_TIMEOUT = 5.0
@@ -116,9 +129,78 @@ def rx_head(ring: tuple[int, ...], version: int, data: bytes) -> int:
     return (ends[0] + 1) % frames if ends else 0
 
 
-def ever_used(data: bytes) -> bool:
-    """Whether a TX ring holds anything: a frame the program wrote or the kernel sent."""
-    return any(data)
+def _tx_frame(
+    ring: tuple[int, ...], version: int, data: bytes | mmap.mmap, index: int
+) -> tuple[int, int]:
+    """The status and tp_len of TX frame `index`."""
+    at = frame_offset(ring, index)
+    (status,) = TX_STATUS[version].unpack_from(data, at + TX_STATUS_AT[version])
+    (length,) = struct.unpack_from("=I", data, at + TX_LEN_AT[version])
+    return status, length
+
+
+def tx_head(ring: tuple[int, ...], version: int, data: bytes) -> int | None:
+    """The frame the kernel sends next from TX ring `ring` holding `data`, or None when it
+    cannot be told. The kernel sends frames in order from its position, each
+    TP_STATUS_SEND_REQUEST until sent (TP_STATUS_WRONG_FORMAT stops it there), and leaves
+    no other trace: so it is the first of the one run of frames waiting to be sent, else
+    the frame after those ever written (tp_len) when they are the first ones of the ring
+    (it never went round)."""
+    frames = ring[3]
+    seen = [_tx_frame(ring, version, data, index) for index in range(frames)]
+    waiting = [
+        status & (TP_STATUS_SEND_REQUEST | TP_STATUS_WRONG_FORMAT) != 0 for status, _ in seen
+    ]
+    if any(waiting):
+        starts = [index for index in range(frames) if waiting[index] and not waiting[index - 1]]
+        return starts[0] if len(starts) == 1 else None
+    written = [status != TP_STATUS_AVAILABLE or length != 0 for status, length in seen]
+    used = written.index(False) if False in written else frames
+    return used if used < frames and not any(written[used:]) else None
+
+
+def settled_tx(ring: tuple[int, ...], version: int, data: bytes) -> bytes:
+    """`data` with the frames the kernel was sending (TP_STATUS_SENDING: gone with the
+    original socket) given back to the program, as the kernel does once they are sent."""
+    settled = bytearray(data)
+    for index in range(ring[3]):
+        if _tx_frame(ring, version, data, index)[0] == TP_STATUS_SENDING:
+            at = frame_offset(ring, index) + TX_STATUS_AT[version]
+            TX_STATUS[version].pack_into(settled, at, TP_STATUS_AVAILABLE)
+    return bytes(settled)
+
+
+def advance_tx_head(
+    sock: socket.socket, ring: tuple[int, ...], version: int, tx: memoryview, head: int
+) -> None:
+    """Make the kernel send the first `head` frames of `sock`'s new TX ring (its bytes
+    `tx`, nobody else's), so that it sends frame `head` next: filler frames sent on lo
+    (`sock` is left bound there, for what it received before)."""
+    if head == 0:
+        return
+    bind(sock, socket.if_nametoindex("lo"), 0)
+    status, length_at, data_at = TX_STATUS[version], TX_LEN_AT[version], TX_DATA_AT[version]
+    for index in range(head):
+        at = frame_offset(ring, index)
+        tx[at + data_at : at + data_at + len(TX_FILLER)] = TX_FILLER
+        struct.pack_into("=I", tx, at + length_at, len(TX_FILLER))
+        status.pack_into(tx, at + TX_STATUS_AT[version], TP_STATUS_SEND_REQUEST)
+    try:
+        sock.send(b"")
+    except OSError as error:
+        raise RestoreError(
+            "cannot move a packet ring's position: sending on the loopback"
+            f" interface fails ({error.strerror}); is lo up?"
+        ) from None
+    _wait(
+        lambda: all(
+            status.unpack_from(tx, frame_offset(ring, index) + TX_STATUS_AT[version])[0]
+            == TP_STATUS_AVAILABLE
+            for index in range(head)
+        ),
+        sock,
+        "filler frames given to the TX ring were not sent",
+    )
 
 
 def bind(sock: socket.socket, ifindex: int, protocol: int) -> None:
