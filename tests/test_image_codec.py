@@ -698,7 +698,16 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 ThreadSeccomp(tid=4244, mode=1, filters=()),
             ),
             guard_pages=(PageRange(start=0x7F0000100000, end=0x7F0000102000),),
-            aio_rings=(AioRing(address=0x7F0000200000, size=0x3000, nr=383),),
+            aio_rings=(
+                AioRing(
+                    address=0x7F0000200000,
+                    size=0x3000,
+                    nr=383,
+                    head=382,
+                    tail=1,
+                    events=bytes(range(64)),
+                ),
+            ),
         ),
         Timers(
             itimers=(Itimer(which=0, interval_ns=20_000_000, value_ns=7_000_000),),

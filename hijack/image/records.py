@@ -1130,6 +1130,9 @@ class PageRange:
         )
 
 
+AIO_EVENT_SIZE = 32  # struct io_event: data, obj, res, res2
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AioRing:
     """The ring of an AIO context (io_setup), mapped at `address`: the aio_context_t."""
@@ -1137,11 +1140,21 @@ class AioRing:
     address: U64
     size: U64  # bytes of its mapping
     nr: U32  # the ring header's nr: io_events it holds (io_setup((nr - 2) / 2) makes as many)
+    head: U32  # the ring header's head: the first event not yet reaped
+    tail: U32  # ... and tail: where the kernel puts the next completed event
+    events: bytes  # the io_events from head to tail (32 bytes each): completed, not reaped
 
     def __post_init__(self) -> None:
         _require(
             _page_aligned(self.address) and self.size > 0 and _page_aligned(self.size),
             f"AioRing {self.address:#x}+{self.size:#x}: not whole pages",
+        )
+        _require(
+            self.head < self.nr
+            and self.tail < self.nr
+            and len(self.events) == (self.tail - self.head) % self.nr * AIO_EVENT_SIZE,
+            f"AioRing {self.address:#x}: head {self.head}, tail {self.tail} of {self.nr} and"
+            f" {len(self.events)} bytes of events do not agree",
         )
 
 
