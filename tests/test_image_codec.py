@@ -721,6 +721,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                     thread=0,
                     interval_ns=0,
                     value_ns=0,
+                    overrun=0,
                 ),
                 PosixTimer(
                     timer_id=3,
@@ -731,6 +732,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                     thread=4243,
                     interval_ns=1_000_000,
                     value_ns=999_999_999_999,
+                    overrun=2**31 - 1,
                 ),
             ),
         ),

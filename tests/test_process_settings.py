@@ -138,3 +138,18 @@ def test_an_aio_context_comes_back_at_its_address_with_its_unreaped_events(
 
         restore_adopted(hijack, fixture, image)
         fixture.assert_intact()  # its own check: head, tail, the events, a read after
+
+
+def test_posix_timers_come_back_with_their_overrun(hijack: HijackCli, tmp_path: Path) -> None:
+    image = tmp_path / "overrun.crf"
+    with spawn_fixture("timer_overrun", fifos=True) as fixture:
+        dump_kill(hijack, fixture, image)
+        posix = shown_json(hijack, image)["timers"]["posix"]
+        overruns = {timer["timer_id"]: timer["overrun"] for timer in posix}
+        realtime, monotonic = int(fixture.ready["realtime"]), int(fixture.ready["monotonic"])
+        assert overruns == {realtime: 5, monotonic: 2}, posix
+        assert f"POSIX timer {realtime}: clock 0," in hijack.ok("show", image).stdout
+        assert "overrun 5" in hijack.ok("show", image).stdout
+
+        restore_adopted(hijack, fixture, image)
+        fixture.assert_intact()  # its own check: each overrun, interval and time left

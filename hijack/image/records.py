@@ -1209,6 +1209,7 @@ class PosixTimer:
     thread: U32  # the tid SIGEV_THREAD_ID notifies, else 0
     interval_ns: U64  # it_interval
     value_ns: U64  # it_value: time left until it next expires; 0 when disarmed
+    overrun: I32  # timer_getoverrun: the expirations its last signal stood for, less one
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
