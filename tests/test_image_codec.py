@@ -537,7 +537,13 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         ),
         NetlinkSocket(id=24, type=3, protocol=0, port_id=4242, groups=(1, 5)),
         RawSocket(id=25, family=2, protocol=1, local_address="127.0.0.1", remote_address=""),
-        PingSocket(id=61, family=2, local_address="127.0.0.1:4321", remote_address="127.0.0.1"),
+        PingSocket(
+            id=61,
+            family=2,
+            local_address="127.0.0.1:4321",
+            remote_address="127.0.0.1",
+            queue=(QueuedDatagram(length=16, source="127.0.0.1:0"),),
+        ),
         PacketSocket(
             id=62,
             type=3,

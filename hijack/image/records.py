@@ -730,12 +730,13 @@ class RawSocket:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PingSocket:
     """An ICMP ping socket (SOCK_DGRAM, IPPROTO_ICMP or IPPROTO_ICMPV6): the address and
-    echo identifier it is bound to, the host it is connected to; replies queued are lost."""
+    echo identifier it is bound to, the host it is connected to, the replies queued."""
 
     id: U64
     family: U16  # AF_INET or AF_INET6
     local_address: str  # "127.0.0.1:IDENT", "[::1]:IDENT"; "0.0.0.0:0" / "[::]:0" never bound
     remote_address: str  # the host it is connected to ("127.0.0.1", "::1"), "" when not
+    queue: tuple[QueuedDatagram, ...]  # echo replies (their ICMP messages), oldest first
 
     def __post_init__(self) -> None:
         _check_object_id(self)
