@@ -123,11 +123,18 @@ def _packet(
 def fill_queue(local: str, datagrams: list[Datagram], protocol: int = IPPROTO_UDP) -> None:
     """Send each datagram, from its source, to the socket bound to `local`, in order, as
     `protocol` (IPPROTO_UDP or IPPROTO_UDPLITE)."""
+    _send_raw(f"a raw socket re-queuing to {local}", [
+        _packet(datagram.source, local, datagram.data, protocol) for datagram in datagrams
+    ])  # fmt: skip
+
+
+def _send_raw(what: str, packets: list[tuple[int, bytes, str]]) -> None:
+    """Send each (family, packet with its IP header, destination host) through a raw
+    socket, in order."""
     raws: dict[int, socket.socket] = {}
     try:
-        for datagram in datagrams:
-            family, packet, host = _packet(datagram.source, local, datagram.data, protocol)
-            with kernel_call("sendto", what=f"a raw socket re-queuing to {local}"):
+        for family, packet, host in packets:
+            with kernel_call("sendto", what=what):
                 if family not in raws:
                     raws[family] = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
                     # Let through by the socket's network lock, if it has one.
@@ -173,15 +180,6 @@ def _ping_reply(source: str, local: str, message: bytes) -> tuple[int, bytes, st
 def fill_ping_queue(local: str, replies: list[Datagram]) -> None:
     """Send each echo reply (the ICMP message a ping socket's recv gave), from its
     source, to the ping socket bound to `local` (its echo identifier), in order."""
-    raws: dict[int, socket.socket] = {}
-    try:
-        for reply in replies:
-            family, packet, host = _ping_reply(reply.source, local, reply.data)
-            with kernel_call("sendto", what=f"a raw socket re-queuing echo replies to {local}"):
-                if family not in raws:
-                    raws[family] = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
-                    raws[family].setsockopt(socket.SOL_SOCKET, SO_MARK, netlock.OWN_MARK)
-                raws[family].sendto(packet, (host, 0))
-    finally:
-        for raw in raws.values():
-            raw.close()
+    _send_raw(f"a raw socket re-queuing echo replies to {local}", [
+        _ping_reply(reply.source, local, reply.data) for reply in replies
+    ])  # fmt: skip
