@@ -9,6 +9,8 @@ on the link with a packet socket, next to the moved process's listener.
 from __future__ import annotations
 
 import os
+import selectors
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +29,8 @@ from test_nodes import ECHO_SESSION
 
 from hijack.node import pki
 from hijack.registry import Registry
+from hijack.shadow.door import HANDSHAKE_TIMEOUT, MAX_PENDING, Door
+from hijack.shadow.relay_link import ShadowIdentity, cluster_trust
 
 # Tries, from another node, to open a relay to the shadow at HOST:PORT without its
 # token: one line each, "NAME refused ..." or "NAME ACCEPTED".
@@ -257,3 +261,141 @@ def test_relayed_bytes_between_nodes_are_encrypted(tmp_path: Path) -> None:
 def test_plain_relays_carry_the_bytes_as_they_are(tmp_path: Path) -> None:
     seen = captured_after_a_move(tmp_path, "--plain-relays")
     assert MARKER.encode() in seen
+
+
+# Echoes random chunks through HOST:PORT for the seconds each stdin line says, checking
+# every byte; answers "ROUNDS MAX_GAP" (the longest wait for one echo, seconds).
+STREAMER = """\
+import os, socket, sys, time
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30) as connection:
+    print("connected", flush=True)
+    for line in sys.stdin:
+        rounds, longest, end = 0, 0.0, time.monotonic() + float(line)
+        while time.monotonic() < end:
+            chunk = os.urandom(16384)
+            sent = time.monotonic()
+            connection.sendall(chunk)
+            echoed = b""
+            while len(echoed) < len(chunk):
+                part = connection.recv(len(chunk) - len(echoed))
+                if not part:
+                    sys.exit("the stream ended")
+                echoed += part
+            if echoed != chunk:
+                sys.exit("the echo differs from what was sent")
+            longest, rounds = max(longest, time.monotonic() - sent), rounds + 1
+        print(rounds, f"{longest:.3f}", flush=True)
+"""
+
+# Opens connections to the shadow at HOST:PORT and stalls each in its own way: silent,
+# a TLS record header cut short, a ClientHello and no more (the shadow answers and waits
+# for our Finished), a record of garbage a byte at a time (never complete before the
+# deadline). "stalled", then "dropped SECONDS" for each as the shadow closes it, "done".
+STALLER = """\
+import select, socket, ssl, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+
+def client_hello():
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    tls = context.wrap_bio(ssl.MemoryBIO(), outgoing := ssl.MemoryBIO())
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        return outgoing.read()
+
+openings = [b"", b"", b"\\x16\\x03", client_hello(), client_hello(), client_hello()]
+connections = {}
+for opening in openings:
+    sock = socket.create_connection((host, port), timeout=5)
+    sock.sendall(opening)
+    connections[sock] = time.monotonic()
+trickler = socket.create_connection((host, port), timeout=5)
+trickler.sendall(b"\\x16\\x03\\x01\\x02\\x00")  # a handshake record of 512 bytes follows
+connections[trickler] = time.monotonic()
+print("stalled", flush=True)
+while connections:
+    readable, _, _ = select.select(list(connections), [], [], 0.2)
+    for sock in readable:
+        try:
+            ended = sock.recv(65536) == b""
+        except ConnectionResetError:
+            ended = True
+        if ended:
+            print("dropped", f"{time.monotonic() - connections.pop(sock):.2f}", flush=True)
+            sock.close()
+    if trickler in connections:
+        try:
+            trickler.send(b"G")
+        except OSError:
+            pass
+print("done", flush=True)
+"""
+
+
+def test_strangers_stalling_on_the_relay_port_hold_up_no_stream(tmp_path: Path) -> None:
+    """The shadow's exchanges are steps of its event loop: none holds up a relayed stream."""
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        b.start_daemon()
+        c.start_daemon()
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            streamer = spawn_python(a, STREAMER, "127.0.0.1", str(server.ready["port"]))
+            assert read_line(streamer, LINE_TIMEOUT) == "connected"
+            moved = move(a, server.pid, b)
+            server.wait_exit()
+            host, port, _ = endpoint_of(a, server.pid)
+            staller = spawn_python(c, STALLER, host, str(port))
+            assert read_line(staller, LINE_TIMEOUT) == "stalled"
+            rounds, longest = ask(streamer, "2.0").split()
+            print(f"{rounds} echoes of 16 KiB beside 7 stalled strangers, longest {longest} s")
+            # Before, one stranger held the shadow's loop for its 3 s timeout: far above.
+            assert int(rounds) > 0 and float(longest) < HANDSHAKE_TIMEOUT / 2, (rounds, longest)
+            # A node of the cluster gets through beside them: the relays of another move.
+            moved = move(b, moved.pid, c, home=(a, server.pid))
+            rounds, longest = ask(streamer, "0.5").split()
+            assert int(rounds) > 0, rounds
+            drops = [read_line(staller, 3 * LINE_TIMEOUT) for _ in range(7)]
+            assert read_line(staller, LINE_TIMEOUT) == "done"
+            print("strangers:", ", ".join(drops))
+            for line in drops:
+                word, seconds = line.split()
+                assert word == "dropped", drops
+                # Closed at the deadline (a loaded machine may be late, never early).
+                assert HANDSHAKE_TIMEOUT - 0.5 < float(seconds) < 4 * HANDSHAKE_TIMEOUT, drops
+            assert staller.wait(LINE_TIMEOUT) == 0
+            assert streamer.stdin is not None
+            streamer.stdin.close()
+            assert streamer.wait(LINE_TIMEOUT) == 0
+            finish_moved(server, moved, tmp_path)
+        shadow_log = (a.state_dir / "shadows" / str(server.pid) / "shadow.log").read_text()
+        assert "within 5 s" in shadow_log, shadow_log
+
+
+def test_the_shadows_door_keeps_at_most_its_cap_of_exchanges(tmp_path: Path) -> None:
+    """Past MAX_PENDING, the oldest stranger's exchange makes room; none is ever waited on."""
+    pki.init_ca(tmp_path)
+    identity = ShadowIdentity()
+    identity.trust(cluster_trust(tmp_path))
+    refused: list[str] = []
+    with selectors.DefaultSelector() as selector:
+        listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+        door = Door(listener, selector, lambda *_: refused.append("admitted?"), refused.append)
+        door.identity, door.token = identity, os.urandom(32)
+        strangers = [
+            socket.create_connection(listener.getsockname()) for _ in range(MAX_PENDING + 8)
+        ]
+        try:
+            while len(door.pending) < MAX_PENDING or selector.select(0.2):
+                for key, events in selector.select(0):
+                    key.data(key.fileobj, events)
+            assert len(door.pending) == MAX_PENDING
+            for sock in strangers[:8]:  # the oldest: closed, nothing said
+                sock.settimeout(LINE_TIMEOUT)
+                assert sock.recv(1) == b""
+            assert any("dropped an exchange" in line for line in refused), refused
+            assert "admitted?" not in refused
+        finally:
+            for sock in strangers:
+                sock.close()
+            door.close()
