@@ -39,6 +39,8 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "relay throughput, veth",
         "relay throughput, 1 Gbit/s",
         "relay throughput, 10 Gbit/s",
+        "the same relay, --plain-relays",
+        "the same, --plain-relays",
         "added round trip p50, veth",
         "added round trip p99, veth",
         "shadow CPU per GB relayed",
@@ -47,6 +49,8 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "move image stream, TLS 1.3",
         "message round trip, TLS 1.3",
         "node stream, TLS 1.3",
+        "move freeze, TLS 1.3 (median)",
+        "before TLS (66ffbeb), same run",
     )
     for figure in figures:
         assert figure in result.stdout, result.stdout
