@@ -204,6 +204,7 @@ class Shadow:
             self.hub.datagrams_migrated(
                 dict(message.get("datagrams", {})),
                 decode_unread_datagrams(message.get("unread_datagrams", {})),
+                str(message["move"]),
             )
             self.mode = Mode.AWAY
             if handed or message.get("home_again"):
@@ -301,6 +302,11 @@ class Shadow:
                     pty=str(header.get("terminal", "")),
                     ends=(str(ends[0]), str(ends[1])) if isinstance(ends, list) else None,
                 )
+                return
+            if kind == "datagrams":  # a UDP socket's datagrams, framed (datagram_link)
+                link.write_all(control.RELAY_ACCEPTED)
+                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.hub.attach_datagram_link(str(header["stream"]), str(header["move"]), link)
                 return
             if kind == "listener":
                 link.write_all(control.RELAY_ACCEPTED)
