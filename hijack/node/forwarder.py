@@ -385,10 +385,15 @@ class Forwarder:
             if events & selectors.EVENT_WRITE:
                 item.link.flush()
             if events & selectors.EVENT_READ:
-                before = set(item.by_port)
-                item.from_shadow()
-                for port in set(item.by_port) - before:
-                    self.selector.register(item.by_port[port], selectors.EVENT_READ, (item, port))
+                for gone in item.from_shadow():
+                    with contextlib.suppress(KeyError, ValueError):
+                        self.selector.unregister(gone)
+                    gone.close()
+                for port, stand_in in item.by_port.items():  # the ones just made
+                    try:
+                        self.selector.get_key(stand_in)
+                    except KeyError:
+                        self.selector.register(stand_in, selectors.EVENT_READ, (item, port))
             if item.link.eof:  # the shadow is done with it (the process moved on, or ended)
                 self._close_tunnel(item)
                 return

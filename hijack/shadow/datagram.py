@@ -327,11 +327,15 @@ class DatagramStream:
         return relay
 
     def _close_relay(self, relay: PeerRelay) -> None:
+        port = relay.port  # not to be read once closed
         self._forget(relay.sock)
         relay.sock.close()
         del self.peers[relay.peer]
         for alias in [alias for alias, found in self.aliases.items() if found is relay]:
             del self.aliases[alias]
+        if self.link is not None:  # its stand-in at the node goes too
+            self.link.send_gone(port)
+            self._watch_link(self.link)
 
     # -- datagram links (encrypted) ---------------------------------------------------
 
@@ -367,7 +371,7 @@ class DatagramStream:
 
     def _from_link(self, link: DatagramLink) -> None:
         by_port = {relay.port: relay for relay in self.peers.values()}
-        for port, payload, stand_in in link.receive():
+        for port, payload, stand_in, _ in link.receive():
             relay = by_port.get(port)
             if relay is None:
                 self.dropped += 0 if stand_in else 1  # its relay expired meanwhile

@@ -15,6 +15,8 @@ to a stand-in goes back framed, to leave through the original.
     frame    ::= KIND:u8 LENGTH:u32 PAYLOAD      (hijack.node.terminal's frames)
     DATAGRAM ::= 5, RELAY_PORT:u16 DATAGRAM      either way
     STAND_IN ::= 6, RELAY_PORT:u16 "ip:port"     node -> shadow: where it stands for it
+    GONE     ::= 7, RELAY_PORT:u16               shadow -> node: the relay expired (its
+                                                 stand-in goes too: as many as relays)
 
 So the process sees its peers at stand-in addresses of its node, not at the
 relays' of the home node; the shadow learns each stand-in (STAND_IN): the
@@ -40,7 +42,7 @@ from hijack.node.terminal import frame as make_frame
 from hijack.shadow.datagram import DATAGRAM_MAX, Address, unmapped, widen_receive_buffer
 from hijack.shadow.relay_link import TlsLink
 
-DATAGRAM, STAND_IN = 5, 6
+DATAGRAM, STAND_IN, GONE = 5, 6, 7
 PORT = struct.Struct("<H")
 LIMIT = 4 * 1024 * 1024  # bytes of frames held before datagrams are dropped
 BATCH = 64  # datagrams taken from one socket per readiness event
@@ -50,6 +52,7 @@ class Frame(NamedTuple):
     port: int  # the shadow's relay it belongs to
     payload: bytes  # a datagram, whole
     stand_in: str  # a STAND_IN frame's "ip:port" (its payload empty); "" for a datagram
+    gone: bool = False  # a GONE frame
 
 
 class DatagramLink:
@@ -57,7 +60,7 @@ class DatagramLink:
 
     def __init__(self, link: TlsLink) -> None:
         self.link = link
-        self.reader = FrameReader((DATAGRAM, STAND_IN), "datagram link")
+        self.reader = FrameReader((DATAGRAM, STAND_IN, GONE), "datagram link")
         self.out = bytearray()  # frames not yet handed to TLS
         self.dropped = 0
 
@@ -71,6 +74,9 @@ class DatagramLink:
 
     def send_datagram(self, port: int, payload: bytes) -> bool:
         return self.put(DATAGRAM, port, payload)
+
+    def send_gone(self, port: int) -> None:
+        self.put(GONE, port, b"")
 
     def put(self, kind: int, port: int, payload: bytes) -> bool:
         """Queue one frame and send what may go; False (dropped) if too much waits."""
@@ -103,6 +109,8 @@ class DatagramLink:
             rest = payload[PORT.size :]
             if kind == STAND_IN:
                 frames.append(Frame(port, b"", rest.decode(errors="replace")))
+            elif kind == GONE:
+                frames.append(Frame(port, b"", "", gone=True))
             else:
                 frames.append(Frame(port, rest, ""))
         return frames
@@ -149,18 +157,20 @@ class StandIns:
         return sock
 
     def from_shadow(self) -> list[socket.socket]:
-        """Datagrams the shadow sent, on to the process; the stand-ins made for them."""
-        made = []
-        for port, payload, stand_in in self.link.receive():
+        """Datagrams the shadow sent, on to the process; the stand-ins it closed (GONE)."""
+        gone = []
+        for port, payload, stand_in, closed in self.link.receive():
             if stand_in:
                 continue  # STAND_IN goes the other way only
-            new = port not in self.by_port
+            if closed:
+                sock = self.by_port.pop(port, None)
+                if sock is not None:
+                    gone.append(sock)
+                continue
             sock = self.stand_in(port)
-            if new:
-                made.append(sock)
             with contextlib.suppress(OSError):  # a full socket: dropped, as UDP may
                 sock.sendto(payload, self.process)
-        return made
+        return gone
 
     def from_process(self, port: int) -> None:
         """What the process sent to the stand-in of relay `port`, on to the shadow."""
