@@ -29,6 +29,11 @@ forwarder connects to the process's listener (marked) and opens an encrypted
 relay for acc:K. Nobody else can reach that listener: not from the network
 (loopback) and not from this node (unmarked).
 
+A UDP socket of the process is forwarded as a *datagram link*
+(hijack.shadow.datagram_link): the forwarder makes the process's UDP socket,
+opens the link, and stands for each of the shadow's peer relays with a UDP
+socket of its own here, so no datagram crosses between hosts in clear.
+
 The forwarder is a process of its own (`python -m hijack.node.forwarder`),
 started by the daemon at its first encrypted relay and asked over a unix
 socketpair for each relay or listener link (the process's end comes back as
