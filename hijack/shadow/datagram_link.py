@@ -88,12 +88,7 @@ class DatagramLink:
         return True
 
     def flush(self) -> None:
-        while self.out:
-            taken = self.link.send(self.out)
-            if not taken:
-                break
-            del self.out[:taken]
-        self.link.flush()
+        self.link.send_from(self.out)
 
     def receive(self) -> list[Frame]:
         """The frames that have come; HijackError or ValueError if the peer is broken."""

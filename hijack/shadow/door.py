@@ -65,7 +65,7 @@ class Door:
         self.token = b""
         # Insertion order is age: the first is the oldest exchange.
         self.pending: collections.OrderedDict[int, _Pending] = collections.OrderedDict()
-        self._logged: dict[str, float] = {}
+        self._log_refusal = RefusalLog(log, 4 * MAX_PENDING)
         listener.setblocking(False)
         selector.register(listener, selectors.EVENT_READ, self._accept_all)
 
@@ -83,15 +83,7 @@ class Door:
     # -- accepting -------------------------------------------------------------------
 
     def _accept_all(self, _: Any, __: int) -> None:
-        while True:
-            try:
-                sock, peer = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and the like: a moment later it may pass
-                self._log_refusal("*", f"cannot accept: {exc.strerror}")
-                return
-            self._admit(sock, (str(peer[0]), int(peer[1])))
+        accept_waiting(self.listener, self._admit, self._log_refusal)
 
     def _admit(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         if self.identity is None:
@@ -120,12 +112,8 @@ class Door:
 
     def _most_crowded(self) -> int | None:
         """The oldest exchange, not yet proved, of the address with the most under way."""
-        strangers = {fd: e for fd, e in self.pending.items() if not e.admission.proved}
-        if not strangers:
-            return None
-        under_way = collections.Counter(entry.peer[0] for entry in strangers.values())
-        crowded = max(under_way.values())
-        return next(fd for fd, entry in strangers.items() if under_way[entry.peer[0]] == crowded)
+        strangers = {fd: e.peer[0] for fd, e in self.pending.items() if not e.admission.proved}
+        return oldest_of_most_crowded(strangers) if strangers else None
 
     # -- stepping --------------------------------------------------------------------
 
@@ -170,12 +158,48 @@ class Door:
         self.selector.unregister(fd)
         entry.admission.link.sock.close()
 
-    def _log_refusal(self, address: str, why: str) -> None:
-        """One line per address at most every LOG_EVERY seconds: a flood does not fill the
-        log."""
+
+# -- what the node daemon's gate (hijack.node.gate) does alike ---------------------------
+
+
+def accept_waiting(
+    listener: socket.socket,
+    admit: Callable[[socket.socket, tuple[str, int]], None],
+    refuse: Callable[[str, str], None],
+) -> None:
+    """Accept every connection waiting on non-blocking `listener`: admit(sock, peer)."""
+    while True:
+        try:
+            sock, peer = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # EMFILE and the like: a moment later it may pass
+            refuse("*", f"cannot accept: {exc.strerror}")
+            return
+        admit(sock, (str(peer[0]), int(peer[1])))
+
+
+def oldest_of_most_crowded(addresses: dict[int, str]) -> int:
+    """Of `addresses` (a connection -> its peer's address, oldest first), the oldest of the
+    address with the most: the one a flood gives up first."""
+    under_way = collections.Counter(addresses.values())
+    crowded = max(under_way.values())
+    return next(fd for fd, address in addresses.items() if under_way[address] == crowded)
+
+
+class RefusalLog:
+    """Logs refusals one line per address at most every LOG_EVERY seconds: a flood does not
+    fill the log; it remembers at most `bound` addresses."""
+
+    def __init__(self, log: Callable[[str], None], bound: int) -> None:
+        self.log = log
+        self.bound = bound
+        self._logged: dict[str, float] = {}
+
+    def __call__(self, address: str, why: str) -> None:
         now = time.monotonic()
         if now - self._logged.get(address, -LOG_EVERY) >= LOG_EVERY:
             self._logged[address] = now
-            if len(self._logged) > 4 * MAX_PENDING:
+            if len(self._logged) > self.bound:
                 self._logged = {address: now}  # forget old addresses: bounded memory
-            self.log(f"refused a connection from {address}: {why} (more unlogged for a while)")
+            self.log(f"refused {address}: {why} (more such refusals from it unlogged for a while)")

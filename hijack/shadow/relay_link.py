@@ -270,6 +270,16 @@ class TlsLink:
         self.flush()
         return taken
 
+    def send_from(self, buffer: bytearray) -> None:
+        """Hand TLS what it takes of `buffer` (taken bytes leave it), and the kernel what
+        it takes of the ciphertext."""
+        while buffer:
+            taken = self.send(buffer)
+            if not taken:
+                break
+            del buffer[:taken]
+        self.flush()
+
     def flush(self) -> int:
         """Hand the kernel what ciphertext waits: the byte count taken."""
         if not self.pending:
