@@ -65,7 +65,7 @@ class Door:
         self.token = b""
         # Insertion order is age: the first is the oldest exchange.
         self.pending: collections.OrderedDict[int, _Pending] = collections.OrderedDict()
-        self._log_refusal = RefusalLog(log, 4 * MAX_PENDING)
+        self._log_refusal = RefusalLog(log, 4 * MAX_PENDING, "refused a connection from")
         listener.setblocking(False)
         selector.register(listener, selectors.EVENT_READ, self._accept_all)
 
@@ -191,9 +191,10 @@ class RefusalLog:
     """Logs refusals one line per address at most every LOG_EVERY seconds: a flood does not
     fill the log; it remembers at most `bound` addresses."""
 
-    def __init__(self, log: Callable[[str], None], bound: int) -> None:
+    def __init__(self, log: Callable[[str], None], bound: int, what: str = "refused") -> None:
         self.log = log
         self.bound = bound
+        self.what = what
         self._logged: dict[str, float] = {}
 
     def __call__(self, address: str, why: str) -> None:
@@ -202,4 +203,5 @@ class RefusalLog:
             self._logged[address] = now
             if len(self._logged) > self.bound:
                 self._logged = {address: now}  # forget old addresses: bounded memory
-            self.log(f"refused {address}: {why} (more such refusals from it unlogged for a while)")
+            more = "more such refusals from it unlogged for a while"
+            self.log(f"{self.what} {address}: {why} ({more})")

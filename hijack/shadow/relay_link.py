@@ -51,6 +51,7 @@ from hijack.errors import ShadowError
 CHUNK = 256 * 1024
 RECORD_HEADER = 5
 MAX_RECORD = (1 << 14) + 256  # the longest TLS 1.3 ciphertext record
+RECORD_TYPES = (20, 21, 22, 23)  # change_cipher_spec, alert, handshake, application_data
 RELAY_ACCEPTED = b"RLY1"
 NONCE = 16
 _LENGTH = struct.Struct("<I")
@@ -432,6 +433,8 @@ class Admission:
         while True:
             size = RECORD_HEADER
             if len(self._record) >= RECORD_HEADER:
+                if self._record[0] not in RECORD_TYPES or self._record[1] != 3:
+                    raise ShadowError("not TLS: no record header")  # garbage: not waited on
                 length = int.from_bytes(self._record[3:5], "big")
                 if length > MAX_RECORD:
                     raise ShadowError("not TLS: a record longer than TLS allows")
