@@ -29,7 +29,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +39,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from bench.freezes import percentile
 from bench.moves import SINK
-from bench.testnodes import Cluster, Node
+from bench.testnodes import Node, relay_nodes
 from hijack.shadow import control
 
 THROUGHPUT_TARGET = 0.95
@@ -193,13 +192,8 @@ def move_sink(a: Node, b: Node, sink: Sink, *options: str) -> int:
 
 def measure_links(stream_size: int, streams_each: int, pings: int) -> list[str]:
     lines = []
-    with (
-        tempfile.TemporaryDirectory(prefix="hijack-bench-links-") as directory,
-        Cluster(Path(directory), nodes=3) as cluster,
-    ):
+    with relay_nodes("hijack-bench-links-") as (_, cluster):
         a, b, c = cluster.nodes
-        a.start_daemon()
-        b.start_daemon()
         direct, moving, plain = start_sink(a), start_sink(a), start_sink(a)
         shadow = move_sink(a, b, moving)
         move_sink(a, b, plain, "--plain-relays")
