@@ -218,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
         " (still authenticated; kept for its later moves and drains; default: as its last"
         " move chose, else encrypted)",
     )
+    move.add_argument(
+        "--leave-parent",
+        action="store_true",
+        help="move a fork of its parent (an nginx worker) without that parent, which then sees"
+        " it exit (by default refused: move the parent's tree instead)",
+    )
     move.set_defaults(handler=command_move)
 
     drain = commands.add_parser(
@@ -467,6 +473,7 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
             precopy=args.precopy,
             plain_relays=args.plain_relays,
             postcopy=args.postcopy,
+            leave_parent=args.leave_parent,
         )
     render.move_result(console, result, timing=args.timing)
     return EXIT_OK

@@ -69,6 +69,7 @@ from hijack.node.channel import Channel, ChannelError, DataWriter
 from hijack.node.daemon import parse_address
 from hijack.objects import pipe, unix
 from hijack.objects.memfd import holds_object
+from hijack.process.tree import read_tree
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
 from hijack.restore.plan import mapping_problems
 from hijack.shadow import control, relay_link
@@ -119,6 +120,18 @@ class MoveResult:
     postcopy_ms: float = 0.0  # from the start there until the last of them arrived
     total_ms: float = 0.0  # the whole move, from the first round to the last page
     timing: FreezeTiming | None = None  # where the freeze went (hijack move --timing)
+    members: tuple[MemberMoved, ...] = ()  # a tree's, root first (hijack.node.tree_move)
+
+
+@dataclass(frozen=True)
+class MemberMoved:
+    """One member of a tree moved: its pids, and its part of the image and of the freeze."""
+
+    pid: int
+    new_pid: int
+    program: str
+    image_bytes: int
+    image_ms: float  # the time its image took to read and send, while the tree was frozen
 
 
 @dataclass(frozen=True)
@@ -193,8 +206,12 @@ def move(
     precopy: bool | None = None,
     plain_relays: bool | None = None,
     postcopy: bool | None = None,
+    leave_parent: bool = False,
 ) -> MoveResult:
     """Move `pid` to the node daemon at `destination`; see the module docstring.
+
+    With descendants, they move with it (hijack.node.tree_move). A fork of its
+    parent is refused (its parent would see it exit) unless `leave_parent`.
 
     `precopy`: True or False forces pre-copy on or off; None decides by size.
     `plain_relays`: whether its relays leave TLS between nodes (recorded, and
@@ -220,11 +237,18 @@ def move(
             f" {node_name()!r} now: move it under its old name (HIJACK_NODE={record.home_node})",
             pid=pid,
         )
+    from hijack.node import tree_move  # not at the top: it builds on this module
+
+    if not leave_parent:
+        tree_move.refuse_leaving_parent(pid, destination)
     identity = pki.load_identity()  # this node's certificates, before anything is touched
-    refuse_unmappable(pid)
+    members = list(read_tree(pid).pids)
+    for member in members:
+        refuse_unmappable(member)
     attached_by_move = record is None or record.state not in ("attached", "running")
     if attached_by_move:
-        plan_proxies(pid, None, at_home=True)  # refused before the attach: nothing changes
+        # Refused before the attach: nothing changes.
+        tree_move.plan_tree(members, pid, None, True, frozen=False)
         attaching.attach(pid, registry)
     try:
         reached("move-attached")
@@ -260,11 +284,22 @@ def _move_attached(
     plain_relays: bool | None,
     postcopy: bool | None = None,
 ) -> MoveResult:
+    from hijack.node import tree_move  # not at the top: it builds on this module
+
     at_home = record.state == "attached"
     plain = bool(record.plain_relays) if plain_relays is None else plain_relays
     token = record.relay_token or secrets.token_hex(32)
     shadow = HomeShadow(record, token)
-    plan_proxies(pid, shadow, at_home, frozen=False)  # refused before anything is touched
+    members = list(read_tree(pid).pids)
+    tree = len(members) > 1
+    # Refused before anything is touched.
+    tree_move.plan_tree(members, pid, shadow, at_home, frozen=False)
+    if tree and (precopy or postcopy):
+        raise Unsupported(
+            f"the tree of process {pid} moves frozen: pre-copy and post-copy of a tree are not"
+            " implemented yet (drop --precopy/--postcopy); nothing was changed",
+            pid=pid,
+        )
 
     report("connecting", 0)
     channel = Channel.connect(address, identity)
@@ -303,6 +338,8 @@ def _move_attached(
         precopied: Precopy | None = None
         started_at = time.perf_counter()
         try:
+            if tree:
+                precopy = False
             if postcopy or precopy or (precopy is None and worth_precopying(pid)):
                 if postcopy is None and precopy is not None:
                     postcopy = False  # pre-copy asked for as such: no post-copy
@@ -312,20 +349,37 @@ def _move_attached(
                 # It ran on meanwhile: refused now if it holds what cannot go.
                 plan_proxies(pid, shadow, at_home, frozen=False)
             shadow.pid()  # asked now: the move's message names it while the process is frozen
-            result = _move_frozen(
-                pid,
-                channel,
-                shadow,
-                at_home,
-                move_id,
-                record,
-                relay_address,
-                report,
-                mark_moved,
-                (address, identity),
-                precopied,
-                home,
-            )
+            if tree:
+                result = tree_move.move_tree_frozen(
+                    tree_move.TreeMoveContext(
+                        pid,
+                        channel,
+                        shadow,
+                        at_home,
+                        move_id,
+                        record,
+                        relay_address,
+                        report,
+                        mark_moved,
+                        (address, identity),
+                        home,
+                    )
+                )
+            else:
+                result = _move_frozen(
+                    pid,
+                    channel,
+                    shadow,
+                    at_home,
+                    move_id,
+                    record,
+                    relay_address,
+                    report,
+                    mark_moved,
+                    (address, identity),
+                    precopied,
+                    home,
+                )
         except MoveInDoubt as exc:
             registry.update_move(move_id, phase="in-doubt", error=str(exc))
             registry.set_state(pid, "held")
@@ -1102,6 +1156,7 @@ def plan_proxies(
     *,
     frozen: bool = True,
     sockets: dict[int, procfs.SocketInfo] | None = None,
+    inside: frozenset[str] = frozenset(),
 ) -> tuple[list[Proxy], list[str]]:
     """Which descriptors go through the home shadow, and as which stream; refuse the rest.
 
@@ -1110,7 +1165,9 @@ def plan_proxies(
     shadow is not asked, so the check can run before there is one. Not
     `frozen`, the process still opens and closes relays while we look, so a
     relay the shadow does not list (yet, or any more) is not refused then.
-    `sockets`: sockets_of(pid), read since it was frozen.
+    `sockets`: sockets_of(pid), read since it was frozen. `inside`: the descriptor links
+    ("pipe:[N]", "socket:[N]") joining it to other members of its tree moving with it,
+    made again there from the image (hijack.node.tree_move).
     """
     entries = procfs.list_fds(pid)
     if sockets is None:
@@ -1139,7 +1196,7 @@ def plan_proxies(
     plan: list[Proxy] = []
     refused: list[str] = []
     for entry in entries:
-        if entry.kind in REBUILT:
+        if entry.kind in REBUILT or entry.target in inside:
             continue
         if entry.ino in socketpairs and entry.kind is procfs.FdKind.SOCKET:
             continue  # both ends in the process: made again at the destination from the image

@@ -268,6 +268,9 @@ def rebuild_member(
     skip_unsupported: bool = False,
     registry: Registry | None = None,
     own_parent: bool = False,
+    provided: dict[int, int] | None = None,
+    admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None,
+    take_locks: bool = True,
 ) -> Rebuilt:
     """Rebuild the process of the image `records` (up to its END) into `stub`, a member of
     a tree whose relations (parent, session, group) are made already; leave it stopped.
@@ -276,9 +279,12 @@ def rebuild_member(
     members share come from `shared`. `own_parent`: its parent is its own (a member
     below the root), whose death its parent-death signal, if any, is for. A shadow's
     descriptors (an attached tree dumped with --kill) are lent to the stub: it was
-    forked from its parent's stub, not ours.
+    forked from its parent's stub, not ours. `provided`, `admit` and `take_locks` are
+    restore()'s, for this member (a tree's move).
     """
     image = read_head(records)
+    if admit is not None:
+        admit(image.header, image.credentials, image.segments)
     for segment in image.segments.segments:
         if segment.contents is rec.ContentsKind.PRECOPIED:
             raise ImageError(
@@ -287,19 +293,21 @@ def rebuild_member(
     holdings = shadow_holdings(registry, image.header.pid) if registry else None
     shared.begin(image.header.pid, stub.pid, image.files)
     kept = frozenset(holdings.own_fd) if holdings else frozenset()
-    pairs = unix.pair_ends(image.files, shared, skip=kept)  # the tree's: not ours to close
+    given = provided or {}
+    # The tree's pairs: not ours to close (nor are a move's relays, given to it).
+    pairs = unix.pair_ends(image.files, shared, skip=kept | frozenset(given))
     plan = plan_files(
         image.segments.segments,
         image.files,
         skip_unsupported=skip_unsupported,
         holdings=holdings,
-        provided=frozenset(pairs),
+        provided=frozenset(pairs) | frozenset(given),
     )
     ipc = sysv.prepare(image.files, image.segments.segments)
     try:
         taken = _take_from_shadow(holdings, plan) if holdings else {}
         try:
-            inherited = _lend(stub, {**taken, **pairs})
+            inherited = _lend(stub, {**taken, **pairs, **given})
         finally:
             for fd in taken.values():
                 os.close(fd)
@@ -308,7 +316,17 @@ def rebuild_member(
             space.build(later=frozenset(image.mapped()))
             ipc.after_attach()
             _consume_rest(records, image, space)
-            _finish(stub, space, image, plan, inherited, frozenset(), True, shared, own_parent)
+            _finish(
+                stub,
+                space,
+                image,
+                plan,
+                inherited,
+                frozenset(given),
+                take_locks,
+                shared,
+                own_parent,
+            )
         finally:
             space.close()
     except BaseException:
