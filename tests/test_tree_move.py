@@ -162,6 +162,8 @@ def test_a_fork_of_its_parent_is_refused_without_leave_parent(tmp_path: Path) ->
         forker = a.spawn(
             [sys.executable, "-c", "import os, time\nos.fork()\ntime.sleep(60)"],
             stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_members(forker.pid, 2)
         child = read_tree(forker.pid).members[1].pid
@@ -211,19 +213,25 @@ def test_a_tree_whose_move_fails_before_its_commit_runs_on_at_home(tmp_path: Pat
         assert "runs here as" not in daemon_log(b)
 
 
+POOL_TASKS = 900  # 6 s of work for 3 workers: the move comes in the middle
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 POOL = """\
-import multiprocessing, sys, time
+import multiprocessing, os, sys, time
 def square(n):
     time.sleep(0.02)
     return n * n
 if __name__ == "__main__":
     multiprocessing.set_start_method("fork")
-    with multiprocessing.Pool(3) as pool:
-        print("ready", flush=True)
-        results = pool.map(square, range(int(sys.argv[1])), chunksize=1)
+    pool = multiprocessing.Pool(3)
+    print("ready", flush=True)
+    results = pool.map(square, range(int(sys.argv[1])), chunksize=1)
     ok = results == [n * n for n in range(int(sys.argv[1]))]
     print("PASS" if ok else f"FAIL {results}", flush=True)
+    # Moved between nodes of one kernel, the pool runs under new pids, and
+    # multiprocessing checks its own against the one it was started with (join()
+    # refuses): the workers are told to end (close), not joined.
+    pool.close()
+    os._exit(0 if ok else 1)
 """
 
 
@@ -237,11 +245,15 @@ def test_a_multiprocessing_pool_moved_while_it_works_gets_every_result(tmp_path:
         output = tmp_path / "pool.out"
         with open(output, "wb") as out:
             pool = a.spawn(
-                [sys.executable, str(program), "300"], stdin=subprocess.DEVNULL, stdout=out
+                [sys.executable, str(program), str(POOL_TASKS)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
             )
         poll_until(lambda: "ready" in output.read_text(), "the pool working")
         wait_members(pool.pid, 4)
         there, printed = move_tree(a, pool.pid, b)
+        assert "PASS" not in output.read_text(), "the pool finished before the move"
         pool.wait(timeout=EXIT_TIMEOUT)
         wait_gone(there, EXIT_TIMEOUT * 2, "the pool, moved, ending")
         assert exit_code_on(b, there) == 0, logs(tmp_path)
