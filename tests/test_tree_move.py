@@ -258,3 +258,126 @@ def test_a_multiprocessing_pool_moved_while_it_works_gets_every_result(tmp_path:
         wait_gone(there, EXIT_TIMEOUT * 2, "the pool, moved, ending")
         assert exit_code_on(b, there) == 0, logs(tmp_path)
         assert "PASS" in output.read_text(), output.read_text()
+
+
+NGINX_CONFIG = """
+master_process on;
+worker_processes 2;
+daemon off;
+pid {dir}/nginx.pid;
+error_log {dir}/error.log info;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    keepalive_requests 1000000;
+    keepalive_timeout 120s;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{ return 200 "hello\\n"; }}
+    }}
+}}
+"""
+# An HTTP load on 127.0.0.1:argv[1] (run inside the node): KEPT keep-alive connections
+# asked in turn, and a fresh connection each round. Each stdin line is answered
+# "served FRESH FAILURES FIRST-FAILURE".
+LOADER = """\
+import http.client, select, sys, time
+port = int(sys.argv[1])
+def connect():
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=40)
+kept = [connect() for _ in range(4)]
+served = fresh = 0
+failures = []
+def ask(connection):
+    global served
+    try:
+        connection.request("GET", "/")
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200 or body != b"hello\\n":
+            failures.append(f"answered {response.status} {body!r}")
+    except Exception as error:
+        failures.append(repr(error))
+    served += 1
+while True:
+    if select.select([sys.stdin], [], [], 0)[0]:
+        if not sys.stdin.readline():
+            break
+        print(f"served {served} {fresh} {len(failures)} {failures[:1]}", flush=True)
+    for connection in kept:
+        ask(connection)
+    connection = connect()
+    ask(connection)
+    connection.close()
+    fresh += 1
+"""
+
+
+def load_report(loader: subprocess.Popen[bytes]) -> tuple[int, int, int, str]:
+    assert loader.stdin is not None and loader.stdout is not None
+    loader.stdin.write(b"report\n")
+    loader.stdin.flush()
+    words = loader.stdout.readline().decode().split(maxsplit=4)
+    assert words and words[0] == "served", words
+    return int(words[1]), int(words[2]), int(words[3]), words[4] if len(words) > 4 else ""
+
+
+def served_after(
+    loader: subprocess.Popen[bytes], served: int, fresh: int, tmp_path: Path
+) -> None:
+    """The load gets answers on kept and on new connections, past `served` and `fresh`."""
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while True:
+        now = load_report(loader)
+        if now[0] >= served + 100 and now[1] >= fresh + 20:
+            return
+        assert time.monotonic() < deadline, f"the load stalled at {now}\n{logs(tmp_path)}"
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx (Debian package) is not installed")
+def test_nginx_moved_there_and_back_under_load_fails_no_request(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        a.start_daemon()
+        b.start_daemon()
+        port = a.free_port()
+        config = tmp_path / "nginx.conf"
+        config.write_text(NGINX_CONFIG.format(dir=tmp_path, port=port))
+        master = a.spawn(
+            [NGINX, "-p", str(tmp_path), "-c", str(config), "-e", str(tmp_path / "error.log")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_members(master.pid, 3)
+        a.wait_tcp("127.0.0.1", port)
+        loader = a.spawn(
+            [sys.executable, "-c", LOADER, str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        served_after(loader, 0, 0, tmp_path)
+        there, printed = move_tree(a, master.pid, b)
+        assert len(MEMBER_LINE.findall(printed)) == 3, printed
+        master.wait(timeout=EXIT_TIMEOUT)  # the original, killed by the move
+        served, fresh, failed, first = load_report(loader)
+        served_after(loader, served, fresh, tmp_path)
+        back, _ = move_tree(b, there, a)
+        served, fresh, failed, first = load_report(loader)
+        served_after(loader, served, fresh, tmp_path)
+        served, fresh, failed, first = load_report(loader)
+        assert failed == 0, f"{failed} requests failed, the first: {first}"
+        print(f"nginx under load: {served} requests, {fresh} on new connections, none failed")
+        assert len(read_tree(back).members) == 3, "the master and its 2 workers"
+        errors = (tmp_path / "error.log").read_text()
+        assert "exited on signal" not in errors, errors
+        assert loader.stdin is not None
+        loader.stdin.close()
+        loader.wait(timeout=EXIT_TIMEOUT)

@@ -149,7 +149,9 @@ def plan_tree(
     # A single process: as hijack.node.move plans it.
     tree = len(members) > 1
     inside = links_inside(members, besides) if tree else frozenset()
-    sockets = procfs.read_socket_table(root) if tree else None
+    # Running, members accept clients while we look: each reads the table after its
+    # descriptors (plan_proxies). Frozen, one reading serves them all.
+    sockets = procfs.read_socket_table(root) if tree and frozen else None
     plans: dict[int, list[Proxy]] = {}
     for pid in members:
         plan, _ = plan_proxies(

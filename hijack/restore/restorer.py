@@ -268,7 +268,7 @@ def rebuild_member(
     skip_unsupported: bool = False,
     registry: Registry | None = None,
     own_parent: bool = False,
-    provided: dict[int, int] | None = None,
+    provided: Callable[[], dict[int, int]] | None = None,
     admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None,
     take_locks: bool = True,
 ) -> Rebuilt:
@@ -279,8 +279,9 @@ def rebuild_member(
     members share come from `shared`. `own_parent`: its parent is its own (a member
     below the root), whose death its parent-death signal, if any, is for. A shadow's
     descriptors (an attached tree dumped with --kill) are lent to the stub: it was
-    forked from its parent's stub, not ours. `provided`, `admit` and `take_locks` are
-    restore()'s, for this member (a tree's move).
+    forked from its parent's stub, not ours. `admit` and `take_locks` are restore()'s,
+    for this member (a tree's move); `provided()`, asked once it is admitted, gives
+    restore()'s `provided` (admitting the first member makes them).
     """
     image = read_head(records)
     if admit is not None:
@@ -293,7 +294,7 @@ def rebuild_member(
     holdings = shadow_holdings(registry, image.header.pid) if registry else None
     shared.begin(image.header.pid, stub.pid, image.files)
     kept = frozenset(holdings.own_fd) if holdings else frozenset()
-    given = provided or {}
+    given = provided() if provided is not None else {}
     # The tree's pairs: not ours to close (nor are a move's relays, given to it).
     pairs = unix.pair_ends(image.files, shared, skip=kept | frozenset(given))
     plan = plan_files(

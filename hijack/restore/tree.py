@@ -26,6 +26,7 @@ A failure at any step kills every stub made: never half a tree.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import select
@@ -216,7 +217,7 @@ def restore_tree(
                     skip_unsupported=skip_unsupported,
                     registry=registry,
                     own_parent=member is not tree.members[0],
-                    provided=moved.provided(member.pid),
+                    provided=functools.partial(moved.provided, member.pid),
                     admit=moved.admit,
                     take_locks=moved.admit is None,
                 )
