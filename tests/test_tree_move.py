@@ -26,9 +26,7 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -252,7 +250,7 @@ def test_a_multiprocessing_pool_moved_while_it_works_gets_every_result(tmp_path:
             )
         poll_until(lambda: "ready" in output.read_text(), "the pool working")
         wait_members(pool.pid, 4)
-        there, printed = move_tree(a, pool.pid, b)
+        there, _ = move_tree(a, pool.pid, b)
         assert "PASS" not in output.read_text(), "the pool finished before the move"
         pool.wait(timeout=EXIT_TIMEOUT)
         wait_gone(there, EXIT_TIMEOUT * 2, "the pool, moved, ending")
@@ -327,9 +325,7 @@ def load_report(loader: subprocess.Popen[bytes]) -> tuple[int, int, int, str]:
     return int(words[1]), int(words[2]), int(words[3]), words[4] if len(words) > 4 else ""
 
 
-def served_after(
-    loader: subprocess.Popen[bytes], served: int, fresh: int, tmp_path: Path
-) -> None:
+def served_after(loader: subprocess.Popen[bytes], served: int, fresh: int, tmp_path: Path) -> None:
     """The load gets answers on kept and on new connections, past `served` and `fresh`."""
     deadline = time.monotonic() + EXIT_TIMEOUT
     while True:
