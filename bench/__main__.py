@@ -24,6 +24,8 @@ the same run, on the same bytes, at the same place:
   a move's image stream and message round trip through the node channel over
   TLS beside the same over protocol 1, the channel before TLS (bench/tls.py).
   The move figures above run over TLS.
+- the freeze and image of moving a tree, 1 parent + 8 children sharing SIZE/4
+  since a fork, beside one process holding the same (bench/trees.py).
 
 `python -m bench` measures 1 GiB; `--quick` measures 64 MiB (CI runs it so the
 scripts cannot rot; it asserts nothing). Results go to stdout and to
@@ -50,6 +52,7 @@ from bench.pauses import measure_pauses
 from bench.postcopy import measure_postcopy
 from bench.snapshots import measure_snapshots
 from bench.tls import measure_tls
+from bench.trees import measure_trees
 from hijack.mutator.dump import MAP_PRIVATE_ANONYMOUS, PROT_READ_WRITE, dump, dump_to_file
 from hijack.mutator.tracee import Tracee
 from hijack.restore.restorer import restore
@@ -261,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         move_lines += measure_postcopy(Path(directory), size)
         move_lines += measure_pauses(Path(directory), cycles=20 if args.quick else 200)
         move_lines += measure_tls(Path(directory) / "tls-pki", size // 4)
+        move_lines += measure_trees(size // 4)
     header = (
         f"hijack bench, {size // MIB} MiB, {time.strftime('%Y-%m-%d %H:%M')},"
         f" {os.uname().sysname} {os.uname().release}, {os.cpu_count()} CPUs,"

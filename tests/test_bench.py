@@ -47,6 +47,8 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "move image stream, TLS 1.3",
         "message round trip, TLS 1.3",
         "node stream, TLS 1.3",
+        "tree move freeze, 1+8 sharing",
+        "tree move image, 1+8 sharing",
     )
     for figure in figures:
         assert figure in result.stdout, result.stdout
