@@ -20,13 +20,14 @@ socket or listener is relayed by the tree's one home shadow.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,7 @@ from test_move import (
     still_running,
     wait_gone,
 )
+from test_tree_programs import NGINX, NGINX_CONFIG
 
 from hijack.process.tree import read_tree
 
@@ -92,6 +94,16 @@ def move_tree(source: Node, pid: int, destination: Node, *options: str) -> tuple
     return int(found[3]), result.stdout
 
 
+@contextlib.contextmanager
+def two_nodes(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
+    """Nodes a and b, each with its daemon."""
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        a.start_daemon()
+        b.start_daemon()
+        yield a, b
+
+
 def write_programs(directory: Path) -> dict[str, Path]:
     paths = {}
     for name, text in (("producer", PRODUCER), ("filter", FILTER), ("consumer", CONSUMER)):
@@ -101,6 +113,7 @@ def write_programs(directory: Path) -> dict[str, Path]:
 
 
 def start_pipeline(node: Node, directory: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """`sh -c 'producer | filter | consumer > FILE'` in `node`, once the consumer writes."""
     programs = write_programs(directory)
     output = directory / "consumer.out"
     python = sys.executable
@@ -113,6 +126,8 @@ def start_pipeline(node: Node, directory: Path) -> tuple[subprocess.Popen[bytes]
         ["sh", "-c", line], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors
     )
     errors.close()
+    wait_members(shell.pid, 4)
+    poll_until(lambda: len(lines_in(output)) >= 20, "the consumer writing")
     return shell, output
 
 
@@ -128,13 +143,8 @@ def wait_members(pid: int, count: int) -> None:
 
 
 def test_a_pipeline_moved_mid_stream_there_and_back_keeps_every_line(tmp_path: Path) -> None:
-    with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
-        a.start_daemon()
-        b.start_daemon()
+    with two_nodes(tmp_path) as (a, b):
         shell, output = start_pipeline(a, tmp_path)
-        wait_members(shell.pid, 4)
-        poll_until(lambda: len(lines_in(output)) >= 20, "the consumer writing")
         there, printed = move_tree(a, shell.pid, b)
         assert len(MEMBER_LINE.findall(printed)) == 4, printed
         wait_gone(shell.pid, EXIT_TIMEOUT, "the original shell, killed by the move")
@@ -153,10 +163,7 @@ def test_a_pipeline_moved_mid_stream_there_and_back_keeps_every_line(tmp_path: P
 
 
 def test_a_fork_of_its_parent_is_refused_without_leave_parent(tmp_path: Path) -> None:
-    with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
-        a.start_daemon()
-        b.start_daemon()
+    with two_nodes(tmp_path) as (a, b):
         forker = a.spawn(
             [sys.executable, "-c", "import os, time\nos.fork()\ntime.sleep(60)"],
             stdin=subprocess.DEVNULL,
@@ -184,14 +191,9 @@ def test_a_fork_of_its_parent_is_refused_without_leave_parent(tmp_path: Path) ->
 
 
 def test_a_tree_whose_move_fails_before_its_commit_runs_on_at_home(tmp_path: Path) -> None:
-    with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
-        a.start_daemon()
-        b.start_daemon()
+    with two_nodes(tmp_path) as (a, b):
         shell, output = start_pipeline(a, tmp_path)
-        wait_members(shell.pid, 4)
         before = read_tree(shell.pid).pids
-        poll_until(lambda: len(lines_in(output)) >= 10, "the consumer writing")
         assert b.daemon_endpoint is not None
         # Stopped once the destination has prepared the tree, then interrupted.
         mover = hijack_in(a, "move-prepared", "move", shell.pid, "--to", b.daemon_endpoint)
@@ -212,7 +214,6 @@ def test_a_tree_whose_move_fails_before_its_commit_runs_on_at_home(tmp_path: Pat
 
 
 POOL_TASKS = 900  # 6 s of work for 3 workers: the move comes in the middle
-NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 POOL = """\
 import multiprocessing, os, sys, time
 def square(n):
@@ -234,10 +235,7 @@ if __name__ == "__main__":
 
 
 def test_a_multiprocessing_pool_moved_while_it_works_gets_every_result(tmp_path: Path) -> None:
-    with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
-        a.start_daemon()
-        b.start_daemon()
+    with two_nodes(tmp_path) as (a, b):
         program = tmp_path / "pool.py"
         program.write_text(POOL)
         output = tmp_path / "pool.out"
@@ -258,28 +256,6 @@ def test_a_multiprocessing_pool_moved_while_it_works_gets_every_result(tmp_path:
         assert "PASS" in output.read_text(), output.read_text()
 
 
-NGINX_CONFIG = """
-master_process on;
-worker_processes 2;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/error.log info;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    keepalive_requests 1000000;
-    keepalive_timeout 120s;
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ return 200 "hello\\n"; }}
-    }}
-}}
-"""
 # An HTTP load on 127.0.0.1:argv[1] (run inside the node): KEPT keep-alive connections
 # asked in turn, and a fresh connection each round. Each stdin line is answered
 # "served FRESH FAILURES FIRST-FAILURE".
@@ -336,15 +312,13 @@ def served_after(loader: subprocess.Popen[bytes], served: int, fresh: int, tmp_p
         time.sleep(0.1)
 
 
-@pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx (Debian package) is not installed")
+@pytest.mark.skipif(NGINX is None, reason="nginx (Debian package nginx) is not installed")
 def test_nginx_moved_there_and_back_under_load_fails_no_request(tmp_path: Path) -> None:
-    with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
-        a.start_daemon()
-        b.start_daemon()
+    with two_nodes(tmp_path) as (a, b):
         port = a.free_port()
         config = tmp_path / "nginx.conf"
         config.write_text(NGINX_CONFIG.format(dir=tmp_path, port=port))
+        assert NGINX is not None
         master = a.spawn(
             [NGINX, "-p", str(tmp_path), "-c", str(config), "-e", str(tmp_path / "error.log")],
             stdin=subprocess.DEVNULL,

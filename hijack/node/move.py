@@ -349,37 +349,23 @@ def _move_attached(
                 # It ran on meanwhile: refused now if it holds what cannot go.
                 plan_proxies(pid, shadow, at_home, frozen=False)
             shadow.pid()  # asked now: the move's message names it while the process is frozen
+            frozen_args = (
+                pid,
+                channel,
+                shadow,
+                at_home,
+                move_id,
+                record,
+                relay_address,
+                report,
+                mark_moved,
+                (address, identity),
+            )
             if tree:
-                result = tree_move.move_tree_frozen(
-                    tree_move.TreeMoveContext(
-                        pid,
-                        channel,
-                        shadow,
-                        at_home,
-                        move_id,
-                        record,
-                        relay_address,
-                        report,
-                        mark_moved,
-                        (address, identity),
-                        home,
-                    )
-                )
+                context = tree_move.TreeMoveContext(*frozen_args, home)
+                result = tree_move.move_tree_frozen(context)
             else:
-                result = _move_frozen(
-                    pid,
-                    channel,
-                    shadow,
-                    at_home,
-                    move_id,
-                    record,
-                    relay_address,
-                    report,
-                    mark_moved,
-                    (address, identity),
-                    precopied,
-                    home,
-                )
+                result = _move_frozen(*frozen_args, precopied, home)
         except MoveInDoubt as exc:
             registry.update_move(move_id, phase="in-doubt", error=str(exc))
             registry.set_state(pid, "held")
@@ -436,15 +422,7 @@ def _move_frozen(
             relayed = unhomeable(plan_proxies(pid, shadow, at_home, frozen=False)[0])
             homing = not relayed
         if not at_home:
-            # Away, the shadow goes quiet before the freeze: a client it accepted
-            # and connected to this node once the process was frozen would push up
-            # to a socket buffer into a connection the process never accepts.
-            try:
-                shadow.migrating({"move": move_id, "flush": homing})
-            except ShadowError as exc:
-                raise HijackError(
-                    f"move aborted: {exc}; process {pid} runs on here as before", pid=pid
-                ) from None
+            quiet_shadow(shadow, move_id, f"process {pid} runs", pid, flush=homing)
         if homing:
             relayed = unsettled_for_home(pid, shadow)
             homing = not relayed
@@ -509,14 +487,7 @@ def _move_frozen(
                     "pid": pid,
                     "program": record.program,
                     "mount_namespace": mounts.describe(pid, shadow.pid()),
-                    "home": {
-                        "node": record.home_node,
-                        "pid": record.home_pid or record.pid,
-                        "relay": relay_address,
-                        "token": shadow.token,
-                        "relay_cert": home.fingerprint if home else "",
-                        "plain_relays": home.plain if home else False,
-                    },
+                    "home": home_fields(record, relay_address, shadow.token, home),
                     "proxies": [p.__dict__ for p in plan],
                     "postcopy": postcopy,
                 }
@@ -663,6 +634,30 @@ def _move_frozen(
             int(prepared.get("injected", 0)) + int(answer.get("injected", 0)),
         ),
     )
+
+
+def quiet_shadow(shadow: HomeShadow, move_id: str, what: str, pid: int, *, flush: bool) -> None:
+    """Away, the shadow goes quiet before the freeze (`migrating`): a client it accepted
+    and connected to this node once the process was frozen would push up to a socket
+    buffer into a connection the process never accepts. `what`: "process P runs"."""
+    try:
+        shadow.migrating({"move": move_id, "flush": flush})
+    except ShadowError as exc:
+        raise HijackError(f"move aborted: {exc}; {what} on here as before", pid=pid) from None
+
+
+def home_fields(
+    record: ProcessRecord, relay_address: str, token: str, home: control.HomeEndpoint | None
+) -> dict[str, Any]:
+    """The `home` of a `move` message (docs/protocol.md, "Moving")."""
+    return {
+        "node": record.home_node,
+        "pid": record.home_pid or record.pid,
+        "relay": relay_address,
+        "token": token,
+        "relay_cert": home.fingerprint if home else "",
+        "plain_relays": home.plain if home else False,
+    }
 
 
 def _laps_of(answer: dict[str, Any]) -> dict[str, float]:

@@ -52,8 +52,10 @@ from hijack.node.move import (
     connect_datagrams,
     consume_unread,
     drain_datagrams,
+    home_fields,
     peek_unread,
     plan_proxies,
+    quiet_shadow,
     signals_held,
 )
 from hijack.objects import unix
@@ -200,13 +202,7 @@ def move_tree_frozen(context: TreeMoveContext) -> MoveResult:
     """Freeze the tree, send it, commit, switch the shadow, kill the members here."""
     pid, channel, shadow, move_id = context.pid, context.channel, context.shadow, context.move_id
     if not context.at_home:
-        # Away, the shadow goes quiet before the freeze (as a single process's move).
-        try:
-            shadow.migrating({"move": move_id, "flush": False})
-        except HijackError as exc:
-            raise HijackError(
-                f"move aborted: {exc}; the tree of process {pid} runs on here as before", pid=pid
-            ) from None
+        quiet_shadow(shadow, move_id, f"the tree of process {pid} runs", pid, flush=False)
     laps = Laps()
     handled = False  # the abort is _frozen's once the tree is frozen
     try:
@@ -357,7 +353,6 @@ def _frozen(context: TreeMoveContext, frozen: FrozenTree, laps: Laps) -> MoveRes
 
 def _move_message(context: TreeMoveContext, plans: dict[int, list[Proxy]]) -> dict[str, Any]:
     """The `move` of a tree (docs/protocol.md, "Moving a tree")."""
-    home = context.home
     return {
         "op": "move",
         "tree": True,
@@ -366,14 +361,9 @@ def _move_message(context: TreeMoveContext, plans: dict[int, list[Proxy]]) -> di
         "pid": context.pid,
         "program": context.record.program,
         "mount_namespace": mounts.describe(context.pid, context.shadow.pid()),
-        "home": {
-            "node": context.record.home_node,
-            "pid": context.record.home_pid or context.record.pid,
-            "relay": context.relay_address,
-            "token": context.shadow.token,
-            "relay_cert": home.fingerprint if home else "",
-            "plain_relays": home.plain if home else False,
-        },
+        "home": home_fields(
+            context.record, context.relay_address, context.shadow.token, context.home
+        ),
         "proxies": [
             {**p.__dict__, "member": member} for member, plan in plans.items() for p in plan
         ],
