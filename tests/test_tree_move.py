@@ -313,11 +313,19 @@ def served_after(loader: subprocess.Popen[bytes], served: int, fresh: int, tmp_p
 
 
 @pytest.mark.skipif(NGINX is None, reason="nginx (Debian package nginx) is not installed")
-def test_nginx_moved_there_and_back_under_load_fails_no_request(tmp_path: Path) -> None:
+@pytest.mark.parametrize("listen", ["", " reuseport"], ids=["shared listener", "reuseport"])
+def test_nginx_moved_there_and_back_under_load_fails_no_request(
+    tmp_path: Path, listen: str
+) -> None:
+    """Its workers accept on the master's one listener (one relayed stream for the
+    three), or each on its own of a SO_REUSEPORT group (a stream each)."""
     with two_nodes(tmp_path) as (a, b):
         port = a.free_port()
         config = tmp_path / "nginx.conf"
-        config.write_text(NGINX_CONFIG.format(dir=tmp_path, port=port))
+        text = NGINX_CONFIG.format(dir=tmp_path, port=port)
+        config.write_text(
+            text.replace(f"listen 127.0.0.1:{port};", f"listen 127.0.0.1:{port}{listen};")
+        )
         assert NGINX is not None
         master = a.spawn(
             [NGINX, "-p", str(tmp_path), "-c", str(config), "-e", str(tmp_path / "error.log")],
@@ -327,6 +335,8 @@ def test_nginx_moved_there_and_back_under_load_fails_no_request(tmp_path: Path) 
         )
         wait_members(master.pid, 3)
         a.wait_tcp("127.0.0.1", port)
+        listening = a.run(["ss", "-Htln", f"sport = :{port}"], timeout=10).stdout.splitlines()
+        assert len(listening) == (2 if listen else 1), listening
         loader = a.spawn(
             [sys.executable, "-c", LOADER, str(port)],
             stdin=subprocess.PIPE,
