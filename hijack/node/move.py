@@ -1564,6 +1564,18 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     # Attached here, never away: a process back home (home_pid set) is relayed as a migrant.
     at_home = record.home_node == node_name() and record.home_pid is None
     shadow = HomeShadow(record, record.relay_token or "")
+    if row.phase in ("switching", "in-doubt") and _has_children(pid):
+        # A tree's move (hijack.node.tree_move): its shadow's switch needs every member's
+        # streams, which only the mover planned. Not guessed here.
+        registry.update_move(row.id, phase="in-doubt")
+        registry.set_state(pid, "held")
+        outcome = answer["outcome"] if answer else "unknown"
+        return (
+            f"move {row.id}: the tree of process {pid} is held stopped (its destination says"
+            f" {outcome!r}); `hijack recover` does not settle a tree's move yet: if it runs on"
+            f" {row.destination}, kill the tree here, else `kill -CONT` its members",
+            False,
+        )
     if row.phase in ("switching", "in-doubt"):
         outcome = answer["outcome"] if answer else "unknown"
         if outcome == "running":
@@ -1606,6 +1618,13 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     error = "its mover was interrupted; the process resumed here"
     registry.update_move(row.id, phase="failed", finished_at=time.time(), error=error)
     return f"move {row.id}: not completed; process {pid} runs on here", True
+
+
+def _has_children(pid: int) -> bool:
+    try:
+        return len(read_tree(pid).members) > 1
+    except HijackError:
+        return False
 
 
 def consume_unread(pid: int, plan: list[Proxy]) -> None:
