@@ -21,6 +21,7 @@ socket or listener is relayed by the tree's one home shadow.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import signal
@@ -346,6 +347,10 @@ def test_nginx_moved_there_and_back_under_load_fails_no_request(
         served_after(loader, 0, 0, tmp_path)
         there, printed = move_tree(a, master.pid, b)
         assert len(MEMBER_LINE.findall(printed)) == 3, printed
+        status = json.loads(b.hijack_ok("status", "--json").stdout)
+        moved = next(p for p in status["processes"] if p["pid"] == there)
+        assert moved["state"] == "running", json.dumps(moved)
+        assert len(moved["members"]) == 2, "its workers, shown with it"
         master.wait(timeout=EXIT_TIMEOUT)  # the original, killed by the move
         served, fresh, failed, first = load_report(loader)
         served_after(loader, served, fresh, tmp_path)
