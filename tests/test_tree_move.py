@@ -8,8 +8,8 @@ share one kernel, and the originals still hold theirs while the move runs);
 what joins the members (pipes) is made again from the image, every other
 socket or listener is relayed by the tree's one home shadow.
 
-- a shell pipeline `producer | filter | consumer` moved mid-stream there and
-  back: the consumer's output is complete and in order;
+- a shell pipeline `producer | filter | consumer` moved mid-stream from a to b,
+  on to c and home to a: the consumer's output is complete and in order;
 - a member whose parent stays (a fork of its parent) is refused by name with
   the command that would work, and moves with --leave-parent;
 - a move that fails before its commit leaves every member running at home;
@@ -77,7 +77,7 @@ for line in sys.stdin:
     count += 1
 print(f"END {count}", flush=True)
 """
-LINES = 1500
+LINES = 2500  # 12 s of stream at PACE: three moves come in the middle
 PACE = 0.005
 
 
@@ -143,22 +143,25 @@ def wait_members(pid: int, count: int) -> None:
     poll_until(lambda: len(read_tree(pid).members) >= count, f"{count} members under {pid}")
 
 
-def test_a_pipeline_moved_mid_stream_there_and_back_keeps_every_line(tmp_path: Path) -> None:
-    with two_nodes(tmp_path) as (a, b):
+def test_a_pipeline_moved_mid_stream_onward_and_home_keeps_every_line(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=3) as cluster:
+        for node in cluster.nodes:
+            node.start_daemon()
+        a, b, c = cluster.nodes
         shell, output = start_pipeline(a, tmp_path)
         there, printed = move_tree(a, shell.pid, b)
         assert len(MEMBER_LINE.findall(printed)) == 4, printed
         wait_gone(shell.pid, EXIT_TIMEOUT, "the original shell, killed by the move")
         shell.wait(timeout=EXIT_TIMEOUT)
         assert len(read_tree(there).members) == 4
-        mid = len(lines_in(output))
-        assert mid < LINES, "the stream ended before the move back"
-        back, _ = move_tree(b, there, a)
-        assert len(lines_in(output)) < LINES, "the stream ended before the move back"
+        onward, _ = move_tree(b, there, c)  # away to away: its relays from home follow it
+        assert len(read_tree(onward).members) == 4
+        back, _ = move_tree(c, onward, a)
+        assert len(lines_in(output)) < LINES, "the stream ended before the move home"
         # The shell's own status is not checked: under fresh pids (the nodes share one
         # kernel, whose old pids the originals hold during the move) its job table no
         # longer names its children, so its wait ends in ECHILD (README, limits).
-        wait_gone(back, EXIT_TIMEOUT * 2, "the pipeline, moved back, ending")
+        wait_gone(back, EXIT_TIMEOUT * 2, "the pipeline, moved home, ending")
         got = lines_in(output)
         assert got == [f"LINE {n}" for n in range(LINES)] + [f"END {LINES}"], got[-5:]
 
