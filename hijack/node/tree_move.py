@@ -334,12 +334,12 @@ def _frozen(context: TreeMoveContext, frozen: FrozenTree, laps: Laps) -> MoveRes
         for m in frozen.record.members
     )
     return MoveResult(
-        move_id,
-        pid,
-        int(answer["pid"]),
-        channel.peer,
-        freeze_ms,
-        writer.sent,
+        move_id=move_id,
+        pid=pid,
+        new_pid=int(answer["pid"]),
+        destination=channel.peer,
+        freeze_ms=freeze_ms,
+        bytes_sent=writer.sent,  # no pre-copy: all of it while frozen
         frozen_bytes=writer.sent,
         timing=FreezeTiming(
             laps.rounded(),
