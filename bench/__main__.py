@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
         move_lines += measure_postcopy(Path(directory), size)
         move_lines += measure_pauses(Path(directory), cycles=20 if args.quick else 200)
         move_lines += measure_tls(Path(directory) / "tls-pki", size // 4)
-        move_lines += measure_trees(size // 4)
+        move_lines += measure_trees(size // 4 // MIB)
     header = (
         f"hijack bench, {size // MIB} MiB, {time.strftime('%Y-%m-%d %H:%M')},"
         f" {os.uname().sysname} {os.uname().release}, {os.cpu_count()} CPUs,"

@@ -52,12 +52,14 @@ def _start(node: Node, size_mib: int, children: int) -> subprocess.Popen[str]:
         [sys.executable, "-c", HOLDER, str(size_mib), str(children)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
     )
-    assert holder.stdout is not None
+    assert holder.stdout is not None and holder.stderr is not None
     if holder.stdout.readline().strip() != "ready":
-        raise SystemExit("bench: the tree holder did not start")
+        holder.kill()
+        raise SystemExit(f"bench: the tree holder did not start: {holder.stderr.read()}")
+    holder.stderr.close()  # nothing more is read from it
     return holder
 
 
