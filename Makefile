@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 # Debian packages the suite and the demo drive for real.
-DEBS   := gcc libc6-dev strace curl iproute2 tmux redis-server redis-tools gdb nginx
+DEBS   := gcc libc6-dev strace curl iproute2 tmux redis-server redis-tools gdb nginx tcpdump
 # Another apt run (unattended-upgrades, a second make) holds apt's locks: wait
 # up to APT_LOCK_WAIT seconds for each rather than fail at once. `install`
 # waits by itself (DPkg::Lock::Timeout); `update` has no such option (apt 2.6)
@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
+
+# The home shadow's native relay pump (hijack/shadow/pump.py); without it relays
+# are spliced in Python, slower.
+NATIVE := hijack/native/relay-pump
+$(NATIVE): hijack/native/relay_pump.c $(STAMP) system-deps
+	$(PY) -m hijack.shadow.pump
 
 system-deps:
 	@missing=""; for p in $(DEBS); do \
@@ -42,13 +48,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check hijack tests bench
 	$(VENV)/bin/mypy
 
-test: $(STAMP) system-deps lint
+test: $(STAMP) system-deps lint $(NATIVE)
 	$(VENV)/bin/pytest -q tests
 
-demo: $(STAMP) system-deps
+demo: $(STAMP) system-deps $(NATIVE)
 	$(PY) -m hijack.demo
 
-bench: $(STAMP) system-deps
+bench: $(STAMP) system-deps $(NATIVE)
 	$(PY) -m bench
 
 # Coverage-guided fuzzing (atheris) of the CRF reader and the node protocol:
@@ -67,7 +73,7 @@ fuzz: $(STAMP)
 	done
 
 # The full soak (the suite runs a short one): 50 moves between three nodes under load.
-soak: $(STAMP) system-deps
+soak: $(STAMP) system-deps $(NATIVE)
 	SOAK_MOVES=50 $(VENV)/bin/pytest -q -s tests/test_soak.py
 
 clean:

@@ -49,6 +49,10 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "node stream, TLS 1.3",
         "tree move freeze, 1+8 sharing",
         "tree move image, 1+8 sharing",
+        "redis GET relayed, plain",
+        "redis GET relayed, tls",
+        "redis GET relayed, accepted",
+        "shadow CPU per GET, plain",
     )
     for figure in figures:
         assert figure in result.stdout, result.stdout

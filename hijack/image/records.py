@@ -244,6 +244,41 @@ class Pages:
         return self.address + len(self.data)
 
 
+MAX_REFERENCED_PAGES = MAX_PAGES_DATA // PAGE_SIZE  # pages one PageReference names at most
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PageReference:
+    """Consecutive pages of one STORED or FILE segment that were, at the dump, the very
+    physical pages of a member listed before this one in its tree stream (private memory
+    still shared copy-on-write since a fork): their bytes are in that member's image, at
+    `source`, and are not stored again (docs/crf.md §7b)."""
+
+    address: U64  # where the pages are in this process
+    pages: U32  # how many: 1 to 2048
+    pid: U32  # the member (its pid in TREE) whose image holds their bytes
+    source: U64  # where they are in that member
+
+    def __post_init__(self) -> None:
+        where = f"PageReference at {self.address:#x}"
+        _require(_page_aligned(self.address), f"{where}: address not page-aligned")
+        _require(_page_aligned(self.source), f"{where}: source {self.source:#x} not page-aligned")
+        _require(
+            0 < self.pages <= MAX_REFERENCED_PAGES,
+            f"{where}: {self.pages} pages is not 1 to {MAX_REFERENCED_PAGES}",
+        )
+        for start in (self.address, self.source):
+            _require(start <= 2**64 - self.size, f"{where}: outside 64-bit space")
+
+    @property
+    def size(self) -> int:
+        return self.pages * PAGE_SIZE
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UserRegsStruct:
     """struct user_regs_struct of x86_64 (PTRACE_GETREGS), in kernel order."""
@@ -730,12 +765,13 @@ class RawSocket:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PingSocket:
     """An ICMP ping socket (SOCK_DGRAM, IPPROTO_ICMP or IPPROTO_ICMPV6): the address and
-    echo identifier it is bound to, the host it is connected to; replies queued are lost."""
+    echo identifier it is bound to, the host it is connected to, the replies queued."""
 
     id: U64
     family: U16  # AF_INET or AF_INET6
     local_address: str  # "127.0.0.1:IDENT", "[::1]:IDENT"; "0.0.0.0:0" / "[::]:0" never bound
     remote_address: str  # the host it is connected to ("127.0.0.1", "::1"), "" when not
+    queue: tuple[QueuedDatagram, ...]  # echo replies (their ICMP messages), oldest first
 
     def __post_init__(self) -> None:
         _check_object_id(self)
@@ -1130,6 +1166,9 @@ class PageRange:
         )
 
 
+AIO_EVENT_SIZE = 32  # struct io_event: data, obj, res, res2
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AioRing:
     """The ring of an AIO context (io_setup), mapped at `address`: the aio_context_t."""
@@ -1137,11 +1176,21 @@ class AioRing:
     address: U64
     size: U64  # bytes of its mapping
     nr: U32  # the ring header's nr: io_events it holds (io_setup((nr - 2) / 2) makes as many)
+    head: U32  # the ring header's head: the first event not yet reaped
+    tail: U32  # ... and tail: where the kernel puts the next completed event
+    events: bytes  # the io_events from head to tail (32 bytes each): completed, not reaped
 
     def __post_init__(self) -> None:
         _require(
             _page_aligned(self.address) and self.size > 0 and _page_aligned(self.size),
             f"AioRing {self.address:#x}+{self.size:#x}: not whole pages",
+        )
+        _require(
+            self.head < self.nr
+            and self.tail < self.nr
+            and len(self.events) == (self.tail - self.head) % self.nr * AIO_EVENT_SIZE,
+            f"AioRing {self.address:#x}: head {self.head}, tail {self.tail} of {self.nr} and"
+            f" {len(self.events)} bytes of events do not agree",
         )
 
 
@@ -1196,6 +1245,7 @@ class PosixTimer:
     thread: U32  # the tid SIGEV_THREAD_ID notifies, else 0
     interval_ns: U64  # it_interval
     value_ns: U64  # it_value: time left until it next expires; 0 when disarmed
+    overrun: I32  # timer_getoverrun: the expirations its last signal stood for, less one
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -1249,6 +1299,22 @@ class SharedDescription:
     holder_fd: U32  # its descriptor number there
 
 
+class CloneFlags(enum.IntFlag):
+    """What a member shares with its parent, made by clone without CLONE_THREAD."""
+
+    FS = 0x200  # CLONE_FS: one root, cwd and umask
+    FILES = 0x400  # CLONE_FILES: one descriptor table
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SharedContext:
+    """A member sharing kernel contexts with its parent: a change by one is seen by the other
+    (clone with CLONE_FILES or CLONE_FS, not a thread)."""
+
+    pid: U32  # the member
+    flags: Annotated[CloneFlags, UInt(4)]  # what it shares with its parent
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Tree:
     """Opens a tree stream: the members, root first, each parent before its children.
@@ -1259,6 +1325,8 @@ class Tree:
     members: tuple[TreeMember, ...]
     # Open file descriptions shared among members, each descriptor after its first holder's.
     shared: tuple[SharedDescription, ...] = ()
+    # Members sharing a descriptor table or fs context with their parent, each once.
+    contexts: tuple[SharedContext, ...] = ()
 
     def __post_init__(self) -> None:
         _require(bool(self.members), "Tree: no members")
@@ -1290,6 +1358,20 @@ class Tree:
             )
             _require((link.pid, link.fd) not in holders, f"{where}: listed twice")
             holders.add((link.pid, link.fd))
+        sharing: set[int] = set()
+        for context in self.contexts:
+            where = f"Tree: the contexts process {context.pid} shares"
+            at = order.get(context.pid, 0)
+            _require(at > 0, f"{where}: not a member below the root")
+            member = self.members[at]
+            parent = self.members[order[member.ppid]]
+            _require(
+                MemberState.ZOMBIE not in (member.state, parent.state),
+                f"{where}: a zombie shares nothing",
+            )
+            _require(bool(context.flags), f"{where}: none")
+            _require(context.pid not in sharing, f"{where}: listed twice")
+            sharing.add(context.pid)
 
     @property
     def imaged(self) -> tuple[TreeMember, ...]:
@@ -1318,6 +1400,7 @@ Record = (
     | MemoryStructure
     | Segments
     | Pages
+    | PageReference
     | Thread
     | SignalState
     | Files

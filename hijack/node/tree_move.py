@@ -31,10 +31,10 @@ from typing import Any, BinaryIO, cast
 
 from hijack.errors import HijackError, ProcessGone, Unsupported
 from hijack.image import records as rec
-from hijack.image.codec import ImageWriter
-from hijack.mutator.dump import kill_stopped, write_image
+from hijack.mutator.dump import kill_stopped, write_image, write_tree
 from hijack.mutator.frozen_tree import FrozenTree, frozen_tree
 from hijack.mutator.handover import hand_descriptors_to_shadow
+from hijack.mutator.shared_pages import SharedPages
 from hijack.mutator.tracee import Tracee
 from hijack.node import mounts, pki
 from hijack.node.channel import Channel, DataWriter
@@ -374,18 +374,22 @@ def _move_message(context: TreeMoveContext, plans: dict[int, list[Proxy]]) -> di
 def _write_tree(
     frozen: FrozenTree, out: BinaryIO, besides: frozenset[int]
 ) -> dict[int, tuple[int, float]]:
-    """The tree stream of the frozen tree to `out`: each member's (bytes, ms)."""
-    writer = ImageWriter(out)
-    writer.write(frozen.record)
-    writer.close()
+    """The tree stream of the frozen tree to `out` (pages members still share since a
+    fork stored once: write_tree): each member's (bytes, ms)."""
     sizes: dict[int, tuple[int, float]] = {}
     sockets = procfs.read_socket_table(frozen.record.members[0].pid)
     # The tree's shadow holds its pipes too (handed over): inside all the same.
     inside = frozenset(frozen.tracees) | besides
-    for member in frozen.record.imaged:
+
+    def member_image(tracee: Tracee, shared: SharedPages) -> tuple[rec.End, int, int]:
         started = time.perf_counter()
-        _, _, written = write_image(frozen.tracees[member.pid], out, sockets=sockets, tree=inside)
-        sizes[member.pid] = (written, (time.perf_counter() - started) * 1000)
+        end, threads, written = write_image(
+            tracee, out, sockets=sockets, tree=inside, shared_pages=shared
+        )
+        sizes[tracee.pid] = (written, (time.perf_counter() - started) * 1000)
+        return end, threads, written
+
+    write_tree(frozen, out, member_image)
     return sizes
 
 

@@ -268,6 +268,7 @@ def rebuild_member(
     skip_unsupported: bool = False,
     registry: Registry | None = None,
     own_parent: bool = False,
+    parents_table: bool = False,
     provided: Callable[[], dict[int, int]] | None = None,
     admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None,
     take_locks: bool = True,
@@ -279,9 +280,11 @@ def rebuild_member(
     members share come from `shared`. `own_parent`: its parent is its own (a member
     below the root), whose death its parent-death signal, if any, is for. A shadow's
     descriptors (an attached tree dumped with --kill) are lent to the stub: it was
-    forked from its parent's stub, not ours. `admit` and `take_locks` are restore()'s,
-    for this member (a tree's move); `provided()`, asked once it is admitted, gives
-    restore()'s `provided` (admitting the first member makes them).
+    forked from its parent's stub, not ours. `parents_table`: the stub shares its parent's
+    descriptor table (CLONE_FILES), rebuilt already: its descriptors are there.
+    `admit` and `take_locks` are restore()'s, for this member (a tree's move);
+    `provided()`, asked once it is admitted, gives restore()'s `provided` (admitting
+    the first member makes them).
     """
     image = read_head(records)
     if admit is not None:
@@ -294,9 +297,11 @@ def rebuild_member(
     holdings = shadow_holdings(registry, image.header.pid) if registry else None
     shared.begin(image.header.pid, stub.pid, image.files)
     kept = frozenset(holdings.own_fd) if holdings else frozenset()
-    given = provided() if provided is not None else {}
+    # A table shared with the parent has the relays from the parent's.
+    given = provided() if provided is not None and not parents_table else {}
     # The tree's pairs: not ours to close (nor are a move's relays, given to it).
-    pairs = unix.pair_ends(image.files, shared, skip=kept | frozenset(given))
+    skip = kept | frozenset(given)
+    pairs = {} if parents_table else unix.pair_ends(image.files, shared, skip=skip)
     plan = plan_files(
         image.segments.segments,
         image.files,
@@ -306,7 +311,8 @@ def rebuild_member(
     )
     ipc = sysv.prepare(image.files, image.segments.segments)
     try:
-        taken = _take_from_shadow(holdings, plan) if holdings else {}
+        # A table shared with the parent has the shadow's descriptors from the parent's.
+        taken = _take_from_shadow(holdings, plan) if holdings and not parents_table else {}
         try:
             inherited = _lend(stub, {**taken, **pairs, **given})
         finally:
@@ -316,7 +322,7 @@ def rebuild_member(
         try:
             space.build(later=frozenset(image.mapped()))
             ipc.after_attach()
-            _consume_rest(records, image, space)
+            _consume_rest(records, image, space, shared.stub_of)
             _finish(
                 stub,
                 space,
@@ -324,9 +330,11 @@ def rebuild_member(
                 plan,
                 inherited,
                 frozenset(given),
-                take_locks,
+                # The table's locks are taken (POSIX locks are its own); a move takes none.
+                take_locks and not parents_table,
                 shared,
                 own_parent,
+                parents_table,
             )
         finally:
             space.close()
@@ -530,10 +538,24 @@ def _expect_files(records: Iterator[rec.Record]) -> ImageFiles:
     return ImageFiles(files, tuple(s for s in sections if isinstance(s, rec.ObjectRecord)))
 
 
-def _consume_rest(records: Iterator[rec.Record], image: _Image, space: AddressSpace) -> None:
+def _consume_rest(
+    records: Iterator[rec.Record],
+    image: _Image,
+    space: AddressSpace,
+    stub_of: Callable[[int], int] | None = None,
+) -> None:
+    """The image's records after its objects. `stub_of(pid)`: the stub of a tree's member
+    rebuilt before, whose pages a PAGE_REFERENCE copies (only a tree stream has those)."""
     for record in records:
         if isinstance(record, rec.Pages):
             space.write_pages(record)
+        elif isinstance(record, rec.PageReference):
+            if stub_of is None:
+                raise ImageError(
+                    f"pages at {record.address:#x} refer to process {record.pid}: only the"
+                    " restore of the whole tree stream restores them"
+                )
+            space.copy_pages(record, stub_of(record.pid))
         elif isinstance(record, rec.Thread):
             image.threads.append(record)
         elif isinstance(record, rec.SignalState):
@@ -571,12 +593,19 @@ def _finish(
     take_locks: bool,
     shared: TreeShared | None = None,
     own_parent: bool = False,
+    parents_table: bool = False,
 ) -> None:
     assert image.signals is not None and image.cwd is not None
     assert image.settings is not None and image.timers is not None
     leader = _leader_record(image)
     restore_files(
-        stub, plan, image.files, inherited, functools.partial(_objects, space, image), shared
+        stub,
+        plan,
+        image.files,
+        inherited,
+        functools.partial(_objects, space, image),
+        shared,
+        made_already=parents_table,
     )
     restored = {descriptor.fd for descriptor in (*plan.inherited, *plan.reopen)}
     controlling = set_up_terminals(stub, image.files, provided)
@@ -607,7 +636,15 @@ def _finish(
     if own_parent:
         settings.apply_parent_death_signal(stub, image.settings)
     timers.create_posix_timers(stub, image.timers, thread_ids)
-    timers.arm_timers(stub, image.timers)  # last: the restore's own time does not count
+    pending = {
+        struct.unpack_from("<i", siginfo)[0]
+        for siginfo in (
+            *image.signals.shared_pending,
+            *(s for t in image.threads for s in t.pending),
+        )
+    }
+    # Last: the restore's own time does not count.
+    timers.arm_timers(stub, image.timers, thread_ids, frozenset(pending))
     space.unmap_scratch()
     seccomp.install_seccomp(stub, image.settings, image.threads, image.segments, thread_ids)
     for thread in image.threads:
