@@ -7,8 +7,7 @@ and sleep; it is moved between two network-namespace nodes with `hijack move`
 trees yet). Beside it, the same move of one process holding the same SIZE,
 with --no-precopy, so that both are frozen for their whole image. Printed:
 both freezes and image sizes, and the tree's as a ratio to the single one's
-(each member's image holds the pages it shares: 9 copies until the image
-stores pages shared since a fork once).
+(pages the members still share since the fork are stored once: CRF 6).
 """
 
 from __future__ import annotations
@@ -105,5 +104,5 @@ def measure_tree_moves(size_mib: int) -> list[str]:
         f" | {label:<38} {single_freeze:8.1f} ms   | x{tree_freeze / single_freeze:.1f}",
         f"{f'tree move image, 1+{CHILDREN} sharing {size_mib} MiB':<34} {tree_image:8.1f} MiB "
         f" | {label:<38} {single_image:8.1f} MiB  | x{tree_image / single_image:.1f}"
-        f" (largest member {biggest:.1f} MiB; pages shared since the fork stored per member)",
+        f" (largest member {biggest:.1f} MiB)",
     ]
