@@ -30,6 +30,8 @@ the same run, on the same bytes, at the same place:
   (its commit taken from git history), in turns in the same run (bench/tls.py).
   The move figures above run over TLS; links.py prints encrypted relays beside
   --plain-relays.
+- the freeze and image of moving a tree, 1 parent + 8 children sharing SIZE/4
+  since a fork, beside one process holding the same (bench/tree_moves.py).
 
 `python -m bench` measures 1 GiB; `--quick` measures 64 MiB (CI runs it so the
 scripts cannot rot; it asserts nothing). Results go to stdout and to
@@ -57,6 +59,7 @@ from bench.postcopy import measure_postcopy
 from bench.redis import measure_redis
 from bench.snapshots import measure_snapshots
 from bench.tls import measure_freeze_before_tls, measure_tls
+from bench.tree_moves import measure_tree_moves
 from bench.trees import measure_tree_dumps
 from hijack.mutator.dump import MAP_PRIVATE_ANONYMOUS, PROT_READ_WRITE, dump, dump_to_file
 from hijack.mutator.tracee import Tracee
@@ -275,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         move_lines += measure_tls(Path(directory) / "tls-pki", size // 4)
         move_lines += measure_tree_dumps(size // MIB // 4)
         move_lines += measure_freeze_before_tls(Path(directory), moves=2 if args.quick else 20)
+        move_lines += measure_tree_moves(size // MIB // 4)
     header = (
         f"hijack bench, {size // MIB} MiB, {time.strftime('%Y-%m-%d %H:%M')},"
         f" {os.uname().sysname} {os.uname().release}, {os.cpu_count()} CPUs,"

@@ -51,6 +51,8 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "node stream, TLS 1.3",
         "move freeze, TLS 1.3 (median)",
         "before TLS (66ffbeb), same run",
+        "tree move freeze, 1+8 sharing",
+        "tree move image, 1+8 sharing",
         "redis GET relayed, plain",
         "redis GET relayed, tls",
         "redis GET relayed, accepted",

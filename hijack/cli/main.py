@@ -220,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
         " move chose, else encrypted)",
     )
     move.add_argument(
+        "--leave-parent",
+        action="store_true",
+        help="move a fork of its parent (an nginx worker) without that parent, which then sees"
+        " it exit (by default refused: move the parent's tree instead)",
+    )
+    move.add_argument(
         "--swap",
         action="store_true",
         help="then join its relayed connections whose other end this node manages too"
@@ -486,6 +492,7 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
             precopy=args.precopy,
             plain_relays=args.plain_relays,
             postcopy=args.postcopy,
+            leave_parent=args.leave_parent,
         )
     render.move_result(console, result, timing=args.timing)
     if args.swap:  # the move is done whatever becomes of the swap: it only says so

@@ -465,6 +465,20 @@ def move_result(console: Console, result: MoveResult, *, timing: bool = False) -
         )
         + (f"; {result.total_ms / 1000:.2f} s in all" if result.total_ms else "")
     )
+    if result.members:
+        members = result.members
+        console.print(
+            f"the tree moved as one: {len(members)} processes frozen together"
+            f" {result.freeze_ms:.1f} ms, image {human_size(sum(m.image_bytes for m in members))}",
+            highlight=False,
+        )
+        for member in members:
+            now = f"as {member.new_pid}" if member.new_pid else "(a zombie: no image)"
+            console.print(
+                f"  {member.pid} {escape(member.program)} {now}: image"
+                f" {human_size(member.image_bytes)}, {member.image_ms:.1f} ms of the freeze",
+                highlight=False,
+            )
     if result.relayed_at_home == "":
         console.print("home again: it holds its own sockets and pipes, nothing is relayed")
     elif result.relayed_at_home is not None:

@@ -38,6 +38,7 @@ from typing import Any, BinaryIO, NamedTuple, cast
 
 from hijack.errors import HijackError
 from hijack.image import records as rec
+from hijack.image.codec import read_stream
 from hijack.mutator.postcopy import decode_runs, page_timeout
 from hijack.node import gate, mounts, pki, policy, swap_end
 from hijack.node import terminal as terminal_pump
@@ -47,7 +48,8 @@ from hijack.node.load import node_load
 from hijack.registry import Registry, node_name
 from hijack.restore.postcopy import LazyPages
 from hijack.restore.precopy import Prebuilt
-from hijack.restore.restorer import restore
+from hijack.restore.restorer import RestoreResult, restore
+from hijack.restore.tree import TreeMove, restore_tree
 from hijack.shadow import control
 from hijack.shadow.datagram import widen_receive_buffer
 from hijack.shadow.relay import endpoint
@@ -76,6 +78,7 @@ class Proxy(NamedTuple):
     file: int = -1  # a terminal's: descriptors with one `file` share one open slave
     shut: bool = False  # a stream the process shut down for writing: its relay is too
     backlog: int = 0  # a listener's: the backlog the process gave it
+    member: int = 0  # a tree's move: the member whose descriptor it is (its pid at the source)
 
 
 def log(text: str) -> None:
@@ -260,6 +263,11 @@ class NodeDaemon:
         lazy: list[LazyPages] = []  # a post-copy move's pages still on the source
 
         taken: list[bool] = []
+        # A tree's move (docs/protocol.md, "Moving a tree"): its members' descriptors the
+        # relays stand for, and each member's pid here once forked.
+        tree = request.get("tree") is True
+        tree_given: dict[tuple[int, int], int] = {}
+        new_pids: dict[int, int] = {}
 
         def take_lazy() -> LazyPages | None:
             # Sent after the final image: the pages it left out (docs/protocol.md).
@@ -281,52 +289,63 @@ class NodeDaemon:
                 who = f"{request.get('program')!s:.80} (pid {request.get('pid')})"
                 mount_namespace = mounts.open_namespace(request.get("mount_namespace"), who)
 
+            def proxy_end(proxy: Proxy) -> int:
+                """The descriptor of ours the process gets for `proxy`."""
+                if proxy.kind == "original":
+                    if home["node"] != self.name:
+                        raise HijackError(
+                            f"fd {proxy.fd}: its original is at {home['node']}, not here"
+                        )
+                    return originals.take(proxy.stream)
+                if proxy.kind == "terminal":
+                    return terminals.slave(proxy.stream, proxy.file)
+                if proxy.kind == "master":
+                    return terminals.master(proxy.stream)
+                if proxy.kind == "listener":
+                    # Only the shadow's clients, through our forwarder, get in.
+                    try:
+                        sock = closed_listener(proxy.backlog)
+                    except OSError as exc:
+                        raise HijackError(f"cannot listen for fd {proxy.fd}: {exc}") from None
+                    opened.append(sock)
+                    listeners[proxy.stream] = endpoint(sock.getsockname())
+                    links.append(
+                        self.forwarder.listen(shadow, proxy.stream, move, listeners[proxy.stream])
+                    )
+                elif proxy.kind == "datagram":
+                    sock = datagram(proxy)
+                    opened.append(sock)
+                    datagrams[proxy.stream] = f"{here}:{sock.getsockname()[1]}"
+                else:
+                    sock = relay(proxy.stream)
+                    opened.append(sock)
+                    if proxy.shut:
+                        # Its writing side stays shut: its writes fail as before,
+                        # and the shadow sees the end it sent (again).
+                        sock.shutdown(socket.SHUT_WR)
+                return sock.fileno()
+
             def admit(
                 header: rec.ImageHeader, credentials: rec.Credentials, segments: rec.Segments
             ) -> None:
                 # The policy first: a refused image gets no relay, no listener.
                 policy.check_image(header, credentials, segments, allow_root=self.allow_root)
+                if tree_given or (provided and not tree):
+                    return  # a tree's: made at its first member's admission
                 # Filled in place: restore reads `provided` only after this.
+                ends: dict[str, int] = {}  # a tree's members share a stream's one end
                 for proxy in proxies:
-                    if proxy.kind == "original":
-                        if home["node"] != self.name:
-                            raise HijackError(
-                                f"fd {proxy.fd}: its original is at {home['node']}, not here"
-                            )
-                        provided[proxy.fd] = originals.take(proxy.stream)
-                        continue
-                    if proxy.kind == "terminal":
-                        provided[proxy.fd] = terminals.slave(proxy.stream, proxy.file)
-                        continue
-                    if proxy.kind == "master":
-                        provided[proxy.fd] = terminals.master(proxy.stream)
-                        continue
-                    if proxy.kind == "listener":
-                        # Only the shadow's clients, through our forwarder, get in.
-                        try:
-                            sock = closed_listener(proxy.backlog)
-                        except OSError as exc:
-                            raise HijackError(f"cannot listen for fd {proxy.fd}: {exc}") from None
-                        opened.append(sock)
-                        listeners[proxy.stream] = endpoint(sock.getsockname())
-                        links.append(
-                            self.forwarder.listen(
-                                shadow, proxy.stream, move, listeners[proxy.stream]
-                            )
-                        )
-                    elif proxy.kind == "datagram":
-                        sock = datagram(proxy)
-                        opened.append(sock)
-                        datagrams[proxy.stream] = f"{here}:{sock.getsockname()[1]}"
+                    if proxy.stream not in ends or not tree:
+                        ends[proxy.stream] = proxy_end(proxy)
+                    if tree:
+                        tree_given[(proxy.member, proxy.fd)] = ends[proxy.stream]
                     else:
-                        sock = relay(proxy.stream)
-                        opened.append(sock)
-                        if proxy.shut:
-                            # Its writing side stays shut: its writes fail as before,
-                            # and the shadow sees the end it sent (again).
-                            sock.shutdown(socket.SHUT_WR)
-                    provided[proxy.fd] = sock.fileno()
+                        provided[proxy.fd] = ends[proxy.stream]
                 laps.lap("admit and relays")
+
+            def hold_tree_until_commit(pids: dict[int, int]) -> None:
+                new_pids.update(pids)
+                hold_until_commit(pids[int(request["pid"])])
 
             def hold_until_commit(pid: int) -> None:
                 # The restore gave each pty the settings of the home one; a pty
@@ -359,6 +378,7 @@ class NodeDaemon:
                         {
                             "phase": "prepared",
                             "pid": pid,
+                            "pids": {str(old): now for old, now in new_pids.items()},
                             "listeners": listeners,
                             "datagrams": datagrams,
                             "laps": laps.rounded(),
@@ -386,17 +406,23 @@ class NodeDaemon:
                     with self.decisions:
                         self.waiting.pop(move, None)
 
-            result = restore(
-                cast(BinaryIO, image),
-                provided=provided,
-                before_start=hold_until_commit,
-                admit=admit,
-                prebuilt=prebuilt,
-                mount_namespace=mount_namespace,
-                take_locks=False,
-                laps=laps,
-                lazy=take_lazy if postcopy else None,
-            )
+            if tree:
+                result: RestoreResult = self._restore_tree(
+                    cast(BinaryIO, image),
+                    TreeMove(tree_given, admit, hold_tree_until_commit, mount_namespace),
+                )
+            else:
+                result = restore(
+                    cast(BinaryIO, image),
+                    provided=provided,
+                    before_start=hold_until_commit,
+                    admit=admit,
+                    prebuilt=prebuilt,
+                    mount_namespace=mount_namespace,
+                    take_locks=False,
+                    laps=laps,
+                    lazy=take_lazy if postcopy else None,
+                )
         except HijackError as exc:
             log(f"move {move} failed: {exc}")
             for pages in lazy:
@@ -443,9 +469,25 @@ class NodeDaemon:
             )
         laps.lap("record move")
         reached("daemon-committed")
-        channel.send({"phase": "running", "pid": result.pid, "laps": laps.rounded()})
+        channel.send(
+            {
+                "phase": "running",
+                "pid": result.pid,
+                "pids": {str(old): now for old, now in new_pids.items()},
+                "laps": laps.rounded(),
+            }
+        )
         if lazy:
             self._postcopy(channel, move, result.pid, lazy[0])
+
+    @staticmethod
+    def _restore_tree(image: BinaryIO, moved: TreeMove) -> RestoreResult:
+        """A tree's image restored, under its pids where they are free: its root's result."""
+        records = read_stream(image)
+        first = next(records)
+        if not isinstance(first, rec.Tree) or not isinstance(next(records), rec.End):
+            raise HijackError("a tree's move whose image is not a tree stream")
+        return restore_tree(first, records, new_pids=None, moved=moved).root
 
     def _postcopy(self, channel: Channel, move: str, pid: int, pages: LazyPages) -> None:
         """Serve the moved process's missing pages from its source until it has them all.
@@ -577,6 +619,9 @@ def _parse_move(
             open_file = proxy.get("file", number)  # a terminal's: see hijack.node.move.Proxy
             shut = proxy.get("shut", False)
             backlog = proxy.get("backlog", LISTEN_BACKLOG)
+            member = proxy.get("member", 0)
+            if not isinstance(member, int) or not 0 <= member < 1 << 22:
+                raise ValueError
             if not isinstance(backlog, int) or not 0 <= backlog < 1 << 31:
                 raise ValueError
             if not isinstance(number, int) or not 0 <= number < 1 << 20:
@@ -601,6 +646,7 @@ def _parse_move(
                     file=open_file,
                     shut=shut,
                     backlog=backlog,
+                    member=member,
                 )
             )
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError):

@@ -69,6 +69,7 @@ from hijack.node.channel import Channel, ChannelError, DataWriter
 from hijack.node.daemon import parse_address
 from hijack.objects import pipe, unix
 from hijack.objects.memfd import holds_object
+from hijack.process.tree import read_tree
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
 from hijack.restore.plan import mapping_problems
 from hijack.shadow import control, relay_link
@@ -119,6 +120,18 @@ class MoveResult:
     postcopy_ms: float = 0.0  # from the start there until the last of them arrived
     total_ms: float = 0.0  # the whole move, from the first round to the last page
     timing: FreezeTiming | None = None  # where the freeze went (hijack move --timing)
+    members: tuple[MemberMoved, ...] = ()  # a tree's, root first (hijack.node.tree_move)
+
+
+@dataclass(frozen=True)
+class MemberMoved:
+    """One member of a tree moved: its pids, and its part of the image and of the freeze."""
+
+    pid: int
+    new_pid: int
+    program: str
+    image_bytes: int
+    image_ms: float  # the time its image took to read and send, while the tree was frozen
 
 
 @dataclass(frozen=True)
@@ -193,8 +206,12 @@ def move(
     precopy: bool | None = None,
     plain_relays: bool | None = None,
     postcopy: bool | None = None,
+    leave_parent: bool = False,
 ) -> MoveResult:
     """Move `pid` to the node daemon at `destination`; see the module docstring.
+
+    With descendants, they move with it (hijack.node.tree_move). A fork of its
+    parent is refused (its parent would see it exit) unless `leave_parent`.
 
     `precopy`: True or False forces pre-copy on or off; None decides by size.
     `plain_relays`: whether its relays leave TLS between nodes (recorded, and
@@ -220,11 +237,18 @@ def move(
             f" {node_name()!r} now: move it under its old name (HIJACK_NODE={record.home_node})",
             pid=pid,
         )
+    from hijack.node import tree_move  # not at the top: it builds on this module
+
+    if not leave_parent:
+        tree_move.refuse_leaving_parent(pid, destination)
     identity = pki.load_identity()  # this node's certificates, before anything is touched
-    refuse_unmappable(pid)
+    members = list(read_tree(pid).pids)
+    for member in members:
+        refuse_unmappable(member)
     attached_by_move = record is None or record.state not in ("attached", "running")
     if attached_by_move:
-        plan_proxies(pid, None, at_home=True)  # refused before the attach: nothing changes
+        # Refused before the attach: nothing changes.
+        tree_move.plan_tree(members, pid, None, True, frozen=False)
         attaching.attach(pid, registry)
     try:
         reached("move-attached")
@@ -260,11 +284,22 @@ def _move_attached(
     plain_relays: bool | None,
     postcopy: bool | None = None,
 ) -> MoveResult:
+    from hijack.node import tree_move  # not at the top: it builds on this module
+
     at_home = record.state == "attached"
     plain = bool(record.plain_relays) if plain_relays is None else plain_relays
     token = record.relay_token or secrets.token_hex(32)
     shadow = HomeShadow(record, token)
-    plan_proxies(pid, shadow, at_home, frozen=False)  # refused before anything is touched
+    members = list(read_tree(pid).pids)
+    tree = len(members) > 1
+    # Refused before anything is touched.
+    tree_move.plan_tree(members, pid, shadow, at_home, frozen=False)
+    if tree and (precopy or postcopy):
+        raise Unsupported(
+            f"the tree of process {pid} moves frozen: pre-copy and post-copy of a tree are not"
+            " implemented yet (drop --precopy/--postcopy); nothing was changed",
+            pid=pid,
+        )
 
     report("connecting", 0)
     channel = Channel.connect(address, identity)
@@ -303,6 +338,8 @@ def _move_attached(
         precopied: Precopy | None = None
         started_at = time.perf_counter()
         try:
+            if tree:
+                precopy = False
             if postcopy or precopy or (precopy is None and worth_precopying(pid)):
                 if postcopy is None and precopy is not None:
                     postcopy = False  # pre-copy asked for as such: no post-copy
@@ -312,7 +349,7 @@ def _move_attached(
                 # It ran on meanwhile: refused now if it holds what cannot go.
                 plan_proxies(pid, shadow, at_home, frozen=False)
             shadow.pid()  # asked now: the move's message names it while the process is frozen
-            result = _move_frozen(
+            frozen_args = (
                 pid,
                 channel,
                 shadow,
@@ -323,9 +360,12 @@ def _move_attached(
                 report,
                 mark_moved,
                 (address, identity),
-                precopied,
-                home,
             )
+            if tree:
+                context = tree_move.TreeMoveContext(*frozen_args, home)
+                result = tree_move.move_tree_frozen(context)
+            else:
+                result = _move_frozen(*frozen_args, precopied, home)
         except MoveInDoubt as exc:
             registry.update_move(move_id, phase="in-doubt", error=str(exc))
             registry.set_state(pid, "held")
@@ -382,15 +422,7 @@ def _move_frozen(
             relayed = unhomeable(plan_proxies(pid, shadow, at_home, frozen=False)[0])
             homing = not relayed
         if not at_home:
-            # Away, the shadow goes quiet before the freeze: a client it accepted
-            # and connected to this node once the process was frozen would push up
-            # to a socket buffer into a connection the process never accepts.
-            try:
-                shadow.migrating({"move": move_id, "flush": homing})
-            except ShadowError as exc:
-                raise HijackError(
-                    f"move aborted: {exc}; process {pid} runs on here as before", pid=pid
-                ) from None
+            quiet_shadow(shadow, move_id, f"process {pid} runs", pid, flush=homing)
         if homing:
             relayed = unsettled_for_home(pid, shadow)
             homing = not relayed
@@ -455,14 +487,7 @@ def _move_frozen(
                     "pid": pid,
                     "program": record.program,
                     "mount_namespace": mounts.describe(pid, shadow.pid()),
-                    "home": {
-                        "node": record.home_node,
-                        "pid": record.home_pid or record.pid,
-                        "relay": relay_address,
-                        "token": shadow.token,
-                        "relay_cert": home.fingerprint if home else "",
-                        "plain_relays": home.plain if home else False,
-                    },
+                    "home": home_fields(record, relay_address, shadow.token, home),
                     "proxies": [p.__dict__ for p in plan],
                     "postcopy": postcopy,
                 }
@@ -609,6 +634,30 @@ def _move_frozen(
             int(prepared.get("injected", 0)) + int(answer.get("injected", 0)),
         ),
     )
+
+
+def quiet_shadow(shadow: HomeShadow, move_id: str, what: str, pid: int, *, flush: bool) -> None:
+    """Away, the shadow goes quiet before the freeze (`migrating`): a client it accepted
+    and connected to this node once the process was frozen would push up to a socket
+    buffer into a connection the process never accepts. `what`: "process P runs"."""
+    try:
+        shadow.migrating({"move": move_id, "flush": flush})
+    except ShadowError as exc:
+        raise HijackError(f"move aborted: {exc}; {what} on here as before", pid=pid) from None
+
+
+def home_fields(
+    record: ProcessRecord, relay_address: str, token: str, home: control.HomeEndpoint | None
+) -> dict[str, Any]:
+    """The `home` of a `move` message (docs/protocol.md, "Moving")."""
+    return {
+        "node": record.home_node,
+        "pid": record.home_pid or record.pid,
+        "relay": relay_address,
+        "token": token,
+        "relay_cert": home.fingerprint if home else "",
+        "plain_relays": home.plain if home else False,
+    }
 
 
 def _laps_of(answer: dict[str, Any]) -> dict[str, float]:
@@ -1102,6 +1151,7 @@ def plan_proxies(
     *,
     frozen: bool = True,
     sockets: dict[int, procfs.SocketInfo] | None = None,
+    inside: frozenset[str] = frozenset(),
 ) -> tuple[list[Proxy], list[str]]:
     """Which descriptors go through the home shadow, and as which stream; refuse the rest.
 
@@ -1110,7 +1160,9 @@ def plan_proxies(
     shadow is not asked, so the check can run before there is one. Not
     `frozen`, the process still opens and closes relays while we look, so a
     relay the shadow does not list (yet, or any more) is not refused then.
-    `sockets`: sockets_of(pid), read since it was frozen.
+    `sockets`: sockets_of(pid), read since it was frozen. `inside`: the descriptor links
+    ("pipe:[N]", "socket:[N]") joining it to other members of its tree moving with it,
+    made again there from the image (hijack.node.tree_move).
     """
     entries = procfs.list_fds(pid)
     if sockets is None:
@@ -1148,7 +1200,7 @@ def plan_proxies(
     plan: list[Proxy] = []
     refused: list[str] = []
     for entry in entries:
-        if entry.kind in REBUILT:
+        if entry.kind in REBUILT or entry.target in inside:
             continue
         if entry.ino in socketpairs and entry.kind is procfs.FdKind.SOCKET:
             continue  # both ends in the process: made again at the destination from the image
@@ -1525,6 +1577,18 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     # Attached here, never away: a process back home (home_pid set) is relayed as a migrant.
     at_home = record.home_node == node_name() and record.home_pid is None
     shadow = HomeShadow(record, record.relay_token or "")
+    if row.phase in ("switching", "in-doubt") and _has_children(pid):
+        # A tree's move (hijack.node.tree_move): its shadow's switch needs every member's
+        # streams, which only the mover planned. Not guessed here.
+        registry.update_move(row.id, phase="in-doubt")
+        registry.set_state(pid, "held")
+        outcome = answer["outcome"] if answer else "unknown"
+        return (
+            f"move {row.id}: the tree of process {pid} is held stopped (its destination says"
+            f" {outcome!r}); `hijack recover` does not settle a tree's move yet: if it runs on"
+            f" {row.destination}, kill the tree here, else `kill -CONT` its members",
+            False,
+        )
     if row.phase in ("switching", "in-doubt"):
         outcome = answer["outcome"] if answer else "unknown"
         if outcome == "running":
@@ -1567,6 +1631,13 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     error = "its mover was interrupted; the process resumed here"
     registry.update_move(row.id, phase="failed", finished_at=time.time(), error=error)
     return f"move {row.id}: not completed; process {pid} runs on here", True
+
+
+def _has_children(pid: int) -> bool:
+    try:
+        return len(read_tree(pid).members) > 1
+    except HijackError:
+        return False
 
 
 def consume_unread(pid: int, plan: list[Proxy]) -> None:

@@ -269,6 +269,9 @@ def rebuild_member(
     registry: Registry | None = None,
     own_parent: bool = False,
     parents_table: bool = False,
+    provided: Callable[[], dict[int, int]] | None = None,
+    admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None,
+    take_locks: bool = True,
 ) -> Rebuilt:
     """Rebuild the process of the image `records` (up to its END) into `stub`, a member of
     a tree whose relations (parent, session, group) are made already; leave it stopped.
@@ -279,8 +282,13 @@ def rebuild_member(
     descriptors (an attached tree dumped with --kill) are lent to the stub: it was
     forked from its parent's stub, not ours. `parents_table`: the stub shares its parent's
     descriptor table (CLONE_FILES), rebuilt already: its descriptors are there.
+    `admit` and `take_locks` are restore()'s, for this member (a tree's move);
+    `provided()`, asked once it is admitted, gives restore()'s `provided` (admitting
+    the first member makes them).
     """
     image = read_head(records)
+    if admit is not None:
+        admit(image.header, image.credentials, image.segments)
     for segment in image.segments.segments:
         if segment.contents is rec.ContentsKind.PRECOPIED:
             raise ImageError(
@@ -289,20 +297,24 @@ def rebuild_member(
     holdings = shadow_holdings(registry, image.header.pid) if registry else None
     shared.begin(image.header.pid, stub.pid, image.files)
     kept = frozenset(holdings.own_fd) if holdings else frozenset()
-    pairs = {} if parents_table else unix.pair_ends(image.files, shared, skip=kept)
+    # A table shared with the parent has the relays from the parent's.
+    given = provided() if provided is not None and not parents_table else {}
+    # The tree's pairs: not ours to close (nor are a move's relays, given to it).
+    skip = kept | frozenset(given)
+    pairs = {} if parents_table else unix.pair_ends(image.files, shared, skip=skip)
     plan = plan_files(
         image.segments.segments,
         image.files,
         skip_unsupported=skip_unsupported,
         holdings=holdings,
-        provided=frozenset(pairs),
+        provided=frozenset(pairs) | frozenset(given),
     )
     ipc = sysv.prepare(image.files, image.segments.segments)
     try:
         # A table shared with the parent has the shadow's descriptors from the parent's.
         taken = _take_from_shadow(holdings, plan) if holdings and not parents_table else {}
         try:
-            inherited = _lend(stub, {**taken, **pairs})
+            inherited = _lend(stub, {**taken, **pairs, **given})
         finally:
             for fd in taken.values():
                 os.close(fd)
@@ -317,8 +329,9 @@ def rebuild_member(
                 image,
                 plan,
                 inherited,
-                frozenset(),
-                not parents_table,  # the table's locks are taken (POSIX locks are its own)
+                frozenset(given),
+                # The table's locks are taken (POSIX locks are its own); a move takes none.
+                take_locks and not parents_table,
                 shared,
                 own_parent,
                 parents_table,

@@ -30,13 +30,14 @@ A failure at any step kills every stub made: never half a tree.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import select
 import signal
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -83,6 +84,22 @@ class TreeRestoreResult:
     @property
     def root(self) -> RestoreResult:
         return self.members[0]
+
+
+@dataclass(frozen=True)
+class TreeMove:
+    """What a move's daemon gives a tree it restores (restore()'s `provided`, `admit`,
+    `before_start` and `mount_namespace`, hijack.restore.restorer, for a tree)."""
+
+    # (member's pid in the image, descriptor number) -> our descriptor it gets instead
+    given: dict[tuple[int, int], int] = field(default_factory=dict)
+    admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None
+    # Once every member is rebuilt, before any starts: old pid -> pid now (raises to abort).
+    before_start: Callable[[dict[int, int]], None] | None = None
+    mount_namespace: int | None = None
+
+    def provided(self, member: int) -> dict[int, int]:
+        return {fd: ours for (pid, fd), ours in self.given.items() if pid == member}
 
 
 @dataclass
@@ -171,20 +188,28 @@ def restore_tree(
     *,
     skip_unsupported: bool = False,
     registry: Registry | None = None,
-    new_pids: bool = False,
+    new_pids: bool | None = False,
+    moved: TreeMove | None = None,
 ) -> TreeRestoreResult:
-    """Restore the tree stream whose TREE (and its END) `records` yielded already."""
+    """Restore the tree stream whose TREE (and its END) `records` yielded already.
+
+    `new_pids` None: new pids only if a member's own is taken (a move). `moved`: what a
+    move's daemon gives the tree (hijack.node.daemon).
+    """
     refusals = relation_refusals(tree)
     if refusals:
         raise RestoreError(
             f"cannot restore the tree of process {tree.members[0].pid}: {'; '.join(refusals)}"
         )
-    if not new_pids:
+    if new_pids is None:
+        new_pids = bool(_taken_pids(tree))
+    elif not new_pids:
         _refuse_taken_pids(tree)
+    moved = moved or TreeMove()
     made = _Made()
     shared = TreeShared(tree.shared)
     try:
-        _fork_tree(tree, made, new_pids)
+        _fork_tree(tree, made, new_pids, moved.mount_namespace)
         reached("restore-tree-forked")
         rebuilt: list[Rebuilt] = []
         contexts = {context.pid: context.flags for context in tree.contexts}
@@ -199,6 +224,9 @@ def restore_tree(
                     own_parent=member is not tree.members[0],
                     parents_table=rec.CloneFlags.FILES
                     in contexts.get(member.pid, rec.CloneFlags(0)),
+                    provided=functools.partial(moved.provided, member.pid),
+                    admit=moved.admit,
+                    take_locks=moved.admit is None,
                 )
             )
         for _ in records:
@@ -208,6 +236,8 @@ def restore_tree(
             raise RestoreError(f"cannot restore the tree: {'; '.join(unclaimed)}")
         shared.seal()
         reached("restore-tree-rebuilt")
+        if moved.before_start is not None:
+            moved.before_start({old: made.pids[old] for old in made.pids})
         pending = {done.header.pid: done.pending for done in rebuilt}
         for member in reversed(tree.imaged):  # children first: their parents still ours
             stub = made.stubs[member.pid]
@@ -231,6 +261,16 @@ def restore_tree(
 
 
 def _refuse_taken_pids(tree: rec.Tree) -> None:
+    taken = _taken_pids(tree)
+    if taken:
+        raise RestoreError(
+            f"cannot restore the tree of process {tree.members[0].pid} under its pids:"
+            f" {'; '.join(taken)} (--new-pids restores it under new ones)"
+        )
+
+
+def _taken_pids(tree: rec.Tree) -> list[str]:
+    """Which pids of the tree (its members' and its groups') another process holds."""
     taken = []
     for member in tree.members:
         wait_for_orphan_reaped(member.pid)
@@ -241,11 +281,7 @@ def _refuse_taken_pids(tree: rec.Tree) -> None:
         holder = holder_of(group)
         if holder:
             taken.append(f"pid {group} (the id of a process group of the tree) is held by {holder}")
-    if taken:
-        raise RestoreError(
-            f"cannot restore the tree of process {tree.members[0].pid} under its pids:"
-            f" {'; '.join(taken)} (--new-pids restores it under new ones)"
-        )
+    return taken
 
 
 def _one_image(records: Iterator[rec.Record]) -> Iterator[rec.Record]:
@@ -259,9 +295,11 @@ def _one_image(records: Iterator[rec.Record]) -> Iterator[rec.Record]:
 # -- 2. forking the tree --------------------------------------------------------------
 
 
-def _fork_tree(tree: rec.Tree, made: _Made, new_pids: bool) -> None:
+def _fork_tree(
+    tree: rec.Tree, made: _Made, new_pids: bool, mount_namespace: int | None = None
+) -> None:
     root = tree.members[0]
-    pid = spawn_stub(root.pid)  # or a new pid where that one is taken
+    pid = spawn_stub(root.pid, mount_namespace)  # or a new pid where that one is taken
     made.stubs[root.pid] = stub = Stub(pid, find_syscall_instruction(pid))
     made.pids[root.pid] = pid
     if not new_pids and pid != root.pid:

@@ -245,6 +245,7 @@ class Shadow:
             if not self.hub.location:  # a first move that failed: it is at home again
                 self.hub.abandon()
                 self.mode = Mode.HOME
+                self.follow_members_again()
             return {"ok": True, **self.describe()}
         if op == "release":
             self.end_when_drained(str(message.get("reason") or "released"))
@@ -354,17 +355,23 @@ class Shadow:
     def migrating(self, message: control.Message) -> control.Message:
         for entry in message.get("proxy", []):
             number = int(entry["fd"])
-            if number not in self.held:
-                return {"ok": False, "error": f"the shadow holds no fd {number}"}
+            # A tree's member other than the root: its own numbers, its streams named.
+            member = int(entry.get("member") or 0)
+            stream = str(entry.get("stream") or "")
+            table = self.members.get(member, {}) if member else self.held
+            if number not in table:
+                whose = f" of member {member}" if member else ""
+                return {"ok": False, "error": f"the shadow holds no fd {number}{whose}"}
+            own = table[number]
             if entry.get("datagram"):
-                self.hub.adopt_datagram(number, self.held[number])
+                self.hub.adopt_datagram(number, own, stream)
             elif entry.get("terminal"):
-                self.hub.adopt_terminal(number, self.held[number])
+                self.hub.adopt_terminal(number, own)
             elif entry.get("master"):
-                self.hub.adopt_master(number, self.held[number])
+                self.hub.adopt_master(number, own)
             else:
-                self.hub.adopt(number, self.held[number], bool(entry.get("listener")))
-            self.relayed.add(self.held[number])
+                self.hub.adopt(number, own, bool(entry.get("listener")), stream)
+            self.relayed.add(own)
         if self.mode is Mode.HOME:
             self.mode = Mode.HOLDING
         self.hub.migrating(
@@ -574,6 +581,13 @@ class Shadow:
                 log(f"process {pid} closed or replaced fd {number}; releasing our copy")
                 del table[number]
                 self._close_unless_named(fd)
+
+    def follow_members_again(self) -> None:
+        """After a tree's move that failed: its members, held for it, run on here."""
+        for pid in self.members:
+            if pid not in self.member_handles:
+                with contextlib.suppress(HijackError):  # ended meanwhile: let go next time
+                    self._watch_member(pid)
 
     def _own_fds(self) -> set[int]:
         """Our descriptors that some key (the target's or a member's) names."""

@@ -325,14 +325,16 @@ class RelayHub:
 
     # -- setting up -------------------------------------------------------------
 
-    def adopt(self, number: int, own_fd: int, is_listener: bool) -> None:
-        stream_id = f"fd:{number}"
+    def adopt(self, number: int, own_fd: int, is_listener: bool, stream_id: str = "") -> None:
+        """`stream_id`: a tree member's stream (docs/protocol.md, "Moving a tree"), else
+        the root's descriptor `number`'s."""
+        stream_id = stream_id or f"fd:{number}"
         if stream_id in self.streams:
-            return
+            return  # a description members share: one stream
         self.streams[stream_id] = Stream(stream_id, own_fd, "listener" if is_listener else "stream")
 
-    def adopt_datagram(self, number: int, own_fd: int) -> None:
-        stream_id = f"fd:{number}"
+    def adopt_datagram(self, number: int, own_fd: int, stream_id: str = "") -> None:
+        stream_id = stream_id or f"fd:{number}"
         if stream_id not in self.datagrams:
             self.datagrams[stream_id] = DatagramStream(stream_id, own_fd, self.selector, self.log)
 

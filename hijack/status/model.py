@@ -329,14 +329,17 @@ def _member_views(
     """The tree of `record` as it is now: its members attached (or restored) with it
     (alive or not), and, while it runs here attached, the tree re-read from /proc (a
     descendant born since is shown, not attached: its shadow does not hold its
-    descriptors)."""
+    descriptors). A tree moved here (RUNNING) is read from /proc too: it moved as one,
+    its members' streams relayed by its home shadow (hijack.node.tree_move)."""
     recorded = {member.pid: member for member in members}
     views: list[MemberView] = []
-    if state is State.ATTACHED:
+    if state in (State.ATTACHED, State.RUNNING):
         with contextlib.suppress(HijackError):
             for member in read_tree(record.pid).members[1:]:
                 known = recorded.pop(member.pid, None)
-                attached = known is not None and _runs(member.pid, known.start_time)
+                attached = state is State.RUNNING or (
+                    known is not None and _runs(member.pid, known.start_time)
+                )
                 alive = member.state not in ("Z", "X")
                 views.append(MemberView(member.pid, member.ppid, member.comm, attached, alive))
     # A restored tree's members were rebuilt with it: no shadow holds their descriptors.

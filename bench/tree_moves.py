@@ -1,0 +1,108 @@
+"""A process tree's move beside one process's: freeze time and image size.
+
+A parent fills SIZE of private memory, then forks 8 children that keep it
+(shared copy-on-write since the fork, as a pre-forking server's workers do)
+and sleep; it is moved between two network-namespace nodes with `hijack move`
+(the tree moves as one, frozen while its whole image is sent: no pre-copy for
+trees yet). Beside it, the same move of one process holding the same SIZE,
+with --no-precopy, so that both are frozen for their whole image. Printed:
+both freezes and image sizes, and the tree's as a ratio to the single one's
+(pages the members still share since the fork are stored once: CRF 6).
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.testnodes import Cluster, Node
+
+CHILDREN = 8
+MOVE_TIMEOUT = 600.0  # seconds: a tree of 9 x 256 MiB on a loaded machine
+READY_TIMEOUT = 120.0
+MOVED = re.compile(r"moved process (\d+) to (\w+): it runs there as (\d+); frozen ([\d.]+) ms")
+IMAGE = re.compile(r"image ([\d.]+) (KiB|MiB|GiB|B)\b")
+MEMBER = re.compile(r"^  (\d+) \S+ as \d+: image ([\d.]+) (KiB|MiB|GiB|B)", re.M)
+UNITS = {"B": 1 / (1 << 20), "KiB": 1 / 1024, "MiB": 1.0, "GiB": 1024.0}
+
+# argv[1] MiB of private memory, a page each written; then argv[2] children forked,
+# each keeping it; "ready" once they all run. They sleep until killed.
+HOLDER = """\
+import mmap, os, signal, sys
+size = int(sys.argv[1]) << 20
+memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for offset in range(0, size, 4096):
+    memory[offset] = 1 + (offset >> 12) % 250
+for _ in range(int(sys.argv[2])):
+    if os.fork() == 0:
+        while True:
+            signal.pause()
+print("ready", flush=True)
+while True:
+    signal.pause()
+"""
+
+
+def _start(node: Node, size_mib: int, children: int) -> subprocess.Popen[str]:
+    holder: subprocess.Popen[str] = node.spawn(
+        [sys.executable, "-c", HOLDER, str(size_mib), str(children)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout is not None and holder.stderr is not None
+    if holder.stdout.readline().strip() != "ready":
+        holder.kill()
+        raise SystemExit(f"bench: the tree holder did not start: {holder.stderr.read()}")
+    holder.stderr.close()  # nothing more is read from it
+    return holder
+
+
+def _move(source: Node, pid: int, destination: Node, *options: str) -> tuple[float, float, str]:
+    """One move: its freeze (ms), its image (MiB) and what it printed."""
+    assert destination.daemon_endpoint is not None
+    result = source.hijack(
+        "move", pid, "--to", destination.daemon_endpoint, *options, timeout=MOVE_TIMEOUT
+    )
+    text = " ".join(result.stdout.split())
+    moved = MOVED.search(text)
+    if result.returncode != 0 or moved is None:
+        raise SystemExit(f"bench: {result.describe()}")
+    members = MEMBER.findall(result.stdout)
+    if members:
+        image = sum(float(size) * UNITS[unit] for _, size, unit in members)
+    else:
+        sent = re.search(r"frozen [\d.]+ ms, ([\d.]+) (KiB|MiB|GiB|B) sent", text)
+        image = float(sent[1]) * UNITS[sent[2]] if sent else 0.0
+    return float(moved[4]), image, result.stdout
+
+
+def measure_tree_moves(size_mib: int) -> list[str]:
+    """Move 1 parent + 8 children sharing SIZE_MIB, then one process holding it; the lines."""
+    with (
+        tempfile.TemporaryDirectory(prefix="hijack-bench-trees-") as directory,
+        Cluster(Path(directory), nodes=2) as cluster,
+    ):
+        a, b = cluster.nodes
+        a.start_daemon()
+        b.start_daemon()
+        tree = _start(a, size_mib, CHILDREN)
+        tree_freeze, tree_image, printed = _move(a, tree.pid, b)
+        tree.wait()  # the original, killed by the move
+        single = _start(a, size_mib, 0)
+        single_freeze, single_image, _ = _move(a, single.pid, b, "--no-precopy")
+        single.wait()
+    members = MEMBER.findall(printed)
+    biggest = max((float(s) * UNITS[u] for _, s, u in members), default=0.0)
+    label = f"1 process, {size_mib} MiB"
+    return [
+        f"{f'tree move freeze, 1+{CHILDREN} sharing {size_mib} MiB':<34} {tree_freeze:8.1f} ms  "
+        f" | {label:<38} {single_freeze:8.1f} ms   | x{tree_freeze / single_freeze:.1f}",
+        f"{f'tree move image, 1+{CHILDREN} sharing {size_mib} MiB':<34} {tree_image:8.1f} MiB "
+        f" | {label:<38} {single_image:8.1f} MiB  | x{tree_image / single_image:.1f}"
+        f" (largest member {biggest:.1f} MiB)",
+    ]

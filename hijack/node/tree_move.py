@@ -1,0 +1,403 @@
+"""`hijack move PID --to HOST` of a process with descendants: the tree moves as one.
+
+As a single process's move (hijack.node.move), with these differences:
+- every member is frozen together (hijack.mutator.frozen_tree) and the image is a
+  tree stream (docs/crf.md §7b), which the destination restores with its relations
+  (hijack.restore.tree): under the old pids where they are free, else fresh ones;
+- what joins members to each other (pipes, unix socket pairs: links `inside`) is made
+  again there from the image; every other socket, pipe or listener of every member is
+  proxied through the tree's one home shadow. A description members share (nginx's
+  listener, inherited by its workers) is one stream, its relay (or listener) at the
+  destination given to each of them;
+- one two-phase commit for all: if anything fails before it, every member resumes
+  untouched at home; after it, every member here is killed together;
+- no pre-copy yet: the tree stays frozen while its whole image is sent.
+
+A process whose parent stays behind (an nginx worker, a pool's worker: a fork of
+its parent that never exec'd) is refused unless --leave-parent
+(refuse_leaving_parent): its parent would see it exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, BinaryIO, cast
+
+from hijack.errors import HijackError, ProcessGone, Unsupported
+from hijack.image import records as rec
+from hijack.mutator.dump import kill_stopped, write_image, write_tree
+from hijack.mutator.frozen_tree import FrozenTree, frozen_tree
+from hijack.mutator.handover import hand_descriptors_to_shadow
+from hijack.mutator.shared_pages import SharedPages
+from hijack.mutator.tracee import Tracee
+from hijack.node import mounts, pki
+from hijack.node.channel import Channel, DataWriter
+from hijack.node.move import (
+    FreezeTiming,
+    HomeShadow,
+    MemberMoved,
+    MoveInDoubt,
+    MoveResult,
+    Proxy,
+    _abort,
+    _commit,
+    _laps_of,
+    _switch_shadow,
+    connect_datagrams,
+    consume_unread,
+    drain_datagrams,
+    home_fields,
+    peek_unread,
+    plan_proxies,
+    quiet_shadow,
+    signals_held,
+)
+from hijack.objects import unix
+from hijack.process.tree import read_tree
+from hijack.registry import ProcessRecord
+from hijack.shadow import control
+from hijack.sys import procfs
+from hijack.testpoint import reached
+from hijack.timing import Laps
+
+
+def is_tree(pid: int) -> bool:
+    """Whether process `pid` has descendants (a move takes them with it)."""
+    return len(read_tree(pid).members) > 1
+
+
+# -- a member whose parent stays ---------------------------------------------------------
+
+
+def forked_from_parent(pid: int) -> bool:
+    """Whether `pid` is a fork of its parent that never exec'd (an nginx worker, a pool's
+    worker): its auxiliary vector is its parent's, byte for byte. An exec gives a new one
+    (its stack and, randomized, its entry point and AT_RANDOM)."""
+    try:
+        parent = procfs.read_stat(pid).ppid
+        if parent <= 1:
+            return False
+        with open(f"/proc/{pid}/auxv", "rb") as own, open(f"/proc/{parent}/auxv", "rb") as theirs:
+            return own.read() == theirs.read()
+    except (OSError, ProcessGone):
+        return False
+
+
+def refuse_leaving_parent(pid: int, destination: str) -> None:
+    """Refuse to move `pid` without its parent when it is a fork of its parent (which
+    then sees it exit: nginx's master starts another worker); name the tree to move."""
+    if not forked_from_parent(pid):
+        return
+    top = procfs.read_stat(pid).ppid
+    while forked_from_parent(top):
+        top = procfs.read_stat(top).ppid
+    parent = procfs.read_stat(pid).ppid
+    raise HijackError(
+        f"cannot move process {pid} ({procfs.read_stat(pid).comm}) without its parent"
+        f" {parent} ({procfs.read_stat(parent).comm}): it is a fork of its parent, which stays"
+        " here and would see it exit (a server's master starts another worker). Move the"
+        f" whole tree: `hijack move {top} --to {destination}`; or `--leave-parent` to move"
+        " it alone anyway; nothing was changed",
+        pid=pid,
+    )
+
+
+# -- planning ------------------------------------------------------------------------------
+
+
+def links_inside(members: list[int], besides: frozenset[int]) -> frozenset[str]:
+    """The descriptor links joining `members` only: pipes no other process holds (but
+    `besides`: us, the tree's shadow) and unnamed unix socket pairs whose two ends they
+    hold. Made again at the destination from the image."""
+    entries = {pid: procfs.list_fds(pid) for pid in members}
+    pipes = frozenset(
+        e.target for found in entries.values() for e in found if e.kind is procfs.FdKind.PIPE
+    )
+    holders = procfs.holders(pipes, besides=besides | frozenset(members)) if pipes else {}
+    inside = {target for target in pipes if not holders.get(target)}
+    sockets = {e.ino for found in entries.values() for e in found if e.kind is procfs.FdKind.SOCKET}
+    if sockets:
+        paired = unix.pairs_inside(members[0], sockets)
+        inside |= {f"socket:[{inode}]" for inode in paired}
+    return frozenset(inside)
+
+
+def stream_name(pid: int, fd: int, root: int) -> str:
+    """At home, the shadow's stream of member `pid`'s descriptor `fd` (the root's as a
+    single process's: "fd:N")."""
+    return f"fd:{fd}" if pid == root else f"fd:{fd}@{pid}"
+
+
+def plan_tree(
+    members: list[int],
+    root: int,
+    shadow: HomeShadow | None,
+    at_home: bool,
+    *,
+    shared: dict[tuple[int, int], tuple[int, int]] | None = None,
+    besides: frozenset[int] = frozenset(),
+    frozen: bool = True,
+) -> dict[int, list[Proxy]]:
+    """Each member's proxies, by pid; refuse what cannot go.
+
+    At home, a descriptor a member shares with one before it (`shared`, the TREE's
+    links) is its stream; away, the shadow's streams are matched by their ends."""
+    # A single process: as hijack.node.move plans it.
+    tree = len(members) > 1
+    inside = links_inside(members, besides) if tree else frozenset()
+    # Running, members accept clients while we look: each reads the table after its
+    # descriptors (plan_proxies). Frozen, one reading serves them all.
+    sockets = procfs.read_socket_table(root) if tree and frozen else None
+    plans: dict[int, list[Proxy]] = {}
+    for pid in members:
+        plan, _ = plan_proxies(
+            pid, None if at_home else shadow, at_home, frozen=frozen, sockets=sockets, inside=inside
+        )
+        terminals = [str(p.fd) for p in plan if p.kind in ("terminal", "master")]
+        if terminals:
+            raise Unsupported(
+                f"cannot move the tree of process {root}: member {pid} holds a terminal"
+                f" (fd {', '.join(terminals)}); moving a tree with a terminal is not"
+                " implemented yet; nothing was changed"
+            )
+        if at_home and tree:
+            links = shared or {}
+            plan = [
+                dataclasses.replace(
+                    p, stream=stream_name(*links.get((pid, p.fd), (pid, p.fd)), root=root)
+                )
+                for p in plan
+            ]
+        plans[pid] = plan
+    return plans
+
+
+# -- the move ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TreeMoveContext:
+    """What hijack.node.move's _move_attached hands a tree's move."""
+
+    pid: int
+    channel: Channel
+    shadow: HomeShadow
+    at_home: bool
+    move_id: str
+    record: ProcessRecord
+    relay_address: str
+    report: Callable[[str, int], None]
+    mark_moved: Callable[[], None]
+    destination: tuple[tuple[str, int], pki.NodeIdentity]
+    home: control.HomeEndpoint | None
+
+
+def move_tree_frozen(context: TreeMoveContext) -> MoveResult:
+    """Freeze the tree, send it, commit, switch the shadow, kill the members here."""
+    pid, channel, shadow, move_id = context.pid, context.channel, context.shadow, context.move_id
+    if not context.at_home:
+        quiet_shadow(shadow, move_id, f"the tree of process {pid} runs", pid, flush=False)
+    laps = Laps()
+    handled = False  # the abort is _frozen's once the tree is frozen
+    try:
+        with frozen_tree(pid) as frozen:
+            handled = True
+            laps.lap("stop")
+            return _frozen(context, frozen, laps)
+    except BaseException:
+        if not handled and not context.at_home:
+            _abort(channel, shadow, move_id)
+        raise
+
+
+def _frozen(context: TreeMoveContext, frozen: FrozenTree, laps: Laps) -> MoveResult:
+    pid, channel, shadow, move_id = context.pid, context.channel, context.shadow, context.move_id
+    at_home = context.at_home
+    tracees = frozen.tracees
+    members = list(tracees)
+    stopped = {m.pid for m in frozen.record.members if m.state is rec.MemberState.STOPPED}
+    shared = {(s.pid, s.fd): (s.holder_pid, s.holder_fd) for s in frozen.record.shared}
+    besides = frozenset({os.getpid(), shadow.pid()})
+    try:
+        reached("move-frozen")
+        plans = plan_tree(members, pid, shadow, at_home, shared=shared, besides=besides)
+        laps.lap("plan")
+        unread: dict[str, bytes] = {}
+        if at_home:
+            control_path = context.record.shadow_control or ""
+            for member in members:
+                hand_descriptors_to_shadow(member, control_path, as_member=member != pid)
+            proxy = [
+                {
+                    "fd": p.fd,
+                    "member": 0 if member == pid else member,
+                    "stream": p.stream,
+                    "listener": p.kind == "listener",
+                    "datagram": p.kind == "datagram",
+                }
+                for member, plan in plans.items()
+                for p in plan
+            ]
+            answer = shadow.migrating({"move": move_id, "proxy": proxy})
+            plans = {
+                member: connect_datagrams(plan, answer, context.relay_address)
+                for member, plan in plans.items()
+            }
+        else:
+            for member, plan in plans.items():
+                unread.update(peek_unread(member, plan))
+        laps.lap("shadow hand-over")
+        channel.send(_move_message(context, plans))
+        laps.lap("move message")
+        context.report("streaming", 0)
+        writer = DataWriter(channel)
+        parts = _write_tree(frozen, cast(BinaryIO, writer), besides)
+        writer.close()
+        laps.lap("image: pages")
+        context.report("restoring", writer.sent)
+        prepared = channel.expect("phase")
+        laps.lap("destination")
+        reached("move-prepared")
+        context.report("switching", writer.sent)
+    except BaseException:
+        _abort(channel, shadow, move_id)
+        raise
+    # From the commit on, the answer alone decides (as hijack.node.move's).
+    with signals_held():
+        for member in members:
+            os.kill(member, signal.SIGSTOP)
+        try:
+            outcome, answer, reason = _commit(channel, move_id, *context.destination)
+        except Exception as exc:  # a malformed answer: what happened there is not known
+            outcome, answer, reason = "unknown", {}, f"{type(exc).__name__}: {exc}"
+        if outcome == "aborted":
+            _abort(channel, shadow, move_id)
+            for member in members:
+                if member not in stopped:
+                    os.kill(member, signal.SIGCONT)  # the pending SIGSTOP taken back
+            raise HijackError(
+                f"{channel.peer} did not run the tree: {reason}; every member runs on here"
+                " as before",
+                pid=pid,
+            )
+        if outcome == "unknown":
+            raise MoveInDoubt(
+                f"move {move_id}: {reason}, and {channel.peer} could not be asked what became"
+                f" of the commit. The tree of process {pid} is held stopped here so that it"
+                f" never runs twice: run `hijack recover` once {channel.peer} answers, or"
+                f" `kill -CONT` its members only if nothing of it runs on {channel.peer}",
+                pid=pid,
+            )
+        laps.lap("commit")
+        everything = [p for plan in plans.values() for p in plan]
+        unread_datagrams: dict[str, list[tuple[str, bytes]]] = {}
+        if not at_home:
+            for member, plan in plans.items():
+                unread_datagrams.update(drain_datagrams(member, plan))
+        try:
+            _switch_shadow(
+                shadow,
+                move_id,
+                channel.peer,
+                everything,
+                prepared,
+                unread,
+                unread_datagrams,
+                sorted({p.stream for p in everything}),
+            )
+            unswitched = None
+        except HijackError as exc:
+            unswitched = exc  # the copy runs all the same: it is the tree now
+        laps.lap("shadow switch")
+        freeze_ms = laps.total_ms()
+        context.mark_moved()
+        if not at_home:
+            for member, plan in plans.items():
+                with contextlib.suppress(HijackError, OSError):  # committed: nothing may fail
+                    consume_unread(member, plan)
+        _kill_together(list(tracees.values()))
+    if unswitched is not None:
+        raise HijackError(
+            f"the tree of process {pid} runs on {channel.peer} as {answer['pid']}, but its home"
+            f" shadow could not be told to relay to it ({unswitched})",
+            pid=pid,
+        )
+    pids = {int(old): int(now) for old, now in dict(prepared.get("pids", {})).items()}
+    moved = tuple(
+        MemberMoved(m.pid, pids.get(m.pid, 0), m.comm, *parts.get(m.pid, (0, 0.0)))
+        for m in frozen.record.members
+    )
+    return MoveResult(
+        move_id=move_id,
+        pid=pid,
+        new_pid=int(answer["pid"]),
+        destination=channel.peer,
+        freeze_ms=freeze_ms,
+        bytes_sent=writer.sent,  # no pre-copy: all of it while frozen
+        frozen_bytes=writer.sent,
+        timing=FreezeTiming(
+            laps.rounded(),
+            sum(t.injected for t in tracees.values()),
+            _laps_of(prepared) | _laps_of(answer),
+            int(prepared.get("injected", 0)) + int(answer.get("injected", 0)),
+        ),
+        members=moved,
+    )
+
+
+def _move_message(context: TreeMoveContext, plans: dict[int, list[Proxy]]) -> dict[str, Any]:
+    """The `move` of a tree (docs/protocol.md, "Moving a tree")."""
+    return {
+        "op": "move",
+        "tree": True,
+        "move": context.move_id,
+        "home_again": False,
+        "pid": context.pid,
+        "program": context.record.program,
+        "mount_namespace": mounts.describe(context.pid, context.shadow.pid()),
+        "home": home_fields(
+            context.record, context.relay_address, context.shadow.token, context.home
+        ),
+        "proxies": [
+            {**p.__dict__, "member": member} for member, plan in plans.items() for p in plan
+        ],
+        "postcopy": False,
+    }
+
+
+def _write_tree(
+    frozen: FrozenTree, out: BinaryIO, besides: frozenset[int]
+) -> dict[int, tuple[int, float]]:
+    """The tree stream of the frozen tree to `out` (pages members still share since a
+    fork stored once: write_tree): each member's (bytes, ms)."""
+    sizes: dict[int, tuple[int, float]] = {}
+    sockets = procfs.read_socket_table(frozen.record.members[0].pid)
+    # The tree's shadow holds its pipes too (handed over): inside all the same.
+    inside = frozenset(frozen.tracees) | besides
+
+    def member_image(tracee: Tracee, shared: SharedPages) -> tuple[rec.End, int, int]:
+        started = time.perf_counter()
+        end, threads, written = write_image(
+            tracee, out, sockets=sockets, tree=inside, shared_pages=shared
+        )
+        sizes[tracee.pid] = (written, (time.perf_counter() - started) * 1000)
+        return end, threads, written
+
+    write_tree(frozen, out, member_image)
+    return sizes
+
+
+def _kill_together(tracees: list[Tracee]) -> None:
+    """Every member here, stopped, killed at once, then each collected (children first)."""
+    for tracee in tracees:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(tracee.pid, signal.SIGKILL)
+    for tracee in reversed(tracees):
+        with contextlib.suppress(HijackError, OSError):
+            kill_stopped(tracee)

@@ -1,0 +1,371 @@
+"""`hijack move` of a process tree: PID and all its descendants move as one.
+
+The Cluster idiom of tests/test_move.py: network namespaces on one bridge,
+each with `hijack node serve`; a tree starts in node a and is moved with
+`hijack move PID --to NODE` run in the node it runs on now. Every member is
+frozen together and restored there with its relations (fresh pids: the nodes
+share one kernel, and the originals still hold theirs while the move runs);
+what joins the members (pipes) is made again from the image, every other
+socket or listener is relayed by the tree's one home shadow.
+
+- a shell pipeline `producer | filter | consumer` moved mid-stream from a to b,
+  on to c and home to a: the consumer's output is complete and in order;
+- a member whose parent stays (a fork of its parent) is refused by name with
+  the command that would work, and moves with --leave-parent;
+- a move that fails before its commit leaves every member running at home;
+- nginx, a master and 2 workers sharing the master's listener, moved there and
+  back under an HTTP load on its original address: no request fails;
+- a Python multiprocessing Pool moved while it works: every result arrives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from support.nodes import Cluster, Node
+from test_faults import hijack_in
+from test_move import (
+    EXIT_TIMEOUT,
+    assert_untouched,
+    daemon_log,
+    exit_code_on,
+    logs,
+    poll_until,
+    still_running,
+    wait_gone,
+)
+from test_tree_programs import NGINX, NGINX_CONFIG
+
+from hijack.process.tree import read_tree
+
+TREE_LINE = re.compile(
+    r"moved process (\d+) to (\w+): it runs there as (\d+); frozen ([\d.]+) ms, (.+) sent"
+)
+MEMBER_LINE = re.compile(r"^  (\d+) (\S+) as (\d+): image (.+), ([\d.]+) ms of the freeze$", re.M)
+
+# Numbered lines, LINES of them, one every PACE seconds: a stream a move catches mid-way.
+PRODUCER = """\
+import sys, time
+for number in range(int(sys.argv[1])):
+    print(f"line {number}", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+# Keeps every line, upper-cased (a filter that changes what passes).
+FILTER = """\
+import sys
+for line in sys.stdin:
+    sys.stdout.write(line.upper())
+    sys.stdout.flush()
+"""
+# Writes what it reads to its stdout (a regular file), then "END N".
+CONSUMER = """\
+import sys
+count = 0
+for line in sys.stdin:
+    sys.stdout.write(line)
+    sys.stdout.flush()
+    count += 1
+print(f"END {count}", flush=True)
+"""
+LINES = 2500  # 12 s of stream at PACE: three moves come in the middle
+PACE = 0.005
+
+
+def move_tree(source: Node, pid: int, destination: Node, *options: str) -> tuple[int, str]:
+    """`hijack move PID --to DESTINATION` inside `source`: the root's pid there, and what
+    the move printed (each member's line)."""
+    assert destination.daemon_endpoint is not None
+    result = source.hijack("move", pid, "--to", destination.daemon_endpoint, *options)
+    where = source.directory.parent
+    assert result.returncode == 0, f"[node {source.name}] {result.describe()}\n{logs(where)}"
+    found = TREE_LINE.search(result.stdout)
+    assert found is not None, result.describe()
+    assert "the tree moved as one" in result.stdout, result.describe()
+    print(result.stdout)
+    return int(found[3]), result.stdout
+
+
+@contextlib.contextmanager
+def two_nodes(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
+    """Nodes a and b, each with its daemon."""
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        a.start_daemon()
+        b.start_daemon()
+        yield a, b
+
+
+def write_programs(directory: Path) -> dict[str, Path]:
+    paths = {}
+    for name, text in (("producer", PRODUCER), ("filter", FILTER), ("consumer", CONSUMER)):
+        paths[name] = directory / f"{name}.py"
+        paths[name].write_text(text)
+    return paths
+
+
+def start_pipeline(node: Node, directory: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """`sh -c 'producer | filter | consumer > FILE'` in `node`, once the consumer writes."""
+    programs = write_programs(directory)
+    output = directory / "consumer.out"
+    python = sys.executable
+    line = (
+        f"{python} {programs['producer']} {LINES} {PACE} | {python} {programs['filter']}"
+        f" | {python} {programs['consumer']} > {output}"
+    )
+    errors = open(directory / "pipeline.err", "wb")  # noqa: SIM115 - the pipeline holds it
+    shell = node.spawn(
+        ["sh", "-c", line], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=errors
+    )
+    errors.close()
+    wait_members(shell.pid, 4)
+    poll_until(lambda: len(lines_in(output)) >= 20, "the consumer writing")
+    return shell, output
+
+
+def lines_in(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def wait_members(pid: int, count: int) -> None:
+    poll_until(lambda: len(read_tree(pid).members) >= count, f"{count} members under {pid}")
+
+
+def test_a_pipeline_moved_mid_stream_onward_and_home_keeps_every_line(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=3) as cluster:
+        for node in cluster.nodes:
+            node.start_daemon()
+        a, b, c = cluster.nodes
+        shell, output = start_pipeline(a, tmp_path)
+        there, printed = move_tree(a, shell.pid, b)
+        assert len(MEMBER_LINE.findall(printed)) == 4, printed
+        wait_gone(shell.pid, EXIT_TIMEOUT, "the original shell, killed by the move")
+        shell.wait(timeout=EXIT_TIMEOUT)
+        assert len(read_tree(there).members) == 4
+        onward, _ = move_tree(b, there, c)  # away to away: its relays from home follow it
+        assert len(read_tree(onward).members) == 4
+        back, _ = move_tree(c, onward, a)
+        assert len(lines_in(output)) < LINES, "the stream ended before the move home"
+        # The shell's own status is not checked: under fresh pids (the nodes share one
+        # kernel, whose old pids the originals hold during the move) its job table no
+        # longer names its children, so its wait ends in ECHILD (README, limits).
+        wait_gone(back, EXIT_TIMEOUT * 2, "the pipeline, moved home, ending")
+        got = lines_in(output)
+        assert got == [f"LINE {n}" for n in range(LINES)] + [f"END {LINES}"], got[-5:]
+
+
+def test_a_fork_of_its_parent_is_refused_without_leave_parent(tmp_path: Path) -> None:
+    with two_nodes(tmp_path) as (a, b):
+        forker = a.spawn(
+            [sys.executable, "-c", "import os, time\nos.fork()\ntime.sleep(60)"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_members(forker.pid, 2)
+        child = read_tree(forker.pid).members[1].pid
+        assert b.daemon_endpoint is not None
+        refused = a.hijack("move", child, "--to", b.daemon_endpoint)
+        assert refused.returncode == 1, refused.describe()
+        line = refused.stderr.strip()
+        assert "Traceback" not in refused.stderr and len(line.splitlines()) == 1, line
+        assert f"cannot move process {child}" in line and "fork of its parent" in line, line
+        assert f"hijack move {forker.pid} --to {b.daemon_endpoint}" in line, line
+        assert "--leave-parent" in line, line
+        assert_untouched(child)
+        assert_untouched(forker.pid)
+        result = a.hijack("move", child, "--to", b.daemon_endpoint, "--leave-parent")
+        assert result.returncode == 0, f"{result.describe()}\n{logs(tmp_path)}"
+        wait_gone(child, EXIT_TIMEOUT, "the worker moved alone")
+        assert still_running(forker.pid), "its parent stays"
+        forker.kill()
+        forker.wait()
+
+
+def test_a_tree_whose_move_fails_before_its_commit_runs_on_at_home(tmp_path: Path) -> None:
+    with two_nodes(tmp_path) as (a, b):
+        shell, output = start_pipeline(a, tmp_path)
+        before = read_tree(shell.pid).pids
+        assert b.daemon_endpoint is not None
+        # Stopped once the destination has prepared the tree, then interrupted.
+        mover = hijack_in(a, "move-prepared", "move", shell.pid, "--to", b.daemon_endpoint)
+        os.kill(mover.pid, signal.SIGINT)
+        os.kill(mover.pid, signal.SIGCONT)
+        _, errors = mover.communicate(timeout=EXIT_TIMEOUT)
+        assert mover.returncode != 0, errors
+        assert "Traceback" not in errors, errors
+        assert read_tree(shell.pid).pids == before, "every member runs on at home"
+        for pid in before:
+            assert_untouched(pid)
+        count = len(lines_in(output))
+        poll_until(lambda: len(lines_in(output)) > count + 10, "the stream going on at home")
+        assert shell.wait(timeout=EXIT_TIMEOUT * 2) == 0
+        got = lines_in(output)
+        assert got == [f"LINE {n}" for n in range(LINES)] + [f"END {LINES}"], got[-5:]
+        assert "runs here as" not in daemon_log(b)
+
+
+POOL_TASKS = 900  # 6 s of work for 3 workers: the move comes in the middle
+POOL = """\
+import multiprocessing, os, sys, time
+def square(n):
+    time.sleep(0.02)
+    return n * n
+if __name__ == "__main__":
+    multiprocessing.set_start_method("fork")
+    pool = multiprocessing.Pool(3)
+    print("ready", flush=True)
+    results = pool.map(square, range(int(sys.argv[1])), chunksize=1)
+    ok = results == [n * n for n in range(int(sys.argv[1]))]
+    print("PASS" if ok else f"FAIL {results}", flush=True)
+    # Moved between nodes of one kernel, the pool runs under new pids, and
+    # multiprocessing checks its own against the one it was started with (join()
+    # refuses): the workers are told to end (close), not joined.
+    pool.close()
+    os._exit(0 if ok else 1)
+"""
+
+
+def test_a_multiprocessing_pool_moved_while_it_works_gets_every_result(tmp_path: Path) -> None:
+    with two_nodes(tmp_path) as (a, b):
+        program = tmp_path / "pool.py"
+        program.write_text(POOL)
+        output = tmp_path / "pool.out"
+        with open(output, "wb") as out:
+            pool = a.spawn(
+                [sys.executable, str(program), str(POOL_TASKS)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        poll_until(lambda: "ready" in output.read_text(), "the pool working")
+        wait_members(pool.pid, 4)
+        there, _ = move_tree(a, pool.pid, b)
+        assert "PASS" not in output.read_text(), "the pool finished before the move"
+        pool.wait(timeout=EXIT_TIMEOUT)
+        wait_gone(there, EXIT_TIMEOUT * 2, "the pool, moved, ending")
+        assert exit_code_on(b, there) == 0, logs(tmp_path)
+        assert "PASS" in output.read_text(), output.read_text()
+
+
+# An HTTP load on 127.0.0.1:argv[1] (run inside the node): KEPT keep-alive connections
+# asked in turn, and a fresh connection each round. Each stdin line is answered
+# "served FRESH FAILURES FIRST-FAILURE".
+LOADER = """\
+import http.client, select, sys, time
+port = int(sys.argv[1])
+def connect():
+    return http.client.HTTPConnection("127.0.0.1", port, timeout=40)
+kept = [connect() for _ in range(4)]
+served = fresh = 0
+failures = []
+def ask(connection):
+    global served
+    try:
+        connection.request("GET", "/")
+        response = connection.getresponse()
+        body = response.read()
+        if response.status != 200 or body != b"hello\\n":
+            failures.append(f"answered {response.status} {body!r}")
+    except Exception as error:
+        failures.append(repr(error))
+    served += 1
+while True:
+    if select.select([sys.stdin], [], [], 0)[0]:
+        if not sys.stdin.readline():
+            break
+        print(f"served {served} {fresh} {len(failures)} {failures[:1]}", flush=True)
+    for connection in kept:
+        ask(connection)
+    connection = connect()
+    ask(connection)
+    connection.close()
+    fresh += 1
+"""
+
+
+def load_report(loader: subprocess.Popen[bytes]) -> tuple[int, int, int, str]:
+    assert loader.stdin is not None and loader.stdout is not None
+    loader.stdin.write(b"report\n")
+    loader.stdin.flush()
+    words = loader.stdout.readline().decode().split(maxsplit=4)
+    assert words and words[0] == "served", words
+    return int(words[1]), int(words[2]), int(words[3]), words[4] if len(words) > 4 else ""
+
+
+def served_after(loader: subprocess.Popen[bytes], served: int, fresh: int, tmp_path: Path) -> None:
+    """The load gets answers on kept and on new connections, past `served` and `fresh`."""
+    deadline = time.monotonic() + EXIT_TIMEOUT
+    while True:
+        now = load_report(loader)
+        if now[0] >= served + 100 and now[1] >= fresh + 20:
+            return
+        assert time.monotonic() < deadline, f"the load stalled at {now}\n{logs(tmp_path)}"
+        time.sleep(0.1)
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx (Debian package nginx) is not installed")
+@pytest.mark.parametrize("listen", ["", " reuseport"], ids=["shared listener", "reuseport"])
+def test_nginx_moved_there_and_back_under_load_fails_no_request(
+    tmp_path: Path, listen: str
+) -> None:
+    """Its workers accept on the master's one listener (one relayed stream for the
+    three), or each on its own of a SO_REUSEPORT group (a stream each)."""
+    with two_nodes(tmp_path) as (a, b):
+        port = a.free_port()
+        config = tmp_path / "nginx.conf"
+        text = NGINX_CONFIG.format(dir=tmp_path, port=port)
+        config.write_text(
+            text.replace(f"listen 127.0.0.1:{port};", f"listen 127.0.0.1:{port}{listen};")
+        )
+        assert NGINX is not None
+        master = a.spawn(
+            [NGINX, "-p", str(tmp_path), "-c", str(config), "-e", str(tmp_path / "error.log")],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_members(master.pid, 3)
+        a.wait_tcp("127.0.0.1", port)
+        listening = a.run(["ss", "-Htln", f"sport = :{port}"], timeout=10).stdout.splitlines()
+        assert len(listening) == (2 if listen else 1), listening
+        loader = a.spawn(
+            [sys.executable, "-c", LOADER, str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        served_after(loader, 0, 0, tmp_path)
+        there, printed = move_tree(a, master.pid, b)
+        assert len(MEMBER_LINE.findall(printed)) == 3, printed
+        status = json.loads(b.hijack_ok("status", "--json").stdout)
+        moved = next(p for p in status["processes"] if p["pid"] == there)
+        assert moved["state"] == "running", json.dumps(moved)
+        assert len(moved["members"]) == 2, "its workers, shown with it"
+        master.wait(timeout=EXIT_TIMEOUT)  # the original, killed by the move
+        served, fresh, failed, first = load_report(loader)
+        served_after(loader, served, fresh, tmp_path)
+        back, _ = move_tree(b, there, a)
+        served, fresh, failed, first = load_report(loader)
+        served_after(loader, served, fresh, tmp_path)
+        served, fresh, failed, first = load_report(loader)
+        assert failed == 0, f"{failed} requests failed, the first: {first}"
+        print(f"nginx under load: {served} requests, {fresh} on new connections, none failed")
+        assert len(read_tree(back).members) == 3, "the master and its 2 workers"
+        errors = (tmp_path / "error.log").read_text()
+        assert "exited on signal" not in errors, errors
+        assert loader.stdin is not None
+        loader.stdin.close()
+        loader.wait(timeout=EXIT_TIMEOUT)
