@@ -396,6 +396,7 @@ class ForwarderProcess:
         self.log = log
         self.lock = threading.Lock()
         self.sock: socket.socket | None = None
+        self.process: subprocess.Popen[bytes] | None = None  # the last one started
 
     def _start(self) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -407,6 +408,7 @@ class ForwarderProcess:
             )
         finally:
             theirs.close()
+        self.process = process
         # Reaped here while we run; once we are gone, by whoever adopts it.
         threading.Thread(target=process.wait, name="forwarder-reaper", daemon=True).start()
         self.log(f"forwarder {process.pid} started")

@@ -430,7 +430,20 @@ class RelayHub:
             self.flushing = False
         self.aborted(move)
         unread = ", ".join(f"{stream} {count} bytes" for stream, count in sorted(waiting.items()))
-        self.log(f"move {move}: not acknowledged after {ack_wait:g} s ({unread}); relaying on")
+        # Where they wait, for the log: the node's kernel, its forwarder or the process
+        # ("unsent": encrypted here, not taken by our kernel yet).
+        unsent = ", ".join(
+            f"{stream.id} {len(stream.relay.link.pending)} unsent"
+            for stream in self.streams.values()
+            if stream.id in waiting
+            and stream.relay
+            and stream.relay.link
+            and stream.relay.link.pending
+        )
+        where = f"; {unsent}" if unsent else ""
+        self.log(
+            f"move {move}: not acknowledged after {ack_wait:g} s ({unread}{where}); relaying on"
+        )
         raise HijackError(
             f"the process did not take what its home shadow sent it within {ack_wait:g} s"
             f" ({unread} unacknowledged): moved now, those bytes would be lost"
@@ -452,7 +465,14 @@ class RelayHub:
 
     def _read_while_migrating(self, stream: Stream) -> None:
         relay = stream.relay
-        if stream.closed or relay is None or not relay.readable():
+        if stream.closed or relay is None:
+            return
+        if relay.link is not None:
+            # What TLS made of the bytes sent before (counted in plain_sent, so waited
+            # for) goes out still: nothing else would send it until the move is over.
+            with contextlib.suppress(OSError):
+                relay.link.flush()
+        if not relay.readable():
             return
         with contextlib.suppress(OSError):  # the event loop meets it again and handles it
             if stream.in_room():
