@@ -14,10 +14,15 @@ shadow direction is framed and carries the forwarder's own acknowledgements:
 
     frame ::= KIND:u8 LENGTH:u32 PAYLOAD
     KIND  ::= 1 DATA (the process's bytes) | 3 ACK (u64: bytes now in the
-              process's socket, in all) | 4 END (the process finished writing)
+              process's socket, in all; u32: the room left there) | 4 END (the
+              process finished writing)
 
 An ACK is sent once the bytes written to the loopback socket are
-acknowledged there (SIOCOUTQ 0: they are in the process's receive queue).
+acknowledged there (SIOCOUTQ 0: they are in the process's receive queue),
+and once as the relay starts (0 bytes). Its room (the window the process's
+socket advertises then, less what waits here for it; 0 where the kernel
+does not tell) is what the shadow may send more that the process's socket
+surely takes, reading or not: a move home sends only that much (hijack.shadow.relay).
 shadow -> node stays raw (inside TLS); its end is the TLS connection's end.
 
 A listener of the process is relayed the same way round (the node connects,
@@ -64,7 +69,9 @@ from hijack.sys.socket_filter import SO_MARK, attach_filter, only_marked
 
 ACK, END = 3, 4
 FORWARDED_KINDS = (DATA, ACK, END)
-ACK_FORMAT = struct.Struct("<Q")
+ACK_FORMAT = struct.Struct("<Q")  # bytes in the process's socket, in all
+ROOM_FORMAT = struct.Struct("<I")  # after it: room left there (older forwarders send none)
+TCPI_SND_WND = 228  # offset of tcpi_snd_wnd in struct tcp_info (<linux/tcp.h>, Linux 6.2)
 CHUNK = 256 * 1024 - FRAME.size  # a DATA frame fits what TlsLink.send takes at once
 LIMIT = 4 * 1024 * 1024  # bytes held per direction before we stop reading
 ACK_POLL = 0.005  # seconds between looks at a process socket that has not taken all yet
@@ -97,6 +104,14 @@ def loopback_pair() -> tuple[socket.socket, socket.socket]:
 def unacknowledged(sock: socket.socket) -> int:
     value = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
     return int(struct.unpack("i", value)[0])
+
+
+def window(sock: socket.socket) -> int:
+    """The receive window the peer of `sock` advertises (0 where the kernel does not tell)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_SND_WND + 4)
+    if len(info) < TCPI_SND_WND + 4:
+        return 0
+    return int(struct.unpack_from("<I", info, TCPI_SND_WND)[0])
 
 
 def closed_listener(backlog: int) -> socket.socket:
@@ -230,6 +245,7 @@ class Forwarder:
             else:
                 item.local.setblocking(False)
                 self.pairs.add(item)
+                self._send_ack(item)  # the room there, before any byte
                 self._watch(item)
 
     def _watch(self, pair: _Pair) -> None:
@@ -299,12 +315,17 @@ class Forwarder:
     def _acknowledge(self, pair: _Pair) -> None:
         if pair.delivered > pair.acked and not unacknowledged(pair.local):
             pair.acked = pair.delivered
-            pair.to_link += make_frame(ACK, ACK_FORMAT.pack(pair.acked))
-            try:
-                self._flush(pair)
-            except OSError as exc:
-                self.log(f"forwarded relay: {exc}; closing it")
-                self._close(pair, reset=True)
+            self._send_ack(pair)
+
+    def _send_ack(self, pair: _Pair) -> None:
+        try:
+            room = max(0, window(pair.local) - unacknowledged(pair.local) - len(pair.to_local))
+            body = ACK_FORMAT.pack(pair.acked) + ROOM_FORMAT.pack(min(room, 0xFFFFFFFF))
+            pair.to_link += make_frame(ACK, body)
+            self._flush(pair)
+        except OSError as exc:
+            self.log(f"forwarded relay: {exc}; closing it")
+            self._close(pair, reset=True)
 
     def _finish_if_done(self, pair: _Pair) -> None:
         sent_all = pair.local_eof and not pair.to_link and not pair.link.pending
