@@ -1099,13 +1099,15 @@ class RelayHub:
             return 0
         if not stream.to_relay:
             _unpipe(stream.out_pipe, stream.to_relay)
-        room = min(relay.room, CHUNK)
-        if room <= 0 or not stream.to_relay:
-            return 0
-        moved = link.send(stream.to_relay[:room])
-        self._took(stream, moved)
-        relay.room -= moved  # until the ACK for them tells again
-        return moved
+        sent = 0
+        while relay.room > 0 and stream.to_relay:
+            moved = link.send(stream.to_relay[: relay.room])  # (CHUNK at most a call)
+            if not moved:
+                break  # the rest of the room once our kernel took what TLS made
+            self._took(stream, moved)
+            relay.room -= moved  # until the ACK for them tells again
+            sent += moved
+        return sent
 
     @staticmethod
     def _took(stream: Stream, moved: int) -> None:
