@@ -23,11 +23,13 @@ from pathlib import Path
 
 import pytest
 
+from hijack.errors import HijackError
 from hijack.node import pki
-from hijack.node.forwarder import ForwarderProcess
+from hijack.node.forwarder import ForwarderProcess, unacknowledged
 from hijack.shadow import control, relay_link
 from hijack.shadow.relay import RelayHub, Stream
 from hijack.shadow.relay_link import ShadowIdentity, TlsLink
+from hijack.sys import tcp_repair
 
 NODE = "n"
 STREAM = "fd:5"
@@ -186,3 +188,42 @@ def test_migrating_waits_for_ciphertext_the_shadow_had_not_sent_yet(relayed: Rel
     assert len(received) + readable(process_end) == sent, (len(received), sent)
     assert received == pattern(0, len(received))
     assert not relayed.link.pending
+
+
+def test_a_hand_back_takes_every_byte_the_process_wrote_out_of_the_forwarder(
+    relayed: Relayed,
+) -> None:
+    """Home again (docs/protocol.md): once the frozen process's send queue is empty, what it
+    wrote may still be in the forwarder or on the TLS link; the mover says how much it wrote
+    (TCP_INFO), and the shadow hands the original back only once all of it is written there."""
+    process_end = relayed.move_in()
+    size = 3 << 20  # less than the way to the shadow holds: the process's queue empties
+    process_end.sendall(pattern(0, size))  # the shadow reads nothing meanwhile
+    deadline = time.monotonic() + TIMEOUT
+    while unacknowledged(process_end):
+        assert time.monotonic() < deadline, "the forwarder did not take what the process wrote"
+        time.sleep(0.01)
+    written = tcp_repair.data_sent(process_end.fileno())
+    assert written == size
+
+    with pytest.raises(HijackError, match="did not say what the process wrote"):
+        relayed.hub.hand_back("m2", [STREAM], 1.0)  # no count: nothing changed
+    received = bytearray()
+    reading = threading.Event()
+
+    def read() -> None:  # the original's peer
+        relayed.client.settimeout(0.05)
+        while not reading.is_set():
+            with contextlib.suppress(TimeoutError):
+                received.extend(relayed.client.recv(1 << 20))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        originals = relayed.hub.hand_back("m2", [STREAM], 5.0, {STREAM: size})
+    finally:
+        reading.set()
+        reader.join(TIMEOUT)
+    assert list(originals) == [STREAM]
+    assert len(received) + readable(relayed.client) == size
+    assert received == pattern(0, len(received))
