@@ -23,6 +23,8 @@ and once as the relay starts (0 bytes). Its room (the window the process's
 socket advertises then, less what waits here for it; 0 where the kernel
 does not tell) is what the shadow may send more that the process's socket
 surely takes, reading or not: a move home sends only that much (hijack.shadow.relay).
+Only the latest count matters: an ACK goes ahead of the DATA frames waiting
+here (between two frames), so a move waits for no more than that.
 shadow -> node stays raw (inside TLS); its end is the TLS connection's end.
 
 A listener of the process is relayed the same way round (the node connects,
@@ -133,6 +135,10 @@ class _Pair:
     local: socket.socket  # our end of the loopback connection
     to_local: bytearray = field(default_factory=bytearray)  # from the shadow, not yet written
     to_link: bytearray = field(default_factory=bytearray)  # frames not yet handed to TLS
+    # The latest ACK, not yet handed to TLS: it goes before the next frame of to_link (a
+    # count in all, so it replaces one that waited), not behind megabytes of DATA.
+    ack: bytes = b""
+    cut: int = 0  # bytes left of to_link's first frame, TLS having taken its start
     delivered: int = 0  # bytes written to the local socket, in all
     acked: int = 0  # what our last ACK said
     local_eof: bool = False
@@ -252,7 +258,7 @@ class Forwarder:
         link_events = 0
         if not pair.link.eof and len(pair.to_local) < LIMIT:
             link_events |= selectors.EVENT_READ
-        if pair.link.pending or pair.to_link:
+        if pair.link.pending or pair.to_link or pair.ack:
             link_events |= selectors.EVENT_WRITE
         local_events = 0
         if not pair.local_eof and len(pair.to_link) < LIMIT:
@@ -294,11 +300,21 @@ class Forwarder:
         self._flush(pair)
 
     def _flush(self, pair: _Pair) -> None:
-        while pair.to_link:
-            taken = pair.link.send(pair.to_link)
+        # A frame at a time (TLS takes one whole, or none while earlier ones wait for the
+        # kernel), so that between two an ACK can go first.
+        while True:
+            if pair.ack and not pair.cut:
+                if not pair.link.send(pair.ack):
+                    break
+                pair.ack = b""
+            if not pair.to_link:
+                break
+            size = pair.cut or FRAME.size + FRAME.unpack_from(pair.to_link)[1]
+            taken = pair.link.send(pair.to_link[:size])
             if not taken:
                 break
             del pair.to_link[:taken]
+            pair.cut = size - taken
         pair.link.flush()
         if pair.to_local:
             try:
@@ -321,14 +337,14 @@ class Forwarder:
         try:
             room = max(0, window(pair.local) - unacknowledged(pair.local) - len(pair.to_local))
             body = ACK_FORMAT.pack(pair.acked) + ROOM_FORMAT.pack(min(room, 0xFFFFFFFF))
-            pair.to_link += make_frame(ACK, body)
+            pair.ack = make_frame(ACK, body)
             self._flush(pair)
         except OSError as exc:
             self.log(f"forwarded relay: {exc}; closing it")
             self._close(pair, reset=True)
 
     def _finish_if_done(self, pair: _Pair) -> None:
-        sent_all = pair.local_eof and not pair.to_link and not pair.link.pending
+        sent_all = pair.local_eof and not (pair.to_link or pair.ack or pair.link.pending)
         if sent_all and pair.link.eof and not pair.to_local:
             self._close(pair, reset=False)
 
