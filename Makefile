@@ -22,6 +22,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The home shadow's native relay pump (hijack/shadow/pump.py); without it relays
+# are spliced in Python, slower.
+NATIVE := hijack/native/relay-pump
+$(NATIVE): hijack/native/relay_pump.c $(STAMP) system-deps
+	$(PY) -m hijack.shadow.pump
+
 system-deps:
 	@missing=""; for p in $(DEBS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -42,13 +48,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check hijack tests bench
 	$(VENV)/bin/mypy
 
-test: $(STAMP) system-deps lint
+test: $(STAMP) system-deps lint $(NATIVE)
 	$(VENV)/bin/pytest -q tests
 
-demo: $(STAMP) system-deps
+demo: $(STAMP) system-deps $(NATIVE)
 	$(PY) -m hijack.demo
 
-bench: $(STAMP) system-deps
+bench: $(STAMP) system-deps $(NATIVE)
 	$(PY) -m bench
 
 # Coverage-guided fuzzing (atheris) of the CRF reader and the node protocol:
@@ -67,7 +73,7 @@ fuzz: $(STAMP)
 	done
 
 # The full soak (the suite runs a short one): 50 moves between three nodes under load.
-soak: $(STAMP) system-deps
+soak: $(STAMP) system-deps $(NATIVE)
 	SOAK_MOVES=50 $(VENV)/bin/pytest -q -s tests/test_soak.py
 
 clean:

@@ -20,6 +20,9 @@ the same run, on the same bytes, at the same place:
 - the freeze of a move of a process dirtying 200 MB/s, with post-copy beside
   pre-copy alone (bench/postcopy.py);
 - the pause of `hijack attach` + `detach` of a busy process (bench/pauses.py);
+- redis-benchmark GETs (10 clients) through the home shadow beside direct,
+  plain, encrypted and accepted after the move, with the shadow's CPU per GET
+  (bench/redis.py);
 - TLS 1.3 between nodes beside plain TCP: handshake and stream throughput;
   a move's image stream and message round trip through the node channel over
   TLS beside the same over protocol 1, the channel before TLS (bench/tls.py).
@@ -48,8 +51,10 @@ from bench.links import measure_links
 from bench.moves import measure_moves
 from bench.pauses import measure_pauses
 from bench.postcopy import measure_postcopy
+from bench.redis import measure_redis
 from bench.snapshots import measure_snapshots
 from bench.tls import measure_tls
+from bench.trees import measure_tree_dumps
 from hijack.mutator.dump import MAP_PRIVATE_ANONYMOUS, PROT_READ_WRITE, dump, dump_to_file
 from hijack.mutator.tracee import Tracee
 from hijack.restore.restorer import restore
@@ -260,7 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         move_lines += measure_postcopy(Path(directory), size)
         move_lines += measure_pauses(Path(directory), cycles=20 if args.quick else 200)
+        if args.quick:
+            move_lines += measure_redis(rounds=1, warm=0.2, window=0.5)
+        else:
+            move_lines += measure_redis(rounds=5, warm=1.0, window=3.0)
         move_lines += measure_tls(Path(directory) / "tls-pki", size // 4)
+        move_lines += measure_tree_dumps(size // MIB // 4)
     header = (
         f"hijack bench, {size // MIB} MiB, {time.strftime('%Y-%m-%d %H:%M')},"
         f" {os.uname().sysname} {os.uname().release}, {os.cpu_count()} CPUs,"

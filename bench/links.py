@@ -27,7 +27,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from bench.freezes import percentile
 from bench.moves import SINK
-from bench.testnodes import Cluster, Node
+from bench.testnodes import Node, relay_nodes
 from hijack.shadow import control
 
 THROUGHPUT_TARGET = 0.95
@@ -172,13 +171,8 @@ def streams(
 
 def measure_links(stream_size: int, streams_each: int, pings: int) -> list[str]:
     lines = []
-    with (
-        tempfile.TemporaryDirectory(prefix="hijack-bench-links-") as directory,
-        Cluster(Path(directory), nodes=3) as cluster,
-    ):
+    with relay_nodes("hijack-bench-links-") as (_, cluster):
         a, b, c = cluster.nodes
-        a.start_daemon()
-        b.start_daemon()
         direct, moving = start_sink(a), start_sink(a)
         assert b.daemon_endpoint is not None
         moved = a.hijack("move", moving.pid, "--to", b.daemon_endpoint, timeout=CLIENT_TIMEOUT)

@@ -7,7 +7,10 @@ benches use the very same, so a figure is measured on what the tests check.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 SUPPORT = Path(__file__).resolve().parent.parent / "tests"
@@ -17,4 +20,19 @@ if str(SUPPORT) not in sys.path:
 from support.nodes import Cluster, Node, run_ip  # noqa: E402
 from support.running import RunningFixture, spawn_fixture  # noqa: E402
 
-__all__ = ["Cluster", "Node", "RunningFixture", "run_ip", "spawn_fixture"]
+__all__ = ["Cluster", "Node", "RunningFixture", "relay_nodes", "run_ip", "spawn_fixture"]
+
+
+@contextlib.contextmanager
+def relay_nodes(prefix: str) -> Iterator[tuple[Path, Cluster]]:
+    """(a directory, three nodes a, b, c) with daemons on a and b: a process moves a -> b
+    and a client on c reaches it through its home shadow on a."""
+    with (
+        tempfile.TemporaryDirectory(prefix=prefix) as directory,
+        Cluster(Path(directory), nodes=3) as cluster,
+    ):
+        a, b, _ = cluster.nodes
+        a.start_daemon()
+        b.start_daemon()
+        assert b.daemon_endpoint is not None
+        yield Path(directory), cluster

@@ -11,7 +11,7 @@ The stages (docs/faults.md lists what each one holds at that instant):
 attach-seized, attach-forked, attach-shadow-ready; dump-seized, dump-written,
 dump-handed-over; restore-tree-forked, restore-tree-rebuilt; move-attached,
 move-connected, move-frozen, move-streaming, move-prepared, move-committed,
-move-postcopy; daemon-committed.
+move-postcopy; daemon-committed; swap-frozen, swap-joined.
 """
 
 from __future__ import annotations

@@ -30,12 +30,14 @@ from support import (
 from support.objects import hijack  # noqa: F401 (the CLI fixture of the tests of each kind)
 from support.tempdirs import remove_temp_dir
 
+from hijack.shadow import pump
 from hijack.sys import netlock
 from hijack.sys.process import set_child_subreaper
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     set_child_subreaper()
+    pump.build()  # the shadow's native relay pump, as `make` builds it at install
 
 
 @pytest.fixture(scope="session")

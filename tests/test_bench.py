@@ -47,6 +47,10 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "move image stream, TLS 1.3",
         "message round trip, TLS 1.3",
         "node stream, TLS 1.3",
+        "redis GET relayed, plain",
+        "redis GET relayed, tls",
+        "redis GET relayed, accepted",
+        "shadow CPU per GET, plain",
     )
     for figure in figures:
         assert figure in result.stdout, result.stdout

@@ -841,7 +841,7 @@ DESCRIPTOR_KEYS = {
     "object_id",
     "details",
 }
-PAGES_KEYS = {"stored", "zero", "untouched", "file"}
+PAGES_KEYS = {"stored", "zero", "untouched", "file", "referenced"}
 
 
 def test_show_describes_a_real_image_as_text_and_as_json(hijack: HijackCli, tmp_path: Path) -> None:

@@ -32,6 +32,7 @@ from hijack.image import (
     SIGNAL_COUNT,
     AioRing,
     AuxvEntry,
+    CloneFlags,
     ContentsKind,
     Credentials,
     Cwd,
@@ -57,6 +58,7 @@ from hijack.image import (
     InotifyWatch,
     Itimer,
     LockKind,
+    MemberState,
     MemfdObject,
     MemoryStructure,
     NetlinkSocket,
@@ -65,6 +67,7 @@ from hijack.image import (
     PacketRingMapping,
     PacketSocket,
     PageRange,
+    PageReference,
     Pages,
     PidfdObject,
     PingSocket,
@@ -88,6 +91,7 @@ from hijack.image import (
     Segment,
     Segments,
     SharedAnonymous,
+    SharedContext,
     SigAction,
     SigAltStack,
     SignalfdObject,
@@ -107,6 +111,8 @@ from hijack.image import (
     ThreadSeccomp,
     TimerfdObject,
     Timers,
+    Tree,
+    TreeMember,
     UdpSocket,
     UnixCredentials,
     UnixMessage,
@@ -114,12 +120,14 @@ from hijack.image import (
     UserRegsStruct,
     read_image,
     read_round,
+    read_stream,
     recode,
     summarize,
     summary_to_json,
 )
 from hijack.image import records as records_module
 from hijack.image.fields import Cursor, struct_codec
+from hijack.image.summary import TreeSummary, summarize_stream
 
 OBJECT_TAGS = {
     b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"PIDF", b"INET", b"TCPC", b"LOCK",
@@ -134,6 +142,7 @@ SECTION_NAMES = {
     b"MMST": "MM",
     b"SEGS": "SEGMENTS",
     b"PAGE": "PAGES",
+    b"PREF": "PAGE_REFERENCE",
     b"THRD": "THREAD",
     b"SIGS": "SIGNALS",
     b"FDS_": "FILES",
@@ -287,11 +296,12 @@ class Built:
     after_pages: list[Record]  # the threads to CWD
     end: End
     memory: dict[int, bytes]  # STORED segment start -> its full contents
+    reference: PageReference  # among the pages: 2 pages another member's image holds
 
     @property
     def records(self) -> list[Record]:
         """Every record but Pages, in order."""
-        return [*self.before_pages, *self.after_pages, self.end]
+        return [*self.before_pages, self.reference, *self.after_pages, self.end]
 
 
 # A terminal in canonical mode with echo, 33 rows of 97 columns, the controlling one.
@@ -308,6 +318,9 @@ TERMINAL = TerminalState(
     ws_ypixel=0,
     controlling=True,
 )
+
+
+REFERRED = 0x7F0000300000  # a segment whose pages the image refers to (PAGE_REFERENCE)
 
 
 def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
@@ -337,6 +350,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             file=libc,
         ),
         segment(0x7F0000100000, 0x100000, Prot(0), "", ContentsKind.NONE),
+        segment(REFERRED, 0x4000, Prot.READ | Prot.WRITE, "", ContentsKind.STORED),
         segment(0x7FFC00000000, 0x21000, Prot.READ | Prot.WRITE, "[stack]", ContentsKind.STORED),
         segment(0x7FFC00100000, 0x4000, Prot.READ, "[vvar]", ContentsKind.NONE),
         segment(0x7FFC00104000, 0x2000, Prot.READ | Prot.EXEC, "[vdso]", ContentsKind.STORED),
@@ -346,6 +360,9 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         for s in layout
         if s.contents is ContentsKind.STORED
     }
+    # Its pages are another member's (a tree's image read alone): zero here.
+    memory[REFERRED] = bytes(0x4000)
+    reference = PageReference(address=REFERRED + PAGE_SIZE, pages=2, pid=4000, source=REFERRED)
     objects = (
         TerminalObject(id=1, state=TERMINAL),
         InetSocket(
@@ -731,11 +748,14 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
     for record in before_pages:
         writer.write(record)
     for start, data in memory.items():
-        writer.write_pages(start, data)
+        if start == REFERRED:
+            writer.write(reference)
+        else:
+            writer.write_pages(start, data)
     for record in after_pages:
         writer.write(record)
     end = writer.close(pages_untouched=77, pages_file=0x22)
-    return Built(out.getvalue(), before_pages, after_pages, end, memory)
+    return Built(out.getvalue(), before_pages, after_pages, end, memory, reference)
 
 
 BUILT = build_image()
@@ -785,7 +805,8 @@ def test_end_totals_describe_the_image() -> None:
     assert end.image_bytes + END_SECTION_SIZE == len(BUILT.image)
     assert end.pages_stored == stored_pages
     total_pages = sum(len(data) for data in BUILT.memory.values()) // PAGE_SIZE
-    assert end.pages_zero == total_pages - stored_pages
+    written = total_pages - len(BUILT.memory[REFERRED]) // PAGE_SIZE  # given to write_pages
+    assert end.pages_zero == written - stored_pages
     assert (end.pages_untouched, end.pages_file) == (77, 0x22)
 
 
@@ -1002,7 +1023,7 @@ def test_writer_refuses_wrong_order_and_wrong_totals() -> None:
         ImageError, match="cannot write section CREDENTIALS: out of place, expected HEADER"
     ):
         ImageWriter(io.BytesIO()).write(the(Credentials))
-    with pytest.raises(ImageError, match="expected PAGES or THREAD"):
+    with pytest.raises(ImageError, match="expected PAGES or PAGE_REFERENCE or THREAD"):
         writer_at_pages().write(the(Files))
     writer = writer_at_pages()
     writer.write(the(Thread))
@@ -1214,6 +1235,7 @@ def test_summary_and_its_json() -> None:
     assert [t.tid for t in summary.threads] == [4242, 4243, 4244]
     end = BUILT.end
     totals = {"stored": end.pages_stored, "zero": end.pages_zero, "untouched": 77, "file": 0x22}
+    totals["referenced"] = BUILT.reference.pages
     assert document["pages"] == totals
     assert sum(row.stored_bytes for row in summary.memory) == end.pages_stored * PAGE_SIZE
     memory = document["memory"]
@@ -1489,3 +1511,106 @@ def test_object_sections_are_checked_against_files() -> None:
         with pytest.raises(ImageError, match=message):
             image_with_objects(objects, count)
     assert image_with_objects(every)  # the objects FILES counts, each once: accepted
+
+
+def member_image(
+    pid: int,
+    pages: Callable[[ImageWriter, Segment], None],
+    referable: frozenset[int] | None = None,
+) -> bytes:
+    """A small image of process `pid`: one STORED segment, what `pages` writes in it."""
+    stored = segment(0x10000000, 4 * PAGE_SIZE, Prot.READ | Prot.WRITE, "", ContentsKind.STORED)
+    out = io.BytesIO()
+    writer = ImageWriter(out, referable=referable)
+    writer.write(replace(the(ImageHeader), pid=pid))
+    at = BUILT.before_pages.index(the(Segments))
+    for record in BUILT.before_pages[1:at]:
+        writer.write(record)
+    writer.write(Segments(segments=(stored,)))
+    for record in BUILT.before_pages[at + 1 :]:
+        writer.write(record)
+    pages(writer, stored)
+    finish(writer)
+    return out.getvalue()
+
+
+def tree_of(*pids: int) -> bytes:
+    """A tree stream's head: `pids` the root and its children."""
+    out = io.BytesIO()
+    writer = ImageWriter(out)
+    writer.write(
+        Tree(
+            members=tuple(
+                TreeMember(
+                    pid=pid,
+                    ppid=pids[0] if index else 1,
+                    pgid=pids[0],
+                    sid=pids[0],
+                    exit_signal=17,
+                    exit_code=0,
+                    state=MemberState.RUNNING,
+                    comm="member",
+                )
+                for index, pid in enumerate(pids)
+            )
+        )
+    )
+    writer.close()
+    return out.getvalue()
+
+
+def test_page_references_name_a_member_before_and_only_in_a_tree_stream() -> None:
+    def own(writer: ImageWriter, stored: Segment) -> None:
+        writer.write_pages(stored.start, b"\1" * 2 * PAGE_SIZE)
+
+    def referring(writer: ImageWriter, stored: Segment) -> None:
+        writer.write_pages(stored.start, b"\2" * PAGE_SIZE)
+        writer.write(PageReference(address=stored.start + PAGE_SIZE, pages=2, pid=10, source=0))
+        writer.write_pages(stored.start + 3 * PAGE_SIZE, b"\3" * PAGE_SIZE)
+
+    parent, child = member_image(10, own), member_image(11, referring)
+    records = list(read_stream(io.BytesIO(tree_of(10, 11) + parent + child)))
+    (reference,) = [r for r in records if isinstance(r, PageReference)]
+    assert (reference.pid, reference.pages) == (10, 2)
+    summary = summarize_stream(read_stream(io.BytesIO(tree_of(10, 11) + parent + child)))
+    assert isinstance(summary, TreeSummary) and summary.pages_referenced == 2
+    with pytest.raises(ImageError, match="refer to process 10, not a member whose image came"):
+        list(read_stream(io.BytesIO(tree_of(11, 10) + child + parent)))
+    with pytest.raises(ImageError, match="refer to process 10, not a member"):
+        list(read_stream(io.BytesIO(child)))  # a lone image refers to no other
+    assert any(isinstance(r, PageReference) for r in read_all(child))  # a member's, read alone
+    with pytest.raises(ImageError, match="refer to process 10"):
+        member_image(11, referring, referable=frozenset({12}))
+
+    def overlapping(writer: ImageWriter, stored: Segment) -> None:
+        writer.write_pages(stored.start, b"\2" * 2 * PAGE_SIZE)
+        writer.write(PageReference(address=stored.start + PAGE_SIZE, pages=1, pid=10, source=0))
+
+    with pytest.raises(ImageError, match="overlap or precede"):
+        member_image(11, overlapping)
+    with pytest.raises(ImageError, match="is not 1 to 2048"):
+        PageReference(address=0, pages=0, pid=1, source=0)
+
+
+def test_contexts_a_tree_member_shares_with_its_parent_round_trip() -> None:
+    head = tree_of(10, 11, 12)
+    (tree,) = [r for r in read_all_stream(head) if isinstance(r, Tree)]
+    shared = replace(
+        tree, contexts=(SharedContext(pid=12, flags=CloneFlags.FILES | CloneFlags.FS),)
+    )
+    out = io.BytesIO()
+    writer = ImageWriter(out)
+    writer.write(shared)
+    writer.close()
+    (again,) = [r for r in read_all_stream(out.getvalue()) if isinstance(r, Tree)]
+    assert again == shared
+    with pytest.raises(ImageError, match="not a member below the root"):
+        replace(tree, contexts=(SharedContext(pid=10, flags=CloneFlags.FILES),))
+    with pytest.raises(ImageError, match="listed twice"):
+        replace(tree, contexts=(SharedContext(pid=11, flags=CloneFlags.FS),) * 2)
+
+
+def read_all_stream(head: bytes) -> list[Record]:
+    """The records of a tree stream's head (TREE and END), read as read_stream reads one."""
+    records = read_stream(io.BytesIO(head + member_image(10, lambda w, s: None)))
+    return [next(records), next(records)]

@@ -12,7 +12,7 @@ shared shared again (the same pipe, socket, memory, open file description),
 and the fixture's own checks pass: its root reaps the zombies with their
 status. A pid taken is refused unless --new-pids, which renumbers only the
 members whose pid is taken, relations kept. A restore interrupted kills every
-stub it made; members sharing a descriptor table are refused before the kill.
+stub it made; members sharing what a restore would copy are refused before the kill.
 The tree_mapped fixture: a memfd and a deleted file members only map, and a pty
 pair both hold whole, come back one object each, not a copy per member; what a
 restore would copy per member (a forkpty split, an unlinked queue each opened)
@@ -326,22 +326,6 @@ def test_a_tree_restore_interrupted_leaves_no_member(
         tree.assert_intact()
 
 
-# A parent and a child made by clone(CLONE_FILES): one descriptor table for both. The
-# child blocks reading a pipe; "ready CHILD" once it runs.
-CLONE_FILES_PROGRAM = r"""
-import ctypes, os, sys
-CLONE_FILES, SIGCHLD, SYS_CLONE = 0x400, 17, 56
-libc = ctypes.CDLL(None, use_errno=True)
-read_end, write_end = os.pipe()
-child = libc.syscall(SYS_CLONE, CLONE_FILES | SIGCHLD, 0, 0, 0, 0)
-if child == 0:
-    os.read(read_end, 1)
-    os._exit(0)
-print("ready", child, flush=True)
-os.read(read_end, 1)
-"""
-
-
 # forkpty: the parent holds the pty's master only, the child its slave (stdin, stdout,
 # stderr), blocked reading it; "ready CHILD" once it runs.
 FORKPTY_PROGRAM = r"""
@@ -384,24 +368,18 @@ signal.pause()
 @pytest.mark.parametrize(
     ("program", "argument", "reason"),
     [
-        (
-            CLONE_FILES_PROGRAM,
-            "",
-            "process {child} (python) shares its descriptor table (CLONE_FILES) with process"
-            " {root}",
-        ),
         (FORKPTY_PROGRAM, "", "holds the master of pty /dev/pts/"),
         (MQUEUE_PROGRAM, "/hijack-tree-test", "each opened the unlinked message queue"),
     ],
-    ids=["clone-files", "forkpty", "mqueue"],
+    ids=["forkpty", "mqueue"],
 )
 def test_a_tree_sharing_what_a_restore_would_not_is_not_killed(
     hijack: HijackCli, tmp_path: Path, program: str, argument: str, reason: str
 ) -> None:
-    """Members sharing what no image records (CLONE_FILES), or what a restore would make
-    once for each (a pty split between a master holder and a slave holder; an unlinked
-    message queue each opened), are refused by name before the kill: the tree runs on, no
-    image is left."""
+    """Members sharing what a restore would make once for each (a pty split between a
+    master holder and a slave holder; an unlinked message queue each opened) are refused
+    by name before the kill: the tree runs on, no image is left. (Memory shared by
+    CLONE_VM: test_tree_share.)"""
     process = subprocess.Popen(
         [sys.executable, "-c", program, *([argument] if argument else [])],
         stdout=subprocess.PIPE,

@@ -30,6 +30,7 @@ from hijack.node import daemon as node_daemon
 from hijack.node import drain as draining
 from hijack.node import gate, naming, pki
 from hijack.node import move as moving
+from hijack.node import swap as swapping
 from hijack.node.daemon import DEFAULT_PORT
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.registry import DEFAULT_STATE_DIR, Registry, state_dir
@@ -218,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         " (still authenticated; kept for its later moves and drains; default: as its last"
         " move chose, else encrypted)",
     )
+    move.add_argument(
+        "--swap",
+        action="store_true",
+        help="then join its relayed connections whose other end this node manages too"
+        " directly (as hijack swap PID does; on its home node)",
+    )
     move.set_defaults(handler=command_move)
 
     drain = commands.add_parser(
@@ -232,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
         " repeat for more (default: every other node this node knows)",
     )
     drain.set_defaults(handler=command_drain)
+
+    swap = commands.add_parser(
+        "swap",
+        help="join PID's relayed connections to processes this node manages directly",
+    )
+    swap.add_argument("pid", type=parse_pid, nargs="?", help="a process this node manages")
+    swap.add_argument(
+        "--list", action="store_true", help="only list the connections that qualify (every PID)"
+    )
+    swap.set_defaults(handler=command_swap)
 
     recover = commands.add_parser(
         "recover", help="settle what interrupted moves left here (a process held in doubt)"
@@ -408,7 +425,9 @@ def command_dump(args: argparse.Namespace, console: Console) -> int:
             raise
         if args.kill and holder is not None:
             registry.set_state(args.pid, "checkpointed")
-    render.dump_result(console, result, args.output, killed=args.kill)
+    # An attached tree's shadow keeps what members share: only a skip makes copies.
+    copies = holder is None and args.skip_unsupported
+    render.dump_result(console, result, args.output, killed=args.kill, copies=copies)
     return EXIT_OK
 
 
@@ -469,6 +488,14 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
             postcopy=args.postcopy,
         )
     render.move_result(console, result, timing=args.timing)
+    if args.swap:  # the move is done whatever becomes of the swap: it only says so
+        try:
+            outcomes = swapping.swap(args.pid)
+        except HijackError as exc:
+            console.print(f"swap: {exc}", highlight=False, markup=False)
+            return EXIT_OK
+        for pair, outcome in outcomes:
+            console.print(f"swap: {pair.describe()}: {outcome}", highlight=False, markup=False)
     return EXIT_OK
 
 
@@ -487,6 +514,26 @@ def command_drain(args: argparse.Namespace, console: Console) -> int:
     if stayed:
         names = ", ".join(f"{outcome.pid} ({outcome.program})" for outcome in stayed)
         raise HijackError(f"{len(stayed)} of {len(outcomes)} process(es) stayed: {names}")
+    return EXIT_OK
+
+
+def command_swap(args: argparse.Namespace, console: Console) -> int:
+    if args.list:
+        with Registry() as registry:
+            pairs = swapping.find_pairs(registry)
+        for pair in pairs:
+            console.print(pair.describe(), highlight=False, markup=False)
+        if not pairs:
+            console.print("no relayed connection has two ends this node manages")
+        return EXIT_OK
+    if args.pid is None:
+        raise HijackError("swap: name a PID (or --list)")
+    outcomes = swapping.swap(args.pid)
+    for pair, outcome in outcomes:
+        console.print(f"{pair.describe()}: {outcome}", highlight=False, markup=False)
+    failed = [outcome for _, outcome in outcomes if not outcome.startswith("direct")]
+    if failed:
+        raise HijackError(f"{len(failed)} of {len(outcomes)} connection(s) stay relayed")
     return EXIT_OK
 
 

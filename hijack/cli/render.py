@@ -124,7 +124,11 @@ def human_size(count: int) -> str:
     raise AssertionError("unreachable")
 
 
-def dump_result(console: Console, result: DumpResult, output: str, *, killed: bool) -> None:
+def dump_result(
+    console: Console, result: DumpResult, output: str, *, killed: bool, copies: bool = False
+) -> None:
+    """`copies`: the tree was killed with --skip-unsupported: what its members share that its
+    restore will make once for each (result.copied) is said, one line each."""
     where = "stdout" if output == "-" else output
     fate = "killed" if killed else "left running"
     what = f"process [bold]{result.pid}[/]"
@@ -133,10 +137,19 @@ def dump_result(console: Console, result: DumpResult, output: str, *, killed: bo
         what += f" {result.threads} threads)"
     else:
         what += f" ({result.threads} thread{'s' if result.threads != 1 else ''})"
+    shared = ""
+    if result.pages_referenced:
+        shared = (
+            f" ({result.pages_referenced} more shared copy-on-write by members, stored once:"
+            f" {human_size(result.pages_referenced * rec.PAGE_SIZE)} saved)"
+        )
     console.print(
         f"dumped {what} to {where}: {human_size(result.image_bytes)}, "
-        f"{result.pages_stored} pages stored, frozen {result.frozen_ms:.1f} ms; {fate}"
+        f"{result.pages_stored} pages stored{shared}, frozen {result.frozen_ms:.1f} ms; {fate}"
     )
+    if copies:
+        for line in result.copied:
+            console.print(f"  not shared after a restore (--skip-unsupported): {escape(line)}")
 
 
 def restore_result(console: Console, result: RestoreResult) -> None:
@@ -190,15 +203,28 @@ def tree_summary(console: Console, summary: TreeSummary, *, as_json: bool = Fals
     assert top is not None  # a Tree has members
     console.print(top)
     images = summary.images.values()
+    referenced = summary.pages_referenced
     console.print(
         f"tree of {len(summary.tree.members)} processes: image {human_size(summary.image_bytes)},"
-        f" {sum(image.pages.stored for image in images)} pages stored"
+        f" {sum(image.pages.stored for image in images)} pages stored; {referenced} pages"
+        f" ({human_size(referenced * rec.PAGE_SIZE)}) shared copy-on-write by members stored"
+        " once"
     )
     for link in summary.tree.shared:
         console.print(
             f"  fd {link.fd} of pid {link.pid} is fd {link.holder_fd} of pid {link.holder_pid}"
             " (one open file description)"
         )
+    for context in summary.tree.contexts:
+        shares = " and ".join(
+            what
+            for flag, what in (
+                (rec.CloneFlags.FILES, "its descriptor table"),
+                (rec.CloneFlags.FS, "its root, cwd and umask"),
+            )
+            if flag in context.flags
+        )
+        console.print(f"  pid {context.pid} shares {shares} with its parent")
 
 
 def _member_line(member: rec.TreeMember, image: ImageSummary | None) -> str:
@@ -214,6 +240,8 @@ def _member_line(member: rec.TreeMember, image: ImageSummary | None) -> str:
             f" {len(image.descriptors)} descriptors,"
             f" {human_size(image.image_bytes)} image, {image.pages.stored} pages stored"
         )
+        if image.pages.referenced:
+            line += f", {image.pages.referenced} referred to (stored by a member before)"
     return line
 
 

@@ -3,6 +3,7 @@
     IMAGE     ::= SIGNATURE HEADER CREDENTIALS RLIMITS MM SEGMENTS FILES { OBJECT }
                   { PAGES } THREAD { THREAD } SIGNALS CWD SETTINGS TIMERS END
     OBJECT    ::= an object record or OBJECT_DATA (as many as FILES counts)
+    PAGES may be PAGE_REFERENCE sections too, in a tree stream's images
     ROUND     ::= SIGNATURE ROUND SEGMENTS { PAGES } END     (a move's pre-copy round)
     SIGNATURE ::= "CRF\\0" VERSION:u32
     section   ::= TAG:4 LENGTH:u32 PAYLOAD:LENGTH CRC:u32
@@ -70,6 +71,7 @@ from hijack.image.records import (
     NetlinkSocket,
     ObjectData,
     PacketSocket,
+    PageReference,
     Pages,
     PidfdObject,
     PingSocket,
@@ -100,7 +102,7 @@ from hijack.image.records import (
 )
 
 MAGIC = b"CRF\0"
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 MAX_METADATA = 16 * 1024 * 1024  # payload limit of every section but PAGES
 
 BytesLike = bytes | bytearray | memoryview
@@ -127,6 +129,7 @@ class SectionKind(enum.Enum):
     MM = b"MMST"
     SEGMENTS = b"SEGS"
     PAGES = b"PAGE"
+    PAGE_REFERENCE = b"PREF"
     THREAD = b"THRD"
     SIGNALS = b"SIGS"
     FILES = b"FDS_"
@@ -257,6 +260,7 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.MM: _StructSection(MemoryStructure),
     SectionKind.SEGMENTS: _StructSection(Segments),
     SectionKind.PAGES: _PAGES,
+    SectionKind.PAGE_REFERENCE: _StructSection(PageReference),
     SectionKind.THREAD: _StructSection(Thread),
     SectionKind.SIGNALS: _StructSection(SignalState),
     SectionKind.FILES: _StructSection(Files),
@@ -311,13 +315,19 @@ class _Step:
     kind: SectionKind | None  # None: any of the OBJECT_SECTIONS
     least: int  # how many times it must occur
     many: bool  # whether it may repeat
+    also: SectionKind | None = None  # another kind the step takes, in any mix with `kind`
 
     def admits(self, kind: SectionKind) -> bool:
-        return kind is self.kind or (self.kind is None and kind in OBJECT_SECTIONS)
+        return (
+            kind is self.kind
+            or (kind is self.also and kind is not None)
+            or (self.kind is None and kind in OBJECT_SECTIONS)
+        )
 
     @property
     def name(self) -> str:
-        return "OBJECT" if self.kind is None else self.kind.name
+        name = "OBJECT" if self.kind is None else self.kind.name
+        return name if self.also is None else f"{name} or {self.also.name}"
 
 
 _IMAGE_GRAMMAR = (
@@ -328,7 +338,7 @@ _IMAGE_GRAMMAR = (
     _Step(SectionKind.SEGMENTS, 1, False),
     _Step(SectionKind.FILES, 1, False),
     _Step(None, 0, True),
-    _Step(SectionKind.PAGES, 0, True),
+    _Step(SectionKind.PAGES, 0, True, also=SectionKind.PAGE_REFERENCE),
     _Step(SectionKind.THREAD, 1, True),
     _Step(SectionKind.SIGNALS, 1, False),
     _Step(SectionKind.CWD, 1, False),
@@ -353,9 +363,17 @@ class _ImageChecks:
     """What holds across sections; the writer and the reader apply the same checks,
     so the writer cannot produce an image the reader refuses."""
 
-    def __init__(self, grammar: tuple[_Step, ...] | None = _IMAGE_GRAMMAR) -> None:
+    def __init__(
+        self,
+        grammar: tuple[_Step, ...] | None = _IMAGE_GRAMMAR,
+        referable: frozenset[int] | None = None,
+    ) -> None:
         # None: an image or a round, whichever the first section opens (the writer).
         self._grammar = grammar
+        # The members a PAGE_REFERENCE may name: those whose images came before it in its
+        # tree stream; None: any (a member's image read alone, whose stream is not known).
+        self._referable = referable
+        self.pages_referenced = 0
         self._step = 0
         self._count = 0  # occurrences of the grammar's step _step so far
         self.records = 0  # sections before END
@@ -423,6 +441,13 @@ class _ImageChecks:
             ]
         elif isinstance(record, Pages):
             self.check_pages(record.address, len(record.data))
+        elif isinstance(record, PageReference):
+            if self._referable is not None and record.pid not in self._referable:
+                raise ImageError(
+                    f"pages at {record.address:#x} refer to process {record.pid}, not a member"
+                    " whose image came before this one in a tree stream"
+                )
+            self.check_pages(record.address, record.size, stored=False)
         elif isinstance(record, Thread):
             if record.tid in self._tids:
                 raise ImageError(f"thread {record.tid} appears twice")
@@ -467,7 +492,8 @@ class _ImageChecks:
             raise ImageError(f"descriptors refer to object {missing[0]}, which is not in the image")
         self._objects_closed = True
 
-    def check_pages(self, address: int, size: int) -> None:
+    def check_pages(self, address: int, size: int, *, stored: bool = True) -> None:
+        """PAGES (`stored`) or a PAGE_REFERENCE at `address`, `size` bytes."""
         if address < self._pages_floor:
             raise ImageError(f"pages at {address:#x} overlap or precede the pages before them")
         while self._segment < len(self._stored) and self._stored[self._segment][1] <= address:
@@ -482,7 +508,10 @@ class _ImageChecks:
                 " pages (STORED, FILE or PRECOPIED)"
             )
         self._pages_floor = address + size
-        self.pages_stored += size // PAGE_SIZE
+        if stored:
+            self.pages_stored += size // PAGE_SIZE
+        else:
+            self.pages_referenced += size // PAGE_SIZE
 
     def _check_totals(self, end: End, offset: int) -> None:
         actual = {"records": self.records, "image_bytes": offset, "pages_stored": self.pages_stored}
@@ -535,10 +564,12 @@ def _nonzero_runs(view: memoryview) -> Iterator[tuple[int, int]]:
 class ImageWriter:
     """Writes a CRF image to `stream` front to back; see the module docstring."""
 
-    def __init__(self, stream: BinaryIO) -> None:
+    def __init__(self, stream: BinaryIO, *, referable: frozenset[int] | None = None) -> None:
+        """`referable`: the members a PageReference may name (a tree stream's images
+        written before this one); None: any."""
         self._stream = stream
         self.bytes_written = 0
-        self._checks = _ImageChecks(grammar=None)
+        self._checks = _ImageChecks(grammar=None, referable=referable)
         self._pages_zero = 0
         self._failure: str | None = None
         with self._failing_for_good():
@@ -639,6 +670,9 @@ class ImageWriter:
 def read_image(stream: BinaryIO, *, require_eof: bool = True) -> Iterator[Record]:
     """Yield the records of the CRF image on `stream`, checking everything on the way.
 
+    The image may be a tree's member's, read alone: its PageReferences, if any, name
+    members read_image cannot check (read_stream does).
+
     Records come one at a time, as their sections arrive, so a restorer can act
     on each before the next is read. With `require_eof` (the default) the image
     must be the whole stream; pass False when it is embedded in a longer one
@@ -659,7 +693,8 @@ def read_stream(stream: BinaryIO) -> Iterator[Record]:
     A tree stream yields its TREE and END, then the records of each member's
     IMAGE (each ending with its END), which must end the stream.
     """
-    records = _read_records(stream, None, require_eof=False)
+    # A plain image refers to no other: PAGE_REFERENCE only in a tree's images.
+    records = _read_records(stream, None, require_eof=False, referable=frozenset())
     first = next(records)
     yield first
     if not isinstance(first, Tree):
@@ -672,7 +707,11 @@ def read_stream(stream: BinaryIO) -> Iterator[Record]:
     for index, member in enumerate(imaged):
         last = index == len(imaged) - 1
         missing = f"the tree stream ends after {index} of its {len(imaged)} images"
-        for record in _read_records(stream, _IMAGE_GRAMMAR, require_eof=last, missing=missing):
+        before = frozenset(m.pid for m in imaged[:index])
+        images = _read_records(
+            stream, _IMAGE_GRAMMAR, require_eof=last, missing=missing, referable=before
+        )
+        for record in images:
             if isinstance(record, ImageHeader) and record.pid != member.pid:
                 raise ImageError(
                     f"the tree's image {index + 1} is of process {record.pid},"
@@ -687,10 +726,11 @@ def _read_records(
     *,
     require_eof: bool,
     missing: str = "not a CRF image (empty)",
+    referable: frozenset[int] | None = None,
 ) -> Iterator[Record]:
     source = _Source(stream)
     source.read_signature(missing)
-    checks = _ImageChecks(grammar)
+    checks = _ImageChecks(grammar, referable)
     while True:
         offset = source.offset
         head = source.read(_SECTION_HEAD.size)

@@ -244,6 +244,41 @@ class Pages:
         return self.address + len(self.data)
 
 
+MAX_REFERENCED_PAGES = MAX_PAGES_DATA // PAGE_SIZE  # pages one PageReference names at most
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PageReference:
+    """Consecutive pages of one STORED or FILE segment that were, at the dump, the very
+    physical pages of a member listed before this one in its tree stream (private memory
+    still shared copy-on-write since a fork): their bytes are in that member's image, at
+    `source`, and are not stored again (docs/crf.md §7b)."""
+
+    address: U64  # where the pages are in this process
+    pages: U32  # how many: 1 to 2048
+    pid: U32  # the member (its pid in TREE) whose image holds their bytes
+    source: U64  # where they are in that member
+
+    def __post_init__(self) -> None:
+        where = f"PageReference at {self.address:#x}"
+        _require(_page_aligned(self.address), f"{where}: address not page-aligned")
+        _require(_page_aligned(self.source), f"{where}: source {self.source:#x} not page-aligned")
+        _require(
+            0 < self.pages <= MAX_REFERENCED_PAGES,
+            f"{where}: {self.pages} pages is not 1 to {MAX_REFERENCED_PAGES}",
+        )
+        for start in (self.address, self.source):
+            _require(start <= 2**64 - self.size, f"{where}: outside 64-bit space")
+
+    @property
+    def size(self) -> int:
+        return self.pages * PAGE_SIZE
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class UserRegsStruct:
     """struct user_regs_struct of x86_64 (PTRACE_GETREGS), in kernel order."""
@@ -1249,6 +1284,22 @@ class SharedDescription:
     holder_fd: U32  # its descriptor number there
 
 
+class CloneFlags(enum.IntFlag):
+    """What a member shares with its parent, made by clone without CLONE_THREAD."""
+
+    FS = 0x200  # CLONE_FS: one root, cwd and umask
+    FILES = 0x400  # CLONE_FILES: one descriptor table
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SharedContext:
+    """A member sharing kernel contexts with its parent: a change by one is seen by the other
+    (clone with CLONE_FILES or CLONE_FS, not a thread)."""
+
+    pid: U32  # the member
+    flags: Annotated[CloneFlags, UInt(4)]  # what it shares with its parent
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Tree:
     """Opens a tree stream: the members, root first, each parent before its children.
@@ -1259,6 +1310,8 @@ class Tree:
     members: tuple[TreeMember, ...]
     # Open file descriptions shared among members, each descriptor after its first holder's.
     shared: tuple[SharedDescription, ...] = ()
+    # Members sharing a descriptor table or fs context with their parent, each once.
+    contexts: tuple[SharedContext, ...] = ()
 
     def __post_init__(self) -> None:
         _require(bool(self.members), "Tree: no members")
@@ -1290,6 +1343,20 @@ class Tree:
             )
             _require((link.pid, link.fd) not in holders, f"{where}: listed twice")
             holders.add((link.pid, link.fd))
+        sharing: set[int] = set()
+        for context in self.contexts:
+            where = f"Tree: the contexts process {context.pid} shares"
+            at = order.get(context.pid, 0)
+            _require(at > 0, f"{where}: not a member below the root")
+            member = self.members[at]
+            parent = self.members[order[member.ppid]]
+            _require(
+                MemberState.ZOMBIE not in (member.state, parent.state),
+                f"{where}: a zombie shares nothing",
+            )
+            _require(bool(context.flags), f"{where}: none")
+            _require(context.pid not in sharing, f"{where}: listed twice")
+            sharing.add(context.pid)
 
     @property
     def imaged(self) -> tuple[TreeMember, ...]:
@@ -1318,6 +1385,7 @@ Record = (
     | MemoryStructure
     | Segments
     | Pages
+    | PageReference
     | Thread
     | SignalState
     | Files

@@ -29,6 +29,7 @@ from hijack.image.records import (
     ImageHeader,
     ObjectData,
     ObjectRecord,
+    PageReference,
     Pages,
     ProcessSettings,
     Record,
@@ -92,6 +93,7 @@ class PageTotals:
     zero: int  # all-zero pages left out
     untouched: int  # never-populated pages left out
     file: int  # pages of FILE segments, mapped from their files at restore
+    referenced: int = 0  # pages a member before this one in its tree stream stored (COW)
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,7 @@ def summarize(
     threads: list[ThreadSummary] = []
     objects: list[ObjectRecord] = []
     object_data: dict[int, int] = {}
+    referenced = 0
     for record in records:
         if isinstance(record, ImageHeader):
             header = record
@@ -146,6 +149,8 @@ def summarize(
         elif isinstance(record, Pages):
             # read_image has checked that pages lie inside one segment.
             stored_bytes[bisect.bisect_right(starts, record.address) - 1] += len(record.data)
+        elif isinstance(record, PageReference):
+            referenced += record.pages
         elif isinstance(record, Thread):
             threads.append(
                 ThreadSummary(
@@ -227,6 +232,7 @@ def summarize(
             zero=end.pages_zero,
             untouched=end.pages_untouched,
             file=end.pages_file,
+            referenced=referenced,
         ),
         settings=settings,
         timers=timers,
@@ -341,6 +347,7 @@ def summary_to_json(summary: ImageSummary) -> dict[str, JsonValue]:
             "zero": summary.pages.zero,
             "untouched": summary.pages.untouched,
             "file": summary.pages.file,
+            "referenced": summary.pages.referenced,
         },
     }
 
@@ -355,6 +362,11 @@ class TreeSummary:
     @property
     def image_bytes(self) -> int:
         return sum(image.image_bytes for image in self.images.values())
+
+    @property
+    def pages_referenced(self) -> int:
+        """Pages stored once for several members (still shared copy-on-write at the dump)."""
+        return sum(image.pages.referenced for image in self.images.values())
 
 
 def summarize_stream(
@@ -382,5 +394,6 @@ def tree_summary_to_json(summary: TreeSummary) -> dict[str, JsonValue]:
     return {
         "tree": [_value_json(member) for member in summary.tree.members],
         "shared": [_value_json(link) for link in summary.tree.shared],
+        "contexts": [_value_json(context) for context in summary.tree.contexts],
         "images": {str(pid): summary_to_json(image) for pid, image in summary.images.items()},
     }

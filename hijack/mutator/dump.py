@@ -33,6 +33,7 @@ from hijack.image.codec import ImageWriter
 from hijack.image.files import ImageFiles
 from hijack.image.identity import file_identity, is_shared_library
 from hijack.mutator.frozen_tree import FrozenTree, frozen_tree
+from hijack.mutator.shared_pages import SharedPages
 from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, recorded_registers
 from hijack.objects import unix
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
@@ -73,6 +74,10 @@ class DumpResult:
     pages_stored: int
     frozen_ms: float  # how long the process was stopped
     members: int = 1  # processes in the tree dumped (PID and its descendants)
+    pages_referenced: int = 0  # a tree's pages stored once for several members (COW)
+    # What members of a tree killed without the check of their descriptors share that a
+    # restore will make once for each (hijack.restore.shared.copied_refusals' lines).
+    copied: tuple[str, ...] = ()
 
 
 class Precopied(Protocol):
@@ -154,13 +159,16 @@ def dump(
         locks = [held.enter_context(NetworkLocks(m, image, locked)) for m in members_locked]
         reached("dump-seized")
         members = len(frozen.record.members)
+        copied: tuple[str, ...] = ()
         if kill and members > 1:
             refuse_unrestorable_tree(frozen, check_descriptors)
+            if not check_descriptors:
+                copied = tuple(copied_refusals(frozen.record))
         tracee = frozen.tracees[pid]
 
         tree_sockets = sockets_of(frozen.tracees) if members > 1 else frozenset()
 
-        def write_member(member: Tracee) -> tuple[rec.End, int, int]:
+        def write_member(member: Tracee, shared: SharedPages | None) -> tuple[rec.End, int, int]:
             check = functools.partial(
                 refuse_unrestorable, member.pid, check_descriptors, tree_sockets=tree_sockets
             )
@@ -173,13 +181,15 @@ def dump(
                 ghost_limit=ghost_limit,
                 connections=check_descriptors,
                 tree=frozenset(frozen.tracees),
+                shared_pages=shared,
             )
 
+        shared_pages = SharedPages()
         if members == 1:
-            end, threads, written = write_member(tracee)
+            end, threads, written = write_member(tracee, None)
             pages = end.pages_stored
         else:
-            threads, written, pages = write_tree(frozen, out, write_member)
+            threads, written, pages = write_tree(frozen, out, write_member, shared_pages)
         reached("dump-written")
         if on_complete is not None:
             on_complete()
@@ -194,20 +204,29 @@ def dump(
             for lock in locks:
                 lock.keep()
     frozen_ms = (time.perf_counter() - stopped_at) * 1000
-    return DumpResult(pid, threads, written, pages, frozen_ms, members)
+    return DumpResult(
+        pid, threads, written, pages, frozen_ms, members, shared_pages.referenced, copied
+    )
 
 
 def write_tree(
-    frozen: FrozenTree, out: BinaryIO, image: Callable[[Tracee], tuple[rec.End, int, int]]
+    frozen: FrozenTree,
+    out: BinaryIO,
+    image: Callable[[Tracee, SharedPages], tuple[rec.End, int, int]],
+    shared: SharedPages | None = None,
 ) -> tuple[int, int, int]:
     """Write the tree stream of a frozen tree (docs/crf.md §7b): its TREE, then
-    `image(tracee)` of each member that is not a zombie; return threads, bytes and pages."""
+    `image(tracee, shared)` of each member that is not a zombie, its private pages still
+    shared copy-on-write with a member before it referred to, not stored again (`shared`
+    tells how many); return threads, bytes and pages."""
+    shared = SharedPages() if shared is None else shared
     writer = ImageWriter(out)
     writer.write(frozen.record)
     writer.close()
     threads, written, pages = 0, writer.bytes_written, 0
     for member in frozen.record.imaged:
-        end, member_threads, member_written = image(frozen.tracees[member.pid])
+        end, member_threads, member_written = image(frozen.tracees[member.pid], shared)
+        shared.written.append(member.pid)
         threads, written = threads + member_threads, written + member_written
         pages += end.pages_stored
     return threads, written, pages
@@ -227,6 +246,7 @@ def write_image(
     holders_before: procfs.HolderScan | None = None,
     sockets: dict[int, procfs.SocketInfo] | None = None,
     tree: frozenset[int] = frozenset(),
+    shared_pages: SharedPages | None = None,
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
 
@@ -239,6 +259,8 @@ def write_image(
     `holders_before`: who held its pipes before it was stopped (hijack.objects.pipe);
     `sockets`: its network namespace's socket tables, read since it was stopped.
     `tree`: the members of the tree dumped with it (the pipes joining them are inside).
+    `shared_pages`: the frames the tree's images before this one stored (a tree stream's
+    member): its private pages among them are referred to, not stored again.
     """
     laps = laps or Laps()
     pid = tracee.pid
@@ -290,7 +312,12 @@ def write_image(
         settings=process_settings,
         timers=process_timers,
     )
-    return write_parts(out, parts, lambda writer: write_memory(pid, segments, writer, precopied))
+    return write_parts(
+        out,
+        parts,
+        lambda writer: write_memory(pid, segments, writer, precopied, shared_pages),
+        referable=shared_pages.referable if shared_pages is not None else frozenset(),
+    )
 
 
 def dump_options(*, no_binary: bool, no_shared_libs: bool) -> rec.DumpOptions:
@@ -320,10 +347,15 @@ class ImageParts:
 
 
 def write_parts(
-    out: BinaryIO, parts: ImageParts, write_pages: Callable[[ImageWriter], PageCounts]
+    out: BinaryIO,
+    parts: ImageParts,
+    write_pages: Callable[[ImageWriter], PageCounts],
+    *,
+    referable: frozenset[int] = frozenset(),
 ) -> tuple[rec.End, int, int]:
-    """Write an image of `parts`, its pages by `write_pages`; return its END, threads and size."""
-    writer = ImageWriter(out)
+    """Write an image of `parts`, its pages by `write_pages`; return its END, threads and size.
+    `referable`: the members of its tree stream its pages may refer to (written before)."""
+    writer = ImageWriter(out, referable=referable)
     writer.write(parts.header)
     writer.write(parts.credentials)
     writer.write(parts.rlimits)
@@ -700,12 +732,15 @@ def write_memory(
     segments: list[rec.Segment],
     writer: ImageWriter,
     precopied: Precopied | None = None,
+    shared_pages: SharedPages | None = None,
 ) -> PageCounts:
     counts = PageCounts()
     buffer = bytearray(READ_CHUNK)  # reused: reading into fresh buffers is several times slower
     with memory.MemoryFile(pid) as mem:
         for segment in segments:
-            write_segment_pages(pid, mem, segment, writer, counts, buffer, precopied)
+            write_segment_pages(
+                pid, mem, segment, writer, counts, buffer, precopied, shared_pages=shared_pages
+            )
     return counts
 
 
@@ -719,9 +754,12 @@ def write_segment_pages(
     precopied: Precopied | None = None,
     runs: list[tuple[int, int]] | None = None,
     through_mem: bool = False,
+    shared_pages: SharedPages | None = None,
 ) -> None:
     """Store the pages of one segment of `pid`, read through `buffer` (READ_CHUNK bytes):
-    its `runs`, by default runs_to_store()'s; all through /proc/PID/mem if `through_mem`."""
+    its `runs`, by default runs_to_store()'s; all through /proc/PID/mem if `through_mem`.
+    With `shared_pages` (a tree's member), its private pages another member stored
+    already are referred to (hijack.mutator.shared_pages)."""
     # A file-backed segment is restored from its file, where a page left out
     # is the file's, not zero: its zero pages are stored too.
     keep_zero = keeps_zero_pages(segment)
@@ -734,11 +772,32 @@ def write_segment_pages(
         for chunk_start in range(start, end, READ_CHUNK):
             length = min(READ_CHUNK, end - chunk_start)
             view = memoryview(buffer)[:length]
-            if through_mem:
+            frames = None
+            if (
+                shared_pages is not None
+                and not segment.shared
+                and not through_mem
+                and segment.contents is not rec.ContentsKind.PRECOPIED  # over the rounds'
+            ):
+                frames = procfs.read_pagemap(pid, chunk_start, chunk_start + length)
+            if through_mem or frames is not None:
+                # process_vm_readv pins what it reads, and the kernel unshares an anonymous
+                # page shared copy-on-write that is pinned: each member would get a copy
+                # of every page (a tree running on after its dump would double its memory,
+                # and pagemap tell the copies' frames). /proc/PID/mem does not pin.
                 mem.read_into(chunk_start, view)
             else:
                 _read_memory(pid, mem, segment, chunk_start, view)
-            writer.write_pages(chunk_start, view, keep_zero_pages=keep_zero)
+            if shared_pages is not None and frames is not None:
+                file = None
+                if _is_file_backed(segment):
+                    offset = segment.offset + chunk_start - segment.start
+                    file = (segment.dev_major, segment.dev_minor, segment.inode, offset)
+                shared_pages.write(
+                    writer, pid, chunk_start, view, frames, keep_zero_pages=keep_zero, file=file
+                )
+            else:
+                writer.write_pages(chunk_start, view, keep_zero_pages=keep_zero)
 
 
 def keeps_zero_pages(segment: rec.Segment) -> bool:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from hijack.errors import NotAttachable, ProcessGone
 from hijack.image import records as rec
 from hijack.mutator.tracee import Tracee
-from hijack.process.tree import Member, ProcessTree, read_tree, untakeable
+from hijack.process.tree import Member, ProcessTree, read_tree, shared_contexts, untakeable
 from hijack.sys import kcmp, procfs
 
 MAX_READINGS = 50  # a tree that still changes after this many is forking faster than we stop it
@@ -79,6 +79,10 @@ def frozen_tree(root: int) -> Iterator[FrozenTree]:
             record=rec.Tree(
                 members=tuple(_recorded(m, first_state[m.pid]) for m in members),
                 shared=_shared_descriptions(again),
+                contexts=tuple(
+                    rec.SharedContext(pid=pid, flags=rec.CloneFlags(flags))
+                    for pid, flags in shared_contexts(again).items()
+                ),
             ),
         )
 

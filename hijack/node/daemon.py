@@ -39,7 +39,7 @@ from typing import Any, BinaryIO, NamedTuple, cast
 from hijack.errors import HijackError
 from hijack.image import records as rec
 from hijack.mutator.postcopy import decode_runs, page_timeout
-from hijack.node import gate, mounts, pki, policy
+from hijack.node import gate, mounts, pki, policy, swap_end
 from hijack.node import terminal as terminal_pump
 from hijack.node.channel import Channel, ChannelError, DataReader
 from hijack.node.forwarder import ForwarderProcess, closed_listener
@@ -142,6 +142,8 @@ class NodeDaemon:
                 channel.send(self._outcome_of(str(request.get("move"))))
             elif op == "precopy":
                 self._receive_precopy(channel, request, where)
+            elif op == "swap_end":
+                swap_end.relay_to_helper(channel, request)
             else:
                 log(f"refused a request from {channel.peer} ({where}): unknown op {op!r:.40}")
                 channel.send({"error": f"unknown op {op!r:.40}"})

@@ -165,18 +165,60 @@ def _comm_or_gone(pid: int) -> str:
         return "gone"
 
 
+# The contexts a restore shares again, by the kcmp kind telling them: the member is cloned
+# from its parent with the flag.
+CLONE_FS, CLONE_FILES = 0x200, 0x400
+RESTORED_CONTEXTS = {kcmp.KCMP_FILES: CLONE_FILES, kcmp.KCMP_FS: CLONE_FS}
+
+
+def shared_contexts(tree: ProcessTree) -> dict[int, int]:
+    """The CLONE_FILES and CLONE_FS each living member of the stopped `tree` shares with its
+    parent (a living member too), by pid; those sharing none are left out."""
+    living = {member.pid for member in tree.members if not member.zombie}
+    found = {}
+    for member in tree.members[1:]:
+        if member.pid not in living or member.ppid not in living:
+            continue
+        flags = 0
+        for kind, flag in RESTORED_CONTEXTS.items():
+            if kcmp.shares_context(member.ppid, member.pid, kind):
+                flags |= flag
+        if flags:
+            found[member.pid] = flags
+    return found
+
+
 def shared_context_refusals(tree: ProcessTree) -> list[str]:
     """The members sharing a kernel context with another (clone with CLONE_VM, CLONE_FILES,
-    CLONE_FS or CLONE_SIGHAND but not a thread), which a restore would make separate
-    copies of: one reason per pair and context, for the stopped `tree`."""
+    CLONE_FS or CLONE_SIGHAND but not a thread) that a restore would make separate copies
+    of: one reason per pair and context, for the stopped `tree`. A descriptor table or fs
+    context shared along parent links (shared_contexts) is restored shared."""
     living = [member for member in tree.members if not member.zombie]
+    with_parent = shared_contexts(tree)
+    ppid = {member.pid: member.ppid for member in tree.members}
+
+    def first_holder(pid: int, flag: int) -> int:
+        """The member whose context of `flag` `pid` has, along parent links."""
+        while with_parent.get(pid, 0) & flag:
+            pid = ppid[pid]
+        return pid
+
     reasons = []
     for index, member in enumerate(living):
         for other in living[:index]:
             for kind, what in kcmp.SHARED_CONTEXTS.items():
-                if kcmp.shares_context(other.pid, member.pid, kind):
+                if not kcmp.shares_context(other.pid, member.pid, kind):
+                    continue
+                flag = RESTORED_CONTEXTS.get(kind)
+                if flag is None:
                     reasons.append(
                         f"process {member.pid} ({member.comm}) shares {what} with process"
                         f" {other.pid}: restoring that is not implemented yet"
+                    )
+                elif first_holder(member.pid, flag) != first_holder(other.pid, flag):
+                    reasons.append(
+                        f"process {member.pid} ({member.comm}) shares {what} with process"
+                        f" {other.pid}, not as a child with its parent: restoring that is not"
+                        " implemented yet"
                     )
     return reasons

@@ -24,7 +24,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Mapping
 
-from hijack.errors import RestoreError
+from hijack.errors import HijackError, RestoreError
 from hijack.image import records as rec
 from hijack.restore.remote import SCRATCH_SIZE, Stub
 from hijack.sys import memory, procfs, sysv
@@ -374,6 +374,20 @@ class AddressSpace:
             memory.write(self.stub.pid, pages.address, pages.data)
             return
         self._mem.write(pages.address, pages.data)
+
+    def copy_pages(self, reference: rec.PageReference, source_pid: int) -> None:
+        """Write the pages `reference` names, read from the stub `source_pid` of the member
+        whose image stored them (rebuilt before this one, not started: as it was dumped)."""
+        data = bytearray(reference.size)
+        try:
+            with memory.MemoryFile(source_pid) as source:
+                source.read_into(reference.source, memoryview(data))
+        except HijackError as error:
+            raise RestoreError(
+                f"cannot copy the pages at {reference.address:#x} from process"
+                f" {reference.pid} ({reference.source:#x}): {error}"
+            ) from None
+        self.write_pages(rec.Pages(address=reference.address, data=bytes(data)))
 
     def _segment_at(self, address: int) -> rec.Segment:
         index = bisect.bisect_right(self._starts, address) - 1

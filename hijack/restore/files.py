@@ -42,6 +42,8 @@ def restore_files(
     inherited: dict[int, int],
     then: Callable[[RestoreContext], None] | None = None,
     shared: TreeShared | None = None,
+    *,
+    made_already: bool = False,
 ) -> None:
     """Give the stub the image's descriptors.
 
@@ -51,7 +53,18 @@ def restore_files(
     `then(context)` runs last, while the objects the descriptors' kinds made
     are still kept (the process's mappings of them, its deleted cwd). `shared`: the
     process is a member of a tree, whose other members' objects it may share.
+    `made_already`: the stub shares its parent's descriptor table (CLONE_FILES), rebuilt
+    before it: only `then` is left to do.
     """
+    if made_already:
+        restored = frozenset(d.fd for d in (*plan.inherited, *plan.reopen))
+        parking = max((e.fd for e in procfs.list_fds(stub.pid)), default=2) + 1
+        with RestoreContext(stub, image, parking, restored, shared) as context:
+            if shared is not None:
+                shared.given(set(restored))
+            if then is not None:
+                then(context)
+        return
     numbers = [d.fd for d in (*plan.inherited, *plan.reopen)] + list(inherited.values())
     parking = max(numbers, default=2) + 1
     parked = {

@@ -268,6 +268,7 @@ def rebuild_member(
     skip_unsupported: bool = False,
     registry: Registry | None = None,
     own_parent: bool = False,
+    parents_table: bool = False,
 ) -> Rebuilt:
     """Rebuild the process of the image `records` (up to its END) into `stub`, a member of
     a tree whose relations (parent, session, group) are made already; leave it stopped.
@@ -276,7 +277,8 @@ def rebuild_member(
     members share come from `shared`. `own_parent`: its parent is its own (a member
     below the root), whose death its parent-death signal, if any, is for. A shadow's
     descriptors (an attached tree dumped with --kill) are lent to the stub: it was
-    forked from its parent's stub, not ours.
+    forked from its parent's stub, not ours. `parents_table`: the stub shares its parent's
+    descriptor table (CLONE_FILES), rebuilt already: its descriptors are there.
     """
     image = read_head(records)
     for segment in image.segments.segments:
@@ -287,7 +289,7 @@ def rebuild_member(
     holdings = shadow_holdings(registry, image.header.pid) if registry else None
     shared.begin(image.header.pid, stub.pid, image.files)
     kept = frozenset(holdings.own_fd) if holdings else frozenset()
-    pairs = unix.pair_ends(image.files, shared, skip=kept)  # the tree's: not ours to close
+    pairs = {} if parents_table else unix.pair_ends(image.files, shared, skip=kept)
     plan = plan_files(
         image.segments.segments,
         image.files,
@@ -297,7 +299,8 @@ def rebuild_member(
     )
     ipc = sysv.prepare(image.files, image.segments.segments)
     try:
-        taken = _take_from_shadow(holdings, plan) if holdings else {}
+        # A table shared with the parent has the shadow's descriptors from the parent's.
+        taken = _take_from_shadow(holdings, plan) if holdings and not parents_table else {}
         try:
             inherited = _lend(stub, {**taken, **pairs})
         finally:
@@ -307,8 +310,19 @@ def rebuild_member(
         try:
             space.build(later=frozenset(image.mapped()))
             ipc.after_attach()
-            _consume_rest(records, image, space)
-            _finish(stub, space, image, plan, inherited, frozenset(), True, shared, own_parent)
+            _consume_rest(records, image, space, shared.stub_of)
+            _finish(
+                stub,
+                space,
+                image,
+                plan,
+                inherited,
+                frozenset(),
+                not parents_table,  # the table's locks are taken (POSIX locks are its own)
+                shared,
+                own_parent,
+                parents_table,
+            )
         finally:
             space.close()
     except BaseException:
@@ -511,10 +525,24 @@ def _expect_files(records: Iterator[rec.Record]) -> ImageFiles:
     return ImageFiles(files, tuple(s for s in sections if isinstance(s, rec.ObjectRecord)))
 
 
-def _consume_rest(records: Iterator[rec.Record], image: _Image, space: AddressSpace) -> None:
+def _consume_rest(
+    records: Iterator[rec.Record],
+    image: _Image,
+    space: AddressSpace,
+    stub_of: Callable[[int], int] | None = None,
+) -> None:
+    """The image's records after its objects. `stub_of(pid)`: the stub of a tree's member
+    rebuilt before, whose pages a PAGE_REFERENCE copies (only a tree stream has those)."""
     for record in records:
         if isinstance(record, rec.Pages):
             space.write_pages(record)
+        elif isinstance(record, rec.PageReference):
+            if stub_of is None:
+                raise ImageError(
+                    f"pages at {record.address:#x} refer to process {record.pid}: only the"
+                    " restore of the whole tree stream restores them"
+                )
+            space.copy_pages(record, stub_of(record.pid))
         elif isinstance(record, rec.Thread):
             image.threads.append(record)
         elif isinstance(record, rec.SignalState):
@@ -552,12 +580,19 @@ def _finish(
     take_locks: bool,
     shared: TreeShared | None = None,
     own_parent: bool = False,
+    parents_table: bool = False,
 ) -> None:
     assert image.signals is not None and image.cwd is not None
     assert image.settings is not None and image.timers is not None
     leader = _leader_record(image)
     restore_files(
-        stub, plan, image.files, inherited, functools.partial(_objects, space, image), shared
+        stub,
+        plan,
+        image.files,
+        inherited,
+        functools.partial(_objects, space, image),
+        shared,
+        made_already=parents_table,
     )
     restored = {descriptor.fd for descriptor in (*plan.inherited, *plan.reopen)}
     controlling = set_up_terminals(stub, image.files, provided)

@@ -21,7 +21,9 @@ gives the very same object to the others:
 - a pty pair members hold whole (the same `index` in their PTY_PAIR records):
   made once, each member's slave descriptors opened from its one master;
 - an unnamed unix socket pair joining members (an end's peer is the other
-  member's socket): made once, each end's queue filled from the other.
+  member's socket): made once, each end's queue filled from the other;
+- private pages still shared copy-on-write at the dump (PAGE_REFERENCE): copied
+  from the stub of the member whose image stored them (stub_of), rebuilt before.
 
 What a restore would make once per member instead, though members share it, is
 refused by `hijack dump --kill` by name before the kill (`copied_refusals`): a
@@ -36,6 +38,7 @@ from __future__ import annotations
 import os
 from collections.abc import Hashable
 
+from hijack.errors import RestoreError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.sys import filedata, mqueue, pidfd, procfs
@@ -70,6 +73,16 @@ class TreeShared:
                 self._keys[found.id] = ("file", found.dev, found.ino)
             elif isinstance(found, rec.PtyPair):
                 self._keys[found.id] = ("pty", found.index)
+
+    def stub_of(self, member: int) -> int:
+        """The stub of `member`, rebuilt before the current one (its pages referred to)."""
+        found = self._stub_of.get(member)
+        if found is None or member == self.member:
+            raise RestoreError(
+                f"process {self.member} refers to pages of process {member},"
+                " not a member rebuilt before it"
+            )
+        return found
 
     def given(self, fds: set[int]) -> None:
         """The current member's descriptors `fds` exist in its stub now."""

@@ -15,8 +15,12 @@ As CRIU does, the tree is forked first and each member rebuilt after:
    takes its name and exits with its wait status, untraced, so that its parent
    (its stub, later the restored process) reaps it; the exit signal it sent
    the stub is taken back, the original parent had it long ago.
+   A member sharing its parent's descriptor table or fs context (CLONE_FILES,
+   CLONE_FS; TREE's `contexts`) is cloned with those flags: the stubs share
+   them from birth.
 3. Each member's image is rebuilt into its stub as a single process's is
-   (restorer.rebuild_member), what members share made once (hijack.restore.shared).
+   (restorer.rebuild_member), what members share made once (hijack.restore.shared);
+   a member sharing its parent's descriptor table finds its descriptors made.
 4. Every member starts, children first; a member that was stopped is stopped
    again, and its parent's stub (not started yet) takes back the wait report
    and the SIGCHLD that stop gave it.
@@ -183,6 +187,7 @@ def restore_tree(
         _fork_tree(tree, made, new_pids)
         reached("restore-tree-forked")
         rebuilt: list[Rebuilt] = []
+        contexts = {context.pid: context.flags for context in tree.contexts}
         for member in tree.imaged:
             rebuilt.append(
                 rebuild_member(
@@ -192,6 +197,8 @@ def restore_tree(
                     skip_unsupported=skip_unsupported,
                     registry=registry,
                     own_parent=member is not tree.members[0],
+                    parents_table=rec.CloneFlags.FILES
+                    in contexts.get(member.pid, rec.CloneFlags(0)),
                 )
             )
         for _ in records:
@@ -266,9 +273,10 @@ def _fork_tree(tree: rec.Tree, made: _Made, new_pids: bool) -> None:
     zombie_parents = {m.ppid for m in tree.members if m.state is rec.MemberState.ZOMBIE}
     if root.pid in zombie_parents:
         _default_action(stub, signal.SIGCHLD)
+    contexts = {context.pid: int(context.flags) for context in tree.contexts}
     for member in tree.members[1:]:
         parent = made.stubs[member.ppid]
-        child = _fork_member(parent, member, new_pids)
+        child = _fork_member(parent, member, new_pids, contexts.get(member.pid, 0))
         made.stubs[member.pid] = child
         made.pids[member.pid] = child.pid
         _scratch_on_stack(child)
@@ -333,15 +341,16 @@ def _scratch_on_stack(stub: Stub) -> None:
     stub.use_scratch((rsp - STACK_SCRATCH_BELOW) & ~0xFFF)
 
 
-def _fork_member(parent: Stub, member: rec.TreeMember, new_pids: bool) -> Stub:
+def _fork_member(parent: Stub, member: rec.TreeMember, new_pids: bool, flags: int = 0) -> Stub:
     """Fork `member` from its parent's stub, with its pid; with `new_pids`, a new one
-    where its own is taken."""
+    where its own is taken. `flags`: the CLONE_FILES and CLONE_FS it shares with its parent
+    (the stubs share that table or context from birth; the parent's rebuild fills it)."""
     parent.reset_scratch()
     set_tid = parent.put(struct.pack("<i", member.pid))
-    args = CLONE_ARGS.pack(0, 0, 0, 0, member.exit_signal, 0, 0, 0, set_tid, 1, 0)
+    args = CLONE_ARGS.pack(flags, 0, 0, 0, member.exit_signal, 0, 0, 0, set_tid, 1, 0)
     pid = parent.try_call("clone3", parent.put(args), CLONE_ARGS.size)
     if pid == -EEXIST and new_pids:
-        args = CLONE_ARGS.pack(0, 0, 0, 0, member.exit_signal, 0, 0, 0, 0, 0, 0)
+        args = CLONE_ARGS.pack(flags, 0, 0, 0, member.exit_signal, 0, 0, 0, 0, 0, 0)
         pid = parent.try_call("clone3", parent.put(args), CLONE_ARGS.size)
     if pid == -EEXIST:
         raise RestoreError(f"pid {member.pid} ({member.comm}) was taken meanwhile: try again")

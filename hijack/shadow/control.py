@@ -92,6 +92,30 @@ def request(path: str, message: Message, timeout: float = 3.0, fds: Sequence[int
     return reply
 
 
+def hold(path: str, message: Message, timeout: float = 3.0) -> tuple[socket.socket, Message]:
+    """request(), on a connection kept open after the answer: the shadow watches it, and
+    undoes what the request began when it closes without the step that ends it (a socket
+    swap's `write`: its coordinator died). The caller closes it when done."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        with unix_address(path) as address:
+            sock.connect(address)
+        sock.sendall(encode(message))
+        answer = _read_line(sock)
+    except TimeoutError:
+        sock.close()
+        raise ShadowError(f"no answer from {path} within {timeout:g} s") from None
+    except OSError as exc:
+        sock.close()
+        raise ShadowError(f"cannot reach control socket {path}: {exc.strerror or exc}") from None
+    reply = decode(answer)
+    if not reply.get("ok"):
+        sock.close()
+        raise ShadowError(f"{message.get('op')} refused: {reply.get('error', 'no reason given')}")
+    return sock, reply
+
+
 def peer_uid(sock: socket.socket) -> int:
     """The uid of the process at the other end of a unix socket (SO_PEERCRED)."""
     credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))

@@ -29,6 +29,7 @@ Its own diagnostics go to a log file: descriptors 0-2 may be the target's.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import enum
 import os
@@ -45,6 +46,8 @@ from hijack.registry import node_name
 from hijack.shadow import control, relay_link
 from hijack.shadow.relay import ACK_WAIT, RelayHub, decode_unread, decode_unread_datagrams
 from hijack.sys import pidfd, procfs
+
+SWAP_PIECE = 512 * 1024  # owed bytes in one answer to a swap's `collect` (base64: 683 KiB)
 
 FOLLOW_INTERVAL = 1.0  # seconds between checks that the target still holds our descriptors
 WINDOW_INTERVAL = 0.2  # seconds between looks at the size of a relayed home terminal
@@ -79,6 +82,7 @@ class Shadow:
         self.token = b""
         self.node = node_name()  # where we are (the attach gave us its HIJACK_NODE)
         self.migrant_here = 0  # the pid of the process, away from home but on this node
+        self.migrant_pid = 0  # its pid where it runs, away from home (a socket swap asks)
         self.end_reason = ""  # why we ended: left beside the control socket for `status`
         # Our descriptors given to the hub to relay (each closed by it when its stream
         # ends): what `held` may still name once the process is home again.
@@ -123,6 +127,7 @@ class Shadow:
         self.close()
 
     def close(self) -> None:
+        self.hub.close_pump()
         self.hub.release_terminals()
         self.selector.close()
         self.listener.close()
@@ -153,6 +158,28 @@ class Shadow:
                 answer = self.answer(message, fds)
             with contextlib.suppress(OSError):  # the asker left: nothing to tell
                 connection.sendall(control.encode(answer))
+                if (
+                    answer.get("ok")
+                    and message.get("op") == "swap"
+                    and message.get("step") == "write"
+                ):
+                    self._watch_swap(connection.dup(), str(message["swap"]), str(message["stream"]))
+
+    def _watch_swap(self, lease: socket.socket, swap: str, stream: str) -> None:
+        """The coordinator of swap `swap` keeps this connection open while it works: when
+        it closes (or speaks) the swap is over; if the stream was neither retired nor given
+        back by then (the coordinator died), it is relayed on as before."""
+
+        def over(_: Any, __: int) -> None:
+            self.selector.unregister(lease)
+            lease.close()
+            taken = self.hub.streams.get(stream)
+            if taken is not None and taken.swapping == swap:
+                log(f"swap {swap}: its coordinator is gone; {stream} is relayed on")
+                self.hub.swap_resume(stream, swap)
+
+        lease.setblocking(False)
+        self.selector.register(lease, selectors.EVENT_READ, over)
 
     def answer(self, message: control.Message, fds: list[int]) -> control.Message:
         """handle(), with a failure as the answer that says why."""
@@ -202,6 +229,8 @@ class Shadow:
                 return self.home_again(message, handed)
             log(f"the process runs on {self.hub.location} now (move {message['move']})")
             return {"ok": True, **self.describe()}
+        if op == "swap":
+            return self.swap(message)
         if op == "aborted":
             self.hub.aborted(str(message["move"]))
             if not self.hub.location:  # a first move that failed: it is at home again
@@ -345,6 +374,32 @@ class Shadow:
         log(f"move {move}: {len(originals)} originals go back to the process at home")
         return {"ok": True, "shadow_pid": os.getpid(), "originals": originals}
 
+    def swap(self, message: control.Message) -> control.Message:
+        """One step of socket swap `swap` of stream `stream` (docs/protocol.md, "Socket
+        swap"): `write`, `state`, `collect` (answers `owed`: base64), `resume`, `retire`."""
+        swap, stream = str(message["swap"]), str(message["stream"])
+        step = message.get("step")
+        if step == "write":
+            self.hub.swap_write(stream, swap)
+            return {"ok": True}
+        if step == "state":
+            return {"ok": True, **self.hub.swap_state(stream, swap)}
+        if step == "collect":  # a piece at a time: an answer is at most 1 MiB
+            offset = int(message.get("offset", 0))
+            owed = self.hub.swap_collect(stream, swap, read=offset == 0)
+            piece = owed[offset : offset + SWAP_PIECE]
+            return {"ok": True, "owed": base64.b64encode(piece).decode(), "total": len(owed)}
+        if step == "resume":
+            self.hub.swap_resume(stream, swap)
+            return {"ok": True}
+        if step == "retire":
+            original = self.hub.swap_retire(stream, swap)
+            self.held = {number: own for number, own in self.held.items() if own != original}
+            self.relayed.discard(original)
+            log(f"swap {swap}: {stream} is direct now; its relay retired")
+            return {"ok": True}
+        return {"ok": False, "error": f"unknown swap step {step!r:.40}"}
+
     def originals(self, move: str) -> control.Message:
         """Our descriptors of the originals `move` hands back (the home daemon copies them)."""
         originals = {s.id: s.original for s in self.hub.streams.values() if s.handed == move}
@@ -376,6 +431,7 @@ class Shadow:
         self.relayed = set()
         self.migrant_here = 0
         self.hub.location, self.hub.pumping, self.hub.listeners = "", False, {}
+        self.hub.close_pump()  # nothing relayed: no socket of ours but what the process holds
         log(f"the process is home again with its own descriptors (move {message['move']})")
         return self.come_home(int(message.get("pid", 0)))
 
@@ -436,6 +492,7 @@ class Shadow:
             "mode": self.mode.value,
             "started_at": self.started_at,
             "location": self.hub.location,
+            "location_pid": self.migrant_pid,
             "endpoint_port": self.endpoint.getsockname()[1] if self.endpoint else 0,
             "fds": fds,
             "members": [
@@ -466,6 +523,7 @@ class Shadow:
         end, whether or not a node daemon here tells us. Elsewhere its node's daemon does."""
         self._unwatch_target()
         self.migrant_here = 0
+        self.migrant_pid = pid
         if location != self.node or not pid:
             return
         with contextlib.suppress(HijackError):  # ended already: its daemon releases us

@@ -52,6 +52,7 @@ from hijack.errors import HijackError
 from hijack.node import forwarder
 from hijack.node.terminal import DATA, WINDOW, FrameReader
 from hijack.node.terminal import frame as terminal_frame
+from hijack.shadow import pump as native
 from hijack.shadow.datagram import DatagramStream
 from hijack.shadow.relay_link import TlsLink
 from hijack.sys import terminal as terminal_sys
@@ -225,6 +226,13 @@ class Stream:
     # The move that is handing the original back to the process at home (RelayHub.hand_back):
     # no longer pumped; "" for a stream relayed as usual.
     handed: str = ""
+    # The socket swap that is taking this stream off its relay (RelayHub.swap_write): what
+    # the process wrote still goes to the original, what the original sends is kept here
+    # (to_relay) for the direct connection; "" for a stream relayed as usual.
+    swapping: str = ""
+    # Its number at the native pump while the pump splices it (hijack.shadow.pump), else 0.
+    native: int = 0
+    native_over: bool = False  # given back by the pump at an end or failure: never again
 
     @property
     def out_held(self) -> int:
@@ -260,13 +268,15 @@ class Stream:
 
         An accepted client's bytes are kept for a replay up to REPLAY_LIMIT;
         past it they are not kept anyway, and splice. Bytes already in the
-        pipe keep the next ones there too: the head goes out first.
+        pipe keep the next ones there too: the head goes out first. An
+        encrypted relay's bytes go through TLS (in our memory) anyway: read
+        straight into the head, not spliced and read back out of the pipe.
         """
         if self.replay is not None and len(self.replay) >= REPLAY_LIMIT:
             # Past it the bytes splice unseen: a replay would have a hole.
             self.replay, self.replay_lost = None, True
-        recording = self.replay is not None
-        if not self.splicing() or (recording and not (self.out_pipe and self.out_pipe.held)):
+        seen = self.replay is not None or (self.relay is not None and self.relay.link is not None)
+        if not self.splicing() or (seen and not (self.out_pipe and self.out_pipe.held)):
             return None
         if self.out_pipe is None:
             self.out_pipe = SplicePipe()
@@ -304,6 +314,10 @@ class RelayHub:
         self.flushing = False  # a move home: what we hold for the process still goes to it
         self._accepted = 0
         self._callbacks: dict[tuple[str, str], Any] = {}
+        self.pump: native.NativePump | None = None  # started at the first stream it can take
+        self.pump_failed = not native.available()
+        self._native: dict[int, Stream] = {}  # the pump's number -> stream
+        self._native_count = 0
 
     # -- setting up -------------------------------------------------------------
 
@@ -397,6 +411,7 @@ class RelayHub:
         """
         self.pumping = False
         self.flushing = flush
+        self._reclaim()  # what the native pump carried: Python stops and counts it from here
         self._refresh_interest()
         for datagram in self.datagrams.values():
             datagram.migrating()
@@ -543,6 +558,7 @@ class RelayHub:
 
         The originals are the shadow's held descriptors, kept; a terminal's is our own.
         """
+        self._reclaim()
         for stream in self.streams.values():
             if self._is_terminal(stream) and stream.original >= 0:
                 os.close(stream.original)
@@ -648,13 +664,170 @@ class RelayHub:
         if changed:
             self._refresh_interest()
 
+    # -- the native pump (hijack.shadow.pump) ----------------------------------------
+
+    def _nativizable(self, stream: Stream) -> bool:
+        """Whether `stream` is in the steady state the pump carries: a socket and a plain
+        relay, both open, nothing in front of the pipes, pumping, no move under way."""
+        relay = stream.relay
+        return (
+            self.pumping
+            and not self.flushing
+            and not self.pump_failed
+            and stream.kind == "stream"
+            and not (stream.closed or stream.handed or stream.native or stream.native_over)
+            and stream.original >= 0
+            and relay is not None
+            and relay.link is None
+            and relay.frames is None
+            and not relay.eof
+            and not stream.retiring
+            and not stream.swapping
+            and stream.replay is None
+            and not (stream.to_relay or stream.to_original)
+            and not (stream.original_eof or stream.shut_relay or stream.shut_original)
+            and not (stream.master or self._is_terminal(stream))
+            and stat.S_ISSOCK(os.fstat(stream.original).st_mode)
+        )
+
+    def _offer_native(self, stream: Stream) -> bool:
+        """Hand `stream` to the pump if it can take it: whether it did."""
+        if not self._nativizable(stream):
+            return False
+        out_pipe, in_pipe = stream.outward_pipe(), stream.inward_pipe()
+        relay = stream.relay
+        if out_pipe is None or in_pipe is None or relay is None:
+            return False
+        try:
+            if self.pump is None:
+                self.pump = native.NativePump(self.log)
+                self.selector.register(self.pump, selectors.EVENT_READ, self._on_pump)
+            self._native_count += 1
+            number = self._native_count
+            fds = [stream.original, relay.sock.fileno(), out_pipe.read_end, out_pipe.write_end]
+            self.pump.add(
+                number, [*fds, in_pipe.read_end, in_pipe.write_end], out_pipe.held, in_pipe.held
+            )
+        except (OSError, HijackError) as exc:
+            self._pump_lost(f"cannot use the native relay pump: {exc}")
+            return False
+        self._forget(stream.original)
+        self._forget(relay.sock)
+        stream.native = number
+        self._native[number] = stream
+        return True
+
+    def _on_pump(self, _: Any, __: int) -> None:
+        """The pump gave streams back by itself: a side ended or failed."""
+        assert self.pump is not None
+        try:
+            reports = self.pump.reports()
+        except HijackError as exc:
+            self._pump_lost(str(exc))
+            return
+        self._deliver(reports)
+        self._refresh_interest()
+
+    def _deliver(self, reports: list[native.Report]) -> None:
+        for report in reports:
+            stream = self._native.get(report.id)
+            if stream is not None:
+                self._take_back(stream, report)
+                self._finish_if_done(stream)
+
+    def _deliver_deferred(self) -> None:
+        """Streams the pump gave back by itself while we waited for an answer: their
+        reports are no longer on its socket, so no event brings them."""
+        if self.pump is not None and self.pump.deferred:
+            reports, self.pump.deferred = self.pump.deferred, []
+            self._deliver(reports)
+            self._refresh_interest()  # their descriptors are watched here again
+
+    def _reclaim(self, streams: list[Stream] | None = None) -> None:
+        """Take streams back from the pump (all of them by default): Python pumps them now."""
+        chosen = [
+            s for s in (streams if streams is not None else self._native.values()) if s.native
+        ]
+        if not chosen or self.pump is None:
+            return
+        try:
+            reports = self.pump.stop([stream.native for stream in chosen])
+        except HijackError as exc:
+            self._pump_lost(str(exc))
+            return
+        for stream in chosen:
+            self._take_back(stream, reports[stream.native])
+        self._deliver_deferred()
+
+    def _take_back(self, stream: Stream, report: native.Report) -> None:
+        """The pump let go of `stream`: what it moved, what the pipes hold, why it stopped."""
+        self._native.pop(stream.native, None)
+        stream.native = 0
+        stream.bytes_out += report.bytes_out
+        stream.bytes_in += report.bytes_in
+        for pipe, held in ((stream.out_pipe, report.out_held), (stream.in_pipe, report.in_held)):
+            if pipe is not None:
+                pipe.held, pipe.full = held, False
+        if report.reason == native.STOPPED:
+            return
+        stream.native_over = True  # an end or a failure: the rest of its life is Python's
+        failure = OSError(report.err, os.strerror(report.err))
+        if report.reason == native.ORIGINAL_ERROR:
+            self._original_failed(stream, failure)
+        elif report.reason == native.RELAY_ERROR:
+            self.log(f"{stream.id}: {failure}; closing it")
+            self._close(stream, reset=True)
+        # An end: read again by the event loop, which passes it on as ever.
+
+    def _pump_lost(self, why: str) -> None:
+        """The pump failed: every stream it held is Python's again, its pipes as the kernel
+        says they are (the counts of what it moved are lost: statistics only)."""
+        self.log(f"{why}; relaying in Python")
+        self.pump_failed = True
+        for stream in list(self._native.values()):
+            held = [
+                native.pipe_held(p.read_end) if p else 0 for p in (stream.out_pipe, stream.in_pipe)
+            ]
+            self._take_back(
+                stream, native.Report(native.EV_RETURNED, stream.native, 0, 0, 0, 0, *held)
+            )
+        self.close_pump()
+        self._refresh_interest()  # their descriptors are watched here again
+
+    def close_pump(self) -> None:
+        """Stop the pump (the shadow ends): it lets go of the copies it holds."""
+        self._reclaim()
+        if self.pump is not None:
+            self._forget(self.pump)
+            self.pump.close()
+            self.pump = None
+
+    def _native_counts(self, stream: Stream) -> tuple[int, int, int, int]:
+        """bytes_out, bytes_in, out_held, in_held of `stream`, the pump's part included."""
+        counts = (stream.bytes_out, stream.bytes_in, stream.out_held, stream.in_held)
+        if not stream.native or self.pump is None:
+            return counts
+        try:
+            report = self.pump.query(stream.native)
+        except HijackError as exc:
+            self._pump_lost(str(exc))
+            return (stream.bytes_out, stream.bytes_in, stream.out_held, stream.in_held)
+        if report is None:  # given back meanwhile: its report waits for the event loop
+            return counts
+        held = (report.out_held, report.in_held)
+        return stream.bytes_out + report.bytes_out, stream.bytes_in + report.bytes_in, *held
+
     # -- the event loop's side ----------------------------------------------------
 
     def _refresh_interest(self) -> None:
-        """Register each descriptor for what it should be watched for now."""
-        for stream in self.streams.values():
-            if stream.closed or stream.handed:
-                continue
+        """Register each descriptor for what it should be watched for now (or hand a stream
+        in its steady state to the native pump)."""
+        for stream in list(self.streams.values()):
+            self._refresh_stream(stream)
+
+    def _refresh_stream(self, stream: Stream) -> None:
+        """_refresh_interest for one stream (an event touches only its own)."""
+        if not (stream.closed or stream.handed or stream.native or self._offer_native(stream)):
             if stream.original >= 0:  # -1: a pipe we closed to pass its end on
                 self._watch(stream.original, self._original_events(stream), stream, "original")
             if stream.relay is not None:
@@ -666,6 +839,9 @@ class RelayHub:
     def _original_events(self, stream: Stream) -> int:
         if stream.kind == "listener":
             return selectors.EVENT_READ if self.pumping else 0
+        if stream.swapping:  # read all the peer sends, whatever we hold: it is owed
+            events = 0 if stream.original_eof else selectors.EVENT_READ
+            return events | (selectors.EVENT_WRITE if stream.in_held else 0)
         events = 0
         # Not pumping (a move under way), the flow towards the process stops; what
         # it wrote still goes to the originals (a frozen process's last bytes too).
@@ -683,6 +859,8 @@ class RelayHub:
         readable = relay.readable() and not stream.retiring
         if readable and stream.in_room():
             events |= selectors.EVENT_READ
+        if stream.swapping:
+            return events
         if self.pumping and (stream.out_held or (stream.original_eof and not stream.shut_relay)):
             events |= selectors.EVENT_WRITE
         if self.pumping and relay.link is not None and relay.link.pending:
@@ -726,8 +904,10 @@ class RelayHub:
             self.log(f"{stream.id}: {exc}; closing it")
             self._close(stream, reset=True)
         self._finish_if_done(stream)
-        if not stream.closed:
-            self._refresh_interest()
+        if stream.kind == "listener":
+            self._refresh_interest()  # a client accepted: a stream of its own to watch
+        elif not stream.closed:
+            self._refresh_stream(stream)
 
     @staticmethod
     def _still_watched(stream: Stream, role: str, target: Any) -> bool:
@@ -744,8 +924,9 @@ class RelayHub:
             moved = 0
             # Pumping checked again: an event of the select() batch that held a
             # `migrating` request may come after it, and must read nothing more.
-            reading = events & selectors.EVENT_READ and self.pumping
-            if reading and not stream.original_eof and stream.out_room():
+            reading = events & selectors.EVENT_READ and (self.pumping or stream.swapping)
+            room = stream.out_room() or stream.swapping
+            if reading and not stream.original_eof and room:
                 moved += self._read_original(stream)
             moved += self._flush_relay(stream)
             if events & selectors.EVENT_WRITE:
@@ -883,7 +1064,7 @@ class RelayHub:
     def _flush_relay(self, stream: Stream) -> int:
         """Send the relay what we hold for it, head first: the byte count sent."""
         relay = stream.relay
-        if relay is None or not self.pumping or stream.handed:
+        if relay is None or not self.pumping or stream.handed or stream.swapping:
             return 0
         sent = 0
         if relay.link is not None:
@@ -968,6 +1149,7 @@ class RelayHub:
             self._close(stream, reset=False)
 
     def _close(self, stream: Stream, *, reset: bool) -> None:
+        self._reclaim([stream])  # the pump's copies first: closing ours must end the sockets
         for relay in [r for r in (stream.relay, *stream.retiring) if r is not None]:
             self._forget(relay.sock)
             relay.sock.close()
@@ -1140,6 +1322,7 @@ class RelayHub:
         be written through, or is no stream or listener.
         """
         counts = written or {}
+        self._reclaim()
         streams = [self.streams.get(stream_id) for stream_id in stream_ids]
         for stream_id, found in zip(stream_ids, streams, strict=True):
             problem = self._cannot_hand_back(found, counts)
@@ -1212,6 +1395,7 @@ class RelayHub:
         closed, the originals kept (ours to hold, as for any process attached here);
         returns stream id -> original."""
         handed: dict[str, int] = {}
+        self._reclaim()
         for stream in [s for s in self.streams.values() if s.handed == move]:
             handed[stream.id] = stream.original
             stream.original = -1  # not ours to close here
@@ -1222,6 +1406,102 @@ class RelayHub:
             self.listeners.pop(stream.id, None)
         return handed
 
+    # -- socket swap (docs/protocol.md, "Socket swap") -------------------------------
+
+    def swap_write(self, stream_id: str, swap: str) -> None:
+        """Swap `swap` takes stream `stream_id` off its relay: from now on nothing more
+        goes to the process; what it wrote still goes to the original, and what the
+        original sends is kept for the direct connection (swap_collect). Refused,
+        nothing changed, if it is no plain connected stream."""
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.native:
+            self._reclaim([stream])  # the pump lets go first: the swap counts in Python
+        problem = self._cannot_swap(stream)
+        if problem or stream is None:
+            raise HijackError(f"{stream_id} cannot be swapped: {problem}")
+        stream.swapping = swap
+        # What is kept is counted in to_relay alone: the outward kernel pipe is emptied.
+        _unpipe(stream.out_pipe, stream.to_relay)
+        if stream.out_pipe is not None:
+            stream.out_pipe.close()
+            stream.out_pipe = None
+        stream.splices = False
+        self._refresh_interest()
+
+    def swap_state(self, stream_id: str, swap: str) -> dict[str, int]:
+        """How far stream `stream_id` is drained: the process's bytes still on their way
+        to the original's peer (`towards_peer`), ours to the process not yet in its
+        socket (`unacknowledged`), and what we keep for it (`owed`)."""
+        stream = self._swapped(stream_id, swap)
+        relay = stream.relay
+        assert relay is not None
+        towards_peer = stream.in_held + _readable(relay.sock) + unacknowledged_fd(stream.original)
+        return {
+            "towards_peer": towards_peer,
+            "unacknowledged": relay.unacknowledged(),
+            "owed": len(stream.to_relay),
+        }
+
+    def swap_collect(self, stream_id: str, swap: str, *, read: bool = True) -> bytes:
+        """What the process is owed on `stream_id`: what we held for it, then (`read`) the
+        original read to its end (the caller saw its peer's send queue empty). Kept
+        until swap_retire: swap_resume sends it on."""
+        stream = self._swapped(stream_id, swap)
+        while read:
+            try:
+                data = os.read(stream.original, CHUNK)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                raise HijackError(f"{stream_id}: {exc}") from None
+            if not data:
+                raise HijackError(f"{stream_id}: its peer ended it meanwhile")
+            stream.to_relay += data
+            stream.bytes_out += len(data)
+        return bytes(stream.to_relay)
+
+    def swap_resume(self, stream_id: str, swap: str) -> None:
+        """The swap failed: relay the stream on as before (what we kept goes first)."""
+        stream = self.streams.get(stream_id)
+        if stream is not None and stream.swapping == swap:
+            stream.swapping = ""
+            stream.splices = None
+            self._refresh_interest()
+
+    def swap_retire(self, stream_id: str, swap: str) -> int:
+        """Both ends hold the direct connection: close the stream's relay and original.
+        Returns the original (our descriptor, closed now)."""
+        stream = self._swapped(stream_id, swap)
+        original = stream.original
+        self._close(stream, reset=True)
+        return original
+
+    def _swapped(self, stream_id: str, swap: str) -> Stream:
+        stream = self.streams.get(stream_id)
+        if stream is None or stream.closed or stream.swapping != swap or stream.relay is None:
+            raise HijackError(f"{stream_id} is not being swapped by {swap}")
+        if stream.original < 0:
+            raise HijackError(f"{stream_id}: its original has ended")
+        return stream
+
+    def _cannot_swap(self, stream: Stream | None) -> str:
+        if stream is None or stream.closed:
+            return "no such stream"
+        if stream.kind != "stream" or stream.master or self._is_terminal(stream):
+            return "not a connection"
+        if stream.handed or stream.swapping:
+            return f"taken by {stream.handed or stream.swapping} already"
+        if stream.original < 0 or stream.original_eof or stream.shut_original:
+            return "its original has ended"
+        if stream.relay is None or stream.retiring or stream.relay.eof:
+            return "its relays are changing"
+        if stream.relay.link is not None:
+            # Its bytes pass through its node's forwarder, out of the swap's sight.
+            return "its relay is encrypted (hijack move --plain-relays)"
+        if _socket_copy(stream.original) is None:
+            return "not a socket"
+        return ""
+
     # -- reporting ------------------------------------------------------------------
 
     def describe(self) -> list[dict[str, Any]]:
@@ -1230,6 +1510,7 @@ class RelayHub:
             if stream.closed:
                 continue
             relay = stream.relay
+            bytes_out, bytes_in, out_held, in_held = self._native_counts(stream)
             rows.append(
                 {
                     "id": stream.id,
@@ -1238,13 +1519,15 @@ class RelayHub:
                     "shadow_end": relay.shadow_end if relay else "",
                     "listener": self.listeners.get(stream.id, ""),
                     "terminal": relay.terminal if relay else "",
-                    "bytes_out": stream.bytes_out,
-                    "bytes_in": stream.bytes_in,
-                    "buffered_out": stream.out_held,
-                    "buffered_in": stream.in_held,
+                    "bytes_out": bytes_out,
+                    "bytes_in": bytes_in,
+                    "buffered_out": out_held,
+                    "buffered_in": in_held,
+                    "original": _original_ends(stream),
                 }
             )
         rows.extend(datagram.describe() for datagram in self.datagrams.values())
+        self._deliver_deferred()
         return rows
 
 
@@ -1263,6 +1546,26 @@ def _unpipe(pipe: SplicePipe | None, into: bytearray) -> None:
         pipe.held -= len(data)
         pipe.full = False
         into += data
+
+
+def _original_ends(stream: Stream) -> list[str]:
+    """[ours, its peer] ("ip:port") of a stream's original connection, or [] (a pipe, a
+    listener, ended): what a socket swap matches the other end of the connection by."""
+    if stream.kind != "stream" or stream.original < 0:
+        return []
+    sock = _socket_copy(stream.original)
+    if sock is None:
+        return []
+    with sock, contextlib.suppress(OSError):
+        if sock.type == socket.SOCK_STREAM and sock.family != socket.AF_UNIX:
+            return [endpoint(sock.getsockname()), endpoint(sock.getpeername())]
+    return []
+
+
+def unacknowledged_fd(fd: int) -> int:
+    """Bytes in the send queue of socket `fd`."""
+    value: int = struct.unpack("<i", fcntl.ioctl(fd, SIOCOUTQ, b"\0" * 4))[0]
+    return value
 
 
 def _socket_copy(fd: int) -> socket.socket | None:

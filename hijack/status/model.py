@@ -12,6 +12,7 @@ output, documented in docs/status.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import functools
 import os
@@ -26,6 +27,7 @@ from typing import Any, TypeVar
 from hijack import lockbook
 from hijack.errors import HijackError
 from hijack.node import pki
+from hijack.node import swap as swapping
 from hijack.node.channel import Channel
 from hijack.node.daemon import parse_address
 from hijack.node.move import mover_gone
@@ -115,6 +117,11 @@ class StreamView:
     bytes_from_process: int  # from the process, written to the original
     buffered_to_process: int  # held by the shadow, not yet sent to the process
     buffered_from_process: int  # held by the shadow, not yet written to the original
+    # The original TCP connection's two addresses ([its own, its peer's]; () for others),
+    # and whether its other end is a process this node manages: `hijack swap` can join
+    # the two directly (docs/protocol.md, "Socket swap").
+    original: tuple[str, ...] = ()
+    swappable: bool = False
 
 
 @dataclass(frozen=True)
@@ -240,6 +247,7 @@ def gather(registry: Registry, timeout: float = QUERY_TIMEOUT) -> Snapshot:
     for name in mentioned - set(nodes) - {here}:
         nodes[name] = NodeView(name, None, None, None, None, None, None)
 
+    shadows = _mark_swappable(shadows, [r for r in records.values() if r.state == "attached"])
     return Snapshot(
         schema_version=SCHEMA_VERSION,
         node=here,
@@ -469,6 +477,41 @@ def _answered_shadow(answer: Mapping[str, Any], where: str) -> ShadowView:
         )
 
 
+def _mark_swappable(
+    shadows: dict[int, ShadowView], attached: list[ProcessRecord]
+) -> dict[int, ShadowView]:
+    """The shadows, each stream marked `swappable` when its other end is managed here: a
+    stream of another shadow here with the addresses reversed, or an attached process."""
+    originals = {
+        stream.original
+        for shadow in shadows.values()
+        if shadow.where == "local"
+        for stream in shadow.streams
+        if len(stream.original) == 2
+    }
+
+    def swappable(stream: StreamView) -> bool:
+        if len(stream.original) != 2:
+            return False
+        own, peer = stream.original
+        return (peer, own) in originals or any(
+            swapping.holds_connection(record, peer, own) for record in attached
+        )
+
+    return {
+        pid: dataclasses.replace(
+            shadow,
+            streams=tuple(
+                dataclasses.replace(stream, swappable=swappable(stream))
+                for stream in shadow.streams
+            ),
+        )
+        if shadow.where == "local"
+        else shadow
+        for pid, shadow in shadows.items()
+    }
+
+
 def _held(fds: Iterable[Mapping[str, Any]]) -> tuple[HeldFd, ...]:
     return tuple(HeldFd(int(fd["fd"]), str(fd["kind"]), str(fd["target"])) for fd in fds)
 
@@ -486,6 +529,7 @@ def _stream_view(stream: Mapping[str, Any]) -> StreamView:
         bytes_from_process=int(stream["bytes_in"]),
         buffered_to_process=int(stream["buffered_out"]),
         buffered_from_process=int(stream["buffered_in"]),
+        original=tuple(str(end) for end in stream.get("original", [])),
     )
 
 

@@ -227,9 +227,16 @@ def _fill(sock: socket.socket, queue: int, data: bytes) -> None:
 
 
 def make_connection(
-    family: int, local: tuple[str, int], remote: tuple[str, int], state: TcpState
+    family: int,
+    local: tuple[str, int],
+    remote: tuple[str, int],
+    state: TcpState,
+    *,
+    live: bool = True,
 ) -> int:
-    """A socket of ours holding the connection `state` describes, live; returns its fd."""
+    """A socket of ours holding the connection `state` describes, live; returns its fd.
+    With `live` false it is left in repair mode: it sends nothing until set_repair(fd,
+    False) (a socket swap makes both ends before either speaks)."""
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
@@ -262,7 +269,8 @@ def make_connection(
             sock.setsockopt(
                 socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.pack(*state.window)
             )
-            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+            if live:
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
             sock.setblocking(True)
     except BaseException:
         sock.close()

@@ -1,0 +1,58 @@
+"""Dumping a forked tree (issue #13 item 3): pages shared copy-on-write since a fork are
+stored once.
+
+tree_cow: a parent fills SIZE MiB, forks 8 children, each member then writes 64
+pages of its own. Its dump (members left running) is set beside the dump of the
+same memory in one process (tree_cow with no child): the image's size as a
+ratio, the time the members were stopped, and the tree's PSS before and after
+(a dump must not unshare what the members share).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from bench.testnodes import spawn_fixture
+from hijack.mutator.dump import DumpResult, dump
+
+CHILDREN = 8
+SIZE_LIMIT = 1.2  # the tree's image at most this many times the one process's
+
+
+def _pss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        total += int(rollup.split("Pss:")[1].split()[0])
+    return total
+
+
+def _dump_tree_cow(children: int, size_mib: int, directory: Path) -> tuple[DumpResult, int, int]:
+    """Dump a tree_cow of `children` children: its result, and its PSS before and after."""
+    with spawn_fixture("tree_cow", str(children), str(size_mib), fifos=True) as tree:
+        pids = [tree.pid, *(int(pid) for pid in tree.ready.values())]
+        before = _pss_kib(pids)
+        with open(directory / "tree.crf", "wb") as out:
+            result = dump(tree.pid, out, check_descriptors=False)
+        after = _pss_kib(pids)
+        tree.assert_intact()
+    return result, before, after
+
+
+def measure_tree_dumps(size_mib: int) -> list[str]:
+    with tempfile.TemporaryDirectory(prefix="hijack-bench-tree-", dir="/tmp") as name:
+        directory = Path(name)
+        alone, _, _ = _dump_tree_cow(0, size_mib, directory)
+        tree, before, after = _dump_tree_cow(CHILDREN, size_mib, directory)
+    ratio = tree.image_bytes / alone.image_bytes
+    met = "met" if ratio <= SIZE_LIMIT else "NOT met"
+    mib = 1024 * 1024
+    return [
+        f"tree dump, 1 + {CHILDREN} children sharing {size_mib} MiB copy-on-write:"
+        f" image {tree.image_bytes / mib:.1f} MiB ({tree.pages_referenced} pages stored once),"
+        f" one process {alone.image_bytes / mib:.1f} MiB: ratio {ratio:.2f},"
+        f" limit {SIZE_LIMIT:.2f}: {met}; the tree stopped {tree.frozen_ms:.0f} ms (one"
+        f" process is snapshot, not stopped throughout); tree PSS {before // 1024} MiB before"
+        f" the dump, {after // 1024} MiB after"
+    ]

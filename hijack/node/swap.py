@@ -1,0 +1,478 @@
+"""`hijack swap`: join two managed ends of a relayed TCP connection directly.
+
+docs/protocol.md, "Socket swap", is the design; in short, run on the home
+node of the relayed end(s): find the pairs (a stream one shadow here relays
+whose other end is a process this node manages: attached here, or moved away
+with its own shadow here), freeze both ends where they run (the node daemon's
+`swap_end`, or this command for an end that runs here), let what each wrote
+reach the other side, take what is owed to each from its shadow, make the
+direct connection in repair mode at both nodes with the bytes in flight
+already in its receive queues, put it under each end's descriptor, and then
+let both run and have the shadows retire the stream. Any failure before the
+commit puts everything back: both ends have their old sockets, the shadows
+relay on, nothing was lost.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from hijack import testpoint
+from hijack.errors import HijackError
+from hijack.mutator.tracee import signals_deferred
+from hijack.node import pki, swap_end
+from hijack.node.channel import Channel
+from hijack.node.daemon import parse_address
+from hijack.node.swap_end import split_endpoint
+from hijack.registry import ProcessRecord, Registry, node_name
+from hijack.shadow import control
+from hijack.sys import procfs
+
+SWAP_WAIT = 10.0  # seconds each draining step may take before the swap is given up
+OWED_PIECE = 4 << 20  # owed bytes sent to a remote end in one message
+READ_TRIES = 3
+SHADOW_TIMEOUT = 15.0  # a shadow's answer to one swap step (it waits SWAP_WAIT at most)
+
+
+@dataclass(frozen=True)
+class Shadowed:
+    """A relayed end's stream at its home shadow (here)."""
+
+    control: str  # the shadow's control socket
+    stream: str  # the stream's id there
+
+
+@dataclass(frozen=True)
+class End:
+    """One end of a connection a swap joins: a process and its socket where it runs."""
+
+    pid: int  # where it runs
+    node: str  # the node it runs on
+    program: str
+    local: str  # its socket's address there ("ip:port")...
+    peer: str  # ... and its peer's: how the swap finds the socket
+    port: int  # the port the process keeps as its own (its original connection's)
+    shadow: Shadowed | None = None  # relayed: the stream at its home shadow
+
+    def describe(self) -> str:
+        via = f", relayed as {self.shadow.stream}" if self.shadow else ""
+        return f"{self.program} {self.pid} on {self.node}{via}"
+
+
+@dataclass(frozen=True)
+class Pair:
+    first: End
+    second: End
+
+    def describe(self) -> str:
+        return f"{self.first.describe()} <-> {self.second.describe()}"
+
+
+@dataclass
+class Joined:
+    pair: Pair
+    addresses: tuple[str, str] = ("", "")  # where each end's new socket is
+
+
+def _port(endpoint: str) -> int:
+    return split_endpoint(endpoint)[1]
+
+
+def _shadow_status(record: ProcessRecord) -> dict[str, Any] | None:
+    if not record.shadow_control:
+        return None
+    with contextlib.suppress(HijackError):  # ended meanwhile: nothing to swap
+        return control.request(record.shadow_control, {"op": "status"}, timeout=SHADOW_TIMEOUT)
+    return None
+
+
+def _relayed_ends(registry: Registry) -> Iterator[tuple[End, list[str]]]:
+    """Every stream a shadow here relays to a process moved away: (its end, [original's
+    own address, its peer's])."""
+    here = node_name()
+    for record in registry.processes():
+        if record.state != "moved" or record.home_node != here:
+            continue
+        status = _shadow_status(record)
+        if status is None or not status.get("location_pid"):
+            continue
+        for row in status.get("streams", []):
+            original = row.get("original") or []
+            if row.get("kind") != "stream" or len(original) != 2 or not row.get("relay"):
+                continue
+            shadow = Shadowed(record.shadow_control or "", str(row["id"]))
+            end = End(
+                pid=int(status["location_pid"]),
+                node=str(status["location"]),
+                program=record.program,
+                local=str(row["relay"]),
+                peer=str(row["shadow_end"]),
+                port=_port(original[0]),
+                shadow=shadow,
+            )
+            yield end, [str(original[0]), str(original[1])]
+
+
+def holds_connection(record: ProcessRecord, local: str, peer: str) -> bool:
+    """Whether the attached process of `record` holds the TCP connection `local` -> `peer`."""
+    return _attached_socket(record, local, peer) is not None
+
+
+def _attached_socket(record: ProcessRecord, local: str, peer: str) -> End | None:
+    """The attached process's end of the connection `local` -> `peer`, if it holds it."""
+    for _ in range(READ_TRIES):  # /proc tables change while read: a failed read is retried
+        try:
+            table = procfs.read_socket_table(record.pid)
+            entries = procfs.list_fds(record.pid)
+        except (HijackError, OSError):
+            continue
+        for entry in entries:
+            found = table.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
+            if found is not None and (found.local, found.remote) == (local, peer):
+                return End(record.pid, node_name(), record.program, local, peer, _port(local))
+        return None
+    return None
+
+
+def find_pairs(registry: Registry) -> list[Pair]:
+    """The relayed connections whose two ends this node manages, each once."""
+    here = node_name()
+    relayed = list(_relayed_ends(registry))
+    attached = [r for r in registry.processes() if r.state == "attached" and r.home_node == here]
+    pairs: list[Pair] = []
+    seen: set[tuple[str, str]] = set()
+    for end, (own, theirs) in relayed:
+        if (own, theirs) in seen:
+            continue
+        other: End | None = None
+        for candidate, (their_own, their_peer) in relayed:
+            if (their_own, their_peer) == (theirs, own) and candidate is not end:
+                other = candidate
+        for record in attached:
+            other = other or _attached_socket(record, theirs, own)
+        if other is not None:
+            seen.update({(own, theirs), (theirs, own)})
+            pairs.append(Pair(end, other))
+    return pairs
+
+
+# -- one end, where it runs ----------------------------------------------------------
+
+
+class EndSession:
+    """One end of a swap, frozen where it runs by a helper (hijack.node.swap_end): the
+    messages of `swap_end`, one answer each. The helper aborts (the process gets its old
+    socket back) if it loses us before `commit`, whatever killed us."""
+
+    def ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def open(self, end: End) -> None:
+        """Have the helper freeze `end`'s process and find its socket."""
+        try:
+            self.ask({"op": "swap_end", "pid": end.pid, "local": end.local, "peer": end.peer})
+        except BaseException:
+            self.close()
+            raise
+
+    def queued(self, wait: float) -> int:
+        return int(self.ask({"op": "sent", "wait": wait})["queued"])
+
+    def join(self, local: str, remote: str, send_seq: int, recv_next: int, owed: bytes) -> None:
+        # What is owed goes first, a piece a message (a node frame is at most 16 MiB).
+        for start in range(0, len(owed), OWED_PIECE):
+            self.ask(
+                {"op": "owed", "data": base64.b64encode(owed[start : start + OWED_PIECE]).decode()}
+            )
+        self.ask(
+            {"op": "join", "local": local, "remote": remote, "send_seq": send_seq,
+             "recv_next": recv_next}
+        )  # fmt: skip
+
+    def commit(self) -> None:
+        try:
+            self.ask({"op": "commit"})
+        finally:
+            self.close()
+
+    def abort(self) -> None:
+        try:
+            with contextlib.suppress(HijackError, OSError, ValueError):
+                self.ask({"op": "abort"})
+        finally:
+            self.close()
+
+
+class LocalEnd(EndSession):
+    """An end that runs on this node: its helper is our child."""
+
+    def __init__(self, end: End) -> None:
+        self.helper = swap_end.Helper()
+        self.open(end)
+
+    def ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        answer = self.helper.ask(message)
+        if "error" in answer:
+            raise HijackError(str(answer["error"]))
+        return answer
+
+    def close(self) -> None:
+        self.helper.close()
+
+
+class RemoteEnd(EndSession):
+    """An end that runs on another node: its daemon's helper (`swap_end`)."""
+
+    def __init__(self, end: End, channel: Channel) -> None:
+        self.channel = channel
+        self.open(end)
+
+    def ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.channel.send(message)
+        return self.channel.answer(self.channel.receive())
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+# -- the swap -------------------------------------------------------------------------
+
+
+@dataclass
+class Swap:
+    """One pair's swap, step by step; undo() puts back whatever was done."""
+
+    registry: Registry
+    pair: Pair
+    identity: pki.NodeIdentity
+    id: str = field(default_factory=lambda: f"swap-{secrets.token_hex(6)}")
+    sessions: list[EndSession] = field(default_factory=list)
+    paused: list[Shadowed] = field(default_factory=list)
+    channels: dict[str, Channel] = field(default_factory=dict)
+    leases: list[socket.socket] = field(default_factory=list)  # see control.hold
+    report: Callable[[str], None] = lambda _: None
+
+    def run(self) -> tuple[str, str]:
+        """Swap the pair; returns each end's new address ("ip:port")."""
+        ends = [self.pair.first, self.pair.second]
+        relayed = [end for end in ends if end.shadow is not None]
+        direct = [end for end in ends if end.shadow is None]
+        sessions: dict[int, EndSession] = {}
+        try:
+            addresses = self._addresses()
+            # 1. The shadows of the relayed ends send them nothing more; what they wrote
+            # goes on to the other end, whose answers are kept for the direct connection.
+            for end in relayed:
+                assert end.shadow is not None
+                self.leases.append(self._hold(end.shadow))
+                self.paused.append(end.shadow)
+            # 2. Running on, each relayed end takes in all its shadow had sent it; then it
+            # stops, and all it wrote reaches the other end (which runs on and reads it if
+            # it is not relayed).
+            self._wait_drained("unacknowledged")
+            for end in relayed:
+                sessions[id(end)] = self._freeze(end)
+                self.sessions.append(sessions[id(end)])
+            for end in relayed:
+                self._check_sent(end, sessions[id(end)])
+            self._wait_drained("unacknowledged", "towards_peer")
+            # 3. An end that is not relayed stops now; what it wrote reaches the shadow.
+            for end in direct:
+                sessions[id(end)] = self._freeze(end)
+                self.sessions.append(sessions[id(end)])
+                self._check_sent(end, sessions[id(end)])
+            testpoint.reached("swap-frozen")
+            # 4. The direct connection, with what each end is owed in its receive queue.
+            owed = [self._owed(end) for end in ends]
+            seqs = [secrets.randbits(32), secrets.randbits(32)]
+            local = [f"{addresses[0]}:{ends[0].port}", f"{addresses[1]}:{ends[1].port}"]
+            sessions[id(ends[0])].join(local[0], local[1], seqs[0], seqs[1], owed[0])
+            sessions[id(ends[1])].join(local[1], local[0], seqs[1], seqs[0], owed[1])
+            testpoint.reached("swap-joined")
+        except BaseException:
+            self.undo()
+            raise
+        # The switch: both ends leave repair mode and run on the direct connection; the
+        # relay retires. Once begun it is finished: a signal waits until it is over.
+        # A remote end goes first: if its node does not answer, the local one is
+        # still undone (the one window: a commit done there whose answer was lost).
+        with signals_deferred():
+            ordered = sorted(self.sessions, key=lambda session: isinstance(session, LocalEnd))
+            try:
+                ordered[0].commit()
+            except BaseException:
+                self.sessions.remove(ordered[0])
+                self.undo()
+                raise
+            for session in ordered[1:]:
+                session.commit()
+            self.sessions = []
+            self._end_shadows("retire")
+        return local[0], local[1]
+
+    def _hold(self, shadowed: Shadowed) -> socket.socket:
+        """`write`, on a connection the shadow watches until the swap is over."""
+        lease, _ = control.hold(
+            shadowed.control,
+            {"op": "swap", "swap": self.id, "stream": shadowed.stream, "step": "write"},
+            timeout=SHADOW_TIMEOUT,
+        )
+        return lease
+
+    def _close(self) -> None:
+        for lease in self.leases:
+            lease.close()
+        self.leases = []
+        for channel in self.channels.values():
+            channel.close()
+        self.channels = {}
+
+    def _wait_drained(self, *counts: str) -> None:
+        """Until every paused shadow's `counts` are 0: `unacknowledged`, bytes it sent its
+        process not yet in the process's socket; `towards_peer`, what the process wrote
+        not yet in the other end's socket."""
+        deadline = time.monotonic() + SWAP_WAIT
+        while True:
+            states = {s.stream: self._shadow(s, "state") for s in self.paused}
+            busy = {
+                stream: state
+                for stream, state in states.items()
+                if any(state[count] for count in counts)
+            }
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                stream, state = next(iter(busy.items()))
+                raise HijackError(
+                    f"{stream} did not drain within {SWAP_WAIT:g} s ({state['towards_peer']}"
+                    f" bytes on their way to its peer, {state['unacknowledged']} to the process)"
+                )
+            time.sleep(0.002)
+
+    def undo(self) -> None:
+        for session in reversed(self.sessions):
+            with contextlib.suppress(Exception):
+                session.abort()
+        self.sessions = []
+        self._end_shadows("resume")
+
+    def _end_shadows(self, step: str) -> None:
+        """`retire` (swapped) or `resume` (not) at every paused shadow; then let go of
+        their leases and our channels."""
+        for shadowed in self.paused:
+            with contextlib.suppress(HijackError):
+                self._shadow(shadowed, step)
+        self.paused = []
+        self._close()
+
+    def _addresses(self) -> tuple[str, str]:
+        """Where each end's new socket is: its node's address, as the other reaches it."""
+        here = node_name()
+        first, second = self.pair.first, self.pair.second
+        if first.node == second.node == here:
+            raise HijackError(f"{self.pair.describe()}: both ends run here; nothing is relayed")
+        found = []
+        for end, other in ((first, second), (second, first)):
+            if end.node != here:
+                found.append(self._daemon(end.node)[0])
+            else:  # this node as the other end's node reaches it: our side of its channel
+                found.append(self._channel(other.node).sock.getsockname()[0])
+        return found[0], found[1]
+
+    def _daemon(self, node: str) -> tuple[str, int]:
+        address = self.registry.node_address(node)
+        if address is None:
+            raise HijackError(f"node {node}: this node does not know its address")
+        return parse_address(address)
+
+    def _channel(self, node: str) -> Channel:
+        channel = self.channels.get(node)
+        if channel is None:
+            channel = Channel.connect(self._daemon(node), self.identity, expect=node)
+            self.channels[node] = channel
+        return channel
+
+    def _freeze(self, end: End) -> EndSession:
+        if end.node == node_name():
+            return LocalEnd(end)
+        channel = self.channels.pop(end.node, None)
+        if channel is None:
+            channel = Channel.connect(self._daemon(end.node), self.identity, expect=end.node)
+        return RemoteEnd(end, channel)
+
+    @staticmethod
+    def _check_sent(end: End, session: EndSession) -> None:
+        left = session.queued(SWAP_WAIT)
+        if left:
+            raise HijackError(f"{end.describe()}: {left} bytes it wrote did not leave its node")
+
+    def _shadow(self, shadowed: Shadowed, step: str) -> dict[str, Any]:
+        return control.request(
+            shadowed.control,
+            {"op": "swap", "swap": self.id, "stream": shadowed.stream, "step": step},
+            timeout=SHADOW_TIMEOUT,
+        )  # fmt: skip
+
+    def _owed(self, end: End) -> bytes:
+        """What `end` is owed: what its shadow kept (the other end's last writes)."""
+        if end.shadow is None:
+            return b""
+        owed = bytearray()
+        while True:
+            answer = control.request(
+                end.shadow.control,
+                {"op": "swap", "swap": self.id, "stream": end.shadow.stream, "step": "collect",
+                 "offset": len(owed)},
+                timeout=SHADOW_TIMEOUT,
+            )  # fmt: skip
+            owed += base64.b64decode(str(answer["owed"]))
+            if len(owed) >= int(answer["total"]) or not answer["owed"]:
+                return bytes(owed)
+
+
+def swap(pid: int, report: Callable[[str], None] = lambda _: None) -> list[tuple[Pair, str]]:
+    """Swap every relayed connection of `pid` whose other end this node manages too;
+    returns each pair and what became of it (its new addresses, or why it stayed)."""
+    with Registry() as registry:
+        if registry.find(pid) is None:
+            raise HijackError(f"process {pid} is not managed by this node")
+        pairs = [
+            pair
+            for pair in find_pairs(registry)
+            if pid in (pair.first.pid, pair.second.pid) or _home_pid(registry, pair, pid)
+        ]
+        if not pairs:
+            raise HijackError(
+                f"process {pid} has no relayed connection whose other end this node manages"
+            )
+        identity = pki.load_identity()
+        results = []
+        for pair in pairs:
+            try:
+                first, second = Swap(registry, pair, identity, report=report).run()
+            except (HijackError, OSError) as exc:
+                results.append((pair, f"relayed still: {exc}"))
+                continue
+            results.append((pair, f"direct: {first} <-> {second}"))
+        return results
+
+
+def _home_pid(registry: Registry, pair: Pair, pid: int) -> bool:
+    """Whether `pid` (as this node's registry knows it) is one of the pair's processes."""
+    record = registry.find(pid)
+    if record is None or record.shadow_control is None:
+        return False
+    return any(
+        end.shadow is not None and end.shadow.control == record.shadow_control
+        for end in (pair.first, pair.second)
+    )

@@ -1,0 +1,362 @@
+"""One end of a socket swap, on the node the process runs on (docs/protocol.md, "Socket swap").
+
+The daemon serves `swap_end` with this: it freezes the process, finds the TCP
+socket the swap names (by its two addresses), waits until everything the
+process wrote through it has left (its send queue empty: in the peer's or the
+shadow's receive queue), copies (MSG_PEEK: nothing is consumed) what waits
+unread in it, and then, told to `join`, makes the direct connection in repair
+mode (no handshake: the sequence numbers the coordinator chose, the bytes for
+the process already in its receive queue) and puts it under the process's
+descriptor number with dup3, keeping the descriptor's flags and the socket's
+options. `commit` lets the process run on; `abort`, or the coordinator gone,
+puts the old socket back under the number first. Nothing the process can see
+changes before `join`, and `join` is undone by `abort`.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import termios
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from hijack.errors import HijackError
+from hijack.mutator.tracee import Tracee
+from hijack.objects import sockopts
+from hijack.sys import pidfd, procfs, tcp_repair
+
+F_SETFL, F_SETFD, FD_CLOEXEC = 4, 2, 1
+O_CLOEXEC = 0o2000000
+SETTABLE_STATUS_FLAGS = os.O_APPEND | os.O_NONBLOCK | os.O_ASYNC | os.O_DIRECT | os.O_NOATIME
+# The options a joined socket takes over from the old one: not those that decide a bind
+# (sockopts.EARLY), nor its buffers (the kernel tunes a new socket's), nor its mark.
+KEPT_OPTIONS = frozenset(
+    {
+        (sockopts.SOL_SOCKET, sockopts.SO_KEEPALIVE),
+        (sockopts.SOL_SOCKET, 13),  # SO_LINGER
+        (sockopts.SOL_SOCKET, 18),  # SO_RCVLOWAT
+        (sockopts.SOL_SOCKET, 12),  # SO_PRIORITY
+        (sockopts.SOL_SOCKET, 10),  # SO_OOBINLINE
+        (sockopts.IPPROTO_IP, 1),  # IP_TOS
+        (sockopts.IPPROTO_IP, 2),  # IP_TTL
+        *((sockopts.IPPROTO_TCP, name) for name in (1, 3, 4, 5, 6, 18)),
+    }
+)
+MSS: dict[int, int] = {socket.AF_INET: 1460, socket.AF_INET6: 1440}  # an Ethernet path's
+WINDOW = 65535
+
+
+def split_endpoint(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def _copy_option_setter(target: socket.socket) -> sockopts.SetOption:
+    def set_option(level: int, name: int, value: bytes) -> None:
+        target.setsockopt(level, name, value)
+
+    return set_option
+
+
+@dataclass
+class FrozenEnd:
+    """A process held stopped, and the socket of it that a swap replaces."""
+
+    tracee: Tracee
+    fd: int  # the process's descriptor number
+    old: int  # our copy of the old socket (pidfd_getfd)
+    family: int
+    flags: int  # the descriptor's status flags, O_CLOEXEC included
+    joined: bool = False
+    made: int = -1  # our copy of the direct connection, in repair mode until commit
+
+    @classmethod
+    def freeze(cls, pid: int, local: str, peer: str) -> FrozenEnd:
+        """Stop `pid` and take the TCP socket of it from `local` to `peer` ("ip:port")."""
+        fd = find_socket(pid, local, peer)
+        tracee = Tracee.seize(pid)
+        try:
+            old = pidfd.copy_fd(pid, fd)
+            try:
+                family = socket.AF_INET6 if local.startswith("[") else socket.AF_INET
+                flags = procfs.read_fdinfo(pid, fd).flags
+            except BaseException:
+                os.close(old)
+                raise
+        except BaseException:
+            tracee.release()
+            raise
+        return cls(tracee, fd, old, family, flags)
+
+    def queued(self) -> int:
+        """Bytes the process wrote that its peer has not acknowledged yet."""
+        return _queued(self.old, tcp_repair.SIOCOUTQ)
+
+    def wait_sent(self, wait: float) -> int:
+        """Until all the process wrote is out of its send queue (acknowledged by the
+        peer), for at most `wait` seconds: the bytes left."""
+        deadline = time.monotonic() + wait
+        while self.queued() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        return self.queued()
+
+    def unread(self) -> bytes:
+        """What waits unread in the old socket (copied, not consumed)."""
+        length = _queued(self.old, termios.FIONREAD)
+        if not length:
+            return b""
+        with socket.socket(fileno=os.dup(self.old)) as sock:
+            return sock.recv(length, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+
+    def join(
+        self, local: tuple[str, int], remote: tuple[str, int], send_seq: int, recv_next: int,
+        owed: bytes,
+    ) -> None:  # fmt: skip
+        """Make the direct connection and put it under the process's descriptor: it sends
+        from `send_seq` on, and the peer's from `recv_next`; its receive queue holds what
+        the old socket held unread, then `owed` (what the relay held for the process)."""
+        received = self.unread() + owed
+        recv_next &= 0xFFFFFFFF
+        state = tcp_repair.TcpState(
+            send_seq=send_seq & 0xFFFFFFFF,
+            recv_seq=(recv_next - len(received)) & 0xFFFFFFFF,
+            send_queue=b"",
+            received=received,
+            mss=MSS[self.family],
+            options=tcp_repair.TCPI_OPT_WSCALE | tcp_repair.TCPI_OPT_SACK,
+            snd_wscale=7,
+            rcv_wscale=7,
+            timestamp=0,
+            # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup: from where the queues end.
+            window=(recv_next, WINDOW, WINDOW, WINDOW, recv_next),
+        )
+        # In repair mode until commit: it must not speak before the other end exists
+        # (a segment to a port with no connection yet is answered with a reset).
+        made = tcp_repair.make_connection(self.family, local, remote, state, live=False)
+        try:
+            self._copy_options(made)
+            self._inject(made)
+        except BaseException:
+            os.close(made)
+            raise
+        self.made, self.joined = made, True
+
+    def _copy_options(self, made: int) -> None:
+        with (
+            socket.socket(fileno=os.dup(self.old)) as old,
+            socket.socket(fileno=os.dup(made)) as new,
+        ):
+            setter = _copy_option_setter(new)
+            for (level, name), value in sockopts._read(old).items():
+                if (level, name) in KEPT_OPTIONS:
+                    with contextlib.suppress(OSError):
+                        setter(level, name, value)
+
+    def _inject(self, ours: int) -> None:
+        """dup3 our descriptor `ours` over the process's number, with its flags."""
+        tracee = self.tracee
+        opened = tracee.checked_syscall("pidfd_open", os.getpid(), 0)
+        try:
+            theirs = tracee.checked_syscall("pidfd_getfd", opened, ours, 0)
+        finally:
+            tracee.syscall("close", opened)
+        try:
+            cloexec = O_CLOEXEC if self.flags & O_CLOEXEC else 0
+            tracee.checked_syscall("dup3", theirs, self.fd, cloexec)
+        finally:
+            tracee.syscall("close", theirs)
+        tracee.checked_syscall("fcntl", self.fd, F_SETFL, self.flags & SETTABLE_STATUS_FLAGS)
+
+    def commit(self) -> None:
+        """The process runs on with the direct connection; the old socket is let go
+        (what it held unread was delivered on the new one: reset, it tells nobody)."""
+        if self.made >= 0:
+            tcp_repair.set_repair(self.made, False)  # live: it tells the peer its window
+            os.close(self.made)
+            self.made = -1
+        with socket.socket(fileno=self.old) as sock, contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.old = -1
+        self.tracee.release()
+
+    def abort(self) -> None:
+        """Put the old socket back under the number if it was replaced; let the process run."""
+        try:
+            if self.joined and self.old >= 0:
+                self._inject(self.old)
+                self.joined = False
+        finally:
+            if self.made >= 0:  # still in repair mode: closed, it sends nothing
+                os.close(self.made)
+                self.made = -1
+            if self.old >= 0:
+                os.close(self.old)
+                self.old = -1
+            self.tracee.release()
+
+
+def _queued(fd: int, request: int) -> int:
+    value: int = struct.unpack("<i", fcntl.ioctl(fd, request, b"\0" * 4))[0]
+    return value
+
+
+def find_socket(pid: int, local: str, peer: str) -> int:
+    """The descriptor of `pid` that is the TCP connection from `local` to `peer`."""
+    table = procfs.read_socket_table(pid)
+    for entry in procfs.list_fds(pid):
+        if entry.kind is not procfs.FdKind.SOCKET:
+            continue
+        found = table.get(entry.ino)
+        if found is None or found.type != socket.SOCK_STREAM:
+            continue
+        if (found.local, found.remote) == (local, peer) and found.state == "ESTABLISHED":
+            return entry.fd
+    raise HijackError(f"process {pid} holds no TCP connection from {local} to {peer}")
+
+
+class LineChannel:
+    """The helper's side of the daemon's pipe: one JSON object a line, both ways."""
+
+    def send(self, message: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(message) + "\n")
+        sys.stdout.flush()
+
+    def receive(self) -> dict[str, Any]:
+        line = sys.stdin.readline()
+        if not line:
+            raise HijackError("the swap's coordinator is gone")
+        message: dict[str, Any] = json.loads(line)
+        return message
+
+
+def serve(channel: Any, request: dict[str, Any]) -> None:
+    """One end of one swap, on this node (a session: frozen; `sent` as often as asked;
+    `join`; `commit` or `abort`). Any other message, or the coordinator gone, aborts:
+    the process gets its old socket back."""
+    pid = int(request["pid"])
+    try:
+        end = FrozenEnd.freeze(pid, str(request["local"]), str(request["peer"]))
+    except (HijackError, OSError, ValueError) as exc:
+        channel.send({"error": f"process {pid}: {exc}"})
+        return
+    try:
+        channel.send({"phase": "frozen", "fd": end.fd})
+        owed = bytearray()
+        while True:
+            message = channel.receive()
+            op = message.get("op")
+            if op == "sent":
+                channel.send({"queued": end.wait_sent(min(float(message.get("wait", 0)), 30))})
+            elif op == "owed":
+                owed += base64.b64decode(str(message["data"]))
+                channel.send({"phase": "owed", "bytes": len(owed)})
+            elif op == "join":
+                end.join(
+                    split_endpoint(str(message["local"])),
+                    split_endpoint(str(message["remote"])),
+                    int(message["send_seq"]),
+                    int(message["recv_next"]),
+                    bytes(owed),
+                )
+                channel.send({"phase": "joined"})
+            elif op == "commit":
+                end.commit()
+                channel.send({"phase": "done"})
+                return
+            else:
+                break
+    except (HijackError, OSError, ValueError, KeyError) as exc:
+        end.abort()
+        with contextlib.suppress(Exception):
+            channel.send({"error": f"process {pid}: {exc}"})
+        return
+    except BaseException:
+        end.abort()
+        raise
+    end.abort()
+    with contextlib.suppress(Exception):
+        channel.send({"phase": "aborted"})
+
+
+HELPER_TIMEOUT = 60.0  # seconds a helper may take to answer one message
+
+
+class Helper:
+    """A helper process of ours (`python -m hijack.node.swap_end`) serving one end: a
+    JSON object a line each way. Closing its input makes it abort what is not committed."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "hijack.node.swap_end"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Its answer to `message` (an `error` answer too)."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps(message) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            return {"error": "the swap helper ended"}
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.process.stdin.close()  # end of input: it aborts what is not committed
+        try:
+            self.process.wait(HELPER_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def relay_to_helper(channel: Any, request: dict[str, Any]) -> None:
+    """The daemon's `swap_end`: the end is served by a helper process of its own, not by
+    the daemon: the daemon is the parent of the migrants it restored, and a parent's
+    waitpid() takes the ptrace stops of its child when the tracer is one of its own
+    threads."""
+    helper = Helper()
+    try:
+        message = request
+        while True:
+            answer = helper.ask(message)
+            channel.send(answer)
+            if "error" in answer or answer.get("phase") in ("done", "aborted"):
+                return
+            message = channel.receive()
+    finally:
+        helper.close()
+
+
+def main() -> int:
+    channel = LineChannel()
+    try:
+        request = channel.receive()
+    except HijackError:
+        return 1
+    serve(channel, request)
+    return 0
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The home shadow's native relay pump (hijack.shadow.pump): plain relays in their steady
+state are spliced by relay-pump, and taken back by the shadow for a move, an end, a
+failure, or a pump that died, without losing a byte."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+from support import RunningFixture, spawn_fixture
+from support.nodes import Cluster, Node, read_line
+from test_move import (
+    ECHO_SESSION,
+    LINE_TIMEOUT,
+    STREAM_TIMEOUT,
+    Moved,
+    ask,
+    echo_stream,
+    finish_moved,
+    logs,
+    move,
+    poll_until,
+    shadow_status,
+    spawn_python,
+)
+
+from hijack.shadow import pump
+
+PLAIN = ("--plain-relays",)
+
+
+def pump_of(shadow_pid: int) -> int:
+    """The pid of the shadow's relay-pump, 0 if it runs none."""
+    for task in Path(f"/proc/{shadow_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            if Path(f"/proc/{child}/exe").resolve() == pump.PROGRAM:
+                return int(child)
+    return 0
+
+
+def end_session(session: subprocess.Popen[bytes]) -> None:
+    """Close an ECHO_SESSION's stdin: it closes its connection and exits 0."""
+    assert session.stdin is not None
+    session.stdin.close()
+    assert session.wait(LINE_TIMEOUT) == 0
+
+
+def relayed_bytes(home: Node, home_pid: int, stream: str) -> int:
+    """bytes_out + bytes_in of `stream` as the shadow tells them (the pump's part too)."""
+    rows = {row["id"]: row for row in shadow_status(home, home_pid)["streams"]}
+    row = rows.get(stream, {})
+    return int(row.get("bytes_out", 0)) + int(row.get("bytes_in", 0))
+
+
+def test_streams_spliced_by_the_pump_go_on_intact_across_a_second_move(tmp_path: Path) -> None:
+    assert pump.available(), "relay-pump is built at the suite's start"
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        for node in (b, c):
+            node.start_daemon()
+        with echo_stream(a, seed=7) as (server, client):
+            session = spawn_python(a, ECHO_SESSION, "127.0.0.1", str(server.ready["port"]))
+            assert read_line(session, LINE_TIMEOUT) == "connected"
+            there = move(a, server.pid, b, options=PLAIN)
+            server.wait_exit()
+            assert ask(session, "on b") == "on b"
+            # Its relay, plain, is the pump's now: what passes counts (asked of the pump).
+            assert pump_of(there.shadow_pid), logs(tmp_path)
+            rows = shadow_status(a, server.pid)["streams"]
+            stream = next(row["id"] for row in rows if row["bytes_in"] == len("on b\n"))
+            assert ask(session, "through the pump") == "through the pump"
+            assert relayed_bytes(a, server.pid, stream) == 2 * len("on b\nthrough the pump\n")
+            # Taken back for the move (the stream's bytes still flowing), given to it again.
+            again = move(b, there.pid, c, home=(a, server.pid))
+            assert ask(session, "on c") == "on c"
+            client.assert_intact(STREAM_TIMEOUT)
+            end_session(session)
+            output = finish_moved(server, again, tmp_path)
+        assert "over 2 connections" in output, output
+
+
+@contextlib.contextmanager
+def sessions_through_the_pump(
+    tmp_path: Path, *programs: str
+) -> Iterator[tuple[RunningFixture, Moved, list[subprocess.Popen[bytes]]]]:
+    """An echo_server on node a with a session of each of `programs` connected, moved to
+    b with plain relays; each session has had a line echoed through the pump."""
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            port = str(server.ready["port"])
+            sessions = [spawn_python(a, program, "127.0.0.1", port) for program in programs]
+            for session in sessions:
+                assert read_line(session, LINE_TIMEOUT) == "connected"
+            moved = move(a, server.pid, b, options=PLAIN)
+            server.wait_exit()
+            for session in sessions:
+                assert ask(session, "through the pump") == "through the pump"
+            assert pump_of(moved.shadow_pid), logs(tmp_path)
+            yield server, moved, sessions
+
+
+def test_a_client_reset_while_the_pump_carries_it_ends_its_stream_only(tmp_path: Path) -> None:
+    with sessions_through_the_pump(tmp_path, RESETTING_SESSION, ECHO_SESSION) as found:
+        server, moved, (doomed, kept) = found
+        assert ask(doomed, "reset") == "reset sent"
+        assert doomed.wait(LINE_TIMEOUT) == 0
+        # The pump gave the failed stream back; the shadow passed its end on to the
+        # process, which closed it; the other one goes on.
+        poll_until(lambda: "passing its end on to the process" in logs(tmp_path), "the reset")
+        assert ask(kept, "still here") == "still here"
+        end_session(kept)
+        output = finish_moved(server, moved, tmp_path)
+    assert "over 2 connections" in output, output
+
+
+def test_a_pump_that_dies_hands_its_streams_back_to_the_shadow(tmp_path: Path) -> None:
+    with sessions_through_the_pump(tmp_path, ECHO_SESSION) as (server, moved, (session,)):
+        os.kill(pump_of(moved.shadow_pid), signal.SIGKILL)  # the pump this test's move started
+        poll_until(lambda: "relaying in Python" in logs(tmp_path), "the streams taken back")
+        assert not pump_of(moved.shadow_pid)  # reaped
+        assert ask(session, "through the shadow") == "through the shadow"
+        end_session(session)
+        output = finish_moved(server, moved, tmp_path)
+    assert "over 1 connections" in output, output
+
+
+# An ECHO_SESSION whose "reset" line closes its connection with a reset (SO_LINGER 0).
+RESETTING_SESSION = """\
+import socket, struct, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30) as connection:
+    print("connected", flush=True)
+    for line in sys.stdin:
+        if line == "reset\\n":
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            print("reset sent", flush=True)
+            break
+        connection.sendall(line.encode())
+        echoed = b""
+        while not echoed.endswith(b"\\n"):
+            echoed += connection.recv(65536)
+        print(echoed.decode(), end="", flush=True)
+"""

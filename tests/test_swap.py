@@ -1,0 +1,192 @@
+"""Socket swap: two managed ends of a relayed TCP connection joined directly.
+
+After `hijack move` a process's connections go through its home shadow. When
+the other end is a process hijack manages too, `hijack swap PID` joins the two
+ends with a new direct connection between their nodes (docs/protocol.md,
+"Socket swap"): what was in flight arrives first and once, each end's
+descriptor holds the direct socket, and the shadow relays no more of it.
+
+Helpers and programs come from test_move (the same Cluster of netns nodes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+from support import spawn_fixture
+from support.nodes import Cluster, Node, link_down, link_up
+from support.running import RunningFixture
+from test_faults import deliver, finish, hijack_in
+from test_move import (
+    assert_ended_well,
+    finish_moved,
+    move,
+    poll_until,
+    shadow_status,
+    still_running,
+)
+
+from hijack.sys import procfs
+
+PLAIN = ("--plain-relays",)  # a swap takes plain relays only (docs/protocol.md)
+# Node a's loopback slowed down so that the stream is still under way after the moves and
+# the swaps (the direct connection between nodes is not shaped): 10 MB/s, 400 MB echoed.
+LOOPBACK_SHAPE = ("rate", "80mbit", "burst", "256kb", "latency", "100ms")
+STREAM_BYTES = 400 * 1024 * 1024
+
+
+@contextlib.contextmanager
+def echo_stream(
+    node: Node, seed: int, size: int = STREAM_BYTES
+) -> Iterator[tuple[RunningFixture, RunningFixture]]:
+    """(server, client): an echo_server in `node` and a stream_client echoing `size` bytes
+    through it over the node's (slowed) loopback, under way."""
+    shaped = node.run(
+        ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", *LOOPBACK_SHAPE], timeout=10
+    )
+    assert shaped.returncode == 0, shaped.stderr
+    with spawn_fixture("echo_server", netns=node.netns) as server:
+        stream = ("127.0.0.1", server.ready["port"], str(size), str(seed))
+        with spawn_fixture("stream_client", *stream, netns=node.netns) as client:
+            yield server, client
+
+
+def peers_of(pid: int) -> set[str]:
+    """The peers ("ip:port") of the established TCP connections `pid` holds."""
+    table = procfs.read_socket_table(pid)
+    found = set()
+    for entry in procfs.list_fds(pid):
+        info = table.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
+        if info is not None and info.type == socket.SOCK_STREAM and info.state == "ESTABLISHED":
+            found.add(info.remote)
+    return found
+
+
+def relayed_ids(node: Node, home_pid: int) -> list[str]:
+    """The TCP connections the home shadow of `home_pid` relays (not its pipes)."""
+    return [row["id"] for row in shadow_status(node, home_pid)["streams"] if row["original"]]
+
+
+def test_a_moved_client_and_its_attached_server_are_joined_directly(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        with echo_stream(a, seed=41) as (server, client):
+            a.hijack_ok("attach", server.pid)
+            moved = move(a, client.pid, b, options=PLAIN)
+            client.wait_exit()  # the original, killed by the move
+            assert still_running(moved.pid), "the stream ended before the swap: too fast"
+            assert len(relayed_ids(a, client.pid)) == 1
+            listed = a.hijack_ok("swap", "--list")
+            assert f"stream_client {moved.pid} on b" in listed.stdout, listed.describe()
+            assert f"echo_server {server.pid} on a" in listed.stdout, listed.describe()
+
+            # `hijack status` marks the stream as one a swap can join directly.
+            snapshot = json.loads(a.hijack_ok("status", "--json").stdout)
+            (process,) = [p for p in snapshot["processes"] if p["pid"] == client.pid]
+            streams = [s for s in process["shadow"]["streams"] if s["original"]]
+            assert [s["swappable"] for s in streams] == [True], streams
+
+            swapped = a.hijack_ok("swap", client.pid)
+            print(swapped.stdout)
+            assert "direct: " in swapped.stdout, swapped.describe()
+            # The shadow relays nothing of it any more; the server talks to b itself.
+            assert relayed_ids(a, client.pid) == [], f"{client.stderr}\n{server.stderr}"
+            poll_until(
+                lambda: any(peer.startswith("10.77.0.2:") for peer in peers_of(server.pid)),
+                "the server's connection goes to node b",
+            )
+            assert all(peer.startswith("10.77.0.1:") for peer in peers_of(moved.pid))
+            # It finishes there on its own: its own check of every byte echoed, in order.
+            assert_ended_well(moved, "the swapped stream_client", tmp_path)
+            server.assert_intact()
+
+
+def relayed_bytes(node: Node, home_pid: int) -> int:
+    """What the home shadow of `home_pid` has relayed of its TCP connection, both ways."""
+    (row,) = [row for row in shadow_status(node, home_pid)["streams"] if row["original"]]
+    return int(row["bytes_out"]) + int(row["bytes_in"])
+
+
+def test_a_swap_interrupted_at_any_step_leaves_the_relayed_stream_working(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        with echo_stream(a, seed=42, size=2 * STREAM_BYTES) as (server, client):
+            a.hijack_ok("attach", server.pid)
+            moved = move(a, client.pid, b, options=PLAIN)
+            client.wait_exit()  # the original, killed by the move
+            for stage, what in (
+                ("swap-frozen", signal.SIGINT),
+                ("swap-joined", signal.SIGKILL),
+                ("swap-frozen", "b unreachable"),
+            ):
+                assert still_running(moved.pid), "the stream ended before the swaps: too fast"
+                swapping = hijack_in(a, stage, "swap", client.pid)
+                if what == "b unreachable":
+                    link_down(b)
+                    deliver(swapping, signal.SIGCONT)
+                else:
+                    deliver(swapping, what)
+                result = finish(swapping)
+                link_up(b)
+                assert result.returncode != 0, f"{stage} {what}: {result.describe()}"
+                # Relayed as before, and it goes on.
+                assert relayed_ids(a, client.pid) == ["fd:3"], f"{stage} {what}"
+                before = relayed_bytes(a, client.pid)
+                poll_until(
+                    lambda: relayed_bytes(a, client.pid) > before + (1 << 20),  # noqa: B023
+                    f"the relayed stream goes on after a swap stopped at {stage} by {what}",
+                    timeout=30,
+                )
+                print(f"{stage} {what}: relayed still, {result.stderr.strip()}")
+            # Then a swap that is let through: every byte, in order, both ways.
+            a.hijack_ok("swap", client.pid)
+            assert relayed_ids(a, client.pid) == []
+            assert_ended_well(moved, "the stream_client swapped at last", tmp_path)
+            server.assert_intact()
+
+
+def acked_between(node: Node, peer: str) -> int:
+    """Bytes acknowledged on `node`'s established connection to `peer`'s address (`ss -i`)."""
+    completed = node.run(["ss", "-tinH", "state", "established", "dst", peer], timeout=10)
+    found = re.search(r"bytes_acked:(\d+)", completed.stdout)
+    return int(found[1]) if found else 0
+
+
+def test_two_migrants_joined_directly_outlive_their_home_node(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        b.start_daemon()
+        c.start_daemon()
+        with echo_stream(a, seed=43) as (server, client):
+            moved_client = move(a, client.pid, b, options=PLAIN)
+            client.wait_exit()
+            assert still_running(moved_client.pid), "the stream ended before the swap: too fast"
+            # Both ends relayed by their shadows at a: the move's swap joins b and c directly.
+            moved_server = move(a, server.pid, c, options=(*PLAIN, "--swap"))
+            server.wait_exit()
+            assert relayed_ids(a, client.pid) == []
+            assert relayed_ids(a, server.pid) == []
+            assert peers_of(moved_client.pid) & {f"10.77.0.3:{server.ready['port']}"}
+            # Node a cut off: the connection between b and c goes on.
+            link_down(a)
+            try:
+                before = acked_between(b, "10.77.0.3")
+                poll_until(
+                    lambda: acked_between(b, "10.77.0.3") > before + (8 << 20),
+                    "8 MiB more acknowledged between b and c while a is cut off",
+                    timeout=30,
+                )
+            finally:
+                link_up(a)  # their pipes (stdout, stderr) are relayed through a
+            assert_ended_well(moved_client, "the stream_client, swapped", tmp_path)
+            finish_moved(server, moved_server, tmp_path)  # it checked its own state: PASS
