@@ -25,8 +25,11 @@ the same run, on the same bytes, at the same place:
   (bench/redis.py);
 - TLS 1.3 between nodes beside plain TCP: handshake and stream throughput;
   a move's image stream and message round trip through the node channel over
-  TLS beside the same over protocol 1, the channel before TLS (bench/tls.py).
-  The move figures above run over TLS.
+  TLS beside the same over protocol 1, the channel before TLS; the freeze of a
+  move with TLS beside the freeze of the same moves by the code before TLS
+  (its commit taken from git history), in turns in the same run (bench/tls.py).
+  The move figures above run over TLS; links.py prints encrypted relays beside
+  --plain-relays.
 
 `python -m bench` measures 1 GiB; `--quick` measures 64 MiB (CI runs it so the
 scripts cannot rot; it asserts nothing). Results go to stdout and to
@@ -53,7 +56,7 @@ from bench.pauses import measure_pauses
 from bench.postcopy import measure_postcopy
 from bench.redis import measure_redis
 from bench.snapshots import measure_snapshots
-from bench.tls import measure_tls
+from bench.tls import measure_freeze_before_tls, measure_tls
 from bench.trees import measure_tree_dumps
 from hijack.mutator.dump import MAP_PRIVATE_ANONYMOUS, PROT_READ_WRITE, dump, dump_to_file
 from hijack.mutator.tracee import Tracee
@@ -271,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
             move_lines += measure_redis(rounds=5, warm=1.0, window=3.0)
         move_lines += measure_tls(Path(directory) / "tls-pki", size // 4)
         move_lines += measure_tree_dumps(size // MIB // 4)
+        move_lines += measure_freeze_before_tls(Path(directory), moves=2 if args.quick else 20)
     header = (
         f"hijack bench, {size // MIB} MiB, {time.strftime('%Y-%m-%d %H:%M')},"
         f" {os.uname().sysname} {os.uname().release}, {os.cpu_count()} CPUs,"

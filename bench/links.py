@@ -2,15 +2,17 @@
 veth links as they are and shaped to 1 Gbit/s and 10 Gbit/s with 0.2 ms of delay.
 
 Three nodes of the test suite's clusters (tests/support/nodes.py: one veth per
-node to a bridge). Two copies of a sink server start on node a; one is moved to
-node b, so a client on node c reaches it through its home shadow on a (c -> a
--> b), while it reaches the other one directly (c -> a): one hop each way, the
+node to a bridge). Three copies of a sink server start on node a; two are moved
+to node b (one as by default, its relays encrypted; one with --plain-relays),
+so a client on node c reaches them through their home shadows on a (c -> a ->
+b), while it reaches the third one directly (c -> a): one hop each way, the
 same nodes, the same client. Printed beside each other on each link:
 
-- stream throughput through the relay and direct (issue #17: ratio >= 0.95),
-  the median of STREAMS streams each, taken in turns;
+- stream throughput through the relay (encrypted, then plain) and direct
+  (issue #17: ratio >= 0.95), the median of STREAMS streams each, in turns;
 - on the unshaped link, the round trip of a small request through the relay
-  minus the direct one, at the 50th and 99th percentile (p50 <= 30 us);
+  (encrypted, then plain) minus the direct one, at the 50th and 99th
+  percentile (p50 <= 30 us);
 - the home shadow's CPU time (user + sys, /proc/PID/stat) per GB it relayed.
 
 Shaping is done on each node's end of its veth (egress), over netlink with
@@ -141,62 +143,76 @@ def shaped(nodes: tuple[Node, ...], rate_bits: int) -> Iterator[bool]:
 class Streams:
     direct: list[float]
     relayed: list[float]
+    plain: list[float]  # through a relay moved with --plain-relays
     shadow_cpu: float  # seconds, over the relayed streams
 
-    def line(self, label: str, size: int, note: str = "") -> str:
+    def lines(self, label: str, size: int, note: str = "") -> list[str]:
         direct = statistics.median(self.direct)
         relayed = statistics.median(self.relayed)
+        plain = statistics.median(self.plain)
         ratio = direct / relayed
         met = "met" if ratio >= THROUGHPUT_TARGET else "NOT met"
-        return (
+        return [
             f"{'relay throughput, ' + label:<34} {size / relayed / 1e6:8.0f} MB/s |"
             f" {'direct TCP, same nodes':<38} {size / direct / 1e6:8.0f} MB/s |"
-            f" ratio {ratio:5.2f}  target >= {THROUGHPUT_TARGET:.2f}: {met}{note}"
-        )
+            f" ratio {ratio:5.2f}  target >= {THROUGHPUT_TARGET:.2f}: {met}{note}; encrypted",
+            f"{'  the same relay, --plain-relays':<34} {size / plain / 1e6:8.0f} MB/s |"
+            f" {'encrypted (the line above)':<38} {size / relayed / 1e6:8.0f} MB/s |"
+            f" ratio to direct {direct / plain:5.2f}; encrypted/plain {plain / relayed:5.2f}",
+        ]
 
 
 def streams(
-    c: Node, host: str, sinks: tuple[Sink, Sink], shadow: int, size: int, count: int
+    c: Node, host: str, sinks: tuple[Sink, Sink, Sink], shadow: int, size: int, count: int
 ) -> Streams:
-    """`count` streams of `size` from node c to each of the sinks (direct, relayed) at `host`."""
-    direct, relayed = sinks
-    taken = Streams([], [], 0.0)
-    for _ in range(count):  # in turns: a change of load hits both alike
+    """`count` streams of `size` from node c to each of the sinks (direct, relayed encrypted,
+    relayed plain) at `host`."""
+    direct, relayed, plain = sinks
+    taken = Streams([], [], [], 0.0)
+    for _ in range(count):  # in turns: a change of load hits all alike
         taken.direct.append(float(client(c, "stream", host, direct.port, size)))
         before = cpu_seconds(shadow)
         taken.relayed.append(float(client(c, "stream", host, relayed.port, size)))
         taken.shadow_cpu += cpu_seconds(shadow) - before
+        taken.plain.append(float(client(c, "stream", host, plain.port, size)))
     return taken
+
+
+def move_sink(a: Node, b: Node, sink: Sink, *options: str) -> int:
+    """Move `sink` from node a to node b; the pid of its home shadow."""
+    assert b.daemon_endpoint is not None
+    moved = a.hijack("move", sink.pid, "--to", b.daemon_endpoint, *options, timeout=CLIENT_TIMEOUT)
+    if moved.returncode != 0:
+        raise SystemExit(f"bench: {moved.describe()}")
+    status = control.request(
+        str(a.state_dir / "shadows" / str(sink.pid) / "control.sock"), {"op": "status"}
+    )
+    return int(status["shadow_pid"])
 
 
 def measure_links(stream_size: int, streams_each: int, pings: int) -> list[str]:
     lines = []
     with relay_nodes("hijack-bench-links-") as (_, cluster):
         a, b, c = cluster.nodes
-        direct, moving = start_sink(a), start_sink(a)
-        assert b.daemon_endpoint is not None
-        moved = a.hijack("move", moving.pid, "--to", b.daemon_endpoint, timeout=CLIENT_TIMEOUT)
-        if moved.returncode != 0:
-            raise SystemExit(f"bench: {moved.describe()}")
-        status = control.request(
-            str(a.state_dir / "shadows" / str(moving.pid) / "control.sock"), {"op": "status"}
-        )
-        shadow = int(status["shadow_pid"])
+        direct, moving, plain = start_sink(a), start_sink(a), start_sink(a)
+        shadow = move_sink(a, b, moving)
+        move_sink(a, b, plain, "--plain-relays")
         relayed_bytes, shadow_cpu = 0, 0.0
 
         # Round trips first, on the links as they are.
         direct_rtt: list[float] = client(c, "ping", a.address, direct.port, pings)
         relayed_rtt: list[float] = client(c, "ping", a.address, moving.port, pings)
-        sinks = (direct, moving)
+        plain_rtt: list[float] = client(c, "ping", a.address, plain.port, pings)
+        sinks = (direct, moving, plain)
         taken = streams(c, a.address, sinks, shadow, stream_size, streams_each)
-        lines.append(taken.line("veth", stream_size, "; unshaped"))
+        lines += taken.lines("veth", stream_size, "; unshaped")
         relayed_bytes += stream_size * streams_each
         shadow_cpu += taken.shadow_cpu
         for label, rate in RATES:
             with shaped(cluster.nodes, rate) as delayed:
                 taken = streams(c, a.address, sinks, shadow, stream_size, streams_each)
             delay = f"{DELAY_US / 1000:.1f} ms delay" if delayed else "NO delay (no netem)"
-            lines.append(taken.line(label, stream_size, f"; shaped (tbf), {delay}"))
+            lines += taken.lines(label, stream_size, f"; shaped (tbf), {delay}")
             relayed_bytes += stream_size * streams_each
             shadow_cpu += taken.shadow_cpu
 
@@ -209,9 +225,15 @@ def measure_links(stream_size: int, streams_each: int, pings: int) -> list[str]:
             if share == 0.5
             else f"{pings} round trips each"
         )
+        plain_us = percentile(plain_rtt, share) * 1e6 - direct_us
         lines.append(
             f"{'added round trip ' + name + ', veth':<34} {added_us:8.0f} us   |"
-            f" {'direct round trip ' + name:<38} {direct_us:8.0f} us   | {target}"
+            f" {'direct round trip ' + name:<38} {direct_us:8.0f} us   | {target}; encrypted"
+        )
+        lines.append(
+            f"{'  the same, --plain-relays':<34} {plain_us:8.0f} us   |"
+            f" {'added by encryption':<38} {added_us - plain_us:8.0f} us   |"
+            " the relay's TLS and the node's forwarder"
         )
     lines.append(
         f"{'shadow CPU per GB relayed':<34} {shadow_cpu / (relayed_bytes / 1e9):8.2f} s    |"

@@ -7,13 +7,25 @@ image streamed through DataWriter and DataReader, and a message round trip
 (what `prepared`/`commit` cost while the process is frozen), over TLS 1.3 as
 now, beside the same over protocol 1 as it was before TLS (frames in clear,
 each with an HMAC-SHA256 under a session key: the code below is its frame
-path, kept here for the comparison) and beside bare frames in clear."""
+path, kept here for the comparison) and beside bare frames in clear.
+
+And a whole move's freeze with TLS beside the freeze of the code before TLS:
+commit BEFORE_TLS is taken from git history into a temporary directory (git
+archive: the repository is not touched) and each tree moves the same C
+dirtier between two namespace nodes of its own test support, in turns."""
 
 from __future__ import annotations
 
 import hmac
+import os
+import select
+import shutil
 import socket
 import ssl
+import statistics
+import subprocess
+import sys
+import tarfile
 import threading
 import time
 from collections.abc import Callable
@@ -212,4 +224,137 @@ def measure_channel(directory: Path, size: int) -> list[str]:
         f"{'message round trip, TLS 1.3':<34} {tls_trip * 1e6:8.0f} us   | "
         f"{'before TLS: ' + before:<38} {before_trip * 1e6:8.0f} us   | "
         f"added {(tls_trip - before_trip) * 1e6:.0f} us per exchange while frozen (3 a move)",
+    ]
+
+
+# -- a move's freeze with TLS beside the freeze before it, in the same run ------------------
+
+BEFORE_TLS = "66ffbeb"  # main just before the node channels went over TLS (104b835)
+FREEZE_SIZE_MIB = 64
+DIRTY_RATE_MB = 10
+DRIVER_TIMEOUT = 300.0  # a cluster, a fixture filled, one move: on a loaded machine
+
+# Run with a tree's own code (cwd and PYTHONPATH): a two-node cluster of that tree's
+# test support, the C dirtier in it; each stdin line moves it once (a <-> b, pre-copy)
+# and prints the freeze the move reported (ms). At the end of stdin, the dirtier checks
+# every page it wrote: exit 0 only if it says PASS.
+FREEZE_DRIVER = """
+import re, sys, tempfile, time
+from pathlib import Path
+from support.nodes import Cluster
+from support.running import spawn_fixture
+
+MOVED = re.compile(r"moved process (\\d+) to (\\w+): it runs there as (\\d+); frozen ([\\d.]+) ms")
+size, rate = sys.argv[1], sys.argv[2]
+with tempfile.TemporaryDirectory(prefix="hijack-bench-freeze-") as directory:
+    with Cluster(Path(directory), nodes=2) as cluster:
+        a, b = cluster.nodes
+        a.start_daemon()
+        b.start_daemon()
+        with spawn_fixture("dirtier", size, rate, netns=a.netns, ready_timeout=120) as dirtier:
+            pid, here, there = dirtier.pid, a, b
+            print("ready", flush=True)
+            for number, _ in enumerate(sys.stdin):
+                result = here.hijack(
+                    "move", pid, "--to", there.daemon_endpoint, "--precopy", timeout=300
+                )
+                found = MOVED.search(" ".join(result.stdout.split()))
+                if result.returncode != 0 or found is None:
+                    sys.exit(f"move failed: {result.describe()}")
+                if number == 0:
+                    dirtier.wait_exit()  # the original, killed by the move: reaped
+                pid, here, there = int(found[3]), there, here
+                print(found[4], flush=True)
+            dirtier.close_control()
+            deadline = time.monotonic() + 120
+            while f"PASS {dirtier.name}" not in dirtier.stdout:
+                if time.monotonic() > deadline:
+                    sys.exit(f"the moved dirtier did not pass its check: {dirtier.stdout}")
+                time.sleep(0.1)  # its stdout is a file: nothing to wait on
+"""
+
+
+def _line(process: subprocess.Popen[str], timeout: float, what: str) -> str:
+    assert process.stdout is not None
+    readable, _, _ = select.select([process.stdout], [], [], timeout)
+    line = process.stdout.readline() if readable else ""
+    if not line:
+        process.kill()
+        _, errors = process.communicate()
+        raise SystemExit(f"bench: {what}: no answer\n{errors[-3000:]}")
+    return line.strip()
+
+
+def _start_driver(tree: Path, build_dir: Path | None) -> subprocess.Popen[str]:
+    environment = {**os.environ, "PYTHONPATH": f"{tree}{os.pathsep}{tree / 'tests'}"}
+    if build_dir is not None:  # its own fixtures: never in the build directory the tests use
+        environment["HIJACK_FIXTURE_BUILD_DIR"] = str(build_dir)
+    return subprocess.Popen(
+        [sys.executable, "-c", FREEZE_DRIVER, str(FREEZE_SIZE_MIB), str(DIRTY_RATE_MB)],
+        cwd=tree,
+        env=environment,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _tree_before_tls(repository: Path, into: Path) -> str:
+    """The code of BEFORE_TLS extracted into `into` (git archive: the repository is left as
+    it is); "" or why it cannot be."""
+    archive = into.with_suffix(".tar")
+    try:
+        subprocess.run(
+            ["git", "-C", str(repository), "archive", "-o", str(archive), BEFORE_TLS],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"no git history to take {BEFORE_TLS} from ({exc})"
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, filter="data")
+    archive.unlink()
+    return ""
+
+
+def measure_freeze_before_tls(directory: Path, moves: int) -> list[str]:
+    """MOVES moves of the dirtier with this tree (TLS 1.3) and as many with the tree before
+    TLS, taken in turns (a change of load hits both alike): the medians side by side."""
+    label = f"{'move freeze, TLS 1.3 (median)':<34}"
+    before = directory / "before-tls"
+    why = _tree_before_tls(Path(__file__).resolve().parent.parent, before)
+    if why:
+        return [f"{label} not beside the freeze before TLS: {why}"]
+    drivers = {
+        "TLS 1.3": _start_driver(Path(__file__).resolve().parent.parent, None),
+        "before TLS": _start_driver(before, directory / "before-tls-fixtures"),
+    }
+    freezes: dict[str, list[float]] = {name: [] for name in drivers}
+    try:
+        for name, driver in drivers.items():
+            if _line(driver, DRIVER_TIMEOUT, f"the {name} tree's cluster") != "ready":
+                raise SystemExit(f"bench: the {name} tree's cluster did not start")
+        for _ in range(moves):
+            for name, driver in drivers.items():
+                assert driver.stdin is not None
+                driver.stdin.write("move\n")
+                driver.stdin.flush()
+                freezes[name].append(float(_line(driver, DRIVER_TIMEOUT, f"a {name} move")))
+        for name, driver in drivers.items():
+            _, errors = driver.communicate(timeout=DRIVER_TIMEOUT)
+            if driver.returncode != 0:
+                raise SystemExit(f"bench: the {name} tree's moves: {errors[-3000:]}")
+    finally:
+        for driver in drivers.values():
+            if driver.poll() is None:
+                driver.kill()
+                driver.communicate()
+        shutil.rmtree(before, ignore_errors=True)
+    tls, clear = (statistics.median(freezes[name]) for name in drivers)
+    return [
+        f"{label} {tls:8.1f} ms   | {'before TLS (' + BEFORE_TLS + '), same run':<38}"
+        f" {clear:8.1f} ms   | ratio {tls / clear:5.2f}; {moves} moves each in turns,"
+        f" {FREEZE_SIZE_MIB} MiB dirtying {DIRTY_RATE_MB} MB/s"
     ]

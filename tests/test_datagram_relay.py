@@ -15,13 +15,18 @@ import resource
 import select
 import selectors
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
+from hijack.node import pki
 from hijack.shadow import datagram
 from hijack.shadow.datagram import DatagramStream, parse_address, unmapped
+from hijack.shadow.datagram_link import DatagramLink, StandIns
+from hijack.shadow.relay_link import ShadowIdentity, TlsLink, _node_context, cluster_trust
 
 WAIT = 5.0  # seconds a pump may take
 
@@ -233,3 +238,85 @@ def test_addresses_read_as_ipv4_whatever_way_a_mapped_one_is_written() -> None:
     assert unmapped("::1") == "::1"
     assert parse_address("[::ffff:a4d:2]:5353") == ("10.77.0.2", 5353)
     assert parse_address("10.0.0.1:53") == ("10.0.0.1", 53)
+
+
+@pytest.fixture
+def linked(tmp_path: Path) -> Iterator[tuple[Relayed, StandIns]]:
+    """As `relayed`, but encrypted: the stream's datagrams go through a TLS datagram link to
+    the node's stand-ins (hijack.shadow.datagram_link), one selector pumping both ends."""
+    pki.init_ca(tmp_path)
+    pki.add_node(tmp_path, "node")
+    identity = ShadowIdentity()
+    identity.trust(cluster_trust(tmp_path))
+    shadow_end, node_end = socket.socketpair()
+    node_link: list[TlsLink] = []
+    thread = threading.Thread(
+        target=lambda: node_link.append(
+            TlsLink.handshake(node_end, _node_context(tmp_path, "node", 0.0), server=False)
+        )
+    )
+    thread.start()
+    assert identity.context is not None
+    shadow_link = TlsLink.handshake(shadow_end, identity.context, server=True)
+    thread.join()
+    selector = selectors.DefaultSelector()
+    original, process = udp_socket(), udp_socket()
+    stream = DatagramStream("fd:7", original.fileno(), selector, lambda text: None)
+    for sock in (shadow_end, node_end):
+        sock.setblocking(False)
+    stream.attach_link("move", DatagramLink(shadow_link))
+    stand_ins = StandIns(DatagramLink(node_link[0]), "127.0.0.1", process.getsockname())
+
+    def node_side(fileobj: object, events: int) -> None:
+        for gone in stand_ins.from_shadow():
+            selector.unregister(gone)
+            gone.close()
+        for port, sock in stand_ins.by_port.items():
+            try:
+                selector.get_key(sock)
+            except KeyError:
+                selector.register(sock, selectors.EVENT_READ, lambda *_, p=port: from_process(p))
+        stand_ins.link.flush()
+
+    def from_process(port: int) -> None:
+        stand_ins.from_process(port)
+        stand_ins.link.flush()
+
+    selector.register(node_end, selectors.EVENT_READ, node_side)
+    stream.migrated(address(process), "", [], "move")
+    try:
+        yield (selector, original, process, stream), stand_ins
+    finally:
+        stream.close()
+        stand_ins.close()
+        selector.close()
+        original.close()
+        process.close()
+
+
+def test_a_datagram_link_carries_datagrams_whole_and_drops_stand_ins_with_relays(
+    linked: tuple[Relayed, StandIns],
+) -> None:
+    (selector, original, process, stream), stand_ins = linked
+    peers = [udp_socket() for _ in range(3)]
+    try:
+        for size in (0, 1, 1400, 65507):
+            for peer in peers:
+                payload = os.urandom(size)
+                peer.sendto(payload, original.getsockname())
+                relay, heard = echo_through(selector, process, peer)
+                # The process hears its peers at the stand-ins of its node, answers there,
+                # and the peer hears the original's address: one datagram for one.
+                assert relay in {address(sock) for sock in stand_ins.by_port.values()}
+                assert heard == address(original)
+        assert stream.link is not None and len(stand_ins.by_port) == 3
+        described = stream.describe()
+        assert described["encrypted"] and len(described["aliases"]) == 3, described
+        assert described["datagrams_out"] == described["datagrams_in"] == 12, described
+        # Idle relays expire at the shadow: their stand-ins at the node go too.
+        stream.expire(time.monotonic() + datagram.PEER_IDLE + 1)
+        pump(selector, lambda: not stand_ins.by_port)
+        assert stream.describe()["aliases"] == {}
+    finally:
+        for peer in peers:
+            peer.close()

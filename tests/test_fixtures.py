@@ -177,9 +177,10 @@ def test_echo_server_echoes_8_mib_to_a_stream_client() -> None:
     assert f"echoed {size} bytes over 1 connections" in server.stdout
 
 
-def test_echo_server_serves_several_clients_at_once() -> None:
+@pytest.mark.parametrize("waits_in", [(), ("0", "epoll")], ids=["poll", "epoll"])
+def test_echo_server_serves_several_clients_at_once(waits_in: tuple[str, ...]) -> None:
     size = 1 << 20
-    with spawn_fixture("echo_server") as server, contextlib.ExitStack() as clients:
+    with spawn_fixture("echo_server", *waits_in) as server, contextlib.ExitStack() as clients:
         port = server.ready["port"]
         running = [
             clients.enter_context(

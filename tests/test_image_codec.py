@@ -554,7 +554,13 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
         ),
         NetlinkSocket(id=24, type=3, protocol=0, port_id=4242, groups=(1, 5)),
         RawSocket(id=25, family=2, protocol=1, local_address="127.0.0.1", remote_address=""),
-        PingSocket(id=61, family=2, local_address="127.0.0.1:4321", remote_address="127.0.0.1"),
+        PingSocket(
+            id=61,
+            family=2,
+            local_address="127.0.0.1:4321",
+            remote_address="127.0.0.1",
+            queue=(QueuedDatagram(length=16, source="127.0.0.1:0"),),
+        ),
         PacketSocket(
             id=62,
             type=3,
@@ -715,7 +721,16 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                 ThreadSeccomp(tid=4244, mode=1, filters=()),
             ),
             guard_pages=(PageRange(start=0x7F0000100000, end=0x7F0000102000),),
-            aio_rings=(AioRing(address=0x7F0000200000, size=0x3000, nr=383),),
+            aio_rings=(
+                AioRing(
+                    address=0x7F0000200000,
+                    size=0x3000,
+                    nr=383,
+                    head=382,
+                    tail=1,
+                    events=bytes(range(64)),
+                ),
+            ),
         ),
         Timers(
             itimers=(Itimer(which=0, interval_ns=20_000_000, value_ns=7_000_000),),
@@ -729,6 +744,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                     thread=0,
                     interval_ns=0,
                     value_ns=0,
+                    overrun=0,
                 ),
                 PosixTimer(
                     timer_id=3,
@@ -739,6 +755,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
                     thread=4243,
                     interval_ns=1_000_000,
                     value_ns=999_999_999_999,
+                    overrun=2**31 - 1,
                 ),
             ),
         ),

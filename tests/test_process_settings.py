@@ -10,8 +10,6 @@ to fire again. The test compares what /proc shows of them before and after.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from support import spawn_fixture
@@ -124,59 +122,34 @@ def test_mlockall_membarrier_personality_and_names_come_back(
         fixture.assert_intact()  # its own check: a new mapping locked, barriers, names
 
 
-def test_an_aio_context_comes_back_at_its_address(hijack: HijackCli, tmp_path: Path) -> None:
+def test_an_aio_context_comes_back_at_its_address_with_its_unreaped_events(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
     image = tmp_path / "aio.crf"
     with spawn_fixture("aio", fifos=True) as fixture:
         context = int(fixture.ready["context"], 16)
         dump_kill(hijack, fixture, image)
         shown = shown_json(hijack, image)
-        assert shown["settings"]["aio_rings"] == [{"address": context, "size": 4096, "nr": 127}]
-        assert f"AIO context at {context:#x}: 127 events" in hijack.ok("show", image).stdout
+        [ring] = shown["settings"]["aio_rings"]
+        assert (ring["address"], ring["size"], ring["nr"]) == (context, 4096, 127), ring
+        assert (ring["head"], ring["tail"]) == (125, 1), ring  # three events, round the end
+        text = hijack.ok("show", image).stdout
+        assert f"AIO context at {context:#x}: 127 events, 3 completed not reaped" in text
 
         restore_adopted(hijack, fixture, image)
-        fixture.assert_intact()  # its own check: the ring at its address, a read through it
+        fixture.assert_intact()  # its own check: head, tail, the events, a read after
 
 
-# Holds an AIO context with a completed event not reaped; prints its aio_context_t.
-AIO_HOLDER = """\
-import ctypes, os, struct, sys
-libc = ctypes.CDLL(None, use_errno=True)
-context = ctypes.c_ulong(0)
-if libc.syscall(206, 1, ctypes.byref(context)) != 0:  # SYS_io_setup
-    sys.exit(f"io_setup: errno {ctypes.get_errno()}")
-buffer = ctypes.create_string_buffer(4)
-fd = os.open("/proc/self/exe", os.O_RDONLY)
-# struct iocb: data, key, rw_flags, opcode 0 (PREAD), reqprio, fildes, buf, nbytes, offset
-iocb = ctypes.create_string_buffer(struct.pack("<QIiHhIQQqQIi", 7, 0, 0, 0, 0, fd,
-                                               ctypes.addressof(buffer), 4, 0, 0, 0, 0))
-requests = (ctypes.c_void_p * 1)(ctypes.addressof(iocb))
-if libc.syscall(209, context, 1, requests) != 1:  # SYS_io_submit
-    sys.exit(f"io_submit: errno {ctypes.get_errno()}")
-ring = (ctypes.c_uint * 4).from_address(context.value)
-while ring[2] == ring[3]:  # head == tail: not completed yet
-    pass
-print(hex(context.value), flush=True)
-sys.stdin.read()
-"""
+def test_posix_timers_come_back_with_their_overrun(hijack: HijackCli, tmp_path: Path) -> None:
+    image = tmp_path / "overrun.crf"
+    with spawn_fixture("timer_overrun", fifos=True) as fixture:
+        dump_kill(hijack, fixture, image)
+        posix = shown_json(hijack, image)["timers"]["posix"]
+        overruns = {timer["timer_id"]: timer["overrun"] for timer in posix}
+        realtime, monotonic = int(fixture.ready["realtime"]), int(fixture.ready["monotonic"])
+        assert overruns == {realtime: 5, monotonic: 2}, posix
+        assert f"POSIX timer {realtime}: clock 0," in hijack.ok("show", image).stdout
+        assert "overrun 5" in hijack.ok("show", image).stdout
 
-
-def test_unreaped_aio_events_are_refused_by_name_and_the_process_runs_on(
-    hijack: HijackCli, tmp_path: Path
-) -> None:
-    holder = subprocess.Popen(
-        [sys.executable, "-c", AIO_HOLDER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout is not None
-        ring = holder.stdout.readline().strip()
-        refused = hijack("dump", holder.pid, "-o", tmp_path / "aio.crf", "--kill")
-        assert refused.returncode == 1, refused.describe()
-        assert refused.stderr == (
-            f"hijack: process {holder.pid} has completed AIO events not yet reaped in its"
-            f" context at {ring} (io_getevents them first)\n"
-        ), refused.describe()
-        assert not (tmp_path / "aio.crf").exists()
-        assert holder.poll() is None
-    finally:
-        holder.kill()
-        holder.wait()
+        restore_adopted(hijack, fixture, image)
+        fixture.assert_intact()  # its own check: each overrun, interval and time left

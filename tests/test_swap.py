@@ -43,15 +43,15 @@ STREAM_BYTES = 400 * 1024 * 1024
 
 @contextlib.contextmanager
 def echo_stream(
-    node: Node, seed: int, size: int = STREAM_BYTES
+    node: Node, seed: int, size: int = STREAM_BYTES, server_args: tuple[str, ...] = ()
 ) -> Iterator[tuple[RunningFixture, RunningFixture]]:
-    """(server, client): an echo_server in `node` and a stream_client echoing `size` bytes
-    through it over the node's (slowed) loopback, under way."""
+    """(server, client): an echo_server in `node` (`server_args`) and a stream_client
+    echoing `size` bytes through it over the node's (slowed) loopback, under way."""
     shaped = node.run(
         ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", *LOOPBACK_SHAPE], timeout=10
     )
     assert shaped.returncode == 0, shaped.stderr
-    with spawn_fixture("echo_server", netns=node.netns) as server:
+    with spawn_fixture("echo_server", *server_args, netns=node.netns) as server:
         stream = ("127.0.0.1", server.ready["port"], str(size), str(seed))
         with spawn_fixture("stream_client", *stream, netns=node.netns) as client:
             yield server, client
@@ -77,7 +77,8 @@ def test_a_moved_client_and_its_attached_server_are_joined_directly(tmp_path: Pa
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         b.start_daemon()
-        with echo_stream(a, seed=41) as (server, client):
+        # The server waits in epoll: its entry must follow the swapped socket.
+        with echo_stream(a, seed=41, server_args=("0", "epoll")) as (server, client):
             a.hijack_ok("attach", server.pid)
             moved = move(a, client.pid, b, options=PLAIN)
             client.wait_exit()  # the original, killed by the move
@@ -120,7 +121,12 @@ def test_a_swap_interrupted_at_any_step_leaves_the_relayed_stream_working(
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         b.start_daemon()
-        with echo_stream(a, seed=42, size=2 * STREAM_BYTES) as (server, client):
+        # The server waits in epoll: a swap undone after the join moves its entry back.
+        epoll = ("0", "epoll")
+        with echo_stream(a, seed=42, size=2 * STREAM_BYTES, server_args=epoll) as (
+            server,
+            client,
+        ):
             a.hijack_ok("attach", server.pid)
             moved = move(a, client.pid, b, options=PLAIN)
             client.wait_exit()  # the original, killed by the move

@@ -765,12 +765,13 @@ class RawSocket:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PingSocket:
     """An ICMP ping socket (SOCK_DGRAM, IPPROTO_ICMP or IPPROTO_ICMPV6): the address and
-    echo identifier it is bound to, the host it is connected to; replies queued are lost."""
+    echo identifier it is bound to, the host it is connected to, the replies queued."""
 
     id: U64
     family: U16  # AF_INET or AF_INET6
     local_address: str  # "127.0.0.1:IDENT", "[::1]:IDENT"; "0.0.0.0:0" / "[::]:0" never bound
     remote_address: str  # the host it is connected to ("127.0.0.1", "::1"), "" when not
+    queue: tuple[QueuedDatagram, ...]  # echo replies (their ICMP messages), oldest first
 
     def __post_init__(self) -> None:
         _check_object_id(self)
@@ -1165,6 +1166,9 @@ class PageRange:
         )
 
 
+AIO_EVENT_SIZE = 32  # struct io_event: data, obj, res, res2
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AioRing:
     """The ring of an AIO context (io_setup), mapped at `address`: the aio_context_t."""
@@ -1172,11 +1176,21 @@ class AioRing:
     address: U64
     size: U64  # bytes of its mapping
     nr: U32  # the ring header's nr: io_events it holds (io_setup((nr - 2) / 2) makes as many)
+    head: U32  # the ring header's head: the first event not yet reaped
+    tail: U32  # ... and tail: where the kernel puts the next completed event
+    events: bytes  # the io_events from head to tail (32 bytes each): completed, not reaped
 
     def __post_init__(self) -> None:
         _require(
             _page_aligned(self.address) and self.size > 0 and _page_aligned(self.size),
             f"AioRing {self.address:#x}+{self.size:#x}: not whole pages",
+        )
+        _require(
+            self.head < self.nr
+            and self.tail < self.nr
+            and len(self.events) == (self.tail - self.head) % self.nr * AIO_EVENT_SIZE,
+            f"AioRing {self.address:#x}: head {self.head}, tail {self.tail} of {self.nr} and"
+            f" {len(self.events)} bytes of events do not agree",
         )
 
 
@@ -1231,6 +1245,7 @@ class PosixTimer:
     thread: U32  # the tid SIGEV_THREAD_ID notifies, else 0
     interval_ns: U64  # it_interval
     value_ns: U64  # it_value: time left until it next expires; 0 when disarmed
+    overrun: I32  # timer_getoverrun: the expirations its last signal stood for, less one
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

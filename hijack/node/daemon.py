@@ -244,6 +244,13 @@ class NodeDaemon:
                 return control.open_plain_relay(shadow, stream, move, terminal=terminal)
             return self.forwarder.relay(shadow, stream, move, terminal)
 
+        def datagram(proxy: Proxy) -> socket.socket:
+            if plain:
+                return datagram_socket(proxy, here)
+            # Its datagrams inside TLS: the forwarder stands for the shadow's relays here.
+            peer = parse_address(proxy.peer)[1] if proxy.peer else 0
+            return self.forwarder.datagrams(shadow, proxy.stream, move, proxy.family, here, peer)
+
         terminals = _Terminals(relay)
         originals = _Originals(shadow, move)
         # A move home whose every descriptor is its original again (hijack.node.move).
@@ -308,7 +315,7 @@ class NodeDaemon:
                             )
                         )
                     elif proxy.kind == "datagram":
-                        sock = datagram_socket(proxy, here)
+                        sock = datagram(proxy)
                         opened.append(sock)
                         datagrams[proxy.stream] = f"{here}:{sock.getsockname()[1]}"
                     else:

@@ -36,6 +36,11 @@ forwarder connects to the process's listener (marked) and opens an encrypted
 relay for acc:K. Nobody else can reach that listener: not from the network
 (loopback) and not from this node (unmarked).
 
+A UDP socket of the process is forwarded as a *datagram link*
+(hijack.shadow.datagram_link): the forwarder makes the process's UDP socket,
+opens the link, and stands for each of the shadow's peer relays with a UDP
+socket of its own here, so no datagram crosses between hosts in clear.
+
 The forwarder is a process of its own (`python -m hijack.node.forwarder`),
 started by the daemon at its first encrypted relay and asked over a unix
 socketpair for each relay or listener link (the process's end comes back as
@@ -66,6 +71,8 @@ from hijack.errors import HijackError
 from hijack.node.terminal import DATA, FRAME, FrameReader
 from hijack.node.terminal import frame as make_frame
 from hijack.shadow import control
+from hijack.shadow.datagram import widen_receive_buffer
+from hijack.shadow.datagram_link import DatagramLink, StandIns
 from hijack.shadow.relay_link import ENCRYPTED, TlsLink
 from hijack.sys.socket_filter import SO_MARK, attach_filter, only_marked
 
@@ -161,9 +168,10 @@ class Forwarder:
         self.log = log
         self.selector = selectors.DefaultSelector()
         self.lock = threading.Lock()
-        self.added: list[_Pair | _ListenerLink] = []
+        self.added: list[_Pair | _ListenerLink | StandIns] = []
         self.pairs: set[_Pair] = set()
         self.links: set[_ListenerLink] = set()
+        self.tunnels: set[StandIns] = set()  # datagram links (hijack.shadow.datagram_link)
         self.wake_read, self.wake_write = socket.socketpair()
         self.wake_read.setblocking(False)
         self.selector.register(self.wake_read, selectors.EVENT_READ, None)
@@ -204,7 +212,39 @@ class Forwarder:
         self._add(_ListenerLink(link, listener, home))
         return link.sock
 
-    def _add(self, item: _Pair | _ListenerLink) -> None:
+    def datagrams(
+        self, home: control.HomeEndpoint, stream: str, move: str, family: int, here: str, peer: int
+    ) -> socket.socket:
+        """An encrypted datagram link for UDP stream `stream`: the process's UDP socket, on
+        `here` (connected to the stand-in of the shadow's relay port `peer`, if not 0)."""
+        mapped = "::ffff:" if family == socket.AF_INET6 else ""
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            widen_receive_buffer(sock)
+            sock.bind((mapped + here, 0))
+            port = int(sock.getsockname()[1])
+            header = {
+                "kind": "datagrams",
+                "stream": stream,
+                "move": move,
+                "mode": ENCRYPTED,
+                "process": f"{here}:{port}",
+            }
+            tunnel = StandIns(DatagramLink(control.open_link(home, header)), here, (here, port))
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            if peer:
+                sock.connect((mapped + here, tunnel.stand_in(peer).getsockname()[1]))
+        except BaseException:
+            tunnel.close()
+            sock.close()
+            raise
+        self._add(tunnel)
+        return sock
+
+    def _add(self, item: _Pair | _ListenerLink | StandIns) -> None:
         with self.lock:
             self.added.append(item)
             if self.thread is None:
@@ -225,6 +265,8 @@ class Forwarder:
                 try:
                     if isinstance(item, _ListenerLink):
                         self._on_listener_link(item)
+                    elif isinstance(item, StandIns):
+                        self._on_tunnel(item, role, events)
                     else:
                         self._on_pair(item, role, events)
                 except (OSError, HijackError, ValueError, TypeError) as exc:
@@ -248,6 +290,11 @@ class Forwarder:
             if isinstance(item, _ListenerLink):
                 self.links.add(item)
                 self.selector.register(item.link.sock, selectors.EVENT_READ, (item, "link"))
+            elif isinstance(item, StandIns):
+                self.tunnels.add(item)
+                for port, stand_in in item.by_port.items():
+                    self.selector.register(stand_in, selectors.EVENT_READ, (item, port))
+                self._watch_tunnel(item)
             else:
                 item.local.setblocking(False)
                 self.pairs.add(item)
@@ -348,7 +395,10 @@ class Forwarder:
         if sent_all and pair.link.eof and not pair.to_local:
             self._close(pair, reset=False)
 
-    def _close(self, item: _Pair | _ListenerLink, *, reset: bool) -> None:
+    def _close(self, item: _Pair | _ListenerLink | StandIns, *, reset: bool) -> None:
+        if isinstance(item, StandIns):
+            self._close_tunnel(item)
+            return
         socks = [item.link.sock] + ([item.local] if isinstance(item, _Pair) else [])
         for sock in socks:
             with contextlib.suppress(KeyError, ValueError):
@@ -366,7 +416,53 @@ class Forwarder:
     def idle(self) -> bool:
         """Whether it carries nothing (no relay, no listener link)."""
         with self.lock:
-            return not (self.added or self.pairs or self.links)
+            return not (self.added or self.pairs or self.links or self.tunnels)
+
+    # -- datagram links -------------------------------------------------------------------
+
+    def _on_tunnel(self, item: StandIns, role: object, events: int) -> None:
+        if item.closed:
+            return
+        if role == "link":
+            if events & selectors.EVENT_WRITE:
+                item.link.flush()
+            if events & selectors.EVENT_READ:
+                for gone in item.from_shadow():
+                    with contextlib.suppress(KeyError, ValueError):
+                        self.selector.unregister(gone)
+                    gone.close()
+                for port, stand_in in item.by_port.items():  # the ones just made
+                    try:
+                        self.selector.get_key(stand_in)
+                    except KeyError:
+                        self.selector.register(stand_in, selectors.EVENT_READ, (item, port))
+            if item.link.eof:  # the shadow is done with it (the process moved on, or ended)
+                self._close_tunnel(item)
+                return
+        elif isinstance(role, int):
+            item.from_process(role)
+        self._watch_tunnel(item)
+
+    def _watch_tunnel(self, item: StandIns) -> None:
+        events = item.link.events()
+        try:
+            key = self.selector.get_key(item.link.sock)
+        except KeyError:
+            key = None
+        if not events:
+            if key is not None:
+                self.selector.unregister(item.link.sock)
+        elif key is None:
+            self.selector.register(item.link.sock, events, (item, "link"))
+        elif key.events != events:
+            self.selector.modify(item.link.sock, events, (item, "link"))
+
+    def _close_tunnel(self, item: StandIns) -> None:
+        for sock in [item.link.sock, *item.by_port.values()]:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(sock)
+        item.close()
+        self.tunnels.discard(item)
 
     # -- listener links -----------------------------------------------------------------
 
@@ -486,6 +582,12 @@ class ForwarderProcess:
         request = {"op": "listen", "home": _home_fields(home), "stream": stream, "move": move}
         return self._ask({**request, "listener": listener})
 
+    def datagrams(
+        self, home: control.HomeEndpoint, stream: str, move: str, family: int, here: str, peer: int
+    ) -> socket.socket:
+        request = {"op": "datagrams", "home": _home_fields(home), "stream": stream, "move": move}
+        return self._ask({**request, "family": family, "here": here, "peer": peer})
+
 
 def serve(channel: socket.socket) -> None:
     """The forwarder process: answer the daemon until it is gone, then carry on until idle."""
@@ -508,6 +610,10 @@ def serve(channel: socket.socket) -> None:
             if request.get("op") == "listen":
                 given = forwarder.listen(home, stream, move, str(request["listener"]))
                 handed = os.dup(given.fileno())  # the daemon shuts it if its move fails
+            elif request.get("op") == "datagrams":
+                family, here = int(request["family"]), str(request["here"])
+                given = forwarder.datagrams(home, stream, move, family, here, int(request["peer"]))
+                handed = given.detach()
             else:
                 given = forwarder.relay(home, stream, move, str(request.get("terminal", "")))
                 handed = given.detach()

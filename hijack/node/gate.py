@@ -34,13 +34,13 @@ from dataclasses import dataclass
 from hijack.errors import HijackError
 from hijack.node import pki
 from hijack.node.channel import HEAD, Kind
+from hijack.shadow.door import RefusalLog, accept_waiting, oldest_of_most_crowded
 
 HANDSHAKE_TIMEOUT = 5.0  # seconds a connecting peer has to complete the TLS handshake
 MAX_HANDSHAKES = 64
 MAX_CONNECTIONS = 64
 MAX_PER_ADDRESS = 16
 LISTEN_BACKLOG = 512  # connections the kernel queues before the loop takes them
-LOG_EVERY = 10.0  # seconds between two log lines about refusals of one address
 
 
 _BUSY = json.dumps({"error": "this node serves as many connections as it may; try again"})
@@ -85,7 +85,7 @@ class Gate:
         self.counts = threading.Lock()
         self.per_address: collections.Counter[str] = collections.Counter()
         self.served = 0
-        self._logged: dict[str, float] = {}
+        self._log_refusal = RefusalLog(log, 4 * limits.handshakes)
         self._wake_read, self._wake_write = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self.running = True
 
@@ -126,15 +126,7 @@ class Gate:
     # -- accepting ------------------------------------------------------------------
 
     def _accept_all(self) -> None:
-        while True:
-            try:
-                sock, peer = self.listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # EMFILE and the like: a moment later it may pass
-                self._log_refusal("*", f"cannot accept: {exc.strerror}")
-                return
-            self._admit(sock, (str(peer[0]), int(peer[1])))
+        accept_waiting(self.listener, self._admit, self._log_refusal)
 
     def _admit(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         address = peer[0]
@@ -175,9 +167,7 @@ class Gate:
 
     def _most_crowded(self) -> int:
         """The oldest handshake of the address with the most under way."""
-        under_way = collections.Counter(entry.peer[0] for entry in self.pending.values())
-        crowded = max(under_way.values())
-        return next(fd for fd, entry in self.pending.items() if under_way[entry.peer[0]] == crowded)
+        return oldest_of_most_crowded({fd: entry.peer[0] for fd, entry in self.pending.items()})
 
     def _step(self, fd: int) -> None:
         entry = self.pending.get(fd)
@@ -252,16 +242,6 @@ class Gate:
             self.per_address[address] -= 1
             if self.per_address[address] <= 0:
                 del self.per_address[address]
-
-    def _log_refusal(self, address: str, why: str) -> None:
-        """One line per address and reason family at most every LOG_EVERY seconds: a flood
-        does not fill the log."""
-        now = time.monotonic()
-        if now - self._logged.get(address, -LOG_EVERY) >= LOG_EVERY:
-            self._logged[address] = now
-            if len(self._logged) > 4 * self.limits.handshakes:
-                self._logged = {address: now}  # forget old addresses: bounded memory
-            self.log(f"refused {address}: {why} (more such refusals from it unlogged for a while)")
 
 
 UNREAD_DISCARDED = 1 << 18  # bytes at most read and dropped from a refused peer

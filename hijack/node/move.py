@@ -1155,6 +1155,15 @@ def plan_proxies(
         if s["relay"] and s["kind"] != "datagram"
     }
     by_datagram = {s["relay"]: s["id"] for s in streams.values() if s["kind"] == "datagram"}
+    # A UDP socket connected to a stand-in of the forwarder here (encrypted datagrams,
+    # hijack.shadow.datagram_link) is connected to the shadow's relay it stands for.
+    relay_host = (shadow.record.relay_address or "").rpartition(":")[0] if shadow else ""
+    stood_for = {
+        alias: f"{relay_host}:{port}"
+        for s in streams.values()
+        if s["kind"] == "datagram"
+        for alias, port in s.get("aliases", {}).items()
+    }
     by_listener = {s["listener"]: s["id"] for s in streams.values() if s["listener"]}
     # The shadow's endpoint (daemons' relays connect to it) and the listeners
     # at the node (the shadow connects accepted clients to them).
@@ -1192,7 +1201,7 @@ def plan_proxies(
             continue  # a client that came and went while we looked (not frozen yet)
         listening = found is not None and found.state == "LISTEN"
         if found is not None and _is_udp(found):
-            datagram = _datagram_proxy(entry.fd, found, by_datagram, at_home)
+            datagram = _datagram_proxy(entry.fd, found, by_datagram, stood_for, at_home)
             if datagram is not None:
                 plan.append(datagram)
                 continue
@@ -1298,7 +1307,11 @@ def _unbound_udp(pid: int, entry: procfs.FdEntry) -> procfs.SocketInfo | None:
 
 
 def _datagram_proxy(
-    fd: int, found: procfs.SocketInfo, by_datagram: dict[str, str], at_home: bool
+    fd: int,
+    found: procfs.SocketInfo,
+    by_datagram: dict[str, str],
+    stood_for: dict[str, str],
+    at_home: bool,
 ) -> Proxy | None:
     """The proxy of a UDP socket: at home its original; away, the one the shadow relays to."""
     if at_home:
@@ -1309,7 +1322,7 @@ def _datagram_proxy(
         return None
     # Connected on its node to one of the shadow's relays: the same at the next one.
     peer = _unmapped_endpoint(found.remote) if found.state == "ESTABLISHED" else ""
-    return Proxy(fd, stream_id, "datagram", int(found.family), peer)
+    return Proxy(fd, stream_id, "datagram", int(found.family), stood_for.get(peer, peer))
 
 
 def _unmapped_endpoint(text: str) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -26,16 +27,19 @@ import subprocess
 import sys
 import termios
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hijack.errors import HijackError
+from hijack.mutator.dump import scratch_page
 from hijack.mutator.tracee import Tracee
 from hijack.objects import sockopts
-from hijack.sys import pidfd, procfs, tcp_repair
+from hijack.objects.epoll import EPOLL_CTL_ADD, EPOLL_EVENT, live_targets
+from hijack.sys import memory, pidfd, procfs, tcp_repair
 
 F_SETFL, F_SETFD, FD_CLOEXEC = 4, 2, 1
 O_CLOEXEC = 0o2000000
+EPOLL_CTL_DEL = 2
 SETTABLE_STATUS_FLAGS = os.O_APPEND | os.O_NONBLOCK | os.O_ASYNC | os.O_DIRECT | os.O_NOATIME
 # The options a joined socket takes over from the old one: not those that decide a bind
 # (sockopts.EARLY), nor its buffers (the kernel tunes a new socket's), nor its mark.
@@ -76,7 +80,9 @@ class FrozenEnd:
     old: int  # our copy of the old socket (pidfd_getfd)
     family: int
     flags: int  # the descriptor's status flags, O_CLOEXEC included
-    joined: bool = False
+    joined: bool = False  # the direct connection may be under the number (abort puts back)
+    # (epoll, events, data): the process's epolls watching the old socket under its number
+    watching: list[tuple[int, int, int]] = field(default_factory=list)
     made: int = -1  # our copy of the direct connection, in repair mode until commit
 
     @classmethod
@@ -144,11 +150,13 @@ class FrozenEnd:
         made = tcp_repair.make_connection(self.family, local, remote, state, live=False)
         try:
             self._copy_options(made)
+            self.watching = watches_of(self.tracee.pid, self.fd)
+            self.joined = True  # from here on abort puts the old socket back
             self._inject(made)
         except BaseException:
             os.close(made)
             raise
-        self.made, self.joined = made, True
+        self.made = made
 
     def _copy_options(self, made: int) -> None:
         with (
@@ -170,11 +178,32 @@ class FrozenEnd:
         finally:
             tracee.syscall("close", opened)
         try:
+            # An epoll entry is the (file, number) pair it was added with: after dup3 it
+            # would go on watching the file that was under the number. Taken off first
+            # (absent: an abort before it was added), added for the new file after.
+            for epoll_fd, _, _ in self.watching:
+                deleted = tracee.syscall("epoll_ctl", epoll_fd, EPOLL_CTL_DEL, self.fd, 0)
+                if deleted not in (0, -errno.ENOENT):
+                    raise HijackError(
+                        f"epoll_ctl(EPOLL_CTL_DEL) inside process {tracee.pid} failed:"
+                        f" {os.strerror(-deleted)}"
+                    )
             cloexec = O_CLOEXEC if self.flags & O_CLOEXEC else 0
             tracee.checked_syscall("dup3", theirs, self.fd, cloexec)
         finally:
             tracee.syscall("close", theirs)
         tracee.checked_syscall("fcntl", self.fd, F_SETFL, self.flags & SETTABLE_STATUS_FLAGS)
+        if self.watching:
+            self._watch_again()
+
+    def _watch_again(self) -> None:
+        """EPOLL_CTL_ADD the process's number to each of its epolls that watched it, with
+        the same events and data (written in a page mapped for it in the process)."""
+        tracee = self.tracee
+        with scratch_page(tracee) as page:
+            for epoll_fd, events, data in self.watching:
+                memory.write(tracee.pid, page, EPOLL_EVENT.pack(events, data))
+                tracee.checked_syscall("epoll_ctl", epoll_fd, EPOLL_CTL_ADD, self.fd, page)
 
     def commit(self) -> None:
         """The process runs on with the direct connection; the old socket is let go
@@ -202,6 +231,20 @@ class FrozenEnd:
                 os.close(self.old)
                 self.old = -1
             self.tracee.release()
+
+
+def watches_of(pid: int, fd: int) -> list[tuple[int, int, int]]:
+    """(epoll descriptor, events, data) of every epoll of `pid` watching the file under
+    its number `fd` (not an entry left by an earlier file under that number)."""
+    found = []
+    for entry in procfs.list_fds(pid):
+        if entry.kind is not procfs.FdKind.EPOLL:
+            continue
+        targets = procfs.read_fdinfo(pid, entry.fd).epoll_targets
+        for target in live_targets(pid, entry.fd, targets):
+            if target.tfd == fd:
+                found.append((entry.fd, target.events, target.data))
+    return found
 
 
 def _queued(fd: int, request: int) -> int:

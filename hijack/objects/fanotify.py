@@ -3,8 +3,9 @@ added again by the path it names (an inode's found by its file handle at dump, a
 inotify's watches are; a mount's and a file system's by the process's mountinfo).
 
 Events queued but not read at the dump are lost: a program sees the accesses made
-after the restore. A mark on an inode, mount or file system gone since is refused
-by name. fanotify_init needs CAP_SYS_ADMIN, as the original did.
+after the restore. (No peek; no call queues one but doing again what made it, and an
+event names the process that caused it.) A mark on an inode, mount or file system
+gone since is refused by name. fanotify_init needs CAP_SYS_ADMIN, as the original did.
 """
 
 from __future__ import annotations

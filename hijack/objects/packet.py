@@ -11,25 +11,27 @@ adds its memberships, joins its fanout group last (a group takes bound sockets
 only) and gives it to the process. Frames queued on it are lost: a packet socket
 sees copies of traffic, which goes on without it.
 
-Rings (PACKET_RX_RING, PACKET_TX_RING; TPACKET_V1 and V2): the record keeps each
+Rings (PACKET_RX_RING, PACKET_TX_RING; TPACKET_V1, V2 and V3): the record keeps each
 ring's request (packet_diag), where the process maps them ("socket:[INODE]" in its
-maps: address, length, offset, protections) and the kernel's position in each; the
-rings' bytes are the object's ObjectData, read through the mappings, and those
-segments store no pages (memfd.held_by_objects). The restorer makes the socket with
-no protocol, sets its options (PACKET_VERSION, _RESERVE, _TIMESTAMP ... before the
-rings, as the kernel requires), sets the RX ring and moves the kernel's position in
-it (hijack.sys.packet_ring.advance_rx_head), sets the TX ring, writes the bytes back
-(frames not yet consumed stay TP_STATUS_USER where they were), binds it, then
-attaches its filter; once the descriptors are given, memfd.map_objects has the stub
-mmap the rings at their address (map_rings: MAP_SHARED | MAP_FIXED, then each part's
-protection).
+maps: address, length, offset, protections) and the kernel's position in each (a
+frame; a V3 RX ring's: a block, the frames in it told from the ring's bytes again at
+restore); the rings' bytes are the object's ObjectData, read through the mappings,
+and those segments store no pages (memfd.held_by_objects). The restorer makes the
+socket with no protocol, sets its options (PACKET_VERSION, _RESERVE, _TIMESTAMP ...
+before the rings, as the kernel requires), sets the RX ring, moves the kernel's
+position in it (hijack.sys.packet_ring.advance_rx_head, advance_v3) and writes its
+bytes back at once (frames not yet consumed stay TP_STATUS_USER where they were),
+sets the TX ring, moves the kernel's position in it (advance_tx_head) and writes its
+bytes back, binds it, then attaches its filter; once the descriptors are given,
+memfd.map_objects has the stub mmap the rings at their address (map_rings:
+MAP_SHARED | MAP_FIXED, then each part's protection).
 
-Refused by name: a TPACKET_V3 ring (the kernel's open block and its fill offset
-cannot be set again), a TX ring that has been used (nothing tells which frame the
-kernel sends next: restored, it would wait at frame 0 while the program fills
-another), a ring mapped in part or not at all (its frames, or its position, are
-not known), and (hijack.restore.plan) a ring mapped after the socket's last
-descriptor was closed (its memory would come back without the socket filling it).
+Refused by name: a ring whose position cannot be told (a TX ring gone round with
+nothing waiting; a V3 ring whose block headers were rewritten, or whose open block
+holds a frame no filler frame on lo can stand for), a ring mapped in part or not at
+all (its frames, or its position, are not known), and (hijack.restore.plan) a ring
+mapped after the socket's last descriptor was closed (its memory would come back
+without the socket filling it).
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ SOL_SOCKET = 1
 MAP_SHARED, MAP_FIXED = 0x01, 0x10
 PROT_READ_WRITE = 0x1 | 0x2
 PACKET_MREQ = struct.Struct("=iHH8s")  # struct packet_mreq: ifindex, type, alen, address
+V3_ATTEMPTS = 3  # a TPACKET_V3 ring is set again when its timer closed the block early
 MEMBERSHIP_TYPES = {0: "multicast", 1: "promiscuous", 2: "allmulti", 3: "unicast"}
 
 
@@ -75,21 +78,25 @@ def _assembled(contents: list[tuple[int, bytes]], size: int) -> bytes | None:
 
 
 def _rx_head(diag: packet_diag.PacketDiag, rings: bytes | None, rx_size: int) -> int:
-    if not diag.rx_ring or diag.version == packet_ring.TPACKET_V3:
-        return 0 if not diag.rx_ring else rec.PACKET_HEAD_UNKNOWN
+    """The frame (TPACKET_V3: the block) the kernel fills next."""
+    if not diag.rx_ring:
+        return 0
     if rings is None:
         return rec.PACKET_HEAD_UNKNOWN
+    if diag.version == packet_ring.TPACKET_V3:
+        position = packet_ring.v3_position(diag.rx_ring, rings[:rx_size])
+        return rec.PACKET_HEAD_UNKNOWN if isinstance(position, str) else position.block
     return packet_ring.rx_head(diag.rx_ring, diag.version, rings[:rx_size])
 
 
 def _tx_head(diag: packet_diag.PacketDiag, rings: bytes | None, rx_size: int) -> int:
-    """0 for a TX ring never used (the kernel's position is its first frame), else unknown:
-    a frame sent leaves no trace of when."""
+    """The frame the kernel sends next (packet_ring.tx_head), else unknown."""
     if not diag.tx_ring:
         return 0
-    if rings is None or packet_ring.ever_used(rings[rx_size:]):
-        return rec.PACKET_HEAD_UNKNOWN
-    return 0
+    head = (
+        None if rings is None else packet_ring.tx_head(diag.tx_ring, diag.version, rings[rx_size:])
+    )
+    return rec.PACKET_HEAD_UNKNOWN if head is None else head
 
 
 def _prot(perms: str) -> int:
@@ -111,6 +118,23 @@ def _by_base(packet: rec.PacketSocket) -> dict[int, list[rec.PacketRingMapping]]
 
 def _whole(packet: rec.PacketSocket, mappings: list[rec.PacketRingMapping]) -> bool:
     return sum(m.size for m in mappings) == _size(packet)
+
+
+def _saved_rings(packet: rec.PacketSocket, image: ImageFiles) -> bytes:
+    """The rings' bytes as the image keeps them (pages of zeros left out)."""
+    rings = bytearray(_size(packet))
+    for chunk in image.chunks.get(packet.id, ()):
+        rings[chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
+    return bytes(rings)
+
+
+def _reserve(image: ImageFiles, packet: rec.PacketSocket) -> int:
+    """The socket's PACKET_RESERVE (the room before each frame's link header)."""
+    options = sockopts.options_of(image, packet.id)
+    for option in options.options if options else ():
+        if (option.level, option.name) == (SOL_PACKET, packet_ring.PACKET_RESERVE):
+            return int.from_bytes(option.value[:4], "little")
+    return 0
 
 
 def ring_segments(image: ImageFiles) -> dict[int, int]:
@@ -190,6 +214,35 @@ def _add_memberships(sock: socket.socket, packet: rec.PacketSocket) -> None:
             sock.setsockopt(SOL_PACKET, PACKET_ADD_MEMBERSHIP, request)
 
 
+def _set_rx_ring(sock: socket.socket, packet: rec.PacketSocket, saved: bytes) -> None:
+    """Set `sock`'s RX ring, move the kernel's position in it where it was (V1/V2: its next
+    frame; V3: its block and the frames in it) and write its bytes back at once (a V3
+    block's retire timer runs); set again when that timer closed the block meanwhile."""
+    ring, version = packet.rx_ring, packet.version
+    for _ in range(V3_ATTEMPTS):
+        sock.setsockopt(SOL_PACKET, packet_ring.PACKET_RX_RING, packet_ring.request(ring, version))
+        with mmap.mmap(sock.fileno(), len(saved)) as rx:
+            if version == packet_ring.TPACKET_V3:
+                position = packet_ring.v3_position(ring, saved)
+                if isinstance(position, str):  # refused before (refusal)
+                    raise RestoreError(f"a TPACKET_V3 ring's position is not known: {position}")
+                placed = packet_ring.advance_v3(sock, ring, rx, position)
+            else:
+                packet_ring.advance_rx_head(sock, ring, version, rx, packet.rx_head)
+                placed = True
+            if placed:
+                rx[:] = saved
+                packet_ring.reset_statistics(sock)
+                return
+        sock.setsockopt(
+            SOL_PACKET, packet_ring.PACKET_RX_RING, packet_ring.request((0,) * 7, version)
+        )
+    raise RestoreError(
+        "cannot move a TPACKET_V3 ring's position: its retire timer closed the block"
+        f" while it was filled, {V3_ATTEMPTS} times"
+    )
+
+
 class Packet(Kind):
     name = "packet"
     record_types = (rec.PacketSocket,)
@@ -252,11 +305,6 @@ class Packet(Kind):
         packet = image.object_of(descriptor, rec.PacketSocket)
         rings = [name for name, ring in (("RX", packet.rx_ring), ("TX", packet.tx_ring)) if ring]
         named = " and ".join(f"PACKET_{name}_RING" for name in rings)
-        if rings and packet.version == packet_ring.TPACKET_V3:
-            return (
-                f"{describe_fd(descriptor)} with a TPACKET_V3 {named}: the kernel's open"
-                " block is not rebuilt"
-            )
         if any(not _whole(packet, maps) for maps in _by_base(packet).values()):
             return (
                 f"{describe_fd(descriptor)} with its {named} mapped in part: the kernel maps"
@@ -269,9 +317,18 @@ class Packet(Kind):
             )
         if packet.tx_ring and packet.tx_head == rec.PACKET_HEAD_UNKNOWN:
             return (
-                f"{describe_fd(descriptor)} with a PACKET_TX_RING used or not mapped whole:"
-                " the kernel's position in it is not known"
+                f"{describe_fd(descriptor)} with a PACKET_TX_RING not mapped whole, gone"
+                " round or with frames waiting here and there: the kernel's position in it"
+                " is not known"
             )
+        if packet.rx_ring and packet.version == packet_ring.TPACKET_V3:
+            rx = _saved_rings(packet, image)[: packet_ring.ring_size(packet.rx_ring)]
+            why = packet_ring.v3_refusal(packet.rx_ring, rx, _reserve(image, packet))
+            if why is not None:
+                return (
+                    f"{describe_fd(descriptor)} with a TPACKET_V3 PACKET_RX_RING whose"
+                    f" position is not rebuilt: {why}"
+                )
         return None
 
     def restore(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
@@ -304,23 +361,22 @@ class Packet(Kind):
             set_option, attach = sockopts.our_setters(sock)
             sockopts.set_early(options, set_option)
             sockopts.set_late(unfiltered, set_option, attach)
+            saved = _saved_rings(packet, restore.image)
+            rx_size = packet_ring.ring_size(packet.rx_ring)
             if packet.rx_ring:
-                sock.setsockopt(
-                    SOL_PACKET,
-                    packet_ring.PACKET_RX_RING,
-                    packet_ring.request(packet.rx_ring, packet.version),
-                )
-                packet_ring.advance_rx_head(sock, packet.rx_ring, packet.version, packet.rx_head)
+                _set_rx_ring(sock, packet, saved[:rx_size])
             if packet.tx_ring:
                 sock.setsockopt(
                     SOL_PACKET,
                     packet_ring.PACKET_TX_RING,
                     packet_ring.request(packet.tx_ring, packet.version),
                 )
-            size = packet_ring.ring_size(packet.rx_ring) + packet_ring.ring_size(packet.tx_ring)
-            with mmap.mmap(sock.fileno(), size) as rings:
-                for chunk in restore.image.chunks.get(packet.id, ()):
-                    rings[chunk.offset : chunk.offset + len(chunk.data)] = chunk.data
+                tx = packet_ring.settled_tx(packet.tx_ring, packet.version, saved[rx_size:])
+                with mmap.mmap(sock.fileno(), len(saved)) as rings, memoryview(rings) as view:
+                    packet_ring.advance_tx_head(
+                        sock, packet.tx_ring, packet.version, view[rx_size:], packet.tx_head
+                    )
+                    view[rx_size:] = tx
             packet_ring.bind(sock, packet.ifindex, packet.protocol)
             _add_memberships(sock, packet)
             if options is not None:
@@ -340,13 +396,15 @@ class Packet(Kind):
         parts += [
             f"{MEMBERSHIP_TYPES.get(m.type, m.type)} on {m.ifindex}" for m in packet.memberships
         ]
-        parts += [
-            f"{name} ring of {ring[3]} frames, next {head}"
-            for name, ring, head in (
-                ("RX", packet.rx_ring, packet.rx_head),
-                ("TX", packet.tx_ring, packet.tx_head),
+        v3 = packet.version == packet_ring.TPACKET_V3
+        if packet.rx_ring:
+            ring = packet.rx_ring
+            parts.append(
+                f"RX ring of {ring[1]} blocks, block {packet.rx_head}"
+                if v3
+                else f"RX ring of {ring[3]} frames, next {packet.rx_head}"
             )
-            if ring
-        ]
+        if packet.tx_ring:
+            parts.append(f"TX ring of {packet.tx_ring[3]} frames, next {packet.tx_head}")
         parts += [f"rings mapped at {m.start:#x}+{m.offset:#x}" for m in packet.ring_mappings]
         return ", ".join(parts) + sockopts.describe_options(image, packet.id)

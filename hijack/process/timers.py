@@ -6,7 +6,21 @@ they notify). At restore each comes back with its interval and the time that
 was left, POSIX timers under their old ids (prctl PR_TIMER_CREATE_RESTORE_IDS,
 Linux 6.17+, makes timer_create take the id it is given). They are armed last,
 just before the process runs, so the restore's own time does not eat into
-them. A timer's pending overrun count is not kept.
+them.
+
+A POSIX timer's overrun (timer_getoverrun: the expirations its last signal stood
+for, less one) is kept too, though no call sets it and timer_settime starts it at
+0: the kernel counts it when the signal is taken, as the intervals from the expiry
+that queued it to then. So the restore arms the timer absolute (TIMER_ABSTIME) with
+its interval and a first expiry overrun + 1 intervals before the one it is due next,
+in the past: the kernel queues the signal at once; taken at once in the stub
+(rt_sigtimedwait: every signal is blocked while it runs), the kernel counts the
+overrun and re-arms the timer for the expiry due next (measured on Linux 6.18:
+timer_getoverrun then tells the overrun exactly, timer_gettime the time left).
+Not kept (the timer armed as before, its overrun 0) when the image has the timer's
+signal pending (it would be taken in its place), when that first expiry would fall
+before the clock's 0 (CLOCK_MONOTONIC: more intervals than the time since boot),
+or for a CPU-time clock (whose time the new process starts again).
 """
 
 from __future__ import annotations
@@ -28,6 +42,12 @@ SIGEV_SIGNAL, SIGEV_NONE, SIGEV_THREAD_ID = 0, 1, 4
 NOTIFY_KINDS = {"signal": SIGEV_SIGNAL, "none": SIGEV_NONE, "thread": SIGEV_THREAD_ID}
 PR_TIMER_CREATE_RESTORE_IDS = 77
 NS = 1_000_000_000
+TIMER_ABSTIME = 1
+TIMESPEC = struct.Struct("<qq")
+SIGINFO_TIMER = struct.Struct("<iii4xi")  # si_signo, si_errno, si_code, _, si_tid (timerid)
+SI_TIMER = -2
+OVERRUN_TRIES = 3  # the signal taken after the expiry due next: armed again, later
+OVERRUN_MARGIN_NS = 20_000_000  # ... that many ns later each try
 
 
 def read_timers(tracee: Tracee, scratch: int) -> rec.Timers:
@@ -61,6 +81,7 @@ def read_timers(tracee: Tracee, scratch: int) -> rec.Timers:
                 thread=timer.notify_tid if notify == SIGEV_THREAD_ID else 0,
                 interval_ns=isec * NS + insec,
                 value_ns=vsec * NS + vnsec,
+                overrun=tracee.checked_syscall("timer_getoverrun", timer.timer_id),
             )
         )
     return rec.Timers(itimers=tuple(itimers), posix=tuple(posix))
@@ -86,8 +107,11 @@ def create_posix_timers(stub: Stub, timers: rec.Timers, thread_ids: dict[int, in
         stub.call("prctl", PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0)
 
 
-def arm_timers(stub: Stub, timers: rec.Timers) -> None:
-    """Arm every timer with its interval and the time it had left."""
+def arm_timers(
+    stub: Stub, timers: rec.Timers, thread_ids: dict[int, int], pending: frozenset[int]
+) -> None:
+    """Arm every timer with its interval and the time it had left (and a POSIX timer's
+    overrun, unless the image has its signal, `pending`, queued)."""
     for itimer in timers.itimers:
         stub.reset_scratch()
         value = ITIMERVAL.pack(
@@ -98,9 +122,53 @@ def arm_timers(stub: Stub, timers: rec.Timers) -> None:
     for timer in timers.posix:
         if not _next_expiry_ns(timer):
             continue  # disarmed: as created
+        if timer.signal not in pending and _arm_with_overrun(stub, timer, thread_ids):
+            continue
         stub.reset_scratch()
         spec = ITIMERSPEC.pack(*divmod(timer.interval_ns, NS), *divmod(_next_expiry_ns(timer), NS))
         stub.call("timer_settime", timer.timer_id, 0, stub.put(spec), 0)
+
+
+def _arm_with_overrun(stub: Stub, timer: rec.PosixTimer, thread_ids: dict[int, int]) -> bool:
+    """Arm `timer` so that its overrun is `timer.overrun` and it expires next when it was
+    due; False when that cannot be (it is to be armed plainly)."""
+    if (
+        timer.overrun <= 0
+        or not timer.interval_ns
+        or timer.notify == SIGEV_NONE
+        or timer.clock_id < 0  # a CPU-time clock
+    ):
+        return False
+    tid = thread_ids.get(timer.thread, stub.pid) if timer.notify == SIGEV_THREAD_ID else stub.pid
+    for attempt in range(OVERRUN_TRIES):
+        stub.reset_scratch()
+        now = stub.put(bytes(TIMESPEC.size))
+        stub.call("clock_gettime", timer.clock_id, now)
+        seconds, nanoseconds = TIMESPEC.unpack(memory.read(stub.pid, now, TIMESPEC.size))
+        due = seconds * NS + nanoseconds + _next_expiry_ns(timer) + attempt * OVERRUN_MARGIN_NS
+        first = due - (timer.overrun + 1) * timer.interval_ns
+        if first < 0:
+            return False
+        spec = ITIMERSPEC.pack(*divmod(timer.interval_ns, NS), *divmod(first, NS))
+        stub.call("timer_settime", timer.timer_id, TIMER_ABSTIME, stub.put(spec), 0)
+        info = stub.put(bytes(128))
+        taken = stub.put(struct.pack("<Q", 1 << (timer.signal - 1)))
+        wait = stub.put(TIMESPEC.pack(1, 0))
+        signal = stub.call("rt_sigtimedwait", taken, info, wait, 8, tid=tid)
+        _signo, _errno, code, timer_id = SIGINFO_TIMER.unpack(
+            memory.read(stub.pid, info, SIGINFO_TIMER.size)
+        )
+        if (signal, code, timer_id) != (timer.signal, SI_TIMER, timer.timer_id):
+            raise RestoreError(
+                f"POSIX timer {timer.timer_id}: signal {signal} (code {code}, timer"
+                f" {timer_id}) taken in place of its own while its overrun was set"
+            )
+        if stub.call("timer_getoverrun", timer.timer_id) == timer.overrun:
+            return True
+    raise RestoreError(
+        f"POSIX timer {timer.timer_id}: its overrun did not come back as {timer.overrun}"
+        f" in {OVERRUN_TRIES} tries"
+    )
 
 
 def _next_expiry_ns(timer: rec.Itimer | rec.PosixTimer) -> int:
@@ -125,5 +193,6 @@ def describe(timers: rec.Timers) -> list[str]:
             f"POSIX timer {timer.timer_id}: clock {timer.clock_id}, signal {timer.signal}"
             f" to {notified[timer.notify]}{target}, every {timer.interval_ns / 1e6:g} ms,"
             f" next in {timer.value_ns / 1e6:g} ms"
+            + (f", overrun {timer.overrun}" if timer.overrun else "")
         )
     return lines

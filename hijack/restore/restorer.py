@@ -623,7 +623,15 @@ def _finish(
     if own_parent:
         settings.apply_parent_death_signal(stub, image.settings)
     timers.create_posix_timers(stub, image.timers, thread_ids)
-    timers.arm_timers(stub, image.timers)  # last: the restore's own time does not count
+    pending = {
+        struct.unpack_from("<i", siginfo)[0]
+        for siginfo in (
+            *image.signals.shared_pending,
+            *(s for t in image.threads for s in t.pending),
+        )
+    }
+    # Last: the restore's own time does not count.
+    timers.arm_timers(stub, image.timers, thread_ids, frozenset(pending))
     space.unmap_scratch()
     seccomp.install_seccomp(stub, image.settings, image.threads, image.segments, thread_ids)
     for thread in image.threads:

@@ -16,6 +16,11 @@ had before) are accepted on a relay. Relays are a bounded table: one idle
 for PEER_IDLE seconds is closed, and past PEER_LIMIT (or out of descriptors)
 the least recently used one makes room, so a flood of peers cannot exhaust
 the shadow's descriptors. docs/protocol.md, "UDP through the shadow".
+
+Between different hosts, with relays encrypted, no datagram goes to the
+process's socket across the network: it travels in a TLS *datagram link*
+from the process's node (hijack.shadow.datagram_link), where the node's
+forwarder stands for each relay.
 """
 
 from __future__ import annotations
@@ -28,7 +33,12 @@ import selectors
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from hijack.errors import HijackError
+
+if TYPE_CHECKING:
+    from hijack.shadow.datagram_link import DatagramLink
 
 DATAGRAM_MAX = 65536  # above the largest UDP payload (65507 on IPv4, 65527 on IPv6)
 PEER_LIMIT = 256  # peer relays per socket
@@ -49,6 +59,12 @@ def parse_address(text: str) -> Address:
     """ "ip:port" or "[ip6]:port" -> (ip, port); an IPv4-mapped IPv6 address as IPv4."""
     host, _, port = text.rpartition(":")
     return unmapped(host.strip("[]")), int(port)
+
+
+def unmapped_endpoint(text: str) -> str:
+    """ "ip:port" as parse_address reads it (an IPv4-mapped address as IPv4)."""
+    host, port = parse_address(text)
+    return f"{host}:{port}"
 
 
 def widen_receive_buffer(sock: socket.socket) -> None:
@@ -106,7 +122,12 @@ class DatagramStream:
         self.peers: dict[Any, PeerRelay] = {}
         # During a move, from senders not known yet: the new process may write
         # between its start and our hearing where it is.
-        self.held_back: list[tuple[PeerRelay, Address, bytes]] = []
+        self.held_back: list[tuple[PeerRelay, Any, bytes]] = []
+        # Encrypted: the datagram link of the node the process runs on, and those of
+        # moves under way (hijack.shadow.datagram_link); None: datagrams go as they are.
+        self.link: DatagramLink | None = None
+        self.pending_links: dict[str, DatagramLink] = {}
+        self.aliases: dict[str, PeerRelay] = {}  # a stand-in's "ip:port" -> its relay
         self.pumping = False
         self.closed = False
         self.datagrams_out = self.datagrams_in = 0
@@ -129,12 +150,18 @@ class DatagramStream:
         self.pumping = False
         self._watch_original()
 
-    def migrated(self, process: str, connected_to: str, unread: list[tuple[str, bytes]]) -> None:
+    def migrated(
+        self, process: str, connected_to: str, unread: list[tuple[str, bytes]], move: str = ""
+    ) -> None:
         """The process socket is at `process` now (connected to `connected_to`, or "").
 
         `unread`: (source, datagram) the process had not read from its previous
-        socket; each goes again from the relay it came from.
+        socket; each goes again from the relay it came from. Move `move`'s
+        datagram link, if its node opened one, carries them from now on.
         """
+        if self.link is not None:
+            self._close_link(self.link)
+        self.link = self.pending_links.pop(move, None)
         if self.process is not None:
             self.past = [self.process, *self.past][:PAST_ADDRESSES]
         else:
@@ -150,14 +177,14 @@ class DatagramStream:
         if unread:
             self.log(f"{self.id}: {len(unread)} datagrams the process had not read go again")
         for source, datagram in unread:
-            relay = by_port.get(parse_address(source)[1])
+            relay = self.aliases.get(source) or by_port.get(parse_address(source)[1])
             if relay is None:
                 self.dropped += 1  # not from a relay of ours: there is no sender to resend it
                 continue
             self._to_process(relay, datagram)
         held_back, self.held_back = self.held_back, []
         for relay, sender, datagram in held_back:
-            if sender == self.process and self.peers.get(relay.peer) is relay:
+            if sender in (self.process, ("link", move)) and self.peers.get(relay.peer) is relay:
                 self._to_peer(relay, datagram)
             else:
                 self.dropped += 1
@@ -167,10 +194,17 @@ class DatagramStream:
     def aborted(self) -> None:
         self.dropped += len(self.held_back)
         self.held_back.clear()
+        for link in list(self.pending_links.values()):
+            self._close_link(link)
+        self.pending_links.clear()
         self.pumping = self.process is not None
         self._watch_original()
 
     def close(self) -> None:
+        for link in [*self.pending_links.values(), *([self.link] if self.link else [])]:
+            self._close_link(link)
+        self.pending_links.clear()
+        self.link = None
         for relay in list(self.peers.values()):
             self._close_relay(relay)
         self._forget(self.original)
@@ -228,11 +262,18 @@ class DatagramStream:
     def _to_process(self, relay: PeerRelay, datagram: bytes) -> None:
         assert self.process is not None
         relay.used_at = time.monotonic()
-        try:
-            relay.sock.sendto(datagram, self.process)
-        except OSError:  # a full send buffer, too long for IPv4: dropped, as UDP may
-            self.dropped += 1
-            return
+        if self.link is not None:
+            sent = self.link.send_datagram(relay.port, datagram)
+            self._watch_link(self.link)
+            if not sent:
+                self.dropped += 1
+                return
+        else:
+            try:
+                relay.sock.sendto(datagram, self.process)
+            except OSError:  # a full send buffer, too long for IPv4: dropped, as UDP may
+                self.dropped += 1
+                return
         self.datagrams_out += 1
         self.bytes_out += len(datagram)
 
@@ -286,9 +327,71 @@ class DatagramStream:
         return relay
 
     def _close_relay(self, relay: PeerRelay) -> None:
+        port = relay.port  # not to be read once closed
         self._forget(relay.sock)
         relay.sock.close()
         del self.peers[relay.peer]
+        for alias in [alias for alias, found in self.aliases.items() if found is relay]:
+            del self.aliases[alias]
+        if self.link is not None:  # its stand-in at the node goes too
+            self.link.send_gone(port)
+            self._watch_link(self.link)
+
+    # -- datagram links (encrypted) ---------------------------------------------------
+
+    def attach_link(self, move: str, link: DatagramLink) -> None:
+        """The datagram link the process's next node opened for `move`."""
+        old = self.pending_links.pop(move, None)
+        if old is not None:
+            self._close_link(old)
+        self.pending_links[move] = link
+        self._watch_link(link)
+
+    def _watch_link(self, link: DatagramLink) -> None:
+        events = link.events()
+        self._forget(link.sock)
+        if events:
+            self.selector.register(link.sock, events, functools.partial(self._on_link, link))
+
+    def _on_link(self, link: DatagramLink, _: Any, events: int) -> None:
+        """Datagrams the process sent to a stand-in at its node: out through the original."""
+        try:
+            if events & selectors.EVENT_WRITE:
+                link.flush()
+            if events & selectors.EVENT_READ:
+                self._from_link(link)
+        except (OSError, HijackError, ValueError) as exc:
+            self.log(f"{self.id}: datagram link: {exc}; closing it")
+            self._close_link(link)
+            return
+        if link.eof:
+            self._close_link(link)
+        else:
+            self._watch_link(link)
+
+    def _from_link(self, link: DatagramLink) -> None:
+        by_port = {relay.port: relay for relay in self.peers.values()}
+        for port, payload, stand_in, _ in link.receive():
+            relay = by_port.get(port)
+            if relay is None:
+                self.dropped += 0 if stand_in else 1  # its relay expired meanwhile
+            elif stand_in:  # where the node stands for this relay
+                self.aliases[unmapped_endpoint(stand_in)] = relay
+            elif link is self.link:
+                self._to_peer(relay, payload)
+            elif not self.pumping and len(self.held_back) < HELD_BACK_LIMIT:
+                move = next((m for m, found in self.pending_links.items() if found is link), "")
+                self.held_back.append((relay, ("link", move), payload))
+            else:
+                self.dropped += 1
+
+    def _close_link(self, link: DatagramLink) -> None:
+        self._forget(link.sock)
+        link.close()
+        if self.link is link:
+            self.link = None
+        for move in [m for m, found in self.pending_links.items() if found is link]:
+            del self.pending_links[move]
 
     def _forget(self, target: Any) -> None:
         with contextlib.suppress(KeyError, ValueError):
@@ -313,4 +416,6 @@ class DatagramStream:
             "dropped": self.dropped,
             "peers": len(self.peers),
             "connected_relay_port": self.connected_relay_port,
+            "encrypted": self.link is not None,
+            "aliases": {alias: relay.port for alias, relay in self.aliases.items()},
         }

@@ -44,6 +44,7 @@ from typing import Any
 from hijack.errors import HijackError
 from hijack.registry import node_name
 from hijack.shadow import control, relay_link
+from hijack.shadow.door import Door
 from hijack.shadow.relay import ACK_WAIT, RelayHub, decode_unread, decode_unread_datagrams
 from hijack.sys import pidfd, procfs
 
@@ -77,7 +78,7 @@ class Shadow:
         self.target_handle = pidfd.pidfd_open(target_pid)
         self.listener = self._listen(control_path)
         self.hub = RelayHub(self.selector, log)
-        self.endpoint: socket.socket | None = None  # TCP, for relays and remote control
+        self.door: Door | None = None  # our TCP endpoint, for relays and remote control
         self.identity: relay_link.ShadowIdentity | None = None  # its TLS certificate
         self.token = b""
         self.node = node_name()  # where we are (the attach gave us its HIJACK_NODE)
@@ -106,6 +107,9 @@ class Shadow:
         next_follow = time.monotonic() + FOLLOW_INTERVAL
         while self.running:
             timeout = max(0.0, next_follow - time.monotonic())
+            admitting = self.door.next_deadline() if self.door else None
+            if admitting is not None:  # a peer's exchange ends then, done or not
+                timeout = min(timeout, max(0.0, admitting - time.monotonic()))
             terminals = self.hub.has_terminals()
             if terminals:
                 # No SIGWINCH reaches us (we are in no terminal's foreground group): look.
@@ -114,6 +118,8 @@ class Shadow:
                 key.data(key.fileobj, events)
             if terminals:
                 self.hub.check_window_sizes()
+            if self.door is not None:
+                self.door.expire()
             if time.monotonic() >= next_follow:
                 if self.mode is Mode.HOME:
                     self.follow_target()
@@ -129,6 +135,8 @@ class Shadow:
     def close(self) -> None:
         self.hub.close_pump()
         self.hub.release_terminals()
+        if self.door is not None:
+            self.door.close()
         self.selector.close()
         self.listener.close()
         if os.path.exists(self.control_path):
@@ -223,6 +231,7 @@ class Shadow:
             self.hub.datagrams_migrated(
                 dict(message.get("datagrams", {})),
                 decode_unread_datagrams(message.get("unread_datagrams", {})),
+                str(message["move"]),
             )
             self.mode = Mode.AWAY
             if handed or message.get("home_again"):
@@ -288,28 +297,25 @@ class Shadow:
         if self.identity is None:
             self.identity = relay_link.ShadowIdentity()
         self.identity.trust(trust)
-        if self.endpoint is None:
+        if self.door is None:
             self.token = bytes.fromhex(token)
             endpoint = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             endpoint.bind(("0.0.0.0", 0))
             endpoint.listen(64)
-            endpoint.setblocking(False)
-            self.selector.register(endpoint, selectors.EVENT_READ, self._accept_network)
-            self.endpoint = endpoint
-        port = self.endpoint.getsockname()[1]
+            self.door = Door(endpoint, self.selector, self._admitted, log)
+            self.door.token = self.token
+        self.door.identity = self.identity
+        port = self.door.listener.getsockname()[1]
         return {"ok": True, "port": port, "certificate": self.identity.fingerprint}
 
-    def _accept_network(self, _: Any, __: int) -> None:
-        assert self.endpoint is not None
+    def _admitted(
+        self, header: dict[str, Any], link: relay_link.TlsLink, address: tuple[str, int]
+    ) -> None:
+        """A connection whose node proved the token (hijack.shadow.door): what it asks."""
+        connection = link.sock
         try:
-            connection, address = self.endpoint.accept()
-        except BlockingIOError:
-            return
-        try:
+            # A node of the cluster holding the token: our few answers may wait on it.
             connection.settimeout(3.0)
-            if self.identity is None:
-                raise HijackError("no relay endpoint made yet")
-            header, link = relay_link.accept(connection, self.identity, self.token)
             kind = header.get("kind")
             if kind == "relay":
                 control.bound_backoff(connection)
@@ -326,6 +332,11 @@ class Shadow:
                     ends=(str(ends[0]), str(ends[1])) if isinstance(ends, list) else None,
                 )
                 return
+            if kind == "datagrams":  # a UDP socket's datagrams, framed (datagram_link)
+                link.write_all(control.RELAY_ACCEPTED)
+                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.hub.attach_datagram_link(str(header["stream"]), str(header["move"]), link)
+                return
             if kind == "listener":
                 link.write_all(control.RELAY_ACCEPTED)
                 self.hub.attach_listener_link(str(header["stream"]), str(header["move"]), link)
@@ -336,7 +347,7 @@ class Shadow:
             else:
                 answer = self.answer(request, [])
             relay_link.send_answer(link, answer)
-        except (OSError, HijackError, KeyError, ValueError, IndexError) as exc:
+        except (OSError, HijackError, KeyError, ValueError, IndexError, TypeError) as exc:
             log(f"refused a connection from {address}: {exc}")
         connection.close()
 
@@ -493,7 +504,7 @@ class Shadow:
             "started_at": self.started_at,
             "location": self.hub.location,
             "location_pid": self.migrant_pid,
-            "endpoint_port": self.endpoint.getsockname()[1] if self.endpoint else 0,
+            "endpoint_port": self.door.listener.getsockname()[1] if self.door else 0,
             "fds": fds,
             "members": [
                 {

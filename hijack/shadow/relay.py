@@ -54,6 +54,7 @@ from hijack.node.terminal import DATA, WINDOW, FrameReader
 from hijack.node.terminal import frame as terminal_frame
 from hijack.shadow import pump as native
 from hijack.shadow.datagram import DatagramStream
+from hijack.shadow.datagram_link import DatagramLink
 from hijack.shadow.relay_link import TlsLink
 from hijack.sys import terminal as terminal_sys
 
@@ -386,6 +387,15 @@ class RelayHub:
             old.sock.close()
         stream.pending[move] = relay
 
+    def attach_datagram_link(self, stream_id: str, move: str, link: TlsLink) -> None:
+        """The node's datagram link for UDP stream `stream_id` once `move` is done."""
+        datagram = self.datagrams.get(stream_id)
+        if datagram is None:
+            link.sock.close()
+            raise HijackError(f"no UDP stream {stream_id} to relay")
+        link.sock.setblocking(False)
+        datagram.attach_link(move, DatagramLink(link))
+
     def attach_listener_link(self, stream_id: str, move: str, link: TlsLink) -> None:
         """The node's link for the clients of listener `stream_id` once `move` is done."""
         old = self.pending_listener_links.setdefault(move, {}).pop(stream_id, None)
@@ -593,14 +603,21 @@ class RelayHub:
                 del self.datagrams[datagram.id]
 
     def datagrams_migrated(
-        self, placed: dict[str, dict[str, str]], unread: dict[str, list[tuple[str, bytes]]]
+        self,
+        placed: dict[str, dict[str, str]],
+        unread: dict[str, list[tuple[str, bytes]]],
+        move: str = "",
     ) -> None:
-        """Where each UDP socket of the process is now (`process`, `connected_to`)."""
+        """Where each UDP socket of the process is now (`process`, `connected_to`), after
+        `move`."""
         for stream_id, where in placed.items():
             datagram = self.datagrams.get(stream_id)
             if datagram is not None and where.get("process"):
                 datagram.migrated(
-                    where["process"], where.get("connected_to", ""), unread.get(stream_id, [])
+                    where["process"],
+                    where.get("connected_to", ""),
+                    unread.get(stream_id, []),
+                    move,
                 )
 
     def expire(self) -> None:

@@ -35,10 +35,12 @@ import hmac
 import json
 import os
 import secrets
+import selectors
 import socket
 import ssl
 import struct
 import termios
+import time
 from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
@@ -49,6 +51,7 @@ from hijack.errors import ShadowError
 CHUNK = 256 * 1024
 RECORD_HEADER = 5
 MAX_RECORD = (1 << 14) + 256  # the longest TLS 1.3 ciphertext record
+RECORD_TYPES = (20, 21, 22, 23)  # change_cipher_spec, alert, handshake, application_data
 RELAY_ACCEPTED = b"RLY1"
 NONCE = 16
 _LENGTH = struct.Struct("<I")
@@ -268,6 +271,16 @@ class TlsLink:
         self.flush()
         return taken
 
+    def send_from(self, buffer: bytearray) -> None:
+        """Hand TLS what it takes of `buffer` (taken bytes leave it), and the kernel what
+        it takes of the ciphertext."""
+        while buffer:
+            taken = self.send(buffer)
+            if not taken:
+                break
+            del buffer[:taken]
+        self.flush()
+
     def flush(self) -> int:
         """Hand the kernel what ciphertext waits: the byte count taken."""
         if not self.pending:
@@ -315,33 +328,160 @@ def _read_record(sock: socket.socket) -> bytes:
 # -- both sides of the exchange ------------------------------------------------------
 
 
-def accept(
-    sock: socket.socket, identity: ShadowIdentity, token: bytes
-) -> tuple[dict[str, Any], TlsLink]:
-    """The shadow's side: the node's header once its certificate and token proof pass."""
-    if identity.context is None:
-        raise ShadowError("no cluster CA handed to this shadow yet")
+class Admission:
+    """The shadow's side of one connection's exchange, driven by readiness: never blocks.
+
+    Fed by the shadow's event loop (hijack.shadow.door) each time the socket
+    is readable or writable, it goes as far as what has come allows: the TLS
+    handshake, the nonce, the node's proof, its header. Raw bytes are read one
+    TLS record at a time and plaintext only as far as it is needed, so that
+    nothing beyond the header is taken from the peer (a plain relay leaves TLS
+    right after). A failure (a refused certificate, a wrong proof, a peer
+    gone) raises ShadowError; `header` is set once the exchange is complete.
+    """
+
+    def __init__(self, sock: socket.socket, identity: ShadowIdentity, token: bytes) -> None:
+        if identity.context is None:
+            raise ShadowError("no cluster CA handed to this shadow yet")
+        sock.setblocking(False)
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = identity.context.wrap_bio(incoming, outgoing, server_side=True)
+        self.link = TlsLink(sock, tls, incoming, outgoing)
+        self.token = token
+        self.nonce = b""  # sent once the handshake is done
+        self.proved = False  # the node proved the token: no stranger any more
+        self.length = -1  # of the header, once read
+        self.header: dict[str, Any] | None = None
+        self._record = bytearray()  # the raw record being read
+        self._plain = bytearray()  # plaintext read towards the next field
+
+    def wants_write(self) -> bool:
+        return bool(self.link.pending)
+
+    def step(self) -> None:
+        """Go on with what has come; ShadowError if the peer is refused."""
+        try:
+            self._step()
+        except ssl.SSLCertVerificationError as exc:
+            self._send_alert()
+            raise ShadowError(f"TLS: its certificate is refused: {exc.verify_message}") from None
+        except ssl.SSLError as exc:
+            self._send_alert()
+            raise ShadowError(f"TLS: {exc.reason or exc}") from None
+        except ConnectionError as exc:
+            raise ShadowError(f"the peer's connection failed: {exc}") from None
+
+    def _send_alert(self) -> None:
+        """The alert OpenSSL made (the peer learns why: a revoked certificate), if it fits."""
+        self.link.pending += self.link.outgoing.read()
+        with contextlib.suppress(OSError):
+            self.link.flush()
+
+    def _step(self) -> None:
+        self.link.flush()
+        while self.header is None:
+            if not self.nonce:
+                try:
+                    self.link.tls.do_handshake()
+                except ssl.SSLWantReadError:
+                    self.link.pending += self.link.outgoing.read()
+                    self.link.flush()
+                    if not self._take_record():
+                        return
+                    continue
+                self.nonce = secrets.token_bytes(NONCE)
+                self.link.tls.write(self.nonce)
+                self.link.pending += self.link.outgoing.read()
+                self.link.flush()
+            elif not self.proved:
+                proof = self._field(32)
+                if proof is None:
+                    return
+                expected = hmac.digest(self.token, self.nonce, "sha256")
+                if not self.token or not hmac.compare_digest(proof, expected):
+                    raise ShadowError("wrong token")
+                self.proved = True
+            elif self.length < 0:
+                length = self._field(_LENGTH.size)
+                if length is None:
+                    return
+                (self.length,) = _LENGTH.unpack(length)
+                if self.length > HEADER_LIMIT:
+                    raise ShadowError("header too long")
+            else:
+                payload = self._field(self.length)
+                if payload is None:
+                    return
+                self.header = _parse_header(payload)
+
+    def _field(self, size: int) -> bytes | None:
+        """The next `size` plaintext bytes, once they have all come (None until then)."""
+        while len(self._plain) < size:
+            try:
+                self._plain += self.link.tls.read(size - len(self._plain))
+            except ssl.SSLWantReadError:
+                if not self._take_record():
+                    return None
+            except ssl.SSLZeroReturnError:
+                raise ShadowError("the peer closed the connection") from None
+        field, self._plain = bytes(self._plain), bytearray()
+        return field
+
+    def _take_record(self) -> bool:
+        """Read towards the next TLS record, no byte beyond it: whether one is complete
+        (and handed to OpenSSL)."""
+        while True:
+            size = RECORD_HEADER
+            if len(self._record) >= RECORD_HEADER:
+                if self._record[0] not in RECORD_TYPES or self._record[1] != 3:
+                    raise ShadowError("not TLS: no record header")  # garbage: not waited on
+                length = int.from_bytes(self._record[3:5], "big")
+                if length > MAX_RECORD:
+                    raise ShadowError("not TLS: a record longer than TLS allows")
+                size += length
+            if len(self._record) == size:
+                self.link.incoming.write(bytes(self._record))
+                self._record.clear()
+                return True
+            try:
+                chunk = self.link.sock.recv(size - len(self._record))
+            except BlockingIOError:
+                return False
+            if not chunk:
+                raise ShadowError("the peer closed the connection")
+            self._record += chunk
+
+
+def _parse_header(payload: bytes) -> dict[str, Any]:
     try:
-        link = TlsLink.handshake(sock, identity.context, server=True)
-    except ssl.SSLCertVerificationError as exc:
-        raise ShadowError(f"TLS: its certificate is refused: {exc.verify_message}") from None
-    except ssl.SSLError as exc:
-        raise ShadowError(f"TLS: {exc.reason or exc}") from None
-    nonce = secrets.token_bytes(NONCE)
-    link.write_all(nonce)
-    proof = link.read_exactly(32)
-    if not token or not hmac.compare_digest(proof, hmac.digest(token, nonce, "sha256")):
-        raise ShadowError("wrong token")
-    (length,) = _LENGTH.unpack(link.read_exactly(_LENGTH.size))
-    if length > HEADER_LIMIT:
-        raise ShadowError("header too long")
-    try:
-        header = json.loads(link.read_exactly(length))
+        header = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ShadowError(f"malformed header: {exc}") from None
     if not isinstance(header, dict):
         raise ShadowError("malformed header: not an object")
-    return header, link
+    return header
+
+
+def accept(
+    sock: socket.socket, identity: ShadowIdentity, token: bytes, timeout: float = 5.0
+) -> tuple[dict[str, Any], TlsLink]:
+    """The shadow's side, waiting for it (one connection at a time: tests, fuzzing): the
+    node's header once its certificate and token proof pass within `timeout` seconds."""
+    admission = Admission(sock, identity, token)
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(sock, selectors.EVENT_READ)
+        while True:
+            admission.step()
+            if admission.header is not None:
+                return admission.header, admission.link
+            events = selectors.EVENT_READ
+            if admission.wants_write():
+                events |= selectors.EVENT_WRITE
+            selector.modify(sock, events)
+            left = deadline - time.monotonic()
+            if left <= 0 or not selector.select(left):
+                raise ShadowError(f"no complete exchange within {timeout:g} s")
 
 
 def connect(

@@ -123,11 +123,18 @@ def _packet(
 def fill_queue(local: str, datagrams: list[Datagram], protocol: int = IPPROTO_UDP) -> None:
     """Send each datagram, from its source, to the socket bound to `local`, in order, as
     `protocol` (IPPROTO_UDP or IPPROTO_UDPLITE)."""
+    _send_raw(f"a raw socket re-queuing to {local}", [
+        _packet(datagram.source, local, datagram.data, protocol) for datagram in datagrams
+    ])  # fmt: skip
+
+
+def _send_raw(what: str, packets: list[tuple[int, bytes, str]]) -> None:
+    """Send each (family, packet with its IP header, destination host) through a raw
+    socket, in order."""
     raws: dict[int, socket.socket] = {}
     try:
-        for datagram in datagrams:
-            family, packet, host = _packet(datagram.source, local, datagram.data, protocol)
-            with kernel_call("sendto", what=f"a raw socket re-queuing to {local}"):
+        for family, packet, host in packets:
+            with kernel_call("sendto", what=what):
                 if family not in raws:
                     raws[family] = socket.socket(family, socket.SOCK_RAW, socket.IPPROTO_RAW)
                     # Let through by the socket's network lock, if it has one.
@@ -136,3 +143,43 @@ def fill_queue(local: str, datagrams: list[Datagram], protocol: int = IPPROTO_UD
     finally:
         for raw in raws.values():
             raw.close()
+
+
+def take_queue(sock: socket.socket) -> list[Datagram]:
+    """Every datagram queued on `sock`, in order, taken off it (a socket without
+    SO_PEEK_OFF: an ICMP ping socket)."""
+    found: list[Datagram] = []
+    while True:
+        try:
+            data, source = sock.recvfrom(MAX_DATAGRAM, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return found
+        found.append(Datagram(endpoint_text(source), data))
+
+
+def _ping_reply(source: str, local: str, message: bytes) -> tuple[int, bytes, str]:
+    """(family, packet with its IP header, destination host) of the ICMP message of an
+    echo reply `message` from `source` to the ping socket bound to `local`."""
+    sender, _ = _split(source)
+    destination = ipaddress.ip_address(_destination(local, sender.version))
+    if sender.version == 4:
+        head = IPV4_HEADER.pack(
+            0x45, 0, IPV4_HEADER.size + len(message), 0, IP_DONT_FRAGMENT, DEFAULT_TTL,
+            socket.IPPROTO_ICMP, 0, sender.packed, destination.packed,
+        )  # fmt: skip
+        return socket.AF_INET, head + message, str(destination)
+    # ICMPv6's checksum covers the addresses: summed again for the destination here.
+    bare = message[:2] + b"\0\0" + message[4:]
+    pseudo = sender.packed + destination.packed + struct.pack("!I3xB", len(message), 58)
+    summed = struct.pack("!H", checksum(pseudo + bare))
+    head = IPV6_HEADER.pack(6 << 28, len(message), 58, DEFAULT_TTL, sender.packed,
+                            destination.packed)  # fmt: skip
+    return socket.AF_INET6, head + bare[:2] + summed + bare[4:], str(destination)
+
+
+def fill_ping_queue(local: str, replies: list[Datagram]) -> None:
+    """Send each echo reply (the ICMP message a ping socket's recv gave), from its
+    source, to the ping socket bound to `local` (its echo identifier), in order."""
+    _send_raw(f"a raw socket re-queuing echo replies to {local}", [
+        _ping_reply(reply.source, local, reply.data) for reply in replies
+    ])  # fmt: skip
