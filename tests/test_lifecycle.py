@@ -89,8 +89,7 @@ def served(node: Node, server: RunningFixture) -> subprocess.Popen[bytes]:
 def there_and_back(cluster: Cluster, server: RunningFixture) -> Moved:
     """The echo server moved from a to b and back to a."""
     a, b = cluster["a"], cluster["b"]
-    # Plain relays: home again takes only those back (docs/protocol.md, "Home again").
-    moved = move(a, server.pid, b, options=("--plain-relays",))
+    moved = move(a, server.pid, b)
     server.wait_exit()  # the original, killed by the move
     return move(b, moved.pid, a, home=(a, server.pid))
 

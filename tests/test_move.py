@@ -998,10 +998,7 @@ def test_two_moves_with_one_hop_relays_then_home_again_unrelayed(tmp_path: Path)
             here, pid = a, home_pid
             freezes = []
             for there in (b, c, a):
-                # Plain relays (recorded at the first move, kept by the next):
-                # home again takes only those back (test_move_home).
-                options = ("--plain-relays",) if here is a else ()
-                moved = move(here, pid, there, home=(a, home_pid), options=options)
+                moved = move(here, pid, there, home=(a, home_pid))
                 freezes.append(moved.freeze_ms)
                 if here is a:
                     server.wait_exit()
@@ -1015,7 +1012,7 @@ def test_two_moves_with_one_hop_relays_then_home_again_unrelayed(tmp_path: Path)
                     status = shadow_status(a, home_pid)
                     assert (status["mode"], status["streams"]) == ("home", []), status
                 else:
-                    assert_relays_one_hop(moved, a, home_pid, control_fd, plain=True)
+                    assert_relays_one_hop(moved, a, home_pid, control_fd)
                 assert ask(session, f"on {there.name}") == f"on {there.name}"
                 with spawn_fixture(
                     "stream_client", "127.0.0.1", port, str(1 << 20), "61", netns=a.netns

@@ -46,8 +46,8 @@ from hijack.sys import procfs
 
 STREAMING = 1024 * 1024  # bytes acknowledged before a move may start
 
-# Home again hands the process its originals back only from plain relays: an encrypted
-# one passes through its node's forwarder, out of the mover's sight (docs/protocol.md).
+# Relays are encrypted by default (through the node's forwarder); home again hands the
+# originals back from those and from plain ones alike (docs/protocol.md, "Home again").
 PLAIN = ("--plain-relays",)
 
 
@@ -91,13 +91,10 @@ def assert_home_again(node: Node, home_pid: int, pid: int, shadow_pid: int) -> N
     assert (record.state, record.home_pid) == ("attached", None), record
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="relay-auth: a client accepted while away is relayed through the node's forwarder"
-    " (encrypted, even with --plain-relays), which the shadow does not hand back: the move"
-    " home goes on relayed",
-)
-def test_a_server_moved_away_and_home_again_serves_with_its_own_sockets(tmp_path: Path) -> None:
+@pytest.mark.parametrize("options", [(), PLAIN], ids=["encrypted", "plain"])
+def test_a_server_moved_away_and_home_again_serves_with_its_own_sockets(
+    tmp_path: Path, options: tuple[str, ...]
+) -> None:
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         for node in cluster:
@@ -115,10 +112,11 @@ def test_a_server_moved_away_and_home_again_serves_with_its_own_sockets(tmp_path
                 poll_until(
                     lambda: most_acknowledged(a, port) >= STREAMING, "the first stream under way"
                 )
-                away = move(a, home_pid, b, options=PLAIN)
+                away = move(a, home_pid, b, options=options)
                 server.wait_exit()
                 assert ask(session, "away") == "away"
-                # A client the shadow accepts while the process is away: it is the
+                # A client the shadow accepts while the process is away (its relay goes
+                # through b's forwarder, encrypted, whatever the options): it is the
                 # process's own too once it is home.
                 with spawn_fixture("stream_client", *stream, "72", netns=a.netns) as second:
                     poll_until(
@@ -208,7 +206,7 @@ def test_a_self_pipe_moved_away_and_home_again_is_a_real_pipe_again(tmp_path: Pa
             assert ask(program, "at home") == "at home"
             before = links(program.pid)
             assert before[read_end] == before[write_end] and before[read_end].startswith("pipe:")
-            away = move(a, program.pid, b, options=PLAIN)
+            away = move(a, program.pid, b)
             assert program.wait(EXIT_TIMEOUT) < 0  # the original, killed by the move
             assert ask_moved(program, "on b") == "on b"
             assert links(away.pid)[read_end].startswith("socket:")  # relayed there
@@ -240,7 +238,7 @@ def test_an_idle_session_home_again_keeps_talking_through_its_own_socket(tmp_pat
                 assert read_line(session, LINE_TIMEOUT) == "connected"
                 assert ask(session, "at home") == "at home"
                 before = links(session.pid)
-                away = move(a, session.pid, b, options=PLAIN)
+                away = move(a, session.pid, b)
                 assert ask_moved(session, "away") == "away"
                 home = move(b, away.pid, a, home=(a, session.pid))
                 assert_home_again(a, session.pid, home.pid, away.shadow_pid)
@@ -279,7 +277,7 @@ def test_a_move_home_stopped_after_the_hand_back_leaves_the_relays_working(
             home_pid = server.pid
             with session(server.ready["port"], a) as talk:
                 talk("at home")
-                away = move(a, home_pid, b, options=PLAIN)
+                away = move(a, home_pid, b)
                 server.wait_exit()
                 talk("away")
                 mover = hijack_in(b, "move-prepared", "move", away.pid, "--to", a.daemon_endpoint)
@@ -333,7 +331,7 @@ def test_a_process_that_does_not_read_its_relays_comes_home_relayed_and_later_un
         try:
             assert read_line(program, LINE_TIMEOUT) == "ready"
             home_pid = program.pid
-            away = move(a, home_pid, b, options=PLAIN)
+            away = move(a, home_pid, b)
             assert ask_moved(program, "on b") == "on b"
             result = b.hijack("move", away.pid, "--to", a.daemon_endpoint, "--no-precopy")
             assert result.returncode == 0, result.describe()
@@ -346,7 +344,7 @@ def test_a_process_that_does_not_read_its_relays_comes_home_relayed_and_later_un
             assert ask_moved(program, "drain") == "queued before any move"  # once
             assert ask_moved(program, "relayed at home") == "relayed at home"
 
-            away = move(a, back, b, home=(a, home_pid), options=PLAIN)
+            away = move(a, back, b, home=(a, home_pid))
             home = move(b, away.pid, a, home=(a, home_pid))
             assert_home_again(a, home_pid, home.pid, away.shadow_pid)
             assert links(home.pid)[0].startswith("pipe:")

@@ -6,10 +6,13 @@ the other (each streams LOAD_STREAM_BYTES of its checksummed stream and
 checks every echoed byte in order), and one session connection that asks a
 line after each move. After each move: the process runs on its new node,
 the session answers through it, a load stream completes through it, and the
-node it left holds nothing but its daemon. At the end: every stream was
-intact, the server echoed exactly the bytes the clients sent, the daemons'
-memory (VmRSS) and descriptor counts, and the home shadow's descriptors, are
-as they were after the warm-up.
+node it left holds nothing but its daemon. A move to a is a move home: the
+shadow hands the process its own sockets back if it caught up in time (home
+again), else relays them on, and the next move is a first move again or one
+more from away. At the end: every stream was intact, the server echoed
+exactly the bytes the clients sent, the daemons' memory (VmRSS) and
+descriptor counts are as they were after the warm-up, and the home shadow
+holds no more descriptors than at the first move away after it.
 
 The suite runs a short form (SOAK_MOVES, default 6); `make soak` the full one
 (SOAK_MOVES=50). The figures are printed (pytest -s shows them).
@@ -103,27 +106,6 @@ def vm_rss_kb(pid: int) -> int:
     raise AssertionError(f"no VmRSS for {pid}")
 
 
-# A move aborted because the process had not taken, within ack_wait, bytes its
-# shadow sent it leaves it running where it was, untouched (the abort is clean).
-# Under this load through encrypted relays (the node's forwarder acknowledges
-# bytes only once they are in the process's socket) about one soak in four
-# meets one: a known gap of the forwarder, written in the issue notes. Tried
-# again, up to twice; every other failure fails the soak.
-NOT_TAKEN = "did not take what its home shadow sent it"
-MOVE_TRIES = 3
-
-
-def move_under_load(source: Node, pid: int, destination: Node, home: tuple[Node, int]) -> Moved:
-    for attempt in range(1, MOVE_TRIES + 1):
-        try:
-            return move(source, pid, destination, home=home)
-        except AssertionError as error:
-            if NOT_TAKEN not in str(error) or attempt == MOVE_TRIES:
-                raise
-            print(f"move of {pid} to {destination.name} aborted cleanly ({NOT_TAKEN}): again")
-    raise AssertionError("unreachable")
-
-
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -195,7 +177,7 @@ def test_soak_moves_between_three_nodes_under_load(tmp_path: Path) -> None:
                 freezes: list[float] = []
                 for number in range(1, SOAK_MOVES + 1):
                     there = cluster.nodes[number % 3]
-                    moved = move_under_load(here, pid, there, home=(a, home_pid))
+                    moved = move(here, pid, there, home=(a, home_pid))
                     freezes.append(moved.freeze_ms)
                     if here is a and number == 1:
                         server.wait_exit()  # the original, killed by the first move
@@ -211,6 +193,9 @@ def test_soak_moves_between_three_nodes_under_load(tmp_path: Path) -> None:
                             node.name: (vm_rss_kb(daemon_pid(node)), fd_count(daemon_pid(node)))
                             for node in cluster
                         }
+                    if number == WARM_UP_MOVES + 1:
+                        # Away (on b): relayed. Back at a it may be relayed too, or hold
+                        # its own descriptors again (home again), with fewer here.
                         shadow_fds = fd_count(moved.shadow_pid)
                         shadow_pipes = pipes_of(moved.shadow_pid)
                     here, pid = there, moved.pid
@@ -262,6 +247,6 @@ def test_soak_moves_between_three_nodes_under_load(tmp_path: Path) -> None:
                     f"daemon {name} grew by {rss_end - rss} kB over "
                     f"{SOAK_MOVES - WARM_UP_MOVES} moves"
                 )
-            assert shadow_fds_end <= shadow_fds, (
+            assert not shadow_fds or shadow_fds_end <= shadow_fds, (
                 f"the home shadow holds {shadow_fds_end - shadow_fds} more descriptors"
             )

@@ -14,10 +14,17 @@ shadow direction is framed and carries the forwarder's own acknowledgements:
 
     frame ::= KIND:u8 LENGTH:u32 PAYLOAD
     KIND  ::= 1 DATA (the process's bytes) | 3 ACK (u64: bytes now in the
-              process's socket, in all) | 4 END (the process finished writing)
+              process's socket, in all; u32: the room left there) | 4 END (the
+              process finished writing)
 
 An ACK is sent once the bytes written to the loopback socket are
-acknowledged there (SIOCOUTQ 0: they are in the process's receive queue).
+acknowledged there (SIOCOUTQ 0: they are in the process's receive queue),
+and once as the relay starts (0 bytes). Its room (the window the process's
+socket advertises then, less what waits here for it; 0 where the kernel
+does not tell) is what the shadow may send more that the process's socket
+surely takes, reading or not: a move home sends only that much (hijack.shadow.relay).
+Only the latest count matters: an ACK goes ahead of the DATA frames waiting
+here (between two frames), so a move waits for no more than that.
 shadow -> node stays raw (inside TLS); its end is the TLS connection's end.
 
 A listener of the process is relayed the same way round (the node connects,
@@ -71,7 +78,9 @@ from hijack.sys.socket_filter import SO_MARK, attach_filter, only_marked
 
 ACK, END = 3, 4
 FORWARDED_KINDS = (DATA, ACK, END)
-ACK_FORMAT = struct.Struct("<Q")
+ACK_FORMAT = struct.Struct("<Q")  # bytes in the process's socket, in all
+ROOM_FORMAT = struct.Struct("<I")  # after it: room left there (older forwarders send none)
+TCPI_SND_WND = 228  # offset of tcpi_snd_wnd in struct tcp_info (<linux/tcp.h>, Linux 6.2)
 CHUNK = 256 * 1024 - FRAME.size  # a DATA frame fits what TlsLink.send takes at once
 LIMIT = 4 * 1024 * 1024  # bytes held per direction before we stop reading
 ACK_POLL = 0.005  # seconds between looks at a process socket that has not taken all yet
@@ -106,6 +115,14 @@ def unacknowledged(sock: socket.socket) -> int:
     return int(struct.unpack("i", value)[0])
 
 
+def window(sock: socket.socket) -> int:
+    """The receive window the peer of `sock` advertises (0 where the kernel does not tell)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_SND_WND + 4)
+    if len(info) < TCPI_SND_WND + 4:
+        return 0
+    return int(struct.unpack_from("<I", info, TCPI_SND_WND)[0])
+
+
 def closed_listener(backlog: int) -> socket.socket:
     """The process's listener here: on loopback, and only marked packets get in."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -125,6 +142,10 @@ class _Pair:
     local: socket.socket  # our end of the loopback connection
     to_local: bytearray = field(default_factory=bytearray)  # from the shadow, not yet written
     to_link: bytearray = field(default_factory=bytearray)  # frames not yet handed to TLS
+    # The latest ACK, not yet handed to TLS: it goes before the next frame of to_link (a
+    # count in all, so it replaces one that waited), not behind megabytes of DATA.
+    ack: bytes = b""
+    cut: int = 0  # bytes left of to_link's first frame, TLS having taken its start
     delivered: int = 0  # bytes written to the local socket, in all
     acked: int = 0  # what our last ACK said
     local_eof: bool = False
@@ -277,13 +298,14 @@ class Forwarder:
             else:
                 item.local.setblocking(False)
                 self.pairs.add(item)
+                self._send_ack(item)  # the room there, before any byte
                 self._watch(item)
 
     def _watch(self, pair: _Pair) -> None:
         link_events = 0
         if not pair.link.eof and len(pair.to_local) < LIMIT:
             link_events |= selectors.EVENT_READ
-        if pair.link.pending or pair.to_link:
+        if pair.link.pending or pair.to_link or pair.ack:
             link_events |= selectors.EVENT_WRITE
         local_events = 0
         if not pair.local_eof and len(pair.to_link) < LIMIT:
@@ -325,11 +347,21 @@ class Forwarder:
         self._flush(pair)
 
     def _flush(self, pair: _Pair) -> None:
-        while pair.to_link:
-            taken = pair.link.send(pair.to_link)
+        # A frame at a time (TLS takes one whole, or none while earlier ones wait for the
+        # kernel), so that between two an ACK can go first.
+        while True:
+            if pair.ack and not pair.cut:
+                if not pair.link.send(pair.ack):
+                    break
+                pair.ack = b""
+            if not pair.to_link:
+                break
+            size = pair.cut or FRAME.size + FRAME.unpack_from(pair.to_link)[1]
+            taken = pair.link.send(pair.to_link[:size])
             if not taken:
                 break
             del pair.to_link[:taken]
+            pair.cut = size - taken
         pair.link.flush()
         if pair.to_local:
             try:
@@ -346,15 +378,20 @@ class Forwarder:
     def _acknowledge(self, pair: _Pair) -> None:
         if pair.delivered > pair.acked and not unacknowledged(pair.local):
             pair.acked = pair.delivered
-            pair.to_link += make_frame(ACK, ACK_FORMAT.pack(pair.acked))
-            try:
-                self._flush(pair)
-            except OSError as exc:
-                self.log(f"forwarded relay: {exc}; closing it")
-                self._close(pair, reset=True)
+            self._send_ack(pair)
+
+    def _send_ack(self, pair: _Pair) -> None:
+        try:
+            room = max(0, window(pair.local) - unacknowledged(pair.local) - len(pair.to_local))
+            body = ACK_FORMAT.pack(pair.acked) + ROOM_FORMAT.pack(min(room, 0xFFFFFFFF))
+            pair.ack = make_frame(ACK, body)
+            self._flush(pair)
+        except OSError as exc:
+            self.log(f"forwarded relay: {exc}; closing it")
+            self._close(pair, reset=True)
 
     def _finish_if_done(self, pair: _Pair) -> None:
-        sent_all = pair.local_eof and not pair.to_link and not pair.link.pending
+        sent_all = pair.local_eof and not (pair.to_link or pair.ack or pair.link.pending)
         if sent_all and pair.link.eof and not pair.to_local:
             self._close(pair, reset=False)
 
@@ -492,6 +529,7 @@ class ForwarderProcess:
         self.log = log
         self.lock = threading.Lock()
         self.sock: socket.socket | None = None
+        self.process: subprocess.Popen[bytes] | None = None  # the last one started
 
     def _start(self) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -503,6 +541,7 @@ class ForwarderProcess:
             )
         finally:
             theirs.close()
+        self.process = process
         # Reaped here while we run; once we are gone, by whoever adopts it.
         threading.Thread(target=process.wait, name="forwarder-reaper", daemon=True).start()
         self.log(f"forwarder {process.pid} started")

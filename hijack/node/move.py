@@ -76,7 +76,7 @@ from hijack.shadow import control, relay_link
 from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
 from hijack.shadow.datagram import parse_address as parse_datagram_address
 from hijack.shadow.relay import ACK_WAIT
-from hijack.sys import kcmp, pidfd, procfs, sysv, terminal
+from hijack.sys import kcmp, pidfd, procfs, sysv, tcp_repair, terminal
 from hijack.sys.socket_filter import listen_backlog
 from hijack.testpoint import reached
 from hijack.timing import Laps
@@ -751,6 +751,25 @@ def _queued(pid: int, plan: list[Proxy], way: str) -> dict[str, int]:
     return queued
 
 
+def _written(pid: int, plan: list[Proxy]) -> dict[str, int]:
+    """What the frozen process wrote to each relayed stream, in all (its send queues are
+    empty): an encrypted relay's shadow reads until that much came through the node's
+    forwarder (the bytes on their way there are in no queue the mover sees)."""
+    written: dict[str, int] = {}
+    for proxy in plan:
+        if proxy.kind != "stream":
+            continue
+        with contextlib.suppress(HijackError):  # not a TCP socket: its shadow says why
+            copy = pidfd.copy_fd(pid, proxy.fd)
+            try:
+                sent = tcp_repair.data_sent(copy)
+            finally:
+                os.close(copy)
+            if sent is not None:
+                written[proxy.stream] = sent
+    return written
+
+
 def hand_back(
     pid: int,
     shadow: HomeShadow,
@@ -765,8 +784,9 @@ def hand_back(
     would have to reach it before what waits in the original), no client
     waiting in its listener, and all it wrote in the shadow's hands (its
     relays' send queues empty: the shadow writes it through before it
-    answers). Else why not, and nothing changed: the move relays its
-    descriptors from home as before.
+    answers; through an encrypted relay, once all it wrote came: _written).
+    Else why not, and nothing changed: the move relays its descriptors from
+    home as before.
     """
     why = unhomeable(plan)
     unread_streams = [stream for stream, data in unread.items() if data]
@@ -779,7 +799,13 @@ def hand_back(
             return f"what it wrote was not taken by its shadow within {ack_wait():g} s"
         time.sleep(HOME_SETTLE_INTERVAL)
     streams = sorted({p.stream for p in plan})
-    request = {"op": "hand_back", "move": move_id, "streams": streams, "wait": ack_wait()}
+    request = {
+        "op": "hand_back",
+        "move": move_id,
+        "streams": streams,
+        "wait": ack_wait(),
+        "written": _written(pid, plan),
+    }
     try:
         shadow.request(request, timeout=ack_wait() + 15.0)
     except ShadowError as exc:

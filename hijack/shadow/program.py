@@ -386,7 +386,9 @@ class Shadow:
         copy there gets (`originals`); answered once all it wrote is written through."""
         move = str(message["move"])
         streams = [str(stream) for stream in message.get("streams", [])]
-        originals = self.hub.hand_back(move, streams, float(message.get("wait", ACK_WAIT)))
+        written = {str(k): int(v) for k, v in dict(message.get("written") or {}).items()}
+        wait = float(message.get("wait", ACK_WAIT))
+        originals = self.hub.hand_back(move, streams, wait, written)
         log(f"move {move}: {len(originals)} originals go back to the process at home")
         return {"ok": True, "shadow_pid": os.getpid(), "originals": originals}
 

@@ -71,7 +71,6 @@ SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # made it likely, by putting more unacknowledged bytes on the wire.)
 SPLICE = True
 PUMP_ROUNDS = 16  # splices per direction and event, so one wakeup moves what is there
-TCPI_SND_WND = 228  # offset of tcpi_snd_wnd in struct tcp_info (<linux/tcp.h>)
 # Seconds a move home's flush goes on with nothing the process's node would take.
 FLUSH_PATIENCE = 0.5
 
@@ -80,11 +79,7 @@ def window_room(sock: socket.socket) -> int:
     """Bytes the peer's kernel would take on `sock` now: its advertised receive window
     (TCP_INFO's tcpi_snd_wnd, Linux 6.2 on) less what is queued and unacknowledged.
     0 where the kernel does not tell."""
-    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCPI_SND_WND + 4)
-    if len(info) < TCPI_SND_WND + 4:
-        return 0
-    (window,) = struct.unpack_from("<I", info, TCPI_SND_WND)
-    return int(window) - unacknowledged(sock)
+    return forwarder.window(sock) - unacknowledged(sock)
 
 
 def unacknowledged(sock: socket.socket) -> int:
@@ -111,6 +106,8 @@ class Relay:
     link: TlsLink | None = None
     forwarded: FrameReader | None = None
     acked: int = 0  # bytes the node's forwarder has put in the process's socket
+    room: int = 0  # what that socket surely took more, at the last ACK (0: not known)
+    received: int = 0  # the process's bytes that came on it (DATA; an encrypted relay)
     # The ends of the process's socket at the node ("ip:port" each) when they are
     # not this connection's (a forwarder stands between).
     ends: tuple[str, str] | None = None
@@ -457,7 +454,20 @@ class RelayHub:
             self.flushing = False
         self.aborted(move)
         unread = ", ".join(f"{stream} {count} bytes" for stream, count in sorted(waiting.items()))
-        self.log(f"move {move}: not acknowledged after {ack_wait:g} s ({unread}); relaying on")
+        # Where they wait, for the log: the node's kernel, its forwarder or the process
+        # ("unsent": encrypted here, not taken by our kernel yet).
+        unsent = ", ".join(
+            f"{stream.id} {len(stream.relay.link.pending)} unsent"
+            for stream in self.streams.values()
+            if stream.id in waiting
+            and stream.relay
+            and stream.relay.link
+            and stream.relay.link.pending
+        )
+        where = f"; {unsent}" if unsent else ""
+        self.log(
+            f"move {move}: not acknowledged after {ack_wait:g} s ({unread}{where}); relaying on"
+        )
         raise HijackError(
             f"the process did not take what its home shadow sent it within {ack_wait:g} s"
             f" ({unread} unacknowledged): moved now, those bytes would be lost"
@@ -479,7 +489,14 @@ class RelayHub:
 
     def _read_while_migrating(self, stream: Stream) -> None:
         relay = stream.relay
-        if stream.closed or relay is None or not relay.readable():
+        if stream.closed or relay is None:
+            return
+        if relay.link is not None:
+            # What TLS made of the bytes sent before (counted in plain_sent, so waited
+            # for) goes out still: nothing else would send it until the move is over.
+            with contextlib.suppress(OSError):
+                relay.link.flush()
+        if not relay.readable():
             return
         with contextlib.suppress(OSError):  # the event loop meets it again and handles it
             if stream.in_room():
@@ -1013,10 +1030,16 @@ class RelayHub:
         for kind, body in _frames(relay.forwarded, data, stream):
             if kind == DATA:
                 payload += body
-            elif kind == forwarder.ACK and len(body) == forwarder.ACK_FORMAT.size:
-                relay.acked = max(relay.acked, forwarder.ACK_FORMAT.unpack(body)[0])
+            elif kind == forwarder.ACK and len(body) >= forwarder.ACK_FORMAT.size:
+                acked = forwarder.ACK_FORMAT.unpack_from(body)[0]
+                if acked >= relay.acked:
+                    relay.acked = acked
+                    room = body[forwarder.ACK_FORMAT.size :]
+                    fits = len(room) == forwarder.ROOM_FORMAT.size
+                    relay.room = forwarder.ROOM_FORMAT.unpack(room)[0] if fits else 0
             elif kind == forwarder.END:
                 relay.eof = True
+        relay.received += len(payload)
         if payload:
             stream.to_original += (
                 self._from_master(stream, relay, bytes(payload)) if stream.master else payload
@@ -1075,12 +1098,7 @@ class RelayHub:
                     sent = relay.sock.send(stream.to_relay[:CHUNK])
             except BlockingIOError:
                 sent = 0
-            if stream.replay is not None:
-                if len(stream.replay) + sent <= REPLAY_LIMIT:
-                    stream.replay += stream.to_relay[:sent]
-                else:
-                    stream.replay, stream.replay_lost = None, True
-            del stream.to_relay[:sent]
+            self._took(stream, sent)
         if relay.link is None and not stream.to_relay and stream.out_pipe is not None:
             sent += stream.out_pipe.drain(relay.sock.fileno())
         if stream.original_eof and not stream.out_held and not stream.shut_relay:
@@ -1256,59 +1274,90 @@ class RelayHub:
         sent = 0
         for stream in list(self.streams.values()):
             relay = stream.relay
-            if stream.closed or relay is None or relay.link is not None:
-                continue  # an encrypted relay is not handed back: its bytes go as usual
+            if stream.closed or relay is None:
+                continue
             with contextlib.suppress(OSError):  # the event loop meets it again
+                if relay.link is not None:
+                    sent += self._flush_through_forwarder(stream, relay)
+                    continue
                 room = window_room(relay.sock)
                 if room > 0 and stream.to_relay:
                     moved = relay.sock.send(stream.to_relay[: min(CHUNK, room)])
-                    if stream.replay is not None:  # (as _flush_relay)
-                        if len(stream.replay) + moved <= REPLAY_LIMIT:
-                            stream.replay += stream.to_relay[:moved]
-                        else:
-                            stream.replay, stream.replay_lost = None, True
-                    del stream.to_relay[:moved]
+                    self._took(stream, moved)
                     sent, room = sent + moved, room - moved
                 if room > 0 and not stream.to_relay and stream.out_pipe is not None:
                     sent += stream.out_pipe.drain(relay.sock.fileno(), room)
         return sent
 
-    def _holding_for_process(self) -> bool:
-        return any(
-            s.out_held
-            for s in self.streams.values()
-            if s.relay and s.relay.link is None and not s.closed
-        )
+    def _flush_through_forwarder(self, stream: Stream, relay: Relay) -> int:
+        """An encrypted relay's share of _flush_towards_process: what its node's forwarder
+        would hold if the process stopped reading is in no socket either, so only the room
+        its last ACK told of, and only once all sent before is acknowledged (that ACK
+        counted it all: the room is what the process's socket takes beyond it)."""
+        link = relay.link
+        assert link is not None
+        if relay.unacknowledged() or link.pending:
+            return 0
+        if not stream.to_relay:
+            _unpipe(stream.out_pipe, stream.to_relay)
+        sent = 0
+        while relay.room > 0 and stream.to_relay:
+            moved = link.send(stream.to_relay[: relay.room])  # (CHUNK at most a call)
+            if not moved:
+                break  # the rest of the room once our kernel took what TLS made
+            self._took(stream, moved)
+            relay.room -= moved  # until the ACK for them tells again
+            sent += moved
+        return sent
 
-    def hand_back(self, move: str, stream_ids: list[str], wait: float) -> dict[str, int]:
+    @staticmethod
+    def _took(stream: Stream, moved: int) -> None:
+        """The relay took `moved` bytes of the head: an accepted client's are kept for a
+        replay (up to REPLAY_LIMIT; past it no replay is possible)."""
+        if stream.replay is not None:
+            if len(stream.replay) + moved <= REPLAY_LIMIT:
+                stream.replay += stream.to_relay[:moved]
+            else:
+                stream.replay, stream.replay_lost = None, True
+        del stream.to_relay[:moved]
+
+    def _holding_for_process(self) -> bool:
+        return any(s.out_held for s in self.streams.values() if s.relay and not s.closed)
+
+    def hand_back(
+        self, move: str, stream_ids: list[str], wait: float, written: dict[str, int] | None = None
+    ) -> dict[str, int]:
         """Stop relaying `stream_ids`: the process, frozen at its node, gets their originals
         at home (move `move`); returns each one's original (our descriptor).
 
         What it wrote goes to the originals first: the caller saw the send
-        queues of its relays empty (all of it is in our receive queues), so
-        reading them until nothing is left takes it all, and it is written
-        through within `wait` seconds. Refused, nothing changed, if a stream
-        holds bytes for the process (it must have read all we sent, no byte of
-        the original may wait in between), cannot be written through, or is
-        no plain stream or listener.
+        queues of its relays empty, so a plain relay's bytes are all in our
+        receive queues (read until nothing is left), and an encrypted one's
+        are on their way through its node's forwarder: `written` says how many
+        the process wrote to each (stream id -> bytes), read until they all
+        came. All of it is written through within `wait` seconds. Refused,
+        nothing changed, if a stream holds bytes for the process (it must have
+        read all we sent, no byte of the original may wait in between), cannot
+        be written through, or is no stream or listener.
         """
+        counts = written or {}
         self._reclaim()
         streams = [self.streams.get(stream_id) for stream_id in stream_ids]
         for stream_id, found in zip(stream_ids, streams, strict=True):
-            problem = self._cannot_hand_back(found)
+            problem = self._cannot_hand_back(found, counts)
             if problem:
                 raise HijackError(f"{stream_id} cannot go back: {problem}")
         chosen = [s for s in streams if s is not None]
         deadline = time.monotonic() + wait
         while True:
-            busy = [s.id for s in chosen if s.kind == "stream" and self._write_through(s)]
+            busy = [s.id for s in chosen if s.kind == "stream" and self._write_through(s, counts)]
             if not busy:
                 break
             if time.monotonic() >= deadline:
                 raise HijackError(f"{', '.join(busy)}: not written through within {wait:g} s")
             time.sleep(0.001)
         for stream in chosen:
-            problem = self._cannot_hand_back(stream)
+            problem = self._cannot_hand_back(stream, counts)
             if problem:  # the original failed meanwhile: it ended where it was
                 raise HijackError(f"{stream.id} cannot go back: {problem}")
         for stream in chosen:
@@ -1318,7 +1367,7 @@ class RelayHub:
                 self._forget(relay.sock)
         return {stream.id: stream.original for stream in chosen}
 
-    def _cannot_hand_back(self, stream: Stream | None) -> str:
+    def _cannot_hand_back(self, stream: Stream | None, written: dict[str, int]) -> str:
         if stream is None or stream.closed:
             return "no such stream"
         if stream.original < 0:
@@ -1331,9 +1380,9 @@ class RelayHub:
             return ""
         if stream.relay is None or stream.retiring:
             return "its relays are changing"
-        if stream.relay.link is not None:
-            # Its bytes pass through its node's forwarder, out of the mover's sight.
-            return "its relay is encrypted (hijack move --plain-relays hands it back)"
+        if stream.relay.link is not None and stream.id not in written:
+            # Its bytes pass through its node's forwarder: only a count tells they all came.
+            return "its relay is encrypted, and the mover did not say what the process wrote"
         unsent, unacknowledged_bytes = stream.out_held, stream.relay.unacknowledged()
         if unsent or unacknowledged_bytes:
             return (
@@ -1342,8 +1391,9 @@ class RelayHub:
             )
         return ""
 
-    def _write_through(self, stream: Stream) -> bool:
-        """Read the relay, write the original: whether anything of the process is left."""
+    def _write_through(self, stream: Stream, written: dict[str, int]) -> bool:
+        """Read the relay, write the original: whether anything of the process is left
+        (for an encrypted relay, until the `written` bytes of the process came)."""
         relay = stream.relay
         assert relay is not None
         with contextlib.suppress(BlockingIOError):
@@ -1353,7 +1403,11 @@ class RelayHub:
             self._flush_original(stream)
         except OSError as exc:
             raise HijackError(f"{stream.id}: {exc}") from None
-        return bool(stream.in_held) or (not relay.eof and _readable(relay.sock) > 0)
+        if relay.link is not None:
+            behind = not relay.eof and relay.received < written.get(stream.id, 0)
+        else:
+            behind = not relay.eof and _readable(relay.sock) > 0
+        return bool(stream.in_held) or behind
 
     def forget_handed(self, move: str) -> dict[str, int]:
         """The process runs at home with the originals `move` handed back: their relays are

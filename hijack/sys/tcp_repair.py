@@ -64,6 +64,7 @@ REPAIR_OPTION = struct.Struct("<II")  # opt_code, opt_val
 # struct tcp_info: state, ca_state, retransmits, probes, backoff, options, wscales (4+4 bits)
 TCP_INFO_HEAD = struct.Struct("<7B")
 TCP_INFO_SEGS = struct.Struct("<136xII")  # ... tcpi_segs_out, tcpi_segs_in
+TCP_INFO_SENT = struct.Struct("<200xQQ")  # ... tcpi_bytes_sent, tcpi_bytes_retrans
 CHUNK = 1 << 20  # bytes put back into a queue per call
 SO_SNDBUFFORCE, SO_RCVBUFFORCE = 32, 33
 SO_MARK = 36
@@ -137,6 +138,21 @@ def never_connected(fd: int) -> bool:
         finally:
             sock.detach()
     return len(info) >= TCP_INFO_SEGS.size and TCP_INFO_SEGS.unpack(info)[-2:] == (0, 0)
+
+
+def data_sent(fd: int) -> int | None:
+    """The bytes TCP socket `fd` (ours) has sent, each counted once (retransmissions
+    left out; SYN and FIN are not data): once its send queue is empty, all that was
+    written to it. None where the kernel does not tell (before Linux 4.19)."""
+    with kernel_call("getsockopt(TCP_INFO)"), socket.socket(fileno=fd) as sock:
+        try:
+            info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_SENT.size)
+        finally:
+            sock.detach()
+    if len(info) < TCP_INFO_SENT.size:
+        return None
+    sent, retransmitted = TCP_INFO_SENT.unpack(info)
+    return int(sent - retransmitted)
 
 
 def read_state(fd: int) -> TcpState:
