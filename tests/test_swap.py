@@ -196,3 +196,26 @@ def test_two_migrants_joined_directly_outlive_their_home_node(tmp_path: Path) ->
                 link_up(a)  # their pipes (stdout, stderr) are relayed through a
             assert_ended_well(moved_client, "the stream_client, swapped", tmp_path)
             finish_moved(server, moved_server, tmp_path)  # it checked its own state: PASS
+
+
+def test_a_swapped_client_moves_on_and_its_direct_connection_follows(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        for node in cluster.nodes:  # a's daemon freezes the server for the later move
+            node.start_daemon()
+        with echo_stream(a, seed=44, server_args=("0", "epoll")) as (server, client):
+            a.hijack_ok("attach", server.pid)
+            moved = move(a, client.pid, b, options=(*PLAIN, "--swap"))
+            client.wait_exit()
+            assert relayed_ids(a, client.pid) == []
+            # From b on to c: the direct connection follows it, still direct.
+            again = move(b, moved.pid, c, home=(a, client.pid))
+            assert still_running(again.pid), "the stream ended before the second move: too fast"
+            poll_until(
+                lambda: any(peer.startswith("10.77.0.3:") for peer in peers_of(server.pid)),
+                "the server's connection goes to node c",
+            )
+            assert all(peer.startswith("10.77.0.1:") for peer in peers_of(again.pid))
+            assert relayed_ids(a, client.pid) == []
+            assert_ended_well(again, "the stream_client moved on", tmp_path)
+            server.assert_intact()

@@ -24,6 +24,7 @@ commit as `aborted` (docs/protocol.md, "Settling a move").
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -53,7 +54,7 @@ from hijack.restore.tree import TreeMove, restore_tree
 from hijack.shadow import control
 from hijack.shadow.datagram import widen_receive_buffer
 from hijack.shadow.relay import endpoint
-from hijack.sys import pidfd, procfs, terminal
+from hijack.sys import pidfd, procfs, tcp_repair, terminal
 from hijack.testpoint import reached
 from hijack.timing import Laps
 
@@ -79,6 +80,12 @@ class Proxy(NamedTuple):
     shut: bool = False  # a stream the process shut down for writing: its relay is too
     backlog: int = 0  # a listener's: the backlog the process gave it
     member: int = 0  # a tree's move: the member whose descriptor it is (its pid at the source)
+    # "direct" (a swapped connection, hijack.node.repoint): made here in repair mode from
+    # `local` to `peer`, live at the commit
+    local: str = ""
+    send_seq: int = 0
+    recv_next: int = 0
+    unread: bytes | int = 0  # its bytes once received (`unread` messages), their number before
 
 
 def log(text: str) -> None:
@@ -226,6 +233,13 @@ class NodeDaemon:
             log(f"refused a move from {channel.peer} ({where}): {exc}")
             channel.send({"error": str(exc)})
             return
+        try:
+            proxies = _receive_unread(channel, proxies)
+        except (HijackError, ChannelError) as exc:
+            log(f"refused a move from {channel.peer} ({where}): {exc}")
+            with contextlib.suppress(ChannelError):
+                channel.send({"error": str(exc)})
+            return
         # The process is frozen from here until `running`: where the time goes,
         # told to the mover (hijack.timing).
         laps = Laps()
@@ -255,6 +269,19 @@ class NodeDaemon:
             return self.forwarder.datagrams(shadow, proxy.stream, move, proxy.family, here, peer)
 
         terminals = _Terminals(relay)
+        direct: list[socket.socket] = []  # in repair mode until the commit
+
+        def direct_end(proxy: Proxy) -> socket.socket:
+            local, peer = swap_end.split_endpoint(proxy.local), swap_end.split_endpoint(proxy.peer)
+            family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
+            try:
+                made = swap_end.repair_socket(
+                    family, local, peer, proxy.send_seq, proxy.recv_next, bytes(proxy.unread)
+                )
+            except (HijackError, OSError) as exc:
+                raise HijackError(f"cannot make fd {proxy.fd}'s direct connection: {exc}") from None
+            return socket.socket(fileno=made)
+
         originals = _Originals(shadow, move)
         # A move home whose every descriptor is its original again (hijack.node.move).
         home_again = request.get("home_again") is True and home["node"] == self.name
@@ -312,6 +339,10 @@ class NodeDaemon:
                     links.append(
                         self.forwarder.listen(shadow, proxy.stream, move, listeners[proxy.stream])
                     )
+                elif proxy.kind == "direct":
+                    sock = direct_end(proxy)
+                    opened.append(sock)  # closed in repair mode if the move fails: silent
+                    direct.append(sock)
                 elif proxy.kind == "datagram":
                     sock = datagram(proxy)
                     opened.append(sock)
@@ -392,6 +423,8 @@ class NodeDaemon:
                     if self._decide(move, pid, "running") != "running":
                         raise HijackError(f"move {move} was settled as aborted before its commit")
                     committed.append(pid)
+                    for sock in direct:  # live: it tells its peer its window
+                        tcp_repair.set_repair(sock.fileno(), False)
                     with contextlib.nullcontext(registry) if registry else Registry() as records:
                         # Back home: its home row is this one now (attached again, if its
                         # shadow handed every original back).
@@ -636,6 +669,20 @@ def _parse_move(
                 raise TypeError
             if kind == "datagram" and family not in (socket.AF_INET, socket.AF_INET6):
                 raise ValueError
+            local, send_seq, recv_next = (
+                proxy.get("local", ""),
+                proxy.get("send_seq", 0),
+                proxy.get("recv_next", 0),
+            )
+            if not isinstance(local, str) or not isinstance(send_seq, int):
+                raise TypeError
+            if not isinstance(recv_next, int):
+                raise TypeError
+            for address in (local, peer) if kind == "direct" else ():
+                swap_end.split_endpoint(address)  # ValueError if it is not "ip:port"
+            unread = proxy.get("unread_bytes", 0)
+            if not isinstance(unread, int) or not 0 <= unread < 1 << 31:
+                raise ValueError
             proxies.append(
                 Proxy(
                     number,
@@ -647,11 +694,36 @@ def _parse_move(
                     shut=shut,
                     backlog=backlog,
                     member=member,
+                    local=local,
+                    send_seq=send_seq,
+                    recv_next=recv_next,
+                    unread=unread,
                 )
             )
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
         raise HijackError(f"malformed move request: {json.dumps(request)[:120]}") from None
     return move, home, shadow, proxies
+
+
+def _receive_unread(channel: Channel, proxies: list[Proxy]) -> list[Proxy]:
+    """The `unread` messages after a move message: what the process has yet to read from
+    each of its direct connections (docs/protocol.md, "Later moves")."""
+    received = []
+    for proxy in proxies:
+        if proxy.kind != "direct":
+            received.append(proxy)
+            continue
+        data = bytearray()
+        while len(data) < int(proxy.unread):
+            message = channel.receive()
+            if message.get("op") != "unread" or message.get("fd") != proxy.fd:
+                raise HijackError(f"expected fd {proxy.fd}'s unread bytes, not {message.get('op')}")
+            try:
+                data += base64.b64decode(str(message["data"]), validate=True)
+            except (KeyError, ValueError):
+                raise HijackError(f"malformed unread bytes of fd {proxy.fd}") from None
+        received.append(proxy._replace(unread=bytes(data)))
+    return received
 
 
 class _Originals:

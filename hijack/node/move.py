@@ -67,6 +67,7 @@ from hijack.mutator.tracee import Tracee
 from hijack.node import mounts, pki
 from hijack.node.channel import Channel, ChannelError, DataWriter
 from hijack.node.daemon import parse_address
+from hijack.node.repoint import Repointed
 from hijack.objects import pipe, unix
 from hijack.objects.memfd import holds_object
 from hijack.process.tree import read_tree
@@ -159,6 +160,14 @@ class Proxy:
     file: int = -1  # a terminal's or master's: the lowest descriptor sharing its open file
     shut: bool = False  # a TCP stream whose writing side the process shut down
     backlog: int = 0  # a listener's listen() backlog, which its listener at the node gets
+    # A "direct" connection (a swapped one, hijack.node.repoint): `peer` is its peer's
+    # address, `local` its own (here, then at the destination once joined), the sequence
+    # numbers the joined connection starts from, and how many bytes the process has yet
+    # to read from it (sent after the move message: `unread`).
+    local: str = ""
+    send_seq: int = 0
+    recv_next: int = 0
+    unread_bytes: int = 0
 
 
 class HomeShadow:
@@ -433,6 +442,7 @@ def _move_frozen(
         if not at_home:
             _abort(channel, shadow, move_id)
         raise
+    repointed = Repointed(destination[1])
     with tracee:
         # The freeze began with the first interrupt: stopping every thread is part of it.
         laps = Laps(tracee.stopped_at or None)
@@ -472,6 +482,10 @@ def _move_frozen(
                 plan = connect_datagrams(plan, answer, relay_address)
                 unread: dict[str, bytes] = {}
             else:
+                # Its direct connections (swapped): their peers frozen and joined towards
+                # the destination, live at the commit (hijack.node.repoint).
+                plan = repointed.prepare(pid, plan, destination[0][0])
+                laps.lap("direct peers")
                 unread = peek_unread(pid, plan)
                 if homing:
                     relayed = hand_back(pid, shadow, move_id, plan, unread, present)
@@ -492,6 +506,7 @@ def _move_frozen(
                     "postcopy": postcopy,
                 }
             )
+            repointed.send_unread(channel)
             laps.lap("move message")
             report("streaming", before)
             writer = DataWriter(channel)
@@ -517,6 +532,7 @@ def _move_frozen(
             # is out: `hijack recover` tells that move by this phase.
             report("post-copy" if lazy else "switching", before + writer.sent)
         except BaseException:
+            repointed.abort()
             _abort(channel, shadow, move_id)
             raise
         # From the commit on, the answer alone decides: SIGINT and SIGTERM wait
@@ -529,6 +545,8 @@ def _move_frozen(
                 outcome, answer, reason = _commit(channel, move_id, *destination)
             except Exception as exc:  # a malformed answer: what happened there is not known
                 outcome, answer, reason = "unknown", {}, f"{type(exc).__name__}: {exc}"
+            if outcome != "running":
+                repointed.abort()  # in doubt too: its peer keeps its old connection
             if outcome == "aborted":
                 _abort(channel, shadow, move_id)
                 # SIGCONT takes the pending SIGSTOP back: it resumes untouched.
@@ -558,6 +576,7 @@ def _move_frozen(
                     pid=pid,
                 )
             laps.lap("commit")
+            unjoined = repointed.commit()
             # The frozen original will not run again, so what waits in its
             # relay-made UDP sockets and its terminals can be taken (the
             # shadow sends it again).
@@ -603,6 +622,11 @@ def _move_frozen(
             f" {answer.get('pid', '?')}) is stopped, and process {pid} is held stopped here"
             f" as the only whole one. To go on here: kill the copy on {channel.peer}, then"
             f" `kill -CONT {pid}`",
+            pid=pid,
+        )
+    if unjoined:
+        raise HijackError(
+            f"process {pid} runs on {channel.peer} as {answer['pid']}, but {'; '.join(unjoined)}",
             pid=pid,
         )
     if unswitched is not None:
@@ -907,7 +931,7 @@ def _switch_shadow(
             "home_again": home_again,
             # Its numbers of each stream: those of the originals handed back (the same
             # wherever it runs) are what the shadow holds for it at home again.
-            "numbers": {str(p.fd): p.stream for p in plan},
+            "numbers": {str(p.fd): p.stream for p in plan if p.kind != "direct"},
             "pid": int(prepared.get("pid", 0)),  # its pid there
             "unread": {k: base64.b64encode(v).decode() for k, v in unread.items()},
             "listeners": prepared.get("listeners", {}),
@@ -1282,6 +1306,14 @@ def plan_proxies(
             relay_ends = {found.remote, found.local} & relayed_ends
             if relay_ends and not frozen:
                 continue
+            if not relay_ends and found.type == socket.SOCK_STREAM and found.state == "ESTABLISHED":
+                # Its own connection, no shadow's: a swapped one, which follows it
+                # (hijack.node.repoint: its peer must be a process a node manages).
+                plan.append(
+                    Proxy(entry.fd, f"direct:{entry.fd}", "direct", peer=found.remote,
+                          local=found.local)
+                )  # fmt: skip
+                continue
         what = found.describe() if found else entry.target
         refused.append(f"fd {entry.fd} ({entry.kind.value} {what})")
     if refused:
@@ -1289,7 +1321,7 @@ def plan_proxies(
             f"cannot move process {pid}: {', '.join(refused)} cannot be proxied;"
             " nothing was changed"
         )
-    return plan, [p.stream for p in plan]
+    return plan, [p.stream for p in plan if p.kind != "direct"]
 
 
 def sockets_of(

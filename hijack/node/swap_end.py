@@ -130,24 +130,7 @@ class FrozenEnd:
         """Make the direct connection and put it under the process's descriptor: it sends
         from `send_seq` on, and the peer's from `recv_next`; its receive queue holds what
         the old socket held unread, then `owed` (what the relay held for the process)."""
-        received = self.unread() + owed
-        recv_next &= 0xFFFFFFFF
-        state = tcp_repair.TcpState(
-            send_seq=send_seq & 0xFFFFFFFF,
-            recv_seq=(recv_next - len(received)) & 0xFFFFFFFF,
-            send_queue=b"",
-            received=received,
-            mss=MSS[self.family],
-            options=tcp_repair.TCPI_OPT_WSCALE | tcp_repair.TCPI_OPT_SACK,
-            snd_wscale=7,
-            rcv_wscale=7,
-            timestamp=0,
-            # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup: from where the queues end.
-            window=(recv_next, WINDOW, WINDOW, WINDOW, recv_next),
-        )
-        # In repair mode until commit: it must not speak before the other end exists
-        # (a segment to a port with no connection yet is answered with a reset).
-        made = tcp_repair.make_connection(self.family, local, remote, state, live=False)
+        made = repair_socket(self.family, local, remote, send_seq, recv_next, self.unread() + owed)
         try:
             self._copy_options(made)
             self.watching = watches_of(self.tracee.pid, self.fd)
@@ -233,6 +216,46 @@ class FrozenEnd:
             self.tracee.release()
 
 
+def repair_socket(
+    family: int, local: tuple[str, int], remote: tuple[str, int], send_seq: int,
+    recv_next: int, received: bytes,
+) -> int:  # fmt: skip
+    """A direct connection from `local` to `remote`, left in repair mode (it must not speak
+    before the other end exists: a segment to a port with no connection yet is answered
+    with a reset): it sends from `send_seq` on, the peer's from `recv_next`, and its
+    receive queue holds `received` (what the process has yet to read)."""
+    recv_next &= 0xFFFFFFFF
+    state = tcp_repair.TcpState(
+        send_seq=send_seq & 0xFFFFFFFF,
+        recv_seq=(recv_next - len(received)) & 0xFFFFFFFF,
+        send_queue=b"",
+        received=received,
+        mss=MSS[family],
+        options=tcp_repair.TCPI_OPT_WSCALE | tcp_repair.TCPI_OPT_SACK,
+        snd_wscale=7,
+        rcv_wscale=7,
+        timestamp=0,
+        # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup: from where the queues end.
+        window=(recv_next, WINDOW, WINDOW, WINDOW, recv_next),
+    )
+    return tcp_repair.make_connection(family, local, remote, state, live=False)
+
+
+def holder_of(local: str, peer: str) -> int:
+    """The process this node manages (attached here, or a migrant running here) that holds
+    the TCP connection from `local` to `peer`: a later move of its peer names only the
+    connection (docs/protocol.md, "Later moves")."""
+    from hijack.registry import Registry  # not at the top: the helper rarely needs it
+
+    with Registry() as registry:
+        records = [r for r in registry.processes() if r.state in ("attached", "running")]
+    for record in records:
+        with contextlib.suppress(HijackError, OSError):
+            find_socket(record.pid, local, peer)
+            return record.pid
+    raise HijackError(f"no process this node manages holds a TCP connection {local} -> {peer}")
+
+
 def watches_of(pid: int, fd: int) -> list[tuple[int, int, int]]:
     """(epoll descriptor, events, data) of every epoll of `pid` watching the file under
     its number `fd` (not an entry left by an earlier file under that number)."""
@@ -287,6 +310,8 @@ def serve(channel: Any, request: dict[str, Any]) -> None:
     the process gets its old socket back."""
     pid = int(request["pid"])
     try:
+        if not pid:
+            pid = holder_of(str(request["local"]), str(request["peer"]))
         end = FrozenEnd.freeze(pid, str(request["local"]), str(request["peer"]))
     except (HijackError, OSError, ValueError) as exc:
         channel.send({"error": f"process {pid}: {exc}"})
