@@ -198,24 +198,40 @@ def test_two_migrants_joined_directly_outlive_their_home_node(tmp_path: Path) ->
             finish_moved(server, moved_server, tmp_path)  # it checked its own state: PASS
 
 
-def test_a_swapped_client_moves_on_and_its_direct_connection_follows(tmp_path: Path) -> None:
+def test_swapped_ends_move_on_and_their_connection_stays_direct(tmp_path: Path) -> None:
     with Cluster(tmp_path, nodes=3) as cluster:
         a, b, c = cluster.nodes
-        for node in cluster.nodes:  # a's daemon freezes the server for the later move
+        for node in cluster.nodes:  # a's daemon freezes the server for the client's moves
             node.start_daemon()
-        with echo_stream(a, seed=44, server_args=("0", "epoll")) as (server, client):
+        for node in cluster.nodes:  # the direct connection slowed too: still under way
+            shaping = ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", *LOOPBACK_SHAPE]
+            shaped = node.run(shaping, timeout=10)
+            assert shaped.returncode == 0, shaped.stderr
+        with echo_stream(a, seed=44, size=300 << 20, server_args=("0", "epoll")) as (
+            server,
+            client,
+        ):
             a.hijack_ok("attach", server.pid)
             moved = move(a, client.pid, b, options=(*PLAIN, "--swap"))
             client.wait_exit()
-            assert relayed_ids(a, client.pid) == []
-            # From b on to c: the direct connection follows it, still direct.
-            again = move(b, moved.pid, c, home=(a, client.pid))
-            assert still_running(again.pid), "the stream ended before the second move: too fast"
-            poll_until(
-                lambda: any(peer.startswith("10.77.0.3:") for peer in peers_of(server.pid)),
-                "the server's connection goes to node c",
-            )
-            assert all(peer.startswith("10.77.0.1:") for peer in peers_of(again.pid))
-            assert relayed_ids(a, client.pid) == []
-            assert_ended_well(again, "the stream_client moved on", tmp_path)
-            server.assert_intact()
+            # The client on to c, the server to b: each time the direct connection follows.
+            moved = move(b, moved.pid, c, home=(a, client.pid))
+            assert all(peer.startswith("10.77.0.3:") for peer in peers_of(server.pid))
+            moved_server = move(a, server.pid, b)
+            server.wait_exit()
+            assert still_running(moved.pid), "the stream ended before the last move: too fast"
+            assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
+            assert f"10.77.0.2:{server.ready['port']}" in peers_of(moved.pid)
+            # Node a cut off: the connection between b and c goes on.
+            link_down(a)
+            try:
+                before = acked_between(c, "10.77.0.2")
+                poll_until(
+                    lambda: acked_between(c, "10.77.0.2") > before + (8 << 20),
+                    "8 MiB more acknowledged between b and c while a is cut off",
+                    timeout=30,
+                )
+            finally:
+                link_up(a)  # their pipes (stdout, stderr) are relayed through a
+            assert_ended_well(moved, "the stream_client moved twice", tmp_path)
+            finish_moved(server, moved_server, tmp_path)

@@ -54,7 +54,7 @@ from hijack.restore.tree import TreeMove, restore_tree
 from hijack.shadow import control
 from hijack.shadow.datagram import widen_receive_buffer
 from hijack.shadow.relay import endpoint
-from hijack.sys import pidfd, procfs, tcp_repair, terminal
+from hijack.sys import pidfd, procfs, terminal
 from hijack.testpoint import reached
 from hijack.timing import Laps
 
@@ -83,9 +83,8 @@ class Proxy(NamedTuple):
     # "direct" (a swapped connection, hijack.node.repoint): made here in repair mode from
     # `local` to `peer`, live at the commit
     local: str = ""
-    send_seq: int = 0
-    recv_next: int = 0
-    unread: bytes | int = 0  # its bytes once received (`unread` messages), their number before
+    tcp: dict[str, Any] | None = None  # its state (swap_end.state_fields)
+    queues: bytes | int = 0  # its queues once received (`unread` messages), their size before
 
 
 def log(text: str) -> None:
@@ -270,14 +269,15 @@ class NodeDaemon:
 
         terminals = _Terminals(relay)
         direct: list[socket.socket] = []  # in repair mode until the commit
+        unsent: dict[int, bytes] = {}  # their send queues, written once they are live
+        direct_proxies: list[Proxy] = []
 
         def direct_end(proxy: Proxy) -> socket.socket:
             local, peer = swap_end.split_endpoint(proxy.local), swap_end.split_endpoint(proxy.peer)
             family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
             try:
-                made = swap_end.repair_socket(
-                    family, local, peer, proxy.send_seq, proxy.recv_next, bytes(proxy.unread)
-                )
+                state = swap_end.state_from(proxy.tcp or {}, cast(bytes, proxy.queues))
+                made, unsent[proxy.fd] = swap_end.make_quiet(family, local, peer, state)
             except (HijackError, OSError) as exc:
                 raise HijackError(f"cannot make fd {proxy.fd}'s direct connection: {exc}") from None
             return socket.socket(fileno=made)
@@ -343,6 +343,7 @@ class NodeDaemon:
                     sock = direct_end(proxy)
                     opened.append(sock)  # closed in repair mode if the move fails: silent
                     direct.append(sock)
+                    direct_proxies.append(proxy)
                 elif proxy.kind == "datagram":
                     sock = datagram(proxy)
                     opened.append(sock)
@@ -423,8 +424,12 @@ class NodeDaemon:
                     if self._decide(move, pid, "running") != "running":
                         raise HijackError(f"move {move} was settled as aborted before its commit")
                     committed.append(pid)
-                    for sock in direct:  # live: it tells its peer its window
-                        tcp_repair.set_repair(sock.fileno(), False)
+                    for proxy, sock in zip(direct_proxies, direct, strict=True):
+                        swap_end.go_live(sock.fileno(), unsent[proxy.fd])
+                    for proxy in proxies:
+                        if proxy.kind == "direct":  # a later move takes it along again
+                            with contextlib.suppress(HijackError), Registry() as records:
+                                records.record_direct(proxy.local, proxy.peer)
                     with contextlib.nullcontext(registry) if registry else Registry() as records:
                         # Back home: its home row is this one now (attached again, if its
                         # shadow handed every original back).
@@ -669,19 +674,13 @@ def _parse_move(
                 raise TypeError
             if kind == "datagram" and family not in (socket.AF_INET, socket.AF_INET6):
                 raise ValueError
-            local, send_seq, recv_next = (
-                proxy.get("local", ""),
-                proxy.get("send_seq", 0),
-                proxy.get("recv_next", 0),
-            )
-            if not isinstance(local, str) or not isinstance(send_seq, int):
-                raise TypeError
-            if not isinstance(recv_next, int):
+            local, tcp = proxy.get("local", ""), proxy.get("tcp", {})
+            if not isinstance(local, str) or not isinstance(tcp, dict):
                 raise TypeError
             for address in (local, peer) if kind == "direct" else ():
                 swap_end.split_endpoint(address)  # ValueError if it is not "ip:port"
-            unread = proxy.get("unread_bytes", 0)
-            if not isinstance(unread, int) or not 0 <= unread < 1 << 31:
+            queues = proxy.get("queue_bytes", 0)
+            if not isinstance(queues, int) or not 0 <= queues < 1 << 31:
                 raise ValueError
             proxies.append(
                 Proxy(
@@ -695,9 +694,8 @@ def _parse_move(
                     backlog=backlog,
                     member=member,
                     local=local,
-                    send_seq=send_seq,
-                    recv_next=recv_next,
-                    unread=unread,
+                    tcp=tcp,
+                    queues=queues,
                 )
             )
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
@@ -706,23 +704,23 @@ def _parse_move(
 
 
 def _receive_unread(channel: Channel, proxies: list[Proxy]) -> list[Proxy]:
-    """The `unread` messages after a move message: what the process has yet to read from
-    each of its direct connections (docs/protocol.md, "Later moves")."""
+    """The `unread` messages after a move message: the queues of each of the process's
+    direct connections, send queue first (docs/protocol.md, "Later moves")."""
     received = []
     for proxy in proxies:
         if proxy.kind != "direct":
             received.append(proxy)
             continue
         data = bytearray()
-        while len(data) < int(proxy.unread):
+        while len(data) < int(proxy.queues):
             message = channel.receive()
             if message.get("op") != "unread" or message.get("fd") != proxy.fd:
-                raise HijackError(f"expected fd {proxy.fd}'s unread bytes, not {message.get('op')}")
+                raise HijackError(f"expected fd {proxy.fd}'s queues, not {message.get('op')}")
             try:
                 data += base64.b64decode(str(message["data"]), validate=True)
             except (KeyError, ValueError):
-                raise HijackError(f"malformed unread bytes of fd {proxy.fd}") from None
-        received.append(proxy._replace(unread=bytes(data)))
+                raise HijackError(f"malformed queues of fd {proxy.fd}") from None
+        received.append(proxy._replace(queues=bytes(data)))
     return received
 
 

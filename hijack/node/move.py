@@ -161,13 +161,11 @@ class Proxy:
     shut: bool = False  # a TCP stream whose writing side the process shut down
     backlog: int = 0  # a listener's listen() backlog, which its listener at the node gets
     # A "direct" connection (a swapped one, hijack.node.repoint): `peer` is its peer's
-    # address, `local` its own (here, then at the destination once joined), the sequence
-    # numbers the joined connection starts from, and how many bytes the process has yet
-    # to read from it (sent after the move message: `unread`).
+    # address, `local` its own (here, then at the destination), `tcp` its state but its
+    # queues (swap_end.state_fields), whose bytes follow the move message (`unread`).
     local: str = ""
-    send_seq: int = 0
-    recv_next: int = 0
-    unread_bytes: int = 0
+    tcp: dict[str, Any] = dataclasses.field(default_factory=dict)
+    queue_bytes: int = 0
 
 
 class HomeShadow:
@@ -463,6 +461,11 @@ def _move_frozen(
             # (the relay the plan matches) may be made after `migrating` answered.
             plan, present = plan_proxies(pid, shadow, at_home, sockets=sockets)
             laps.lap("plan")
+            # Its direct connections (swapped): their peers frozen and joined towards the
+            # destination, live at the commit (hijack.node.repoint).
+            if any(p.kind == "direct" for p in plan):
+                plan = repointed.prepare(pid, plan, destination[0][0])
+                laps.lap("direct peers")
             if at_home:
                 hand_descriptors_to_shadow(pid, record.shadow_control or "")
                 proxy = [
@@ -474,18 +477,14 @@ def _move_frozen(
                         "master": p.kind == "master",
                     }
                     for p in plan
-                    # one per terminal, one per pty master
-                    if p.kind not in ("terminal", "master")
+                    # one per terminal, one per pty master; not a direct connection
+                    if p.kind not in ("terminal", "master", "direct")
                     or p.stream in (f"tty:{p.fd}", f"ptm:{p.fd}")
                 ]
                 answer = shadow.migrating({"move": move_id, "proxy": proxy})
                 plan = connect_datagrams(plan, answer, relay_address)
                 unread: dict[str, bytes] = {}
             else:
-                # Its direct connections (swapped): their peers frozen and joined towards
-                # the destination, live at the commit (hijack.node.repoint).
-                plan = repointed.prepare(pid, plan, destination[0][0])
-                laps.lap("direct peers")
                 unread = peek_unread(pid, plan)
                 if homing:
                     relayed = hand_back(pid, shadow, move_id, plan, unread, present)
@@ -1247,6 +1246,8 @@ def plan_proxies(
     relayed_ends |= set(by_listener)
     by_terminal = {s["terminal"]: s["id"] for s in streams.values() if s.get("terminal")}
     terminals: dict[tuple[int, int], str] = {}  # at home: (dev, ino) -> stream id
+    # The connections a swap joined directly (this node's registry), by their two ends.
+    direct = _direct_connections() if sockets else set()
     plan: list[Proxy] = []
     refused: list[str] = []
     for entry in entries:
@@ -1276,6 +1277,13 @@ def plan_proxies(
         if entry.kind is procfs.FdKind.SOCKET and found is None and _closed_since(pid, entry):
             continue  # a client that came and went while we looked (not frozen yet)
         listening = found is not None and found.state == "LISTEN"
+        if found is not None and (found.local, found.remote) in direct:
+            # A swapped connection: it follows the process (hijack.node.repoint).
+            plan.append(
+                Proxy(entry.fd, f"direct:{entry.fd}", "direct", peer=found.remote,
+                      local=found.local)
+            )  # fmt: skip
+            continue
         if found is not None and _is_udp(found):
             datagram = _datagram_proxy(entry.fd, found, by_datagram, stood_for, at_home)
             if datagram is not None:
@@ -1306,14 +1314,6 @@ def plan_proxies(
             relay_ends = {found.remote, found.local} & relayed_ends
             if relay_ends and not frozen:
                 continue
-            if not relay_ends and found.type == socket.SOCK_STREAM and found.state == "ESTABLISHED":
-                # Its own connection, no shadow's: a swapped one, which follows it
-                # (hijack.node.repoint: its peer must be a process a node manages).
-                plan.append(
-                    Proxy(entry.fd, f"direct:{entry.fd}", "direct", peer=found.remote,
-                          local=found.local)
-                )  # fmt: skip
-                continue
         what = found.describe() if found else entry.target
         refused.append(f"fd {entry.fd} ({entry.kind.value} {what})")
     if refused:
@@ -1322,6 +1322,11 @@ def plan_proxies(
             " nothing was changed"
         )
     return plan, [p.stream for p in plan if p.kind != "direct"]
+
+
+def _direct_connections() -> set[tuple[str, str]]:
+    with Registry() as registry:
+        return registry.direct_connections()
 
 
 def sockets_of(

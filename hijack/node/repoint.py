@@ -19,13 +19,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
-import fcntl
 import os
-import secrets
 import socket
-import struct
-import termios
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -33,10 +28,10 @@ from hijack.errors import HijackError
 from hijack.node import pki
 from hijack.node.channel import Channel
 from hijack.node.daemon import DEFAULT_PORT, parse_address
-from hijack.node.swap import SWAP_WAIT, End, EndSession, LocalEnd, RemoteEnd
-from hijack.node.swap_end import split_endpoint
+from hijack.node.swap import End, EndSession, LocalEnd, RemoteEnd
+from hijack.node.swap_end import read_state, split_endpoint, state_fields
 from hijack.registry import Registry
-from hijack.sys import pidfd, tcp_repair
+from hijack.sys import pidfd
 
 UNREAD_PIECE = 4 << 20  # bytes of a direct connection's receive queue in one message
 
@@ -60,14 +55,19 @@ class Repointed:
 
     identity: pki.NodeIdentity
     sessions: list[EndSession] = field(default_factory=list)
-    unread: dict[int, bytes] = field(default_factory=dict)  # by fd: what it has yet to read
+    queues: dict[int, bytes] = field(default_factory=dict)  # by fd: send queue + received
 
     def prepare(self, pid: int, plan: list[Proxy], destination: str) -> list[Proxy]:
-        """Freeze each direct connection's peer and join it towards `destination` (the
-        address of the destination node): the plan with each `direct` entry's fields."""
+        """Freeze each direct connection's peer and make its end again towards
+        `destination` (the destination node's address): the plan with each `direct`
+        entry's state (its queues in `queues`, sent after the move message).
+
+        The connection keeps its sequence numbers: each end is made again from its own
+        state, and what one end acknowledged must be in the other's receive queue: what
+        the process has sent is read first, then the peer's whole state, then what the
+        process received (the old sockets run on meanwhile; bytes sent twice are
+        dropped by TCP as duplicates, none is lost)."""
         direct = [p for p in plan if p.kind == "direct"]
-        if not direct:
-            return plan
         handle = pidfd.pidfd_open(pid)
         try:
             copies = {
@@ -76,39 +76,35 @@ class Repointed:
         finally:
             os.close(handle)
         try:
+            sent = {fd: read_state(copy.fileno()) for fd, copy in copies.items()}
             with Registry() as registry:
                 for proxy in direct:
                     self.sessions.append(self._freeze_peer(proxy, registry))
-            for proxy in direct:  # all it wrote reaches its peer (frozen: nothing comes back)
-                _wait_sent(copies[proxy.fd], proxy)
-            for session in self.sessions:
-                left = session.queued(SWAP_WAIT)
-                if left:
-                    raise HijackError(f"{left} bytes its peer wrote did not leave its node")
             joined = {}
             for proxy, session in zip(direct, self.sessions, strict=True):
-                ours, theirs = secrets.randbits(32), secrets.randbits(32)
                 local = f"{destination}:{split_endpoint(proxy.local)[1]}"
-                session.join(proxy.peer, local, theirs, ours, b"")
+                session.repoint(local)
+                state = dataclasses.replace(
+                    read_state(copies[proxy.fd].fileno()),
+                    send_seq=sent[proxy.fd].send_seq,
+                    send_queue=sent[proxy.fd].send_queue,
+                )
+                self.queues[proxy.fd] = state.send_queue + state.received
                 joined[proxy.fd] = dataclasses.replace(
                     proxy,
                     local=local,
-                    send_seq=ours,
-                    recv_next=theirs,
-                )
-                self.unread[proxy.fd] = _unread(copies[proxy.fd])
-                joined[proxy.fd] = dataclasses.replace(
-                    joined[proxy.fd], unread_bytes=len(self.unread[proxy.fd])
+                    tcp=state_fields(state),
+                    queue_bytes=len(self.queues[proxy.fd]),
                 )
         finally:
             for copy in copies.values():
                 copy.close()
-        return [joined.get(p.fd, p) if p.kind == "direct" else p for p in plan]
+        return [joined.get(p.fd, p) for p in plan]
 
     def send_unread(self, channel: Channel) -> None:
-        """After the move message, before the image: what the process has yet to read
-        from each direct connection (`unread`, in pieces: a frame is at most 16 MiB)."""
-        for fd, data in self.unread.items():
+        """After the move message, before the image: each direct connection's queues
+        (`unread`, in pieces: a frame is at most 16 MiB)."""
+        for fd, data in self.queues.items():
             for start in range(0, len(data), UNREAD_PIECE):
                 piece = base64.b64encode(data[start : start + UNREAD_PIECE]).decode()
                 channel.send({"op": "unread", "fd": fd, "data": piece})
@@ -140,24 +136,3 @@ class Repointed:
             with contextlib.suppress(Exception):
                 session.abort()
         self.sessions = []
-
-
-def _wait_sent(sock: socket.socket, proxy: Proxy) -> None:
-    deadline = time.monotonic() + SWAP_WAIT
-    while _queued(sock, tcp_repair.SIOCOUTQ):
-        if time.monotonic() > deadline:
-            raise HijackError(
-                f"fd {proxy.fd}: what the process wrote to {proxy.peer} did not leave"
-                f" within {SWAP_WAIT:g} s"
-            )
-        time.sleep(0.001)
-
-
-def _queued(sock: socket.socket, request: int) -> int:
-    value: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
-    return value
-
-
-def _unread(sock: socket.socket) -> bytes:
-    waiting = _queued(sock, termios.FIONREAD)
-    return sock.recv(waiting, socket.MSG_PEEK | socket.MSG_DONTWAIT) if waiting else b""

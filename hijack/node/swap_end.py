@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -84,6 +85,8 @@ class FrozenEnd:
     # (epoll, events, data): the process's epolls watching the old socket under its number
     watching: list[tuple[int, int, int]] = field(default_factory=list)
     made: int = -1  # our copy of the direct connection, in repair mode until commit
+    local: str = ""  # the old socket's own address
+    unsent: bytes = b""  # a repointed connection's send queue, written once it is live
 
     @classmethod
     def freeze(cls, pid: int, local: str, peer: str) -> FrozenEnd:
@@ -101,7 +104,7 @@ class FrozenEnd:
         except BaseException:
             tracee.release()
             raise
-        return cls(tracee, fd, old, family, flags)
+        return cls(tracee, fd, old, family, flags, local=local)
 
     def queued(self) -> int:
         """Bytes the process wrote that its peer has not acknowledged yet."""
@@ -131,6 +134,19 @@ class FrozenEnd:
         from `send_seq` on, and the peer's from `recv_next`; its receive queue holds what
         the old socket held unread, then `owed` (what the relay held for the process)."""
         made = repair_socket(self.family, local, remote, send_seq, recv_next, self.unread() + owed)
+        self._put_under(made)
+
+    def repoint(self, remote: tuple[str, int]) -> None:
+        """The same connection towards `remote`, where its peer goes (a later move of the
+        peer, hijack.node.repoint): made in repair mode from the old one's state now
+        (sequence numbers, both queues, window), put under the process's descriptor."""
+        state = read_state(self.old)
+        local = split_endpoint(self.local)
+        made, self.unsent = make_quiet(self.family, local, remote, state)
+        self._put_under(made)
+
+    def _put_under(self, made: int) -> None:
+        """Our new socket `made`, with the old one's options, under the process's number."""
         try:
             self._copy_options(made)
             self.watching = watches_of(self.tracee.pid, self.fd)
@@ -192,7 +208,7 @@ class FrozenEnd:
         """The process runs on with the direct connection; the old socket is let go
         (what it held unread was delivered on the new one: reset, it tells nobody)."""
         if self.made >= 0:
-            tcp_repair.set_repair(self.made, False)  # live: it tells the peer its window
+            go_live(self.made, self.unsent)
             os.close(self.made)
             self.made = -1
         with socket.socket(fileno=self.old) as sock, contextlib.suppress(OSError):
@@ -241,6 +257,60 @@ def repair_socket(
     return tcp_repair.make_connection(family, local, remote, state, live=False)
 
 
+def read_state(fd: int) -> tcp_repair.TcpState:
+    """The state of connection `fd` (ours, live), read in repair mode."""
+    tcp_repair.set_repair(fd, True)
+    try:
+        return tcp_repair.read_state(fd)
+    finally:
+        tcp_repair.set_repair(fd, False)
+
+
+def make_quiet(
+    family: int, local: tuple[str, int], remote: tuple[str, int], state: tcp_repair.TcpState
+) -> tuple[int, bytes]:
+    """The connection `state` describes, from `local` to `remote`, in repair mode but for
+    its send queue, returned to give it with go_live(): a send queue filled in repair mode
+    is retransmitted when its timer fires, repair mode or not, and a segment that reaches
+    the peer's node before the peer's end is made is answered with a reset."""
+    quiet = dataclasses.replace(state, send_queue=b"")
+    return tcp_repair.make_connection(family, local, remote, quiet, live=False), state.send_queue
+
+
+def go_live(fd: int, unsent: bytes) -> None:
+    """A connection of make_quiet() gets its send queue (as sent, not acknowledged: what
+    the peer acknowledges from it is then valid) and leaves repair mode."""
+    tcp_repair.fill_send_queue(fd, unsent)
+    tcp_repair.set_repair(fd, False)  # live: it tells the peer its window
+
+
+def state_fields(state: tcp_repair.TcpState) -> dict[str, Any]:
+    """A connection's state but its queues, for a message (a later move's `direct`)."""
+    fields = dataclasses.asdict(dataclasses.replace(state, send_queue=b"", received=b""))
+    fields["send_queue"] = len(state.send_queue)  # the bytes travel apart
+    del fields["received"]
+    return fields
+
+
+def state_from(fields: dict[str, Any], queues: bytes) -> tcp_repair.TcpState:
+    """The state state_fields() described, with its queues (send queue first)."""
+    try:
+        sent = int(fields["send_queue"])
+        state = tcp_repair.TcpState(
+            **{
+                **fields,
+                "send_queue": queues[:sent],
+                "received": queues[sent:],
+                "window": tuple(int(value) for value in fields["window"]),
+            }
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise HijackError(f"a malformed TCP state: {exc}") from None
+    if len(state.send_queue) != sent:
+        raise HijackError(f"a TCP state with {len(queues)} bytes of queues, fewer than {sent}")
+    return state
+
+
 def holder_of(local: str, peer: str) -> int:
     """The process this node manages (attached here, or a migrant running here) that holds
     the TCP connection from `local` to `peer`: a later move of its peer names only the
@@ -254,6 +324,14 @@ def holder_of(local: str, peer: str) -> int:
             find_socket(record.pid, local, peer)
             return record.pid
     raise HijackError(f"no process this node manages holds a TCP connection {local} -> {peer}")
+
+
+def _record_direct(join: dict[str, Any], old_peer: str) -> None:
+    """This node's registry: the joined connection is direct (a later move takes it)."""
+    from hijack.registry import Registry  # not at the top: the helper rarely needs it
+
+    with Registry() as registry:
+        registry.record_direct(str(join["local"]), str(join["remote"]), replaces=old_peer)
 
 
 def watches_of(pid: int, fd: int) -> list[tuple[int, int, int]]:
@@ -319,6 +397,7 @@ def serve(channel: Any, request: dict[str, Any]) -> None:
     try:
         channel.send({"phase": "frozen", "fd": end.fd})
         owed = bytearray()
+        message_of_join: dict[str, Any] = {}
         while True:
             message = channel.receive()
             op = message.get("op")
@@ -328,6 +407,7 @@ def serve(channel: Any, request: dict[str, Any]) -> None:
                 owed += base64.b64decode(str(message["data"]))
                 channel.send({"phase": "owed", "bytes": len(owed)})
             elif op == "join":
+                message_of_join = message
                 end.join(
                     split_endpoint(str(message["local"])),
                     split_endpoint(str(message["remote"])),
@@ -336,8 +416,14 @@ def serve(channel: Any, request: dict[str, Any]) -> None:
                     bytes(owed),
                 )
                 channel.send({"phase": "joined"})
+            elif op == "repoint":
+                message_of_join = {"local": end.local, "remote": message["remote"]}
+                end.repoint(split_endpoint(str(message["remote"])))
+                channel.send({"phase": "joined"})
             elif op == "commit":
                 end.commit()
+                with contextlib.suppress(HijackError):  # it runs: nothing may fail now
+                    _record_direct(message_of_join, str(request["peer"]))
                 channel.send({"phase": "done"})
                 return
             else:
