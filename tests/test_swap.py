@@ -218,6 +218,12 @@ def test_swapped_ends_move_on_and_their_connection_stays_direct(tmp_path: Path) 
             a.hijack_ok("attach", server.pid)
             moved = move(a, client.pid, b, options=(*PLAIN, "--swap"))
             client.wait_exit()
+            # A later move given up (SIGINT) once both new ends exist: the old one goes on.
+            endpoint = c.daemon_endpoint or ""
+            moving = hijack_in(b, "move-prepared", "move", moved.pid, "--to", endpoint)
+            deliver(moving, signal.SIGINT)
+            assert finish(moving).returncode == 1
+            assert all(peer.startswith("10.77.0.2:") for peer in peers_of(server.pid))
             # The client on to c, the server to b: each time the direct connection follows.
             moved = move(b, moved.pid, c, home=(a, client.pid))
             assert all(peer.startswith("10.77.0.3:") for peer in peers_of(server.pid))
