@@ -464,7 +464,7 @@ def _move_frozen(
             # Its direct connections (swapped): their peers frozen and joined towards the
             # destination, live at the commit (hijack.node.repoint).
             if any(p.kind == "direct" for p in plan):
-                plan = repointed.prepare(pid, plan, destination[0][0])
+                plan = repointed.prepare(pid, plan, channel.sock.getpeername()[0])
                 laps.lap("direct peers")
             if at_home:
                 hand_descriptors_to_shadow(pid, record.shadow_control or "")
