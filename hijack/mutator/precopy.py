@@ -67,9 +67,10 @@ TRACKING_FLAGS = ("uw", "um")  # smaps VmFlags of a userfaultfd registration
 _AFTER_ALL = 1 << 64  # sorts after every end: bisect by start alone
 
 
-def worth_precopying(pid: int) -> bool:
-    """Whether the process holds enough private memory for pre-copy to shorten its freeze."""
-    private = sum(entry.anonymous for entry in procfs.read_smaps(pid).values())
+def worth_precopying(*pids: int) -> bool:
+    """Whether the processes (a tree's members) hold enough private memory together for
+    pre-copy to shorten their freeze."""
+    private = sum(entry.anonymous for pid in pids for entry in procfs.read_smaps(pid).values())
     return private >= PRECOPY_MIN_BYTES
 
 

@@ -340,7 +340,7 @@ def _move_attached(
         started_at = time.perf_counter()
         try:
             if tree:
-                if precopy or (precopy is None and tree_move.worth_precopying_tree(members)):
+                if precopy or (precopy is None and worth_precopying(*members)):
                     tree_precopied = tree_move.precopy_tree(
                         pid, members, channel, move_id, record.program, report, shadow
                     )

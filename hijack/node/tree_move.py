@@ -39,7 +39,7 @@ from hijack.image import records as rec
 from hijack.mutator.dump import kill_stopped, read_credentials, write_image, write_tree
 from hijack.mutator.frozen_tree import FrozenTree, frozen_tree
 from hijack.mutator.handover import hand_descriptors_to_shadow
-from hijack.mutator.precopy import Frames, Precopy, RoundSent, worth_precopying
+from hijack.mutator.precopy import Frames, Precopy, RoundSent
 from hijack.mutator.shared_pages import SharedPages
 from hijack.mutator.tracee import Tracee
 from hijack.node import mounts, pki
@@ -186,11 +186,6 @@ def plan_tree(
 
 
 # -- the move ------------------------------------------------------------------------------
-
-
-def worth_precopying_tree(members: list[int]) -> bool:
-    """Whether the tree's members hold enough private memory for pre-copy to pay."""
-    return any(worth_precopying(member) for member in members)
 
 
 def precopy_tree(

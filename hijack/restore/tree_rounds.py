@@ -54,26 +54,58 @@ class MemberPages:
 
     def apply(self, space: AddressSpace, segments: tuple[rec.Segment, ...]) -> int:
         """Write what the rounds sent inside the PRECOPIED `segments` into the stub; the
-        bytes written."""
+        bytes written. The stub reads its writable memory from the file itself (a pread
+        it is made to call, on its copy of the file's descriptor): one copy, in the
+        kernel, rather than through our memory; the rest is written as pages are."""
+        stub = space.stub
         written = 0
-        for segment in segments:
-            if segment.contents is not rec.ContentsKind.PRECOPIED:
-                continue
-            position = segment.start
-            while position < segment.end:
-                try:
-                    data_at = os.lseek(self.fd, position, os.SEEK_DATA)
-                except OSError:  # ENXIO: nothing more in the file
-                    break
-                if data_at >= segment.end:
-                    break
-                hole_at = min(os.lseek(self.fd, data_at, os.SEEK_HOLE), segment.end)
-                for chunk in range(data_at, hole_at, APPLY_CHUNK):
-                    data = os.pread(self.fd, min(APPLY_CHUNK, hole_at - chunk), chunk)
-                    space.write_pages(rec.Pages(address=chunk, data=data))
-                    written += len(data)
-                position = hole_at
+        handle = stub.call("pidfd_open", os.getpid(), 0)
+        try:
+            ours = stub.call("pidfd_getfd", handle, self.fd, 0)
+        finally:
+            stub.call("close", handle)
+        try:
+            for segment in segments:
+                if segment.contents is not rec.ContentsKind.PRECOPIED:
+                    continue
+                for start, end in self._data_in(segment.start, segment.end):
+                    if segment.prot & rec.Prot.WRITE:
+                        self._read_in_stub(space, ours, start, end)
+                    else:
+                        for chunk in range(start, end, APPLY_CHUNK):
+                            data = os.pread(self.fd, min(APPLY_CHUNK, end - chunk), chunk)
+                            space.write_pages(rec.Pages(address=chunk, data=data))
+                    written += end - start
+        finally:
+            stub.call("close", ours)
         return written
+
+    def _data_in(self, start: int, end: int) -> list[tuple[int, int]]:
+        """The runs of [start, end) the file holds pages of (a hole: nothing sent)."""
+        runs = []
+        position = start
+        while position < end:
+            try:
+                data_at = os.lseek(self.fd, position, os.SEEK_DATA)
+            except OSError:  # ENXIO: nothing more in the file
+                break
+            if data_at >= end:
+                break
+            hole_at = min(os.lseek(self.fd, data_at, os.SEEK_HOLE), end)
+            runs.append((data_at, hole_at))
+            position = hole_at
+        return runs
+
+    @staticmethod
+    def _read_in_stub(space: AddressSpace, fd: int, start: int, end: int) -> None:
+        done = start
+        while done < end:
+            got = space.stub.call("pread64", fd, done, end - done, done)
+            if got <= 0:
+                raise RestoreError(
+                    f"the pages at {done:#x} of process {space.stub.pid} could not be read in"
+                )
+            done += got
 
     def close(self) -> None:
         os.close(self.fd)
