@@ -73,6 +73,8 @@ from hijack.sys import procfs
 from hijack.testpoint import reached
 from hijack.timing import Laps
 
+PREPARE_TIMEOUT = 120.0  # seconds: a pre-copied tree's rebuild there, once its image is in
+
 
 def is_tree(pid: int) -> bool:
     """Whether process `pid` has descendants (a move takes them with it)."""
@@ -351,7 +353,15 @@ def _frozen(
         writer.close()
         laps.lap("image: pages")
         context.report("restoring", before + writer.sent)
-        prepared = channel.expect("phase")
+        patience = channel.sock.gettimeout()
+        if precopied:
+            # The destination writes every member's pages from the rounds in now, after
+            # the image's last byte: on a big tree, longer than the channel's usual silence.
+            channel.sock.settimeout(max(patience or 0.0, PREPARE_TIMEOUT))
+        try:
+            prepared = channel.expect("phase")
+        finally:
+            channel.sock.settimeout(patience)
         laps.lap("destination")
         reached("move-prepared")
         context.report("switching", before + writer.sent)
