@@ -215,6 +215,11 @@ def test_a_tree_whose_move_fails_before_its_commit_runs_on_at_home(tmp_path: Pat
         assert read_tree(shell.pid).pids == before, "every member runs on at home"
         for pid in before:
             assert_untouched(pid)
+            # Pre-copied first: its tracking ended with the move, no trace of it left.
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            assert not [link for link in links if "userfaultfd" in link], links
+            smaps = Path(f"/proc/{pid}/smaps").read_text()
+            assert not re.search(r"^VmFlags:.* u[wm]\b", smaps, re.MULTILINE), pid
         count = len(lines_in(output))
         poll_until(lambda: len(lines_in(output)) > count + 10, "the stream going on at home")
         assert shell.wait(timeout=EXIT_TIMEOUT * 2) == 0
