@@ -81,6 +81,10 @@ SEIZE_ROUNDS = 100
 
 SEIZE_OPTIONS = pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACECLONE
 
+SCRATCH_SIZE = 4096  # one page
+PROT_READ_WRITE = 0x1 | 0x2
+MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20
+
 
 class ThreadState(enum.Enum):
     SEIZED = "seized"  # traced, still running
@@ -336,6 +340,18 @@ class Tracee:
     @property
     def thread_ids(self) -> list[int]:
         return sorted(t.tid for t in self.threads.values() if t.state is not ThreadState.GONE)
+
+
+@contextmanager
+def scratch_page(tracee: Tracee) -> Iterator[int]:
+    """A private page mapped inside the target for injected calls to write into."""
+    address = tracee.checked_syscall(
+        "mmap", 0, SCRATCH_SIZE, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0
+    )
+    try:
+        yield address
+    finally:
+        tracee.syscall("munmap", address, SCRATCH_SIZE)
 
 
 def restarted_call(pid: int, tid: int) -> int | None:

@@ -90,7 +90,9 @@ def split(image: bytes) -> tuple[bytes, list[Section]]:
     signature, rest, sections = image[:SIGNATURE_SIZE], image[SIGNATURE_SIZE:], []
     while rest:
         tag, length = HEAD.unpack(rest[: HEAD.size])
-        sections.append((tag, rest[HEAD.size : HEAD.size + length]))
+        # A dump to a file splices its pages (SPLICED_PAGES): the mutations below work on
+        # PAGES, which join() checksums whole, as they did before dumps spliced.
+        sections.append((b"PAGE" if tag == b"SPLC" else tag, rest[HEAD.size : HEAD.size + length]))
         rest = rest[HEAD.size + length + 4 :]
     return signature, sections
 
