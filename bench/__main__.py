@@ -219,11 +219,15 @@ def measure(size: int, directory: Path, snapshot_lines: list[str]) -> list[Figur
         stopped_file_cpu = cpu_per_gib(
             holder.pid, size, lambda: stopped_dump_to_file(holder.pid, directory / "stopped.crf")
         )
+        # The same bytes written and synced by this process: what the file system costs.
+        write_cpu = cpu_per_gib(
+            None, size, lambda: sequential_write(directory / "baseline.bin", size)
+        )
         snapshot_lines.append(
             cpu_line(
                 "dump --kill CPU per GiB, file+fsync",
                 stopped_file_cpu,
-                "user+sys of hijack and target, stopped throughout",
+                f"sequential write + fsync of as many bytes: {write_cpu:5.2f} s",
             )
         )
         print(f"image: {image.stat().st_size / MIB:.0f} MiB for {size // MIB} MiB held")

@@ -38,11 +38,12 @@ def _own_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def cpu_per_gib(pid: int, size: int, action: Callable[[], object]) -> float:
-    """User + system seconds of this process and of `pid` during `action`, per GiB of `size`."""
-    ours, theirs = _own_cpu(), _cpu_of(pid)
+def cpu_per_gib(pid: int | None, size: int, action: Callable[[], object]) -> float:
+    """User + system seconds of this process and of `pid` (if any) during `action`, per GiB
+    of `size`."""
+    ours, theirs = _own_cpu(), _cpu_of(pid) if pid else 0.0
     action()
-    return (_own_cpu() - ours + _cpu_of(pid) - theirs) * GIB / size
+    return (_own_cpu() - ours + (_cpu_of(pid) if pid else 0.0) - theirs) * GIB / size
 
 
 def cpu_line(name: str, per_gib: float, beside: str) -> str:
