@@ -31,10 +31,17 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from hijack.errors import HijackError
-from hijack.mutator.tracee import Tracee, scratch_page
+from hijack.mutator.tracee import (
+    Tracee,
+    put_back_thread,
+    scratch_page,
+    signal_pending,
+    signals_deferred,
+)
 from hijack.sys import memory
 from hijack.sys import pipe as pipes_
 from hijack.sys.pidfd import copy_fd
+from hijack.testpoint import reached
 
 PAGE_SIZE = 4096
 SPLICE_F_NONBLOCK = 2  # a full pipe returns what it took instead of blocking the process
@@ -68,6 +75,8 @@ class PageSplicer:
         self._out = out
         self._worker = worker
         self._wanted = (0, 0)  # what the last fill() was asked for beyond what it took
+        self._pending: bool | None = None  # a signal waited for the injected thread
+        self._spliced = False  # a section's pages went to the image already
         self.capacity = min(pipes_.pipe_size(pipe.read_end) for pipe in pipes)
 
     def fill(self, address: int, length: int) -> int:
@@ -94,12 +103,25 @@ class PageSplicer:
         finally:
             moved = moving.result()  # never more than one splice at a time: the order
         self._pipes.reverse()
+        if not self._spliced:
+            self._spliced = True
+            reached("dump-splicing")  # the next pages wait in the other pipe
         return moved
 
     def _vmsplice(self, pipe: _Pipe, address: int, length: int) -> int:
         iovec = _IOVEC.pack(address, min(length, self.capacity))
         memory.write(self._tracee.pid, self._iovec, iovec)
-        taken = self._tracee.syscall("vmsplice", pipe.write_end, self._iovec, 1, SPLICE_F_NONBLOCK)
+        tracee = self._tracee
+        taken = tracee.syscall("vmsplice", pipe.write_end, self._iovec, 1, SPLICE_F_NONBLOCK)
+        # Its registers as found between two calls, as after the dump's other injected
+        # calls: a hijack killed while pages are spliced leaves it correct (only two
+        # descriptors and a page more, closed and unmapped with the process's end).
+        # Whether a signal waits is read once: at each call, that doubled the CPU spent.
+        thread = tracee.threads[tracee.injection_tid]
+        if self._pending is None:
+            self._pending = signal_pending(thread.tid, thread.signal_mask)
+        with signals_deferred():
+            put_back_thread(thread, self._pending)
         if taken < 0:
             return 0
         if taken % PAGE_SIZE:

@@ -511,11 +511,13 @@ def release_thread(thread: TracedThread) -> None:
         _release_thread(thread)
 
 
-def put_back_thread(thread: TracedThread) -> None:
-    """An injected thread's registers (rewound into its interrupted call) and mask, as found."""
+def put_back_thread(thread: TracedThread, pending: bool | None = None) -> None:
+    """An injected thread's registers (rewound into its interrupted call) and mask, as found.
+    `pending`: whether a signal it does not block waits, if known (read from /proc if not)."""
     if thread.state is not ThreadState.INJECTING:
         return
-    pending = signal_pending(thread.tid, thread.signal_mask)
+    if pending is None:
+        pending = signal_pending(thread.tid, thread.signal_mask)
     found = thread.saved_registers
     # We left the kernel's signal path to inject, so it will not restart the
     # interrupted call for us: rewind to it ourselves (KERNEL-NOTES).
