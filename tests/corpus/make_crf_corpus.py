@@ -215,6 +215,10 @@ MUTATIONS: dict[str, Mutation] = {
         lambda image: image[:20] + bytes([image[20] ^ 0x40]) + image[21:]
     )(join(sig, s)),
     "bad-checksum-end": lambda sig, s: join(sig, s)[:-1] + bytes([join(sig, s)[-1] ^ 1]),
+    # SPLICED_PAGES' CRC covers its head and address only: one over its data too is wrong.
+    "spliced-pages-crc-over-data": lambda sig, s: join(
+        sig, [(b"SPLC" if i == first(s, b"PAGE") else t, p) for i, (t, p) in enumerate(s)]
+    ),
     "bad-checksum-pages": lambda sig, s: (
         join(sig, s[: first(s, b"PAGE")])
         + (lambda encoded: encoded[:100] + bytes([encoded[100] ^ 1]) + encoded[101:])(
