@@ -14,7 +14,10 @@ on its node makes the daemon release its home shadow, which the tests wait
 for too. Whatever is left (a migrant after a failure, a shadow) is inside a
 cluster namespace and is killed and reaped when the cluster ends.
 
-Streams that must be caught mid-way by a move run over a loopback shaped by
+A stream that a move must catch mid-way is held (held_echo_stream): one of its
+ends is stopped until the move is over, so it is under way by construction,
+however long the move takes on a loaded machine. Streams that must go on
+flowing while a move runs (echo_stream) run over a loopback shaped by
 LOOPBACK_SHAPE in their node: unshaped, 100 MB each way are echoed in half a
 second, less than a move takes to start.
 """
@@ -33,7 +36,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from support import RunningFixture, certificates, spawn_fixture
@@ -478,12 +481,13 @@ def shape_loopback(node: Node) -> None:
     assert completed.returncode == 0, completed.stderr
 
 
-def acknowledged(node: Node, port: int) -> int:
-    """Bytes the connection to 127.0.0.1:port in `node` has had acknowledged (`ss -i`)."""
+def acknowledged(node: Node, port: int, counter: str = "bytes_acked") -> int:
+    """Bytes the connection to 127.0.0.1:port in `node` has had acknowledged (`ss -i`), or
+    has received (`counter` "bytes_received")."""
     completed = node.run(
         ["ss", "-tinH", "state", "established", "dst", f"127.0.0.1:{port}"], timeout=10
     )
-    found = re.search(r"bytes_acked:(\d+)", completed.stdout)
+    found = re.search(rf"\b{counter}:(\d+)", completed.stdout)
     return int(found[1]) if found else 0
 
 
@@ -501,6 +505,71 @@ def echo_stream(node: Node, seed: int) -> Iterator[tuple[RunningFixture, Running
                 f"a stream to port {port} in node {node.name} under way",
             )
             yield server, client
+
+
+def stop(fixture: RunningFixture) -> None:
+    """SIGSTOP `fixture` and wait until it is stopped (a signal is taken on its way back to
+    user space, not at once)."""
+    fixture.send_signal(signal.SIGSTOP)
+    poll_until(
+        lambda: Path(f"/proc/{fixture.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T",
+        f"fixture {fixture.name} (pid {fixture.pid}) stopped",
+    )
+
+
+@dataclass
+class HeldStream:
+    """An echo_server and a stream_client echoing STREAM_BYTES through it, mid-stream, bytes
+    queued both ways; `held` (one of the two) is stopped: the stream cannot end before
+    go_on()."""
+
+    server: RunningFixture
+    client: RunningFixture
+    held: RunningFixture
+
+    def go_on(self) -> None:
+        self.held.send_signal(signal.SIGCONT)
+
+
+@contextlib.contextmanager
+def held_echo_stream(
+    node: Node, seed: int, *, hold: Literal["client", "server"]
+) -> Iterator[HeldStream]:
+    """A HeldStream in `node`, its `hold` ("client" or "server") stopped; the other one may
+    be moved.
+
+    Mid-stream by construction, not by timing: until go_on() one end or the other
+    is stopped at every moment, and STREAM_BYTES is far more than the connection's
+    buffers hold, so the stream can only stall, never end. The server is stopped
+    before the client connects (its first bytes wait in the server's socket), the
+    client once they are there; the server then echoes into the client's socket
+    until both ways are full. Both ends go on when the block ends, whatever happened.
+    """
+    with spawn_fixture("echo_server", netns=node.netns) as server:
+        port = server.ready["port"]
+        stream = ("127.0.0.1", port, str(STREAM_BYTES), str(seed))
+        try:
+            stop(server)
+            with spawn_fixture("stream_client", *stream, netns=node.netns) as client:
+                try:
+                    where = f"the stream to port {port} in node {node.name}"
+                    poll_until(lambda: acknowledged(node, int(port)) > 0, f"{where} under way")
+                    stop(client)
+                    server.send_signal(signal.SIGCONT)
+                    poll_until(
+                        lambda: acknowledged(node, int(port), "bytes_received") > 0,
+                        f"{where} echoed",
+                    )
+                    held = client
+                    if hold == "server":
+                        stop(server)
+                        client.send_signal(signal.SIGCONT)
+                        held = server
+                    yield HeldStream(server, client, held)
+                finally:
+                    client.send_signal(signal.SIGCONT)
+        finally:
+            server.send_signal(signal.SIGCONT)
 
 
 def kill_daemon(node: Node) -> None:
@@ -661,9 +730,10 @@ def test_echo_server_moved_mid_stream_echoes_100_mb_both_ways(tmp_path: Path) ->
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         b.start_daemon()
-        with echo_stream(a, seed=11) as (server, client):
+        with held_echo_stream(a, seed=11, hold="client") as stream:
+            server, client = stream.server, stream.client
             moved = move(a, server.pid, b)
-            assert still_running(client.pid), "the stream ended before the move: too fast"
+            stream.go_on()
             client.assert_intact(STREAM_TIMEOUT)  # every byte echoed once, in order
             server.wait_exit()  # the original, killed by the move
             output = finish_moved(server, moved, tmp_path)
@@ -674,8 +744,10 @@ def test_stream_client_moved_mid_stream_keeps_its_connection(tmp_path: Path) -> 
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         b.start_daemon()
-        with echo_stream(a, seed=12) as (server, client):
+        with held_echo_stream(a, seed=12, hold="server") as stream:
+            server, client = stream.server, stream.client
             moved = move(a, client.pid, b)
+            stream.go_on()
             client.wait_exit()
             # It finishes on its own, there: its own check of every byte.
             assert_ended_well(moved, "the moved stream_client", tmp_path)
@@ -879,12 +951,13 @@ def test_a_destination_killed_mid_transfer_leaves_the_original_running(tmp_path:
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         b.start_daemon()
-        with echo_stream(a, seed=31) as (server, client):
+        with held_echo_stream(a, seed=31, hold="client") as stream:
+            server, client = stream.server, stream.client
             assert b.daemon_endpoint is not None
             move_with_the_daemon_killed(
                 a, b, server.pid, r"move \w+ of echo_server from a", "receives the move"
             )
-            assert still_running(client.pid), "the stream ended before the move: too fast"
+            stream.go_on()
             assert_untouched(server.pid)
             assert runs_in(server.pid, a)
             with Registry(a.state_dir) as registry:
@@ -931,10 +1004,11 @@ def test_a_destination_that_refuses_the_process_changes_nothing(
             # Found out only when the process is restored and held there.
             (tmp_path / "a-file").write_text("not a directory\n")
             start_daemon_with(b, "HIJACK_STATE_DIR", str(tmp_path / "a-file"))
-        with echo_stream(a, seed=41) as (server, client):
+        with held_echo_stream(a, seed=41, hold="client") as stream:
+            server, client = stream.server, stream.client
             line = move_refused(a, server.pid, b, precopy)
             assert reason in line, line
-            assert still_running(client.pid), "the stream ended before the move: too fast"
+            stream.go_on()
             assert_untouched(server.pid)
             assert b.daemon is not None
             assert pids_inside(b) == {b.daemon.pid}

@@ -33,7 +33,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO, NamedTuple, cast
 
 from hijack.errors import HijackError
@@ -835,9 +835,47 @@ def reconcile_migrants(*, watch: bool) -> None:
             _watch_migrant(record.pid, child=False)
 
 
+class _Releases:
+    """The releases of home shadows under way, so that a stopping daemon lets them finish.
+
+    A thread that waits for a migrant marks it `exited` before it tells the home
+    shadow; the daemon stopping then leaves it out of its own last look
+    (reconcile_migrants), so it must wait for that thread, or the process's
+    end kills it mid-request and the shadow is never released.
+    """
+
+    def __init__(self) -> None:
+        self.done = threading.Condition()
+        self.under_way = 0
+
+    @contextlib.contextmanager
+    def one(self) -> Iterator[None]:
+        # Counted before the record is marked: whoever sees it marked sees it counted.
+        with self.done:
+            self.under_way += 1
+        try:
+            yield
+        finally:
+            with self.done:
+                self.under_way -= 1
+                self.done.notify_all()
+
+    def wait(self, timeout: float) -> None:
+        with self.done:
+            self.done.wait_for(lambda: self.under_way == 0, timeout)
+
+
+_releases = _Releases()
+
+
 def _migrant_ended(pid: int, timeout: float = RELEASE_TIMEOUT) -> None:
     """If `pid` ended here (not moved on: a mover marks it before killing it), its home
     shadow has nothing left to relay for and is released."""
+    with _releases.one():
+        _release_home_shadow(pid, timeout)
+
+
+def _release_home_shadow(pid: int, timeout: float) -> None:
     with Registry() as registry:
         record = registry.find(pid)
         if record is None or record.state != "running":
@@ -886,5 +924,9 @@ def serve(
         daemon.serve()
     except KeyboardInterrupt:
         daemon.stop()
+    # Releases its migrant threads began are left out of this last look (marked
+    # exited): they are waited for, as long as one release of its own may take.
+    deadline = time.monotonic() + STOPPING_RELEASE_TIMEOUT
     with contextlib.suppress(HijackError):
         reconcile_migrants(watch=False)
+    _releases.wait(max(deadline - time.monotonic(), 0.0))

@@ -224,6 +224,13 @@ class RunningFixture:
             os.close(self._pidfd)
             self._pidfd = -1
 
+    def send_signal(self, number: signal.Signals) -> None:
+        """Send signal `number` if the fixture still runs (through its pidfd: never to a
+        process that took its pid since)."""
+        if self.returncode is None and self._pidfd >= 0:
+            with contextlib.suppress(ProcessLookupError):  # exited already, not yet reaped
+                signal.pidfd_send_signal(self._pidfd, number)
+
     def kill(self) -> None:
         """SIGKILL and reap the fixture if it still runs; release everything it held."""
         if self.returncode is None:
