@@ -57,12 +57,12 @@ from bench.moves import measure_moves
 from bench.pauses import measure_pauses
 from bench.postcopy import measure_postcopy
 from bench.redis import measure_redis
-from bench.snapshots import measure_snapshots
+from bench.snapshots import cpu_line, cpu_per_gib, measure_snapshots
 from bench.tls import measure_freeze_before_tls, measure_tls
 from bench.tree_moves import measure_tree_moves
 from bench.trees import measure_tree_dumps
-from hijack.mutator.dump import MAP_PRIVATE_ANONYMOUS, PROT_READ_WRITE, dump, dump_to_file
-from hijack.mutator.tracee import Tracee
+from hijack.mutator.dump import dump, dump_to_file, write_image
+from hijack.mutator.tracee import MAP_PRIVATE_ANONYMOUS, PROT_READ_WRITE, Tracee
 from hijack.restore.restorer import restore
 from hijack.sys import memory
 from hijack.sys.process import set_child_subreaper
@@ -155,6 +155,14 @@ def memory_copy(size: int) -> float:
     return timed(copy)
 
 
+def stopped_dump_to_file(pid: int, path: Path) -> None:
+    """What `dump --kill -o path` does to write and sync the image, the process kept."""
+    with open(path, "wb") as out, Tracee.seize(pid) as tracee:
+        write_image(tracee, out, splice=True)
+        os.fsync(out.fileno())
+    path.unlink()
+
+
 def dump_to_pipe(pid: int) -> float:
     read_end, write_end = os.pipe()
 
@@ -208,6 +216,20 @@ def measure(size: int, directory: Path, snapshot_lines: list[str]) -> list[Figur
         write_before = sequential_write(directory / "baseline.bin", size)
         dump_file_s = timed(lambda: dump_to_file(holder.pid, image))
         write_after = sequential_write(directory / "baseline.bin", size)
+        stopped_file_cpu = cpu_per_gib(
+            holder.pid, size, lambda: stopped_dump_to_file(holder.pid, directory / "stopped.crf")
+        )
+        # The same bytes written and synced by this process: what the file system costs.
+        write_cpu = cpu_per_gib(
+            None, size, lambda: sequential_write(directory / "baseline.bin", size)
+        )
+        snapshot_lines.append(
+            cpu_line(
+                "dump --kill CPU per GiB, file+fsync",
+                stopped_file_cpu,
+                f"sequential write + fsync of as many bytes: {write_cpu:5.2f} s",
+            )
+        )
         print(f"image: {image.stat().st_size / MIB:.0f} MiB for {size // MIB} MiB held")
         figures.append(
             Figure(

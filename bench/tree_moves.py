@@ -3,11 +3,12 @@
 A parent fills SIZE of private memory, then forks 8 children that keep it
 (shared copy-on-write since the fork, as a pre-forking server's workers do)
 and sleep; it is moved between two network-namespace nodes with `hijack move`
-(the tree moves as one, frozen while its whole image is sent: no pre-copy for
-trees yet). Beside it, the same move of one process holding the same SIZE,
-with --no-precopy, so that both are frozen for their whole image. Printed:
-both freezes and image sizes, and the tree's as a ratio to the single one's
-(pages the members still share since the fork are stored once: CRF 6).
+(the tree moves as one), frozen while its whole image is sent (--no-precopy),
+then again with pre-copy (rounds while it runs: the pages shared since the fork
+sent once). Beside it, the same moves of one process holding the same SIZE.
+Printed: the freezes and image sizes, the tree's as a ratio to the single
+one's (pages the members still share since the fork are stored once: CRF 6),
+and the pre-copied tree's freeze beside its frozen one.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def _move(source: Node, pid: int, destination: Node, *options: str) -> tuple[flo
 
 
 def measure_tree_moves(size_mib: int) -> list[str]:
-    """Move 1 parent + 8 children sharing SIZE_MIB, then one process holding it; the lines."""
+    """Move 1 parent + 8 children sharing SIZE_MIB frozen (--no-precopy) and with pre-copy
+    (the default), then one process holding it, the same two ways; the lines."""
     with (
         tempfile.TemporaryDirectory(prefix="hijack-bench-trees-") as directory,
         Cluster(Path(directory), nodes=2) as cluster,
@@ -90,19 +92,36 @@ def measure_tree_moves(size_mib: int) -> list[str]:
         a, b = cluster.nodes
         a.start_daemon()
         b.start_daemon()
-        tree = _start(a, size_mib, CHILDREN)
-        tree_freeze, tree_image, printed = _move(a, tree.pid, b)
-        tree.wait()  # the original, killed by the move
-        single = _start(a, size_mib, 0)
-        single_freeze, single_image, _ = _move(a, single.pid, b, "--no-precopy")
-        single.wait()
+        moved: dict[tuple[int, str], tuple[float, float, str]] = {}
+        for children in (CHILDREN, 0):
+            for option in ("--no-precopy", "--precopy"):
+                holder = _start(a, size_mib, children)
+                moved[children, option] = _move(a, holder.pid, b, option)
+                holder.wait()  # the original, killed by the move
+    tree_freeze, tree_image, printed = moved[CHILDREN, "--no-precopy"]
+    single_freeze, single_image, _ = moved[0, "--no-precopy"]
+    tree_precopy, _, precopy_printed = moved[CHILDREN, "--precopy"]
+    single_precopy, _, _ = moved[0, "--precopy"]
     members = MEMBER.findall(printed)
     biggest = max((float(s) * UNITS[u] for _, s, u in members), default=0.0)
     label = f"1 process, {size_mib} MiB"
+    sent = re.search(r"frozen [\d.]+ ms, ([\d.]+) (KiB|MiB|GiB|B) sent", precopy_printed)
+    sent_mib = float(sent[1]) * UNITS[sent[2]] if sent else 0.0
+    tree = f"1+{CHILDREN} sharing {size_mib} MiB"
     return [
-        f"{f'tree move freeze, 1+{CHILDREN} sharing {size_mib} MiB':<34} {tree_freeze:8.1f} ms  "
-        f" | {label:<38} {single_freeze:8.1f} ms   | x{tree_freeze / single_freeze:.1f}",
-        f"{f'tree move image, 1+{CHILDREN} sharing {size_mib} MiB':<34} {tree_image:8.1f} MiB "
+        f"{f'tree move freeze, {tree}':<34} {tree_freeze:8.1f} ms  "
+        f" | {label + ', frozen':<38} {single_freeze:8.1f} ms  "
+        f" | x{tree_freeze / single_freeze:.1f}",
+        f"{f'tree move image, {tree}':<34} {tree_image:8.1f} MiB "
         f" | {label:<38} {single_image:8.1f} MiB  | x{tree_image / single_image:.1f}"
         f" (largest member {biggest:.1f} MiB)",
+        f"{f'tree move freeze, pre-copy, {tree}':<34} {tree_precopy:8.1f} ms  "
+        f" | {label + ', pre-copy':<38} {single_precopy:8.1f} ms   |"
+        f" x{tree_precopy / single_precopy:.1f} ({sent_mib:.1f} MiB sent in all;"
+        f" x{tree_precopy / tree_freeze:.2f} of the tree's frozen move)",
     ]
+
+
+if __name__ == "__main__":
+    for line in measure_tree_moves(int(sys.argv[1]) if len(sys.argv) > 1 else 256):
+        print(line)

@@ -275,6 +275,28 @@ def test_dump_to_a_file_stopped_by_a_signal_leaves_the_process_running(
 
 
 @pytest.mark.parametrize("signal_number", SIGNALS, ids=SIGNAL_IDS)
+def test_dump_kill_stopped_while_splicing_pages_leaves_the_process_running_intact(
+    tmp_path: Path, signal_number: int
+) -> None:
+    """Zero-copy: the target injected (vmsplice) between two sections; killed there, even
+    by SIGKILL, the hijack leaves it running as it was (its own check of its memory)."""
+    state = tmp_path / "state"
+    image = tmp_path / "counter.crf"
+    # FIFOs for its ready and control descriptors: a restore could reopen them (--kill).
+    with spawn_fixture("counter", tmp_path / "counter.log", fifos=True) as counter:
+        command = hijack_at("dump-splicing", state, "dump", counter.pid, "-o", image, "--kill")
+        deliver(command, signal_number)
+        result = finish(command, ("dump",))
+        assert_running_untraced(counter.pid)
+        assert not image.exists()
+        if signal_number == signal.SIGKILL:
+            assert result.returncode == -signal.SIGKILL
+        else:
+            assert_interrupted(result, signal_number)
+        counter.assert_intact()
+
+
+@pytest.mark.parametrize("signal_number", SIGNALS, ids=SIGNAL_IDS)
 def test_dump_kill_stopped_between_the_hand_over_and_the_kill_leaves_the_process_running(
     tmp_path: Path, signal_number: int
 ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import functools
 import io
 import json
 import os
@@ -98,6 +99,7 @@ from hijack.image import (
     SignalState,
     SocketOption,
     SocketOptions,
+    SplicedPages,
     SysvMessage,
     SysvMessageQueue,
     SysvOwner,
@@ -143,6 +145,7 @@ SECTION_NAMES = {
     b"SEGS": "SEGMENTS",
     b"PAGE": "PAGES",
     b"PREF": "PAGE_REFERENCE",
+    b"SPLC": "SPLICED_PAGES",
     b"THRD": "THREAD",
     b"SIGS": "SIGNALS",
     b"FDS_": "FILES",
@@ -321,6 +324,7 @@ TERMINAL = TerminalState(
 
 
 REFERRED = 0x7F0000300000  # a segment whose pages the image refers to (PAGE_REFERENCE)
+SPLICED = 0x7FFC00104000  # a segment whose pages the writer never held (SPLICED_PAGES)
 
 
 def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
@@ -767,6 +771,10 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
     for start, data in memory.items():
         if start == REFERRED:
             writer.write(reference)
+        elif start == SPLICED:
+            # What a dump's splice(2) does: the data goes into the stream behind the writer.
+            put = functools.partial(lambda data, length: out.write(data), data)
+            writer.write_spliced_pages(start, len(data), put)
         else:
             writer.write_pages(start, data)
     for record in after_pages:
@@ -816,7 +824,9 @@ def test_recode_is_byte_identical() -> None:
 def test_end_totals_describe_the_image() -> None:
     end = BUILT.end
     all_sections = sections(BUILT.image)
-    stored_pages = sum((len(s.payload) - 8) // PAGE_SIZE for s in all_sections if s.tag == b"PAGE")
+    stored_pages = sum(
+        (len(s.payload) - 8) // PAGE_SIZE for s in all_sections if s.tag in (b"PAGE", b"SPLC")
+    )
     assert end.records == len(all_sections) - 1
     assert end.image_bytes == all_sections[-1].offset
     assert end.image_bytes + END_SECTION_SIZE == len(BUILT.image)
@@ -928,11 +938,40 @@ def test_a_flipped_bit_in_any_section_names_that_section() -> None:
         for position in positions:
             damaged = bytearray(BUILT.image)
             damaged[section.offset + position] ^= 0x10
+            if section.tag == b"SPLC" and 16 <= position < section.size - 4:
+                continue  # its data: not covered (test_spliced_pages_checksum_their_address)
             with pytest.raises(ImageError) as caught:
                 read_all(bytes(damaged))
             # A damaged object section's tag is no tag: the message says an OBJECT was due.
             named = "OBJECT" if section.tag in OBJECT_TAGS and position == 0 else section.name
             assert named in str(caught.value), (section.name, position, caught.value)
+
+
+def test_spliced_pages_checksum_their_address_not_their_data() -> None:
+    spliced = next(s for s in sections(BUILT.image) if s.tag == b"SPLC")
+    assert struct.unpack_from("<Q", spliced.payload)[0] == SPLICED
+    assert spliced.payload[8:] == BUILT.memory[SPLICED]  # zero pages too: never seen
+    at = spliced.offset + 8  # the address
+    head_crc = zlib.crc32(BUILT.image[spliced.offset : at + 8])
+    assert BUILT.image[spliced.offset + spliced.size - 4 :][:4] == struct.pack("<I", head_crc)
+    damaged = bytearray(BUILT.image)
+    damaged[at + 8 + 100] ^= 0x10  # a data byte: read as it is, unnoticed
+    records = read_all(bytes(damaged))
+    pages = next(r for r in records if isinstance(r, SplicedPages))
+    assert pages.address == SPLICED and pages.data[100] != BUILT.memory[SPLICED][100]
+    damaged = bytearray(BUILT.image)
+    damaged[at + 1] ^= 0x10  # the address is
+    with pytest.raises(ImageError, match="checksum mismatch in section SPLICED_PAGES"):
+        read_all(bytes(damaged))
+
+
+def test_a_splice_that_puts_the_wrong_length_fails_the_writer() -> None:
+    out = io.BytesIO()
+    writer = minimal_writer(out, the(Segments).segments)
+    with pytest.raises(ImageError, match="spliced 4096 of 8192 bytes"):
+        writer.write_spliced_pages(SPLICED, 2 * PAGE_SIZE, lambda length: out.write(bytes(4096)))
+    with pytest.raises(ImageError, match="an earlier write failed"):
+        writer.write(the(Thread))
 
 
 def test_sections_out_of_order_are_refused() -> None:
@@ -1040,7 +1079,9 @@ def test_writer_refuses_wrong_order_and_wrong_totals() -> None:
         ImageError, match="cannot write section CREDENTIALS: out of place, expected HEADER"
     ):
         ImageWriter(io.BytesIO()).write(the(Credentials))
-    with pytest.raises(ImageError, match="expected PAGES or PAGE_REFERENCE or THREAD"):
+    with pytest.raises(
+        ImageError, match="expected PAGES or PAGE_REFERENCE or SPLICED_PAGES or THREAD"
+    ):
         writer_at_pages().write(the(Files))
     writer = writer_at_pages()
     writer.write(the(Thread))
@@ -1370,7 +1411,7 @@ def test_spec_tables_match_the_records() -> None:
         and (is_dataclass(value) or issubclass(value, enum.Enum))
     }
     # PAGES and OBJECT_DATA have their own tables: their data is unframed.
-    assert declared - documented == {"Pages", "ObjectData"}
+    assert declared - documented == {"Pages", "SplicedPages", "ObjectData"}
 
 
 def test_spec_section_table_matches_the_codec() -> None:

@@ -15,7 +15,9 @@ socket or listener is relayed by the tree's one home shadow.
 - a move that fails before its commit leaves every member running at home;
 - nginx, a master and 2 workers sharing the master's listener, moved there and
   back under an HTTP load on its original address: no request fails;
-- a Python multiprocessing Pool moved while it works: every result arrives.
+- a Python multiprocessing Pool moved while it works: every result arrives;
+- a tree whose members keep writing memory they share since a fork, moved with pre-copy
+  (the default for a tree with memory): every member finds every page as it wrote it.
 """
 
 from __future__ import annotations
@@ -32,15 +34,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import spawn_fixture
 from support.nodes import Cluster, Node
 from test_faults import hijack_in
 from test_move import (
     EXIT_TIMEOUT,
+    Moved,
     assert_untouched,
     daemon_log,
     exit_code_on,
+    finish_moved,
     logs,
     poll_until,
+    shadow_status,
     still_running,
     wait_gone,
 )
@@ -209,6 +215,11 @@ def test_a_tree_whose_move_fails_before_its_commit_runs_on_at_home(tmp_path: Pat
         assert read_tree(shell.pid).pids == before, "every member runs on at home"
         for pid in before:
             assert_untouched(pid)
+            # Pre-copied first: its tracking ended with the move, no trace of it left.
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+            assert not [link for link in links if "userfaultfd" in link], links
+            smaps = Path(f"/proc/{pid}/smaps").read_text()
+            assert not re.search(r"^VmFlags:.* u[wm]\b", smaps, re.MULTILINE), pid
         count = len(lines_in(output))
         poll_until(lambda: len(lines_in(output)) > count + 10, "the stream going on at home")
         assert shell.wait(timeout=EXIT_TIMEOUT * 2) == 0
@@ -369,3 +380,31 @@ def test_nginx_moved_there_and_back_under_load_fails_no_request(
         assert loader.stdin is not None
         loader.stdin.close()
         loader.wait(timeout=EXIT_TIMEOUT)
+
+
+DIRTY_CHILDREN = 3
+DIRTY_MIB = 32
+
+
+def test_a_tree_dirtying_shared_memory_during_precopy_arrives_intact(tmp_path: Path) -> None:
+    """Each member rewrites pages of the region it shares with the others since the fork
+    (breaking that sharing) and drops some, all while the rounds run: round 0 sends the
+    shared pages once, and what every member wrote since comes over it."""
+    with (
+        two_nodes(tmp_path) as (a, b),
+        spawn_fixture(
+            "tree_dirtier", str(DIRTY_CHILDREN), str(DIRTY_MIB), "2", netns=a.netns
+        ) as tree,
+    ):
+        wait_members(tree.pid, DIRTY_CHILDREN + 1)
+        there, printed = move_tree(a, tree.pid, b)
+        rounds = re.search(r"\((\d+) pre-copy rounds", printed)
+        assert rounds is not None and int(rounds[1]) >= 2, printed
+        sent = re.search(r"frozen [\d.]+ ms, ([\d.]+) MiB sent", printed)
+        assert sent is not None, printed
+        # Round 0 sends the shared region once, not once per member (the later rounds what
+        # was written since).
+        assert float(sent[1]) < DIRTY_MIB * (DIRTY_CHILDREN + 1) / 2, printed
+        tree.wait_exit()
+        shadow = int(shadow_status(a, tree.pid)["shadow_pid"])
+        finish_moved(tree, Moved(there, b, 0.0, shadow), tmp_path)

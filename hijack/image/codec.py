@@ -3,7 +3,8 @@
     IMAGE     ::= SIGNATURE HEADER CREDENTIALS RLIMITS MM SEGMENTS FILES { OBJECT }
                   { PAGES } THREAD { THREAD } SIGNALS CWD SETTINGS TIMERS END
     OBJECT    ::= an object record or OBJECT_DATA (as many as FILES counts)
-    PAGES may be PAGE_REFERENCE sections too, in a tree stream's images
+    PAGES may be PAGE_REFERENCE sections too, in a tree stream's images, and
+    SPLICED_PAGES, whose CRC covers TAG LENGTH and the address, not the data
     ROUND     ::= SIGNATURE ROUND SEGMENTS { PAGES } END     (a move's pre-copy round)
     SIGNATURE ::= "CRF\\0" VERSION:u32
     section   ::= TAG:4 LENGTH:u32 PAYLOAD:LENGTH CRC:u32
@@ -18,6 +19,9 @@ Public API:
     ImageWriter(stream)                   writes the signature at once
         .write(record)                    any record, in grammar order
         .write_pages(address, data)       stores the non-zero 4 KiB pages of data
+        .write_spliced_pages(address, length, put)
+                                          stores pages whose data `put` splices
+                                          into the stream's descriptor itself
         .close(*, pages_untouched=0, pages_file=0) -> End
                                           writes END with the totals; flushes,
                                           does not close the stream
@@ -88,6 +92,7 @@ from hijack.image.records import (
     SignalfdObject,
     SignalState,
     SocketOptions,
+    SplicedPages,
     SysvMessageQueue,
     SysvSemaphores,
     SysvSharedMemory,
@@ -130,6 +135,7 @@ class SectionKind(enum.Enum):
     SEGMENTS = b"SEGS"
     PAGES = b"PAGE"
     PAGE_REFERENCE = b"PREF"
+    SPLICED_PAGES = b"SPLC"
     THREAD = b"THRD"
     SIGNALS = b"SIGS"
     FILES = b"FDS_"
@@ -172,6 +178,7 @@ class _SectionCodec(Protocol):
     record_type: type[Any]
     max_payload: int
     is_object: bool  # one of the object sections after FILES
+    covers_data: bool  # whether the CRC covers the raw data after the fields
 
     def head_length(self, length: int) -> int:
         """How many of a payload's `length` bytes are fields; the rest is raw data."""
@@ -185,6 +192,7 @@ class _StructSection:
     """A section whose whole payload is one record's fields."""
 
     max_payload = MAX_METADATA
+    covers_data = True
 
     def __init__(self, record_type: type[Any], *, is_object: bool = False) -> None:
         self.record_type = record_type
@@ -210,9 +218,10 @@ class _StructSection:
 class _PagesSection:
     """address:u64 then page data to the end of the payload (no copy either way)."""
 
-    record_type = Pages
+    record_type: type[Pages] = Pages
     max_payload = _ADDRESS.size + MAX_PAGES_DATA
     is_object = False
+    covers_data = True
 
     def head_length(self, length: int) -> int:
         return min(length, _ADDRESS.size)
@@ -227,7 +236,15 @@ class _PagesSection:
         if len(head) < _ADDRESS.size:
             raise ImageError("too short to hold an address")
         (address,) = _ADDRESS.unpack(head)
-        return Pages(address=address, data=tail)
+        return self.record_type(address=address, data=tail)
+
+
+class _SplicedPagesSection(_PagesSection):
+    """PAGES whose data the writer never held (put into its stream by splice(2)): the CRC
+    covers the head and the address only."""
+
+    record_type = SplicedPages
+    covers_data = False
 
 
 class _ObjectDataSection:
@@ -236,6 +253,7 @@ class _ObjectDataSection:
     record_type = ObjectData
     max_payload = _ID_OFFSET.size + MAX_OBJECT_DATA
     is_object = True
+    covers_data = True
 
     def head_length(self, length: int) -> int:
         return min(length, _ID_OFFSET.size)
@@ -251,6 +269,7 @@ class _ObjectDataSection:
 
 
 _PAGES = _PagesSection()
+_SPLICED_PAGES = _SplicedPagesSection()
 _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.HEADER: _StructSection(ImageHeader),
     SectionKind.ROUND: _StructSection(Round),
@@ -261,6 +280,7 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.SEGMENTS: _StructSection(Segments),
     SectionKind.PAGES: _PAGES,
     SectionKind.PAGE_REFERENCE: _StructSection(PageReference),
+    SectionKind.SPLICED_PAGES: _SPLICED_PAGES,
     SectionKind.THREAD: _StructSection(Thread),
     SectionKind.SIGNALS: _StructSection(SignalState),
     SectionKind.FILES: _StructSection(Files),
@@ -315,19 +335,19 @@ class _Step:
     kind: SectionKind | None  # None: any of the OBJECT_SECTIONS
     least: int  # how many times it must occur
     many: bool  # whether it may repeat
-    also: SectionKind | None = None  # another kind the step takes, in any mix with `kind`
+    also: tuple[SectionKind, ...] = ()  # other kinds the step takes, in any mix with `kind`
 
     def admits(self, kind: SectionKind) -> bool:
         return (
             kind is self.kind
-            or (kind is self.also and kind is not None)
+            or kind in self.also
             or (self.kind is None and kind in OBJECT_SECTIONS)
         )
 
     @property
     def name(self) -> str:
         name = "OBJECT" if self.kind is None else self.kind.name
-        return name if self.also is None else f"{name} or {self.also.name}"
+        return " or ".join([name, *(kind.name for kind in self.also)])
 
 
 _IMAGE_GRAMMAR = (
@@ -338,7 +358,7 @@ _IMAGE_GRAMMAR = (
     _Step(SectionKind.SEGMENTS, 1, False),
     _Step(SectionKind.FILES, 1, False),
     _Step(None, 0, True),
-    _Step(SectionKind.PAGES, 0, True, also=SectionKind.PAGE_REFERENCE),
+    _Step(SectionKind.PAGES, 0, True, also=(SectionKind.PAGE_REFERENCE, SectionKind.SPLICED_PAGES)),
     _Step(SectionKind.THREAD, 1, True),
     _Step(SectionKind.SIGNALS, 1, False),
     _Step(SectionKind.CWD, 1, False),
@@ -607,6 +627,32 @@ class ImageWriter:
                 stored += stop - start
             self._pages_zero += (len(view) - stored) // PAGE_SIZE
 
+    def write_spliced_pages(self, address: int, length: int, put: Callable[[int], int]) -> None:
+        """Store the `length` bytes of pages at `address` (at most 8 MiB, inside one
+        segment, like write_pages') as one SPLICED_PAGES section whose data `put(length)`
+        writes into the stream's descriptor itself, after the writer flushed the stream
+        (splice(2) from a pipe the process put its pages in: the writer never sees the
+        bytes, so zero pages are stored too and the CRC does not cover the data).
+        `put` returns how many bytes it wrote; any other count than `length` fails."""
+        with self._failing_for_good():
+            if address % PAGE_SIZE or length % PAGE_SIZE:
+                raise ImageError(
+                    f"cannot store pages at {address:#x} ({length} bytes): not whole pages"
+                )
+            fields = _ADDRESS.pack(address)
+            check = functools.partial(self._checks.check_pages, address, length)
+            head = self._admit(SectionKind.SPLICED_PAGES, len(fields) + length, check)
+            self._put(head)
+            self._put(fields)
+            self._stream.flush()
+            moved = put(length)
+            self.bytes_written += moved
+            if moved != length:
+                raise ImageError(
+                    f"cannot write section SPLICED_PAGES: spliced {moved} of {length} bytes"
+                )
+            self._put(_CRC.pack(crc32(fields, crc32(head))))
+
     def close(self, *, pages_untouched: int = 0, pages_file: int = 0) -> End:
         """Write END with the totals (the two counts come from the dumper) and flush."""
         end = End(
@@ -638,7 +684,16 @@ class ImageWriter:
         self, kind: SectionKind, parts: Sequence[BytesLike], check: Callable[[], None]
     ) -> None:
         """Check a section (`check` applies the cross-section rules), then write it."""
-        length = sum(len(part) for part in parts)
+        head = self._admit(kind, sum(len(part) for part in parts), check)
+        crc = crc32(head)
+        # Fields, then data: a section that does not cover its data has one part of each.
+        for part in parts if _SECTIONS[kind].covers_data else parts[:1]:
+            crc = crc32(part, crc)
+        for piece in (head, *parts, _CRC.pack(crc)):
+            self._put(piece)
+
+    def _admit(self, kind: SectionKind, length: int, check: Callable[[], None]) -> bytes:
+        """Check a section of `length` bytes of payload; return its head."""
         if length > _SECTIONS[kind].max_payload:
             raise ImageError(
                 f"cannot write section {kind.name}: {length} bytes exceed the limit of "
@@ -649,12 +704,7 @@ class ImageWriter:
             check()
         except ImageError as error:
             raise ImageError(f"cannot write section {kind.name}: {error.message}") from None
-        head = _SECTION_HEAD.pack(kind.value, length)
-        crc = crc32(head)
-        for part in parts:
-            crc = crc32(part, crc)
-        for piece in (head, *parts, _CRC.pack(crc)):
-            self._put(piece)
+        return _SECTION_HEAD.pack(kind.value, length)
 
     def _put(self, data: BytesLike) -> None:
         view = memoryview(data)
@@ -773,7 +823,8 @@ def _read_section(
     fields = source.read_exactly(fields_length, kind)
     data = source.read_exactly(length - fields_length, kind)
     (crc,) = _CRC.unpack(source.read_exactly(_CRC.size, kind))
-    if crc32(data, crc32(fields, crc32(head))) != crc:
+    covered = crc32(fields, crc32(head))
+    if (crc32(data, covered) if codec.covers_data else covered) != crc:
         raise ImageError(f"checksum mismatch in {where}")
     try:
         record = codec.decode(fields, data)

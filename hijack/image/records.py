@@ -244,6 +244,12 @@ class Pages:
         return self.address + len(self.data)
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SplicedPages(Pages):
+    """Pages the dumper never held: the process spliced them into the image itself
+    (vmsplice, then splice), so their section's CRC covers the address, not the data."""
+
+
 MAX_REFERENCED_PAGES = MAX_PAGES_DATA // PAGE_SIZE  # pages one PageReference names at most
 
 
@@ -1400,6 +1406,7 @@ Record = (
     | MemoryStructure
     | Segments
     | Pages
+    | SplicedPages
     | PageReference
     | Thread
     | SignalState

@@ -19,8 +19,7 @@ import signal
 import socket as socket_module
 import struct
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from stat import S_ISFIFO
@@ -34,7 +33,14 @@ from hijack.image.files import ImageFiles
 from hijack.image.identity import file_identity, is_shared_library
 from hijack.mutator.frozen_tree import FrozenTree, frozen_tree
 from hijack.mutator.shared_pages import SharedPages
-from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, recorded_registers
+from hijack.mutator.spliced_pages import PageSplicer, page_splicer
+from hijack.mutator.tracee import (
+    ThreadState,
+    TracedThread,
+    Tracee,
+    recorded_registers,
+)
+from hijack.mutator.tracee import scratch_page as scratch_page  # its old home: importers
 from hijack.objects import unix
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.objects.memfd import held_by_objects
@@ -53,12 +59,9 @@ from hijack.timing import Laps
 PAGE_SIZE = 4096
 READ_CHUNK = 8 * 1024 * 1024  # bytes per process_vm_readv; one Pages record at most
 IMAGE_PIPE_SIZE = 1024 * 1024  # fs.pipe-max-size's default: any user may ask for it
-SCRATCH_SIZE = PAGE_SIZE
 SIGACTION_SIZE = 32  # the kernel's struct sigaction on x86_64
 SIG_DFL, SIG_IGN = 0, 1
 PR_GET_TID_ADDRESS = 40
-PROT_READ_WRITE = 0x1 | 0x2
-MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20
 O_CLOEXEC = 0o2000000
 # Made by the kernel at exec and moved, not stored, at restore.
 KERNEL_MAPPINGS = ("[vdso]", "[vvar]", "[vvar_vclock]")
@@ -182,6 +185,7 @@ def dump(
                 connections=check_descriptors,
                 tree=frozenset(frozen.tracees),
                 shared_pages=shared,
+                splice=shared is None,
             )
 
         shared_pages = SharedPages()
@@ -247,6 +251,7 @@ def write_image(
     sockets: dict[int, procfs.SocketInfo] | None = None,
     tree: frozenset[int] = frozenset(),
     shared_pages: SharedPages | None = None,
+    splice: bool = False,
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
 
@@ -261,6 +266,8 @@ def write_image(
     `tree`: the members of the tree dumped with it (the pipes joining them are inside).
     `shared_pages`: the frames the tree's images before this one stored (a tree stream's
     member): its private pages among them are referred to, not stored again.
+    `splice`: its pages go from the process to `out` without passing through hijack, where
+    `out` is a file (hijack.mutator.spliced_pages); not with `precopied` or `shared_pages`.
     """
     laps = laps or Laps()
     pid = tracee.pid
@@ -312,10 +319,17 @@ def write_image(
         settings=process_settings,
         timers=process_timers,
     )
+
+    def write_pages(writer: ImageWriter) -> PageCounts:
+        if not splice:
+            return write_memory(pid, segments, writer, precopied, shared_pages)
+        with page_splicer(tracee, out, pipes=False) as splicer:
+            return write_memory(pid, segments, writer, splicer=splicer)
+
     return write_parts(
         out,
         parts,
-        lambda writer: write_memory(pid, segments, writer, precopied, shared_pages),
+        write_pages,
         referable=shared_pages.referable if shared_pages is not None else frozenset(),
     )
 
@@ -520,18 +534,6 @@ def _live(tracee: Tracee) -> list[TracedThread]:
     return [tracee.threads[tid] for tid in tracee.thread_ids]
 
 
-@contextmanager
-def scratch_page(tracee: Tracee) -> Iterator[int]:
-    """A private page mapped inside the target for injected calls to write into."""
-    address = tracee.checked_syscall(
-        "mmap", 0, SCRATCH_SIZE, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0
-    )
-    try:
-        yield address
-    finally:
-        tracee.syscall("munmap", address, SCRATCH_SIZE)
-
-
 def read_header(pid: int, options: rec.DumpOptions) -> rec.ImageHeader:
     stat = procfs.read_stat(pid)
     return rec.ImageHeader(
@@ -733,13 +735,23 @@ def write_memory(
     writer: ImageWriter,
     precopied: Precopied | None = None,
     shared_pages: SharedPages | None = None,
+    *,
+    splicer: PageSplicer | None = None,
 ) -> PageCounts:
     counts = PageCounts()
     buffer = bytearray(READ_CHUNK)  # reused: reading into fresh buffers is several times slower
     with memory.MemoryFile(pid) as mem:
         for segment in segments:
             write_segment_pages(
-                pid, mem, segment, writer, counts, buffer, precopied, shared_pages=shared_pages
+                pid,
+                mem,
+                segment,
+                writer,
+                counts,
+                buffer,
+                precopied,
+                shared_pages=shared_pages,
+                splicer=splicer,
             )
     return counts
 
@@ -755,11 +767,13 @@ def write_segment_pages(
     runs: list[tuple[int, int]] | None = None,
     through_mem: bool = False,
     shared_pages: SharedPages | None = None,
+    splicer: PageSplicer | None = None,
 ) -> None:
     """Store the pages of one segment of `pid`, read through `buffer` (READ_CHUNK bytes):
     its `runs`, by default runs_to_store()'s; all through /proc/PID/mem if `through_mem`.
     With `shared_pages` (a tree's member), its private pages another member stored
-    already are referred to (hijack.mutator.shared_pages)."""
+    already are referred to (hijack.mutator.shared_pages). With `splicer`, those of a
+    readable segment are spliced instead, never read (hijack.mutator.spliced_pages)."""
     # A file-backed segment is restored from its file, where a page left out
     # is the file's, not zero: its zero pages are stored too.
     keep_zero = keeps_zero_pages(segment)
@@ -768,9 +782,16 @@ def write_segment_pages(
     if segment.contents is rec.ContentsKind.PRECOPIED and precopied is not None:
         # Over what the rounds sent: a page now zero must be sent as such.
         keep_zero, runs = True, precopied.runs(segment)
+    if splicer is not None and not segment.prot & rec.Prot.READ:
+        splicer = None  # vmsplice honours protections: read through /proc/PID/mem
     for start, end in runs:
         for chunk_start in range(start, end, READ_CHUNK):
             length = min(READ_CHUNK, end - chunk_start)
+            if splicer is not None:
+                spliced = splice_pages(splicer, writer, chunk_start, length)
+                chunk_start, length = chunk_start + spliced, length - spliced
+                if not length:
+                    continue
             view = memoryview(buffer)[:length]
             frames = None
             if (
@@ -798,6 +819,19 @@ def write_segment_pages(
                 )
             else:
                 writer.write_pages(chunk_start, view, keep_zero_pages=keep_zero)
+
+
+def splice_pages(splicer: PageSplicer, writer: ImageWriter, address: int, length: int) -> int:
+    """Splice the pages at [address, address + length) into the image as far as the
+    process can give them; return how many bytes it gave (the rest: to be read)."""
+    done = 0
+    while done < length:
+        taken = splicer.fill(address + done, length - done)
+        if not taken:
+            break
+        writer.write_spliced_pages(address + done, taken, splicer.put)
+        done += taken
+    return done
 
 
 def keeps_zero_pages(segment: rec.Segment) -> bool:

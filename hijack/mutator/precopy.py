@@ -53,6 +53,7 @@ from hijack.objects.memfd import holds_object
 from hijack.sys import dirty, memory, pidfd, procfs
 
 Run = tuple[int, int]
+Frames = dict[int, tuple[int, int]]  # a page frame number -> (pid, address) that sent it
 T = TypeVar("T")
 
 # Auto mode: below this much private resident memory (a small C program) the
@@ -66,9 +67,10 @@ TRACKING_FLAGS = ("uw", "um")  # smaps VmFlags of a userfaultfd registration
 _AFTER_ALL = 1 << 64  # sorts after every end: bisect by start alone
 
 
-def worth_precopying(pid: int) -> bool:
-    """Whether the process holds enough private memory for pre-copy to shorten its freeze."""
-    private = sum(entry.anonymous for entry in procfs.read_smaps(pid).values())
+def worth_precopying(*pids: int) -> bool:
+    """Whether the processes (a tree's members) hold enough private memory together for
+    pre-copy to shorten their freeze."""
+    private = sum(entry.anonymous for pid in pids for entry in procfs.read_smaps(pid).values())
     return private >= PRECOPY_MIN_BYTES
 
 
@@ -103,6 +105,13 @@ class Precopy:
         self.pinned: list[Run] = []
         self.lazy: list[Run] = []
         self._buffer = bytearray(READ_CHUNK)
+        # A tree's member (hijack.node.tree_move): its pages read through /proc/PID/mem,
+        # which does not pin them (process_vm_readv does, and the kernel unshares a page
+        # shared copy-on-write since a fork that is pinned: each member would get a copy).
+        # Round 0 sends a page whose frame a member before it sent as a reference to that
+        # member's page (`references`: start, end, member, its start); checked at the freeze.
+        self.through_mem = False
+        self.references: list[tuple[int, int, int, int]] = []
 
     @classmethod
     def start(cls, pid: int) -> Precopy:
@@ -132,8 +141,10 @@ class Precopy:
 
     # -- rounds -------------------------------------------------------------------
 
-    def send_round(self, out: BinaryIO) -> RoundSent:
-        """Write the next round to `out` while the process runs."""
+    def send_round(self, out: BinaryIO, frames: Frames | None = None) -> RoundSent:
+        """Write the next round to `out` while the process runs. `frames` (a tree's): the
+        frames members before this one sent in round 0, where (pid, address); round 0 refers
+        to them rather than sends them again (`references`), and adds its own."""
         number = self.rounds
         written = [] if number == 0 else self.tracking.collect()
         writer = ImageWriter(out)
@@ -156,6 +167,10 @@ class Precopy:
                 if number == 0:
                     runs = runs_to_store(self.pid, segment, PageCounts())
                     keep_zero = _is_file_backed(segment)
+                    if frames is not None and not segment.shared:
+                        runs, referred = self._refer_to_sent(runs, frames)
+                        asked += referred
+                        sent_now += referred
                 elif segment.contents is rec.ContentsKind.STORED and self._within_base(segment):
                     runs, keep_zero = clip_runs(owed, segment.start, segment.end), True
                 else:
@@ -205,8 +220,16 @@ class Precopy:
                 batch.append(pieces[index + len(batch)])
                 size += batch[-1][1] - batch[-1][0]
             index += len(batch)
-            if readable:
+            if readable and not self.through_mem:
                 done = memory.read_gathered(self.pid, batch, self._buffer)
+            elif readable:
+                done = 0
+                for start, end in batch:
+                    try:
+                        mem.read_into(start, memoryview(self._buffer)[done : done + end - start])
+                    except HijackError:
+                        break
+                    done += end - start
             else:
                 try:
                     mem.read_into(batch[0][0], memoryview(self._buffer)[:size])
@@ -222,6 +245,59 @@ class Precopy:
                 sent.append((start, end))
                 offset += end - start
         return sent
+
+    def _refer_to_sent(self, runs: list[Run], frames: Frames) -> tuple[list[Run], list[Run]]:
+        """`runs` split into those to send and those whose frames a member before this one
+        sent (their references kept); the frames of those to send remembered."""
+        own: list[Run] = []
+        referred: list[Run] = []
+        for start, end in runs:
+            entries = procfs.read_pagemap(self.pid, start, end)
+            for index, entry in enumerate(entries):
+                address = start + index * rec.PAGE_SIZE
+                frame = entry & procfs.PM_PFN_MASK if entry & procfs.PM_PRESENT else 0
+                found = frames.setdefault(frame, (self.pid, address)) if frame else None
+                if found is None or found[0] == self.pid:
+                    _extend(own, address)
+                    continue
+                _extend(referred, address)
+                last = self.references[-1] if self.references else None
+                if (
+                    last is not None
+                    and last[1] == address
+                    and last[2] == found[0]
+                    and last[3] + (address - last[0]) == found[1]
+                ):
+                    self.references[-1] = (last[0], address + rec.PAGE_SIZE, last[2], last[3])
+                else:
+                    self.references.append((address, address + rec.PAGE_SIZE, *found))
+        return own, referred
+
+    def stale_references(self, sent: Callable[[int], list[Run]]) -> None:
+        """At the freeze (the tree frozen): a page referred to in round 0 whose frame is not
+        its member's any more (either wrote it, or dropped it), or that its member could not
+        send (`sent(pid)`: what member `pid` sent), is stored in the final image."""
+        stale: list[Run] = []
+        for start, end, member, source in self.references:
+            if clip_runs(sent(member), source, source + end - start) != [
+                (source, source + end - start)
+            ]:
+                stale.append((start, end))
+                continue
+            try:
+                own = procfs.read_pagemap(self.pid, start, end)
+                theirs = procfs.read_pagemap(member, source, source + end - start)
+            except HijackError:
+                stale.append((start, end))
+                continue
+            for index, (mine, other) in enumerate(zip(own, theirs, strict=True)):
+                same = (
+                    mine & procfs.PM_PRESENT
+                    and (mine ^ other) & (procfs.PM_PRESENT | procfs.PM_PFN_MASK) == 0
+                )
+                if not same or not mine & procfs.PM_PFN_MASK:
+                    _extend(stale, start + index * rec.PAGE_SIZE)
+        self.final_written = union_runs(self.final_written, stale)
 
     def written_to_drop(self) -> list[Run]:
         """For post-copy, while the process runs: the pages written since the last round in
@@ -438,6 +514,14 @@ def _without_tracking_flags(segments: list[rec.Segment]) -> list[rec.Segment]:
         )
         for segment in segments
     ]
+
+
+def _extend(runs: list[Run], address: int) -> None:
+    """Add the page at `address` (above every run) to `runs`."""
+    if runs and runs[-1][1] == address:
+        runs[-1] = (runs[-1][0], address + rec.PAGE_SIZE)
+    else:
+        runs.append((address, address + rec.PAGE_SIZE))
 
 
 def _is_file_backed(segment: rec.Segment) -> bool:

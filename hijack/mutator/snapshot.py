@@ -59,6 +59,7 @@ from hijack.mutator.dump import (
     write_segment_pages,
 )
 from hijack.mutator.shadow_fork import adopt_copy, discard_copy, fork_shadow_copy
+from hijack.mutator.spliced_pages import page_splicer
 from hijack.mutator.tracee import Tracee
 from hijack.objects import pipe
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
@@ -227,14 +228,19 @@ def _write_from_copy(copy_pid: int, frozen: Frozen, out: BinaryIO) -> tuple[rec.
 
     def write_pages(writer: ImageWriter) -> PageCounts:
         buffer = bytearray(READ_CHUNK)
-        with memory.MemoryFile(copy_pid) as mem:
+        # The copy never runs: its pages may go to a pipe or a socket by reference too.
+        with (
+            memory.MemoryFile(copy_pid) as mem,
+            page_splicer(copy, out, pipes=True) as splicer,
+        ):
             for segment in frozen.parts.segments:
                 kept = frozen.kept.get(segment.start)
                 if kept is None:
                     runs = frozen.runs.get(segment.start)
                     # Not process_vm_readv: it pins pages, and pinning a page the
                     # copy shares with the process copies it first (unsharing):
-                    # a GiB more memory and twice the time for a GiB read.
+                    # a GiB more memory and twice the time for a GiB read. vmsplice
+                    # takes references without pinning: no copy either.
                     write_segment_pages(
                         copy_pid,
                         mem,
@@ -244,6 +250,7 @@ def _write_from_copy(copy_pid: int, frozen: Frozen, out: BinaryIO) -> tuple[rec.
                         buffer,
                         runs=runs,
                         through_mem=True,
+                        splicer=splicer,
                     )
                     continue
                 for start, data in kept:

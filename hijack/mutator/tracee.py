@@ -81,6 +81,10 @@ SEIZE_ROUNDS = 100
 
 SEIZE_OPTIONS = pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACECLONE
 
+SCRATCH_SIZE = 4096  # one page
+PROT_READ_WRITE = 0x1 | 0x2
+MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20
+
 
 class ThreadState(enum.Enum):
     SEIZED = "seized"  # traced, still running
@@ -338,6 +342,18 @@ class Tracee:
         return sorted(t.tid for t in self.threads.values() if t.state is not ThreadState.GONE)
 
 
+@contextmanager
+def scratch_page(tracee: Tracee) -> Iterator[int]:
+    """A private page mapped inside the target for injected calls to write into."""
+    address = tracee.checked_syscall(
+        "mmap", 0, SCRATCH_SIZE, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0
+    )
+    try:
+        yield address
+    finally:
+        tracee.syscall("munmap", address, SCRATCH_SIZE)
+
+
 def restarted_call(pid: int, tid: int) -> int | None:
     """The call a thread blocked in restart_syscall continues, from its kernel stack."""
     try:
@@ -495,11 +511,13 @@ def release_thread(thread: TracedThread) -> None:
         _release_thread(thread)
 
 
-def put_back_thread(thread: TracedThread) -> None:
-    """An injected thread's registers (rewound into its interrupted call) and mask, as found."""
+def put_back_thread(thread: TracedThread, pending: bool | None = None) -> None:
+    """An injected thread's registers (rewound into its interrupted call) and mask, as found.
+    `pending`: whether a signal it does not block waits, if known (read from /proc if not)."""
     if thread.state is not ThreadState.INJECTING:
         return
-    pending = signal_pending(thread.tid, thread.signal_mask)
+    if pending is None:
+        pending = signal_pending(thread.tid, thread.signal_mask)
     found = thread.saved_registers
     # We left the kernel's signal path to inject, so it will not restart the
     # interrupted call for us: rewind to it ourselves (KERNEL-NOTES).

@@ -51,6 +51,7 @@ from hijack.restore.postcopy import LazyPages
 from hijack.restore.precopy import Prebuilt
 from hijack.restore.restorer import RestoreResult, restore
 from hijack.restore.tree import TreeMove, restore_tree
+from hijack.restore.tree_rounds import TreeRounds
 from hijack.shadow import control
 from hijack.shadow.datagram import widen_receive_buffer
 from hijack.shadow.relay import endpoint
@@ -183,6 +184,9 @@ class NodeDaemon:
             channel.send({"error": str(exc)})
             return
         channel.send({"phase": "precopying"})
+        if request.get("tree") is True:
+            self._receive_tree_rounds(channel, request, where, mount_namespace)
+            return
         # Round 0 builds the stub: the policy's file checks apply to its layout
         # first; its root check to the final image, before the process can run.
         prebuilt = Prebuilt(
@@ -218,6 +222,55 @@ class NodeDaemon:
             if mount_namespace is not None:
                 os.close(mount_namespace)
 
+    def _receive_tree_rounds(
+        self,
+        channel: Channel,
+        request: dict[str, Any],
+        where: str,
+        mount_namespace: int | None,
+    ) -> None:
+        """A tree's rounds, member by member (each answered `precopied`), kept until the
+        tree's move restores each member (hijack.restore.tree_rounds)."""
+        move, program = request.get("move"), request.get("program")
+        members = request.get("members")
+        rounds: TreeRounds | None = None
+        try:
+            if not isinstance(members, list) or not all(isinstance(m, int) for m in members):
+                raise HijackError(f"move {move}: a tree's pre-copy without its members")
+            rounds = TreeRounds(
+                members, lambda segments: policy.check_layout(f"{program!s:.80}", segments)
+            )
+            with Registry() as registry:
+                while True:
+                    message = channel.receive()
+                    if message.get("op") == "move":
+                        if mount_namespace is not None:
+                            os.close(mount_namespace)
+                            mount_namespace = None  # the move opens its own
+                        self._receive_move(channel, message, where, None, registry, rounds)
+                        return
+                    if message.get("op") != "round" or not isinstance(message.get("member"), int):
+                        raise HijackError(f"move {move} aborted by the mover during pre-copy")
+                    reader = DataReader(channel)
+                    member = int(message["member"])
+                    pages = rounds.receive_round(member, cast(BinaryIO, reader))
+                    if reader.read(1):
+                        raise ChannelError(f"{channel.peer} sent data after pre-copy round")
+                    refer = channel.expect("references")
+                    rounds.refer(member, list(refer.get("references", [])))
+                    channel.send(
+                        {"phase": "precopied", "round": message.get("round"), "pages": pages}
+                    )
+        except (HijackError, OSError, ValueError, TypeError) as exc:
+            log(f"move {move} failed: {exc}")
+            with contextlib.suppress(ChannelError):
+                channel.refuse(str(exc))
+        finally:
+            if rounds is not None:
+                rounds.close()
+            if mount_namespace is not None:
+                os.close(mount_namespace)
+
     def _receive_move(
         self,
         channel: Channel,
@@ -225,6 +278,7 @@ class NodeDaemon:
         where: str,
         prebuilt: Prebuilt | None = None,
         registry: Registry | None = None,
+        tree_rounds: TreeRounds | None = None,
     ) -> None:
         try:
             move, home, shadow, proxies = _parse_move(request)
@@ -447,7 +501,9 @@ class NodeDaemon:
             if tree:
                 result: RestoreResult = self._restore_tree(
                     cast(BinaryIO, image),
-                    TreeMove(tree_given, admit, hold_tree_until_commit, mount_namespace),
+                    TreeMove(
+                        tree_given, admit, hold_tree_until_commit, mount_namespace, tree_rounds
+                    ),
                 )
             else:
                 result = restore(

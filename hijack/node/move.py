@@ -301,10 +301,10 @@ def _move_attached(
     tree = len(members) > 1
     # Refused before anything is touched.
     tree_move.plan_tree(members, pid, shadow, at_home, frozen=False)
-    if tree and (precopy or postcopy):
+    if tree and postcopy:
         raise Unsupported(
-            f"the tree of process {pid} moves frozen: pre-copy and post-copy of a tree are not"
-            " implemented yet (drop --precopy/--postcopy); nothing was changed",
+            f"the tree of process {pid} cannot move with post-copy: post-copy of a tree is not"
+            " implemented yet (drop --postcopy); nothing was changed",
             pid=pid,
         )
 
@@ -343,11 +343,18 @@ def _move_attached(
             registry.moved_on(pid, channel.peer)
 
         precopied: Precopy | None = None
+        tree_precopied: dict[int, Precopy] = {}
         started_at = time.perf_counter()
         try:
             if tree:
-                precopy = False
-            if postcopy or precopy or (precopy is None and worth_precopying(pid)):
+                if precopy or (precopy is None and worth_precopying(*members)):
+                    tree_precopied = tree_move.precopy_tree(
+                        pid, members, channel, move_id, record.program, report, shadow
+                    )
+                    # It ran on meanwhile: refused now if it holds what cannot go.
+                    now = list(read_tree(pid).pids)
+                    tree_move.plan_tree(now, pid, shadow, at_home, frozen=False)
+            elif postcopy or precopy or (precopy is None and worth_precopying(pid)):
                 if postcopy is None and precopy is not None:
                     postcopy = False  # pre-copy asked for as such: no post-copy
                 precopied = _precopy(
@@ -370,7 +377,7 @@ def _move_attached(
             )
             if tree:
                 context = tree_move.TreeMoveContext(*frozen_args, home)
-                result = tree_move.move_tree_frozen(context)
+                result = tree_move.move_tree_frozen(context, tree_precopied)
             else:
                 result = _move_frozen(*frozen_args, precopied, home)
         except MoveInDoubt as exc:
@@ -389,6 +396,8 @@ def _move_attached(
         finally:
             if precopied is not None:
                 precopied.close()
+            for member_precopy in tree_precopied.values():
+                member_precopy.close()
     finally:
         channel.close()
         lock.release()

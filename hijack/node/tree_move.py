@@ -11,7 +11,12 @@ As a single process's move (hijack.node.move), with these differences:
   destination given to each of them;
 - one two-phase commit for all: if anything fails before it, every member resumes
   untouched at home; after it, every member here is killed together;
-- no pre-copy yet: the tree stays frozen while its whole image is sent.
+- pre-copy over all members (precopy_tree): while the tree runs, each member's memory
+  is sent in rounds, round 0's pages a member before it sent already (their frame is the
+  same: shared copy-on-write since a fork) as references to that member's page; the
+  destination keeps each member's pages until the final image rebuilds it
+  (hijack.restore.tree_rounds). At the freeze a reference whose two pages are not the
+  same frame any more is stored in the final image. No post-copy.
 
 A process whose parent stays behind (an nginx worker, a pool's worker: a fork of
 its parent that never exec'd) is refused unless --leave-parent
@@ -31,9 +36,10 @@ from typing import Any, BinaryIO, cast
 
 from hijack.errors import HijackError, ProcessGone, Unsupported
 from hijack.image import records as rec
-from hijack.mutator.dump import kill_stopped, write_image, write_tree
+from hijack.mutator.dump import kill_stopped, read_credentials, write_image, write_tree
 from hijack.mutator.frozen_tree import FrozenTree, frozen_tree
 from hijack.mutator.handover import hand_descriptors_to_shadow
+from hijack.mutator.precopy import Frames, Precopy, RoundSent
 from hijack.mutator.shared_pages import SharedPages
 from hijack.mutator.tracee import Tracee
 from hijack.node import mounts, pki
@@ -48,6 +54,7 @@ from hijack.node.move import (
     _abort,
     _commit,
     _laps_of,
+    _Progress,
     _switch_shadow,
     connect_datagrams,
     consume_unread,
@@ -65,6 +72,8 @@ from hijack.shadow import control
 from hijack.sys import procfs
 from hijack.testpoint import reached
 from hijack.timing import Laps
+
+PREPARE_TIMEOUT = 120.0  # seconds: a pre-copied tree's rebuild there, once its image is in
 
 
 def is_tree(pid: int) -> bool:
@@ -188,6 +197,75 @@ def plan_tree(
 # -- the move ------------------------------------------------------------------------------
 
 
+def precopy_tree(
+    pid: int,
+    members: list[int],
+    channel: Channel,
+    move_id: str,
+    program: str,
+    report: Callable[[str, int], None],
+    shadow: HomeShadow,
+) -> dict[int, Precopy]:
+    """Send every member's memory in rounds while the tree runs (docs/protocol.md, "Moving
+    a tree"): each round, member by member; the rounds stop as a single process's do, on
+    what the whole tree wrote. The members' Precopy, by pid (each to be closed)."""
+    channel.send(
+        {
+            "op": "precopy",
+            "tree": True,
+            "move": move_id,
+            "pid": pid,
+            "members": members,
+            "program": program,
+            "credentials": dataclasses.asdict(read_credentials(pid)),
+            "mount_namespace": mounts.describe(pid, shadow.pid()),
+        }
+    )
+    channel.expect("phase")  # accepted: a refusal comes before anything is touched
+    precopies: dict[int, Precopy] = {}
+    try:
+        for member in members:
+            precopies[member] = Precopy.start(member)
+            precopies[member].through_mem = True
+        frames: Frames = {}
+        sent = 0
+        before: RoundSent | None = None
+        root = precopies[members[0]]
+        while True:
+            number = root.rounds
+            pages = image_bytes = 0
+            for member, precopy in precopies.items():
+                report(f"round {number}", sent)
+                channel.send({"op": "round", "round": number, "member": member})
+                writer = DataWriter(channel)
+                progress = _Progress(writer, report, f"round {number}", sent)
+                known = len(precopy.references)
+                last = precopy.send_round(cast(BinaryIO, progress), frames if number == 0 else None)
+                writer.close()
+                precopy.bytes_sent += writer.sent
+                sent += writer.sent
+                pages += last.pages
+                image_bytes += last.image_bytes
+                channel.send(
+                    {
+                        "op": "refer",
+                        "member": member,
+                        "references": [list(r) for r in precopy.references[known:]],
+                    }
+                )
+                channel.expect("phase")
+            tree_round = RoundSent(number, pages, image_bytes)
+            if not root.should_continue(tree_round, before):
+                for precopy in precopies.values():
+                    precopy.prepare_freeze()
+                return precopies
+            before = tree_round
+    except BaseException:
+        for precopy in precopies.values():
+            precopy.close()
+        raise
+
+
 @dataclass(frozen=True)
 class TreeMoveContext:
     """What hijack.node.move's _move_attached hands a tree's move."""
@@ -205,8 +283,11 @@ class TreeMoveContext:
     home: control.HomeEndpoint | None
 
 
-def move_tree_frozen(context: TreeMoveContext) -> MoveResult:
-    """Freeze the tree, send it, commit, switch the shadow, kill the members here."""
+def move_tree_frozen(
+    context: TreeMoveContext, precopied: dict[int, Precopy] | None = None
+) -> MoveResult:
+    """Freeze the tree, send it (after pre-copy: what changed since, of the members
+    `precopied`), commit, switch the shadow, kill the members here."""
     pid, channel, shadow, move_id = context.pid, context.channel, context.shadow, context.move_id
     if not context.at_home:
         quiet_shadow(shadow, move_id, f"the tree of process {pid} runs", pid, flush=False)
@@ -216,14 +297,16 @@ def move_tree_frozen(context: TreeMoveContext) -> MoveResult:
         with frozen_tree(pid) as frozen:
             handled = True
             laps.lap("stop")
-            return _frozen(context, frozen, laps)
+            return _frozen(context, frozen, laps, precopied or {})
     except BaseException:
         if not handled and not context.at_home:
             _abort(channel, shadow, move_id)
         raise
 
 
-def _frozen(context: TreeMoveContext, frozen: FrozenTree, laps: Laps) -> MoveResult:
+def _frozen(
+    context: TreeMoveContext, frozen: FrozenTree, laps: Laps, precopied: dict[int, Precopy]
+) -> MoveResult:
     pid, channel, shadow, move_id = context.pid, context.channel, context.shadow, context.move_id
     at_home = context.at_home
     tracees = frozen.tracees
@@ -231,8 +314,17 @@ def _frozen(context: TreeMoveContext, frozen: FrozenTree, laps: Laps) -> MoveRes
     stopped = {m.pid for m in frozen.record.members if m.state is rec.MemberState.STOPPED}
     shared = {(s.pid, s.fd): (s.holder_pid, s.holder_fd) for s in frozen.record.shared}
     besides = frozenset({os.getpid(), shadow.pid()})
+    # Members gone since the rounds have no image; those born since, a whole one.
+    precopied = {member: p for member, p in precopied.items() if member in tracees}
+    before = sum(p.bytes_sent for p in precopied.values())
     try:
         reached("move-frozen")
+        if precopied:
+            for precopy in precopied.values():
+                precopy.freeze()
+            for precopy in precopied.values():
+                precopy.stale_references(lambda member: precopied[member].sent)
+            laps.lap("dirty scan")
         plans = plan_tree(members, pid, shadow, at_home, shared=shared, besides=besides)
         laps.lap("plan")
         unread: dict[str, bytes] = {}
@@ -262,16 +354,24 @@ def _frozen(context: TreeMoveContext, frozen: FrozenTree, laps: Laps) -> MoveRes
         laps.lap("shadow hand-over")
         channel.send(_move_message(context, plans))
         laps.lap("move message")
-        context.report("streaming", 0)
+        context.report("streaming", before)
         writer = DataWriter(channel)
-        parts = _write_tree(frozen, cast(BinaryIO, writer), besides)
+        parts = _write_tree(frozen, cast(BinaryIO, writer), besides, precopied)
         writer.close()
         laps.lap("image: pages")
-        context.report("restoring", writer.sent)
-        prepared = channel.expect("phase")
+        context.report("restoring", before + writer.sent)
+        patience = channel.sock.gettimeout()
+        if precopied:
+            # The destination writes every member's pages from the rounds in now, after
+            # the image's last byte: on a big tree, longer than the channel's usual silence.
+            channel.sock.settimeout(max(patience or 0.0, PREPARE_TIMEOUT))
+        try:
+            prepared = channel.expect("phase")
+        finally:
+            channel.sock.settimeout(patience)
         laps.lap("destination")
         reached("move-prepared")
-        context.report("switching", writer.sent)
+        context.report("switching", before + writer.sent)
     except BaseException:
         _abort(channel, shadow, move_id)
         raise
@@ -346,8 +446,10 @@ def _frozen(context: TreeMoveContext, frozen: FrozenTree, laps: Laps) -> MoveRes
         new_pid=int(answer["pid"]),
         destination=channel.peer,
         freeze_ms=freeze_ms,
-        bytes_sent=writer.sent,  # no pre-copy: all of it while frozen
+        bytes_sent=before + writer.sent,
+        rounds=max((p.rounds for p in precopied.values()), default=0),
         frozen_bytes=writer.sent,
+        tracking_pause_ms=sum(p.pause_ms for p in precopied.values()),
         timing=FreezeTiming(
             laps.rounded(),
             sum(t.injected for t in tracees.values()),
@@ -379,10 +481,14 @@ def _move_message(context: TreeMoveContext, plans: dict[int, list[Proxy]]) -> di
 
 
 def _write_tree(
-    frozen: FrozenTree, out: BinaryIO, besides: frozenset[int]
+    frozen: FrozenTree,
+    out: BinaryIO,
+    besides: frozenset[int],
+    precopied: dict[int, Precopy],
 ) -> dict[int, tuple[int, float]]:
     """The tree stream of the frozen tree to `out` (pages members still share since a
-    fork stored once: write_tree): each member's (bytes, ms)."""
+    fork stored once: write_tree; of a member `precopied`, what changed since the rounds):
+    each member's (bytes, ms)."""
     sizes: dict[int, tuple[int, float]] = {}
     sockets = procfs.read_socket_table(frozen.record.members[0].pid)
     # The tree's shadow holds its pipes too (handed over): inside all the same.
@@ -391,7 +497,12 @@ def _write_tree(
     def member_image(tracee: Tracee, shared: SharedPages) -> tuple[rec.End, int, int]:
         started = time.perf_counter()
         end, threads, written = write_image(
-            tracee, out, sockets=sockets, tree=inside, shared_pages=shared
+            tracee,
+            out,
+            sockets=sockets,
+            tree=inside,
+            shared_pages=shared,
+            precopied=precopied.get(tracee.pid),
         )
         sizes[tracee.pid] = (written, (time.perf_counter() - started) * 1000)
         return end, threads, written

@@ -51,6 +51,7 @@ from hijack.restore.plan import FilePlan, ShadowHoldings, plan_files
 from hijack.restore.precopy import Prebuilt
 from hijack.restore.remote import Stub
 from hijack.restore.shared import TreeShared
+from hijack.restore.tree_rounds import MemberPages, refuse_without
 from hijack.shadow import control
 from hijack.sys import memory, pidfd, procfs
 from hijack.sys import ptrace as pt
@@ -272,6 +273,7 @@ def rebuild_member(
     provided: Callable[[], dict[int, int]] | None = None,
     admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None,
     take_locks: bool = True,
+    rounds: MemberPages | None = None,
 ) -> Rebuilt:
     """Rebuild the process of the image `records` (up to its END) into `stub`, a member of
     a tree whose relations (parent, session, group) are made already; leave it stopped.
@@ -284,16 +286,14 @@ def rebuild_member(
     descriptor table (CLONE_FILES), rebuilt already: its descriptors are there.
     `admit` and `take_locks` are restore()'s, for this member (a tree's move);
     `provided()`, asked once it is admitted, gives restore()'s `provided` (admitting
-    the first member makes them).
+    the first member makes them). `rounds`: the member's pages a tree's pre-copy sent
+    (hijack.restore.tree_rounds), written where the image's segments are PRECOPIED.
     """
     image = read_head(records)
     if admit is not None:
         admit(image.header, image.credentials, image.segments)
-    for segment in image.segments.segments:
-        if segment.contents is rec.ContentsKind.PRECOPIED:
-            raise ImageError(
-                f"segment {segment.start:#x} of process {image.header.pid} is PRECOPIED"
-            )
+    if rounds is None:
+        refuse_without(image.segments.segments, image.header.pid)
     holdings = shadow_holdings(registry, image.header.pid) if registry else None
     shared.begin(image.header.pid, stub.pid, image.files)
     kept = frozenset(holdings.own_fd) if holdings else frozenset()
@@ -322,6 +322,8 @@ def rebuild_member(
         try:
             space.build(later=frozenset(image.mapped()))
             ipc.after_attach()
+            if rounds is not None:
+                rounds.apply(space, image.segments.segments)
             _consume_rest(records, image, space, shared.stub_of)
             _finish(
                 stub,

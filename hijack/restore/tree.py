@@ -58,6 +58,7 @@ from hijack.restore.restorer import (
     start,
 )
 from hijack.restore.shared import TreeShared
+from hijack.restore.tree_rounds import TreeRounds
 from hijack.sys import pidfd, procfs
 from hijack.sys import ptrace as pt
 from hijack.sys.stub import STUB_OPTIONS, kill_stub, spawn_stub, wait_for_orphan_reaped
@@ -97,6 +98,8 @@ class TreeMove:
     # Once every member is rebuilt, before any starts: old pid -> pid now (raises to abort).
     before_start: Callable[[dict[int, int]], None] | None = None
     mount_namespace: int | None = None
+    # The members' pages a pre-copy sent (hijack.restore.tree_rounds), if it came first.
+    rounds: TreeRounds | None = None
 
     def provided(self, member: int) -> dict[int, int]:
         return {fd: ours for (pid, fd), ours in self.given.items() if pid == member}
@@ -227,6 +230,7 @@ def restore_tree(
                     provided=functools.partial(moved.provided, member.pid),
                     admit=moved.admit,
                     take_locks=moved.admit is None,
+                    rounds=moved.rounds.pages_of(member.pid) if moved.rounds else None,
                 )
             )
         for _ in records:

@@ -106,3 +106,21 @@ def open_fifo(path: str) -> int:
     it without waiting for a peer), non-blocking and close-on-exec."""
     with kernel_call("open", what=path):
         return os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+SPLICE_F_MOVE = 1
+SPLICE_F_MORE = 4
+
+
+def splice_out(read_fd: int, out_fd: int, length: int) -> int:
+    """Move `length` bytes waiting in the pipe `read_fd` reads from to `out_fd` (splice(2):
+    a file copies them into its page cache, a pipe or a socket takes the pages themselves);
+    return `length`."""
+    left = length
+    while left:
+        with kernel_call("splice", what="pages into the image"):
+            moved = os.splice(read_fd, out_fd, left, flags=SPLICE_F_MOVE | SPLICE_F_MORE)
+        if not moved:
+            raise HijackError(f"splice moved nothing: {left} bytes of pages left in the pipe")
+        left -= moved
+    return length

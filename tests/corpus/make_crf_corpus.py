@@ -90,7 +90,9 @@ def split(image: bytes) -> tuple[bytes, list[Section]]:
     signature, rest, sections = image[:SIGNATURE_SIZE], image[SIGNATURE_SIZE:], []
     while rest:
         tag, length = HEAD.unpack(rest[: HEAD.size])
-        sections.append((tag, rest[HEAD.size : HEAD.size + length]))
+        # A dump to a file splices its pages (SPLICED_PAGES): the mutations below work on
+        # PAGES, which join() checksums whole, as they did before dumps spliced.
+        sections.append((b"PAGE" if tag == b"SPLC" else tag, rest[HEAD.size : HEAD.size + length]))
         rest = rest[HEAD.size + length + 4 :]
     return signature, sections
 
@@ -213,6 +215,10 @@ MUTATIONS: dict[str, Mutation] = {
         lambda image: image[:20] + bytes([image[20] ^ 0x40]) + image[21:]
     )(join(sig, s)),
     "bad-checksum-end": lambda sig, s: join(sig, s)[:-1] + bytes([join(sig, s)[-1] ^ 1]),
+    # SPLICED_PAGES' CRC covers its head and address only: one over its data too is wrong.
+    "spliced-pages-crc-over-data": lambda sig, s: join(
+        sig, [(b"SPLC" if i == first(s, b"PAGE") else t, p) for i, (t, p) in enumerate(s)]
+    ),
     "bad-checksum-pages": lambda sig, s: (
         join(sig, s[: first(s, b"PAGE")])
         + (lambda encoded: encoded[:100] + bytes([encoded[100] ^ 1]) + encoded[101:])(
