@@ -78,6 +78,12 @@ CREATE TABLE IF NOT EXISTS nodes (
     address    TEXT NOT NULL,        -- "ip:port" of its daemon
     last_seen  REAL
 );
+CREATE TABLE IF NOT EXISTS direct (  -- TCP connections a swap joined (hijack.node.swap)
+    local      TEXT NOT NULL,        -- "ip:port" of the end on this node
+    remote     TEXT NOT NULL,        -- "ip:port" of its peer, a process another node manages
+    recorded   REAL,
+    PRIMARY KEY (local, remote)
+);
 CREATE TABLE IF NOT EXISTS events (
     id     INTEGER PRIMARY KEY AUTOINCREMENT,
     at     REAL    NOT NULL,
@@ -505,6 +511,16 @@ class Registry:
     def record_node(self, name: str, address: str) -> None:
         with self._transaction() as db:
             db.execute("INSERT OR REPLACE INTO nodes VALUES (?,?,?)", (name, address, time.time()))
+
+    def record_direct(self, local: str, remote: str, replaces: str = "") -> None:
+        """The connection `local` -> `remote` on this node is a direct one (a later move
+        of its process takes it along); `replaces`: the remote it had until now."""
+        with self._transaction() as db:
+            db.execute("DELETE FROM direct WHERE local=? AND remote=?", (local, replaces))
+            db.execute("INSERT OR REPLACE INTO direct VALUES (?,?,?)", (local, remote, time.time()))
+
+    def direct_connections(self) -> set[tuple[str, str]]:
+        return {(str(a), str(b)) for a, b in self._db.execute("SELECT local, remote FROM direct")}
 
     def nodes(self) -> list[tuple[str, str, float | None]]:
         return [tuple(row) for row in self._db.execute("SELECT * FROM nodes ORDER BY name")]

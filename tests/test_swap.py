@@ -168,6 +168,20 @@ def acked_between(node: Node, peer: str) -> int:
     return int(found[1]) if found else 0
 
 
+def goes_on_without(home: Node, node: Node, peer: str) -> None:
+    """With `home` cut off, 8 MiB more are acknowledged on `node`'s connection to `peer`."""
+    link_down(home)
+    try:
+        before = acked_between(node, peer)
+        poll_until(
+            lambda: acked_between(node, peer) > before + (8 << 20),
+            f"8 MiB more acknowledged between {node.name} and {peer} while {home.name} is cut off",
+            timeout=30,
+        )
+    finally:
+        link_up(home)  # the processes' pipes (stdout, stderr) are relayed through it
+
+
 def test_two_migrants_joined_directly_outlive_their_home_node(tmp_path: Path) -> None:
     with Cluster(tmp_path, nodes=3) as cluster:
         a, b, c = cluster.nodes
@@ -183,16 +197,41 @@ def test_two_migrants_joined_directly_outlive_their_home_node(tmp_path: Path) ->
             assert relayed_ids(a, client.pid) == []
             assert relayed_ids(a, server.pid) == []
             assert peers_of(moved_client.pid) & {f"10.77.0.3:{server.ready['port']}"}
-            # Node a cut off: the connection between b and c goes on.
-            link_down(a)
-            try:
-                before = acked_between(b, "10.77.0.3")
-                poll_until(
-                    lambda: acked_between(b, "10.77.0.3") > before + (8 << 20),
-                    "8 MiB more acknowledged between b and c while a is cut off",
-                    timeout=30,
-                )
-            finally:
-                link_up(a)  # their pipes (stdout, stderr) are relayed through a
+            goes_on_without(a, b, "10.77.0.3")  # b and c joined directly
             assert_ended_well(moved_client, "the stream_client, swapped", tmp_path)
             finish_moved(server, moved_server, tmp_path)  # it checked its own state: PASS
+
+
+def test_swapped_ends_move_on_and_their_connection_stays_direct(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        for node in cluster.nodes:  # a's daemon freezes the server for the client's moves
+            node.start_daemon()
+        for node in cluster.nodes:  # the direct connection slowed too: still under way
+            shaping = ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", *LOOPBACK_SHAPE]
+            shaped = node.run(shaping, timeout=10)
+            assert shaped.returncode == 0, shaped.stderr
+        with echo_stream(a, seed=44, size=300 << 20, server_args=("0", "epoll")) as (
+            server,
+            client,
+        ):
+            a.hijack_ok("attach", server.pid)
+            moved = move(a, client.pid, b, options=(*PLAIN, "--swap"))
+            client.wait_exit()
+            # A later move given up (SIGINT) once both new ends exist: the old one goes on.
+            endpoint = c.daemon_endpoint or ""
+            moving = hijack_in(b, "move-prepared", "move", moved.pid, "--to", endpoint)
+            deliver(moving, signal.SIGINT)
+            assert finish(moving).returncode == 1
+            assert all(peer.startswith("10.77.0.2:") for peer in peers_of(server.pid))
+            # The client on to c, the server to b: each time the direct connection follows.
+            moved = move(b, moved.pid, c, home=(a, client.pid))
+            assert all(peer.startswith("10.77.0.3:") for peer in peers_of(server.pid))
+            moved_server = move(a, server.pid, b)
+            server.wait_exit()
+            assert still_running(moved.pid), "the stream ended before the last move: too fast"
+            assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
+            assert f"10.77.0.2:{server.ready['port']}" in peers_of(moved.pid)
+            goes_on_without(a, c, "10.77.0.2")
+            assert_ended_well(moved, "the stream_client moved twice", tmp_path)
+            finish_moved(server, moved_server, tmp_path)

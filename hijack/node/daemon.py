@@ -24,6 +24,7 @@ commit as `aborted` (docs/protocol.md, "Settling a move").
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -80,6 +81,11 @@ class Proxy(NamedTuple):
     shut: bool = False  # a stream the process shut down for writing: its relay is too
     backlog: int = 0  # a listener's: the backlog the process gave it
     member: int = 0  # a tree's move: the member whose descriptor it is (its pid at the source)
+    # "direct" (a swapped connection, hijack.node.repoint): made here in repair mode from
+    # `local` to `peer`, live at the commit
+    local: str = ""
+    tcp: dict[str, Any] | None = None  # its state (swap_end.state_fields)
+    queues: bytes | int = 0  # its queues once received (`unread` messages), their size before
 
 
 def log(text: str) -> None:
@@ -280,6 +286,13 @@ class NodeDaemon:
             log(f"refused a move from {channel.peer} ({where}): {exc}")
             channel.send({"error": str(exc)})
             return
+        try:
+            proxies = _receive_unread(channel, proxies)
+        except (HijackError, ChannelError) as exc:
+            log(f"refused a move from {channel.peer} ({where}): {exc}")
+            with contextlib.suppress(ChannelError):
+                channel.send({"error": str(exc)})
+            return
         # The process is frozen from here until `running`: where the time goes,
         # told to the mover (hijack.timing).
         laps = Laps()
@@ -309,6 +322,20 @@ class NodeDaemon:
             return self.forwarder.datagrams(shadow, proxy.stream, move, proxy.family, here, peer)
 
         terminals = _Terminals(relay)
+        direct: list[socket.socket] = []  # in repair mode until the commit
+        unsent: dict[int, bytes] = {}  # their send queues, written once they are live
+        direct_proxies: list[Proxy] = []
+
+        def direct_end(proxy: Proxy) -> socket.socket:
+            local, peer = swap_end.split_endpoint(proxy.local), swap_end.split_endpoint(proxy.peer)
+            family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
+            try:
+                state = swap_end.state_from(proxy.tcp or {}, cast(bytes, proxy.queues))
+                made, unsent[proxy.fd] = swap_end.make_quiet(family, local, peer, state)
+            except (HijackError, OSError) as exc:
+                raise HijackError(f"cannot make fd {proxy.fd}'s direct connection: {exc}") from None
+            return socket.socket(fileno=made)
+
         originals = _Originals(shadow, move)
         # A move home whose every descriptor is its original again (hijack.node.move).
         home_again = request.get("home_again") is True and home["node"] == self.name
@@ -366,6 +393,11 @@ class NodeDaemon:
                     links.append(
                         self.forwarder.listen(shadow, proxy.stream, move, listeners[proxy.stream])
                     )
+                elif proxy.kind == "direct":
+                    sock = direct_end(proxy)
+                    opened.append(sock)  # closed in repair mode if the move fails: silent
+                    direct.append(sock)
+                    direct_proxies.append(proxy)
                 elif proxy.kind == "datagram":
                     sock = datagram(proxy)
                     opened.append(sock)
@@ -446,6 +478,12 @@ class NodeDaemon:
                     if self._decide(move, pid, "running") != "running":
                         raise HijackError(f"move {move} was settled as aborted before its commit")
                     committed.append(pid)
+                    for proxy, sock in zip(direct_proxies, direct, strict=True):
+                        swap_end.go_live(sock.fileno(), unsent[proxy.fd])
+                    for proxy in proxies:
+                        if proxy.kind == "direct":  # a later move takes it along again
+                            with contextlib.suppress(HijackError), Registry() as records:
+                                records.record_direct(proxy.local, proxy.peer)
                     with contextlib.nullcontext(registry) if registry else Registry() as records:
                         # Back home: its home row is this one now (attached again, if its
                         # shadow handed every original back).
@@ -692,6 +730,14 @@ def _parse_move(
                 raise TypeError
             if kind == "datagram" and family not in (socket.AF_INET, socket.AF_INET6):
                 raise ValueError
+            local, tcp = proxy.get("local", ""), proxy.get("tcp", {})
+            if not isinstance(local, str) or not isinstance(tcp, dict):
+                raise TypeError
+            for address in (local, peer) if kind == "direct" else ():
+                swap_end.split_endpoint(address)  # ValueError if it is not "ip:port"
+            queues = proxy.get("queue_bytes", 0)
+            if not isinstance(queues, int) or not 0 <= queues < 1 << 31:
+                raise ValueError
             proxies.append(
                 Proxy(
                     number,
@@ -703,11 +749,35 @@ def _parse_move(
                     shut=shut,
                     backlog=backlog,
                     member=member,
+                    local=local,
+                    tcp=tcp,
+                    queues=queues,
                 )
             )
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
         raise HijackError(f"malformed move request: {json.dumps(request)[:120]}") from None
     return move, home, shadow, proxies
+
+
+def _receive_unread(channel: Channel, proxies: list[Proxy]) -> list[Proxy]:
+    """The `unread` messages after a move message: the queues of each of the process's
+    direct connections, send queue first (docs/protocol.md, "Later moves")."""
+    received = []
+    for proxy in proxies:
+        if proxy.kind != "direct":
+            received.append(proxy)
+            continue
+        data = bytearray()
+        while len(data) < int(proxy.queues):
+            message = channel.receive()
+            if message.get("op") != "unread" or message.get("fd") != proxy.fd:
+                raise HijackError(f"expected fd {proxy.fd}'s queues, not {message.get('op')}")
+            try:
+                data += base64.b64decode(str(message["data"]), validate=True)
+            except (KeyError, ValueError):
+                raise HijackError(f"malformed queues of fd {proxy.fd}") from None
+        received.append(proxy._replace(queues=bytes(data)))
+    return received
 
 
 class _Originals:

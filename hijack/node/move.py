@@ -67,6 +67,7 @@ from hijack.mutator.tracee import Tracee
 from hijack.node import mounts, pki
 from hijack.node.channel import Channel, ChannelError, DataWriter
 from hijack.node.daemon import parse_address
+from hijack.node.repoint import Repointed
 from hijack.objects import pipe, unix
 from hijack.objects.memfd import holds_object
 from hijack.process.tree import read_tree
@@ -159,6 +160,12 @@ class Proxy:
     file: int = -1  # a terminal's or master's: the lowest descriptor sharing its open file
     shut: bool = False  # a TCP stream whose writing side the process shut down
     backlog: int = 0  # a listener's listen() backlog, which its listener at the node gets
+    # A "direct" connection (a swapped one, hijack.node.repoint): `peer` is its peer's
+    # address, `local` its own (here, then at the destination), `tcp` its state but its
+    # queues (swap_end.state_fields), whose bytes follow the move message (`unread`).
+    local: str = ""
+    tcp: dict[str, Any] = dataclasses.field(default_factory=dict)
+    queue_bytes: int = 0
 
 
 class HomeShadow:
@@ -442,6 +449,7 @@ def _move_frozen(
         if not at_home:
             _abort(channel, shadow, move_id)
         raise
+    repointed = Repointed(destination[1])
     with tracee:
         # The freeze began with the first interrupt: stopping every thread is part of it.
         laps = Laps(tracee.stopped_at or None)
@@ -462,6 +470,11 @@ def _move_frozen(
             # (the relay the plan matches) may be made after `migrating` answered.
             plan, present = plan_proxies(pid, shadow, at_home, sockets=sockets)
             laps.lap("plan")
+            # Its direct connections (swapped): their peers frozen and joined towards the
+            # destination, live at the commit (hijack.node.repoint).
+            if any(p.kind == "direct" for p in plan):
+                plan = repointed.prepare(pid, plan, channel.sock.getpeername()[0])
+                laps.lap("direct peers")
             if at_home:
                 hand_descriptors_to_shadow(pid, record.shadow_control or "")
                 proxy = [
@@ -473,8 +486,8 @@ def _move_frozen(
                         "master": p.kind == "master",
                     }
                     for p in plan
-                    # one per terminal, one per pty master
-                    if p.kind not in ("terminal", "master")
+                    # one per terminal, one per pty master; not a direct connection
+                    if p.kind not in ("terminal", "master", "direct")
                     or p.stream in (f"tty:{p.fd}", f"ptm:{p.fd}")
                 ]
                 answer = shadow.migrating({"move": move_id, "proxy": proxy})
@@ -501,6 +514,7 @@ def _move_frozen(
                     "postcopy": postcopy,
                 }
             )
+            repointed.send_unread(channel)
             laps.lap("move message")
             report("streaming", before)
             writer = DataWriter(channel)
@@ -526,6 +540,7 @@ def _move_frozen(
             # is out: `hijack recover` tells that move by this phase.
             report("post-copy" if lazy else "switching", before + writer.sent)
         except BaseException:
+            repointed.abort()
             _abort(channel, shadow, move_id)
             raise
         # From the commit on, the answer alone decides: SIGINT and SIGTERM wait
@@ -538,6 +553,8 @@ def _move_frozen(
                 outcome, answer, reason = _commit(channel, move_id, *destination)
             except Exception as exc:  # a malformed answer: what happened there is not known
                 outcome, answer, reason = "unknown", {}, f"{type(exc).__name__}: {exc}"
+            if outcome != "running":
+                repointed.abort()  # in doubt too: its peer keeps its old connection
             if outcome == "aborted":
                 _abort(channel, shadow, move_id)
                 # SIGCONT takes the pending SIGSTOP back: it resumes untouched.
@@ -567,6 +584,7 @@ def _move_frozen(
                     pid=pid,
                 )
             laps.lap("commit")
+            unjoined = repointed.commit()
             # The frozen original will not run again, so what waits in its
             # relay-made UDP sockets and its terminals can be taken (the
             # shadow sends it again).
@@ -612,6 +630,11 @@ def _move_frozen(
             f" {answer.get('pid', '?')}) is stopped, and process {pid} is held stopped here"
             f" as the only whole one. To go on here: kill the copy on {channel.peer}, then"
             f" `kill -CONT {pid}`",
+            pid=pid,
+        )
+    if unjoined:
+        raise HijackError(
+            f"process {pid} runs on {channel.peer} as {answer['pid']}, but {'; '.join(unjoined)}",
             pid=pid,
         )
     if unswitched is not None:
@@ -916,7 +939,7 @@ def _switch_shadow(
             "home_again": home_again,
             # Its numbers of each stream: those of the originals handed back (the same
             # wherever it runs) are what the shadow holds for it at home again.
-            "numbers": {str(p.fd): p.stream for p in plan},
+            "numbers": {str(p.fd): p.stream for p in plan if p.kind != "direct"},
             "pid": int(prepared.get("pid", 0)),  # its pid there
             "unread": {k: base64.b64encode(v).decode() for k, v in unread.items()},
             "listeners": prepared.get("listeners", {}),
@@ -1232,6 +1255,8 @@ def plan_proxies(
     relayed_ends |= set(by_listener)
     by_terminal = {s["terminal"]: s["id"] for s in streams.values() if s.get("terminal")}
     terminals: dict[tuple[int, int], str] = {}  # at home: (dev, ino) -> stream id
+    # The connections a swap joined directly (this node's registry), by their two ends.
+    direct = _direct_connections() if sockets else set()
     plan: list[Proxy] = []
     refused: list[str] = []
     for entry in entries:
@@ -1261,6 +1286,13 @@ def plan_proxies(
         if entry.kind is procfs.FdKind.SOCKET and found is None and _closed_since(pid, entry):
             continue  # a client that came and went while we looked (not frozen yet)
         listening = found is not None and found.state == "LISTEN"
+        if found is not None and (found.local, found.remote) in direct:
+            # A swapped connection: it follows the process (hijack.node.repoint).
+            plan.append(
+                Proxy(entry.fd, f"direct:{entry.fd}", "direct", peer=found.remote,
+                      local=found.local)
+            )  # fmt: skip
+            continue
         if found is not None and _is_udp(found):
             datagram = _datagram_proxy(entry.fd, found, by_datagram, stood_for, at_home)
             if datagram is not None:
@@ -1298,7 +1330,12 @@ def plan_proxies(
             f"cannot move process {pid}: {', '.join(refused)} cannot be proxied;"
             " nothing was changed"
         )
-    return plan, [p.stream for p in plan]
+    return plan, [p.stream for p in plan if p.kind != "direct"]
+
+
+def _direct_connections() -> set[tuple[str, str]]:
+    with Registry() as registry:
+        return registry.direct_connections()
 
 
 def sockets_of(

@@ -199,6 +199,11 @@ class EndSession:
              "recv_next": recv_next}
         )  # fmt: skip
 
+    def repoint(self, remote: str) -> None:
+        """The same connection, made again towards `remote` (docs/protocol.md, "Later
+        moves"): in repair mode, under the process's descriptor, until commit."""
+        self.ask({"op": "repoint", "remote": remote})
+
     def commit(self) -> None:
         try:
             self.ask({"op": "commit"})

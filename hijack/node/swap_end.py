@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -84,6 +85,8 @@ class FrozenEnd:
     # (epoll, events, data): the process's epolls watching the old socket under its number
     watching: list[tuple[int, int, int]] = field(default_factory=list)
     made: int = -1  # our copy of the direct connection, in repair mode until commit
+    local: str = ""  # the old socket's own address
+    unsent: bytes = b""  # a repointed connection's send queue, written once it is live
 
     @classmethod
     def freeze(cls, pid: int, local: str, peer: str) -> FrozenEnd:
@@ -101,7 +104,7 @@ class FrozenEnd:
         except BaseException:
             tracee.release()
             raise
-        return cls(tracee, fd, old, family, flags)
+        return cls(tracee, fd, old, family, flags, local=local)
 
     def queued(self) -> int:
         """Bytes the process wrote that its peer has not acknowledged yet."""
@@ -130,24 +133,20 @@ class FrozenEnd:
         """Make the direct connection and put it under the process's descriptor: it sends
         from `send_seq` on, and the peer's from `recv_next`; its receive queue holds what
         the old socket held unread, then `owed` (what the relay held for the process)."""
-        received = self.unread() + owed
-        recv_next &= 0xFFFFFFFF
-        state = tcp_repair.TcpState(
-            send_seq=send_seq & 0xFFFFFFFF,
-            recv_seq=(recv_next - len(received)) & 0xFFFFFFFF,
-            send_queue=b"",
-            received=received,
-            mss=MSS[self.family],
-            options=tcp_repair.TCPI_OPT_WSCALE | tcp_repair.TCPI_OPT_SACK,
-            snd_wscale=7,
-            rcv_wscale=7,
-            timestamp=0,
-            # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup: from where the queues end.
-            window=(recv_next, WINDOW, WINDOW, WINDOW, recv_next),
-        )
-        # In repair mode until commit: it must not speak before the other end exists
-        # (a segment to a port with no connection yet is answered with a reset).
-        made = tcp_repair.make_connection(self.family, local, remote, state, live=False)
+        made = repair_socket(self.family, local, remote, send_seq, recv_next, self.unread() + owed)
+        self._put_under(made)
+
+    def repoint(self, remote: tuple[str, int]) -> None:
+        """The same connection towards `remote`, where its peer goes (a later move of the
+        peer, hijack.node.repoint): made in repair mode from the old one's state now
+        (sequence numbers, both queues, window), put under the process's descriptor."""
+        state = read_state(self.old)
+        local = split_endpoint(self.local)
+        made, self.unsent = make_quiet(self.family, local, remote, state)
+        self._put_under(made)
+
+    def _put_under(self, made: int) -> None:
+        """Our new socket `made`, with the old one's options, under the process's number."""
         try:
             self._copy_options(made)
             self.watching = watches_of(self.tracee.pid, self.fd)
@@ -209,7 +208,7 @@ class FrozenEnd:
         """The process runs on with the direct connection; the old socket is let go
         (what it held unread was delivered on the new one: reset, it tells nobody)."""
         if self.made >= 0:
-            tcp_repair.set_repair(self.made, False)  # live: it tells the peer its window
+            go_live(self.made, self.unsent)
             os.close(self.made)
             self.made = -1
         with socket.socket(fileno=self.old) as sock, contextlib.suppress(OSError):
@@ -231,6 +230,135 @@ class FrozenEnd:
                 os.close(self.old)
                 self.old = -1
             self.tracee.release()
+
+
+def repair_socket(
+    family: int, local: tuple[str, int], remote: tuple[str, int], send_seq: int,
+    recv_next: int, received: bytes,
+) -> int:  # fmt: skip
+    """A direct connection from `local` to `remote`, left in repair mode (it must not speak
+    before the other end exists: a segment to a port with no connection yet is answered
+    with a reset): it sends from `send_seq` on, the peer's from `recv_next`, and its
+    receive queue holds `received` (what the process has yet to read)."""
+    recv_next &= 0xFFFFFFFF
+    state = tcp_repair.TcpState(
+        send_seq=send_seq & 0xFFFFFFFF,
+        recv_seq=(recv_next - len(received)) & 0xFFFFFFFF,
+        send_queue=b"",
+        received=received,
+        mss=MSS[family],
+        options=tcp_repair.TCPI_OPT_WSCALE | tcp_repair.TCPI_OPT_SACK,
+        snd_wscale=7,
+        rcv_wscale=7,
+        timestamp=0,
+        # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup: from where the queues end.
+        window=(recv_next, WINDOW, WINDOW, WINDOW, recv_next),
+    )
+    return tcp_repair.make_connection(family, local, remote, state, live=False)
+
+
+STEADY_WAIT = 5.0  # seconds a live connection may keep receiving while its state is read
+
+
+def read_state(fd: int) -> tcp_repair.TcpState:
+    """The state of connection `fd` (ours, live), read in repair mode, while nothing
+    arrives: the old sockets run on while the ends are frozen (the peer's retransmits),
+    and a read the receive queue grew during has its sequence number and its bytes (and
+    window) from different moments: it is read again."""
+    tcp_repair.set_repair(fd, True)
+    try:
+        deadline = time.monotonic() + STEADY_WAIT
+        while True:
+            before = _received_up_to(fd)
+            state = tcp_repair.read_state(fd)
+            if _received_up_to(fd) == before:
+                return state
+            if time.monotonic() > deadline:
+                raise HijackError(f"a connection kept receiving for {STEADY_WAIT:g} s while read")
+            time.sleep(0.005)
+    finally:
+        tcp_repair.set_repair(fd, False)
+
+
+def _received_up_to(fd: int) -> int:
+    """The sequence number connection `fd` (ours, in repair mode) expects next."""
+    queue = tcp_repair.TCP_REPAIR_QUEUE
+    with socket.socket(fileno=fd) as sock:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, queue, tcp_repair.TCP_RECV_QUEUE)
+            end: int = sock.getsockopt(socket.IPPROTO_TCP, tcp_repair.TCP_QUEUE_SEQ)
+            sock.setsockopt(socket.IPPROTO_TCP, queue, tcp_repair.TCP_NO_QUEUE)
+        finally:
+            sock.detach()
+    return end
+
+
+def make_quiet(
+    family: int, local: tuple[str, int], remote: tuple[str, int], state: tcp_repair.TcpState
+) -> tuple[int, bytes]:
+    """The connection `state` describes, from `local` to `remote`, in repair mode but for
+    its send queue, returned to give it with go_live(): a send queue filled in repair mode
+    is retransmitted when its timer fires, repair mode or not, and a segment that reaches
+    the peer's node before the peer's end is made is answered with a reset."""
+    quiet = dataclasses.replace(state, send_queue=b"")
+    return tcp_repair.make_connection(family, local, remote, quiet, live=False), state.send_queue
+
+
+def go_live(fd: int, unsent: bytes) -> None:
+    """A connection of make_quiet() gets its send queue (as sent, not acknowledged: what
+    the peer acknowledges from it is then valid) and leaves repair mode."""
+    tcp_repair.fill_send_queue(fd, unsent)
+    tcp_repair.set_repair(fd, False)  # live: it tells the peer its window
+
+
+def state_fields(state: tcp_repair.TcpState) -> dict[str, Any]:
+    """A connection's state but its queues, for a message (a later move's `direct`)."""
+    fields = dataclasses.asdict(dataclasses.replace(state, send_queue=b"", received=b""))
+    fields["send_queue"] = len(state.send_queue)  # the bytes travel apart
+    del fields["received"]
+    return fields
+
+
+def state_from(fields: dict[str, Any], queues: bytes) -> tcp_repair.TcpState:
+    """The state state_fields() described, with its queues (send queue first)."""
+    try:
+        sent = int(fields["send_queue"])
+        state = tcp_repair.TcpState(
+            **{
+                **fields,
+                "send_queue": queues[:sent],
+                "received": queues[sent:],
+                "window": tuple(int(value) for value in fields["window"]),
+            }
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise HijackError(f"a malformed TCP state: {exc}") from None
+    if len(state.send_queue) != sent:
+        raise HijackError(f"a TCP state with {len(queues)} bytes of queues, fewer than {sent}")
+    return state
+
+
+def holder_of(local: str, peer: str) -> int:
+    """The process this node manages (attached here, or a migrant running here) that holds
+    the TCP connection from `local` to `peer`: a later move of its peer names only the
+    connection (docs/protocol.md, "Later moves")."""
+    from hijack.registry import Registry  # not at the top: the helper rarely needs it
+
+    with Registry() as registry:
+        records = [r for r in registry.processes() if r.state in ("attached", "running")]
+    for record in records:
+        with contextlib.suppress(HijackError, OSError):
+            find_socket(record.pid, local, peer)
+            return record.pid
+    raise HijackError(f"no process this node manages holds a TCP connection {local} -> {peer}")
+
+
+def _record_direct(join: dict[str, Any], old_peer: str) -> None:
+    """This node's registry: the joined connection is direct (a later move takes it)."""
+    from hijack.registry import Registry  # not at the top: the helper rarely needs it
+
+    with Registry() as registry:
+        registry.record_direct(str(join["local"]), str(join["remote"]), replaces=old_peer)
 
 
 def watches_of(pid: int, fd: int) -> list[tuple[int, int, int]]:
@@ -287,6 +415,8 @@ def serve(channel: Any, request: dict[str, Any]) -> None:
     the process gets its old socket back."""
     pid = int(request["pid"])
     try:
+        if not pid:
+            pid = holder_of(str(request["local"]), str(request["peer"]))
         end = FrozenEnd.freeze(pid, str(request["local"]), str(request["peer"]))
     except (HijackError, OSError, ValueError) as exc:
         channel.send({"error": f"process {pid}: {exc}"})
@@ -294,6 +424,7 @@ def serve(channel: Any, request: dict[str, Any]) -> None:
     try:
         channel.send({"phase": "frozen", "fd": end.fd})
         owed = bytearray()
+        message_of_join: dict[str, Any] = {}
         while True:
             message = channel.receive()
             op = message.get("op")
@@ -303,6 +434,7 @@ def serve(channel: Any, request: dict[str, Any]) -> None:
                 owed += base64.b64decode(str(message["data"]))
                 channel.send({"phase": "owed", "bytes": len(owed)})
             elif op == "join":
+                message_of_join = message
                 end.join(
                     split_endpoint(str(message["local"])),
                     split_endpoint(str(message["remote"])),
@@ -311,8 +443,14 @@ def serve(channel: Any, request: dict[str, Any]) -> None:
                     bytes(owed),
                 )
                 channel.send({"phase": "joined"})
+            elif op == "repoint":
+                message_of_join = {"local": end.local, "remote": message["remote"]}
+                end.repoint(split_endpoint(str(message["remote"])))
+                channel.send({"phase": "joined"})
             elif op == "commit":
                 end.commit()
+                with contextlib.suppress(HijackError):  # it runs: nothing may fail now
+                    _record_direct(message_of_join, str(request["peer"]))
                 channel.send({"phase": "done"})
                 return
             else:

@@ -168,6 +168,13 @@ def plan_tree(
         plan, _ = plan_proxies(
             pid, None if at_home else shadow, at_home, frozen=frozen, sockets=sockets, inside=inside
         )
+        direct = [str(p.fd) for p in plan if p.kind == "direct"]
+        if direct and tree:
+            raise Unsupported(
+                f"cannot move the tree of process {root}: member {pid} holds a direct"
+                f" connection (fd {', '.join(direct)}, swapped); moving a tree with one is not"
+                " implemented yet; nothing was changed"
+            )
         terminals = [str(p.fd) for p in plan if p.kind in ("terminal", "master")]
         if terminals:
             raise Unsupported(

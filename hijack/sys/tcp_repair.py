@@ -206,6 +206,17 @@ def read_state(fd: int) -> TcpState:
     return state
 
 
+def fill_send_queue(fd: int, data: bytes) -> None:
+    """Put `data` in the send queue of connection `fd` (ours, in repair mode) as sent and
+    not acknowledged: once live it is retransmitted (and acknowledged) from there."""
+    with kernel_call("TCP_REPAIR_QUEUE"), socket.socket(fileno=fd) as sock:
+        try:
+            _fill(sock, TCP_SEND_QUEUE, data)
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+        finally:
+            sock.detach()
+
+
 def _fill(sock: socket.socket, queue: int, data: bytes) -> None:
     """Put `data` back into a queue. Nothing drains a queue in repair mode, so a buffer
     smaller than the data would block forever: it is made big enough first (root may
