@@ -183,11 +183,21 @@ PTY_HOLDER = """\
 import fcntl, os, struct, subprocess, sys, termios
 master, slave = os.openpty()
 fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("4H", 30, 100, 0, 0))
-cat = subprocess.Popen(["cat"], stdin=slave, stdout=slave, stderr=subprocess.DEVNULL,
-                       start_new_session=True)
+# cat is not our child (a double fork): a move takes a process with its descendants,
+# and this test moves the holder alone, leaving the slave's side at home.
+told, tell = os.pipe()
+middle = os.fork()
+if middle == 0:
+    os.setsid()
+    cat = subprocess.Popen(["cat"], stdin=slave, stdout=slave, stderr=subprocess.DEVNULL)
+    os.write(tell, str(cat.pid).encode())
+    os._exit(0)
+os.waitpid(middle, 0)
+os.close(tell)
+cat_pid = int(os.read(told, 32))
 slave_path = os.ttyname(slave)
 os.close(slave)
-print(cat.pid, slave_path, flush=True)
+print(cat_pid, slave_path, flush=True)
 for line in sys.stdin:
     words = line.split()
     if words[0] == "send":

@@ -176,7 +176,7 @@ def plan_tree(
                 " implemented yet; nothing was changed"
             )
         terminals = [str(p.fd) for p in plan if p.kind in ("terminal", "master")]
-        if terminals:
+        if terminals and tree:
             raise Unsupported(
                 f"cannot move the tree of process {root}: member {pid} holds a terminal"
                 f" (fd {', '.join(terminals)}); moving a tree with a terminal is not"
