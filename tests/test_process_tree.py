@@ -81,6 +81,11 @@ def tree() -> Iterator[tuple[subprocess.Popen[bytes], dict[str, int]]]:
         assert parent.stdin is not None
         parent.stdin.close()
         parent.wait()
+        # Members killed before their parent could reap them come to us (pytest is a
+        # subreaper) as zombies once it is gone: reap them.
+        for pid in members:
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
 
 
 def test_read_tree_finds_every_member_and_its_relations(
