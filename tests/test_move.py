@@ -47,6 +47,7 @@ from support.nodes import (
     Node,
     read_line,
     run_ip,
+    two_nodes,
 )
 from test_nodes import ECHO_SESSION
 
@@ -1338,10 +1339,7 @@ def rounds_of(result_stdout: str) -> int:
 def test_a_process_dirtying_memory_during_precopy_arrives_intact_and_comes_home(
     tmp_path: Path,
 ) -> None:
-    with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
-        a.start_daemon()
-        b.start_daemon()
+    with two_nodes(tmp_path) as (a, b):
         # Writes, zeroed and dropped pages, mappings replaced and mprotected,
         # all while the rounds run; it checks every page at the end.
         with spawn_fixture("dirtier", "64", DIRTY_RATE, netns=a.netns) as dirtier:

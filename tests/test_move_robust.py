@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from support import spawn_fixture
 from support.cli import restored_pid
-from support.nodes import Cluster, Node, read_line
+from support.nodes import Cluster, Node, read_line, two_nodes
 from test_move import (
     EXIT_TIMEOUT,
     LINE_TIMEOUT,
@@ -92,10 +92,7 @@ def window_closed(node: Node, local: str, remote: str) -> bool:
 def test_a_move_whose_acknowledgements_never_come_is_aborted_and_loses_no_byte(
     tmp_path: Path,
 ) -> None:
-    with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
-        a.start_daemon()
-        b.start_daemon()
+    with two_nodes(tmp_path) as (a, b):
         data = pattern(STALLED_BYTES, 23)
         staller = spawn_python(a, STALLER, str(len(data)))
         assert read_line(staller, LINE_TIMEOUT) == "stalled"
@@ -151,10 +148,7 @@ def test_a_move_whose_acknowledgements_never_come_is_aborted_and_loses_no_byte(
 def test_a_process_replacing_epoll_watched_descriptors_during_precopy_moves_intact(
     tmp_path: Path,
 ) -> None:
-    with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
-        a.start_daemon()
-        b.start_daemon()
+    with two_nodes(tmp_path) as (a, b):
         # Its epoll always has entries for numbers it closed (the file kept by a
         # dup) and two entries under one number: each step checks its events.
         with spawn_fixture("epoller", netns=a.netns) as epoller:
@@ -380,10 +374,7 @@ HALF_CLOSED = {"4", "5"}  # TCP states FIN_WAIT1, FIN_WAIT2: its end sent, the p
 
 
 def test_a_socket_the_process_half_closed_stays_half_closed_across_moves(tmp_path: Path) -> None:
-    with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
-        a.start_daemon()
-        b.start_daemon()
+    with two_nodes(tmp_path) as (a, b):
         peer = spawn_python(a, HALF_PEER)
         closer = spawn_python(a, HALF_CLOSER, read_line(peer, LINE_TIMEOUT))
         assert read_line(closer, LINE_TIMEOUT) == "shut"

@@ -21,7 +21,7 @@ import subprocess
 from pathlib import Path
 
 from support import RunningFixture, spawn_fixture
-from support.nodes import Cluster, Node, link_down, link_up
+from support.nodes import Cluster, Node, link_down, link_up, two_nodes
 from test_faults import finish, hijack_in
 from test_move import (
     MOVED_LINE,
@@ -96,10 +96,7 @@ def moved_with_postcopy(a: Node, b: Node, pid: int, *options: str) -> Moved:
 def test_a_postcopy_move_of_a_process_that_keeps_writing_arrives_with_every_page(
     tmp_path: Path,
 ) -> None:
-    with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
-        a.start_daemon()
-        b.start_daemon()
+    with two_nodes(tmp_path) as (a, b):
         with spawn_fixture("dirtier", "64", DIRTY_RATE, netns=a.netns) as dirtier:
             moved = moved_with_postcopy(a, b, dirtier.pid, "--postcopy")
             dirtier.wait_exit()  # the original, ended once the copy had every page
@@ -116,25 +113,21 @@ def test_a_postcopy_move_of_a_process_that_keeps_writing_arrives_with_every_page
 def test_a_move_whose_rounds_do_not_converge_goes_on_with_postcopy_by_itself(
     tmp_path: Path,
 ) -> None:
-    with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
-        a.start_daemon()
-        b.start_daemon()
-        # As fast as it can, over a buffer small enough that each round finds all
-        # of it written again: the rounds never shrink.
-        with spawn_fixture("dirtier", "32", "1000", netns=a.netns) as dirtier:
-            moved = moved_with_postcopy(a, b, dirtier.pid)  # no option: the automatic choice
-            dirtier.wait_exit()
-            finish_moved(dirtier, moved, tmp_path)
+    # As fast as it can, over a buffer small enough that each round finds all
+    # of it written again: the rounds never shrink.
+    with (
+        two_nodes(tmp_path) as (a, b),
+        spawn_fixture("dirtier", "32", "1000", netns=a.netns) as dirtier,
+    ):
+        moved = moved_with_postcopy(a, b, dirtier.pid)  # no option: the automatic choice
+        dirtier.wait_exit()
+        finish_moved(dirtier, moved, tmp_path)
 
 
 def test_children_forked_during_postcopy_see_every_page_their_parent_had(
     tmp_path: Path,
 ) -> None:
-    with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
-        a.start_daemon()
-        b.start_daemon()
+    with two_nodes(tmp_path) as (a, b):
         # Every 20 ms a child checks every page of the buffer as it was at its fork:
         # one forked before the last page arrived reads the missing ones through a
         # userfaultfd of its own (never as zeros).
@@ -204,22 +197,21 @@ def test_a_destination_daemon_killed_mid_postcopy_leaves_its_copy_stopped_not_on
 def test_a_mover_killed_mid_postcopy_is_settled_by_recover_without_ending_the_original(
     tmp_path: Path,
 ) -> None:
-    with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
-        a.start_daemon()
-        b.start_daemon()
-        with spawn_fixture("dirtier", "64", DIRTY_RATE, netns=a.netns) as dirtier:
-            mover = postcopy_stopped_at_start(a, b, dirtier.pid)
-            mover.kill()  # the page server gone: its connection closes
-            mover.wait()
-            copy = copy_stopped_and_reported(b)
-            # The kernel let the original go at the mover's death: the queued SIGSTOP holds it.
-            poll_until(lambda: process_state(dirtier.pid) == "T", "the original stopped")
-            settled = a.hijack_ok("recover").stdout
-            assert "interrupted during post-copy" in settled, settled
-            assert process_state(dirtier.pid) == "T"  # recover ends no copy of it
-            with Registry(a.state_dir) as registry:
-                assert registry.get(dirtier.pid).state == "held"
-                (record,) = registry.moves()
-            assert record.phase == "failed", record
-            the_original_goes_on(copy, dirtier)
+    with (
+        two_nodes(tmp_path) as (a, b),
+        spawn_fixture("dirtier", "64", DIRTY_RATE, netns=a.netns) as dirtier,
+    ):
+        mover = postcopy_stopped_at_start(a, b, dirtier.pid)
+        mover.kill()  # the page server gone: its connection closes
+        mover.wait()
+        copy = copy_stopped_and_reported(b)
+        # The kernel let the original go at the mover's death: the queued SIGSTOP holds it.
+        poll_until(lambda: process_state(dirtier.pid) == "T", "the original stopped")
+        settled = a.hijack_ok("recover").stdout
+        assert "interrupted during post-copy" in settled, settled
+        assert process_state(dirtier.pid) == "T"  # recover ends no copy of it
+        with Registry(a.state_dir) as registry:
+            assert registry.get(dirtier.pid).state == "held"
+            (record,) = registry.moves()
+        assert record.phase == "failed", record
+        the_original_goes_on(copy, dirtier)

@@ -22,7 +22,6 @@ socket or listener is relayed by the tree's one home shadow.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -30,12 +29,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from support import spawn_fixture
-from support.nodes import Cluster, Node
+from support.nodes import Cluster, Node, two_nodes
 from test_faults import hijack_in
 from test_move import (
     EXIT_TIMEOUT,
@@ -99,16 +97,6 @@ def move_tree(source: Node, pid: int, destination: Node, *options: str) -> tuple
     assert "the tree moved as one" in result.stdout, result.describe()
     print(result.stdout)
     return int(found[3]), result.stdout
-
-
-@contextlib.contextmanager
-def two_nodes(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
-    """Nodes a and b, each with its daemon."""
-    with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
-        a.start_daemon()
-        b.start_daemon()
-        yield a, b
 
 
 def write_programs(directory: Path) -> dict[str, Path]:

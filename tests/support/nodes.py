@@ -771,3 +771,13 @@ class Cluster:
                 namespaces, self._created_namespaces = self._created_namespaces, []
                 delete_namespaces(namespaces)
         return problems
+
+
+@contextlib.contextmanager
+def two_nodes(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
+    """Nodes a and b of a new Cluster, each with its daemon."""
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        a.start_daemon()
+        b.start_daemon()
+        yield a, b
