@@ -130,6 +130,7 @@ class NodeDaemon:
             self.gate.run()
         finally:
             self.listener.close()
+            self.forwarder.stop()
 
     def stop(self) -> None:
         self.gate.stop()

@@ -510,6 +510,7 @@ class Forwarder:
 # -- the forwarder as a process of its own, and the daemon's handle on it ---------------
 
 IDLE_POLL = 0.2  # seconds between looks at a forwarder whose daemon is gone
+STOP_WAIT = 10.0  # seconds a stopping daemon waits for its idle forwarder to end
 
 
 def _home_fields(home: control.HomeEndpoint) -> dict[str, str]:
@@ -552,6 +553,32 @@ class ForwarderProcess:
         with self.lock:
             if self.sock is None:
                 self.sock = self._start()
+
+    def stop(self) -> None:
+        """The daemon is stopping: a forwarder carrying nothing ends with it, now.
+
+        One carrying relays goes on until its last one ends; one that carries
+        nothing would end by itself once it sees the daemon gone, but it may
+        still be starting (importing): it is asked, and waited for, so that a
+        stopped daemon leaves no process behind.
+        """
+        with self.lock:
+            sock, process, self.sock = self.sock, self.process, None
+            if sock is None or process is None:
+                return
+            try:
+                sock.settimeout(STOP_WAIT)
+                sock.sendall(control.encode({"op": "bye"}))
+                answer, fds = control.receive(sock)
+            except (OSError, HijackError):
+                return  # gone already, or stuck: it is its own process
+            finally:
+                sock.close()
+            for fd in fds:
+                os.close(fd)
+            if answer.get("idle"):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(STOP_WAIT)
 
     def _ask(self, request: dict[str, object]) -> socket.socket:
         with self.lock:
@@ -604,6 +631,10 @@ def serve(channel: socket.socket) -> None:
             break  # the daemon is gone
         for fd in fds:
             os.close(fd)
+        if request.get("op") == "bye":  # the daemon is stopping
+            with contextlib.suppress(OSError):
+                channel.sendall(control.encode({"ok": True, "idle": forwarder.idle()}))
+            break
         try:
             home = _home_of(dict(request["home"]))
             stream, move = str(request["stream"]), str(request["move"])
