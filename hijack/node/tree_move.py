@@ -37,7 +37,7 @@ from typing import Any, BinaryIO, cast
 from hijack.errors import HijackError, ProcessGone, Unsupported
 from hijack.image import records as rec
 from hijack.mutator.dump import kill_stopped, read_credentials, write_image, write_tree
-from hijack.mutator.frozen_tree import FrozenTree, frozen_tree
+from hijack.mutator.frozen_tree import FrozenTree, frozen_tree, relations_now
 from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.precopy import Frames, Precopy, RoundSent
 from hijack.mutator.shared_pages import SharedPages
@@ -256,6 +256,8 @@ def precopy_tree(
                 channel.expect("phase")
             tree_round = RoundSent(number, pages, image_bytes)
             if not root.should_continue(tree_round, before):
+                report("building there", sent)
+                _prebuild(pid, channel)
                 for precopy in precopies.values():
                     precopy.prepare_freeze()
                 return precopies
@@ -264,6 +266,31 @@ def precopy_tree(
         for precopy in precopies.values():
             precopy.close()
         raise
+
+
+def _prebuild(pid: int, channel: Channel) -> None:
+    """Have the destination fork the tree's stubs with its relations as they are now and
+    build each from its rounds, before the freeze (docs/protocol.md, "Moving a tree"):
+    the freeze then only applies the final image. The frozen tree is checked against
+    this one there (a member forked or gone since: its stubs built during the freeze)."""
+    tree = relations_now(pid)
+    channel.send(
+        {
+            "op": "prebuild",
+            "members": [
+                [m.pid, m.ppid, m.pgid, m.sid, m.exit_signal, m.exit_code, int(m.state), m.comm]
+                for m in tree.members
+            ],
+            "contexts": [[c.pid, int(c.flags)] for c in tree.contexts],
+        }
+    )
+    patience = channel.sock.gettimeout()
+    # It writes every member's pages in: on a big tree, longer than the usual silence.
+    channel.sock.settimeout(max(patience or 0.0, PREPARE_TIMEOUT))
+    try:
+        channel.expect("phase")
+    finally:
+        channel.sock.settimeout(patience)
 
 
 @dataclass(frozen=True)

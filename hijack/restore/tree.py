@@ -46,6 +46,7 @@ from hijack.image import records as rec
 from hijack.image.codec import read_stream
 from hijack.mutator.tracee import ALL_SIGNALS_BLOCKED, ThreadState, find_syscall_instruction
 from hijack.registry import MemberRecord, Registry
+from hijack.restore.address_space import AddressSpace
 from hijack.restore.remote import Stub
 from hijack.restore.restorer import (
     CLONE_ARGS,
@@ -100,6 +101,8 @@ class TreeMove:
     mount_namespace: int | None = None
     # The members' pages a pre-copy sent (hijack.restore.tree_rounds), if it came first.
     rounds: TreeRounds | None = None
+    # The tree of stubs the rounds built before the freeze (prebuild_tree), if any.
+    prebuilt: PrebuiltTree | None = None
 
     def provided(self, member: int) -> dict[int, int]:
         return {fd: ours for (pid, fd), ours in self.given.items() if pid == member}
@@ -117,6 +120,75 @@ class _Made:
         reaped; the others are reaped by their tracer's wait, or by init)."""
         for stub in reversed(list(self.stubs.values())):
             kill_stub(stub.pid)
+
+
+class PrebuiltTree:
+    """A moving tree's stubs, forked with its relations and laid out and filled from its
+    pre-copy rounds while the originals still run (prebuild_tree): the freeze then only
+    turns each one's layout into its final image's and writes what changed since, as a
+    single process's pre-copied stub (hijack.restore.precopy). Its pids are decided
+    here, once for all: the old ones if every one is free, else fresh ones."""
+
+    def __init__(self, tree: rec.Tree, made: _Made, spaces: dict[int, AddressSpace]) -> None:
+        self.tree = tree  # as the mover read it, running, after its last round
+        self.made = made
+        self.spaces = spaces  # by pid at the source: the members the rounds sent
+        self.taken = False  # the final restore owns the stubs now
+
+    def fits(self, final: rec.Tree) -> bool:
+        """Whether the frozen tree is the one built: the same members with the same
+        relations and shared contexts (a member forked, exited, or changed its group since:
+        not, and its final image is restored the whole way)."""
+        return _relations(final) == _relations(self.tree)
+
+    def discard(self) -> None:
+        """Kill every stub, unless the final restore has taken them."""
+        for space in self.spaces.values():
+            space.close()
+        if not self.taken:
+            self.made.kill_all()
+            self.taken = True
+
+
+def _relations(tree: rec.Tree) -> tuple[object, ...]:
+    """What forking a tree of stubs depends on (a zombie's name too: it exits under it)."""
+    members = tuple(
+        (m.pid, m.ppid, m.pgid, m.sid, m.exit_signal, m.exit_code, m.state)
+        + ((m.comm,) if m.state is rec.MemberState.ZOMBIE else ())
+        for m in tree.members
+    )
+    return members, frozenset((c.pid, int(c.flags)) for c in tree.contexts)
+
+
+def prebuild_tree(
+    tree: rec.Tree, rounds: TreeRounds, mount_namespace: int | None = None
+) -> PrebuiltTree:
+    """Fork the tree of stubs of a moving tree (`tree`: its relations read while it runs,
+    after its last round) under its old pids if all are free, else fresh ones; lay each
+    member the rounds sent out as its round 0 and write every page they sent into it."""
+    refusals = relation_refusals(tree)
+    if refusals:
+        raise RestoreError(
+            f"cannot restore the tree of process {tree.members[0].pid}: {'; '.join(refusals)}"
+        )
+    made = _Made()
+    spaces: dict[int, AddressSpace] = {}
+    try:
+        _fork_tree(tree, made, bool(_taken_pids(tree)), mount_namespace)
+        for member in tree.imaged:
+            pages = rounds.pages_of(member.pid)
+            if pages is None or not pages.layout:
+                continue  # born after the rounds began: its final image is whole
+            space = AddressSpace(made.stubs[member.pid], pages.layout)
+            spaces[member.pid] = space
+            space.build()
+            pages.fill(space)
+    except BaseException:
+        for space in spaces.values():
+            space.close()
+        made.kill_all()
+        raise
+    return PrebuiltTree(tree, made, spaces)
 
 
 def _record_tree(registry: Registry, tree: rec.Tree, rebuilt: list[Rebuilt], made: _Made) -> None:
@@ -204,15 +276,22 @@ def restore_tree(
         raise RestoreError(
             f"cannot restore the tree of process {tree.members[0].pid}: {'; '.join(refusals)}"
         )
-    if new_pids is None:
+    moved = moved or TreeMove()
+    prebuilt = moved.prebuilt
+    if prebuilt is not None and not prebuilt.fits(tree):
+        prebuilt.discard()  # its pids free again (reaped) before they are looked at
+        prebuilt = None
+    if prebuilt is not None:
+        prebuilt.taken = True  # its pids were decided as it was forked
+    elif new_pids is None:
         new_pids = bool(_taken_pids(tree))
     elif not new_pids:
         _refuse_taken_pids(tree)
-    moved = moved or TreeMove()
-    made = _Made()
+    made = prebuilt.made if prebuilt is not None else _Made()
     shared = TreeShared(tree.shared)
     try:
-        _fork_tree(tree, made, new_pids, moved.mount_namespace)
+        if prebuilt is None:
+            _fork_tree(tree, made, bool(new_pids), moved.mount_namespace)
         reached("restore-tree-forked")
         rebuilt: list[Rebuilt] = []
         contexts = {context.pid: context.flags for context in tree.contexts}
@@ -231,6 +310,7 @@ def restore_tree(
                     admit=moved.admit,
                     take_locks=moved.admit is None,
                     rounds=moved.rounds.pages_of(member.pid) if moved.rounds else None,
+                    space=prebuilt.spaces.get(member.pid) if prebuilt is not None else None,
                 )
             )
         for _ in records:
