@@ -526,6 +526,7 @@ class NodeDaemon:
                         mount_namespace,
                         tree_rounds,
                         tree_prebuilt,
+                        laps,
                     ),
                 )
             else:

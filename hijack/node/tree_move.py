@@ -39,7 +39,7 @@ from hijack.image import records as rec
 from hijack.mutator.dump import kill_stopped, read_credentials, write_image, write_tree
 from hijack.mutator.frozen_tree import FrozenTree, frozen_tree, relations_now
 from hijack.mutator.handover import hand_descriptors_to_shadow
-from hijack.mutator.precopy import Frames, Precopy, RoundSent
+from hijack.mutator.precopy import Frames, Pagemaps, Precopy, RoundSent
 from hijack.mutator.shared_pages import SharedPages
 from hijack.mutator.tracee import Tracee
 from hijack.node import mounts, pki
@@ -65,7 +65,7 @@ from hijack.node.move import (
     quiet_shadow,
     signals_held,
 )
-from hijack.objects import unix
+from hijack.objects import pipe, unix
 from hijack.process.tree import read_tree
 from hijack.registry import ProcessRecord
 from hijack.shadow import control
@@ -321,10 +321,13 @@ def move_tree_frozen(
     laps = Laps()
     handled = False  # the abort is _frozen's once the tree is frozen
     try:
+        # Who else holds the members' pipes, while they run: each member's image then
+        # checks only what changed (a scan of every process each, frozen, otherwise).
+        holders_before = pipe.scan_holders_before(*read_tree(pid).pids)
         with frozen_tree(pid) as frozen:
             handled = True
             laps.lap("stop")
-            return _frozen(context, frozen, laps, precopied or {})
+            return _frozen(context, frozen, laps, precopied or {}, holders_before)
     except BaseException:
         if not handled and not context.at_home:
             _abort(channel, shadow, move_id)
@@ -332,7 +335,11 @@ def move_tree_frozen(
 
 
 def _frozen(
-    context: TreeMoveContext, frozen: FrozenTree, laps: Laps, precopied: dict[int, Precopy]
+    context: TreeMoveContext,
+    frozen: FrozenTree,
+    laps: Laps,
+    precopied: dict[int, Precopy],
+    holders_before: procfs.HolderScan,
 ) -> MoveResult:
     pid, channel, shadow, move_id = context.pid, context.channel, context.shadow, context.move_id
     at_home = context.at_home
@@ -349,9 +356,14 @@ def _frozen(
         if precopied:
             for precopy in precopied.values():
                 precopy.freeze()
-            for precopy in precopied.values():
-                precopy.stale_references(lambda member: precopied[member].sent)
             laps.lap("dirty scan")
+            pagemaps = Pagemaps()
+            try:
+                for precopy in precopied.values():
+                    precopy.stale_references(lambda member: precopied[member].sent, pagemaps)
+            finally:
+                pagemaps.close()
+            laps.lap("references")
         plans = plan_tree(members, pid, shadow, at_home, shared=shared, besides=besides)
         laps.lap("plan")
         unread: dict[str, bytes] = {}
@@ -383,7 +395,7 @@ def _frozen(
         laps.lap("move message")
         context.report("streaming", before)
         writer = DataWriter(channel)
-        parts = _write_tree(frozen, cast(BinaryIO, writer), besides, precopied)
+        parts = _write_tree(frozen, cast(BinaryIO, writer), besides, precopied, holders_before)
         writer.close()
         laps.lap("image: pages")
         context.report("restoring", before + writer.sent)
@@ -512,6 +524,7 @@ def _write_tree(
     out: BinaryIO,
     besides: frozenset[int],
     precopied: dict[int, Precopy],
+    holders_before: procfs.HolderScan | None = None,
 ) -> dict[int, tuple[int, float]]:
     """The tree stream of the frozen tree to `out` (pages members still share since a
     fork stored once: write_tree; of a member `precopied`, what changed since the rounds):
@@ -530,6 +543,7 @@ def _write_tree(
             tree=inside,
             shared_pages=shared,
             precopied=precopied.get(tracee.pid),
+            holders_before=holders_before,
         )
         sizes[tracee.pid] = (written, (time.perf_counter() - started) * 1000)
         return end, threads, written

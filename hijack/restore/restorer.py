@@ -275,6 +275,7 @@ def rebuild_member(
     take_locks: bool = True,
     rounds: MemberPages | None = None,
     space: AddressSpace | None = None,
+    laps: Laps | None = None,
 ) -> Rebuilt:
     """Rebuild the process of the image `records` (up to its END) into `stub`, a member of
     a tree whose relations (parent, session, group) are made already; leave it stopped.
@@ -292,7 +293,9 @@ def rebuild_member(
     `space`: the stub's address space as the rounds built it before the freeze
     (hijack.restore.tree.prebuild_tree, which wrote `rounds` in already): turned into
     the image's layout, PRECOPIED segments kept, as a single process's pre-copied stub.
+    `laps` (a move's) gets the steps' laps, added up over the members.
     """
+    laps = laps or Laps()
     image = read_head(records)
     if admit is not None:
         admit(image.header, image.credentials, image.segments)
@@ -333,7 +336,9 @@ def rebuild_member(
                 if rounds is not None:
                     rounds.apply(space, image.segments.segments)
             ipc.after_attach()
+            laps.lap("layout")
             _consume_rest(records, image, space, shared.stub_of)
+            laps.lap("pages")
             _finish(
                 stub,
                 space,
@@ -347,6 +352,7 @@ def rebuild_member(
                 own_parent,
                 parents_table,
             )
+            laps.lap("finish")
         finally:
             space.close()
     except BaseException:

@@ -65,6 +65,7 @@ from hijack.sys import ptrace as pt
 from hijack.sys.stub import STUB_OPTIONS, kill_stub, spawn_stub, wait_for_orphan_reaped
 from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
 from hijack.testpoint import reached
+from hijack.timing import Laps
 
 EEXIST = 17
 PR_SET_NAME = 15
@@ -103,6 +104,7 @@ class TreeMove:
     rounds: TreeRounds | None = None
     # The tree of stubs the rounds built before the freeze (prebuild_tree), if any.
     prebuilt: PrebuiltTree | None = None
+    laps: Laps | None = None  # the move's, on the destination (hijack.timing)
 
     def provided(self, member: int) -> dict[int, int]:
         return {fd: ours for (pid, fd), ours in self.given.items() if pid == member}
@@ -292,6 +294,8 @@ def restore_tree(
     try:
         if prebuilt is None:
             _fork_tree(tree, made, bool(new_pids), moved.mount_namespace)
+            if moved.laps is not None:
+                moved.laps.lap("stubs")
         reached("restore-tree-forked")
         rebuilt: list[Rebuilt] = []
         contexts = {context.pid: context.flags for context in tree.contexts}
@@ -311,6 +315,7 @@ def restore_tree(
                     take_locks=moved.admit is None,
                     rounds=moved.rounds.pages_of(member.pid) if moved.rounds else None,
                     space=prebuilt.spaces.get(member.pid) if prebuilt is not None else None,
+                    laps=moved.laps,
                 )
             )
         for _ in records:
