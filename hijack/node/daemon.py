@@ -572,6 +572,11 @@ class NodeDaemon:
             if mount_namespace is not None:
                 os.close(mount_namespace)
         terminals.start_pumps()
+        if tree_prebuilt is not None and not tree_prebuilt.used:
+            log(
+                f"move {move}: the tree changed between the build of its stubs and its freeze:"
+                " rebuilt during the freeze"
+            )
         _watch_migrant(result.pid, child=True)
         log(f"move {move}: {result.program} runs here as {result.pid}")
         source_pid = request.get("pid")

@@ -291,6 +291,7 @@ def _prebuild(pid: int, channel: Channel) -> None:
         channel.expect("phase")
     finally:
         channel.sock.settimeout(patience)
+    reached("move-prebuilt")
 
 
 @dataclass(frozen=True)

@@ -135,7 +135,8 @@ class PrebuiltTree:
         self.tree = tree  # as the mover read it, running, after its last round
         self.made = made
         self.spaces = spaces  # by pid at the source: the members the rounds sent
-        self.taken = False  # the final restore owns the stubs now
+        self.taken = False  # the final restore owns the stubs now (or they are killed)
+        self.used = False  # the final restore was into them (else: the frozen tree differed)
 
     def fits(self, final: rec.Tree) -> bool:
         """Whether the frozen tree is the one built: the same members with the same
@@ -284,7 +285,7 @@ def restore_tree(
         prebuilt.discard()  # its pids free again (reaped) before they are looked at
         prebuilt = None
     if prebuilt is not None:
-        prebuilt.taken = True  # its pids were decided as it was forked
+        prebuilt.taken = prebuilt.used = True  # its pids were decided as it was forked
     elif new_pids is None:
         new_pids = bool(_taken_pids(tree))
     elif not new_pids:
@@ -523,7 +524,8 @@ def _exit_as_zombie(made: _Made, member: rec.TreeMember) -> None:
     status = member.exit_code
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
-        _default_action(stub, number)
+        if number != signal.SIGKILL:  # its action is the default always (and cannot be set)
+            _default_action(stub, number)
         call, args = "tgkill", [stub.pid, stub.pid, number]
     else:
         call, args = "exit_group", [os.WEXITSTATUS(status)]
