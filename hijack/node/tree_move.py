@@ -14,9 +14,12 @@ As a single process's move (hijack.node.move), with these differences:
 - pre-copy over all members (precopy_tree): while the tree runs, each member's memory
   is sent in rounds, round 0's pages a member before it sent already (their frame is the
   same: shared copy-on-write since a fork) as references to that member's page; the
-  destination keeps each member's pages until the final image rebuilds it
-  (hijack.restore.tree_rounds). At the freeze a reference whose two pages are not the
-  same frame any more is stored in the final image. No post-copy.
+  destination keeps each member's pages (hijack.restore.tree_rounds). After the last
+  round, the tree still running, it forks the tree's stubs with the relations read
+  then (their pids decided there and then) and fills each from its rounds (_prebuild):
+  the freeze only applies the final image to them, as a single process's. At the
+  freeze a reference whose two pages are not the same frame any more is stored in the
+  final image. No post-copy.
 
 A process whose parent stays behind (an nginx worker, a pool's worker: a fork of
 its parent that never exec'd) is refused unless --leave-parent

@@ -25,6 +25,10 @@ As CRIU does, the tree is forked first and each member rebuilt after:
    again, and its parent's stub (not started yet) takes back the wait report
    and the SIGCHLD that stop gave it.
 
+A move with pre-copy does steps 1 and 2 before the freeze, from its rounds
+(prebuild_tree): its final image is rebuilt into those stubs if the frozen tree is the
+one they were forked as (PrebuiltTree.fits), else they are killed and the tree made anew.
+
 A failure at any step kills every stub made: never half a tree.
 """
 

@@ -1,14 +1,17 @@
 """The receiving side of a tree's pre-copy: each member's pages kept until its rebuild.
 
 A single process's rounds build its stub as they come (hijack.restore.precopy); a
-tree's stubs are forked only once its final image says how (hijack.restore.tree), so
-each member's rounds are kept meanwhile in a memory file of its own (a memfd), each
-page at its address as offset: a later round's page overwrites the earlier one. A page
-round 0 sent as a reference to another member's page (the same frame there: shared
-copy-on-write since a fork) is copied in the kernel from that member's file
-(copy_file_range). When the final image rebuilds the member, what its file holds
-inside the image's PRECOPIED segments is written into the stub (`apply`), before the
-final image's pages, which go over it.
+tree's stubs are forked once the rounds are over and the tree's relations are known
+(hijack.restore.tree.prebuild_tree, before the freeze), so each member's rounds are
+kept meanwhile in a memory file of its own (a memfd), each page at its address as
+offset: a later round's page overwrites the earlier one. A page round 0 sent as a
+reference to another member's page (the same frame there: shared copy-on-write since a
+fork) is copied in the kernel from that member's file (copy_file_range). The stubs
+built, what each file holds is written into its stub laid out as round 0 (`fill`).
+If the frozen tree is not the one built, the final image rebuilds each member anew and
+what its file holds inside the image's PRECOPIED segments is written into the stub
+(`apply`), before the final image's pages, which go over it: the files are kept until
+the move ends for that.
 """
 
 from __future__ import annotations
