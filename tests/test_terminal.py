@@ -42,7 +42,7 @@ from test_move import (
 from test_tree_move import MEMBER_LINE, move_tree, wait_members
 
 from hijack.process.tree import read_tree
-from hijack.sys import procfs, terminal
+from hijack.sys import kcmp, procfs, terminal
 
 ANSWER_TIMEOUT = 10.0
 HOME_SIZE = terminal.WindowSize(33, 97)
@@ -350,6 +350,9 @@ def test_a_shell_job_on_a_terminal_moves_as_one_tree_and_keeps_it(tmp_path: Path
             assert stats[0].tty_nr != 0 and {s.tty_nr for s in stats} == {stats[0].tty_nr}
             assert stats[0].session == stats[0].pgrp == stats[0].tpgid == there
             assert {s.pgrp for s in stats} == {there}
+            # Their stderr, one open file at home (inherited), is one there too.
+            for member in read_tree(there).members[1:]:
+                assert kcmp.same_description_in(there, 2, member.pid, 2), member
             moved_from = len(typist.shown)
 
             typist.type("two\nthree\n")  # both at once: the reader takes them in turn
