@@ -269,9 +269,9 @@ def test_a_process_holding_a_pty_master_gets_a_pty_master_on_each_node(tmp_path:
 # job (argv[2], a `sh -c` line) in a process group of its own, in the foreground there, on
 # that terminal (its stdin, stdout, stderr); prints the job's pid, waits for it, then for
 # its stdin to close, never reading the terminal (an interactive shell waits for its
-# foreground job, and the test moves the job away).
+# foreground job, and the test moves the job away; or moves it all, its job with it).
 LOGIN_SHELL = """\
-import os, signal, sys, termios, fcntl
+import contextlib, os, signal, sys, termios, fcntl
 os.setsid()
 tty = os.open(sys.argv[1], os.O_RDWR)
 fcntl.ioctl(tty, termios.TIOCSCTTY, 0)
@@ -288,7 +288,8 @@ if job == 0:
 os.setpgid(job, job)
 os.tcsetpgrp(tty, job)
 print(job, flush=True)
-os.waitpid(job, 0)
+with contextlib.suppress(ChildProcessError):  # moved away, or moved: under a new pid
+    os.waitpid(-1, 0)
 sys.stdin.read()
 """
 # A job whose every member holds the terminal: a pipeline reader | filter | consumer of
@@ -386,6 +387,42 @@ def test_a_shell_job_on_a_terminal_moves_as_one_tree_and_keeps_it(tmp_path: Path
             shell.stdin.close()
             assert shell.wait(EXIT_TIMEOUT) == 0
             print(typist.shown.decode(errors="replace"))
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_a_session_on_a_terminal_moves_whole_with_its_job_in_the_foreground(
+    tmp_path: Path,
+) -> None:
+    master, slave = os.openpty()
+    try:
+        terminal.set_window_size(master, HOME_SIZE)
+        typist = Typist(master)
+        with two_nodes(tmp_path) as (a, b):
+            job_line = (sys.executable, "-c", PIPELINE_JOB)
+            shell = spawn_python(a, LOGIN_SHELL, os.ttyname(slave), *job_line)
+            read_line(shell, LINE_TIMEOUT)  # the job's pid: it runs
+            wait_members(shell.pid, 5)
+            there, _ = move_tree(a, shell.pid, b, "--no-precopy")
+            assert shell.wait(EXIT_TIMEOUT) == -signal.SIGKILL  # the original
+            # The session's leader leads it there too; the job's group (not the leader's)
+            # is the pty's foreground group, as it was the home terminal's.
+            members = read_tree(there).members
+            stats = {member.pid: procfs.read_stat(member.pid) for member in members}
+            job_there = next(m.pid for m in members if m.ppid == there)
+            assert stats[there].session == stats[there].pgrp == there
+            assert stats[there].tty_nr != 0
+            assert {s.tty_nr for s in stats.values()} == {stats[there].tty_nr}
+            assert {s.session for s in stats.values()} == {there}
+            assert stats[there].tpgid == stats[job_there].pgrp == job_there
+            typist.type("one\nend\n")
+            typist.expect(r"statuses 3 5 7\r\n", "each member's exit status, in its parent")
+            assert_in_order(lines_of(typist.shown), ["read one", "filter one", "got xone"])
+            assert shell.stdin is not None
+            shell.stdin.close()  # through the shadow: the login shell there ends
+            wait_gone(there, EXIT_TIMEOUT, "the login shell, moved")
+            assert exit_code_on(b, there) == 0, logs(tmp_path)
     finally:
         os.close(master)
         os.close(slave)
