@@ -20,6 +20,7 @@ import signal
 import sys
 import termios
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from support import spawn_fixture
@@ -74,15 +75,25 @@ class Typist:
         return found
 
 
-def test_a_process_on_a_terminal_keeps_it_across_a_move(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def home_terminal() -> Iterator[tuple[int, int, Typist]]:
+    """A pty the test made, HOME_SIZE (the test holds its master, as a terminal emulator
+    or tmux does): its master, its slave, and a Typist at the master."""
     master, slave = os.openpty()
     try:
+        terminal.set_window_size(master, HOME_SIZE)
+        yield master, slave, Typist(master)
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+def test_a_process_on_a_terminal_keeps_it_across_a_move(tmp_path: Path) -> None:
+    with home_terminal() as (master, slave, typist):
         home_settings = termios.tcgetattr(slave)
         home_settings[6][termios.VERASE] = b"\x08"  # ^H: settings only the copy can carry over
         termios.tcsetattr(slave, termios.TCSANOW, home_settings)
         home_settings = termios.tcgetattr(slave)
-        terminal.set_window_size(master, HOME_SIZE)
-        typist = Typist(master)
         with Cluster(tmp_path, nodes=3) as cluster:
             a, b, c = cluster.nodes
             b.start_daemon()
@@ -121,43 +132,30 @@ def test_a_process_on_a_terminal_keeps_it_across_a_move(tmp_path: Path) -> None:
             # Released, the shadow gave the home terminal its settings back.
             assert termios.tcgetattr(master) == home_settings, logs(tmp_path)
             print(typist.shown.decode(errors="replace"))
-    finally:
-        os.close(master)
-        os.close(slave)
 
 
 def test_input_typed_before_a_later_move_and_not_read_yet_reaches_the_process(
     tmp_path: Path,
 ) -> None:
-    master, slave = os.openpty()
-    try:
-        terminal.set_window_size(master, HOME_SIZE)
-        typist = Typist(master)
-        with Cluster(tmp_path, nodes=3) as cluster:
-            a, b, c = cluster.nodes
-            b.start_daemon()
-            c.start_daemon()
-            with spawn_fixture("terminal", os.ttyname(slave), netns=a.netns) as fixture:
-                moved = move(a, fixture.pid, b)
-                assert fixture.wait_exit(EXIT_TIMEOUT) == -signal.SIGKILL  # the original
-                # Half a line: it waits in the line discipline of b's pty (which
-                # echoed it), read by no one until the line is complete.
-                typist.type("half a")
-                typist.expect(r"half a", "the echo of half a line by the pty at b")
-                moved = move(b, moved.pid, c, home=(a, fixture.pid))
-                typist.type(" line\n")
-                typist.expect(r"echo half a line rows=33 cols=97 winch=0\r\n", "the whole line")
-                finish_moved(fixture, moved, tmp_path)
-    finally:
-        os.close(master)
-        os.close(slave)
+    with home_terminal() as (_master, slave, typist), Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        b.start_daemon()
+        c.start_daemon()
+        with spawn_fixture("terminal", os.ttyname(slave), netns=a.netns) as fixture:
+            moved = move(a, fixture.pid, b)
+            assert fixture.wait_exit(EXIT_TIMEOUT) == -signal.SIGKILL  # the original
+            # Half a line: it waits in the line discipline of b's pty (which
+            # echoed it), read by no one until the line is complete.
+            typist.type("half a")
+            typist.expect(r"half a", "the echo of half a line by the pty at b")
+            moved = move(b, moved.pid, c, home=(a, fixture.pid))
+            typist.type(" line\n")
+            typist.expect(r"echo half a line rows=33 cols=97 winch=0\r\n", "the whole line")
+            finish_moved(fixture, moved, tmp_path)
 
 
 def test_the_terminal_fixture_passes_alone_and_its_checks_bite() -> None:
-    master, slave = os.openpty()
-    try:
-        terminal.set_window_size(master, HOME_SIZE)
-        typist = Typist(master)
+    with home_terminal() as (master, slave, typist):
         with spawn_fixture("terminal", os.ttyname(slave)) as fixture:
             typist.type("one\n")
             typist.expect(r"echo one rows=33 cols=97 winch=0\r\n", "an answer")
@@ -173,9 +171,6 @@ def test_the_terminal_fixture_passes_alone_and_its_checks_bite() -> None:
             typist.type("two\n")
             assert fixture.finish() == 1
             assert "terminal settings changed" in fixture.stderr, fixture.describe()
-    finally:
-        os.close(master)
-        os.close(slave)
 
 
 # Holds the master of a pty whose slave is `cat`'s terminal (as tmux, screen or
@@ -328,11 +323,8 @@ def assert_in_order(lines: list[str], wanted: list[str]) -> None:
 
 
 def test_a_shell_job_on_a_terminal_moves_as_one_tree_and_keeps_it(tmp_path: Path) -> None:
-    master, slave = os.openpty()
-    try:
-        terminal.set_window_size(master, HOME_SIZE)
+    with home_terminal() as (master, slave, typist):
         home_settings = termios.tcgetattr(slave)
-        typist = Typist(master)
         with two_nodes(tmp_path) as (a, b):
             job_line = (sys.executable, "-c", PIPELINE_JOB)
             shell = spawn_python(a, LOGIN_SHELL, os.ttyname(slave), *job_line)
@@ -387,42 +379,32 @@ def test_a_shell_job_on_a_terminal_moves_as_one_tree_and_keeps_it(tmp_path: Path
             shell.stdin.close()
             assert shell.wait(EXIT_TIMEOUT) == 0
             print(typist.shown.decode(errors="replace"))
-    finally:
-        os.close(master)
-        os.close(slave)
 
 
 def test_a_session_on_a_terminal_moves_whole_with_its_job_in_the_foreground(
     tmp_path: Path,
 ) -> None:
-    master, slave = os.openpty()
-    try:
-        terminal.set_window_size(master, HOME_SIZE)
-        typist = Typist(master)
-        with two_nodes(tmp_path) as (a, b):
-            job_line = (sys.executable, "-c", PIPELINE_JOB)
-            shell = spawn_python(a, LOGIN_SHELL, os.ttyname(slave), *job_line)
-            read_line(shell, LINE_TIMEOUT)  # the job's pid: it runs
-            wait_members(shell.pid, 5)
-            there, _ = move_tree(a, shell.pid, b, "--no-precopy")
-            assert shell.wait(EXIT_TIMEOUT) == -signal.SIGKILL  # the original
-            # The session's leader leads it there too; the job's group (not the leader's)
-            # is the pty's foreground group, as it was the home terminal's.
-            members = read_tree(there).members
-            stats = {member.pid: procfs.read_stat(member.pid) for member in members}
-            job_there = next(m.pid for m in members if m.ppid == there)
-            assert stats[there].session == stats[there].pgrp == there
-            assert stats[there].tty_nr != 0
-            assert {s.tty_nr for s in stats.values()} == {stats[there].tty_nr}
-            assert {s.session for s in stats.values()} == {there}
-            assert stats[there].tpgid == stats[job_there].pgrp == job_there
-            typist.type("one\nend\n")
-            typist.expect(r"statuses 3 5 7\r\n", "each member's exit status, in its parent")
-            assert_in_order(lines_of(typist.shown), ["read one", "filter one", "got xone"])
-            assert shell.stdin is not None
-            shell.stdin.close()  # through the shadow: the login shell there ends
-            wait_gone(there, EXIT_TIMEOUT, "the login shell, moved")
-            assert exit_code_on(b, there) == 0, logs(tmp_path)
-    finally:
-        os.close(master)
-        os.close(slave)
+    with home_terminal() as (_master, slave, typist), two_nodes(tmp_path) as (a, b):
+        job_line = (sys.executable, "-c", PIPELINE_JOB)
+        shell = spawn_python(a, LOGIN_SHELL, os.ttyname(slave), *job_line)
+        read_line(shell, LINE_TIMEOUT)  # the job's pid: it runs
+        wait_members(shell.pid, 5)
+        there, _ = move_tree(a, shell.pid, b, "--no-precopy")
+        assert shell.wait(EXIT_TIMEOUT) == -signal.SIGKILL  # the original
+        # The session's leader leads it there too; the job's group (not the leader's)
+        # is the pty's foreground group, as it was the home terminal's.
+        members = read_tree(there).members
+        stats = {member.pid: procfs.read_stat(member.pid) for member in members}
+        job_there = next(m.pid for m in members if m.ppid == there)
+        assert stats[there].session == stats[there].pgrp == there
+        assert stats[there].tty_nr != 0
+        assert {s.tty_nr for s in stats.values()} == {stats[there].tty_nr}
+        assert {s.session for s in stats.values()} == {there}
+        assert stats[there].tpgid == stats[job_there].pgrp == job_there
+        typist.type("one\nend\n")
+        typist.expect(r"statuses 3 5 7\r\n", "each member's exit status, in its parent")
+        assert_in_order(lines_of(typist.shown), ["read one", "filter one", "got xone"])
+        assert shell.stdin is not None
+        shell.stdin.close()  # through the shadow: the login shell there ends
+        wait_gone(there, EXIT_TIMEOUT, "the login shell, moved")
+        assert exit_code_on(b, there) == 0, logs(tmp_path)
