@@ -52,6 +52,7 @@ from hijack.restore.restorer import (
     Rebuilt,
     RestoreResult,
     holder_of,
+    lend,
     rebuild_member,
     record_restored,
     restore,
@@ -66,8 +67,6 @@ from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
 from hijack.testpoint import reached
 
 EEXIST = 17
-AT_FDCWD = -100
-O_RDWR, O_NOCTTY, O_CLOEXEC = 0o2, 0o400, 0o2000000
 TIOCSCTTY, TIOCSPGRP = 0x540E, 0x5410
 PR_SET_NAME = 15
 SIG_DFL = 0
@@ -328,7 +327,7 @@ def _fork_tree(
     if root.sid == root.pid or controlling:
         stub.call("setsid")
     if controlling:
-        _terminal_call(stub, controlling, TIOCSCTTY, 0)
+        _terminal_call(stub, controlling, TIOCSCTTY)
     zombie_parents = {m.ppid for m in tree.members if m.state is rec.MemberState.ZOMBIE}
     if root.pid in zombie_parents:
         _default_action(stub, signal.SIGCHLD)
@@ -351,18 +350,23 @@ def _fork_tree(
         _end_group_leader(made, group, made.stubs[first.ppid])
     foreground = made.pids.get(moved.foreground) if moved and moved.foreground else None
     if controlling and foreground is not None:
-        stub.reset_scratch()
-        _terminal_call(stub, controlling, TIOCSPGRP, stub.put(struct.pack("<i", foreground)))
+        _terminal_call(stub, controlling, TIOCSPGRP, foreground)
     for member in tree.members:
         if member.state is rec.MemberState.ZOMBIE:
             _exit_as_zombie(made, member)
 
 
-def _terminal_call(stub: Stub, path: str, request: int, argument: int) -> None:
-    """ioctl `request` on terminal `path`, opened in `stub` for it (and closed: no child
-    forked after inherits the descriptor)."""
-    fd = stub.call("openat", AT_FDCWD, stub.put_string(path), O_RDWR | O_NOCTTY | O_CLOEXEC)
+def _terminal_call(stub: Stub, path: str, request: int, pointed: int | None = None) -> None:
+    """ioctl `request` by `stub` on the pty whose slave is `path`, opened here and lent to
+    it (a stub in another mount namespace may not see our /dev/pts), then closed there: no
+    child forked after inherits it. `pointed`: an int the argument points to, if any."""
+    ours = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
     try:
+        fd = lend(stub, {0: ours})[0]
+    finally:
+        os.close(ours)
+    try:
+        argument = 0 if pointed is None else stub.put(struct.pack("<i", pointed))
         stub.call("ioctl", fd, request, argument)
     finally:
         stub.call("close", fd)
