@@ -381,7 +381,7 @@ def test_a_shell_job_on_a_terminal_moves_as_one_tree_and_keeps_it(tmp_path: Path
             print(typist.shown.decode(errors="replace"))
 
 
-def test_a_session_on_a_terminal_moves_whole_with_its_job_in_the_foreground(
+def test_a_session_on_a_terminal_moves_whole_with_its_job_in_the_foreground_for_ctrl_c(
     tmp_path: Path,
 ) -> None:
     with home_terminal() as (_master, slave, typist), two_nodes(tmp_path) as (a, b):
@@ -401,9 +401,14 @@ def test_a_session_on_a_terminal_moves_whole_with_its_job_in_the_foreground(
         assert {s.tty_nr for s in stats.values()} == {stats[there].tty_nr}
         assert {s.session for s in stats.values()} == {there}
         assert stats[there].tpgid == stats[job_there].pgrp == job_there
-        typist.type("one\nend\n")
-        typist.expect(r"statuses 3 5 7\r\n", "each member's exit status, in its parent")
+        typist.type("one\n")
+        typist.expect(r"got xone\r\n", "the line through the moved job")
         assert_in_order(lines_of(typist.shown), ["read one", "filter one", "got xone"])
+        # ^C typed at home: SIGINT for the foreground group there, the job's, not the
+        # login shell's (whose Python would end on it).
+        typist.type("\x03")
+        wait_gone(job_there, EXIT_TIMEOUT, "the job, interrupted")
+        assert procfs.read_stat(there).state in "RS"
         assert shell.stdin is not None
         shell.stdin.close()  # through the shadow: the login shell there ends
         wait_gone(there, EXIT_TIMEOUT, "the login shell, moved")
