@@ -12,12 +12,15 @@ them under others, mapped by NSpid), and the parents' pids work again:
   reloads (SIGHUP by `nginx -s reload` run in b: new workers start, the old
   ones exit, the master reaps them), serves on its original address, and
   `nginx -s quit` ends the master and its workers;
-- a bash pipeline moved mid-stream: bash waits for its three children and
-  gets each one's exit status (PIPESTATUS), as it would have at home.
+- a bash pipeline moved mid-stream to b and home again (each time under its
+  old pids): bash waits for its three children and gets each one's exit
+  status (PIPESTATUS), as if it had never moved.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +32,7 @@ from test_tree_move import MEMBER_LINE, move_tree, wait_members
 from test_tree_programs import NGINX, NGINX_CONFIG
 
 from hijack.process.tree import read_tree
+from hijack.sys.process import WALL
 
 # One GET on 127.0.0.1:argv[1] (run inside a node): prints the status and the body.
 GET = """\
@@ -53,6 +57,15 @@ def pids_inside(node: Node, host_pid: int) -> set[int]:
 
 def children(host_pid: int) -> set[int]:
     return set(read_tree(host_pid).pids) - {host_pid}
+
+
+def reap_originals(pids: set[int]) -> None:
+    """Reap the originals a move killed that came to this test (a subreaper) when their
+    parent was killed, as a machine's init would: their pids are free again."""
+    for pid in pids:
+        wait_gone(pid, EXIT_TIMEOUT, "an original, killed by the move")
+        with contextlib.suppress(ChildProcessError):  # another's: reaped by it
+            os.waitpid(pid, WALL)
 
 
 def assert_old_pids_kept(printed: str, count: int) -> None:
@@ -144,11 +157,20 @@ def test_a_shell_moved_waits_for_its_children_and_gets_their_statuses(tmp_path: 
         assert there == shell.pid, printed
         assert_old_pids_kept(printed, 4)
         assert shell.wait(timeout=EXIT_TIMEOUT) != 0  # the original, killed by the move
+        reap_originals(before - {shell.pid})  # orphaned to us once their parent was reaped
         assert pids_inside(b, b.host_pid(there)) == before
         shell.stdin.write(b"".join(f"line {n}\n".encode() for n in range(10, 20)))
+        shell.stdin.flush()
+        poll_until(lambda: output.read_text().count("\n") >= 20, "20 lines, moved")
+        # Home again: the originals are gone, their pids free here too.
+        back, printed = move_tree(b, there, a)
+        assert back == shell.pid, printed
+        assert_old_pids_kept(printed, 4)
+        assert set(read_tree(back).pids) == before
+        shell.stdin.write(b"".join(f"line {n}\n".encode() for n in range(20, 30)))
         shell.stdin.close()  # the producer's end of input, relayed by the shadow
         poll_until(statuses.exists, "bash writing its children's statuses")
-        assert exit_code_on(b, there) == 6, logs(tmp_path)
+        assert exit_code_on(a, back) == 6, logs(tmp_path)
         assert statuses.read_text().split() == ["3", "4", "5"]
         got = output.read_text().splitlines()
-        assert got == [f"LINE {n}" for n in range(20)] + ["END 20"], got
+        assert got == [f"LINE {n}" for n in range(30)] + ["END 30"], got

@@ -13,11 +13,10 @@ destination cannot enter (no process it can see holds it: on another
 machine) is refused by name before anything is built. A process in its
 machine's own namespace (pid 1's) is built in the destination machine's
 own, whatever namespace the daemon itself runs in. Where pid 1 may not be
-looked at (a sandbox or container whose init holds capabilities hijack
-lacks), the machine's own is the one hijack itself runs in: a process there
-then moves as one in pid 1's does, to a node with a pid namespace (and so a
-pid 1) of its own too, where its pids, which the source does not know, are
-no holders to enter by.
+looked at (a sandbox whose init holds capabilities hijack lacks), the
+machine's own is the one hijack runs in: else a process there, moved to a
+node with pid and mount namespaces of its own, would be refused, its holders'
+pids being none that node can see.
 """
 
 from __future__ import annotations
