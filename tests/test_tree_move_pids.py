@@ -14,7 +14,10 @@ them under others, mapped by NSpid), and the parents' pids work again:
   `nginx -s quit` ends the master and its workers;
 - a bash pipeline moved mid-stream to b and home again (each time under its
   old pids): bash waits for its three children and gets each one's exit
-  status (PIPESTATUS), as if it had never moved.
+  status (PIPESTATUS), as if it had never moved;
+- a Python multiprocessing Pool moved between two rounds of tasks: it works
+  on, then closes and joins its workers (multiprocessing waits for each by
+  its pid, after checking its own).
 """
 
 from __future__ import annotations
@@ -174,3 +177,56 @@ def test_a_shell_moved_waits_for_its_children_and_gets_their_statuses(tmp_path: 
         assert statuses.read_text().split() == ["3", "4", "5"]
         got = output.read_text().splitlines()
         assert got == [f"LINE {n}" for n in range(30)] + ["END 30"], got
+
+
+# A pool of 3 that works before and after the move (each stdin line: one more round of
+# tasks), then closes and joins its workers: multiprocessing waits for each by the pid it
+# forked, and first checks its own pid against the one that started the pool.
+POOL = """\
+import multiprocessing, os, sys
+def square(n):
+    return n * n
+if __name__ == "__main__":
+    multiprocessing.set_start_method("fork")
+    pool = multiprocessing.Pool(3)
+    workers = [worker.pid for worker in pool._pool]
+    rounds = 0
+    for line in sys.stdin:
+        ok = pool.map(square, range(300), chunksize=1) == [n * n for n in range(300)]
+        rounds += 1
+        print(f"round {rounds} {'PASS' if ok else 'FAIL'}", flush=True)
+    pool.close()
+    pool.join()
+    print("joined", *workers, flush=True)
+"""
+
+
+def test_a_multiprocessing_pool_moved_joins_its_workers(tmp_path: Path) -> None:
+    with two_nodes(tmp_path, pid_namespaces="b") as (a, b):
+        program, output = tmp_path / "pool.py", tmp_path / "pool.out"
+        program.write_text(POOL)
+        with open(output, "wb") as out:
+            pool = a.spawn(
+                [sys.executable, str(program)],
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        assert pool.stdin is not None
+        pool.stdin.write(b"go\n")
+        pool.stdin.flush()
+        poll_until(lambda: "round 1" in output.read_text(), "the pool's first round")
+        wait_members(pool.pid, 4)
+        before = set(read_tree(pool.pid).pids)
+        there, printed = move_tree(a, pool.pid, b)
+        assert_old_pids_kept(printed, 4)
+        pool.wait(timeout=EXIT_TIMEOUT)  # the original, killed by the move
+        assert pids_inside(b, b.host_pid(there)) == before
+        pool.stdin.write(b"go\n")
+        pool.stdin.close()
+        wait_gone(b.host_pid(there), EXIT_TIMEOUT, "the pool, moved, ending")
+        assert exit_code_on(b, there) == 0, f"{output.read_text()}\n{logs(tmp_path)}"
+        lines = output.read_text().splitlines()
+        assert lines[:2] == ["round 1 PASS", "round 2 PASS"], lines
+        joined, *workers = lines[2].split()
+        assert joined == "joined" and set(map(int, workers)) == before - {pool.pid}, lines
