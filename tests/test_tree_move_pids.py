@@ -23,6 +23,7 @@ them under others, mapped by NSpid), and the parents' pids work again:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -98,6 +99,10 @@ def test_nginx_moved_keeps_its_pids_reloads_and_quits(tmp_path: Path) -> None:
         master.wait(timeout=EXIT_TIMEOUT)  # the original, killed by the move
         moved = b.host_pid(there)
         assert pids_inside(b, moved) == before
+        status = json.loads(b.hijack_ok("status", "--json").stdout)  # b's /proc, b's pids
+        shown = next(p for p in status["processes"] if p["pid"] == there)
+        assert shown["state"] == "running", json.dumps(shown)
+        assert len(shown["members"]) == 2, "its workers, shown with it"
         assert get(a, port) == "200 hello", "served on its address at home, through its shadow"
 
         old_workers = children(moved)
