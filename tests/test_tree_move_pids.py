@@ -17,7 +17,9 @@ them under others, mapped by NSpid), and the parents' pids work again:
   status (PIPESTATUS), as if it had never moved;
 - a Python multiprocessing Pool moved between two rounds of tasks: it works
   on, then closes and joins its workers (multiprocessing waits for each by
-  its pid, after checking its own).
+  its pid, after checking its own);
+- a single process moved there sees its own pid unchanged (getpid, and
+  /proc/self in b's /proc, where it lives now).
 """
 
 from __future__ import annotations
@@ -235,3 +237,35 @@ def test_a_multiprocessing_pool_moved_joins_its_workers(tmp_path: Path) -> None:
         assert lines[:2] == ["round 1 PASS", "round 2 PASS"], lines
         joined, *workers = lines[2].split()
         assert joined == "joined" and set(map(int, workers)) == before - {pool.pid}, lines
+
+
+# Each stdin line: its pid as it sees it, and whether /proc/self agrees.
+WHO = """\
+import os, sys
+for line in sys.stdin:
+    print(os.getpid(), os.readlink("/proc/self"), flush=True)
+"""
+
+
+def test_a_single_process_moved_keeps_its_pid_as_it_sees_it(tmp_path: Path) -> None:
+    with two_nodes(tmp_path, pid_namespaces="b") as (a, b):
+        output = tmp_path / "who.out"
+        with open(output, "wb") as out:
+            who = a.spawn(
+                [sys.executable, "-c", WHO], stdin=subprocess.PIPE, stdout=out, stderr=out
+            )
+        assert who.stdin is not None
+        who.stdin.write(b"\n")
+        who.stdin.flush()
+        poll_until(lambda: output.read_text().count("\n") == 1, "its pid, at home")
+        assert b.daemon_endpoint is not None
+        result = a.hijack("move", who.pid, "--to", b.daemon_endpoint)
+        assert result.returncode == 0, f"{result.describe()}\n{logs(tmp_path)}"
+        assert f"it runs there as {who.pid};" in result.stdout, result.describe()
+        who.wait(timeout=EXIT_TIMEOUT)  # the original, killed by the move
+        who.stdin.write(b"\n")
+        who.stdin.close()
+        poll_until(lambda: output.read_text().count("\n") == 2, "its pid, moved")
+        # Its own /proc is b's (it lives in b's mount namespace): the same pid there.
+        assert output.read_text().split() == [str(who.pid)] * 4, output.read_text()
+        assert exit_code_on(b, who.pid) == 0, logs(tmp_path)
