@@ -60,7 +60,7 @@ def frozen_tree(root: int) -> Iterator[FrozenTree]:
                 except NotAttachable:
                     # A member that exited since the reading (a shell's short-lived
                     # child) is a zombie now: the next reading records it as one.
-                    if member.pid == root or not _zombie_now(member.pid):
+                    if member.pid == root or not has_exited(member.pid):
                         raise
             again = read_tree(root)
             settled = again.same_members(tree) and all(
@@ -101,7 +101,8 @@ def relations_now(root: int) -> rec.Tree:
     )
 
 
-def _zombie_now(pid: int) -> bool:
+def has_exited(pid: int) -> bool:
+    """Whether process `pid` has exited (a zombie now, or reaped already)."""
     try:
         return procfs.read_stat(pid).state in ("Z", "X")
     except ProcessGone:

@@ -40,7 +40,7 @@ from typing import Any, BinaryIO, cast
 from hijack.errors import HijackError, ProcessGone, Unsupported
 from hijack.image import records as rec
 from hijack.mutator.dump import kill_stopped, read_credentials, write_image, write_tree
-from hijack.mutator.frozen_tree import FrozenTree, frozen_tree, relations_now
+from hijack.mutator.frozen_tree import FrozenTree, frozen_tree, has_exited, relations_now
 from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.precopy import Frames, Pagemaps, Precopy, RoundSent
 from hijack.mutator.shared_pages import SharedPages
@@ -277,7 +277,12 @@ def precopy_tree(
     precopies: dict[int, Precopy] = {}
     try:
         for member in members:
-            precopies[member] = Precopy.start(member)
+            try:
+                precopies[member] = Precopy.start(member)
+            except HijackError:
+                if member == pid or not has_exited(member):
+                    raise
+                continue  # ended already (a pool's worker whose work is done)
             precopies[member].through_mem = True
         frames: Frames = {}
         sent = 0
@@ -286,7 +291,12 @@ def precopy_tree(
         while True:
             number = root.rounds
             pages = image_bytes = 0
-            for member, precopy in precopies.items():
+            for member, precopy in list(precopies.items()):
+                if member != pid and has_exited(member):
+                    # Its rounds stop: the frozen tree leaves it out, and a page another
+                    # member referred to in its memory goes in the final image.
+                    precopies.pop(member).close()
+                    continue
                 report(f"round {number}", sent)
                 channel.send({"op": "round", "round": number, "member": member})
                 writer = DataWriter(channel)
@@ -307,6 +317,8 @@ def precopy_tree(
                 )
                 channel.expect("phase")
             tree_round = RoundSent(number, pages, image_bytes)
+            if number == 0:
+                reached("move-first-round")
             if not root.should_continue(tree_round, before):
                 report("building there", sent)
                 _prebuild(pid, channel)
@@ -318,6 +330,17 @@ def precopy_tree(
         for precopy in precopies.values():
             precopy.close()
         raise
+
+
+def sent_by(precopied: dict[int, Precopy]) -> Callable[[int], list[tuple[int, int]]]:
+    """What each member sent in its rounds; nothing for one that ended since (what
+    others referred to in its memory is then stored in their final images)."""
+
+    def sent(member: int) -> list[tuple[int, int]]:
+        found = precopied.get(member)
+        return found.sent if found is not None else []
+
+    return sent
 
 
 def _prebuild(pid: int, channel: Channel) -> None:
@@ -413,7 +436,7 @@ def _frozen(
             pagemaps = Pagemaps()
             try:
                 for precopy in precopied.values():
-                    precopy.stale_references(lambda member: precopied[member].sent, pagemaps)
+                    precopy.stale_references(sent_by(precopied), pagemaps)
             finally:
                 pagemaps.close()
             laps.lap("references")
