@@ -22,6 +22,7 @@ socket or listener is relayed by the tree's one home shadow.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -33,11 +34,14 @@ from pathlib import Path
 
 import pytest
 from support import spawn_fixture
-from support.nodes import Cluster, Node, two_nodes
+from support.nodes import Cluster, Node, read_line, two_nodes
 from test_faults import hijack_in
 from test_move import (
     EXIT_TIMEOUT,
+    LINE_TIMEOUT,
     Moved,
+    ask,
+    ask_moved,
     assert_untouched,
     daemon_log,
     exit_code_on,
@@ -45,12 +49,18 @@ from test_move import (
     logs,
     poll_until,
     shadow_status,
+    shape_loopback,
+    spawn_python,
+    ss_lines,
     still_running,
     wait_gone,
 )
+from test_move_home import most_acknowledged
+from test_nodes import ECHO_SESSION
 from test_tree_programs import NGINX, NGINX_CONFIG
 
 from hijack.process.tree import read_tree
+from hijack.sys import procfs
 
 TREE_LINE = re.compile(
     r"moved process (\d+) to (\w+): it runs there as (\d+); frozen ([\d.]+) ms, (.+) sent"
@@ -158,6 +168,109 @@ def test_a_pipeline_moved_mid_stream_onward_and_home_keeps_every_line(tmp_path: 
         wait_gone(back, EXIT_TIMEOUT * 2, "the pipeline, moved home, ending")
         got = lines_in(output)
         assert got == [f"LINE {n}" for n in range(LINES)] + [f"END {LINES}"], got[-5:]
+
+
+# A preforked echo server: the root listens, forks a worker, and both accept on that one
+# listener (as nginx's workers do), a thread per connection echoing it.
+PREFORKED = """\
+import os, socket, threading
+listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+def echo(connection):
+    with connection:
+        while data := connection.recv(65536):
+            connection.sendall(data)
+def serve():
+    while True:
+        connection, _ = listener.accept()
+        threading.Thread(target=echo, args=(connection,), daemon=True).start()
+if os.fork() == 0:
+    serve()
+print(listener.getsockname()[1], flush=True)
+serve()
+"""
+
+
+def sockets_of(pid: int) -> dict[int, str]:
+    """Each socket descriptor of `pid`: "socket:[inode]"."""
+    found = {}
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+            if target.startswith("socket:"):
+                found[int(name)] = target
+    return found
+
+
+def relayed_by(shadow_pid: int, members: list[int]) -> list[str]:
+    """The sockets the shadow holds that no member does, but listeners (its endpoint, its
+    control socket): relays and what they carry."""
+    own = {link for member in members for link in sockets_of(member).values()}
+    table = procfs.read_socket_table(shadow_pid)
+    found = []
+    for link in set(sockets_of(shadow_pid).values()) - own:
+        info = table.get(int(link[len("socket:[") : -1]))
+        if info is None or info.state != "LISTEN":
+            found.append(f"{link} {info.describe() if info else ''}")
+    return found
+
+
+def test_a_forking_server_moved_away_and_home_again_holds_its_own_sockets(
+    tmp_path: Path,
+) -> None:
+    """Home again, every member gets the originals its home shadow held: the listener the
+    two share (one description, its inode as before), the client connections; the shadow
+    relays nothing more and follows the tree as an attached one."""
+    with two_nodes(tmp_path) as (a, b):
+        shape_loopback(a)  # the checked stream is under way through both moves
+        server = a.spawn(
+            [sys.executable, "-c", PREFORKED],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert server.stdout is not None
+        port = server.stdout.readline().decode().strip()
+        wait_members(server.pid, 2)
+        listener = {link for pid in read_tree(server.pid).pids for link in sockets_of(pid).values()}
+        session = spawn_python(a, ECHO_SESSION, "127.0.0.1", port)
+        assert read_line(session, LINE_TIMEOUT) == "connected"
+        assert ask(session, "at home") == "at home"
+        stream = ("127.0.0.1", port, str(48 << 20))
+        with spawn_fixture("stream_client", *stream, "81", netns=a.netns) as first:
+            poll_until(lambda: most_acknowledged(a, port) >= 1 << 20, "the stream under way")
+            there, _ = move_tree(a, server.pid, b)
+            server.wait(timeout=EXIT_TIMEOUT)
+            shadow_pid = int(shadow_status(a, server.pid)["shadow_pid"])
+            assert ask_moved(session, "away") == "away"
+            back, printed = move_tree(b, there, a)
+            assert "home again: it holds its own sockets" in printed, printed
+            members = list(read_tree(back).pids)
+            assert len(members) == 2, members
+            status = shadow_status(a, server.pid)
+            assert (status["mode"], status["streams"], status["location"]) == ("home", [], "")
+            assert status["target_pid"] == back, status
+            assert sorted(m["pid"] for m in status["members"]) == members[1:], status
+            poll_until(lambda: relayed_by(shadow_pid, members) == [], "no socket but theirs")
+            # The one listener of both, the very one they had before they left.
+            rows = [row for member in members for row in ss_lines(a, member)]
+            assert {r[3] for r in rows} == {f"127.0.0.1:{port}"}, rows
+            listening = [
+                {link for link in sockets_of(member).values() if link in listener}
+                for member in members
+            ]
+            assert listening == [listener, listener], (listener, listening)
+            assert ask_moved(session, "home again") == "home again"
+            with spawn_fixture(
+                "stream_client", *stream[:2], str(4 << 20), "82", netns=a.netns
+            ) as new:
+                new.assert_intact()
+            first.assert_intact()
+        assert ask_moved(session, "still") == "still"
+        assert shadow_status(a, server.pid)["streams"] == []
+        for member in reversed(members):
+            os.kill(member, signal.SIGKILL)
+        wait_gone(back, EXIT_TIMEOUT, "the server, killed")
+        wait_gone(shadow_pid, EXIT_TIMEOUT, "its home shadow, the tree ended")
 
 
 def test_a_fork_of_its_parent_is_refused_without_leave_parent(tmp_path: Path) -> None:
