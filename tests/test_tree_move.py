@@ -60,6 +60,7 @@ from test_nodes import ECHO_SESSION
 from test_tree_programs import NGINX, NGINX_CONFIG
 
 from hijack.process.tree import read_tree
+from hijack.registry import Registry
 from hijack.sys import procfs
 
 TREE_LINE = re.compile(
@@ -218,10 +219,12 @@ def test_a_forking_server_moved_away_and_home_again_holds_its_own_sockets(
     tmp_path: Path,
 ) -> None:
     """Home again, every member gets the originals its home shadow held: the listener the
-    two share (one description, its inode as before), the client connections; the shadow
-    relays nothing more and follows the tree as an attached one."""
+    two share and their stdout (one description each, shared, as before), the client
+    connections, one of them accepted by the shadow while the tree was away and under
+    way through the move home; the shadow relays nothing more and follows the tree as an
+    attached one, and ends with it."""
     with two_nodes(tmp_path) as (a, b):
-        shape_loopback(a)  # the checked stream is under way through both moves
+        shape_loopback(a)  # the checked streams are under way through the moves
         server = a.spawn(
             [sys.executable, "-c", PREFORKED],
             stdin=subprocess.DEVNULL,
@@ -231,39 +234,52 @@ def test_a_forking_server_moved_away_and_home_again_holds_its_own_sockets(
         assert server.stdout is not None
         port = server.stdout.readline().decode().strip()
         wait_members(server.pid, 2)
-        listener = {link for pid in read_tree(server.pid).pids for link in sockets_of(pid).values()}
+        shared = {link for pid in read_tree(server.pid).pids for link in sockets_of(pid).values()}
+        stdout = os.readlink(f"/proc/{server.pid}/fd/1")
         session = spawn_python(a, ECHO_SESSION, "127.0.0.1", port)
         assert read_line(session, LINE_TIMEOUT) == "connected"
         assert ask(session, "at home") == "at home"
-        stream = ("127.0.0.1", port, str(48 << 20))
+        stream = ("127.0.0.1", port, str(32 << 20))
         with spawn_fixture("stream_client", *stream, "81", netns=a.netns) as first:
             poll_until(lambda: most_acknowledged(a, port) >= 1 << 20, "the stream under way")
             there, _ = move_tree(a, server.pid, b)
             server.wait(timeout=EXIT_TIMEOUT)
             shadow_pid = int(shadow_status(a, server.pid)["shadow_pid"])
             assert ask_moved(session, "away") == "away"
-            back, printed = move_tree(b, there, a)
-            assert "home again: it holds its own sockets" in printed, printed
-            members = list(read_tree(back).pids)
-            assert len(members) == 2, members
-            status = shadow_status(a, server.pid)
-            assert (status["mode"], status["streams"], status["location"]) == ("home", [], "")
-            assert status["target_pid"] == back, status
-            assert sorted(m["pid"] for m in status["members"]) == members[1:], status
-            poll_until(lambda: relayed_by(shadow_pid, members) == [], "no socket but theirs")
-            # The one listener of both, the very one they had before they left.
-            rows = [row for member in members for row in ss_lines(a, member)]
-            assert {r[3] for r in rows} == {f"127.0.0.1:{port}"}, rows
-            listening = [
-                {link for link in sockets_of(member).values() if link in listener}
-                for member in members
-            ]
-            assert listening == [listener, listener], (listener, listening)
-            assert ask_moved(session, "home again") == "home again"
-            with spawn_fixture(
-                "stream_client", *stream[:2], str(4 << 20), "82", netns=a.netns
-            ) as new:
-                new.assert_intact()
+            # Accepted by the shadow, relayed to b: the members' own once home.
+            with spawn_fixture("stream_client", *stream, "82", netns=a.netns) as second:
+                poll_until(
+                    lambda: any(
+                        s["id"].startswith("acc:") and s["bytes_out"]
+                        for s in shadow_status(a, server.pid)["streams"]
+                    ),
+                    "the second client relayed",
+                )
+                back, printed = move_tree(b, there, a)
+                assert "home again: it holds its own sockets" in printed, printed
+                members = list(read_tree(back).pids)
+                assert len(members) == 2, members
+                status = shadow_status(a, server.pid)
+                assert (status["mode"], status["streams"], status["location"]) == ("home", [], "")
+                assert status["target_pid"] == back, status
+                assert sorted(m["pid"] for m in status["members"]) == members[1:], status
+                with Registry(a.state_dir) as registry:
+                    record = registry.get(back)
+                assert (record.state, record.home_pid) == ("attached", None), record
+                poll_until(lambda: relayed_by(shadow_pid, members) == [], "no socket but theirs")
+                # Every TCP socket they hold is a real one on the server's port; the
+                # listener and stdout both share are the very ones they had before.
+                rows = [row for member in members for row in ss_lines(a, member)]
+                assert {r[3] for r in rows} == {f"127.0.0.1:{port}"}, rows
+                for member in members:
+                    assert shared <= set(sockets_of(member).values()), (member, shared)
+                    assert os.readlink(f"/proc/{member}/fd/1") == stdout, member
+                assert ask_moved(session, "home again") == "home again"
+                with spawn_fixture(
+                    "stream_client", *stream[:2], str(4 << 20), "83", netns=a.netns
+                ) as third:
+                    third.assert_intact()
+                second.assert_intact()
             first.assert_intact()
         assert ask_moved(session, "still") == "still"
         assert shadow_status(a, server.pid)["streams"] == []
@@ -460,6 +476,9 @@ def test_nginx_moved_there_and_back_under_load_fails_no_request(
             stderr=subprocess.DEVNULL,
         )
         served_after(loader, 0, 0, tmp_path)
+        listeners = {
+            link for pid in read_tree(master.pid).pids for link in sockets_of(pid).values()
+        }
         there, printed = move_tree(a, master.pid, b)
         assert len(MEMBER_LINE.findall(printed)) == 3, printed
         status = json.loads(b.hijack_ok("status", "--json").stdout)
@@ -469,7 +488,12 @@ def test_nginx_moved_there_and_back_under_load_fails_no_request(
         master.wait(timeout=EXIT_TIMEOUT)  # the original, killed by the move
         served, fresh, failed, first = load_report(loader)
         served_after(loader, served, fresh, tmp_path)
-        back, _ = move_tree(b, there, a)
+        back, printed = move_tree(b, there, a)
+        # Home again: its listening sockets are its own, the very ones (no relay).
+        assert "home again: it holds its own sockets" in printed, printed
+        for member in read_tree(back).pids:
+            held = set(sockets_of(member).values())
+            assert held & listeners, (member, listeners, held)
         served, fresh, failed, first = load_report(loader)
         served_after(loader, served, fresh, tmp_path)
         served, fresh, failed, first = load_report(loader)
