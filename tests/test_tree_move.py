@@ -289,6 +289,43 @@ def test_a_forking_server_moved_away_and_home_again_holds_its_own_sockets(
         wait_gone(shadow_pid, EXIT_TIMEOUT, "its home shadow, the tree ended")
 
 
+# A parent echoing its stdin lines, and a child holding a UDP socket (a descriptor the
+# shadow cannot hand back: its peers know the shadow's relay).
+UDP_CHILD = """\
+import os, socket, sys, time
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("127.0.0.1", 0))
+if os.fork() == 0:
+    time.sleep(600)
+    os._exit(0)
+udp.close()
+print("ready", flush=True)
+for line in sys.stdin:
+    print(line.strip(), flush=True)
+"""
+
+
+def test_a_tree_that_cannot_all_come_home_stays_relayed_and_works(tmp_path: Path) -> None:
+    """One member's UDP socket keeps the whole tree relayed home again (the designed
+    fallback), and the move says why; its pipes, relayed, still carry every line."""
+    with two_nodes(tmp_path) as (a, b):
+        tree = spawn_python(a, UDP_CHILD)
+        assert read_line(tree, LINE_TIMEOUT) == "ready"
+        wait_members(tree.pid, 2)
+        there, _ = move_tree(a, tree.pid, b)
+        tree.wait(timeout=EXIT_TIMEOUT)
+        assert ask_moved(tree, "away") == "away"
+        back, printed = move_tree(b, there, a)
+        assert "home again, relayed by its shadow still:" in printed, printed
+        assert "(datagram)" in printed, printed
+        assert ask_moved(tree, "home, relayed") == "home, relayed"
+        status = shadow_status(a, tree.pid)
+        assert status["mode"] == "away" and status["streams"], status
+        for member in reversed(list(read_tree(back).pids)):
+            os.kill(member, signal.SIGKILL)
+        wait_gone(back, EXIT_TIMEOUT, "the tree, killed")
+
+
 def test_a_fork_of_its_parent_is_refused_without_leave_parent(tmp_path: Path) -> None:
     with two_nodes(tmp_path) as (a, b):
         forker = a.spawn(
