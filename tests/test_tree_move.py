@@ -266,6 +266,11 @@ def test_a_forking_server_moved_away_and_home_again_holds_its_own_sockets(
                 with Registry(a.state_dir) as registry:
                     record = registry.get(back)
                 assert (record.state, record.home_pid) == ("attached", None), record
+                shown = json.loads(a.hijack_ok("status", "--json").stdout)["processes"]
+                row = next(p for p in shown if p["pid"] == back)
+                assert row["state"] == "attached", row
+                held = [(m["pid"], m["attached"], m["alive"]) for m in row["members"]]
+                assert held == [(members[1], True, True)], row
                 poll_until(lambda: relayed_by(shadow_pid, members) == [], "no socket but theirs")
                 # Every TCP socket they hold is a real one on the server's port; the
                 # listener and stdout both share are the very ones they had before.
