@@ -365,11 +365,22 @@ def move_tree_frozen(
         raise
 
 
+PLAN_TRIES = 5  # looks at a running tree whose members end while we look (then: refused)
+
+
 def _running_plans(context: TreeMoveContext) -> tuple[dict[int, list[Proxy]], list[str]]:
-    """Away, while the tree runs: each member's proxies, and the streams they hold."""
-    members = list(read_tree(context.pid).pids)
-    plans = plan_tree(members, context.pid, context.shadow, False, frozen=False)
-    return plans, sorted({p.stream for plan in plans.values() for p in plan})
+    """Away, while the tree runs: each member's proxies, and the streams they hold. A
+    member that ends while we look (a pipeline's producer done) is not there next time."""
+    tries = PLAN_TRIES
+    while True:
+        members = list(read_tree(context.pid).pids)  # the root gone: ProcessGone
+        try:
+            plans = plan_tree(members, context.pid, context.shadow, False, frozen=False)
+            return plans, sorted({p.stream for plan in plans.values() for p in plan})
+        except ProcessGone:
+            tries -= 1
+            if not tries:
+                raise
 
 
 def _frozen(
