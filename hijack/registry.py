@@ -327,7 +327,9 @@ class Registry:
             )
             self._log(db, pid, "arrived", f"from the shadow of {home_node}:{home_pid}")
 
-    def settle_arrival(self, pid: int, *, home_again: bool = False) -> None:
+    def settle_arrival(
+        self, pid: int, *, home_again: bool = False, members: tuple[MemberRecord, ...] = ()
+    ) -> None:
         """A migrant recorded here now runs: if this is its home, its home row becomes this one.
 
         Found by its relay token (the migrant's own secret, the same on every
@@ -336,7 +338,8 @@ class Registry:
         migrant's pid; the old pid's "moved away" would be a second, stale row.
         Called once the move is committed: a move that fails leaves the home
         row as it was. `home_again`: its shadow handed every original back
-        (nothing is relayed): the row is an attached process's again.
+        (nothing is relayed): the row is an attached process's again, with `members`
+        (a tree's, their pids here now) in place of those it was attached with.
         """
         with self._transaction() as db:
             migrant = db.execute(
@@ -362,6 +365,12 @@ class Registry:
                 )
             db.execute("DELETE FROM processes WHERE pid=?", (old_pid,))
             db.execute("UPDATE members SET root=? WHERE root=?", (pid, old_pid))
+            if home_again and members:
+                db.execute("DELETE FROM members WHERE root=?", (pid,))
+                db.executemany(
+                    "INSERT OR REPLACE INTO members VALUES (?,?,?,?,?)",
+                    [(m.pid, pid, m.parent, m.start_time, m.program) for m in members],
+                )
             self._log(db, old_pid, "returned", f"home again as {pid}, shadow {shadow_pid}")
 
     def moved_on(self, pid: int, location: str) -> None:

@@ -62,10 +62,11 @@ def links(pid: int) -> dict[int, str]:
     return found
 
 
-def relay_sockets(shadow_pid: int, pid: int) -> list[str]:
-    """The sockets the shadow holds that the process does not, but for listeners (its
-    endpoint, its control socket): relays and what they carry."""
-    own = {link for link in links(pid).values() if link.startswith("socket:")}
+def relay_sockets(shadow_pid: int, *pids: int) -> list[str]:
+    """The sockets the shadow holds that the process (or no member of its tree, `pids`)
+    does not, but for listeners (its endpoint, its control socket): relays and what they
+    carry."""
+    own = {link for pid in pids for link in links(pid).values() if link.startswith("socket:")}
     table = procfs.read_socket_table(shadow_pid)
     found = []
     for link in set(links(shadow_pid).values()) - own:

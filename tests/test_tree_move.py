@@ -35,11 +35,14 @@ from pathlib import Path
 
 import pytest
 from support import spawn_fixture
-from support.nodes import Cluster, Node, two_nodes
+from support.nodes import Cluster, Node, read_line, two_nodes
 from test_faults import hijack_in
 from test_move import (
     EXIT_TIMEOUT,
+    LINE_TIMEOUT,
     Moved,
+    ask,
+    ask_moved,
     assert_untouched,
     daemon_log,
     exit_code_on,
@@ -47,12 +50,18 @@ from test_move import (
     logs,
     poll_until,
     shadow_status,
+    shape_loopback,
+    spawn_python,
+    ss_lines,
     still_running,
     wait_gone,
 )
+from test_move_home import links, most_acknowledged, relay_sockets
+from test_nodes import ECHO_SESSION
 from test_tree_programs import NGINX, NGINX_CONFIG
 
 from hijack.process.tree import read_tree
+from hijack.registry import Registry
 
 TREE_LINE = re.compile(
     r"moved process (\d+) to (\w+): it runs there as (\d+); frozen ([\d.]+) ms, (.+) sent"
@@ -172,6 +181,143 @@ def test_a_pipeline_moved_mid_stream_onward_and_home_keeps_every_line(tmp_path: 
         # longer names its children, so its wait ends in ECHILD (README, limits).
         wait_gone(back, EXIT_TIMEOUT * 2, "the pipeline, moved home, ending")
         assert_whole_stream(output)
+
+
+# A preforked echo server: the root listens, forks a worker, and both accept on that one
+# listener (as nginx's workers do), a thread per connection echoing it.
+PREFORKED = """\
+import os, socket, threading
+listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+def echo(connection):
+    with connection:
+        while data := connection.recv(65536):
+            connection.sendall(data)
+def serve():
+    while True:
+        connection, _ = listener.accept()
+        threading.Thread(target=echo, args=(connection,), daemon=True).start()
+if os.fork() == 0:
+    serve()
+print(listener.getsockname()[1], flush=True)
+serve()
+"""
+
+
+def sockets_of(pid: int) -> set[str]:
+    """The sockets `pid` holds: "socket:[inode]"."""
+    return {link for link in links(pid).values() if link.startswith("socket:")}
+
+
+def test_a_forking_server_moved_away_and_home_again_holds_its_own_sockets(
+    tmp_path: Path,
+) -> None:
+    """Home again, every member gets the originals its home shadow held: the listener the
+    two share and their stdout (one description each, shared, as before), the client
+    connections, one of them accepted by the shadow while the tree was away and under
+    way through the move home; the shadow relays nothing more and follows the tree as an
+    attached one, and ends with it."""
+    with two_nodes(tmp_path) as (a, b):
+        shape_loopback(a)  # the checked streams are under way through the moves
+        server = spawn_python(a, PREFORKED)
+        port = read_line(server, LINE_TIMEOUT)
+        wait_members(server.pid, 2)
+        shared = {link for pid in read_tree(server.pid).pids for link in sockets_of(pid)}
+        stdout = os.readlink(f"/proc/{server.pid}/fd/1")
+        session = spawn_python(a, ECHO_SESSION, "127.0.0.1", port)
+        assert read_line(session, LINE_TIMEOUT) == "connected"
+        assert ask(session, "at home") == "at home"
+        stream = ("127.0.0.1", port, str(32 << 20))
+        with spawn_fixture("stream_client", *stream, "81", netns=a.netns) as first:
+            poll_until(lambda: most_acknowledged(a, port) >= 1 << 20, "the stream under way")
+            there, _ = move_tree(a, server.pid, b)
+            server.wait(timeout=EXIT_TIMEOUT)
+            shadow_pid = int(shadow_status(a, server.pid)["shadow_pid"])
+            assert ask_moved(session, "away") == "away"
+            # Accepted by the shadow, relayed to b: the members' own once home.
+            with spawn_fixture("stream_client", *stream, "82", netns=a.netns) as second:
+                poll_until(
+                    lambda: any(
+                        s["id"].startswith("acc:") and s["bytes_out"]
+                        for s in shadow_status(a, server.pid)["streams"]
+                    ),
+                    "the second client relayed",
+                )
+                back, printed = move_tree(b, there, a)
+                assert "home again: it holds its own sockets" in printed, printed
+                members = list(read_tree(back).pids)
+                assert len(members) == 2, members
+                status = shadow_status(a, server.pid)
+                assert (status["mode"], status["streams"], status["location"]) == ("home", [], "")
+                assert status["target_pid"] == back, status
+                assert sorted(m["pid"] for m in status["members"]) == members[1:], status
+                with Registry(a.state_dir) as registry:
+                    record = registry.get(back)
+                assert (record.state, record.home_pid) == ("attached", None), record
+                shown = json.loads(a.hijack_ok("status", "--json").stdout)["processes"]
+                row = next(p for p in shown if p["pid"] == back)
+                assert row["state"] == "attached", row
+                held = [(m["pid"], m["attached"], m["alive"]) for m in row["members"]]
+                assert held == [(members[1], True, True)], row
+                poll_until(
+                    lambda: relay_sockets(shadow_pid, *members) == [], "no socket but theirs"
+                )
+                # Every TCP socket they hold is a real one on the server's port; the
+                # listener and stdout both share are the very ones they had before.
+                rows = [row for member in members for row in ss_lines(a, member)]
+                assert {r[3] for r in rows} == {f"127.0.0.1:{port}"}, rows
+                for member in members:
+                    assert shared <= sockets_of(member), (member, shared)
+                    assert os.readlink(f"/proc/{member}/fd/1") == stdout, member
+                assert ask_moved(session, "home again") == "home again"
+                with spawn_fixture(
+                    "stream_client", *stream[:2], str(4 << 20), "83", netns=a.netns
+                ) as third:
+                    third.assert_intact()
+                second.assert_intact()
+            first.assert_intact()
+        assert ask_moved(session, "still") == "still"
+        assert shadow_status(a, server.pid)["streams"] == []
+        for member in reversed(members):
+            os.kill(member, signal.SIGKILL)
+        wait_gone(back, EXIT_TIMEOUT, "the server, killed")
+        wait_gone(shadow_pid, EXIT_TIMEOUT, "its home shadow, the tree ended")
+
+
+# A parent echoing its stdin lines, and a child holding a UDP socket (a descriptor the
+# shadow cannot hand back: its peers know the shadow's relay).
+UDP_CHILD = """\
+import os, socket, sys, time
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.bind(("127.0.0.1", 0))
+if os.fork() == 0:
+    time.sleep(600)
+    os._exit(0)
+udp.close()
+print("ready", flush=True)
+for line in sys.stdin:
+    print(line.strip(), flush=True)
+"""
+
+
+def test_a_tree_that_cannot_all_come_home_stays_relayed_and_works(tmp_path: Path) -> None:
+    """One member's UDP socket keeps the whole tree relayed home again (the designed
+    fallback), and the move says why; its pipes, relayed, still carry every line."""
+    with two_nodes(tmp_path) as (a, b):
+        tree = spawn_python(a, UDP_CHILD)
+        assert read_line(tree, LINE_TIMEOUT) == "ready"
+        wait_members(tree.pid, 2)
+        there, _ = move_tree(a, tree.pid, b)
+        tree.wait(timeout=EXIT_TIMEOUT)
+        assert ask_moved(tree, "away") == "away"
+        back, printed = move_tree(b, there, a)
+        assert "home again, relayed by its shadow still:" in printed, printed
+        assert "(datagram)" in printed, printed
+        assert ask_moved(tree, "home, relayed") == "home, relayed"
+        status = shadow_status(a, tree.pid)
+        assert status["mode"] == "away" and status["streams"], status
+        for member in reversed(list(read_tree(back).pids)):
+            os.kill(member, signal.SIGKILL)
+        wait_gone(back, EXIT_TIMEOUT, "the tree, killed")
 
 
 def test_a_fork_of_its_parent_is_refused_without_leave_parent(tmp_path: Path) -> None:
@@ -361,6 +507,7 @@ def test_nginx_moved_there_and_back_under_load_fails_no_request(
             stderr=subprocess.DEVNULL,
         )
         served_after(loader, 0, 0, tmp_path)
+        listeners = {link for pid in read_tree(master.pid).pids for link in sockets_of(pid)}
         there, printed = move_tree(a, master.pid, b)
         assert len(MEMBER_LINE.findall(printed)) == 3, printed
         status = json.loads(b.hijack_ok("status", "--json").stdout)
@@ -370,7 +517,16 @@ def test_nginx_moved_there_and_back_under_load_fails_no_request(
         master.wait(timeout=EXIT_TIMEOUT)  # the original, killed by the move
         served, fresh, failed, first = load_report(loader)
         served_after(loader, served, fresh, tmp_path)
-        back, _ = move_tree(b, there, a)
+        back, printed = move_tree(b, there, a)
+        # Home again: its listening sockets are its own, the very ones (no relay). Under
+        # this load a client the shadow accepted as the move began may still hold a request
+        # for it: then the tree stays relayed (the designed fallback), and the move says so.
+        if "home again: it holds its own sockets" in printed:
+            for member in read_tree(back).pids:
+                held = sockets_of(member)
+                assert held & listeners, (member, listeners, held)
+        else:
+            assert "home again, relayed by its shadow still: " in printed, printed
         served, fresh, failed, first = load_report(loader)
         served_after(loader, served, fresh, tmp_path)
         served, fresh, failed, first = load_report(loader)

@@ -46,7 +46,8 @@ from hijack.node import terminal as terminal_pump
 from hijack.node.channel import Channel, ChannelError, DataReader
 from hijack.node.forwarder import ForwarderProcess, closed_listener
 from hijack.node.load import node_load
-from hijack.registry import Registry, node_name
+from hijack.process.tree import read_tree
+from hijack.registry import MemberRecord, Registry, node_name
 from hijack.restore.postcopy import LazyPages
 from hijack.restore.precopy import Prebuilt
 from hijack.restore.restorer import RestoreResult, restore
@@ -455,6 +456,8 @@ class NodeDaemon:
                 hold_until_commit(pids[int(request["pid"])])
 
             def hold_until_commit(pid: int) -> None:
+                # A tree home again is an attached tree: its members as they are now.
+                members = _members_now(pid) if tree and home_again else ()
                 # The restore gave each pty the settings of the home one; a pty
                 # whose master the process holds passes bytes through as they
                 # are (the home pty edits and echoes), so its slave is raw again.
@@ -508,7 +511,7 @@ class NodeDaemon:
                     with contextlib.nullcontext(registry) if registry else Registry() as records:
                         # Back home: its home row is this one now (attached again, if its
                         # shadow handed every original back).
-                        records.settle_arrival(pid, home_again=home_again)
+                        records.settle_arrival(pid, home_again=home_again, members=members)
                     laps.lap("decide")
                 except BaseException:
                     self._decide(move, pid, "aborted")
@@ -848,6 +851,16 @@ def _receive_unread(channel: Channel, proxies: list[Proxy]) -> list[Proxy]:
                 raise HijackError(f"malformed queues of fd {proxy.fd}") from None
         received.append(proxy._replace(queues=bytes(data)))
     return received
+
+
+def _members_now(root: int) -> tuple[MemberRecord, ...]:
+    """The members under `root` (rebuilt, not started yet), for its registry row."""
+    with contextlib.suppress(HijackError, OSError):  # read again by `hijack status`
+        return tuple(
+            MemberRecord(m.pid, root, m.ppid, procfs.read_stat(m.pid).starttime, m.comm)
+            for m in read_tree(root).members[1:]
+        )
+    return ()
 
 
 class _Originals:

@@ -496,7 +496,7 @@ def _move_frozen(
             else:
                 unread = peek_unread(pid, plan)
                 if homing:
-                    relayed = hand_back(pid, shadow, move_id, plan, unread, present)
+                    relayed = hand_back({pid: plan}, shadow, move_id, unread, present)
                     homing = not relayed
                 if homing:
                     plan = [dataclasses.replace(p, kind="original") for p in plan]
@@ -730,20 +730,35 @@ def unhomeable(plan: list[Proxy]) -> str:
     return f"{', '.join(others)} stay relayed" if others else ""
 
 
-def unsettled_for_home(pid: int, shadow: HomeShadow) -> str:
+def unsettled_for_home(
+    pid: int,
+    shadow: HomeShadow,
+    planner: Callable[[], tuple[dict[int, list[Proxy]], list[str]]] | None = None,
+) -> str:
     """Before the freeze of a move home: "" once the process, running on, has read all its
     relays hold and accepted every client the shadow passed to its listeners (within
     ack_wait()), else why not. The shadow sends nothing more meanwhile (`migrating`), so
-    once true it stays true; else its descriptors are relayed from home as before."""
+    once true it stays true; else its descriptors are relayed from home as before.
+    `planner`: a tree's members' plans and streams (hijack.node.tree_move), read anew."""
+
+    def single() -> tuple[dict[int, list[Proxy]], list[str]]:
+        plan, present = plan_proxies(pid, shadow, False, frozen=False)
+        return {pid: plan}, present
+
     deadline = time.monotonic() + ack_wait()
     least, progressed_at = -1, time.monotonic()
     while True:
-        plan, present = plan_proxies(pid, shadow, False, frozen=False)
-        why = unhomeable(plan)
+        plans, present = (planner or single)()
+        why = unhomeable([p for plan in plans.values() for p in plan])
         if why:
             return why
         pending = _pending_clients(shadow, present)
-        unread = {stream: count for stream, count in _queued(pid, plan, "in").items() if count}
+        unread = {
+            stream: count
+            for member, plan in plans.items()
+            for stream, count in _queued(member, plan, "in").items()
+            if count
+        }
         if not pending and not unread:
             return ""
         now, left = time.monotonic(), sum(unread.values()) + len(pending)
@@ -803,14 +818,15 @@ def _written(pid: int, plan: list[Proxy]) -> dict[str, int]:
 
 
 def hand_back(
-    pid: int,
+    plans: dict[int, list[Proxy]],
     shadow: HomeShadow,
     move_id: str,
-    plan: list[Proxy],
     unread: dict[str, bytes],
     present: list[str],
 ) -> str:
-    """Frozen, before a move home: have the shadow hand back every original (`hand_back`).
+    """Frozen, before a move home: have the shadow hand back every original (`hand_back`)
+    of the process, or of every member of its tree: `plans`, by pid (a stream members
+    share is one description, handed back once).
 
     Only with nothing in flight towards the process (what it had not read
     would have to reach it before what waits in the original), no client
@@ -820,13 +836,14 @@ def hand_back(
     Else why not, and nothing changed: the move relays its descriptors from
     home as before.
     """
+    plan = [p for member_plan in plans.values() for p in member_plan]
     why = unhomeable(plan)
     unread_streams = [stream for stream, data in unread.items() if data]
     pending = _pending_clients(shadow, present)
     if why or unread_streams or pending:
         return why or f"{', '.join([*unread_streams, *pending])} not caught up"
     deadline = time.monotonic() + ack_wait()
-    while any(_queued(pid, plan, "out").values()):
+    while any(any(_queued(pid, own, "out").values()) for pid, own in plans.items()):
         if time.monotonic() >= deadline:
             return f"what it wrote was not taken by its shadow within {ack_wait():g} s"
         time.sleep(HOME_SETTLE_INTERVAL)
@@ -836,7 +853,7 @@ def hand_back(
         "move": move_id,
         "streams": streams,
         "wait": ack_wait(),
-        "written": _written(pid, plan),
+        "written": {k: v for pid, own in plans.items() for k, v in _written(pid, own).items()},
     }
     try:
         shadow.request(request, timeout=ack_wait() + 15.0)
@@ -926,10 +943,13 @@ def _switch_shadow(
     present: list[str],
     *,
     home_again: bool = False,
+    members: dict[int, dict[int, str]] | None = None,
 ) -> None:
     """`migrated` to the shadow: the process runs at `location` with what `prepared` said.
 
-    `home_again`: at home, with every original the shadow handed back.
+    `home_again`: at home, with every original the shadow handed back; a tree's
+    `members` (but its root, whose are `plan`'s): each one's numbers of each stream, by
+    its pid at home now.
     """
     shadow.request(
         {
@@ -940,6 +960,10 @@ def _switch_shadow(
             # Its numbers of each stream: those of the originals handed back (the same
             # wherever it runs) are what the shadow holds for it at home again.
             "numbers": {str(p.fd): p.stream for p in plan if p.kind != "direct"},
+            "members": {
+                str(member): {str(fd): stream for fd, stream in numbers.items()}
+                for member, numbers in (members or {}).items()
+            },
             "pid": int(prepared.get("pid", 0)),  # its pid there
             "unread": {k: base64.b64encode(v).decode() for k, v in unread.items()},
             "listeners": prepared.get("listeners", {}),

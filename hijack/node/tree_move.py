@@ -63,11 +63,14 @@ from hijack.node.move import (
     consume_unread,
     drain_datagrams,
     drain_terminals,
+    hand_back,
     home_fields,
     peek_unread,
     plan_proxies,
     quiet_shadow,
     signals_held,
+    unhomeable,
+    unsettled_for_home,
 )
 from hijack.objects import pipe, unix
 from hijack.process.tree import read_tree
@@ -392,22 +395,49 @@ def move_tree_frozen(
     """Freeze the tree, send it (after pre-copy: what changed since, of the members
     `precopied`), commit, switch the shadow, kill the members here."""
     pid, channel, shadow, move_id = context.pid, context.channel, context.shadow, context.move_id
-    if not context.at_home:
-        quiet_shadow(shadow, move_id, f"the tree of process {pid} runs", pid, flush=False)
+    # Back to its home node, with nothing but streams and listeners relayed: the shadow
+    # may hand every member its originals back (docs/protocol.md, "Home again").
+    homing = not context.at_home and channel.peer == context.record.home_node
+    relayed = "" if homing else None  # why its shadow relays its descriptors still
     laps = Laps()
     handled = False  # the abort is _frozen's once the tree is frozen
     try:
+        if homing:
+            relayed = unhomeable([p for plan in _running_plans(context)[0].values() for p in plan])
+        if not context.at_home:
+            what = f"the tree of process {pid} runs"
+            quiet_shadow(shadow, move_id, what, pid, flush=homing and not relayed)
+        if homing and not relayed:
+            relayed = unsettled_for_home(pid, shadow, lambda: _running_plans(context))
         # Who else holds the members' pipes, while they run: each member's image then
         # checks only what changed (a scan of every process each, frozen, otherwise).
         holders_before = pipe.scan_holders_before(*read_tree(pid).pids)
         with frozen_tree(pid) as frozen:
             handled = True
             laps.lap("stop")
-            return _frozen(context, frozen, laps, precopied or {}, holders_before)
+            return _frozen(context, frozen, laps, precopied or {}, holders_before, relayed)
     except BaseException:
         if not handled and not context.at_home:
             _abort(channel, shadow, move_id)
         raise
+
+
+PLAN_TRIES = 5  # looks at a running tree whose members end while we look (then: refused)
+
+
+def _running_plans(context: TreeMoveContext) -> tuple[dict[int, list[Proxy]], list[str]]:
+    """Away, while the tree runs: each member's proxies, and the streams they hold. A
+    member that ends while we look (a pipeline's producer done) is not there next time."""
+    tries = PLAN_TRIES
+    while True:
+        members = list(read_tree(context.pid).pids)  # the root gone: ProcessGone
+        try:
+            plans = plan_tree(members, context.pid, context.shadow, False, frozen=False)
+            return plans, sorted({p.stream for plan in plans.values() for p in plan})
+        except ProcessGone:
+            tries -= 1
+            if not tries:
+                raise
 
 
 def _frozen(
@@ -416,8 +446,11 @@ def _frozen(
     laps: Laps,
     precopied: dict[int, Precopy],
     holders_before: procfs.HolderScan,
+    relayed: str | None = None,
 ) -> MoveResult:
+    """`relayed`: a move home's so far ("" if every original may come back), else None."""
     pid, channel, shadow, move_id = context.pid, context.channel, context.shadow, context.move_id
+    homing = relayed == ""
     at_home = context.at_home
     tracees = frozen.tracees
     members = list(tracees)
@@ -467,8 +500,17 @@ def _frozen(
         else:
             for member, plan in plans.items():
                 unread.update(peek_unread(member, plan))
+            if homing:
+                present = sorted({p.stream for plan in plans.values() for p in plan})
+                relayed = hand_back(plans, shadow, move_id, unread, present)
+                homing = not relayed
+            if homing:  # a description members share comes back once, to each of them
+                plans = {
+                    member: [dataclasses.replace(p, kind="original") for p in plan]
+                    for member, plan in plans.items()
+                }
         laps.lap("shadow hand-over")
-        channel.send(_move_message(context, plans, _controlling(frozen, plans)))
+        channel.send(_move_message(context, plans, _controlling(frozen, plans), homing))
         laps.lap("move message")
         context.report("streaming", before)
         writer = DataWriter(channel)
@@ -526,16 +568,23 @@ def _frozen(
                 # The members' one pty here: what was typed and not read yet, taken once.
                 typed = [p for p in plan if p.kind == "terminal" and p.stream not in unread]
                 unread.update(drain_terminals(member, typed))
+        pids = {int(old): int(now) for old, now in dict(prepared.get("pids", {})).items()}
         try:
             _switch_shadow(
                 shadow,
                 move_id,
                 channel.peer,
-                everything,
+                plans[pid] if homing else everything,  # home again: the root's numbers
                 prepared,
                 unread,
                 unread_datagrams,
                 sorted({p.stream for p in everything}),
+                home_again=homing,
+                members={
+                    pids.get(member, member): {p.fd: p.stream for p in plan}
+                    for member, plan in plans.items()
+                    if member != pid and homing
+                },
             )
             unswitched = None
         except HijackError as exc:
@@ -554,7 +603,6 @@ def _frozen(
             f" shadow could not be told to relay to it ({unswitched})",
             pid=pid,
         )
-    pids = {int(old): int(now) for old, now in dict(prepared.get("pids", {})).items()}
     moved = tuple(
         MemberMoved(m.pid, pids.get(m.pid, 0), m.comm, *parts.get(m.pid, (0, 0.0)))
         for m in frozen.record.members
@@ -576,6 +624,7 @@ def _frozen(
             int(prepared.get("injected", 0)) + int(answer.get("injected", 0)),
         ),
         members=moved,
+        relayed_at_home=relayed,
     )
 
 
@@ -600,15 +649,19 @@ def _controlling(frozen: FrozenTree, plans: dict[int, list[Proxy]]) -> dict[str,
 
 
 def _move_message(
-    context: TreeMoveContext, plans: dict[int, list[Proxy]], controlling: dict[str, Any]
+    context: TreeMoveContext,
+    plans: dict[int, list[Proxy]],
+    controlling: dict[str, Any],
+    home_again: bool,
 ) -> dict[str, Any]:
-    """The `move` of a tree (docs/protocol.md, "Moving a tree")."""
+    """The `move` of a tree (docs/protocol.md, "Moving a tree"); `home_again`: every
+    member's proxies are originals its home shadow handed back."""
     return {
         **controlling,
         "op": "move",
         "tree": True,
         "move": context.move_id,
-        "home_again": False,
+        "home_again": home_again,
         "pid": context.pid,
         "program": context.record.program,
         "mount_namespace": mounts.describe(context.pid, context.shadow.pid()),

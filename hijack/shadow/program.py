@@ -441,7 +441,9 @@ class Shadow:
             if own not in kept and not (everything and own in self.relayed)
         }
         self.held.update({fd: handed[stream] for fd, stream in numbers.items() if stream in handed})
-        for own in kept - set(self.held.values()):
+        if message.get("members"):
+            self._members_home_again(message["members"], handed)
+        for own in kept - set(self._own_fds()):
             self._close_unless_named(own)  # an original the process no longer holds
         if not everything:
             log(f"{len(handed)} streams are the process's own again (move {message['move']})")
@@ -452,6 +454,31 @@ class Shadow:
         self.hub.close_pump()  # nothing relayed: no socket of ours but what the process holds
         log(f"the process is home again with its own descriptors (move {message['move']})")
         return self.come_home(int(message.get("pid", 0)))
+
+    def _members_home_again(
+        self, members: dict[str, dict[str, str]], handed: dict[str, int]
+    ) -> None:
+        """A tree home again: its members' tables anew, under their pids here now, naming
+        the originals `handed` (stream id -> ours) by their numbers; each member followed.
+        What the old tables named is let go: a copy of what its members held when they
+        left (not what they hold now), or a relay the hub closed already."""
+        old = self.members
+        for pid in list(self.member_handles):
+            self._unwatch_member(pid)
+        self.members = {
+            int(pid): {
+                int(fd): handed[stream] for fd, stream in numbers.items() if stream in handed
+            }
+            for pid, numbers in members.items()
+        }
+        for pid in self.members:
+            with contextlib.suppress(HijackError):  # ended already: let go next time
+                self._watch_member(pid)
+        kept = set(handed.values())
+        for own in {fd for table in old.values() for fd in table.values()}:
+            if own not in kept and own not in self.relayed:
+                self._close_unless_named(own)
+        log(f"{len(self.members)} members of the tree hold their own descriptors again")
 
     def come_home(self, pid: int, member: int = 0) -> control.Message:
         """The target runs on this node again (restored, maybe under a new pid): follow it.
