@@ -185,8 +185,12 @@ class EndSession:
             self.close()
             raise
 
-    def queued(self, wait: float) -> int:
-        return int(self.ask({"op": "sent", "wait": wait})["queued"])
+    def sent(self, wait: float) -> tuple[int, int | None]:
+        """(bytes its socket has still to send after at most `wait` s, what the process
+        wrote to it in all: None where its kernel does not tell)."""
+        answer = self.ask({"op": "sent", "wait": wait})
+        written = answer.get("written")
+        return int(answer["queued"]), None if written is None else int(written)
 
     def join(self, local: str, remote: str, send_seq: int, recv_next: int, owed: bytes) -> None:
         # What is owed goes first, a piece a message (a node frame is at most 16 MiB).
@@ -265,6 +269,9 @@ class Swap:
     paused: list[Shadowed] = field(default_factory=list)
     channels: dict[str, Channel] = field(default_factory=dict)
     leases: list[socket.socket] = field(default_factory=list)  # see control.hold
+    # A relayed end's stream -> what its frozen process wrote in all: an encrypted
+    # relay's shadow waits until that much came through the forwarder (swap_state).
+    written: dict[Shadowed, int] = field(default_factory=dict)
     report: Callable[[str], None] = lambda _: None
 
     def run(self) -> tuple[str, str]:
@@ -289,7 +296,10 @@ class Swap:
                 sessions[id(end)] = self._freeze(end)
                 self.sessions.append(sessions[id(end)])
             for end in relayed:
-                self._check_sent(end, sessions[id(end)])
+                assert end.shadow is not None
+                written = self._check_sent(end, sessions[id(end)])
+                if written is not None:
+                    self.written[end.shadow] = written
             self._wait_drained("unacknowledged", "towards_peer")
             # 3. An end that is not relayed stops now; what it wrote reaches the shadow.
             for end in direct:
@@ -416,17 +426,23 @@ class Swap:
         return RemoteEnd(end, channel)
 
     @staticmethod
-    def _check_sent(end: End, session: EndSession) -> None:
-        left = session.queued(SWAP_WAIT)
+    def _check_sent(end: End, session: EndSession) -> int | None:
+        """Until all `end` wrote left its socket; what it wrote there in all."""
+        left, written = session.sent(SWAP_WAIT)
         if left:
             raise HijackError(f"{end.describe()}: {left} bytes it wrote did not leave its node")
+        return written
 
     def _shadow(self, shadowed: Shadowed, step: str) -> dict[str, Any]:
-        return control.request(
-            shadowed.control,
-            {"op": "swap", "swap": self.id, "stream": shadowed.stream, "step": step},
-            timeout=SHADOW_TIMEOUT,
-        )  # fmt: skip
+        message: dict[str, Any] = {
+            "op": "swap",
+            "swap": self.id,
+            "stream": shadowed.stream,
+            "step": step,
+        }
+        if step == "state" and shadowed in self.written:
+            message["written"] = self.written[shadowed]
+        return control.request(shadowed.control, message, timeout=SHADOW_TIMEOUT)
 
     def _owed(self, end: End) -> bytes:
         """What `end` is owed: what its shadow kept (the other end's last writes)."""

@@ -401,7 +401,9 @@ class Shadow:
             self.hub.swap_write(stream, swap)
             return {"ok": True}
         if step == "state":
-            return {"ok": True, **self.hub.swap_state(stream, swap)}
+            written = message.get("written")
+            count = None if written is None else int(written)
+            return {"ok": True, **self.hub.swap_state(stream, swap, count)}
         if step == "collect":  # a piece at a time: an answer is at most 1 MiB
             offset = int(message.get("offset", 0))
             owed = self.hub.swap_collect(stream, swap, read=offset == 0)

@@ -879,6 +879,10 @@ class RelayHub:
         if readable and stream.in_room():
             events |= selectors.EVENT_READ
         if stream.swapping:
+            # Nothing more for the process; but what TLS made of what it was sent before
+            # goes out (counted as sent: `unacknowledged` waits for it).
+            if relay.link is not None and relay.link.pending:
+                events |= selectors.EVENT_WRITE
             return events
         if self.pumping and (stream.out_held or (stream.original_eof and not stream.shut_relay)):
             events |= selectors.EVENT_WRITE
@@ -1083,6 +1087,8 @@ class RelayHub:
     def _flush_relay(self, stream: Stream) -> int:
         """Send the relay what we hold for it, head first: the byte count sent."""
         relay = stream.relay
+        if relay is not None and relay.link is not None and stream.swapping:
+            relay.link.flush()  # (see _relay_events)
         if relay is None or not self.pumping or stream.handed or stream.swapping:
             return 0
         sent = 0
@@ -1447,14 +1453,23 @@ class RelayHub:
         stream.splices = False
         self._refresh_interest()
 
-    def swap_state(self, stream_id: str, swap: str) -> dict[str, int]:
+    def swap_state(self, stream_id: str, swap: str, written: int | None = None) -> dict[str, int]:
         """How far stream `stream_id` is drained: the process's bytes still on their way
         to the original's peer (`towards_peer`), ours to the process not yet in its
-        socket (`unacknowledged`), and what we keep for it (`owed`)."""
+        socket (`unacknowledged`), and what we keep for it (`owed`).
+
+        Through an encrypted relay the process's bytes on their way are in its node's
+        forwarder and in TLS, in no queue we see: `written`, what the frozen process
+        wrote to its socket in all, says how many must have come (as for hand_back).
+        Without it such a stream counts 1 byte on its way: it cannot be told drained."""
         stream = self._swapped(stream_id, swap)
         relay = stream.relay
         assert relay is not None
-        towards_peer = stream.in_held + _readable(relay.sock) + unacknowledged_fd(stream.original)
+        if relay.link is not None:
+            on_the_way = 1 if written is None else max(0, written - relay.received)
+        else:
+            on_the_way = _readable(relay.sock)
+        towards_peer = stream.in_held + on_the_way + unacknowledged_fd(stream.original)
         return {
             "towards_peer": towards_peer,
             "unacknowledged": relay.unacknowledged(),
@@ -1514,9 +1529,6 @@ class RelayHub:
             return "its original has ended"
         if stream.relay is None or stream.retiring or stream.relay.eof:
             return "its relays are changing"
-        if stream.relay.link is not None:
-            # Its bytes pass through its node's forwarder, out of the swap's sight.
-            return "its relay is encrypted (hijack move --plain-relays)"
         if _socket_copy(stream.original) is None:
             return "not a socket"
         return ""
