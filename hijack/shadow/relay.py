@@ -60,6 +60,10 @@ from hijack.sys import terminal as terminal_sys
 
 CHUNK = 256 * 1024
 BUFFER_LIMIT = 4 * 1024 * 1024  # bytes held per direction before we stop reading
+# What a swap keeps for the process (read from the original) before it stops reading, while
+# the ends still run: a peer that writes on would else fill our memory at its link's rate.
+# Once every relayed end is frozen (the coordinator's `state` says `frozen`) all is read.
+SWAP_KEEP = 32 * 1024 * 1024
 ACK_WAIT = 5.0  # seconds to wait for the old node to acknowledge what we sent
 SIOCOUTQ = termios.TIOCOUTQ
 REPLAY_LIMIT = 1024 * 1024
@@ -231,6 +235,10 @@ class Stream:
     # the process wrote still goes to the original, what the original sends is kept here
     # (to_relay) for the direct connection; "" for a stream relayed as usual.
     swapping: str = ""
+    # Its relay failed while swapping (the process's old socket is reset at the swap's
+    # commit, maybe before the coordinator's `retire` comes): why; not watched any more.
+    relay_lost: str = ""
+    swap_bounded: bool = False  # swapping, its ends still running: keep SWAP_KEEP at most
     # Its number at the native pump while the pump splices it (hijack.shadow.pump), else 0.
     native: int = 0
     native_over: bool = False  # given back by the pump at an end or failure: never again
@@ -306,6 +314,9 @@ class RelayHub:
         self.log = log
         self.streams: dict[str, Stream] = {}
         self.listeners: dict[str, str] = {}  # listener stream id -> "ip:port" at the node
+        # The streams a socket swap took off their relays: their counts then, for good
+        # (status `swapped`: what shows that no byte of them was relayed since).
+        self.swapped: list[dict[str, Any]] = []
         self.datagrams: dict[str, DatagramStream] = {}  # UDP sockets (hijack.shadow.datagram)
         self.location = ""  # node the process runs on now; "" while not relaying
         # listener stream id -> the node's link for its clients (hijack.node.forwarder)
@@ -849,7 +860,7 @@ class RelayHub:
         if not (stream.closed or stream.handed or stream.native or self._offer_native(stream)):
             if stream.original >= 0:  # -1: a pipe we closed to pass its end on
                 self._watch(stream.original, self._original_events(stream), stream, "original")
-            if stream.relay is not None:
+            if stream.relay is not None and not stream.relay_lost:
                 self._watch(stream.relay.sock, self._relay_events(stream), stream, "relay")
             for relay in stream.retiring:
                 events = selectors.EVENT_READ if stream.in_room() else 0
@@ -858,8 +869,8 @@ class RelayHub:
     def _original_events(self, stream: Stream) -> int:
         if stream.kind == "listener":
             return selectors.EVENT_READ if self.pumping else 0
-        if stream.swapping:  # read all the peer sends, whatever we hold: it is owed
-            events = 0 if stream.original_eof else selectors.EVENT_READ
+        if stream.swapping:  # read what the peer sends, whatever we hold: it is owed
+            events = 0 if stream.original_eof or self._swap_full(stream) else selectors.EVENT_READ
             return events | (selectors.EVENT_WRITE if stream.in_held else 0)
         events = 0
         # Not pumping (a move under way), the flow towards the process stops; what
@@ -924,6 +935,11 @@ class RelayHub:
             else:
                 self._drain_retiring(stream, target)
         except OSError as exc:
+            if stream.swapping and role == "relay" and stream.relay is not None:
+                # Retired by the swap once committed; ended by swap_resume if not.
+                stream.relay_lost = str(exc) or type(exc).__name__
+                self._forget(stream.relay.sock)
+                return
             self.log(f"{stream.id}: {exc}; closing it")
             self._close(stream, reset=True)
         self._finish_if_done(stream)
@@ -948,7 +964,7 @@ class RelayHub:
             # Pumping checked again: an event of the select() batch that held a
             # `migrating` request may come after it, and must read nothing more.
             reading = events & selectors.EVENT_READ and (self.pumping or stream.swapping)
-            room = stream.out_room() or stream.swapping
+            room = not self._swap_full(stream) if stream.swapping else stream.out_room()
             if reading and not stream.original_eof and room:
                 moved += self._read_original(stream)
             moved += self._flush_relay(stream)
@@ -956,6 +972,10 @@ class RelayHub:
                 moved += self._flush_original(stream)
             if not moved or stream.original < 0:
                 break
+
+    @staticmethod
+    def _swap_full(stream: Stream) -> bool:
+        return stream.swap_bounded and len(stream.to_relay) >= SWAP_KEEP
 
     def _read_original(self, stream: Stream) -> int:
         pipe = stream.outward_pipe()
@@ -1445,6 +1465,7 @@ class RelayHub:
         if problem or stream is None:
             raise HijackError(f"{stream_id} cannot be swapped: {problem}")
         stream.swapping = swap
+        stream.swap_bounded = True
         # What is kept is counted in to_relay alone: the outward kernel pipe is emptied.
         _unpipe(stream.out_pipe, stream.to_relay)
         if stream.out_pipe is not None:
@@ -1453,7 +1474,9 @@ class RelayHub:
         stream.splices = False
         self._refresh_interest()
 
-    def swap_state(self, stream_id: str, swap: str, written: int | None = None) -> dict[str, int]:
+    def swap_state(
+        self, stream_id: str, swap: str, written: int | None = None, *, frozen: bool = False
+    ) -> dict[str, int]:
         """How far stream `stream_id` is drained: the process's bytes still on their way
         to the original's peer (`towards_peer`), ours to the process not yet in its
         socket (`unacknowledged`), and what we keep for it (`owed`).
@@ -1461,22 +1484,30 @@ class RelayHub:
         Through an encrypted relay the process's bytes on their way are in its node's
         forwarder and in TLS, in no queue we see: `written`, what the frozen process
         wrote to its socket in all, says how many must have come (as for hand_back).
-        Without it such a stream counts 1 byte on its way: it cannot be told drained."""
+        Without it such a stream counts 1 byte on its way: it cannot be told drained.
+        `frozen`: every relayed end is frozen; what we keep is no longer bounded."""
         stream = self._swapped(stream_id, swap)
+        if frozen and stream.swap_bounded:
+            stream.swap_bounded = False
+            self._refresh_stream(stream)
         relay = stream.relay
         assert relay is not None
         if relay.link is not None:
             on_the_way = 1 if written is None else max(0, written - relay.received)
         else:
             on_the_way = _readable(relay.sock)
-        towards_peer = stream.in_held + on_the_way + unacknowledged_fd(stream.original)
+        in_original = unacknowledged_fd(stream.original)
         return {
-            "towards_peer": towards_peer,
+            "towards_peer": stream.in_held + on_the_way + in_original,
+            # Its parts, for a swap that gives up to say where they were.
+            "held": stream.in_held,
+            "coming": on_the_way,
+            "in_original": in_original,
             "unacknowledged": relay.unacknowledged(),
             "owed": len(stream.to_relay),
         }
 
-    def swap_collect(self, stream_id: str, swap: str, *, read: bool = True) -> bytes:
+    def swap_collect(self, stream_id: str, swap: str, *, read: bool = True) -> bytearray:
         """What the process is owed on `stream_id`: what we held for it, then (`read`) the
         original read to its end (the caller saw its peer's send queue empty). Kept
         until swap_retire: swap_resume sends it on."""
@@ -1492,7 +1523,7 @@ class RelayHub:
                 raise HijackError(f"{stream_id}: its peer ended it meanwhile")
             stream.to_relay += data
             stream.bytes_out += len(data)
-        return bytes(stream.to_relay)
+        return stream.to_relay  # not copied: read in pieces
 
     def swap_resume(self, stream_id: str, swap: str) -> None:
         """The swap failed: relay the stream on as before (what we kept goes first)."""
@@ -1500,21 +1531,31 @@ class RelayHub:
         if stream is not None and stream.swapping == swap:
             stream.swapping = ""
             stream.splices = None
+            if stream.relay_lost:  # its process's socket is gone: the stream ends
+                self.log(f"{stream.id}: {stream.relay_lost}; closing it")
+                self._close(stream, reset=True)
             self._refresh_interest()
 
     def swap_retire(self, stream_id: str, swap: str) -> int:
         """Both ends hold the direct connection: close the stream's relay and original.
         Returns the original (our descriptor, closed now)."""
-        stream = self._swapped(stream_id, swap)
+        # Its original may have ended meanwhile: the other end's shadow retired (reset)
+        # its own first, once both ends were live on the direct connection.
+        stream = self._swapped(stream_id, swap, ended=True)
         original = stream.original
+        ends = _original_ends(stream)
         self._close(stream, reset=True)
+        self.swapped.append(
+            {"id": stream.id, "original": ends, "bytes_out": stream.bytes_out,
+             "bytes_in": stream.bytes_in, "swap": swap}
+        )  # fmt: skip
         return original
 
-    def _swapped(self, stream_id: str, swap: str) -> Stream:
+    def _swapped(self, stream_id: str, swap: str, *, ended: bool = False) -> Stream:
         stream = self.streams.get(stream_id)
         if stream is None or stream.closed or stream.swapping != swap or stream.relay is None:
             raise HijackError(f"{stream_id} is not being swapped by {swap}")
-        if stream.original < 0:
+        if stream.original < 0 and not ended:
             raise HijackError(f"{stream_id}: its original has ended")
         return stream
 
