@@ -275,7 +275,6 @@ class Swap:
     # A relayed end's stream -> what its frozen process wrote in all: an encrypted
     # relay's shadow waits until that much came through the forwarder (swap_state).
     written: dict[Shadowed, int] = field(default_factory=dict)
-    frozen: bool = False  # every relayed end is: the shadows may keep all (SWAP_KEEP)
     report: Callable[[str], None] = lambda _: None
 
     def run(self) -> tuple[str, str]:
@@ -299,9 +298,6 @@ class Swap:
             for end in relayed:
                 sessions[id(end)] = self._freeze(end)
                 self.sessions.append(sessions[id(end)])
-            self.frozen = True
-            for shadowed in self.paused:  # they keep all now: what the ends wrote drains
-                self._shadow(shadowed, "state")
             for end in relayed:
                 assert end.shadow is not None
                 written = self._check_sent(end, sessions[id(end)])
@@ -458,8 +454,7 @@ class Swap:
         }
         if step == "state" and shadowed in self.written:
             message["written"] = self.written[shadowed]
-        if step == "state" and self.frozen:
-            message["frozen"] = True
+
         return control.request(shadowed.control, message, timeout=SHADOW_TIMEOUT)
 
     def _owed(self, end: End) -> bytes:

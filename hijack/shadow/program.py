@@ -403,8 +403,7 @@ class Shadow:
         if step == "state":
             written = message.get("written")
             count = None if written is None else int(written)
-            frozen = bool(message.get("frozen"))
-            return {"ok": True, **self.hub.swap_state(stream, swap, count, frozen=frozen)}
+            return {"ok": True, **self.hub.swap_state(stream, swap, count)}
         if step == "collect":  # a piece at a time: an answer is at most 1 MiB
             offset = int(message.get("offset", 0))
             owed = self.hub.swap_collect(stream, swap, read=offset == 0)

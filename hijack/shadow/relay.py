@@ -60,10 +60,6 @@ from hijack.sys import terminal as terminal_sys
 
 CHUNK = 256 * 1024
 BUFFER_LIMIT = 4 * 1024 * 1024  # bytes held per direction before we stop reading
-# What a swap keeps for the process (read from the original) before it stops reading, while
-# the ends still run: a peer that writes on would else fill our memory at its link's rate.
-# Once every relayed end is frozen (the coordinator's `state` says `frozen`) all is read.
-SWAP_KEEP = 32 * 1024 * 1024
 ACK_WAIT = 5.0  # seconds to wait for the old node to acknowledge what we sent
 SIOCOUTQ = termios.TIOCOUTQ
 REPLAY_LIMIT = 1024 * 1024
@@ -238,7 +234,6 @@ class Stream:
     # Its relay failed while swapping (the process's old socket is reset at the swap's
     # commit, maybe before the coordinator's `retire` comes): why; not watched any more.
     relay_lost: str = ""
-    swap_bounded: bool = False  # swapping, its ends still running: keep SWAP_KEEP at most
     # Its number at the native pump while the pump splices it (hijack.shadow.pump), else 0.
     native: int = 0
     native_over: bool = False  # given back by the pump at an end or failure: never again
@@ -869,8 +864,8 @@ class RelayHub:
     def _original_events(self, stream: Stream) -> int:
         if stream.kind == "listener":
             return selectors.EVENT_READ if self.pumping else 0
-        if stream.swapping:  # read what the peer sends, whatever we hold: it is owed
-            events = 0 if stream.original_eof or self._swap_full(stream) else selectors.EVENT_READ
+        if stream.swapping:  # read all the peer sends, whatever we hold: it is owed
+            events = 0 if stream.original_eof else selectors.EVENT_READ
             return events | (selectors.EVENT_WRITE if stream.in_held else 0)
         events = 0
         # Not pumping (a move under way), the flow towards the process stops; what
@@ -964,7 +959,7 @@ class RelayHub:
             # Pumping checked again: an event of the select() batch that held a
             # `migrating` request may come after it, and must read nothing more.
             reading = events & selectors.EVENT_READ and (self.pumping or stream.swapping)
-            room = not self._swap_full(stream) if stream.swapping else stream.out_room()
+            room = stream.out_room() or stream.swapping
             if reading and not stream.original_eof and room:
                 moved += self._read_original(stream)
             moved += self._flush_relay(stream)
@@ -972,10 +967,6 @@ class RelayHub:
                 moved += self._flush_original(stream)
             if not moved or stream.original < 0:
                 break
-
-    @staticmethod
-    def _swap_full(stream: Stream) -> bool:
-        return stream.swap_bounded and len(stream.to_relay) >= SWAP_KEEP
 
     def _read_original(self, stream: Stream) -> int:
         pipe = stream.outward_pipe()
@@ -1465,7 +1456,6 @@ class RelayHub:
         if problem or stream is None:
             raise HijackError(f"{stream_id} cannot be swapped: {problem}")
         stream.swapping = swap
-        stream.swap_bounded = True
         # What is kept is counted in to_relay alone: the outward kernel pipe is emptied.
         _unpipe(stream.out_pipe, stream.to_relay)
         if stream.out_pipe is not None:
@@ -1474,9 +1464,7 @@ class RelayHub:
         stream.splices = False
         self._refresh_interest()
 
-    def swap_state(
-        self, stream_id: str, swap: str, written: int | None = None, *, frozen: bool = False
-    ) -> dict[str, int]:
+    def swap_state(self, stream_id: str, swap: str, written: int | None = None) -> dict[str, int]:
         """How far stream `stream_id` is drained: the process's bytes still on their way
         to the original's peer (`towards_peer`), ours to the process not yet in its
         socket (`unacknowledged`), and what we keep for it (`owed`).
@@ -1484,12 +1472,8 @@ class RelayHub:
         Through an encrypted relay the process's bytes on their way are in its node's
         forwarder and in TLS, in no queue we see: `written`, what the frozen process
         wrote to its socket in all, says how many must have come (as for hand_back).
-        Without it such a stream counts 1 byte on its way: it cannot be told drained.
-        `frozen`: every relayed end is frozen; what we keep is no longer bounded."""
+        Without it such a stream counts 1 byte on its way: it cannot be told drained."""
         stream = self._swapped(stream_id, swap)
-        if frozen and stream.swap_bounded:
-            stream.swap_bounded = False
-            self._refresh_stream(stream)
         relay = stream.relay
         assert relay is not None
         if relay.link is not None:
