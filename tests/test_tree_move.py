@@ -57,11 +57,14 @@ TREE_LINE = re.compile(
 )
 MEMBER_LINE = re.compile(r"^  (\d+) (\S+) as (\d+): image (.+), ([\d.]+) ms of the freeze$", re.M)
 
-# Numbered lines, LINES of them, one every PACE seconds: a stream a move catches mid-way.
+# Numbered lines, one every PACE seconds until the file argv[1] exists: a stream the
+# moves catch mid-way however long they take.
 PRODUCER = """\
-import sys, time
-for number in range(int(sys.argv[1])):
+import os, sys, time
+number = 0
+while not os.path.exists(sys.argv[1]):
     print(f"line {number}", flush=True)
+    number += 1
     time.sleep(float(sys.argv[2]))
 """
 # Keeps every line, upper-cased (a filter that changes what passes).
@@ -81,7 +84,6 @@ for line in sys.stdin:
     count += 1
 print(f"END {count}", flush=True)
 """
-LINES = 2500  # 12 s of stream at PACE: three moves come in the middle
 PACE = 0.005
 
 
@@ -108,12 +110,14 @@ def write_programs(directory: Path) -> dict[str, Path]:
 
 
 def start_pipeline(node: Node, directory: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    """`sh -c 'producer | filter | consumer > FILE'` in `node`, once the consumer writes."""
+    """`sh -c 'producer | filter | consumer > FILE'` in `node`, once the consumer writes;
+    the producer ends once `directory`/stop exists."""
     programs = write_programs(directory)
     output = directory / "consumer.out"
     python = sys.executable
     line = (
-        f"{python} {programs['producer']} {LINES} {PACE} | {python} {programs['filter']}"
+        f"{python} {programs['producer']} {directory / 'stop'} {PACE}"
+        f" | {python} {programs['filter']}"
         f" | {python} {programs['consumer']} > {output}"
     )
     errors = open(directory / "pipeline.err", "wb")  # noqa: SIM115 - the pipeline holds it
@@ -124,6 +128,13 @@ def start_pipeline(node: Node, directory: Path) -> tuple[subprocess.Popen[bytes]
     wait_members(shell.pid, 4)
     poll_until(lambda: len(lines_in(output)) >= 20, "the consumer writing")
     return shell, output
+
+
+def assert_whole_stream(output: Path) -> None:
+    """The consumer's file holds every line the producer wrote, once, in order, then END."""
+    got = lines_in(output)
+    count = len(got) - 1
+    assert count > 0 and got == [f"LINE {n}" for n in range(count)] + [f"END {count}"], got[-5:]
 
 
 def lines_in(path: Path) -> list[str]:
@@ -151,13 +162,14 @@ def test_a_pipeline_moved_mid_stream_onward_and_home_keeps_every_line(tmp_path: 
         onward, _ = move_tree(b, there, c)  # away to away: its relays from home follow it
         assert len(read_tree(onward).members) == 4
         back, _ = move_tree(c, onward, a)
-        assert len(lines_in(output)) < LINES, "the stream ended before the move home"
+        streamed = len(lines_in(output))
+        poll_until(lambda: len(lines_in(output)) > streamed, "the stream going on at home")
+        (tmp_path / "stop").touch()
         # The shell's own status is not checked: under fresh pids (the nodes share one
         # kernel, whose old pids the originals hold during the move) its job table no
         # longer names its children, so its wait ends in ECHILD (README, limits).
         wait_gone(back, EXIT_TIMEOUT * 2, "the pipeline, moved home, ending")
-        got = lines_in(output)
-        assert got == [f"LINE {n}" for n in range(LINES)] + [f"END {LINES}"], got[-5:]
+        assert_whole_stream(output)
 
 
 def test_a_fork_of_its_parent_is_refused_without_leave_parent(tmp_path: Path) -> None:
@@ -210,9 +222,9 @@ def test_a_tree_whose_move_fails_before_its_commit_runs_on_at_home(tmp_path: Pat
             assert not re.search(r"^VmFlags:.* u[wm]\b", smaps, re.MULTILINE), pid
         count = len(lines_in(output))
         poll_until(lambda: len(lines_in(output)) > count + 10, "the stream going on at home")
+        (tmp_path / "stop").touch()
         assert shell.wait(timeout=EXIT_TIMEOUT * 2) == 0
-        got = lines_in(output)
-        assert got == [f"LINE {n}" for n in range(LINES)] + [f"END {LINES}"], got[-5:]
+        assert_whole_stream(output)
         assert "runs here as" not in daemon_log(b)
 
 

@@ -283,6 +283,7 @@ class NodeDaemon:
     ) -> None:
         try:
             move, home, shadow, proxies = _parse_move(request)
+            controlling, foreground = _parse_controlling(request, proxies)
         except HijackError as exc:
             log(f"refused a move from {channel.peer} ({where}): {exc}")
             channel.send({"error": str(exc)})
@@ -420,14 +421,16 @@ class NodeDaemon:
                 if tree_given or (provided and not tree):
                     return  # a tree's: made at its first member's admission
                 # Filled in place: restore reads `provided` only after this.
-                ends: dict[str, int] = {}  # a tree's members share a stream's one end
+                # A tree's members share a stream's one end (a terminal's: one per open file).
+                ends: dict[tuple[str, int], int] = {}
                 for proxy in proxies:
-                    if proxy.stream not in ends or not tree:
-                        ends[proxy.stream] = proxy_end(proxy)
+                    key = (proxy.stream, proxy.file if proxy.kind == "terminal" else -1)
+                    if key not in ends or not tree:
+                        ends[key] = proxy_end(proxy)
                     if tree:
-                        tree_given[(proxy.member, proxy.fd)] = ends[proxy.stream]
+                        tree_given[(proxy.member, proxy.fd)] = ends[key]
                     else:
-                        provided[proxy.fd] = ends[proxy.stream]
+                        provided[proxy.fd] = ends[key]
                 laps.lap("admit and relays")
 
             def hold_tree_until_commit(pids: dict[int, int]) -> None:
@@ -503,7 +506,14 @@ class NodeDaemon:
                 result: RestoreResult = self._restore_tree(
                     cast(BinaryIO, image),
                     TreeMove(
-                        tree_given, admit, hold_tree_until_commit, mount_namespace, tree_rounds
+                        tree_given,
+                        admit,
+                        hold_tree_until_commit,
+                        mount_namespace,
+                        tree_rounds,
+                        # Its pty made now: the root takes it before its children are forked.
+                        terminals.reserve(controlling) if controlling else "",
+                        foreground,
                     ),
                 )
             else:
@@ -827,6 +837,21 @@ def _check_endpoint_owner(pid: int, relay_address: str) -> None:
         raise HijackError(f"process {pid} is not the home shadow listening at {relay_address}")
 
 
+def _parse_controlling(request: dict[str, Any], proxies: list[Proxy]) -> tuple[str, int]:
+    """A tree's `controlling` (the stream of its root's controlling terminal) and
+    `foreground` (the group in the foreground there, 0 if none of the tree's) fields,
+    checked: the stream is one of its terminals."""
+    controlling, foreground = request.get("controlling", ""), request.get("foreground", 0)
+    if not isinstance(controlling, str) or not isinstance(foreground, int):
+        raise HijackError(f"malformed move request: {json.dumps(request)[:120]}")
+    if not 0 <= foreground < 1 << 22:
+        raise HijackError(f"malformed move request: foreground group {foreground}")
+    terminals = {p.stream for p in proxies if p.kind == "terminal"}
+    if controlling and (request.get("tree") is not True or controlling not in terminals):
+        raise HijackError(f"malformed move request: controlling terminal {controlling!r:.40}")
+    return controlling, foreground
+
+
 class _Pty:
     """A pty made for a migrant: the end the daemon pumps to the relay, and the slave's path."""
 
@@ -844,12 +869,15 @@ class _Terminals:
     def __init__(self, relay: Callable[[str, str], socket.socket]) -> None:
         self.relay = relay  # (stream, the pty standing for it) -> its relay here
         self.ptys: dict[str, _Pty] = {}  # stream -> its pty
+        self.reserved: dict[str, tuple[int, str]] = {}  # stream -> (master, path), no relay yet
         # What the process gets: (stream, open file) -> a slave, or stream -> the master.
         self.handed: dict[tuple[str, int] | str, int] = {}
 
     def _pty(self, stream: str, *, master_held: bool) -> tuple[int, str]:
-        """A new pty for `stream` with its relay: (its master, its slave's path)."""
-        master, path = terminal.open_pseudo_terminal()
+        """A new pty for `stream` (or the one reserved) with its relay: (its master, its
+        slave's path)."""
+        reserved = self.reserved.pop(stream, None)
+        master, path = reserved or terminal.open_pseudo_terminal()
         kept = -1
         try:
             kept = terminal.open_slave(path) if master_held else master
@@ -861,6 +889,12 @@ class _Terminals:
             raise
         self.ptys[stream] = _Pty(kept, path, relay, master_held=master_held)
         return master, path
+
+    def reserve(self, stream: str) -> str:
+        """A pty for terminal `stream` made before its relay (a tree's controlling terminal,
+        taken by its root before the tree is forked): its slave's path."""
+        self.reserved[stream] = terminal.open_pseudo_terminal()
+        return self.reserved[stream][1]
 
     def slave(self, stream: str, open_file: int) -> int:
         """The slave for descriptors of `stream` that shared open file `open_file` at home:
@@ -886,10 +920,14 @@ class _Terminals:
                 terminal.set_settings(pty.kept, terminal.get_settings(pty.kept).raw())
 
     def close_slaves(self) -> None:
-        """Close what the process was handed: it has its own copies."""
+        """Close what the process was handed: it has its own copies (and a pty reserved
+        that no relay came for: the restore failed before)."""
         for fd in self.handed.values():
             os.close(fd)
         self.handed.clear()
+        for master, _path in self.reserved.values():
+            os.close(master)
+        self.reserved.clear()
 
     def close(self) -> None:
         self.close_slaves()

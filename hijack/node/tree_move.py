@@ -59,6 +59,7 @@ from hijack.node.move import (
     connect_datagrams,
     consume_unread,
     drain_datagrams,
+    drain_terminals,
     home_fields,
     peek_unread,
     plan_proxies,
@@ -69,7 +70,7 @@ from hijack.objects import unix
 from hijack.process.tree import read_tree
 from hijack.registry import ProcessRecord
 from hijack.shadow import control
-from hijack.sys import procfs
+from hijack.sys import kcmp, procfs
 from hijack.testpoint import reached
 from hijack.timing import Laps
 
@@ -164,6 +165,7 @@ def plan_tree(
     # descriptors (plan_proxies). Frozen, one reading serves them all.
     sockets = procfs.read_socket_table(root) if tree and frozen else None
     plans: dict[int, list[Proxy]] = {}
+    terminals: dict[tuple[int, int], str] = {}  # at home: a terminal's (dev, ino) -> its stream
     for pid in members:
         plan, _ = plan_proxies(
             pid, None if at_home else shadow, at_home, frozen=frozen, sockets=sockets, inside=inside
@@ -175,23 +177,70 @@ def plan_tree(
                 f" connection (fd {', '.join(direct)}, swapped); moving a tree with one is not"
                 " implemented yet; nothing was changed"
             )
-        terminals = [str(p.fd) for p in plan if p.kind in ("terminal", "master")]
-        if terminals and tree:
+        masters = [str(p.fd) for p in plan if p.kind == "master"]
+        if masters and tree:
             raise Unsupported(
-                f"cannot move the tree of process {root}: member {pid} holds a terminal"
-                f" (fd {', '.join(terminals)}); moving a tree with a terminal is not"
-                " implemented yet; nothing was changed"
+                f"cannot move the tree of process {root}: member {pid} holds a pty master"
+                f" (fd {', '.join(masters)}); moving a tree with one is not implemented yet;"
+                " nothing was changed"
             )
         if at_home and tree:
             links = shared or {}
             plan = [
                 dataclasses.replace(
-                    p, stream=stream_name(*links.get((pid, p.fd), (pid, p.fd)), root=root)
+                    p,
+                    stream=terminal_stream(pid, p.fd, root, terminals)
+                    if p.kind == "terminal"
+                    else stream_name(*links.get((pid, p.fd), (pid, p.fd)), root=root),
                 )
                 for p in plan
             ]
         plans[pid] = plan
-    return plans
+    return open_files_across(plans) if tree and frozen else plans
+
+
+def terminal_stream(pid: int, fd: int, root: int, terminals: dict[tuple[int, int], str]) -> str:
+    """At home, the stream of member `pid`'s terminal at `fd`: one for all the descriptors
+    of every member on that terminal (one pty at the destination), named for its first
+    holder's lowest descriptor ("tty:N" for the root's N, as a single process's)."""
+    name = f"tty:{fd}" if pid == root else f"tty:{fd}@{pid}"
+    try:
+        found = os.stat(f"/proc/{pid}/fd/{fd}")
+    except OSError:  # closed since (the tree not frozen yet): the freeze plans it again
+        return name
+    return terminals.setdefault((found.st_dev, found.st_ino), name)
+
+
+def open_files_across(plans: dict[int, list[Proxy]]) -> dict[int, list[Proxy]]:
+    """Each terminal descriptor's `file` numbered across the tree: descriptors of several
+    members that are one open file (inherited across a fork: one set of flags) get one
+    slave at the destination, as one relayed socket does."""
+    firsts: list[tuple[str, int, int, int]] = []  # (stream, pid, fd, number), one per file
+    numbered: dict[tuple[int, int], int] = {}  # (pid, its file) -> number
+    for pid, plan in plans.items():
+        for proxy in plan:
+            if proxy.kind != "terminal" or (pid, proxy.file) in numbered:
+                continue
+            number = next(
+                (
+                    n
+                    for stream, other, fd, n in firsts
+                    if stream == proxy.stream
+                    and kcmp.same_description_in(other, fd, pid, proxy.file)
+                ),
+                None,
+            )
+            if number is None:
+                number = len(firsts)
+                firsts.append((proxy.stream, pid, proxy.file, number))
+            numbered[(pid, proxy.file)] = number
+    return {
+        pid: [
+            dataclasses.replace(p, file=numbered[(pid, p.file)]) if p.kind == "terminal" else p
+            for p in plan
+        ]
+        for pid, plan in plans.items()
+    }
 
 
 # -- the move ------------------------------------------------------------------------------
@@ -339,6 +388,7 @@ def _frozen(
                     "stream": p.stream,
                     "listener": p.kind == "listener",
                     "datagram": p.kind == "datagram",
+                    "terminal": p.kind == "terminal",
                 }
                 for member, plan in plans.items()
                 for p in plan
@@ -352,7 +402,7 @@ def _frozen(
             for member, plan in plans.items():
                 unread.update(peek_unread(member, plan))
         laps.lap("shadow hand-over")
-        channel.send(_move_message(context, plans))
+        channel.send(_move_message(context, plans, _controlling(frozen, plans)))
         laps.lap("move message")
         context.report("streaming", before)
         writer = DataWriter(channel)
@@ -407,6 +457,9 @@ def _frozen(
         if not at_home:
             for member, plan in plans.items():
                 unread_datagrams.update(drain_datagrams(member, plan))
+                # The members' one pty here: what was typed and not read yet, taken once.
+                typed = [p for p in plan if p.kind == "terminal" and p.stream not in unread]
+                unread.update(drain_terminals(member, typed))
         try:
             _switch_shadow(
                 shadow,
@@ -460,9 +513,32 @@ def _frozen(
     )
 
 
-def _move_message(context: TreeMoveContext, plans: dict[int, list[Proxy]]) -> dict[str, Any]:
+def _controlling(frozen: FrozenTree, plans: dict[int, list[Proxy]]) -> dict[str, Any]:
+    """The root's controlling terminal, if a member holds it: its stream, and the
+    terminal's foreground process group if that is a group of the tree (docs/protocol.md,
+    "Moving a tree"); {} if none."""
+    root = frozen.record.members[0].pid
+    stat = procfs.read_stat(root)
+    if stat.tty_nr == 0:
+        return {}
+    for member, plan in plans.items():
+        for proxy in plan:
+            if proxy.kind != "terminal":
+                continue
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{member}/fd/{proxy.fd}").st_rdev == stat.tty_nr:
+                    groups = {m.pgid for m in frozen.record.members}
+                    foreground = stat.tpgid if stat.tpgid in groups else 0
+                    return {"controlling": proxy.stream, "foreground": foreground}
+    return {}
+
+
+def _move_message(
+    context: TreeMoveContext, plans: dict[int, list[Proxy]], controlling: dict[str, Any]
+) -> dict[str, Any]:
     """The `move` of a tree (docs/protocol.md, "Moving a tree")."""
     return {
+        **controlling,
         "op": "move",
         "tree": True,
         "move": context.move_id,

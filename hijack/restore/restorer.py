@@ -314,7 +314,7 @@ def rebuild_member(
         # A table shared with the parent has the shadow's descriptors from the parent's.
         taken = _take_from_shadow(holdings, plan) if holdings and not parents_table else {}
         try:
-            inherited = _lend(stub, {**taken, **pairs, **given})
+            inherited = lend(stub, {**taken, **pairs, **given})
         finally:
             for fd in taken.values():
                 os.close(fd)
@@ -349,7 +349,7 @@ def rebuild_member(
     return Rebuilt(_result(stub.pid, image, plan), image.header, holdings, pending)
 
 
-def _lend(stub: Stub, ours: dict[int, int]) -> dict[int, int]:
+def lend(stub: Stub, ours: dict[int, int]) -> dict[int, int]:
     """The stub's own copies (pidfd_getfd) of our descriptors `ours`, by the same keys."""
     if not ours:
         return {}

@@ -52,6 +52,7 @@ from hijack.restore.restorer import (
     Rebuilt,
     RestoreResult,
     holder_of,
+    lend,
     rebuild_member,
     record_restored,
     restore,
@@ -66,6 +67,7 @@ from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
 from hijack.testpoint import reached
 
 EEXIST = 17
+TIOCSCTTY, TIOCSPGRP = 0x540E, 0x5410
 PR_SET_NAME = 15
 SIG_DFL = 0
 PAGE_SIZE, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS = 4096, 0x3, 0x22
@@ -100,6 +102,11 @@ class TreeMove:
     mount_namespace: int | None = None
     # The members' pages a pre-copy sent (hijack.restore.tree_rounds), if it came first.
     rounds: TreeRounds | None = None
+    # The pty standing for the root's controlling terminal (its slave's path), if it had
+    # one: the root leads a session and takes it before its children are forked, who
+    # inherit it; `foreground`, the group (its id in the image) in the foreground there.
+    controlling: str = ""
+    foreground: int = 0
 
     def provided(self, member: int) -> dict[int, int]:
         return {fd: ours for (pid, fd), ours in self.given.items() if pid == member}
@@ -212,7 +219,7 @@ def restore_tree(
     made = _Made()
     shared = TreeShared(tree.shared)
     try:
-        _fork_tree(tree, made, new_pids, moved.mount_namespace)
+        _fork_tree(tree, made, new_pids, moved.mount_namespace, moved)
         reached("restore-tree-forked")
         rebuilt: list[Rebuilt] = []
         contexts = {context.pid: context.flags for context in tree.contexts}
@@ -300,8 +307,13 @@ def _one_image(records: Iterator[rec.Record]) -> Iterator[rec.Record]:
 
 
 def _fork_tree(
-    tree: rec.Tree, made: _Made, new_pids: bool, mount_namespace: int | None = None
+    tree: rec.Tree,
+    made: _Made,
+    new_pids: bool,
+    mount_namespace: int | None = None,
+    moved: TreeMove | None = None,
 ) -> None:
+    controlling = moved.controlling if moved else ""
     root = tree.members[0]
     pid = spawn_stub(root.pid, mount_namespace)  # or a new pid where that one is taken
     made.stubs[root.pid] = stub = Stub(pid, find_syscall_instruction(pid))
@@ -310,8 +322,12 @@ def _fork_tree(
         raise RestoreError(f"pid {root.pid} ({root.comm}) was taken meanwhile: try again")
     pt.set_options(pid, STUB_OPTIONS | pt.PTRACE_O_TRACEFORK)  # its children are ours too
     _scratch_on_stack(stub)
-    if root.sid == root.pid:
+    # Only a session leader takes a controlling terminal: a moved root leads a session of
+    # its own there, as a single process does (its session's leader, a shell, stayed home).
+    if root.sid == root.pid or controlling:
         stub.call("setsid")
+    if controlling:
+        _terminal_call(stub, controlling, TIOCSCTTY)
     zombie_parents = {m.ppid for m in tree.members if m.state is rec.MemberState.ZOMBIE}
     if root.pid in zombie_parents:
         _default_action(stub, signal.SIGCHLD)
@@ -332,9 +348,28 @@ def _fork_tree(
     _make_groups(tree, made)
     for group, first in groups.items():
         _end_group_leader(made, group, made.stubs[first.ppid])
+    foreground = made.pids.get(moved.foreground) if moved and moved.foreground else None
+    if controlling and foreground is not None:
+        _terminal_call(stub, controlling, TIOCSPGRP, foreground)
     for member in tree.members:
         if member.state is rec.MemberState.ZOMBIE:
             _exit_as_zombie(made, member)
+
+
+def _terminal_call(stub: Stub, path: str, request: int, pointed: int | None = None) -> None:
+    """ioctl `request` by `stub` on the pty whose slave is `path`, opened here and lent to
+    it (a stub in another mount namespace may not see our /dev/pts), then closed there: no
+    child forked after inherits it. `pointed`: an int the argument points to, if any."""
+    ours = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        fd = lend(stub, {0: ours})[0]
+    finally:
+        os.close(ours)
+    try:
+        argument = 0 if pointed is None else stub.put(struct.pack("<i", pointed))
+        stub.call("ioctl", fd, request, argument)
+    finally:
+        stub.call("close", fd)
 
 
 def orphaned_groups(tree: rec.Tree) -> dict[int, rec.TreeMember]:
