@@ -17,7 +17,9 @@ socket or listener is relayed by the tree's one home shadow.
   back under an HTTP load on its original address: no request fails;
 - a Python multiprocessing Pool moved while it works: every result arrives;
 - a tree whose members keep writing memory they share since a fork, moved with pre-copy
-  (the default for a tree with memory): every member finds every page as it wrote it.
+  (the default for a tree with memory): every member finds every page as it wrote it;
+- a tree whose member ends between the build of its stubs there (before the freeze) and
+  the freeze: restored the whole way, the zombie reaped there with its status.
 """
 
 from __future__ import annotations
@@ -405,6 +407,56 @@ def test_a_tree_dirtying_shared_memory_during_precopy_arrives_intact(tmp_path: P
         # Round 0 sends the shared region once, not once per member (the later rounds what
         # was written since).
         assert float(sent[1]) < DIRTY_MIB * (DIRTY_CHILDREN + 1) / 2, printed
+        # Its stubs were built from the rounds before the freeze, and used.
+        assert "rebuilt during the freeze" not in daemon_log(b), daemon_log(b)
         tree.wait_exit()
         shadow = int(shadow_status(a, tree.pid)["shadow_pid"])
         finish_moved(tree, Moved(there, b, 0.0, shadow), tmp_path)
+
+
+# A parent keeping a child (sleep, exec'd); told by SIGUSR1, it reaps a child and exits 0
+# only if that child was killed by SIGKILL.
+KEEPER = """\
+import os, signal, subprocess, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+subprocess.Popen(["sleep", "1000"])
+print("ready", flush=True)
+signal.sigwait({signal.SIGUSR1})
+_, status = os.wait()  # under its new pid there: any child
+sys.exit(0 if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL else 1)
+"""
+
+
+def test_a_tree_changed_after_its_stubs_were_built_is_rebuilt_during_the_freeze(
+    tmp_path: Path,
+) -> None:
+    """The destination builds the tree's stubs from the rounds before the freeze; a member
+    that ends in between (a zombie at the freeze, running when they were built) makes the
+    frozen tree another: it is restored the whole way, its zombie reaped there."""
+    with two_nodes(tmp_path) as (a, b):
+        keeper = a.spawn(
+            [sys.executable, "-c", KEEPER],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert keeper.stdout is not None and keeper.stdout.readline() == b"ready\n"
+        wait_members(keeper.pid, 2)
+        child = read_tree(keeper.pid).members[1].pid
+        assert b.daemon_endpoint is not None
+        mover = hijack_in(
+            a, "move-prebuilt", "move", keeper.pid, "--to", b.daemon_endpoint, "--precopy"
+        )
+        os.kill(child, signal.SIGKILL)
+        poll_until(lambda: read_tree(keeper.pid).members[1].zombie, "the child a zombie")
+        os.kill(mover.pid, signal.SIGCONT)
+        printed, errors = mover.communicate(timeout=EXIT_TIMEOUT * 4)
+        assert mover.returncode == 0, f"{errors}\n{logs(tmp_path)}"
+        found = TREE_LINE.search(printed)
+        assert found is not None, printed
+        there = int(found[3])
+        assert "rebuilt during the freeze" in daemon_log(b), daemon_log(b)
+        keeper.wait(timeout=EXIT_TIMEOUT)  # the original, killed by the move
+        os.kill(there, signal.SIGUSR1)
+        wait_gone(there, EXIT_TIMEOUT, "the keeper, moved, reaping its zombie")
+        assert exit_code_on(b, there) == 0, logs(tmp_path)

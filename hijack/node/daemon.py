@@ -50,7 +50,7 @@ from hijack.registry import Registry, node_name
 from hijack.restore.postcopy import LazyPages
 from hijack.restore.precopy import Prebuilt
 from hijack.restore.restorer import RestoreResult, restore
-from hijack.restore.tree import TreeMove, restore_tree
+from hijack.restore.tree import PrebuiltTree, TreeMove, prebuild_tree, restore_tree
 from hijack.restore.tree_rounds import TreeRounds
 from hijack.shadow import control
 from hijack.shadow.datagram import widen_receive_buffer
@@ -235,6 +235,7 @@ class NodeDaemon:
         move, program = request.get("move"), request.get("program")
         members = request.get("members")
         rounds: TreeRounds | None = None
+        prebuilt: PrebuiltTree | None = None
         try:
             if not isinstance(members, list) or not all(isinstance(m, int) for m in members):
                 raise HijackError(f"move {move}: a tree's pre-copy without its members")
@@ -248,8 +249,21 @@ class NodeDaemon:
                         if mount_namespace is not None:
                             os.close(mount_namespace)
                             mount_namespace = None  # the move opens its own
-                        self._receive_move(channel, message, where, None, registry, rounds)
+                        self._receive_move(
+                            channel, message, where, None, registry, rounds, prebuilt
+                        )
                         return
+                    if message.get("op") == "prebuild" and prebuilt is None:
+                        prebuilt = _prebuild(message, rounds, mount_namespace, move)
+                        pids = prebuilt.made.pids if prebuilt is not None else {}
+                        channel.send(
+                            {
+                                "phase": "prebuilt",
+                                "built": prebuilt is not None,
+                                "pids": {str(old): now for old, now in pids.items()},
+                            }
+                        )
+                        continue
                     if message.get("op") != "round" or not isinstance(message.get("member"), int):
                         raise HijackError(f"move {move} aborted by the mover during pre-copy")
                     reader = DataReader(channel)
@@ -267,6 +281,8 @@ class NodeDaemon:
             with contextlib.suppress(ChannelError):
                 channel.refuse(str(exc))
         finally:
+            if prebuilt is not None:
+                prebuilt.discard()
             if rounds is not None:
                 rounds.close()
             if mount_namespace is not None:
@@ -280,6 +296,7 @@ class NodeDaemon:
         prebuilt: Prebuilt | None = None,
         registry: Registry | None = None,
         tree_rounds: TreeRounds | None = None,
+        tree_prebuilt: PrebuiltTree | None = None,
     ) -> None:
         try:
             move, home, shadow, proxies = _parse_move(request)
@@ -514,6 +531,8 @@ class NodeDaemon:
                         # Its pty made now: the root takes it before its children are forked.
                         terminals.reserve(controlling) if controlling else "",
                         foreground,
+                        tree_prebuilt,
+                        laps,
                     ),
                 )
             else:
@@ -559,6 +578,11 @@ class NodeDaemon:
             if mount_namespace is not None:
                 os.close(mount_namespace)
         terminals.start_pumps()
+        if tree_prebuilt is not None and not tree_prebuilt.used:
+            log(
+                f"move {move}: the tree changed between the build of its stubs and its freeze:"
+                " rebuilt during the freeze"
+            )
         _watch_migrant(result.pid, child=True)
         log(f"move {move}: {result.program} runs here as {result.pid}")
         source_pid = request.get("pid")
@@ -685,6 +709,41 @@ def datagram_socket(proxy: Proxy, here: str) -> socket.socket:
         sock.close()
         raise HijackError(f"cannot make a UDP socket for fd {proxy.fd}: {exc}") from None
     return sock
+
+
+def _prebuild(
+    message: dict[str, Any], rounds: TreeRounds, mount_namespace: int | None, move: object
+) -> PrebuiltTree | None:
+    """A moving tree's stubs built from its rounds before its freeze (`prebuild`,
+    docs/protocol.md "Moving a tree"); None if they cannot be: the final image then
+    builds them during the freeze, as without (logged)."""
+    try:
+        members = tuple(
+            rec.TreeMember(
+                pid=int(pid),
+                ppid=int(ppid),
+                pgid=int(pgid),
+                sid=int(sid),
+                exit_signal=int(exit_signal),
+                exit_code=int(exit_code),
+                state=rec.MemberState(int(state)),
+                comm=str(comm),
+            )
+            for pid, ppid, pgid, sid, exit_signal, exit_code, state, comm in message["members"]
+        )
+        contexts = tuple(
+            rec.SharedContext(pid=int(pid), flags=rec.CloneFlags(int(flags)))
+            for pid, flags in message.get("contexts", [])
+        )
+        tree = rec.Tree(members=members, contexts=contexts)
+    except (KeyError, TypeError, ValueError, HijackError) as exc:
+        log(f"move {move!s:.40}: malformed prebuild ({type(exc).__name__}: {exc}); not built")
+        return None
+    try:
+        return prebuild_tree(tree, rounds, mount_namespace)
+    except (HijackError, OSError) as exc:
+        log(f"move {move!s:.40}: the tree's stubs not built before its freeze: {exc}")
+        return None
 
 
 def _credentials(fields: Any) -> rec.Credentials:

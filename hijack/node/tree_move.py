@@ -14,9 +14,12 @@ As a single process's move (hijack.node.move), with these differences:
 - pre-copy over all members (precopy_tree): while the tree runs, each member's memory
   is sent in rounds, round 0's pages a member before it sent already (their frame is the
   same: shared copy-on-write since a fork) as references to that member's page; the
-  destination keeps each member's pages until the final image rebuilds it
-  (hijack.restore.tree_rounds). At the freeze a reference whose two pages are not the
-  same frame any more is stored in the final image. No post-copy.
+  destination keeps each member's pages (hijack.restore.tree_rounds). After the last
+  round, the tree still running, it forks the tree's stubs with the relations read
+  then (their pids decided there and then) and fills each from its rounds (_prebuild):
+  the freeze only applies the final image to them, as a single process's. At the
+  freeze a reference whose two pages are not the same frame any more is stored in the
+  final image. No post-copy.
 
 A process whose parent stays behind (an nginx worker, a pool's worker: a fork of
 its parent that never exec'd) is refused unless --leave-parent
@@ -37,9 +40,9 @@ from typing import Any, BinaryIO, cast
 from hijack.errors import HijackError, ProcessGone, Unsupported
 from hijack.image import records as rec
 from hijack.mutator.dump import kill_stopped, read_credentials, write_image, write_tree
-from hijack.mutator.frozen_tree import FrozenTree, frozen_tree
+from hijack.mutator.frozen_tree import FrozenTree, frozen_tree, relations_now
 from hijack.mutator.handover import hand_descriptors_to_shadow
-from hijack.mutator.precopy import Frames, Precopy, RoundSent
+from hijack.mutator.precopy import Frames, Pagemaps, Precopy, RoundSent
 from hijack.mutator.shared_pages import SharedPages
 from hijack.mutator.tracee import Tracee
 from hijack.node import mounts, pki
@@ -66,7 +69,7 @@ from hijack.node.move import (
     quiet_shadow,
     signals_held,
 )
-from hijack.objects import unix
+from hijack.objects import pipe, unix
 from hijack.process.tree import read_tree
 from hijack.registry import ProcessRecord
 from hijack.shadow import control
@@ -305,6 +308,8 @@ def precopy_tree(
                 channel.expect("phase")
             tree_round = RoundSent(number, pages, image_bytes)
             if not root.should_continue(tree_round, before):
+                report("building there", sent)
+                _prebuild(pid, channel)
                 for precopy in precopies.values():
                     precopy.prepare_freeze()
                 return precopies
@@ -313,6 +318,32 @@ def precopy_tree(
         for precopy in precopies.values():
             precopy.close()
         raise
+
+
+def _prebuild(pid: int, channel: Channel) -> None:
+    """Have the destination fork the tree's stubs with its relations as they are now and
+    build each from its rounds, before the freeze (docs/protocol.md, "Moving a tree"):
+    the freeze then only applies the final image. The frozen tree is checked against
+    this one there (a member forked or gone since: its stubs built during the freeze)."""
+    tree = relations_now(pid)
+    channel.send(
+        {
+            "op": "prebuild",
+            "members": [
+                [m.pid, m.ppid, m.pgid, m.sid, m.exit_signal, m.exit_code, int(m.state), m.comm]
+                for m in tree.members
+            ],
+            "contexts": [[c.pid, int(c.flags)] for c in tree.contexts],
+        }
+    )
+    patience = channel.sock.gettimeout()
+    # It writes every member's pages in: on a big tree, longer than the usual silence.
+    channel.sock.settimeout(max(patience or 0.0, PREPARE_TIMEOUT))
+    try:
+        channel.expect("phase")
+    finally:
+        channel.sock.settimeout(patience)
+    reached("move-prebuilt")
 
 
 @dataclass(frozen=True)
@@ -343,10 +374,13 @@ def move_tree_frozen(
     laps = Laps()
     handled = False  # the abort is _frozen's once the tree is frozen
     try:
+        # Who else holds the members' pipes, while they run: each member's image then
+        # checks only what changed (a scan of every process each, frozen, otherwise).
+        holders_before = pipe.scan_holders_before(*read_tree(pid).pids)
         with frozen_tree(pid) as frozen:
             handled = True
             laps.lap("stop")
-            return _frozen(context, frozen, laps, precopied or {})
+            return _frozen(context, frozen, laps, precopied or {}, holders_before)
     except BaseException:
         if not handled and not context.at_home:
             _abort(channel, shadow, move_id)
@@ -354,7 +388,11 @@ def move_tree_frozen(
 
 
 def _frozen(
-    context: TreeMoveContext, frozen: FrozenTree, laps: Laps, precopied: dict[int, Precopy]
+    context: TreeMoveContext,
+    frozen: FrozenTree,
+    laps: Laps,
+    precopied: dict[int, Precopy],
+    holders_before: procfs.HolderScan,
 ) -> MoveResult:
     pid, channel, shadow, move_id = context.pid, context.channel, context.shadow, context.move_id
     at_home = context.at_home
@@ -371,9 +409,14 @@ def _frozen(
         if precopied:
             for precopy in precopied.values():
                 precopy.freeze()
-            for precopy in precopied.values():
-                precopy.stale_references(lambda member: precopied[member].sent)
             laps.lap("dirty scan")
+            pagemaps = Pagemaps()
+            try:
+                for precopy in precopied.values():
+                    precopy.stale_references(lambda member: precopied[member].sent, pagemaps)
+            finally:
+                pagemaps.close()
+            laps.lap("references")
         plans = plan_tree(members, pid, shadow, at_home, shared=shared, besides=besides)
         laps.lap("plan")
         unread: dict[str, bytes] = {}
@@ -406,7 +449,7 @@ def _frozen(
         laps.lap("move message")
         context.report("streaming", before)
         writer = DataWriter(channel)
-        parts = _write_tree(frozen, cast(BinaryIO, writer), besides, precopied)
+        parts = _write_tree(frozen, cast(BinaryIO, writer), besides, precopied, holders_before)
         writer.close()
         laps.lap("image: pages")
         context.report("restoring", before + writer.sent)
@@ -561,6 +604,7 @@ def _write_tree(
     out: BinaryIO,
     besides: frozenset[int],
     precopied: dict[int, Precopy],
+    holders_before: procfs.HolderScan | None = None,
 ) -> dict[int, tuple[int, float]]:
     """The tree stream of the frozen tree to `out` (pages members still share since a
     fork stored once: write_tree; of a member `precopied`, what changed since the rounds):
@@ -579,6 +623,7 @@ def _write_tree(
             tree=inside,
             shared_pages=shared,
             precopied=precopied.get(tracee.pid),
+            holders_before=holders_before,
         )
         sizes[tracee.pid] = (written, (time.perf_counter() - started) * 1000)
         return end, threads, written
