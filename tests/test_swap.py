@@ -19,6 +19,7 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from support import spawn_fixture
 from support.nodes import Cluster, Node, link_down, link_up
 from support.running import RunningFixture
@@ -34,7 +35,7 @@ from test_move import (
 
 from hijack.sys import procfs
 
-PLAIN = ("--plain-relays",)  # a swap takes plain relays only (docs/protocol.md)
+PLAIN = ("--plain-relays",)  # relays not encrypted (the default is TLS between nodes)
 # Node a's loopback slowed down so that the stream is still under way after the moves and
 # the swaps (the direct connection between nodes is not shaped): 10 MB/s, 400 MB echoed.
 LOOPBACK_SHAPE = ("rate", "80mbit", "burst", "256kb", "latency", "100ms")
@@ -80,7 +81,9 @@ def test_a_moved_client_and_its_attached_server_are_joined_directly(tmp_path: Pa
         # The server waits in epoll: its entry must follow the swapped socket.
         with echo_stream(a, seed=41, server_args=("0", "epoll")) as (server, client):
             a.hijack_ok("attach", server.pid)
-            moved = move(a, client.pid, b, options=PLAIN)
+            # Encrypted relays (the default): the swap drains the node's forwarder too.
+            # Not swapped by the move itself (--no-swap): `hijack swap` does it.
+            moved = move(a, client.pid, b, options=("--no-swap",))
             client.wait_exit()  # the original, killed by the move
             assert still_running(moved.pid), "the stream ended before the swap: too fast"
             assert len(relayed_ids(a, client.pid)) == 1
@@ -103,7 +106,9 @@ def test_a_moved_client_and_its_attached_server_are_joined_directly(tmp_path: Pa
                 lambda: any(peer.startswith("10.77.0.2:") for peer in peers_of(server.pid)),
                 "the server's connection goes to node b",
             )
-            assert all(peer.startswith("10.77.0.1:") for peer in peers_of(moved.pid))
+            # (Its control socket stays relayed: through the forwarder here, on loopback.)
+            peers = {peer for peer in peers_of(moved.pid) if not peer.startswith("127.")}
+            assert peers and all(peer.startswith("10.77.0.1:") for peer in peers), peers
             # It finishes there on its own: its own check of every byte echoed, in order.
             assert_ended_well(moved, "the swapped stream_client", tmp_path)
             server.assert_intact()
@@ -128,7 +133,7 @@ def test_a_swap_interrupted_at_any_step_leaves_the_relayed_stream_working(
             client,
         ):
             a.hijack_ok("attach", server.pid)
-            moved = move(a, client.pid, b, options=PLAIN)
+            moved = move(a, client.pid, b, options=(*PLAIN, "--no-swap"))
             client.wait_exit()  # the original, killed by the move
             for stage, what in (
                 ("swap-frozen", signal.SIGINT),
@@ -182,22 +187,46 @@ def goes_on_without(home: Node, node: Node, peer: str) -> None:
         link_up(home)  # the processes' pipes (stdout, stderr) are relayed through it
 
 
-def test_two_migrants_joined_directly_outlive_their_home_node(tmp_path: Path) -> None:
+def swapped_counts(home: Node) -> dict[int, tuple[int, int]]:
+    """pid -> (bytes to, from the process) its home shadow had relayed of each stream a
+    swap took off its relay (`hijack status --json`: the shadow's `swapped`)."""
+    snapshot = json.loads(home.hijack_ok("status", "--json").stdout)
+    return {
+        process["pid"]: (row["bytes_to_process"], row["bytes_from_process"])
+        for process in snapshot["processes"]
+        if process["shadow"]
+        for row in process["shadow"]["swapped"]
+    }
+
+
+def test_two_migrants_joined_directly_by_the_move_outlive_their_home_node(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with Cluster(tmp_path, nodes=3) as cluster:
         a, b, c = cluster.nodes
         b.start_daemon()
         c.start_daemon()
         with echo_stream(a, seed=43) as (server, client):
-            moved_client = move(a, client.pid, b, options=PLAIN)
+            moved_client = move(a, client.pid, b)  # the server is not managed: relayed
             client.wait_exit()
             assert still_running(moved_client.pid), "the stream ended before the swap: too fast"
-            # Both ends relayed by their shadows at a: the move's swap joins b and c directly.
-            moved_server = move(a, server.pid, c, options=(*PLAIN, "--swap"))
+            assert len(relayed_ids(a, client.pid)) == 1
+            # Both ends relayed (encrypted) by their shadows at a: the server's move joins b
+            # and c directly by itself, once the server runs at c.
+            capsys.readouterr()
+            moved_server = move(a, server.pid, c)
             server.wait_exit()
+            said = capsys.readouterr().out
+            print(said)
+            assert re.search(r"swap: .* direct: 10\.77\.0\.\d:\d+ <-> 10\.77", said), said
             assert relayed_ids(a, client.pid) == []
             assert relayed_ids(a, server.pid) == []
             assert peers_of(moved_client.pid) & {f"10.77.0.3:{server.ready['port']}"}
+            # The home shadows' counters of the stream stand still while it goes on.
+            counts = swapped_counts(a)
+            assert set(counts) == {client.pid, server.pid}, counts
             goes_on_without(a, b, "10.77.0.3")  # b and c joined directly
+            assert swapped_counts(a) == counts
             assert_ended_well(moved_client, "the stream_client, swapped", tmp_path)
             finish_moved(server, moved_server, tmp_path)  # it checked its own state: PASS
 
@@ -211,7 +240,9 @@ def test_swapped_ends_move_on_and_their_connection_stays_direct(tmp_path: Path) 
             shaping = ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", *LOOPBACK_SHAPE]
             shaped = node.run(shaping, timeout=10)
             assert shaped.returncode == 0, shaped.stderr
-        with echo_stream(a, seed=44, size=300 << 20, server_args=("0", "epoll")) as (
+        # 1 GiB: still under way after a swap and three moves at load 14 (it ran out at
+        # 300 MiB); the shaping is taken off before the rest is waited for.
+        with echo_stream(a, seed=44, size=1 << 30, server_args=("0", "epoll")) as (
             server,
             client,
         ):
@@ -233,5 +264,8 @@ def test_swapped_ends_move_on_and_their_connection_stays_direct(tmp_path: Path) 
             assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
             assert f"10.77.0.2:{server.ready['port']}" in peers_of(moved.pid)
             goes_on_without(a, c, "10.77.0.2")
+            for node in cluster.nodes:
+                unshaped = node.run(["tc", "qdisc", "del", "dev", "eth0", "root"], timeout=10)
+                assert unshaped.returncode == 0, unshaped.stderr
             assert_ended_well(moved, "the stream_client moved twice", tmp_path)
             finish_moved(server, moved_server, tmp_path)

@@ -227,9 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     move.add_argument(
         "--swap",
-        action="store_true",
-        help="then join its relayed connections whose other end this node manages too"
-        " directly (as hijack swap PID does; on its home node)",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="once it runs there, join its relayed connections whose other end this node"
+        " manages too directly (as hijack swap PID does; a move run on its home node;"
+        " default: on). A swap that fails leaves them relayed and says why; the move is"
+        " done either way",
     )
     move.set_defaults(handler=command_move)
 
@@ -497,9 +500,9 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
     render.move_result(console, result, timing=args.timing)
     if args.swap:  # the move is done whatever becomes of the swap: it only says so
         try:
-            outcomes = swapping.swap(args.pid)
-        except HijackError as exc:
-            console.print(f"swap: {exc}", highlight=False, markup=False)
+            outcomes = swapping.swap(args.pid, after_move=True)
+        except (HijackError, OSError) as exc:
+            console.print(f"swap: {exc}; relayed still", highlight=False, markup=False)
             return EXIT_OK
         for pair, outcome in outcomes:
             console.print(f"swap: {pair.describe()}: {outcome}", highlight=False, markup=False)

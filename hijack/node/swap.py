@@ -36,6 +36,9 @@ from hijack.shadow import control
 from hijack.sys import procfs
 
 SWAP_WAIT = 10.0  # seconds each draining step may take before the swap is given up
+# A drain that goes on making progress may take longer: an encrypted relay holds more on
+# the way (the forwarder's buffers and TLS), and the ends are frozen meanwhile.
+DRAIN_LIMIT = 30.0
 OWED_PIECE = 4 << 20  # owed bytes sent to a remote end in one message
 READ_TRIES = 3
 SHADOW_TIMEOUT = 15.0  # a shadow's answer to one swap step (it waits SWAP_WAIT at most)
@@ -185,8 +188,12 @@ class EndSession:
             self.close()
             raise
 
-    def queued(self, wait: float) -> int:
-        return int(self.ask({"op": "sent", "wait": wait})["queued"])
+    def sent(self, wait: float) -> tuple[int, int | None]:
+        """(bytes its socket has still to send after at most `wait` s, what the process
+        wrote to it in all: None where its kernel does not tell)."""
+        answer = self.ask({"op": "sent", "wait": wait})
+        written = answer.get("written")
+        return int(answer["queued"]), None if written is None else int(written)
 
     def join(self, local: str, remote: str, send_seq: int, recv_next: int, owed: bytes) -> None:
         # What is owed goes first, a piece a message (a node frame is at most 16 MiB).
@@ -265,6 +272,9 @@ class Swap:
     paused: list[Shadowed] = field(default_factory=list)
     channels: dict[str, Channel] = field(default_factory=dict)
     leases: list[socket.socket] = field(default_factory=list)  # see control.hold
+    # A relayed end's stream -> what its frozen process wrote in all: an encrypted
+    # relay's shadow waits until that much came through the forwarder (swap_state).
+    written: dict[Shadowed, int] = field(default_factory=dict)
     report: Callable[[str], None] = lambda _: None
 
     def run(self) -> tuple[str, str]:
@@ -289,7 +299,10 @@ class Swap:
                 sessions[id(end)] = self._freeze(end)
                 self.sessions.append(sessions[id(end)])
             for end in relayed:
-                self._check_sent(end, sessions[id(end)])
+                assert end.shadow is not None
+                written = self._check_sent(end, sessions[id(end)])
+                if written is not None:
+                    self.written[end.shadow] = written
             self._wait_drained("unacknowledged", "towards_peer")
             # 3. An end that is not relayed stops now; what it wrote reaches the shadow.
             for end in direct:
@@ -346,7 +359,8 @@ class Swap:
         """Until every paused shadow's `counts` are 0: `unacknowledged`, bytes it sent its
         process not yet in the process's socket; `towards_peer`, what the process wrote
         not yet in the other end's socket."""
-        deadline = time.monotonic() + SWAP_WAIT
+        start = time.monotonic()
+        deadline, least = start + SWAP_WAIT, -1
         while True:
             states = {s.stream: self._shadow(s, "state") for s in self.paused}
             busy = {
@@ -356,11 +370,19 @@ class Swap:
             }
             if not busy:
                 return
-            if time.monotonic() > deadline:
+            left = sum(state[count] for state in busy.values() for count in counts)
+            now = time.monotonic()
+            if least < 0 or left < least:  # progress: SWAP_WAIT more, up to DRAIN_LIMIT
+                deadline, least = min(now + SWAP_WAIT, start + DRAIN_LIMIT), left
+            if now > deadline:
                 stream, state = next(iter(busy.items()))
+                waited = now - start
                 raise HijackError(
-                    f"{stream} did not drain within {SWAP_WAIT:g} s ({state['towards_peer']}"
-                    f" bytes on their way to its peer, {state['unacknowledged']} to the process)"
+                    f"{stream} did not drain within {waited:.0f} s ({state['towards_peer']}"
+                    f" bytes on their way to its peer: {state.get('coming', '?')} coming to"
+                    f" its shadow, {state.get('held', '?')} held there,"
+                    f" {state.get('in_original', '?')} in the original's send queue;"
+                    f" {state['unacknowledged']} to the process)"
                 )
             time.sleep(0.002)
 
@@ -416,17 +438,24 @@ class Swap:
         return RemoteEnd(end, channel)
 
     @staticmethod
-    def _check_sent(end: End, session: EndSession) -> None:
-        left = session.queued(SWAP_WAIT)
+    def _check_sent(end: End, session: EndSession) -> int | None:
+        """Until all `end` wrote left its socket; what it wrote there in all."""
+        left, written = session.sent(SWAP_WAIT)
         if left:
             raise HijackError(f"{end.describe()}: {left} bytes it wrote did not leave its node")
+        return written
 
     def _shadow(self, shadowed: Shadowed, step: str) -> dict[str, Any]:
-        return control.request(
-            shadowed.control,
-            {"op": "swap", "swap": self.id, "stream": shadowed.stream, "step": step},
-            timeout=SHADOW_TIMEOUT,
-        )  # fmt: skip
+        message: dict[str, Any] = {
+            "op": "swap",
+            "swap": self.id,
+            "stream": shadowed.stream,
+            "step": step,
+        }
+        if step == "state" and shadowed in self.written:
+            message["written"] = self.written[shadowed]
+
+        return control.request(shadowed.control, message, timeout=SHADOW_TIMEOUT)
 
     def _owed(self, end: End) -> bytes:
         """What `end` is owed: what its shadow kept (the other end's last writes)."""
@@ -445,18 +474,26 @@ class Swap:
                 return bytes(owed)
 
 
-def swap(pid: int, report: Callable[[str], None] = lambda _: None) -> list[tuple[Pair, str]]:
+def swap(
+    pid: int, report: Callable[[str], None] = lambda _: None, *, after_move: bool = False
+) -> list[tuple[Pair, str]]:
     """Swap every relayed connection of `pid` whose other end this node manages too;
-    returns each pair and what became of it (its new addresses, or why it stayed)."""
+    returns each pair and what became of it (its new addresses, or why it stayed).
+    `after_move`: a move's own swap (`hijack move`, once the process runs at its
+    destination): none that qualifies is no error then, only nothing to do."""
     with Registry() as registry:
         if registry.find(pid) is None:
+            if after_move:  # moved from away from home: its home node swaps (hijack swap)
+                return []
             raise HijackError(f"process {pid} is not managed by this node")
         pairs = [
             pair
             for pair in find_pairs(registry)
             if pid in (pair.first.pid, pair.second.pid) or _home_pid(registry, pair, pid)
         ]
-        if not pairs:
+        if after_move:  # not a connection inside one tree: a tree holding one cannot move
+            pairs = [pair for pair in pairs if not _one_shadow(pair)]
+        if not pairs and not after_move:
             raise HijackError(
                 f"process {pid} has no relayed connection whose other end this node manages"
             )
@@ -470,6 +507,12 @@ def swap(pid: int, report: Callable[[str], None] = lambda _: None) -> list[tuple
                 continue
             results.append((pair, f"direct: {first} <-> {second}"))
         return results
+
+
+def _one_shadow(pair: Pair) -> bool:
+    """Whether both ends are relayed by one shadow (two members of one tree)."""
+    first, second = pair.first.shadow, pair.second.shadow
+    return first is not None and second is not None and first.control == second.control
 
 
 def _home_pid(registry: Registry, pair: Pair, pid: int) -> bool:

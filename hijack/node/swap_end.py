@@ -118,6 +118,12 @@ class FrozenEnd:
             time.sleep(0.001)
         return self.queued()
 
+    def written(self) -> int | None:
+        """What the process wrote to the old socket in all (its send queue empty: all
+        acknowledged), None where the kernel does not tell: through an encrypted relay
+        its shadow waits until that much came (docs/protocol.md, "Socket swap")."""
+        return tcp_repair.data_sent(self.old)
+
     def unread(self) -> bytes:
         """What waits unread in the old socket (copied, not consumed)."""
         length = _queued(self.old, termios.FIONREAD)
@@ -429,7 +435,8 @@ def serve(channel: Any, request: dict[str, Any]) -> None:
             message = channel.receive()
             op = message.get("op")
             if op == "sent":
-                channel.send({"queued": end.wait_sent(min(float(message.get("wait", 0)), 30))})
+                queued = end.wait_sent(min(float(message.get("wait", 0)), 30))
+                channel.send({"queued": queued, "written": end.written()})
             elif op == "owed":
                 owed += base64.b64decode(str(message["data"]))
                 channel.send({"phase": "owed", "bytes": len(owed)})

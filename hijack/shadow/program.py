@@ -401,11 +401,13 @@ class Shadow:
             self.hub.swap_write(stream, swap)
             return {"ok": True}
         if step == "state":
-            return {"ok": True, **self.hub.swap_state(stream, swap)}
+            written = message.get("written")
+            count = None if written is None else int(written)
+            return {"ok": True, **self.hub.swap_state(stream, swap, count)}
         if step == "collect":  # a piece at a time: an answer is at most 1 MiB
             offset = int(message.get("offset", 0))
             owed = self.hub.swap_collect(stream, swap, read=offset == 0)
-            piece = owed[offset : offset + SWAP_PIECE]
+            piece = bytes(owed[offset : offset + SWAP_PIECE])
             return {"ok": True, "owed": base64.b64encode(piece).decode(), "total": len(owed)}
         if step == "resume":
             self.hub.swap_resume(stream, swap)
@@ -549,6 +551,7 @@ class Shadow:
                 for member, table in sorted(self.members.items())
             ],
             "streams": self.hub.describe(),
+            "swapped": self.hub.swapped,
         }
 
     def end_when_drained(self, reason: str) -> None:

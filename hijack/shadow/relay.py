@@ -231,6 +231,9 @@ class Stream:
     # the process wrote still goes to the original, what the original sends is kept here
     # (to_relay) for the direct connection; "" for a stream relayed as usual.
     swapping: str = ""
+    # Its relay failed while swapping (the process's old socket is reset at the swap's
+    # commit, maybe before the coordinator's `retire` comes): why; not watched any more.
+    relay_lost: str = ""
     # Its number at the native pump while the pump splices it (hijack.shadow.pump), else 0.
     native: int = 0
     native_over: bool = False  # given back by the pump at an end or failure: never again
@@ -306,6 +309,9 @@ class RelayHub:
         self.log = log
         self.streams: dict[str, Stream] = {}
         self.listeners: dict[str, str] = {}  # listener stream id -> "ip:port" at the node
+        # The streams a socket swap took off their relays: their counts then, for good
+        # (status `swapped`: what shows that no byte of them was relayed since).
+        self.swapped: list[dict[str, Any]] = []
         self.datagrams: dict[str, DatagramStream] = {}  # UDP sockets (hijack.shadow.datagram)
         self.location = ""  # node the process runs on now; "" while not relaying
         # listener stream id -> the node's link for its clients (hijack.node.forwarder)
@@ -850,7 +856,7 @@ class RelayHub:
         if not (stream.closed or stream.handed or stream.native or self._offer_native(stream)):
             if stream.original >= 0:  # -1: a pipe we closed to pass its end on
                 self._watch(stream.original, self._original_events(stream), stream, "original")
-            if stream.relay is not None:
+            if stream.relay is not None and not stream.relay_lost:
                 self._watch(stream.relay.sock, self._relay_events(stream), stream, "relay")
             for relay in stream.retiring:
                 events = selectors.EVENT_READ if stream.in_room() else 0
@@ -880,6 +886,10 @@ class RelayHub:
         if readable and stream.in_room():
             events |= selectors.EVENT_READ
         if stream.swapping:
+            # Nothing more for the process; but what TLS made of what it was sent before
+            # goes out (counted as sent: `unacknowledged` waits for it).
+            if relay.link is not None and relay.link.pending:
+                events |= selectors.EVENT_WRITE
             return events
         if self.pumping and (stream.out_held or (stream.original_eof and not stream.shut_relay)):
             events |= selectors.EVENT_WRITE
@@ -921,6 +931,11 @@ class RelayHub:
             else:
                 self._drain_retiring(stream, target)
         except OSError as exc:
+            if stream.swapping and role == "relay" and stream.relay is not None:
+                # Retired by the swap once committed; ended by swap_resume if not.
+                stream.relay_lost = str(exc) or type(exc).__name__
+                self._forget(stream.relay.sock)
+                return
             self.log(f"{stream.id}: {exc}; closing it")
             self._close(stream, reset=True)
         self._finish_if_done(stream)
@@ -1084,6 +1099,8 @@ class RelayHub:
     def _flush_relay(self, stream: Stream) -> int:
         """Send the relay what we hold for it, head first: the byte count sent."""
         relay = stream.relay
+        if relay is not None and relay.link is not None and stream.swapping:
+            relay.link.flush()  # (see _relay_events)
         if relay is None or not self.pumping or stream.handed or stream.swapping:
             return 0
         sent = 0
@@ -1448,21 +1465,34 @@ class RelayHub:
         stream.splices = False
         self._refresh_interest()
 
-    def swap_state(self, stream_id: str, swap: str) -> dict[str, int]:
+    def swap_state(self, stream_id: str, swap: str, written: int | None = None) -> dict[str, int]:
         """How far stream `stream_id` is drained: the process's bytes still on their way
         to the original's peer (`towards_peer`), ours to the process not yet in its
-        socket (`unacknowledged`), and what we keep for it (`owed`)."""
+        socket (`unacknowledged`), and what we keep for it (`owed`).
+
+        Through an encrypted relay the process's bytes on their way are in its node's
+        forwarder and in TLS, in no queue we see: `written`, what the frozen process
+        wrote to its socket in all, says how many must have come (as for hand_back).
+        Without it such a stream counts 1 byte on its way: it cannot be told drained."""
         stream = self._swapped(stream_id, swap)
         relay = stream.relay
         assert relay is not None
-        towards_peer = stream.in_held + _readable(relay.sock) + unacknowledged_fd(stream.original)
+        if relay.link is not None:
+            on_the_way = 1 if written is None else max(0, written - relay.received)
+        else:
+            on_the_way = _readable(relay.sock)
+        in_original = unacknowledged_fd(stream.original)
         return {
-            "towards_peer": towards_peer,
+            "towards_peer": stream.in_held + on_the_way + in_original,
+            # Its parts, for a swap that gives up to say where they were.
+            "held": stream.in_held,
+            "coming": on_the_way,
+            "in_original": in_original,
             "unacknowledged": relay.unacknowledged(),
             "owed": len(stream.to_relay),
         }
 
-    def swap_collect(self, stream_id: str, swap: str, *, read: bool = True) -> bytes:
+    def swap_collect(self, stream_id: str, swap: str, *, read: bool = True) -> bytearray:
         """What the process is owed on `stream_id`: what we held for it, then (`read`) the
         original read to its end (the caller saw its peer's send queue empty). Kept
         until swap_retire: swap_resume sends it on."""
@@ -1478,7 +1508,7 @@ class RelayHub:
                 raise HijackError(f"{stream_id}: its peer ended it meanwhile")
             stream.to_relay += data
             stream.bytes_out += len(data)
-        return bytes(stream.to_relay)
+        return stream.to_relay  # not copied: read in pieces
 
     def swap_resume(self, stream_id: str, swap: str) -> None:
         """The swap failed: relay the stream on as before (what we kept goes first)."""
@@ -1486,21 +1516,31 @@ class RelayHub:
         if stream is not None and stream.swapping == swap:
             stream.swapping = ""
             stream.splices = None
+            if stream.relay_lost:  # its process's socket is gone: the stream ends
+                self.log(f"{stream.id}: {stream.relay_lost}; closing it")
+                self._close(stream, reset=True)
             self._refresh_interest()
 
     def swap_retire(self, stream_id: str, swap: str) -> int:
         """Both ends hold the direct connection: close the stream's relay and original.
         Returns the original (our descriptor, closed now)."""
-        stream = self._swapped(stream_id, swap)
+        # Its original may have ended meanwhile: the other end's shadow retired (reset)
+        # its own first, once both ends were live on the direct connection.
+        stream = self._swapped(stream_id, swap, ended=True)
         original = stream.original
+        ends = _original_ends(stream)
         self._close(stream, reset=True)
+        self.swapped.append(
+            {"id": stream.id, "original": ends, "bytes_out": stream.bytes_out,
+             "bytes_in": stream.bytes_in, "swap": swap}
+        )  # fmt: skip
         return original
 
-    def _swapped(self, stream_id: str, swap: str) -> Stream:
+    def _swapped(self, stream_id: str, swap: str, *, ended: bool = False) -> Stream:
         stream = self.streams.get(stream_id)
         if stream is None or stream.closed or stream.swapping != swap or stream.relay is None:
             raise HijackError(f"{stream_id} is not being swapped by {swap}")
-        if stream.original < 0:
+        if stream.original < 0 and not ended:
             raise HijackError(f"{stream_id}: its original has ended")
         return stream
 
@@ -1515,9 +1555,6 @@ class RelayHub:
             return "its original has ended"
         if stream.relay is None or stream.retiring or stream.relay.eof:
             return "its relays are changing"
-        if stream.relay.link is not None:
-            # Its bytes pass through its node's forwarder, out of the swap's sight.
-            return "its relay is encrypted (hijack move --plain-relays)"
         if _socket_copy(stream.original) is None:
             return "not a socket"
         return ""

@@ -125,6 +125,17 @@ class StreamView:
 
 
 @dataclass(frozen=True)
+class SwappedView:
+    """A stream a socket swap took off its relay (docs/protocol.md, "Socket swap"): the
+    shadow's counts of it when it retired it, which never change after."""
+
+    id: str
+    original: tuple[str, ...]  # the connection's two addresses, [its own, its peer's]
+    bytes_to_process: int
+    bytes_from_process: int
+
+
+@dataclass(frozen=True)
 class ShadowView:
     pid: int | None
     where: str  # "local": its control socket here; "remote": the home shadow, over TCP
@@ -135,6 +146,7 @@ class ShadowView:
     held: tuple[HeldFd, ...]
     streams: tuple[StreamView, ...]
     members: tuple[MemberHeld, ...] = ()  # the other members of its tree
+    swapped: tuple[SwappedView, ...] = ()  # its streams that went direct
 
 
 @dataclass(frozen=True)
@@ -473,6 +485,15 @@ def _answered_shadow(answer: Mapping[str, Any], where: str) -> ShadowView:
             held=held,
             streams=streams,
             members=members,
+            swapped=tuple(
+                SwappedView(
+                    id=str(row["id"]),
+                    original=tuple(str(end) for end in row.get("original", [])),
+                    bytes_to_process=int(row["bytes_out"]),
+                    bytes_from_process=int(row["bytes_in"]),
+                )
+                for row in answer.get("swapped", [])
+            ),
         )
     except (KeyError, TypeError, ValueError) as exc:
         return ShadowView(
