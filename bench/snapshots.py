@@ -22,6 +22,7 @@ from collections.abc import Callable
 from hijack.mutator.dump import dump, write_image
 from hijack.mutator.tracee import Tracee
 from hijack.sys import procfs
+from hijack.timing import describe
 
 GIB = 1024**3
 FREEZE_LIMIT_MS = 10.0
@@ -54,15 +55,22 @@ def cpu_line(name: str, per_gib: float, beside: str) -> str:
 def measure_snapshots(pid: int, size: int, dumps: int) -> list[str]:
     freezes = []
     cpu = []
+    steps: dict[str, list[float]] = {}
+    injected = []
     for _ in range(dumps):
         ours, theirs = _own_cpu(), _cpu_of(pid)
         with open(os.devnull, "wb") as out:
-            freezes.append(dump(pid, out).frozen_ms)
+            result = dump(pid, out)
+        freezes.append(result.frozen_ms)
+        injected.append(result.injected)
+        for name, ms in result.freeze_steps.items():
+            steps.setdefault(name, []).append(ms)
         cpu.append((_own_cpu() - ours + _cpu_of(pid) - theirs) * GIB / size)
     with open(os.devnull, "wb") as out, Tracee.seize(pid) as tracee:
         write_image(tracee, out, splice=True)
     stopped_ms = tracee.pause_ms
     median = statistics.median(freezes)
+    step_medians = {name: statistics.median(ms) for name, ms in steps.items()}
     per_gib = statistics.median(cpu)
     return [
         f"{'snapshot dump freeze (median)':<34} {median:8.1f} ms   | "
@@ -73,4 +81,6 @@ def measure_snapshots(pid: int, size: int, dumps: int) -> list[str]:
         f"{'user+sys of hijack and target, range':<38}"
         f" {min(cpu):6.2f}-{max(cpu):.2f} s  | "
         f"target <= {CPU_LIMIT_S} s: {'met' if per_gib <= CPU_LIMIT_S else 'NOT met'}",
+        f"  snapshot freeze steps (median ms): {describe(step_medians)};"
+        f" {statistics.median(injected):.0f} system calls injected",
     ]

@@ -68,6 +68,7 @@ from hijack.process import settings, timers
 from hijack.sys import memory, procfs
 from hijack.sys import ptrace as pt
 from hijack.testpoint import reached
+from hijack.timing import Laps
 
 # VmFlags of mappings whose pages a forked copy does not hold as they are.
 NOT_FORKED = ("dc", "wf")  # MADV_DONTFORK, MADV_WIPEONFORK
@@ -113,12 +114,17 @@ def snapshot_dump(
     copy_pid = 0
     try:
         with Tracee.seize(pid) as tracee:
+            laps = Laps(tracee.stopped_at or None)
+            laps.lap("stop")
             reached("dump-seized")
             frozen = _read_frozen(
-                tracee, options, flags_before, maps_before, holders_before, ghost_limit
+                tracee, options, flags_before, maps_before, holders_before, ghost_limit, laps
             )
             copy_pid = fork_shadow_copy(tracee, intermediate_shares_memory=True)
+            laps.lap("fork")
             _read_what_the_copy_lacks(pid, frozen)
+            laps.lap("unforked pages")
+        laps.lap("release")
         frozen_ms = tracee.pause_ms
         end, threads, written = _write_from_copy(copy_pid, frozen, out)
         reached("dump-written")
@@ -127,7 +133,15 @@ def snapshot_dump(
     finally:
         if copy_pid:
             discard_copy(copy_pid)
-    return DumpResult(pid, threads, written, end.pages_stored, frozen_ms)
+    return DumpResult(
+        pid,
+        threads,
+        written,
+        end.pages_stored,
+        frozen_ms,
+        freeze_steps=laps.laps,
+        injected=tracee.injected,
+    )
 
 
 def _read_frozen(
@@ -137,18 +151,22 @@ def _read_frozen(
     maps_before: set[procfs.MapEntry],
     holders_before: procfs.HolderScan,
     ghost_limit: int,
+    laps: Laps,
 ) -> Frozen:
     pid = tracee.pid
     maps = procfs.read_maps(pid)
     with scratch_page(tracee) as scratch:
         brk = tracee.checked_syscall("brk", 0)
         threads = [read_thread(tracee, thread, scratch) for thread in _live(tracee)]
+        laps.lap("threads")
         process_settings = settings.read_settings(tracee, scratch, tracee.thread_ids)
         process_timers = timers.read_timers(tracee, scratch)
     tracee.put_back()
+    laps.lap("settings and timers")
     files = objects.read_files(
         pid, connections=False, maps=maps, ghost_limit=ghost_limit, holders_before=holders_before
     )
+    laps.lap("descriptors")
     if all(entry in maps_before for entry in maps):
         flags = {entry.start: flags_before.get(entry.start, ()) for entry in maps}
     else:
@@ -170,6 +188,7 @@ def _read_frozen(
         settings=process_settings,
         timers=process_timers,
     )
+    laps.lap("process")
     return Frozen(parts, tracee.syscall_address)
 
 
