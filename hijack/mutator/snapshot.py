@@ -4,8 +4,10 @@ The process is stopped only for what a copy of it cannot tell, then made to
 fork a copy (hijack.mutator.shadow_fork: the copy is no child of it, is traced
 from birth and never runs a single instruction of its own), and released.
 The copy's memory is the process's memory at the instant of the fork; the
-image's pages and signal actions are read from the copy while the
-process runs on; then the copy is killed.
+image's pages, signal actions and whatever else a fork copies as it is (the
+memory's layout and brk, auxv, personality, the dumpable and THP-disable
+flags) are read from the copy while the process runs on; then the copy is
+killed.
 
 Read while frozen, from the process itself:
 - every thread's registers, signal mask, pending signals, rseq, robust list,
@@ -74,6 +76,24 @@ from hijack.timing import Laps
 NOT_FORKED = ("dc", "wf")  # MADV_DONTFORK, MADV_WIPEONFORK
 CLOSE_RANGE_ALL = (0, (1 << 32) - 1, 0)
 UNREAD_ACTION = rec.SigAction(sa_handler=0, sa_flags=0, sa_restorer=0, sa_mask=0)
+# Read from the copy after the freeze (_write_from_copy) in place of these.
+UNREAD_MM_FLAGS = (0, False)
+UNREAD_MEMORY_STRUCTURE = rec.MemoryStructure(
+    start_code=0,
+    end_code=0,
+    start_data=0,
+    end_data=0,
+    start_brk=0,
+    brk=0,
+    start_stack=0,
+    arg_start=0,
+    arg_end=0,
+    env_start=0,
+    env_end=0,
+    personality=0,
+    auxv=(),
+    exe_file="",
+)
 
 
 Run = tuple[int, int]
@@ -156,10 +176,11 @@ def _read_frozen(
     pid = tracee.pid
     maps = procfs.read_maps(pid)
     with scratch_page(tracee) as scratch:
-        brk = tracee.checked_syscall("brk", 0)
         threads = [read_thread(tracee, thread, scratch) for thread in _live(tracee)]
         laps.lap("threads")
-        process_settings = settings.read_settings(tracee, scratch, tracee.thread_ids)
+        process_settings = settings.read_settings(
+            tracee, scratch, tracee.thread_ids, mm_flags=UNREAD_MM_FLAGS
+        )
         process_timers = timers.read_timers(tracee, scratch)
     tracee.put_back()
     laps.lap("settings and timers")
@@ -175,7 +196,7 @@ def _read_frozen(
         header=read_header(pid, options),
         credentials=read_credentials(pid),
         rlimits=read_rlimits(pid),
-        memory_structure=read_memory_structure(pid, brk),
+        memory_structure=UNREAD_MEMORY_STRUCTURE,
         segments=held_by_objects(describe_segments(pid, maps, options, flags=flags), files),
         files=files,
         threads=threads,
@@ -238,11 +259,18 @@ def _write_from_copy(copy_pid: int, frozen: Frozen, out: BinaryIO) -> tuple[rec.
     # them: a socket the process closes meanwhile must close now, not when
     # the copy dies. The copy holds no locks of its own to release.
     copy.checked_syscall("close_range", *CLOSE_RANGE_ALL)
+    # A fork copies these as they were: asked of the copy, not of the frozen process.
     with scratch_page(copy) as scratch:
-        actions = read_signal_actions(copy, scratch)  # a fork copies them as they were
+        actions = read_signal_actions(copy, scratch)
+    dumpable, thp_disable = settings.read_mm_flags(copy)
     parts = dataclasses.replace(
         frozen.parts,
         signal_state=dataclasses.replace(frozen.parts.signal_state, actions=tuple(actions)),
+        settings=dataclasses.replace(
+            frozen.parts.settings, dumpable=dumpable, thp_disable=thp_disable
+        ),
+        # The memory's layout (code, data, brk, stack, arguments, auxv): the copy's mm.
+        memory_structure=read_memory_structure(copy_pid, copy.checked_syscall("brk", 0)),
     )
 
     def write_pages(writer: ImageWriter) -> PageCounts:
