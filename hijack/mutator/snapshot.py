@@ -62,7 +62,7 @@ from hijack.mutator.dump import (
 )
 from hijack.mutator.shadow_fork import adopt_copy, discard_copy, fork_shadow_copy
 from hijack.mutator.spliced_pages import page_splicer
-from hijack.mutator.tracee import Tracee
+from hijack.mutator.tracee import Tracee, scratch_below_stack
 from hijack.objects import pipe
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.objects.memfd import held_by_objects
@@ -175,7 +175,7 @@ def _read_frozen(
 ) -> Frozen:
     pid = tracee.pid
     maps = procfs.read_maps(pid)
-    with scratch_page(tracee) as scratch:
+    with scratch_below_stack(tracee, maps) as scratch:
         threads = [read_thread(tracee, thread, scratch) for thread in _live(tracee)]
         laps.lap("threads")
         process_settings = settings.read_settings(
