@@ -10,6 +10,7 @@ to fire again. The test compares what /proc shows of them before and after.
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 from support import spawn_fixture
@@ -65,6 +66,25 @@ def test_settings_and_timers_come_back_after_dump_kill_and_restore(
         after = settings_view(pid)
         assert before == after, difference(before.items(), after.items())
         compare_views(identity_before, pid)
+        fixture.assert_intact()
+
+
+def test_settings_come_back_after_a_snapshot_dump(hijack: HijackCli, tmp_path: Path) -> None:
+    """A snapshot dump (no --kill) reads the dumpable and THP-disable flags, brk and the
+    memory's layout from the forked copy, after the freeze: they are the process's."""
+    image = tmp_path / "settings.crf"
+    with spawn_fixture("settings", fifos=True) as fixture:
+        before = settings_view(fixture.pid)
+        brk_before = Path(f"/proc/{fixture.pid}/stat").read_text().split()[46:51]
+        hijack.ok("dump", fixture.pid, "-o", image)
+        shown = shown_json(hijack, image)
+        assert shown["settings"]["dumpable"] == 0 and shown["settings"]["thp_disable"]
+        os.kill(fixture.pid, signal.SIGKILL)
+        assert fixture.wait_exit() == -signal.SIGKILL
+        pid = restore_adopted(hijack, fixture, image)
+        # start_brk, arg_start, arg_end, env_start, env_end
+        assert Path(f"/proc/{pid}/stat").read_text().split()[46:51] == brk_before
+        assert settings_view(pid) == before
         fixture.assert_intact()
 
 

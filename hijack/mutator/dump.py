@@ -20,7 +20,7 @@ import socket as socket_module
 import struct
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from stat import S_ISFIFO
 from typing import BinaryIO, Protocol
@@ -81,6 +81,10 @@ class DumpResult:
     # What members of a tree killed without the check of their descriptors share that a
     # restore will make once for each (hijack.restore.shared.copied_refusals' lines).
     copied: tuple[str, ...] = ()
+    # A snapshot dump's freeze, step by step (hijack.timing: ms in the order they ended),
+    # and the system calls injected into the frozen process.
+    freeze_steps: dict[str, float] = field(default_factory=dict)
+    injected: int = 0
 
 
 class Precopied(Protocol):

@@ -4,8 +4,10 @@ The process is stopped only for what a copy of it cannot tell, then made to
 fork a copy (hijack.mutator.shadow_fork: the copy is no child of it, is traced
 from birth and never runs a single instruction of its own), and released.
 The copy's memory is the process's memory at the instant of the fork; the
-image's pages and signal actions are read from the copy while the
-process runs on; then the copy is killed.
+image's pages, signal actions and whatever else a fork copies as it is (the
+memory's layout and brk, auxv, personality, the dumpable and THP-disable
+flags) are read from the copy while the process runs on; then the copy is
+killed.
 
 Read while frozen, from the process itself:
 - every thread's registers, signal mask, pending signals, rseq, robust list,
@@ -60,7 +62,7 @@ from hijack.mutator.dump import (
 )
 from hijack.mutator.shadow_fork import adopt_copy, discard_copy, fork_shadow_copy
 from hijack.mutator.spliced_pages import page_splicer
-from hijack.mutator.tracee import Tracee
+from hijack.mutator.tracee import Tracee, scratch_below_stack
 from hijack.objects import pipe
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.objects.memfd import held_by_objects
@@ -68,11 +70,30 @@ from hijack.process import settings, timers
 from hijack.sys import memory, procfs
 from hijack.sys import ptrace as pt
 from hijack.testpoint import reached
+from hijack.timing import Laps
 
 # VmFlags of mappings whose pages a forked copy does not hold as they are.
 NOT_FORKED = ("dc", "wf")  # MADV_DONTFORK, MADV_WIPEONFORK
 CLOSE_RANGE_ALL = (0, (1 << 32) - 1, 0)
 UNREAD_ACTION = rec.SigAction(sa_handler=0, sa_flags=0, sa_restorer=0, sa_mask=0)
+# Read from the copy after the freeze (_write_from_copy) in place of these.
+UNREAD_MM_FLAGS = (0, False)
+UNREAD_MEMORY_STRUCTURE = rec.MemoryStructure(
+    start_code=0,
+    end_code=0,
+    start_data=0,
+    end_data=0,
+    start_brk=0,
+    brk=0,
+    start_stack=0,
+    arg_start=0,
+    arg_end=0,
+    env_start=0,
+    env_end=0,
+    personality=0,
+    auxv=(),
+    exe_file="",
+)
 
 
 Run = tuple[int, int]
@@ -113,12 +134,17 @@ def snapshot_dump(
     copy_pid = 0
     try:
         with Tracee.seize(pid) as tracee:
+            laps = Laps(tracee.stopped_at or None)
+            laps.lap("stop")
             reached("dump-seized")
             frozen = _read_frozen(
-                tracee, options, flags_before, maps_before, holders_before, ghost_limit
+                tracee, options, flags_before, maps_before, holders_before, ghost_limit, laps
             )
             copy_pid = fork_shadow_copy(tracee, intermediate_shares_memory=True)
+            laps.lap("fork")
             _read_what_the_copy_lacks(pid, frozen)
+            laps.lap("unforked pages")
+        laps.lap("release")
         frozen_ms = tracee.pause_ms
         end, threads, written = _write_from_copy(copy_pid, frozen, out)
         reached("dump-written")
@@ -127,7 +153,15 @@ def snapshot_dump(
     finally:
         if copy_pid:
             discard_copy(copy_pid)
-    return DumpResult(pid, threads, written, end.pages_stored, frozen_ms)
+    return DumpResult(
+        pid,
+        threads,
+        written,
+        end.pages_stored,
+        frozen_ms,
+        freeze_steps=laps.laps,
+        injected=tracee.injected,
+    )
 
 
 def _read_frozen(
@@ -137,18 +171,23 @@ def _read_frozen(
     maps_before: set[procfs.MapEntry],
     holders_before: procfs.HolderScan,
     ghost_limit: int,
+    laps: Laps,
 ) -> Frozen:
     pid = tracee.pid
     maps = procfs.read_maps(pid)
-    with scratch_page(tracee) as scratch:
-        brk = tracee.checked_syscall("brk", 0)
+    with scratch_below_stack(tracee, maps) as scratch:
         threads = [read_thread(tracee, thread, scratch) for thread in _live(tracee)]
-        process_settings = settings.read_settings(tracee, scratch, tracee.thread_ids)
+        laps.lap("threads")
+        process_settings = settings.read_settings(
+            tracee, scratch, tracee.thread_ids, mm_flags=UNREAD_MM_FLAGS
+        )
         process_timers = timers.read_timers(tracee, scratch)
     tracee.put_back()
+    laps.lap("settings and timers")
     files = objects.read_files(
         pid, connections=False, maps=maps, ghost_limit=ghost_limit, holders_before=holders_before
     )
+    laps.lap("descriptors")
     if all(entry in maps_before for entry in maps):
         flags = {entry.start: flags_before.get(entry.start, ()) for entry in maps}
     else:
@@ -157,7 +196,7 @@ def _read_frozen(
         header=read_header(pid, options),
         credentials=read_credentials(pid),
         rlimits=read_rlimits(pid),
-        memory_structure=read_memory_structure(pid, brk),
+        memory_structure=UNREAD_MEMORY_STRUCTURE,
         segments=held_by_objects(describe_segments(pid, maps, options, flags=flags), files),
         files=files,
         threads=threads,
@@ -170,6 +209,7 @@ def _read_frozen(
         settings=process_settings,
         timers=process_timers,
     )
+    laps.lap("process")
     return Frozen(parts, tracee.syscall_address)
 
 
@@ -219,11 +259,18 @@ def _write_from_copy(copy_pid: int, frozen: Frozen, out: BinaryIO) -> tuple[rec.
     # them: a socket the process closes meanwhile must close now, not when
     # the copy dies. The copy holds no locks of its own to release.
     copy.checked_syscall("close_range", *CLOSE_RANGE_ALL)
+    # A fork copies these as they were: asked of the copy, not of the frozen process.
     with scratch_page(copy) as scratch:
-        actions = read_signal_actions(copy, scratch)  # a fork copies them as they were
+        actions = read_signal_actions(copy, scratch)
+    dumpable, thp_disable = settings.read_mm_flags(copy)
     parts = dataclasses.replace(
         frozen.parts,
         signal_state=dataclasses.replace(frozen.parts.signal_state, actions=tuple(actions)),
+        settings=dataclasses.replace(
+            frozen.parts.settings, dumpable=dumpable, thp_disable=thp_disable
+        ),
+        # The memory's layout (code, data, brk, stack, arguments, auxv): the copy's mm.
+        memory_structure=read_memory_structure(copy_pid, copy.checked_syscall("brk", 0)),
     )
 
     def write_pages(writer: ImageWriter) -> PageCounts:

@@ -82,6 +82,8 @@ SEIZE_ROUNDS = 100
 SEIZE_OPTIONS = pt.PTRACE_O_TRACESYSGOOD | pt.PTRACE_O_TRACECLONE
 
 SCRATCH_SIZE = 4096  # one page
+BORROWED_SCRATCH = 256  # bytes; the calls of a dump write at most 32 at once
+RED_ZONE = 128  # bytes below the stack pointer the x86-64 ABI lets a function keep
 PROT_READ_WRITE = 0x1 | 0x2
 MAP_PRIVATE_ANONYMOUS = 0x02 | 0x20
 
@@ -352,6 +354,31 @@ def scratch_page(tracee: Tracee) -> Iterator[int]:
         yield address
     finally:
         tracee.syscall("munmap", address, SCRATCH_SIZE)
+
+
+@contextmanager
+def scratch_below_stack(tracee: Tracee, maps: list[procfs.MapEntry]) -> Iterator[int]:
+    """BORROWED_SCRATCH bytes for injected calls to write into, without mapping a page (two
+    injected calls fewer than scratch_page): below the injection thread's stack pointer and
+    its red zone, where a signal handler may write anyway, and put back as found. A
+    scratch_page where those bytes are not in a writable mapping of `maps` (the layout
+    now), or where the process locks its memory (settings read mlockall(MCL_FUTURE) off
+    a fresh page)."""
+    stack_pointer = tracee.threads[tracee.injection_tid].saved_registers.rsp
+    address = (stack_pointer - RED_ZONE - BORROWED_SCRATCH) & ~0xF
+    writable = any(
+        entry.start <= address and address + BORROWED_SCRATCH <= entry.end and entry.writable
+        for entry in maps
+    )
+    if not writable or procfs.read_status(tracee.pid).locked_bytes:
+        with scratch_page(tracee) as scratch:
+            yield scratch
+        return
+    found = memory.read(tracee.pid, address, BORROWED_SCRATCH)
+    try:
+        yield address
+    finally:
+        memory.write(tracee.pid, address, found)
 
 
 def restarted_call(pid: int, tid: int) -> int | None:

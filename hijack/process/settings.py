@@ -44,8 +44,11 @@ def read_settings(
     thread_ids: list[int],
     *,
     aio_rings: tuple[rec.AioRing, ...] = (),
+    mm_flags: tuple[int, bool] | None = None,
 ) -> rec.ProcessSettings:
+    """`mm_flags`: the dumpable and THP-disable flags if known (read_mm_flags), not asked."""
     pid = tracee.pid
+    dumpable, thp_disable = read_mm_flags(tracee) if mm_flags is None else mm_flags
     tracee.checked_syscall("prctl", PR_GET_PDEATHSIG, scratch, 0, 0, 0)
     tracee.checked_syscall("prctl", PR_GET_CHILD_SUBREAPER, scratch + 4, 0, 0, 0)
     pdeath_signal, subreaper = struct.unpack("<ii", memory.read(pid, scratch, 8))
@@ -62,8 +65,8 @@ def read_settings(
             )
         )
     return rec.ProcessSettings(
-        dumpable=tracee.checked_syscall("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0),
-        thp_disable=bool(tracee.checked_syscall("prctl", PR_GET_THP_DISABLE, 0, 0, 0, 0)),
+        dumpable=dumpable,
+        thp_disable=thp_disable,
         child_subreaper=bool(subreaper),
         pdeath_signal=pdeath_signal,
         timer_slack_ns=procfs.read_timer_slack_ns(pid),
@@ -78,6 +81,13 @@ def read_settings(
         ),
         aio_rings=aio_rings,
     )
+
+
+def read_mm_flags(tracee: Tracee) -> tuple[int, bool]:
+    """The dumpable and THP-disable flags: the memory's (mm) flags, which a fork copies (so a
+    snapshot's copy tells them after the freeze)."""
+    dumpable = tracee.checked_syscall("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0)
+    return dumpable, bool(tracee.checked_syscall("prctl", PR_GET_THP_DISABLE, 0, 0, 0, 0))
 
 
 def _membarrier_registrations(tracee: Tracee) -> int:
