@@ -259,8 +259,10 @@ class TlsLink:
             return b""  # a record cut short by the end is no data (a broken peer)
         raise BlockingIOError
 
-    def send(self, data: bytes | bytearray | memoryview) -> int:
-        """Take up to CHUNK bytes of `data` (0 while earlier ones wait for the kernel)."""
+    def send(self, data: bytes | bytearray | memoryview, *, flush: bool = True) -> int:
+        """Take up to CHUNK bytes of `data` (0 while earlier ones wait for the kernel).
+        Without `flush` the ciphertext waits for the next flush(): several small records
+        leave in one system call (one segment)."""
         if len(self.pending) >= CHUNK:
             self.flush()
             if len(self.pending) >= CHUNK:
@@ -268,7 +270,8 @@ class TlsLink:
         taken = self.tls.write(bytes(data[:CHUNK]))
         self.plain_sent += taken
         self.pending += self.outgoing.read()
-        self.flush()
+        if flush:
+            self.flush()
         return taken
 
     def send_from(self, buffer: bytearray) -> None:
