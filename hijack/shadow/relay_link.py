@@ -185,6 +185,8 @@ class TlsLink:
         self.pending = bytearray()  # ciphertext made, not yet taken by the kernel
         self.eof = False  # the peer's raw end came
         self.plain_sent = 0  # plaintext bytes handed to TLS, in all
+        # The last recv() read less than it asked the kernel for: all there was.
+        self.drained = False
 
     # -- the exchange before streaming: blocking, one record at a time --------------
 
@@ -240,6 +242,7 @@ class TlsLink:
                 raw = self.sock.recv(CHUNK)
             except BlockingIOError:
                 raw = None
+            self.drained = raw is None or len(raw) < CHUNK
             if raw == b"":
                 self.eof = True
             elif raw:
