@@ -364,8 +364,8 @@ class Forwarder:
 
     def _flush(self, pair: _Pair) -> None:
         # A frame at a time (TLS takes one whole, or none while earlier ones wait for the
-        # kernel), so that between two an ACK can go first.
-        # The records wait for one flush: an ACK and the DATA behind it leave together.
+        # kernel), so that between two an ACK can go first; the records wait for one
+        # flush, so an ACK and the DATA behind it leave in one write.
         while True:
             if pair.ack and not pair.cut:
                 if not pair.link.send(pair.ack, flush=False):
