@@ -27,6 +27,16 @@ waited for a CPU per GET (ready to run, not running: /proc/PID/schedstat).
 That last one says what a ratio measured on a loaded machine is worth: each
 message through the relay wakes one process more than direct does, and every
 such wakeup waits its turn behind everything else that runs.
+
+Every redis-server and every redis-benchmark runs in a session of its own, as
+a server daemon and a client on another machine do: the kernel schedules
+each session as a group (autogroup, on by default), and the home shadow has
+its own session (hijack.mutator.shadow_fork). Were the client and the server
+in the bench's one session, the direct load would hop between them inside
+one group while each relayed message crossed to the shadow's group and back,
+waiting at each crossing behind every other session of this shared machine:
+the least relay there is (bench/relay_floor.py) fell from 6-29k GETs/s in
+the bench's session to 2-4k in a session of its own, on the same nodes.
 """
 
 from __future__ import annotations
@@ -77,7 +87,7 @@ def start_redis(node: Node, directory: Path, name: str) -> tuple[int, int]:
     options = {"bind": "0.0.0.0", "port": port, "save": "", "appendonly": "no", "dir": work}
     options |= {"logfile": work / "redis.log", "protected-mode": "no"}
     argv = [REDIS_SERVER, *(w for k, v in options.items() for w in (f"--{k}", str(v)))]
-    process = node.spawn(argv, stdin=-3, stdout=-3, stderr=-3)
+    process = node.spawn(argv, stdin=-3, stdout=-3, stderr=-3, start_new_session=True)
     node.wait_tcp("127.0.0.1", port, timeout=START_TIMEOUT)
     return process.pid, port
 
@@ -95,7 +105,7 @@ def start_load(client: Node, host: str, load: Load) -> None:
     """redis-benchmark's GETs from `client`, connected (CLIENTS connections), then stopped."""
     argv = [REDIS_BENCHMARK, "-h", host, "-p", str(load.port), "-c", str(CLIENTS)]
     argv += ["-n", "2000000000", "-t", "get"]
-    load.process = client.spawn(argv, stdin=-3, stdout=-3, stderr=-3)
+    load.process = client.spawn(argv, stdin=-3, stdout=-3, stderr=-3, start_new_session=True)
     deadline = time.monotonic() + START_TIMEOUT
     while info(client, host, load.port, "connected_clients") < CLIENTS + 1:  # + ours
         if time.monotonic() > deadline or load.process.poll() is not None:

@@ -59,7 +59,10 @@ def measure_floor(rounds: int, warm: float = 1.0, window: float = 3.0) -> list[s
         for mode in MODES:
             front = a.free_port()
             argv = [str(program), str(front), b.address, str(port), mode]
-            relay = a.spawn(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+            # A session of its own, as the home shadow (bench.redis: why it matters).
+            relay = a.spawn(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, start_new_session=True
+            )
             assert relay.stdout is not None
             if relay.stdout.readline().strip() != b"ready":
                 raise SystemExit(f"bench: relay-floor {mode} did not start")
