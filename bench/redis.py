@@ -22,7 +22,21 @@ Each load runs WARM seconds, then its rate is taken over WINDOW seconds from
 the server's own count of commands (INFO stats); ROUNDS turns, the median is
 printed beside direct's as a ratio beside its limit (issue #17: >= 0.7 of
 direct), with the home shadow's CPU time (user + sys, its native pump
-included) per GET and the node forwarder's on b.
+included) per GET and the node forwarder's on b, and how long the shadow
+waited for a CPU per GET (ready to run, not running: /proc/PID/schedstat).
+That last one says what a ratio measured on a loaded machine is worth: each
+message through the relay wakes one process more than direct does, and every
+such wakeup waits its turn behind everything else that runs.
+
+Every redis-server and every redis-benchmark runs in a session of its own, as
+a server daemon and a client on another machine do: the kernel schedules
+each session as a group (autogroup, on by default), and the home shadow has
+its own session (hijack.mutator.shadow_fork). Were the client and the server
+in the bench's one session, the direct load would hop between them inside
+one group while each relayed message crossed to the shadow's group and back,
+waiting at each crossing behind every other session of this shared machine:
+the least relay there is (bench/relay_floor.py) fell from 6-29k GETs/s in
+the bench's session to 2-4k in a session of its own, on the same nodes.
 """
 
 from __future__ import annotations
@@ -61,6 +75,7 @@ class Load:
     rates: list[float] = field(default_factory=list)
     gets: int = 0
     shadow_cpu: float = 0.0
+    shadow_wait: float = 0.0  # seconds the shadow (and its pump) waited for a CPU
     forwarder_cpu: float = 0.0
 
 
@@ -72,7 +87,7 @@ def start_redis(node: Node, directory: Path, name: str) -> tuple[int, int]:
     options = {"bind": "0.0.0.0", "port": port, "save": "", "appendonly": "no", "dir": work}
     options |= {"logfile": work / "redis.log", "protected-mode": "no"}
     argv = [REDIS_SERVER, *(w for k, v in options.items() for w in (f"--{k}", str(v)))]
-    process = node.spawn(argv, stdin=-3, stdout=-3, stderr=-3)
+    process = node.spawn(argv, stdin=-3, stdout=-3, stderr=-3, start_new_session=True)
     node.wait_tcp("127.0.0.1", port, timeout=START_TIMEOUT)
     return process.pid, port
 
@@ -90,7 +105,7 @@ def start_load(client: Node, host: str, load: Load) -> None:
     """redis-benchmark's GETs from `client`, connected (CLIENTS connections), then stopped."""
     argv = [REDIS_BENCHMARK, "-h", host, "-p", str(load.port), "-c", str(CLIENTS)]
     argv += ["-n", "2000000000", "-t", "get"]
-    load.process = client.spawn(argv, stdin=-3, stdout=-3, stderr=-3)
+    load.process = client.spawn(argv, stdin=-3, stdout=-3, stderr=-3, start_new_session=True)
     deadline = time.monotonic() + START_TIMEOUT
     while info(client, host, load.port, "connected_clients") < CLIENTS + 1:  # + ours
         if time.monotonic() > deadline or load.process.poll() is not None:
@@ -99,13 +114,27 @@ def start_load(client: Node, host: str, load: Load) -> None:
     os.kill(load.process.pid, signal.SIGSTOP)
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system time of `pid` and of its children running now (the shadow's native
-    relay pump), all threads."""
+def with_children(pid: int) -> list[int]:
+    """`pid` and its children running now (the shadow's native relay pump)."""
     children = []
     for task in Path(f"/proc/{pid}/task").iterdir():
         children += (task / "children").read_text().split()
-    return process_cpu_seconds(pid) + sum(process_cpu_seconds(int(child)) for child in children)
+    return [pid, *map(int, children)]
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system time of `pid` and of its children running now, all threads."""
+    return sum(process_cpu_seconds(each) for each in with_children(pid))
+
+
+def run_queue_seconds(pid: int) -> float:
+    """Time `pid` and its children running now spent ready to run on a run queue, waiting
+    for a CPU (the second field of each thread's /proc schedstat)."""
+    waited = 0
+    for each in with_children(pid):
+        for task in Path(f"/proc/{each}/task").iterdir():
+            waited += int((task / "schedstat").read_text().split()[1])
+    return waited / 1e9
 
 
 def forwarder_pid(node: Node) -> int:
@@ -138,6 +167,7 @@ def run_load(
     try:
         time.sleep(warm)
         shadow_before = cpu_seconds(load.shadow) if load.shadow else 0.0
+        wait_before = run_queue_seconds(load.shadow) if load.shadow else 0.0
         forwarder_before = cpu_seconds(forwarder) if forwarder else 0.0
         count_before = info(client, host, load.port, "total_commands_processed")
         started = time.perf_counter()
@@ -146,6 +176,7 @@ def run_load(
         elapsed = time.perf_counter() - started
         if load.shadow:
             load.shadow_cpu += cpu_seconds(load.shadow) - shadow_before
+            load.shadow_wait += run_queue_seconds(load.shadow) - wait_before
         if forwarder:
             load.forwarder_cpu += cpu_seconds(forwarder) - forwarder_before
     finally:
@@ -162,12 +193,14 @@ def line(load: Load, direct: Load) -> list[str]:
     name = f"redis GET relayed, {load.label}"
     shadow_us = load.shadow_cpu / max(load.gets, 1) * 1e6
     forwarder_us = load.forwarder_cpu / max(load.gets, 1) * 1e6
+    wait_us = load.shadow_wait / max(load.gets, 1) * 1e6
     return [
         f"{name:<34} {rate:8.0f} /s   | {'redis GET direct, same nodes':<38}"
         f" {direct_rate:8.0f} /s   | ratio {ratio:5.2f}  target >= {RATE_TARGET:.2f}: {met}",
         f"{'shadow CPU per GET, ' + load.label:<34} {shadow_us:8.1f} us   |"
         f" {'node forwarder CPU per GET':<38} {forwarder_us:8.1f} us   |"
-        f" {CLIENTS} clients, {load.gets} GETs",
+        f" {CLIENTS} clients, {load.gets} GETs; the shadow waited {wait_us:.0f} us"
+        " per GET for a CPU",
     ]
 
 

@@ -7,8 +7,12 @@
  * (original -> out pipe -> relay, relay -> in pipe -> original), with what the
  * pipes already hold. It pumps both directions in one epoll loop (edge
  * triggered): a direction with nothing queued reads into a buffer and sends at
- * once (a message costs two system calls), and whatever its sink does not take
- * goes to the pipe, which then splices on first. It goes on until the shadow
+ * once, and whatever its sink does not take goes to the pipe, which then
+ * splices on first. An event moves only the direction it concerns (its
+ * source readable, or its sink writable while its pipe holds some), and a
+ * read shorter than asked for means its source is drained (the next byte
+ * that comes is an event of its own): a message costs an epoll_wait, a recv
+ * and a send, no read that finds nothing. It goes on until the shadow
  * asks for the stream back or one side ends or fails: then it lets go of the
  * stream's descriptors and says what it moved, what the pipes hold (nothing
  * is ever held anywhere else between two requests) and why it stopped.
@@ -41,7 +45,7 @@ enum {
     ORIGINAL_ERROR = 3, /* reading or writing the original failed: err */
     RELAY_ERROR = 4,    /* reading or writing the relay failed: err */
 };
-enum { MOVED = 100 }; /* pass_through() moved some: no reason above */
+enum { MOVED = 100, DRAINED = 101 }; /* pass_through() moved some (DRAINED: all there was) */
 enum { ORIGINAL, RELAY, OUT_READ, OUT_WRITE, IN_READ, IN_WRITE, FDS };
 
 struct request {
@@ -118,7 +122,9 @@ static void give_back(struct pair *pair, int reason, int err) {
 
 /* Read what `d`'s source has (nothing queued) and send it on; what the sink does
  * not take now goes to the pipe, where the shadow finds it if it takes the stream
- * back. MOVED: moved some, 0: nothing there, else why it stopped (as pump()). */
+ * back. MOVED: moved some, DRAINED: moved all there was (a short read of a
+ * stream socket empties its queue), 0: nothing there, else why it stopped (as
+ * pump()). */
 static int pass_through(struct direction *d, int source_end, int sink_error, int *err) {
     size_t room = d->size < BUFFER_SIZE ? (size_t)d->size : BUFFER_SIZE;
     ssize_t got = recv(d->source, buffer, room, MSG_DONTWAIT);
@@ -148,7 +154,7 @@ static int pass_through(struct direction *d, int source_end, int sink_error, int
         *err = failed;
         return sink_error;
     }
-    return MOVED;
+    return (size_t)got < room ? DRAINED : MOVED;
 }
 
 /* Move what is there in one direction: 0 while it goes on, else why it stopped
@@ -158,6 +164,8 @@ static int pump(struct direction *d, int source_end, int sink_error, int *err) {
         int progress = 0;
         if (d->held == 0) {
             int passed = pass_through(d, source_end, sink_error, err);
+            if (passed == DRAINED)
+                return 0;
             if (passed != MOVED)
                 return passed;
             continue;
@@ -195,18 +203,33 @@ static int pump(struct direction *d, int source_end, int sink_error, int *err) {
     }
 }
 
-static void pump_pair(struct pair *pair) {
-    int err = 0;
-    int stop = pump(&pair->out, ORIGINAL_EOF, RELAY_ERROR, &err);
-    if (!stop)
+/* Pump the directions `out` and `in` (either may be 0: left as it is). */
+static void pump_pair(struct pair *pair, int out, int in) {
+    int err = 0, stop = 0;
+    if (out)
+        stop = pump(&pair->out, ORIGINAL_EOF, RELAY_ERROR, &err);
+    if (!stop && in)
         stop = pump(&pair->in, RELAY_EOF, ORIGINAL_ERROR, &err);
     if (stop)
         give_back(pair, stop, err);
 }
 
-static void watch(struct pair *pair, int fd) {
+/* An event's data: the pair's id and which of its sockets (ORIGINAL or RELAY). */
+#define EVENT_DATA(id, which) ((uint64_t)(id) << 1 | (uint64_t)(which))
+
+/* What an event of `which` of `pair` concerns: the direction it is the source of
+ * when there is something to read (or an end, or an error), the one it is the sink
+ * of when it can be written and that direction's pipe holds some. */
+static void on_socket(struct pair *pair, int which, uint32_t events) {
+    struct direction *sink = which == ORIGINAL ? &pair->in : &pair->out;
+    int readable = (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0;
+    int drains = (events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) != 0 && sink->held > 0;
+    pump_pair(pair, which == ORIGINAL ? readable : drains, which == ORIGINAL ? drains : readable);
+}
+
+static void watch(struct pair *pair, int fd, int which) {
     struct epoll_event event = {.events = EPOLLIN | EPOLLOUT | EPOLLRDHUP | EPOLLET};
-    event.data.u64 = pair->id;
+    event.data.u64 = EVENT_DATA(pair->id, which);
     if (epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &event) < 0)
         die("epoll_ctl");
 }
@@ -254,9 +277,9 @@ static void on_control(void) {
                                       request.in_held, in_size, 0, 0};
         pair->next = pairs;
         pairs = pair;
-        watch(pair, fds[ORIGINAL]);
-        watch(pair, fds[RELAY]);
-        pump_pair(pair); /* what came before it was watched */
+        watch(pair, fds[ORIGINAL], ORIGINAL);
+        watch(pair, fds[RELAY], RELAY);
+        pump_pair(pair, 1, 1); /* what came before it was watched */
     } else if (request.op == OP_STOP) {
         /* Unknown: it came back by itself already (that report is on its way). */
         if (pair)
@@ -312,9 +335,9 @@ int main(int argc, char **argv) {
                 on_control();
                 continue;
             }
-            struct pair *pair = find((uint32_t)events[i].data.u64);
+            struct pair *pair = find((uint32_t)(events[i].data.u64 >> 1));
             if (pair) /* else given back by an earlier event of this batch */
-                pump_pair(pair);
+                on_socket(pair, (int)(events[i].data.u64 & 1), events[i].events);
         }
     }
 }

@@ -24,7 +24,9 @@ socket advertises then, less what waits here for it; 0 where the kernel
 does not tell) is what the shadow may send more that the process's socket
 surely takes, reading or not: a move home sends only that much (hijack.shadow.relay).
 Only the latest count matters: an ACK goes ahead of the DATA frames waiting
-here (between two frames), so a move waits for no more than that.
+here (between two frames), so a move waits for no more than that. The
+process's answer to what it was sent usually brings TCP's acknowledgement of
+it: the ACK then leaves with the answer's DATA, in one write to the shadow.
 shadow -> node stays raw (inside TLS); its end is the TLS connection's end.
 
 A listener of the process is relayed the same way round (the node connects,
@@ -84,6 +86,10 @@ TCPI_SND_WND = 228  # offset of tcpi_snd_wnd in struct tcp_info (<linux/tcp.h>, 
 CHUNK = 256 * 1024 - FRAME.size  # a DATA frame fits what TlsLink.send takes at once
 LIMIT = 4 * 1024 * 1024  # bytes held per direction before we stop reading
 ACK_POLL = 0.005  # seconds between looks at a process socket that has not taken all yet
+# Seconds an ACK waits after a write to the process for its answer, which brings TCP's
+# acknowledgement and takes our ACK along (one write, one segment, one wakeup of the
+# shadow for both); a move waits that much longer for the last one, at most.
+ACK_DELAY = 0.002
 LISTENER_MARK = 0x484A4B52  # "HJKR": the mark of the forwarder's connections to a listener
 ACCEPTED = "accepted"  # the move id of an accepted client's relay
 
@@ -147,6 +153,7 @@ class _Pair:
     ack: bytes = b""
     cut: int = 0  # bytes left of to_link's first frame, TLS having taken its start
     delivered: int = 0  # bytes written to the local socket, in all
+    written_at: float = 0.0  # time.monotonic() of the last write to it
     acked: int = 0  # what our last ACK said
     local_eof: bool = False
     shut_local: bool = False
@@ -256,12 +263,19 @@ class Forwarder:
 
     def _run(self) -> None:
         while True:
-            waiting = any(pair.delivered > pair.acked for pair in self.pairs)
-            for key, events in self.selector.select(ACK_POLL if waiting else None):
+            # Only these may have changed: the relays an event came for, and those
+            # whose process has not acknowledged all yet (a look at each per ACK_POLL).
+            touched = {pair for pair in self.pairs if pair.delivered > pair.acked}
+            now = time.monotonic()
+            fresh = any(now - pair.written_at < ACK_DELAY for pair in touched)
+            timeout = (ACK_DELAY if fresh else ACK_POLL) if touched else None
+            for key, events in self.selector.select(timeout):
                 if key.data is None:
                     self._take_added()
                     continue
                 item, role = key.data
+                if isinstance(item, _Pair):
+                    touched.add(item)
                 try:
                     if isinstance(item, _ListenerLink):
                         self._on_listener_link(item)
@@ -273,7 +287,7 @@ class Forwarder:
                     # One relay's failure (a reset, a broken peer): the others go on.
                     self.log(f"forwarded relay: {exc}; closing it")
                     self._close(item, reset=True)
-            for pair in list(self.pairs):
+            for pair in touched:
                 if not pair.closed:
                     self._acknowledge(pair)
                     self._finish_if_done(pair)
@@ -343,21 +357,24 @@ class Forwarder:
                 pair.local_eof = True
                 pair.to_link += make_frame(END, b"")
             elif data:
+                if self._acknowledged(pair):  # the answer brought TCP's ACK: ours goes with it
+                    pair.ack = self._ack_frame(pair)
                 pair.to_link += make_frame(DATA, data)
         self._flush(pair)
 
     def _flush(self, pair: _Pair) -> None:
         # A frame at a time (TLS takes one whole, or none while earlier ones wait for the
-        # kernel), so that between two an ACK can go first.
+        # kernel), so that between two an ACK can go first; the records wait for one
+        # flush, so an ACK and the DATA behind it leave in one write.
         while True:
             if pair.ack and not pair.cut:
-                if not pair.link.send(pair.ack):
+                if not pair.link.send(pair.ack, flush=False):
                     break
                 pair.ack = b""
             if not pair.to_link:
                 break
             size = pair.cut or FRAME.size + FRAME.unpack_from(pair.to_link)[1]
-            taken = pair.link.send(pair.to_link[:size])
+            taken = pair.link.send(pair.to_link[:size], flush=False)
             if not taken:
                 break
             del pair.to_link[:taken]
@@ -370,21 +387,35 @@ class Forwarder:
                 written = 0
             del pair.to_local[:written]
             pair.delivered += written
+            if written:
+                pair.written_at = time.monotonic()
         if pair.link.eof and not pair.to_local and not pair.shut_local:
             pair.shut_local = True  # the shadow's end: the process reads its end
             with contextlib.suppress(OSError):
                 pair.local.shutdown(socket.SHUT_WR)
 
-    def _acknowledge(self, pair: _Pair) -> None:
+    def _acknowledged(self, pair: _Pair) -> bool:
+        """Whether the process's socket acknowledged what it was written since our last
+        ACK (then counted as acknowledged: the caller sends the ACK)."""
         if pair.delivered > pair.acked and not unacknowledged(pair.local):
             pair.acked = pair.delivered
+            return True
+        return False
+
+    def _acknowledge(self, pair: _Pair) -> None:
+        if time.monotonic() - pair.written_at < ACK_DELAY:
+            return  # its answer may come and take the ACK along (_on_pair)
+        if self._acknowledged(pair):
             self._send_ack(pair)
+
+    def _ack_frame(self, pair: _Pair) -> bytes:
+        room = max(0, window(pair.local) - unacknowledged(pair.local) - len(pair.to_local))
+        body = ACK_FORMAT.pack(pair.acked) + ROOM_FORMAT.pack(min(room, 0xFFFFFFFF))
+        return make_frame(ACK, body)
 
     def _send_ack(self, pair: _Pair) -> None:
         try:
-            room = max(0, window(pair.local) - unacknowledged(pair.local) - len(pair.to_local))
-            body = ACK_FORMAT.pack(pair.acked) + ROOM_FORMAT.pack(min(room, 0xFFFFFFFF))
-            pair.ack = make_frame(ACK, body)
+            pair.ack = self._ack_frame(pair)
             self._flush(pair)
         except OSError as exc:
             self.log(f"forwarded relay: {exc}; closing it")

@@ -323,8 +323,10 @@ class Shadow:
                 link.write_all(control.RELAY_ACCEPTED)
                 ends = header.get("ends")
                 plain = header.get("mode") == relay_link.PLAIN
-                if not plain:  # a record per write, and small ones (ACKs, pongs) at once
-                    connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # Small writes at once: a TLS record per write (ACKs, pongs), and a
+                # request the process's client sent behind one still unanswered (a
+                # pipelining client) is not held back for the first one's ACK.
+                connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self.hub.attach_relay(
                     str(header["stream"]),
                     str(header["move"]),

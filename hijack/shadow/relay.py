@@ -151,19 +151,23 @@ class SplicePipe:
         self.size = fcntl.fcntl(self.write_end, fcntl.F_GETPIPE_SZ)
         self.held = 0
         self.full = False
+        self.drained = False  # the last fill() took less than it asked for: all there was
 
     def fill(self, source: int) -> int | None:
         """Splice what `source` has into the pipe: bytes moved, 0 at its end, None if none now."""
+        self.drained = False
         if self.full or self.held >= self.size:
             return None
         try:
-            moved = os.splice(source, self.write_end, self.size - self.held, flags=SPLICE_FLAGS)
+            asked = self.size - self.held
+            moved = os.splice(source, self.write_end, asked, flags=SPLICE_FLAGS)
         except BlockingIOError:
             # Nothing to read, or no free slot: with bytes held, take it as
             # the latter and wait for the sink (it is watched while we hold bytes).
             self.full = self.held > 0
             return None
         self.held += moved
+        self.drained = 0 < moved < asked
         return moved
 
     def drain(self, sink: int, limit: int = 0) -> int:
@@ -325,6 +329,11 @@ class RelayHub:
         self.pump_failed = not native.available()
         self._native: dict[int, Stream] = {}  # the pump's number -> stream
         self._native_count = 0
+        # The last read of an original or a relay got less than it asked for: its
+        # source had no more (a stream socket's short read empties its queue), so
+        # another round of the pump would only find nothing. The selector is level
+        # triggered: what comes later is an event of its own.
+        self._read_short = False
 
     # -- setting up -------------------------------------------------------------
 
@@ -957,6 +966,7 @@ class RelayHub:
     def _pump_original(self, stream: Stream, events: int) -> None:
         for _ in range(PUMP_ROUNDS):
             moved = 0
+            self._read_short = False
             # Pumping checked again: an event of the select() batch that held a
             # `migrating` request may come after it, and must read nothing more.
             reading = events & selectors.EVENT_READ and (self.pumping or stream.swapping)
@@ -966,7 +976,7 @@ class RelayHub:
             moved += self._flush_relay(stream)
             if events & selectors.EVENT_WRITE:
                 moved += self._flush_original(stream)
-            if not moved or stream.original < 0:
+            if not moved or stream.original < 0 or self._read_short:
                 break
 
     def _read_original(self, stream: Stream) -> int:
@@ -975,12 +985,14 @@ class RelayHub:
         try:
             if pipe is not None:
                 got = pipe.fill(stream.original)
+                self._read_short = pipe.drained
             else:
                 data = os.read(stream.original, CHUNK)
                 # A terminal's bytes go in DATA frames (hijack.node.terminal).
                 framed = data and self._is_terminal(stream)
                 stream.to_relay += terminal_frame(DATA, data) if framed else data
                 got = len(data)
+                self._read_short = 0 < got < CHUNK
         except BlockingIOError:
             return 0
         except OSError as exc:
@@ -996,12 +1008,13 @@ class RelayHub:
         assert relay is not None
         for _ in range(PUMP_ROUNDS):
             moved = 0
+            self._read_short = False
             if events & selectors.EVENT_READ and relay.readable() and stream.in_room():
                 moved += self._read_relay(stream, relay)
             if events & selectors.EVENT_WRITE:
                 moved += self._flush_relay(stream)
             moved += self._flush_original(stream)
-            if not moved or stream.original < 0:
+            if not moved or stream.original < 0 or self._read_short:
                 break
 
     def _read_relay(self, stream: Stream, relay: Relay) -> int:
@@ -1011,6 +1024,7 @@ class RelayHub:
         got: int | None
         if pipe is not None:
             got = pipe.fill(relay.sock.fileno())
+            self._read_short = pipe.drained
         else:
             try:
                 data = relay.sock.recv(CHUNK)
@@ -1018,6 +1032,7 @@ class RelayHub:
                 return 0
             stream.to_original += self._from_master(stream, relay, data) if stream.master else data
             got = len(data)
+            self._read_short = 0 < got < CHUNK
         if got is None:
             return 0
         if got:
@@ -1042,6 +1057,7 @@ class RelayHub:
         if not data:  # the connection's end, with or without END: the node is gone
             relay.eof = True
             return 0
+        self._read_short = relay.link.drained
         payload = bytearray()
         for kind, body in _frames(relay.forwarded, data, stream):
             if kind == DATA:

@@ -185,6 +185,8 @@ class TlsLink:
         self.pending = bytearray()  # ciphertext made, not yet taken by the kernel
         self.eof = False  # the peer's raw end came
         self.plain_sent = 0  # plaintext bytes handed to TLS, in all
+        # The last recv() read less than it asked the kernel for: all there was.
+        self.drained = False
 
     # -- the exchange before streaming: blocking, one record at a time --------------
 
@@ -240,6 +242,7 @@ class TlsLink:
                 raw = self.sock.recv(CHUNK)
             except BlockingIOError:
                 raw = None
+            self.drained = raw is None or len(raw) < CHUNK
             if raw == b"":
                 self.eof = True
             elif raw:
@@ -259,8 +262,10 @@ class TlsLink:
             return b""  # a record cut short by the end is no data (a broken peer)
         raise BlockingIOError
 
-    def send(self, data: bytes | bytearray | memoryview) -> int:
-        """Take up to CHUNK bytes of `data` (0 while earlier ones wait for the kernel)."""
+    def send(self, data: bytes | bytearray | memoryview, *, flush: bool = True) -> int:
+        """Take up to CHUNK bytes of `data` (0 while earlier ones wait for the kernel).
+        Without `flush` the ciphertext waits for the next flush(): several small records
+        leave in one system call (one segment)."""
         if len(self.pending) >= CHUNK:
             self.flush()
             if len(self.pending) >= CHUNK:
@@ -268,7 +273,8 @@ class TlsLink:
         taken = self.tls.write(bytes(data[:CHUNK]))
         self.plain_sent += taken
         self.pending += self.outgoing.read()
-        self.flush()
+        if flush:
+            self.flush()
         return taken
 
     def send_from(self, buffer: bytearray) -> None:
