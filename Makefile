@@ -49,7 +49,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 test: $(STAMP) system-deps lint $(NATIVE)
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q --durations=20 tests
 
 demo: $(STAMP) system-deps $(NATIVE)
 	$(PY) -m hijack.demo

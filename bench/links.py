@@ -24,29 +24,23 @@ the same, and the lines say the delay is missing rather than pretend it.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import statistics
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pyroute2 import NetNS
-from pyroute2.netlink.exceptions import NetlinkError
-
 from bench.freezes import percentile
 from bench.moves import SINK
-from bench.testnodes import Node, relay_nodes
+from bench.testnodes import Node, relay_nodes, shaped
 from hijack.shadow import control
 
 THROUGHPUT_TARGET = 0.95
 ADDED_RTT_P50_TARGET_US = 30.0
 DELAY_US = 200
 RATES = (("1 Gbit/s", 1_000_000_000), ("10 Gbit/s", 10_000_000_000))
-NODE_LINK = "eth0"
 CLIENT_TIMEOUT = 300.0
 
 # Run inside node c: `stream HOST PORT BYTES` prints the seconds to send BYTES and
@@ -103,40 +97,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system time of process `pid` so far (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _shape(node: Node, rate_bits: int) -> bool:
-    """tbf at `rate_bits` on the node's link, netem's delay under it if the kernel has netem;
-    whether the delay is there."""
-    rate = rate_bits // 8  # bytes a second
-    with NetNS(node.netns) as netns:
-        index = netns.link_lookup(ifname=NODE_LINK)[0]
-        # Bucket: a millisecond of the rate, and never less than a GSO packet (64 KiB).
-        burst = max(rate // 1000, 256 * 1024)
-        netns.tc("add", "tbf", index, handle="1:", rate=rate, burst=burst, latency=5000)
-        try:
-            netns.tc("add", "netem", index, handle="10:", parent="1:1", delay=DELAY_US)
-        except NetlinkError:
-            return False  # no netem in this kernel (ENOENT: unknown qdisc kind)
-    return True
-
-
-def _unshape(node: Node) -> None:
-    with NetNS(node.netns) as netns:
-        index = netns.link_lookup(ifname=NODE_LINK)[0]
-        with contextlib.suppress(NetlinkError):
-            netns.tc("del", index=index, handle="1:", root=True)  # netem under it goes too
-
-
-@contextlib.contextmanager
-def shaped(nodes: tuple[Node, ...], rate_bits: int) -> Iterator[bool]:
-    """Every node's link shaped while inside; yields whether the delay is there."""
-    try:
-        delayed = [_shape(node, rate_bits) for node in nodes]
-        yield all(delayed)
-    finally:
-        for node in nodes:
-            _unshape(node)
 
 
 @dataclass
@@ -209,7 +169,7 @@ def measure_links(stream_size: int, streams_each: int, pings: int) -> list[str]:
         relayed_bytes += stream_size * streams_each
         shadow_cpu += taken.shadow_cpu
         for label, rate in RATES:
-            with shaped(cluster.nodes, rate) as delayed:
+            with shaped(cluster.nodes, rate, DELAY_US) as delayed:
                 taken = streams(c, a.address, sinks, shadow, stream_size, streams_each)
             delay = f"{DELAY_US / 1000:.1f} ms delay" if delayed else "NO delay (no netem)"
             lines += taken.lines(label, stream_size, f"; shaped (tbf), {delay}")

@@ -17,10 +17,18 @@ SUPPORT = Path(__file__).resolve().parent.parent / "tests"
 if str(SUPPORT) not in sys.path:
     sys.path.insert(0, str(SUPPORT))
 
-from support.nodes import Cluster, Node, run_ip  # noqa: E402
+from support.nodes import Cluster, Node, run_ip, shaped  # noqa: E402
 from support.running import RunningFixture, spawn_fixture  # noqa: E402
 
-__all__ = ["Cluster", "Node", "RunningFixture", "relay_nodes", "run_ip", "spawn_fixture"]
+__all__ = [
+    "Cluster",
+    "Node",
+    "RunningFixture",
+    "relay_nodes",
+    "run_ip",
+    "shaped",
+    "spawn_fixture",
+]
 
 
 @contextlib.contextmanager

@@ -266,9 +266,9 @@ def test_counter_counts_on_intact_through_attach_and_detach(cli: HijackCli, tmp_
     [
         ("read", "payload-read\n", {SYS_READ}),
         ("select", "payload-select\n", {SYS_PSELECT6}),
-        # Long enough to outlast the attach: the test checks the sleep was
-        # still going on after it.
-        ("nanosleep", "3000", {SYS_CLOCK_NANOSLEEP, SYS_RESTART_SYSCALL}),
+        # Long enough to outlast the attach (seconds on a loaded machine: 3 s did
+        # not): the test checks the sleep was still going on after it.
+        ("nanosleep", "8000", {SYS_CLOCK_NANOSLEEP, SYS_RESTART_SYSCALL}),
     ],
 )
 def test_a_blocked_call_is_resumed_after_attach_and_detach(

@@ -21,7 +21,7 @@ import subprocess
 from pathlib import Path
 
 from support import RunningFixture, spawn_fixture
-from support.nodes import Cluster, Node, link_down, link_up, two_nodes
+from support.nodes import Cluster, Node, link_down, link_up, shaped, two_nodes
 from test_faults import finish, hijack_in
 from test_move import (
     MOVED_LINE,
@@ -39,6 +39,7 @@ from test_move import (
 from hijack.registry import Registry
 
 DIRTY_RATE = "100"  # MB/s the dirtier rewrites
+SLOW_LINK_BITS = 128_000_000  # 16 MB/s: slower than the dirtier writes, even on a busy machine
 POSTCOPY_LINE = re.compile(r"post-copy: ([\d.]+ \w+) served after the start")
 
 
@@ -113,11 +114,15 @@ def test_a_postcopy_move_of_a_process_that_keeps_writing_arrives_with_every_page
 def test_a_move_whose_rounds_do_not_converge_goes_on_with_postcopy_by_itself(
     tmp_path: Path,
 ) -> None:
-    # As fast as it can, over a buffer small enough that each round finds all
-    # of it written again: the rounds never shrink.
+    # The dirtier rewrites pages faster than node a's link (shaped to SLOW_LINK_BITS)
+    # drains them: each round finds most of what it sent written again, so the rounds
+    # never shrink. (On an unshaped link they may converge: the fixture's rate is bounded
+    # by its CPU, and a round's size by its length: a round that happens to be short
+    # makes the next one small, and the move rightly goes frozen.)
     with (
         two_nodes(tmp_path) as (a, b),
         spawn_fixture("dirtier", "32", "1000", netns=a.netns) as dirtier,
+        shaped([a], SLOW_LINK_BITS),
     ):
         moved = moved_with_postcopy(a, b, dirtier.pid)  # no option: the automatic choice
         dirtier.wait_exit()

@@ -13,6 +13,8 @@ from hijack.sys import procfs
 O_CREAT, O_EXCL, O_TRUNC, O_CLOEXEC = 0o100, 0o200, 0o1000, 0o2000000
 # Flags that act at open time only: never replayed (O_TRUNC would empty the file).
 OPEN_TIME_ONLY = O_CREAT | O_EXCL | O_TRUNC | O_CLOEXEC
+O_TMPFILE_BIT = 0o20000000  # __O_TMPFILE
+O_TMPFILE = O_TMPFILE_BIT | 0o200000  # as open(2) takes it: with O_DIRECTORY
 AT_FDCWD = -100
 SEEK_SET = 0
 DELETED = " (deleted)"
@@ -29,7 +31,17 @@ def open_by_path(restore: RestoreContext, descriptor: rec.FileDescriptor, flags:
 
 
 def reopen_flags(descriptor: rec.FileDescriptor) -> int:
-    return descriptor.flags & ~OPEN_TIME_ONLY
+    """The flags to open `descriptor`'s file with again.
+
+    A file made by open(DIR, O_TMPFILE) keeps O_TMPFILE in its flags, and
+    O_DIRECTORY with it: an open with them fails (ENOTDIR, the file is not the
+    directory it was made in), so they are left out: the new description differs
+    only there (fdinfo, F_GETFL), where nothing acts on them after the open.
+    """
+    flags = descriptor.flags & ~OPEN_TIME_ONLY
+    if flags & O_TMPFILE_BIT:
+        flags &= ~O_TMPFILE
+    return flags
 
 
 def is_deleted(path: str, dev: int, ino: int) -> bool:

@@ -98,6 +98,9 @@ class TcpState:
     read_shut: bool = False  # the program shut reading (shutdown SHUT_RD), no FIN received
 
 
+QUEUE_READ_ATTEMPTS = 100
+
+
 def _queued(sock: socket.socket, request: int) -> int:
     value: int = struct.unpack("<i", fcntl.ioctl(sock.fileno(), request, b"\0" * 4))[0]
     return value
@@ -109,6 +112,27 @@ def _peek(sock: socket.socket, queue: int, length: int) -> bytes:
     if length:
         data = sock.recv(length, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     return data
+
+
+def _receive_queue(sock: socket.socket) -> tuple[int, bytes]:
+    """Where the receive queue ends (rcv_nxt) and its bytes, read consistently.
+
+    Repair mode does not stop the peer's segments: without a network lock (a
+    plain dump, the process running on after) one landing between the two reads
+    would count its bytes in one and not the other, and the connection rebuilt
+    from them would be off by that much. Read again until nothing came between.
+    (What the peer's acknowledgements take from the send queue meanwhile does
+    not matter: its end, write_seq, stays, and what was acknowledged is not owed.)
+    """
+    for _ in range(QUEUE_READ_ATTEMPTS):
+        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+        before = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ)
+        received = _peek(sock, TCP_RECV_QUEUE, _queued(sock, termios.FIONREAD))
+        if sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) == before:
+            return before, received
+    raise HijackError(
+        f"the peer kept sending while its connection was read ({QUEUE_READ_ATTEMPTS} tries)"
+    )
 
 
 def set_repair(fd: int, on: bool) -> None:
@@ -162,13 +186,10 @@ def read_state(fd: int) -> TcpState:
     with kernel_call("TCP_REPAIR"), socket.socket(fileno=fd) as sock:
         try:
             in_send_queue = _queued(sock, SIOCOUTQ)
-            in_recv_queue = _queued(sock, termios.FIONREAD)
             sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
             send_seq = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ)
             send_queue = _peek(sock, TCP_SEND_QUEUE, in_send_queue)
-            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
-            recv_seq = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ)
-            received = _peek(sock, TCP_RECV_QUEUE, in_recv_queue)
+            recv_seq, received = _receive_queue(sock)
             sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
             info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
             head = TCP_INFO_HEAD.unpack_from(info)

@@ -53,6 +53,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from pyroute2 import NetNS
+from pyroute2.netlink.exceptions import NetlinkError
+
 from hijack.node import pki
 from hijack.sys.process import WALL
 from support.cli import CLI_COLUMNS, CLI_TIMEOUT, CliResult, _text
@@ -632,6 +635,43 @@ def link_down(node: Node) -> None:
 def link_up(node: Node) -> None:
     """Undo link_down: the node reaches the cluster again."""
     run_ip("-n", node.hub_netns, "link", "set", node.hub_link, "up")
+
+
+def _shape(node: Node, rate_bits: int, delay_us: int) -> bool:
+    """tbf at `rate_bits` on the node's link (what it sends), netem's `delay_us` under it
+    if asked and the kernel has netem; whether the delay is there."""
+    rate = rate_bits // 8  # bytes a second
+    with NetNS(node.netns) as netns:
+        index = netns.link_lookup(ifname=NODE_LINK)[0]
+        # Bucket: a millisecond of the rate, and never less than a GSO packet (64 KiB).
+        burst = max(rate // 1000, 256 * 1024)
+        netns.tc("add", "tbf", index, handle="1:", rate=rate, burst=burst, latency=5000)
+        if not delay_us:
+            return False
+        try:
+            netns.tc("add", "netem", index, handle="10:", parent="1:1", delay=delay_us)
+        except NetlinkError:
+            return False  # no netem in this kernel (ENOENT: unknown qdisc kind)
+    return True
+
+
+def _unshape(node: Node) -> None:
+    with NetNS(node.netns) as netns:
+        index = netns.link_lookup(ifname=NODE_LINK)[0]
+        with contextlib.suppress(NetlinkError):
+            netns.tc("del", index=index, handle="1:", root=True)  # netem under it goes too
+
+
+@contextlib.contextmanager
+def shaped(nodes: Sequence[Node], rate_bits: int, delay_us: int = 0) -> Iterator[bool]:
+    """Every node's link shaped (tbf; pyroute2, no tc shell-out) while inside; yields
+    whether the delay is there."""
+    try:
+        delayed = [_shape(node, rate_bits, delay_us) for node in nodes]
+        yield all(delayed)
+    finally:
+        for node in nodes:
+            _unshape(node)
 
 
 class Cluster:

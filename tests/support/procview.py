@@ -80,6 +80,10 @@ def maps_view(pid: int) -> frozenset[MapView]:
     return frozenset(entries)
 
 
+O_TMPFILE_BIT = 0o20000000  # __O_TMPFILE
+O_TMPFILE = O_TMPFILE_BIT | os.O_DIRECTORY
+
+
 def fds_view(pid: int) -> frozenset[FdView]:
     entries = set()
     for name in os.listdir(f"/proc/{pid}/fd"):
@@ -90,7 +94,12 @@ def fds_view(pid: int) -> frozenset[FdView]:
             for line in Path(f"/proc/{pid}/fdinfo/{fd}").read_text().splitlines()
             if ":" in line
         )
-        entries.add(FdView(fd, target, int(info["pos"]), int(info["flags"], 8)))
+        flags = int(info["flags"], 8)
+        if flags & O_TMPFILE_BIT:
+            # A file made by O_TMPFILE comes back reopened, without those open-time
+            # flags (hijack.objects.regular.reopen_flags: documented).
+            flags &= ~O_TMPFILE
+        entries.add(FdView(fd, target, int(info["pos"]), flags))
     return frozenset(entries)
 
 
