@@ -872,17 +872,8 @@ def _check_endpoint_owner(pid: int, relay_address: str) -> None:
         held = {entry.fd: entry.ino for entry in entries if entry.kind is procfs.FdKind.SOCKET}
         # Its sockets asked one by one (its endpoint: TCP over IPv4) rather than the TCP
         # tables read, which walk the kernel's whole hash: a move home waits for this.
-        namespace = os.stat(f"/proc/{pid}/ns/net").st_ino
-        for fd, inode in held.items():
-            try:
-                copy = pidfd.copy_fd(pid, fd)
-            except HijackError:
-                continue  # closed meanwhile: it runs
-            try:
-                if listening(tcp_repair.listed_tcp4(copy, inode, namespace)):
-                    return
-            finally:
-                os.close(copy)
+        if any(map(listening, tcp_repair.listed_tcp4_of(pid, held).values())):
+            return
         table = procfs.read_tcp_table(pid)
     except (HijackError, OSError):
         held, table = {}, {}

@@ -1371,26 +1371,7 @@ def sockets_of(
     held = {entry.fd: entry.ino for entry in entries if entry.kind is procfs.FdKind.SOCKET}
     if not held:
         return {}
-    found: dict[int, procfs.SocketInfo] = {}
-    try:
-        namespace = os.stat(f"/proc/{pid}/ns/net").st_ino
-        handle = pidfd.pidfd_open(pid)
-    except (OSError, HijackError):
-        return procfs.read_socket_table(pid, wanted=set(held.values()))
-    try:
-        for fd, inode in held.items():
-            try:
-                copy = pidfd.pidfd_getfd(handle, fd, pid)
-            except HijackError:
-                continue  # closed meanwhile (it runs): the tables tell
-            try:
-                info = tcp_repair.listed_tcp4(copy, inode, namespace)
-            finally:
-                os.close(copy)
-            if info is not None:
-                found[inode] = info
-    finally:
-        os.close(handle)
+    found = tcp_repair.listed_tcp4_of(pid, held)
     rest = set(held.values()).difference(found)
     return {**procfs.read_socket_table(pid, wanted=rest), **found} if rest else found
 

@@ -39,7 +39,7 @@ import time
 from dataclasses import dataclass
 
 from hijack.errors import HijackError
-from hijack.sys import netlock, procfs
+from hijack.sys import netlock, pidfd, procfs
 from hijack.sys.datagrams import (
     DEFAULT_TTL,
     IP_DONT_FRAGMENT,
@@ -431,3 +431,29 @@ def listed_tcp4(fd: int, inode: int, namespace: int) -> procfs.SocketInfo | None
         f"{host}:{port}",
         f"{peer_host}:{peer_port}",
     )
+
+
+def listed_tcp4_of(pid: int, sockets: dict[int, int]) -> dict[int, procfs.SocketInfo]:
+    """listed_tcp4 of each socket of process `pid` (`sockets`: its descriptor -> inode) it
+    can tell, by inode; a descriptor closed meanwhile (it runs) is left to the tables."""
+    found: dict[int, procfs.SocketInfo] = {}
+    try:
+        namespace = os.stat(f"/proc/{pid}/ns/net").st_ino
+        handle = pidfd.pidfd_open(pid)
+    except (OSError, HijackError):
+        return found
+    try:
+        for fd, inode in sockets.items():
+            try:
+                copy = pidfd.pidfd_getfd(handle, fd, pid)
+            except HijackError:
+                continue
+            try:
+                info = listed_tcp4(copy, inode, namespace)
+            finally:
+                os.close(copy)
+            if info is not None:
+                found[inode] = info
+    finally:
+        os.close(handle)
+    return found
