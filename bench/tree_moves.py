@@ -8,7 +8,8 @@ then again with pre-copy (rounds while it runs: the pages shared since the fork
 sent once). Beside it, the same moves of one process holding the same SIZE.
 Printed: the freezes and image sizes, the tree's as a ratio to the single
 one's (pages the members still share since the fork are stored once: CRF 6),
-and the pre-copied tree's freeze beside its frozen one.
+and the pre-copied tree's freeze beside its frozen one, with where its freeze went
+(the laps of --timing, here and at the destination).
 """
 
 from __future__ import annotations
@@ -96,7 +97,7 @@ def measure_tree_moves(size_mib: int) -> list[str]:
         for children in (CHILDREN, 0):
             for option in ("--no-precopy", "--precopy"):
                 holder = _start(a, size_mib, children)
-                moved[children, option] = _move(a, holder.pid, b, option)
+                moved[children, option] = _move(a, holder.pid, b, option, "--timing")
                 holder.wait()  # the original, killed by the move
     tree_freeze, tree_image, printed = moved[CHILDREN, "--no-precopy"]
     single_freeze, single_image, _ = moved[0, "--no-precopy"]
@@ -108,6 +109,8 @@ def measure_tree_moves(size_mib: int) -> list[str]:
     sent = re.search(r"frozen [\d.]+ ms, ([\d.]+) (KiB|MiB|GiB|B) sent", precopy_printed)
     sent_mib = float(sent[1]) * UNITS[sent[2]] if sent else 0.0
     tree = f"1+{CHILDREN} sharing {size_mib} MiB"
+    # Where the pre-copied tree's freeze went, here and there (ms).
+    laps = re.findall(r"^freeze (?:here|at \w+) \(ms\): .*$", precopy_printed, re.M)
     return [
         f"{f'tree move freeze, {tree}':<34} {tree_freeze:8.1f} ms  "
         f" | {label + ', frozen':<38} {single_freeze:8.1f} ms  "
@@ -119,6 +122,7 @@ def measure_tree_moves(size_mib: int) -> list[str]:
         f" | {label + ', pre-copy':<38} {single_precopy:8.1f} ms   |"
         f" x{tree_precopy / single_precopy:.1f} ({sent_mib:.1f} MiB sent in all;"
         f" x{tree_precopy / tree_freeze:.2f} of the tree's frozen move)",
+        *(f"  pre-copied tree, {line}" for line in laps),
     ]
 
 

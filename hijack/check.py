@@ -30,6 +30,8 @@ class Feature:
     required: bool
     without: str  # what does not work when it is missing
     probe: Callable[[], str]  # the detail on success; raises on failure
+    # Without it the others cannot be tried (their probes would read other processes).
+    first: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,6 +115,13 @@ FEATURES = (
         "attach, dump, restore and move (run as root)",
         _capabilities(("CAP_SYS_PTRACE", "CAP_SYS_ADMIN", "CAP_CHECKPOINT_RESTORE")),
     ),
+    Feature(
+        "proc",
+        True,
+        "every command: the pids read in /proc would name other processes",
+        probe.proc_shows_own_pids,
+        first=True,
+    ),
     Feature("ptrace scope", True, "attach, dump and move", _ptrace_scope),
     Feature("ptrace seize", True, "attach, dump and move", probe.try_seize),
     Feature("clone3 set_tid", True, "restore under the old pid", probe.try_set_tid),
@@ -159,4 +168,6 @@ def run_checks(features: tuple[Feature, ...] = FEATURES) -> list[Finding]:
                 without="" if ok else feature.without,
             )
         )
+        if feature.first and not ok:
+            break  # the rest would try the kernel on others' processes
     return findings

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support.cli import CliResult, HijackCli
+from support.cli import CLI_TIMEOUT, CliResult, HijackCli
 
 REQUIRED = (
     "machine",
     "privileges",
+    "proc",
     "ptrace scope",
     "ptrace seize",
     "clone3 set_tid",
@@ -86,3 +89,30 @@ def capabilities() -> set[str]:
     with open("/proc/self/status") as status:
         mask = next(int(line.split()[1], 16) for line in status if line.startswith("CapEff:"))
     return {"CAP_SYS_RESOURCE"} if mask >> 24 & 1 else set()
+
+
+def test_a_proc_of_another_pid_namespace_is_missing_and_exit_is_1(cli: HijackCli) -> None:
+    """Run in a pid namespace of its own whose /proc is still this one's (no --mount-proc),
+    hijack would read other processes under its pids: check says so."""
+    completed = subprocess.run(
+        ["unshare", "--pid", "--fork", sys.executable, "-m", "hijack", "check", "--json"],
+        env={**os.environ, "HIJACK_STATE_DIR": str(cli.state_dir)},
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+    assert completed.returncode == 1, completed.stderr
+    proc = {finding["name"]: finding for finding in json.loads(completed.stdout)}["proc"]
+    assert not proc["ok"] and "another pid namespace's" in proc["detail"], proc
+    assert "--mount-proc" in proc["detail"], proc
+    with_proc = subprocess.run(
+        ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "hijack", "check"],
+        env={**os.environ, "HIJACK_STATE_DIR": str(cli.state_dir)},
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT,
+        check=False,
+    )
+    line = next(line for line in with_proc.stdout.splitlines() if " proc " in line)
+    assert line.startswith("ok"), with_proc.stdout

@@ -302,7 +302,7 @@ def test_counter_killed_and_restored_continues_from_its_saved_count(
 
 # -- 2. blocked: dumped inside read / select / nanosleep ------------------------------------------
 
-SLEEP_MS = 3000
+SLEEP_MS = 8000  # long enough for a dump and a restore on a loaded machine (3 s was not)
 
 
 @pytest.mark.parametrize("mode", ["read", "select", "nanosleep"])

@@ -14,6 +14,7 @@ import signal
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ from support.nodes import (
 )
 
 from hijack.node import pki
+from hijack.sys import procfs
 
 LINE_TIMEOUT = 10.0
 
@@ -189,6 +191,47 @@ def test_run_and_hijack_run_inside_the_node_with_its_env(tmp_path: Path) -> None
         result = b.hijack("show", tmp_path / "no-such-image")
         assert result.returncode == 1, result.describe()
         assert "no-such-image" in result.stderr, result.describe()
+
+
+# Its pid, /proc/self, whether pid 1 is the node's init, its pids as /proc shows them
+# (NSpid): one a line.
+WHO_AM_I = """\
+import os
+print(os.getpid())
+print(os.readlink("/proc/self"))
+print(b"sigtimedwait" in open("/proc/1/cmdline", "rb").read())
+print(*[line for line in open("/proc/self/status") if line.startswith("NSpid:")][0].split()[1:])
+"""
+
+
+def test_a_node_with_a_pid_namespace_of_its_own(tmp_path: Path) -> None:
+    """Its programs live in its pid namespace and read it in /proc; an orphan goes to its
+    init, which reaps it; the cluster's end kills everything in it."""
+    with Cluster(tmp_path, nodes=2, pid_namespaces="b") as cluster:
+        a, b = cluster.nodes
+        assert b.own_pid_namespace and not a.own_pid_namespace
+        pid, self_link, init, nspid = b.run_python(WHO_AM_I).stdout.splitlines()
+        # The init is pid 1, and the program reads its own pid, not ours, in /proc.
+        assert pid == self_link == nspid and int(pid) > 1, (pid, self_link, nspid)
+        assert init == "True"
+        sleeper = b.spawn(["sleep", "60"])
+        inside = b.pid_inside(sleeper.pid)
+        assert inside != sleeper.pid and b.host_pid(inside) == sleeper.pid
+        assert a.pid_inside(sleeper.pid) == sleeper.pid  # a node of ours: the same pids
+        assert b.pid_init is not None
+        init = b.pid_init.pid
+        # An orphan of the node (its parent exits at once) goes to the init, which reaps it.
+        orphan = b.spawn(["sh", "-c", "sleep 60 & echo $!"], stdout=subprocess.PIPE, text=True)
+        orphan_pid = b.host_pid(int(read_line(orphan, LINE_TIMEOUT)))
+        orphan.wait()
+        assert procfs.read_status(orphan_pid).ppid == init
+        os.kill(orphan_pid, signal.SIGKILL)
+        deadline = time.monotonic() + LINE_TIMEOUT
+        while Path(f"/proc/{orphan_pid}").exists():  # nothing to wait on for another's child
+            assert time.monotonic() < deadline, "the init did not reap the orphan"
+            time.sleep(0.01)
+    assert sleeper.returncode == -signal.SIGKILL
+    assert not Path(f"/proc/{init}").exists()
 
 
 def test_cleanup_kills_orphans_inside_even_when_the_test_fails(tmp_path: Path) -> None:

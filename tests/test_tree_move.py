@@ -17,7 +17,9 @@ socket or listener is relayed by the tree's one home shadow.
   back under an HTTP load on its original address: no request fails;
 - a Python multiprocessing Pool moved while it works: every result arrives;
 - a tree whose members keep writing memory they share since a fork, moved with pre-copy
-  (the default for a tree with memory): every member finds every page as it wrote it.
+  (the default for a tree with memory): every member finds every page as it wrote it;
+- a tree whose member ends between the build of its stubs there (before the freeze) and
+  the freeze: restored the whole way, the zombie reaped there with its status.
 """
 
 from __future__ import annotations
@@ -57,11 +59,14 @@ TREE_LINE = re.compile(
 )
 MEMBER_LINE = re.compile(r"^  (\d+) (\S+) as (\d+): image (.+), ([\d.]+) ms of the freeze$", re.M)
 
-# Numbered lines, LINES of them, one every PACE seconds: a stream a move catches mid-way.
+# Numbered lines, one every PACE seconds until the file argv[1] exists: a stream the
+# moves catch mid-way however long they take.
 PRODUCER = """\
-import sys, time
-for number in range(int(sys.argv[1])):
+import os, sys, time
+number = 0
+while not os.path.exists(sys.argv[1]):
     print(f"line {number}", flush=True)
+    number += 1
     time.sleep(float(sys.argv[2]))
 """
 # Keeps every line, upper-cased (a filter that changes what passes).
@@ -81,7 +86,6 @@ for line in sys.stdin:
     count += 1
 print(f"END {count}", flush=True)
 """
-LINES = 2500  # 12 s of stream at PACE: three moves come in the middle
 PACE = 0.005
 
 
@@ -108,12 +112,14 @@ def write_programs(directory: Path) -> dict[str, Path]:
 
 
 def start_pipeline(node: Node, directory: Path) -> tuple[subprocess.Popen[bytes], Path]:
-    """`sh -c 'producer | filter | consumer > FILE'` in `node`, once the consumer writes."""
+    """`sh -c 'producer | filter | consumer > FILE'` in `node`, once the consumer writes;
+    the producer ends once `directory`/stop exists."""
     programs = write_programs(directory)
     output = directory / "consumer.out"
     python = sys.executable
     line = (
-        f"{python} {programs['producer']} {LINES} {PACE} | {python} {programs['filter']}"
+        f"{python} {programs['producer']} {directory / 'stop'} {PACE}"
+        f" | {python} {programs['filter']}"
         f" | {python} {programs['consumer']} > {output}"
     )
     errors = open(directory / "pipeline.err", "wb")  # noqa: SIM115 - the pipeline holds it
@@ -124,6 +130,13 @@ def start_pipeline(node: Node, directory: Path) -> tuple[subprocess.Popen[bytes]
     wait_members(shell.pid, 4)
     poll_until(lambda: len(lines_in(output)) >= 20, "the consumer writing")
     return shell, output
+
+
+def assert_whole_stream(output: Path) -> None:
+    """The consumer's file holds every line the producer wrote, once, in order, then END."""
+    got = lines_in(output)
+    count = len(got) - 1
+    assert count > 0 and got == [f"LINE {n}" for n in range(count)] + [f"END {count}"], got[-5:]
 
 
 def lines_in(path: Path) -> list[str]:
@@ -151,13 +164,14 @@ def test_a_pipeline_moved_mid_stream_onward_and_home_keeps_every_line(tmp_path: 
         onward, _ = move_tree(b, there, c)  # away to away: its relays from home follow it
         assert len(read_tree(onward).members) == 4
         back, _ = move_tree(c, onward, a)
-        assert len(lines_in(output)) < LINES, "the stream ended before the move home"
+        streamed = len(lines_in(output))
+        poll_until(lambda: len(lines_in(output)) > streamed, "the stream going on at home")
+        (tmp_path / "stop").touch()
         # The shell's own status is not checked: under fresh pids (the nodes share one
         # kernel, whose old pids the originals hold during the move) its job table no
         # longer names its children, so its wait ends in ECHILD (README, limits).
         wait_gone(back, EXIT_TIMEOUT * 2, "the pipeline, moved home, ending")
-        got = lines_in(output)
-        assert got == [f"LINE {n}" for n in range(LINES)] + [f"END {LINES}"], got[-5:]
+        assert_whole_stream(output)
 
 
 def test_a_fork_of_its_parent_is_refused_without_leave_parent(tmp_path: Path) -> None:
@@ -210,9 +224,9 @@ def test_a_tree_whose_move_fails_before_its_commit_runs_on_at_home(tmp_path: Pat
             assert not re.search(r"^VmFlags:.* u[wm]\b", smaps, re.MULTILINE), pid
         count = len(lines_in(output))
         poll_until(lambda: len(lines_in(output)) > count + 10, "the stream going on at home")
+        (tmp_path / "stop").touch()
         assert shell.wait(timeout=EXIT_TIMEOUT * 2) == 0
-        got = lines_in(output)
-        assert got == [f"LINE {n}" for n in range(LINES)] + [f"END {LINES}"], got[-5:]
+        assert_whole_stream(output)
         assert "runs here as" not in daemon_log(b)
 
 
@@ -393,6 +407,56 @@ def test_a_tree_dirtying_shared_memory_during_precopy_arrives_intact(tmp_path: P
         # Round 0 sends the shared region once, not once per member (the later rounds what
         # was written since).
         assert float(sent[1]) < DIRTY_MIB * (DIRTY_CHILDREN + 1) / 2, printed
+        # Its stubs were built from the rounds before the freeze, and used.
+        assert "rebuilt during the freeze" not in daemon_log(b), daemon_log(b)
         tree.wait_exit()
         shadow = int(shadow_status(a, tree.pid)["shadow_pid"])
         finish_moved(tree, Moved(there, b, 0.0, shadow), tmp_path)
+
+
+# A parent keeping a child (sleep, exec'd); told by SIGUSR1, it reaps a child and exits 0
+# only if that child was killed by SIGKILL.
+KEEPER = """\
+import os, signal, subprocess, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+subprocess.Popen(["sleep", "1000"])
+print("ready", flush=True)
+signal.sigwait({signal.SIGUSR1})
+_, status = os.wait()  # under its new pid there: any child
+sys.exit(0 if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL else 1)
+"""
+
+
+def test_a_tree_changed_after_its_stubs_were_built_is_rebuilt_during_the_freeze(
+    tmp_path: Path,
+) -> None:
+    """The destination builds the tree's stubs from the rounds before the freeze; a member
+    that ends in between (a zombie at the freeze, running when they were built) makes the
+    frozen tree another: it is restored the whole way, its zombie reaped there."""
+    with two_nodes(tmp_path) as (a, b):
+        keeper = a.spawn(
+            [sys.executable, "-c", KEEPER],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert keeper.stdout is not None and keeper.stdout.readline() == b"ready\n"
+        wait_members(keeper.pid, 2)
+        child = read_tree(keeper.pid).members[1].pid
+        assert b.daemon_endpoint is not None
+        mover = hijack_in(
+            a, "move-prebuilt", "move", keeper.pid, "--to", b.daemon_endpoint, "--precopy"
+        )
+        os.kill(child, signal.SIGKILL)
+        poll_until(lambda: read_tree(keeper.pid).members[1].zombie, "the child a zombie")
+        os.kill(mover.pid, signal.SIGCONT)
+        printed, errors = mover.communicate(timeout=EXIT_TIMEOUT * 4)
+        assert mover.returncode == 0, f"{errors}\n{logs(tmp_path)}"
+        found = TREE_LINE.search(printed)
+        assert found is not None, printed
+        there = int(found[3])
+        assert "rebuilt during the freeze" in daemon_log(b), daemon_log(b)
+        keeper.wait(timeout=EXIT_TIMEOUT)  # the original, killed by the move
+        os.kill(there, signal.SIGUSR1)
+        wait_gone(there, EXIT_TIMEOUT, "the keeper, moved, reaping its zombie")
+        assert exit_code_on(b, there) == 0, logs(tmp_path)

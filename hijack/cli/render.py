@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
@@ -31,7 +31,7 @@ from hijack.image.summary import (
 from hijack.mutator.attach import AttachResult, Ended
 from hijack.mutator.dump import DumpResult
 from hijack.node.drain import Candidate, Outcome, ProgressFor
-from hijack.node.move import MoveResult
+from hijack.node.move import MemberMoved, MoveResult
 from hijack.objects import sysv
 from hijack.process import settings as process_settings
 from hijack.process import timers as process_timers
@@ -446,6 +446,18 @@ def drain_summary(console: Console, outcomes: list[Outcome]) -> None:
             )
 
 
+def _pids_kept(members: Sequence[MemberMoved]) -> str:
+    """Whether a moved tree's members kept their pids there: a destination that shares
+    the source's pids (one kernel) has them all taken, another machine none."""
+    restored = [member for member in members if member.new_pid]  # zombies: none of their own
+    kept = sum(member.new_pid == member.pid for member in restored)
+    if kept == len(restored):
+        return "each under its old pid"
+    if not kept:
+        return "under new pids (the old ones are taken there)"
+    return f"{kept} of {len(restored)} under their old pids (the others are taken there)"
+
+
 def move_result(console: Console, result: MoveResult, *, timing: bool = False) -> None:
     console.print(
         f"moved process [bold]{result.pid}[/] to {escape(result.destination)}: it runs there as"
@@ -469,7 +481,8 @@ def move_result(console: Console, result: MoveResult, *, timing: bool = False) -
         members = result.members
         console.print(
             f"the tree moved as one: {len(members)} processes frozen together"
-            f" {result.freeze_ms:.1f} ms, image {human_size(sum(m.image_bytes for m in members))}",
+            f" {result.freeze_ms:.1f} ms, image {human_size(sum(m.image_bytes for m in members))},"
+            f" {_pids_kept(members)}",
             highlight=False,
         )
         for member in members:

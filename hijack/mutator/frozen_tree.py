@@ -87,6 +87,20 @@ def frozen_tree(root: int) -> Iterator[FrozenTree]:
         )
 
 
+def relations_now(root: int) -> rec.Tree:
+    """The tree of `root` as its image would record it, read while it runs (no shared
+    descriptions): what a destination forks its stubs by before the freeze, which
+    checks the frozen tree is still this one."""
+    tree = read_tree(root)
+    return rec.Tree(
+        members=tuple(_recorded(m, m.state) for m in tree.members),
+        contexts=tuple(
+            rec.SharedContext(pid=pid, flags=rec.CloneFlags(flags))
+            for pid, flags in shared_contexts(tree).items()
+        ),
+    )
+
+
 def _zombie_now(pid: int) -> bool:
     try:
         return procfs.read_stat(pid).state in ("Z", "X")

@@ -32,7 +32,8 @@ import dataclasses
 import os
 import threading
 import time
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Generic, TypeVar
 
@@ -273,10 +274,11 @@ class Precopy:
                     self.references.append((address, address + rec.PAGE_SIZE, *found))
         return own, referred
 
-    def stale_references(self, sent: Callable[[int], list[Run]]) -> None:
+    def stale_references(self, sent: Callable[[int], list[Run]], pagemaps: Pagemaps) -> None:
         """At the freeze (the tree frozen): a page referred to in round 0 whose frame is not
         its member's any more (either wrote it, or dropped it), or that its member could not
-        send (`sent(pid)`: what member `pid` sent), is stored in the final image."""
+        send (`sent(pid)`: what member `pid` sent), is stored in the final image.
+        `pagemaps`: the readings, shared by the tree's members."""
         stale: list[Run] = []
         for start, end, member, source in self.references:
             if clip_runs(sent(member), source, source + end - start) != [
@@ -285,12 +287,13 @@ class Precopy:
                 stale.append((start, end))
                 continue
             try:
-                own = procfs.read_pagemap(self.pid, start, end)
-                theirs = procfs.read_pagemap(member, source, source + end - start)
+                own = pagemaps.entries(self.pid, start, end)
+                theirs = pagemaps.entries(member, source, source + end - start, keep=True)
             except HijackError:
                 stale.append((start, end))
                 continue
-            for index, (mine, other) in enumerate(zip(own, theirs, strict=True)):
+            for index in _differing(own, theirs):
+                mine, other = own[index], theirs[index]
                 same = (
                     mine & procfs.PM_PRESENT
                     and (mine ^ other) & (procfs.PM_PRESENT | procfs.PM_PFN_MASK) == 0
@@ -430,6 +433,64 @@ class _InThread(Generic[T]):
 
 LAZY_GAP = 64 * 1024  # written runs this close are one lazy run (each costs a call there)
 MAX_LAZY_RUNS = 512  # per segment: past this, runs further apart are joined too
+
+
+class Pagemaps:
+    """The pagemap readings of a tree's freeze (Precopy.stale_references): each member's
+    pagemap opened once, and a referenced range read once for all that refer to it (a
+    parent's memory, to each of its 8 workers)."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, procfs.Pagemap] = {}
+        self._kept: dict[tuple[int, int, int], array[int]] = {}
+
+    def entries(self, pid: int, start: int, end: int, *, keep: bool = False) -> array[int]:
+        """The pagemap entries of [start, end) of `pid`; `keep`: read once, asked again."""
+        if (pid, start, end) in self._kept:
+            return self._kept[pid, start, end]
+        if pid not in self._open:
+            self._open[pid] = procfs.Pagemap(pid)
+        found = self._open[pid].read(start, end)
+        if keep:
+            self._kept[pid, start, end] = found
+        return found
+
+    def close(self) -> None:
+        for pagemap in self._open.values():
+            pagemap.close()
+        self._open, self._kept = {}, {}
+
+
+# Pagemap entries compared at once (as big integers, in C) before smaller blocks, then
+# each entry: a tree's 8 workers sharing 256 MiB are half a million entries to check.
+COMPARED_BLOCKS = (8192, 256)
+_COMPARED_BITS = (procfs.PM_PRESENT | procfs.PM_PFN_MASK).to_bytes(8, "little")
+_PRESENT_BITS = procfs.PM_PRESENT.to_bytes(8, "little")
+
+
+def _differing(
+    own: array[int], theirs: array[int], first: int = 0, last: int | None = None, level: int = 0
+) -> Iterator[int]:
+    """The indexes of the pagemap entries of `own` (in [first, last)) that may not be
+    `theirs`' very page. A block is passed over whole when its entries agree on
+    PM_PRESENT and the frame (soft-dirty and write-protect bits are each member's own),
+    all present, with a frame (a reader without the frames reads them as 0)."""
+    last = len(own) if last is None else last
+    if level == len(COMPARED_BLOCKS):
+        yield from range(first, last)
+        return
+    mine, other = memoryview(own).cast("B"), memoryview(theirs).cast("B")
+    size = COMPARED_BLOCKS[level]
+    for block in range(first, last, size):
+        end = min(block + size, last)
+        count = end - block
+        ours = int.from_bytes(mine[block * 8 : end * 8], "little")
+        compared = int.from_bytes(_COMPARED_BITS * count, "little")
+        present = int.from_bytes(_PRESENT_BITS * count, "little")
+        same = not (ours ^ int.from_bytes(other[block * 8 : end * 8], "little")) & compared
+        if same and ours & present == present and own[block] & procfs.PM_PFN_MASK:
+            continue
+        yield from _differing(own, theirs, block, end, level + 1)
 
 
 def lazy_capable(segment: rec.Segment) -> bool:

@@ -50,7 +50,7 @@ from hijack.registry import Registry, node_name
 from hijack.restore.postcopy import LazyPages
 from hijack.restore.precopy import Prebuilt
 from hijack.restore.restorer import RestoreResult, restore
-from hijack.restore.tree import TreeMove, restore_tree
+from hijack.restore.tree import PrebuiltTree, TreeMove, prebuild_tree, restore_tree
 from hijack.restore.tree_rounds import TreeRounds
 from hijack.shadow import control, relay_link
 from hijack.shadow.datagram import widen_receive_buffer
@@ -245,6 +245,7 @@ class NodeDaemon:
         move, program = request.get("move"), request.get("program")
         members = request.get("members")
         rounds: TreeRounds | None = None
+        prebuilt: PrebuiltTree | None = None
         try:
             if not isinstance(members, list) or not all(isinstance(m, int) for m in members):
                 raise HijackError(f"move {move}: a tree's pre-copy without its members")
@@ -258,8 +259,21 @@ class NodeDaemon:
                         if mount_namespace is not None:
                             os.close(mount_namespace)
                             mount_namespace = None  # the move opens its own
-                        self._receive_move(channel, message, where, None, registry, rounds)
+                        self._receive_move(
+                            channel, message, where, None, registry, rounds, prebuilt
+                        )
                         return
+                    if message.get("op") == "prebuild" and prebuilt is None:
+                        prebuilt = _prebuild(message, rounds, mount_namespace, move)
+                        pids = prebuilt.made.pids if prebuilt is not None else {}
+                        channel.send(
+                            {
+                                "phase": "prebuilt",
+                                "built": prebuilt is not None,
+                                "pids": {str(old): now for old, now in pids.items()},
+                            }
+                        )
+                        continue
                     if message.get("op") != "round" or not isinstance(message.get("member"), int):
                         raise HijackError(f"move {move} aborted by the mover during pre-copy")
                     reader = DataReader(channel)
@@ -277,6 +291,8 @@ class NodeDaemon:
             with contextlib.suppress(ChannelError):
                 channel.refuse(str(exc))
         finally:
+            if prebuilt is not None:
+                prebuilt.discard()
             if rounds is not None:
                 rounds.close()
             if mount_namespace is not None:
@@ -290,9 +306,11 @@ class NodeDaemon:
         prebuilt: Prebuilt | None = None,
         registry: Registry | None = None,
         tree_rounds: TreeRounds | None = None,
+        tree_prebuilt: PrebuiltTree | None = None,
     ) -> None:
         try:
             move, home, shadow, proxies = _parse_move(request)
+            controlling, foreground = _parse_controlling(request, proxies)
         except HijackError as exc:
             log(f"refused a move from {channel.peer} ({where}): {exc}")
             channel.send({"error": str(exc)})
@@ -448,16 +466,18 @@ class NodeDaemon:
                     return  # a tree's: made at its first member's admission
                 admitted.append(True)
                 # Filled in place: restore reads `provided` only after this.
-                ends: dict[str, int] = {}  # a tree's members share a stream's one end
+                # A tree's members share a stream's one end (a terminal's: one per open file).
+                ends: dict[tuple[str, int], int] = {}
                 for proxy in proxies:
                     if not tree and proxy.fd in provided:
                         continue  # made early
-                    if proxy.stream not in ends or not tree:
-                        ends[proxy.stream] = proxy_end(proxy)
+                    key = (proxy.stream, proxy.file if proxy.kind == "terminal" else -1)
+                    if key not in ends or not tree:
+                        ends[key] = proxy_end(proxy)
                     if tree:
-                        tree_given[(proxy.member, proxy.fd)] = ends[proxy.stream]
+                        tree_given[(proxy.member, proxy.fd)] = ends[key]
                     else:
-                        provided[proxy.fd] = ends[proxy.stream]
+                        provided[proxy.fd] = ends[key]
                 laps.lap("relays")
 
             def hold_tree_until_commit(pids: dict[int, int]) -> None:
@@ -534,7 +554,16 @@ class NodeDaemon:
                 result: RestoreResult = self._restore_tree(
                     cast(BinaryIO, image),
                     TreeMove(
-                        tree_given, admit, hold_tree_until_commit, mount_namespace, tree_rounds
+                        tree_given,
+                        admit,
+                        hold_tree_until_commit,
+                        mount_namespace,
+                        tree_rounds,
+                        # Its pty made now: the root takes it before its children are forked.
+                        terminals.reserve(controlling) if controlling else "",
+                        foreground,
+                        tree_prebuilt,
+                        laps,
                     ),
                 )
             else:
@@ -580,6 +609,11 @@ class NodeDaemon:
             if mount_namespace is not None:
                 os.close(mount_namespace)
         terminals.start_pumps()
+        if tree_prebuilt is not None and not tree_prebuilt.used:
+            log(
+                f"move {move}: the tree changed between the build of its stubs and its freeze:"
+                " rebuilt during the freeze"
+            )
         _watch_migrant(result.pid, child=True)
         log(f"move {move}: {result.program} runs here as {result.pid}")
         source_pid = request.get("pid")
@@ -723,6 +757,41 @@ def datagram_socket(proxy: Proxy, here: str) -> socket.socket:
         sock.close()
         raise HijackError(f"cannot make a UDP socket for fd {proxy.fd}: {exc}") from None
     return sock
+
+
+def _prebuild(
+    message: dict[str, Any], rounds: TreeRounds, mount_namespace: int | None, move: object
+) -> PrebuiltTree | None:
+    """A moving tree's stubs built from its rounds before its freeze (`prebuild`,
+    docs/protocol.md "Moving a tree"); None if they cannot be: the final image then
+    builds them during the freeze, as without (logged)."""
+    try:
+        members = tuple(
+            rec.TreeMember(
+                pid=int(pid),
+                ppid=int(ppid),
+                pgid=int(pgid),
+                sid=int(sid),
+                exit_signal=int(exit_signal),
+                exit_code=int(exit_code),
+                state=rec.MemberState(int(state)),
+                comm=str(comm),
+            )
+            for pid, ppid, pgid, sid, exit_signal, exit_code, state, comm in message["members"]
+        )
+        contexts = tuple(
+            rec.SharedContext(pid=int(pid), flags=rec.CloneFlags(int(flags)))
+            for pid, flags in message.get("contexts", [])
+        )
+        tree = rec.Tree(members=members, contexts=contexts)
+    except (KeyError, TypeError, ValueError, HijackError) as exc:
+        log(f"move {move!s:.40}: malformed prebuild ({type(exc).__name__}: {exc}); not built")
+        return None
+    try:
+        return prebuild_tree(tree, rounds, mount_namespace)
+    except (HijackError, OSError) as exc:
+        log(f"move {move!s:.40}: the tree's stubs not built before its freeze: {exc}")
+        return None
 
 
 def _credentials(fields: Any) -> rec.Credentials:
@@ -881,6 +950,21 @@ def _check_endpoint_owner(pid: int, relay_address: str) -> None:
         raise HijackError(f"process {pid} is not the home shadow listening at {relay_address}")
 
 
+def _parse_controlling(request: dict[str, Any], proxies: list[Proxy]) -> tuple[str, int]:
+    """A tree's `controlling` (the stream of its root's controlling terminal) and
+    `foreground` (the group in the foreground there, 0 if none of the tree's) fields,
+    checked: the stream is one of its terminals."""
+    controlling, foreground = request.get("controlling", ""), request.get("foreground", 0)
+    if not isinstance(controlling, str) or not isinstance(foreground, int):
+        raise HijackError(f"malformed move request: {json.dumps(request)[:120]}")
+    if not 0 <= foreground < 1 << 22:
+        raise HijackError(f"malformed move request: foreground group {foreground}")
+    terminals = {p.stream for p in proxies if p.kind == "terminal"}
+    if controlling and (request.get("tree") is not True or controlling not in terminals):
+        raise HijackError(f"malformed move request: controlling terminal {controlling!r:.40}")
+    return controlling, foreground
+
+
 class _Pty:
     """A pty made for a migrant: the end the daemon pumps to the relay, and the slave's path."""
 
@@ -898,12 +982,15 @@ class _Terminals:
     def __init__(self, relay: Callable[[str, str], socket.socket]) -> None:
         self.relay = relay  # (stream, the pty standing for it) -> its relay here
         self.ptys: dict[str, _Pty] = {}  # stream -> its pty
+        self.reserved: dict[str, tuple[int, str]] = {}  # stream -> (master, path), no relay yet
         # What the process gets: (stream, open file) -> a slave, or stream -> the master.
         self.handed: dict[tuple[str, int] | str, int] = {}
 
     def _pty(self, stream: str, *, master_held: bool) -> tuple[int, str]:
-        """A new pty for `stream` with its relay: (its master, its slave's path)."""
-        master, path = terminal.open_pseudo_terminal()
+        """A new pty for `stream` (or the one reserved) with its relay: (its master, its
+        slave's path)."""
+        reserved = self.reserved.pop(stream, None)
+        master, path = reserved or terminal.open_pseudo_terminal()
         kept = -1
         try:
             kept = terminal.open_slave(path) if master_held else master
@@ -915,6 +1002,12 @@ class _Terminals:
             raise
         self.ptys[stream] = _Pty(kept, path, relay, master_held=master_held)
         return master, path
+
+    def reserve(self, stream: str) -> str:
+        """A pty for terminal `stream` made before its relay (a tree's controlling terminal,
+        taken by its root before the tree is forked): its slave's path."""
+        self.reserved[stream] = terminal.open_pseudo_terminal()
+        return self.reserved[stream][1]
 
     def slave(self, stream: str, open_file: int) -> int:
         """The slave for descriptors of `stream` that shared open file `open_file` at home:
@@ -940,10 +1033,14 @@ class _Terminals:
                 terminal.set_settings(pty.kept, terminal.get_settings(pty.kept).raw())
 
     def close_slaves(self) -> None:
-        """Close what the process was handed: it has its own copies."""
+        """Close what the process was handed: it has its own copies (and a pty reserved
+        that no relay came for: the restore failed before)."""
         for fd in self.handed.values():
             os.close(fd)
         self.handed.clear()
+        for master, _path in self.reserved.values():
+            os.close(master)
+        self.reserved.clear()
 
     def close(self) -> None:
         self.close_slaves()

@@ -12,7 +12,11 @@ and it lives on in its namespace, so it can move again. A namespace the
 destination cannot enter (no process it can see holds it: on another
 machine) is refused by name before anything is built. A process in its
 machine's own namespace (pid 1's) is built in the destination machine's
-own, whatever namespace the daemon itself runs in.
+own, whatever namespace the daemon itself runs in. Where pid 1 may not be
+looked at (a sandbox whose init holds capabilities hijack lacks), the
+machine's own is the one hijack runs in: else a process there, moved to a
+node with pid and mount namespaces of its own, would be refused, its holders'
+pids being none that node can see.
 """
 
 from __future__ import annotations
@@ -32,12 +36,13 @@ def describe(pid: int, shadow: int | None) -> dict[str, Any]:
     return {"id": own, "holders": [pid, shadow or 0], "host": own == _host_namespace()}
 
 
-def _host_namespace() -> str | None:
-    """The machine's own mount namespace; None where pid 1 may not be looked at (a sandbox)."""
+def _host_namespace() -> str:
+    """The machine's own mount namespace: pid 1's, or where pid 1 may not be looked at (a
+    sandbox), hijack's own."""
     try:
         return mount_namespace_of(HOST)
     except HijackError:
-        return None
+        return mount_namespace_of(os.getpid())
 
 
 def open_namespace(described: Any, who: str) -> int | None:
@@ -52,7 +57,7 @@ def open_namespace(described: Any, who: str) -> int | None:
         raise HijackError(f"malformed mount_namespace for {who}")
     if described.get("host"):  # the machine's own: this machine's own, then
         wanted, holders = _host_namespace(), [HOST]
-    if wanted is None or mount_namespace_of(os.getpid()) == wanted:
+    if mount_namespace_of(os.getpid()) == wanted:
         return None
     for pid in holders:
         if isinstance(pid, int) and pid > 0:

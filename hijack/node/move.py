@@ -249,7 +249,7 @@ def move(
     if not leave_parent:
         tree_move.refuse_leaving_parent(pid, destination)
     identity = pki.load_identity()  # this node's certificates, before anything is touched
-    members = list(read_tree(pid).pids)
+    members = living_members(pid)
     for member in members:
         refuse_unmappable(member)
     attached_by_move = record is None or record.state not in ("attached", "running")
@@ -297,8 +297,8 @@ def _move_attached(
     plain = bool(record.plain_relays) if plain_relays is None else plain_relays
     token = record.relay_token or secrets.token_hex(32)
     shadow = HomeShadow(record, token)
-    members = list(read_tree(pid).pids)
-    tree = len(members) > 1
+    tree = _has_children(pid)  # zombies too: the move takes them
+    members = living_members(pid)
     # Refused before anything is touched.
     tree_move.plan_tree(members, pid, shadow, at_home, frozen=False)
     if tree and postcopy:
@@ -352,7 +352,7 @@ def _move_attached(
                         pid, members, channel, move_id, record.program, report, shadow
                     )
                     # It ran on meanwhile: refused now if it holds what cannot go.
-                    now = list(read_tree(pid).pids)
+                    now = living_members(pid)
                     tree_move.plan_tree(now, pid, shadow, at_home, frozen=False)
             elif postcopy or precopy or (precopy is None and worth_precopying(pid)):
                 if postcopy is None and precopy is not None:
@@ -1729,6 +1729,12 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     error = "its mover was interrupted; the process resumed here"
     registry.update_move(row.id, phase="failed", finished_at=time.time(), error=error)
     return f"move {row.id}: not completed; process {pid} runs on here", True
+
+
+def living_members(pid: int) -> list[int]:
+    """The pids of `pid`'s tree but its zombies (which have no descriptors, no memory to
+    plan or send: the frozen tree's record carries them)."""
+    return [member.pid for member in read_tree(pid).members if not member.zombie]
 
 
 def _has_children(pid: int) -> bool:

@@ -14,9 +14,12 @@ As a single process's move (hijack.node.move), with these differences:
 - pre-copy over all members (precopy_tree): while the tree runs, each member's memory
   is sent in rounds, round 0's pages a member before it sent already (their frame is the
   same: shared copy-on-write since a fork) as references to that member's page; the
-  destination keeps each member's pages until the final image rebuilds it
-  (hijack.restore.tree_rounds). At the freeze a reference whose two pages are not the
-  same frame any more is stored in the final image. No post-copy.
+  destination keeps each member's pages (hijack.restore.tree_rounds). After the last
+  round, the tree still running, it forks the tree's stubs with the relations read
+  then (their pids decided there and then) and fills each from its rounds (_prebuild):
+  the freeze only applies the final image to them, as a single process's. At the
+  freeze a reference whose two pages are not the same frame any more is stored in the
+  final image. No post-copy.
 
 A process whose parent stays behind (an nginx worker, a pool's worker: a fork of
 its parent that never exec'd) is refused unless --leave-parent
@@ -37,9 +40,9 @@ from typing import Any, BinaryIO, cast
 from hijack.errors import HijackError, ProcessGone, Unsupported
 from hijack.image import records as rec
 from hijack.mutator.dump import kill_stopped, read_credentials, write_image, write_tree
-from hijack.mutator.frozen_tree import FrozenTree, frozen_tree
+from hijack.mutator.frozen_tree import FrozenTree, frozen_tree, relations_now
 from hijack.mutator.handover import hand_descriptors_to_shadow
-from hijack.mutator.precopy import Frames, Precopy, RoundSent
+from hijack.mutator.precopy import Frames, Pagemaps, Precopy, RoundSent
 from hijack.mutator.shared_pages import SharedPages
 from hijack.mutator.tracee import Tracee
 from hijack.node import mounts, pki
@@ -59,17 +62,18 @@ from hijack.node.move import (
     connect_datagrams,
     consume_unread,
     drain_datagrams,
+    drain_terminals,
     home_fields,
     peek_unread,
     plan_proxies,
     quiet_shadow,
     signals_held,
 )
-from hijack.objects import unix
+from hijack.objects import pipe, unix
 from hijack.process.tree import read_tree
 from hijack.registry import ProcessRecord
 from hijack.shadow import control
-from hijack.sys import procfs
+from hijack.sys import kcmp, procfs
 from hijack.testpoint import reached
 from hijack.timing import Laps
 
@@ -164,6 +168,7 @@ def plan_tree(
     # descriptors (plan_proxies). Frozen, one reading serves them all.
     sockets = procfs.read_socket_table(root) if tree and frozen else None
     plans: dict[int, list[Proxy]] = {}
+    terminals: dict[tuple[int, int], str] = {}  # at home: a terminal's (dev, ino) -> its stream
     for pid in members:
         plan, _ = plan_proxies(
             pid, None if at_home else shadow, at_home, frozen=frozen, sockets=sockets, inside=inside
@@ -175,23 +180,70 @@ def plan_tree(
                 f" connection (fd {', '.join(direct)}, swapped); moving a tree with one is not"
                 " implemented yet; nothing was changed"
             )
-        terminals = [str(p.fd) for p in plan if p.kind in ("terminal", "master")]
-        if terminals and tree:
+        masters = [str(p.fd) for p in plan if p.kind == "master"]
+        if masters and tree:
             raise Unsupported(
-                f"cannot move the tree of process {root}: member {pid} holds a terminal"
-                f" (fd {', '.join(terminals)}); moving a tree with a terminal is not"
-                " implemented yet; nothing was changed"
+                f"cannot move the tree of process {root}: member {pid} holds a pty master"
+                f" (fd {', '.join(masters)}); moving a tree with one is not implemented yet;"
+                " nothing was changed"
             )
         if at_home and tree:
             links = shared or {}
             plan = [
                 dataclasses.replace(
-                    p, stream=stream_name(*links.get((pid, p.fd), (pid, p.fd)), root=root)
+                    p,
+                    stream=terminal_stream(pid, p.fd, root, terminals)
+                    if p.kind == "terminal"
+                    else stream_name(*links.get((pid, p.fd), (pid, p.fd)), root=root),
                 )
                 for p in plan
             ]
         plans[pid] = plan
-    return plans
+    return open_files_across(plans) if tree and frozen else plans
+
+
+def terminal_stream(pid: int, fd: int, root: int, terminals: dict[tuple[int, int], str]) -> str:
+    """At home, the stream of member `pid`'s terminal at `fd`: one for all the descriptors
+    of every member on that terminal (one pty at the destination), named for its first
+    holder's lowest descriptor ("tty:N" for the root's N, as a single process's)."""
+    name = f"tty:{fd}" if pid == root else f"tty:{fd}@{pid}"
+    try:
+        found = os.stat(f"/proc/{pid}/fd/{fd}")
+    except OSError:  # closed since (the tree not frozen yet): the freeze plans it again
+        return name
+    return terminals.setdefault((found.st_dev, found.st_ino), name)
+
+
+def open_files_across(plans: dict[int, list[Proxy]]) -> dict[int, list[Proxy]]:
+    """Each terminal descriptor's `file` numbered across the tree: descriptors of several
+    members that are one open file (inherited across a fork: one set of flags) get one
+    slave at the destination, as one relayed socket does."""
+    firsts: list[tuple[str, int, int, int]] = []  # (stream, pid, fd, number), one per file
+    numbered: dict[tuple[int, int], int] = {}  # (pid, its file) -> number
+    for pid, plan in plans.items():
+        for proxy in plan:
+            if proxy.kind != "terminal" or (pid, proxy.file) in numbered:
+                continue
+            number = next(
+                (
+                    n
+                    for stream, other, fd, n in firsts
+                    if stream == proxy.stream
+                    and kcmp.same_description_in(other, fd, pid, proxy.file)
+                ),
+                None,
+            )
+            if number is None:
+                number = len(firsts)
+                firsts.append((proxy.stream, pid, proxy.file, number))
+            numbered[(pid, proxy.file)] = number
+    return {
+        pid: [
+            dataclasses.replace(p, file=numbered[(pid, p.file)]) if p.kind == "terminal" else p
+            for p in plan
+        ]
+        for pid, plan in plans.items()
+    }
 
 
 # -- the move ------------------------------------------------------------------------------
@@ -256,6 +308,8 @@ def precopy_tree(
                 channel.expect("phase")
             tree_round = RoundSent(number, pages, image_bytes)
             if not root.should_continue(tree_round, before):
+                report("building there", sent)
+                _prebuild(pid, channel)
                 for precopy in precopies.values():
                     precopy.prepare_freeze()
                 return precopies
@@ -264,6 +318,32 @@ def precopy_tree(
         for precopy in precopies.values():
             precopy.close()
         raise
+
+
+def _prebuild(pid: int, channel: Channel) -> None:
+    """Have the destination fork the tree's stubs with its relations as they are now and
+    build each from its rounds, before the freeze (docs/protocol.md, "Moving a tree"):
+    the freeze then only applies the final image. The frozen tree is checked against
+    this one there (a member forked or gone since: its stubs built during the freeze)."""
+    tree = relations_now(pid)
+    channel.send(
+        {
+            "op": "prebuild",
+            "members": [
+                [m.pid, m.ppid, m.pgid, m.sid, m.exit_signal, m.exit_code, int(m.state), m.comm]
+                for m in tree.members
+            ],
+            "contexts": [[c.pid, int(c.flags)] for c in tree.contexts],
+        }
+    )
+    patience = channel.sock.gettimeout()
+    # It writes every member's pages in: on a big tree, longer than the usual silence.
+    channel.sock.settimeout(max(patience or 0.0, PREPARE_TIMEOUT))
+    try:
+        channel.expect("phase")
+    finally:
+        channel.sock.settimeout(patience)
+    reached("move-prebuilt")
 
 
 @dataclass(frozen=True)
@@ -294,10 +374,13 @@ def move_tree_frozen(
     laps = Laps()
     handled = False  # the abort is _frozen's once the tree is frozen
     try:
+        # Who else holds the members' pipes, while they run: each member's image then
+        # checks only what changed (a scan of every process each, frozen, otherwise).
+        holders_before = pipe.scan_holders_before(*read_tree(pid).pids)
         with frozen_tree(pid) as frozen:
             handled = True
             laps.lap("stop")
-            return _frozen(context, frozen, laps, precopied or {})
+            return _frozen(context, frozen, laps, precopied or {}, holders_before)
     except BaseException:
         if not handled and not context.at_home:
             _abort(channel, shadow, move_id)
@@ -305,7 +388,11 @@ def move_tree_frozen(
 
 
 def _frozen(
-    context: TreeMoveContext, frozen: FrozenTree, laps: Laps, precopied: dict[int, Precopy]
+    context: TreeMoveContext,
+    frozen: FrozenTree,
+    laps: Laps,
+    precopied: dict[int, Precopy],
+    holders_before: procfs.HolderScan,
 ) -> MoveResult:
     pid, channel, shadow, move_id = context.pid, context.channel, context.shadow, context.move_id
     at_home = context.at_home
@@ -322,9 +409,14 @@ def _frozen(
         if precopied:
             for precopy in precopied.values():
                 precopy.freeze()
-            for precopy in precopied.values():
-                precopy.stale_references(lambda member: precopied[member].sent)
             laps.lap("dirty scan")
+            pagemaps = Pagemaps()
+            try:
+                for precopy in precopied.values():
+                    precopy.stale_references(lambda member: precopied[member].sent, pagemaps)
+            finally:
+                pagemaps.close()
+            laps.lap("references")
         plans = plan_tree(members, pid, shadow, at_home, shared=shared, besides=besides)
         laps.lap("plan")
         unread: dict[str, bytes] = {}
@@ -339,6 +431,7 @@ def _frozen(
                     "stream": p.stream,
                     "listener": p.kind == "listener",
                     "datagram": p.kind == "datagram",
+                    "terminal": p.kind == "terminal",
                 }
                 for member, plan in plans.items()
                 for p in plan
@@ -352,11 +445,11 @@ def _frozen(
             for member, plan in plans.items():
                 unread.update(peek_unread(member, plan))
         laps.lap("shadow hand-over")
-        channel.send(_move_message(context, plans))
+        channel.send(_move_message(context, plans, _controlling(frozen, plans)))
         laps.lap("move message")
         context.report("streaming", before)
         writer = DataWriter(channel)
-        parts = _write_tree(frozen, cast(BinaryIO, writer), besides, precopied)
+        parts = _write_tree(frozen, cast(BinaryIO, writer), besides, precopied, holders_before)
         writer.close()
         laps.lap("image: pages")
         context.report("restoring", before + writer.sent)
@@ -407,6 +500,9 @@ def _frozen(
         if not at_home:
             for member, plan in plans.items():
                 unread_datagrams.update(drain_datagrams(member, plan))
+                # The members' one pty here: what was typed and not read yet, taken once.
+                typed = [p for p in plan if p.kind == "terminal" and p.stream not in unread]
+                unread.update(drain_terminals(member, typed))
         try:
             _switch_shadow(
                 shadow,
@@ -460,9 +556,32 @@ def _frozen(
     )
 
 
-def _move_message(context: TreeMoveContext, plans: dict[int, list[Proxy]]) -> dict[str, Any]:
+def _controlling(frozen: FrozenTree, plans: dict[int, list[Proxy]]) -> dict[str, Any]:
+    """The root's controlling terminal, if a member holds it: its stream, and the
+    terminal's foreground process group if that is a group of the tree (docs/protocol.md,
+    "Moving a tree"); {} if none."""
+    root = frozen.record.members[0].pid
+    stat = procfs.read_stat(root)
+    if stat.tty_nr == 0:
+        return {}
+    for member, plan in plans.items():
+        for proxy in plan:
+            if proxy.kind != "terminal":
+                continue
+            with contextlib.suppress(OSError):
+                if os.stat(f"/proc/{member}/fd/{proxy.fd}").st_rdev == stat.tty_nr:
+                    groups = {m.pgid for m in frozen.record.members}
+                    foreground = stat.tpgid if stat.tpgid in groups else 0
+                    return {"controlling": proxy.stream, "foreground": foreground}
+    return {}
+
+
+def _move_message(
+    context: TreeMoveContext, plans: dict[int, list[Proxy]], controlling: dict[str, Any]
+) -> dict[str, Any]:
     """The `move` of a tree (docs/protocol.md, "Moving a tree")."""
     return {
+        **controlling,
         "op": "move",
         "tree": True,
         "move": context.move_id,
@@ -485,6 +604,7 @@ def _write_tree(
     out: BinaryIO,
     besides: frozenset[int],
     precopied: dict[int, Precopy],
+    holders_before: procfs.HolderScan | None = None,
 ) -> dict[int, tuple[int, float]]:
     """The tree stream of the frozen tree to `out` (pages members still share since a
     fork stored once: write_tree; of a member `precopied`, what changed since the rounds):
@@ -503,6 +623,7 @@ def _write_tree(
             tree=inside,
             shared_pages=shared,
             precopied=precopied.get(tracee.pid),
+            holders_before=holders_before,
         )
         sizes[tracee.pid] = (written, (time.perf_counter() - started) * 1000)
         return end, threads, written

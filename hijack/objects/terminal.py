@@ -3,6 +3,8 @@ TerminalObject, given to the terminal a move makes for the process."""
 
 from __future__ import annotations
 
+import signal
+
 from hijack.errors import HijackError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
@@ -10,6 +12,7 @@ from hijack.objects.base import DumpContext, Kind, RestoreContext
 from hijack.objects.regular import open_by_path, path_refusal, reopen_flags
 from hijack.restore.remote import Stub
 from hijack.sys import procfs, terminal
+from hijack.sys import ptrace as pt
 
 O_NOCTTY = 0o400
 TCSETS, TIOCSWINSZ = 0x5402, 0x5414
@@ -78,18 +81,27 @@ def set_up_terminals(stub: Stub, image: ImageFiles, fresh: frozenset[int]) -> in
     window size its terminal had; return the number of the one that was its controlling
     terminal, if any."""
     controlling = None
-    for descriptor in image.descriptors:
-        found = image.objects.get(descriptor.object_id)
-        if descriptor.fd not in fresh or not isinstance(found, rec.TerminalObject | rec.PtyPair):
-            continue  # a relay of another kind, or a terminal that did not answer at the dump
-        state = found.state
-        stub.reset_scratch()
-        settings = terminal.Settings(
-            state.c_iflag, state.c_oflag, state.c_cflag, state.c_lflag, state.c_line, state.c_cc
-        )
-        stub.call("ioctl", descriptor.fd, TCSETS, stub.put(settings.pack()))
-        size = terminal.WindowSize(state.ws_row, state.ws_col, state.ws_xpixel, state.ws_ypixel)
-        stub.call("ioctl", descriptor.fd, TIOCSWINSZ, stub.put(size.pack()))
-        if state.controlling:
-            controlling = descriptor.fd
+    # A tree's member outside the foreground group of the terminal it inherited as its
+    # controlling one (hijack.restore.tree) would get SIGTTOU for TCSETS: blocked, allowed.
+    mask = pt.get_signal_mask(stub.pid)
+    pt.set_signal_mask(stub.pid, mask | 1 << (signal.SIGTTOU - 1))
+    try:
+        for descriptor in image.descriptors:
+            found = image.objects.get(descriptor.object_id)
+            if descriptor.fd not in fresh or not isinstance(
+                found, rec.TerminalObject | rec.PtyPair
+            ):
+                continue  # a relay of another kind, or a terminal that did not answer at the dump
+            state = found.state
+            stub.reset_scratch()
+            settings = terminal.Settings(
+                state.c_iflag, state.c_oflag, state.c_cflag, state.c_lflag, state.c_line, state.c_cc
+            )
+            stub.call("ioctl", descriptor.fd, TCSETS, stub.put(settings.pack()))
+            size = terminal.WindowSize(state.ws_row, state.ws_col, state.ws_xpixel, state.ws_ypixel)
+            stub.call("ioctl", descriptor.fd, TIOCSWINSZ, stub.put(size.pack()))
+            if state.controlling:
+                controlling = descriptor.fd
+    finally:
+        pt.set_signal_mask(stub.pid, mask)
     return controlling

@@ -274,6 +274,8 @@ def rebuild_member(
     admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None,
     take_locks: bool = True,
     rounds: MemberPages | None = None,
+    space: AddressSpace | None = None,
+    laps: Laps | None = None,
 ) -> Rebuilt:
     """Rebuild the process of the image `records` (up to its END) into `stub`, a member of
     a tree whose relations (parent, session, group) are made already; leave it stopped.
@@ -288,11 +290,16 @@ def rebuild_member(
     `provided()`, asked once it is admitted, gives restore()'s `provided` (admitting
     the first member makes them). `rounds`: the member's pages a tree's pre-copy sent
     (hijack.restore.tree_rounds), written where the image's segments are PRECOPIED.
+    `space`: the stub's address space as the rounds built it before the freeze
+    (hijack.restore.tree.prebuild_tree, which wrote `rounds` in already): turned into
+    the image's layout, PRECOPIED segments kept, as a single process's pre-copied stub.
+    `laps` (a move's) gets the steps' laps, added up over the members.
     """
+    laps = laps or Laps()
     image = read_head(records)
     if admit is not None:
         admit(image.header, image.credentials, image.segments)
-    if rounds is None:
+    if rounds is None and space is None:
         refuse_without(image.segments.segments, image.header.pid)
     holdings = shadow_holdings(registry, image.header.pid) if registry else None
     shared.begin(image.header.pid, stub.pid, image.files)
@@ -314,17 +321,24 @@ def rebuild_member(
         # A table shared with the parent has the shadow's descriptors from the parent's.
         taken = _take_from_shadow(holdings, plan) if holdings and not parents_table else {}
         try:
-            inherited = _lend(stub, {**taken, **pairs, **given})
+            inherited = lend(stub, {**taken, **pairs, **given})
         finally:
             for fd in taken.values():
                 os.close(fd)
-        space = AddressSpace(stub, image.segments.segments, ipc.segments, frozenset(ipc.kept))
+        prebuilt = space is not None
+        if space is None:
+            space = AddressSpace(stub, image.segments.segments, ipc.segments, frozenset(ipc.kept))
         try:
-            space.build(later=frozenset(image.mapped()))
+            if prebuilt:
+                space.adopt_final(image.segments.segments, later=frozenset(image.mapped()))
+            else:
+                space.build(later=frozenset(image.mapped()))
+                if rounds is not None:
+                    rounds.apply(space, image.segments.segments)
             ipc.after_attach()
-            if rounds is not None:
-                rounds.apply(space, image.segments.segments)
+            laps.lap("layout")
             _consume_rest(records, image, space, shared.stub_of)
+            laps.lap("pages")
             _finish(
                 stub,
                 space,
@@ -338,6 +352,7 @@ def rebuild_member(
                 own_parent,
                 parents_table,
             )
+            laps.lap("finish")
         finally:
             space.close()
     except BaseException:
@@ -349,7 +364,7 @@ def rebuild_member(
     return Rebuilt(_result(stub.pid, image, plan), image.header, holdings, pending)
 
 
-def _lend(stub: Stub, ours: dict[int, int]) -> dict[int, int]:
+def lend(stub: Stub, ours: dict[int, int]) -> dict[int, int]:
     """The stub's own copies (pidfd_getfd) of our descriptors `ours`, by the same keys."""
     if not ours:
         return {}

@@ -25,6 +25,10 @@ As CRIU does, the tree is forked first and each member rebuilt after:
    again, and its parent's stub (not started yet) takes back the wait report
    and the SIGCHLD that stop gave it.
 
+A move with pre-copy does steps 1 and 2 before the freeze, from its rounds
+(prebuild_tree): its final image is rebuilt into those stubs if the frozen tree is the
+one they were forked as (PrebuiltTree.fits), else they are killed and the tree made anew.
+
 A failure at any step kills every stub made: never half a tree.
 """
 
@@ -46,12 +50,14 @@ from hijack.image import records as rec
 from hijack.image.codec import read_stream
 from hijack.mutator.tracee import ALL_SIGNALS_BLOCKED, ThreadState, find_syscall_instruction
 from hijack.registry import MemberRecord, Registry
+from hijack.restore.address_space import AddressSpace
 from hijack.restore.remote import Stub
 from hijack.restore.restorer import (
     CLONE_ARGS,
     Rebuilt,
     RestoreResult,
     holder_of,
+    lend,
     rebuild_member,
     record_restored,
     restore,
@@ -64,8 +70,10 @@ from hijack.sys import ptrace as pt
 from hijack.sys.stub import STUB_OPTIONS, kill_stub, spawn_stub, wait_for_orphan_reaped
 from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
 from hijack.testpoint import reached
+from hijack.timing import Laps
 
 EEXIST = 17
+TIOCSCTTY, TIOCSPGRP = 0x540E, 0x5410
 PR_SET_NAME = 15
 SIG_DFL = 0
 PAGE_SIZE, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS = 4096, 0x3, 0x22
@@ -100,6 +108,14 @@ class TreeMove:
     mount_namespace: int | None = None
     # The members' pages a pre-copy sent (hijack.restore.tree_rounds), if it came first.
     rounds: TreeRounds | None = None
+    # The pty standing for the root's controlling terminal (its slave's path), if it had
+    # one: the root leads a session and takes it before its children are forked, who
+    # inherit it; `foreground`, the group (its id in the image) in the foreground there.
+    controlling: str = ""
+    foreground: int = 0
+    # The tree of stubs the rounds built before the freeze (prebuild_tree), if any.
+    prebuilt: PrebuiltTree | None = None
+    laps: Laps | None = None  # the move's, on the destination (hijack.timing)
 
     def provided(self, member: int) -> dict[int, int]:
         return {fd: ours for (pid, fd), ours in self.given.items() if pid == member}
@@ -117,6 +133,76 @@ class _Made:
         reaped; the others are reaped by their tracer's wait, or by init)."""
         for stub in reversed(list(self.stubs.values())):
             kill_stub(stub.pid)
+
+
+class PrebuiltTree:
+    """A moving tree's stubs, forked with its relations and laid out and filled from its
+    pre-copy rounds while the originals still run (prebuild_tree): the freeze then only
+    turns each one's layout into its final image's and writes what changed since, as a
+    single process's pre-copied stub (hijack.restore.precopy). Its pids are decided
+    here, once for all: the old ones if every one is free, else fresh ones."""
+
+    def __init__(self, tree: rec.Tree, made: _Made, spaces: dict[int, AddressSpace]) -> None:
+        self.tree = tree  # as the mover read it, running, after its last round
+        self.made = made
+        self.spaces = spaces  # by pid at the source: the members the rounds sent
+        self.taken = False  # the final restore owns the stubs now (or they are killed)
+        self.used = False  # the final restore was into them (else: the frozen tree differed)
+
+    def fits(self, final: rec.Tree) -> bool:
+        """Whether the frozen tree is the one built: the same members with the same
+        relations and shared contexts (a member forked, exited, or changed its group since:
+        not, and its final image is restored the whole way)."""
+        return _relations(final) == _relations(self.tree)
+
+    def discard(self) -> None:
+        """Kill every stub, unless the final restore has taken them."""
+        for space in self.spaces.values():
+            space.close()
+        if not self.taken:
+            self.made.kill_all()
+            self.taken = True
+
+
+def _relations(tree: rec.Tree) -> tuple[object, ...]:
+    """What forking a tree of stubs depends on (a zombie's name too: it exits under it)."""
+    members = tuple(
+        (m.pid, m.ppid, m.pgid, m.sid, m.exit_signal, m.exit_code, m.state)
+        + ((m.comm,) if m.state is rec.MemberState.ZOMBIE else ())
+        for m in tree.members
+    )
+    return members, frozenset((c.pid, int(c.flags)) for c in tree.contexts)
+
+
+def prebuild_tree(
+    tree: rec.Tree, rounds: TreeRounds, mount_namespace: int | None = None
+) -> PrebuiltTree:
+    """Fork the tree of stubs of a moving tree (`tree`: its relations read while it runs,
+    after its last round) under its old pids if all are free, else fresh ones; lay each
+    member the rounds sent out as its round 0 and write every page they sent into it."""
+    refusals = relation_refusals(tree)
+    if refusals:
+        raise RestoreError(
+            f"cannot restore the tree of process {tree.members[0].pid}: {'; '.join(refusals)}"
+        )
+    made = _Made()
+    spaces: dict[int, AddressSpace] = {}
+    try:
+        _fork_tree(tree, made, bool(_taken_pids(tree)), mount_namespace)
+        for member in tree.imaged:
+            pages = rounds.pages_of(member.pid)
+            if pages is None or not pages.layout:
+                continue  # born after the rounds began: its final image is whole
+            space = AddressSpace(made.stubs[member.pid], pages.layout)
+            spaces[member.pid] = space
+            space.build()
+            pages.fill(space)
+    except BaseException:
+        for space in spaces.values():
+            space.close()
+        made.kill_all()
+        raise
+    return PrebuiltTree(tree, made, spaces)
 
 
 def _record_tree(registry: Registry, tree: rec.Tree, rebuilt: list[Rebuilt], made: _Made) -> None:
@@ -204,15 +290,25 @@ def restore_tree(
         raise RestoreError(
             f"cannot restore the tree of process {tree.members[0].pid}: {'; '.join(refusals)}"
         )
-    if new_pids is None:
+    moved = moved or TreeMove()
+    prebuilt = moved.prebuilt
+    # Stubs forked before the freeze took no terminal (known only from the move's message).
+    if prebuilt is not None and (moved.controlling or not prebuilt.fits(tree)):
+        prebuilt.discard()  # its pids free again (reaped) before they are looked at
+        prebuilt = None
+    if prebuilt is not None:
+        prebuilt.taken = prebuilt.used = True  # its pids were decided as it was forked
+    elif new_pids is None:
         new_pids = bool(_taken_pids(tree))
     elif not new_pids:
         _refuse_taken_pids(tree)
-    moved = moved or TreeMove()
-    made = _Made()
+    made = prebuilt.made if prebuilt is not None else _Made()
     shared = TreeShared(tree.shared)
     try:
-        _fork_tree(tree, made, new_pids, moved.mount_namespace)
+        if prebuilt is None:
+            _fork_tree(tree, made, bool(new_pids), moved.mount_namespace, moved)
+            if moved.laps is not None:
+                moved.laps.lap("stubs")
         reached("restore-tree-forked")
         rebuilt: list[Rebuilt] = []
         contexts = {context.pid: context.flags for context in tree.contexts}
@@ -231,6 +327,8 @@ def restore_tree(
                     admit=moved.admit,
                     take_locks=moved.admit is None,
                     rounds=moved.rounds.pages_of(member.pid) if moved.rounds else None,
+                    space=prebuilt.spaces.get(member.pid) if prebuilt is not None else None,
+                    laps=moved.laps,
                 )
             )
         for _ in records:
@@ -300,8 +398,13 @@ def _one_image(records: Iterator[rec.Record]) -> Iterator[rec.Record]:
 
 
 def _fork_tree(
-    tree: rec.Tree, made: _Made, new_pids: bool, mount_namespace: int | None = None
+    tree: rec.Tree,
+    made: _Made,
+    new_pids: bool,
+    mount_namespace: int | None = None,
+    moved: TreeMove | None = None,
 ) -> None:
+    controlling = moved.controlling if moved else ""
     root = tree.members[0]
     pid = spawn_stub(root.pid, mount_namespace)  # or a new pid where that one is taken
     made.stubs[root.pid] = stub = Stub(pid, find_syscall_instruction(pid))
@@ -310,8 +413,12 @@ def _fork_tree(
         raise RestoreError(f"pid {root.pid} ({root.comm}) was taken meanwhile: try again")
     pt.set_options(pid, STUB_OPTIONS | pt.PTRACE_O_TRACEFORK)  # its children are ours too
     _scratch_on_stack(stub)
-    if root.sid == root.pid:
+    # Only a session leader takes a controlling terminal: a moved root leads a session of
+    # its own there, as a single process does (its session's leader, a shell, stayed home).
+    if root.sid == root.pid or controlling:
         stub.call("setsid")
+    if controlling:
+        _terminal_call(stub, controlling, TIOCSCTTY)
     zombie_parents = {m.ppid for m in tree.members if m.state is rec.MemberState.ZOMBIE}
     if root.pid in zombie_parents:
         _default_action(stub, signal.SIGCHLD)
@@ -332,9 +439,28 @@ def _fork_tree(
     _make_groups(tree, made)
     for group, first in groups.items():
         _end_group_leader(made, group, made.stubs[first.ppid])
+    foreground = made.pids.get(moved.foreground) if moved and moved.foreground else None
+    if controlling and foreground is not None:
+        _terminal_call(stub, controlling, TIOCSPGRP, foreground)
     for member in tree.members:
         if member.state is rec.MemberState.ZOMBIE:
             _exit_as_zombie(made, member)
+
+
+def _terminal_call(stub: Stub, path: str, request: int, pointed: int | None = None) -> None:
+    """ioctl `request` by `stub` on the pty whose slave is `path`, opened here and lent to
+    it (a stub in another mount namespace may not see our /dev/pts), then closed there: no
+    child forked after inherits it. `pointed`: an int the argument points to, if any."""
+    ours = os.open(path, os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        fd = lend(stub, {0: ours})[0]
+    finally:
+        os.close(ours)
+    try:
+        argument = 0 if pointed is None else stub.put(struct.pack("<i", pointed))
+        stub.call("ioctl", fd, request, argument)
+    finally:
+        stub.call("close", fd)
 
 
 def orphaned_groups(tree: rec.Tree) -> dict[int, rec.TreeMember]:
@@ -438,7 +564,8 @@ def _exit_as_zombie(made: _Made, member: rec.TreeMember) -> None:
     status = member.exit_code
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
-        _default_action(stub, number)
+        if number != signal.SIGKILL:  # its action is the default always (and cannot be set)
+            _default_action(stub, number)
         call, args = "tgkill", [stub.pid, stub.pid, number]
     else:
         call, args = "exit_group", [os.WEXITSTATUS(status)]

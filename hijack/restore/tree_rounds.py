@@ -1,14 +1,17 @@
 """The receiving side of a tree's pre-copy: each member's pages kept until its rebuild.
 
 A single process's rounds build its stub as they come (hijack.restore.precopy); a
-tree's stubs are forked only once its final image says how (hijack.restore.tree), so
-each member's rounds are kept meanwhile in a memory file of its own (a memfd), each
-page at its address as offset: a later round's page overwrites the earlier one. A page
-round 0 sent as a reference to another member's page (the same frame there: shared
-copy-on-write since a fork) is copied in the kernel from that member's file
-(copy_file_range). When the final image rebuilds the member, what its file holds
-inside the image's PRECOPIED segments is written into the stub (`apply`), before the
-final image's pages, which go over it.
+tree's stubs are forked once the rounds are over and the tree's relations are known
+(hijack.restore.tree.prebuild_tree, before the freeze), so each member's rounds are
+kept meanwhile in a memory file of its own (a memfd), each page at its address as
+offset: a later round's page overwrites the earlier one. A page round 0 sent as a
+reference to another member's page (the same frame there: shared copy-on-write since a
+fork) is copied in the kernel from that member's file (copy_file_range). The stubs
+built, what each file holds is written into its stub laid out as round 0 (`fill`).
+If the frozen tree is not the one built, the final image rebuilds each member anew and
+what its file holds inside the image's PRECOPIED segments is written into the stub
+(`apply`), before the final image's pages, which go over it: the files are kept until
+the move ends for that.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class MemberPages:
         self.pid = pid
         self.fd = os.memfd_create(f"hijack-rounds-{pid}", os.MFD_CLOEXEC)
         self.rounds = 0
+        self.layout: tuple[rec.Segment, ...] = ()  # round 0's segments: what a stub is built to
 
     def write(self, pages: rec.Pages) -> None:
         if pages.address + len(pages.data) <= MAX_OFFSET:
@@ -54,9 +58,20 @@ class MemberPages:
 
     def apply(self, space: AddressSpace, segments: tuple[rec.Segment, ...]) -> int:
         """Write what the rounds sent inside the PRECOPIED `segments` into the stub; the
-        bytes written. The stub reads its writable memory from the file itself (a pread
-        it is made to call, on its copy of the file's descriptor): one copy, in the
-        kernel, rather than through our memory; the rest is written as pages are."""
+        bytes written."""
+        kept = tuple(s for s in segments if s.contents is rec.ContentsKind.PRECOPIED)
+        return self._write_into(space, kept)
+
+    def fill(self, space: AddressSpace) -> int:
+        """Write every page the rounds sent into a stub laid out as round 0 (`layout`),
+        before the freeze (hijack.restore.tree.prebuild_tree); the bytes written."""
+        return self._write_into(space, self.layout)
+
+    def _write_into(self, space: AddressSpace, segments: tuple[rec.Segment, ...]) -> int:
+        """What the file holds inside `segments`, into the stub. The stub reads its writable
+        memory from the file itself (a pread it is made to call, on its copy of the file's
+        descriptor): one copy, in the kernel, rather than through our memory; the rest is
+        written as pages are."""
         stub = space.stub
         written = 0
         handle = stub.call("pidfd_open", os.getpid(), 0)
@@ -66,8 +81,6 @@ class MemberPages:
             stub.call("close", handle)
         try:
             for segment in segments:
-                if segment.contents is not rec.ContentsKind.PRECOPIED:
-                    continue
                 for start, end in self._data_in(segment.start, segment.end):
                     if segment.prot & rec.Prot.WRITE:
                         self._read_in_stub(space, ours, start, end)
@@ -140,6 +153,7 @@ class TreeRounds:
             )
         if opening.number == 0:
             self.admit(segments)
+            pages.layout = segments.segments
         count = 0
         for record in records:
             if isinstance(record, rec.Pages):

@@ -366,7 +366,7 @@ class Shadow:
             if entry.get("datagram"):
                 self.hub.adopt_datagram(number, own, stream)
             elif entry.get("terminal"):
-                self.hub.adopt_terminal(number, own)
+                self.hub.adopt_terminal(number, own, stream)
             elif entry.get("master"):
                 self.hub.adopt_master(number, own)
             else:

@@ -335,13 +335,14 @@ class RelayHub:
         if stream_id not in self.datagrams:
             self.datagrams[stream_id] = DatagramStream(stream_id, own_fd, self.selector, self.log)
 
-    def adopt_terminal(self, number: int, own_fd: int) -> None:
+    def adopt_terminal(self, number: int, own_fd: int, stream_id: str = "") -> None:
         """The terminal at the target's descriptor `number`: pumped through a pty at the node.
 
         Read and written through an open file of our own (O_NONBLOCK there must
-        not reach the shell that shares the terminal's open file).
+        not reach the shell that shares the terminal's open file). `stream_id`: a
+        tree's (one for every member on that terminal), else the root's "tty:N".
         """
-        stream_id = f"tty:{number}"
+        stream_id = stream_id or f"tty:{number}"
         if stream_id in self.streams:
             return
         flags = os.O_RDWR | os.O_NOCTTY | os.O_NONBLOCK | os.O_CLOEXEC

@@ -63,6 +63,22 @@ def ptrace_scope() -> int | None:
         return None
 
 
+def proc_shows_own_pids() -> str:
+    """Whether /proc is mounted for the pid namespace hijack runs in: every pid hijack
+    reads there, and the /proc/PID it reads, must be the pids it signals and forks."""
+    own = os.getpid()
+    try:
+        shown = os.readlink("/proc/self")
+    except OSError as exc:
+        raise HijackError(f"/proc/self cannot be read: {exc.strerror}") from None
+    if shown != str(own):
+        raise HijackError(
+            f"/proc is another pid namespace's: it shows this process as {shown}, not {own}"
+            " (in a pid namespace of its own, mount /proc for it: unshare --mount-proc)"
+        )
+    return f"/proc shows this pid namespace (this process is {own} in both)"
+
+
 def try_seize() -> str:
     """Seize, interrupt and release a child of ours (a `cat` reading its stdin)."""
     child = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)

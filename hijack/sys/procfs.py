@@ -959,22 +959,43 @@ def read_pagemap(pid: int, start: int, end: int) -> array[int]:
 
     Pages above the user address space (the vsyscall page) have no entry and read as 0.
     """
-    if start % PAGE_SIZE or end % PAGE_SIZE or end < start:
-        raise ValueError(f"[{start:#x}, {end:#x}) is not a page-aligned range")
-    entries = array("Q", bytes((end - start) // PAGE_SIZE * 8))
-    buffer = memoryview(entries).cast("B")
-    with _proc_access("pread", pid, "pagemap") as path:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
+    with Pagemap(pid) as pagemap:
+        return pagemap.read(start, end)
+
+
+class Pagemap:
+    """A process's pagemap, open for many readings (read_pagemap: for one)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        with _proc_access("open", pid, "pagemap") as path:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    def read(self, start: int, end: int) -> array[int]:
+        """The entries of the pages in [start, end), as read_pagemap's."""
+        if start % PAGE_SIZE or end % PAGE_SIZE or end < start:
+            raise ValueError(f"[{start:#x}, {end:#x}) is not a page-aligned range")
+        entries = array("Q", bytes((end - start) // PAGE_SIZE * 8))
+        buffer = memoryview(entries).cast("B")
+        with _proc_access("pread", self.pid, "pagemap"):
             done = 0
             while done < len(buffer):
-                got = os.preadv(fd, [buffer[done:]], start // PAGE_SIZE * 8 + done)
+                got = os.preadv(self._fd, [buffer[done:]], start // PAGE_SIZE * 8 + done)
                 if got == 0:
                     break
                 done += got
-        finally:
-            os.close(fd)
-    return entries
+        return entries
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Pagemap:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
 
 def page_present(entry: int) -> bool:

@@ -15,8 +15,18 @@ Namespace names start with `hj<pid of this process>x` (namespace_prefix()),
 so two pytest runs on one machine never share a name, and the per-test leak
 check (conftest) counts only this process's namespaces.
 
-All nodes share this machine's filesystem and pid space: paths and pids
-carry over, only the network differs.
+All nodes share this machine's filesystem, and by default its pid space:
+paths and pids carry over, only the network differs. A node named in
+Cluster(pid_namespaces=...) has a pid namespace of its own instead, as a
+machine has: a moved process can take its old pid there, which its original
+still holds here while the move runs. Its first process is a small init
+(pid 1 there: it reaps the orphans, as a machine's init does), started in a
+mount namespace of its own where /proc is mounted again for that pid
+namespace, so that every program of the node (its daemon, `hijack` run
+there) reads the pids it lives among in /proc. Everything the node starts
+joins both namespaces; the test sees those processes under other pids
+(Node.host_pid, Node.pid_inside map them through /proc/PID/status NSpid).
+Killing the init at the cluster's end kills all that runs in it.
 
 Programs run inside a node are moved into its namespace by the child itself,
 between fork and exec (setns in a preexec_fn), not by `ip netns exec`. That
@@ -57,6 +67,7 @@ from pyroute2 import NetNS
 from pyroute2.netlink.exceptions import NetlinkError
 
 from hijack.node import pki
+from hijack.sys import procfs
 from hijack.sys.process import WALL
 from support.cli import CLI_COLUMNS, CLI_TIMEOUT, CliResult, _text
 
@@ -87,10 +98,23 @@ class NodeError(AssertionError):
 # -- entering a namespace ------------------------------------------------------------
 
 CLONE_NEWNET = 0x40000000
-# Python 3.11 has no os.setns (3.12 does).
+CLONE_NEWNS = 0x00020000
+CLONE_NEWPID = 0x20000000
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_SLAVE = 0x2, 0x4, 0x8, 0x4000, 0x80000
+# Python 3.11 has no os.setns nor os.unshare (3.12 does).
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.setns.restype = ctypes.c_int
+_libc.unshare.argtypes = [ctypes.c_int]
+_libc.unshare.restype = ctypes.c_int
+_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
+_libc.mount.restype = ctypes.c_int
+
+
+def _checked(result: int, what: str) -> None:
+    if result != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
 
 
 @contextlib.contextmanager
@@ -121,6 +145,48 @@ def spawn_in_namespace(
     itself runs there."""
     with entering_namespace(netns) as enter:
         return subprocess.Popen([os.fspath(arg) for arg in argv], preexec_fn=enter, **popen)
+
+
+@contextlib.contextmanager
+def children_in_pid_namespace(pid_namespace_fd: int | None) -> Iterator[None]:
+    """While inside, the children this process forks start in the pid namespace
+    `pid_namespace_fd` (None: a new one, whose init the first child is).
+
+    setns/unshare of a pid namespace move only the children to come, never the
+    caller, and a child's preexec_fn runs too late for its own pid: so this
+    process switches for the fork and switches back (to its own namespace,
+    which setns allows). Keep the inside to one Popen: no thread can start
+    while the two differ (clone fails with EINVAL).
+    """
+    own = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if pid_namespace_fd is None:
+            _checked(_libc.unshare(CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+        else:
+            _checked(_libc.setns(pid_namespace_fd, CLONE_NEWPID), "setns(pid namespace)")
+        try:
+            yield
+        finally:
+            _checked(_libc.setns(own, CLONE_NEWPID), "setns(own pid namespace)")
+    finally:
+        os.close(own)
+
+
+# The init of a node's pid namespace: reaps every child (orphans of the node come
+# to it), with SIGCHLD blocked between the reaping and the wait so none is missed
+# (a child whose exit signal is not SIGCHLD is reaped within a second). Signals from
+# outside do not reach a namespace's init unless it handles them: only SIGKILL.
+_PID_INIT_SNIPPET = """\
+import os, signal
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+while True:
+    try:
+        while os.waitpid(-1, os.WNOHANG | 0x40000000)[0]:
+            pass
+    except ChildProcessError:
+        pass
+    signal.sigtimedwait({signal.SIGCHLD}, 1.0)
+"""
 
 
 # -- namespaces ------------------------------------------------------------------
@@ -398,6 +464,12 @@ class Node:
         self.daemon: subprocess.Popen[bytes] | None = None
         self.daemon_endpoint: str | None = None  # "ADDRESS:PORT", what `hijack move --to` takes
         self._cluster = cluster
+        # A node with a pid namespace of its own (Cluster(pid_namespaces=...)): its init,
+        # and descriptors of the pid and mount namespaces its programs join.
+        self.pid_init: subprocess.Popen[bytes] | None = None
+        self._pid_namespace_fd: int | None = None
+        self._mount_namespace_fd: int | None = None
+        self._spawned_inside: list[subprocess.Popen[Any]] = []  # our children in it
 
     def __repr__(self) -> str:
         return f"Node({self.name!r}, {self.address}, netns {self.netns})"
@@ -408,16 +480,135 @@ class Node:
         """This process's environment, then the node's (env), then `extra`."""
         return {**os.environ, **self.env, **(extra or {})}
 
+    @property
+    def own_pid_namespace(self) -> bool:
+        return self.pid_init is not None
+
+    def _start_pid_namespace(self) -> None:
+        """Start the init of a new pid namespace inside this node, in a new mount namespace
+        whose /proc shows that pid namespace.
+
+        The mounts below / turn slaves of this machine's: what is mounted or
+        unmounted outside still reaches the node (`ip netns del` unmounting
+        a namespace's name in /run/netns, which a private copy would keep
+        alive), and its /proc stays its own.
+        """
+        netns_fd = os.open(NETNS_RUN_DIR / self.netns, os.O_RDONLY | os.O_CLOEXEC)
+
+        def enter() -> None:  # in the child: pid 1 of the new namespace
+            _checked(_libc.setns(netns_fd, CLONE_NEWNET), f"setns({self.netns})")
+            _checked(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+            slave, proc = MS_REC | MS_SLAVE, MS_NOSUID | MS_NODEV | MS_NOEXEC
+            _checked(_libc.mount(None, b"/", None, slave, None), "mount --make-rslave /")
+            _checked(_libc.mount(b"proc", b"/proc", b"proc", proc, None), "mount proc /proc")
+
+        try:
+            with (
+                open(self.directory / "pid-init.stderr", "ab") as stderr,
+                children_in_pid_namespace(None),
+            ):
+                init: subprocess.Popen[bytes] = subprocess.Popen(
+                    [sys.executable, "-c", _PID_INIT_SNIPPET],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=stderr,
+                    preexec_fn=enter,
+                )
+        finally:
+            os.close(netns_fd)
+        self._cluster._spawned.append(init)
+        self.pid_init = init
+        # Popen returns once the init runs its program: the namespaces are made.
+        self._pid_namespace_fd = os.open(f"/proc/{init.pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        self._mount_namespace_fd = os.open(f"/proc/{init.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+
+    def _end_pid_namespace(self) -> None:
+        """Kill the init of this node's pid namespace, and so everything in it.
+
+        The init's exit waits until every process of its namespace is reaped,
+        those whose parent is outside too: ours (what spawn started there),
+        reaped here through their Popens, else neither would ever end.
+        """
+        init, spawned, self._spawned_inside = self.pid_init, self._spawned_inside, []
+        if init is None or init.poll() is not None:
+            return
+        init.kill()
+        for process in spawned:
+            process.wait(timeout=KILL_TIMEOUT)  # the kernel SIGKILLs them as the init exits
+        init.wait(timeout=KILL_TIMEOUT)
+
+    def _close_namespaces(self) -> None:
+        for fd in (self._pid_namespace_fd, self._mount_namespace_fd):
+            if fd is not None:
+                os.close(fd)
+        self._pid_namespace_fd = self._mount_namespace_fd = None
+
+    def _popen(self, argv: Sequence[str | os.PathLike[str]], **popen: Any) -> subprocess.Popen[Any]:
+        """subprocess.Popen(argv, **popen) inside this node's namespaces; returns once argv
+        itself runs there."""
+        command = [os.fspath(arg) for arg in argv]
+        if self._pid_namespace_fd is None or self._mount_namespace_fd is None:
+            return spawn_in_namespace(self.netns, command, **popen)
+        mount_fd = self._mount_namespace_fd
+        # Entering a mount namespace moves the working directory to its root: back to
+        # the one asked for (the same files: only /proc differs).
+        cwd = os.fspath(popen.get("cwd") or os.getcwd())
+        with entering_namespace(self.netns) as enter_network:
+
+            def enter() -> None:
+                enter_network()
+                _checked(_libc.setns(mount_fd, CLONE_NEWNS), "setns(mount namespace)")
+                os.chdir(cwd)
+
+            with children_in_pid_namespace(self._pid_namespace_fd):
+                return subprocess.Popen(command, preexec_fn=enter, **popen)
+
+    def host_pid(self, pid: int) -> int:
+        """The pid this test sees for the process that is `pid` inside this node."""
+        if self._pid_namespace_fd is None:
+            return pid
+        for entry in self._processes_inside():
+            if procfs.read_status(entry).nspid[-1] == pid:
+                return entry
+        raise NodeError(f"no process {pid} inside node {self.name}")
+
+    def pid_inside(self, host_pid: int) -> int:
+        """The pid inside this node of the process this test sees as `host_pid`."""
+        if self._pid_namespace_fd is None:
+            return host_pid
+        if host_pid not in self._processes_inside():
+            raise NodeError(f"process {host_pid} is not inside node {self.name}")
+        return procfs.read_status(host_pid).nspid[-1]
+
+    def _processes_inside(self) -> list[int]:
+        """Every process of this node's own pid namespace, by the pids this test sees."""
+        assert self._pid_namespace_fd is not None
+        own = os.fstat(self._pid_namespace_fd)
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    status = os.stat(f"/proc/{entry}/ns/pid")
+                except (FileNotFoundError, ProcessLookupError, PermissionError):
+                    continue  # exited meanwhile, or not ours to look at (pid 1 in a sandbox)
+                if (status.st_dev, status.st_ino) == (own.st_dev, own.st_ino):
+                    found.append(int(entry))
+        return found
+
     def spawn(self, argv: Sequence[str | os.PathLike[str]], **popen: Any) -> subprocess.Popen[Any]:
         """Start argv inside this node with its environment; returns once argv itself runs.
 
         `popen` goes to subprocess.Popen; an `env` there adds to (and overrides)
         the node's environment. The cluster owns the process: whatever still
-        runs at the cluster's end is killed and reaped, its pipes closed.
+        runs at the cluster's end is killed and reaped, its pipes closed. In a
+        node with its own pid namespace, the Popen's pid is the one this test
+        sees (`pid_inside` gives the node's).
         """
         env = self.environment(popen.pop("env", None))
-        process = spawn_in_namespace(self.netns, argv, env=env, **popen)
+        process = self._popen(argv, env=env, **popen)
         self._cluster._spawned.append(process)
+        if self.own_pid_namespace:
+            self._spawned_inside.append(process)
         return process
 
     def run(
@@ -433,24 +624,27 @@ class Node:
         NodeError shows what it printed.
         """
         command = [os.fspath(arg) for arg in argv]
-        try:
-            with entering_namespace(self.netns) as enter:
-                return subprocess.run(
-                    command,
-                    preexec_fn=enter,
-                    env=self.environment(env),
-                    stdin=subprocess.DEVNULL,
-                    capture_output=True,
-                    text=True,
-                    timeout=timeout,
-                    check=False,
-                )
-        except subprocess.TimeoutExpired as expired:
-            raise NodeError(
-                f"[node {self.name}] $ {' '.join(command)}\n"
-                f"did not finish within {timeout} s\n"
-                f"--- stdout ---\n{_text(expired.stdout)}--- stderr ---\n{_text(expired.stderr)}"
-            ) from None
+        # _popen switches pid namespaces for the fork alone: the wait runs in ours.
+        with self._popen(
+            command,
+            env=self.environment(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as process:
+            try:
+                stdout, stderr = process.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired as expired:
+                process.kill()  # as subprocess.run: what it printed so far is in `expired`
+                process.wait()
+                raise NodeError(
+                    f"[node {self.name}] $ {' '.join(command)}\n"
+                    f"did not finish within {timeout} s\n"
+                    f"--- stdout ---\n{_text(expired.stdout)}"
+                    f"--- stderr ---\n{_text(expired.stderr)}"
+                ) from None
+        return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
     def run_python(
         self, code: str, *args: str | int | float, timeout: float = SNIPPET_TIMEOUT
@@ -687,10 +881,20 @@ class Cluster:
     """
 
     def __init__(
-        self, tmp_path: Path, nodes: int = 3, *, stop_timeout: float = DAEMON_STOP_TIMEOUT
+        self,
+        tmp_path: Path,
+        nodes: int = 3,
+        *,
+        stop_timeout: float = DAEMON_STOP_TIMEOUT,
+        pid_namespaces: Iterable[str] = (),
     ) -> None:
         if not 1 <= nodes <= len(string.ascii_lowercase):
             raise ValueError(f"a cluster has 1 to 26 nodes, not {nodes}")
+        # The nodes with a pid namespace of their own (module docstring).
+        self._pid_namespaces = frozenset(pid_namespaces)
+        unknown = self._pid_namespaces - set(string.ascii_lowercase[:nodes])
+        if unknown:
+            raise ValueError(f"no such nodes for a pid namespace: {sorted(unknown)}")
         self.id = f"{namespace_prefix()}{secrets.token_hex(3)}"
         self.hub_netns = f"{self.id}-hub"
         self.pki_dir = tmp_path / "pki"
@@ -731,6 +935,9 @@ class Cluster:
             for node in self.nodes:
                 node.state_dir.mkdir(parents=True)
             self._create_network()
+            for node in self.nodes:
+                if node.name in self._pid_namespaces:
+                    node._start_pid_namespace()
         except BaseException:
             self._tear_down()
             raise
@@ -796,6 +1003,8 @@ class Cluster:
         finally:
             killed: list[int] = []
             try:
+                for node in self.nodes:
+                    node._end_pid_namespace()
                 killed = kill_processes_inside(self._created_namespaces)
             finally:
                 # Reap through each Popen first so it keeps its real exit status.
@@ -808,15 +1017,18 @@ class Cluster:
                             stream.close()
                 self._spawned.clear()
                 reap(killed)
+                for node in self.nodes:
+                    node._close_namespaces()
                 namespaces, self._created_namespaces = self._created_namespaces, []
                 delete_namespaces(namespaces)
         return problems
 
 
 @contextlib.contextmanager
-def two_nodes(tmp_path: Path) -> Iterator[tuple[Node, Node]]:
-    """Nodes a and b of a new Cluster, each with its daemon."""
-    with Cluster(tmp_path, nodes=2) as cluster:
+def two_nodes(tmp_path: Path, *, pid_namespaces: Iterable[str] = ()) -> Iterator[tuple[Node, Node]]:
+    """Nodes a and b of a new Cluster, each with its daemon; those named in
+    `pid_namespaces` with a pid namespace of their own."""
+    with Cluster(tmp_path, nodes=2, pid_namespaces=pid_namespaces) as cluster:
         a, b = cluster.nodes
         a.start_daemon()
         b.start_daemon()
