@@ -339,7 +339,7 @@ def move(
     print(f"moved {pid} {source.name} -> {destination.name}: frozen {found[4]} ms, {found[5]}")
     print(f"  {result.stdout.strip()}")
     assert ("pre-copy rounds" in result.stdout) == precopy, result.describe()
-    for side in ("freeze here (ms): stop", f"freeze at {destination.name} (ms): admit"):
+    for side in ("freeze here (ms): stop", f"freeze at {destination.name} (ms): "):
         assert side in result.stdout, result.describe()
     assert runs_in(moved.pid, destination), f"process {moved.pid} is not inside {destination}"
     return moved

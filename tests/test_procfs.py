@@ -28,7 +28,8 @@ from typing import Any
 import pytest
 
 from hijack.errors import HijackError, ProcessGone
-from hijack.sys import kcmp, procfs
+from hijack.node.move import sockets_of
+from hijack.sys import kcmp, pidfd, procfs, tcp_repair
 from hijack.sys.procfs import FdKind
 
 PAGE = mmap.PAGESIZE
@@ -528,6 +529,38 @@ def test_socket_table(child: Child) -> None:
     listener6 = sock("listener6")
     assert (listener6.family, listener6.state) == (socket.AF_INET6, "LISTEN")
     assert listener6.local == f"[::1]:{child.ports['listener6']}"
+
+
+def test_tcp_sockets_asked_one_by_one_as_the_tables_list_them(child: Child) -> None:
+    """tcp_repair.listed_tcp4 (a move's freeze asks its sockets so, not the tables, which
+    walk the kernel's whole hash) says what /proc/net/tcp says of each TCP-over-IPv4
+    socket, and nothing of the others; sockets_of, all of them together, equals the
+    tables for every socket the child holds."""
+    table = procfs.read_socket_table(child.pid)
+    namespace = os.stat(f"/proc/{child.pid}/ns/net").st_ino
+    asked = 0
+    for entry in procfs.list_fds(child.pid):
+        if entry.kind is not procfs.FdKind.SOCKET:
+            continue
+        listed = table.get(entry.ino)
+        copy = pidfd.copy_fd(child.pid, entry.fd)
+        try:
+            found = tcp_repair.listed_tcp4(copy, entry.ino, namespace)
+            elsewhere = tcp_repair.listed_tcp4(copy, entry.ino, namespace + 1)
+        finally:
+            os.close(copy)
+        assert elsewhere is None  # another namespace's table would not list it
+        if listed is not None and (listed.family, listed.type) == (
+            socket.AF_INET, socket.SOCK_STREAM,
+        ):  # fmt: skip
+            assert found == listed
+            asked += 1
+        else:
+            assert found is None, entry
+    assert asked >= 3  # listener, client, accepted
+    held = {e.ino for e in procfs.list_fds(child.pid) if e.kind is procfs.FdKind.SOCKET}
+    by_socket = sockets_of(child.pid)
+    assert {ino: by_socket.get(ino) for ino in held} == {ino: table.get(ino) for ino in held}
 
 
 # ---------------------------------------------------------------- pagemap

@@ -34,11 +34,17 @@ def hand_descriptors_to_shadow(pid: int, control_path: str, *, as_member: bool =
 def hand_over(pid: int, control_path: str, *, member: int, hold: bool) -> int:
     """Give the shadow at `control_path` the descriptors of `pid` (of member `member`, or of
     its root when 0) it does not hold already; return how many descriptors are named."""
-    status = control.request(control_path, {"op": "status"})
-    shadow_pid = int(status["shadow_pid"])
     held: dict[tuple[int, int], set[int]] = {}  # (dev, ino) -> our descriptors of that file
-    for entry in [*status["fds"], *(f for m in status.get("members", []) for f in m["fds"])]:
-        held.setdefault((int(entry["dev"]), int(entry["ino"])), set()).add(int(entry["own_fd"]))
+    shadow_pid = 0
+    if member:
+        # What it holds already, for a member's aliases (the root's are all sent: a
+        # move's freeze spares this round trip).
+        status = control.request(control_path, {"op": "status"})
+        shadow_pid = int(status["shadow_pid"])
+        members = status.get("members", [])
+        for entry in [*status["fds"], *(f for m in members for f in m["fds"])]:
+            dev_ino = (int(entry["dev"]), int(entry["ino"]))
+            held.setdefault(dev_ino, set()).add(int(entry["own_fd"]))
     handle = pidfd.pidfd_open(pid)
     try:
         entries = procfs.list_fds(pid)

@@ -53,10 +53,10 @@ from hijack.restore.precopy import Prebuilt
 from hijack.restore.restorer import RestoreResult, restore
 from hijack.restore.tree import PrebuiltTree, TreeMove, prebuild_tree, restore_tree
 from hijack.restore.tree_rounds import TreeRounds
-from hijack.shadow import control
+from hijack.shadow import control, relay_link
 from hijack.shadow.datagram import widen_receive_buffer
 from hijack.shadow.relay import endpoint
-from hijack.sys import pidfd, procfs, terminal
+from hijack.sys import pidfd, procfs, tcp_repair, terminal
 from hijack.testpoint import reached
 from hijack.timing import Laps
 
@@ -66,6 +66,12 @@ COMMIT_TIMEOUT = 60.0  # seconds a prepared process waits for the mover's decisi
 LISTEN_BACKLOG = 128  # a listener's, when an older mover does not say the process's own
 RELEASE_TIMEOUT = 5.0  # seconds to tell a home shadow its migrant ended
 STOPPING_RELEASE_TIMEOUT = 3.0  # the same, as the daemon stops (a TLS handshake, then the answer)
+
+
+# Proxies whose descriptor a pre-copied move makes as its `move` message arrives: a relay
+# (through the forwarder or plain) and an original handed back. Listeners, datagram
+# sockets and terminals wait for the image's admission.
+EARLY_KINDS = ("stream", "original")
 
 
 class Proxy(NamedTuple):
@@ -125,6 +131,10 @@ class NodeDaemon:
 
     def serve(self) -> None:
         self.forwarder.start()
+        # Loaded now, not by a move home's first request to the home shadow while its
+        # process is frozen (plain relays, originals handed back).
+        with contextlib.suppress(HijackError, OSError):
+            relay_link.node_context()
         host, port = self.listener.getsockname()[:2]
         print(f"hijack node {self.name} listening on {host}:{port}", flush=True)
         try:
@@ -364,6 +374,7 @@ class NodeDaemon:
         lazy: list[LazyPages] = []  # a post-copy move's pages still on the source
 
         taken: list[bool] = []
+        admitted: list[bool] = []  # once admit() has made the process's descriptors
         # A tree's move (docs/protocol.md, "Moving a tree"): its members' descriptors the
         # relays stand for, and each member's pid here once forked.
         tree = request.get("tree") is True
@@ -431,17 +442,36 @@ class NodeDaemon:
                         sock.shutdown(socket.SHUT_WR)
                 return sock.fileno()
 
+            if prebuilt is not None:
+                # Pre-copied, its powers were admitted when the rounds began: its
+                # relays and originals are made, and handed to the stub, while the
+                # mover still reads the frozen process (they do not depend on its
+                # image; a refused image closes them, the stub dies with them).
+                early = {
+                    proxy.fd: proxy_end(proxy)
+                    for proxy in proxies
+                    if proxy.kind in EARLY_KINDS and not proxy.member
+                }
+                provided.update(early)
+                prebuilt.hand_over_early(early)
+                laps.lap("early relays and descriptors in")
+
             def admit(
                 header: rec.ImageHeader, credentials: rec.Credentials, segments: rec.Segments
             ) -> None:
-                # The policy first: a refused image gets no relay, no listener.
+                # The policy first: a refused image gets no relay, no listener (but the
+                # early ones above, made for a process admitted before its rounds).
                 policy.check_image(header, credentials, segments, allow_root=self.allow_root)
-                if tree_given or (provided and not tree):
+                laps.lap("image head")
+                if tree_given or admitted:
                     return  # a tree's: made at its first member's admission
+                admitted.append(True)
                 # Filled in place: restore reads `provided` only after this.
                 # A tree's members share a stream's one end (a terminal's: one per open file).
                 ends: dict[tuple[str, int], int] = {}
                 for proxy in proxies:
+                    if not tree and proxy.fd in provided:
+                        continue  # made early
                     key = (proxy.stream, proxy.file if proxy.kind == "terminal" else -1)
                     if key not in ends or not tree:
                         ends[key] = proxy_end(proxy)
@@ -449,7 +479,7 @@ class NodeDaemon:
                         tree_given[(proxy.member, proxy.fd)] = ends[key]
                     else:
                         provided[proxy.fd] = ends[key]
-                laps.lap("admit and relays")
+                laps.lap("relays")
 
             def hold_tree_until_commit(pids: dict[int, int]) -> None:
                 new_pids.update(pids)
@@ -499,7 +529,8 @@ class NodeDaemon:
                     laps.lap("wait for commit")
                     if decision.get("op") != "commit":
                         raise HijackError(f"move {move} aborted by the mover")
-                    if self._decide(move, pid, "running") != "running":
+                    # (In the move's registry: opening one costs ~2 ms, frozen.)
+                    if self._decide(move, pid, "running", registry=registry) != "running":
                         raise HijackError(f"move {move} was settled as aborted before its commit")
                     committed.append(pid)
                     for proxy, sock in zip(direct_proxies, direct, strict=True):
@@ -589,7 +620,12 @@ class NodeDaemon:
         _watch_migrant(result.pid, child=True)
         log(f"move {move}: {result.program} runs here as {result.pid}")
         source_pid = request.get("pid")
-        with contextlib.suppress(HijackError), Registry() as records:  # it runs: nothing may fail
+        # It runs: nothing may fail. (The pre-copy's registry, open already: the mover
+        # waits for `running`, its process still frozen there.)
+        with (
+            contextlib.suppress(HijackError),
+            contextlib.nullcontext(registry) if registry else Registry() as records,
+        ):
             records.record_received_move(
                 move,
                 source_pid if isinstance(source_pid, int) else 0,
@@ -650,14 +686,26 @@ class NodeDaemon:
             f" {pages.arrived} pages, {pages.faults} faults, {pages.forks} forks followed"
         )
 
-    def _decide(self, move: str, pid: int, outcome: str, *, force: bool = False) -> str:
+    def _decide(
+        self,
+        move: str,
+        pid: int,
+        outcome: str,
+        *,
+        force: bool = False,
+        registry: Registry | None = None,
+    ) -> str:
         """Settle `move` as `outcome` unless it is settled already; return its outcome.
 
         Written to the registry before anyone acts on it. If the registry
         cannot be written, `running` is not decided (the process never
-        starts); `aborted` is still the outcome in force.
+        starts); `aborted` is still the outcome in force. `registry`: the
+        calling thread's, open already (else one is opened).
         """
-        with self.decisions, Registry() as registry:
+        with (
+            self.decisions,
+            contextlib.nullcontext(registry) if registry else Registry() as registry,
+        ):
             found = registry.arrival(move)
             if found is not None and found[1] != "prepared" and not force:
                 return found[1]
@@ -897,15 +945,21 @@ def _check_endpoint_owner(pid: int, relay_address: str) -> None:
     """Copy nothing out of a process that does not listen on the endpoint we asked: whoever
     answered there names only its own descriptors, never another process's."""
     port = relay_address.rpartition(":")[2]
+
+    def listening(info: procfs.SocketInfo | None) -> bool:
+        return info is not None and info.state == "LISTEN" and info.local.endswith(f":{port}")
+
     try:
-        held = {entry.ino for entry in procfs.list_fds(pid)}
-        table = procfs.read_socket_table(pid)
-    except HijackError:
-        held, table = set(), {}
-    if not any(
-        info.state == "LISTEN" and info.local.endswith(f":{port}") and inode in held
-        for inode, info in table.items()
-    ):
+        entries = procfs.list_fds(pid)
+        held = {entry.fd: entry.ino for entry in entries if entry.kind is procfs.FdKind.SOCKET}
+        # Its sockets asked one by one (its endpoint: TCP over IPv4) rather than the TCP
+        # tables read, which walk the kernel's whole hash: a move home waits for this.
+        if any(map(listening, tcp_repair.listed_tcp4_of(pid, held).values())):
+            return
+        table = procfs.read_tcp_table(pid)
+    except (HijackError, OSError):
+        held, table = {}, {}
+    if not any(listening(info) and inode in held.values() for inode, info in table.items()):
         raise HijackError(f"process {pid} is not the home shadow listening at {relay_address}")
 
 

@@ -75,7 +75,7 @@ from hijack.node.terminal import frame as make_frame
 from hijack.shadow import control
 from hijack.shadow.datagram import widen_receive_buffer
 from hijack.shadow.datagram_link import DatagramLink, StandIns
-from hijack.shadow.relay_link import ENCRYPTED, TlsLink
+from hijack.shadow.relay_link import ENCRYPTED, TlsLink, node_context
 from hijack.sys.socket_filter import SO_MARK, attach_filter, only_marked
 
 ACK, END = 3, 4
@@ -655,6 +655,10 @@ def serve(channel: socket.socket) -> None:
         print(f"{stamp} forwarder {os.getpid()}: {text}", file=sys.stderr, flush=True)
 
     forwarder = Forwarder(log)
+    # Warmed up before the first request, which comes while a process is frozen: the
+    # node's TLS context (loading its certificate imports `cryptography`: ~0.1 s).
+    with contextlib.suppress(HijackError, OSError):  # the first relay says what is wrong
+        node_context()
     while True:
         try:
             request, fds = control.receive(channel)

@@ -465,10 +465,14 @@ def _move_frozen(
             # (the first look, before the freeze, only refuses what never can go).
             # Read once for the plan and the image (~8 ms a read here, see sockets_of).
             sockets = sockets_of(pid)
+            laps.lap("plan: socket tables")
             # The shadow's streams asked again, now: a client it accepted before going
             # quiet reaches the process through the node's forwarder, whose connection
             # (the relay the plan matches) may be made after `migrating` answered.
-            plan, present = plan_proxies(pid, shadow, at_home, sockets=sockets)
+            # Asked once for the plan and a move home's hand-back: the shadow, quiet
+            # since `migrating`, takes no client meanwhile (hijack.shadow.relay).
+            streams = None if at_home else shadow_streams(shadow)
+            plan, present = plan_proxies(pid, shadow, at_home, sockets=sockets, streams=streams)
             laps.lap("plan")
             # Its direct connections (swapped): their peers frozen and joined towards the
             # destination, live at the commit (hijack.node.repoint).
@@ -490,13 +494,15 @@ def _move_frozen(
                     if p.kind not in ("terminal", "master", "direct")
                     or p.stream in (f"tty:{p.fd}", f"ptm:{p.fd}")
                 ]
+                laps.lap("shadow hand-over: descriptors")
                 answer = shadow.migrating({"move": move_id, "proxy": proxy})
                 plan = connect_datagrams(plan, answer, relay_address)
                 unread: dict[str, bytes] = {}
             else:
                 unread = peek_unread(pid, plan)
+                laps.lap("shadow hand-over: unread")
                 if homing:
-                    relayed = hand_back({pid: plan}, shadow, move_id, unread, present)
+                    relayed = hand_back({pid: plan}, shadow, move_id, unread, present, streams)
                     homing = not relayed
                 if homing:
                     plan = [dataclasses.replace(p, kind="original") for p in plan]
@@ -770,10 +776,18 @@ def unsettled_for_home(
         time.sleep(HOME_SETTLE_INTERVAL)
 
 
-def _pending_clients(shadow: HomeShadow, present: list[str]) -> list[str]:
-    """Clients the shadow accepted that the process has not accepted (yet)."""
-    streams = shadow.request({"op": "status"})["streams"]
-    return [s["id"] for s in streams if s["id"].startswith("acc:") and s["id"] not in present]
+def _pending_clients(
+    shadow: HomeShadow, present: list[str], streams: dict[str, dict[str, Any]] | None = None
+) -> list[str]:
+    """Clients the shadow accepted that the process has not accepted (yet); `streams`: its
+    status's, if asked already."""
+    streams = shadow_streams(shadow) if streams is None else streams
+    return [id for id in streams if id.startswith("acc:") and id not in present]
+
+
+def shadow_streams(shadow: HomeShadow) -> dict[str, dict[str, Any]]:
+    """The streams the home shadow relays (its `status`), by id."""
+    return {s["id"]: s for s in shadow.request({"op": "status"})["streams"]}
 
 
 def _queued(pid: int, plan: list[Proxy], way: str) -> dict[str, int]:
@@ -823,10 +837,12 @@ def hand_back(
     move_id: str,
     unread: dict[str, bytes],
     present: list[str],
+    streams: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """Frozen, before a move home: have the shadow hand back every original (`hand_back`)
     of the process, or of every member of its tree: `plans`, by pid (a stream members
-    share is one description, handed back once).
+    share is one description, handed back once). `streams`: the shadow's, asked since
+    the freeze (shadow_streams).
 
     Only with nothing in flight towards the process (what it had not read
     would have to reach it before what waits in the original), no client
@@ -839,7 +855,7 @@ def hand_back(
     plan = [p for member_plan in plans.values() for p in member_plan]
     why = unhomeable(plan)
     unread_streams = [stream for stream, data in unread.items() if data]
-    pending = _pending_clients(shadow, present)
+    pending = _pending_clients(shadow, present, streams)
     if why or unread_streams or pending:
         return why or f"{', '.join([*unread_streams, *pending])} not caught up"
     deadline = time.monotonic() + ack_wait()
@@ -847,11 +863,10 @@ def hand_back(
         if time.monotonic() >= deadline:
             return f"what it wrote was not taken by its shadow within {ack_wait():g} s"
         time.sleep(HOME_SETTLE_INTERVAL)
-    streams = sorted({p.stream for p in plan})
     request = {
         "op": "hand_back",
         "move": move_id,
-        "streams": streams,
+        "streams": sorted({p.stream for p in plan}),
         "wait": ack_wait(),
         "written": {k: v for pid, own in plans.items() for k, v in _written(pid, own).items()},
     }
@@ -1234,6 +1249,7 @@ def plan_proxies(
     frozen: bool = True,
     sockets: dict[int, procfs.SocketInfo] | None = None,
     inside: frozenset[str] = frozenset(),
+    streams: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[list[Proxy], list[str]]:
     """Which descriptors go through the home shadow, and as which stream; refuse the rest.
 
@@ -1244,19 +1260,24 @@ def plan_proxies(
     relay the shadow does not list (yet, or any more) is not refused then.
     `sockets`: sockets_of(pid), read since it was frozen. `inside`: the descriptor links
     ("pipe:[N]", "socket:[N]") joining it to other members of its tree moving with it,
-    made again there from the image (hijack.node.tree_move).
+    made again there from the image (hijack.node.tree_move). `streams`: the shadow's
+    (shadow_streams), if asked already.
     """
     entries = procfs.list_fds(pid)
     if sockets is None:
         # Read after the descriptors: a socket accepted meanwhile is in the table.
         sockets = sockets_of(pid, entries)
-    socketpairs = unix.pairs_inside(
-        pid, {entry.ino for entry in entries if entry.kind is procfs.FdKind.SOCKET}
-    )
+    held = {entry.ino for entry in entries if entry.kind is procfs.FdKind.SOCKET}
+    # (A socket the TCP or UDP tables list is no unix one: no dump of the unix sockets of
+    # its namespace for a process that holds none, as one with only relays.)
+    maybe_unix = {
+        ino for ino in held if ino not in sockets or sockets[ino].family == socket.AF_UNIX
+    }
+    socketpairs = unix.pairs_inside(pid, held) if maybe_unix else set()
     if at_home or shadow is None:
         streams = {}
-    else:
-        streams = {s["id"]: s for s in shadow.request({"op": "status"})["streams"]}
+    elif streams is None:
+        streams = shadow_streams(shadow)
     by_ends = {
         (s["relay"], s["shadow_end"]): s["id"]
         for s in streams.values()
@@ -1365,13 +1386,18 @@ def _direct_connections() -> set[tuple[str, str]]:
 def sockets_of(
     pid: int, entries: list[procfs.FdEntry] | None = None
 ) -> dict[int, procfs.SocketInfo]:
-    """The socket tables of the network namespace of `pid`, if it holds a socket (its
-    descriptors `entries`, listed if not given): /proc/net/tcp and tcp6 walk the kernel's
-    whole connection hash, ~4 ms each here even in an empty namespace."""
+    """The socket tables of the network namespace of `pid`, as far as they hold its sockets
+    (its descriptors `entries`, listed if not given). /proc/net/tcp and tcp6 walk the
+    kernel's whole connection hash, ~4 ms each here even in an empty namespace (~20 ms
+    on a busy machine): its TCP sockets over IPv4 (relays) are asked of copies of them
+    instead (tcp_repair.listed_tcp4), and only for the others are the tables read."""
     entries = procfs.list_fds(pid) if entries is None else entries
-    if any(entry.kind is procfs.FdKind.SOCKET for entry in entries):
-        return procfs.read_socket_table(pid)
-    return {}
+    held = {entry.fd: entry.ino for entry in entries if entry.kind is procfs.FdKind.SOCKET}
+    if not held:
+        return {}
+    found = tcp_repair.listed_tcp4_of(pid, held)
+    rest = set(held.values()).difference(found)
+    return {**procfs.read_socket_table(pid, wanted=rest), **found} if rest else found
 
 
 def _backlog(pid: int, fd: int) -> int:

@@ -48,6 +48,7 @@ class Prebuilt:
         self.space: AddressSpace | None = None
         self.rounds = 0
         self.taken = False  # the final restore owns the stub now
+        self.handed: dict[int, int] = {}  # hand_over_early's: image number -> the stub's
 
     def receive_round(self, stream: BinaryIO) -> RoundReceived:
         records = read_round(stream)
@@ -91,17 +92,26 @@ class Prebuilt:
             for start, end in clip_runs(runs, segment.start, segment.end):
                 stub.call("madvise", start, end - start, MADV_DONTNEED)
 
+    def hand_over_early(self, provided: dict[int, int]) -> None:
+        """hand_over() before the final image (a move's relays, made as its message came);
+        the final restore's hand_over() then gives only the others."""
+        self.handed.update(self.hand_over(provided))
+
     def hand_over(self, provided: dict[int, int]) -> dict[int, int]:
-        """Copies in the stub of our descriptors `provided` (image number -> ours):
-        image number -> the stub's number."""
+        """Copies in the stub of our descriptors `provided` (image number -> ours), but
+        those handed over early: image number -> the stub's number."""
         stub = self._stub()
+        provided = {number: fd for number, fd in provided.items() if number not in self.handed}
+        if not provided:
+            return dict(self.handed)
         handle = stub.call("pidfd_open", os.getpid(), 0)
         try:
-            return {
+            given = {
                 number: stub.call("pidfd_getfd", handle, fd, 0) for number, fd in provided.items()
             }
         finally:
             stub.call("close", handle)
+        return {**self.handed, **given}
 
     def _stub(self) -> Stub:
         if self.stub is None:

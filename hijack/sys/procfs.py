@@ -22,7 +22,7 @@ import re
 import socket
 import stat
 from array import array
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import NoReturn
@@ -898,15 +898,23 @@ def read_ping_sockets(pid: int) -> dict[int, SocketInfo]:
     return table
 
 
-def read_socket_table(pid: int) -> dict[int, SocketInfo]:
+def read_socket_table(pid: int, wanted: Collection[int] | None = None) -> dict[int, SocketInfo]:
     """TCP, UDP (v4 and v6) and unix sockets of the network namespace of `pid`, by inode.
 
     Sockets in no table (an unbound TCP socket, netlink, packet, raw) are absent;
     so are TIME_WAIT entries, which have no inode.
+    With `wanted` (inodes), the tables are read in turn only until each of those is
+    in: asked for one of them, the answer is the same, and each table read walks
+    the kernel's whole hash of its kind (milliseconds, in a move's freeze).
     """
     table: dict[int, SocketInfo] = {}
+    missing = set(wanted) if wanted is not None else None
     for name, (family, kind, protocol) in _INET_TABLES.items():
+        if missing is not None and not missing.difference(table):
+            return table
         _read_inet_table(pid, name, family, kind, protocol, table)
+    if missing is not None and not missing.difference(table):
+        return table
     for line in _read_text(pid, "net/unix").splitlines()[1:]:
         parsed = _UNIX_LINE.fullmatch(line)
         if parsed is None:
@@ -917,6 +925,14 @@ def read_socket_table(pid: int) -> dict[int, SocketInfo]:
         kind = socket.SocketKind(int(kind_number, 16))
         inode = int(inode_text)
         table[inode] = SocketInfo(inode, socket.AF_UNIX, kind, 0, state, path or "", "")
+    return table
+
+
+def read_tcp_table(pid: int) -> dict[int, SocketInfo]:
+    """The TCP sockets (v4 and v6) of the network namespace of `pid`, by inode."""
+    table: dict[int, SocketInfo] = {}
+    for name in ("tcp", "tcp6"):
+        _read_inet_table(pid, name, *_INET_TABLES[name], table)
     return table
 
 
