@@ -187,16 +187,25 @@ def goes_on_without(home: Node, node: Node, peer: str) -> None:
         link_up(home)  # the processes' pipes (stdout, stderr) are relayed through it
 
 
-def swapped_counts(home: Node) -> dict[int, tuple[int, int]]:
+def swapped_counts(home: Node, pids: set[int]) -> dict[int, tuple[int, int]]:
     """pid -> (bytes to, from the process) its home shadow had relayed of each stream a
-    swap took off its relay (`hijack status --json`: the shadow's `swapped`)."""
-    snapshot = json.loads(home.hijack_ok("status", "--json").stdout)
-    return {
-        process["pid"]: (row["bytes_to_process"], row["bytes_from_process"])
-        for process in snapshot["processes"]
-        if process["shadow"]
-        for row in process["shadow"]["swapped"]
-    }
+    swap took off its relay (`hijack status --json`: the shadow's `swapped`), once the
+    shadow of each of `pids` answered (a busy one may miss the status's time limit)."""
+    counts: dict[int, tuple[int, int]] = {}
+
+    def answered() -> bool:
+        snapshot = json.loads(home.hijack_ok("status", "--json").stdout)
+        counts.clear()
+        counts.update(
+            (process["pid"], (row["bytes_to_process"], row["bytes_from_process"]))
+            for process in snapshot["processes"]
+            if process["shadow"]
+            for row in process["shadow"]["swapped"]
+        )
+        return set(counts) == pids
+
+    poll_until(answered, f"the shadows of {sorted(pids)} reporting their swapped streams")
+    return counts
 
 
 def test_two_migrants_joined_directly_by_the_move_outlive_their_home_node(
@@ -223,10 +232,9 @@ def test_two_migrants_joined_directly_by_the_move_outlive_their_home_node(
             assert relayed_ids(a, server.pid) == []
             assert peers_of(moved_client.pid) & {f"10.77.0.3:{server.ready['port']}"}
             # The home shadows' counters of the stream stand still while it goes on.
-            counts = swapped_counts(a)
-            assert set(counts) == {client.pid, server.pid}, counts
+            counts = swapped_counts(a, {client.pid, server.pid})
             goes_on_without(a, b, "10.77.0.3")  # b and c joined directly
-            assert swapped_counts(a) == counts
+            assert swapped_counts(a, {client.pid, server.pid}) == counts
             assert_ended_well(moved_client, "the stream_client, swapped", tmp_path)
             finish_moved(server, moved_server, tmp_path)  # it checked its own state: PASS
 
