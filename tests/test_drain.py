@@ -23,14 +23,17 @@ from test_move import (
     LINE_TIMEOUT,
     Moved,
     ask,
+    assert_ended_well,
     assert_untouched,
     finish_moved,
     logs,
     runs_in,
     shadow_status,
     spawn_python,
+    still_running,
 )
 from test_nodes import ECHO_SESSION
+from test_swap import echo_stream, relayed_ids
 
 from hijack.registry import Registry
 
@@ -139,3 +142,36 @@ def test_drain_names_what_stayed_and_it_runs_on_at_home(tmp_path: Path) -> None:
         finally:
             holder.kill()
             holder.wait()
+
+
+def test_drain_joins_the_connections_between_the_processes_it_moved(tmp_path: Path) -> None:
+    # A stream_client and its echo_server, both attached on a: the drain sends one to b
+    # and the other to c (equal nodes take turns), then joins them directly, so a's
+    # shadows relay nothing of their stream and a may go.
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        b.start_daemon()
+        c.start_daemon()
+        with echo_stream(a, seed=47) as (server, client):
+            a.hijack_ok("attach", server.pid)
+            a.hijack_ok("attach", client.pid)
+            result = drain(a, b, c)
+            assert result.returncode == 0, f"{result.describe()}\n{logs(tmp_path)}"
+            assert re.search(r"swap: .* direct: 10\.77\.0\.\d:\d+ <-> 10\.77", result.stdout), (
+                result.describe()
+            )
+            moved = drained(result)
+            assert {name for name, _ in moved.values()} == {"b", "c"}, result.describe()
+            server.wait_exit()
+            client.wait_exit()
+            assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
+            (client_node, client_pid), (server_node, server_pid) = (
+                moved[client.pid],
+                moved[server.pid],
+            )
+            assert still_running(client_pid), "the stream ended before the drain: too fast"
+            shadows = {pid: shadow_status(a, pid)["shadow_pid"] for pid in moved}
+            moved_client = Moved(client_pid, cluster[client_node], 0.0, shadows[client.pid])
+            assert_ended_well(moved_client, "the stream_client, drained and swapped", tmp_path)
+            moved_server = Moved(server_pid, cluster[server_node], 0.0, shadows[server.pid])
+            finish_moved(server, moved_server, tmp_path)  # it checked its own state: PASS

@@ -247,6 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a destination: a node name this node knows, or its daemon's HOST[:PORT];"
         " repeat for more (default: every other node this node knows)",
     )
+    drain.add_argument(
+        "--swap",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="once every process went, join their relayed connections whose other end"
+        " this node manages too directly (as hijack move does; default: on), so this"
+        " node's shadows relay none of them",
+    )
     drain.set_defaults(handler=command_drain)
 
     swap = commands.add_parser(
@@ -498,15 +506,23 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
             leave_parent=args.leave_parent,
         )
     render.move_result(console, result, timing=args.timing)
-    if args.swap:  # the move is done whatever becomes of the swap: it only says so
+    if args.swap:
+        swap_after_moves(console, [args.pid])
+    return EXIT_OK
+
+
+def swap_after_moves(console: Console, pids: list[int]) -> None:
+    """Join the relayed connections of the moved `pids` whose other end this node
+    manages too, a line each. The moves are done whatever becomes of a swap: it only
+    says so. A connection between two of them is swapped once (the first finds it)."""
+    for pid in pids:
         try:
-            outcomes = swapping.swap(args.pid, after_move=True)
+            outcomes = swapping.swap(pid, after_move=True)
         except (HijackError, OSError) as exc:
             console.print(f"swap: {exc}; relayed still", highlight=False, markup=False)
-            return EXIT_OK
+            continue
         for pair, outcome in outcomes:
             console.print(f"swap: {pair.describe()}: {outcome}", highlight=False, markup=False)
-    return EXIT_OK
 
 
 def command_drain(args: argparse.Namespace, console: Console) -> int:
@@ -520,6 +536,8 @@ def command_drain(args: argparse.Namespace, console: Console) -> int:
         outcomes = draining.drain(registry, processes, destinations, progress_for)
         stack.close()
     render.drain_summary(console, outcomes)
+    if args.swap:  # once every process went: both ends of a connection may have moved
+        swap_after_moves(console, [outcome.pid for outcome in outcomes if outcome.result])
     stayed = [outcome for outcome in outcomes if outcome.result is None]
     if stayed:
         names = ", ".join(f"{outcome.pid} ({outcome.program})" for outcome in stayed)
