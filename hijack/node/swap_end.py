@@ -263,40 +263,15 @@ def repair_socket(
     return tcp_repair.make_connection(family, local, remote, state, live=False)
 
 
-STEADY_WAIT = 5.0  # seconds a live connection may keep receiving while its state is read
-
-
 def read_state(fd: int) -> tcp_repair.TcpState:
-    """The state of connection `fd` (ours, live), read in repair mode, while nothing
-    arrives: the old sockets run on while the ends are frozen (the peer's retransmits),
-    and a read the receive queue grew during has its sequence number and its bytes (and
-    window) from different moments: it is read again."""
+    """The state of connection `fd` (ours, live), read in repair mode: the old sockets
+    run on while the ends are frozen (the peer's retransmits), so tcp_repair.read_state
+    reads it again until nothing arrived meanwhile."""
     tcp_repair.set_repair(fd, True)
     try:
-        deadline = time.monotonic() + STEADY_WAIT
-        while True:
-            before = _received_up_to(fd)
-            state = tcp_repair.read_state(fd)
-            if _received_up_to(fd) == before:
-                return state
-            if time.monotonic() > deadline:
-                raise HijackError(f"a connection kept receiving for {STEADY_WAIT:g} s while read")
-            time.sleep(0.005)
+        return tcp_repair.read_state(fd)
     finally:
         tcp_repair.set_repair(fd, False)
-
-
-def _received_up_to(fd: int) -> int:
-    """The sequence number connection `fd` (ours, in repair mode) expects next."""
-    queue = tcp_repair.TCP_REPAIR_QUEUE
-    with socket.socket(fileno=fd) as sock:
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, queue, tcp_repair.TCP_RECV_QUEUE)
-            end: int = sock.getsockopt(socket.IPPROTO_TCP, tcp_repair.TCP_QUEUE_SEQ)
-            sock.setsockopt(socket.IPPROTO_TCP, queue, tcp_repair.TCP_NO_QUEUE)
-        finally:
-            sock.detach()
-    return end
 
 
 def make_quiet(

@@ -98,7 +98,7 @@ class TcpState:
     read_shut: bool = False  # the program shut reading (shutdown SHUT_RD), no FIN received
 
 
-QUEUE_READ_ATTEMPTS = 100
+STEADY_WAIT = 5.0  # seconds a live connection may keep receiving while its state is read
 
 
 def _queued(sock: socket.socket, request: int) -> int:
@@ -112,27 +112,6 @@ def _peek(sock: socket.socket, queue: int, length: int) -> bytes:
     if length:
         data = sock.recv(length, socket.MSG_PEEK | socket.MSG_DONTWAIT)
     return data
-
-
-def _receive_queue(sock: socket.socket) -> tuple[int, bytes]:
-    """Where the receive queue ends (rcv_nxt) and its bytes, read consistently.
-
-    Repair mode does not stop the peer's segments: without a network lock (a
-    plain dump, the process running on after) one landing between the two reads
-    would count its bytes in one and not the other, and the connection rebuilt
-    from them would be off by that much. Read again until nothing came between.
-    (What the peer's acknowledgements take from the send queue meanwhile does
-    not matter: its end, write_seq, stays, and what was acknowledged is not owed.)
-    """
-    for _ in range(QUEUE_READ_ATTEMPTS):
-        sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
-        before = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ)
-        received = _peek(sock, TCP_RECV_QUEUE, _queued(sock, termios.FIONREAD))
-        if sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ) == before:
-            return before, received
-    raise HijackError(
-        f"the peer kept sending while its connection was read ({QUEUE_READ_ATTEMPTS} tries)"
-    )
 
 
 def set_repair(fd: int, on: bool) -> None:
@@ -182,14 +161,50 @@ def data_sent(fd: int) -> int | None:
 
 def read_state(fd: int) -> TcpState:
     """The state of connected TCP socket `fd` (ours; in one of CONNECTED_STATES), which
-    must be in repair mode."""
+    must be in repair mode.
+
+    Repair mode does not stop the peer's segments: without a network lock (a plain
+    dump, the process running on after; a swap's old sockets, which run on while the
+    ends are frozen) one landing during the read would give the receive queue's bytes,
+    its sequence number and the window from different moments, and the connection
+    rebuilt from them would be off. A read the receive queue grew during is read again,
+    for STEADY_WAIT s at most. (What the peer's acknowledgements take from the send queue
+    meanwhile does not matter: its end, write_seq, stays, and what was acknowledged is
+    not owed.)
+    """
+    deadline = time.monotonic() + STEADY_WAIT
+    while True:
+        before = _received_up_to(fd)
+        state = _read_state_once(fd)
+        if _received_up_to(fd) == before:
+            return state
+        if time.monotonic() > deadline:
+            raise HijackError(f"a connection kept receiving for {STEADY_WAIT:g} s while read")
+        time.sleep(0.005)
+
+
+def _received_up_to(fd: int) -> int:
+    """The sequence number connection `fd` (ours, in repair mode) expects next."""
+    with kernel_call("TCP_REPAIR_QUEUE"), socket.socket(fileno=fd) as sock:
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+            end: int = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ)
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+        finally:
+            sock.detach()
+    return end
+
+
+def _read_state_once(fd: int) -> TcpState:
     with kernel_call("TCP_REPAIR"), socket.socket(fileno=fd) as sock:
         try:
             in_send_queue = _queued(sock, SIOCOUTQ)
             sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
             send_seq = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ)
             send_queue = _peek(sock, TCP_SEND_QUEUE, in_send_queue)
-            recv_seq, received = _receive_queue(sock)
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+            recv_seq = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ)
+            received = _peek(sock, TCP_RECV_QUEUE, _queued(sock, termios.FIONREAD))
             sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
             info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
             head = TCP_INFO_HEAD.unpack_from(info)
