@@ -150,6 +150,10 @@ def stream_name(pid: int, fd: int, root: int) -> str:
     return f"fd:{fd}" if pid == root else f"fd:{fd}@{pid}"
 
 
+# What a member's plan may hold that a tree cannot move with yet: kind, what, a note.
+TREE_REFUSED = (("direct", "a direct connection", ", swapped"), ("master", "a pty master", ""))
+
+
 def plan_tree(
     members: list[int],
     root: int,
@@ -176,20 +180,14 @@ def plan_tree(
         plan, _ = plan_proxies(
             pid, None if at_home else shadow, at_home, frozen=frozen, sockets=sockets, inside=inside
         )
-        direct = [str(p.fd) for p in plan if p.kind == "direct"]
-        if direct and tree:
-            raise Unsupported(
-                f"cannot move the tree of process {root}: member {pid} holds a direct"
-                f" connection (fd {', '.join(direct)}, swapped); moving a tree with one is not"
-                " implemented yet; nothing was changed"
-            )
-        masters = [str(p.fd) for p in plan if p.kind == "master"]
-        if masters and tree:
-            raise Unsupported(
-                f"cannot move the tree of process {root}: member {pid} holds a pty master"
-                f" (fd {', '.join(masters)}); moving a tree with one is not implemented yet;"
-                " nothing was changed"
-            )
+        for kind, what, note in TREE_REFUSED:
+            fds = [str(p.fd) for p in plan if p.kind == kind]
+            if fds and tree:
+                raise Unsupported(
+                    f"cannot move the tree of process {root}: member {pid} holds {what}"
+                    f" (fd {', '.join(fds)}{note}); moving a tree with one is not"
+                    " implemented yet; nothing was changed"
+                )
         if at_home and tree:
             links = shared or {}
             plan = [
