@@ -54,11 +54,13 @@ from hijack.restore.address_space import AddressSpace
 from hijack.restore.remote import Stub
 from hijack.restore.restorer import (
     CLONE_ARGS,
+    MemberMemory,
     Rebuilt,
     RestoreResult,
+    build_member_memory,
+    finish_member,
     holder_of,
     lend,
-    rebuild_member,
     record_restored,
     restore,
     start,
@@ -304,19 +306,45 @@ def restore_tree(
         _refuse_taken_pids(tree)
     made = prebuilt.made if prebuilt is not None else _Made()
     shared = TreeShared(tree.shared)
+    laps = moved.laps or Laps()
+    memories: dict[int, MemberMemory] = {}
     try:
         if prebuilt is None:
-            _fork_tree(tree, made, bool(new_pids), moved.mount_namespace, moved)
-            if moved.laps is not None:
-                moved.laps.lap("stubs")
+            _fork_root(tree, made, bool(new_pids), moved.mount_namespace, moved)
+            laps.lap("stubs")
+        # Each member's memory, parents first; its children are forked from it once it
+        # is built, and inherit it copy-on-write (as CRIU's premapped private memory).
+        for member in tree.imaged:
+            parent = memories.get(member.ppid)
+            memories[member.pid] = build_member_memory(
+                made.stubs[member.pid],
+                _one_image(records),
+                shared,
+                admit=moved.admit,
+                rounds=moved.rounds.pages_of(member.pid) if moved.rounds else None,
+                space=prebuilt.spaces.get(member.pid) if prebuilt is not None else None,
+                inherited=(
+                    parent.space.inherited_by_child(member.ppid)
+                    if parent is not None and prebuilt is None
+                    else None
+                ),
+                laps=laps,
+            )
+            if prebuilt is None:
+                _fork_children(tree, made, member, bool(new_pids))
+                laps.lap("stubs")
+        for _ in records:
+            raise ImageError("records after the last image of the tree")
+        if prebuilt is None:
+            _make_relations(tree, made, bool(new_pids), moved)
+            laps.lap("stubs")
         reached("restore-tree-forked")
         rebuilt: list[Rebuilt] = []
         contexts = {context.pid: context.flags for context in tree.contexts}
         for member in tree.imaged:
             rebuilt.append(
-                rebuild_member(
-                    made.stubs[member.pid],
-                    _one_image(records),
+                finish_member(
+                    memories.pop(member.pid),
                     shared,
                     skip_unsupported=skip_unsupported,
                     registry=registry,
@@ -324,15 +352,10 @@ def restore_tree(
                     parents_table=rec.CloneFlags.FILES
                     in contexts.get(member.pid, rec.CloneFlags(0)),
                     provided=functools.partial(moved.provided, member.pid),
-                    admit=moved.admit,
                     take_locks=moved.admit is None,
-                    rounds=moved.rounds.pages_of(member.pid) if moved.rounds else None,
-                    space=prebuilt.spaces.get(member.pid) if prebuilt is not None else None,
-                    laps=moved.laps,
+                    laps=laps,
                 )
             )
-        for _ in records:
-            raise ImageError("records after the last image of the tree")
         unclaimed = shared.unclaimed()
         if unclaimed:
             raise RestoreError(f"cannot restore the tree: {'; '.join(unclaimed)}")
@@ -346,10 +369,12 @@ def restore_tree(
             if member.state is rec.MemberState.STOPPED:
                 os.kill(stub.pid, signal.SIGSTOP)  # taken once it runs: stopped again
             start(stub)
-            parent = made.stubs.get(member.ppid)
-            if member.state is rec.MemberState.STOPPED and parent is not None:
-                _take_stop_report(parent, stub.pid, pending[member.ppid])
+            parent_stub = made.stubs.get(member.ppid)
+            if member.state is rec.MemberState.STOPPED and parent_stub is not None:
+                _take_stop_report(parent_stub, stub.pid, pending[member.ppid])
     except BaseException:
+        for memory in memories.values():
+            memory.abandon()
         made.kill_all()
         raise
     finally:
@@ -404,6 +429,21 @@ def _fork_tree(
     mount_namespace: int | None = None,
     moved: TreeMove | None = None,
 ) -> None:
+    """Fork the whole tree of pristine stubs with its relations (a move's prebuild_tree)."""
+    _fork_root(tree, made, new_pids, mount_namespace, moved)
+    for member in tree.imaged:
+        _fork_children(tree, made, member, new_pids)
+    _make_relations(tree, made, new_pids, moved)
+
+
+def _fork_root(
+    tree: rec.Tree,
+    made: _Made,
+    new_pids: bool,
+    mount_namespace: int | None = None,
+    moved: TreeMove | None = None,
+) -> None:
+    """The root's stub, leading its session (and taking the terminal) if it did."""
     controlling = moved.controlling if moved else ""
     root = tree.members[0]
     pid = spawn_stub(root.pid, mount_namespace)  # or a new pid where that one is taken
@@ -419,20 +459,37 @@ def _fork_tree(
         stub.call("setsid")
     if controlling:
         _terminal_call(stub, controlling, TIOCSCTTY)
-    zombie_parents = {m.ppid for m in tree.members if m.state is rec.MemberState.ZOMBIE}
-    if root.pid in zombie_parents:
+    if any(m.ppid == root.pid and m.state is rec.MemberState.ZOMBIE for m in tree.members):
         _default_action(stub, signal.SIGCHLD)
+
+
+def _fork_children(tree: rec.Tree, made: _Made, parent: rec.TreeMember, new_pids: bool) -> None:
+    """Fork the children of `parent` (zombies included) from its stub: each with its pid,
+    the contexts it shares with its parent, its session if it leads one. A parent whose
+    memory is built already has a scratch area of its own, which its children inherit;
+    a pristine one's is on its stack."""
+    stub = made.stubs[parent.pid]
+    zombie_parents = {m.ppid for m in tree.members if m.state is rec.MemberState.ZOMBIE}
     contexts = {context.pid: int(context.flags) for context in tree.contexts}
     for member in tree.members[1:]:
-        parent = made.stubs[member.ppid]
-        child = _fork_member(parent, member, new_pids, contexts.get(member.pid, 0))
+        if member.ppid != parent.pid:
+            continue
+        child = _fork_member(stub, member, new_pids, contexts.get(member.pid, 0))
         made.stubs[member.pid] = child
         made.pids[member.pid] = child.pid
-        _scratch_on_stack(child)
+        child.use_scratch(stub.scratch)
         if member.sid == member.pid:
             child.call("setsid")
         if member.pid in zombie_parents:
             _default_action(child, signal.SIGCHLD)  # a SIGCHLD ignored would reap them
+
+
+def _make_relations(
+    tree: rec.Tree, made: _Made, new_pids: bool, moved: TreeMove | None = None
+) -> None:
+    """Once every member is forked: process groups (stand-in leaders for those whose leader
+    exited), the terminal's foreground group, zombies."""
+    controlling = moved.controlling if moved else ""
     groups = orphaned_groups(tree)
     for group, first in groups.items():
         _make_group_leader(made, group, first, new_pids)
@@ -441,7 +498,7 @@ def _fork_tree(
         _end_group_leader(made, group, made.stubs[first.ppid])
     foreground = made.pids.get(moved.foreground) if moved and moved.foreground else None
     if controlling and foreground is not None:
-        _terminal_call(stub, controlling, TIOCSPGRP, foreground)
+        _terminal_call(made.stubs[tree.members[0].pid], controlling, TIOCSPGRP, foreground)
     for member in tree.members:
         if member.state is rec.MemberState.ZOMBIE:
             _exit_as_zombie(made, member)
