@@ -215,9 +215,7 @@ class AddressSpace:
 
     def inherited_by_child(self, pid: int) -> Inherited:
         """What a child forked from this stub now inherits (`pid`: ours, in the image)."""
-        segments = tuple(
-            s for s in self.segments if s.start not in self._later and inheritable(s)
-        )
+        segments = tuple(s for s in self.segments if s.start not in self._later and inheritable(s))
         return Inherited(pid, segments, self.owners)
 
     # -- 1. empty the stub ------------------------------------------------------
@@ -227,7 +225,7 @@ class AddressSpace:
         for mapping in procfs.read_maps(self.stub.pid):
             if mapping.path in KERNEL_MAPPINGS or mapping.path == "[vsyscall]":
                 continue
-            for start, end in _outside(mapping.start, mapping.end, kept or []):
+            for start, end in outside(mapping.start, mapping.end, kept or []):
                 self.stub.call("munmap", start, end - start)
 
     # -- 2. the kernel's own mappings ------------------------------------------
@@ -290,7 +288,7 @@ class AddressSpace:
             )
             self.stub.call("shmat", shmid, base, flags)
             kept = sorted((part.start, part.end) for part in parts)
-            for start, end in _outside(base, base + _page_rounded(size), kept):
+            for start, end in outside(base, base + _page_rounded(size), kept):
                 self.stub.call("munmap", start, end - start)
             for part in parts:
                 if part.prot != prot:
@@ -434,7 +432,7 @@ class AddressSpace:
         for mapping in procfs.read_maps(self.stub.pid):
             if mapping.path in KERNEL_MAPPINGS or mapping.path == "[vsyscall]":
                 continue
-            for start, end in _outside(mapping.start, mapping.end, sorted(keep)):
+            for start, end in outside(mapping.start, mapping.end, sorted(keep)):
                 self.stub.call("munmap", start, end - start)
         for segment in final:
             if segment.start in kept:
@@ -450,8 +448,7 @@ class AddressSpace:
 
     def write_pages(self, pages: rec.Pages) -> None:
         segment = self._segment_at(pages.address)
-        if self._kept:
-            self._written.append((pages.address, pages.address + len(pages.data)))
+        self.note_written(pages.address, pages.address + len(pages.data))
         if is_shared_memory(segment) and segment.inode in self.kept:
             return  # a live segment: what it holds now is its truth
         if segment.prot & rec.Prot.WRITE:
@@ -464,7 +461,7 @@ class AddressSpace:
         whose image stored them (rebuilt before this one, not started: as it was dumped);
         skipped where this stub inherited those very pages from its parent."""
         if self._inherits(reference):
-            self._written.append((reference.address, reference.address + reference.size))
+            self.note_written(reference.address, reference.address + reference.size)
             for index in range(reference.pages):
                 self.owners[reference.address + index * PAGE_SIZE] = reference.pid
             self.pages_inherited += reference.pages
@@ -496,14 +493,28 @@ class AddressSpace:
             for index in range(reference.pages)
         )
 
+    def note_written(self, start: int, end: int) -> None:
+        """The pages [start, end) are the image's (written, or inherited as they are)."""
+        if self._kept:
+            self._written.append((start, end))
+
+    def inherits(self, address: int) -> bool:
+        """Whether the page at `address` is in a segment kept from the parent's stub."""
+        if not self._kept:
+            return False
+        return self._segment_at(address).start in self._kept
+
     def forget_unwritten(self) -> None:
         """Drop the inherited pages the image said nothing of (once all its pages are in):
-        a fresh mapping's pages there (zero, or the file's), as the image means."""
+        a fresh mapping's pages there (zero, or the file's), as the image means. Later
+        pages (a move's final image) are written as into any stub."""
         written = sorted(self._written)
         for segment in self._kept.values():
-            for start, end in _outside(segment.start, segment.end, written):
+            for start, end in outside(segment.start, segment.end, written):
                 self.stub.call("madvise", start, end - start, MADV_DONTNEED)
         self._written = []
+        self._kept = {}
+        self._inherited = None
 
     def _segment_at(self, address: int) -> rec.Segment:
         index = bisect.bisect_right(self._starts, address) - 1
@@ -552,7 +563,7 @@ def _same_file_mapping(segment: rec.Segment, base: list[rec.Segment]) -> bool:
     return bool(twin) and not twin[0].shared and twin[0].contents is rec.ContentsKind.STORED
 
 
-def _outside(start: int, end: int, kept: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def outside(start: int, end: int, kept: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The parts of [start, end) that no range of `kept` (sorted) covers."""
     parts = []
     cursor = start

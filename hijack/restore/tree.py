@@ -189,16 +189,23 @@ def prebuild_tree(
         )
     made = _Made()
     spaces: dict[int, AddressSpace] = {}
+    new_pids = bool(_taken_pids(tree))
     try:
-        _fork_tree(tree, made, bool(_taken_pids(tree)), mount_namespace)
+        _fork_root(tree, made, new_pids, mount_namespace)
+        # Parents first, each member's children forked once it is filled: they inherit
+        # its pages copy-on-write and write only those of their own.
         for member in tree.imaged:
             pages = rounds.pages_of(member.pid)
-            if pages is None or not pages.layout:
-                continue  # born after the rounds began: its final image is whole
-            space = AddressSpace(made.stubs[member.pid], pages.layout)
-            spaces[member.pid] = space
-            space.build()
-            pages.fill(space)
+            if pages is not None and pages.layout:  # else born after the rounds began
+                parent = spaces.get(member.ppid)
+                space = AddressSpace(made.stubs[member.pid], pages.layout)
+                spaces[member.pid] = space
+                space.build(inherited=parent.inherited_by_child(member.ppid) if parent else None)
+                pages.fill(
+                    space, rounds.inherited(member.pid, member.ppid) if parent else frozenset()
+                )
+            _fork_children(tree, made, member, new_pids)
+        _make_relations(tree, made, new_pids)
     except BaseException:
         for space in spaces.values():
             space.close()
@@ -420,20 +427,6 @@ def _one_image(records: Iterator[rec.Record]) -> Iterator[rec.Record]:
 
 
 # -- 2. forking the tree --------------------------------------------------------------
-
-
-def _fork_tree(
-    tree: rec.Tree,
-    made: _Made,
-    new_pids: bool,
-    mount_namespace: int | None = None,
-    moved: TreeMove | None = None,
-) -> None:
-    """Fork the whole tree of pristine stubs with its relations (a move's prebuild_tree)."""
-    _fork_root(tree, made, new_pids, mount_namespace, moved)
-    for member in tree.imaged:
-        _fork_children(tree, made, member, new_pids)
-    _make_relations(tree, made, new_pids, moved)
 
 
 def _fork_root(
