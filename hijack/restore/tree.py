@@ -157,6 +157,14 @@ class PrebuiltTree:
         not, and its final image is restored the whole way)."""
         return _relations(final) == _relations(self.tree)
 
+    def give_back(self, rounds: TreeRounds) -> None:
+        """Put the pages each stub was filled with back into its member's round file (they
+        were dropped from it), before the stubs are discarded unused."""
+        for pid, space in self.spaces.items():
+            pages = rounds.pages_of(pid)
+            if pages is not None and pages.lent:
+                pages.take_back(space)
+
     def discard(self) -> None:
         """Kill every stub, unless the final restore has taken them."""
         for space in self.spaces.values():
@@ -207,6 +215,8 @@ def prebuild_tree(
             _fork_children(tree, made, member, new_pids)
         _make_relations(tree, made, new_pids)
     except BaseException:
+        # Not built: the final image builds each member from its round file.
+        PrebuiltTree(tree, made, spaces).give_back(rounds)
         for space in spaces.values():
             space.close()
         made.kill_all()
@@ -303,6 +313,8 @@ def restore_tree(
     prebuilt = moved.prebuilt
     # Stubs forked before the freeze took no terminal (known only from the move's message).
     if prebuilt is not None and (moved.controlling or not prebuilt.fits(tree)):
+        if moved.rounds is not None:
+            prebuilt.give_back(moved.rounds)
         prebuilt.discard()  # its pids free again (reaped) before they are looked at
         prebuilt = None
     if prebuilt is not None:

@@ -11,7 +11,9 @@ built, what each file holds is written into its stub laid out as round 0 (`fill`
 If the frozen tree is not the one built, the final image rebuilds each member anew and
 what its file holds inside the image's PRECOPIED segments is written into the stub
 (`apply`), before the final image's pages, which go over it: the files are kept until
-the move ends for that.
+the move ends for that. What a stub was filled with is dropped from its file meanwhile
+(its memory held once, not twice), and read back from the stub if that is discarded
+(`take_back`).
 
 A child's stub is forked from its parent's once that is filled, and inherits its pages
 copy-on-write (hijack.restore.address_space): `fill` leaves out the pages round 0
@@ -25,14 +27,16 @@ import os
 from collections.abc import Callable
 from typing import BinaryIO
 
-from hijack.errors import ImageError, RestoreError
+from hijack.errors import HijackError, ImageError, RestoreError
 from hijack.image import records as rec
 from hijack.image.codec import read_round
 from hijack.restore.address_space import AddressSpace, outside
+from hijack.sys import memory
 
 # Offsets are signed: pages above this (the vsyscall page) are never PRECOPIED anyway.
 MAX_OFFSET = 1 << 62
 APPLY_CHUNK = 8 * 1024 * 1024
+PUNCH_HOLE = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
 
 
 class MemberPages:
@@ -46,6 +50,10 @@ class MemberPages:
         # Round 0's pages copied from another member's at the same address: page -> member.
         self.referred: dict[int, int] = {}
         self.rewritten: set[int] = set()  # pages a round after round 0 sent
+        # Filled into the stub and dropped from the file (its memory held once): the runs,
+        # taken back from the stub if it is discarded (take_back); lost if that failed.
+        self.lent: list[tuple[int, int]] = []
+        self.lost = False
 
     def write(self, pages: rec.Pages) -> None:
         if pages.address + len(pages.data) <= MAX_OFFSET:
@@ -82,20 +90,41 @@ class MemberPages:
         before the freeze (hijack.restore.tree.prebuild_tree), but the pages `inherited`
         from the parent's stub as they are (TreeRounds.inherited); the bytes written."""
         skip = _runs(sorted(page for page in inherited if space.inherits(page)))
-        written = self._write_into(space, self.layout, skip)
+        written = self._write_into(space, self.layout, skip, lend=True)
         space.forget_unwritten()
         return written
+
+    def take_back(self, space: AddressSpace) -> None:
+        """Put what fill() dropped from the file back, read from the stub it filled (not run
+        since): the stub is about to be discarded, and the final image may need the pages
+        (`apply`)."""
+        lent, self.lent = self.lent, []
+        try:
+            with memory.MemoryFile(space.stub.pid) as mem:
+                for start, end in lent:
+                    for chunk in range(start, end, APPLY_CHUNK):
+                        data = bytearray(min(APPLY_CHUNK, end - chunk))
+                        mem.read_into(chunk, data)
+                        os.pwrite(self.fd, data, chunk)
+        except (HijackError, OSError):
+            self.lost = True
 
     def _write_into(
         self,
         space: AddressSpace,
         segments: tuple[rec.Segment, ...],
         skip: list[tuple[int, int]] | None = None,
+        lend: bool = False,
     ) -> int:
         """What the file holds inside `segments`, into the stub, but the runs `skip` (sorted).
         The stub reads its writable memory from the file itself (a pread it is made to
         call, on its copy of the file's descriptor): one copy, in the kernel, rather than
-        through our memory; the rest is written as pages are."""
+        through our memory; the rest is written as pages are. `lend`: each run is then
+        dropped from the file (the stub punches the hole), the stub's now (`lent`)."""
+        if self.lost:
+            raise RestoreError(
+                f"the pre-copied pages of process {self.pid} were lost with its stub"
+            )
         stub = space.stub
         written = 0
         handle = stub.call("pidfd_open", os.getpid(), 0)
@@ -110,6 +139,10 @@ class MemberPages:
                     for start, end in outside(data_start, data_end, skip or []):
                         self._write_run(space, segment, ours, start, end)
                         written += end - start
+                    if lend:
+                        size = data_end - data_start
+                        stub.call("fallocate", ours, PUNCH_HOLE, data_start, size)
+                        self.lent.append((data_start, data_end))
         finally:
             stub.call("close", ours)
         return written
