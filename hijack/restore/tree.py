@@ -1,33 +1,40 @@
 """`hijack restore` of a tree stream (docs/crf.md §7b): every member back, with its relations.
 
-As CRIU does, the tree is forked first and each member rebuilt after:
+As CRIU does, each member's memory is built before its children are forked, and
+the rest of every member once the whole tree is:
 
 1. Refusals, before anything is made: a member's pid taken (unless new pids are
    asked for), relations this version cannot make (relation_refusals).
-2. The tree is forked. The root is a stub as a single process's is
-   (hijack.sys.stub); every other member is forked by a clone3 injected into
-   its parent's stub (flags 0, its exit signal, set_tid its pid), a copy of
-   that pristine stub, traced by us from birth (PTRACE_O_TRACEFORK). A session
+2. The root's stub is spawned as a single process's is (hijack.sys.stub). Then,
+   member by member in stream order (parents first), its memory is rebuilt
+   (restorer.build_member_memory: layout and pages) and its children are forked
+   from its stub, each by a clone3 injected into it (flags 0, its exit signal,
+   set_tid its pid), traced by us from birth (PTRACE_O_TRACEFORK). A child so
+   inherits its parent's private memory copy-on-write, and keeps what its own
+   image says is still the parent's (hijack.restore.address_space): a tree that
+   shared pages since a fork shares them again, not a copy per member. A session
    leader calls setsid as soon as it exists, before its children are forked
-   (they inherit its session); then groups are made, leaders first (a group
-   whose leader has exited gets a stand-in leader under its id, a sibling of
-   its first member, which exits and is reaped once they joined). A zombie
-   takes its name and exits with its wait status, untraced, so that its parent
-   (its stub, later the restored process) reaps it; the exit signal it sent
-   the stub is taken back, the original parent had it long ago.
-   A member sharing its parent's descriptor table or fs context (CLONE_FILES,
-   CLONE_FS; TREE's `contexts`) is cloned with those flags: the stubs share
-   them from birth.
-3. Each member's image is rebuilt into its stub as a single process's is
-   (restorer.rebuild_member), what members share made once (hijack.restore.shared);
-   a member sharing its parent's descriptor table finds its descriptors made.
-4. Every member starts, children first; a member that was stopped is stopped
+   (they inherit its session). A member sharing its parent's descriptor table or
+   fs context (CLONE_FILES, CLONE_FS; TREE's `contexts`) is cloned with those
+   flags: the stubs share them from birth (nothing is in them yet).
+3. Every stub forked: groups are made, leaders first (a group whose leader has
+   exited gets a stand-in leader under its id, a sibling of its first member,
+   which exits and is reaped once they joined). A zombie takes its name and
+   exits with its wait status, untraced, so that its parent (its stub, later the
+   restored process) reaps it; the exit signal it sent the stub is taken back,
+   the original parent had it long ago.
+4. Each member is finished as a single process is (restorer.finish_member:
+   descriptors, threads, signals, credentials...), what members share made once
+   (hijack.restore.shared); a member sharing its parent's descriptor table finds
+   its descriptors made.
+5. Every member starts, children first; a member that was stopped is stopped
    again, and its parent's stub (not started yet) takes back the wait report
    and the SIGCHLD that stop gave it.
 
-A move with pre-copy does steps 1 and 2 before the freeze, from its rounds
-(prebuild_tree): its final image is rebuilt into those stubs if the frozen tree is the
-one they were forked as (PrebuiltTree.fits), else they are killed and the tree made anew.
+A move with pre-copy does steps 1 to 3 before the freeze, from its rounds
+(prebuild_tree, in the same order: each child forked from its filled parent):
+its final image is rebuilt into those stubs if the frozen tree is the one they
+were forked as (PrebuiltTree.fits), else they are killed and the tree made anew.
 
 A failure at any step kills every stub made: never half a tree.
 """
@@ -189,7 +196,9 @@ def prebuild_tree(
 ) -> PrebuiltTree:
     """Fork the tree of stubs of a moving tree (`tree`: its relations read while it runs,
     after its last round) under its old pids if all are free, else fresh ones; lay each
-    member the rounds sent out as its round 0 and write every page they sent into it."""
+    member the rounds sent out as its round 0 and write every page they sent into it,
+    parents first: a member's children are forked from its filled stub and keep the pages
+    round 0 found shared with it (TreeRounds.inherited), copy-on-write."""
     refusals = relation_refusals(tree)
     if refusals:
         raise RestoreError(
