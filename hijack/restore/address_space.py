@@ -173,7 +173,6 @@ class AddressSpace:
         self._kept: dict[int, rec.Segment] = {}
         self._written: list[tuple[int, int]] = []  # what the image said of the kept segments
         self.owners: dict[int, int] = {}  # pages inherited unwritten: address -> whose they are
-        self.pages_inherited = 0  # pages of the image skipped: inherited from the parent
 
     def build(
         self, later: frozenset[int] = frozenset(), inherited: Inherited | None = None
@@ -464,7 +463,6 @@ class AddressSpace:
             self.note_written(reference.address, reference.address + reference.size)
             for index in range(reference.pages):
                 self.owners[reference.address + index * PAGE_SIZE] = reference.pid
-            self.pages_inherited += reference.pages
             return
         data = bytearray(reference.size)
         try:
@@ -500,9 +498,11 @@ class AddressSpace:
 
     def inherits(self, address: int) -> bool:
         """Whether the page at `address` is in a segment kept from the parent's stub."""
-        if not self._kept:
+        index = bisect.bisect_right(self._starts, address) - 1
+        if not self._kept or index < 0:
             return False
-        return self._segment_at(address).start in self._kept
+        segment = self.segments[index]
+        return segment.start in self._kept and address < segment.end
 
     def forget_unwritten(self) -> None:
         """Drop the inherited pages the image said nothing of (once all its pages are in):
