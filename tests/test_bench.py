@@ -53,6 +53,8 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "before TLS (66ffbeb), same run",
         "tree move freeze, 1+8 sharing",
         "tree move image, 1+8 sharing",
+        "tree move memory (sum of PSS), 1+8 sharing",
+        "tree restore, 1 + 8 children sharing",
         "redis GET relayed, plain",
         "redis GET relayed, tls",
         "redis GET relayed, accepted",
