@@ -173,6 +173,10 @@ class AddressSpace:
         self._kept: dict[int, rec.Segment] = {}
         self._written: list[tuple[int, int]] = []  # what the image said of the kept segments
         self.owners: dict[int, int] = {}  # pages inherited unwritten: address -> whose they are
+        # Segments adopt_final kept, filled before the freeze: only pages that differ are
+        # written into them (the others may be shared with the parent's stub).
+        self._settled: frozenset[int] = frozenset()
+        self.keep_unchanged = False  # a tree's prebuilt stub: settle adopt_final's kept segments
 
     def build(
         self, later: frozenset[int] = frozenset(), inherited: Inherited | None = None
@@ -442,6 +446,7 @@ class AddressSpace:
                 self._map_segment(segment)
         self.segments = final
         self._starts = [s.start for s in final]
+        self._settled = frozenset(kept) if self.keep_unchanged else frozenset()
 
     # -- pages --------------------------------------------------------------------
 
@@ -450,10 +455,39 @@ class AddressSpace:
         self.note_written(pages.address, pages.address + len(pages.data))
         if is_shared_memory(segment) and segment.inode in self.kept:
             return  # a live segment: what it holds now is its truth
-        if segment.prot & rec.Prot.WRITE:
-            memory.write(self.stub.pid, pages.address, pages.data)
+        if segment.start in self._settled:
+            self._write_changed(segment, pages.address, pages.data)
             return
-        self._mem.write(pages.address, pages.data)
+        self._put(segment, pages.address, pages.data)
+
+    def _put(self, segment: rec.Segment, address: int, data: bytes | memoryview) -> None:
+        if segment.prot & rec.Prot.WRITE:
+            memory.write(self.stub.pid, address, bytes(data))
+            return
+        self._mem.write(address, bytes(data))
+
+    def _write_changed(self, segment: rec.Segment, address: int, data: bytes) -> None:
+        """Write only the pages of `data` the stub does not hold already: a page a member's
+        stub shares copy-on-write with its parent's (prebuild_tree) stays shared where the
+        final image stores it again unchanged (a file mapping's pages, stored whole)."""
+        current = bytearray(len(data))
+        try:
+            self._mem.read_into(address, current)
+        except HijackError:
+            self._put(segment, address, data)
+            return
+        view, held = memoryview(data), memoryview(current)
+        run_start = -1
+        for offset in range(0, len(data) + PAGE_SIZE, PAGE_SIZE):
+            differs = (
+                offset < len(data)
+                and view[offset : offset + PAGE_SIZE] != held[offset : offset + PAGE_SIZE]
+            )
+            if differs and run_start < 0:
+                run_start = offset
+            elif not differs and run_start >= 0:
+                self._put(segment, address + run_start, view[run_start:offset])
+                run_start = -1
 
     def copy_pages(self, reference: rec.PageReference, source_pid: int) -> None:
         """Write the pages `reference` names, read from the stub `source_pid` of the member

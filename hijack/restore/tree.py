@@ -216,6 +216,7 @@ def prebuild_tree(
             if pages is not None and pages.layout:  # else born after the rounds began
                 parent = spaces.get(member.ppid)
                 space = AddressSpace(made.stubs[member.pid], pages.layout)
+                space.keep_unchanged = True  # its final image writes only what changed
                 spaces[member.pid] = space
                 space.build(inherited=parent.inherited_by_child(member.ppid) if parent else None)
                 pages.fill(
