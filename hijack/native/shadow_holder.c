@@ -12,10 +12,16 @@
  * it is idle again. So the control protocol (docs/protocol.md) has one
  * implementation, in Python; this one only decides when to hand over.
  *
+ * `status` and `hello` it answers itself, with the answer the Python shadow
+ * gave as it rested (--status-fd: a memfd holding that line), as long as it
+ * still holds the same descriptors: `hijack status` on a node of many resting
+ * shadows wakes none. Once it let one go (the process closed it, a member
+ * ended), the next `status` wakes Python, which describes them anew.
+ *
  * Usage (written by holder.py, never by hand):
  *   shadow-holder hijack.shadow --python INTERP --target PID --control PATH --log PATH
  *     --listener FD --mode home|holding --started-at SECONDS
- *     [--held N=FD,...] [--member PID:FOLLOWING:N=FD,...]...
+ *     [--held N=FD,...] [--member PID:FOLLOWING:N=FD,...]... [--status-fd FD]
  * (The second word names it a shadow for whoever reads its command line: hijack's
  * own refusal to take a shadow as a target, `ps`.) Descriptors named are
  * inherited (not close-on-exec). Exit status 0, or 1
@@ -62,6 +68,9 @@ static int target_pid, listener = -1, target_handle = -1, log_fd = 2;
 static int home_mode = 1;
 static const char *python, *control_path, *log_path, *started_at;
 static volatile sig_atomic_t terminated;
+static char *status_answer; /* the Python shadow's last `status` answer, a line */
+static size_t status_length;
+static int changed;         /* a descriptor was let go since: that answer is stale */
 
 static void say(const char *format, ...)
 {
@@ -91,6 +100,7 @@ static int named(int fd)
 static void drop_key(int index)
 {
     int fd = keys[index].fd;
+    changed = 1;
     keys[index] = keys[--key_count];
     if (!named(fd)) /* a description members share is closed once no key names it */
         close(fd);
@@ -125,6 +135,7 @@ static void follow(int owner, int pid)
 static void member_exited(int index)
 {
     int pid = members[index].pid, count = 0;
+    changed = 1;
     for (int i = 0; i < key_count; i++)
         count += keys[i].owner == pid;
     say("member %d exited; releasing its %d descriptors", pid, count);
@@ -205,6 +216,21 @@ static int release_reason(const char *line, char *reason, size_t size)
     if (!*reason)
         snprintf(reason, size, "released");
     return 1;
+}
+
+static void read_status(int fd)
+{
+    struct stat about;
+    if (fstat(fd, &about) == 0 && about.st_size > 0 && (status_answer = malloc((size_t)about.st_size))) {
+        ssize_t got = pread(fd, status_answer, (size_t)about.st_size, 0);
+        if (got == about.st_size && status_answer[got - 1] == '\n') {
+            status_length = (size_t)got;
+        } else {
+            free(status_answer);
+            status_answer = NULL;
+        }
+    }
+    close(fd);
 }
 
 static char **arguments;
@@ -306,7 +332,19 @@ static void serve_connection(int connection)
     }
     line[got] = 0;
     char reason[512];
-    if (memchr(line, '\n', (size_t)got) && release_reason(line, reason, sizeof reason)) {
+    int whole = memchr(line, '\n', (size_t)got) != NULL;
+    if (whole && status_answer && !changed &&
+        (strstr(line, "\"op\":\"status\"") || strstr(line, "\"op\":\"hello\""))) {
+        if (recv(connection, line, (size_t)got, MSG_DONTWAIT) < 0) {
+            /* read or not, the answer goes */
+        }
+        if (send(connection, status_answer, status_length, MSG_NOSIGNAL) < 0) {
+            /* the asker left: nothing to tell */
+        }
+        close(connection);
+        return;
+    }
+    if (whole && release_reason(line, reason, sizeof reason)) {
         say("%s; the shadow ends once its streams are drained", reason);
         const char answer[] = "{\"ok\":true}\n";
         if (send(connection, answer, sizeof answer - 1, MSG_NOSIGNAL) < 0) {
@@ -348,6 +386,8 @@ int main(int argc, char **argv)
             held = value;
         else if (!strcmp(name, "--member"))
             add_member(value);
+        else if (!strcmp(name, "--status-fd"))
+            read_status(atoi(value));
     }
     if (log_path) {
         int fd = open(log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);

@@ -207,6 +207,10 @@ class Shadow:
                 pid: (pid in self.member_handles, table) for pid, table in self.members.items()
             },
         )
+        # Our answer to `status` as we rest: the holder gives it while it holds the same.
+        status = os.memfd_create("shadow-status", 0)  # inherited by the holder, who closes it
+        os.write(status, control.encode({"ok": True, **self.describe()}))
+        argv += ["--status-fd", str(status)]
         for fd in {self.listener.fileno(), *self._own_fds()}:
             os.set_inheritable(fd, True)
         log(f"idle: resting as {holder.PROGRAM.name} until the next request")
@@ -215,6 +219,7 @@ class Shadow:
         except OSError as exc:
             log(f"cannot rest: {exc}; staying as we are")
             self.rest_after = None
+            os.close(status)
 
     def _accept(self, _: Any, __: int) -> None:
         try:
