@@ -61,7 +61,7 @@ def private_dirty_kib(pid: int) -> int:
 
 
 def test_an_idle_shadow_rests_follows_its_process_and_wakes_for_a_request(
-    cli: HijackCli,
+    hijack: HijackCli,
 ) -> None:
     with (
         spawn_fixture("echo_server") as server,
@@ -69,7 +69,7 @@ def test_an_idle_shadow_rests_follows_its_process_and_wakes_for_a_request(
     ):
         peer.sendall(b"ping")
         assert peer.recv(4) == b"ping"
-        info = json.loads(cli.ok("attach", "--json", server.pid).stdout)
+        info = json.loads(hijack.ok("attach", "--json", server.pid).stdout)
         shadow, path = info["shadow_pid"], info["control"]
         wait_for("resting", lambda: resting(shadow))
         # The same process, holding the same open files (kcmp), in a fraction of the memory.
@@ -98,11 +98,11 @@ def test_an_idle_shadow_rests_follows_its_process_and_wakes_for_a_request(
         reap_exited(shadow)
         ended = Path(path).parent / "ended"
         assert ended.read_text() == f"process {server.pid} exited\n"
-        cli.ok("recover")
+        hijack.ok("recover")
 
 
 def test_a_resting_shadow_holds_a_checkpointed_process_and_gives_it_back(
-    cli: HijackCli, tmp_path: Path
+    hijack: HijackCli, tmp_path: Path
 ) -> None:
     image = tmp_path / "echo.img"
     with (
@@ -111,22 +111,22 @@ def test_a_resting_shadow_holds_a_checkpointed_process_and_gives_it_back(
     ):
         peer.sendall(b"one")
         assert peer.recv(3) == b"one"
-        info = json.loads(cli.ok("attach", "--json", server.pid).stdout)
+        info = json.loads(hijack.ok("attach", "--json", server.pid).stdout)
         shadow = info["shadow_pid"]
         wait_for("resting", lambda: resting(shadow))
-        cli.ok("dump", server.pid, "-o", image, "--kill")
+        hijack.ok("dump", server.pid, "-o", image, "--kill")
         assert server.wait_exit() == -signal.SIGKILL
         # Holding: the connection stays open in the shadow, at rest again.
         wait_for("resting while holding", lambda: resting(shadow))
         assert control.request(info["control"], {"op": "status"})["mode"] == "holding"
-        pid = restored_pid(cli.ok("restore", image))
+        pid = restored_pid(hijack.ok("restore", image))
         server.adopt(pid)
         peer.settimeout(60.0)
         peer.sendall(b"two")
         assert peer.recv(3) == b"two"
         answer = control.request(info["control"], {"op": "status"}, timeout=REST_TIMEOUT)
         assert (answer["mode"], answer["target_pid"]) == ("home", pid)
-        cli.ok("detach", pid)
+        hijack.ok("detach", pid)
         reap_exited(shadow)
         peer.close()
         server.close_control()

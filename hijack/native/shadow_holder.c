@@ -258,10 +258,14 @@ static void push_keys(int owner, char *buffer, size_t size)
                                      keys[i].number, keys[i].fd);
 }
 
-/* Become the Python shadow, with `connection` (a request not yet read) for it to answer. */
+/* Become the Python shadow, with `connection` (a request not yet read) for it to answer.
+ * Returns only if it cannot: then we hold on as we are (what we hold is not dropped). */
 static void to_python(int connection)
 {
     static char list[MAX_KEYS * 24], number[32];
+    for (int i = 0; i < argument_count; i++)
+        free(arguments[i]);
+    argument_count = 0;
     push(python);
     push("-m");
     push("hijack.shadow");
@@ -294,14 +298,9 @@ static void to_python(int connection)
         push("--member");
         push(list);
     }
-    if (target_handle >= 0)
-        close(target_handle);
-    for (int m = 0; m < member_count; m++)
-        if (members[m].handle >= 0)
-            close(members[m].handle);
+    /* Our pidfds and log are close-on-exec: Python opens its own. */
     execv(python, arguments);
-    say("cannot run %s: %s; the shadow ends", python, strerror(errno));
-    exit(1);
+    say("cannot run %s: %s; holding on, the request unanswered", python, strerror(errno));
 }
 
 static void serve_connection(int connection)
@@ -354,6 +353,7 @@ static void serve_connection(int connection)
         end(reason);
     }
     to_python(connection);
+    close(connection);
 }
 
 static void on_terminate(int signal_number)
