@@ -318,7 +318,7 @@ static void serve_connection(int connection)
     ssize_t got = 0;
     struct pollfd waiting = {connection, POLLIN, 0};
     /* Peek, so that Python reads the request whole (its descriptors too) if it is not ours. */
-    while (poll(&waiting, 1, PEEK_WAIT_MS) > 0) {
+    for (int tries = 0; tries < PEEK_WAIT_MS / 2 && poll(&waiting, 1, PEEK_WAIT_MS) > 0; tries++) {
         got = recv(connection, line, LINE_MAX, MSG_PEEK | MSG_DONTWAIT);
         if (got <= 0 || memchr(line, '\n', (size_t)got) || got == LINE_MAX)
             break;
