@@ -5,17 +5,22 @@ attached processes cost 2.5 GiB. Most of them only hold their descriptors: at
 home the shadow follows its process, holding it keeps a checkpointed one's. So a
 shadow idle for REST_AFTER seconds in those modes, with nothing relayed and no
 endpoint open, execve's shadow-holder (hijack/native/shadow_holder.c, built at
-install: `make`), which does just that in about 0.2 MiB, in the same process:
+install: `make`), which does just that in about 0.1 MiB, in the same process:
 same pid, session, credentials, descriptors, control socket. Its state goes on
 the command line. The first control request it gets (but `release`, which it
 answers itself: it ends) makes it execve the Python shadow again with that
 state and the request's connection unread, so every request is answered by
 hijack.shadow.program as before, only later by a Python start.
 
-Measured (bench/shadows.py) against the other designs weighed: a per-node
-zygote forking Python shadows (pages shared copy-on-write) still dirtied
-2.1 MiB per shadow (refcounts in libpython's data and the arenas); one Python
-host serving many would share one process's failures among them.
+Designs weighed (bench/results.txt): 200 resting shadows cost 0.11 MiB of PSS
+each, Python ones 14.2 MiB. A per-node zygote forking Python shadows (its
+modules imported, pages shared copy-on-write, gc.freeze'd or not) was measured
+too: 50 forked shadows idle in their loop kept 2.1 MiB private dirty each
+(libpython's data 0.44 MiB, arenas and heap the rest: reference counts), over
+the 1 MiB limit, and a host process to start, reap and survive. One Python
+process serving many shadows would give one failure (a crash, a stuck relay)
+to all of them and change the meaning of a shadow's pid. Resting keeps one
+process per shadow with nothing shared: no host to start or lose.
 
 HIJACK_SHADOW_REST: seconds idle before resting (default REST_AFTER; 0: at the first
 look, a second after the last request); "off"
