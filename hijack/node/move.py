@@ -301,12 +301,6 @@ def _move_attached(
     members = living_members(pid)
     # Refused before anything is touched.
     tree_move.plan_tree(members, pid, shadow, at_home, frozen=False)
-    if tree and postcopy:
-        raise Unsupported(
-            f"the tree of process {pid} cannot move with post-copy: post-copy of a tree is not"
-            " implemented yet (drop --postcopy); nothing was changed",
-            pid=pid,
-        )
 
     report("connecting", 0)
     channel = Channel.connect(address, identity)
@@ -347,9 +341,11 @@ def _move_attached(
         started_at = time.perf_counter()
         try:
             if tree:
-                if precopy or (precopy is None and worth_precopying(*members)):
+                if postcopy or precopy or (precopy is None and worth_precopying(*members)):
+                    if postcopy is None and precopy is not None:
+                        postcopy = False  # pre-copy asked for as such: no post-copy
                     tree_precopied = tree_move.precopy_tree(
-                        pid, members, channel, move_id, record.program, report, shadow
+                        pid, members, channel, move_id, record.program, report, shadow, postcopy
                     )
                     # It ran on meanwhile: refused now if it holds what cannot go.
                     now = living_members(pid)
@@ -625,7 +621,7 @@ def _move_frozen(
             if lazy:
                 reached("move-postcopy")  # the copy runs there, without its lazy pages yet
                 report("post-copy", before + writer.sent)
-                broken, postcopy_ms = _serve_lazy(pid, channel, answer, lazy)
+                broken, postcopy_ms = serve_lazy(channel, answer, {pid: lazy})
             if broken is None:
                 kill_stopped(tracee)
     if broken is not None:
@@ -706,18 +702,21 @@ def _laps_of(answer: dict[str, Any]) -> dict[str, float]:
     return {str(name): float(ms) for name, ms in laps.items() if isinstance(ms, int | float)}
 
 
-def _serve_lazy(
-    pid: int, channel: Channel, answer: dict[str, Any], lazy: list[tuple[int, int]]
+def serve_lazy(
+    channel: Channel,
+    answer: dict[str, Any],
+    lazy: dict[int, list[tuple[int, int]]],
+    tree: bool = False,
 ) -> tuple[str | None, float]:
-    """Serve the copy's missing pages from the frozen original: (why it broke off, or None;
-    how long it took)."""
+    """Serve the copy's missing pages from the frozen original (`lazy`: {pid: its lazy
+    runs}; a tree's, every member's): (why it broke off, or None; how long it took)."""
     started = time.perf_counter()
     if "phase" not in answer:
         # The commit's answer came on another connection: this one, which the
         # destination serves the pages on, is broken.
         return "the move's connection broke at the commit", 0.0
     try:
-        PageServer(pid, channel, lazy).serve(page_timeout())
+        PageServer(lazy, channel, tree).serve(page_timeout())
     except HijackError as exc:
         return str(exc), (time.perf_counter() - started) * 1000
     return None, (time.perf_counter() - started) * 1000
@@ -942,6 +941,12 @@ def _precopy(
 def _converged(last: RoundSent, before: RoundSent | None) -> bool:
     """Whether the rounds left little enough for the freeze: the last was small, or
     shrank well from the one before (it stopped on MAX_ROUNDS)."""
+    return converged(last, before)
+
+
+def converged(last: RoundSent, before: RoundSent | None) -> bool:
+    """Whether the rounds (a process's, or a whole tree's) left little enough for the
+    freeze: the last was small, or shrank well from the one before."""
     if last.pages * rec.PAGE_SIZE < POSTCOPY_MIN_BYTES:
         return True
     return before is not None and before.number > 0 and last.pages <= before.pages * SHRINK
