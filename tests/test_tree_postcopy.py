@@ -20,7 +20,7 @@ import re
 import signal
 from pathlib import Path
 
-from support import spawn_fixture
+from support import RunningFixture, spawn_fixture
 from support.nodes import Cluster, link_down, link_up, shaped, two_nodes
 from test_faults import finish, hijack_in
 from test_move import Moved, daemon_log, finish_moved, poll_until, refusal_line, shadow_status
@@ -37,10 +37,9 @@ MIB = 32
 PAGES_PER_TICK = "64"
 
 
-def spawn_tree(a_netns: str):  # type: ignore[no-untyped-def]
-    return spawn_fixture(
-        "tree_dirtier", str(CHILDREN), str(MIB), PAGES_PER_TICK, netns=a_netns
-    )
+def spawn_tree(netns: str) -> RunningFixture:
+    """The tree_dirtier in `netns` (node a's)."""
+    return spawn_fixture("tree_dirtier", str(CHILDREN), str(MIB), PAGES_PER_TICK, netns=netns)
 
 
 def moved_by_postcopy(printed: str) -> None:

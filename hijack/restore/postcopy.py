@@ -393,9 +393,7 @@ def serve_members(channel: Channel, members: dict[int, LazyPages], timeout: floa
                     heard = time.monotonic()
                     pushed = _frame(channel, by_member, header)
                 else:
-                    owner = next(
-                        p for p in members.values() if any(s.uffd == fd for s in p.spaces)
-                    )
+                    owner = next(p for p in members.values() if any(s.uffd == fd for s in p.spaces))
                     owner._events(channel, fd)
             if not pushed and time.monotonic() - heard > timeout:
                 missing = sum(pages.left for pages in members.values())
@@ -413,9 +411,7 @@ def serve_members(channel: Channel, members: dict[int, LazyPages], timeout: floa
     channel.send({"phase": "complete"})
 
 
-def _frame(
-    channel: Channel, members: dict[int | None, LazyPages], header: struct.Struct
-) -> bool:
+def _frame(channel: Channel, members: dict[int | None, LazyPages], header: struct.Struct) -> bool:
     """One frame from the source: pages (filled), `pushed` (True) or its error."""
     kind, payload = channel.receive_frame()
     if kind == Kind.MESSAGE:
