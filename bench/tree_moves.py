@@ -20,13 +20,17 @@ the post-copy freeze beside the pre-copy one.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from bench.testnodes import Cluster, Node
+from hijack.process.tree import read_tree
 
 CHILDREN = 8
 MOVE_TIMEOUT = 600.0  # seconds: a tree of 9 x 256 MiB on a loaded machine
@@ -129,11 +133,16 @@ def measure_tree_moves(size_mib: int) -> list[str]:
                 holder = _start(a, size_mib, children)
                 moved[children, option] = _move(a, holder.pid, b, option, "--timing")
                 holder.wait()  # the original, killed by the move
-        dirty = max(size_mib // 4, 4)
         for option in ("--precopy", "--postcopy"):
-            dirtier = _start(a, dirty, CHILDREN, DIRTIER)
+            dirtier = _start(a, _dirty_mib(size_mib), CHILDREN, DIRTIER)
             moved[-1, option] = _move(a, dirtier.pid, b, option)
             dirtier.wait()
+            # The copy writes on there: ended now, not left to load the machine.
+            there = MOVED.search(" ".join(moved[-1, option][2].split()))
+            if there is not None:
+                for member in read_tree(int(there[3])).pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(member, signal.SIGKILL)
     tree_freeze, tree_image, printed = moved[CHILDREN, "--no-precopy"]
     single_freeze, single_image, _ = moved[0, "--no-precopy"]
     tree_precopy, _, precopy_printed = moved[CHILDREN, "--precopy"]
@@ -158,8 +167,14 @@ def measure_tree_moves(size_mib: int) -> list[str]:
         f" x{tree_precopy / single_precopy:.1f} ({sent_mib:.1f} MiB sent in all;"
         f" x{tree_precopy / tree_freeze:.2f} of the tree's frozen move)",
         *(f"  pre-copied tree, {line}" for line in laps),
-        _postcopy_line(moved[-1, "--postcopy"], moved[-1, "--precopy"], max(size_mib // 4, 4)),
+        _postcopy_line(moved[-1, "--postcopy"], moved[-1, "--precopy"], _dirty_mib(size_mib)),
     ]
+
+
+def _dirty_mib(size_mib: int) -> int:
+    """Each member's region in the dirtying tree: 1/16 of SIZE (9 members rewriting it all
+    the time: what the rounds would send again and again)."""
+    return max(size_mib // 16, 4)
 
 
 def _postcopy_line(

@@ -23,7 +23,15 @@ from pathlib import Path
 from support import RunningFixture, spawn_fixture
 from support.nodes import Cluster, link_down, link_up, shaped, two_nodes
 from test_faults import finish, hijack_in
-from test_move import Moved, daemon_log, finish_moved, poll_until, refusal_line, shadow_status
+from test_move import (
+    Moved,
+    daemon_log,
+    finish_moved,
+    kill_daemon,
+    poll_until,
+    refusal_line,
+    shadow_status,
+)
 from test_postcopy import POSTCOPY_LINE, SLOW_LINK_BITS, process_state
 from test_tree_move import move_tree, wait_members
 
@@ -140,4 +148,41 @@ def test_a_source_cut_off_mid_postcopy_stops_every_member_of_the_copy_and_holds_
             # among them: ended, as the copy it stands for is (docs/faults.md).
             shadow = int(shadow_status(a, tree.pid)["shadow_pid"])
             os.kill(shadow, signal.SIGKILL)
+            tree.assert_intact()
+
+
+def test_a_destination_daemon_killed_mid_postcopy_leaves_every_member_stopped(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        a.env["HIJACK_PAGE_TIMEOUT"] = "2"
+        a.start_daemon()
+        b.start_daemon()
+        with spawn_tree(a.netns) as tree:
+            wait_members(tree.pid, CHILDREN + 1)
+            originals = list(read_tree(tree.pid).pids)
+            assert b.daemon_endpoint is not None
+            mover = hijack_in(
+                a, "move-postcopy", "move", tree.pid, "--to", b.daemon_endpoint, "--postcopy"
+            )
+            found = re.search(r"runs here as (\d+)", daemon_log(b))
+            assert found is not None, daemon_log(b)
+            copies = list(read_tree(int(found[1])).pids)
+            assert len(copies) == CHILDREN + 1, copies
+            # The daemon serving their pages dies: the members' keepers (holding copies
+            # of their userfaultfds) stop every member, whole or not.
+            kill_daemon(b)
+            mover.send_signal(signal.SIGCONT)
+            line = refusal_line(finish(mover, ("move",)))
+            assert "post-copy" in line and "held stopped" in line, line
+            for copy in copies:
+                poll_until(lambda copy=copy: process_state(copy) == "T", f"the copy {copy} stopped")
+            for member in originals:
+                assert process_state(member) == "T", member
+            for copy in copies:
+                os.kill(copy, signal.SIGKILL)
+            for member in originals:
+                os.kill(member, signal.SIGCONT)
+            os.kill(int(shadow_status(a, tree.pid)["shadow_pid"]), signal.SIGKILL)
             tree.assert_intact()
