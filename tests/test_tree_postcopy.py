@@ -186,3 +186,39 @@ def test_a_destination_daemon_killed_mid_postcopy_leaves_every_member_stopped(
                 os.kill(member, signal.SIGCONT)
             os.kill(int(shadow_status(a, tree.pid)["shadow_pid"]), signal.SIGKILL)
             tree.assert_intact()
+
+
+def test_a_mover_killed_mid_postcopy_of_a_tree_is_settled_by_recover_ending_no_original(
+    tmp_path: Path,
+) -> None:
+    with two_nodes(tmp_path) as (a, b), spawn_tree(a.netns) as tree:
+        wait_members(tree.pid, CHILDREN + 1)
+        originals = list(read_tree(tree.pid).pids)
+        assert b.daemon_endpoint is not None
+        mover = hijack_in(
+            a, "move-postcopy", "move", tree.pid, "--to", b.daemon_endpoint, "--postcopy"
+        )
+        mover.kill()  # the page server gone: its connection closes
+        mover.wait()
+        found = poll_until(
+            lambda: re.search(r"every member: ([\d ]+)\)", daemon_log(b)),
+            "b reports the tree's post-copy broken off",
+        )
+        copies = [int(pid) for pid in found[1].split()]
+        for copy in copies:
+            assert process_state(copy) == "T", copy
+        # The kernel let the originals go at the mover's death: the queued SIGSTOP holds them.
+        for member in originals:
+            poll_until(lambda member=member: process_state(member) == "T", f"{member} stopped")
+        settled = a.hijack_ok("recover").stdout
+        assert "interrupted during post-copy" in settled and "every member" in settled, settled
+        for member in originals:
+            assert process_state(member) == "T", member  # recover ends no copy of it
+        with Registry(a.state_dir) as registry:
+            assert registry.get(tree.pid).state == "held"
+        for copy in copies:
+            os.kill(copy, signal.SIGKILL)
+        for member in originals:
+            os.kill(member, signal.SIGCONT)
+        os.kill(int(shadow_status(a, tree.pid)["shadow_pid"]), signal.SIGKILL)
+        tree.assert_intact()

@@ -1695,6 +1695,14 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
         registry.set_state(pid, "held")
         error = "its mover was interrupted during post-copy"
         registry.update_move(row.id, phase="failed", finished_at=time.time(), error=error)
+        if _has_children(pid):
+            return (
+                f"move {row.id}: interrupted during post-copy; the tree of process {pid} stays"
+                f" held stopped here, every member, as the only whole copy (every member of"
+                f" its copy on {row.destination} stops once the pages stop coming): kill that"
+                " copy's members, then `kill -CONT` every member here",
+                True,
+            )
         return (
             f"move {row.id}: interrupted during post-copy; process {pid} stays held stopped"
             f" here as the only whole copy (its copy on {row.destination} stops once it"
@@ -1704,7 +1712,7 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     # Attached here, never away: a process back home (home_pid set) is relayed as a migrant.
     at_home = record.home_node == node_name() and record.home_pid is None
     shadow = HomeShadow(record, record.relay_token or "")
-    if row.phase in ("switching", "in-doubt") and _has_children(pid):
+    if row.phase in COMMITTING_PHASES and _has_children(pid):
         # A tree's move (hijack.node.tree_move): its shadow's switch needs every member's
         # streams, which only the mover planned. Not guessed here.
         registry.update_move(row.id, phase="in-doubt")
