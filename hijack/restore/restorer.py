@@ -347,6 +347,7 @@ def finish_member(
     provided: Callable[[], dict[int, int]] | None = None,
     take_locks: bool = True,
     laps: Laps | None = None,
+    lazy: Callable[[tuple[rec.Segment, ...]], LazyPages | None] | None = None,
 ) -> Rebuilt:
     """Finish the tree's member whose memory build_member_memory rebuilt, its relations
     (parent, session, group) made already; leave it stopped.
@@ -359,6 +360,10 @@ def finish_member(
     `take_locks` is restore()'s, for this member (a tree's move); `provided()`, asked
     once it is admitted, gives restore()'s `provided` (admitting the first member makes
     them). `laps` (a move's) gets the steps' laps, added up over the members.
+    `lazy` (a tree's post-copy move): given the image's segments, the member's pages left
+    on the source (hijack.restore.postcopy), made missing in the stub (every member's
+    pages are in, every stub forked: none inherits the holes), while it still has root's
+    powers (as restore()'s `lazy`).
     """
     laps = laps or Laps()
     stub, image, space, ipc = memory.stub, memory.image, memory.space, memory.ipc
@@ -386,6 +391,11 @@ def finish_member(
             finally:
                 for fd in taken.values():
                     os.close(fd)
+            missing = lazy(image.segments.segments) if lazy is not None else None
+            if missing is not None:
+                # What the rest touches (each thread's TCB and stack top) is never lazy.
+                missing.prepare(stub, image.segments.segments)
+                laps.lap("post-copy: pages missing")
             _finish(
                 stub,
                 space,
