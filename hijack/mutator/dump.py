@@ -132,6 +132,7 @@ def dump(
     check_descriptors: bool = True,
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
     image: str = lockbook.STDOUT,
+    snapshot: str = "auto",
 ) -> DumpResult:
     """Write an image of `pid` and its descendants to `out`; they run on unless `kill`.
 
@@ -150,6 +151,9 @@ def dump(
     `ghost_limit` bytes of data is refused before anything is written. `image`: where
     `out` ends up (an absolute path, or lockbook.STDOUT), written down with the network
     locks a `kill` leaves for the restore (hijack.lockbook).
+    `snapshot` (a single process, not `kill`): "rounds" (pre-copy rounds in the image:
+    hijack.mutator.snapshot_rounds), "fork" (a forked copy: hijack.mutator.snapshot), or
+    "auto": rounds for a process whose private memory a fork copies too slowly.
     """
     if not kill and len(read_tree(pid).members) == 1:
         # A tree is stopped throughout its dump: only a single process is
@@ -160,7 +164,8 @@ def dump(
 
         # A big process: rounds, since a fork's page-table copy alone outlasts the
         # target freeze; a small one: the fork, quicker than starting the tracking.
-        return (rounds_dump if worth_rounds(pid) else snapshot_dump)(
+        rounds = snapshot == "rounds" or (snapshot == "auto" and worth_rounds(pid))
+        return (rounds_dump if rounds else snapshot_dump)(
             pid,
             out,
             no_binary=no_binary,
@@ -471,6 +476,7 @@ def dump_to_file(
     before_kill: Callable[[tuple[int, ...]], None] | None = None,
     check_descriptors: bool = True,
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
+    snapshot: str = "auto",
 ) -> DumpResult:
     """dump() into `path`, through a temporary file renamed when the image is complete.
 
@@ -500,6 +506,7 @@ def dump_to_file(
                 check_descriptors=check_descriptors,
                 ghost_limit=ghost_limit,
                 image=str(path.resolve()),
+                snapshot=snapshot,
             )
     except OSError as exc:
         raise HijackError(f"cannot write image {path}: {exc.strerror or exc}") from None

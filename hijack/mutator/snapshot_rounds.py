@@ -142,4 +142,3 @@ def start_tracking(pid: int) -> Precopy:
     precopy = Precopy(pid, tracking, tracee.pause_ms)
     precopy.signal_actions = actions
     return precopy
-
