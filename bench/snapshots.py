@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import signal
 import statistics
 import subprocess
@@ -124,12 +125,23 @@ def _snapshot_dumps(
     return freezes, pauses, injected, cpu, steps, rounds
 
 
-def _to_synced_file(pid: int, directory: Path, snapshot: str) -> tuple[float, float]:
-    """Seconds of a snapshot dump to a synced file by `snapshot`, and of its restore."""
+def _to_synced_file(pid: int, directory: Path, snapshot: str) -> tuple[float, float, int, float]:
+    """Seconds of a snapshot dump to a synced file by `snapshot`, of its restore, its size,
+    and the floor of folding it into another file (read back, written again, synced: what
+    a plain image made of the rounds after the freeze would cost at least)."""
     image = directory / f"snapshot-{snapshot}.crf"
     started = time.perf_counter()
     dump_to_file(pid, image, snapshot=snapshot)
     dumped = time.perf_counter() - started
+    size = image.stat().st_size
+    started = time.perf_counter()
+    folded = directory / "folded.crf"
+    with open(image, "rb") as source, open(folded, "wb") as out:
+        shutil.copyfileobj(source, out, 8 << 20)
+        out.flush()
+        os.fsync(out.fileno())
+    fold_s = time.perf_counter() - started
+    folded.unlink()
     started = time.perf_counter()
     with open(image, "rb") as stream:
         restored = restore_image(stream, skip_unsupported=True)  # its stdio pipes
@@ -138,7 +150,7 @@ def _to_synced_file(pid: int, directory: Path, snapshot: str) -> tuple[float, fl
     os.kill(restored.pid, signal.SIGKILL)
     os.waitpid(restored.pid, 0)
     image.unlink()
-    return dumped, restore_s
+    return dumped, restore_s, size, fold_s
 
 
 def measure_snapshots(pid: int, size: int, dumps: int, directory: Path | None = None) -> list[str]:
@@ -177,10 +189,13 @@ def measure_snapshots(pid: int, size: int, dumps: int, directory: Path | None = 
         f" {'met' if forked_per_gib <= CPU_LIMIT_S else 'NOT met'}",
     ]
     if directory is not None:
-        rounds_file, rounds_restore = _to_synced_file(pid, directory, "rounds")
-        fork_file, fork_restore = _to_synced_file(pid, directory, "fork")
+        rounds_file, rounds_restore, rounds_size, fold = _to_synced_file(pid, directory, "rounds")
+        fork_file, fork_restore, fork_size, _ = _to_synced_file(pid, directory, "fork")
         lines.append(
-            f"  snapshot dump to a synced file: by rounds {rounds_file:.2f} s, by a fork"
-            f" {fork_file:.2f} s; its restore: {rounds_restore:.2f} s, {fork_restore:.2f} s"
+            f"  snapshot dump to a synced file: by rounds {rounds_file:.2f} s"
+            f" ({rounds_size / 2**20:.0f} MiB), by a fork {fork_file:.2f} s"
+            f" ({fork_size / 2**20:.0f} MiB); its restore: {rounds_restore:.2f} s,"
+            f" {fork_restore:.2f} s; folding the rounds into a plain image after the freeze"
+            f" would add at least {fold:.2f} s (read back, written again, synced)"
         )
     return lines
