@@ -153,19 +153,32 @@ def dump(
     locks a `kill` leaves for the restore (hijack.lockbook).
     `snapshot` (a single process, not `kill`): "rounds" (pre-copy rounds in the image:
     hijack.mutator.snapshot_rounds), "fork" (a forked copy: hijack.mutator.snapshot), or
-    "auto": rounds for a process whose private memory a fork copies too slowly.
+    "auto": rounds for a process whose private memory a fork copies too slowly (the fork
+    where its writes cannot be tracked).
     """
     if not kill and len(read_tree(pid).members) == 1:
         # A tree is stopped throughout its dump: only a single process is
         # snapshot (a child forked after this look is not in its image).
         # Imported here: the snapshot is built of this module's parts.
         from hijack.mutator.snapshot import snapshot_dump
-        from hijack.mutator.snapshot_rounds import rounds_dump, worth_rounds
+        from hijack.mutator.snapshot_rounds import TrackingUnavailable, rounds_dump, worth_rounds
 
         # A big process: rounds, since a fork's page-table copy alone outlasts the
         # target freeze; a small one: the fork, quicker than starting the tracking.
-        rounds = snapshot == "rounds" or (snapshot == "auto" and worth_rounds(pid))
-        return (rounds_dump if rounds else snapshot_dump)(
+        if snapshot == "rounds" or (snapshot == "auto" and worth_rounds(pid)):
+            try:
+                return rounds_dump(
+                    pid,
+                    out,
+                    no_binary=no_binary,
+                    no_shared_libs=no_shared_libs,
+                    on_complete=on_complete,
+                    ghost_limit=ghost_limit,
+                )
+            except TrackingUnavailable:
+                if snapshot == "rounds":
+                    raise  # (nothing written yet: the tracking comes first)
+        return snapshot_dump(
             pid,
             out,
             no_binary=no_binary,

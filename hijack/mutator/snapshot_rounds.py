@@ -29,6 +29,7 @@ import os
 from collections.abc import Callable
 from typing import BinaryIO
 
+from hijack.errors import HijackError, Unsupported
 from hijack.mutator.dump import (
     DumpResult,
     dump_options,
@@ -121,6 +122,11 @@ def rounds_dump(
     )
 
 
+class TrackingUnavailable(Unsupported):
+    """The process's writes cannot be tracked (no userfaultfd for it: a seccomp filter, a
+    kernel without asynchronous write-protection): `auto` falls back to the fork."""
+
+
 def start_tracking(pid: int) -> Precopy:
     """Precopy.start with the least stopped: the signal actions (read at the freeze from
     these, asking again only those caught since) and the userfaultfd; its arming scan
@@ -128,7 +134,12 @@ def start_tracking(pid: int) -> Precopy:
     with Tracee.seize(pid) as tracee:
         with scratch_below_stack(tracee, procfs.read_maps(pid)) as scratch:
             actions = read_signal_actions(tracee, scratch)
-        uffd = _userfaultfd_inside(tracee)
+        try:
+            uffd = _userfaultfd_inside(tracee)
+        except HijackError as exc:
+            raise TrackingUnavailable(
+                f"cannot track the writes of process {pid} for a snapshot by rounds: {exc}"
+            ) from None
     try:
         tracking = dirty.WrittenPages(pid, uffd)
     except BaseException:
