@@ -57,6 +57,8 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "redis GET relayed, tls",
         "redis GET relayed, accepted",
         "shadow CPU per GET, plain",
+        "shadow PSS per attached process",
+        "first request to a resting shadow",
     )
     for figure in figures:
         assert figure in result.stdout, result.stdout
