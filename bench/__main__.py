@@ -34,7 +34,9 @@ the same run, on the same bytes, at the same place:
   The move figures above run over TLS; links.py prints encrypted relays beside
   --plain-relays.
 - the freeze and image of moving a tree, 1 parent + 8 children sharing SIZE/4
-  since a fork, beside one process holding the same (bench/tree_moves.py).
+  since a fork, beside one process holding the same, and the post-copy freeze
+  of a tree whose members keep rewriting their memory beside its pre-copy one
+  (bench/tree_moves.py).
 
 `python -m bench` measures 1 GiB; `--quick` measures 64 MiB (CI runs it so the
 scripts cannot rot; it asserts nothing). Results go to stdout and to
