@@ -24,6 +24,8 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "dump to a pipe",
         "restore from a file",
         "snapshot dump freeze",
+        "by pre-copy rounds (",
+        "snapshot dump to a synced file",
         "dump CPU per GiB",
         "relay throughput",
         "added round trip",

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from hijack.errors import HijackError, ImageError, RestoreError, ShadowError, Unsupported
 from hijack.image import records as rec
-from hijack.image.codec import read_stream
+from hijack.image.codec import next_is_round, read_stream
 from hijack.image.files import ImageFiles
 from hijack.mutator.tracee import (
     ThreadState,
@@ -133,6 +133,7 @@ def restore(
     laps: Laps | None = None,
     records: Iterator[rec.Record] | None = None,
     lazy: Callable[[], LazyPages | None] | None = None,
+    snapshot: bool = False,
 ) -> RestoreResult:
     """Rebuild the process of the image in `stream` and let it run.
 
@@ -160,6 +161,8 @@ def restore(
     `lazy` (a post-copy move, with `prebuilt`) is asked once the image is in for
     the pages left out of it; they are made to arrive on first touch
     (hijack.restore.postcopy) before anything else is done in the process.
+    `snapshot` (with `prebuilt`): the rounds came from a snapshot's file (restore_rounds),
+    not a move: its SysV objects are made, the process is recorded in `registry`.
     """
     laps = laps or Laps()
     records = read_stream(stream) if records is None else records
@@ -188,6 +191,24 @@ def restore(
         holdings=holdings,
         provided=frozenset(provided or {}),
     )
+    if prebuilt is not None and snapshot:
+        # A snapshot's file with rounds (restore_rounds): what a move's stub is never given.
+        if holdings is not None:
+            raise Unsupported(
+                f"process {image.header.pid}'s shadow holds its descriptors (dumped with"
+                " --kill since): restore that image, not this snapshot"
+            )
+        ipc = sysv.prepare(image.files, image.segments.segments)
+        try:
+            result = _restore_prebuilt(
+                records, image, plan, prebuilt, {}, before_start, take_locks, laps, lazy
+            )
+        except BaseException:
+            ipc.undo()
+            raise
+        if registry is not None:
+            _record(registry, image.header, result.pid, None)
+        return result
     if prebuilt is not None:
         return _restore_prebuilt(
             records, image, plan, prebuilt, provided or {}, before_start, take_locks, laps, lazy
@@ -237,6 +258,29 @@ def restore(
     if registry is not None:
         _record(registry, image.header, pid, holdings)
     return _result(pid, image, plan)
+
+
+def restore_rounds(
+    stream: BinaryIO, *, skip_unsupported: bool = False, registry: Registry | None = None
+) -> RestoreResult:
+    """`hijack restore` of a snapshot's file made of rounds (docs/crf.md §7a, "In a file"):
+    each round built into a stub as a move's destination builds it, later pages over
+    earlier ones, then the final IMAGE restored into that stub."""
+    prebuilt = Prebuilt()
+    try:
+        stream, is_round = next_is_round(stream)
+        while is_round:
+            prebuilt.receive_round(stream)
+            stream, is_round = next_is_round(stream)
+        return restore(
+            stream,
+            skip_unsupported=skip_unsupported,
+            registry=registry,
+            prebuilt=prebuilt,
+            snapshot=True,
+        )
+    finally:
+        prebuilt.discard()
 
 
 def read_head(records: Iterator[rec.Record]) -> _Image:

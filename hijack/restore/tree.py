@@ -54,7 +54,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from hijack.errors import ImageError, RestoreError
 from hijack.image import records as rec
-from hijack.image.codec import read_stream
+from hijack.image.codec import next_is_round, read_stream
 from hijack.mutator.tracee import ALL_SIGNALS_BLOCKED, ThreadState, find_syscall_instruction
 from hijack.registry import MemberRecord, Registry
 from hijack.restore.address_space import AddressSpace
@@ -70,6 +70,7 @@ from hijack.restore.restorer import (
     lend,
     record_restored,
     restore,
+    restore_rounds,
     start,
 )
 from hijack.restore.shared import TreeShared
@@ -271,7 +272,11 @@ def restore_image(
     registry: Registry | None = None,
     new_pids: bool = False,
 ) -> RestoreResult | TreeRestoreResult:
-    """`hijack restore`: the process of an image, or every member of a tree stream."""
+    """`hijack restore`: the process of an image, or every member of a tree stream, or
+    of a snapshot's rounds and image (docs/crf.md §7a, "In a file")."""
+    stream, is_round = next_is_round(stream)
+    if is_round:
+        return restore_rounds(stream, skip_unsupported=skip_unsupported, registry=registry)
     records = read_stream(stream)
     first = next(records)
     if not isinstance(first, rec.Tree):
