@@ -23,7 +23,7 @@ from support.cli import HijackCli, restored_pid
 from support.objects import assert_refused, hijack
 from test_tree_restore import FORKPTY_PROGRAM, dump_kill_tree, reap_killed
 
-from hijack.sys import kcmp
+from hijack.sys import kcmp, memory, procfs
 
 __all__ = ["hijack"]  # a fixture, used by name
 
@@ -154,25 +154,44 @@ def test_a_descriptor_table_or_fs_context_shared_with_the_parent_is_shared_again
         tree.assert_intact()
 
 
-def test_a_child_sharing_its_parent_s_memory_is_not_killed(
-    hijack: HijackCli, tmp_path: Path
+@pytest.mark.parametrize("attached", [False, True], ids=["dumped", "attached"])
+def test_a_child_sharing_its_parent_s_memory_and_handlers_shares_them_again(
+    hijack: HijackCli, tmp_path: Path, attached: bool
 ) -> None:
-    """clone(CLONE_VM | CLONE_SIGHAND) without CLONE_THREAD (CLONE_SIGHAND comes only with
-    CLONE_VM) is refused by name before the kill: the tree runs on."""
+    """clone(CLONE_VM | CLONE_SIGHAND) without CLONE_THREAD (a process of its own sharing
+    its parent's memory and signal actions): dumped with --kill, the child's image holds
+    no pages (they are its parent's, stored once); restored, it is cloned so again from
+    its parent's built stub, under its pid. Let go, the fixture checks each sees the
+    other's counters and writes, and the signal actions one installs, before and after
+    the restore; the parent reaps the child."""
     image = tmp_path / "vm.crf"
-    opened, entered = tmp_path / "opened", tmp_path / "entered"
-    opened.write_text("")
-    entered.mkdir()
-    with spawn_fixture("tree_contexts", "vm", opened, entered, fifos=True) as tree:
+    with spawn_fixture("tree_vm", fifos=True) as tree:
         child = int(tree.ready["child"])
-        refused = hijack("dump", tree.pid, "-o", image, "--kill")
-        assert_refused(
-            refused,
-            f"not killing the tree of process {tree.pid}",
-            f"process {child} (tree_contexts) shares its memory (CLONE_VM) with process {tree.pid}",
+        kinds = (kcmp.KCMP_VM, kcmp.KCMP_SIGHAND)
+        assert all(kcmp.shares_context(tree.pid, child, kind) for kind in kinds)
+        if attached:
+            hijack.ok("attach", tree.pid)
+        dump_kill_tree(hijack, tree, image)
+        shown = json.loads(hijack.ok("show", "--json", image).stdout)
+        assert shown["contexts"] == [{"pid": child, "flags": "VM|SIGHAND"}]
+        pages = shown["images"][str(child)]["pages"]
+        assert (pages["stored"], pages["referenced"]) == (0, 0), pages
+        assert shown["images"][str(tree.pid)]["pages"]["stored"] > 0
+        assert "shares its memory and its signal handlers with its parent" in (
+            hijack.ok("show", image).stdout
         )
-        assert "CLONE_SIGHAND" in refused.stderr
-        assert not image.exists()
+
+        assert restored_pid(hijack.ok("restore", image)) == tree.pid
+        tree.adopt(tree.pid)
+        assert all(kcmp.shares_context(tree.pid, child, kind) for kind in kinds)
+        assert procfs.read_stat(child).ppid == tree.pid
+        # One memory: what the root holds at an address is what the child reads there.
+        stack = next(m for m in procfs.read_maps(tree.pid) if m.path == "[stack]")
+        assert memory.read(child, stack.end - 64, 64) == memory.read(tree.pid, stack.end - 64, 64)
+        if attached:
+            (row,) = json.loads(hijack.ok("status", "--json").stdout)["processes"]
+            assert (row["pid"], row["state"]) == (tree.pid, "attached"), row
+            hijack.ok("detach", tree.pid)
         tree.assert_intact()
 
 

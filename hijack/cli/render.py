@@ -225,8 +225,10 @@ def tree_summary(console: Console, summary: TreeSummary, *, as_json: bool = Fals
         shares = " and ".join(
             what
             for flag, what in (
+                (rec.CloneFlags.VM, "its memory"),
                 (rec.CloneFlags.FILES, "its descriptor table"),
                 (rec.CloneFlags.FS, "its root, cwd and umask"),
+                (rec.CloneFlags.SIGHAND, "its signal handlers"),
             )
             if flag in context.flags
         )

@@ -1308,14 +1308,16 @@ class SharedDescription:
 class CloneFlags(enum.IntFlag):
     """What a member shares with its parent, made by clone without CLONE_THREAD."""
 
+    VM = 0x100  # CLONE_VM: one memory (its image holds no pages: they are its parent's)
     FS = 0x200  # CLONE_FS: one root, cwd and umask
     FILES = 0x400  # CLONE_FILES: one descriptor table
+    SIGHAND = 0x800  # CLONE_SIGHAND: one table of signal actions (only with CLONE_VM)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class SharedContext:
     """A member sharing kernel contexts with its parent: a change by one is seen by the other
-    (clone with CLONE_FILES or CLONE_FS, not a thread)."""
+    (clone with CLONE_VM, CLONE_FILES, CLONE_FS or CLONE_SIGHAND, not a thread)."""
 
     pid: U32  # the member
     flags: Annotated[CloneFlags, UInt(4)]  # what it shares with its parent
@@ -1331,7 +1333,8 @@ class Tree:
     members: tuple[TreeMember, ...]
     # Open file descriptions shared among members, each descriptor after its first holder's.
     shared: tuple[SharedDescription, ...] = ()
-    # Members sharing a descriptor table or fs context with their parent, each once.
+    # Members sharing memory, signal handlers, a descriptor table or fs context with their
+    # parent, each once.
     contexts: tuple[SharedContext, ...] = ()
 
     def __post_init__(self) -> None:
@@ -1376,6 +1379,10 @@ class Tree:
                 f"{where}: a zombie shares nothing",
             )
             _require(bool(context.flags), f"{where}: none")
+            _require(
+                CloneFlags.SIGHAND not in context.flags or CloneFlags.VM in context.flags,
+                f"{where}: signal handlers without its memory",
+            )
             _require(context.pid not in sharing, f"{where}: listed twice")
             sharing.add(context.pid)
 

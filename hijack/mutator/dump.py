@@ -205,6 +205,10 @@ def dump(
         tracee = frozen.tracees[pid]
 
         tree_sockets = sockets_of(frozen.tracees) if members > 1 else frozenset()
+        # The members sharing their parent's memory (CLONE_VM): their images hold no pages.
+        vm_children = frozenset(
+            c.pid for c in frozen.record.contexts if rec.CloneFlags.VM in c.flags
+        )
 
         def write_member(member: Tracee, shared: SharedPages | None) -> tuple[rec.End, int, int]:
             check = functools.partial(
@@ -221,6 +225,7 @@ def dump(
                 tree=frozenset(frozen.tracees),
                 shared_pages=shared,
                 splice=shared is None,
+                parents_memory=member.pid in vm_children,
             )
 
         shared_pages = SharedPages()
@@ -287,6 +292,7 @@ def write_image(
     tree: frozenset[int] = frozenset(),
     shared_pages: SharedPages | None = None,
     splice: bool = False,
+    parents_memory: bool = False,
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
 
@@ -303,6 +309,8 @@ def write_image(
     member): its private pages among them are referred to, not stored again.
     `splice`: its pages go from the process to `out` without passing through hijack, where
     `out` is a file (hijack.mutator.spliced_pages); not with `precopied` or `shared_pages`.
+    `parents_memory`: a tree's member sharing its parent's memory (CLONE_VM): its image
+    holds no pages, its parent's has them (its layout is described all the same).
     """
     laps = laps or Laps()
     pid = tracee.pid
@@ -359,6 +367,8 @@ def write_image(
     )
 
     def write_pages(writer: ImageWriter) -> PageCounts:
+        if parents_memory:
+            return PageCounts()  # its parent's image holds them: one memory, stored once
         if not splice:
             return write_memory(pid, segments, writer, precopied, shared_pages)
         with page_splicer(tracee, out, pipes=False) as splicer:

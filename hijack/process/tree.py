@@ -166,14 +166,21 @@ def _comm_or_gone(pid: int) -> str:
 
 
 # The contexts a restore shares again, by the kcmp kind telling them: the member is cloned
-# from its parent with the flag.
-CLONE_FS, CLONE_FILES = 0x200, 0x400
-RESTORED_CONTEXTS = {kcmp.KCMP_FILES: CLONE_FILES, kcmp.KCMP_FS: CLONE_FS}
+# from its parent with the flag (CLONE_VM and CLONE_SIGHAND: once its parent's memory is
+# built, docs/crf.md §7b).
+CLONE_VM, CLONE_FS, CLONE_FILES, CLONE_SIGHAND = 0x100, 0x200, 0x400, 0x800
+RESTORED_CONTEXTS = {
+    kcmp.KCMP_VM: CLONE_VM,
+    kcmp.KCMP_FILES: CLONE_FILES,
+    kcmp.KCMP_FS: CLONE_FS,
+    kcmp.KCMP_SIGHAND: CLONE_SIGHAND,
+}
 
 
 def shared_contexts(tree: ProcessTree) -> dict[int, int]:
-    """The CLONE_FILES and CLONE_FS each living member of the stopped `tree` shares with its
-    parent (a living member too), by pid; those sharing none are left out."""
+    """The CLONE_VM, CLONE_FILES, CLONE_FS and CLONE_SIGHAND each living member of the
+    stopped `tree` shares with its parent (a living member too), by pid; those sharing
+    none are left out."""
     living = {member.pid for member in tree.members if not member.zombie}
     found = {}
     for member in tree.members[1:]:
@@ -191,8 +198,8 @@ def shared_contexts(tree: ProcessTree) -> dict[int, int]:
 def shared_context_refusals(tree: ProcessTree) -> list[str]:
     """The members sharing a kernel context with another (clone with CLONE_VM, CLONE_FILES,
     CLONE_FS or CLONE_SIGHAND but not a thread) that a restore would make separate copies
-    of: one reason per pair and context, for the stopped `tree`. A descriptor table or fs
-    context shared along parent links (shared_contexts) is restored shared."""
+    of: one reason per pair and context, for the stopped `tree`. A context shared along
+    parent links (shared_contexts) is restored shared."""
     living = [member for member in tree.members if not member.zombie]
     with_parent = shared_contexts(tree)
     ppid = {member.pid: member.ppid for member in tree.members}

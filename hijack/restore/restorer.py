@@ -315,6 +315,7 @@ class MemberMemory:
     image: _Image
     space: AddressSpace
     ipc: sysv.Prepared
+    parents_memory: bool = False  # shares its parent's (CLONE_VM): nothing of the mm is its
 
     def abandon(self) -> None:
         """The restore failed before finish_member: undo what is ours (the stub is killed)."""
@@ -332,6 +333,7 @@ def build_member_memory(
     space: AddressSpace | None = None,
     inherited: Inherited | None = None,
     laps: Laps | None = None,
+    parents_memory: bool = False,
 ) -> MemberMemory:
     """Read the image `records` (up to its END) of a tree's member and rebuild its address
     space into `stub`: layout and pages; finish_member does the rest.
@@ -344,10 +346,22 @@ def build_member_memory(
     process's pre-copied stub. `inherited`: the stub was forked from its parent's, whose
     memory was built: what the parent's private segments hold is kept, copy-on-write
     (hijack.restore.address_space). `laps` (a move's) gets the steps' laps, added up
-    over the members.
+    over the members. `parents_memory`: the stub shares its parent's memory (CLONE_VM),
+    built already: nothing is built, the image's records are only read (it has no pages).
     """
     laps = laps or Laps()
     image = read_head(records)
+    if parents_memory:
+        shared.begin(image.header.pid, stub.pid, image.files)
+        # The mm's objects (layout, SysV attachments, pages) are the parent's: its stub
+        # keeps the scratch area _fork_children gave it, apart from its parent's.
+        space = AddressSpace(stub, image.segments.segments)
+        try:
+            _consume_rest(records, image, space, shared.stub_of, pages=False)
+        except BaseException:
+            space.close()
+            raise
+        return MemberMemory(stub, image, space, sysv.Prepared(), parents_memory=True)
     if admit is not None:
         admit(image.header, image.credentials, image.segments)
     if rounds is None and space is None:
@@ -388,6 +402,7 @@ def finish_member(
     registry: Registry | None = None,
     own_parent: bool = False,
     parents_table: bool = False,
+    parents_handlers: bool = False,
     provided: Callable[[], dict[int, int]] | None = None,
     take_locks: bool = True,
     laps: Laps | None = None,
@@ -401,6 +416,10 @@ def finish_member(
     shadow's descriptors (an attached tree dumped with --kill) are lent to the stub: it
     was forked from its parent's stub, not ours. `parents_table`: the stub shares its
     parent's descriptor table (CLONE_FILES), rebuilt already: its descriptors are there.
+    `parents_handlers`: it shares its parent's signal actions (CLONE_SIGHAND), set already.
+    A stub sharing its parent's memory (build_member_memory's `parents_memory`) leaves
+    what is the mm's to its parent's finish: mappings of objects, PR_SET_MM_MAP, locked
+    memory, AIO rings, guard pages.
     `take_locks` is restore()'s, for this member (a tree's move); `provided()`, asked
     once it is admitted, gives restore()'s `provided` (admitting the first member makes
     them). `laps` (a move's) gets the steps' laps, added up over the members.
@@ -452,6 +471,8 @@ def finish_member(
                 shared,
                 own_parent,
                 parents_table,
+                memory.parents_memory,
+                parents_handlers,
             )
             laps.lap("finish")
         finally:
@@ -661,10 +682,17 @@ def _consume_rest(
     image: _Image,
     space: AddressSpace,
     stub_of: Callable[[int], int] | None = None,
+    *,
+    pages: bool = True,
 ) -> None:
     """The image's records after its objects. `stub_of(pid)`: the stub of a tree's member
-    rebuilt before, whose pages a PAGE_REFERENCE copies (only a tree stream has those)."""
+    rebuilt before, whose pages a PAGE_REFERENCE copies (only a tree stream has those).
+    Not `pages`: the member shares its parent's memory, whose image has them all."""
     for record in records:
+        if not pages and isinstance(record, (rec.Pages, rec.PageReference)):
+            raise ImageError(
+                f"process {image.header.pid} shares its parent's memory, yet its image has pages"
+            )
         if isinstance(record, rec.Pages):
             space.write_pages(record)
         elif isinstance(record, rec.PageReference):
@@ -712,6 +740,8 @@ def _finish(
     shared: TreeShared | None = None,
     own_parent: bool = False,
     parents_table: bool = False,
+    parents_memory: bool = False,
+    parents_handlers: bool = False,
 ) -> None:
     assert image.signals is not None and image.cwd is not None
     assert image.settings is not None and image.timers is not None
@@ -721,7 +751,7 @@ def _finish(
         plan,
         image.files,
         inherited,
-        functools.partial(_objects, space, image),
+        functools.partial(_objects, space, image, parents_memory),
         shared,
         made_already=parents_table,
     )
@@ -729,16 +759,19 @@ def _finish(
     controlling = set_up_terminals(stub, image.files, provided)
     if controlling is None:
         controlling = controlling_slave(image.files, restored - provided)
-    _set_mm_map(stub, image.mm)
-    _set_signal_actions(stub, image.signals)
+    if not parents_memory:  # else the mm's, its parent set them
+        _set_mm_map(stub, image.mm)
+    if not parents_handlers:
+        _set_signal_actions(stub, image.signals)
     _set_rlimits(stub, image.rlimits)
     # A tree's member has its session and group already (hijack.restore.tree).
     _set_process_state(stub, image, controlling, relations=shared is None)
     settings.apply_login_uid(stub, image.settings)
-    settings.lock_memory(stub, image.segments)
-    settings.lock_future_memory(stub, image.settings)
-    aio.rebuild_rings(stub, image.settings)
-    settings.install_guard_pages(stub, image.settings)
+    if not parents_memory:
+        settings.lock_memory(stub, image.segments)
+        settings.lock_future_memory(stub, image.settings)
+        aio.rebuild_rings(stub, image.settings)
+        settings.install_guard_pages(stub, image.settings)
     if take_locks:
         # Last of the descriptors' business: a descriptor closed in the stub (the
         # exe's, above) would drop the POSIX locks the process holds on its file.
@@ -769,11 +802,15 @@ def _finish(
         _set_registers(stub, thread, thread_ids[thread.tid], image.signals)
 
 
-def _objects(space: AddressSpace, image: _Image, context: RestoreContext) -> None:
+def _objects(
+    space: AddressSpace, image: _Image, parents_memory: bool, context: RestoreContext
+) -> None:
     """What the process reaches other than by descriptors: the mappings of memfds, deleted
-    files and shared anonymous memory; a deleted cwd."""
+    files and shared anonymous memory (its parent's, mapped already, where it shares its
+    parent's memory); a deleted cwd."""
     assert image.cwd is not None
-    map_objects(space, context, image.mapped())
+    if not parents_memory:
+        map_objects(space, context, image.mapped())
     seal_memfds(context)
     directory = deleted_cwd(image.cwd, image.files)
     if directory is not None:

@@ -57,8 +57,8 @@ from hijack.image import records as rec
 from hijack.image.codec import next_is_round, read_stream
 from hijack.mutator.tracee import ALL_SIGNALS_BLOCKED, ThreadState, find_syscall_instruction
 from hijack.registry import MemberRecord, Registry
-from hijack.restore.address_space import AddressSpace
-from hijack.restore.remote import Stub
+from hijack.restore.address_space import AddressSpace, find_hole
+from hijack.restore.remote import SCRATCH_SIZE, Stub
 from hijack.restore.restorer import (
     CLONE_ARGS,
     MemberMemory,
@@ -90,6 +90,7 @@ TIOCSCTTY, TIOCSPGRP = 0x540E, 0x5410
 PR_SET_NAME = 15
 SIG_DFL = 0
 PAGE_SIZE, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS = 4096, 0x3, 0x22
+MAP_FIXED_NOREPLACE = 0x100000
 P_PID, WSTOPPED, WNOHANG = 1, 2, 1
 STUB_EXIT_WAIT = 5.0  # seconds for a zombie's or a stand-in's stub to exit once let go
 WALL = 0x40000000
@@ -353,9 +354,14 @@ def restore_tree(
             _fork_root(tree, made, bool(new_pids), moved.mount_namespace, moved)
             laps.lap("stubs")
         # Each member's memory, parents first; its children are forked from it once it
-        # is built, and inherit it copy-on-write (as CRIU's premapped private memory).
+        # is built, and inherit it copy-on-write (as CRIU's premapped private memory). A
+        # member sharing its parent's memory (CLONE_VM) builds none: it is its parent's.
+        flags = {context.pid: context.flags for context in tree.contexts}
+        owner: dict[int, int] = {}  # member -> the member whose memory it has (its own)
         for member in tree.imaged:
-            parent = memories.get(member.ppid)
+            own = rec.CloneFlags.VM not in flags.get(member.pid, rec.CloneFlags(0))
+            owner[member.pid] = member.pid if own else owner[member.ppid]
+            parent = memories.get(owner.get(member.ppid, member.ppid))
             memories[member.pid] = build_member_memory(
                 made.stubs[member.pid],
                 _one_image(records),
@@ -364,14 +370,16 @@ def restore_tree(
                 rounds=moved.rounds.pages_of(member.pid) if moved.rounds else None,
                 space=prebuilt.spaces.get(member.pid) if prebuilt is not None else None,
                 inherited=(
-                    parent.space.inherited_by_child(member.ppid)
-                    if parent is not None and prebuilt is None
+                    parent.space.inherited_by_child(owner[member.ppid])
+                    if parent is not None and prebuilt is None and own
                     else None
                 ),
                 laps=laps,
+                parents_memory=not own,
             )
             if prebuilt is None:
-                _fork_children(tree, made, member, bool(new_pids))
+                segments = memories[owner[member.pid]].image.segments.segments
+                _fork_children(tree, made, member, bool(new_pids), segments)
                 laps.lap("stubs")
         for _ in records:
             raise ImageError("records after the last image of the tree")
@@ -380,8 +388,8 @@ def restore_tree(
             laps.lap("stubs")
         reached("restore-tree-forked")
         rebuilt: list[Rebuilt] = []
-        contexts = {context.pid: context.flags for context in tree.contexts}
         for member in tree.imaged:
+            shares = flags.get(member.pid, rec.CloneFlags(0))
             rebuilt.append(
                 finish_member(
                     memories.pop(member.pid),
@@ -389,8 +397,8 @@ def restore_tree(
                     skip_unsupported=skip_unsupported,
                     registry=registry,
                     own_parent=member is not tree.members[0],
-                    parents_table=rec.CloneFlags.FILES
-                    in contexts.get(member.pid, rec.CloneFlags(0)),
+                    parents_table=rec.CloneFlags.FILES in shares,
+                    parents_handlers=rec.CloneFlags.SIGHAND in shares,
                     provided=functools.partial(moved.provided, member.pid),
                     take_locks=moved.admit is None,
                     laps=laps,
@@ -501,11 +509,20 @@ def _fork_root(
         _default_action(stub, signal.SIGCHLD)
 
 
-def _fork_children(tree: rec.Tree, made: _Made, parent: rec.TreeMember, new_pids: bool) -> None:
+def _fork_children(
+    tree: rec.Tree,
+    made: _Made,
+    parent: rec.TreeMember,
+    new_pids: bool,
+    segments: tuple[rec.Segment, ...] = (),
+) -> None:
     """Fork the children of `parent` (zombies included) from its stub: each with its pid,
     the contexts it shares with its parent, its session if it leads one. A parent whose
     memory is built already has a scratch area of its own, which its children inherit;
-    a pristine one's is on its stack."""
+    a pristine one's is on its stack. A child sharing its parent's memory (CLONE_VM) gets
+    a scratch area of its own in that memory, outside `segments` (the image's layout of
+    it, objects mapped later included): the two stubs' injected calls never overwrite
+    each other's arguments, and each finish unmaps its own."""
     stub = made.stubs[parent.pid]
     zombie_parents = {m.ppid for m in tree.members if m.state is rec.MemberState.ZOMBIE}
     contexts = {context.pid: int(context.flags) for context in tree.contexts}
@@ -515,7 +532,10 @@ def _fork_children(tree: rec.Tree, made: _Made, parent: rec.TreeMember, new_pids
         child = _fork_member(stub, member, new_pids, contexts.get(member.pid, 0))
         made.stubs[member.pid] = child
         made.pids[member.pid] = child.pid
-        child.use_scratch(stub.scratch)
+        if contexts.get(member.pid, 0) & rec.CloneFlags.VM:
+            _own_scratch(child, segments)
+        else:
+            child.use_scratch(stub.scratch)
         if member.sid == member.pid:
             child.call("setsid")
         if member.pid in zombie_parents:
@@ -599,6 +619,17 @@ def _end_group_leader(made: _Made, group: int, parent: Stub) -> None:
     _take_signal(parent, signal.SIGCHLD)
 
 
+def _own_scratch(stub: Stub, segments: tuple[rec.Segment, ...]) -> None:
+    """Map a scratch area for `stub`, in a hole of the memory it shares with its parent
+    and of that memory's final layout `segments`."""
+    occupied = [(s.start, s.end) for s in segments]
+    occupied += [(m.start, m.end) for m in procfs.read_maps(stub.pid)]
+    address = find_hole(occupied, SCRATCH_SIZE)
+    flags = MAP_PRIVATE_ANONYMOUS | MAP_FIXED_NOREPLACE
+    stub.call("mmap", address, SCRATCH_SIZE, PROT_READ_WRITE, flags, -1, 0)
+    stub.use_scratch(address)
+
+
 def _scratch_on_stack(stub: Stub) -> None:
     rsp = pt.get_registers(stub.pid).rsp
     stub.use_scratch((rsp - STACK_SCRATCH_BELOW) & ~0xFFF)
@@ -607,7 +638,9 @@ def _scratch_on_stack(stub: Stub) -> None:
 def _fork_member(parent: Stub, member: rec.TreeMember, new_pids: bool, flags: int = 0) -> Stub:
     """Fork `member` from its parent's stub, with its pid; with `new_pids`, a new one
     where its own is taken. `flags`: the CLONE_FILES and CLONE_FS it shares with its parent
-    (the stubs share that table or context from birth; the parent's rebuild fills it)."""
+    (the stubs share that table or context from birth; the parent's rebuild fills it), its
+    CLONE_VM and CLONE_SIGHAND (the parent's memory is built: the child's image has none;
+    no stack is given, the stub never runs but for the calls injected, one at a time)."""
     parent.reset_scratch()
     set_tid = parent.put(struct.pack("<i", member.pid))
     args = CLONE_ARGS.pack(flags, 0, 0, 0, member.exit_signal, 0, 0, 0, set_tid, 1, 0)
