@@ -349,6 +349,24 @@ def test_a_fork_of_its_parent_is_refused_without_leave_parent(tmp_path: Path) ->
         forker.wait()
 
 
+def test_a_tree_sharing_memory_with_a_parent_is_refused_by_name(tmp_path: Path) -> None:
+    """A child made by clone(CLONE_VM | CLONE_SIGHAND) is restored by dump and restore
+    (test_tree_share), not moved yet: the move is refused by name, nothing touched."""
+    with two_nodes(tmp_path) as (a, b), spawn_fixture("tree_vm", netns=a.netns) as tree:
+        child = int(tree.ready["child"])
+        assert b.daemon_endpoint is not None
+        refused = a.hijack("move", tree.pid, "--to", b.daemon_endpoint)
+        assert refused.returncode == 1, refused.describe()
+        line = refused.stderr.strip()
+        assert "Traceback" not in refused.stderr and len(line.splitlines()) == 1, line
+        assert f"cannot move the tree of process {tree.pid}" in line, line
+        assert f"process {child} (tree_vm) shares its memory (CLONE_VM)" in line, line
+        assert "nothing was changed" in line, line
+        assert_untouched(tree.pid)
+        assert_untouched(child)
+        tree.assert_intact()
+
+
 def test_a_tree_whose_move_fails_before_its_commit_runs_on_at_home(tmp_path: Path) -> None:
     with two_nodes(tmp_path) as (a, b):
         shell, output = start_pipeline(a, tmp_path)

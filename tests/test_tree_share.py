@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
-from support.objects import assert_refused, hijack
+from support.objects import hijack
 from test_tree_restore import FORKPTY_PROGRAM, dump_kill_tree, reap_killed
 
 from hijack.sys import kcmp, memory, procfs

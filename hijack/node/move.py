@@ -70,7 +70,7 @@ from hijack.node.daemon import parse_address
 from hijack.node.repoint import Repointed
 from hijack.objects import pipe, unix
 from hijack.objects.memfd import holds_object
-from hijack.process.tree import read_tree
+from hijack.process.tree import read_tree, unmovable_sharing
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
 from hijack.restore.plan import mapping_problems
 from hijack.shadow import control, relay_link
@@ -252,6 +252,12 @@ def move(
     members = living_members(pid)
     for member in members:
         refuse_unmappable(member)
+    sharing = unmovable_sharing(read_tree(pid))
+    if sharing:
+        raise Unsupported(
+            f"cannot move the tree of process {pid}: {'; '.join(sharing)}; nothing was changed",
+            pid=pid,
+        )
     attached_by_move = record is None or record.state not in ("attached", "running")
     if attached_by_move:
         # Refused before the attach: nothing changes.

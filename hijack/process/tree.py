@@ -229,3 +229,19 @@ def shared_context_refusals(tree: ProcessTree) -> list[str]:
                         " implemented yet"
                     )
     return reasons
+
+
+def unmovable_sharing(tree: ProcessTree) -> list[str]:
+    """The members of `tree` sharing their parent's memory (CLONE_VM, not a thread): a
+    dump and restore shares it again, a move does not yet (its pre-copy rounds and
+    prebuilt stubs are one memory per member). One reason per such member."""
+    living = {member.pid for member in tree.members if not member.zombie}
+    return [
+        f"process {member.pid} ({member.comm}) shares its memory (CLONE_VM) with its parent"
+        f" {member.ppid}: moving that is not implemented yet (`hijack dump --kill` and"
+        " `hijack restore` it)"
+        for member in tree.members[1:]
+        if member.pid in living
+        and member.ppid in living
+        and kcmp.shares_context(member.ppid, member.pid, kcmp.KCMP_VM)
+    ]
