@@ -16,7 +16,12 @@ the rest of every member once the whole tree is:
    leader calls setsid as soon as it exists, before its children are forked
    (they inherit its session). A member sharing its parent's descriptor table or
    fs context (CLONE_FILES, CLONE_FS; TREE's `contexts`) is cloned with those
-   flags: the stubs share them from birth (nothing is in them yet).
+   flags: the stubs share them from birth (nothing is in them yet). A member
+   sharing its parent's memory (CLONE_VM, with CLONE_SIGHAND if it shares its
+   signal actions) is cloned with those flags once the parent's memory is
+   built, and builds none (its image has no pages): its stub gets a scratch
+   area of its own in that memory, and its finish leaves what is the memory's
+   (and the signal actions) to its parent's.
 3. Every stub forked: groups are made, leaders first (a group whose leader has
    exited gets a stand-in leader under its id, a sibling of its first member,
    which exits and is reaped once they joined). A zombie takes its name and
@@ -207,7 +212,11 @@ def prebuild_tree(
     member the rounds sent out as its round 0 and write every page they sent into it,
     parents first: a member's children are forked from its filled stub and keep the pages
     round 0 found shared with it (TreeRounds.inherited), copy-on-write."""
-    refusals = relation_refusals(tree)
+    refusals = relation_refusals(tree) + [
+        f"process {c.pid} shares its parent's memory (CLONE_VM): moving that is not implemented yet"
+        for c in tree.contexts
+        if rec.CloneFlags.VM in c.flags
+    ]
     if refusals:
         raise RestoreError(
             f"cannot restore the tree of process {tree.members[0].pid}: {'; '.join(refusals)}"
