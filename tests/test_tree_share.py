@@ -119,8 +119,9 @@ def contexts_shared(pid: int, other: int) -> set[str]:
         ("fs", "FS", False),
         ("both", "FS|FILES", False),
         ("both", "FS|FILES", True),
+        ("vm", "VM|SIGHAND", False),
     ],
-    ids=["files", "fs", "both", "both-attached"],
+    ids=["files", "fs", "both", "both-attached", "vm"],
 )
 def test_a_descriptor_table_or_fs_context_shared_with_the_parent_is_shared_again(
     hijack: HijackCli, tmp_path: Path, mode: str, flags: str, attached: bool
@@ -128,7 +129,8 @@ def test_a_descriptor_table_or_fs_context_shared_with_the_parent_is_shared_again
     """A child made by clone(CLONE_FILES), clone(CLONE_FS) or both is cloned so again from
     its parent at the restore: once restored, the file it opens, the directory it enters
     and the umask it sets are its parent's too (the fixture checks), and not where they
-    share nothing. Attached first, its shadow's descriptors go to the table once."""
+    share nothing (clone(CLONE_VM | CLONE_SIGHAND): its own table and fs context, restored
+    as its own). Attached first, its shadow's descriptors go to the table once."""
     image = tmp_path / "contexts.crf"
     opened, entered = tmp_path / "opened", tmp_path / "entered"
     opened.write_text("the child opens me\n")
@@ -136,7 +138,7 @@ def test_a_descriptor_table_or_fs_context_shared_with_the_parent_is_shared_again
     with spawn_fixture("tree_contexts", mode, opened, entered, fifos=True) as tree:
         child = int(tree.ready["child"])
         shared = contexts_shared(tree.pid, child)
-        assert shared == ({"files", "fs"} if mode == "both" else {mode})
+        assert shared == {"both": {"files", "fs"}, "vm": set()}.get(mode, {mode})
         if attached:
             hijack.ok("attach", tree.pid)
         dump_kill_tree(hijack, tree, image)
