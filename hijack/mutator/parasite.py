@@ -119,8 +119,12 @@ class Batch:
 
     area: Area
     calls: list[Call] = field(default_factory=list)
-    _data: bytearray = field(default_factory=bytearray)  # from area + CODE_SIZE
+    _data: bytearray = field(default_factory=bytearray)  # from area + _base
     _read: bytes = b""
+    _base: int = field(init=False)  # after the blob where it may run; else the start
+
+    def __post_init__(self) -> None:
+        self._base = CODE_SIZE if self.area.executable else 0
 
     def call(self, name: str, *args: int | Call, check: bool = True) -> Call:
         if len(args) > 6:
@@ -135,14 +139,18 @@ class Batch:
 
     def put(self, data: bytes) -> int:
         """Copy `data` into the area (at the run); return its address in the target."""
-        address = self.area.address + CODE_SIZE + len(self._data)
+        address = self.area.address + self._base + len(self._data)
+        if self._base + len(self._data) + len(data) > self.area.size:
+            raise InjectionFailed(
+                f"{len(data)} bytes more do not fit in a batch area of {self.area.size}"
+            )
         self._data += data
         self._data += bytes(-len(self._data) % 16)
         return address
 
     def read(self, address: int, size: int) -> bytes:
         """After the run: `size` bytes the calls wrote at `address` (from `buffer`)."""
-        start = address - self.area.address - CODE_SIZE
+        start = address - self.area.address - self._base
         if start < 0 or start + size > len(self._read):
             raise ValueError(f"{address:#x} is not in this batch's data")
         return self._read[start : start + size]
@@ -151,7 +159,7 @@ class Batch:
         """Run every call in thread `tid` (the injection thread by default); raise
         InjectionFailed for the first checked call that failed (none after it ran)."""
         if self.calls:
-            if self.area.executable and not _sigtrap_ignored(tracee.pid):
+            if self._base and not _sigtrap_ignored(tracee.pid):
                 self._run_blob(tracee, tid)
             else:
                 self._run_one_by_one(tracee, tid)
@@ -214,14 +222,14 @@ class Batch:
 
     def _run_one_by_one(self, tracee: Tracee, tid: int | None) -> None:
         if self._data:
-            memory.write(tracee.pid, self.area.address + CODE_SIZE, self._data)
+            memory.write(tracee.pid, self.area.address + self._base, self._data)
         for call in self.calls:
             args = [a.result if isinstance(a, Call) else a for a in call.args]
             call.result = tracee.syscall(call.name, *(a or 0 for a in args), tid=tid)
             if call.check and call.failed:
                 break
         self._read = (
-            memory.read(tracee.pid, self.area.address + CODE_SIZE, len(self._data))
+            memory.read(tracee.pid, self.area.address + self._base, len(self._data))
             if self._data
             else b""
         )

@@ -45,10 +45,11 @@ from hijack.mutator.dump import (
     READ_CHUNK,
     PageCounts,
     describe_segments,
-    read_signal_actions,
+    queue_signal_actions,
     runs_to_store,
     scratch_page,
 )
+from hijack.mutator.parasite import Batch, parasite_area
 from hijack.mutator.tracee import Tracee
 from hijack.objects.memfd import holds_object
 from hijack.sys import dirty, memory, pidfd, procfs
@@ -119,9 +120,12 @@ class Precopy:
         """Stop the process for a moment to start tracking what it writes."""
         stopped_at = time.perf_counter()
         with Tracee.seize(pid) as tracee:
-            with scratch_page(tracee) as scratch:
+            with parasite_area(tracee) as area:
                 # Stopped anyway: the freeze will only ask again for what may differ.
-                actions = read_signal_actions(tracee, scratch)
+                batch = Batch(area)  # 64 calls, one stop
+                read_actions = queue_signal_actions(tracee, batch)
+                batch.run(tracee)
+                actions = read_actions()
             uffd = _userfaultfd_inside(tracee)
             try:
                 tracking = dirty.WrittenPages(pid, uffd)
