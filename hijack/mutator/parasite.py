@@ -159,7 +159,7 @@ class Batch:
         """Run every call in thread `tid` (the injection thread by default); raise
         InjectionFailed for the first checked call that failed (none after it ran)."""
         if self.calls:
-            if self._base and not _sigtrap_ignored(tracee.pid):
+            if self._base and not self._touches_sigtrap() and not _sigtrap_ignored(tracee.pid):
                 self._run_blob(tracee, tid)
             else:
                 self._run_one_by_one(tracee, tid)
@@ -172,6 +172,15 @@ class Batch:
                 errno=-failed.result,
                 syscall=failed.name,
             )
+
+    def _touches_sigtrap(self) -> bool:
+        """Whether a call may ignore or block SIGTRAP before the int3 (rt_sigaction of it,
+        rt_sigprocmask): a forced SIGTRAP then resets the handler (see tracee.run_code)."""
+        return any(
+            call.name == "rt_sigprocmask"
+            or (call.name == "rt_sigaction" and call.args[:1] == (signal.SIGTRAP,))
+            for call in self.calls
+        )
 
     def _table(self) -> bytes:
         entries = []

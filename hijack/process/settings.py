@@ -174,15 +174,16 @@ def apply_settings(stub: Stub, settings: rec.ProcessSettings, thread_ids: dict[i
 
     Runs after the credentials are restored and before the process starts.
     """
-    if settings.dumpable != SUID_DUMP_USER:
-        stub.call("prctl", PR_SET_DUMPABLE, settings.dumpable, 0, 0, 0)
-    if settings.thp_disable:
-        stub.call("prctl", PR_SET_THP_DISABLE, 1, 0, 0, 0)
-    if settings.child_subreaper:
-        stub.call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    for command in MEMBARRIER_REGISTRATIONS:
-        if settings.membarrier & command:
-            stub.call("membarrier", command, 0, 0)
+    with stub.batched():  # one stop for them all (hijack.mutator.parasite)
+        if settings.dumpable != SUID_DUMP_USER:
+            stub.call("prctl", PR_SET_DUMPABLE, settings.dumpable, 0, 0, 0)
+        if settings.thp_disable:
+            stub.call("prctl", PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        if settings.child_subreaper:
+            stub.call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        for command in MEMBARRIER_REGISTRATIONS:
+            if settings.membarrier & command:
+                stub.call("membarrier", command, 0, 0)
     # The parent-death signal is kept in the image but not set: a restored process's
     # parent is the restorer, which exits at once, so the signal would fire for a
     # death that never happened. A process tree's restore, which gives each member

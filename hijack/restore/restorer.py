@@ -629,10 +629,11 @@ def _finish(
     if controlling is None:
         controlling = controlling_slave(image.files, restored - provided)
     _set_mm_map(stub, image.mm)
-    _set_signal_actions(stub, image.signals)
-    _set_rlimits(stub, image.rlimits)
-    # A tree's member has its session and group already (hijack.restore.tree).
-    _set_process_state(stub, image, controlling, relations=shared is None)
+    with stub.batched():  # one stop for them all (hijack.mutator.parasite)
+        _set_signal_actions(stub, image.signals)
+        _set_rlimits(stub, image.rlimits)
+        # A tree's member has its session and group already (hijack.restore.tree).
+        _set_process_state(stub, image, controlling, relations=shared is None)
     settings.apply_login_uid(stub, image.settings)
     settings.lock_memory(stub, image.segments)
     settings.lock_future_memory(stub, image.settings)
@@ -814,6 +815,13 @@ def _clone_thread(stub: Stub, old_tid: int) -> int:
 
 
 def _set_thread_state(
+    stub: Stub, thread: rec.Thread, tid: int, credentials: rec.Credentials
+) -> None:
+    with stub.batched(tid):  # one stop for the thread's calls
+        _set_thread_calls(stub, thread, tid, credentials)
+
+
+def _set_thread_calls(
     stub: Stub, thread: rec.Thread, tid: int, credentials: rec.Credentials
 ) -> None:
     stub.reset_scratch()
