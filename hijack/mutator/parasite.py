@@ -7,10 +7,11 @@ a move's 14 calls at load 10-16). A `Batch` writes a table of calls and the blob
 below into an executable area of the target and resumes it once: the blob runs
 every call and traps (int3) once, as CRIU's parasite does.
 
-The area is one the caller maps (`parasite_area`: an anonymous page mapped
+The area is one the caller maps (`parasite_area`: an anonymous mapping made
 PROT_READ|WRITE|EXEC by one injected call, unmapped by another) or already has
 (a restore's stub maps its scratch area executable). Where none can be had (a
-process whose seccomp or MDWE refuses writable code) or where the int3 would
+process under a seccomp filter, or whose MDWE or LSM refuses writable code) or
+where the int3 would
 change the target (SIGTRAP ignored: a forced signal resets an ignored handler
 to default), the same batch runs one call at a time: same results, more stops.
 
@@ -226,8 +227,8 @@ class Batch:
         for call in self.calls[:ran]:
             at = len(self._data) + call.index * ENTRY.size + RESULT_OFFSET
             (call.result,) = struct.unpack_from("<q", back, at)
-        for siginfo in strays:
-            requeue_sigtrap(tracee, thread.tid, siginfo, self.area.address + table_offset)
+        for siginfo in strays:  # over the data, read back already
+            requeue_sigtrap(tracee, thread.tid, siginfo, self.area.address + CODE_SIZE)
 
     def _run_one_by_one(self, tracee: Tracee, tid: int | None) -> None:
         if self._data:
@@ -269,8 +270,14 @@ def parasite_area(tracee: Tracee, size: int = PARASITE_SIZE) -> Iterator[Area]:
     """An area for batches in the target: mapped executable (one injected call, and one to
     unmap it), or, where the process may not map writable code, readable and writable only
     (the batches then run one call at a time)."""
-    address = tracee.syscall("mmap", 0, size, PROT_READ_WRITE_EXEC, MAP_PRIVATE_ANONYMOUS, -1, 0)
-    executable = not -4096 < address < 0
+    # Under a seccomp filter, an mmap of writable code is not asked at all: a filter may
+    # kill for it (systemd's MemoryDenyWriteExecute only fails it, EPERM).
+    executable = not procfs.read_status(tracee.pid, tracee.injection_tid).seccomp
+    if executable:
+        address = tracee.syscall(
+            "mmap", 0, size, PROT_READ_WRITE_EXEC, MAP_PRIVATE_ANONYMOUS, -1, 0
+        )
+        executable = not -4096 < address < 0
     if not executable:
         address = tracee.checked_syscall(
             "mmap", 0, size, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0
