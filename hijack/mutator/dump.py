@@ -32,7 +32,7 @@ from hijack.image.codec import ImageWriter
 from hijack.image.files import ImageFiles
 from hijack.image.identity import file_identity, is_shared_library
 from hijack.mutator.frozen_tree import FrozenTree, frozen_tree
-from hijack.mutator.parasite import Area, Batch, parasite_area
+from hijack.mutator.parasite import Area, Batch, parasite_area, unmap_area, without_area
 from hijack.mutator.shared_pages import SharedPages
 from hijack.mutator.spliced_pages import PageSplicer, page_splicer
 from hijack.mutator.tracee import (
@@ -259,6 +259,7 @@ def write_image(
     tree: frozenset[int] = frozenset(),
     shared_pages: SharedPages | None = None,
     splice: bool = False,
+    parasite: Area | None = None,
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
 
@@ -275,16 +276,25 @@ def write_image(
     member): its private pages among them are referred to, not stored again.
     `splice`: its pages go from the process to `out` without passing through hijack, where
     `out` is a file (hijack.mutator.spliced_pages); not with `precopied` or `shared_pages`.
+    `parasite`: an area for the batched calls (hijack.mutator.parasite) mapped already.
     """
     laps = laps or Laps()
     pid = tracee.pid
     options = dump_options(no_binary=no_binary, no_shared_libs=no_shared_libs)
     maps = procfs.read_maps(pid)
+    if parasite is not None:
+        unmerged = without_area(maps, parasite)
+        if unmerged is None:  # merged with a neighbour: one of our own, below
+            unmap_area(tracee, parasite)
+            parasite = None
+        else:
+            maps = unmerged
     aio_rings = aio.read_rings(pid, maps, moving=precopied is not None)
     maps = [entry for entry in maps if not aio.is_aio_ring(entry)]  # made again by io_setup
     # Every call below in one batch (hijack.mutator.parasite): the injection thread's
-    # calls in one stop, and one stop more for each other thread's two.
-    with parasite_area(tracee) as area:
+    # calls in one stop, and one stop more for each other thread's two. In `parasite`,
+    # an area the caller mapped (and unmaps), or one mapped here.
+    with contextlib.nullcontext(parasite) if parasite else parasite_area(tracee) as area:
         batch = Batch(area)
         brk_call = batch.call("brk", 0)
         known = precopied.signal_actions if precopied is not None else None

@@ -88,6 +88,9 @@ STOP_ON_ERROR = 1 << 8
 assert ENTRY.size == 64
 
 PROT_READ_WRITE_EXEC = PROT_READ_WRITE | 0x4
+# MAP_NORESERVE and MAP_STACK (VM_NORESERVE, VM_NOHUGEPAGE): flags few mappings have, so
+# the kernel does not merge the area with a neighbour and it stays its own line in maps.
+AREA_FLAGS = MAP_PRIVATE_ANONYMOUS | 0x4000 | 0x20000
 PARASITE_SIZE = 16 * 1024  # the blob, a table of ~100 calls and what they write
 
 
@@ -99,6 +102,7 @@ class Area:
     size: int
     executable: bool
     blob_written: bool = False
+    mapped: bool = False  # by map_area (and so to unmap)
 
 
 @dataclass
@@ -267,22 +271,38 @@ def requeue_sigtrap(tracee: Tracee, tid: int, siginfo: bytes, scratch: int) -> N
 
 @contextmanager
 def parasite_area(tracee: Tracee, size: int = PARASITE_SIZE) -> Iterator[Area]:
-    """An area for batches in the target: mapped executable (one injected call, and one to
-    unmap it), or, where the process may not map writable code, readable and writable only
-    (the batches then run one call at a time)."""
+    """map_area, and unmap_area at the end."""
+    area = map_area(tracee, size)
+    try:
+        yield area
+    finally:
+        unmap_area(tracee, area)
+
+
+def map_area(tracee: Tracee, size: int = PARASITE_SIZE) -> Area:
+    """An area for batches in the target: mapped executable (one injected call), or, where
+    the process may not map writable code, readable and writable only (the batches then run
+    one call at a time). An mmap waits for every reader of the memory map (a thread reading
+    /proc/PID/smaps holds it for milliseconds a GiB): map the area before starting one."""
     # Under a seccomp filter, an mmap of writable code is not asked at all: a filter may
     # kill for it (systemd's MemoryDenyWriteExecute only fails it, EPERM).
     executable = not procfs.read_status(tracee.pid, tracee.injection_tid).seccomp
     if executable:
-        address = tracee.syscall(
-            "mmap", 0, size, PROT_READ_WRITE_EXEC, MAP_PRIVATE_ANONYMOUS, -1, 0
-        )
+        address = tracee.syscall("mmap", 0, size, PROT_READ_WRITE_EXEC, AREA_FLAGS, -1, 0)
         executable = not -4096 < address < 0
     if not executable:
-        address = tracee.checked_syscall(
-            "mmap", 0, size, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0
-        )
-    try:
-        yield Area(address, size, executable)
-    finally:
-        tracee.syscall("munmap", address, size)
+        address = tracee.checked_syscall("mmap", 0, size, PROT_READ_WRITE, AREA_FLAGS, -1, 0)
+    return Area(address, size, executable, mapped=True)
+
+
+def unmap_area(tracee: Tracee, area: Area) -> None:
+    if area.mapped:
+        tracee.syscall("munmap", area.address, area.size)
+        area.mapped = False
+
+
+def without_area(maps: list[procfs.MapEntry], area: Area) -> list[procfs.MapEntry] | None:
+    """`maps` less the area; None if it merged with a neighbour (not told apart then)."""
+    if not any(m.start == area.address and m.end == area.address + area.size for m in maps):
+        return None
+    return [m for m in maps if m.start != area.address]

@@ -99,6 +99,7 @@ class Precopy:
         self._untracked: list[Run] = []  # at the freeze: mappings the destination cannot keep
         self._flags: dict[procfs.MapEntry, tuple[str, ...]] = {}
         self._flags_now: _InThread[dict[int, tuple[str, ...]]] | None = None  # read at the freeze
+        self._layout_changed = False
         self.signal_actions: list[rec.SigAction] = []  # as the tracking started
         # Post-copy (hijack.mutator.postcopy): the final image leaves out the
         # `lazy` pages, which the destination fetches on first touch; `pinned`
@@ -341,11 +342,18 @@ class Precopy:
         flags = procfs.read_smaps_flags(self.pid)
         self._flags = {entry: flags[entry.start] for entry in maps if entry.start in flags}
 
-    def freeze(self) -> None:
-        """The last scan: what was written since the last round. Call with the process stopped."""
+    def freeze(self, *, read_flags: bool = True) -> None:
+        """The last scan: what was written since the last round. Call with the process stopped.
+        Without `read_flags`, the caller calls read_flags itself (having mapped what it
+        must first: an mmap waits for that read's hold on the memory map)."""
         self.final_written = union_runs(self.tracking.collect(), self.owed)
         self._untracked = self.tracking.untracked()
-        if not all(entry in self._flags for entry in procfs.read_maps(self.pid)):
+        self._layout_changed = not all(entry in self._flags for entry in procfs.read_maps(self.pid))
+        if read_flags:
+            self.read_flags()
+
+    def read_flags(self) -> None:
+        if self._layout_changed and self._flags_now is None:
             # The layout changed since prepare_freeze (a mapping made or replaced):
             # smaps is read again, in a thread, while the freeze goes on with the
             # injected calls and the descriptors (its kernel walk of every page

@@ -54,6 +54,7 @@ from hijack.image import records as rec
 from hijack.mutator import attach as attaching
 from hijack.mutator.dump import describe_segments, kill_stopped, read_credentials, write_image
 from hijack.mutator.handover import hand_descriptors_to_shadow
+from hijack.mutator.parasite import Area, map_area, unmap_area
 from hijack.mutator.postcopy import (
     POSTCOPY_MIN_BYTES,
     PageServer,
@@ -450,6 +451,7 @@ def _move_frozen(
             _abort(channel, shadow, move_id)
         raise
     repointed = Repointed(destination[1])
+    parasite: Area | None = None  # for the image's batched calls (hijack.mutator.parasite)
     with tracee:
         # The freeze began with the first interrupt: stopping every thread is part of it.
         laps = Laps(tracee.stopped_at or None)
@@ -457,7 +459,11 @@ def _move_frozen(
         try:
             reached("move-frozen")
             if precopied is not None:
-                precopied.freeze()
+                precopied.freeze(read_flags=False)
+                # Mapped before smaps is read again (an mmap waits for that read's
+                # hold on the memory map: tens of ms a GiB under load).
+                parasite = map_area(tracee)
+                precopied.read_flags()
                 if precopied.postcopy:
                     precopied.pinned = pinned_pages(tracee)
                 laps.lap("dirty scan")
@@ -532,7 +538,11 @@ def _move_frozen(
                 laps=laps,
                 holders_before=holders_before,
                 sockets=sockets,
+                parasite=parasite,
             )
+            if parasite is not None:
+                unmap_area(tracee, parasite)
+                tracee.put_back()  # nothing more is injected
             writer.close()
             laps.lap("image: pages")
             lazy = precopied.lazy if precopied is not None and postcopy else []
@@ -546,6 +556,9 @@ def _move_frozen(
             # is out: `hijack recover` tells that move by this phase.
             report("post-copy" if lazy else "switching", before + writer.sent)
         except BaseException:
+            if parasite is not None:
+                with contextlib.suppress(HijackError):
+                    unmap_area(tracee, parasite)  # it runs on: as it was
             repointed.abort()
             _abort(channel, shadow, move_id)
             raise
