@@ -260,6 +260,7 @@ def write_image(
     shared_pages: SharedPages | None = None,
     splice: bool = False,
     parasite: Area | None = None,
+    brk: int | None = None,
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
 
@@ -276,7 +277,8 @@ def write_image(
     member): its private pages among them are referred to, not stored again.
     `splice`: its pages go from the process to `out` without passing through hijack, where
     `out` is a file (hijack.mutator.spliced_pages); not with `precopied` or `shared_pages`.
-    `parasite`: an area for the batched calls (hijack.mutator.parasite) mapped already.
+    `parasite`: an area for the batched calls (hijack.mutator.parasite) mapped already;
+    `brk`: the program break, read already (read_brk).
     """
     laps = laps or Laps()
     pid = tracee.pid
@@ -296,7 +298,7 @@ def write_image(
     # an area the caller mapped (and unmaps), or one mapped here.
     with contextlib.nullcontext(parasite) if parasite else parasite_area(tracee) as area:
         batch = Batch(area)
-        brk_call = batch.call("brk", 0)
+        brk_call = batch.call("brk", 0) if brk is None else None
         known = precopied.signal_actions if precopied is not None else None
         actions_read = queue_signal_actions(tracee, batch, known)
         threads_read = {
@@ -309,8 +311,10 @@ def write_image(
         )
         timers_read = timers.queue_timers(tracee, batch)
         batch.run(tracee)
-        assert brk_call.result is not None
-        brk = brk_call.result
+        if brk_call is not None:
+            assert brk_call.result is not None
+            brk = brk_call.result
+        assert brk is not None
         actions = actions_read()
         process_settings = settings_read()
         process_timers = timers_read()
@@ -640,6 +644,16 @@ def read_memory_structure(pid: int, brk: int) -> rec.MemoryStructure:
         exe_file=procfs.read_exe(pid),
         personality=procfs.read_personality(pid),
     )
+
+
+def read_brk(tracee: Tracee, area: Area) -> int:
+    """The program break (brk(0): one stop in `area`). brk takes the memory map's write
+    lock even to tell it: asked before anything reads smaps, it waits for no reader."""
+    batch = Batch(area)
+    call = batch.call("brk", 0)
+    batch.run(tracee)
+    assert call.result is not None
+    return call.result
 
 
 def read_signal_actions(

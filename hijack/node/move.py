@@ -52,7 +52,13 @@ from typing import Any, BinaryIO, cast
 from hijack.errors import HijackError, ShadowError, Unsupported
 from hijack.image import records as rec
 from hijack.mutator import attach as attaching
-from hijack.mutator.dump import describe_segments, kill_stopped, read_credentials, write_image
+from hijack.mutator.dump import (
+    describe_segments,
+    kill_stopped,
+    read_brk,
+    read_credentials,
+    write_image,
+)
 from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.parasite import Area, map_area, unmap_area
 from hijack.mutator.postcopy import (
@@ -452,6 +458,7 @@ def _move_frozen(
         raise
     repointed = Repointed(destination[1])
     parasite: Area | None = None  # for the image's batched calls (hijack.mutator.parasite)
+    brk: int | None = None
     with tracee:
         # The freeze began with the first interrupt: stopping every thread is part of it.
         laps = Laps(tracee.stopped_at or None)
@@ -463,6 +470,7 @@ def _move_frozen(
                 # Mapped before smaps is read again (an mmap waits for that read's
                 # hold on the memory map: tens of ms a GiB under load).
                 parasite = map_area(tracee)
+                brk = read_brk(tracee, parasite)  # brk(0) too takes the map's write lock
                 precopied.read_flags()
                 if precopied.postcopy:
                     precopied.pinned = pinned_pages(tracee)
@@ -539,6 +547,7 @@ def _move_frozen(
                 holders_before=holders_before,
                 sockets=sockets,
                 parasite=parasite,
+                brk=brk,
             )
             if parasite is not None:
                 unmap_area(tracee, parasite)
