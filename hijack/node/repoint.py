@@ -16,7 +16,6 @@ socket back: the connection is as it was, nothing lost.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import dataclasses
 import os
@@ -26,14 +25,12 @@ from typing import TYPE_CHECKING
 
 from hijack.errors import HijackError
 from hijack.node import pki
-from hijack.node.channel import Channel
+from hijack.node.channel import Channel, DataWriter
 from hijack.node.daemon import DEFAULT_PORT, parse_address
 from hijack.node.swap import End, EndSession, LocalEnd, RemoteEnd
 from hijack.node.swap_end import read_state, split_endpoint, state_fields
 from hijack.registry import Registry
 from hijack.sys import pidfd
-
-UNREAD_PIECE = 4 << 20  # bytes of a direct connection's receive queue in one message
 
 if TYPE_CHECKING:
     from hijack.node.move import Proxy
@@ -55,12 +52,17 @@ class Repointed:
 
     identity: pki.NodeIdentity
     sessions: list[EndSession] = field(default_factory=list)
-    queues: dict[int, bytes] = field(default_factory=dict)  # by fd: send queue + received
+    # By (member, fd), in the order of the move message's proxies: send queue + received.
+    queues: dict[tuple[int, int], bytes] = field(default_factory=dict)
 
-    def prepare(self, pid: int, plan: list[Proxy], destination: str) -> list[Proxy]:
+    def prepare(
+        self, pid: int, plan: list[Proxy], destination: str, member: int = 0
+    ) -> list[Proxy]:
         """Freeze each direct connection's peer and make its end again towards
-        `destination` (the destination node's address): the plan with each `direct`
-        entry's state (its queues in `queues`, sent after the move message).
+        `destination` (the destination node's address): the plan of process `pid` with
+        each `direct` entry's state (its queues in `queues`, sent after the move message).
+        A tree's move calls it for each member holding one (`member`: its pid in the move
+        message, 0 for the root).
 
         The connection keeps its sequence numbers: each end is made again from its own
         state, and what one end acknowledged must be in the other's receive queue: what
@@ -89,12 +91,10 @@ class Repointed:
                     send_seq=sent[proxy.fd].send_seq,
                     send_queue=sent[proxy.fd].send_queue,
                 )
-                self.queues[proxy.fd] = state.send_queue + state.received
+                queues = state.send_queue + state.received
+                self.queues[(member, proxy.fd)] = queues
                 joined[proxy.fd] = dataclasses.replace(
-                    proxy,
-                    local=local,
-                    tcp=state_fields(state),
-                    queue_bytes=len(self.queues[proxy.fd]),
+                    proxy, local=local, tcp=state_fields(state), queue_bytes=len(queues)
                 )
         finally:
             for copy in copies.values():
@@ -102,12 +102,15 @@ class Repointed:
         return [joined.get(p.fd, p) for p in plan]
 
     def send_unread(self, channel: Channel) -> None:
-        """After the move message, before the image: each direct connection's queues
-        (`unread`, in pieces: a frame is at most 16 MiB)."""
-        for fd, data in self.queues.items():
-            for start in range(0, len(data), UNREAD_PIECE):
-                piece = base64.b64encode(data[start : start + UNREAD_PIECE]).decode()
-                channel.send({"op": "unread", "fd": fd, "data": piece})
+        """After the move message, before the image, if it names a direct connection: the
+        queues of each, one after the other in the order of the message's proxies, as one
+        data stream (binary, as the image: DATA frames, then DATA_END)."""
+        if not self.queues:
+            return
+        writer = DataWriter(channel)
+        for data in self.queues.values():
+            writer.write(data)
+        writer.close()
 
     def _freeze_peer(self, proxy: Proxy, registry: Registry) -> EndSession:
         host = split_endpoint(proxy.peer)[0]

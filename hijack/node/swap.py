@@ -31,6 +31,7 @@ from hijack.node import pki, swap_end
 from hijack.node.channel import Channel
 from hijack.node.daemon import parse_address
 from hijack.node.swap_end import split_endpoint
+from hijack.process.tree import read_tree
 from hijack.registry import ProcessRecord, Registry, node_name
 from hijack.shadow import control
 from hijack.sys import procfs
@@ -129,17 +130,19 @@ def holds_connection(record: ProcessRecord, local: str, peer: str) -> bool:
 
 
 def _attached_socket(record: ProcessRecord, local: str, peer: str) -> End | None:
-    """The attached process's end of the connection `local` -> `peer`, if it holds it."""
+    """The attached process's end of the connection `local` -> `peer`, if it (or a member
+    of its tree) holds it."""
     for _ in range(READ_TRIES):  # /proc tables change while read: a failed read is retried
         try:
+            holders = read_tree(record.pid).pids
             table = procfs.read_socket_table(record.pid)
-            entries = procfs.list_fds(record.pid)
+            entries = [(pid, entry) for pid in holders for entry in procfs.list_fds(pid)]
         except (HijackError, OSError):
             continue
-        for entry in entries:
+        for pid, entry in entries:
             found = table.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
             if found is not None and (found.local, found.remote) == (local, peer):
-                return End(record.pid, node_name(), record.program, local, peer, _port(local))
+                return End(pid, node_name(), record.program, local, peer, _port(local))
         return None
     return None
 

@@ -36,6 +36,7 @@ from hijack.mutator.dump import scratch_page
 from hijack.mutator.tracee import Tracee
 from hijack.objects import sockopts
 from hijack.objects.epoll import EPOLL_CTL_ADD, EPOLL_EVENT, live_targets
+from hijack.process.tree import read_tree
 from hijack.sys import memory, pidfd, procfs, tcp_repair
 
 F_SETFL, F_SETFD, FD_CLOEXEC = 4, 2, 1
@@ -90,8 +91,9 @@ class FrozenEnd:
 
     @classmethod
     def freeze(cls, pid: int, local: str, peer: str) -> FrozenEnd:
-        """Stop `pid` and take the TCP socket of it from `local` to `peer` ("ip:port")."""
-        fd = find_socket(pid, local, peer)
+        """Stop the process holding the TCP socket from `local` to `peer` ("ip:port"):
+        `pid`, or the member of its tree that holds it, and take that socket."""
+        pid, fd = find_holder(pid, local, peer)
         tracee = Tracee.seize(pid)
         try:
             old = pidfd.copy_fd(pid, fd)
@@ -329,8 +331,7 @@ def holder_of(local: str, peer: str) -> int:
         records = [r for r in registry.processes() if r.state in ("attached", "running")]
     for record in records:
         with contextlib.suppress(HijackError, OSError):
-            find_socket(record.pid, local, peer)
-            return record.pid
+            return find_holder(record.pid, local, peer)[0]
     raise HijackError(f"no process this node manages holds a TCP connection {local} -> {peer}")
 
 
@@ -359,6 +360,19 @@ def watches_of(pid: int, fd: int) -> list[tuple[int, int, int]]:
 def _queued(fd: int, request: int) -> int:
     value: int = struct.unpack("<i", fcntl.ioctl(fd, request, b"\0" * 4))[0]
     return value
+
+
+def find_holder(pid: int, local: str, peer: str) -> tuple[int, int]:
+    """(pid, descriptor) of the process of `pid`'s tree (itself first, then its
+    descendants: a member of a managed tree) holding the TCP connection `local` -> `peer`."""
+    try:
+        return pid, find_socket(pid, local, peer)
+    except HijackError:
+        members = read_tree(pid).pids[1:]
+        for member in members:
+            with contextlib.suppress(HijackError, OSError):
+                return member, find_socket(member, local, peer)
+        raise
 
 
 def find_socket(pid: int, local: str, peer: str) -> int:

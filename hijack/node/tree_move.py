@@ -72,6 +72,7 @@ from hijack.node.move import (
     unhomeable,
     unsettled_for_home,
 )
+from hijack.node.repoint import Repointed
 from hijack.objects import pipe, unix
 from hijack.process.tree import read_tree
 from hijack.registry import ProcessRecord
@@ -151,7 +152,7 @@ def stream_name(pid: int, fd: int, root: int) -> str:
 
 
 # What a member's plan may hold that a tree cannot move with yet: kind, what, a note.
-TREE_REFUSED = (("direct", "a direct connection", ", swapped"), ("master", "a pty master", ""))
+TREE_REFUSED = (("master", "a pty master", ""),)
 
 
 def plan_tree(
@@ -197,10 +198,41 @@ def plan_tree(
                     if p.kind == "terminal"
                     else stream_name(*links.get((pid, p.fd), (pid, p.fd)), root=root),
                 )
+                if p.kind != "direct"
+                else p
+                for p in plan
+            ]
+        if tree:  # a direct connection is no stream of the shadow's: one name per member's
+            plan = [
+                dataclasses.replace(p, stream=f"direct:{p.fd}" + (f"@{pid}" if pid != root else ""))
+                if p.kind == "direct"
+                else p
                 for p in plan
             ]
         plans[pid] = plan
+    if tree:
+        refuse_shared_direct(plans, root)
     return open_files_across(plans) if tree and frozen else plans
+
+
+def refuse_shared_direct(plans: dict[int, list[Proxy]], root: int) -> None:
+    """Refuse a direct connection more than one member holds (inherited across a fork):
+    its peer is made again towards the destination once, for one holder."""
+    holders: dict[str, list[int]] = {}
+    for pid, plan in plans.items():
+        for proxy in plan:
+            if proxy.kind == "direct":
+                with contextlib.suppress(OSError):  # closed since: planned again frozen
+                    socket_link = os.readlink(f"/proc/{pid}/fd/{proxy.fd}")
+                    holders.setdefault(socket_link, []).append(pid)
+    for link, pids in holders.items():
+        if len(set(pids)) > 1:
+            raise Unsupported(
+                f"cannot move the tree of process {root}: members"
+                f" {', '.join(map(str, sorted(set(pids))))} share one direct connection"
+                f" ({link}, swapped); moving a tree with one is not implemented yet;"
+                " nothing was changed"
+            )
 
 
 def terminal_stream(pid: int, fd: int, root: int, terminals: dict[tuple[int, int], str]) -> str:
@@ -458,6 +490,7 @@ def _frozen(
     # Members gone since the rounds have no image; those born since, a whole one.
     precopied = {member: p for member, p in precopied.items() if member in tracees}
     before = sum(p.bytes_sent for p in precopied.values())
+    repointed = Repointed(context.destination[1])
     try:
         reached("move-frozen")
         if precopied:
@@ -473,6 +506,14 @@ def _frozen(
             laps.lap("references")
         plans = plan_tree(members, pid, shadow, at_home, shared=shared, besides=besides)
         laps.lap("plan")
+        # The members' direct connections (swapped): each peer frozen and joined towards
+        # the destination, live at the commit (hijack.node.repoint), as a single process's.
+        towards = channel.sock.getpeername()[0]
+        for member, plan in plans.items():
+            if any(p.kind == "direct" for p in plan):
+                plans[member] = repointed.prepare(member, plan, towards, member)
+        if repointed.sessions:
+            laps.lap("direct peers")
         unread: dict[str, bytes] = {}
         if at_home:
             control_path = context.record.shadow_control or ""
@@ -489,6 +530,7 @@ def _frozen(
                 }
                 for member, plan in plans.items()
                 for p in plan
+                if p.kind != "direct"  # no stream of the shadow's
             ]
             answer = shadow.migrating({"move": move_id, "proxy": proxy})
             plans = {
@@ -509,6 +551,7 @@ def _frozen(
                 }
         laps.lap("shadow hand-over")
         channel.send(_move_message(context, plans, _controlling(frozen, plans), homing))
+        repointed.send_unread(channel)
         laps.lap("move message")
         context.report("streaming", before)
         writer = DataWriter(channel)
@@ -529,6 +572,7 @@ def _frozen(
         reached("move-prepared")
         context.report("switching", before + writer.sent)
     except BaseException:
+        repointed.abort()
         _abort(channel, shadow, move_id)
         raise
     # From the commit on, the answer alone decides (as hijack.node.move's).
@@ -539,6 +583,8 @@ def _frozen(
             outcome, answer, reason = _commit(channel, move_id, *context.destination)
         except Exception as exc:  # a malformed answer: what happened there is not known
             outcome, answer, reason = "unknown", {}, f"{type(exc).__name__}: {exc}"
+        if outcome != "running":
+            repointed.abort()  # in doubt too: each peer keeps its old connection
         if outcome == "aborted":
             _abort(channel, shadow, move_id)
             for member in members:
@@ -558,6 +604,7 @@ def _frozen(
                 pid=pid,
             )
         laps.lap("commit")
+        unjoined = repointed.commit()
         everything = [p for plan in plans.values() for p in plan]
         unread_datagrams: dict[str, list[tuple[str, bytes]]] = {}
         if not at_home:
@@ -576,7 +623,7 @@ def _frozen(
                 prepared,
                 unread,
                 unread_datagrams,
-                sorted({p.stream for p in everything}),
+                sorted({p.stream for p in everything if p.kind != "direct"}),
                 home_again=homing,
                 members={
                     pids.get(member, member): {p.fd: p.stream for p in plan}
@@ -595,6 +642,12 @@ def _frozen(
                 with contextlib.suppress(HijackError, OSError):  # committed: nothing may fail
                     consume_unread(member, plan)
         _kill_together(list(tracees.values()))
+    if unjoined:
+        raise HijackError(
+            f"the tree of process {pid} runs on {channel.peer} as {answer['pid']}, but"
+            f" {'; '.join(unjoined)}",
+            pid=pid,
+        )
     if unswitched is not None:
         raise HijackError(
             f"the tree of process {pid} runs on {channel.peer} as {answer['pid']}, but its home"
