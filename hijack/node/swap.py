@@ -183,13 +183,20 @@ class EndSession:
     def close(self) -> None:
         raise NotImplementedError
 
-    def open(self, end: End) -> None:
-        """Have the helper freeze `end`'s process and find its socket."""
+    def open(self, end: End, standby: bool = False) -> None:
+        """Have the helper freeze `end`'s process and find its socket; `standby`: find it,
+        and freeze it only at freeze() (a later move starts its helper before its own
+        freeze: hijack.node.repoint)."""
+        request = {"op": "swap_end", "pid": end.pid, "local": end.local, "peer": end.peer}
         try:
-            self.ask({"op": "swap_end", "pid": end.pid, "local": end.local, "peer": end.peer})
+            self.ask({**request, "standby": True} if standby else request)
         except BaseException:
             self.close()
             raise
+
+    def freeze(self) -> None:
+        """A helper opened in standby: freeze the process now."""
+        self.ask({"op": "freeze"})
 
     def sent(self, wait: float) -> tuple[int, int | None]:
         """(bytes its socket has still to send after at most `wait` s, what the process
@@ -231,9 +238,9 @@ class EndSession:
 class LocalEnd(EndSession):
     """An end that runs on this node: its helper is our child."""
 
-    def __init__(self, end: End) -> None:
+    def __init__(self, end: End, standby: bool = False) -> None:
         self.helper = swap_end.Helper()
-        self.open(end)
+        self.open(end, standby)
 
     def ask(self, message: dict[str, Any]) -> dict[str, Any]:
         answer = self.helper.ask(message)
@@ -248,9 +255,9 @@ class LocalEnd(EndSession):
 class RemoteEnd(EndSession):
     """An end that runs on another node: its daemon's helper (`swap_end`)."""
 
-    def __init__(self, end: End, channel: Channel) -> None:
+    def __init__(self, end: End, channel: Channel, standby: bool = False) -> None:
         self.channel = channel
-        self.open(end)
+        self.open(end, standby)
 
     def ask(self, message: dict[str, Any]) -> dict[str, Any]:
         self.channel.send(message)

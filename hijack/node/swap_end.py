@@ -407,14 +407,23 @@ class LineChannel:
 def serve(channel: Any, request: dict[str, Any]) -> None:
     """One end of one swap, on this node (a session: frozen; `sent` as often as asked;
     `join`; `commit` or `abort`). Any other message, or the coordinator gone, aborts:
-    the process gets its old socket back."""
+    the process gets its old socket back. With `standby` in the request, the helper
+    answers `standby` and freezes only when told `freeze`."""
     pid = int(request["pid"])
     try:
         if not pid:
             pid = holder_of(str(request["local"]), str(request["peer"]))
+        if request.get("standby"):
+            # Started before a later move's freeze (docs/protocol.md, "Later moves"): ready,
+            # the holder found; the process is frozen only at `freeze`.
+            channel.send({"phase": "standby", "pid": pid})
+            if channel.receive().get("op") != "freeze":
+                channel.send({"phase": "aborted"})
+                return
         end = FrozenEnd.freeze(pid, str(request["local"]), str(request["peer"]))
     except (HijackError, OSError, ValueError) as exc:
-        channel.send({"error": f"process {pid}: {exc}"})
+        with contextlib.suppress(Exception):  # the coordinator may be gone
+            channel.send({"error": f"process {pid}: {exc}"})
         return
     try:
         channel.send({"phase": "frozen", "fd": end.fd})

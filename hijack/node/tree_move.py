@@ -431,6 +431,7 @@ def move_tree_frozen(
     relayed = "" if homing else None  # why its shadow relays its descriptors still
     laps = Laps()
     handled = False  # the abort is _frozen's once the tree is frozen
+    repointed = Repointed(context.destination[1])
     try:
         if homing:
             relayed = unhomeable([p for plan in _running_plans(context)[0].values() for p in plan])
@@ -442,13 +443,19 @@ def move_tree_frozen(
         # Who else holds the members' pipes, while they run: each member's image then
         # checks only what changed (a scan of every process each, frozen, otherwise).
         holders_before = pipe.scan_holders_before(*read_tree(pid).pids)
+        # The peers' helpers of its members' direct connections, started while it runs.
+        repointed.standby(pid)
         with frozen_tree(pid) as frozen:
             handled = True
             laps.lap("stop")
-            return _frozen(context, frozen, laps, precopied or {}, holders_before, relayed)
+            return _frozen(
+                context, frozen, laps, precopied or {}, holders_before, relayed, repointed
+            )
     except BaseException:
-        if not handled and not context.at_home:
-            _abort(channel, shadow, move_id)
+        if not handled:
+            repointed.abort()
+            if not context.at_home:
+                _abort(channel, shadow, move_id)
         raise
 
 
@@ -477,6 +484,7 @@ def _frozen(
     precopied: dict[int, Precopy],
     holders_before: procfs.HolderScan,
     relayed: str | None = None,
+    repointed: Repointed | None = None,
 ) -> MoveResult:
     """`relayed`: a move home's so far ("" if every original may come back), else None."""
     pid, channel, shadow, move_id = context.pid, context.channel, context.shadow, context.move_id
@@ -490,7 +498,7 @@ def _frozen(
     # Members gone since the rounds have no image; those born since, a whole one.
     precopied = {member: p for member, p in precopied.items() if member in tracees}
     before = sum(p.bytes_sent for p in precopied.values())
-    repointed = Repointed(context.destination[1])
+    repointed = repointed or Repointed(context.destination[1])
     try:
         reached("move-frozen")
         if precopied:
@@ -511,7 +519,7 @@ def _frozen(
         towards = channel.sock.getpeername()[0]
         for member, plan in plans.items():
             if any(p.kind == "direct" for p in plan):
-                plans[member] = repointed.prepare(member, plan, towards, member)
+                plans[member] = repointed.prepare(member, plan, towards, member, laps)
         if repointed.sessions:
             laps.lap("direct peers")
         unread: dict[str, bytes] = {}
