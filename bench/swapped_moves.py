@@ -51,8 +51,9 @@ def ended_well(node: Node, pid: int) -> bool | None:
 def measure_swapped_moves(moves: int) -> list[str]:
     """MOVES later moves of a swapped stream_client; the lines to print."""
     taken = Moves()
-    # 10 MB/s for each move's couple of seconds, and then some.
-    size = (64 + 40 * moves) << 20
+    # Never over before the last move, however long the moves take on a loaded machine
+    # (10 MB/s shaped); the rest goes unshaped.
+    size = (512 + 160 * moves) << 20
     with (
         tempfile.TemporaryDirectory(prefix="hijack-bench-swapped-") as directory,
         Cluster(Path(directory), nodes=3) as cluster,

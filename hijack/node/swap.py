@@ -501,7 +501,7 @@ def swap(
             for pair in find_pairs(registry)
             if pid in (pair.first.pid, pair.second.pid) or _home_pid(registry, pair, pid)
         ]
-        if after_move:  # not a connection inside one tree: a tree holding one cannot move
+        if after_move:  # not a connection inside one tree (one shadow relays both ends)
             pairs = [pair for pair in pairs if not _one_shadow(pair)]
         if not pairs and not after_move:
             raise HijackError(
