@@ -154,14 +154,16 @@ class Repointed:
 
     def _freeze_peer(self, proxy: Proxy, registry: Callable[[], Registry]) -> EndSession:
         standing = self.standing.pop((proxy.local, proxy.peer), None)
-        if standing is None:
-            return self._open_peer(proxy.local, proxy.peer, registry())
-        try:
-            standing.freeze()
-        except BaseException:
-            standing.close()
-            raise
-        return standing
+        if standing is not None:
+            try:
+                standing.freeze()
+                return standing
+            except (HijackError, OSError):  # its channel timed out, say: a helper anew
+                standing.close()
+            except BaseException:
+                standing.close()
+                raise
+        return self._open_peer(proxy.local, proxy.peer, registry())
 
     def _open_peer(
         self, local: str, peer: str, registry: Registry, standby: bool = False
