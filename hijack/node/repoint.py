@@ -88,8 +88,8 @@ class Repointed:
         """Freeze each direct connection's peer and make its end again towards
         `destination` (the destination node's address): the plan of process `pid` with
         each `direct` entry's state (its queues in `queues`, sent after the move message).
-        A tree's move calls it for each member holding one (`member`: its pid in the move
-        message, 0 for the root).
+        A tree's move calls it for each member holding one (`member`: the member's pid,
+        as the move message names it; a single process's move leaves it 0).
 
         The connection keeps its sequence numbers: each end is made again from its own
         state, and what one end acknowledged must be in the other's receive queue: what
