@@ -37,7 +37,6 @@ from hijack.mutator.shared_pages import SharedPages
 from hijack.mutator.spliced_pages import PageSplicer, page_splicer
 from hijack.mutator.tracee import (
     BORROWED_SCRATCH,
-    SCRATCH_SIZE,
     ThreadState,
     TracedThread,
     Tracee,
@@ -691,11 +690,33 @@ def read_brk(tracee: Tracee, area: Area) -> int:
 def read_signal_actions(
     tracee: Tracee, scratch: int, known: list[rec.SigAction] | None = None
 ) -> list[rec.SigAction]:
-    """queue_signal_actions, run at once with `scratch` (a scratch_page) for what they write."""
-    batch = Batch(Area(scratch, SCRATCH_SIZE, executable=False))
-    read = queue_signal_actions(tracee, batch, known)
-    batch.run(tracee)
-    return read()
+    """queue_signal_actions, one call at a time, each writing its 32 bytes at `scratch`
+    (borrowed stack bytes hold no more)."""
+    found = []
+    for entry in _actions_known(tracee, known):
+        if isinstance(entry, rec.SigAction):
+            found.append(entry)
+            continue
+        tracee.checked_syscall("rt_sigaction", entry, 0, scratch, 8)
+        found.append(_sigaction(memory.read(tracee.pid, scratch, SIGACTION_SIZE)))
+    return found
+
+
+def _actions_known(tracee: Tracee, known: list[rec.SigAction] | None) -> list[rec.SigAction | int]:
+    """Each signal's action where `known` tells it (see queue_signal_actions), or its
+    number where it must be asked."""
+    status = procfs.read_status(tracee.pid) if known is not None else None
+    found: list[rec.SigAction | int] = []
+    for signal_number in range(1, rec.SIGNAL_COUNT + 1):
+        if status is not None and known is not None and signal_number != signal.SIGCHLD:
+            bit = 1 << (signal_number - 1)
+            now = SIG_IGN if status.sig_ign & bit else SIG_DFL
+            before = known[signal_number - 1]
+            if not status.sig_cgt & bit and before.sa_handler == now:
+                found.append(before)
+                continue
+        found.append(signal_number)
+    return found
 
 
 def queue_signal_actions(
@@ -709,18 +730,13 @@ def queue_signal_actions(
     /proc shows them still default or still ignored. For such a signal no
     handler runs, so its flags and mask change nothing (SIGCHLD's do).
     """
-    status = procfs.read_status(tracee.pid) if known is not None else None
     found: list[rec.SigAction | int] = []  # an action, or where the kernel writes it
-    for signal_number in range(1, rec.SIGNAL_COUNT + 1):
-        if status is not None and known is not None and signal_number != signal.SIGCHLD:
-            bit = 1 << (signal_number - 1)
-            now = SIG_IGN if status.sig_ign & bit else SIG_DFL
-            before = known[signal_number - 1]
-            if not status.sig_cgt & bit and before.sa_handler == now:
-                found.append(before)
-                continue
+    for entry in _actions_known(tracee, known):
+        if isinstance(entry, rec.SigAction):
+            found.append(entry)
+            continue
         written = batch.buffer(SIGACTION_SIZE)
-        batch.call("rt_sigaction", signal_number, 0, written, 8)
+        batch.call("rt_sigaction", entry, 0, written, 8)
         found.append(written)
 
     def actions() -> list[rec.SigAction]:
