@@ -29,7 +29,7 @@ from hijack.errors import HijackError
 from hijack.mutator.tracee import signals_deferred
 from hijack.node import pki, swap_end
 from hijack.node.channel import Channel
-from hijack.node.daemon import parse_address
+from hijack.node.daemon import DEFAULT_PORT, parse_address
 from hijack.node.swap_end import split_endpoint
 from hijack.registry import ProcessRecord, Registry, node_name
 from hijack.shadow import control
@@ -42,6 +42,9 @@ DRAIN_LIMIT = 30.0
 OWED_PIECE = 4 << 20  # owed bytes sent to a remote end in one message
 READ_TRIES = 3
 SHADOW_TIMEOUT = 15.0  # a shadow's answer to one swap step (it waits SWAP_WAIT at most)
+# A home node's answer to a swap asked from away: one pair's swap (its drains DRAIN_LIMIT
+# each, the ends' helpers started, what is owed sent).
+HOME_ANSWER_TIMEOUT = 180.0
 
 
 @dataclass(frozen=True)
@@ -476,16 +479,24 @@ class Swap:
 
 def swap(
     pid: int, report: Callable[[str], None] = lambda _: None, *, after_move: bool = False
-) -> list[tuple[Pair, str]]:
+) -> list[tuple[str, str]]:
     """Swap every relayed connection of `pid` whose other end this node manages too;
-    returns each pair and what became of it (its new addresses, or why it stayed).
-    `after_move`: a move's own swap (`hijack move`, once the process runs at its
+    returns each pair (described) and what became of it (its new addresses, or why it
+    stayed). `after_move`: a move's own swap (`hijack move`, once the process runs at its
     destination): none that qualifies is no error then, only nothing to do."""
+    return list(swap_each(pid, report, after_move=after_move))
+
+
+def swap_each(
+    pid: int, report: Callable[[str], None] = lambda _: None, *, after_move: bool = False
+) -> Iterator[tuple[str, str]]:
+    """As swap(), each pair's outcome as soon as it is known (the daemon's `swap` tells
+    its asker each as it comes)."""
     with Registry() as registry:
         if registry.find(pid) is None:
-            if after_move:  # moved from away from home: its home node swaps (hijack swap)
-                return []
-            raise HijackError(f"process {pid} is not managed by this node")
+            if after_move:  # gone meanwhile (it ended): nothing of it to swap
+                return
+            raise HijackError(f"process {pid} is not managed by node {node_name()}")
         pairs = [
             pair
             for pair in find_pairs(registry)
@@ -495,18 +506,91 @@ def swap(
             pairs = [pair for pair in pairs if not _one_shadow(pair)]
         if not pairs and not after_move:
             raise HijackError(
-                f"process {pid} has no relayed connection whose other end this node manages"
+                f"process {pid} has no relayed connection whose other end node {node_name()}"
+                " manages"
             )
         identity = pki.load_identity()
-        results = []
         for pair in pairs:
             try:
                 first, second = Swap(registry, pair, identity, report=report).run()
             except (HijackError, OSError) as exc:
-                results.append((pair, f"relayed still: {exc}"))
+                yield pair.describe(), f"relayed still: {exc}"
                 continue
-            results.append((pair, f"direct: {first} <-> {second}"))
-        return results
+            yield pair.describe(), f"direct: {first} <-> {second}"
+
+
+# -- run away from home: the home node's daemon swaps -------------------------------
+
+
+@dataclass(frozen=True)
+class Home:
+    """Where a process's relayed streams are swapped: its home node (its shadow's), when
+    that is not this node."""
+
+    node: str
+    pid: int  # the process's pid there (its registry's)
+    address: tuple[str, int]  # that node's daemon
+
+
+def home_of(registry: Registry, pid: int) -> Home | None:
+    """The home of `pid` if it is another node (a migrant here); None if it is this node
+    or `pid` is not managed (a move attaches it here). Read before a move: the record
+    goes with the process."""
+    record = registry.find(pid)
+    if record is None or record.home_node == node_name():
+        return None
+    known = registry.node_address(record.home_node)
+    if known is not None:
+        address = parse_address(known)
+    else:  # its shadow's relay is on that node: its daemon listens there, on the default port
+        address = (split_endpoint(record.relay_address or "")[0], DEFAULT_PORT)
+    return Home(record.home_node, record.home_pid or record.pid, address)
+
+
+def swap_at_home(
+    home: Home, identity: pki.NodeIdentity, registry: Registry, *, after_move: bool = False
+) -> Iterator[tuple[str, str]]:
+    """swap_each() of the process run by `home`'s daemon (its `swap`), each pair and its
+    outcome as the daemon tells it. The nodes this one knows go with the request: the
+    home node may not know the node the process runs on now (a move from here)."""
+    try:
+        channel = Channel.connect(home.address, identity, expect=home.node)
+    except HijackError as exc:
+        raise HijackError(f"its home node {home.node}: {exc}") from None
+    with contextlib.closing(channel):
+        channel.sock.settimeout(HOME_ANSWER_TIMEOUT)
+        nodes = {name: address for name, address, _ in registry.nodes()}
+        channel.send({"op": "swap", "pid": home.pid, "after_move": after_move, "nodes": nodes})
+        while True:
+            answer = channel.receive()
+            if "error" in answer:
+                reason = " ".join(str(answer["error"]).split())
+                raise HijackError(f"its home node {home.node}: {reason}")
+            if answer.get("done"):
+                return
+            yield str(answer["pair"]), str(answer["outcome"])
+
+
+def serve_swap(channel: Channel, request: dict[str, Any]) -> None:
+    """The daemon's `swap` (docs/protocol.md, "Socket swap"): swap_each() of `pid` (this
+    node's), asked by a node where the process ran (a move run away from home, or
+    `hijack swap` there): one `{pair, outcome}` message each, then `done` (or `error`)."""
+    pid, nodes = request.get("pid"), request.get("nodes", {})
+    if not isinstance(pid, int) or not isinstance(nodes, dict):
+        channel.send({"error": "a swap request needs a pid (and nodes: name -> address)"})
+        return
+    try:
+        with Registry() as registry:  # the nodes we do not know yet: where its ends run
+            for name, address in nodes.items():
+                if name != node_name() and registry.node_address(str(name)) is None:
+                    parse_address(str(address))
+                    registry.record_node(str(name), str(address))
+        for described, outcome in swap_each(pid, after_move=bool(request.get("after_move"))):
+            channel.send({"pair": described, "outcome": outcome})
+    except (HijackError, OSError) as exc:
+        channel.send({"error": str(exc)})
+        return
+    channel.send({"done": True})
 
 
 def _one_shadow(pair: Pair) -> bool:
