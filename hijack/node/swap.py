@@ -33,6 +33,7 @@ from hijack.node.daemon import DEFAULT_PORT, parse_address
 from hijack.node.swap_end import split_endpoint
 from hijack.registry import ProcessRecord, Registry, node_name
 from hijack.shadow import control
+from hijack.shadow.relay import RELAYS_CHANGING
 from hijack.sys import procfs
 
 SWAP_WAIT = 10.0  # seconds each draining step may take before the swap is given up
@@ -342,13 +343,24 @@ class Swap:
         return local[0], local[1]
 
     def _hold(self, shadowed: Shadowed) -> socket.socket:
-        """`write`, on a connection the shadow watches until the swap is over."""
-        lease, _ = control.hold(
-            shadowed.control,
-            {"op": "swap", "swap": self.id, "stream": shadowed.stream, "step": "write"},
-            timeout=SHADOW_TIMEOUT,
-        )
-        return lease
+        """`write`, on a connection the shadow watches until the swap is over. A stream
+        whose process just moved on from a node is refused until its old relay is read to
+        its end (the process's last bytes there, at the pace the original's peer reads
+        them): asked again meanwhile, up to DRAIN_LIMIT."""
+        deadline = time.monotonic() + DRAIN_LIMIT
+        while True:
+            try:
+                lease, _ = control.hold(
+                    shadowed.control,
+                    {"op": "swap", "swap": self.id, "stream": shadowed.stream, "step": "write"},
+                    timeout=SHADOW_TIMEOUT,
+                )
+            except HijackError as exc:
+                if RELAYS_CHANGING not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+                continue
+            return lease
 
     def _close(self) -> None:
         for lease in self.leases:

@@ -61,6 +61,9 @@ from hijack.sys import terminal as terminal_sys
 CHUNK = 256 * 1024
 BUFFER_LIMIT = 4 * 1024 * 1024  # bytes held per direction before we stop reading
 ACK_WAIT = 5.0  # seconds to wait for the old node to acknowledge what we sent
+# A swap's `write` refused so while an old relay is read to its end (a move from one node
+# to another just done): the coordinator asks again (hijack.node.swap).
+RELAYS_CHANGING = "its relays are changing"
 SIOCOUTQ = termios.TIOCOUTQ
 REPLAY_LIMIT = 1024 * 1024
 PIPE_SIZE = 1024 * 1024  # /proc/sys/fs/pipe-max-size by default: more needs CAP_SYS_RESOURCE
@@ -515,7 +518,7 @@ class RelayHub:
         if not relay.readable():
             return
         with contextlib.suppress(OSError):  # the event loop meets it again and handles it
-            if stream.in_room():
+            if self._relay_room(stream, relay):
                 self._read_relay(stream, relay)
             self._flush_original(stream)
 
@@ -892,7 +895,7 @@ class RelayHub:
             return 0
         events = 0
         readable = relay.readable() and not stream.retiring
-        if readable and stream.in_room():
+        if readable and self._relay_room(stream, relay):
             events |= selectors.EVENT_READ
         if stream.swapping:
             # Nothing more for the process; but what TLS made of what it was sent before
@@ -1009,13 +1012,26 @@ class RelayHub:
         for _ in range(PUMP_ROUNDS):
             moved = 0
             self._read_short = False
-            if events & selectors.EVENT_READ and relay.readable() and stream.in_room():
+            reading = events & selectors.EVENT_READ and relay.readable()
+            if reading and self._relay_room(stream, relay):
                 moved += self._read_relay(stream, relay)
             if events & selectors.EVENT_WRITE:
                 moved += self._flush_relay(stream)
             moved += self._flush_original(stream)
             if not moved or stream.original < 0 or self._read_short:
                 break
+
+    def _relay_room(self, stream: Stream, relay: Relay) -> bool:
+        """Whether to read `relay` now: while there is room for what it brings here; an
+        encrypted one also whatever we hold while a move or a swap waits for its node's
+        acknowledgements (the flow towards the process stopped). Its forwarder's ACKs
+        come in its TLS stream, behind the process's data: left unread, they would wait
+        until the original's peer has read all before them (a slow peer: seconds, and
+        the move or the swap gives up). What is read then is bounded by what the
+        process writes meanwhile: a move waits `ack_wait` at most, a swap freezes it."""
+        if stream.in_room():
+            return True
+        return relay.link is not None and (bool(stream.swapping) or not self.pumping)
 
     def _read_relay(self, stream: Stream, relay: Relay) -> int:
         if relay.link is not None:
@@ -1413,7 +1429,7 @@ class RelayHub:
         if stream.kind == "listener":
             return ""
         if stream.relay is None or stream.retiring:
-            return "its relays are changing"
+            return RELAYS_CHANGING
         if stream.relay.link is not None and stream.id not in written:
             # Its bytes pass through its node's forwarder: only a count tells they all came.
             return "its relay is encrypted, and the mover did not say what the process wrote"
@@ -1570,7 +1586,7 @@ class RelayHub:
         if stream.original < 0 or stream.original_eof or stream.shut_original:
             return "its original has ended"
         if stream.relay is None or stream.retiring or stream.relay.eof:
-            return "its relays are changing"
+            return RELAYS_CHANGING
         if _socket_copy(stream.original) is None:
             return "not a socket"
         return ""
