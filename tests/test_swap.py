@@ -16,6 +16,7 @@ import json
 import re
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,7 +132,9 @@ def interrupt_swaps(home: Node, node: Node, home_pid: int, moved: Moved, relays:
         ("swap-frozen", f"{node.name} unreachable"),
     ):
         assert still_running(moved.pid), "the stream ended before the swaps: too fast"
+        started = time.monotonic()
         swapping = hijack_in(home, stage, "swap", home_pid)
+        reached = time.monotonic() - started  # printed: how long its drains took
         if isinstance(what, str):
             link_down(node)
             deliver(swapping, signal.SIGCONT)
@@ -148,7 +151,10 @@ def interrupt_swaps(home: Node, node: Node, home_pid: int, moved: Moved, relays:
             f"the {relays} relayed stream goes on after a swap stopped at {stage} by {what}",
             timeout=60,
         )
-        print(f"{relays} {stage} {what}: relayed still, {result.stderr.strip()}")
+        print(
+            f"{relays} {stage} (reached in {reached:.1f} s) {what}: relayed still,"
+            f" {result.stderr.strip()}"
+        )
 
 
 def test_a_swap_interrupted_at_any_step_leaves_the_relayed_stream_working(

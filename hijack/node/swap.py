@@ -67,6 +67,9 @@ class End:
     peer: str  # ... and its peer's: how the swap finds the socket
     port: int  # the port the process keeps as its own (its original connection's)
     shadow: Shadowed | None = None  # relayed: the stream at its home shadow
+    # Its node's address as its relay comes from there: that node's daemon's host, on the
+    # default port, when the registry does not know the node (moved there from away).
+    host: str = ""
 
     def describe(self) -> str:
         via = f", relayed as {self.shadow.stream}" if self.shadow else ""
@@ -123,6 +126,7 @@ def _relayed_ends(registry: Registry) -> Iterator[tuple[End, list[str]]]:
                 peer=str(row["shadow_end"]),
                 port=_port(original[0]),
                 shadow=shadow,
+                host=str(row.get("node_host", "")),
             )
             yield end, [str(original[0]), str(original[1])]
 
@@ -433,9 +437,14 @@ class Swap:
 
     def _daemon(self, node: str) -> tuple[str, int]:
         address = self.registry.node_address(node)
-        if address is None:
-            raise HijackError(f"node {node}: this node does not know its address")
-        return parse_address(address)
+        if address is not None:
+            return parse_address(address)
+        # Moved there by a move run away from here: its relay comes from that node's
+        # address, where its daemon listens on the default port (its name is checked).
+        hosts = [end.host for end in (self.pair.first, self.pair.second) if end.node == node]
+        if hosts and hosts[0]:
+            return hosts[0], DEFAULT_PORT
+        raise HijackError(f"node {node}: this node does not know its address")
 
     def _channel(self, node: str) -> Channel:
         channel = self.channels.get(node)

@@ -118,8 +118,14 @@ class Relay:
     # the shadow must still describe it (the status a mover plans with).
     shadow_end: str = field(init=False, default="")
     node_end: str = field(init=False, default="")
+    # The node's address this connection comes from ("" if unknown): its daemon's host
+    # for a swap whose registry does not know that node (an encrypted relay's ends are
+    # loopback ones there).
+    node_host: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
+        with contextlib.suppress(OSError):
+            self.node_host = str(self.sock.getpeername()[0])
         if self.ends is not None:
             self.node_end, self.shadow_end = self.ends
             return
@@ -1606,6 +1612,7 @@ class RelayHub:
                     "kind": stream.kind,
                     "relay": relay.node_end if relay else "",
                     "shadow_end": relay.shadow_end if relay else "",
+                    "node_host": relay.node_host if relay else "",
                     "listener": self.listeners.get(stream.id, ""),
                     "terminal": relay.terminal if relay else "",
                     "bytes_out": bytes_out,
