@@ -43,6 +43,10 @@ PLAIN = ("--plain-relays",)  # relays not encrypted (the default is TLS between 
 # the swaps (the direct connection between nodes is not shaped): 10 MB/s, 400 MB echoed.
 LOOPBACK_SHAPE = ("rate", "80mbit", "burst", "256kb", "latency", "100ms")
 STREAM_BYTES = 400 * 1024 * 1024
+# How long a swap may take to reach a test point: its own bounds (hijack.node.swap), two
+# drains of 30 s at most each (what the relayed end wrote crosses the slowed loopback to
+# the server first: 12-20 s at load 20-30 over encrypted relays), the ends' helpers started.
+SWAP_STAGE_TIMEOUT = 120.0
 
 
 @contextlib.contextmanager
@@ -133,7 +137,7 @@ def interrupt_swaps(home: Node, node: Node, home_pid: int, moved: Moved, relays:
     ):
         assert still_running(moved.pid), "the stream ended before the swaps: too fast"
         started = time.monotonic()
-        swapping = hijack_in(home, stage, "swap", home_pid)
+        swapping = hijack_in(home, stage, "swap", home_pid, timeout=SWAP_STAGE_TIMEOUT)
         reached = time.monotonic() - started  # printed: how long its drains took
         if isinstance(what, str):
             link_down(node)

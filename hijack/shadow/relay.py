@@ -1029,15 +1029,18 @@ class RelayHub:
 
     def _relay_room(self, stream: Stream, relay: Relay) -> bool:
         """Whether to read `relay` now: while there is room for what it brings here; an
-        encrypted one also whatever we hold while a move or a swap waits for its node's
-        acknowledgements (the flow towards the process stopped). Its forwarder's ACKs
-        come in its TLS stream, behind the process's data: left unread, they would wait
-        until the original's peer has read all before them (a slow peer: seconds, and
-        the move or the swap gives up). What is read then is bounded by what the
-        process writes meanwhile: a move waits `ack_wait` at most, a swap freezes it."""
+        encrypted one also past that while a move or a swap waits for its node's
+        acknowledgements (the flow towards the process stopped, `unacknowledged`). Its
+        forwarder's ACKs come in its TLS stream, behind the process's data: left unread,
+        they would wait until the original's peer had read all before them (a slow peer:
+        seconds, and the move or the swap gave up). Once all is acknowledged the bound
+        holds again, so that the process, running on until it is frozen, is held back
+        by TCP: what it wrote must reach the peer before a swap's join (a swap reading
+        it all while the end was being frozen held 160 MB: 30 s to drain at 5 MB/s)."""
         if stream.in_room():
             return True
-        return relay.link is not None and (bool(stream.swapping) or not self.pumping)
+        waiting = bool(stream.swapping) or not self.pumping
+        return relay.link is not None and waiting and relay.unacknowledged() > 0
 
     def _read_relay(self, stream: Stream, relay: Relay) -> int:
         if relay.link is not None:
