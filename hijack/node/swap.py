@@ -28,7 +28,7 @@ from hijack import testpoint
 from hijack.errors import HijackError
 from hijack.mutator.tracee import signals_deferred
 from hijack.node import pki, swap_end
-from hijack.node.channel import Channel
+from hijack.node.channel import Channel, ChannelError
 from hijack.node.daemon import DEFAULT_PORT, parse_address
 from hijack.node.swap_end import split_endpoint
 from hijack.registry import ProcessRecord, Registry, node_name
@@ -608,6 +608,8 @@ def serve_swap(channel: Channel, request: dict[str, Any]) -> None:
                     registry.record_node(str(name), str(address))
         for described, outcome in swap_each(pid, after_move=bool(request.get("after_move"))):
             channel.send({"pair": described, "outcome": outcome})
+    except ChannelError:
+        raise  # the asker is gone: the pair under way was finished or undone, no more
     except (HijackError, OSError) as exc:
         channel.send({"error": str(exc)})
         return
