@@ -24,9 +24,13 @@ $(STAMP): pyproject.toml
 
 # The home shadow's native relay pump (hijack/shadow/pump.py); without it relays
 # are spliced in Python, slower.
-NATIVE := hijack/native/relay-pump
-$(NATIVE): hijack/native/relay_pump.c $(STAMP) system-deps
+NATIVE := hijack/native/relay-pump hijack/native/shadow-holder
+hijack/native/relay-pump: hijack/native/relay_pump.c $(STAMP) system-deps
 	$(PY) -m hijack.shadow.pump
+# The resting form of an idle shadow (hijack/shadow/holder.py); without it every
+# shadow stays in Python (about 12 MiB PSS each).
+hijack/native/shadow-holder: hijack/native/shadow_holder.c $(STAMP) system-deps
+	$(PY) -m hijack.shadow.holder
 
 system-deps:
 	@missing=""; for p in $(DEBS); do \

@@ -20,6 +20,9 @@ the same run, on the same bytes, at the same place:
 - the freeze of a move of a process dirtying 200 MB/s, with post-copy beside
   pre-copy alone (bench/postcopy.py);
 - the pause of `hijack attach` + `detach` of a busy process (bench/pauses.py);
+- what a shadow weighs: PSS per attached process with 200 attached, resting,
+  beside shadows kept in Python, and a resting shadow's first answer
+  (bench/shadows.py);
 - redis-benchmark GETs (10 clients) through the home shadow beside direct,
   plain, encrypted and accepted after the move, with the shadow's CPU per GET
   (bench/redis.py);
@@ -31,7 +34,9 @@ the same run, on the same bytes, at the same place:
   The move figures above run over TLS; links.py prints encrypted relays beside
   --plain-relays.
 - the freeze and image of moving a tree, 1 parent + 8 children sharing SIZE/4
-  since a fork, beside one process holding the same (bench/tree_moves.py).
+  since a fork, beside one process holding the same, and the post-copy freeze
+  of a tree whose members keep rewriting their memory beside its pre-copy one
+  (bench/tree_moves.py).
 
 `python -m bench` measures 1 GiB; `--quick` measures 64 MiB (CI runs it so the
 scripts cannot rot; it asserts nothing). Results go to stdout and to
@@ -57,6 +62,7 @@ from bench.moves import measure_moves
 from bench.pauses import measure_pauses
 from bench.postcopy import measure_postcopy
 from bench.redis import measure_redis
+from bench.shadows import measure_shadows
 from bench.snapshots import cpu_line, cpu_per_gib, measure_snapshots
 from bench.tls import measure_freeze_before_tls, measure_tls
 from bench.tree_moves import measure_tree_moves
@@ -293,6 +299,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         move_lines += measure_postcopy(Path(directory), size)
         move_lines += measure_pauses(Path(directory), cycles=20 if args.quick else 200)
+        move_lines += measure_shadows(
+            Path(directory), count=10 if args.quick else 200, python_count=3 if args.quick else 20
+        )
         if args.quick:
             move_lines += measure_redis(rounds=1, warm=0.2, window=0.5)
         else:

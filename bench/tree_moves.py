@@ -10,17 +10,27 @@ Printed: the freezes and image sizes, the tree's as a ratio to the single
 one's (pages the members still share since the fork are stored once: CRF 6),
 and the pre-copied tree's freeze beside its frozen one, with where its freeze went
 (the laps of --timing, here and at the destination).
+
+Then a tree whose members keep writing (each rewrites a byte of every page of its copy
+of the region, over and over: far faster than any link drains) moved with `--precopy`
+(rounds only: its freeze carries what they never caught up with) and with `--postcopy`
+(the pages written since the first round left on the source, served after the start):
+the post-copy freeze beside the pre-copy one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 from bench.testnodes import Cluster, Node
+from hijack.process.tree import read_tree
 
 CHILDREN = 8
 MOVE_TIMEOUT = 600.0  # seconds: a tree of 9 x 256 MiB on a loaded machine
@@ -48,9 +58,33 @@ while True:
 """
 
 
-def _start(node: Node, size_mib: int, children: int) -> subprocess.Popen[str]:
+# As HOLDER, but every member rewrites a byte of each page of the region, then sleeps
+# 10 ms, until killed (its copy of the region is its own after the first sweep).
+DIRTIER = """\
+import mmap, os, sys, time
+size = int(sys.argv[1]) << 20
+memory = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for offset in range(0, size, 4096):
+    memory[offset] = 1
+for _ in range(int(sys.argv[2])):
+    if os.fork() == 0:
+        break
+else:
+    print("ready", flush=True)
+value = 0
+while True:
+    value = value % 250 + 1
+    for offset in range(0, size, 4096):
+        memory[offset] = value
+    time.sleep(0.01)
+"""
+
+
+def _start(
+    node: Node, size_mib: int, children: int, program: str = HOLDER
+) -> subprocess.Popen[str]:
     holder: subprocess.Popen[str] = node.spawn(
-        [sys.executable, "-c", HOLDER, str(size_mib), str(children)],
+        [sys.executable, "-c", program, str(size_mib), str(children)],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -99,6 +133,16 @@ def measure_tree_moves(size_mib: int) -> list[str]:
                 holder = _start(a, size_mib, children)
                 moved[children, option] = _move(a, holder.pid, b, option, "--timing")
                 holder.wait()  # the original, killed by the move
+        for option in ("--precopy", "--postcopy"):
+            dirtier = _start(a, _dirty_mib(size_mib), CHILDREN, DIRTIER)
+            moved[-1, option] = _move(a, dirtier.pid, b, option)
+            dirtier.wait()
+            # The copy writes on there: ended now, not left to load the machine.
+            there = MOVED.search(" ".join(moved[-1, option][2].split()))
+            if there is not None:
+                for member in read_tree(int(there[3])).pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(member, signal.SIGKILL)
     tree_freeze, tree_image, printed = moved[CHILDREN, "--no-precopy"]
     single_freeze, single_image, _ = moved[0, "--no-precopy"]
     tree_precopy, _, precopy_printed = moved[CHILDREN, "--precopy"]
@@ -123,7 +167,32 @@ def measure_tree_moves(size_mib: int) -> list[str]:
         f" x{tree_precopy / single_precopy:.1f} ({sent_mib:.1f} MiB sent in all;"
         f" x{tree_precopy / tree_freeze:.2f} of the tree's frozen move)",
         *(f"  pre-copied tree, {line}" for line in laps),
+        _postcopy_line(moved[-1, "--postcopy"], moved[-1, "--precopy"], _dirty_mib(size_mib)),
     ]
+
+
+def _dirty_mib(size_mib: int) -> int:
+    """Each member's region in the dirtying tree: 1/16 of SIZE (9 members rewriting it all
+    the time: what the rounds would send again and again)."""
+    return max(size_mib // 16, 4)
+
+
+def _postcopy_line(
+    postcopy: tuple[float, float, str], precopy: tuple[float, float, str], size_mib: int
+) -> str:
+    """The dirtying tree's post-copy freeze beside its pre-copy one."""
+    served = re.search(
+        r"post-copy: ([\d.]+) (KiB|MiB|GiB|B) served after the start, in (\d+) ms",
+        " ".join(postcopy[2].split()),
+    )
+    lazy = f"{float(served[1]) * UNITS[served[2]]:.1f} MiB" if served else "nothing"
+    after = f" in {int(served[3]) / 1000:.1f} s" if served else ""
+    tree = f"1+{CHILDREN} dirtying {size_mib} MiB each"
+    return (
+        f"{f'tree move freeze, post-copy, {tree}':<34} {postcopy[0]:8.1f} ms  "
+        f" | {'the same tree, --precopy (rounds only)':<38} {precopy[0]:8.1f} ms   |"
+        f" x{postcopy[0] / precopy[0]:.2f} ({lazy} served after the start{after})"
+    )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from support import (
 from support.objects import hijack  # noqa: F401 (the CLI fixture of the tests of each kind)
 from support.tempdirs import remove_temp_dir
 
-from hijack.shadow import pump
+from hijack.shadow import holder, pump
 from hijack.sys import netlock
 from hijack.sys.process import set_child_subreaper
 
@@ -38,6 +38,7 @@ from hijack.sys.process import set_child_subreaper
 def pytest_sessionstart(session: pytest.Session) -> None:
     set_child_subreaper()
     pump.build()  # the shadow's native relay pump, as `make` builds it at install
+    holder.build()  # and the resting shadow's holder
 
 
 @pytest.fixture(scope="session")

@@ -53,10 +53,13 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "before TLS (66ffbeb), same run",
         "tree move freeze, 1+8 sharing",
         "tree move image, 1+8 sharing",
+        "tree move freeze, post-copy, 1+8 dirtying",
         "redis GET relayed, plain",
         "redis GET relayed, tls",
         "redis GET relayed, accepted",
         "shadow CPU per GET, plain",
+        "shadow PSS per attached process",
+        "first request to a resting shadow",
     )
     for figure in figures:
         assert figure in result.stdout, result.stdout

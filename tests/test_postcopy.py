@@ -137,7 +137,7 @@ def test_children_forked_during_postcopy_see_every_page_their_parent_had(
         # one forked before the last page arrived reads the missing ones through a
         # userfaultfd of its own (never as zeros).
         # "moved": no child at the freeze (a move takes a process with its children, and
-        # trees are not moved by post-copy), the first forks right after the restore.
+        # so it is a single process moved), the first forks right after the restore.
         with spawn_fixture("dirtier", "64", DIRTY_RATE, "20", "moved", netns=a.netns) as dirtier:
             moved = moved_with_postcopy(a, b, dirtier.pid, "--postcopy")
             dirtier.wait_exit()

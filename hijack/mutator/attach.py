@@ -28,7 +28,7 @@ from hijack.mutator.shadow_fork import become_shadow, discard_copy, fork_shadow_
 from hijack.mutator.tracee import Tracee
 from hijack.process.tree import ProcessTree, read_tree, untakeable
 from hijack.registry import MemberRecord, ProcessRecord, Registry, node_name
-from hijack.shadow import control
+from hijack.shadow import control, holder
 from hijack.shadow.program import ended_path
 from hijack.sys import pidfd, procfs
 from hijack.testpoint import reached
@@ -231,6 +231,9 @@ def hijack_role(argv: list[str]) -> str | None:
     and the console script, run directly or by its interpreter.
     """
     run_by_python = bool(argv) and os.path.basename(argv[0]).startswith("python")
+    resting = len(argv) > 1 and os.path.basename(argv[0]) == holder.PROGRAM.name
+    if resting and argv[1] == holder.ROLE:
+        return holder.ROLE  # a shadow at rest (hijack.shadow.holder)
     for index, argument in enumerate(argv[:3]):
         if index and argv[index - 1] == "-m" and argument in ("hijack", "hijack.shadow"):
             return argument
@@ -424,13 +427,17 @@ def shadow_command(
 def shadow_environment(state_directory: Path) -> dict[str, str]:
     # The shadow runs our Python on our package, whatever the target's environment.
     package_root = str(Path(hijack.__file__).resolve().parent.parent)
-    return {
+    environment = {
         "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "PYTHONPATH": package_root,
         "PYTHONDONTWRITEBYTECODE": "1",
         "HIJACK_STATE_DIR": str(state_directory),
         "HIJACK_NODE": node_name(),  # it watches its process itself when it is back here
     }
+    rest = os.environ.get("HIJACK_SHADOW_REST")
+    if rest is not None:  # when an idle shadow rests as its holder (hijack.shadow.holder)
+        environment["HIJACK_SHADOW_REST"] = rest
+    return environment
 
 
 def wait_for_shadow(shadow_pid: int, control_path: str) -> control.Message:

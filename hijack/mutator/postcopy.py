@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import collections
 import contextlib
+import itertools
 import os
 import select
 import struct
@@ -34,6 +35,8 @@ PUSH_CHUNK = 256 * 1024  # bytes of a pushed piece: a fetch waits behind one at 
 MAX_FETCH = 64  # pages one fetch may ask
 # A DATA frame of post-copy: the address of its first page, then the pages.
 ADDRESS = struct.Struct("<Q")
+# A tree's: the member (its pid on the source node), then the address of its first page.
+MEMBER_ADDRESS = struct.Struct("<QQ")
 RUN = struct.Struct("<QQ")
 PAGE_TIMEOUT = 10.0  # seconds a page server or client waits on a silent peer before giving up
 # Auto mode: a round that leaves at least this much for the freeze and did not shrink
@@ -76,25 +79,38 @@ def lazy_bytes(runs: list[Run]) -> int:
 
 
 class PageServer:
-    """Serves the lazy pages of the frozen original `pid` to its copy over `channel`."""
+    """Serves the lazy pages of frozen originals to their copies over `channel`: one
+    process's (`members` {pid: its lazy runs}), or every member of a tree's (`tree`: each
+    frame and fetch names its member, by its pid here; docs/protocol.md, "Post-copy of a
+    tree"). One server for the whole tree, on the move's one connection: a fetch of any
+    member is answered between two pushed pieces, whichever member those are of."""
 
-    def __init__(self, pid: int, channel: Channel, lazy: list[Run]) -> None:
-        self.pid = pid
+    def __init__(self, members: dict[int, list[Run]], channel: Channel, tree: bool = False) -> None:
+        self.members = {pid: runs for pid, runs in members.items() if runs}
         self.channel = channel
-        self.lazy = lazy
+        self.tree = tree
+        self.header = MEMBER_ADDRESS if tree else ADDRESS
         self.pushed = 0  # bytes of lazy pages pushed (fetched ones not counted)
-        self.fetched = 0  # pages sent because the copy touched them
-        self._buffer = bytearray(ADDRESS.size + max(PUSH_CHUNK, MAX_FETCH * PAGE_SIZE))
+        self.fetched = 0  # pages sent because a copy touched them
+        self._gone: set[int] = set()  # members whose copy ended: nothing more is wanted
+        self._buffer = bytearray(self.header.size + max(PUSH_CHUNK, MAX_FETCH * PAGE_SIZE))
 
     def serve(self, timeout: float) -> None:
         """Until the destination holds every lazy page; ChannelError if it goes silent or
         away for `timeout` seconds, HijackError if it gives up (its own reason)."""
         sock = self.channel.sock
         sock.settimeout(timeout)
+        # A tree's members in turn, a piece each: none waits for the others' whole memory.
+        queues = [
+            collections.deque(
+                (pid, piece, min(piece + PUSH_CHUNK, end))
+                for start, end in runs
+                for piece in range(start, end, PUSH_CHUNK)
+            )
+            for pid, runs in self.members.items()
+        ]
         queue = collections.deque(
-            (piece, min(piece + PUSH_CHUNK, end))
-            for start, end in self.lazy
-            for piece in range(start, end, PUSH_CHUNK)
+            item for turn in itertools.zip_longest(*queues) for item in turn if item is not None
         )
         announced = False
         silent_since = time.monotonic()
@@ -110,12 +126,18 @@ class PageServer:
                     self._fetch(message)
                     continue
                 if message.get("op") == "gone":
-                    return  # the copy ended there: no page is wanted any more
+                    member = message.get("member")
+                    if not self.tree or member is None:
+                        return  # the copy ended there: no page is wanted any more
+                    if isinstance(member, int):
+                        self._gone.add(member)  # that member's: the others' still are
+                        continue
                 raise ChannelError(f"{self.channel.peer} sent {message!r:.80} during post-copy")
             if queue:
-                start, end = queue.popleft()
-                self._send(start, end)
-                self.pushed += end - start
+                pid, start, end = queue.popleft()
+                if pid not in self._gone:
+                    self._send(pid, start, end)
+                    self.pushed += end - start
             elif not announced:
                 self.channel.send({"op": "pushed"})
                 announced = True
@@ -124,19 +146,26 @@ class PageServer:
 
     def _fetch(self, message: dict[str, object]) -> None:
         address, pages = message.get("address"), message.get("pages")
+        member = message.get("member") if self.tree else next(iter(self.members), 0)
         if not isinstance(address, int) or not isinstance(pages, int):
             raise ChannelError(f"{self.channel.peer} sent a malformed fetch")
+        if not isinstance(member, int) or member not in self.members:
+            raise ChannelError(f"{self.channel.peer} fetched pages of no member ({member!r:.20})")
         pages = max(1, min(pages, MAX_FETCH))
         # Only lazy pages are served: nothing else of the original is anyone's business.
-        for start, end in clip_runs(self.lazy, address, address + pages * PAGE_SIZE):
-            self._send(start, end)
+        lazy = self.members[member]
+        for start, end in clip_runs(lazy, address, address + pages * PAGE_SIZE):
+            self._send(member, start, end)
             self.fetched += (end - start) // PAGE_SIZE
 
-    def _send(self, start: int, end: int) -> None:
+    def _send(self, pid: int, start: int, end: int) -> None:
         size = end - start
-        ADDRESS.pack_into(self._buffer, 0, start)
-        view = memoryview(self._buffer)[: ADDRESS.size + size]
-        memory.read_into(self.pid, start, view[ADDRESS.size :])
+        if self.tree:
+            MEMBER_ADDRESS.pack_into(self._buffer, 0, pid, start)
+        else:
+            ADDRESS.pack_into(self._buffer, 0, start)
+        view = memoryview(self._buffer)[: self.header.size + size]
+        memory.read_into(pid, start, view[self.header.size :])
         self.channel.send_frame(Kind.DATA, view)
 
 

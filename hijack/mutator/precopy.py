@@ -33,7 +33,7 @@ import os
 import threading
 import time
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, Generic, TypeVar
 
@@ -105,6 +105,10 @@ class Precopy:
         self.postcopy = False
         self.pinned: list[Run] = []
         self.lazy: list[Run] = []
+        # A tree's member: the lazy candidates decided at the freeze, before any image is
+        # written (plan_lazy), which the destination clips to the image's segments as
+        # `segments` does here (lazy_in): the same runs on both sides.
+        self.planned: list[Run] | None = None
         self._buffer = bytearray(READ_CHUNK)
         # A tree's member (hijack.node.tree_move): its pages read through /proc/PID/mem,
         # which does not pin them (process_vm_readv does, and the kernel unshares a page
@@ -374,9 +378,25 @@ class Precopy:
             # goes whole in the image: made lazy too, it failed the dirtier's
             # check now and then, cause not found yet.)
             if self.postcopy and carried and lazy_capable(marked[-1]):
+                if self.planned is not None:
+                    self.lazy += clip_runs(self.planned, segment.start, segment.end)
+                    continue
                 written = clip_runs(self.final_written, segment.start, segment.end)
                 self.lazy += subtract_runs(coalesce_runs(written), self.pinned)
         return marked
+
+    def plan_lazy(self) -> list[Run]:
+        """A tree's member, frozen (after freeze() and with `pinned` read): the pages
+        that may be lazy, told to the destination before any image (docs/protocol.md,
+        "Post-copy of a tree"); the final image leaves out those inside its PRECOPIED
+        lazy-capable segments (lazy_in), on both sides alike."""
+        planned: list[Run] = []
+        for base in self.base:
+            if lazy_capable(base):
+                written = clip_runs(self.final_written, base.start, base.end)
+                planned += subtract_runs(coalesce_runs(written), self.pinned)
+        self.planned = planned
+        return planned
 
     def runs(self, segment: rec.Segment) -> list[Run]:
         """The pages of a PRECOPIED segment the final image stores (zero pages included)."""
@@ -504,6 +524,17 @@ def lazy_capable(segment: rec.Segment) -> bool:
         and not segment.path.startswith("[v")  # [vdso], [vvar], [vsyscall]
         and "lo" not in segment.vm_flags
     )
+
+
+def lazy_in(segments: Sequence[rec.Segment], planned: list[Run]) -> list[Run]:
+    """The lazy runs of a final image whose member planned `planned` (Precopy.plan_lazy):
+    those inside its PRECOPIED segments that may be lazy; what Precopy.segments leaves
+    out of the image, as the destination reads it from the image's segments."""
+    lazy: list[Run] = []
+    for segment in segments:
+        if segment.contents is rec.ContentsKind.PRECOPIED and lazy_capable(segment):
+            lazy += clip_runs(planned, segment.start, segment.end)
+    return lazy
 
 
 def coalesce_runs(runs: list[Run]) -> list[Run]:

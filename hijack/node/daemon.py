@@ -41,6 +41,7 @@ from hijack.errors import HijackError
 from hijack.image import records as rec
 from hijack.image.codec import read_stream
 from hijack.mutator.postcopy import decode_runs, page_timeout
+from hijack.mutator.precopy import Run, lazy_in
 from hijack.node import gate, mounts, pki, policy, swap_end
 from hijack.node import terminal as terminal_pump
 from hijack.node.channel import Channel, ChannelError, DataReader
@@ -48,7 +49,7 @@ from hijack.node.forwarder import ForwarderProcess, closed_listener
 from hijack.node.load import node_load
 from hijack.process.tree import read_tree
 from hijack.registry import MemberRecord, Registry, node_name
-from hijack.restore.postcopy import LazyPages
+from hijack.restore.postcopy import LazyPages, serve_members
 from hijack.restore.precopy import Prebuilt
 from hijack.restore.restorer import RestoreResult, restore
 from hijack.restore.tree import PrebuiltTree, TreeMove, prebuild_tree, restore_tree
@@ -397,10 +398,36 @@ class NodeDaemon:
             return lazy[0]
 
         postcopy = request.get("postcopy") is True
-        if postcopy and prebuilt is None:
+        if postcopy and prebuilt is None and tree_rounds is None:
             log(f"refused a move from {channel.peer} ({where}): post-copy without pre-copy")
             channel.send({"error": "a post-copy move must start with pre-copy rounds"})
             return
+        # A tree's post-copy: each member's lazy candidates, told before its image
+        # (docs/protocol.md, "Post-copy of a tree"); its own are those inside its image's
+        # PRECOPIED segments that may be lazy, as the mover decides them (lazy_in).
+        planned: dict[int, list[Run]] = {}
+        if tree and postcopy:
+            try:
+                raw = request.get("lazy")
+                if not isinstance(raw, dict):
+                    raise HijackError("malformed lazy runs")
+                planned = {int(member): decode_runs(runs) for member, runs in raw.items()}
+            except (HijackError, ValueError) as exc:
+                log(f"refused a move from {channel.peer} ({where}): {exc}")
+                channel.send({"error": f"a tree's post-copy move with {exc}"})
+                return
+
+        def lazy_member(
+            member: int, segments: tuple[rec.Segment, ...], pids: list[int]
+        ) -> LazyPages | None:
+            runs = lazy_in(segments, planned.get(member, []))
+            if not runs:
+                return None
+            pages = LazyPages(runs, member=member)
+            pages.companions = pids
+            lazy.append(pages)
+            return pages
+
         try:
             if prebuilt is None:  # else the pre-copy's stub is in it already
                 who = f"{request.get('program')!s:.80} (pid {request.get('pid')})"
@@ -572,6 +599,7 @@ class NodeDaemon:
                         foreground,
                         tree_prebuilt,
                         laps,
+                        lazy_member if postcopy else None,
                     ),
                 )
             else:
@@ -603,7 +631,7 @@ class NodeDaemon:
                 # The mover reads our answer once it has sent the whole image:
                 # closing on it now would reset the connection, losing the reason.
                 image.drain()
-                if postcopy and not taken:
+                if postcopy and not taken and not tree:
                     channel.receive()  # and the `lazy` message after it
             return
         finally:
@@ -651,7 +679,7 @@ class NodeDaemon:
             }
         )
         if lazy:
-            self._postcopy(channel, move, result.pid, lazy[0])
+            self._postcopy(channel, move, result.pid, lazy, tree)
 
     @staticmethod
     def _restore_tree(image: BinaryIO, moved: TreeMove) -> RestoreResult:
@@ -662,33 +690,51 @@ class NodeDaemon:
             raise HijackError("a tree's move whose image is not a tree stream")
         return restore_tree(first, records, new_pids=None, moved=moved).root
 
-    def _postcopy(self, channel: Channel, move: str, pid: int, pages: LazyPages) -> None:
-        """Serve the moved process's missing pages from its source until it has them all.
+    def _postcopy(
+        self, channel: Channel, move: str, pid: int, lazy: list[LazyPages], tree: bool
+    ) -> None:
+        """Serve the moved process's missing pages (a tree's: every member's, on this one
+        channel) from its source until it has them all.
 
-        A source that goes away or silent first: the process is stopped, never
-        left running on half its memory, and its userfaultfd kept open (by its
-        keeper, hijack.restore.postcopy), so that even one resumed by hand waits
-        on a missing page rather than read it as zeros. So too if this daemon ends.
+        A source that goes away or silent first: the process (a tree: every member, its
+        memory whole or not) is stopped, never left running on half its memory, and
+        each userfaultfd kept open (by its keeper, hijack.restore.postcopy), so that
+        even one resumed by hand waits on a missing page rather than read it as zeros.
+        So too if this daemon ends.
         """
-        log(f"move {move}: post-copy of {pages.total_bytes >> 10} KiB from {channel.peer}")
+        total = sum(pages.total_bytes for pages in lazy)
+        what = f"{len(lazy)} members of the tree" if tree else "the process"
+        log(f"move {move}: post-copy of {total >> 10} KiB of {what} from {channel.peer}")
         started = time.monotonic()
         try:
-            pages.serve(channel, pid, page_timeout())
+            serve_members(channel, {pages.pid: pages for pages in lazy}, page_timeout())
         except HijackError as exc:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGSTOP)
-            pages.abandon()  # its keeper holds it stopped, its userfaultfd open
+            stopped = sorted(
+                {pid, *(p.pid for p in lazy), *(c for p in lazy for c in p.companions)}
+            )
+            for member in stopped:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(member, signal.SIGSTOP)
+            for pages in lazy:
+                pages.abandon()  # its keeper holds it stopped, its userfaultfd open
             with contextlib.suppress(HijackError), Registry() as records:
                 records.set_state(pid, "held")
+            left = sum(pages.left for pages in lazy)
+            held = (
+                f"the tree of process {pid} is stopped here (every member:"
+                f" {' '.join(map(str, stopped))})"
+                if tree
+                else f"process {pid} is stopped here"
+            )
             log(
-                f"move {move}: post-copy broke off ({exc}): process {pid} is stopped here,"
-                f" {pages.left} of its pages still on {channel.peer}; it cannot run"
-                " without them"
+                f"move {move}: post-copy broke off ({exc}): {held}, {left} of its pages"
+                f" still on {channel.peer}; it cannot run without them"
             )
             return
         log(
             f"move {move}: post-copy complete in {time.monotonic() - started:.2f} s:"
-            f" {pages.arrived} pages, {pages.faults} faults, {pages.forks} forks followed"
+            f" {sum(p.arrived for p in lazy)} pages, {sum(p.faults for p in lazy)} faults,"
+            f" {sum(p.forks for p in lazy)} forks followed"
         )
 
     def _decide(

@@ -301,12 +301,6 @@ def _move_attached(
     members = living_members(pid)
     # Refused before anything is touched.
     tree_move.plan_tree(members, pid, shadow, at_home, frozen=False)
-    if tree and postcopy:
-        raise Unsupported(
-            f"the tree of process {pid} cannot move with post-copy: post-copy of a tree is not"
-            " implemented yet (drop --postcopy); nothing was changed",
-            pid=pid,
-        )
 
     report("connecting", 0)
     channel = Channel.connect(address, identity)
@@ -347,9 +341,11 @@ def _move_attached(
         started_at = time.perf_counter()
         try:
             if tree:
-                if precopy or (precopy is None and worth_precopying(*members)):
+                if postcopy or precopy or (precopy is None and worth_precopying(*members)):
+                    if postcopy is None and precopy is not None:
+                        postcopy = False  # pre-copy asked for as such: no post-copy
                     tree_precopied = tree_move.precopy_tree(
-                        pid, members, channel, move_id, record.program, report, shadow
+                        pid, members, channel, move_id, record.program, report, shadow, postcopy
                     )
                     # It ran on meanwhile: refused now if it holds what cannot go.
                     now = living_members(pid)
@@ -625,7 +621,7 @@ def _move_frozen(
             if lazy:
                 reached("move-postcopy")  # the copy runs there, without its lazy pages yet
                 report("post-copy", before + writer.sent)
-                broken, postcopy_ms = _serve_lazy(pid, channel, answer, lazy)
+                broken, postcopy_ms = serve_lazy(channel, answer, {pid: lazy})
             if broken is None:
                 kill_stopped(tracee)
     if broken is not None:
@@ -706,18 +702,21 @@ def _laps_of(answer: dict[str, Any]) -> dict[str, float]:
     return {str(name): float(ms) for name, ms in laps.items() if isinstance(ms, int | float)}
 
 
-def _serve_lazy(
-    pid: int, channel: Channel, answer: dict[str, Any], lazy: list[tuple[int, int]]
+def serve_lazy(
+    channel: Channel,
+    answer: dict[str, Any],
+    lazy: dict[int, list[tuple[int, int]]],
+    tree: bool = False,
 ) -> tuple[str | None, float]:
-    """Serve the copy's missing pages from the frozen original: (why it broke off, or None;
-    how long it took)."""
+    """Serve the copy's missing pages from the frozen original (`lazy`: {pid: its lazy
+    runs}; a tree's, every member's): (why it broke off, or None; how long it took)."""
     started = time.perf_counter()
     if "phase" not in answer:
         # The commit's answer came on another connection: this one, which the
         # destination serves the pages on, is broken.
         return "the move's connection broke at the commit", 0.0
     try:
-        PageServer(pid, channel, lazy).serve(page_timeout())
+        PageServer(lazy, channel, tree).serve(page_timeout())
     except HijackError as exc:
         return str(exc), (time.perf_counter() - started) * 1000
     return None, (time.perf_counter() - started) * 1000
@@ -942,6 +941,12 @@ def _precopy(
 def _converged(last: RoundSent, before: RoundSent | None) -> bool:
     """Whether the rounds left little enough for the freeze: the last was small, or
     shrank well from the one before (it stopped on MAX_ROUNDS)."""
+    return converged(last, before)
+
+
+def converged(last: RoundSent, before: RoundSent | None) -> bool:
+    """Whether the rounds (a process's, or a whole tree's) left little enough for the
+    freeze: the last was small, or shrank well from the one before."""
     if last.pages * rec.PAGE_SIZE < POSTCOPY_MIN_BYTES:
         return True
     return before is not None and before.number > 0 and last.pages <= before.pages * SHRINK
@@ -1690,6 +1695,14 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
         registry.set_state(pid, "held")
         error = "its mover was interrupted during post-copy"
         registry.update_move(row.id, phase="failed", finished_at=time.time(), error=error)
+        if _has_children(pid):
+            return (
+                f"move {row.id}: interrupted during post-copy; the tree of process {pid} stays"
+                f" held stopped here, every member, as the only whole copy (every member of"
+                f" its copy on {row.destination} stops once the pages stop coming): kill that"
+                " copy's members, then `kill -CONT` every member here",
+                True,
+            )
         return (
             f"move {row.id}: interrupted during post-copy; process {pid} stays held stopped"
             f" here as the only whole copy (its copy on {row.destination} stops once it"
@@ -1699,7 +1712,7 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
     # Attached here, never away: a process back home (home_pid set) is relayed as a migrant.
     at_home = record.home_node == node_name() and record.home_pid is None
     shadow = HomeShadow(record, record.relay_token or "")
-    if row.phase in ("switching", "in-doubt") and _has_children(pid):
+    if row.phase in COMMITTING_PHASES and _has_children(pid):
         # A tree's move (hijack.node.tree_move): its shadow's switch needs every member's
         # streams, which only the mover planned. Not guessed here.
         registry.update_move(row.id, phase="in-doubt")

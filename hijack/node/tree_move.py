@@ -19,7 +19,16 @@ As a single process's move (hijack.node.move), with these differences:
   then (their pids decided there and then) and fills each from its rounds (_prebuild):
   the freeze only applies the final image to them, as a single process's. At the
   freeze a reference whose two pages are not the same frame any more is stored in the
-  final image. No post-copy.
+  final image.
+- post-copy (`--postcopy`, or by itself when the tree's rounds do not converge): every
+  member's pages written since its last round in private anonymous memory are left out
+  of the final image and served by the frozen originals after the start, one page
+  server for the whole tree on the move's connection (docs/protocol.md, "Post-copy of a
+  tree"); cut off before the last page, every member there is stopped and every
+  original held here. Memory members share (MAP_SHARED, memfd: one object) is never
+  lazy: what changed of it goes in the final image, once; pages still shared
+  copy-on-write are never lazy either (a page a member wrote since its rounds is a
+  frame of its own), and the final image stores them once, as before.
 
 A process whose parent stays behind (an nginx worker, a pool's worker: a fork of
 its parent that never exec'd) is refused unless --leave-parent
@@ -42,6 +51,7 @@ from hijack.image import records as rec
 from hijack.mutator.dump import kill_stopped, read_credentials, write_image, write_tree
 from hijack.mutator.frozen_tree import FrozenTree, frozen_tree, has_exited, relations_now
 from hijack.mutator.handover import hand_descriptors_to_shadow
+from hijack.mutator.postcopy import encode_runs, lazy_bytes, pinned_pages
 from hijack.mutator.precopy import Frames, Pagemaps, Precopy, RoundSent
 from hijack.mutator.shared_pages import SharedPages
 from hijack.mutator.tracee import Tracee
@@ -53,6 +63,7 @@ from hijack.node.move import (
     MemberMoved,
     MoveInDoubt,
     MoveResult,
+    PostcopyBroken,
     Proxy,
     _abort,
     _commit,
@@ -61,6 +72,7 @@ from hijack.node.move import (
     _switch_shadow,
     connect_datagrams,
     consume_unread,
+    converged,
     drain_datagrams,
     drain_terminals,
     hand_back,
@@ -68,6 +80,7 @@ from hijack.node.move import (
     peek_unread,
     plan_proxies,
     quiet_shadow,
+    serve_lazy,
     signals_held,
     unhomeable,
     unsettled_for_home,
@@ -258,10 +271,13 @@ def precopy_tree(
     program: str,
     report: Callable[[str, int], None],
     shadow: HomeShadow,
+    postcopy: bool | None = None,
 ) -> dict[int, Precopy]:
     """Send every member's memory in rounds while the tree runs (docs/protocol.md, "Moving
     a tree"): each round, member by member; the rounds stop as a single process's do, on
-    what the whole tree wrote. The members' Precopy, by pid (each to be closed)."""
+    what the whole tree wrote. The members' Precopy, by pid (each to be closed).
+    `postcopy` as hijack.node.move._precopy's: True, post-copy after round 0; None, when
+    the tree's rounds stop without having converged."""
     channel.send(
         {
             "op": "precopy",
@@ -320,7 +336,10 @@ def precopy_tree(
             tree_round = RoundSent(number, pages, image_bytes)
             if number == 0:
                 reached("move-first-round")
-            if not root.should_continue(tree_round, before):
+            if postcopy or not root.should_continue(tree_round, before):
+                lazy = bool(postcopy) or (postcopy is None and not converged(tree_round, before))
+                for precopy in precopies.values():
+                    precopy.postcopy = lazy
                 report("building there", sent)
                 _prebuild(pid, channel)
                 for precopy in precopies.values():
@@ -458,6 +477,9 @@ def _frozen(
     # Members gone since the rounds have no image; those born since, a whole one.
     precopied = {member: p for member, p in precopied.items() if member in tracees}
     before = sum(p.bytes_sent for p in precopied.values())
+    postcopy = any(p.postcopy for p in precopied.values())
+    planned: dict[int, list[tuple[int, int]]] = {}  # each member's lazy candidates
+    lazy: dict[int, list[tuple[int, int]]] = {}  # each member's pages left out of its image
     try:
         reached("move-frozen")
         if precopied:
@@ -471,6 +493,13 @@ def _frozen(
             finally:
                 pagemaps.close()
             laps.lap("references")
+            if postcopy:
+                # Decided before any image, told in the move's message: each member's
+                # image is rebuilt there before the next one's comes (Precopy.plan_lazy).
+                for member, precopy in precopied.items():
+                    precopy.pinned = pinned_pages(tracees[member])
+                    planned[member] = precopy.plan_lazy()
+                laps.lap("post-copy: lazy pages")
         plans = plan_tree(members, pid, shadow, at_home, shared=shared, besides=besides)
         laps.lap("plan")
         unread: dict[str, bytes] = {}
@@ -508,7 +537,11 @@ def _frozen(
                     for member, plan in plans.items()
                 }
         laps.lap("shadow hand-over")
-        channel.send(_move_message(context, plans, _controlling(frozen, plans), homing))
+        message = _move_message(context, plans, _controlling(frozen, plans), homing)
+        if postcopy:
+            message["postcopy"] = True
+            message["lazy"] = {str(member): encode_runs(runs) for member, runs in planned.items()}
+        channel.send(message)
         laps.lap("move message")
         context.report("streaming", before)
         writer = DataWriter(channel)
@@ -527,7 +560,10 @@ def _frozen(
             channel.sock.settimeout(patience)
         laps.lap("destination")
         reached("move-prepared")
-        context.report("switching", before + writer.sent)
+        lazy = {member: p.lazy for member, p in precopied.items() if p.lazy}
+        # A post-copy's originals must outlive the commit until the last page is out:
+        # `hijack recover` tells that move by this phase.
+        context.report("post-copy" if lazy else "switching", before + writer.sent)
     except BaseException:
         _abort(channel, shadow, move_id)
         raise
@@ -547,6 +583,16 @@ def _frozen(
             raise HijackError(
                 f"{channel.peer} did not run the tree: {reason}; every member runs on here"
                 " as before",
+                pid=pid,
+            )
+        if outcome == "unknown" and lazy:
+            # `hijack recover` would end the originals if the copy runs: the only whole
+            # one, as the copy cannot get its pages any more.
+            raise PostcopyBroken(
+                f"move {move_id}: {reason}, and {channel.peer} could not be asked what became"
+                f" of the commit. The tree of process {pid} is held stopped here: if a copy"
+                f" of it runs on {channel.peer} it is stopped there, without its last pages;"
+                f" kill that copy, then `kill -CONT` every member here",
                 pid=pid,
             )
         if outcome == "unknown":
@@ -594,7 +640,25 @@ def _frozen(
             for member, plan in plans.items():
                 with contextlib.suppress(HijackError, OSError):  # committed: nothing may fail
                     consume_unread(member, plan)
-        _kill_together(list(tracees.values()))
+        broken, postcopy_ms = None, 0.0
+        if lazy:
+            reached("move-postcopy")  # the copies run there, without their lazy pages yet
+            context.report("post-copy", before + writer.sent)
+            broken, postcopy_ms = serve_lazy(channel, answer, lazy, tree=True)
+        if broken is None:
+            _kill_together(list(tracees.values()))
+    if broken is not None:
+        # The pending SIGSTOP holds every original once we let them go.
+        raise PostcopyBroken(
+            f"move {move_id}: post-copy to {channel.peer} broke off ({broken}) with"
+            f" {lazy_bytes([r for runs in lazy.values() for r in runs]) >> 20} MiB of pages"
+            f" of {len(lazy)} members not all delivered: every member of the copy there"
+            f" (root pid {answer.get('pid', '?')}) is stopped, and every member of the tree"
+            f" of process {pid} is held stopped here as the only whole one. To go on here:"
+            f" kill the copy's members on {channel.peer}, then `kill -CONT` every member here"
+            f" ({' '.join(map(str, members))})",
+            pid=pid,
+        )
     if unswitched is not None:
         raise HijackError(
             f"the tree of process {pid} runs on {channel.peer} as {answer['pid']}, but its home"
@@ -623,6 +687,8 @@ def _frozen(
         ),
         members=moved,
         relayed_at_home=relayed,
+        postcopy_bytes=lazy_bytes([r for runs in lazy.values() for r in runs]),
+        postcopy_ms=postcopy_ms,
     )
 
 

@@ -26,6 +26,7 @@ import contextlib
 import functools
 import os
 import select
+import struct
 import subprocess
 import threading
 import time
@@ -33,7 +34,7 @@ from collections.abc import Callable
 
 from hijack.errors import HijackError
 from hijack.image import records as rec
-from hijack.mutator.postcopy import ADDRESS, MAX_FETCH, PAGE_SIZE
+from hijack.mutator.postcopy import ADDRESS, MAX_FETCH, MEMBER_ADDRESS, PAGE_SIZE
 from hijack.mutator.precopy import Run, clip_runs
 from hijack.node.channel import Channel, ChannelError, Kind
 from hijack.restore.precopy import MADV_DONTNEED
@@ -44,8 +45,10 @@ from hijack.sys import pidfd, userfault
 # without that stops the process, then it waits for the process to be gone.
 # (A child forked during post-copy is not stopped, but its keeper holds its
 # userfaultfd: it sleeps on the first missing page it touches.)
+# A tree's member's keeper stops every member (its pid first): none runs on without
+# the others, whose memory may be whole.
 KEEPER = (
-    'IFS= read -r word; [ "$word" = done ] && exit 0; kill -STOP "$1";'
+    'IFS= read -r word; [ "$word" = done ] && exit 0; kill -STOP "$@";'
     ' while kill -0 "$1" 2>/dev/null; do sleep 1; done'
 )
 READAHEAD = 16  # pages fetched with a touched one (processes tend to read on)
@@ -90,7 +93,11 @@ class LazyPages:
     """The pages of a moved process still on its source node, and the userfaultfds that
     wait for them."""
 
-    def __init__(self, runs: list[Run]) -> None:
+    def __init__(self, runs: list[Run], member: int | None = None) -> None:
+        # A tree's member: its pid on the source, named in its fetches and frames.
+        self.member = member
+        self.companions: list[int] = []  # the other members here, stopped with it (_keep)
+        self.ended = False  # the process ended (with no child forked meanwhile)
         self.runs = runs  # where the pages are in the original (sorted, disjoint)
         self._starts = [start for start, _ in runs]
         self._first: list[int] = []  # the index of each run's first page
@@ -113,8 +120,8 @@ class LazyPages:
 
     @property
     def left(self) -> int:
-        """Pages still missing, in all the spaces."""
-        return sum(space.left for space in self.spaces)
+        """Pages still missing, in all the spaces (none once the process ended)."""
+        return 0 if self.ended else sum(space.left for space in self.spaces)
 
     def prepare(self, stub: Stub, segments: tuple[rec.Segment, ...]) -> None:
         """Make the userfaultfd in the stub, drop the lazy pages, register their segments."""
@@ -140,44 +147,13 @@ class LazyPages:
         ChannelError if the source goes away or is silent for `timeout` seconds
         while pages are missing; HijackError if it pushed all and some never came.
         """
-        self._poller = select.poll()
-        for space in self.spaces:
-            self._poller.register(space.uffd, select.POLLIN)
-        self._poller.register(channel.sock, select.POLLIN)
-        ended = pidfd.pidfd_open(pid)
-        self._poller.register(ended, select.POLLIN)
-        pushed = False
-        heard = time.monotonic()
-        try:
-            sock = channel.sock.fileno()
-            while not pushed:
-                # What TLS decrypted already is not the socket's to tell about.
-                decrypted = channel.sock.pending() > 0
-                ready = [fd for fd, _events in self._poller.poll(0 if decrypted else 250)]
-                if decrypted and sock not in ready:
-                    ready.append(sock)
-                for fd in ready:
-                    if fd == ended:
-                        self._poller.unregister(ended)
-                        if len(self.spaces) == 1:
-                            channel.send({"op": "gone"})
-                            return
-                    elif fd == sock:
-                        heard = time.monotonic()
-                        pushed = self._frame(channel)
-                    else:
-                        self._events(channel, fd)
-                if not pushed and time.monotonic() - heard > timeout:
-                    raise ChannelError(
-                        f"{channel.peer} sent nothing for {timeout:.0f} s"
-                        f" with {self.left} pages missing"
-                    )
-        finally:
-            os.close(ended)
-        if self.left:
-            raise HijackError(f"{channel.peer} pushed all but {self.left} pages")
-        self.close()
-        channel.send({"phase": "complete"})
+        serve_members(channel, {pid: self}, timeout)
+
+    def _fetch_message(self, source: int, count: int) -> dict[str, object]:
+        message: dict[str, object] = {"op": "fetch", "address": source, "pages": count}
+        if self.member is not None:
+            message["member"] = self.member
+        return message
 
     # -- where a page is: in the original (its source) and in a space (its place) ------
 
@@ -268,26 +244,20 @@ class LazyPages:
             count += 1
         count = min(count, MAX_FETCH)
         self.asked[index : index + count] = b"\x01" * count
-        channel.send({"op": "fetch", "address": source, "pages": count})
+        channel.send(self._fetch_message(source, count))
 
     # -- pages that arrive -------------------------------------------------------------
 
-    def _frame(self, channel: Channel) -> bool:
-        """One frame from the source: pages (filled), `pushed` (True) or its error."""
-        kind, payload = channel.receive_frame()
-        if kind == Kind.MESSAGE:
-            if channel.answer(payload).get("op") != "pushed":
-                raise ChannelError(f"{channel.peer} sent {payload[:80]!r} during post-copy")
-            return True
-        if kind != Kind.DATA or len(payload) < ADDRESS.size + PAGE_SIZE:
-            raise ChannelError(f"{channel.peer} sent a malformed post-copy frame")
-        (address,) = ADDRESS.unpack_from(payload)
-        data = memoryview(payload)[ADDRESS.size :]
+    def arrived_pages(self, channel: Channel, address: int, data: memoryview) -> None:
+        """Pages the source sent (pushed or fetched), from `address` in the original: filled
+        wherever they are still missing."""
         first = self._index(address)
         pages = len(data) // PAGE_SIZE
         if first < 0 or self._index(address + (pages - 1) * PAGE_SIZE) != first + pages - 1:
             raise ChannelError(f"{channel.peer} sent pages at {address:#x} that are not lazy")
         self.asked[first : first + pages] = bytes(pages)
+        if self.ended:
+            return  # nobody wants them any more
         filled = 0
         while filled < len(self.spaces):  # a child forked meanwhile too (it is last)
             space = self.spaces[filled]
@@ -295,7 +265,6 @@ class LazyPages:
             # since (MADV_DONTNEED) must not be filled.
             self._until_done(space, functools.partial(self._fill, space, address, first, data))
             filled += 1
-        return False
 
     def _fill(self, space: _Space, address: int, first: int, data: memoryview) -> None:
         """Fill the pages of `data` (page `first` on, from `address` in the original) still
@@ -342,6 +311,14 @@ class LazyPages:
                 os.close(space.uffd)
                 space.uffd = -1
 
+    def stop_serving(self) -> None:
+        """The process ended (and forked no child that lives on): its userfaultfds go."""
+        self.ended = True
+        for space in self.spaces:
+            if self._poller is not None and space.uffd >= 0:
+                self._poller.unregister(space.uffd)
+        self.close()
+
     def _keep(self, space: _Space) -> None:
         """Start `space`'s keeper: a small process holding a copy of its userfaultfd.
         Should this daemon end before every page is in (SIGKILL included: the keeper's
@@ -349,9 +326,107 @@ class LazyPages:
         process is gone — so missing pages never read as zeros.
         Told `done`, it exits."""
         space.keeper = subprocess.Popen(
-            ["sh", "-c", KEEPER, "hijack-postcopy-keeper", str(self.pid)],
+            ["sh", "-c", KEEPER, "hijack-postcopy-keeper", str(self.pid)]
+            + [str(pid) for pid in self.companions if pid != self.pid],
             stdin=subprocess.PIPE,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             pass_fds=(space.uffd,),
         )
+
+
+def serve_members(channel: Channel, members: dict[int, LazyPages], timeout: float) -> None:
+    """Serve the lazy pages of one process, or of every member of a tree ({pid here: its
+    pages}; each LazyPages names its member on the source), on the move's channel, until
+    the source has pushed them all (docs/protocol.md, "Post-copy"). A member that ends
+    (and forked no child meanwhile) wants no more: the source is told (`gone`, with the
+    member for a tree's); once all ended, `gone` alone, and the serving ends.
+
+    ChannelError if the source goes away or is silent for `timeout` seconds while pages
+    are missing; HijackError if it pushed all and some never came.
+    """
+    tree = any(pages.member is not None for pages in members.values())
+    by_member = {pages.member: pages for pages in members.values()}
+    header = MEMBER_ADDRESS if tree else ADDRESS
+    poller = select.poll()
+    for pages in members.values():
+        pages._poller = poller
+        for space in pages.spaces:
+            poller.register(space.uffd, select.POLLIN)
+    poller.register(channel.sock, select.POLLIN)
+    ended: dict[int, LazyPages] = {}
+    try:
+        for pid, pages in members.items():
+            handle = pidfd.pidfd_open(pid)
+            ended[handle] = pages
+            poller.register(handle, select.POLLIN)
+    except BaseException:
+        for handle in ended:
+            os.close(handle)
+        raise
+    pushed = False
+    heard = time.monotonic()
+    try:
+        sock = channel.sock.fileno()
+        while not pushed:
+            # What TLS decrypted already is not the socket's to tell about.
+            decrypted = channel.sock.pending() > 0
+            ready = [fd for fd, _events in poller.poll(0 if decrypted else 250)]
+            if decrypted and sock not in ready:
+                ready.append(sock)
+            for fd in ready:
+                if fd in ended:
+                    poller.unregister(fd)
+                    pages = ended.pop(fd)
+                    os.close(fd)
+                    if len(pages.spaces) > 1:
+                        continue  # a child it forked still waits for pages
+                    if not any(not p.ended and p is not pages for p in members.values()):
+                        channel.send({"op": "gone"})
+                        for each in members.values():
+                            each.ended = True
+                            each.close()
+                        return
+                    pages.stop_serving()
+                    channel.send({"op": "gone", "member": pages.member})
+                elif fd == sock:
+                    heard = time.monotonic()
+                    pushed = _frame(channel, by_member, header)
+                else:
+                    owner = next(p for p in members.values() if any(s.uffd == fd for s in p.spaces))
+                    owner._events(channel, fd)
+            if not pushed and time.monotonic() - heard > timeout:
+                missing = sum(pages.left for pages in members.values())
+                raise ChannelError(
+                    f"{channel.peer} sent nothing for {timeout:.0f} s with {missing} pages missing"
+                )
+    finally:
+        for handle in ended:
+            os.close(handle)
+    missing = sum(pages.left for pages in members.values())
+    if missing:
+        raise HijackError(f"{channel.peer} pushed all but {missing} pages")
+    for pages in members.values():
+        pages.close()
+    channel.send({"phase": "complete"})
+
+
+def _frame(channel: Channel, members: dict[int | None, LazyPages], header: struct.Struct) -> bool:
+    """One frame from the source: pages (filled), `pushed` (True) or its error."""
+    kind, payload = channel.receive_frame()
+    if kind == Kind.MESSAGE:
+        if channel.answer(payload).get("op") != "pushed":
+            raise ChannelError(f"{channel.peer} sent {payload[:80]!r} during post-copy")
+        return True
+    if kind != Kind.DATA or len(payload) < header.size + PAGE_SIZE:
+        raise ChannelError(f"{channel.peer} sent a malformed post-copy frame")
+    if header is MEMBER_ADDRESS:
+        member, address = MEMBER_ADDRESS.unpack_from(payload)
+        pages = members.get(member)
+    else:
+        (address,) = ADDRESS.unpack_from(payload)
+        pages = members.get(None)
+    if pages is None:
+        raise ChannelError(f"{channel.peer} sent pages of no member being moved")
+    pages.arrived_pages(channel, address, memoryview(payload)[header.size :])
+    return False

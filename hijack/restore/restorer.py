@@ -276,6 +276,7 @@ def rebuild_member(
     rounds: MemberPages | None = None,
     space: AddressSpace | None = None,
     laps: Laps | None = None,
+    lazy: Callable[[tuple[rec.Segment, ...]], LazyPages | None] | None = None,
 ) -> Rebuilt:
     """Rebuild the process of the image `records` (up to its END) into `stub`, a member of
     a tree whose relations (parent, session, group) are made already; leave it stopped.
@@ -294,6 +295,9 @@ def rebuild_member(
     (hijack.restore.tree.prebuild_tree, which wrote `rounds` in already): turned into
     the image's layout, PRECOPIED segments kept, as a single process's pre-copied stub.
     `laps` (a move's) gets the steps' laps, added up over the members.
+    `lazy` (a tree's post-copy move): given the image's segments, the member's pages left
+    on the source (hijack.restore.postcopy), made missing in the stub once its pages are
+    in, while it still has root's powers (as restore()'s `lazy`).
     """
     laps = laps or Laps()
     image = read_head(records)
@@ -339,6 +343,11 @@ def rebuild_member(
             laps.lap("layout")
             _consume_rest(records, image, space, shared.stub_of)
             laps.lap("pages")
+            missing = lazy(image.segments.segments) if lazy is not None else None
+            if missing is not None:
+                # What the rest touches (each thread's TCB and stack top) is never lazy.
+                missing.prepare(stub, image.segments.segments)
+                laps.lap("post-copy: pages missing")
             _finish(
                 stub,
                 space,

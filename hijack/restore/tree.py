@@ -43,7 +43,7 @@ import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from hijack.errors import ImageError, RestoreError
 from hijack.image import records as rec
@@ -71,6 +71,9 @@ from hijack.sys.stub import STUB_OPTIONS, kill_stub, spawn_stub, wait_for_orphan
 from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
 from hijack.testpoint import reached
 from hijack.timing import Laps
+
+if TYPE_CHECKING:  # (for its type only: it imports the dump, which imports the restorer)
+    from hijack.restore.postcopy import LazyPages
 
 EEXIST = 17
 TIOCSCTTY, TIOCSPGRP = 0x540E, 0x5410
@@ -116,6 +119,9 @@ class TreeMove:
     # The tree of stubs the rounds built before the freeze (prebuild_tree), if any.
     prebuilt: PrebuiltTree | None = None
     laps: Laps | None = None  # the move's, on the destination (hijack.timing)
+    # A post-copy move: given a member (its pid in the image), its segments in the image
+    # and the pids of every member here, the pages it left on the source (or None).
+    lazy: Callable[[int, tuple[rec.Segment, ...], list[int]], LazyPages | None] | None = None
 
     def provided(self, member: int) -> dict[int, int]:
         return {fd: ours for (pid, fd), ours in self.given.items() if pid == member}
@@ -329,6 +335,7 @@ def restore_tree(
                     rounds=moved.rounds.pages_of(member.pid) if moved.rounds else None,
                     space=prebuilt.spaces.get(member.pid) if prebuilt is not None else None,
                     laps=moved.laps,
+                    lazy=_lazy_of(moved, member.pid, made),
                 )
             )
         for _ in records:
@@ -360,6 +367,17 @@ def restore_tree(
         (m.pid, made.pids[m.pid]) for m in tree.members if m.state is rec.MemberState.ZOMBIE
     )
     return TreeRestoreResult(tuple(done.result for done in rebuilt), zombies)
+
+
+def _lazy_of(
+    moved: TreeMove, member: int, made: _Made
+) -> Callable[[tuple[rec.Segment, ...]], LazyPages | None] | None:
+    """rebuild_member's `lazy` for `member` of a post-copy move: every living member's
+    pid here goes with it (its keeper stops them all, hijack.restore.postcopy)."""
+    lazy = moved.lazy
+    if lazy is None:
+        return None
+    return lambda segments: lazy(member, segments, [s.pid for s in made.stubs.values()])
 
 
 def _refuse_taken_pids(tree: rec.Tree) -> None:

@@ -60,9 +60,14 @@ def decode(line: bytes) -> Message:
 
 
 MAX_FDS = 250  # descriptors passed with one request (SCM_MAX_FD is 253)
+# A shadow at rest (hijack.shadow.holder) answers most requests only after a Python
+# start: 0.1 s on an idle machine, seconds under load. A dead shadow is refused at once.
+REQUEST_TIMEOUT = 15.0
 
 
-def request(path: str, message: Message, timeout: float = 3.0, fds: Sequence[int] = ()) -> Message:
+def request(
+    path: str, message: Message, timeout: float = REQUEST_TIMEOUT, fds: Sequence[int] = ()
+) -> Message:
     """Send one request, with `fds` attached (SCM_RIGHTS), to `path`; return the answer.
 
     Raises ShadowError when the socket cannot be reached, the peer does not
@@ -92,7 +97,9 @@ def request(path: str, message: Message, timeout: float = 3.0, fds: Sequence[int
     return reply
 
 
-def hold(path: str, message: Message, timeout: float = 3.0) -> tuple[socket.socket, Message]:
+def hold(
+    path: str, message: Message, timeout: float = REQUEST_TIMEOUT
+) -> tuple[socket.socket, Message]:
     """request(), on a connection kept open after the answer: the shadow watches it, and
     undoes what the request began when it closes without the step that ends it (a socket
     swap's `write`: its coordinator died). The caller closes it when done."""

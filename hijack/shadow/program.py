@@ -23,6 +23,11 @@ Its modes:
   them — sockets stay connected, peers see nothing — until a restore takes
   them back (`home` with the restored pid) or the process is detached.
 
+Idle in HOME or HOLDING mode with nothing relayed, it rests: it execve's the
+small native holder (hijack.shadow.holder), which holds and follows the same
+way, and which execve's this program again, state and request handed over, at
+the next control request.
+
 Its own diagnostics go to a log file: descriptors 0-2 may be the target's.
 """
 
@@ -43,7 +48,7 @@ from typing import Any
 
 from hijack.errors import HijackError
 from hijack.registry import node_name
-from hijack.shadow import control, relay_link
+from hijack.shadow import control, holder, relay_link
 from hijack.shadow.door import Door
 from hijack.shadow.relay import ACK_WAIT, RelayHub, decode_unread, decode_unread_datagrams
 from hijack.sys import pidfd, procfs
@@ -62,7 +67,14 @@ class Mode(enum.Enum):
 
 
 class Shadow:
-    def __init__(self, target_pid: int, held_fds: list[int], control_path: str) -> None:
+    def __init__(
+        self,
+        target_pid: int,
+        held_fds: list[int],
+        control_path: str,
+        listener: socket.socket | None = None,
+        mode: Mode = Mode.HOME,
+    ) -> None:
         self.target_pid = target_pid
         # target's descriptor number -> our own descriptor holding the same description
         self.held: dict[int, int] = {fd: fd for fd in held_fds}
@@ -71,12 +83,18 @@ class Shadow:
         self.member_handles: dict[int, int] = {}  # member pid -> its pidfd, watched at home
         self.control_path = control_path
         self.started_at = time.time()
-        self.mode = Mode.HOME
+        self.mode = mode
         self.running = True
         self.release_deadline: float | None = None  # released, ending once drained
         self.selector = selectors.DefaultSelector()
-        self.target_handle = pidfd.pidfd_open(target_pid)
-        self.listener = self._listen(control_path)
+        # Holding, the target is gone (or going): its end is no concern of ours.
+        self.target_handle = pidfd.pidfd_open(target_pid) if mode is Mode.HOME else -1
+        # Resumed from the holder: the same socket, by its number.
+        self.listener = listener if listener is not None else self._listen(control_path)
+        self.log_path = ""  # where our log goes (given to the holder when we rest)
+        self.pending: socket.socket | None = None  # a request the holder left for us
+        self.rest_after = holder.rest_after()
+        self.last_request = time.monotonic()
         self.hub = RelayHub(self.selector, log)
         self.door: Door | None = None  # our TCP endpoint, for relays and remote control
         self.identity: relay_link.ShadowIdentity | None = None  # its TLS certificate
@@ -103,7 +121,11 @@ class Shadow:
 
     def serve(self) -> None:
         self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
-        self.selector.register(self.target_handle, selectors.EVENT_READ, self._target_exited)
+        if self.target_handle >= 0:
+            self.selector.register(self.target_handle, selectors.EVENT_READ, self._target_exited)
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self._serve_connection(pending)
         next_follow = time.monotonic() + FOLLOW_INTERVAL
         while self.running:
             timeout = max(0.0, next_follow - time.monotonic())
@@ -126,6 +148,8 @@ class Shadow:
                 self.follow_members()
                 self.hub.expire()
                 next_follow = time.monotonic() + FOLLOW_INTERVAL
+                if self.may_rest():
+                    self.rest()
             if self.release_deadline is not None and (
                 self.hub.drained() or time.monotonic() >= self.release_deadline
             ):
@@ -145,11 +169,67 @@ class Shadow:
             with contextlib.suppress(OSError):
                 ended_path(self.control_path).write_text(self.end_reason + "\n")
 
+    def may_rest(self) -> bool:
+        """Whether we only hold (and follow) descriptors, unasked for `rest_after` seconds."""
+        hub = self.hub
+        watched = 1 + (self.target_handle >= 0) + len(self.member_handles)
+        return (
+            self.rest_after is not None
+            and time.monotonic() - self.last_request >= self.rest_after
+            and self.running
+            and self.mode in (Mode.HOME, Mode.HOLDING)
+            and self.release_deadline is None
+            and self.door is None
+            and not (hub.streams or hub.datagrams or hub.listeners or hub.swapped)
+            and not (hub.listener_links or hub.pending_listener_links or hub.location)
+            and hub.pump is None
+            and not (self.relayed or self.migrant_here)
+            # Nothing else waits on our loop (a swap's lease, a relay being admitted).
+            and len(self.selector.get_map()) == watched
+            and len(self.members) <= holder.MAX_MEMBERS
+            and len(self.held) + sum(map(len, self.members.values())) <= holder.MAX_KEYS
+            and bool(self.log_path)
+            and holder.available()
+        )
+
+    def rest(self) -> None:
+        """Become the holder (hijack.shadow.holder): this process, a fraction of the memory."""
+        argv = holder.command(
+            python=sys.executable,
+            target=self.target_pid,
+            control=self.control_path,
+            log=self.log_path,
+            listener=self.listener.fileno(),
+            home=self.mode is Mode.HOME,
+            started_at=self.started_at,
+            held=self.held,
+            members={
+                pid: (pid in self.member_handles, table) for pid, table in self.members.items()
+            },
+        )
+        # Our answer to `status` as we rest: the holder gives it while it holds the same.
+        status = os.memfd_create("shadow-status", 0)  # inherited by the holder, who closes it
+        os.write(status, control.encode({"ok": True, **self.describe()}))
+        argv += ["--status-fd", str(status)]
+        for fd in {self.listener.fileno(), *self._own_fds()}:
+            os.set_inheritable(fd, True)
+        log(f"idle: resting as {holder.PROGRAM.name} until the next request")
+        try:
+            os.execv(holder.PROGRAM, argv)
+        except OSError as exc:
+            log(f"cannot rest: {exc}; staying as we are")
+            self.rest_after = None
+            os.close(status)
+
     def _accept(self, _: Any, __: int) -> None:
         try:
             connection, _address = self.listener.accept()
         except BlockingIOError:
             return
+        self._serve_connection(connection)
+
+    def _serve_connection(self, connection: socket.socket) -> None:
+        self.last_request = time.monotonic()
         with connection:
             connection.settimeout(2.0)
             peer_uid = control.peer_uid(connection)
@@ -657,6 +737,43 @@ class Shadow:
             self._close_unless_named(fd)
 
 
+def resumed(args: argparse.Namespace) -> Shadow:
+    """The shadow the holder hands back (hijack.shadow.holder), as it was when it rested."""
+    listener = socket.socket(fileno=args.listener)
+    listener.setblocking(False)
+    os.set_inheritable(args.listener, False)
+    mode = Mode(args.mode)
+    shadow = Shadow(args.target, [], args.control, listener, Mode.HOLDING)
+    shadow.held = holder.parse_keys(args.held)
+    shadow.started_at = args.started_at or shadow.started_at
+    if mode is Mode.HOME:
+        try:
+            shadow.target_handle = pidfd.pidfd_open(args.target)
+            shadow.mode = Mode.HOME
+        except HijackError:  # it ended while we changed form: answer, then end
+            shadow.mode = Mode.HOME
+            shadow.end_reason = f"process {args.target} exited"
+            shadow.running = False
+            log(f"target {args.target} exited; the shadow ends")
+    for text in args.member:
+        pid, followed, table = holder.parse_member(text)
+        shadow.members[pid] = table
+        if followed:
+            try:
+                shadow._watch_member(pid)
+            except HijackError:  # it ended while we changed form
+                log(f"member {pid} exited; releasing its {len(table)} descriptors")
+                for fd in shadow.members.pop(pid).values():
+                    shadow._close_unless_named(fd)
+    if args.pending is not None:
+        shadow.pending = socket.socket(fileno=args.pending)
+        os.set_inheritable(args.pending, False)
+    for fd in shadow._own_fds():
+        os.set_inheritable(fd, False)  # until we rest again: the pump and helpers get none
+    log(f"awake: a request came for process {args.target}")
+    return shadow
+
+
 def ended_path(control_path: str) -> Path:
     """Where a shadow that ended by itself says why (`hijack status` shows it)."""
     return Path(control_path).parent / "ended"
@@ -681,6 +798,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fds", default="")
     parser.add_argument("--control", required=True)
     parser.add_argument("--log", required=True)
+    # From the holder (hijack.shadow.holder), resuming: our state and a request to answer.
+    parser.add_argument("--listener", type=int)
+    parser.add_argument("--pending", type=int)
+    parser.add_argument("--mode", choices=["home", "holding"], default="home")
+    parser.add_argument("--started-at", type=float)
+    parser.add_argument("--held", default="")
+    parser.add_argument("--member", action="append", default=[])
     args = parser.parse_args(argv)
     # Our own output goes to the log; descriptors 0, 1 and 2 belong to the target.
     log_file = open(args.log, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
@@ -689,9 +813,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    held = [int(fd) for fd in args.fds.split(",") if fd]
-    shadow = Shadow(args.target, held, args.control)
-    log(f"holding fds {held} of process {args.target}; control at {args.control}")
+    if args.listener is None:
+        held = [int(fd) for fd in args.fds.split(",") if fd]
+        shadow = Shadow(args.target, held, args.control)
+        log(f"holding fds {held} of process {args.target}; control at {args.control}")
+    else:
+        shadow = resumed(args)
+    shadow.log_path = args.log
     try:
         shadow.serve()
     finally:
