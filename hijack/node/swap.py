@@ -29,7 +29,7 @@ from hijack.errors import HijackError
 from hijack.mutator.tracee import signals_deferred
 from hijack.node import pki, swap_end
 from hijack.node.channel import Channel, ChannelError
-from hijack.node.daemon import DEFAULT_PORT, parse_address
+from hijack.node.daemon import DEFAULT_PORT, log, parse_address
 from hijack.node.swap_end import split_endpoint
 from hijack.registry import ProcessRecord, Registry, node_name
 from hijack.shadow import control
@@ -600,6 +600,8 @@ def serve_swap(channel: Channel, request: dict[str, Any]) -> None:
     if not isinstance(pid, int) or not isinstance(nodes, dict):
         channel.send({"error": "a swap request needs a pid (and nodes: name -> address)"})
         return
+    started = time.monotonic()
+    log(f"swap of process {pid} asked by node {channel.peer}")
     try:
         with Registry() as registry:  # the nodes we do not know yet: where its ends run
             for name, address in nodes.items():
@@ -607,12 +609,15 @@ def serve_swap(channel: Channel, request: dict[str, Any]) -> None:
                     parse_address(str(address))
                     registry.record_node(str(name), str(address))
         for described, outcome in swap_each(pid, after_move=bool(request.get("after_move"))):
+            log(f"swap of process {pid}: {described}: {outcome}")
             channel.send({"pair": described, "outcome": outcome})
     except ChannelError:
         raise  # the asker is gone: the pair under way was finished or undone, no more
     except (HijackError, OSError) as exc:
+        log(f"swap of process {pid}: {exc}")
         channel.send({"error": str(exc)})
         return
+    log(f"swap of process {pid} done in {time.monotonic() - started:.1f} s")
     channel.send({"done": True})
 
 
