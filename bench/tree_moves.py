@@ -9,7 +9,9 @@ sent once). Beside it, the same moves of one process holding the same SIZE.
 Printed: the freezes and image sizes, the tree's as a ratio to the single
 one's (pages the members still share since the fork are stored once: CRF 6),
 and the pre-copied tree's freeze beside its frozen one, with where its freeze went
-(the laps of --timing, here and at the destination).
+(the laps of --timing, here and at the destination); the tree's memory (the sum
+of its members' PSS) before and after each move (the destination forks each
+child from its built parent: the pages shared since the fork are shared again).
 
 Then a tree whose members keep writing (each rewrites a byte of every page of its copy
 of the region, over and over: far faster than any link drains) moved with `--precopy`
@@ -98,6 +100,15 @@ def _start(
     return holder
 
 
+def _pss_mib(root: int) -> float:
+    """The memory of the tree under `root`: the sum of its members' PSS."""
+    total = 0
+    for pid in read_tree(root).pids:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        total += int(rollup.split("Pss:")[1].split()[0])
+    return total / 1024
+
+
 def _move(source: Node, pid: int, destination: Node, *options: str) -> tuple[float, float, str]:
     """One move: its freeze (ms), its image (MiB) and what it printed."""
     assert destination.daemon_endpoint is not None
@@ -128,10 +139,15 @@ def measure_tree_moves(size_mib: int) -> list[str]:
         a.start_daemon()
         b.start_daemon()
         moved: dict[tuple[int, str], tuple[float, float, str]] = {}
+        memory: dict[str, tuple[float, float]] = {}  # the tree's PSS before and after (MiB)
         for children in (CHILDREN, 0):
             for option in ("--no-precopy", "--precopy"):
                 holder = _start(a, size_mib, children)
+                before = _pss_mib(holder.pid)
                 moved[children, option] = _move(a, holder.pid, b, option, "--timing")
+                there = MOVED.search(" ".join(moved[children, option][2].split()))
+                if children and there is not None:
+                    memory[option] = (before, _pss_mib(int(there[3])))
                 holder.wait()  # the original, killed by the move
         for option in ("--precopy", "--postcopy"):
             dirtier = _start(a, _dirty_mib(size_mib), CHILDREN, DIRTIER)
@@ -167,6 +183,11 @@ def measure_tree_moves(size_mib: int) -> list[str]:
         f" x{tree_precopy / single_precopy:.1f} ({sent_mib:.1f} MiB sent in all;"
         f" x{tree_precopy / tree_freeze:.2f} of the tree's frozen move)",
         *(f"  pre-copied tree, {line}" for line in laps),
+        *(
+            f"tree move memory (sum of PSS), {tree}, {option}: {after:.0f} MiB moved, original"
+            f" {before:.0f} MiB: x{after / before:.2f} (unshared: x{CHILDREN + 1} at most)"
+            for option, (before, after) in memory.items()
+        ),
         _postcopy_line(moved[-1, "--postcopy"], moved[-1, "--precopy"], _dirty_mib(size_mib)),
     ]
 

@@ -28,6 +28,11 @@ written as it comes, so converting a large image takes as little memory as
 reading it; the program headers, which depend on where the data went, come
 last.
 
+A snapshot's file made of pre-copy rounds (docs/crf.md §7a, "In a file") is
+read twice: its IMAGE first, PRECOPIED segments placed as STORED ones, then
+its rounds, whose pages go where the IMAGE stored none (a later round's over
+an earlier one's).
+
 What lief (1.0) makes and what is packed here with struct, and why:
 - lief makes the notes: NT_PRSTATUS through CorePrStatus (pid, signals and
   registers set by name) and NT_PRPSINFO through CorePrPsInfo; NT_PRFPREG,
@@ -58,7 +63,7 @@ import contextlib
 import os
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -125,11 +130,13 @@ class _Memory:
     tail: int = PAGE_SIZE  # the end of the data so far
     offsets: dict[int, int] = field(default_factory=dict)  # segment index -> its data
     mapping: dict[int, list[int]] = field(default_factory=dict)  # object id -> segment indexes
+    rounds: bool = False  # the image's PRECOPIED segments get their pages from its rounds
+    written: set[int] = field(default_factory=set)  # with rounds: pages the image stored
 
     def __post_init__(self) -> None:
         self.starts = [segment.start for segment in self.segments]
         for index, segment in enumerate(self.segments):
-            if segment.contents is ContentsKind.PRECOPIED:
+            if segment.contents is ContentsKind.PRECOPIED and not self.rounds:
                 raise ImageError(
                     f"segment {segment.start:#x} is PRECOPIED: only a move's stream holds its pages"
                 )
@@ -142,6 +149,21 @@ class _Memory:
         # read_image has checked that the pages lie inside one STORED or FILE segment.
         index = bisect.bisect_right(self.starts, address) - 1
         self.put(self._reserve(index) + address - self.segments[index].start, data)
+        if self.rounds:
+            self.written.update(range(address, address + len(data), PAGE_SIZE))
+
+    def write_round(self, address: int, data: bytes) -> None:
+        """A round's pages: those inside a PRECOPIED segment the image did not store."""
+        view = memoryview(data)
+        for offset in range(0, len(data), PAGE_SIZE):
+            page = address + offset
+            index = bisect.bisect_right(self.starts, page) - 1
+            if index < 0 or page in self.written:
+                continue
+            segment = self.segments[index]
+            if segment.contents is ContentsKind.PRECOPIED and page < segment.end:
+                place = self._reserve(index) + page - segment.start
+                self.put(place, view[offset : offset + PAGE_SIZE])
 
     def object_mapped(self, found: GhostFile | MemfdObject | SharedAnonymous) -> None:
         """The segments sharing the pages of memory object `found` (the same device and
@@ -172,7 +194,7 @@ class _Memory:
             self.tail += self.segments[index].size
         return self.offsets[index]
 
-    def put(self, offset: int, data: bytes) -> None:
+    def put(self, offset: int, data: bytes | memoryview) -> None:
         self.out.seek(offset)
         self.out.write(data)
 
@@ -193,9 +215,8 @@ class _Memory:
         loads = []
         for index, segment in enumerate(self.segments):
             flags = sum(int(flag.value) for prot, flag in PERMISSIONS if prot & segment.prot)
-            if index in self.offsets or (
-                segment.contents is ContentsKind.STORED and segment.prot != Prot(0)
-            ):
+            stored = segment.contents in (ContentsKind.STORED, ContentsKind.PRECOPIED)
+            if index in self.offsets or (stored and segment.prot != Prot(0)):
                 # Pages never stored are zeros, and read as such.
                 loads.append(
                     _Load(segment.start, segment.size, flags, self._reserve(index), segment.size)
@@ -205,8 +226,11 @@ class _Memory:
         return loads
 
 
-def write_core_file(records: Iterable[Record], path: Path) -> CoreResult:
-    """Write the core of the image `records` to `path`, whole or not at all."""
+def write_core_file(
+    records: Iterable[Record], path: Path, rounds: Callable[[], Iterable[Pages]] | None = None
+) -> CoreResult:
+    """Write the core of the image `records` to `path`, whole or not at all. `rounds()`:
+    the pages of the pre-copy rounds before the image, if it has any, in their order."""
     directory = path.parent
     try:
         fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=directory)
@@ -214,7 +238,7 @@ def write_core_file(records: Iterable[Record], path: Path) -> CoreResult:
         raise HijackError(f"cannot write {path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "w+b") as out:
-            result = write_core(records, out)
+            result = write_core(records, out, rounds)
         os.chmod(temporary, 0o600)  # a core holds all the process's secrets
         os.replace(temporary, path)
     except BaseException:
@@ -224,8 +248,13 @@ def write_core_file(records: Iterable[Record], path: Path) -> CoreResult:
     return result
 
 
-def write_core(records: Iterable[Record], out: BinaryIO) -> CoreResult:
-    """Write the core of a complete image's records to the seekable `out`."""
+def write_core(
+    records: Iterable[Record],
+    out: BinaryIO,
+    rounds: Callable[[], Iterable[Pages]] | None = None,
+) -> CoreResult:
+    """Write the core of a complete image's records to the seekable `out` (`rounds`: as
+    write_core_file's)."""
     header: ImageHeader | None = None
     credentials: Credentials | None = None
     mm: MemoryStructure | None = None
@@ -239,7 +268,7 @@ def write_core(records: Iterable[Record], out: BinaryIO) -> CoreResult:
         elif isinstance(record, MemoryStructure):
             mm = record
         elif isinstance(record, Segments):
-            memory = _Memory(out, record.segments)
+            memory = _Memory(out, record.segments, rounds=rounds is not None)
         elif isinstance(record, Pages):
             assert memory is not None  # read_image: SEGMENTS comes before any PAGES
             memory.write(record.address, record.data)
@@ -259,6 +288,9 @@ def write_core(records: Iterable[Record], out: BinaryIO) -> CoreResult:
         )
     # gdb takes the first thread for the one that dumped: the main thread.
     threads.sort(key=lambda thread: thread.tid != header.pid)
+    if rounds is not None:
+        for pages in rounds():
+            memory.write_round(pages.address, pages.data)
     loads = memory.loads()
     if len(loads) + 1 >= PN_XNUM:
         raise ImageError(

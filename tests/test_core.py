@@ -34,6 +34,7 @@ from hijack.image import (
     Thread,
     read_image,
 )
+from hijack.image.codec import skip_rounds
 
 GDB = shutil.which("gdb")
 GDB_TIMEOUT = 60.0
@@ -53,10 +54,15 @@ class Dumped:
 
 @pytest.fixture(scope="module")
 def dumped(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Dumped]:
-    """The threads fixture's images and cores: "stored" (every page), "files"."""
+    """The threads fixture's images and cores: "stored" (every page), "files", "rounds" (a
+    snapshot made of pre-copy rounds: its stacks' pages in its rounds)."""
     directory = tmp_path_factory.mktemp("core")
     cli = HijackCli(directory / "state")
-    options = {"stored": (), "files": ("--no-binary", "--no-shared-libs")}
+    options = {
+        "stored": ("--snapshot", "fork"),
+        "files": ("--no-binary", "--no-shared-libs", "--snapshot", "fork"),
+        "rounds": ("--snapshot", "rounds"),
+    }
     with spawn_fixture("threads") as threads:
         program = Path(os.readlink(f"/proc/{threads.pid}/exe"))
         for name, flags in options.items():
@@ -75,7 +81,7 @@ def image_records(image: Path) -> tuple[list[Thread], MemoryStructure, tuple[Seg
     mm: MemoryStructure | None = None
     segments: tuple[Segment, ...] = ()
     with open(image, "rb") as stream:
-        for record in read_image(stream):
+        for record in read_image(skip_rounds(stream)[0]):
             if isinstance(record, Thread):
                 threads.append(record)
             elif isinstance(record, MemoryStructure):
@@ -107,7 +113,7 @@ def gdb_backtraces(program: Path, core: Path) -> tuple[str, dict[int, list[str]]
 
 
 @pytest.mark.skipif(GDB is None, reason="gdb is not installed (make system-deps)")
-@pytest.mark.parametrize("variant", ["stored", "files"])
+@pytest.mark.parametrize("variant", ["stored", "files", "rounds"])
 def test_gdb_shows_every_threads_backtrace_with_the_fixtures_functions(
     dumped: dict[str, Dumped], variant: str
 ) -> None:
@@ -128,7 +134,7 @@ def test_gdb_shows_every_threads_backtrace_with_the_fixtures_functions(
     assert backtraces[main_thread][-1] == "main", output
 
 
-@pytest.mark.parametrize("variant", ["stored", "files"])
+@pytest.mark.parametrize("variant", ["stored", "files", "rounds"])
 def test_the_notes_and_memory_are_the_images(dumped: dict[str, Dumped], variant: str) -> None:
     core = dumped[variant]
     threads, mm, segments = image_records(core.image)
@@ -161,7 +167,8 @@ def test_the_notes_and_memory_are_the_images(dumped: dict[str, Dumped], variant:
     assert bytes(xstates[0].description) == threads[0].xstate
 
     with open(core.image, "rb") as stream:
-        pages = [record for record in read_image(stream) if isinstance(record, Pages)]
+        # A snapshot of rounds: its image's pages, which override its rounds'.
+        pages = [r for r in read_image(skip_rounds(stream)[0]) if isinstance(r, Pages)]
     for page in pages[:: max(1, len(pages) // 50)]:
         assert bytes(binary.get_content_from_virtual_address(page.address, len(page.data))) == (
             page.data

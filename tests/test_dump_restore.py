@@ -825,6 +825,7 @@ SUMMARY_KEYS = {
     "settings",
     "timers",
     "pages",
+    "rounds",
 }
 PROCESS_KEYS = {
     "pid",

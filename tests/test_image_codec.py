@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, is_dataclass, replace
 from pathlib import Path
-from typing import TypeVar
+from typing import BinaryIO, TypeVar, cast
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -128,8 +128,9 @@ from hijack.image import (
     summary_to_json,
 )
 from hijack.image import records as records_module
+from hijack.image.codec import next_is_round, round_pages, skip_rounds
 from hijack.image.fields import Cursor, struct_codec
-from hijack.image.summary import TreeSummary, summarize_stream
+from hijack.image.summary import TreeSummary, summarize_rounds, summarize_stream
 
 OBJECT_TAGS = {
     b"TTYO", b"EPOL", b"EVFD", b"TMFD", b"SGFD", b"INFY", b"PIDF", b"INET", b"TCPC", b"LOCK",
@@ -1277,8 +1278,10 @@ def test_summary_and_its_json() -> None:
         "settings",
         "timers",
         "pages",
+        "rounds",
     }
     assert document["image_bytes"] == len(BUILT.image)
+    assert document["rounds"] == []
     settings = document["settings"]
     assert isinstance(settings, dict) and settings["oom_score_adj"] == -17
     assert settings["threads"] == [
@@ -1501,6 +1504,51 @@ def test_a_final_image_holds_pages_of_precopied_segments_but_not_of_none() -> No
     recoded = io.BytesIO()
     recode(io.BytesIO(out.getvalue()), recoded)
     assert recoded.getvalue() == out.getvalue()
+
+
+class Dribble:
+    """A stream that gives at most 3 bytes a read, as a pipe may."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def read(self, size: int = -1) -> bytes:
+        size = 3 if size < 0 else min(size, 3)
+        taken, self.data = self.data[:size], self.data[size:]
+        return taken
+
+
+def test_a_snapshot_file_of_rounds_recodes_is_told_from_an_image_and_summarized() -> None:
+    """docs/crf.md §7a "In a file": `{ ROUND } IMAGE`, read as it comes (no seeking)."""
+    precopied = segment(
+        0x10000000, 4 * PAGE_SIZE, Prot.READ | Prot.WRITE, "", ContentsKind.PRECOPIED
+    )
+    base = replace(precopied, contents=ContentsKind.STORED)
+    rounds = write_round(0, (base,), b"\1" * 4 * PAGE_SIZE) + write_round(
+        1, (base,), b"\2" * PAGE_SIZE
+    )
+    out = io.BytesIO()
+    writer = minimal_writer(out, (precopied,))
+    writer.write_pages(precopied.start + PAGE_SIZE, bytes(PAGE_SIZE), keep_zero_pages=True)
+    finish(writer)
+    whole = rounds + out.getvalue()
+    stream, is_round = next_is_round(cast(BinaryIO, Dribble(whole)))
+    assert is_round
+    stream, count = skip_rounds(stream)
+    assert count == 2
+    assert sum(isinstance(r, Pages) for r in read_image(stream)) == 1
+    assert not next_is_round(io.BytesIO(BUILT.image))[1]
+    assert [p.data[:1] for p in round_pages(io.BytesIO(whole))] == [b"\1", b"\2"]
+    recoded = io.BytesIO()
+    recode(io.BytesIO(whole), recoded)
+    assert recoded.getvalue() == whole
+    stream, _ = next_is_round(io.BytesIO(whole))
+    totals = [summarize_rounds(read_round(stream)) for _ in range(2)]
+    summary = summarize(read_image(stream), rounds=totals)
+    assert [r.pages for r in summary.rounds] == [4, 1]
+    assert summary.image_bytes == len(whole)
+    # Round 0's four pages and the image's one inside them: four distinct pages.
+    assert summary.memory[0].stored_bytes == 4 * PAGE_SIZE
 
 
 # --- terminals ------------------------------------------------------------------------

@@ -8,6 +8,8 @@ memory is ahead of (or behind) its registers fails its very next step.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import re
 import signal
@@ -18,8 +20,8 @@ from pathlib import Path
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
 
-from hijack.image.codec import read_image
-from hijack.image.records import Pages, Thread
+from hijack.image.codec import read_image, recode, skip_rounds
+from hijack.image.records import ContentsKind, Pages, Segments, Thread
 from hijack.sys import procfs
 
 FROZEN = re.compile(r"frozen (\d+\.\d) ms")
@@ -66,3 +68,99 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 10.0) 
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.01)
+
+
+# -- by pre-copy rounds (hijack.mutator.snapshot_rounds) ----------------------------------
+
+ROUNDS_LINE = re.compile(r"in (\d+) pre-copy rounds? while it ran")
+
+
+def rounds_in(image: Path) -> int:
+    with open(image, "rb") as stream:
+        return skip_rounds(stream)[1]
+
+
+def test_a_snapshot_by_rounds_is_the_state_at_the_freeze_threads_and_all(tmp_path: Path) -> None:
+    """The counters fixture (4 threads) counts on through the rounds: each thread's memory
+    must come back equal to its registers, as read at the freeze, not as a round read it."""
+    hijack = HijackCli(tmp_path / "state")
+    image = tmp_path / "rounds.crf"
+    with spawn_fixture("snapcount", fifos=True) as counting:
+        result = hijack.ok("dump", counting.pid, "-o", image, "--snapshot", "rounds")
+        assert FROZEN.search(result.stdout), result.describe()
+        said = ROUNDS_LINE.search(result.stdout)
+        assert said, result.describe()
+        assert rounds_in(image) == int(said[1]) >= 1
+        with open(image, "rb") as stream:
+            records = list(read_image(skip_rounds(stream)[0]))
+        assert sum(isinstance(r, Thread) for r in records) == 4
+        segments = next(r for r in records if isinstance(r, Segments)).segments
+        assert any(s.contents is ContentsKind.PRECOPIED for s in segments)
+        # `show` reads it: the rounds, and what the PRECOPIED segments hold with them.
+        shown = hijack.ok("show", image).stdout
+        assert "pre-copy round" in shown, shown
+        document = json.loads(hijack.ok("show", "--json", image).stdout)
+        assert len(document["rounds"]) == int(said[1])
+        assert document["rounds"][0]["pages"] > 0
+        assert document["image_bytes"] == image.stat().st_size
+        # The codec re-encodes it to itself, rounds included.
+        recoded = io.BytesIO()
+        with open(image, "rb") as source:
+            recode(source, recoded)
+        assert recoded.getvalue() == image.read_bytes()
+        # A core of it: the rounds' pages under the image's.
+        hijack.ok("core", image, "-o", tmp_path / "rounds.core")
+        assert (tmp_path / "rounds.core").stat().st_size > 0
+        old_pid = counting.pid
+        os.kill(old_pid, signal.SIGKILL)
+        assert counting.wait_exit() == -signal.SIGKILL
+        pid = restored_pid(hijack.ok("restore", image))
+        assert pid == old_pid
+        counting.adopt(pid)
+        counting.assert_intact()
+    assert "PASS snapcount" in counting.stdout
+
+
+def test_a_snapshot_by_rounds_of_a_process_rewriting_dropping_and_remapping(
+    tmp_path: Path,
+) -> None:
+    """The dirtier rewrites, zeroes, drops (MADV_DONTNEED) and remaps its memory while the
+    rounds are written: later rounds' pages and the freeze's must override earlier ones,
+    dropped pages come back as zeros, remapped mappings as they were at the freeze."""
+    hijack = HijackCli(tmp_path / "state")
+    image = tmp_path / "dirtier.crf"
+    with spawn_fixture("dirtier", "32", "200", fifos=True) as dirtier:
+        hijack.ok("dump", dirtier.pid, "-o", image, "--snapshot", "rounds")
+        assert rounds_in(image) >= 1
+        old_pid = dirtier.pid
+        os.kill(old_pid, signal.SIGKILL)
+        assert dirtier.wait_exit() == -signal.SIGKILL
+        # From stdin: the rounds are read as they come, as a move's destination reads them.
+        with open(image, "rb") as stream:
+            restored = hijack.ok("restore", "-", stdin=stream)
+        dirtier.adopt(restored_pid(restored))
+        dirtier.assert_intact()
+
+
+def test_a_small_process_is_snapshot_by_a_fork(tmp_path: Path) -> None:
+    """auto: below ROUNDS_MIN_BYTES of private memory the fork's freeze is the shorter."""
+    hijack = HijackCli(tmp_path / "state")
+    image = tmp_path / "small.crf"
+    with spawn_fixture("snapcount") as counting:
+        result = hijack.ok("dump", counting.pid, "-o", image)
+        assert not ROUNDS_LINE.search(result.stdout), result.describe()
+        assert rounds_in(image) == 0
+        counting.assert_intact()
+
+
+def test_dump_kill_refuses_a_snapshot_choice(tmp_path: Path) -> None:
+    hijack = HijackCli(tmp_path / "state")
+    with spawn_fixture("snapcount") as counting:
+        refused = hijack(
+            "dump", counting.pid, "-o", tmp_path / "x.crf", "--kill", "--snapshot", "rounds"
+        )
+        assert refused.returncode == 1, refused.describe()
+        assert refused.stderr.count("\n") == 1 and "--snapshot" in refused.stderr, (
+            refused.describe()
+        )
+        counting.assert_intact()

@@ -59,6 +59,7 @@ from test_move import (
 from test_move_home import links, most_acknowledged, relay_sockets
 from test_nodes import ECHO_SESSION
 from test_tree_programs import NGINX, NGINX_CONFIG
+from test_tree_share import pss_kib
 
 from hijack.process.tree import read_tree
 from hijack.registry import Registry
@@ -565,6 +566,62 @@ def test_a_tree_dirtying_shared_memory_during_precopy_arrives_intact(tmp_path: P
         assert float(sent[1]) < DIRTY_MIB * (DIRTY_CHILDREN + 1) / 2, printed
         # Its stubs were built from the rounds before the freeze, and used.
         assert "rebuilt during the freeze" not in daemon_log(b), daemon_log(b)
+        tree.wait_exit()
+        shadow = int(shadow_status(a, tree.pid)["shadow_pid"])
+        finish_moved(tree, Moved(there, b, 0.0, shadow), tmp_path)
+
+
+COW_CHILDREN = 4
+COW_MIB = 64
+
+
+def round_files_kib(daemon: int) -> list[int]:
+    """What each of a daemon's pre-copy round files (memfds) holds, in KiB."""
+    held = []
+    for fd in os.listdir(f"/proc/{daemon}/fd"):
+        path = f"/proc/{daemon}/fd/{fd}"
+        try:
+            if "hijack-rounds-" in os.readlink(path):
+                held.append(os.stat(path).st_blocks // 2)
+        except FileNotFoundError:
+            continue  # closed meanwhile
+    return held
+
+
+def test_a_moved_tree_shares_its_copy_on_write_pages_again(tmp_path: Path) -> None:
+    """A parent and children sharing a region copy-on-write since the fork arrive sharing
+    it again: the destination forks each child's stub from its parent's once that is
+    filled from the rounds, so the moved tree holds the region about once (the sum of
+    its members' PSS), not once per member. Let go there, each child writes over pages
+    all share, and the parent finds none of their writes. Once the stubs are built (the
+    move stopped at move-prebuilt), the destination's round files hold none of the pages
+    any more: the stubs do (the memory is not held twice until the move ends)."""
+    with (
+        two_nodes(tmp_path) as (a, b),
+        spawn_fixture(
+            "tree_cow", str(COW_CHILDREN), str(COW_MIB), fifos=True, netns=a.netns
+        ) as tree,
+    ):
+        before = pss_kib([tree.pid, *(int(pid) for pid in tree.ready.values())])
+        assert b.daemon_endpoint is not None and b.daemon is not None
+        mover = hijack_in(a, "move-prebuilt", "move", tree.pid, "--to", b.daemon_endpoint)
+        held = round_files_kib(b.daemon.pid)
+        assert len(held) == COW_CHILDREN + 1 and sum(held) < 1024, held
+        os.kill(mover.pid, signal.SIGCONT)
+        printed, errors = mover.communicate(timeout=EXIT_TIMEOUT * 4)
+        assert mover.returncode == 0, f"{errors}\n{logs(tmp_path)}"
+        found = TREE_LINE.search(printed)
+        assert found is not None, printed
+        there = int(found[3])
+        assert "rebuilt during the freeze" not in daemon_log(b), daemon_log(b)
+        members = read_tree(there).pids
+        assert len(members) == COW_CHILDREN + 1, members
+        after = pss_kib(list(members))
+        region = COW_MIB * 1024
+        # The region once, each member's own pages, libraries and stacks; unshared it
+        # would be COW_CHILDREN + 1 regions.
+        assert after < region * 1.5 + 8 * 1024, (before, after)
+        assert after < before * 1.5 + 4 * 1024, (before, after)
         tree.wait_exit()
         shadow = int(shadow_status(a, tree.pid)["shadow_pid"])
         finish_moved(tree, Moved(there, b, 0.0, shadow), tmp_path)

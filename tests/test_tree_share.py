@@ -67,6 +67,44 @@ def test_pages_shared_copy_on_write_are_stored_once(hijack: HijackCli, tmp_path:
         tree.assert_intact()
 
 
+def pss_kib(pids: list[int]) -> int:
+    """The members' memory, each page shared by N counted 1/N in each (smaps_rollup)."""
+    total = 0
+    for pid in pids:
+        rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        total += int(rollup.split("Pss:")[1].split()[0])
+    return total
+
+
+SHARED_MIB = 64
+
+
+def test_a_restored_tree_shares_its_copy_on_write_pages_again(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    """Dumped with --kill and restored, the children are forked from their parent once its
+    memory is rebuilt and keep its pages copy-on-write: the tree holds the region about
+    once again (the sum of the members' PSS), not once per member. Let go, each child
+    writes over pages all members share and checks its region; the parent, after them,
+    finds none of their writes (copy-on-write intact)."""
+    image = tmp_path / "cow.crf"
+    with spawn_fixture("tree_cow", str(CHILDREN), str(SHARED_MIB), fifos=True) as tree:
+        pids = [tree.pid, *(int(pid) for pid in tree.ready.values())]
+        before = pss_kib(pids)
+        dump_kill_tree(hijack, tree, image)
+        restored = hijack.ok("restore", image)
+        assert restored_pid(restored) == tree.pid
+        tree.adopt(tree.pid)
+        after = pss_kib(pids)
+        region = SHARED_MIB * 1024
+        own = (CHILDREN + 1) * DIVERGED_PAGES * PAGE // 1024
+        # The region once, each member's own pages, libraries and stacks (a few MiB);
+        # unshared it would be CHILDREN + 1 regions.
+        assert after < region + 2 * own + 8 * 1024, (before, after)
+        assert after < before * 1.25 + 4 * 1024, (before, after)
+        tree.assert_intact()
+
+
 CONTEXTS = {"files": kcmp.KCMP_FILES, "fs": kcmp.KCMP_FS}
 
 

@@ -20,8 +20,22 @@ from hijack import check as checking
 from hijack import lockbook, objects
 from hijack.cli import render
 from hijack.errors import HijackError
-from hijack.image.codec import read_image, read_stream
-from hijack.image.summary import TreeSummary, summarize_stream
+from hijack.image.codec import (
+    next_is_round,
+    read_image,
+    read_round,
+    read_stream,
+    round_pages,
+    skip_rounds,
+)
+from hijack.image.records import Pages
+from hijack.image.summary import (
+    ImageSummary,
+    TreeSummary,
+    summarize,
+    summarize_rounds,
+    summarize_stream,
+)
 from hijack.mutator import attach as attaching
 from hijack.mutator import dump as dumping
 from hijack.mutator.handover import hand_descriptors_to_shadow
@@ -153,6 +167,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="the most data one deleted but open file may put in the image (bytes, or with"
         " K, M, G; default 64M): a bigger one is refused",
+    )
+    dump.add_argument(
+        "--snapshot",
+        choices=("auto", "rounds", "fork"),
+        default="auto",
+        help="without --kill, how the process is frozen only briefly: pre-copy rounds"
+        " (the image holds rounds: a freeze that does not grow with its memory), a forked"
+        " copy (a plain image; its freeze grows ~20 ms a GiB), or auto: rounds from"
+        " 256 MiB of private memory",
     )
     dump.set_defaults(handler=command_dump)
 
@@ -405,6 +428,8 @@ def command_forget(args: argparse.Namespace, console: Console) -> int:
 
 
 def command_dump(args: argparse.Namespace, console: Console) -> int:
+    if args.kill and args.snapshot != "auto":
+        raise HijackError("--snapshot is how a dump without --kill freezes: not with --kill")
     with Registry() as registry:
         attached = registry.find(args.pid)
         holder = attached if attached and attached.state == "attached" else None
@@ -428,6 +453,7 @@ def command_dump(args: argparse.Namespace, console: Console) -> int:
             # The shadow keeps the descriptors; or the user accepts losing them.
             "check_descriptors": holder is None and not args.skip_unsupported,
             "ghost_limit": args.ghost_limit,
+            "snapshot": args.snapshot,
         }
         try:
             if args.output == "-":
@@ -465,7 +491,17 @@ def command_restore(args: argparse.Namespace, console: Console) -> int:
 
 def command_show(args: argparse.Namespace, console: Console) -> int:
     with open_image(args.image) as stream:
-        summary = summarize_stream(read_stream(stream), describe=objects.describe)
+        # A snapshot's file may hold pre-copy rounds before its image (docs/crf.md §7a).
+        rounds = []
+        stream, is_round = next_is_round(stream)
+        while is_round:
+            rounds.append(summarize_rounds(read_round(stream)))
+            stream, is_round = next_is_round(stream)
+        summary: ImageSummary | TreeSummary
+        if rounds:
+            summary = summarize(read_image(stream), describe=objects.describe, rounds=rounds)
+        else:
+            summary = summarize_stream(read_stream(stream), describe=objects.describe)
     if isinstance(summary, TreeSummary):
         render.tree_summary(console, summary, as_json=args.json)
     else:
@@ -480,7 +516,21 @@ def command_core(args: argparse.Namespace, console: Console) -> int:
     if args.output == "-":
         raise HijackError("a core file is written out of order: -o needs a file, not stdout")
     with open_image(args.image) as stream:
-        result = core_files.write_core_file(read_image(stream), Path(args.output))
+        stream, rounds = skip_rounds(stream)
+        if not rounds:
+            result = core_files.write_core_file(read_image(stream), Path(args.output))
+        elif args.image == "-":
+            raise HijackError(
+                "an image made of pre-copy rounds is read twice for a core: give its file,"
+                " not stdin"
+            )
+        else:
+
+            def pages() -> Iterator[Pages]:
+                with open(args.image, "rb") as again:
+                    yield from round_pages(again)
+
+            result = core_files.write_core_file(read_image(stream), Path(args.output), pages)
     render.core_result(console, result, args.output)
     return EXIT_OK
 

@@ -147,6 +147,12 @@ def dump_result(
         f"dumped {what} to {where}: {human_size(result.image_bytes)}, "
         f"{result.pages_stored} pages stored{shared}, frozen {result.frozen_ms:.1f} ms; {fate}"
     )
+    if result.rounds:
+        console.print(
+            f"  in {result.rounds} pre-copy round{'s' if result.rounds != 1 else ''} while it"
+            " ran, then the pages written since at the freeze (stopped"
+            f" {result.tracking_pause_ms:.1f} ms before the rounds, to start tracking its writes)"
+        )
     if copies:
         for line in result.copied:
             console.print(f"  not shared after a restore (--skip-unsupported): {escape(line)}")
@@ -324,6 +330,13 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
         f" left out: {pages.zero} zero, {pages.untouched} never touched,"
         f" {pages.file} mapped from files"
     )
+    if summary.rounds:
+        each = ", ".join(str(totals.pages) for totals in summary.rounds)
+        console.print(
+            f"  after {len(summary.rounds)} pre-copy round{'s' if len(summary.rounds) != 1 else ''}"
+            f" written while the process ran (pages {each}); the pages above are those"
+            " written since, at the freeze, and override the rounds'"
+        )
 
 
 def transfer_progress(console: Console, *what: TextColumn) -> Progress:

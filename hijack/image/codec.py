@@ -46,7 +46,7 @@ import functools
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol, cast
 
 from zlib_ng.zlib_ng import crc32
 
@@ -737,6 +737,67 @@ def read_round(stream: BinaryIO) -> Iterator[Record]:
     return _read_records(stream, _ROUND_GRAMMAR, require_eof=False)
 
 
+class Lookahead:
+    """A stream whose first bytes were looked at (next_is_round) and are read again:
+    read() alone, as the readers here use it."""
+
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.ahead = b""
+
+    def read(self, size: int = -1) -> bytes:
+        if not self.ahead:
+            return self.stream.read(size)
+        if size < 0:
+            data, self.ahead = self.ahead + self.stream.read(), b""
+            return data
+        data, self.ahead = self.ahead[:size], self.ahead[size:]
+        return data
+
+
+def next_is_round(stream: BinaryIO) -> tuple[BinaryIO, bool]:
+    """Whether the next opening on `stream` is a ROUND (a pre-copy round, docs/crf.md §7a,
+    as a snapshot dump's file holds before its IMAGE), and the stream to read it from
+    (the bytes looked at come again). At the end of the stream: False."""
+    ahead = stream if isinstance(stream, Lookahead) else Lookahead(stream)
+    wanted = _SIGNATURE.size + 4
+    head = ahead.ahead
+    while len(head) < wanted:
+        chunk = ahead.stream.read(wanted - len(head))
+        if not chunk:
+            break
+        head += chunk
+    ahead.ahead = head
+    looks = (
+        head[: len(MAGIC)] == MAGIC and head[_SIGNATURE.size : wanted] == SectionKind.ROUND.value
+    )
+    return cast(BinaryIO, ahead), looks
+
+
+def skip_rounds(stream: BinaryIO) -> tuple[BinaryIO, int]:
+    """Read (checking them) the pre-copy rounds at the head of `stream`, if any: the stream
+    to read the IMAGE after them from, and how many there were."""
+    stream, is_round = next_is_round(stream)
+    count = 0
+    while is_round:
+        for _ in read_round(stream):
+            pass
+        count += 1
+        stream, is_round = next_is_round(stream)
+    return stream, count
+
+
+def round_pages(stream: BinaryIO) -> Iterator[Pages]:
+    """The PAGES of the pre-copy rounds at the head of `stream`, round after round (a later
+    page overrides an earlier one); stops before the IMAGE."""
+    stream, is_round = next_is_round(stream)
+    while is_round:
+        for record in read_round(stream):
+            if isinstance(record, Pages):
+                yield record
+        stream, is_round = next_is_round(stream)
+
+
 def read_stream(stream: BinaryIO) -> Iterator[Record]:
     """Yield the records of the image or the tree stream on `stream` (docs/crf.md §7b).
 
@@ -890,6 +951,15 @@ def recode(source: BinaryIO, destination: BinaryIO) -> End:
     """
     writer: ImageWriter | None = None
     record: Record | None = None
+    # A snapshot's file (docs/crf.md §7a, "In a file"): its rounds, then its image.
+    source, is_round = next_is_round(source)
+    while is_round:
+        round_writer: ImageWriter | None = None
+        for record in read_round(source):
+            if round_writer is None:
+                round_writer = ImageWriter(destination)
+            round_writer.write(record)
+        source, is_round = next_is_round(source)
     for record in read_image(source):
         if writer is None:
             writer = ImageWriter(destination)

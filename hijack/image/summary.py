@@ -20,6 +20,7 @@ from hijack.errors import ImageError
 from hijack.image.codec import END_SECTION_SIZE, FORMAT_VERSION
 from hijack.image.files import ImageFiles
 from hijack.image.records import (
+    ContentsKind,
     Credentials,
     Cwd,
     DumpOptions,
@@ -97,6 +98,12 @@ class PageTotals:
 
 
 @dataclass(frozen=True)
+class RoundTotals:
+    pages: int  # stored by the round (zero pages included, past round 0)
+    image_bytes: int  # the round, signature to END inclusive
+
+
+@dataclass(frozen=True)
 class ImageSummary:
     version: int  # CRF format version
     image_bytes: int  # the whole image, signature to END inclusive
@@ -109,20 +116,44 @@ class ImageSummary:
     pages: PageTotals
     settings: ProcessSettings
     timers: Timers
+    # A snapshot's file made of pre-copy rounds (docs/crf.md §7a, "In a file"): each
+    # round's stored pages and bytes, in order; image_bytes counts them, and a PRECOPIED
+    # segment's stored_bytes are the distinct pages the rounds and the image hold there.
+    rounds: tuple[RoundTotals, ...] = ()
 
     @property
     def descriptors(self) -> tuple[FileDescriptor, ...]:
         return self.files.descriptors
 
 
+def summarize_rounds(records: Iterable[Record]) -> tuple[RoundTotals, list[tuple[int, int]]]:
+    """One pre-copy round's records (hijack.image.read_round): its totals, and the runs of
+    the pages it stored."""
+    runs: list[tuple[int, int]] = []
+    for record in records:
+        if isinstance(record, Pages):
+            runs.append((record.address, record.address + len(record.data)))
+        elif isinstance(record, End):
+            return RoundTotals(record.pages_stored, record.image_bytes + END_SECTION_SIZE), runs
+    raise ImageError("incomplete pre-copy round: no END")
+
+
 def summarize(
     records: Iterable[Record],
     describe: Callable[[FileDescriptor, ImageFiles], str] | None = None,
+    rounds: Iterable[tuple[RoundTotals, list[tuple[int, int]]]] = (),
 ) -> ImageSummary:
     """Fold a complete record stream into a summary; ImageError if a section is missing.
 
     `describe` gives each descriptor's line of details (hijack.objects.describe).
+    `rounds`: summarize_rounds() of the pre-copy rounds before the image, if any.
     """
+    round_totals: list[RoundTotals] = []
+    precopied: list[tuple[int, int]] = []  # every page the rounds hold
+    for totals, runs in rounds:
+        round_totals.append(totals)
+        precopied += runs
+    held: dict[int, list[tuple[int, int]]] = {}  # a PRECOPIED segment's index -> its runs
     header: ImageHeader | None = None
     credentials: Credentials | None = None
     cwd: Cwd | None = None
@@ -148,7 +179,13 @@ def summarize(
             stored_bytes = [0] * len(record.segments)
         elif isinstance(record, Pages):
             # read_image has checked that pages lie inside one segment.
-            stored_bytes[bisect.bisect_right(starts, record.address) - 1] += len(record.data)
+            index = bisect.bisect_right(starts, record.address) - 1
+            if segments[index].contents is ContentsKind.PRECOPIED:
+                held.setdefault(index, []).append(
+                    (record.address, record.address + len(record.data))
+                )
+            else:
+                stored_bytes[index] += len(record.data)
         elif isinstance(record, PageReference):
             referenced += record.pages
         elif isinstance(record, Thread):
@@ -190,9 +227,18 @@ def summarize(
             " is missing"
         )
     image_files = ImageFiles(files, tuple(objects))
+    for index, segment in enumerate(segments):
+        if segment.contents is ContentsKind.PRECOPIED:
+            inside = [
+                (max(start, segment.start), min(end, segment.end))
+                for start, end in precopied + held.get(index, [])
+                if start < segment.end and end > segment.start
+            ]
+            stored_bytes[index] = _covered(inside)
     return ImageSummary(
         version=FORMAT_VERSION,
-        image_bytes=end.image_bytes + END_SECTION_SIZE,
+        image_bytes=end.image_bytes + END_SECTION_SIZE + sum(r.image_bytes for r in round_totals),
+        rounds=tuple(round_totals),
         process=ProcessSummary(
             pid=header.pid,
             ppid=header.ppid,
@@ -239,6 +285,17 @@ def summarize(
     )
 
 
+def _covered(runs: list[tuple[int, int]]) -> int:
+    """Bytes covered by `runs` (which may overlap)."""
+    total, reach = 0, 0
+    for start, end in sorted(runs):
+        start = max(start, reach)
+        if end > start:
+            total += end - start
+            reach = end
+    return total
+
+
 def _hex(value: int) -> str:
     return f"{value:#x}"
 
@@ -283,6 +340,9 @@ def summary_to_json(summary: ImageSummary) -> dict[str, JsonValue]:
         "summary_version": SUMMARY_VERSION,
         "format_version": summary.version,
         "image_bytes": summary.image_bytes,
+        "rounds": [
+            {"pages": totals.pages, "image_bytes": totals.image_bytes} for totals in summary.rounds
+        ],
         "process": {
             "pid": process.pid,
             "ppid": process.ppid,

@@ -39,6 +39,7 @@ from hijack.mutator.tracee import (
     TracedThread,
     Tracee,
     recorded_registers,
+    scratch_below_stack,
 )
 from hijack.mutator.tracee import scratch_page as scratch_page  # its old home: importers
 from hijack.objects import unix
@@ -85,6 +86,11 @@ class DumpResult:
     # and the system calls injected into the frozen process.
     freeze_steps: dict[str, float] = field(default_factory=dict)
     injected: int = 0
+    # A snapshot by pre-copy rounds (hijack.mutator.snapshot_rounds): how many rounds
+    # the image holds before its final IMAGE, and how long the process was stopped
+    # to start tracking its writes (a pause of its own, before the freeze).
+    rounds: int = 0
+    tracking_pause_ms: float = 0.0
 
 
 class Precopied(Protocol):
@@ -102,6 +108,10 @@ class Precopied(Protocol):
     @property
     def signal_actions(self) -> list[rec.SigAction]:
         """The signal actions read when the tracking started (read_signal_actions' `known`)."""
+
+    @property
+    def buffer(self) -> bytearray:
+        """READ_CHUNK bytes the rounds read through (their pages touched already)."""
 
 
 @dataclass
@@ -122,6 +132,7 @@ def dump(
     check_descriptors: bool = True,
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
     image: str = lockbook.STDOUT,
+    snapshot: str = "auto",
 ) -> DumpResult:
     """Write an image of `pid` and its descendants to `out`; they run on unless `kill`.
 
@@ -140,13 +151,33 @@ def dump(
     `ghost_limit` bytes of data is refused before anything is written. `image`: where
     `out` ends up (an absolute path, or lockbook.STDOUT), written down with the network
     locks a `kill` leaves for the restore (hijack.lockbook).
+    `snapshot` (a single process, not `kill`): "rounds" (pre-copy rounds in the image:
+    hijack.mutator.snapshot_rounds), "fork" (a forked copy: hijack.mutator.snapshot), or
+    "auto": rounds for a process whose private memory a fork copies too slowly (the fork
+    where its writes cannot be tracked).
     """
     if not kill and len(read_tree(pid).members) == 1:
         # A tree is stopped throughout its dump: only a single process is
         # snapshot (a child forked after this look is not in its image).
         # Imported here: the snapshot is built of this module's parts.
         from hijack.mutator.snapshot import snapshot_dump
+        from hijack.mutator.snapshot_rounds import TrackingUnavailable, rounds_dump, worth_rounds
 
+        # A big process: rounds, since a fork's page-table copy alone outlasts the
+        # target freeze; a small one: the fork, quicker than starting the tracking.
+        if snapshot == "rounds" or (snapshot == "auto" and worth_rounds(pid)):
+            try:
+                return rounds_dump(
+                    pid,
+                    out,
+                    no_binary=no_binary,
+                    no_shared_libs=no_shared_libs,
+                    on_complete=on_complete,
+                    ghost_limit=ghost_limit,
+                )
+            except TrackingUnavailable:
+                if snapshot == "rounds":
+                    raise  # (nothing written yet: the tracking comes first)
         return snapshot_dump(
             pid,
             out,
@@ -279,7 +310,10 @@ def write_image(
     maps = procfs.read_maps(pid)
     aio_rings = aio.read_rings(pid, maps, moving=precopied is not None)
     maps = [entry for entry in maps if not aio.is_aio_ring(entry)]  # made again by io_setup
-    with scratch_page(tracee) as scratch:
+    # A move's or a snapshot's freeze borrows bytes below the stack rather than map a
+    # page (two injected calls fewer; put back before any page is read).
+    scratch_bytes = scratch_page(tracee) if precopied is None else scratch_below_stack(tracee, maps)
+    with scratch_bytes as scratch:
         brk = tracee.checked_syscall("brk", 0)
         known = precopied.signal_actions if precopied is not None else None
         actions = read_signal_actions(tracee, scratch, known)
@@ -455,6 +489,7 @@ def dump_to_file(
     before_kill: Callable[[tuple[int, ...]], None] | None = None,
     check_descriptors: bool = True,
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
+    snapshot: str = "auto",
 ) -> DumpResult:
     """dump() into `path`, through a temporary file renamed when the image is complete.
 
@@ -484,6 +519,7 @@ def dump_to_file(
                 check_descriptors=check_descriptors,
                 ghost_limit=ghost_limit,
                 image=str(path.resolve()),
+                snapshot=snapshot,
             )
     except OSError as exc:
         raise HijackError(f"cannot write image {path}: {exc.strerror or exc}") from None
@@ -743,7 +779,9 @@ def write_memory(
     splicer: PageSplicer | None = None,
 ) -> PageCounts:
     counts = PageCounts()
-    buffer = bytearray(READ_CHUNK)  # reused: reading into fresh buffers is several times slower
+    # Reused: reading into fresh buffers is several times slower. A move's rounds have one
+    # touched already: a fresh one costs 2-3 ms of a freeze (the kernel zeroes its pages).
+    buffer = precopied.buffer if precopied is not None else bytearray(READ_CHUNK)
     with memory.MemoryFile(pid) as mem:
         for segment in segments:
             write_segment_pages(
@@ -781,11 +819,12 @@ def write_segment_pages(
     # A file-backed segment is restored from its file, where a page left out
     # is the file's, not zero: its zero pages are stored too.
     keep_zero = keeps_zero_pages(segment)
-    if runs is None:
-        runs = runs_to_store(pid, segment, counts)
     if segment.contents is rec.ContentsKind.PRECOPIED and precopied is not None:
-        # Over what the rounds sent: a page now zero must be sent as such.
+        # Over what the rounds sent: a page now zero must be sent as such. (Not
+        # runs_to_store's pagemap read as well: 3-5 ms a GiB of a freeze, unused.)
         keep_zero, runs = True, precopied.runs(segment)
+    elif runs is None:
+        runs = runs_to_store(pid, segment, counts)
     if splicer is not None and not segment.prot & rec.Prot.READ:
         splicer = None  # vmsplice honours protections: read through /proc/PID/mem
     for start, end in runs:

@@ -109,7 +109,9 @@ class Precopy:
         # written (plan_lazy), which the destination clips to the image's segments as
         # `segments` does here (lazy_in): the same runs on both sides.
         self.planned: list[Run] | None = None
-        self._buffer = bytearray(READ_CHUNK)
+        # Touched by the rounds: the final image reads through it too (allocating
+        # READ_CHUNK bytes at the freeze costs 2-3 ms: the kernel zeroes each page).
+        self.buffer = bytearray(READ_CHUNK)
         # A tree's member (hijack.node.tree_move): its pages read through /proc/PID/mem,
         # which does not pin them (process_vm_readv does, and the kernel unshares a page
         # shared copy-on-write since a fork that is pinned: each member would get a copy).
@@ -226,18 +228,18 @@ class Precopy:
                 size += batch[-1][1] - batch[-1][0]
             index += len(batch)
             if readable and not self.through_mem:
-                done = memory.read_gathered(self.pid, batch, self._buffer)
+                done = memory.read_gathered(self.pid, batch, self.buffer)
             elif readable:
                 done = 0
                 for start, end in batch:
                     try:
-                        mem.read_into(start, memoryview(self._buffer)[done : done + end - start])
+                        mem.read_into(start, memoryview(self.buffer)[done : done + end - start])
                     except HijackError:
                         break
                     done += end - start
             else:
                 try:
-                    mem.read_into(batch[0][0], memoryview(self._buffer)[:size])
+                    mem.read_into(batch[0][0], memoryview(self.buffer)[:size])
                     done = size
                 except HijackError:
                     done = 0
@@ -245,7 +247,7 @@ class Precopy:
             for start, end in batch:
                 if offset + end - start > done:
                     break  # not mapped any more, from here on: owed
-                view = memoryview(self._buffer)[offset : offset + end - start]
+                view = memoryview(self.buffer)[offset : offset + end - start]
                 writer.write_pages(start, view, keep_zero_pages=keep_zero)
                 sent.append((start, end))
                 offset += end - start

@@ -11,6 +11,10 @@ what it reads, and the kernel unshares a shared anonymous page it pins (the
 process gets a copy of its own): the tree would double its memory, and
 pagemap tell the copies' frames.
 
+A present page of a private file mapping that is still the file's (pagemap's
+PM_FILE: the page cache's, not a private copy) is known by its file's page, as
+one not in memory is: a library's code one member ran and another did not
+touch since the fork is the same bytes, stored once.
 Every present page's frame is remembered, not only those pagemap calls shared:
 its PM_MMAP_EXCLUSIVE bit is not to be trusted for a transparent huge page
 split by a write after the fork (the parent's pages read "exclusive" while
@@ -78,6 +82,10 @@ class SharedPages:
             if not entry & procfs.PM_PRESENT:
                 in_file = file is not None and not entry & procfs.PM_SWAP
                 key = (*file[:3], file[3] + offset) if file is not None and in_file else 0
+            elif file is not None and entry & procfs.PM_FILE:
+                # The file's own page (the page cache's, not a private copy): one key with
+                # the same page not in memory in another member, which maps the same bytes.
+                key = (*file[:3], file[3] + offset)
             source = self._source(pid, address + offset, key)
             if (
                 source is not None

@@ -17,12 +17,23 @@ Order matters:
 A move with pre-copy builds from its round 0 and later turns that layout
 into its final image's (`adopt_final`): PRECOPIED segments keep what the
 rounds wrote, everything else is unmapped and mapped anew.
+
+A tree's member forked from its parent's stub once the parent's memory is built
+(hijack.restore.tree, as CRIU forks children from a parent whose private memory
+is premapped) inherits it copy-on-write: each of its private segments that the
+parent's covers with the same backing is kept in place (`Inherited`), not
+unmapped in step 1 nor mapped in step 5. Its image's pages are written over it
+(each write unshares that page alone), a PAGE_REFERENCE to the very page the
+parent holds there is skipped (the page is inherited), and what the image says
+nothing of is dropped (MADV_DONTNEED: zero, or the file's page, as a fresh
+mapping holds) once its pages are in (`forget_unwritten`).
 """
 
 from __future__ import annotations
 
 import bisect
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from hijack.errors import HijackError, RestoreError
 from hijack.image import records as rec
@@ -37,6 +48,7 @@ MAP_GROWSDOWN = 0x100
 MAP_FIXED_NOREPLACE = 0x100000
 MREMAP_MAYMOVE = 1
 MREMAP_FIXED = 2
+MADV_DONTNEED = 4
 PROT_READ_WRITE = 0x1 | 0x2
 O_RDONLY = 0
 O_RDWR = 2
@@ -106,6 +118,33 @@ def find_hole(occupied: list[tuple[int, int]], size: int) -> int:
     return candidate
 
 
+@dataclass(frozen=True)
+class Inherited:
+    """What a member's stub inherits of its parent's, forked once the parent's memory was
+    built: the parent's private segments (pages all written), and which of the parent's
+    pages are themselves another member's inherited page (address -> that member)."""
+
+    parent: int  # the parent's pid in the image
+    segments: tuple[rec.Segment, ...]
+    owners: Mapping[int, int]
+
+
+# VmFlags a child's copy of a mapping does not have as its parent's pages: not inherited
+# (dc), zeroed in the child (wf), hugetlb (ht), device memory (io, pf).
+_NOT_INHERITED_FLAGS = frozenset({"dc", "wf", "ht", "io", "pf"})
+
+
+def inheritable(segment: rec.Segment) -> bool:
+    """Whether a private segment's pages go to a forked child copy-on-write as they are."""
+    return (
+        not segment.shared
+        and segment.contents is rec.ContentsKind.STORED
+        and segment.path not in (*KERNEL_MAPPINGS, "[vsyscall]")
+        and not is_shared_memory(segment)
+        and not _NOT_INHERITED_FLAGS.intersection(segment.vm_flags)
+    )
+
+
 def _page_rounded(size: int) -> int:
     return (size + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
 
@@ -128,25 +167,69 @@ class AddressSpace:
         self.kernel_segments = {s.path: s for s in segments if s.path in KERNEL_MAPPINGS}
         self._starts = [s.start for s in self.segments]
         self._mem = memory.MemoryFile(stub.pid)
+        self._later: frozenset[int] = frozenset()
+        # Inherited from the parent's stub: the parent, its pages, the segments kept (by start).
+        self._inherited: Inherited | None = None
+        self._kept: dict[int, rec.Segment] = {}
+        self._written: list[tuple[int, int]] = []  # what the image said of the kept segments
+        self.owners: dict[int, int] = {}  # pages inherited unwritten: address -> whose they are
+        # Segments adopt_final kept, filled before the freeze: only pages that differ are
+        # written into them (the others may be shared with the parent's stub).
+        self._settled: frozenset[int] = frozenset()
+        self.keep_unchanged = False  # a tree's prebuilt stub: settle adopt_final's kept segments
 
-    def build(self, later: frozenset[int] = frozenset()) -> None:
+    def build(
+        self, later: frozenset[int] = frozenset(), inherited: Inherited | None = None
+    ) -> None:
         """Lay the stub out as the image says; the segments starting at `later` are left
-        for map_segment_from (mapped from objects the descriptors' restore makes)."""
-        self._clear_stub()
+        for map_segment_from (mapped from objects the descriptors' restore makes).
+        `inherited`: the stub was forked from its parent's built stub; the segments of the
+        image the parent's cover are kept, copy-on-write."""
+        self._later = later
+        self._inherited = inherited
+        held = self._inherited_segments(inherited, later) if inherited else {}
+        self._kept = {start: segment for start, (segment, _) in held.items()}
+        self._clear_stub(sorted((s.start, s.end) for s in self._kept.values()))
         self._place_kernel_mappings()
         self._attach_shared_memory()
         self._map_scratch()
         for segment in self.segments:
-            if not is_shared_memory(segment) and segment.start not in later:
+            if segment.start in held:
+                if held[segment.start][1] != segment.prot:
+                    self.stub.call("mprotect", segment.start, segment.size, int(segment.prot))
+                self._advise(segment)
+            elif not is_shared_memory(segment) and segment.start not in later:
                 self._map_segment(segment)
+
+    def _inherited_segments(
+        self, inherited: Inherited, later: frozenset[int]
+    ) -> dict[int, tuple[rec.Segment, rec.Prot]]:
+        """The image's segments the parent's cover with the same backing: by start, each
+        with the protection its inherited mapping has."""
+        found = {}
+        for segment in self.segments:
+            if segment.start in later or not inheritable(segment):
+                continue
+            for base in inherited.segments:
+                if _holds(base, segment):
+                    found[segment.start] = (segment, base.prot)
+                    break
+        return found
+
+    def inherited_by_child(self, pid: int) -> Inherited:
+        """What a child forked from this stub now inherits (`pid`: ours, in the image)."""
+        segments = tuple(s for s in self.segments if s.start not in self._later and inheritable(s))
+        return Inherited(pid, segments, self.owners)
 
     # -- 1. empty the stub ------------------------------------------------------
 
-    def _clear_stub(self) -> None:
+    def _clear_stub(self, kept: list[tuple[int, int]] | None = None) -> None:
+        """Unmap all but the kernel's mappings and the ranges `kept` (sorted)."""
         for mapping in procfs.read_maps(self.stub.pid):
             if mapping.path in KERNEL_MAPPINGS or mapping.path == "[vsyscall]":
                 continue
-            self.stub.call("munmap", mapping.start, mapping.end - mapping.start)
+            for start, end in outside(mapping.start, mapping.end, kept or []):
+                self.stub.call("munmap", start, end - start)
 
     # -- 2. the kernel's own mappings ------------------------------------------
 
@@ -208,7 +291,7 @@ class AddressSpace:
             )
             self.stub.call("shmat", shmid, base, flags)
             kept = sorted((part.start, part.end) for part in parts)
-            for start, end in _outside(base, base + _page_rounded(size), kept):
+            for start, end in outside(base, base + _page_rounded(size), kept):
                 self.stub.call("munmap", start, end - start)
             for part in parts:
                 if part.prot != prot:
@@ -352,7 +435,7 @@ class AddressSpace:
         for mapping in procfs.read_maps(self.stub.pid):
             if mapping.path in KERNEL_MAPPINGS or mapping.path == "[vsyscall]":
                 continue
-            for start, end in _outside(mapping.start, mapping.end, sorted(keep)):
+            for start, end in outside(mapping.start, mapping.end, sorted(keep)):
                 self.stub.call("munmap", start, end - start)
         for segment in final:
             if segment.start in kept:
@@ -363,21 +446,58 @@ class AddressSpace:
                 self._map_segment(segment)
         self.segments = final
         self._starts = [s.start for s in final]
+        self._settled = frozenset(kept) if self.keep_unchanged else frozenset()
 
     # -- pages --------------------------------------------------------------------
 
     def write_pages(self, pages: rec.Pages) -> None:
         segment = self._segment_at(pages.address)
+        self.note_written(pages.address, pages.address + len(pages.data))
         if is_shared_memory(segment) and segment.inode in self.kept:
             return  # a live segment: what it holds now is its truth
-        if segment.prot & rec.Prot.WRITE:
-            memory.write(self.stub.pid, pages.address, pages.data)
+        if segment.start in self._settled:
+            self._write_changed(segment, pages.address, pages.data)
             return
-        self._mem.write(pages.address, pages.data)
+        self._put(segment, pages.address, pages.data)
+
+    def _put(self, segment: rec.Segment, address: int, data: bytes | memoryview) -> None:
+        if segment.prot & rec.Prot.WRITE:
+            memory.write(self.stub.pid, address, bytes(data))
+            return
+        self._mem.write(address, bytes(data))
+
+    def _write_changed(self, segment: rec.Segment, address: int, data: bytes) -> None:
+        """Write only the pages of `data` the stub does not hold already: a page a member's
+        stub shares copy-on-write with its parent's (prebuild_tree) stays shared where the
+        final image stores it again unchanged (a file mapping's pages, stored whole)."""
+        current = bytearray(len(data))
+        try:
+            self._mem.read_into(address, current)
+        except HijackError:
+            self._put(segment, address, data)
+            return
+        view, held = memoryview(data), memoryview(current)
+        run_start = -1
+        for offset in range(0, len(data) + PAGE_SIZE, PAGE_SIZE):
+            differs = (
+                offset < len(data)
+                and view[offset : offset + PAGE_SIZE] != held[offset : offset + PAGE_SIZE]
+            )
+            if differs and run_start < 0:
+                run_start = offset
+            elif not differs and run_start >= 0:
+                self._put(segment, address + run_start, view[run_start:offset])
+                run_start = -1
 
     def copy_pages(self, reference: rec.PageReference, source_pid: int) -> None:
         """Write the pages `reference` names, read from the stub `source_pid` of the member
-        whose image stored them (rebuilt before this one, not started: as it was dumped)."""
+        whose image stored them (rebuilt before this one, not started: as it was dumped);
+        skipped where this stub inherited those very pages from its parent."""
+        if self._inherits(reference):
+            self.note_written(reference.address, reference.address + reference.size)
+            for index in range(reference.pages):
+                self.owners[reference.address + index * PAGE_SIZE] = reference.pid
+            return
         data = bytearray(reference.size)
         try:
             with memory.MemoryFile(source_pid) as source:
@@ -388,6 +508,47 @@ class AddressSpace:
                 f" {reference.pid} ({reference.source:#x}): {error}"
             ) from None
         self.write_pages(rec.Pages(address=reference.address, data=bytes(data)))
+
+    def _inherits(self, reference: rec.PageReference) -> bool:
+        """Whether the pages `reference` names are the ones this stub inherited at the
+        same address: its parent's own, or those the parent itself inherited unwritten."""
+        inherited = self._inherited
+        if inherited is None or reference.source != reference.address:
+            return False
+        segment = self._segment_at(reference.address)
+        if segment.start not in self._kept or reference.address + reference.size > segment.end:
+            return False
+        if reference.pid == inherited.parent:
+            return True
+        return all(
+            inherited.owners.get(reference.address + index * PAGE_SIZE) == reference.pid
+            for index in range(reference.pages)
+        )
+
+    def note_written(self, start: int, end: int) -> None:
+        """The pages [start, end) are the image's (written, or inherited as they are)."""
+        if self._kept:
+            self._written.append((start, end))
+
+    def inherits(self, address: int) -> bool:
+        """Whether the page at `address` is in a segment kept from the parent's stub."""
+        index = bisect.bisect_right(self._starts, address) - 1
+        if not self._kept or index < 0:
+            return False
+        segment = self.segments[index]
+        return segment.start in self._kept and address < segment.end
+
+    def forget_unwritten(self) -> None:
+        """Drop the inherited pages the image said nothing of (once all its pages are in):
+        a fresh mapping's pages there (zero, or the file's), as the image means. Later
+        pages (a move's final image) are written as into any stub."""
+        written = sorted(self._written)
+        for segment in self._kept.values():
+            for start, end in outside(segment.start, segment.end, written):
+                self.stub.call("madvise", start, end - start, MADV_DONTNEED)
+        self._written = []
+        self._kept = {}
+        self._inherited = None
 
     def _segment_at(self, address: int) -> rec.Segment:
         index = bisect.bisect_right(self._starts, address) - 1
@@ -436,7 +597,7 @@ def _same_file_mapping(segment: rec.Segment, base: list[rec.Segment]) -> bool:
     return bool(twin) and not twin[0].shared and twin[0].contents is rec.ContentsKind.STORED
 
 
-def _outside(start: int, end: int, kept: list[tuple[int, int]]) -> list[tuple[int, int]]:
+def outside(start: int, end: int, kept: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The parts of [start, end) that no range of `kept` (sorted) covers."""
     parts = []
     cursor = start

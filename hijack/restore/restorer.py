@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
 from hijack.errors import HijackError, ImageError, RestoreError, ShadowError, Unsupported
 from hijack.image import records as rec
-from hijack.image.codec import read_stream
+from hijack.image.codec import next_is_round, read_stream
 from hijack.image.files import ImageFiles
 from hijack.mutator.tracee import (
     ThreadState,
@@ -45,7 +45,7 @@ from hijack.objects.pty import controlling_slave
 from hijack.objects.terminal import set_up_terminals
 from hijack.process import aio, seccomp, settings, timers
 from hijack.registry import Registry
-from hijack.restore.address_space import AddressSpace
+from hijack.restore.address_space import AddressSpace, Inherited
 from hijack.restore.files import restore_files
 from hijack.restore.plan import FilePlan, ShadowHoldings, plan_files
 from hijack.restore.precopy import Prebuilt
@@ -133,6 +133,7 @@ def restore(
     laps: Laps | None = None,
     records: Iterator[rec.Record] | None = None,
     lazy: Callable[[], LazyPages | None] | None = None,
+    snapshot: bool = False,
 ) -> RestoreResult:
     """Rebuild the process of the image in `stream` and let it run.
 
@@ -160,6 +161,8 @@ def restore(
     `lazy` (a post-copy move, with `prebuilt`) is asked once the image is in for
     the pages left out of it; they are made to arrive on first touch
     (hijack.restore.postcopy) before anything else is done in the process.
+    `snapshot` (with `prebuilt`): the rounds came from a snapshot's file (restore_rounds),
+    not a move: its SysV objects are made, the process is recorded in `registry`.
     """
     laps = laps or Laps()
     records = read_stream(stream) if records is None else records
@@ -188,6 +191,24 @@ def restore(
         holdings=holdings,
         provided=frozenset(provided or {}),
     )
+    if prebuilt is not None and snapshot:
+        # A snapshot's file with rounds (restore_rounds): what a move's stub is never given.
+        if holdings is not None:
+            raise Unsupported(
+                f"process {image.header.pid}'s shadow holds its descriptors (dumped with"
+                " --kill since): restore that image, not this snapshot"
+            )
+        ipc = sysv.prepare(image.files, image.segments.segments)
+        try:
+            result = _restore_prebuilt(
+                records, image, plan, prebuilt, {}, before_start, take_locks, laps, lazy
+            )
+        except BaseException:
+            ipc.undo()
+            raise
+        if registry is not None:
+            _record(registry, image.header, result.pid, None)
+        return result
     if prebuilt is not None:
         return _restore_prebuilt(
             records, image, plan, prebuilt, provided or {}, before_start, take_locks, laps, lazy
@@ -239,6 +260,29 @@ def restore(
     return _result(pid, image, plan)
 
 
+def restore_rounds(
+    stream: BinaryIO, *, skip_unsupported: bool = False, registry: Registry | None = None
+) -> RestoreResult:
+    """`hijack restore` of a snapshot's file made of rounds (docs/crf.md §7a, "In a file"):
+    each round built into a stub as a move's destination builds it, later pages over
+    earlier ones, then the final IMAGE restored into that stub."""
+    prebuilt = Prebuilt()
+    try:
+        stream, is_round = next_is_round(stream)
+        while is_round:
+            prebuilt.receive_round(stream)
+            stream, is_round = next_is_round(stream)
+        return restore(
+            stream,
+            skip_unsupported=skip_unsupported,
+            registry=registry,
+            prebuilt=prebuilt,
+            snapshot=True,
+        )
+    finally:
+        prebuilt.discard()
+
+
 def read_head(records: Iterator[rec.Record]) -> _Image:
     """The image's records up to its objects: what a restore checks before it builds."""
     return _Image(
@@ -261,43 +305,46 @@ class Rebuilt:
     pending: frozenset[int]  # the signals the image has pending, process-wide or in a thread
 
 
-def rebuild_member(
+@dataclass
+class MemberMemory:
+    """A tree's member whose memory is rebuilt into its stub (build_member_memory), its
+    image read to its END; the rest (descriptors, threads, the process's state) is
+    finish_member's, once the tree's stubs are all forked (they must not inherit it)."""
+
+    stub: Stub
+    image: _Image
+    space: AddressSpace
+    ipc: sysv.Prepared
+
+    def abandon(self) -> None:
+        """The restore failed before finish_member: undo what is ours (the stub is killed)."""
+        self.space.close()
+        self.ipc.undo()
+
+
+def build_member_memory(
     stub: Stub,
     records: Iterator[rec.Record],
     shared: TreeShared,
     *,
-    skip_unsupported: bool = False,
-    registry: Registry | None = None,
-    own_parent: bool = False,
-    parents_table: bool = False,
-    provided: Callable[[], dict[int, int]] | None = None,
     admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None,
-    take_locks: bool = True,
     rounds: MemberPages | None = None,
     space: AddressSpace | None = None,
+    inherited: Inherited | None = None,
     laps: Laps | None = None,
-    lazy: Callable[[tuple[rec.Segment, ...]], LazyPages | None] | None = None,
-) -> Rebuilt:
-    """Rebuild the process of the image `records` (up to its END) into `stub`, a member of
-    a tree whose relations (parent, session, group) are made already; leave it stopped.
+) -> MemberMemory:
+    """Read the image `records` (up to its END) of a tree's member and rebuild its address
+    space into `stub`: layout and pages; finish_member does the rest.
 
-    The image is checked before the stub is touched, as restore() checks; objects other
-    members share come from `shared`. `own_parent`: its parent is its own (a member
-    below the root), whose death its parent-death signal, if any, is for. A shadow's
-    descriptors (an attached tree dumped with --kill) are lent to the stub: it was
-    forked from its parent's stub, not ours. `parents_table`: the stub shares its parent's
-    descriptor table (CLONE_FILES), rebuilt already: its descriptors are there.
-    `admit` and `take_locks` are restore()'s, for this member (a tree's move);
-    `provided()`, asked once it is admitted, gives restore()'s `provided` (admitting
-    the first member makes them). `rounds`: the member's pages a tree's pre-copy sent
-    (hijack.restore.tree_rounds), written where the image's segments are PRECOPIED.
-    `space`: the stub's address space as the rounds built it before the freeze
-    (hijack.restore.tree.prebuild_tree, which wrote `rounds` in already): turned into
-    the image's layout, PRECOPIED segments kept, as a single process's pre-copied stub.
-    `laps` (a move's) gets the steps' laps, added up over the members.
-    `lazy` (a tree's post-copy move): given the image's segments, the member's pages left
-    on the source (hijack.restore.postcopy), made missing in the stub once its pages are
-    in, while it still has root's powers (as restore()'s `lazy`).
+    `admit` is restore()'s, for this member (a tree's move). `rounds`: the member's pages
+    a tree's pre-copy sent (hijack.restore.tree_rounds), written where the image's
+    segments are PRECOPIED. `space`: the stub's address space as the rounds built it
+    before the freeze (hijack.restore.tree.prebuild_tree, which wrote `rounds` in
+    already): turned into the image's layout, PRECOPIED segments kept, as a single
+    process's pre-copied stub. `inherited`: the stub was forked from its parent's, whose
+    memory was built: what the parent's private segments hold is kept, copy-on-write
+    (hijack.restore.address_space). `laps` (a move's) gets the steps' laps, added up
+    over the members.
     """
     laps = laps or Laps()
     image = read_head(records)
@@ -305,44 +352,89 @@ def rebuild_member(
         admit(image.header, image.credentials, image.segments)
     if rounds is None and space is None:
         refuse_without(image.segments.segments, image.header.pid)
-    holdings = shadow_holdings(registry, image.header.pid) if registry else None
     shared.begin(image.header.pid, stub.pid, image.files)
-    kept = frozenset(holdings.own_fd) if holdings else frozenset()
-    # A table shared with the parent has the relays from the parent's.
-    given = provided() if provided is not None and not parents_table else {}
-    # The tree's pairs: not ours to close (nor are a move's relays, given to it).
-    skip = kept | frozenset(given)
-    pairs = {} if parents_table else unix.pair_ends(image.files, shared, skip=skip)
-    plan = plan_files(
-        image.segments.segments,
-        image.files,
-        skip_unsupported=skip_unsupported,
-        holdings=holdings,
-        provided=frozenset(pairs) | frozenset(given),
-    )
     ipc = sysv.prepare(image.files, image.segments.segments)
     try:
-        # A table shared with the parent has the shadow's descriptors from the parent's.
-        taken = _take_from_shadow(holdings, plan) if holdings and not parents_table else {}
-        try:
-            inherited = lend(stub, {**taken, **pairs, **given})
-        finally:
-            for fd in taken.values():
-                os.close(fd)
         prebuilt = space is not None
         if space is None:
             space = AddressSpace(stub, image.segments.segments, ipc.segments, frozenset(ipc.kept))
         try:
+            later = frozenset(image.mapped())
             if prebuilt:
-                space.adopt_final(image.segments.segments, later=frozenset(image.mapped()))
+                space.adopt_final(image.segments.segments, later=later)
             else:
-                space.build(later=frozenset(image.mapped()))
+                space.build(later=later, inherited=inherited)
                 if rounds is not None:
                     rounds.apply(space, image.segments.segments)
             ipc.after_attach()
             laps.lap("layout")
             _consume_rest(records, image, space, shared.stub_of)
+            space.forget_unwritten()
             laps.lap("pages")
+        except BaseException:
+            space.close()
+            raise
+    except BaseException:
+        ipc.undo()
+        raise
+    return MemberMemory(stub, image, space, ipc)
+
+
+def finish_member(
+    memory: MemberMemory,
+    shared: TreeShared,
+    *,
+    skip_unsupported: bool = False,
+    registry: Registry | None = None,
+    own_parent: bool = False,
+    parents_table: bool = False,
+    provided: Callable[[], dict[int, int]] | None = None,
+    take_locks: bool = True,
+    laps: Laps | None = None,
+    lazy: Callable[[tuple[rec.Segment, ...]], LazyPages | None] | None = None,
+) -> Rebuilt:
+    """Finish the tree's member whose memory build_member_memory rebuilt, its relations
+    (parent, session, group) made already; leave it stopped.
+
+    Objects other members share come from `shared`. `own_parent`: its parent is its own
+    (a member below the root), whose death its parent-death signal, if any, is for. A
+    shadow's descriptors (an attached tree dumped with --kill) are lent to the stub: it
+    was forked from its parent's stub, not ours. `parents_table`: the stub shares its
+    parent's descriptor table (CLONE_FILES), rebuilt already: its descriptors are there.
+    `take_locks` is restore()'s, for this member (a tree's move); `provided()`, asked
+    once it is admitted, gives restore()'s `provided` (admitting the first member makes
+    them). `laps` (a move's) gets the steps' laps, added up over the members.
+    `lazy` (a tree's post-copy move): given the image's segments, the member's pages left
+    on the source (hijack.restore.postcopy), made missing in the stub (every member's
+    pages are in, every stub forked: none inherits the holes), while it still has root's
+    powers (as restore()'s `lazy`).
+    """
+    laps = laps or Laps()
+    stub, image, space, ipc = memory.stub, memory.image, memory.space, memory.ipc
+    try:
+        try:
+            holdings = shadow_holdings(registry, image.header.pid) if registry else None
+            shared.begin(image.header.pid, stub.pid, image.files)
+            kept = frozenset(holdings.own_fd) if holdings else frozenset()
+            # A table shared with the parent has the relays from the parent's.
+            given = provided() if provided is not None and not parents_table else {}
+            # The tree's pairs: not ours to close (nor are a move's relays, given to it).
+            skip = kept | frozenset(given)
+            pairs = {} if parents_table else unix.pair_ends(image.files, shared, skip=skip)
+            plan = plan_files(
+                image.segments.segments,
+                image.files,
+                skip_unsupported=skip_unsupported,
+                holdings=holdings,
+                provided=frozenset(pairs) | frozenset(given),
+            )
+            # A table shared with the parent has the shadow's descriptors from the parent's.
+            taken = _take_from_shadow(holdings, plan) if holdings and not parents_table else {}
+            try:
+                inherited = lend(stub, {**taken, **pairs, **given})
+            finally:
+                for fd in taken.values():
+                    os.close(fd)
             missing = lazy(image.segments.segments) if lazy is not None else None
             if missing is not None:
                 # What the rest touches (each thread's TCB and stack top) is never lazy.

@@ -1,33 +1,40 @@
 """`hijack restore` of a tree stream (docs/crf.md §7b): every member back, with its relations.
 
-As CRIU does, the tree is forked first and each member rebuilt after:
+As CRIU does, each member's memory is built before its children are forked, and
+the rest of every member once the whole tree is:
 
 1. Refusals, before anything is made: a member's pid taken (unless new pids are
    asked for), relations this version cannot make (relation_refusals).
-2. The tree is forked. The root is a stub as a single process's is
-   (hijack.sys.stub); every other member is forked by a clone3 injected into
-   its parent's stub (flags 0, its exit signal, set_tid its pid), a copy of
-   that pristine stub, traced by us from birth (PTRACE_O_TRACEFORK). A session
+2. The root's stub is spawned as a single process's is (hijack.sys.stub). Then,
+   member by member in stream order (parents first), its memory is rebuilt
+   (restorer.build_member_memory: layout and pages) and its children are forked
+   from its stub, each by a clone3 injected into it (flags 0, its exit signal,
+   set_tid its pid), traced by us from birth (PTRACE_O_TRACEFORK). A child so
+   inherits its parent's private memory copy-on-write, and keeps what its own
+   image says is still the parent's (hijack.restore.address_space): a tree that
+   shared pages since a fork shares them again, not a copy per member. A session
    leader calls setsid as soon as it exists, before its children are forked
-   (they inherit its session); then groups are made, leaders first (a group
-   whose leader has exited gets a stand-in leader under its id, a sibling of
-   its first member, which exits and is reaped once they joined). A zombie
-   takes its name and exits with its wait status, untraced, so that its parent
-   (its stub, later the restored process) reaps it; the exit signal it sent
-   the stub is taken back, the original parent had it long ago.
-   A member sharing its parent's descriptor table or fs context (CLONE_FILES,
-   CLONE_FS; TREE's `contexts`) is cloned with those flags: the stubs share
-   them from birth.
-3. Each member's image is rebuilt into its stub as a single process's is
-   (restorer.rebuild_member), what members share made once (hijack.restore.shared);
-   a member sharing its parent's descriptor table finds its descriptors made.
-4. Every member starts, children first; a member that was stopped is stopped
+   (they inherit its session). A member sharing its parent's descriptor table or
+   fs context (CLONE_FILES, CLONE_FS; TREE's `contexts`) is cloned with those
+   flags: the stubs share them from birth (nothing is in them yet).
+3. Every stub forked: groups are made, leaders first (a group whose leader has
+   exited gets a stand-in leader under its id, a sibling of its first member,
+   which exits and is reaped once they joined). A zombie takes its name and
+   exits with its wait status, untraced, so that its parent (its stub, later the
+   restored process) reaps it; the exit signal it sent the stub is taken back,
+   the original parent had it long ago.
+4. Each member is finished as a single process is (restorer.finish_member:
+   descriptors, threads, signals, credentials...), what members share made once
+   (hijack.restore.shared); a member sharing its parent's descriptor table finds
+   its descriptors made.
+5. Every member starts, children first; a member that was stopped is stopped
    again, and its parent's stub (not started yet) takes back the wait report
    and the SIGCHLD that stop gave it.
 
-A move with pre-copy does steps 1 and 2 before the freeze, from its rounds
-(prebuild_tree): its final image is rebuilt into those stubs if the frozen tree is the
-one they were forked as (PrebuiltTree.fits), else they are killed and the tree made anew.
+A move with pre-copy does steps 1 to 3 before the freeze, from its rounds
+(prebuild_tree, in the same order: each child forked from its filled parent):
+its final image is rebuilt into those stubs if the frozen tree is the one they
+were forked as (PrebuiltTree.fits), else they are killed and the tree made anew.
 
 A failure at any step kills every stub made: never half a tree.
 """
@@ -47,20 +54,23 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from hijack.errors import ImageError, RestoreError
 from hijack.image import records as rec
-from hijack.image.codec import read_stream
+from hijack.image.codec import next_is_round, read_stream
 from hijack.mutator.tracee import ALL_SIGNALS_BLOCKED, ThreadState, find_syscall_instruction
 from hijack.registry import MemberRecord, Registry
 from hijack.restore.address_space import AddressSpace
 from hijack.restore.remote import Stub
 from hijack.restore.restorer import (
     CLONE_ARGS,
+    MemberMemory,
     Rebuilt,
     RestoreResult,
+    build_member_memory,
+    finish_member,
     holder_of,
     lend,
-    rebuild_member,
     record_restored,
     restore,
+    restore_rounds,
     start,
 )
 from hijack.restore.shared import TreeShared
@@ -161,6 +171,14 @@ class PrebuiltTree:
         not, and its final image is restored the whole way)."""
         return _relations(final) == _relations(self.tree)
 
+    def give_back(self, rounds: TreeRounds) -> None:
+        """Put the pages each stub was filled with back into its member's round file (they
+        were dropped from it), before the stubs are discarded unused."""
+        for pid, space in self.spaces.items():
+            pages = rounds.pages_of(pid)
+            if pages is not None and pages.lent:
+                pages.take_back(space)
+
     def discard(self) -> None:
         """Kill every stub, unless the final restore has taken them."""
         for space in self.spaces.values():
@@ -185,7 +203,9 @@ def prebuild_tree(
 ) -> PrebuiltTree:
     """Fork the tree of stubs of a moving tree (`tree`: its relations read while it runs,
     after its last round) under its old pids if all are free, else fresh ones; lay each
-    member the rounds sent out as its round 0 and write every page they sent into it."""
+    member the rounds sent out as its round 0 and write every page they sent into it,
+    parents first: a member's children are forked from its filled stub and keep the pages
+    round 0 found shared with it (TreeRounds.inherited), copy-on-write."""
     refusals = relation_refusals(tree)
     if refusals:
         raise RestoreError(
@@ -193,17 +213,27 @@ def prebuild_tree(
         )
     made = _Made()
     spaces: dict[int, AddressSpace] = {}
+    new_pids = bool(_taken_pids(tree))
     try:
-        _fork_tree(tree, made, bool(_taken_pids(tree)), mount_namespace)
+        _fork_root(tree, made, new_pids, mount_namespace)
+        # Parents first, each member's children forked once it is filled: they inherit
+        # its pages copy-on-write and write only those of their own.
         for member in tree.imaged:
             pages = rounds.pages_of(member.pid)
-            if pages is None or not pages.layout:
-                continue  # born after the rounds began: its final image is whole
-            space = AddressSpace(made.stubs[member.pid], pages.layout)
-            spaces[member.pid] = space
-            space.build()
-            pages.fill(space)
+            if pages is not None and pages.layout:  # else born after the rounds began
+                parent = spaces.get(member.ppid)
+                space = AddressSpace(made.stubs[member.pid], pages.layout)
+                space.keep_unchanged = True  # its final image writes only what changed
+                spaces[member.pid] = space
+                space.build(inherited=parent.inherited_by_child(member.ppid) if parent else None)
+                pages.fill(
+                    space, rounds.inherited(member.pid, member.ppid) if parent else frozenset()
+                )
+            _fork_children(tree, made, member, new_pids)
+        _make_relations(tree, made, new_pids)
     except BaseException:
+        # Not built: the final image builds each member from its round file.
+        PrebuiltTree(tree, made, spaces).give_back(rounds)
         for space in spaces.values():
             space.close()
         made.kill_all()
@@ -242,7 +272,11 @@ def restore_image(
     registry: Registry | None = None,
     new_pids: bool = False,
 ) -> RestoreResult | TreeRestoreResult:
-    """`hijack restore`: the process of an image, or every member of a tree stream."""
+    """`hijack restore`: the process of an image, or every member of a tree stream, or
+    of a snapshot's rounds and image (docs/crf.md §7a, "In a file")."""
+    stream, is_round = next_is_round(stream)
+    if is_round:
+        return restore_rounds(stream, skip_unsupported=skip_unsupported, registry=registry)
     records = read_stream(stream)
     first = next(records)
     if not isinstance(first, rec.Tree):
@@ -300,6 +334,8 @@ def restore_tree(
     prebuilt = moved.prebuilt
     # Stubs forked before the freeze took no terminal (known only from the move's message).
     if prebuilt is not None and (moved.controlling or not prebuilt.fits(tree)):
+        if moved.rounds is not None:
+            prebuilt.give_back(moved.rounds)
         prebuilt.discard()  # its pids free again (reaped) before they are looked at
         prebuilt = None
     if prebuilt is not None:
@@ -310,19 +346,45 @@ def restore_tree(
         _refuse_taken_pids(tree)
     made = prebuilt.made if prebuilt is not None else _Made()
     shared = TreeShared(tree.shared)
+    laps = moved.laps or Laps()
+    memories: dict[int, MemberMemory] = {}
     try:
         if prebuilt is None:
-            _fork_tree(tree, made, bool(new_pids), moved.mount_namespace, moved)
-            if moved.laps is not None:
-                moved.laps.lap("stubs")
+            _fork_root(tree, made, bool(new_pids), moved.mount_namespace, moved)
+            laps.lap("stubs")
+        # Each member's memory, parents first; its children are forked from it once it
+        # is built, and inherit it copy-on-write (as CRIU's premapped private memory).
+        for member in tree.imaged:
+            parent = memories.get(member.ppid)
+            memories[member.pid] = build_member_memory(
+                made.stubs[member.pid],
+                _one_image(records),
+                shared,
+                admit=moved.admit,
+                rounds=moved.rounds.pages_of(member.pid) if moved.rounds else None,
+                space=prebuilt.spaces.get(member.pid) if prebuilt is not None else None,
+                inherited=(
+                    parent.space.inherited_by_child(member.ppid)
+                    if parent is not None and prebuilt is None
+                    else None
+                ),
+                laps=laps,
+            )
+            if prebuilt is None:
+                _fork_children(tree, made, member, bool(new_pids))
+                laps.lap("stubs")
+        for _ in records:
+            raise ImageError("records after the last image of the tree")
+        if prebuilt is None:
+            _make_relations(tree, made, bool(new_pids), moved)
+            laps.lap("stubs")
         reached("restore-tree-forked")
         rebuilt: list[Rebuilt] = []
         contexts = {context.pid: context.flags for context in tree.contexts}
         for member in tree.imaged:
             rebuilt.append(
-                rebuild_member(
-                    made.stubs[member.pid],
-                    _one_image(records),
+                finish_member(
+                    memories.pop(member.pid),
                     shared,
                     skip_unsupported=skip_unsupported,
                     registry=registry,
@@ -330,16 +392,11 @@ def restore_tree(
                     parents_table=rec.CloneFlags.FILES
                     in contexts.get(member.pid, rec.CloneFlags(0)),
                     provided=functools.partial(moved.provided, member.pid),
-                    admit=moved.admit,
                     take_locks=moved.admit is None,
-                    rounds=moved.rounds.pages_of(member.pid) if moved.rounds else None,
-                    space=prebuilt.spaces.get(member.pid) if prebuilt is not None else None,
-                    laps=moved.laps,
+                    laps=laps,
                     lazy=_lazy_of(moved, member.pid, made),
                 )
             )
-        for _ in records:
-            raise ImageError("records after the last image of the tree")
         unclaimed = shared.unclaimed()
         if unclaimed:
             raise RestoreError(f"cannot restore the tree: {'; '.join(unclaimed)}")
@@ -353,10 +410,12 @@ def restore_tree(
             if member.state is rec.MemberState.STOPPED:
                 os.kill(stub.pid, signal.SIGSTOP)  # taken once it runs: stopped again
             start(stub)
-            parent = made.stubs.get(member.ppid)
-            if member.state is rec.MemberState.STOPPED and parent is not None:
-                _take_stop_report(parent, stub.pid, pending[member.ppid])
+            parent_stub = made.stubs.get(member.ppid)
+            if member.state is rec.MemberState.STOPPED and parent_stub is not None:
+                _take_stop_report(parent_stub, stub.pid, pending[member.ppid])
     except BaseException:
+        for memory in memories.values():
+            memory.abandon()
         made.kill_all()
         raise
     finally:
@@ -415,13 +474,14 @@ def _one_image(records: Iterator[rec.Record]) -> Iterator[rec.Record]:
 # -- 2. forking the tree --------------------------------------------------------------
 
 
-def _fork_tree(
+def _fork_root(
     tree: rec.Tree,
     made: _Made,
     new_pids: bool,
     mount_namespace: int | None = None,
     moved: TreeMove | None = None,
 ) -> None:
+    """The root's stub, leading its session (and taking the terminal) if it did."""
     controlling = moved.controlling if moved else ""
     root = tree.members[0]
     pid = spawn_stub(root.pid, mount_namespace)  # or a new pid where that one is taken
@@ -437,20 +497,37 @@ def _fork_tree(
         stub.call("setsid")
     if controlling:
         _terminal_call(stub, controlling, TIOCSCTTY)
-    zombie_parents = {m.ppid for m in tree.members if m.state is rec.MemberState.ZOMBIE}
-    if root.pid in zombie_parents:
+    if any(m.ppid == root.pid and m.state is rec.MemberState.ZOMBIE for m in tree.members):
         _default_action(stub, signal.SIGCHLD)
+
+
+def _fork_children(tree: rec.Tree, made: _Made, parent: rec.TreeMember, new_pids: bool) -> None:
+    """Fork the children of `parent` (zombies included) from its stub: each with its pid,
+    the contexts it shares with its parent, its session if it leads one. A parent whose
+    memory is built already has a scratch area of its own, which its children inherit;
+    a pristine one's is on its stack."""
+    stub = made.stubs[parent.pid]
+    zombie_parents = {m.ppid for m in tree.members if m.state is rec.MemberState.ZOMBIE}
     contexts = {context.pid: int(context.flags) for context in tree.contexts}
     for member in tree.members[1:]:
-        parent = made.stubs[member.ppid]
-        child = _fork_member(parent, member, new_pids, contexts.get(member.pid, 0))
+        if member.ppid != parent.pid:
+            continue
+        child = _fork_member(stub, member, new_pids, contexts.get(member.pid, 0))
         made.stubs[member.pid] = child
         made.pids[member.pid] = child.pid
-        _scratch_on_stack(child)
+        child.use_scratch(stub.scratch)
         if member.sid == member.pid:
             child.call("setsid")
         if member.pid in zombie_parents:
             _default_action(child, signal.SIGCHLD)  # a SIGCHLD ignored would reap them
+
+
+def _make_relations(
+    tree: rec.Tree, made: _Made, new_pids: bool, moved: TreeMove | None = None
+) -> None:
+    """Once every member is forked: process groups (stand-in leaders for those whose leader
+    exited), the terminal's foreground group, zombies."""
+    controlling = moved.controlling if moved else ""
     groups = orphaned_groups(tree)
     for group, first in groups.items():
         _make_group_leader(made, group, first, new_pids)
@@ -459,7 +536,7 @@ def _fork_tree(
         _end_group_leader(made, group, made.stubs[first.ppid])
     foreground = made.pids.get(moved.foreground) if moved and moved.foreground else None
     if controlling and foreground is not None:
-        _terminal_call(stub, controlling, TIOCSPGRP, foreground)
+        _terminal_call(made.stubs[tree.members[0].pid], controlling, TIOCSPGRP, foreground)
     for member in tree.members:
         if member.state is rec.MemberState.ZOMBIE:
             _exit_as_zombie(made, member)

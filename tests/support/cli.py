@@ -14,6 +14,7 @@ import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 CLI_TIMEOUT = 60.0
 # Wide enough that rich never shortens a path in the descriptor table: tests
@@ -48,7 +49,10 @@ class HijackCli:
         self.state_dir = state_dir
         self.netns = netns
 
-    def __call__(self, *args: Argument, timeout: float = CLI_TIMEOUT) -> CliResult:
+    def __call__(
+        self, *args: Argument, timeout: float = CLI_TIMEOUT, stdin: BinaryIO | None = None
+    ) -> CliResult:
+        """`stdin`: a file the command reads as its standard input (else /dev/null)."""
         argv = tuple(os.fspath(arg) if isinstance(arg, os.PathLike) else str(arg) for arg in args)
         env = {
             **os.environ,
@@ -62,7 +66,7 @@ class HijackCli:
                 completed = subprocess.run(
                     [sys.executable, "-m", "hijack", *argv],
                     env=env,
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.DEVNULL if stdin is None else stdin,
                     capture_output=True,
                     text=True,
                     timeout=timeout,
@@ -76,9 +80,11 @@ class HijackCli:
             ) from None
         return CliResult(argv, completed.returncode, completed.stdout, completed.stderr)
 
-    def ok(self, *args: Argument, timeout: float = CLI_TIMEOUT) -> CliResult:
+    def ok(
+        self, *args: Argument, timeout: float = CLI_TIMEOUT, stdin: BinaryIO | None = None
+    ) -> CliResult:
         """Run and demand exit 0 and a quiet stderr."""
-        result = self(*args, timeout=timeout)
+        result = self(*args, timeout=timeout, stdin=stdin)
         assert result.returncode == 0, result.describe()
         assert result.stderr == "", result.describe()
         return result
