@@ -35,7 +35,9 @@ from test_move import (
     shadow_status,
     still_running,
 )
+from test_tree_move import move_tree
 
+from hijack.process.tree import read_tree
 from hijack.sys import procfs
 
 PLAIN = ("--plain-relays",)  # relays not encrypted (the default is TLS between nodes)
@@ -51,16 +53,21 @@ SWAP_STAGE_TIMEOUT = 120.0
 
 @contextlib.contextmanager
 def echo_stream(
-    node: Node, seed: int, size: int = STREAM_BYTES, server_args: tuple[str, ...] = ()
+    node: Node,
+    seed: int,
+    size: int = STREAM_BYTES,
+    server_args: tuple[str, ...] = (),
+    client_args: tuple[str, ...] = (),
 ) -> Iterator[tuple[RunningFixture, RunningFixture]]:
     """(server, client): an echo_server in `node` (`server_args`) and a stream_client
-    echoing `size` bytes through it over the node's (slowed) loopback, under way."""
+    (`client_args`) echoing `size` bytes through it over the node's (slowed) loopback,
+    under way."""
     shaped = node.run(
         ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", *LOOPBACK_SHAPE], timeout=10
     )
     assert shaped.returncode == 0, shaped.stderr
     with spawn_fixture("echo_server", *server_args, netns=node.netns) as server:
-        stream = ("127.0.0.1", server.ready["port"], str(size), str(seed))
+        stream = ("127.0.0.1", server.ready["port"], str(size), str(seed), *client_args)
         with spawn_fixture("stream_client", *stream, netns=node.netns) as client:
             yield server, client
 
@@ -74,6 +81,22 @@ def peers_of(pid: int) -> set[str]:
         if info is not None and info.type == socket.SOCK_STREAM and info.state == "ESTABLISHED":
             found.add(info.remote)
     return found
+
+
+def stream_peer(pid: int, port: int | str) -> str:
+    """The peer ("ip:port") of `pid`'s one established TCP connection from its port `port`."""
+    table = procfs.read_socket_table(pid)
+    found = [
+        info.remote
+        for entry in procfs.list_fds(pid)
+        if entry.kind is procfs.FdKind.SOCKET
+        and (info := table.get(entry.ino)) is not None
+        and info.type == socket.SOCK_STREAM
+        and info.state == "ESTABLISHED"
+        and info.local.endswith(f":{port}")
+    ]
+    assert len(found) == 1, found
+    return found[0]
 
 
 def relayed_ids(node: Node, home_pid: int) -> list[str]:
@@ -264,15 +287,26 @@ def test_two_migrants_joined_directly_by_the_move_outlive_their_home_node(
             finish_moved(server, moved_server, tmp_path)  # it checked its own state: PASS
 
 
+def shape_links(cluster: Cluster) -> None:
+    """Every node's link slowed as its loopback: a direct connection is still under way."""
+    for node in cluster.nodes:
+        shaping = ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", *LOOPBACK_SHAPE]
+        shaped = node.run(shaping, timeout=10)
+        assert shaped.returncode == 0, shaped.stderr
+
+
+def unshape_links(cluster: Cluster) -> None:
+    for node in cluster.nodes:
+        unshaped = node.run(["tc", "qdisc", "del", "dev", "eth0", "root"], timeout=10)
+        assert unshaped.returncode == 0, unshaped.stderr
+
+
 def test_swapped_ends_move_on_and_their_connection_stays_direct(tmp_path: Path) -> None:
     with Cluster(tmp_path, nodes=3) as cluster:
         a, b, c = cluster.nodes
         for node in cluster.nodes:  # a's daemon freezes the server for the client's moves
             node.start_daemon()
-        for node in cluster.nodes:  # the direct connection slowed too: still under way
-            shaping = ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", *LOOPBACK_SHAPE]
-            shaped = node.run(shaping, timeout=10)
-            assert shaped.returncode == 0, shaped.stderr
+        shape_links(cluster)
         # 1 GiB: still under way after a swap and three moves at load 14 (it ran out at
         # 300 MiB); the shaping is taken off before the rest is waited for.
         with echo_stream(a, seed=44, size=1 << 30, server_args=("0", "epoll")) as (
@@ -297,9 +331,7 @@ def test_swapped_ends_move_on_and_their_connection_stays_direct(tmp_path: Path) 
             assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
             assert f"10.77.0.2:{server.ready['port']}" in peers_of(moved.pid)
             goes_on_without(a, c, "10.77.0.2")
-            for node in cluster.nodes:
-                unshaped = node.run(["tc", "qdisc", "del", "dev", "eth0", "root"], timeout=10)
-                assert unshaped.returncode == 0, unshaped.stderr
+            unshape_links(cluster)
             assert_ended_well(moved, "the stream_client moved twice", tmp_path)
             finish_moved(server, moved_server, tmp_path)
 
@@ -314,10 +346,7 @@ def test_a_move_run_away_from_home_swaps_through_the_home_node(
         a, b, c = cluster.nodes
         for node in cluster.nodes:  # a's daemon swaps for the move run on b
             node.start_daemon()
-        for node in cluster.nodes:  # the direct connection slowed too: still under way
-            shaping = ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", *LOOPBACK_SHAPE]
-            shaped = node.run(shaping, timeout=10)
-            assert shaped.returncode == 0, shaped.stderr
+        shape_links(cluster)
         with echo_stream(a, seed=45, size=1 << 30, server_args=("0", "epoll")) as (
             server,
             client,
@@ -342,8 +371,61 @@ def test_a_move_run_away_from_home_swaps_through_the_home_node(
             assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
             assert f"10.77.0.2:{server.ready['port']}" in peers_of(moved.pid)
             goes_on_without(a, c, "10.77.0.2")
-            for node in cluster.nodes:
-                unshaped = node.run(["tc", "qdisc", "del", "dev", "eth0", "root"], timeout=10)
-                assert unshaped.returncode == 0, unshaped.stderr
+            unshape_links(cluster)
             assert_ended_well(moved, "the stream_client swapped from away", tmp_path)
+            finish_moved(server, moved_server, tmp_path)
+
+
+def test_a_tree_whose_member_holds_a_swapped_connection_moves_with_it_direct(
+    tmp_path: Path,
+) -> None:
+    """A stream_client's child streams to an echo server; the tree attached, the server
+    moved (and swapped) to b: the child's connection is direct. The tree's move is given
+    up once prepared (every member and the peer run on, as before), then the tree moves
+    to c and on to b: each time the connection follows the child, direct, the server
+    untouched; the home shadows relay none of it; the stream is complete both ways."""
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        for node in cluster.nodes:  # b's daemon freezes the server for the tree's moves
+            node.start_daemon()
+        shape_links(cluster)
+        fork = ("fork",)  # the stream is the child's
+        with echo_stream(
+            a, seed=45, size=1 << 30, server_args=("0", "epoll"), client_args=fork
+        ) as (server, client):
+            poll_until(lambda: len(read_tree(client.pid).members) == 2, "the client's child")
+            child = read_tree(client.pid).members[1].pid
+            port, child_port = server.ready["port"], client.ready["local_port"]
+            a.hijack_ok("attach", client.pid)  # the tree: its one shadow holds its originals
+            moved_server = move(a, server.pid, b, options=(*PLAIN, "--swap"))
+            server.wait_exit()
+            assert relayed_ids(a, server.pid) == []
+            assert stream_peer(child, child_port).startswith("10.77.0.2:")
+            counts = swapped_counts(a, {server.pid})
+            # Given up once the destination prepared it: every member runs on, the server's
+            # end is its old one again (towards a), nothing lost.
+            endpoint = c.daemon_endpoint or ""
+            moving = hijack_in(a, "move-prepared", "move", client.pid, "--to", endpoint)
+            deliver(moving, signal.SIGINT)
+            given_up = finish(moving)
+            assert given_up.returncode == 1, given_up.describe()
+            assert list(read_tree(client.pid).pids) == [client.pid, child]
+            assert stream_peer(moved_server.pid, port).startswith("10.77.0.1:")
+            # The tree to c, then on to b (where the server runs): the connection follows.
+            there, _ = move_tree(a, client.pid, c)
+            client.wait_exit()
+            assert stream_peer(moved_server.pid, port).startswith("10.77.0.3:")
+            goes_on_without(a, b, "10.77.0.3")  # the server and the child, directly
+            there, _ = move_tree(c, there, b)
+            (child_there,) = read_tree(there).pids[1:]
+            assert stream_peer(child_there, child_port).startswith("10.77.0.2:")
+            assert stream_peer(moved_server.pid, port).startswith("10.77.0.2:")
+            # Neither home shadow relayed any of it: none relays a TCP connection, the
+            # server's counters of the stream stand where its swap left them.
+            assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
+            assert swapped_counts(a, {server.pid}) == counts
+            unshape_links(cluster)
+            shadow_pid = int(shadow_status(a, client.pid)["shadow_pid"])
+            tree = Moved(there, b, 0.0, shadow_pid)
+            assert_ended_well(tree, "the stream_client's tree moved twice", tmp_path)
             finish_moved(server, moved_server, tmp_path)

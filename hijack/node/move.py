@@ -429,6 +429,7 @@ def _move_frozen(
     homing = not at_home and channel.peer == record.home_node
     # Why its shadow relays its descriptors still, for a move home.
     relayed = None if not homing else ""
+    repointed = Repointed(destination[1])
     try:
         if homing:
             relayed = unhomeable(plan_proxies(pid, shadow, at_home, frozen=False)[0])
@@ -440,12 +441,14 @@ def _move_frozen(
             homing = not relayed
         # Who else holds its pipes, while it runs: the freeze checks only what changed.
         holders_before = pipe.scan_holders_before(pid)
+        # The peers' helpers of its direct connections, started while it runs.
+        repointed.standby(pid)
         tracee = Tracee.seize(pid)
     except BaseException:
+        repointed.abort()
         if not at_home:
             _abort(channel, shadow, move_id)
         raise
-    repointed = Repointed(destination[1])
     with tracee:
         # The freeze began with the first interrupt: stopping every thread is part of it.
         laps = Laps(tracee.stopped_at or None)
@@ -473,7 +476,7 @@ def _move_frozen(
             # Its direct connections (swapped): their peers frozen and joined towards the
             # destination, live at the commit (hijack.node.repoint).
             if any(p.kind == "direct" for p in plan):
-                plan = repointed.prepare(pid, plan, channel.sock.getpeername()[0])
+                plan = repointed.prepare(pid, plan, channel.sock.getpeername()[0], laps=laps)
                 laps.lap("direct peers")
             if at_home:
                 hand_descriptors_to_shadow(pid, record.shadow_control or "")

@@ -31,6 +31,7 @@ from hijack.node import pki, swap_end
 from hijack.node.channel import Channel, ChannelError
 from hijack.node.daemon import DEFAULT_PORT, log, parse_address
 from hijack.node.swap_end import split_endpoint
+from hijack.process.tree import read_tree
 from hijack.registry import ProcessRecord, Registry, node_name
 from hijack.shadow import control
 from hijack.shadow.relay import RELAYS_CHANGING
@@ -137,17 +138,19 @@ def holds_connection(record: ProcessRecord, local: str, peer: str) -> bool:
 
 
 def _attached_socket(record: ProcessRecord, local: str, peer: str) -> End | None:
-    """The attached process's end of the connection `local` -> `peer`, if it holds it."""
+    """The attached process's end of the connection `local` -> `peer`, if it (or a member
+    of its tree) holds it."""
     for _ in range(READ_TRIES):  # /proc tables change while read: a failed read is retried
         try:
+            holders = read_tree(record.pid).pids
             table = procfs.read_socket_table(record.pid)
-            entries = procfs.list_fds(record.pid)
+            entries = [(pid, entry) for pid in holders for entry in procfs.list_fds(pid)]
         except (HijackError, OSError):
             continue
-        for entry in entries:
+        for pid, entry in entries:
             found = table.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
             if found is not None and (found.local, found.remote) == (local, peer):
-                return End(record.pid, node_name(), record.program, local, peer, _port(local))
+                return End(pid, node_name(), record.program, local, peer, _port(local))
         return None
     return None
 
@@ -188,13 +191,20 @@ class EndSession:
     def close(self) -> None:
         raise NotImplementedError
 
-    def open(self, end: End) -> None:
-        """Have the helper freeze `end`'s process and find its socket."""
+    def open(self, end: End, standby: bool = False) -> None:
+        """Have the helper freeze `end`'s process and find its socket; `standby`: find it,
+        and freeze it only at freeze() (a later move starts its helper before its own
+        freeze: hijack.node.repoint)."""
+        request = {"op": "swap_end", "pid": end.pid, "local": end.local, "peer": end.peer}
         try:
-            self.ask({"op": "swap_end", "pid": end.pid, "local": end.local, "peer": end.peer})
+            self.ask({**request, "standby": True} if standby else request)
         except BaseException:
             self.close()
             raise
+
+    def freeze(self) -> None:
+        """A helper opened in standby: freeze the process now."""
+        self.ask({"op": "freeze"})
 
     def sent(self, wait: float) -> tuple[int, int | None]:
         """(bytes its socket has still to send after at most `wait` s, what the process
@@ -236,9 +246,9 @@ class EndSession:
 class LocalEnd(EndSession):
     """An end that runs on this node: its helper is our child."""
 
-    def __init__(self, end: End) -> None:
+    def __init__(self, end: End, standby: bool = False) -> None:
         self.helper = swap_end.Helper()
-        self.open(end)
+        self.open(end, standby)
 
     def ask(self, message: dict[str, Any]) -> dict[str, Any]:
         answer = self.helper.ask(message)
@@ -253,9 +263,9 @@ class LocalEnd(EndSession):
 class RemoteEnd(EndSession):
     """An end that runs on another node: its daemon's helper (`swap_end`)."""
 
-    def __init__(self, end: End, channel: Channel) -> None:
+    def __init__(self, end: End, channel: Channel, standby: bool = False) -> None:
         self.channel = channel
-        self.open(end)
+        self.open(end, standby)
 
     def ask(self, message: dict[str, Any]) -> dict[str, Any]:
         self.channel.send(message)
@@ -523,7 +533,7 @@ def swap_each(
             for pair in find_pairs(registry)
             if pid in (pair.first.pid, pair.second.pid) or _home_pid(registry, pair, pid)
         ]
-        if after_move:  # not a connection inside one tree: a tree holding one cannot move
+        if after_move:  # not a connection inside one tree (one shadow relays both ends)
             pairs = [pair for pair in pairs if not _one_shadow(pair)]
         if not pairs and not after_move:
             raise HijackError(
