@@ -16,6 +16,7 @@ import json
 import re
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from test_move import (
     finish_moved,
     move,
     poll_until,
+    refusal_line,
     shadow_status,
     still_running,
 )
@@ -43,6 +45,10 @@ PLAIN = ("--plain-relays",)  # relays not encrypted (the default is TLS between 
 # the swaps (the direct connection between nodes is not shaped): 10 MB/s, 400 MB echoed.
 LOOPBACK_SHAPE = ("rate", "80mbit", "burst", "256kb", "latency", "100ms")
 STREAM_BYTES = 400 * 1024 * 1024
+# How long a swap may take to reach a test point: its own bounds (hijack.node.swap), two
+# drains of 30 s at most each (what the relayed end wrote crosses the slowed loopback to
+# the server first: 12-20 s at load 20-30 over encrypted relays), the ends' helpers started.
+SWAP_STAGE_TIMEOUT = 120.0
 
 
 @contextlib.contextmanager
@@ -144,47 +150,65 @@ def relayed_bytes(node: Node, home_pid: int) -> int:
     return int(row["bytes_out"]) + int(row["bytes_in"])
 
 
+def interrupt_swaps(home: Node, node: Node, home_pid: int, moved: Moved, relays: str) -> None:
+    """`hijack swap` of the process `moved` to `node` (`home_pid` at `home`) stopped at each
+    step (SIGINT, SIGKILL, `node` unreachable): each time it stays relayed and goes on."""
+    for stage, what in (
+        ("swap-frozen", signal.SIGINT),
+        ("swap-joined", signal.SIGKILL),
+        ("swap-frozen", f"{node.name} unreachable"),
+    ):
+        assert still_running(moved.pid), "the stream ended before the swaps: too fast"
+        started = time.monotonic()
+        swapping = hijack_in(home, stage, "swap", home_pid, timeout=SWAP_STAGE_TIMEOUT)
+        reached = time.monotonic() - started  # printed: how long its drains took
+        if isinstance(what, str):
+            link_down(node)
+            deliver(swapping, signal.SIGCONT)
+        else:
+            deliver(swapping, what)
+        result = finish(swapping)
+        link_up(node)
+        assert result.returncode != 0, f"{relays} {stage} {what}: {result.describe()}"
+        # Relayed as before, and it goes on.
+        assert relayed_ids(home, home_pid) == ["fd:3"], f"{relays} {stage} {what}"
+        before = relayed_bytes(home, home_pid)
+        poll_until(
+            lambda: relayed_bytes(home, home_pid) > before + (1 << 20),  # noqa: B023
+            f"the {relays} relayed stream goes on after a swap stopped at {stage} by {what}",
+            timeout=60,
+        )
+        print(
+            f"{relays} {stage} (reached in {reached:.1f} s) {what}: relayed still,"
+            f" {result.stderr.strip()}"
+        )
+
+
 def test_a_swap_interrupted_at_any_step_leaves_the_relayed_stream_working(
     tmp_path: Path,
 ) -> None:
-    with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
-        b.start_daemon()
+    """Over plain relays, then (one stream, moved on) over encrypted ones."""
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        for node in cluster.nodes:  # a's daemon swaps for `hijack swap` run on c
+            node.start_daemon()
         # The server waits in epoll: a swap undone after the join moves its entry back.
         epoll = ("0", "epoll")
-        with echo_stream(a, seed=42, size=2 * STREAM_BYTES, server_args=epoll) as (
+        with echo_stream(a, seed=42, size=3 * STREAM_BYTES, server_args=epoll) as (
             server,
             client,
         ):
             a.hijack_ok("attach", server.pid)
             moved = move(a, client.pid, b, options=(*PLAIN, "--no-swap"))
             client.wait_exit()  # the original, killed by the move
-            for stage, what in (
-                ("swap-frozen", signal.SIGINT),
-                ("swap-joined", signal.SIGKILL),
-                ("swap-frozen", "b unreachable"),
-            ):
-                assert still_running(moved.pid), "the stream ended before the swaps: too fast"
-                swapping = hijack_in(a, stage, "swap", client.pid)
-                if what == "b unreachable":
-                    link_down(b)
-                    deliver(swapping, signal.SIGCONT)
-                else:
-                    deliver(swapping, what)
-                result = finish(swapping)
-                link_up(b)
-                assert result.returncode != 0, f"{stage} {what}: {result.describe()}"
-                # Relayed as before, and it goes on.
-                assert relayed_ids(a, client.pid) == ["fd:3"], f"{stage} {what}"
-                before = relayed_bytes(a, client.pid)
-                poll_until(
-                    lambda: relayed_bytes(a, client.pid) > before + (1 << 20),  # noqa: B023
-                    f"the relayed stream goes on after a swap stopped at {stage} by {what}",
-                    timeout=30,
-                )
-                print(f"{stage} {what}: relayed still, {result.stderr.strip()}")
-            # Then a swap that is let through: every byte, in order, both ways.
-            a.hijack_ok("swap", client.pid)
+            interrupt_swaps(a, b, client.pid, moved, "plain")
+            # On to c (a move run where it runs, not swapped), its relay encrypted now.
+            encrypted = ("--no-plain-relays", "--no-swap")
+            moved = move(b, moved.pid, c, home=(a, client.pid), options=encrypted)
+            interrupt_swaps(a, c, client.pid, moved, "encrypted")
+            # Then a swap that is let through, asked where it runs: every byte, in order,
+            # both ways.
+            print(c.hijack_ok("swap", moved.pid).stdout)
             assert relayed_ids(a, client.pid) == []
             assert_ended_well(moved, "the stream_client swapped at last", tmp_path)
             server.assert_intact()
@@ -309,6 +333,46 @@ def test_swapped_ends_move_on_and_their_connection_stays_direct(tmp_path: Path) 
             goes_on_without(a, c, "10.77.0.2")
             unshape_links(cluster)
             assert_ended_well(moved, "the stream_client moved twice", tmp_path)
+            finish_moved(server, moved_server, tmp_path)
+
+
+def test_a_move_run_away_from_home_swaps_through_the_home_node(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's moves, each run where the process runs: the client to b (its server not
+    managed yet: relayed), then from b to c (node b asks the home node a to swap), the
+    server to b (the direct connection follows)."""
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        for node in cluster.nodes:  # a's daemon swaps for the move run on b
+            node.start_daemon()
+        shape_links(cluster)
+        with echo_stream(a, seed=45, size=1 << 30, server_args=("0", "epoll")) as (
+            server,
+            client,
+        ):
+            moved = move(a, client.pid, b)  # encrypted relays; the server is not managed
+            client.wait_exit()
+            assert len(relayed_ids(a, client.pid)) == 1
+            # `hijack swap` on b asks a, where its shadow is; a has nothing to join yet.
+            refused = refusal_line(b.hijack("swap", moved.pid))
+            assert "its home node a: " in refused and str(client.pid) in refused, refused
+            a.hijack_ok("attach", server.pid)
+            capsys.readouterr()
+            moved = move(b, moved.pid, c, home=(a, client.pid))
+            said = capsys.readouterr().out
+            print(said)
+            assert re.search(r"swap: .* direct: 10\.77\.0\.\d:\d+ <-> 10\.77", said), said
+            assert relayed_ids(a, client.pid) == []
+            assert all(peer.startswith("10.77.0.3:") for peer in peers_of(server.pid))
+            moved_server = move(a, server.pid, b)
+            server.wait_exit()
+            assert still_running(moved.pid), "the stream ended before the last move: too fast"
+            assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
+            assert f"10.77.0.2:{server.ready['port']}" in peers_of(moved.pid)
+            goes_on_without(a, c, "10.77.0.2")
+            unshape_links(cluster)
+            assert_ended_well(moved, "the stream_client swapped from away", tmp_path)
             finish_moved(server, moved_server, tmp_path)
 
 

@@ -166,6 +166,11 @@ class NodeDaemon:
                 self._receive_precopy(channel, request, where)
             elif op == "swap_end":
                 swap_end.relay_to_helper(channel, request)
+            elif op == "swap":
+                # Not at the top: hijack.node.swap builds on this module.
+                from hijack.node import swap as swapping
+
+                swapping.serve_swap(channel, request)
             else:
                 log(f"refused a request from {channel.peer} ({where}): unknown op {op!r:.40}")
                 channel.send({"error": f"unknown op {op!r:.40}"})
