@@ -133,17 +133,7 @@ class Precopy:
                 read_actions = queue_signal_actions(tracee, batch)
                 batch.run(tracee)
                 actions = read_actions()
-            uffd = _userfaultfd_inside(tracee)
-            try:
-                tracking = dirty.WrittenPages(pid, uffd)
-            except BaseException:
-                os.close(uffd)
-                raise
-            try:
-                tracking.collect()  # arms: from here on every write is seen
-            except BaseException:
-                tracking.close()
-                raise
+            tracking = armed_tracking(pid, _userfaultfd_inside(tracee))
         precopy = cls(pid, tracking, (time.perf_counter() - stopped_at) * 1000)
         precopy.signal_actions = actions
         return precopy
@@ -565,6 +555,22 @@ def coalesce_runs(runs: list[Run]) -> list[Run]:
         if len(joined) <= MAX_LAZY_RUNS:
             return joined
         gap *= 4
+
+
+def armed_tracking(pid: int, uffd: int) -> dirty.WrittenPages:
+    """Track what process `pid` writes through its userfaultfd `uffd` (ours now: closed on
+    failure), armed: from its return on every write is seen."""
+    try:
+        tracking = dirty.WrittenPages(pid, uffd)
+    except BaseException:
+        os.close(uffd)
+        raise
+    try:
+        tracking.collect()
+    except BaseException:
+        tracking.close()
+        raise
+    return tracking
 
 
 def _userfaultfd_inside(tracee: Tracee) -> int:
