@@ -37,6 +37,8 @@ the same run, on the same bytes, at the same place:
   since a fork, beside one process holding the same, and the post-copy freeze
   of a tree whose members keep rewriting their memory beside its pre-copy one
   (bench/tree_moves.py).
+- the freeze of later moves of a swapped end, its direct connection busy,
+  and the share of it its peer's steps take (bench/swapped_moves.py).
 
 `python -m bench` measures 1 GiB; `--quick` measures 64 MiB (CI runs it so the
 scripts cannot rot; it asserts nothing). Results go to stdout and to
@@ -64,6 +66,7 @@ from bench.postcopy import measure_postcopy
 from bench.redis import measure_redis
 from bench.shadows import measure_shadows
 from bench.snapshots import cpu_line, cpu_per_gib, measure_snapshots
+from bench.swapped_moves import measure_swapped_moves
 from bench.tls import measure_freeze_before_tls, measure_tls
 from bench.tree_moves import measure_tree_moves
 from bench.trees import measure_tree_dumps
@@ -312,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
         move_lines += measure_tree_dumps(size // MIB // 4)
         move_lines += measure_freeze_before_tls(Path(directory), moves=2 if args.quick else 20)
         move_lines += measure_tree_moves(size // MIB // 4)
+        move_lines += measure_swapped_moves(moves=2 if args.quick else 8)
     header = (
         f"hijack bench, {size // MIB} MiB, {time.strftime('%Y-%m-%d %H:%M')},"
         f" {os.uname().sysname} {os.uname().release}, {os.cpu_count()} CPUs,"

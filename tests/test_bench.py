@@ -58,6 +58,7 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "tree move memory (sum of PSS), 1+8 sharing",
         "tree restore, 1 + 8 children sharing",
         "tree move freeze, post-copy, 1+8 dirtying",
+        "move freeze of a swapped end",
         "redis GET relayed, plain",
         "redis GET relayed, tls",
         "redis GET relayed, accepted",

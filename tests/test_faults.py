@@ -84,14 +84,14 @@ SIGNAL_IDS = ["SIGINT", "SIGTERM", "SIGKILL"]
 # -- stopping a command at a stage --------------------------------------------------------
 
 
-def wait_stopped(process: subprocess.Popen[Any], stage: str) -> None:
-    """Wait until `process` (our child) stops itself at its test point (bounded).
+def wait_stopped(process: subprocess.Popen[Any], stage: str, timeout: float = STOP_TIMEOUT) -> None:
+    """Wait until `process` (our child) stops itself at its test point (within `timeout`).
 
     waitpid(WUNTRACED) reports the stop without reaping; it is asked without
     blocking so that a command that exits instead is reported, not waited on
     for ever.
     """
-    deadline = time.monotonic() + STOP_TIMEOUT
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pid, status = os.waitpid(process.pid, os.WNOHANG | os.WUNTRACED)
         if pid and os.WIFSTOPPED(status):
@@ -101,7 +101,7 @@ def wait_stopped(process: subprocess.Popen[Any], stage: str) -> None:
             output = process.communicate() if process.stdout else ("", "")
             raise AssertionError(f"ended ({process.returncode}) before {stage}: {output}")
         time.sleep(0.005)
-    raise AssertionError(f"did not reach {stage} within {STOP_TIMEOUT} s")
+    raise AssertionError(f"did not reach {stage} within {timeout} s")
 
 
 def deliver(process: subprocess.Popen[Any], signal_number: int) -> None:
@@ -340,9 +340,13 @@ def test_dump_kill_stopped_between_the_hand_over_and_the_kill_leaves_the_process
 
 
 def hijack_in(
-    node: Node, stage: str, *args: str | int, env: dict[str, str] | None = None
+    node: Node,
+    stage: str,
+    *args: str | int,
+    env: dict[str, str] | None = None,
+    timeout: float = STOP_TIMEOUT,
 ) -> subprocess.Popen[str]:
-    """`hijack ARGS` inside `node`, stopped at `stage`."""
+    """`hijack ARGS` inside `node`, stopped at `stage` (reached within `timeout`)."""
     process: subprocess.Popen[str] = node.spawn(
         [*HIJACK_PROGRAM, *map(str, args)],
         env={"HIJACK_STOP_AT": stage, **(env or {})},
@@ -351,7 +355,7 @@ def hijack_in(
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_stopped(process, stage)
+    wait_stopped(process, stage, timeout)
     return process
 
 

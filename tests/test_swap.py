@@ -16,6 +16,7 @@ import json
 import re
 import signal
 import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,14 +26,18 @@ from support.nodes import Cluster, Node, link_down, link_up
 from support.running import RunningFixture
 from test_faults import deliver, finish, hijack_in
 from test_move import (
+    Moved,
     assert_ended_well,
     finish_moved,
     move,
     poll_until,
+    refusal_line,
     shadow_status,
     still_running,
 )
+from test_tree_move import move_tree
 
+from hijack.process.tree import read_tree
 from hijack.sys import procfs
 
 PLAIN = ("--plain-relays",)  # relays not encrypted (the default is TLS between nodes)
@@ -40,20 +45,29 @@ PLAIN = ("--plain-relays",)  # relays not encrypted (the default is TLS between 
 # the swaps (the direct connection between nodes is not shaped): 10 MB/s, 400 MB echoed.
 LOOPBACK_SHAPE = ("rate", "80mbit", "burst", "256kb", "latency", "100ms")
 STREAM_BYTES = 400 * 1024 * 1024
+# How long a swap may take to reach a test point: its own bounds (hijack.node.swap), two
+# drains of 30 s at most each (what the relayed end wrote crosses the slowed loopback to
+# the server first: 12-20 s at load 20-30 over encrypted relays), the ends' helpers started.
+SWAP_STAGE_TIMEOUT = 120.0
 
 
 @contextlib.contextmanager
 def echo_stream(
-    node: Node, seed: int, size: int = STREAM_BYTES, server_args: tuple[str, ...] = ()
+    node: Node,
+    seed: int,
+    size: int = STREAM_BYTES,
+    server_args: tuple[str, ...] = (),
+    client_args: tuple[str, ...] = (),
 ) -> Iterator[tuple[RunningFixture, RunningFixture]]:
     """(server, client): an echo_server in `node` (`server_args`) and a stream_client
-    echoing `size` bytes through it over the node's (slowed) loopback, under way."""
+    (`client_args`) echoing `size` bytes through it over the node's (slowed) loopback,
+    under way."""
     shaped = node.run(
         ["tc", "qdisc", "add", "dev", "lo", "root", "tbf", *LOOPBACK_SHAPE], timeout=10
     )
     assert shaped.returncode == 0, shaped.stderr
     with spawn_fixture("echo_server", *server_args, netns=node.netns) as server:
-        stream = ("127.0.0.1", server.ready["port"], str(size), str(seed))
+        stream = ("127.0.0.1", server.ready["port"], str(size), str(seed), *client_args)
         with spawn_fixture("stream_client", *stream, netns=node.netns) as client:
             yield server, client
 
@@ -67,6 +81,22 @@ def peers_of(pid: int) -> set[str]:
         if info is not None and info.type == socket.SOCK_STREAM and info.state == "ESTABLISHED":
             found.add(info.remote)
     return found
+
+
+def stream_peer(pid: int, port: int | str) -> str:
+    """The peer ("ip:port") of `pid`'s one established TCP connection from its port `port`."""
+    table = procfs.read_socket_table(pid)
+    found = [
+        info.remote
+        for entry in procfs.list_fds(pid)
+        if entry.kind is procfs.FdKind.SOCKET
+        and (info := table.get(entry.ino)) is not None
+        and info.type == socket.SOCK_STREAM
+        and info.state == "ESTABLISHED"
+        and info.local.endswith(f":{port}")
+    ]
+    assert len(found) == 1, found
+    return found[0]
 
 
 def relayed_ids(node: Node, home_pid: int) -> list[str]:
@@ -120,47 +150,65 @@ def relayed_bytes(node: Node, home_pid: int) -> int:
     return int(row["bytes_out"]) + int(row["bytes_in"])
 
 
+def interrupt_swaps(home: Node, node: Node, home_pid: int, moved: Moved, relays: str) -> None:
+    """`hijack swap` of the process `moved` to `node` (`home_pid` at `home`) stopped at each
+    step (SIGINT, SIGKILL, `node` unreachable): each time it stays relayed and goes on."""
+    for stage, what in (
+        ("swap-frozen", signal.SIGINT),
+        ("swap-joined", signal.SIGKILL),
+        ("swap-frozen", f"{node.name} unreachable"),
+    ):
+        assert still_running(moved.pid), "the stream ended before the swaps: too fast"
+        started = time.monotonic()
+        swapping = hijack_in(home, stage, "swap", home_pid, timeout=SWAP_STAGE_TIMEOUT)
+        reached = time.monotonic() - started  # printed: how long its drains took
+        if isinstance(what, str):
+            link_down(node)
+            deliver(swapping, signal.SIGCONT)
+        else:
+            deliver(swapping, what)
+        result = finish(swapping)
+        link_up(node)
+        assert result.returncode != 0, f"{relays} {stage} {what}: {result.describe()}"
+        # Relayed as before, and it goes on.
+        assert relayed_ids(home, home_pid) == ["fd:3"], f"{relays} {stage} {what}"
+        before = relayed_bytes(home, home_pid)
+        poll_until(
+            lambda: relayed_bytes(home, home_pid) > before + (1 << 20),  # noqa: B023
+            f"the {relays} relayed stream goes on after a swap stopped at {stage} by {what}",
+            timeout=60,
+        )
+        print(
+            f"{relays} {stage} (reached in {reached:.1f} s) {what}: relayed still,"
+            f" {result.stderr.strip()}"
+        )
+
+
 def test_a_swap_interrupted_at_any_step_leaves_the_relayed_stream_working(
     tmp_path: Path,
 ) -> None:
-    with Cluster(tmp_path, nodes=2) as cluster:
-        a, b = cluster.nodes
-        b.start_daemon()
+    """Over plain relays, then (one stream, moved on) over encrypted ones."""
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        for node in cluster.nodes:  # a's daemon swaps for `hijack swap` run on c
+            node.start_daemon()
         # The server waits in epoll: a swap undone after the join moves its entry back.
         epoll = ("0", "epoll")
-        with echo_stream(a, seed=42, size=2 * STREAM_BYTES, server_args=epoll) as (
+        with echo_stream(a, seed=42, size=3 * STREAM_BYTES, server_args=epoll) as (
             server,
             client,
         ):
             a.hijack_ok("attach", server.pid)
             moved = move(a, client.pid, b, options=(*PLAIN, "--no-swap"))
             client.wait_exit()  # the original, killed by the move
-            for stage, what in (
-                ("swap-frozen", signal.SIGINT),
-                ("swap-joined", signal.SIGKILL),
-                ("swap-frozen", "b unreachable"),
-            ):
-                assert still_running(moved.pid), "the stream ended before the swaps: too fast"
-                swapping = hijack_in(a, stage, "swap", client.pid)
-                if what == "b unreachable":
-                    link_down(b)
-                    deliver(swapping, signal.SIGCONT)
-                else:
-                    deliver(swapping, what)
-                result = finish(swapping)
-                link_up(b)
-                assert result.returncode != 0, f"{stage} {what}: {result.describe()}"
-                # Relayed as before, and it goes on.
-                assert relayed_ids(a, client.pid) == ["fd:3"], f"{stage} {what}"
-                before = relayed_bytes(a, client.pid)
-                poll_until(
-                    lambda: relayed_bytes(a, client.pid) > before + (1 << 20),  # noqa: B023
-                    f"the relayed stream goes on after a swap stopped at {stage} by {what}",
-                    timeout=30,
-                )
-                print(f"{stage} {what}: relayed still, {result.stderr.strip()}")
-            # Then a swap that is let through: every byte, in order, both ways.
-            a.hijack_ok("swap", client.pid)
+            interrupt_swaps(a, b, client.pid, moved, "plain")
+            # On to c (a move run where it runs, not swapped), its relay encrypted now.
+            encrypted = ("--no-plain-relays", "--no-swap")
+            moved = move(b, moved.pid, c, home=(a, client.pid), options=encrypted)
+            interrupt_swaps(a, c, client.pid, moved, "encrypted")
+            # Then a swap that is let through, asked where it runs: every byte, in order,
+            # both ways.
+            print(c.hijack_ok("swap", moved.pid).stdout)
             assert relayed_ids(a, client.pid) == []
             assert_ended_well(moved, "the stream_client swapped at last", tmp_path)
             server.assert_intact()
@@ -239,15 +287,26 @@ def test_two_migrants_joined_directly_by_the_move_outlive_their_home_node(
             finish_moved(server, moved_server, tmp_path)  # it checked its own state: PASS
 
 
+def shape_links(cluster: Cluster) -> None:
+    """Every node's link slowed as its loopback: a direct connection is still under way."""
+    for node in cluster.nodes:
+        shaping = ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", *LOOPBACK_SHAPE]
+        shaped = node.run(shaping, timeout=10)
+        assert shaped.returncode == 0, shaped.stderr
+
+
+def unshape_links(cluster: Cluster) -> None:
+    for node in cluster.nodes:
+        unshaped = node.run(["tc", "qdisc", "del", "dev", "eth0", "root"], timeout=10)
+        assert unshaped.returncode == 0, unshaped.stderr
+
+
 def test_swapped_ends_move_on_and_their_connection_stays_direct(tmp_path: Path) -> None:
     with Cluster(tmp_path, nodes=3) as cluster:
         a, b, c = cluster.nodes
         for node in cluster.nodes:  # a's daemon freezes the server for the client's moves
             node.start_daemon()
-        for node in cluster.nodes:  # the direct connection slowed too: still under way
-            shaping = ["tc", "qdisc", "add", "dev", "eth0", "root", "tbf", *LOOPBACK_SHAPE]
-            shaped = node.run(shaping, timeout=10)
-            assert shaped.returncode == 0, shaped.stderr
+        shape_links(cluster)
         # 1 GiB: still under way after a swap and three moves at load 14 (it ran out at
         # 300 MiB); the shaping is taken off before the rest is waited for.
         with echo_stream(a, seed=44, size=1 << 30, server_args=("0", "epoll")) as (
@@ -272,8 +331,101 @@ def test_swapped_ends_move_on_and_their_connection_stays_direct(tmp_path: Path) 
             assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
             assert f"10.77.0.2:{server.ready['port']}" in peers_of(moved.pid)
             goes_on_without(a, c, "10.77.0.2")
-            for node in cluster.nodes:
-                unshaped = node.run(["tc", "qdisc", "del", "dev", "eth0", "root"], timeout=10)
-                assert unshaped.returncode == 0, unshaped.stderr
+            unshape_links(cluster)
             assert_ended_well(moved, "the stream_client moved twice", tmp_path)
+            finish_moved(server, moved_server, tmp_path)
+
+
+def test_a_move_run_away_from_home_swaps_through_the_home_node(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The issue's moves, each run where the process runs: the client to b (its server not
+    managed yet: relayed), then from b to c (node b asks the home node a to swap), the
+    server to b (the direct connection follows)."""
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        for node in cluster.nodes:  # a's daemon swaps for the move run on b
+            node.start_daemon()
+        shape_links(cluster)
+        with echo_stream(a, seed=45, size=1 << 30, server_args=("0", "epoll")) as (
+            server,
+            client,
+        ):
+            moved = move(a, client.pid, b)  # encrypted relays; the server is not managed
+            client.wait_exit()
+            assert len(relayed_ids(a, client.pid)) == 1
+            # `hijack swap` on b asks a, where its shadow is; a has nothing to join yet.
+            refused = refusal_line(b.hijack("swap", moved.pid))
+            assert "its home node a: " in refused and str(client.pid) in refused, refused
+            a.hijack_ok("attach", server.pid)
+            capsys.readouterr()
+            moved = move(b, moved.pid, c, home=(a, client.pid))
+            said = capsys.readouterr().out
+            print(said)
+            assert re.search(r"swap: .* direct: 10\.77\.0\.\d:\d+ <-> 10\.77", said), said
+            assert relayed_ids(a, client.pid) == []
+            assert all(peer.startswith("10.77.0.3:") for peer in peers_of(server.pid))
+            moved_server = move(a, server.pid, b)
+            server.wait_exit()
+            assert still_running(moved.pid), "the stream ended before the last move: too fast"
+            assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
+            assert f"10.77.0.2:{server.ready['port']}" in peers_of(moved.pid)
+            goes_on_without(a, c, "10.77.0.2")
+            unshape_links(cluster)
+            assert_ended_well(moved, "the stream_client swapped from away", tmp_path)
+            finish_moved(server, moved_server, tmp_path)
+
+
+def test_a_tree_whose_member_holds_a_swapped_connection_moves_with_it_direct(
+    tmp_path: Path,
+) -> None:
+    """A stream_client's child streams to an echo server; the tree attached, the server
+    moved (and swapped) to b: the child's connection is direct. The tree's move is given
+    up once prepared (every member and the peer run on, as before), then the tree moves
+    to c and on to b: each time the connection follows the child, direct, the server
+    untouched; the home shadows relay none of it; the stream is complete both ways."""
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        for node in cluster.nodes:  # b's daemon freezes the server for the tree's moves
+            node.start_daemon()
+        shape_links(cluster)
+        fork = ("fork",)  # the stream is the child's
+        with echo_stream(
+            a, seed=45, size=1 << 30, server_args=("0", "epoll"), client_args=fork
+        ) as (server, client):
+            poll_until(lambda: len(read_tree(client.pid).members) == 2, "the client's child")
+            child = read_tree(client.pid).members[1].pid
+            port, child_port = server.ready["port"], client.ready["local_port"]
+            a.hijack_ok("attach", client.pid)  # the tree: its one shadow holds its originals
+            moved_server = move(a, server.pid, b, options=(*PLAIN, "--swap"))
+            server.wait_exit()
+            assert relayed_ids(a, server.pid) == []
+            assert stream_peer(child, child_port).startswith("10.77.0.2:")
+            counts = swapped_counts(a, {server.pid})
+            # Given up once the destination prepared it: every member runs on, the server's
+            # end is its old one again (towards a), nothing lost.
+            endpoint = c.daemon_endpoint or ""
+            moving = hijack_in(a, "move-prepared", "move", client.pid, "--to", endpoint)
+            deliver(moving, signal.SIGINT)
+            given_up = finish(moving)
+            assert given_up.returncode == 1, given_up.describe()
+            assert list(read_tree(client.pid).pids) == [client.pid, child]
+            assert stream_peer(moved_server.pid, port).startswith("10.77.0.1:")
+            # The tree to c, then on to b (where the server runs): the connection follows.
+            there, _ = move_tree(a, client.pid, c)
+            client.wait_exit()
+            assert stream_peer(moved_server.pid, port).startswith("10.77.0.3:")
+            goes_on_without(a, b, "10.77.0.3")  # the server and the child, directly
+            there, _ = move_tree(c, there, b)
+            (child_there,) = read_tree(there).pids[1:]
+            assert stream_peer(child_there, child_port).startswith("10.77.0.2:")
+            assert stream_peer(moved_server.pid, port).startswith("10.77.0.2:")
+            # Neither home shadow relayed any of it: none relays a TCP connection, the
+            # server's counters of the stream stand where its swap left them.
+            assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
+            assert swapped_counts(a, {server.pid}) == counts
+            unshape_links(cluster)
+            shadow_pid = int(shadow_status(a, client.pid)["shadow_pid"])
+            tree = Moved(there, b, 0.0, shadow_pid)
+            assert_ended_well(tree, "the stream_client's tree moved twice", tmp_path)
             finish_moved(server, moved_server, tmp_path)

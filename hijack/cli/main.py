@@ -539,6 +539,7 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
     if args.postcopy and args.precopy is not None:
         raise HijackError("--postcopy starts with one pre-copy round: drop --(no-)precopy")
     with Registry() as registry, contextlib.ExitStack() as stack:
+        home = swapping.home_of(registry, args.pid)  # before the move takes its record
         # The progress bar's thread must never take SIGINT or SIGTERM: blocked
         # in this thread, they then wait wherever a move holds them back.
         with signals_deferred():
@@ -557,22 +558,33 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
         )
     render.move_result(console, result, timing=args.timing)
     if args.swap:
-        swap_after_moves(console, [args.pid])
+        swap_after_moves(console, [args.pid], {args.pid: home})
     return EXIT_OK
 
 
-def swap_after_moves(console: Console, pids: list[int]) -> None:
-    """Join the relayed connections of the moved `pids` whose other end this node
-    manages too, a line each. The moves are done whatever becomes of a swap: it only
-    says so. A connection between two of them is swapped once (the first finds it)."""
+def swap_after_moves(
+    console: Console, pids: list[int], homes: dict[int, swapping.Home | None]
+) -> None:
+    """Join the relayed connections of the moved `pids` whose other end their home node
+    manages too, a line each: here, or asked of their home node's daemon (`homes`, read
+    before the moves: a migrant's record leaves with it). The moves are done whatever
+    becomes of a swap: it only says so. A connection between two of them is swapped once
+    (the first finds it)."""
     for pid in pids:
+        home = homes.get(pid)
         try:
-            outcomes = swapping.swap(pid, after_move=True)
+            if home is None:
+                outcomes = swapping.swap(pid, after_move=True)
+            else:
+                with Registry() as registry:
+                    outcomes = list(
+                        swapping.swap_at_home(home, pki.load_identity(), registry, after_move=True)
+                    )
         except (HijackError, OSError) as exc:
             console.print(f"swap: {exc}; relayed still", highlight=False, markup=False)
             continue
-        for pair, outcome in outcomes:
-            console.print(f"swap: {pair.describe()}: {outcome}", highlight=False, markup=False)
+        for described, outcome in outcomes:
+            console.print(f"swap: {described}: {outcome}", highlight=False, markup=False)
 
 
 def command_drain(args: argparse.Namespace, console: Console) -> int:
@@ -581,13 +593,15 @@ def command_drain(args: argparse.Namespace, console: Console) -> int:
         if not processes:
             console.print("nothing to drain: this node manages no process")
             return EXIT_OK
+        homes = {p.pid: swapping.home_of(registry, p.pid) for p in processes}
         with signals_deferred():  # as in command_move: the view's thread takes no signal
             progress_for = stack.enter_context(render.drain_progress(console, processes))
         outcomes = draining.drain(registry, processes, destinations, progress_for)
         stack.close()
     render.drain_summary(console, outcomes)
     if args.swap:  # once every process went: both ends of a connection may have moved
-        swap_after_moves(console, [outcome.pid for outcome in outcomes if outcome.result])
+        moved = [outcome.pid for outcome in outcomes if outcome.result]
+        swap_after_moves(console, moved, homes)
     stayed = [outcome for outcome in outcomes if outcome.result is None]
     if stayed:
         names = ", ".join(f"{outcome.pid} ({outcome.program})" for outcome in stayed)
@@ -606,9 +620,14 @@ def command_swap(args: argparse.Namespace, console: Console) -> int:
         return EXIT_OK
     if args.pid is None:
         raise HijackError("swap: name a PID (or --list)")
-    outcomes = swapping.swap(args.pid)
-    for pair, outcome in outcomes:
-        console.print(f"{pair.describe()}: {outcome}", highlight=False, markup=False)
+    with Registry() as registry:
+        home = swapping.home_of(registry, args.pid)
+        if home is None:
+            outcomes = swapping.swap(args.pid)
+        else:  # a migrant here: its home node's shadows relay it, and swap it
+            outcomes = list(swapping.swap_at_home(home, pki.load_identity(), registry))
+    for described, outcome in outcomes:
+        console.print(f"{described}: {outcome}", highlight=False, markup=False)
     failed = [outcome for _, outcome in outcomes if not outcome.startswith("direct")]
     if failed:
         raise HijackError(f"{len(failed)} of {len(outcomes)} connection(s) stay relayed")

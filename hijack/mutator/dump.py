@@ -32,14 +32,15 @@ from hijack.image.codec import ImageWriter
 from hijack.image.files import ImageFiles
 from hijack.image.identity import file_identity, is_shared_library
 from hijack.mutator.frozen_tree import FrozenTree, frozen_tree
+from hijack.mutator.parasite import Area, Batch, parasite_area, unmap_area, without_area
 from hijack.mutator.shared_pages import SharedPages
 from hijack.mutator.spliced_pages import PageSplicer, page_splicer
 from hijack.mutator.tracee import (
+    BORROWED_SCRATCH,
     ThreadState,
     TracedThread,
     Tracee,
     recorded_registers,
-    scratch_below_stack,
 )
 from hijack.mutator.tracee import scratch_page as scratch_page  # its old home: importers
 from hijack.objects import unix
@@ -293,6 +294,8 @@ def write_image(
     shared_pages: SharedPages | None = None,
     splice: bool = False,
     parents_memory: bool = False,
+    parasite: Area | None = None,
+    brk: int | None = None,
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
 
@@ -311,25 +314,53 @@ def write_image(
     `out` is a file (hijack.mutator.spliced_pages); not with `precopied` or `shared_pages`.
     `parents_memory`: a tree's member sharing its parent's memory (CLONE_VM): its image
     holds no pages, its parent's has them (its layout is described all the same).
+    `parasite`: an area for the batched calls (hijack.mutator.parasite) mapped already;
+    `brk`: the program break, read already (read_brk).
     """
     laps = laps or Laps()
     pid = tracee.pid
     options = dump_options(no_binary=no_binary, no_shared_libs=no_shared_libs)
     maps = procfs.read_maps(pid)
+    if parasite is not None:
+        unmerged = without_area(maps, parasite)
+        if unmerged is None:  # merged with a neighbour: one of our own, below
+            unmap_area(tracee, parasite)
+            parasite = None
+        else:
+            maps = unmerged
     aio_rings = aio.read_rings(pid, maps, moving=precopied is not None)
     maps = [entry for entry in maps if not aio.is_aio_ring(entry)]  # made again by io_setup
-    # A move's or a snapshot's freeze borrows bytes below the stack rather than map a
-    # page (two injected calls fewer; put back before any page is read).
-    scratch_bytes = scratch_page(tracee) if precopied is None else scratch_below_stack(tracee, maps)
-    with scratch_bytes as scratch:
-        brk = tracee.checked_syscall("brk", 0)
+    # Every call below in one batch (hijack.mutator.parasite): the injection thread's
+    # calls in one stop, and one stop more for each other thread's two. In `parasite`,
+    # an area the caller mapped (and unmaps), or one mapped here.
+    with contextlib.nullcontext(parasite) if parasite else parasite_area(tracee) as area:
+        batch = Batch(area)
+        brk_call = batch.call("brk", 0) if brk is None else None
         known = precopied.signal_actions if precopied is not None else None
-        actions = read_signal_actions(tracee, scratch, known)
-        threads = [read_thread(tracee, thread, scratch) for thread in _live(tracee)]
-        process_settings = settings.read_settings(
-            tracee, scratch, tracee.thread_ids, aio_rings=aio_rings
+        actions_read = queue_signal_actions(tracee, batch, known)
+        threads_read = {
+            thread.tid: queue_thread(tracee, thread, batch)
+            for thread in _live(tracee)
+            if thread.tid == tracee.injection_tid
+        }
+        settings_read = settings.queue_settings(
+            tracee, batch, area.address, tracee.thread_ids, aio_rings=aio_rings
         )
-        process_timers = timers.read_timers(tracee, scratch)
+        timers_read = timers.queue_timers(tracee, batch)
+        batch.run(tracee)
+        if brk_call is not None:
+            assert brk_call.result is not None
+            brk = brk_call.result
+        assert brk is not None
+        actions = actions_read()
+        process_settings = settings_read()
+        process_timers = timers_read()
+        threads = [
+            threads_read[thread.tid]()
+            if thread.tid in threads_read
+            else read_thread_batched(tracee, thread, area)
+            for thread in _live(tracee)
+        ]
     tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
     laps.lap("image: injected")
     files = objects.read_files(
@@ -656,42 +687,121 @@ def read_memory_structure(pid: int, brk: int) -> rec.MemoryStructure:
     )
 
 
+def read_brk(tracee: Tracee, area: Area) -> int:
+    """The program break (brk(0): one stop in `area`). brk takes the memory map's write
+    lock even to tell it: asked before anything reads smaps, it waits for no reader."""
+    batch = Batch(area)
+    call = batch.call("brk", 0)
+    batch.run(tracee)
+    assert call.result is not None
+    return call.result
+
+
 def read_signal_actions(
     tracee: Tracee, scratch: int, known: list[rec.SigAction] | None = None
 ) -> list[rec.SigAction]:
-    """Every signal action of the stopped process (one injected call each).
+    """queue_signal_actions, one call at a time, each writing its 32 bytes at `scratch`
+    (borrowed stack bytes hold no more)."""
+    found = []
+    for entry in _actions_known(tracee, known):
+        if isinstance(entry, rec.SigAction):
+            found.append(entry)
+            continue
+        tracee.checked_syscall("rt_sigaction", entry, 0, scratch, 8)
+        found.append(_sigaction(memory.read(tracee.pid, scratch, SIGACTION_SIZE)))
+    return found
 
-    With `known`, the actions read a while before (a move's pre-copy): those
-    of signals neither caught then nor now, nor SIGCHLD, are taken from it when
-    /proc shows them still default or still ignored. For such a signal no
-    handler runs, so its flags and mask change nothing (SIGCHLD's do).
-    """
+
+def _actions_known(tracee: Tracee, known: list[rec.SigAction] | None) -> list[rec.SigAction | int]:
+    """Each signal's action where `known` tells it (see queue_signal_actions), or its
+    number where it must be asked."""
     status = procfs.read_status(tracee.pid) if known is not None else None
-    actions = []
+    found: list[rec.SigAction | int] = []
     for signal_number in range(1, rec.SIGNAL_COUNT + 1):
         if status is not None and known is not None and signal_number != signal.SIGCHLD:
             bit = 1 << (signal_number - 1)
             now = SIG_IGN if status.sig_ign & bit else SIG_DFL
             before = known[signal_number - 1]
             if not status.sig_cgt & bit and before.sa_handler == now:
-                actions.append(before)
+                found.append(before)
                 continue
-        tracee.checked_syscall("rt_sigaction", signal_number, 0, scratch, 8)
-        handler, flags, restorer, mask = struct.unpack(
-            "<4Q", memory.read(tracee.pid, scratch, SIGACTION_SIZE)
-        )
-        actions.append(
-            rec.SigAction(sa_handler=handler, sa_flags=flags, sa_restorer=restorer, sa_mask=mask)
-        )
+        found.append(signal_number)
+    return found
+
+
+def queue_signal_actions(
+    tracee: Tracee, batch: Batch, known: list[rec.SigAction] | None = None
+) -> Callable[[], list[rec.SigAction]]:
+    """Every signal action of the stopped process (one injected call each, in `batch`);
+    the returned function tells them once it ran.
+
+    With `known`, the actions read a while before (a move's pre-copy): those
+    of signals neither caught then nor now, nor SIGCHLD, are taken from it when
+    /proc shows them still default or still ignored. For such a signal no
+    handler runs, so its flags and mask change nothing (SIGCHLD's do).
+    """
+    found: list[rec.SigAction | int] = []  # an action, or where the kernel writes it
+    for entry in _actions_known(tracee, known):
+        if isinstance(entry, rec.SigAction):
+            found.append(entry)
+            continue
+        written = batch.buffer(SIGACTION_SIZE)
+        batch.call("rt_sigaction", entry, 0, written, 8)
+        found.append(written)
+
+    def actions() -> list[rec.SigAction]:
+        return [
+            entry
+            if isinstance(entry, rec.SigAction)
+            else _sigaction(batch.read(entry, SIGACTION_SIZE))
+            for entry in found
+        ]
+
     return actions
 
 
+def _sigaction(raw: bytes) -> rec.SigAction:
+    handler, flags, restorer, mask = struct.unpack("<4Q", raw)
+    return rec.SigAction(sa_handler=handler, sa_flags=flags, sa_restorer=restorer, sa_mask=mask)
+
+
 def read_thread(tracee: Tracee, thread: TracedThread, scratch: int) -> rec.Thread:
+    """queue_thread, run at once with `scratch` (at least 48 bytes) for what it writes."""
+    return read_thread_batched(tracee, thread, Area(scratch, BORROWED_SCRATCH, executable=False))
+
+
+def read_thread_batched(tracee: Tracee, thread: TracedThread, area: Area) -> rec.Thread:
+    """queue_thread in a batch of its own, run in that thread."""
+    batch = Batch(area)
+    read = queue_thread(tracee, thread, batch)
+    batch.run(tracee, tid=thread.tid)
+    return read()
+
+
+def queue_thread(tracee: Tracee, thread: TracedThread, batch: Batch) -> Callable[[], rec.Thread]:
+    """A thread's record; its two calls go in `batch`, which must run in that thread."""
+    tid_address = batch.buffer(8)
+    batch.call("prctl", PR_GET_TID_ADDRESS, tid_address, 0, 0, 0)
+    altstack = batch.buffer(24)
+    batch.call("sigaltstack", 0, altstack)
+
+    def record() -> rec.Thread:
+        (clear_child_tid,) = struct.unpack("<Q", batch.read(tid_address, 8))
+        ss_sp, ss_flags, ss_size = struct.unpack("<Qi4xQ", batch.read(altstack, 24))
+        return _thread_record(tracee, thread, clear_child_tid, ss_sp, ss_flags, ss_size)
+
+    return record
+
+
+def _thread_record(
+    tracee: Tracee,
+    thread: TracedThread,
+    clear_child_tid: int,
+    ss_sp: int,
+    ss_flags: int,
+    ss_size: int,
+) -> rec.Thread:
     tid = thread.tid
-    tracee.checked_syscall("prctl", PR_GET_TID_ADDRESS, scratch, 0, 0, 0, tid=tid)
-    (clear_child_tid,) = struct.unpack("<Q", memory.read(tracee.pid, scratch, 8))
-    tracee.checked_syscall("sigaltstack", 0, scratch, tid=tid)
-    ss_sp, ss_flags, ss_size = struct.unpack("<Qi4xQ", memory.read(tracee.pid, scratch, 24))
     rseq = pt.get_rseq_configuration(tid)
     head, head_length = get_robust_list(tid)
     registers = recorded_registers(thread)

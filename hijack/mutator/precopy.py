@@ -45,10 +45,11 @@ from hijack.mutator.dump import (
     READ_CHUNK,
     PageCounts,
     describe_segments,
-    read_signal_actions,
+    queue_signal_actions,
     runs_to_store,
     scratch_page,
 )
+from hijack.mutator.parasite import Batch, parasite_area
 from hijack.mutator.tracee import Tracee
 from hijack.objects.memfd import holds_object
 from hijack.sys import dirty, memory, pidfd, procfs
@@ -98,6 +99,7 @@ class Precopy:
         self._untracked: list[Run] = []  # at the freeze: mappings the destination cannot keep
         self._flags: dict[procfs.MapEntry, tuple[str, ...]] = {}
         self._flags_now: _InThread[dict[int, tuple[str, ...]]] | None = None  # read at the freeze
+        self._layout_changed = False
         self.signal_actions: list[rec.SigAction] = []  # as the tracking started
         # Post-copy (hijack.mutator.postcopy): the final image leaves out the
         # `lazy` pages, which the destination fetches on first touch; `pinned`
@@ -125,20 +127,13 @@ class Precopy:
         """Stop the process for a moment to start tracking what it writes."""
         stopped_at = time.perf_counter()
         with Tracee.seize(pid) as tracee:
-            with scratch_page(tracee) as scratch:
+            with parasite_area(tracee) as area:
                 # Stopped anyway: the freeze will only ask again for what may differ.
-                actions = read_signal_actions(tracee, scratch)
-            uffd = _userfaultfd_inside(tracee)
-            try:
-                tracking = dirty.WrittenPages(pid, uffd)
-            except BaseException:
-                os.close(uffd)
-                raise
-            try:
-                tracking.collect()  # arms: from here on every write is seen
-            except BaseException:
-                tracking.close()
-                raise
+                batch = Batch(area)  # 64 calls, one stop
+                read_actions = queue_signal_actions(tracee, batch)
+                batch.run(tracee)
+                actions = read_actions()
+            tracking = armed_tracking(pid, _userfaultfd_inside(tracee))
         precopy = cls(pid, tracking, (time.perf_counter() - stopped_at) * 1000)
         precopy.signal_actions = actions
         return precopy
@@ -343,11 +338,18 @@ class Precopy:
         flags = procfs.read_smaps_flags(self.pid)
         self._flags = {entry: flags[entry.start] for entry in maps if entry.start in flags}
 
-    def freeze(self) -> None:
-        """The last scan: what was written since the last round. Call with the process stopped."""
+    def freeze(self, *, read_flags: bool = True) -> None:
+        """The last scan: what was written since the last round. Call with the process stopped.
+        Without `read_flags`, the caller calls read_flags itself (having mapped what it
+        must first: an mmap waits for that read's hold on the memory map)."""
         self.final_written = union_runs(self.tracking.collect(), self.owed)
         self._untracked = self.tracking.untracked()
-        if not all(entry in self._flags for entry in procfs.read_maps(self.pid)):
+        self._layout_changed = not all(entry in self._flags for entry in procfs.read_maps(self.pid))
+        if read_flags:
+            self.read_flags()
+
+    def read_flags(self) -> None:
+        if self._layout_changed and self._flags_now is None:
             # The layout changed since prepare_freeze (a mapping made or replaced):
             # smaps is read again, in a thread, while the freeze goes on with the
             # injected calls and the descriptors (its kernel walk of every page
@@ -553,6 +555,22 @@ def coalesce_runs(runs: list[Run]) -> list[Run]:
         if len(joined) <= MAX_LAZY_RUNS:
             return joined
         gap *= 4
+
+
+def armed_tracking(pid: int, uffd: int) -> dirty.WrittenPages:
+    """Track what process `pid` writes through its userfaultfd `uffd` (ours now: closed on
+    failure), armed: from its return on every write is seen."""
+    try:
+        tracking = dirty.WrittenPages(pid, uffd)
+    except BaseException:
+        os.close(uffd)
+        raise
+    try:
+        tracking.collect()
+    except BaseException:
+        tracking.close()
+        raise
+    return tracking
 
 
 def _userfaultfd_inside(tracee: Tracee) -> int:

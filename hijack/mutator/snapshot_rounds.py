@@ -25,7 +25,6 @@ and the final image's override every round's.
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Callable
 from typing import BinaryIO
 
@@ -37,11 +36,11 @@ from hijack.mutator.dump import (
     widen_if_pipe,
     write_image,
 )
-from hijack.mutator.precopy import Precopy, RoundSent, _userfaultfd_inside
+from hijack.mutator.precopy import Precopy, RoundSent, _userfaultfd_inside, armed_tracking
 from hijack.mutator.tracee import Tracee, scratch_below_stack
 from hijack.objects import pipe
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
-from hijack.sys import dirty, procfs
+from hijack.sys import procfs
 from hijack.testpoint import reached
 from hijack.timing import Laps
 
@@ -140,16 +139,6 @@ def start_tracking(pid: int) -> Precopy:
             raise TrackingUnavailable(
                 f"cannot track the writes of process {pid} for a snapshot by rounds: {exc}"
             ) from None
-    try:
-        tracking = dirty.WrittenPages(pid, uffd)
-    except BaseException:
-        os.close(uffd)
-        raise
-    try:
-        tracking.collect()  # arms: from here on every write is seen
-    except BaseException:
-        tracking.close()
-        raise
-    precopy = Precopy(pid, tracking, tracee.pause_ms)
+    precopy = Precopy(pid, armed_tracking(pid, uffd), tracee.pause_ms)
     precopy.signal_actions = actions
     return precopy

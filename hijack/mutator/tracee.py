@@ -18,6 +18,7 @@ import enum
 import errno as errno_codes
 import os
 import signal
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -130,6 +131,7 @@ class Tracee:
     stopped_at: float = 0.0  # perf_counter() when we began stopping it
     released_at: float = 0.0  # perf_counter() when every thread ran again
     injected: int = 0  # system calls injected so far (each a few ptrace round trips)
+    stops: int = 0  # ptrace stops they took: two a single call, one a batch (parasite.py)
 
     @property
     def pause_ms(self) -> float:
@@ -291,6 +293,7 @@ class Tracee:
         """
         thread = self.threads[tid or self.injection_tid]
         self.injected += 1
+        self.stops += 2
         return inject_syscall(thread, self.syscall_address, name, *args)
 
     def checked_syscall(self, name: str, *args: int, tid: int | None = None) -> int:
@@ -502,6 +505,65 @@ def _inject_syscall(thread: TracedThread, syscall_address: int, name: str, *args
     _run_to_syscall_stop(thread.tid, name, entering=True)
     _run_to_syscall_stop(thread.tid, name, entering=False)
     return pt.get_registers(thread.tid).signed("rax")
+
+
+# While code of ours runs in a thread, every signal is blocked but SIGTRAP: the int3 that
+# ends it raises a forced SIGTRAP, and the kernel resets the handler of a forced signal
+# that is blocked (force_sig_info_to_task), which would change the process (CRIU's
+# compel leaves it unblocked for the same reason).
+CODE_SIGNAL_MASK = ALL_SIGNALS_BLOCKED & ~(1 << (signal.SIGTRAP - 1))
+SI_KERNEL = 0x80  # si_code of the SIGTRAP an int3 raises
+
+
+def run_code(
+    thread: TracedThread, entry: int, trap: int, **registers: int
+) -> tuple[int, list[bytes]]:
+    """Run code of ours at `entry` in a stopped thread until its int3 (rip `trap` at the
+    stop), with `registers` set; return r14 there and the siginfos of any SIGTRAP others
+    sent meanwhile (taken at their delivery stop, for the caller to queue again).
+
+    Stops are handled as inject_syscall handles them; the thread's registers and mask
+    are put back by put_back/release as for any injected call.
+    """
+    with signals_deferred():
+        if thread.state in (ThreadState.STOPPED, ThreadState.PUT_BACK):
+            thread.state = ThreadState.INJECTING
+        elif thread.state is not ThreadState.INJECTING:
+            raise InjectionFailed(f"thread {thread.tid} is {thread.state.value}", pid=thread.tid)
+        pt.set_signal_mask(thread.tid, CODE_SIGNAL_MASK)
+        pt.set_registers(
+            thread.tid, thread.saved_registers.replace(rip=entry, orig_rax=MINUS_ONE, **registers)
+        )
+        strays: list[bytes] = []
+        pt.resume(thread.tid)
+        job_control_stops = 0
+        while True:
+            result = pt.wait_for(thread.tid)
+            assert result is not None
+            if result.exited:
+                raise ProcessGone(
+                    f"thread {thread.tid} {result.describe()} during injected code",
+                    pid=thread.tid,
+                )
+            if result.stop_signal == signal.SIGTRAP and not result.event:
+                siginfo = pt.get_siginfo(thread.tid)
+                (code,) = struct.unpack_from("<i", siginfo, 8)
+                at_trap = pt.get_registers(thread.tid)
+                if code == SI_KERNEL and at_trap.rip == trap:
+                    break
+                strays.append(siginfo)  # someone's kill(SIGTRAP): kept for later
+                pt.resume(thread.tid)
+                continue
+            if result.event == pt.PTRACE_EVENT_STOP and job_control_stops < MAX_JOB_CONTROL_STOPS:
+                job_control_stops += 1  # as in _run_to_syscall_stop
+                pt.resume(thread.tid)
+                continue
+            raise InjectionFailed(
+                f"thread {thread.tid} {result.describe()} during injected code", pid=thread.tid
+            )
+        # Single calls after this run with every signal blocked again.
+        pt.set_signal_mask(thread.tid, ALL_SIGNALS_BLOCKED)
+        return at_trap.r14, strays
 
 
 def _run_to_syscall_stop(tid: int, name: str, *, entering: bool) -> None:

@@ -24,7 +24,6 @@ commit as `aborted` (docs/protocol.md, "Settling a move").
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import os
@@ -167,6 +166,11 @@ class NodeDaemon:
                 self._receive_precopy(channel, request, where)
             elif op == "swap_end":
                 swap_end.relay_to_helper(channel, request)
+            elif op == "swap":
+                # Not at the top: hijack.node.swap builds on this module.
+                from hijack.node import swap as swapping
+
+                swapping.serve_swap(channel, request)
             else:
                 log(f"refused a request from {channel.peer} ({where}): unknown op {op!r:.40}")
                 channel.send({"error": f"unknown op {op!r:.40}"})
@@ -354,7 +358,7 @@ class NodeDaemon:
 
         terminals = _Terminals(relay)
         direct: list[socket.socket] = []  # in repair mode until the commit
-        unsent: dict[int, bytes] = {}  # their send queues, written once they are live
+        unsent: dict[tuple[int, int], bytes] = {}  # by (member, fd): send queues, once live
         direct_proxies: list[Proxy] = []
 
         def direct_end(proxy: Proxy) -> socket.socket:
@@ -362,7 +366,8 @@ class NodeDaemon:
             family = socket.AF_INET6 if ":" in local[0] else socket.AF_INET
             try:
                 state = swap_end.state_from(proxy.tcp or {}, cast(bytes, proxy.queues))
-                made, unsent[proxy.fd] = swap_end.make_quiet(family, local, peer, state)
+                key = (proxy.member, proxy.fd)
+                made, unsent[key] = swap_end.make_quiet(family, local, peer, state)
             except (HijackError, OSError) as exc:
                 raise HijackError(f"cannot make fd {proxy.fd}'s direct connection: {exc}") from None
             return socket.socket(fileno=made)
@@ -561,7 +566,7 @@ class NodeDaemon:
                         raise HijackError(f"move {move} was settled as aborted before its commit")
                     committed.append(pid)
                     for proxy, sock in zip(direct_proxies, direct, strict=True):
-                        swap_end.go_live(sock.fileno(), unsent[proxy.fd])
+                        swap_end.go_live(sock.fileno(), unsent[(proxy.member, proxy.fd)])
                     for proxy in proxies:
                         if proxy.kind == "direct":  # a later move takes it along again
                             with contextlib.suppress(HijackError), Registry() as records:
@@ -927,23 +932,22 @@ def _parse_move(
 
 
 def _receive_unread(channel: Channel, proxies: list[Proxy]) -> list[Proxy]:
-    """The `unread` messages after a move message: the queues of each of the process's
-    direct connections, send queue first (docs/protocol.md, "Later moves")."""
+    """After a move message naming direct connections: their queues (send queue first),
+    one after the other in the order of its proxies, as one data stream (docs/protocol.md,
+    "Later moves")."""
+    if not any(proxy.kind == "direct" for proxy in proxies):
+        return proxies
+    reader = DataReader(channel)
     received = []
     for proxy in proxies:
-        if proxy.kind != "direct":
-            received.append(proxy)
-            continue
-        data = bytearray()
-        while len(data) < int(proxy.queues):
-            message = channel.receive()
-            if message.get("op") != "unread" or message.get("fd") != proxy.fd:
-                raise HijackError(f"expected fd {proxy.fd}'s queues, not {message.get('op')}")
-            try:
-                data += base64.b64decode(str(message["data"]), validate=True)
-            except (KeyError, ValueError):
-                raise HijackError(f"malformed queues of fd {proxy.fd}") from None
-        received.append(proxy._replace(queues=bytes(data)))
+        if proxy.kind == "direct":
+            data = reader.read(int(proxy.queues))
+            if len(data) != int(proxy.queues):
+                raise HijackError(f"the queues of fd {proxy.fd} ended short: {len(data)} bytes")
+            proxy = proxy._replace(queues=data)
+        received.append(proxy)
+    if reader.read(1):
+        raise HijackError("more queued bytes than the direct connections' sizes")
     return received
 
 

@@ -52,8 +52,15 @@ from typing import Any, BinaryIO, cast
 from hijack.errors import HijackError, ShadowError, Unsupported
 from hijack.image import records as rec
 from hijack.mutator import attach as attaching
-from hijack.mutator.dump import describe_segments, kill_stopped, read_credentials, write_image
+from hijack.mutator.dump import (
+    describe_segments,
+    kill_stopped,
+    read_brk,
+    read_credentials,
+    write_image,
+)
 from hijack.mutator.handover import hand_descriptors_to_shadow
+from hijack.mutator.parasite import Area, map_area, unmap_area
 from hijack.mutator.postcopy import (
     POSTCOPY_MIN_BYTES,
     PageServer,
@@ -435,6 +442,7 @@ def _move_frozen(
     homing = not at_home and channel.peer == record.home_node
     # Why its shadow relays its descriptors still, for a move home.
     relayed = None if not homing else ""
+    repointed = Repointed(destination[1])
     try:
         if homing:
             relayed = unhomeable(plan_proxies(pid, shadow, at_home, frozen=False)[0])
@@ -446,12 +454,16 @@ def _move_frozen(
             homing = not relayed
         # Who else holds its pipes, while it runs: the freeze checks only what changed.
         holders_before = pipe.scan_holders_before(pid)
+        # The peers' helpers of its direct connections, started while it runs.
+        repointed.standby(pid)
         tracee = Tracee.seize(pid)
     except BaseException:
+        repointed.abort()
         if not at_home:
             _abort(channel, shadow, move_id)
         raise
-    repointed = Repointed(destination[1])
+    parasite: Area | None = None  # for the image's batched calls (hijack.mutator.parasite)
+    brk: int | None = None
     with tracee:
         # The freeze began with the first interrupt: stopping every thread is part of it.
         laps = Laps(tracee.stopped_at or None)
@@ -459,7 +471,12 @@ def _move_frozen(
         try:
             reached("move-frozen")
             if precopied is not None:
-                precopied.freeze()
+                precopied.freeze(read_flags=False)
+                # Mapped before smaps is read again (an mmap waits for that read's
+                # hold on the memory map: tens of ms a GiB under load).
+                parasite = map_area(tracee)
+                brk = read_brk(tracee, parasite)  # brk(0) too takes the map's write lock
+                precopied.read_flags()
                 if precopied.postcopy:
                     precopied.pinned = pinned_pages(tracee)
                 laps.lap("dirty scan")
@@ -479,7 +496,7 @@ def _move_frozen(
             # Its direct connections (swapped): their peers frozen and joined towards the
             # destination, live at the commit (hijack.node.repoint).
             if any(p.kind == "direct" for p in plan):
-                plan = repointed.prepare(pid, plan, channel.sock.getpeername()[0])
+                plan = repointed.prepare(pid, plan, channel.sock.getpeername()[0], laps=laps)
                 laps.lap("direct peers")
             if at_home:
                 hand_descriptors_to_shadow(pid, record.shadow_control or "")
@@ -534,7 +551,12 @@ def _move_frozen(
                 laps=laps,
                 holders_before=holders_before,
                 sockets=sockets,
+                parasite=parasite,
+                brk=brk,
             )
+            if parasite is not None:
+                unmap_area(tracee, parasite)
+                tracee.put_back()  # nothing more is injected
             writer.close()
             laps.lap("image: pages")
             lazy = precopied.lazy if precopied is not None and postcopy else []
@@ -548,6 +570,9 @@ def _move_frozen(
             # is out: `hijack recover` tells that move by this phase.
             report("post-copy" if lazy else "switching", before + writer.sent)
         except BaseException:
+            if parasite is not None:
+                with contextlib.suppress(HijackError):
+                    unmap_area(tracee, parasite)  # it runs on: as it was
             repointed.abort()
             _abort(channel, shadow, move_id)
             raise

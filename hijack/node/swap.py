@@ -28,11 +28,13 @@ from hijack import testpoint
 from hijack.errors import HijackError
 from hijack.mutator.tracee import signals_deferred
 from hijack.node import pki, swap_end
-from hijack.node.channel import Channel
-from hijack.node.daemon import parse_address
+from hijack.node.channel import Channel, ChannelError
+from hijack.node.daemon import DEFAULT_PORT, log, parse_address
 from hijack.node.swap_end import split_endpoint
+from hijack.process.tree import read_tree
 from hijack.registry import ProcessRecord, Registry, node_name
 from hijack.shadow import control
+from hijack.shadow.relay import RELAYS_CHANGING
 from hijack.sys import procfs
 
 SWAP_WAIT = 10.0  # seconds each draining step may take before the swap is given up
@@ -42,6 +44,9 @@ DRAIN_LIMIT = 30.0
 OWED_PIECE = 4 << 20  # owed bytes sent to a remote end in one message
 READ_TRIES = 3
 SHADOW_TIMEOUT = 15.0  # a shadow's answer to one swap step (it waits SWAP_WAIT at most)
+# A home node's answer to a swap asked from away: one pair's swap (its drains DRAIN_LIMIT
+# each, the ends' helpers started, what is owed sent).
+HOME_ANSWER_TIMEOUT = 180.0
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,9 @@ class End:
     peer: str  # ... and its peer's: how the swap finds the socket
     port: int  # the port the process keeps as its own (its original connection's)
     shadow: Shadowed | None = None  # relayed: the stream at its home shadow
+    # Its node's address as its relay comes from there: that node's daemon's host, on the
+    # default port, when the registry does not know the node (moved there from away).
+    host: str = ""
 
     def describe(self) -> str:
         via = f", relayed as {self.shadow.stream}" if self.shadow else ""
@@ -119,6 +127,7 @@ def _relayed_ends(registry: Registry) -> Iterator[tuple[End, list[str]]]:
                 peer=str(row["shadow_end"]),
                 port=_port(original[0]),
                 shadow=shadow,
+                host=str(row.get("node_host", "")),
             )
             yield end, [str(original[0]), str(original[1])]
 
@@ -129,17 +138,19 @@ def holds_connection(record: ProcessRecord, local: str, peer: str) -> bool:
 
 
 def _attached_socket(record: ProcessRecord, local: str, peer: str) -> End | None:
-    """The attached process's end of the connection `local` -> `peer`, if it holds it."""
+    """The attached process's end of the connection `local` -> `peer`, if it (or a member
+    of its tree) holds it."""
     for _ in range(READ_TRIES):  # /proc tables change while read: a failed read is retried
         try:
+            holders = read_tree(record.pid).pids
             table = procfs.read_socket_table(record.pid)
-            entries = procfs.list_fds(record.pid)
+            entries = [(pid, entry) for pid in holders for entry in procfs.list_fds(pid)]
         except (HijackError, OSError):
             continue
-        for entry in entries:
+        for pid, entry in entries:
             found = table.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
             if found is not None and (found.local, found.remote) == (local, peer):
-                return End(record.pid, node_name(), record.program, local, peer, _port(local))
+                return End(pid, node_name(), record.program, local, peer, _port(local))
         return None
     return None
 
@@ -180,13 +191,20 @@ class EndSession:
     def close(self) -> None:
         raise NotImplementedError
 
-    def open(self, end: End) -> None:
-        """Have the helper freeze `end`'s process and find its socket."""
+    def open(self, end: End, standby: bool = False) -> None:
+        """Have the helper freeze `end`'s process and find its socket; `standby`: find it,
+        and freeze it only at freeze() (a later move starts its helper before its own
+        freeze: hijack.node.repoint)."""
+        request = {"op": "swap_end", "pid": end.pid, "local": end.local, "peer": end.peer}
         try:
-            self.ask({"op": "swap_end", "pid": end.pid, "local": end.local, "peer": end.peer})
+            self.ask({**request, "standby": True} if standby else request)
         except BaseException:
             self.close()
             raise
+
+    def freeze(self) -> None:
+        """A helper opened in standby: freeze the process now."""
+        self.ask({"op": "freeze"})
 
     def sent(self, wait: float) -> tuple[int, int | None]:
         """(bytes its socket has still to send after at most `wait` s, what the process
@@ -228,9 +246,9 @@ class EndSession:
 class LocalEnd(EndSession):
     """An end that runs on this node: its helper is our child."""
 
-    def __init__(self, end: End) -> None:
+    def __init__(self, end: End, standby: bool = False) -> None:
         self.helper = swap_end.Helper()
-        self.open(end)
+        self.open(end, standby)
 
     def ask(self, message: dict[str, Any]) -> dict[str, Any]:
         answer = self.helper.ask(message)
@@ -245,9 +263,9 @@ class LocalEnd(EndSession):
 class RemoteEnd(EndSession):
     """An end that runs on another node: its daemon's helper (`swap_end`)."""
 
-    def __init__(self, end: End, channel: Channel) -> None:
+    def __init__(self, end: End, channel: Channel, standby: bool = False) -> None:
         self.channel = channel
-        self.open(end)
+        self.open(end, standby)
 
     def ask(self, message: dict[str, Any]) -> dict[str, Any]:
         self.channel.send(message)
@@ -339,13 +357,24 @@ class Swap:
         return local[0], local[1]
 
     def _hold(self, shadowed: Shadowed) -> socket.socket:
-        """`write`, on a connection the shadow watches until the swap is over."""
-        lease, _ = control.hold(
-            shadowed.control,
-            {"op": "swap", "swap": self.id, "stream": shadowed.stream, "step": "write"},
-            timeout=SHADOW_TIMEOUT,
-        )
-        return lease
+        """`write`, on a connection the shadow watches until the swap is over. A stream
+        whose process just moved on from a node is refused until its old relay is read to
+        its end (the process's last bytes there, at the pace the original's peer reads
+        them): asked again meanwhile, up to DRAIN_LIMIT."""
+        deadline = time.monotonic() + DRAIN_LIMIT
+        while True:
+            try:
+                lease, _ = control.hold(
+                    shadowed.control,
+                    {"op": "swap", "swap": self.id, "stream": shadowed.stream, "step": "write"},
+                    timeout=SHADOW_TIMEOUT,
+                )
+            except HijackError as exc:
+                if RELAYS_CHANGING not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+                continue
+            return lease
 
     def _close(self) -> None:
         for lease in self.leases:
@@ -418,9 +447,14 @@ class Swap:
 
     def _daemon(self, node: str) -> tuple[str, int]:
         address = self.registry.node_address(node)
-        if address is None:
-            raise HijackError(f"node {node}: this node does not know its address")
-        return parse_address(address)
+        if address is not None:
+            return parse_address(address)
+        # Moved there by a move run away from here: its relay comes from that node's
+        # address, where its daemon listens on the default port (its name is checked).
+        hosts = [end.host for end in (self.pair.first, self.pair.second) if end.node == node]
+        if hosts and hosts[0]:
+            return hosts[0], DEFAULT_PORT
+        raise HijackError(f"node {node}: this node does not know its address")
 
     def _channel(self, node: str) -> Channel:
         channel = self.channels.get(node)
@@ -476,37 +510,125 @@ class Swap:
 
 def swap(
     pid: int, report: Callable[[str], None] = lambda _: None, *, after_move: bool = False
-) -> list[tuple[Pair, str]]:
+) -> list[tuple[str, str]]:
     """Swap every relayed connection of `pid` whose other end this node manages too;
-    returns each pair and what became of it (its new addresses, or why it stayed).
-    `after_move`: a move's own swap (`hijack move`, once the process runs at its
+    returns each pair (described) and what became of it (its new addresses, or why it
+    stayed). `after_move`: a move's own swap (`hijack move`, once the process runs at its
     destination): none that qualifies is no error then, only nothing to do."""
+    return list(swap_each(pid, report, after_move=after_move))
+
+
+def swap_each(
+    pid: int, report: Callable[[str], None] = lambda _: None, *, after_move: bool = False
+) -> Iterator[tuple[str, str]]:
+    """As swap(), each pair's outcome as soon as it is known (the daemon's `swap` tells
+    its asker each as it comes)."""
     with Registry() as registry:
         if registry.find(pid) is None:
-            if after_move:  # moved from away from home: its home node swaps (hijack swap)
-                return []
-            raise HijackError(f"process {pid} is not managed by this node")
+            if after_move:  # gone meanwhile (it ended): nothing of it to swap
+                return
+            raise HijackError(f"process {pid} is not managed by node {node_name()}")
         pairs = [
             pair
             for pair in find_pairs(registry)
             if pid in (pair.first.pid, pair.second.pid) or _home_pid(registry, pair, pid)
         ]
-        if after_move:  # not a connection inside one tree: a tree holding one cannot move
+        if after_move:  # not a connection inside one tree (one shadow relays both ends)
             pairs = [pair for pair in pairs if not _one_shadow(pair)]
         if not pairs and not after_move:
             raise HijackError(
-                f"process {pid} has no relayed connection whose other end this node manages"
+                f"process {pid} has no relayed connection whose other end node {node_name()}"
+                " manages"
             )
         identity = pki.load_identity()
-        results = []
         for pair in pairs:
             try:
                 first, second = Swap(registry, pair, identity, report=report).run()
             except (HijackError, OSError) as exc:
-                results.append((pair, f"relayed still: {exc}"))
+                yield pair.describe(), f"relayed still: {exc}"
                 continue
-            results.append((pair, f"direct: {first} <-> {second}"))
-        return results
+            yield pair.describe(), f"direct: {first} <-> {second}"
+
+
+# -- run away from home: the home node's daemon swaps -------------------------------
+
+
+@dataclass(frozen=True)
+class Home:
+    """Where a process's relayed streams are swapped: its home node (its shadow's), when
+    that is not this node."""
+
+    node: str
+    pid: int  # the process's pid there (its registry's)
+    address: tuple[str, int]  # that node's daemon
+
+
+def home_of(registry: Registry, pid: int) -> Home | None:
+    """The home of `pid` if it is another node (a migrant here); None if it is this node
+    or `pid` is not managed (a move attaches it here). Read before a move: the record
+    goes with the process."""
+    record = registry.find(pid)
+    if record is None or record.home_node == node_name():
+        return None
+    known = registry.node_address(record.home_node)
+    if known is not None:
+        address = parse_address(known)
+    else:  # its shadow's relay is on that node: its daemon listens there, on the default port
+        address = (split_endpoint(record.relay_address or "")[0], DEFAULT_PORT)
+    return Home(record.home_node, record.home_pid or record.pid, address)
+
+
+def swap_at_home(
+    home: Home, identity: pki.NodeIdentity, registry: Registry, *, after_move: bool = False
+) -> Iterator[tuple[str, str]]:
+    """swap_each() of the process run by `home`'s daemon (its `swap`), each pair and its
+    outcome as the daemon tells it. The nodes this one knows go with the request: the
+    home node may not know the node the process runs on now (a move from here)."""
+    try:
+        channel = Channel.connect(home.address, identity, expect=home.node)
+    except HijackError as exc:
+        raise HijackError(f"its home node {home.node}: {exc}") from None
+    with contextlib.closing(channel):
+        channel.sock.settimeout(HOME_ANSWER_TIMEOUT)
+        nodes = {name: address for name, address, _ in registry.nodes()}
+        channel.send({"op": "swap", "pid": home.pid, "after_move": after_move, "nodes": nodes})
+        while True:
+            answer = channel.receive()
+            if "error" in answer:
+                reason = " ".join(str(answer["error"]).split())
+                raise HijackError(f"its home node {home.node}: {reason}")
+            if answer.get("done"):
+                return
+            yield str(answer["pair"]), str(answer["outcome"])
+
+
+def serve_swap(channel: Channel, request: dict[str, Any]) -> None:
+    """The daemon's `swap` (docs/protocol.md, "Socket swap"): swap_each() of `pid` (this
+    node's), asked by a node where the process ran (a move run away from home, or
+    `hijack swap` there): one `{pair, outcome}` message each, then `done` (or `error`)."""
+    pid, nodes = request.get("pid"), request.get("nodes", {})
+    if not isinstance(pid, int) or not isinstance(nodes, dict):
+        channel.send({"error": "a swap request needs a pid (and nodes: name -> address)"})
+        return
+    started = time.monotonic()
+    log(f"swap of process {pid} asked by node {channel.peer}")
+    try:
+        with Registry() as registry:  # the nodes we do not know yet: where its ends run
+            for name, address in nodes.items():
+                if name != node_name() and registry.node_address(str(name)) is None:
+                    parse_address(str(address))
+                    registry.record_node(str(name), str(address))
+        for described, outcome in swap_each(pid, after_move=bool(request.get("after_move"))):
+            log(f"swap of process {pid}: {described}: {outcome}")
+            channel.send({"pair": described, "outcome": outcome})
+    except ChannelError:
+        raise  # the asker is gone: the pair under way was finished or undone, no more
+    except (HijackError, OSError) as exc:
+        log(f"swap of process {pid}: {exc}")
+        channel.send({"error": str(exc)})
+        return
+    log(f"swap of process {pid} done in {time.monotonic() - started:.1f} s")
+    channel.send({"done": True})
 
 
 def _one_shadow(pair: Pair) -> bool:

@@ -36,6 +36,7 @@ from hijack.mutator.dump import scratch_page
 from hijack.mutator.tracee import Tracee
 from hijack.objects import sockopts
 from hijack.objects.epoll import EPOLL_CTL_ADD, EPOLL_EVENT, live_targets
+from hijack.process.tree import read_tree
 from hijack.sys import memory, pidfd, procfs, tcp_repair
 
 F_SETFL, F_SETFD, FD_CLOEXEC = 4, 2, 1
@@ -89,9 +90,17 @@ class FrozenEnd:
     unsent: bytes = b""  # a repointed connection's send queue, written once it is live
 
     @classmethod
-    def freeze(cls, pid: int, local: str, peer: str) -> FrozenEnd:
-        """Stop `pid` and take the TCP socket of it from `local` to `peer` ("ip:port")."""
-        fd = find_socket(pid, local, peer)
+    def freeze(
+        cls, pid: int, local: str, peer: str, found: tuple[int, int, int] | None = None
+    ) -> FrozenEnd:
+        """Stop the process holding the TCP socket from `local` to `peer` ("ip:port"):
+        `pid`, or the member of its tree that holds it, and take that socket. `found`:
+        (pid, descriptor, socket inode) looked up before (standby), taken if that
+        descriptor is still that socket (no socket table read while frozen)."""
+        if found is not None and _socket_inode(found[0], found[1]) == found[2]:
+            pid, fd = found[:2]
+        else:
+            pid, fd = find_holder(pid, local, peer)
         tracee = Tracee.seize(pid)
         try:
             old = pidfd.copy_fd(pid, fd)
@@ -319,19 +328,27 @@ def state_from(fields: dict[str, Any], queues: bytes) -> tcp_repair.TcpState:
     return state
 
 
-def holder_of(local: str, peer: str) -> int:
-    """The process this node manages (attached here, or a migrant running here) that holds
-    the TCP connection from `local` to `peer`: a later move of its peer names only the
-    connection (docs/protocol.md, "Later moves")."""
+def holder_of(local: str, peer: str) -> tuple[int, int]:
+    """(pid, descriptor) of the process this node manages (attached here, or a migrant
+    running here; or a member of its tree) that holds the TCP connection from `local` to
+    `peer`: a later move of its peer names only the connection (docs/protocol.md, "Later
+    moves")."""
     from hijack.registry import Registry  # not at the top: the helper rarely needs it
 
     with Registry() as registry:
         records = [r for r in registry.processes() if r.state in ("attached", "running")]
     for record in records:
         with contextlib.suppress(HijackError, OSError):
-            find_socket(record.pid, local, peer)
-            return record.pid
+            return find_holder(record.pid, local, peer)
     raise HijackError(f"no process this node manages holds a TCP connection {local} -> {peer}")
+
+
+def _socket_inode(pid: int, fd: int) -> int:
+    """The inode of the socket under `pid`'s descriptor `fd`; 0 if none is."""
+    try:
+        return os.stat(f"/proc/{pid}/fd/{fd}").st_ino
+    except OSError:
+        return 0
 
 
 def _record_direct(join: dict[str, Any], old_peer: str) -> None:
@@ -359,6 +376,19 @@ def watches_of(pid: int, fd: int) -> list[tuple[int, int, int]]:
 def _queued(fd: int, request: int) -> int:
     value: int = struct.unpack("<i", fcntl.ioctl(fd, request, b"\0" * 4))[0]
     return value
+
+
+def find_holder(pid: int, local: str, peer: str) -> tuple[int, int]:
+    """(pid, descriptor) of the process of `pid`'s tree (itself first, then its
+    descendants: a member of a managed tree) holding the TCP connection `local` -> `peer`."""
+    try:
+        return pid, find_socket(pid, local, peer)
+    except HijackError:
+        members = read_tree(pid).pids[1:]
+        for member in members:
+            with contextlib.suppress(HijackError, OSError):
+                return member, find_socket(member, local, peer)
+        raise
 
 
 def find_socket(pid: int, local: str, peer: str) -> int:
@@ -393,14 +423,26 @@ class LineChannel:
 def serve(channel: Any, request: dict[str, Any]) -> None:
     """One end of one swap, on this node (a session: frozen; `sent` as often as asked;
     `join`; `commit` or `abort`). Any other message, or the coordinator gone, aborts:
-    the process gets its old socket back."""
+    the process gets its old socket back. With `standby` in the request, the helper
+    answers `standby` and freezes only when told `freeze`."""
     pid = int(request["pid"])
+    local, peer = str(request["local"]), str(request["peer"])
     try:
+        found = None
         if not pid:
-            pid = holder_of(str(request["local"]), str(request["peer"]))
-        end = FrozenEnd.freeze(pid, str(request["local"]), str(request["peer"]))
+            pid, fd = holder_of(local, peer)
+            found = (pid, fd, _socket_inode(pid, fd))
+        if request.get("standby"):
+            # Started before a later move's freeze (docs/protocol.md, "Later moves"): ready,
+            # the holder found; the process is frozen only at `freeze`.
+            channel.send({"phase": "standby", "pid": pid})
+            if channel.receive().get("op") != "freeze":
+                channel.send({"phase": "aborted"})
+                return
+        end = FrozenEnd.freeze(pid, local, peer, found)
     except (HijackError, OSError, ValueError) as exc:
-        channel.send({"error": f"process {pid}: {exc}"})
+        with contextlib.suppress(Exception):  # the coordinator may be gone
+            channel.send({"error": f"process {pid}: {exc}"})
         return
     try:
         channel.send({"phase": "frozen", "fd": end.fd})

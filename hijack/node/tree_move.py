@@ -85,6 +85,7 @@ from hijack.node.move import (
     unhomeable,
     unsettled_for_home,
 )
+from hijack.node.repoint import Repointed
 from hijack.objects import pipe, unix
 from hijack.process.tree import read_tree
 from hijack.registry import ProcessRecord
@@ -164,7 +165,7 @@ def stream_name(pid: int, fd: int, root: int) -> str:
 
 
 # What a member's plan may hold that a tree cannot move with yet: kind, what, a note.
-TREE_REFUSED = (("direct", "a direct connection", ", swapped"), ("master", "a pty master", ""))
+TREE_REFUSED = (("master", "a pty master", ""),)
 
 
 def plan_tree(
@@ -210,10 +211,41 @@ def plan_tree(
                     if p.kind == "terminal"
                     else stream_name(*links.get((pid, p.fd), (pid, p.fd)), root=root),
                 )
+                if p.kind != "direct"
+                else p
+                for p in plan
+            ]
+        if tree:  # a direct connection is no stream of the shadow's: one name per member's
+            plan = [
+                dataclasses.replace(p, stream=f"direct:{p.fd}" + (f"@{pid}" if pid != root else ""))
+                if p.kind == "direct"
+                else p
                 for p in plan
             ]
         plans[pid] = plan
+    if tree:
+        refuse_shared_direct(plans, root)
     return open_files_across(plans) if tree and frozen else plans
+
+
+def refuse_shared_direct(plans: dict[int, list[Proxy]], root: int) -> None:
+    """Refuse a direct connection more than one member holds (inherited across a fork):
+    its peer is made again towards the destination once, for one holder."""
+    holders: dict[str, list[int]] = {}
+    for pid, plan in plans.items():
+        for proxy in plan:
+            if proxy.kind == "direct":
+                with contextlib.suppress(OSError):  # closed since: planned again frozen
+                    socket_link = os.readlink(f"/proc/{pid}/fd/{proxy.fd}")
+                    holders.setdefault(socket_link, []).append(pid)
+    for link, pids in holders.items():
+        if len(set(pids)) > 1:
+            raise Unsupported(
+                f"cannot move the tree of process {root}: members"
+                f" {', '.join(map(str, sorted(set(pids))))} share one direct connection"
+                f" ({link}, swapped); moving a tree with one is not implemented yet;"
+                " nothing was changed"
+            )
 
 
 def terminal_stream(pid: int, fd: int, root: int, terminals: dict[tuple[int, int], str]) -> str:
@@ -418,6 +450,7 @@ def move_tree_frozen(
     relayed = "" if homing else None  # why its shadow relays its descriptors still
     laps = Laps()
     handled = False  # the abort is _frozen's once the tree is frozen
+    repointed = Repointed(context.destination[1])
     try:
         if homing:
             relayed = unhomeable([p for plan in _running_plans(context)[0].values() for p in plan])
@@ -429,13 +462,19 @@ def move_tree_frozen(
         # Who else holds the members' pipes, while they run: each member's image then
         # checks only what changed (a scan of every process each, frozen, otherwise).
         holders_before = pipe.scan_holders_before(*read_tree(pid).pids)
+        # The peers' helpers of its members' direct connections, started while it runs.
+        repointed.standby(pid)
         with frozen_tree(pid) as frozen:
             handled = True
             laps.lap("stop")
-            return _frozen(context, frozen, laps, precopied or {}, holders_before, relayed)
+            return _frozen(
+                context, frozen, laps, precopied or {}, holders_before, relayed, repointed
+            )
     except BaseException:
-        if not handled and not context.at_home:
-            _abort(channel, shadow, move_id)
+        if not handled:
+            repointed.abort()
+            if not context.at_home:
+                _abort(channel, shadow, move_id)
         raise
 
 
@@ -464,6 +503,7 @@ def _frozen(
     precopied: dict[int, Precopy],
     holders_before: procfs.HolderScan,
     relayed: str | None = None,
+    repointed: Repointed | None = None,
 ) -> MoveResult:
     """`relayed`: a move home's so far ("" if every original may come back), else None."""
     pid, channel, shadow, move_id = context.pid, context.channel, context.shadow, context.move_id
@@ -477,6 +517,7 @@ def _frozen(
     # Members gone since the rounds have no image; those born since, a whole one.
     precopied = {member: p for member, p in precopied.items() if member in tracees}
     before = sum(p.bytes_sent for p in precopied.values())
+    repointed = repointed or Repointed(context.destination[1])
     postcopy = any(p.postcopy for p in precopied.values())
     planned: dict[int, list[tuple[int, int]]] = {}  # each member's lazy candidates
     lazy: dict[int, list[tuple[int, int]]] = {}  # each member's pages left out of its image
@@ -502,6 +543,14 @@ def _frozen(
                 laps.lap("post-copy: lazy pages")
         plans = plan_tree(members, pid, shadow, at_home, shared=shared, besides=besides)
         laps.lap("plan")
+        # The members' direct connections (swapped): each peer frozen and joined towards
+        # the destination, live at the commit (hijack.node.repoint), as a single process's.
+        towards = channel.sock.getpeername()[0]
+        for member, plan in plans.items():
+            if any(p.kind == "direct" for p in plan):
+                plans[member] = repointed.prepare(member, plan, towards, member, laps)
+        if repointed.sessions:
+            laps.lap("direct peers")
         unread: dict[str, bytes] = {}
         if at_home:
             control_path = context.record.shadow_control or ""
@@ -518,6 +567,7 @@ def _frozen(
                 }
                 for member, plan in plans.items()
                 for p in plan
+                if p.kind != "direct"  # no stream of the shadow's
             ]
             answer = shadow.migrating({"move": move_id, "proxy": proxy})
             plans = {
@@ -542,6 +592,7 @@ def _frozen(
             message["postcopy"] = True
             message["lazy"] = {str(member): encode_runs(runs) for member, runs in planned.items()}
         channel.send(message)
+        repointed.send_unread(channel)
         laps.lap("move message")
         context.report("streaming", before)
         writer = DataWriter(channel)
@@ -565,6 +616,7 @@ def _frozen(
         # `hijack recover` tells that move by this phase.
         context.report("post-copy" if lazy else "switching", before + writer.sent)
     except BaseException:
+        repointed.abort()
         _abort(channel, shadow, move_id)
         raise
     # From the commit on, the answer alone decides (as hijack.node.move's).
@@ -575,6 +627,8 @@ def _frozen(
             outcome, answer, reason = _commit(channel, move_id, *context.destination)
         except Exception as exc:  # a malformed answer: what happened there is not known
             outcome, answer, reason = "unknown", {}, f"{type(exc).__name__}: {exc}"
+        if outcome != "running":
+            repointed.abort()  # in doubt too: each peer keeps its old connection
         if outcome == "aborted":
             _abort(channel, shadow, move_id)
             for member in members:
@@ -604,6 +658,7 @@ def _frozen(
                 pid=pid,
             )
         laps.lap("commit")
+        unjoined = repointed.commit()
         everything = [p for plan in plans.values() for p in plan]
         unread_datagrams: dict[str, list[tuple[str, bytes]]] = {}
         if not at_home:
@@ -622,7 +677,7 @@ def _frozen(
                 prepared,
                 unread,
                 unread_datagrams,
-                sorted({p.stream for p in everything}),
+                sorted({p.stream for p in everything if p.kind != "direct"}),
                 home_again=homing,
                 members={
                     pids.get(member, member): {p.fd: p.stream for p in plan}
@@ -657,6 +712,12 @@ def _frozen(
             f" of process {pid} is held stopped here as the only whole one. To go on here:"
             f" kill the copy's members on {channel.peer}, then `kill -CONT` every member here"
             f" ({' '.join(map(str, members))})",
+            pid=pid,
+        )
+    if unjoined:
+        raise HijackError(
+            f"the tree of process {pid} runs on {channel.peer} as {answer['pid']}, but"
+            f" {'; '.join(unjoined)}",
             pid=pid,
         )
     if unswitched is not None:

@@ -15,12 +15,14 @@ from outside, once every thread exists.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from hijack.image import records as rec
-from hijack.mutator.tracee import Tracee
+from hijack.mutator.parasite import Area, Batch
+from hijack.mutator.tracee import BORROWED_SCRATCH, Tracee
 from hijack.process import aio, seccomp
 from hijack.restore.remote import Stub
-from hijack.sys import dirty, memory, procfs, scheduling
+from hijack.sys import dirty, procfs, scheduling
 
 PR_SET_PDEATHSIG, PR_GET_PDEATHSIG = 1, 2
 PR_GET_DUMPABLE, PR_SET_DUMPABLE = 3, 4
@@ -46,12 +48,74 @@ def read_settings(
     aio_rings: tuple[rec.AioRing, ...] = (),
     mm_flags: tuple[int, bool] | None = None,
 ) -> rec.ProcessSettings:
-    """`mm_flags`: the dumpable and THP-disable flags if known (read_mm_flags), not asked."""
+    """queue_settings, run at once with `scratch` (at least 16 bytes) for what it writes."""
+    batch = Batch(Area(scratch, BORROWED_SCRATCH, executable=False))
+    read = queue_settings(
+        tracee, batch, scratch, thread_ids, aio_rings=aio_rings, mm_flags=mm_flags
+    )
+    batch.run(tracee)
+    return read()
+
+
+def queue_settings(
+    tracee: Tracee,
+    batch: Batch,
+    fresh_page: int,
+    thread_ids: list[int],
+    *,
+    aio_rings: tuple[rec.AioRing, ...] = (),
+    mm_flags: tuple[int, bool] | None = None,
+) -> Callable[[], rec.ProcessSettings]:
+    """The settings of a stopped process; their injected calls go in `batch`, and the
+    returned function tells them once it ran. `fresh_page`: an address in a page the dump
+    mapped (tells mlockall(MCL_FUTURE)). `mm_flags`: the dumpable and THP-disable flags if
+    known (read_mm_flags), not asked."""
     pid = tracee.pid
-    dumpable, thp_disable = read_mm_flags(tracee) if mm_flags is None else mm_flags
-    tracee.checked_syscall("prctl", PR_GET_PDEATHSIG, scratch, 0, 0, 0)
-    tracee.checked_syscall("prctl", PR_GET_CHILD_SUBREAPER, scratch + 4, 0, 0, 0)
-    pdeath_signal, subreaper = struct.unpack("<ii", memory.read(pid, scratch, 8))
+    if mm_flags is None:
+        dumpable_call = batch.call("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0)
+        thp_call = batch.call("prctl", PR_GET_THP_DISABLE, 0, 0, 0, 0)
+    written = batch.buffer(8)
+    batch.call("prctl", PR_GET_PDEATHSIG, written, 0, 0, 0)
+    batch.call("prctl", PR_GET_CHILD_SUBREAPER, written + 4, 0, 0, 0)
+    membarrier = batch.call("membarrier", MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0, check=False)
+
+    def read() -> rec.ProcessSettings:
+        if mm_flags is None:
+            assert dumpable_call.result is not None and thp_call.result is not None
+            dumpable, thp_disable = dumpable_call.result, bool(thp_call.result)
+        else:
+            dumpable, thp_disable = mm_flags
+        pdeath_signal, subreaper = struct.unpack("<ii", batch.read(written, 8))
+        assert membarrier.result is not None
+        return _settings(
+            pid,
+            dumpable,
+            thp_disable,
+            pdeath_signal,
+            subreaper,
+            # An older kernel (EINVAL) tells none.
+            membarrier.result if membarrier.result > 0 else 0,
+            fresh_page,
+            thread_ids,
+            seccomp.read_seccomp(tracee),
+            aio_rings,
+        )
+
+    return read
+
+
+def _settings(
+    pid: int,
+    dumpable: int,
+    thp_disable: bool,
+    pdeath_signal: int,
+    subreaper: int,
+    membarrier: int,
+    fresh_page: int,
+    thread_ids: list[int],
+    seccomp_state: tuple[rec.ThreadSeccomp, ...],
+    aio_rings: tuple[rec.AioRing, ...],
+) -> rec.ProcessSettings:
     threads = []
     for tid in thread_ids:
         found = scheduling.read_scheduling(tid)
@@ -72,10 +136,10 @@ def read_settings(
         timer_slack_ns=procfs.read_timer_slack_ns(pid),
         oom_score_adj=procfs.read_oom_score_adj(pid),
         loginuid=procfs.read_loginuid(pid),
-        membarrier=_membarrier_registrations(tracee),
-        mlockall=_mlockall_flags(pid, scratch),
+        membarrier=membarrier,
+        mlockall=_mlockall_flags(pid, fresh_page),
         threads=tuple(threads),
-        seccomp=seccomp.read_seccomp(tracee),
+        seccomp=seccomp_state,
         guard_pages=tuple(
             rec.PageRange(start=start, end=end) for start, end in dirty.guard_regions(pid)
         ),
@@ -88,11 +152,6 @@ def read_mm_flags(tracee: Tracee) -> tuple[int, bool]:
     snapshot's copy tells them after the freeze)."""
     dumpable = tracee.checked_syscall("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0)
     return dumpable, bool(tracee.checked_syscall("prctl", PR_GET_THP_DISABLE, 0, 0, 0, 0))
-
-
-def _membarrier_registrations(tracee: Tracee) -> int:
-    found = tracee.syscall("membarrier", MEMBARRIER_CMD_GET_REGISTRATIONS, 0, 0)
-    return found if found > 0 else 0  # an older kernel (EINVAL) tells none
 
 
 def _mlockall_flags(pid: int, scratch: int) -> int:
@@ -115,15 +174,16 @@ def apply_settings(stub: Stub, settings: rec.ProcessSettings, thread_ids: dict[i
 
     Runs after the credentials are restored and before the process starts.
     """
-    if settings.dumpable != SUID_DUMP_USER:
-        stub.call("prctl", PR_SET_DUMPABLE, settings.dumpable, 0, 0, 0)
-    if settings.thp_disable:
-        stub.call("prctl", PR_SET_THP_DISABLE, 1, 0, 0, 0)
-    if settings.child_subreaper:
-        stub.call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
-    for command in MEMBARRIER_REGISTRATIONS:
-        if settings.membarrier & command:
-            stub.call("membarrier", command, 0, 0)
+    with stub.batched():  # one stop for them all (hijack.mutator.parasite)
+        if settings.dumpable != SUID_DUMP_USER:
+            stub.call("prctl", PR_SET_DUMPABLE, settings.dumpable, 0, 0, 0)
+        if settings.thp_disable:
+            stub.call("prctl", PR_SET_THP_DISABLE, 1, 0, 0, 0)
+        if settings.child_subreaper:
+            stub.call("prctl", PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        for command in MEMBARRIER_REGISTRATIONS:
+            if settings.membarrier & command:
+                stub.call("membarrier", command, 0, 0)
     # The parent-death signal is kept in the image but not set: a restored process's
     # parent is the restorer, which exits at once, so the signal would fire for a
     # death that never happened. A process tree's restore, which gives each member

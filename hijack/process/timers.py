@@ -26,9 +26,11 @@ or for a CPU-time clock (whose time the new process starts again).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from hijack.errors import RestoreError, Unsupported
 from hijack.image import records as rec
+from hijack.mutator.parasite import Area, Batch
 from hijack.mutator.tracee import Tracee
 from hijack.restore.remote import Stub
 from hijack.sys import memory, procfs
@@ -51,40 +53,88 @@ OVERRUN_MARGIN_NS = 20_000_000  # ... that many ns later each try
 
 
 def read_timers(tracee: Tracee, scratch: int) -> rec.Timers:
-    pid = tracee.pid
+    """queue_timers, with `scratch` (at least 32 bytes) for what each call writes: one call
+    at a time (a borrowed scratch holds few timers' values)."""
+    area = Area(scratch, ITIMERSPEC.size, executable=False)
     itimers = []
     for which in ITIMER_WHICH:
-        tracee.checked_syscall("getitimer", which, scratch)
-        isec, iusec, vsec, vusec = ITIMERVAL.unpack(memory.read(pid, scratch, ITIMERVAL.size))
-        if vsec or vusec or isec or iusec:
-            itimers.append(
-                rec.Itimer(
-                    which=which,
-                    interval_ns=isec * NS + iusec * 1000,
-                    value_ns=vsec * NS + vusec * 1000,
-                )
-            )
+        batch = Batch(area)
+        read_itimer = _queue_itimer(batch, which)
+        batch.run(tracee)
+        itimers += read_itimer()
     posix = []
-    for timer in sorted(procfs.read_posix_timers(pid), key=lambda found: found.timer_id):
-        tracee.checked_syscall("timer_gettime", timer.timer_id, scratch)
-        isec, insec, vsec, vnsec = ITIMERSPEC.unpack(memory.read(pid, scratch, ITIMERSPEC.size))
-        notify = NOTIFY_KINDS.get(timer.notify)
-        if notify is None:
-            raise Unsupported(f"POSIX timer {timer.timer_id} notifies by {timer.notify!r}")
-        posix.append(
-            rec.PosixTimer(
-                timer_id=timer.timer_id,
-                clock_id=timer.clock_id,
-                notify=notify,
-                signal=timer.signal,
-                value=timer.value,
-                thread=timer.notify_tid if notify == SIGEV_THREAD_ID else 0,
-                interval_ns=isec * NS + insec,
-                value_ns=vsec * NS + vnsec,
-                overrun=tracee.checked_syscall("timer_getoverrun", timer.timer_id),
-            )
-        )
+    for timer in _posix_timers(tracee.pid):
+        batch = Batch(area)
+        read_posix = _queue_posix_timer(batch, timer)
+        batch.run(tracee)
+        posix.append(read_posix())
     return rec.Timers(itimers=tuple(itimers), posix=tuple(posix))
+
+
+def queue_timers(tracee: Tracee, batch: Batch) -> Callable[[], rec.Timers]:
+    """The timers of a stopped process; their calls go in `batch`, and the returned
+    function tells them once it ran."""
+    itimers = [_queue_itimer(batch, which) for which in ITIMER_WHICH]
+    posix = [_queue_posix_timer(batch, timer) for timer in _posix_timers(tracee.pid)]
+
+    def read() -> rec.Timers:
+        return rec.Timers(
+            itimers=tuple(itimer for found in itimers for itimer in found()),
+            posix=tuple(found() for found in posix),
+        )
+
+    return read
+
+
+def _posix_timers(pid: int) -> list[procfs.PosixTimerEntry]:
+    timers = sorted(procfs.read_posix_timers(pid), key=lambda found: found.timer_id)
+    for timer in timers:
+        if timer.notify not in NOTIFY_KINDS:
+            raise Unsupported(f"POSIX timer {timer.timer_id} notifies by {timer.notify!r}")
+    return timers
+
+
+def _queue_itimer(batch: Batch, which: int) -> Callable[[], list[rec.Itimer]]:
+    written = batch.buffer(ITIMERVAL.size)
+    batch.call("getitimer", which, written)
+
+    def read() -> list[rec.Itimer]:
+        isec, iusec, vsec, vusec = ITIMERVAL.unpack(batch.read(written, ITIMERVAL.size))
+        if not (vsec or vusec or isec or iusec):
+            return []
+        return [
+            rec.Itimer(
+                which=which,
+                interval_ns=isec * NS + iusec * 1000,
+                value_ns=vsec * NS + vusec * 1000,
+            )
+        ]
+
+    return read
+
+
+def _queue_posix_timer(batch: Batch, timer: procfs.PosixTimerEntry) -> Callable[[], rec.PosixTimer]:
+    written = batch.buffer(ITIMERSPEC.size)
+    batch.call("timer_gettime", timer.timer_id, written)
+    overrun = batch.call("timer_getoverrun", timer.timer_id)
+
+    def read() -> rec.PosixTimer:
+        isec, insec, vsec, vnsec = ITIMERSPEC.unpack(batch.read(written, ITIMERSPEC.size))
+        notify = NOTIFY_KINDS[timer.notify]
+        assert overrun.result is not None
+        return rec.PosixTimer(
+            timer_id=timer.timer_id,
+            clock_id=timer.clock_id,
+            notify=notify,
+            signal=timer.signal,
+            value=timer.value,
+            thread=timer.notify_tid if notify == SIGEV_THREAD_ID else 0,
+            interval_ns=isec * NS + insec,
+            value_ns=vsec * NS + vnsec,
+            overrun=overrun.result,
+        )
+
+    return read
 
 
 def create_posix_timers(stub: Stub, timers: rec.Timers, thread_ids: dict[int, int]) -> None:

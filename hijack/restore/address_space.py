@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from hijack.errors import HijackError, RestoreError
 from hijack.image import records as rec
-from hijack.restore.remote import SCRATCH_SIZE, Stub
+from hijack.restore.remote import SCRATCH_PROT, SCRATCH_SIZE, Stub
 from hijack.sys import memory, procfs, sysv
 
 MAP_SHARED = 0x01
@@ -305,7 +305,7 @@ class AddressSpace:
         occupied += [(s.start, s.end) for s in self.kernel_segments.values()]
         address = find_hole(occupied, SCRATCH_SIZE)
         flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
-        self.stub.call("mmap", address, SCRATCH_SIZE, PROT_READ_WRITE, flags, -1, 0)
+        self.stub.call("mmap", address, SCRATCH_SIZE, SCRATCH_PROT, flags, -1, 0)
         self.stub.use_scratch(address)
 
     def _relocate_scratch(self, segments: list[rec.Segment]) -> None:
@@ -317,7 +317,7 @@ class AddressSpace:
         occupied += [(m.start, m.end) for m in procfs.read_maps(self.stub.pid)]
         address = find_hole(occupied, SCRATCH_SIZE)
         flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE
-        self.stub.call("mmap", address, SCRATCH_SIZE, PROT_READ_WRITE, flags, -1, 0)
+        self.stub.call("mmap", address, SCRATCH_SIZE, SCRATCH_PROT, flags, -1, 0)
         self.stub.use_scratch(address)
         self.stub.call("munmap", old, SCRATCH_SIZE)
 

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import os
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-from hijack.errors import RestoreError
+from hijack.errors import InjectionFailed, RestoreError
+from hijack.mutator.parasite import PARASITE_SIZE, PROT_READ_WRITE_EXEC, Area, Batch
 from hijack.mutator.tracee import ThreadState, TracedThread, Tracee
 from hijack.sys import memory
 from hijack.sys import ptrace as pt
 
 PAGE_SIZE = 4096
 SCRATCH_SIZE = 64 * 1024  # paths, structs and arrays passed to injected calls
+# Executable: its top PARASITE_SIZE bytes hold batches of calls (Stub.batched). The stub
+# is ours (/bin/true at its exec trap); the area goes before the process starts.
+SCRATCH_PROT = PROT_READ_WRITE_EXEC
+PUT_SIZE = SCRATCH_SIZE - PARASITE_SIZE
 
 
 class Stub:
@@ -28,9 +35,47 @@ class Stub:
         self.tracee = Tracee(pid, {pid: leader}, syscall_address, pid)
         self.scratch = 0
         self._scratch_used = 0
+        self._area: Area | None = None
+        self._batch: Batch | None = None
+        self._batch_tid: int | None = None
+
+    @contextmanager
+    def batched(self, tid: int | None = None) -> Iterator[None]:
+        """The calls made meanwhile (call, try_call, whose results the caller must then not
+        use) and the data they `put` go in one batch run at the end in thread `tid`: one
+        stop for all (hijack.mutator.parasite). A failed `call` stops it: RestoreError."""
+        if self._batch is not None:
+            yield  # within an outer batch: joins it
+            return
+        if self._area is None or self._area.address != self.scratch + PUT_SIZE:
+            self._area = Area(self.scratch + PUT_SIZE, PARASITE_SIZE, executable=True)
+        self._batch, self._batch_tid = Batch(self._area), tid
+        try:
+            yield
+            batch = self._batch
+        finally:
+            self._batch = None
+        try:
+            batch.run(self.tracee, tid=tid)
+        except InjectionFailed as exc:
+            raise RestoreError(
+                f"{exc.syscall} while rebuilding the process failed: {os.strerror(exc.errno or 0)}",
+                errno=exc.errno,
+                syscall=exc.syscall,
+            ) from None
+
+    def _queue(self, name: str, args: tuple[int, ...], tid: int | None, *, check: bool) -> int:
+        assert self._batch is not None
+        if tid not in (None, self._batch_tid):
+            raise RestoreError(f"{name} for thread {tid} in a batch of thread {self._batch_tid}")
+        self._batch.call(name, *args, check=check)
+        return 0
 
     def call(self, name: str, *args: int, tid: int | None = None) -> int:
-        """An injected call that must succeed; its failure is a RestoreError."""
+        """An injected call that must succeed; its failure is a RestoreError. Within
+        `batched`, queued (returns 0)."""
+        if self._batch is not None:
+            return self._queue(name, args, tid, check=True)
         result = self.tracee.syscall(name, *args, tid=tid)
         if -4096 < result < 0:
             raise RestoreError(
@@ -41,7 +86,10 @@ class Stub:
         return result
 
     def try_call(self, name: str, *args: int, tid: int | None = None) -> int:
-        """An injected call whose failure the caller handles: the raw result."""
+        """An injected call whose failure the caller handles: the raw result. Within
+        `batched`, queued, its failure let pass (returns 0)."""
+        if self._batch is not None:
+            return self._queue(name, args, tid, check=False)
         return self.tracee.syscall(name, *args, tid=tid)
 
     # -- the scratch area: a bump allocator, reset between uses ----------------
@@ -51,12 +99,15 @@ class Stub:
         self._scratch_used = 0
 
     def reset_scratch(self) -> None:
-        self._scratch_used = 0
+        if self._batch is None:  # a batch's data all stay until it runs
+            self._scratch_used = 0
 
     def put(self, data: bytes) -> int:
         """Copy `data` into the scratch area; return its address in the stub."""
+        if self._batch is not None:
+            return self._batch.put(data)
         size = (len(data) + 15) // 16 * 16
-        if not self.scratch or self._scratch_used + size > SCRATCH_SIZE:
+        if not self.scratch or self._scratch_used + size > PUT_SIZE:
             raise RestoreError(f"scratch area exhausted ({len(data)} bytes asked)")
         address = self.scratch + self._scratch_used
         memory.write(self.pid, address, data)

@@ -761,11 +761,12 @@ def _finish(
         controlling = controlling_slave(image.files, restored - provided)
     if not parents_memory:  # else the mm's, its parent set them
         _set_mm_map(stub, image.mm)
-    if not parents_handlers:
-        _set_signal_actions(stub, image.signals)
-    _set_rlimits(stub, image.rlimits)
-    # A tree's member has its session and group already (hijack.restore.tree).
-    _set_process_state(stub, image, controlling, relations=shared is None)
+    with stub.batched():  # one stop for them all (hijack.mutator.parasite)
+        if not parents_handlers:
+            _set_signal_actions(stub, image.signals)
+        _set_rlimits(stub, image.rlimits)
+        # A tree's member has its session and group already (hijack.restore.tree).
+        _set_process_state(stub, image, controlling, relations=shared is None)
     settings.apply_login_uid(stub, image.settings)
     if not parents_memory:
         settings.lock_memory(stub, image.segments)
@@ -952,6 +953,13 @@ def _clone_thread(stub: Stub, old_tid: int) -> int:
 
 
 def _set_thread_state(
+    stub: Stub, thread: rec.Thread, tid: int, credentials: rec.Credentials
+) -> None:
+    with stub.batched(tid):  # one stop for the thread's calls
+        _set_thread_calls(stub, thread, tid, credentials)
+
+
+def _set_thread_calls(
     stub: Stub, thread: rec.Thread, tid: int, credentials: rec.Credentials
 ) -> None:
     stub.reset_scratch()

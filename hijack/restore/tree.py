@@ -63,7 +63,7 @@ from hijack.image.codec import next_is_round, read_stream
 from hijack.mutator.tracee import ALL_SIGNALS_BLOCKED, ThreadState, find_syscall_instruction
 from hijack.registry import MemberRecord, Registry
 from hijack.restore.address_space import AddressSpace, find_hole
-from hijack.restore.remote import SCRATCH_SIZE, Stub
+from hijack.restore.remote import SCRATCH_PROT, SCRATCH_SIZE, Stub
 from hijack.restore.restorer import (
     CLONE_ARGS,
     MemberMemory,
@@ -630,12 +630,13 @@ def _end_group_leader(made: _Made, group: int, parent: Stub) -> None:
 
 def _own_scratch(stub: Stub, segments: tuple[rec.Segment, ...]) -> None:
     """Map a scratch area for `stub`, in a hole of the memory it shares with its parent
-    and of that memory's final layout `segments`."""
+    and of that memory's final layout `segments` (its top holds the stub's batches of
+    calls, hijack.mutator.parasite: apart from its parent's too)."""
     occupied = [(s.start, s.end) for s in segments]
     occupied += [(m.start, m.end) for m in procfs.read_maps(stub.pid)]
     address = find_hole(occupied, SCRATCH_SIZE)
     flags = MAP_PRIVATE_ANONYMOUS | MAP_FIXED_NOREPLACE
-    stub.call("mmap", address, SCRATCH_SIZE, PROT_READ_WRITE, flags, -1, 0)
+    stub.call("mmap", address, SCRATCH_SIZE, SCRATCH_PROT, flags, -1, 0)
     stub.use_scratch(address)
 
 

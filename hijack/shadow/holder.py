@@ -30,14 +30,12 @@ keeps every shadow in Python.
 from __future__ import annotations
 
 import os
-import subprocess
 from pathlib import Path
 
-from hijack.errors import HijackError
+from hijack.shadow import pump
 
 SOURCE = Path(__file__).resolve().parent.parent / "native" / "shadow_holder.c"
 PROGRAM = SOURCE.with_name("shadow-holder")
-CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror")
 REST_AFTER = 5.0  # seconds without a request: a move or a status in progress asks again sooner
 MAX_KEYS = 4096  # shadow_holder.c's tables
 MAX_MEMBERS = 256
@@ -63,15 +61,7 @@ def available() -> bool:
 
 def build() -> None:
     """Compile the holder beside its source if it is missing or older (at install: `make`)."""
-    if PROGRAM.exists() and PROGRAM.stat().st_mtime >= SOURCE.stat().st_mtime:
-        return
-    partial = PROGRAM.with_name(PROGRAM.name + ".partial")
-    compiled = subprocess.run(
-        ["gcc", *CFLAGS, "-o", str(partial), str(SOURCE)], capture_output=True, text=True
-    )
-    if compiled.returncode != 0:
-        raise HijackError(f"cannot build {PROGRAM.name}: {compiled.stderr.strip()}")
-    partial.rename(PROGRAM)
+    pump.build_program(SOURCE, PROGRAM)
 
 
 def keys(table: dict[int, int]) -> str:

@@ -71,15 +71,21 @@ def available() -> bool:
 
 def build() -> None:
     """Compile the pump beside its source if it is missing or older (at install: `make`)."""
-    if PROGRAM.exists() and PROGRAM.stat().st_mtime >= SOURCE.stat().st_mtime:
+    build_program(SOURCE, PROGRAM)
+
+
+def build_program(source: Path, program: Path) -> None:
+    """Compile one of hijack's native programs (the pump, the shadow holder) beside its
+    source if it is missing or older; a partial file never takes its name."""
+    if program.exists() and program.stat().st_mtime >= source.stat().st_mtime:
         return
-    partial = PROGRAM.with_name(PROGRAM.name + ".partial")
+    partial = program.with_name(program.name + ".partial")
     compiled = subprocess.run(
-        ["gcc", *CFLAGS, "-o", str(partial), str(SOURCE)], capture_output=True, text=True
+        ["gcc", *CFLAGS, "-o", str(partial), str(source)], capture_output=True, text=True
     )
     if compiled.returncode != 0:
-        raise HijackError(f"cannot build {PROGRAM.name}: {compiled.stderr.strip()}")
-    partial.rename(PROGRAM)
+        raise HijackError(f"cannot build {program.name}: {compiled.stderr.strip()}")
+    partial.rename(program)
 
 
 def pipe_held(fd: int) -> int:

@@ -61,6 +61,9 @@ from hijack.sys import terminal as terminal_sys
 CHUNK = 256 * 1024
 BUFFER_LIMIT = 4 * 1024 * 1024  # bytes held per direction before we stop reading
 ACK_WAIT = 5.0  # seconds to wait for the old node to acknowledge what we sent
+# A swap's `write` refused so while an old relay is read to its end (a move from one node
+# to another just done): the coordinator asks again (hijack.node.swap).
+RELAYS_CHANGING = "its relays are changing"
 SIOCOUTQ = termios.TIOCOUTQ
 REPLAY_LIMIT = 1024 * 1024
 PIPE_SIZE = 1024 * 1024  # /proc/sys/fs/pipe-max-size by default: more needs CAP_SYS_RESOURCE
@@ -115,8 +118,14 @@ class Relay:
     # the shadow must still describe it (the status a mover plans with).
     shadow_end: str = field(init=False, default="")
     node_end: str = field(init=False, default="")
+    # The node's address this connection comes from ("" if unknown): its daemon's host
+    # for a swap whose registry does not know that node (an encrypted relay's ends are
+    # loopback ones there).
+    node_host: str = field(init=False, default="")
 
     def __post_init__(self) -> None:
+        with contextlib.suppress(OSError):
+            self.node_host = str(self.sock.getpeername()[0])
         if self.ends is not None:
             self.node_end, self.shadow_end = self.ends
             return
@@ -515,7 +524,7 @@ class RelayHub:
         if not relay.readable():
             return
         with contextlib.suppress(OSError):  # the event loop meets it again and handles it
-            if stream.in_room():
+            if self._relay_room(stream, relay):
                 self._read_relay(stream, relay)
             self._flush_original(stream)
 
@@ -892,7 +901,7 @@ class RelayHub:
             return 0
         events = 0
         readable = relay.readable() and not stream.retiring
-        if readable and stream.in_room():
+        if readable and self._relay_room(stream, relay):
             events |= selectors.EVENT_READ
         if stream.swapping:
             # Nothing more for the process; but what TLS made of what it was sent before
@@ -1009,13 +1018,29 @@ class RelayHub:
         for _ in range(PUMP_ROUNDS):
             moved = 0
             self._read_short = False
-            if events & selectors.EVENT_READ and relay.readable() and stream.in_room():
+            reading = events & selectors.EVENT_READ and relay.readable()
+            if reading and self._relay_room(stream, relay):
                 moved += self._read_relay(stream, relay)
             if events & selectors.EVENT_WRITE:
                 moved += self._flush_relay(stream)
             moved += self._flush_original(stream)
             if not moved or stream.original < 0 or self._read_short:
                 break
+
+    def _relay_room(self, stream: Stream, relay: Relay) -> bool:
+        """Whether to read `relay` now: while there is room for what it brings here; an
+        encrypted one also past that while a move or a swap waits for its node's
+        acknowledgements (the flow towards the process stopped, `unacknowledged`). Its
+        forwarder's ACKs come in its TLS stream, behind the process's data: left unread,
+        they would wait until the original's peer had read all before them (a slow peer:
+        seconds, and the move or the swap gave up). Once all is acknowledged the bound
+        holds again, so that the process, running on until it is frozen, is held back
+        by TCP: what it wrote must reach the peer before a swap's join (a swap reading
+        it all while the end was being frozen held 160 MB: 30 s to drain at 5 MB/s)."""
+        if stream.in_room():
+            return True
+        waiting = bool(stream.swapping) or not self.pumping
+        return relay.link is not None and waiting and relay.unacknowledged() > 0
 
     def _read_relay(self, stream: Stream, relay: Relay) -> int:
         if relay.link is not None:
@@ -1413,7 +1438,7 @@ class RelayHub:
         if stream.kind == "listener":
             return ""
         if stream.relay is None or stream.retiring:
-            return "its relays are changing"
+            return RELAYS_CHANGING
         if stream.relay.link is not None and stream.id not in written:
             # Its bytes pass through its node's forwarder: only a count tells they all came.
             return "its relay is encrypted, and the mover did not say what the process wrote"
@@ -1570,7 +1595,7 @@ class RelayHub:
         if stream.original < 0 or stream.original_eof or stream.shut_original:
             return "its original has ended"
         if stream.relay is None or stream.retiring or stream.relay.eof:
-            return "its relays are changing"
+            return RELAYS_CHANGING
         if _socket_copy(stream.original) is None:
             return "not a socket"
         return ""
@@ -1590,6 +1615,7 @@ class RelayHub:
                     "kind": stream.kind,
                     "relay": relay.node_end if relay else "",
                     "shadow_end": relay.shadow_end if relay else "",
+                    "node_host": relay.node_host if relay else "",
                     "listener": self.listeners.get(stream.id, ""),
                     "terminal": relay.terminal if relay else "",
                     "bytes_out": bytes_out,

@@ -338,6 +338,13 @@ def get_seccomp_filter(tid: int, index: int) -> tuple[int, bytes]:
     return metadata.flags, program.raw
 
 
+def get_siginfo(tid: int) -> bytes:
+    """The siginfo of the signal a thread in a signal-delivery-stop is stopped for."""
+    buffer = ctypes.create_string_buffer(SIGINFO_SIZE)
+    _request("PTRACE_GETSIGINFO", PTRACE_GETSIGINFO, tid, 0, ctypes.addressof(buffer))
+    return buffer.raw
+
+
 def get_event_message(tid: int) -> int:
     message = ctypes.c_ulong()
     _request("PTRACE_GETEVENTMSG", PTRACE_GETEVENTMSG, tid, 0, ctypes.addressof(message))

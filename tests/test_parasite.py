@@ -1,0 +1,108 @@
+"""Batched injected system calls (hijack.mutator.parasite), in a real stopped process: one
+stop for the whole batch, results chained from call to call, a checked failure that stops
+it, signals sent while it runs delivered once afterwards, the process put back as found
+(its own checks in tests/fixtures/parasite.c)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from support import spawn_fixture
+from support.running import RunningFixture
+
+from hijack.errors import InjectionFailed
+from hijack.mutator.parasite import BLOB, Batch, parasite_area
+from hijack.mutator.tracee import Tracee
+from hijack.sys import procfs
+
+AT_FDCWD = -100
+O_WRONLY, O_CREAT, O_TRUNC = 0o1, 0o100, 0o1000
+READ_NR = 0
+SIGNAL_WAIT = 120.0  # seconds: generous, the machine is loaded
+
+
+def _control_fd(pid: int) -> int:
+    with open(f"/proc/{pid}/environ", "rb") as environ:
+        variables = dict(
+            entry.split(b"=", 1) for entry in environ.read().split(b"\0") if b"=" in entry
+        )
+    return int(variables[b"CONTROL_FD"])
+
+
+def _signal_during_read(fixture: RunningFixture, buffer: int, errors: list[str]) -> None:
+    """Once the batch's read (into `buffer`) blocks: SIGUSR1 and SIGTRAP, then the byte it
+    waits for."""
+    deadline = time.monotonic() + SIGNAL_WAIT
+    while time.monotonic() < deadline:
+        with open(f"/proc/{fixture.pid}/syscall") as found:
+            fields = found.read().split()
+        if len(fields) > 3 and int(fields[0]) == READ_NR and int(fields[2], 16) == buffer:
+            os.kill(fixture.pid, signal.SIGUSR1)
+            os.kill(fixture.pid, signal.SIGTRAP)
+            fixture.send(b"x")
+            return
+        time.sleep(0.001)  # polling /proc: no descriptor tells a thread blocked
+    errors.append(f"the batch's read did not block within {SIGNAL_WAIT} s")
+
+
+@pytest.mark.parametrize("executable", [True, False], ids=["blob", "one by one"])
+def test_a_batch_runs_chained_calls_stops_at_a_checked_failure_and_keeps_signals(
+    tmp_path: Path, executable: bool
+) -> None:
+    target = tmp_path / "written"
+    with spawn_fixture("parasite", target) as fixture:
+        control = _control_fd(fixture.pid)
+        maps_before = procfs.read_maps(fixture.pid)
+        errors: list[str] = []
+        with Tracee.seize(fixture.pid) as tracee, parasite_area(tracee) as area:
+            assert area.executable  # this machine lets a process map writable code
+            area.executable = executable
+            batch = Batch(area)
+            path = batch.put(os.fsencode(target) + b"\0")
+            text = batch.put(b"batched\n")
+            taken = batch.buffer(8)
+            opened = batch.call("openat", AT_FDCWD, path, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
+            moved = batch.call("dup3", opened, 200, 0)  # chained: the open's result
+            written = batch.call("write", moved, text, 8)
+            batch.call("close", opened)
+            bad = batch.call("close", -1, check=False)  # fails, the batch goes on
+            read = batch.call("read", control, taken, 8)  # blocks until signalled
+            umask = batch.call("umask", 0o027)
+            failing = batch.call("close", -1)  # fails, checked: the batch stops
+            never = batch.call("umask", 0o077)
+            stops_before = tracee.stops
+            sender = threading.Thread(target=_signal_during_read, args=(fixture, taken, errors))
+            sender.start()
+            try:
+                with pytest.raises(InjectionFailed) as failed:
+                    batch.run(tracee)
+            finally:
+                sender.join()
+            stops = tracee.stops - stops_before
+        assert not errors
+        assert failed.value.errno == errno.EBADF
+        assert opened.result is not None and opened.result >= 3
+        assert (moved.result, written.result, read.result) == (200, 8, 1)
+        assert batch.read(taken, 1) == b"x"
+        assert bad.result == failing.result == -errno.EBADF
+        assert umask.result == 0o022
+        assert never.result is None
+        # The blob: one stop, and one call (two stops) queueing the SIGTRAP it took again.
+        assert stops == (1 + 2 if executable else 2 * 8)
+        assert procfs.read_maps(fixture.pid) == maps_before
+        fixture.assert_intact()
+
+
+def test_the_blob_is_its_assembly_source(tmp_path: Path) -> None:
+    source = Path(__file__).parent.parent / "hijack" / "native" / "parasite.S"
+    obj, raw = tmp_path / "parasite.o", tmp_path / "parasite.bin"
+    subprocess.run(["gcc", "-c", str(source), "-o", str(obj)], check=True)
+    subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(raw)], check=True)
+    assert raw.read_bytes() == BLOB
