@@ -70,6 +70,28 @@ def test_a_tree_is_dumped_as_a_tree_and_shown_as_one(hijack: HijackCli, tmp_path
         family.assert_intact()
 
 
+def test_a_process_waiting_for_its_vfork_child_is_refused_by_name(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    """A process inside vfork sleeps until its child execs or exits, and no ptrace stop
+    reaches it meanwhile: attach and dump (plain or --kill) of its tree, or of it, refuse
+    it by name at once, touching nothing, rather than wait for the child (they waited:
+    an attach paused the tree for as long as the child ran)."""
+    image = tmp_path / "vfork.crf"
+    with spawn_fixture("vfork_wait") as fixture:
+        child = int(fixture.ready["child"])
+        why = f"process {child} (vfork_wait) waits for its vfork child to exec or exit"
+        for target in (fixture.pid, child):
+            for command in (("attach",), ("dump", "-o", image), ("dump", "--kill", "-o", image)):
+                refused = hijack(*command, target)
+                assert refused.returncode == 1, refused.describe()
+                assert why in refused.stderr, refused.stderr
+                assert len(refused.stderr.splitlines()) == 1, refused.stderr
+                assert not image.exists()
+        assert not any((hijack.state_dir / "shadows").glob("*"))
+        fixture.assert_intact()  # the vfork child exits: its parent saw its status
+
+
 def test_a_tree_with_a_member_traced_by_another_tracer_is_refused_by_name(
     hijack: HijackCli, tmp_path: Path
 ) -> None:

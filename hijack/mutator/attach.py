@@ -26,7 +26,7 @@ from hijack.errors import HijackError, ProcessGone, ShadowError
 from hijack.mutator.handover import hand_over
 from hijack.mutator.shadow_fork import become_shadow, discard_copy, fork_shadow_copy
 from hijack.mutator.tracee import Tracee
-from hijack.process.tree import ProcessTree, read_tree, untakeable
+from hijack.process.tree import ProcessTree, read_tree, untakeable, vfork_wait
 from hijack.registry import MemberRecord, ProcessRecord, Registry, node_name
 from hijack.shadow import control, holder
 from hijack.shadow.program import ended_path
@@ -146,6 +146,8 @@ def refuse_untakeable_tree(tree: ProcessTree, registry: Registry) -> None:
     # The root's own refusals are the seize's (check_attachable), in their own words.
     descendants = tree.members[1:]
     reasons = untakeable(ProcessTree(descendants)) if descendants else []
+    if descendants and (waiting := vfork_wait(tree.root.pid, tree.root.comm)):
+        reasons.append(waiting)  # (only a process with a child can be waiting for one)
     root_status = procfs.read_status(tree.root.pid)  # the shadow runs with its credentials
     for member in descendants:
         try:

@@ -133,7 +133,8 @@ def untakeable(tree: ProcessTree) -> list[str]:
 
     Checked before anything is touched: a member traced by another tracer, in
     a pid namespace below ours (its pids there are not ours to give back), a
-    kernel thread, or hijack itself.
+    kernel thread, hijack itself, or one waiting for its vfork child (a freeze would
+    wait for the child's exec or exit).
     """
     ours = len(procfs.read_status(os.getpid()).nspid)
     reasons = []
@@ -156,7 +157,19 @@ def untakeable(tree: ProcessTree) -> list[str]:
             reasons.append(f"{what} is traced by pid {status.tracer_pid} ({tracer})")
         elif len(status.nspid) > ours:
             reasons.append(f"{what} is in a pid namespace of its own")
+        elif waiting := vfork_wait(member.pid, member.comm):
+            reasons.append(waiting)
     return reasons
+
+
+def vfork_wait(pid: int, comm: str) -> str:
+    """Why process `pid` cannot be taken now if it waits for its vfork child; else ""."""
+    if procfs.waiting_for_vfork(pid) is None:
+        return ""
+    return (
+        f"process {pid} ({comm}) waits for its vfork child to exec or exit (no stop"
+        " reaches it meanwhile): try again once it did"
+    )
 
 
 def _comm_or_gone(pid: int) -> str:

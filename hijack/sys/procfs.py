@@ -424,6 +424,24 @@ def is_kernel_thread(pid: int) -> bool:
     return bool(read_stat(pid).flags & PF_KTHREAD)
 
 
+def waiting_for_vfork(pid: int) -> int | None:
+    """A thread of process `pid` that waits for its vfork child to exec or exit, or None.
+
+    Such a thread sleeps uninterruptibly inside clone (state D, wchan kernel_clone,
+    where the kernel waits for the child's vfork_done) and no ptrace stop reaches
+    it until the child lets go: a freeze would wait as long as the child runs."""
+    for tid in list_threads(pid):
+        try:
+            if read_task_stat(pid, tid).state != "D":
+                continue
+            wchan = _read_text(pid, "wchan", tid)
+        except HijackError:
+            continue  # a thread gone meanwhile
+        if wchan == "kernel_clone":
+            return tid
+    return None
+
+
 # ---------------------------------------------------------------- threads and children
 
 
