@@ -531,6 +531,10 @@ class Registry:
     def direct_connections(self) -> set[tuple[str, str]]:
         return {(str(a), str(b)) for a, b in self._db.execute("SELECT local, remote FROM direct")}
 
+    def forget_direct(self, local: str, remote: str) -> None:
+        with self._db as db:
+            db.execute("DELETE FROM direct WHERE local=? AND remote=?", (local, remote))
+
     def nodes(self) -> list[tuple[str, str, float | None]]:
         return [tuple(row) for row in self._db.execute("SELECT * FROM nodes ORDER BY name")]
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -287,6 +288,37 @@ def test_recover_clears_the_records_of_processes_that_ended(
     assert recovered == f"process {GONE_PID} (ended): it has ended; record removed\n", recovered
     with Registry(tmp_path / "state") as registry:
         assert [record.pid for record in registry.processes()] == [os.getpid()]
+
+
+def test_recover_forgets_direct_connections_no_process_here_holds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A swap's `direct` rows name a connection by its two addresses; one whose holder
+    ended, closed it or moved on with it is forgotten by `recover` (a later connection
+    between the same addresses would be taken for a direct one), a held one kept."""
+    monkeypatch.setenv("HIJACK_NODE", "home")
+    cli = HijackCli(tmp_path / "state")
+    with (
+        socket.create_server(("127.0.0.1", 0)) as server,
+        socket.create_connection(server.getsockname()) as client,
+    ):
+        accepted, _ = server.accept()
+        with accepted:
+            local = f"127.0.0.1:{client.getsockname()[1]}"
+            remote = f"127.0.0.1:{server.getsockname()[1]}"
+            gone = ("127.0.0.1:1", "127.0.0.1:2")
+            with Registry(tmp_path / "state") as registry:
+                registry.record_restored(os.getpid(), "holder")  # holds `client`
+                registry.record_direct(local, remote)
+                registry.record_direct(*gone)
+            recovered = cli.ok("recover").stdout
+            assert recovered == (
+                "direct connection 127.0.0.1:1 <-> 127.0.0.1:2: no process here holds"
+                " it; forgotten\n"
+            ), recovered
+            with Registry(tmp_path / "state") as registry:
+                assert registry.direct_connections() == {(local, remote)}
+                registry.forget(os.getpid(), "test over")
 
 
 # A server: prints its port, accepts one client; on a stdin line writes to it for

@@ -42,7 +42,7 @@ from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.tracee import signals_deferred
 from hijack.node import daemon as node_daemon
 from hijack.node import drain as draining
-from hijack.node import gate, naming, pki
+from hijack.node import gate, naming, pki, repoint
 from hijack.node import move as moving
 from hijack.node import swap as swapping
 from hijack.node.daemon import DEFAULT_PORT
@@ -644,6 +644,7 @@ def expected_image_bytes(pid: int) -> int | None:
 def command_recover(args: argparse.Namespace, console: Console) -> int:
     with Registry() as registry:
         settled, in_doubt = moving.recover(registry)
+        settled += repoint.prune_direct(registry)
     settled += lockbook.settle()  # network locks left by a `dump --kill` killed itself
     for line in settled + in_doubt:
         console.print(line, highlight=False)

@@ -207,6 +207,25 @@ class Repointed:
         self.standing = {}
 
 
+def prune_direct(registry: Registry) -> list[str]:
+    """Forget the direct connections `registry` records that no process this node manages
+    holds any more (it ended, closed the connection, or moved on with it): a later
+    connection between the same two addresses would be taken for one (a move would
+    ask the peer's node to move an end it does not manage). A line each, for recover."""
+    recorded = registry.direct_connections()
+    if not recorded:
+        return []
+    held: set[tuple[str, str]] = set()
+    for record in registry.processes():  # each one's network namespace, as it is now
+        with contextlib.suppress(HijackError, OSError):  # not running here, or gone
+            held |= {(s.local, s.remote) for s in procfs.read_socket_table(record.pid).values()}
+    lines = []
+    for local, remote in sorted(recorded - held):
+        registry.forget_direct(local, remote)
+        lines.append(f"direct connection {local} <-> {remote}: no process here holds it; forgotten")
+    return lines
+
+
 def direct_held(pid: int) -> list[tuple[str, str]]:
     """(local, peer) of each direct connection (this node's registry) that `pid` or a
     member of its tree holds now."""
