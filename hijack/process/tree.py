@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from hijack.errors import ProcessGone
 from hijack.sys import kcmp, procfs
-from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,13 +224,6 @@ def shared_context_refusals(tree: ProcessTree) -> list[str]:
         return pid
 
     reasons = []
-    for member in living:
-        if with_parent.get(member.pid, 0) & CLONE_VM and _waits_for_vfork(member.ppid):
-            reasons.append(
-                f"process {member.pid} ({member.comm}) is the vfork child of process"
-                f" {member.ppid}, which waits for it to exec or exit: restoring that is not"
-                " implemented yet (dump it once the child has)"
-            )
     for index, member in enumerate(living):
         for other in living[:index]:
             for kind, what in kcmp.SHARED_CONTEXTS.items():
@@ -266,24 +258,3 @@ def unmovable_sharing(tree: ProcessTree) -> list[str]:
         and member.ppid in living
         and kcmp.shares_context(member.ppid, member.pid, kcmp.KCMP_VM)
     ]
-
-
-# The calls a parent blocks in while its child shares its memory until exec or exit.
-_VFORKING = {SYSCALL_NUMBERS[name] for name in ("vfork", "clone", "clone3")}
-# (wait_for_vfork_done is inlined in kernel_clone, where a clone without CLONE_VFORK never blocks)
-_IN_CLONE = {"kernel_clone", "wait_for_vfork_done"}
-
-
-def _waits_for_vfork(pid: int) -> bool:
-    """Whether a thread of the stopped `pid` blocks in vfork (or clone, clone3 with
-    CLONE_VFORK: a clone without it returns at once): its child shares its memory until
-    it execs or exits, and the parent would make another at its restore."""
-    try:
-        return any(
-            procfs.read_task_syscall(pid, tid) in _VFORKING
-            # (the call it made last, if it is stopped at its return: not a wait)
-            and bool(_IN_CLONE.intersection(procfs.read_task_kernel_stack(pid, tid)))
-            for tid in procfs.list_threads(pid)
-        )
-    except ProcessGone:
-        return False
