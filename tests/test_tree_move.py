@@ -63,6 +63,7 @@ from test_tree_share import pss_kib
 
 from hijack.process.tree import read_tree
 from hijack.registry import Registry
+from hijack.sys import kcmp
 
 TREE_LINE = re.compile(
     r"moved process (\d+) to (\w+): it runs there as (\d+); frozen ([\d.]+) ms, (.+) sent"
@@ -349,22 +350,40 @@ def test_a_fork_of_its_parent_is_refused_without_leave_parent(tmp_path: Path) ->
         forker.wait()
 
 
-def test_a_tree_sharing_memory_with_a_parent_is_refused_by_name(tmp_path: Path) -> None:
-    """A child made by clone(CLONE_VM | CLONE_SIGHAND) is restored by dump and restore
-    (test_tree_share), not moved yet: the move is refused by name, nothing touched."""
-    with two_nodes(tmp_path) as (a, b), spawn_fixture("tree_vm", netns=a.netns) as tree:
+def test_a_tree_sharing_memory_with_a_parent_moves_frozen_whole(tmp_path: Path) -> None:
+    """A child made by clone(CLONE_VM | CLONE_SIGHAND) moves with its parent, the tree
+    frozen whole (pre-copy's rounds would copy their one memory per member: asked for,
+    refused by name, nothing touched). At the destination the child is cloned so again
+    from its parent's built stub: one memory, one table of signal actions; let go, the
+    fixture checks each sees the other's counters, writes and handlers, and the parent
+    reaps the child."""
+    with (
+        two_nodes(tmp_path) as (a, b),
+        spawn_fixture("tree_vm", fifos=True, netns=a.netns) as tree,
+    ):
         child = int(tree.ready["child"])
         assert b.daemon_endpoint is not None
-        refused = a.hijack("move", tree.pid, "--to", b.daemon_endpoint)
+        refused = a.hijack("move", tree.pid, "--to", b.daemon_endpoint, "--precopy")
         assert refused.returncode == 1, refused.describe()
         line = refused.stderr.strip()
         assert "Traceback" not in refused.stderr and len(line.splitlines()) == 1, line
-        assert f"cannot move the tree of process {tree.pid}" in line, line
+        assert f"cannot move the tree of process {tree.pid} with pre-copy" in line, line
         assert f"process {child} (tree_vm) shares its memory (CLONE_VM)" in line, line
         assert "nothing was changed" in line, line
         assert_untouched(tree.pid)
         assert_untouched(child)
-        tree.assert_intact()
+
+        printed = a.hijack("move", tree.pid, "--to", b.daemon_endpoint)
+        assert printed.returncode == 0, f"{printed.describe()}\n{logs(tmp_path)}"
+        found = TREE_LINE.search(printed.stdout)
+        assert found is not None, printed.stdout
+        there = int(found[3])
+        (moved_child,) = (pid for pid in read_tree(there).pids if pid != there)
+        kinds = (kcmp.KCMP_VM, kcmp.KCMP_SIGHAND)
+        assert all(kcmp.shares_context(there, moved_child, kind) for kind in kinds)
+        tree.wait_exit()
+        shadow = int(shadow_status(a, tree.pid)["shadow_pid"])
+        finish_moved(tree, Moved(there, b, 0.0, shadow), tmp_path)
 
 
 def test_a_tree_whose_move_fails_before_its_commit_runs_on_at_home(tmp_path: Path) -> None:

@@ -77,7 +77,7 @@ from hijack.node.daemon import parse_address
 from hijack.node.repoint import Repointed
 from hijack.objects import pipe, unix
 from hijack.objects.memfd import holds_object
-from hijack.process.tree import read_tree, unmovable_sharing
+from hijack.process.tree import memory_sharers, read_tree
 from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
 from hijack.restore.plan import mapping_problems
 from hijack.shadow import control, relay_link
@@ -259,12 +259,16 @@ def move(
     members = living_members(pid)
     for member in members:
         refuse_unmappable(member)
-    sharing = unmovable_sharing(read_tree(pid))
-    if sharing:
+    sharers = memory_sharers(read_tree(pid))
+    if sharers and (precopy or postcopy):
         raise Unsupported(
-            f"cannot move the tree of process {pid}: {'; '.join(sharing)}; nothing was changed",
+            f"cannot move the tree of process {pid} with pre-copy or post-copy:"
+            f" {'; '.join(sharers)}, and its rounds would copy that memory for each; move it"
+            " without --precopy/--postcopy (frozen whole); nothing was changed",
             pid=pid,
         )
+    if sharers:
+        precopy, postcopy = False, False  # frozen whole: its memory in one image, once
     attached_by_move = record is None or record.state not in ("attached", "running")
     if attached_by_move:
         # Refused before the attach: nothing changes.

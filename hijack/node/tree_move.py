@@ -814,6 +814,9 @@ def _write_tree(
     sockets = procfs.read_socket_table(frozen.record.members[0].pid)
     # The tree's shadow holds its pipes too (handed over): inside all the same.
     inside = frozenset(frozen.tracees) | besides
+    # Members sharing their parent's memory (CLONE_VM; a tree moved without rounds):
+    # their images hold no pages, the destination builds that memory once.
+    vm_children = frozenset(c.pid for c in frozen.record.contexts if rec.CloneFlags.VM in c.flags)
 
     def member_image(tracee: Tracee, shared: SharedPages) -> tuple[rec.End, int, int]:
         started = time.perf_counter()
@@ -825,6 +828,7 @@ def _write_tree(
             shared_pages=shared,
             precopied=precopied.get(tracee.pid),
             holders_before=holders_before,
+            parents_memory=tracee.pid in vm_children,
         )
         sizes[tracee.pid] = (written, (time.perf_counter() - started) * 1000)
         return end, threads, written

@@ -244,15 +244,15 @@ def shared_context_refusals(tree: ProcessTree) -> list[str]:
     return reasons
 
 
-def unmovable_sharing(tree: ProcessTree) -> list[str]:
-    """The members of `tree` sharing their parent's memory (CLONE_VM, not a thread): a
-    dump and restore shares it again, a move does not yet (its pre-copy rounds and
-    prebuilt stubs are one memory per member). One reason per such member."""
+def memory_sharers(tree: ProcessTree) -> list[str]:
+    """The members of `tree` sharing their parent's memory (CLONE_VM, not a thread), one
+    line each: a move takes such a tree frozen whole, without pre-copy (its rounds and
+    prebuilt stubs are one memory per member; the destination builds that memory once,
+    from the parent's image, as a restore does)."""
     living = {member.pid for member in tree.members if not member.zombie}
     return [
         f"process {member.pid} ({member.comm}) shares its memory (CLONE_VM) with its parent"
-        f" {member.ppid}: moving that is not implemented yet (`hijack dump --kill` and"
-        " `hijack restore` it)"
+        f" {member.ppid}"
         for member in tree.members[1:]
         if member.pid in living
         and member.ppid in living

@@ -213,7 +213,8 @@ def prebuild_tree(
     parents first: a member's children are forked from its filled stub and keep the pages
     round 0 found shared with it (TreeRounds.inherited), copy-on-write."""
     refusals = relation_refusals(tree) + [
-        f"process {c.pid} shares its parent's memory (CLONE_VM): moving that is not implemented yet"
+        f"process {c.pid} shares its parent's memory (CLONE_VM): such a tree moves without"
+        " pre-copy (no stubs are built from rounds)"
         for c in tree.contexts
         if rec.CloneFlags.VM in c.flags
     ]
