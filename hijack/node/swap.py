@@ -568,13 +568,17 @@ def home_of(registry: Registry, pid: int) -> Home | None:
     or `pid` is not managed (a move attaches it here). Read before a move: the record
     goes with the process."""
     record = registry.find(pid)
-    if record is None or record.home_node == node_name():
+    # Attached here: its shadow is here, whatever this node is named now (a move refuses
+    # a node renamed since, in its own words).
+    if record is None or record.home_node == node_name() or record.state == "attached":
         return None
     known = registry.node_address(record.home_node)
     if known is not None:
         address = parse_address(known)
-    else:  # its shadow's relay is on that node: its daemon listens there, on the default port
-        address = (split_endpoint(record.relay_address or "")[0], DEFAULT_PORT)
+    elif record.relay_address:  # its shadow's relay is on that node: its daemon, default port
+        address = (split_endpoint(record.relay_address)[0], DEFAULT_PORT)
+    else:
+        return None  # no way to reach it: nothing is swapped (a move says why it cannot go)
     return Home(record.home_node, record.home_pid or record.pid, address)
 
 
