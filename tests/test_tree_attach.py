@@ -390,6 +390,9 @@ def test_a_checkpointed_member_is_held_for_its_restore(cli: HijackCli, tree: Tre
     assert shadow_holdings(registry, tree.pids[2]) is None
     for pid in (tree.root, tree.pids[2]):
         assert tree.ask(pid, "ping") == f"pong {pid}"
+    # Reaped by its parent now: left a zombie, it would outlive the root's end at the
+    # teardown and fall to the suite's subreaper, which counts it as a leak.
+    assert tree.ask(tree.root, "reap") == f"reaped {member}"
     assert cli("detach", tree.root).returncode == 0
 
 
