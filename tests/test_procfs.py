@@ -533,9 +533,9 @@ def test_socket_table(child: Child) -> None:
 
 def test_tcp_sockets_asked_one_by_one_as_the_tables_list_them(child: Child) -> None:
     """tcp_repair.listed_tcp4 (a move's freeze asks its sockets so, not the tables, which
-    walk the kernel's whole hash) says what /proc/net/tcp says of each TCP-over-IPv4
-    socket, and nothing of the others; sockets_of, all of them together, equals the
-    tables for every socket the child holds."""
+    walk the kernel's whole hash) says what /proc/net/tcp and tcp6 say of each TCP
+    socket (IPv4 and IPv6), and nothing of the others; sockets_of, all of them together,
+    equals the tables for every socket the child holds."""
     table = procfs.read_socket_table(child.pid)
     namespace = os.stat(f"/proc/{child.pid}/ns/net").st_ino
     asked = 0
@@ -550,8 +550,8 @@ def test_tcp_sockets_asked_one_by_one_as_the_tables_list_them(child: Child) -> N
         finally:
             os.close(copy)
         assert elsewhere is None  # another namespace's table would not list it
-        if listed is not None and (listed.family, listed.type) == (
-            socket.AF_INET, socket.SOCK_STREAM,
+        if listed is not None and (listed.family, listed.type) in (
+            (socket.AF_INET, socket.SOCK_STREAM), (socket.AF_INET6, socket.SOCK_STREAM),
         ):  # fmt: skip
             assert found == listed
             asked += 1
