@@ -198,8 +198,8 @@ def measure_server(kind: str, moves: int, warm: float) -> list[str]:
                 f" {served[1] if served else 'nothing'} served after the start;"
                 f" clients: {result[1]} requests, {result[2]} errors"
             )
-            if int(result[2]):
-                lines.append("    " + out.strip().replace("\n", "\n    "))
+            if int(result[2]):  # a guarantee broken, not a figure: no bench goes on
+                raise SystemExit(f"bench: {kind} clients saw errors across its move:\n{out}")
             lines += ["    " + each for each in moved.stdout.splitlines() if "ms" in each]
             moved_pid = int(found[1])
             b.run(["kill", "-9", str(moved_pid)], timeout=30)
@@ -214,6 +214,13 @@ def measure_server(kind: str, moves: int, warm: float) -> list[str]:
     ]
 
 
+def measure_servers(
+    moves: int, warm: float, kinds: tuple[str, ...] = ("python", "java")
+) -> list[str]:
+    """make bench's lines: each server's post-copy freezes (`moves` moves each)."""
+    return [line for kind in kinds for line in measure_server(kind, moves, warm)]
+
+
 if __name__ == "__main__":
     from hijack.sys.process import set_child_subreaper
 
@@ -222,4 +229,4 @@ if __name__ == "__main__":
     moves = int(sys.argv[2]) if len(sys.argv) > 2 else 2
     warm = float(sys.argv[3]) if len(sys.argv) > 3 else 5.0
     for each in kinds:
-        print("\n".join(measure_server(each, moves, warm)), flush=True)
+        print("\n".join(measure_servers(moves, warm, (each,))), flush=True)

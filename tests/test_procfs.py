@@ -561,6 +561,14 @@ def test_tcp_sockets_asked_one_by_one_as_the_tables_list_them(child: Child) -> N
     held = {e.ino for e in procfs.list_fds(child.pid) if e.kind is procfs.FdKind.SOCKET}
     by_socket = sockets_of(child.pid)
     assert {ino: by_socket.get(ino) for ino in held} == {ino: table.get(ino) for ino in held}
+    # Its unix sockets told apart by asking them (a freeze then reads the unix table alone).
+    unix: set[int] = set()
+    fds = {e.fd: e.ino for e in procfs.list_fds(child.pid) if e.kind is procfs.FdKind.SOCKET}
+    tcp_repair.listed_tcp4_of(child.pid, fds, unix)
+    assert unix == {ino for ino in held if ino in table and table[ino].family == socket.AF_UNIX}
+    assert unix  # the child holds some
+    alone = procfs.read_socket_table(child.pid, wanted=unix, inet=False)
+    assert {ino: alone.get(ino) for ino in unix} == {ino: table[ino] for ino in unix}
 
 
 # ---------------------------------------------------------------- pagemap

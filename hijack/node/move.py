@@ -1435,9 +1435,14 @@ def sockets_of(
     held = {entry.fd: entry.ino for entry in entries if entry.kind is procfs.FdKind.SOCKET}
     if not held:
         return {}
-    found = tcp_repair.listed_tcp4_of(pid, held)
+    unix: set[int] = set()
+    found = tcp_repair.listed_tcp4_of(pid, held, unix)
     rest = set(held.values()).difference(found)
-    return {**procfs.read_socket_table(pid, wanted=rest), **found} if rest else found
+    if not rest:
+        return found
+    # Only unix sockets left (a JVM holds one): the TCP and UDP tables are not walked.
+    table = procfs.read_socket_table(pid, wanted=rest, inet=bool(rest - unix))
+    return {**table, **found}
 
 
 def _backlog(pid: int, fd: int) -> int:

@@ -467,9 +467,13 @@ def _listed_address(family: int, address: tuple[object, ...] | None) -> str | No
     return f"[{ipaddress.ip_address(str(host))}]:{port}"
 
 
-def listed_tcp4_of(pid: int, sockets: dict[int, int]) -> dict[int, procfs.SocketInfo]:
+def listed_tcp4_of(
+    pid: int, sockets: dict[int, int], unix: set[int] | None = None
+) -> dict[int, procfs.SocketInfo]:
     """listed_tcp4 of each socket of process `pid` (`sockets`: its descriptor -> inode) it
-    can tell, by inode; a descriptor closed meanwhile (it runs) is left to the tables."""
+    can tell, by inode; a descriptor closed meanwhile (it runs) is left to the tables.
+    `unix` (if given) gets the inodes of those that are unix sockets (only the unix table
+    can tell them: the others' need not be read for them)."""
     found: dict[int, procfs.SocketInfo] = {}
     try:
         namespace = os.stat(f"/proc/{pid}/ns/net").st_ino
@@ -484,6 +488,8 @@ def listed_tcp4_of(pid: int, sockets: dict[int, int]) -> dict[int, procfs.Socket
                 continue
             try:
                 info = listed_tcp4(copy, inode, namespace)
+                if info is None and unix is not None and _domain(copy) == socket.AF_UNIX:
+                    unix.add(inode)
             finally:
                 os.close(copy)
             if info is not None:
@@ -491,3 +497,14 @@ def listed_tcp4_of(pid: int, sockets: dict[int, int]) -> dict[int, procfs.Socket
     finally:
         os.close(handle)
     return found
+
+
+def _domain(fd: int) -> int:
+    """The address family of socket `fd` (-1 if it cannot be told)."""
+    with socket.socket(fileno=fd) as sock:
+        try:
+            return sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        except OSError:
+            return -1
+        finally:
+            sock.detach()
