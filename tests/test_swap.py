@@ -121,6 +121,9 @@ def test_a_moved_client_and_its_attached_server_are_joined_directly(tmp_path: Pa
             listed = a.hijack_ok("swap", "--list")
             assert f"stream_client {moved.pid} on b" in listed.stdout, listed.describe()
             assert f"echo_server {server.pid} on a" in listed.stdout, listed.describe()
+            # Where the migrant runs, the list points to its home node.
+            elsewhere = b.hijack_ok("swap", "--list").stdout
+            assert "swapped by their home node (a)" in elsewhere, elsewhere
 
             # `hijack status` marks the stream as one a swap can join directly.
             snapshot = json.loads(a.hijack_ok("status", "--json").stdout)
@@ -316,7 +319,9 @@ def unshape_links(cluster: Cluster) -> None:
         assert unshaped.returncode == 0, unshaped.stderr
 
 
-def test_swapped_ends_move_on_and_their_connection_stays_direct(tmp_path: Path) -> None:
+def test_swapped_ends_move_on_and_their_connection_stays_direct(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with Cluster(tmp_path, nodes=3) as cluster:
         a, b, c = cluster.nodes
         for node in cluster.nodes:  # a's daemon freezes the server for the client's moves
@@ -346,9 +351,18 @@ def test_swapped_ends_move_on_and_their_connection_stays_direct(tmp_path: Path) 
             assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
             assert f"10.77.0.2:{server.ready['port']}" in peers_of(moved.pid)
             goes_on_without(a, c, "10.77.0.2")
+            # The server home again: its connection made again there, direct still (what
+            # keeps its other descriptors relayed, and said so).
+            capsys.readouterr()
+            home_again = move(b, moved_server.pid, a, home=(a, server.pid))
+            said = capsys.readouterr().out
+            print(said)
+            assert "direct (kept direct)" in said, said
+            assert f"10.77.0.1:{server.ready['port']}" in peers_of(moved.pid)
+            assert relayed_ids(a, server.pid) == []
             unshape_links(cluster)
             assert_ended_well(moved, "the stream_client moved twice", tmp_path)
-            finish_moved(server, moved_server, tmp_path)
+            finish_moved(server, home_again, tmp_path)
 
 
 def test_a_move_run_away_from_home_swaps_through_the_home_node(
