@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.links import cpu_seconds as process_cpu_seconds
+from bench.links import cpu_seconds, with_children
 from bench.testnodes import Node, relay_nodes
 from hijack.shadow import control
 
@@ -112,19 +112,6 @@ def start_load(client: Node, host: str, load: Load) -> None:
             raise SystemExit(f"bench: redis-benchmark did not connect to port {load.port}")
         time.sleep(0.05)
     os.kill(load.process.pid, signal.SIGSTOP)
-
-
-def with_children(pid: int) -> list[int]:
-    """`pid` and its children running now (the shadow's native relay pump)."""
-    children = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children += (task / "children").read_text().split()
-    return [pid, *map(int, children)]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system time of `pid` and of its children running now, all threads."""
-    return sum(process_cpu_seconds(each) for each in with_children(pid))
 
 
 def run_queue_seconds(pid: int) -> float:
