@@ -49,6 +49,9 @@ from typing import Any
 from hijack.errors import ShadowError
 
 CHUNK = 256 * 1024
+# Freed memory malloc keeps for the next buffers of a relaying process (hijack.sys.libc.
+# keep_freed_memory): a few CHUNKs in flight each way, plaintext and ciphertext.
+RELAY_HEAP = 4 * 1024 * 1024
 RECORD_HEADER = 5
 MAX_RECORD = (1 << 14) + 256  # the longest TLS 1.3 ciphertext record
 RECORD_TYPES = (20, 21, 22, 23)  # change_cipher_spec, alert, handshake, application_data
