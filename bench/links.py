@@ -160,6 +160,22 @@ def cpu_seconds(pid: int) -> float:
     return sum(process_cpu_seconds(each) for each in with_children(pid))
 
 
+def forwarder_pid(node: Node) -> int:
+    """The pid of node's relay forwarder (hijack.node.forwarder), 0 if none runs."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes().split(b"\0")
+            if b"hijack.node.forwarder" not in words:
+                continue
+            environment = Path(cmdline.parent, "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        # Every test cluster names its nodes a, b, c: its state directory is its own.
+        if f"HIJACK_STATE_DIR={node.state_dir}".encode() in environment:
+            return int(cmdline.parent.name)
+    return 0
+
+
 # The connections measured, in the order taken: (key, what the lines call it).
 KINDS = (
     ("direct", "direct"),
@@ -175,6 +191,7 @@ class Taken:
 
     seconds: dict[str, list[float]]
     shadow_cpu: dict[str, float]  # "encrypted" (accepted included), "plain": seconds
+    forwarder_cpu: float  # b's forwarder over the encrypted and accepted streams
 
     def rate(self, kind: str, size: int) -> float:
         return size / statistics.median(self.seconds[kind]) / 1e6
@@ -204,20 +221,25 @@ class Taken:
 
 
 def streams(
-    connections: dict[str, Connection], shadows: dict[str, int], size: int, count: int
+    connections: dict[str, Connection],
+    shadows: dict[str, int],
+    forwarder: int,
+    size: int,
+    count: int,
 ) -> Taken:
     """`count` streams of `size` on each connection, in turns (a change of load hits all
-    alike); each shadow's CPU time over its streams."""
-    taken = Taken({kind: [] for kind, _ in KINDS}, {"encrypted": 0.0, "plain": 0.0})
+    alike); each shadow's CPU time over its streams, and the forwarder's (`forwarder`: its
+    pid on b) over the encrypted ones."""
+    taken = Taken({kind: [] for kind, _ in KINDS}, {"encrypted": 0.0, "plain": 0.0}, 0.0)
     for _ in range(count):
         for kind, _ in KINDS:
-            shadow = shadows["plain" if kind == "plain" else "encrypted"]
-            before = cpu_seconds(shadow) if kind != "direct" else 0.0
+            relay = "plain" if kind == "plain" else "encrypted"
+            before = cpu_seconds(shadows[relay]), cpu_seconds(forwarder) if forwarder else 0.0
             taken.seconds[kind].append(float(connections[kind].ask("up", size)))
             if kind != "direct":
-                taken.shadow_cpu["plain" if kind == "plain" else "encrypted"] += (
-                    cpu_seconds(shadow) - before
-                )
+                taken.shadow_cpu[relay] += cpu_seconds(shadows[relay]) - before[0]
+            if relay == "encrypted" and kind != "direct":
+                taken.forwarder_cpu += (cpu_seconds(forwarder) if forwarder else 0.0) - before[1]
     return taken
 
 
@@ -248,15 +270,16 @@ def measure_links(stream_size: int, streams_each: int, pings: int) -> list[str]:
             "plain": move_sink(a, b, plain, "--plain-relays"),
         }
         connections["accepted"] = Connection(c, a.address, encrypted)
+        forwarder = forwarder_pid(b)
         # Round trips first, on the links as they are.
         rtt: dict[str, list[float]] = {
             kind: connections[kind].ask("ping", pings) for kind, _ in KINDS
         }
-        runs = [streams(connections, shadows, stream_size, streams_each)]
+        runs = [streams(connections, shadows, forwarder, stream_size, streams_each)]
         lines += runs[0].lines("veth", stream_size, "; unshaped")
         for label, rate in RATES:
             with shaped(cluster.nodes, rate, DELAY_US) as delayed:
-                runs.append(streams(connections, shadows, stream_size, streams_each))
+                runs.append(streams(connections, shadows, forwarder, stream_size, streams_each))
             delay = f"{DELAY_US / 1000:.1f} ms delay" if delayed else "NO delay (no netem)"
             lines += runs[-1].lines(label, stream_size, f"; shaped (tbf), {delay}")
         for connection in connections.values():
@@ -286,9 +309,11 @@ def measure_links(stream_size: int, streams_each: int, pings: int) -> list[str]:
     per_gb = {
         kind: sum(run.shadow_cpu[kind] for run in runs) / gigabytes[kind] for kind in gigabytes
     }
+    forwarder_per_gb = sum(run.forwarder_cpu for run in runs) / gigabytes["encrypted"]
     lines.append(
         f"{'shadow CPU per GB relayed':<34} {per_gb['encrypted']:8.2f} s    |"
         f" {'--plain-relays (its native pump too)':<38} {per_gb['plain']:8.2f} s    |"
-        " user+sys of the home shadows, every link above; encrypted"
+        f" user+sys of the home shadows, every link above; encrypted; b's forwarder"
+        f" {forwarder_per_gb:.2f} s per GB encrypted"
     )
     return lines

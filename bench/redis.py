@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.links import cpu_seconds, with_children
+from bench.links import cpu_seconds, forwarder_pid, with_children
 from bench.testnodes import Node, relay_nodes
 from hijack.shadow import control
 
@@ -122,22 +122,6 @@ def run_queue_seconds(pid: int) -> float:
         for task in Path(f"/proc/{each}/task").iterdir():
             waited += int((task / "schedstat").read_text().split()[1])
     return waited / 1e9
-
-
-def forwarder_pid(node: Node) -> int:
-    """The pid of node's relay forwarder (hijack.node.forwarder), 0 if none runs."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            words = cmdline.read_bytes().split(b"\0")
-            if b"hijack.node.forwarder" not in words:
-                continue
-            environment = Path(cmdline.parent, "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        # Every test cluster names its nodes a, b, c: its state directory is its own.
-        if f"HIJACK_STATE_DIR={node.state_dir}".encode() in environment:
-            return int(cmdline.parent.name)
-    return 0
 
 
 def shadow_of(node: Node, pid: int) -> int:
