@@ -32,7 +32,8 @@ the same run, on the same bytes, at the same place:
   move with TLS beside the freeze of the same moves by the code before TLS
   (its commit taken from git history), in turns in the same run (bench/tls.py).
   The move figures above run over TLS; links.py prints encrypted relays beside
-  --plain-relays.
+  --plain-relays (both on connections made before the move) and a client
+  accepted after it.
 - the freeze and image of moving a tree, 1 parent + 8 children sharing SIZE/4
   since a fork, beside one process holding the same, and the post-copy freeze
   of a tree whose members keep rewriting their memory beside its pre-copy one
