@@ -342,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         move_lines += part("tree dumps", lambda: measure_tree_dumps(size // MIB // 4))
         move_lines += part(
             "freeze before tls",
-            lambda: measure_freeze_before_tls(place, moves=2 if quick else 20),
+            lambda: measure_freeze_before_tls(place, moves=1 if quick else 20),
         )
         move_lines += part("tree moves", lambda: measure_tree_moves(size // MIB // 4))
         move_lines += part("swapped moves", lambda: measure_swapped_moves(moves=2 if quick else 8))
