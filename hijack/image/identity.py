@@ -9,10 +9,6 @@ from __future__ import annotations
 import os
 import re
 
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
-from elftools.elf.sections import NoteSection
-
 from hijack.errors import ImageError
 from hijack.image.records import FileIdentity
 
@@ -26,6 +22,11 @@ def is_shared_library(path: str) -> bool:
 
 def read_build_id(path: str) -> bytes:
     """The NT_GNU_BUILD_ID note of an ELF file; empty for a file without one or not ELF."""
+    # Imported here: pyelftools takes 20-40 ms, and most hijack commands read no ELF file.
+    from elftools.common.exceptions import ELFError
+    from elftools.elf.elffile import ELFFile
+    from elftools.elf.sections import NoteSection
+
     try:
         with open(path, "rb") as file:
             elf = ELFFile(file)

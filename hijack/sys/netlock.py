@@ -25,9 +25,6 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from pyroute2.nftables.expressions import genex, verdict
-from pyroute2.nftables.main import NFTables
-
 from hijack.errors import HijackError
 from hijack.sys.libc import libc
 
@@ -56,13 +53,38 @@ def lock_name(local: Endpoint, remote: Endpoint | None, protocol: int = socket.I
     return f"{LOCK_PREFIX}{digest}"
 
 
+# pyroute2 is imported at first use: it takes 70 ms, and every hijack command imports
+# this module (few make a lock).
+
+
+def _nftables(family: int) -> Any:
+    """A netlink socket of nftables for tables of `family`."""
+    from pyroute2.nftables.main import NFTables
+
+    return NFTables(nfgen_family=family)
+
+
+def _genex(name: str, arguments: OrderedDict[str, Any]) -> dict[str, Any]:
+    from pyroute2.nftables.expressions import genex
+
+    expression: dict[str, Any] = genex(name, arguments)
+    return expression
+
+
+def _verdict(code: int) -> list[dict[str, Any]]:
+    from pyroute2.nftables.expressions import verdict
+
+    expressions: list[dict[str, Any]] = verdict(code=code)
+    return expressions
+
+
 def _payload(base: int, offset: int, length: int) -> dict[str, Any]:
     arguments: OrderedDict[str, Any] = OrderedDict()
     arguments["dreg"] = 1
     arguments["base"] = base
     arguments["offset"] = offset
     arguments["len"] = length
-    return genex("payload", arguments)  # type: ignore[no-any-return]
+    return _genex("payload", arguments)
 
 
 def _equals(data: bytes) -> dict[str, Any]:
@@ -70,14 +92,14 @@ def _equals(data: bytes) -> dict[str, Any]:
     arguments["sreg"] = 1
     arguments["op"] = 0  # NFT_CMP_EQ
     arguments["data"] = {"attrs": [("NFTA_DATA_VALUE", data)]}
-    return genex("cmp", arguments)  # type: ignore[no-any-return]
+    return _genex("cmp", arguments)
 
 
 def _meta(key: int) -> dict[str, Any]:
     arguments: OrderedDict[str, Any] = OrderedDict()
     arguments["key"] = key
     arguments["dreg"] = 1
-    return genex("meta", arguments)  # type: ignore[no-any-return]
+    return _genex("meta", arguments)
 
 
 def _family(local: Endpoint, protocol: int) -> int:
@@ -99,7 +121,7 @@ def wire_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 def _own_packets() -> tuple[list[dict[str, Any]], ...]:
     """Packets marked OWN_MARK: accepted."""
-    return ([_meta(NFT_META_MARK)], [_equals(struct.pack("=I", OWN_MARK))], verdict(code=NF_ACCEPT))
+    return ([_meta(NFT_META_MARK)], [_equals(struct.pack("=I", OWN_MARK))], _verdict(NF_ACCEPT))
 
 
 def _drop_from_peer(
@@ -125,7 +147,7 @@ def _drop_from_peer(
             [_payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2)],
             [_equals(struct.pack("!H", local[1]))],
         ]
-    return (*match, verdict(code=NF_DROP))
+    return (*match, _verdict(NF_DROP))
 
 
 def lock(
@@ -136,7 +158,7 @@ def lock(
 
     def install() -> None:
         name = lock_name(local, remote, protocol)
-        nft = NFTables(nfgen_family=_family(local, protocol))
+        nft = _nftables(_family(local, protocol))
         try:
             nft.table("add", name=name)
             nft.chain(
@@ -168,7 +190,7 @@ def unlock(
 
     def remove() -> None:
         name = lock_name(local, remote, protocol)
-        nft = NFTables(nfgen_family=_family(local, protocol))
+        nft = _nftables(_family(local, protocol))
         try:
             if any(_table_name(table) == name for table in nft.get_tables()):
                 nft.table("del", name=name)
@@ -190,7 +212,7 @@ def locks_held(pid: int) -> list[str]:
     def names() -> list[str]:
         found = []
         for family in (NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6):
-            nft = NFTables(nfgen_family=family)
+            nft = _nftables(family)
             try:
                 found += [
                     name
@@ -209,7 +231,7 @@ def remove_lock(pid: int, name: str) -> None:
 
     def remove() -> None:
         for family in (NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6):
-            nft = NFTables(nfgen_family=family)
+            nft = _nftables(family)
             try:
                 if name in map(_table_name, nft.get_tables()):
                     nft.table("del", name=name)
