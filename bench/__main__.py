@@ -32,7 +32,8 @@ the same run, on the same bytes, at the same place:
   move with TLS beside the freeze of the same moves by the code before TLS
   (its commit taken from git history), in turns in the same run (bench/tls.py).
   The move figures above run over TLS; links.py prints encrypted relays beside
-  --plain-relays.
+  --plain-relays (both on connections made before the move) and a client
+  accepted after it.
 - the freeze and image of moving a tree, 1 parent + 8 children sharing SIZE/4
   since a fork, beside one process holding the same, and the post-copy freeze
   of a tree whose members keep rewriting their memory beside its pre-copy one
@@ -294,28 +295,53 @@ def main(argv: list[str] | None = None) -> int:
     size = (64 if args.quick else 1024) * MIB
     set_child_subreaper()
     load_at_start = os.getloadavg()[0]  # a shared machine: each figure is only as good as this
+    spent: list[str] = []  # how long each part took: where `make bench`'s minutes go
+
+    def part(name: str, measure_part: Callable[[], list[str]]) -> list[str]:
+        started = time.monotonic()
+        try:
+            return measure_part()
+        finally:
+            spent.append(f"{name} {time.monotonic() - started:.0f}")
+
+    quick = args.quick
     with tempfile.TemporaryDirectory(prefix="hijack-bench-", dir="/tmp") as directory:
         snapshot_lines: list[str] = []
+        started = time.monotonic()
         figures = measure(size, Path(directory), snapshot_lines)
-        move_lines = measure_moves(Path(directory), stream_size=size // 4, big=size)
-        move_lines += measure_freezes(size // MIB, moves=4 if args.quick else 50)
-        move_lines += measure_links(
-            size // 4, streams_each=1 if args.quick else 3, pings=200 if args.quick else 2000
+        spent.append(f"dumps and restores {time.monotonic() - started:.0f}")
+        place = Path(directory)
+        move_lines = part("moves", lambda: measure_moves(place, stream_size=size // 4, big=size))
+        move_lines += part(
+            "freezes", lambda: measure_freezes(size // MIB, moves=4 if quick else 50)
         )
-        move_lines += measure_postcopy(Path(directory), size)
-        move_lines += measure_pauses(Path(directory), cycles=20 if args.quick else 200)
-        move_lines += measure_shadows(
-            Path(directory), count=10 if args.quick else 200, python_count=3 if args.quick else 20
+        move_lines += part(
+            "links",
+            lambda: measure_links(
+                size // 4, streams_each=1 if quick else 3, pings=200 if quick else 2000
+            ),
         )
-        if args.quick:
-            move_lines += measure_redis(rounds=1, warm=0.2, window=0.5)
+        move_lines += part("post-copy", lambda: measure_postcopy(place, size))
+        move_lines += part("pauses", lambda: measure_pauses(place, cycles=20 if quick else 200))
+        move_lines += part(
+            "shadows",
+            lambda: measure_shadows(
+                place, count=10 if quick else 200, python_count=3 if quick else 20
+            ),
+        )
+        if quick:
+            move_lines += part("redis", lambda: measure_redis(rounds=1, warm=0.2, window=0.5))
         else:
-            move_lines += measure_redis(rounds=5, warm=1.0, window=3.0)
-        move_lines += measure_tls(Path(directory) / "tls-pki", size // 4)
-        move_lines += measure_tree_dumps(size // MIB // 4)
-        move_lines += measure_freeze_before_tls(Path(directory), moves=2 if args.quick else 20)
-        move_lines += measure_tree_moves(size // MIB // 4)
-        move_lines += measure_swapped_moves(moves=2 if args.quick else 8)
+            move_lines += part("redis", lambda: measure_redis(rounds=5, warm=1.0, window=3.0))
+        move_lines += part("tls", lambda: measure_tls(place / "tls-pki", size // 4))
+        move_lines += part("tree dumps", lambda: measure_tree_dumps(size // MIB // 4))
+        move_lines += part(
+            "freeze before tls",
+            lambda: measure_freeze_before_tls(place, moves=2 if quick else 20),
+        )
+        move_lines += part("tree moves", lambda: measure_tree_moves(size // MIB // 4))
+        move_lines += part("swapped moves", lambda: measure_swapped_moves(moves=2 if quick else 8))
+    move_lines.append("time taken by each part (s): " + ", ".join(spent))
     header = (
         f"hijack bench, {size // MIB} MiB, {time.strftime('%Y-%m-%d %H:%M')},"
         f" {os.uname().sysname} {os.uname().release}, {os.cpu_count()} CPUs,"

@@ -2,18 +2,26 @@
 veth links as they are and shaped to 1 Gbit/s and 10 Gbit/s with 0.2 ms of delay.
 
 Three nodes of the test suite's clusters (tests/support/nodes.py: one veth per
-node to a bridge). Three copies of a sink server start on node a; two are moved
-to node b (one as by default, its relays encrypted; one with --plain-relays),
-so a client on node c reaches them through their home shadows on a (c -> a ->
-b), while it reaches the third one directly (c -> a): one hop each way, the
-same nodes, the same client. Printed beside each other on each link:
+node to a bridge). Three copies of a sink server start on node a, and a client
+on node c connects to each (one connection each, kept). Two sinks are then
+moved to node b (one as by default, its relays encrypted; one with
+--plain-relays), so the client's connections to them go through their home
+shadows on a (c -> a -> b), while the third stays: one hop each way, the same
+nodes, the same client. A fourth connection is made after the moves, to the
+encrypted sink: a client the home shadow accepts, which b's forwarder connects
+to the process through an encrypted relay whatever the move's mode
+(docs/protocol.md, "Listeners"). Printed beside each other on each link:
 
-- stream throughput through the relay (encrypted, then plain) and direct
-  (issue #17: ratio >= 0.95), the median of STREAMS streams each, in turns;
-- on the unshaped link, the round trip of a small request through the relay
-  (encrypted, then plain) minus the direct one, at the 50th and 99th
-  percentile (p50 <= 30 us);
-- the home shadow's CPU time (user + sys, /proc/PID/stat) per GB it relayed.
+- stream throughput through each relay and direct (issue #17: ratio >= 0.95),
+  the median of STREAMS streams each, in turns;
+- on the unshaped link, the round trip of a small request through each relay
+  minus the direct one, at the 50th and 99th percentile (p50 <= 30 us);
+- each home shadow's CPU time (user + sys, /proc/PID/stat; the plain one's
+  native relay pump included) per GB it relayed.
+
+A plain relay in its steady state is pumped by the shadow's native pump
+(hijack/native/relay_pump.c); an encrypted one by the shadow's Python loop and
+b's forwarder (TLS in user space at both ends).
 
 Shaping is done on each node's end of its veth (egress), over netlink with
 pyroute2 (already a dependency, for the network locks): a `tbf` qdisc holds
@@ -27,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,33 +52,45 @@ DELAY_US = 200
 RATES = (("1 Gbit/s", 1_000_000_000), ("10 Gbit/s", 10_000_000_000))
 CLIENT_TIMEOUT = 300.0
 
-# Run inside node c: `stream HOST PORT BYTES` prints the seconds to send BYTES and
-# have the sink confirm them; `ping HOST PORT COUNT` prints every round trip (s).
+# Run inside node c: one connection to HOST PORT, kept; on stdin `up BYTES` sends BYTES
+# and prints the seconds until the sink confirmed them, `ping COUNT` prints every round
+# trip of a small request (s); both as one JSON line.
 CLIENT = """
 import json, os, socket, sys, time
-mode, host, port, amount = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-with socket.create_connection((host, port)) as sock:
-    if mode == "stream":
-        chunk = os.urandom(1 << 20)
+sock = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+def line():
+    got = b""
+    while not got.endswith(b"\\n"):
+        more = sock.recv(64)
+        if not more:
+            sys.exit("the sink closed the connection")
+        got += more
+    return got
+sock.sendall(b"ping\\n")  # the sink's line mode (bench.moves.SINK)
+if line() != b"pong\\n":
+    sys.exit("the sink did not answer pong")
+print("ready", flush=True)
+chunk = os.urandom(1 << 20)
+for command in sys.stdin:
+    word, amount = command.split()
+    if word == "up":
         started = time.perf_counter()
-        for _ in range(amount >> 20):
+        sock.sendall(b"up %d\\n" % int(amount))
+        for _ in range(int(amount) >> 20):
             sock.sendall(chunk)
-        sock.shutdown(socket.SHUT_WR)
-        answer = sock.recv(64)
-        elapsed = time.perf_counter() - started
-        if int(answer) != amount:
-            sys.exit(f"the sink got {answer!r} bytes of {amount}")
-        print(json.dumps(elapsed))
+        if line() != b"ok\\n":
+            sys.exit("the sink did not confirm the bytes")
+        print(json.dumps(time.perf_counter() - started), flush=True)
     else:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         times = []
-        for _ in range(amount):
+        for _ in range(int(amount)):
             started = time.perf_counter()
             sock.sendall(b"ping\\n")
-            if sock.recv(16) != b"pong\\n":
+            if line() != b"pong\\n":
                 sys.exit("the sink did not answer pong")
             times.append(time.perf_counter() - started)
-        print(json.dumps(times))
+        print(json.dumps(times), flush=True)
 """
 
 
@@ -85,56 +106,140 @@ def start_sink(node: Node) -> Sink:
     return Sink(process.pid, int(process.stdout.readline()))
 
 
-def client(node: Node, *args: str | int) -> Any:
-    """What CLIENT run with `args` inside `node` printed (JSON)."""
-    result = node.run_python(CLIENT, *args, timeout=CLIENT_TIMEOUT)
-    if result.returncode != 0:
-        raise SystemExit(f"bench: client in node {node.name}: {result.stderr.strip()}")
-    return json.loads(result.stdout)
+class Connection:
+    """CLIENT in node c: one connection to a sink, kept, asked `up` or `ping`."""
+
+    def __init__(self, node: Node, host: str, sink: Sink) -> None:
+        # A session of its own, as a client on another machine (bench.redis: why it matters).
+        self.process = node.spawn(
+            [sys.executable, "-c", CLIENT, host, str(sink.port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.node = node
+        if self._line() != "ready":
+            raise SystemExit(f"bench: the client in node {node.name} did not connect")
+
+    def _line(self) -> str:
+        assert self.process.stdout is not None
+        answer = self.process.stdout.readline().strip()
+        if not answer:
+            raise SystemExit(f"bench: the client in node {self.node.name} failed")
+        return answer
+
+    def ask(self, word: str, amount: int) -> Any:
+        assert self.process.stdin is not None
+        self.process.stdin.write(f"{word} {amount}\n")
+        self.process.stdin.flush()
+        return json.loads(self._line())
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.process.wait(CLIENT_TIMEOUT)
 
 
-def cpu_seconds(pid: int) -> float:
+def with_children(pid: int) -> list[int]:
+    """`pid` and its children running now (the shadow's native relay pump)."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children += (task / "children").read_text().split()
+    return [pid, *map(int, children)]
+
+
+def process_cpu_seconds(pid: int) -> float:
     """User + system time of process `pid` so far (all its threads)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system time of `pid` and of its children running now, all threads."""
+    return sum(process_cpu_seconds(each) for each in with_children(pid))
+
+
+def forwarder_pid(node: Node) -> int:
+    """The pid of node's relay forwarder (hijack.node.forwarder), 0 if none runs."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes().split(b"\0")
+            if b"hijack.node.forwarder" not in words:
+                continue
+            environment = Path(cmdline.parent, "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        # Every test cluster names its nodes a, b, c: its state directory is its own.
+        if f"HIJACK_STATE_DIR={node.state_dir}".encode() in environment:
+            return int(cmdline.parent.name)
+    return 0
+
+
+# The connections measured, in the order taken: (key, what the lines call it).
+KINDS = (
+    ("direct", "direct"),
+    ("encrypted", "encrypted (default), connected before the move"),
+    ("plain", "--plain-relays, connected before the move"),
+    ("accepted", "a client accepted after the move"),
+)
+
+
 @dataclass
-class Streams:
-    direct: list[float]
-    relayed: list[float]
-    plain: list[float]  # through a relay moved with --plain-relays
-    shadow_cpu: float  # seconds, over the relayed streams
+class Taken:
+    """Seconds per stream of each connection, and each shadow's CPU over them."""
+
+    seconds: dict[str, list[float]]
+    shadow_cpu: dict[str, float]  # "encrypted" (accepted included), "plain": seconds
+    forwarder_cpu: float  # b's forwarder over the encrypted and accepted streams
+
+    def rate(self, kind: str, size: int) -> float:
+        return size / statistics.median(self.seconds[kind]) / 1e6
 
     def lines(self, label: str, size: int, note: str = "") -> list[str]:
-        direct = statistics.median(self.direct)
-        relayed = statistics.median(self.relayed)
-        plain = statistics.median(self.plain)
-        ratio = direct / relayed
-        met = "met" if ratio >= THROUGHPUT_TARGET else "NOT met"
-        return [
-            f"{'relay throughput, ' + label:<34} {size / relayed / 1e6:8.0f} MB/s |"
-            f" {'direct TCP, same nodes':<38} {size / direct / 1e6:8.0f} MB/s |"
-            f" ratio {ratio:5.2f}  target >= {THROUGHPUT_TARGET:.2f}: {met}{note}; encrypted",
-            f"{'  the same relay, --plain-relays':<34} {size / plain / 1e6:8.0f} MB/s |"
-            f" {'encrypted (the line above)':<38} {size / relayed / 1e6:8.0f} MB/s |"
-            f" ratio to direct {direct / plain:5.2f}; encrypted/plain {plain / relayed:5.2f}",
-        ]
+        direct = self.rate("direct", size)
+        lines = []
+        for kind, name in KINDS[1:]:
+            ratio = self.rate(kind, size) / direct
+            if kind == "encrypted":
+                met = "met" if ratio >= THROUGHPUT_TARGET else "NOT met"
+                lines.append(
+                    f"{'relay throughput, ' + label:<34} {self.rate(kind, size):8.0f} MB/s |"
+                    f" {'direct TCP, same nodes':<38} {direct:8.0f} MB/s |"
+                    f" ratio {ratio:5.2f}  target >= {THROUGHPUT_TARGET:.2f}: {met}{note};"
+                    f" {name}"
+                )
+            else:
+                first = (
+                    "  the same relay, --plain-relays" if kind == "plain" else "  a client accepted"
+                )
+                lines.append(
+                    f"{first:<34} {self.rate(kind, size):8.0f} MB/s |"
+                    f" {'ratio to direct':<38} {ratio:8.2f}      | {name}"
+                )
+        return lines
 
 
 def streams(
-    c: Node, host: str, sinks: tuple[Sink, Sink, Sink], shadow: int, size: int, count: int
-) -> Streams:
-    """`count` streams of `size` from node c to each of the sinks (direct, relayed encrypted,
-    relayed plain) at `host`."""
-    direct, relayed, plain = sinks
-    taken = Streams([], [], [], 0.0)
-    for _ in range(count):  # in turns: a change of load hits all alike
-        taken.direct.append(float(client(c, "stream", host, direct.port, size)))
-        before = cpu_seconds(shadow)
-        taken.relayed.append(float(client(c, "stream", host, relayed.port, size)))
-        taken.shadow_cpu += cpu_seconds(shadow) - before
-        taken.plain.append(float(client(c, "stream", host, plain.port, size)))
+    connections: dict[str, Connection],
+    shadows: dict[str, int],
+    forwarder: int,
+    size: int,
+    count: int,
+) -> Taken:
+    """`count` streams of `size` on each connection, in turns (a change of load hits all
+    alike); each shadow's CPU time over its streams, and the forwarder's (`forwarder`: its
+    pid on b) over the encrypted ones."""
+    taken = Taken({kind: [] for kind, _ in KINDS}, {"encrypted": 0.0, "plain": 0.0}, 0.0)
+    for _ in range(count):
+        for kind, _ in KINDS:
+            relay = "plain" if kind == "plain" else "encrypted"
+            before = cpu_seconds(shadows[relay]), cpu_seconds(forwarder) if forwarder else 0.0
+            taken.seconds[kind].append(float(connections[kind].ask("up", size)))
+            if kind != "direct":
+                taken.shadow_cpu[relay] += cpu_seconds(shadows[relay]) - before[0]
+            if relay == "encrypted" and kind != "direct":
+                taken.forwarder_cpu += (cpu_seconds(forwarder) if forwarder else 0.0) - before[1]
     return taken
 
 
@@ -154,50 +259,61 @@ def measure_links(stream_size: int, streams_each: int, pings: int) -> list[str]:
     lines = []
     with relay_nodes("hijack-bench-links-") as (_, cluster):
         a, b, c = cluster.nodes
-        direct, moving, plain = start_sink(a), start_sink(a), start_sink(a)
-        shadow = move_sink(a, b, moving)
-        move_sink(a, b, plain, "--plain-relays")
-        relayed_bytes, shadow_cpu = 0, 0.0
-
+        direct, encrypted, plain = start_sink(a), start_sink(a), start_sink(a)
+        connections = {
+            "direct": Connection(c, a.address, direct),
+            "encrypted": Connection(c, a.address, encrypted),
+            "plain": Connection(c, a.address, plain),
+        }
+        shadows = {
+            "encrypted": move_sink(a, b, encrypted),
+            "plain": move_sink(a, b, plain, "--plain-relays"),
+        }
+        connections["accepted"] = Connection(c, a.address, encrypted)
+        forwarder = forwarder_pid(b)
         # Round trips first, on the links as they are.
-        direct_rtt: list[float] = client(c, "ping", a.address, direct.port, pings)
-        relayed_rtt: list[float] = client(c, "ping", a.address, moving.port, pings)
-        plain_rtt: list[float] = client(c, "ping", a.address, plain.port, pings)
-        sinks = (direct, moving, plain)
-        taken = streams(c, a.address, sinks, shadow, stream_size, streams_each)
-        lines += taken.lines("veth", stream_size, "; unshaped")
-        relayed_bytes += stream_size * streams_each
-        shadow_cpu += taken.shadow_cpu
+        rtt: dict[str, list[float]] = {
+            kind: connections[kind].ask("ping", pings) for kind, _ in KINDS
+        }
+        runs = [streams(connections, shadows, forwarder, stream_size, streams_each)]
+        lines += runs[0].lines("veth", stream_size, "; unshaped")
         for label, rate in RATES:
             with shaped(cluster.nodes, rate, DELAY_US) as delayed:
-                taken = streams(c, a.address, sinks, shadow, stream_size, streams_each)
+                runs.append(streams(connections, shadows, forwarder, stream_size, streams_each))
             delay = f"{DELAY_US / 1000:.1f} ms delay" if delayed else "NO delay (no netem)"
-            lines += taken.lines(label, stream_size, f"; shaped (tbf), {delay}")
-            relayed_bytes += stream_size * streams_each
-            shadow_cpu += taken.shadow_cpu
+            lines += runs[-1].lines(label, stream_size, f"; shaped (tbf), {delay}")
+        for connection in connections.values():
+            connection.close()
 
     for share, name in ((0.5, "p50"), (0.99, "p99")):
-        direct_us = percentile(direct_rtt, share) * 1e6
-        added_us = percentile(relayed_rtt, share) * 1e6 - direct_us
+        direct_us = percentile(rtt["direct"], share) * 1e6
+        added = {kind: percentile(rtt[kind], share) * 1e6 - direct_us for kind, _ in KINDS[1:]}
         target = (
             f"target <= {ADDED_RTT_P50_TARGET_US:.0f} us:"
-            f" {'met' if added_us <= ADDED_RTT_P50_TARGET_US else 'NOT met'}"
+            f" {'met' if added['encrypted'] <= ADDED_RTT_P50_TARGET_US else 'NOT met'}"
             if share == 0.5
             else f"{pings} round trips each"
         )
-        plain_us = percentile(plain_rtt, share) * 1e6 - direct_us
         lines.append(
-            f"{'added round trip ' + name + ', veth':<34} {added_us:8.0f} us   |"
-            f" {'direct round trip ' + name:<38} {direct_us:8.0f} us   | {target}; encrypted"
+            f"{'added round trip ' + name + ', veth':<34} {added['encrypted']:8.0f} us   |"
+            f" {'direct round trip ' + name:<38} {direct_us:8.0f} us   | {target}; {KINDS[1][1]}"
         )
         lines.append(
-            f"{'  the same, --plain-relays':<34} {plain_us:8.0f} us   |"
-            f" {'added by encryption':<38} {added_us - plain_us:8.0f} us   |"
-            " the relay's TLS and the node's forwarder"
+            f"{'  the same, --plain-relays':<34} {added['plain']:8.0f} us   |"
+            f" {'a client accepted after the move':<38} {added['accepted']:8.0f} us   |"
+            " added to the direct round trip"
         )
+    # The encrypted shadow relays two connections (connected before, accepted after).
+    gigabytes = {"encrypted": 2e-9 * stream_size * streams_each * len(runs)}
+    gigabytes["plain"] = gigabytes["encrypted"] / 2
+    per_gb = {
+        kind: sum(run.shadow_cpu[kind] for run in runs) / gigabytes[kind] for kind in gigabytes
+    }
+    forwarder_per_gb = sum(run.forwarder_cpu for run in runs) / gigabytes["encrypted"]
     lines.append(
-        f"{'shadow CPU per GB relayed':<34} {shadow_cpu / (relayed_bytes / 1e9):8.2f} s    |"
-        f" {'user+sys of the home shadow, over':<38} {relayed_bytes / 1e9:8.2f} GB   |"
-        " every link above"
+        f"{'shadow CPU per GB relayed':<34} {per_gb['encrypted']:8.2f} s    |"
+        f" {'--plain-relays (its native pump too)':<38} {per_gb['plain']:8.2f} s    |"
+        f" user+sys of the home shadows, every link above; encrypted; b's forwarder"
+        f" {forwarder_per_gb:.2f} s per GB encrypted"
     )
     return lines

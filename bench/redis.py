@@ -50,7 +50,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.links import cpu_seconds as process_cpu_seconds
+from bench.links import cpu_seconds, forwarder_pid, with_children
 from bench.testnodes import Node, relay_nodes
 from hijack.shadow import control
 
@@ -114,19 +114,6 @@ def start_load(client: Node, host: str, load: Load) -> None:
     os.kill(load.process.pid, signal.SIGSTOP)
 
 
-def with_children(pid: int) -> list[int]:
-    """`pid` and its children running now (the shadow's native relay pump)."""
-    children = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        children += (task / "children").read_text().split()
-    return [pid, *map(int, children)]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system time of `pid` and of its children running now, all threads."""
-    return sum(process_cpu_seconds(each) for each in with_children(pid))
-
-
 def run_queue_seconds(pid: int) -> float:
     """Time `pid` and its children running now spent ready to run on a run queue, waiting
     for a CPU (the second field of each thread's /proc schedstat)."""
@@ -135,22 +122,6 @@ def run_queue_seconds(pid: int) -> float:
         for task in Path(f"/proc/{each}/task").iterdir():
             waited += int((task / "schedstat").read_text().split()[1])
     return waited / 1e9
-
-
-def forwarder_pid(node: Node) -> int:
-    """The pid of node's relay forwarder (hijack.node.forwarder), 0 if none runs."""
-    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            words = cmdline.read_bytes().split(b"\0")
-            if b"hijack.node.forwarder" not in words:
-                continue
-            environment = Path(cmdline.parent, "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        # Every test cluster names its nodes a, b, c: its state directory is its own.
-        if f"HIJACK_STATE_DIR={node.state_dir}".encode() in environment:
-            return int(cmdline.parent.name)
-    return 0
 
 
 def shadow_of(node: Node, pid: int) -> int:

@@ -53,7 +53,7 @@ def measure_swapped_moves(moves: int) -> list[str]:
     taken = Moves()
     # Never over before the last move, however long the moves take on a loaded machine
     # (10 MB/s shaped); the rest goes unshaped.
-    size = (512 + 160 * moves) << 20
+    size = (256 + 160 * moves) << 20
     with (
         tempfile.TemporaryDirectory(prefix="hijack-bench-swapped-") as directory,
         Cluster(Path(directory), nodes=3) as cluster,

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 from support import spawn_fixture
 
-ROUNDS = 16
-OBSERVATIONS_STEP = 40  # more /proc reads of the traced target before each round's signal
+ROUNDS = 11  # the signals spread over the whole attach: after 0 to 600 reads of /proc
+OBSERVATIONS_STEP = 60  # more /proc reads of the traced target before each round's signal
 TRACE_WAIT = 10.0
 
 

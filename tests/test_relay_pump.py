@@ -86,9 +86,10 @@ def test_streams_spliced_by_the_pump_go_on_intact_across_a_second_move(tmp_path:
 @contextlib.contextmanager
 def sessions_through_the_pump(
     tmp_path: Path, *programs: str
-) -> Iterator[tuple[RunningFixture, Moved, list[subprocess.Popen[bytes]]]]:
+) -> Iterator[tuple[RunningFixture, Moved, list[subprocess.Popen[bytes]], Node]]:
     """An echo_server on node a with a session of each of `programs` connected, moved to
-    b with plain relays; each session has had a line echoed through the pump."""
+    b with plain relays; each session has had a line echoed through the pump. Yields the
+    server, its move, the sessions and node a (its home)."""
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         b.start_daemon()
@@ -102,12 +103,12 @@ def sessions_through_the_pump(
             for session in sessions:
                 assert ask(session, "through the pump") == "through the pump"
             assert pump_of(moved.shadow_pid), logs(tmp_path)
-            yield server, moved, sessions
+            yield server, moved, sessions, a
 
 
 def test_a_client_reset_while_the_pump_carries_it_ends_its_stream_only(tmp_path: Path) -> None:
     with sessions_through_the_pump(tmp_path, RESETTING_SESSION, ECHO_SESSION) as found:
-        server, moved, (doomed, kept) = found
+        server, moved, (doomed, kept), _ = found
         assert ask(doomed, "reset") == "reset sent"
         assert doomed.wait(LINE_TIMEOUT) == 0
         # The pump gave the failed stream back; the shadow passed its end on to the
@@ -120,7 +121,7 @@ def test_a_client_reset_while_the_pump_carries_it_ends_its_stream_only(tmp_path:
 
 
 def test_a_pump_that_dies_hands_its_streams_back_to_the_shadow(tmp_path: Path) -> None:
-    with sessions_through_the_pump(tmp_path, ECHO_SESSION) as (server, moved, (session,)):
+    with sessions_through_the_pump(tmp_path, ECHO_SESSION) as (server, moved, (session,), _):
         os.kill(pump_of(moved.shadow_pid), signal.SIGKILL)  # the pump this test's move started
         poll_until(lambda: "relaying in Python" in logs(tmp_path), "the streams taken back")
         assert not pump_of(moved.shadow_pid)  # reaped
@@ -129,6 +130,53 @@ def test_a_pump_that_dies_hands_its_streams_back_to_the_shadow(tmp_path: Path) -
         output = finish_moved(server, moved, tmp_path)
     assert "over 1 connections" in output, output
 
+
+def test_a_bulk_stream_through_the_pump_is_spliced_intact_and_counted(tmp_path: Path) -> None:
+    # A read that fills the pump's buffer has the rest of its event spliced through the
+    # stream's pipes (relay_pump.c, pump()): every byte comes back, in order, counted.
+    with sessions_through_the_pump(tmp_path, BULK_SESSION) as (server, moved, (session,), a):
+        rows = shadow_status(a, server.pid)["streams"]
+        stream = next(row["id"] for row in rows if row["bytes_in"] == len("through the pump\n"))
+        assert session.stdin is not None
+        session.stdin.write(f"bulk {BULK}\n".encode())
+        assert read_line(session, STREAM_TIMEOUT) == f"intact {BULK}"  # not a line's wait
+        assert relayed_bytes(a, server.pid, stream) == 2 * (len("through the pump\n") + BULK)
+        assert pump_of(moved.shadow_pid)  # still the pump's: nothing ended or failed
+        assert ask(session, "after the bulk") == "after the bulk"
+        end_session(session)
+        output = finish_moved(server, moved, tmp_path)
+    assert "over 1 connections" in output, output
+
+
+BULK = 48 << 20  # bytes: many reads that fill the pump's 64 KiB buffer, its pipes full
+
+# An ECHO_SESSION whose "bulk N" line sends N random bytes (while reading their echo)
+# and says whether all came back as sent.
+BULK_SESSION = """\
+import os, socket, sys, threading
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=120) as connection:
+    print("connected", flush=True)
+    for line in sys.stdin:
+        if line.startswith("bulk "):
+            size = int(line.split()[1])
+            sent = os.urandom(size)
+            sender = threading.Thread(target=connection.sendall, args=(sent,))
+            sender.start()
+            echoed = bytearray()
+            while len(echoed) < size:
+                data = connection.recv(1 << 20)
+                if not data:
+                    break
+                echoed += data
+            sender.join()
+            print(f"intact {size}" if echoed == sent else f"differs at {size}", flush=True)
+            continue
+        connection.sendall(line.encode())
+        echoed = b""
+        while not echoed.endswith(b"\\n"):
+            echoed += connection.recv(65536)
+        print(echoed.decode(), end="", flush=True)
+"""
 
 # An ECHO_SESSION whose "reset" line closes its connection with a reset (SO_LINGER 0).
 RESETTING_SESSION = """\

@@ -49,6 +49,7 @@ STREAM_BYTES = 400 * 1024 * 1024
 # drains of 30 s at most each (what the relayed end wrote crosses the slowed loopback to
 # the server first: 12-20 s at load 20-30 over encrypted relays), the ends' helpers started.
 SWAP_STAGE_TIMEOUT = 120.0
+UNREACHABLE = "unreachable"  # an interruption: the swapped peer's node cut off
 
 
 @contextlib.contextmanager
@@ -120,6 +121,9 @@ def test_a_moved_client_and_its_attached_server_are_joined_directly(tmp_path: Pa
             listed = a.hijack_ok("swap", "--list")
             assert f"stream_client {moved.pid} on b" in listed.stdout, listed.describe()
             assert f"echo_server {server.pid} on a" in listed.stdout, listed.describe()
+            # Where the migrant runs, the list points to its home node.
+            elsewhere = b.hijack_ok("swap", "--list").stdout
+            assert "swapped by their home node (a)" in elsewhere, elsewhere
 
             # `hijack status` marks the stream as one a swap can join directly.
             snapshot = json.loads(a.hijack_ok("status", "--json").stdout)
@@ -150,14 +154,23 @@ def relayed_bytes(node: Node, home_pid: int) -> int:
     return int(row["bytes_out"]) + int(row["bytes_in"])
 
 
-def interrupt_swaps(home: Node, node: Node, home_pid: int, moved: Moved, relays: str) -> None:
+# Where a swap is stopped, and how: a signal to `hijack swap` or its peer's node cut off.
+Interruption = tuple[str, signal.Signals | str]
+
+
+def interrupt_swaps(
+    home: Node,
+    node: Node,
+    home_pid: int,
+    moved: Moved,
+    relays: str,
+    interruptions: tuple[Interruption, ...],
+) -> None:
     """`hijack swap` of the process `moved` to `node` (`home_pid` at `home`) stopped at each
-    step (SIGINT, SIGKILL, `node` unreachable): each time it stays relayed and goes on."""
-    for stage, what in (
-        ("swap-frozen", signal.SIGINT),
-        ("swap-joined", signal.SIGKILL),
-        ("swap-frozen", f"{node.name} unreachable"),
-    ):
+    of `interruptions` (a stage and a signal, or `UNREACHABLE`: `node` cut off): each time
+    it stays relayed and goes on."""
+    for stage, interruption in interruptions:
+        what = f"{node.name} unreachable" if interruption == UNREACHABLE else interruption
         assert still_running(moved.pid), "the stream ended before the swaps: too fast"
         started = time.monotonic()
         swapping = hijack_in(home, stage, "swap", home_pid, timeout=SWAP_STAGE_TIMEOUT)
@@ -187,7 +200,7 @@ def interrupt_swaps(home: Node, node: Node, home_pid: int, moved: Moved, relays:
 def test_a_swap_interrupted_at_any_step_leaves_the_relayed_stream_working(
     tmp_path: Path,
 ) -> None:
-    """Over plain relays, then (one stream, moved on) over encrypted ones."""
+    """Over plain relays, then (one stream, moved on) over an encrypted one."""
     with Cluster(tmp_path, nodes=3) as cluster:
         a, b, c = cluster.nodes
         for node in cluster.nodes:  # a's daemon swaps for `hijack swap` run on c
@@ -201,11 +214,16 @@ def test_a_swap_interrupted_at_any_step_leaves_the_relayed_stream_working(
             a.hijack_ok("attach", server.pid)
             moved = move(a, client.pid, b, options=(*PLAIN, "--no-swap"))
             client.wait_exit()  # the original, killed by the move
-            interrupt_swaps(a, b, client.pid, moved, "plain")
+            # Each stage and each kind of interruption once, the furthest stage over the
+            # encrypted relay (its drains are the slow ones: 13-21 s under load).
+            plain = (("swap-frozen", signal.SIGINT), ("swap-frozen", UNREACHABLE))
+            interrupt_swaps(a, b, client.pid, moved, "plain", plain)
             # On to c (a move run where it runs, not swapped), its relay encrypted now.
             encrypted = ("--no-plain-relays", "--no-swap")
             moved = move(b, moved.pid, c, home=(a, client.pid), options=encrypted)
-            interrupt_swaps(a, c, client.pid, moved, "encrypted")
+            interrupt_swaps(
+                a, c, client.pid, moved, "encrypted", (("swap-joined", signal.SIGKILL),)
+            )
             # Then a swap that is let through, asked where it runs: every byte, in order,
             # both ways.
             print(c.hijack_ok("swap", moved.pid).stdout)
@@ -301,7 +319,9 @@ def unshape_links(cluster: Cluster) -> None:
         assert unshaped.returncode == 0, unshaped.stderr
 
 
-def test_swapped_ends_move_on_and_their_connection_stays_direct(tmp_path: Path) -> None:
+def test_swapped_ends_move_on_and_their_connection_stays_direct(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with Cluster(tmp_path, nodes=3) as cluster:
         a, b, c = cluster.nodes
         for node in cluster.nodes:  # a's daemon freezes the server for the client's moves
@@ -331,9 +351,18 @@ def test_swapped_ends_move_on_and_their_connection_stays_direct(tmp_path: Path) 
             assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
             assert f"10.77.0.2:{server.ready['port']}" in peers_of(moved.pid)
             goes_on_without(a, c, "10.77.0.2")
+            # The server home again: its connection made again there, direct still (what
+            # keeps its other descriptors relayed, and said so).
+            capsys.readouterr()
+            home_again = move(b, moved_server.pid, a, home=(a, server.pid))
+            said = capsys.readouterr().out
+            print(said)
+            assert "direct (kept direct)" in said, said
+            assert f"10.77.0.1:{server.ready['port']}" in peers_of(moved.pid)
+            assert relayed_ids(a, server.pid) == []
             unshape_links(cluster)
             assert_ended_well(moved, "the stream_client moved twice", tmp_path)
-            finish_moved(server, moved_server, tmp_path)
+            finish_moved(server, home_again, tmp_path)
 
 
 def test_a_move_run_away_from_home_swaps_through_the_home_node(

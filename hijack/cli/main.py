@@ -47,7 +47,7 @@ from hijack.node import move as moving
 from hijack.node import swap as swapping
 from hijack.node.daemon import DEFAULT_PORT
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
-from hijack.registry import DEFAULT_STATE_DIR, Registry, state_dir
+from hijack.registry import DEFAULT_STATE_DIR, Registry, node_name, state_dir
 from hijack.restore import tree as restoring_trees
 from hijack.shadow import control
 from hijack.status import model as status_model
@@ -613,10 +613,18 @@ def command_swap(args: argparse.Namespace, console: Console) -> int:
     if args.list:
         with Registry() as registry:
             pairs = swapping.find_pairs(registry)
+            homes = sorted({m.home_node for m in registry.running_migrants()} - {node_name()})
         for pair in pairs:
             console.print(pair.describe(), highlight=False, markup=False)
         if not pairs:
             console.print("no relayed connection has two ends this node manages")
+        if homes:  # a migrant's relays, and the pairs they make, are its home node's
+            console.print(
+                f"the processes moved here are swapped by their home node ({', '.join(homes)}):"
+                " `hijack swap --list` there, or `hijack swap PID` here",
+                highlight=False,
+                markup=False,
+            )
         return EXIT_OK
     if args.pid is None:
         raise HijackError("swap: name a PID (or --list)")

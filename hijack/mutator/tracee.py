@@ -22,7 +22,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -148,8 +148,12 @@ class Tracee:
         control is taken too (a tree's member: it stays stopped when released)."""
         tracee = cls(pid)
         check_attachable(pid, job_stopped=job_stopped)
-        # Read while the target still runs: its vdso and text do not move.
-        tracee.syscall_address = find_syscall_instruction(pid)
+        # Read while the target still runs: its vdso and text do not move. Except
+        # inside an execve: a process seized just after its exec began (its parent
+        # saw its close-on-exec descriptors close) may have no vdso or text mapped
+        # yet; its stop comes once the exec is done, so look again then.
+        with suppress(InjectionFailed):
+            tracee.syscall_address = find_syscall_instruction(pid)
         try:
             # Atomic for SIGINT/SIGTERM: a stop collected but not yet recorded
             # would leave release() waiting for a stop that never comes.
@@ -158,6 +162,8 @@ class Tracee:
                 tracee._note_restarted_calls()
                 tracee._stop_all_threads()
             tracee.injection_tid = pid if pid in tracee.threads else min(tracee.threads)
+            if not tracee.syscall_address:
+                tracee.syscall_address = find_syscall_instruction(pid)
         except BaseException:
             tracee.release()
             raise

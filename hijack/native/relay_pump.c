@@ -8,7 +8,8 @@
  * pipes already hold. It pumps both directions in one epoll loop (edge
  * triggered): a direction with nothing queued reads into a buffer and sends at
  * once, and whatever its sink does not take goes to the pipe, which then
- * splices on first. An event moves only the direction it concerns (its
+ * splices on first; a read that fills the buffer (a bulk stream) has the rest
+ * of the event spliced through the pipe. An event moves only the direction it concerns (its
  * source readable, or its sink writable while its pipe holds some), and a
  * read shorter than asked for means its source is drained (the next byte
  * that comes is an event of its own): a message costs an epoll_wait, a recv
@@ -158,16 +159,21 @@ static int pass_through(struct direction *d, int source_end, int sink_error, int
 }
 
 /* Move what is there in one direction: 0 while it goes on, else why it stopped
- * (reason, with errno in *err). */
+ * (reason, with errno in *err). A message passes through the buffer; once a read
+ * fills it (a bulk stream, not a message), the rest of this event is spliced
+ * through the pipe, the pages never copied here: half the CPU per byte of
+ * recv/send (0.30 against 0.56-0.60 s per GB relayed, bench/links.py). */
 static int pump(struct direction *d, int source_end, int sink_error, int *err) {
+    int bulk = 0;
     for (;;) {
         int progress = 0;
-        if (d->held == 0) {
+        if (d->held == 0 && !bulk) {
             int passed = pass_through(d, source_end, sink_error, err);
             if (passed == DRAINED)
                 return 0;
             if (passed != MOVED)
                 return passed;
+            bulk = 1;
             continue;
         }
         if (!d->full && d->held < d->size) {

@@ -75,7 +75,8 @@ from hijack.node.terminal import frame as make_frame
 from hijack.shadow import control
 from hijack.shadow.datagram import widen_receive_buffer
 from hijack.shadow.datagram_link import DatagramLink, StandIns
-from hijack.shadow.relay_link import ENCRYPTED, TlsLink, node_context
+from hijack.shadow.relay_link import ENCRYPTED, RELAY_HEAP, TlsLink, node_context
+from hijack.sys import libc
 from hijack.sys.socket_filter import SO_MARK, attach_filter, only_marked
 
 ACK, END = 3, 4
@@ -701,6 +702,7 @@ def serve(channel: socket.socket) -> None:
 def main(argv: list[str] | None = None) -> int:
     arguments = sys.argv[1:] if argv is None else argv
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's ^C is for the daemon
+    libc.keep_freed_memory(RELAY_HEAP)
     serve(socket.socket(fileno=int(arguments[0])))
     return 0
 

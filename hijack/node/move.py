@@ -804,8 +804,14 @@ HOME_SETTLE_INTERVAL = 0.01  # seconds between looks at a process catching up be
 
 def unhomeable(plan: list[Proxy]) -> str:
     """Why not every relayed descriptor of the plan is one the shadow can hand back, or ""."""
-    others = [f"fd {p.fd} ({p.kind})" for p in plan if p.kind not in HOMEABLE]
-    return f"{', '.join(others)} stay relayed" if others else ""
+    # A direct connection (a swapped one) is made again wherever the process goes, home
+    # too: it is not what stays relayed, only what keeps the rest from being handed back.
+    direct = [f"fd {p.fd}" for p in plan if p.kind == "direct"]
+    others = [f"fd {p.fd} ({p.kind})" for p in plan if p.kind not in (*HOMEABLE, "direct")]
+    reasons = [f"{', '.join(others)} cannot be handed back"] if others else []
+    if direct:
+        reasons.append(f"{', '.join(direct)} direct (kept direct)")
+    return "; ".join(reasons)
 
 
 def unsettled_for_home(

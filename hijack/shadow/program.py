@@ -51,7 +51,7 @@ from hijack.registry import node_name
 from hijack.shadow import control, holder, relay_link
 from hijack.shadow.door import Door
 from hijack.shadow.relay import ACK_WAIT, RelayHub, decode_unread, decode_unread_datagrams
-from hijack.sys import pidfd, procfs
+from hijack.sys import libc, pidfd, procfs
 
 SWAP_PIECE = 512 * 1024  # owed bytes in one answer to a swap's `collect` (base64: 683 KiB)
 
@@ -813,6 +813,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    libc.keep_freed_memory(relay_link.RELAY_HEAP)
     if args.listener is None:
         held = [int(fd) for fd in args.fds.split(",") if fd]
         shadow = Shadow(args.target, held, args.control)

@@ -49,6 +49,9 @@ from typing import Any
 from hijack.errors import ShadowError
 
 CHUNK = 256 * 1024
+# Freed memory malloc keeps for the next buffers of a relaying process (hijack.sys.libc.
+# keep_freed_memory): a few CHUNKs in flight each way, plaintext and ciphertext.
+RELAY_HEAP = 4 * 1024 * 1024
 RECORD_HEADER = 5
 MAX_RECORD = (1 << 14) + 256  # the longest TLS 1.3 ciphertext record
 RECORD_TYPES = (20, 21, 22, 23)  # change_cipher_spec, alert, handshake, application_data
@@ -252,17 +255,18 @@ class TlsLink:
                 self.eof = True
             elif raw:
                 self.incoming.write(raw)
-        plain = bytearray()
+        pieces = []  # a record's plaintext each (at most 16 KiB): joined once, not grown
         while True:
             try:
-                plain += self.tls.read(CHUNK)
+                pieces.append(self.tls.read(CHUNK))
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
                 self.eof = True
                 break
+        plain = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         if plain:
-            return bytes(plain)
+            return plain
         if self.eof:
             return b""  # a record cut short by the end is no data (a broken peer)
         raise BlockingIOError
@@ -275,9 +279,21 @@ class TlsLink:
             self.flush()
             if len(self.pending) >= CHUNK:
                 return 0
-        taken = self.tls.write(bytes(data[:CHUNK]))
+        # Encrypted from the caller's buffer as it is (the views let go of it before the
+        # caller cuts what was taken); the ciphertext is kept only for what the kernel
+        # does not take at once.
+        with memoryview(data) as view, view[:CHUNK] as part:
+            taken = self.tls.write(part)
         self.plain_sent += taken
-        self.pending += self.outgoing.read()
+        ciphertext = self.outgoing.read()
+        if flush and not self.pending:
+            try:
+                sent = self.sock.send(ciphertext)
+            except BlockingIOError:
+                sent = 0
+            self.pending += memoryview(ciphertext)[sent:]
+            return taken
+        self.pending += ciphertext
         if flush:
             self.flush()
         return taken

@@ -32,3 +32,15 @@ def raw_syscall(name: str, *args: int, pid: int | None = None, what: str = "") -
         err = ctypes.get_errno()
         if err != errno_codes.EINTR:
             raise_for_errno(err, name, pid, what)
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt(3) parameters
+
+
+def keep_freed_memory(keep: int) -> None:
+    """Have malloc keep up to `keep` bytes it freed for the next allocations, and serve
+    blocks below that from its heap, instead of handing them back to the kernel at each
+    free (a relay's buffers of 256 KiB were mapped, faulted in zeroed and trimmed again
+    for every one: the system time of a bulk stream through Python's TLS)."""
+    libc.mallopt(M_MMAP_THRESHOLD, keep)
+    libc.mallopt(M_TRIM_THRESHOLD, keep)
