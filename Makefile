@@ -14,7 +14,7 @@ DEBS   := gcc libc6-dev strace curl iproute2 tmux redis-server redis-tools gdb n
 # and is tried again while it fails for a lock.
 APT_LOCK_WAIT ?= 600
 
-.PHONY: demo test lint bench fuzz soak system-deps clean
+.PHONY: demo test lint bench fuzz soak system-deps bytecode clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ hijack/native/relay-pump: hijack/native/relay_pump.c $(STAMP) system-deps
 # shadow stays in Python (about 12 MiB PSS each).
 hijack/native/shadow-holder: hijack/native/shadow_holder.c $(STAMP) system-deps
 	$(PY) -m hijack.shadow.holder
+
+# Every `hijack` command, shadow and daemon is a Python start: with no bytecode cached
+# (the package is installed editable, and PYTHONDONTWRITEBYTECODE may be set, as on the
+# CI machine) each compiled all of hijack's modules again: 0.9 s a start instead of 0.5.
+# compileall writes the caches whatever that variable says; a changed source only makes
+# its cache stale, and Python then compiles it as before.
+bytecode: $(STAMP)
+	$(PY) -m compileall -q -j 0 hijack bench tests
 
 system-deps:
 	@missing=""; for p in $(DEBS); do \
@@ -52,13 +60,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check hijack tests bench
 	$(VENV)/bin/mypy
 
-test: $(STAMP) system-deps lint $(NATIVE)
+test: $(STAMP) system-deps lint bytecode $(NATIVE)
 	$(VENV)/bin/pytest -q --durations=20 tests
 
-demo: $(STAMP) system-deps $(NATIVE)
+demo: $(STAMP) system-deps bytecode $(NATIVE)
 	$(PY) -m hijack.demo
 
-bench: $(STAMP) system-deps $(NATIVE)
+bench: $(STAMP) system-deps bytecode $(NATIVE)
 	$(PY) -m bench
 
 # Coverage-guided fuzzing (atheris) of the CRF reader and the node protocol:

@@ -40,6 +40,10 @@ the same run, on the same bytes, at the same place:
   (bench/tree_moves.py).
 - the freeze of later moves of a swapped end, its direct connection busy,
   and the share of it its peer's steps take (bench/swapped_moves.py).
+- the post-copy freeze of real servers under 4 keep-alive clients: a threaded
+  python http.server churning 160 MB of objects and a Java HttpServer, with
+  where each freeze went and the clients' errors (bench/servers.py; --quick:
+  one move of the python server).
 
 `python -m bench` measures 1 GiB; `--quick` measures 64 MiB (CI runs it so the
 scripts cannot rot; it asserts nothing). Results go to stdout and to
@@ -65,6 +69,7 @@ from bench.moves import measure_moves
 from bench.pauses import measure_pauses
 from bench.postcopy import measure_postcopy
 from bench.redis import measure_redis
+from bench.servers import measure_servers
 from bench.shadows import measure_shadows
 from bench.snapshots import cpu_line, cpu_per_gib, measure_snapshots
 from bench.swapped_moves import measure_swapped_moves
@@ -337,10 +342,19 @@ def main(argv: list[str] | None = None) -> int:
         move_lines += part("tree dumps", lambda: measure_tree_dumps(size // MIB // 4))
         move_lines += part(
             "freeze before tls",
-            lambda: measure_freeze_before_tls(place, moves=2 if quick else 20),
+            lambda: measure_freeze_before_tls(place, moves=1 if quick else 20),
         )
         move_lines += part("tree moves", lambda: measure_tree_moves(size // MIB // 4))
         move_lines += part("swapped moves", lambda: measure_swapped_moves(moves=2 if quick else 8))
+        # (Quick: the python server once; the JVM's start and warm-up alone take ~20 s here.)
+        move_lines += part(
+            "servers",
+            lambda: (
+                measure_servers(moves=1, warm=1.0, kinds=("python",))
+                if quick
+                else measure_servers(moves=5, warm=6.0)
+            ),
+        )
     move_lines.append("time taken by each part (s): " + ", ".join(spent))
     header = (
         f"hijack bench, {size // MIB} MiB, {time.strftime('%Y-%m-%d %H:%M')},"

@@ -65,6 +65,7 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "shadow CPU per GET, plain",
         "shadow PSS per attached process",
         "first request to a resting shadow",
+        "move freeze (median), python http.server, --postcopy",
     )
     for figure in figures:
         assert figure in result.stdout, result.stdout

@@ -533,9 +533,9 @@ def test_socket_table(child: Child) -> None:
 
 def test_tcp_sockets_asked_one_by_one_as_the_tables_list_them(child: Child) -> None:
     """tcp_repair.listed_tcp4 (a move's freeze asks its sockets so, not the tables, which
-    walk the kernel's whole hash) says what /proc/net/tcp says of each TCP-over-IPv4
-    socket, and nothing of the others; sockets_of, all of them together, equals the
-    tables for every socket the child holds."""
+    walk the kernel's whole hash) says what /proc/net/tcp and tcp6 say of each TCP
+    socket (IPv4 and IPv6), and nothing of the others; sockets_of, all of them together,
+    equals the tables for every socket the child holds."""
     table = procfs.read_socket_table(child.pid)
     namespace = os.stat(f"/proc/{child.pid}/ns/net").st_ino
     asked = 0
@@ -550,8 +550,8 @@ def test_tcp_sockets_asked_one_by_one_as_the_tables_list_them(child: Child) -> N
         finally:
             os.close(copy)
         assert elsewhere is None  # another namespace's table would not list it
-        if listed is not None and (listed.family, listed.type) == (
-            socket.AF_INET, socket.SOCK_STREAM,
+        if listed is not None and (listed.family, listed.type) in (
+            (socket.AF_INET, socket.SOCK_STREAM), (socket.AF_INET6, socket.SOCK_STREAM),
         ):  # fmt: skip
             assert found == listed
             asked += 1
@@ -561,6 +561,14 @@ def test_tcp_sockets_asked_one_by_one_as_the_tables_list_them(child: Child) -> N
     held = {e.ino for e in procfs.list_fds(child.pid) if e.kind is procfs.FdKind.SOCKET}
     by_socket = sockets_of(child.pid)
     assert {ino: by_socket.get(ino) for ino in held} == {ino: table.get(ino) for ino in held}
+    # Its unix sockets told apart by asking them (a freeze then reads the unix table alone).
+    unix: set[int] = set()
+    fds = {e.fd: e.ino for e in procfs.list_fds(child.pid) if e.kind is procfs.FdKind.SOCKET}
+    tcp_repair.listed_tcp4_of(child.pid, fds, unix)
+    assert unix == {ino for ino in held if ino in table and table[ino].family == socket.AF_UNIX}
+    assert unix  # the child holds some
+    alone = procfs.read_socket_table(child.pid, wanted=unix, inet=False)
+    assert {ino: alone.get(ino) for ino in unix} == {ino: table[ino] for ino in unix}
 
 
 # ---------------------------------------------------------------- pagemap

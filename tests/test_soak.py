@@ -20,6 +20,7 @@ The suite runs a short form (SOAK_MOVES, default 6); `make soak` the full one
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -118,18 +119,27 @@ def fd_count(pid: int) -> int:
 SESSION_SPLICE_PIPES = 2
 
 
+def fd_names(pid: int) -> list[str]:
+    """What each descriptor of `pid` is (readlink); one closed while listed is passed over
+    (the shadow closes a stream's as a load connection ends)."""
+    names = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):
+            names.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return names
+
+
 def shadow_fd_count(pid: int, pipes_before: frozenset[str]) -> int:
     """The shadow's descriptors, less those of up to SESSION_SPLICE_PIPES pipes made since
     `pipes_before` (pipe:[INODE] names)."""
-    names = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+    names = fd_names(pid)
     new_pipes = {name for name in names if name.startswith("pipe:")} - pipes_before
     allowed = set(sorted(new_pipes)[:SESSION_SPLICE_PIPES])
     return sum(name not in allowed for name in names)
 
 
 def pipes_of(pid: int) -> frozenset[str]:
-    names = (os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
-    return frozenset(name for name in names if name.startswith("pipe:"))
+    return frozenset(name for name in fd_names(pid) if name.startswith("pipe:"))
 
 
 def settled_fd_count(

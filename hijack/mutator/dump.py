@@ -103,6 +103,11 @@ class Precopied(Protocol):
     def runs(self, segment: rec.Segment) -> list[tuple[int, int]]:
         """The pages of a PRECOPIED segment changed since they were sent."""
 
+    def stored_runs(
+        self, segment: rec.Segment, runs: list[tuple[int, int]]
+    ) -> list[tuple[int, int]]:
+        """`runs` of a segment stored whole, less those a post-copy leaves out."""
+
     def vm_flags(self, maps: list[procfs.MapEntry]) -> dict[int, tuple[str, ...]]:
         """The smaps VmFlags of `maps`, by start (read before the freeze where unchanged)."""
 
@@ -945,6 +950,8 @@ def write_segment_pages(
         keep_zero, runs = True, precopied.runs(segment)
     elif runs is None:
         runs = runs_to_store(pid, segment, counts)
+        if precopied is not None:
+            runs = precopied.stored_runs(segment, runs)  # a post-copy's lazy ones left out
     if splicer is not None and not segment.prot & rec.Prot.READ:
         splicer = None  # vmsplice honours protections: read through /proc/PID/mem
     for start, end in runs:
@@ -1018,7 +1025,7 @@ def runs_to_store(pid: int, segment: rec.Segment, counts: PageCounts) -> list[tu
     if _is_file_backed(segment):
         # Stored whole, so the image does not depend on the file: every page
         # that exists in the file (touching those past its end would fault).
-        return [(segment.start, min(segment.end, _file_end(pid, segment)))]
+        return [(segment.start, min(segment.end, file_end(pid, segment)))]
     runs = procfs.present_runs(pid, segment.start, segment.end)
     counts.untouched += pages - _pages_in(runs)
     return runs
@@ -1028,7 +1035,7 @@ def _pages_in(runs: list[tuple[int, int]]) -> int:
     return sum(end - start for start, end in runs) // PAGE_SIZE
 
 
-def _file_end(pid: int, segment: rec.Segment) -> int:
+def file_end(pid: int, segment: rec.Segment) -> int:
     try:
         size = os.stat(f"/proc/{pid}/map_files/{segment.start:x}-{segment.end:x}").st_size
     except OSError:

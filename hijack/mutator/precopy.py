@@ -13,16 +13,18 @@
    with the process frozen, marks PRECOPIED the segments the destination holds
    already — tracked all along (still registered: a mapping made, replaced or
    moved since is not), inside a round-0 segment with the same backing, and
-   anonymous or not writable — and stores only their pages
-   written since the last round, pages owed (a read that failed while the
-   process changed its layout) and, as zero pages, pages the process dropped
-   since they were sent.
+   anonymous or not writable, or a single process's — and stores only their
+   pages written since the last round, pages owed (a read that failed while
+   the process changed its layout) and, as zero pages, pages the process
+   dropped since they were sent.
 4. `close()` ends the tracking, success or not: the registrations go with the
    userfaultfd, so an original that resumes runs as if never watched.
 
-A private file mapping that is writable is always sent whole in the final
-image: a page of it the process drops reverts to the file's, which no scan
-reports.
+A page of a writable private file mapping that the process drops reverts to
+the file's, which no scan reports: the final image sends again every page of
+it that is the file's now (not copied on write), beside those written. A
+tree's member sends such a mapping whole (its members' copy-on-write sharing
+of it is the tree's to keep).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from hijack.mutator.dump import (
     READ_CHUNK,
     PageCounts,
     describe_segments,
+    file_end,
     queue_signal_actions,
     runs_to_store,
     scratch_page,
@@ -372,21 +375,29 @@ class Precopy:
                 not clip_runs(self._untracked, segment.start, segment.end)
                 and segment.contents is rec.ContentsKind.STORED
                 and not segment.shared
-                and (segment.inode == 0 or not segment.prot & rec.Prot.WRITE)
+                and (
+                    segment.inode == 0
+                    or not segment.prot & rec.Prot.WRITE
+                    or not self.through_mem  # a single process: see runs()
+                )
                 and self._within_base(segment)
             )
             contents = rec.ContentsKind.PRECOPIED if carried else segment.contents
             flags = tuple(flag for flag in segment.vm_flags if flag not in TRACKING_FLAGS)
             marked.append(dataclasses.replace(segment, contents=contents, vm_flags=flags))
-            # (Memory the rounds did not build — mapped or grown since round 0 —
-            # goes whole in the image: made lazy too, it failed the dirtier's
-            # check now and then, cause not found yet.)
             if self.postcopy and carried and lazy_capable(marked[-1]):
                 if self.planned is not None:
                     self.lazy += clip_runs(self.planned, segment.start, segment.end)
                     continue
                 written = clip_runs(self.final_written, segment.start, segment.end)
                 self.lazy += subtract_runs(coalesce_runs(written), self.pinned)
+            elif self.postcopy and self.planned is None and fresh_lazy_capable(marked[-1]):
+                # Memory the rounds did not build (mapped or grown since round 0: a
+                # server's new arenas and thread stacks) is mapped anew there, all
+                # missing: what it holds here (its present pages: the tracking never
+                # saw it written) is lazy too, not sent in the freeze.
+                present = procfs.present_runs(self.pid, segment.start, segment.end)
+                self.lazy += subtract_runs(coalesce_runs(present), self.pinned)
         return marked
 
     def plan_lazy(self) -> list[Run]:
@@ -411,9 +422,26 @@ class Precopy:
             if sent:
                 absent = self.tracking.absent(segment.start, segment.end)
                 runs = union_runs(runs, [r for run in absent for r in clip_runs(sent, *run)])
+        elif segment.prot & rec.Prot.WRITE:
+            # A writable private file mapping: a page of it the process dropped since
+            # it was sent reverts to the file's, which no scan reports. Its pages that
+            # are the file's now (never written, or dropped since) go again, zero ones
+            # too; those written (copied on write) are the scans'. (A JVM's class-data
+            # archive: 12 MiB sent whole in every freeze before.)
+            copied = procfs.written_runs(self.pid, segment.start, segment.end)
+            end = min(segment.end, file_end(self.pid, segment))
+            files = subtract_runs([(segment.start, end)], copied)
+            runs = union_runs(runs, files)
         if self.lazy:
             # Fetched from the frozen original when first touched (or pushed later).
             runs = subtract_runs(runs, clip_runs(self.lazy, segment.start, segment.end))
+        return runs
+
+    def stored_runs(self, segment: rec.Segment, runs: list[Run]) -> list[Run]:
+        """The runs of a segment stored whole (not PRECOPIED) that the final image writes:
+        `runs` less its lazy pages (fresh_lazy_capable)."""
+        if self.lazy and segment.contents is rec.ContentsKind.STORED:
+            return subtract_runs(runs, clip_runs(self.lazy, segment.start, segment.end))
         return runs
 
     def _within_base(self, segment: rec.Segment) -> bool:
@@ -527,6 +555,20 @@ def lazy_capable(segment: rec.Segment) -> bool:
         and segment.prot & (rec.Prot.READ | rec.Prot.WRITE) == rec.Prot.READ | rec.Prot.WRITE
         and not segment.path.startswith("[v")  # [vdso], [vvar], [vsyscall]
         and "lo" not in segment.vm_flags
+    )
+
+
+def fresh_lazy_capable(segment: rec.Segment) -> bool:
+    """Whether a segment the final image stores whole (not PRECOPIED) may have pages left
+    out for post-copy: private anonymous memory as lazy_capable's, which the destination
+    maps anew (AddressSpace.adopt_final: nothing of round 0 is kept there), so every page
+    the image does not write is missing. Not the main stack (it grows down into what the
+    restore maps beside it)."""
+    return (
+        segment.contents is rec.ContentsKind.STORED
+        and lazy_capable(segment)
+        and segment.path != "[stack]"
+        and "gd" not in segment.vm_flags
     )
 
 

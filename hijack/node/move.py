@@ -1473,15 +1473,20 @@ def sockets_of(
     """The socket tables of the network namespace of `pid`, as far as they hold its sockets
     (its descriptors `entries`, listed if not given). /proc/net/tcp and tcp6 walk the
     kernel's whole connection hash, ~4 ms each here even in an empty namespace (~20 ms
-    on a busy machine): its TCP sockets over IPv4 (relays) are asked of copies of them
+    on a busy machine): its TCP sockets (relays; a JVM's, IPv6) are asked of copies of them
     instead (tcp_repair.listed_tcp4), and only for the others are the tables read."""
     entries = procfs.list_fds(pid) if entries is None else entries
     held = {entry.fd: entry.ino for entry in entries if entry.kind is procfs.FdKind.SOCKET}
     if not held:
         return {}
-    found = tcp_repair.listed_tcp4_of(pid, held)
+    unix: set[int] = set()
+    found = tcp_repair.listed_tcp4_of(pid, held, unix)
     rest = set(held.values()).difference(found)
-    return {**procfs.read_socket_table(pid, wanted=rest), **found} if rest else found
+    if not rest:
+        return found
+    # Only unix sockets left (a JVM holds one): the TCP and UDP tables are not walked.
+    table = procfs.read_socket_table(pid, wanted=rest, inet=bool(rest - unix))
+    return {**table, **found}
 
 
 def _backlog(pid: int, fd: int) -> int:

@@ -11,6 +11,7 @@ agree (`same_members`).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -161,9 +162,23 @@ def untakeable(tree: ProcessTree) -> list[str]:
     return reasons
 
 
+# How long a process waiting for its vfork child is given to be let go. A shell runs
+# each command by vfork and exec: its child execs within microseconds (milliseconds on a
+# loaded machine), and a pipeline caught in that instant was refused. A child that runs on
+# instead of exec'ing keeps its parent unstoppable as long as it runs: that is refused.
+VFORK_PATIENCE = 1.0
+VFORK_POLL = 0.002
+
+
 def vfork_wait(pid: int, comm: str) -> str:
-    """Why process `pid` cannot be taken now if it waits for its vfork child; else ""."""
-    if procfs.waiting_for_vfork(pid) is None:
+    """Why process `pid` cannot be taken now if it waits for its vfork child (still, after
+    VFORK_PATIENCE seconds); else ""."""
+    deadline = time.monotonic() + VFORK_PATIENCE
+    while procfs.waiting_for_vfork(pid) is not None:
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(VFORK_POLL)
+    else:
         return ""
     return (
         f"process {pid} ({comm}) waits for its vfork child to exec or exit (no stop"

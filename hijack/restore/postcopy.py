@@ -51,6 +51,7 @@ KEEPER = (
     'IFS= read -r word; [ "$word" = done ] && exit 0; kill -STOP "$@";'
     ' while kill -0 "$1" 2>/dev/null; do sleep 1; done'
 )
+DROP_BATCH = 128  # madvise calls per batch (64 bytes each in the stub's 16 KiB batch area)
 READAHEAD = 16  # pages fetched with a touched one (processes tend to read on)
 
 
@@ -132,8 +133,12 @@ class LazyPages:
             stub.call("close", inside)
         self.spaces.append(space)
         userfault.handshake(space.uffd)
-        for start, end in self.runs:
-            stub.call("madvise", start, end - start, MADV_DONTNEED)
+        # One stop per DROP_BATCH runs, not one per run (a server's heap has hundreds:
+        # each stop was ~0.1-0.3 ms of the freeze; hijack.mutator.parasite).
+        for first in range(0, len(self.runs), DROP_BATCH):
+            with stub.batched():
+                for start, end in self.runs[first : first + DROP_BATCH]:
+                    stub.call("madvise", start, end - start, MADV_DONTNEED)
         for segment in segments:
             if clip_runs(self.runs, segment.start, segment.end):
                 userfault.register_missing(space.uffd, segment.start, segment.end)

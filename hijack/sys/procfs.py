@@ -931,7 +931,9 @@ def read_ping_sockets(pid: int) -> dict[int, SocketInfo]:
     return table
 
 
-def read_socket_table(pid: int, wanted: Collection[int] | None = None) -> dict[int, SocketInfo]:
+def read_socket_table(
+    pid: int, wanted: Collection[int] | None = None, *, inet: bool = True
+) -> dict[int, SocketInfo]:
     """TCP, UDP (v4 and v6) and unix sockets of the network namespace of `pid`, by inode.
 
     Sockets in no table (an unbound TCP socket, netlink, packet, raw) are absent;
@@ -939,10 +941,11 @@ def read_socket_table(pid: int, wanted: Collection[int] | None = None) -> dict[i
     With `wanted` (inodes), the tables are read in turn only until each of those is
     in: asked for one of them, the answer is the same, and each table read walks
     the kernel's whole hash of its kind (milliseconds, in a move's freeze).
+    Without `inet`, only the unix table (the caller knows none wanted is TCP or UDP).
     """
     table: dict[int, SocketInfo] = {}
     missing = set(wanted) if wanted is not None else None
-    for name, (family, kind, protocol) in _INET_TABLES.items():
+    for name, (family, kind, protocol) in _INET_TABLES.items() if inet else ():
         if missing is not None and not missing.difference(table):
             return table
         _read_inet_table(pid, name, family, kind, protocol, table)

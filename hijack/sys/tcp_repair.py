@@ -30,6 +30,7 @@ no FIN received; poll tells it by POLLRDHUP) is done again as it was.
 from __future__ import annotations
 
 import fcntl
+import ipaddress
 import os
 import select
 import socket
@@ -409,15 +410,19 @@ _LISTED_STATES = frozenset(range(1, 12)) - {TCP_SYN_SENT, TCP_CLOSE}
 
 
 def listed_tcp4(fd: int, inode: int, namespace: int) -> procfs.SocketInfo | None:
-    """What /proc/net/tcp of the network namespace whose inode is `namespace` says of our
-    socket `fd` (a copy), asked of the socket itself, without the table: reading it
+    """What /proc/net/tcp or tcp6 of the network namespace whose inode is `namespace` says
+    of our socket `fd` (a copy), asked of the socket itself, without the table: reading it
     walks the kernel's whole connection hash (~4 ms idle, ~20 ms on a busy machine,
-    even for an empty namespace). None when that cannot be told so: not TCP over IPv4,
-    not in that namespace, or in a state the table shows otherwise or not at all."""
+    even for an empty namespace). None when that cannot be told so: not TCP over IPv4
+    or IPv6 (a JVM's sockets are IPv6, IPv4 peers mapped), not in that namespace, an
+    address with a scope, or in a state the table shows otherwise or not at all."""
     with socket.socket(fileno=fd) as sock:
         try:
-            kind = (sock.family, sock.type, sock.proto)
-            if kind != (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP):
+            family = sock.family
+            if family not in (socket.AF_INET, socket.AF_INET6) or (sock.type, sock.proto) != (
+                socket.SOCK_STREAM,
+                socket.IPPROTO_TCP,
+            ):
                 return None
             own = fcntl.ioctl(fd, SIOCGSKNS)
             try:
@@ -429,28 +434,46 @@ def listed_tcp4(fd: int, inode: int, namespace: int) -> procfs.SocketInfo | None
             state = TCP_INFO_HEAD.unpack(info)[0]
             if state not in _LISTED_STATES:
                 return None
-            host, port = sock.getsockname()[:2]
-            peer_host, peer_port = ("0.0.0.0", 0)
-            if state != TCP_LISTEN:
-                peer_host, peer_port = sock.getpeername()[:2]
+            local = _listed_address(family, sock.getsockname())
+            peer = _listed_address(family, None if state == TCP_LISTEN else sock.getpeername())
         except OSError:
             return None
         finally:
             sock.detach()
+    if local is None or peer is None:
+        return None
     return procfs.SocketInfo(
         inode,
-        socket.AF_INET,
+        family,
         socket.SOCK_STREAM,
         socket.IPPROTO_TCP,
         procfs.tcp_state_name(state),
-        f"{host}:{port}",
-        f"{peer_host}:{peer_port}",
+        local,
+        peer,
     )
 
 
-def listed_tcp4_of(pid: int, sockets: dict[int, int]) -> dict[int, procfs.SocketInfo]:
+def _listed_address(family: int, address: tuple[object, ...] | None) -> str | None:
+    """An address as /proc/net/tcp (IPv4) or tcp6 (IPv6, in brackets) writes it; None
+    (an address not connected) is the table's zero one; None back for a scoped address."""
+    if family == socket.AF_INET:
+        host, port = address[:2] if address is not None else ("0.0.0.0", 0)
+        return f"{host}:{port}"
+    if address is None:
+        return "[::]:0"
+    host, port, _, scope = address[:4]
+    if scope or "%" in str(host):
+        return None  # the table writes no scope: left to it
+    return f"[{ipaddress.ip_address(str(host))}]:{port}"
+
+
+def listed_tcp4_of(
+    pid: int, sockets: dict[int, int], unix: set[int] | None = None
+) -> dict[int, procfs.SocketInfo]:
     """listed_tcp4 of each socket of process `pid` (`sockets`: its descriptor -> inode) it
-    can tell, by inode; a descriptor closed meanwhile (it runs) is left to the tables."""
+    can tell, by inode; a descriptor closed meanwhile (it runs) is left to the tables.
+    `unix` (if given) gets the inodes of those that are unix sockets (only the unix table
+    can tell them: the others' need not be read for them)."""
     found: dict[int, procfs.SocketInfo] = {}
     try:
         namespace = os.stat(f"/proc/{pid}/ns/net").st_ino
@@ -465,6 +488,8 @@ def listed_tcp4_of(pid: int, sockets: dict[int, int]) -> dict[int, procfs.Socket
                 continue
             try:
                 info = listed_tcp4(copy, inode, namespace)
+                if info is None and unix is not None and _domain(copy) == socket.AF_UNIX:
+                    unix.add(inode)
             finally:
                 os.close(copy)
             if info is not None:
@@ -472,3 +497,14 @@ def listed_tcp4_of(pid: int, sockets: dict[int, int]) -> dict[int, procfs.Socket
     finally:
         os.close(handle)
     return found
+
+
+def _domain(fd: int) -> int:
+    """The address family of socket `fd` (-1 if it cannot be told)."""
+    with socket.socket(fileno=fd) as sock:
+        try:
+            return sock.getsockopt(socket.SOL_SOCKET, socket.SO_DOMAIN)
+        except OSError:
+            return -1
+        finally:
+            sock.detach()

@@ -116,26 +116,36 @@ def events(uffd: int, limit: int = 64) -> list[tuple[int, int, int, int]]:
 def fill(uffd: int, address: int, data: bytes) -> None:
     """UFFDIO_COPY `data` (whole pages) to `address`, waking whoever waits on them.
 
-    A page filled already (EEXIST) is skipped; a range no longer registered
+    A page filled already (EEXIST) is skipped; a page no longer registered
     (unmapped or replaced by the process since: ENOENT) is dropped; Busy if the
     process is changing its layout (some pages may be filled already).
     """
     keep = ctypes.c_char_p(data)
     source = ctypes.cast(keep, ctypes.c_void_p).value or 0
     done = 0
+    whole = True  # one call for all; page by page once a call fails with ENOENT
     while done < len(data):
-        copy = bytearray(COPY_STRUCT.pack(address + done, source + done, len(data) - done, 0, 0))
+        length = len(data) - done if whole else PAGE_SIZE
+        copy = bytearray(COPY_STRUCT.pack(address + done, source + done, length, 0, 0))
         err = _call(uffd, UFFDIO_COPY, copy, "UFFDIO_COPY")
         copied = max(COPY_STRUCT.unpack(copy)[4], 0)
         if not err:
-            return
+            done += length
+            continue
         done += copied
         if err == errno.EEXIST:
             done += PAGE_SIZE  # this one is there: on with the next
         elif err == errno.EAGAIN:
             raise Busy
-        elif err in (errno.ENOENT, errno.ESRCH, errno.EINVAL):
-            return  # not registered any more, or the process is gone
+        elif err == errno.ENOENT and whole and length > PAGE_SIZE:
+            # The range is no longer one registered mapping: the process split it
+            # (mprotect) or replaced a part of it since. Its other pages are still
+            # missing, and will be read as filled: each is tried on its own.
+            whole = False
+        elif err == errno.ENOENT:
+            done += PAGE_SIZE  # this one is not registered any more: nothing to fill
+        elif err in (errno.ESRCH, errno.EINVAL):
+            return  # the process is gone
         else:
             raise_for_errno(err, "ioctl(UFFDIO_COPY)", what=f"{address + done:#x}")
 
