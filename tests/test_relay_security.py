@@ -197,6 +197,43 @@ def test_a_revoked_node_is_refused_even_with_the_token(tmp_path: Path) -> None:
         assert "its certificate is refused: certificate revoked" in shadow_log, shadow_log
 
 
+# As a mover before its freeze (hijack.node.move.HomeShadow.prove_links): two connections
+# proved ahead, a status asked on the first, the second closed before its header.
+PROVED_AHEAD = """\
+import sys
+from hijack.shadow import control
+home = control.HomeEndpoint(sys.argv[1], bytes.fromhex(sys.argv[2]), sys.argv[3])
+used, unused = control.prove_link(home), control.prove_link(home)
+print(sorted(control.remote_request(home, {"op": "status"}, proved=used)), flush=True)
+unused.sock.close()
+print("done", flush=True)
+"""
+
+
+def test_a_connection_proved_ahead_carries_a_later_request_and_closes_quietly(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            moved = move(a, server.pid, b)
+            server.wait_exit()
+            with Registry(a.state_dir) as registry:
+                record = registry.get(server.pid)
+            assert record.relay_address and record.relay_token and record.relay_cert
+            arguments = (record.relay_address, record.relay_token, record.relay_cert)
+            asking = spawn_python(b, PROVED_AHEAD, *arguments)
+            assert "'streams'" in read_line(asking, LINE_TIMEOUT)
+            assert read_line(asking, LINE_TIMEOUT) == "done"
+            assert asking.wait(LINE_TIMEOUT) == 0
+            # The shadow serves on: a request after the closed one is answered.
+            assert read_line(spawn_python(b, ASK_STATUS, *arguments), LINE_TIMEOUT) == "ok"
+            finish_moved(server, moved, tmp_path)
+        shadow_log = (a.state_dir / "shadows" / str(server.pid) / "shadow.log").read_text()
+        assert "refused a connection" not in shadow_log, shadow_log
+
+
 def test_the_moved_listener_takes_only_the_home_shadows_clients(tmp_path: Path) -> None:
     with Cluster(tmp_path, nodes=3) as cluster:
         a, b, c = cluster.nodes

@@ -83,6 +83,7 @@ from hijack.restore.plan import mapping_problems
 from hijack.shadow import control, relay_link
 from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
 from hijack.shadow.datagram import parse_address as parse_datagram_address
+from hijack.shadow.door import HANDSHAKE_TIMEOUT
 from hijack.shadow.relay import ACK_WAIT
 from hijack.sys import kcmp, pidfd, procfs, sysv, tcp_repair, terminal
 from hijack.sys.socket_filter import listen_backlog
@@ -183,12 +184,42 @@ class HomeShadow:
         self.token = token
         self.local = record.home_node == node_name() and bool(record.shadow_control)
         self._pid: int | None = None
+        # Connections to a remote shadow made (TLS and proof) before the freeze, each
+        # taken by one request during it, with when each was made.
+        self._proved: list[tuple[relay_link.TlsLink, float]] = []
 
     def request(self, message: dict[str, Any], timeout: float = 15.0) -> dict[str, Any]:
         if self.local:
             assert self.record.shadow_control is not None
             return control.request(self.record.shadow_control, message, timeout=timeout)
-        return control.remote_request(self.record.home_endpoint(), message, timeout=timeout)
+        proved = None
+        while self._proved and proved is None:
+            link, made_at = self._proved.pop(0)
+            if time.monotonic() - made_at < PROVED_FRESH:
+                proved = link
+            else:
+                link.sock.close()  # the shadow may have dropped it: a new one
+        endpoint = self.record.home_endpoint()
+        return control.remote_request(endpoint, message, timeout=timeout, proved=proved)
+
+    def prove_links(self, count: int) -> None:
+        """Before a freeze: `count` connections to a remote shadow made, for the next
+        requests (a TLS handshake each, 3-10 ms of a freeze under load). Best effort: a
+        request finding none fresh connects as before."""
+        if self.local:
+            return
+        endpoint = self.record.home_endpoint()
+        for _ in range(count):
+            try:
+                self._proved.append((control.prove_link(endpoint), time.monotonic()))
+            except ShadowError:
+                return
+
+    def close(self) -> None:
+        """Close the connections prove_links made that no request took."""
+        for link, _ in self._proved:
+            link.sock.close()
+        self._proved.clear()
 
     def pid(self) -> int:
         """The shadow's pid (on this machine: nodes share one kernel in tests)."""
@@ -204,6 +235,9 @@ class HomeShadow:
         return self.request({**message, "op": "migrating", "ack_wait": wait}, timeout=wait + 15.0)
 
 
+# Seconds a proved connection (HomeShadow.prove_links) is used for: the shadow drops one
+# whose header has not come within its HANDSHAKE_TIMEOUT (hijack.shadow.door).
+PROVED_FRESH = HANDSHAKE_TIMEOUT / 2
 SETTLE_TIMEOUT = 30.0  # seconds a mover keeps asking what became of a commit whose answer it lost
 SETTLE_RETRY = 0.5  # seconds between two tries to reach the destination again
 
@@ -407,6 +441,7 @@ def _move_attached(
             registry.update_move(move_id, phase="failed", finished_at=time.time(), error=str(exc))
             raise
         finally:
+            shadow.close()
             if precopied is not None:
                 precopied.close()
             for member_precopy in tree_precopied.values():
@@ -460,6 +495,9 @@ def _move_frozen(
         holders_before = pipe.scan_holders_before(pid)
         # The peers' helpers of its direct connections, started while it runs.
         repointed.standby(pid)
+        # Away, the freeze asks the home shadow its streams, a move home its originals,
+        # and every move has it relay to the copy: each over TLS, connected now.
+        shadow.prove_links(0 if at_home else 3 if homing else 2)
         tracee = Tracee.seize(pid)
     except BaseException:
         repointed.abort()

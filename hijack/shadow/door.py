@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hijack.errors import HijackError
-from hijack.shadow.relay_link import Admission, ShadowIdentity, TlsLink
+from hijack.shadow.relay_link import Admission, PeerClosed, ShadowIdentity, TlsLink
 
 HANDSHAKE_TIMEOUT = 5.0
 MAX_PENDING = 32
@@ -129,7 +129,8 @@ class Door:
             admission.step()
         except (OSError, HijackError) as exc:
             self._drop(fd)
-            self.log(f"refused a connection from {entry.peer}: {exc}")
+            if not (admission.proved and isinstance(exc, PeerClosed)):  # else: not needed
+                self.log(f"refused a connection from {entry.peer}: {exc}")
             return
         if admission.header is None:
             if admission.proved:  # a node of ours: time between its steps, not in all

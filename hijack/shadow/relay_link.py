@@ -65,6 +65,11 @@ SHADOW_CERT_DAYS = 3650  # its key lives as long as the shadow; the node pins it
 ENCRYPTED, PLAIN = "tls", "plain"
 
 
+class PeerClosed(ShadowError):
+    """The peer closed its connection before its header (a node's link made ahead of a
+    request it did not need: HomeShadow.prove_links)."""
+
+
 class ShadowIdentity:
     """The shadow's own key and self-signed certificate, made once, in memory."""
 
@@ -445,7 +450,7 @@ class Admission:
                 if not self._take_record():
                     return None
             except ssl.SSLZeroReturnError:
-                raise ShadowError("the peer closed the connection") from None
+                raise PeerClosed("the peer closed the connection") from None
         field, self._plain = bytes(self._plain), bytearray()
         return field
 
@@ -470,7 +475,7 @@ class Admission:
             except BlockingIOError:
                 return False
             if not chunk:
-                raise ShadowError("the peer closed the connection")
+                raise PeerClosed("the peer closed the connection")
             self._record += chunk
 
 
@@ -510,6 +515,25 @@ def connect(
     address: str, fingerprint: str, token: bytes, header: dict[str, Any], timeout: float
 ) -> TlsLink:
     """The node's side: TLS to the shadow at `address`, pinned, then our proof and header."""
+    link = connect_proved(address, fingerprint, token, timeout)
+    send_header(link, header, address)
+    return link
+
+
+def send_header(link: TlsLink, header: dict[str, Any], address: str) -> None:
+    """The header after connect_proved's proof (the shadow waits HANDSHAKE_TIMEOUT for it,
+    hijack.shadow.door)."""
+    payload = json.dumps(header, separators=(",", ":")).encode()
+    try:
+        link.write_all(_LENGTH.pack(len(payload)) + payload)
+    except (OSError, ssl.SSLError) as exc:
+        link.sock.close()
+        raise ShadowError(f"handshake with the home shadow at {address} failed: {exc}") from None
+
+
+def connect_proved(address: str, fingerprint: str, token: bytes, timeout: float) -> TlsLink:
+    """TLS to the shadow at `address`, pinned, and our proof of the token: a link ready for
+    its header (send_header). Made ahead of a request it saves the handshake's time."""
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ShadowError(f"no address of the home shadow to reach (have {address!r})")
@@ -528,8 +552,7 @@ def connect(
         if not hmac.compare_digest(link.peer_fingerprint(), fingerprint):
             raise ShadowError("it is not the home shadow: its certificate is another")
         nonce = link.read_exactly(NONCE)
-        payload = json.dumps(header, separators=(",", ":")).encode()
-        link.write_all(hmac.digest(token, nonce, "sha256") + _LENGTH.pack(len(payload)) + payload)
+        link.write_all(hmac.digest(token, nonce, "sha256"))
     except (OSError, ShadowError, ssl.SSLError) as exc:
         sock.close()
         raise ShadowError(f"handshake with the home shadow at {address} failed: {exc}") from None
