@@ -999,6 +999,8 @@ def _precopy(
             writer.close()
             precopied.bytes_sent += writer.sent
             channel.expect("phase")  # applied there: the next round starts from a caught-up peer
+            if before is None:
+                reached("move-first-round")
             if postcopy or not precopied.should_continue(last, before):
                 precopied.postcopy = bool(postcopy) or (
                     postcopy is None and not _converged(last, before)

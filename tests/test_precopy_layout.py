@@ -1,0 +1,60 @@
+"""Pre-copy of a process whose memory layout changes between the rounds and the freeze.
+
+Adjacent mappings of one kind merge into one VMA: what the first round saw as two
+segments the freeze sees as one. Each part the destination holds from the rounds is
+carried (PRECOPIED); only what was written since goes in the frozen image.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from pathlib import Path
+
+from support import spawn_fixture
+from support.nodes import two_nodes
+from test_faults import finish, hijack_in
+from test_move import MOVED_LINE, Moved, finish_moved, logs, poll_until, shadow_status
+
+from hijack.sys import procfs
+
+FROZEN = re.compile(r"pre-copy rounds, ([\d.]+) (KiB|MiB|GiB|B) while frozen")
+UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def one_mapping_holds(pid: int, start: int, end: int) -> bool:
+    return any(m.start <= start and end <= m.end for m in procfs.read_maps(pid))
+
+
+def test_mappings_merged_since_the_first_round_are_carried_not_sent_frozen(
+    tmp_path: Path,
+) -> None:
+    with (
+        two_nodes(tmp_path) as (a, b),
+        spawn_fixture("merging_maps", netns=a.netns) as fixture,
+    ):
+        big, small = int(fixture.ready["big"], 16), int(fixture.ready["small"], 16)
+        assert not one_mapping_holds(fixture.pid, small, big + 1), "merged before the move"
+        assert b.daemon_endpoint is not None
+        mover = hijack_in(
+            a, "move-first-round", "move", fixture.pid, "--to", b.daemon_endpoint, "--precopy"
+        )
+        # Between the first round and the freeze: the small mapping made read-write, one
+        # VMA with the big one (8 MiB) and written anew.
+        fixture.send(b"m")
+        poll_until(
+            lambda: one_mapping_holds(fixture.pid, small, big + 1), "the two mappings merged"
+        )
+        mover.send_signal(signal.SIGCONT)
+        result = finish(mover, ("move",))
+        assert result.returncode == 0, f"{result.describe()}\n{logs(tmp_path)}"
+        print(result.stdout)
+        found, frozen = MOVED_LINE.search(result.stdout), FROZEN.search(result.stdout)
+        assert found is not None and frozen is not None, result.describe()
+        # The small mapping's 64 KiB and the stack's pages, not the big one's 8 MiB again.
+        assert float(frozen[1]) * UNITS[frozen[2]] < 1 << 20, result.stdout
+        fixture.wait_exit()  # the original, killed by the move
+        moved = Moved(
+            int(found[3]), b, float(found[4]), shadow_status(a, fixture.pid)["shadow_pid"]
+        )
+        finish_moved(fixture, moved, tmp_path)
