@@ -18,10 +18,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from support import spawn_fixture
+from support import RunningFixture, spawn_fixture
 from support.nodes import Cluster, Node, read_line, spawn_in_namespace
 from test_move import (
     LINE_TIMEOUT,
+    Moved,
     ask,
     finish_moved,
     move,
@@ -177,18 +178,24 @@ except Exception as exc:
 """
 
 
+def moved_with_its_relay(a: Node, b: Node, server: RunningFixture) -> tuple[Moved, tuple[str, ...]]:
+    """`server` moved from a to b: its move, and how its home shadow's relay is reached
+    (address, token, certificate: what a mover on b is given)."""
+    moved = move(a, server.pid, b)
+    server.wait_exit()
+    with Registry(a.state_dir) as registry:
+        record = registry.get(server.pid)
+    assert record.relay_address and record.relay_token and record.relay_cert
+    return moved, (record.relay_address, record.relay_token, record.relay_cert)
+
+
 def test_a_revoked_node_is_refused_even_with_the_token(tmp_path: Path) -> None:
     with Cluster(tmp_path, nodes=3) as cluster:
         a, b, c = cluster.nodes
         b.start_daemon()
         pki.revoke(cluster.pki_dir, "c")  # before the move: the shadow gets the new list
         with spawn_fixture("echo_server", netns=a.netns) as server:
-            moved = move(a, server.pid, b)
-            server.wait_exit()
-            with Registry(a.state_dir) as registry:
-                record = registry.get(server.pid)
-            assert record.relay_address and record.relay_token and record.relay_cert
-            arguments = (record.relay_address, record.relay_token, record.relay_cert)
+            moved, arguments = moved_with_its_relay(a, b, server)
             assert read_line(spawn_python(b, ASK_STATUS, *arguments), LINE_TIMEOUT) == "ok"
             refused = read_line(spawn_python(c, ASK_STATUS, *arguments), LINE_TIMEOUT)
             assert refused.startswith("ShadowError") and "revoked" in refused.lower(), refused
@@ -217,12 +224,7 @@ def test_a_connection_proved_ahead_carries_a_later_request_and_closes_quietly(
         a, b = cluster.nodes
         b.start_daemon()
         with spawn_fixture("echo_server", netns=a.netns) as server:
-            moved = move(a, server.pid, b)
-            server.wait_exit()
-            with Registry(a.state_dir) as registry:
-                record = registry.get(server.pid)
-            assert record.relay_address and record.relay_token and record.relay_cert
-            arguments = (record.relay_address, record.relay_token, record.relay_cert)
+            moved, arguments = moved_with_its_relay(a, b, server)
             asking = spawn_python(b, PROVED_AHEAD, *arguments)
             assert "'streams'" in read_line(asking, LINE_TIMEOUT)
             assert read_line(asking, LINE_TIMEOUT) == "done"
