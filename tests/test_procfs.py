@@ -532,7 +532,7 @@ def test_socket_table(child: Child) -> None:
 
 
 def test_tcp_sockets_asked_one_by_one_as_the_tables_list_them(child: Child) -> None:
-    """tcp_repair.listed_tcp4 (a move's freeze asks its sockets so, not the tables, which
+    """tcp_repair.listed_tcp (a move's freeze asks its sockets so, not the tables, which
     walk the kernel's whole hash) says what /proc/net/tcp and tcp6 say of each TCP
     socket (IPv4 and IPv6), and nothing of the others; sockets_of, all of them together,
     equals the tables for every socket the child holds."""
@@ -545,8 +545,8 @@ def test_tcp_sockets_asked_one_by_one_as_the_tables_list_them(child: Child) -> N
         listed = table.get(entry.ino)
         copy = pidfd.copy_fd(child.pid, entry.fd)
         try:
-            found = tcp_repair.listed_tcp4(copy, entry.ino, namespace)
-            elsewhere = tcp_repair.listed_tcp4(copy, entry.ino, namespace + 1)
+            found = tcp_repair.listed_tcp(copy, entry.ino, namespace)
+            elsewhere = tcp_repair.listed_tcp(copy, entry.ino, namespace + 1)
         finally:
             os.close(copy)
         assert elsewhere is None  # another namespace's table would not list it
@@ -564,7 +564,7 @@ def test_tcp_sockets_asked_one_by_one_as_the_tables_list_them(child: Child) -> N
     # Its unix sockets told apart by asking them (a freeze then reads the unix table alone).
     unix: set[int] = set()
     fds = {e.fd: e.ino for e in procfs.list_fds(child.pid) if e.kind is procfs.FdKind.SOCKET}
-    tcp_repair.listed_tcp4_of(child.pid, fds, unix)
+    tcp_repair.listed_tcp_of(child.pid, fds, unix)
     assert unix == {ino for ino in held if ino in table and table[ino].family == socket.AF_UNIX}
     assert unix  # the child holds some
     alone = procfs.read_socket_table(child.pid, wanted=unix, inet=False)

@@ -1004,7 +1004,7 @@ def _check_endpoint_owner(pid: int, relay_address: str) -> None:
         held = {entry.fd: entry.ino for entry in entries if entry.kind is procfs.FdKind.SOCKET}
         # Its sockets asked one by one (its endpoint: TCP over IPv4) rather than the TCP
         # tables read, which walk the kernel's whole hash: a move home waits for this.
-        if any(map(listening, tcp_repair.listed_tcp4_of(pid, held).values())):
+        if any(map(listening, tcp_repair.listed_tcp_of(pid, held).values())):
             return
         table = procfs.read_tcp_table(pid)
     except (HijackError, OSError):

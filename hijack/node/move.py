@@ -1476,13 +1476,13 @@ def sockets_of(
     (its descriptors `entries`, listed if not given). /proc/net/tcp and tcp6 walk the
     kernel's whole connection hash, ~4 ms each here even in an empty namespace (~20 ms
     on a busy machine): its TCP sockets (relays; a JVM's, IPv6) are asked of copies of them
-    instead (tcp_repair.listed_tcp4), and only for the others are the tables read."""
+    instead (tcp_repair.listed_tcp), and only for the others are the tables read."""
     entries = procfs.list_fds(pid) if entries is None else entries
     held = {entry.fd: entry.ino for entry in entries if entry.kind is procfs.FdKind.SOCKET}
     if not held:
         return {}
     unix: set[int] = set()
-    found = tcp_repair.listed_tcp4_of(pid, held, unix)
+    found = tcp_repair.listed_tcp_of(pid, held, unix)
     rest = set(held.values()).difference(found)
     if not rest:
         return found

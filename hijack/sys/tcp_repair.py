@@ -409,7 +409,7 @@ TCP_SYN_SENT, TCP_CLOSE, TCP_LISTEN = 2, 7, 10
 _LISTED_STATES = frozenset(range(1, 12)) - {TCP_SYN_SENT, TCP_CLOSE}
 
 
-def listed_tcp4(fd: int, inode: int, namespace: int) -> procfs.SocketInfo | None:
+def listed_tcp(fd: int, inode: int, namespace: int) -> procfs.SocketInfo | None:
     """What /proc/net/tcp or tcp6 of the network namespace whose inode is `namespace` says
     of our socket `fd` (a copy), asked of the socket itself, without the table: reading it
     walks the kernel's whole connection hash (~4 ms idle, ~20 ms on a busy machine,
@@ -467,10 +467,10 @@ def _listed_address(family: int, address: tuple[object, ...] | None) -> str | No
     return f"[{ipaddress.ip_address(str(host))}]:{port}"
 
 
-def listed_tcp4_of(
+def listed_tcp_of(
     pid: int, sockets: dict[int, int], unix: set[int] | None = None
 ) -> dict[int, procfs.SocketInfo]:
-    """listed_tcp4 of each socket of process `pid` (`sockets`: its descriptor -> inode) it
+    """listed_tcp of each socket of process `pid` (`sockets`: its descriptor -> inode) it
     can tell, by inode; a descriptor closed meanwhile (it runs) is left to the tables.
     `unix` (if given) gets the inodes of those that are unix sockets (only the unix table
     can tell them: the others' need not be read for them)."""
@@ -487,7 +487,7 @@ def listed_tcp4_of(
             except HijackError:
                 continue
             try:
-                info = listed_tcp4(copy, inode, namespace)
+                info = listed_tcp(copy, inode, namespace)
                 if info is None and unix is not None and _domain(copy) == socket.AF_UNIX:
                     unix.add(inode)
             finally:
