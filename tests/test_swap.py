@@ -24,7 +24,7 @@ import pytest
 from support import spawn_fixture
 from support.nodes import Cluster, Node, link_down, link_up
 from support.running import RunningFixture
-from test_faults import deliver, finish, hijack_in
+from test_faults import deliver, finish, hijack_in, shadow_pid_of
 from test_move import (
     Moved,
     assert_ended_well,
@@ -239,6 +239,27 @@ def acked_between(node: Node, peer: str) -> int:
     return int(found[1]) if found else 0
 
 
+def connection_inode(pid: int, peer: str) -> int:
+    """The inode of `pid`'s one established TCP connection to a peer starting `peer`."""
+    table = procfs.read_socket_table(pid)
+    found = [
+        entry.ino
+        for entry in procfs.list_fds(pid)
+        if (info := table.get(entry.ino)) is not None
+        and info.state == "ESTABLISHED"
+        and info.remote.startswith(peer)
+    ]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def old_ends(node: Node, port: int, peer: str) -> str:
+    """`ss`'s lines of the TCP sockets of any state on `node` from `port` to `peer`."""
+    listed = node.run(["ss", "-tanH", "dst", peer, "sport", "=", f":{port}"], timeout=10)
+    assert listed.returncode == 0, listed.stderr
+    return listed.stdout.strip()
+
+
 def goes_on_without(home: Node, node: Node, peer: str) -> None:
     """With `home` cut off, 8 MiB more are acknowledged on `node`'s connection to `peer`."""
     link_down(home)
@@ -345,8 +366,14 @@ def test_swapped_ends_move_on_and_their_connection_stays_direct(
             # The client on to c, the server to b: each time the direct connection follows.
             moved = move(b, moved.pid, c, home=(a, client.pid))
             assert all(peer.startswith("10.77.0.3:") for peer in peers_of(server.pid))
+            old_end = connection_inode(server.pid, "10.77.0.3:")
             moved_server = move(a, server.pid, b)
             server.wait_exit()
+            # Its old end is gone from a (no copy kept by the shadow there, no FIN_WAIT or
+            # TIME_WAIT): the move home below makes it again under the same addresses.
+            shadow = shadow_pid_of(a, server.pid)
+            assert old_end not in {entry.ino for entry in procfs.list_fds(shadow)}
+            assert old_ends(a, server.ready["port"], "10.77.0.3") == ""
             assert still_running(moved.pid), "the stream ended before the last move: too fast"
             assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
             assert f"10.77.0.2:{server.ready['port']}" in peers_of(moved.pid)
@@ -394,8 +421,14 @@ def test_a_move_run_away_from_home_swaps_through_the_home_node(
             assert re.search(r"swap: .* direct: 10\.77\.0\.\d:\d+ <-> 10\.77", said), said
             assert relayed_ids(a, client.pid) == []
             assert all(peer.startswith("10.77.0.3:") for peer in peers_of(server.pid))
+            old_end = connection_inode(server.pid, "10.77.0.3:")
             moved_server = move(a, server.pid, b)
             server.wait_exit()
+            # Its old end is gone from a (no copy kept by the shadow there, no FIN_WAIT or
+            # TIME_WAIT): the move home below makes it again under the same addresses.
+            shadow = shadow_pid_of(a, server.pid)
+            assert old_end not in {entry.ino for entry in procfs.list_fds(shadow)}
+            assert old_ends(a, server.ready["port"], "10.77.0.3") == ""
             assert still_running(moved.pid), "the stream ended before the last move: too fast"
             assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
             assert f"10.77.0.2:{server.ready['port']}" in peers_of(moved.pid)

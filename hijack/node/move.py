@@ -1045,12 +1045,15 @@ def _switch_shadow(
     *,
     home_again: bool = False,
     members: dict[int, dict[int, str]] | None = None,
+    direct: dict[int, list[int]] | None = None,
 ) -> None:
     """`migrated` to the shadow: the process runs at `location` with what `prepared` said.
 
     `home_again`: at home, with every original the shadow handed back; a tree's
     `members` (but its root, whose are `plan`'s): each one's numbers of each stream, by
-    its pid at home now.
+    its pid at home now. `direct`: the numbers of its direct connections, by member (0:
+    the root; default: `plan`'s), made again at `location`: the shadow lets go of any
+    copy it holds of the old ones.
     """
     shadow.request(
         {
@@ -1066,6 +1069,13 @@ def _switch_shadow(
                 for member, numbers in (members or {}).items()
             },
             "pid": int(prepared.get("pid", 0)),  # its pid there
+            "direct": {
+                str(member): numbers
+                for member, numbers in (
+                    direct if direct is not None else {0: direct_numbers(plan)}
+                ).items()
+                if numbers
+            },
             "unread": {k: base64.b64encode(v).decode() for k, v in unread.items()},
             "listeners": prepared.get("listeners", {}),
             "present": present,
@@ -1083,6 +1093,11 @@ def _switch_shadow(
             },
         }
     )
+
+
+def direct_numbers(plan: list[Proxy]) -> list[int]:
+    """The descriptors of `plan` that are direct connections (swapped)."""
+    return [p.fd for p in plan if p.kind == "direct"]
 
 
 def _commit(

@@ -32,7 +32,7 @@ from hijack.node.swap import End, EndSession, LocalEnd, RemoteEnd
 from hijack.node.swap_end import read_state, split_endpoint, state_fields
 from hijack.process.tree import read_tree
 from hijack.registry import Registry
-from hijack.sys import pidfd, procfs
+from hijack.sys import pidfd, procfs, tcp_repair
 from hijack.timing import Laps
 
 if TYPE_CHECKING:
@@ -60,6 +60,8 @@ class Repointed:
     # By the connection's (local, peer) addresses here: the peers' helpers started before
     # the freeze (standby), each told to freeze the peer in it.
     standing: dict[tuple[str, str], EndSession] = field(default_factory=dict)
+    # (pid, fd) of each old end the moving process holds here, silenced at the commit.
+    old_ends: list[tuple[int, int]] = field(default_factory=list)
 
     def standby(self, pid: int) -> None:
         """Before the freeze, while `pid` (and its tree) runs: for each direct connection it
@@ -120,6 +122,7 @@ class Repointed:
                 for proxy in direct:
                     mine.append(self._freeze_peer(proxy, registry))
                     self.sessions.append(mine[-1])
+                    self.old_ends.append((pid, proxy.fd))
             lap("direct peers: frozen")
             joined = {}
             for proxy, session in zip(direct, mine, strict=True):
@@ -190,10 +193,29 @@ class Repointed:
             except (HijackError, OSError) as exc:
                 problems.append(f"the peer of a direct connection did not go live: {exc}")
         self.sessions = []
+        self._silence_old_ends()
         return problems
+
+    def _silence_old_ends(self) -> None:
+        """The moving process's old ends (it never runs here again) put in repair mode:
+        closed, each vanishes without a segment (no FIN to the peer, no TIME_WAIT keeping
+        its addresses), so a later move home can make the connection again here."""
+        for pid, fd in self.old_ends:
+            with contextlib.suppress(HijackError, OSError):  # committed: nothing may fail
+                handle = pidfd.pidfd_open(pid)
+                try:
+                    copy = pidfd.pidfd_getfd(handle, fd, pid)
+                finally:
+                    os.close(handle)
+                try:
+                    tcp_repair.set_repair(copy, True)
+                finally:
+                    os.close(copy)
+        self.old_ends = []
 
     def abort(self) -> None:
         self._let_standing_go()
+        self.old_ends = []
         for session in reversed(self.sessions):
             with contextlib.suppress(Exception):
                 session.abort()

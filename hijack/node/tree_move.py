@@ -73,6 +73,7 @@ from hijack.node.move import (
     connect_datagrams,
     consume_unread,
     converged,
+    direct_numbers,
     drain_datagrams,
     drain_terminals,
     hand_back,
@@ -683,6 +684,10 @@ def _frozen(
                     pids.get(member, member): {p.fd: p.stream for p in plan}
                     for member, plan in plans.items()
                     if member != pid and homing
+                },
+                direct={
+                    0 if member == pid else member: direct_numbers(plan)
+                    for member, plan in plans.items()
                 },
             )
             unswitched = None

@@ -300,6 +300,7 @@ class Shadow:
             return self.originals(str(message["move"]))
         if op == "migrated":
             handed = self.hub.forget_handed(str(message["move"]))
+            self._let_direct_go(message.get("direct") or {})
             self.watch_migrant(str(message["location"]), int(message.get("pid", 0)))
             self.hub.migrated(
                 str(message["move"]),
@@ -706,6 +707,20 @@ class Shadow:
     def _own_fds(self) -> set[int]:
         """Our descriptors that some key (the target's or a member's) names."""
         return {*self.held.values(), *(fd for t in self.members.values() for fd in t.values())}
+
+    def _let_direct_go(self, direct: dict[str, list[int]]) -> None:
+        """The copies we hold of the direct connections a move made again elsewhere
+        (`direct`: by member pid, "0" the root, their numbers). The old socket must go:
+        held, it keeps the connection's addresses here, and a later move home could not
+        make the connection again under them (hijack.node.repoint)."""
+        for member, numbers in direct.items():
+            pid = int(member)
+            table = self.members.get(pid, {}) if pid and pid != self.target_pid else self.held
+            for number in numbers:
+                own = table.pop(int(number), None)
+                if own is not None:
+                    self.relayed.discard(own)
+                    self._close_unless_named(own)
 
     def _close_unless_named(self, fd: int) -> None:
         """Close `fd` once no key names it any more (a description shared in the tree)."""
