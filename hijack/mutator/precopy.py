@@ -109,6 +109,9 @@ class Precopy:
         # `lazy` pages, which the destination fetches on first touch; `pinned`
         # pages (those the restore itself touches) are never lazy.
         self.postcopy = False
+        # The destination proves links to the home shadow ahead of the freeze, for the
+        # relays it makes then (the `links` message, hijack.node.move).
+        self.links_ahead = False
         self.pinned: list[Run] = []
         self.lazy: list[Run] = []
         # A tree's member: the lazy candidates decided at the freeze, before any image is

@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, NamedTuple, cast
 
 from hijack.errors import HijackError
@@ -44,7 +45,7 @@ from hijack.mutator.precopy import Run, lazy_in
 from hijack.node import gate, mounts, pki, policy, swap_end
 from hijack.node import terminal as terminal_pump
 from hijack.node.channel import Channel, ChannelError, DataReader
-from hijack.node.forwarder import ForwarderProcess, closed_listener
+from hijack.node.forwarder import RELAYS_AT_ONCE, ForwarderProcess, closed_listener
 from hijack.node.load import node_load
 from hijack.process.tree import read_tree
 from hijack.registry import MemberRecord, Registry, node_name
@@ -200,7 +201,8 @@ class NodeDaemon:
             log(f"move {move:.40} failed: {exc}")
             channel.send({"error": str(exc)})
             return
-        channel.send({"phase": "precopying"})
+        # "links": it proves links to the home shadow ahead of a freeze (the `links` message).
+        channel.send({"phase": "precopying", "links": True})
         if request.get("tree") is True:
             self._receive_tree_rounds(channel, request, where, mount_namespace)
             return
@@ -218,6 +220,9 @@ class NodeDaemon:
                     if message.get("op") == "move":
                         self._receive_move(channel, message, where, prebuilt, registry)
                         return
+                    if message.get("op") == "links":  # the freeze comes: no answer
+                        self._links_ahead(message)
+                        continue
                     if message.get("op") == "drop":  # post-copy comes: stale pages go
                         prebuilt.drop(decode_runs(message.get("lazy")))
                         channel.send({"phase": "dropped"})
@@ -238,6 +243,27 @@ class NodeDaemon:
             prebuilt.discard()
             if mount_namespace is not None:
                 os.close(mount_namespace)
+
+    def _links_ahead(self, message: dict[str, Any]) -> None:
+        """Prove `count` links to the migrant's home shadow now, for the relays its move
+        makes once frozen (control.LinksAhead): in the forwarder, or here for plain ones.
+        Best effort: a relay without one connects as before (and says what is wrong)."""
+        try:
+            home = message["home"]
+            plain = bool(home.get("plain_relays", False)) or home["node"] == self.name
+            shadow = control.HomeEndpoint(
+                str(home["relay"]),
+                bytes.fromhex(str(home["token"])),
+                str(home.get("relay_cert", "")),
+                plain,
+            )
+            count = int(message["count"])
+            if plain:
+                control.LINKS_AHEAD.prove(shadow, count)
+            else:
+                self.forwarder.prove(shadow, count)
+        except (HijackError, KeyError, ValueError, TypeError, AttributeError) as exc:
+            log(f"links ahead not proved: {exc}")
 
     def _receive_tree_rounds(
         self,
@@ -348,6 +374,23 @@ class NodeDaemon:
             if plain:
                 return control.open_plain_relay(shadow, stream, move, terminal=terminal)
             return self.forwarder.relay(shadow, stream, move, terminal)
+
+        # Streams' relays made ahead, side by side (premake), each taken once by proxy_end.
+        made: dict[str, socket.socket] = {}
+
+        def premake(wanted: list[Proxy]) -> None:
+            """The relays of `wanted`'s streams made at once: each is a TLS handshake with the
+            shadow and its answer, round trips that overlap (one after the other, they were
+            most of the destination's freeze before the image came, ~5 ms each idle)."""
+            streams = list(dict.fromkeys(p.stream for p in wanted if p.kind == "stream"))
+            if len(streams) < 2:
+                return  # one is made as before, by proxy_end
+            if plain:
+                socks = _plain_relays(shadow, streams, move)
+            else:
+                socks = self.forwarder.relays(shadow, streams, move)
+            opened.extend(socks)  # closed if the move fails; else once the process has them
+            made.update(zip(streams, socks, strict=True))
 
         def datagram(proxy: Proxy) -> socket.socket:
             if plain:
@@ -466,8 +509,10 @@ class NodeDaemon:
                     opened.append(sock)
                     datagrams[proxy.stream] = f"{here}:{sock.getsockname()[1]}"
                 else:
-                    sock = relay(proxy.stream)
-                    opened.append(sock)
+                    premade = made.pop(proxy.stream, None)
+                    sock = premade if premade is not None else relay(proxy.stream)
+                    if premade is None:
+                        opened.append(sock)
                     if proxy.shut:
                         # Its writing side stays shut: its writes fail as before,
                         # and the shadow sees the end it sent (again).
@@ -479,12 +524,14 @@ class NodeDaemon:
                 # relays and originals are made, and handed to the stub, while the
                 # mover still reads the frozen process (they do not depend on its
                 # image; a refused image closes them, the stub dies with them).
+                premake([p for p in proxies if not p.member])
                 early = {
                     proxy.fd: proxy_end(proxy)
                     for proxy in proxies
                     if proxy.kind in EARLY_KINDS and not proxy.member
                 }
                 provided.update(early)
+                laps.lap("early relays")
                 prebuilt.hand_over_early(early)
                 laps.lap("early relays and descriptors in")
 
@@ -499,6 +546,7 @@ class NodeDaemon:
                     return  # a tree's: made at its first member's admission
                 admitted.append(True)
                 # Filled in place: restore reads `provided` only after this.
+                premake([p for p in proxies if tree or p.fd not in provided])
                 # A tree's members share a stream's one end (a terminal's: one per open file).
                 ends: dict[tuple[str, int], int] = {}
                 for proxy in proxies:
@@ -791,6 +839,21 @@ class NodeDaemon:
                     waiting.wake()
                 log(f"move {move}: settled as aborted, asked before its commit arrived")
         return {"move": move, "outcome": outcome, "pid": pid, **addresses}
+
+
+def _plain_relays(home: control.HomeEndpoint, streams: list[str], move: str) -> list[socket.socket]:
+    """Plain relays for `streams`, made side by side, in their order; if one fails, those
+    made are closed and its error raised (as Forwarder.relays does for encrypted ones)."""
+    with ThreadPoolExecutor(min(RELAYS_AT_ONCE, len(streams))) as pool:
+        futures = [pool.submit(control.open_plain_relay, home, stream, move) for stream in streams]
+    made = [future.result() for future in futures if future.exception() is None]
+    for future in futures:
+        failed = future.exception()
+        if failed is not None:
+            for sock in made:
+                sock.close()
+            raise failed
+    return made
 
 
 def datagram_socket(proxy: Proxy, here: str) -> socket.socket:

@@ -66,7 +66,8 @@ import sys
 import termios
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from hijack.errors import HijackError
@@ -91,6 +92,11 @@ ACK_POLL = 0.005  # seconds between looks at a process socket that has not taken
 # acknowledgement and takes our ACK along (one write, one segment, one wakeup of the
 # shadow for both); a move waits that much longer for the last one, at most.
 ACK_DELAY = 0.002
+# Relays one request makes side by side (a move's streams, made while it is frozen): their
+# round trips with the shadow overlap (their handshakes, if not proved ahead, are CPU).
+RELAYS_AT_ONCE = 8
+# Relays one answer hands back (control.MAX_FDS, less room to spare); more take more requests.
+RELAYS_PER_REQUEST = 200
 LISTENER_MARK = 0x484A4B52  # "HJKR": the mark of the forwarder's connections to a listener
 ACCEPTED = "accepted"  # the move id of an accepted client's relay
 
@@ -209,6 +215,26 @@ class Forwarder:
             raise
         self._add(_Pair(link, ours))
         return process_end
+
+    def relays(
+        self, home: control.HomeEndpoint, streams: Sequence[str], move: str
+    ) -> list[socket.socket]:
+        """relay() of each of `streams`, made side by side (their handshakes' round trips
+        overlap: a move makes them while its process is frozen), in their order. If one
+        fails, those made are closed (the shadow sees them end, as when a later relay of
+        a move fails) and its error raised."""
+        if len(streams) < 2:
+            return [self.relay(home, stream, move) for stream in streams]
+        with ThreadPoolExecutor(min(RELAYS_AT_ONCE, len(streams))) as pool:
+            futures = [pool.submit(self.relay, home, stream, move) for stream in streams]
+        made = [future.result() for future in futures if future.exception() is None]
+        for future in futures:
+            failed = future.exception()
+            if failed is not None:
+                for sock in made:
+                    sock.close()
+                raise failed
+        return made
 
     def listen(
         self, home: control.HomeEndpoint, stream: str, move: str, listener: str
@@ -613,6 +639,10 @@ class ForwarderProcess:
                     process.wait(STOP_WAIT)
 
     def _ask(self, request: dict[str, object]) -> socket.socket:
+        return self._ask_many(request, 1)[0]
+
+    def _ask_many(self, request: dict[str, object], count: int) -> list[socket.socket]:
+        """`request` answered with `count` descriptors."""
         with self.lock:
             if self.sock is None:
                 self.sock = self._start()
@@ -623,17 +653,38 @@ class ForwarderProcess:
                 self.sock.close()
                 self.sock = None  # the next move starts another
                 raise HijackError(f"the node's relay forwarder failed: {exc}") from None
-        if not answer.get("ok") or len(fds) != 1:
+        if not answer.get("ok") or len(fds) != count:
             for fd in fds:
                 os.close(fd)
             raise HijackError(str(answer.get("error", "the node's relay forwarder refused")))
-        return socket.socket(fileno=fds[0])
+        return [socket.socket(fileno=fd) for fd in fds]
 
     def relay(
         self, home: control.HomeEndpoint, stream: str, move: str, terminal: str = ""
     ) -> socket.socket:
         request = {"op": "relay", "home": _home_fields(home), "stream": stream, "move": move}
         return self._ask({**request, "terminal": terminal})
+
+    def relays(
+        self, home: control.HomeEndpoint, streams: Sequence[str], move: str
+    ) -> list[socket.socket]:
+        """relay() of each of `streams`, in their order, made side by side by the forwarder
+        (Forwarder.relays); on an error those made are closed."""
+        made: list[socket.socket] = []
+        try:
+            for first in range(0, len(streams), RELAYS_PER_REQUEST):
+                batch = list(streams[first : first + RELAYS_PER_REQUEST])
+                request = {"op": "relays", "home": _home_fields(home), "move": move}
+                made += self._ask_many({**request, "streams": batch}, len(batch))
+        except BaseException:
+            for sock in made:
+                sock.close()
+            raise
+        return made
+
+    def prove(self, home: control.HomeEndpoint, count: int) -> None:
+        """Have the forwarder prove `count` links to `home` ahead (control.LinksAhead)."""
+        self._ask_many({"op": "prove", "home": _home_fields(home), "count": count}, 0)
 
     def listen(
         self, home: control.HomeEndpoint, stream: str, move: str, listener: str
@@ -673,6 +724,23 @@ def serve(channel: socket.socket) -> None:
             break
         try:
             home = _home_of(dict(request["home"]))
+            if request.get("op") == "prove":  # a move's freeze comes: its relays' links
+                control.LINKS_AHEAD.prove(home, int(request["count"]))
+                channel.sendall(control.encode({"ok": True}))
+                continue
+            if request.get("op") == "relays":  # a move's streams: one answer, every end
+                streams = [str(each) for each in request["streams"]]
+                many = forwarder.relays(home, streams, str(request["move"]))
+                try:
+                    socket.send_fds(
+                        channel, [control.encode({"ok": True})], [s.fileno() for s in many]
+                    )
+                except OSError:
+                    break
+                finally:
+                    for sock in many:
+                        sock.close()
+                continue
             stream, move = str(request["stream"]), str(request["move"])
             if request.get("op") == "listen":
                 given = forwarder.listen(home, stream, move, str(request["listener"]))

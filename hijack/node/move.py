@@ -408,7 +408,11 @@ def _move_attached(
                     pid, channel, move_id, record.program, report, shadow, postcopy
                 )
                 # It ran on meanwhile: refused now if it holds what cannot go.
-                plan_proxies(pid, shadow, at_home, frozen=False)
+                running_plan, _ = plan_proxies(pid, shadow, at_home, frozen=False)
+                if precopied.links_ahead and channel.peer != record.home_node:
+                    links_ahead(
+                        channel, running_plan, home_fields(record, relay_address, token, home)
+                    )
             shadow.pid()  # asked now: the move's message names it while the process is frozen
             frozen_args = (
                 pid,
@@ -753,6 +757,16 @@ def quiet_shadow(shadow: HomeShadow, move_id: str, what: str, pid: int, *, flush
         raise HijackError(f"move aborted: {exc}; {what} on here as before", pid=pid) from None
 
 
+def links_ahead(channel: Channel, plan: list[Proxy], home: dict[str, Any]) -> None:
+    """Tell the destination the freeze comes, and how many links to the home shadow its
+    relays will take (as the process's descriptors are now): it proves them meanwhile
+    (a TLS handshake each, no longer in the freeze; control.LinksAhead). No answer."""
+    kinds = ("stream",) if home["plain_relays"] else ("stream", "listener", "datagram")
+    count = sum(1 for proxy in plan if proxy.kind in kinds)
+    if count:
+        channel.send({"op": "links", "home": home, "count": count})
+
+
 def home_fields(
     record: ProcessRecord, relay_address: str, token: str, home: control.HomeEndpoint | None
 ) -> dict[str, Any]:
@@ -985,8 +999,10 @@ def _precopy(
             "mount_namespace": mounts.describe(pid, shadow.pid()),
         }
     )
-    channel.expect("phase")  # accepted: a refusal comes before anything is touched
+    # Accepted: a refusal comes before anything is touched.
+    accepted = channel.expect("phase")
     precopied = Precopy.start(pid)
+    precopied.links_ahead = accepted.get("links") is True
     try:
         before = None
         while True:

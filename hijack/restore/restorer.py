@@ -532,10 +532,14 @@ def _restore_prebuilt(
         laps.lap("pages")
         missing = lazy() if lazy is not None else None
         if missing is not None:
+            laps.lap("post-copy: lazy runs")
             # While the stub has root's powers; what the rest of the restore
             # touches (each thread's TCB and stack top) was never left out.
             missing.prepare(stub, image.segments.segments)
-        _finish(stub, space, image, plan, inherited, frozenset(provided or {}), take_locks)
+            laps.lap("post-copy: pages missing")
+        _finish(
+            stub, space, image, plan, inherited, frozenset(provided or {}), take_locks, laps=laps
+        )
         laps.lap("finish")
         laps.injected = stub.tracee.injected - injected_before
         if before_start is not None:
@@ -742,7 +746,9 @@ def _finish(
     parents_table: bool = False,
     parents_memory: bool = False,
     parents_handlers: bool = False,
+    laps: Laps | None = None,
 ) -> None:
+    laps = laps or Laps()
     assert image.signals is not None and image.cwd is not None
     assert image.settings is not None and image.timers is not None
     leader = _leader_record(image)
@@ -777,12 +783,15 @@ def _finish(
         # Last of the descriptors' business: a descriptor closed in the stub (the
         # exe's, above) would drop the POSIX locks the process holds on its file.
         restore_locks(stub, image.files, restored)
+    laps.lap("finish: files, process")
     thread_ids = {leader.tid: stub.pid}
     for thread in image.threads:
         if thread is not leader:
             thread_ids[thread.tid] = _clone_thread(stub, thread.tid)
+    laps.lap("finish: threads cloned")
     for thread in image.threads:
         _set_thread_state(stub, thread, thread_ids[thread.tid], image.credentials)
+    laps.lap("finish: threads' state")
     _queue_pending_signals(stub, image, thread_ids)
     settings.apply_settings(stub, image.settings, thread_ids)
     if own_parent:
@@ -799,6 +808,7 @@ def _finish(
     timers.arm_timers(stub, image.timers, thread_ids, frozenset(pending))
     space.unmap_scratch()
     seccomp.install_seccomp(stub, image.settings, image.threads, image.segments, thread_ids)
+    laps.lap("finish: settings, timers")
     for thread in image.threads:
         _set_registers(stub, thread, thread_ids[thread.tid], image.signals)
 

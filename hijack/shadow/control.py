@@ -13,6 +13,8 @@ import os
 import socket
 import ssl
 import struct
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -242,16 +244,118 @@ def prove_link(home: HomeEndpoint, timeout: float = 10.0) -> relay_link.TlsLink:
     return relay_link.connect_proved(home.address, home.fingerprint, home.token, timeout)
 
 
+# Seconds a link proved ahead (LinksAhead) is used for: the shadow drops one whose header
+# has not come within its HANDSHAKE_TIMEOUT (hijack.shadow.door: 5 s), as HomeShadow's.
+AHEAD_FRESH = 2.5
+# Seconds a relay waits for links still being proved ahead, before it makes its own.
+AHEAD_WAIT = 5.0
+AHEAD_MAX = 32  # links proved ahead for one move; its other relays make their own
+
+
+class LinksAhead:
+    """Connections to home shadows proved (TLS handshake, the token's proof) ahead of the
+    relays a move makes while its process is frozen: a node's daemon or forwarder proves
+    them as the mover says the freeze comes (the `links` message, docs/protocol.md), and
+    open_link takes one instead of a handshake of its own (~5 ms of CPU each, in Python on
+    both sides: the relays of a server with a few clients were most of a destination's
+    freeze before its image came). Best effort: a relay finding none fresh connects as
+    before; the unused are closed once stale (the shadow forgets them: PeerClosed)."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Condition()
+        self.links: dict[tuple[str, str], list[tuple[relay_link.TlsLink, float]]] = {}
+        self.proving: dict[tuple[str, str], int] = {}  # links being made, by shadow
+
+    def prove(self, home: HomeEndpoint, count: int) -> None:
+        """Start proving `count` links to `home`, side by side, in the background."""
+        key = (home.address, home.fingerprint)
+        count = max(0, min(count, AHEAD_MAX))
+        with self.ready:
+            self.proving[key] = self.proving.get(key, 0) + count
+        for _ in range(count):
+            threading.Thread(target=self._prove_one, args=(home, key), daemon=True).start()
+        threading.Timer(AHEAD_FRESH, self._expire).start()
+
+    def _prove_one(self, home: HomeEndpoint, key: tuple[str, str]) -> None:
+        try:
+            link: relay_link.TlsLink | None = prove_link(home)
+        except ShadowError:
+            link = None  # its relay connects as before (and says what is wrong)
+        with self.ready:
+            self.proving[key] -= 1
+            if link is not None:
+                self.links.setdefault(key, []).append((link, time.monotonic()))
+            self.ready.notify_all()
+
+    def take(self, home: HomeEndpoint) -> relay_link.TlsLink | None:
+        """A fresh proved link to `home` (waiting for one being proved), or None."""
+        key = (home.address, home.fingerprint)
+        deadline = time.monotonic() + AHEAD_WAIT
+        with self.ready:
+            while True:
+                self._expire_locked()
+                if self.links.get(key):
+                    return self.links[key].pop(0)[0]
+                left = deadline - time.monotonic()
+                if not self.proving.get(key) or left <= 0:
+                    return None
+                self.ready.wait(left)
+
+    def _expire(self) -> None:
+        with self.ready:
+            self._expire_locked()
+
+    def _expire_locked(self) -> None:
+        now = time.monotonic()
+        for key, links in list(self.links.items()):
+            fresh = [(link, made) for link, made in links if now - made < AHEAD_FRESH]
+            for link, made in links:
+                if now - made >= AHEAD_FRESH:
+                    link.sock.close()
+            if fresh:
+                self.links[key] = fresh
+            else:
+                del self.links[key]
+
+
+LINKS_AHEAD = LinksAhead()  # this process's (a node's daemon, its forwarder)
+
+
 def open_link(home: HomeEndpoint, header: Message, timeout: float = 10.0) -> relay_link.TlsLink:
-    """A relay or listener connection to the home shadow, accepted, still inside TLS."""
+    """A relay or listener connection to the home shadow, accepted, still inside TLS (on a
+    link proved ahead, if there is one: LinksAhead)."""
+    proved = LINKS_AHEAD.take(home)
+    if proved is not None:
+        try:
+            proved.sock.settimeout(timeout)
+            relay_link.send_header(proved, header, home.address)
+            return _accepted(proved, header)
+        except _Unanswered:
+            raise  # it may have been accepted all the same: never asked twice
+        except ShadowError:
+            pass  # dropped by the shadow meanwhile: asked again on a link of its own
     link = relay_link.connect(home.address, home.fingerprint, home.token, header, timeout)
+    return _accepted(link, header)
+
+
+class _Unanswered(ShadowError):
+    """The shadow did not answer a relay's header in time (open_link)."""
+
+
+def _accepted(link: relay_link.TlsLink, header: Message) -> relay_link.TlsLink:
+    """`link`, once the shadow accepted the relay its header asked for (closed if not)."""
     try:
         bound_backoff(link.sock)
-        if link.read_exactly(len(RELAY_ACCEPTED)) != RELAY_ACCEPTED:
-            raise ShadowError(f"the home shadow refused a relay for {header.get('stream')}")
+        answer = link.read_exactly(len(RELAY_ACCEPTED))
+    except TimeoutError as exc:
+        link.sock.close()
+        raise _Unanswered(f"the home shadow refused a relay: {exc}") from None
     except (OSError, ShadowError, ssl.SSLError) as exc:
         link.sock.close()
         raise ShadowError(f"the home shadow refused a relay: {exc}") from None
+    if answer != RELAY_ACCEPTED:
+        link.sock.close()
+        raise _Unanswered(f"the home shadow refused a relay for {header.get('stream')}")
     link.sock.settimeout(None)
     return link
 
