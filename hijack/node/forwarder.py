@@ -46,7 +46,9 @@ socket of its own here, so no datagram crosses between hosts in clear.
 The forwarder is a process of its own (`python -m hijack.node.forwarder`),
 started by the daemon at its first encrypted relay and asked over a unix
 socketpair for each relay or listener link (the process's end comes back as
-SCM_RIGHTS): a migrant's relays outlive a daemon that dies or restarts, as
+SCM_RIGHTS; a move's streams in one `relays` request, made side by side, every
+end in one answer; `prove` has it connect to a home shadow ahead of a freeze,
+control.LinksAhead): a migrant's relays outlive a daemon that dies or restarts, as
 plain relays do. Once the daemon is gone it ends with the last relay it
 carries; a daemon started again starts a forwarder of its own.
 """
