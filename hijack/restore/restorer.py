@@ -783,7 +783,7 @@ def _finish(
         # Last of the descriptors' business: a descriptor closed in the stub (the
         # exe's, above) would drop the POSIX locks the process holds on its file.
         restore_locks(stub, image.files, restored)
-    laps.lap("finish: files, process")
+    laps.lap("finish: files and process")
     thread_ids = {leader.tid: stub.pid}
     for thread in image.threads:
         if thread is not leader:
@@ -808,7 +808,7 @@ def _finish(
     timers.arm_timers(stub, image.timers, thread_ids, frozenset(pending))
     space.unmap_scratch()
     seccomp.install_seccomp(stub, image.settings, image.threads, image.segments, thread_ids)
-    laps.lap("finish: settings, timers")
+    laps.lap("finish: settings and timers")
     for thread in image.threads:
         _set_registers(stub, thread, thread_ids[thread.tid], image.signals)
 
