@@ -100,8 +100,8 @@ class PageSplicer:
         self._wanted = (0, 0)  # what the last fill() was asked for beyond what it took
         self._pending: bool | None = None  # a signal waited for the injected thread
         self._spliced = False  # a section's pages went to the image already
-        self._pipe_capacity = min(pipes_.pipe_size(p.read_end) for g in groups for p in g.pipes)
-        self.capacity = self._pipe_capacity * min(len(g.pipes) for g in groups)
+        self.pipe_capacity = min(pipes_.pipe_size(p.read_end) for g in groups for p in g.pipes)
+        self.capacity = self.pipe_capacity * min(len(g.pipes) for g in groups)
         # A regular file: its writeback started as pages come (from where they start).
         self._writeback_from: int | None = None
         if stat.S_ISREG(os.fstat(out).st_mode):
@@ -162,7 +162,7 @@ class PageSplicer:
         for pipe in group.pipes:
             if left <= 0:
                 break
-            piece = min(left, self._pipe_capacity)
+            piece = min(left, self.pipe_capacity)
             iovec = batch.put(_IOVEC.pack(at, piece))
             call = batch.call("vmsplice", pipe.write_end, iovec, 1, SPLICE_F_NONBLOCK, check=False)
             calls.append((pipe, call, piece))
