@@ -7,10 +7,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 from support import spawn_fixture
 
 from hijack.mutator.spliced_pages import page_splicer, spliceable
-from hijack.mutator.tracee import Tracee
+from hijack.mutator.tracee import MAP_PRIVATE_ANONYMOUS, PROT_READ_WRITE, Tracee
 from hijack.sys import memory, procfs
 
 PAGE_SIZE = 4096
@@ -57,3 +58,44 @@ def test_only_files_and_dev_null_take_pages_of_a_process_that_runs_again(
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_pages_after_a_gap_in_one_group_are_not_taken_for_the_ones_before(
+    tmp_path: Path,
+) -> None:
+    """One fill puts a group's worth in several pipes by one batch; a pipe that takes less
+    than asked (a hole in the range) ends what the fill took: the next pipes' pages, after
+    the hole, are dropped, not spliced as if they followed."""
+    with spawn_fixture("counter", tmp_path / "counter.log") as counter:
+        maps_before = procfs.read_maps(counter.pid)
+        image = tmp_path / "pages"
+        with (
+            open(image, "wb") as out,
+            Tracee.seize(counter.pid) as tracee,
+            page_splicer(tracee, out, pipes=False) as splicer,
+        ):
+            assert splicer is not None
+            pipe = splicer.pipe_capacity
+            if splicer.capacity < 2 * pipe:
+                pytest.skip("this user's pipes hold a whole group each: no gap within one")
+            size = 4 * pipe
+            area = tracee.checked_syscall(
+                "mmap", 0, size, PROT_READ_WRITE, MAP_PRIVATE_ANONYMOUS, -1, 0
+            )
+            try:
+                pattern = bytes(range(256)) * (size // 256)
+                memory.write(counter.pid, area, pattern)
+                # A hole in the first pipe's part: it takes half; the next take theirs.
+                tracee.checked_syscall("munmap", area + pipe // 2, pipe // 2)
+                taken = splicer.fill(area, size)
+                assert taken == pipe // 2
+                assert splicer.put(taken) == taken
+                taken = splicer.fill(area + pipe, size - pipe)
+                assert taken == min(splicer.capacity, size - pipe)
+                assert splicer.put(taken) == taken
+                expected = pattern[: pipe // 2] + pattern[pipe : pipe + taken]
+            finally:
+                tracee.checked_syscall("munmap", area, size)
+        assert image.read_bytes() == expected
+        assert procfs.read_maps(counter.pid) == maps_before
+        counter.assert_intact()

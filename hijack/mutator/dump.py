@@ -955,13 +955,10 @@ def write_segment_pages(
     if splicer is not None and not segment.prot & rec.Prot.READ:
         splicer = None  # vmsplice honours protections: read through /proc/PID/mem
     for start, end in runs:
+        if splicer is not None:  # a whole run: the process fills the next pipes meanwhile
+            start += splice_pages(splicer, writer, start, end - start)
         for chunk_start in range(start, end, READ_CHUNK):
             length = min(READ_CHUNK, end - chunk_start)
-            if splicer is not None:
-                spliced = splice_pages(splicer, writer, chunk_start, length)
-                chunk_start, length = chunk_start + spliced, length - spliced
-                if not length:
-                    continue
             view = memoryview(buffer)[:length]
             frames = None
             if (
@@ -993,7 +990,8 @@ def write_segment_pages(
 
 def splice_pages(splicer: PageSplicer, writer: ImageWriter, address: int, length: int) -> int:
     """Splice the pages at [address, address + length) into the image as far as the
-    process can give them; return how many bytes it gave (the rest: to be read)."""
+    process can give them, a section (at most a group of pipes) at a time; return how
+    many bytes it gave (the rest: to be read)."""
     done = 0
     while done < length:
         taken = splicer.fill(address + done, length - done)
