@@ -274,7 +274,6 @@ class LinksAhead:
             self.proving[key] = self.proving.get(key, 0) + count
         for _ in range(count):
             threading.Thread(target=self._prove_one, args=(home, key), daemon=True).start()
-        threading.Timer(AHEAD_FRESH, self._expire).start()
 
     def _prove_one(self, home: HomeEndpoint, key: tuple[str, str]) -> None:
         try:
@@ -286,6 +285,12 @@ class LinksAhead:
             if link is not None:
                 self.links.setdefault(key, []).append((link, time.monotonic()))
             self.ready.notify_all()
+        if link is not None:
+            # Closed once stale if no relay took it: before the shadow's timeout, which
+            # would log it; a link closed before its header goes without a line.
+            expiry = threading.Timer(AHEAD_FRESH + 0.1, self._expire)
+            expiry.daemon = True
+            expiry.start()
 
     def take(self, home: HomeEndpoint) -> relay_link.TlsLink | None:
         """A fresh proved link to `home` (waiting for one being proved), or None."""
