@@ -1401,3 +1401,40 @@ def test_a_root_process_is_refused_before_precopy_builds_anything(tmp_path: Path
             links = [os.readlink(f"/proc/{dirtier.pid}/fd/{fd}") for fd in fds_of(dirtier.pid)]
             assert not [link for link in links if "userfaultfd" in link], links
             dirtier.assert_intact()
+
+
+def test_a_threaded_process_moved_keeps_its_personality_no_new_privs_and_names(
+    tmp_path: Path,
+) -> None:
+    # Pre-copied, its worker thread is cloned at the destination as the move message
+    # comes, before the image (restorer.clone_ahead); the restore gives it afterwards
+    # what a clone made after the leader's personality and no_new_privs would inherit.
+    with (
+        two_nodes(tmp_path) as (a, b),
+        spawn_fixture("process_flags", netns=a.netns) as fixture,
+    ):
+        before = flags_of(fixture.pid)
+        moved = move(a, fixture.pid, b)
+        fixture.wait_exit()
+        after = flags_of(moved.pid)
+        assert after["leader"] == before["leader"], (before, after)
+        assert after["names"] == before["names"], (before, after)
+        # Every thread as its leader (as a restore always made them: cloned after it).
+        assert set(after["threads"]) == {before["leader"]}, after
+        finish_moved(fixture, moved, tmp_path)  # its own check: personality, flags
+
+
+def flags_of(pid: int) -> dict[str, Any]:
+    """The personality and NoNewPrivs of `pid`'s leader and of each thread, their names."""
+
+    def flags(task: Path) -> str:
+        status = dict(line.split(":", 1) for line in (task / "status").read_text().splitlines())
+        personality = (task / "personality").read_text().strip()
+        return f"personality {personality}, NoNewPrivs {status['NoNewPrivs'].strip()}"
+
+    tasks = sorted(Path(f"/proc/{pid}/task").iterdir())
+    return {
+        "leader": flags(Path(f"/proc/{pid}")),
+        "threads": [flags(task) for task in tasks],
+        "names": sorted((task / "comm").read_text() for task in tasks),
+    }

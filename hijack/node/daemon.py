@@ -51,7 +51,7 @@ from hijack.process.tree import read_tree
 from hijack.registry import MemberRecord, Registry, node_name
 from hijack.restore.postcopy import LazyPages, serve_members
 from hijack.restore.precopy import Prebuilt
-from hijack.restore.restorer import RestoreResult, restore
+from hijack.restore.restorer import RestoreResult, clone_ahead, restore
 from hijack.restore.tree import PrebuiltTree, TreeMove, prebuild_tree, restore_tree
 from hijack.restore.tree_rounds import TreeRounds
 from hijack.shadow import control, relay_link
@@ -534,6 +534,12 @@ class NodeDaemon:
                 laps.lap("early relays")
                 prebuilt.hand_over_early(early)
                 laps.lap("early relays and descriptors in")
+                # Its threads too, as the message names them: the clones' wake-ups
+                # overlap the mover's reading of the frozen process (the final restore
+                # checks they are the image's, and gives each what it would inherit).
+                if not tree:
+                    clone_ahead(prebuilt, _threads_of(request))
+                    laps.lap("threads cloned ahead")
 
             def admit(
                 header: rec.ImageHeader, credentials: rec.Credentials, segments: rec.Segments
@@ -839,6 +845,22 @@ class NodeDaemon:
                     waiting.wake()
                 log(f"move {move}: settled as aborted, asked before its commit arrived")
         return {"move": move, "outcome": outcome, "pid": pid, **addresses}
+
+
+MAX_THREADS = 1 << 16  # a move message's `threads`, at most (the kernel's tids fit 22 bits)
+
+
+def _threads_of(request: dict[str, Any]) -> list[int]:
+    """The move message's `threads` (the process's tids but its leader's; none from an
+    older mover), checked: a flaw refuses the move."""
+    threads = request.get("threads", [])
+    if (
+        not isinstance(threads, list)
+        or len(threads) > MAX_THREADS
+        or not all(isinstance(tid, int) and 0 < tid < 1 << 22 for tid in threads)
+    ):
+        raise HijackError("malformed threads in the move message")
+    return threads
 
 
 def _plain_relays(home: control.HomeEndpoint, streams: list[str], move: str) -> list[socket.socket]:

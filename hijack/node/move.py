@@ -583,6 +583,8 @@ def _move_frozen(
                     "home": home_fields(record, relay_address, shadow.token, home),
                     "proxies": [p.__dict__ for p in plan],
                     "postcopy": postcopy,
+                    # Pre-copied, its stub there clones them before the image comes.
+                    "threads": sorted(t for t in tracee.threads if t != pid) if precopied else [],
                 }
             )
             repointed.send_unread(channel)

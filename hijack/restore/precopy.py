@@ -49,6 +49,8 @@ class Prebuilt:
         self.rounds = 0
         self.taken = False  # the final restore owns the stub now
         self.handed: dict[int, int] = {}  # hand_over_early's: image number -> the stub's
+        # restorer.clone_ahead's: the process's tids (but its leader's) -> the stub's threads
+        self.cloned: dict[int, int] = {}
 
     def receive_round(self, stream: BinaryIO) -> RoundReceived:
         records = read_round(stream)
