@@ -47,6 +47,7 @@ from hijack.mutator.tracee import (
     signals_deferred,
 )
 from hijack.sys import pipe as pipes_
+from hijack.sys import writeback
 from hijack.sys.pidfd import copy_fd
 from hijack.testpoint import reached
 
@@ -145,10 +146,9 @@ class PageSplicer:
         group.held = 0
         if self._writeback_from is not None:
             written = os.lseek(self._out, 0, os.SEEK_CUR)
-            with contextlib.suppress(HijackError):  # only sooner: the sync at the end writes
-                pipes_.start_writeback(
-                    self._out, self._writeback_from, written - self._writeback_from
-                )
+            writeback.start_writeback(
+                self._out, self._writeback_from, written - self._writeback_from
+            )
             self._writeback_from = written
         return length
 
