@@ -55,6 +55,7 @@ from hijack.restore.tree import relation_refusals
 from hijack.sys import memory, procfs
 from hijack.sys import ptrace as pt
 from hijack.sys.process import get_robust_list
+from hijack.sys.writeback import WritebackFile
 from hijack.testpoint import reached
 from hijack.timing import Laps
 
@@ -545,8 +546,9 @@ def dump_to_file(
     partial = path.with_name(f".{path.name}.partial")
     placed = False
     try:
-        # 0600: the image holds the process's memory, its secrets included.
-        with open(partial, "wb", opener=_owner_only) as out:
+        # 0600: the image holds the process's memory, its secrets included. Its pages go
+        # to the disk as they are written: the sync before it is put in place waits less.
+        with WritebackFile(io.FileIO(partial, "wb", opener=_owner_only)) as out:
 
             def put_in_place() -> None:
                 nonlocal placed

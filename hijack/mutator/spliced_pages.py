@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from hijack.errors import HijackError
-from hijack.mutator.parasite import Batch, Call, parasite_area
+from hijack.mutator.parasite import Batch, Call, parasite_area, sigtrap_ignored
 from hijack.mutator.tracee import (
     Tracee,
     put_back_thread,
@@ -47,6 +47,7 @@ from hijack.mutator.tracee import (
     signals_deferred,
 )
 from hijack.sys import pipe as pipes_
+from hijack.sys import writeback
 from hijack.sys.pidfd import copy_fd
 from hijack.testpoint import reached
 
@@ -145,10 +146,9 @@ class PageSplicer:
         group.held = 0
         if self._writeback_from is not None:
             written = os.lseek(self._out, 0, os.SEEK_CUR)
-            with contextlib.suppress(HijackError):  # only sooner: the sync at the end writes
-                pipes_.start_writeback(
-                    self._out, self._writeback_from, written - self._writeback_from
-                )
+            writeback.start_writeback(
+                self._out, self._writeback_from, written - self._writeback_from
+            )
             self._writeback_from = written
         return length
 
@@ -241,6 +241,8 @@ def page_splicer(tracee: Tracee, out: BinaryIO, *, pipes: bool) -> Iterator[Page
         stack.callback(tracee.put_back)
         try:
             area = stack.enter_context(parasite_area(tracee))
+            # Read once: only our batches run in it until the end, none touching SIGTRAP.
+            area.sigtrap_ignored = sigtrap_ignored(tracee.pid)
             batches = functools.partial(Batch, area)
             made = stack.enter_context(_process_pipes(tracee, batches))
             per_group = max(1, len(made) // 2)

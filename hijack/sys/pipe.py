@@ -110,7 +110,6 @@ def open_fifo(path: str) -> int:
 
 SPLICE_F_MOVE = 1
 SPLICE_F_MORE = 4
-SYNC_FILE_RANGE_WRITE = 2
 
 
 def splice_out(read_fd: int, out_fd: int, length: int) -> int:
@@ -125,11 +124,3 @@ def splice_out(read_fd: int, out_fd: int, length: int) -> int:
             raise HijackError(f"splice moved nothing: {left} bytes of pages left in the pipe")
         left -= moved
     return length
-
-
-def start_writeback(fd: int, offset: int, length: int) -> None:
-    """sync_file_range(SYNC_FILE_RANGE_WRITE): have the kernel start writing the dirty
-    pages of file `fd` in [offset, offset + length) to its disk now, without waiting. A
-    file synced at its end then finds most of it written already: its writing overlaps
-    what comes after instead of following it all."""
-    raw_syscall("sync_file_range", fd, offset, length, SYNC_FILE_RANGE_WRITE, what="writeback")
