@@ -61,6 +61,9 @@ GROUP_BYTES = 8 * 1024 * 1024
 # One group's worth per pipe where this user may have such a pipe (above
 # fs.pipe-max-size needs CAP_SYS_RESOURCE), else the default limit, which anyone may ask.
 PIPE_SIZES = (GROUP_BYTES, 1024 * 1024)
+# At most this many pipes a group: where a pipe stays small (64 KiB, say), a group holds
+# less, rather than a batch too big for its area.
+GROUP_PIPES = 8
 _DEV_NULL = os.makedev(1, 3)
 
 
@@ -265,7 +268,7 @@ def _process_pipes(tracee: Tracee, batches: Callable[[], Batch]) -> Iterator[lis
     try:
         first = _open_pipes(tracee, batches, 1)
         made += first
-        per_group = GROUP_BYTES // pipes_.pipe_size(first[0].read_end)
+        per_group = min(GROUP_PIPES, max(1, GROUP_BYTES // pipes_.pipe_size(first[0].read_end)))
         made += _open_pipes(tracee, batches, 2 * per_group - 1)
         yield made
     finally:
