@@ -34,7 +34,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, NamedTuple, cast
 
 from hijack.errors import HijackError
@@ -45,7 +44,7 @@ from hijack.mutator.precopy import Run, lazy_in
 from hijack.node import gate, mounts, pki, policy, swap_end
 from hijack.node import terminal as terminal_pump
 from hijack.node.channel import Channel, ChannelError, DataReader
-from hijack.node.forwarder import RELAYS_AT_ONCE, ForwarderProcess, closed_listener
+from hijack.node.forwarder import ForwarderProcess, closed_listener, side_by_side
 from hijack.node.load import node_load
 from hijack.process.tree import read_tree
 from hijack.registry import MemberRecord, Registry, node_name
@@ -386,7 +385,9 @@ class NodeDaemon:
             if len(streams) < 2:
                 return  # one is made as before, by proxy_end
             if plain:
-                socks = _plain_relays(shadow, streams, move)
+                socks = side_by_side(
+                    lambda stream: control.open_plain_relay(shadow, stream, move), streams
+                )
             else:
                 socks = self.forwarder.relays(shadow, streams, move)
             opened.extend(socks)  # closed if the move fails; else once the process has them
@@ -861,21 +862,6 @@ def _threads_of(request: dict[str, Any]) -> list[int]:
     ):
         raise HijackError("malformed threads in the move message")
     return threads
-
-
-def _plain_relays(home: control.HomeEndpoint, streams: list[str], move: str) -> list[socket.socket]:
-    """Plain relays for `streams`, made side by side, in their order; if one fails, those
-    made are closed and its error raised (as Forwarder.relays does for encrypted ones)."""
-    with ThreadPoolExecutor(min(RELAYS_AT_ONCE, len(streams))) as pool:
-        futures = [pool.submit(control.open_plain_relay, home, stream, move) for stream in streams]
-    made = [future.result() for future in futures if future.exception() is None]
-    for future in futures:
-        failed = future.exception()
-        if failed is not None:
-            for sock in made:
-                sock.close()
-            raise failed
-    return made
 
 
 def datagram_socket(proxy: Proxy, here: str) -> socket.socket:

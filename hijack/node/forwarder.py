@@ -177,6 +177,24 @@ class _ListenerLink:
     lines: bytearray = field(default_factory=bytearray)
 
 
+def side_by_side(
+    make: Callable[[str], socket.socket], streams: Sequence[str]
+) -> list[socket.socket]:
+    """make() of each of `streams`, RELAYS_AT_ONCE at a time, in their order. If one
+    fails, those made are closed (the shadow sees them end, as when a later relay of a
+    move fails) and its error raised."""
+    with ThreadPoolExecutor(min(RELAYS_AT_ONCE, len(streams))) as pool:
+        futures = [pool.submit(make, stream) for stream in streams]
+    made = [future.result() for future in futures if future.exception() is None]
+    for future in futures:
+        failed = future.exception()
+        if failed is not None:
+            for sock in made:
+                sock.close()
+            raise failed
+    return made
+
+
 class Forwarder:
     """Every forwarded relay and listener link of this node, pumped by one thread."""
 
@@ -227,16 +245,7 @@ class Forwarder:
         a move fails) and its error raised."""
         if len(streams) < 2:
             return [self.relay(home, stream, move) for stream in streams]
-        with ThreadPoolExecutor(min(RELAYS_AT_ONCE, len(streams))) as pool:
-            futures = [pool.submit(self.relay, home, stream, move) for stream in streams]
-        made = [future.result() for future in futures if future.exception() is None]
-        for future in futures:
-            failed = future.exception()
-            if failed is not None:
-                for sock in made:
-                    sock.close()
-                raise failed
-        return made
+        return side_by_side(lambda stream: self.relay(home, stream, move), streams)
 
     def listen(
         self, home: control.HomeEndpoint, stream: str, move: str, listener: str
