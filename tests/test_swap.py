@@ -253,11 +253,16 @@ def connection_inode(pid: int, peer: str) -> int:
     return found[0]
 
 
-def old_ends(node: Node, port: int, peer: str) -> str:
-    """`ss`'s lines of the TCP sockets of any state on `node` from `port` to `peer`."""
-    listed = node.run(["ss", "-tanH", "dst", peer, "sport", "=", f":{port}"], timeout=10)
+def assert_old_end_let_go(home: Node, server: RunningFixture, old_end: int, peer: str) -> None:
+    """`server`, moved away from `home`, left nothing of its direct connection to `peer`
+    (its old end: socket inode `old_end`) there: no copy kept by its shadow, no socket in
+    FIN_WAIT or TIME_WAIT; a move home can make the connection again under its addresses."""
+    shadow = shadow_pid_of(home, server.pid)
+    assert old_end not in {entry.ino for entry in procfs.list_fds(shadow)}
+    port = server.ready["port"]
+    listed = home.run(["ss", "-tanH", "dst", peer, "sport", "=", f":{port}"], timeout=10)
     assert listed.returncode == 0, listed.stderr
-    return listed.stdout.strip()
+    assert listed.stdout.strip() == "", listed.stdout
 
 
 def goes_on_without(home: Node, node: Node, peer: str) -> None:
@@ -369,11 +374,7 @@ def test_swapped_ends_move_on_and_their_connection_stays_direct(
             old_end = connection_inode(server.pid, "10.77.0.3:")
             moved_server = move(a, server.pid, b)
             server.wait_exit()
-            # Its old end is gone from a (no copy kept by the shadow there, no FIN_WAIT or
-            # TIME_WAIT): the move home below makes it again under the same addresses.
-            shadow = shadow_pid_of(a, server.pid)
-            assert old_end not in {entry.ino for entry in procfs.list_fds(shadow)}
-            assert old_ends(a, server.ready["port"], "10.77.0.3") == ""
+            assert_old_end_let_go(a, server, old_end, "10.77.0.3")
             assert still_running(moved.pid), "the stream ended before the last move: too fast"
             assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
             assert f"10.77.0.2:{server.ready['port']}" in peers_of(moved.pid)
@@ -424,11 +425,7 @@ def test_a_move_run_away_from_home_swaps_through_the_home_node(
             old_end = connection_inode(server.pid, "10.77.0.3:")
             moved_server = move(a, server.pid, b)
             server.wait_exit()
-            # Its old end is gone from a (no copy kept by the shadow there, no FIN_WAIT or
-            # TIME_WAIT): the move home below makes it again under the same addresses.
-            shadow = shadow_pid_of(a, server.pid)
-            assert old_end not in {entry.ino for entry in procfs.list_fds(shadow)}
-            assert old_ends(a, server.ready["port"], "10.77.0.3") == ""
+            assert_old_end_let_go(a, server, old_end, "10.77.0.3")
             assert still_running(moved.pid), "the stream ended before the last move: too fast"
             assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
             assert f"10.77.0.2:{server.ready['port']}" in peers_of(moved.pid)
