@@ -683,6 +683,7 @@ def _move_frozen(
                     unread_datagrams,
                     present,
                     home_again=homing,
+                    direct={0: direct_numbers(plan)} if at_home else None,
                 )
                 unswitched = None
             except HijackError as exc:
@@ -1069,9 +1070,9 @@ def _switch_shadow(
 
     `home_again`: at home, with every original the shadow handed back; a tree's
     `members` (but its root, whose are `plan`'s): each one's numbers of each stream, by
-    its pid at home now. `direct`: the numbers of its direct connections, by member (0:
-    the root; default: `plan`'s), made again at `location`: the shadow lets go of any
-    copy it holds of the old ones.
+    its pid at home now. `direct` (a move from home): the numbers of its direct
+    connections, by member (0: the root), made again at `location`: the shadow lets go
+    of the copies the hand-over gave it.
     """
     shadow.request(
         {
@@ -1087,13 +1088,7 @@ def _switch_shadow(
                 for member, numbers in (members or {}).items()
             },
             "pid": int(prepared.get("pid", 0)),  # its pid there
-            "direct": {
-                str(member): numbers
-                for member, numbers in (
-                    direct if direct is not None else {0: direct_numbers(plan)}
-                ).items()
-                if numbers
-            },
+            "direct": {str(member): fds for member, fds in (direct or {}).items() if fds},
             "unread": {k: base64.b64encode(v).decode() for k, v in unread.items()},
             "listeners": prepared.get("listeners", {}),
             "present": present,

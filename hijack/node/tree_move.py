@@ -688,7 +688,9 @@ def _frozen(
                 direct={
                     0 if member == pid else member: direct_numbers(plan)
                     for member, plan in plans.items()
-                },
+                }
+                if at_home
+                else None,
             )
             unswitched = None
         except HijackError as exc:

@@ -717,9 +717,11 @@ class Shadow:
             pid = int(member)
             table = self.members.get(pid, {}) if pid and pid != self.target_pid else self.held
             for number in numbers:
-                own = table.pop(int(number), None)
-                if own is not None:
-                    self.relayed.discard(own)
+                own = table.get(int(number))
+                if own is None or own in self.relayed:
+                    continue  # a relay's original is the hub's to close
+                del table[int(number)]
+                with contextlib.suppress(OSError):  # never a reason to refuse `migrated`
                     self._close_unless_named(own)
 
     def _close_unless_named(self, fd: int) -> None:
