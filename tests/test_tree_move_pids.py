@@ -162,7 +162,11 @@ def test_a_shell_moved_waits_for_its_children_and_gets_their_statuses(tmp_path: 
         before = set(read_tree(shell.pid).pids)
         shell.stdin.write(b"".join(f"line {n}\n".encode() for n in range(10)))
         shell.stdin.flush()
-        poll_until(lambda: output.read_text().count("\n") >= 10, "the pipeline passing 10 lines")
+        # The consumer's `> out` may not be opened yet when its process is there.
+        poll_until(
+            lambda: output.exists() and output.read_text().count("\n") >= 10,
+            "the pipeline passing 10 lines",
+        )
         there, printed = move_tree(a, shell.pid, b)
         assert there == shell.pid, printed
         assert_old_pids_kept(printed, 4)
