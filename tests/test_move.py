@@ -1424,6 +1424,23 @@ def test_a_threaded_process_moved_keeps_its_personality_no_new_privs_and_names(
         finish_moved(fixture, moved, tmp_path)  # its own check: personality, flags
 
 
+def test_thirty_threads_moved_keep_their_own_altstacks_and_tid_addresses(tmp_path: Path) -> None:
+    # The mover reads what only a call made in each thread tells (its clear-child-tid
+    # address, its altstack) in every thread at once (hijack.mutator.parasite); the
+    # destination gives each of its threads, cloned ahead, its own back.
+    with (
+        two_nodes(tmp_path) as (a, b),
+        spawn_fixture("altstacks", "30", netns=a.netns) as fixture,
+    ):
+        tids = {int(tid) for tid in os.listdir(f"/proc/{fixture.pid}/task")}
+        assert len(tids) == int(fixture.ready["threads"]) == 31
+        moved = move(a, fixture.pid, b)
+        fixture.wait_exit()
+        assert len(os.listdir(f"/proc/{moved.pid}/task")) == 31
+        stdout = finish_moved(fixture, moved, tmp_path)  # each thread checks its own
+        assert "checked=31" in stdout, stdout
+
+
 def flags_of(pid: int) -> dict[str, Any]:
     """The personality and NoNewPrivs of `pid`'s leader and of each thread, their names."""
 

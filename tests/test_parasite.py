@@ -1,16 +1,20 @@
 """Batched injected system calls (hijack.mutator.parasite), in a real stopped process: one
 stop for the whole batch, results chained from call to call, a checked failure that stops
 it, signals sent while it runs delivered once afterwards, the process put back as found
-(its own checks in tests/fixtures/parasite.c)."""
+(its own checks in tests/fixtures/parasite.c). Batches of many threads run side by
+side, each in its own part of the area (tests/fixtures/altstacks.c: each thread's own
+altstack and clear-child-tid address)."""
 
 from __future__ import annotations
 
 import errno
 import os
 import signal
+import struct
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -18,13 +22,14 @@ from support import spawn_fixture
 from support.running import RunningFixture
 
 from hijack.errors import InjectionFailed
-from hijack.mutator.parasite import BLOB, Batch, parasite_area
-from hijack.mutator.tracee import Tracee
+from hijack.mutator.parasite import BLOB, Batch, Call, parasite_area, run_in_threads
+from hijack.mutator.tracee import ThreadState, TracedThread, Tracee
 from hijack.sys import procfs
 
 AT_FDCWD = -100
 O_WRONLY, O_CREAT, O_TRUNC = 0o1, 0o100, 0o1000
 READ_NR = 0
+PR_GET_TID_ADDRESS = 40
 SIGNAL_WAIT = 120.0  # seconds: generous, the machine is loaded
 
 
@@ -106,3 +111,67 @@ def test_the_blob_is_its_assembly_source(tmp_path: Path) -> None:
     subprocess.run(["gcc", "-c", str(source), "-o", str(obj)], check=True)
     subprocess.run(["objcopy", "-O", "binary", "-j", ".text", str(obj), str(raw)], check=True)
     assert raw.read_bytes() == BLOB
+
+
+@pytest.mark.parametrize(
+    ("executable", "size"),
+    [(True, 16 * 1024), (True, 4096), (False, 4096)],
+    ids=["side by side", "two groups", "one by one"],
+)
+def test_batches_of_many_threads_run_side_by_side_each_in_its_own_thread(
+    executable: bool, size: int
+) -> None:
+    # 31 tasks, each with its own clear-child-tid slot and altstack size: a thread's
+    # results read from another's part of the area would pair a slot with another's size.
+    with spawn_fixture("altstacks", "30") as fixture:
+        slots, stack_size = int(fixture.ready["slots"], 16), int(fixture.ready["stack_size"])
+        with Tracee.seize(fixture.pid) as tracee, parasite_area(tracee, size) as area:
+            area.executable = executable
+            threads = [tracee.threads[tid] for tid in tracee.thread_ids]
+            assert len(threads) == int(fixture.ready["threads"]) == 31
+
+            def queue(thread: TracedThread, batch: Batch) -> tuple[Call, Callable[[], bytes]]:
+                address, altstack = batch.buffer(8), batch.buffer(24)
+                batch.call("prctl", PR_GET_TID_ADDRESS, address, 0, 0, 0)
+                batch.call("sigaltstack", 0, altstack)
+                gettid = batch.call("gettid")
+                return gettid, lambda: batch.read(address, 8) + batch.read(altstack, 24)
+
+            stops_before = tracee.stops
+            queued = run_in_threads(tracee, area, threads, queue)
+            stops = tracee.stops - stops_before
+            indexes = set()
+            for thread, (gettid, written) in zip(threads, queued, strict=True):
+                assert gettid.result == thread.tid, "a batch ran in another thread"
+                tid_address, _, flags, ss_size = struct.unpack("<QQi4xQ", written())
+                index = (tid_address - slots) // 8
+                assert (flags, ss_size) == (0, stack_size + 4096 * index), f"task {thread.tid}"
+                indexes.add(index)
+            assert indexes == set(range(31))
+            # Side by side: one stop each; one by one: two for each of its three calls.
+            assert stops == (31 if executable else 31 * 3 * 2)
+        fixture.assert_intact()
+
+
+def test_a_batch_failing_in_one_thread_leaves_every_other_run_and_all_stopped() -> None:
+    with spawn_fixture("altstacks", "12") as fixture:
+        with Tracee.seize(fixture.pid) as tracee, parasite_area(tracee) as area:
+            threads = [tracee.threads[tid] for tid in tracee.thread_ids]
+            failing = threads[5]
+            gettids: dict[int, Call] = {}
+
+            def queue(thread: TracedThread, batch: Batch) -> None:
+                if thread is failing:
+                    batch.call("close", -1)  # checked: fails with EBADF, its batch stops
+                gettids[thread.tid] = batch.call("gettid")
+
+            with pytest.raises(InjectionFailed) as failed:
+                run_in_threads(tracee, area, threads, queue)
+            assert failed.value.errno == errno.EBADF
+            assert gettids.pop(failing.tid).result is None
+            assert {tid: call.result for tid, call in gettids.items()} == {
+                tid: tid for tid in gettids
+            }
+            # Every thread stopped again at its trap: put back and released as any.
+            assert all(thread.state is ThreadState.INJECTING for thread in threads)
+        fixture.assert_intact()

@@ -566,3 +566,54 @@ def test_workers_all_stopped_while_seized_and_intact_through_attach_and_detach(
         wake_parked(workers, channels)
         workers.assert_intact()
     assert "PASS workers" in workers.stdout
+
+
+# -- 6. thirty threads, each with its own altstack and clear-child-tid address ---------------------
+
+
+@pytest.mark.parametrize("trap", ["caught", "ignored"])
+def test_thirty_threads_keep_their_own_altstacks_and_tid_addresses_through_dump_and_restore(
+    hijack: HijackCli, tmp_path: Path, trap: str
+) -> None:
+    # What only a call made in a thread tells (dump's per-thread batches): read side by side
+    # in every thread at once, or, SIGTRAP ignored (no int3 may end code of ours), one call
+    # at a time; the restored threads must each get their own back.
+    image, again = tmp_path / "altstacks.crf", tmp_path / "restored.crf"
+    arguments = ("30",) if trap == "caught" else ("30", "ignore-trap")
+    with spawn_fixture("altstacks", *arguments, fifos=True) as fixture:
+        tids = thread_ids(fixture.pid)
+        assert len(tids) == int(fixture.ready["threads"]) == 31
+        hijack.ok("dump", fixture.pid, "-o", image, "--kill")
+        assert fixture.wait_exit() == -signal.SIGKILL
+        first = threads_in(image)
+        assert set(first) == tids
+        assert_own_altstacks_and_slots(first, fixture)
+
+        pid = restored_pid(hijack.ok("restore", image))
+        fixture.adopt(pid)
+        assert thread_ids(pid) == tids, "not every thread got its old tid back"
+        # A dump of the restored process (a snapshot: read one call at a time) finds
+        # each thread's own state again.
+        hijack.ok("dump", pid, "-o", again)
+        second = threads_in(again)
+        assert set(second) == tids
+        for tid in tids:
+            assert kept_per_thread(second[tid]) == kept_per_thread(first[tid]), f"thread {tid}"
+        fixture.assert_intact()  # each thread checks its own, a signal on its altstack
+    assert "checked=31" in fixture.stdout
+
+
+def assert_own_altstacks_and_slots(threads: dict[int, rec.Thread], fixture: RunningFixture) -> None:
+    """Task i (main 0) of the altstacks fixture: slot `slots + 8i`, an altstack of
+    `stack_size + 4096i` bytes; every task once (a mix-up pairs one's slot with another's)."""
+    slots, size = int(fixture.ready["slots"], 16), int(fixture.ready["stack_size"])
+    indexes = {}
+    for tid, thread in threads.items():
+        index, rest = divmod(thread.clear_child_tid - slots, 8)
+        assert rest == 0, f"task {tid}: clear-child-tid {thread.clear_child_tid:#x}"
+        altstack = thread.sigaltstack
+        assert (altstack.ss_size, altstack.ss_flags) == (size + 4096 * index, 0), f"task {tid}"
+        assert altstack.ss_sp, f"task {tid}: no altstack"
+        indexes[tid] = index
+    assert indexes[fixture.pid] == 0, "main's slot is another's"
+    assert sorted(indexes.values()) == list(range(len(threads)))

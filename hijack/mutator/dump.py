@@ -32,7 +32,14 @@ from hijack.image.codec import ImageWriter
 from hijack.image.files import ImageFiles
 from hijack.image.identity import file_identity, is_shared_library
 from hijack.mutator.frozen_tree import FrozenTree, frozen_tree
-from hijack.mutator.parasite import Area, Batch, parasite_area, unmap_area, without_area
+from hijack.mutator.parasite import (
+    Area,
+    Batch,
+    parasite_area,
+    run_in_threads,
+    unmap_area,
+    without_area,
+)
 from hijack.mutator.shared_pages import SharedPages
 from hijack.mutator.spliced_pages import PageSplicer, page_splicer
 from hijack.mutator.tracee import (
@@ -337,7 +344,7 @@ def write_image(
     aio_rings = aio.read_rings(pid, maps, moving=precopied is not None)
     maps = [entry for entry in maps if not aio.is_aio_ring(entry)]  # made again by io_setup
     # Every call below in one batch (hijack.mutator.parasite): the injection thread's
-    # calls in one stop, and one stop more for each other thread's two. In `parasite`,
+    # calls in one stop, then every other thread's two side by side. In `parasite`,
     # an area the caller mapped (and unmaps), or one mapped here.
     with contextlib.nullcontext(parasite) if parasite else parasite_area(tracee) as area:
         batch = Batch(area)
@@ -361,12 +368,10 @@ def write_image(
         actions = actions_read()
         process_settings = settings_read()
         process_timers = timers_read()
-        threads = [
-            threads_read[thread.tid]()
-            if thread.tid in threads_read
-            else read_thread_batched(tracee, thread, area)
-            for thread in _live(tracee)
-        ]
+        others = [thread for thread in _live(tracee) if thread.tid not in threads_read]
+        records = run_in_threads(tracee, area, others, functools.partial(queue_thread, tracee))
+        threads_read.update(zip((thread.tid for thread in others), records, strict=True))
+        threads = [threads_read[thread.tid]() for thread in _live(tracee)]
     tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
     laps.lap("image: injected")
     files = objects.read_files(
@@ -772,17 +777,12 @@ def _sigaction(raw: bytes) -> rec.SigAction:
     return rec.SigAction(sa_handler=handler, sa_flags=flags, sa_restorer=restorer, sa_mask=mask)
 
 
-def read_thread(tracee: Tracee, thread: TracedThread, scratch: int) -> rec.Thread:
-    """queue_thread, run at once with `scratch` (at least 48 bytes) for what it writes."""
-    return read_thread_batched(tracee, thread, Area(scratch, BORROWED_SCRATCH, executable=False))
-
-
-def read_thread_batched(tracee: Tracee, thread: TracedThread, area: Area) -> rec.Thread:
-    """queue_thread in a batch of its own, run in that thread."""
-    batch = Batch(area)
-    read = queue_thread(tracee, thread, batch)
-    batch.run(tracee, tid=thread.tid)
-    return read()
+def read_threads(tracee: Tracee, threads: list[TracedThread], scratch: int) -> list[rec.Thread]:
+    """queue_thread for each, run with `scratch` (at least 48 bytes) for what they write
+    (one call at a time: the scratch is not executable)."""
+    area = Area(scratch, BORROWED_SCRATCH, executable=False)
+    records = run_in_threads(tracee, area, threads, functools.partial(queue_thread, tracee))
+    return [record() for record in records]
 
 
 def queue_thread(tracee: Tracee, thread: TracedThread, batch: Batch) -> Callable[[], rec.Thread]:

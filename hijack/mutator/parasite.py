@@ -15,6 +15,12 @@ where the int3 would
 change the target (SIGTRAP ignored: a forced signal resets an ignored handler
 to default), the same batch runs one call at a time: same results, more stops.
 
+Calls only a given thread can make (a thread's own clear-child-tid address, its
+alternate signal stack) go in a batch of that thread's: such batches share the
+area, each in its own part after the one blob, and run side by side
+(`run_side_by_side`, `run_in_threads`): every thread resumed, then each waited
+for, one trip through the scheduler for all of them rather than one each.
+
 Calls may chain: an argument given as an earlier `Call` is that call's result,
 taken inside the target (`open` then `dup2` of what it returned). A call made
 with check=True stops the batch when it fails, and `run` raises for it; an
@@ -26,17 +32,19 @@ from __future__ import annotations
 import os
 import signal
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from hijack.errors import InjectionFailed
 from hijack.mutator.tracee import (
     MAP_PRIVATE_ANONYMOUS,
     MINUS_ONE,
     PROT_READ_WRITE,
+    TracedThread,
     Tracee,
-    run_code,
+    run_code_side_by_side,
 )
 from hijack.sys import memory, procfs
 from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
@@ -93,6 +101,8 @@ PROT_READ_WRITE_EXEC = PROT_READ_WRITE | 0x4
 AREA_FLAGS = MAP_PRIVATE_ANONYMOUS | 0x4000 | 0x20000
 PARASITE_SIZE = 16 * 1024  # the blob, a table of ~100 calls and what they write
 
+T = TypeVar("T")
+
 
 @dataclass
 class Area:
@@ -124,16 +134,25 @@ class Call:
 
 @dataclass
 class Batch:
-    """Calls to run in one go inside a stopped target, in `area`."""
+    """Calls to run in one go inside a stopped target, in `area` from `start` on (batches
+    run side by side each have their own part of it; the blob before them is shared)."""
 
     area: Area
+    start: int = 0
     calls: list[Call] = field(default_factory=list)
     _data: bytearray = field(default_factory=bytearray)  # from area + _base
     _read: bytes = b""
-    _base: int = field(init=False)  # after the blob where it may run; else the start
+    _base: int = field(init=False)  # after the blob where it may run; else `start`
 
     def __post_init__(self) -> None:
-        self._base = CODE_SIZE if self.area.executable else 0
+        self._base = max(self.start, CODE_SIZE) if self.area.executable else self.start
+
+    @property
+    def end(self) -> int:
+        """Where its part of the area ends (its data, then its table where the blob may run
+        it: one call at a time needs none): the next part's start."""
+        table = ENTRY.size * len(self.calls) if self.area.executable else 0
+        return self._base + len(self._data) + table
 
     def call(self, name: str, *args: int | Call, check: bool = True) -> Call:
         if len(args) > 6:
@@ -147,12 +166,9 @@ class Batch:
         return self.put(bytes(size))
 
     def put(self, data: bytes) -> int:
-        """Copy `data` into the area (at the run); return its address in the target."""
+        """Copy `data` into the area (at the run); return its address in the target.
+        Whether it fits is told at the run (a caller laying batches out may start again)."""
         address = self.area.address + self._base + len(self._data)
-        if self._base + len(self._data) + len(data) > self.area.size:
-            raise InjectionFailed(
-                f"{len(data)} bytes more do not fit in a batch area of {self.area.size}"
-            )
         self._data += data
         self._data += bytes(-len(self._data) % 16)
         return address
@@ -167,33 +183,37 @@ class Batch:
     def run(self, tracee: Tracee, tid: int | None = None) -> None:
         """Run every call in thread `tid` (the injection thread by default); raise
         InjectionFailed for the first checked call that failed (none after it ran)."""
-        if self.calls:
-            if self._base and not self._touches_sigtrap() and not self._sigtrap_ignored(tracee):
-                self._run_blob(tracee, tid)
-            else:
-                self._run_one_by_one(tracee, tid)
+        run_side_by_side(tracee, [(tid or tracee.injection_tid, self)])
+
+    def _fits(self, pid: int) -> None:
+        if self.end > self.area.size:
+            raise InjectionFailed(
+                f"a batch of {len(self.calls)} calls and {len(self._data)} bytes needs"
+                f" {self.end} bytes; the area has {self.area.size}",
+                pid=pid,
+            )
+
+    def _raise_failed(self, pid: int) -> None:
         failed = next((c for c in self.calls if c.check and c.failed), None)
         if failed is not None:
             assert failed.result is not None
             raise InjectionFailed(
-                f"{failed.name} inside process {tracee.pid} failed: {os.strerror(-failed.result)}",
-                pid=tracee.pid,
+                f"{failed.name} inside process {pid} failed: {os.strerror(-failed.result)}",
+                pid=pid,
                 errno=-failed.result,
                 syscall=failed.name,
             )
 
     def _touches_sigtrap(self) -> bool:
         """Whether a call may ignore or block SIGTRAP before the int3 (rt_sigaction of it,
-        rt_sigprocmask): a forced SIGTRAP then resets the handler (see tracee.run_code)."""
+        rt_sigprocmask): a forced SIGTRAP then resets the handler (see tracee.run_code).
+        One that only reads (its new action or set NULL) changes nothing: a dump reads
+        every signal's action, SIGTRAP's too, and runs its batch whole all the same."""
         return any(
-            call.name == "rt_sigprocmask"
-            or (call.name == "rt_sigaction" and call.args[:1] == (signal.SIGTRAP,))
+            (call.name == "rt_sigprocmask" and _sets(call))
+            or (call.name == "rt_sigaction" and call.args[:1] == (signal.SIGTRAP,) and _sets(call))
             for call in self.calls
         )
-
-    def _sigtrap_ignored(self, tracee: Tracee) -> bool:
-        known = self.area.sigtrap_ignored
-        return sigtrap_ignored(tracee.pid) if known is None else known
 
     def _table(self) -> bytes:
         entries = []
@@ -210,37 +230,12 @@ class Batch:
             entries.append(ENTRY.pack(SYSCALL_NUMBERS[call.name], flags, *values, 0))
         return b"".join(entries)
 
-    def _run_blob(self, tracee: Tracee, tid: int | None) -> None:
-        table_offset = CODE_SIZE + len(self._data)
-        table = self._table()
-        end = table_offset + len(table)
-        if end > self.area.size:
-            raise InjectionFailed(
-                f"a batch of {len(self.calls)} calls needs {end} bytes; the area has "
-                f"{self.area.size}",
-                pid=tracee.pid,
-            )
-        start = 0 if not self.area.blob_written else CODE_SIZE
-        image = BLOB.ljust(CODE_SIZE, b"\xcc") + self._data + table
-        memory.write(tracee.pid, self.area.address + start, image[start:])
-        self.area.blob_written = True
-        thread = tracee.threads[tid or tracee.injection_tid]
-        ran, strays = run_code(
-            thread,
-            self.area.address,
-            self.area.address + TRAP_OFFSET,
-            rbx=self.area.address + table_offset,
-            r12=len(self.calls),
-        )
-        tracee.injected += ran
-        tracee.stops += 1
-        back = memory.read(tracee.pid, self.area.address + CODE_SIZE, end - CODE_SIZE)
-        self._read = back[: len(self._data)]
+    def _take(self, part: bytes, ran: int) -> None:
+        """Its part of the area as read back after the blob ran `ran` of its calls."""
+        self._read = part[: len(self._data)]
         for call in self.calls[:ran]:
             at = len(self._data) + call.index * ENTRY.size + RESULT_OFFSET
-            (call.result,) = struct.unpack_from("<q", back, at)
-        for siginfo in strays:  # over the data, read back already
-            requeue_sigtrap(tracee, thread.tid, siginfo, self.area.address + CODE_SIZE)
+            (call.result,) = struct.unpack_from("<q", part, at)
 
     def _run_one_by_one(self, tracee: Tracee, tid: int | None) -> None:
         if self._data:
@@ -255,6 +250,103 @@ class Batch:
             if self._data
             else b""
         )
+
+
+def _sets(call: Call) -> bool:
+    """Whether rt_sigaction's new action or rt_sigprocmask's new set is given (not NULL)."""
+    return call.args[1:2] != (0,)
+
+
+def run_side_by_side(tracee: Tracee, batches: Sequence[tuple[int, Batch]]) -> None:
+    """Run each batch in its own thread (by tid), every one in its own part of one area;
+    raise InjectionFailed for the first checked call that failed, once all ran.
+
+    Where the blob may run, every thread is resumed before any is waited for
+    (tracee.run_code_side_by_side): one trip through the scheduler for them all, as
+    CRIU's parasite runs its per-thread daemons. Where it may not (the area is not
+    executable; SIGTRAP ignored, or a batch that may ignore or block it), a batch runs one
+    call at a time, one thread after the other.
+    """
+    for _, batch in batches:
+        batch._fits(tracee.pid)
+    queued = [(tid, batch) for tid, batch in batches if batch.calls]
+    together = [(t, b) for t, b in queued if b.area.executable and not b._touches_sigtrap()]
+    if together and _sigtrap_ignored(tracee, together[0][1].area):
+        together = []
+    if together:
+        _run_blobs(tracee, together)
+    ran = {id(batch) for _, batch in together}
+    for tid, batch in queued:
+        if id(batch) not in ran:
+            batch._run_one_by_one(tracee, tid)
+    for _, batch in batches:
+        batch._raise_failed(tracee.pid)
+
+
+def _sigtrap_ignored(tracee: Tracee, area: Area) -> bool:
+    return sigtrap_ignored(tracee.pid) if area.sigtrap_ignored is None else area.sigtrap_ignored
+
+
+def _run_blobs(tracee: Tracee, batches: Sequence[tuple[int, Batch]]) -> None:
+    """The blob once, each batch's data and table in its part, all in one write; every
+    thread run side by side; every part read back in one read."""
+    area = batches[0][1].area
+    if any(batch.area is not area for _, batch in batches):
+        raise ValueError("batches run side by side share one area")
+    tables = [batch._table() for _, batch in batches]
+    low = CODE_SIZE if area.blob_written else 0
+    high = max(batch.end for _, batch in batches)
+    image = bytearray(high - low)
+    if not area.blob_written:
+        image[:CODE_SIZE] = BLOB.ljust(CODE_SIZE, b"\xcc")
+    for (_, batch), table in zip(batches, tables, strict=True):
+        image[batch._base - low : batch.end - low] = batch._data + table
+    memory.write(tracee.pid, area.address + low, bytes(image))
+    area.blob_written = True
+    runs = [
+        (
+            tracee.threads[tid],
+            {"rbx": area.address + batch._base + len(batch._data), "r12": len(batch.calls)},
+        )
+        for tid, batch in batches
+    ]
+    results = run_code_side_by_side(runs, area.address, area.address + TRAP_OFFSET)
+    tracee.stops += len(batches)
+    first = min(batch._base for _, batch in batches)
+    back = memory.read(tracee.pid, area.address + first, high - first)
+    for (_, batch), (ran, _) in zip(batches, results, strict=True):
+        tracee.injected += ran
+        batch._take(back[batch._base - first : batch.end - first], ran)
+    for (tid, _), (_, strays) in zip(batches, results, strict=True):
+        for siginfo in strays:  # over the data, read back already
+            requeue_sigtrap(tracee, tid, siginfo, area.address + CODE_SIZE)
+
+
+def run_in_threads(
+    tracee: Tracee,
+    area: Area,
+    threads: Sequence[TracedThread],
+    queue: Callable[[TracedThread, Batch], T],
+) -> list[T]:
+    """`queue(thread, batch)` for each thread, then each batch run in its thread, side by
+    side (run_side_by_side): the batches laid out one after the other in `area`, as many
+    at a time as it holds; what `queue` returned, in order (to read them once run)."""
+    results: list[T] = []
+    group: list[tuple[int, Batch]] = []
+    start = 0
+    for thread in threads:
+        batch = Batch(area, start)
+        result = queue(thread, batch)
+        if batch.end > area.size and group:  # the area is full: run those, start again
+            run_side_by_side(tracee, group)
+            group = []
+            batch = Batch(area)
+            result = queue(thread, batch)
+        group.append((thread.tid, batch))
+        results.append(result)
+        start = batch.end
+    run_side_by_side(tracee, group)
+    return results
 
 
 def _signed(value: int) -> int:

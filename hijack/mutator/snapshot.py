@@ -53,7 +53,7 @@ from hijack.mutator.dump import (
     read_memory_structure,
     read_rlimits,
     read_signal_actions,
-    read_thread,
+    read_threads,
     runs_to_store,
     scratch_page,
     widen_if_pipe,
@@ -176,7 +176,7 @@ def _read_frozen(
     pid = tracee.pid
     maps = procfs.read_maps(pid)
     with scratch_below_stack(tracee, maps) as scratch:
-        threads = [read_thread(tracee, thread, scratch) for thread in _live(tracee)]
+        threads = read_threads(tracee, _live(tracee), scratch)
         laps.lap("threads")
         process_settings = settings.read_settings(
             tracee, scratch, tracee.thread_ids, mm_flags=UNREAD_MM_FLAGS
