@@ -154,6 +154,11 @@ class Batch:
         table = ENTRY.size * len(self.calls) if self.area.executable else 0
         return self._base + len(self._data) + table
 
+    @property
+    def size(self) -> int:
+        """How much of the area its part takes."""
+        return self.end - self._base
+
     def call(self, name: str, *args: int | Call, check: bool = True) -> Call:
         if len(args) > 6:
             raise ValueError(f"{name}: at most 6 arguments")

@@ -8,7 +8,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from hijack.errors import InjectionFailed, RestoreError
-from hijack.mutator.parasite import PARASITE_SIZE, PROT_READ_WRITE_EXEC, Area, Batch
+from hijack.mutator.parasite import (
+    PARASITE_SIZE,
+    PROT_READ_WRITE_EXEC,
+    Area,
+    Batch,
+    run_side_by_side,
+)
 from hijack.mutator.tracee import ThreadState, TracedThread, Tracee
 from hijack.sys import memory
 from hijack.sys import ptrace as pt
@@ -38,25 +44,72 @@ class Stub:
         self._area: Area | None = None
         self._batch: Batch | None = None
         self._batch_tid: int | None = None
+        self._parts: list[tuple[int, Batch]] | None = None  # side_by_side's, by thread
 
     @contextmanager
     def batched(self, tid: int | None = None) -> Iterator[None]:
         """The calls made meanwhile (call, try_call, whose results the caller must then not
         use) and the data they `put` go in one batch run at the end in thread `tid`: one
-        stop for all (hijack.mutator.parasite). A failed `call` stops it: RestoreError."""
+        stop for all (hijack.mutator.parasite). A failed `call` stops it: RestoreError.
+        Within `side_by_side`, the batch is the thread's part, run with the others'."""
         if self._batch is not None:
             yield  # within an outer batch: joins it
             return
-        if self._area is None or self._area.address != self.scratch + PUT_SIZE:
-            self._area = Area(self.scratch + PUT_SIZE, PARASITE_SIZE, executable=True)
-        self._batch, self._batch_tid = Batch(self._area), tid
+        in_parts = self._parts is not None
+        batch = self._part(tid) if in_parts else Batch(self._batch_area())
+        self._batch, self._batch_tid = batch, tid
         try:
             yield
-            batch = self._batch
         finally:
             self._batch = None
+        if not in_parts:
+            self._run([(tid or self.pid, batch)])
+
+    @contextmanager
+    def side_by_side(self) -> Iterator[None]:
+        """Each `batched(tid)` block meanwhile queues its thread's calls in a part of the
+        area of that thread's own (blocks of one thread one after the other join one part),
+        and the parts run at the end side by side (parasite.run_side_by_side): one trip
+        through the scheduler for every thread rather than one each. Calls made outside a
+        `batched` block run at once, as always."""
+        if self._parts is not None:
+            yield
+            return
+        self._parts = []
         try:
-            batch.run(self.tracee, tid=tid)
+            yield
+            parts = self._parts
+        finally:
+            self._parts = None
+        self._run(parts)
+
+    def _batch_area(self) -> Area:
+        if self._area is None or self._area.address != self.scratch + PUT_SIZE:
+            self._area = Area(self.scratch + PUT_SIZE, PARASITE_SIZE, executable=True)
+        return self._area
+
+    def _part(self, tid: int | None) -> Batch:
+        """Thread `tid`'s part in side_by_side: its last one, or a new one after the others;
+        where less room is left than twice the largest part so far, those run first (the
+        threads' parts are alike in size: a part found too big at its run fails it)."""
+        parts = self._parts
+        assert parts is not None
+        tid = tid or self.pid
+        if parts and parts[-1][0] == tid:
+            return parts[-1][1]
+        area = self._batch_area()
+        start = parts[-1][1].end if parts else 0
+        if parts and area.size - start < 2 * max(batch.size for _, batch in parts):
+            self._run(parts)
+            parts.clear()
+            start = 0
+        batch = Batch(area, start)
+        parts.append((tid, batch))
+        return batch
+
+    def _run(self, batches: list[tuple[int, Batch]]) -> None:
+        try:
+            run_side_by_side(self.tracee, batches)
         except InjectionFailed as exc:
             raise RestoreError(
                 f"{exc.syscall} while rebuilding the process failed: {os.strerror(exc.errno or 0)}",

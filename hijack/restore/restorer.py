@@ -803,11 +803,12 @@ def _finish(
     if ahead:  # the stub's threads must be the image's, none more
         raise RestoreError(f"threads {sorted(ahead)} were cloned ahead; the image has none such")
     laps.lap("finish: threads cloned")
-    for thread in image.threads:
-        tid = thread_ids[thread.tid]
-        if cloned and thread.tid in cloned:
-            _inherit(stub, image, tid)
-        _set_thread_state(stub, thread, tid, image.credentials)
+    with stub.side_by_side():  # every thread's batch at once (hijack.mutator.parasite)
+        for thread in image.threads:
+            tid = thread_ids[thread.tid]
+            if cloned and thread.tid in cloned:
+                _inherit(stub, image, tid)
+            _set_thread_state(stub, thread, tid, image.credentials)
     laps.lap("finish: threads' state")
     _queue_pending_signals(stub, image, thread_ids)
     settings.apply_settings(stub, image.settings, thread_ids)
