@@ -343,9 +343,9 @@ def write_image(
             maps = unmerged
     aio_rings = aio.read_rings(pid, maps, moving=precopied is not None)
     maps = [entry for entry in maps if not aio.is_aio_ring(entry)]  # made again by io_setup
-    # Every call below in one batch (hijack.mutator.parasite): the injection thread's
-    # calls in one stop, then every other thread's two side by side. In `parasite`,
-    # an area the caller mapped (and unmaps), or one mapped here.
+    # Every call below in a batch (hijack.mutator.parasite): the injection thread's calls
+    # in one, every other thread's two in one of its own, all run side by side. In
+    # `parasite`, an area the caller mapped (and unmaps), or one mapped here.
     with contextlib.nullcontext(parasite) if parasite else parasite_area(tracee) as area:
         batch = Batch(area)
         brk_call = batch.call("brk", 0) if brk is None else None
@@ -360,7 +360,12 @@ def write_image(
             tracee, batch, area.address, tracee.thread_ids, aio_rings=aio_rings
         )
         timers_read = timers.queue_timers(tracee, batch)
-        batch.run(tracee)
+        # Run with every other thread's two calls, side by side (one stop each, at once).
+        others = [thread for thread in _live(tracee) if thread.tid not in threads_read]
+        queue_other = functools.partial(queue_thread, tracee)
+        main = [(tracee.injection_tid, batch)]
+        records = run_in_threads(tracee, area, others, queue_other, queued=main)
+        threads_read.update(zip((thread.tid for thread in others), records, strict=True))
         if brk_call is not None:
             assert brk_call.result is not None
             brk = brk_call.result
@@ -368,9 +373,6 @@ def write_image(
         actions = actions_read()
         process_settings = settings_read()
         process_timers = timers_read()
-        others = [thread for thread in _live(tracee) if thread.tid not in threads_read]
-        records = run_in_threads(tracee, area, others, functools.partial(queue_thread, tracee))
-        threads_read.update(zip((thread.tid for thread in others), records, strict=True))
         threads = [threads_read[thread.tid]() for thread in _live(tracee)]
     tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
     laps.lap("image: injected")

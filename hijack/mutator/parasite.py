@@ -332,13 +332,17 @@ def run_in_threads(
     area: Area,
     threads: Sequence[TracedThread],
     queue: Callable[[TracedThread, Batch], T],
+    *,
+    queued: Sequence[tuple[int, Batch]] = (),
 ) -> list[T]:
     """`queue(thread, batch)` for each thread, then each batch run in its thread, side by
     side (run_side_by_side): the batches laid out one after the other in `area`, as many
-    at a time as it holds; what `queue` returned, in order (to read them once run)."""
+    at a time as it holds; what `queue` returned, in order (to read them once run).
+    `queued`: batches filled already (by thread; in `area` from its start, one after
+    the other), run with the first of them."""
     results: list[T] = []
-    group: list[tuple[int, Batch]] = []
-    start = 0
+    group = list(queued)
+    start = max((batch.end for _, batch in group), default=0)
     for thread in threads:
         batch = Batch(area, start)
         result = queue(thread, batch)
