@@ -111,6 +111,8 @@ class Stub:
         try:
             run_side_by_side(self.tracee, batches)
         except InjectionFailed as exc:
+            if exc.syscall is None:  # not a call's failure: the batch's own (too big, a stop)
+                raise RestoreError(f"while rebuilding the process: {exc}") from None
             raise RestoreError(
                 f"{exc.syscall} while rebuilding the process failed: {os.strerror(exc.errno or 0)}",
                 errno=exc.errno,
