@@ -131,7 +131,7 @@ class Tracee:
     stopped_at: float = 0.0  # perf_counter() when we began stopping it
     released_at: float = 0.0  # perf_counter() when every thread ran again
     injected: int = 0  # system calls injected so far (each a few ptrace round trips)
-    stops: int = 0  # ptrace stops they took: two a single call, one a batch (parasite.py)
+    stops: int = 0  # ptrace stops they took: two a single call, one a batch a thread (parasite)
 
     @property
     def pause_ms(self) -> float:
