@@ -870,14 +870,17 @@ def round_pages(stream: BinaryIO) -> Iterator[Pages]:
         stream, is_round = next_is_round(stream)
 
 
-def read_stream(stream: BinaryIO) -> Iterator[Record]:
+def read_stream(stream: BinaryIO, *, scattered: bool = False) -> Iterator[Record]:
     """Yield the records of the image or the tree stream on `stream` (docs/crf.md §7b).
 
     A tree stream yields its TREE and END, then the records of each member's
-    IMAGE (each ending with its END), which must end the stream.
+    IMAGE (each ending with its END), which must end the stream. `scattered`: as
+    read_image's.
     """
     # A plain image refers to no other: PAGE_REFERENCE only in a tree's images.
-    records = _read_records(stream, None, require_eof=False, referable=frozenset())
+    records = _read_records(
+        stream, None, require_eof=False, referable=frozenset(), scattered=scattered
+    )
     first = next(records)
     yield first
     if not isinstance(first, Tree):
@@ -892,7 +895,12 @@ def read_stream(stream: BinaryIO) -> Iterator[Record]:
         missing = f"the tree stream ends after {index} of its {len(imaged)} images"
         before = frozenset(m.pid for m in imaged[:index])
         images = _read_records(
-            stream, _IMAGE_GRAMMAR, require_eof=last, missing=missing, referable=before
+            stream,
+            _IMAGE_GRAMMAR,
+            require_eof=last,
+            missing=missing,
+            referable=before,
+            scattered=scattered,
         )
         for record in images:
             if isinstance(record, ImageHeader) and record.pid != member.pid:

@@ -370,13 +370,10 @@ def write_image(
             assert brk_call.result is not None
             brk = brk_call.result
         assert brk is not None
-        laps.lap("x: run")
         actions = actions_read()
         process_settings = settings_read()
-        laps.lap("x: settings")
         process_timers = timers_read()
         threads = [threads_read[thread.tid]() for thread in _live(tracee)]
-    laps.lap("x: threads")
     tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
     laps.lap("image: injected")
     files = objects.read_files(
