@@ -29,6 +29,7 @@ from hijack.image import (
     FORMAT_VERSION,
     MAX_PAGES_DATA,
     PAGE_SIZE,
+    READABLE_VERSIONS,
     RLIM_INFINITY,
     SIGNAL_COUNT,
     AioRing,
@@ -147,6 +148,7 @@ SECTION_NAMES = {
     b"PAGE": "PAGES",
     b"PREF": "PAGE_REFERENCE",
     b"SPLC": "SPLICED_PAGES",
+    b"SCAT": "SCATTERED_PAGES",
     b"THRD": "THREAD",
     b"SIGS": "SIGNALS",
     b"FDS_": "FILES",
@@ -326,6 +328,24 @@ TERMINAL = TerminalState(
 
 REFERRED = 0x7F0000300000  # a segment whose pages the image refers to (PAGE_REFERENCE)
 SPLICED = 0x7FFC00104000  # a segment whose pages the writer never held (SPLICED_PAGES)
+SCATTERED = 0x7FFC00000000  # a segment whose runs of pages are one section (SCATTERED_PAGES)
+
+
+def page_runs(start: int, data: bytes) -> list[tuple[int, int]]:
+    """The (address, length) runs of the non-zero pages of `data` at `start`."""
+    runs: list[tuple[int, int]] = []
+    for offset in range(0, len(data), PAGE_SIZE):
+        if data[offset : offset + PAGE_SIZE] == bytes(PAGE_SIZE):
+            continue
+        if runs and sum(runs[-1]) == start + offset:
+            runs[-1] = (runs[-1][0], runs[-1][1] + PAGE_SIZE)
+        else:
+            runs.append((start + offset, PAGE_SIZE))
+    return runs
+
+
+def runs_data(start: int, data: bytes, runs: list[tuple[int, int]]) -> bytes:
+    return b"".join(data[address - start : address - start + length] for address, length in runs)
 
 
 def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
@@ -776,6 +796,9 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             # What a dump's splice(2) does: the data goes into the stream behind the writer.
             put = functools.partial(lambda data, length: out.write(data), data)
             writer.write_spliced_pages(start, len(data), put)
+        elif start == SCATTERED:
+            runs = page_runs(start, data)
+            writer.write_scattered_pages(runs, runs_data(start, data, runs))
         else:
             writer.write_pages(start, data)
     for record in after_pages:
@@ -828,12 +851,21 @@ def test_end_totals_describe_the_image() -> None:
     stored_pages = sum(
         (len(s.payload) - 8) // PAGE_SIZE for s in all_sections if s.tag in (b"PAGE", b"SPLC")
     )
+    scattered = next(s for s in all_sections if s.tag == b"SCAT")
+    (count,) = struct.unpack_from("<I", scattered.payload)
+    stored_pages += (len(scattered.payload) - 8 - 16 * count) // PAGE_SIZE
     assert end.records == len(all_sections) - 1
     assert end.image_bytes == all_sections[-1].offset
     assert end.image_bytes + END_SECTION_SIZE == len(BUILT.image)
     assert end.pages_stored == stored_pages
     total_pages = sum(len(data) for data in BUILT.memory.values()) // PAGE_SIZE
-    written = total_pages - len(BUILT.memory[REFERRED]) // PAGE_SIZE  # given to write_pages
+    # Given to write_pages: not the referred pages, nor the scattered segment's zero pages.
+    written = total_pages - len(BUILT.memory[REFERRED]) // PAGE_SIZE
+    scattered_memory = BUILT.memory[SCATTERED]
+    written -= sum(
+        scattered_memory[at : at + PAGE_SIZE] == bytes(PAGE_SIZE)
+        for at in range(0, len(scattered_memory), PAGE_SIZE)
+    )
     assert end.pages_zero == written - stored_pages
     assert (end.pages_untouched, end.pages_file) == (77, 0x22)
 
@@ -996,7 +1028,7 @@ def test_foreign_files_are_refused() -> None:
     for foreign in (elf_head, os.urandom(5000), b"", b"hello world\n", b"CRX\0\1\0\0\0"):
         with pytest.raises(ImageError, match="not a CRF image"):
             read_all(foreign)
-    for other in (FORMAT_VERSION - 1, FORMAT_VERSION + 1):
+    for other in (min(READABLE_VERSIONS) - 1, FORMAT_VERSION + 1):
         with pytest.raises(ImageError, match=f"unsupported CRF version {other}"):
             read_all(b"CRF\0" + struct.pack("<I", other) + BUILT.image[8:])
 
@@ -1081,7 +1113,8 @@ def test_writer_refuses_wrong_order_and_wrong_totals() -> None:
     ):
         ImageWriter(io.BytesIO()).write(the(Credentials))
     with pytest.raises(
-        ImageError, match="expected PAGES or PAGE_REFERENCE or SPLICED_PAGES or THREAD"
+        ImageError,
+        match="expected PAGES or PAGE_REFERENCE or SPLICED_PAGES or SCATTERED_PAGES or THREAD",
     ):
         writer_at_pages().write(the(Files))
     writer = writer_at_pages()
@@ -1256,7 +1289,10 @@ def test_reader_yields_records_before_the_stream_ends() -> None:
     assert header == the(ImageHeader)
     assert stream.position < 2000
     iterator: Iterator[Record] = records
-    assert sum(1 for _ in iterator) == len(sections(BUILT.image)) - 1
+    # A SCATTERED_PAGES section comes as one Pages record per run.
+    scattered = next(s for s in sections(BUILT.image) if s.tag == b"SCAT")
+    (runs,) = struct.unpack_from("<I", scattered.payload)
+    assert sum(1 for _ in iterator) == len(sections(BUILT.image)) - 1 + runs - 1
 
 
 # --- summary -------------------------------------------------------------------------
@@ -1414,7 +1450,7 @@ def test_spec_tables_match_the_records() -> None:
         and (is_dataclass(value) or issubclass(value, enum.Enum))
     }
     # PAGES and OBJECT_DATA have their own tables: their data is unframed.
-    assert declared - documented == {"Pages", "SplicedPages", "ObjectData"}
+    assert declared - documented == {"Pages", "SplicedPages", "ScatteredPages", "ObjectData"}
 
 
 def test_spec_section_table_matches_the_codec() -> None:
@@ -1720,3 +1756,45 @@ def read_all_stream(head: bytes) -> list[Record]:
     """The records of a tree stream's head (TREE and END), read as read_stream reads one."""
     records = read_stream(io.BytesIO(head + member_image(10, lambda w, s: None)))
     return [next(records), next(records)]
+
+
+# --- scattered pages -------------------------------------------------------------------
+
+
+def test_scattered_pages_keep_to_the_rules_of_pages() -> None:
+    one, two = bytes(PAGE_SIZE), bytes(2 * PAGE_SIZE)
+    with pytest.raises(ImageError, match="overlaps or precedes the run before it"):
+        writer_at_pages().write_scattered_pages(
+            [(SCATTERED + 2 * PAGE_SIZE, PAGE_SIZE), (SCATTERED, PAGE_SIZE)], two
+        )
+    with pytest.raises(ImageError, match="not inside one segment that holds"):
+        writer_at_pages().write_scattered_pages(
+            [(SCATTERED, PAGE_SIZE), (SCATTERED + 0x21000, PAGE_SIZE)], two
+        )
+    with pytest.raises(ImageError, match="bytes of data for runs of"):
+        writer_at_pages().write_scattered_pages([(SCATTERED, PAGE_SIZE)], two)
+    writer = writer_at_pages()
+    writer.write_scattered_pages([(SCATTERED + PAGE_SIZE, PAGE_SIZE)], one)
+    with pytest.raises(ImageError, match="overlap or precede"):
+        writer.write_pages(SCATTERED, b"\1" * PAGE_SIZE)  # below the section's last run
+
+    # Read: a run moved out of its segment (checksum made right again) is refused.
+    scattered = next(s for s in sections(BUILT.image) if s.tag == b"SCAT")
+    moved = bytearray(scattered.payload)
+    (count,) = struct.unpack_from("<I", moved)
+    struct.pack_into("<Q", moved, 8 + 16 * (count - 1), 0x7FFC00100000)  # the last, into [vvar]
+    image = replace_section(BUILT.image, scattered, frame(b"SCAT", bytes(moved)))
+    with pytest.raises(ImageError, match=r"malformed section SCATTERED_PAGES.*not inside one"):
+        read_all(image)
+
+
+def test_a_version_6_image_is_read() -> None:
+    """Version 7 only added SCATTERED_PAGES: an image written before it reads as it did."""
+    out = io.BytesIO()
+    writer = minimal_writer(out, the(Segments).segments)
+    writer.write_pages(0x1001000, b"\1" * PAGE_SIZE)
+    finish(writer)
+    image = out.getvalue()
+    older = image[:4] + struct.pack("<I", 6) + image[8:]
+    pages = [record for record in read_all(older) if isinstance(record, Pages)]
+    assert pages == [Pages(address=0x1001000, data=b"\1" * PAGE_SIZE)]

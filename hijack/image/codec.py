@@ -55,6 +55,7 @@ from hijack.image.fields import Cursor, struct_codec
 from hijack.image.records import (
     MAX_OBJECT_DATA,
     MAX_PAGES_DATA,
+    MAX_SCATTERED_RUNS,
     PAGE_SIZE,
     ContentsKind,
     Credentials,
@@ -87,6 +88,7 @@ from hijack.image.records import (
     Record,
     Rlimits,
     Round,
+    ScatteredPages,
     Segments,
     SharedAnonymous,
     SignalfdObject,
@@ -107,7 +109,9 @@ from hijack.image.records import (
 )
 
 MAGIC = b"CRF\0"
-FORMAT_VERSION = 6
+FORMAT_VERSION = 7
+# Version 7 added SCATTERED_PAGES and nothing else: a version 6 image is a version 7 one.
+READABLE_VERSIONS = (6, 7)
 MAX_METADATA = 16 * 1024 * 1024  # payload limit of every section but PAGES
 
 BytesLike = bytes | bytearray | memoryview
@@ -117,6 +121,8 @@ _SECTION_HEAD = struct.Struct("<4sI")
 _CRC = struct.Struct("<I")
 _ADDRESS = struct.Struct("<Q")
 _ID_OFFSET = struct.Struct("<QQ")
+_RUN_COUNT = struct.Struct("<II")  # a SCATTERED_PAGES section's runs, and padding
+_RUN = struct.Struct("<QQ")  # a run: address, length
 _ZERO_PAGE = bytes(PAGE_SIZE)
 # Zero detection scans a copy of this many bytes at a time: bytearray.startswith
 # is a memcmp, while comparing memoryviews goes element by element (5x slower).
@@ -136,6 +142,7 @@ class SectionKind(enum.Enum):
     PAGES = b"PAGE"
     PAGE_REFERENCE = b"PREF"
     SPLICED_PAGES = b"SPLC"
+    SCATTERED_PAGES = b"SCAT"
     THREAD = b"THRD"
     SIGNALS = b"SIGS"
     FILES = b"FDS_"
@@ -247,6 +254,38 @@ class _SplicedPagesSection(_PagesSection):
     covers_data = False
 
 
+class _ScatteredPagesSection:
+    """count:u32 pad:u32, `count` runs (address:u64 length:u64), then the runs' data back
+    to back. The table's size is in the payload itself: the whole payload is read as fields."""
+
+    record_type = ScatteredPages
+    max_payload = _RUN_COUNT.size + MAX_SCATTERED_RUNS * _RUN.size + MAX_PAGES_DATA
+    is_object = False
+    covers_data = True
+
+    def head_length(self, length: int) -> int:
+        return length
+
+    def encode(self, record: ScatteredPages) -> list[BytesLike]:
+        return self.parts(record.runs, record.data)
+
+    def parts(self, runs: Sequence[tuple[int, int]], data: BytesLike) -> list[BytesLike]:
+        table = bytearray(_RUN_COUNT.pack(len(runs), 0))
+        for address, length in runs:
+            table += _RUN.pack(address, length)
+        return [table, data]
+
+    def decode(self, head: bytes, tail: bytes) -> Record:
+        if len(head) < _RUN_COUNT.size:
+            raise ImageError("too short to hold a count of runs")
+        count, _ = _RUN_COUNT.unpack_from(head)
+        data_at = _RUN_COUNT.size + count * _RUN.size
+        if len(head) < data_at:
+            raise ImageError(f"too short to hold {count} runs")
+        runs = tuple(_RUN.iter_unpack(head[_RUN_COUNT.size : data_at]))
+        return ScatteredPages(runs=runs, data=head[data_at:] + tail)
+
+
 class _ObjectDataSection:
     """id:u64 offset:u64 then the data to the end of the payload, as PAGES."""
 
@@ -270,6 +309,7 @@ class _ObjectDataSection:
 
 _PAGES = _PagesSection()
 _SPLICED_PAGES = _SplicedPagesSection()
+_SCATTERED_PAGES = _ScatteredPagesSection()
 _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.HEADER: _StructSection(ImageHeader),
     SectionKind.ROUND: _StructSection(Round),
@@ -281,6 +321,7 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.PAGES: _PAGES,
     SectionKind.PAGE_REFERENCE: _StructSection(PageReference),
     SectionKind.SPLICED_PAGES: _SPLICED_PAGES,
+    SectionKind.SCATTERED_PAGES: _SCATTERED_PAGES,
     SectionKind.THREAD: _StructSection(Thread),
     SectionKind.SIGNALS: _StructSection(SignalState),
     SectionKind.FILES: _StructSection(Files),
@@ -358,7 +399,16 @@ _IMAGE_GRAMMAR = (
     _Step(SectionKind.SEGMENTS, 1, False),
     _Step(SectionKind.FILES, 1, False),
     _Step(None, 0, True),
-    _Step(SectionKind.PAGES, 0, True, also=(SectionKind.PAGE_REFERENCE, SectionKind.SPLICED_PAGES)),
+    _Step(
+        SectionKind.PAGES,
+        0,
+        True,
+        also=(
+            SectionKind.PAGE_REFERENCE,
+            SectionKind.SPLICED_PAGES,
+            SectionKind.SCATTERED_PAGES,
+        ),
+    ),
     _Step(SectionKind.THREAD, 1, True),
     _Step(SectionKind.SIGNALS, 1, False),
     _Step(SectionKind.CWD, 1, False),
@@ -461,6 +511,9 @@ class _ImageChecks:
             ]
         elif isinstance(record, Pages):
             self.check_pages(record.address, len(record.data))
+        elif isinstance(record, ScatteredPages):
+            for address, length in record.runs:
+                self.check_pages(address, length)
         elif isinstance(record, PageReference):
             if self._referable is not None and record.pid not in self._referable:
                 raise ImageError(
@@ -653,6 +706,21 @@ class ImageWriter:
                 )
             self._put(_CRC.pack(crc32(fields, crc32(head))))
 
+    def write_scattered_pages(self, runs: Sequence[tuple[int, int]], data: BytesLike) -> None:
+        """Store the pages of `runs` ((address, length), ascending, apart, each inside a
+        segment that holds pages, above any pages written before), their bytes `data`
+        back to back, as one SCATTERED_PAGES section; zero pages too. At most
+        MAX_SCATTERED_RUNS runs and MAX_PAGES_DATA bytes."""
+        with self._failing_for_good():
+            view = memoryview(data).cast("B")
+
+            def check() -> None:
+                ScatteredPages.check_runs(runs, len(view))
+                for address, length in runs:
+                    self._checks.check_pages(address, length)
+
+            self._send(SectionKind.SCATTERED_PAGES, _SCATTERED_PAGES.parts(runs, view), check)
+
     def close(self, *, pages_untouched: int = 0, pages_file: int = 0) -> End:
         """Write END with the totals (the two counts come from the dumper) and flush."""
         end = End(
@@ -717,7 +785,9 @@ class ImageWriter:
         self.bytes_written += len(data)
 
 
-def read_image(stream: BinaryIO, *, require_eof: bool = True) -> Iterator[Record]:
+def read_image(
+    stream: BinaryIO, *, require_eof: bool = True, scattered: bool = False
+) -> Iterator[Record]:
     """Yield the records of the CRF image on `stream`, checking everything on the way.
 
     The image may be a tree's member's, read alone: its PageReferences, if any, name
@@ -727,8 +797,10 @@ def read_image(stream: BinaryIO, *, require_eof: bool = True) -> Iterator[Record
     on each before the next is read. With `require_eof` (the default) the image
     must be the whole stream; pass False when it is embedded in a longer one
     (a move connection): reading then stops at the last byte of END.
+    A SCATTERED_PAGES section comes as one Pages record per run; as it is (a
+    ScatteredPages) with `scattered` (recode: the same sections again).
     """
-    return _read_records(stream, _IMAGE_GRAMMAR, require_eof=require_eof)
+    return _read_records(stream, _IMAGE_GRAMMAR, require_eof=require_eof, scattered=scattered)
 
 
 def read_round(stream: BinaryIO) -> Iterator[Record]:
@@ -798,14 +870,17 @@ def round_pages(stream: BinaryIO) -> Iterator[Pages]:
         stream, is_round = next_is_round(stream)
 
 
-def read_stream(stream: BinaryIO) -> Iterator[Record]:
+def read_stream(stream: BinaryIO, *, scattered: bool = False) -> Iterator[Record]:
     """Yield the records of the image or the tree stream on `stream` (docs/crf.md §7b).
 
     A tree stream yields its TREE and END, then the records of each member's
-    IMAGE (each ending with its END), which must end the stream.
+    IMAGE (each ending with its END), which must end the stream. `scattered`: as
+    read_image's.
     """
     # A plain image refers to no other: PAGE_REFERENCE only in a tree's images.
-    records = _read_records(stream, None, require_eof=False, referable=frozenset())
+    records = _read_records(
+        stream, None, require_eof=False, referable=frozenset(), scattered=scattered
+    )
     first = next(records)
     yield first
     if not isinstance(first, Tree):
@@ -820,7 +895,12 @@ def read_stream(stream: BinaryIO) -> Iterator[Record]:
         missing = f"the tree stream ends after {index} of its {len(imaged)} images"
         before = frozenset(m.pid for m in imaged[:index])
         images = _read_records(
-            stream, _IMAGE_GRAMMAR, require_eof=last, missing=missing, referable=before
+            stream,
+            _IMAGE_GRAMMAR,
+            require_eof=last,
+            missing=missing,
+            referable=before,
+            scattered=scattered,
         )
         for record in images:
             if isinstance(record, ImageHeader) and record.pid != member.pid:
@@ -838,6 +918,7 @@ def _read_records(
     require_eof: bool,
     missing: str = "not a CRF image (empty)",
     referable: frozenset[int] | None = None,
+    scattered: bool = False,
 ) -> Iterator[Record]:
     source = _Source(stream)
     source.read_signature(missing)
@@ -857,6 +938,9 @@ def _read_records(
                 f"unknown section tag {tag!r} at byte {offset}, expected {checks.expected()}"
             )
         record = _read_section(source, checks, kind, head, length, offset)
+        if isinstance(record, ScatteredPages) and not scattered:
+            yield from record.pieces()  # each run a Pages record, as if written so
+            continue
         yield record
         if isinstance(record, End):
             break
@@ -937,9 +1021,10 @@ class _Source:
         if len(signature) < _SIGNATURE.size:
             raise ImageError(f"image truncated in the signature at byte {self.offset}")
         _, version = _SIGNATURE.unpack(signature)
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise ImageError(
-                f"unsupported CRF version {version} (this reader knows {FORMAT_VERSION})"
+                f"unsupported CRF version {version} (this reader knows"
+                f" {', '.join(map(str, READABLE_VERSIONS))})"
             )
 
 
@@ -960,7 +1045,7 @@ def recode(source: BinaryIO, destination: BinaryIO) -> End:
                 round_writer = ImageWriter(destination)
             round_writer.write(record)
         source, is_round = next_is_round(source)
-    for record in read_image(source):
+    for record in read_image(source, scattered=True):
         if writer is None:
             writer = ImageWriter(destination)
         writer.write(record)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import stat
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -248,6 +249,54 @@ class Pages:
 class SplicedPages(Pages):
     """Pages the dumper never held: the process spliced them into the image itself
     (vmsplice, then splice), so their section's CRC covers the address, not the data."""
+
+
+MAX_SCATTERED_RUNS = 1024  # runs in one ScatteredPages (IOV_MAX: one vectored read or write)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScatteredPages:
+    """Runs of pages far apart, in one section: a move's final image stores the pages the
+    process wrote since its last pre-copy round, a page or two here and there all over its
+    memory (hundreds of runs), and a PAGES section each cost both ends more than the bytes
+    did. `runs` are (address, length), ascending, apart; `data` their bytes back to back.
+    A reader yields them as one Pages record per run (docs/crf.md, SCATTERED_PAGES)."""
+
+    runs: tuple[tuple[int, int], ...]
+    data: bytes
+
+    def __post_init__(self) -> None:
+        self.check_runs(self.runs, len(self.data))
+
+    @staticmethod
+    def check_runs(runs: Sequence[tuple[int, int]], data_length: int) -> None:
+        """Raise ImageError unless `runs` and `data_length` bytes make a ScatteredPages."""
+        _require(
+            0 < len(runs) <= MAX_SCATTERED_RUNS,
+            f"ScatteredPages: {len(runs)} runs is not 1 to {MAX_SCATTERED_RUNS}",
+        )
+        floor = 0
+        for address, length in runs:
+            where = f"ScatteredPages: run at {address:#x}"
+            _require(_page_aligned(address), f"{where}: address not page-aligned")
+            _require(length > 0 and length % PAGE_SIZE == 0, f"{where}: {length} bytes, not pages")
+            _require(floor <= address, f"{where} overlaps or precedes the run before it")
+            floor = address + length
+        _require(floor <= 2**64, "ScatteredPages: outside 64-bit space")
+        total = sum(length for _, length in runs)
+        _require(
+            total == data_length and total <= MAX_PAGES_DATA,
+            f"ScatteredPages: {data_length} bytes of data for runs of {total}"
+            f" (at most {MAX_PAGES_DATA})",
+        )
+
+    def pieces(self) -> Iterator[Pages]:
+        """One Pages record per run."""
+        view = memoryview(self.data)
+        offset = 0
+        for address, length in self.runs:
+            yield Pages(address=address, data=bytes(view[offset : offset + length]))
+            offset += length
 
 
 MAX_REFERENCED_PAGES = MAX_PAGES_DATA // PAGE_SIZE  # pages one PageReference names at most
@@ -1414,6 +1463,7 @@ Record = (
     | Segments
     | Pages
     | SplicedPages
+    | ScatteredPages
     | PageReference
     | Thread
     | SignalState

@@ -70,6 +70,7 @@ MAX_ROUNDS = 8  # round 0, then at most 7 rounds of written pages
 LAST_ROUND_BYTES = 1024 * 1024  # a round this small is the last: the rest goes frozen
 SHRINK = 0.5  # a round must send at most this share of the one before, or it is the last
 TRACKING_FLAGS = ("uw", "um")  # smaps VmFlags of a userfaultfd registration
+LAYOUT_READS = 3  # reads of smaps before a freeze, while the layout changes under them
 _AFTER_ALL = 1 << 64  # sorts after every end: bisect by start alone
 
 
@@ -340,10 +341,18 @@ class Precopy:
     # -- the final image (the process is frozen) -------------------------------------
 
     def prepare_freeze(self) -> None:
-        """Read the VmFlags of every mapping while the process still runs (smaps is slow)."""
-        maps = procfs.read_maps(self.pid)
-        flags = procfs.read_smaps_flags(self.pid)
-        self._flags = {entry: flags[entry.start] for entry in maps if entry.start in flags}
+        """Read the VmFlags of every mapping while the process still runs (smaps is slow),
+        as late as can be: the freeze reads smaps again (its page walk, ~15-25 ms a GiB,
+        within the freeze) only if the layout changed since.
+
+        The layout is read before and after: a mapping made or changed while smaps was
+        read (a process that maps and unmaps often) has it read again, a few times."""
+        for _ in range(LAYOUT_READS):
+            maps = procfs.read_maps(self.pid)
+            flags = procfs.read_smaps_flags(self.pid)
+            self._flags = {entry: flags[entry.start] for entry in maps if entry.start in flags}
+            if all(entry in self._flags for entry in procfs.read_maps(self.pid)):
+                return
 
     def freeze(self, *, read_flags: bool = True) -> None:
         """The last scan: what was written since the last round. Call with the process stopped.

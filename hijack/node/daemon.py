@@ -743,7 +743,7 @@ class NodeDaemon:
     @staticmethod
     def _restore_tree(image: BinaryIO, moved: TreeMove) -> RestoreResult:
         """A tree's image restored, under its pids where they are free: its root's result."""
-        records = read_stream(image)
+        records = read_stream(image, scattered=True)
         first = next(records)
         if not isinstance(first, rec.Tree) or not isinstance(next(records), rec.End):
             raise HijackError("a tree's move whose image is not a tree stream")

@@ -470,6 +470,32 @@ class AddressSpace:
             return
         self._put(segment, pages.address, pages.data)
 
+    def write_scattered_pages(self, pages: rec.ScatteredPages) -> None:
+        """The runs of `pages`, those bound for plain writable memory in one vectored
+        process_vm_writev (a move's final image: a page or two here and there, hundreds)."""
+        plain: list[tuple[int, int]] = []  # (address, length), their data back to back
+        pieces: list[memoryview] = []
+        view = memoryview(pages.data)
+        offset = 0
+        for address, length in pages.runs:
+            data = view[offset : offset + length]
+            offset += length
+            segment = self._segment_at(address)
+            if (
+                segment.prot & rec.Prot.WRITE
+                and segment.start not in self._settled
+                and not (is_shared_memory(segment) and segment.inode in self.kept)
+                and address + length <= segment.end
+            ):
+                self.note_written(address, address + length)
+                plain.append((address, length))
+                pieces.append(data)
+            else:
+                self.write_pages(rec.Pages(address=address, data=bytes(data)))
+        for at in range(0, len(plain), memory.IOV_MAX):
+            chunk = pieces[at : at + memory.IOV_MAX]
+            memory.write_scattered(self.stub.pid, plain[at : at + memory.IOV_MAX], b"".join(chunk))
+
     def _put(self, segment: rec.Segment, address: int, data: bytes | memoryview) -> None:
         if segment.prot & rec.Prot.WRITE:
             memory.write(self.stub.pid, address, bytes(data))

@@ -166,7 +166,7 @@ def restore(
     not a move: its SysV objects are made, the process is recorded in `registry`.
     """
     laps = laps or Laps()
-    records = read_stream(stream) if records is None else records
+    records = read_stream(stream, scattered=True) if records is None else records
     first = next(records)
     if isinstance(first, rec.Tree):
         raise Unsupported(
@@ -709,12 +709,14 @@ def _consume_rest(
     rebuilt before, whose pages a PAGE_REFERENCE copies (only a tree stream has those).
     Not `pages`: the member shares its parent's memory, whose image has them all."""
     for record in records:
-        if not pages and isinstance(record, (rec.Pages, rec.PageReference)):
+        if not pages and isinstance(record, (rec.Pages, rec.ScatteredPages, rec.PageReference)):
             raise ImageError(
                 f"process {image.header.pid} shares its parent's memory, yet its image has pages"
             )
         if isinstance(record, rec.Pages):
             space.write_pages(record)
+        elif isinstance(record, rec.ScatteredPages):
+            space.write_scattered_pages(record)
         elif isinstance(record, rec.PageReference):
             if stub_of is None:
                 raise ImageError(

@@ -288,7 +288,7 @@ def restore_image(
     stream, is_round = next_is_round(stream)
     if is_round:
         return restore_rounds(stream, skip_unsupported=skip_unsupported, registry=registry)
-    records = read_stream(stream)
+    records = read_stream(stream, scattered=True)
     first = next(records)
     if not isinstance(first, rec.Tree):
         return restore(

@@ -71,6 +71,25 @@ def read_gathered(pid: int, ranges: list[tuple[int, int]], buffer: bytearray) ->
     return done
 
 
+def write_scattered(pid: int, ranges: list[tuple[int, int]], data: bytes) -> None:
+    """Write `data` over the (address, length) `ranges` of `pid`, back to back, in one
+    process_vm_writev (at most IOV_MAX ranges); a short write is an error."""
+    count = len(ranges)
+    remote = (Iovec * count)(*(Iovec(address, length) for address, length in ranges))
+    keep = ctypes.c_char_p(data)  # the bytes object's own buffer: no copy
+    local = Iovec(ctypes.cast(keep, ctypes.c_void_p).value or 0, len(data))
+    done = int(_process_vm_writev(pid, ctypes.byref(local), 1, remote, count, 0))
+    if done < 0:
+        raise_for_errno(ctypes.get_errno(), "process_vm_writev", pid)
+    if done != len(data):
+        raise HijackError(
+            f"process_vm_writev of process {pid} memory moved {done} of {len(data)} bytes"
+            f" over {count} ranges",
+            pid=pid,
+            syscall="process_vm_writev",
+        )
+
+
 def read(pid: int, address: int, length: int) -> bytes:
     buffer = bytearray(length)
     read_into(pid, address, buffer)
