@@ -21,10 +21,12 @@ import pytest
 from support import spawn_fixture
 from support.running import RunningFixture
 
-from hijack.errors import InjectionFailed
+from hijack.errors import InjectionFailed, RestoreError
 from hijack.mutator.parasite import BLOB, Batch, Call, parasite_area, run_in_threads
-from hijack.mutator.tracee import ThreadState, TracedThread, Tracee
+from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, find_syscall_instruction
+from hijack.restore.remote import BATCH_CALLS, SCRATCH_PROT, SCRATCH_SIZE, Stub
 from hijack.sys import procfs
+from hijack.sys.stub import kill_stub, spawn_stub
 
 AT_FDCWD = -100
 O_WRONLY, O_CREAT, O_TRUNC = 0o1, 0o100, 0o1000
@@ -103,6 +105,34 @@ def test_a_batch_runs_chained_calls_stops_at_a_checked_failure_and_keeps_signals
         assert stops == (1 + 2 if executable else 2 * 8)
         assert procfs.read_maps(fixture.pid) == maps_before
         fixture.assert_intact()
+
+
+def test_a_stubs_batch_longer_than_its_area_holds_runs_in_cuts() -> None:
+    """A restore's batch of calls that put no data (a big layout's unmaps, many descriptors)
+    is cut where the area is full: every call runs, one stop a cut, and a checked failure
+    in a later cut still stops it. The stub's SIGTRAP disposition is read once, not per
+    batch (hijack.restore.remote)."""
+    pid = spawn_stub(None)
+    try:
+        stub = Stub(pid, find_syscall_instruction(pid))
+        anonymous = 0x02 | 0x20  # MAP_PRIVATE | MAP_ANONYMOUS
+        stub.use_scratch(stub.call("mmap", 0, SCRATCH_SIZE, SCRATCH_PROT, anonymous, -1, 0))
+        stops_before = stub.tracee.stops
+        with stub.batched():
+            for _ in range(3 * BATCH_CALLS - 1):
+                stub.call("umask", 0o022)
+            stub.call("umask", 0o027)  # the last, in the third cut
+        assert stub.tracee.stops - stops_before == 3  # one stop a cut: the blob ran each
+        assert stub.call("umask", 0o022) == 0o027
+        with pytest.raises(RestoreError) as failed, stub.batched():
+            for _ in range(BATCH_CALLS + 1):
+                stub.call("umask", 0o022)
+            stub.call("close", -1)  # in the second cut
+            stub.call("umask", 0o077)  # never runs
+        assert failed.value.errno == errno.EBADF
+        assert stub.call("umask", 0o022) == 0o022
+    finally:
+        kill_stub(pid)
 
 
 def test_the_blob_is_its_assembly_source(tmp_path: Path) -> None:

@@ -707,32 +707,36 @@ class NodeDaemon:
             )
         _watch_migrant(result.pid, child=True)
         log(f"move {move}: {result.program} runs here as {result.pid}")
-        source_pid = request.get("pid")
-        # It runs: nothing may fail. (The pre-copy's registry, open already: the mover
-        # waits for `running`, its process still frozen there.)
-        with (
-            contextlib.suppress(HijackError),
-            contextlib.nullcontext(registry) if registry else Registry() as records,
-        ):
-            records.record_received_move(
-                move,
-                source_pid if isinstance(source_pid, int) else 0,
-                result.program,
-                channel.peer,
-                result.pid,
-                image.received,
-                started_at,
-            )
-        laps.lap("record move")
+        laps.lap("watch")
         reached("daemon-committed")
-        channel.send(
-            {
-                "phase": "running",
-                "pid": result.pid,
-                "pids": {str(old): now for old, now in new_pids.items()},
-                "laps": laps.rounded(),
-            }
-        )
+        try:
+            channel.send(
+                {
+                    "phase": "running",
+                    "pid": result.pid,
+                    "pids": {str(old): now for old, now in new_pids.items()},
+                    "laps": laps.rounded(),
+                }
+            )
+        finally:
+            # It runs: nothing may fail. Its history row, written once the mover has
+            # its answer (the mover's freeze lasts until then: issue #17); what decides
+            # the move (its arrival `running`) was written before it ran. (The
+            # pre-copy's registry, open already.)
+            source_pid = request.get("pid")
+            with (
+                contextlib.suppress(HijackError),
+                contextlib.nullcontext(registry) if registry else Registry() as records,
+            ):
+                records.record_received_move(
+                    move,
+                    source_pid if isinstance(source_pid, int) else 0,
+                    result.program,
+                    channel.peer,
+                    result.pid,
+                    image.received,
+                    started_at,
+                )
         if lazy:
             self._postcopy(channel, move, result.pid, lazy, tree)
 

@@ -432,18 +432,28 @@ class AddressSpace:
         self._relocate_scratch(final)
         keep = list(kept_ranges)
         keep.append((self.stub.scratch, self.stub.scratch + SCRATCH_SIZE))
-        for mapping in procfs.read_maps(self.stub.pid):
-            if mapping.path in KERNEL_MAPPINGS or mapping.path == "[vsyscall]":
-                continue
-            for start, end in outside(mapping.start, mapping.end, sorted(keep)):
-                self.stub.call("munmap", start, end - start)
-        for segment in final:
-            if segment.start in kept:
-                if kept[segment.start] != segment.prot:
-                    self.stub.call("mprotect", segment.start, segment.size, int(segment.prot))
-                self._advise(segment)
-            elif segment.start not in later:
-                self._map_segment(segment)
+        # What needs no answer (all but opening mapped files) in one batch of calls, one
+        # stop (hijack.mutator.parasite): a move's freeze waits for it (issue #17).
+        files = []
+        with self.stub.batched():
+            for mapping in procfs.read_maps(self.stub.pid):
+                if mapping.path in KERNEL_MAPPINGS or mapping.path == "[vsyscall]":
+                    continue
+                for start, end in outside(mapping.start, mapping.end, sorted(keep)):
+                    self.stub.call("munmap", start, end - start)
+            for segment in final:
+                if segment.start in kept:
+                    if kept[segment.start] != segment.prot:
+                        self.stub.call("mprotect", segment.start, segment.size, int(segment.prot))
+                    self._advise(segment)
+                elif segment.start in later:
+                    continue
+                elif has_backing_file(segment) or is_shared_memory(segment):
+                    files.append(segment)  # mapped once every range is free, below
+                else:
+                    self.map_segment_from(segment, -1)
+        for segment in files:
+            self._map_segment(segment)
         self.segments = final
         self._starts = [s.start for s in final]
         self._settled = frozenset(kept) if self.keep_unchanged else frozenset()

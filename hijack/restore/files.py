@@ -67,20 +67,27 @@ def restore_files(
         return
     numbers = [d.fd for d in (*plan.inherited, *plan.reopen)] + list(inherited.values())
     parking = max(numbers, default=2) + 1
-    parked = {
-        image_fd: stub.call("fcntl", fd, F_DUPFD, parking) for image_fd, fd in inherited.items()
-    }
-    close_foreign_descriptors(stub, keep=set(parked.values()))
-    first_of: dict[int, int] = {}  # description id -> the descriptor that made it
-    made: list[tuple[Kind, rec.FileDescriptor]] = []
     given = sorted((*plan.inherited, *plan.reopen), key=lambda d: d.fd)
     restored = frozenset(d.fd for d in given)
+    placed: frozenset[int] = frozenset()
+    if shared is None:
+        placed = _place_inherited(stub, given, inherited, parking)
+        parked: dict[int, int] = {}
+    else:
+        parked = {
+            image_fd: stub.call("fcntl", fd, F_DUPFD, parking) for image_fd, fd in inherited.items()
+        }
+        close_foreign_descriptors(stub, keep=set(parked.values()))
+    first_of: dict[int, int] = {}  # description id -> the descriptor that made it
+    made: list[tuple[Kind, rec.FileDescriptor]] = []
     with RestoreContext(stub, image, parking, restored, shared) as context:
         for descriptor in given:
             copy = None
             if shared is not None and descriptor.description_id not in first_of:
                 copy = shared.description(descriptor.fd)
-            if copy is not None:
+            if descriptor.fd in placed:
+                pass  # where it belongs already, as the first of its description
+            elif copy is not None:
                 context.give_made(copy, descriptor)  # another member's description, shared
             elif descriptor.fd in parked:
                 context.place(parked.pop(descriptor.fd), descriptor)
@@ -103,3 +110,33 @@ def restore_files(
             shared.given(set(restored))
         if then is not None:
             then(context)
+
+
+def _place_inherited(
+    stub: Stub, given: list[rec.FileDescriptor], inherited: dict[int, int], parking: int
+) -> frozenset[int]:
+    """The stub's `inherited` copies (image number -> the stub's) put at their image numbers
+    with their close-on-exec and status flags, every other descriptor of the stub closed:
+    in one batch of calls, one stop (hijack.mutator.parasite), not five stops each (a
+    move's relays, in its freeze: issue #17). Each is parked first, above every number in
+    play (`parking`), so that none lands on another's copy. Return the numbers placed."""
+    present = [entry.fd for entry in procfs.list_fds(stub.pid)]
+    # dup3 onto a number the stub uses (one of its own, above `parking`) replaces it.
+    parked = {image_fd: parking + index for index, image_fd in enumerate(inherited)}
+    wanted = [descriptor for descriptor in given if descriptor.fd in parked]
+    with stub.batched():
+        for image_fd, fd in inherited.items():
+            stub.call("dup3", fd, parked[image_fd], 0)
+        for fd in present:
+            if fd not in parked.values():
+                stub.call("close", fd)
+        for descriptor in wanted:
+            number = parked.pop(descriptor.fd)
+            stub.call("dup3", number, descriptor.fd, O_CLOEXEC if descriptor.cloexec else 0)
+            stub.call("close", number)
+            # A relay stands for the original: it takes the original's status
+            # flags (a server's non-blocking listener must not block in accept).
+            stub.call("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
+        for unused in parked.values():
+            stub.call("close", unused)  # a description another member's copy stood for
+    return frozenset(descriptor.fd for descriptor in wanted)

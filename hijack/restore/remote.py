@@ -14,6 +14,7 @@ from hijack.mutator.parasite import (
     Area,
     Batch,
     run_side_by_side,
+    sigtrap_ignored,
 )
 from hijack.mutator.tracee import ThreadState, TracedThread, Tracee
 from hijack.sys import memory
@@ -25,6 +26,9 @@ SCRATCH_SIZE = 64 * 1024  # paths, structs and arrays passed to injected calls
 # is ours (/bin/true at its exec trap); the area goes before the process starts.
 SCRATCH_PROT = PROT_READ_WRITE_EXEC
 PUT_SIZE = SCRATCH_SIZE - PARASITE_SIZE
+# Calls a batch of calls that put no data is cut at: the area holds its code and ~250
+# entries of 64 bytes.
+BATCH_CALLS = 200
 
 
 class Stub:
@@ -44,6 +48,11 @@ class Stub:
         self._area: Area | None = None
         self._batch: Batch | None = None
         self._batch_tid: int | None = None
+        # Whether the stub ignores SIGTRAP (a batch cannot run where it does), as last
+        # read: only an rt_sigaction changes it, and each batch read it again (~0.2 ms
+        # of /proc under load; a move's copy runs one batch per thread, frozen).
+        self._sigtrap_ignored: bool | None = None
+        self._batch_data = False  # whether the batch being made holds data (put)
         self._parts: list[tuple[int, Batch]] | None = None  # side_by_side's, by thread
 
     @contextmanager
@@ -51,15 +60,18 @@ class Stub:
         """The calls made meanwhile (call, try_call, whose results the caller must then not
         use) and the data they `put` go in one batch run at the end in thread `tid`: one
         stop for all (hijack.mutator.parasite). A failed `call` stops it: RestoreError.
-        Within `side_by_side`, the batch is the thread's part, run with the others'."""
+        A long run of calls that put no data (a layout's unmaps) is cut into batches that
+        fit the area. Within `side_by_side`, the batch is the thread's part, run with the
+        others'."""
         if self._batch is not None:
             yield  # within an outer batch: joins it
             return
         in_parts = self._parts is not None
-        batch = self._part(tid) if in_parts else Batch(self._batch_area())
-        self._batch, self._batch_tid = batch, tid
+        first = self._part(tid) if in_parts else Batch(self._batch_area())
+        self._batch, self._batch_tid, self._batch_data = first, tid, False
         try:
             yield
+            batch = self._batch  # a new one where _queue cut a long run
         finally:
             self._batch = None
         if not in_parts:
@@ -108,6 +120,15 @@ class Stub:
         return batch
 
     def _run(self, batches: list[tuple[int, Batch]]) -> None:
+        calls = [call for _, batch in batches for call in batch.calls]
+        if calls:
+            area = batches[0][1].area
+            if any(call.name == "rt_sigaction" for call in calls):
+                self._sigtrap_ignored = area.sigtrap_ignored = None  # the batch reads it, once
+            else:
+                if self._sigtrap_ignored is None:
+                    self._sigtrap_ignored = sigtrap_ignored(self.pid)
+                area.sigtrap_ignored = self._sigtrap_ignored
         try:
             run_side_by_side(self.tracee, batches)
         except InjectionFailed as exc:
@@ -123,6 +144,11 @@ class Stub:
         assert self._batch is not None
         if tid not in (None, self._batch_tid):
             raise RestoreError(f"{name} for thread {tid} in a batch of thread {self._batch_tid}")
+        if len(self._batch.calls) >= BATCH_CALLS and not self._batch_data and self._parts is None:
+            # Full: run it, go on in a new one (no call's data can be lost with it). Not a
+            # thread's part in side_by_side: a few calls each, the others' parts after it.
+            self._run([(self._batch_tid or self.pid, self._batch)])
+            self._batch = Batch(self._batch.area)
         self._batch.call(name, *args, check=check)
         return 0
 
@@ -131,6 +157,8 @@ class Stub:
         `batched`, queued (returns 0)."""
         if self._batch is not None:
             return self._queue(name, args, tid, check=True)
+        if name == "rt_sigaction":
+            self._sigtrap_ignored = None
         result = self.tracee.syscall(name, *args, tid=tid)
         if -4096 < result < 0:
             raise RestoreError(
@@ -145,6 +173,8 @@ class Stub:
         `batched`, queued, its failure let pass (returns 0)."""
         if self._batch is not None:
             return self._queue(name, args, tid, check=False)
+        if name == "rt_sigaction":
+            self._sigtrap_ignored = None
         return self.tracee.syscall(name, *args, tid=tid)
 
     # -- the scratch area: a bump allocator, reset between uses ----------------
@@ -160,6 +190,7 @@ class Stub:
     def put(self, data: bytes) -> int:
         """Copy `data` into the scratch area; return its address in the stub."""
         if self._batch is not None:
+            self._batch_data = True
             return self._batch.put(data)
         size = (len(data) + 15) // 16 * 16
         if not self.scratch or self._scratch_used + size > PUT_SIZE:

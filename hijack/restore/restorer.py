@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import stat
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -528,6 +529,12 @@ def _restore_prebuilt(
         laps.lap("descriptors in")
         space.adopt_final(image.segments.segments, later=frozenset(image.mapped()))
         laps.lap("layout")
+        # The descriptors and the memory's objects need nothing the pages bring: made
+        # while the mover still sends them, not after its last byte (issue #17).
+        files = None
+        if not _cwd_may_be_deleted(image.files):
+            files = _finish_files(stub, space, image, plan, inherited, frozenset(provided or {}))
+            laps.lap("finish: files ahead of the pages")
         _consume_rest(records, image, space)
         laps.lap("pages")
         missing = lazy() if lazy is not None else None
@@ -547,6 +554,7 @@ def _restore_prebuilt(
             take_locks,
             laps=laps,
             cloned=prebuilt.cloned,
+            files=files,
         )
         laps.lap("finish")
         laps.injected = stub.tracee.injected - injected_before
@@ -758,27 +766,20 @@ def _finish(
     parents_handlers: bool = False,
     laps: Laps | None = None,
     cloned: dict[int, int] | None = None,
+    files: _FilesMade | None = None,
 ) -> None:
-    """`cloned`: threads clone_ahead made already (the image's tid -> the stub's)."""
+    """`cloned`: threads clone_ahead made already (the image's tid -> the stub's).
+    `files`: _finish_files made its part already (before the image's pages came)."""
     laps = laps or Laps()
     assert image.signals is not None and image.cwd is not None
     assert image.settings is not None and image.timers is not None
     leader = _leader_record(image)
-    restore_files(
-        stub,
-        plan,
-        image.files,
-        inherited,
-        functools.partial(_objects, space, image, parents_memory),
-        shared,
-        made_already=parents_table,
-    )
+    if files is None:
+        files = _finish_files(
+            stub, space, image, plan, inherited, provided, shared, parents_table, parents_memory
+        )
+    controlling = files.controlling
     restored = {descriptor.fd for descriptor in (*plan.inherited, *plan.reopen)}
-    controlling = set_up_terminals(stub, image.files, provided)
-    if controlling is None:
-        controlling = controlling_slave(image.files, restored - provided)
-    if not parents_memory:  # else the mm's, its parent set them
-        _set_mm_map(stub, image.mm)
     with stub.batched():  # one stop for them all (hijack.mutator.parasite)
         if not parents_handlers:
             _set_signal_actions(stub, image.signals)
@@ -833,16 +834,67 @@ def _finish(
         _set_registers(stub, thread, thread_ids[thread.tid], image.signals)
 
 
+@dataclass(frozen=True)
+class _FilesMade:
+    """What _finish_files made that the rest of _finish needs."""
+
+    controlling: int | None  # the descriptor standing for its controlling terminal
+
+
+def _finish_files(
+    stub: Stub,
+    space: AddressSpace,
+    image: _Image,
+    plan: FilePlan,
+    inherited: dict[int, int],
+    provided: frozenset[int],
+    shared: TreeShared | None = None,
+    parents_table: bool = False,
+    parents_memory: bool = False,
+) -> _FilesMade:
+    """_finish's first part, which needs only the image's records before its pages (its cwd
+    too if _cwd_may_be_deleted): the descriptors, the mappings of objects, the terminals
+    and PR_SET_MM_MAP."""
+    restore_files(
+        stub,
+        plan,
+        image.files,
+        inherited,
+        functools.partial(_objects, space, image, parents_memory),
+        shared,
+        made_already=parents_table,
+    )
+    restored = {descriptor.fd for descriptor in (*plan.inherited, *plan.reopen)}
+    controlling = set_up_terminals(stub, image.files, provided)
+    if controlling is None:
+        controlling = controlling_slave(image.files, restored - provided)
+    if not parents_memory:  # else the mm's, its parent set them
+        _set_mm_map(stub, image.mm)
+    return _FilesMade(controlling)
+
+
+def _cwd_may_be_deleted(files: ImageFiles) -> bool:
+    """Whether the image holds a deleted directory (its cwd may be: then entered with the
+    descriptors, which must wait for its CWD record, after the pages)."""
+    return any(
+        isinstance(found, rec.GhostFile) and stat.S_ISDIR(found.mode)
+        for found in files.objects.values()
+    )
+
+
 def _objects(
     space: AddressSpace, image: _Image, parents_memory: bool, context: RestoreContext
 ) -> None:
     """What the process reaches other than by descriptors: the mappings of memfds, deleted
     files and shared anonymous memory (its parent's, mapped already, where it shares its
-    parent's memory); a deleted cwd."""
-    assert image.cwd is not None
+    parent's memory); a deleted cwd (its CWD not read yet only if it cannot be one:
+    _cwd_may_be_deleted)."""
     if not parents_memory:
         map_objects(space, context, image.mapped())
     seal_memfds(context)
+    if image.cwd is None:
+        assert not _cwd_may_be_deleted(image.files)
+        return
     directory = deleted_cwd(image.cwd, image.files)
     if directory is not None:
         enter_deleted_cwd(context, directory)
