@@ -347,12 +347,11 @@ class Precopy:
 
         The layout is read before and after: a mapping made or changed while smaps was
         read (a process that maps and unmaps often) has it read again, a few times."""
-        maps = procfs.read_maps(self.pid)
         for _ in range(LAYOUT_READS):
+            maps = procfs.read_maps(self.pid)
             flags = procfs.read_smaps_flags(self.pid)
             self._flags = {entry: flags[entry.start] for entry in maps if entry.start in flags}
-            maps = procfs.read_maps(self.pid)  # the layout after: the next read's before
-            if all(entry in self._flags for entry in maps):
+            if all(entry in self._flags for entry in procfs.read_maps(self.pid)):
                 return
 
     def freeze(self, *, read_flags: bool = True) -> None:
