@@ -1,11 +1,17 @@
-"""Pure parts of pre-copy: the sets of page runs the mover keeps (sent, owed, dropped)."""
+"""Pure parts of pre-copy: the sets of page runs the mover keeps (sent, owed, dropped), and
+round 0's segments found again at the freeze."""
 
 from __future__ import annotations
+
+import itertools
+from typing import cast
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hijack.mutator.precopy import clip_runs, subtract_runs, union_runs
+from hijack.image import records as rec
+from hijack.mutator.precopy import Precopy, clip_runs, subtract_runs, union_runs
+from hijack.sys import dirty
 
 Run = tuple[int, int]
 runs_lists = st.lists(
@@ -37,3 +43,68 @@ def test_run_sets_behave_as_sets_of_pages(
     assert union_runs(first, second) == as_runs(pages(first) | pages(second))
     assert subtract_runs(a, b) == as_runs(pages(first) - pages(second))
     assert clip_runs(a, start, end) == as_runs(pages(first) & set(range(start, end)))
+
+
+PAGE = 4096
+# A layout: disjoint segments, each (first page, pages, inode), as /proc's maps lists them.
+layouts = st.lists(
+    st.tuples(st.integers(0, 3), st.integers(1, 6), st.sampled_from([0, 0, 7])),
+    min_size=0,
+    max_size=12,
+)
+
+
+def segments_of(layout: list[tuple[int, int, int]], base: int = 0) -> list[rec.Segment]:
+    segments, page = [], base
+    for gap, size, inode in layout:
+        page += gap
+        segments.append(
+            rec.Segment(
+                start=page * PAGE,
+                end=(page + size) * PAGE,
+                prot=rec.Prot.READ | rec.Prot.WRITE,
+                shared=False,
+                offset=page * PAGE if inode else 0,
+                dev_major=0,
+                dev_minor=0,
+                inode=inode,
+                contents=rec.ContentsKind.STORED,
+                path="/f" if inode else "",
+                vm_flags=("rd", "wr"),
+                file=None,
+            )
+        )
+        page += size
+    return segments
+
+
+@given(layouts, layouts, st.integers(0, 8))
+def test_a_freeze_finds_round_zeros_segments_by_bisection(
+    first: list[tuple[int, int, int]], now: list[tuple[int, int, int]], shift: int
+) -> None:
+    """Each segment of the freeze is cut at, and judged within, round 0's segments exactly
+    as a look at every one of them does (Precopy._bases_over finds them by bisection)."""
+    precopy = Precopy(0, cast(dirty.WrittenPages, None))
+    precopy.base = segments_of(first)
+    for segment in segments_of(now, shift):
+        over = [b for b in precopy.base if b.end > segment.start and b.start < segment.end]
+        assert precopy._bases_over(segment.start, segment.end) == over
+        edges = sorted(
+            {e for b in over for e in (b.start, b.end) if segment.start < e < segment.end}
+        )
+        pieces = precopy._split_at_base(segment)
+        assert [(p.start, p.end) for p in pieces] == list(
+            itertools.pairwise([segment.start, *edges, segment.end])
+        )
+        for piece in pieces:
+            holding = [b for b in precopy.base if b.start <= piece.start and piece.end <= b.end]
+            within = bool(holding) and (
+                holding[0].inode == piece.inode
+                and (
+                    piece.inode == 0
+                    or piece.offset - holding[0].offset == piece.start - holding[0].start
+                )
+            )
+            assert precopy._within_base(piece) == within
+    precopy.base = segments_of(now)  # a new round 0 (a list of its own): found afresh
+    assert precopy._bases_over(0, 1 << 40) == precopy.base

@@ -58,3 +58,41 @@ def test_mappings_merged_since_the_first_round_are_carried_not_sent_frozen(
             int(found[3]), b, float(found[4]), shadow_status(a, fixture.pid)["shadow_pid"]
         )
         finish_moved(fixture, moved, tmp_path)
+
+
+def test_a_private_file_mappings_pages_go_again_only_where_they_differ(tmp_path: Path) -> None:
+    """A writable private file mapping (a JVM's class-data archive): round 0 sent it whole;
+    at the freeze its pages that are the file's go again only where they are not what was
+    sent (a written page dropped since, a page whose file changed), not the 4 MiB again."""
+    with (
+        two_nodes(tmp_path) as (a, b),
+        spawn_fixture("private_file", tmp_path / "mapped", netns=a.netns) as fixture,
+    ):
+        start = int(fixture.ready["map"], 16)
+        page = 4096
+        assert b.daemon_endpoint is not None
+        mover = hijack_in(
+            a, "move-first-round", "move", fixture.pid, "--to", b.daemon_endpoint, "--precopy"
+        )
+        # Between the first round and the freeze: pages 0-3 dropped (the file's again),
+        # the file changed under pages 40-41, page 20 written (a scan reports that one).
+        fixture.send(b"d")
+        # Its last step, page 20 written, seen copied on write (pagemap: no longer the file's).
+        page_20 = (start + 20 * page, start + 21 * page)
+        poll_until(
+            lambda: page_20 in procfs.written_runs(fixture.pid, *page_20),
+            "pages 0-3 dropped, the file changed, page 20 written",
+            timeout=60,
+        )
+        mover.send_signal(signal.SIGCONT)
+        result = finish(mover, ("move",))
+        assert result.returncode == 0, f"{result.describe()}\n{logs(tmp_path)}"
+        found, frozen = MOVED_LINE.search(result.stdout), FROZEN.search(result.stdout)
+        assert found is not None and frozen is not None, result.describe()
+        # A few pages and the stack's, not the mapping's 4 MiB again.
+        assert float(frozen[1]) * UNITS[frozen[2]] < 1 << 20, result.stdout
+        fixture.wait_exit()  # the original, killed by the move
+        moved = Moved(
+            int(found[3]), b, float(found[4]), shadow_status(a, fixture.pid)["shadow_pid"]
+        )
+        finish_moved(fixture, moved, tmp_path)  # it checks every byte itself

@@ -98,6 +98,13 @@ class Precopy:
         self.rounds = 0
         self.bytes_sent = 0  # by the rounds, framing included (the mover counts)
         self.base: list[rec.Segment] = []  # round 0's layout, as the destination built it
+        # Round 0's writable private file mappings' pages as the destination holds them
+        # (what the rounds sent), by the segment's start: at the freeze, their pages that
+        # are the file's read the same as sent need not go again (runs()).
+        self.held_files: dict[int, HeldPages] = {}
+        self.held_bytes = 0
+        # `base` and its segments' starts (sorted, the segments disjoint: /proc's maps).
+        self._base_starts: tuple[list[rec.Segment], list[int]] = (self.base, [])
         self.sent: list[Run] = []  # every page sent to the destination, merged
         self.owed: list[Run] = []  # written pages not sent yet
         self.final_written: list[Run] = []
@@ -252,6 +259,8 @@ class Precopy:
                     break  # not mapped any more, from here on: owed
                 view = memoryview(self.buffer)[offset : offset + end - start]
                 writer.write_pages(start, view, keep_zero_pages=keep_zero)
+                if keep_zero:  # every page stored, as read: the destination's now
+                    self._hold(segment, start, view)
                 sent.append((start, end))
                 offset += end - start
         return sent
@@ -437,14 +446,17 @@ class Precopy:
                 runs = union_runs(runs, [r for run in absent for r in clip_runs(sent, *run)])
         elif segment.prot & rec.Prot.WRITE:
             # A writable private file mapping: a page of it the process dropped since
-            # it was sent reverts to the file's, which no scan reports. Its pages that
-            # are the file's now (never written, or dropped since) go again, zero ones
-            # too; those written (copied on write) are the scans'. (A JVM's class-data
-            # archive: 12 MiB sent whole in every freeze before.)
-            copied = procfs.written_runs(self.pid, segment.start, segment.end)
+            # it was sent reverts to the file's, which no scan reports, and a page that is
+            # the file's shows the file's changes. Its pages copied on write and in memory
+            # are the scans'; every other (the file's: never written, or dropped since) goes
+            # again, zero ones too, where it does not read as sent (_unlike_held). (A page
+            # dropped under the tracking's write protection leaves a marker pagemap reports
+            # as swapped: not a copy. A JVM's class-data archive: 12 MiB sent whole in every
+            # freeze once, then its 3 MiB that are the file's.)
+            copied = procfs.copied_runs(self.pid, segment.start, segment.end)
             end = min(segment.end, file_end(self.pid, segment))
             files = subtract_runs([(segment.start, end)], copied)
-            runs = union_runs(runs, files)
+            runs = union_runs(runs, self._unlike_held(files))
         if self.lazy:
             # Fetched from the frozen original when first touched (or pushed later).
             runs = subtract_runs(runs, clip_runs(self.lazy, segment.start, segment.end))
@@ -457,6 +469,56 @@ class Precopy:
             return subtract_runs(runs, clip_runs(self.lazy, segment.start, segment.end))
         return runs
 
+    def _hold(self, segment: rec.Segment, start: int, view: memoryview) -> None:
+        """Keep the copy of pages just sent of a writable private file mapping (runs())."""
+        if segment.inode == 0 or segment.shared or not segment.prot & rec.Prot.WRITE:
+            return
+        if self.through_mem:  # a tree's member: such a mapping is never carried (segments())
+            return
+        if self.rounds == 0:  # round 0's own segment: base is this round's
+            held = self.held_files.get(segment.start)
+            if held is None:
+                if self.held_bytes + segment.size > HELD_FILES_LIMIT:
+                    return  # too much kept: its pages go at the freeze, as sent before
+                held = self.held_files[segment.start] = HeldPages(segment.start, segment.size)
+                self.held_bytes += segment.size
+        else:
+            held = self._held_at(start)
+            if held is None:
+                return
+        held.keep(start, view)
+
+    def _held_at(self, address: int) -> HeldPages | None:
+        over = self._bases_over(address, address + 1)
+        return self.held_files.get(over[0].start) if over else None
+
+    def _unlike_held(self, files: list[Run]) -> list[Run]:
+        """The pages of `files` (a PRECOPIED writable private file mapping's pages that are
+        the file's now: never written, or dropped since) that the destination may not hold
+        as they are: those no round sent, or that read otherwise than sent. (A JVM's
+        class-data archive: 3 MiB, nearly all of it the same, went in every freeze: 5-10 ms
+        at the destination.) Read through `buffer`, before the segment's pages are."""
+        if not files:
+            return files
+        held = self._held_at(files[0][0])
+        if held is None:
+            return files
+        unlike: list[Run] = []
+        for start, end in files:
+            for chunk in range(start, end, len(self.buffer)):
+                size = min(end - chunk, len(self.buffer))
+                try:
+                    memory.read_into(self.pid, chunk, memoryview(self.buffer)[:size])
+                except HijackError:
+                    unlike.append((chunk, chunk + size))  # as before: sent, read then
+                    continue
+                if held.same(chunk, self.buffer, 0, size):
+                    continue
+                for page in range(0, size, rec.PAGE_SIZE):
+                    if not held.same(chunk + page, self.buffer, page, rec.PAGE_SIZE):
+                        _extend(unlike, chunk + page)
+        return union_runs(unlike, [])
+
     def _split_at_base(self, segment: rec.Segment) -> list[rec.Segment]:
         """`segment` cut where round 0's segments begin and end inside it. Adjacent
         mappings of one kind merge into one VMA (a process maps a small area beside a big
@@ -467,8 +529,7 @@ class Precopy:
         cuts = sorted(
             {
                 edge
-                for base in self.base
-                if base.end > segment.start and base.start < segment.end
+                for base in self._bases_over(segment.start, segment.end)
                 for edge in (base.start, base.end)
                 if segment.start < edge < segment.end
             }
@@ -488,7 +549,7 @@ class Precopy:
         ]
 
     def _within_base(self, segment: rec.Segment) -> bool:
-        for base in self.base:
+        for base in self._bases_over(segment.start, segment.start + 1):
             if base.start <= segment.start and segment.end <= base.end:
                 return (
                     base.contents is rec.ContentsKind.STORED
@@ -500,6 +561,57 @@ class Precopy:
                     )
                 )
         return False
+
+    def _bases_over(self, start: int, end: int) -> list[rec.Segment]:
+        """Round 0's segments that overlap [start, end), found by bisection: a freeze asks
+        for each of its segments (a JVM's ~230 against ~230 took 6-12 ms of the freeze when
+        every base was looked at each time)."""
+        if self._base_starts[0] is not self.base:
+            self._base_starts = (self.base, [base.start for base in self.base])
+        base, starts = self._base_starts
+        first = max(bisect.bisect_right(starts, start) - 1, 0)
+        over = []
+        for index in range(first, len(base)):
+            if base[index].start >= end:
+                break
+            if base[index].end > start:
+                over.append(base[index])
+        return over
+
+
+# Bytes of writable private file mappings a move keeps a copy of (Precopy.held_files); past
+# it, their pages that are the file's go again at the freeze.
+HELD_FILES_LIMIT = 64 * 1024 * 1024
+
+
+class HeldPages:
+    """A round 0 segment's pages as sent to the destination: their bytes at their offsets
+    in the segment, and which pages were sent."""
+
+    def __init__(self, start: int, size: int) -> None:
+        self.start = start
+        self.data = bytearray(size)
+        self.sent = bytearray(size // rec.PAGE_SIZE)  # 1: the page's bytes are in data
+
+    def keep(self, address: int, view: memoryview) -> None:
+        offset = address - self.start
+        if offset < 0 or offset + len(view) > len(self.data):
+            return  # outside the segment it kept (a mapping grown since): not kept
+        self.data[offset : offset + len(view)] = view
+        first = offset // rec.PAGE_SIZE
+        self.sent[first : first + len(view) // rec.PAGE_SIZE] = b"\x01" * (
+            len(view) // rec.PAGE_SIZE
+        )
+
+    def same(self, address: int, buffer: bytearray, at: int, size: int) -> bool:
+        """Whether the `size` bytes of `buffer` at `at` are what was sent at `address`."""
+        offset = address - self.start
+        if offset < 0 or offset + size > len(self.data):
+            return False
+        first = offset // rec.PAGE_SIZE
+        if self.sent.find(0, first, first + size // rec.PAGE_SIZE) != -1:
+            return False
+        return memory.same(self.data, offset, buffer, at, size)
 
 
 class _InThread(Generic[T]):

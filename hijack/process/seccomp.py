@@ -32,21 +32,34 @@ RED_ZONE = 128  # bytes below the stack pointer the x86_64 ABI lets a function u
 SOCK_FPROG = struct.Struct("<H6xQ")  # struct sock_fprog: len, then the filter's address
 
 
-def read_seccomp(tracee: Tracee) -> tuple[rec.ThreadSeccomp, ...]:
+def read_seccomp(
+    tracee: Tracee, modes: dict[int, tuple[int, int]] | None = None
+) -> tuple[rec.ThreadSeccomp, ...]:
+    """Each thread's seccomp state; `modes`: seccomp_modes of its threads, if read already.
+    The filters' programs are asked by ptrace (from the tracing thread, the process stopped)."""
+    if modes is None:
+        modes = seccomp_modes(tracee.pid, tracee.thread_ids)
     threads = []
-    for tid in tracee.thread_ids:
-        status = procfs.read_status(tracee.pid, tid)
-        if not status.seccomp:
+    for tid, (mode, count) in modes.items():
+        if not mode:
             continue
         # Index 0 is the oldest filter (seen here; the kernel walks back from the newest).
         filters = [
             rec.SeccompFilter(flags=flags, program=program)
-            for flags, program in (
-                pt.get_seccomp_filter(tid, index) for index in range(status.seccomp_filters)
-            )
+            for flags, program in (pt.get_seccomp_filter(tid, index) for index in range(count))
         ]
-        threads.append(rec.ThreadSeccomp(tid=tid, mode=status.seccomp, filters=tuple(filters)))
+        threads.append(rec.ThreadSeccomp(tid=tid, mode=mode, filters=tuple(filters)))
     return tuple(threads)
+
+
+def seccomp_modes(pid: int, thread_ids: list[int]) -> dict[int, tuple[int, int]]:
+    """Each thread's seccomp mode and how many filters it has (its status), by tid: read
+    from outside, in any thread of ours."""
+    modes = {}
+    for tid in thread_ids:
+        status = procfs.read_status(pid, tid)
+        modes[tid] = (status.seccomp, status.seccomp_filters)
+    return modes
 
 
 def install_seccomp(

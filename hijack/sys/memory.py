@@ -51,6 +51,19 @@ def read_into(pid: int, address: int, buffer: bytearray | memoryview) -> None:
 
 IOV_MAX = 1024
 
+_memcmp = ctypes.CDLL(None).memcmp
+_memcmp.restype = ctypes.c_int
+_memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+
+
+def same(first: bytearray, first_at: int, second: bytearray, second_at: int, size: int) -> bool:
+    """Whether `size` bytes of `first` at `first_at` equal those of `second` at `second_at`
+    (memcmp: comparing slices copies them, ~10 times slower for a few MiB)."""
+    if first_at + size > len(first) or second_at + size > len(second):
+        raise ValueError("same: a range outside its buffer")
+    first_address = _writable_address(first) + first_at
+    return int(_memcmp(first_address, _writable_address(second) + second_at, size)) == 0
+
 
 def read_gathered(pid: int, ranges: list[tuple[int, int]], buffer: bytearray) -> int:
     """Read [start, end) `ranges` of `pid` back to back into `buffer`, in one call.

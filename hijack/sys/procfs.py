@@ -1078,6 +1078,19 @@ def written_runs(pid: int, start: int, end: int) -> list[tuple[int, int]]:
     return _runs(pid, start, end, _WRITTEN_TOP_BYTE)
 
 
+# byte -> 1 if the page is present and not a file page (bit 5, PM_FILE): in a private file
+# mapping, a page copied on write and in memory
+_COPIED_TOP_BYTE = bytes(int(bool(byte & 0x80) and not byte & 0x20) for byte in range(256))
+
+
+def copied_runs(pid: int, start: int, end: int) -> list[tuple[int, int]]:
+    """Like written_runs, but only the copied pages in memory. What written_runs takes for
+    a swapped copy may be none: where a page of a mapping a userfaultfd write-protects
+    was dropped (MADV_DONTNEED), the kernel leaves a marker that pagemap reports as a
+    swapped page (PM_SWAP), and the page reads as the file's."""
+    return _runs(pid, start, end, _COPIED_TOP_BYTE)
+
+
 def _runs(pid: int, start: int, end: int, top_byte_table: bytes) -> list[tuple[int, int]]:
     entries = read_pagemap(pid, start, end)
     # Work on the top byte of each little-endian entry at C speed: a 1 GiB
