@@ -402,6 +402,21 @@ def test_a_connection_the_target_closes_is_not_kept_open_by_its_shadow(cli: Hija
     assert "echoed 4 bytes over 1 connections" in server.stdout
 
 
+def test_a_brief_answer_leaves_out_the_descriptors_and_changes_nothing(cli: HijackCli) -> None:
+    """`brief` (a frozen mover's requests): the status fields without `fds` and `members`
+    (the shadow's socket tables, milliseconds of a freeze), the rest as in full."""
+    with spawn_fixture("echo_server") as server:
+        with attached(cli, server.pid) as info:
+            full = control.request(info["control"], {"op": "status"})
+            # An adopt of no descriptor, without hold, changes nothing: its answer alone
+            # differs.
+            brief = control.request(info["control"], {"op": "adopt", "fds": [], "brief": True})
+            assert "fds" not in brief and "members" not in brief, brief
+            assert {k: v for k, v in full.items() if k not in ("fds", "members")} == brief
+            assert control.request(info["control"], {"op": "adopt", "fds": []}) == full
+        server.assert_intact()
+
+
 def test_shadow_sees_the_file_offset_the_target_moves(cli: HijackCli, tmp_path: Path) -> None:
     log = tmp_path / "counter.log"
     with spawn_fixture("counter", log, "1") as counter:

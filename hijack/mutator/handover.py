@@ -84,7 +84,14 @@ def hand_over(pid: int, control_path: str, *, member: int, hold: bool) -> int:
                             raise  # a stopped root's descriptors do not go away
                         continue  # the member, running, closed it meanwhile
                     batch.append(number)
-                message: control.Message = {"op": "adopt", "fds": batch, "hold": hold}
+                # brief: its answer is not read (the status fields cost the shadow
+                # milliseconds of socket tables, while a move's process is frozen).
+                message: control.Message = {
+                    "op": "adopt",
+                    "fds": batch,
+                    "hold": hold,
+                    "brief": True,
+                }
                 if member:
                     message["member"] = member
                 if first:

@@ -232,7 +232,10 @@ class HomeShadow:
     def migrating(self, message: dict[str, Any]) -> dict[str, Any]:
         """`migrating`: answered once the process's node has acknowledged all it was sent."""
         wait = ack_wait()
-        return self.request({**message, "op": "migrating", "ack_wait": wait}, timeout=wait + 15.0)
+        # brief: of the answer only `streams` is read (docs/protocol.md).
+        return self.request(
+            {**message, "op": "migrating", "ack_wait": wait, "brief": True}, timeout=wait + 15.0
+        )
 
 
 # Seconds a proved connection (HomeShadow.prove_links) is used for: the shadow drops one
@@ -1092,6 +1095,7 @@ def _switch_shadow(
     shadow.request(
         {
             "op": "migrated",
+            "brief": True,  # its answer is not read
             "move": move_id,
             "location": location,
             "home_again": home_again,

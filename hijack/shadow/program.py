@@ -318,7 +318,7 @@ class Shadow:
             if handed or message.get("home_again"):
                 return self.home_again(message, handed)
             log(f"the process runs on {self.hub.location} now (move {message['move']})")
-            return {"ok": True, **self.describe()}
+            return {"ok": True, **self.describe(brief=bool(message.get("brief")))}
         if op == "swap":
             return self.swap(message)
         if op == "aborted":
@@ -368,7 +368,7 @@ class Shadow:
         elif message.get("hold"):
             self.mode = Mode.HOLDING
             log(f"holding {len(self.held)} descriptors of checkpointed process {self.target_pid}")
-        return {"ok": True, **self.describe()}
+        return {"ok": True, **self.describe(brief=bool(message.get("brief")))}
 
     def open_endpoint(self, token: str, trust: str) -> control.Message:
         """Listen on TCP for the relays and remote requests of the nodes the process goes to.
@@ -462,7 +462,7 @@ class Shadow:
             float(message.get("ack_wait", ACK_WAIT)),
             flush=bool(message.get("flush")),
         )
-        return {"ok": True, **self.describe()}
+        return {"ok": True, **self.describe(brief=bool(message.get("brief")))}
 
     def hand_back(self, message: control.Message) -> control.Message:
         """Move `move` brings the process home: stop relaying `streams`, whose originals its
@@ -587,7 +587,13 @@ class Shadow:
         log(f"the target runs at home again as process {pid}")
         return {"ok": True, **self.describe()}
 
-    def describe(self) -> dict[str, Any]:
+    def describe(self, *, brief: bool = False) -> dict[str, Any]:
+        """The status fields (docs/protocol.md). `brief` (a request's "brief": a mover
+        frozen, which reads none of them but `streams`): without `fds` and `members`, whose
+        socket tables take milliseconds to read (every TCP and unix socket of the host's
+        hashes walked), three times in a move's freeze."""
+        if brief:
+            return {**self._state(), "streams": self.hub.describe()}
         own = {entry.fd: entry for entry in procfs.list_fds(os.getpid())}
         # Read only when needed: with many sockets on the host the tables take
         # tens of milliseconds, and a move waits for this answer frozen.
@@ -617,13 +623,7 @@ class Shadow:
 
         fds = described(self.held)
         return {
-            "shadow_pid": os.getpid(),
-            "target_pid": self.target_pid,
-            "mode": self.mode.value,
-            "started_at": self.started_at,
-            "location": self.hub.location,
-            "location_pid": self.migrant_pid,
-            "endpoint_port": self.door.listener.getsockname()[1] if self.door else 0,
+            **self._state(),
             "fds": fds,
             "members": [
                 {
@@ -634,6 +634,17 @@ class Shadow:
                 for member, table in sorted(self.members.items())
             ],
             "streams": self.hub.describe(),
+        }
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "shadow_pid": os.getpid(),
+            "target_pid": self.target_pid,
+            "mode": self.mode.value,
+            "started_at": self.started_at,
+            "location": self.hub.location,
+            "location_pid": self.migrant_pid,
+            "endpoint_port": self.door.listener.getsockname()[1] if self.door else 0,
             "swapped": self.hub.swapped,
         }
 
