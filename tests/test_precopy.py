@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from hijack.image import records as rec
-from hijack.mutator.precopy import Precopy, clip_runs, subtract_runs, union_runs
+from hijack.mutator.precopy import HeldPages, Precopy, clip_runs, subtract_runs, union_runs
 from hijack.sys import dirty
 
 Run = tuple[int, int]
@@ -108,3 +108,22 @@ def test_a_freeze_finds_round_zeros_segments_by_bisection(
             assert precopy._within_base(piece) == within
     precopy.base = segments_of(now)  # a new round 0 (a list of its own): found afresh
     assert precopy._bases_over(0, 1 << 40) == precopy.base
+
+
+def test_held_pages_tell_what_was_sent_and_only_that() -> None:
+    """HeldPages (a writable private file mapping's pages as the destination holds them):
+    a page is the same only if it was sent and reads as sent; a send reaching outside the
+    segment keeps its part inside."""
+    held = HeldPages(4 * PAGE, 4 * PAGE)  # pages 4-7
+    sent = bytearray(b"a" * PAGE + b"b" * PAGE)
+    held.keep(4 * PAGE, memoryview(sent))  # pages 4-5
+    assert held.same(4 * PAGE, sent, 0, 2 * PAGE)
+    assert not held.same(4 * PAGE, bytearray(b"a" * PAGE + b"c" * PAGE), 0, 2 * PAGE)
+    assert not held.same(6 * PAGE, bytearray(PAGE), 0, PAGE), "never sent: not the same"
+    assert not held.same(7 * PAGE, bytearray(2 * PAGE), 0, 2 * PAGE), "outside the segment"
+    late = bytearray(b"d" * PAGE + b"e" * PAGE + b"f" * PAGE)
+    held.keep(6 * PAGE, memoryview(late))  # pages 6-8: 8 lies outside
+    assert held.same(6 * PAGE, late, 0, 2 * PAGE)
+    held.keep(5 * PAGE, memoryview(bytearray(b"g" * PAGE)))  # sent again: the new bytes
+    assert held.same(5 * PAGE, bytearray(b"g" * PAGE), 0, PAGE)
+    assert not held.same(4 * PAGE, sent, 0, 2 * PAGE)

@@ -594,13 +594,17 @@ class HeldPages:
         self.sent = bytearray(size // rec.PAGE_SIZE)  # 1: the page's bytes are in data
 
     def keep(self, address: int, view: memoryview) -> None:
-        offset = address - self.start
-        if offset < 0 or offset + len(view) > len(self.data):
-            return  # outside the segment it kept (a mapping grown since): not kept
-        self.data[offset : offset + len(view)] = view
+        """The pages at `address` were sent as `view` holds them (what lies outside the
+        segment is not kept: the rounds send only inside round 0's segments)."""
+        low = max(address, self.start)
+        high = min(address + len(view), self.start + len(self.data))
+        if low >= high:
+            return
+        offset = low - self.start
+        self.data[offset : offset + high - low] = view[low - address : high - address]
         first = offset // rec.PAGE_SIZE
-        self.sent[first : first + len(view) // rec.PAGE_SIZE] = b"\x01" * (
-            len(view) // rec.PAGE_SIZE
+        self.sent[first : first + (high - low) // rec.PAGE_SIZE] = b"\x01" * (
+            (high - low) // rec.PAGE_SIZE
         )
 
     def same(self, address: int, buffer: bytearray, at: int, size: int) -> bool:
