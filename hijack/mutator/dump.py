@@ -119,6 +119,9 @@ class Precopied(Protocol):
     def vm_flags(self, maps: list[procfs.MapEntry]) -> dict[int, tuple[str, ...]]:
         """The smaps VmFlags of `maps`, by start (read before the freeze where unchanged)."""
 
+    def guard_regions(self) -> list[tuple[int, int]]:
+        """The guard pages at the freeze (scanned beside the rest where scan_guards ran)."""
+
     @property
     def signal_actions(self) -> list[rec.SigAction]:
         """The signal actions read when the tracking started (read_signal_actions' `known`)."""
@@ -357,7 +360,12 @@ def write_image(
             if thread.tid == tracee.injection_tid
         }
         settings_read = settings.queue_settings(
-            tracee, batch, area.address, tracee.thread_ids, aio_rings=aio_rings
+            tracee,
+            batch,
+            area.address,
+            tracee.thread_ids,
+            aio_rings=aio_rings,
+            guard_regions=precopied.guard_regions if precopied is not None else None,
         )
         timers_read = timers.queue_timers(tracee, batch)
         # Run with every other thread's two calls, side by side (one stop each, at once).

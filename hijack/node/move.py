@@ -69,7 +69,7 @@ from hijack.mutator.postcopy import (
     page_timeout,
     pinned_pages,
 )
-from hijack.mutator.precopy import SHRINK, Precopy, RoundSent, worth_precopying
+from hijack.mutator.precopy import RESEIZES, SHRINK, Precopy, RoundSent, worth_precopying
 from hijack.mutator.tracee import Tracee
 from hijack.node import mounts, pki
 from hijack.node.channel import Channel, ChannelError, DataWriter
@@ -122,6 +122,7 @@ class MoveResult:
     rounds: int = 0  # pre-copy rounds before the freeze
     frozen_bytes: int = 0  # sent while the process was frozen (the final image)
     tracking_pause_ms: float = 0.0  # the process stopped once more, to start pre-copy
+    layout_stops: int = 0  # and stopped and let go at once, its layout changed (RESEIZES)
     # A move to its home node: "" if it holds its own descriptors again, else why its
     # shadow relays them still. None for a move elsewhere.
     relayed_at_home: str | None = None
@@ -486,6 +487,7 @@ def _move_frozen(
     # Why its shadow relays its descriptors still, for a move home.
     relayed = None if not homing else ""
     repointed = Repointed(destination[1])
+    catch_up: CatchUp | None = None  # pre-copied: the last round, its answer read later
     try:
         if homing:
             relayed = unhomeable(plan_proxies(pid, shadow, at_home, frozen=False)[0])
@@ -504,13 +506,15 @@ def _move_frozen(
         shadow.prove_links(0 if at_home else 3 if homing else 2)
         if precopied is not None:
             # The layout read late (the freeze reads smaps again only if it changed since),
-            # then one more round: what the process wrote during all of the above (tens of
-            # ms: ~0.5-1 MiB at 10 MB/s) goes now, while it runs, not in the freeze. (Not
-            # after post-copy's last: its pages written since are left to post-copy.)
-            precopied.prepare_freeze()
-            if not precopied.postcopy:
-                _send_round(channel, precopied, report)
-        tracee = Tracee.seize(pid)
+            # each read followed by one more round: what the process wrote during all of
+            # the above (tens of ms: ~0.5-1 MiB at 10 MB/s) goes now, while it runs, not in
+            # the freeze; the layout is checked after it. (Not after post-copy's last: its
+            # pages written since are left to post-copy.)
+            catch_up = None if precopied.postcopy else CatchUp(channel, precopied, report)
+            precopied.prepare_freeze(catch_up)
+            tracee = seize_on_its_layout(pid, precopied, catch_up)
+        else:
+            tracee = Tracee.seize(pid)
     except BaseException:
         repointed.abort()
         if not at_home:
@@ -531,6 +535,7 @@ def _move_frozen(
                 parasite = map_area(tracee)
                 brk = read_brk(tracee, parasite)  # brk(0) too takes the map's write lock
                 precopied.read_flags()
+                precopied.scan_guards()
                 if precopied.postcopy:
                     precopied.pinned = pinned_pages(tracee)
                 laps.lap("dirty scan")
@@ -580,6 +585,8 @@ def _move_frozen(
                 if homing:
                     plan = [dataclasses.replace(p, kind="original") for p in plan]
             laps.lap("shadow hand-over")
+            if catch_up is not None:
+                catch_up.settle()  # the last round's answer, there long since
             channel.send(
                 {
                     "op": "move",
@@ -746,6 +753,7 @@ def _move_frozen(
         rounds,
         writer.sent,
         pause,
+        precopied.layout_stops if precopied is not None else 0,
         relayed,
         postcopy_bytes=lazy_bytes(lazy),
         postcopy_ms=postcopy_ms,
@@ -756,6 +764,30 @@ def _move_frozen(
             int(prepared.get("injected", 0)) + int(answer.get("injected", 0)),
         ),
     )
+
+
+def seize_on_its_layout(
+    pid: int, precopied: Precopy, catch_up: Callable[[], object] | None
+) -> Tracee:
+    """The process stopped for its freeze, its layout the one whose flags prepare_freeze
+    read. A mapping changed between prepare_freeze's last look and the stop (a process
+    that remaps every ~15 ms: 1 move in 6 here) would have the freeze read smaps again
+    (10-40 ms a GiB, frozen): the process is let go at once instead (a stop of ~0.3 ms,
+    added to the pause before the freeze), its layout read again and the stop made
+    again, up to RESEIZES times."""
+    for attempt in range(RESEIZES + 1):
+        tracee = Tracee.seize(pid)
+        try:
+            if attempt == RESEIZES or precopied.layout_held():
+                return tracee
+        except BaseException:
+            tracee.release()
+            raise
+        tracee.release()
+        precopied.pause_ms += tracee.pause_ms
+        precopied.layout_stops += 1
+        precopied.prepare_freeze(catch_up)
+    raise AssertionError("unreachable")
 
 
 def quiet_shadow(shadow: HomeShadow, move_id: str, what: str, pid: int, *, flush: bool) -> None:
@@ -1038,9 +1070,14 @@ def _precopy(
 
 
 def _send_round(
-    channel: Channel, precopied: Precopy, report: Callable[[str, int], None]
+    channel: Channel,
+    precopied: Precopy,
+    report: Callable[[str, int], None],
+    *,
+    answered: bool = True,
 ) -> RoundSent:
-    """One pre-copy round, sent and applied at the destination."""
+    """One pre-copy round, sent and (unless not `answered`: the caller reads the answer)
+    applied at the destination."""
     phase = f"round {precopied.rounds}"
     report(phase, precopied.bytes_sent)
     channel.send({"op": "round", "round": precopied.rounds})
@@ -1049,8 +1086,36 @@ def _send_round(
     sent = precopied.send_round(cast(BinaryIO, progress))
     writer.close()
     precopied.bytes_sent += writer.sent
-    channel.expect("phase")  # applied there: the next round starts from a caught-up peer
+    if answered:
+        channel.expect("phase")  # applied there: the next round starts from a caught-up peer
     return sent
+
+
+class CatchUp:
+    """prepare_freeze's catch-up rounds. Each one's answer is read only before the next
+    message (another round, or the freeze's `move`): the layout is looked at, and the
+    process stopped, as soon as the round's pages are out, not after the destination
+    applied them (2-5 ms under load, during which the process could remap: its freeze
+    would then read smaps again)."""
+
+    def __init__(
+        self, channel: Channel, precopied: Precopy, report: Callable[[str, int], None]
+    ) -> None:
+        self.channel = channel
+        self.precopied = precopied
+        self.report = report
+        self.unanswered = False
+
+    def __call__(self) -> None:
+        self.settle()
+        _send_round(self.channel, self.precopied, self.report, answered=False)
+        self.unanswered = True
+
+    def settle(self) -> None:
+        """Read the answer of the round sent last, if not yet read."""
+        if self.unanswered:
+            self.unanswered = False
+            self.channel.expect("phase")
 
 
 def _converged(last: RoundSent, before: RoundSent | None) -> bool:

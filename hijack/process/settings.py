@@ -65,11 +65,13 @@ def queue_settings(
     *,
     aio_rings: tuple[rec.AioRing, ...] = (),
     mm_flags: tuple[int, bool] | None = None,
+    guard_regions: Callable[[], list[tuple[int, int]]] | None = None,
 ) -> Callable[[], rec.ProcessSettings]:
     """The settings of a stopped process; their injected calls go in `batch`, and the
     returned function tells them once it ran. `fresh_page`: an address in a page the dump
     mapped (tells mlockall(MCL_FUTURE)). `mm_flags`: the dumpable and THP-disable flags if
-    known (read_mm_flags), not asked."""
+    known (read_mm_flags), not asked. `guard_regions`: tells its guard pages (a move's,
+    scanned beside the batch), else they are scanned when the batch ran."""
     pid = tracee.pid
     if mm_flags is None:
         dumpable_call = batch.call("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0)
@@ -99,6 +101,7 @@ def queue_settings(
             thread_ids,
             seccomp.read_seccomp(tracee),
             aio_rings,
+            guard_regions() if guard_regions is not None else dirty.guard_regions(pid),
         )
 
     return read
@@ -115,6 +118,7 @@ def _settings(
     thread_ids: list[int],
     seccomp_state: tuple[rec.ThreadSeccomp, ...],
     aio_rings: tuple[rec.AioRing, ...],
+    guard_regions: list[tuple[int, int]],
 ) -> rec.ProcessSettings:
     threads = []
     for tid in thread_ids:
@@ -140,9 +144,7 @@ def _settings(
         mlockall=_mlockall_flags(pid, fresh_page),
         threads=tuple(threads),
         seccomp=seccomp_state,
-        guard_pages=tuple(
-            rec.PageRange(start=start, end=end) for start, end in dirty.guard_regions(pid)
-        ),
+        guard_pages=tuple(rec.PageRange(start=start, end=end) for start, end in guard_regions),
         aio_rings=aio_rings,
     )
 
