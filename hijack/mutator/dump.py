@@ -312,6 +312,7 @@ def write_image(
     parents_memory: bool = False,
     parasite: Area | None = None,
     brk: int | None = None,
+    maps: list[procfs.MapEntry] | None = None,
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
 
@@ -332,18 +333,24 @@ def write_image(
     holds no pages, its parent's has them (its layout is described all the same).
     `parasite`: an area for the batched calls (hijack.mutator.parasite) mapped already;
     `brk`: the program break, read already (read_brk).
+    `maps`: its layout, read since it was stopped and before `parasite` was mapped (a
+    move's freeze reads it first: read once, not twice).
     """
     laps = laps or Laps()
     pid = tracee.pid
     options = dump_options(no_binary=no_binary, no_shared_libs=no_shared_libs)
-    maps = procfs.read_maps(pid)
-    if parasite is not None:
-        unmerged = without_area(maps, parasite)
-        if unmerged is None:  # merged with a neighbour: one of our own, below
-            unmap_area(tracee, parasite)
-            parasite = None
-        else:
-            maps = unmerged
+    # `maps` given: read before the area was mapped, its own layout as it is. (Should the
+    # area have merged with a neighbour of its kind, unmapping it gives the neighbour back
+    # its range: the calls run in it all the same.)
+    if maps is None:
+        maps = procfs.read_maps(pid)
+        if parasite is not None:
+            unmerged = without_area(maps, parasite)
+            if unmerged is None:  # merged with a neighbour: one of our own, below
+                unmap_area(tracee, parasite)
+                parasite = None
+            else:
+                maps = unmerged
     aio_rings = aio.read_rings(pid, maps, moving=precopied is not None)
     maps = [entry for entry in maps if not aio.is_aio_ring(entry)]  # made again by io_setup
     # Every call below in a batch (hijack.mutator.parasite): the injection thread's calls

@@ -109,6 +109,7 @@ class Precopy:
         self._guards: _InThread[list[Run]] | None = None  # scanned at the freeze, aside
         self._maps_stopped: list[procfs.MapEntry] | None = None  # layout_held's, for freeze
         self.layout_stops = 0  # stops let go at once, the layout changed (hijack.node.move)
+        self.maps_at_freeze: list[procfs.MapEntry] = []  # the layout freeze() saw
         self.signal_actions: list[rec.SigAction] = []  # as the tracking started
         # Post-copy (hijack.mutator.postcopy): the final image leaves out the
         # `lazy` pages, which the destination fetches on first touch; `pinned`
@@ -375,8 +376,9 @@ class Precopy:
         must first: an mmap waits for that read's hold on the memory map)."""
         self.final_written = union_runs(self.tracking.collect(), self.owed)
         self._untracked = self.tracking.untracked()
-        maps, self._maps_stopped = self._maps_stopped or procfs.read_maps(self.pid), None
-        self._layout_changed = not all(entry in self._flags for entry in maps)
+        self.maps_at_freeze = self._maps_stopped or procfs.read_maps(self.pid)
+        self._maps_stopped = None
+        self._layout_changed = not all(entry in self._flags for entry in self.maps_at_freeze)
         if read_flags:
             self.read_flags()
 

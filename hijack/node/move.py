@@ -616,6 +616,8 @@ def _move_frozen(
                 sockets=sockets,
                 parasite=parasite,
                 brk=brk,
+                # Read by the freeze, before the area was mapped: not read again.
+                maps=precopied.maps_at_freeze if precopied is not None else None,
             )
             if parasite is not None:
                 unmap_area(tracee, parasite)
