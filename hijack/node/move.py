@@ -535,7 +535,7 @@ def _move_frozen(
                 parasite = map_area(tracee)
                 brk = read_brk(tracee, parasite)  # brk(0) too takes the map's write lock
                 precopied.read_flags()
-                precopied.scan_guards()
+                precopied.scan_aside()
                 if precopied.postcopy:
                     precopied.pinned = pinned_pages(tracee)
                 laps.lap("dirty scan")
