@@ -352,17 +352,18 @@ class Precopy:
         as late as can be: the freeze reads smaps again (its page walk, ~15-25 ms a GiB,
         within the freeze) only if the layout changed since.
 
-        Each mapping's flags are read with its range (read_smaps_layout): a mapping
-        changed while smaps was read has its old range there. `catch_up` (a move's last
-        round, sending what the process wrote meanwhile) runs after each read; then the
-        layout is read: if a mapping changed since its flags were, smaps is read again
-        (a few times), so that the layout checked is the one just before the freeze (a
-        process that remaps every ~15 ms changed it 4 freezes in 10 when it was checked
-        before the round, and each such freeze read smaps again: 10-40 ms a GiB)."""
+        `catch_up` (a move's last round: what the process wrote until now) runs first;
+        then smaps is read, each mapping's flags with its range (read_smaps_layout: a
+        mapping changed during the read keeps its old range there), then the layout:
+        if a mapping changed since its flags were read, all that again (a few times).
+        Nothing comes between that look and the stop (hijack.node.move): a process that
+        remaps every ~15 ms had changed it 3-4 freezes in 10 when a round came between,
+        and each such freeze read smaps again (10-40 ms a GiB, frozen). What it writes
+        while smaps is read (~10-20 ms) goes frozen instead (~100-200 KiB at 10 MB/s)."""
         for _ in range(LAYOUT_READS):
-            self._flags = procfs.read_smaps_layout(self.pid)
             if catch_up is not None:
                 catch_up()
+            self._flags = procfs.read_smaps_layout(self.pid)
             if all(entry in self._flags for entry in procfs.read_maps(self.pid)):
                 return
 

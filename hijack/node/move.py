@@ -505,11 +505,11 @@ def _move_frozen(
         # and every move has it relay to the copy: each over TLS, connected now.
         shadow.prove_links(0 if at_home else 3 if homing else 2)
         if precopied is not None:
-            # The layout read late (the freeze reads smaps again only if it changed since),
-            # each read followed by one more round: what the process wrote during all of
-            # the above (tens of ms: ~0.5-1 MiB at 10 MB/s) goes now, while it runs, not in
-            # the freeze; the layout is checked after it. (Not after post-copy's last: its
-            # pages written since are left to post-copy.)
+            # One more round: what the process wrote during all of the above (tens of ms:
+            # ~0.5-1 MiB at 10 MB/s) goes now, while it runs, not in the freeze; then the
+            # layout read, last of all (the freeze reads smaps again only if it changed
+            # since). (No round after post-copy's last: its pages written since are left
+            # to post-copy.)
             catch_up = None if precopied.postcopy else CatchUp(channel, precopied, report)
             precopied.prepare_freeze(catch_up)
             tracee = seize_on_its_layout(pid, precopied, catch_up)
@@ -773,7 +773,7 @@ def seize_on_its_layout(
 ) -> Tracee:
     """The process stopped for its freeze, its layout the one whose flags prepare_freeze
     read. A mapping changed between prepare_freeze's last look and the stop (a process
-    that remaps every ~15 ms: 1 move in 6 here) would have the freeze read smaps again
+    that remaps every ~15 ms) would have the freeze read smaps again
     (10-40 ms a GiB, frozen): the process is let go at once instead (a stop of ~0.3 ms,
     added to the pause before the freeze), its layout read again and the stop made
     again, up to RESEIZES times."""
@@ -1095,10 +1095,9 @@ def _send_round(
 
 class CatchUp:
     """prepare_freeze's catch-up rounds. Each one's answer is read only before the next
-    message (another round, or the freeze's `move`): the layout is looked at, and the
-    process stopped, as soon as the round's pages are out, not after the destination
-    applied them (2-5 ms under load, during which the process could remap: its freeze
-    would then read smaps again)."""
+    message (another round, or the freeze's `move`): smaps is read as soon as the round's
+    pages are out, not after the destination applied them (2-5 ms under load, whose
+    writes would go frozen)."""
 
     def __init__(
         self, channel: Channel, precopied: Precopy, report: Callable[[str, int], None]
