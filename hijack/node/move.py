@@ -37,6 +37,7 @@ import base64
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import os
 import secrets
 import signal
@@ -487,7 +488,6 @@ def _move_frozen(
     # Why its shadow relays its descriptors still, for a move home.
     relayed = None if not homing else ""
     repointed = Repointed(destination[1])
-    catch_up: CatchUp | None = None  # pre-copied: the last round, its answer read later
     try:
         if homing:
             relayed = unhomeable(plan_proxies(pid, shadow, at_home, frozen=False)[0])
@@ -510,7 +510,11 @@ def _move_frozen(
             # layout read, last of all (the freeze reads smaps again only if it changed
             # since). (No round after post-copy's last: its pages written since are left
             # to post-copy.)
-            catch_up = None if precopied.postcopy else CatchUp(channel, precopied, report)
+            catch_up = (
+                None
+                if precopied.postcopy
+                else functools.partial(_send_round, channel, precopied, report)
+            )
             precopied.prepare_freeze(catch_up)
             tracee = seize_on_its_layout(pid, precopied, catch_up)
         else:
@@ -585,8 +589,6 @@ def _move_frozen(
                 if homing:
                     plan = [dataclasses.replace(p, kind="original") for p in plan]
             laps.lap("shadow hand-over")
-            if catch_up is not None:
-                catch_up.settle()  # the last round's answer, there long since
             channel.send(
                 {
                     "op": "move",
@@ -1072,14 +1074,9 @@ def _precopy(
 
 
 def _send_round(
-    channel: Channel,
-    precopied: Precopy,
-    report: Callable[[str, int], None],
-    *,
-    answered: bool = True,
+    channel: Channel, precopied: Precopy, report: Callable[[str, int], None]
 ) -> RoundSent:
-    """One pre-copy round, sent and (unless not `answered`: the caller reads the answer)
-    applied at the destination."""
+    """One pre-copy round, sent and applied at the destination."""
     phase = f"round {precopied.rounds}"
     report(phase, precopied.bytes_sent)
     channel.send({"op": "round", "round": precopied.rounds})
@@ -1088,35 +1085,8 @@ def _send_round(
     sent = precopied.send_round(cast(BinaryIO, progress))
     writer.close()
     precopied.bytes_sent += writer.sent
-    if answered:
-        channel.expect("phase")  # applied there: the next round starts from a caught-up peer
+    channel.expect("phase")  # applied there: the next round starts from a caught-up peer
     return sent
-
-
-class CatchUp:
-    """prepare_freeze's catch-up rounds. Each one's answer is read only before the next
-    message (another round, or the freeze's `move`): smaps is read as soon as the round's
-    pages are out, not after the destination applied them (2-5 ms under load, whose
-    writes would go frozen)."""
-
-    def __init__(
-        self, channel: Channel, precopied: Precopy, report: Callable[[str, int], None]
-    ) -> None:
-        self.channel = channel
-        self.precopied = precopied
-        self.report = report
-        self.unanswered = False
-
-    def __call__(self) -> None:
-        self.settle()
-        _send_round(self.channel, self.precopied, self.report, answered=False)
-        self.unanswered = True
-
-    def settle(self) -> None:
-        """Read the answer of the round sent last, if not yet read."""
-        if self.unanswered:
-            self.unanswered = False
-            self.channel.expect("phase")
 
 
 def _converged(last: RoundSent, before: RoundSent | None) -> bool:
