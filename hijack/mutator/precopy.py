@@ -57,6 +57,7 @@ from hijack.mutator.parasite import Batch, parasite_area
 from hijack.mutator.tracee import Tracee
 from hijack.objects.memfd import holds_object
 from hijack.sys import dirty, memory, pidfd, procfs
+from hijack.testpoint import reached
 
 Run = tuple[int, int]
 Frames = dict[int, tuple[int, int]]  # a page frame number -> (pid, address) that sent it
@@ -365,6 +366,7 @@ class Precopy:
                 catch_up()
             self._flags = procfs.read_smaps_layout(self.pid)
             if all(entry in self._flags for entry in procfs.read_maps(self.pid)):
+                reached("move-layout-read")
                 return
 
     def layout_held(self) -> bool:
