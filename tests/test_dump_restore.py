@@ -354,7 +354,7 @@ def test_blocked_call_resumes_after_restore_with_its_signal_state(
 
 # -- 2b. sleepers: timed sleeps, whose restart state only the old kernel had -------------------
 
-SLEEPERS_MS = 8000  # long enough for an attach, a dump and a restore on a loaded machine
+SLEEPERS_MS = 15000  # long enough for an attach, a dump and a restore at load 8-9 (8 s was not)
 # Each sleeper thread (by name) and the calls /proc may show it in; 219 is
 # restart_syscall, where a live release leaves a thread the kernel continues.
 SYS_RESTART_SYSCALL = 219

@@ -860,6 +860,10 @@ HOMEABLE = ("stream", "listener")  # what a shadow can hand back (docs/protocol.
 # Seconds a process going home may go without reading its relays or accepting a client
 # before its descriptors are relayed from home instead.
 HOME_PATIENCE = 1.0
+# Seconds a frozen plan waits for the shadow to list a relay in the making (plan_proxies),
+# and between two looks.
+RELAY_MAKING_WAIT = 2.0
+RELAY_MAKING_INTERVAL = 0.005
 HOME_SETTLE_INTERVAL = 0.01  # seconds between looks at a process catching up before going home
 
 
@@ -1427,7 +1431,41 @@ def plan_proxies(
     ("pipe:[N]", "socket:[N]") joining it to other members of its tree moving with it,
     made again there from the image (hijack.node.tree_move). `streams`: the shadow's
     (shadow_streams), if asked already.
+
+    Frozen, a connection to the node's forwarder or a relayed listener that the
+    shadow does not list yet is a relay in the making (a client the shadow accepted
+    just before: the forwarder connects it to the process's listener, then makes its
+    relay to the shadow, neither waiting for the process): the shadow is asked again
+    until it lists it, up to RELAY_MAKING_WAIT, before the descriptor is refused.
     """
+    deadline = time.monotonic() + RELAY_MAKING_WAIT
+    while True:
+        plan, refused, making = _plan_proxies(
+            pid, shadow, at_home, frozen, sockets, inside, streams
+        )
+        if not making or refused or time.monotonic() >= deadline:
+            break
+        time.sleep(RELAY_MAKING_INTERVAL)
+        streams = None  # asked again
+    if refused or making:
+        raise Unsupported(
+            f"cannot move process {pid}: {', '.join(refused + making)} cannot be proxied;"
+            " nothing was changed"
+        )
+    return plan, [p.stream for p in plan if p.kind != "direct"]
+
+
+def _plan_proxies(
+    pid: int,
+    shadow: HomeShadow | None,
+    at_home: bool,
+    frozen: bool,
+    sockets: dict[int, procfs.SocketInfo] | None,
+    inside: frozenset[str],
+    streams: dict[str, dict[str, Any]] | None,
+) -> tuple[list[Proxy], list[str], list[str]]:
+    """plan_proxies' one look: the plan, the descriptors refused (described), and the
+    relays in the making seen (frozen)."""
     entries = procfs.list_fds(pid)
     if sockets is None:
         # Read after the descriptors: a socket accepted meanwhile is in the table.
@@ -1469,6 +1507,7 @@ def plan_proxies(
     direct = _direct_connections() if sockets else set()
     plan: list[Proxy] = []
     refused: list[str] = []
+    making: list[str] = []
     for entry in entries:
         if entry.kind in REBUILT or entry.target in inside:
             continue
@@ -1533,14 +1572,12 @@ def plan_proxies(
             relay_ends = {found.remote, found.local} & relayed_ends
             if relay_ends and not frozen:
                 continue
+            if relay_ends:
+                making.append(f"fd {entry.fd} ({entry.kind.value} {found.describe()})")
+                continue
         what = found.describe() if found else entry.target
         refused.append(f"fd {entry.fd} ({entry.kind.value} {what})")
-    if refused:
-        raise Unsupported(
-            f"cannot move process {pid}: {', '.join(refused)} cannot be proxied;"
-            " nothing was changed"
-        )
-    return plan, [p.stream for p in plan if p.kind != "direct"]
+    return plan, refused, making
 
 
 def _direct_connections() -> set[tuple[str, str]]:

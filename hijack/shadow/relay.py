@@ -1498,11 +1498,16 @@ class RelayHub:
         if problem or stream is None:
             raise HijackError(f"{stream_id} cannot be swapped: {problem}")
         stream.swapping = swap
-        # What is kept is counted in to_relay alone: the outward kernel pipe is emptied.
-        _unpipe(stream.out_pipe, stream.to_relay)
-        if stream.out_pipe is not None:
-            stream.out_pipe.close()
-            stream.out_pipe = None
+        # Both kernel pipes are emptied into their heads: what is kept is counted in
+        # to_relay alone, and what the process sent goes on in order — from now on the
+        # relay is read into to_original, which is written out before any pipe (with
+        # bytes left in the inward pipe, the newer ones would overtake them).
+        heads = ((stream.out_pipe, stream.to_relay), (stream.in_pipe, stream.to_original))
+        for pipe, head in heads:
+            _unpipe(pipe, head)
+            if pipe is not None:
+                pipe.close()
+        stream.out_pipe = stream.in_pipe = None
         stream.splices = False
         self._refresh_interest()
 
