@@ -71,7 +71,7 @@ MAX_ROUNDS = 8  # round 0, then at most 7 rounds of written pages
 LAST_ROUND_BYTES = 1024 * 1024  # a round this small is the last: the rest goes frozen
 SHRINK = 0.5  # a round must send at most this share of the one before, or it is the last
 TRACKING_FLAGS = ("uw", "um")  # smaps VmFlags of a userfaultfd registration
-LAYOUT_READS = 3  # reads of smaps before a freeze, while the layout changes under them
+LAYOUT_READS = 5  # reads of smaps before a freeze, while the layout changes under them
 RESEIZES = 2  # stops let go at once before a freeze, the layout changed (hijack.node.move)
 _AFTER_ALL = 1 << 64  # sorts after every end: bisect by start alone
 
