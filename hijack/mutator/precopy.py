@@ -107,9 +107,7 @@ class Precopy:
         self._flags: dict[procfs.MapEntry, tuple[str, ...]] = {}
         self._flags_now: _InThread[dict[int, tuple[str, ...]]] | None = None  # read at the freeze
         self._layout_changed = False
-        # Scanned at the freeze beside the injected calls (scan_aside): guard pages, and
-        # the pages absent from the anonymous memory round 0 built.
-        self._aside: _InThread[tuple[list[Run], list[Run]]] | None = None
+        self._guards: _InThread[list[Run]] | None = None  # scanned at the freeze, aside
         self._maps_stopped: list[procfs.MapEntry] | None = None  # layout_held's, for freeze
         self.layout_stops = 0  # stops let go at once, the layout changed (hijack.node.move)
         self.maps_at_freeze: list[procfs.MapEntry] = []  # the layout freeze() saw
@@ -353,18 +351,19 @@ class Precopy:
         as late as can be: the freeze reads smaps again (its page walk, ~15-25 ms a GiB,
         within the freeze) only if the layout changed since.
 
-        `catch_up` (a move's last round: what the process wrote until now) runs first;
-        then smaps is read, each mapping's flags with its range (read_smaps_layout: a
-        mapping changed during the read keeps its old range there), then the layout:
-        if a mapping changed since its flags were read, all that again (a few times).
-        Nothing comes between that look and the stop (hijack.node.move): a process that
-        remaps every ~15 ms had changed it 3-4 freezes in 10 when a round came between,
-        and each such freeze read smaps again (10-40 ms a GiB, frozen). What it writes
-        while smaps is read (~10-20 ms) goes frozen instead (~100-200 KiB at 10 MB/s)."""
+        Each mapping's flags are read with its range (read_smaps_layout): a mapping
+        changed while smaps was read keeps its old range there. `catch_up` (a move's
+        last round: what the process wrote until now, smaps' time included) runs after
+        each read; then the layout is read: if a mapping changed since its flags were
+        read, all that again (a few times), so that the layout checked is the one just
+        before the stop (hijack.node.move). (The round before smaps rather than after
+        made the stop find the layout unchanged more often, but left what the process
+        wrote while smaps was read to the freeze: a frozen image ~1.5x, and the freeze
+        longer in the moves that needed no smaps read again, most of them when idle.)"""
         for _ in range(LAYOUT_READS):
+            self._flags = procfs.read_smaps_layout(self.pid)
             if catch_up is not None:
                 catch_up()
-            self._flags = procfs.read_smaps_layout(self.pid)
             if all(entry in self._flags for entry in procfs.read_maps(self.pid)):
                 reached("move-layout-read")
                 return
@@ -395,39 +394,25 @@ class Precopy:
             # table, ~11 ms a GiB, runs on another core meanwhile).
             self._flags_now = _InThread(procfs.read_smaps_flags, self.pid)
 
-    def scan_aside(self) -> None:
-        """Start the freeze's whole-memory scans in a thread (the process stopped, and
-        mapped what it must: a scan holds the memory map as smaps does). PAGEMAP_SCAN for
-        guard pages sorts every page of the address space into its categories (~0.8 ms
-        a GiB idle, 1.5-8 ms under load: not the written scan's fast path), and so does
-        the scan for absent pages of the memory sent (~0.7-1.3 ms a GiB): in a thread,
-        they overlap the injected calls and the descriptors, which wait on the process
-        and on ptrace rather than on a CPU. Nothing the process itself maps changes
-        meanwhile: it is stopped (the area mapped for the calls is none of its own)."""
-        if self._aside is None:
-            self._aside = _InThread(self._scan_aside, name="hijack-scans")
-
-    def _scan_aside(self) -> tuple[list[Run], list[Run]]:
-        guards = dirty.guard_regions(self.pid)
-        sent: list[Run] = []
-        for base in self.base:
-            if base.inode == 0:  # where runs() looks for pages dropped since they were sent
-                within = clip_runs(self.sent, base.start, base.end)
-                if within:
-                    sent.append((within[0][0], within[-1][1]))
-        return guards, dirty.absent_in(self.pid, sent)
+    def scan_guards(self) -> None:
+        """Start the scan for guard pages in a thread (the process stopped, and mapped
+        what it must: the scan holds the memory map as smaps does). PAGEMAP_SCAN for
+        PAGE_IS_GUARD sorts every page of the address space into its categories (~0.8 ms
+        a GiB idle, 1.5-8 ms under load: not the written scan's fast path), one ioctl
+        with the GIL let go: it overlaps the injected calls and the descriptors, which
+        wait on the process and on ptrace rather than on a CPU. Nothing the process maps
+        changes meanwhile: it is stopped (the area mapped for the calls is none of its
+        own). (The scan for pages dropped since they were sent stays in runs(): beside
+        the calls, its Python loop over hundreds of runs held the GIL from the mover's
+        own thread.)"""
+        if self._guards is None:
+            self._guards = _InThread(dirty.guard_regions, self.pid, name="hijack-guards")
 
     def guard_regions(self) -> list[Run]:
         """The process's guard pages (MADV_GUARD_INSTALL) at the freeze."""
-        if self._aside is None:
+        if self._guards is None:
             return dirty.guard_regions(self.pid)
-        return self._aside.result()[0]
-
-    def _absent(self, start: int, end: int) -> list[Run]:
-        """The pages of anonymous [start, end), within round 0's, absent at the freeze."""
-        if self._aside is None:
-            return self.tracking.absent(start, end)
-        return clip_runs(self._aside.result()[1], start, end)
+        return self._guards.result()
 
     def vm_flags(self, maps: list[procfs.MapEntry]) -> dict[int, tuple[str, ...]]:
         if not all(entry in self._flags for entry in maps):
@@ -490,7 +475,7 @@ class Precopy:
             # Sent before, gone since (MADV_DONTNEED and the like): zero now.
             sent = clip_runs(self.sent, segment.start, segment.end)
             if sent:
-                absent = self._absent(segment.start, segment.end)
+                absent = self.tracking.absent(segment.start, segment.end)
                 runs = union_runs(runs, [r for run in absent for r in clip_runs(sent, *run)])
         elif segment.prot & rec.Prot.WRITE:
             # A writable private file mapping: a page of it the process dropped since

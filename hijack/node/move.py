@@ -505,11 +505,11 @@ def _move_frozen(
         # and every move has it relay to the copy: each over TLS, connected now.
         shadow.prove_links(0 if at_home else 3 if homing else 2)
         if precopied is not None:
-            # One more round: what the process wrote during all of the above (tens of ms:
-            # ~0.5-1 MiB at 10 MB/s) goes now, while it runs, not in the freeze; then the
-            # layout read, last of all (the freeze reads smaps again only if it changed
-            # since). (No round after post-copy's last: its pages written since are left
-            # to post-copy.)
+            # The layout read late (the freeze reads smaps again only if it changed since),
+            # each read followed by one more round: what the process wrote during all of
+            # the above (tens of ms: ~0.5-1 MiB at 10 MB/s) goes now, while it runs, not in
+            # the freeze; the layout is checked after it, and again once stopped. (Not
+            # after post-copy's last: its pages written since are left to post-copy.)
             catch_up = (
                 None
                 if precopied.postcopy
@@ -539,7 +539,7 @@ def _move_frozen(
                 parasite = map_area(tracee)
                 brk = read_brk(tracee, parasite)  # brk(0) too takes the map's write lock
                 precopied.read_flags()
-                precopied.scan_aside()
+                precopied.scan_guards()
                 if precopied.postcopy:
                     precopied.pinned = pinned_pages(tracee)
                 laps.lap("dirty scan")

@@ -104,16 +104,6 @@ def present_in(pid: int, start: int, end: int) -> list[tuple[int, int]]:
         scanner.close()
 
 
-def absent_in(pid: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """The pages of the ascending [start, end) `ranges` of `pid` neither present nor
-    swapped (WrittenPages.absent, by a scanner of its own: usable beside another's)."""
-    scanner = WrittenPages(pid, -1)
-    try:
-        return [run for start, end in ranges for run in scanner.absent(start, end)]
-    finally:
-        scanner.close()
-
-
 def guard_regions(pid: int) -> list[tuple[int, int]]:
     """The [start, end) runs of `pid`'s memory made guard pages (MADV_GUARD_INSTALL)."""
     scanner = WrittenPages(pid, -1)
