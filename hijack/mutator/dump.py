@@ -485,11 +485,6 @@ def write_parts(
     writer.write(parts.files.files)
     for section in parts.files.sections:
         writer.write(section)
-    # The head goes out before the pages are read: a move's destination builds the layout
-    # and the descriptors meanwhile (its stream sends 1 MiB frames: a final image of a few
-    # hundred KiB went out whole at its end, and the destination began after the last
-    # page). A file gets one write more.
-    out.flush()
     counts = write_pages(writer)
     for thread_record in parts.threads:
         writer.write(thread_record)
