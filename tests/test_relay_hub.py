@@ -10,17 +10,11 @@ import socket
 import time
 from collections.abc import Iterator
 
+from test_relay_forwarder import STREAM, pattern
+
 from hijack.shadow.relay import RelayHub, Stream
 
-STREAM = "fd:5"
 TIMEOUT = 30.0
-PATTERN = bytes(range(251))  # a prime length: a byte out of place shows
-
-
-def pattern(offset: int, size: int) -> bytes:
-    start = offset % len(PATTERN)
-    whole = PATTERN * (2 + size // len(PATTERN))
-    return whole[start : start + size]
 
 
 def tcp_pair(small: bool = False) -> tuple[socket.socket, socket.socket]:

@@ -1432,11 +1432,12 @@ def plan_proxies(
     made again there from the image (hijack.node.tree_move). `streams`: the shadow's
     (shadow_streams), if asked already.
 
-    Frozen, a connection to the node's forwarder or a relayed listener that the
-    shadow does not list yet is a relay in the making (a client the shadow accepted
-    just before: the forwarder connects it to the process's listener, then makes its
-    relay to the shadow, neither waiting for the process): the shadow is asked again
-    until it lists it, up to RELAY_MAKING_WAIT, before the descriptor is refused.
+    Frozen, a connection to a relayed listener (or the shadow's endpoint) that the
+    shadow does not list, while it lists a client it accepted with no relay yet, is a
+    relay in the making (the node's forwarder connects such a client to the process's
+    listener, then makes its relay to the shadow, neither waiting for the process): the
+    shadow is asked again until it lists it, up to RELAY_MAKING_WAIT, before the
+    descriptor is refused.
     """
     deadline = time.monotonic() + RELAY_MAKING_WAIT
     while True:
@@ -1501,6 +1502,9 @@ def _plan_proxies(
     # at the node (the shadow connects accepted clients to them).
     relayed_ends = {shadow.record.relay_address or ""} if shadow else set()
     relayed_ends |= set(by_listener)
+    # A client the shadow accepted whose relay the forwarder has not made yet: the
+    # process may hold its socket already (plan_proxies waits for it, frozen).
+    awaited = any(s["id"].startswith("acc:") and not s["relay"] for s in streams.values())
     by_terminal = {s["terminal"]: s["id"] for s in streams.values() if s.get("terminal")}
     terminals: dict[tuple[int, int], str] = {}  # at home: (dev, ino) -> stream id
     # The connections a swap joined directly (this node's registry), by their two ends.
@@ -1572,7 +1576,7 @@ def _plan_proxies(
             relay_ends = {found.remote, found.local} & relayed_ends
             if relay_ends and not frozen:
                 continue
-            if relay_ends:
+            if relay_ends and awaited:
                 making.append(f"fd {entry.fd} ({entry.kind.value} {found.describe()})")
                 continue
         what = found.describe() if found else entry.target

@@ -463,12 +463,23 @@ class AddressSpace:
     def write_pages(self, pages: rec.Pages) -> None:
         segment = self._segment_at(pages.address)
         self.note_written(pages.address, pages.address + len(pages.data))
-        if is_shared_memory(segment) and segment.inode in self.kept:
+        if self._kept_live(segment):
             return  # a live segment: what it holds now is its truth
         if segment.start in self._settled:
             self._write_changed(segment, pages.address, pages.data)
             return
         self._put(segment, pages.address, pages.data)
+
+    def _kept_live(self, segment: rec.Segment) -> bool:
+        """A shared memory segment kept as it is (SysV): never written."""
+        return is_shared_memory(segment) and segment.inode in self.kept
+
+    def _writes_plainly(self, segment: rec.Segment) -> bool:
+        """Whether write_pages writes pages of `segment` by process_vm_writev as they come:
+        writable, neither settled (compared page by page) nor kept live."""
+        return bool(segment.prot & rec.Prot.WRITE) and not (
+            segment.start in self._settled or self._kept_live(segment)
+        )
 
     def write_scattered_pages(self, pages: rec.ScatteredPages) -> None:
         """The runs of `pages`, those bound for plain writable memory in one vectored
@@ -481,12 +492,7 @@ class AddressSpace:
             data = view[offset : offset + length]
             offset += length
             segment = self._segment_at(address)
-            if (
-                segment.prot & rec.Prot.WRITE
-                and segment.start not in self._settled
-                and not (is_shared_memory(segment) and segment.inode in self.kept)
-                and address + length <= segment.end
-            ):
+            if self._writes_plainly(segment) and address + length <= segment.end:
                 self.note_written(address, address + length)
                 plain.append((address, length))
                 pieces.append(data)
