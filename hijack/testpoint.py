@@ -10,7 +10,7 @@ sleep deciding when. Without the variable a test point costs one lookup.
 The stages (docs/faults.md lists what each one holds at that instant):
 attach-seized, attach-forked, attach-shadow-ready; dump-seized, dump-splicing,
 dump-written, dump-handed-over; restore-tree-forked, restore-tree-rebuilt; move-attached,
-move-connected, move-first-round, move-prebuilt, move-frozen, move-streaming,
+move-connected, move-first-round, move-layout-read, move-prebuilt, move-frozen, move-streaming,
 move-prepared, move-committed, move-postcopy; daemon-committed; swap-frozen, swap-joined.
 """
 

@@ -53,6 +53,7 @@ from test_nodes import ECHO_SESSION
 
 from hijack.registry import Registry
 from hijack.shadow import control
+from hijack.sys import dirty
 
 STREAM_BYTES = 100 * 1024 * 1024
 # 200 MB cross node a's loopback for a 100 MB echo: about 5 s at this rate.
@@ -1348,6 +1349,22 @@ def test_a_process_dirtying_memory_during_precopy_arrives_intact_and_comes_home(
             back = move(b, there.pid, a, home=(a, dirtier.pid))
             output = finish_moved(dirtier, back, tmp_path)
         assert "steps" in output
+
+
+def test_guard_pages_arrive_with_a_precopied_move(tmp_path: Path) -> None:
+    """The freeze scans for guard pages beside its injected calls (Precopy.scan_guards):
+    the moved process has them where it had them (it checks them itself at the end)."""
+    with (
+        two_nodes(tmp_path) as (a, b),
+        spawn_fixture("guarded", netns=a.netns) as fixture,
+    ):
+        guards = dirty.guard_regions(fixture.pid)
+        first = int(fixture.ready["guarded"], 16) + 3 * 4096
+        assert guards == [(first, first + 2 * 4096)], guards
+        moved = move(a, fixture.pid, b)
+        fixture.wait_exit()
+        assert dirty.guard_regions(moved.pid) == guards
+        finish_moved(fixture, moved, tmp_path)
 
 
 def test_a_destination_killed_during_precopy_leaves_the_original_untracked_and_running(

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from support import spawn_fixture
 from support.nodes import two_nodes
-from test_faults import finish, hijack_in
+from test_faults import finish, hijack_in, wait_stopped
 from test_move import MOVED_LINE, Moved, finish_moved, logs, poll_until, shadow_status
 
 from hijack.sys import procfs
@@ -53,6 +53,41 @@ def test_mappings_merged_since_the_first_round_are_carried_not_sent_frozen(
         assert found is not None and frozen is not None, result.describe()
         # The small mapping's 64 KiB and the stack's pages, not the big one's 8 MiB again.
         assert float(frozen[1]) * UNITS[frozen[2]] < 1 << 20, result.stdout
+        fixture.wait_exit()  # the original, killed by the move
+        moved = Moved(
+            int(found[3]), b, float(found[4]), shadow_status(a, fixture.pid)["shadow_pid"]
+        )
+        finish_moved(fixture, moved, tmp_path)
+
+
+def test_a_layout_changed_just_before_the_stop_has_the_process_let_go_and_stopped_again(
+    tmp_path: Path,
+) -> None:
+    """The mapping merged after the VmFlags were read, before the stop: the stop finds
+    the layout changed, lets the process go at once and reads it again (the freeze does
+    not read smaps frozen); the move says so, and the process arrives intact."""
+    with (
+        two_nodes(tmp_path) as (a, b),
+        spawn_fixture("merging_maps", netns=a.netns) as fixture,
+    ):
+        big, small = int(fixture.ready["big"], 16), int(fixture.ready["small"], 16)
+        assert b.daemon_endpoint is not None
+        mover = hijack_in(
+            a, "move-layout-read", "move", fixture.pid, "--to", b.daemon_endpoint, "--precopy"
+        )
+        fixture.send(b"m")
+        poll_until(
+            lambda: one_mapping_holds(fixture.pid, small, big + 1), "the two mappings merged"
+        )
+        mover.send_signal(signal.SIGCONT)
+        wait_stopped(mover, "move-layout-read")  # read again, the layout as it is now
+        mover.send_signal(signal.SIGCONT)
+        result = finish(mover, ("move",))
+        assert result.returncode == 0, f"{result.describe()}\n{logs(tmp_path)}"
+        text = " ".join(result.stdout.split())
+        assert "to start tracking and once to look at a changed layout" in text, result.stdout
+        found = MOVED_LINE.search(result.stdout)
+        assert found is not None, result.describe()
         fixture.wait_exit()  # the original, killed by the move
         moved = Moved(
             int(found[3]), b, float(found[4]), shadow_status(a, fixture.pid)["shadow_pid"]

@@ -287,6 +287,14 @@ def test_smaps_flags_and_sizes(child: Child) -> None:
     assert set(smaps) == {entry.start for entry in procfs.read_maps(child.pid)}
 
 
+def test_smaps_layout_names_each_mapping_as_maps_does(child: Child) -> None:
+    """read_smaps_layout: each mapping's flags by the mapping as maps shows it."""
+    layout = procfs.read_smaps_layout(child.pid)
+    assert list(layout) == procfs.read_maps(child.pid)
+    flags = procfs.read_smaps_flags(child.pid)
+    assert {entry.start: found for entry, found in layout.items()} == flags
+
+
 # ---------------------------------------------------------------- status and stat
 
 

@@ -480,7 +480,15 @@ def move_result(console: Console, result: MoveResult, *, timing: bool = False) -
         f" {human_size(result.bytes_sent)} sent"
         + (
             f" ({result.rounds} pre-copy rounds, {human_size(result.frozen_bytes)} while frozen;"
-            f" stopped {result.tracking_pause_ms:.1f} ms before, to start tracking)"
+            f" stopped {result.tracking_pause_ms:.1f} ms before, to start tracking"
+            + (
+                " and"
+                + (" once" if result.layout_stops == 1 else f" {result.layout_stops} times")
+                + " to look at a changed layout"
+                if result.layout_stops
+                else ""
+            )
+            + ")"
             if result.rounds
             else ""
         )

@@ -119,6 +119,9 @@ class Precopied(Protocol):
     def vm_flags(self, maps: list[procfs.MapEntry]) -> dict[int, tuple[str, ...]]:
         """The smaps VmFlags of `maps`, by start (read before the freeze where unchanged)."""
 
+    def guard_regions(self) -> list[tuple[int, int]]:
+        """The guard pages at the freeze (scanned beside the rest where scan_guards ran)."""
+
     @property
     def signal_actions(self) -> list[rec.SigAction]:
         """The signal actions read when the tracking started (read_signal_actions' `known`)."""
@@ -309,6 +312,7 @@ def write_image(
     parents_memory: bool = False,
     parasite: Area | None = None,
     brk: int | None = None,
+    maps: list[procfs.MapEntry] | None = None,
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
 
@@ -329,18 +333,24 @@ def write_image(
     holds no pages, its parent's has them (its layout is described all the same).
     `parasite`: an area for the batched calls (hijack.mutator.parasite) mapped already;
     `brk`: the program break, read already (read_brk).
+    `maps`: its layout, read since it was stopped and before `parasite` was mapped (a
+    move's freeze reads it first: read once, not twice).
     """
     laps = laps or Laps()
     pid = tracee.pid
     options = dump_options(no_binary=no_binary, no_shared_libs=no_shared_libs)
-    maps = procfs.read_maps(pid)
-    if parasite is not None:
-        unmerged = without_area(maps, parasite)
-        if unmerged is None:  # merged with a neighbour: one of our own, below
-            unmap_area(tracee, parasite)
-            parasite = None
-        else:
-            maps = unmerged
+    # `maps` given: read before the area was mapped, its own layout as it is. (Should the
+    # area have merged with a neighbour of its kind, unmapping it gives the neighbour back
+    # its range: the calls run in it all the same.)
+    if maps is None:
+        maps = procfs.read_maps(pid)
+        if parasite is not None:
+            unmerged = without_area(maps, parasite)
+            if unmerged is None:  # merged with a neighbour: one of our own, below
+                unmap_area(tracee, parasite)
+                parasite = None
+            else:
+                maps = unmerged
     aio_rings = aio.read_rings(pid, maps, moving=precopied is not None)
     maps = [entry for entry in maps if not aio.is_aio_ring(entry)]  # made again by io_setup
     # Every call below in a batch (hijack.mutator.parasite): the injection thread's calls
@@ -357,7 +367,12 @@ def write_image(
             if thread.tid == tracee.injection_tid
         }
         settings_read = settings.queue_settings(
-            tracee, batch, area.address, tracee.thread_ids, aio_rings=aio_rings
+            tracee,
+            batch,
+            area.address,
+            tracee.thread_ids,
+            aio_rings=aio_rings,
+            guard_regions=precopied.guard_regions if precopied is not None else None,
         )
         timers_read = timers.queue_timers(tracee, batch)
         # Run with every other thread's two calls, side by side (one stop each, at once).

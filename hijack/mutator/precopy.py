@@ -57,6 +57,7 @@ from hijack.mutator.parasite import Batch, parasite_area
 from hijack.mutator.tracee import Tracee
 from hijack.objects.memfd import holds_object
 from hijack.sys import dirty, memory, pidfd, procfs
+from hijack.testpoint import reached
 
 Run = tuple[int, int]
 Frames = dict[int, tuple[int, int]]  # a page frame number -> (pid, address) that sent it
@@ -70,7 +71,8 @@ MAX_ROUNDS = 8  # round 0, then at most 7 rounds of written pages
 LAST_ROUND_BYTES = 1024 * 1024  # a round this small is the last: the rest goes frozen
 SHRINK = 0.5  # a round must send at most this share of the one before, or it is the last
 TRACKING_FLAGS = ("uw", "um")  # smaps VmFlags of a userfaultfd registration
-LAYOUT_READS = 3  # reads of smaps before a freeze, while the layout changes under them
+LAYOUT_READS = 5  # reads of smaps before a freeze, while the layout changes under them
+RESEIZES = 2  # stops let go at once before a freeze, the layout changed (hijack.node.move)
 _AFTER_ALL = 1 << 64  # sorts after every end: bisect by start alone
 
 
@@ -112,6 +114,10 @@ class Precopy:
         self._flags: dict[procfs.MapEntry, tuple[str, ...]] = {}
         self._flags_now: _InThread[dict[int, tuple[str, ...]]] | None = None  # read at the freeze
         self._layout_changed = False
+        self._guards: _InThread[list[Run]] | None = None  # scanned at the freeze, aside
+        self._maps_stopped: list[procfs.MapEntry] | None = None  # layout_held's, for freeze
+        self.layout_stops = 0  # stops let go at once, the layout changed (hijack.node.move)
+        self.maps_at_freeze: list[procfs.MapEntry] = []  # the layout freeze() saw
         self.signal_actions: list[rec.SigAction] = []  # as the tracking started
         # Post-copy (hijack.mutator.postcopy): the final image leaves out the
         # `lazy` pages, which the destination fetches on first touch; `pinned`
@@ -349,19 +355,33 @@ class Precopy:
 
     # -- the final image (the process is frozen) -------------------------------------
 
-    def prepare_freeze(self) -> None:
+    def prepare_freeze(self, catch_up: Callable[[], object] | None = None) -> None:
         """Read the VmFlags of every mapping while the process still runs (smaps is slow),
         as late as can be: the freeze reads smaps again (its page walk, ~15-25 ms a GiB,
         within the freeze) only if the layout changed since.
 
-        The layout is read before and after: a mapping made or changed while smaps was
-        read (a process that maps and unmaps often) has it read again, a few times."""
+        Each mapping's flags are read with its range (read_smaps_layout): a mapping
+        changed while smaps was read keeps its old range there. `catch_up` (a move's
+        last round: what the process wrote until now, smaps' time included) runs after
+        each read; then the layout is read: if a mapping changed since its flags were
+        read, all that again (a few times), so that the layout checked is the one just
+        before the stop (hijack.node.move). (The round before smaps rather than after
+        made the stop find the layout unchanged more often, but left what the process
+        wrote while smaps was read to the freeze: a frozen image ~1.5x, and the freeze
+        longer in the moves that needed no smaps read again, most of them when idle.)"""
         for _ in range(LAYOUT_READS):
-            maps = procfs.read_maps(self.pid)
-            flags = procfs.read_smaps_flags(self.pid)
-            self._flags = {entry: flags[entry.start] for entry in maps if entry.start in flags}
+            self._flags = procfs.read_smaps_layout(self.pid)
+            if catch_up is not None:
+                catch_up()
             if all(entry in self._flags for entry in procfs.read_maps(self.pid)):
+                reached("move-layout-read")
                 return
+
+    def layout_held(self) -> bool:
+        """Whether the layout of the process (stopped: it stays so until the freeze) is
+        the one prepare_freeze read the flags of."""
+        self._maps_stopped = procfs.read_maps(self.pid)
+        return all(entry in self._flags for entry in self._maps_stopped)
 
     def freeze(self, *, read_flags: bool = True) -> None:
         """The last scan: what was written since the last round. Call with the process stopped.
@@ -369,7 +389,9 @@ class Precopy:
         must first: an mmap waits for that read's hold on the memory map)."""
         self.final_written = union_runs(self.tracking.collect(), self.owed)
         self._untracked = self.tracking.untracked()
-        self._layout_changed = not all(entry in self._flags for entry in procfs.read_maps(self.pid))
+        self.maps_at_freeze = self._maps_stopped or procfs.read_maps(self.pid)
+        self._maps_stopped = None
+        self._layout_changed = not all(entry in self._flags for entry in self.maps_at_freeze)
         if read_flags:
             self.read_flags()
 
@@ -380,6 +402,26 @@ class Precopy:
             # injected calls and the descriptors (its kernel walk of every page
             # table, ~11 ms a GiB, runs on another core meanwhile).
             self._flags_now = _InThread(procfs.read_smaps_flags, self.pid)
+
+    def scan_guards(self) -> None:
+        """Start the scan for guard pages in a thread (the process stopped, and mapped
+        what it must: the scan holds the memory map as smaps does). PAGEMAP_SCAN for
+        PAGE_IS_GUARD sorts every page of the address space into its categories (~0.8 ms
+        a GiB idle, 1.5-8 ms under load: not the written scan's fast path), one ioctl
+        with the GIL let go: it overlaps the injected calls and the descriptors, which
+        wait on the process and on ptrace rather than on a CPU. Nothing the process maps
+        changes meanwhile: it is stopped (the area mapped for the calls is none of its
+        own). (The scan for pages dropped since they were sent stays in runs(): beside
+        the calls, its Python loop over hundreds of runs held the GIL from the mover's
+        own thread.)"""
+        if self._guards is None:
+            self._guards = _InThread(dirty.guard_regions, self.pid, name="hijack-guards")
+
+    def guard_regions(self) -> list[Run]:
+        """The process's guard pages (MADV_GUARD_INSTALL) at the freeze."""
+        if self._guards is None:
+            return dirty.guard_regions(self.pid)
+        return self._guards.result()
 
     def vm_flags(self, maps: list[procfs.MapEntry]) -> dict[int, tuple[str, ...]]:
         if not all(entry in self._flags for entry in maps):
@@ -621,7 +663,9 @@ class HeldPages:
 class _InThread(Generic[T]):
     """`function(*args)` run in a thread of its own; result() waits for it (or raises)."""
 
-    def __init__(self, function: Callable[..., T], *args: object) -> None:
+    def __init__(
+        self, function: Callable[..., T], *args: object, name: str = "hijack-smaps"
+    ) -> None:
         self._value: T | None = None
         self._error: BaseException | None = None
 
@@ -631,7 +675,7 @@ class _InThread(Generic[T]):
             except BaseException as exc:  # handed to result(), in the caller's thread
                 self._error = exc
 
-        self._thread = threading.Thread(target=run, name="hijack-smaps", daemon=True)
+        self._thread = threading.Thread(target=run, name=name, daemon=True)
         self._thread.start()
 
     def result(self) -> T:

@@ -25,6 +25,7 @@ commit as `aborted` (docs/protocol.md, "Settling a move").
 from __future__ import annotations
 
 import contextlib
+import encodings.idna  # noqa: F401  # now: a first getaddrinfo() would, in a freeze (~50 ms)
 import json
 import os
 import signal

@@ -56,6 +56,7 @@ carries; a daemon started again starts a forwarder of its own.
 from __future__ import annotations
 
 import contextlib
+import encodings.idna  # noqa: F401  # now: a first getaddrinfo() would, in a freeze (~50 ms)
 import fcntl
 import json
 import os

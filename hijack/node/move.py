@@ -37,6 +37,7 @@ import base64
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import os
 import secrets
 import signal
@@ -69,7 +70,7 @@ from hijack.mutator.postcopy import (
     page_timeout,
     pinned_pages,
 )
-from hijack.mutator.precopy import SHRINK, Precopy, RoundSent, worth_precopying
+from hijack.mutator.precopy import RESEIZES, SHRINK, Precopy, RoundSent, worth_precopying
 from hijack.mutator.tracee import Tracee
 from hijack.node import mounts, pki
 from hijack.node.channel import Channel, ChannelError, DataWriter
@@ -122,6 +123,7 @@ class MoveResult:
     rounds: int = 0  # pre-copy rounds before the freeze
     frozen_bytes: int = 0  # sent while the process was frozen (the final image)
     tracking_pause_ms: float = 0.0  # the process stopped once more, to start pre-copy
+    layout_stops: int = 0  # and stopped and let go at once, its layout changed (RESEIZES)
     # A move to its home node: "" if it holds its own descriptors again, else why its
     # shadow relays them still. None for a move elsewhere.
     relayed_at_home: str | None = None
@@ -507,13 +509,19 @@ def _move_frozen(
         shadow.prove_links(0 if at_home else 3 if homing else 2)
         if precopied is not None:
             # The layout read late (the freeze reads smaps again only if it changed since),
-            # then one more round: what the process wrote during all of the above (tens of
-            # ms: ~0.5-1 MiB at 10 MB/s) goes now, while it runs, not in the freeze. (Not
+            # each read followed by one more round: what the process wrote during all of
+            # the above (tens of ms: ~0.5-1 MiB at 10 MB/s) goes now, while it runs, not in
+            # the freeze; the layout is checked after it, and again once stopped. (Not
             # after post-copy's last: its pages written since are left to post-copy.)
-            precopied.prepare_freeze()
-            if not precopied.postcopy:
-                _send_round(channel, precopied, report)
-        tracee = Tracee.seize(pid)
+            catch_up = (
+                None
+                if precopied.postcopy
+                else functools.partial(_send_round, channel, precopied, report)
+            )
+            precopied.prepare_freeze(catch_up)
+            tracee = seize_on_its_layout(pid, precopied, catch_up)
+        else:
+            tracee = Tracee.seize(pid)
     except BaseException:
         repointed.abort()
         if not at_home:
@@ -534,6 +542,7 @@ def _move_frozen(
                 parasite = map_area(tracee)
                 brk = read_brk(tracee, parasite)  # brk(0) too takes the map's write lock
                 precopied.read_flags()
+                precopied.scan_guards()
                 if precopied.postcopy:
                     precopied.pinned = pinned_pages(tracee)
                 laps.lap("dirty scan")
@@ -612,6 +621,8 @@ def _move_frozen(
                 sockets=sockets,
                 parasite=parasite,
                 brk=brk,
+                # Read by the freeze, before the area was mapped: not read again.
+                maps=precopied.maps_at_freeze if precopied is not None else None,
             )
             if parasite is not None:
                 unmap_area(tracee, parasite)
@@ -749,6 +760,7 @@ def _move_frozen(
         rounds,
         writer.sent,
         pause,
+        precopied.layout_stops if precopied is not None else 0,
         relayed,
         postcopy_bytes=lazy_bytes(lazy),
         postcopy_ms=postcopy_ms,
@@ -759,6 +771,30 @@ def _move_frozen(
             int(prepared.get("injected", 0)) + int(answer.get("injected", 0)),
         ),
     )
+
+
+def seize_on_its_layout(
+    pid: int, precopied: Precopy, catch_up: Callable[[], object] | None
+) -> Tracee:
+    """The process stopped for its freeze, its layout the one whose flags prepare_freeze
+    read. A mapping changed between prepare_freeze's last look and the stop (a process
+    that remaps every ~15 ms) would have the freeze read smaps again
+    (10-40 ms a GiB, frozen): the process is let go at once instead (a stop of ~0.3 ms,
+    added to the pause before the freeze), its layout read again and the stop made
+    again, up to RESEIZES times."""
+    for attempt in range(RESEIZES + 1):
+        tracee = Tracee.seize(pid)
+        try:
+            if attempt == RESEIZES or precopied.layout_held():
+                return tracee
+        except BaseException:
+            tracee.release()
+            raise
+        tracee.release()
+        precopied.pause_ms += tracee.pause_ms
+        precopied.layout_stops += 1
+        precopied.prepare_freeze(catch_up)
+    raise AssertionError("unreachable")
 
 
 def quiet_shadow(shadow: HomeShadow, move_id: str, what: str, pid: int, *, flush: bool) -> None:

@@ -46,7 +46,8 @@ def dump_held(dump: DumpContext) -> None:
     pid = dump.pid
     attached = {
         m.inode
-        for m in procfs.read_maps(pid)
+        # The caller's read of the layout (a dump's, since the stop), else read here.
+        for m in dump.maps or procfs.read_maps(pid)
         if sysv.is_segment_mapping(m.path, m.shared, m.dev_major)
     }
     segments = sysv.shared_memory()

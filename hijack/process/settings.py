@@ -67,11 +67,13 @@ def queue_settings(
     *,
     aio_rings: tuple[rec.AioRing, ...] = (),
     mm_flags: tuple[int, bool] | None = None,
+    guard_regions: Callable[[], list[tuple[int, int]]] | None = None,
 ) -> Callable[[], rec.ProcessSettings]:
     """The settings of a stopped process; their injected calls go in `batch`, and the
     returned function tells them once it ran. `fresh_page`: an address in a page the dump
     mapped (tells mlockall(MCL_FUTURE)). `mm_flags`: the dumpable and THP-disable flags if
-    known (read_mm_flags), not asked."""
+    known (read_mm_flags), not asked. `guard_regions`: tells its guard pages (a move's,
+    scanned beside the batch), else they are scanned with the reads from outside."""
     pid = tracee.pid
     if mm_flags is None:
         dumpable_call = batch.call("prctl", PR_GET_DUMPABLE, 0, 0, 0, 0)
@@ -83,7 +85,7 @@ def queue_settings(
     # What /proc and the scheduler tell from outside needs no injected call: read by a
     # thread of ours while the batch runs (a JVM's 31 threads: 3.6-11 ms of a move's
     # freeze, one after the other before). Nothing the batch runs changes it.
-    outside = _Outside(pid, fresh_page, thread_ids)
+    outside = _Outside(pid, fresh_page, thread_ids, scan_guards=guard_regions is None)
 
     def read() -> rec.ProcessSettings:
         if mm_flags is None:
@@ -108,7 +110,10 @@ def queue_settings(
             threads=found.threads,
             # The filters' programs by ptrace, from this (the tracing) thread.
             seccomp=seccomp.read_seccomp(tracee, found.seccomp_modes),
-            guard_pages=found.guard_pages,
+            guard_pages=tuple(
+                rec.PageRange(start=start, end=end)
+                for start, end in (guard_regions() if guard_regions is not None else found.guards)
+            ),
             aio_rings=aio_rings,
         )
 
@@ -125,19 +130,21 @@ class _Found:
     mlockall: int
     threads: tuple[rec.ThreadScheduling, ...]
     seccomp_modes: dict[int, tuple[int, int]]
-    guard_pages: tuple[rec.PageRange, ...]
+    guards: list[tuple[int, int]]  # the guard pages, unless the caller scans them
 
 
 class _Outside:
     """_read_outside in a thread of its own, from the moment it is made."""
 
-    def __init__(self, pid: int, fresh_page: int, thread_ids: list[int]) -> None:
+    def __init__(
+        self, pid: int, fresh_page: int, thread_ids: list[int], *, scan_guards: bool
+    ) -> None:
         self._found: _Found | None = None
         self._error: BaseException | None = None
 
         def run() -> None:
             try:
-                self._found = _read_outside(pid, fresh_page, thread_ids)
+                self._found = _read_outside(pid, fresh_page, thread_ids, scan_guards)
             except BaseException as exc:  # handed to result(), in the caller's thread
                 self._error = exc
 
@@ -152,7 +159,7 @@ class _Outside:
         return self._found
 
 
-def _read_outside(pid: int, fresh_page: int, thread_ids: list[int]) -> _Found:
+def _read_outside(pid: int, fresh_page: int, thread_ids: list[int], scan_guards: bool) -> _Found:
     threads = []
     for tid in thread_ids:
         found = scheduling.read_scheduling(tid)
@@ -172,9 +179,7 @@ def _read_outside(pid: int, fresh_page: int, thread_ids: list[int]) -> _Found:
         mlockall=_mlockall_flags(pid, fresh_page),
         threads=tuple(threads),
         seccomp_modes=seccomp.seccomp_modes(pid, thread_ids),
-        guard_pages=tuple(
-            rec.PageRange(start=start, end=end) for start, end in dirty.guard_regions(pid)
-        ),
+        guards=dirty.guard_regions(pid) if scan_guards else [],
     )
 
 

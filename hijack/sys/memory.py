@@ -27,6 +27,12 @@ def _writable_address(buffer: bytearray | memoryview) -> int:
     return ctypes.addressof((ctypes.c_char * len(buffer)).from_buffer(buffer))
 
 
+def _bytes_address(data: bytes) -> int:
+    """Address of a bytes object's own buffer (c_char_p points into it: no copy); the
+    object must outlive its use."""
+    return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
+
+
 def _transfer(call: Any, name: str, pid: int, address: int, local: int, length: int) -> None:
     """One process_vm_readv/writev of `length` bytes; a short transfer is an error."""
     local_iov = Iovec(local, length)
@@ -89,8 +95,7 @@ def write_scattered(pid: int, ranges: list[tuple[int, int]], data: bytes) -> Non
     process_vm_writev (at most IOV_MAX ranges); a short write is an error."""
     count = len(ranges)
     remote = (Iovec * count)(*(Iovec(address, length) for address, length in ranges))
-    keep = ctypes.c_char_p(data)  # the bytes object's own buffer: no copy
-    local = Iovec(ctypes.cast(keep, ctypes.c_void_p).value or 0, len(data))
+    local = Iovec(_bytes_address(data), len(data))
     done = int(_process_vm_writev(pid, ctypes.byref(local), 1, remote, count, 0))
     if done < 0:
         raise_for_errno(ctypes.get_errno(), "process_vm_writev", pid)
@@ -113,12 +118,7 @@ def write(pid: int, address: int, data: bytes | bytearray | memoryview) -> None:
     """Write `data` at `address` in `pid`, honouring page protections."""
     if isinstance(data, memoryview) and data.readonly:
         data = bytes(data)
-    if isinstance(data, bytes):
-        # A bytes object's own buffer: no copy (c_char_p points into it).
-        keep = ctypes.c_char_p(data)
-        local = ctypes.cast(keep, ctypes.c_void_p).value or 0
-    else:
-        local = _writable_address(data)
+    local = _bytes_address(data) if isinstance(data, bytes) else _writable_address(data)
     _transfer(_process_vm_writev, "process_vm_writev", pid, address, local, len(data))
 
 

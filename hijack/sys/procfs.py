@@ -275,6 +275,23 @@ def read_smaps_flags(pid: int) -> dict[int, tuple[str, ...]]:
     return flags
 
 
+def read_smaps_layout(pid: int) -> dict[MapEntry, tuple[str, ...]]:
+    """VmFlags of every mapping, by the mapping as maps shows it: each smaps block's own
+    first line (the maps line). The kernel writes a block whole for one state of its
+    mapping, so each range goes with its own flags even where the layout changes while
+    the file is read (by start alone, a flag could be another mapping's that began there
+    meanwhile; with maps read before and after, any change during the read voids all)."""
+    pieces = _read_bytes(pid, "smaps").split(_SMAPS_FLAGS_LINE)
+    flags: dict[MapEntry, tuple[str, ...]] = {}
+    for number, (block, after) in enumerate(itertools.pairwise(pieces)):
+        start = block.find(b"\n") + 1 if number else 0
+        entry = _parse_maps_line(pid, os.fsdecode(block[start:].partition(b"\n")[0]))
+        flags_end = after.find(b"\n")
+        found = after if flags_end < 0 else after[:flags_end]
+        flags[entry] = tuple(os.fsdecode(found).split())
+    return flags
+
+
 # ---------------------------------------------------------------- status and stat
 
 
