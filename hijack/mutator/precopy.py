@@ -33,16 +33,16 @@ import bisect
 import dataclasses
 import itertools
 import os
-import threading
 import time
 from array import array
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO, Generic, TypeVar
+from typing import BinaryIO, TypeVar
 
 from hijack.errors import HijackError
 from hijack.image import records as rec
 from hijack.image.codec import ImageWriter
+from hijack.in_thread import InThread
 from hijack.mutator.dump import (
     KERNEL_MAPPINGS,
     READ_CHUNK,
@@ -112,9 +112,9 @@ class Precopy:
         self.final_written: list[Run] = []
         self._untracked: list[Run] = []  # at the freeze: mappings the destination cannot keep
         self._flags: dict[procfs.MapEntry, tuple[str, ...]] = {}
-        self._flags_now: _InThread[dict[int, tuple[str, ...]]] | None = None  # read at the freeze
+        self._flags_now: InThread[dict[int, tuple[str, ...]]] | None = None  # read at the freeze
         self._layout_changed = False
-        self._guards: _InThread[list[Run]] | None = None  # scanned at the freeze, aside
+        self._guards: InThread[list[Run]] | None = None  # scanned at the freeze, aside
         self._maps_stopped: list[procfs.MapEntry] | None = None  # layout_held's, for freeze
         self.layout_stops = 0  # stops let go at once, the layout changed (hijack.node.move)
         self.maps_at_freeze: list[procfs.MapEntry] = []  # the layout freeze() saw
@@ -401,7 +401,7 @@ class Precopy:
             # smaps is read again, in a thread, while the freeze goes on with the
             # injected calls and the descriptors (its kernel walk of every page
             # table, ~11 ms a GiB, runs on another core meanwhile).
-            self._flags_now = _InThread(procfs.read_smaps_flags, self.pid)
+            self._flags_now = InThread(procfs.read_smaps_flags, self.pid, name="hijack-smaps")
 
     def scan_guards(self) -> None:
         """Start the scan for guard pages in a thread (the process stopped, and mapped
@@ -415,7 +415,7 @@ class Precopy:
         the calls, its Python loop over hundreds of runs held the GIL from the mover's
         own thread.)"""
         if self._guards is None:
-            self._guards = _InThread(dirty.guard_regions, self.pid, name="hijack-guards")
+            self._guards = InThread(dirty.guard_regions, self.pid, name="hijack-guards")
 
     def guard_regions(self) -> list[Run]:
         """The process's guard pages (MADV_GUARD_INSTALL) at the freeze."""
@@ -426,7 +426,9 @@ class Precopy:
     def vm_flags(self, maps: list[procfs.MapEntry]) -> dict[int, tuple[str, ...]]:
         if not all(entry in self._flags for entry in maps):
             # The layout changed since: read now (the process is stopped).
-            flags_now = self._flags_now or _InThread(procfs.read_smaps_flags, self.pid)
+            flags_now = self._flags_now or InThread(
+                procfs.read_smaps_flags, self.pid, name="hijack-smaps"
+            )
             return flags_now.result()
         return {entry.start: self._flags[entry] for entry in maps}
 
@@ -658,32 +660,6 @@ class HeldPages:
         if self.sent.find(0, first, first + size // rec.PAGE_SIZE) != -1:
             return False
         return memory.same(self.data, offset, buffer, at, size)
-
-
-class _InThread(Generic[T]):
-    """`function(*args)` run in a thread of its own; result() waits for it (or raises)."""
-
-    def __init__(
-        self, function: Callable[..., T], *args: object, name: str = "hijack-smaps"
-    ) -> None:
-        self._value: T | None = None
-        self._error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self._value = function(*args)
-            except BaseException as exc:  # handed to result(), in the caller's thread
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, name=name, daemon=True)
-        self._thread.start()
-
-    def result(self) -> T:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._value is not None
-        return self._value
 
 
 LAZY_GAP = 64 * 1024  # written runs this close are one lazy run (each costs a call there)

@@ -15,11 +15,11 @@ from outside, once every thread exists.
 from __future__ import annotations
 
 import struct
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from hijack.image import records as rec
+from hijack.in_thread import InThread
 from hijack.mutator.parasite import Area, Batch
 from hijack.mutator.tracee import BORROWED_SCRATCH, Tracee
 from hijack.process import aio, seccomp
@@ -85,7 +85,9 @@ def queue_settings(
     # What /proc and the scheduler tell from outside needs no injected call: read by a
     # thread of ours while the batch runs (a JVM's 31 threads: 3.6-11 ms of a move's
     # freeze, one after the other before). Nothing the batch runs changes it.
-    outside = _Outside(pid, fresh_page, thread_ids, scan_guards=guard_regions is None)
+    outside = InThread(
+        _read_outside, pid, fresh_page, thread_ids, guard_regions is None, name="hijack-settings"
+    )
 
     def read() -> rec.ProcessSettings:
         if mm_flags is None:
@@ -131,32 +133,6 @@ class _Found:
     threads: tuple[rec.ThreadScheduling, ...]
     seccomp_modes: dict[int, tuple[int, int]]
     guards: list[tuple[int, int]]  # the guard pages, unless the caller scans them
-
-
-class _Outside:
-    """_read_outside in a thread of its own, from the moment it is made."""
-
-    def __init__(
-        self, pid: int, fresh_page: int, thread_ids: list[int], *, scan_guards: bool
-    ) -> None:
-        self._found: _Found | None = None
-        self._error: BaseException | None = None
-
-        def run() -> None:
-            try:
-                self._found = _read_outside(pid, fresh_page, thread_ids, scan_guards)
-            except BaseException as exc:  # handed to result(), in the caller's thread
-                self._error = exc
-
-        self._thread = threading.Thread(target=run, name="hijack-settings", daemon=True)
-        self._thread.start()
-
-    def result(self) -> _Found:
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        assert self._found is not None
-        return self._found
 
 
 def _read_outside(pid: int, fresh_page: int, thread_ids: list[int], scan_guards: bool) -> _Found:
