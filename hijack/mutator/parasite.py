@@ -126,6 +126,9 @@ class Call:
     check: bool
     index: int
     result: int | None = None  # None: not run (a checked call before it failed)
+    # What its failure means, for the caller's error ("cannot reopen fd 3 (/x)"), its
+    # errno's name after it; "" for the call's own name.
+    failure: str = ""
 
     @property
     def failed(self) -> bool:
@@ -159,10 +162,15 @@ class Batch:
         """How much of the area its part takes."""
         return self.end - self._base
 
-    def call(self, name: str, *args: int | Call, check: bool = True) -> Call:
+    def call(self, name: str, *args: int | Call, check: bool = True, failure: str = "") -> Call:
         if len(args) > 6:
             raise ValueError(f"{name}: at most 6 arguments")
-        call = Call(name, args, check, len(self.calls))
+        for arg in args:
+            if isinstance(arg, Call) and not (
+                arg.index < len(self.calls) and self.calls[arg.index] is arg
+            ):
+                raise ValueError(f"{name}: chained to a call of another batch")
+        call = Call(name, args, check, len(self.calls), failure=failure)
         self.calls.append(call)
         return call
 

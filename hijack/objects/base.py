@@ -312,6 +312,12 @@ class Kind:
         """Make descriptor.fd exist in the stub: flags, close-on-exec, offset, ..."""
         raise NotImplementedError
 
+    def queues_only(self, descriptor: rec.FileDescriptor) -> bool:
+        """Whether restore() of `descriptor` only queues calls whose results it never reads
+        (Stub.queue): it then runs in one batch with the descriptors restored around it,
+        one stop for them all (hijack.restore.files)."""
+        return False
+
     def finish(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
         """Once every descriptor exists (an epoll's interest list)."""
 

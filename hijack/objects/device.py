@@ -5,7 +5,7 @@ from __future__ import annotations
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects.base import DumpContext, Kind, RestoreContext
-from hijack.objects.regular import open_by_path, path_refusal, reopen_flags
+from hijack.objects.regular import path_refusal, reopen, reopen_flags, reopens_queued
 from hijack.sys import procfs
 
 O_NOCTTY = 0o400
@@ -21,7 +21,10 @@ class Device(Kind):
     def refusal(self, descriptor: rec.FileDescriptor, image: ImageFiles) -> str | None:
         return path_refusal(descriptor)
 
+    def queues_only(self, descriptor: rec.FileDescriptor) -> bool:
+        return reopens_queued(descriptor)
+
     def restore(self, descriptor: rec.FileDescriptor, restore: RestoreContext) -> None:
         # Never acquire a controlling terminal by restoring.
         flags = reopen_flags(descriptor) | O_NOCTTY
-        restore.place(open_by_path(restore, descriptor, flags), descriptor)
+        reopen(restore, descriptor, flags)

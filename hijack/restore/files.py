@@ -9,7 +9,9 @@ last, once every descriptor exists (Kind.finish).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from types import TracebackType
 
 from hijack import objects
 from hijack.image import records as rec
@@ -80,7 +82,7 @@ def restore_files(
         close_foreign_descriptors(stub, keep=set(parked.values()))
     first_of: dict[int, int] = {}  # description id -> the descriptor that made it
     made: list[tuple[Kind, rec.FileDescriptor]] = []
-    with RestoreContext(stub, image, parking, restored, shared) as context:
+    with RestoreContext(stub, image, parking, restored, shared) as context, _Runs(stub) as run:
         for descriptor in given:
             copy = None
             if shared is not None and descriptor.description_id not in first_of:
@@ -88,20 +90,28 @@ def restore_files(
             if descriptor.fd in placed:
                 pass  # where it belongs already, as the first of its description
             elif copy is not None:
+                run.end()
                 context.give_made(copy, descriptor)  # another member's description, shared
             elif descriptor.fd in parked:
+                run.begin()
                 context.place(parked.pop(descriptor.fd), descriptor)
                 # A relay stands for the original: it takes the original's status
                 # flags (a server's non-blocking listener must not block in accept).
                 stub.call("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
             elif descriptor.description_id in first_of:
+                run.begin()
                 first = first_of[descriptor.description_id]
                 stub.call("dup3", first, descriptor.fd, O_CLOEXEC if descriptor.cloexec else 0)
             else:
                 kind = objects.kind_of(descriptor, image)
+                if kind.queues_only(descriptor):
+                    run.begin()
+                else:
+                    run.end()  # it may read what its calls return: the batch runs first
                 kind.restore(descriptor, context)
                 made.append((kind, descriptor))
             first_of.setdefault(descriptor.description_id, descriptor.fd)
+        run.end()
         for unused in parked.values():
             stub.call("close", unused)  # a description another member's copy stood for
         for kind, descriptor in made:
@@ -110,6 +120,42 @@ def restore_files(
             shared.given(set(restored))
         if then is not None:
             then(context)
+
+
+class _Runs:
+    """Runs of descriptors whose restore only queues calls (a reopened file, a dup3 of a
+    description made before, ...), each run in one batch of calls: one stop for the run,
+    not one for each call (issue #17: a move's files, frozen)."""
+
+    def __init__(self, stub: Stub) -> None:
+        self._stub = stub
+        self._open: contextlib.ExitStack | None = None
+
+    def begin(self) -> None:
+        """The calls from here on go in the run's batch (a new one if none is open)."""
+        if self._open is None:
+            stack = contextlib.ExitStack()
+            stack.enter_context(self._stub.batched())
+            self._open = stack
+
+    def end(self) -> None:
+        """The run's batch runs now (its failure raised here); calls run at once again."""
+        stack, self._open = self._open, None
+        if stack is not None:
+            stack.close()
+
+    def __enter__(self) -> _Runs:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        stack, self._open = self._open, None
+        if stack is not None:
+            stack.__exit__(kind, error, trace)  # with an error: the batch is dropped
 
 
 def _place_inherited(

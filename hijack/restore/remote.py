@@ -13,6 +13,7 @@ from hijack.mutator.parasite import (
     PROT_READ_WRITE_EXEC,
     Area,
     Batch,
+    Call,
     run_side_by_side,
     sigtrap_ignored,
 )
@@ -52,7 +53,9 @@ class Stub:
         # read: only an rt_sigaction changes it, and each batch read it again (~0.2 ms
         # of /proc under load; a move's copy runs one batch per thread, frozen).
         self._sigtrap_ignored: bool | None = None
-        self._batch_data = False  # whether the batch being made holds data (put)
+        # Whether the batch being made holds data (put) or chained calls (queue): either
+        # is lost if the batch is cut in two.
+        self._batch_data = False
         self._parts: list[tuple[int, Batch]] | None = None  # side_by_side's, by thread
 
     @contextmanager
@@ -134,13 +137,28 @@ class Stub:
         except InjectionFailed as exc:
             if exc.syscall is None:  # not a call's failure: the batch's own (too big, a stop)
                 raise RestoreError(f"while rebuilding the process: {exc}") from None
+            failed = next((c for c in calls if c.check and c.failed and c.failure), None)
+            if failed is not None:  # its caller's words for it (queue(failure=))
+                raise RestoreError(
+                    f"{failed.failure}: {os.strerror(exc.errno or 0)}",
+                    errno=exc.errno,
+                    syscall=exc.syscall,
+                ) from None
             raise RestoreError(
                 f"{exc.syscall} while rebuilding the process failed: {os.strerror(exc.errno or 0)}",
                 errno=exc.errno,
                 syscall=exc.syscall,
             ) from None
 
-    def _queue(self, name: str, args: tuple[int, ...], tid: int | None, *, check: bool) -> int:
+    def _queue(
+        self,
+        name: str,
+        args: tuple[int | Call, ...],
+        tid: int | None,
+        *,
+        check: bool,
+        failure: str = "",
+    ) -> Call:
         assert self._batch is not None
         if tid not in (None, self._batch_tid):
             raise RestoreError(f"{name} for thread {tid} in a batch of thread {self._batch_tid}")
@@ -149,14 +167,26 @@ class Stub:
             # thread's part in side_by_side: a few calls each, the others' parts after it.
             self._run([(self._batch_tid or self.pid, self._batch)])
             self._batch = Batch(self._batch.area)
-        self._batch.call(name, *args, check=check)
-        return 0
+        return self._batch.call(name, *args, check=check, failure=failure)
+
+    def queue(self, name: str, *args: int | Call, check: bool = True, failure: str = "") -> Call:
+        """Within `batched`: call `name`, run with the batch; its result (Call.result) is
+        there once the batch ran, and a later call of the batch may take it as an argument,
+        taken inside the stub (`openat` then `dup3` of what it returned). A checked call's
+        failure stops the batch: RestoreError, `failure` its words ("cannot reopen ..."),
+        else the call's name."""
+        if self._batch is None:
+            raise RestoreError(f"{name} queued outside a batch of calls")
+        queued = self._queue(name, args, None, check=check, failure=failure)
+        self._batch_data = True  # chained calls must stay in one batch
+        return queued
 
     def call(self, name: str, *args: int, tid: int | None = None) -> int:
         """An injected call that must succeed; its failure is a RestoreError. Within
         `batched`, queued (returns 0)."""
         if self._batch is not None:
-            return self._queue(name, args, tid, check=True)
+            self._queue(name, args, tid, check=True)
+            return 0
         if name == "rt_sigaction":
             self._sigtrap_ignored = None
         result = self.tracee.syscall(name, *args, tid=tid)
@@ -172,7 +202,8 @@ class Stub:
         """An injected call whose failure the caller handles: the raw result. Within
         `batched`, queued, its failure let pass (returns 0)."""
         if self._batch is not None:
-            return self._queue(name, args, tid, check=False)
+            self._queue(name, args, tid, check=False)
+            return 0
         if name == "rt_sigaction":
             self._sigtrap_ignored = None
         return self.tracee.syscall(name, *args, tid=tid)
