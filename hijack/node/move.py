@@ -414,9 +414,12 @@ def _move_attached(
                 )
                 # It ran on meanwhile: refused now if it holds what cannot go.
                 running_plan, _ = plan_proxies(pid, shadow, at_home, frozen=False)
-                if precopied.links_ahead and channel.peer != record.home_node:
+                if precopied.links_ahead:
                     links_ahead(
-                        channel, running_plan, home_fields(record, relay_address, token, home)
+                        channel,
+                        running_plan,
+                        home_fields(record, relay_address, token, home),
+                        home_again=channel.peer == record.home_node,
                     )
             shadow.pid()  # asked now: the move's message names it while the process is frozen
             frozen_args = (
@@ -624,14 +627,16 @@ def _move_frozen(
                 # Read by the freeze, before the area was mapped: not read again.
                 maps=precopied.maps_at_freeze if precopied is not None else None,
             )
-            if parasite is not None:
-                unmap_area(tracee, parasite)
-                tracee.put_back()  # nothing more is injected
             writer.close()
-            laps.lap("image: pages")
             lazy = precopied.lazy if precopied is not None and postcopy else []
             if postcopy:
                 channel.send({"op": "lazy", "lazy": encode_runs(lazy)})
+            # Unmapped once the image is out: the destination restores it meanwhile
+            # (an injected call, 0.2 ms idle, ms under load). Its failure aborts the move.
+            if parasite is not None:
+                unmap_area(tracee, parasite)
+                tracee.put_back()  # nothing more is injected
+            laps.lap("image: pages")
             report("restoring", before + writer.sent)
             prepared = channel.expect("phase")
             laps.lap("destination")
@@ -807,12 +812,20 @@ def quiet_shadow(shadow: HomeShadow, move_id: str, what: str, pid: int, *, flush
         raise HijackError(f"move aborted: {exc}; {what} on here as before", pid=pid) from None
 
 
-def links_ahead(channel: Channel, plan: list[Proxy], home: dict[str, Any]) -> None:
+def links_ahead(
+    channel: Channel, plan: list[Proxy], home: dict[str, Any], *, home_again: bool = False
+) -> None:
     """Tell the destination the freeze comes, and how many links to the home shadow its
     relays will take (as the process's descriptors are now): it proves them meanwhile
-    (a TLS handshake each, no longer in the freeze; control.LinksAhead). No answer."""
-    kinds = ("stream",) if home["plain_relays"] else ("stream", "listener", "datagram")
-    count = sum(1 for proxy in plan if proxy.kind in kinds)
+    (a TLS handshake each, no longer in the freeze; control.LinksAhead). No answer.
+    `home_again`: the destination is its home node, which asks the shadow for the
+    originals it hands back, once (relays there are made only if that is refused)."""
+    if home_again and not unhomeable(plan):
+        count = 1
+    else:
+        plain = home["plain_relays"] or home_again  # at home, relays are plain
+        kinds = ("stream",) if plain else ("stream", "listener", "datagram")
+        count = sum(1 for proxy in plan if proxy.kind in kinds)
     if count:
         channel.send({"op": "links", "home": home, "count": count})
 
