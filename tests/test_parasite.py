@@ -7,9 +7,11 @@ altstack and clear-child-tid address)."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import signal
+import stat
 import struct
 import subprocess
 import threading
@@ -22,8 +24,12 @@ from support import spawn_fixture
 from support.running import RunningFixture
 
 from hijack.errors import InjectionFailed, RestoreError
+from hijack.image.files import ImageFiles
+from hijack.image.records import FdKind, FileDescriptor, Files
 from hijack.mutator.parasite import BLOB, Batch, Call, parasite_area, run_in_threads
 from hijack.mutator.tracee import ThreadState, TracedThread, Tracee, find_syscall_instruction
+from hijack.restore.files import restore_files
+from hijack.restore.plan import FilePlan
 from hijack.restore.remote import BATCH_CALLS, SCRATCH_PROT, SCRATCH_SIZE, Stub
 from hijack.sys import procfs
 from hijack.sys.stub import kill_stub, spawn_stub
@@ -131,6 +137,75 @@ def test_a_stubs_batch_longer_than_its_area_holds_runs_in_cuts() -> None:
             stub.call("umask", 0o077)  # never runs
         assert failed.value.errno == errno.EBADF
         assert stub.call("umask", 0o022) == 0o022
+    finally:
+        kill_stub(pid)
+
+
+def _descriptor(fd: int, path: Path | str, *, pos: int = 0, description: int = 0) -> FileDescriptor:
+    found = os.stat(path)
+    regular = stat.S_ISREG(found.st_mode)
+    return FileDescriptor(
+        fd=fd,
+        kind=FdKind.REGULAR if regular else FdKind.CHARDEV,
+        flags=os.O_RDWR if regular else os.O_RDONLY,
+        pos=pos,
+        cloexec=fd % 2 == 1,
+        mode=found.st_mode,
+        dev=found.st_dev,
+        ino=found.st_ino,
+        description_id=description or fd + 1,
+        path=str(path),
+    )
+
+
+def test_files_reopened_by_path_land_at_their_numbers_a_run_of_them_in_few_batches(
+    tmp_path: Path,
+) -> None:
+    """restore_files queues the reopening of files by path (hijack.objects.regular.reopen):
+    whether the open's lowest free number is the descriptor's own (no gap below it) or
+    not (a gap), each lands at its number with its offset and close-on-exec, a dup'ed
+    description is one again, and a run of them goes in a few stops, cut where the area
+    is full (long paths); a file that cannot be opened fails the restore in its words."""
+    deep = tmp_path
+    for level in range(3):  # paths of ~700 bytes: a run of them does not fit one area
+        deep = deep / (f"{level}" * 200)
+    deep.mkdir(parents=True)
+    files = [deep / f"file{index}" for index in range(40)]
+    for index, path in enumerate(files):
+        path.write_bytes(bytes([index]) * 100)
+    descriptors = [_descriptor(0, "/dev/null")]  # 0: the open takes the descriptor's own
+    numbers = [3, 4, 7, *range(9, 9 + len(files) - 3)]  # gaps below 7 and 9: another number
+    descriptors += [
+        _descriptor(fd, path, pos=index + 1)
+        for index, (fd, path) in enumerate(zip(numbers, files, strict=True))
+    ]
+    shared = descriptors[2]  # fd 4, dup'ed at fd 60: one description, one offset
+    descriptors.append(dataclasses.replace(shared, fd=60, cloexec=False))
+    pid = spawn_stub(None)
+    try:
+        stub = Stub(pid, find_syscall_instruction(pid))
+        anonymous = 0x02 | 0x20  # MAP_PRIVATE | MAP_ANONYMOUS
+        stub.use_scratch(stub.call("mmap", 0, SCRATCH_SIZE, SCRATCH_PROT, anonymous, -1, 0))
+        image = ImageFiles(Files(descriptors=tuple(descriptors)), ())
+        plan = FilePlan(inherited=(), reopen=tuple(descriptors), dropped=())
+        stops_before = stub.tracee.stops
+        restore_files(stub, plan, image, {})
+        stops = stub.tracee.stops - stops_before
+        assert stops <= 12, stops  # ~250 calls: a few batches, one stop each
+        assert {entry.fd for entry in procfs.list_fds(pid)} == {d.fd for d in descriptors}
+        for descriptor in descriptors:
+            assert os.readlink(f"/proc/{pid}/fd/{descriptor.fd}") == descriptor.path
+            info = procfs.read_fdinfo(pid, descriptor.fd)
+            assert bool(info.flags & 0o2000000) == descriptor.cloexec, descriptor
+            assert info.pos == (shared.pos if descriptor.fd == 60 else descriptor.pos), descriptor
+        # One description: a seek through fd 4 moves fd 60's offset.
+        stub.call("lseek", 4, 77, 0)
+        assert procfs.read_fdinfo(pid, 60).pos == 77
+
+        gone = _descriptor(70, files[0])
+        gone = dataclasses.replace(gone, path=str(tmp_path / "gone"))
+        with pytest.raises(RestoreError, match=r"cannot reopen fd 70 \(regular .*gone\): No such"):
+            restore_files(stub, dataclasses.replace(plan, reopen=(gone,)), image, {})
     finally:
         kill_stub(pid)
 

@@ -122,6 +122,11 @@ def restore_files(
             then(context)
 
 
+# Room a descriptor's queued calls may take in a batch's area: a path (PATH_MAX) and a few
+# calls' entries. A run is cut where less is left (its calls and data must fit one batch).
+RUN_ROOM = 4096 + 16 * 64
+
+
 class _Runs:
     """Runs of descriptors whose restore only queues calls (a reopened file, a dup3 of a
     description made before, ...), each run in one batch of calls: one stop for the run,
@@ -132,7 +137,11 @@ class _Runs:
         self._open: contextlib.ExitStack | None = None
 
     def begin(self) -> None:
-        """The calls from here on go in the run's batch (a new one if none is open)."""
+        """The calls from here on go in the run's batch (a new one if none is open, or if
+        the open one may not have room for one more descriptor's)."""
+        room = self._stub.batch_room()
+        if room is not None and room < RUN_ROOM:
+            self.end()
         if self._open is None:
             stack = contextlib.ExitStack()
             stack.enter_context(self._stub.batched())

@@ -169,6 +169,13 @@ class Stub:
             self._batch = Batch(self._batch.area)
         return self._batch.call(name, *args, check=check, failure=failure)
 
+    def batch_room(self) -> int | None:
+        """Bytes of the area the batch being made leaves free (its data and table are in
+        the area when it runs); None outside a batch."""
+        if self._batch is None:
+            return None
+        return self._batch.area.size - self._batch.end
+
     def queue(self, name: str, *args: int | Call, check: bool = True, failure: str = "") -> Call:
         """Within `batched`: call `name`, run with the batch; its result (Call.result) is
         there once the batch ran, and a later call of the batch may take it as an argument,
