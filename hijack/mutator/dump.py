@@ -313,6 +313,7 @@ def write_image(
     parasite: Area | None = None,
     brk: int | None = None,
     maps: list[procfs.MapEntry] | None = None,
+    head_first: bool = False,
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
 
@@ -335,6 +336,8 @@ def write_image(
     `brk`: the program break, read already (read_brk).
     `maps`: its layout, read since it was stopped and before `parasite` was mapped (a
     move's freeze reads it first: read once, not twice).
+    `head_first`: `out` flushed once the records before the pages are in it (a move's:
+    the destination rebuilds the descriptors and layout while the pages come).
     """
     laps = laps or Laps()
     pid = tracee.pid
@@ -438,6 +441,7 @@ def write_image(
         parts,
         write_pages,
         referable=shared_pages.referable if shared_pages is not None else frozenset(),
+        head_first=head_first,
     )
 
 
@@ -473,9 +477,11 @@ def write_parts(
     write_pages: Callable[[ImageWriter], PageCounts],
     *,
     referable: frozenset[int] = frozenset(),
+    head_first: bool = False,
 ) -> tuple[rec.End, int, int]:
     """Write an image of `parts`, its pages by `write_pages`; return its END, threads and size.
-    `referable`: the members of its tree stream its pages may refer to (written before)."""
+    `referable`: the members of its tree stream its pages may refer to (written before).
+    `head_first`: `out` flushed before the pages (see write_image)."""
     writer = ImageWriter(out, referable=referable)
     writer.write(parts.header)
     writer.write(parts.credentials)
@@ -485,6 +491,8 @@ def write_parts(
     writer.write(parts.files.files)
     for section in parts.files.sections:
         writer.write(section)
+    if head_first:
+        out.flush()
     counts = write_pages(writer)
     for thread_record in parts.threads:
         writer.write(thread_record)

@@ -626,6 +626,9 @@ def _move_frozen(
                 brk=brk,
                 # Read by the freeze, before the area was mapped: not read again.
                 maps=precopied.maps_at_freeze if precopied is not None else None,
+                # Its head sent before its pages: the destination makes the layout and
+                # the descriptors meanwhile (~2-4 ms of its work no longer after them).
+                head_first=True,
             )
             writer.close()
             lazy = precopied.lazy if precopied is not None and postcopy else []
