@@ -948,8 +948,9 @@ def _pending_clients(
 
 
 def shadow_streams(shadow: HomeShadow) -> dict[str, dict[str, Any]]:
-    """The streams the home shadow relays (its `status`), by id."""
-    return {s["id"]: s for s in shadow.request({"op": "status"})["streams"]}
+    """The streams the home shadow relays (its `status`), by id. Brief: its answer leaves
+    out what takes the shadow milliseconds of socket tables (a move asks this frozen)."""
+    return {s["id"]: s for s in shadow.request({"op": "status", "brief": True})["streams"]}
 
 
 def _queued(pid: int, plan: list[Proxy], way: str) -> dict[str, int]:

@@ -20,12 +20,14 @@ from typing import BinaryIO
 from hijack.errors import ImageError, RestoreError
 from hijack.image import records as rec
 from hijack.image.codec import read_round
+from hijack.mutator.parasite import Call
 from hijack.mutator.tracee import find_syscall_instruction
 from hijack.restore.address_space import AddressSpace
 from hijack.restore.remote import Stub
 from hijack.sys.stub import kill_stub, spawn_stub
 
 MADV_DONTNEED = 4
+HAND_OVER_BATCH = 128  # pidfd_getfd calls a batch (its area holds ~250 calls)
 
 
 @dataclass(frozen=True)
@@ -106,13 +108,25 @@ class Prebuilt:
         provided = {number: fd for number, fd in provided.items() if number not in self.handed}
         if not provided:
             return dict(self.handed)
-        handle = stub.call("pidfd_open", os.getpid(), 0)
-        try:
-            given = {
-                number: stub.call("pidfd_getfd", handle, fd, 0) for number, fd in provided.items()
-            }
-        finally:
-            stub.call("close", handle)
+        # In batches of chained calls (Stub.queue): one stop each, not two a call (a move's
+        # relays, while its process is frozen). A failure kills the stub: nothing leaks.
+        pending = list(provided.items())
+        given: dict[int, int] = {}
+        handle: int | Call = 0
+        while pending:
+            part, pending = pending[:HAND_OVER_BATCH], pending[HAND_OVER_BATCH:]
+            with stub.batched():
+                if not given:
+                    handle = stub.queue("pidfd_open", os.getpid(), 0)
+                taken = {number: stub.queue("pidfd_getfd", handle, fd, 0) for number, fd in part}
+                if not pending:
+                    stub.queue("close", handle)
+            if isinstance(handle, Call):
+                assert handle.result is not None
+                handle = handle.result
+            for number, call in taken.items():
+                assert call.result is not None
+                given[number] = call.result
         return {**self.handed, **given}
 
     def _stub(self) -> Stub:

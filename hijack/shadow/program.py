@@ -285,7 +285,10 @@ class Shadow:
             for fd in fds:
                 os.close(fd)  # descriptors nobody asked us to keep
         if op in ("hello", "status"):
-            return {"ok": True, **self.describe()}
+            return {
+                "ok": True,
+                **self.describe(brief=op == "status" and bool(message.get("brief"))),
+            }
         if op == "adopt":
             return self.adopt(message, fds)
         if op == "home":
