@@ -337,7 +337,8 @@ def write_image(
     `maps`: its layout, read since it was stopped and before `parasite` was mapped (a
     move's freeze reads it first: read once, not twice).
     `head_first`: `out` flushed once the records before the pages are in it (a move's:
-    the destination rebuilds the descriptors and layout while the pages come).
+    the destination rebuilds the descriptors and layout while the rest comes); with `brk`
+    given, they are read and written before the injected calls run (they need no other).
     """
     laps = laps or Laps()
     pid = tracee.pid
@@ -356,6 +357,48 @@ def write_image(
                 maps = unmerged
     aio_rings = aio.read_rings(pid, maps, moving=precopied is not None)
     maps = [entry for entry in maps if not aio.is_aio_ring(entry)]  # made again by io_setup
+    referable = shared_pages.referable if shared_pages is not None else frozenset()
+
+    def head(brk: int) -> tuple[ImageWriter, list[rec.Segment]]:
+        """The image's records before its pages, written (and `out` flushed if head_first):
+        they need no injected call but the program break's."""
+        files = objects.read_files(
+            pid,
+            connections=connections,
+            maps=maps,
+            ghost_limit=ghost_limit,
+            holders_before=holders_before,
+            sockets=sockets,
+            tree=tree,
+        )
+        laps.lap("image: descriptors")
+        flags = precopied.vm_flags(maps) if precopied is not None else None
+        segments = held_by_objects(describe_segments(pid, maps, options, flags=flags), files)
+        if precopied is not None:
+            segments = precopied.segments(segments)
+        laps.lap("image: segments")
+        if check is not None:
+            check(tuple(segments), files)
+        writer = ImageWriter(out, referable=referable)
+        write_head(
+            writer,
+            ImageHead(
+                header=read_header(pid, options),
+                credentials=read_credentials(pid),
+                rlimits=read_rlimits(pid),
+                memory_structure=read_memory_structure(pid, brk),
+                segments=segments,
+                files=files,
+            ),
+        )
+        if head_first:
+            out.flush()
+        laps.lap("image: head")
+        return writer, segments
+
+    # A move's, its program break read already: its head goes before the injected calls
+    # (the destination rebuilds its layout and descriptors while they run, issue #17).
+    early = head(brk) if head_first and brk is not None else None
     # Every call below in a batch (hijack.mutator.parasite): the injection thread's calls
     # in one, every other thread's two in one of its own, all run side by side. In
     # `parasite`, an area the caller mapped (and unmaps), or one mapped here.
@@ -394,30 +437,8 @@ def write_image(
         threads = [threads_read[thread.tid]() for thread in _live(tracee)]
     tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
     laps.lap("image: injected")
-    files = objects.read_files(
-        pid,
-        connections=connections,
-        maps=maps,
-        ghost_limit=ghost_limit,
-        holders_before=holders_before,
-        sockets=sockets,
-        tree=tree,
-    )
-    laps.lap("image: descriptors")
-    flags = precopied.vm_flags(maps) if precopied is not None else None
-    segments = held_by_objects(describe_segments(pid, maps, options, flags=flags), files)
-    if precopied is not None:
-        segments = precopied.segments(segments)
-    laps.lap("image: segments")
-    if check is not None:
-        check(tuple(segments), files)
-    parts = ImageParts(
-        header=read_header(pid, options),
-        credentials=read_credentials(pid),
-        rlimits=read_rlimits(pid),
-        memory_structure=read_memory_structure(pid, brk),
-        segments=segments,
-        files=files,
+    writer, segments = early if early is not None else head(brk)
+    tail = ImageTail(
         threads=threads,
         signal_state=rec.SignalState(
             actions=tuple(actions),
@@ -436,13 +457,7 @@ def write_image(
         with page_splicer(tracee, out, pipes=False) as splicer:
             return write_memory(pid, segments, writer, splicer=splicer)
 
-    return write_parts(
-        out,
-        parts,
-        write_pages,
-        referable=shared_pages.referable if shared_pages is not None else frozenset(),
-        head_first=head_first,
-    )
+    return write_tail(out, writer, write_pages, tail)
 
 
 def dump_options(*, no_binary: bool, no_shared_libs: bool) -> rec.DumpOptions:
@@ -455,8 +470,8 @@ def dump_options(*, no_binary: bool, no_shared_libs: bool) -> rec.DumpOptions:
 
 
 @dataclass
-class ImageParts:
-    """Every record of an image but its pages, in the order they are written."""
+class ImageHead:
+    """The records of an image before its pages, in the order they are written."""
 
     header: rec.ImageHeader
     credentials: rec.Credentials
@@ -464,11 +479,22 @@ class ImageParts:
     memory_structure: rec.MemoryStructure
     segments: list[rec.Segment]
     files: ImageFiles
+
+
+@dataclass
+class ImageTail:
+    """The records of an image after its pages, in the order they are written."""
+
     threads: list[rec.Thread]
     signal_state: rec.SignalState
     cwd: rec.Cwd
     settings: rec.ProcessSettings
     timers: rec.Timers
+
+
+@dataclass
+class ImageParts(ImageHead, ImageTail):
+    """Every record of an image but its pages."""
 
 
 def write_parts(
@@ -477,32 +503,44 @@ def write_parts(
     write_pages: Callable[[ImageWriter], PageCounts],
     *,
     referable: frozenset[int] = frozenset(),
-    head_first: bool = False,
 ) -> tuple[rec.End, int, int]:
     """Write an image of `parts`, its pages by `write_pages`; return its END, threads and size.
-    `referable`: the members of its tree stream its pages may refer to (written before).
-    `head_first`: `out` flushed before the pages (see write_image)."""
+    `referable`: the members of its tree stream its pages may refer to (written before)."""
     writer = ImageWriter(out, referable=referable)
-    writer.write(parts.header)
-    writer.write(parts.credentials)
-    writer.write(parts.rlimits)
-    writer.write(parts.memory_structure)
-    writer.write(rec.Segments(segments=tuple(parts.segments)))
-    writer.write(parts.files.files)
-    for section in parts.files.sections:
+    write_head(writer, parts)
+    return write_tail(out, writer, write_pages, parts)
+
+
+def write_head(writer: ImageWriter, head: ImageHead) -> None:
+    """The records of the image before its pages."""
+    writer.write(head.header)
+    writer.write(head.credentials)
+    writer.write(head.rlimits)
+    writer.write(head.memory_structure)
+    writer.write(rec.Segments(segments=tuple(head.segments)))
+    writer.write(head.files.files)
+    for section in head.files.sections:
         writer.write(section)
-    if head_first:
-        out.flush()
+
+
+def write_tail(
+    out: BinaryIO,
+    writer: ImageWriter,
+    write_pages: Callable[[ImageWriter], PageCounts],
+    tail: ImageTail,
+) -> tuple[rec.End, int, int]:
+    """The pages (by `write_pages`) and the records after them, END last; return END, the
+    threads and the image's size."""
     counts = write_pages(writer)
-    for thread_record in parts.threads:
+    for thread_record in tail.threads:
         writer.write(thread_record)
-    writer.write(parts.signal_state)
-    writer.write(parts.cwd)
-    writer.write(parts.settings)
-    writer.write(parts.timers)
+    writer.write(tail.signal_state)
+    writer.write(tail.cwd)
+    writer.write(tail.settings)
+    writer.write(tail.timers)
     end = writer.close(pages_untouched=counts.untouched, pages_file=counts.from_files)
     out.flush()
-    return end, len(parts.threads), writer.bytes_written
+    return end, len(tail.threads), writer.bytes_written
 
 
 def refuse_unrestorable_tree(frozen: FrozenTree, check_descriptors: bool) -> None:
