@@ -327,6 +327,7 @@ def move(
     """
     assert destination.daemon_endpoint is not None, f"node {destination.name} runs no daemon"
     option = "--precopy" if precopy else "--no-precopy"
+    exe = os.readlink(f"/proc/{pid}/exe")
     result = source.hijack(
         "move", pid, "--to", destination.daemon_endpoint, option, *options, "--timing"
     )
@@ -343,6 +344,10 @@ def move(
     for side in ("freeze here (ms): stop", f"freeze at {destination.name} (ms): "):
         assert side in result.stdout, result.describe()
     assert runs_in(moved.pid, destination), f"process {moved.pid} is not inside {destination}"
+    if not exe.endswith(" (deleted)"):  # (else the copy's is the restore stub's)
+        # Its executable (/proc/PID/exe): set at the freeze, or in the stub its
+        # pre-copy rounds built, after round 0 (Prebuilt.set_exe).
+        assert os.readlink(f"/proc/{moved.pid}/exe") == exe
     return moved
 
 

@@ -233,6 +233,9 @@ class NodeDaemon:
                     received = prebuilt.receive_round(cast(BinaryIO, reader))
                     if reader.read(1):
                         raise ChannelError(f"{channel.peer} sent data after pre-copy round")
+                    exe = request.get("exe")
+                    if received.number == 0 and isinstance(exe, str) and exe:
+                        prebuilt.set_exe(exe)  # its program mapped now, the stub's not
                     channel.send(
                         {"phase": "precopied", "round": received.number, "pages": received.pages}
                     )

@@ -1068,6 +1068,8 @@ def _precopy(
             "program": program,
             "credentials": credentials,
             "mount_namespace": mounts.describe(pid, shadow.pid()),
+            # The stub's exe link is set to it after round 0: not in the freeze.
+            "exe": procfs.read_exe(pid),
         }
     )
     # Accepted: a refusal comes before anything is touched.

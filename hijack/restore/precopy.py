@@ -13,6 +13,7 @@ process that runs.
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -24,9 +25,13 @@ from hijack.mutator.parasite import Call
 from hijack.mutator.tracee import find_syscall_instruction
 from hijack.restore.address_space import AddressSpace
 from hijack.restore.remote import Stub
+from hijack.sys import procfs
 from hijack.sys.stub import kill_stub, spawn_stub
 
 MADV_DONTNEED = 4
+PR_SET_MM, PR_SET_MM_MAP = 35, 14
+O_RDONLY, O_CLOEXEC = 0, 0o2000000
+AT_FDCWD = -100
 HAND_OVER_BATCH = 128  # pidfd_getfd calls a batch (its area holds ~250 calls)
 
 
@@ -51,6 +56,7 @@ class Prebuilt:
         self.rounds = 0
         self.taken = False  # the final restore owns the stub now
         self.handed: dict[int, int] = {}  # hand_over_early's: image number -> the stub's
+        self.exe = ""  # the file the stub's exe link names, set_exe's
         # restorer.clone_ahead's: the process's tids (but its leader's) -> the stub's threads
         self.cloned: dict[int, int] = {}
 
@@ -95,6 +101,46 @@ class Prebuilt:
                 continue  # a file's page dropped would read as the file's
             for start, end in clip_runs(runs, segment.start, segment.end):
                 stub.call("madvise", start, end - start, MADV_DONTNEED)
+
+    def set_exe(self, path: str) -> None:
+        """Point the stub's exe link (/proc/PID/exe) at `path`, the process's executable as
+        the move's request names it: PR_SET_MM_MAP with the stub's own fields and the file
+        opened in the stub, after round 0 (the stub's own program, no longer mapped, may be
+        replaced then: never once the process's is mapped). The final restore then leaves
+        the link as it is if the image names the same file (two injected calls fewer in
+        the freeze, restorer._set_mm_map), and opens it itself otherwise (its open fails
+        for a file gone since, as it would have). Best effort: a failure leaves the stub's."""
+        stub = self._stub()
+        stub.reset_scratch()
+        opened = stub.try_call("openat", AT_FDCWD, stub.put_string(path), O_RDONLY | O_CLOEXEC)
+        if opened < 0:
+            return
+        try:
+            own = procfs.read_stat(stub.pid)
+            fields = struct.pack(
+                "<12QIi",
+                own.start_code,
+                own.end_code,
+                own.start_data,
+                own.end_data,
+                own.start_brk,
+                own.start_brk,  # its break: the final restore sets the process's
+                own.start_stack,
+                own.arg_start,
+                own.arg_end,
+                own.env_start,
+                own.env_end,
+                0,  # its auxv as it is
+                0,
+                opened,
+            )
+            done = stub.try_call(
+                "prctl", PR_SET_MM, PR_SET_MM_MAP, stub.put(fields), len(fields), 0
+            )
+        finally:
+            stub.try_call("close", opened)
+        if done == 0:
+            self.exe = path
 
     def hand_over_early(self, provided: dict[int, int]) -> None:
         """hand_over() before the final image (a move's relays, made as its message came);

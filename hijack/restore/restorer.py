@@ -18,6 +18,7 @@ Steps (hijack.restore.* each own one):
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import os
@@ -533,7 +534,9 @@ def _restore_prebuilt(
         # while the mover still sends them, not after its last byte (issue #17).
         files = None
         if not _cwd_may_be_deleted(image.files):
-            files = _finish_files(stub, space, image, plan, inherited, frozenset(provided or {}))
+            files = _finish_files(
+                stub, space, image, plan, inherited, frozenset(provided or {}), exe_set=prebuilt.exe
+            )
             laps.lap("finish: files ahead of the pages")
         _consume_rest(records, image, space)
         laps.lap("pages")
@@ -555,6 +558,7 @@ def _restore_prebuilt(
             laps=laps,
             cloned=prebuilt.cloned,
             files=files,
+            exe_set=prebuilt.exe,
         )
         laps.lap("finish")
         laps.injected = stub.tracee.injected - injected_before
@@ -767,16 +771,27 @@ def _finish(
     laps: Laps | None = None,
     cloned: dict[int, int] | None = None,
     files: _FilesMade | None = None,
+    exe_set: str = "",
 ) -> None:
     """`cloned`: threads clone_ahead made already (the image's tid -> the stub's).
-    `files`: _finish_files made its part already (before the image's pages came)."""
+    `files`: _finish_files made its part already (before the image's pages came).
+    `exe_set`: the stub's exe link set already (see _set_mm_map)."""
     laps = laps or Laps()
     assert image.signals is not None and image.cwd is not None
     assert image.settings is not None and image.timers is not None
     leader = _leader_record(image)
     if files is None:
         files = _finish_files(
-            stub, space, image, plan, inherited, provided, shared, parents_table, parents_memory
+            stub,
+            space,
+            image,
+            plan,
+            inherited,
+            provided,
+            shared,
+            parents_table,
+            parents_memory,
+            exe_set,
         )
     controlling = files.controlling
     restored = {descriptor.fd for descriptor in (*plan.inherited, *plan.reopen)}
@@ -851,10 +866,11 @@ def _finish_files(
     shared: TreeShared | None = None,
     parents_table: bool = False,
     parents_memory: bool = False,
+    exe_set: str = "",
 ) -> _FilesMade:
     """_finish's first part, which needs only the image's records before its pages (its cwd
     too if _cwd_may_be_deleted): the descriptors, the mappings of objects, the terminals
-    and PR_SET_MM_MAP."""
+    and PR_SET_MM_MAP (`exe_set`: see _set_mm_map)."""
     restore_files(
         stub,
         plan,
@@ -869,7 +885,7 @@ def _finish_files(
     if controlling is None:
         controlling = controlling_slave(image.files, restored - provided)
     if not parents_memory:  # else the mm's, its parent set them
-        _set_mm_map(stub, image.mm)
+        _set_mm_map(stub, image.mm, exe_set)
     return _FilesMade(controlling)
 
 
@@ -914,11 +930,34 @@ def _leader_record(image: _Image) -> rec.Thread:
     raise ImageError(f"image has no thread {image.header.pid} (its main thread)")
 
 
-def _set_mm_map(stub: Stub, mm: rec.MemoryStructure) -> None:
+def _set_mm_map(stub: Stub, mm: rec.MemoryStructure, exe_set: str = "") -> None:
+    """PR_SET_MM_MAP: the memory structure's fields, its auxv and its exe link. `exe_set`:
+    the file the stub's exe link names already (Prebuilt.set_exe, before the freeze): if
+    it is the image's, left as it is (-1), and the calls go in one batch, one stop."""
+    if exe_set and mm.exe_file == exe_set:
+        with stub.batched():
+            _set_mm_fields(stub, mm, -1)
+        return
     stub.reset_scratch()
+    exe_fd = stub.try_call("openat", AT_FDCWD, stub.put_string(mm.exe_file), O_RDONLY | O_CLOEXEC)
+    try:
+        _set_mm_fields(stub, mm, exe_fd if exe_fd >= 0 else -1)  # -1: the file is gone
+    except RestoreError as exc:
+        if not exe_set or exc.errno != errno.EBUSY:
+            raise
+        # The link set before the freeze names a file the process maps: the kernel
+        # changes it no more. A process that changed its own link since (prctl) keeps
+        # the one it had then.
+        _set_mm_fields(stub, mm, -1)
+    finally:
+        if exe_fd >= 0:
+            stub.call("close", exe_fd)
+
+
+def _set_mm_fields(stub: Stub, mm: rec.MemoryStructure, exe_fd: int) -> None:
+    """PR_SET_MM_MAP with `exe_fd` (-1 keeps the stub's exe link), then the personality."""
     auxv_words = [word for entry in mm.auxv for word in (entry.a_type, entry.a_val)] + [0, 0]
     auxv = stub.put_u64s(*auxv_words)
-    exe_fd = stub.try_call("openat", AT_FDCWD, stub.put_string(mm.exe_file), O_RDONLY | O_CLOEXEC)
     prctl_mm_map = struct.pack(
         "<12QIi",
         mm.start_code,
@@ -934,13 +973,9 @@ def _set_mm_map(stub: Stub, mm: rec.MemoryStructure) -> None:
         mm.env_end,
         auxv,
         len(auxv_words) * 8,
-        exe_fd if exe_fd >= 0 else -1,  # -1 keeps the stub's exe link: the file is gone
+        exe_fd,
     )
-    try:
-        stub.call("prctl", PR_SET_MM, PR_SET_MM_MAP, stub.put(prctl_mm_map), len(prctl_mm_map), 0)
-    finally:
-        if exe_fd >= 0:
-            stub.call("close", exe_fd)
+    stub.call("prctl", PR_SET_MM, PR_SET_MM_MAP, stub.put(prctl_mm_map), len(prctl_mm_map), 0)
     if mm.personality:
         stub.call("personality", mm.personality)
 
