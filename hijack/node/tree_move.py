@@ -52,7 +52,7 @@ from hijack.mutator.dump import kill_stopped, read_credentials, write_image, wri
 from hijack.mutator.frozen_tree import FrozenTree, frozen_tree, has_exited, relations_now
 from hijack.mutator.handover import hand_descriptors_to_shadow
 from hijack.mutator.postcopy import encode_runs, lazy_bytes, pinned_pages
-from hijack.mutator.precopy import Frames, Pagemaps, Precopy, RoundSent
+from hijack.mutator.precopy import Changes, Frames, Precopy, RoundSent
 from hijack.mutator.shared_pages import SharedPages
 from hijack.mutator.tracee import Tracee
 from hijack.node import mounts, pki
@@ -385,17 +385,6 @@ def precopy_tree(
         raise
 
 
-def sent_by(precopied: dict[int, Precopy]) -> Callable[[int], list[tuple[int, int]]]:
-    """What each member sent in its rounds; nothing for one that ended since (what
-    others referred to in its memory is then stored in their final images)."""
-
-    def sent(member: int) -> list[tuple[int, int]]:
-        found = precopied.get(member)
-        return found.sent if found is not None else []
-
-    return sent
-
-
 def _prebuild(pid: int, channel: Channel) -> None:
     """Have the destination fork the tree's stubs with its relations as they are now and
     build each from its rounds, before the freeze (docs/protocol.md, "Moving a tree"):
@@ -528,12 +517,9 @@ def _frozen(
             for precopy in precopied.values():
                 precopy.freeze()
             laps.lap("dirty scan")
-            pagemaps = Pagemaps()
-            try:
-                for precopy in precopied.values():
-                    precopy.stale_references(sent_by(precopied), pagemaps)
-            finally:
-                pagemaps.close()
+            changes = Changes(precopied)
+            for precopy in precopied.values():
+                precopy.stale_references(changes)
             laps.lap("references")
             if postcopy:
                 # Decided before any image, told in the move's message: each member's
