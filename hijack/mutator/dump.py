@@ -313,6 +313,7 @@ def write_image(
     parasite: Area | None = None,
     brk: int | None = None,
     maps: list[procfs.MapEntry] | None = None,
+    injected: Injected | None = None,
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
 
@@ -335,6 +336,8 @@ def write_image(
     `brk`: the program break, read already (read_brk).
     `maps`: its layout, read since it was stopped and before `parasite` was mapped (a
     move's freeze reads it first: read once, not twice).
+    `injected`: what its batches told, run already (queue_injected: a tree's members'
+    side by side) and the process put back; nothing is injected here then.
     """
     laps = laps or Laps()
     pid = tracee.pid
@@ -351,45 +354,24 @@ def write_image(
                 parasite = None
             else:
                 maps = unmerged
-    aio_rings = aio.read_rings(pid, maps, moving=precopied is not None)
+    if injected is None:
+        aio_rings = aio.read_rings(pid, maps, moving=precopied is not None)
+        # Every call below in a batch (hijack.mutator.parasite): the injection thread's
+        # calls in one, every other thread's two in one of its own, all run side by side.
+        # In `parasite`, an area the caller mapped (and unmaps), or one mapped here.
+        with contextlib.nullcontext(parasite) if parasite else parasite_area(tracee) as area:
+            batch = Batch(area)
+            read_main = _queue_main(tracee, batch, brk, precopied, aio_rings)
+            # Run with every other thread's two calls, side by side (one stop each, at once).
+            others = [thread for thread in _live(tracee) if thread.tid != tracee.injection_tid]
+            queue_other = functools.partial(queue_thread, tracee)
+            main = [(tracee.injection_tid, batch)]
+            records = run_in_threads(tracee, area, others, queue_other, queued=main)
+            injected = read_main(dict(zip((t.tid for t in others), records, strict=True)))
+        tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
     maps = [entry for entry in maps if not aio.is_aio_ring(entry)]  # made again by io_setup
-    # Every call below in a batch (hijack.mutator.parasite): the injection thread's calls
-    # in one, every other thread's two in one of its own, all run side by side. In
-    # `parasite`, an area the caller mapped (and unmaps), or one mapped here.
-    with contextlib.nullcontext(parasite) if parasite else parasite_area(tracee) as area:
-        batch = Batch(area)
-        brk_call = batch.call("brk", 0) if brk is None else None
-        known = precopied.signal_actions if precopied is not None else None
-        actions_read = queue_signal_actions(tracee, batch, known)
-        threads_read = {
-            thread.tid: queue_thread(tracee, thread, batch)
-            for thread in _live(tracee)
-            if thread.tid == tracee.injection_tid
-        }
-        settings_read = settings.queue_settings(
-            tracee,
-            batch,
-            area.address,
-            tracee.thread_ids,
-            aio_rings=aio_rings,
-            guard_regions=precopied.guard_regions if precopied is not None else None,
-        )
-        timers_read = timers.queue_timers(tracee, batch)
-        # Run with every other thread's two calls, side by side (one stop each, at once).
-        others = [thread for thread in _live(tracee) if thread.tid not in threads_read]
-        queue_other = functools.partial(queue_thread, tracee)
-        main = [(tracee.injection_tid, batch)]
-        records = run_in_threads(tracee, area, others, queue_other, queued=main)
-        threads_read.update(zip((thread.tid for thread in others), records, strict=True))
-        if brk_call is not None:
-            assert brk_call.result is not None
-            brk = brk_call.result
-        assert brk is not None
-        actions = actions_read()
-        process_settings = settings_read()
-        process_timers = timers_read()
-        threads = [threads_read[thread.tid]() for thread in _live(tracee)]
-    tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
+    brk, actions, threads = injected.brk, injected.actions, injected.threads
+    process_settings, process_timers = injected.settings, injected.timers
     laps.lap("image: injected")
     files = objects.read_files(
         pid,
@@ -439,6 +421,79 @@ def write_image(
         write_pages,
         referable=shared_pages.referable if shared_pages is not None else frozenset(),
     )
+
+
+@dataclass(frozen=True)
+class Injected:
+    """What only the stopped process itself tells its image (its batches' calls)."""
+
+    brk: int
+    actions: list[rec.SigAction]
+    threads: list[rec.Thread]
+    settings: rec.ProcessSettings
+    timers: rec.Timers
+
+
+def queue_injected(
+    tracee: Tracee, area: Area, *, precopied: Precopied | None = None
+) -> tuple[list[tuple[int, Batch]], Callable[[], Injected]]:
+    """Every call write_image asks inside the stopped process, queued in `area` (mapped
+    since it was stopped, as big as parasite.area_size tells): the injection thread's in
+    one batch at its start, every other thread's two in one of its own after it, laid out
+    at once; the batches by tid, and a function telling what they read once run (the
+    caller runs them, a tree's members' side by side: parasite.run_across)."""
+    maps = procfs.read_maps(tracee.pid)
+    aio_rings = aio.read_rings(tracee.pid, maps, moving=precopied is not None)
+    batch = Batch(area)
+    read_main = _queue_main(tracee, batch, None, precopied, aio_rings)
+    batches = [(tracee.injection_tid, batch)]
+    threads_read: dict[int, Callable[[], rec.Thread]] = {}
+    for thread in _live(tracee):
+        if thread.tid != tracee.injection_tid:
+            own = Batch(area, batches[-1][1].end)
+            threads_read[thread.tid] = queue_thread(tracee, thread, own)
+            batches.append((thread.tid, own))
+    return batches, lambda: read_main(threads_read)
+
+
+def _queue_main(
+    tracee: Tracee,
+    batch: Batch,
+    brk: int | None,
+    precopied: Precopied | None,
+    aio_rings: tuple[rec.AioRing, ...],
+) -> Callable[[dict[int, Callable[[], rec.Thread]]], Injected]:
+    """The injection thread's calls of an image, in `batch`; the returned function tells
+    them once it ran, given the other threads' records (queue_thread's, by tid)."""
+    brk_call = batch.call("brk", 0) if brk is None else None
+    known = precopied.signal_actions if precopied is not None else None
+    actions_read = queue_signal_actions(tracee, batch, known)
+    main_read = queue_thread(tracee, tracee.threads[tracee.injection_tid], batch)
+    settings_read = settings.queue_settings(
+        tracee,
+        batch,
+        batch.area.address,
+        tracee.thread_ids,
+        aio_rings=aio_rings,
+        guard_regions=precopied.guard_regions if precopied is not None else None,
+    )
+    timers_read = timers.queue_timers(tracee, batch)
+
+    def read(others: dict[int, Callable[[], rec.Thread]]) -> Injected:
+        found = {tracee.injection_tid: main_read, **others}
+        if brk_call is not None:
+            assert brk_call.result is not None
+        told = brk_call.result if brk_call is not None else brk
+        assert told is not None
+        return Injected(
+            brk=told,
+            actions=actions_read(),
+            threads=[found[thread.tid]() for thread in _live(tracee)],
+            settings=settings_read(),
+            timers=timers_read(),
+        )
+
+    return read
 
 
 def dump_options(*, no_binary: bool, no_shared_libs: bool) -> rec.DumpOptions:
