@@ -21,7 +21,7 @@ from pathlib import Path
 
 import bench.testnodes  # noqa: F401  (puts tests/ on the path: support.nodes)
 from bench.testnodes import Cluster
-from bench.tree_moves import CHILDREN, MOVED, _move, _start
+from bench.tree_moves import CHILDREN, MEMBER, MOVED, _move, _start
 from hijack.process.tree import read_tree
 
 # The mover, its freeze profiled: argv[1] the profile's file, the rest hijack's.
@@ -75,7 +75,11 @@ def probe(size_mib: int, count: int, profile: Path | None = None) -> list[float]
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(member, signal.SIGKILL)
             freezes.append(freeze)
-            laps = [line for line in printed.splitlines() if line.startswith("freeze ")]
+            laps = [
+                line
+                for line in printed.splitlines()
+                if line.startswith("freeze ") or MEMBER.match(line) or "sent" in line
+            ]
             print(f"move {index}: frozen {freeze:.1f} ms", flush=True)
             for line in laps:
                 print(f"  {line}", flush=True)

@@ -185,17 +185,20 @@ def plan_tree(
     shared: dict[tuple[int, int], tuple[int, int]] | None = None,
     besides: frozenset[int] = frozenset(),
     frozen: bool = True,
+    sockets: dict[int, procfs.SocketInfo] | None = None,
 ) -> dict[int, list[Proxy]]:
     """Each member's proxies, by pid; refuse what cannot go.
 
     At home, a descriptor a member shares with one before it (`shared`, the TREE's
-    links) is its stream; away, the shadow's streams are matched by their ends."""
+    links) is its stream; away, the shadow's streams are matched by their ends.
+    `sockets`: the tree's socket tables, read since it was frozen (else read here)."""
     # A single process: as hijack.node.move plans it.
     tree = len(members) > 1
     inside = links_inside(members, besides) if tree else frozenset()
     # Running, members accept clients while we look: each reads the table after its
     # descriptors (plan_proxies). Frozen, one reading serves them all.
-    sockets = procfs.read_socket_table(root) if tree and frozen else None
+    if sockets is None and tree and frozen:
+        sockets = procfs.read_socket_table(root)
     plans: dict[int, list[Proxy]] = {}
     terminals: dict[tuple[int, int], str] = {}  # at home: a terminal's (dev, ino) -> its stream
     for pid in members:
@@ -535,7 +538,12 @@ def _frozen(
                     precopy.pinned = pinned_pages(tracees[member])
                     planned[member] = precopy.plan_lazy()
                 laps.lap("post-copy: lazy pages")
-        plans = plan_tree(members, pid, shadow, at_home, shared=shared, besides=besides)
+        # Read once for the plan and the images (a table read walks the kernel's hash of
+        # its kind: 7-10 ms for them all under load), as a single process's move does.
+        sockets = procfs.read_socket_table(pid)
+        plans = plan_tree(
+            members, pid, shadow, at_home, shared=shared, besides=besides, sockets=sockets
+        )
         laps.lap("plan")
         # The members' direct connections (swapped): each peer frozen and joined towards
         # the destination, live at the commit (hijack.node.repoint), as a single process's.
@@ -591,7 +599,7 @@ def _frozen(
         context.report("streaming", before)
         writer = DataWriter(channel)
         parts = _write_tree(
-            frozen, cast(BinaryIO, writer), besides, precopied, holders_before, laps
+            frozen, cast(BinaryIO, writer), besides, precopied, sockets, holders_before, laps
         )
         writer.close()
         laps.lap("image: pages")
@@ -807,16 +815,14 @@ def _write_tree(
     out: BinaryIO,
     besides: frozenset[int],
     precopied: dict[int, Precopy],
+    sockets: dict[int, procfs.SocketInfo],
     holders_before: procfs.HolderScan | None = None,
     laps: Laps | None = None,
 ) -> dict[int, tuple[int, float]]:
     """The tree stream of the frozen tree to `out` (pages members still share since a
     fork stored once: write_tree; of a member `precopied`, what changed since the rounds):
-    each member's (bytes, ms)."""
+    each member's (bytes, ms). `sockets`: its socket tables, read since it was frozen."""
     sizes: dict[int, tuple[int, float]] = {}
-    sockets = procfs.read_socket_table(frozen.record.members[0].pid)
-    if laps is not None:
-        laps.lap("image: socket tables")
     # The tree's shadow holds its pipes too (handed over): inside all the same.
     inside = frozenset(frozen.tracees) | besides
     # Members sharing their parent's memory (CLONE_VM; a tree moved without rounds):
