@@ -6,15 +6,13 @@ leader's, and a leader whose bounding, permitted and inheritable sets are cut:
 after the restore every thread checks its own. The test compares what /proc
 says of every thread's credentials before and after, and what `hijack show`
 says of them; a daemon's policy judges every thread's powers, not only the
-leader's.
+leader's (tests/test_node_trust.py).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
-import pytest
 from support import spawn_fixture
 from support.cli import HijackCli
 from support.objects import (
@@ -27,9 +25,6 @@ from support.objects import (
     without_pipe_inodes,
 )
 from support.procview import difference
-
-from hijack.image import records as rec
-from hijack.node import policy
 
 CREDENTIAL_LINES = (
     "Uid",
@@ -82,44 +77,3 @@ def test_each_threads_own_credentials_come_back(hijack: HijackCli, tmp_path: Pat
         assert before == after, difference(before, after)
         compare_views(views, pid, without_pipe_inodes)
         fixture.assert_intact()  # each thread's own check of its credentials
-
-
-def test_a_daemon_judges_every_threads_powers() -> None:
-    """A process whose leader has no root powers but one of its threads has (uid 0 kept
-    by a raw setresuid elsewhere, or capabilities) is refused as root's."""
-    user = rec.Credentials(
-        uid=1000,
-        euid=1000,
-        suid=1000,
-        fsuid=1000,
-        gid=1000,
-        egid=1000,
-        sgid=1000,
-        fsgid=1000,
-        cap_inheritable=0,
-        cap_permitted=0,
-        cap_effective=0,
-        cap_bounding=(1 << 41) - 1,
-        cap_ambient=0,
-        umask=0o22,
-        no_new_privs=False,
-        groups=(1000,),
-    )
-    root_thread = dataclasses.replace(user, euid=0, cap_effective=1 << 21, cap_permitted=1 << 21)
-    header = rec.ImageHeader(
-        pid=4242,
-        ppid=1,
-        pgid=4242,
-        sid=4242,
-        created_ns=0,
-        options=rec.DumpOptions(0),
-        comm="server",
-        argv=("server",),
-        exe="/usr/bin/server",
-        node="a",
-    )
-    segments = rec.Segments(segments=())
-    policy.check_image(header, (user,), segments, allow_root=False)
-    with pytest.raises(policy.Refused, match=r"uid 0, permitted capabilities 0x200000"):
-        policy.check_image(header, (user, root_thread), segments, allow_root=False)
-    policy.check_image(header, (user, root_thread), segments, allow_root=True)
