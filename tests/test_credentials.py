@@ -24,18 +24,11 @@ from support.objects import (
     shown_json,
     without_pipe_inodes,
 )
-from support.procview import difference
+from support.procview import STATUS_FIELDS, difference
 
-CREDENTIAL_LINES = (
-    "Uid",
-    "Gid",
-    "Groups",
-    "CapInh",
-    "CapPrm",
-    "CapEff",
-    "CapBnd",
-    "CapAmb",
-    "NoNewPrivs",
+# The status lines of credentials, of those a restore gives back (support.procview).
+CREDENTIAL_LINES = tuple(
+    line for line in STATUS_FIELDS if line.startswith(("Uid", "Gid", "Groups", "Cap", "NoNew"))
 )
 
 

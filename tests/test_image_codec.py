@@ -275,6 +275,33 @@ def memory_with_holes(rng: random.Random, pages: int) -> bytes:
     return b"".join(chunks)
 
 
+PROCESS_CREDENTIALS = Credentials(
+    uid=1000,
+    euid=1000,
+    suid=1000,
+    fsuid=1000,
+    gid=100,
+    egid=100,
+    sgid=100,
+    fsgid=100,
+    cap_inheritable=0,
+    cap_permitted=0,
+    cap_effective=0,
+    cap_bounding=2**41 - 1,
+    cap_ambient=0,
+    umask=0o22,
+    no_new_privs=False,
+    groups=(4, 24, 100),
+)
+NOBODY_THREAD = replace(
+    PROCESS_CREDENTIALS,
+    **dict.fromkeys(("uid", "euid", "suid", "fsuid"), 65534),
+    cap_bounding=2**40 - 1,
+    no_new_privs=True,
+    groups=(),
+)
+
+
 def thread(rng: random.Random, tid: int, name: str) -> Thread:
     field_names = UserRegsStruct.__dataclass_fields__
     regs = UserRegsStruct(**{name: rng.getrandbits(64) for name in field_names})
@@ -656,46 +683,9 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             created_ns=1_700_000_000_000_000_000,
             options=DumpOptions.NO_SHARED_LIBS,
         ),
-        Credentials(
-            uid=1000,
-            euid=1000,
-            suid=1000,
-            fsuid=1000,
-            gid=100,
-            egid=100,
-            sgid=100,
-            fsgid=100,
-            cap_inheritable=0,
-            cap_permitted=0,
-            cap_effective=0,
-            cap_bounding=2**41 - 1,
-            cap_ambient=0,
-            umask=0o22,
-            no_new_privs=False,
-            groups=(4, 24, 100),
-        ),
+        PROCESS_CREDENTIALS,
         # A thread that dropped to another user by a raw setresuid, under no_new_privs.
-        ThreadCredentials(
-            tid=4243,
-            credentials=Credentials(
-                uid=65534,
-                euid=65534,
-                suid=65534,
-                fsuid=65534,
-                gid=100,
-                egid=100,
-                sgid=100,
-                fsgid=100,
-                cap_inheritable=0,
-                cap_permitted=0,
-                cap_effective=0,
-                cap_bounding=2**40 - 1,
-                cap_ambient=0,
-                umask=0o22,
-                no_new_privs=True,
-                groups=(),
-            ),
-        ),
+        ThreadCredentials(tid=4243, credentials=NOBODY_THREAD),
         Rlimits(
             limits=(
                 Rlimit(resource=3, rlim_cur=8 * MIB, rlim_max=RLIM_INFINITY),
