@@ -20,7 +20,7 @@ import socket as socket_module
 import struct
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from stat import S_ISFIFO
 from typing import BinaryIO, Protocol
@@ -390,9 +390,13 @@ def write_image(
     laps.lap("image: segments")
     if check is not None:
         check(tuple(segments), files)
+    credentials = read_credentials(pid)
     parts = ImageParts(
         header=read_header(pid, options),
-        credentials=read_credentials(pid),
+        credentials=credentials,
+        thread_credentials=read_thread_credentials(
+            pid, (thread.tid for thread in threads), credentials
+        ),
         rlimits=read_rlimits(pid),
         memory_structure=read_memory_structure(pid, brk),
         segments=segments,
@@ -511,6 +515,7 @@ class ImageParts:
 
     header: rec.ImageHeader
     credentials: rec.Credentials
+    thread_credentials: tuple[rec.ThreadCredentials, ...]
     rlimits: rec.Rlimits
     memory_structure: rec.MemoryStructure
     segments: list[rec.Segment]
@@ -534,6 +539,8 @@ def write_parts(
     writer = ImageWriter(out, referable=referable)
     writer.write(parts.header)
     writer.write(parts.credentials)
+    for thread_credentials in parts.thread_credentials:
+        writer.write(thread_credentials)
     writer.write(parts.rlimits)
     writer.write(parts.memory_structure)
     writer.write(rec.Segments(segments=tuple(parts.segments)))
@@ -715,8 +722,9 @@ def read_header(pid: int, options: rec.DumpOptions) -> rec.ImageHeader:
     )
 
 
-def read_credentials(pid: int) -> rec.Credentials:
-    status = procfs.read_status(pid)
+def read_credentials(pid: int, tid: int | None = None) -> rec.Credentials:
+    """The credentials of process `pid` (its leader's), or of its thread `tid`."""
+    status = procfs.read_status(pid, tid)
     uid, euid, suid, fsuid = status.uid
     gid, egid, sgid, fsgid = status.gid
     return rec.Credentials(
@@ -737,6 +745,22 @@ def read_credentials(pid: int) -> rec.Credentials:
         umask=status.umask or 0,
         no_new_privs=status.no_new_privs,
     )
+
+
+def read_thread_credentials(
+    pid: int, thread_ids: Iterable[int], process: rec.Credentials
+) -> tuple[rec.ThreadCredentials, ...]:
+    """The threads of `pid` whose credentials differ from the process's (`process`): the
+    kernel keeps them per thread (docs/crf.md, THREAD_CREDENTIALS). The umask is the fs
+    context's, not the thread's: not compared."""
+    found = []
+    for tid in thread_ids:
+        if tid == pid:
+            continue
+        own = replace(read_credentials(pid, tid), umask=process.umask)
+        if own != process:
+            found.append(rec.ThreadCredentials(tid=tid, credentials=own))
+    return tuple(found)
 
 
 def read_rlimits(pid: int) -> rec.Rlimits:
