@@ -448,7 +448,6 @@ def move_tree_frozen(
     # may hand every member its originals back (docs/protocol.md, "Home again").
     homing = not context.at_home and channel.peer == context.record.home_node
     relayed = "" if homing else None  # why its shadow relays its descriptors still
-    laps = Laps()
     handled = False  # the abort is _frozen's once the tree is frozen
     repointed = Repointed(context.destination[1])
     try:
@@ -466,6 +465,10 @@ def move_tree_frozen(
         repointed.standby(pid)
         with frozen_tree(pid) as frozen:
             handled = True
+            # The freeze began with the first member's interrupt (as a single process's:
+            # its first interrupt), not with the looks above, taken while the tree runs.
+            stops = [t.stopped_at for t in frozen.tracees.values() if t.stopped_at]
+            laps = Laps(min(stops, default=0.0) or None)
             laps.lap("stop")
             return _frozen(
                 context, frozen, laps, precopied or {}, holders_before, relayed, repointed
