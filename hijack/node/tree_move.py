@@ -149,15 +149,19 @@ def refuse_leaving_parent(pid: int, destination: str) -> None:
 # -- planning ------------------------------------------------------------------------------
 
 
-def links_inside(members: list[int], besides: frozenset[int]) -> frozenset[str]:
+def links_inside(
+    members: list[int], besides: frozenset[int], before: procfs.HolderScan | None = None
+) -> frozenset[str]:
     """The descriptor links joining `members` only: pipes no other process holds (but
     `besides`: us, the tree's shadow) and unnamed unix socket pairs whose two ends they
-    hold. Made again at the destination from the image."""
+    hold. Made again at the destination from the image. `before`: who held their pipes
+    before the freeze (pipe.scan_holders_before): only what changed since is looked at."""
     entries = {pid: procfs.list_fds(pid) for pid in members}
     pipes = frozenset(
         e.target for found in entries.values() for e in found if e.kind is procfs.FdKind.PIPE
     )
-    holders = procfs.holders(pipes, besides=besides | frozenset(members)) if pipes else {}
+    others = besides | frozenset(members)
+    holders = pipe.holders_since(pipes, others, before) if pipes else {}
     inside = {target for target in pipes if not holders.get(target)}
     sockets = {e.ino for found in entries.values() for e in found if e.kind is procfs.FdKind.SOCKET}
     if sockets:
@@ -186,15 +190,17 @@ def plan_tree(
     besides: frozenset[int] = frozenset(),
     frozen: bool = True,
     sockets: dict[int, procfs.SocketInfo] | None = None,
+    holders_before: procfs.HolderScan | None = None,
 ) -> dict[int, list[Proxy]]:
     """Each member's proxies, by pid; refuse what cannot go.
 
     At home, a descriptor a member shares with one before it (`shared`, the TREE's
     links) is its stream; away, the shadow's streams are matched by their ends.
-    `sockets`: the tree's socket tables, read since it was frozen (else read here)."""
+    `sockets`: the tree's socket tables, read since it was frozen (else read here).
+    `holders_before`: who held the members' pipes before the freeze (links_inside)."""
     # A single process: as hijack.node.move plans it.
     tree = len(members) > 1
-    inside = links_inside(members, besides) if tree else frozenset()
+    inside = links_inside(members, besides, holders_before) if tree else frozenset()
     # Running, members accept clients while we look: each reads the table after its
     # descriptors (plan_proxies). Frozen, one reading serves them all.
     if sockets is None and tree and frozen:
@@ -545,7 +551,14 @@ def _frozen(
         # its kind: 7-10 ms for them all under load), as a single process's move does.
         sockets = procfs.read_socket_table(pid)
         plans = plan_tree(
-            members, pid, shadow, at_home, shared=shared, besides=besides, sockets=sockets
+            members,
+            pid,
+            shadow,
+            at_home,
+            shared=shared,
+            besides=besides,
+            sockets=sockets,
+            holders_before=holders_before,
         )
         laps.lap("plan")
         # The members' direct connections (swapped): each peer frozen and joined towards
