@@ -851,6 +851,12 @@ def _write_tree(
     # through the scheduler, ~1 ms under load: 9 members' 5 trips each one after the
     # other took 25-80 ms of the freeze.
     imaged = [frozen.tracees[m.pid] for m in frozen.record.imaged]
+    # Each member's layout without any area: read before they are mapped (members sharing
+    # their memory, CLONE_VM, would each see the other's), at the freeze if pre-copied.
+    layouts = {
+        t.pid: precopied[t.pid].maps_at_freeze if t.pid in precopied else procfs.read_maps(t.pid)
+        for t in imaged
+    }
     areas = dict(zip((t.pid for t in imaged), map_areas(imaged), strict=True))
     if laps is not None:
         laps.lap("image: areas")
@@ -888,8 +894,7 @@ def _write_tree(
             parents_memory=tracee.pid in vm_children,
             laps=laps,
             parasite=areas[tracee.pid],
-            # Read at the freeze, before the area was mapped.
-            maps=precopy.maps_at_freeze if precopy is not None else None,
+            maps=layouts[tracee.pid],
             injected=injected[tracee.pid],
         )
         if laps is not None:
