@@ -544,7 +544,9 @@ class NodeDaemon:
                     laps.lap("threads cloned ahead")
 
             def admit(
-                header: rec.ImageHeader, credentials: rec.Credentials, segments: rec.Segments
+                header: rec.ImageHeader,
+                credentials: tuple[rec.Credentials, ...],
+                segments: rec.Segments,
             ) -> None:
                 # The policy first: a refused image gets no relay, no listener (but the
                 # early ones above, made for a process admitted before its rounds).
