@@ -174,10 +174,13 @@ def traced(pid: int) -> bool:
     )
 
 
-def goes_on_relayed(home: Node, home_pid: int, moved: Moved, what: str, tmp_path: Path) -> None:
+def goes_on_relayed(
+    home: Node, home_pid: int, moved: Moved, what: str, client: RunningFixture, tmp_path: Path
+) -> None:
     """The stream of `moved` (`home_pid` at `home`) is relayed by its home shadow and goes on
     after a swap given up: its process let go by the swap's helper (running, its old socket
-    back), 1 MiB more relayed from it."""
+    back), 1 MiB more relayed from it. A failure shows `client`'s stderr (the moved process's
+    comes there through its shadow: a FAIL line says what it saw) and the nodes' logs."""
     assert relayed_ids(home, home_pid) == ["fd:3"], what
     poll_until(
         lambda: not still_running(moved.pid) or not traced(moved.pid),
@@ -192,7 +195,7 @@ def goes_on_relayed(home: Node, home_pid: int, moved: Moved, what: str, tmp_path
         f"{what}: the relayed stream goes on",
         timeout=60,
     )
-    assert still_running(moved.pid), f"{what}: the stream ended\n{logs(tmp_path)}"
+    assert still_running(moved.pid), f"{what}: the stream ended\n{client.stderr}\n{logs(tmp_path)}"
 
 
 # Where a swap is stopped, and how: a signal to `hijack swap` or its peer's node cut off.
@@ -206,6 +209,7 @@ def interrupt_swaps(
     moved: Moved,
     relays: str,
     interruptions: tuple[Interruption, ...],
+    client: RunningFixture,
     tmp_path: Path,
 ) -> None:
     """`hijack swap` of the process `moved` to `node` (`home_pid` at `home`) stopped at each
@@ -227,7 +231,7 @@ def interrupt_swaps(
         assert result.returncode != 0, f"{relays} {stage} {what}: {result.describe()}"
         # Relayed as before, and it goes on: its process runs (a move of it while the
         # swap's helper still held it would be refused).
-        goes_on_relayed(home, home_pid, moved, f"{relays} {stage} {what}", tmp_path)
+        goes_on_relayed(home, home_pid, moved, f"{relays} {stage} {what}", client, tmp_path)
         print(
             f"{relays} {stage} (reached in {reached:.1f} s) {what}: relayed still,"
             f" {result.stderr.strip()}"
@@ -254,12 +258,19 @@ def test_a_swap_interrupted_at_any_step_leaves_the_relayed_stream_working(
             # Each stage and each kind of interruption once, the furthest stage over the
             # encrypted relay (its drains are the slow ones: 13-21 s under load).
             plain = (("swap-frozen", signal.SIGINT), ("swap-frozen", UNREACHABLE))
-            interrupt_swaps(a, b, client.pid, moved, "plain", plain, tmp_path)
+            interrupt_swaps(a, b, client.pid, moved, "plain", plain, client, tmp_path)
             # On to c (a move run where it runs, not swapped), its relay encrypted now.
             encrypted = ("--no-plain-relays", "--no-swap")
             moved = move(b, moved.pid, c, home=(a, client.pid), options=encrypted)
             interrupt_swaps(
-                a, c, client.pid, moved, "encrypted", (("swap-joined", signal.SIGKILL),), tmp_path
+                a,
+                c,
+                client.pid,
+                moved,
+                "encrypted",
+                (("swap-joined", signal.SIGKILL),),
+                client,
+                tmp_path,
             )
             # Then a swap that is let through, asked where it runs: every byte, in order,
             # both ways.
@@ -310,7 +321,7 @@ def test_a_swap_end_whose_coordinator_is_cut_off_lets_its_process_go(tmp_path: P
                     swapping.communicate()
             assert result.returncode != 0, result.describe()
             assert "relayed still" in result.stdout, result.describe()
-            goes_on_relayed(a, client.pid, moved, "a swap end let go", tmp_path)
+            goes_on_relayed(a, client.pid, moved, "a swap end let go", client, tmp_path)
             # Its own check of every byte echoed, in order (the rest at the slowed rate).
             wait_gone(moved.pid, STREAM_END_TIMEOUT, "the stream_client let go")
             code = exit_code_on(b, moved.pid)
