@@ -843,7 +843,7 @@ PROCESS_KEYS = {
     "cwd",
     "root",
 }
-THREAD_KEYS = {"tid", "comm", "rip", "rsp", "sigmask", "pending"}
+THREAD_KEYS = {"tid", "comm", "rip", "rsp", "sigmask", "pending", "own_credentials"}
 MEMORY_KEYS = {"start", "end", "size", "perms", "path", "contents", "stored_bytes"}
 DESCRIPTOR_KEYS = {
     "fd",

@@ -110,6 +110,7 @@ from hijack.image import (
     TerminalObject,
     TerminalState,
     Thread,
+    ThreadCredentials,
     ThreadScheduling,
     ThreadSeccomp,
     TimerfdObject,
@@ -142,6 +143,7 @@ OBJECT_TAGS = {
 SECTION_NAMES = {
     b"HEAD": "HEADER",
     b"CRED": "CREDENTIALS",
+    b"TCRD": "THREAD_CREDENTIALS",
     b"RLIM": "RLIMITS",
     b"MMST": "MM",
     b"SEGS": "SEGMENTS",
@@ -271,6 +273,33 @@ def memory_with_holes(rng: random.Random, pages: int) -> bytes:
         else:
             chunks.append(rng.randbytes(PAGE_SIZE))
     return b"".join(chunks)
+
+
+PROCESS_CREDENTIALS = Credentials(
+    uid=1000,
+    euid=1000,
+    suid=1000,
+    fsuid=1000,
+    gid=100,
+    egid=100,
+    sgid=100,
+    fsgid=100,
+    cap_inheritable=0,
+    cap_permitted=0,
+    cap_effective=0,
+    cap_bounding=2**41 - 1,
+    cap_ambient=0,
+    umask=0o22,
+    no_new_privs=False,
+    groups=(4, 24, 100),
+)
+NOBODY_THREAD = replace(
+    PROCESS_CREDENTIALS,
+    **dict.fromkeys(("uid", "euid", "suid", "fsuid"), 65534),
+    cap_bounding=2**40 - 1,
+    no_new_privs=True,
+    groups=(),
+)
 
 
 def thread(rng: random.Random, tid: int, name: str) -> Thread:
@@ -654,24 +683,9 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             created_ns=1_700_000_000_000_000_000,
             options=DumpOptions.NO_SHARED_LIBS,
         ),
-        Credentials(
-            uid=1000,
-            euid=1000,
-            suid=1000,
-            fsuid=1000,
-            gid=100,
-            egid=100,
-            sgid=100,
-            fsgid=100,
-            cap_inheritable=0,
-            cap_permitted=0,
-            cap_effective=0,
-            cap_bounding=2**41 - 1,
-            cap_ambient=0,
-            umask=0o22,
-            no_new_privs=False,
-            groups=(4, 24, 100),
-        ),
+        PROCESS_CREDENTIALS,
+        # A thread that dropped to another user by a raw setresuid, under no_new_privs.
+        ThreadCredentials(tid=4243, credentials=NOBODY_THREAD),
         Rlimits(
             limits=(
                 Rlimit(resource=3, rlim_cur=8 * MIB, rlim_max=RLIM_INFINITY),
@@ -1009,7 +1023,7 @@ def test_a_splice_that_puts_the_wrong_length_fails_the_writer() -> None:
 
 def test_sections_out_of_order_are_refused() -> None:
     found = sections(BUILT.image)
-    credentials, rlimits = found[1], found[2]
+    credentials, rlimits = found[1], found[3]  # (THREAD_CREDENTIALS between them)
     swapped = (
         BUILT.image[: credentials.offset]
         + BUILT.image[rlimits.offset : rlimits.offset + rlimits.size]
@@ -1798,3 +1812,54 @@ def test_a_version_6_image_is_read() -> None:
     older = image[:4] + struct.pack("<I", 6) + image[8:]
     pages = [record for record in read_all(older) if isinstance(record, Pages)]
     assert pages == [Pages(address=0x1001000, data=b"\1" * PAGE_SIZE)]
+
+
+# --- thread credentials ----------------------------------------------------------------
+
+
+def test_thread_credentials_name_threads_of_the_image_once() -> None:
+    """THREAD_CREDENTIALS (version 8) come after CREDENTIALS, each naming a thread the
+    image has, once; an image of version 7 (none such) reads as it did."""
+    own = the(ThreadCredentials)
+    at = BUILT.before_pages.index(own)
+    for records, error in (
+        # Twice the same thread.
+        (
+            [*BUILT.before_pages[: at + 1], own, *BUILT.before_pages[at + 1 :]],
+            "credentials of thread 4243 appear twice",
+        ),
+        # A thread the image does not have.
+        (
+            [
+                *BUILT.before_pages[:at],
+                replace(own, tid=4299),
+                *BUILT.before_pages[at + 1 :],
+            ],
+            r"credentials of threads \[4299\], which the image does not have",
+        ),
+    ):
+        out = io.BytesIO()
+        with pytest.raises(ImageError, match=error):
+            writer = ImageWriter(out)
+            for record in records:
+                writer.write(record)
+            finish(writer)
+    # After RLIMITS: out of place.
+    out = io.BytesIO()
+    writer = ImageWriter(out)
+    rlimits = BUILT.before_pages.index(the(Rlimits))
+    for record in BUILT.before_pages[: rlimits + 1]:
+        if record is not own:
+            writer.write(record)
+    with pytest.raises(ImageError, match="out of place"):
+        writer.write(own)
+    # Version 7, without them.
+    out = io.BytesIO()
+    writer = ImageWriter(out)
+    for record in BUILT.before_pages:
+        if record is not own:
+            writer.write(record)
+    finish(writer)
+    image = out.getvalue()
+    older = image[:4] + struct.pack("<I", 7) + image[8:]
+    assert not [r for r in read_all(older) if isinstance(r, ThreadCredentials)]

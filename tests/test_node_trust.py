@@ -279,12 +279,16 @@ def test_root_powers_are_refused_by_name_unless_allowed(
 ) -> None:
     root_ish = credentials(**changes)
     with pytest.raises(policy.Refused) as refused:
-        policy.check_image(HEADER, root_ish, NO_SEGMENTS, allow_root=False)
+        policy.check_image(HEADER, (root_ish,), NO_SEGMENTS, allow_root=False)
     message = str(refused.value)
     assert message.startswith("refusing server (pid 4242): it runs with root's powers ("), message
     assert named in message and "--allow-root" in message, message
-    policy.check_image(HEADER, root_ish, NO_SEGMENTS, allow_root=True)
-    policy.check_image(HEADER, credentials(), NO_SEGMENTS, allow_root=False)
+    policy.check_image(HEADER, (root_ish,), NO_SEGMENTS, allow_root=True)
+    policy.check_image(HEADER, (credentials(),), NO_SEGMENTS, allow_root=False)
+    # A thread's own credentials (THREAD_CREDENTIALS) are judged as the process's: it
+    # shares the memory of a leader without those powers.
+    with pytest.raises(policy.Refused, match=named):
+        policy.check_image(HEADER, (credentials(), root_ish), NO_SEGMENTS, allow_root=False)
 
 
 def file_segment(path: Path, identity: rec.FileIdentity | None, **changes: object) -> rec.Segment:
@@ -313,7 +317,7 @@ def test_a_mapped_file_is_verified_by_size_time_and_build_id(tmp_path: Path) -> 
 
     def check(identity: rec.FileIdentity) -> None:
         segments = rec.Segments(segments=(file_segment(binary, identity),))
-        policy.check_image(HEADER, user, segments, allow_root=False)
+        policy.check_image(HEADER, (user,), segments, allow_root=False)
 
     check(identity)
     for changed, differs in [
@@ -337,7 +341,7 @@ def test_code_mapped_shared_from_a_file_is_refused(tmp_path: Path) -> None:
     segment = file_segment(library, None, shared=True)
     with pytest.raises(policy.Refused, match=r"maps .*code\.bin shared and executable"):
         policy.check_image(
-            HEADER, credentials(), rec.Segments(segments=(segment,)), allow_root=True
+            HEADER, (credentials(),), rec.Segments(segments=(segment,)), allow_root=True
         )
     data = dataclasses.replace(segment, prot=rec.Prot.READ | rec.Prot.WRITE)
-    policy.check_image(HEADER, credentials(), rec.Segments(segments=(data,)), allow_root=False)
+    policy.check_image(HEADER, (credentials(),), rec.Segments(segments=(data,)), allow_root=False)

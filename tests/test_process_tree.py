@@ -18,7 +18,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from hijack.process.tree import read_tree, untakeable
+from hijack.mutator.frozen_tree import frozen_tree
+from hijack.process.tree import read_stopped_tree, read_tree, untakeable
 
 TREE = r"""
 import json, os, signal, sys, time
@@ -105,6 +106,19 @@ def test_read_tree_finds_every_member_and_its_relations(
     assert found.pids.index(child.pid) < found.pids.index(grandchild.pid), "parents come first"
     assert untakeable(found) == []
     assert found.same_members(read_tree(parent.pid))
+
+
+def test_a_stopped_tree_read_from_its_children_lists_is_the_scanned_one(
+    tree: tuple[subprocess.Popen[bytes], dict[str, int]],
+) -> None:
+    """Once every member is stopped, its children read from the members' own lists
+    (read_stopped_tree: frozen_tree's look within the freeze) are those a scan of every
+    process finds: the session leader's grandchild, the zombie, the job-stopped one."""
+    parent, _ = tree
+    with frozen_tree(parent.pid) as frozen:
+        assert frozen.tree == read_tree(parent.pid)
+        assert read_stopped_tree(parent.pid) == frozen.tree
+        assert len(frozen.tree.members) == 5
 
 
 def test_a_member_traced_by_another_tracer_is_named(

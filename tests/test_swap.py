@@ -28,12 +28,16 @@ from test_faults import deliver, finish, hijack_in, shadow_pid_of
 from test_move import (
     Moved,
     assert_ended_well,
+    daemon_log,
+    exit_code_on,
     finish_moved,
+    logs,
     move,
     poll_until,
     refusal_line,
     shadow_status,
     still_running,
+    wait_gone,
 )
 from test_tree_move import move_tree
 
@@ -50,6 +54,7 @@ STREAM_BYTES = 400 * 1024 * 1024
 # the server first: 12-20 s at load 20-30 over encrypted relays), the ends' helpers started.
 SWAP_STAGE_TIMEOUT = 120.0
 UNREACHABLE = "unreachable"  # an interruption: the swapped peer's node cut off
+STREAM_END_TIMEOUT = 120.0  # what is left of a relayed stream at 10 MB/s, loaded
 
 
 @contextlib.contextmanager
@@ -148,10 +153,49 @@ def test_a_moved_client_and_its_attached_server_are_joined_directly(tmp_path: Pa
             server.assert_intact()
 
 
-def relayed_bytes(node: Node, home_pid: int) -> int:
-    """What the home shadow of `home_pid` has relayed of its TCP connection, both ways."""
+def bytes_from_process(node: Node, home_pid: int) -> int:
+    """What the home shadow of `home_pid` has relayed from the process (moved away) of its
+    TCP connection: it grows only while the process runs (towards the process the shadow
+    fills its socket's buffers, megabytes, whether it runs or is held frozen)."""
     (row,) = [row for row in shadow_status(node, home_pid)["streams"] if row["original"]]
-    return int(row["bytes_out"]) + int(row["bytes_in"])
+    return int(row["bytes_in"])
+
+
+def traced(pid: int) -> bool:
+    """Whether `pid` is held by a tracer (a swap end's helper freezes it so)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False  # ended
+    return any(
+        line.split(":", 1)[1].strip() != "0"
+        for line in status.splitlines()
+        if line.startswith("TracerPid:")
+    )
+
+
+def goes_on_relayed(
+    home: Node, home_pid: int, moved: Moved, what: str, client: RunningFixture, tmp_path: Path
+) -> None:
+    """The stream of `moved` (`home_pid` at `home`) is relayed by its home shadow and goes on
+    after a swap given up: its process let go by the swap's helper (running, its old socket
+    back), 1 MiB more relayed from it. A failure shows `client`'s stderr (the moved process's
+    comes there through its shadow: a FAIL line says what it saw) and the nodes' logs."""
+    assert relayed_ids(home, home_pid) == ["fd:3"], what
+    poll_until(
+        lambda: not still_running(moved.pid) or not traced(moved.pid),
+        f"{what}: the swap's helper lets the process go",
+        timeout=SWAP_STAGE_TIMEOUT,
+    )
+    before = bytes_from_process(home, home_pid)
+    poll_until(
+        lambda: (
+            bytes_from_process(home, home_pid) > before + (1 << 20) or not still_running(moved.pid)
+        ),
+        f"{what}: the relayed stream goes on",
+        timeout=60,
+    )
+    assert still_running(moved.pid), f"{what}: the stream ended\n{client.stderr}\n{logs(tmp_path)}"
 
 
 # Where a swap is stopped, and how: a signal to `hijack swap` or its peer's node cut off.
@@ -165,6 +209,8 @@ def interrupt_swaps(
     moved: Moved,
     relays: str,
     interruptions: tuple[Interruption, ...],
+    client: RunningFixture,
+    tmp_path: Path,
 ) -> None:
     """`hijack swap` of the process `moved` to `node` (`home_pid` at `home`) stopped at each
     of `interruptions` (a stage and a signal, or `UNREACHABLE`: `node` cut off): each time
@@ -183,14 +229,9 @@ def interrupt_swaps(
         result = finish(swapping)
         link_up(node)
         assert result.returncode != 0, f"{relays} {stage} {what}: {result.describe()}"
-        # Relayed as before, and it goes on.
-        assert relayed_ids(home, home_pid) == ["fd:3"], f"{relays} {stage} {what}"
-        before = relayed_bytes(home, home_pid)
-        poll_until(
-            lambda: relayed_bytes(home, home_pid) > before + (1 << 20),  # noqa: B023
-            f"the {relays} relayed stream goes on after a swap stopped at {stage} by {what}",
-            timeout=60,
-        )
+        # Relayed as before, and it goes on: its process runs (a move of it while the
+        # swap's helper still held it would be refused).
+        goes_on_relayed(home, home_pid, moved, f"{relays} {stage} {what}", client, tmp_path)
         print(
             f"{relays} {stage} (reached in {reached:.1f} s) {what}: relayed still,"
             f" {result.stderr.strip()}"
@@ -217,18 +258,74 @@ def test_a_swap_interrupted_at_any_step_leaves_the_relayed_stream_working(
             # Each stage and each kind of interruption once, the furthest stage over the
             # encrypted relay (its drains are the slow ones: 13-21 s under load).
             plain = (("swap-frozen", signal.SIGINT), ("swap-frozen", UNREACHABLE))
-            interrupt_swaps(a, b, client.pid, moved, "plain", plain)
+            interrupt_swaps(a, b, client.pid, moved, "plain", plain, client, tmp_path)
             # On to c (a move run where it runs, not swapped), its relay encrypted now.
             encrypted = ("--no-plain-relays", "--no-swap")
             moved = move(b, moved.pid, c, home=(a, client.pid), options=encrypted)
             interrupt_swaps(
-                a, c, client.pid, moved, "encrypted", (("swap-joined", signal.SIGKILL),)
+                a,
+                c,
+                client.pid,
+                moved,
+                "encrypted",
+                (("swap-joined", signal.SIGKILL),),
+                client,
+                tmp_path,
             )
             # Then a swap that is let through, asked where it runs: every byte, in order,
             # both ways.
             print(c.hijack_ok("swap", moved.pid).stdout)
             assert relayed_ids(a, client.pid) == []
             assert_ended_well(moved, "the stream_client swapped at last", tmp_path)
+            server.assert_intact()
+
+
+def test_a_swap_end_whose_coordinator_is_cut_off_lets_its_process_go(tmp_path: Path) -> None:
+    """`hijack swap` stopped at `swap-frozen` (both ends frozen) and the moved end's node b
+    cut off: no FIN or reset of the coordinator crosses a partition, and b's helper would
+    hold the process frozen until the daemon's own timeout, or until the coordinator's FIN
+    came through once the link is back (seen: 25 s later). The channel's keep-alive probes
+    go unanswered: the helper lets the process go with its old socket, the link still
+    down and the coordinator still stopped. Then the stream goes on, relayed, to its end."""
+    with Cluster(tmp_path, nodes=2) as cluster:
+        a, b = cluster.nodes
+        b.start_daemon()
+        with echo_stream(a, seed=46, server_args=("0", "epoll")) as (server, client):
+            a.hijack_ok("attach", server.pid)
+            moved = move(a, client.pid, b, options=(*PLAIN, "--no-swap"))
+            client.wait_exit()
+            swapping = hijack_in(a, "swap-frozen", "swap", client.pid, timeout=SWAP_STAGE_TIMEOUT)
+            try:
+                assert traced(moved.pid), "the moved end is not frozen at swap-frozen"
+                link_down(b)
+                cut = time.monotonic()
+                try:
+                    poll_until(
+                        lambda: "coordinator is gone" in daemon_log(b),
+                        "b's helper gives its end up while its coordinator's node is cut off",
+                        timeout=SWAP_STAGE_TIMEOUT,
+                    )
+                    said = daemon_log(b)
+                    print(f"let go {time.monotonic() - cut:.1f} s after the link went down")
+                    # Its coordinator's node silent, not the daemon's minute without a message.
+                    assert "its node has not answered" in said, said
+                    assert still_running(moved.pid), f"{client.stderr}\n{logs(tmp_path)}"
+                    assert not traced(moved.pid), "b's helper still holds the process"
+                finally:
+                    link_up(b)
+                deliver(swapping, signal.SIGCONT)
+                result = finish(swapping)
+            finally:
+                if swapping.poll() is None:  # a failure above: the coordinator still stopped
+                    swapping.kill()
+                    swapping.communicate()
+            assert result.returncode != 0, result.describe()
+            assert "relayed still" in result.stdout, result.describe()
+            goes_on_relayed(a, client.pid, moved, "a swap end let go", client, tmp_path)
+            # Its own check of every byte echoed, in order (the rest at the slowed rate).
+            wait_gone(moved.pid, STREAM_END_TIMEOUT, "the stream_client let go")
+            code = exit_code_on(b, moved.pid)
+            assert code == 0, f"ended with {code}\n{client.stderr}\n{logs(tmp_path)}"
             server.assert_intact()
 
 

@@ -418,9 +418,18 @@ def test_copy_on_new_tids_keeps_pi_and_robust_mutexes_working(
             copy_stdout, copy_stderr = suffixed(stdout, ".copy"), suffixed(stderr, ".copy")
             with Reaped(copy_pid) as copy:
                 copy_tids = thread_ids(copy_pid)
-                assert len(copy_tids) == len(original_tids)
+                # The sleeper goes on with the rest of its nanosleep and ends with it: on a
+                # loaded machine the dump and the restore can outlast it. It says so before
+                # it ends, so read after the listing, its word covers a listing without it.
+                sleeper_done = "woke sleeper" in copy_stdout.read_text()
+                threads = len(original_tids)
+                expected = {threads, threads - 1} if sleeper_done else {threads}
+                assert len(copy_tids) in expected, (copy_tids, original_tids, sleeper_done)
                 # The original holds every old tid: each thread of the copy has a new one.
-                assert not copy_tids & original_tids, (copy_tids, original_tids)
+                # (All but its sleeper's, which may have ended by now, on a loaded machine:
+                # its tid, free again, is the copy's sleeper's to take.)
+                held = original_tids - {parked_tids(original)["sleeper"]}
+                assert not copy_tids & held, (copy_tids, held)
                 # Threads that existed at the dump, now on new tids, contend for
                 # a PI mutex (FUTEX_LOCK_PI/UNLOCK_PI check the tid glibc put in
                 # the futex word) and one dies holding a robust mutex (the

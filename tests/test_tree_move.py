@@ -712,3 +712,95 @@ def test_a_tree_whose_member_ends_during_the_move_arrives_with_its_zombie(
         os.kill(there, signal.SIGUSR1)
         wait_gone(there, EXIT_TIMEOUT, "the keeper, moved, reaping its zombie")
         assert exit_code_on(b, there) == 0, logs(tmp_path)
+
+
+# A parent filling REGION_PAGES pages of private memory (page n: byte n % 251 + 1), then
+# forking 3 children that keep them (shared copy-on-write since the fork). Told by
+# SIGUSR1, each member changes a part of it: the parent writes its own copy of pages
+# 0-15 (the children keep the old ones, which round 0 referred to the parent's), child 1
+# drops pages 16-31 (MADV_DONTNEED: zeros), child 2 drops pages 32-47 and reads them
+# again (the zero page), child 3 writes pages 48-63; each prints "changed". Told by
+# SIGUSR2, each checks every page; the parent reaps its children (any pid) and exits 0
+# only if each did and its own pages hold.
+REFERRED = """\
+import mmap, os, signal, sys
+PAGE, PAGES = 4096, 256
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1, signal.SIGUSR2})
+memory = mmap.mmap(-1, PAGES * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+for page in range(PAGES):
+    memory[page * PAGE : (page + 1) * PAGE] = bytes([page % 251 + 1]) * PAGE
+index = 0
+for child in (1, 2, 3):
+    if os.fork() == 0:
+        index = child
+        break
+else:
+    print("ready", flush=True)
+signal.sigwait({signal.SIGUSR1})
+changed = range(16 * index, 16 * index + 16)
+if index in (0, 3):
+    for page in changed:
+        memory[page * PAGE : (page + 1) * PAGE] = bytes([0xEE - index]) * PAGE
+else:
+    memory.madvise(mmap.MADV_DONTNEED, changed[0] * PAGE, 16 * PAGE)
+    if index == 2:
+        assert memory[changed[0] * PAGE : changed[-1] * PAGE] == bytes((16 - 1) * PAGE)
+os.write(1, b"changed\\n")  # one write: the members share the pipe
+signal.sigwait({signal.SIGUSR2})
+intact = True
+for page in range(PAGES):
+    if page not in changed:
+        expected = bytes([page % 251 + 1]) * PAGE
+    else:
+        expected = bytes([0xEE - index]) * PAGE if index in (0, 3) else bytes(PAGE)
+    if memory[page * PAGE : (page + 1) * PAGE] != expected:
+        print(f"member {index}: page {page} differs", file=sys.stderr, flush=True)
+        intact = False
+if index:
+    sys.exit(0 if intact else 1)
+for _ in range(3):
+    _, status = os.wait()
+    intact = intact and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+sys.exit(0 if intact else 1)
+"""
+
+
+@pytest.mark.parametrize("stage", ["move-first-round", "move-prebuilt"])
+def test_a_tree_changing_pages_it_referred_to_arrives_with_each_change(
+    tmp_path: Path, stage: str
+) -> None:
+    """Round 0 sends the pages members share since a fork once: the children's name the
+    parent's. Then (during the rounds: move-first-round; or after them, only the freeze
+    sees it: move-prebuilt) the parent writes its own copy of some (the children keep
+    the old), a child drops some (zeros), another drops some and reads them again (the
+    zero page), another writes some: each member arrives with its own pages as it left
+    them (a reference whose page changed on either side is stored in the final image)."""
+    with two_nodes(tmp_path) as (a, b):
+        tree = a.spawn(
+            [sys.executable, "-c", REFERRED],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert tree.stdout is not None and tree.stdout.readline() == b"ready\n"
+        wait_members(tree.pid, 4)
+        assert b.daemon_endpoint is not None
+        mover = hijack_in(a, stage, "move", tree.pid, "--to", b.daemon_endpoint, "--precopy")
+        for member in read_tree(tree.pid).pids:
+            os.kill(member, signal.SIGUSR1)
+        for _ in range(4):
+            assert tree.stdout.readline() == b"changed\n"
+        os.kill(mover.pid, signal.SIGCONT)
+        printed, errors = mover.communicate(timeout=EXIT_TIMEOUT * 4)
+        assert mover.returncode == 0, f"{errors}\n{logs(tmp_path)}"
+        found = TREE_LINE.search(printed)
+        assert found is not None, printed
+        there = int(found[3])
+        assert "rebuilt during the freeze" not in daemon_log(b), daemon_log(b)
+        tree.wait(timeout=EXIT_TIMEOUT)  # the original, killed by the move
+        members = read_tree(there).pids
+        assert len(members) == 4, members
+        for member in members:
+            os.kill(member, signal.SIGUSR2)
+        wait_gone(there, EXIT_TIMEOUT, "the tree, moved, checking its pages")
+        assert exit_code_on(b, there) == 0, logs(tmp_path)

@@ -272,6 +272,9 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
     threads = Table(title="threads")
     for heading in ("tid", "name", "rip", "rsp", "blocked", "pending"):
         threads.add_column(heading, no_wrap=True)
+    own = any(thread.own_credentials for thread in summary.threads)
+    if own:
+        threads.add_column("credentials (where its own)", overflow="fold")
     for thread in summary.threads:
         threads.add_row(
             str(thread.tid),
@@ -280,6 +283,7 @@ def image_summary(console: Console, summary: ImageSummary, *, as_json: bool = Fa
             f"{thread.rsp:#x}",
             f"{thread.sigmask:#x}",
             str(thread.pending),
+            *((thread.own_credentials,) if own else ()),
         )
     console.print(threads)
 

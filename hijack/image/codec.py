@@ -1,7 +1,7 @@
 """Writing and reading CRF images as a stream of checksummed sections.
 
-    IMAGE     ::= SIGNATURE HEADER CREDENTIALS RLIMITS MM SEGMENTS FILES { OBJECT }
-                  { PAGES } THREAD { THREAD } SIGNALS CWD SETTINGS TIMERS END
+    IMAGE     ::= SIGNATURE HEADER CREDENTIALS { THREAD_CREDENTIALS } RLIMITS MM SEGMENTS
+                  FILES { OBJECT } { PAGES } THREAD { THREAD } SIGNALS CWD SETTINGS TIMERS END
     OBJECT    ::= an object record or OBJECT_DATA (as many as FILES counts)
     PAGES may be PAGE_REFERENCE sections too, in a tree stream's images, and
     SPLICED_PAGES, whose CRC covers TAG LENGTH and the address, not the data
@@ -101,6 +101,7 @@ from hijack.image.records import (
     TcpConnection,
     TerminalObject,
     Thread,
+    ThreadCredentials,
     TimerfdObject,
     Timers,
     Tree,
@@ -109,9 +110,10 @@ from hijack.image.records import (
 )
 
 MAGIC = b"CRF\0"
-FORMAT_VERSION = 7
-# Version 7 added SCATTERED_PAGES and nothing else: a version 6 image is a version 7 one.
-READABLE_VERSIONS = (6, 7)
+FORMAT_VERSION = 8
+# Version 7 added SCATTERED_PAGES and nothing else, version 8 THREAD_CREDENTIALS and nothing
+# else: a version 6 or 7 image is a version 8 one.
+READABLE_VERSIONS = (6, 7, 8)
 MAX_METADATA = 16 * 1024 * 1024  # payload limit of every section but PAGES
 
 BytesLike = bytes | bytearray | memoryview
@@ -136,6 +138,7 @@ class SectionKind(enum.Enum):
     ROUND = b"RND_"
     TREE = b"TREE"
     CREDENTIALS = b"CRED"
+    THREAD_CREDENTIALS = b"TCRD"
     RLIMITS = b"RLIM"
     MM = b"MMST"
     SEGMENTS = b"SEGS"
@@ -315,6 +318,7 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.ROUND: _StructSection(Round),
     SectionKind.TREE: _StructSection(Tree),
     SectionKind.CREDENTIALS: _StructSection(Credentials),
+    SectionKind.THREAD_CREDENTIALS: _StructSection(ThreadCredentials),
     SectionKind.RLIMITS: _StructSection(Rlimits),
     SectionKind.MM: _StructSection(MemoryStructure),
     SectionKind.SEGMENTS: _StructSection(Segments),
@@ -394,6 +398,7 @@ class _Step:
 _IMAGE_GRAMMAR = (
     _Step(SectionKind.HEADER, 1, False),
     _Step(SectionKind.CREDENTIALS, 1, False),
+    _Step(SectionKind.THREAD_CREDENTIALS, 0, True),
     _Step(SectionKind.RLIMITS, 1, False),
     _Step(SectionKind.MM, 1, False),
     _Step(SectionKind.SEGMENTS, 1, False),
@@ -452,6 +457,7 @@ class _ImageChecks:
         self._segment = 0  # index in _stored of the segment pages reached
         self._pages_floor = 0  # pages must start at or above this address
         self._tids: set[int] = set()
+        self._credited: set[int] = set()  # the threads THREAD_CREDENTIALS named
         self._objects_due: int | None = None  # object sections FILES announced
         self._objects_closed = False  # a section after them came: every check was made
         self._objects_seen = 0
@@ -521,6 +527,10 @@ class _ImageChecks:
                     " whose image came before this one in a tree stream"
                 )
             self.check_pages(record.address, record.size, stored=False)
+        elif isinstance(record, ThreadCredentials):
+            if record.tid in self._credited:
+                raise ImageError(f"credentials of thread {record.tid} appear twice")
+            self._credited.add(record.tid)
         elif isinstance(record, Thread):
             if record.tid in self._tids:
                 raise ImageError(f"thread {record.tid} appears twice")
@@ -547,6 +557,11 @@ class _ImageChecks:
                 raise ImageError(f"object {record.id} appears twice")
             self._data_floor[record.id] = 0
         elif isinstance(record, End):
+            if self._credited - self._tids:
+                raise ImageError(
+                    f"credentials of threads {sorted(self._credited - self._tids)}, which the"
+                    " image does not have"
+                )
             self._check_totals(record, offset)
 
     def _count_object(self) -> None:

@@ -92,6 +92,16 @@ class Credentials:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ThreadCredentials:
+    """The credentials of a thread whose own differ from its process's (CREDENTIALS, the
+    leader's): the kernel keeps ids, capabilities and no_new_privs per thread, and a thread
+    may change its own (a raw setresuid(2), capset(2), prctl(2))."""
+
+    tid: U32
+    credentials: Credentials
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Rlimit:
     resource: U32  # RLIMIT_* number
     rlim_cur: U64  # soft limit; RLIM_INFINITY for none
@@ -1458,6 +1468,7 @@ Record = (
     | Round
     | Tree
     | Credentials
+    | ThreadCredentials
     | Rlimits
     | MemoryStructure
     | Segments

@@ -37,6 +37,7 @@ from hijack.image.records import (
     Segment,
     Segments,
     Thread,
+    ThreadCredentials,
     Timers,
     Tree,
 )
@@ -72,6 +73,28 @@ class ThreadSummary:
     rsp: int
     sigmask: int
     pending: int  # signals pending on this thread
+    own_credentials: str = ""  # how its credentials differ from the process's, if they do
+
+
+def differences(own: Credentials, process: Credentials) -> str:
+    """What in a thread's credentials `own` differs from its process's: "uid 0/0/0/0,
+    effective 0x0, no_new_privs"."""
+    parts = []
+    uids = (own.uid, own.euid, own.suid, own.fsuid)
+    if uids != (process.uid, process.euid, process.suid, process.fsuid):
+        parts.append("uid " + "/".join(map(str, uids)))
+    gids = (own.gid, own.egid, own.sgid, own.fsgid)
+    if gids != (process.gid, process.egid, process.sgid, process.fsgid):
+        parts.append("gid " + "/".join(map(str, gids)))
+    if own.groups != process.groups:
+        parts.append("groups " + ",".join(map(str, own.groups)))
+    for name in ("inheritable", "permitted", "effective", "bounding", "ambient"):
+        value = getattr(own, f"cap_{name}")
+        if value != getattr(process, f"cap_{name}"):
+            parts.append(f"{name} {value:#x}")
+    if own.no_new_privs != process.no_new_privs:
+        parts.append("no_new_privs" if own.no_new_privs else "no no_new_privs")
+    return ", ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -165,6 +188,7 @@ def summarize(
     starts: list[int] = []
     stored_bytes: list[int] = []
     threads: list[ThreadSummary] = []
+    own: dict[int, str] = {}  # the threads with credentials of their own: how they differ
     objects: list[ObjectRecord] = []
     object_data: dict[int, int] = {}
     referenced = 0
@@ -173,6 +197,9 @@ def summarize(
             header = record
         elif isinstance(record, Credentials):
             credentials = record
+        elif isinstance(record, ThreadCredentials):
+            assert credentials is not None  # read_image: CREDENTIALS came first
+            own[record.tid] = differences(record.credentials, credentials)
         elif isinstance(record, Segments):
             segments = record.segments
             starts = [segment.start for segment in record.segments]
@@ -197,6 +224,7 @@ def summarize(
                     rsp=record.regs.rsp,
                     sigmask=record.sigmask,
                     pending=len(record.pending),
+                    own_credentials=own.get(record.tid, ""),
                 )
             )
         elif isinstance(record, Files):
@@ -367,6 +395,7 @@ def summary_to_json(summary: ImageSummary) -> dict[str, JsonValue]:
                 "rsp": _hex(thread.rsp),
                 "sigmask": _hex(thread.sigmask),
                 "pending": thread.pending,
+                "own_credentials": thread.own_credentials or None,
             }
             for thread in summary.threads
         ],

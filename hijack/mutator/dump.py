@@ -20,7 +20,7 @@ import socket as socket_module
 import struct
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from stat import S_ISFIFO
 from typing import BinaryIO, Protocol
@@ -31,6 +31,7 @@ from hijack.image import records as rec
 from hijack.image.codec import ImageWriter
 from hijack.image.files import ImageFiles
 from hijack.image.identity import file_identity, is_shared_library
+from hijack.in_thread import InThread
 from hijack.mutator.frozen_tree import FrozenTree, frozen_tree
 from hijack.mutator.parasite import (
     Area,
@@ -313,6 +314,7 @@ def write_image(
     parasite: Area | None = None,
     brk: int | None = None,
     maps: list[procfs.MapEntry] | None = None,
+    injected: Injected | None = None,
     head_first: bool = False,
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
@@ -336,6 +338,8 @@ def write_image(
     `brk`: the program break, read already (read_brk).
     `maps`: its layout, read since it was stopped and before `parasite` was mapped (a
     move's freeze reads it first: read once, not twice).
+    `injected`: what its batches told, run already (queue_injected: a tree's members'
+    side by side) and the process put back; nothing is injected here then.
     `head_first`: `out` flushed once the records before the pages are in it (a move's:
     the destination rebuilds the descriptors and layout while the rest comes); with `brk`
     given, they are read and written before the injected calls run (they need no other).
@@ -355,11 +359,11 @@ def write_image(
                 parasite = None
             else:
                 maps = unmerged
-    aio_rings = aio.read_rings(pid, maps, moving=precopied is not None)
+    aio_rings = aio.read_rings(pid, maps, moving=precopied is not None) if injected is None else ()
     maps = [entry for entry in maps if not aio.is_aio_ring(entry)]  # made again by io_setup
     referable = shared_pages.referable if shared_pages is not None else frozenset()
 
-    def head(brk: int) -> tuple[ImageWriter, list[rec.Segment]]:
+    def head(brk: int, credentials: Credentials) -> tuple[ImageWriter, list[rec.Segment]]:
         """The image's records before its pages, written (and `out` flushed if head_first):
         they need no injected call but the program break's."""
         files = objects.read_files(
@@ -379,12 +383,14 @@ def write_image(
         laps.lap("image: segments")
         if check is not None:
             check(tuple(segments), files)
+        dumped = {thread.tid for thread in _live(tracee)}
         writer = ImageWriter(out, referable=referable)
         write_head(
             writer,
             ImageHead(
                 header=read_header(pid, options),
-                credentials=read_credentials(pid),
+                credentials=credentials[0],
+                thread_credentials=tuple(own for own in credentials[1] if own.tid in dumped),
                 rlimits=read_rlimits(pid),
                 memory_structure=read_memory_structure(pid, brk),
                 segments=segments,
@@ -398,55 +404,41 @@ def write_image(
 
     # A move's, its program break read already: its head goes before the injected calls
     # (the destination rebuilds its layout and descriptors while they run, issue #17).
-    early = head(brk) if head_first and brk is not None else None
-    # Every call below in a batch (hijack.mutator.parasite): the injection thread's calls
-    # in one, every other thread's two in one of its own, all run side by side. In
-    # `parasite`, an area the caller mapped (and unmaps), or one mapped here.
-    with contextlib.nullcontext(parasite) if parasite else parasite_area(tracee) as area:
-        batch = Batch(area)
-        brk_call = batch.call("brk", 0) if brk is None else None
-        known = precopied.signal_actions if precopied is not None else None
-        actions_read = queue_signal_actions(tracee, batch, known)
-        threads_read = {
-            thread.tid: queue_thread(tracee, thread, batch)
-            for thread in _live(tracee)
-            if thread.tid == tracee.injection_tid
-        }
-        settings_read = settings.queue_settings(
-            tracee,
-            batch,
-            area.address,
-            tracee.thread_ids,
-            aio_rings=aio_rings,
-            guard_regions=precopied.guard_regions if precopied is not None else None,
-        )
-        timers_read = timers.queue_timers(tracee, batch)
-        # Run with every other thread's two calls, side by side (one stop each, at once).
-        others = [thread for thread in _live(tracee) if thread.tid not in threads_read]
-        queue_other = functools.partial(queue_thread, tracee)
-        main = [(tracee.injection_tid, batch)]
-        records = run_in_threads(tracee, area, others, queue_other, queued=main)
-        threads_read.update(zip((thread.tid for thread in others), records, strict=True))
-        if brk_call is not None:
-            assert brk_call.result is not None
-            brk = brk_call.result
-        assert brk is not None
-        actions = actions_read()
-        process_settings = settings_read()
-        process_timers = timers_read()
-        threads = [threads_read[thread.tid]() for thread in _live(tracee)]
-    tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
+    early = None
+    if injected is None and head_first and brk is not None:
+        known = read_all_credentials(pid, tracee.thread_ids)
+        early = head(brk, known)
+    if injected is None:
+        # Every call below in a batch (hijack.mutator.parasite): the injection thread's
+        # calls in one, every other thread's two in one of its own, all run side by side.
+        # In `parasite`, an area the caller mapped (and unmaps), or one mapped here.
+        with contextlib.nullcontext(parasite) if parasite else parasite_area(tracee) as area:
+            batch = Batch(area)
+            read_main = _queue_main(
+                tracee, batch, brk, precopied, aio_rings, known if early is not None else None
+            )
+            # Run with every other thread's two calls, side by side (one stop each, at once).
+            others = [thread for thread in _live(tracee) if thread.tid != tracee.injection_tid]
+            queue_other = functools.partial(queue_thread, tracee)
+            main = [(tracee.injection_tid, batch)]
+            records = run_in_threads(tracee, area, others, queue_other, queued=main)
+            injected = read_main(dict(zip((t.tid for t in others), records, strict=True)))
+        tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
     laps.lap("image: injected")
-    writer, segments = early if early is not None else head(brk)
+    writer, segments = (
+        early
+        if early is not None
+        else head(injected.brk, (injected.credentials, injected.thread_credentials))
+    )
     tail = ImageTail(
-        threads=threads,
+        threads=injected.threads,
         signal_state=rec.SignalState(
-            actions=tuple(actions),
+            actions=tuple(injected.actions),
             shared_pending=tuple(pt.peek_pending_signals(tracee.injection_tid, shared=True)),
         ),
         cwd=rec.Cwd(cwd=procfs.read_cwd(pid), root=procfs.read_root(pid)),
-        settings=process_settings,
-        timers=process_timers,
+        settings=injected.settings,
+        timers=injected.timers,
     )
 
     def write_pages(writer: ImageWriter) -> PageCounts:
@@ -460,6 +452,97 @@ def write_image(
     return write_tail(out, writer, write_pages, tail)
 
 
+@dataclass(frozen=True)
+class Injected:
+    """What only the stopped process itself tells its image (its batches' calls)."""
+
+    brk: int
+    actions: list[rec.SigAction]
+    threads: list[rec.Thread]
+    settings: rec.ProcessSettings
+    timers: rec.Timers
+    # Read from /proc while the batch runs (a JVM's 31 threads: 1.5 ms), with it.
+    credentials: rec.Credentials
+    thread_credentials: tuple[rec.ThreadCredentials, ...]
+
+
+def queue_injected(
+    tracee: Tracee, area: Area, *, precopied: Precopied | None = None
+) -> tuple[list[tuple[int, Batch]], Callable[[], Injected]]:
+    """Every call write_image asks inside the stopped process, queued in `area` (mapped
+    since it was stopped, as big as parasite.area_size tells): the injection thread's in
+    one batch at its start, every other thread's two in one of its own after it, laid out
+    at once; the batches by tid, and a function telling what they read once run (the
+    caller runs them, a tree's members' side by side: parasite.run_across)."""
+    maps = procfs.read_maps(tracee.pid)
+    aio_rings = aio.read_rings(tracee.pid, maps, moving=precopied is not None)
+    batch = Batch(area)
+    read_main = _queue_main(tracee, batch, None, precopied, aio_rings)
+    batches = [(tracee.injection_tid, batch)]
+    threads_read: dict[int, Callable[[], rec.Thread]] = {}
+    for thread in _live(tracee):
+        if thread.tid != tracee.injection_tid:
+            own = Batch(area, batches[-1][1].end)
+            threads_read[thread.tid] = queue_thread(tracee, thread, own)
+            batches.append((thread.tid, own))
+    return batches, lambda: read_main(threads_read)
+
+
+def _queue_main(
+    tracee: Tracee,
+    batch: Batch,
+    brk: int | None,
+    precopied: Precopied | None,
+    aio_rings: tuple[rec.AioRing, ...],
+    credentials: Credentials | None = None,
+) -> Callable[[dict[int, Callable[[], rec.Thread]]], Injected]:
+    """The injection thread's calls of an image, in `batch`; the returned function tells
+    them once it ran, given the other threads' records (queue_thread's, by tid).
+    `credentials`: read_all_credentials', read already (else read beside the batch)."""
+    brk_call = batch.call("brk", 0) if brk is None else None
+    known = precopied.signal_actions if precopied is not None else None
+    actions_read = queue_signal_actions(tracee, batch, known)
+    main_read = queue_thread(tracee, tracee.threads[tracee.injection_tid], batch)
+    settings_read = settings.queue_settings(
+        tracee,
+        batch,
+        batch.area.address,
+        tracee.thread_ids,
+        aio_rings=aio_rings,
+        guard_regions=precopied.guard_regions if precopied is not None else None,
+    )
+    timers_read = timers.queue_timers(tracee, batch)
+    # Each thread's /proc status (a JVM's 31: 1.5 ms), read while the batch runs.
+    credentials_read = (
+        None
+        if credentials is not None
+        else InThread(
+            read_all_credentials, tracee.pid, tracee.thread_ids, name="hijack-credentials"
+        )
+    )
+
+    def read(others: dict[int, Callable[[], rec.Thread]]) -> Injected:
+        read_now = credentials_read.result() if credentials_read is not None else credentials
+        assert read_now is not None
+        process_credentials, thread_credentials = read_now
+        found = {tracee.injection_tid: main_read, **others}
+        if brk_call is not None:
+            assert brk_call.result is not None
+        told = brk_call.result if brk_call is not None else brk
+        assert told is not None
+        return Injected(
+            brk=told,
+            actions=actions_read(),
+            threads=[found[thread.tid]() for thread in _live(tracee)],
+            settings=settings_read(),
+            timers=timers_read(),
+            credentials=process_credentials,
+            thread_credentials=thread_credentials,
+        )
+
+    return read
+
+
 def dump_options(*, no_binary: bool, no_shared_libs: bool) -> rec.DumpOptions:
     options = rec.DumpOptions(0)
     if no_binary:
@@ -469,12 +552,17 @@ def dump_options(*, no_binary: bool, no_shared_libs: bool) -> rec.DumpOptions:
     return options
 
 
+# A process's credentials and its threads' own (read_all_credentials).
+Credentials = tuple[rec.Credentials, tuple[rec.ThreadCredentials, ...]]
+
+
 @dataclass
 class ImageHead:
     """The records of an image before its pages, in the order they are written."""
 
     header: rec.ImageHeader
     credentials: rec.Credentials
+    thread_credentials: tuple[rec.ThreadCredentials, ...]
     rlimits: rec.Rlimits
     memory_structure: rec.MemoryStructure
     segments: list[rec.Segment]
@@ -515,6 +603,8 @@ def write_head(writer: ImageWriter, head: ImageHead) -> None:
     """The records of the image before its pages."""
     writer.write(head.header)
     writer.write(head.credentials)
+    for thread_credentials in head.thread_credentials:
+        writer.write(thread_credentials)
     writer.write(head.rlimits)
     writer.write(head.memory_structure)
     writer.write(rec.Segments(segments=tuple(head.segments)))
@@ -706,8 +796,9 @@ def read_header(pid: int, options: rec.DumpOptions) -> rec.ImageHeader:
     )
 
 
-def read_credentials(pid: int) -> rec.Credentials:
-    status = procfs.read_status(pid)
+def read_credentials(pid: int, tid: int | None = None) -> rec.Credentials:
+    """The credentials of process `pid` (its leader's), or of its thread `tid`."""
+    status = procfs.read_status(pid, tid)
     uid, euid, suid, fsuid = status.uid
     gid, egid, sgid, fsgid = status.gid
     return rec.Credentials(
@@ -728,6 +819,30 @@ def read_credentials(pid: int) -> rec.Credentials:
         umask=status.umask or 0,
         no_new_privs=status.no_new_privs,
     )
+
+
+def read_all_credentials(
+    pid: int, thread_ids: Iterable[int]
+) -> tuple[rec.Credentials, tuple[rec.ThreadCredentials, ...]]:
+    """The process's credentials and those of its threads that have their own."""
+    process = read_credentials(pid)
+    return process, read_thread_credentials(pid, thread_ids, process)
+
+
+def read_thread_credentials(
+    pid: int, thread_ids: Iterable[int], process: rec.Credentials
+) -> tuple[rec.ThreadCredentials, ...]:
+    """The threads of `pid` whose credentials differ from the process's (`process`): the
+    kernel keeps them per thread (docs/crf.md, THREAD_CREDENTIALS). The umask is the fs
+    context's, not the thread's: not compared."""
+    found = []
+    for tid in thread_ids:
+        if tid == pid:
+            continue
+        own = replace(read_credentials(pid, tid), umask=process.umask)
+        if own != process:
+            found.append(rec.ThreadCredentials(tid=tid, credentials=own))
+    return tuple(found)
 
 
 def read_rlimits(pid: int) -> rec.Rlimits:

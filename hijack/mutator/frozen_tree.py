@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from hijack.errors import NotAttachable, ProcessGone
 from hijack.image import records as rec
 from hijack.mutator.tracee import Tracee
-from hijack.process.tree import Member, ProcessTree, read_tree, shared_contexts, untakeable
+from hijack.process.tree import (
+    Member,
+    ProcessTree,
+    read_stopped_tree,
+    read_tree,
+    shared_contexts,
+    untakeable,
+)
 from hijack.sys import kcmp, procfs
 
 MAX_READINGS = 50  # a tree that still changes after this many is forking faster than we stop it
@@ -62,7 +69,8 @@ def frozen_tree(root: int) -> Iterator[FrozenTree]:
                     # child) is a zombie now: the next reading records it as one.
                     if member.pid == root or not has_exited(member.pid):
                         raise
-            again = read_tree(root)
+            # Every member seized and stopped: their children read from their own lists.
+            again = read_stopped_tree(root)
             settled = again.same_members(tree) and all(
                 m.pid in tracees for m in again.members if not m.zombie
             )

@@ -33,18 +33,19 @@ import os
 import signal
 import struct
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from hijack.errors import InjectionFailed
+from hijack.errors import HijackError, InjectionFailed
 from hijack.mutator.tracee import (
     MAP_PRIVATE_ANONYMOUS,
     MINUS_ONE,
     PROT_READ_WRITE,
     TracedThread,
     Tracee,
-    run_code_side_by_side,
+    run_code_across,
+    syscalls_side_by_side,
 )
 from hijack.sys import memory, procfs
 from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
@@ -280,59 +281,81 @@ def run_side_by_side(tracee: Tracee, batches: Sequence[tuple[int, Batch]]) -> No
     executable; SIGTRAP ignored, or a batch that may ignore or block it), a batch runs one
     call at a time, one thread after the other.
     """
-    for _, batch in batches:
-        batch._fits(tracee.pid)
-    queued = [(tid, batch) for tid, batch in batches if batch.calls]
-    together = [(t, b) for t, b in queued if b.area.executable and not b._touches_sigtrap()]
-    if together and _sigtrap_ignored(tracee, together[0][1].area):
-        together = []
+    run_across([(tracee, batches)])
+
+
+def run_across(groups: Sequence[tuple[Tracee, Sequence[tuple[int, Batch]]]]) -> None:
+    """run_side_by_side for several stopped processes (a tree's members: each process, its
+    batches by tid, in one area of its own): every thread of every process whose blob may
+    run is resumed before any is waited for (one trip through the scheduler for all, not
+    one each: ~1 ms each under load); then the others' batches one call at a time. The
+    first checked call that failed raised once all ran."""
+    together: list[tuple[Tracee, list[tuple[int, Batch]]]] = []
+    for tracee, batches in groups:
+        for _, batch in batches:
+            batch._fits(tracee.pid)
+        queued = [(tid, batch) for tid, batch in batches if batch.calls]
+        blobs = [(t, b) for t, b in queued if b.area.executable and not b._touches_sigtrap()]
+        if blobs and not _sigtrap_ignored(tracee, blobs[0][1].area):
+            together.append((tracee, blobs))
     if together:
-        _run_blobs(tracee, together)
-    ran = {id(batch) for _, batch in together}
-    for tid, batch in queued:
-        if id(batch) not in ran:
-            batch._run_one_by_one(tracee, tid)
-    for _, batch in batches:
-        batch._raise_failed(tracee.pid)
+        _run_blobs(together)
+    ran = {id(batch) for _, blobs in together for _, batch in blobs}
+    for tracee, batches in groups:
+        for tid, batch in batches:
+            if batch.calls and id(batch) not in ran:
+                batch._run_one_by_one(tracee, tid)
+    for tracee, batches in groups:
+        for _, batch in batches:
+            batch._raise_failed(tracee.pid)
 
 
 def _sigtrap_ignored(tracee: Tracee, area: Area) -> bool:
     return sigtrap_ignored(tracee.pid) if area.sigtrap_ignored is None else area.sigtrap_ignored
 
 
-def _run_blobs(tracee: Tracee, batches: Sequence[tuple[int, Batch]]) -> None:
-    """The blob once, each batch's data and table in its part, all in one write; every
-    thread run side by side; every part read back in one read."""
-    area = batches[0][1].area
-    if any(batch.area is not area for _, batch in batches):
-        raise ValueError("batches run side by side share one area")
-    tables = [batch._table() for _, batch in batches]
-    low = CODE_SIZE if area.blob_written else 0
-    high = max(batch.end for _, batch in batches)
-    image = bytearray(high - low)
-    if not area.blob_written:
-        image[:CODE_SIZE] = BLOB.ljust(CODE_SIZE, b"\xcc")
-    for (_, batch), table in zip(batches, tables, strict=True):
-        image[batch._base - low : batch.end - low] = batch._data + table
-    memory.write(tracee.pid, area.address + low, bytes(image))
-    area.blob_written = True
-    runs = [
-        (
-            tracee.threads[tid],
-            {"rbx": area.address + batch._base + len(batch._data), "r12": len(batch.calls)},
-        )
-        for tid, batch in batches
-    ]
-    results = run_code_side_by_side(runs, area.address, area.address + TRAP_OFFSET)
-    tracee.stops += len(batches)
-    first = min(batch._base for _, batch in batches)
-    back = memory.read(tracee.pid, area.address + first, high - first)
-    for (_, batch), (ran, _) in zip(batches, results, strict=True):
-        tracee.injected += ran
-        batch._take(back[batch._base - first : batch.end - first], ran)
-    for (tid, _), (_, strays) in zip(batches, results, strict=True):
-        for siginfo in strays:  # over the data, read back already
-            requeue_sigtrap(tracee, tid, siginfo, area.address + CODE_SIZE)
+def _run_blobs(groups: Sequence[tuple[Tracee, Sequence[tuple[int, Batch]]]]) -> None:
+    """In each process: the blob once, each batch's data and table in its part, all in one
+    write; every thread of every process run side by side; every part read back in one
+    read."""
+    runs: list[tuple[TracedThread, int, int, dict[str, int]]] = []
+    for tracee, batches in groups:
+        area = batches[0][1].area
+        if any(batch.area is not area for _, batch in batches):
+            raise ValueError("batches run side by side share one area")
+        tables = [batch._table() for _, batch in batches]
+        low = CODE_SIZE if area.blob_written else 0
+        high = max(batch.end for _, batch in batches)
+        image = bytearray(high - low)
+        if not area.blob_written:
+            image[:CODE_SIZE] = BLOB.ljust(CODE_SIZE, b"\xcc")
+        for (_, batch), table in zip(batches, tables, strict=True):
+            image[batch._base - low : batch.end - low] = batch._data + table
+        memory.write(tracee.pid, area.address + low, bytes(image))
+        area.blob_written = True
+        runs += [
+            (
+                tracee.threads[tid],
+                area.address,
+                area.address + TRAP_OFFSET,
+                {"rbx": area.address + batch._base + len(batch._data), "r12": len(batch.calls)},
+            )
+            for tid, batch in batches
+        ]
+    results = iter(run_code_across(runs))
+    for tracee, batches in groups:
+        area = batches[0][1].area
+        done = [next(results) for _ in batches]
+        tracee.stops += len(batches)
+        first = min(batch._base for _, batch in batches)
+        high = max(batch.end for _, batch in batches)
+        back = memory.read(tracee.pid, area.address + first, high - first)
+        for (_, batch), (ran, _) in zip(batches, done, strict=True):
+            tracee.injected += ran
+            batch._take(back[batch._base - first : batch.end - first], ran)
+        for (tid, _), (_, strays) in zip(batches, done, strict=True):
+            for siginfo in strays:  # over the data, read back already
+                requeue_sigtrap(tracee, tid, siginfo, area.address + CODE_SIZE)
 
 
 def run_in_threads(
@@ -416,6 +439,62 @@ def unmap_area(tracee: Tracee, area: Area) -> None:
     if area.mapped:
         tracee.syscall("munmap", area.address, area.size)
         area.mapped = False
+
+
+PAGE_SIZE = 4096
+THREAD_BATCH = 256  # bytes of an area for each thread's own batch (2 calls, 48 bytes)
+
+
+def area_size(threads: int) -> int:
+    """An area for a process's batches with `threads` threads, each batch laid out at once
+    (a tree's member's, run side by side with the others': run_across)."""
+    return PARASITE_SIZE + -(-THREAD_BATCH * threads // PAGE_SIZE) * PAGE_SIZE
+
+
+def map_areas(tracees: Sequence[Tracee]) -> list[Area]:
+    """map_area in each of several stopped processes (a tree's members; each as big as
+    area_size tells), their mmaps run side by side (syscalls_side_by_side: two trips
+    through the scheduler for all, not two each); one under a seccomp filter, or refused
+    writable code, as map_area maps it. If one fails, those mapped are unmapped again
+    before the error is raised."""
+    areas: dict[int, Area] = {}
+    sizes = {t.pid: area_size(len(t.thread_ids)) for t in tracees}
+    plain = [t for t in tracees if not procfs.read_status(t.pid, t.injection_tid).seccomp]
+    calls = [(t, "mmap", (0, sizes[t.pid], PROT_READ_WRITE_EXEC, AREA_FLAGS, -1, 0)) for t in plain]
+    failure: HijackError | None = None
+    for tracee, address in zip(plain, syscalls_side_by_side(calls), strict=True):
+        if isinstance(address, HijackError):
+            failure = failure or address
+        elif not -4096 < address < 0:
+            areas[tracee.pid] = Area(address, sizes[tracee.pid], True, mapped=True)
+    try:
+        if failure is not None:
+            raise failure
+        for tracee in tracees:
+            if tracee.pid not in areas:
+                areas[tracee.pid] = map_area(tracee, sizes[tracee.pid])
+    except BaseException:
+        for tracee in tracees:
+            if tracee.pid in areas:
+                with suppress(HijackError):
+                    unmap_area(tracee, areas[tracee.pid])
+        raise
+    return [areas[tracee.pid] for tracee in tracees]
+
+
+def unmap_areas(areas: Sequence[tuple[Tracee, Area]]) -> None:
+    """unmap_area of each (process, its area) still mapped, the munmaps side by side; the
+    first error raised once every one was tried."""
+    mapped = [(tracee, area) for tracee, area in areas if area.mapped]
+    calls = [(t, "munmap", (area.address, area.size)) for t, area in mapped]
+    failure: HijackError | None = None
+    for (_, area), result in zip(mapped, syscalls_side_by_side(calls), strict=True):
+        if isinstance(result, HijackError):
+            failure = failure or result
+        else:
+            area.mapped = False
+    if failure is not None:
+        raise failure
 
 
 def without_area(maps: list[procfs.MapEntry], area: Area) -> list[procfs.MapEntry] | None:

@@ -34,8 +34,7 @@ import dataclasses
 import itertools
 import os
 import time
-from array import array
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, TypeVar
 
@@ -110,6 +109,10 @@ class Precopy:
         self.sent: list[Run] = []  # every page sent to the destination, merged
         self.owed: list[Run] = []  # written pages not sent yet
         self.final_written: list[Run] = []
+        # Every page a scan after round 0's start saw written, the rounds' (a tree's member:
+        # what its referrers' copies there may differ from, Changes); the freeze's is
+        # final_written.
+        self.rewritten: list[Run] = []
         self._untracked: list[Run] = []  # at the freeze: mappings the destination cannot keep
         self._flags: dict[procfs.MapEntry, tuple[str, ...]] = {}
         self._flags_now: InThread[dict[int, tuple[str, ...]]] | None = None  # read at the freeze
@@ -170,6 +173,8 @@ class Precopy:
         to them rather than sends them again (`references`), and adds its own."""
         number = self.rounds
         written = [] if number == 0 else self.tracking.collect()
+        if self.through_mem and written:
+            self.rewritten = union_runs(self.rewritten, written)
         writer = ImageWriter(out)
         writer.write(rec.Round(pid=self.pid, number=number))
         # Only round 0's layout is built: later rounds' segments just bound
@@ -298,32 +303,35 @@ class Precopy:
                     self.references.append((address, address + rec.PAGE_SIZE, *found))
         return own, referred
 
-    def stale_references(self, sent: Callable[[int], list[Run]], pagemaps: Pagemaps) -> None:
-        """At the freeze (the tree frozen): a page referred to in round 0 whose frame is not
-        its member's any more (either wrote it, or dropped it), or that its member could not
-        send (`sent(pid)`: what member `pid` sent), is stored in the final image.
-        `pagemaps`: the readings, shared by the tree's members."""
+    def stale_references(self, changes: Changes) -> None:
+        """At the freeze (the tree frozen): a page referred to in round 0 that may not hold
+        what its member sent any more, or that its member could not send, is stored in the
+        final image (`changes`: the tree's, Changes).
+
+        The destination copied the page from its member's as round 0 sent it, and a
+        frame shared copy-on-write never changes while shared: a write (by either) breaks
+        the sharing. So its bytes here may differ from that copy only if this member
+        wrote it (the scans see that: in a later round, or in the final image already),
+        dropped it (MADV_DONTNEED: absent now, zero), or its mapping was replaced (not
+        tracked any more). Whatever its member did to its own copy since (wrote, dropped,
+        replaced) counts too, as ever: the destination may inherit the member's page
+        rather than copy it (hijack.restore.tree_rounds). No page table is compared:
+        reading and comparing every member's pagemap over the referred ranges (9 x 256
+        MiB of a server's workers) took 70-90 ms of the freeze."""
         stale: list[Run] = []
+        own = changes.own(self.pid)
         for start, end, member, source in self.references:
-            if clip_runs(sent(member), source, source + end - start) != [
-                (source, source + end - start)
+            size = end - start
+            theirs = changes.of(member)
+            if theirs is None or clip_runs(changes.sent(member), source, source + size) != [
+                (source, source + size)
             ]:
                 stale.append((start, end))
                 continue
-            try:
-                own = pagemaps.entries(self.pid, start, end)
-                theirs = pagemaps.entries(member, source, source + end - start, keep=True)
-            except HijackError:
-                stale.append((start, end))
-                continue
-            for index in _differing(own, theirs):
-                mine, other = own[index], theirs[index]
-                same = (
-                    mine & procfs.PM_PRESENT
-                    and (mine ^ other) & (procfs.PM_PRESENT | procfs.PM_PFN_MASK) == 0
-                )
-                if not same or not mine & procfs.PM_PFN_MASK:
-                    _extend(stale, start + index * rec.PAGE_SIZE)
+            shift = start - source
+            changed = clip_runs(theirs, source, source + size)
+            stale += [(low + shift, high + shift) for low, high in changed]
+            stale += clip_runs(own, start, end)
         self.final_written = union_runs(self.final_written, stale)
 
     def written_to_drop(self) -> list[Run]:
@@ -332,6 +340,8 @@ class Precopy:
         destination drops them now rather than while the process is frozen; owed from here
         on, they are lazy or sent at the freeze."""
         written = self.tracking.collect()
+        if self.through_mem:
+            self.rewritten = union_runs(self.rewritten, written)
         dropped: list[Run] = []
         for base in self.base:
             if lazy_capable(base):
@@ -416,6 +426,12 @@ class Precopy:
         own thread.)"""
         if self._guards is None:
             self._guards = InThread(dirty.guard_regions, self.pid, name="hijack-guards")
+
+    @property
+    def untracked_at_freeze(self) -> list[Run]:
+        """The mapped ranges not tracked at the freeze (mappings made, replaced or moved
+        since the tracking started)."""
+        return self._untracked
 
     def guard_regions(self) -> list[Run]:
         """The process's guard pages (MADV_GUARD_INSTALL) at the freeze."""
@@ -666,62 +682,53 @@ LAZY_GAP = 64 * 1024  # written runs this close are one lazy run (each costs a c
 MAX_LAZY_RUNS = 512  # per segment: past this, runs further apart are joined too
 
 
-class Pagemaps:
-    """The pagemap readings of a tree's freeze (Precopy.stale_references): each member's
-    pagemap opened once, and a referenced range read once for all that refer to it (a
-    parent's memory, to each of its 8 workers)."""
+class Changes:
+    """At a tree's freeze, before any member's stale references are added to its final
+    image (Precopy.stale_references): what each member did to its memory since round 0
+    that the rounds' copies at the destination do not show. Of each member: what it
+    wrote since its tracking started (every later round's scan, and the freeze's, owed
+    pages included), its mappings made, replaced or moved since (untracked), and its
+    pages absent now (dropped) over what it refers to or is referred to in."""
 
-    def __init__(self) -> None:
-        self._open: dict[int, procfs.Pagemap] = {}
-        self._kept: dict[tuple[int, int, int], array[int]] = {}
+    def __init__(self, precopied: dict[int, Precopy]) -> None:
+        self._precopied = precopied
+        # Each member's runs that references name, as referrer or as referred to.
+        named: dict[int, list[Run]] = {}
+        for precopy in precopied.values():
+            for start, end, member, source in precopy.references:
+                named.setdefault(precopy.pid, []).append((start, end))
+                named.setdefault(member, []).append((source, source + end - start))
+        self._own: dict[int, list[Run]] = {}
+        self._changed: dict[int, list[Run]] = {}
+        for pid, runs in named.items():
+            tracked = precopied.get(pid)
+            if tracked is None:
+                continue  # ended since: everything referred to in it is stale
+            dropped: list[Run] = []
+            for start, end in union_runs(runs, []):
+                dropped += tracked.tracking.absent(start, end)
+            own = union_runs(tracked.untracked_at_freeze, dropped)
+            self._own[pid] = own
+            self._changed[pid] = union_runs(
+                union_runs(tracked.rewritten, tracked.final_written), own
+            )
 
-    def entries(self, pid: int, start: int, end: int, *, keep: bool = False) -> array[int]:
-        """The pagemap entries of [start, end) of `pid`; `keep`: read once, asked again."""
-        if (pid, start, end) in self._kept:
-            return self._kept[pid, start, end]
-        if pid not in self._open:
-            self._open[pid] = procfs.Pagemap(pid)
-        found = self._open[pid].read(start, end)
-        if keep:
-            self._kept[pid, start, end] = found
-        return found
+    def sent(self, pid: int) -> list[Run]:
+        """What member `pid` sent in its rounds; nothing for one that ended since."""
+        found = self._precopied.get(pid)
+        return found.sent if found is not None else []
 
-    def close(self) -> None:
-        for pagemap in self._open.values():
-            pagemap.close()
-        self._open, self._kept = {}, {}
+    def of(self, pid: int) -> list[Run] | None:
+        """Member `pid`'s pages that may not hold what round 0 sent of them; None for a
+        member that ended since (its rounds stopped)."""
+        if pid not in self._precopied:
+            return None
+        return self._changed.get(pid, [])
 
-
-# Pagemap entries compared at once (as big integers, in C) before smaller blocks, then
-# each entry: a tree's 8 workers sharing 256 MiB are half a million entries to check.
-COMPARED_BLOCKS = (8192, 256)
-_COMPARED_BITS = (procfs.PM_PRESENT | procfs.PM_PFN_MASK).to_bytes(8, "little")
-_PRESENT_BITS = procfs.PM_PRESENT.to_bytes(8, "little")
-
-
-def _differing(
-    own: array[int], theirs: array[int], first: int = 0, last: int | None = None, level: int = 0
-) -> Iterator[int]:
-    """The indexes of the pagemap entries of `own` (in [first, last)) that may not be
-    `theirs`' very page. A block is passed over whole when its entries agree on
-    PM_PRESENT and the frame (soft-dirty and write-protect bits are each member's own),
-    all present, with a frame (a reader without the frames reads them as 0)."""
-    last = len(own) if last is None else last
-    if level == len(COMPARED_BLOCKS):
-        yield from range(first, last)
-        return
-    mine, other = memoryview(own).cast("B"), memoryview(theirs).cast("B")
-    size = COMPARED_BLOCKS[level]
-    for block in range(first, last, size):
-        end = min(block + size, last)
-        count = end - block
-        ours = int.from_bytes(mine[block * 8 : end * 8], "little")
-        compared = int.from_bytes(_COMPARED_BITS * count, "little")
-        present = int.from_bytes(_PRESENT_BITS * count, "little")
-        same = not (ours ^ int.from_bytes(other[block * 8 : end * 8], "little")) & compared
-        if same and ours & present == present and own[block] & procfs.PM_PFN_MASK:
-            continue
-        yield from _differing(own, theirs, block, end, level + 1)
+    def own(self, pid: int) -> list[Run]:
+        """Member `pid`'s pages dropped or no longer tracked (what it wrote is in its final
+        image, or a later round sent it)."""
+        return self._own.get(pid, [])
 
 
 def lazy_capable(segment: rec.Segment) -> bool:

@@ -495,6 +495,55 @@ def inject_syscall(thread: TracedThread, syscall_address: int, name: str, *args:
 
 
 def _inject_syscall(thread: TracedThread, syscall_address: int, name: str, *args: int) -> int:
+    _set_syscall(thread, syscall_address, name, *args)
+    _run_to_syscall_stop(thread.tid, name, entering=True)
+    _run_to_syscall_stop(thread.tid, name, entering=False)
+    return pt.get_registers(thread.tid).signed("rax")
+
+
+def syscalls_side_by_side(
+    calls: Sequence[tuple[Tracee, str, tuple[int, ...]]],
+) -> list[int | HijackError]:
+    """One injected system call in each of several stopped processes (a tree's members:
+    `tracee`, `name`, `args`), run at once: each is set and resumed before any is waited
+    for, at its entry and at its exit, so that they cost two trips through the scheduler,
+    not two each (under load ~1 ms a trip). Each call's raw result, in order, or the
+    error that stopped it (the others are taken to their exit all the same, each stopped
+    again then, as after Tracee.syscall)."""
+    results: list[int | HijackError] = []
+    running: list[tuple[int, TracedThread, str]] = []  # (index in calls, thread, name)
+    with signals_deferred():
+        for index, (tracee, name, args) in enumerate(calls):
+            thread = tracee.threads[tracee.injection_tid]
+            tracee.injected += 1
+            tracee.stops += 2
+            results.append(0)
+            try:
+                _set_syscall(thread, tracee.syscall_address, name, *args)
+                pt.resume_to_syscall(thread.tid)
+            except HijackError as exc:
+                results[index] = exc
+                continue
+            running.append((index, thread, name))
+        for entering in (True, False):
+            stopped: list[tuple[int, TracedThread, str]] = []
+            for index, thread, name in running:
+                try:
+                    _await_syscall_stop(thread.tid, name, entering=entering)
+                    if entering:
+                        pt.resume_to_syscall(thread.tid)  # on to its exit
+                    else:
+                        results[index] = pt.get_registers(thread.tid).signed("rax")
+                except HijackError as exc:
+                    results[index] = exc
+                    continue
+                stopped.append((index, thread, name))
+            running = stopped
+    return results
+
+
+def _set_syscall(thread: TracedThread, syscall_address: int, name: str, *args: int) -> None:
+    """A stopped thread's registers set for system call `name` (inject_syscall's)."""
     if len(args) > 6:
         raise ValueError(f"{name}: at most 6 arguments")
     if thread.state in (ThreadState.STOPPED, ThreadState.PUT_BACK):
@@ -508,9 +557,6 @@ def _inject_syscall(thread: TracedThread, syscall_address: int, name: str, *args
         rax=SYSCALL_NUMBERS[name], rip=syscall_address, orig_rax=MINUS_ONE, **values
     )
     pt.set_registers(thread.tid, call)
-    _run_to_syscall_stop(thread.tid, name, entering=True)
-    _run_to_syscall_stop(thread.tid, name, entering=False)
-    return pt.get_registers(thread.tid).signed("rax")
 
 
 # While code of ours runs in a thread, every signal is blocked but SIGTRAP: the int3 that
@@ -546,18 +592,27 @@ def run_code_side_by_side(
     before the first failure is raised: every thread is stopped again then, for put_back
     and release to find it so.
     """
+    return run_code_across([(thread, entry, trap, registers) for thread, registers in runs])
+
+
+def run_code_across(
+    runs: Sequence[tuple[TracedThread, int, int, Mapping[str, int]]],
+) -> list[tuple[int, list[bytes]]]:
+    """run_code_side_by_side where each thread has its own code (`thread`, its `entry`, its
+    `trap`, `registers`): threads of several processes (a tree's members, each its own
+    area), all resumed before any is waited for."""
     failure: HijackError | None = None
-    started: list[TracedThread] = []
+    started: list[tuple[TracedThread, int]] = []
     results: list[tuple[int, list[bytes]]] = []
     with signals_deferred():
-        for thread, registers in runs:
+        for thread, entry, trap, registers in runs:
             try:
                 _start_code(thread, entry, registers)
             except HijackError as exc:
                 failure = exc
                 break
-            started.append(thread)
-        for thread in started:
+            started.append((thread, trap))
+        for thread, trap in started:
             try:
                 results.append(_wait_for_trap(thread, trap))
             except HijackError as exc:
@@ -614,6 +669,12 @@ def _wait_for_trap(thread: TracedThread, trap: int) -> tuple[int, list[bytes]]:
 
 def _run_to_syscall_stop(tid: int, name: str, *, entering: bool) -> None:
     pt.resume_to_syscall(tid)
+    _await_syscall_stop(tid, name, entering=entering)
+
+
+def _await_syscall_stop(tid: int, name: str, *, entering: bool) -> None:
+    """Wait for a thread resumed to its next syscall stop to reach it (stops on the way
+    handled as they come)."""
     job_control_stops = 0
     while True:
         result = pt.wait_for(tid)

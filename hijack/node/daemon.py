@@ -47,7 +47,7 @@ from hijack.node import terminal as terminal_pump
 from hijack.node.channel import Channel, ChannelError, DataReader
 from hijack.node.forwarder import ForwarderProcess, closed_listener, side_by_side
 from hijack.node.load import node_load
-from hijack.process.tree import read_tree
+from hijack.process.tree import read_stopped_tree
 from hijack.registry import MemberRecord, Registry, node_name
 from hijack.restore.postcopy import LazyPages, serve_members
 from hijack.restore.precopy import Prebuilt
@@ -547,7 +547,9 @@ class NodeDaemon:
                     laps.lap("threads cloned ahead")
 
             def admit(
-                header: rec.ImageHeader, credentials: rec.Credentials, segments: rec.Segments
+                header: rec.ImageHeader,
+                credentials: tuple[rec.Credentials, ...],
+                segments: rec.Segments,
             ) -> None:
                 # The policy first: a refused image gets no relay, no listener (but the
                 # early ones above, made for a process admitted before its rounds).
@@ -1034,11 +1036,12 @@ def _receive_unread(channel: Channel, proxies: list[Proxy]) -> list[Proxy]:
 
 
 def _members_now(root: int) -> tuple[MemberRecord, ...]:
-    """The members under `root` (rebuilt, not started yet), for its registry row."""
+    """The members under `root` (rebuilt, not started yet), for its registry row. Stopped:
+    read from their children lists, not by a scan of every process (within the freeze)."""
     with contextlib.suppress(HijackError, OSError):  # read again by `hijack status`
         return tuple(
             MemberRecord(m.pid, root, m.ppid, procfs.read_stat(m.pid).starttime, m.comm)
-            for m in read_tree(root).members[1:]
+            for m in read_stopped_tree(root).members[1:]
         )
     return ()
 

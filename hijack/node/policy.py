@@ -35,13 +35,16 @@ class Refused(HijackError):
 
 def check_image(
     header: rec.ImageHeader,
-    credentials: rec.Credentials,
+    credentials: tuple[rec.Credentials, ...],
     segments: rec.Segments,
     *,
     allow_root: bool,
 ) -> None:
-    """Raise Refused (one line, naming what) for an image this node must not restore."""
-    check_powers(f"{header.comm} (pid {header.pid})", credentials, allow_root=allow_root)
+    """Raise Refused (one line, naming what) for an image this node must not restore.
+    `credentials`: the process's, then those of each thread that has its own (a thread's
+    powers are the process's: it shares the memory)."""
+    for each in credentials:
+        check_powers(f"{header.comm} (pid {header.pid})", each, allow_root=allow_root)
     check_files(header, segments)
 
 

@@ -531,20 +531,74 @@ class Helper:
             self.process.stdout.close()
 
 
+# How long a frozen end waits for a coordinator whose node does not answer at all (a
+# partition: neither its FIN nor a reset comes through, and the channel, idle, would hear
+# nothing until the daemon's own timeout, a minute, or the FIN's retransmission, tens of
+# seconds after the link is back). As long as the coordinator waits for an end's answer
+# (hijack.node.channel's 10 s): past it the coordinator gives the swap up anyway.
+NODE_SILENCE = 10.0
+PROBE_IDLE, PROBE_INTERVAL = 2, 1  # seconds: the kernel's keep-alive probes of the channel
+TCP_INFO_HEAD = struct.Struct("BBBB")  # struct tcp_info: state, ca_state, retransmits, probes
+TCP_CLOSE = 7
+
+
+def watch_node(sock: socket.socket) -> None:
+    """The kernel probes the other end's node while `sock` is idle, and gives the connection
+    up (ETIMEDOUT) NODE_SILENCE s after that node last answered, probes or data alike
+    (TCP_USER_TIMEOUT). A peer that is slow but reachable answers the probes (its kernel
+    does): only an unreachable node ends it."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, PROBE_IDLE)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, PROBE_INTERVAL)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(NODE_SILENCE * 1000))
+
+
+def node_silent(sock: socket.socket) -> bool:
+    """Whether the kernel gave connection `sock` up for its peer's node not answering (its
+    keep-alive probes or data unacknowledged past TCP_USER_TIMEOUT: closed, probes or
+    retransmissions pending), not for a close or a reset of the peer. (Through TLS the
+    kernel's ETIMEDOUT reads as an end of stream.)"""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_HEAD.size)
+    except OSError:
+        return False
+    state, _, retransmits, probes = TCP_INFO_HEAD.unpack_from(info)
+    return state == TCP_CLOSE and bool(retransmits or probes)
+
+
 def relay_to_helper(channel: Any, request: dict[str, Any]) -> None:
     """The daemon's `swap_end`: the end is served by a helper process of its own, not by
     the daemon: the daemon is the parent of the migrants it restored, and a parent's
     waitpid() takes the ptrace stops of its child when the tracer is one of its own
-    threads."""
+    threads. A coordinator gone (closed, reset, or its node silent NODE_SILENCE s: the
+    process must not stay frozen through a partition) ends the helper's input: it aborts."""
+    with contextlib.suppress(OSError):  # a kernel without TCP_USER_TIMEOUT: the daemon's timeout
+        watch_node(channel.sock)
     helper = Helper()
     try:
         message = request
         while True:
             answer = helper.ask(message)
-            channel.send(answer)
-            if "error" in answer or answer.get("phase") in ("done", "aborted"):
-                return
-            message = channel.receive()
+            over = "error" in answer or answer.get("phase") in ("done", "aborted")
+            try:
+                channel.send(answer)
+                if over:
+                    return
+                message = channel.receive()
+            except HijackError as exc:
+                if over:
+                    raise
+                helper.close()  # it aborts (not committed): said once it has
+                what = f"process {request['pid']}" if request.get("pid") else "its process"
+                why = (
+                    f"its node has not answered for {NODE_SILENCE:.0f} s"
+                    if node_silent(channel.sock)
+                    else str(exc)
+                )
+                raise HijackError(
+                    f"swap end of {what}: its coordinator is gone ({why}); aborted, it runs on"
+                    " with its old socket"
+                ) from None
     finally:
         helper.close()
 

@@ -18,8 +18,8 @@ As a single process's move (hijack.node.move), with these differences:
   round, the tree still running, it forks the tree's stubs with the relations read
   then (their pids decided there and then) and fills each from its rounds (_prebuild):
   the freeze only applies the final image to them, as a single process's. At the
-  freeze a reference whose two pages are not the same frame any more is stored in the
-  final image.
+  freeze a reference whose page either member wrote, dropped or mapped anew since (the
+  tracking tells: Precopy.stale_references) is stored in the final image.
 - post-copy (`--postcopy`, or by itself when the tree's rounds do not converge): every
   member's pages written since its last round in private anonymous memory are left out
   of the final image and served by the frozen originals after the start, one page
@@ -48,11 +48,18 @@ from typing import Any, BinaryIO, cast
 
 from hijack.errors import HijackError, ProcessGone, Unsupported
 from hijack.image import records as rec
-from hijack.mutator.dump import kill_stopped, read_credentials, write_image, write_tree
+from hijack.mutator.dump import (
+    kill_stopped,
+    queue_injected,
+    read_credentials,
+    write_image,
+    write_tree,
+)
 from hijack.mutator.frozen_tree import FrozenTree, frozen_tree, has_exited, relations_now
 from hijack.mutator.handover import hand_descriptors_to_shadow
+from hijack.mutator.parasite import map_areas, run_across, unmap_areas
 from hijack.mutator.postcopy import encode_runs, lazy_bytes, pinned_pages
-from hijack.mutator.precopy import Frames, Pagemaps, Precopy, RoundSent
+from hijack.mutator.precopy import Changes, Frames, Precopy, RoundSent
 from hijack.mutator.shared_pages import SharedPages
 from hijack.mutator.tracee import Tracee
 from hijack.node import mounts, pki
@@ -142,15 +149,19 @@ def refuse_leaving_parent(pid: int, destination: str) -> None:
 # -- planning ------------------------------------------------------------------------------
 
 
-def links_inside(members: list[int], besides: frozenset[int]) -> frozenset[str]:
+def links_inside(
+    members: list[int], besides: frozenset[int], before: procfs.HolderScan | None = None
+) -> frozenset[str]:
     """The descriptor links joining `members` only: pipes no other process holds (but
     `besides`: us, the tree's shadow) and unnamed unix socket pairs whose two ends they
-    hold. Made again at the destination from the image."""
+    hold. Made again at the destination from the image. `before`: who held their pipes
+    before the freeze (pipe.scan_holders_before): only what changed since is looked at."""
     entries = {pid: procfs.list_fds(pid) for pid in members}
     pipes = frozenset(
         e.target for found in entries.values() for e in found if e.kind is procfs.FdKind.PIPE
     )
-    holders = procfs.holders(pipes, besides=besides | frozenset(members)) if pipes else {}
+    others = besides | frozenset(members)
+    holders = pipe.holders_since(pipes, others, before) if pipes else {}
     inside = {target for target in pipes if not holders.get(target)}
     sockets = {e.ino for found in entries.values() for e in found if e.kind is procfs.FdKind.SOCKET}
     if sockets:
@@ -178,17 +189,22 @@ def plan_tree(
     shared: dict[tuple[int, int], tuple[int, int]] | None = None,
     besides: frozenset[int] = frozenset(),
     frozen: bool = True,
+    sockets: dict[int, procfs.SocketInfo] | None = None,
+    holders_before: procfs.HolderScan | None = None,
 ) -> dict[int, list[Proxy]]:
     """Each member's proxies, by pid; refuse what cannot go.
 
     At home, a descriptor a member shares with one before it (`shared`, the TREE's
-    links) is its stream; away, the shadow's streams are matched by their ends."""
+    links) is its stream; away, the shadow's streams are matched by their ends.
+    `sockets`: the tree's socket tables, read since it was frozen (else read here).
+    `holders_before`: who held the members' pipes before the freeze (links_inside)."""
     # A single process: as hijack.node.move plans it.
     tree = len(members) > 1
-    inside = links_inside(members, besides) if tree else frozenset()
+    inside = links_inside(members, besides, holders_before) if tree else frozenset()
     # Running, members accept clients while we look: each reads the table after its
     # descriptors (plan_proxies). Frozen, one reading serves them all.
-    sockets = procfs.read_socket_table(root) if tree and frozen else None
+    if sockets is None and tree and frozen:
+        sockets = procfs.read_socket_table(root)
     plans: dict[int, list[Proxy]] = {}
     terminals: dict[tuple[int, int], str] = {}  # at home: a terminal's (dev, ino) -> its stream
     for pid in members:
@@ -385,17 +401,6 @@ def precopy_tree(
         raise
 
 
-def sent_by(precopied: dict[int, Precopy]) -> Callable[[int], list[tuple[int, int]]]:
-    """What each member sent in its rounds; nothing for one that ended since (what
-    others referred to in its memory is then stored in their final images)."""
-
-    def sent(member: int) -> list[tuple[int, int]]:
-        found = precopied.get(member)
-        return found.sent if found is not None else []
-
-    return sent
-
-
 def _prebuild(pid: int, channel: Channel) -> None:
     """Have the destination fork the tree's stubs with its relations as they are now and
     build each from its rounds, before the freeze (docs/protocol.md, "Moving a tree"):
@@ -449,7 +454,6 @@ def move_tree_frozen(
     # may hand every member its originals back (docs/protocol.md, "Home again").
     homing = not context.at_home and channel.peer == context.record.home_node
     relayed = "" if homing else None  # why its shadow relays its descriptors still
-    laps = Laps()
     handled = False  # the abort is _frozen's once the tree is frozen
     repointed = Repointed(context.destination[1])
     try:
@@ -467,6 +471,10 @@ def move_tree_frozen(
         repointed.standby(pid)
         with frozen_tree(pid) as frozen:
             handled = True
+            # The freeze began with the first member's interrupt (as a single process's:
+            # its first interrupt), not with the looks above, taken while the tree runs.
+            stops = [t.stopped_at for t in frozen.tracees.values() if t.stopped_at]
+            laps = Laps(min(stops, default=0.0) or None)
             laps.lap("stop")
             return _frozen(
                 context, frozen, laps, precopied or {}, holders_before, relayed, repointed
@@ -528,12 +536,9 @@ def _frozen(
             for precopy in precopied.values():
                 precopy.freeze()
             laps.lap("dirty scan")
-            pagemaps = Pagemaps()
-            try:
-                for precopy in precopied.values():
-                    precopy.stale_references(sent_by(precopied), pagemaps)
-            finally:
-                pagemaps.close()
+            changes = Changes(precopied)
+            for precopy in precopied.values():
+                precopy.stale_references(changes)
             laps.lap("references")
             if postcopy:
                 # Decided before any image, told in the move's message: each member's
@@ -542,7 +547,19 @@ def _frozen(
                     precopy.pinned = pinned_pages(tracees[member])
                     planned[member] = precopy.plan_lazy()
                 laps.lap("post-copy: lazy pages")
-        plans = plan_tree(members, pid, shadow, at_home, shared=shared, besides=besides)
+        # Read once for the plan and the images (a table read walks the kernel's hash of
+        # its kind: 7-10 ms for them all under load), as a single process's move does.
+        sockets = procfs.read_socket_table(pid)
+        plans = plan_tree(
+            members,
+            pid,
+            shadow,
+            at_home,
+            shared=shared,
+            besides=besides,
+            sockets=sockets,
+            holders_before=holders_before,
+        )
         laps.lap("plan")
         # The members' direct connections (swapped): each peer frozen and joined towards
         # the destination, live at the commit (hijack.node.repoint), as a single process's.
@@ -597,7 +614,9 @@ def _frozen(
         laps.lap("move message")
         context.report("streaming", before)
         writer = DataWriter(channel)
-        parts = _write_tree(frozen, cast(BinaryIO, writer), besides, precopied, holders_before)
+        parts = _write_tree(
+            frozen, cast(BinaryIO, writer), besides, precopied, sockets, holders_before, laps
+        )
         writer.close()
         laps.lap("image: pages")
         context.report("restoring", before + writer.sent)
@@ -812,35 +831,84 @@ def _write_tree(
     out: BinaryIO,
     besides: frozenset[int],
     precopied: dict[int, Precopy],
+    sockets: dict[int, procfs.SocketInfo],
     holders_before: procfs.HolderScan | None = None,
+    laps: Laps | None = None,
 ) -> dict[int, tuple[int, float]]:
     """The tree stream of the frozen tree to `out` (pages members still share since a
     fork stored once: write_tree; of a member `precopied`, what changed since the rounds):
-    each member's (bytes, ms)."""
+    each member's (bytes, ms). `sockets`: its socket tables, read since it was frozen."""
     sizes: dict[int, tuple[int, float]] = {}
-    sockets = procfs.read_socket_table(frozen.record.members[0].pid)
     # The tree's shadow holds its pipes too (handed over): inside all the same.
     inside = frozenset(frozen.tracees) | besides
     # Members sharing their parent's memory (CLONE_VM; a tree moved without rounds):
     # their images hold no pages, the destination builds that memory once.
     vm_children = frozenset(c.pid for c in frozen.record.contexts if rec.CloneFlags.VM in c.flags)
 
+    # What only each member tells from inside (its batched calls), asked of all at once:
+    # their areas mapped side by side, every member's batches run side by side, their
+    # areas unmapped side by side after the last image. An injected call costs a trip
+    # through the scheduler, ~1 ms under load: 9 members' 5 trips each one after the
+    # other took 25-80 ms of the freeze.
+    imaged = [frozen.tracees[m.pid] for m in frozen.record.imaged]
+    # Each member's layout without any area: read before they are mapped (members sharing
+    # their memory, CLONE_VM, would each see the other's), at the freeze if pre-copied.
+    layouts = {
+        t.pid: precopied[t.pid].maps_at_freeze if t.pid in precopied else procfs.read_maps(t.pid)
+        for t in imaged
+    }
+    areas = dict(zip((t.pid for t in imaged), map_areas(imaged), strict=True))
+    if laps is not None:
+        laps.lap("image: areas")
+    try:
+        for member, precopy in precopied.items():
+            if member in areas:
+                precopy.scan_guards()  # in a thread: mapped first (an mmap waits for it)
+        queued = {
+            t.pid: queue_injected(t, areas[t.pid], precopied=precopied.get(t.pid)) for t in imaged
+        }
+        run_across([(t, queued[t.pid][0]) for t in imaged])
+        if laps is not None:
+            laps.lap("image: batches")
+        injected = {pid: read() for pid, (_, read) in queued.items()}
+        for tracee in imaged:
+            tracee.put_back()  # nothing more is injected but the unmaps
+        if laps is not None:
+            laps.lap("image: injected")
+    except BaseException:
+        with contextlib.suppress(HijackError):
+            unmap_areas([(t, areas[t.pid]) for t in imaged])
+        raise
+
     def member_image(tracee: Tracee, shared: SharedPages) -> tuple[rec.End, int, int]:
         started = time.perf_counter()
+        precopy = precopied.get(tracee.pid)
         end, threads, written = write_image(
             tracee,
             out,
             sockets=sockets,
             tree=inside,
             shared_pages=shared,
-            precopied=precopied.get(tracee.pid),
+            precopied=precopy,
             holders_before=holders_before,
             parents_memory=tracee.pid in vm_children,
+            laps=laps,
+            parasite=areas[tracee.pid],
+            maps=layouts[tracee.pid],
+            injected=injected[tracee.pid],
         )
+        if laps is not None:
+            laps.lap("image: pages")
         sizes[tracee.pid] = (written, (time.perf_counter() - started) * 1000)
         return end, threads, written
 
-    write_tree(frozen, out, member_image)
+    try:
+        write_tree(frozen, out, member_image)
+    except BaseException:
+        with contextlib.suppress(HijackError):
+            unmap_areas([(t, areas[t.pid]) for t in imaged])
+        raise
+    unmap_areas([(t, areas[t.pid]) for t in imaged])
     return sizes
 
 

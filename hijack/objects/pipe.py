@@ -56,6 +56,15 @@ def _besides(pid: int) -> frozenset[int]:
     return frozenset({pid, os.getpid()})
 
 
+def holders_since(
+    targets: frozenset[str], besides: frozenset[int], before: procfs.HolderScan | None
+) -> dict[str, set[int]]:
+    """Which processes, `besides` left out, hold `targets` now, using the scan `before`
+    (scan_holders_before) where it still holds (a tree's plan in its freeze: its members'
+    pipes, which only a scan of every process tells otherwise, ~15 ms)."""
+    return _holders(targets, besides, before)
+
+
 def _holders(
     targets: frozenset[str], besides: frozenset[int], before: procfs.HolderScan | None
 ) -> dict[str, set[int]]:

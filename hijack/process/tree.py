@@ -101,6 +101,42 @@ def read_tree(root: int) -> ProcessTree:
     return ProcessTree(tuple(members))
 
 
+def read_stopped_tree(root: int) -> ProcessTree:
+    """read_tree of a tree whose members are stopped (frozen_tree's look once it seized
+    them, to see whether a member forked before its stop): each member's children read
+    from its /proc children files rather than by a scan of every process's stat (~20 ms
+    a look on a loaded machine of 350 processes, within the freeze); read_tree where
+    the kernel has no such files. A child not stopped yet is listed all the same: it is
+    its stopped parent's list."""
+    stats = {root: procfs.read_stat(root)}  # a root that does not exist is ProcessGone
+    children: dict[int, list[int]] = {}
+    level = [root]
+    while level:
+        below: list[int] = []
+        for pid in level:
+            try:
+                listed = procfs.listed_children(pid)
+            except ProcessGone:
+                continue  # ended (a member's end is read_tree's to tell): no children
+            if listed is None:
+                return read_tree(root)
+            for child in listed:
+                try:
+                    stats[child] = procfs.read_stat(child)
+                except ProcessGone:
+                    continue  # exited and reaped since
+                children.setdefault(pid, []).append(child)
+                below.append(child)
+        level = below
+    members = [_member(stats[root])]
+    for pid in _descendants(root, children):
+        try:
+            members.append(_member(stats[pid]))
+        except ProcessGone:
+            continue
+    return ProcessTree(tuple(members))
+
+
 def _descendants(root: int, children: dict[int, list[int]]) -> Iterator[int]:
     """Every descendant of `root`, breadth first: parents before their children."""
     level = sorted(children.get(root, []))

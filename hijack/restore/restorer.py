@@ -45,7 +45,7 @@ from hijack.objects.locks import restore_locks
 from hijack.objects.memfd import map_objects, mapped_objects, seal_memfds
 from hijack.objects.pty import controlling_slave
 from hijack.objects.terminal import set_up_terminals
-from hijack.process import aio, seccomp, settings, timers
+from hijack.process import aio, credentials, seccomp, settings, timers
 from hijack.registry import Registry
 from hijack.restore.address_space import AddressSpace, Inherited
 from hijack.restore.files import restore_files
@@ -65,13 +65,15 @@ if TYPE_CHECKING:  # (imported for its type only: it imports the dump, which imp
     from hijack.restore.postcopy import LazyPages
 
 R = TypeVar("R")
+# A daemon's policy: the image's header, the process's credentials then each of its
+# threads' own (THREAD_CREDENTIALS), its segments; refuses by raising.
+Admit = Callable[[rec.ImageHeader, tuple[rec.Credentials, ...], rec.Segments], None]
 
 SIGKILL, SIGSTOP = 9, 19
 SIG_DFL, SIG_IGN = 0, 1
 PR_SET_MM, PR_SET_MM_MAP = 35, 14
 PR_SET_NAME = 15
 TIOCSCTTY = 0x540E
-PR_SET_NO_NEW_PRIVS = 38
 CLONE_THREAD_FLAGS = (
     0x100  # CLONE_VM
     | 0x200  # CLONE_FS
@@ -106,6 +108,7 @@ class _Image:
 
     header: rec.ImageHeader
     credentials: rec.Credentials
+    thread_credentials: dict[int, rec.Credentials]  # the threads with their own, by tid
     rlimits: rec.Rlimits
     mm: rec.MemoryStructure
     segments: rec.Segments
@@ -115,6 +118,14 @@ class _Image:
     cwd: rec.Cwd | None = None
     settings: rec.ProcessSettings | None = None
     timers: rec.Timers | None = None
+
+    def all_credentials(self) -> tuple[rec.Credentials, ...]:
+        """The process's credentials, then each of its threads' own: what admit judges."""
+        return (self.credentials, *self.thread_credentials.values())
+
+    def credentials_of(self, tid: int) -> rec.Credentials:
+        """Thread `tid`'s credentials (the image's tid)."""
+        return self.thread_credentials.get(tid, self.credentials)
 
     def mapped(self) -> dict[int, int]:
         """The segments an object holds: start -> object id (made after the descriptors)."""
@@ -128,7 +139,7 @@ def restore(
     registry: Registry | None = None,
     provided: dict[int, int] | None = None,
     before_start: Callable[[int], None] | None = None,
-    admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None,
+    admit: Admit | None = None,
     prebuilt: Prebuilt | None = None,
     mount_namespace: int | None = None,
     take_locks: bool = True,
@@ -148,7 +159,8 @@ def restore(
     (a move's two phases); if it raises, the process is killed, never started.
     `admit(header, credentials, segments)` runs once the image has described
     the process and before anything is made for it (a node daemon's policy);
-    it refuses by raising.
+    it refuses by raising. `credentials`: the process's, then those of each
+    thread that has its own.
     `prebuilt` is the stub a move's pre-copy rounds built: the image is its
     final one (docs/crf.md §7a) and is restored into that stub.
     `mount_namespace`: a descriptor of the mount namespace to build the
@@ -178,7 +190,7 @@ def restore(
     records = itertools.chain([first], records)
     image = read_head(records)
     if admit is not None:
-        admit(image.header, image.credentials, image.segments)
+        admit(image.header, image.all_credentials(), image.segments)
     for segment in image.segments.segments:
         if segment.contents is rec.ContentsKind.PRECOPIED and prebuilt is None:
             raise ImageError(
@@ -287,10 +299,22 @@ def restore_rounds(
 
 def read_head(records: Iterator[rec.Record]) -> _Image:
     """The image's records up to its objects: what a restore checks before it builds."""
+    header = _expect(records, rec.ImageHeader)
+    credentials = _expect(records, rec.Credentials)
+    thread_credentials: dict[int, rec.Credentials] = {}
+    following = next(records, None)
+    while isinstance(following, rec.ThreadCredentials):
+        thread_credentials[following.tid] = following.credentials
+        following = next(records, None)
+    if following is None:
+        raise ImageError("image ends before its Rlimits record")
+    if not isinstance(following, rec.Rlimits):
+        raise ImageError(f"expected Rlimits, found {type(following).__name__}")
     return _Image(
-        header=_expect(records, rec.ImageHeader),
-        credentials=_expect(records, rec.Credentials),
-        rlimits=_expect(records, rec.Rlimits),
+        header=header,
+        credentials=credentials,
+        thread_credentials=thread_credentials,
+        rlimits=following,
         mm=_expect(records, rec.MemoryStructure),
         segments=_expect(records, rec.Segments),
         files=_expect_files(records),
@@ -330,7 +354,7 @@ def build_member_memory(
     records: Iterator[rec.Record],
     shared: TreeShared,
     *,
-    admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None,
+    admit: Admit | None = None,
     rounds: MemberPages | None = None,
     space: AddressSpace | None = None,
     inherited: Inherited | None = None,
@@ -365,7 +389,7 @@ def build_member_memory(
             raise
         return MemberMemory(stub, image, space, sysv.Prepared(), parents_memory=True)
     if admit is not None:
-        admit(image.header, image.credentials, image.segments)
+        admit(image.header, image.all_credentials(), image.segments)
     if rounds is None and space is None:
         refuse_without(image.segments.segments, image.header.pid)
     shared.begin(image.header.pid, stub.pid, image.files)
@@ -821,12 +845,13 @@ def _finish(
     if ahead:  # the stub's threads must be the image's, none more
         raise RestoreError(f"threads {sorted(ahead)} were cloned ahead; the image has none such")
     laps.lap("finish: threads cloned")
+    powers = credentials.Powers.of(stub.pid)  # the restorer's, every thread's until now
     with stub.side_by_side():  # every thread's batch at once (hijack.mutator.parasite)
         for thread in image.threads:
             tid = thread_ids[thread.tid]
             if cloned and thread.tid in cloned:
                 _inherit(stub, image, tid)
-            _set_thread_state(stub, thread, tid, image.credentials)
+            _set_thread_state(stub, thread, tid, image.credentials_of(thread.tid), powers)
     laps.lap("finish: threads' state")
     _queue_pending_signals(stub, image, thread_ids)
     settings.apply_settings(stub, image.settings, thread_ids)
@@ -1016,7 +1041,7 @@ def _set_rlimits(stub: Stub, rlimits: rec.Rlimits) -> None:
 def _set_process_state(
     stub: Stub, image: _Image, controlling: int | None, *, relations: bool = True
 ) -> None:
-    """cwd, umask, session and group, no_new_privs.
+    """cwd, umask, session and group (no_new_privs is each thread's: its credentials).
 
     `controlling`: the descriptor of a terminal made for the process (a move's
     pty, the new slave of a pty pair it holds) standing for its controlling
@@ -1042,8 +1067,6 @@ def _set_process_state(
         stub.call("setpgid", 0, 0)
     if controlling is not None and relations:
         stub.call("ioctl", controlling, TIOCSCTTY, 0)
-    if image.credentials.no_new_privs:
-        stub.call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
 
 
 def clone_ahead(prebuilt: Prebuilt, tids: list[int]) -> None:
@@ -1063,13 +1086,11 @@ def clone_ahead(prebuilt: Prebuilt, tids: list[int]) -> None:
 def _inherit(stub: Stub, image: _Image, tid: int) -> None:
     """What thread `tid`, cloned ahead (clone_ahead), would have inherited from the leader
     had it been cloned after _finish's first steps: what the kernel keeps per thread and
-    copies at a clone — the personality, no_new_privs, the audit login uid."""
+    copies at a clone — the personality, the audit login uid."""
     assert image.settings is not None
-    with stub.batched(tid):  # one stop
-        if image.mm.personality:
+    if image.mm.personality:
+        with stub.batched(tid):  # (side by side with the other threads' batches)
             stub.call("personality", image.mm.personality, tid=tid)
-        if image.credentials.no_new_privs:
-            stub.call("prctl", PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0, tid=tid)
     loginuid = image.settings.loginuid
     if loginuid in (settings.LOGINUID_UNSET, procfs.read_loginuid(tid)):
         return
@@ -1108,14 +1129,22 @@ def _clone_thread(stub: Stub, old_tid: int) -> int:
 
 
 def _set_thread_state(
-    stub: Stub, thread: rec.Thread, tid: int, credentials: rec.Credentials
+    stub: Stub,
+    thread: rec.Thread,
+    tid: int,
+    own: rec.Credentials,
+    powers: credentials.Powers,
 ) -> None:
     with stub.batched(tid):  # one stop for the thread's calls
-        _set_thread_calls(stub, thread, tid, credentials)
+        _set_thread_calls(stub, thread, tid, own, powers)
 
 
 def _set_thread_calls(
-    stub: Stub, thread: rec.Thread, tid: int, credentials: rec.Credentials
+    stub: Stub,
+    thread: rec.Thread,
+    tid: int,
+    own: rec.Credentials,
+    powers: credentials.Powers,
 ) -> None:
     stub.reset_scratch()
     if thread.robust_list.head:
@@ -1128,7 +1157,7 @@ def _set_thread_calls(
     stub.call("prctl", PR_SET_NAME, stub.put_string(thread.comm[:15]), 0, 0, 0, tid=tid)
     if tid != thread.tid:
         _fix_cached_tid(stub, thread, tid)
-    _set_credentials(stub, credentials, tid)
+    credentials.set_credentials(stub, own, tid, powers)
     rseq = thread.rseq
     if rseq.rseq_abi_pointer:
         # Last of the injected calls in this thread (KERNEL-NOTES).
@@ -1144,15 +1173,6 @@ def _fix_cached_tid(stub: Stub, thread: rec.Thread, tid: int) -> None:
         return  # no TCB there: not a glibc thread
     if cached == thread.tid:
         memory.write(stub.pid, address, struct.pack("<i", tid))
-
-
-def _set_credentials(stub: Stub, credentials: rec.Credentials, tid: int) -> None:
-    """The image's ids, in each thread (the kernel keeps credentials per thread)."""
-    stub.reset_scratch()
-    groups = stub.put(struct.pack(f"<{len(credentials.groups)}I", *credentials.groups))
-    stub.call("setgroups", len(credentials.groups), groups, tid=tid)
-    stub.call("setresgid", credentials.gid, credentials.egid, credentials.sgid, tid=tid)
-    stub.call("setresuid", credentials.uid, credentials.euid, credentials.suid, tid=tid)
 
 
 def _queue_pending_signals(stub: Stub, image: _Image, thread_ids: dict[int, int]) -> None:

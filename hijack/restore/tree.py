@@ -66,6 +66,7 @@ from hijack.restore.address_space import AddressSpace, find_hole
 from hijack.restore.remote import SCRATCH_PROT, SCRATCH_SIZE, Stub
 from hijack.restore.restorer import (
     CLONE_ARGS,
+    Admit,
     MemberMemory,
     Rebuilt,
     RestoreResult,
@@ -121,7 +122,7 @@ class TreeMove:
 
     # (member's pid in the image, descriptor number) -> our descriptor it gets instead
     given: dict[tuple[int, int], int] = field(default_factory=dict)
-    admit: Callable[[rec.ImageHeader, rec.Credentials, rec.Segments], None] | None = None
+    admit: Admit | None = None
     # Once every member is rebuilt, before any starts: old pid -> pid now (raises to abort).
     before_start: Callable[[dict[int, int]], None] | None = None
     mount_namespace: int | None = None

@@ -478,8 +478,8 @@ def list_threads(pid: int) -> list[int]:
 def children(pid: int) -> list[int]:
     """Pids of the processes whose parent is `pid`, ascending.
 
-    Found by scanning every process's stat: this kernel is built without
-    CONFIG_PROC_CHILDREN, so /proc/PID/task/TID/children does not exist.
+    Found by scanning every process's stat: a kernel built without
+    CONFIG_PROC_CHILDREN has no /proc/PID/task/TID/children (listed_children).
     """
     read_stat(pid)  # a parent that does not exist is ProcessGone, not "no children"
     found = []
@@ -492,6 +492,25 @@ def children(pid: int) -> list[int]:
         except ProcessGone:
             continue  # exited during the scan
     return sorted(found)
+
+
+def listed_children(pid: int) -> list[int] | None:
+    """Pids of the children of process `pid` (each thread's: its forks), ascending, from
+    /proc/PID/task/TID/children; None where the kernel has no such files (built without
+    CONFIG_PROC_CHILDREN). Exact only while `pid` is stopped (it forks or reaps none
+    meanwhile): each file is read in one go (the kernel's docs call it unreliable for a
+    process that changes its children during the reads)."""
+    found: list[int] = []
+    for tid in list_threads(pid):
+        try:
+            with open(f"{_task_dir(pid, tid)}/children", "rb") as file:
+                text = file.read()
+        except (FileNotFoundError, ProcessLookupError):
+            if os.path.isdir(_task_dir(pid, tid)):
+                return None  # no such file: the kernel lists no children
+            continue  # the thread ended: its children are the process's others' now
+        found += (int(child) for child in text.split())
+    return sorted(set(found))
 
 
 def list_pids() -> list[int]:

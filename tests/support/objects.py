@@ -41,6 +41,7 @@ FdNormalize = Callable[[frozenset[FdView]], frozenset[FdView]]
 Views = dict[str, frozenset[object]]
 ALL_VIEWS = ("maps", "fd", "identity")
 SOCKET_TARGET = re.compile(r"socket:\[\d+\]")
+PIPE_TARGET = re.compile(r"pipe:\[\d+\]")
 
 
 @pytest.fixture
@@ -55,6 +56,11 @@ def same(view: frozenset[FdView]) -> frozenset[FdView]:
 def without_socket_inodes(view: frozenset[FdView]) -> frozenset[FdView]:
     """A rebuilt socket is a new one: its inode differs, all else must not."""
     return frozenset(replace(e, target=SOCKET_TARGET.sub("socket:[]", e.target)) for e in view)
+
+
+def without_pipe_inodes(view: frozenset[FdView]) -> frozenset[FdView]:
+    """A pipe a restore makes again is a new one: its inode differs, all else must not."""
+    return frozenset(replace(e, target=PIPE_TARGET.sub("pipe:[]", e.target)) for e in view)
 
 
 def proc_views(
