@@ -1407,12 +1407,17 @@ class _Progress:
         if self.writer.sent - self.reported >= REPORT_EVERY:  # not for every small section
             self.reported = self.writer.sent
             self.report(self.phase, self.before + self.writer.sent)
-        if self.phase == "streaming" and not already and self.writer.sent:
-            reached("move-streaming")  # the first data frame of the image is out
+        self._first_out(already)
         return written
 
     def flush(self) -> None:
+        already = self.writer.sent
         self.writer.flush()
+        self._first_out(already)  # a final image's head goes out by a flush
+
+    def _first_out(self, already: int) -> None:
+        if self.phase == "streaming" and not already and self.writer.sent:
+            reached("move-streaming")  # the first data frame of the image is out
 
 
 def refuse_unmappable(pid: int) -> None:
