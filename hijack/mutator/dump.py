@@ -120,6 +120,9 @@ class Precopied(Protocol):
     def vm_flags(self, maps: list[procfs.MapEntry]) -> dict[int, tuple[str, ...]]:
         """The smaps VmFlags of `maps`, by start (read before the freeze where unchanged)."""
 
+    def flags_known(self, maps: list[procfs.MapEntry]) -> bool:
+        """Whether vm_flags(maps) answers without waiting for smaps to be read again."""
+
     def guard_regions(self) -> list[tuple[int, int]]:
         """The guard pages at the freeze (scanned beside the rest where scan_guards ran)."""
 
@@ -404,8 +407,10 @@ def write_image(
 
     # A move's, its program break read already: its head goes before the injected calls
     # (the destination rebuilds its layout and descriptors while they run, issue #17).
+    # (Not where smaps is read again, in a thread: the injected calls then run beside it.)
     early = None
-    if injected is None and head_first and brk is not None:
+    known_flags = precopied is None or precopied.flags_known(maps)
+    if injected is None and head_first and brk is not None and known_flags:
         known = read_all_credentials(pid, tracee.thread_ids)
         early = head(brk, known)
     if injected is None:

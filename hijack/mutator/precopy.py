@@ -439,6 +439,10 @@ class Precopy:
             return dirty.guard_regions(self.pid)
         return self._guards.result()
 
+    def flags_known(self, maps: list[procfs.MapEntry]) -> bool:
+        """Whether vm_flags(maps) answers from the flags read before the freeze."""
+        return all(entry in self._flags for entry in maps)
+
     def vm_flags(self, maps: list[procfs.MapEntry]) -> dict[int, tuple[str, ...]]:
         if not all(entry in self._flags for entry in maps):
             # The layout changed since: read now (the process is stopped).
