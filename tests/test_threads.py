@@ -82,6 +82,7 @@ PARKED_IN = {
 # re-entered, their call stops where it stopped before. (The sleeper's is
 # re-issued with the time that was left, so its arguments differ.)
 SAME_REGISTERS = ("cond", "dier", "epoll", "reader", "acceptor")
+ON_CHANGED = ("cond", "dier")  # waiting on the condition a thread's wake-up broadcasts
 
 COUNTERS_LINE = re.compile(r"^counters=([\d,]+)$", re.MULTILINE)
 
@@ -377,7 +378,15 @@ def test_workers_killed_and_restored_count_on_wake_and_join(
             assert set(second) >= tids - {parked["sleeper"]}, "threads lost by the restore"
             for tid in set(first) & set(second):
                 assert kept_per_thread(second[tid]) == kept_per_thread(first[tid]), f"thread {tid}"
+            # The sleeper's time may be up by now (a loaded machine): its wake-up broadcast
+            # the condition the cond and dier threads wait on, and they waited again (in
+            # the condition's other group: other registers). Still asleep in the second
+            # image (one instant), it woke nobody.
+            sleeper = second.get(parked["sleeper"])
+            asleep = sleeper is not None and sleeper.regs.orig_rax in PARKED_IN["sleeper"]
             for role in SAME_REGISTERS:
+                if role in ON_CHANGED and not asleep:
+                    continue
                 tid = parked[role]
                 assert second[tid].regs == first[tid].regs, f"{role} thread {tid} moved"
             assert second[pid].regs == first[pid].regs, "main thread moved out of its read"
