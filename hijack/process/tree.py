@@ -92,13 +92,7 @@ def read_tree(root: int) -> ProcessTree:
             continue  # exited during the scan
         stats[pid] = stat
         children.setdefault(stat.ppid, []).append(pid)
-    members = [_member(stats[root])]
-    for pid in _descendants(root, children):
-        try:
-            members.append(_member(stats[pid]))
-        except ProcessGone:
-            continue
-    return ProcessTree(tuple(members))
+    return _tree(root, stats, children)
 
 
 def read_stopped_tree(root: int) -> ProcessTree:
@@ -128,6 +122,13 @@ def read_stopped_tree(root: int) -> ProcessTree:
                 children.setdefault(pid, []).append(child)
                 below.append(child)
         level = below
+    return _tree(root, stats, children)
+
+
+def _tree(
+    root: int, stats: dict[int, procfs.ProcStat], children: dict[int, list[int]]
+) -> ProcessTree:
+    """The tree below `root` as `children` lists it, each member from its `stats`."""
     members = [_member(stats[root])]
     for pid in _descendants(root, children):
         try:
