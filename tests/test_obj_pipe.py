@@ -128,16 +128,16 @@ def test_holders_scanned_before_a_freeze_miss_no_fork_and_no_hand_over() -> None
             assert before.found == {link: set()}
             # A process born since the scan (as a fork of a holder would be).
             with _holding(writer) as born:
-                assert pipe._holders(frozenset({link}), besides, before)[link] == {born.pid}
+                assert pipe.holders_since(frozenset({link}), besides, before)[link] == {born.pid}
             with _holding(writer) as gone, _holding(writer) as kept:
                 # A holder that let the pipe go (here, to a process there at the scan).
                 let_go = procfs.HolderScan(frozenset(procfs.list_pids()), {link: {gone.pid}})
                 gone.kill()
                 gone.wait()
-                assert pipe._holders(frozenset({link}), besides, let_go)[link] == {kept.pid}
+                assert pipe.holders_since(frozenset({link}), besides, let_go)[link] == {kept.pid}
                 # A pipe the process got since the scan.
                 unknown = procfs.HolderScan(frozenset(procfs.list_pids()), {})
-                assert pipe._holders(frozenset({link}), besides, unknown)[link] == {kept.pid}
+                assert pipe.holders_since(frozenset({link}), besides, unknown)[link] == {kept.pid}
     finally:
         os.close(reader)
         os.close(writer)

@@ -161,6 +161,19 @@ def wait_members(pid: int, count: int) -> None:
     poll_until(lambda: len(read_tree(pid).members) >= count, f"{count} members under {pid}")
 
 
+def spawn_tree(node: Node, script: str, members: int) -> subprocess.Popen[bytes]:
+    """Python `script` run on `node`, once it said "ready" and is a tree of `members`."""
+    tree = node.spawn(
+        [sys.executable, "-c", script],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    assert tree.stdout is not None and tree.stdout.readline() == b"ready\n"
+    wait_members(tree.pid, members)
+    return tree
+
+
 def test_a_pipeline_moved_mid_stream_onward_and_home_keeps_every_line(tmp_path: Path) -> None:
     with Cluster(tmp_path, nodes=3) as cluster:
         for node in cluster.nodes:
@@ -687,14 +700,7 @@ def test_a_tree_whose_member_ends_during_the_move_arrives_with_its_zombie(
     (move-prebuilt: a zombie at the freeze, running when they were built) makes the frozen
     tree another: it is restored the whole way. Either way its zombie is reaped there."""
     with two_nodes(tmp_path) as (a, b):
-        keeper = a.spawn(
-            [sys.executable, "-c", KEEPER],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        assert keeper.stdout is not None and keeper.stdout.readline() == b"ready\n"
-        wait_members(keeper.pid, 2)
+        keeper = spawn_tree(a, KEEPER, 2)
         child = read_tree(keeper.pid).members[1].pid
         assert b.daemon_endpoint is not None
         mover = hijack_in(a, stage, "move", keeper.pid, "--to", b.daemon_endpoint, "--precopy")
@@ -776,14 +782,7 @@ def test_a_tree_changing_pages_it_referred_to_arrives_with_each_change(
     zero page), another writes some: each member arrives with its own pages as it left
     them (a reference whose page changed on either side is stored in the final image)."""
     with two_nodes(tmp_path) as (a, b):
-        tree = a.spawn(
-            [sys.executable, "-c", REFERRED],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        assert tree.stdout is not None and tree.stdout.readline() == b"ready\n"
-        wait_members(tree.pid, 4)
+        tree = spawn_tree(a, REFERRED, 4)
         assert b.daemon_endpoint is not None
         mover = hijack_in(a, stage, "move", tree.pid, "--to", b.daemon_endpoint, "--precopy")
         for member in read_tree(tree.pid).pids:

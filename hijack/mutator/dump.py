@@ -430,11 +430,7 @@ def write_image(
             injected = read_main(dict(zip((t.tid for t in others), records, strict=True)))
         tracee.put_back()  # nothing more is injected: a killed hijack leaves it correct
     laps.lap("image: injected")
-    writer, segments = (
-        early
-        if early is not None
-        else head(injected.brk, (injected.credentials, injected.thread_credentials))
-    )
+    writer, segments = early if early is not None else head(injected.brk, injected.credentials)
     tail = ImageTail(
         threads=injected.threads,
         signal_state=rec.SignalState(
@@ -467,8 +463,7 @@ class Injected:
     settings: rec.ProcessSettings
     timers: rec.Timers
     # Read from /proc while the batch runs (a JVM's 31 threads: 1.5 ms), with it.
-    credentials: rec.Credentials
-    thread_credentials: tuple[rec.ThreadCredentials, ...]
+    credentials: Credentials
 
 
 def queue_injected(
@@ -529,10 +524,7 @@ def _queue_main(
     def read(others: dict[int, Callable[[], rec.Thread]]) -> Injected:
         read_now = credentials_read.result() if credentials_read is not None else credentials
         assert read_now is not None
-        process_credentials, thread_credentials = read_now
         found = {tracee.injection_tid: main_read, **others}
-        if brk_call is not None:
-            assert brk_call.result is not None
         told = brk_call.result if brk_call is not None else brk
         assert told is not None
         return Injected(
@@ -541,8 +533,7 @@ def _queue_main(
             threads=[found[thread.tid]() for thread in _live(tracee)],
             settings=settings_read(),
             timers=timers_read(),
-            credentials=process_credentials,
-            thread_credentials=thread_credentials,
+            credentials=read_now,
         )
 
     return read
@@ -826,9 +817,7 @@ def read_credentials(pid: int, tid: int | None = None) -> rec.Credentials:
     )
 
 
-def read_all_credentials(
-    pid: int, thread_ids: Iterable[int]
-) -> tuple[rec.Credentials, tuple[rec.ThreadCredentials, ...]]:
+def read_all_credentials(pid: int, thread_ids: Iterable[int]) -> Credentials:
     """The process's credentials and those of its threads that have their own."""
     process = read_credentials(pid)
     return process, read_thread_credentials(pid, thread_ids, process)

@@ -48,12 +48,11 @@ from hijack.mutator.dump import (
     describe_segments,
     dump_options,
     keeps_zero_pages,
-    read_credentials,
+    read_all_credentials,
     read_header,
     read_memory_structure,
     read_rlimits,
     read_signal_actions,
-    read_thread_credentials,
     read_threads,
     runs_to_store,
     scratch_page,
@@ -193,13 +192,11 @@ def _read_frozen(
         flags = {entry.start: flags_before.get(entry.start, ()) for entry in maps}
     else:
         flags = procfs.read_smaps_flags(pid)  # the layout changed since: read them now
-    credentials = read_credentials(pid)
+    credentials, thread_credentials = read_all_credentials(pid, [t.tid for t in threads])
     parts = ImageParts(
         header=read_header(pid, options),
         credentials=credentials,
-        thread_credentials=read_thread_credentials(
-            pid, (thread.tid for thread in threads), credentials
-        ),
+        thread_credentials=thread_credentials,
         rlimits=read_rlimits(pid),
         memory_structure=UNREAD_MEMORY_STRUCTURE,
         segments=held_by_objects(describe_segments(pid, maps, options, flags=flags), files),

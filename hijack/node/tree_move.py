@@ -49,6 +49,7 @@ from typing import Any, BinaryIO, cast
 from hijack.errors import HijackError, ProcessGone, Unsupported
 from hijack.image import records as rec
 from hijack.mutator.dump import (
+    Injected,
     kill_stopped,
     queue_injected,
     read_credentials,
@@ -860,25 +861,7 @@ def _write_tree(
     areas = dict(zip((t.pid for t in imaged), map_areas(imaged), strict=True))
     if laps is not None:
         laps.lap("image: areas")
-    try:
-        for member, precopy in precopied.items():
-            if member in areas:
-                precopy.scan_guards()  # in a thread: mapped first (an mmap waits for it)
-        queued = {
-            t.pid: queue_injected(t, areas[t.pid], precopied=precopied.get(t.pid)) for t in imaged
-        }
-        run_across([(t, queued[t.pid][0]) for t in imaged])
-        if laps is not None:
-            laps.lap("image: batches")
-        injected = {pid: read() for pid, (_, read) in queued.items()}
-        for tracee in imaged:
-            tracee.put_back()  # nothing more is injected but the unmaps
-        if laps is not None:
-            laps.lap("image: injected")
-    except BaseException:
-        with contextlib.suppress(HijackError):
-            unmap_areas([(t, areas[t.pid]) for t in imaged])
-        raise
+    injected: dict[int, Injected] = {}
 
     def member_image(tracee: Tracee, shared: SharedPages) -> tuple[rec.End, int, int]:
         started = time.perf_counter()
@@ -903,6 +886,20 @@ def _write_tree(
         return end, threads, written
 
     try:
+        for member, precopy in precopied.items():
+            if member in areas:
+                precopy.scan_guards()  # in a thread: mapped first (an mmap waits for it)
+        queued = {
+            t.pid: queue_injected(t, areas[t.pid], precopied=precopied.get(t.pid)) for t in imaged
+        }
+        run_across([(t, queued[t.pid][0]) for t in imaged])
+        if laps is not None:
+            laps.lap("image: batches")
+        injected.update((pid, read()) for pid, (_, read) in queued.items())
+        for tracee in imaged:
+            tracee.put_back()  # nothing more is injected but the unmaps
+        if laps is not None:
+            laps.lap("image: injected")
         write_tree(frozen, out, member_image)
     except BaseException:
         with contextlib.suppress(HijackError):

@@ -36,7 +36,7 @@ def outside_holders(dump: DumpContext, target: str) -> set[int]:
     if found is None:
         kinds = (procfs.FdKind.PIPE, procfs.FdKind.FIFO)
         targets = frozenset(e.target for e in dump.entries if e.kind in kinds)
-        found = _holders(targets, _besides(dump.pid), dump.holders_before)
+        found = holders_since(targets, _besides(dump.pid), dump.holders_before)
         _outside[dump] = found
     return found.get(target, set())
 
@@ -60,20 +60,13 @@ def holders_since(
     targets: frozenset[str], besides: frozenset[int], before: procfs.HolderScan | None
 ) -> dict[str, set[int]]:
     """Which processes, `besides` left out, hold `targets` now, using the scan `before`
-    (scan_holders_before) where it still holds (a tree's plan in its freeze: its members'
-    pipes, which only a scan of every process tells otherwise, ~15 ms)."""
-    return _holders(targets, besides, before)
-
-
-def _holders(
-    targets: frozenset[str], besides: frozenset[int], before: procfs.HolderScan | None
-) -> dict[str, set[int]]:
-    """holders() of `targets` now, using `before` where it still holds. A pipe spreads only
-    through its holders: a fork (a process new since the scan: its descriptors are read),
-    or a holder passing it (over SCM_RIGHTS, pidfd_getfd, /proc/PID/fd). A pipe one of
-    its holders let go of is scanned for anew, as are FIFOs (anyone may open one by its
-    path) and pipes the process got since. Not seen: a process that was there at the scan
-    and got a pipe from the dumped process itself between the scan and the freeze."""
+    (scan_holders_before) where it still holds (a freeze: a dump's, a tree's plan's). A
+    pipe spreads only through its holders: a fork (a process new since the scan: its
+    descriptors are read), or a holder passing it (over SCM_RIGHTS, pidfd_getfd,
+    /proc/PID/fd). A pipe one of its holders let go of is scanned for anew, as are FIFOs
+    (anyone may open one by its path) and pipes the process got since. Not seen: a process
+    that was there at the scan and got a pipe from the dumped process itself between the
+    scan and the freeze."""
     if before is None:
         return procfs.holders(targets, besides=besides)
     known = frozenset(target for target in targets if target in before.found)

@@ -55,10 +55,9 @@ class Powers:
         return cls(status.cap_inh, status.cap_prm, status.cap_eff, status.cap_bnd)
 
 
-def set_credentials(stub: Stub, credentials: rec.Credentials, tid: int, start: Powers) -> None:
-    """Give thread `tid` of the stub `credentials`; `start`: what it has now."""
+def set_credentials(stub: Stub, wanted: rec.Credentials, tid: int, start: Powers) -> None:
+    """Give thread `tid` of the stub the credentials `wanted`; `start`: what it has now."""
     stub.reset_scratch()
-    wanted = credentials
     if wanted.cap_inheritable != start.inheritable:
         _capset(stub, tid, start.effective, start.permitted, wanted.cap_inheritable)
     for cap in _bits(start.bounding & ~wanted.cap_bounding):

@@ -30,6 +30,8 @@ from hijack.sys.stub import kill_stub, spawn_stub
 
 MADV_DONTNEED = 4
 PR_SET_MM, PR_SET_MM_MAP = 35, 14
+# struct prctl_mm_map: start_code .. env_end (11), auxv, auxv_size, exe_fd (-1: kept)
+PRCTL_MM_MAP = struct.Struct("<12QIi")
 O_RDONLY, O_CLOEXEC = 0, 0o2000000
 AT_FDCWD = -100
 HAND_OVER_BATCH = 128  # pidfd_getfd calls a batch (its area holds ~250 calls)
@@ -117,8 +119,7 @@ class Prebuilt:
             return
         try:
             own = procfs.read_stat(stub.pid)
-            fields = struct.pack(
-                "<12QIi",
+            fields = PRCTL_MM_MAP.pack(
                 own.start_code,
                 own.end_code,
                 own.start_data,

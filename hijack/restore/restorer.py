@@ -50,7 +50,7 @@ from hijack.registry import Registry
 from hijack.restore.address_space import AddressSpace, Inherited
 from hijack.restore.files import restore_files
 from hijack.restore.plan import FilePlan, ShadowHoldings, plan_files
-from hijack.restore.precopy import Prebuilt
+from hijack.restore.precopy import PR_SET_MM, PR_SET_MM_MAP, PRCTL_MM_MAP, Prebuilt
 from hijack.restore.remote import Stub
 from hijack.restore.shared import TreeShared
 from hijack.restore.tree_rounds import MemberPages, refuse_without
@@ -71,7 +71,6 @@ Admit = Callable[[rec.ImageHeader, tuple[rec.Credentials, ...], rec.Segments], N
 
 SIGKILL, SIGSTOP = 9, 19
 SIG_DFL, SIG_IGN = 0, 1
-PR_SET_MM, PR_SET_MM_MAP = 35, 14
 PR_SET_NAME = 15
 TIOCSCTTY = 0x540E
 CLONE_THREAD_FLAGS = (
@@ -983,8 +982,7 @@ def _set_mm_fields(stub: Stub, mm: rec.MemoryStructure, exe_fd: int) -> None:
     """PR_SET_MM_MAP with `exe_fd` (-1 keeps the stub's exe link), then the personality."""
     auxv_words = [word for entry in mm.auxv for word in (entry.a_type, entry.a_val)] + [0, 0]
     auxv = stub.put_u64s(*auxv_words)
-    prctl_mm_map = struct.pack(
-        "<12QIi",
+    prctl_mm_map = PRCTL_MM_MAP.pack(
         mm.start_code,
         mm.end_code,
         mm.start_data,
