@@ -15,9 +15,10 @@ import socket
 from collections.abc import Callable, Hashable
 from types import TracebackType
 
-from hijack.errors import HijackError
+from hijack.errors import HijackError, RestoreError
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
+from hijack.mutator.parasite import Call
 from hijack.restore.remote import Stub
 from hijack.restore.shared import TreeShared
 from hijack.sys import pidfd, procfs, tcp_repair, unix_socket
@@ -208,7 +209,11 @@ class RestoreContext:
         self.restored = restored  # the numbers the process gets back (not those dropped)
         self._parking = parking  # above every descriptor number the image uses
         self._restorer = -1  # the stub's pidfd of this process, for give()
+        self._restorer_call: Call | None = None  # its making, queued in an open batch
         self._kept: dict[Hashable, int] = {}
+        # Ours given to the stub by calls queued in an open batch: closed once it ran (at
+        # the end of the restore, when every batch has).
+        self._given_later: list[int] = []
 
     def place(self, stub_fd: int, descriptor: rec.FileDescriptor) -> None:
         """Move the stub's descriptor `stub_fd` to the image's number, with its close-on-exec."""
@@ -220,19 +225,57 @@ class RestoreContext:
 
     def give(self, our_fd: int, descriptor: rec.FileDescriptor) -> None:
         """Put our descriptor `our_fd` into the stub at the image's number, with its
-        close-on-exec and status flags (the stub takes it with pidfd_getfd)."""
-        self.place(self.lend(our_fd), descriptor)
-        self.stub.call("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
+        close-on-exec and status flags (the stub takes it with pidfd_getfd).
+
+        One batch of chained calls, one stop (three or four single calls were six to
+        eight: a tree's member gets its shared pipes so, frozen), or queued in the batch
+        open (then `our_fd` must stay open until it ran: give_made sees to that). The copy
+        pidfd_getfd makes may land on the image's number itself (the lowest free one): it
+        is parked above the image's numbers first, so that the dup3 to its place never
+        meets it."""
+        stub = self.stub
+        restorer = self._restorer_arg()
+        cloexec = O_CLOEXEC if descriptor.cloexec else 0
+        with stub.batched():
+            got = stub.queue("pidfd_getfd", restorer, our_fd, 0)
+            parked = stub.queue("fcntl", got, F_DUPFD, self._parking)
+            stub.queue("close", got)
+            stub.queue("dup3", parked, descriptor.fd, cloexec)
+            stub.queue("close", parked)
+            stub.queue("fcntl", descriptor.fd, F_SETFL, descriptor.flags & SETTABLE_STATUS_FLAGS)
 
     def lend(self, our_fd: int) -> int:
         """The stub's own copy of our descriptor `our_fd`, at a free number of its choosing
-        (pidfd_getfd): for what the stub uses once and closes (a file it maps)."""
-        if self._restorer < 0:
-            opened = self.stub.call("pidfd_open", os.getpid(), 0)
-            # Parked above the image's numbers, so no restored descriptor lands on it.
-            self._restorer = self.stub.call("fcntl", opened, F_DUPFD, self._parking)
-            self.stub.call("close", opened)
-        return self.stub.call("pidfd_getfd", self._restorer, our_fd, 0)
+        (pidfd_getfd): for what the stub uses once and closes (a file it maps). Not within
+        a batch of calls (its result is needed now)."""
+        if self.stub.batch_room() is not None:
+            raise RestoreError("a descriptor lent to the stub inside a batch of calls")
+        restorer = self._restorer_arg()
+        assert isinstance(restorer, int)  # (no batch open: made now)
+        return self.stub.call("pidfd_getfd", restorer, our_fd, 0)
+
+    def _restorer_arg(self) -> int | Call:
+        """The stub's pidfd of this process, parked above the image's numbers, so no
+        restored descriptor lands on it: made once, in one batch of calls (one stop), or
+        queued in the batch open (its Call, for the calls chained to it there)."""
+        if self._restorer < 0 and self._restorer_call is not None:
+            made = self._restorer_call.result
+            if made is None:  # its batch has not run yet
+                return self._restorer_call
+            if made < 0:
+                raise RestoreError(f"cannot open the restorer's pidfd: {os.strerror(-made)}")
+            self._restorer, self._restorer_call = made, None
+        if self._restorer >= 0:
+            return self._restorer
+        stub = self.stub
+        now = stub.batch_room() is None
+        with stub.batched():
+            opened = stub.queue("pidfd_open", os.getpid(), 0)
+            self._restorer_call = stub.queue("fcntl", opened, F_DUPFD, self._parking)
+            stub.queue("close", opened)
+        if now:
+            return self._restorer_arg()
+        return self._restorer_call
 
     def spare_number(self) -> int:
         """A descriptor number free in the stub, above every one the image uses."""
@@ -245,11 +288,16 @@ class RestoreContext:
         return copy
 
     def give_made(self, made: int, descriptor: rec.FileDescriptor) -> None:
-        """give() a descriptor the restorer made for this one alone, then close ours."""
-        try:
-            self.give(made, descriptor)
-        finally:
-            os.close(made)
+        """give() a descriptor the restorer made for this one alone, then close ours (once
+        the batch open, if any, has run: at the end of the restore)."""
+        if self.stub.batch_room() is None:
+            try:
+                self.give(made, descriptor)
+            finally:
+                os.close(made)
+            return
+        self._given_later.append(made)
+        self.give(made, descriptor)
 
     def built(self, key: Hashable) -> int | None:
         """Our descriptor an earlier restore() kept under `key`: an object's id, or
@@ -280,8 +328,13 @@ class RestoreContext:
     ) -> None:
         for fd in self._kept.values():
             os.close(fd)
-        if self._restorer >= 0 and error is None:
-            self.stub.call("close", self._restorer)
+        for fd in self._given_later:
+            os.close(fd)
+        if error is None:
+            if self._restorer_call is not None:
+                self._restorer_arg()  # its batch ran (every batch has): its number
+            if self._restorer >= 0:
+                self.stub.call("close", self._restorer)
 
 
 class Kind:

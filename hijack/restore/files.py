@@ -17,7 +17,6 @@ from hijack import objects
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects.base import (
-    F_DUPFD,
     F_SETFL,
     O_CLOEXEC,
     SETTABLE_STATUS_FLAGS,
@@ -28,13 +27,6 @@ from hijack.restore.plan import FilePlan
 from hijack.restore.remote import Stub
 from hijack.restore.shared import TreeShared
 from hijack.sys import procfs
-
-
-def close_foreign_descriptors(stub: Stub, keep: set[int]) -> None:
-    """The stub inherited the restorer's descriptors: none of them belongs to the image."""
-    for entry in procfs.list_fds(stub.pid):
-        if entry.fd not in keep:
-            stub.call("close", entry.fd)
 
 
 def restore_files(
@@ -76,13 +68,22 @@ def restore_files(
         placed = _place_inherited(stub, given, inherited, parking)
         parked: dict[int, int] = {}
     else:
-        parked = {
-            image_fd: stub.call("fcntl", fd, F_DUPFD, parking) for image_fd, fd in inherited.items()
-        }
-        close_foreign_descriptors(stub, keep=set(parked.values()))
+        present = [entry.fd for entry in procfs.list_fds(stub.pid)]
+        parked = {image_fd: parking + index for index, image_fd in enumerate(inherited)}
     first_of: dict[int, int] = {}  # description id -> the descriptor that made it
     made: list[tuple[Kind, rec.FileDescriptor]] = []
     with RestoreContext(stub, image, parking, restored, shared) as context, _Runs(stub) as run:
+        if shared is not None:
+            # A tree's member: its copies parked above every number in play, every other
+            # descriptor of the stub closed, in the run's batch, and so are the
+            # descriptions other members made (give_made): the descriptors of a member
+            # whose every description is shared take one stop, not two a call (frozen).
+            run.begin()
+            for image_fd, fd in inherited.items():
+                stub.call("dup3", fd, parked[image_fd], 0)
+            for fd in present:
+                if fd not in parked.values():
+                    stub.call("close", fd)
         for descriptor in given:
             copy = None
             if shared is not None and descriptor.description_id not in first_of:
@@ -90,7 +91,7 @@ def restore_files(
             if descriptor.fd in placed:
                 pass  # where it belongs already, as the first of its description
             elif copy is not None:
-                run.end()
+                run.begin()
                 context.give_made(copy, descriptor)  # another member's description, shared
             elif descriptor.fd in parked:
                 run.begin()
@@ -111,9 +112,11 @@ def restore_files(
                 kind.restore(descriptor, context)
                 made.append((kind, descriptor))
             first_of.setdefault(descriptor.description_id, descriptor.fd)
+        if parked:
+            run.begin()
+            for unused in parked.values():
+                stub.call("close", unused)  # a description another member's copy stood for
         run.end()
-        for unused in parked.values():
-            stub.call("close", unused)  # a description another member's copy stood for
         for kind, descriptor in made:
             kind.finish(descriptor, context)
         if shared is not None:

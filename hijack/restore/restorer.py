@@ -475,7 +475,7 @@ def finish_member(
             # A table shared with the parent has the shadow's descriptors from the parent's.
             taken = _take_from_shadow(holdings, plan) if holdings and not parents_table else {}
             try:
-                inherited = lend(stub, {**taken, **pairs, **given})
+                inherited = lend(stub, {**taken, **pairs, **given}, batched=True)
             finally:
                 for fd in taken.values():
                     os.close(fd)
@@ -511,10 +511,19 @@ def finish_member(
     return Rebuilt(_result(stub.pid, image, plan), image.header, holdings, pending)
 
 
-def lend(stub: Stub, ours: dict[int, int]) -> dict[int, int]:
-    """The stub's own copies (pidfd_getfd) of our descriptors `ours`, by the same keys."""
+def lend(stub: Stub, ours: dict[int, int], *, batched: bool = False) -> dict[int, int]:
+    """The stub's own copies (pidfd_getfd) of our descriptors `ours`, by the same keys.
+    `batched`: in one batch of chained calls, one stop (its scratch area is executable:
+    its memory is built)."""
     if not ours:
         return {}
+    if batched:
+        with stub.batched():
+            opened = stub.queue("pidfd_open", os.getpid(), 0)
+            copies = {key: stub.queue("pidfd_getfd", opened, fd, 0) for key, fd in ours.items()}
+            stub.queue("close", opened)
+        made = {key: call.result for key, call in copies.items()}
+        return {key: fd for key, fd in made.items() if fd is not None}  # (all: none failed)
     stub.reset_scratch()
     handle = stub.call("pidfd_open", os.getpid(), 0)
     try:
