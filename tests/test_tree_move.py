@@ -19,7 +19,10 @@ socket or listener is relayed by the tree's one home shadow.
 - a tree whose members keep writing memory they share since a fork, moved with pre-copy
   (the default for a tree with memory): every member finds every page as it wrote it;
 - a tree whose member ends between the build of its stubs there (before the freeze) and
-  the freeze: restored the whole way, the zombie reaped there with its status.
+  the freeze: restored the whole way, the zombie reaped there with its status;
+- a child sharing its parent's descriptor table and fs context, moved with pre-copy into
+  stubs built before the freeze (each member finished as soon as its memory is): it
+  shares both again there.
 """
 
 from __future__ import annotations
@@ -59,7 +62,7 @@ from test_move import (
 from test_move_home import links, most_acknowledged, relay_sockets
 from test_nodes import ECHO_SESSION
 from test_tree_programs import NGINX, NGINX_CONFIG
-from test_tree_share import pss_kib
+from test_tree_share import contexts_shared, pss_kib
 
 from hijack.process.tree import read_tree
 from hijack.registry import Registry
@@ -394,6 +397,41 @@ def test_a_tree_sharing_memory_with_a_parent_moves_frozen_whole(tmp_path: Path) 
         (moved_child,) = (pid for pid in read_tree(there).pids if pid != there)
         kinds = (kcmp.KCMP_VM, kcmp.KCMP_SIGHAND)
         assert all(kcmp.shares_context(there, moved_child, kind) for kind in kinds)
+        tree.wait_exit()
+        shadow = int(shadow_status(a, tree.pid)["shadow_pid"])
+        finish_moved(tree, Moved(there, b, 0.0, shadow), tmp_path)
+
+
+def test_a_tree_sharing_its_table_and_fs_context_moves_with_precopy_into_its_stubs(
+    tmp_path: Path,
+) -> None:
+    """A child made by clone(CLONE_FILES | CLONE_FS) moves with its parent by pre-copy:
+    its stub is forked from its parent's before the freeze sharing the table and fs
+    context, and at the freeze each member is finished as soon as its memory is (the
+    parent's descriptors made into the table before the child's memory is turned into its
+    image's, whose file mappings open and close descriptors in that same table). There,
+    they share both again; let go, the child opens a file and enters a directory and the
+    parent sees both (the fixture checks)."""
+    opened, entered = tmp_path / "opened", tmp_path / "entered"
+    opened.write_text("the child opens me\n")
+    entered.mkdir()
+    with (
+        two_nodes(tmp_path) as (a, b),
+        spawn_fixture("tree_contexts", "both", opened, entered, fifos=True, netns=a.netns) as tree,
+    ):
+        child = int(tree.ready["child"])
+        assert contexts_shared(tree.pid, child) == {"files", "fs"}
+        assert b.daemon_endpoint is not None
+        printed = a.hijack("move", tree.pid, "--to", b.daemon_endpoint, "--precopy")
+        assert printed.returncode == 0, f"{printed.describe()}\n{logs(tmp_path)}"
+        found = TREE_LINE.search(printed.stdout)
+        assert found is not None, printed.stdout
+        assert "pre-copy round" in printed.stdout, printed.stdout
+        built = daemon_log(b)
+        assert "rebuilt during the freeze" not in built and "not built" not in built, built
+        there = int(found[3])
+        (moved_child,) = (pid for pid in read_tree(there).pids if pid != there)
+        assert contexts_shared(there, moved_child) == {"files", "fs"}
         tree.wait_exit()
         shadow = int(shadow_status(a, tree.pid)["shadow_pid"])
         finish_moved(tree, Moved(there, b, 0.0, shadow), tmp_path)

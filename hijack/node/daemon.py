@@ -922,11 +922,12 @@ def _prebuild(
             for pid, flags in message.get("contexts", [])
         )
         tree = rec.Tree(members=members, contexts=contexts)
-    except (KeyError, TypeError, ValueError, HijackError) as exc:
+        exe = {int(pid): str(path) for pid, path in message.get("exe", {}).items()}
+    except (KeyError, TypeError, ValueError, AttributeError, HijackError) as exc:
         log(f"move {move!s:.40}: malformed prebuild ({type(exc).__name__}: {exc}); not built")
         return None
     try:
-        return prebuild_tree(tree, rounds, mount_namespace)
+        return prebuild_tree(tree, rounds, mount_namespace, exe)
     except (HijackError, OSError) as exc:
         log(f"move {move!s:.40}: the tree's stubs not built before its freeze: {exc}")
         return None

@@ -408,6 +408,11 @@ def _prebuild(pid: int, channel: Channel) -> None:
     the freeze then only applies the final image. The frozen tree is checked against
     this one there (a member forked or gone since: its stubs built during the freeze)."""
     tree = relations_now(pid)
+    # Each member's executable: its stub's exe link is set to it before the freeze.
+    exe: dict[str, str] = {}
+    for member in tree.imaged:
+        with contextlib.suppress(HijackError):  # gone meanwhile: its link set frozen
+            exe[str(member.pid)] = procfs.read_exe(member.pid)
     channel.send(
         {
             "op": "prebuild",
@@ -416,6 +421,7 @@ def _prebuild(pid: int, channel: Channel) -> None:
                 for m in tree.members
             ],
             "contexts": [[c.pid, int(c.flags)] for c in tree.contexts],
+            "exe": exe,
         }
     )
     patience = channel.sock.gettimeout()

@@ -106,41 +106,9 @@ class Prebuilt:
 
     def set_exe(self, path: str) -> None:
         """Point the stub's exe link (/proc/PID/exe) at `path`, the process's executable as
-        the move's request names it: PR_SET_MM_MAP with the stub's own fields and the file
-        opened in the stub, after round 0 (the stub's own program, no longer mapped, may be
-        replaced then: never once the process's is mapped). The final restore then leaves
-        the link as it is if the image names the same file (two injected calls fewer in
-        the freeze, restorer._set_mm_map), and opens it itself otherwise (its open fails
-        for a file gone since, as it would have). Best effort: a failure leaves the stub's."""
-        stub = self._stub()
-        stub.reset_scratch()
-        opened = stub.try_call("openat", AT_FDCWD, stub.put_string(path), O_RDONLY | O_CLOEXEC)
-        if opened < 0:
-            return
-        try:
-            own = procfs.read_stat(stub.pid)
-            fields = PRCTL_MM_MAP.pack(
-                own.start_code,
-                own.end_code,
-                own.start_data,
-                own.end_data,
-                own.start_brk,
-                own.start_brk,  # its break: the final restore sets the process's
-                own.start_stack,
-                own.arg_start,
-                own.arg_end,
-                own.env_start,
-                own.env_end,
-                0,  # its auxv as it is
-                0,
-                opened,
-            )
-            done = stub.try_call(
-                "prctl", PR_SET_MM, PR_SET_MM_MAP, stub.put(fields), len(fields), 0
-            )
-        finally:
-            stub.try_call("close", opened)
-        if done == 0:
+        the move's request names it, after round 0 (set_exe); the final restore then
+        leaves the link as it is if the image names the same file (restorer._set_mm_map)."""
+        if set_exe(self._stub(), path):
             self.exe = path
 
     def hand_over_early(self, provided: dict[int, int]) -> None:
@@ -187,3 +155,39 @@ class Prebuilt:
             self.space.close()
         if self.stub is not None and not self.taken:
             kill_stub(self.stub.pid)
+
+
+def set_exe(stub: Stub, path: str) -> bool:
+    """Point the stub's exe link (/proc/PID/exe) at `path`, the process's executable as
+    the move names it: PR_SET_MM_MAP with the stub's own fields and the file opened in the
+    stub, once its round 0 is built (the stub's own program, no longer mapped, may be
+    replaced then: never once the process's is mapped). The final restore then leaves
+    the link as it is if the image names the same file (two injected calls fewer in the
+    freeze, restorer._set_mm_map), and opens it itself otherwise (its open fails for a
+    file gone since, as it would have). Best effort: False if the link is not set."""
+    stub.reset_scratch()
+    opened = stub.try_call("openat", AT_FDCWD, stub.put_string(path), O_RDONLY | O_CLOEXEC)
+    if opened < 0:
+        return False
+    try:
+        own = procfs.read_stat(stub.pid)
+        fields = PRCTL_MM_MAP.pack(
+            own.start_code,
+            own.end_code,
+            own.start_data,
+            own.end_data,
+            own.start_brk,
+            own.start_brk,  # its break: the final restore sets the process's
+            own.start_stack,
+            own.arg_start,
+            own.arg_end,
+            own.env_start,
+            own.env_end,
+            0,  # its auxv as it is
+            0,
+            opened,
+        )
+        done = stub.try_call("prctl", PR_SET_MM, PR_SET_MM_MAP, stub.put(fields), len(fields), 0)
+    finally:
+        stub.try_call("close", opened)
+    return done == 0

@@ -432,6 +432,8 @@ def finish_member(
     take_locks: bool = True,
     laps: Laps | None = None,
     lazy: Callable[[tuple[rec.Segment, ...]], LazyPages | None] | None = None,
+    exe_set: str = "",
+    later_writes: list[Callable[[], None]] | None = None,
 ) -> Rebuilt:
     """Finish the tree's member whose memory build_member_memory rebuilt, its relations
     (parent, session, group) made already; leave it stopped.
@@ -451,7 +453,11 @@ def finish_member(
     `lazy` (a tree's post-copy move): given the image's segments, the member's pages left
     on the source (hijack.restore.postcopy), made missing in the stub (every member's
     pages are in, every stub forked: none inherits the holes), while it still has root's
-    powers (as restore()'s `lazy`).
+    powers (as restore()'s `lazy`). `exe_set`: the file the stub's exe link names
+    already (a tree's stub built before the freeze, hijack.restore.tree.prebuild_tree).
+    `later_writes`: what the finish would write into the stub's memory (a thread's cached
+    tid, where it changed) is put there instead, for the caller to write once every
+    member's pages are in (a later member's image may copy pages from this one's).
     """
     laps = laps or Laps()
     stub, image, space, ipc = memory.stub, memory.image, memory.space, memory.ipc
@@ -498,6 +504,8 @@ def finish_member(
                 parents_table,
                 memory.parents_memory,
                 parents_handlers,
+                exe_set=exe_set,
+                later_writes=later_writes,
             )
             laps.lap("finish")
         finally:
@@ -804,10 +812,12 @@ def _finish(
     cloned: dict[int, int] | None = None,
     files: _FilesMade | None = None,
     exe_set: str = "",
+    later_writes: list[Callable[[], None]] | None = None,
 ) -> None:
     """`cloned`: threads clone_ahead made already (the image's tid -> the stub's).
     `files`: _finish_files made its part already (before the image's pages came).
-    `exe_set`: the stub's exe link set already (see _set_mm_map)."""
+    `exe_set`: the stub's exe link set already (see _set_mm_map). `later_writes`: see
+    finish_member."""
     laps = laps or Laps()
     assert image.signals is not None and image.cwd is not None
     assert image.settings is not None and image.timers is not None
@@ -859,7 +869,9 @@ def _finish(
             tid = thread_ids[thread.tid]
             if cloned and thread.tid in cloned:
                 _inherit(stub, image, tid)
-            _set_thread_state(stub, thread, tid, image.credentials_of(thread.tid), powers)
+            _set_thread_state(
+                stub, thread, tid, image.credentials_of(thread.tid), powers, later_writes
+            )
     laps.lap("finish: threads' state")
     _queue_pending_signals(stub, image, thread_ids)
     settings.apply_settings(stub, image.settings, thread_ids)
@@ -1141,9 +1153,10 @@ def _set_thread_state(
     tid: int,
     own: rec.Credentials,
     powers: credentials.Powers,
+    later_writes: list[Callable[[], None]] | None = None,
 ) -> None:
     with stub.batched(tid):  # one stop for the thread's calls
-        _set_thread_calls(stub, thread, tid, own, powers)
+        _set_thread_calls(stub, thread, tid, own, powers, later_writes)
 
 
 def _set_thread_calls(
@@ -1152,6 +1165,7 @@ def _set_thread_calls(
     tid: int,
     own: rec.Credentials,
     powers: credentials.Powers,
+    later_writes: list[Callable[[], None]] | None = None,
 ) -> None:
     stub.reset_scratch()
     if thread.robust_list.head:
@@ -1162,7 +1176,9 @@ def _set_thread_calls(
     if not altstack.ss_flags & 2:  # SS_DISABLE is what a new thread has already
         stub.call("sigaltstack", stack_t, 0, tid=tid)
     stub.call("prctl", PR_SET_NAME, stub.put_string(thread.comm[:15]), 0, 0, 0, tid=tid)
-    if tid != thread.tid:
+    if tid != thread.tid and later_writes is not None:
+        later_writes.append(functools.partial(_fix_cached_tid, stub, thread, tid))
+    elif tid != thread.tid:
         _fix_cached_tid(stub, thread, tid)
     credentials.set_credentials(stub, own, tid, powers)
     rseq = thread.rseq

@@ -37,9 +37,13 @@ the rest of every member once the whole tree is:
    and the SIGCHLD that stop gave it.
 
 A move with pre-copy does steps 1 to 3 before the freeze, from its rounds
-(prebuild_tree, in the same order: each child forked from its filled parent):
-its final image is rebuilt into those stubs if the frozen tree is the one they
-were forked as (PrebuiltTree.fits), else they are killed and the tree made anew.
+(prebuild_tree, in the same order: each child forked from its filled parent,
+each stub's exe link set then): its final image is rebuilt into those stubs if
+the frozen tree is the one they were forked as (PrebuiltTree.fits), else they
+are killed and the tree made anew. Into those stubs, step 4 is done for each
+member as soon as its memory is rebuilt, while the next members' images still
+come (every stub is forked: none inherits what a finish makes), but for a
+post-copy's; what a finish writes into a member's memory waits for the last.
 
 A failure at any step kills every stub made: never half a tree.
 """
@@ -63,6 +67,7 @@ from hijack.image.codec import next_is_round, read_stream
 from hijack.mutator.tracee import ALL_SIGNALS_BLOCKED, ThreadState, find_syscall_instruction
 from hijack.registry import MemberRecord, Registry
 from hijack.restore.address_space import AddressSpace, find_hole
+from hijack.restore.precopy import set_exe
 from hijack.restore.remote import SCRATCH_PROT, SCRATCH_SIZE, Stub
 from hijack.restore.restorer import (
     CLONE_ARGS,
@@ -171,6 +176,10 @@ class PrebuiltTree:
         self.spaces = spaces  # by pid at the source: the members the rounds sent
         self.taken = False  # the final restore owns the stubs now (or they are killed)
         self.used = False  # the final restore was into them (else: the frozen tree differed)
+        # The file each stub's exe link names (set_exe, or inherited from its parent's
+        # stub at its fork), by pid at the source: the final restore leaves it if the
+        # image names it (restorer._set_mm_map: two injected calls fewer each, frozen).
+        self.exe: dict[int, str] = {}
 
     def fits(self, final: rec.Tree) -> bool:
         """Whether the frozen tree is the one built: the same members with the same
@@ -206,13 +215,19 @@ def _relations(tree: rec.Tree) -> tuple[object, ...]:
 
 
 def prebuild_tree(
-    tree: rec.Tree, rounds: TreeRounds, mount_namespace: int | None = None
+    tree: rec.Tree,
+    rounds: TreeRounds,
+    mount_namespace: int | None = None,
+    exe: dict[int, str] | None = None,
 ) -> PrebuiltTree:
     """Fork the tree of stubs of a moving tree (`tree`: its relations read while it runs,
     after its last round) under its old pids if all are free, else fresh ones; lay each
     member the rounds sent out as its round 0 and write every page they sent into it,
     parents first: a member's children are forked from its filled stub and keep the pages
-    round 0 found shared with it (TreeRounds.inherited), copy-on-write."""
+    round 0 found shared with it (TreeRounds.inherited), copy-on-write. `exe`: each
+    member's executable as the mover read it (by pid): its stub's exe link is set to it
+    once filled, before its children are forked (they inherit it: set again only where
+    theirs differs)."""
     refusals = relation_refusals(tree) + [
         f"process {c.pid} shares its parent's memory (CLONE_VM): such a tree moves without"
         " pre-copy (no stubs are built from rounds)"
@@ -225,6 +240,7 @@ def prebuild_tree(
         )
     made = _Made()
     spaces: dict[int, AddressSpace] = {}
+    links: dict[int, str] = {}  # what each stub's exe link names, set or inherited
     new_pids = bool(_taken_pids(tree))
     try:
         _fork_root(tree, made, new_pids, mount_namespace)
@@ -241,6 +257,12 @@ def prebuild_tree(
                 pages.fill(
                     space, rounds.inherited(member.pid, member.ppid) if parent else frozenset()
                 )
+                path = (exe or {}).get(member.pid, "")
+                if path and links.get(member.ppid) != path:
+                    if set_exe(made.stubs[member.pid], path):
+                        links[member.pid] = path
+                elif path:
+                    links[member.pid] = path  # its parent's stub's, inherited at its fork
             _fork_children(tree, made, member, new_pids)
         _make_relations(tree, made, new_pids)
     except BaseException:
@@ -250,7 +272,9 @@ def prebuild_tree(
             space.close()
         made.kill_all()
         raise
-    return PrebuiltTree(tree, made, spaces)
+    built = PrebuiltTree(tree, made, spaces)
+    built.exe = links
+    return built
 
 
 def _record_tree(registry: Registry, tree: rec.Tree, rebuilt: list[Rebuilt], made: _Made) -> None:
@@ -369,6 +393,39 @@ def restore_tree(
         # member sharing its parent's memory (CLONE_VM) builds none: it is its parent's.
         flags = {context.pid: context.flags for context in tree.contexts}
         owner: dict[int, int] = {}  # member -> the member whose memory it has (its own)
+        rebuilt: list[Rebuilt] = []
+        # Stubs built before the freeze are all forked already (none can inherit what a
+        # finish makes): each member is finished as soon as its memory is, while the mover
+        # still sends the next members' images, rather than all after the last one (then
+        # the destination's tail of the freeze: ~2.5 ms a member at load 3). Not a
+        # post-copy's (its pages made missing in a member a later one copies pages from);
+        # what a finish writes into a member's memory (a thread's cached tid) waits until
+        # every member's pages are in, as their copies come from the stubs.
+        early = prebuilt is not None and moved.lazy is None
+        later_writes: list[Callable[[], None]] = []
+
+        def finish(member: rec.TreeMember) -> None:
+            shares = flags.get(member.pid, rec.CloneFlags(0))
+            rebuilt.append(
+                finish_member(
+                    memories.pop(member.pid),
+                    shared,
+                    skip_unsupported=skip_unsupported,
+                    registry=registry,
+                    own_parent=member is not tree.members[0],
+                    parents_table=rec.CloneFlags.FILES in shares,
+                    parents_handlers=rec.CloneFlags.SIGHAND in shares,
+                    provided=functools.partial(moved.provided, member.pid),
+                    take_locks=moved.admit is None,
+                    laps=laps,
+                    lazy=_lazy_of(moved, member.pid, made),
+                    exe_set=prebuilt.exe.get(member.pid, "") if prebuilt is not None else "",
+                    later_writes=later_writes if early else None,
+                )
+            )
+
+        if early:
+            reached("restore-tree-forked")
         for member in tree.imaged:
             own = rec.CloneFlags.VM not in flags.get(member.pid, rec.CloneFlags(0))
             owner[member.pid] = member.pid if own else owner[member.ppid]
@@ -392,30 +449,19 @@ def restore_tree(
                 segments = memories[owner[member.pid]].image.segments.segments
                 _fork_children(tree, made, member, bool(new_pids), segments)
                 laps.lap("stubs")
+            if early:
+                finish(member)
         for _ in records:
             raise ImageError("records after the last image of the tree")
         if prebuilt is None:
             _make_relations(tree, made, bool(new_pids), moved)
             laps.lap("stubs")
-        reached("restore-tree-forked")
-        rebuilt: list[Rebuilt] = []
-        for member in tree.imaged:
-            shares = flags.get(member.pid, rec.CloneFlags(0))
-            rebuilt.append(
-                finish_member(
-                    memories.pop(member.pid),
-                    shared,
-                    skip_unsupported=skip_unsupported,
-                    registry=registry,
-                    own_parent=member is not tree.members[0],
-                    parents_table=rec.CloneFlags.FILES in shares,
-                    parents_handlers=rec.CloneFlags.SIGHAND in shares,
-                    provided=functools.partial(moved.provided, member.pid),
-                    take_locks=moved.admit is None,
-                    laps=laps,
-                    lazy=_lazy_of(moved, member.pid, made),
-                )
-            )
+        if not early:
+            reached("restore-tree-forked")
+            for member in tree.imaged:
+                finish(member)
+        for write in later_writes:
+            write()
         unclaimed = shared.unclaimed()
         if unclaimed:
             raise RestoreError(f"cannot restore the tree: {'; '.join(unclaimed)}")
