@@ -232,13 +232,16 @@ class RestoreContext:
         open (then `our_fd` must stay open until it ran: give_made sees to that). The copy
         pidfd_getfd makes may land on the image's number itself (the lowest free one): it
         is parked above the image's numbers first, so that the dup3 to its place never
-        meets it."""
+        meets it (F_DUPFD: the lowest free number from there)."""
         stub = self.stub
         restorer = self._restorer_arg()
         cloexec = O_CLOEXEC if descriptor.cloexec else 0
         with stub.batched():
             got = stub.queue("pidfd_getfd", restorer, our_fd, 0)
-            parked = stub.queue("fcntl", got, F_DUPFD, self._parking)
+            # Above its number too: a number given may lie above `parking` (met: a
+            # unix socket's, tests/test_obj_unix.py; dup3 onto itself is EINVAL).
+            above = max(self._parking, descriptor.fd + 1)
+            parked = stub.queue("fcntl", got, F_DUPFD, above)
             stub.queue("close", got)
             stub.queue("dup3", parked, descriptor.fd, cloexec)
             stub.queue("close", parked)
