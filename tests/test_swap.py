@@ -226,7 +226,10 @@ def interrupt_swaps(
         what = f"{node.name} unreachable" if interruption == UNREACHABLE else interruption
         assert still_running(moved.pid), "the stream ended before the swaps: too fast"
         started = time.monotonic()
-        swapping = hijack_in(home, stage, "swap", home_pid, timeout=SWAP_STAGE_TIMEOUT)
+        try:
+            swapping = hijack_in(home, stage, "swap", home_pid, timeout=SWAP_STAGE_TIMEOUT)
+        except AssertionError as exc:  # ended before its stage: the stream may have died
+            raise AssertionError(f"{exc}\n{client.stderr}\n{logs(tmp_path)}") from None
         reached = time.monotonic() - started  # printed: how long its drains took
         if isinstance(what, str):
             link_down(node)
