@@ -149,6 +149,11 @@ def test_detach_of_a_process_back_home_ends_its_shadow_and_names_it(tmp_path: Pa
                 ("a", "b", "done"),
             ], moves
             assert moves[0]["new_pid"] == back.pid, moves
+            # The one it received shows the freeze its mover measured (told once over).
+            poll_until(
+                lambda: status_of(a)["moves"][0]["freeze_ms"] is not None,
+                "the freeze of the move a received, in its row",
+            )
             result = a.hijack_ok("detach", back.pid)
             assert result.stdout.startswith(
                 f"detached process {back.pid} (echo_server, attached); shadow {back.shadow_pid}"

@@ -161,6 +161,13 @@ def bytes_from_process(node: Node, home_pid: int) -> int:
     return int(row["bytes_in"])
 
 
+def tracer_name(pid: int) -> str:
+    """The name (comm) of the process tracing `pid`."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    tracer = next(line for line in status.splitlines() if line.startswith("TracerPid:"))
+    return Path(f"/proc/{tracer.split()[1]}/comm").read_text().strip()
+
+
 def traced(pid: int) -> bool:
     """Whether `pid` is held by a tracer (a swap end's helper freezes it so)."""
     try:
@@ -219,7 +226,10 @@ def interrupt_swaps(
         what = f"{node.name} unreachable" if interruption == UNREACHABLE else interruption
         assert still_running(moved.pid), "the stream ended before the swaps: too fast"
         started = time.monotonic()
-        swapping = hijack_in(home, stage, "swap", home_pid, timeout=SWAP_STAGE_TIMEOUT)
+        try:
+            swapping = hijack_in(home, stage, "swap", home_pid, timeout=SWAP_STAGE_TIMEOUT)
+        except AssertionError as exc:  # ended before its stage: the stream may have died
+            raise AssertionError(f"{exc}\n{client.stderr}\n{logs(tmp_path)}") from None
         reached = time.monotonic() - started  # printed: how long its drains took
         if isinstance(what, str):
             link_down(node)
@@ -297,6 +307,8 @@ def test_a_swap_end_whose_coordinator_is_cut_off_lets_its_process_go(tmp_path: P
             swapping = hijack_in(a, "swap-frozen", "swap", client.pid, timeout=SWAP_STAGE_TIMEOUT)
             try:
                 assert traced(moved.pid), "the moved end is not frozen at swap-frozen"
+                # A move refused meanwhile names the tracer: the swap's helper, by its name.
+                assert tracer_name(moved.pid) == "hijack-swap-end"
                 link_down(b)
                 cut = time.monotonic()
                 try:

@@ -67,6 +67,9 @@ COMMIT_TIMEOUT = 60.0  # seconds a prepared process waits for the mover's decisi
 LISTEN_BACKLOG = 128  # a listener's, when an older mover does not say the process's own
 RELEASE_TIMEOUT = 5.0  # seconds to tell a home shadow its migrant ended
 STOPPING_RELEASE_TIMEOUT = 3.0  # the same, as the daemon stops (a TLS handshake, then the answer)
+# How long a daemon waits for the mover's `frozen` once the moved process runs: the mover sends
+# it at once (its shadow switch done); a lost one only leaves the received row without it.
+FROZEN_WAIT = 10.0
 
 
 # Proxies whose descriptor a pre-copied move makes as its `move` message arrives: a relay
@@ -748,6 +751,22 @@ class NodeDaemon:
                 )
         if lazy:
             self._postcopy(channel, move, result.pid, lazy, tree)
+        else:
+            self._take_freeze(channel, move)
+
+    @staticmethod
+    def _take_freeze(channel: Channel, move: str) -> None:
+        """The mover's `frozen` (how long the move froze the process, which only it knows,
+        sent once the freeze is over) into the row of the move received here."""
+        try:
+            channel.sock.settimeout(FROZEN_WAIT)
+            message = channel.receive()
+        except (ChannelError, OSError):
+            return  # an older mover's close, or its answer lost: the row goes without it
+        freeze_ms = message.get("freeze_ms")
+        if message.get("op") == "frozen" and isinstance(freeze_ms, (int, float)):
+            with contextlib.suppress(HijackError), Registry() as records:
+                records.update_move(move, freeze_ms=float(freeze_ms))
 
     @staticmethod
     def _restore_tree(image: BinaryIO, moved: TreeMove) -> RestoreResult:

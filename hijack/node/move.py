@@ -723,6 +723,8 @@ def _move_frozen(
             # (freeing a big one's memory takes a while).
             laps.lap("shadow switch")
             freeze_ms = laps.total_ms()
+            if not lazy:  # (a post-copy's channel carries its pages from here on)
+                tell_frozen(channel, freeze_ms)
             mark_moved()
             if not at_home:
                 with contextlib.suppress(HijackError, OSError):  # committed: nothing may fail
@@ -1189,6 +1191,14 @@ def _switch_shadow(
 def direct_numbers(plan: list[Proxy]) -> list[int]:
     """The descriptors of `plan` that are direct connections (swapped)."""
     return [p.fd for p in plan if p.kind == "direct"]
+
+
+def tell_frozen(channel: Channel, freeze_ms: float) -> None:
+    """Tell the destination how long the move froze the process (only the mover knows):
+    its row of the move it received shows it (`hijack status` there). Lost, the row
+    goes without it."""
+    with contextlib.suppress(ChannelError, OSError):
+        channel.send({"op": "frozen", "freeze_ms": round(freeze_ms, 1)})
 
 
 def _commit(

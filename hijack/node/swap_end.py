@@ -37,7 +37,7 @@ from hijack.mutator.tracee import Tracee
 from hijack.objects import sockopts
 from hijack.objects.epoll import EPOLL_CTL_ADD, EPOLL_EVENT, live_targets
 from hijack.process.tree import read_tree
-from hijack.sys import memory, pidfd, procfs, tcp_repair
+from hijack.sys import memory, pidfd, process, procfs, tcp_repair
 
 F_SETFL, F_SETFD, FD_CLOEXEC = 4, 2, 1
 O_CLOEXEC = 0o2000000
@@ -493,6 +493,7 @@ def serve(channel: Any, request: dict[str, Any]) -> None:
 
 
 HELPER_TIMEOUT = 60.0  # seconds a helper may take to answer one message
+HELPER_NAME = "hijack-swap-end"  # its /proc comm (15 bytes at most)
 
 
 class Helper:
@@ -604,6 +605,9 @@ def relay_to_helper(channel: Any, request: dict[str, Any]) -> None:
 
 
 def main() -> int:
+    # A move refused because the process is traced names its tracer: this, not "python".
+    with contextlib.suppress(HijackError):
+        process.set_name(HELPER_NAME)
     channel = LineChannel()
     try:
         request = channel.receive()

@@ -91,6 +91,7 @@ from hijack.node.move import (
     quiet_shadow,
     serve_lazy,
     signals_held,
+    tell_frozen,
     unhomeable,
     unsettled_for_home,
 )
@@ -723,6 +724,8 @@ def _frozen(
             unswitched = exc  # the copy runs all the same: it is the tree now
         laps.lap("shadow switch")
         freeze_ms = laps.total_ms()
+        if not lazy:
+            tell_frozen(channel, freeze_ms)
         context.mark_moved()
         if not at_home:
             for member, plan in plans.items():

@@ -1509,7 +1509,17 @@ class RelayHub:
                 pipe.close()
         stream.out_pipe = stream.in_pipe = None
         stream.splices = False
+        self._log_swap(stream, swap, "taken off its relay")
         self._refresh_interest()
+
+    def _log_swap(self, stream: Stream, swap: str, what: str) -> None:
+        """One line per swap step: what it moved each way and holds (an undone swap's
+        bytes must go on in order from exactly there)."""
+        self.log(
+            f"{stream.id}: swap {swap} {what}: {stream.bytes_out} bytes out,"
+            f" {stream.bytes_in} in; holds {len(stream.to_relay)} for the process,"
+            f" {len(stream.to_original)} for the original"
+        )
 
     def swap_state(self, stream_id: str, swap: str, written: int | None = None) -> dict[str, int]:
         """How far stream `stream_id` is drained: the process's bytes still on their way
@@ -1560,6 +1570,7 @@ class RelayHub:
         """The swap failed: relay the stream on as before (what we kept goes first)."""
         stream = self.streams.get(stream_id)
         if stream is not None and stream.swapping == swap:
+            self._log_swap(stream, swap, "undone, relayed on")
             stream.swapping = ""
             stream.splices = None
             if stream.relay_lost:  # its process's socket is gone: the stream ends
@@ -1573,6 +1584,7 @@ class RelayHub:
         # Its original may have ended meanwhile: the other end's shadow retired (reset)
         # its own first, once both ends were live on the direct connection.
         stream = self._swapped(stream_id, swap, ended=True)
+        self._log_swap(stream, swap, "done, retired")
         original = stream.original
         ends = _original_ends(stream)
         self._close(stream, reset=True)

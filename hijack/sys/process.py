@@ -10,7 +10,9 @@ from hijack.sys.errors import kernel_call, raise_for_errno
 from hijack.sys.libc import libc, raw_syscall
 from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
 
+PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
+TASK_COMM_LEN = 16  # a name's bytes, its NUL included
 
 _prctl = libc.prctl
 _prctl.restype = ctypes.c_int
@@ -26,6 +28,14 @@ def set_child_subreaper() -> None:
     """
     if _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise_for_errno(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def set_name(name: str) -> None:
+    """Name the calling thread (what /proc/PID/comm, ps and a refusal that names a tracer
+    show): at most 15 bytes, the rest cut."""
+    raw = ctypes.create_string_buffer(name.encode()[: TASK_COMM_LEN - 1])
+    if _prctl(PR_SET_NAME, ctypes.addressof(raw), 0, 0, 0) != 0:
+        raise_for_errno(ctypes.get_errno(), "prctl(PR_SET_NAME)")
 
 
 def get_robust_list(tid: int) -> tuple[int, int]:
