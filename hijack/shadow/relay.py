@@ -964,7 +964,10 @@ class RelayHub:
 
     @staticmethod
     def _still_watched(stream: Stream, role: str, target: Any) -> bool:
-        if stream.closed:
+        # `native`: an earlier event of the same batch handed the stream to the pump. Its
+        # sockets and pipes are the pump's now: a read or a splice here would go behind
+        # the pump's back (bytes in a pipe it does not count: sent out of order later).
+        if stream.closed or stream.native:
             return False
         if role == "original":
             return stream.original >= 0
