@@ -71,6 +71,10 @@ struct direction {
     int source, pipe_read, pipe_write, sink;
     int64_t held, size, moved;
     int full; /* no pipe slot free below its size: wait for the sink */
+    /* An event of its source said the peer finished writing (EPOLLRDHUP): a short read
+     * no longer means drained, the end may wait behind the bytes (come with them, it
+     * made no edge of its own). */
+    int hup;
 };
 
 struct pair {
@@ -169,7 +173,7 @@ static int pump(struct direction *d, int source_end, int sink_error, int *err) {
         int progress = 0;
         if (d->held == 0 && !bulk) {
             int passed = pass_through(d, source_end, sink_error, err);
-            if (passed == DRAINED)
+            if (passed == DRAINED && !d->hup)
                 return 0;
             if (passed != MOVED)
                 return passed;
@@ -230,6 +234,8 @@ static void on_socket(struct pair *pair, int which, uint32_t events) {
     struct direction *sink = which == ORIGINAL ? &pair->in : &pair->out;
     int readable = (events & (EPOLLIN | EPOLLRDHUP | EPOLLHUP | EPOLLERR)) != 0;
     int drains = (events & (EPOLLOUT | EPOLLHUP | EPOLLERR)) != 0 && sink->held > 0;
+    if (events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR))
+        (which == ORIGINAL ? &pair->out : &pair->in)->hup = 1;
     pump_pair(pair, which == ORIGINAL ? readable : drains, which == ORIGINAL ? drains : readable);
 }
 
@@ -278,14 +284,14 @@ static void on_control(void) {
         int64_t out_size = fcntl(fds[OUT_WRITE], F_GETPIPE_SZ);
         int64_t in_size = fcntl(fds[IN_WRITE], F_GETPIPE_SZ);
         pair->out = (struct direction){fds[ORIGINAL], fds[OUT_READ], fds[OUT_WRITE], fds[RELAY],
-                                       request.out_held, out_size, 0, 0};
+                                       request.out_held, out_size, 0, 0, 0};
         pair->in = (struct direction){fds[RELAY], fds[IN_READ], fds[IN_WRITE], fds[ORIGINAL],
-                                      request.in_held, in_size, 0, 0};
+                                      request.in_held, in_size, 0, 0, 0};
         pair->next = pairs;
         pairs = pair;
         watch(pair, fds[ORIGINAL], ORIGINAL);
         watch(pair, fds[RELAY], RELAY);
-        pump_pair(pair, 1, 1); /* what came before it was watched */
+        pump_pair(pair, 1, 1); /* what came before it was watched (an end: its first event) */
     } else if (request.op == OP_STOP) {
         /* Unknown: it came back by itself already (that report is on its way). */
         if (pair)
