@@ -161,24 +161,24 @@ def bytes_from_process(node: Node, home_pid: int) -> int:
     return int(row["bytes_in"])
 
 
+def tracer_of(pid: int) -> int:
+    """The pid of the process tracing `pid` (its TracerPid), 0 if none or `pid` ended."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0  # ended
+    line = next(line for line in status.splitlines() if line.startswith("TracerPid:"))
+    return int(line.split(":", 1)[1])
+
+
 def tracer_name(pid: int) -> str:
     """The name (comm) of the process tracing `pid`."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    tracer = next(line for line in status.splitlines() if line.startswith("TracerPid:"))
-    return Path(f"/proc/{tracer.split()[1]}/comm").read_text().strip()
+    return Path(f"/proc/{tracer_of(pid)}/comm").read_text().strip()
 
 
 def traced(pid: int) -> bool:
     """Whether `pid` is held by a tracer (a swap end's helper freezes it so)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return False  # ended
-    return any(
-        line.split(":", 1)[1].strip() != "0"
-        for line in status.splitlines()
-        if line.startswith("TracerPid:")
-    )
+    return tracer_of(pid) != 0
 
 
 def goes_on_relayed(
