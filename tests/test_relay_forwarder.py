@@ -26,7 +26,7 @@ import pytest
 from hijack.errors import HijackError
 from hijack.node import pki
 from hijack.node.forwarder import ForwarderProcess, unacknowledged
-from hijack.shadow import control, relay_link
+from hijack.shadow import control, relay_link, tls_records
 from hijack.shadow.relay import RelayHub, Stream
 from hijack.shadow.relay_link import ShadowIdentity, TlsLink
 from hijack.sys import tcp_repair
@@ -91,6 +91,8 @@ class Relayed:
                 header, link = relay_link.accept(connection, self.identity, self.token)
                 assert header["stream"] == STREAM and header["move"] == move, header
                 link.write_all(control.RELAY_ACCEPTED)
+                if tls_records.OWN_RECORDS:  # as the shadow's _admitted
+                    assert link.own_records(self.identity.keylog)
                 connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 accepted.append(link)
             except BaseException as exc:
