@@ -367,6 +367,16 @@ class TlsLink:
             del buffer[:taken]
         self.flush()
 
+    def reopen(self, ciphertext: bytes) -> bytes:
+        """Ciphertext read off the socket by another (the native pump) and not opened there:
+        the plaintext of its whole records, the rest kept for what comes next."""
+        assert self.records is not None
+        plain = self.records.open(ciphertext)
+        self._answer_records()
+        if self.records.closed:
+            self.eof = True
+        return plain
+
     def _answer_records(self) -> None:
         """What our record layer owes the peer (a KeyUpdate it asked for) goes out first."""
         assert self.records is not None
