@@ -242,7 +242,7 @@ def test_a_hand_back_takes_every_byte_the_process_wrote_out_of_the_forwarder(
 def test_an_encrypted_stream_taken_and_given_back_by_the_pump_loses_no_byte(
     relayed: Relayed, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """HIJACK_PUMP_ENCRYPTED: the native pump carries the stream's records in its steady
+    """The native pump carries an encrypted stream's records in its steady
     state (relay_pump.c, OP_ADD_TLS) and gives it back, record numbers, unsent records,
     unopened ones and undelivered bytes included, at every status, move and abort: a bulk
     echo both ways through all of that comes back whole and in order, counted exactly."""

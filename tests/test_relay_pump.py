@@ -207,12 +207,12 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30) as co
 def test_an_encrypted_stream_through_the_pump_survives_moves_away_on_and_home(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """HIJACK_PUMP_ENCRYPTED: an encrypted relay's records sealed and opened by the pump
+    """An encrypted relay's records sealed and opened by the pump
     (relay_pump.c, OP_ADD_TLS). The stream is taken back and handed over again around each
     status and move (a -> b, b -> c, c -> home): bulk echoes both ways come back whole and
     in order, and the counts the shadow gives are exact."""
     assert pump.available(), "relay-pump is built at the suite's start"
-    monkeypatch.setenv("HIJACK_PUMP_ENCRYPTED", "1")
+    monkeypatch.setenv("HIJACK_PUMP_ENCRYPTED", "1")  # (the default; whatever the suite's)
     with Cluster(tmp_path, nodes=3) as cluster:
         a, b, c = cluster.nodes
         for node in cluster:
