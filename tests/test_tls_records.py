@@ -1,6 +1,7 @@
 """The shadow's own TLS 1.3 record layer (hijack/shadow/tls_records.py): its key schedule
 and records against RFC 8448's traces, and records carried with OpenSSL at the other end
-of a real connection (the shadow's endpoint and a node's link), both ways, every byte."""
+of a real connection (the shadow's endpoint and a node's link), both ways, every byte; and
+the native pump (relay_pump.c) handing a record it cannot take back to that layer."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ import contextlib
 import ctypes
 import secrets
 import select
+import selectors
 import socket
 import ssl
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from hijack.node import pki
-from hijack.shadow import control, relay_link, tls_records
+from hijack.node import forwarder, pki
+from hijack.node.terminal import DATA, frame
+from hijack.shadow import control, pump, relay_link, tls_records
+from hijack.shadow.relay import RelayHub
 from hijack.shadow.relay_link import ShadowIdentity, TlsLink
 from hijack.shadow.tls_records import Direction, RecordError, RecordLayer
 
@@ -249,3 +254,63 @@ def test_close_notify_is_the_end_of_the_stream(pki_dir: Path) -> None:
                 assert shadow.recv() == b""
             except BlockingIOError:
                 assert select.select([shadow.sock], [], [], TIMEOUT)[0]
+
+
+@pytest.mark.parametrize("how", ["tampered", "cut"])
+def test_the_pump_leaves_a_bad_record_or_a_cut_one_to_the_shadow(
+    pki_dir: Path, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay the native pump carries (relay_pump.c, OP_ADD_TLS), its node's side played
+    here (OpenSSL, the forwarder's frames): a record changed on the way is refused (the
+    stream is reset, nothing of it reaches the original's peer); a peer that ends in the
+    middle of a record gives the end, and no byte of that record."""
+    if not pump.available():
+        pytest.skip("relay-pump is not built")
+    monkeypatch.setattr(pump, "ENCRYPTED", True)  # (the default; whatever the suite's)
+    log: list[str] = []
+    selector = selectors.DefaultSelector()
+    hub = RelayHub(selector, log.append)
+    peer, original = socket.socketpair()
+    hub.adopt(5, original.detach(), False)
+    try:
+        with linked(pki_dir, SUITE_128) as (shadow, node, identity):
+            assert shadow.own_records(identity.keylog)
+            hub.attach_relay("fd:5", "m1", shadow)
+            hub.migrated("m1", NODE, {}, {}, set())
+
+            def run(until: Callable[[], bool], what: str) -> None:
+                deadline = time.monotonic() + TIMEOUT
+                while not until():
+                    assert time.monotonic() < deadline, what
+                    for key, events in selector.select(0.01):
+                        key.data(key.fileobj, events)
+
+            run(lambda: hub.streams["fd:5"].native > 0, "the pump taking the stream")
+            node.write_all(frame(forwarder.ACK, forwarder.ACK_FORMAT.pack(0)))
+            node.write_all(frame(DATA, b"through the pump"))
+            peer.settimeout(TIMEOUT)
+            assert peer.recv(100) == b"through the pump"
+            node.tls.write(frame(DATA, b"never seen"))
+            raw = bytearray(node.outgoing.read())
+            if how == "tampered":
+                raw[-1] ^= 1
+                node.sock.sendall(raw)
+                run(lambda: "fd:5" not in hub.streams, "the stream reset")
+                assert any("bad record mac" in line for line in log), log
+                with contextlib.suppress(ConnectionResetError):
+                    assert peer.recv(100) == b""
+            else:
+                node.sock.sendall(raw[: len(raw) // 2])
+                node.sock.shutdown(socket.SHUT_WR)
+                run(
+                    lambda: hub.streams["fd:5"].relay is None or hub.streams["fd:5"].relay.eof,
+                    "the relay's end",
+                )
+                run(lambda: hub.streams["fd:5"].shut_original, "the end passed on")
+                assert peer.recv(100) == b""
+    finally:
+        hub.close_pump()
+        for stream in list(hub.streams.values()):
+            hub._close(stream, reset=True)
+        peer.close()
+        selector.close()
