@@ -39,3 +39,20 @@ def test_the_readme_documents_every_environment_variable_in_one_table() -> None:
     documented = set(re.findall(r"^\| `(\w+)` \|", section[1], re.M))
     missing = environment_variables_read() - documented
     assert not missing, f"read but not in README's Environment table: {sorted(missing)}"
+
+
+def test_no_file_holds_a_merge_conflict_left_unresolved() -> None:
+    """A merge once left both sides of a conflict in README.md, markers and all."""
+    marker = re.compile(r"^(<{7} |>{7} |={7}$)", re.M)
+    texts = [REPOSITORY / "README.md", *(REPOSITORY / "docs").glob("*.md")]
+    for folder in ("hijack", "bench", "tests"):
+        for suffix in ("py", "c", "S"):
+            texts += (REPOSITORY / folder).rglob(f"*.{suffix}")
+    left = []
+    for path in texts:
+        text = path.read_text(errors="replace")
+        found = marker.search(text)
+        if found:
+            line = text.count("\n", 0, found.start()) + 1
+            left.append(f"{path.relative_to(REPOSITORY)}:{line}")
+    assert not left, f"merge conflict markers at {left}"

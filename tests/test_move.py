@@ -579,6 +579,32 @@ def held_echo_stream(
             server.send_signal(signal.SIGCONT)
 
 
+def standard_descriptors(pid: int) -> dict[int, tuple[int, int] | None]:
+    """What `pid` has at descriptors 0, 1 and 2: each one's file (device, inode), or None."""
+    found: dict[int, tuple[int, int] | None] = {}
+    for number in (0, 1, 2):
+        try:
+            info = os.stat(f"/proc/{pid}/fd/{number}")
+        except FileNotFoundError:
+            found[number] = None
+        else:
+            found[number] = (info.st_dev, info.st_ino)
+    return found
+
+
+def assert_standard_descriptors_kept(shadow_pid: int, process: dict[int, object]) -> None:
+    """The shadow's 0, 1 and 2 are still what the process had there (the originals it
+    relays) or /dev/null: never a pipe or socket of its own, which a write to descriptor
+    2 below Python (a fatal error) would go into."""
+    null = os.stat(os.devnull)
+    shadow = standard_descriptors(shadow_pid)
+    for number, held in shadow.items():
+        where = f"the shadow's fd {number}"
+        assert held is not None, f"{where} is free"
+        link = os.readlink(f"/proc/{shadow_pid}/fd/{number}")
+        assert held in (process[number], (null.st_dev, null.st_ino)), f"{where} is {link}"
+
+
 def kill_daemon(node: Node) -> None:
     """SIGKILL the node's daemon (no clean end to report) and forget it."""
     assert node.daemon is not None
@@ -739,7 +765,9 @@ def test_echo_server_moved_mid_stream_echoes_100_mb_both_ways(tmp_path: Path) ->
         b.start_daemon()
         with held_echo_stream(a, seed=11, hold="client") as stream:
             server, client = stream.server, stream.client
+            before = standard_descriptors(server.pid)
             moved = move(a, server.pid, b)
+            assert_standard_descriptors_kept(moved.shadow_pid, before)
             stream.go_on()
             client.assert_intact(STREAM_TIMEOUT)  # every byte echoed once, in order
             server.wait_exit()  # the original, killed by the move

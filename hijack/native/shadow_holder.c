@@ -97,13 +97,29 @@ static int named(int fd)
     return 0;
 }
 
+/* Close fd, but for 0, 1 or 2: /dev/null takes its place, so that no descriptor made later
+ * (a control connection) takes a standard number and receives what is written there
+ * (hijack.sys.process.fill_standard_descriptors says why). */
+static void close_keeping_standard(int fd)
+{
+    if (fd > 2) {
+        close(fd);
+        return;
+    }
+    int null = open("/dev/null", O_RDWR);
+    if (null >= 0 && null != fd) {
+        dup2(null, fd);
+        close(null);
+    }
+}
+
 static void drop_key(int index)
 {
     int fd = keys[index].fd;
     changed = 1;
     keys[index] = keys[--key_count];
     if (!named(fd)) /* a description members share is closed once no key names it */
-        close(fd);
+        close_keeping_standard(fd);
 }
 
 static int same_file(int fd, const char *path)
@@ -389,6 +405,9 @@ int main(int argc, char **argv)
         else if (!strcmp(name, "--status-fd"))
             read_status(atoi(value));
     }
+    for (int fd = 0; fd <= 2; fd++)
+        if (fcntl(fd, F_GETFD) < 0)
+            close_keeping_standard(fd);
     if (log_path) {
         int fd = open(log_path, O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600);
         if (fd >= 0)

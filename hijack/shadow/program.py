@@ -52,6 +52,7 @@ from hijack.shadow import control, holder, relay_link, tls_records
 from hijack.shadow.door import Door
 from hijack.shadow.relay import ACK_WAIT, RelayHub, decode_unread, decode_unread_datagrams
 from hijack.sys import libc, pidfd, procfs
+from hijack.sys.process import close_keeping_standard, fill_standard_descriptors
 
 SWAP_PIECE = 512 * 1024  # owed bytes in one answer to a swap's `collect` (base64: 683 KiB)
 
@@ -745,7 +746,7 @@ class Shadow:
     def _close_unless_named(self, fd: int) -> None:
         """Close `fd` once no key names it any more (a description shared in the tree)."""
         if fd not in self._own_fds():
-            os.close(fd)
+            close_keeping_standard(fd)
 
     def _watch_member(self, pid: int) -> None:
         """Follow member `pid` (it runs here): when it ends, what it held is let go. A member
@@ -841,7 +842,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--held", default="")
     parser.add_argument("--member", action="append", default=[])
     args = parser.parse_args(argv)
-    # Our own output goes to the log; descriptors 0, 1 and 2 belong to the target.
+    # Our own output goes to the log; descriptors 0, 1 and 2 belong to the target, and
+    # those it has not are /dev/null, so that nothing of ours takes them.
+    fill_standard_descriptors()
     log_file = open(args.log, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
     os.set_inheritable(log_file.fileno(), False)
     sys.stdout = sys.stderr = log_file

@@ -57,6 +57,7 @@ from hijack.shadow.datagram import DatagramStream
 from hijack.shadow.datagram_link import DatagramLink
 from hijack.shadow.relay_link import TlsLink
 from hijack.sys import terminal as terminal_sys
+from hijack.sys.process import close_keeping_standard
 
 CHUNK = 256 * 1024
 BUFFER_LIMIT = 4 * 1024 * 1024  # bytes held per direction before we stop reading
@@ -1302,7 +1303,8 @@ class RelayHub:
         sock = _socket_copy(stream.original)
         if sock is None:
             self._forget(stream.original)
-            os.close(stream.original)  # a pipe: closing is how its reader sees the end
+            # A pipe: closing is how its reader sees the end (/dev/null at 0-2: dup2 closes).
+            close_keeping_standard(stream.original)
             stream.original = -1
             return
         with sock, contextlib.suppress(OSError):  # reset meanwhile: nobody to tell
@@ -1339,7 +1341,7 @@ class RelayHub:
         if sock is not None:
             with sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        os.close(stream.original)
+        close_keeping_standard(stream.original)
         stream.original = -1
 
     def _forget(self, target: Any) -> None:

@@ -1,4 +1,4 @@
-"""Process-wide kernel calls: prctl, signals by pid, waiting."""
+"""Process-wide kernel calls: prctl, signals by pid, waiting, the standard descriptors."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from hijack.sys.errors import kernel_call, raise_for_errno
 from hijack.sys.libc import libc, raw_syscall
 from hijack.sys.syscall_numbers import SYSCALL_NUMBERS
 
+STANDARD_DESCRIPTORS = (0, 1, 2)
 PR_SET_NAME = 15
 PR_SET_CHILD_SUBREAPER = 36
 TASK_COMM_LEN = 16  # a name's bytes, its NUL included
@@ -28,6 +29,44 @@ def set_child_subreaper() -> None:
     """
     if _prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
         raise_for_errno(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def fill_standard_descriptors() -> None:
+    """Open /dev/null at each of descriptors 0, 1 and 2 that is free.
+
+    A process that keeps other programs' descriptors (a shadow) lets its own
+    output go elsewhere, but what writes to descriptor 2 below Python (the
+    interpreter's fatal errors, faulthandler) still does: were 2 free, the next
+    pipe or socket made would take it and those bytes would go into a stream.
+    """
+    for number in STANDARD_DESCRIPTORS:
+        try:
+            os.fstat(number)
+        except OSError as exc:
+            if exc.errno != errno.EBADF:
+                raise
+            _blank(number)
+
+
+def close_keeping_standard(fd: int) -> None:
+    """Close `fd`, but for 0, 1 or 2: /dev/null takes its place (fill_standard_descriptors
+    says why); dup2 closes what it held, as close would (a pipe's reader sees its end)."""
+    if fd in STANDARD_DESCRIPTORS:
+        _blank(fd)
+    else:
+        os.close(fd)
+
+
+def _blank(number: int) -> None:
+    """/dev/null at `number`, inherited across execve as a standard descriptor is."""
+    null = os.open(os.devnull, os.O_RDWR)
+    if null == number:
+        os.set_inheritable(null, True)
+        return
+    try:
+        os.dup2(null, number)
+    finally:
+        os.close(null)
 
 
 def set_name(name: str) -> None:
