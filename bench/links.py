@@ -19,9 +19,9 @@ to the process through an encrypted relay whatever the move's mode
 - each home shadow's CPU time (user + sys, /proc/PID/stat; the plain one's
   native relay pump included) per GB it relayed.
 
-A plain relay in its steady state is pumped by the shadow's native pump
-(hijack/native/relay_pump.c); an encrypted one by the shadow's Python loop and
-b's forwarder (TLS in user space at both ends).
+A relay in its steady state is pumped by the shadow's native pump
+(hijack/native/relay_pump.c); an encrypted one's records are sealed and opened
+there too (AES-GCM, libcrypto), and in b's forwarder by Python's ssl.
 
 Shaping is done on each node's end of its veth (egress), over netlink with
 pyroute2 (already a dependency, for the network locks): a `tbf` qdisc holds

@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from support import RunningFixture, spawn_fixture
 from support.nodes import Cluster, Node, read_line
 from test_move import (
@@ -40,6 +41,13 @@ def pump_of(shadow_pid: int) -> int:
             if Path(f"/proc/{child}/exe").resolve() == pump.PROGRAM:
                 return int(child)
     return 0
+
+
+def pump_sockets(shadow_pid: int) -> int:
+    """Sockets the shadow's pump holds: its control socket, and two for each stream it
+    carries (the original, the relay)."""
+    fds = Path(f"/proc/{pump_of(shadow_pid)}/fd")
+    return sum(1 for fd in fds.iterdir() if os.readlink(fd).startswith("socket:"))
 
 
 def end_session(session: subprocess.Popen[bytes]) -> None:
@@ -194,3 +202,46 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=30) as co
             echoed += connection.recv(65536)
         print(echoed.decode(), end="", flush=True)
 """
+
+
+def test_an_encrypted_stream_through_the_pump_survives_moves_away_on_and_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An encrypted relay's records sealed and opened by the pump
+    (relay_pump.c, OP_ADD_TLS). The stream is taken back and handed over again around each
+    status and move (a -> b, b -> c, c -> home): bulk echoes both ways come back whole and
+    in order, and the counts the shadow gives are exact."""
+    assert pump.available(), "relay-pump is built at the suite's start"
+    monkeypatch.setenv("HIJACK_PUMP_ENCRYPTED", "1")  # (the default; whatever the suite's)
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        for node in cluster:
+            node.start_daemon()
+        with spawn_fixture("echo_server", netns=a.netns) as server:
+            session = spawn_python(a, BULK_SESSION, "127.0.0.1", str(server.ready["port"]))
+            assert read_line(session, LINE_TIMEOUT) == "connected"
+            away = move(a, server.pid, b)  # encrypted relays: the default
+            server.wait_exit()
+            assert ask(session, "on b") == "on b"
+            poll_until(lambda: pump_of(away.shadow_pid) > 0, "the pump started")
+            rows = shadow_status(a, server.pid)["streams"]
+            stream = next(row["id"] for row in rows if row["bytes_in"] == len("on b\n"))
+            assert session.stdin is not None
+            moved = len("on b\n")
+            home_shadow = away.shadow_pid  # the same through every move
+            for turn, there in enumerate((b, c)):
+                session.stdin.write(f"bulk {BULK // 4}\n".encode())
+                session.stdin.flush()
+                assert read_line(session, STREAM_TIMEOUT) == f"intact {BULK // 4}"
+                moved += BULK // 4
+                assert relayed_bytes(a, server.pid, stream) == 2 * moved  # a status
+                # The pump carries it (again, after the move before), the status left it there.
+                poll_until(lambda: pump_sockets(home_shadow) == 3, "the pump carrying it")
+                destination = c if turn == 0 else a
+                away = move(there, away.pid, destination, home=(a, server.pid))
+                line = f"after move {turn}"
+                assert ask(session, line) == line
+                moved += len(line) + 1
+            end_session(session)
+            output = finish_moved(server, away, tmp_path)
+        assert "over 1 connections" in output, output

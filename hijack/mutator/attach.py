@@ -436,9 +436,13 @@ def shadow_environment(state_directory: Path) -> dict[str, str]:
         "HIJACK_STATE_DIR": str(state_directory),
         "HIJACK_NODE": node_name(),  # it watches its process itself when it is back here
     }
-    rest = os.environ.get("HIJACK_SHADOW_REST")
-    if rest is not None:  # when an idle shadow rests as its holder (hijack.shadow.holder)
-        environment["HIJACK_SHADOW_REST"] = rest
+    # HIJACK_SHADOW_REST: when an idle shadow rests as its holder (hijack.shadow.holder);
+    # the relays' switches: HIJACK_PUMP_ENCRYPTED (hijack.shadow.pump), HIJACK_OWN_RECORDS
+    # (hijack.shadow.tls_records).
+    for name in ("HIJACK_SHADOW_REST", "HIJACK_PUMP_ENCRYPTED", "HIJACK_OWN_RECORDS"):
+        value = os.environ.get(name)
+        if value is not None:
+            environment[name] = value
     return environment
 
 

@@ -1,5 +1,5 @@
 /*
- * relay-pump: the home shadow's native data path for plain relays
+ * relay-pump: the home shadow's native data path for relays, plain and encrypted
  * (hijack/shadow/pump.py drives it; see there for why it exists).
  *
  * The shadow hands it a stream in its steady state: the original's socket,
@@ -20,6 +20,12 @@
  * Everything past the steady state (a move, an end, a reset) stays the
  * shadow's.
  *
+ * An encrypted relay (OP_ADD_TLS) goes the same way, its records sealed and opened
+ * here with the keys the shadow hands over (TLS 1.3, AES-GCM through libcrypto): the
+ * out pipe holds ciphertext, the in pipe plaintext; the relay's plaintext is the node's
+ * frames (DATA for the original, ACKs counted); anything else (another record type,
+ * another frame, a record that does not open) is given back, unopened, to the shadow.
+ *
  * Control: a SOCK_SEQPACKET socket at descriptor argv[1]; one message each way
  * per request or event (struct request / struct report below, little endian).
  * It ends when the shadow closes it (or dies, which closes it too).
@@ -37,7 +43,9 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
-enum { OP_ADD = 1, OP_STOP = 2, OP_QUERY = 3 };
+#include <openssl/evp.h>
+
+enum { OP_ADD = 1, OP_STOP = 2, OP_QUERY = 3, OP_ADD_TLS = 4 };
 enum { EV_RETURNED = 1, EV_COUNTS = 2 };
 enum {
     STOPPED = 0,        /* asked for */
@@ -45,6 +53,7 @@ enum {
     RELAY_EOF = 2,      /* the process finished writing */
     ORIGINAL_ERROR = 3, /* reading or writing the original failed: err */
     RELAY_ERROR = 4,    /* reading or writing the relay failed: err */
+    TLS_OTHER = 5,      /* a record or frame it does not carry (an alert, END): the shadow's */
 };
 enum { MOVED = 100, DRAINED = 101 }; /* pass_through() moved some (DRAINED: all there was) */
 enum { ORIGINAL, RELAY, OUT_READ, OUT_WRITE, IN_READ, IN_WRITE, FDS };
@@ -77,10 +86,54 @@ struct direction {
     int hup;
 };
 
+/* OP_ADD_TLS: after struct request, each direction's key, iv and next record number. */
+struct tls_keys {
+    uint32_t key_len; /* 16 or 32: AES-128-GCM or AES-256-GCM */
+    uint32_t unused;
+    uint8_t out_key[32], out_iv[12]; /* sealing what the original sends */
+    uint8_t in_key[32], in_iv[12];   /* opening what the relay sends */
+    uint64_t out_seq, in_seq;
+} __attribute__((packed));
+
+/* A TLS pair's report: struct report, then this, then `cipher_len` bytes of ciphertext not
+ * opened yet (a record cut short, or one it does not carry) and `frame_len` bytes of
+ * plaintext not parsed yet (a frame cut short, or what follows one it does not carry). */
+struct tls_tail {
+    uint64_t out_seq, in_seq;
+    uint64_t acked;     /* the last ACK's count (if acks) */
+    uint32_t room;      /* and its room */
+    uint32_t acks;      /* ACKs taken since OP_ADD_TLS */
+    uint32_t data_left; /* bytes of the DATA frame under way not read yet */
+    uint32_t cipher_len, frame_len;
+} __attribute__((packed));
+
+#define RECORD_HEADER 5
+#define MAX_PLAIN 16384
+#define TAG 16
+#define MAX_RECORD (MAX_PLAIN + 256)
+#define FRAME_HEADER 5 /* KIND:u8 LENGTH:u32 (hijack/node/forwarder.py) */
+#define CIPHER_CAP (65536 + 2 * (RECORD_HEADER + MAX_RECORD))
+enum { FRAME_DATA = 1, FRAME_ACK = 3 };
+
+struct tls {
+    EVP_CIPHER_CTX *seal, *open;
+    uint8_t out_iv[12], in_iv[12];
+    uint64_t out_seq, in_seq;
+    uint8_t cipher[CIPHER_CAP]; /* from the relay, not opened yet */
+    size_t cipher_len;
+    uint8_t frame[MAX_PLAIN + 64]; /* plaintext not parsed: a frame's head, or the rest */
+    size_t frame_len;
+    uint32_t data_left;
+    uint64_t acked;
+    uint32_t room, acks;
+    int other; /* met a record or frame it does not carry: give back */
+};
+
 struct pair {
     uint32_t id;
     int fds[FDS];
     struct direction out, in;
+    struct tls *tls; /* an encrypted relay's (OP_ADD_TLS), else NULL */
     struct pair *next;
 };
 
@@ -110,9 +163,21 @@ static void send_report(const struct report *report) {
             exit(0); /* the shadow is gone */
 }
 
+static void send_tls_report(const struct report *report, struct tls *tls) {
+    struct tls_tail tail = {tls->out_seq, tls->in_seq, tls->acked, tls->room, tls->acks,
+                            tls->data_left, (uint32_t)tls->cipher_len, (uint32_t)tls->frame_len};
+    struct iovec iov[4] = {{(void *)report, sizeof *report}, {&tail, sizeof tail},
+                           {tls->cipher, tls->cipher_len}, {tls->frame, tls->frame_len}};
+    struct msghdr msg = {.msg_iov = iov, .msg_iovlen = 4};
+    while (sendmsg(control_fd, &msg, 0) < 0)
+        if (errno != EINTR)
+            exit(0); /* the shadow is gone */
+}
+
 static void give_back(struct pair *pair, int reason, int err) {
     struct report report = {EV_RETURNED, pair->id, reason, err, pair->out.moved,
                             pair->in.moved, pair->out.held, pair->in.held};
+    struct tls *tls = pair->tls;
     epoll_ctl(epoll_fd, EPOLL_CTL_DEL, pair->fds[ORIGINAL], NULL);
     epoll_ctl(epoll_fd, EPOLL_CTL_DEL, pair->fds[RELAY], NULL);
     for (int i = 0; i < FDS; i++)
@@ -122,7 +187,16 @@ static void give_back(struct pair *pair, int reason, int err) {
         link = &(*link)->next;
     *link = pair->next;
     free(pair);
-    send_report(&report); /* after closing: the shadow may close the stream at once */
+    /* after closing: the shadow may close the stream at once */
+    if (tls) {
+        send_tls_report(&report, tls);
+        EVP_CIPHER_CTX_free(tls->seal);
+        EVP_CIPHER_CTX_free(tls->open);
+        OPENSSL_cleanse(tls, sizeof *tls);
+        free(tls);
+    } else {
+        send_report(&report);
+    }
 }
 
 /* Read what `d`'s source has (nothing queued) and send it on; what the sink does
@@ -213,9 +287,306 @@ static int pump(struct direction *d, int source_end, int sink_error, int *err) {
     }
 }
 
+
+/* -- encrypted relays: TLS 1.3 records (RFC 8446, 5.2), sealed and opened here -------- */
+
+static void nonce_of(const uint8_t iv[12], uint64_t seq, uint8_t nonce[12]) {
+    memcpy(nonce, iv, 12);
+    for (int i = 0; i < 8; i++)
+        nonce[11 - i] ^= (uint8_t)(seq >> (8 * i));
+}
+
+/* `len` bytes of `plain` (at most MAX_PLAIN) as one record at `out`: its size. */
+static size_t seal_record(struct tls *tls, const uint8_t *plain, size_t len, uint8_t *out) {
+    size_t body = len + 1 + TAG;
+    uint8_t nonce[12], type = 23;
+    int n;
+    out[0] = 23, out[1] = 3, out[2] = 3, out[3] = (uint8_t)(body >> 8), out[4] = (uint8_t)body;
+    nonce_of(tls->out_iv, tls->out_seq++, nonce);
+    if (EVP_EncryptInit_ex(tls->seal, NULL, NULL, NULL, nonce) != 1 ||
+        EVP_EncryptUpdate(tls->seal, NULL, &n, out, RECORD_HEADER) != 1 ||
+        EVP_EncryptUpdate(tls->seal, out + RECORD_HEADER, &n, plain, (int)len) != 1 ||
+        EVP_EncryptUpdate(tls->seal, out + RECORD_HEADER + len, &n, &type, 1) != 1 ||
+        EVP_EncryptFinal_ex(tls->seal, out + RECORD_HEADER + len + 1, &n) != 1 ||
+        EVP_CIPHER_CTX_ctrl(tls->seal, EVP_CTRL_GCM_GET_TAG, TAG,
+                            out + RECORD_HEADER + len + 1) != 1) {
+        fprintf(stderr, "relay-pump: sealing a record failed\n");
+        exit(1);
+    }
+    return RECORD_HEADER + body;
+}
+
+/* Open the record at the head of tls->cipher (whole: `size` bytes) into `plain`: its data's
+ * length, or -1 if it does not open or is not application data (left where it is, its
+ * number not taken: the shadow opens it again and does what it says). */
+static ssize_t open_record(struct tls *tls, size_t size, uint8_t *plain) {
+    uint8_t nonce[12];
+    int n, total;
+    size_t body = size - RECORD_HEADER - TAG;
+    nonce_of(tls->in_iv, tls->in_seq, nonce);
+    if (EVP_DecryptInit_ex(tls->open, NULL, NULL, NULL, nonce) != 1 ||
+        EVP_DecryptUpdate(tls->open, NULL, &n, tls->cipher, RECORD_HEADER) != 1 ||
+        EVP_DecryptUpdate(tls->open, plain, &n, tls->cipher + RECORD_HEADER, (int)body) != 1)
+        return -1;
+    total = n;
+    if (EVP_CIPHER_CTX_ctrl(tls->open, EVP_CTRL_GCM_SET_TAG, TAG,
+                            tls->cipher + RECORD_HEADER + body) != 1 ||
+        EVP_DecryptFinal_ex(tls->open, plain + total, &n) != 1)
+        return -1;
+    total += n;
+    while (total > 0 && plain[total - 1] == 0) /* padding */
+        total--;
+    if (total == 0 || plain[total - 1] != 23)
+        return -1;
+    tls->in_seq++;
+    return total - 1;
+}
+
+/* Put `len` bytes for the original: sent at once while nothing waits in the pipe, the rest
+ * to the pipe (it has room: a record's data at most, and it was empty when it was
+ * opened). 0, or the errno of a failed send. */
+static int deliver(struct direction *d, const uint8_t *data, size_t len) {
+    ssize_t put = 0;
+    if (d->held == 0) {
+        put = send(d->sink, data, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (put < 0) {
+            if (errno != EAGAIN && errno != EINTR)
+                return errno;
+            put = 0;
+        }
+    }
+    while ((size_t)put < len) {
+        ssize_t kept = write(d->pipe_write, data + put, len - (size_t)put);
+        if (kept < 0 && errno != EINTR)
+            die("write to a pipe with room");
+        if (kept > 0) {
+            put += kept;
+            d->held += kept;
+        }
+    }
+    d->moved += (int64_t)len;
+    return 0;
+}
+
+/* The frames of a record's plaintext (`plain`, `len`): DATA for the original, ACKs
+ * counted; at any other frame (END) it stops, the rest kept for the shadow (tls->frame).
+ * 0, or the errno of a failed send to the original. */
+static int take_frames(struct pair *pair, const uint8_t *plain, size_t len) {
+    struct tls *tls = pair->tls;
+    size_t at = 0;
+    while (at < len) {
+        if (tls->data_left) {
+            size_t part = len - at < tls->data_left ? len - at : tls->data_left;
+            int failed = deliver(&pair->in, plain + at, part);
+            if (failed)
+                return failed;
+            tls->data_left -= (uint32_t)part;
+            at += part;
+            continue;
+        }
+        /* A frame's head (an ACK: its body too) gathers in tls->frame. */
+        size_t want = FRAME_HEADER;
+        if (tls->frame_len >= FRAME_HEADER) {
+            uint32_t length;
+            memcpy(&length, tls->frame + 1, 4);
+            if (tls->frame[0] == FRAME_DATA) {
+                tls->data_left = length;
+                tls->frame_len = 0;
+                continue;
+            }
+            if (tls->frame[0] != FRAME_ACK || length > 16) {
+                tls->other = 1;
+                break;
+            }
+            want += length;
+        }
+        if (tls->frame_len == want) { /* a whole ACK: u64 count, u32 room (or none) */
+            memcpy(&tls->acked, tls->frame + FRAME_HEADER, 8);
+            tls->room = 0;
+            if (want == FRAME_HEADER + 12)
+                memcpy(&tls->room, tls->frame + FRAME_HEADER + 8, 4);
+            tls->acks++;
+            tls->frame_len = 0;
+            continue;
+        }
+        size_t part = want - tls->frame_len < len - at ? want - tls->frame_len : len - at;
+        memcpy(tls->frame + tls->frame_len, plain + at, part);
+        tls->frame_len += part;
+        at += part;
+    }
+    if (tls->other) { /* the rest of the record, after the frame's head already kept */
+        memcpy(tls->frame + tls->frame_len, plain + at, len - at);
+        tls->frame_len += len - at;
+    }
+    return 0;
+}
+
+/* Splice what `d`'s pipe holds to its sink: 0, or `sink_error` with errno in *err. */
+static int drain_pipe(struct direction *d, int sink_error, int *err) {
+    while (d->held > 0) {
+        ssize_t put = splice(d->pipe_read, NULL, d->sink, NULL, (size_t)d->held,
+                             SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        if (put > 0) {
+            d->held -= put;
+            continue;
+        }
+        if (put < 0 && errno != EAGAIN && errno != EINTR) {
+            *err = errno;
+            return sink_error;
+        }
+        break;
+    }
+    return 0;
+}
+
+/* Open the whole records tls->cipher holds, while nothing waits in the pipe (so a record's
+ * data always fits there): 0, or why it stopped. */
+static int open_records(struct pair *pair, int *err) {
+    static uint8_t plain[MAX_RECORD];
+    struct tls *tls = pair->tls;
+    while (!tls->other && pair->in.held == 0 && tls->cipher_len >= RECORD_HEADER) {
+        size_t length = (size_t)tls->cipher[3] << 8 | tls->cipher[4];
+        if (tls->cipher[0] != 23 || length > MAX_RECORD || length <= TAG) {
+            tls->other = 1; /* the shadow's own layer says what is wrong with it */
+            break;
+        }
+        if (tls->cipher_len < RECORD_HEADER + length)
+            break;
+        ssize_t len = open_record(tls, RECORD_HEADER + length, plain);
+        if (len < 0) {
+            tls->other = 1;
+            break;
+        }
+        tls->cipher_len -= RECORD_HEADER + length;
+        memmove(tls->cipher, tls->cipher + RECORD_HEADER + length, tls->cipher_len);
+        int failed = take_frames(pair, plain, (size_t)len);
+        if (failed) {
+            *err = failed;
+            return ORIGINAL_ERROR;
+        }
+    }
+    return 0;
+}
+
+/* The relay -> original direction of an encrypted relay: records opened, frames taken;
+ * what the original does not take waits in the pipe (plaintext), as on a plain one. */
+static int pump_tls_in(struct pair *pair, int *err) {
+    struct direction *d = &pair->in;
+    struct tls *tls = pair->tls;
+    int drained = 0;
+    for (;;) {
+        int stop = drain_pipe(d, ORIGINAL_ERROR, err);
+        if (!stop)
+            stop = open_records(pair, err);
+        if (stop)
+            return stop;
+        if (d->held > 0) {
+            stop = drain_pipe(d, ORIGINAL_ERROR, err);
+            if (stop || d->held > 0)
+                return stop; /* the original's room: an event of its own */
+            continue;
+        }
+        if (tls->other)
+            return TLS_OTHER;
+        if (drained && !d->hup)
+            return 0;
+        size_t room = CIPHER_CAP - tls->cipher_len;
+        ssize_t got = recv(d->source, tls->cipher + tls->cipher_len, room, MSG_DONTWAIT);
+        if (got == 0)
+            return RELAY_EOF;
+        if (got < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                return 0;
+            *err = errno;
+            return RELAY_ERROR;
+        }
+        tls->cipher_len += (size_t)got;
+        drained = (size_t)got < room;
+    }
+}
+
+/* The original -> relay direction of an encrypted relay: what the original sends, sealed
+ * as it comes; ciphertext the relay does not take waits in the pipe. */
+static int pump_tls_out(struct pair *pair, int *err) {
+    static uint8_t sealed[BUFFER_SIZE + (BUFFER_SIZE / MAX_PLAIN + 1) * (RECORD_HEADER + 1 + TAG)];
+    struct direction *d = &pair->out;
+    /* Room for every record's overhead in the pipe (at least a page: 4096). */
+    size_t room = (d->size < BUFFER_SIZE ? (size_t)d->size : BUFFER_SIZE) - 1024;
+    for (;;) {
+        int stop = drain_pipe(d, RELAY_ERROR, err);
+        if (stop || d->held > 0)
+            return stop;
+        ssize_t got = recv(d->source, buffer, room, MSG_DONTWAIT);
+        if (got == 0)
+            return ORIGINAL_EOF;
+        if (got < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                return 0;
+            *err = errno;
+            return ORIGINAL_ERROR;
+        }
+        d->moved += got;
+        size_t size = 0;
+        for (size_t at = 0; at < (size_t)got; at += MAX_PLAIN) {
+            size_t len = (size_t)got - at < MAX_PLAIN ? (size_t)got - at : MAX_PLAIN;
+            size += seal_record(pair->tls, (uint8_t *)buffer + at, len, sealed + size);
+        }
+        ssize_t put = send(d->sink, sealed, size, MSG_DONTWAIT | MSG_NOSIGNAL);
+        int failed = put < 0 && errno != EAGAIN && errno != EINTR ? errno : 0;
+        if (put < 0)
+            put = 0;
+        while ((size_t)put < size) { /* the pipe is empty: it takes it all */
+            ssize_t kept = write(d->pipe_write, sealed + put, size - (size_t)put);
+            if (kept < 0 && errno != EINTR)
+                die("write to an empty pipe");
+            if (kept > 0) {
+                put += kept;
+                d->held += kept;
+            }
+        }
+        if (failed) {
+            *err = failed;
+            return RELAY_ERROR;
+        }
+        if ((size_t)got < room && !d->hup)
+            return 0;
+    }
+}
+
+static struct tls *make_tls(const struct tls_keys *keys) {
+    const EVP_CIPHER *cipher = keys->key_len == 16   ? EVP_aes_128_gcm()
+                               : keys->key_len == 32 ? EVP_aes_256_gcm()
+                                                     : NULL;
+    struct tls *tls = cipher ? calloc(1, sizeof *tls) : NULL;
+    if (!tls)
+        return NULL;
+    tls->seal = EVP_CIPHER_CTX_new();
+    tls->open = EVP_CIPHER_CTX_new();
+    if (!tls->seal || !tls->open ||
+        EVP_EncryptInit_ex(tls->seal, cipher, NULL, keys->out_key, NULL) != 1 ||
+        EVP_DecryptInit_ex(tls->open, cipher, NULL, keys->in_key, NULL) != 1) {
+        fprintf(stderr, "relay-pump: cannot set up AES-GCM\n");
+        exit(1);
+    }
+    memcpy(tls->out_iv, keys->out_iv, 12);
+    memcpy(tls->in_iv, keys->in_iv, 12);
+    tls->out_seq = keys->out_seq;
+    tls->in_seq = keys->in_seq;
+    return tls;
+}
+
 /* Pump the directions `out` and `in` (either may be 0: left as it is). */
 static void pump_pair(struct pair *pair, int out, int in) {
     int err = 0, stop = 0;
+    if (pair->tls) {
+        if (out)
+            stop = pump_tls_out(pair, &err);
+        if (!stop && in)
+            stop = pump_tls_in(pair, &err);
+        if (stop)
+            give_back(pair, stop, err);
+        return;
+    }
     if (out)
         stop = pump(&pair->out, ORIGINAL_EOF, RELAY_ERROR, &err);
     if (!stop && in)
@@ -247,9 +618,13 @@ static void watch(struct pair *pair, int fd, int which) {
 }
 
 static void on_control(void) {
+    struct {
+        struct request request;
+        struct tls_keys keys;
+    } __attribute__((packed)) message;
     struct request request;
     char cmsg_space[CMSG_SPACE(sizeof(int) * FDS)];
-    struct iovec iov = {&request, sizeof request};
+    struct iovec iov = {&message, sizeof message};
     struct msghdr msg = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = cmsg_space,
                          .msg_controllen = sizeof cmsg_space};
     ssize_t got = recvmsg(control_fd, &msg, MSG_CMSG_CLOEXEC);
@@ -266,14 +641,23 @@ static void on_control(void) {
             count = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
             memcpy(fds, CMSG_DATA(c), sizeof(int) * (size_t)count);
         }
-    if (got != sizeof request || (request.op == OP_ADD) != (count == FDS)) {
+    memcpy(&request, &message.request, sizeof request);
+    int adding = request.op == OP_ADD || request.op == OP_ADD_TLS;
+    size_t expected = sizeof request + (request.op == OP_ADD_TLS ? sizeof message.keys : 0);
+    struct tls *tls = NULL;
+    if (got == (ssize_t)expected && request.op == OP_ADD_TLS) {
+        tls = make_tls(&message.keys);
+        OPENSSL_cleanse(&message.keys, sizeof message.keys);
+    }
+    if (got != (ssize_t)expected || adding != (count == FDS) ||
+        (request.op == OP_ADD_TLS && !tls)) {
         for (int i = 0; i < count; i++)
             close(fds[i]);
         fprintf(stderr, "relay-pump: a malformed request\n");
         exit(1);
     }
     struct pair *pair = find(request.id);
-    if (request.op == OP_ADD) {
+    if (adding) {
         if (pair)
             give_back(pair, STOPPED, 0); /* not expected: the shadow adds a stream once */
         pair = calloc(1, sizeof *pair);
@@ -287,6 +671,7 @@ static void on_control(void) {
                                        request.out_held, out_size, 0, 0, 0};
         pair->in = (struct direction){fds[RELAY], fds[IN_READ], fds[IN_WRITE], fds[ORIGINAL],
                                       request.in_held, in_size, 0, 0, 0};
+        pair->tls = tls;
         pair->next = pairs;
         pairs = pair;
         watch(pair, fds[ORIGINAL], ORIGINAL);

@@ -48,7 +48,7 @@ from typing import Any
 
 from hijack.errors import HijackError
 from hijack.registry import node_name
-from hijack.shadow import control, holder, relay_link
+from hijack.shadow import control, holder, relay_link, tls_records
 from hijack.shadow.door import Door
 from hijack.shadow.relay import ACK_WAIT, RelayHub, decode_unread, decode_unread_datagrams
 from hijack.sys import libc, pidfd, procfs
@@ -408,6 +408,10 @@ class Shadow:
                 link.write_all(control.RELAY_ACCEPTED)
                 ends = header.get("ends")
                 plain = header.get("mode") == relay_link.PLAIN
+                if not plain and tls_records.OWN_RECORDS and self.identity is not None:
+                    # Past the exchange its records are ours (tls_records): OpenSSL stays
+                    # for a suite we do not carry.
+                    link.own_records(self.identity.keylog)
                 # Small writes at once: a TLS record per write (ACKs, pongs), and a
                 # request the process's client sent behind one still unanswered (a
                 # pipelining client) is not held back for the first one's ACK.

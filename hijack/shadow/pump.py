@@ -1,4 +1,4 @@
-"""The shadow's native pump: plain relays spliced by a small C program, not by Python.
+"""The shadow's native pump: relays carried by a small C program, not by Python.
 
 A request/response load pays the shadow's event loop per message: a wakeup,
 a splice in, a splice out, the bookkeeping between, all in Python — about
@@ -19,6 +19,20 @@ are where the hub's own splicing leaves them), the sockets are the hub's too
 that is not the steady state stays in Python. Without the program (not built)
 the hub splices in Python, as before; if it dies,
 the hub takes every stream back, reading what the pipes hold from the kernel.
+
+Encrypted relays (unless HIJACK_PUMP_ENCRYPTED=0): once the
+shadow carries a relay's records itself (hijack.shadow.tls_records), the hub
+can hand it over at a record boundary with each direction's key, iv and next
+record number (OP_ADD_TLS; libcrypto's AES-GCM in the pump). The pump seals
+what the original sends into records for the relay and opens the relay's
+records, passing the node's DATA frames to the original and keeping its last
+ACK. The out pipe then holds ciphertext (records sealed, not sent yet), the
+in pipe plaintext for the original; the report that gives the stream back
+says the record numbers, the ACK, and carries what the pump read and did not
+open or parse (a record or frame cut short, or one it does not carry: an
+alert, a KeyUpdate, END), which the hub opens at once: nothing is held where
+the hub cannot see it. A pump that dies takes the record numbers with it: its
+encrypted streams are reset (a plain one goes on in Python).
 """
 
 from __future__ import annotations
@@ -41,13 +55,25 @@ from hijack.errors import HijackError
 SOURCE = Path(__file__).resolve().parent.parent / "native" / "relay_pump.c"
 PROGRAM = SOURCE.with_name("relay-pump")
 CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror")
+LIBRARIES = ("-lcrypto",)  # AES-GCM of encrypted relays (libssl-dev: the Makefile's DEBS)
 ANSWER_WAIT = 5.0  # seconds for the pump to answer a request (it answers between two splices)
 
-OP_ADD, OP_STOP, OP_QUERY = 1, 2, 3
+OP_ADD, OP_STOP, OP_QUERY, OP_ADD_TLS = 1, 2, 3, 4
 EV_RETURNED, EV_COUNTS = 1, 2
-STOPPED, ORIGINAL_EOF, RELAY_EOF, ORIGINAL_ERROR, RELAY_ERROR = 0, 1, 2, 3, 4
+STOPPED, ORIGINAL_EOF, RELAY_EOF, ORIGINAL_ERROR, RELAY_ERROR, TLS_OTHER = 0, 1, 2, 3, 4, 5
 REQUEST = struct.Struct("<IIqq")
 REPORT = struct.Struct("<IIiiqqqq")
+# OP_ADD_TLS, after REQUEST: key size, (unused), key and iv sealing what the original
+# sends, key and iv opening what the relay sends, the next record's number each way.
+TLS_KEYS = struct.Struct("<II32s12s32s12sQQ")
+# A TLS stream's EV_RETURNED, after REPORT: the next record's number each way, the last
+# ACK (count, room) and how many came, the bytes of a DATA frame under way not read yet,
+# then the lengths of what follows: ciphertext not opened, plaintext not parsed.
+TLS_TAIL = struct.Struct("<QQQIIIII")
+MESSAGE_LIMIT = 256 * 1024  # a report with its tail (the pump's buffers: about 100 KiB)
+# Encrypted relays go through the pump too (TLS in C), not only plain ones;
+# HIJACK_PUMP_ENCRYPTED=0: they stay in Python.
+ENCRYPTED = os.environ.get("HIJACK_PUMP_ENCRYPTED", "1") != "0"
 
 
 @dataclass(frozen=True)
@@ -62,6 +88,54 @@ class Report:
     bytes_in: int  # relay -> original
     out_held: int  # what the pipes hold now
     in_held: int
+    tls: TlsReturned | None = None  # an encrypted stream's, given back
+
+
+@dataclass(frozen=True)
+class TlsReturned:
+    """What the pump hands back of an encrypted stream besides the counts: the out pipe
+    holds ciphertext (records sealed, not sent), the in pipe plaintext for the original."""
+
+    out_sequence: int
+    in_sequence: int
+    acked: int  # the last ACK's count and room, if `acks`
+    room: int
+    acks: int
+    data_left: int  # bytes of the DATA frame under way the relay has not brought yet
+    ciphertext: bytes  # from the relay, not opened: a record cut short, or one it left
+    frames: bytes  # opened, not parsed: a frame cut short, or what follows one it left
+
+    @classmethod
+    def parse(cls, data: bytes) -> TlsReturned:
+        out_sequence, in_sequence, acked, room, acks, data_left, cipher_len, frame_len = (
+            TLS_TAIL.unpack_from(data)
+        )
+        start = TLS_TAIL.size
+        if len(data) != start + cipher_len + frame_len:
+            raise HijackError("the native relay pump sent a malformed report")
+        ciphertext = data[start : start + cipher_len]
+        frames = data[start + cipher_len :]
+        return cls(out_sequence, in_sequence, acked, room, acks, data_left, ciphertext, frames)
+
+
+@dataclass(frozen=True)
+class TlsKeys:
+    """An encrypted stream's record protection, each way (tls_records.Direction's)."""
+
+    out_key: bytes
+    out_iv: bytes
+    out_sequence: int
+    in_key: bytes
+    in_iv: bytes
+    in_sequence: int
+
+
+def parse_report(data: bytes) -> Report:
+    if len(data) < REPORT.size:
+        raise HijackError("the native relay pump ended")
+    tail = TlsReturned.parse(data[REPORT.size :]) if len(data) > REPORT.size else None
+    event, stream, reason, err, bytes_out, bytes_in, out_held, in_held = REPORT.unpack_from(data)
+    return Report(event, stream, reason, err, bytes_out, bytes_in, out_held, in_held, tail)
 
 
 def available() -> bool:
@@ -71,17 +145,19 @@ def available() -> bool:
 
 def build() -> None:
     """Compile the pump beside its source if it is missing or older (at install: `make`)."""
-    build_program(SOURCE, PROGRAM)
+    build_program(SOURCE, PROGRAM, LIBRARIES)
 
 
-def build_program(source: Path, program: Path) -> None:
+def build_program(source: Path, program: Path, libraries: tuple[str, ...] = ()) -> None:
     """Compile one of hijack's native programs (the pump, the shadow holder) beside its
     source if it is missing or older; a partial file never takes its name."""
     if program.exists() and program.stat().st_mtime >= source.stat().st_mtime:
         return
     partial = program.with_name(program.name + ".partial")
     compiled = subprocess.run(
-        ["gcc", *CFLAGS, "-o", str(partial), str(source)], capture_output=True, text=True
+        ["gcc", *CFLAGS, "-o", str(partial), str(source), *libraries],
+        capture_output=True,
+        text=True,
     )
     if compiled.returncode != 0:
         raise HijackError(f"cannot build {program.name}: {compiled.stderr.strip()}")
@@ -127,6 +203,23 @@ class NativePump:
         """Hand it stream `stream`: [original, relay, out pipe r/w, in pipe r/w]."""
         socket.send_fds(self.sock, [REQUEST.pack(OP_ADD, stream, out_held, in_held)], fds)
 
+    def add_tls(
+        self, stream: int, fds: list[int], out_held: int, in_held: int, keys: TlsKeys
+    ) -> None:
+        """Hand it encrypted stream `stream` at a record boundary (add's `fds`): it seals
+        what the original sends and opens what the relay sends (the node's frames)."""
+        request = REQUEST.pack(OP_ADD_TLS, stream, out_held, in_held) + TLS_KEYS.pack(
+            len(keys.out_key),
+            0,
+            keys.out_key,
+            keys.out_iv,
+            keys.in_key,
+            keys.in_iv,
+            keys.out_sequence,
+            keys.in_sequence,
+        )
+        socket.send_fds(self.sock, [request], fds)
+
     def stop(self, streams: list[int]) -> dict[int, Report]:
         """Take `streams` back: what the pump said of each (given back by itself meanwhile,
         or now)."""
@@ -160,14 +253,12 @@ class NativePump:
         found = self._take_deferred(lambda r: True)
         while True:
             try:
-                data = self.sock.recv(REPORT.size, socket.MSG_DONTWAIT)
+                data = self.sock.recv(MESSAGE_LIMIT, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
             except OSError:
                 data = b""
-            if not data:
-                raise HijackError("the native relay pump ended")
-            report = Report(*REPORT.unpack(data))
+            report = parse_report(data)
             if report.event == EV_RETURNED:
                 found.append(report)
         return found
@@ -187,12 +278,10 @@ class NativePump:
         try:
             if not select.select([self.sock], [], [], ANSWER_WAIT)[0]:
                 raise TimeoutError(f"no answer within {ANSWER_WAIT:g} s")
-            data = self.sock.recv(REPORT.size)
+            data = self.sock.recv(MESSAGE_LIMIT)
         except OSError as exc:
             raise HijackError(f"the native relay pump did not answer: {exc}") from None
-        if len(data) != REPORT.size:
-            raise HijackError("the native relay pump ended")
-        return Report(*REPORT.unpack(data))
+        return parse_report(data)
 
     def close(self) -> None:
         """End it: it lets go of every descriptor it holds as it exits."""

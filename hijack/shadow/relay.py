@@ -50,7 +50,7 @@ from typing import Any
 
 from hijack.errors import HijackError
 from hijack.node import forwarder
-from hijack.node.terminal import DATA, WINDOW, FrameReader
+from hijack.node.terminal import DATA, FRAME, WINDOW, FrameReader
 from hijack.node.terminal import frame as terminal_frame
 from hijack.shadow import pump as native
 from hijack.shadow.datagram import DatagramStream
@@ -723,7 +723,7 @@ class RelayHub:
             and not (stream.closed or stream.handed or stream.native or stream.native_over)
             and stream.original >= 0
             and relay is not None
-            and relay.link is None
+            and (relay.link is None or self._records_ready(stream, relay))
             and relay.frames is None
             and not relay.eof
             and not stream.retiring
@@ -735,12 +735,35 @@ class RelayHub:
             and stat.S_ISSOCK(os.fstat(stream.original).st_mode)
         )
 
+    @staticmethod
+    def _records_ready(stream: Stream, relay: Relay) -> bool:
+        """Whether the pump can carry encrypted `relay` (unless HIJACK_PUMP_ENCRYPTED=0): its
+        records are ours (tls_records), at a boundary both ways (nothing sealed waits to be sent,
+        nothing read waits to be opened), no frame of the node's under way, and the out pipe
+        empty (the pump's holds ciphertext, Python's would hold plaintext)."""
+        link = relay.link
+        records = link.records if link is not None else None
+        return (
+            native.ENCRYPTED
+            and link is not None
+            and records is not None
+            and not (records.partial or records.replies or records.closed)
+            and not (link.pending or link.eof)
+            and relay.forwarded is not None
+            and not relay.forwarded.buffer
+            and not (stream.out_pipe is not None and stream.out_pipe.held)
+        )
+
     def _offer_native(self, stream: Stream) -> bool:
         """Hand `stream` to the pump if it can take it: whether it did."""
         if not self._nativizable(stream):
             return False
-        out_pipe, in_pipe = stream.outward_pipe(), stream.inward_pipe()
         relay = stream.relay
+        link = relay.link if relay is not None else None
+        if link is not None and stream.out_pipe is None:  # (Python's TLS reads into the head)
+            stream.out_pipe = SplicePipe()
+        out_pipe = stream.out_pipe if link is not None else stream.outward_pipe()
+        in_pipe = stream.inward_pipe()
         if out_pipe is None or in_pipe is None or relay is None:
             return False
         try:
@@ -750,9 +773,20 @@ class RelayHub:
             self._native_count += 1
             number = self._native_count
             fds = [stream.original, relay.sock.fileno(), out_pipe.read_end, out_pipe.write_end]
-            self.pump.add(
-                number, [*fds, in_pipe.read_end, in_pipe.write_end], out_pipe.held, in_pipe.held
-            )
+            fds += [in_pipe.read_end, in_pipe.write_end]
+            if link is not None and link.records is not None:
+                writing, reading = link.records.writing, link.records.reading
+                keys = native.TlsKeys(
+                    writing.key,
+                    writing.iv,
+                    writing.sequence,
+                    reading.key,
+                    reading.iv,
+                    reading.sequence,
+                )
+                self.pump.add_tls(number, fds, out_pipe.held, in_pipe.held, keys)
+            else:
+                self.pump.add(number, fds, out_pipe.held, in_pipe.held)
         except (OSError, HijackError) as exc:
             self._pump_lost(f"cannot use the native relay pump: {exc}")
             return False
@@ -813,6 +847,14 @@ class RelayHub:
         for pipe, held in ((stream.out_pipe, report.out_held), (stream.in_pipe, report.in_held)):
             if pipe is not None:
                 pipe.held, pipe.full = held, False
+        if report.tls is not None and stream.relay is not None:
+            try:
+                self._take_back_records(stream, stream.relay, report, report.tls)
+            except (OSError, HijackError) as exc:  # a record that does not open: a failure
+                self.log(f"{stream.id}: {exc}; closing it")
+                stream.native_over = True
+                self._close(stream, reset=True)
+                return
         if report.reason == native.STOPPED:
             return
         stream.native_over = True  # an end or a failure: the rest of its life is Python's
@@ -824,17 +866,56 @@ class RelayHub:
             self._close(stream, reset=True)
         # An end: read again by the event loop, which passes it on as ever.
 
+    def _take_back_records(
+        self, stream: Stream, relay: Relay, report: native.Report, returned: native.TlsReturned
+    ) -> None:
+        """The rest of an encrypted stream the pump gave back: the record numbers each way,
+        the ciphertext it sealed and did not send (the out pipe's: sent before any record
+        sealed here after it), what it read and did not open or parse (opened and parsed
+        here now: no event of the socket brings it again), the node's last ACK."""
+        link = relay.link
+        assert link is not None and link.records is not None
+        link.records.writing.sequence = returned.out_sequence
+        link.records.reading.sequence = returned.in_sequence
+        link.plain_sent += report.bytes_out
+        relay.received += report.bytes_in  # the DATA it passed on
+        if returned.acks and returned.acked >= relay.acked:
+            relay.acked, relay.room = returned.acked, returned.room
+        out_pipe = stream.out_pipe
+        if out_pipe is not None and out_pipe.held:
+            _unpipe(out_pipe, link.pending)
+        head = FRAME.pack(DATA, returned.data_left) if returned.data_left else b""
+        plain = head + returned.frames + link.reopen(returned.ciphertext)
+        if plain:
+            # Behind what the in pipe holds for the original (it came first): the head
+            # is written before the pipe's bytes.
+            _unpipe(stream.in_pipe, stream.to_original)
+            self._take_plaintext(stream, relay, plain)
+        if relay.eof:
+            # The node's END came to the pump: no event of the relay will say it again (the
+            # connection stays open for ACKs), so the end goes on to the original from here
+            # (once what is held for it is written: its writability brings the rest).
+            self._flush_original(stream)
+
     def _pump_lost(self, why: str) -> None:
         """The pump failed: every stream it held is Python's again, its pipes as the kernel
         says they are (the counts of what it moved are lost: statistics only)."""
         self.log(f"{why}; relaying in Python")
         self.pump_failed = True
         for stream in list(self._native.values()):
+            if stream.relay is not None and stream.relay.link is not None:
+                # Its record numbers went with the pump: TLS cannot go on.
+                self._native.pop(stream.native, None)
+                stream.native, stream.native_over = 0, True
+                self.log(f"{stream.id}: an encrypted stream of the pump; resetting it")
+                self._close(stream, reset=True)
+                continue
             held = [
                 native.pipe_held(p.read_end) if p else 0 for p in (stream.out_pipe, stream.in_pipe)
             ]
             self._take_back(
-                stream, native.Report(native.EV_RETURNED, stream.native, 0, 0, 0, 0, *held)
+                stream,
+                native.Report(native.EV_RETURNED, stream.native, 0, 0, 0, 0, held[0], held[1]),
             )
         self.close_pump()
         self._refresh_interest()  # their descriptors are watched here again
@@ -1087,6 +1168,12 @@ class RelayHub:
             relay.eof = True
             return 0
         self._read_short = relay.link.drained
+        self._take_plaintext(stream, relay, data)
+        return len(data)
+
+    def _take_plaintext(self, stream: Stream, relay: Relay, data: bytes) -> None:
+        """An encrypted relay's plaintext: the node's frames (DATA, ACK, END)."""
+        assert relay.forwarded is not None
         payload = bytearray()
         for kind, body in _frames(relay.forwarded, data, stream):
             if kind == DATA:
@@ -1108,7 +1195,6 @@ class RelayHub:
             stream.bytes_in += len(payload)
             stream.replay = None  # the process answered: it has accepted this client
             stream.replay_lost = False
-        return len(data)
 
     def _from_master(self, stream: Stream, relay: Relay, data: bytes) -> bytes:
         """The bytes of the DATA frames in `data` from a pty master's relay; a WINDOW

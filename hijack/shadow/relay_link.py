@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from hijack.errors import ShadowError
+from hijack.shadow import tls_records
 
 CHUNK = 256 * 1024
 # Freed memory malloc keeps for the next buffers of a relaying process (hijack.sys.libc.
@@ -101,6 +102,9 @@ class ShadowIdentity:
             serialization.NoEncryption(),
         )
         self.context: ssl.SSLContext | None = None
+        # The traffic secrets of its connections (an encrypted relay carries its records
+        # itself past the exchange: TlsLink.own_records).
+        self.keylog = tls_records.KeyLog()
 
     def trust(self, cluster: str) -> None:
         """Accept the nodes whose certificates `cluster` (the CA's certificate and revocation
@@ -117,6 +121,7 @@ class ShadowIdentity:
         except (OSError, ssl.SSLError) as exc:
             raise ShadowError(f"cannot use the cluster's CA for relays: {exc}") from None
         context.verify_flags |= ssl.VERIFY_CRL_CHECK_LEAF | ssl.VERIFY_X509_STRICT
+        self.keylog.attach(context)
         self.context = context
 
 
@@ -195,6 +200,13 @@ class TlsLink:
         self.plain_sent = 0  # plaintext bytes handed to TLS, in all
         # The last recv() read less than it asked the kernel for: all there was.
         self.drained = False
+        # Past the exchange, the records carried by the shadow itself (own_records), not
+        # OpenSSL; until then what tells where OpenSSL's numbering stands.
+        self.records: tls_records.RecordLayer | None = None
+        self.client_random = b""  # of its ClientHello: its secrets in the key log
+        self.counting = False  # the handshake is done: records from here on are numbered
+        self.records_in = 0  # application records OpenSSL opened (and handed to it)
+        self.records_out = 0  # application records OpenSSL sealed
 
     # -- the exchange before streaming: blocking, one record at a time --------------
 
@@ -233,13 +245,45 @@ class TlsLink:
         return bytes(data)
 
     def write_all(self, data: bytes) -> None:
+        if self.records is not None:
+            self.sock.sendall(self.records.seal(data))
+            return
         self.tls.write(data)
         self._send_all()
 
     def _send_all(self) -> None:
-        ciphertext = self.outgoing.read()
+        ciphertext = self.ciphertext()
         if ciphertext:
             self.sock.sendall(ciphertext)
+
+    def ciphertext(self) -> bytes:
+        """What OpenSSL sealed since last asked (its records counted once counting)."""
+        data = self.outgoing.read()
+        if self.counting:
+            self.records_out += _count_records(data)
+        return data
+
+    def own_records(self, keylog: tls_records.KeyLog) -> bool:
+        """The server's side, at a record boundary both ways (nothing OpenSSL holds, read or
+        to send): carry the records ourselves from here (tls_records), numbered on from
+        OpenSSL's. Whether it could: not for a suite other than AES-GCM, nor without the
+        connection's secrets in `keylog`; then OpenSSL goes on."""
+        suite = self.tls.cipher()
+        if self.records is not None or suite is None or suite[0] not in tls_records.SUITES:
+            return self.records is not None
+        if self.tls.version() != "TLSv1.3" or not self.counting or not self.client_random:
+            return False
+        if self.incoming.pending or self.outgoing.pending or self.tls.pending():
+            return False
+        found = keylog.secrets(self.client_random)
+        if found is None:
+            return False
+        client, server = found
+        self.records = tls_records.RecordLayer(
+            tls_records.Direction(suite[0], client, self.records_in),
+            tls_records.Direction(suite[0], server, self.records_out),
+        )
+        return True
 
     # -- streaming: non-blocking ----------------------------------------------------
 
@@ -253,8 +297,19 @@ class TlsLink:
             self.drained = raw is None or len(raw) < CHUNK
             if raw == b"":
                 self.eof = True
+            elif raw and self.records is not None:
+                plain = self.records.open(raw)
+                self._answer_records()
+                if self.records.closed:
+                    self.eof = True
+                if plain:
+                    return plain
             elif raw:
                 self.incoming.write(raw)
+        if self.records is not None:
+            if self.eof:
+                return b""  # a record cut short by the end is no data (a broken peer)
+            raise BlockingIOError
         pieces = []  # a record's plaintext each (at most 16 KiB): joined once, not grown
         while True:
             try:
@@ -283,9 +338,13 @@ class TlsLink:
         # caller cuts what was taken); the ciphertext is kept only for what the kernel
         # does not take at once.
         with memoryview(data) as view, view[:CHUNK] as part:
-            taken = self.tls.write(part)
+            if self.records is not None:
+                ciphertext = self.records.seal(part)
+                taken = len(part)
+            else:
+                taken = self.tls.write(part)
+                ciphertext = self.outgoing.read()
         self.plain_sent += taken
-        ciphertext = self.outgoing.read()
         if flush and not self.pending:
             try:
                 sent = self.sock.send(ciphertext)
@@ -307,6 +366,24 @@ class TlsLink:
                 break
             del buffer[:taken]
         self.flush()
+
+    def reopen(self, ciphertext: bytes) -> bytes:
+        """Ciphertext read off the socket by another (the native pump) and not opened there:
+        the plaintext of its whole records, the rest kept for what comes next."""
+        assert self.records is not None
+        plain = self.records.open(ciphertext)
+        self._answer_records()
+        if self.records.closed:
+            self.eof = True
+        return plain
+
+    def _answer_records(self) -> None:
+        """What our record layer owes the peer (a KeyUpdate it asked for) goes out first."""
+        assert self.records is not None
+        if self.records.replies:
+            self.pending += self.records.replies  # sealed after all that waits: sent after it
+            self.records.replies.clear()
+            self.flush()
 
     def flush(self) -> int:
         """Hand the kernel what ciphertext waits: the byte count taken."""
@@ -331,6 +408,15 @@ class TlsLink:
             return False
         self.sock.shutdown(socket.SHUT_WR)
         return True
+
+
+def _count_records(data: bytes) -> int:
+    """The application records (all encrypted ones) in `data`, whole records."""
+    count, start = 0, 0
+    while start + RECORD_HEADER <= len(data):
+        count += data[start] == tls_records.APPLICATION_DATA
+        start += RECORD_HEADER + int.from_bytes(data[start + 3 : start + 5], "big")
+    return count
 
 
 def _exactly(sock: socket.socket, size: int) -> bytes:
@@ -400,7 +486,7 @@ class Admission:
 
     def _send_alert(self) -> None:
         """The alert OpenSSL made (the peer learns why: a revoked certificate), if it fits."""
-        self.link.pending += self.link.outgoing.read()
+        self.link.pending += self.link.ciphertext()
         with contextlib.suppress(OSError):
             self.link.flush()
 
@@ -411,14 +497,15 @@ class Admission:
                 try:
                     self.link.tls.do_handshake()
                 except ssl.SSLWantReadError:
-                    self.link.pending += self.link.outgoing.read()
+                    self.link.pending += self.link.ciphertext()
                     self.link.flush()
                     if not self._take_record():
                         return
                     continue
+                self.link.counting = True  # application records from here on
                 self.nonce = secrets.token_bytes(NONCE)
                 self.link.tls.write(self.nonce)
-                self.link.pending += self.link.outgoing.read()
+                self.link.pending += self.link.ciphertext()
                 self.link.flush()
             elif not self.proved:
                 proof = self._field(32)
@@ -467,7 +554,12 @@ class Admission:
                     raise ShadowError("not TLS: a record longer than TLS allows")
                 size += length
             if len(self._record) == size:
-                self.link.incoming.write(bytes(self._record))
+                record = bytes(self._record)
+                if not self.link.client_random:
+                    self.link.client_random = tls_records.client_random(record)
+                if self.link.counting and record[0] == tls_records.APPLICATION_DATA:
+                    self.link.records_in += 1
+                self.link.incoming.write(record)
                 self._record.clear()
                 return True
             try:
