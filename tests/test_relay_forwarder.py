@@ -22,9 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support.certificates import one_node_cluster
 
 from hijack.errors import HijackError
-from hijack.node import pki
 from hijack.node.forwarder import ForwarderProcess, unacknowledged
 from hijack.shadow import control, pump, relay_link, tls_records
 from hijack.shadow.relay import RelayHub, Stream
@@ -142,13 +142,7 @@ class Relayed:
 
 @pytest.fixture
 def relayed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Relayed]:
-    directory = tmp_path / "pki"
-    pki.init_ca(directory)
-    pki.add_node(directory, NODE, "127.0.0.1")
-    monkeypatch.setenv("HIJACK_PKI", str(directory))
-    monkeypatch.setenv("HIJACK_NODE", NODE)
-    monkeypatch.setenv("HIJACK_STATE_DIR", str(tmp_path / "state"))
-    relayed = Relayed(directory)
+    relayed = Relayed(one_node_cluster(tmp_path, monkeypatch, NODE))
     try:
         yield relayed
     finally:
@@ -249,6 +243,7 @@ def test_an_encrypted_stream_taken_and_given_back_by_the_pump_loses_no_byte(
     if not pump.available():
         pytest.skip("relay-pump is not built")
     monkeypatch.setattr(pump, "ENCRYPTED", True)
+    monkeypatch.setattr(tls_records, "OWN_RECORDS", True)
     process_end = relayed.move_in()
     size = 48 << 20
     done = threading.Event()

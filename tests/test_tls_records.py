@@ -18,8 +18,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from support.certificates import one_node_cluster
 
-from hijack.node import forwarder, pki
+from hijack.node import forwarder
 from hijack.node.terminal import DATA, frame
 from hijack.shadow import control, pump, relay_link, tls_records
 from hijack.shadow.relay import RelayHub
@@ -97,13 +98,7 @@ def test_records_are_rfc_8448s_both_ways_and_a_tampered_one_is_refused() -> None
 
 @pytest.fixture
 def pki_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    directory = tmp_path / "pki"
-    pki.init_ca(directory)
-    pki.add_node(directory, NODE, "127.0.0.1")
-    monkeypatch.setenv("HIJACK_PKI", str(directory))
-    monkeypatch.setenv("HIJACK_NODE", NODE)
-    monkeypatch.setenv("HIJACK_STATE_DIR", str(tmp_path / "state"))
-    return directory
+    return one_node_cluster(tmp_path, monkeypatch, NODE)
 
 
 @contextlib.contextmanager
@@ -266,7 +261,7 @@ def test_the_pump_leaves_a_bad_record_or_a_cut_one_to_the_shadow(
     middle of a record gives the end, and no byte of that record."""
     if not pump.available():
         pytest.skip("relay-pump is not built")
-    monkeypatch.setattr(pump, "ENCRYPTED", True)  # (the default; whatever the suite's)
+    monkeypatch.setattr(pump, "ENCRYPTED", True)  # (off by default)
     log: list[str] = []
     selector = selectors.DefaultSelector()
     hub = RelayHub(selector, log.append)

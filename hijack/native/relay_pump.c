@@ -199,6 +199,27 @@ static void give_back(struct pair *pair, int reason, int err) {
     }
 }
 
+/* Send `size` bytes of `data` to `d`'s sink; what it does not take goes to `d`'s pipe,
+ * which the caller knows to be empty and big enough. The errno of a send that failed
+ * (the bytes are in the pipe then), or 0. */
+static int send_or_keep(struct direction *d, const void *data, size_t size) {
+    const char *bytes = data;
+    ssize_t put = send(d->sink, bytes, size, MSG_DONTWAIT | MSG_NOSIGNAL);
+    int failed = put < 0 && errno != EAGAIN && errno != EINTR ? errno : 0;
+    if (put < 0)
+        put = 0;
+    while ((size_t)put < size) {
+        ssize_t kept = write(d->pipe_write, bytes + put, size - (size_t)put);
+        if (kept < 0 && errno != EINTR)
+            die("write to an empty pipe");
+        if (kept > 0) {
+            put += kept;
+            d->held += kept;
+        }
+    }
+    return failed;
+}
+
 /* Read what `d`'s source has (nothing queued) and send it on; what the sink does
  * not take now goes to the pipe, where the shadow finds it if it takes the stream
  * back. MOVED: moved some, DRAINED: moved all there was (a short read of a
@@ -216,19 +237,8 @@ static int pass_through(struct direction *d, int source_end, int sink_error, int
         return source_end == ORIGINAL_EOF ? ORIGINAL_ERROR : RELAY_ERROR;
     }
     d->moved += got;
-    ssize_t put = send(d->sink, buffer, (size_t)got, MSG_DONTWAIT | MSG_NOSIGNAL);
-    int failed = put < 0 && errno != EAGAIN && errno != EINTR ? errno : 0;
-    if (put < 0)
-        put = 0;
-    while (put < got) { /* the pipe is empty and at least `room` big: it takes it all */
-        ssize_t kept = write(d->pipe_write, buffer + put, (size_t)(got - put));
-        if (kept < 0 && errno != EINTR)
-            die("write to an empty pipe");
-        if (kept > 0) {
-            put += kept;
-            d->held += kept;
-        }
-    }
+    /* The pipe is empty and at least `room` big: it takes what the sink does not. */
+    int failed = send_or_keep(d, buffer, (size_t)got);
     if (failed) {
         *err = failed;
         return sink_error;
@@ -531,19 +541,7 @@ static int pump_tls_out(struct pair *pair, int *err) {
             size_t len = (size_t)got - at < MAX_PLAIN ? (size_t)got - at : MAX_PLAIN;
             size += seal_record(pair->tls, (uint8_t *)buffer + at, len, sealed + size);
         }
-        ssize_t put = send(d->sink, sealed, size, MSG_DONTWAIT | MSG_NOSIGNAL);
-        int failed = put < 0 && errno != EAGAIN && errno != EINTR ? errno : 0;
-        if (put < 0)
-            put = 0;
-        while ((size_t)put < size) { /* the pipe is empty: it takes it all */
-            ssize_t kept = write(d->pipe_write, sealed + put, size - (size_t)put);
-            if (kept < 0 && errno != EINTR)
-                die("write to an empty pipe");
-            if (kept > 0) {
-                put += kept;
-                d->held += kept;
-            }
-        }
+        int failed = send_or_keep(d, sealed, size); /* the pipe is empty: it takes the rest */
         if (failed) {
             *err = failed;
             return RELAY_ERROR;

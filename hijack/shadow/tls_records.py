@@ -38,8 +38,11 @@ from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-# HIJACK_OWN_RECORDS=0 leaves every record to OpenSSL (to compare, or to rule this out).
-OWN_RECORDS = os.environ.get("HIJACK_OWN_RECORDS", "1") != "0"
+# HIJACK_OWN_RECORDS=1: the shadow carries its relays' records itself. Off by default: the
+# relay of a process of an unprivileged user failed with "bad record mac" on the first
+# record after the switch (tests/test_node_trust.py; the secrets the key log had for that
+# connection open none of its records: not understood yet).
+OWN_RECORDS = os.environ.get("HIJACK_OWN_RECORDS", "0") == "1"
 HEADER = 5
 APPLICATION_DATA, ALERT, HANDSHAKE = 23, 21, 22
 MAX_PLAINTEXT = 1 << 14

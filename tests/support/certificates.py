@@ -11,9 +11,23 @@ import datetime
 import shutil
 from pathlib import Path
 
+import pytest
+
 from hijack.node import pki
 
 PUBLIC = ("ca.crt", "revoked.crl")
+
+
+def one_node_cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> Path:
+    """A cluster's keys and certificates in `tmp_path`/pki with one node, `name`, at
+    127.0.0.1, and the test made that node (its PKI, name and state directory)."""
+    directory = tmp_path / "pki"
+    pki.init_ca(directory)
+    pki.add_node(directory, name, "127.0.0.1")
+    monkeypatch.setenv("HIJACK_PKI", str(directory))
+    monkeypatch.setenv("HIJACK_NODE", name)
+    monkeypatch.setenv("HIJACK_STATE_DIR", str(tmp_path / "state"))
+    return directory
 
 
 def _trusting(cluster: Path, directory: Path) -> None:
