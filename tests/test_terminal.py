@@ -280,7 +280,8 @@ if job == 0:
     os.close(tty)
     signal.signal(signal.SIGTTOU, signal.SIG_DFL)
     os.execvp(sys.argv[2], sys.argv[2:])
-os.setpgid(job, job)
+with contextlib.suppress(PermissionError):  # EACCES: it has exec'd, its own setpgid done
+    os.setpgid(job, job)
 os.tcsetpgrp(tty, job)
 print(job, flush=True)
 with contextlib.suppress(ChildProcessError):  # moved away, or moved: under a new pid
