@@ -341,11 +341,19 @@ def test_a_swap_end_whose_coordinator_is_cut_off_lets_its_process_go(tmp_path: P
             server.assert_intact()
 
 
-def acked_between(node: Node, peer: str) -> int:
-    """Bytes acknowledged on `node`'s established connection to `peer`'s address (`ss -i`)."""
-    completed = node.run(["ss", "-tinH", "state", "established", "dst", peer], timeout=10)
-    found = re.search(r"bytes_acked:(\d+)", completed.stdout)
-    return int(found[1]) if found else 0
+def acked_between(node: Node, peer: str, port: int) -> int:
+    """Bytes acknowledged on `node`'s established connection to `peer`'s address whose one
+    end is the server's `port` (`ss -i`): the stream's, not another link the node has there
+    (a daemon's, a relay's)."""
+    return int(_acked_found(node, peer, port)[0])
+
+
+def _acked_found(node: Node, peer: str, port: int) -> tuple[int, str]:
+    """acked_between's count (0 unless exactly one connection matches) and what ss said."""
+    ss = f"ss -tinH state established dst {peer} ( sport = :{port} or dport = :{port} )"
+    completed = node.run(ss.split(), timeout=10)
+    found = re.findall(r"bytes_acked:(\d+)", completed.stdout)
+    return (int(found[0]) if len(found) == 1 else 0), completed.stdout
 
 
 def connection_inode(pid: int, peer: str) -> int:
@@ -374,16 +382,22 @@ def assert_old_end_let_go(home: Node, server: RunningFixture, old_end: int, peer
     assert listed.stdout.strip() == "", listed.stdout
 
 
-def goes_on_without(home: Node, node: Node, peer: str) -> None:
-    """With `home` cut off, 8 MiB more are acknowledged on `node`'s connection to `peer`."""
+def goes_on_without(home: Node, node: Node, peer: str, port: int) -> None:
+    """With `home` cut off, 8 MiB more are acknowledged on `node`'s connection to `peer`
+    (the stream's: one end the server's `port`)."""
     link_down(home)
     try:
-        before = acked_between(node, peer)
-        poll_until(
-            lambda: acked_between(node, peer) > before + (8 << 20),
-            f"8 MiB more acknowledged between {node.name} and {peer} while {home.name} is cut off",
-            timeout=30,
-        )
+        before = acked_between(node, peer, port)
+        try:
+            poll_until(
+                lambda: acked_between(node, peer, port) > before + (8 << 20),
+                f"8 MiB more acknowledged between {node.name} and {peer} (port {port}) while"
+                f" {home.name} is cut off",
+                timeout=30,
+            )
+        except AssertionError as failed:
+            said = _acked_found(node, peer, port)[1]
+            raise AssertionError(f"{failed} (from {before}; ss there: {said!r})") from None
     finally:
         link_up(home)  # the processes' pipes (stdout, stderr) are relayed through it
 
@@ -434,7 +448,7 @@ def test_two_migrants_joined_directly_by_the_move_outlive_their_home_node(
             assert peers_of(moved_client.pid) & {f"10.77.0.3:{server.ready['port']}"}
             # The home shadows' counters of the stream stand still while it goes on.
             counts = swapped_counts(a, {client.pid, server.pid})
-            goes_on_without(a, b, "10.77.0.3")  # b and c joined directly
+            goes_on_without(a, b, "10.77.0.3", int(server.ready["port"]))  # b and c joined directly
             assert swapped_counts(a, {client.pid, server.pid}) == counts
             assert_ended_well(moved_client, "the stream_client, swapped", tmp_path)
             finish_moved(server, moved_server, tmp_path)  # it checked its own state: PASS
@@ -487,7 +501,7 @@ def test_swapped_ends_move_on_and_their_connection_stays_direct(
             assert still_running(moved.pid), "the stream ended before the last move: too fast"
             assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
             assert f"10.77.0.2:{server.ready['port']}" in peers_of(moved.pid)
-            goes_on_without(a, c, "10.77.0.2")
+            goes_on_without(a, c, "10.77.0.2", int(server.ready["port"]))
             # The server home again: its connection made again there, direct still (what
             # keeps its other descriptors relayed, and said so).
             capsys.readouterr()
@@ -538,7 +552,7 @@ def test_a_move_run_away_from_home_swaps_through_the_home_node(
             assert still_running(moved.pid), "the stream ended before the last move: too fast"
             assert relayed_ids(a, client.pid) == relayed_ids(a, server.pid) == []
             assert f"10.77.0.2:{server.ready['port']}" in peers_of(moved.pid)
-            goes_on_without(a, c, "10.77.0.2")
+            goes_on_without(a, c, "10.77.0.2", int(server.ready["port"]))
             unshape_links(cluster)
             assert_ended_well(moved, "the stream_client swapped from away", tmp_path)
             finish_moved(server, moved_server, tmp_path)
@@ -583,7 +597,7 @@ def test_a_tree_whose_member_holds_a_swapped_connection_moves_with_it_direct(
             there, _ = move_tree(a, client.pid, c)
             client.wait_exit()
             assert stream_peer(moved_server.pid, port).startswith("10.77.0.3:")
-            goes_on_without(a, b, "10.77.0.3")  # the server and the child, directly
+            goes_on_without(a, b, "10.77.0.3", int(port))  # the server and the child, directly
             there, _ = move_tree(c, there, b)
             (child_there,) = read_tree(there).pids[1:]
             assert stream_peer(child_there, child_port).startswith("10.77.0.2:")
