@@ -48,6 +48,18 @@ def process_state(pid: int) -> str:
     return stat[stat.rindex(")") + 2]
 
 
+def signal_masks(*pids: int) -> dict[int, str]:
+    """Each thread's blocked signals (SigBlk), by tid, of the processes `pids`."""
+    masks = {}
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            status = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            found = re.search(r"^SigBlk:\s*(\w+)", status, re.MULTILINE)
+            assert found is not None, status
+            masks[int(tid)] = found[1]
+    return masks
+
+
 def copy_stopped_and_reported(b: Node) -> int:
     """The pid of the copy node b stopped when its post-copy broke off (b's log says it)."""
     found = poll_until(
@@ -206,12 +218,15 @@ def test_a_mover_killed_mid_postcopy_is_settled_by_recover_without_ending_the_or
         two_nodes(tmp_path) as (a, b),
         spawn_fixture("dirtier", "64", DIRTY_RATE, netns=a.netns) as dirtier,
     ):
+        masks = signal_masks(dirtier.pid)
         mover = postcopy_stopped_at_start(a, b, dirtier.pid)
         mover.kill()  # the page server gone: its connection closes
         mover.wait()
         copy = copy_stopped_and_reported(b)
-        # The kernel let the original go at the mover's death: the queued SIGSTOP holds it.
+        # The kernel let the original go at the mover's death: the queued SIGSTOP holds it,
+        # each thread as it stopped (the calls injected in it all put back).
         poll_until(lambda: process_state(dirtier.pid) == "T", "the original stopped")
+        assert signal_masks(dirtier.pid) == masks
         settled = a.hijack_ok("recover").stdout
         assert "interrupted during post-copy" in settled, settled
         assert process_state(dirtier.pid) == "T"  # recover ends no copy of it

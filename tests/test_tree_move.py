@@ -39,7 +39,7 @@ from pathlib import Path
 import pytest
 from support import spawn_fixture
 from support.nodes import Cluster, Node, read_line, two_nodes
-from test_faults import hijack_in
+from test_faults import hijack_in, reap, shadow_pid_of
 from test_move import (
     EXIT_TIMEOUT,
     LINE_TIMEOUT,
@@ -61,6 +61,7 @@ from test_move import (
 )
 from test_move_home import links, most_acknowledged, relay_sockets
 from test_nodes import ECHO_SESSION
+from test_postcopy import process_state, signal_masks
 from test_tree_programs import NGINX, NGINX_CONFIG
 from test_tree_share import contexts_shared, pss_kib
 
@@ -841,3 +842,34 @@ def test_a_tree_changing_pages_it_referred_to_arrives_with_each_change(
             os.kill(member, signal.SIGUSR2)
         wait_gone(there, EXIT_TIMEOUT, "the tree, moved, checking its pages")
         assert exit_code_on(b, there) == 0, logs(tmp_path)
+
+
+@pytest.mark.parametrize("stage", ["move-frozen", "move-prepared"])
+def test_a_tree_mover_killed_before_its_commit_leaves_every_member_running_as_it_was(
+    tmp_path: Path, stage: str
+) -> None:
+    """SIGKILL to the mover of a tree (pre-copied, frozen, its images out): the kernel lets
+    every member go, each thread on where it stopped with its own registers and signal
+    mask (every call injected in it put back), and the members' own check of their memory
+    finds it whole (a thread left on our registers would go on from the syscall
+    instruction the calls ran at: a write it was in the middle of cut short)."""
+    with (
+        two_nodes(tmp_path) as (a, b),
+        spawn_fixture("tree_dirtier", "3", "32", "64", netns=a.netns) as tree,
+    ):
+        wait_members(tree.pid, 4)
+        originals = list(read_tree(tree.pid).pids)
+        masks = signal_masks(*originals)
+        assert b.daemon_endpoint is not None
+        mover = hijack_in(a, stage, "move", tree.pid, "--to", b.daemon_endpoint)
+        mover.kill()
+        mover.wait()
+        for member in originals:
+            poll_until(lambda m=member: process_state(m) in "RS", f"member {member} running")
+        assert signal_masks(*originals) == masks
+        shadow = shadow_pid_of(a, tree.pid)
+        recovered = a.hijack("recover")
+        assert recovered.returncode == 0, recovered.describe()
+        a.hijack_ok("detach", tree.pid)
+        reap([shadow])
+        tree.assert_intact()

@@ -32,7 +32,7 @@ from test_move import (
     refusal_line,
     shadow_status,
 )
-from test_postcopy import POSTCOPY_LINE, SLOW_LINK_BITS, process_state
+from test_postcopy import POSTCOPY_LINE, SLOW_LINK_BITS, process_state, signal_masks
 from test_tree_move import move_tree, wait_members
 
 from hijack.process.tree import read_tree
@@ -194,6 +194,7 @@ def test_a_mover_killed_mid_postcopy_of_a_tree_is_settled_by_recover_ending_no_o
     with two_nodes(tmp_path) as (a, b), spawn_tree(a.netns) as tree:
         wait_members(tree.pid, CHILDREN + 1)
         originals = list(read_tree(tree.pid).pids)
+        masks = signal_masks(*originals)
         assert b.daemon_endpoint is not None
         mover = hijack_in(
             a, "move-postcopy", "move", tree.pid, "--to", b.daemon_endpoint, "--postcopy"
@@ -207,9 +208,13 @@ def test_a_mover_killed_mid_postcopy_of_a_tree_is_settled_by_recover_ending_no_o
         copies = [int(pid) for pid in found[1].split()]
         for copy in copies:
             assert process_state(copy) == "T", copy
-        # The kernel let the originals go at the mover's death: the queued SIGSTOP holds them.
+        # The kernel let the originals go at the mover's death: the queued SIGSTOP holds them,
+        # each thread as it stopped (the calls injected in it all put back: a thread left on
+        # our registers would run on from the injection's syscall instruction, its mask
+        # blocking every signal).
         for member in originals:
             poll_until(lambda member=member: process_state(member) == "T", f"{member} stopped")
+        assert signal_masks(*originals) == masks
         settled = a.hijack_ok("recover").stdout
         assert "interrupted during post-copy" in settled and "every member" in settled, settled
         for member in originals:

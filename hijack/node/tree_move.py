@@ -915,6 +915,11 @@ def _write_tree(
             unmap_areas([(t, areas[t.pid]) for t in imaged])
         raise
     unmap_areas([(t, areas[t.pid]) for t in imaged])
+    # The munmaps left each member's injection thread on our registers again: put back,
+    # so that a mover killed from here on (the commit, a post-copy) leaves every member
+    # to run on where it stopped, not from the syscall instruction the calls ran at.
+    for tracee in imaged:
+        tracee.put_back()
     return sizes
 
 
