@@ -126,6 +126,11 @@ class Precopy:
         # `lazy` pages, which the destination fetches on first touch; `pinned`
         # pages (those the restore itself touches) are never lazy.
         self.postcopy = False
+        # The automatic choice (neither --precopy nor --postcopy): the rounds ended
+        # converged, but a move's catch-up rounds just before the freeze may still leave
+        # the rest to post-copy (hijack.node.move); `last_round` is what they compare with.
+        self.auto_postcopy = False
+        self.last_round: RoundSent | None = None
         # The destination proves links to the home shadow ahead of the freeze, for the
         # relays it makes then (the `links` message, hijack.node.move).
         self.links_ahead = False

@@ -519,10 +519,11 @@ def _move_frozen(
             catch_up = (
                 None
                 if precopied.postcopy
-                else functools.partial(_send_round, channel, precopied, report)
+                else functools.partial(_catch_up, channel, precopied, report)
             )
             precopied.prepare_freeze(catch_up)
             tracee = seize_on_its_layout(pid, precopied, catch_up)
+            postcopy = precopied.postcopy  # a catch-up round may have left it to post-copy
         else:
             tracee = Tracee.seize(pid)
     except BaseException:
@@ -1085,20 +1086,40 @@ def _precopy(
             if before is None:
                 reached("move-first-round")
             if postcopy or not precopied.should_continue(last, before):
-                precopied.postcopy = bool(postcopy) or (
-                    postcopy is None and not _converged(last, before)
-                )
-                if precopied.postcopy:
-                    # The pages written during the last round are stale there: dropped
-                    # now, while the process runs, not during the freeze.
-                    dropped = precopied.written_to_drop()
-                    channel.send({"op": "drop", "lazy": encode_runs(dropped)})
-                    channel.expect("phase")
+                precopied.auto_postcopy = postcopy is None
+                precopied.last_round = last
+                if bool(postcopy) or (postcopy is None and not _converged(last, before)):
+                    _leave_to_postcopy(channel, precopied)
                 return precopied  # its prepare_freeze: just before the freeze
             before = last
     except BaseException:
         precopied.close()
         raise
+
+
+def _leave_to_postcopy(channel: Channel, precopied: Precopy) -> None:
+    """What the process writes from here on goes by post-copy. The pages written during
+    the last round are stale there: dropped now, while the process runs, not during the
+    freeze."""
+    precopied.postcopy = True
+    dropped = precopied.written_to_drop()
+    channel.send({"op": "drop", "lazy": encode_runs(dropped)})
+    channel.expect("phase")
+
+
+def _catch_up(channel: Channel, precopied: Precopy, report: Callable[[str, int], None]) -> None:
+    """One more round just before the freeze (prepare_freeze's), unless post-copy takes the
+    rest. In the automatic choice, one that did not converge either leaves the rest to
+    post-copy after all: rounds that converged only because the process was short of CPU
+    while they ran (a loaded node) say nothing of what it writes now, and a catch-up
+    round covers tens of ms: a process that rewrites 8 MiB in that time would be frozen
+    while all of it crossed the link."""
+    if precopied.postcopy:
+        return
+    last = _send_round(channel, precopied, report)
+    before, precopied.last_round = precopied.last_round, last
+    if precopied.auto_postcopy and not _converged(last, before):
+        _leave_to_postcopy(channel, precopied)
 
 
 def _send_round(
