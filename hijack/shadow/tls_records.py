@@ -36,12 +36,12 @@ import ssl
 import struct
 from dataclasses import dataclass
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-# HIJACK_OWN_RECORDS=1: the shadow carries its relays' records itself. Off by default: the
-# relay of a process of an unprivileged user failed with "bad record mac" on the first
-# record after the switch (tests/test_node_trust.py; the secrets the key log had for that
-# connection open none of its records: not understood yet).
+# HIJACK_OWN_RECORDS=1: the shadow carries its relays' records itself. Off by default until
+# the whole suite has run with it (the one failure known, an unprivileged user's shadow on
+# the system's older cryptography, is mended: _open_one).
 OWN_RECORDS = os.environ.get("HIJACK_OWN_RECORDS", "0") == "1"
 HEADER = 5
 APPLICATION_DATA, ALERT, HANDSHAKE = 23, 21, 22
@@ -181,8 +181,11 @@ class RecordLayer:
 
     def _open_one(self, header: memoryview, body: memoryview) -> bytes:
         try:
-            inner = self.reading.aead.decrypt(self.reading.nonce(), body, header)
-        except Exception:  # cryptography's InvalidTag: tampered, or numbers out of step
+            # As bytes: the shadow of an unprivileged user's process runs the system's
+            # Python (hijack.mutator.attach.shadow_interpreter), whose cryptography may be
+            # one that takes nothing else (Debian 12's 38.0: "data must be bytes").
+            inner = self.reading.aead.decrypt(self.reading.nonce(), bytes(body), bytes(header))
+        except InvalidTag:  # tampered, or numbers out of step
             raise RecordError("bad record mac") from None
         self.reading.sequence += 1
         end = len(inner)
