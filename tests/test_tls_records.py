@@ -251,14 +251,17 @@ def test_close_notify_is_the_end_of_the_stream(pki_dir: Path) -> None:
                 assert select.select([shadow.sock], [], [], TIMEOUT)[0]
 
 
-@pytest.mark.parametrize("how", ["tampered", "cut"])
+@pytest.mark.parametrize("how", ["tampered", "cut", "end"])
 def test_the_pump_leaves_a_bad_record_or_a_cut_one_to_the_shadow(
     pki_dir: Path, how: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A relay the native pump carries (relay_pump.c, OP_ADD_TLS), its node's side played
     here (OpenSSL, the forwarder's frames): a record changed on the way is refused (the
     stream is reset, nothing of it reaches the original's peer); a peer that ends in the
-    middle of a record gives the end, and no byte of that record."""
+    middle of a record gives the end, and no byte of that record; the node's END in a
+    record of its own, the connection left open (as a forwarder does when its process
+    ends), is the end too (the pump once kept a frame's head that ended a record until a
+    next record came: none did, and the home shadow of a process ended elsewhere waited)."""
     if not pump.available():
         pytest.skip("relay-pump is not built")
     monkeypatch.setattr(pump, "ENCRYPTED", True)  # (off by default)
@@ -285,6 +288,12 @@ def test_the_pump_leaves_a_bad_record_or_a_cut_one_to_the_shadow(
             node.write_all(frame(DATA, b"through the pump"))
             peer.settimeout(TIMEOUT)
             assert peer.recv(100) == b"through the pump"
+            if how == "end":
+                node.write_all(frame(forwarder.END, b""))
+                run(lambda: getattr(hub.streams["fd:5"].relay, "eof", True), "the node's END")
+                run(lambda: hub.streams["fd:5"].shut_original, "the end passed on")
+                assert peer.recv(100) == b""
+                return
             node.tls.write(frame(DATA, b"never seen"))
             raw = bytearray(node.outgoing.read())
             if how == "tampered":

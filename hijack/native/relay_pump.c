@@ -380,12 +380,16 @@ static int deliver(struct direction *d, const uint8_t *data, size_t len) {
 
 /* The frames of a record's plaintext (`plain`, `len`): DATA for the original, ACKs
  * counted; at any other frame (END) it stops, the rest kept for the shadow (tls->frame).
+ * A frame's head is looked at as soon as it is whole, even at the record's last byte: an
+ * END (no body) that ends a record is seen now, not when a next record comes (none may).
  * 0, or the errno of a failed send to the original. */
 static int take_frames(struct pair *pair, const uint8_t *plain, size_t len) {
     struct tls *tls = pair->tls;
     size_t at = 0;
-    while (at < len) {
+    for (;;) {
         if (tls->data_left) {
+            if (at == len)
+                break;
             size_t part = len - at < tls->data_left ? len - at : tls->data_left;
             int failed = deliver(&pair->in, plain + at, part);
             if (failed)
@@ -419,6 +423,8 @@ static int take_frames(struct pair *pair, const uint8_t *plain, size_t len) {
             tls->frame_len = 0;
             continue;
         }
+        if (at == len)
+            break;
         size_t part = want - tls->frame_len < len - at ? want - tls->frame_len : len - at;
         memcpy(tls->frame + tls->frame_len, plain + at, part);
         tls->frame_len += part;
