@@ -20,7 +20,7 @@ that is not the steady state stays in Python. Without the program (not built)
 the hub splices in Python, as before; if it dies,
 the hub takes every stream back, reading what the pipes hold from the kernel.
 
-Encrypted relays (HIJACK_PUMP_ENCRYPTED=1, off by default): once the
+Encrypted relays (on by default; HIJACK_PUMP_ENCRYPTED=0 turns it off): once the
 shadow carries a relay's records itself (hijack.shadow.tls_records), the hub
 can hand it over at a record boundary with each direction's key, iv and next
 record number (OP_ADD_TLS; libcrypto's AES-GCM in the pump). The pump seals
@@ -71,11 +71,9 @@ TLS_KEYS = struct.Struct("<II32s12s32s12sQQ")
 # then the lengths of what follows: ciphertext not opened, plaintext not parsed.
 TLS_TAIL = struct.Struct("<QQQIIIII")
 MESSAGE_LIMIT = 256 * 1024  # a report with its tail (the pump's buffers: about 100 KiB)
-# Encrypted relays go through the pump too (TLS in C), not only plain ones;
-# HIJACK_PUMP_ENCRYPTED=1 (with HIJACK_OWN_RECORDS=1): encrypted relays go through the pump
-# too. Off by default: besides tls_records' failure, a moved process's home shadow was not
-# released when it ended (test_lifecycle, test_move's stream client, in CI, session 15).
-ENCRYPTED = os.environ.get("HIJACK_PUMP_ENCRYPTED", "0") == "1"
+# Encrypted relays go through the pump too (TLS in C), not only plain ones, unless
+# HIJACK_PUMP_ENCRYPTED=0 (or HIJACK_OWN_RECORDS=0: the pump needs the shadow's own records).
+ENCRYPTED = os.environ.get("HIJACK_PUMP_ENCRYPTED", "1") != "0"
 
 
 @dataclass(frozen=True)

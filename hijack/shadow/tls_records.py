@@ -39,10 +39,9 @@ from dataclasses import dataclass
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-# HIJACK_OWN_RECORDS=1: the shadow carries its relays' records itself. Off by default until
-# the whole suite has run with it (the one failure known, an unprivileged user's shadow on
-# the system's older cryptography, is mended: _open_one).
-OWN_RECORDS = os.environ.get("HIJACK_OWN_RECORDS", "0") == "1"
+# The shadow carries its relays' records itself: on unless HIJACK_OWN_RECORDS=0 (OpenSSL
+# then carries them all along, through its memory BIOs).
+OWN_RECORDS = os.environ.get("HIJACK_OWN_RECORDS", "1") != "0"
 HEADER = 5
 APPLICATION_DATA, ALERT, HANDSHAKE = 23, 21, 22
 MAX_PLAINTEXT = 1 << 14
