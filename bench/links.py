@@ -21,8 +21,9 @@ to the process through an encrypted relay whatever the move's mode
 
 A relay in its steady state is pumped by the shadow's native pump
 (hijack/native/relay_pump.c); an encrypted one's records are sealed and opened
-by Python's ssl in the shadow and in b's forwarder, or in the pump (AES-GCM,
-libcrypto) with HIJACK_OWN_RECORDS=1 HIJACK_PUMP_ENCRYPTED=1 (off by default).
+by Python's ssl in b's forwarder, and in the shadow's native pump (AES-GCM,
+libcrypto; by default: HIJACK_OWN_RECORDS=0 or HIJACK_PUMP_ENCRYPTED=0 leave them to
+Python's ssl in the shadow too).
 
 Shaping is done on each node's end of its veth (egress), over netlink with
 pyroute2 (already a dependency, for the network locks): a `tbf` qdisc holds

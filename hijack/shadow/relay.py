@@ -737,7 +737,7 @@ class RelayHub:
 
     @staticmethod
     def _records_ready(stream: Stream, relay: Relay) -> bool:
-        """Whether the pump can carry encrypted `relay` (HIJACK_PUMP_ENCRYPTED=1): its
+        """Whether the pump can carry encrypted `relay` (unless HIJACK_PUMP_ENCRYPTED=0): its
         records are ours (tls_records), at a boundary both ways (nothing sealed waits to be sent,
         nothing read waits to be opened), no frame of the node's under way, and the out pipe
         empty (the pump's holds ciphertext, Python's would hold plaintext)."""
