@@ -212,7 +212,7 @@ def test_an_encrypted_stream_through_the_pump_survives_moves_away_on_and_home(
     status and move (a -> b, b -> c, c -> home): bulk echoes both ways come back whole and
     in order, and the counts the shadow gives are exact."""
     assert pump.available(), "relay-pump is built at the suite's start"
-    monkeypatch.setenv("HIJACK_PUMP_ENCRYPTED", "1")  # (both off by default)
+    monkeypatch.setenv("HIJACK_PUMP_ENCRYPTED", "1")  # both on (the default), whatever the env
     monkeypatch.setenv("HIJACK_OWN_RECORDS", "1")
     with Cluster(tmp_path, nodes=3) as cluster:
         a, b, c = cluster.nodes

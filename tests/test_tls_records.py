@@ -264,7 +264,7 @@ def test_the_pump_leaves_a_bad_record_or_a_cut_one_to_the_shadow(
     next record came: none did, and the home shadow of a process ended elsewhere waited)."""
     if not pump.available():
         pytest.skip("relay-pump is not built")
-    monkeypatch.setattr(pump, "ENCRYPTED", True)  # (off by default)
+    monkeypatch.setattr(pump, "ENCRYPTED", True)  # on (the default) whatever the environment says
     log: list[str] = []
     selector = selectors.DefaultSelector()
     hub = RelayHub(selector, log.append)
