@@ -21,9 +21,10 @@ to the process through an encrypted relay whatever the move's mode
 
 A relay in its steady state is pumped by the shadow's native pump
 (hijack/native/relay_pump.c); an encrypted one's records are sealed and opened
-by Python's ssl in b's forwarder, and in the shadow's native pump (AES-GCM,
-libcrypto; by default: HIJACK_OWN_RECORDS=0 or HIJACK_PUMP_ENCRYPTED=0 leave them to
-Python's ssl in the shadow too).
+there (AES-GCM, libcrypto) and, at b, in the forwarder's own native pump (by
+default: HIJACK_OWN_RECORDS=0 or HIJACK_PUMP_ENCRYPTED=0 leave them to Python's
+ssl in the shadow, HIJACK_FORWARDER_PUMP=0 to Python in b's forwarder); b's
+forwarder's CPU counts its pump's.
 
 Shaping is done on each node's end of its veth (egress), over netlink with
 pyroute2 (already a dependency, for the network locks): a `tbf` qdisc holds

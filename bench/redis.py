@@ -13,7 +13,8 @@ SIGSTOP, their connections kept):
   pump (hijack.shadow.pump);
 - `tls`: one moved with encrypted relays (the default) while its load was
   connected: TLS from the shadow to b's relay forwarder, which hands the
-  process a loopback socket (hijack.node.forwarder);
+  process a loopback socket (hijack.node.forwarder; its native pump carries the
+  relay past the opening exchange);
 - `accepted`: a load that connects to the `tls` server after its move: the
   shadow accepts each client and b's forwarder connects it to the process
   (encrypted whatever the move's mode).
@@ -22,7 +23,7 @@ Each load runs WARM seconds, then its rate is taken over WINDOW seconds from
 the server's own count of commands (INFO stats); ROUNDS turns, the median is
 printed beside direct's as a ratio beside its limit (issue #17: >= 0.7 of
 direct), with the home shadow's CPU time (user + sys, its native pump
-included) per GET and the node forwarder's on b, and how long the shadow
+included) per GET and the node forwarder's on b (its pump included), and how long the shadow
 waited for a CPU per GET (ready to run, not running: /proc/PID/schedstat).
 That last one says what a ratio measured on a loaded machine is worth: each
 message through the relay wakes one process more than direct does, and every

@@ -11,14 +11,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import itertools
+import os
 import secrets
+import select
 import selectors
 import socket
 import struct
 import termios
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -305,3 +307,86 @@ def test_an_encrypted_stream_taken_and_given_back_by_the_pump_loses_no_byte(
     assert given_back >= 3, given_back
     assert relayed.stream.bytes_out == size and relayed.stream.bytes_in == size
     assert relayed.link.plain_sent == size
+
+
+def forwarder_pumps(relayed: Relayed) -> list[int]:
+    """The forwarder's native relay pumps running now (its children running relay-pump)."""
+    process = relayed.forwarder.process
+    assert process is not None
+    found = []
+    for task in Path(f"/proc/{process.pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{child}/exe").resolve() == pump.PROGRAM.resolve():
+                    found.append(int(child))
+    return found
+
+
+def wait_until(relayed: Relayed, done: Callable[[], bool], what: str) -> None:
+    """Run the shadow's event loop until `done()`."""
+    deadline = time.monotonic() + TIMEOUT
+    while not done():
+        assert time.monotonic() < deadline, f"not within {TIMEOUT:g} s: {what}"
+        relayed.pump(0.01)
+
+
+def test_the_forwarders_end_goes_through_its_native_pump_and_back_at_each_end(
+    relayed: Relayed,
+) -> None:
+    """Past its opening exchange the forwarder's end of an encrypted relay is carried by its
+    native pump (relay_pump.c, OP_ADD_FORWARD: DATA frames and ACKs out, the shadow's bytes
+    in). At the shadow's end the pump gives it back, and the forwarder passes the end on
+    after every byte; the process's end then goes the forwarder's own way; the pump ends
+    once it carries nothing."""
+    if not pump.available() or os.environ.get("HIJACK_FORWARDER_PUMP") == "0":
+        pytest.skip("the forwarder's native pump is not in use (not built, or turned off)")
+    process_end = relayed.move_in()
+    wait_until(relayed, lambda: bool(forwarder_pumps(relayed)), "a pump in the forwarder")
+    process_end.settimeout(TIMEOUT)
+    size = 5 << 20
+    sender = threading.Thread(target=relayed.client.sendall, args=(pattern(0, size),))
+    sender.start()
+    received = bytearray()
+    process_end.setblocking(False)
+    deadline = time.monotonic() + TIMEOUT
+    while len(received) < size:  # the process reads while the shadow's loop runs
+        assert time.monotonic() < deadline, f"{len(received)} of {size} bytes came"
+        relayed.pump(0.001)
+        with contextlib.suppress(BlockingIOError):
+            received += process_end.recv(1 << 20)
+    sender.join(TIMEOUT)
+    relayed.client.setblocking(False)
+    assert received == pattern(0, size)
+    # Every byte is in the process's socket: the forwarder's ACKs (its pump's) say so.
+    relay = relayed.stream.relay
+    assert relay is not None
+
+    def acked_all() -> bool:
+        relayed.hub._reclaim()  # the shadow's own pump, if it carries the stream, keeps ACKs
+        relayed.hub._refresh_interest()
+        return relay.acked == size
+
+    wait_until(relayed, acked_all, "the forwarder's ACK of every byte")
+
+    relayed.client.shutdown(socket.SHUT_WR)  # the original's peer ends: the relay ends
+    process_end.settimeout(TIMEOUT)
+    wait_until(relayed, lambda: bool(select.select([process_end], [], [], 0)[0]), "the end")
+    assert process_end.recv(16) == b"", "the shadow's end did not come to the process"
+
+    answer = pattern(7, 1 << 20)  # the process answers, then ends: Python's way now
+    process_end.sendall(answer)
+    process_end.shutdown(socket.SHUT_WR)
+    got = bytearray()
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        assert time.monotonic() < deadline, f"the answer's end: {len(got)} bytes came"
+        relayed.pump(0.001)
+        try:
+            data = relayed.client.recv(1 << 20)
+        except BlockingIOError:
+            continue
+        if not data:
+            break
+        got += data
+    assert got == answer
+    wait_until(relayed, lambda: not forwarder_pumps(relayed), "the pump's end")

@@ -26,6 +26,14 @@
  * frames (DATA for the original, ACKs counted); anything else (another record type,
  * another frame, a record that does not open) is given back, unopened, to the shadow.
  *
+ * The node's forwarder (hijack/node/forwarder.py) hands its end of an encrypted relay
+ * over the same way (OP_ADD_FORWARD), the other way round: its "original" is its end of
+ * the loopback connection to the moved process, whose bytes go to the shadow as DATA
+ * frames; the shadow's records carry the stream's bytes raw, delivered as they open (the
+ * in pipe holds up to the forwarder's LIMIT of them for a process that does not read);
+ * and it sends the forwarder's ACKs (bytes in the process's socket, its room), with the
+ * process's next DATA, or ACK_DELAY after a write once the socket acknowledged all.
+ *
  * Control: a SOCK_SEQPACKET socket at descriptor argv[1]; one message each way
  * per request or event (struct request / struct report below, little endian).
  * It ends when the shadow closes it (or dies, which closes it too).
@@ -38,14 +46,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/sockios.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <openssl/evp.h>
 
-enum { OP_ADD = 1, OP_STOP = 2, OP_QUERY = 3, OP_ADD_TLS = 4 };
+enum { OP_ADD = 1, OP_STOP = 2, OP_QUERY = 3, OP_ADD_TLS = 4, OP_ADD_FORWARD = 5 };
 enum { EV_RETURNED = 1, EV_COUNTS = 2 };
 enum {
     STOPPED = 0,        /* asked for */
@@ -95,14 +108,21 @@ struct tls_keys {
     uint64_t out_seq, in_seq;
 } __attribute__((packed));
 
+/* OP_ADD_FORWARD, after struct tls_keys: the forwarder's counts at the hand-over. */
+struct forward_start {
+    uint64_t delivered; /* bytes written to the process's socket, in all */
+    uint64_t acked;     /* what the forwarder's last ACK said */
+} __attribute__((packed));
+
 /* A TLS pair's report: struct report, then this, then `cipher_len` bytes of ciphertext not
  * opened yet (a record cut short, or one it does not carry) and `frame_len` bytes of
- * plaintext not parsed yet (a frame cut short, or what follows one it does not carry). */
+ * plaintext not parsed yet (a frame cut short, or what follows one it does not carry;
+ * forwarding: bytes for the process the in pipe did not take, after the pipe's). */
 struct tls_tail {
     uint64_t out_seq, in_seq;
-    uint64_t acked;     /* the last ACK's count (if acks) */
+    uint64_t acked;     /* the last ACK's count (if acks); forwarding: the last we sent */
     uint32_t room;      /* and its room */
-    uint32_t acks;      /* ACKs taken since OP_ADD_TLS */
+    uint32_t acks;      /* ACKs taken since OP_ADD_TLS (sent, forwarding) */
     uint32_t data_left; /* bytes of the DATA frame under way not read yet */
     uint32_t cipher_len, frame_len;
 } __attribute__((packed));
@@ -114,6 +134,11 @@ struct tls_tail {
 #define FRAME_HEADER 5 /* KIND:u8 LENGTH:u32 (hijack/node/forwarder.py) */
 #define CIPHER_CAP (65536 + 2 * (RECORD_HEADER + MAX_RECORD))
 enum { FRAME_DATA = 1, FRAME_ACK = 3 };
+#define ACK_FRAME (FRAME_HEADER + 12) /* u64 count, u32 room */
+/* As the forwarder's ACK_DELAY and ACK_POLL (hijack/node/forwarder.py), in ms. */
+#define ACK_DELAY_MS 2
+#define ACK_POLL_MS 5
+#define TCPI_SND_WND 228 /* offset of tcpi_snd_wnd in struct tcp_info (Linux 6.2) */
 
 struct tls {
     EVP_CIPHER_CTX *seal, *open;
@@ -121,12 +146,20 @@ struct tls {
     uint64_t out_seq, in_seq;
     uint8_t cipher[CIPHER_CAP]; /* from the relay, not opened yet */
     size_t cipher_len;
-    uint8_t frame[MAX_PLAIN + 64]; /* plaintext not parsed: a frame's head, or the rest */
+    /* plaintext not parsed: a frame's head, or the rest; forwarding: what the in pipe
+     * did not take of a record's (its pages part-filled: a pipe's size is in pages) */
+    uint8_t frame[MAX_PLAIN + 64];
     size_t frame_len;
     uint32_t data_left;
     uint64_t acked;
     uint32_t room, acks;
     int other; /* met a record or frame it does not carry: give back */
+    /* The forwarder's end (OP_ADD_FORWARD): the relay's records are raw bytes, what the
+     * original sends goes as DATA frames, ACKs are ours to send. */
+    int forward;
+    uint64_t base;       /* bytes delivered to the original before the hand-over */
+    uint64_t written_at; /* now_ms() of the last write to the original */
+    int ack_due;         /* an ACK counted, to go once the out pipe is empty */
 };
 
 struct pair {
@@ -378,6 +411,49 @@ static int deliver(struct direction *d, const uint8_t *data, size_t len) {
     return 0;
 }
 
+/* Forwarding: put `len` bytes for the process, as deliver() does; what the in pipe does
+ * not take goes to tls->frame (empty: in_room()). `data` may be tls->frame itself. */
+static int forward_deliver(struct pair *pair, const uint8_t *data, size_t len) {
+    struct direction *d = &pair->in;
+    struct tls *tls = pair->tls;
+    ssize_t put = 0;
+    if (d->held == 0) {
+        put = send(d->sink, data, len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (put < 0) {
+            if (errno != EAGAIN && errno != EINTR)
+                return errno;
+            put = 0;
+        }
+    }
+    while ((size_t)put < len) {
+        ssize_t kept = write(d->pipe_write, data + put, len - (size_t)put);
+        if (kept < 0 && errno == EAGAIN)
+            break; /* full: its pages are part-filled */
+        if (kept < 0 && errno != EINTR)
+            die("write to a pipe");
+        if (kept > 0) {
+            put += kept;
+            d->held += kept;
+        }
+    }
+    memmove(tls->frame, data + put, len - (size_t)put);
+    tls->frame_len = len - (size_t)put;
+    d->moved += (int64_t)len;
+    return 0;
+}
+
+/* Forwarding: what the in pipe did not take, to it (or to the process) now: 0, or the
+ * errno of a failed send. */
+static int flush_overflow(struct pair *pair) {
+    struct tls *tls = pair->tls;
+    size_t len = tls->frame_len;
+    if (!len)
+        return 0;
+    tls->frame_len = 0;
+    pair->in.moved -= (int64_t)len; /* counted again */
+    return forward_deliver(pair, tls->frame, len);
+}
+
 /* The frames of a record's plaintext (`plain`, `len`): DATA for the original, ACKs
  * counted; at any other frame (END) it stops, the rest kept for the shadow (tls->frame).
  * A frame's head is looked at as soon as it is whole, even at the record's last byte: an
@@ -386,6 +462,8 @@ static int deliver(struct direction *d, const uint8_t *data, size_t len) {
 static int take_frames(struct pair *pair, const uint8_t *plain, size_t len) {
     struct tls *tls = pair->tls;
     size_t at = 0;
+    if (tls->forward) /* the shadow's records carry the stream's bytes as they are */
+        return forward_deliver(pair, plain, len);
     for (;;) {
         if (tls->data_left) {
             if (at == len)
@@ -455,12 +533,21 @@ static int drain_pipe(struct direction *d, int sink_error, int *err) {
     return 0;
 }
 
-/* Open the whole records tls->cipher holds, while nothing waits in the pipe (so a record's
- * data always fits there): 0, or why it stopped. */
+/* Whether a record's data surely has a place: while the in pipe holds nothing; forwarding,
+ * while the pipe seems to have room for one and took all it was given (what it does not
+ * take waits in tls->frame), so that it holds what the process does not read yet. */
+static int in_room(const struct pair *pair) {
+    if (pair->tls->forward)
+        return pair->tls->frame_len == 0 && pair->in.held + MAX_PLAIN <= pair->in.size;
+    return pair->in.held == 0;
+}
+
+/* Open the whole records tls->cipher holds while a record's data has a place: 0, or why it
+ * stopped. */
 static int open_records(struct pair *pair, int *err) {
     static uint8_t plain[MAX_RECORD];
     struct tls *tls = pair->tls;
-    while (!tls->other && pair->in.held == 0 && tls->cipher_len >= RECORD_HEADER) {
+    while (!tls->other && in_room(pair) && tls->cipher_len >= RECORD_HEADER) {
         size_t length = (size_t)tls->cipher[3] << 8 | tls->cipher[4];
         if (tls->cipher[0] != 23 || length > MAX_RECORD || length <= TAG) {
             tls->other = 1; /* the shadow's own layer says what is wrong with it */
@@ -492,15 +579,20 @@ static int pump_tls_in(struct pair *pair, int *err) {
     int drained = 0;
     for (;;) {
         int stop = drain_pipe(d, ORIGINAL_ERROR, err);
+        if (!stop && tls->forward && (*err = flush_overflow(pair)))
+            stop = ORIGINAL_ERROR;
         if (!stop)
             stop = open_records(pair, err);
         if (stop)
             return stop;
         if (d->held > 0) {
             stop = drain_pipe(d, ORIGINAL_ERROR, err);
-            if (stop || d->held > 0)
-                return stop; /* the original's room: an event of its own */
-            continue;
+            if (stop)
+                return stop;
+            if (d->held == 0)
+                continue;
+            if (!in_room(pair))
+                return 0; /* the original's room: an event of its own */
         }
         if (tls->other)
             return TLS_OTHER;
@@ -557,6 +649,159 @@ static int pump_tls_out(struct pair *pair, int *err) {
     }
 }
 
+/* -- the forwarder's end (OP_ADD_FORWARD): DATA frames out, ACKs ----------------------- */
+
+static uint64_t now_ms(void) {
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (uint64_t)now.tv_sec * 1000 + (uint64_t)now.tv_nsec / 1000000;
+}
+
+/* Bytes for the process not written to its socket yet: the in pipe's, tls->frame's. */
+static int64_t undelivered(const struct pair *pair) {
+    return pair->in.held + (int64_t)pair->tls->frame_len;
+}
+
+/* Bytes written to the process's socket, in all. */
+static uint64_t delivered(const struct pair *pair) {
+    return pair->tls->base + (uint64_t)(pair->in.moved - undelivered(pair));
+}
+
+/* Bytes the process's socket's peer (the process) has not acknowledged (SIOCOUTQ), or -1. */
+static int unacknowledged(int fd) {
+    int queued = 0;
+    return ioctl(fd, SIOCOUTQ, &queued) < 0 ? -1 : queued;
+}
+
+/* Whether the process's socket acknowledged all it was written since our last ACK: then
+ * counted as acknowledged (the caller sends the ACK). */
+static int acknowledged(struct pair *pair) {
+    uint64_t count = delivered(pair);
+    if (count > pair->tls->acked && unacknowledged(pair->fds[ORIGINAL]) == 0) {
+        pair->tls->acked = count;
+        return 1;
+    }
+    return 0;
+}
+
+/* Our last ACK's frame at `out` (ACK_FRAME bytes): the count, and the room left in the
+ * process's socket (the window it advertises, less what waits for it there and here). */
+static void ack_frame(struct pair *pair, uint8_t *out) {
+    uint8_t info[TCPI_SND_WND + 4];
+    socklen_t size = sizeof info;
+    uint32_t window = 0, length = 12;
+    int fd = pair->fds[ORIGINAL];
+    if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, info, &size) == 0 && size >= sizeof info)
+        memcpy(&window, info + TCPI_SND_WND, 4);
+    int queued = unacknowledged(fd);
+    int64_t room = (int64_t)window - (queued > 0 ? queued : 0) - undelivered(pair);
+    uint32_t room32 = room < 0 ? 0 : room > UINT32_MAX ? UINT32_MAX : (uint32_t)room;
+    out[0] = FRAME_ACK;
+    memcpy(out + 1, &length, 4);
+    memcpy(out + FRAME_HEADER, &pair->tls->acked, 8);
+    memcpy(out + FRAME_HEADER + 8, &room32, 4);
+    pair->tls->acks++;
+}
+
+/* Send our last ACK alone (the out pipe is empty): 0, or RELAY_ERROR. */
+static int send_ack(struct pair *pair, int *err) {
+    uint8_t frame[ACK_FRAME], record[RECORD_HEADER + ACK_FRAME + 1 + TAG];
+    ack_frame(pair, frame);
+    pair->tls->ack_due = 0;
+    int failed = send_or_keep(&pair->out, record, seal_record(pair->tls, frame, ACK_FRAME, record));
+    if (failed) {
+        *err = failed;
+        return RELAY_ERROR;
+    }
+    return 0;
+}
+
+/* The original -> relay direction of the forwarder's end: what the process sends, as DATA
+ * frames sealed into records, our ACK ahead of them when its socket acknowledged all it
+ * was written (its answer brought TCP's acknowledgement: one record for both). */
+static int pump_forward_out(struct pair *pair, int *err) {
+    static uint8_t staged[ACK_FRAME + FRAME_HEADER + BUFFER_SIZE];
+    static uint8_t sealed[sizeof staged + (sizeof staged / MAX_PLAIN + 1) * (RECORD_HEADER + 1 + TAG)];
+    struct direction *d = &pair->out;
+    struct tls *tls = pair->tls;
+    /* Room for every record's overhead and our frames in the pipe (at least a page). */
+    size_t room = (d->size < BUFFER_SIZE ? (size_t)d->size : BUFFER_SIZE) - 1024;
+    for (;;) {
+        int stop = drain_pipe(d, RELAY_ERROR, err);
+        if (stop || d->held > 0)
+            return stop;
+        if (tls->ack_due) {
+            stop = send_ack(pair, err);
+            if (stop)
+                return stop;
+            continue;
+        }
+        uint8_t *data = staged + ACK_FRAME + FRAME_HEADER;
+        ssize_t got = recv(d->source, data, room, MSG_DONTWAIT);
+        if (got == 0)
+            return ORIGINAL_EOF;
+        if (got < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                return 0;
+            *err = errno;
+            return ORIGINAL_ERROR;
+        }
+        d->moved += got;
+        uint32_t length = (uint32_t)got;
+        size_t start = ACK_FRAME;
+        staged[ACK_FRAME] = FRAME_DATA;
+        memcpy(staged + ACK_FRAME + 1, &length, 4);
+        if (acknowledged(pair)) {
+            ack_frame(pair, staged);
+            start = 0;
+        }
+        size_t end = ACK_FRAME + FRAME_HEADER + (size_t)got, size = 0;
+        for (size_t at = start; at < end; at += MAX_PLAIN) {
+            size_t len = end - at < MAX_PLAIN ? end - at : MAX_PLAIN;
+            size += seal_record(tls, staged + at, len, sealed + size);
+        }
+        int failed = send_or_keep(d, sealed, size); /* the pipe is empty: it takes the rest */
+        if (failed) {
+            *err = failed;
+            return RELAY_ERROR;
+        }
+        if ((size_t)got < room && !d->hup)
+            return 0;
+    }
+}
+
+/* The forwarder's ACKs that no answer of the process took along: for each of its relays
+ * whose process's socket acknowledged all it was written (looked at ACK_DELAY after the
+ * last write, then every ACK_POLL). The epoll_wait timeout that brings the next look: -1
+ * if none is due. */
+static int acknowledge_all(void) {
+    int timeout = -1;
+    uint64_t now = now_ms();
+    struct pair *next;
+    for (struct pair *pair = pairs; pair; pair = next) {
+        next = pair->next; /* a failed send gives `pair` back (freed) */
+        struct tls *tls = pair->tls;
+        if (!tls || !tls->forward || delivered(pair) <= tls->acked)
+            continue;
+        if (now - tls->written_at < ACK_DELAY_MS) {
+            timeout = ACK_DELAY_MS;
+            continue;
+        }
+        if (acknowledged(pair)) {
+            int err = 0, stop = 0;
+            tls->ack_due = 1;
+            if (pair->out.held == 0)
+                stop = send_ack(pair, &err);
+            if (stop)
+                give_back(pair, stop, err);
+            continue;
+        }
+        if (timeout < 0)
+            timeout = ACK_POLL_MS;
+    }
+    return timeout;
+}
+
 static struct tls *make_tls(const struct tls_keys *keys) {
     const EVP_CIPHER *cipher = keys->key_len == 16   ? EVP_aes_128_gcm()
                                : keys->key_len == 32 ? EVP_aes_256_gcm()
@@ -582,11 +827,15 @@ static struct tls *make_tls(const struct tls_keys *keys) {
 /* Pump the directions `out` and `in` (either may be 0: left as it is). */
 static void pump_pair(struct pair *pair, int out, int in) {
     int err = 0, stop = 0;
-    if (pair->tls) {
+    struct tls *tls = pair->tls;
+    if (tls) {
+        uint64_t before = tls->forward ? delivered(pair) : 0;
         if (out)
-            stop = pump_tls_out(pair, &err);
+            stop = tls->forward ? pump_forward_out(pair, &err) : pump_tls_out(pair, &err);
         if (!stop && in)
             stop = pump_tls_in(pair, &err);
+        if (!stop && tls->forward && delivered(pair) != before)
+            tls->written_at = now_ms();
         if (stop)
             give_back(pair, stop, err);
         return;
@@ -625,6 +874,7 @@ static void on_control(void) {
     struct {
         struct request request;
         struct tls_keys keys;
+        struct forward_start start;
     } __attribute__((packed)) message;
     struct request request;
     char cmsg_space[CMSG_SPACE(sizeof(int) * FDS)];
@@ -646,15 +896,23 @@ static void on_control(void) {
             memcpy(fds, CMSG_DATA(c), sizeof(int) * (size_t)count);
         }
     memcpy(&request, &message.request, sizeof request);
-    int adding = request.op == OP_ADD || request.op == OP_ADD_TLS;
-    size_t expected = sizeof request + (request.op == OP_ADD_TLS ? sizeof message.keys : 0);
+    int forward = request.op == OP_ADD_FORWARD;
+    int encrypted = request.op == OP_ADD_TLS || forward;
+    int adding = request.op == OP_ADD || encrypted;
+    size_t expected = sizeof request + (encrypted ? sizeof message.keys : 0) +
+                      (forward ? sizeof message.start : 0);
     struct tls *tls = NULL;
-    if (got == (ssize_t)expected && request.op == OP_ADD_TLS) {
+    if (got == (ssize_t)expected && encrypted) {
         tls = make_tls(&message.keys);
         OPENSSL_cleanse(&message.keys, sizeof message.keys);
     }
-    if (got != (ssize_t)expected || adding != (count == FDS) ||
-        (request.op == OP_ADD_TLS && !tls)) {
+    if (tls && forward) {
+        tls->forward = 1;
+        tls->base = message.start.delivered;
+        tls->acked = message.start.acked;
+        tls->written_at = now_ms();
+    }
+    if (got != (ssize_t)expected || adding != (count == FDS) || (encrypted && !tls)) {
         for (int i = 0; i < count; i++)
             close(fds[i]);
         fprintf(stderr, "relay-pump: a malformed request\n");
@@ -724,8 +982,9 @@ int main(int argc, char **argv) {
     if (epoll_ctl(epoll_fd, EPOLL_CTL_ADD, control_fd, &event) < 0)
         die("epoll_ctl");
     struct epoll_event events[64];
+    int timeout = -1;
     for (;;) {
-        int ready = epoll_wait(epoll_fd, events, 64, -1);
+        int ready = epoll_wait(epoll_fd, events, 64, timeout);
         if (ready < 0) {
             if (errno == EINTR)
                 continue;
@@ -740,5 +999,6 @@ int main(int argc, char **argv) {
             if (pair) /* else given back by an earlier event of this batch */
                 on_socket(pair, (int)(events[i].data.u64 & 1), events[i].events);
         }
+        timeout = acknowledge_all();
     }
 }

@@ -43,6 +43,13 @@ A UDP socket of the process is forwarded as a *datagram link*
 opens the link, and stands for each of the shadow's peer relays with a UDP
 socket of its own here, so no datagram crosses between hosts in clear.
 
+Past its opening exchange a relay's records are the forwarder's own (TlsLink.own_records:
+the secrets from OpenSSL's key log) and the relay goes to the native pump
+(hijack/native/relay_pump.c, OP_ADD_FORWARD), which frames, seals, opens and
+acknowledges as this loop does, in C; at an end, a failure or a record it does
+not carry (an alert, a KeyUpdate) it gives the relay back with everything it
+held, and this loop carries it on. HIJACK_FORWARDER_PUMP=0 keeps every relay here.
+
 The forwarder is a process of its own (`python -m hijack.node.forwarder`),
 started by the daemon at its first encrypted relay and asked over a unix
 socketpair for each relay or listener link (the process's end comes back as
@@ -63,6 +70,7 @@ import os
 import selectors
 import signal
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -77,9 +85,17 @@ from hijack.errors import HijackError
 from hijack.node.terminal import DATA, FRAME, FrameReader
 from hijack.node.terminal import frame as make_frame
 from hijack.shadow import control
+from hijack.shadow import pump as native
 from hijack.shadow.datagram import widen_receive_buffer
 from hijack.shadow.datagram_link import DatagramLink, StandIns
-from hijack.shadow.relay_link import ENCRYPTED, RELAY_HEAP, TlsLink, node_context
+from hijack.shadow.relay_link import (
+    ENCRYPTED,
+    RELAY_HEAP,
+    TlsLink,
+    keep_node_secrets,
+    node_context,
+)
+from hijack.shadow.tls_records import KeyLog
 from hijack.sys import libc
 from hijack.sys.socket_filter import SO_MARK, attach_filter, only_marked
 
@@ -90,6 +106,7 @@ ROOM_FORMAT = struct.Struct("<I")  # after it: room left there (older forwarders
 TCPI_SND_WND = 228  # offset of tcpi_snd_wnd in struct tcp_info (<linux/tcp.h>, Linux 6.2)
 CHUNK = 256 * 1024 - FRAME.size  # a DATA frame fits what TlsLink.send takes at once
 LIMIT = 4 * 1024 * 1024  # bytes held per direction before we stop reading
+PIPE_MAX = 1024 * 1024  # /proc/sys/fs/pipe-max-size by default
 ACK_POLL = 0.005  # seconds between looks at a process socket that has not taken all yet
 # Seconds an ACK waits after a write to the process for its answer, which brings TCP's
 # acknowledgement and takes our ACK along (one write, one segment, one wakeup of the
@@ -100,6 +117,8 @@ ACK_DELAY = 0.002
 RELAYS_AT_ONCE = 8
 # Relays one answer hands back (control.MAX_FDS, less room to spare); more take more requests.
 RELAYS_PER_REQUEST = 200
+# Relays go through the native pump once their records are ours, unless HIJACK_FORWARDER_PUMP=0.
+PUMPED = os.environ.get("HIJACK_FORWARDER_PUMP", "1") != "0"
 LISTENER_MARK = 0x484A4B52  # "HJKR": the mark of the forwarder's connections to a listener
 ACCEPTED = "accepted"  # the move id of an accepted client's relay
 
@@ -139,6 +158,29 @@ def window(sock: socket.socket) -> int:
     return int(struct.unpack_from("<I", info, TCPI_SND_WND)[0])
 
 
+def _widen_pipe(fd: int, size: int) -> None:
+    """Make pipe `fd` hold `size` bytes if it may (past /proc/sys/fs/pipe-max-size only with
+    CAP_SYS_RESOURCE), else as much as it may."""
+    for asked in (size, PIPE_MAX):
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, asked)
+            return
+
+
+def _read_all(fd: int) -> bytes:
+    """What pipe `fd` holds (non-blocking: its writer is gone or stopped)."""
+    pieces = []
+    while True:
+        try:
+            piece = os.read(fd, LIMIT)
+        except BlockingIOError:
+            break
+        if not piece:
+            break
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
 def closed_listener(backlog: int) -> socket.socket:
     """The process's listener here: on loopback, and only marked packets get in."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -168,6 +210,9 @@ class _Pair:
     local_eof: bool = False
     shut_local: bool = False
     closed: bool = False
+    native: int = 0  # its number at the native pump while the pump carries it, else 0
+    native_over: bool = False  # given back by the pump: carried here for the rest of its life
+    pipes: tuple[int, ...] = ()  # the pump's: out (ciphertext) read, write; in (plaintext) r, w
 
 
 @dataclass(eq=False)
@@ -211,6 +256,12 @@ class Forwarder:
         self.wake_read.setblocking(False)
         self.selector.register(self.wake_read, selectors.EVENT_READ, None)
         self.thread: threading.Thread | None = None
+        # The native pump, started at the first relay it can take (hijack.shadow.pump).
+        self.secrets: KeyLog | None = keep_node_secrets() if PUMPED else None
+        self.pump: native.NativePump | None = None
+        self.pump_failed = False
+        self.native: dict[int, _Pair] = {}  # the pump's number -> relay
+        self.native_count = 0
 
     # -- what the daemon asks ---------------------------------------------------------
 
@@ -304,13 +355,16 @@ class Forwarder:
         while True:
             # Only these may have changed: the relays an event came for, and those
             # whose process has not acknowledged all yet (a look at each per ACK_POLL).
-            touched = {pair for pair in self.pairs if pair.delivered > pair.acked}
+            touched = {p for p in self.pairs if p.delivered > p.acked and not p.native}
             now = time.monotonic()
             fresh = any(now - pair.written_at < ACK_DELAY for pair in touched)
             timeout = (ACK_DELAY if fresh else ACK_POLL) if touched else None
             for key, events in self.selector.select(timeout):
                 if key.data is None:
                     self._take_added()
+                    continue
+                if key.data == "pump":
+                    touched |= self._on_pump()
                     continue
                 item, role = key.data
                 if isinstance(item, _Pair):
@@ -352,7 +406,8 @@ class Forwarder:
                 item.local.setblocking(False)
                 self.pairs.add(item)
                 self._send_ack(item)  # the room there, before any byte
-                self._watch(item)
+                if not item.closed and not self._offer_native(item):
+                    self._watch(item)
 
     def _watch(self, pair: _Pair) -> None:
         link_events = 0
@@ -464,6 +519,129 @@ class Forwarder:
         sent_all = pair.local_eof and not (pair.to_link or pair.ack or pair.link.pending)
         if sent_all and pair.link.eof and not pair.to_local:
             self._close(pair, reset=False)
+
+    # -- the native pump (hijack.shadow.pump) ----------------------------------------------
+
+    def _offer_native(self, pair: _Pair) -> bool:
+        """Hand `pair` to the pump if it can take it (its records ours, at a boundary both
+        ways, nothing held here either way): whether it did."""
+        link = pair.link
+        if self.secrets is None or self.pump_failed or not native.available():
+            return False
+        if not link.own_records(self.secrets) or link.records is None:
+            return False
+        records = link.records
+        if records.partial or records.replies or records.closed or link.pending or link.eof:
+            return False
+        if pair.to_local or pair.to_link or pair.ack or pair.cut:
+            return False
+        if pair.local_eof or pair.shut_local or pair.closed or pair.native_over:
+            return False
+        pipes: list[int] = []
+        try:
+            for size in (0, LIMIT):  # out: as the kernel makes it; in: as much as we hold
+                read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                pipes += [read_end, write_end]
+                if size:
+                    _widen_pipe(write_end, size)
+            if self.pump is None:
+                self.pump = native.NativePump(self.log)
+                self.selector.register(self.pump, selectors.EVENT_READ, "pump")
+            self.native_count += 1
+            keys = native.TlsKeys(
+                records.writing.key,
+                records.writing.iv,
+                records.writing.sequence,
+                records.reading.key,
+                records.reading.iv,
+                records.reading.sequence,
+            )
+            fds = [pair.local.fileno(), link.sock.fileno(), *pipes]
+            self.pump.add_forward(self.native_count, fds, keys, pair.delivered, pair.acked)
+        except (OSError, HijackError) as exc:
+            for fd in pipes:
+                os.close(fd)
+            self._pump_lost(f"cannot use the native relay pump: {exc}")
+            return False
+        pair.native, pair.pipes = self.native_count, tuple(pipes)
+        self.native[pair.native] = pair
+        return True
+
+    def _on_pump(self) -> set[_Pair]:
+        """The pump gave relays back (an end, a failure, a record it does not carry): they
+        are carried here from now on; the ones to look at again."""
+        assert self.pump is not None
+        try:
+            reports = self.pump.reports()
+        except HijackError as exc:
+            self._pump_lost(str(exc))
+            return set()
+        taken = set()
+        for report in reports:
+            pair = self.native.pop(report.id, None)
+            if pair is not None:
+                self._take_back(pair, report)
+                taken.add(pair)
+        if not self.native:  # it carries nothing: it ends (the next relay starts one again)
+            self._stop_pump()
+        return taken
+
+    def _take_back(self, pair: _Pair, report: native.Report) -> None:
+        """What the pump hands back of `pair`: the record numbers, the ciphertext it sealed
+        and did not send (sent first), what it read and did not open, the bytes the
+        process's socket has not taken (written to it first), the counts."""
+        link, returned = pair.link, report.tls
+        pair.native, pair.native_over = 0, True
+        out_read, _, in_read, _ = pair.pipes
+        try:
+            link.pending += _read_all(out_read)
+            pair.to_local += _read_all(in_read)
+        finally:
+            for fd in pair.pipes:
+                os.close(fd)
+            pair.pipes = ()
+        pair.written_at = time.monotonic()
+        if returned is None or link.records is None:  # not an encrypted report: a broken pump
+            self.log("forwarded relay: the native pump gave it back without its records")
+            self._close(pair, reset=True)
+            return
+        pair.to_local += returned.frames  # what the pipe did not take, after what it holds
+        pair.delivered += report.bytes_in - report.in_held - len(returned.frames)
+        link.records.writing.sequence = returned.out_sequence
+        link.records.reading.sequence = returned.in_sequence
+        pair.acked = returned.acked
+        try:
+            pair.to_local += link.reopen(returned.ciphertext)
+            if report.reason in (native.ORIGINAL_ERROR, native.RELAY_ERROR):
+                raise OSError(report.err, os.strerror(report.err))
+        except (OSError, HijackError, ssl.SSLError) as exc:
+            self.log(f"forwarded relay: {exc}; closing it")
+            self._close(pair, reset=True)
+            return
+        # An end is read again by the loop (a socket's end stays readable); what is held
+        # goes on as ever.
+        self._flush(pair)
+
+    def _pump_lost(self, why: str) -> None:
+        """The pump failed: its relays' record numbers went with it, TLS cannot go on: they
+        are reset (the shadow sees them fail); new relays stay here."""
+        self.log(f"{why}; forwarding in Python")
+        self.pump_failed = True
+        for pair in list(self.native.values()):
+            self.log("forwarded relay: carried by the native pump; resetting it")
+            for fd in pair.pipes:
+                os.close(fd)
+            pair.pipes, pair.native = (), 0
+            self._close(pair, reset=True)
+        self.native.clear()
+        self._stop_pump()
+
+    def _stop_pump(self) -> None:
+        if self.pump is not None:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.pump)
+            self.pump.close()
+            self.pump = None
 
     def _close(self, item: _Pair | _ListenerLink | StandIns, *, reset: bool) -> None:
         if isinstance(item, StandIns):

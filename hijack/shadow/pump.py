@@ -33,6 +33,12 @@ open or parse (a record or frame cut short, or one it does not carry: an
 alert, a KeyUpdate, END), which the hub opens at once: nothing is held where
 the hub cannot see it. A pump that dies takes the record numbers with it: its
 encrypted streams are reset (a plain one goes on in Python).
+
+The node's forwarder (hijack.node.forwarder) hands its ends of encrypted relays
+to a pump of its own the same way (OP_ADD_FORWARD, add_forward): there the
+"original" is its end of the loopback connection to the process, whose bytes
+the pump sends as DATA frames with the forwarder's ACKs, and the relay's records
+are the stream's bytes (the in pipe holds what the process does not read yet).
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ CFLAGS = ("-O2", "-Wall", "-Wextra", "-Werror")
 LIBRARIES = ("-lcrypto",)  # AES-GCM of encrypted relays (libssl-dev: the Makefile's DEBS)
 ANSWER_WAIT = 5.0  # seconds for the pump to answer a request (it answers between two splices)
 
-OP_ADD, OP_STOP, OP_QUERY, OP_ADD_TLS = 1, 2, 3, 4
+OP_ADD, OP_STOP, OP_QUERY, OP_ADD_TLS, OP_ADD_FORWARD = 1, 2, 3, 4, 5
 EV_RETURNED, EV_COUNTS = 1, 2
 STOPPED, ORIGINAL_EOF, RELAY_EOF, ORIGINAL_ERROR, RELAY_ERROR, TLS_OTHER = 0, 1, 2, 3, 4, 5
 REQUEST = struct.Struct("<IIqq")
@@ -66,6 +72,9 @@ REPORT = struct.Struct("<IIiiqqqq")
 # OP_ADD_TLS, after REQUEST: key size, (unused), key and iv sealing what the original
 # sends, key and iv opening what the relay sends, the next record's number each way.
 TLS_KEYS = struct.Struct("<II32s12s32s12sQQ")
+# OP_ADD_FORWARD, after TLS_KEYS: bytes written to the process's socket in all, and what
+# the forwarder's last ACK said.
+FORWARD_START = struct.Struct("<QQ")
 # A TLS stream's EV_RETURNED, after REPORT: the next record's number each way, the last
 # ACK (count, room) and how many came, the bytes of a DATA frame under way not read yet,
 # then the lengths of what follows: ciphertext not opened, plaintext not parsed.
@@ -128,6 +137,19 @@ class TlsKeys:
     in_key: bytes
     in_iv: bytes
     in_sequence: int
+
+
+def _keys(keys: TlsKeys) -> bytes:
+    return TLS_KEYS.pack(
+        len(keys.out_key),
+        0,
+        keys.out_key,
+        keys.out_iv,
+        keys.in_key,
+        keys.in_iv,
+        keys.out_sequence,
+        keys.in_sequence,
+    )
 
 
 def parse_report(data: bytes) -> Report:
@@ -208,17 +230,19 @@ class NativePump:
     ) -> None:
         """Hand it encrypted stream `stream` at a record boundary (add's `fds`): it seals
         what the original sends and opens what the relay sends (the node's frames)."""
-        request = REQUEST.pack(OP_ADD_TLS, stream, out_held, in_held) + TLS_KEYS.pack(
-            len(keys.out_key),
-            0,
-            keys.out_key,
-            keys.out_iv,
-            keys.in_key,
-            keys.in_iv,
-            keys.out_sequence,
-            keys.in_sequence,
-        )
+        request = REQUEST.pack(OP_ADD_TLS, stream, out_held, in_held) + _keys(keys)
         socket.send_fds(self.sock, [request], fds)
+
+    def add_forward(
+        self, stream: int, fds: list[int], keys: TlsKeys, delivered: int, acked: int
+    ) -> None:
+        """Hand it the forwarder's end of encrypted relay `stream` at a record boundary
+        (add's `fds`, the "original" being the forwarder's end of the loopback connection
+        to the process, both pipes empty): it sends what the process sends as DATA frames
+        and our ACKs (`delivered` and `acked`: the counts so far), delivers the shadow's
+        records' bytes."""
+        request = REQUEST.pack(OP_ADD_FORWARD, stream, 0, 0) + _keys(keys)
+        socket.send_fds(self.sock, [request + FORWARD_START.pack(delivered, acked)], fds)
 
     def stop(self, streams: list[int]) -> dict[int, Report]:
         """Take `streams` back: what the pump said of each (given back by itself meanwhile,

@@ -147,6 +147,21 @@ def cluster_trust(directory: Path) -> str:
         ) from None
 
 
+# The traffic secrets of this node's connections to shadows, where they are kept (the node's
+# forwarder: keep_node_secrets); its relays then carry their records themselves.
+NODE_SECRETS: tls_records.KeyLog | None = None
+
+
+def keep_node_secrets() -> tls_records.KeyLog:
+    """Log the traffic secrets of this process's node contexts from here (a memfd): the
+    forwarder's, which hands its relays to the native pump (TlsLink.own_records)."""
+    global NODE_SECRETS
+    if NODE_SECRETS is None:
+        NODE_SECRETS = tls_records.KeyLog()
+        _node_context.cache_clear()
+    return NODE_SECRETS
+
+
 @lru_cache(maxsize=4)
 def _node_context(directory: Path, name: str, stamp: float) -> ssl.SSLContext:
     from hijack.node import pki  # the node side only: a shadow never reads node keys
@@ -164,6 +179,8 @@ def _node_context(directory: Path, name: str, stamp: float) -> ssl.SSLContext:
         raise ShadowError(
             f"cannot load node {name}'s certificate from {directory} for relays: {exc}"
         ) from None
+    if NODE_SECRETS is not None:
+        NODE_SECRETS.attach(context)
     return context
 
 
@@ -227,6 +244,8 @@ class TlsLink:
                     link._send_all()  # the alert: the peer learns why (a revoked certificate)
                 raise
         link._send_all()
+        # The client's records from here on are numbered (a server's: Admission counts).
+        link.counting = not server
         return link
 
     def peer_fingerprint(self) -> str:
@@ -239,7 +258,10 @@ class TlsLink:
             try:
                 data += self.tls.read(size - len(data))
             except ssl.SSLWantReadError:
-                self.incoming.write(_read_record(self.sock))
+                record = _read_record(self.sock)
+                if self.counting and record[0] == tls_records.APPLICATION_DATA:
+                    self.records_in += 1
+                self.incoming.write(record)
             except ssl.SSLZeroReturnError:
                 raise ShadowError("the peer closed the connection") from None
         return bytes(data)
@@ -261,13 +283,16 @@ class TlsLink:
         data = self.outgoing.read()
         if self.counting:
             self.records_out += _count_records(data)
+        elif not self.client_random and not self.tls.server_side:
+            self.client_random = tls_records.client_random(data)  # our ClientHello's
         return data
 
     def own_records(self, keylog: tls_records.KeyLog) -> bool:
-        """The server's side, at a record boundary both ways (nothing OpenSSL holds, read or
-        to send): carry the records ourselves from here (tls_records), numbered on from
-        OpenSSL's. Whether it could: not for a suite other than AES-GCM, nor without the
-        connection's secrets in `keylog`; then OpenSSL goes on."""
+        """At a record boundary both ways (nothing OpenSSL holds, read or to send): carry
+        the records ourselves from here (tls_records), numbered on from OpenSSL's; either
+        side (the shadow's, the node forwarder's). Whether it could: not for a suite other
+        than AES-GCM, nor without the connection's secrets in `keylog`; then OpenSSL goes
+        on."""
         suite = self.tls.cipher()
         if self.records is not None or suite is None or suite[0] not in tls_records.SUITES:
             return self.records is not None
@@ -279,9 +304,10 @@ class TlsLink:
         if found is None:
             return False
         client, server = found
+        theirs, ours = (client, server) if self.tls.server_side else (server, client)
         self.records = tls_records.RecordLayer(
-            tls_records.Direction(suite[0], client, self.records_in),
-            tls_records.Direction(suite[0], server, self.records_out),
+            tls_records.Direction(suite[0], theirs, self.records_in),
+            tls_records.Direction(suite[0], ours, self.records_out),
         )
         return True
 
@@ -343,7 +369,7 @@ class TlsLink:
                 taken = len(part)
             else:
                 taken = self.tls.write(part)
-                ciphertext = self.outgoing.read()
+                ciphertext = self.ciphertext()  # counted: own_records may follow
         self.plain_sent += taken
         if flush and not self.pending:
             try:

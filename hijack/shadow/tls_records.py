@@ -29,6 +29,7 @@ A record that does not open (tampered, out of step) is a failure, never data.
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import hmac
 import os
@@ -237,6 +238,7 @@ class KeyLog:
     def __init__(self) -> None:
         self.fd = os.memfd_create("hijack-keylog", os.MFD_CLOEXEC)
         self._lines: dict[tuple[str, str], bytes] = {}
+        self._read_to = 0  # the offset of the first line not read yet
 
     def attach(self, context: ssl.SSLContext) -> None:
         context.keylog_filename = f"/proc/self/fd/{self.fd}"
@@ -253,22 +255,37 @@ class KeyLog:
 
     def _read(self) -> None:
         size = os.fstat(self.fd).st_size
-        if not size:
+        if size <= self._read_to:
             return
-        data = os.pread(self.fd, size, 0)
+        data = os.pread(self.fd, size - self._read_to, self._read_to)
         complete = data.rfind(b"\n") + 1
         for line in data[:complete].split(b"\n"):
             words = line.decode("ascii", "replace").split()
             if len(words) == 3 and words[0] in (CLIENT_SECRET, SERVER_SECRET):
                 self._lines[(words[0], words[1].lower())] = bytes.fromhex(words[2])
-        # OpenSSL appends (the file is open O_APPEND), in this thread (the shadow's one
-        # event loop does every handshake): what was read is cut, no line is lost.
-        os.ftruncate(self.fd, 0)
+        self._read_to += complete
+        # What was read is let go as a hole, not cut off: OpenSSL appends (the file is open
+        # O_APPEND) from whichever thread makes a handshake (the forwarder's run side by
+        # side), and a line written between our read and a cut would be lost.
+        _punch_hole(self.fd, self._read_to)
         if len(self._lines) > KEPT_SECRETS:  # of connections that never asked (not relays)
             self._lines.clear()
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+
+
+def _punch_hole(fd: int, length: int) -> None:
+    """Free the first `length` bytes of file `fd` (a memfd), its size and offsets as they are."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    mode = _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE
+    if libc.fallocate(fd, mode, 0, length) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, os.strerror(error))
 
 
 def client_random(client_hello: bytes) -> bytes:
