@@ -373,10 +373,11 @@ def runs_in(pid: int, node: Node) -> bool:
 
 
 def pids_inside(node: Node) -> set[int]:
-    """The processes in `node`'s namespace, but its relay forwarder: like its daemon, a
-    part of the node, which outlives a move (hijack/node/forwarder.py)."""
+    """The processes in `node`'s namespace, but its relay forwarder and the forwarder's
+    native relay pump: like its daemon, a part of the node, which outlives a move
+    (hijack/node/forwarder.py)."""
     pids = {int(pid) for pid in run_ip("netns", "pids", node.netns).split()}
-    return {pid for pid in pids if not is_forwarder(pid)}
+    return {pid for pid in pids if not (is_forwarder(pid) or is_forwarder(parent_of(pid)))}
 
 
 def is_forwarder(pid: int) -> bool:
@@ -384,6 +385,13 @@ def is_forwarder(pid: int) -> bool:
         return b"hijack.node.forwarder" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
+
+
+def parent_of(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+    except (OSError, IndexError, ValueError):
+        return 0
 
 
 def wait_gone(pid: int, timeout: float, what: str) -> None:
