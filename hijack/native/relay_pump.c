@@ -160,6 +160,7 @@ struct tls {
     uint64_t base;       /* bytes delivered to the original before the hand-over */
     uint64_t written_at; /* now_ms() of the last write to the original */
     int ack_due;         /* an ACK counted, to go once the out pipe is empty */
+    uint64_t ack_sent;   /* the count of the last ACK sent (or sealed into the out pipe) */
 };
 
 struct pair {
@@ -197,7 +198,10 @@ static void send_report(const struct report *report) {
 }
 
 static void send_tls_report(const struct report *report, struct tls *tls) {
-    struct tls_tail tail = {tls->out_seq, tls->in_seq, tls->acked, tls->room, tls->acks,
+    /* Forwarding: the last ACK that left, not one counted and waiting (ack_due): the
+     * forwarder sends that one again. */
+    uint64_t acked = tls->forward ? tls->ack_sent : tls->acked;
+    struct tls_tail tail = {tls->out_seq, tls->in_seq, acked, tls->room, tls->acks,
                             tls->data_left, (uint32_t)tls->cipher_len, (uint32_t)tls->frame_len};
     struct iovec iov[4] = {{(void *)report, sizeof *report}, {&tail, sizeof tail},
                            {tls->cipher, tls->cipher_len}, {tls->frame, tls->frame_len}};
@@ -701,6 +705,7 @@ static void ack_frame(struct pair *pair, uint8_t *out) {
     memcpy(out + FRAME_HEADER, &pair->tls->acked, 8);
     memcpy(out + FRAME_HEADER + 8, &room32, 4);
     pair->tls->acks++;
+    pair->tls->ack_sent = pair->tls->acked;
 }
 
 /* Send our last ACK alone (the out pipe is empty): 0, or RELAY_ERROR. */
@@ -909,7 +914,7 @@ static void on_control(void) {
     if (tls && forward) {
         tls->forward = 1;
         tls->base = message.start.delivered;
-        tls->acked = message.start.acked;
+        tls->acked = tls->ack_sent = message.start.acked;
         tls->written_at = now_ms();
     }
     if (got != (ssize_t)expected || adding != (count == FDS) || (encrypted && !tls)) {
