@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import secrets
 import select
 import selectors
@@ -71,6 +72,27 @@ def test_the_key_schedule_gives_rfc_8448s_keys() -> None:
     server = Direction(SUITE_128, hexbytes(SERVER_SECRET))
     assert (client.key.hex(), client.iv.hex()) == (CLIENT_KEY, CLIENT_IV)
     assert (server.key.hex(), server.iv.hex()) == (SERVER_KEY, SERVER_IV)
+
+
+def test_a_key_log_frees_what_it_read_and_finds_every_line_written_after() -> None:
+    """OpenSSL appends to the key log from whichever thread makes a handshake (the node
+    forwarder's run side by side): what KeyLog read is freed as a hole, never cut off, so a
+    line written after a read is found, and the memfd does not grow with the connections."""
+    log = tls_records.KeyLog()
+    try:
+        with open(f"/proc/self/fd/{log.fd}", "a") as openssl:  # as OpenSSL opens it
+            for number in range(200):
+                random = number.to_bytes(32, "big")
+                client, server = bytes([number % 256]) * 32, bytes([255 - number % 256]) * 32
+                openssl.write(f"CLIENT_TRAFFIC_SECRET_0 {random.hex()} {client.hex()}\n")
+                openssl.write(f"SERVER_TRAFFIC_SECRET_0 {random.hex()} {server.hex()}\n")
+                openssl.flush()
+                assert log.secrets(random) == (client, server), number
+        status = os.fstat(log.fd)
+        assert status.st_size > 200 * 2 * 150  # every line went to the end of the file
+        assert status.st_blocks * 512 <= 2 * 4096, status.st_blocks  # all but its last page freed
+    finally:
+        log.close()
 
 
 def test_records_are_rfc_8448s_both_ways_and_a_tampered_one_is_refused() -> None:

@@ -389,35 +389,12 @@ static ssize_t open_record(struct tls *tls, size_t size, uint8_t *plain) {
     return total - 1;
 }
 
-/* Put `len` bytes for the original: sent at once while nothing waits in the pipe, the rest
- * to the pipe (it has room: a record's data at most, and it was empty when it was
- * opened). 0, or the errno of a failed send. */
-static int deliver(struct direction *d, const uint8_t *data, size_t len) {
-    ssize_t put = 0;
-    if (d->held == 0) {
-        put = send(d->sink, data, len, MSG_DONTWAIT | MSG_NOSIGNAL);
-        if (put < 0) {
-            if (errno != EAGAIN && errno != EINTR)
-                return errno;
-            put = 0;
-        }
-    }
-    while ((size_t)put < len) {
-        ssize_t kept = write(d->pipe_write, data + put, len - (size_t)put);
-        if (kept < 0 && errno != EINTR)
-            die("write to a pipe with room");
-        if (kept > 0) {
-            put += kept;
-            d->held += kept;
-        }
-    }
-    d->moved += (int64_t)len;
-    return 0;
-}
-
-/* Forwarding: put `len` bytes for the process, as deliver() does; what the in pipe does
- * not take goes to tls->frame (empty: in_room()). `data` may be tls->frame itself. */
-static int forward_deliver(struct pair *pair, const uint8_t *data, size_t len) {
+/* Put `len` bytes for the original: sent at once while nothing waits in the in pipe, the
+ * rest to the pipe. It has room (a record's data at most, and it was empty when the record
+ * was opened), but for the forwarder's end, which fills it (in_room()): there what it does
+ * not take (its pages part-filled) waits in tls->frame, empty until then. `data` may be
+ * tls->frame itself. 0, or the errno of a failed send. */
+static int deliver(struct pair *pair, const uint8_t *data, size_t len) {
     struct direction *d = &pair->in;
     struct tls *tls = pair->tls;
     ssize_t put = 0;
@@ -431,17 +408,19 @@ static int forward_deliver(struct pair *pair, const uint8_t *data, size_t len) {
     }
     while ((size_t)put < len) {
         ssize_t kept = write(d->pipe_write, data + put, len - (size_t)put);
-        if (kept < 0 && errno == EAGAIN)
-            break; /* full: its pages are part-filled */
+        if (kept < 0 && errno == EAGAIN && tls->forward)
+            break;
         if (kept < 0 && errno != EINTR)
-            die("write to a pipe");
+            die("write to a pipe with room");
         if (kept > 0) {
             put += kept;
             d->held += kept;
         }
     }
-    memmove(tls->frame, data + put, len - (size_t)put);
-    tls->frame_len = len - (size_t)put;
+    if (tls->forward) {
+        memmove(tls->frame, data + put, len - (size_t)put);
+        tls->frame_len = len - (size_t)put;
+    }
     d->moved += (int64_t)len;
     return 0;
 }
@@ -455,7 +434,7 @@ static int flush_overflow(struct pair *pair) {
         return 0;
     tls->frame_len = 0;
     pair->in.moved -= (int64_t)len; /* counted again */
-    return forward_deliver(pair, tls->frame, len);
+    return deliver(pair, tls->frame, len);
 }
 
 /* The frames of a record's plaintext (`plain`, `len`): DATA for the original, ACKs
@@ -467,13 +446,13 @@ static int take_frames(struct pair *pair, const uint8_t *plain, size_t len) {
     struct tls *tls = pair->tls;
     size_t at = 0;
     if (tls->forward) /* the shadow's records carry the stream's bytes as they are */
-        return forward_deliver(pair, plain, len);
+        return deliver(pair, plain, len);
     for (;;) {
         if (tls->data_left) {
             if (at == len)
                 break;
             size_t part = len - at < tls->data_left ? len - at : tls->data_left;
-            int failed = deliver(&pair->in, plain + at, part);
+            int failed = deliver(pair, plain + at, part);
             if (failed)
                 return failed;
             tls->data_left -= (uint32_t)part;
@@ -617,43 +596,7 @@ static int pump_tls_in(struct pair *pair, int *err) {
     }
 }
 
-/* The original -> relay direction of an encrypted relay: what the original sends, sealed
- * as it comes; ciphertext the relay does not take waits in the pipe. */
-static int pump_tls_out(struct pair *pair, int *err) {
-    static uint8_t sealed[BUFFER_SIZE + (BUFFER_SIZE / MAX_PLAIN + 1) * (RECORD_HEADER + 1 + TAG)];
-    struct direction *d = &pair->out;
-    /* Room for every record's overhead in the pipe (at least a page: 4096). */
-    size_t room = (d->size < BUFFER_SIZE ? (size_t)d->size : BUFFER_SIZE) - 1024;
-    for (;;) {
-        int stop = drain_pipe(d, RELAY_ERROR, err);
-        if (stop || d->held > 0)
-            return stop;
-        ssize_t got = recv(d->source, buffer, room, MSG_DONTWAIT);
-        if (got == 0)
-            return ORIGINAL_EOF;
-        if (got < 0) {
-            if (errno == EAGAIN || errno == EINTR)
-                return 0;
-            *err = errno;
-            return ORIGINAL_ERROR;
-        }
-        d->moved += got;
-        size_t size = 0;
-        for (size_t at = 0; at < (size_t)got; at += MAX_PLAIN) {
-            size_t len = (size_t)got - at < MAX_PLAIN ? (size_t)got - at : MAX_PLAIN;
-            size += seal_record(pair->tls, (uint8_t *)buffer + at, len, sealed + size);
-        }
-        int failed = send_or_keep(d, sealed, size); /* the pipe is empty: it takes the rest */
-        if (failed) {
-            *err = failed;
-            return RELAY_ERROR;
-        }
-        if ((size_t)got < room && !d->hup)
-            return 0;
-    }
-}
-
-/* -- the forwarder's end (OP_ADD_FORWARD): DATA frames out, ACKs ----------------------- */
+/* -- the forwarder's ACKs (OP_ADD_FORWARD); what an encrypted relay's original sends ----- */
 
 static uint64_t now_ms(void) {
     struct timespec now;
@@ -721,15 +664,17 @@ static int send_ack(struct pair *pair, int *err) {
     return 0;
 }
 
-/* The original -> relay direction of the forwarder's end: what the process sends, as DATA
- * frames sealed into records, our ACK ahead of them when its socket acknowledged all it
- * was written (its answer brought TCP's acknowledgement: one record for both). */
-static int pump_forward_out(struct pair *pair, int *err) {
+/* The original -> relay direction of an encrypted relay: what the original sends, sealed as
+ * it comes; ciphertext the relay does not take waits in the pipe. The forwarder's end sends
+ * it as DATA frames, its ACK ahead of them when the process's socket acknowledged all it
+ * was written (the answer brought TCP's acknowledgement: one record for both). */
+static int pump_tls_out(struct pair *pair, int *err) {
     static uint8_t staged[ACK_FRAME + FRAME_HEADER + BUFFER_SIZE];
     static uint8_t sealed[sizeof staged + (sizeof staged / MAX_PLAIN + 1) * (RECORD_HEADER + 1 + TAG)];
     struct direction *d = &pair->out;
     struct tls *tls = pair->tls;
-    /* Room for every record's overhead and our frames in the pipe (at least a page). */
+    uint8_t *data = staged + ACK_FRAME + FRAME_HEADER;
+    /* Room for every record's overhead and our frames in the pipe (at least a page: 4096). */
     size_t room = (d->size < BUFFER_SIZE ? (size_t)d->size : BUFFER_SIZE) - 1024;
     for (;;) {
         int stop = drain_pipe(d, RELAY_ERROR, err);
@@ -741,7 +686,6 @@ static int pump_forward_out(struct pair *pair, int *err) {
                 return stop;
             continue;
         }
-        uint8_t *data = staged + ACK_FRAME + FRAME_HEADER;
         ssize_t got = recv(d->source, data, room, MSG_DONTWAIT);
         if (got == 0)
             return ORIGINAL_EOF;
@@ -752,15 +696,17 @@ static int pump_forward_out(struct pair *pair, int *err) {
             return ORIGINAL_ERROR;
         }
         d->moved += got;
-        uint32_t length = (uint32_t)got;
-        size_t start = ACK_FRAME;
-        staged[ACK_FRAME] = FRAME_DATA;
-        memcpy(staged + ACK_FRAME + 1, &length, 4);
-        if (acknowledged(pair)) {
-            ack_frame(pair, staged);
-            start = 0;
+        size_t start = ACK_FRAME + FRAME_HEADER, end = start + (size_t)got, size = 0;
+        if (tls->forward) {
+            uint32_t length = (uint32_t)got;
+            start = ACK_FRAME;
+            staged[ACK_FRAME] = FRAME_DATA;
+            memcpy(staged + ACK_FRAME + 1, &length, 4);
+            if (acknowledged(pair)) {
+                ack_frame(pair, staged);
+                start = 0;
+            }
         }
-        size_t end = ACK_FRAME + FRAME_HEADER + (size_t)got, size = 0;
         for (size_t at = start; at < end; at += MAX_PLAIN) {
             size_t len = end - at < MAX_PLAIN ? end - at : MAX_PLAIN;
             size += seal_record(tls, staged + at, len, sealed + size);
@@ -836,7 +782,7 @@ static void pump_pair(struct pair *pair, int out, int in) {
     if (tls) {
         uint64_t before = tls->forward ? delivered(pair) : 0;
         if (out)
-            stop = tls->forward ? pump_forward_out(pair, &err) : pump_tls_out(pair, &err);
+            stop = pump_tls_out(pair, &err);
         if (!stop && in)
             stop = pump_tls_in(pair, &err);
         if (!stop && tls->forward && delivered(pair) != before)
