@@ -178,6 +178,7 @@ static char buffer[BUFFER_SIZE];
 
 static struct pair *pairs;
 static int epoll_fd, control_fd;
+static int forwarding; /* pairs of the forwarder's end (OP_ADD_FORWARD): ACKs to time */
 
 static void die(const char *what) {
     fprintf(stderr, "relay-pump: %s: %s\n", what, strerror(errno));
@@ -226,6 +227,7 @@ static void give_back(struct pair *pair, int reason, int err) {
     free(pair);
     /* after closing: the shadow may close the stream at once */
     if (tls) {
+        forwarding -= tls->forward;
         send_tls_report(&report, tls);
         EVP_CIPHER_CTX_free(tls->seal);
         EVP_CIPHER_CTX_free(tls->open);
@@ -862,6 +864,7 @@ static void on_control(void) {
         tls->base = message.start.delivered;
         tls->acked = tls->ack_sent = message.start.acked;
         tls->written_at = now_ms();
+        forwarding++;
     }
     if (got != (ssize_t)expected || adding != (count == FDS) || (encrypted && !tls)) {
         for (int i = 0; i < count; i++)
@@ -950,6 +953,7 @@ int main(int argc, char **argv) {
             if (pair) /* else given back by an earlier event of this batch */
                 on_socket(pair, (int)(events[i].data.u64 & 1), events[i].events);
         }
-        timeout = acknowledge_all();
+        /* A shadow's pump has no ACKs to time: no walk over its streams per wakeup. */
+        timeout = forwarding ? acknowledge_all() : -1;
     }
 }
