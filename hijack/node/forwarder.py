@@ -88,6 +88,7 @@ from hijack.shadow import control
 from hijack.shadow import pump as native
 from hijack.shadow.datagram import widen_receive_buffer
 from hijack.shadow.datagram_link import DatagramLink, StandIns
+from hijack.shadow.pump import SplicePipe, take_all
 from hijack.shadow.relay_link import (
     ENCRYPTED,
     RELAY_HEAP,
@@ -106,7 +107,6 @@ ROOM_FORMAT = struct.Struct("<I")  # after it: room left there (older forwarders
 TCPI_SND_WND = 228  # offset of tcpi_snd_wnd in struct tcp_info (<linux/tcp.h>, Linux 6.2)
 CHUNK = 256 * 1024 - FRAME.size  # a DATA frame fits what TlsLink.send takes at once
 LIMIT = 4 * 1024 * 1024  # bytes held per direction before we stop reading
-PIPE_MAX = 1024 * 1024  # /proc/sys/fs/pipe-max-size by default
 ACK_POLL = 0.005  # seconds between looks at a process socket that has not taken all yet
 # Seconds an ACK waits after a write to the process for its answer, which brings TCP's
 # acknowledgement and takes our ACK along (one write, one segment, one wakeup of the
@@ -158,29 +158,6 @@ def window(sock: socket.socket) -> int:
     return int(struct.unpack_from("<I", info, TCPI_SND_WND)[0])
 
 
-def _widen_pipe(fd: int, size: int) -> None:
-    """Make pipe `fd` hold `size` bytes if it may (past /proc/sys/fs/pipe-max-size only with
-    CAP_SYS_RESOURCE), else as much as it may."""
-    for asked in (size, PIPE_MAX):
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, asked)
-            return
-
-
-def _read_all(fd: int) -> bytes:
-    """What pipe `fd` holds (non-blocking: its writer is gone or stopped)."""
-    pieces = []
-    while True:
-        try:
-            piece = os.read(fd, LIMIT)
-        except BlockingIOError:
-            break
-        if not piece:
-            break
-        pieces.append(piece)
-    return b"".join(pieces)
-
-
 def closed_listener(backlog: int) -> socket.socket:
     """The process's listener here: on loopback, and only marked packets get in."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -212,7 +189,7 @@ class _Pair:
     closed: bool = False
     native: int = 0  # its number at the native pump while the pump carries it, else 0
     native_over: bool = False  # given back by the pump: carried here for the rest of its life
-    pipes: tuple[int, ...] = ()  # the pump's: out (ciphertext) read, write; in (plaintext) r, w
+    pipes: tuple[SplicePipe, ...] = ()  # the pump's: out (ciphertext), in (plaintext)
 
 
 @dataclass(eq=False)
@@ -537,13 +514,10 @@ class Forwarder:
             return False
         if pair.local_eof or pair.shut_local or pair.closed or pair.native_over:
             return False
-        pipes: list[int] = []
+        pipes: list[SplicePipe] = []
         try:
-            for size in (0, LIMIT):  # out: as the kernel makes it; in: as much as we hold
-                read_end, write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-                pipes += [read_end, write_end]
-                if size:
-                    _widen_pipe(write_end, size)
+            pipes.append(SplicePipe(None))  # out: as the kernel makes it
+            pipes.append(SplicePipe(LIMIT))  # in: as much as we would hold
             if self.pump is None:
                 self.pump = native.NativePump(self.log)
                 self.selector.register(self.pump, selectors.EVENT_READ, "pump")
@@ -556,11 +530,12 @@ class Forwarder:
                 records.reading.iv,
                 records.reading.sequence,
             )
-            fds = [pair.local.fileno(), link.sock.fileno(), *pipes]
+            ends = [end for pipe in pipes for end in (pipe.read_end, pipe.write_end)]
+            fds = [pair.local.fileno(), link.sock.fileno(), *ends]
             self.pump.add_forward(self.native_count, fds, keys, pair.delivered, pair.acked)
         except (OSError, HijackError) as exc:
-            for fd in pipes:
-                os.close(fd)
+            for pipe in pipes:
+                pipe.close()
             self._pump_lost(f"cannot use the native relay pump: {exc}")
             return False
         pair.native, pair.pipes = self.native_count, tuple(pipes)
@@ -592,13 +567,13 @@ class Forwarder:
         process's socket has not taken (written to it first), the counts."""
         link, returned = pair.link, report.tls
         pair.native, pair.native_over = 0, True
-        out_read, _, in_read, _ = pair.pipes
+        out_pipe, in_pipe = pair.pipes
         try:
-            link.pending += _read_all(out_read)
-            pair.to_local += _read_all(in_read)
+            link.pending += take_all(out_pipe)
+            pair.to_local += take_all(in_pipe)
         finally:
-            for fd in pair.pipes:
-                os.close(fd)
+            for pipe in pair.pipes:
+                pipe.close()
             pair.pipes = ()
         pair.written_at = time.monotonic()
         if returned is None or link.records is None:  # not an encrypted report: a broken pump
@@ -629,8 +604,8 @@ class Forwarder:
         self.pump_failed = True
         for pair in list(self.native.values()):
             self.log("forwarded relay: carried by the native pump; resetting it")
-            for fd in pair.pipes:
-                os.close(fd)
+            for pipe in pair.pipes:
+                pipe.close()
             pair.pipes, pair.native = (), 0
             self._close(pair, reset=True)
         self.native.clear()

@@ -186,6 +186,89 @@ def build_program(source: Path, program: Path, libraries: tuple[str, ...] = ()) 
     partial.rename(program)
 
 
+# /proc/sys/fs/pipe-max-size by default: what any process may ask a pipe to hold (more
+# needs CAP_SYS_RESOURCE).
+PIPE_SIZE = 1024 * 1024
+SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+
+
+class SplicePipe:
+    """A kernel pipe one direction's bytes pass through, never copied into this process:
+    the shadow's relays splice through it, and a pump (the shadow's or the forwarder's)
+    carries a stream with it.
+
+    `held` counts the bytes in it. A pipe also runs out of slots (one per
+    page or part of a page a splice brought), so a splice into it can find it
+    full below its size: then it is `full` until some of it is drained.
+    """
+
+    def __init__(self, size: int | None = PIPE_SIZE) -> None:
+        """A pipe of `size` bytes if it may be (past pipe-max-size only with
+        CAP_SYS_RESOURCE), else of pipe-max-size, else (or with `size` None) as the
+        kernel makes it."""
+        self.read_end, self.write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        for asked in dict.fromkeys((size, PIPE_SIZE) if size else ()):
+            with contextlib.suppress(OSError):  # a smaller pipe still works
+                fcntl.fcntl(self.write_end, fcntl.F_SETPIPE_SZ, asked)
+                break
+        self.size = fcntl.fcntl(self.write_end, fcntl.F_GETPIPE_SZ)
+        self.held = 0
+        self.full = False
+        self.drained = False  # the last fill() took less than it asked for: all there was
+
+    def fill(self, source: int) -> int | None:
+        """Splice what `source` has into the pipe: bytes moved, 0 at its end, None if none now."""
+        self.drained = False
+        if self.full or self.held >= self.size:
+            return None
+        try:
+            asked = self.size - self.held
+            moved = os.splice(source, self.write_end, asked, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            # Nothing to read, or no free slot: with bytes held, take it as
+            # the latter and wait for the sink (it is watched while we hold bytes).
+            self.full = self.held > 0
+            return None
+        self.held += moved
+        self.drained = 0 < moved < asked
+        return moved
+
+    def drain(self, sink: int, limit: int = 0) -> int:
+        """Splice what the pipe holds into `sink`, as much as it takes now (at most `limit`
+        bytes, if given)."""
+        if not self.held:
+            return 0
+        try:
+            count = min(self.held, limit) if limit else self.held
+            moved = os.splice(self.read_end, sink, count, flags=SPLICE_FLAGS)
+        except BlockingIOError:
+            return 0
+        self.held -= moved
+        if moved:
+            self.full = False
+        return moved
+
+    def close(self) -> None:
+        os.close(self.read_end)
+        os.close(self.write_end)
+
+
+def take_all(pipe: SplicePipe | None) -> bytes:
+    """What `pipe` holds, read out of it (its writer is stopped or gone): a relay that
+    cannot splice (TLS), or a stream a pump gave back."""
+    pieces = []
+    while pipe is not None:
+        try:
+            piece = os.read(pipe.read_end, pipe.size)
+        except BlockingIOError:
+            piece = b""
+        if not piece:
+            pipe.held, pipe.full = 0, False
+            break
+        pieces.append(piece)
+    return b"".join(pieces)
+
+
 def pipe_held(fd: int) -> int:
     """Bytes in a pipe (FIONREAD on its read end)."""
     value = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")

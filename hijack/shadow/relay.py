@@ -55,6 +55,7 @@ from hijack.node.terminal import frame as terminal_frame
 from hijack.shadow import pump as native
 from hijack.shadow.datagram import DatagramStream
 from hijack.shadow.datagram_link import DatagramLink
+from hijack.shadow.pump import SplicePipe, take_all
 from hijack.shadow.relay_link import TlsLink
 from hijack.sys import terminal as terminal_sys
 from hijack.sys.process import close_keeping_standard
@@ -67,8 +68,6 @@ ACK_WAIT = 5.0  # seconds to wait for the old node to acknowledge what we sent
 RELAYS_CHANGING = "its relays are changing"
 SIOCOUTQ = termios.TIOCOUTQ
 REPLAY_LIMIT = 1024 * 1024
-PIPE_SIZE = 1024 * 1024  # /proc/sys/fs/pipe-max-size by default: more needs CAP_SYS_RESOURCE
-SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # On. (It was off for a while: `make soak` saw echoed streams with a hole
 # after a move. The cause was `migrating` not reading the relays while it
 # waited for acknowledgements: see RelayHub.migrating. The splice pumps only
@@ -144,60 +143,6 @@ class Relay:
         if self.link is not None:
             return self.link.plain_sent - self.acked
         return unacknowledged(self.sock)
-
-
-class SplicePipe:
-    """A kernel pipe one direction's bytes pass through, never copied into this process.
-
-    `held` counts the bytes in it. A pipe also runs out of slots (one per
-    page or part of a page a splice brought), so a splice into it can find it
-    full below its size: then it is `full` until some of it is drained.
-    """
-
-    def __init__(self) -> None:
-        self.read_end, self.write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):  # a smaller pipe still works
-            fcntl.fcntl(self.write_end, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
-        self.size = fcntl.fcntl(self.write_end, fcntl.F_GETPIPE_SZ)
-        self.held = 0
-        self.full = False
-        self.drained = False  # the last fill() took less than it asked for: all there was
-
-    def fill(self, source: int) -> int | None:
-        """Splice what `source` has into the pipe: bytes moved, 0 at its end, None if none now."""
-        self.drained = False
-        if self.full or self.held >= self.size:
-            return None
-        try:
-            asked = self.size - self.held
-            moved = os.splice(source, self.write_end, asked, flags=SPLICE_FLAGS)
-        except BlockingIOError:
-            # Nothing to read, or no free slot: with bytes held, take it as
-            # the latter and wait for the sink (it is watched while we hold bytes).
-            self.full = self.held > 0
-            return None
-        self.held += moved
-        self.drained = 0 < moved < asked
-        return moved
-
-    def drain(self, sink: int, limit: int = 0) -> int:
-        """Splice what the pipe holds into `sink`, as much as it takes now (at most `limit`
-        bytes, if given)."""
-        if not self.held:
-            return 0
-        try:
-            count = min(self.held, limit) if limit else self.held
-            moved = os.splice(self.read_end, sink, count, flags=SPLICE_FLAGS)
-        except BlockingIOError:
-            return 0
-        self.held -= moved
-        if moved:
-            self.full = False
-        return moved
-
-    def close(self) -> None:
-        os.close(self.read_end)
-        os.close(self.write_end)
 
 
 def can_splice(fd: int) -> bool:
@@ -883,13 +828,13 @@ class RelayHub:
             relay.acked, relay.room = returned.acked, returned.room
         out_pipe = stream.out_pipe
         if out_pipe is not None and out_pipe.held:
-            _unpipe(out_pipe, link.pending)
+            link.pending += take_all(out_pipe)
         head = FRAME.pack(DATA, returned.data_left) if returned.data_left else b""
         plain = head + returned.frames + link.reopen(returned.ciphertext)
         if plain:
             # Behind what the in pipe holds for the original (it came first): the head
             # is written before the pipe's bytes.
-            _unpipe(stream.in_pipe, stream.to_original)
+            stream.to_original += take_all(stream.in_pipe)
             self._take_plaintext(stream, relay, plain)
         if relay.eof:
             # The node's END came to the pump: no event of the relay will say it again (the
@@ -1157,7 +1102,7 @@ class RelayHub:
         """Read an encrypted relay: its DATA for the original, its ACKs, its END."""
         assert relay.link is not None and relay.forwarded is not None
         # Bytes spliced from an earlier relay go first: they join the head.
-        _unpipe(stream.in_pipe, stream.to_original)
+        stream.to_original += take_all(stream.in_pipe)
         try:
             data = relay.link.recv()
         except BlockingIOError:
@@ -1238,7 +1183,7 @@ class RelayHub:
         if relay.link is not None:
             relay.link.flush()
             if not stream.to_relay:  # what was spliced for a plain relay goes through TLS
-                _unpipe(stream.out_pipe, stream.to_relay)
+                stream.to_relay += take_all(stream.out_pipe)
         if stream.to_relay:
             try:
                 if relay.link is not None:
@@ -1449,7 +1394,7 @@ class RelayHub:
         if relay.unacknowledged() or link.pending:
             return 0
         if not stream.to_relay:
-            _unpipe(stream.out_pipe, stream.to_relay)
+            stream.to_relay += take_all(stream.out_pipe)
         sent = 0
         while relay.room > 0 and stream.to_relay:
             moved = link.send(stream.to_relay[: relay.room])  # (CHUNK at most a call)
@@ -1595,7 +1540,7 @@ class RelayHub:
         # bytes left in the inward pipe, the newer ones would overtake them).
         heads = ((stream.out_pipe, stream.to_relay), (stream.in_pipe, stream.to_original))
         for pipe, head in heads:
-            _unpipe(pipe, head)
+            head += take_all(pipe)
             if pipe is not None:
                 pipe.close()
         stream.out_pipe = stream.in_pipe = None
@@ -1744,15 +1689,6 @@ def _frames(reader: FrameReader, data: bytes, stream: Stream) -> list[tuple[int,
         return reader.feed(data)
     except HijackError as exc:
         raise ConnectionError(f"{stream.id}: {exc}") from None
-
-
-def _unpipe(pipe: SplicePipe | None, into: bytearray) -> None:
-    """Move what `pipe` holds to the end of `into` (a relay that cannot splice: TLS)."""
-    while pipe is not None and pipe.held:
-        data = os.read(pipe.read_end, pipe.held)
-        pipe.held -= len(data)
-        pipe.full = False
-        into += data
 
 
 def _original_ends(stream: Stream) -> list[str]:
