@@ -90,7 +90,8 @@ DUMP_TO_FILE_RUNS = 3
 DUMP_TO_FILE_TARGET = 1 / 1.1
 
 # A process holding `size` bytes of non-zero, incompressible-enough memory,
-# that says "ready" once it is all in place and then waits for stdin to close.
+# that says "ready" once it is all in place and then waits for stdin to close. It says
+# nothing more: a copy restored from its image has no reader on that stdout any more.
 HOLDER = """
 import os, sys
 size = int(sys.argv[1])
@@ -98,7 +99,7 @@ block = os.urandom(1 << 20)
 data = bytearray(block * (size >> 20))
 print("ready", flush=True)
 sys.stdin.read()
-print(len(data))
+sys.exit(0 if len(data) == size else 1)
 """
 
 

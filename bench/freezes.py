@@ -46,6 +46,13 @@ class Moves:
     there: dict[str, list[float]] = field(default_factory=dict)
     injected_here: list[int] = field(default_factory=list)
     injected_there: list[int] = field(default_factory=list)
+    # Each move's steps, both sides, as `hijack move --timing` printed them: the slowest's.
+    laps: list[str] = field(default_factory=list)
+
+    def slowest(self) -> str:
+        """The slowest freeze's steps: what a tail is made of (medians hide it)."""
+        index = max(range(len(self.freezes)), key=self.freezes.__getitem__)
+        return f"{self.freezes[index]:.1f} ms, move {index + 1}: {self.laps[index]}"
 
     def add(self, output: str) -> int:
         """Take one `hijack move --timing` output; return the pid the process has now."""
@@ -59,6 +66,7 @@ class Moves:
         rounds = ROUNDS.search(text)
         self.rounds.append(int(rounds[1]) if rounds else 0)
         self.frozen_sent.append(rounds[2] if rounds else moved[5])
+        self.laps.append("; ".join(f"{side}: {laps}" for side, laps, _ in LAPS.findall(output)))
         for side, laps, injected in LAPS.findall(output):
             steps = self.here if side == "here" else self.there
             for step in laps.split(", "):
@@ -148,4 +156,5 @@ def measure_freezes(size_mib: int, moves: int) -> list[str]:
         f" {statistics.median(taken.injected_here):.0f} system calls injected",
         f"  freeze steps at the destination (median ms): {medians(taken.there)};"
         f" {statistics.median(taken.injected_there):.0f} system calls injected",
+        f"  the slowest freeze's steps: {taken.slowest()}",
     ]

@@ -7,10 +7,13 @@ b -> c -> b ... MOVES times while the stream runs (the links shaped to 10 MB/s, 
 connection's queues are full: what a busy connection holds), each move's freeze read
 from `hijack move --timing`. Each freeze holds the peer frozen too (its node's helper
 freezes it, reads its state, makes its end again towards the destination): the step
-`direct peers`. Printed: the median and max freeze, the median of that step, and the
-median of every step. The stream is checked whole at the end (the bench fails if a
-byte is wrong or missing). Issue #17's freeze targets (p50 <= 20 ms, p99 <= 50 ms)
-hold for every move, this one too.
+`direct peers`. Printed: the median and max freeze, the median of that step, the
+median of every step, and what was sent while frozen with the time the link's rate
+alone takes for it: a busy connection's queues (about 1 MiB here: what the peer has
+not acknowledged and what the process has not read) cross that link in the freeze, a
+floor under it at 10 MB/s (~1 ms at 10 Gbit/s). The stream is checked whole at the
+end (the bench fails if a byte is wrong or missing). Issue #17's freeze targets (p50
+<= 20 ms, p99 <= 50 ms) hold for every move, this one too.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from bench.freezes import FREEZE_P99_TARGET_MS, Moves, medians, move_once
 from bench.testnodes import Cluster, Node, spawn_fixture
 
 SHAPE = ("rate", "80mbit", "burst", "256kb", "latency", "100ms")
+LINK_BYTES_PER_S = 10e6  # SHAPE's rate
+UNITS = {"B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
 FINISH_TIMEOUT = 300.0  # the rest of the stream, unshaped, after the last move
 
 
@@ -38,6 +43,12 @@ def shape(nodes: list[Node], device: str) -> None:
 def unshape(nodes: list[Node]) -> None:
     for node in nodes:
         node.run(["tc", "qdisc", "del", "dev", "eth0", "root"], timeout=10)
+
+
+def size_of(text: str) -> float:
+    """Bytes of a size as `hijack move` prints it ("1.2 MiB")."""
+    value, unit = text.split()
+    return float(value) * UNITS[unit]
 
 
 def ended_well(node: Node, pid: int) -> bool | None:
@@ -89,6 +100,7 @@ def measure_swapped_moves(moves: int) -> list[str]:
                 server.close_control()
                 server.wait_exit(FINISH_TIMEOUT)
     p50 = statistics.median(taken.freezes)
+    frozen = statistics.median(size_of(sent) for sent in taken.frozen_sent)
     # Each of its steps' median, summed (hijack.node.repoint: sent, frozen, made again...).
     peers = sum(
         statistics.median(ms) for name, ms in taken.here.items() if name.startswith("direct peers")
@@ -98,7 +110,9 @@ def measure_swapped_moves(moves: int) -> list[str]:
         f" {'max':<38} {max(taken.freezes):8.1f} ms   | {moves} moves b <-> c, the"
         f" stream 10 MB/s; target <= {FREEZE_P99_TARGET_MS:.0f} ms:"
         f" {'met' if max(taken.freezes) <= FREEZE_P99_TARGET_MS else 'NOT met'}",
-        f"  of which the direct peers' steps (medians summed): {peers:.1f} ms",
+        f"  of which the direct peers' steps (medians summed): {peers:.1f} ms; sent while frozen"
+        f" (median): {frozen / (1 << 20):.2f} MiB (the image and the connection's queues),"
+        f" {frozen / LINK_BYTES_PER_S * 1000:.0f} ms at the link's 10 MB/s alone",
         f"  freeze steps on the mover (median ms): {medians(taken.here)}",
         f"  freeze steps at the destination (median ms): {medians(taken.there)}",
     ]

@@ -121,7 +121,7 @@ class MoveResult:
     freeze_ms: float
     bytes_sent: int  # pre-copy rounds included
     rounds: int = 0  # pre-copy rounds before the freeze
-    frozen_bytes: int = 0  # sent while the process was frozen (the final image)
+    frozen_bytes: int = 0  # sent while frozen: the final image, direct connections' queues
     tracking_pause_ms: float = 0.0  # the process stopped once more, to start pre-copy
     layout_stops: int = 0  # and stopped and let go at once, its layout changed (RESEIZES)
     # A move to its home node: "" if it holds its own descriptors again, else why its
@@ -611,7 +611,8 @@ def _move_frozen(
                     "threads": sorted(t for t in tracee.threads if t != pid) if precopied else [],
                 }
             )
-            repointed.send_unread(channel)
+            # (Sent while frozen, as the image: counted with it.)
+            before += (queued := repointed.send_unread(channel))
             laps.lap("move message")
             report("streaming", before)
             writer = DataWriter(channel)
@@ -769,7 +770,7 @@ def _move_frozen(
         freeze_ms,
         sent,
         rounds,
-        writer.sent,
+        queued + writer.sent,
         pause,
         precopied.layout_stops if precopied is not None else 0,
         relayed,

@@ -144,16 +144,18 @@ class Repointed:
                 copy.close()
         return [joined.get(p.fd, p) for p in plan]
 
-    def send_unread(self, channel: Channel) -> None:
+    def send_unread(self, channel: Channel) -> int:
         """After the move message, before the image, if it names a direct connection: the
         queues of each, one after the other in the order of the message's proxies, as one
-        data stream (binary, as the image: DATA frames, then DATA_END)."""
+        data stream (binary, as the image: DATA frames, then DATA_END). The bytes sent:
+        sent while frozen, as the image (a busy connection's are most of it)."""
         if not self.queues:
-            return
+            return 0
         writer = DataWriter(channel)
         for data in self.queues.values():
             writer.write(data)
         writer.close()
+        return writer.sent
 
     def _freeze_peer(self, proxy: Proxy, registry: Callable[[], Registry]) -> EndSession:
         standing = self.standing.pop((proxy.local, proxy.peer), None)

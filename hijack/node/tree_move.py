@@ -618,7 +618,8 @@ def _frozen(
             message["postcopy"] = True
             message["lazy"] = {str(member): encode_runs(runs) for member, runs in planned.items()}
         channel.send(message)
-        repointed.send_unread(channel)
+        # (Sent while frozen, as the image: counted with it.)
+        before += (queued := repointed.send_unread(channel))
         laps.lap("move message")
         context.report("streaming", before)
         writer = DataWriter(channel)
@@ -774,7 +775,7 @@ def _frozen(
         freeze_ms=freeze_ms,
         bytes_sent=before + writer.sent,
         rounds=max((p.rounds for p in precopied.values()), default=0),
-        frozen_bytes=writer.sent,
+        frozen_bytes=queued + writer.sent,
         tracking_pause_ms=sum(p.pause_ms for p in precopied.values()),
         timing=FreezeTiming(
             laps.rounded(),
