@@ -11,7 +11,13 @@ turns, each its median of ROUNDS windows:
   hijack's relay-pump and nothing else);
 - `sockmap`: c -> a -> b forwarded in the kernel by the same program's
   sockmap (an sk_skb verdict program redirects each skb to the peer's
-  egress; the program itself never wakes).
+  egress; the program itself never wakes);
+- `nat`: c -> a -> b forwarded by a's IP layer, its nftables NAT rewriting
+  the addresses both ways (conntrack): no socket at a, nothing that wakes.
+  The path a relay by packets would take: a moved connection's socket made
+  at the destination with its sequence numbers (TCP repair, as a swap makes
+  it), the home node forwarding its packets there and back. What it would
+  keep of the relay's guarantees is not measured here: only its rate.
 
 Its relay CPU per GET is the program's own (user + sys): the sockmap's work is
 done in softirq and in the kernel's workqueue, charged to no one here.
@@ -29,10 +35,78 @@ import tempfile
 from pathlib import Path
 
 from bench import redis
-from bench.testnodes import Cluster
+from bench.testnodes import Cluster, Node
 
 SOURCE = Path(__file__).with_name("relay_floor.c")
 MODES = ("pump", "sockmap")
+# Loads a's nftables NAT (over netlink, pyroute2: no nft command here): what arrives for
+# a's FRONT port goes to b's redis, a's own address its source (masquerade).
+NAT_RULES = """
+import socket, struct, sys
+from collections import OrderedDict
+from pyroute2.nftables.expressions import genex, masq
+from pyroute2.nftables.main import NFTables
+
+front_ip, front_port, to_ip, to_port = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+
+
+def expression(name, **arguments):
+    return genex(name, OrderedDict(arguments))
+
+
+def equals(data):
+    return expression("cmp", sreg=1, op=0, data={"attrs": [("NFTA_DATA_VALUE", data)]})
+
+
+def load(register, data):
+    return expression("immediate", dreg=register, data={"attrs": [("NFTA_DATA_VALUE", data)]})
+
+
+def to(address, port):  # meta l4proto tcp, ip daddr ADDRESS, tcp dport PORT
+    return [
+        [expression("meta", key=16, dreg=1)], [equals(bytes([socket.IPPROTO_TCP]))],
+        [expression("payload", dreg=1, base=1, offset=16, len=4)],
+        [equals(socket.inet_aton(address))],
+        [expression("payload", dreg=1, base=2, offset=2, len=2)],
+        [equals(struct.pack("!H", port))],
+    ]
+
+
+nft = NFTables(nfgen_family=2)  # NFPROTO_IPV4
+try:
+    nft.table("add", name="floor")
+    for name, hook, priority in (("pre", "prerouting", -100), ("post", "postrouting", 100)):
+        nft.chain("add", table="floor", name=name, hook=hook, type="nat", priority=priority,
+                  policy=1)
+    dnat = expression("nat", type=1, family=2, reg_addr_min=1, reg_proto_min=2)
+    to_b = [[load(1, socket.inet_aton(to_ip))], [load(2, struct.pack("!H", to_port))], [dnat]]
+    nft.rule("add", table="floor", chain="pre", expressions=[*to(front_ip, front_port), *to_b])
+    nft.rule("add", table="floor", chain="post", expressions=[*to(to_ip, to_port), masq()])
+finally:
+    nft.close()
+"""
+
+
+def forwarded(node: Node) -> int:
+    """Packets `node`'s IP layer forwarded (Ip: ForwDatagrams of its /proc/net/snmp)."""
+    done = node.run(["cat", "/proc/net/snmp"], timeout=10)
+    names, values = [line.split() for line in done.stdout.splitlines() if line.startswith("Ip:")]
+    return int(values[names.index("ForwDatagrams")])
+
+
+def nat_through(a: Node, b: Node, port: int) -> int:
+    """A port of a's that its IP layer forwards to b's `port` (NAT both ways)."""
+    front = a.free_port()
+    for done in (
+        a.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"], timeout=10),
+        # In and out of one link: a would tell c to go to b itself (an ICMP redirect).
+        a.run(["sysctl", "-qw", "net.ipv4.conf.all.send_redirects=0"], timeout=10),
+        a.run(["sysctl", "-qw", "net.ipv4.conf.eth0.send_redirects=0"], timeout=10),
+        a.run_python(NAT_RULES, a.address, front, b.address, port),
+    ):
+        if done.returncode != 0:
+            raise SystemExit(f"bench: NAT on {a.name}: {done.stderr.strip()}")
+    return front
 
 
 def build(directory: Path) -> Path:
@@ -69,6 +143,9 @@ def measure_floor(rounds: int, warm: float = 1.0, window: float = 3.0) -> list[s
             relays[mode] = relay.pid
             loads.append(redis.Load(mode, front, shadow=relay.pid))
             hosts[mode] = a.address
+        loads.append(redis.Load("nat", nat_through(a, b, port)))
+        hosts["nat"] = a.address
+        forwarded_before = forwarded(a)
         try:
             for load in loads:
                 redis.start_load(c, hosts[load.label], load)
@@ -80,6 +157,9 @@ def measure_floor(rounds: int, warm: float = 1.0, window: float = 3.0) -> list[s
                 if load.process is not None:
                     load.process.kill()
                     load.process.wait()
+        # Each GET of the NAT load (its request and its answer) was forwarded by a.
+        if forwarded(a) - forwarded_before < loads[-1].gets:
+            raise SystemExit("bench: the NAT load was not forwarded by a")
     direct = statistics.median(loads[0].rates)
     lines = []
     for load in loads:
