@@ -19,10 +19,15 @@ turns, each its median of ROUNDS windows:
   it), the home node forwarding its packets there and back. What it would
   keep of the relay's guarantees is not measured here: only its rate.
 
+Then a stream (256 MiB, 3 times) and 2000 small round trips from c to a sink
+on b (bench.links' sink and client), direct and through a's NAT (the streams
+in turns):
+what a relay by packets would cost a connection's throughput and latency.
+
 Its relay CPU per GET is the program's own (user + sys): the sockmap's work is
 done in softirq and in the kernel's workqueue, charged to no one here.
-`python -m bench.relay_floor [ROUNDS]`; not in `make bench` (it measures no
-part of hijack).
+`python -m bench.relay_floor [ROUNDS | --quick]`; not in `make bench` (it
+measures no part of hijack); the suite runs it --quick.
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench import redis
+from bench import links, redis
+from bench.freezes import percentile
 from bench.testnodes import Cluster, Node
 
 SOURCE = Path(__file__).with_name("relay_floor.c")
@@ -74,14 +80,15 @@ def to(address, port):  # meta l4proto tcp, ip daddr ADDRESS, tcp dport PORT
 
 nft = NFTables(nfgen_family=2)  # NFPROTO_IPV4
 try:
-    nft.table("add", name="floor")
+    table = f"floor_{front_port}"
+    nft.table("add", name=table)
     for name, hook, priority in (("pre", "prerouting", -100), ("post", "postrouting", 100)):
-        nft.chain("add", table="floor", name=name, hook=hook, type="nat", priority=priority,
+        nft.chain("add", table=table, name=name, hook=hook, type="nat", priority=priority,
                   policy=1)
     dnat = expression("nat", type=1, family=2, reg_addr_min=1, reg_proto_min=2)
     to_b = [[load(1, socket.inet_aton(to_ip))], [load(2, struct.pack("!H", to_port))], [dnat]]
-    nft.rule("add", table="floor", chain="pre", expressions=[*to(front_ip, front_port), *to_b])
-    nft.rule("add", table="floor", chain="post", expressions=[*to(to_ip, to_port), masq()])
+    nft.rule("add", table=table, chain="pre", expressions=[*to(front_ip, front_port), *to_b])
+    nft.rule("add", table=table, chain="post", expressions=[*to(to_ip, to_port), masq()])
 finally:
     nft.close()
 """
@@ -174,11 +181,53 @@ def measure_floor(rounds: int, warm: float = 1.0, window: float = 3.0) -> list[s
     return lines
 
 
+def measure_nat_link(stream_size: int, streams: int, pings: int) -> list[str]:
+    """A stream and round trips c -> b, direct and through a's NAT (bench.links' sink and
+    client, the link unshaped), in turns: what a relay by packets costs a connection."""
+    with (
+        tempfile.TemporaryDirectory(prefix="hijack-bench-floor-") as name,
+        Cluster(Path(name), nodes=3) as cluster,
+    ):
+        a, b, c = cluster.nodes
+        sink = links.start_sink(b)
+        front = nat_through(a, b, sink.port)
+        connections = {
+            "direct": links.Connection(c, b.address, sink),
+            "nat": links.Connection(c, a.address, links.Sink(sink.pid, front)),
+        }
+        try:
+            seconds: dict[str, list[float]] = {kind: [] for kind in connections}
+            for _ in range(streams):
+                for kind, connection in connections.items():
+                    seconds[kind].append(float(connection.ask("up", stream_size)))
+            trips = {
+                kind: connection.ask("ping", pings) for kind, connection in connections.items()
+            }
+        finally:
+            for connection in connections.values():
+                connection.close()
+    rate = {kind: stream_size / statistics.median(each) / 1e6 for kind, each in seconds.items()}
+    added = {
+        share: (percentile(trips["nat"], share) - percentile(trips["direct"], share)) * 1e6
+        for share in (0.5, 0.99)
+    }
+    return [
+        f"{'stream, floor nat':<34} {rate['nat']:8.0f} MB/s | {'direct TCP, same nodes':<38}"
+        f" {rate['direct']:8.0f} MB/s | ratio {rate['nat'] / rate['direct']:5.2f}; unshaped veth",
+        f"{'added round trip, floor nat':<34} p50 {added[0.5]:5.0f} us, p99 {added[0.99]:5.0f} us"
+        f" | direct p50 {percentile(trips['direct'], 0.5) * 1e6:.0f} us; {pings} round trips",
+    ]
+
+
 if __name__ == "__main__":
     from hijack.sys.process import set_child_subreaper
 
     set_child_subreaper()
     start = os.getloadavg()[0]
-    lines = measure_floor(int(sys.argv[1]) if len(sys.argv) > 1 else 3)
+    if sys.argv[1:] == ["--quick"]:  # the suite's run: each path once, briefly
+        lines = measure_floor(1, warm=0.2, window=0.5) + measure_nat_link(8 << 20, 1, 50)
+    else:
+        lines = measure_floor(int(sys.argv[1]) if len(sys.argv) > 1 else 3)
+        lines += measure_nat_link(256 << 20, 3, 2000)
     print(f"load {start:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     print("\n".join(lines))

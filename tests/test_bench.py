@@ -59,6 +59,8 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "tree restore, 1 + 8 children sharing",
         "tree move freeze, post-copy, 1+8 dirtying",
         "move freeze of a swapped end",
+        "sent while frozen (median)",
+        "the slowest freeze's steps",
         "redis GET relayed, plain",
         "redis GET relayed, tls",
         "redis GET relayed, accepted",
@@ -69,3 +71,20 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
     )
     for figure in figures:
         assert figure in result.stdout, result.stdout
+
+
+def test_the_relay_floor_bench_measures_each_path() -> None:
+    """bench/relay_floor.py (not in make bench: it measures no part of hijack) once, short."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.relay_floor", "--quick"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    for path in ("direct", "pump", "sockmap", "nat"):
+        assert f"redis GET, floor {path} " in result.stdout, result.stdout
+    assert "stream, floor nat" in result.stdout, result.stdout
+    assert "added round trip, floor nat" in result.stdout, result.stdout
