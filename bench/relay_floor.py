@@ -200,9 +200,9 @@ def measure_nat_link(stream_size: int, streams: int, pings: int) -> list[str]:
             for _ in range(streams):
                 for kind, connection in connections.items():
                     seconds[kind].append(float(connection.ask("up", stream_size)))
-            trips = {
-                kind: connection.ask("ping", pings) for kind, connection in connections.items()
-            }
+            trips = {kind: each.ask("ping", pings) for kind, each in connections.items()}
+            with links.on_one_cpu():
+                one_cpu = {kind: each.ask("ping", pings) for kind, each in connections.items()}
         finally:
             for connection in connections.values():
                 connection.close()
@@ -215,7 +215,9 @@ def measure_nat_link(stream_size: int, streams: int, pings: int) -> list[str]:
         f"{'stream, floor nat':<34} {rate['nat']:8.0f} MB/s | {'direct TCP, same nodes':<38}"
         f" {rate['direct']:8.0f} MB/s | ratio {rate['nat'] / rate['direct']:5.2f}; unshaped veth",
         f"{'added round trip, floor nat':<34} p50 {added[0.5]:5.0f} us, p99 {added[0.99]:5.0f} us"
-        f" | direct p50 {percentile(trips['direct'], 0.5) * 1e6:.0f} us; {pings} round trips",
+        f" | direct p50 {percentile(trips['direct'], 0.5) * 1e6:.0f} us; {pings} round trips;"
+        f" all on one CPU (bench.links.on_one_cpu): p50"
+        f" {(percentile(one_cpu['nat'], 0.5) - percentile(one_cpu['direct'], 0.5)) * 1e6:.0f} us",
     ]
 
 
