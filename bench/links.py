@@ -301,6 +301,48 @@ def move_sink(a: Node, b: Node, sink: Sink, *options: str) -> int:
     return int(status["shadow_pid"])
 
 
+BUSY_POLL_US = 100  # what the busy-polling line sets HIJACK_BUSY_POLL_US to
+
+
+def measure_busy_poll(pings: int) -> list[str]:
+    """Round trips as measure_links' first ones, every relay pump with HIJACK_BUSY_POLL_US set
+    (in the daemons' and the moves' environment: the forwarder's pump and the shadows'),
+    and the pumps' CPU per round trip: what the knob buys and what it costs."""
+    os.environ["HIJACK_BUSY_POLL_US"] = str(BUSY_POLL_US)
+    try:
+        with relay_nodes("hijack-bench-busy-") as (_, cluster):
+            a, b, c = cluster.nodes
+            direct, encrypted, plain = start_sink(a), start_sink(a), start_sink(a)
+            connections = {
+                "direct": Connection(c, a.address, direct),
+                "encrypted": Connection(c, a.address, encrypted),
+                "plain": Connection(c, a.address, plain),
+            }
+            shadows = {
+                "encrypted": move_sink(a, b, encrypted),
+                "plain": move_sink(a, b, plain, "--plain-relays"),
+            }
+            forwarder = forwarder_pid(b)
+            rtt, cpu = {}, {}
+            for kind in connections:
+                before = sum(cpu_seconds(pid) for pid in (*shadows.values(), forwarder))
+                rtt[kind] = connections[kind].ask("ping", pings)
+                after = sum(cpu_seconds(pid) for pid in (*shadows.values(), forwarder))
+                cpu[kind] = (after - before) / pings * 1e6
+            for connection in connections.values():
+                connection.close()
+    finally:
+        del os.environ["HIJACK_BUSY_POLL_US"]
+    direct_us = percentile(rtt["direct"], 0.5) * 1e6
+    added = {kind: percentile(rtt[kind], 0.5) * 1e6 - direct_us for kind in ("encrypted", "plain")}
+    return [
+        f"{'added round trip p50, busy polling':<34} {added['encrypted']:8.0f} us   |"
+        f" {'--plain-relays':<38} {added['plain']:8.0f} us   |"
+        f" HIJACK_BUSY_POLL_US={BUSY_POLL_US}; the pumps' CPU per round trip: encrypted"
+        f" {cpu['encrypted']:.0f} us, plain {cpu['plain']:.0f} us"
+    ]
+
+
 def measure_links(stream_size: int, streams_each: int, pings: int) -> list[str]:
     lines = []
     with relay_nodes("hijack-bench-links-") as (_, cluster):

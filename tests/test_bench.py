@@ -46,6 +46,7 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "added round trip p50, veth",
         "added round trip p99, veth",
         "added round trip p50, one CPU",
+        "added round trip p50, busy polling",
         "shadow CPU per GB relayed",
         "move freeze, 64 MiB dirtying 200 MB/s, default (auto)",
         "move freeze, 64 MiB dirtying 200 MB/s, --postcopy",

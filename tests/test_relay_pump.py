@@ -158,6 +158,34 @@ def test_a_bulk_stream_through_the_pump_is_spliced_intact_and_counted(tmp_path: 
     assert "over 1 connections" in output, output
 
 
+def test_a_busy_polling_pump_carries_a_stream_whole_and_sleeps_once_idle(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HIJACK_BUSY_POLL_US (the move's environment, passed on to its shadow and from it to the
+    pump): the pump looks for its next event without sleeping for that long after each
+    batch. A bulk stream and lines go through it whole; once the stream is quiet the pump
+    sleeps in epoll_wait (state S), not spinning for good."""
+    monkeypatch.setenv("HIJACK_BUSY_POLL_US", "200")
+    with sessions_through_the_pump(tmp_path, BULK_SESSION) as (server, moved, (session,), _):
+        carrier = pump_of(moved.shadow_pid)
+        environment = Path(f"/proc/{carrier}/environ").read_bytes().split(b"\0")
+        assert b"HIJACK_BUSY_POLL_US=200" in environment
+        assert session.stdin is not None
+        session.stdin.write(f"bulk {BULK // 4}\n".encode())
+        assert read_line(session, STREAM_TIMEOUT) == f"intact {BULK // 4}"
+        for line in ("one", "two", "three"):
+            assert ask(session, line) == line
+
+        def asleep() -> bool:
+            stat = Path(f"/proc/{carrier}/stat").read_text()
+            return stat.rpartition(")")[2].split()[0] == "S"
+
+        poll_until(asleep, "the busy-polling pump asleep once its stream is quiet")
+        end_session(session)
+        output = finish_moved(server, moved, tmp_path)
+    assert "over 1 connections" in output, output
+
+
 BULK = 48 << 20  # bytes: many reads that fill the pump's 64 KiB buffer, its pipes full
 
 # An ECHO_SESSION whose "bulk N" line sends N random bytes (while reading their echo)

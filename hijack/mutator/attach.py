@@ -438,8 +438,9 @@ def shadow_environment(state_directory: Path) -> dict[str, str]:
     }
     # HIJACK_SHADOW_REST: when an idle shadow rests as its holder (hijack.shadow.holder);
     # the relays' switches: HIJACK_PUMP_ENCRYPTED (hijack.shadow.pump), HIJACK_OWN_RECORDS
-    # (hijack.shadow.tls_records).
-    for name in ("HIJACK_SHADOW_REST", "HIJACK_PUMP_ENCRYPTED", "HIJACK_OWN_RECORDS"):
+    # (hijack.shadow.tls_records), HIJACK_BUSY_POLL_US (its native pump reads it).
+    switches = ("HIJACK_PUMP_ENCRYPTED", "HIJACK_OWN_RECORDS", "HIJACK_BUSY_POLL_US")
+    for name in ("HIJACK_SHADOW_REST", *switches):
         value = os.environ.get(name)
         if value is not None:
             environment[name] = value
