@@ -304,6 +304,24 @@ def move_sink(a: Node, b: Node, sink: Sink, *options: str) -> int:
 BUSY_POLL_US = 100  # what the busy-polling line sets HIJACK_BUSY_POLL_US to
 
 
+def moved_sinks(nodes: list[Node]) -> tuple[dict[str, Connection], dict[str, int], Sink]:
+    """Three sinks on node a, a connection from node c to each, two of the sinks then moved
+    to node b (its relays encrypted, --plain-relays): the connections by kind (direct,
+    encrypted, plain), the two home shadows' pids by kind, and the encrypted sink."""
+    a, b, c = nodes
+    direct, encrypted, plain = start_sink(a), start_sink(a), start_sink(a)
+    connections = {
+        "direct": Connection(c, a.address, direct),
+        "encrypted": Connection(c, a.address, encrypted),
+        "plain": Connection(c, a.address, plain),
+    }
+    shadows = {
+        "encrypted": move_sink(a, b, encrypted),
+        "plain": move_sink(a, b, plain, "--plain-relays"),
+    }
+    return connections, shadows, encrypted
+
+
 def measure_busy_poll(pings: int) -> list[str]:
     """Round trips as measure_links' first ones, every relay pump with HIJACK_BUSY_POLL_US set
     (in the daemons' and the moves' environment: the forwarder's pump and the shadows'),
@@ -311,18 +329,8 @@ def measure_busy_poll(pings: int) -> list[str]:
     os.environ["HIJACK_BUSY_POLL_US"] = str(BUSY_POLL_US)
     try:
         with relay_nodes("hijack-bench-busy-") as (_, cluster):
-            a, b, c = cluster.nodes
-            direct, encrypted, plain = start_sink(a), start_sink(a), start_sink(a)
-            connections = {
-                "direct": Connection(c, a.address, direct),
-                "encrypted": Connection(c, a.address, encrypted),
-                "plain": Connection(c, a.address, plain),
-            }
-            shadows = {
-                "encrypted": move_sink(a, b, encrypted),
-                "plain": move_sink(a, b, plain, "--plain-relays"),
-            }
-            forwarder = forwarder_pid(b)
+            connections, shadows, _ = moved_sinks(cluster.nodes)
+            forwarder = forwarder_pid(cluster.nodes[1])
             rtt, cpu = {}, {}
             for kind in connections:
                 before = sum(cpu_seconds(pid) for pid in (*shadows.values(), forwarder))
@@ -347,16 +355,7 @@ def measure_links(stream_size: int, streams_each: int, pings: int) -> list[str]:
     lines = []
     with relay_nodes("hijack-bench-links-") as (_, cluster):
         a, b, c = cluster.nodes
-        direct, encrypted, plain = start_sink(a), start_sink(a), start_sink(a)
-        connections = {
-            "direct": Connection(c, a.address, direct),
-            "encrypted": Connection(c, a.address, encrypted),
-            "plain": Connection(c, a.address, plain),
-        }
-        shadows = {
-            "encrypted": move_sink(a, b, encrypted),
-            "plain": move_sink(a, b, plain, "--plain-relays"),
-        }
+        connections, shadows, encrypted = moved_sinks(cluster.nodes)
         connections["accepted"] = Connection(c, a.address, encrypted)
         forwarder = forwarder_pid(b)
         # Round trips first, on the links as they are.

@@ -9,16 +9,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
+def run_bench(module: str, timeout: float) -> str:
+    """`python -m MODULE --quick` in the repository: what it printed (it must end well)."""
     result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick"],
+        [sys.executable, "-m", module, "--quick"],
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=timeout,
         check=False,
     )
     assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
+    printed = run_bench("bench", timeout=600)
     figures = (
         "dump to a file",
         "dump to a pipe",
@@ -72,21 +78,12 @@ def test_quick_bench_prints_every_figure_beside_its_baseline() -> None:
         "move freeze (median), python http.server, --postcopy",
     )
     for figure in figures:
-        assert figure in result.stdout, result.stdout
+        assert figure in printed, printed
 
 
 def test_the_relay_floor_bench_measures_each_path() -> None:
     """bench/relay_floor.py (not in make bench: it measures no part of hijack) once, short."""
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.relay_floor", "--quick"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    for path in ("direct", "pump", "sockmap", "nat"):
-        assert f"redis GET, floor {path} " in result.stdout, result.stdout
-    assert "stream, floor nat" in result.stdout, result.stdout
-    assert "added round trip, floor nat" in result.stdout, result.stdout
+    printed = run_bench("bench.relay_floor", timeout=300)
+    lines = [f"redis GET, floor {path} " for path in ("direct", "pump", "sockmap", "nat")]
+    for line in (*lines, "stream, floor nat", "added round trip, floor nat"):
+        assert line in printed, printed
