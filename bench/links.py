@@ -325,7 +325,8 @@ def moved_sinks(nodes: list[Node]) -> tuple[dict[str, Connection], dict[str, int
 def measure_busy_poll(pings: int) -> list[str]:
     """Round trips as measure_links' first ones, every relay pump with HIJACK_BUSY_POLL_US set
     (in the daemons' and the moves' environment: the forwarder's pump and the shadows'),
-    and the pumps' CPU per round trip: what the knob buys and what it costs."""
+    and the relays' CPU per round trip (the home shadows and b's forwarder with their
+    pumps): what the knob buys and what it costs."""
     os.environ["HIJACK_BUSY_POLL_US"] = str(BUSY_POLL_US)
     try:
         with relay_nodes("hijack-bench-busy-") as (_, cluster):
@@ -346,7 +347,8 @@ def measure_busy_poll(pings: int) -> list[str]:
     return [
         f"{'added round trip p50, busy polling':<34} {added['encrypted']:8.0f} us   |"
         f" {'--plain-relays':<38} {added['plain']:8.0f} us   |"
-        f" HIJACK_BUSY_POLL_US={BUSY_POLL_US}; the pumps' CPU per round trip: encrypted"
+        f" HIJACK_BUSY_POLL_US={BUSY_POLL_US}; the relays' CPU per round trip (home shadows,"
+        f" b's forwarder, their pumps): encrypted"
         f" {cpu['encrypted']:.0f} us, plain {cpu['plain']:.0f} us"
     ]
 
