@@ -60,6 +60,7 @@ TCP_REPAIR_ON, TCP_REPAIR_OFF = 1, 0
 TCP_NO_QUEUE, TCP_RECV_QUEUE, TCP_SEND_QUEUE = 0, 1, 2
 TCPOPT_MAXSEG, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCP_MIN_MSS = 88  # what TCP_MAXSEG takes at least (<net/tcp.h>)
+TCP_MAX_USER_MSS = 32767  # and at most (MAX_TCP_WINDOW)
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
 SIOCOUTQ = termios.TIOCOUTQ  # bytes in the send queue (sent or not)
 REPAIR_WINDOW = struct.Struct("<5I")  # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
@@ -301,9 +302,11 @@ def make_connection(
             # The segment size is fixed at connect() (from the route's MTU and the clamp as
             # it is then): the clamp TCP_REPAIR_OPTIONS sets after it is not used for the
             # segments until the route's MTU changes, and they stay at the default 536 less
-            # options (524), three times the packets. Given first, it is (the same value).
+            # options (524), three times the packets. Given first, it is (the same value;
+            # TCP_MAXSEG takes at most 32767: loopback's 65495 is given as that).
             if state.mss >= TCP_MIN_MSS:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, state.mss)
+                given = min(state.mss, TCP_MAX_USER_MSS)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, given)
             sock.bind(local)
             sock.connect(remote)  # in repair mode: no handshake, ESTABLISHED at once
             options = [REPAIR_OPTION.pack(TCPOPT_MAXSEG, state.mss)]
