@@ -15,6 +15,10 @@ SIGSTOP, their connections kept):
   connected: TLS from the shadow to b's relay forwarder, which hands the
   process a loopback socket (hijack.node.forwarder; its native pump carries the
   relay past the opening exchange);
+- `packet`: one moved with `hijack move --packet-relays` while its load was
+  connected: a's IP layer forwards the connections' packets to b and back
+  (hijack.node.packet_relay; a forwards IPv4 for it, redirects off): no process
+  in their path;
 - `accepted`: a load that connects to the `tls` server after its move: the
   shadow accepts each client and b's forwarder connects it to the process
   (encrypted whatever the move's mode).
@@ -184,7 +188,13 @@ def measure_redis(rounds: int, warm: float, window: float) -> list[str]:
         a, b, c = cluster.nodes
         assert b.daemon_endpoint is not None
         loads: list[Load] = []
-        for label, options in (("direct", None), ("plain", ("--plain-relays",)), ("tls", ())):
+        # A relay by packets: a forwards them (hijack.node.packet_relay); in and out of one
+        # link, it would tell c to go to b itself (an ICMP redirect) unless told not to.
+        for setting in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0"):
+            if a.run(["sysctl", "-qw", setting], timeout=CLI_TIMEOUT).returncode != 0:
+                raise SystemExit(f"bench: cannot set {setting} on node a")
+        kinds = [("direct", None), ("plain", ("--plain-relays",)), ("tls", ())]
+        for label, options in [*kinds, ("packet", ("--packet-relays",))]:
             pid, port = start_redis(a, directory, label)
             load = Load(label, port)
             start_load(c, a.address, load)
@@ -196,7 +206,7 @@ def measure_redis(rounds: int, warm: float, window: float) -> list[str]:
                     raise SystemExit(f"bench: {moved.describe()}")
                 load.shadow = shadow_of(a, pid)
             loads.append(load)
-        accepted = Load("accepted", loads[-1].port, shadow=loads[-1].shadow)
+        accepted = Load("accepted", loads[2].port, shadow=loads[2].shadow)
         start_load(c, a.address, accepted)  # through the tls server's shadow, after its move
         loads.append(accepted)
         try:

@@ -243,6 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
         " move chose, else encrypted)",
     )
     move.add_argument(
+        "--packet-relays",
+        action="store_true",
+        help="its TCP connections to other machines go on through this node's IP layer"
+        " (nftables rewrites, no process in their path) instead of through its shadow: the"
+        " peers see nothing change, the process sees its node's address on them. A move from"
+        " home of a single process, on a node forwarding IPv4; not encrypted between the"
+        ' nodes; such a process is not moved again yet (docs/protocol.md, "Relays by packets")',
+    )
+    move.add_argument(
         "--leave-parent",
         action="store_true",
         help="move a fork of its parent (an nginx worker) without that parent, which then sees"
@@ -555,6 +564,7 @@ def command_move(args: argparse.Namespace, console: Console) -> int:
             plain_relays=args.plain_relays,
             postcopy=args.postcopy,
             leave_parent=args.leave_parent,
+            packet_relays=args.packet_relays,
         )
     render.move_result(console, result, timing=args.timing)
     if args.swap:

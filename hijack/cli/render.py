@@ -504,6 +504,12 @@ def move_result(console: Console, result: MoveResult, *, timing: bool = False) -
         )
         + (f"; {result.total_ms / 1000:.2f} s in all" if result.total_ms else "")
     )
+    if result.packet_relays:
+        console.print(
+            f"{result.packet_relays} connection{'s' if result.packet_relays > 1 else ''} relayed"
+            " by packets through this node",
+            highlight=False,
+        )
     if result.members:
         members = result.members
         console.print(

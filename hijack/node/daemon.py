@@ -57,7 +57,7 @@ from hijack.restore.tree_rounds import TreeRounds
 from hijack.shadow import control, relay_link
 from hijack.shadow.datagram import widen_receive_buffer
 from hijack.shadow.relay import endpoint
-from hijack.sys import pidfd, procfs, tcp_repair, terminal
+from hijack.sys import packet_route, pidfd, procfs, tcp_repair, terminal
 from hijack.testpoint import reached
 from hijack.timing import Laps
 
@@ -97,6 +97,9 @@ class Proxy(NamedTuple):
     local: str = ""
     tcp: dict[str, Any] | None = None  # its state (swap_end.state_fields)
     queues: bytes | int = 0  # its queues once received (`unread` messages), their size before
+    # A "direct" connection relayed by packets (hijack.node.packet_relay): its home node's
+    # address, which its packets go through (a policy rule made with it); "" for others
+    via: str = ""
 
 
 def log(text: str) -> None:
@@ -139,6 +142,8 @@ class NodeDaemon:
         # process is frozen (plain relays, originals handed back).
         with contextlib.suppress(HijackError, OSError):
             relay_link.node_context()
+        # pyroute2 too (~70 ms to import), for a move relaying connections by packets.
+        packet_route.preload()
         host, port = self.listener.getsockname()[:2]
         print(f"hijack node {self.name} listening on {host}:{port}", flush=True)
         try:
@@ -411,6 +416,8 @@ class NodeDaemon:
         direct: list[socket.socket] = []  # in repair mode until the commit
         unsent: dict[tuple[int, int], bytes] = {}  # by (member, fd): send queues, once live
         direct_proxies: list[Proxy] = []
+        # The policy rules of connections relayed by packets: removed if the move fails.
+        routes: list[tuple[tuple[str, int], tuple[str, int], str]] = []
 
         def direct_end(proxy: Proxy) -> socket.socket:
             local, peer = swap_end.split_endpoint(proxy.local), swap_end.split_endpoint(proxy.peer)
@@ -421,7 +428,21 @@ class NodeDaemon:
                 made, unsent[key] = swap_end.make_quiet(family, local, peer, state)
             except (HijackError, OSError) as exc:
                 raise HijackError(f"cannot make fd {proxy.fd}'s direct connection: {exc}") from None
-            return socket.socket(fileno=made)
+            sock = socket.socket(fileno=made)
+            if proxy.via:
+                try:
+                    packet_route.send_through(local, peer, proxy.via)
+                except HijackError:
+                    sock.close()  # in repair mode: silent
+                    raise
+                routes.append((local, peer, proxy.via))
+            return sock
+
+        def unroute() -> None:
+            for local, peer, via in routes:
+                with contextlib.suppress(HijackError):
+                    packet_route.stop_sending_through(local, peer, via)
+            routes.clear()
 
         originals = _Originals(shadow, move)
         # A move home whose every descriptor is its original again (hijack.node.move).
@@ -632,7 +653,8 @@ class NodeDaemon:
                     for proxy, sock in zip(direct_proxies, direct, strict=True):
                         swap_end.go_live(sock.fileno(), unsent[(proxy.member, proxy.fd)])
                     for proxy in proxies:
-                        if proxy.kind == "direct":  # a later move takes it along again
+                        # A later move takes it along again (not yet one by packets).
+                        if proxy.kind == "direct" and not proxy.via:
                             with contextlib.suppress(HijackError), Registry() as records:
                                 records.record_direct(proxy.local, proxy.peer)
                     with contextlib.nullcontext(registry) if registry else Registry() as records:
@@ -680,6 +702,7 @@ class NodeDaemon:
                 )
         except HijackError as exc:
             log(f"move {move} failed: {exc}")
+            unroute()
             for pages in lazy:
                 pages.close()
             terminals.close()
@@ -700,6 +723,7 @@ class NodeDaemon:
             return
         finally:
             if sys.exc_info()[1] is not None:
+                unroute()
                 for pages in lazy:
                     pages.close()
             for sock in opened:
@@ -1011,6 +1035,11 @@ def _parse_move(
                 raise TypeError
             for address in (local, peer) if kind == "direct" else ():
                 swap_end.split_endpoint(address)  # ValueError if it is not "ip:port"
+            via = proxy.get("via", "")
+            if not isinstance(via, str) or (via and kind != "direct"):
+                raise ValueError
+            if via:
+                socket.inet_aton(via)  # OSError if it is no IPv4 address
             queues = proxy.get("queue_bytes", 0)
             if not isinstance(queues, int) or not 0 <= queues < 1 << 31:
                 raise ValueError
@@ -1028,9 +1057,10 @@ def _parse_move(
                     local=local,
                     tcp=tcp,
                     queues=queues,
+                    via=via,
                 )
             )
-    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError, OSError):
         raise HijackError(f"malformed move request: {json.dumps(request)[:120]}") from None
     return move, home, shadow, proxies
 

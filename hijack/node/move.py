@@ -75,6 +75,7 @@ from hijack.mutator.tracee import Tracee
 from hijack.node import mounts, pki
 from hijack.node.channel import Channel, ChannelError, DataWriter
 from hijack.node.daemon import parse_address
+from hijack.node.packet_relay import PacketRelays
 from hijack.node.repoint import Repointed
 from hijack.objects import pipe, unix
 from hijack.objects.memfd import holds_object
@@ -86,7 +87,7 @@ from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
 from hijack.shadow.datagram import parse_address as parse_datagram_address
 from hijack.shadow.door import HANDSHAKE_TIMEOUT
 from hijack.shadow.relay import ACK_WAIT
-from hijack.sys import kcmp, pidfd, procfs, sysv, tcp_repair, terminal
+from hijack.sys import kcmp, packet_route, pidfd, procfs, sysv, tcp_repair, terminal
 from hijack.sys.socket_filter import listen_backlog
 from hijack.testpoint import reached
 from hijack.timing import Laps
@@ -132,6 +133,7 @@ class MoveResult:
     total_ms: float = 0.0  # the whole move, from the first round to the last page
     timing: FreezeTiming | None = None  # where the freeze went (hijack move --timing)
     members: tuple[MemberMoved, ...] = ()  # a tree's, root first (hijack.node.tree_move)
+    packet_relays: int = 0  # its connections relayed by packets (hijack.node.packet_relay)
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,9 @@ class Proxy:
     local: str = ""
     tcp: dict[str, Any] = dataclasses.field(default_factory=dict)
     queue_bytes: int = 0
+    # A connection relayed by packets (hijack.node.packet_relay): the home node's address
+    # the destination sends its packets through; "" for any other.
+    via: str = ""
 
 
 class HomeShadow:
@@ -260,6 +265,7 @@ def move(
     plain_relays: bool | None = None,
     postcopy: bool | None = None,
     leave_parent: bool = False,
+    packet_relays: bool = False,
 ) -> MoveResult:
     """Move `pid` to the node daemon at `destination`; see the module docstring.
 
@@ -272,6 +278,9 @@ def move(
     `postcopy`: True ends pre-copy after its first round with post-copy
     (hijack.mutator.postcopy); False never does; None does when the rounds do
     not converge (and `precopy` is None).
+    `packet_relays`: its TCP connections to peers on other machines go on through this
+    node's IP layer rather than its shadow (hijack.node.packet_relay); a move from home
+    of a single process only.
     A move that fails leaves the process as it found it: attached only if it
     was attached before. One whose outcome is unknown raises MoveInDoubt.
     """
@@ -308,6 +317,8 @@ def move(
         )
     if sharers:
         precopy, postcopy = False, False  # frozen whole: its memory in one image, once
+    if packet_relays:
+        refuse_packet_relays(pid, record, members)
     attached_by_move = record is None or record.state not in ("attached", "running")
     if attached_by_move:
         # Refused before the attach: nothing changes.
@@ -325,6 +336,7 @@ def move(
             precopy,
             plain_relays,
             postcopy,
+            packet_relays,
         )
     except (MoveInDoubt, PostcopyBroken):
         raise  # the process is held as it is (for `hijack recover`, or by hand)
@@ -346,6 +358,7 @@ def _move_attached(
     precopy: bool | None,
     plain_relays: bool | None,
     postcopy: bool | None = None,
+    packet_relays: bool = False,
 ) -> MoveResult:
     from hijack.node import tree_move  # not at the top: it builds on this module
 
@@ -438,7 +451,12 @@ def _move_attached(
                 context = tree_move.TreeMoveContext(*frozen_args, home)
                 result = tree_move.move_tree_frozen(context, tree_precopied)
             else:
-                result = _move_frozen(*frozen_args, precopied, home)
+                packets = None
+                if packet_relays:
+                    packets = PacketRelays(
+                        channel.sock.getpeername()[0], channel.sock.getsockname()[0]
+                    )
+                result = _move_frozen(*frozen_args, precopied, home, packets)
         except MoveInDoubt as exc:
             registry.update_move(move_id, phase="in-doubt", error=str(exc))
             registry.set_state(pid, "held")
@@ -485,6 +503,7 @@ def _move_frozen(
     destination: tuple[tuple[str, int], pki.NodeIdentity],
     precopied: Precopy | None = None,
     home: control.HomeEndpoint | None = None,
+    packets: PacketRelays | None = None,
 ) -> MoveResult:
     before = precopied.bytes_sent if precopied is not None else 0
     postcopy = precopied is not None and precopied.postcopy
@@ -568,6 +587,12 @@ def _move_frozen(
             if any(p.kind == "direct" for p in plan):
                 plan = repointed.prepare(pid, plan, channel.sock.getpeername()[0], laps=laps)
                 laps.lap("direct peers")
+            if packets is not None:
+                plan = packets.prepare(pid, plan, sockets, repointed.queues, laps)
+                # Their queues follow the move message in the order of its proxies.
+                repointed.queues = {
+                    (0, p.fd): repointed.queues[(0, p.fd)] for p in plan if p.kind == "direct"
+                }
             if at_home:
                 hand_descriptors_to_shadow(pid, record.shadow_control or "")
                 proxy = [
@@ -654,6 +679,8 @@ def _move_frozen(
                 with contextlib.suppress(HijackError):
                     unmap_area(tracee, parasite)  # it runs on: as it was
             repointed.abort()
+            if packets is not None:
+                packets.abort()
             _abort(channel, shadow, move_id)
             raise
         # From the commit on, the answer alone decides: SIGINT and SIGTERM wait
@@ -669,6 +696,8 @@ def _move_frozen(
             if outcome != "running":
                 repointed.abort()  # in doubt too: its peer keeps its old connection
             if outcome == "aborted":
+                if packets is not None:
+                    packets.abort()
                 _abort(channel, shadow, move_id)
                 # SIGCONT takes the pending SIGSTOP back: it resumes untouched.
                 os.kill(pid, signal.SIGCONT)
@@ -698,6 +727,7 @@ def _move_frozen(
                 )
             laps.lap("commit")
             unjoined = repointed.commit()
+            routed = packets.commit() if packets is not None else 0
             # The frozen original will not run again, so what waits in its
             # relay-made UDP sockets and its terminals can be taken (the
             # shadow sends it again).
@@ -776,6 +806,7 @@ def _move_frozen(
         relayed,
         postcopy_bytes=lazy_bytes(lazy),
         postcopy_ms=postcopy_ms,
+        packet_relays=routed,
         timing=FreezeTiming(
             laps.rounded(),
             tracee.injected,
@@ -783,6 +814,31 @@ def _move_frozen(
             int(prepared.get("injected", 0)) + int(answer.get("injected", 0)),
         ),
     )
+
+
+def refuse_packet_relays(pid: int, record: ProcessRecord | None, members: list[int]) -> None:
+    """--packet-relays is for a move from home of a single process, on a node that forwards
+    packets; refused before anything is touched."""
+    if record is not None and record.state == "running":
+        raise Unsupported(
+            f"cannot move process {pid} with --packet-relays: it is away from its home node"
+            f" {record.home_node!r}, and only a move from home takes its connections by packets;"
+            " nothing was changed",
+            pid=pid,
+        )
+    if len(members) > 1:
+        raise Unsupported(
+            f"cannot move process {pid} with --packet-relays: it has children, and a tree's move"
+            " does not take its connections by packets yet; nothing was changed",
+            pid=pid,
+        )
+    if not packet_route.forwarding():
+        raise Unsupported(
+            f"cannot move process {pid} with --packet-relays: this node does not forward IPv4"
+            " packets (sysctl net.ipv4.ip_forward=1); nothing was changed",
+            pid=pid,
+        )
+    packet_route.preload()  # not within the freeze
 
 
 def seize_on_its_layout(

@@ -57,49 +57,49 @@ def lock_name(local: Endpoint, remote: Endpoint | None, protocol: int = socket.I
 # this module (few make a lock).
 
 
-def _nftables(family: int) -> Any:
+def nftables_socket(family: int) -> Any:
     """A netlink socket of nftables for tables of `family`."""
     from pyroute2.nftables.main import NFTables
 
     return NFTables(nfgen_family=family)
 
 
-def _genex(name: str, arguments: OrderedDict[str, Any]) -> dict[str, Any]:
+def expression(name: str, arguments: OrderedDict[str, Any]) -> dict[str, Any]:
     from pyroute2.nftables.expressions import genex
 
-    expression: dict[str, Any] = genex(name, arguments)
-    return expression
+    built: dict[str, Any] = genex(name, arguments)
+    return built
 
 
-def _verdict(code: int) -> list[dict[str, Any]]:
+def verdict_of(code: int) -> list[dict[str, Any]]:
     from pyroute2.nftables.expressions import verdict
 
     expressions: list[dict[str, Any]] = verdict(code=code)
     return expressions
 
 
-def _payload(base: int, offset: int, length: int) -> dict[str, Any]:
+def payload_load(base: int, offset: int, length: int) -> dict[str, Any]:
     arguments: OrderedDict[str, Any] = OrderedDict()
     arguments["dreg"] = 1
     arguments["base"] = base
     arguments["offset"] = offset
     arguments["len"] = length
-    return _genex("payload", arguments)
+    return expression("payload", arguments)
 
 
-def _equals(data: bytes) -> dict[str, Any]:
+def equals(data: bytes) -> dict[str, Any]:
     arguments: OrderedDict[str, Any] = OrderedDict()
     arguments["sreg"] = 1
     arguments["op"] = 0  # NFT_CMP_EQ
     arguments["data"] = {"attrs": [("NFTA_DATA_VALUE", data)]}
-    return _genex("cmp", arguments)
+    return expression("cmp", arguments)
 
 
-def _meta(key: int) -> dict[str, Any]:
+def meta_load(key: int) -> dict[str, Any]:
     arguments: OrderedDict[str, Any] = OrderedDict()
     arguments["key"] = key
     arguments["dreg"] = 1
-    return _genex("meta", arguments)
+    return expression("meta", arguments)
 
 
 def _family(local: Endpoint, protocol: int) -> int:
@@ -121,33 +121,37 @@ def wire_address(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
 
 def _own_packets() -> tuple[list[dict[str, Any]], ...]:
     """Packets marked OWN_MARK: accepted."""
-    return ([_meta(NFT_META_MARK)], [_equals(struct.pack("=I", OWN_MARK))], _verdict(NF_ACCEPT))
+    return (
+        [meta_load(NFT_META_MARK)],
+        [equals(struct.pack("=I", OWN_MARK))],
+        verdict_of(NF_ACCEPT),
+    )
 
 
 def _drop_from_peer(
     local: Endpoint, remote: Endpoint | None, protocol: int
 ) -> tuple[list[dict[str, Any]], ...]:
     """Packets of `protocol` from `remote` (None: from anyone) to `local`: dropped."""
-    match = [[_meta(NFT_META_L4PROTO), _equals(bytes([protocol]))]]
+    match = [[meta_load(NFT_META_L4PROTO), equals(bytes([protocol]))]]
     if protocol == socket.IPPROTO_TCP:
         local_ip = wire_address(local[0])
         # The destination address: at 16 in an IPv4 header, at 24 in an IPv6 one.
         daddr_at = 24 if local_ip.version == 6 else 16
         match += [
-            [_payload(NFT_PAYLOAD_NETWORK_HEADER, daddr_at, len(local_ip.packed))],
-            [_equals(local_ip.packed)],
+            [payload_load(NFT_PAYLOAD_NETWORK_HEADER, daddr_at, len(local_ip.packed))],
+            [equals(local_ip.packed)],
         ]
     if remote is not None:
         match += [
-            [_payload(NFT_PAYLOAD_TRANSPORT_HEADER, 0, 4)],
-            [_equals(struct.pack("!HH", remote[1], local[1]))],
+            [payload_load(NFT_PAYLOAD_TRANSPORT_HEADER, 0, 4)],
+            [equals(struct.pack("!HH", remote[1], local[1]))],
         ]
     else:
         match += [
-            [_payload(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2)],
-            [_equals(struct.pack("!H", local[1]))],
+            [payload_load(NFT_PAYLOAD_TRANSPORT_HEADER, 2, 2)],
+            [equals(struct.pack("!H", local[1]))],
         ]
-    return (*match, _verdict(NF_DROP))
+    return (*match, verdict_of(NF_DROP))
 
 
 def lock(
@@ -158,7 +162,7 @@ def lock(
 
     def install() -> None:
         name = lock_name(local, remote, protocol)
-        nft = _nftables(_family(local, protocol))
+        nft = nftables_socket(_family(local, protocol))
         try:
             nft.table("add", name=name)
             nft.chain(
@@ -180,7 +184,7 @@ def lock(
         finally:
             nft.close()
 
-    _in_network_of(pid, install, f"cannot lock {describe(local, remote, protocol)}")
+    in_network_of(pid, install, f"cannot lock {describe(local, remote, protocol)}")
 
 
 def unlock(
@@ -190,14 +194,14 @@ def unlock(
 
     def remove() -> None:
         name = lock_name(local, remote, protocol)
-        nft = _nftables(_family(local, protocol))
+        nft = nftables_socket(_family(local, protocol))
         try:
-            if any(_table_name(table) == name for table in nft.get_tables()):
+            if any(table_name(table) == name for table in nft.get_tables()):
                 nft.table("del", name=name)
         finally:
             nft.close()
 
-    _in_network_of(pid, remove, f"cannot unlock {describe(local, remote, protocol)}")
+    in_network_of(pid, remove, f"cannot unlock {describe(local, remote, protocol)}")
 
 
 def describe(local: Endpoint, remote: Endpoint | None, protocol: int) -> str:
@@ -212,18 +216,18 @@ def locks_held(pid: int) -> list[str]:
     def names() -> list[str]:
         found = []
         for family in (NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6):
-            nft = _nftables(family)
+            nft = nftables_socket(family)
             try:
                 found += [
                     name
-                    for name in map(_table_name, nft.get_tables())
+                    for name in map(table_name, nft.get_tables())
                     if name and name.startswith(LOCK_PREFIX)
                 ]
             finally:
                 nft.close()
         return found
 
-    return _in_network_of(pid, names, "cannot list the network locks")
+    return in_network_of(pid, names, "cannot list the network locks")
 
 
 def remove_lock(pid: int, name: str) -> None:
@@ -231,22 +235,22 @@ def remove_lock(pid: int, name: str) -> None:
 
     def remove() -> None:
         for family in (NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6):
-            nft = _nftables(family)
+            nft = nftables_socket(family)
             try:
-                if name in map(_table_name, nft.get_tables()):
+                if name in map(table_name, nft.get_tables()):
                     nft.table("del", name=name)
             finally:
                 nft.close()
 
-    _in_network_of(pid, remove, f"cannot remove the network lock {name}")
+    in_network_of(pid, remove, f"cannot remove the network lock {name}")
 
 
-def _table_name(table: Any) -> str | None:
+def table_name(table: Any) -> str | None:
     found: str | None = table.get_attr("NFTA_TABLE_NAME")
     return found
 
 
-def _in_network_of(pid: int, work: Callable[[], T], failure: str) -> T:
+def in_network_of(pid: int, work: Callable[[], T], failure: str) -> T:
     """Run `work` in the network namespace of `pid`: in a thread of its own entered there
     (setns moves only the calling thread), or here if we share it."""
     mine = os.stat("/proc/self/ns/net")

@@ -1,0 +1,288 @@
+"""Relays by packets: a TCP connection moved away from its home node goes on through
+that node's IP layer instead of through its shadow (`hijack move --packet-relays`,
+docs/protocol.md, "Relays by packets").
+
+The peer keeps talking to the home node's address (home:P <-> peer:X). The home node
+rewrites the peer's packets to the destination's address (peer:X -> there:P) and the
+destination's answers back to its own (there:P -> peer:X leaves as home:P): stateless
+rewrites in nftables (no conntrack: the connection began before any rule, and a
+conntrack entry made mid-stream would be the kernel's guess), one table per connection
+named for its ends. The destination sends its answers through the home node by a
+policy rule for exactly that connection (its ports and addresses), so a peer that it
+could reach directly still sees them come from the home node's address.
+
+While a move is frozen a *hold* drops the peer's packets at the home node before they
+are rewritten (the peer retransmits them once it is lifted): the connection's state,
+read at home, must not change, and the destination's socket, made in repair mode, must
+not take bytes a failed move would lose.
+
+Tables and rules are loaded over netlink with pyroute2, as the network locks are
+(hijack.sys.netlock); IPv4 only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+import struct
+import zlib
+from collections import OrderedDict
+from typing import Any
+
+from hijack.errors import HijackError
+from hijack.sys.netlock import (
+    NF_ACCEPT,
+    NF_DROP,
+    NFPROTO_IPV4,
+    NFT_META_L4PROTO,
+    NFT_PAYLOAD_NETWORK_HEADER,
+    NFT_PAYLOAD_TRANSPORT_HEADER,
+    Endpoint,
+    equals,
+    expression,
+    meta_load,
+    nftables_socket,
+    payload_load,
+    table_name,
+    verdict_of,
+)
+
+ROUTE_PREFIX = "hijack_route_"
+HOLD_PREFIX = "hijack_hold_"
+# Before conntrack (-200) and every usual chain: a rewritten packet is never tracked.
+REWRITE_PRIORITY = -300
+HOLD_PRIORITY = -400  # before the rewrite
+SOURCE_NAT_PRIORITY = 100  # after the routing decision: a local source there is no martian
+# The destination's policy rules: before the main table (32766); one routing table per
+# home node, holding its default route through that node.
+RULE_PRIORITY = 1000
+TABLE_BASE = 0x686A0000  # "hj" and 16 bits of the home node's address
+IPV4_SOURCE_AT, IPV4_CHECKSUM_AT = 12, 10  # in the IPv4 header
+NFT_PAYLOAD_CSUM_INET = 1
+FORWARDING = "/proc/sys/net/ipv4/ip_forward"
+
+
+def preload() -> None:
+    """Import pyroute2 now (~70 ms) rather than within a move's freeze."""
+    import pyroute2.iproute
+    import pyroute2.nftables.main  # noqa: F401
+
+
+def _digest(home: Endpoint, peer: Endpoint) -> str:
+    return hashlib.sha256(f"{home}>{peer}".encode()).hexdigest()[:16]
+
+
+def route_name(home: Endpoint, peer: Endpoint) -> str:
+    """The home node's table of the connection home <-> peer."""
+    return ROUTE_PREFIX + _digest(home, peer)
+
+
+def hold_name(home: Endpoint, peer: Endpoint) -> str:
+    return HOLD_PREFIX + _digest(home, peer)
+
+
+def forwarding() -> bool:
+    """Whether this network namespace forwards IPv4 packets (the home node must)."""
+    try:
+        with open(FORWARDING) as flag:
+            return flag.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def _packed(address: str) -> bytes:
+    try:
+        return socket.inet_aton(address)
+    except OSError:
+        raise HijackError(f"not an IPv4 address: {address!r}") from None
+
+
+def _from_to(source: Endpoint, destination: Endpoint) -> list[list[dict[str, Any]]]:
+    """Match TCP packets from `source` to `destination` (addresses and ports)."""
+    return [
+        [meta_load(NFT_META_L4PROTO)],
+        [equals(bytes([socket.IPPROTO_TCP]))],
+        [payload_load(NFT_PAYLOAD_NETWORK_HEADER, IPV4_SOURCE_AT, 8)],
+        [equals(_packed(source[0]) + _packed(destination[0]))],
+        [payload_load(NFT_PAYLOAD_TRANSPORT_HEADER, 0, 4)],
+        [equals(struct.pack("!HH", source[1], destination[1]))],
+    ]
+
+
+def _set_address(offset: int, address: str) -> list[list[dict[str, Any]]]:
+    """Write `address` at `offset` of the IPv4 header, its checksum and the TCP one (whose
+    pseudo-header holds it) mended."""
+    loaded: OrderedDict[str, Any] = OrderedDict()
+    loaded["dreg"] = 1
+    loaded["data"] = {"attrs": [("NFTA_DATA_VALUE", _packed(address))]}
+    written: OrderedDict[str, Any] = OrderedDict()
+    written["sreg"] = 1
+    written["base"] = NFT_PAYLOAD_NETWORK_HEADER
+    written["offset"] = offset
+    written["len"] = 4
+    written["csum_type"] = NFT_PAYLOAD_CSUM_INET
+    written["csum_offset"] = IPV4_CHECKSUM_AT
+    written["csum_flags"] = {"NFT_PAYLOAD_L4CSUM_PSEUDOHDR"}
+    return [[expression("immediate", loaded)], [expression("payload", written)]]
+
+
+def _untracked() -> list[dict[str, Any]]:
+    # pyroute2 knows no data for `notrack` (it has none): the expression is its name alone.
+    return [{"attrs": [("NFTA_EXPR_NAME", "notrack")]}]
+
+
+def _base_chain(nft: Any, table: str, name: str, hook: str, priority: int) -> None:
+    nft.chain(
+        "add", table=table, name=name, hook=hook, type="filter", priority=priority,
+        policy=NF_ACCEPT,
+    )  # fmt: skip
+
+
+def forward(home: Endpoint, peer: Endpoint, there: Endpoint) -> None:
+    """At the home node: the connection home <-> peer goes on at `there` (the
+    destination's address, the same port): the peer's packets rewritten to it, its
+    answers rewritten back. Replaces an earlier table of the connection (a later move)."""
+    name = route_name(home, peer)
+
+    def install(nft: Any) -> None:
+        if name in map(table_name, nft.get_tables()):
+            nft.table("del", name=name)
+        nft.table("add", name=name)
+        _base_chain(nft, name, "prerouting", "prerouting", REWRITE_PRIORITY)
+        _base_chain(nft, name, "postrouting", "postrouting", SOURCE_NAT_PRIORITY)
+        towards = [*_from_to(peer, home), _untracked(), *_set_address(16, there[0])]
+        nft.rule("add", table=name, chain="prerouting", expressions=towards)
+        back = _from_to(there, peer)
+        nft.rule("add", table=name, chain="prerouting", expressions=[*back, _untracked()])
+        rewritten = [*back, *_set_address(IPV4_SOURCE_AT, home[0])]
+        nft.rule("add", table=name, chain="postrouting", expressions=rewritten)
+
+    _nft(install, f"cannot forward {home} <-> {peer} to {there[0]}")
+
+
+def unforward(home: Endpoint, peer: Endpoint) -> None:
+    """Remove forward()'s table; nothing if there is none."""
+    _drop_table(route_name(home, peer), f"cannot stop forwarding {home} <-> {peer}")
+
+
+def hold(home: Endpoint, peer: Endpoint) -> None:
+    """Drop the peer's packets to `home` before anything else sees them."""
+    name = hold_name(home, peer)
+
+    def install(nft: Any) -> None:
+        if name in map(table_name, nft.get_tables()):
+            return
+        nft.table("add", name=name)
+        _base_chain(nft, name, "prerouting", "prerouting", HOLD_PRIORITY)
+        dropped = [*_from_to(peer, home), verdict_of(NF_DROP)]
+        nft.rule("add", table=name, chain="prerouting", expressions=dropped)
+
+    _nft(install, f"cannot hold {home} <-> {peer}")
+
+
+def release(home: Endpoint, peer: Endpoint) -> None:
+    """Lift hold(); nothing if there is none."""
+    _drop_table(hold_name(home, peer), f"cannot release {home} <-> {peer}")
+
+
+def tables() -> list[str]:
+    """The names of this namespace's route and hold tables."""
+    found: list[str] = []
+
+    def names(nft: Any) -> None:
+        found.extend(
+            name
+            for name in map(table_name, nft.get_tables())
+            if name and name.startswith((ROUTE_PREFIX, HOLD_PREFIX))
+        )
+
+    _nft(names, "cannot list the packet relays' tables")
+    return found
+
+
+def _drop_table(name: str, failure: str) -> None:
+    def remove(nft: Any) -> None:
+        if name in map(table_name, nft.get_tables()):
+            nft.table("del", name=name)
+
+    _nft(remove, failure)
+
+
+def _nft(work: Any, failure: str) -> None:
+    nft = nftables_socket(NFPROTO_IPV4)
+    try:
+        work(nft)
+    except HijackError:
+        raise
+    except Exception as exc:  # pyroute2's NetlinkError (an OSError) and its own errors
+        raise HijackError(f"{failure}: {getattr(exc, 'strerror', None) or exc}") from None
+    finally:
+        nft.close()
+
+
+def _table_of(gateway: str) -> int:
+    return TABLE_BASE | zlib.crc32(_packed(gateway)) & 0xFFFF
+
+
+def _rule(local: Endpoint, peer: Endpoint, gateway: str) -> dict[str, Any]:
+    return {
+        "family": socket.AF_INET,
+        "priority": RULE_PRIORITY,
+        "table": _table_of(gateway),
+        "src": local[0],
+        "src_len": 32,
+        "dst": peer[0],
+        "dst_len": 32,
+        "ip_proto": socket.IPPROTO_TCP,
+        "sport_range": f"{local[1]}:{local[1]}",
+        "dport_range": f"{peer[1]}:{peer[1]}",
+    }
+
+
+def send_through(local: Endpoint, peer: Endpoint, gateway: str) -> None:
+    """At the destination: what the connection local -> peer sends goes to `gateway` (the
+    home node's address, on a link of this node), whatever route this node has to the peer."""
+    from pyroute2 import IPRoute
+
+    table = _table_of(gateway)
+    try:
+        with IPRoute() as ip:
+            routes = ip.route("dump", table=table)
+            if not any(route.get("gateway") == gateway for route in routes):
+                ip.route("replace", dst="0.0.0.0/0", gateway=gateway, table=table)
+            if not _rule_exists(ip, local, peer, gateway):
+                ip.rule("add", **_rule(local, peer, gateway))
+    except Exception as exc:
+        raise HijackError(
+            f"cannot send {local} -> {peer} through {gateway}:"
+            f" {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+
+
+def stop_sending_through(local: Endpoint, peer: Endpoint, gateway: str) -> None:
+    """Remove send_through()'s rule (its table's route stays: other connections may use
+    it, and unused it routes nothing); nothing if there is none."""
+    from pyroute2 import IPRoute
+
+    try:
+        with IPRoute() as ip:
+            if _rule_exists(ip, local, peer, gateway):
+                ip.rule("del", **_rule(local, peer, gateway))
+    except Exception as exc:
+        raise HijackError(
+            f"cannot remove the rule of {local} -> {peer}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+
+
+def _rule_exists(ip: Any, local: Endpoint, peer: Endpoint, gateway: str) -> bool:
+    wanted = (_table_of(gateway), local[0], peer[0], f"{local[1]}:{local[1]}")
+    for rule in ip.get_rules(family=socket.AF_INET, priority=RULE_PRIORITY):
+        found = (
+            rule.get("FRA_TABLE"),
+            rule.get("FRA_SRC"),
+            rule.get("FRA_DST"),
+            rule.get("FRA_SPORT_RANGE"),
+        )
+        if found == wanted and rule.get("FRA_DPORT_RANGE") == f"{peer[1]}:{peer[1]}":
+            return True
+    return False
