@@ -13,7 +13,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -84,6 +84,15 @@ CREATE TABLE IF NOT EXISTS direct (  -- TCP connections a swap joined (hijack.no
     recorded   REAL,
     PRIMARY KEY (local, remote)
 );
+CREATE TABLE IF NOT EXISTS routed (  -- TCP connections relayed by packets, held here
+    local      TEXT NOT NULL,        -- "ip:port" of the end on this node (this node's address)
+    remote     TEXT NOT NULL,        -- "ip:port" of its peer, on another machine
+    origin     TEXT NOT NULL,        -- "ip:port" the peer knows it by, at its home node
+    gateway    TEXT NOT NULL,        -- the home node's address its packets go through
+    home_node  TEXT NOT NULL,        -- that node's name
+    recorded   REAL,
+    PRIMARY KEY (local, remote)
+);
 CREATE TABLE IF NOT EXISTS events (
     id     INTEGER PRIMARY KEY AUTOINCREMENT,
     at     REAL    NOT NULL,
@@ -145,6 +154,18 @@ class MemberRecord:
     parent: int
     start_time: int
     program: str
+
+
+@dataclass(frozen=True)
+class RoutedConnection:
+    """A TCP connection relayed by packets that runs on this node (docs/protocol.md,
+    "Relays by packets")."""
+
+    local: str  # "ip:port" of its end here: this node's address, its original port
+    remote: str  # its peer's "ip:port"
+    origin: str  # "ip:port" the peer knows it by: its home node's address
+    gateway: str  # the home node's address its packets go through
+    home_node: str  # that node's name
 
 
 @dataclass(frozen=True)
@@ -534,6 +555,25 @@ class Registry:
     def forget_direct(self, local: str, remote: str) -> None:
         with self._db as db:
             db.execute("DELETE FROM direct WHERE local=? AND remote=?", (local, remote))
+
+    def record_routed(self, connection: RoutedConnection) -> None:
+        """`connection` runs on this node, relayed by packets (hijack.node.packet_relay)."""
+        with self._transaction() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO routed VALUES (?,?,?,?,?,?)",
+                (*astuple(connection), time.time()),
+            )
+
+    def routed_connections(self) -> dict[tuple[str, str], RoutedConnection]:
+        """By their (local, remote) addresses."""
+        rows = self._db.execute(
+            "SELECT local, remote, origin, gateway, home_node FROM routed"
+        ).fetchall()
+        return {(row[0], row[1]): RoutedConnection(*map(str, row)) for row in rows}
+
+    def forget_routed(self, local: str, remote: str) -> None:
+        with self._db as db:
+            db.execute("DELETE FROM routed WHERE local=? AND remote=?", (local, remote))
 
     def nodes(self) -> list[tuple[str, str, float | None]]:
         return [tuple(row) for row in self._db.execute("SELECT * FROM nodes ORDER BY name")]

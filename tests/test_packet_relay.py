@@ -9,17 +9,28 @@ layer, not its shadow; the fixture checks every echoed byte itself.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from support import spawn_fixture
 from support.nodes import Cluster, Node, read_line
-from test_move import LINE_TIMEOUT, assert_ended_well, move, poll_until, wait_released
+from test_move import (
+    LINE_TIMEOUT,
+    assert_ended_well,
+    move,
+    move_refused,
+    poll_until,
+    start_daemon_with,
+    wait_released,
+)
 from test_swap import acked_between
 
 STREAM_BYTES = 64 << 20
+SWEEP_WAIT = 20.0  # the daemon looks for ended connections every 5 s
 
 # An echo server on every address of its node: prints its port, then echoes each
 # connection back to it until it ends.
@@ -56,39 +67,138 @@ def connections(node: Node, port: int) -> list[str]:
     return [line for line in done.stdout.splitlines() if f":{port} " in f"{line} "]
 
 
+def route_tables(node: Node) -> list[str]:
+    """The nftables tables of relays by packets (and their holds) in `node`."""
+    done = node.run([sys.executable, "-c", TABLES], timeout=10)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def policy_rules(node: Node) -> list[str]:
+    """`node`'s policy routing rules sending a connection through a home node."""
+    done = node.run(["ip", "-4", "rule", "show", "pref", "1000"], timeout=10)
+    return done.stdout.splitlines()
+
+
+TABLES = "from hijack.sys import packet_route; print(*packet_route.tables())"
+
+
+@contextlib.contextmanager
+def echo_peer(node: Node) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """ECHO_PEER in `node`, stopped: (process, port). Stopped, its kernel takes a connection
+    and what fits in its buffers: a stream to it is under way and cannot end until it is let
+    go on (SIGCONT)."""
+    peer = node.spawn([sys.executable, "-c", ECHO_PEER], stdout=subprocess.PIPE)
+    try:
+        port = int(read_line(peer, LINE_TIMEOUT))
+        peer.send_signal(signal.SIGSTOP)
+        yield peer, port
+    finally:
+        peer.kill()
+        peer.wait()
+
+
+def port_of(row: str, column: int) -> int:
+    return int(row.split()[column].rpartition(":")[2])
+
+
 def test_a_stream_moved_with_packet_relays_goes_on_through_the_home_node(
     tmp_path: Path,
 ) -> None:
     with Cluster(tmp_path, nodes=3) as cluster:
         a, b, c = cluster.nodes
         b.start_daemon()
+        a.start_daemon()  # asked by b's to stop rewriting the connection once it ended
         forwarding_on(a)
-        peer = c.spawn([sys.executable, "-c", ECHO_PEER], stdout=subprocess.PIPE)
-        port = int(read_line(peer, LINE_TIMEOUT))
-        # Stopped, the peer's kernel takes the connection and what fits in its buffers:
-        # the stream is under way and cannot end before the move.
-        peer.send_signal(signal.SIGSTOP)
-        stream = (c.address, str(port), str(STREAM_BYTES), "31")
-        with spawn_fixture("stream_client", *stream, netns=a.netns) as client:
-            poll_until(
-                lambda: acked_between(a, c.address, port) > 0, "the stream to node c under way"
-            )
-            before = connections(c, port)
-            assert len(before) == 1, before
-            through_a = forwarded(a)
-            moved = move(a, client.pid, b, options=("--packet-relays",))
-            peer.send_signal(signal.SIGCONT)
-            # Its connection is b's now, to the same peer, from the same port.
-            mine = connections(b, int(before[0].split()[-1].rpartition(":")[2]))
-            assert [row.split()[-1] for row in mine] == [f"{c.address}:{port}"], mine
-            client.wait_exit()  # the original, killed by the move
-            assert_ended_well(moved, "the stream_client moved with packet relays", tmp_path)
-            wait_released(moved)
-            assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
-            # The peer saw one connection all along, and a forwarded the rest of it.
-            assert forwarded(a) - through_a > STREAM_BYTES // 65536
-        peer.kill()
-        peer.wait()
+        with echo_peer(c) as (peer, port):
+            stream = (c.address, str(port), str(STREAM_BYTES), "31")
+            with spawn_fixture("stream_client", *stream, netns=a.netns) as client:
+                poll_until(
+                    lambda: acked_between(a, c.address, port) > 0, "the stream to c under way"
+                )
+                before = connections(c, port)
+                assert len(before) == 1, before
+                through_a = forwarded(a)
+                moved = move(a, client.pid, b, options=("--packet-relays",))
+                peer.send_signal(signal.SIGCONT)
+                # Its connection is b's now, to the same peer, from the same port.
+                mine = connections(b, port_of(before[0], -1))
+                assert [row.split()[-1] for row in mine] == [f"{c.address}:{port}"], mine
+                assert len(policy_rules(b)) == 1, policy_rules(b)
+                client.wait_exit()  # the original, killed by the move
+                assert_ended_well(moved, "the stream_client moved with packet relays", tmp_path)
+                wait_released(moved)
+                assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
+                # The peer saw one connection all along, and a forwarded the rest of it.
+                assert connections(c, port) == [] or port_of(connections(c, port)[0], -1) == (
+                    port_of(before[0], -1)
+                )
+                assert forwarded(a) - through_a > STREAM_BYTES // 65536
+                # Ended, its rules go: b's daemon looks every few seconds.
+                poll_until(lambda: not policy_rules(b), "b's rule removed", SWEEP_WAIT)
+                poll_until(lambda: not route_tables(a), "a's rewrites removed", SWEEP_WAIT)
+
+
+def test_a_stream_relayed_by_packets_moves_on_and_home_again(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=4) as cluster:
+        a, b, c, d = cluster.nodes
+        b.start_daemon()
+        d.start_daemon()
+        a.start_daemon()
+        forwarding_on(a)
+        with echo_peer(c) as (peer, port):
+            stream = (c.address, str(port), str(STREAM_BYTES), "32")
+            with spawn_fixture("stream_client", *stream, netns=a.netns) as client:
+                poll_until(
+                    lambda: acked_between(a, c.address, port) > 0, "the stream to c under way"
+                )
+                own_port = port_of(connections(c, port)[0], -1)
+                at_b = move(a, client.pid, b, options=("--packet-relays",))
+                peer.send_signal(signal.SIGCONT)
+                poll_until(lambda: acked_between(b, c.address, port) > 1 << 20, "on from b")
+                peer.send_signal(signal.SIGSTOP)
+                at_d = move(b, at_b.pid, d, home=(a, client.pid))
+                assert [row.split()[-2] for row in connections(d, own_port)] == [
+                    f"{d.address}:{own_port}"
+                ]
+                assert policy_rules(b) == [] and len(policy_rules(d)) == 1
+                peer.send_signal(signal.SIGCONT)
+                poll_until(lambda: acked_between(d, c.address, port) > 1 << 20, "on from d")
+                peer.send_signal(signal.SIGSTOP)
+                home = move(d, at_d.pid, a, home=(a, client.pid))
+                # Home again: its own address, nothing rewritten, no rule anywhere.
+                assert [row.split()[-2] for row in connections(a, own_port)] == [
+                    f"{a.address}:{own_port}"
+                ]
+                assert route_tables(a) == [] and policy_rules(d) == []
+                peer.send_signal(signal.SIGCONT)
+                client.wait_exit()
+                assert_ended_well(home, "the stream_client moved home again", tmp_path)
+                assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
+
+
+def test_a_move_by_packets_that_fails_leaves_the_connection_going_on_at_home(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        # Found out only once the process is made there, its connection made in repair
+        # mode and routed: after a has held and rewritten it.
+        (tmp_path / "a-file").write_text("not a directory\n")
+        start_daemon_with(b, "HIJACK_STATE_DIR", str(tmp_path / "a-file"))
+        forwarding_on(a)
+        with echo_peer(c) as (peer, port):
+            stream = (c.address, str(port), str(STREAM_BYTES), "33")
+            with spawn_fixture("stream_client", *stream, netns=a.netns) as client:
+                poll_until(
+                    lambda: acked_between(a, c.address, port) > 0, "the stream to c under way"
+                )
+                line = move_refused(a, client.pid, b, "--packet-relays")
+                assert "did not run the process" in line or "state registry" in line, line
+                assert route_tables(a) == [] and policy_rules(b) == []
+                peer.send_signal(signal.SIGCONT)
+                client.assert_intact()  # every byte echoed, at home
+                assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
 
 
 def test_packet_relays_are_refused_where_this_node_does_not_forward(tmp_path: Path) -> None:

@@ -505,9 +505,12 @@ def move_result(console: Console, result: MoveResult, *, timing: bool = False) -
         + (f"; {result.total_ms / 1000:.2f} s in all" if result.total_ms else "")
     )
     if result.packet_relays:
+        count = result.packet_relays
+        connections = f"{count} connection{'s' if count > 1 else ''}"
         console.print(
-            f"{result.packet_relays} connection{'s' if result.packet_relays > 1 else ''} relayed"
-            " by packets through this node",
+            f"{connections} relayed by packets through its home node"
+            if result.relayed_at_home is None
+            else f"{connections} relayed by packets: its own again, relayed no more",
             highlight=False,
         )
     if result.members:

@@ -42,13 +42,13 @@ from hijack.image import records as rec
 from hijack.image.codec import read_stream
 from hijack.mutator.postcopy import decode_runs, page_timeout
 from hijack.mutator.precopy import Run, lazy_in
-from hijack.node import gate, mounts, pki, policy, swap_end
+from hijack.node import gate, mounts, packet_relay, pki, policy, swap_end
 from hijack.node import terminal as terminal_pump
 from hijack.node.channel import Channel, ChannelError, DataReader
 from hijack.node.forwarder import ForwarderProcess, closed_listener, side_by_side
 from hijack.node.load import node_load
 from hijack.process.tree import read_stopped_tree
-from hijack.registry import MemberRecord, Registry, node_name
+from hijack.registry import MemberRecord, Registry, RoutedConnection, node_name
 from hijack.restore.postcopy import LazyPages, serve_members
 from hijack.restore.precopy import Prebuilt
 from hijack.restore.restorer import RestoreResult, clone_ahead, restore
@@ -67,6 +67,7 @@ COMMIT_TIMEOUT = 60.0  # seconds a prepared process waits for the mover's decisi
 LISTEN_BACKLOG = 128  # a listener's, when an older mover does not say the process's own
 RELEASE_TIMEOUT = 5.0  # seconds to tell a home shadow its migrant ended
 STOPPING_RELEASE_TIMEOUT = 3.0  # the same, as the daemon stops (a TLS handshake, then the answer)
+SWEEP_INTERVAL = 5.0  # seconds between two looks for ended connections relayed by packets
 # How long a daemon waits for the mover's `frozen` once the moved process runs: the mover sends
 # it at once (its shadow switch done); a lost one only leaves the received row without it.
 FROZEN_WAIT = 10.0
@@ -98,8 +99,10 @@ class Proxy(NamedTuple):
     tcp: dict[str, Any] | None = None  # its state (swap_end.state_fields)
     queues: bytes | int = 0  # its queues once received (`unread` messages), their size before
     # A "direct" connection relayed by packets (hijack.node.packet_relay): its home node's
-    # address, which its packets go through (a policy rule made with it); "" for others
+    # address, which its packets go through (a policy rule made with it; "" for others
+    # and for one back at its home node), and its address there ("ip:port")
     via: str = ""
+    origin: str = ""
 
 
 def log(text: str) -> None:
@@ -117,6 +120,7 @@ class NodeDaemon:
     ) -> None:
         self.address = address
         self.identity = identity
+        self.stopping = threading.Event()
         self.limits = limits
         self.allow_root = allow_root  # restore processes with root's powers (hijack.node.policy)
         self.name = node_name()
@@ -144,13 +148,31 @@ class NodeDaemon:
             relay_link.node_context()
         # pyroute2 too (~70 ms to import), for a move relaying connections by packets.
         packet_route.preload()
+        sweeping = threading.Thread(target=self._sweep_routed, name="routed", daemon=True)
+        sweeping.start()
         host, port = self.listener.getsockname()[:2]
         print(f"hijack node {self.name} listening on {host}:{port}", flush=True)
         try:
             self.gate.run()
         finally:
+            self.stopping.set()
             self.listener.close()
             self.forwarder.stop()
+
+    def _sweep_routed(self) -> None:
+        """The rules of connections relayed by packets that ended here go, every
+        SWEEP_INTERVAL s (hijack.node.packet_relay.sweep)."""
+        told: set[tuple[str, str]] = set()
+        failed = ""  # said once, until it changes
+        while not self.stopping.wait(SWEEP_INTERVAL):
+            try:
+                lines = packet_relay.sweep(self.identity, told)
+                failed = ""
+            except (HijackError, OSError) as exc:
+                lines = [] if str(exc) == failed else [f"cannot look at them: {exc}"]
+                failed = str(exc)
+            for line in lines:
+                log(f"relayed by packets: {line}")
 
     def stop(self) -> None:
         self.gate.stop()
@@ -175,6 +197,8 @@ class NodeDaemon:
                 self._receive_precopy(channel, request, where)
             elif op == "swap_end":
                 swap_end.relay_to_helper(channel, request)
+            elif op == "route":
+                packet_relay.serve_route(channel, request)
             elif op == "swap":
                 # Not at the top: hijack.node.swap builds on this module.
                 from hijack.node import swap as swapping
@@ -653,9 +677,18 @@ class NodeDaemon:
                     for proxy, sock in zip(direct_proxies, direct, strict=True):
                         swap_end.go_live(sock.fileno(), unsent[(proxy.member, proxy.fd)])
                     for proxy in proxies:
-                        # A later move takes it along again (not yet one by packets).
-                        if proxy.kind == "direct" and not proxy.via:
-                            with contextlib.suppress(HijackError), Registry() as records:
+                        if proxy.kind != "direct":
+                            continue
+                        # A later move takes it along again.
+                        with contextlib.suppress(HijackError), Registry() as records:
+                            if proxy.via:
+                                records.record_routed(
+                                    RoutedConnection(
+                                        proxy.local, proxy.peer, proxy.origin, proxy.via,
+                                        str(home["node"]),
+                                    )
+                                )  # fmt: skip
+                            elif not proxy.origin:  # (back home: an ordinary connection)
                                 records.record_direct(proxy.local, proxy.peer)
                     with contextlib.nullcontext(registry) if registry else Registry() as records:
                         # Back home: its home row is this one now (attached again, if its
@@ -1035,11 +1068,14 @@ def _parse_move(
                 raise TypeError
             for address in (local, peer) if kind == "direct" else ():
                 swap_end.split_endpoint(address)  # ValueError if it is not "ip:port"
-            via = proxy.get("via", "")
-            if not isinstance(via, str) or (via and kind != "direct"):
+            via, origin = proxy.get("via", ""), proxy.get("origin", "")
+            if not isinstance(via, str) or not isinstance(origin, str):
+                raise TypeError
+            if ((via or origin) and kind != "direct") or (via and not origin):
                 raise ValueError
             if via:
                 socket.inet_aton(via)  # OSError if it is no IPv4 address
+                swap_end.split_endpoint(origin)
             queues = proxy.get("queue_bytes", 0)
             if not isinstance(queues, int) or not 0 <= queues < 1 << 31:
                 raise ValueError
@@ -1058,6 +1094,7 @@ def _parse_move(
                     tcp=tcp,
                     queues=queues,
                     via=via,
+                    origin=origin,
                 )
             )
     except (KeyError, TypeError, ValueError, AttributeError, OverflowError, OSError):

@@ -75,12 +75,12 @@ from hijack.mutator.tracee import Tracee
 from hijack.node import mounts, pki
 from hijack.node.channel import Channel, ChannelError, DataWriter
 from hijack.node.daemon import parse_address
-from hijack.node.packet_relay import PacketRelays
+from hijack.node.packet_relay import PacketRelays, connect_home, held_routed
 from hijack.node.repoint import Repointed
 from hijack.objects import pipe, unix
 from hijack.objects.memfd import holds_object
 from hijack.process.tree import memory_sharers, read_tree
-from hijack.registry import MoveRecord, ProcessRecord, Registry, node_name
+from hijack.registry import MoveRecord, ProcessRecord, Registry, RoutedConnection, node_name
 from hijack.restore.plan import mapping_problems
 from hijack.shadow import control, relay_link
 from hijack.shadow.datagram import DATAGRAM_MAX, unmapped
@@ -178,9 +178,12 @@ class Proxy:
     local: str = ""
     tcp: dict[str, Any] = dataclasses.field(default_factory=dict)
     queue_bytes: int = 0
-    # A connection relayed by packets (hijack.node.packet_relay): the home node's address
-    # the destination sends its packets through; "" for any other.
+    # A connection relayed by packets (hijack.node.packet_relay), kind "routed" in a plan
+    # away from home and "direct" in the move message: `origin` its address at the home
+    # node ("ip:port"), `via` the home node's address the destination sends its packets
+    # through ("" for a move home, where it is the home node's own again).
     via: str = ""
+    origin: str = ""
 
 
 class HomeShadow:
@@ -451,12 +454,21 @@ def _move_attached(
                 context = tree_move.TreeMoveContext(*frozen_args, home)
                 result = tree_move.move_tree_frozen(context, tree_precopied)
             else:
-                packets = None
-                if packet_relays:
-                    packets = PacketRelays(
-                        channel.sock.getpeername()[0], channel.sock.getsockname()[0]
-                    )
-                result = _move_frozen(*frozen_args, precopied, home, packets)
+                packets = PacketRelays(
+                    channel.sock.getpeername()[0],
+                    channel.sock.getsockname()[0],
+                    identity,
+                    take_streams=packet_relays,
+                    homing=channel.peer == record.home_node,
+                )
+                # Away from home, its home node rewrites them: asked within the freeze.
+                packets.home = connect_home(registry, held_routed(pid, registry), identity)
+                if packets.home is not None:
+                    packet_route.preload()  # not within the freeze
+                try:
+                    result = _move_frozen(*frozen_args, precopied, home, packets)
+                finally:
+                    packets.close()
         except MoveInDoubt as exc:
             registry.update_move(move_id, phase="in-doubt", error=str(exc))
             registry.set_state(pid, "held")
@@ -728,6 +740,8 @@ def _move_frozen(
             laps.lap("commit")
             unjoined = repointed.commit()
             routed = packets.commit() if packets is not None else 0
+            if routed:
+                laps.lap("packet relays: let go")
             # The frozen original will not run again, so what waits in its
             # relay-made UDP sockets and its terminals can be taken (the
             # shadow sends it again).
@@ -757,6 +771,8 @@ def _move_frozen(
             freeze_ms = laps.total_ms()
             if not lazy:  # (a post-copy's channel carries its pages from here on)
                 tell_frozen(channel, freeze_ms)
+            if packets is not None:
+                packets.forget_left()
             mark_moved()
             if not at_home:
                 with contextlib.suppress(HijackError, OSError):  # committed: nothing may fail
@@ -950,11 +966,16 @@ def unhomeable(plan: list[Proxy]) -> str:
     """Why not every relayed descriptor of the plan is one the shadow can hand back, or ""."""
     # A direct connection (a swapped one) is made again wherever the process goes, home
     # too: it is not what stays relayed, only what keeps the rest from being handed back.
+    # So is a connection relayed by packets, made again at home under its own addresses.
     direct = [f"fd {p.fd}" for p in plan if p.kind == "direct"]
-    others = [f"fd {p.fd} ({p.kind})" for p in plan if p.kind not in (*HOMEABLE, "direct")]
+    routed = [f"fd {p.fd}" for p in plan if p.kind == "routed"]
+    made_again = (*HOMEABLE, "direct", "routed")
+    others = [f"fd {p.fd} ({p.kind})" for p in plan if p.kind not in made_again]
     reasons = [f"{', '.join(others)} cannot be handed back"] if others else []
     if direct:
         reasons.append(f"{', '.join(direct)} direct (kept direct)")
+    if routed:
+        reasons.append(f"{', '.join(routed)} relayed by packets (its own again)")
     return "; ".join(reasons)
 
 
@@ -1623,8 +1644,9 @@ def _plan_proxies(
     awaited = any(s["id"].startswith("acc:") and not s["relay"] for s in streams.values())
     by_terminal = {s["terminal"]: s["id"] for s in streams.values() if s.get("terminal")}
     terminals: dict[tuple[int, int], str] = {}  # at home: (dev, ino) -> stream id
-    # The connections a swap joined directly (this node's registry), by their two ends.
-    direct = _direct_connections() if sockets else set()
+    # The connections a swap joined directly (this node's registry), by their two ends,
+    # and those relayed by packets that run here.
+    direct, routed = _direct_connections() if sockets else (set(), {})
     plan: list[Proxy] = []
     refused: list[str] = []
     making: list[str] = []
@@ -1655,6 +1677,14 @@ def _plan_proxies(
         if entry.kind is procfs.FdKind.SOCKET and found is None and _closed_since(pid, entry):
             continue  # a client that came and went while we looked (not frozen yet)
         listening = found is not None and found.state == "LISTEN"
+        if found is not None and (found.local, found.remote) in routed:
+            # Relayed by packets: it follows the process (hijack.node.packet_relay).
+            origin = routed[(found.local, found.remote)].origin
+            plan.append(
+                Proxy(entry.fd, f"routed:{entry.fd}", "routed", peer=found.remote,
+                      local=found.local, origin=origin)
+            )  # fmt: skip
+            continue
         if found is not None and (found.local, found.remote) in direct:
             # A swapped connection: it follows the process (hijack.node.repoint).
             plan.append(
@@ -1700,9 +1730,10 @@ def _plan_proxies(
     return plan, refused, making
 
 
-def _direct_connections() -> set[tuple[str, str]]:
+def _direct_connections() -> tuple[set[tuple[str, str]], dict[tuple[str, str], RoutedConnection]]:
+    """This node's direct connections (swapped) and those relayed by packets, by ends."""
     with Registry() as registry:
-        return registry.direct_connections()
+        return registry.direct_connections(), registry.routed_connections()
 
 
 def sockets_of(

@@ -6,15 +6,21 @@ not manage leave with it: within the freeze each is held at home (the peer's pac
 dropped: hijack.sys.packet_route), its state read in repair mode from the process's
 own socket, and it becomes a plan entry of kind `direct` that the destination makes
 in repair mode on its own address, the same port, with a policy rule sending its
-packets back through this node (`via`). This node then rewrites the peer's packets to
-the destination and the destination's back to its own address: the peer still talks
-to home:P, and nothing at home wakes for a byte. At the commit the holds are lifted
-(the peer retransmits what was dropped) and the home socket, left in repair mode,
-vanishes with the original and the shadow's copy without a segment. An abort lifts
-all of it: the socket leaves repair mode and the connection goes on at home, nothing
-lost.
+packets back through the home node (`via`). The home node then rewrites the peer's
+packets to the destination and the destination's back to its own address: the peer
+still talks to home:P, and nothing at home wakes for a byte. At the commit the holds
+are lifted (the peer retransmits what was dropped) and the old socket, left in repair
+mode, vanishes with the original without a segment. An abort lifts all of it: the
+socket leaves repair mode and the connection goes on where it was, nothing lost.
 
-Not every connection can: IPv6 ones, those on loopback or to a peer on this node
+A later move takes such a connection along the same way, the home node asked over the
+node channel (op `route`, serve_route()) to hold it and to rewrite towards the next
+node; a move home makes it again under its original addresses and the home node stops
+rewriting. The node a connection runs on keeps it in its registry (`routed`), and its
+daemon removes its rule and has the home node drop its rewrites once the connection
+has ended (sweep()).
+
+Not every connection can: IPv6 ones, those on loopback or to a peer on the home node
 (no packet of theirs crosses a link) stay relayed by the shadow, as without the option.
 """
 
@@ -26,10 +32,13 @@ import errno
 import os
 import socket
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hijack.errors import HijackError
+from hijack.node import pki
+from hijack.node.channel import Channel, ChannelError
 from hijack.node.swap_end import split_endpoint, state_fields
+from hijack.registry import Registry, RoutedConnection
 from hijack.sys import packet_route, pidfd, procfs, tcp_repair
 from hijack.timing import Laps
 
@@ -37,25 +46,33 @@ if TYPE_CHECKING:
     from hijack.node.move import Proxy
 
 Endpoint = tuple[str, int]
+ENDED_STATES = ("06", "07")  # TCP_TIME_WAIT, TCP_CLOSE as /proc/net/tcp shows them
+DEFAULT_PORT = 7450  # the node daemon's (hijack.node.daemon, which builds on this module)
 
 
 @dataclass(frozen=True)
-class Routed:
-    """A connection this node forwards now: its ends at home, our copy of its socket."""
+class Taken:
+    """A connection a move takes along, from the freeze to the commit."""
 
     fd: int  # the process's descriptor
-    home: Endpoint
+    origin: Endpoint  # its address at the home node, which its peer knows
     peer: Endpoint
     copy: int  # our descriptor of its socket here, in repair mode
+    local: str = ""  # away from home: its address here ("ip:port"), as the registry has it
+    back_to: str = ""  # away from home: this node's address, the home node's rewrites' now
 
 
 @dataclass
 class PacketRelays:
-    """The connections a move from home takes along, from its freeze to its end."""
+    """The connections relayed by packets a move takes along (see the module docstring)."""
 
     destination: str  # the destination node's address, as this node reaches it
-    gateway: str  # this node's address, as the destination reaches it
-    routed: list[Routed] = field(default_factory=list)
+    gateway: str  # this node's address, as the destination reaches it (a move from home)
+    identity: pki.NodeIdentity
+    take_streams: bool = False  # --packet-relays: a move from home takes its streams so
+    homing: bool = False  # the destination is the home node
+    taken: list[Taken] = field(default_factory=list)
+    home: Channel | None = None  # away from home: to the home node's daemon
 
     def prepare(
         self,
@@ -65,8 +82,9 @@ class PacketRelays:
         queues: dict[tuple[int, int], bytes],
         laps: Laps | None = None,
     ) -> list[Proxy]:
-        """Within the freeze: each stream of `plan` that can go by packets held, read and
-        forwarded to the destination; returns the plan with those as `direct` entries (their
+        """Within the freeze: each connection of `plan` that goes by packets (a `routed`
+        entry; at home with take_streams, each stream that can) held, read and rewritten
+        towards the destination; returns the plan with those as `direct` entries (their
         queues, send queue first, put in `queues` by (0, fd): sent after the move message).
         `sockets`: sockets_of(pid)."""
         by_fd = {
@@ -78,71 +96,322 @@ class PacketRelays:
         handle = pidfd.pidfd_open(pid)
         try:
             for proxy in plan:
-                found = by_fd.get(proxy.fd) if proxy.kind == "stream" else None
-                if found is None or not routable(found):
+                found = by_fd.get(proxy.fd)
+                if found is None:
                     continue
-                home, peer = split_endpoint(found.local), split_endpoint(found.remote)
-                packet_route.hold(home, peer)
-                copy = -1
-                try:
-                    copy = pidfd.pidfd_getfd(handle, proxy.fd, pid)
-                    tcp_repair.set_repair(copy, True)
-                    state = tcp_repair.read_state(copy)
-                    there = (self.destination, home[1])
-                    packet_route.forward(home, peer, there)
-                except BaseException:
-                    if copy >= 0:
-                        with contextlib.suppress(OSError, HijackError):
-                            tcp_repair.set_repair(copy, False)
-                        os.close(copy)
-                    with contextlib.suppress(HijackError):
-                        packet_route.release(home, peer)
-                    raise
-                self.routed.append(Routed(proxy.fd, home, peer, copy))
-                queues[(0, proxy.fd)] = state.send_queue + state.received
-                changed[proxy.fd] = dataclasses.replace(
-                    proxy,
-                    stream=f"direct:{proxy.fd}",
-                    kind="direct",
-                    local=f"{self.destination}:{home[1]}",
-                    peer=found.remote,
-                    tcp=state_fields(state),
-                    queue_bytes=len(queues[(0, proxy.fd)]),
-                    via=self.gateway,
-                )
+                if proxy.kind == "routed":
+                    entry = self._take_on(handle, pid, proxy, found)
+                elif proxy.kind == "stream" and self.take_streams and routable(found):
+                    entry = self._take_from_home(handle, pid, proxy, found)
+                else:
+                    continue
+                queues[(0, proxy.fd)] = entry[1]
+                changed[proxy.fd] = entry[0]
         finally:
             os.close(handle)
         if laps is not None and changed:
             laps.lap("packet relays")
-        return [changed.get(p.fd, p) if p.kind == "stream" else p for p in plan]
+        return [changed.get(p.fd, p) for p in plan]
+
+    def _take_from_home(
+        self, handle: int, pid: int, proxy: Proxy, found: procfs.SocketInfo
+    ) -> tuple[Proxy, bytes]:
+        """A move from home: the rewrites are this node's own."""
+        origin, peer = split_endpoint(found.local), split_endpoint(found.remote)
+        packet_route.hold(origin, peer)
+        copy = -1
+        try:
+            copy = pidfd.pidfd_getfd(handle, proxy.fd, pid)
+            tcp_repair.set_repair(copy, True)
+            state = tcp_repair.read_state(copy)
+            packet_route.forward(origin, peer, (self.destination, origin[1]))
+        except BaseException:
+            _live_again(copy)
+            with contextlib.suppress(HijackError):
+                packet_route.remove_hold(origin, peer)
+            raise
+        self.taken.append(Taken(proxy.fd, origin, peer, copy))
+        return self._entry(proxy, found, state, origin, self.gateway)
+
+    def _take_on(
+        self, handle: int, pid: int, proxy: Proxy, found: procfs.SocketInfo
+    ) -> tuple[Proxy, bytes]:
+        """A later move: the home node holds the connection and rewrites it towards the
+        destination (a move home: stops rewriting it). Our socket is put in repair mode
+        first: a segment it sent once the home node no longer rewrites its packets would
+        reach the peer from this node's address, and be answered with a reset."""
+        origin, peer = split_endpoint(proxy.origin), split_endpoint(found.remote)
+        here = split_endpoint(found.local)[0]
+        copy = pidfd.pidfd_getfd(handle, proxy.fd, pid)
+        asked = False
+        try:
+            tcp_repair.set_repair(copy, True)
+            to = "" if self.homing else self.destination
+            asked = True
+            via = self._ask_home(
+                {"origin": proxy.origin, "peer": found.remote, "hold": True, "to": to}
+            )
+            state = tcp_repair.read_state(copy)
+        except BaseException:
+            if asked:
+                with contextlib.suppress(HijackError):
+                    self._ask_home(
+                        {"origin": proxy.origin, "peer": found.remote, "to": here, "hold": False}
+                    )
+            _live_again(copy)
+            raise
+        self.taken.append(Taken(proxy.fd, origin, peer, copy, found.local, here))
+        return self._entry(proxy, found, state, origin, "" if self.homing else via)
+
+    def _entry(
+        self,
+        proxy: Proxy,
+        found: procfs.SocketInfo,
+        state: tcp_repair.TcpState,
+        origin: Endpoint,
+        via: str,
+    ) -> tuple[Proxy, bytes]:
+        """The plan entry of a connection taken along, and its queues."""
+        queued = state.send_queue + state.received
+        local = f"{origin[0]}:{origin[1]}" if self.homing else f"{self.destination}:{origin[1]}"
+        entry = dataclasses.replace(
+            proxy,
+            stream=f"direct:{proxy.fd}",
+            kind="direct",
+            local=local,
+            peer=found.remote,
+            tcp=state_fields(state),
+            queue_bytes=len(queued),
+            via=via,
+            origin=f"{origin[0]}:{origin[1]}",
+        )
+        return entry, queued
+
+    def _ask_home(self, change: dict[str, Any]) -> str:
+        """One `route` request to the home node's daemon; its `via`."""
+        if self.home is None:
+            raise HijackError("a connection relayed by packets, but no home node to ask")
+        self.home.send({"op": "route", **change})
+        return str(self.home.expect("via")["via"])
 
     def commit(self) -> int:
-        """The copy runs at the destination: the peers' packets go there now. The home
-        sockets stay in repair mode: closed with the original, they send nothing. Returns
-        how many connections go by packets."""
-        count = len(self.routed)
-        for routed in self.routed:
-            with contextlib.suppress(HijackError):  # committed: nothing may fail
-                packet_route.release(routed.home, routed.peer)
-            os.close(routed.copy)
-        self.routed = []
+        """The copy runs at the destination: the peers' packets go there now (the holds
+        lifted). The old sockets stay in repair mode: closed with the original, they send
+        nothing. Returns how many connections went by packets; forget_left() then, once
+        the freeze is over."""
+        count = len(self.taken)
+        for taken in self.taken:
+            with contextlib.suppress(HijackError, OSError):  # committed: nothing may fail
+                if not taken.local:
+                    packet_route.release(taken.origin, taken.peer)
+                else:
+                    peer = f"{taken.peer[0]}:{taken.peer[1]}"
+                    origin = f"{taken.origin[0]}:{taken.origin[1]}"
+                    self._ask_home({"origin": origin, "peer": peer, "hold": False})
+            os.close(taken.copy)
+        self.close()
         return count
 
-    def abort(self) -> None:
-        """The connections go on here as before: rewrites removed, sockets live again,
-        holds lifted (the peers retransmit what was dropped)."""
-        for routed in reversed(self.routed):
-            with contextlib.suppress(HijackError):
-                packet_route.unforward(routed.home, routed.peer)
-            with contextlib.suppress(OSError, HijackError):
-                tcp_repair.set_repair(routed.copy, False)
-            os.close(routed.copy)
-            with contextlib.suppress(HijackError):
-                packet_route.release(routed.home, routed.peer)
-        self.routed = []
+    def forget_left(self) -> None:
+        """After the commit, the freeze over: the holds' empty tables go (a move from
+        home); the connections that left this node lose their rule and record here."""
+        for taken in self.taken:
+            if not taken.local:
+                with contextlib.suppress(HijackError):
+                    packet_route.remove_hold(taken.origin, taken.peer)
+        left = [taken for taken in self.taken if taken.local]
+        self.taken = []
+        if not left:
+            return
+        with contextlib.suppress(HijackError), Registry() as registry:
+            for taken in left:
+                with contextlib.suppress(HijackError):
+                    forget_here(registry, taken.local, f"{taken.peer[0]}:{taken.peer[1]}")
 
-    def described(self) -> list[str]:
-        return [f"{r.home[0]}:{r.home[1]} <-> {r.peer[0]}:{r.peer[1]}" for r in self.routed]
+    def abort(self) -> None:
+        """The connections go on here as before: the rewrites as they were, sockets live
+        again, holds lifted (the peers retransmit what was dropped)."""
+        for taken in reversed(self.taken):
+            origin = f"{taken.origin[0]}:{taken.origin[1]}"
+            peer = f"{taken.peer[0]}:{taken.peer[1]}"
+            with contextlib.suppress(HijackError):
+                if not taken.local:
+                    packet_route.unforward(taken.origin, taken.peer)
+                else:
+                    self._ask_home({"origin": origin, "peer": peer, "to": taken.back_to})
+            _live_again(taken.copy)
+            with contextlib.suppress(HijackError):
+                if not taken.local:
+                    packet_route.remove_hold(taken.origin, taken.peer)
+                else:
+                    self._ask_home({"origin": origin, "peer": peer, "hold": False})
+        self.taken = []
+        self.close()
+
+    def close(self) -> None:
+        if self.home is not None:
+            self.home.close()
+            self.home = None
+
+
+def connect_home(
+    registry: Registry, routed: list[RoutedConnection], identity: pki.NodeIdentity
+) -> Channel | None:
+    """A channel to the home node's daemon of `routed` (a process's connections relayed
+    by packets, one home), made before a move's freeze; None if there are none."""
+    if not routed:
+        return None
+    homes = {(r.home_node, r.gateway) for r in routed}
+    if len(homes) > 1:
+        raise HijackError(f"connections relayed by packets through {len(homes)} home nodes")
+    (name, gateway) = homes.pop()
+    known = {node: address for node, address, _ in registry.nodes()}
+    address = known.get(name)
+    host, port = address.rpartition(":")[::2] if address else (gateway, str(DEFAULT_PORT))
+    return Channel.connect((host, int(port)), identity, expect=name)
+
+
+def held_routed(pid: int, registry: Registry) -> list[RoutedConnection]:
+    """The connections relayed by packets (this node's registry) that `pid` holds now."""
+    routed = registry.routed_connections()
+    if not routed:
+        return []
+    table = procfs.read_socket_table(pid)
+    held = []
+    for entry in procfs.list_fds(pid):
+        found = table.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
+        if found is not None and (found.local, found.remote) in routed:
+            held.append(routed[(found.local, found.remote)])
+    return held
+
+
+def forget_here(registry: Registry, local: str, peer: str) -> None:
+    """A connection that left this node (moved on, or ended): its rule and its record go."""
+    known = registry.routed_connections().get((local, peer))
+    if known is None:
+        return
+    packet_route.stop_sending_through(split_endpoint(local), split_endpoint(peer), known.gateway)
+    registry.forget_routed(local, peer)
+
+
+def serve_route(channel: Channel, request: dict[str, Any]) -> None:
+    """The home node's side (op `route`): requests on one channel, each answered `via`
+    (this node's address towards `to`, or "") or `error`, until the mover closes it.
+
+    `{"op": "route", "origin": "ip:port", "peer": "ip:port", "hold": bool, "to": ADDR}`:
+    hold true holds the connection first; `to` an address rewrites it towards that node
+    ("" stops rewriting it: it runs here again); hold false lifts the hold last. A field
+    left out leaves that part as it is."""
+    while True:
+        try:
+            channel.send({"via": _route(request)})
+            if request.get("hold") is False:  # answered first: the peer goes on meanwhile
+                remove_hold_of(request)
+        except (HijackError, KeyError, TypeError, ValueError, OSError) as exc:
+            channel.send({"error": f"route: {exc}"})
+        try:
+            request = channel.receive()
+        except ChannelError:
+            return  # the mover is done
+        if request.get("op") != "route":
+            channel.send({"error": f"unknown op {request.get('op')!r:.40}"})
+            return
+
+
+def _route(request: dict[str, Any]) -> str:
+    origin, peer = split_endpoint(str(request["origin"])), split_endpoint(str(request["peer"]))
+    hold, to = request.get("hold"), request.get("to")
+    if not isinstance(hold, bool | None) or not isinstance(to, str | None):
+        raise TypeError("hold must be true or false, to an address")
+    if not is_ours(origin[0]):
+        raise HijackError(f"{origin[0]} is not an address of this node")
+    if hold:
+        packet_route.hold(origin, peer)
+    via = ""
+    if to:
+        socket.inet_aton(to)
+        packet_route.forward(origin, peer, (to, origin[1]))
+        via = source_towards(to)
+    elif to == "":
+        packet_route.unforward(origin, peer)
+    if hold is False:
+        packet_route.release(origin, peer)
+    return via
+
+
+def remove_hold_of(request: dict[str, Any]) -> None:
+    """The empty table of a hold a `route` request lifted."""
+    origin, peer = split_endpoint(str(request["origin"])), split_endpoint(str(request["peer"]))
+    packet_route.remove_hold(origin, peer)
+
+
+def sweep(identity: pki.NodeIdentity, told: set[tuple[str, str]]) -> list[str]:
+    """The connections relayed by packets this node holds that have ended (no socket of
+    this node has their addresses any more but in TIME_WAIT): each one's rule removed,
+    its home node told to stop rewriting it, its record gone. A line each. A home node
+    that cannot be reached is asked again at the next sweep (said once: `told` keeps the
+    connections already said)."""
+    with Registry() as registry:
+        routed = registry.routed_connections()
+        if not routed:
+            return []
+        present = _all_tcp()
+        lines = []
+        for key, connection in routed.items():
+            if key in present:
+                continue
+            ends = f"{connection.local} <-> {connection.remote}"
+            try:
+                packet_route.stop_sending_through(
+                    split_endpoint(connection.local),
+                    split_endpoint(connection.remote),
+                    connection.gateway,
+                )
+                home = connect_home(registry, [connection], identity)
+                assert home is not None
+                try:
+                    home.send({"op": "route", "origin": connection.origin,
+                               "peer": connection.remote, "to": ""})  # fmt: skip
+                    home.expect("via")
+                finally:
+                    home.close()
+            except (HijackError, OSError) as exc:
+                if key not in told:
+                    told.add(key)
+                    lines.append(f"{ends} ended; its home node still rewrites it: {exc}")
+                continue
+            registry.forget_routed(connection.local, connection.remote)
+            told.discard(key)
+            lines.append(f"{ends} ended: its rules removed")
+        return lines
+
+
+def _all_tcp() -> set[tuple[str, str]]:
+    """(local, remote) of every IPv4 TCP socket of this network namespace but those in
+    TIME_WAIT or CLOSE: those have ended (a FIN the peer sends again then reaches the home
+    node, which answers it with a reset: the peer closes all the same)."""
+    found = set()
+    with contextlib.suppress(OSError), open("/proc/net/tcp") as table:
+        next(table)
+        for line in table:
+            fields = line.split()
+            if fields[3] not in ENDED_STATES:
+                found.add((_hex_endpoint(fields[1]), _hex_endpoint(fields[2])))
+    return found
+
+
+def _hex_endpoint(text: str) -> str:
+    address, port = text.split(":")
+    packed = int(address, 16).to_bytes(4, "little")
+    return f"{socket.inet_ntoa(packed)}:{int(port, 16)}"
+
+
+def source_towards(address: str) -> str:
+    """This node's address on its route to `address` (a connected UDP socket's: no packet
+    is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.connect((address, 9))
+        return str(probe.getsockname()[0])
 
 
 def routable(found: procfs.SocketInfo) -> bool:
@@ -153,10 +422,10 @@ def routable(found: procfs.SocketInfo) -> bool:
     if found.state != "ESTABLISHED" or not found.remote:
         return False
     peer = split_endpoint(found.remote)[0]
-    return not peer.startswith("127.") and not _is_ours(peer)
+    return not peer.startswith("127.") and not is_ours(peer)
 
 
-def _is_ours(address: str) -> bool:
+def is_ours(address: str) -> bool:
     """Whether `address` is one of this node's (a bind to it is allowed)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
         try:
@@ -166,3 +435,12 @@ def _is_ours(address: str) -> bool:
                 return False
             raise HijackError(f"cannot tell whether {address} is this node's: {exc}") from None
     return True
+
+
+def _live_again(copy: int) -> None:
+    """Our copy of a socket taken out of repair mode (it runs on), and closed."""
+    if copy < 0:
+        return
+    with contextlib.suppress(OSError, HijackError):
+        tcp_repair.set_repair(copy, False)
+    os.close(copy)

@@ -179,7 +179,10 @@ def stream_name(pid: int, fd: int, root: int) -> str:
 
 
 # What a member's plan may hold that a tree cannot move with yet: kind, what, a note.
-TREE_REFUSED = (("master", "a pty master", ""),)
+TREE_REFUSED = (
+    ("master", "a pty master", ""),
+    ("routed", "a connection relayed by packets", ", moved with --packet-relays"),
+)
 
 
 def plan_tree(

@@ -181,8 +181,23 @@ def hold(home: Endpoint, peer: Endpoint) -> None:
 
 
 def release(home: Endpoint, peer: Endpoint) -> None:
-    """Lift hold(); nothing if there is none."""
-    _drop_table(hold_name(home, peer), f"cannot release {home} <-> {peer}")
+    """Lift hold(): its rule deleted (0.2 ms here), its empty table left for remove_hold()
+    (deleting a table unhooks its chain, which waits for the kernel's readers: 6-20 ms
+    here, while the peer would still be held); nothing if there is none."""
+    name = hold_name(home, peer)
+
+    def remove(nft: Any) -> None:
+        for rule in nft.get_rules():
+            if rule.get_attr("NFTA_RULE_TABLE") == name:
+                handle = rule.get_attr("NFTA_RULE_HANDLE")
+                nft.rule("del", table=name, chain="prerouting", handle=handle)
+
+    _nft(remove, f"cannot release {home} <-> {peer}")
+
+
+def remove_hold(home: Endpoint, peer: Endpoint) -> None:
+    """Remove hold()'s table, released or not; nothing if there is none."""
+    _drop_table(hold_name(home, peer), f"cannot remove the hold of {home} <-> {peer}")
 
 
 def tables() -> list[str]:
