@@ -23,6 +23,11 @@ to the process through an encrypted relay whatever the move's mode
 - each home shadow's CPU time (user + sys, /proc/PID/stat; the plain one's
   native relay pump included) per GB it relayed.
 
+A fourth sink moves with --packet-relays (node a forwarding IPv4): its
+connection goes on through a's IP layer, no process in its path
+(hijack.node.packet_relay); its throughput and added round trip are printed
+beside the others, with their own target.
+
 A relay in its steady state is pumped by the shadow's native pump
 (hijack/native/relay_pump.c); an encrypted one's records are sealed and opened
 there (AES-GCM, libcrypto) and, at b, in the forwarder's own native pump (by
@@ -228,7 +233,9 @@ KINDS = (
     ("encrypted", "encrypted (default), connected before the move"),
     ("plain", "--plain-relays, connected before the move"),
     ("accepted", "a client accepted after the move"),
+    ("packet", "--packet-relays, connected before the move"),
 )
+SHADOWLESS = ("direct", "packet")  # no shadow's CPU to count: a's IP layer forwards packets
 
 
 @dataclass
@@ -256,12 +263,18 @@ class Taken:
                     f" {name}"
                 )
             else:
-                first = (
-                    "  the same relay, --plain-relays" if kind == "plain" else "  a client accepted"
-                )
+                first = {
+                    "plain": "  the same relay, --plain-relays",
+                    "accepted": "  a client accepted",
+                    "packet": "  relayed by packets",
+                }[kind]
+                met = ""
+                if kind == "packet":
+                    met = f"; target >= {THROUGHPUT_TARGET:.2f}: "
+                    met += "met" if ratio >= THROUGHPUT_TARGET else "NOT met"
                 lines.append(
                     f"{first:<34} {self.rate(kind, size):8.0f} MB/s |"
-                    f" {'ratio to direct':<38} {ratio:8.2f}      | {name}"
+                    f" {'ratio to direct':<38} {ratio:8.2f}      | {name}{met}"
                 )
         return lines
 
@@ -282,9 +295,9 @@ def streams(
             relay = "plain" if kind == "plain" else "encrypted"
             before = cpu_seconds(shadows[relay]), cpu_seconds(forwarder) if forwarder else 0.0
             taken.seconds[kind].append(float(connections[kind].ask("up", size)))
-            if kind != "direct":
+            if kind not in SHADOWLESS:
                 taken.shadow_cpu[relay] += cpu_seconds(shadows[relay]) - before[0]
-            if relay == "encrypted" and kind != "direct":
+            if relay == "encrypted" and kind not in SHADOWLESS:
                 taken.forwarder_cpu += (cpu_seconds(forwarder) if forwarder else 0.0) - before[1]
     return taken
 
@@ -309,17 +322,28 @@ def moved_sinks(nodes: list[Node]) -> tuple[dict[str, Connection], dict[str, int
     to node b (its relays encrypted, --plain-relays): the connections by kind (direct,
     encrypted, plain), the two home shadows' pids by kind, and the encrypted sink."""
     a, b, c = nodes
-    direct, encrypted, plain = start_sink(a), start_sink(a), start_sink(a)
+    direct, encrypted, plain, packet = (start_sink(a) for _ in range(4))
     connections = {
         "direct": Connection(c, a.address, direct),
         "encrypted": Connection(c, a.address, encrypted),
         "plain": Connection(c, a.address, plain),
+        "packet": Connection(c, a.address, packet),
     }
     shadows = {
         "encrypted": move_sink(a, b, encrypted),
         "plain": move_sink(a, b, plain, "--plain-relays"),
     }
+    forward_packets(a)
+    move_sink(a, b, packet, "--packet-relays")
     return connections, shadows, encrypted
+
+
+def forward_packets(node: Node) -> None:
+    """`node` forwards IPv4 (for --packet-relays), and tells no peer to go round it (the
+    nodes share one link: its ICMP redirects would send c to b itself)."""
+    for setting in ("net.ipv4.ip_forward=1", "net.ipv4.conf.all.send_redirects=0"):
+        if node.run(["sysctl", "-qw", setting], timeout=10).returncode != 0:
+            raise SystemExit(f"bench: cannot set {setting} on node {node.name}")
 
 
 def measure_busy_poll(pings: int) -> list[str]:
@@ -394,13 +418,24 @@ def measure_links(stream_size: int, streams_each: int, pings: int) -> list[str]:
             f" {'a client accepted after the move':<38} {added['accepted']:8.0f} us   |"
             " added to the direct round trip"
         )
+        target = (
+            f"; target <= {ADDED_RTT_P50_TARGET_US:.0f} us:"
+            f" {'met' if added['packet'] <= ADDED_RTT_P50_TARGET_US else 'NOT met'}"
+            if share == 0.5
+            else ""
+        )
+        lines.append(
+            f"{'  relayed by packets':<34} {added['packet']:8.0f} us   |"
+            f" {'':<38} {'':8}      | --packet-relays: a's IP layer forwards them{target}"
+        )
     direct_us = percentile(one_cpu["direct"], 0.5) * 1e6
     added = {kind: percentile(one_cpu[kind], 0.5) * 1e6 - direct_us for kind, _ in KINDS[1:]}
     lines.append(
         f"{'added round trip p50, one CPU':<34} {added['encrypted']:8.0f} us   |"
         f" {'--plain-relays':<38} {added['plain']:8.0f} us   | every process of the bench"
         f" on one CPU (direct p50 {direct_us:.0f} us): the relays' own cost, no idle CPU woken"
-        " (the lines above: the machine's 2 CPUs as they come)"
+        f" (the lines above: the machine's 2 CPUs as they come); by packets"
+        f" {added['packet']:.0f} us"
     )
     # The encrypted shadow relays two connections (connected before, accepted after).
     gigabytes = {"encrypted": 2e-9 * stream_size * streams_each * len(runs)}
