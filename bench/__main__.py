@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.freezes import measure_freezes
-from bench.links import measure_busy_poll, measure_links
+from bench.links import measure_busy_poll, measure_links, measure_peer_pause
 from bench.moves import measure_moves
 from bench.pauses import measure_pauses
 from bench.postcopy import measure_postcopy
@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             ),
         )
         move_lines += part("busy polling", lambda: measure_busy_poll(pings=200 if quick else 2000))
+        move_lines += part("peer pause", lambda: measure_peer_pause(moves=1 if quick else 5))
         move_lines += part("post-copy", lambda: measure_postcopy(place, size))
         move_lines += part("pauses", lambda: measure_pauses(place, cycles=20 if quick else 200))
         move_lines += part(

@@ -50,6 +50,7 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +62,7 @@ from bench.testnodes import Node, relay_nodes, shaped
 from hijack.shadow import control
 
 THROUGHPUT_TARGET = 0.95
+PAUSE_LEAD = 0.3  # seconds of round trips before the move starts
 ADDED_RTT_P50_TARGET_US = 30.0
 DELAY_US = 200
 RATES = (("1 Gbit/s", 1_000_000_000), ("10 Gbit/s", 10_000_000_000))
@@ -374,6 +376,38 @@ def measure_busy_poll(pings: int) -> list[str]:
         f" HIJACK_BUSY_POLL_US={BUSY_POLL_US}; the relays' CPU per round trip (home shadows,"
         f" b's forwarder, their pumps): encrypted"
         f" {cpu['encrypted']:.0f} us, plain {cpu['plain']:.0f} us"
+    ]
+
+
+PAUSE_PINGS = 150_000  # round trips taken across a move: ~2-3 s of them, the move inside
+
+
+def measure_peer_pause(moves: int) -> list[str]:
+    """What the peer of a moved process sees of the move: its longest round trip while
+    the process moves (c pinging a sink that moves from a to b), through the shadow's
+    relay (the default) and by packets. A hold that dropped the peer's packets (as
+    before the packet queue) showed as one retransmission timeout: ~210 ms."""
+    longest: dict[str, list[float]] = {"shadow": [], "packet": []}
+    for _ in range(moves):
+        for kind, options in (("shadow", ()), ("packet", ("--packet-relays",))):
+            with relay_nodes("hijack-bench-pause-") as (_, cluster):
+                a, b, c = cluster.nodes
+                forward_packets(a)
+                sink = start_sink(a)
+                connection = Connection(c, a.address, sink)
+                assert connection.process.stdin is not None
+                connection.process.stdin.write(f"ping {PAUSE_PINGS}\n")
+                connection.process.stdin.flush()
+                time.sleep(PAUSE_LEAD)  # pinging before the move begins
+                move_sink(a, b, sink, *options)
+                longest[kind].append(max(json.loads(connection._line())) * 1000)
+                connection.close()
+    shadow, packet = (statistics.median(longest[kind]) for kind in ("shadow", "packet"))
+    return [
+        f"{'peer pause across a move, shadow':<34} {shadow:8.1f} ms   |"
+        f" {'relayed by packets':<38} {packet:8.1f} ms   | the peer's longest round trip while"
+        f" the process moves (median of {moves}), its held packets let go in order at the"
+        " commit (hijack.sys.nfqueue)"
     ]
 
 

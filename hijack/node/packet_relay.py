@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import errno
 import os
+import secrets
 import socket
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,15 +40,63 @@ from hijack.node import pki
 from hijack.node.channel import Channel, ChannelError
 from hijack.node.swap_end import split_endpoint, state_fields
 from hijack.registry import Registry, RoutedConnection
-from hijack.sys import packet_route, pidfd, procfs, tcp_repair
+from hijack.sys import nfqueue, packet_route, pidfd, procfs, tcp_repair
 from hijack.timing import Laps
 
 if TYPE_CHECKING:
     from hijack.node.move import Proxy
 
 Endpoint = tuple[str, int]
+QUEUE_BASE, QUEUE_SPREAD = 0x6800, 0x800  # packet queue numbers: one picked at random
 ENDED_STATES = ("06", "07")  # TCP_TIME_WAIT, TCP_CLOSE as /proc/net/tcp shows them
 DEFAULT_PORT = 7450  # the node daemon's (hijack.node.daemon, which builds on this module)
+
+
+class Holds:
+    """The holds one mover (or one home node's `route` channel) puts on connections: their
+    packets wait in one packet queue (hijack.sys.nfqueue) and go on, in order, when the
+    hold is lifted; where no queue can be had they are dropped instead (the peers send
+    them again on their retransmission timers: 200 ms or more after the freeze)."""
+
+    def __init__(self) -> None:
+        self.queue: nfqueue.PacketQueue | None = None
+        self._no_queue = False
+
+    def hold(self, origin: Endpoint, peer: Endpoint) -> None:
+        if self.queue is None and not self._no_queue:
+            try:
+                self.queue = nfqueue.bind_free(QUEUE_BASE + secrets.randbelow(QUEUE_SPREAD))
+            except HijackError:
+                self._no_queue = True
+        if self.queue is not None:
+            try:
+                packet_route.hold(origin, peer, self.queue.number)
+                return
+            except HijackError:  # no NFQUEUE target in this kernel: dropped
+                packet_route.remove_hold(origin, peer)
+        packet_route.hold(origin, peer)
+
+    def release(self, origin: Endpoint, peer: Endpoint) -> None:
+        """The connection's packets go on: those held first, in order."""
+        self._accept()
+        packet_route.release(origin, peer)
+        self._accept()  # any queued while the rule went
+
+    def remove(self, origin: Endpoint, peer: Endpoint) -> None:
+        """The hold's table gone (released or not: what it held goes on)."""
+        packet_route.remove_hold(origin, peer)
+        self._accept()
+
+    def _accept(self) -> None:
+        if self.queue is not None:
+            self.queue.accept_all()
+
+    def close(self) -> None:
+        """Unbind the queue: what it still holds is dropped, never let through (a hold
+        not lifted stays, dropping: its mover went away mid-move)."""
+        if self.queue is not None:
+            self.queue.close()
+            self.queue = None
 
 
 @dataclass(frozen=True)
@@ -73,6 +122,7 @@ class PacketRelays:
     homing: bool = False  # the destination is the home node
     taken: list[Taken] = field(default_factory=list)
     home: Channel | None = None  # away from home: to the home node's daemon
+    holds: Holds = field(default_factory=Holds)  # a move from home: our own
 
     def prepare(
         self,
@@ -118,7 +168,7 @@ class PacketRelays:
     ) -> tuple[Proxy, bytes]:
         """A move from home: the rewrites are this node's own."""
         origin, peer = split_endpoint(found.local), split_endpoint(found.remote)
-        packet_route.hold(origin, peer)
+        self.holds.hold(origin, peer)
         copy = -1
         try:
             copy = pidfd.pidfd_getfd(handle, proxy.fd, pid)
@@ -128,7 +178,7 @@ class PacketRelays:
         except BaseException:
             _live_again(copy)
             with contextlib.suppress(HijackError):
-                packet_route.remove_hold(origin, peer)
+                self.holds.remove(origin, peer)
             raise
         self.taken.append(Taken(proxy.fd, origin, peer, copy))
         return self._entry(proxy, found, state, origin, self.gateway)
@@ -203,7 +253,7 @@ class PacketRelays:
         for taken in self.taken:
             with contextlib.suppress(HijackError, OSError):  # committed: nothing may fail
                 if not taken.local:
-                    packet_route.release(taken.origin, taken.peer)
+                    self.holds.release(taken.origin, taken.peer)
                 else:
                     peer = f"{taken.peer[0]}:{taken.peer[1]}"
                     origin = f"{taken.origin[0]}:{taken.origin[1]}"
@@ -218,7 +268,8 @@ class PacketRelays:
         for taken in self.taken:
             if not taken.local:
                 with contextlib.suppress(HijackError):
-                    packet_route.remove_hold(taken.origin, taken.peer)
+                    self.holds.remove(taken.origin, taken.peer)
+        self.holds.close()
         left = [taken for taken in self.taken if taken.local]
         self.taken = []
         if not left:
@@ -242,13 +293,16 @@ class PacketRelays:
             _live_again(taken.copy)
             with contextlib.suppress(HijackError):
                 if not taken.local:
-                    packet_route.remove_hold(taken.origin, taken.peer)
+                    self.holds.remove(taken.origin, taken.peer)
                 else:
                     self._ask_home({"origin": origin, "peer": peer, "hold": False})
         self.taken = []
+        self.holds.close()
         self.close()
 
     def close(self) -> None:
+        """The channel to the home node (its holds lifted or not: the home node's
+        daemon lets go of its queue as the channel ends, what it held dropped)."""
         if self.home is not None:
             self.home.close()
             self.home = None
@@ -301,24 +355,30 @@ def serve_route(channel: Channel, request: dict[str, Any]) -> None:
     `{"op": "route", "origin": "ip:port", "peer": "ip:port", "hold": bool, "to": ADDR}`:
     hold true holds the connection first; `to` an address rewrites it towards that node
     ("" stops rewriting it: it runs here again); hold false lifts the hold last. A field
-    left out leaves that part as it is."""
-    while True:
-        try:
-            channel.send({"via": _route(request)})
-            if request.get("hold") is False:  # answered first: the peer goes on meanwhile
-                remove_hold_of(request)
-        except (HijackError, KeyError, TypeError, ValueError, OSError) as exc:
-            channel.send({"error": f"route: {exc}"})
-        try:
-            request = channel.receive()
-        except ChannelError:
-            return  # the mover is done
-        if request.get("op") != "route":
-            channel.send({"error": f"unknown op {request.get('op')!r:.40}"})
-            return
+    left out leaves that part as it is. The holds' packets wait in one queue of this
+    channel's (Holds): a channel that ends drops what they still hold."""
+    holds = Holds()
+    try:
+        while True:
+            try:
+                channel.send({"via": _route(request, holds)})
+                if request.get("hold") is False:  # answered first: the peer goes on meanwhile
+                    origin = split_endpoint(str(request["origin"]))
+                    holds.remove(origin, split_endpoint(str(request["peer"])))
+            except (HijackError, KeyError, TypeError, ValueError, OSError) as exc:
+                channel.send({"error": f"route: {exc}"})
+            try:
+                request = channel.receive()
+            except ChannelError:
+                return  # the mover is done
+            if request.get("op") != "route":
+                channel.send({"error": f"unknown op {request.get('op')!r:.40}"})
+                return
+    finally:
+        holds.close()
 
 
-def _route(request: dict[str, Any]) -> str:
+def _route(request: dict[str, Any], holds: Holds) -> str:
     origin, peer = split_endpoint(str(request["origin"])), split_endpoint(str(request["peer"]))
     hold, to = request.get("hold"), request.get("to")
     if not isinstance(hold, bool | None) or not isinstance(to, str | None):
@@ -326,7 +386,7 @@ def _route(request: dict[str, Any]) -> str:
     if not is_ours(origin[0]):
         raise HijackError(f"{origin[0]} is not an address of this node")
     if hold:
-        packet_route.hold(origin, peer)
+        holds.hold(origin, peer)
     via = ""
     if to:
         socket.inet_aton(to)
@@ -335,14 +395,8 @@ def _route(request: dict[str, Any]) -> str:
     elif to == "":
         packet_route.unforward(origin, peer)
     if hold is False:
-        packet_route.release(origin, peer)
+        holds.release(origin, peer)
     return via
-
-
-def remove_hold_of(request: dict[str, Any]) -> None:
-    """The empty table of a hold a `route` request lifted."""
-    origin, peer = split_endpoint(str(request["origin"])), split_endpoint(str(request["peer"]))
-    packet_route.remove_hold(origin, peer)
 
 
 def sweep(identity: pki.NodeIdentity, told: set[tuple[str, str]]) -> list[str]:

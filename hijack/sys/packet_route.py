@@ -165,8 +165,10 @@ def unforward(home: Endpoint, peer: Endpoint) -> None:
     _drop_table(route_name(home, peer), f"cannot stop forwarding {home} <-> {peer}")
 
 
-def hold(home: Endpoint, peer: Endpoint) -> None:
-    """Drop the peer's packets to `home` before anything else sees them."""
+def hold(home: Endpoint, peer: Endpoint, queue: int | None = None) -> None:
+    """Hold the peer's packets to `home` before anything else sees them: in packet queue
+    `queue` (hijack.sys.nfqueue: let go in order once its holder accepts them), or
+    dropped (the peer sends them again, on its retransmission timer: 200 ms or more)."""
     name = hold_name(home, peer)
 
     def install(nft: Any) -> None:
@@ -174,10 +176,22 @@ def hold(home: Endpoint, peer: Endpoint) -> None:
             return
         nft.table("add", name=name)
         _base_chain(nft, name, "prerouting", "prerouting", HOLD_PRIORITY)
-        dropped = [*_from_to(peer, home), verdict_of(NF_DROP)]
-        nft.rule("add", table=name, chain="prerouting", expressions=dropped)
+        held = verdict_of(NF_DROP) if queue is None else [_queued_to(queue)]
+        nft.rule("add", table=name, chain="prerouting", expressions=[*_from_to(peer, home), held])
 
     _nft(install, f"cannot hold {home} <-> {peer}")
+
+
+def _queued_to(number: int) -> dict[str, Any]:
+    """xtables' NFQUEUE target (revision 3) through nftables' compat expression: this
+    kernel has no nftables `queue` (CONFIG_NFT_QUEUE is not set); NFT_COMPAT and
+    XT_TARGET_NFQUEUE are. No bypass flag: with nobody bound, the packet is dropped."""
+    arguments: OrderedDict[str, Any] = OrderedDict()
+    arguments["name"] = "NFQUEUE"
+    arguments["rev"] = 3
+    # struct xt_NFQ_info_v3: queuenum, queues_total, flags (u16 each), padded to 8.
+    arguments["info"] = struct.pack("=HHHxx", number, 1, 0)
+    return expression("target", arguments)
 
 
 def release(home: Endpoint, peer: Endpoint) -> None:
