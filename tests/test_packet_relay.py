@@ -10,6 +10,7 @@ layer, not its shadow; the fixture checks every echoed byte itself.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import subprocess
 import sys
@@ -125,6 +126,14 @@ def test_a_stream_moved_with_packet_relays_goes_on_through_the_home_node(
                 mine = connections(b, port_of(before[0], -1))
                 assert [row.split()[-1] for row in mine] == [f"{c.address}:{port}"], mine
                 assert len(policy_rules(b)) == 1, policy_rules(b)
+                # Both nodes' status say so: b runs it, a rewrites it.
+                routed = json.loads(b.hijack_ok("status", "--json").stdout)["routed"]
+                assert [(r["local"], r["remote"], r["home_node"]) for r in routed] == [
+                    (f"{b.address}:{port_of(before[0], -1)}", f"{c.address}:{port}", "a")
+                ], routed
+                tables = json.loads(a.hijack_ok("status", "--json").stdout)["packet_tables"]
+                assert [name.split("_")[1] for name in tables] == ["route"], tables
+                assert "relayed by packets" in b.hijack_ok("status").stdout
                 client.wait_exit()  # the original, killed by the move
                 assert_ended_well(moved, "the stream_client moved with packet relays", tmp_path)
                 wait_released(moved)

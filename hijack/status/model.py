@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, astuple, dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,7 +42,7 @@ from hijack.registry import (
 )
 from hijack.shadow import control
 from hijack.shadow.program import ended_path
-from hijack.sys import procfs
+from hijack.sys import packet_route, procfs
 
 SCHEMA_VERSION = 1
 QUERY_TIMEOUT = 0.5  # seconds for each shadow or daemon to answer
@@ -198,6 +198,17 @@ class NetworkLockView:
 
 
 @dataclass(frozen=True)
+class RoutedView:
+    """A connection relayed by packets that runs on this node (hijack.node.packet_relay)."""
+
+    local: str
+    remote: str
+    origin: str
+    gateway: str
+    home_node: str
+
+
+@dataclass(frozen=True)
 class Snapshot:
     schema_version: int
     node: str
@@ -208,6 +219,8 @@ class Snapshot:
     nodes: tuple[NodeView, ...]
     events: tuple[EventRecord, ...]
     network_locks: tuple[NetworkLockView, ...]
+    routed: tuple[RoutedView, ...] = ()
+    packet_tables: tuple[str, ...] = ()  # this node's rewrite and hold tables (their home)
 
     @property
     def moves_in_progress(self) -> list[MoveView]:
@@ -273,7 +286,20 @@ def gather(registry: Registry, timeout: float = QUERY_TIMEOUT) -> Snapshot:
         nodes=tuple(nodes[name] for name in sorted(nodes)),
         events=events,
         network_locks=_network_locks(),
+        routed=tuple(RoutedView(*astuple(r)) for r in registry.routed_connections().values()),
+        packet_tables=_packet_tables(),
     )
+
+
+def _packet_tables() -> tuple[str, ...]:
+    """This node's rewrite and hold tables: only on a node forwarding IPv4, the home node
+    of such connections (not asked elsewhere: nftables' first use costs ~70 ms)."""
+    if not packet_route.forwarding():
+        return ()
+    try:
+        return tuple(sorted(packet_route.tables()))
+    except HijackError:
+        return ()  # nftables unreadable here: status shows the rest
 
 
 def _network_locks() -> tuple[NetworkLockView, ...]:

@@ -85,6 +85,8 @@ def status(console: Console, snapshot: Snapshot) -> None:
         console.print(locks_table(snapshot.network_locks, console), crop=False)
         for note in _lock_notes(snapshot.network_locks):
             console.print(note)
+    if snapshot.routed or snapshot.packet_tables:
+        console.print(routed_table(snapshot, console), crop=False)
 
 
 def status_json(console: Console, snapshot: Snapshot) -> None:
@@ -113,6 +115,8 @@ def live_frame(snapshot: Snapshot, rates: Throughput | None, console: Console) -
     if snapshot.network_locks:
         parts.append(locks_table(snapshot.network_locks, console))
         parts += _lock_notes(snapshot.network_locks)
+    if snapshot.routed or snapshot.packet_tables:
+        parts.append(routed_table(snapshot, console))
     parts.append(_events(snapshot))
     return Group(*parts)
 
@@ -128,6 +132,14 @@ def _heading(snapshot: Snapshot) -> str:
     counts.append(_count(len(snapshot.nodes), "other node", "other nodes"))
     if snapshot.network_locks:
         counts.append(_count(len(snapshot.network_locks), "network lock", "network locks"))
+    if snapshot.routed:
+        counts.append(
+            _count(
+                len(snapshot.routed),
+                "connection relayed by packets",
+                "connections relayed by packets",
+            )
+        )
     return (
         f"[bold]hijack status[/] on node [bold]{escape(snapshot.node)}[/]: {', '.join(counts)}"
         f" [dim](state {escape(snapshot.state_dir)})[/]"
@@ -468,6 +480,32 @@ def _lock_notes(locks: Iterable[NetworkLockView]) -> list[Text]:
     if not any(lock.stale for lock in locks):
         return []
     return [Text.from_markup("  [dim]stale network locks:[/] `hijack recover` lifts them")]
+
+
+def routed_table(snapshot: Snapshot, console: Console) -> Table:
+    """The connections relayed by packets running here, and this node's tables rewriting
+    or holding such connections (it is their home node)."""
+    return fitted(
+        console, lambda: _routed_table(snapshot), lambda: _routed_table(snapshot, compact=True)
+    )
+
+
+def _routed_table(snapshot: Snapshot, compact: bool = False) -> Table:
+    table = _table("relayed by packets", compact)
+    for heading in ("here", "peer", "its home address", "through"):
+        table.add_column(heading, no_wrap=True)
+    for routed in snapshot.routed:
+        through = f"{routed.home_node} ({routed.gateway})"
+        table.add_row(*map(escape, (routed.local, routed.remote, routed.origin, through)))
+    rewriting = [name for name in snapshot.packet_tables if name.startswith("hijack_route_")]
+    holding = len(snapshot.packet_tables) - len(rewriting)
+    if snapshot.packet_tables:
+        table.caption = (
+            f"this node rewrites {_count(len(rewriting), 'connection', 'connections')} for other"
+            f" nodes"
+            + (f", holds {holding} (a move under way, or one cut short)" if holding else "")
+        )
+    return table
 
 
 # -- fitting tables -------------------------------------------------------------------
