@@ -186,6 +186,36 @@ def test_a_stream_relayed_by_packets_moves_on_and_home_again(tmp_path: Path) -> 
                 assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
 
 
+def test_a_tree_whose_child_streams_moves_by_packets_and_home_again(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        b.start_daemon()
+        a.start_daemon()
+        forwarding_on(a)
+        with echo_peer(c) as (peer, port):
+            # The connection is the child's: the tree moves as one, its child's stream by
+            # packets.
+            stream = (c.address, str(port), str(STREAM_BYTES), "34", "fork")
+            with spawn_fixture("stream_client", *stream, netns=a.netns) as client:
+                poll_until(
+                    lambda: acked_between(a, c.address, port) > 0, "the stream to c under way"
+                )
+                own_port = port_of(connections(c, port)[0], -1)
+                at_b = move(a, client.pid, b, options=("--packet-relays",))
+                assert [row.split()[-2] for row in connections(b, own_port)] == [
+                    f"{b.address}:{own_port}"
+                ]
+                peer.send_signal(signal.SIGCONT)
+                poll_until(lambda: acked_between(b, c.address, port) > 1 << 20, "on from b")
+                peer.send_signal(signal.SIGSTOP)
+                home = move(b, at_b.pid, a, home=(a, client.pid))
+                assert route_tables(a) == [] and policy_rules(b) == []
+                peer.send_signal(signal.SIGCONT)
+                client.wait_exit()
+                assert_ended_well(home, "the stream_client's tree home again", tmp_path)
+                assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
+
+
 def test_a_move_by_packets_that_fails_leaves_the_connection_going_on_at_home(
     tmp_path: Path,
 ) -> None:

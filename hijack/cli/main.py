@@ -248,8 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="its TCP connections to other machines go on through this node's IP layer"
         " (nftables rewrites, no process in their path) instead of through its shadow: the"
         " peers see nothing change, the process sees its node's address on them. A move from"
-        " home of a single process, on a node forwarding IPv4; not encrypted between the"
-        ' nodes; such a process is not moved again yet (docs/protocol.md, "Relays by packets")',
+        " home, on a node forwarding IPv4; not encrypted between the nodes; its later moves"
+        ' take them along (docs/protocol.md, "Relays by packets")',
     )
     move.add_argument(
         "--leave-parent",

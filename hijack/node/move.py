@@ -321,7 +321,7 @@ def move(
     if sharers:
         precopy, postcopy = False, False  # frozen whole: its memory in one image, once
     if packet_relays:
-        refuse_packet_relays(pid, record, members)
+        refuse_packet_relays(pid, record)
     attached_by_move = record is None or record.state not in ("attached", "running")
     if attached_by_move:
         # Refused before the attach: nothing changes.
@@ -450,25 +450,26 @@ def _move_attached(
                 mark_moved,
                 (address, identity),
             )
-            if tree:
-                context = tree_move.TreeMoveContext(*frozen_args, home)
-                result = tree_move.move_tree_frozen(context, tree_precopied)
-            else:
-                packets = PacketRelays(
-                    channel.sock.getpeername()[0],
-                    channel.sock.getsockname()[0],
-                    identity,
-                    take_streams=packet_relays,
-                    homing=channel.peer == record.home_node,
-                )
-                # Away from home, its home node rewrites them: asked within the freeze.
-                packets.home = connect_home(registry, held_routed(pid, registry), identity)
-                if packets.home is not None:
-                    packet_route.preload()  # not within the freeze
-                try:
+            packets = PacketRelays(
+                channel.sock.getpeername()[0],
+                channel.sock.getsockname()[0],
+                identity,
+                take_streams=packet_relays,
+                homing=channel.peer == record.home_node,
+            )
+            # Away from home, its home node rewrites them: asked within the freeze.
+            routed = held_routed(living_members(pid), registry)
+            packets.home = connect_home(registry, routed, identity)
+            if packets.home is not None:
+                packet_route.preload()  # not within the freeze
+            try:
+                if tree:
+                    context = tree_move.TreeMoveContext(*frozen_args, home, packets)
+                    result = tree_move.move_tree_frozen(context, tree_precopied)
+                else:
                     result = _move_frozen(*frozen_args, precopied, home, packets)
-                finally:
-                    packets.close()
+            finally:
+                packets.close()
         except MoveInDoubt as exc:
             registry.update_move(move_id, phase="in-doubt", error=str(exc))
             registry.set_state(pid, "held")
@@ -832,20 +833,14 @@ def _move_frozen(
     )
 
 
-def refuse_packet_relays(pid: int, record: ProcessRecord | None, members: list[int]) -> None:
-    """--packet-relays is for a move from home of a single process, on a node that forwards
-    packets; refused before anything is touched."""
+def refuse_packet_relays(pid: int, record: ProcessRecord | None) -> None:
+    """--packet-relays is for a move from home, on a node that forwards packets; refused
+    before anything is touched."""
     if record is not None and record.state == "running":
         raise Unsupported(
             f"cannot move process {pid} with --packet-relays: it is away from its home node"
             f" {record.home_node!r}, and only a move from home takes its connections by packets;"
             " nothing was changed",
-            pid=pid,
-        )
-    if len(members) > 1:
-        raise Unsupported(
-            f"cannot move process {pid} with --packet-relays: it has children, and a tree's move"
-            " does not take its connections by packets yet; nothing was changed",
             pid=pid,
         )
     if not packet_route.forwarding():

@@ -131,14 +131,21 @@ class PacketRelays:
         sockets: dict[int, procfs.SocketInfo],
         queues: dict[tuple[int, int], bytes],
         laps: Laps | None = None,
+        *,
+        member: int = 0,
+        suffix: str = "",
+        shared: frozenset[int] = frozenset(),
     ) -> list[Proxy]:
-        """Within the freeze: each connection of `plan` that goes by packets (a `routed`
-        entry; at home with take_streams, each stream that can) held, read and rewritten
-        towards the destination; returns the plan with those as `direct` entries (their
-        queues, send queue first, put in `queues` by (0, fd): sent after the move message).
-        `sockets`: sockets_of(pid)."""
+        """Within the freeze: each connection of `plan` (process `pid`'s) that goes by
+        packets (a `routed` entry; at home with take_streams, each stream that can) held,
+        read and rewritten towards the destination; returns the plan with those as
+        `direct` entries (their queues, send queue first, put in `queues` by (member, fd):
+        sent after the move message). `sockets`: its namespace's socket table. A tree's
+        move calls it for each member: `member` its pid (0 for a single process), `suffix`
+        what its `direct` stream ids end with ("@PID" but for the root), `shared` the
+        inodes of sockets more than one member holds: those stay the shadow's."""
         by_fd = {
-            entry.fd: sockets.get(entry.ino)
+            entry.fd: (entry.ino, sockets.get(entry.ino))
             for entry in procfs.list_fds(pid)
             if entry.kind is procfs.FdKind.SOCKET
         }
@@ -146,17 +153,23 @@ class PacketRelays:
         handle = pidfd.pidfd_open(pid)
         try:
             for proxy in plan:
-                found = by_fd.get(proxy.fd)
+                inode, found = by_fd.get(proxy.fd, (0, None))
                 if found is None:
                     continue
                 if proxy.kind == "routed":
                     entry = self._take_on(handle, pid, proxy, found)
-                elif proxy.kind == "stream" and self.take_streams and routable(found):
+                elif (
+                    proxy.kind == "stream"
+                    and self.take_streams
+                    and inode not in shared
+                    and routable(found)
+                ):
                     entry = self._take_from_home(handle, pid, proxy, found)
                 else:
                     continue
-                queues[(0, proxy.fd)] = entry[1]
-                changed[proxy.fd] = entry[0]
+                queues[(member, proxy.fd)] = entry[1]
+                stream = f"direct:{proxy.fd}{suffix}"
+                changed[proxy.fd] = dataclasses.replace(entry[0], stream=stream)
         finally:
             os.close(handle)
         if laps is not None and changed:
@@ -325,17 +338,19 @@ def connect_home(
     return Channel.connect((host, int(port)), identity, expect=name)
 
 
-def held_routed(pid: int, registry: Registry) -> list[RoutedConnection]:
-    """The connections relayed by packets (this node's registry) that `pid` holds now."""
+def held_routed(pids: list[int], registry: Registry) -> list[RoutedConnection]:
+    """The connections relayed by packets (this node's registry) that `pids` hold now."""
     routed = registry.routed_connections()
-    if not routed:
+    if not routed or not pids:
         return []
-    table = procfs.read_socket_table(pid)
+    table = procfs.read_socket_table(pids[0])
     held = []
-    for entry in procfs.list_fds(pid):
-        found = table.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
-        if found is not None and (found.local, found.remote) in routed:
-            held.append(routed[(found.local, found.remote)])
+    for pid in pids:
+        with contextlib.suppress(OSError, HijackError):  # a member gone meanwhile
+            for entry in procfs.list_fds(pid):
+                found = table.get(entry.ino) if entry.kind is procfs.FdKind.SOCKET else None
+                if found is not None and (found.local, found.remote) in routed:
+                    held.append(routed[(found.local, found.remote)])
     return held
 
 

@@ -95,6 +95,7 @@ from hijack.node.move import (
     unhomeable,
     unsettled_for_home,
 )
+from hijack.node.packet_relay import PacketRelays
 from hijack.node.repoint import Repointed
 from hijack.objects import pipe, unix
 from hijack.process.tree import read_tree
@@ -179,10 +180,7 @@ def stream_name(pid: int, fd: int, root: int) -> str:
 
 
 # What a member's plan may hold that a tree cannot move with yet: kind, what, a note.
-TREE_REFUSED = (
-    ("master", "a pty master", ""),
-    ("routed", "a connection relayed by packets", ", moved with --packet-relays"),
-)
+TREE_REFUSED = (("master", "a pty master", ""),)
 
 
 def plan_tree(
@@ -250,13 +248,24 @@ def plan_tree(
     return open_files_across(plans) if tree and frozen else plans
 
 
+def _socket_holders(plans: dict[int, list[Proxy]]) -> dict[int, int]:
+    """How many members hold each socket (by inode) of their plans."""
+    counts: dict[int, int] = {}
+    for member, plan in plans.items():
+        for proxy in plan:
+            with contextlib.suppress(OSError):  # closed since
+                inode = os.stat(f"/proc/{member}/fd/{proxy.fd}").st_ino
+                counts[inode] = counts.get(inode, 0) + 1
+    return counts
+
+
 def refuse_shared_direct(plans: dict[int, list[Proxy]], root: int) -> None:
     """Refuse a direct connection more than one member holds (inherited across a fork):
     its peer is made again towards the destination once, for one holder."""
     holders: dict[str, list[int]] = {}
     for pid, plan in plans.items():
         for proxy in plan:
-            if proxy.kind == "direct":
+            if proxy.kind in ("direct", "routed"):
                 with contextlib.suppress(OSError):  # closed since: planned again frozen
                     socket_link = os.readlink(f"/proc/{pid}/fd/{proxy.fd}")
                     holders.setdefault(socket_link, []).append(pid)
@@ -453,6 +462,7 @@ class TreeMoveContext:
     mark_moved: Callable[[], None]
     destination: tuple[tuple[str, int], pki.NodeIdentity]
     home: control.HomeEndpoint | None
+    packets: PacketRelays  # its members' connections relayed by packets
 
 
 def move_tree_frozen(
@@ -580,6 +590,23 @@ def _frozen(
                 plans[member] = repointed.prepare(member, plan, towards, member, laps)
         if repointed.sessions:
             laps.lap("direct peers")
+        # Its members' connections relayed by packets (hijack.node.packet_relay), as a
+        # single process's; a socket two members share stays the shadow's.
+        held = frozenset(ino for ino, count in _socket_holders(plans).items() if count > 1)
+        for member, plan in plans.items():
+            suffix = f"@{member}" if member != pid else ""
+            plans[member] = context.packets.prepare(
+                member, plan, sockets, repointed.queues, member=member, suffix=suffix, shared=held
+            )
+        if context.packets.taken:
+            laps.lap("packet relays")
+        # Their queues follow the move message in the order of its proxies.
+        repointed.queues = {
+            (member, p.fd): repointed.queues[(member, p.fd)]
+            for member, plan in plans.items()
+            for p in plan
+            if p.kind == "direct"
+        }
         unread: dict[str, bytes] = {}
         if at_home:
             control_path = context.record.shadow_control or ""
@@ -649,6 +676,7 @@ def _frozen(
         context.report("post-copy" if lazy else "switching", before + writer.sent)
     except BaseException:
         repointed.abort()
+        context.packets.abort()
         _abort(channel, shadow, move_id)
         raise
     # From the commit on, the answer alone decides (as hijack.node.move's).
@@ -662,6 +690,7 @@ def _frozen(
         if outcome != "running":
             repointed.abort()  # in doubt too: each peer keeps its old connection
         if outcome == "aborted":
+            context.packets.abort()
             _abort(channel, shadow, move_id)
             for member in members:
                 if member not in stopped:
@@ -691,6 +720,9 @@ def _frozen(
             )
         laps.lap("commit")
         unjoined = repointed.commit()
+        routed = context.packets.commit()
+        if routed:
+            laps.lap("packet relays: let go")
         everything = [p for plan in plans.values() for p in plan]
         unread_datagrams: dict[str, list[tuple[str, bytes]]] = {}
         if not at_home:
@@ -730,6 +762,7 @@ def _frozen(
         freeze_ms = laps.total_ms()
         if not lazy:
             tell_frozen(channel, freeze_ms)
+        context.packets.forget_left()
         context.mark_moved()
         if not at_home:
             for member, plan in plans.items():
@@ -790,6 +823,7 @@ def _frozen(
         relayed_at_home=relayed,
         postcopy_bytes=lazy_bytes([r for runs in lazy.values() for r in runs]),
         postcopy_ms=postcopy_ms,
+        packet_relays=routed,
     )
 
 
