@@ -17,14 +17,18 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from support import spawn_fixture
 from support.nodes import Cluster, Node, read_line
+from test_faults import deliver, finish, hijack_in
 from test_move import (
     LINE_TIMEOUT,
+    Moved,
     assert_ended_well,
     move,
     move_refused,
     poll_until,
+    shadow_status,
     start_daemon_with,
     wait_released,
 )
@@ -237,6 +241,46 @@ def test_a_move_by_packets_that_fails_leaves_the_connection_going_on_at_home(
                 assert route_tables(a) == [] and policy_rules(b) == []
                 peer.send_signal(signal.SIGCONT)
                 client.assert_intact()  # every byte echoed, at home
+                assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
+
+
+@pytest.mark.parametrize("stage", ["move-prepared", "move-committed"])
+def test_a_mover_killed_mid_move_by_packets_is_settled_by_recover(
+    tmp_path: Path, stage: str
+) -> None:
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        b.start_daemon()
+        forwarding_on(a)
+        assert b.daemon_endpoint is not None
+        with echo_peer(c) as (peer, port):
+            stream = (c.address, str(port), str(STREAM_BYTES), "35")
+            with spawn_fixture("stream_client", *stream, netns=a.netns) as client:
+                poll_until(
+                    lambda: acked_between(a, c.address, port) > 0, "the stream to c under way"
+                )
+                mover = hijack_in(
+                    a, stage, "move", client.pid, "--to", b.daemon_endpoint, "--packet-relays"
+                )
+                deliver(mover, signal.SIGKILL)
+                assert finish(mover).returncode == -signal.SIGKILL
+                recovered = a.hijack("recover")
+                assert recovered.returncode == 0, recovered.describe()
+                # Committed: it runs on b, the original ended; else on at home.
+                said = "the original here was ended" if stage == "move-committed" else "runs on"
+                assert said in recovered.stdout, recovered.describe()
+                assert [name.split("_")[1] for name in route_tables(a)] == (
+                    ["route"] if stage == "move-committed" else []
+                )
+                peer.send_signal(signal.SIGCONT)
+                if stage == "move-committed":
+                    client.wait_exit()
+                    moved_pid = int(recovered.stdout.split(" as ")[1].split(";")[0])
+                    shadow = shadow_status(a, client.pid)["shadow_pid"]
+                    moved = Moved(moved_pid, b, 0.0, shadow)
+                    assert_ended_well(moved, "the stream_client recovered on b", tmp_path)
+                else:
+                    client.assert_intact()  # every byte echoed, at home
                 assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
 
 

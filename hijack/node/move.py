@@ -72,7 +72,7 @@ from hijack.mutator.postcopy import (
 )
 from hijack.mutator.precopy import RESEIZES, SHRINK, Precopy, RoundSent, worth_precopying
 from hijack.mutator.tracee import Tracee
-from hijack.node import mounts, pki
+from hijack.node import mounts, packet_relay, pki
 from hijack.node.channel import Channel, ChannelError, DataWriter
 from hijack.node.daemon import parse_address
 from hijack.node.packet_relay import PacketRelays, connect_home, held_routed
@@ -2076,14 +2076,26 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
         outcome = answer["outcome"] if answer else "unknown"
         if outcome == "running":
             assert answer is not None
+            # Its connections relayed by packets go with the copy (before the plan: they
+            # are no streams of the shadow's).
+            routed = packet_relay.settle(pid, True, at_home, registry)
             plan, present = plan_proxies(pid, shadow, at_home)
+            plan = [p for p in plan if p.fd not in routed]
             if at_home:  # the relay ports of its connected UDP sockets, as at `migrating`
                 status = shadow.request({"op": "status"})
                 plan = connect_datagrams(plan, status, record.relay_address or "")
             unread = {} if at_home else peek_unread(pid, plan) | drain_terminals(pid, plan)
             unread_datagrams = {} if at_home else drain_datagrams(pid, plan)
             _switch_shadow(
-                shadow, row.id, row.destination, plan, answer, unread, unread_datagrams, present
+                shadow,
+                row.id,
+                row.destination,
+                plan,
+                answer,
+                unread,
+                unread_datagrams,
+                present,
+                direct={0: routed} if at_home and routed else None,
             )
             registry.moved_on(pid, row.destination)
             with contextlib.suppress(ProcessLookupError):
@@ -2104,7 +2116,10 @@ def _recover_move(registry: Registry, row: MoveRecord) -> tuple[str, bool]:
                 f" process {pid} stays held stopped",
                 False,
             )
-    # Never committed, or the destination settled it as aborted: the original goes on.
+    # Never committed, or the destination settled it as aborted: the original goes on,
+    # its connections relayed by packets here again.
+    with contextlib.suppress(HijackError, OSError):
+        packet_relay.settle(pid, False, at_home, registry)
     with contextlib.suppress(HijackError):
         shadow.request({"op": "aborted", "move": row.id})
     if row.phase in COMMITTING_PHASES:

@@ -3,22 +3,24 @@ by packets").
 
 The TCP connections of a process moving from its home node to a peer this node does
 not manage leave with it: within the freeze each is held at home (the peer's packets
-dropped: hijack.sys.packet_route), its state read in repair mode from the process's
-own socket, and it becomes a plan entry of kind `direct` that the destination makes
-in repair mode on its own address, the same port, with a policy rule sending its
-packets back through the home node (`via`). The home node then rewrites the peer's
-packets to the destination and the destination's back to its own address: the peer
-still talks to home:P, and nothing at home wakes for a byte. At the commit the holds
-are lifted (the peer retransmits what was dropped) and the old socket, left in repair
-mode, vanishes with the original without a segment. An abort lifts all of it: the
-socket leaves repair mode and the connection goes on where it was, nothing lost.
+kept in a queue: hijack.sys.packet_route, hijack.sys.nfqueue), its state read in
+repair mode from the process's own socket, which is left live, and it becomes a plan
+entry of kind `direct` that the destination makes in repair mode on its own address,
+the same port, with a policy rule sending its packets back through the home node
+(`via`). The home node then rewrites the peer's packets to the destination and the
+destination's back to its own address: the peer still talks to home:P, and nothing
+at home wakes for a byte. At the commit the old socket is silenced (repair mode: it
+vanishes with the original without a segment), then the holds are lifted: what they
+kept goes on to the destination, in order. An abort removes the rewrites and lifts
+the holds: the connection goes on where it was, nothing lost.
 
 A later move takes such a connection along the same way, the home node asked over the
 node channel (op `route`, serve_route()) to hold it and to rewrite towards the next
-node; a move home makes it again under its original addresses and the home node stops
-rewriting. The node a connection runs on keeps it in its registry (`routed`), and its
-daemon removes its rule and has the home node drop its rewrites once the connection
-has ended (sweep()).
+node (what the node it leaves sends still rewritten back until the commit); a move
+home makes it again under its original addresses and the home node stops rewriting.
+The node a connection runs on keeps it in its registry (`routed`), and its daemon
+removes its rule and has the home node drop its rewrites once the connection has
+ended (sweep()).
 
 Not every connection can: IPv6 ones, those on loopback or to a peer on the home node
 (no packet of theirs crosses a link) stay relayed by the shadow, as without the option.
@@ -38,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 from hijack.errors import HijackError
 from hijack.node import pki
 from hijack.node.channel import Channel, ChannelError
-from hijack.node.swap_end import split_endpoint, state_fields
+from hijack.node.swap_end import read_state, split_endpoint, state_fields
 from hijack.registry import Registry, RoutedConnection
 from hijack.sys import nfqueue, packet_route, pidfd, procfs, tcp_repair
 from hijack.timing import Laps
@@ -106,7 +108,7 @@ class Taken:
     fd: int  # the process's descriptor
     origin: Endpoint  # its address at the home node, which its peer knows
     peer: Endpoint
-    copy: int  # our descriptor of its socket here, in repair mode
+    copy: int  # our descriptor of its socket here (live until the commit silences it)
     local: str = ""  # away from home: its address here ("ip:port"), as the registry has it
     back_to: str = ""  # away from home: this node's address, the home node's rewrites' now
 
@@ -179,17 +181,22 @@ class PacketRelays:
     def _take_from_home(
         self, handle: int, pid: int, proxy: Proxy, found: procfs.SocketInfo
     ) -> tuple[Proxy, bytes]:
-        """A move from home: the rewrites are this node's own."""
+        """A move from home: the rewrites are this node's own. The socket is read in
+        repair mode and left live (the peer held, it takes nothing; a segment it sends
+        goes to the peer as before): were the mover killed now, the process would run on
+        with it as it was. The commit silences it."""
         origin, peer = split_endpoint(found.local), split_endpoint(found.remote)
         self.holds.hold(origin, peer)
         copy = -1
         try:
             copy = pidfd.pidfd_getfd(handle, proxy.fd, pid)
-            tcp_repair.set_repair(copy, True)
-            state = tcp_repair.read_state(copy)
-            packet_route.forward(origin, peer, (self.destination, origin[1]))
+            state = read_state(copy)
+            packet_route.forward(origin, peer, self.destination, [self.destination])
         except BaseException:
-            _live_again(copy)
+            if copy >= 0:
+                os.close(copy)
+            with contextlib.suppress(HijackError):
+                packet_route.unforward(origin, peer)
             with contextlib.suppress(HijackError):
                 self.holds.remove(origin, peer)
             raise
@@ -200,28 +207,27 @@ class PacketRelays:
         self, handle: int, pid: int, proxy: Proxy, found: procfs.SocketInfo
     ) -> tuple[Proxy, bytes]:
         """A later move: the home node holds the connection and rewrites it towards the
-        destination (a move home: stops rewriting it). Our socket is put in repair mode
-        first: a segment it sent once the home node no longer rewrites its packets would
-        reach the peer from this node's address, and be answered with a reset."""
+        destination (a move home: no more), what this node's socket sends still rewritten
+        back until the commit silences it; the socket read in repair mode and left live."""
         origin, peer = split_endpoint(proxy.origin), split_endpoint(found.remote)
         here = split_endpoint(found.local)[0]
         copy = pidfd.pidfd_getfd(handle, proxy.fd, pid)
         asked = False
         try:
-            tcp_repair.set_repair(copy, True)
             to = "" if self.homing else self.destination
             asked = True
             via = self._ask_home(
-                {"origin": proxy.origin, "peer": found.remote, "hold": True, "to": to}
-            )
-            state = tcp_repair.read_state(copy)
+                {"origin": proxy.origin, "peer": found.remote, "hold": True, "to": to,
+                 "from": here}
+            )  # fmt: skip
+            state = read_state(copy)
         except BaseException:
             if asked:
                 with contextlib.suppress(HijackError):
                     self._ask_home(
                         {"origin": proxy.origin, "peer": found.remote, "to": here, "hold": False}
                     )
-            _live_again(copy)
+            os.close(copy)
             raise
         self.taken.append(Taken(proxy.fd, origin, peer, copy, found.local, here))
         return self._entry(proxy, found, state, origin, "" if self.homing else via)
@@ -258,12 +264,16 @@ class PacketRelays:
         return str(self.home.expect("via")["via"])
 
     def commit(self) -> int:
-        """The copy runs at the destination: the peers' packets go there now (the holds
-        lifted). The old sockets stay in repair mode: closed with the original, they send
-        nothing. Returns how many connections went by packets; forget_left() then, once
-        the freeze is over."""
+        """The copy runs at the destination: the old sockets are silenced (repair mode:
+        closed with the original, they send nothing), then the holds lifted: the peers'
+        packets go to the destination, those held first. Returns how many connections
+        went by packets; forget_left() then, once the freeze is over."""
         count = len(self.taken)
         for taken in self.taken:
+            # Silenced before anything: killed with the original, it must send nothing
+            # (a FIN would reach the peer as the connection's).
+            with contextlib.suppress(HijackError, OSError):
+                tcp_repair.set_repair(taken.copy, True)
             with contextlib.suppress(HijackError, OSError):  # committed: nothing may fail
                 if not taken.local:
                     self.holds.release(taken.origin, taken.peer)
@@ -272,7 +282,6 @@ class PacketRelays:
                     origin = f"{taken.origin[0]}:{taken.origin[1]}"
                     self._ask_home({"origin": origin, "peer": peer, "hold": False})
             os.close(taken.copy)
-        self.close()
         return count
 
     def forget_left(self) -> None:
@@ -289,26 +298,28 @@ class PacketRelays:
             return
         with contextlib.suppress(HijackError), Registry() as registry:
             for taken in left:
+                peer = f"{taken.peer[0]}:{taken.peer[1]}"
                 with contextlib.suppress(HijackError):
-                    forget_here(registry, taken.local, f"{taken.peer[0]}:{taken.peer[1]}")
+                    if self.homing:  # what rewrote this node's packets back goes too
+                        origin = f"{taken.origin[0]}:{taken.origin[1]}"
+                        self._ask_home({"origin": origin, "peer": peer, "to": ""})
+                    forget_here(registry, taken.local, peer)
+        self.close()
 
     def abort(self) -> None:
-        """The connections go on here as before: the rewrites as they were, sockets live
-        again, holds lifted (the peers retransmit what was dropped)."""
+        """The connections go on here as before (their sockets were left live): the
+        rewrites as they were, then the holds lifted, what they kept let go."""
         for taken in reversed(self.taken):
-            origin = f"{taken.origin[0]}:{taken.origin[1]}"
-            peer = f"{taken.peer[0]}:{taken.peer[1]}"
+            os.close(taken.copy)
             with contextlib.suppress(HijackError):
                 if not taken.local:
                     packet_route.unforward(taken.origin, taken.peer)
-                else:
-                    self._ask_home({"origin": origin, "peer": peer, "to": taken.back_to})
-            _live_again(taken.copy)
-            with contextlib.suppress(HijackError):
-                if not taken.local:
                     self.holds.remove(taken.origin, taken.peer)
                 else:
-                    self._ask_home({"origin": origin, "peer": peer, "hold": False})
+                    origin = f"{taken.origin[0]}:{taken.origin[1]}"
+                    peer = f"{taken.peer[0]}:{taken.peer[1]}"
+                    change = {"to": taken.back_to, "from": "", "hold": False}
+                    self._ask_home({"origin": origin, "peer": peer, **change})
         self.taken = []
         self.holds.close()
         self.close()
@@ -354,6 +365,74 @@ def held_routed(pids: list[int], registry: Registry) -> list[RoutedConnection]:
     return held
 
 
+def settle(pid: int, committed: bool, at_home: bool, registry: Registry) -> list[int]:
+    """`hijack recover` of a move of `pid` whose mover went away within its freeze: the
+    connections it was taking along by packets, found by their tables (at home: the
+    holds and rewrites named for its sockets' ends) or by this node's registry (away).
+    `committed`: the copy runs at the destination: the old sockets silenced, the holds
+    lifted (the rewrites go there already). Else the rewrites put back as they were and
+    the holds lifted: the connections go on here. Returns the descriptors settled as
+    gone (committed), which the shadow must not relay."""
+    table = procfs.read_socket_table(pid)
+    held = {
+        entry.fd: table[entry.ino]
+        for entry in procfs.list_fds(pid)
+        if entry.kind is procfs.FdKind.SOCKET and entry.ino in table
+    }
+    if at_home:
+        tables = {packet_route.ends_of(name) for name in packet_route.tables()}
+        settled = []
+        for fd, found in held.items():
+            if found.family != socket.AF_INET or not found.remote:
+                continue
+            origin, peer = split_endpoint(found.local), split_endpoint(found.remote)
+            if ("hold", origin, peer) not in tables and ("route", origin, peer) not in tables:
+                continue
+            if committed:
+                _silence(pid, fd)
+                settled.append(fd)
+            else:
+                packet_route.unforward(origin, peer)
+            packet_route.release(origin, peer)
+            packet_route.remove_hold(origin, peer)
+        return settled
+    routed = registry.routed_connections()
+    taken = {
+        fd: routed[(f.local, f.remote)] for fd, f in held.items() if (f.local, f.remote) in routed
+    }
+    home = connect_home(registry, list(taken.values()), pki.load_identity())
+    if home is None:
+        return []
+    try:
+        for fd, connection in taken.items():
+            ends = {"origin": connection.origin, "peer": connection.remote}
+            if committed:
+                _silence(pid, fd)
+                home.send({"op": "route", **ends, "hold": False})
+            else:
+                here = split_endpoint(connection.local)[0]
+                home.send({"op": "route", **ends, "to": here, "from": "", "hold": False})
+            home.expect("via")
+            if committed:
+                forget_here(registry, connection.local, connection.remote)
+    finally:
+        home.close()
+    return list(taken) if committed else []
+
+
+def _silence(pid: int, fd: int) -> None:
+    """Descriptor `fd` of `pid` (a socket) put in repair mode: closed, it sends nothing."""
+    handle = pidfd.pidfd_open(pid)
+    try:
+        copy = pidfd.pidfd_getfd(handle, fd, pid)
+    finally:
+        os.close(handle)
+    try:
+        tcp_repair.set_repair(copy, True)
+    finally:
+        os.close(copy)
+
+
 def forget_here(registry: Registry, local: str, peer: str) -> None:
     """A connection that left this node (moved on, or ended): its rule and its record go."""
     known = registry.routed_connections().get((local, peer))
@@ -395,18 +474,24 @@ def serve_route(channel: Channel, request: dict[str, Any]) -> None:
 
 def _route(request: dict[str, Any], holds: Holds) -> str:
     origin, peer = split_endpoint(str(request["origin"])), split_endpoint(str(request["peer"]))
-    hold, to = request.get("hold"), request.get("to")
+    hold, to, leaving = request.get("hold"), request.get("to"), request.get("from", "")
     if not isinstance(hold, bool | None) or not isinstance(to, str | None):
         raise TypeError("hold must be true or false, to an address")
+    if not isinstance(leaving, str):
+        raise TypeError("from must be an address")
+    for address in (to, leaving):
+        if address:
+            socket.inet_aton(address)  # OSError if it is none
     if not is_ours(origin[0]):
         raise HijackError(f"{origin[0]} is not an address of this node")
     if hold:
         holds.hold(origin, peer)
     via = ""
     if to:
-        socket.inet_aton(to)
-        packet_route.forward(origin, peer, (to, origin[1]))
+        packet_route.forward(origin, peer, to, [to, leaving] if leaving else [to])
         via = source_towards(to)
+    elif to == "" and leaving:
+        packet_route.forward(origin, peer, None, [leaving])
     elif to == "":
         packet_route.unforward(origin, peer)
     if hold is False:
@@ -504,12 +589,3 @@ def is_ours(address: str) -> bool:
                 return False
             raise HijackError(f"cannot tell whether {address} is this node's: {exc}") from None
     return True
-
-
-def _live_again(copy: int) -> None:
-    """Our copy of a socket taken out of repair mode (it runs on), and closed."""
-    if copy < 0:
-        return
-    with contextlib.suppress(OSError, HijackError):
-        tcp_repair.set_repair(copy, False)
-    os.close(copy)

@@ -22,7 +22,6 @@ Tables and rules are loaded over netlink with pyroute2, as the network locks are
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import struct
 import zlib
@@ -68,17 +67,35 @@ def preload() -> None:
     import pyroute2.nftables.main  # noqa: F401
 
 
-def _digest(home: Endpoint, peer: Endpoint) -> str:
-    return hashlib.sha256(f"{home}>{peer}".encode()).hexdigest()[:16]
+def _ends(home: Endpoint, peer: Endpoint) -> str:
+    return f"{home[0]}:{home[1]}-{peer[0]}:{peer[1]}"
 
 
 def route_name(home: Endpoint, peer: Endpoint) -> str:
-    """The home node's table of the connection home <-> peer."""
-    return ROUTE_PREFIX + _digest(home, peer)
+    """The home node's table of the connection home <-> peer: named for its ends, so
+    that `hijack status` and `hijack recover` can tell whose it is."""
+    return ROUTE_PREFIX + _ends(home, peer)
 
 
 def hold_name(home: Endpoint, peer: Endpoint) -> str:
-    return HOLD_PREFIX + _digest(home, peer)
+    return HOLD_PREFIX + _ends(home, peer)
+
+
+def ends_of(name: str) -> tuple[str, Endpoint, Endpoint] | None:
+    """("route" or "hold", home, peer) of a table route_name() or hold_name() named."""
+    for kind, prefix in (("route", ROUTE_PREFIX), ("hold", HOLD_PREFIX)):
+        if name.startswith(prefix):
+            home, _, peer = name[len(prefix) :].partition("-")
+            try:
+                return kind, _endpoint(home), _endpoint(peer)
+            except ValueError:
+                return None
+    return None
+
+
+def _endpoint(text: str) -> Endpoint:
+    address, _, port = text.rpartition(":")
+    return address, int(port)
 
 
 def forwarding() -> bool:
@@ -138,10 +155,13 @@ def _base_chain(nft: Any, table: str, name: str, hook: str, priority: int) -> No
     )  # fmt: skip
 
 
-def forward(home: Endpoint, peer: Endpoint, there: Endpoint) -> None:
-    """At the home node: the connection home <-> peer goes on at `there` (the
-    destination's address, the same port): the peer's packets rewritten to it, its
-    answers rewritten back. Replaces an earlier table of the connection (a later move)."""
+def forward(home: Endpoint, peer: Endpoint, there: str | None, sources: list[str]) -> None:
+    """At the home node: the peer's packets to the connection home <-> peer rewritten to
+    `there` (a node's address, the same port; None: not rewritten, they are home's again),
+    and what the connection sends from each of `sources` (addresses, the same port)
+    rewritten back to come from home. Replaces an earlier table of the connection (a
+    later move: the node it leaves stays among `sources` until it is silenced, so a
+    segment it sends meanwhile still reaches the peer as the connection's)."""
     name = route_name(home, peer)
 
     def install(nft: Any) -> None:
@@ -150,14 +170,16 @@ def forward(home: Endpoint, peer: Endpoint, there: Endpoint) -> None:
         nft.table("add", name=name)
         _base_chain(nft, name, "prerouting", "prerouting", REWRITE_PRIORITY)
         _base_chain(nft, name, "postrouting", "postrouting", SOURCE_NAT_PRIORITY)
-        towards = [*_from_to(peer, home), _untracked(), *_set_address(16, there[0])]
-        nft.rule("add", table=name, chain="prerouting", expressions=towards)
-        back = _from_to(there, peer)
-        nft.rule("add", table=name, chain="prerouting", expressions=[*back, _untracked()])
-        rewritten = [*back, *_set_address(IPV4_SOURCE_AT, home[0])]
-        nft.rule("add", table=name, chain="postrouting", expressions=rewritten)
+        if there is not None:
+            towards = [*_from_to(peer, home), _untracked(), *_set_address(16, there)]
+            nft.rule("add", table=name, chain="prerouting", expressions=towards)
+        for source in dict.fromkeys(sources):
+            back = _from_to((source, home[1]), peer)
+            nft.rule("add", table=name, chain="prerouting", expressions=[*back, _untracked()])
+            rewritten = [*back, *_set_address(IPV4_SOURCE_AT, home[0])]
+            nft.rule("add", table=name, chain="postrouting", expressions=rewritten)
 
-    _nft(install, f"cannot forward {home} <-> {peer} to {there[0]}")
+    _nft(install, f"cannot forward {home} <-> {peer} to {there or 'home'}")
 
 
 def unforward(home: Endpoint, peer: Endpoint) -> None:
