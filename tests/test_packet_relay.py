@@ -284,6 +284,41 @@ def test_a_mover_killed_mid_move_by_packets_is_settled_by_recover(
                 assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
 
 
+# Run inside a node: one `route` request to the daemon at HOST:PORT, as a cluster node.
+ROUTE_REQUEST = """\
+import sys
+from hijack.node import pki
+from hijack.node.channel import Channel
+host, port, origin, peer, to = sys.argv[1:6]
+channel = Channel.connect((host, int(port)), pki.load_identity())
+channel.send({"op": "route", "origin": origin, "peer": peer, "hold": True, "to": to})
+print(channel.receive())
+"""
+
+
+def test_no_node_can_have_a_connection_of_the_home_node_redirected(tmp_path: Path) -> None:
+    with Cluster(tmp_path, nodes=3) as cluster:
+        a, b, c = cluster.nodes
+        a.start_daemon()
+        forwarding_on(a)
+        assert a.daemon_endpoint is not None
+        with echo_peer(c) as (peer, port):
+            stream = (c.address, str(port), str(STREAM_BYTES), "36")
+            with spawn_fixture("stream_client", *stream, netns=a.netns) as client:
+                poll_until(
+                    lambda: acked_between(a, c.address, port) > 0, "the stream to c under way"
+                )
+                own = f"{a.address}:{port_of(connections(c, port)[0], -1)}"
+                host, daemon_port = a.daemon_endpoint.split(":")
+                asked = b.run_python(
+                    ROUTE_REQUEST, host, daemon_port, own, f"{c.address}:{port}", b.address
+                )
+                assert "is not relayed here" in asked.stdout, asked.stdout + asked.stderr
+                assert route_tables(a) == []
+                peer.send_signal(signal.SIGCONT)
+                client.assert_intact()
+
+
 def test_packet_relays_are_refused_where_this_node_does_not_forward(tmp_path: Path) -> None:
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes

@@ -484,6 +484,12 @@ def _route(request: dict[str, Any], holds: Holds) -> str:
             socket.inet_aton(address)  # OSError if it is none
     if not is_ours(origin[0]):
         raise HijackError(f"{origin[0]} is not an address of this node")
+    # Only a connection a move from here made a relay by packets (its rewrites are here):
+    # another node never gets a connection of this node's redirected.
+    if packet_route.route_name(origin, peer) not in packet_route.tables():
+        if to == "" and not hold and not leaving:
+            return ""  # stopped already
+        raise HijackError(f"{origin[0]}:{origin[1]} <-> {peer[0]}:{peer[1]} is not relayed here")
     if hold:
         holds.hold(origin, peer)
     via = ""
