@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from support import spawn_fixture
+from support import RunningFixture, spawn_fixture
 from support.nodes import Cluster, Node, read_line
 from test_faults import deliver, finish, hijack_in
 from test_move import (
@@ -103,6 +103,22 @@ def echo_peer(node: Node) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
         peer.wait()
 
 
+@contextlib.contextmanager
+def stream_to_peer(
+    home: Node, peer_node: Node, seed: int, *extra: str
+) -> Iterator[tuple[subprocess.Popen[bytes], int, RunningFixture]]:
+    """(the echo peer, its port, the stream_client): the fixture on `home` streaming to an
+    echo peer on `peer_node`, stopped (the stream under way, it cannot end meanwhile)."""
+    with echo_peer(peer_node) as (peer, port):
+        stream = (peer_node.address, str(port), str(STREAM_BYTES), str(seed), *extra)
+        with spawn_fixture("stream_client", *stream, netns=home.netns) as client:
+            poll_until(
+                lambda: acked_between(home, peer_node.address, port) > 0,
+                f"the stream to {peer_node.name} under way",
+            )
+            yield peer, port, client
+
+
 def port_of(row: str, column: int) -> int:
     return int(row.split()[column].rpartition(":")[2])
 
@@ -115,41 +131,36 @@ def test_a_stream_moved_with_packet_relays_goes_on_through_the_home_node(
         b.start_daemon()
         a.start_daemon()  # asked by b's to stop rewriting the connection once it ended
         forwarding_on(a)
-        with echo_peer(c) as (peer, port):
-            stream = (c.address, str(port), str(STREAM_BYTES), "31")
-            with spawn_fixture("stream_client", *stream, netns=a.netns) as client:
-                poll_until(
-                    lambda: acked_between(a, c.address, port) > 0, "the stream to c under way"
-                )
-                before = connections(c, port)
-                assert len(before) == 1, before
-                through_a = forwarded(a)
-                moved = move(a, client.pid, b, options=("--packet-relays",))
-                peer.send_signal(signal.SIGCONT)
-                # Its connection is b's now, to the same peer, from the same port.
-                mine = connections(b, port_of(before[0], -1))
-                assert [row.split()[-1] for row in mine] == [f"{c.address}:{port}"], mine
-                assert len(policy_rules(b)) == 1, policy_rules(b)
-                # Both nodes' status say so: b runs it, a rewrites it.
-                routed = json.loads(b.hijack_ok("status", "--json").stdout)["routed"]
-                assert [(r["local"], r["remote"], r["home_node"]) for r in routed] == [
-                    (f"{b.address}:{port_of(before[0], -1)}", f"{c.address}:{port}", "a")
-                ], routed
-                tables = json.loads(a.hijack_ok("status", "--json").stdout)["packet_tables"]
-                assert [name.split("_")[1] for name in tables] == ["route"], tables
-                assert "relayed by packets" in b.hijack_ok("status").stdout
-                client.wait_exit()  # the original, killed by the move
-                assert_ended_well(moved, "the stream_client moved with packet relays", tmp_path)
-                wait_released(moved)
-                assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
-                # The peer saw one connection all along, and a forwarded the rest of it.
-                assert connections(c, port) == [] or port_of(connections(c, port)[0], -1) == (
-                    port_of(before[0], -1)
-                )
-                assert forwarded(a) - through_a > STREAM_BYTES // 65536
-                # Ended, its rules go: b's daemon looks every few seconds.
-                poll_until(lambda: not policy_rules(b), "b's rule removed", SWEEP_WAIT)
-                poll_until(lambda: not route_tables(a), "a's rewrites removed", SWEEP_WAIT)
+        with stream_to_peer(a, c, 31) as (peer, port, client):
+            before = connections(c, port)
+            assert len(before) == 1, before
+            through_a = forwarded(a)
+            moved = move(a, client.pid, b, options=("--packet-relays",))
+            peer.send_signal(signal.SIGCONT)
+            # Its connection is b's now, to the same peer, from the same port.
+            mine = connections(b, port_of(before[0], -1))
+            assert [row.split()[-1] for row in mine] == [f"{c.address}:{port}"], mine
+            assert len(policy_rules(b)) == 1, policy_rules(b)
+            # Both nodes' status say so: b runs it, a rewrites it.
+            routed = json.loads(b.hijack_ok("status", "--json").stdout)["routed"]
+            assert [(r["local"], r["remote"], r["home_node"]) for r in routed] == [
+                (f"{b.address}:{port_of(before[0], -1)}", f"{c.address}:{port}", "a")
+            ], routed
+            tables = json.loads(a.hijack_ok("status", "--json").stdout)["packet_tables"]
+            assert [name.split("_")[1] for name in tables] == ["route"], tables
+            assert "relayed by packets" in b.hijack_ok("status").stdout
+            client.wait_exit()  # the original, killed by the move
+            assert_ended_well(moved, "the stream_client moved with packet relays", tmp_path)
+            wait_released(moved)
+            assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
+            # The peer saw one connection all along, and a forwarded the rest of it.
+            assert connections(c, port) == [] or port_of(connections(c, port)[0], -1) == (
+                port_of(before[0], -1)
+            )
+            assert forwarded(a) - through_a > STREAM_BYTES // 65536
+            # Ended, its rules go: b's daemon looks every few seconds.
+            poll_until(lambda: not policy_rules(b), "b's rule removed", SWEEP_WAIT)
+            poll_until(lambda: not route_tables(a), "a's rewrites removed", SWEEP_WAIT)
 
 
 def test_a_stream_relayed_by_packets_moves_on_and_home_again(tmp_path: Path) -> None:
@@ -159,35 +170,30 @@ def test_a_stream_relayed_by_packets_moves_on_and_home_again(tmp_path: Path) -> 
         d.start_daemon()
         a.start_daemon()
         forwarding_on(a)
-        with echo_peer(c) as (peer, port):
-            stream = (c.address, str(port), str(STREAM_BYTES), "32")
-            with spawn_fixture("stream_client", *stream, netns=a.netns) as client:
-                poll_until(
-                    lambda: acked_between(a, c.address, port) > 0, "the stream to c under way"
-                )
-                own_port = port_of(connections(c, port)[0], -1)
-                at_b = move(a, client.pid, b, options=("--packet-relays",))
-                peer.send_signal(signal.SIGCONT)
-                poll_until(lambda: acked_between(b, c.address, port) > 1 << 20, "on from b")
-                peer.send_signal(signal.SIGSTOP)
-                at_d = move(b, at_b.pid, d, home=(a, client.pid))
-                assert [row.split()[-2] for row in connections(d, own_port)] == [
-                    f"{d.address}:{own_port}"
-                ]
-                assert policy_rules(b) == [] and len(policy_rules(d)) == 1
-                peer.send_signal(signal.SIGCONT)
-                poll_until(lambda: acked_between(d, c.address, port) > 1 << 20, "on from d")
-                peer.send_signal(signal.SIGSTOP)
-                home = move(d, at_d.pid, a, home=(a, client.pid))
-                # Home again: its own address, nothing rewritten, no rule anywhere.
-                assert [row.split()[-2] for row in connections(a, own_port)] == [
-                    f"{a.address}:{own_port}"
-                ]
-                assert route_tables(a) == [] and policy_rules(d) == []
-                peer.send_signal(signal.SIGCONT)
-                client.wait_exit()
-                assert_ended_well(home, "the stream_client moved home again", tmp_path)
-                assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
+        with stream_to_peer(a, c, 32) as (peer, port, client):
+            own_port = port_of(connections(c, port)[0], -1)
+            at_b = move(a, client.pid, b, options=("--packet-relays",))
+            peer.send_signal(signal.SIGCONT)
+            poll_until(lambda: acked_between(b, c.address, port) > 1 << 20, "on from b")
+            peer.send_signal(signal.SIGSTOP)
+            at_d = move(b, at_b.pid, d, home=(a, client.pid))
+            assert [row.split()[-2] for row in connections(d, own_port)] == [
+                f"{d.address}:{own_port}"
+            ]
+            assert policy_rules(b) == [] and len(policy_rules(d)) == 1
+            peer.send_signal(signal.SIGCONT)
+            poll_until(lambda: acked_between(d, c.address, port) > 1 << 20, "on from d")
+            peer.send_signal(signal.SIGSTOP)
+            home = move(d, at_d.pid, a, home=(a, client.pid))
+            # Home again: its own address, nothing rewritten, no rule anywhere.
+            assert [row.split()[-2] for row in connections(a, own_port)] == [
+                f"{a.address}:{own_port}"
+            ]
+            assert route_tables(a) == [] and policy_rules(d) == []
+            peer.send_signal(signal.SIGCONT)
+            client.wait_exit()
+            assert_ended_well(home, "the stream_client moved home again", tmp_path)
+            assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
 
 
 def test_a_tree_whose_child_streams_moves_by_packets_and_home_again(tmp_path: Path) -> None:
@@ -196,28 +202,22 @@ def test_a_tree_whose_child_streams_moves_by_packets_and_home_again(tmp_path: Pa
         b.start_daemon()
         a.start_daemon()
         forwarding_on(a)
-        with echo_peer(c) as (peer, port):
-            # The connection is the child's: the tree moves as one, its child's stream by
-            # packets.
-            stream = (c.address, str(port), str(STREAM_BYTES), "34", "fork")
-            with spawn_fixture("stream_client", *stream, netns=a.netns) as client:
-                poll_until(
-                    lambda: acked_between(a, c.address, port) > 0, "the stream to c under way"
-                )
-                own_port = port_of(connections(c, port)[0], -1)
-                at_b = move(a, client.pid, b, options=("--packet-relays",))
-                assert [row.split()[-2] for row in connections(b, own_port)] == [
-                    f"{b.address}:{own_port}"
-                ]
-                peer.send_signal(signal.SIGCONT)
-                poll_until(lambda: acked_between(b, c.address, port) > 1 << 20, "on from b")
-                peer.send_signal(signal.SIGSTOP)
-                home = move(b, at_b.pid, a, home=(a, client.pid))
-                assert route_tables(a) == [] and policy_rules(b) == []
-                peer.send_signal(signal.SIGCONT)
-                client.wait_exit()
-                assert_ended_well(home, "the stream_client's tree home again", tmp_path)
-                assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
+        # The connection is the child's: the tree moves as one, its child's stream by packets.
+        with stream_to_peer(a, c, 34, "fork") as (peer, port, client):
+            own_port = port_of(connections(c, port)[0], -1)
+            at_b = move(a, client.pid, b, options=("--packet-relays",))
+            assert [row.split()[-2] for row in connections(b, own_port)] == [
+                f"{b.address}:{own_port}"
+            ]
+            peer.send_signal(signal.SIGCONT)
+            poll_until(lambda: acked_between(b, c.address, port) > 1 << 20, "on from b")
+            peer.send_signal(signal.SIGSTOP)
+            home = move(b, at_b.pid, a, home=(a, client.pid))
+            assert route_tables(a) == [] and policy_rules(b) == []
+            peer.send_signal(signal.SIGCONT)
+            client.wait_exit()
+            assert_ended_well(home, "the stream_client's tree home again", tmp_path)
+            assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
 
 
 def test_a_move_by_packets_that_fails_leaves_the_connection_going_on_at_home(
@@ -230,18 +230,13 @@ def test_a_move_by_packets_that_fails_leaves_the_connection_going_on_at_home(
         (tmp_path / "a-file").write_text("not a directory\n")
         start_daemon_with(b, "HIJACK_STATE_DIR", str(tmp_path / "a-file"))
         forwarding_on(a)
-        with echo_peer(c) as (peer, port):
-            stream = (c.address, str(port), str(STREAM_BYTES), "33")
-            with spawn_fixture("stream_client", *stream, netns=a.netns) as client:
-                poll_until(
-                    lambda: acked_between(a, c.address, port) > 0, "the stream to c under way"
-                )
-                line = move_refused(a, client.pid, b, "--packet-relays")
-                assert "did not run the process" in line or "state registry" in line, line
-                assert route_tables(a) == [] and policy_rules(b) == []
-                peer.send_signal(signal.SIGCONT)
-                client.assert_intact()  # every byte echoed, at home
-                assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
+        with stream_to_peer(a, c, 33) as (peer, _, client):
+            line = move_refused(a, client.pid, b, "--packet-relays")
+            assert "did not run the process" in line or "state registry" in line, line
+            assert route_tables(a) == [] and policy_rules(b) == []
+            peer.send_signal(signal.SIGCONT)
+            client.assert_intact()  # every byte echoed, at home
+            assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
 
 
 @pytest.mark.parametrize("stage", ["move-prepared", "move-committed"])
@@ -253,35 +248,30 @@ def test_a_mover_killed_mid_move_by_packets_is_settled_by_recover(
         b.start_daemon()
         forwarding_on(a)
         assert b.daemon_endpoint is not None
-        with echo_peer(c) as (peer, port):
-            stream = (c.address, str(port), str(STREAM_BYTES), "35")
-            with spawn_fixture("stream_client", *stream, netns=a.netns) as client:
-                poll_until(
-                    lambda: acked_between(a, c.address, port) > 0, "the stream to c under way"
-                )
-                mover = hijack_in(
-                    a, stage, "move", client.pid, "--to", b.daemon_endpoint, "--packet-relays"
-                )
-                deliver(mover, signal.SIGKILL)
-                assert finish(mover).returncode == -signal.SIGKILL
-                recovered = a.hijack("recover")
-                assert recovered.returncode == 0, recovered.describe()
-                # Committed: it runs on b, the original ended; else on at home.
-                said = "the original here was ended" if stage == "move-committed" else "runs on"
-                assert said in recovered.stdout, recovered.describe()
-                assert [name.split("_")[1] for name in route_tables(a)] == (
-                    ["route"] if stage == "move-committed" else []
-                )
-                peer.send_signal(signal.SIGCONT)
-                if stage == "move-committed":
-                    client.wait_exit()
-                    moved_pid = int(recovered.stdout.split(" as ")[1].split(";")[0])
-                    shadow = shadow_status(a, client.pid)["shadow_pid"]
-                    moved = Moved(moved_pid, b, 0.0, shadow)
-                    assert_ended_well(moved, "the stream_client recovered on b", tmp_path)
-                else:
-                    client.assert_intact()  # every byte echoed, at home
-                assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
+        with stream_to_peer(a, c, 35) as (peer, _, client):
+            mover = hijack_in(
+                a, stage, "move", client.pid, "--to", b.daemon_endpoint, "--packet-relays"
+            )
+            deliver(mover, signal.SIGKILL)
+            assert finish(mover).returncode == -signal.SIGKILL
+            recovered = a.hijack("recover")
+            assert recovered.returncode == 0, recovered.describe()
+            # Committed: it runs on b, the original ended; else on at home.
+            said = "the original here was ended" if stage == "move-committed" else "runs on"
+            assert said in recovered.stdout, recovered.describe()
+            assert [name.split("_")[1] for name in route_tables(a)] == (
+                ["route"] if stage == "move-committed" else []
+            )
+            peer.send_signal(signal.SIGCONT)
+            if stage == "move-committed":
+                client.wait_exit()
+                moved_pid = int(recovered.stdout.split(" as ")[1].split(";")[0])
+                shadow = shadow_status(a, client.pid)["shadow_pid"]
+                moved = Moved(moved_pid, b, 0.0, shadow)
+                assert_ended_well(moved, "the stream_client recovered on b", tmp_path)
+            else:
+                client.assert_intact()  # every byte echoed, at home
+            assert client.stdout == f"streamed {STREAM_BYTES} bytes\nPASS stream_client\n"
 
 
 # Run inside a node: one `route` request to the daemon at HOST:PORT, as a cluster node.
@@ -302,21 +292,16 @@ def test_no_node_can_have_a_connection_of_the_home_node_redirected(tmp_path: Pat
         a.start_daemon()
         forwarding_on(a)
         assert a.daemon_endpoint is not None
-        with echo_peer(c) as (peer, port):
-            stream = (c.address, str(port), str(STREAM_BYTES), "36")
-            with spawn_fixture("stream_client", *stream, netns=a.netns) as client:
-                poll_until(
-                    lambda: acked_between(a, c.address, port) > 0, "the stream to c under way"
-                )
-                own = f"{a.address}:{port_of(connections(c, port)[0], -1)}"
-                host, daemon_port = a.daemon_endpoint.split(":")
-                asked = b.run_python(
-                    ROUTE_REQUEST, host, daemon_port, own, f"{c.address}:{port}", b.address
-                )
-                assert "is not relayed here" in asked.stdout, asked.stdout + asked.stderr
-                assert route_tables(a) == []
-                peer.send_signal(signal.SIGCONT)
-                client.assert_intact()
+        with stream_to_peer(a, c, 36) as (peer, port, client):
+            own = f"{a.address}:{port_of(connections(c, port)[0], -1)}"
+            host, daemon_port = a.daemon_endpoint.split(":")
+            asked = b.run_python(
+                ROUTE_REQUEST, host, daemon_port, own, f"{c.address}:{port}", b.address
+            )
+            assert "is not relayed here" in asked.stdout, asked.stdout + asked.stderr
+            assert route_tables(a) == []
+            peer.send_signal(signal.SIGCONT)
+            client.assert_intact()
 
 
 def test_packet_relays_are_refused_where_this_node_does_not_forward(tmp_path: Path) -> None:

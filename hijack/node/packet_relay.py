@@ -389,7 +389,7 @@ def settle(pid: int, committed: bool, at_home: bool, registry: Registry) -> list
             if ("hold", origin, peer) not in tables and ("route", origin, peer) not in tables:
                 continue
             if committed:
-                _silence(pid, fd)
+                tcp_repair.silence(pid, fd)
                 settled.append(fd)
             else:
                 packet_route.unforward(origin, peer)
@@ -407,7 +407,7 @@ def settle(pid: int, committed: bool, at_home: bool, registry: Registry) -> list
         for fd, connection in taken.items():
             ends = {"origin": connection.origin, "peer": connection.remote}
             if committed:
-                _silence(pid, fd)
+                tcp_repair.silence(pid, fd)
                 home.send({"op": "route", **ends, "hold": False})
             else:
                 here = split_endpoint(connection.local)[0]
@@ -418,19 +418,6 @@ def settle(pid: int, committed: bool, at_home: bool, registry: Registry) -> list
     finally:
         home.close()
     return list(taken) if committed else []
-
-
-def _silence(pid: int, fd: int) -> None:
-    """Descriptor `fd` of `pid` (a socket) put in repair mode: closed, it sends nothing."""
-    handle = pidfd.pidfd_open(pid)
-    try:
-        copy = pidfd.pidfd_getfd(handle, fd, pid)
-    finally:
-        os.close(handle)
-    try:
-        tcp_repair.set_repair(copy, True)
-    finally:
-        os.close(copy)
 
 
 def forget_here(registry: Registry, local: str, peer: str) -> None:

@@ -204,15 +204,7 @@ class Repointed:
         its addresses), so a later move home can make the connection again here."""
         for pid, fd in self.old_ends:
             with contextlib.suppress(HijackError, OSError):  # committed: nothing may fail
-                handle = pidfd.pidfd_open(pid)
-                try:
-                    copy = pidfd.pidfd_getfd(handle, fd, pid)
-                finally:
-                    os.close(handle)
-                try:
-                    tcp_repair.set_repair(copy, True)
-                finally:
-                    os.close(copy)
+                tcp_repair.silence(pid, fd)
         self.old_ends = []
 
     def abort(self) -> None:

@@ -125,6 +125,20 @@ def set_repair(fd: int, on: bool) -> None:
             sock.detach()
 
 
+def silence(pid: int, fd: int) -> None:
+    """Descriptor `fd` of process `pid` (a TCP socket) put in repair mode: closed, it
+    vanishes without a segment (no FIN, no reset, no TIME_WAIT keeping its addresses)."""
+    handle = pidfd.pidfd_open(pid)
+    try:
+        copy = pidfd.pidfd_getfd(handle, fd, pid)
+    finally:
+        os.close(handle)
+    try:
+        set_repair(copy, True)
+    finally:
+        os.close(copy)
+
+
 def state_of(fd: int) -> int:
     """The kernel's TCP state number of socket `fd` (ours)."""
     with kernel_call("getsockopt(TCP_INFO)"), socket.socket(fileno=fd) as sock:
