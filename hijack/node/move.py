@@ -283,7 +283,7 @@ def move(
     not converge (and `precopy` is None).
     `packet_relays`: its TCP connections to peers on other machines go on through this
     node's IP layer rather than its shadow (hijack.node.packet_relay); a move from home
-    of a single process only.
+    only (later moves take such connections along by themselves).
     A move that fails leaves the process as it found it: attached only if it
     was attached before. One whose outcome is unknown raises MoveInDoubt.
     """
