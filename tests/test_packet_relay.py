@@ -119,6 +119,21 @@ def stream_to_peer(
             yield peer, port, client
 
 
+def goes_on_from(node: Node, peer_node: Node, port: int, peer: subprocess.Popen[bytes]) -> None:
+    """The stream, let go on, carries 1 MiB from `node` (where the client runs now); its
+    peer is stopped again after."""
+    peer.send_signal(signal.SIGCONT)
+    poll_until(
+        lambda: acked_between(node, peer_node.address, port) > 1 << 20, f"on from {node.name}"
+    )
+    peer.send_signal(signal.SIGSTOP)
+
+
+def ends_at(node: Node, own_port: int) -> list[str]:
+    """The local ends ("ip:port") of `node`'s established connections on `own_port`."""
+    return [row.split()[-2] for row in connections(node, own_port)]
+
+
 def port_of(row: str, column: int) -> int:
     return int(row.split()[column].rpartition(":")[2])
 
@@ -173,22 +188,14 @@ def test_a_stream_relayed_by_packets_moves_on_and_home_again(tmp_path: Path) -> 
         with stream_to_peer(a, c, 32) as (peer, port, client):
             own_port = port_of(connections(c, port)[0], -1)
             at_b = move(a, client.pid, b, options=("--packet-relays",))
-            peer.send_signal(signal.SIGCONT)
-            poll_until(lambda: acked_between(b, c.address, port) > 1 << 20, "on from b")
-            peer.send_signal(signal.SIGSTOP)
+            goes_on_from(b, c, port, peer)
             at_d = move(b, at_b.pid, d, home=(a, client.pid))
-            assert [row.split()[-2] for row in connections(d, own_port)] == [
-                f"{d.address}:{own_port}"
-            ]
+            assert ends_at(d, own_port) == [f"{d.address}:{own_port}"]
             assert policy_rules(b) == [] and len(policy_rules(d)) == 1
-            peer.send_signal(signal.SIGCONT)
-            poll_until(lambda: acked_between(d, c.address, port) > 1 << 20, "on from d")
-            peer.send_signal(signal.SIGSTOP)
+            goes_on_from(d, c, port, peer)
             home = move(d, at_d.pid, a, home=(a, client.pid))
             # Home again: its own address, nothing rewritten, no rule anywhere.
-            assert [row.split()[-2] for row in connections(a, own_port)] == [
-                f"{a.address}:{own_port}"
-            ]
+            assert ends_at(a, own_port) == [f"{a.address}:{own_port}"]
             assert route_tables(a) == [] and policy_rules(d) == []
             peer.send_signal(signal.SIGCONT)
             client.wait_exit()
@@ -206,12 +213,8 @@ def test_a_tree_whose_child_streams_moves_by_packets_and_home_again(tmp_path: Pa
         with stream_to_peer(a, c, 34, "fork") as (peer, port, client):
             own_port = port_of(connections(c, port)[0], -1)
             at_b = move(a, client.pid, b, options=("--packet-relays",))
-            assert [row.split()[-2] for row in connections(b, own_port)] == [
-                f"{b.address}:{own_port}"
-            ]
-            peer.send_signal(signal.SIGCONT)
-            poll_until(lambda: acked_between(b, c.address, port) > 1 << 20, "on from b")
-            peer.send_signal(signal.SIGSTOP)
+            assert ends_at(b, own_port) == [f"{b.address}:{own_port}"]
+            goes_on_from(b, c, port, peer)
             home = move(b, at_b.pid, a, home=(a, client.pid))
             assert route_tables(a) == [] and policy_rules(b) == []
             peer.send_signal(signal.SIGCONT)
