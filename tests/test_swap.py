@@ -543,6 +543,12 @@ def test_a_move_run_away_from_home_swaps_through_the_home_node(
         a, b, c = cluster.nodes
         for node in cluster.nodes:  # a's daemon swaps for the move run on b
             node.start_daemon()
+            # Reno, not BBR (this machine's default; cubic is not allowed in a namespace
+            # here): a connection made again in repair mode under BBR can crawl for
+            # minutes after a move (WITHOUT_HOME_BYTES: a known problem, issue #17's
+            # notes; CI of 9201d67 failed on it once more); this test checks the swaps.
+            done = node.run(["sysctl", "-qw", "net.ipv4.tcp_congestion_control=reno"], timeout=10)
+            assert done.returncode == 0, done.stderr
         shape_links(cluster)
         with echo_stream(a, seed=45, size=1 << 30, server_args=("0", "epoll")) as (
             server,

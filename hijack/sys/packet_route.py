@@ -11,8 +11,9 @@ named for its ends. The destination sends its answers through the home node by a
 policy rule for exactly that connection (its ports and addresses), so a peer that it
 could reach directly still sees them come from the home node's address.
 
-While a move is frozen a *hold* drops the peer's packets at the home node before they
-are rewritten (the peer retransmits them once it is lifted): the connection's state,
+While a move is frozen a *hold* keeps the peer's packets at the home node before they
+are rewritten (in a packet queue, hijack.sys.nfqueue, let go in order when it is lifted;
+dropped where there is none, the peer retransmitting them): the connection's state,
 read at home, must not change, and the destination's socket, made in repair mode, must
 not take bytes a failed move would lose.
 
@@ -56,7 +57,7 @@ SOURCE_NAT_PRIORITY = 100  # after the routing decision: a local source there is
 # home node, holding its default route through that node.
 RULE_PRIORITY = 1000
 TABLE_BASE = 0x686A0000  # "hj" and 16 bits of the home node's address
-IPV4_SOURCE_AT, IPV4_CHECKSUM_AT = 12, 10  # in the IPv4 header
+IPV4_SOURCE_AT, IPV4_DESTINATION_AT, IPV4_CHECKSUM_AT = 12, 16, 10  # in the IPv4 header
 NFT_PAYLOAD_CSUM_INET = 1
 FORWARDING = "/proc/sys/net/ipv4/ip_forward"
 
@@ -171,7 +172,11 @@ def forward(home: Endpoint, peer: Endpoint, there: str | None, sources: list[str
         _base_chain(nft, name, "prerouting", "prerouting", REWRITE_PRIORITY)
         _base_chain(nft, name, "postrouting", "postrouting", SOURCE_NAT_PRIORITY)
         if there is not None:
-            towards = [*_from_to(peer, home), _untracked(), *_set_address(16, there)]
+            towards = [
+                *_from_to(peer, home),
+                _untracked(),
+                *_set_address(IPV4_DESTINATION_AT, there),
+            ]
             nft.rule("add", table=name, chain="prerouting", expressions=towards)
         for source in dict.fromkeys(sources):
             back = _from_to((source, home[1]), peer)
