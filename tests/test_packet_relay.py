@@ -28,6 +28,7 @@ from test_move import (
     move,
     move_refused,
     poll_until,
+    refusal_line,
     shadow_status,
     start_daemon_with,
     wait_released,
@@ -189,14 +190,15 @@ def test_a_stream_relayed_by_packets_moves_on_and_home_again(tmp_path: Path) -> 
             own_port = port_of(connections(c, port)[0], -1)
             at_b = move(a, client.pid, b, options=("--packet-relays",))
             goes_on_from(b, c, port, peer)
-            at_d = move(b, at_b.pid, d, home=(a, client.pid))
-            assert ends_at(d, own_port) == [f"{d.address}:{own_port}"]
-            assert policy_rules(b) == [] and len(policy_rules(d)) == 1
-            goes_on_from(d, c, port, peer)
-            home = move(d, at_d.pid, a, home=(a, client.pid))
+            # On to a third node: refused for now (its connection was seen reset there).
+            assert d.daemon_endpoint is not None
+            refused = refusal_line(b.hijack("move", at_b.pid, "--to", d.daemon_endpoint))
+            assert "go only home from here" in refused, refused
+            goes_on_from(b, c, port, peer)
+            home = move(b, at_b.pid, a, home=(a, client.pid))
             # Home again: its own address, nothing rewritten, no rule anywhere.
             assert ends_at(a, own_port) == [f"{a.address}:{own_port}"]
-            assert route_tables(a) == [] and policy_rules(d) == []
+            assert route_tables(a) == [] and policy_rules(b) == []
             peer.send_signal(signal.SIGCONT)
             client.wait_exit()
             assert_ended_well(home, "the stream_client moved home again", tmp_path)
