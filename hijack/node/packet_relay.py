@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 Endpoint = tuple[str, int]
 QUEUE_BASE, QUEUE_SPREAD = 0x6800, 0x800  # packet queue numbers: one picked at random
 ENDED_STATES = ("06", "07")  # TCP_TIME_WAIT, TCP_CLOSE as /proc/net/tcp shows them
-DEFAULT_PORT = 7450  # the node daemon's (hijack.node.daemon, which builds on this module)
 
 
 class Holds:
@@ -342,11 +341,13 @@ def connect_home(
     homes = {(r.home_node, r.gateway) for r in routed}
     if len(homes) > 1:
         raise HijackError(f"connections relayed by packets through {len(homes)} home nodes")
+    # Not at the top: hijack.node.daemon builds on this module.
+    from hijack.node.daemon import DEFAULT_PORT, parse_address
+
     (name, gateway) = homes.pop()
     known = {node: address for node, address, _ in registry.nodes()}
-    address = known.get(name)
-    host, port = address.rpartition(":")[::2] if address else (gateway, str(DEFAULT_PORT))
-    return Channel.connect((host, int(port)), identity, expect=name)
+    address = parse_address(known[name]) if name in known else (gateway, DEFAULT_PORT)
+    return Channel.connect(address, identity, expect=name)
 
 
 def held_routed(pids: list[int], registry: Registry) -> list[RoutedConnection]:
