@@ -384,6 +384,8 @@ class Precopy:
         made the stop find the layout unchanged more often, but left what the process
         wrote while smaps was read to the freeze: a frozen image ~1.5x, and the freeze
         longer in the moves that needed no smaps read again, most of them when idle.)"""
+        # A layout read at a stop since let go (layout_held) is the process's no more.
+        self._maps_stopped = None
         for _ in range(LAYOUT_READS):
             self._flags = procfs.read_smaps_layout(self.pid)
             if catch_up is not None:

@@ -873,7 +873,10 @@ def seize_on_its_layout(
     for attempt in range(RESEIZES + 1):
         tracee = Tracee.seize(pid)
         try:
-            if attempt == RESEIZES or precopied.layout_held():
+            # layout_held() first, at every stop: it reads the layout the freeze then
+            # uses (freeze's maps_at_freeze), which must be this stop's, never one read
+            # at a stop let go before (the process ran on and changed it meanwhile).
+            if precopied.layout_held() or attempt == RESEIZES:
                 return tracee
         except BaseException:
             tracee.release()
