@@ -28,7 +28,6 @@ from test_move import (
     move,
     move_refused,
     poll_until,
-    refusal_line,
     shadow_status,
     start_daemon_with,
     wait_released,
@@ -87,6 +86,21 @@ def policy_rules(node: Node) -> list[str]:
 
 
 TABLES = "from hijack.sys import packet_route; print(*packet_route.tables())"
+GENERATIONS = """\
+from hijack.sys import netlock, packet_route
+nft = netlock.nftables_socket(netlock.NFPROTO_IPV4)
+for rule in nft.get_rules():
+    if rule.get_attr("NFTA_RULE_TABLE").startswith(packet_route.ROUTE_PREFIX):
+        print(rule.get_attr("NFTA_RULE_USERDATA"))
+"""
+
+
+def rewrite_generations(node: Node) -> set[str]:
+    """The generations ("hijack N") of the rewrites' rules in `node`: one once a later
+    move's freeze is over (the superseded ones removed)."""
+    done = node.run([sys.executable, "-c", GENERATIONS], timeout=10)
+    assert done.returncode == 0, done.stderr
+    return set(done.stdout.splitlines())
 
 
 @contextlib.contextmanager
@@ -190,15 +204,15 @@ def test_a_stream_relayed_by_packets_moves_on_and_home_again(tmp_path: Path) -> 
             own_port = port_of(connections(c, port)[0], -1)
             at_b = move(a, client.pid, b, options=("--packet-relays",))
             goes_on_from(b, c, port, peer)
-            # On to a third node: refused for now (its connection was seen reset there).
-            assert d.daemon_endpoint is not None
-            refused = refusal_line(b.hijack("move", at_b.pid, "--to", d.daemon_endpoint))
-            assert "go only home from here" in refused, refused
-            goes_on_from(b, c, port, peer)
-            home = move(b, at_b.pid, a, home=(a, client.pid))
+            at_d = move(b, at_b.pid, d, home=(a, client.pid))
+            assert ends_at(d, own_port) == [f"{d.address}:{own_port}"]
+            assert policy_rules(b) == [] and len(policy_rules(d)) == 1
+            poll_until(lambda: rewrite_generations(a) == {"hijack 2"}, "a's old rewrites gone")
+            goes_on_from(d, c, port, peer)
+            home = move(d, at_d.pid, a, home=(a, client.pid))
             # Home again: its own address, nothing rewritten, no rule anywhere.
             assert ends_at(a, own_port) == [f"{a.address}:{own_port}"]
-            assert route_tables(a) == [] and policy_rules(b) == []
+            assert route_tables(a) == [] and policy_rules(d) == []
             peer.send_signal(signal.SIGCONT)
             client.wait_exit()
             assert_ended_well(home, "the stream_client moved home again", tmp_path)

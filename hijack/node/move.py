@@ -459,15 +459,6 @@ def _move_attached(
             )
             # Away from home, its home node rewrites them: asked within the freeze.
             routed = held_routed(living_members(pid), registry)
-            if routed and channel.peer != record.home_node:
-                # On to a third node: its connection was seen reset there before its next
-                # move in 2 CI runs of 4 (issue #17's notes); refused until understood.
-                raise Unsupported(
-                    f"cannot move process {pid} to {channel.peer}: it holds connections relayed"
-                    f" by packets through its home node {record.home_node!r}, which go only"
-                    " home from here for now; move it home first; nothing was changed",
-                    pid=pid,
-                )
             packets.home = connect_home(registry, routed, identity)
             if packets.home is not None:
                 packet_route.preload()  # not within the freeze

@@ -290,6 +290,8 @@ class PacketRelays:
             if not taken.local:
                 with contextlib.suppress(HijackError):
                     self.holds.remove(taken.origin, taken.peer)
+                with contextlib.suppress(HijackError):  # an earlier table's rules, if any
+                    packet_route.tidy(taken.origin, taken.peer)
         self.holds.close()
         left = [taken for taken in self.taken if taken.local]
         self.taken = []
@@ -443,12 +445,13 @@ def serve_route(channel: Channel, request: dict[str, Any]) -> None:
     try:
         while True:
             try:
-                channel.send({"via": _route(request, holds)})
-                if request.get("hold") is False:  # answered first: the peer goes on meanwhile
-                    origin = split_endpoint(str(request["origin"]))
-                    holds.remove(origin, split_endpoint(str(request["peer"])))
+                via = _route(request, holds)
             except (HijackError, KeyError, TypeError, ValueError, OSError) as exc:
                 channel.send({"error": f"route: {exc}"})
+            else:
+                channel.send({"via": via})
+                if request.get("hold") is False:  # answered first: the peer goes on meanwhile
+                    _after_freeze(request, holds)
             try:
                 request = channel.receive()
             except ChannelError:
@@ -458,6 +461,16 @@ def serve_route(channel: Channel, request: dict[str, Any]) -> None:
                 return
     finally:
         holds.close()
+
+
+def _after_freeze(request: dict[str, Any], holds: Holds) -> None:
+    """What waits for a connection's freeze to end: its hold's table and its superseded
+    rewrites removed (each deletion waits out a grace period: 6-20 ms here)."""
+    origin, peer = split_endpoint(str(request["origin"])), split_endpoint(str(request["peer"]))
+    with contextlib.suppress(HijackError):
+        holds.remove(origin, peer)
+    with contextlib.suppress(HijackError):
+        packet_route.tidy(origin, peer)
 
 
 def _route(request: dict[str, Any], holds: Holds) -> str:
