@@ -438,7 +438,8 @@ class NodeDaemon:
 
         terminals = _Terminals(relay)
         direct: list[socket.socket] = []  # in repair mode until the commit
-        unsent: dict[tuple[int, int], bytes] = {}  # by (member, fd): send queues, once live
+        # By (member, fd): the states whose send queues go_live() gives.
+        owed: dict[tuple[int, int], tcp_repair.TcpState] = {}
         direct_proxies: list[Proxy] = []
         # The policy rules of connections relayed by packets: removed if the move fails.
         routes: list[tuple[tuple[str, int], tuple[str, int], str]] = []
@@ -449,7 +450,7 @@ class NodeDaemon:
             try:
                 state = swap_end.state_from(proxy.tcp or {}, cast(bytes, proxy.queues))
                 key = (proxy.member, proxy.fd)
-                made, unsent[key] = swap_end.make_quiet(family, local, peer, state)
+                made, owed[key] = swap_end.make_quiet(family, local, peer, state)
             except (HijackError, OSError) as exc:
                 raise HijackError(f"cannot make fd {proxy.fd}'s direct connection: {exc}") from None
             sock = socket.socket(fileno=made)
@@ -675,7 +676,7 @@ class NodeDaemon:
                         raise HijackError(f"move {move} was settled as aborted before its commit")
                     committed.append(pid)
                     for proxy, sock in zip(direct_proxies, direct, strict=True):
-                        swap_end.go_live(sock.fileno(), unsent[(proxy.member, proxy.fd)])
+                        swap_end.go_live(sock.fileno(), owed[(proxy.member, proxy.fd)])
                     for proxy in proxies:
                         if proxy.kind != "direct":
                             continue

@@ -87,7 +87,8 @@ class FrozenEnd:
     watching: list[tuple[int, int, int]] = field(default_factory=list)
     made: int = -1  # our copy of the direct connection, in repair mode until commit
     local: str = ""  # the old socket's own address
-    unsent: bytes = b""  # a repointed connection's send queue, written once it is live
+    # A repointed connection's state, whose send queue go_live() gives once it is live.
+    repointed: tcp_repair.TcpState | None = None
 
     @classmethod
     def freeze(
@@ -155,9 +156,13 @@ class FrozenEnd:
         """The same connection towards `remote`, where its peer goes (a later move of the
         peer, hijack.node.repoint): made in repair mode from the old one's state now
         (sequence numbers, both queues, window), put under the process's descriptor."""
-        state = read_state(self.old)
+        # All of its send queue as sent (unsent 0): its old socket runs on, sending what it
+        # had not yet, to the moving end, whose state is read after this one's; a byte it
+        # sends meanwhile is in that end's new receive queue, and a new end here sending
+        # it as never sent would be acknowledged past what it sent, which TCP drops.
+        state = dataclasses.replace(read_state(self.old), unsent=0)
         local = split_endpoint(self.local)
-        made, self.unsent = make_quiet(self.family, local, remote, state)
+        made, self.repointed = make_quiet(self.family, local, remote, state)
         self._put_under(made)
 
     def _put_under(self, made: int) -> None:
@@ -223,7 +228,10 @@ class FrozenEnd:
         """The process runs on with the direct connection; the old socket is let go
         (what it held unread was delivered on the new one: reset, it tells nobody)."""
         if self.made >= 0:
-            go_live(self.made, self.unsent)
+            if self.repointed is not None:
+                go_live(self.made, self.repointed)
+            else:
+                tcp_repair.set_repair(self.made, False)
             os.close(self.made)
             self.made = -1
         with socket.socket(fileno=self.old) as sock, contextlib.suppress(OSError):
@@ -285,20 +293,21 @@ def read_state(fd: int) -> tcp_repair.TcpState:
 
 def make_quiet(
     family: int, local: tuple[str, int], remote: tuple[str, int], state: tcp_repair.TcpState
-) -> tuple[int, bytes]:
+) -> tuple[int, tcp_repair.TcpState]:
     """The connection `state` describes, from `local` to `remote`, in repair mode but for
-    its send queue, returned to give it with go_live(): a send queue filled in repair mode
-    is retransmitted when its timer fires, repair mode or not, and a segment that reaches
-    the peer's node before the peer's end is made is answered with a reset."""
-    quiet = dataclasses.replace(state, send_queue=b"")
-    return tcp_repair.make_connection(family, local, remote, quiet, live=False), state.send_queue
+    its send queue, which go_live() gives it (with `state`, returned): a send queue filled
+    in repair mode is retransmitted when its timer fires, repair mode or not, and a
+    segment that reaches the peer's node before the peer's end is made is answered with a
+    reset."""
+    quiet = dataclasses.replace(state, send_queue=b"", unsent=0)
+    return tcp_repair.make_connection(family, local, remote, quiet, live=False), state
 
 
-def go_live(fd: int, unsent: bytes) -> None:
-    """A connection of make_quiet() gets its send queue (as sent, not acknowledged: what
-    the peer acknowledges from it is then valid) and leaves repair mode."""
-    tcp_repair.fill_send_queue(fd, unsent)
-    tcp_repair.set_repair(fd, False)  # live: it tells the peer its window
+def go_live(fd: int, state: tcp_repair.TcpState) -> None:
+    """A connection of make_quiet(`state`) gets its send queue and leaves repair mode (it
+    tells the peer its window): what was sent as sent, not acknowledged (what the peer
+    acknowledges from it is then valid), what never was sent now."""
+    tcp_repair.go_live(fd, state.send_queue, state.unsent)
 
 
 def state_fields(state: tcp_repair.TcpState) -> dict[str, Any]:
@@ -325,6 +334,8 @@ def state_from(fields: dict[str, Any], queues: bytes) -> tcp_repair.TcpState:
         raise HijackError(f"a malformed TCP state: {exc}") from None
     if len(state.send_queue) != sent:
         raise HijackError(f"a TCP state with {len(queues)} bytes of queues, fewer than {sent}")
+    if not 0 <= state.unsent <= sent:
+        raise HijackError(f"a TCP state with {state.unsent} of {sent} bytes never sent")
     return state
 
 

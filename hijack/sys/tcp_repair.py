@@ -63,6 +63,7 @@ TCP_MIN_MSS = 88  # what TCP_MAXSEG takes at least (<net/tcp.h>)
 TCP_MAX_USER_MSS = 32767  # and at most (MAX_TCP_WINDOW)
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
 SIOCOUTQ = termios.TIOCOUTQ  # bytes in the send queue (sent or not)
+SIOCOUTQNSD = 0x894B  # bytes in the send queue never sent
 REPAIR_WINDOW = struct.Struct("<5I")  # snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
 REPAIR_OPTION = struct.Struct("<II")  # opt_code, opt_val
 # struct tcp_info: state, ca_state, retransmits, probes, backoff, options, wscales (4+4 bits)
@@ -99,6 +100,10 @@ class TcpState:
     window: tuple[int, int, int, int, int]  # struct tcp_repair_window
     state: int = ESTABLISHED  # one of CONNECTED_STATES
     read_shut: bool = False  # the program shut reading (shutdown SHUT_RD), no FIN received
+    # The bytes at the end of send_queue never sent: made again, they are sent as the
+    # program's writes are, not put back as sent (which would have the peer get them only
+    # by retransmission, and the congestion control count them all in flight at once).
+    unsent: int = 0
 
 
 STEADY_WAIT = 5.0  # seconds a live connection may keep receiving while its state is read
@@ -219,6 +224,8 @@ def _read_state_once(fd: int) -> TcpState:
             sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_SEND_QUEUE)
             send_seq = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ)
             send_queue = _peek(sock, TCP_SEND_QUEUE, in_send_queue)
+            # After the peek: what goes out meanwhile counts as sent (sent again: safe).
+            never_sent = min(_queued(sock, SIOCOUTQNSD), len(send_queue))
             sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
             recv_seq = sock.getsockopt(socket.IPPROTO_TCP, TCP_QUEUE_SEQ)
             received = _peek(sock, TCP_RECV_QUEUE, _queued(sock, termios.FIONREAD))
@@ -254,31 +261,70 @@ def _read_state_once(fd: int) -> TcpState:
                 window=window,
                 state=state,
                 read_shut=read_shut,
+                unsent=_surely_unsent(never_sent, state, sock),
             )
         finally:
             sock.detach()
     return state
 
 
-def fill_send_queue(fd: int, data: bytes) -> None:
-    """Put `data` in the send queue of connection `fd` (ours, in repair mode) as sent and
-    not acknowledged: once live it is retransmitted (and acknowledged) from there."""
+def _surely_unsent(never_sent: int, state: int, sock: socket.socket) -> int:
+    """Of the `never_sent` last bytes of a send queue, those its socket will not send
+    either before it is silenced: a socket left live (a move's, a swap's old ends) still
+    sends a tail loss probe on its own, one segment of new data, while the peer's
+    acknowledgements are held (two kept for margin). Were one counted unsent and made
+    again as such, the peer, which has it, would acknowledge past what the new end sent,
+    and the new end would drop that segment (data and all) as acknowledging the unsent.
+    A FIN of ours counts in SIOCOUTQNSD too, sent or not: then every byte counts sent."""
+    if state in FIN_SENT:
+        return 0
+    return max(0, never_sent - 2 * sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG))
+
+
+def go_live(fd: int, send_queue: bytes, unsent: int) -> None:
+    """Connection `fd` (ours, made with live false and no send queue) gets `send_queue` and
+    leaves repair mode: its first bytes as sent and not acknowledged (the peer may have
+    them: what it acknowledges is then valid; the rest it gets by retransmission), its
+    last `unsent` ones sent once live, as the program's writes are."""
     with kernel_call("TCP_REPAIR_QUEUE"), socket.socket(fileno=fd) as sock:
         try:
-            _fill(sock, TCP_SEND_QUEUE, data)
+            _fill(sock, TCP_SEND_QUEUE, send_queue[: len(send_queue) - unsent], len(send_queue))
             sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
+            sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+            _send_unsent(sock, send_queue[len(send_queue) - unsent :])
         finally:
             sock.detach()
 
 
-def _fill(sock: socket.socket, queue: int, data: bytes) -> None:
+def _send_unsent(sock: socket.socket, data: bytes) -> None:
+    """Send `data` on a live connection whose buffer _fill() made big enough for it: it is
+    queued at once (were it not, the bytes would be lost: waited for, STEADY_WAIT s)."""
+    view = memoryview(data)
+    ready = select.poll()
+    ready.register(sock.fileno(), select.POLLOUT)
+    deadline = time.monotonic() + STEADY_WAIT
+    while view:
+        try:
+            view = view[sock.send(view[:CHUNK], socket.MSG_DONTWAIT) :]
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise HijackError(
+                    f"{len(view)} of the {len(data)} bytes never sent of a TCP connection"
+                    " do not fit in its buffer"
+                ) from None
+            ready.poll(10)
+
+
+def _fill(sock: socket.socket, queue: int, data: bytes, room: int = 0) -> None:
     """Put `data` back into a queue. Nothing drains a queue in repair mode, so a buffer
     smaller than the data would block forever: it is made big enough first (root may
-    go past the sysctl limits), and the socket never blocks here."""
-    if not data:
+    go past the sysctl limits; for `room` bytes if more), and the socket never blocks
+    here."""
+    room = max(room, len(data))
+    if not room:
         return
     buffer = SO_SNDBUFFORCE if queue == TCP_SEND_QUEUE else SO_RCVBUFFORCE
-    sock.setsockopt(socket.SOL_SOCKET, buffer, len(data) + BUFFER_SLACK)
+    sock.setsockopt(socket.SOL_SOCKET, buffer, room + BUFFER_SLACK)
     sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, queue)
     view = memoryview(data)
     try:
@@ -301,7 +347,11 @@ def make_connection(
 ) -> int:
     """A socket of ours holding the connection `state` describes, live; returns its fd.
     With `live` false it is left in repair mode: it sends nothing until set_repair(fd,
-    False) (a socket swap makes both ends before either speaks)."""
+    False) (a socket swap makes both ends before either speaks); its send queue is then
+    all sent already (state.unsent 0: go_live() gives one with bytes never sent)."""
+    if not live and state.unsent:
+        raise ValueError("a connection left in repair mode cannot send its bytes never sent")
+    sent = len(state.send_queue) - state.unsent
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setblocking(False)
     try:
@@ -334,7 +384,7 @@ def make_connection(
             sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_OPTIONS, b"".join(options))
             if state.options & TCPI_OPT_TIMESTAMPS:
                 sock.setsockopt(socket.IPPROTO_TCP, TCP_TIMESTAMP, _signed(state.timestamp))
-            _fill(sock, TCP_SEND_QUEUE, state.send_queue)
+            _fill(sock, TCP_SEND_QUEUE, state.send_queue[:sent], len(state.send_queue))
             _fill(sock, TCP_RECV_QUEUE, state.received)
             sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_NO_QUEUE)
             # Before the window: its rcv_wup may count the FIN received.
@@ -344,6 +394,7 @@ def make_connection(
             )
             if live:
                 sock.setsockopt(socket.IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)
+                _send_unsent(sock, state.send_queue[sent:])
             sock.setblocking(True)
     except BaseException:
         sock.close()
