@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import enum
 import functools
 import io
@@ -129,6 +131,7 @@ from hijack.image import (
     summarize,
     summary_to_json,
 )
+from hijack.image import codec as codec_module
 from hijack.image import records as records_module
 from hijack.image.codec import next_is_round, round_pages, skip_rounds
 from hijack.image.fields import Cursor, struct_codec
@@ -497,6 +500,7 @@ def build_image(seed: int = 7, heap_pages: int = 768) -> Built:
             read_shut=True,
             local_address="[::1]:6379",
             remote_address="[::1]:51000",
+            unsent_bytes=2,
         ),
         ObjectData(id=11, offset=0, data=b"abcde"),
         PipeObject(id=12, pipe_size=1 << 20, packets=(), outside_pid=0),
@@ -1802,16 +1806,47 @@ def test_scattered_pages_keep_to_the_rules_of_pages() -> None:
         read_all(image)
 
 
+@contextlib.contextmanager
+def written_before_9() -> Iterator[None]:
+    """Images written meanwhile lay out what version 9 changed as older versions did (their
+    version in the signature is for the caller to write)."""
+    saved = dict(codec_module._SECTIONS)
+    codec_module._SECTIONS.update(codec_module._BEFORE_9)
+    try:
+        yield
+    finally:
+        codec_module._SECTIONS.update(saved)
+
+
 def test_a_version_6_image_is_read() -> None:
     """Version 7 only added SCATTERED_PAGES: an image written before it reads as it did."""
     out = io.BytesIO()
-    writer = minimal_writer(out, the(Segments).segments)
-    writer.write_pages(0x1001000, b"\1" * PAGE_SIZE)
-    finish(writer)
+    with written_before_9():
+        writer = minimal_writer(out, the(Segments).segments)
+        writer.write_pages(0x1001000, b"\1" * PAGE_SIZE)
+        finish(writer)
     image = out.getvalue()
     older = image[:4] + struct.pack("<I", 6) + image[8:]
     pages = [record for record in read_all(older) if isinstance(record, Pages)]
     assert pages == [Pages(address=0x1001000, data=b"\1" * PAGE_SIZE)]
+
+
+def test_a_version_8_image_reads_its_connections_as_all_sent() -> None:
+    """Version 9 added TcpConnection.unsent_bytes, at its end: a version 8 image's
+    connections, without it, read with 0 (their whole send queue put back as sent, as
+    they were restored then)."""
+    with written_before_9():
+        image = build_image().image
+    older = image[:4] + struct.pack("<I", 8) + image[8:]
+    connections = [record for record in read_all(older) if isinstance(record, TcpConnection)]
+    assert connections == [dataclasses.replace(the(TcpConnection), unsent_bytes=0)]
+    with pytest.raises(ImageError, match="TCP_CONNECTION"):
+        read_all(image)  # the shorter record, read as version 9's
+
+
+def test_a_connection_never_sent_more_than_its_send_queue_is_refused() -> None:
+    with pytest.raises(ImageError, match="4 bytes never sent of a send queue of 3"):
+        dataclasses.replace(the(TcpConnection), unsent_bytes=4)
 
 
 # --- thread credentials ----------------------------------------------------------------
@@ -1855,11 +1890,12 @@ def test_thread_credentials_name_threads_of_the_image_once() -> None:
         writer.write(own)
     # Version 7, without them.
     out = io.BytesIO()
-    writer = ImageWriter(out)
-    for record in BUILT.before_pages:
-        if record is not own:
-            writer.write(record)
-    finish(writer)
+    with written_before_9():
+        writer = ImageWriter(out)
+        for record in BUILT.before_pages:
+            if record is not own:
+                writer.write(record)
+        finish(writer)
     image = out.getvalue()
     older = image[:4] + struct.pack("<I", 7) + image[8:]
     assert not [r for r in read_all(older) if isinstance(r, ThreadCredentials)]

@@ -51,7 +51,7 @@ from typing import Any, BinaryIO, Protocol, cast
 from zlib_ng.zlib_ng import crc32
 
 from hijack.errors import ImageError
-from hijack.image.fields import Cursor, struct_codec
+from hijack.image.fields import Cursor, StructCodec, struct_codec
 from hijack.image.records import (
     MAX_OBJECT_DATA,
     MAX_PAGES_DATA,
@@ -110,10 +110,11 @@ from hijack.image.records import (
 )
 
 MAGIC = b"CRF\0"
-FORMAT_VERSION = 8
+FORMAT_VERSION = 9
 # Version 7 added SCATTERED_PAGES and nothing else, version 8 THREAD_CREDENTIALS and nothing
-# else: a version 6 or 7 image is a version 8 one.
-READABLE_VERSIONS = (6, 7, 8)
+# else: a version 6 or 7 image is a version 8 one. Version 9 added TcpConnection.unsent_bytes,
+# at its end: an older image's connections are read without it (_BEFORE_9).
+READABLE_VERSIONS = (6, 7, 8, 9)
 MAX_METADATA = 16 * 1024 * 1024  # payload limit of every section but PAGES
 
 BytesLike = bytes | bytearray | memoryview
@@ -204,10 +205,15 @@ class _StructSection:
     max_payload = MAX_METADATA
     covers_data = True
 
-    def __init__(self, record_type: type[Any], *, is_object: bool = False) -> None:
+    def __init__(
+        self, record_type: type[Any], *, is_object: bool = False, without: str = ""
+    ) -> None:
         self.record_type = record_type
         self.is_object = is_object
         self._codec = struct_codec(record_type)
+        if without:  # a field an older version had not (at the end, with a default)
+            kept = [(name, codec) for name, codec in self._codec.fields if name != without]
+            self._codec = StructCodec(record_type, kept)
 
     def head_length(self, length: int) -> int:
         return length
@@ -362,6 +368,12 @@ _SECTIONS: dict[SectionKind, _SectionCodec] = {
     SectionKind.SETTINGS: _StructSection(ProcessSettings),
     SectionKind.TIMERS: _StructSection(Timers),
     SectionKind.END: _StructSection(End),
+}
+# How an image older than version 9 lays out what changed since.
+_BEFORE_9: dict[SectionKind, _SectionCodec] = {
+    SectionKind.TCP_CONNECTION: _StructSection(
+        TcpConnection, is_object=True, without="unsent_bytes"
+    ),
 }
 _KIND_OF: dict[type[Any], SectionKind] = {
     codec.record_type: kind for kind, codec in _SECTIONS.items()
@@ -936,7 +948,8 @@ def _read_records(
     scattered: bool = False,
 ) -> Iterator[Record]:
     source = _Source(stream)
-    source.read_signature(missing)
+    version = source.read_signature(missing)
+    sections = _SECTIONS if version >= 9 else {**_SECTIONS, **_BEFORE_9}
     checks = _ImageChecks(grammar, referable)
     while True:
         offset = source.offset
@@ -952,7 +965,7 @@ def _read_records(
             raise ImageError(
                 f"unknown section tag {tag!r} at byte {offset}, expected {checks.expected()}"
             )
-        record = _read_section(source, checks, kind, head, length, offset)
+        record = _read_section(source, checks, sections[kind], kind, head, length, offset)
         if isinstance(record, ScatteredPages) and not scattered:
             yield from record.pieces()  # each run a Pages record, as if written so
             continue
@@ -966,13 +979,13 @@ def _read_records(
 def _read_section(
     source: _Source,
     checks: _ImageChecks,
+    codec: _SectionCodec,
     kind: SectionKind,
     head: bytes,
     length: int,
     offset: int,
 ) -> Record:
     where = f"section {kind.name} at byte {offset}"
-    codec = _SECTIONS[kind]
     try:
         checks.admit(kind)
     except ImageError as error:
@@ -1026,8 +1039,9 @@ class _Source:
             raise ImageError(f"image truncated in section {kind.name} at byte {self.offset}")
         return data
 
-    def read_signature(self, missing: str) -> None:
-        """`missing`: the message for a stream that ends before the signature."""
+    def read_signature(self, missing: str) -> int:
+        """The image's version. `missing`: the message for a stream that ends before the
+        signature."""
         signature = self.read(_SIGNATURE.size)
         if not signature:
             raise ImageError(missing)
@@ -1041,6 +1055,8 @@ class _Source:
                 f"unsupported CRF version {version} (this reader knows"
                 f" {', '.join(map(str, READABLE_VERSIONS))})"
             )
+        found: int = version
+        return found
 
 
 def recode(source: BinaryIO, destination: BinaryIO) -> End:

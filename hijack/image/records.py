@@ -694,9 +694,16 @@ class TcpConnection:
     read_shut: bool  # the program shut its reading side (shutdown SHUT_RD), no FIN received
     local_address: str  # "127.0.0.1:8080", "[::1]:22"
     remote_address: str
+    # The last bytes of the send queue that never left (version 9; 0 in older images):
+    # made again, they are sent as the program's writes are, not put back as sent.
+    unsent_bytes: U64 = 0
 
     def __post_init__(self) -> None:
         _check_object_id(self)
+        _require(
+            self.unsent_bytes <= self.send_queue_bytes,
+            f"{self.unsent_bytes} bytes never sent of a send queue of {self.send_queue_bytes}",
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

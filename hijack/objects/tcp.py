@@ -86,6 +86,7 @@ class Tcp(Kind):
                 recv_queue_bytes=len(state.received),
                 state=state.state,
                 read_shut=state.read_shut,
+                unsent_bytes=state.unsent,
             )
 
         object_id = dump.add_object(("socket", entry.ino), make)
@@ -125,6 +126,7 @@ class Tcp(Kind):
                 ),
                 state=connection.state,
                 read_shut=connection.read_shut,
+                unsent=connection.unsent_bytes,
             ),
         )
         try:
