@@ -1055,8 +1055,7 @@ class _Source:
                 f"unsupported CRF version {version} (this reader knows"
                 f" {', '.join(map(str, READABLE_VERSIONS))})"
             )
-        found: int = version
-        return found
+        return int(version)
 
 
 def recode(source: BinaryIO, destination: BinaryIO) -> End:

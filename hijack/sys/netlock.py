@@ -94,6 +94,25 @@ def change(kind: str, command: str, **fields: Any) -> Any:
     return message
 
 
+def new_table(name: str, *chains: tuple[str, int]) -> list[Any]:
+    """Making table `name` with a base chain per (hook, priority), each named for its hook
+    (changes of a transaction())."""
+    made = [change("table", "add", name=name)]
+    for hook, priority in chains:
+        made.append(
+            change(
+                "chain",
+                "add",
+                table=name,
+                name=hook,
+                hook=hook,
+                priority=priority,
+                policy=NF_ACCEPT,
+            )
+        )
+    return made
+
+
 def transaction(nft: Any, family: int, changes: list[Any]) -> None:
     """Apply change()s to `family`'s tables in one nftables transaction: the kernel makes
     them all or none, at once (no packet sees a table half made or half replaced), and
@@ -219,16 +238,7 @@ def lock(
                 nft,
                 family,
                 [
-                    change("table", "add", name=name),
-                    change(
-                        "chain",
-                        "add",
-                        table=name,
-                        name="input",
-                        hook="input",
-                        priority=LOCK_PRIORITY,
-                        policy=NF_ACCEPT,
-                    ),
+                    *new_table(name, ("input", LOCK_PRIORITY)),
                     change("rule", "add", table=name, chain="input", expressions=_own_packets()),
                     change(
                         "rule",

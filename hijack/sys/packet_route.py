@@ -42,6 +42,7 @@ from hijack.sys.netlock import (
     equals,
     expression,
     meta_load,
+    new_table,
     nftables_socket,
     payload_load,
     table_name,
@@ -152,24 +153,6 @@ def _untracked() -> list[dict[str, Any]]:
     return [{"attrs": [("NFTA_EXPR_NAME", "notrack")]}]
 
 
-def _new_table(name: str, *chains: tuple[str, int]) -> list[Any]:
-    """Table `name` with a base chain per (hook, priority), each named for its hook."""
-    made = [change("table", "add", name=name)]
-    for hook, priority in chains:
-        made.append(
-            change(
-                "chain",
-                "add",
-                table=name,
-                name=hook,
-                hook=hook,
-                priority=priority,
-                policy=NF_ACCEPT,
-            )
-        )
-    return made
-
-
 def _rules_of(nft: Any, table: str) -> list[Any]:
     """Each rule of `table` (pyroute2's messages)."""
     return [rule for rule in nft.get_rules() if rule.get_attr("NFTA_RULE_TABLE") == table]
@@ -220,7 +203,7 @@ def forward(home: Endpoint, peer: Endpoint, there: str | None, sources: list[str
             changes = []
             generation = 1 + max(map(_generation, _rules_of(nft, name)), default=0)
         else:
-            changes = _new_table(
+            changes = new_table(
                 name, ("prerouting", REWRITE_PRIORITY), ("postrouting", SOURCE_NAT_PRIORITY)
             )
             generation = 1
@@ -281,7 +264,7 @@ def hold(home: Endpoint, peer: Endpoint, queue: int | None = None) -> None:
             change("rule", "insert", table=name, chain="prerouting", expressions=expressions)
         ]
         if name not in map(table_name, nft.get_tables()):
-            changes = [*_new_table(name, ("prerouting", HOLD_PRIORITY)), *changes]
+            changes = [*new_table(name, ("prerouting", HOLD_PRIORITY)), *changes]
         transaction(nft, NFPROTO_IPV4, changes)
 
     _nft(install, f"cannot hold {home} <-> {peer}")

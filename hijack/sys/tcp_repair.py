@@ -243,6 +243,7 @@ def _read_state_once(fd: int) -> TcpState:
             read_shut = state not in FIN_RECEIVED and any(
                 events & POLLRDHUP for _, events in polled.poll(0)
             )
+            mss = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG)
             window = REPAIR_WINDOW.unpack(
                 sock.getsockopt(socket.IPPROTO_TCP, TCP_REPAIR_WINDOW, REPAIR_WINDOW.size)
             )
@@ -253,7 +254,7 @@ def _read_state_once(fd: int) -> TcpState:
                 recv_seq=(recv_seq - len(received)) & 0xFFFFFFFF,
                 send_queue=send_queue,
                 received=received,
-                mss=sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG),
+                mss=mss,
                 options=options,
                 snd_wscale=wscales & 0xF,
                 rcv_wscale=wscales >> 4,
@@ -261,14 +262,14 @@ def _read_state_once(fd: int) -> TcpState:
                 window=window,
                 state=state,
                 read_shut=read_shut,
-                unsent=_surely_unsent(never_sent, state, sock),
+                unsent=_surely_unsent(never_sent, state, mss),
             )
         finally:
             sock.detach()
     return state
 
 
-def _surely_unsent(never_sent: int, state: int, sock: socket.socket) -> int:
+def _surely_unsent(never_sent: int, state: int, mss: int) -> int:
     """Of the `never_sent` last bytes of a send queue, those its socket will not send
     either before it is silenced: a socket left live (a move's, a swap's old ends) still
     sends a tail loss probe on its own, one segment of new data, while the peer's
@@ -278,7 +279,7 @@ def _surely_unsent(never_sent: int, state: int, sock: socket.socket) -> int:
     A FIN of ours counts in SIOCOUTQNSD too, sent or not: then every byte counts sent."""
     if state in FIN_SENT:
         return 0
-    return max(0, never_sent - 2 * sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG))
+    return max(0, never_sent - 2 * mss)
 
 
 def go_live(fd: int, send_queue: bytes, unsent: int) -> None:
