@@ -2,9 +2,9 @@
 stored once.
 
 tree_cow: a parent fills SIZE MiB, forks 8 children, each member then writes 64
-pages of its own. Its dump (members left running) is set beside the dump of the
-same memory in one process (tree_cow with no child): the image's size as a
-ratio, the time the members were stopped, and the tree's PSS before and after
+pages of its own. Its dump (members left running: a snapshot) is set beside the dump of
+the same memory in one process (tree_cow with no child): the image's size as a
+ratio, the time the members were frozen, and the tree's PSS before and after
 (a dump must not unshare what the members share). Then the tree is dumped with
 --kill and restored: its PSS after the restore beside the original's (the
 children are forked from their rebuilt parent and share its pages again), and
@@ -89,9 +89,9 @@ def measure_tree_dumps(size_mib: int) -> list[str]:
         f"tree dump, 1 + {CHILDREN} children sharing {size_mib} MiB copy-on-write:"
         f" image {tree.image_bytes / mib:.1f} MiB ({tree.pages_referenced} pages stored once),"
         f" one process {alone.image_bytes / mib:.1f} MiB: ratio {ratio:.2f},"
-        f" limit {SIZE_LIMIT:.2f}: {met}; the tree stopped {tree.frozen_ms:.0f} ms (one"
-        f" process is snapshot, not stopped throughout); tree PSS {before // 1024} MiB before"
-        f" the dump, {after // 1024} MiB after",
+        f" limit {SIZE_LIMIT:.2f}: {met}; the tree frozen {tree.frozen_ms:.0f} ms (a snapshot:"
+        f" each member forks a copy within one freeze, its pages read from it after);"
+        f" tree PSS {before // 1024} MiB before the dump, {after // 1024} MiB after",
         f"tree restore, 1 + {CHILDREN} children sharing {size_mib} MiB copy-on-write (dump"
         f" --kill, restore): memory (sum of PSS) {restored // 1024} MiB restored, original"
         f" {original // 1024} MiB: x{restored / original:.2f}, limit x{RESTORED_LIMIT:.2f}:"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
+from test_tree_restore import reap_killed
 
 from hijack.image.codec import read_image, recode, skip_rounds
 from hijack.image.records import ContentsKind, Pages, Segments, Thread
@@ -164,3 +165,73 @@ def test_dump_kill_refuses_a_snapshot_choice(tmp_path: Path) -> None:
             refused.describe()
         )
         counting.assert_intact()
+
+
+# -- a tree (hijack.mutator.snapshot.snapshot_tree_dump) -----------------------------------
+
+TREE_CHILDREN, TREE_MIB, TREE_PAGES_PER_TICK = 3, 16, "4"
+
+
+def test_a_tree_s_snapshot_is_every_member_at_one_freeze_while_it_runs_on(
+    tmp_path: Path,
+) -> None:
+    """tree_dirtier's members keep rewriting pages they share copy-on-write since the fork,
+    remembering in their own memory what each holds, and count in memory all of them share
+    (MAP_SHARED, a memfd) and in their own. A plain dump of the tree freezes every member
+    only to read what a copy cannot tell and to fork its copy; their pages are read from
+    the copies while they run on. Restored once the original is gone, each member finds
+    every page as it last wrote it and its count equal to the shared slots: an image read
+    member by member while they ran would have pages newer than their records, and own
+    counts ahead of the shared ones. Pages the members share are still stored once."""
+    hijack = HijackCli(tmp_path / "state")
+    image = tmp_path / "tree.crf"
+    with spawn_fixture(
+        "tree_dirtier", str(TREE_CHILDREN), str(TREE_MIB), TREE_PAGES_PER_TICK, fifos=True
+    ) as tree:
+        children = [int(pid) for pid in tree.ready.values()]
+        dumped = hijack.ok("dump", tree.pid, "-o", image)
+        assert "the tree of process" in dumped.stdout, dumped.describe()
+        assert "left running" in dumped.stdout and FROZEN.search(dumped.stdout), dumped.describe()
+        shown = json.loads(hijack.ok("show", "--json", image).stdout)
+        assert sorted(int(pid) for pid in shown["images"]) == sorted([tree.pid, *children])
+        referenced = sum(body["pages"]["referenced"] for body in shown["images"].values())
+        # (Fewer as they write on: each child's region once at least.)
+        assert referenced > TREE_CHILDREN * TREE_MIB * 256 // 2, shown["images"]
+        # No copy left behind: each member's children are what they were.
+        assert Path(f"/proc/{tree.pid}/task/{tree.pid}/children").read_text().split() == [
+            str(pid) for pid in children
+        ]
+        for child in children:
+            assert Path(f"/proc/{child}/task/{child}/children").read_text().split() == []
+        # The tree runs on after the dump (it writes: its CPU time grows).
+        ran = procfs.read_stat(tree.pid).utime
+        wait_until(lambda: procfs.read_stat(tree.pid).utime > ran, "the original running on")
+        for pid in (*children, tree.pid):
+            os.kill(pid, signal.SIGKILL)
+        assert tree.wait_exit() == -signal.SIGKILL
+        reap_killed(children)
+        assert restored_pid(hijack.ok("restore", image)) == tree.pid
+        tree.adopt(tree.pid)
+        tree.assert_intact()
+
+
+def test_a_tree_whose_member_shares_its_parent_s_memory_is_dumped_stopped_throughout(
+    tmp_path: Path,
+) -> None:
+    """A member made by clone(CLONE_VM) has no memory of its own to fork a copy of: its
+    tree is dumped stopped throughout, as before the tree snapshot, and comes back whole."""
+    hijack = HijackCli(tmp_path / "state")
+    image = tmp_path / "vm.crf"
+    with spawn_fixture("tree_vm", fifos=True) as tree:
+        child = int(tree.ready["child"])
+        dumped = hijack.ok("dump", tree.pid, "-o", image)
+        assert "left running" in dumped.stdout, dumped.describe()
+        shown = json.loads(hijack.ok("show", "--json", image).stdout)
+        assert shown["contexts"] == [{"pid": child, "flags": "VM|SIGHAND"}]
+        for pid in (child, tree.pid):
+            os.kill(pid, signal.SIGKILL)
+        assert tree.wait_exit() == -signal.SIGKILL
+        reap_killed([child])
+        assert restored_pid(hijack.ok("restore", image)) == tree.pid
+        tree.adopt(tree.pid)
+        tree.assert_intact()

@@ -177,10 +177,24 @@ def dump(
     "auto": rounds for a process whose private memory a fork copies too slowly (the fork
     where its writes cannot be tracked).
     """
-    if not kill and len(read_tree(pid).members) == 1:
-        # A tree is stopped throughout its dump: only a single process is
-        # snapshot (a child forked after this look is not in its image).
+    if not kill and len(read_tree(pid).members) > 1:
+        # A tree: snapshot by forked copies, stopped throughout where those cannot be had.
         # Imported here: the snapshot is built of this module's parts.
+        from hijack.mutator.snapshot import TreeSnapshotUnavailable, snapshot_tree_dump
+
+        try:
+            return snapshot_tree_dump(
+                pid,
+                out,
+                no_binary=no_binary,
+                no_shared_libs=no_shared_libs,
+                on_complete=on_complete,
+                ghost_limit=ghost_limit,
+            )
+        except TreeSnapshotUnavailable:
+            pass  # (nothing written: found once frozen, before any record)
+    elif not kill:
+        # A single process (a child forked after this look is not in its image).
         from hijack.mutator.snapshot import snapshot_dump
         from hijack.mutator.snapshot_rounds import TrackingUnavailable, rounds_dump, worth_rounds
 
@@ -1197,7 +1211,6 @@ def write_segment_pages(
             if (
                 shared_pages is not None
                 and not segment.shared
-                and not through_mem
                 and segment.contents is not rec.ContentsKind.PRECOPIED  # over the rounds'
             ):
                 frames = procfs.read_pagemap(pid, chunk_start, chunk_start + length)

@@ -49,6 +49,9 @@ class SharedPages:
     frames: dict[int | tuple[int, int, int, int], tuple[int, int]] = field(default_factory=dict)
     referenced: int = 0  # pages written as references, not bytes
     written: list[int] = field(default_factory=list)  # the members whose images are written
+    # A snapshot's (hijack.mutator.snapshot): the members' pages are read from their forked
+    # copies, by member pid the copy's; an image names the member, its bytes are the copy's.
+    copies: dict[int, int] = field(default_factory=dict)
     # Where the bytes a reference names are read to be compared: reused, as a fresh buffer's
     # pages fault in one by one.
     _buffer: bytearray = field(default_factory=lambda: bytearray(rec.MAX_PAGES_DATA))
@@ -70,10 +73,11 @@ class SharedPages:
         file: tuple[int, int, int, int] | None = None,
     ) -> None:
         """Write the pages of `pid` at `address` (their bytes in `view`, read while the tree
-        is frozen; their pagemap `entries`, read before them): as PAGES, but as
+        is frozen, or from its copy; their pagemap `entries`, read before them): as PAGES, but as
         PAGE_REFERENCEs where a member before stored their frame. `file`: the (major, minor,
         inode, offset of `address`) of a private file mapping's pages, whose pages not in
         memory are the file's (the same file's page in another member is their frame)."""
+        pid = self._member_of(pid)
         own_start = 0  # where the run of pages stored as bytes began (in view)
         run: list[int] = []  # [start in view, pages, member, source] of the run referred to
         for index, entry in enumerate(entries):
@@ -113,6 +117,10 @@ class SharedPages:
             own = view[own_start:]
             writer.write_pages(address + own_start, own, keep_zero_pages=keep_zero_pages)
 
+    def _member_of(self, pid: int) -> int:
+        """The member whose image pages read from process `pid` (it, or its copy) are."""
+        return next((member for member, copy in self.copies.items() if copy == pid), pid)
+
     def _source(
         self, pid: int, address: int, frame: int | tuple[int, int, int, int]
     ) -> tuple[int, int] | None:
@@ -139,7 +147,7 @@ class SharedPages:
         ours = view[start : start + pages * PAGE_SIZE]
         theirs = memoryview(self._buffer)[: len(ours)]
         try:
-            with memory.MemoryFile(member) as mem:
+            with memory.MemoryFile(self.copies.get(member, member)) as mem:
                 mem.read_into(source, theirs)
             same = self._buffer.startswith(ours)  # a memcmp (memoryviews compare by element)
         except HijackError:

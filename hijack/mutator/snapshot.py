@@ -32,11 +32,14 @@ known holders (hijack.objects.pipe.outside_holders tells what it rescans).
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from hijack import objects
+from hijack.errors import ProcessGone
 from hijack.image import records as rec
 from hijack.image.codec import ImageWriter
 from hijack.mutator.dump import (
@@ -59,14 +62,18 @@ from hijack.mutator.dump import (
     widen_if_pipe,
     write_parts,
     write_segment_pages,
+    write_tree,
 )
+from hijack.mutator.frozen_tree import FrozenTree, frozen_tree
 from hijack.mutator.shadow_fork import adopt_copy, discard_copy, fork_shadow_copy
+from hijack.mutator.shared_pages import SharedPages
 from hijack.mutator.spliced_pages import page_splicer
 from hijack.mutator.tracee import Tracee, scratch_below_stack
 from hijack.objects import pipe
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
 from hijack.objects.memfd import held_by_objects
-from hijack.process import settings, timers
+from hijack.process import aio, settings, timers
+from hijack.process.tree import read_tree
 from hijack.sys import memory, procfs
 from hijack.sys import ptrace as pt
 from hijack.testpoint import reached
@@ -146,7 +153,7 @@ def snapshot_dump(
             laps.lap("unforked pages")
         laps.lap("release")
         frozen_ms = tracee.pause_ms
-        end, threads, written = _write_from_copy(copy_pid, frozen, out)
+        end, threads, written = _write_from_copy(_emptied_copy(copy_pid, frozen), frozen, out)
         reached("dump-written")
         if on_complete is not None:
             on_complete()
@@ -164,6 +171,130 @@ def snapshot_dump(
     )
 
 
+class TreeSnapshotUnavailable(Exception):
+    """A tree snapshot_tree_dump cannot take (found once frozen, nothing written): it is
+    dumped stopped throughout instead."""
+
+
+def snapshot_tree_dump(
+    root: int,
+    out: BinaryIO,
+    *,
+    no_binary: bool = False,
+    no_shared_libs: bool = False,
+    on_complete: Callable[[], None] | None = None,
+    ghost_limit: int = DEFAULT_GHOST_LIMIT,
+) -> DumpResult:
+    """The tree stream (docs/crf.md §7b) of `root` and its descendants as they were at one
+    freeze of them all; they run on.
+
+    As snapshot_dump, member by member within one freeze: every member is stopped
+    (hijack.mutator.frozen_tree), what a copy cannot tell is read from each, each forks
+    its copy, and all are released; the images are then written from the copies, a
+    private page members still share copy-on-write stored once (the copies map the
+    very frames their members did at the freeze: hijack.mutator.shared_pages).
+    Raises TreeSnapshotUnavailable, nothing written, for a tree with a member sharing
+    its parent's memory (CLONE_VM: its copy would be its parent's) or an AIO ring
+    (its ring is read by the injected calls of a dump stopped throughout).
+    """
+    widen_if_pipe(out)
+    options = dump_options(no_binary=no_binary, no_shared_libs=no_shared_libs)
+    # Slow to read (every page table, every process's descriptors): read while it runs.
+    running = [member.pid for member in read_tree(root).members if not member.zombie]
+    flags_before = {pid: _flags_or_none(pid) for pid in running}
+    maps_before = {pid: set(_maps_or_none(pid)) for pid in running}
+    holders_before = pipe.scan_holders_before(*running)
+    copies: dict[int, int] = {}
+    try:
+        with frozen_tree(root) as tree:
+            laps = Laps(min((t.stopped_at for t in tree.tracees.values()), default=0) or None)
+            laps.lap("stop")
+            reached("dump-seized")
+            _refuse_unsnapshotable(tree)
+            members = frozenset(tree.tracees)
+            frozen: dict[int, Frozen] = {}
+            injected = 0
+            for pid, tracee in tree.tracees.items():
+                frozen[pid] = _read_frozen(
+                    tracee,
+                    options,
+                    flags_before.get(pid, {}),
+                    maps_before.get(pid, set()),
+                    holders_before,
+                    ghost_limit,
+                    laps,
+                    connections=True,  # as a tree stopped throughout has them: restorable
+                    tree=members,
+                )
+            # Every member read before the first copy: a copy holds its member's pipes
+            # (until it closes them, after the freeze), which the next would see held
+            # by a process outside the tree.
+            for pid, tracee in tree.tracees.items():
+                copies[pid] = fork_shadow_copy(tracee, intermediate_shares_memory=True)
+                laps.lap("fork")
+                _read_what_the_copy_lacks(pid, frozen[pid])
+                laps.lap("unforked pages")
+                injected += tracee.injected
+        laps.lap("release")
+        frozen_ms = _tree_pause_ms(list(tree.tracees.values()))
+        # Every copy emptied before the first image is written: a later member's would
+        # hold what its member closes meanwhile (a client's connection) open until then.
+        emptied = {pid: _emptied_copy(copy, frozen[pid]) for pid, copy in copies.items()}
+        shared = SharedPages(copies=copies)
+
+        def member_image(tracee: Tracee, shared: SharedPages) -> tuple[rec.End, int, int]:
+            return _write_from_copy(emptied[tracee.pid], frozen[tracee.pid], out, shared)
+
+        threads, written, pages = write_tree(tree, out, member_image, shared)
+        reached("dump-written")
+        if on_complete is not None:
+            on_complete()
+    finally:
+        for copy_pid in copies.values():
+            discard_copy(copy_pid)
+    return DumpResult(
+        root,
+        threads,
+        written,
+        pages,
+        frozen_ms,
+        members=len(tree.record.members),
+        pages_referenced=shared.referenced,
+        freeze_steps=laps.laps,
+        injected=injected,
+    )
+
+
+def _tree_pause_ms(tracees: list[Tracee]) -> float:
+    """From the first member stopped to the last one let go."""
+    stopped = min(t.stopped_at for t in tracees)
+    released = max(t.released_at or time.perf_counter() for t in tracees)
+    return (released - stopped) * 1000
+
+
+def _refuse_unsnapshotable(tree: FrozenTree) -> None:
+    if any(rec.CloneFlags.VM in context.flags for context in tree.record.contexts):
+        raise TreeSnapshotUnavailable("a member shares its parent's memory (CLONE_VM)")
+    for pid in tree.tracees:
+        if any(aio.is_aio_ring(entry) for entry in procfs.read_maps(pid)):
+            raise TreeSnapshotUnavailable(f"member {pid} has an AIO ring")
+
+
+def _flags_or_none(pid: int) -> dict[int, tuple[str, ...]]:
+    """Its mappings' VmFlags, or none for a member that ended since (it is left out)."""
+    try:
+        return procfs.read_smaps_flags(pid)
+    except ProcessGone:
+        return {}
+
+
+def _maps_or_none(pid: int) -> list[procfs.MapEntry]:
+    try:
+        return procfs.read_maps(pid)
+    except ProcessGone:
+        return []
+
+
 def _read_frozen(
     tracee: Tracee,
     options: rec.DumpOptions,
@@ -172,7 +303,12 @@ def _read_frozen(
     holders_before: procfs.HolderScan,
     ghost_limit: int,
     laps: Laps,
+    *,
+    connections: bool = False,
+    tree: frozenset[int] = frozenset(),
 ) -> Frozen:
+    """Everything of the image but what the copy tells, read from the stopped process.
+    `connections` and `tree`: as hijack.objects.read_files takes them."""
     pid = tracee.pid
     maps = procfs.read_maps(pid)
     with scratch_below_stack(tracee, maps) as scratch:
@@ -185,7 +321,12 @@ def _read_frozen(
     tracee.put_back()
     laps.lap("settings and timers")
     files = objects.read_files(
-        pid, connections=False, maps=maps, ghost_limit=ghost_limit, holders_before=holders_before
+        pid,
+        connections=connections,
+        maps=maps,
+        ghost_limit=ghost_limit,
+        holders_before=holders_before,
+        tree=tree,
     )
     laps.lap("descriptors")
     if all(entry in maps_before for entry in maps):
@@ -249,18 +390,26 @@ def _read(pid: int, mem: memory.MemoryFile, segment: rec.Segment, start: int, en
     return bytes(buffer)
 
 
-def _write_from_copy(copy_pid: int, frozen: Frozen, out: BinaryIO) -> tuple[rec.End, int, int]:
-    """The rest of the image, from the copy (stopped at its birth) while the process runs."""
+def _emptied_copy(copy_pid: int, frozen: Frozen) -> Tracee:
+    """The copy (stopped at its birth), adopted, its descriptors closed: its references to
+    the process's open files must not outlive them (a socket the process closes meanwhile
+    must close now, not when the copy dies). The copy holds no locks of its own to release."""
     copy = Tracee(
         copy_pid,
         {copy_pid: adopt_copy(copy_pid)},
         syscall_address=frozen.syscall_address,
         injection_tid=copy_pid,
     )
-    # The copy's references to the process's open files must not outlive
-    # them: a socket the process closes meanwhile must close now, not when
-    # the copy dies. The copy holds no locks of its own to release.
     copy.checked_syscall("close_range", *CLOSE_RANGE_ALL)
+    return copy
+
+
+def _write_from_copy(
+    copy: Tracee, frozen: Frozen, out: BinaryIO, shared: SharedPages | None = None
+) -> tuple[rec.End, int, int]:
+    """The rest of the image, from the copy (_emptied_copy) while the process runs.
+    `shared`: a tree's (its member's pages the images before stored are referred to)."""
+    copy_pid = copy.pid
     # A fork copies these as they were: asked of the copy, not of the frozen process.
     with scratch_page(copy) as scratch:
         actions = read_signal_actions(copy, scratch)
@@ -277,11 +426,10 @@ def _write_from_copy(copy_pid: int, frozen: Frozen, out: BinaryIO) -> tuple[rec.
 
     def write_pages(writer: ImageWriter) -> PageCounts:
         buffer = bytearray(READ_CHUNK)
-        # The copy never runs: its pages may go to a pipe or a socket by reference too.
-        with (
-            memory.MemoryFile(copy_pid) as mem,
-            page_splicer(copy, out, pipes=True) as splicer,
-        ):
+        # The copy never runs: its pages may go to a pipe or a socket by reference too
+        # (not a tree member's: its pages are compared with the others', read).
+        splicing = page_splicer(copy, out, pipes=True) if shared is None else nullcontext(None)
+        with memory.MemoryFile(copy_pid) as mem, splicing as splicer:
             for segment in frozen.parts.segments:
                 kept = frozen.kept.get(segment.start)
                 if kept is None:
@@ -300,10 +448,12 @@ def _write_from_copy(copy_pid: int, frozen: Frozen, out: BinaryIO) -> tuple[rec.
                         runs=runs,
                         through_mem=True,
                         splicer=splicer,
+                        shared_pages=shared,
                     )
                     continue
                 for start, data in kept:
                     writer.write_pages(start, data, keep_zero_pages=keeps_zero_pages(segment))
         return frozen.counts
 
-    return write_parts(out, parts, write_pages)
+    referable = shared.referable if shared is not None else frozenset()
+    return write_parts(out, parts, write_pages, referable=referable)
