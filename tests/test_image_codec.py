@@ -1807,13 +1807,26 @@ def test_scattered_pages_keep_to_the_rules_of_pages() -> None:
 
 
 @contextlib.contextmanager
-def written_before_9() -> Iterator[None]:
-    """Images written meanwhile lay out what version 9 changed as older versions did (their
+def written_before_10() -> Iterator[None]:
+    """Images written meanwhile lay out what version 10 changed as older versions did (their
     version in the signature is for the caller to write)."""
+    saved = dict(codec_module._SECTIONS)
+    codec_module._SECTIONS.update(codec_module._BEFORE_10)
+    try:
+        yield
+    finally:
+        codec_module._SECTIONS.update(saved)
+
+
+@contextlib.contextmanager
+def written_before_9() -> Iterator[None]:
+    """Images written meanwhile lay out what versions 9 and 10 changed as older versions
+    did."""
     saved = dict(codec_module._SECTIONS)
     codec_module._SECTIONS.update(codec_module._BEFORE_9)
     try:
-        yield
+        with written_before_10():
+            yield
     finally:
         codec_module._SECTIONS.update(saved)
 
@@ -1850,6 +1863,20 @@ def test_a_connection_never_sent_more_than_its_send_queue_is_refused() -> None:
 
 
 # --- thread credentials ----------------------------------------------------------------
+
+
+def test_a_version_9_image_reads_its_memory_objects_bytes_as_its_own() -> None:
+    """Version 10 added bytes_in at the end of GhostFile, MemfdObject and SharedAnonymous:
+    a version 9 image's records, without it, read with 0 (their bytes in the image)."""
+    kinds = (GhostFile, MemfdObject, SharedAnonymous)
+    with written_before_10():
+        image = build_image().image
+    older = image[:4] + struct.pack("<I", 9) + image[8:]
+    objects = [record for record in read_all(older) if isinstance(record, kinds)]
+    assert objects == [the(kind) for kind in kinds]
+    assert all(record.bytes_in == 0 for record in objects)
+    with pytest.raises(ImageError, match="GHOST_FILE"):
+        read_all(image)  # the shorter record, read as version 10's
 
 
 def test_thread_credentials_name_threads_of_the_image_once() -> None:

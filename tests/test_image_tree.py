@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import pytest
@@ -10,10 +11,14 @@ from test_image_codec import BUILT
 from hijack.errors import ImageError
 from hijack.image import (
     End,
+    Files,
     ImageHeader,
     ImageWriter,
     MemberState,
+    MemfdObject,
+    ObjectData,
     PageReference,
+    SharedAnonymous,
     SharedDescription,
     Tree,
     TreeMember,
@@ -43,14 +48,25 @@ def tree_head(tree: Tree) -> bytes:
     return out.getvalue()
 
 
-def image_of(pid: int) -> bytes:
+def image_of(pid: int, bytes_in: int = 0, keep_data: bool = False) -> bytes:
     """BUILT's image, its HEADER saying `pid`, without BUILT's PAGE_REFERENCE (it names
-    a process no tree here holds: tests/test_tree_share.py tests references in streams)."""
+    a process no tree here holds: tests/test_tree_share.py tests references in streams).
+    `bytes_in`: its memfd's and shared anonymous memory's bytes said to be in that member's
+    image (their OBJECT_DATA left out, unless `keep_data`)."""
     out = io.BytesIO()
     writer = ImageWriter(out)
-    for record in read_image(io.BytesIO(BUILT.image)):
-        if isinstance(record, PageReference):
+    records = list(read_image(io.BytesIO(BUILT.image)))
+    elsewhere = {r.id for r in records if bytes_in and isinstance(r, MemfdObject | SharedAnonymous)}
+    left_out = [
+        r for r in records if isinstance(r, ObjectData) and r.id in elsewhere and not keep_data
+    ]
+    for record in records:
+        if isinstance(record, PageReference) or record in left_out:
             continue
+        if isinstance(record, Files):
+            record = dataclasses.replace(record, objects=record.objects - len(left_out))
+        if isinstance(record, MemfdObject | SharedAnonymous) and record.id in elsewhere:
+            record = dataclasses.replace(record, bytes_in=bytes_in)
         if isinstance(record, ImageHeader):
             record = ImageHeader(**{**_fields(record), "pid": pid})
         if isinstance(record, End):
@@ -94,6 +110,22 @@ def test_a_plain_image_reads_as_before() -> None:
 def test_a_plain_image_may_not_refer_to_another() -> None:
     with pytest.raises(ImageError, match="refer to process 4000"):
         list(read_stream(io.BytesIO(BUILT.image)))
+
+
+def test_a_memory_object_s_bytes_may_be_in_a_member_s_image_before() -> None:
+    """Version 10: a memfd or shared anonymous memory members share has its bytes in the
+    first image recording it; a later member's record names that member, and holds none."""
+    head = tree_head(TREE)
+    stream = head + image_of(10) + image_of(11, bytes_in=10) + image_of(13, bytes_in=10)
+    records = list(read_stream(io.BytesIO(stream)))
+    said = [r.bytes_in for r in records if isinstance(r, MemfdObject | SharedAnonymous)]
+    assert said == [0, 0, 10, 10, 10, 10]
+    with pytest.raises(ImageError, match="not a member whose image came before this one"):
+        list(read_stream(io.BytesIO(head + image_of(10) + image_of(11, bytes_in=13))))
+    with pytest.raises(ImageError, match="whose record says another member holds it"):
+        list(read_stream(io.BytesIO(head + image_of(10) + image_of(11, 10, keep_data=True))))
+    with pytest.raises(ImageError, match="not a member whose image came before this one"):
+        list(read_stream(io.BytesIO(image_of(10, bytes_in=9))))  # a plain image: none
 
 
 def test_a_tree_stream_must_hold_the_images_it_announces_in_order() -> None:

@@ -16,7 +16,9 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
 from test_tree_restore import reap_killed
@@ -197,6 +199,7 @@ def test_a_tree_s_snapshot_is_every_member_at_one_freeze_while_it_runs_on(
         referenced = sum(body["pages"]["referenced"] for body in shown["images"].values())
         # (Fewer as they write on: each child's region once at least.)
         assert referenced > TREE_CHILDREN * TREE_MIB * 256 // 2, shown["images"]
+        assert_shared_memory_stored_once(shown, tree.pid)
         # No copy left behind: each member's children are what they were.
         assert Path(f"/proc/{tree.pid}/task/{tree.pid}/children").read_text().split() == [
             str(pid) for pid in children
@@ -234,4 +237,45 @@ def test_a_tree_whose_member_shares_its_parent_s_memory_is_dumped_stopped_throug
         reap_killed([child])
         assert restored_pid(hijack.ok("restore", image)) == tree.pid
         tree.adopt(tree.pid)
+        tree.assert_intact()
+
+
+def assert_shared_memory_stored_once(shown: dict[str, Any], root: int) -> None:
+    """tree_dirtier's MAP_SHARED anonymous page and memfd, in every member's image: their
+    bytes in the root's, each child's record naming it (docs/crf.md §7b, version 10)."""
+    for pid, body in shown["images"].items():
+        memory = [o for o in body["objects"] if o["record"] in ("SharedAnonymous", "MemfdObject")]
+        assert len(memory) == 2, memory
+        if int(pid) == root:
+            assert all(o["bytes_in"] == 0 and o["data_bytes"] > 0 for o in memory), memory
+        else:
+            assert all(o["bytes_in"] == root and o["data_bytes"] == 0 for o in memory), memory
+
+
+@pytest.mark.parametrize("attached", [False, True], ids=["dumped", "attached"])
+def test_a_tree_killed_stores_the_memory_its_members_share_once(
+    tmp_path: Path, attached: bool
+) -> None:
+    """dump --kill (the tree stopped throughout): the bytes of the memory the members share
+    are in the root's image only, and the restored tree shares them again (each member
+    finds every member's count in both shared pages). Attached first, the members'
+    descriptors come back from their shadow."""
+    hijack = HijackCli(tmp_path / "state")
+    image = tmp_path / "killed.crf"
+    with spawn_fixture(
+        "tree_dirtier", str(TREE_CHILDREN), "4", TREE_PAGES_PER_TICK, fifos=True
+    ) as tree:
+        children = [int(pid) for pid in tree.ready.values()]
+        if attached:
+            hijack.ok("attach", tree.pid)
+        hijack.ok("dump", tree.pid, "-o", image, "--kill")
+        assert tree.wait_exit() == -signal.SIGKILL
+        reap_killed(children)
+        assert_shared_memory_stored_once(
+            json.loads(hijack.ok("show", "--json", image).stdout), tree.pid
+        )
+        assert restored_pid(hijack.ok("restore", image)) == tree.pid
+        tree.adopt(tree.pid)
+        if attached:
+            hijack.ok("detach", tree.pid)
         tree.assert_intact()

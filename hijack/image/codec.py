@@ -53,6 +53,7 @@ from zlib_ng.zlib_ng import crc32
 from hijack.errors import ImageError
 from hijack.image.fields import Cursor, StructCodec, struct_codec
 from hijack.image.records import (
+    BYTES_HERE,
     MAX_OBJECT_DATA,
     MAX_PAGES_DATA,
     MAX_SCATTERED_RUNS,
@@ -72,6 +73,7 @@ from hijack.image.records import (
     InetSocket,
     InotifyObject,
     MemfdObject,
+    MemoryObject,
     MemoryStructure,
     NetlinkSocket,
     ObjectData,
@@ -110,11 +112,12 @@ from hijack.image.records import (
 )
 
 MAGIC = b"CRF\0"
-FORMAT_VERSION = 9
+FORMAT_VERSION = 10
 # Version 7 added SCATTERED_PAGES and nothing else, version 8 THREAD_CREDENTIALS and nothing
 # else: a version 6 or 7 image is a version 8 one. Version 9 added TcpConnection.unsent_bytes,
-# at its end: an older image's connections are read without it (_BEFORE_9).
-READABLE_VERSIONS = (6, 7, 8, 9)
+# at its end: an older image's connections are read without it (_BEFORE_9). Version 10 added
+# `bytes_in` at the end of GhostFile, MemfdObject and SharedAnonymous (_BEFORE_10).
+READABLE_VERSIONS = (6, 7, 8, 9, 10)
 MAX_METADATA = 16 * 1024 * 1024  # payload limit of every section but PAGES
 
 BytesLike = bytes | bytearray | memoryview
@@ -375,6 +378,15 @@ _BEFORE_9: dict[SectionKind, _SectionCodec] = {
         TcpConnection, is_object=True, without="unsent_bytes"
     ),
 }
+# How an image older than version 10 lays out what changed since.
+_BEFORE_10: dict[SectionKind, _SectionCodec] = {
+    kind: _StructSection(record_type, is_object=True, without="bytes_in")
+    for kind, record_type in (
+        (SectionKind.GHOST_FILE, GhostFile),
+        (SectionKind.MEMFD, MemfdObject),
+        (SectionKind.SHARED_ANONYMOUS, SharedAnonymous),
+    )
+}
 _KIND_OF: dict[type[Any], SectionKind] = {
     codec.record_type: kind for kind, codec in _SECTIONS.items()
 }
@@ -475,6 +487,7 @@ class _ImageChecks:
         self._objects_seen = 0
         self._object_refs: set[int] = set()  # object ids the descriptors refer to
         self._data_floor: dict[int, int] = {}  # object id -> where its next ObjectData may start
+        self._bytes_elsewhere: set[int] = set()  # objects whose bytes a member before holds
 
     def expected(self) -> str:
         """The sections that may come next, for messages: "THREAD or SIGNALS"."""
@@ -552,6 +565,10 @@ class _ImageChecks:
             self._object_refs = {d.object_id for d in record.descriptors if d.object_id}
         elif isinstance(record, ObjectData):
             self._count_object()
+            if record.id in self._bytes_elsewhere:
+                raise ImageError(
+                    f"data of object {record.id}, whose record says another member holds it"
+                )
             floor = self._data_floor.get(record.id)
             if floor is None:
                 raise ImageError(
@@ -568,6 +585,14 @@ class _ImageChecks:
             if record.id in self._data_floor:
                 raise ImageError(f"object {record.id} appears twice")
             self._data_floor[record.id] = 0
+            if isinstance(record, MemoryObject) and record.bytes_in != BYTES_HERE:
+                if self._referable is not None and record.bytes_in not in self._referable:
+                    raise ImageError(
+                        f"the bytes of object {record.id} are said to be in process"
+                        f" {record.bytes_in}, not a member whose image came before this one"
+                        " in a tree stream"
+                    )
+                self._bytes_elsewhere.add(record.id)
         elif isinstance(record, End):
             if self._credited - self._tids:
                 raise ImageError(
@@ -949,7 +974,11 @@ def _read_records(
 ) -> Iterator[Record]:
     source = _Source(stream)
     version = source.read_signature(missing)
-    sections = _SECTIONS if version >= 9 else {**_SECTIONS, **_BEFORE_9}
+    sections = _SECTIONS
+    if version < 10:
+        sections = {**sections, **_BEFORE_10}
+    if version < 9:
+        sections = {**sections, **_BEFORE_9}
     checks = _ImageChecks(grammar, referable)
     while True:
         offset = source.offset

@@ -1082,6 +1082,7 @@ class GhostFile:
     gid: U32
     size: U64  # st_size of a regular file; a FIFO's pipe size; 0 otherwise
     path: str  # where it was, without the kernel's " (deleted)"
+    bytes_in: U32 = 0  # 0, or the member holding its bytes (BYTES_IN; version 10)
 
     def __post_init__(self) -> None:
         _check_object_id(self)
@@ -1105,6 +1106,7 @@ class MemfdObject:
     uid: U32
     gid: U32
     name: str  # as given to memfd_create ("/memfd:NAME (deleted)" in /proc)
+    bytes_in: U32 = 0  # 0, or the member holding its bytes (BYTES_IN; version 10)
 
     def __post_init__(self) -> None:
         _check_object_id(self)
@@ -1119,9 +1121,17 @@ class SharedAnonymous:
     dev: U64  # st_dev and st_ino of the kernel's object: its segments name the same
     ino: U64
     size: U64  # the object's size: the length of the mmap that made it
+    bytes_in: U32 = 0  # 0, or the member holding its bytes (BYTES_IN; version 10)
 
     def __post_init__(self) -> None:
         _check_object_id(self)
+
+
+# A memory object's bytes: in ObjectData sections after its record (BYTES_HERE), or, in a
+# tree stream, in the image of the member (its pid) whose record of the same object (dev
+# and ino) came before: not stored again (docs/crf.md §7b).
+BYTES_HERE = 0
+MemoryObject = GhostFile | MemfdObject | SharedAnonymous
 
 
 MAX_OBJECT_DATA = 8 * 1024 * 1024  # bytes of one ObjectData section

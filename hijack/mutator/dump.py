@@ -19,7 +19,7 @@ import signal
 import socket as socket_module
 import struct
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from stat import S_ISFIFO
@@ -261,9 +261,11 @@ def dump(
                 shared_pages=shared,
                 splice=shared is None,
                 parents_memory=member.pid in vm_children,
+                tree_bytes=tree_bytes,
             )
 
         shared_pages = SharedPages()
+        tree_bytes: dict[Hashable, int] = {}  # shared memory's bytes: in one member's image
         if members == 1:
             end, threads, written = write_member(tracee, None)
             pages = end.pages_stored
@@ -333,6 +335,7 @@ def write_image(
     maps: list[procfs.MapEntry] | None = None,
     injected: Injected | None = None,
     head_first: bool = False,
+    tree_bytes: dict[Hashable, int] | None = None,
 ) -> tuple[rec.End, int, int]:
     """Write the image of a seized process to `out`; return its END, threads and size.
 
@@ -360,6 +363,8 @@ def write_image(
     `head_first`: `out` flushed once the records before the pages are in it (a move's:
     the destination rebuilds the descriptors and layout while the rest comes); with `brk`
     given, they are read and written before the injected calls run (they need no other).
+    `tree_bytes`: a tree stream's memory objects whose bytes an image before this one holds
+    (hijack.objects.base.DumpContext.tree_bytes): not stored again.
     """
     laps = laps or Laps()
     pid = tracee.pid
@@ -391,6 +396,7 @@ def write_image(
             holders_before=holders_before,
             sockets=sockets,
             tree=tree,
+            tree_bytes=tree_bytes,
         )
         laps.lap("image: descriptors")
         flags = precopied.vm_flags(maps) if precopied is not None else None

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -213,6 +213,7 @@ def snapshot_tree_dump(
             _refuse_unsnapshotable(tree)
             members = frozenset(tree.tracees)
             frozen: dict[int, Frozen] = {}
+            tree_bytes: dict[Hashable, int] = {}  # shared memory's bytes: in one member's image
             injected = 0
             for pid, tracee in tree.tracees.items():
                 frozen[pid] = _read_frozen(
@@ -225,6 +226,7 @@ def snapshot_tree_dump(
                     laps,
                     connections=True,  # as a tree stopped throughout has them: restorable
                     tree=members,
+                    tree_bytes=tree_bytes,
                 )
             # Every member read before the first copy: a copy holds its member's pipes
             # (until it closes them, after the freeze), which the next would see held
@@ -306,9 +308,10 @@ def _read_frozen(
     *,
     connections: bool = False,
     tree: frozenset[int] = frozenset(),
+    tree_bytes: dict[Hashable, int] | None = None,
 ) -> Frozen:
     """Everything of the image but what the copy tells, read from the stopped process.
-    `connections` and `tree`: as hijack.objects.read_files takes them."""
+    `connections`, `tree` and `tree_bytes`: as hijack.objects.read_files takes them."""
     pid = tracee.pid
     maps = procfs.read_maps(pid)
     with scratch_below_stack(tracee, maps) as scratch:
@@ -327,6 +330,7 @@ def _read_frozen(
         ghost_limit=ghost_limit,
         holders_before=holders_before,
         tree=tree,
+        tree_bytes=tree_bytes,
     )
     laps.lap("descriptors")
     if all(entry in maps_before for entry in maps):

@@ -21,7 +21,7 @@ The base protocol and the contexts a kind is given are in hijack.objects.base.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import replace
 
 from hijack.errors import ImageError
@@ -127,13 +127,16 @@ def read_files(
     holders_before: procfs.HolderScan | None = None,
     sockets: dict[int, procfs.SocketInfo] | None = None,
     tree: frozenset[int] = frozenset(),
+    tree_bytes: dict[Hashable, int] | None = None,
 ) -> ImageFiles:
     """The descriptors of stopped process `pid` and the objects behind them, those it
     reaches through its mappings `maps` and its cwd too (Kind.dump_process);
     `connections`: established TCP connections with their TCP_REPAIR state;
     `holders_before`: pipe.scan_holders_before(pid), made while it still ran;
     `sockets`: procfs.read_socket_table(pid), read since it was stopped;
-    `tree`: the other members of the tree dumped with it (their pipes are inside)."""
+    `tree`: the other members of the tree dumped with it (their pipes are inside);
+    `tree_bytes`: the tree stream's memory objects whose bytes an image before holds
+    (DumpContext.tree_bytes)."""
     entries = procfs.list_fds(pid)
     descriptions = kcmp.description_ids(pid, [(e.fd, e.dev, e.ino) for e in entries])
     objects: dict[int, int] = {}  # description id -> object id
@@ -149,6 +152,7 @@ def read_files(
         holders_before=holders_before,
         sockets=sockets,
         tree=tree,
+        tree_bytes=tree_bytes,
     ) as dump:
         for entry in entries:
             info = procfs.read_fdinfo(pid, entry.fd)

@@ -53,9 +53,14 @@ class DumpContext:
         holders_before: procfs.HolderScan | None = None,
         sockets: dict[int, procfs.SocketInfo] | None = None,
         tree: frozenset[int] = frozenset(),
+        tree_bytes: dict[Hashable, int] | None = None,
     ) -> None:
         self.pid = pid
         self.tree = tree  # the other members of the tree dumped with the process
+        # A tree stream's (the same dict for every member's dump, in the order of their
+        # images): the memory objects whose bytes an image before holds, by key, with the
+        # member holding them (hijack.objects.ghost.add_with_contents).
+        self.tree_bytes = tree_bytes
         self.frozen = frozen  # every thread of the process is stopped
         self.entries = entries  # every descriptor of the process (a pipe's other end ...)
         # Established TCP connections are read with TCP_REPAIR, so that a restore can

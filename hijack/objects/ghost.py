@@ -16,11 +16,12 @@ boundaries of a FIFO in packet mode are not kept.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from collections.abc import Callable, Hashable
 
-from hijack.errors import Unsupported
+from hijack.errors import RestoreError, Unsupported
 from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects.base import DumpContext, Kind, RestoreContext
@@ -42,25 +43,41 @@ def inode_key(dev: int, ino: int) -> Hashable:
 def add_with_contents(
     dump: DumpContext,
     key: Hashable,
-    make: Callable[[int], rec.ObjectRecord],
+    make: Callable[[int], rec.MemoryObject],
     fd: int,
     runs: list[tuple[int, int]],
 ) -> int:
     """The id of the file object `key`; the first time, its record, then its data `runs`
-    read from our descriptor `fd`, one ObjectData section per run (or per 8 MiB of one)."""
+    read from our descriptor `fd`, one ObjectData section per run (or per 8 MiB of one).
+    A tree's member whose object a member before it stored (DumpContext.tree_bytes) records
+    which member holds the bytes instead: they are neither read nor stored again."""
     fresh = False
+    holder = dump.tree_bytes.get(key) if dump.tree_bytes is not None else None
 
     def made(object_id: int) -> rec.ObjectRecord:
         nonlocal fresh
         fresh = True
-        return make(object_id)
+        record = make(object_id)
+        return record if holder is None else dataclasses.replace(record, bytes_in=holder)
 
     object_id = dump.add_object(key, made)
-    if fresh:
+    if fresh and holder is None:
         for start, end in runs:
             for offset, data in filedata.read_chunks(fd, start, end, rec.MAX_OBJECT_DATA):
                 dump.add_data(object_id, data, offset)
+        if dump.tree_bytes is not None:
+            dump.tree_bytes[key] = dump.pid
     return object_id
+
+
+def require_bytes_here(found: rec.MemoryObject) -> None:
+    """A memory object about to be made from its image must hold its bytes: one whose
+    bytes another member's image holds was made for that member, if rebuilt before."""
+    if found.bytes_in != rec.BYTES_HERE:
+        raise RestoreError(
+            f"object {found.id} ({type(found).__name__}) is made from the image of process"
+            f" {found.bytes_in}, which holds its bytes, but no member rebuilt before made it"
+        )
 
 
 def fill(fd: int, image: ImageFiles, object_id: int, size: int) -> None:
@@ -164,6 +181,7 @@ def ghost_fd(restore: RestoreContext, object_id: int) -> int:
     ghost = restore.image.objects.get(object_id)
     if not isinstance(ghost, rec.GhostFile):
         raise Unsupported(f"object {object_id} is not a deleted file")
+    require_bytes_here(ghost)
     made = filedata.create_unlinked(ghost.path, ghost.mode, ghost.uid, ghost.gid)
     restore.keep(object_id, made)
     if stat.S_ISREG(ghost.mode):

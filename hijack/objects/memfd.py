@@ -17,6 +17,10 @@ is one object too, reached by mappings only (several, after an mremap or an
 mprotect of a part): its bytes are read once through /proc/PID/map_files, and
 at restore it is made once in the stub and each segment maps its pages again
 (AddressSpace.map_shared_anonymous), so the segments share them as they did.
+
+In a tree stream the bytes of such an object are stored once, by the first member
+whose image records it; the later members' records name that member (`bytes_in`),
+and their restore is given the object made for it (hijack.restore.shared).
 """
 
 from __future__ import annotations
@@ -30,7 +34,14 @@ from hijack.image import records as rec
 from hijack.image.files import ImageFiles
 from hijack.objects import packet
 from hijack.objects.base import DumpContext, Kind, RestoreContext
-from hijack.objects.ghost import add_with_contents, dump_ghost, fill, ghost_fd, inode_key
+from hijack.objects.ghost import (
+    add_with_contents,
+    dump_ghost,
+    fill,
+    ghost_fd,
+    inode_key,
+    require_bytes_here,
+)
 from hijack.objects.regular import reopen_flags
 from hijack.restore.address_space import AddressSpace, may_write
 from hijack.sys import filedata, procfs
@@ -72,6 +83,7 @@ def memfd_fd(restore: RestoreContext, memfd: rec.MemfdObject) -> int:
     found = restore.built(memfd.id)
     if found is not None:
         return found
+    require_bytes_here(memfd)
     made = filedata.create_memfd(memfd.name)
     restore.keep(memfd.id, made)
     fill(made, restore.image, memfd.id, memfd.size)
@@ -202,6 +214,7 @@ def _map_shared_anonymous(
     key = ("shared anonymous", found.dev, found.ino)
     made = restore.shared.built(key) if restore.shared is not None else None
     if made is None:
+        require_bytes_here(found)
         chunks = [(c.offset, c.data) for c in restore.image.chunks.get(found.id, ())]
         space.map_shared_anonymous(found.size, chunks, segments)
         if restore.shared is not None and segments:

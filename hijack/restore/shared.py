@@ -1,8 +1,9 @@
 """What the members of a tree being restored share: each object made once, for all of them.
 
-A tree's images are each whole (docs/crf.md §7b): an object two members hold is
-recorded in both. The restore makes it for the first member that needs it and
-gives the very same object to the others:
+An object two members hold is recorded in the image of both (docs/crf.md §7b;
+the bytes of a memory object only in the first: the others' records name it,
+`bytes_in`). The restore makes it for the first member that needs it and gives
+the very same object to the others:
 
 - an open file description members share (the TREE's `shared` list: a file
   inherited across a fork, with one offset): copied out of the first holder's
