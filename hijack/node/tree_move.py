@@ -42,7 +42,7 @@ import dataclasses
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import Any, BinaryIO, cast
 
@@ -909,6 +909,7 @@ def _write_tree(
     if laps is not None:
         laps.lap("image: areas")
     injected: dict[int, Injected] = {}
+    tree_bytes: dict[Hashable, int] = {}  # shared memory's bytes: in one member's image
 
     def member_image(tracee: Tracee, shared: SharedPages) -> tuple[rec.End, int, int]:
         started = time.perf_counter()
@@ -926,6 +927,7 @@ def _write_tree(
             parasite=areas[tracee.pid],
             maps=layouts[tracee.pid],
             injected=injected[tracee.pid],
+            tree_bytes=tree_bytes,
         )
         if laps is not None:
             laps.lap("image: pages")
