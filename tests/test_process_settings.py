@@ -14,7 +14,7 @@ import signal
 from pathlib import Path
 
 from support import spawn_fixture
-from support.cli import HijackCli
+from support.cli import HijackCli, restored_pid
 from support.objects import compare_views, dump_kill, proc_views, restore_adopted, shown_json
 from support.procview import difference
 
@@ -158,6 +158,29 @@ def test_an_aio_context_comes_back_at_its_address_with_its_unreaped_events(
 
         restore_adopted(hijack, fixture, image)
         fixture.assert_intact()  # its own check: head, tail, the events, a read after
+
+
+def test_a_snapshot_keeps_an_aio_context_with_its_unreaped_events(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    """A plain dump (a snapshot by a fork: never by rounds, which do not carry the ring)
+    keeps the ring as a `dump --kill` does; once the original is gone, the restored
+    process finds its context and events as they were (was: the dump failed opening the
+    ring's mapping as a deleted file)."""
+    image = tmp_path / "aio.crf"
+    with spawn_fixture("aio", fifos=True) as fixture:
+        context = int(fixture.ready["context"], 16)
+        dumped = hijack.ok("dump", fixture.pid, "-o", image, "--snapshot", "auto")
+        assert "left running" in dumped.stdout, dumped.describe()
+        [ring] = shown_json(hijack, image)["settings"]["aio_rings"]
+        assert (ring["address"], ring["head"], ring["tail"]) == (context, 125, 1), ring
+        refused = hijack("dump", fixture.pid, "-o", tmp_path / "r.crf", "--snapshot", "rounds")
+        assert refused.returncode == 1 and "AIO context" in refused.stderr, refused.describe()
+        os.kill(fixture.pid, signal.SIGKILL)
+        assert fixture.wait_exit() == -signal.SIGKILL
+        assert restored_pid(hijack.ok("restore", image)) == fixture.pid
+        fixture.adopt(fixture.pid)
+        fixture.assert_intact()
 
 
 def test_posix_timers_come_back_with_their_overrun(hijack: HijackCli, tmp_path: Path) -> None:

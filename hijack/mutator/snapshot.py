@@ -194,8 +194,7 @@ def snapshot_tree_dump(
     private page members still share copy-on-write stored once (the copies map the
     very frames their members did at the freeze: hijack.mutator.shared_pages).
     Raises TreeSnapshotUnavailable, nothing written, for a tree with a member sharing
-    its parent's memory (CLONE_VM: its copy would be its parent's) or an AIO ring
-    (its ring is read by the injected calls of a dump stopped throughout).
+    its parent's memory (CLONE_VM: its copy would be its parent's).
     """
     widen_if_pipe(out)
     options = dump_options(no_binary=no_binary, no_shared_libs=no_shared_libs)
@@ -277,9 +276,6 @@ def _tree_pause_ms(tracees: list[Tracee]) -> float:
 def _refuse_unsnapshotable(tree: FrozenTree) -> None:
     if any(rec.CloneFlags.VM in context.flags for context in tree.record.contexts):
         raise TreeSnapshotUnavailable("a member shares its parent's memory (CLONE_VM)")
-    for pid in tree.tracees:
-        if any(aio.is_aio_ring(entry) for entry in procfs.read_maps(pid)):
-            raise TreeSnapshotUnavailable(f"member {pid} has an AIO ring")
 
 
 def _flags_or_none(pid: int) -> dict[int, tuple[str, ...]]:
@@ -314,15 +310,19 @@ def _read_frozen(
     `connections`, `tree` and `tree_bytes`: as hijack.objects.read_files takes them."""
     pid = tracee.pid
     maps = procfs.read_maps(pid)
+    # An AIO context's ring: kept as such (its unreaped events read now), made again by
+    # io_setup at restore, not a mapping of the image (hijack.process.aio).
+    aio_rings = aio.read_rings(pid, maps, moving=False)
     with scratch_below_stack(tracee, maps) as scratch:
         threads = read_threads(tracee, _live(tracee), scratch)
         laps.lap("threads")
         process_settings = settings.read_settings(
-            tracee, scratch, tracee.thread_ids, mm_flags=UNREAD_MM_FLAGS
+            tracee, scratch, tracee.thread_ids, aio_rings=aio_rings, mm_flags=UNREAD_MM_FLAGS
         )
         process_timers = timers.read_timers(tracee, scratch)
     tracee.put_back()
     laps.lap("settings and timers")
+    maps = [entry for entry in maps if not aio.is_aio_ring(entry)]
     files = objects.read_files(
         pid,
         connections=connections,

@@ -40,6 +40,7 @@ from hijack.mutator.precopy import Precopy, RoundSent, _userfaultfd_inside, arme
 from hijack.mutator.tracee import Tracee, scratch_below_stack
 from hijack.objects import pipe
 from hijack.objects.base import DEFAULT_GHOST_LIMIT
+from hijack.process import aio
 from hijack.sys import procfs
 from hijack.testpoint import reached
 from hijack.timing import Laps
@@ -53,9 +54,12 @@ ROUNDS_MIN_BYTES = 256 * 1024 * 1024
 
 def worth_rounds(pid: int) -> bool:
     """Whether `pid`'s snapshot freezes it for less with rounds than with a fork: enough
-    private memory, and nothing a move's rounds leave out (System V shared memory)."""
+    private memory, and nothing a move's rounds leave out (System V shared memory) or
+    refuse (an AIO context)."""
     smaps = procfs.read_smaps(pid)
-    if any(entry.path.startswith("/SYSV") for entry in procfs.read_maps(pid)):
+    if any(
+        entry.path.startswith("/SYSV") or aio.is_aio_ring(entry) for entry in procfs.read_maps(pid)
+    ):
         return False
     return sum(entry.anonymous for entry in smaps.values()) >= ROUNDS_MIN_BYTES
 

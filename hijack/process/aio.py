@@ -53,8 +53,8 @@ def read_rings(pid: int, maps: list[procfs.MapEntry], *, moving: bool) -> tuple[
     for entry in filter(is_aio_ring, maps):
         if moving:
             raise Unsupported(
-                f"process {pid} has an AIO context (io_setup) at {entry.start:#x}: a move"
-                " does not carry it"
+                f"process {pid} has an AIO context (io_setup) at {entry.start:#x}: pre-copy"
+                " rounds (a move, `dump --snapshot rounds`) do not carry it"
             )
         _id, nr, head, tail, *_ = AIO_RING_HEADER.unpack(
             memory.read(pid, entry.start, AIO_RING_HEADER.size)
