@@ -190,6 +190,7 @@ def dump(
                 no_shared_libs=no_shared_libs,
                 on_complete=on_complete,
                 ghost_limit=ghost_limit,
+                connections=check_descriptors,
             )
         except TreeSnapshotUnavailable:
             pass  # (nothing written: found once frozen, before any record)
@@ -209,6 +210,7 @@ def dump(
                     no_shared_libs=no_shared_libs,
                     on_complete=on_complete,
                     ghost_limit=ghost_limit,
+                    connections=check_descriptors,
                 )
             except TrackingUnavailable:
                 if snapshot == "rounds":
@@ -220,6 +222,7 @@ def dump(
             no_shared_libs=no_shared_libs,
             on_complete=on_complete,
             ghost_limit=ghost_limit,
+            connections=check_descriptors,
         )
     widen_if_pipe(out)
     stopped_at = time.perf_counter()

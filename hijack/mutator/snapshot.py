@@ -127,10 +127,14 @@ def snapshot_dump(
     no_shared_libs: bool = False,
     on_complete: Callable[[], None] | None = None,
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
+    connections: bool = True,
 ) -> DumpResult:
     """Write an image of `pid` as it was at a freeze of about a millisecond; it runs on.
 
-    `on_complete` runs once the whole image is written and flushed.
+    `on_complete` runs once the whole image is written and flushed. `connections`: its
+    TCP sockets are read as a restore rebuilds them (a listener's options, a connection's
+    TCP_REPAIR state), as a dump stopped throughout reads them; else they are recorded as
+    a move's are (relayed: no options, a connection not rebuilt).
     """
     widen_if_pipe(out)
     options = dump_options(no_binary=no_binary, no_shared_libs=no_shared_libs)
@@ -145,7 +149,14 @@ def snapshot_dump(
             laps.lap("stop")
             reached("dump-seized")
             frozen = _read_frozen(
-                tracee, options, flags_before, maps_before, holders_before, ghost_limit, laps
+                tracee,
+                options,
+                flags_before,
+                maps_before,
+                holders_before,
+                ghost_limit,
+                laps,
+                connections=connections,
             )
             copy_pid = fork_shadow_copy(tracee, intermediate_shares_memory=True)
             laps.lap("fork")
@@ -184,9 +195,10 @@ def snapshot_tree_dump(
     no_shared_libs: bool = False,
     on_complete: Callable[[], None] | None = None,
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
+    connections: bool = True,
 ) -> DumpResult:
     """The tree stream (docs/crf.md §7b) of `root` and its descendants as they were at one
-    freeze of them all; they run on.
+    freeze of them all; they run on. `connections`: as snapshot_dump's.
 
     As snapshot_dump, member by member within one freeze: every member is stopped
     (hijack.mutator.frozen_tree), what a copy cannot tell is read from each, each forks
@@ -223,7 +235,7 @@ def snapshot_tree_dump(
                     holders_before,
                     ghost_limit,
                     laps,
-                    connections=True,  # as a tree stopped throughout has them: restorable
+                    connections=connections,
                     tree=members,
                     tree_bytes=tree_bytes,
                 )

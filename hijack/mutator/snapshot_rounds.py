@@ -72,8 +72,10 @@ def rounds_dump(
     no_shared_libs: bool = False,
     on_complete: Callable[[], None] | None = None,
     ghost_limit: int = DEFAULT_GHOST_LIMIT,
+    connections: bool = True,
 ) -> DumpResult:
-    """Write `{ ROUND } IMAGE` of `pid` to `out`: the state at a freeze of milliseconds."""
+    """Write `{ ROUND } IMAGE` of `pid` to `out`: the state at a freeze of milliseconds.
+    `connections`: as hijack.mutator.snapshot.snapshot_dump's."""
     widen_if_pipe(out)
     dump_options(no_binary=no_binary, no_shared_libs=no_shared_libs)  # checks them first
     precopy = start_tracking(pid)
@@ -103,6 +105,7 @@ def rounds_dump(
                 ghost_limit=ghost_limit,
                 laps=laps,
                 holders_before=holders_before,
+                connections=connections,
             )
         laps.lap("release")
     finally:
