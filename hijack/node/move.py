@@ -318,8 +318,18 @@ def move(
             " without --precopy/--postcopy (frozen whole); nothing was changed",
             pid=pid,
         )
-    if sharers:
-        precopy, postcopy = False, False  # frozen whole: its memory in one image, once
+    segments = [segment for member in members for segment in sysv_segments(member)]
+    if segments and (precopy or postcopy):
+        raise Unsupported(
+            f"cannot move process {pid} with pre-copy or post-copy: {'; '.join(segments)}"
+            " (a move's pre-copy cannot attach it; move it without --precopy/--postcopy:"
+            " frozen whole, as dump and restore do); nothing was changed",
+            pid=pid,
+        )
+    if sharers or segments:
+        # Frozen whole: shared memory in one image, once; a System V segment attached by
+        # the restore of a whole image (a stub built from rounds cannot attach one).
+        precopy, postcopy = False, False
     if packet_relays:
         refuse_packet_relays(pid, record)
     attached_by_move = record is None or record.state not in ("attached", "running")
@@ -1528,21 +1538,27 @@ class _Progress:
 
 
 def refuse_unmappable(pid: int) -> None:
-    """Refuse, before anything is touched, a process whose copy could not map what it maps
-    (SysV shared memory): the destination's restore would refuse it. What an object of
-    the image holds (a memfd, a deleted file, shared anonymous memory) is made there."""
+    """Refuse, before anything is touched, a process whose copy could not map what it maps:
+    the destination's restore would refuse it. What an object of the image holds (a memfd,
+    a deleted file, shared anonymous memory, a System V segment) is made there."""
     maps = procfs.read_maps(pid)
     segments = describe_segments(pid, maps, rec.DumpOptions(0), flags={})
     held = frozenset(m.start for m in maps if holds_object(m))
     problems = list(mapping_problems(segments, held))
-    problems += [
-        f"System V shared memory at {m.start:#x} (a move's pre-copy cannot attach it;"
-        " dump and restore do)"
-        for m in maps
-        if sysv.is_segment_mapping(m.path, m.shared, m.dev_major)
-    ]
     if problems:
         raise Unsupported(f"cannot move process {pid}: {'; '.join(problems)}; nothing was changed")
+
+
+def sysv_segments(pid: int) -> list[str]:
+    """The System V shared memory `pid` has attached, one line each. The destination's
+    restore of the frozen image attaches it (made again under its id, or found live
+    there: hijack.objects.sysv); a stub built from pre-copy rounds cannot
+    (hijack.restore.address_space): such a process moves frozen whole."""
+    return [
+        f"System V shared memory at {m.start:#x}"
+        for m in procfs.read_maps(pid)
+        if sysv.is_segment_mapping(m.path, m.shared, m.dev_major)
+    ]
 
 
 def plan_proxies(
