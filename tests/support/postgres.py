@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from hijack.process.tree import read_tree
+from hijack.sys import sysv
 from support.nodes import read_line
 from support.redis import wait_until
 from support.tempdirs import make_temp_dir, remove_temp_dir
@@ -102,11 +103,11 @@ class Cluster:
 @contextlib.contextmanager
 def initialized(port: int) -> Iterator[Cluster]:
     """initdb a cluster (trust, no fsync of its files: a test's) for 127.0.0.1:`port`;
-    its directory removed at the end."""
+    its directory removed at the end (every process of it ended by then)."""
     directory = make_temp_dir("hijack-pg-")
+    cluster = Cluster(directory, port)
     try:
         directory.chmod(0o711)
-        cluster = Cluster(directory, port)
         owner = pwd.getpwnam("postgres")
         for path in (cluster.data, cluster.sockets):
             path.mkdir(0o700)
@@ -117,7 +118,23 @@ def initialized(port: int) -> Iterator[Cluster]:
         assert done.returncode == 0, done.stdout + done.stderr
         yield cluster
     finally:
-        remove_temp_dir(directory)
+        try:
+            remove_segment(cluster)
+        finally:
+            remove_temp_dir(directory)
+
+
+def remove_segment(cluster: Cluster) -> None:
+    """Remove the System V segment a killed postmaster (a test that failed) left behind, as
+    its pid file names it, once nothing attaches it: a clean shutdown removes its own."""
+    with contextlib.suppress(FileNotFoundError):
+        lines = (cluster.data / "postmaster.pid").read_text().splitlines()
+        fields = lines[6].split() if len(lines) > 6 else []
+        if len(fields) == 2:
+            key, shmid = (int(field) for field in fields)
+            found = sysv.shared_memory().get(shmid)
+            if found is not None and found.nattch == 0 and found.owner.key & 0xFFFFFFFF == key:
+                sysv.remove("shm", shmid)
 
 
 def start(cluster: Cluster, spawn: Callable[..., subprocess.Popen[Any]]) -> subprocess.Popen[Any]:
