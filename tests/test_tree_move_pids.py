@@ -21,8 +21,11 @@ them under others, mapped by NSpid), and the parents' pids work again:
 - PostgreSQL 15 (Debian's: a postmaster, its 5 auxiliary processes and a
   client's backend) moved from a to b and home again under a client's
   autocommit inserts on one session: the session goes on with the same
-  backend, every acknowledged row is there, new connections are served, and
-  at home `pg_ctl stop -m fast` (by the pid in postmaster.pid) shuts it down;
+  backend, every acknowledged row is there, new connections are served, its
+  System V segment is made again under its id on each node it comes to (b
+  has an IPC namespace of its own too) and removed from the one it left,
+  and at home `pg_ctl stop -m fast` (by the pid in postmaster.pid) shuts it
+  down;
 - a single process moved there sees its own pid unchanged (getpid, and
   /proc/self in b's /proc, where it lives now).
 """
@@ -264,6 +267,12 @@ def sysv_attached(host_pid: int, node: Node) -> dict[int, set[int]]:
     }
 
 
+def segments_on(node: Node) -> set[int]:
+    """The ids of the System V segments in `node`'s IPC namespace (b: its own)."""
+    table = node.run(["cat", "/proc/sysvipc/shm"], timeout=EXIT_TIMEOUT).stdout.splitlines()
+    return {int(line.split()[1]) for line in table[1:]}
+
+
 @pytest.mark.skipif(postgres.MISSING is not None, reason=str(postgres.MISSING))
 def test_postgresql_moved_with_a_session_open_and_home_again_keeps_it_and_stops() -> None:
     # The nodes' directory others may traverse: the home shadow runs as postgres.
@@ -283,7 +292,9 @@ def test_postgresql_moved_with_a_session_open_and_home_again_keeps_it_and_stops(
             before = set(read_tree(server.pid).pids)
             assert load.session in before and len(before) == postgres.MEMBERS + 1
             segments = sysv_attached(server.pid, a)
-            assert all(len(ids) == 1 for ids in segments.values()), segments
+            (segment,) = set.union(*segments.values())  # one, all members attach it
+            assert all(ids == {segment} for ids in segments.values()), segments
+            assert segment in segments_on(a) and segment not in segments_on(b)
 
             def goes_on(what: str) -> None:
                 acknowledged = load.acknowledged()
@@ -298,7 +309,9 @@ def test_postgresql_moved_with_a_session_open_and_home_again_keeps_it_and_stops(
             server.wait(timeout=EXIT_TIMEOUT)  # the original, killed by the move
             reap_originals(before - {server.pid})
             assert pids_inside(b, b.host_pid(there)) == before
+            # Made again in b's IPC namespace under its id; the one left in a, removed.
             assert sysv_attached(b.host_pid(there), b) == segments
+            assert segment in segments_on(b) and segment not in segments_on(a)
             goes_on("commits to the moved cluster")
             tcp = a.run(cluster.psql("select 1"), timeout=EXIT_TIMEOUT)  # through its shadow
             assert (tcp.returncode, tcp.stdout) == (0, "1\n"), tcp.stderr
@@ -310,6 +323,7 @@ def test_postgresql_moved_with_a_session_open_and_home_again_keeps_it_and_stops(
             assert_old_pids_kept(printed, len(before))
             assert set(read_tree(back).pids) == before
             assert sysv_attached(back, a) == segments
+            assert segment in segments_on(a) and segment not in segments_on(b)
             goes_on("commits at home again")
             acknowledged = load.stop()
             rows = a.run(cluster.psql("select count(*), min(n), max(n) from rows"), timeout=30)
