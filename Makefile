@@ -7,7 +7,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 # Debian packages the suite and the demo drive for real.
-DEBS   := gcc libc6-dev libssl-dev strace curl iproute2 tmux redis-server redis-tools gdb nginx tcpdump
+DEBS   := gcc libc6-dev libssl-dev strace curl iproute2 tmux redis-server redis-tools gdb nginx tcpdump \
+          postgresql-15 postgresql-client-15
 # Another apt run (unattended-upgrades, a second make) holds apt's locks: wait
 # up to APT_LOCK_WAIT seconds for each rather than fail at once. `install`
 # waits by itself (DPkg::Lock::Timeout); `update` has no such option (apt 2.6)

@@ -1291,20 +1291,31 @@ def test_a_descriptor_that_cannot_be_proxied_is_named_and_nothing_moves(
         assert ask(holder, "still here") == "still here"
 
 
-def test_a_mapping_no_copy_could_open_is_named_before_anything_is_touched(
-    tmp_path: Path,
+@pytest.mark.parametrize("option", ["--precopy", "--postcopy"])
+def test_system_v_shared_memory_refuses_rounds_before_anything_is_touched(
+    tmp_path: Path, option: str
 ) -> None:
     with Cluster(tmp_path, nodes=2) as cluster:
         a, b = cluster.nodes
         b.start_daemon()
         with spawn_fixture("sysv_shm", netns=a.netns) as shm:
-            line = move_refused(a, shm.pid, b)
+            line = move_refused(a, shm.pid, b, option)
             assert re.search(r"System V shared memory at 0x[0-9a-f]+ \(a move's pre-copy", line)
-            assert line.endswith("nothing was changed"), line
+            assert "without --precopy/--postcopy" in line and line.endswith("nothing was changed")
             assert_untouched(shm.pid)
             assert_not_attached(a, shm.pid)
             assert " move " not in daemon_log(b)
             shm.assert_intact()
+
+
+def test_system_v_shared_memory_moves_frozen_whole_there_and_home(tmp_path: Path) -> None:
+    """Attached again at its address by the destination's restore of the whole image (the
+    segment found live under its id, or made again from the image), its contents intact."""
+    with two_nodes(tmp_path) as (a, b), spawn_fixture("sysv_shm", netns=a.netns) as shm:
+        there = move(a, shm.pid, b, precopy=False)
+        shm.wait_exit()  # the original, killed by the move
+        back = move(b, there.pid, a, home=(a, shm.pid), precopy=False)
+        finish_moved(shm, back, tmp_path)
 
 
 # -- what the image itself carries -------------------------------------------------------

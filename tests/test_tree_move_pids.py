@@ -18,6 +18,14 @@ them under others, mapped by NSpid), and the parents' pids work again:
 - a Python multiprocessing Pool moved between two rounds of tasks: it works
   on, then closes and joins its workers (multiprocessing waits for each by
   its pid, after checking its own);
+- PostgreSQL 15 (Debian's: a postmaster, its 5 auxiliary processes and a
+  client's backend) moved from a to b and home again under a client's
+  autocommit inserts on one session: the session goes on with the same
+  backend, every acknowledged row is there, new connections are served, its
+  System V segment is made again under its id on each node it comes to (b
+  has an IPC namespace of its own too) and removed from the one it left,
+  and at home `pg_ctl stop -m fast` (by the pid in postmaster.pid) shuts it
+  down;
 - a single process moved there sees its own pid unchanged (getpid, and
   /proc/self in b's /proc, where it lives now).
 """
@@ -32,12 +40,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from support import postgres
 from support.nodes import Node, two_nodes
+from support.redis import free_port
+from support.tempdirs import make_temp_dir, remove_temp_dir
 from test_move import EXIT_TIMEOUT, exit_code_on, logs, poll_until, wait_gone
 from test_tree_move import MEMBER_LINE, move_tree, wait_members
 from test_tree_programs import NGINX, NGINX_CONFIG
 
 from hijack.process.tree import read_tree
+from hijack.sys import procfs, sysv
 from hijack.sys.process import WALL
 
 # One GET on 127.0.0.1:argv[1] (run inside a node): prints the status and the body.
@@ -241,6 +253,90 @@ def test_a_multiprocessing_pool_moved_joins_its_workers(tmp_path: Path) -> None:
         assert lines[:2] == ["round 1 PASS", "round 2 PASS"], lines
         joined, *workers = lines[2].split()
         assert joined == "joined" and set(map(int, workers)) == before - {pool.pid}, lines
+
+
+def sysv_attached(host_pid: int, node: Node) -> dict[int, set[int]]:
+    """Each member's System V segments (their ids), by its pid inside `node`."""
+    return {
+        node.pid_inside(pid): {
+            m.inode
+            for m in procfs.read_maps(pid)
+            if sysv.is_segment_mapping(m.path, m.shared, m.dev_major)
+        }
+        for pid in read_tree(host_pid).pids
+    }
+
+
+def segments_on(node: Node) -> set[int]:
+    """The ids of the System V segments in `node`'s IPC namespace (b: its own)."""
+    table = node.run(["cat", "/proc/sysvipc/shm"], timeout=EXIT_TIMEOUT).stdout.splitlines()
+    return {int(line.split()[1]) for line in table[1:]}
+
+
+@pytest.mark.skipif(postgres.MISSING is not None, reason=str(postgres.MISSING))
+def test_postgresql_moved_with_a_session_open_and_home_again_keeps_it_and_stops() -> None:
+    # The nodes' directory others may traverse: the home shadow runs as postgres.
+    where = make_temp_dir("hijack-pgmove-")
+    try:
+        where.chmod(0o711)
+        # Any port is free in node a (a namespace of its own). The cluster outlives the
+        # nodes: its processes all ended (killed with them if the test failed) when it goes.
+        with (
+            postgres.initialized(free_port()) as cluster,
+            two_nodes(where, pid_namespaces="b") as (a, b),
+        ):
+            server = postgres.start(cluster, a.spawn)
+            load = postgres.Load(
+                a.spawn(cluster.load(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            )
+            before = set(read_tree(server.pid).pids)
+            assert load.session in before and len(before) == postgres.MEMBERS + 1
+            segments = sysv_attached(server.pid, a)
+            (segment,) = set.union(*segments.values())  # one, all members attach it
+            assert all(ids == {segment} for ids in segments.values()), segments
+            assert segment in segments_on(a) and segment not in segments_on(b)
+
+            def goes_on(what: str) -> None:
+                acknowledged = load.acknowledged()
+                poll_until(lambda: load.acknowledged() >= acknowledged + 100, what)
+                assert load.backend() == load.session, "the same session, the same backend"
+
+            goes_on("the load's first commits")
+            # Its System V segment: moved frozen whole, by default (no pre-copy rounds).
+            there, printed = move_tree(a, server.pid, b)
+            assert there == server.pid and "pre-copy" not in printed, printed
+            assert_old_pids_kept(printed, len(before))
+            server.wait(timeout=EXIT_TIMEOUT)  # the original, killed by the move
+            reap_originals(before - {server.pid})
+            assert pids_inside(b, b.host_pid(there)) == before
+            # Made again in b's IPC namespace under its id; the one left in a, removed.
+            assert sysv_attached(b.host_pid(there), b) == segments
+            assert segment in segments_on(b) and segment not in segments_on(a)
+            goes_on("commits to the moved cluster")
+            tcp = a.run(cluster.psql("select 1"), timeout=EXIT_TIMEOUT)  # through its shadow
+            assert (tcp.returncode, tcp.stdout) == (0, "1\n"), tcp.stderr
+            local = b.run(cluster.psql("select 1", str(cluster.sockets)), timeout=EXIT_TIMEOUT)
+            assert (local.returncode, local.stdout) == (0, "1\n"), local.stderr
+
+            back, printed = move_tree(b, there, a)
+            assert back == server.pid, printed
+            assert_old_pids_kept(printed, len(before))
+            assert set(read_tree(back).pids) == before
+            assert sysv_attached(back, a) == segments
+            assert segment in segments_on(a) and segment not in segments_on(b)
+            goes_on("commits at home again")
+            acknowledged = load.stop()
+            rows = a.run(cluster.psql("select count(*), min(n), max(n) from rows"), timeout=30)
+            assert rows.stdout == f"{acknowledged}|0|{acknowledged - 1}\n", rows.stderr
+            # At home, its pids its own again: pg_ctl signals the pid postmaster.pid holds.
+            stop = a.run(cluster.pg_ctl("stop", "-m", "fast"), timeout=EXIT_TIMEOUT)
+            assert stop.returncode == 0, stop.stdout + stop.stderr
+            for pid in before:
+                wait_gone(pid, EXIT_TIMEOUT, "postgres, shutting down")
+            assert exit_code_on(a, back) == 0, logs(where)
+            assert cluster.shut_down(), cluster.log.read_text()
+    finally:
+        remove_temp_dir(where)
 
 
 # Each stdin line: its pid as it sees it, and whether /proc/self agrees.

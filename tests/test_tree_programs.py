@@ -14,7 +14,13 @@
   its pid with its parent, and the master still commands its workers (a
   graceful stop ends them all with status 0);
 - redis-server killed while its BGSAVE child writes the RDB: the child
-  finishes it, the server reaps it and reports success.
+  finishes it, the server reaps it and reports success;
+- PostgreSQL 15 from Debian's package (a postmaster, its 5 auxiliary processes
+  and the backend of a client's session) killed under a write load: the same
+  session goes on with the same backend, every commit it was told of is
+  there, new connections are served over TCP and the unix socket, every
+  process is back under its pid with its parent, and `pg_ctl stop -m fast`
+  shuts it down cleanly.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from support import postgres
 from support.cli import HijackCli, restored_pid
 from support.objects import hijack
 from support.redis import REDIS_SERVER, Resp, free_port, redis_server, wait_until
@@ -382,3 +389,72 @@ def test_redis_killed_during_bgsave_finishes_the_save(hijack: HijackCli, tmp_pat
             client.close()
         finally:
             end_tree(server.pid)
+
+
+@contextlib.contextmanager
+def postmaster(cluster: postgres.Cluster) -> Iterator[subprocess.Popen[bytes]]:
+    """The cluster's postmaster, ready; its tree killed when the block ends."""
+    process = postgres.start(cluster, subprocess.Popen)
+    try:
+        yield process
+    finally:
+        end_tree(process.pid)
+        with contextlib.suppress(ChildProcessError):
+            process.wait(EXIT_TIMEOUT)
+
+
+@contextlib.contextmanager
+def load_on(cluster: postgres.Cluster) -> Iterator[postgres.Load]:
+    """The write load (support/pgload.py) on one session to the cluster; killed at the end."""
+    process = subprocess.Popen(cluster.load(), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        yield postgres.Load(process)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(EXIT_TIMEOUT)
+        for stream in (process.stdin, process.stdout):
+            if stream is not None:
+                stream.close()
+
+
+def psql(cluster: postgres.Cluster, sql: str, host: str = "127.0.0.1") -> str:
+    """`sql` through a new connection (psql); its rows, one a line."""
+    done = subprocess.run(
+        cluster.psql(sql, host), capture_output=True, text=True, timeout=EXIT_TIMEOUT
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@pytest.mark.skipif(postgres.MISSING is not None, reason=str(postgres.MISSING))
+def test_postgresql_killed_under_writes_and_restored_keeps_its_session_and_rows(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    with postgres.initialized(free_port()) as cluster, postmaster(cluster) as server:
+        with load_on(cluster) as load:
+            wait_until(lambda: load.acknowledged() >= 100, "the load's first commits")
+            before = relations(server.pid)
+            assert load.session in before, "the session's backend, a member"
+            # Asked before the dump: the load answers between two commits, and one waits
+            # for its answer from the killed backend until the restore.
+            acknowledged = load.acknowledged()
+            dumped, _ = dump_and_kill(hijack, server, tmp_path / "postgres.crf")
+            assert f"{len(before)} processes" in dumped
+            print(dumped.strip())
+            root = restored_pid(hijack.ok("restore", tmp_path / "postgres.crf"))
+            assert root == server.pid
+            wait_until(lambda: load.acknowledged() >= acknowledged + 100, "commits after it")
+            assert load.backend() == load.session, "the same session, the same backend"
+            assert relations(root) == before, "every process under its pid, with its parent"
+            acknowledged = load.stop()
+        # New connections, over TCP and the unix socket: every acknowledged row, no other.
+        rows = f"{acknowledged}|0|{acknowledged - 1}"
+        assert psql(cluster, "select count(*), min(n), max(n) from rows") == rows
+        assert psql(cluster, "select count(*) from rows", str(cluster.sockets)) == str(acknowledged)
+        stopping = cluster.pg_ctl("stop", "-m", "fast")
+        stop = subprocess.run(stopping, capture_output=True, text=True, timeout=EXIT_TIMEOUT)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert wait_exit(root) == 0
+        assert not [pid for pid in before if os.path.exists(f"/proc/{pid}")]
+        assert cluster.shut_down(), cluster.log.read_text()

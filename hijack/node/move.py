@@ -318,8 +318,20 @@ def move(
             " without --precopy/--postcopy (frozen whole); nothing was changed",
             pid=pid,
         )
-    if sharers:
-        precopy, postcopy = False, False  # frozen whole: its memory in one image, once
+    segments = {shmid: at for member in members for shmid, at in sysv_segments(member).items()}
+    if segments and (precopy or postcopy):
+        attached = "; ".join(f"System V shared memory at {at:#x}" for at in segments.values())
+        raise Unsupported(
+            f"cannot move process {pid} with pre-copy or post-copy: {attached}"
+            " (a move's pre-copy cannot attach it; move it without --precopy/--postcopy:"
+            " frozen whole, as dump and restore do); nothing was changed",
+            pid=pid,
+        )
+    left_here = {shmid: found for shmid, found in sysv.shared_memory().items() if shmid in segments}
+    if sharers or segments:
+        # Frozen whole: shared memory in one image, once; a System V segment attached by
+        # the restore of a whole image (a stub built from rounds cannot attach one).
+        precopy, postcopy = False, False
     if packet_relays:
         refuse_packet_relays(pid, record)
     attached_by_move = record is None or record.state not in ("attached", "running")
@@ -329,7 +341,7 @@ def move(
         attaching.attach(pid, registry)
     try:
         reached("move-attached")
-        return _move_attached(
+        moved = _move_attached(
             pid,
             address,
             identity,
@@ -349,6 +361,8 @@ def move(
             with contextlib.suppress(HijackError):
                 attaching.detach(pid, registry)
         raise
+    remove_left_behind(left_here)
+    return moved
 
 
 def _move_attached(
@@ -1528,21 +1542,45 @@ class _Progress:
 
 
 def refuse_unmappable(pid: int) -> None:
-    """Refuse, before anything is touched, a process whose copy could not map what it maps
-    (SysV shared memory): the destination's restore would refuse it. What an object of
-    the image holds (a memfd, a deleted file, shared anonymous memory) is made there."""
+    """Refuse, before anything is touched, a process whose copy could not map what it maps:
+    the destination's restore would refuse it. What an object of the image holds (a memfd,
+    a deleted file, shared anonymous memory, a System V segment) is made there."""
     maps = procfs.read_maps(pid)
     segments = describe_segments(pid, maps, rec.DumpOptions(0), flags={})
     held = frozenset(m.start for m in maps if holds_object(m))
     problems = list(mapping_problems(segments, held))
-    problems += [
-        f"System V shared memory at {m.start:#x} (a move's pre-copy cannot attach it;"
-        " dump and restore do)"
-        for m in maps
-        if sysv.is_segment_mapping(m.path, m.shared, m.dev_major)
-    ]
     if problems:
         raise Unsupported(f"cannot move process {pid}: {'; '.join(problems)}; nothing was changed")
+
+
+def sysv_segments(pid: int) -> dict[int, int]:
+    """The System V segments `pid` has attached: each id, with an address it is attached
+    at. The destination's restore of the frozen image attaches each (made again under its
+    id, or found live there: hijack.objects.sysv); a stub built from pre-copy rounds
+    cannot (hijack.restore.address_space): such a process moves frozen whole."""
+    return {
+        m.inode: m.start
+        for m in reversed(procfs.read_maps(pid))  # each at its lowest address
+        if sysv.is_segment_mapping(m.path, m.shared, m.dev_major)
+    }
+
+
+def remove_left_behind(segments: dict[int, sysv.SharedMemory]) -> None:
+    """Once a move is done and its originals are gone: remove here each System V segment
+    they had attached that nothing attaches any more. The destination attaches its own (made
+    again there, in another IPC namespace); this one, left, would be found by a move home
+    again and taken as it is, as it was when the process left. One still attached (by the
+    copy itself where the destination shares this IPC namespace, or by another process)
+    stays, and so does one that is not the same segment any more."""
+    now = sysv.shared_memory()
+    for shmid, before in segments.items():
+        found = now.get(shmid)
+        if found is None or found.nattch or (found.owner.key, found.size, found.cpid) != (
+            before.owner.key, before.size, before.cpid,
+        ):  # fmt: skip
+            continue
+        with contextlib.suppress(HijackError):  # removed meanwhile: what was asked
+            sysv.remove("shm", shmid)
 
 
 def plan_proxies(

@@ -23,7 +23,9 @@ still holds here while the move runs. Its first process is a small init
 (pid 1 there: it reaps the orphans, as a machine's init does), started in a
 mount namespace of its own where /proc is mounted again for that pid
 namespace, so that every program of the node (its daemon, `hijack` run
-there) reads the pids it lives among in /proc. Everything the node starts
+there) reads the pids it lives among in /proc, and in an IPC namespace of
+its own: its System V objects are its own, as a machine's are (a segment a
+process moved there attaches is made again there, not found as it was). Everything the node starts
 joins both namespaces; the test sees those processes under other pids
 (Node.host_pid, Node.pid_inside map them through /proc/PID/status NSpid).
 Killing the init at the cluster's end kills all that runs in it.
@@ -99,6 +101,7 @@ class NodeError(AssertionError):
 
 CLONE_NEWNET = 0x40000000
 CLONE_NEWNS = 0x00020000
+CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REC, MS_SLAVE = 0x2, 0x4, 0x8, 0x4000, 0x80000
 # Python 3.11 has no os.setns nor os.unshare (3.12 does).
@@ -469,6 +472,7 @@ class Node:
         self.pid_init: subprocess.Popen[bytes] | None = None
         self._pid_namespace_fd: int | None = None
         self._mount_namespace_fd: int | None = None
+        self._ipc_namespace_fd: int | None = None
         self._spawned_inside: list[subprocess.Popen[Any]] = []  # our children in it
 
     def __repr__(self) -> str:
@@ -497,7 +501,7 @@ class Node:
 
         def enter() -> None:  # in the child: pid 1 of the new namespace
             _checked(_libc.setns(netns_fd, CLONE_NEWNET), f"setns({self.netns})")
-            _checked(_libc.unshare(CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+            _checked(_libc.unshare(CLONE_NEWNS | CLONE_NEWIPC), "unshare(CLONE_NEWNS|NEWIPC)")
             slave, proc = MS_REC | MS_SLAVE, MS_NOSUID | MS_NODEV | MS_NOEXEC
             _checked(_libc.mount(None, b"/", None, slave, None), "mount --make-rslave /")
             _checked(_libc.mount(b"proc", b"/proc", b"proc", proc, None), "mount proc /proc")
@@ -521,6 +525,7 @@ class Node:
         # Popen returns once the init runs its program: the namespaces are made.
         self._pid_namespace_fd = os.open(f"/proc/{init.pid}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
         self._mount_namespace_fd = os.open(f"/proc/{init.pid}/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+        self._ipc_namespace_fd = os.open(f"/proc/{init.pid}/ns/ipc", os.O_RDONLY | os.O_CLOEXEC)
 
     def _end_pid_namespace(self) -> None:
         """Kill the init of this node's pid namespace, and so everything in it.
@@ -538,18 +543,22 @@ class Node:
         init.wait(timeout=KILL_TIMEOUT)
 
     def _close_namespaces(self) -> None:
-        for fd in (self._pid_namespace_fd, self._mount_namespace_fd):
+        for fd in (self._pid_namespace_fd, self._mount_namespace_fd, self._ipc_namespace_fd):
             if fd is not None:
                 os.close(fd)
-        self._pid_namespace_fd = self._mount_namespace_fd = None
+        self._pid_namespace_fd = self._mount_namespace_fd = self._ipc_namespace_fd = None
 
     def _popen(self, argv: Sequence[str | os.PathLike[str]], **popen: Any) -> subprocess.Popen[Any]:
         """subprocess.Popen(argv, **popen) inside this node's namespaces; returns once argv
         itself runs there."""
         command = [os.fspath(arg) for arg in argv]
-        if self._pid_namespace_fd is None or self._mount_namespace_fd is None:
+        if (
+            self._pid_namespace_fd is None
+            or self._mount_namespace_fd is None
+            or self._ipc_namespace_fd is None
+        ):
             return spawn_in_namespace(self.netns, command, **popen)
-        mount_fd = self._mount_namespace_fd
+        mount_fd, ipc_fd = self._mount_namespace_fd, self._ipc_namespace_fd
         # Entering a mount namespace moves the working directory to its root: back to
         # the one asked for (the same files: only /proc differs).
         cwd = os.fspath(popen.get("cwd") or os.getcwd())
@@ -558,6 +567,7 @@ class Node:
             def enter() -> None:
                 enter_network()
                 _checked(_libc.setns(mount_fd, CLONE_NEWNS), "setns(mount namespace)")
+                _checked(_libc.setns(ipc_fd, CLONE_NEWIPC), "setns(IPC namespace)")
                 os.chdir(cwd)
 
             with children_in_pid_namespace(self._pid_namespace_fd):
