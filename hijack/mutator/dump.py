@@ -158,10 +158,12 @@ def dump(
     """Write an image of `pid` and its descendants to `out`; they run on unless `kill`.
 
     A process without children gets a plain image; a tree, a tree stream
-    (docs/crf.md §7b), its members all stopped together.
+    (docs/crf.md §7b), its members all stopped together. Without `kill`, a snapshot: the
+    process (every member of a tree) frozen only to read what a forked copy cannot tell,
+    or, by rounds, what it wrote since the last round (hijack.mutator.snapshot).
 
     `on_complete` runs once the whole image is written and flushed, while the
-    process is still stopped (to put the file in place). With `kill`, the
+    process is still stopped with `kill` (to put the file in place). With `kill`, the
     process is killed only after that, and after `before_kill(pids)` (which hands
     the descriptors of the processes `pids`, the tree's living members, root
     first, to its shadow): a failed dump never loses the process.
@@ -172,18 +174,23 @@ def dump(
     `ghost_limit` bytes of data is refused before anything is written. `image`: where
     `out` ends up (an absolute path, or lockbook.STDOUT), written down with the network
     locks a `kill` leaves for the restore (hijack.lockbook).
+    `check_descriptors` also reads TCP sockets as a restore rebuilds them (snapshots too).
     `snapshot` (a single process, not `kill`): "rounds" (pre-copy rounds in the image:
     hijack.mutator.snapshot_rounds), "fork" (a forked copy: hijack.mutator.snapshot), or
     "auto": rounds for a process whose private memory a fork copies too slowly (the fork
     where its writes cannot be tracked).
     """
-    if not kill and len(read_tree(pid).members) > 1:
-        # A tree: snapshot by forked copies, stopped throughout where those cannot be had.
-        # Imported here: the snapshot is built of this module's parts.
-        from hijack.mutator.snapshot import TreeSnapshotUnavailable, snapshot_tree_dump
+    if not kill:
+        # Imported here: the snapshots are built of this module's parts.
+        from hijack.mutator.snapshot import (
+            TreeSnapshotUnavailable,
+            snapshot_dump,
+            snapshot_tree_dump,
+        )
+        from hijack.mutator.snapshot_rounds import TrackingUnavailable, rounds_dump, worth_rounds
 
-        try:
-            return snapshot_tree_dump(
+        def snapshot_by(way: Callable[..., DumpResult]) -> DumpResult:
+            return way(
                 pid,
                 out,
                 no_binary=no_binary,
@@ -192,38 +199,24 @@ def dump(
                 ghost_limit=ghost_limit,
                 connections=check_descriptors,
             )
-        except TreeSnapshotUnavailable:
-            pass  # (nothing written: found once frozen, before any record)
-    elif not kill:
-        # A single process (a child forked after this look is not in its image).
-        from hijack.mutator.snapshot import snapshot_dump
-        from hijack.mutator.snapshot_rounds import TrackingUnavailable, rounds_dump, worth_rounds
 
-        # A big process: rounds, since a fork's page-table copy alone outlasts the
-        # target freeze; a small one: the fork, quicker than starting the tracking.
-        if snapshot == "rounds" or (snapshot == "auto" and worth_rounds(pid)):
+        if len(read_tree(pid).members) > 1:
+            # A tree: by forked copies; stopped throughout where those cannot be had.
             try:
-                return rounds_dump(
-                    pid,
-                    out,
-                    no_binary=no_binary,
-                    no_shared_libs=no_shared_libs,
-                    on_complete=on_complete,
-                    ghost_limit=ghost_limit,
-                    connections=check_descriptors,
-                )
-            except TrackingUnavailable:
-                if snapshot == "rounds":
-                    raise  # (nothing written yet: the tracking comes first)
-        return snapshot_dump(
-            pid,
-            out,
-            no_binary=no_binary,
-            no_shared_libs=no_shared_libs,
-            on_complete=on_complete,
-            ghost_limit=ghost_limit,
-            connections=check_descriptors,
-        )
+                return snapshot_by(snapshot_tree_dump)
+            except TreeSnapshotUnavailable:
+                pass  # (nothing written: found once frozen, before any record)
+        else:
+            # A single process (a child forked after this look is not in its image). A big
+            # one: rounds, since a fork's page-table copy alone outlasts the target freeze;
+            # a small one: the fork, quicker than starting the tracking.
+            if snapshot == "rounds" or (snapshot == "auto" and worth_rounds(pid)):
+                try:
+                    return snapshot_by(rounds_dump)
+                except TrackingUnavailable:
+                    if snapshot == "rounds":
+                        raise  # (nothing written yet: the tracking comes first)
+            return snapshot_by(snapshot_dump)
     widen_if_pipe(out)
     stopped_at = time.perf_counter()
     # Connections a killed process's restore rebuilds are locked while it is gone.
