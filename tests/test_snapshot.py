@@ -8,6 +8,7 @@ memory is ahead of (or behind) its registers fails its very next step.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -21,13 +22,13 @@ from typing import Any
 import pytest
 from support import spawn_fixture
 from support.cli import HijackCli, restored_pid
-from test_tree_restore import reap_killed
+from test_tree_restore import kill_tree, reap_killed
 
 from hijack.image.codec import read_image, recode, skip_rounds
 from hijack.image.records import ContentsKind, Pages, Segments, Thread
 from hijack.sys import procfs
 
-FROZEN = re.compile(r"frozen (\d+\.\d) ms")
+FROZEN = re.compile(r"frozen (\d+\.\d)\s+ms")  # (the console may wrap a long line there)
 
 
 def test_snapshot_image_is_the_state_at_the_freeze_while_the_process_runs_on(
@@ -187,13 +188,18 @@ def test_a_tree_s_snapshot_is_every_member_at_one_freeze_while_it_runs_on(
     counts ahead of the shared ones. Pages the members share are still stored once."""
     hijack = HijackCli(tmp_path / "state")
     image = tmp_path / "tree.crf"
-    with spawn_fixture(
-        "tree_dirtier", str(TREE_CHILDREN), str(TREE_MIB), TREE_PAGES_PER_TICK, fifos=True
-    ) as tree:
+    with (
+        contextlib.ExitStack() as stack,
+        spawn_fixture(
+            "tree_dirtier", str(TREE_CHILDREN), str(TREE_MIB), TREE_PAGES_PER_TICK, fifos=True
+        ) as tree,
+    ):
         children = [int(pid) for pid in tree.ready.values()]
+        stack.callback(kill_tree, children)  # the fixture ends its root only
         dumped = hijack.ok("dump", tree.pid, "-o", image)
-        assert "the tree of process" in dumped.stdout, dumped.describe()
-        assert "left running" in dumped.stdout and FROZEN.search(dumped.stdout), dumped.describe()
+        said = " ".join(dumped.stdout.split())  # as one line (the console wraps long paths)
+        assert "the tree of process" in said, dumped.describe()
+        assert "left running" in said and FROZEN.search(said), dumped.describe()
         shown = json.loads(hijack.ok("show", "--json", image).stdout)
         assert sorted(int(pid) for pid in shown["images"]) == sorted([tree.pid, *children])
         referenced = sum(body["pages"]["referenced"] for body in shown["images"].values())
@@ -225,10 +231,11 @@ def test_a_tree_whose_member_shares_its_parent_s_memory_is_dumped_stopped_throug
     tree is dumped stopped throughout, as before the tree snapshot, and comes back whole."""
     hijack = HijackCli(tmp_path / "state")
     image = tmp_path / "vm.crf"
-    with spawn_fixture("tree_vm", fifos=True) as tree:
+    with contextlib.ExitStack() as stack, spawn_fixture("tree_vm", fifos=True) as tree:
         child = int(tree.ready["child"])
+        stack.callback(kill_tree, [child])  # the fixture ends its root only
         dumped = hijack.ok("dump", tree.pid, "-o", image)
-        assert "left running" in dumped.stdout, dumped.describe()
+        assert "left running" in " ".join(dumped.stdout.split()), dumped.describe()
         shown = json.loads(hijack.ok("show", "--json", image).stdout)
         assert shown["contexts"] == [{"pid": child, "flags": "VM|SIGHAND"}]
         for pid in (child, tree.pid):
@@ -262,10 +269,14 @@ def test_a_tree_killed_stores_the_memory_its_members_share_once(
     descriptors come back from their shadow."""
     hijack = HijackCli(tmp_path / "state")
     image = tmp_path / "killed.crf"
-    with spawn_fixture(
-        "tree_dirtier", str(TREE_CHILDREN), "4", TREE_PAGES_PER_TICK, fifos=True
-    ) as tree:
+    with (
+        contextlib.ExitStack() as stack,
+        spawn_fixture(
+            "tree_dirtier", str(TREE_CHILDREN), "4", TREE_PAGES_PER_TICK, fifos=True
+        ) as tree,
+    ):
         children = [int(pid) for pid in tree.ready.values()]
+        stack.callback(kill_tree, children)  # the fixture ends its root only
         if attached:
             hijack.ok("attach", tree.pid)
         hijack.ok("dump", tree.pid, "-o", image, "--kill")

@@ -225,6 +225,7 @@ def snapshot_tree_dump(
             members = frozenset(tree.tracees)
             frozen: dict[int, Frozen] = {}
             tree_bytes: dict[Hashable, int] = {}  # shared memory's bytes: in one member's image
+            sockets = _socket_table(tree) if connections else None
             injected = 0
             for pid, tracee in tree.tracees.items():
                 frozen[pid] = _read_frozen(
@@ -238,6 +239,7 @@ def snapshot_tree_dump(
                     connections=connections,
                     tree=members,
                     tree_bytes=tree_bytes,
+                    sockets=sockets,
                 )
             # Every member read before the first copy: a copy holds its member's pipes
             # (until it closes them, after the freeze), which the next would see held
@@ -276,6 +278,19 @@ def snapshot_tree_dump(
         freeze_steps=laps.laps,
         injected=injected,
     )
+
+
+def _socket_table(tree: FrozenTree) -> dict[int, procfs.SocketInfo] | None:
+    """The socket table of the tree's network namespace, read once for every member (each
+    table read walks the kernel's whole hash of its kind: milliseconds), as a tree's move
+    reads it; None if no member holds a socket."""
+    inodes = {
+        entry.ino
+        for pid in tree.tracees
+        for entry in procfs.list_fds(pid)
+        if entry.kind is procfs.FdKind.SOCKET
+    }
+    return procfs.read_socket_table(tree.tree.root.pid, wanted=inodes) if inodes else None
 
 
 def _tree_pause_ms(tracees: list[Tracee]) -> float:
@@ -317,9 +332,11 @@ def _read_frozen(
     connections: bool = False,
     tree: frozenset[int] = frozenset(),
     tree_bytes: dict[Hashable, int] | None = None,
+    sockets: dict[int, procfs.SocketInfo] | None = None,
 ) -> Frozen:
     """Everything of the image but what the copy tells, read from the stopped process.
-    `connections`, `tree` and `tree_bytes`: as hijack.objects.read_files takes them."""
+    `connections`, `tree`, `tree_bytes` and `sockets`: as hijack.objects.read_files takes
+    them."""
     pid = tracee.pid
     maps = procfs.read_maps(pid)
     # An AIO context's ring: kept as such (its unreaped events read now), made again by
@@ -343,6 +360,7 @@ def _read_frozen(
         holders_before=holders_before,
         tree=tree,
         tree_bytes=tree_bytes,
+        sockets=sockets,
     )
     laps.lap("descriptors")
     if all(entry in maps_before for entry in maps):
