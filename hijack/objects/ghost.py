@@ -52,7 +52,8 @@ def add_with_contents(
     A tree's member whose object a member before it stored (DumpContext.tree_bytes) records
     which member holds the bytes instead: they are neither read nor stored again."""
     fresh = False
-    holder = dump.tree_bytes.get(key) if dump.tree_bytes is not None else None
+    # (Only an object with bytes: one without, a directory, is made alike from any image.)
+    holder = dump.tree_bytes.get(key) if dump.tree_bytes is not None and runs else None
 
     def made(object_id: int) -> rec.ObjectRecord:
         nonlocal fresh
@@ -65,7 +66,7 @@ def add_with_contents(
         for start, end in runs:
             for offset, data in filedata.read_chunks(fd, start, end, rec.MAX_OBJECT_DATA):
                 dump.add_data(object_id, data, offset)
-        if dump.tree_bytes is not None:
+        if dump.tree_bytes is not None and runs:
             dump.tree_bytes[key] = dump.pid
     return object_id
 
