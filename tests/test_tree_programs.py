@@ -12,7 +12,8 @@
   flight during the freeze wait), the load's connections are the same ones
   after the restore, new connections are served, every process is back under
   its pid with its parent, and the master still commands its workers (a
-  graceful stop ends them all with status 0);
+  graceful stop ends them all with status 0); dumped plainly (a snapshot of
+  the tree) three times while serving, it loses no request either;
 - redis-server killed while its BGSAVE child writes the RDB: the child
   finishes it, the server reaps it and reports success;
 - PostgreSQL 15 from Debian's package (a postmaster, its 5 auxiliary processes
@@ -356,6 +357,34 @@ def test_nginx_killed_under_load_and_restored_loses_no_request(
         assert wait_exit(root) == 0
         assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
     assert "exited with code 0" in (tmp_path / "error.log").read_text()
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx (Debian package nginx) is not installed")
+def test_nginx_dumped_under_load_runs_on_and_loses_no_request(
+    hijack: HijackCli, tmp_path: Path
+) -> None:
+    """Plain dumps of a serving nginx (a snapshot of the tree: every member frozen only to
+    fork its copy): no request fails, the load's connections stay the same ones, each
+    image holds the master and both workers, and the master still commands its workers
+    after (no copy holds its connections or its children)."""
+    with nginx(tmp_path) as (master, port), Load(port) as load:
+        wait_until(lambda: load.served >= 100, "the load's first answers")
+        before = relations(master.pid)
+        ports = load.ports()
+        for round_number in range(3):
+            image = tmp_path / f"nginx-{round_number}.crf"
+            dumped = hijack.ok("dump", master.pid, "-o", image)
+            said = " ".join(dumped.stdout.split())
+            assert "(3 processes, 3 threads)" in said and "left running" in said, said
+            wanted = load.served + 50
+            wait_until(lambda wanted=wanted: load.served >= wanted, "answers after the dump")
+        assert load.failures == [], load.failures[:5]
+        assert load.ports() == ports, "the load's connections are the same ones"
+        assert relations(master.pid) == before, "no member gained a child (a copy)"
+        workers = [pid for pid in before if pid != master.pid]
+        os.kill(master.pid, signal.SIGQUIT)
+        assert master.wait(EXIT_TIMEOUT) == 0
+        assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
 
 
 @pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server (Debian package) is not installed")
