@@ -327,7 +327,11 @@ def move(
             " frozen whole, as dump and restore do); nothing was changed",
             pid=pid,
         )
-    left_here = {shmid: found for shmid, found in sysv.shared_memory().items() if shmid in segments}
+    left_here = (  # (the IPC table not read for a process attaching none: most moves)
+        {shmid: found for shmid, found in sysv.shared_memory().items() if shmid in segments}
+        if segments
+        else {}
+    )
     if sharers or segments:
         # Frozen whole: shared memory in one image, once; a System V segment attached by
         # the restore of a whole image (a stub built from rounds cannot attach one).
@@ -1572,15 +1576,18 @@ def remove_left_behind(segments: dict[int, sysv.SharedMemory]) -> None:
     again and taken as it is, as it was when the process left. One still attached (by the
     copy itself where the destination shares this IPC namespace, or by another process)
     stays, and so does one that is not the same segment any more."""
-    now = sysv.shared_memory()
+    now = sysv.shared_memory() if segments else {}
     for shmid, before in segments.items():
         found = now.get(shmid)
-        if found is None or found.nattch or (found.owner.key, found.size, found.cpid) != (
-            before.owner.key, before.size, before.cpid,
-        ):  # fmt: skip
+        if found is None or found.nattch or _segment_identity(found) != _segment_identity(before):
             continue
         with contextlib.suppress(HijackError):  # removed meanwhile: what was asked
             sysv.remove("shm", shmid)
+
+
+def _segment_identity(found: sysv.SharedMemory) -> tuple[int, int, int]:
+    """What tells a segment from another made since under the same id."""
+    return found.owner.key, found.size, found.cpid
 
 
 def plan_proxies(
